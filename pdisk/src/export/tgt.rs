@@ -1,0 +1,1 @@
+//! tgt exporter: placeholder, being written.

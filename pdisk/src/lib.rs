@@ -1,0 +1,16 @@
+//! pdisk: the persistent-disk service of a Stratus storage host.
+//!
+//! Module map (see ARCHITECTURE.md for the invariants):
+//! - [`types`]: validated domain values (names, sizes, IQNs, CHAP, labels);
+//! - [`error`]: the crate's error type and its gRPC status mapping;
+//! - [`runner`]: the one way external programs are run;
+//! - [`backend`]: where volume data lives (reflink files; LVM later);
+//! - [`export`]: how volumes reach initiators (tgt; LIO later);
+//! - [`store`]: the transactional metadata store, source of truth for intent;
+//! - [`service`]: the gRPC VolumeService tying them together;
+//! - [`config`]: daemon settings from flags and TOML.
+
+pub mod error;
+pub mod export;
+pub mod runner;
+pub mod types;

@@ -1,0 +1,436 @@
+//! Domain types parsed at the edge: once a request has been turned into these,
+//! the rest of the code cannot hold an invalid name, size, IQN or label.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+
+/// A volume or snapshot name: `^[a-z0-9][a-z0-9._-]{0,62}$`.
+///
+/// The grammar keeps names safe as file names and LV names: no `/`, no
+/// leading `.` or `-`, at most 63 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VolumeName(String);
+
+impl VolumeName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for VolumeName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let b = s.as_bytes();
+        let ok_first = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let ok_rest = |c: u8| ok_first(c) || matches!(c, b'.' | b'_' | b'-');
+        if b.is_empty() || b.len() > 63 || !ok_first(b[0]) || !b[1..].iter().all(|&c| ok_rest(c)) {
+            return Err(Error::invalid(format!(
+                "invalid name {s:?}: must match ^[a-z0-9][a-z0-9._-]{{0,62}}$"
+            )));
+        }
+        Ok(VolumeName(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for VolumeName {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<VolumeName> for String {
+    fn from(n: VolumeName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for VolumeName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A size in bytes, parsed from `512M`, `10G`, `1T`, `4096` (bytes), `1.5G`.
+/// Suffixes are binary (K = 1024). Volume sizes are rounded up to 1 MiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Rounds up to a whole MiB, refusing zero and overflow.
+    pub fn volume_size(bytes: u64) -> Result<ByteSize> {
+        if bytes == 0 {
+            return Err(Error::invalid("size must be greater than 0"));
+        }
+        let rounded = bytes
+            .checked_add(MIB - 1)
+            .map(|b| b / MIB * MIB)
+            .ok_or_else(|| Error::invalid(format!("size {bytes} is too large")))?;
+        // Keep well inside i64/off_t and tgt's limits.
+        if rounded > (1u64 << 60) {
+            return Err(Error::invalid(format!("size {bytes} is too large")));
+        }
+        Ok(ByteSize(rounded))
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        let bad = || Error::invalid(format!("invalid size {s:?}: use e.g. 512M, 10G, 1T"));
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 1,
+            "K" | "KB" | "KIB" => 1 << 10,
+            "M" | "MB" | "MIB" => 1 << 20,
+            "G" | "GB" | "GIB" => 1 << 30,
+            "T" | "TB" | "TIB" => 1 << 40,
+            "P" | "PB" | "PIB" => 1 << 50,
+            _ => return Err(bad()),
+        };
+        if num.is_empty() {
+            return Err(bad());
+        }
+        if let Some((int, frac)) = num.split_once('.') {
+            let int: u64 = if int.is_empty() {
+                0
+            } else {
+                int.parse().map_err(|_| bad())?
+            };
+            if frac.is_empty() || frac.len() > 6 || frac.contains('.') {
+                return Err(bad());
+            }
+            let frac_v: u64 = frac.parse().map_err(|_| bad())?;
+            let scale = 10u64.pow(frac.len() as u32);
+            let whole = int.checked_mul(mult).ok_or_else(bad)?;
+            let part = (frac_v as u128 * mult as u128 / scale as u128) as u64;
+            Ok(ByteSize(whole.checked_add(part).ok_or_else(bad)?))
+        } else {
+            let n: u64 = num.parse().map_err(|_| bad())?;
+            Ok(ByteSize(n.checked_mul(mult).ok_or_else(bad)?))
+        }
+    }
+}
+
+impl fmt::Display for ByteSize {
+    /// Human form with binary units: `10.0G`, `512M`, `4.0K`, `17B`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        const UNITS: [(u64, &str); 5] = [
+            (1 << 50, "P"),
+            (1 << 40, "T"),
+            (1 << 30, "G"),
+            (1 << 20, "M"),
+            (1 << 10, "K"),
+        ];
+        for (scale, unit) in UNITS {
+            if b >= scale {
+                return if b % scale == 0 {
+                    write!(f, "{}{unit}", b / scale)
+                } else {
+                    write!(f, "{:.1}{unit}", b as f64 / scale as f64)
+                };
+            }
+        }
+        write!(f, "{b}B")
+    }
+}
+
+/// An iSCSI qualified name in RFC 3720 form: `iqn.YYYY-MM.reversed.domain[:suffix]`
+/// or `eui.` followed by 16 hex digits. Stored lowercase, as iSCSI names compare.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Iqn(String);
+
+impl Iqn {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Iqn {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: &str| Error::invalid(format!("invalid initiator name {s:?}: {why}"));
+        let lower = s.to_ascii_lowercase();
+        if lower.len() > 223 {
+            return Err(bad("longer than 223 bytes"));
+        }
+        if let Some(hex) = lower.strip_prefix("eui.") {
+            if hex.len() == 16 && hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Ok(Iqn(lower));
+            }
+            return Err(bad("eui. names carry exactly 16 hex digits"));
+        }
+        let rest = lower
+            .strip_prefix("iqn.")
+            .ok_or_else(|| bad("must start with iqn. or eui."))?;
+        let b = rest.as_bytes();
+        let date_ok = b.len() >= 8
+            && b[..4].iter().all(u8::is_ascii_digit)
+            && b[4] == b'-'
+            && b[5..7].iter().all(u8::is_ascii_digit)
+            && matches!(
+                &rest[5..7],
+                "01" | "02" | "03" | "04" | "05" | "06" | "07" | "08" | "09" | "10" | "11" | "12"
+            )
+            && b[7] == b'.';
+        if !date_ok {
+            return Err(bad("expected iqn.YYYY-MM.naming-authority"));
+        }
+        let authority_and_suffix = &rest[8..];
+        let (authority, _suffix) = authority_and_suffix
+            .split_once(':')
+            .unwrap_or((authority_and_suffix, ""));
+        if authority.is_empty()
+            || authority.starts_with('.')
+            || authority.ends_with('.')
+            || !authority
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-')
+        {
+            return Err(bad("the naming authority must be a reversed domain name"));
+        }
+        // RFC 3722 stringprep leaves ASCII letters, digits, '-', '.', ':'.
+        if !lower
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b':'))
+        {
+            return Err(bad("only letters, digits, '-', '.' and ':' are allowed"));
+        }
+        Ok(Iqn(lower))
+    }
+}
+
+impl TryFrom<String> for Iqn {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<Iqn> for String {
+    fn from(n: Iqn) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for Iqn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One-way CHAP credentials. The secret never appears in Debug output, logs
+/// or command lines.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chap {
+    pub user: String,
+    secret: String,
+}
+
+impl Chap {
+    /// Validates user (1..=64 of `[A-Za-z0-9._@:-]`) and secret (12..=16 bytes
+    /// of printable ASCII without spaces or commas, as tgt and LIO accept).
+    pub fn new(user: &str, secret: &str) -> Result<Chap> {
+        let user_ok = !user.is_empty()
+            && user.len() <= 64
+            && user.bytes().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'@' | b':' | b'-')
+            });
+        if !user_ok {
+            return Err(Error::invalid(format!(
+                "invalid CHAP user {user:?}: 1 to 64 of letters, digits, . _ @ : -"
+            )));
+        }
+        let secret_ok = (12..=16).contains(&secret.len())
+            && secret
+                .bytes()
+                .all(|c| c.is_ascii_graphic() && c != b',' && c != b'=');
+        if !secret_ok {
+            return Err(Error::invalid(
+                "invalid CHAP secret: 12 to 16 printable ASCII characters, no spaces, ',' or '='",
+            ));
+        }
+        Ok(Chap {
+            user: user.to_owned(),
+            secret: secret.to_owned(),
+        })
+    }
+
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl fmt::Debug for Chap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chap")
+            .field("user", &self.user)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Labels: at most 32 pairs; keys like names (plus `/`), 1..=63 bytes; values
+/// up to 255 printable characters.
+pub type Labels = BTreeMap<String, String>;
+
+pub fn validate_labels<I, K, V>(pairs: I) -> Result<Labels>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
+{
+    let mut out = Labels::new();
+    for (k, v) in pairs {
+        let (k, v) = (k.as_ref(), v.as_ref());
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'));
+        if !key_ok {
+            return Err(Error::invalid(format!(
+                "invalid label key {k:?}: 1 to 63 of letters, digits, . _ - /"
+            )));
+        }
+        if v.len() > 255 || v.chars().any(|c| c.is_control()) {
+            return Err(Error::invalid(format!(
+                "invalid label value for {k:?}: at most 255 printable characters"
+            )));
+        }
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    if out.len() > 32 {
+        return Err(Error::invalid(format!(
+            "too many labels ({}): at most 32",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+/// Parses `k=v` as given on a command line.
+pub fn parse_label(s: &str) -> Result<(String, String)> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| Error::invalid(format!("invalid label {s:?}: expected key=value")))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "db-01", "0x", "a.b_c-d", &"a".repeat(63)] {
+            assert!(ok.parse::<VolumeName>().is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "A",
+            "-a",
+            ".a",
+            "a/b",
+            "../x",
+            "a b",
+            &"a".repeat(64),
+            "é",
+        ] {
+            assert!(bad.parse::<VolumeName>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        let p = |s: &str| s.parse::<ByteSize>().map(|b| b.0);
+        assert_eq!(p("512M").unwrap(), 512 << 20);
+        assert_eq!(p("10G").unwrap(), 10 << 30);
+        assert_eq!(p("1T").unwrap(), 1 << 40);
+        assert_eq!(p("1.5G").unwrap(), 3 << 29);
+        assert_eq!(p("4096").unwrap(), 4096);
+        assert_eq!(p("10GiB").unwrap(), 10 << 30);
+        for bad in [
+            "",
+            "G",
+            "-1G",
+            "1X",
+            "1..5G",
+            "99999999999999999999G",
+            "1.G",
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ByteSize::volume_size(1).unwrap().0, MIB);
+        assert_eq!(ByteSize::volume_size(MIB).unwrap().0, MIB);
+        assert_eq!(ByteSize::volume_size(MIB + 1).unwrap().0, 2 * MIB);
+        assert!(ByteSize::volume_size(0).is_err());
+        assert!(ByteSize::volume_size(u64::MAX).is_err());
+        assert_eq!(ByteSize(10 << 30).to_string(), "10G");
+        assert_eq!(ByteSize(1536 << 20).to_string(), "1.5G");
+    }
+
+    #[test]
+    fn iqns() {
+        for ok in [
+            "iqn.2026-11.io.stratus:host1",
+            "iqn.1993-08.org.debian:01:abcdef",
+            "IQN.2026-11.IO.Stratus:X",
+            "eui.02004567a425678d",
+        ] {
+            assert!(ok.parse::<Iqn>().is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "iqn.",
+            "iqn.26-11.io.x",
+            "iqn.2026-13.io.x",
+            "iqn.2026-11.:x",
+            "iqn.2026-11.io.x:a b",
+            "iqn.2026-11.io.x:a,b",
+            "eui.123",
+            "host1",
+        ] {
+            assert!(bad.parse::<Iqn>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            "IQN.2026-11.IO.Stratus:X".parse::<Iqn>().unwrap().as_str(),
+            "iqn.2026-11.io.stratus:x"
+        );
+    }
+
+    #[test]
+    fn chap_secret_is_redacted() {
+        let c = Chap::new("alice", "s3cretpassw0rd").unwrap();
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert!(Chap::new("alice", "short").is_err());
+        assert!(Chap::new("al ice", "s3cretpassw0rd").is_err());
+        assert!(Chap::new("alice", "has,commas,here").is_err());
+    }
+
+    #[test]
+    fn labels() {
+        assert!(validate_labels([("tier", "gold")]).is_ok());
+        assert!(validate_labels([("", "x")]).is_err());
+        assert!(validate_labels([("a b", "x")]).is_err());
+        assert!(validate_labels([("k", "x".repeat(256))]).is_err());
+        let many: Vec<_> = (0..33)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        assert!(validate_labels(many).is_err());
+    }
+}
