@@ -10,7 +10,9 @@
 //! - [`service`]: the gRPC VolumeService tying them together;
 //! - [`config`]: daemon settings from flags and TOML.
 
+pub mod backend;
 pub mod error;
 pub mod export;
 pub mod runner;
+pub mod store;
 pub mod types;

@@ -1,0 +1,436 @@
+//! The metadata store: pdiskd's source of truth for intent.
+//!
+//! One redb database (`pdisk.redb` in the data dir) holds volumes, snapshots,
+//! exports (with their CHAP secrets, so the file is created mode 0600) and the
+//! name index. Every change is one redb write transaction, so after a crash the
+//! store shows either all of a change or none of it.
+//!
+//! Invariants kept here (not by callers):
+//! - a volume name and a snapshot name each map to exactly one UUID;
+//! - an export exists only for an existing volume;
+//! - a volume with snapshots or an export cannot be removed.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::types::{ByteSize, Chap, Iqn, Labels, VolumeName};
+
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const EXPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("exports");
+/// "v:<name>" and "s:<name>" -> uuid.
+const NAMES: TableDefinition<&str, &str> = TableDefinition::new("names");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeState {
+    Creating,
+    Ready,
+    Deleting,
+    Error,
+}
+
+/// Where a volume's initial content came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", content = "id")]
+pub enum Source {
+    Empty,
+    Volume(Uuid),
+    Snapshot(Uuid),
+    /// sha256 of the imported image, or "upload".
+    Image(String),
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Empty => String::new(),
+            Source::Volume(u) => format!("volume:{u}"),
+            Source::Snapshot(u) => format!("snapshot:{u}"),
+            Source::Image(s) => format!("image:{s}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub uuid: Uuid,
+    pub name: VolumeName,
+    pub size: ByteSize,
+    pub labels: Labels,
+    pub state: VolumeState,
+    pub state_reason: String,
+    pub source: Source,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub uuid: Uuid,
+    pub name: VolumeName,
+    pub volume: Uuid,
+    pub size: ByteSize,
+    /// False while the snapshot is being made; such a record found at start
+    /// belongs to an interrupted operation.
+    pub complete: bool,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    pub volume: Uuid,
+    pub target_iqn: Iqn,
+    pub initiators: Vec<Iqn>,
+    pub chap: Option<Chap>,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b)
+        .map_err(|e| Error::internal(format!("metadata store: corrupt {what} record: {e}")))
+}
+
+fn vkey(name: &VolumeName) -> String {
+    format!("v:{name}")
+}
+fn skey(name: &VolumeName) -> String {
+    format!("s:{name}")
+}
+
+impl Store {
+    /// Opens or creates `dir/pdisk.redb`, readable by root only.
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
+        let path = dir.join("pdisk.redb");
+        let db = Database::create(&path)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io(path.display(), e))?;
+        }
+        let tx = db.begin_write()?;
+        tx.open_table(VOLUMES)?;
+        tx.open_table(SNAPSHOTS)?;
+        tx.open_table(EXPORTS)?;
+        tx.open_table(NAMES)?;
+        tx.commit()?;
+        Ok(Store { db })
+    }
+
+    // ---- volumes ----
+
+    /// Inserts a new volume; AlreadyExists when its name is taken.
+    pub fn insert_volume(&self, v: &VolumeRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut names = tx.open_table(NAMES)?;
+            if names.get(vkey(&v.name).as_str())?.is_some() {
+                return Err(Error::exists(format!("volume {} already exists", v.name)));
+            }
+            names.insert(vkey(&v.name).as_str(), v.uuid.to_string().as_str())?;
+            let mut vols = tx.open_table(VOLUMES)?;
+            vols.insert(v.uuid.to_string().as_str(), encode(v).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a volume record (same UUID and name).
+    pub fn update_volume(&self, v: &VolumeRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut vols = tx.open_table(VOLUMES)?;
+            let key = v.uuid.to_string();
+            if vols.get(key.as_str())?.is_none() {
+                return Err(Error::not_found(format!("volume {} not found", v.name)));
+            }
+            vols.insert(key.as_str(), encode(v).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Removes a volume that has neither snapshots nor an export.
+    pub fn remove_volume(&self, uuid: Uuid) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let key = uuid.to_string();
+            let mut vols = tx.open_table(VOLUMES)?;
+            let Some(rec) = vols.remove(key.as_str())? else {
+                return Err(Error::not_found(format!("volume {uuid} not found")));
+            };
+            let rec: VolumeRecord = decode("volume", rec.value())?;
+            if tx.open_table(EXPORTS)?.get(key.as_str())?.is_some() {
+                return Err(Error::precondition(format!(
+                    "volume {} is exported",
+                    rec.name
+                )));
+            }
+            for s in tx.open_table(SNAPSHOTS)?.iter()? {
+                let (_, v) = s?;
+                let s: SnapshotRecord = decode("snapshot", v.value())?;
+                if s.volume == uuid {
+                    return Err(Error::precondition(format!(
+                        "volume {} has snapshot {}",
+                        rec.name, s.name
+                    )));
+                }
+            }
+            tx.open_table(NAMES)?.remove(vkey(&rec.name).as_str())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn volume(&self, uuid: Uuid) -> Result<Option<VolumeRecord>> {
+        let tx = self.db.begin_read()?;
+        let vols = tx.open_table(VOLUMES)?;
+        let x = vols.get(uuid.to_string().as_str())?;
+        x.map(|v| decode("volume", v.value())).transpose()
+    }
+
+    /// Resolves a reference (UUID or name) to a volume; NotFound otherwise.
+    pub fn find_volume(&self, r: &str) -> Result<VolumeRecord> {
+        if let Ok(u) = Uuid::parse_str(r) {
+            if let Some(v) = self.volume(u)? {
+                return Ok(v);
+            }
+        }
+        let tx = self.db.begin_read()?;
+        let names = tx.open_table(NAMES)?;
+        if let Some(u) = names.get(format!("v:{r}").as_str())? {
+            let vols = tx.open_table(VOLUMES)?;
+            if let Some(v) = vols.get(u.value())? {
+                return decode("volume", v.value());
+            }
+        }
+        Err(Error::not_found(format!("volume {r} not found")))
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>> {
+        let tx = self.db.begin_read()?;
+        let vols = tx.open_table(VOLUMES)?;
+        let mut out: Vec<VolumeRecord> = vols
+            .iter()?
+            .map(|r| {
+                let (_, v) = r?;
+                decode("volume", v.value())
+            })
+            .collect::<Result<_>>()?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    // ---- snapshots ----
+
+    /// Inserts a snapshot of an existing volume; AlreadyExists on a taken name.
+    pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            if tx
+                .open_table(VOLUMES)?
+                .get(s.volume.to_string().as_str())?
+                .is_none()
+            {
+                return Err(Error::not_found(format!("volume {} not found", s.volume)));
+            }
+            let mut names = tx.open_table(NAMES)?;
+            if names.get(skey(&s.name).as_str())?.is_some() {
+                return Err(Error::exists(format!("snapshot {} already exists", s.name)));
+            }
+            names.insert(skey(&s.name).as_str(), s.uuid.to_string().as_str())?;
+            tx.open_table(SNAPSHOTS)?
+                .insert(s.uuid.to_string().as_str(), encode(s).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn update_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.open_table(SNAPSHOTS)?
+            .insert(s.uuid.to_string().as_str(), encode(s).as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_snapshot(&self, uuid: Uuid) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut snaps = tx.open_table(SNAPSHOTS)?;
+            let Some(rec) = snaps.remove(uuid.to_string().as_str())? else {
+                return Err(Error::not_found(format!("snapshot {uuid} not found")));
+            };
+            let rec: SnapshotRecord = decode("snapshot", rec.value())?;
+            tx.open_table(NAMES)?.remove(skey(&rec.name).as_str())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn snapshot(&self, uuid: Uuid) -> Result<Option<SnapshotRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        let x = t.get(uuid.to_string().as_str())?;
+        x.map(|v| decode("snapshot", v.value())).transpose()
+    }
+
+    pub fn find_snapshot(&self, r: &str) -> Result<SnapshotRecord> {
+        if let Ok(u) = Uuid::parse_str(r) {
+            if let Some(s) = self.snapshot(u)? {
+                return Ok(s);
+            }
+        }
+        let tx = self.db.begin_read()?;
+        let names = tx.open_table(NAMES)?;
+        if let Some(u) = names.get(format!("s:{r}").as_str())? {
+            if let Some(v) = tx.open_table(SNAPSHOTS)?.get(u.value())? {
+                return decode("snapshot", v.value());
+            }
+        }
+        Err(Error::not_found(format!("snapshot {r} not found")))
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(SNAPSHOTS)?;
+        let mut out: Vec<SnapshotRecord> = t
+            .iter()?
+            .map(|r| {
+                let (_, v) = r?;
+                decode("snapshot", v.value())
+            })
+            .collect::<Result<_>>()?;
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    // ---- exports ----
+
+    /// Creates or replaces the export of an existing volume.
+    pub fn put_export(&self, e: &ExportRecord) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let key = e.volume.to_string();
+            if tx.open_table(VOLUMES)?.get(key.as_str())?.is_none() {
+                return Err(Error::not_found(format!("volume {} not found", e.volume)));
+            }
+            tx.open_table(EXPORTS)?
+                .insert(key.as_str(), encode(e).as_slice())?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_export(&self, volume: Uuid) -> Result<Option<ExportRecord>> {
+        let tx = self.db.begin_write()?;
+        let old = {
+            let mut t = tx.open_table(EXPORTS)?;
+            let x = t.remove(volume.to_string().as_str())?;
+            x.map(|v| decode("export", v.value())).transpose()?
+        };
+        tx.commit()?;
+        Ok(old)
+    }
+
+    pub fn export(&self, volume: Uuid) -> Result<Option<ExportRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(EXPORTS)?;
+        let x = t.get(volume.to_string().as_str())?;
+        x.map(|v| decode("export", v.value())).transpose()
+    }
+
+    pub fn exports(&self) -> Result<Vec<ExportRecord>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(EXPORTS)?;
+        t.iter()?
+            .map(|r| {
+                let (_, v) = r?;
+                decode("export", v.value())
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn vol(name: &str) -> VolumeRecord {
+        VolumeRecord {
+            uuid: Uuid::new_v4(),
+            name: name.parse().unwrap(),
+            size: ByteSize(1 << 20),
+            labels: Labels::new(),
+            state: VolumeState::Ready,
+            state_reason: String::new(),
+            source: Source::Empty,
+            created_at: "2026-11-21T00:00:00Z".into(),
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_refs_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let a = vol("a");
+        s.insert_volume(&a).unwrap();
+        let err = s.insert_volume(&vol("a")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        assert_eq!(s.find_volume("a").unwrap().uuid, a.uuid);
+        assert_eq!(s.find_volume(&a.uuid.to_string()).unwrap().name, a.name);
+        assert_eq!(s.find_volume("b").unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(s.volumes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn dependents_block_removal_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = vol("a");
+        let snap = SnapshotRecord {
+            uuid: Uuid::new_v4(),
+            name: "a-1".parse().unwrap(),
+            volume: a.uuid,
+            size: a.size,
+            complete: true,
+            created_at: String::new(),
+        };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.insert_volume(&a).unwrap();
+            s.insert_snapshot(&snap).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let err = s.remove_volume(a.uuid).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+        assert!(err.message().contains("a-1"));
+        s.remove_snapshot(snap.uuid).unwrap();
+        s.put_export(&ExportRecord {
+            volume: a.uuid,
+            target_iqn: "iqn.2026-11.io.stratus:t".parse().unwrap(),
+            initiators: vec![],
+            chap: None,
+        })
+        .unwrap();
+        assert_eq!(
+            s.remove_volume(a.uuid).unwrap_err().kind(),
+            ErrorKind::FailedPrecondition
+        );
+        s.remove_export(a.uuid).unwrap();
+        s.remove_volume(a.uuid).unwrap();
+        // The name is free again.
+        s.insert_volume(&vol("a")).unwrap();
+    }
+}
