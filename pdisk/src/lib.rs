@@ -16,3 +16,7 @@ pub mod export;
 pub mod runner;
 pub mod store;
 pub mod types;
+pub mod progress;
+pub mod service;
+pub mod config;
+pub mod grpc;

@@ -245,7 +245,7 @@ impl Backend for FileBackend {
         blocking(move || b.copy_object(src, ObjectId::Snapshot(dst), 0, progress))
     }
 
-    fn clone_from(
+    fn clone_object(
         &self,
         src: ObjectId,
         dst: Uuid,
@@ -452,7 +452,7 @@ mod tests {
         assert!(std::fs::metadata(&sp).unwrap().permissions().readonly());
 
         let c = Uuid::new_v4();
-        b.clone_from(
+        b.clone_object(
             ObjectId::Snapshot(s),
             c,
             16 << 20,

@@ -87,7 +87,7 @@ pub trait Backend: Send + Sync {
         -> BoxFuture<'_, Result<()>>;
 
     /// A writable copy of `src` as volume `dst`, grown to `size` when larger.
-    fn clone_from(
+    fn clone_object(
         &self,
         src: ObjectId,
         dst: Uuid,

@@ -1,1 +1,150 @@
-fn main() {}
+//! pdiskd: the persistent-disk server of a Stratus storage host.
+//!
+//! Start-up order matters for crash safety: open the store, open the pool
+//! (clearing its staging area), reconcile store with pool and exporter, and
+//! only then accept requests. A watchdog keeps re-applying exports so a
+//! restarted tgtd gets them back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use pdisk::backend::file::FileBackend;
+use pdisk::config::{BackendKind, Config, ExporterKind, Flags, LogFormat};
+use pdisk::export::tgt::{TgtConfig, TgtExporter};
+use pdisk::grpc::Api;
+use pdisk::runner::{CommandRunner, HostRunner};
+use pdisk::service::{PoolService, ServiceSettings};
+use pdisk::store::Store;
+use stratus_proto::pdisk::v1::volume_service_server::VolumeServiceServer;
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    let _ = tx.send(true);
+}
+
+#[tokio::main]
+async fn main() {
+    let flags = Flags::parse();
+    let cfg = match flags.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pdiskd: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(&cfg);
+    if let Err(e) = run(cfg).await {
+        tracing::error!("{e:#}");
+        eprintln!("pdiskd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let runner: Arc<dyn CommandRunner> = Arc::new(HostRunner);
+    for d in &cfg.import_dirs {
+        std::fs::create_dir_all(d).with_context(|| format!("import dir {}", d.display()))?;
+    }
+    let store = Store::open(&cfg.data_dir).context("opening the metadata store")?;
+    let backend = match cfg.backend {
+        BackendKind::File => {
+            let b = FileBackend::open(&cfg.pool_dir, runner.clone()).context("opening the pool")?;
+            let cleared = b.clear_staging()?;
+            if !cleared.is_empty() {
+                tracing::info!(files = ?cleared, "removed temporaries of interrupted operations");
+            }
+            Arc::new(b)
+        }
+    };
+    let exporter = match cfg.exporter {
+        ExporterKind::Tgt => Arc::new(TgtExporter::new(
+            runner.clone(),
+            TgtConfig {
+                control_port: cfg.tgt_control_port,
+                portal: cfg.portal.clone(),
+                iqn_prefix: cfg.iqn_prefix.clone(),
+                bstype: cfg.tgt_bstype.clone(),
+                ..TgtConfig::default()
+            },
+        )),
+    };
+    let svc = Arc::new(PoolService::new(
+        store,
+        backend,
+        exporter,
+        runner,
+        ServiceSettings {
+            max_overcommit: cfg.max_overcommit,
+            import_dirs: cfg.import_dirs.clone(),
+        },
+    ));
+    let report = svc.reconcile().await.context("reconciling")?;
+    tracing::info!(
+        actions = report.actions.len(),
+        drift = report.drift.len(),
+        "start-up reconciliation done"
+    );
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(svc.clone().watch_exports(
+        Duration::from_secs(cfg.export_check_interval),
+        shutdown_rx.clone(),
+    ));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<VolumeServiceServer<Api>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    tracing::info!(
+        listen = %cfg.listen,
+        backend = ?cfg.backend,
+        pool = %cfg.pool_dir.display(),
+        exporter = ?cfg.exporter,
+        portal = %cfg.portal,
+        "pdiskd ready"
+    );
+    tokio::spawn(shutdown_signal(shutdown_tx));
+    let mut rx = shutdown_rx;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(VolumeServiceServer::new(Api::new(svc)).max_decoding_message_size(8 << 20))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async move {
+                let _ = rx.wait_for(|v| *v).await;
+            },
+        )
+        .await
+        .context("serving gRPC")?;
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! pdiskd settings: command-line flags over a TOML file over defaults.
+//!
+//! Every flag has the same name in the TOML file with `_` for `-`, e.g.
+//! `--pool-dir` is `pool_dir = "/srv/pdisk/pool"`. Unknown keys are an error,
+//! so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::types::Iqn;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// Sparse files on a (preferably reflink-capable) filesystem.
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExporterKind {
+    /// Userspace tgtd, driven by tgtadm.
+    Tgt,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+/// Flags of pdiskd; each can also be set in the `--config` TOML file.
+#[derive(Debug, Clone, Default, Parser, Deserialize)]
+#[command(name = "pdiskd", version, about = "Stratus persistent-disk server")]
+#[serde(deny_unknown_fields, default)]
+pub struct Flags {
+    /// TOML file with settings; flags override it.
+    #[arg(long, value_name = "FILE")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:7400]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the metadata store [default: /var/lib/pdisk]
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Volume backend [default: file]
+    #[arg(long, value_enum)]
+    pub backend: Option<BackendKind>,
+    /// Pool directory of the file backend [default: DATA_DIR/pool]
+    #[arg(long, value_name = "DIR")]
+    pub pool_dir: Option<PathBuf>,
+    /// iSCSI exporter [default: tgt]
+    #[arg(long = "export", value_enum)]
+    #[serde(rename = "export")]
+    pub exporter: Option<ExporterKind>,
+    /// iSCSI portal HOST:PORT that initiators connect to [default: 127.0.0.1:3260]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub portal: Option<String>,
+    /// tgtd control port (tgtd -C N) [default: 0]
+    #[arg(long, value_name = "N")]
+    pub tgt_control_port: Option<u32>,
+    /// tgt backing store: aio or rdwr [default: aio]
+    #[arg(long, value_name = "TYPE")]
+    pub tgt_bstype: Option<String>,
+    /// Prefix of target IQNs [default: iqn.2026-11.io.stratus.pdisk]
+    #[arg(long, value_name = "IQN")]
+    pub iqn_prefix: Option<String>,
+    /// Directory server-side image imports may read from (repeatable)
+    /// [default: DATA_DIR/import]
+    #[arg(long = "import-dir", value_name = "DIR")]
+    pub import_dirs: Option<Vec<PathBuf>>,
+    /// Provisioned bytes may reach pool capacity times this [default: 20]
+    #[arg(long, value_name = "RATIO")]
+    pub max_overcommit: Option<f64>,
+    /// Seconds between checks that the exporter still has every export [default: 5]
+    #[arg(long, value_name = "SECS")]
+    pub export_check_interval: Option<u64>,
+    /// Log format [default: human]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or pdisk=debug [default: info, or RUST_LOG]
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub backend: BackendKind,
+    pub pool_dir: PathBuf,
+    pub exporter: ExporterKind,
+    pub portal: String,
+    pub tgt_control_port: u32,
+    pub tgt_bstype: String,
+    pub iqn_prefix: String,
+    pub import_dirs: Vec<PathBuf>,
+    pub max_overcommit: f64,
+    pub export_check_interval: u64,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Flags {
+    /// Merges flags over the `--config` file over defaults, and validates.
+    pub fn resolve(self) -> Result<Config> {
+        let file: Flags = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?;
+                toml::from_str(&text)
+                    .map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?
+            }
+            None => Flags::default(),
+        };
+        macro_rules! pick {
+            ($f:ident, $default:expr) => {
+                self.$f.or(file.$f).unwrap_or_else(|| $default)
+            };
+        }
+        let data_dir = pick!(data_dir, PathBuf::from("/var/lib/pdisk"));
+        let cfg = Config {
+            listen: pick!(listen, "127.0.0.1:7400".parse().unwrap()),
+            backend: pick!(backend, BackendKind::File),
+            pool_dir: pick!(pool_dir, data_dir.join("pool")),
+            exporter: pick!(exporter, ExporterKind::Tgt),
+            portal: pick!(portal, "127.0.0.1:3260".into()),
+            tgt_control_port: pick!(tgt_control_port, 0),
+            tgt_bstype: pick!(tgt_bstype, "aio".into()),
+            iqn_prefix: pick!(iqn_prefix, "iqn.2026-11.io.stratus.pdisk".into()),
+            import_dirs: pick!(import_dirs, vec![data_dir.join("import")]),
+            max_overcommit: pick!(max_overcommit, 20.0),
+            export_check_interval: pick!(export_check_interval, 5),
+            log_format: pick!(log_format, LogFormat::Human),
+            log_level: pick!(
+                log_level,
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())
+            ),
+            data_dir,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<()> {
+        if self.portal.parse::<SocketAddr>().is_err() {
+            return Err(Error::invalid(format!(
+                "portal {:?} must be IP:PORT, e.g. 192.0.2.10:3260",
+                self.portal
+            )));
+        }
+        self.iqn_prefix
+            .parse::<Iqn>()
+            .map_err(|e| Error::invalid(format!("iqn-prefix: {e}")))?;
+        if self.iqn_prefix.contains(':') {
+            return Err(Error::invalid(
+                "iqn-prefix must not contain ':' (the volume UUID follows it after ':')",
+            ));
+        }
+        if !(self.max_overcommit > 0.0 && self.max_overcommit.is_finite()) {
+            return Err(Error::invalid("max-overcommit must be a positive number"));
+        }
+        if !matches!(self.tgt_bstype.as_str(), "aio" | "rdwr") {
+            return Err(Error::invalid("tgt-bstype must be aio or rdwr"));
+        }
+        if self.tgt_control_port > 32767 {
+            return Err(Error::invalid("tgt-control-port must be at most 32767"));
+        }
+        if self.export_check_interval == 0 {
+            return Err(Error::invalid("export-check-interval must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pdiskd.toml");
+        std::fs::write(
+            &f,
+            "data_dir = \"/srv/pdisk\"\nportal = \"10.0.0.1:3260\"\nexport = \"tgt\"\n",
+        )
+        .unwrap();
+        let flags = Flags::parse_from([
+            "pdiskd",
+            "--config",
+            f.to_str().unwrap(),
+            "--portal",
+            "127.0.0.1:3261",
+        ]);
+        let c = flags.resolve().unwrap();
+        assert_eq!(c.portal, "127.0.0.1:3261");
+        assert_eq!(c.data_dir, PathBuf::from("/srv/pdisk"));
+        assert_eq!(c.pool_dir, PathBuf::from("/srv/pdisk/pool"));
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7400");
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pdiskd.toml");
+        std::fs::write(&f, "pool_dri = \"/x\"\n").unwrap();
+        let e = Flags::parse_from(["pdiskd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
+        assert!(e.message().contains("pool_dri"), "{e}");
+        let e = Flags::parse_from(["pdiskd", "--portal", "nohost"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.message().contains("portal"));
+    }
+}

@@ -1,0 +1,411 @@
+//! The gRPC face of the pool service: converts `pdisk.v1` messages to and
+//! from the domain, and nothing else. Errors become statuses through
+//! `From<Error> for tonic::Status` only.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use stratus_proto::pdisk::v1 as pb;
+use stratus_proto::pdisk::v1::volume_service_server::VolumeService;
+use tonic::{Request, Response, Status, Streaming};
+use uuid::Uuid;
+
+use crate::backend::{copy, ImageFormat};
+use crate::error::Error;
+use crate::service::{
+    Drift, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService, SnapshotInfo, VolumeInfo,
+};
+use crate::store::VolumeState;
+
+pub struct Api {
+    svc: Arc<PoolService>,
+}
+
+impl Api {
+    pub fn new(svc: Arc<PoolService>) -> Self {
+        Api { svc }
+    }
+}
+
+fn volume_pb(v: VolumeInfo) -> pb::Volume {
+    let r = v.record;
+    pb::Volume {
+        uuid: r.uuid.to_string(),
+        name: r.name.to_string(),
+        size_bytes: r.size.0,
+        allocated_bytes: v.allocated,
+        labels: r.labels.into_iter().collect(),
+        state: match r.state {
+            VolumeState::Creating => pb::VolumeState::Creating,
+            VolumeState::Ready => pb::VolumeState::Ready,
+            VolumeState::Deleting => pb::VolumeState::Deleting,
+            VolumeState::Error => pb::VolumeState::Error,
+        } as i32,
+        state_reason: r.state_reason,
+        source: r.source.describe(),
+        created_at: r.created_at,
+        exported: v.exported,
+        snapshot_count: v.snapshot_count,
+        device_path: v.device_path.display().to_string(),
+    }
+}
+
+fn snapshot_pb(s: SnapshotInfo) -> pb::Snapshot {
+    let r = s.record;
+    pb::Snapshot {
+        uuid: r.uuid.to_string(),
+        name: r.name.to_string(),
+        volume_uuid: r.volume.to_string(),
+        volume_name: s.volume_name,
+        size_bytes: r.size.0,
+        allocated_bytes: s.allocated,
+        created_at: r.created_at,
+    }
+}
+
+fn export_pb(e: ExportInfo) -> pb::Export {
+    let url = e.url();
+    pb::Export {
+        volume_uuid: e.record.volume.to_string(),
+        volume_name: e.volume_name,
+        target_iqn: e.record.target_iqn.to_string(),
+        portal: e.portal,
+        lun: crate::export::VOLUME_LUN,
+        initiators: e.record.initiators.iter().map(|i| i.to_string()).collect(),
+        url,
+        chap_user: e.record.chap.map(|c| c.user).unwrap_or_default(),
+        exporter: e.exporter,
+    }
+}
+
+fn drift_pb(d: Drift) -> pb::Drift {
+    pb::Drift {
+        kind: d.kind,
+        object: d.object,
+        detail: d.detail,
+    }
+}
+
+fn pool_pb(p: PoolInfo) -> pb::Pool {
+    pb::Pool {
+        backend: p.backend,
+        exporter: p.exporter,
+        capacity_bytes: p.capacity,
+        provisioned_bytes: p.provisioned,
+        used_bytes: p.used,
+        allocated_bytes: p.allocated,
+        volume_count: p.volumes,
+        snapshot_count: p.snapshots,
+        export_count: p.exports,
+        capabilities: p.capabilities,
+        drift: p.drift.into_iter().map(drift_pb).collect(),
+        last_reconciled_at: p.last_reconciled_at,
+        exporter_status: p.exporter_status,
+        max_overcommit: p.max_overcommit,
+        location: p.location,
+    }
+}
+
+fn image_format(f: i32) -> Result<Option<ImageFormat>, Status> {
+    match pb::ImageFormat::try_from(f) {
+        Ok(pb::ImageFormat::Unspecified) => Ok(None),
+        Ok(pb::ImageFormat::Raw) => Ok(Some(ImageFormat::Raw)),
+        Ok(pb::ImageFormat::Qcow2) => Ok(Some(ImageFormat::Qcow2)),
+        Err(_) => Err(Error::invalid(format!("unknown image format {f}")).into()),
+    }
+}
+
+fn labels(m: std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+/// Removes a staged upload however the request ends.
+struct StagedUpload(std::path::PathBuf);
+
+impl Drop for StagedUpload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::Progress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl VolumeService for Api {
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let source = match r.source {
+            None => NewVolumeSource::Empty,
+            Some(pb::create_volume_request::Source::FromVolume(v)) => NewVolumeSource::Volume(v),
+            Some(pb::create_volume_request::Source::FromSnapshot(s)) => {
+                NewVolumeSource::Snapshot(s)
+            }
+            Some(pb::create_volume_request::Source::FromImage(i)) => NewVolumeSource::ImageFile {
+                path: i.path.into(),
+                format: image_format(i.format)?,
+            },
+        };
+        let v = self
+            .svc
+            .create_volume(NewVolume {
+                name: r.name,
+                size: r.size_bytes,
+                labels: labels(r.labels),
+                source,
+                request_id: r.request_id,
+            })
+            .await?;
+        Ok(Response::new(volume_pb(v)))
+    }
+
+    async fn upload_volume(
+        &self,
+        req: Request<Streaming<pb::UploadVolumeRequest>>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        use pb::upload_volume_request::Part;
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::UploadVolumeRequest {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => return Err(Error::invalid("upload: the first message must be the header").into()),
+        };
+        // Check what can be checked before accepting any data.
+        let name: crate::types::VolumeName = header.name.parse()?;
+        crate::types::validate_labels(header.labels.iter())?;
+        let format = image_format(header.format)?;
+        if self.svc.get_volume(name.as_str()).is_ok() {
+            return Err(Error::exists(format!("volume {name} already exists")).into());
+        }
+        let staged = StagedUpload(
+            self.svc
+                .backend()
+                .staging_dir()
+                .join(format!("{}.upload", Uuid::new_v4())),
+        );
+        let file =
+            std::fs::File::create_new(&staged.0).map_err(|e| Error::io(staged.0.display(), e))?;
+        let mut offset = 0u64;
+        let total = header.content_length;
+        while let Some(msg) = stream.message().await? {
+            let Some(Part::Data(data)) = msg.part else {
+                return Err(Error::invalid("upload: only data may follow the header").into());
+            };
+            if total > 0 && offset + data.len() as u64 > total {
+                return Err(Error::invalid(format!(
+                    "upload of {name}: more data than the announced {total} bytes"
+                ))
+                .into());
+            }
+            let at = offset;
+            tokio::task::block_in_place(|| copy::write_nonzero_runs(&file, &data, at))
+                .map_err(|e| Error::io(format!("upload of {name}"), e))?;
+            offset += data.len() as u64;
+        }
+        if total > 0 && offset != total {
+            return Err(Error::invalid(format!(
+                "upload of {name}: received {offset} of the announced {total} bytes"
+            ))
+            .into());
+        }
+        if offset == 0 {
+            return Err(Error::invalid(format!("upload of {name}: no data")).into());
+        }
+        file.set_len(offset)
+            .map_err(|e| Error::io(staged.0.display(), e))?;
+        drop(file);
+        let v = self
+            .svc
+            .create_volume(NewVolume {
+                name: name.to_string(),
+                size: header.size_bytes,
+                labels: labels(header.labels),
+                source: NewVolumeSource::Upload {
+                    path: staged.0.clone(),
+                    format,
+                },
+                request_id: header.request_id,
+            })
+            .await?;
+        Ok(Response::new(volume_pb(v)))
+    }
+
+    async fn get_volume(
+        &self,
+        req: Request<pb::GetVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        Ok(Response::new(volume_pb(
+            self.svc.get_volume(&req.into_inner().volume)?,
+        )))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let sel = labels(req.into_inner().label_selector);
+        let volumes = self
+            .svc
+            .list_volumes(&sel)?
+            .into_iter()
+            .map(volume_pb)
+            .collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        self.svc.delete_volume(&req.into_inner().volume).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn resize_volume(
+        &self,
+        req: Request<pb::ResizeVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.svc.resize_volume(&r.volume, r.size_bytes).await?;
+        Ok(Response::new(volume_pb(v)))
+    }
+
+    async fn clone_volume(
+        &self,
+        req: Request<pb::CloneVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self
+            .svc
+            .clone_volume(
+                &r.source,
+                r.source_is_snapshot,
+                &r.name,
+                labels(r.labels),
+                r.size_bytes,
+                &r.request_id,
+            )
+            .await?;
+        Ok(Response::new(volume_pb(v)))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
+        let r = req.into_inner();
+        let s = self
+            .svc
+            .create_snapshot(&r.volume, &r.name, &r.request_id)
+            .await?;
+        Ok(Response::new(snapshot_pb(s)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let snapshots = self
+            .svc
+            .list_snapshots(&req.into_inner().volume)?
+            .into_iter()
+            .map(snapshot_pb)
+            .collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        self.svc.delete_snapshot(&req.into_inner().snapshot).await?;
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    async fn export_volume(
+        &self,
+        req: Request<pb::ExportVolumeRequest>,
+    ) -> Result<Response<pb::Export>, Status> {
+        let r = req.into_inner();
+        let chap = r.chap.map(|c| (c.user, c.secret));
+        let e = self
+            .svc
+            .export_volume(&r.volume, &r.initiators, chap)
+            .await?;
+        Ok(Response::new(export_pb(e)))
+    }
+
+    async fn unexport_volume(
+        &self,
+        req: Request<pb::UnexportVolumeRequest>,
+    ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let remaining = self
+            .svc
+            .unexport_volume(&r.volume, &r.initiators)
+            .await?
+            .map(export_pb);
+        Ok(Response::new(pb::UnexportVolumeResponse { remaining }))
+    }
+
+    async fn list_exports(
+        &self,
+        _req: Request<pb::ListExportsRequest>,
+    ) -> Result<Response<pb::ListExportsResponse>, Status> {
+        let exports = self
+            .svc
+            .list_exports()?
+            .into_iter()
+            .map(export_pb)
+            .collect();
+        Ok(Response::new(pb::ListExportsResponse { exports }))
+    }
+
+    async fn get_pool(
+        &self,
+        _req: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
+        Ok(Response::new(pool_pb(self.svc.pool().await?)))
+    }
+
+    type WatchProgressStream = ProgressStream;
+
+    async fn watch_progress(
+        &self,
+        req: Request<pb::WatchProgressRequest>,
+    ) -> Result<Response<Self::WatchProgressStream>, Status> {
+        let id = req.into_inner().request_id;
+        let mut rx = self.svc.progress.watch(&id)?;
+        let stream = async_stream::stream! {
+            loop {
+                let s = rx.borrow_and_update().clone();
+                let finished = s.finished;
+                yield Ok(pb::Progress {
+                    request_id: id.clone(),
+                    phase: s.phase,
+                    done_bytes: s.done,
+                    total_bytes: s.total,
+                    finished: s.finished,
+                    error: s.error.unwrap_or_default(),
+                });
+                if finished {
+                    break;
+                }
+                // An operation that reports nothing for a minute (or never
+                // starts) ends the stream; the operation's own call still
+                // carries its result.
+                match tokio::time::timeout(Duration::from_secs(60), rx.changed()).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,1066 @@
+//! The pool service: every volume, snapshot and export operation, in domain
+//! terms. The gRPC layer ([`crate::grpc`]) only converts messages.
+//!
+//! Ordering rules that make crashes safe:
+//! - create: the record is stored as `creating` (reserving the name) before
+//!   any data is written, and becomes `ready` only after the backend has
+//!   published the object. A `creating` record found at start is marked
+//!   `error`; its partial data lives only in the backend's staging area.
+//! - delete: the record turns `deleting` before data is removed, and is
+//!   dropped after. A `deleting` record found at start is finished.
+//! - export: the intent is stored first, then applied to the exporter; the
+//!   reconciler re-applies stored intent at start and whenever the exporter
+//!   loses targets (tgtd restart). Unexport removes the target first, then the
+//!   intent, so a crash can leave an export in place but never lose one.
+//!
+//! Concurrency: operations on one volume or snapshot are serialized by a
+//! per-UUID lock; operations on different objects run in parallel. Export
+//! changes and the export watchdog also share one lock, so the watchdog never
+//! re-creates a target that an unexport is removing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::OwnedMutexGuard;
+use uuid::Uuid;
+
+use crate::backend::{image, Backend, ImageFormat, ObjectId};
+use crate::error::{Error, ErrorKind, Result};
+use crate::export::{ExportSpec, Exporter, RestoreReport};
+use crate::progress::ProgressHub;
+use crate::runner::CommandRunner;
+use crate::store::{ExportRecord, SnapshotRecord, Source, Store, VolumeRecord, VolumeState};
+use crate::types::{validate_labels, ByteSize, Chap, Iqn, Labels, VolumeName};
+
+/// Settings the service needs beyond its parts.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    /// Provisioned bytes may reach capacity times this (thin provisioning).
+    pub max_overcommit: f64,
+    /// Server-side image paths must lie inside one of these directories.
+    pub import_dirs: Vec<PathBuf>,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        ServiceSettings {
+            max_overcommit: 20.0,
+            import_dirs: Vec::new(),
+        }
+    }
+}
+
+/// Where a new volume's content comes from.
+#[derive(Debug, Clone)]
+pub enum NewVolumeSource {
+    Empty,
+    Volume(String),
+    Snapshot(String),
+    /// A path on this host, inside an import directory.
+    ImageFile {
+        path: PathBuf,
+        format: Option<ImageFormat>,
+    },
+    /// A file the gRPC layer staged from an upload (already inside the pool).
+    Upload {
+        path: PathBuf,
+        format: Option<ImageFormat>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    pub name: String,
+    /// 0: the source's size.
+    pub size: u64,
+    pub labels: Labels,
+    pub source: NewVolumeSource,
+    pub request_id: String,
+}
+
+/// A volume with the facts computed from the live pool.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    pub record: VolumeRecord,
+    pub allocated: u64,
+    pub exported: bool,
+    pub snapshot_count: u32,
+    pub device_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub record: SnapshotRecord,
+    pub volume_name: String,
+    pub allocated: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExportInfo {
+    pub record: ExportRecord,
+    pub volume_name: String,
+    pub portal: String,
+    pub exporter: String,
+}
+
+impl ExportInfo {
+    pub fn url(&self) -> String {
+        format!(
+            "iscsi://{}/{}/{}",
+            self.portal,
+            self.record.target_iqn,
+            crate::export::VOLUME_LUN
+        )
+    }
+}
+
+/// One difference between intent and live state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drift {
+    pub kind: String,
+    pub object: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ReconcileReport {
+    pub drift: Vec<Drift>,
+    pub at: String,
+    /// Human lines describing what was done.
+    pub actions: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolInfo {
+    pub backend: String,
+    pub exporter: String,
+    pub location: String,
+    pub capacity: u64,
+    pub used: u64,
+    pub provisioned: u64,
+    pub allocated: u64,
+    pub volumes: u64,
+    pub snapshots: u64,
+    pub exports: u64,
+    pub capabilities: Vec<String>,
+    pub drift: Vec<Drift>,
+    pub last_reconciled_at: String,
+    pub exporter_status: String,
+    pub max_overcommit: f64,
+}
+
+#[derive(Default)]
+struct ObjectLocks {
+    map: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ObjectLocks {
+    async fn lock(&self, id: Uuid) -> OwnedMutexGuard<()> {
+        let m = self.map.lock().unwrap().entry(id).or_default().clone();
+        m.lock_owned().await
+    }
+
+    fn forget(&self, id: Uuid) {
+        self.map.lock().unwrap().remove(&id);
+    }
+}
+
+pub struct PoolService {
+    store: Store,
+    backend: Arc<dyn Backend>,
+    exporter: Arc<dyn Exporter>,
+    runner: Arc<dyn CommandRunner>,
+    settings: ServiceSettings,
+    locks: ObjectLocks,
+    export_lock: tokio::sync::Mutex<()>,
+    pub progress: ProgressHub,
+    last_reconcile: Mutex<ReconcileReport>,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+fn parse_name(s: &str) -> Result<VolumeName> {
+    s.parse()
+}
+
+impl PoolService {
+    pub fn new(
+        store: Store,
+        backend: Arc<dyn Backend>,
+        exporter: Arc<dyn Exporter>,
+        runner: Arc<dyn CommandRunner>,
+        settings: ServiceSettings,
+    ) -> Self {
+        PoolService {
+            store,
+            backend,
+            exporter,
+            runner,
+            settings,
+            locks: ObjectLocks::default(),
+            export_lock: tokio::sync::Mutex::new(()),
+            progress: ProgressHub::default(),
+            last_reconcile: Mutex::new(ReconcileReport::default()),
+        }
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    pub fn exporter(&self) -> &dyn Exporter {
+        self.exporter.as_ref()
+    }
+
+    pub fn settings(&self) -> &ServiceSettings {
+        &self.settings
+    }
+
+    fn target_iqn(&self, volume: Uuid) -> Iqn {
+        format!("{}:{volume}", self.exporter.iqn_prefix())
+            .parse()
+            .expect("prefix validated at start")
+    }
+
+    // ---------- views ----------
+
+    fn volume_info(&self, record: VolumeRecord) -> Result<VolumeInfo> {
+        let id = ObjectId::Volume(record.uuid);
+        let allocated = if record.state == VolumeState::Ready {
+            self.backend.allocated(id).unwrap_or(0)
+        } else {
+            0
+        };
+        let exported = self.store.export(record.uuid)?.is_some();
+        let snapshot_count = self
+            .store
+            .snapshots()?
+            .iter()
+            .filter(|s| s.volume == record.uuid)
+            .count() as u32;
+        Ok(VolumeInfo {
+            device_path: self.backend.device_path(id),
+            record,
+            allocated,
+            exported,
+            snapshot_count,
+        })
+    }
+
+    fn snapshot_info(&self, record: SnapshotRecord) -> Result<SnapshotInfo> {
+        let volume_name = self
+            .store
+            .volume(record.volume)?
+            .map(|v| v.name.to_string())
+            .unwrap_or_default();
+        Ok(SnapshotInfo {
+            allocated: self
+                .backend
+                .allocated(ObjectId::Snapshot(record.uuid))
+                .unwrap_or(0),
+            volume_name,
+            record,
+        })
+    }
+
+    fn export_info(&self, record: ExportRecord) -> Result<ExportInfo> {
+        let volume_name = self
+            .store
+            .volume(record.volume)?
+            .map(|v| v.name.to_string())
+            .unwrap_or_default();
+        Ok(ExportInfo {
+            record,
+            volume_name,
+            portal: self.exporter.portal(),
+            exporter: self.exporter.kind().to_string(),
+        })
+    }
+
+    // ---------- capacity ----------
+
+    fn provisioned(&self) -> Result<u64> {
+        let v: u64 = self.store.volumes()?.iter().map(|v| v.size.0).sum();
+        let s: u64 = self.store.snapshots()?.iter().map(|s| s.size.0).sum();
+        Ok(v + s)
+    }
+
+    /// Refuses to provision `extra` more bytes past capacity x overcommit.
+    fn check_capacity(&self, what: &str, extra: u64) -> Result<()> {
+        let usage = self.backend.usage()?;
+        let limit = (usage.capacity as f64 * self.settings.max_overcommit) as u64;
+        let provisioned = self.provisioned()?;
+        if provisioned.saturating_add(extra) > limit {
+            return Err(Error::exhausted(format!(
+                "{what}: pool is full: {} provisioned + {} requested exceeds {} ({}x the pool's {})",
+                ByteSize(provisioned),
+                ByteSize(extra),
+                ByteSize(limit),
+                self.settings.max_overcommit,
+                ByteSize(usage.capacity)
+            )));
+        }
+        Ok(())
+    }
+
+    // ---------- volumes ----------
+
+    pub fn get_volume(&self, r: &str) -> Result<VolumeInfo> {
+        let rec = self.store.find_volume(r)?;
+        self.volume_info(rec)
+    }
+
+    pub fn list_volumes(&self, selector: &Labels) -> Result<Vec<VolumeInfo>> {
+        self.store
+            .volumes()?
+            .into_iter()
+            .filter(|v| selector.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
+            .map(|v| self.volume_info(v))
+            .collect()
+    }
+
+    /// Resolves a server-side image path: it must exist, be a regular file,
+    /// and lie inside an import directory once symlinks are resolved.
+    fn resolve_import_path(&self, p: &Path) -> Result<PathBuf> {
+        if !p.is_absolute() {
+            return Err(Error::invalid(format!(
+                "image path {} must be absolute",
+                p.display()
+            )));
+        }
+        let real = p.canonicalize().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::not_found(format!("image {} not found", p.display()))
+            }
+            _ => Error::invalid(format!("image {}: {e}", p.display())),
+        })?;
+        let inside = self.settings.import_dirs.iter().any(|d| {
+            d.canonicalize()
+                .map(|d| real.starts_with(d))
+                .unwrap_or(false)
+        });
+        if !inside {
+            return Err(Error::invalid(format!(
+                "image {} is outside the import directories ({})",
+                p.display(),
+                self.settings
+                    .import_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if !real.is_file() {
+            return Err(Error::invalid(format!(
+                "image {} is not a regular file",
+                p.display()
+            )));
+        }
+        Ok(real)
+    }
+
+    pub async fn create_volume(&self, req: NewVolume) -> Result<VolumeInfo> {
+        let op = self.progress.start(&req.request_id)?;
+        let result = self.create_volume_inner(req, &op).await;
+        op.finish(&result);
+        result
+    }
+
+    async fn create_volume_inner(
+        &self,
+        req: NewVolume,
+        op: &crate::progress::Operation,
+    ) -> Result<VolumeInfo> {
+        let name = parse_name(&req.name)?;
+        let labels = validate_labels(req.labels.iter())?;
+        if req.size > 0 {
+            ByteSize::volume_size(req.size)?;
+        }
+        // Fail early, before any work, when the name is taken.
+        if self.store.find_volume(name.as_str()).is_ok() {
+            return Err(Error::exists(format!("volume {name} already exists")));
+        }
+        let progress = op.reporter();
+
+        // Resolve the source and hold its lock for the whole copy.
+        enum Plan {
+            Empty,
+            Copy(ObjectId, Source),
+            Image(PathBuf, ImageFormat, Source),
+        }
+        let (plan, source_size, _guard) = match &req.source {
+            NewVolumeSource::Empty => {
+                if req.size == 0 {
+                    return Err(Error::invalid(format!(
+                        "volume {name}: a size is required for an empty volume"
+                    )));
+                }
+                (Plan::Empty, 0, None)
+            }
+            NewVolumeSource::Volume(r) => {
+                let src = self.store.find_volume(r)?;
+                let g = self.locks.lock(src.uuid).await;
+                let src = self.store.find_volume(&src.uuid.to_string())?;
+                if src.state != VolumeState::Ready {
+                    return Err(Error::precondition(format!(
+                        "source volume {} is {:?}",
+                        src.name, src.state
+                    )));
+                }
+                (
+                    Plan::Copy(ObjectId::Volume(src.uuid), Source::Volume(src.uuid)),
+                    src.size.0,
+                    Some(g),
+                )
+            }
+            NewVolumeSource::Snapshot(r) => {
+                let s = self.store.find_snapshot(r)?;
+                let g = self.locks.lock(s.uuid).await;
+                let s = self.store.find_snapshot(&s.uuid.to_string())?;
+                if !s.complete {
+                    return Err(Error::precondition(format!(
+                        "snapshot {} is incomplete",
+                        s.name
+                    )));
+                }
+                (
+                    Plan::Copy(ObjectId::Snapshot(s.uuid), Source::Snapshot(s.uuid)),
+                    s.size.0,
+                    Some(g),
+                )
+            }
+            NewVolumeSource::ImageFile { path, format } => {
+                let real = self.resolve_import_path(path)?;
+                let format = match format {
+                    Some(f) => *f,
+                    None => image::detect_format(&real)?,
+                };
+                let info = image::inspect(self.runner.as_ref(), &real, format).await?;
+                (
+                    Plan::Image(
+                        real,
+                        format,
+                        Source::Image(format!("file:{}", path.display())),
+                    ),
+                    info.virtual_size,
+                    None,
+                )
+            }
+            NewVolumeSource::Upload { path, format } => {
+                let format = match format {
+                    Some(f) => *f,
+                    None => image::detect_format(path)?,
+                };
+                let info = image::inspect(self.runner.as_ref(), path, format).await?;
+                (
+                    Plan::Image(path.clone(), format, Source::Image("upload".into())),
+                    info.virtual_size,
+                    None,
+                )
+            }
+        };
+        if req.size > 0 && req.size < source_size {
+            return Err(Error::invalid(format!(
+                "volume {name}: size {} is smaller than its source ({})",
+                ByteSize(req.size),
+                ByteSize(source_size)
+            )));
+        }
+        let size = ByteSize::volume_size(req.size.max(source_size))?;
+        self.check_capacity(&format!("volume {name}"), size.0)?;
+
+        let source = match &plan {
+            Plan::Empty => Source::Empty,
+            Plan::Copy(_, s) | Plan::Image(_, _, s) => s.clone(),
+        };
+        let mut rec = VolumeRecord {
+            uuid: Uuid::new_v4(),
+            name,
+            size,
+            labels,
+            state: VolumeState::Creating,
+            state_reason: String::new(),
+            source,
+            created_at: now(),
+        };
+        self.store.insert_volume(&rec)?;
+        let _own = self.locks.lock(rec.uuid).await;
+        let built = match plan {
+            Plan::Empty => {
+                self.backend
+                    .create(ObjectId::Volume(rec.uuid), size.0)
+                    .await
+            }
+            Plan::Copy(src, _) => {
+                self.backend
+                    .clone_object(src, rec.uuid, size.0, progress)
+                    .await
+            }
+            Plan::Image(path, format, _) => {
+                self.backend
+                    .import(rec.uuid, &path, format, size.0, progress)
+                    .await
+            }
+        };
+        if let Err(e) = built {
+            let _ = self.backend.delete(ObjectId::Volume(rec.uuid)).await;
+            if let Err(e2) = self.store.remove_volume(rec.uuid) {
+                tracing::error!(volume = %rec.name, error = %e2, "could not drop the record of a failed create");
+            }
+            return Err(e.context(format!("creating volume {}", rec.name)));
+        }
+        rec.state = VolumeState::Ready;
+        self.store.update_volume(&rec)?;
+        tracing::info!(volume = %rec.name, uuid = %rec.uuid, size = rec.size.0, source = %rec.source.describe(), "volume created");
+        self.volume_info(rec)
+    }
+
+    pub async fn clone_volume(
+        &self,
+        source: &str,
+        source_is_snapshot: bool,
+        name: &str,
+        labels: Labels,
+        size: u64,
+        request_id: &str,
+    ) -> Result<VolumeInfo> {
+        let source = if source_is_snapshot {
+            NewVolumeSource::Snapshot(source.to_owned())
+        } else {
+            NewVolumeSource::Volume(source.to_owned())
+        };
+        self.create_volume(NewVolume {
+            name: name.to_owned(),
+            size,
+            labels,
+            source,
+            request_id: request_id.to_owned(),
+        })
+        .await
+    }
+
+    pub async fn delete_volume(&self, r: &str) -> Result<()> {
+        let rec = self.store.find_volume(r)?;
+        let _g = self.locks.lock(rec.uuid).await;
+        let mut rec = self.store.find_volume(&rec.uuid.to_string())?;
+        if rec.state == VolumeState::Creating {
+            return Err(Error::precondition(format!(
+                "volume {} is being created",
+                rec.name
+            )));
+        }
+        if self.store.export(rec.uuid)?.is_some() {
+            return Err(Error::precondition(format!(
+                "volume {} is exported; unexport it first",
+                rec.name
+            )));
+        }
+        let snaps: Vec<String> = self
+            .store
+            .snapshots()?
+            .into_iter()
+            .filter(|s| s.volume == rec.uuid)
+            .map(|s| s.name.to_string())
+            .collect();
+        if !snaps.is_empty() {
+            return Err(Error::precondition(format!(
+                "volume {} has snapshots ({}); delete them first",
+                rec.name,
+                snaps.join(", ")
+            )));
+        }
+        rec.state = VolumeState::Deleting;
+        self.store.update_volume(&rec)?;
+        self.backend.delete(ObjectId::Volume(rec.uuid)).await?;
+        self.store.remove_volume(rec.uuid)?;
+        self.locks.forget(rec.uuid);
+        tracing::info!(volume = %rec.name, uuid = %rec.uuid, "volume deleted");
+        Ok(())
+    }
+
+    pub async fn resize_volume(&self, r: &str, size: u64) -> Result<VolumeInfo> {
+        let new = ByteSize::volume_size(size)?;
+        let rec = self.store.find_volume(r)?;
+        let _g = self.locks.lock(rec.uuid).await;
+        let mut rec = self.store.find_volume(&rec.uuid.to_string())?;
+        if rec.state != VolumeState::Ready {
+            return Err(Error::precondition(format!(
+                "volume {} is {:?}",
+                rec.name, rec.state
+            )));
+        }
+        if new < rec.size {
+            return Err(Error::invalid(format!(
+                "volume {} is {}; shrinking to {} is refused",
+                rec.name, rec.size, new
+            )));
+        }
+        if new == rec.size {
+            return self.volume_info(rec);
+        }
+        self.check_capacity(&format!("volume {}", rec.name), new.0 - rec.size.0)?;
+        self.backend
+            .resize(ObjectId::Volume(rec.uuid), new.0)
+            .await?;
+        rec.size = new;
+        self.store.update_volume(&rec)?;
+        if let Some(exp) = self.store.export(rec.uuid)? {
+            let spec = self.export_spec(&exp);
+            self.exporter.refresh_size(&spec).await.map_err(|e| {
+                e.context(format!(
+                    "volume {} grew to {new}, but its export still shows the old size",
+                    rec.name
+                ))
+            })?;
+        }
+        tracing::info!(volume = %rec.name, size = new.0, "volume resized");
+        self.volume_info(rec)
+    }
+
+    // ---------- snapshots ----------
+
+    pub async fn create_snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+        request_id: &str,
+    ) -> Result<SnapshotInfo> {
+        let op = self.progress.start(request_id)?;
+        let result = async {
+            let name = parse_name(name)?;
+            let vol = self.store.find_volume(volume)?;
+            let _g = self.locks.lock(vol.uuid).await;
+            let vol = self.store.find_volume(&vol.uuid.to_string())?;
+            if vol.state != VolumeState::Ready {
+                return Err(Error::precondition(format!(
+                    "volume {} is {:?}",
+                    vol.name, vol.state
+                )));
+            }
+            self.check_capacity(&format!("snapshot {name}"), vol.size.0)?;
+            let mut rec = SnapshotRecord {
+                uuid: Uuid::new_v4(),
+                name,
+                volume: vol.uuid,
+                size: vol.size,
+                complete: false,
+                created_at: now(),
+            };
+            self.store.insert_snapshot(&rec)?;
+            if let Err(e) = self
+                .backend
+                .snapshot(ObjectId::Volume(vol.uuid), rec.uuid, op.reporter())
+                .await
+            {
+                let _ = self.backend.delete(ObjectId::Snapshot(rec.uuid)).await;
+                let _ = self.store.remove_snapshot(rec.uuid);
+                return Err(e.context(format!("snapshot {} of {}", rec.name, vol.name)));
+            }
+            rec.complete = true;
+            self.store.update_snapshot(&rec)?;
+            tracing::info!(snapshot = %rec.name, volume = %vol.name, "snapshot created");
+            self.snapshot_info(rec)
+        }
+        .await;
+        op.finish(&result);
+        result
+    }
+
+    pub fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
+        let filter = if volume.is_empty() {
+            None
+        } else {
+            Some(self.store.find_volume(volume)?.uuid)
+        };
+        self.store
+            .snapshots()?
+            .into_iter()
+            .filter(|s| filter.is_none_or(|u| s.volume == u))
+            .map(|s| self.snapshot_info(s))
+            .collect()
+    }
+
+    pub async fn delete_snapshot(&self, r: &str) -> Result<()> {
+        let s = self.store.find_snapshot(r)?;
+        let _g = self.locks.lock(s.uuid).await;
+        let s = self.store.find_snapshot(&s.uuid.to_string())?;
+        self.backend.delete(ObjectId::Snapshot(s.uuid)).await?;
+        self.store.remove_snapshot(s.uuid)?;
+        self.locks.forget(s.uuid);
+        tracing::info!(snapshot = %s.name, "snapshot deleted");
+        Ok(())
+    }
+
+    // ---------- exports ----------
+
+    fn export_spec(&self, e: &ExportRecord) -> ExportSpec {
+        ExportSpec {
+            target_iqn: e.target_iqn.clone(),
+            backing_path: self.backend.device_path(ObjectId::Volume(e.volume)),
+            initiators: e.initiators.clone(),
+            chap: e.chap.clone(),
+        }
+    }
+
+    pub async fn export_volume(
+        &self,
+        volume: &str,
+        initiators: &[String],
+        chap: Option<(String, String)>,
+    ) -> Result<ExportInfo> {
+        if initiators.is_empty() {
+            return Err(Error::invalid(format!(
+                "export of {volume}: at least one initiator IQN is required"
+            )));
+        }
+        let wanted: Vec<Iqn> = initiators
+            .iter()
+            .map(|i| i.parse())
+            .collect::<Result<_>>()?;
+        let chap = chap.map(|(u, s)| Chap::new(&u, &s)).transpose()?;
+        let vol = self.store.find_volume(volume)?;
+        let _g = self.locks.lock(vol.uuid).await;
+        let vol = self.store.find_volume(&vol.uuid.to_string())?;
+        if vol.state != VolumeState::Ready {
+            return Err(Error::precondition(format!(
+                "volume {} is {:?}",
+                vol.name, vol.state
+            )));
+        }
+        let _e = self.export_lock.lock().await;
+        let previous = self.store.export(vol.uuid)?;
+        let mut rec = previous.clone().unwrap_or(ExportRecord {
+            volume: vol.uuid,
+            target_iqn: self.target_iqn(vol.uuid),
+            initiators: Vec::new(),
+            chap: None,
+        });
+        for i in wanted {
+            if !rec.initiators.contains(&i) {
+                rec.initiators.push(i);
+            }
+        }
+        if chap.is_some() {
+            rec.chap = chap;
+        }
+        self.store.put_export(&rec)?;
+        if let Err(e) = self.exporter.export(&self.export_spec(&rec)).await {
+            // Put the intent back as it was: nothing changed.
+            match &previous {
+                Some(p) => self.store.put_export(p)?,
+                None => {
+                    self.store.remove_export(vol.uuid)?;
+                }
+            }
+            return Err(e.context(format!("exporting volume {}", vol.name)));
+        }
+        tracing::info!(volume = %vol.name, target = %rec.target_iqn,
+            initiators = ?rec.initiators.iter().map(Iqn::as_str).collect::<Vec<_>>(),
+            chap = rec.chap.is_some(), "volume exported");
+        self.export_info(rec)
+    }
+
+    /// Removes initiators, or the whole export when `initiators` is empty.
+    /// Returns what remains of the export.
+    pub async fn unexport_volume(
+        &self,
+        volume: &str,
+        initiators: &[String],
+    ) -> Result<Option<ExportInfo>> {
+        let remove: Vec<Iqn> = initiators
+            .iter()
+            .map(|i| i.parse())
+            .collect::<Result<_>>()?;
+        let vol = self.store.find_volume(volume)?;
+        let _g = self.locks.lock(vol.uuid).await;
+        let _e = self.export_lock.lock().await;
+        let Some(mut rec) = self.store.export(vol.uuid)? else {
+            return Err(Error::not_found(format!(
+                "volume {} is not exported",
+                vol.name
+            )));
+        };
+        for i in &remove {
+            if !rec.initiators.contains(i) {
+                return Err(Error::not_found(format!(
+                    "initiator {i} is not in the ACL of volume {}",
+                    vol.name
+                )));
+            }
+        }
+        rec.initiators.retain(|i| !remove.contains(i));
+        if remove.is_empty() || rec.initiators.is_empty() {
+            self.exporter
+                .unexport(&rec.target_iqn)
+                .await
+                .map_err(|e| e.context(format!("unexporting volume {}", vol.name)))?;
+            self.store.remove_export(vol.uuid)?;
+            tracing::info!(volume = %vol.name, "volume unexported");
+            return Ok(None);
+        }
+        self.exporter
+            .export(&self.export_spec(&rec))
+            .await
+            .map_err(|e| e.context(format!("updating the ACL of volume {}", vol.name)))?;
+        self.store.put_export(&rec)?;
+        tracing::info!(volume = %vol.name, removed = remove.len(), "initiators removed from export");
+        Ok(Some(self.export_info(rec)?))
+    }
+
+    pub fn list_exports(&self) -> Result<Vec<ExportInfo>> {
+        let mut out: Vec<ExportInfo> = self
+            .store
+            .exports()?
+            .into_iter()
+            .map(|e| self.export_info(e))
+            .collect::<Result<_>>()?;
+        out.sort_by(|a, b| a.volume_name.cmp(&b.volume_name));
+        Ok(out)
+    }
+
+    // ---------- pool ----------
+
+    pub async fn pool(&self) -> Result<PoolInfo> {
+        let usage = self.backend.usage()?;
+        let vols = self.store.volumes()?;
+        let snaps = self.store.snapshots()?;
+        let allocated: u64 = vols
+            .iter()
+            .map(|v| {
+                self.backend
+                    .allocated(ObjectId::Volume(v.uuid))
+                    .unwrap_or(0)
+            })
+            .chain(snaps.iter().map(|s| {
+                self.backend
+                    .allocated(ObjectId::Snapshot(s.uuid))
+                    .unwrap_or(0)
+            }))
+            .sum();
+        let exporter_status = match self.exporter.check().await {
+            Ok(()) => "up".to_string(),
+            Err(e) => format!("down: {e}"),
+        };
+        let rec = self.last_reconcile.lock().unwrap().clone();
+        Ok(PoolInfo {
+            backend: self.backend.kind().to_string(),
+            exporter: self.exporter.kind().to_string(),
+            location: self.backend.location(),
+            capacity: usage.capacity,
+            used: usage.used,
+            provisioned: vols.iter().map(|v| v.size.0).sum::<u64>()
+                + snaps.iter().map(|s| s.size.0).sum::<u64>(),
+            allocated,
+            volumes: vols.len() as u64,
+            snapshots: snaps.len() as u64,
+            exports: self.store.exports()?.len() as u64,
+            capabilities: self.backend.capabilities(),
+            drift: rec.drift,
+            last_reconciled_at: rec.at,
+            exporter_status,
+            max_overcommit: self.settings.max_overcommit,
+        })
+    }
+
+    // ---------- reconciliation ----------
+
+    /// Compares the store with the pool and the exporter, finishes
+    /// interrupted deletes, marks interrupted creates as errors, re-creates
+    /// lost exports, and records every difference as drift. Deletes nothing
+    /// it does not own an intent for.
+    pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport {
+            at: now(),
+            ..Default::default()
+        };
+        let listing = self.backend.list()?;
+        let present: std::collections::BTreeSet<ObjectId> =
+            listing.objects.iter().copied().collect();
+        let mut known = std::collections::BTreeSet::new();
+
+        for mut v in self.store.volumes()? {
+            let id = ObjectId::Volume(v.uuid);
+            known.insert(id);
+            match v.state {
+                VolumeState::Deleting => {
+                    self.backend.delete(id).await?;
+                    self.store.remove_volume(v.uuid)?;
+                    report.actions.push(format!(
+                        "finished the interrupted delete of volume {}",
+                        v.name
+                    ));
+                }
+                VolumeState::Creating => {
+                    v.state = VolumeState::Error;
+                    v.state_reason =
+                        "creation was interrupted by a restart; delete and re-create it".into();
+                    self.store.update_volume(&v)?;
+                    report
+                        .actions
+                        .push(format!("volume {} was being created: marked error", v.name));
+                    report.drift.push(Drift {
+                        kind: "volume".into(),
+                        object: v.name.to_string(),
+                        detail: "creation interrupted".into(),
+                    });
+                }
+                VolumeState::Ready if !present.contains(&id) => {
+                    v.state = VolumeState::Error;
+                    v.state_reason = format!(
+                        "backing data missing: {}",
+                        self.backend.device_path(id).display()
+                    );
+                    self.store.update_volume(&v)?;
+                    report.drift.push(Drift {
+                        kind: "volume".into(),
+                        object: v.name.to_string(),
+                        detail: v.state_reason.clone(),
+                    });
+                }
+                VolumeState::Error if !present.contains(&id) => {
+                    report.drift.push(Drift {
+                        kind: "volume".into(),
+                        object: v.name.to_string(),
+                        detail: v.state_reason.clone(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        for s in self.store.snapshots()? {
+            let id = ObjectId::Snapshot(s.uuid);
+            known.insert(id);
+            if !s.complete {
+                self.backend.delete(id).await?;
+                self.store.remove_snapshot(s.uuid)?;
+                report.actions.push(format!(
+                    "dropped snapshot {}: interrupted while being taken",
+                    s.name
+                ));
+            } else if !present.contains(&id) {
+                report.drift.push(Drift {
+                    kind: "snapshot".into(),
+                    object: s.name.to_string(),
+                    detail: format!(
+                        "backing data missing: {}",
+                        self.backend.device_path(id).display()
+                    ),
+                });
+            }
+        }
+        for id in present.difference(&known) {
+            report.drift.push(Drift {
+                kind: "file".into(),
+                object: self.backend.device_path(*id).display().to_string(),
+                detail: format!("{id} has data in the pool but no record; left in place"),
+            });
+        }
+        for f in listing.foreign {
+            report.drift.push(Drift {
+                kind: "file".into(),
+                object: f,
+                detail: "not a pdisk object; left in place".into(),
+            });
+        }
+
+        match self.restore_exports().await {
+            Ok(r) => {
+                for t in &r.restored {
+                    report.actions.push(format!("re-created export {t}"));
+                }
+                for (t, why) in &r.failed {
+                    report.drift.push(Drift {
+                        kind: "export".into(),
+                        object: t.clone(),
+                        detail: format!("could not be restored: {why}"),
+                    });
+                }
+                for t in &r.unknown {
+                    report.drift.push(Drift {
+                        kind: "target".into(),
+                        object: t.clone(),
+                        detail:
+                            "live target with pdisk's prefix but no export record; left in place"
+                                .into(),
+                    });
+                }
+            }
+            Err(e) => report.drift.push(Drift {
+                kind: "export".into(),
+                object: self.exporter.kind().into(),
+                detail: format!("exports not checked: {e}"),
+            }),
+        }
+        for a in &report.actions {
+            tracing::info!(action = %a, "reconcile");
+        }
+        for d in &report.drift {
+            tracing::warn!(kind = %d.kind, object = %d.object, detail = %d.detail, "drift");
+        }
+        tracing::info!(
+            actions = report.actions.len(),
+            drift = report.drift.len(),
+            "reconciled store with pool and exporter"
+        );
+        *self.last_reconcile.lock().unwrap() = report.clone();
+        Ok(report)
+    }
+
+    /// Re-applies every stored export whose target is missing or different.
+    pub async fn restore_exports(&self) -> Result<RestoreReport> {
+        let _e = self.export_lock.lock().await;
+        let specs: Vec<ExportSpec> = self
+            .store
+            .exports()?
+            .iter()
+            .map(|e| self.export_spec(e))
+            .collect();
+        self.exporter.restore(&specs).await
+    }
+
+    /// Watches the exporter and restores exports it lost (tgtd restarted),
+    /// until `shutdown` fires.
+    pub async fn watch_exports(
+        self: Arc<Self>,
+        every: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut was_down = false;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return,
+            }
+            match self.restore_exports().await {
+                Ok(r) => {
+                    if was_down {
+                        tracing::info!(exporter = self.exporter.kind(), "exporter is back");
+                    }
+                    was_down = false;
+                    if !r.restored.is_empty() {
+                        tracing::warn!(restored = ?r.restored, "exporter had lost exports; re-created them");
+                    }
+                    for (t, why) in r.failed {
+                        tracing::error!(target = %t, error = %why, "could not restore export");
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Unavailable => {
+                    if !was_down {
+                        tracing::warn!(error = %e, "exporter unavailable; exports will be restored when it returns");
+                    }
+                    was_down = true;
+                }
+                Err(e) => tracing::error!(error = %e, "export watchdog"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

@@ -1,0 +1,354 @@
+//! Unit tests of the pool service: file backend in a temp dir (sparse-copy
+//! or reflink, whatever the temp filesystem offers), the in-memory exporter,
+//! and a fake runner. No root, no devices.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::*;
+use crate::backend::file::FileBackend;
+use crate::export::MemoryExporter;
+use crate::runner::FakeRunner;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    svc: Arc<PoolService>,
+    exporter: Arc<MemoryExporter>,
+    import: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let runner = Arc::new(FakeRunner::new());
+    let backend = Arc::new(FileBackend::open(&dir.path().join("pool"), runner.clone()).unwrap());
+    let exporter = Arc::new(MemoryExporter::default());
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let import = dir.path().join("import");
+    std::fs::create_dir_all(&import).unwrap();
+    let svc = Arc::new(PoolService::new(
+        store,
+        backend,
+        exporter.clone(),
+        runner,
+        ServiceSettings {
+            max_overcommit: 20.0,
+            import_dirs: vec![import.clone()],
+        },
+    ));
+    Fixture {
+        _dir: dir,
+        svc,
+        exporter,
+        import,
+    }
+}
+
+fn empty(name: &str, size: u64) -> NewVolume {
+    NewVolume {
+        name: name.into(),
+        size,
+        labels: Labels::new(),
+        source: NewVolumeSource::Empty,
+        request_id: String::new(),
+    }
+}
+
+const IQN: &str = "iqn.2026-11.io.stratus:host1";
+
+#[tokio::test]
+async fn bad_input_gets_invalid_argument_and_changes_nothing() {
+    let f = fixture();
+    let cases = [
+        empty("Bad Name", 1 << 20),
+        empty("../escape", 1 << 20),
+        empty("ok", 0),
+        NewVolume {
+            labels: [("bad key".to_string(), "v".to_string())].into(),
+            ..empty("ok", 1 << 20)
+        },
+        NewVolume {
+            source: NewVolumeSource::ImageFile {
+                path: "/etc/passwd".into(),
+                format: None,
+            },
+            ..empty("ok", 0)
+        },
+        NewVolume {
+            source: NewVolumeSource::ImageFile {
+                path: f.import.join("../data/pdisk.redb"),
+                format: None,
+            },
+            ..empty("ok", 0)
+        },
+    ];
+    for c in cases {
+        let e = f.svc.create_volume(c.clone()).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{c:?}: {e}");
+    }
+    assert!(f.svc.list_volumes(&Labels::new()).unwrap().is_empty());
+    assert!(f.svc.backend().list().unwrap().objects.is_empty());
+    let e = f
+        .svc
+        .export_volume("nope", &["not-an-iqn".into()], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+}
+
+#[tokio::test]
+async fn names_uuids_and_duplicates() {
+    let f = fixture();
+    let v = f.svc.create_volume(empty("db", 1 << 30)).await.unwrap();
+    assert_eq!(v.record.size.0, 1 << 30);
+    let by_uuid = f.svc.get_volume(&v.record.uuid.to_string()).unwrap();
+    assert_eq!(by_uuid.record.name.as_str(), "db");
+    let e = f.svc.create_volume(empty("db", 1 << 20)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    let e = f.svc.delete_volume("missing").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    // Sizes round up to 1 MiB.
+    let v = f.svc.create_volume(empty("odd", 1_000_001)).await.unwrap();
+    assert_eq!(v.record.size.0, 1 << 20);
+}
+
+#[tokio::test]
+async fn exported_or_snapshotted_volumes_cannot_be_deleted() {
+    let f = fixture();
+    f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    f.svc.create_snapshot("v", "v-s1", "").await.unwrap();
+    let e = f.svc.delete_volume("v").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    assert!(e.message().contains("v-s1"), "{e}");
+    f.svc.delete_snapshot("v-s1").await.unwrap();
+
+    f.svc.export_volume("v", &[IQN.into()], None).await.unwrap();
+    let e = f.svc.delete_volume("v").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    assert!(e.message().contains("exported"), "{e}");
+    f.svc.unexport_volume("v", &[]).await.unwrap();
+    f.svc.delete_volume("v").await.unwrap();
+    assert!(f.exporter.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn export_merges_initiators_and_unexport_removes_them() {
+    let f = fixture();
+    f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    let other = "iqn.2026-11.io.stratus:host2";
+    f.svc.export_volume("v", &[IQN.into()], None).await.unwrap();
+    let e = f
+        .svc
+        .export_volume(
+            "v",
+            &[other.into()],
+            Some(("u".into(), "0123456789abcd".into())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(e.record.initiators.len(), 2);
+    assert!(e
+        .url()
+        .starts_with("iscsi://127.0.0.1:3260/iqn.2026-11.io.stratus.test:"));
+    let live = f.exporter.list().await.unwrap();
+    assert_eq!(live[0].initiators.len(), 2);
+    assert_eq!(live[0].chap_user.as_deref(), Some("u"));
+
+    let rest = f
+        .svc
+        .unexport_volume("v", &[IQN.into()])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest.record.initiators.len(), 1);
+    let e = f.svc.unexport_volume("v", &[IQN.into()]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(f
+        .svc
+        .unexport_volume("v", &[other.into()])
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        f.svc.unexport_volume("v", &[]).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[tokio::test]
+async fn exporter_down_is_unavailable_and_changes_nothing() {
+    let f = fixture();
+    f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    f.exporter.down.store(true, Ordering::SeqCst);
+    let e = f
+        .svc
+        .export_volume("v", &[IQN.into()], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable);
+    assert!(f.svc.list_exports().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn reconcile_restores_lost_exports_and_reports_drift() {
+    let f = fixture();
+    f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    f.svc.export_volume("v", &[IQN.into()], None).await.unwrap();
+    f.exporter.forget_all(); // tgtd restarted
+    let stray = f.svc.backend().staging_dir().join("../volumes/stray.txt");
+    std::fs::write(&stray, b"not ours").unwrap();
+    let r = f.svc.reconcile().await.unwrap();
+    assert_eq!(f.exporter.list().await.unwrap().len(), 1);
+    assert!(
+        r.actions.iter().any(|a| a.contains("re-created export")),
+        "{r:?}"
+    );
+    assert!(
+        r.drift.iter().any(|d| d.object.contains("stray.txt")),
+        "{r:?}"
+    );
+    assert!(stray.exists(), "drift must never be deleted");
+    let pool = f.svc.pool().await.unwrap();
+    assert_eq!(pool.drift.len(), r.drift.len());
+
+    // A volume whose data vanished is reported and marked error.
+    let v = f.svc.get_volume("v").unwrap();
+    std::fs::remove_file(&v.device_path).unwrap();
+    let r = f.svc.reconcile().await.unwrap();
+    assert!(r.drift.iter().any(|d| d.object == "v"), "{r:?}");
+    assert_eq!(
+        f.svc.get_volume("v").unwrap().record.state,
+        VolumeState::Error
+    );
+}
+
+#[tokio::test]
+async fn snapshot_keeps_content_and_clone_is_independent() {
+    use std::os::unix::fs::FileExt;
+    let f = fixture();
+    let v = f.svc.create_volume(empty("v", 8 << 20)).await.unwrap();
+    let write = |p: &Path, data: &[u8]| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .write_all_at(data, 1 << 20)
+            .unwrap()
+    };
+    let read = |p: &Path| {
+        let mut b = [0u8; 5];
+        std::fs::File::open(p)
+            .unwrap()
+            .read_exact_at(&mut b, 1 << 20)
+            .unwrap();
+        b
+    };
+    write(&v.device_path, b"first");
+    f.svc.create_snapshot("v", "snap", "").await.unwrap();
+    write(&v.device_path, b"again");
+    let c = f
+        .svc
+        .clone_volume("snap", true, "c", Labels::new(), 16 << 20, "")
+        .await
+        .unwrap();
+    assert_eq!(&read(&c.device_path), b"first");
+    assert_eq!(c.record.size.0, 16 << 20);
+    write(&c.device_path, b"clone");
+    assert_eq!(&read(&v.device_path), b"again");
+    let e = f
+        .svc
+        .clone_volume("v", false, "small", Labels::new(), 1 << 20, "")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+}
+
+#[tokio::test]
+async fn resize_grows_and_refuses_shrink() {
+    let f = fixture();
+    f.svc.create_volume(empty("v", 8 << 20)).await.unwrap();
+    let v = f.svc.resize_volume("v", 16 << 20).await.unwrap();
+    assert_eq!(std::fs::metadata(&v.device_path).unwrap().len(), 16 << 20);
+    let e = f.svc.resize_volume("v", 4 << 20).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(f.svc.get_volume("v").unwrap().record.size.0, 16 << 20);
+}
+
+#[tokio::test]
+async fn pool_overcommit_is_resource_exhausted() {
+    let f = fixture();
+    let cap = f.svc.backend().usage().unwrap().capacity;
+    let e = f
+        .svc
+        .create_volume(empty("huge", cap.saturating_mul(21)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    assert!(f.svc.list_volumes(&Labels::new()).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn raw_import_keeps_holes_and_reports_progress() {
+    use std::os::unix::fs::FileExt;
+    let f = fixture();
+    let img = f.import.join("disk.raw");
+    let file = std::fs::File::create(&img).unwrap();
+    file.set_len(32 << 20).unwrap();
+    file.write_all_at(&[7u8; 8192], 3 << 20).unwrap();
+    let mut rx = f.svc.progress.watch("imp-1").unwrap();
+    let v = f
+        .svc
+        .create_volume(NewVolume {
+            source: NewVolumeSource::ImageFile {
+                path: img.clone(),
+                format: None,
+            },
+            request_id: "imp-1".into(),
+            ..empty("imported", 0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(v.record.size.0, 32 << 20);
+    assert!(v.allocated < 1 << 20, "holes kept: {}", v.allocated);
+    assert_eq!(
+        std::fs::read(&v.device_path).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+    let last = rx.borrow_and_update().clone();
+    assert!(last.finished && last.error.is_none() && last.done == last.total);
+}
+
+#[tokio::test]
+async fn concurrent_clients_leave_a_consistent_store() {
+    let f = fixture();
+    f.svc.create_volume(empty("base", 4 << 20)).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let svc = f.svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = format!("v{i}");
+            svc.create_volume(empty(&name, 2 << 20)).await.unwrap();
+            svc.create_snapshot(&name, &format!("s{i}"), "")
+                .await
+                .unwrap();
+            svc.create_snapshot("base", &format!("b{i}"), "")
+                .await
+                .unwrap();
+            // Half of them race a delete against their own snapshot.
+            if i % 2 == 0 {
+                svc.delete_snapshot(&format!("s{i}")).await.unwrap();
+                svc.delete_volume(&name).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let vols = f.svc.list_volumes(&Labels::new()).unwrap();
+    assert_eq!(vols.len(), 11);
+    let snaps = f.svc.list_snapshots("").unwrap();
+    assert_eq!(snaps.len(), 30);
+    let listing = f.svc.backend().list().unwrap();
+    assert_eq!(listing.objects.len(), 41);
+    let r = f.svc.reconcile().await.unwrap();
+    assert!(r.drift.is_empty(), "{r:?}");
+}
