@@ -1,0 +1,446 @@
+//! Integration-test harness: real tgtd, a real XFS reflink filesystem on a
+//! loop device, a real pdiskd, and QEMU's iSCSI initiator.
+//!
+//! Every piece has a drop guard that tears it down even when the test fails,
+//! and takes its own ports and directories, so tests run in parallel.
+//! These tests need root; they are `#[ignore]`d and run by `scripts/test`.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
+use tonic::transport::Channel;
+
+pub const INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-a";
+pub const OTHER_INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-b";
+
+pub type Client = VolumeServiceClient<Channel>;
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "integration tests need root (loop devices, mount, tgtd): run scripts/test"
+    );
+}
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 50 ms until it returns Some, or panics after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An XFS filesystem with reflink on a loop device, mounted in a temp dir.
+pub struct XfsPool {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    loopdev: String,
+}
+
+impl XfsPool {
+    pub fn new(size_mib: u64) -> XfsPool {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("stratus-it-")
+            .tempdir()
+            .unwrap();
+        let img = dir.path().join("xfs.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(size_mib << 20)
+            .unwrap();
+        let loopdev = run_ok("losetup", &["-f", "--show", img.to_str().unwrap()])
+            .trim()
+            .to_string();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let pool = XfsPool { dir, mnt, loopdev };
+        run_ok("mkfs.xfs", &["-q", "-m", "reflink=1", &pool.loopdev]);
+        run_ok("mount", &[&pool.loopdev, pool.mnt.to_str().unwrap()]);
+        pool
+    }
+}
+
+impl Drop for XfsPool {
+    fn drop(&mut self) {
+        let _ = run("umount", &["-l", self.mnt.to_str().unwrap()]);
+        let _ = run("losetup", &["-d", &self.loopdev]);
+    }
+}
+
+static NEXT_CONTROL: AtomicU32 = AtomicU32::new(0);
+
+/// A tgtd of the test's own, on its own control port and portal.
+pub struct Tgtd {
+    pub control_port: u32,
+    pub portal_port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Tgtd {
+    pub fn start(log_dir: &Path) -> Tgtd {
+        require_root();
+        // Control ports are small integers (tgt keeps them in a short);
+        // spread by pid so parallel test binaries do not collide, and skip
+        // any whose socket exists.
+        let base = 1000 + (std::process::id() % 2000) * 10;
+        let control_port = loop {
+            let c = base + NEXT_CONTROL.fetch_add(1, Ordering::SeqCst) % 10_000;
+            let c = c % 32_000 + 100;
+            if !Path::new(&format!("/var/run/tgtd/socket.{c}")).exists() {
+                break c;
+            }
+        };
+        let mut t = Tgtd {
+            control_port,
+            portal_port: free_port(),
+            child: None,
+            log: log_dir.join(format!("tgtd-{control_port}.log")),
+        };
+        t.spawn();
+        t
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        let child = Command::new("tgtd")
+            .args([
+                "-f",
+                "-C",
+                &self.control_port.to_string(),
+                "--iscsi",
+                &format!("portal=127.0.0.1:{}", self.portal_port),
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("tgtd (Debian package tgt) must be installed");
+        self.child = Some(child);
+        let port = self.control_port.to_string();
+        wait_for("tgtd to answer", Duration::from_secs(20), || {
+            run("tgtadm", &["-C", &port, "--mode", "system", "--op", "show"])
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+
+    pub fn portal(&self) -> String {
+        format!("127.0.0.1:{}", self.portal_port)
+    }
+
+    /// Kills tgtd (SIGKILL): every target it held is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}", self.control_port));
+        let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}.lock", self.control_port));
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// `tgtadm --mode target --op show` output.
+    pub fn show(&self) -> String {
+        run_ok(
+            "tgtadm",
+            &[
+                "-C",
+                &self.control_port.to_string(),
+                "--lld",
+                "iscsi",
+                "--mode",
+                "target",
+                "--op",
+                "show",
+            ],
+        )
+    }
+}
+
+impl Drop for Tgtd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running pdiskd with its own data dir on the test's XFS pool.
+pub struct Pdiskd {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub pool_dir: PathBuf,
+    pub import_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Pdiskd {
+    pub fn start(pool: &XfsPool, tgtd: &Tgtd) -> Pdiskd {
+        let data_dir = pool.dir.path().join("data");
+        let pool_dir = pool.mnt.join("pool");
+        let import_dir = pool.mnt.join("import");
+        std::fs::create_dir_all(&import_dir).unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let args = vec![
+            "--listen".to_string(),
+            listen.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--pool-dir".into(),
+            pool_dir.display().to_string(),
+            "--import-dir".into(),
+            import_dir.display().to_string(),
+            "--portal".into(),
+            tgtd.portal(),
+            "--tgt-control-port".into(),
+            tgtd.control_port.to_string(),
+            "--export-check-interval".into(),
+            "1".into(),
+            "--log-level".into(),
+            "pdisk=debug,info".into(),
+        ];
+        let mut d = Pdiskd {
+            listen,
+            data_dir,
+            pool_dir,
+            import_dir,
+            log: pool.dir.path().join("pdiskd.log"),
+            args,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pdiskd"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr = self.listen;
+        let log = self.log.clone();
+        let child = self.child.as_mut().unwrap();
+        wait_for("pdiskd to listen", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "pdiskd exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::net::TcpStream::connect(addr).ok().map(|_| ())
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    pub async fn client(&self) -> Client {
+        VolumeServiceClient::connect(self.url()).await.unwrap()
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs the `pdisk` CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_pdisk"))
+            .arg("--server")
+            .arg(self.url())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI with --json, asserts success, returns the parsed output.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "pdisk {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "pdisk {args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+impl Drop for Pdiskd {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- pdiskd log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// QEMU's iSCSI initiator (libiscsi inside qemu-io), logging in as `initiator`.
+pub struct Initiator {
+    pub portal: String,
+    pub target: String,
+    pub name: String,
+    /// (user, file holding the secret)
+    pub chap: Option<(String, PathBuf)>,
+}
+
+impl Initiator {
+    pub fn new(portal: &str, target: &str, name: &str) -> Initiator {
+        Initiator {
+            portal: portal.into(),
+            target: target.into(),
+            name: name.into(),
+            chap: None,
+        }
+    }
+
+    fn image_opts(&self) -> String {
+        let mut o = format!(
+            "driver=iscsi,transport=tcp,portal={},target={},lun=1,initiator-name={}",
+            self.portal, self.target, self.name
+        );
+        if let Some((user, _)) = &self.chap {
+            o.push_str(&format!(",user={user},password-secret=sec0"));
+        }
+        o
+    }
+
+    /// Runs qemu-io commands; Ok(stdout) when every command succeeded.
+    pub fn io(&self, cmds: &[&str]) -> Result<String, String> {
+        let mut c = Command::new("qemu-io");
+        if let Some((_, file)) = &self.chap {
+            c.arg("--object")
+                .arg(format!("secret,id=sec0,file={}", file.display()));
+        }
+        c.arg("--image-opts");
+        for cmd in cmds {
+            c.arg("-c").arg(cmd);
+        }
+        c.arg(self.image_opts());
+        let out = c.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let failed = !out.status.success()
+            || stdout.contains("Pattern verification failed")
+            || stdout.contains("failed:")
+            || stderr.contains("can't open");
+        if failed {
+            Err(format!("{stdout}{stderr}"))
+        } else {
+            Ok(stdout)
+        }
+    }
+
+    /// The LUN's size in bytes as the initiator sees it.
+    pub fn length(&self) -> Result<u64, String> {
+        let out = self.io(&["length"])?;
+        // qemu-io prints e.g. "128 MiB" or "1 GiB"
+        let t = out.trim();
+        let (n, unit) = t
+            .split_once(' ')
+            .ok_or(format!("odd length output {t:?}"))?;
+        let n: f64 = n.parse().map_err(|_| format!("odd length output {t:?}"))?;
+        let mult = match unit {
+            "bytes" => 1u64,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            _ => return Err(format!("odd length output {t:?}")),
+        };
+        Ok((n * mult as f64) as u64)
+    }
+}
+
+/// The full stack for one test.
+pub struct Stack {
+    pub pdiskd: Pdiskd,
+    pub tgtd: Tgtd,
+    pub pool: XfsPool,
+}
+
+impl Stack {
+    pub fn start() -> Stack {
+        let pool = XfsPool::new(4096);
+        let tgtd = Tgtd::start(pool.dir.path());
+        let pdiskd = Pdiskd::start(&pool, &tgtd);
+        Stack { pdiskd, tgtd, pool }
+    }
+
+    pub fn initiator(&self, target: &str, name: &str) -> Initiator {
+        Initiator::new(&self.tgtd.portal(), target, name)
+    }
+}

@@ -1,0 +1,657 @@
+//! pdiskd end to end: real tgtd, real XFS reflink pool on a loop device, real
+//! pdiskd process, QEMU's iSCSI initiator. Run by scripts/test (needs root).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use common::*;
+use stratus_proto::pdisk::v1 as pb;
+use tonic::Code;
+
+const IGNORE: &str = "needs root, loop devices and tgtd: run by scripts/test";
+
+async fn create(c: &mut Client, name: &str, size: u64) -> pb::Volume {
+    c.create_volume(pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: size,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> pb::Export {
+    c.export_volume(pb::ExportVolumeRequest {
+        volume: vol.into(),
+        initiators: initiators.iter().map(|s| s.to_string()).collect(),
+        chap: None,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn names(c: &mut Client) -> Vec<String> {
+    c.list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes
+        .into_iter()
+        .map(|v| v.name)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn data_written_through_an_export_reads_back_and_acl_holds() {
+    let _ = IGNORE;
+    let s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    let v = create(&mut c, "data", 64 << 20).await;
+    let e = export(&mut c, "data", &[INITIATOR]).await;
+    assert_eq!(
+        e.url,
+        format!("iscsi://{}/{}/1", s.tgtd.portal(), e.target_iqn)
+    );
+    assert!(e.target_iqn.ends_with(&v.uuid));
+
+    let a = s.initiator(&e.target_iqn, INITIATOR);
+    a.io(&["write -P 0xab 1M 1M"]).unwrap();
+    a.io(&["read -P 0xab 1M 1M"]).unwrap();
+    // The bytes are in the volume's backing file.
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(&v.device_path)
+        .unwrap()
+        .read_exact_at(&mut buf, 1 << 20)
+        .unwrap();
+    assert!(buf.iter().all(|&b| b == 0xab));
+
+    // An initiator outside the ACL is refused.
+    let b = s.initiator(&e.target_iqn, OTHER_INITIATOR);
+    assert!(b.io(&["read 0 4k"]).is_err());
+
+    // Unexport makes the LUN unreachable for the allowed initiator too.
+    c.unexport_volume(pb::UnexportVolumeRequest {
+        volume: "data".into(),
+        initiators: vec![],
+    })
+    .await
+    .unwrap();
+    assert!(a.io(&["read 0 4k"]).is_err());
+    assert!(!s.tgtd.show().contains(&e.target_iqn));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn snapshot_keeps_content_and_clone_is_writable_and_independent() {
+    let s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    create(&mut c, "origin", 32 << 20).await;
+    let e = export(&mut c, "origin", &[INITIATOR]).await;
+    let origin = s.initiator(&e.target_iqn, INITIATOR);
+    origin.io(&["write -P 0x11 0 1M"]).unwrap();
+
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        volume: "origin".into(),
+        name: "origin-s1".into(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+    origin.io(&["write -P 0x22 0 1M"]).unwrap();
+
+    let clone = c
+        .clone_volume(pb::CloneVolumeRequest {
+            source: "origin-s1".into(),
+            source_is_snapshot: true,
+            name: "from-snap".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(clone.size_bytes, 32 << 20);
+    let ce = export(&mut c, "from-snap", &[INITIATOR]).await;
+    let cl = s.initiator(&ce.target_iqn, INITIATOR);
+    // The snapshot kept the content from before the overwrite.
+    cl.io(&["read -P 0x11 0 1M"]).unwrap();
+    // The clone is writable, and writing it leaves the origin alone.
+    cl.io(&["write -P 0x33 0 1M"]).unwrap();
+    origin.io(&["read -P 0x22 0 1M"]).unwrap();
+    cl.io(&["read -P 0x33 0 1M"]).unwrap();
+
+    // The pool shares extents: it says reflink.
+    let pool = c
+        .get_pool(pb::GetPoolRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        pool.capabilities.contains(&"reflink".to_string()),
+        "{pool:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn resize_shows_the_new_size_to_the_initiator() {
+    let s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    create(&mut c, "grow", 64 << 20).await;
+    let e = export(&mut c, "grow", &[INITIATOR]).await;
+    let a = s.initiator(&e.target_iqn, INITIATOR);
+    a.io(&["write -P 0x5a 0 64k"]).unwrap();
+    assert_eq!(a.length().unwrap(), 64 << 20);
+    let v = c
+        .resize_volume(pb::ResizeVolumeRequest {
+            volume: "grow".into(),
+            size_bytes: 128 << 20,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.size_bytes, 128 << 20);
+    assert_eq!(a.length().unwrap(), 128 << 20);
+    a.io(&["read -P 0x5a 0 64k", "write -P 0x6b 127M 64k"])
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn killing_pdiskd_or_tgtd_loses_no_export() {
+    let mut s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    create(&mut c, "keep", 16 << 20).await;
+    let e = export(&mut c, "keep", &[INITIATOR]).await;
+    let a = s.initiator(&e.target_iqn, INITIATOR);
+    a.io(&["write -P 0x77 0 64k"]).unwrap();
+
+    // pdiskd crashes; tgtd keeps serving; the restarted pdiskd still knows.
+    s.pdiskd.kill9();
+    a.io(&["read -P 0x77 0 64k"]).unwrap();
+    s.pdiskd.restart();
+    let mut c = s.pdiskd.client().await;
+    let exports = c
+        .list_exports(pb::ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .exports;
+    assert_eq!(exports.len(), 1);
+
+    // tgtd crashes and comes back empty: pdiskd's watchdog re-creates it.
+    s.tgtd.restart();
+    wait_for(
+        "export restored after tgtd restart",
+        Duration::from_secs(30),
+        || a.io(&["read -P 0x77 0 64k"]).ok(),
+    );
+
+    // Both down: tgtd restarts first while pdiskd is down; pdiskd's start-up
+    // reconciliation restores the export.
+    s.pdiskd.kill9();
+    s.tgtd.restart();
+    assert!(a.io(&["read 0 4k"]).is_err());
+    s.pdiskd.restart();
+    a.io(&["read -P 0x77 0 64k"]).unwrap();
+    assert!(s.pdiskd.log_text().contains("re-created export"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn drift_is_detected_and_nothing_is_deleted() {
+    let mut s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    let lost = create(&mut c, "lost", 8 << 20).await;
+    create(&mut c, "fine", 8 << 20).await;
+    s.pdiskd.kill9();
+    // Behind pdiskd's back: a stray file appears, a volume's data vanishes,
+    // and tgtd grows a target with pdisk's prefix that nobody asked for.
+    let stray = s.pdiskd.pool_dir.join("volumes/stray.raw");
+    std::fs::write(&stray, b"someone else's").unwrap();
+    std::fs::remove_file(&lost.device_path).unwrap();
+    let port = s.tgtd.control_port.to_string();
+    run_ok(
+        "tgtadm",
+        &[
+            "-C",
+            &port,
+            "--lld",
+            "iscsi",
+            "--mode",
+            "target",
+            "--op",
+            "new",
+            "--tid",
+            "99",
+            "--targetname",
+            "iqn.2026-11.io.stratus.pdisk:orphan",
+        ],
+    );
+    s.pdiskd.restart();
+    let mut c = s.pdiskd.client().await;
+    let pool = c
+        .get_pool(pb::GetPoolRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let has = |k: &str, o: &str| {
+        pool.drift
+            .iter()
+            .any(|d| d.kind == k && d.object.contains(o))
+    };
+    assert!(has("volume", "lost"), "{:?}", pool.drift);
+    assert!(has("file", "stray.raw"), "{:?}", pool.drift);
+    assert!(has("target", "orphan"), "{:?}", pool.drift);
+    assert!(!pool.last_reconciled_at.is_empty());
+    assert!(stray.exists());
+    assert!(s.tgtd.show().contains("orphan"));
+    let v = c
+        .get_volume(pb::GetVolumeRequest {
+            volume: "lost".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.state, pb::VolumeState::Error as i32);
+    assert!(v.state_reason.contains("missing"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn bad_input_gets_the_right_code_and_changes_nothing() {
+    let mut s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    create(&mut c, "v1", 8 << 20).await;
+    export(&mut c, "v1", &[INITIATOR]).await;
+    let before_tgt = s.tgtd.show();
+    let before_files: Vec<_> = std::fs::read_dir(s.pdiskd.pool_dir.join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+
+    let code = |r: Result<tonic::Response<pb::Volume>, tonic::Status>| r.unwrap_err().code();
+    let req = |name: &str, size: u64| pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: size,
+        ..Default::default()
+    };
+    assert_eq!(
+        code(c.create_volume(req("Bad_Name", 1 << 20)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.create_volume(req("../x", 1 << 20)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.create_volume(req("zero", 0)).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.create_volume(req("v1", 1 << 20)).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(c.create_volume(req("huge", 1 << 58)).await),
+        Code::ResourceExhausted
+    );
+    let outside = pb::CreateVolumeRequest {
+        name: "etc".into(),
+        source: Some(pb::create_volume_request::Source::FromImage(
+            pb::ImageSource {
+                path: "/etc/passwd".into(),
+                format: 0,
+            },
+        )),
+        ..Default::default()
+    };
+    assert_eq!(code(c.create_volume(outside).await), Code::InvalidArgument);
+    assert_eq!(
+        code(
+            c.resize_volume(pb::ResizeVolumeRequest {
+                volume: "v1".into(),
+                size_bytes: 1 << 20
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            c.get_volume(pb::GetVolumeRequest {
+                volume: "nope".into()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    let del = |v: &str| pb::DeleteVolumeRequest { volume: v.into() };
+    assert_eq!(
+        c.delete_volume(del("nope")).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let e = c.delete_volume(del("v1")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("v1") && e.message().contains("exported"),
+        "{e:?}"
+    );
+    let bad_iqn = c
+        .export_volume(pb::ExportVolumeRequest {
+            volume: "v1".into(),
+            initiators: vec!["host-a".into()],
+            chap: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_iqn.code(), Code::InvalidArgument);
+    let bad_chap = c
+        .export_volume(pb::ExportVolumeRequest {
+            volume: "v1".into(),
+            initiators: vec![INITIATOR.into()],
+            chap: Some(pb::ChapCredentials {
+                user: "u".into(),
+                secret: "short".into(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_chap.code(), Code::InvalidArgument);
+    assert!(
+        !bad_chap.message().contains("short"),
+        "secret echoed: {bad_chap:?}"
+    );
+
+    assert_eq!(names(&mut c).await, vec!["v1"]);
+    assert_eq!(s.tgtd.show(), before_tgt);
+    let after_files: Vec<_> = std::fs::read_dir(s.pdiskd.pool_dir.join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(before_files, after_files);
+
+    // tgtd down: Unavailable, and the store keeps no half-made export.
+    create(&mut c, "v2", 8 << 20).await;
+    s.tgtd.kill();
+    let e = c
+        .export_volume(pb::ExportVolumeRequest {
+            volume: "v2".into(),
+            initiators: vec![INITIATOR.into()],
+            chap: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let exports = c
+        .list_exports(pb::ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(exports.exports.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn twenty_concurrent_clients_leave_a_consistent_store() {
+    let mut s = Stack::start();
+    let c = s.pdiskd.client().await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = format!("c{i}");
+            create(&mut c, &name, 16 << 20).await;
+            for j in 0..2 {
+                c.create_snapshot(pb::CreateSnapshotRequest {
+                    volume: name.clone(),
+                    name: format!("{name}-s{j}"),
+                    request_id: String::new(),
+                })
+                .await
+                .unwrap();
+            }
+            c.clone_volume(pb::CloneVolumeRequest {
+                source: format!("{name}-s0"),
+                source_is_snapshot: true,
+                name: format!("{name}-clone"),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            // Everyone also tries to take the same name: exactly one wins.
+            let shared = c
+                .create_volume(pb::CreateVolumeRequest {
+                    name: "contested".into(),
+                    size_bytes: 1 << 20,
+                    ..Default::default()
+                })
+                .await;
+            if i % 2 == 0 {
+                for j in 0..2 {
+                    c.delete_snapshot(pb::DeleteSnapshotRequest {
+                        snapshot: format!("{name}-s{j}"),
+                    })
+                    .await
+                    .unwrap();
+                }
+                c.delete_volume(pb::DeleteVolumeRequest { volume: name })
+                    .await
+                    .unwrap();
+            }
+            shared.is_ok()
+        }));
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += t.await.unwrap() as usize;
+    }
+    assert_eq!(winners, 1);
+    let mut c = s.pdiskd.client().await;
+    let vols = names(&mut c).await;
+    // 10 originals survive, 20 clones, 1 contested.
+    assert_eq!(vols.len(), 31, "{vols:?}");
+    let snaps = c
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(snaps.len(), 20);
+    let files = |d: &str| {
+        std::fs::read_dir(s.pdiskd.pool_dir.join(d))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(files("volumes"), 31);
+    assert_eq!(files("snapshots"), 20);
+    // A restart finds nothing to reconcile.
+    s.pdiskd.restart();
+    let mut c = s.pdiskd.client().await;
+    let pool = c
+        .get_pool(pb::GetPoolRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(pool.drift.is_empty(), "{:?}", pool.drift);
+    assert_eq!(pool.volume_count, 31);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn qcow2_and_raw_imports_keep_content_and_holes() {
+    let s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    // A 256 MiB raw image with 2 MiB of data, and its qcow2 conversion.
+    let raw = s.pdiskd.import_dir.join("img.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(256 << 20).unwrap();
+    f.write_all_at(&vec![0xc3; 1 << 20], 0).unwrap();
+    f.write_all_at(&vec![0x3c; 1 << 20], 200 << 20).unwrap();
+    drop(f);
+    let qcow = s.pdiskd.import_dir.join("img.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            qcow.to_str().unwrap(),
+        ],
+    );
+    for (name, path) in [("from-raw", &raw), ("from-qcow2", &qcow)] {
+        let v = c
+            .create_volume(pb::CreateVolumeRequest {
+                name: name.into(),
+                size_bytes: 512 << 20,
+                source: Some(pb::create_volume_request::Source::FromImage(
+                    pb::ImageSource {
+                        path: path.display().to_string(),
+                        format: 0,
+                    },
+                )),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(v.size_bytes, 512 << 20);
+        assert!(
+            v.allocated_bytes < 8 << 20,
+            "{name}: holes kept: {}",
+            v.allocated_bytes
+        );
+        let out = run(
+            "cmp",
+            &[
+                "-n",
+                &(256u64 << 20).to_string(),
+                raw.to_str().unwrap(),
+                &v.device_path,
+            ],
+        );
+        assert!(out.status.success(), "{name}: content differs");
+    }
+    // A qcow2 with a backing file is refused.
+    let evil = s.pdiskd.import_dir.join("evil.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/hostname",
+            evil.to_str().unwrap(),
+        ],
+    );
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            name: "evil".into(),
+            source: Some(pb::create_volume_request::Source::FromImage(
+                pb::ImageSource {
+                    path: evil.display().to_string(),
+                    format: 0,
+                },
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("backing file"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn snapshots_of_large_sparse_volumes_share_extents() {
+    let s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    // 10 GiB on a 4 GiB filesystem: thin, and a reflink snapshot of it
+    // must not copy its 64 MiB of data.
+    let v = create(&mut c, "big", 10 << 30).await;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v.device_path)
+        .unwrap();
+    for i in 0..64u64 {
+        f.write_all_at(&vec![i as u8 + 1; 1 << 20], i * (160 << 20))
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+    let used = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            c.get_pool(pb::GetPoolRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .used_bytes
+        }
+    };
+    let before = used(&mut c).await;
+    for i in 0..3 {
+        c.create_snapshot(pb::CreateSnapshotRequest {
+            volume: "big".into(),
+            name: format!("big-s{i}"),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    c.clone_volume(pb::CloneVolumeRequest {
+        source: "big".into(),
+        name: "big-clone".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let after = used(&mut c).await;
+    assert!(
+        after - before < 16 << 20,
+        "3 snapshots and a clone of 64 MiB of data used {} bytes",
+        after - before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn chap_export_needs_the_secret() {
+    let s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    create(&mut c, "secure", 8 << 20).await;
+    let secret = "Sup3rS3cretPass";
+    let e = c
+        .export_volume(pb::ExportVolumeRequest {
+            volume: "secure".into(),
+            initiators: vec![INITIATOR.into()],
+            chap: Some(pb::ChapCredentials {
+                user: "tenant1".into(),
+                secret: secret.into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e.chap_user, "tenant1");
+    let mut a = s.initiator(&e.target_iqn, INITIATOR);
+    assert!(
+        a.io(&["read 0 4k"]).is_err(),
+        "login without CHAP must fail"
+    );
+    let secret_file = s.pool.dir.path().join("chap.secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    a.chap = Some(("tenant1".into(), secret_file));
+    a.io(&["write -P 0x42 0 4k", "read -P 0x42 0 4k"]).unwrap();
+    // The secret is in no log line.
+    assert!(!s.pdiskd.log_text().contains(secret));
+}
