@@ -224,4 +224,16 @@ mod tests {
             .unwrap_err();
         assert!(e.message().contains("portal"));
     }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pdiskd.toml");
+        std::fs::write(&f, include_str!("../../examples/pdiskd.toml")).unwrap();
+        let c = Flags::parse_from(["pdiskd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.pool_dir, PathBuf::from("/srv/pdisk/pool"));
+        assert_eq!(c.log_format, LogFormat::Json);
+    }
 }
