@@ -138,7 +138,7 @@ impl fmt::Display for ByteSize {
         ];
         for (scale, unit) in UNITS {
             if b >= scale {
-                return if b % scale == 0 {
+                return if b.is_multiple_of(scale) {
                     write!(f, "{}{unit}", b / scale)
                 } else {
                     write!(f, "{:.1}{unit}", b as f64 / scale as f64)

@@ -121,8 +121,8 @@ impl FileBackend {
         progress: ProgressFn,
     ) -> Result<()> {
         let src_path = self.path(src);
-        let s = File::open(&src_path).map_err(|e| Error::io(&src, e))?;
-        let len = s.metadata().map_err(|e| Error::io(&src, e))?.len();
+        let s = File::open(&src_path).map_err(|e| Error::io(src, e))?;
+        let len = s.metadata().map_err(|e| Error::io(src, e))?.len();
         let (tmp, d) = self.new_temp(dst)?;
         let result = (|| {
             if self.reflink {

@@ -1,1 +1,524 @@
-fn main() {}
+//! `pdisk`: the storage admin's command-line client for pdiskd.
+//!
+//! A thin shell over the pdisk.v1 gRPC API. [`args`] parses and validates the
+//! command line; the handlers here check what is local (label sets, files),
+//! then connect and make one call; [`render`] prints the result as a table or
+//! as JSON; [`progress`] shows long operations on stderr; [`failure`] turns any
+//! error into one stderr line and an exit status.
+
+#[path = "pdisk_cli/args.rs"]
+mod args;
+#[path = "pdisk_cli/failure.rs"]
+mod failure;
+#[path = "pdisk_cli/progress.rs"]
+mod progress;
+#[path = "pdisk_cli/render.rs"]
+mod render;
+#[path = "pdisk_cli/table.rs"]
+mod table;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use pdisk::types::{ByteSize, Chap};
+use serde_json::{json, Value};
+use stratus_proto::pdisk::v1::create_volume_request::Source;
+use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
+use stratus_proto::pdisk::v1::{
+    ChapCredentials, CloneVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
+    DeleteSnapshotRequest, DeleteVolumeRequest, ExportVolumeRequest, GetPoolRequest,
+    GetVolumeRequest, ImageFormat, ImageSource, ListExportsRequest, ListSnapshotsRequest,
+    ListVolumesRequest, ResizeVolumeRequest, UnexportVolumeRequest, UploadHeader, Volume,
+};
+use tonic::transport::Endpoint;
+
+use args::{
+    Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, PoolCommand,
+    SnapshotCommand, VolumeCommand,
+};
+use failure::{root_cause, Failure};
+use progress::{new_request_id, watched, Client, UploadError};
+
+/// How long to wait for the TCP connection to pdiskd.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => usage_exit(err),
+    };
+    let ctx = Ctx {
+        url: server_url(&cli.server),
+        json: cli.json,
+        bars: !cli.json && std::io::stderr().is_terminal(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&Failure::Local(format!("cannot start: {e}")), ctx.json),
+    };
+    match runtime.block_on(run(&ctx, cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => report(&failure, ctx.json),
+    }
+}
+
+/// What every handler needs: where the server is and how to print.
+struct Ctx {
+    url: String,
+    json: bool,
+    /// Draw progress bars: stderr is a terminal and the output is not JSON.
+    bars: bool,
+}
+
+impl Ctx {
+    fn endpoint(&self) -> Result<Endpoint, Failure> {
+        Endpoint::from_shared(self.url.clone())
+            .map(|e| e.connect_timeout(CONNECT_TIMEOUT))
+            .map_err(|e| {
+                Failure::Usage(format!(
+                    "invalid server URL {:?}: {}",
+                    self.url,
+                    root_cause(&e)
+                ))
+            })
+    }
+
+    /// Connects; called by each handler only after its local checks passed.
+    async fn connect(&self) -> Result<Client, Failure> {
+        let channel = self
+            .endpoint()?
+            .connect()
+            .await
+            .map_err(|e| Failure::Unreachable {
+                url: self.url.clone(),
+                cause: root_cause(&e),
+            })?;
+        Ok(VolumeServiceClient::new(channel))
+    }
+
+    fn answer<T>(&self, r: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Failure> {
+        r.map(tonic::Response::into_inner)
+            .map_err(|s| Failure::from_status(s, &self.url))
+    }
+
+    /// Prints the result: `json` with --json, else the human form.
+    fn print(&self, json: Value, human: impl FnOnce() -> String) -> Result<(), Failure> {
+        if self.json {
+            write_stdout(&format!("{json:#}\n"))
+        } else {
+            write_stdout(&human())
+        }
+    }
+
+    fn print_volume(&self, v: &Volume) -> Result<(), Failure> {
+        self.print(render::volume_json(v), || render::volume_view(v))
+    }
+}
+
+/// `host:port` is taken as `http://host:port`.
+fn server_url(server: &str) -> String {
+    if server.contains("://") {
+        server.to_owned()
+    } else {
+        format!("http://{server}")
+    }
+}
+
+async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
+    // A malformed --server is a usage error, whatever the command.
+    ctx.endpoint()?;
+    match command {
+        Command::Volume(c) => volume(ctx, c).await,
+        Command::Snapshot(c) => snapshot(ctx, c).await,
+        Command::Export(c) => export(ctx, c).await,
+        Command::Pool(PoolCommand::Status) => {
+            let pool = ctx.answer(ctx.connect().await?.get_pool(GetPoolRequest {}).await)?;
+            ctx.print(render::pool_json(&pool), || render::pool_view(&pool))
+        }
+    }
+}
+
+fn labels(pairs: &[(String, String)]) -> Result<HashMap<String, String>, Failure> {
+    args::labels(pairs).map_err(Failure::Usage)
+}
+
+async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
+    match command {
+        VolumeCommand::Create(a) => volume_create(ctx, a).await,
+        VolumeCommand::List { labels: selector } => {
+            let label_selector = labels(&selector)?;
+            let mut client = ctx.connect().await?;
+            let vs = ctx
+                .answer(
+                    client
+                        .list_volumes(ListVolumesRequest { label_selector })
+                        .await,
+                )?
+                .volumes;
+            ctx.print(render::volumes_json(&vs), || render::volumes_table(&vs))
+        }
+        VolumeCommand::Show { volume } => {
+            let mut client = ctx.connect().await?;
+            let request = GetVolumeRequest {
+                volume: volume.to_string(),
+            };
+            let v = ctx.answer(client.get_volume(request).await)?;
+            ctx.print_volume(&v)
+        }
+        VolumeCommand::Delete { volume } => {
+            let mut client = ctx.connect().await?;
+            let request = DeleteVolumeRequest {
+                volume: volume.to_string(),
+            };
+            ctx.answer(client.delete_volume(request).await)?;
+            ctx.print(
+                json!({ "volume": volume.as_str(), "deleted": true }),
+                || format!("Deleted volume {volume}.\n"),
+            )
+        }
+        VolumeCommand::Resize { volume, size } => {
+            let mut client = ctx.connect().await?;
+            let request = ResizeVolumeRequest {
+                volume: volume.to_string(),
+                size_bytes: size.0,
+            };
+            let v = ctx.answer(client.resize_volume(request).await)?;
+            ctx.print_volume(&v)
+        }
+        VolumeCommand::Clone(a) => volume_clone(ctx, a).await,
+    }
+}
+
+async fn volume_create(ctx: &Ctx, a: CreateArgs) -> Result<(), Failure> {
+    let labels = labels(&a.labels)?;
+    let size_bytes = a.size.map_or(0, |s| s.0);
+    let format = a.format.map_or(ImageFormat::Unspecified, Into::into) as i32;
+    if let Some(path) = &a.upload {
+        let header = UploadHeader {
+            name: a.name.into(),
+            size_bytes,
+            labels,
+            format,
+            content_length: 0,
+            request_id: new_request_id(),
+        };
+        return volume_upload(ctx, header, path).await;
+    }
+    let source = if let Some(path) = a.from_file {
+        Some(Source::FromImage(ImageSource { path, format }))
+    } else if let Some(v) = a.from_volume {
+        Some(Source::FromVolume(v.to_string()))
+    } else {
+        a.from_snapshot.map(|s| Source::FromSnapshot(s.to_string()))
+    };
+    let Some(source) = source else {
+        if size_bytes == 0 {
+            return Err(Failure::Usage(
+                "--size must be greater than 0 for an empty volume".into(),
+            ));
+        }
+        let request = CreateVolumeRequest {
+            name: a.name.into(),
+            size_bytes,
+            labels,
+            source: None,
+            request_id: String::new(),
+        };
+        let v = ctx.answer(ctx.connect().await?.create_volume(request).await)?;
+        return ctx.print_volume(&v);
+    };
+    // Imports and copies take time: follow their progress.
+    let request_id = new_request_id();
+    let request = CreateVolumeRequest {
+        name: a.name.into(),
+        size_bytes,
+        labels,
+        source: Some(source),
+        request_id: request_id.clone(),
+    };
+    let mut client = ctx.connect().await?;
+    let watcher = client.clone();
+    let v = ctx.answer(
+        watched(
+            &watcher,
+            &request_id,
+            ctx.bars,
+            client.create_volume(request),
+        )
+        .await,
+    )?;
+    ctx.print_volume(&v)
+}
+
+async fn volume_upload(ctx: &Ctx, mut header: UploadHeader, path: &Path) -> Result<(), Failure> {
+    let local = |e: std::io::Error| Failure::Usage(format!("cannot read {}: {e}", path.display()));
+    let file = tokio::fs::File::open(path).await.map_err(local)?;
+    let meta = file.metadata().await.map_err(local)?;
+    if meta.is_dir() {
+        return Err(Failure::Usage(format!("{} is a directory", path.display())));
+    }
+    // Devices and pipes have no length up front; the server then counts.
+    header.content_length = if meta.is_file() { meta.len() } else { 0 };
+    if meta.is_file() && meta.len() == 0 {
+        return Err(Failure::Usage(format!("{} is empty", path.display())));
+    }
+    let mut client = ctx.connect().await?;
+    let v = progress::upload(&mut client, header, file, ctx.bars)
+        .await
+        .map_err(|e| match e {
+            UploadError::Server(s) => Failure::from_status(s, &ctx.url),
+            UploadError::Read(e) => {
+                Failure::Local(format!("upload cancelled: reading {}: {e}", path.display()))
+            }
+        })?;
+    ctx.print_volume(&v)
+}
+
+async fn volume_clone(ctx: &Ctx, a: CloneArgs) -> Result<(), Failure> {
+    let request_id = new_request_id();
+    let request = CloneVolumeRequest {
+        source: a.source.to_string(),
+        source_is_snapshot: a.from_snapshot,
+        name: a.name.into(),
+        labels: labels(&a.labels)?,
+        size_bytes: a.size.map_or(0, |s: ByteSize| s.0),
+        request_id: request_id.clone(),
+    };
+    let mut client = ctx.connect().await?;
+    let watcher = client.clone();
+    let v = ctx.answer(
+        watched(
+            &watcher,
+            &request_id,
+            ctx.bars,
+            client.clone_volume(request),
+        )
+        .await,
+    )?;
+    ctx.print_volume(&v)
+}
+
+async fn snapshot(ctx: &Ctx, command: SnapshotCommand) -> Result<(), Failure> {
+    let mut client = ctx.connect().await?;
+    match command {
+        SnapshotCommand::Create { volume, name } => {
+            let request_id = new_request_id();
+            let request = CreateSnapshotRequest {
+                volume: volume.to_string(),
+                name: name.into(),
+                request_id: request_id.clone(),
+            };
+            let watcher = client.clone();
+            let call = client.create_snapshot(request);
+            let s = ctx.answer(watched(&watcher, &request_id, ctx.bars, call).await)?;
+            ctx.print(render::snapshot_json(&s), || render::snapshot_view(&s))
+        }
+        SnapshotCommand::List { volume } => {
+            let request = ListSnapshotsRequest {
+                volume: volume.map(|v| v.to_string()).unwrap_or_default(),
+            };
+            let ss = ctx.answer(client.list_snapshots(request).await)?.snapshots;
+            ctx.print(render::snapshots_json(&ss), || render::snapshots_table(&ss))
+        }
+        SnapshotCommand::Delete { snapshot } => {
+            let request = DeleteSnapshotRequest {
+                snapshot: snapshot.to_string(),
+            };
+            ctx.answer(client.delete_snapshot(request).await)?;
+            ctx.print(
+                json!({ "snapshot": snapshot.as_str(), "deleted": true }),
+                || format!("Deleted snapshot {snapshot}.\n"),
+            )
+        }
+    }
+}
+
+async fn export(ctx: &Ctx, command: ExportCommand) -> Result<(), Failure> {
+    match command {
+        ExportCommand::Add(a) => export_add(ctx, a).await,
+        ExportCommand::Remove { volume, initiators } => {
+            let request = UnexportVolumeRequest {
+                volume: volume.to_string(),
+                initiators: initiators.into_iter().map(String::from).collect(),
+            };
+            let removed = request.initiators.len();
+            let mut client = ctx.connect().await?;
+            let remaining = ctx.answer(client.unexport_volume(request).await)?.remaining;
+            let json = json!({
+                "volume": volume.as_str(),
+                "remaining": remaining.as_ref().map(render::export_json),
+            });
+            ctx.print(json, || match &remaining {
+                Some(e) => format!(
+                    "Removed {removed} initiator(s) from the export of {volume}; it remains:\n{}",
+                    render::export_view(e)
+                ),
+                None => format!("Volume {volume} is no longer exported.\n"),
+            })
+        }
+        ExportCommand::List => {
+            let mut client = ctx.connect().await?;
+            let es = ctx
+                .answer(client.list_exports(ListExportsRequest {}).await)?
+                .exports;
+            ctx.print(render::exports_json(&es), || render::exports_table(&es))
+        }
+    }
+}
+
+async fn export_add(ctx: &Ctx, a: ExportAddArgs) -> Result<(), Failure> {
+    // clap makes --chap-user and --chap-secret-file come together.
+    let chap = match (&a.chap_user, &a.chap_secret_file) {
+        (Some(user), Some(file)) => {
+            let chap = read_chap(user, file)?;
+            Some(ChapCredentials {
+                user: chap.user.clone(),
+                secret: chap.secret().to_owned(),
+            })
+        }
+        _ => None,
+    };
+    let request = ExportVolumeRequest {
+        volume: a.volume.to_string(),
+        initiators: a.initiators.into_iter().map(String::from).collect(),
+        chap,
+    };
+    let mut client = ctx.connect().await?;
+    let e = ctx.answer(client.export_volume(request).await)?;
+    ctx.print(render::export_json(&e), || render::export_view(&e))
+}
+
+/// The secret stays in a file so it shows in no process list or shell history.
+fn read_chap(user: &str, file: &Path) -> Result<Chap, Failure> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Failure::Usage(format!(
+            "cannot read the CHAP secret file {}: {e}",
+            file.display()
+        ))
+    })?;
+    Chap::new(user, text.trim_end_matches(['\r', '\n'])).map_err(|e| Failure::Usage(e.to_string()))
+}
+
+/// Writes to stdout; a closed pipe (`pdisk volume list | head`) is not an error.
+fn write_stdout(text: &str) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure::Local(format!("cannot write the output: {e}"))),
+    }
+}
+
+fn report(failure: &Failure, json: bool) -> ExitCode {
+    if json {
+        let _ = write_stdout(&format!("{}\n", failure.json()));
+    }
+    eprintln!("{}", failure.line());
+    ExitCode::from(failure.exit_code())
+}
+
+/// clap's own exit (help, version, usage errors with status 2), plus the JSON
+/// error on stdout when --json was asked for.
+fn usage_exit(err: clap::Error) -> ! {
+    if err.use_stderr() && wants_json(std::env::args_os().skip(1)) {
+        let _ = write_stdout(&format!("{}\n", Failure::Usage(clap_message(&err)).json()));
+    }
+    err.exit()
+}
+
+fn wants_json(args: impl Iterator<Item = OsString>) -> bool {
+    args.take_while(|a| a != "--").any(|a| a == "--json")
+}
+
+/// The first line of clap's message, without its "error: " prefix.
+fn clap_message(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_defaults_to_http() {
+        assert_eq!(server_url("storage1:7400"), "http://storage1:7400");
+        assert_eq!(server_url("https://storage1:7400"), "https://storage1:7400");
+    }
+
+    #[test]
+    fn json_errors_for_usage_mistakes() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>().into_iter();
+        assert!(wants_json(os(&["volume", "list", "--json"])));
+        assert!(!wants_json(os(&["volume", "list"])));
+        assert!(!wants_json(os(&["volume", "--", "--json"])));
+        let err =
+            Cli::try_parse_from(["pdisk", "volume", "create", "DB1", "--size", "1G"]).unwrap_err();
+        let message = clap_message(&err);
+        assert!(
+            message.starts_with("invalid value 'DB1' for '<NAME>'"),
+            "{message}"
+        );
+        assert!(
+            !message.contains('\u{1b}'),
+            "no terminal colours: {message}"
+        );
+    }
+
+    #[test]
+    fn chap_secret_comes_from_a_file_without_its_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "s3cretpassw0rd\n").unwrap();
+        assert_eq!(
+            read_chap("alice", &file).unwrap().secret(),
+            "s3cretpassw0rd"
+        );
+        std::fs::write(&file, "short\r\n").unwrap();
+        let err = read_chap("alice", &file).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            !err.line().contains("short"),
+            "the secret is never echoed: {}",
+            err.line()
+        );
+        assert!(read_chap("alice", &dir.path().join("missing")).is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_server_urls_are_usage_errors() {
+        let ctx = Ctx {
+            url: "http://bad host:1".into(),
+            json: false,
+            bars: false,
+        };
+        let err = ctx.endpoint().unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_one_clear_line() {
+        // Port 1 on loopback: nothing listens there in the test environment.
+        let ctx = Ctx {
+            url: "http://127.0.0.1:1".into(),
+            json: false,
+            bars: false,
+        };
+        let err = ctx.connect().await.unwrap_err();
+        let line = err.line();
+        assert!(
+            line.starts_with("pdisk: cannot reach the pdisk server at http://127.0.0.1:1: "),
+            "{line}"
+        );
+        assert_eq!(err.exit_code(), 1);
+    }
+}

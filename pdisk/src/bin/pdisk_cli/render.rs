@@ -1,0 +1,487 @@
+//! How results look: each pdisk.v1 message as JSON (for `--json`) and as
+//! human text (tables and `key: value` blocks).
+//!
+//! JSON keeps the proto field names, sizes as numbers of bytes, enums as
+//! lowercase words ("ready") and labels as an object with sorted keys, so the
+//! output is stable for scripts whatever order the server sends.
+
+use std::collections::{BTreeMap, HashMap};
+
+use pdisk::types::ByteSize;
+use serde_json::{json, Map, Value};
+use stratus_proto::pdisk::v1::{Drift, Export, Pool, Snapshot, Volume, VolumeState};
+
+use super::table::{fields, Table};
+
+/// Shown for an empty value in human output.
+const NONE: &str = "-";
+
+pub fn state_name(state: i32) -> String {
+    match VolumeState::try_from(state) {
+        Ok(VolumeState::Unspecified) => "unspecified".into(),
+        Ok(VolumeState::Creating) => "creating".into(),
+        Ok(VolumeState::Ready) => "ready".into(),
+        Ok(VolumeState::Deleting) => "deleting".into(),
+        Ok(VolumeState::Error) => "error".into(),
+        Err(_) => format!("unknown({state})"),
+    }
+}
+
+fn size(bytes: u64) -> String {
+    ByteSize(bytes).to_string()
+}
+
+fn or_none(s: &str) -> String {
+    if s.is_empty() {
+        NONE.to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+fn sorted(labels: &HashMap<String, String>) -> BTreeMap<&str, &str> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+fn labels_json(labels: &HashMap<String, String>) -> Value {
+    let map: Map<String, Value> = sorted(labels)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), Value::from(v)))
+        .collect();
+    Value::Object(map)
+}
+
+fn labels_text(labels: &HashMap<String, String>) -> String {
+    let pairs: Vec<String> = sorted(labels)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if pairs.is_empty() {
+        NONE.to_owned()
+    } else {
+        pairs.join(",")
+    }
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+fn list_text(items: &[String]) -> String {
+    if items.is_empty() {
+        NONE.to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+// ---- volumes ----
+
+pub fn volume_json(v: &Volume) -> Value {
+    json!({
+        "uuid": v.uuid,
+        "name": v.name,
+        "size_bytes": v.size_bytes,
+        "allocated_bytes": v.allocated_bytes,
+        "labels": labels_json(&v.labels),
+        "state": state_name(v.state),
+        "state_reason": v.state_reason,
+        "source": v.source,
+        "created_at": v.created_at,
+        "exported": v.exported,
+        "snapshot_count": v.snapshot_count,
+        "device_path": v.device_path,
+    })
+}
+
+pub fn volumes_json(vs: &[Volume]) -> Value {
+    json!({ "volumes": vs.iter().map(volume_json).collect::<Vec<_>>() })
+}
+
+fn state_text(v: &Volume) -> String {
+    let state = state_name(v.state);
+    if v.state_reason.is_empty() {
+        state
+    } else {
+        format!("{state} ({})", v.state_reason)
+    }
+}
+
+pub fn volume_view(v: &Volume) -> String {
+    fields(&[
+        ("name", v.name.clone()),
+        ("uuid", v.uuid.clone()),
+        ("size", size(v.size_bytes)),
+        ("allocated", size(v.allocated_bytes)),
+        ("state", state_text(v)),
+        ("source", or_none(&v.source)),
+        ("labels", labels_text(&v.labels)),
+        ("exported", yes_no(v.exported)),
+        ("snapshots", v.snapshot_count.to_string()),
+        ("created", or_none(&v.created_at)),
+        ("device", or_none(&v.device_path)),
+    ])
+}
+
+pub fn volumes_table(vs: &[Volume]) -> String {
+    let mut t = Table::new([
+        "NAME",
+        "UUID",
+        "SIZE",
+        "ALLOCATED",
+        "STATE",
+        "EXPORTED",
+        "SNAPSHOTS",
+        "LABELS",
+    ]);
+    for v in vs {
+        t.row([
+            v.name.clone(),
+            v.uuid.clone(),
+            size(v.size_bytes),
+            size(v.allocated_bytes),
+            state_name(v.state),
+            yes_no(v.exported),
+            v.snapshot_count.to_string(),
+            labels_text(&v.labels),
+        ]);
+    }
+    t.render()
+}
+
+// ---- snapshots ----
+
+pub fn snapshot_json(s: &Snapshot) -> Value {
+    json!({
+        "uuid": s.uuid,
+        "name": s.name,
+        "volume_uuid": s.volume_uuid,
+        "volume_name": s.volume_name,
+        "size_bytes": s.size_bytes,
+        "allocated_bytes": s.allocated_bytes,
+        "created_at": s.created_at,
+    })
+}
+
+pub fn snapshots_json(ss: &[Snapshot]) -> Value {
+    json!({ "snapshots": ss.iter().map(snapshot_json).collect::<Vec<_>>() })
+}
+
+pub fn snapshot_view(s: &Snapshot) -> String {
+    fields(&[
+        ("name", s.name.clone()),
+        ("uuid", s.uuid.clone()),
+        ("volume", format!("{} ({})", s.volume_name, s.volume_uuid)),
+        ("size", size(s.size_bytes)),
+        ("allocated", size(s.allocated_bytes)),
+        ("created", or_none(&s.created_at)),
+    ])
+}
+
+pub fn snapshots_table(ss: &[Snapshot]) -> String {
+    let mut t = Table::new(["NAME", "UUID", "VOLUME", "SIZE", "ALLOCATED", "CREATED"]);
+    for s in ss {
+        t.row([
+            s.name.clone(),
+            s.uuid.clone(),
+            s.volume_name.clone(),
+            size(s.size_bytes),
+            size(s.allocated_bytes),
+            or_none(&s.created_at),
+        ]);
+    }
+    t.render()
+}
+
+// ---- exports ----
+
+pub fn export_json(e: &Export) -> Value {
+    json!({
+        "volume_uuid": e.volume_uuid,
+        "volume_name": e.volume_name,
+        "target_iqn": e.target_iqn,
+        "portal": e.portal,
+        "lun": e.lun,
+        "initiators": e.initiators,
+        "url": e.url,
+        "chap_user": e.chap_user,
+        "exporter": e.exporter,
+    })
+}
+
+pub fn exports_json(es: &[Export]) -> Value {
+    json!({ "exports": es.iter().map(export_json).collect::<Vec<_>>() })
+}
+
+pub fn export_view(e: &Export) -> String {
+    fields(&[
+        ("volume", format!("{} ({})", e.volume_name, e.volume_uuid)),
+        ("target", e.target_iqn.clone()),
+        ("portal", e.portal.clone()),
+        ("lun", e.lun.to_string()),
+        ("url", e.url.clone()),
+        ("initiators", list_text(&e.initiators)),
+        ("chap user", or_none(&e.chap_user)),
+        ("exporter", or_none(&e.exporter)),
+    ])
+}
+
+pub fn exports_table(es: &[Export]) -> String {
+    let mut t = Table::new(["VOLUME", "TARGET", "PORTAL", "LUN", "INITIATORS", "CHAP"]);
+    for e in es {
+        t.row([
+            e.volume_name.clone(),
+            e.target_iqn.clone(),
+            e.portal.clone(),
+            e.lun.to_string(),
+            list_text(&e.initiators),
+            or_none(&e.chap_user),
+        ]);
+    }
+    t.render()
+}
+
+// ---- pool ----
+
+fn drift_json(d: &Drift) -> Value {
+    json!({ "kind": d.kind, "object": d.object, "detail": d.detail })
+}
+
+pub fn pool_json(p: &Pool) -> Value {
+    json!({
+        "backend": p.backend,
+        "exporter": p.exporter,
+        "exporter_status": p.exporter_status,
+        "location": p.location,
+        "capacity_bytes": p.capacity_bytes,
+        "provisioned_bytes": p.provisioned_bytes,
+        "used_bytes": p.used_bytes,
+        "allocated_bytes": p.allocated_bytes,
+        "max_overcommit": p.max_overcommit,
+        "volume_count": p.volume_count,
+        "snapshot_count": p.snapshot_count,
+        "export_count": p.export_count,
+        "capabilities": p.capabilities,
+        "drift": p.drift.iter().map(drift_json).collect::<Vec<_>>(),
+        "last_reconciled_at": p.last_reconciled_at,
+    })
+}
+
+/// `part` as a share of the pool's capacity, when the capacity is known.
+fn of_capacity(part: u64, capacity: u64) -> String {
+    if capacity == 0 {
+        size(part)
+    } else {
+        let pct = part as f64 * 100.0 / capacity as f64;
+        format!("{} ({pct:.0}% of capacity)", size(part))
+    }
+}
+
+pub fn pool_view(p: &Pool) -> String {
+    let exporter = if p.exporter_status.is_empty() {
+        or_none(&p.exporter)
+    } else {
+        format!("{} ({})", or_none(&p.exporter), p.exporter_status)
+    };
+    let overcommit = if p.max_overcommit > 0.0 {
+        format!("{:.1}x", p.max_overcommit)
+    } else {
+        NONE.to_owned()
+    };
+    let drift = if p.drift.is_empty() {
+        "none".to_owned()
+    } else {
+        format!(
+            "{} difference(s), listed below; nothing was deleted",
+            p.drift.len()
+        )
+    };
+    let mut out = fields(&[
+        ("backend", or_none(&p.backend)),
+        ("location", or_none(&p.location)),
+        ("exporter", exporter),
+        ("capacity", size(p.capacity_bytes)),
+        ("used", of_capacity(p.used_bytes, p.capacity_bytes)),
+        (
+            "allocated",
+            of_capacity(p.allocated_bytes, p.capacity_bytes),
+        ),
+        (
+            "provisioned",
+            of_capacity(p.provisioned_bytes, p.capacity_bytes),
+        ),
+        ("max overcommit", overcommit),
+        ("volumes", p.volume_count.to_string()),
+        ("snapshots", p.snapshot_count.to_string()),
+        ("exports", p.export_count.to_string()),
+        ("capabilities", list_text(&p.capabilities)),
+        ("reconciled", or_none(&p.last_reconciled_at)),
+        ("drift", drift),
+    ]);
+    if !p.drift.is_empty() {
+        let mut t = Table::new(["KIND", "OBJECT", "DETAIL"]);
+        for d in &p.drift {
+            t.row([d.kind.clone(), d.object.clone(), d.detail.clone()]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume() -> Volume {
+        Volume {
+            uuid: "6f9619ff-8b86-d011-b42d-00c04fc964ff".into(),
+            name: "db1".into(),
+            size_bytes: 10 << 30,
+            allocated_bytes: 1536 << 20,
+            labels: [("tier", "gold"), ("app", "pg")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            state: VolumeState::Ready as i32,
+            state_reason: String::new(),
+            source: "snapshot:0f0e".into(),
+            created_at: "2026-11-02T10:00:00Z".into(),
+            exported: true,
+            snapshot_count: 2,
+            device_path: "/srv/pool/volumes/6f96.img".into(),
+        }
+    }
+
+    #[test]
+    fn volume_json_uses_words_for_enums_and_numbers_for_sizes() {
+        let j = volume_json(&volume());
+        assert_eq!(j["state"], "ready");
+        assert_eq!(j["size_bytes"], 10u64 << 30);
+        assert_eq!(j["labels"], json!({"app": "pg", "tier": "gold"}));
+        assert_eq!(j["exported"], true);
+        assert_eq!(j["snapshot_count"], 2);
+        let text = serde_json::to_string(&j["labels"]).unwrap();
+        assert_eq!(text, r#"{"app":"pg","tier":"gold"}"#, "keys sorted");
+        assert_eq!(volumes_json(&[volume()])["volumes"][0]["name"], "db1");
+    }
+
+    #[test]
+    fn states_have_lowercase_names() {
+        assert_eq!(state_name(VolumeState::Creating as i32), "creating");
+        assert_eq!(state_name(VolumeState::Error as i32), "error");
+        assert_eq!(state_name(42), "unknown(42)");
+    }
+
+    #[test]
+    fn volume_table_is_human() {
+        let mut v2 = volume();
+        v2.name = "scratch".into();
+        v2.labels.clear();
+        v2.exported = false;
+        v2.state = VolumeState::Error as i32;
+        v2.state_reason = "import failed".into();
+        let out = volumes_table(&[volume(), v2.clone()]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NAME     UUID"));
+        assert!(lines[1].contains("10G") && lines[1].contains("1.5G"));
+        assert!(lines[1].ends_with("app=pg,tier=gold"));
+        assert!(lines[2].contains("error") && lines[2].ends_with('-'));
+        assert!(volume_view(&v2).contains("state:      error (import failed)\n"));
+    }
+
+    #[test]
+    fn export_and_snapshot_render() {
+        let e = Export {
+            volume_uuid: "u1".into(),
+            volume_name: "db1".into(),
+            target_iqn: "iqn.2026-11.io.stratus:db1".into(),
+            portal: "10.0.0.5:3260".into(),
+            lun: 1,
+            initiators: vec![
+                "iqn.2026-11.io.stratus:h1".into(),
+                "iqn.2026-11.io.stratus:h2".into(),
+            ],
+            url: "iscsi://10.0.0.5:3260/iqn.2026-11.io.stratus:db1/1".into(),
+            chap_user: String::new(),
+            exporter: "tgt".into(),
+        };
+        let j = export_json(&e);
+        assert_eq!(j["initiators"][1], "iqn.2026-11.io.stratus:h2");
+        assert_eq!(j["lun"], 1);
+        let row = exports_table(std::slice::from_ref(&e));
+        assert!(row
+            .lines()
+            .nth(1)
+            .unwrap()
+            .ends_with("iqn.2026-11.io.stratus:h1,iqn.2026-11.io.stratus:h2  -"));
+        assert!(export_view(&e).contains("chap user:   -\n"));
+
+        let s = Snapshot {
+            uuid: "s1".into(),
+            name: "nightly".into(),
+            volume_uuid: "u1".into(),
+            volume_name: "db1".into(),
+            size_bytes: 1 << 30,
+            allocated_bytes: 0,
+            created_at: String::new(),
+        };
+        assert_eq!(
+            snapshots_json(std::slice::from_ref(&s))["snapshots"][0]["volume_name"],
+            "db1"
+        );
+        assert!(snapshot_view(&s).contains("volume:     db1 (u1)\n"));
+        assert!(snapshots_table(&[s])
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("nightly"));
+    }
+
+    #[test]
+    fn pool_shows_usage_and_drift() {
+        let p = Pool {
+            backend: "file".into(),
+            exporter: "tgt".into(),
+            capacity_bytes: 100 << 30,
+            provisioned_bytes: 250 << 30,
+            used_bytes: 30 << 30,
+            allocated_bytes: 20 << 30,
+            volume_count: 12,
+            snapshot_count: 3,
+            export_count: 2,
+            capabilities: vec!["reflink".into(), "sparse-copy".into()],
+            drift: vec![Drift {
+                kind: "file".into(),
+                object: "/srv/pool/volumes/stray.img".into(),
+                detail: "not in the metadata store".into(),
+            }],
+            last_reconciled_at: "2026-11-02T10:00:00Z".into(),
+            exporter_status: "running".into(),
+            max_overcommit: 4.0,
+            location: "/srv/pool".into(),
+        };
+        let j = pool_json(&p);
+        assert_eq!(j["capacity_bytes"], 100u64 << 30);
+        assert_eq!(j["drift"][0]["kind"], "file");
+        assert_eq!(j["capabilities"], json!(["reflink", "sparse-copy"]));
+        let text = pool_view(&p);
+        assert!(text.contains("exporter:        tgt (running)\n"), "{text}");
+        assert!(
+            text.contains("provisioned:     250G (250% of capacity)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("capabilities:    reflink,sparse-copy\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nKIND  OBJECT"), "{text}");
+        let empty = pool_view(&Pool::default());
+        assert!(empty.contains("drift:           none\n"), "{empty}");
+        assert!(empty.contains("capacity:        0B\n"), "{empty}");
+    }
+}
