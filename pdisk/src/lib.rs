@@ -11,12 +11,12 @@
 //! - [`config`]: daemon settings from flags and TOML.
 
 pub mod backend;
+pub mod config;
 pub mod error;
 pub mod export;
+pub mod grpc;
+pub mod progress;
 pub mod runner;
+pub mod service;
 pub mod store;
 pub mod types;
-pub mod progress;
-pub mod service;
-pub mod config;
-pub mod grpc;

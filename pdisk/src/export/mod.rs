@@ -15,6 +15,8 @@
 
 pub mod tgt;
 
+pub use tgt::{TgtConfig, TgtExporter};
+
 use std::path::PathBuf;
 
 use crate::error::Result;

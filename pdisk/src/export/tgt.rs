@@ -230,12 +230,14 @@ impl TgtExporter {
         .map(drop)
     }
 
-    async fn account_bind(&self, tid: &str, user: &str) -> Result<()> {
-        self.tgtadm(&[
+    async fn account_bind(&self, tid: &str, user: &str, outgoing: bool) -> Result<()> {
+        let mut args = vec![
             "--mode", "account", "--op", "bind", "--tid", tid, "--user", user,
-        ])
-        .await
-        .map(drop)
+        ];
+        if outgoing {
+            args.push("--outgoing");
+        }
+        self.tgtadm(&args).await.map(drop)
     }
 
     async fn account_unbind(&self, tid: &str, user: &str, outgoing: bool) -> Result<()> {
@@ -504,17 +506,19 @@ impl TgtExporter {
 
         match self.accounts.add(chap).await? {
             AccountAdd::Created => {
-                let only_ours = cur.incoming_accounts.is_empty() && cur.outgoing_account.is_none();
-                if !only_ours {
+                let has_accounts =
+                    !cur.incoming_accounts.is_empty() || cur.outgoing_account.is_some();
+                if has_accounts {
                     self.close(&tid, acl).await?;
                     self.account_unbind_all(cur).await?;
                 }
-                self.account_bind(&tid, user).await?;
+                self.account_bind(&tid, user, false).await?;
             }
             AccountAdd::Exists => {
                 // tgt can't change a password: delete and re-create the
-                // account, re-binding it everywhere it was bound, with all
-                // those targets closed meanwhile.
+                // account, with every target using it closed meanwhile.
+                // The other targets get back exactly the accounts they had
+                // (all unbound first, so the re-binds leave no hole).
                 let sharers: Vec<&TgtTarget> = targets
                     .iter()
                     .filter(|t| t.tid != cur.tid && t.uses_account(user))
@@ -532,13 +536,10 @@ impl TgtExporter {
                     "tgt: re-keying CHAP account"
                 );
                 self.close(&tid, acl).await?;
-                let mut reopen = Vec::new();
                 for s in &sharers {
-                    let s_tid = s.tid.to_string();
                     let mut s_acl = s.acl.clone();
-                    self.close(&s_tid, &mut s_acl).await?;
+                    self.close(&s.tid.to_string(), &mut s_acl).await?;
                     self.account_unbind_all(s).await?;
-                    reopen.push((s_tid, s.acl.clone()));
                 }
                 self.account_unbind_all(cur).await?;
                 match self.account_delete(user).await {
@@ -551,21 +552,18 @@ impl TgtExporter {
                         self.tgtd()
                     )));
                 }
-                self.account_bind(&tid, user).await?;
-                for (s_tid, s_acl) in &reopen {
-                    self.account_bind(s_tid, user).await?;
-                    for entry in s_acl {
-                        self.acl_bind_entry(s_tid, entry).await?;
-                    }
-                }
+                self.account_bind(&tid, user, false).await?;
                 for s in &sharers {
-                    dropped.extend(
-                        s.incoming_accounts
-                            .iter()
-                            .chain(s.outgoing_account.iter())
-                            .filter(|u| *u != user)
-                            .cloned(),
-                    );
+                    let s_tid = s.tid.to_string();
+                    for u in &s.incoming_accounts {
+                        self.account_bind(&s_tid, u, false).await?;
+                    }
+                    if let Some(u) = &s.outgoing_account {
+                        self.account_bind(&s_tid, u, true).await?;
+                    }
+                    for entry in &s.acl {
+                        self.acl_bind_entry(&s_tid, entry).await?;
+                    }
                 }
             }
         }
