@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["pdisk/v1/pdisk.proto"];
+    let files = ["pdisk/v1/pdisk.proto", "agent/v1/agent.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -1,7 +1,13 @@
 //! Generated protobuf and gRPC code for Stratus.
 //!
-//! `pdisk::v1` is the persistent-disk service; the file descriptor set is
+//! `pdisk::v1` is the persistent-disk service, `agent::v1` the host agent; the file descriptor set is
 //! served by the daemons' reflection service so `grpcurl` needs no .proto.
+
+pub mod agent {
+    pub mod v1 {
+        tonic::include_proto!("agent.v1");
+    }
+}
 
 pub mod pdisk {
     pub mod v1 {
