@@ -1,0 +1,1 @@
+//! Taps and bridges: being written.
