@@ -1,8 +1,14 @@
 //! agent: the per-host daemon that runs QEMU/KVM guests for a Stratus cloud.
 //!
 //! Module map (see ARCHITECTURE.md for the invariants):
+//! - [`spec`]: validated guest specs, states, event types and causes;
+//! - [`store`]: guest records and the event journal, committed together;
+//! - [`vmm`]: QEMU command lines, launching, accelerator choice;
 //! - [`qmp`]: the QEMU Machine Protocol client (commands and events);
 //! - [`net`]: tap devices and bridges, by ioctl/netlink (no `ip` commands);
 
 pub mod net;
 pub mod qmp;
+pub mod spec;
+pub mod store;
+pub mod vmm;

@@ -1,0 +1,348 @@
+//! The agent's state: guest records and the event journal, in one redb
+//! database (`STATE_DIR/agent.redb`).
+//!
+//! A guest's new state and the events that announce it are written in the
+//! same transaction ([`AgentStore::commit`]), so after a crash the journal and
+//! the records never disagree, and sequence numbers are never reused: the
+//! last seq is stored with the events and the next one is always last + 1.
+//! Live subscribers are told only after the commit, so nobody sees an event
+//! that a crash could take back.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::spec::{Cause, EventType, VmSpec, VmState};
+use pdisk::error::{Error, Result};
+
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const LAST_SEQ: &str = "last_seq";
+
+/// A disk as attached to a running guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskAttachment {
+    /// vda, vdb, ...
+    pub device: String,
+    pub source: String,
+    /// The iscsi:// URL or the file path QEMU opened.
+    pub attachment: String,
+    pub read_only: bool,
+    /// For pdisk disks: the volume UUID, to unexport on stop.
+    pub pdisk_volume: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicAttachment {
+    pub tap: String,
+    pub bridge: String,
+    pub mac: String,
+    pub vlan: u16,
+}
+
+/// Facts about a guest's current QEMU, present while it is active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Runtime {
+    pub pid: u32,
+    pub qmp_socket: PathBuf,
+    pub disks: Vec<DiskAttachment>,
+    pub nics: Vec<NicAttachment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub uuid: Uuid,
+    pub spec: VmSpec,
+    pub state: VmState,
+    pub state_reason: String,
+    pub runtime: Option<Runtime>,
+    pub created_at: String,
+    pub last_event_seq: u64,
+}
+
+/// An event as journaled and streamed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time: String,
+    pub vm_uuid: Uuid,
+    pub vm_name: String,
+    pub kind: EventType,
+    pub state: VmState,
+    pub cause: Cause,
+    pub detail: String,
+}
+
+/// An event before it has a seq and a time.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: EventType,
+    pub cause: Cause,
+    pub detail: String,
+}
+
+impl NewEvent {
+    pub fn new(kind: EventType, cause: Cause, detail: impl Into<String>) -> Self {
+        NewEvent {
+            kind,
+            cause,
+            detail: detail.into(),
+        }
+    }
+}
+
+pub struct AgentStore {
+    db: Database,
+    /// Serializes commits so seqs are handed out in commit order.
+    commit_lock: Mutex<()>,
+    live: broadcast::Sender<Event>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b)
+        .map_err(|e| Error::internal(format!("agent store: corrupt {what} record: {e}")))
+}
+
+fn db_err(e: impl std::fmt::Display) -> Error {
+    Error::internal(format!("agent store: {e}"))
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+impl AgentStore {
+    pub fn open(dir: &Path) -> Result<AgentStore> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
+        let path = dir.join("agent.redb");
+        let db = Database::create(&path).map_err(db_err)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io(path.display(), e))?;
+        }
+        let tx = db.begin_write().map_err(db_err)?;
+        tx.open_table(VMS).map_err(db_err)?;
+        tx.open_table(EVENTS).map_err(db_err)?;
+        tx.open_table(META).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        let (live, _) = broadcast::channel(4096);
+        Ok(AgentStore {
+            db,
+            commit_lock: Mutex::new(()),
+            live,
+        })
+    }
+
+    /// Writes `vm` (when given) and appends `events` about it, atomically.
+    /// `vm.last_event_seq` is set to the last new seq. Returns the events.
+    pub fn commit(&self, vm: &mut VmRecord, events: &[NewEvent]) -> Result<Vec<Event>> {
+        self.commit_inner(Some(vm), None, events)
+    }
+
+    /// Removes the record of `vm` and appends its final events, atomically.
+    pub fn remove(&self, vm: &VmRecord, events: &[NewEvent]) -> Result<Vec<Event>> {
+        let mut copy = vm.clone();
+        self.commit_inner(None, Some(&mut copy), events)
+    }
+
+    fn commit_inner(
+        &self,
+        put: Option<&mut VmRecord>,
+        remove: Option<&mut VmRecord>,
+        events: &[NewEvent],
+    ) -> Result<Vec<Event>> {
+        let _g = self.commit_lock.lock().unwrap();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let mut out = Vec::with_capacity(events.len());
+        {
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            let mut seq = meta
+                .get(LAST_SEQ)
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let vm: &VmRecord = match (&put, &remove) {
+                (Some(v), _) => v,
+                (None, Some(v)) => v,
+                _ => unreachable!("commit of nothing"),
+            };
+            let mut journal = tx.open_table(EVENTS).map_err(db_err)?;
+            let time = now_rfc3339();
+            for e in events {
+                seq += 1;
+                let ev = Event {
+                    seq,
+                    time: time.clone(),
+                    vm_uuid: vm.uuid,
+                    vm_name: vm.spec.name.to_string(),
+                    kind: e.kind,
+                    state: vm.state,
+                    cause: e.cause,
+                    detail: e.detail.clone(),
+                };
+                journal
+                    .insert(seq, encode(&ev).as_slice())
+                    .map_err(db_err)?;
+                out.push(ev);
+            }
+            meta.insert(LAST_SEQ, seq).map_err(db_err)?;
+            let mut vms = tx.open_table(VMS).map_err(db_err)?;
+            if let Some(v) = put {
+                if !out.is_empty() {
+                    v.last_event_seq = seq;
+                }
+                vms.insert(v.uuid.to_string().as_str(), encode(&*v).as_slice())
+                    .map_err(db_err)?;
+            }
+            if let Some(v) = remove {
+                vms.remove(v.uuid.to_string().as_str()).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        for e in &out {
+            // No receivers is fine: the journal has it.
+            let _ = self.live.send(e.clone());
+        }
+        Ok(out)
+    }
+
+    pub fn vm(&self, uuid: Uuid) -> Result<Option<VmRecord>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(VMS).map_err(db_err)?;
+        let x = t.get(uuid.to_string().as_str()).map_err(db_err)?;
+        x.map(|v| decode("vm", v.value())).transpose()
+    }
+
+    /// Resolves a UUID or a name.
+    pub fn find_vm(&self, r: &str) -> Result<VmRecord> {
+        if let Ok(u) = Uuid::parse_str(r) {
+            if let Some(v) = self.vm(u)? {
+                return Ok(v);
+            }
+        }
+        self.vms()?
+            .into_iter()
+            .find(|v| v.spec.name.as_str() == r)
+            .ok_or_else(|| Error::not_found(format!("vm {r} not found")))
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRecord>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(VMS).map_err(db_err)?;
+        let mut out: Vec<VmRecord> = t
+            .iter()
+            .map_err(db_err)?
+            .map(|r| {
+                let (_, v) = r.map_err(db_err)?;
+                decode("vm", v.value())
+            })
+            .collect::<Result<_>>()?;
+        out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        Ok(out)
+    }
+
+    pub fn last_seq(&self) -> Result<u64> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(META).map_err(db_err)?;
+        let x = t.get(LAST_SEQ).map_err(db_err)?;
+        Ok(x.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Journaled events with seq > `since`, in order, at most `limit`.
+    pub fn events_since(&self, since: u64, limit: usize) -> Result<Vec<Event>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(EVENTS).map_err(db_err)?;
+        t.range(since.saturating_add(1)..)
+            .map_err(db_err)?
+            .take(limit)
+            .map(|r| {
+                let (_, v) = r.map_err(db_err)?;
+                decode("event", v.value())
+            })
+            .collect()
+    }
+
+    /// Live events, from the moment of the call.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.live.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::VmSpec;
+
+    fn record(name: &str) -> VmRecord {
+        VmRecord {
+            uuid: Uuid::new_v4(),
+            spec: VmSpec {
+                name: name.parse().unwrap(),
+                vcpus: 1,
+                memory: pdisk::types::ByteSize(64 << 20),
+                disks: vec![],
+                nics: vec![],
+                kernel: None,
+                labels: Default::default(),
+            },
+            state: VmState::Defined,
+            state_reason: String::new(),
+            runtime: None,
+            created_at: now_rfc3339(),
+            last_event_seq: 0,
+        }
+    }
+
+    #[test]
+    fn seqs_continue_across_reopen_and_state_travels_with_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vm = record("a");
+        {
+            let s = AgentStore::open(dir.path()).unwrap();
+            let evs = s
+                .commit(
+                    &mut vm,
+                    &[NewEvent::new(EventType::Created, Cause::Api, "")],
+                )
+                .unwrap();
+            assert_eq!(evs[0].seq, 1);
+            vm.state = VmState::Starting;
+            s.commit(
+                &mut vm,
+                &[
+                    NewEvent::new(EventType::Starting, Cause::Api, ""),
+                    NewEvent::new(EventType::DiskAttached, Cause::Api, "vda"),
+                ],
+            )
+            .unwrap();
+            assert_eq!(vm.last_event_seq, 3);
+        }
+        let s = AgentStore::open(dir.path()).unwrap();
+        assert_eq!(s.last_seq().unwrap(), 3);
+        let got = s.find_vm("a").unwrap();
+        assert_eq!(got.state, VmState::Starting);
+        assert_eq!(got.last_event_seq, 3);
+        let mut rx = s.subscribe();
+        vm.state = VmState::Destroyed;
+        s.remove(&vm, &[NewEvent::new(EventType::Destroyed, Cause::Api, "")])
+            .unwrap();
+        assert_eq!(rx.try_recv().unwrap().seq, 4);
+        assert!(s.find_vm("a").is_err());
+        let all = s.events_since(0, 100).unwrap();
+        let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        assert_eq!(s.events_since(2, 100).unwrap()[0].seq, 3);
+        assert_eq!(all[3].state, VmState::Destroyed);
+    }
+}

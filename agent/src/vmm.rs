@@ -1,0 +1,432 @@
+//! QEMU processes: the accelerator choice, the command line, launching,
+//! and finding a guest's process again.
+//!
+//! Every guest is one `qemu-system-x86_64` started with `-daemonize`, so it
+//! belongs to init, not to agentd: guests keep running when agentd stops or
+//! crashes, and agentd re-adopts them through their pid file and QMP socket.
+//! Disks are `-blockdev` nodes written as JSON (no comma-escaping of paths)
+//! behind `virtio-blk-pci`; NICs are `virtio-net-pci` on taps that agentd
+//! made; CHAP secrets reach QEMU through `-object secret,file=`, never argv.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use pdisk::error::{Error, Result};
+use pdisk::runner::{Cmd, CommandRunner};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Picks the accelerator: KVM only when the CPU advertises vmx/svm and
+/// /dev/kvm opens (a /dev/kvm without the CPU flags hangs guests). Returns
+/// the choice and the reason, for the logs and GetHost.
+pub fn choose_accel(choice: AccelChoice) -> (Accel, String) {
+    let cpu_flags = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")))
+        })
+        .unwrap_or(false);
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    match choice {
+        AccelChoice::Tcg => (Accel::Tcg, "tcg requested".into()),
+        AccelChoice::Kvm => (Accel::Kvm, "kvm requested".into()),
+        AccelChoice::Auto if cpu_flags && dev => {
+            (Accel::Kvm, "CPU has vmx/svm and /dev/kvm opens".into())
+        }
+        AccelChoice::Auto => (
+            Accel::Tcg,
+            format!(
+                "no KVM: CPU virtualization flags {}, /dev/kvm {}",
+                if cpu_flags { "present" } else { "absent" },
+                if dev { "opens" } else { "does not open" }
+            ),
+        ),
+    }
+}
+
+/// `qemu-system-x86_64 --version`'s first line, e.g. "7.2.22".
+pub async fn qemu_version(runner: &dyn CommandRunner) -> String {
+    match runner.run(&Cmd::new(QEMU).arg("--version")).await {
+        Ok(o) if o.success() => o
+            .stdout
+            .split_whitespace()
+            .nth(3)
+            .unwrap_or("unknown")
+            .to_string(),
+        _ => "unavailable".into(),
+    }
+}
+
+/// How QEMU reaches one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskBackend {
+    Iscsi {
+        portal: String,
+        target: String,
+        lun: u32,
+        initiator: String,
+        /// (user, file holding the secret)
+        chap: Option<(String, PathBuf)>,
+    },
+    File {
+        path: PathBuf,
+        /// "raw" or "qcow2"
+        format: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedDisk {
+    /// vda, vdb, ...: also the blockdev node name.
+    pub device: String,
+    pub backend: DiskBackend,
+    pub read_only: bool,
+    pub boot_index: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedNic {
+    pub tap: String,
+    pub mac: String,
+}
+
+/// Everything needed to start one guest.
+#[derive(Debug, Clone)]
+pub struct LaunchPlan {
+    pub uuid: Uuid,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accel,
+    pub disks: Vec<PlannedDisk>,
+    pub nics: Vec<PlannedNic>,
+    pub kernel: Option<crate::spec::KernelBoot>,
+    /// The guest's directory: QMP socket, pid file, console log.
+    pub dir: PathBuf,
+    /// Use io_uring for file disks (QEMU built with it).
+    pub io_uring: bool,
+}
+
+impl LaunchPlan {
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// The full QEMU command line (without the program).
+    pub fn argv(&self) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |x: &[&str]| a.extend(x.iter().map(|s| s.to_string()));
+        push(&["-name", &format!("guest={},debug-threads=on", self.name)]);
+        push(&["-uuid", &self.uuid.to_string()]);
+        push(&["-machine", &format!("q35,accel={}", self.accel.name())]);
+        if self.accel == Accel::Kvm {
+            push(&["-cpu", "host"]);
+        }
+        push(&["-smp", &self.vcpus.to_string()]);
+        push(&["-m", &format!("{}M", self.memory_mib)]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+        push(&[
+            "-chardev",
+            &format!("file,id=serial0,path={}", self.console_log().display()),
+            "-serial",
+            "chardev:serial0",
+        ]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
+        ]);
+        // A panic device turns guest panics into GUEST_PANICKED events.
+        push(&["-device", "pvpanic"]);
+        for d in &self.disks {
+            let node = &d.device;
+            let blockdev = match &d.backend {
+                DiskBackend::Iscsi {
+                    portal,
+                    target,
+                    lun,
+                    initiator,
+                    chap,
+                } => {
+                    let mut v = json!({
+                        "driver": "iscsi",
+                        "node-name": node,
+                        "transport": "tcp",
+                        "portal": portal,
+                        "target": target,
+                        "lun": lun,
+                        "initiator-name": initiator,
+                        "cache": {"direct": true},
+                        "read-only": d.read_only,
+                    });
+                    if let Some((user, file)) = chap {
+                        let id = format!("chap-{node}");
+                        push(&[
+                            "-object",
+                            &format!("secret,id={id},file={},format=raw", file.display()),
+                        ]);
+                        v["user"] = json!(user);
+                        v["password-secret"] = json!(id);
+                    }
+                    v
+                }
+                DiskBackend::File { path, format } => json!({
+                    "driver": format,
+                    "node-name": node,
+                    "read-only": d.read_only,
+                    "file": {
+                        "driver": "file",
+                        "filename": path,
+                        "aio": if self.io_uring { "io_uring" } else { "threads" },
+                        "cache": {"direct": false},
+                    },
+                }),
+            };
+            push(&["-blockdev", &blockdev.to_string()]);
+            let mut dev = format!("virtio-blk-pci,drive={node},id={node}-dev");
+            if d.boot_index > 0 {
+                dev.push_str(&format!(",bootindex={}", d.boot_index));
+            }
+            push(&["-device", &dev]);
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            push(&[
+                "-netdev",
+                &format!("tap,id=net{i},ifname={},script=no,downscript=no", n.tap),
+                "-device",
+                &format!("virtio-net-pci,netdev=net{i},mac={},id=net{i}-dev", n.mac),
+            ]);
+        }
+        if let Some(k) = &self.kernel {
+            push(&["-kernel", &k.kernel.display().to_string()]);
+            if let Some(i) = &k.initrd {
+                push(&["-initrd", &i.display().to_string()]);
+            }
+            if !k.cmdline.is_empty() {
+                push(&["-append", &k.cmdline]);
+            }
+        }
+        push(&[
+            "-pidfile",
+            &self.pidfile().display().to_string(),
+            "-daemonize",
+        ]);
+        a
+    }
+}
+
+/// Launches QEMU and returns its pid. On failure the error carries QEMU's
+/// own message (its stderr before it daemonized).
+pub async fn launch(runner: &dyn CommandRunner, plan: &LaunchPlan) -> Result<u32> {
+    std::fs::create_dir_all(&plan.dir).map_err(|e| Error::io(plan.dir.display(), e))?;
+    let _ = std::fs::remove_file(plan.qmp_socket());
+    let _ = std::fs::remove_file(plan.pidfile());
+    let cmd = Cmd::new(QEMU)
+        .args(plan.argv())
+        .timeout(Duration::from_secs(120));
+    let out = runner.run(&cmd).await?;
+    if !out.success() {
+        let msg: Vec<&str> = out
+            .stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        return Err(Error::precondition(format!(
+            "QEMU failed to start guest {}: {}",
+            plan.name,
+            if msg.is_empty() {
+                format!("exit status {}", out.status)
+            } else {
+                msg.join("; ")
+            }
+        )));
+    }
+    read_pid(&plan.pidfile())?.ok_or_else(|| {
+        Error::internal(format!(
+            "QEMU started guest {} but wrote no pid file",
+            plan.name
+        ))
+    })
+}
+
+pub fn read_pid(pidfile: &Path) -> Result<Option<u32>> {
+    match std::fs::read_to_string(pidfile) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::internal(format!("bad pid file {}", pidfile.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(pidfile.display(), e)),
+    }
+}
+
+/// True when `pid` is a live (not zombie) QEMU running guest `uuid`: the
+/// pid alone could have been reused after a reboot.
+pub fn is_our_qemu(pid: u32, uuid: Uuid) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Field 3, after the parenthesised comm, is the state.
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.trim_start()) {
+            if rest.starts_with('Z') || rest.starts_with('X') {
+                return false;
+            }
+        }
+    }
+    let needle = uuid.to_string();
+    cmdline
+        .split(|&b| b == 0)
+        .any(|arg| arg == needle.as_bytes())
+}
+
+/// Sends `sig` to `pid`; Ok when it is already gone.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) with a positive pid only signals that process; a
+    // failure (ESRCH: already gone) is harmless and ignored.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// Waits until `pid` no longer runs guest `uuid`, up to `limit`.
+pub async fn wait_gone(pid: u32, uuid: Uuid, limit: Duration) -> bool {
+    let start = std::time::Instant::now();
+    while is_our_qemu(pid, uuid) {
+        if start.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Detects whether QEMU's file driver accepts aio=io_uring here, by opening
+/// /dev/null through qemu-img (same block layer as qemu-system).
+pub async fn io_uring_supported(runner: &dyn CommandRunner) -> bool {
+    let cmd = Cmd::new("qemu-img")
+        .args([
+            "info",
+            "--image-opts",
+            "driver=raw,file.driver=file,file.filename=/dev/null,file.aio=io_uring",
+        ])
+        .timeout(Duration::from_secs(10));
+    matches!(runner.run(&cmd).await, Ok(o) if o.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan() -> LaunchPlan {
+        LaunchPlan {
+            uuid: Uuid::nil(),
+            name: "web1".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            accel: Accel::Tcg,
+            disks: vec![
+                PlannedDisk {
+                    device: "vda".into(),
+                    backend: DiskBackend::Iscsi {
+                        portal: "127.0.0.1:3260".into(),
+                        target: "iqn.2026-11.io.stratus.pdisk:x".into(),
+                        lun: 1,
+                        initiator: "iqn.2026-11.io.stratus:host".into(),
+                        chap: Some(("vm1".into(), "/s/vm/chap-vda".into())),
+                    },
+                    read_only: false,
+                    boot_index: 1,
+                },
+                PlannedDisk {
+                    device: "vdb".into(),
+                    backend: DiskBackend::File {
+                        path: "/images/a,b.qcow2".into(),
+                        format: "qcow2".into(),
+                    },
+                    read_only: true,
+                    boot_index: 0,
+                },
+            ],
+            nics: vec![PlannedNic {
+                tap: "st00000000n0".into(),
+                mac: "52:54:00:12:34:56".into(),
+            }],
+            kernel: None,
+            dir: "/s/vm".into(),
+            io_uring: true,
+        }
+    }
+
+    #[test]
+    fn command_line_uses_virtio_blockdev_and_secret_objects() {
+        let a = plan().argv();
+        let line = a.join(" ");
+        assert!(line.contains("-machine q35,accel=tcg"));
+        assert!(line.contains("-object secret,id=chap-vda,file=/s/vm/chap-vda,format=raw"));
+        assert!(line.contains("\"password-secret\":\"chap-vda\""));
+        assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1"));
+        assert!(line.contains("virtio-blk-pci,drive=vdb,id=vdb-dev"));
+        assert!(line.contains("\"aio\":\"io_uring\""));
+        assert!(line.contains("tap,id=net0,ifname=st00000000n0,script=no,downscript=no"));
+        assert!(line.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"));
+        assert!(line.ends_with("-pidfile /s/vm/qemu.pid -daemonize"));
+        // A comma in a path cannot break out of the JSON blockdev.
+        let bd = a.iter().find(|x| x.contains("a,b.qcow2")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+        assert_eq!(v["file"]["filename"], "/images/a,b.qcow2");
+        assert_eq!(v["read-only"], true);
+    }
+
+    #[test]
+    fn accel_choice_is_explained() {
+        let (a, why) = choose_accel(AccelChoice::Tcg);
+        assert_eq!(a, Accel::Tcg);
+        assert!(!why.is_empty());
+        let (_, why) = choose_accel(AccelChoice::Auto);
+        assert!(!why.is_empty());
+    }
+
+    #[test]
+    fn our_own_process_is_not_a_guest() {
+        assert!(!is_our_qemu(std::process::id(), Uuid::new_v4()));
+        assert!(!is_our_qemu(u32::MAX - 1, Uuid::new_v4()));
+    }
+}
