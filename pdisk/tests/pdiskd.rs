@@ -1,13 +1,11 @@
 //! pdiskd end to end: real tgtd, real XFS reflink pool on a loop device, real
 //! pdiskd process, QEMU's iSCSI initiator. Run by scripts/test (needs root).
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
-use common::*;
 use stratus_proto::pdisk::v1 as pb;
+use testkit::*;
 use tonic::Code;
 
 const IGNORE: &str = "needs root, loop devices and tgtd: run by scripts/test";

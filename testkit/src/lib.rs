@@ -4,7 +4,8 @@
 //! Every piece has a drop guard that tears it down even when the test fails,
 //! and takes its own ports and directories, so tests run in parallel.
 //! These tests need root; they are `#[ignore]`d and run by `scripts/test`.
-#![allow(dead_code)]
+//! Binaries are taken from the workspace's target directory (`bin`), so run
+//! `cargo build --workspace` first; `scripts/test` does.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,23 @@ pub const INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-a";
 pub const OTHER_INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-b";
 
 pub type Client = VolumeServiceClient<Channel>;
+
+/// Path of a workspace binary of the profile the tests were built with.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let p = profile_dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        p.display()
+    );
+    p
+}
 
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -69,6 +87,108 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+static NEXT_NS: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace of the test's own, with loopback up. Processes
+/// started through [`NetNs::command`] live in it; [`NetNs::block_on`] runs
+/// async client code whose sockets are created inside it. Deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        require_root();
+        let name = format!(
+            "stratus-t{}-{}",
+            std::process::id(),
+            NEXT_NS.fetch_add(1, Ordering::SeqCst)
+        );
+        run_ok("ip", &["netns", "add", &name]);
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NS ARGS...`, asserting success.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        run_ok("ip", &a)
+    }
+
+    /// A bridge inside the namespace, up.
+    pub fn add_bridge(&self, name: &str) {
+        self.ip(&["link", "add", name, "type", "bridge"]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+
+    pub fn link_exists(&self, name: &str) -> bool {
+        run("ip", &["-n", &self.name, "link", "show", name])
+            .status
+            .success()
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    /// Moves the calling thread into the namespace.
+    pub fn enter_this_thread(&self) {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.name)).unwrap();
+        // SAFETY: setns on an open namespace fd only changes this thread's
+        // network namespace.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+
+    /// Runs `f` on a fresh thread inside the namespace, on a current-thread
+    /// runtime, so every socket it opens belongs to the namespace.
+    pub fn block_on<F, Fut>(&self, f: F) -> Fut::Output
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future,
+        Fut::Output: Send + 'static,
+    {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            NetNs { name }.enter_without_drop();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    fn enter_without_drop(self) {
+        self.enter_this_thread();
+        std::mem::forget(self);
+    }
+
+    /// True when a TCP connect to `addr` succeeds from inside the namespace.
+    pub fn can_connect(&self, addr: SocketAddr) -> bool {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            NetNs { name }.enter_without_drop();
+            std::net::TcpStream::connect(addr).is_ok()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
 /// An XFS filesystem with reflink on a loop device, mounted in a temp dir.
 pub struct XfsPool {
     pub dir: tempfile::TempDir,
@@ -115,10 +235,16 @@ pub struct Tgtd {
     pub portal_port: u16,
     child: Option<Child>,
     log: PathBuf,
+    netns: Option<String>,
 }
 
 impl Tgtd {
     pub fn start(log_dir: &Path) -> Tgtd {
+        Self::start_in(log_dir, None)
+    }
+
+    /// Starts tgtd inside `netns` (its portal then lives there).
+    pub fn start_in(log_dir: &Path, netns: Option<&NetNs>) -> Tgtd {
         require_root();
         // Control ports are small integers (tgt keeps them in a short);
         // spread by pid so parallel test binaries do not collide, and skip
@@ -136,6 +262,7 @@ impl Tgtd {
             portal_port: free_port(),
             child: None,
             log: log_dir.join(format!("tgtd-{control_port}.log")),
+            netns: netns.map(|n| n.name.clone()),
         };
         t.spawn();
         t
@@ -143,7 +270,15 @@ impl Tgtd {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new("tgtd")
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "tgtd"]);
+                c
+            }
+            None => Command::new("tgtd"),
+        };
+        let child = cmd
             .args([
                 "-f",
                 "-C",
@@ -217,10 +352,16 @@ pub struct Pdiskd {
     pub log: PathBuf,
     args: Vec<String>,
     child: Option<Child>,
+    netns: Option<String>,
 }
 
 impl Pdiskd {
     pub fn start(pool: &XfsPool, tgtd: &Tgtd) -> Pdiskd {
+        Self::start_in(pool, tgtd, None)
+    }
+
+    /// Starts pdiskd inside `netns`.
+    pub fn start_in(pool: &XfsPool, tgtd: &Tgtd, netns: Option<&NetNs>) -> Pdiskd {
         let data_dir = pool.dir.path().join("data");
         let pool_dir = pool.mnt.join("pool");
         let import_dir = pool.mnt.join("import");
@@ -252,6 +393,7 @@ impl Pdiskd {
             log: pool.dir.path().join("pdiskd.log"),
             args,
             child: None,
+            netns: netns.map(|n| n.name.clone()),
         };
         d.spawn();
         d
@@ -263,7 +405,15 @@ impl Pdiskd {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pdiskd"))
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("pdiskd"));
+                c
+            }
+            None => Command::new(bin("pdiskd")),
+        };
+        let child = cmd
             .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
@@ -272,6 +422,7 @@ impl Pdiskd {
         self.child = Some(child);
         let addr = self.listen;
         let log = self.log.clone();
+        let ns = self.netns.clone().map(|name| NetNs { name });
         let child = self.child.as_mut().unwrap();
         wait_for("pdiskd to listen", Duration::from_secs(30), || {
             if let Ok(Some(status)) = child.try_wait() {
@@ -280,8 +431,16 @@ impl Pdiskd {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            std::net::TcpStream::connect(addr).ok().map(|_| ())
+            let up = match &ns {
+                Some(ns) => ns.can_connect(addr),
+                None => std::net::TcpStream::connect(addr).is_ok(),
+            };
+            up.then_some(())
         });
+        // Not ours to delete: the namespace belongs to the test.
+        if let Some(ns) = ns {
+            std::mem::forget(ns);
+        }
     }
 
     pub fn url(&self) -> String {
@@ -311,7 +470,7 @@ impl Pdiskd {
 
     /// Runs the `pdisk` CLI against this server.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_pdisk"))
+        Command::new(bin("pdisk"))
             .arg("--server")
             .arg(self.url())
             .args(args)
