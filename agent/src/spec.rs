@@ -111,7 +111,7 @@ impl VmSpec {
                 self.name, self.vcpus
             )));
         }
-        if self.memory.0 < MIN_MEMORY || self.memory.0 % MIB != 0 {
+        if self.memory.0 < MIN_MEMORY || !self.memory.0.is_multiple_of(MIB) {
             return Err(Error::invalid(format!(
                 "vm {}: memory must be a whole number of MiB, at least 16M (got {})",
                 self.name, self.memory

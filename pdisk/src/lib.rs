@@ -8,9 +8,12 @@
 //! - [`export`]: how volumes reach initiators (tgt; LIO later);
 //! - [`store`]: the transactional metadata store, source of truth for intent;
 //! - [`service`]: the gRPC VolumeService tying them together;
-//! - [`config`]: daemon settings from flags and TOML.
+//! - [`config`]: daemon settings from flags and TOML;
+//! - [`cli`]: plumbing shared by the `pdisk` and `agentctl` CLIs (tables,
+//!   one-line errors, exit codes, JSON errors).
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;

@@ -97,6 +97,8 @@ pub struct NetNs {
 }
 
 impl NetNs {
+    // Not Default: creating one changes the host (a new namespace).
+    #[allow(clippy::new_without_default)]
     pub fn new() -> NetNs {
         require_root();
         let name = format!(
@@ -173,14 +175,19 @@ impl NetNs {
 
     /// True when a TCP connect to `addr` succeeds from inside the namespace.
     pub fn can_connect(&self, addr: SocketAddr) -> bool {
-        let name = self.name.clone();
-        std::thread::spawn(move || {
-            NetNs { name }.enter_without_drop();
-            std::net::TcpStream::connect(addr).is_ok()
-        })
-        .join()
-        .unwrap()
+        can_connect_in(&self.name, addr)
     }
+}
+
+/// True when a TCP connect to `addr` succeeds from inside namespace `name`.
+pub fn can_connect_in(name: &str, addr: SocketAddr) -> bool {
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        NetNs { name }.enter_without_drop();
+        std::net::TcpStream::connect(addr).is_ok()
+    })
+    .join()
+    .unwrap()
 }
 
 impl Drop for NetNs {
@@ -422,7 +429,7 @@ impl Pdiskd {
         self.child = Some(child);
         let addr = self.listen;
         let log = self.log.clone();
-        let ns = self.netns.clone().map(|name| NetNs { name });
+        let ns = self.netns.clone();
         let child = self.child.as_mut().unwrap();
         wait_for("pdiskd to listen", Duration::from_secs(30), || {
             if let Ok(Some(status)) = child.try_wait() {
@@ -432,15 +439,11 @@ impl Pdiskd {
                 );
             }
             let up = match &ns {
-                Some(ns) => ns.can_connect(addr),
+                Some(ns) => can_connect_in(ns, addr),
                 None => std::net::TcpStream::connect(addr).is_ok(),
             };
             up.then_some(())
         });
-        // Not ours to delete: the namespace belongs to the test.
-        if let Some(ns) = ns {
-            std::mem::forget(ns);
-        }
     }
 
     pub fn url(&self) -> String {
@@ -602,4 +605,164 @@ impl Stack {
     pub fn initiator(&self, target: &str, name: &str) -> Initiator {
         Initiator::new(&self.tgtd.portal(), target, name)
     }
+}
+
+/// A running agentd inside a test namespace.
+pub struct Agentd {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    child: Option<Child>,
+    netns: String,
+}
+
+impl Agentd {
+    /// Starts agentd in `ns` with its state under `dir`, talking to pdiskd at
+    /// `pdisk_url`, with `bridge` as the default bridge.
+    pub fn start_in(dir: &Path, ns: &NetNs, pdisk_url: &str, bridge: &str) -> Agentd {
+        let state_dir = dir.join("agent");
+        let listen: SocketAddr = "127.0.0.1:7401".parse().unwrap();
+        let args = vec![
+            "--listen".to_string(),
+            listen.to_string(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--pdisk".into(),
+            pdisk_url.into(),
+            "--bridge".into(),
+            bridge.into(),
+            "--accel".into(),
+            "tcg".into(),
+            "--initiator-iqn".into(),
+            INITIATOR.into(),
+            "--cpu-overcommit".into(),
+            "32".into(),
+            "--log-level".into(),
+            "agent=debug,pdisk=debug,info".into(),
+        ];
+        let mut a = Agentd {
+            listen,
+            state_dir,
+            log: dir.join("agentd.log"),
+            args,
+            child: None,
+            netns: ns.name.clone(),
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(bin("agentd"))
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let ns = self.netns.clone();
+        let addr = self.listen;
+        let log = self.log.clone();
+        let child = self.child.as_mut().unwrap();
+        wait_for("agentd to listen", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "agentd exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            can_connect_in(&ns, addr).then_some(())
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// SIGKILL, as in a crash. Guests keep running.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Pids of the guests' QEMUs, from their pid files.
+    pub fn guest_pids(&self) -> Vec<u32> {
+        let Ok(dirs) = std::fs::read_dir(self.state_dir.join("vms")) else {
+            return Vec::new();
+        };
+        dirs.flatten()
+            .filter_map(|d| std::fs::read_to_string(d.path().join("qemu.pid")).ok())
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    }
+
+    /// Runs agentctl against this agent, inside the namespace.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(bin("agentctl"))
+            .arg("--agent")
+            .arg(self.url())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Agentd {
+    fn drop(&mut self) {
+        self.kill9();
+        // Guests are daemonized and outlive agentd by design: end them here.
+        for pid in self.guest_pids() {
+            // SAFETY: signals a pid read from a guest's pid file of this test.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("---- agentd log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// Where `scripts/guest-image` put the test guest (STRATUS_GUEST_DIR or
+/// `var/guest` in the workspace).
+pub fn guest_dir() -> PathBuf {
+    let dir = match std::env::var_os("STRATUS_GUEST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../var/guest"),
+    };
+    assert!(
+        dir.join("stratus-guest.raw").exists(),
+        "no test guest in {}: run scripts/guest-image",
+        dir.display()
+    );
+    dir
+}
+
+/// Waits for a line containing `needle` in a guest's console log.
+pub fn wait_console(path: &Path, needle: &str, limit: Duration) -> String {
+    wait_for(&format!("{needle:?} on {}", path.display()), limit, || {
+        let text = std::fs::read_to_string(path).ok()?;
+        text.contains(needle).then_some(text)
+    })
 }

@@ -1,1 +1,393 @@
-fn main() {}
+//! `agentctl`: the operator's command-line client for agentd, the agent that
+//! runs the guests of one host.
+//!
+//! A thin shell over the agent.v1 gRPC API, with the same conventions as the
+//! `pdisk` CLI (shared in [`pdisk::cli`]): a global `--json`, one stderr line
+//! per failure and exit status 1 or 2. [`args`] parses and validates the
+//! command line; the handlers here connect and make the call; [`render`]
+//! prints the result as text or JSON; [`console`] reads serial logs, which
+//! are files on this host, the agent's.
+
+#[path = "agentctl_cli/args.rs"]
+mod args;
+#[path = "agentctl_cli/console.rs"]
+mod console;
+#[path = "agentctl_cli/render.rs"]
+mod render;
+
+use std::future::Future;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pdisk::cli::{self, write_stdout, Failure, Remote};
+use serde_json::{json, Value};
+use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
+use stratus_proto::agent::v1::{
+    CreateVmRequest, DestroyVmRequest, GetHostRequest, ListVmsRequest, StopVmRequest, Vm,
+    VmRequest, VmState, WatchEventsRequest,
+};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tonic::transport::Channel;
+
+use args::{Cli, Command, EventsArgs, HostCommand, VmCommand};
+use console::{Tail, Utf8Chunks};
+use pdisk::cli::args::Ref;
+
+/// The name that prefixes every error line.
+const PROGRAM: &str = "agentctl";
+
+/// How failures name the server.
+const SERVER: &str = "the agent";
+
+/// How often `vm console --follow` looks for new output, and how often it
+/// asks whether the VM still runs.
+const CONSOLE_POLL: Duration = Duration::from_millis(200);
+const STATE_POLL: Duration = Duration::from_secs(1);
+
+type Client = VmServiceClient<Channel>;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => cli::usage_exit(err),
+    };
+    let ctx = Ctx {
+        remote: Remote::new(SERVER, &cli.agent),
+        json: cli.json,
+        spinners: !cli.json && std::io::stderr().is_terminal(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let failure = Failure::Local(format!("cannot start: {e}"));
+            return cli::report(PROGRAM, &failure, ctx.json);
+        }
+    };
+    match runtime.block_on(run(&ctx, cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => cli::report(PROGRAM, &failure, ctx.json),
+    }
+}
+
+/// What every handler needs: where the agent is and how to print.
+struct Ctx {
+    remote: Remote,
+    json: bool,
+    /// Draw spinners: stderr is a terminal and the output is not JSON.
+    spinners: bool,
+}
+
+impl Ctx {
+    /// Connects; called by each handler only after its local checks passed.
+    async fn connect(&self) -> Result<Client, Failure> {
+        Ok(VmServiceClient::new(self.remote.connect().await?))
+    }
+
+    fn answer<T>(&self, r: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Failure> {
+        self.remote.answer(r)
+    }
+
+    /// Prints the result: `json` with --json, else the human form.
+    fn print(&self, json: Value, human: impl FnOnce() -> String) -> Result<(), Failure> {
+        if self.json {
+            write_stdout(&format!("{json:#}\n"))
+        } else {
+            write_stdout(&human())
+        }
+    }
+
+    fn print_vm(&self, v: &Vm) -> Result<(), Failure> {
+        self.print(render::vm_json(v), || render::vm_view(v))
+    }
+
+    /// Awaits `call` under a spinner on stderr (when spinners are on): the
+    /// agent answers start, stop and destroy only once the guest got there.
+    async fn waiting<F: Future>(&self, message: String, call: F) -> F::Output {
+        if !self.spinners {
+            return call.await;
+        }
+        let spinner = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        spinner.set_style(
+            ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        spinner.set_message(message);
+        spinner.enable_steady_tick(Duration::from_millis(120));
+        let out = call.await;
+        spinner.finish_and_clear();
+        out
+    }
+}
+
+async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
+    // A malformed --agent is a usage error, whatever the command.
+    ctx.remote.endpoint()?;
+    match command {
+        Command::Vm(c) => vm(ctx, c).await,
+        Command::Events(a) => events(ctx, a).await,
+        Command::Host(HostCommand::Show) => {
+            let host = ctx.answer(ctx.connect().await?.get_host(GetHostRequest {}).await)?;
+            ctx.print(render::host_json(&host), || render::host_view(&host))
+        }
+    }
+}
+
+fn request(vm: &Ref) -> VmRequest {
+    VmRequest { vm: vm.to_string() }
+}
+
+async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
+    match command {
+        VmCommand::Create(a) => {
+            let cwd = std::env::current_dir().map_err(|e| {
+                Failure::Local(format!(
+                    "cannot resolve relative paths: no working directory: {e}"
+                ))
+            })?;
+            let spec = a.spec(&cwd).map_err(Failure::Usage)?;
+            let request = CreateVmRequest { spec: Some(spec) };
+            let v = ctx.answer(ctx.connect().await?.create_vm(request).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Start { vm } => {
+            let mut client = ctx.connect().await?;
+            let call = client.start_vm(request(&vm));
+            let v = ctx.answer(ctx.waiting(format!("starting {vm}"), call).await)?;
+            if v.state == VmState::Error as i32 {
+                let reason = if v.state_reason.is_empty() {
+                    "the agent gave no reason"
+                } else {
+                    &v.state_reason
+                };
+                return Err(Failure::Local(format!(
+                    "vm {} did not start: {reason}",
+                    v.name
+                )));
+            }
+            ctx.print_vm(&v)
+        }
+        VmCommand::Stop { vm, timeout, force } => {
+            let mut client = ctx.connect().await?;
+            let call = client.stop_vm(StopVmRequest {
+                vm: vm.to_string(),
+                timeout_seconds: timeout,
+                force,
+            });
+            let v = ctx.answer(ctx.waiting(format!("stopping {vm}"), call).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Reboot { vm } => {
+            let v = ctx.answer(ctx.connect().await?.reboot_vm(request(&vm)).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Pause { vm } => {
+            let v = ctx.answer(ctx.connect().await?.pause_vm(request(&vm)).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Resume { vm } => {
+            let v = ctx.answer(ctx.connect().await?.resume_vm(request(&vm)).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Destroy { vm, timeout } => {
+            let mut client = ctx.connect().await?;
+            let call = client.destroy_vm(DestroyVmRequest {
+                vm: vm.to_string(),
+                timeout_seconds: timeout,
+            });
+            ctx.answer(ctx.waiting(format!("destroying {vm}"), call).await)?;
+            ctx.print(json!({ "vm": vm.as_str(), "destroyed": true }), || {
+                format!("Destroyed vm {vm}.\n")
+            })
+        }
+        VmCommand::Show { vm } => {
+            let v = ctx.answer(ctx.connect().await?.get_vm(request(&vm)).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::List => {
+            let vs = ctx
+                .answer(ctx.connect().await?.list_vms(ListVmsRequest {}).await)?
+                .vms;
+            ctx.print(render::vms_json(&vs), || render::vms_table(&vs))
+        }
+        VmCommand::Console { vm, follow } => console(ctx, &vm, follow).await,
+    }
+}
+
+/// SIGINT as a stream, so that Ctrl-C ends a `--follow` cleanly (exit 0,
+/// output flushed) instead of killing the process mid-write.
+fn interrupts() -> Result<Signal, Failure> {
+    signal(SignalKind::interrupt())
+        .map_err(|e| Failure::Local(format!("cannot watch for Ctrl-C: {e}")))
+}
+
+/// Writes one piece of a stream; `Ok(false)` when nobody reads stdout any
+/// more (`agentctl events --follow | head`): time to stop, successfully.
+fn emit(bytes: &[u8]) -> Result<bool, Failure> {
+    match cli::try_write_stdout(bytes) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Failure::Local(format!("cannot write the output: {e}"))),
+    }
+}
+
+async fn events(ctx: &Ctx, a: EventsArgs) -> Result<(), Failure> {
+    let request = WatchEventsRequest {
+        since_seq: a.since,
+        vm: a.vm.map(String::from).unwrap_or_default(),
+        no_follow: !a.follow,
+    };
+    let mut interrupted = interrupts()?;
+    let mut client = ctx.connect().await?;
+    let mut stream = ctx.answer(client.watch_events(request).await)?;
+    let mut last = a.since;
+    loop {
+        let message = tokio::select! {
+            _ = interrupted.recv() => return Ok(()),
+            m = stream.message() => m.map_err(|s| ctx.remote.failure(s))?,
+        };
+        let Some(event) = message else {
+            if !a.follow {
+                return Ok(());
+            }
+            // A live stream ends only when the agent goes away.
+            return Err(Failure::Local(format!(
+                "{SERVER} at {} ended the event stream; resume with --since {last}",
+                ctx.remote.url()
+            )));
+        };
+        last = event.seq;
+        let line = if ctx.json {
+            format!("{}\n", render::event_json(&event))
+        } else {
+            render::event_line(&event)
+        };
+        if !emit(line.as_bytes())? {
+            return Ok(());
+        }
+    }
+}
+
+/// Prints a console log as it comes: the bytes as they are, or with --json
+/// one JSON line `{"vm", "console_log", "text"}` per batch.
+struct ConsoleOut {
+    json: bool,
+    vm: String,
+    path: String,
+    text: Utf8Chunks,
+}
+
+impl ConsoleOut {
+    /// Prints what was appended to the log since the last call. The first
+    /// call must be able to read the file; later ones take a vanished file
+    /// as no news (the VM is being destroyed, which the state poll notices).
+    /// With --json, an empty batch prints only on the first call, so a
+    /// script always gets an object. `Ok(false)`: stdout was closed.
+    fn drain(&mut self, tail: &mut Tail, first: bool) -> Result<bool, Failure> {
+        let mut text = String::new();
+        loop {
+            let piece = match tail.read() {
+                Ok(piece) => piece,
+                Err(e) if !first && e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(unreadable(&self.vm, tail.path(), &e)),
+            };
+            if piece.is_empty() {
+                break;
+            }
+            if self.json {
+                text.push_str(&self.text.push(&piece));
+            } else if !emit(&piece)? {
+                return Ok(false);
+            }
+        }
+        if self.json && (first || !text.is_empty()) {
+            return self.emit_json(text);
+        }
+        Ok(true)
+    }
+
+    /// Ends the output: a character cut short at the very end, replaced.
+    fn finish(&mut self) -> Result<(), Failure> {
+        let rest = self.text.finish();
+        if self.json && !rest.is_empty() {
+            self.emit_json(rest)?;
+        }
+        Ok(())
+    }
+
+    fn emit_json(&self, text: String) -> Result<bool, Failure> {
+        let line = json!({ "vm": self.vm, "console_log": self.path, "text": text });
+        emit(format!("{line}\n").as_bytes())
+    }
+}
+
+fn unreadable(vm: &str, path: &Path, e: &std::io::Error) -> Failure {
+    let hint = match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            "; agentctl reads the file itself, so run it on the agent's host"
+        }
+        std::io::ErrorKind::PermissionDenied => "; run agentctl as a user who may read it",
+        _ => "",
+    };
+    Failure::Local(format!(
+        "cannot read the console log of vm {vm} at {}: {e}{hint}",
+        path.display()
+    ))
+}
+
+async fn console(ctx: &Ctx, vm: &Ref, follow: bool) -> Result<(), Failure> {
+    let mut client = ctx.connect().await?;
+    let v = ctx.answer(client.get_vm(request(vm)).await)?;
+    if v.console_log.is_empty() {
+        return Err(Failure::Local(format!("vm {} has no console log", v.name)));
+    }
+    let mut tail = Tail::new(&v.console_log);
+    let mut out = ConsoleOut {
+        json: ctx.json,
+        vm: v.name.clone(),
+        path: v.console_log.clone(),
+        text: Utf8Chunks::default(),
+    };
+    if !out.drain(&mut tail, true)? {
+        return Ok(());
+    }
+    if !follow || !render::is_active(v.state) {
+        return out.finish();
+    }
+    let mut interrupted = interrupts()?;
+    let mut reads = tokio::time::interval(CONSOLE_POLL);
+    let mut checks = tokio::time::interval(STATE_POLL);
+    checks.reset();
+    loop {
+        tokio::select! {
+            _ = interrupted.recv() => break,
+            _ = reads.tick() => {
+                if !out.drain(&mut tail, false)? {
+                    return Ok(());
+                }
+            }
+            _ = checks.tick() => {
+                let running = match client.get_vm(request(vm)).await {
+                    Ok(r) => render::is_active(r.into_inner().state),
+                    // Destroyed meanwhile: the log is complete.
+                    Err(s) if s.code() == tonic::Code::NotFound => false,
+                    Err(s) => return Err(ctx.remote.failure(s)),
+                };
+                if !running {
+                    // QEMU's last words land before the state changes.
+                    if !out.drain(&mut tail, false)? {
+                        return Ok(());
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    out.finish()
+}

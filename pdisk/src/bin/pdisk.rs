@@ -3,28 +3,24 @@
 //! A thin shell over the pdisk.v1 gRPC API. [`args`] parses and validates the
 //! command line; the handlers here check what is local (label sets, files),
 //! then connect and make one call; [`render`] prints the result as a table or
-//! as JSON; [`progress`] shows long operations on stderr; [`failure`] turns any
-//! error into one stderr line and an exit status.
+//! as JSON; [`progress`] shows long operations on stderr. [`pdisk::cli`],
+//! shared with agentctl, turns any error into one stderr line and an exit
+//! status.
 
 #[path = "pdisk_cli/args.rs"]
 mod args;
-#[path = "pdisk_cli/failure.rs"]
-mod failure;
 #[path = "pdisk_cli/progress.rs"]
 mod progress;
 #[path = "pdisk_cli/render.rs"]
 mod render;
-#[path = "pdisk_cli/table.rs"]
-mod table;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
+use pdisk::cli::{self, write_stdout, Failure, Remote};
 use pdisk::types::{ByteSize, Chap};
 use serde_json::{json, Value};
 use stratus_proto::pdisk::v1::create_volume_request::Source;
@@ -35,25 +31,23 @@ use stratus_proto::pdisk::v1::{
     GetVolumeRequest, ImageFormat, ImageSource, ListExportsRequest, ListSnapshotsRequest,
     ListVolumesRequest, ResizeVolumeRequest, UnexportVolumeRequest, UploadHeader, Volume,
 };
-use tonic::transport::Endpoint;
 
 use args::{
     Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, PoolCommand,
     SnapshotCommand, VolumeCommand,
 };
-use failure::{root_cause, Failure};
 use progress::{new_request_id, watched, Client, UploadError};
 
-/// How long to wait for the TCP connection to pdiskd.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The name that prefixes every error line.
+const PROGRAM: &str = "pdisk";
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(err) => usage_exit(err),
+        Err(err) => cli::usage_exit(err),
     };
     let ctx = Ctx {
-        url: server_url(&cli.server),
+        remote: Remote::new("the pdisk server", &cli.server),
         json: cli.json,
         bars: !cli.json && std::io::stderr().is_terminal(),
     };
@@ -62,51 +56,33 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return report(&Failure::Local(format!("cannot start: {e}")), ctx.json),
+        Err(e) => {
+            let failure = Failure::Local(format!("cannot start: {e}"));
+            return cli::report(PROGRAM, &failure, ctx.json);
+        }
     };
     match runtime.block_on(run(&ctx, cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => report(&failure, ctx.json),
+        Err(failure) => cli::report(PROGRAM, &failure, ctx.json),
     }
 }
 
 /// What every handler needs: where the server is and how to print.
 struct Ctx {
-    url: String,
+    remote: Remote,
     json: bool,
     /// Draw progress bars: stderr is a terminal and the output is not JSON.
     bars: bool,
 }
 
 impl Ctx {
-    fn endpoint(&self) -> Result<Endpoint, Failure> {
-        Endpoint::from_shared(self.url.clone())
-            .map(|e| e.connect_timeout(CONNECT_TIMEOUT))
-            .map_err(|e| {
-                Failure::Usage(format!(
-                    "invalid server URL {:?}: {}",
-                    self.url,
-                    root_cause(&e)
-                ))
-            })
-    }
-
     /// Connects; called by each handler only after its local checks passed.
     async fn connect(&self) -> Result<Client, Failure> {
-        let channel = self
-            .endpoint()?
-            .connect()
-            .await
-            .map_err(|e| Failure::Unreachable {
-                url: self.url.clone(),
-                cause: root_cause(&e),
-            })?;
-        Ok(VolumeServiceClient::new(channel))
+        Ok(VolumeServiceClient::new(self.remote.connect().await?))
     }
 
     fn answer<T>(&self, r: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Failure> {
-        r.map(tonic::Response::into_inner)
-            .map_err(|s| Failure::from_status(s, &self.url))
+        self.remote.answer(r)
     }
 
     /// Prints the result: `json` with --json, else the human form.
@@ -123,18 +99,9 @@ impl Ctx {
     }
 }
 
-/// `host:port` is taken as `http://host:port`.
-fn server_url(server: &str) -> String {
-    if server.contains("://") {
-        server.to_owned()
-    } else {
-        format!("http://{server}")
-    }
-}
-
 async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
     // A malformed --server is a usage error, whatever the command.
-    ctx.endpoint()?;
+    ctx.remote.endpoint()?;
     match command {
         Command::Volume(c) => volume(ctx, c).await,
         Command::Snapshot(c) => snapshot(ctx, c).await,
@@ -147,7 +114,7 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
 }
 
 fn labels(pairs: &[(String, String)]) -> Result<HashMap<String, String>, Failure> {
-    args::labels(pairs).map_err(Failure::Usage)
+    cli::args::label_map(pairs).map_err(Failure::Usage)
 }
 
 async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
@@ -274,7 +241,7 @@ async fn volume_upload(ctx: &Ctx, mut header: UploadHeader, path: &Path) -> Resu
     let v = progress::upload(&mut client, header, file, ctx.bars)
         .await
         .map_err(|e| match e {
-            UploadError::Server(s) => Failure::from_status(s, &ctx.url),
+            UploadError::Server(s) => ctx.remote.failure(s),
             UploadError::Read(e) => {
                 Failure::Local(format!("upload cancelled: reading {}: {e}", path.display()))
             }
@@ -407,63 +374,15 @@ fn read_chap(user: &str, file: &Path) -> Result<Chap, Failure> {
     Chap::new(user, text.trim_end_matches(['\r', '\n'])).map_err(|e| Failure::Usage(e.to_string()))
 }
 
-/// Writes to stdout; a closed pipe (`pdisk volume list | head`) is not an error.
-fn write_stdout(text: &str) -> Result<(), Failure> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Err(e) => Err(Failure::Local(format!("cannot write the output: {e}"))),
-    }
-}
-
-fn report(failure: &Failure, json: bool) -> ExitCode {
-    if json {
-        let _ = write_stdout(&format!("{}\n", failure.json()));
-    }
-    eprintln!("{}", failure.line());
-    ExitCode::from(failure.exit_code())
-}
-
-/// clap's own exit (help, version, usage errors with status 2), plus the JSON
-/// error on stdout when --json was asked for.
-fn usage_exit(err: clap::Error) -> ! {
-    if err.use_stderr() && wants_json(std::env::args_os().skip(1)) {
-        let _ = write_stdout(&format!("{}\n", Failure::Usage(clap_message(&err)).json()));
-    }
-    err.exit()
-}
-
-fn wants_json(args: impl Iterator<Item = OsString>) -> bool {
-    args.take_while(|a| a != "--").any(|a| a == "--json")
-}
-
-/// The first line of clap's message, without its "error: " prefix.
-fn clap_message(err: &clap::Error) -> String {
-    let text = err.render().to_string();
-    let first = text.lines().next().unwrap_or_default();
-    first.strip_prefix("error: ").unwrap_or(first).to_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn server_defaults_to_http() {
-        assert_eq!(server_url("storage1:7400"), "http://storage1:7400");
-        assert_eq!(server_url("https://storage1:7400"), "https://storage1:7400");
-    }
-
-    #[test]
-    fn json_errors_for_usage_mistakes() {
-        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>().into_iter();
-        assert!(wants_json(os(&["volume", "list", "--json"])));
-        assert!(!wants_json(os(&["volume", "list"])));
-        assert!(!wants_json(os(&["volume", "--", "--json"])));
+    fn usage_errors_become_json_messages() {
         let err =
             Cli::try_parse_from(["pdisk", "volume", "create", "DB1", "--size", "1G"]).unwrap_err();
-        let message = clap_message(&err);
+        let message = cli::clap_message(&err);
         assert!(
             message.starts_with("invalid value 'DB1' for '<NAME>'"),
             "{message}"
@@ -487,38 +406,10 @@ mod tests {
         let err = read_chap("alice", &file).unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(
-            !err.line().contains("short"),
+            !err.line(PROGRAM).contains("short"),
             "the secret is never echoed: {}",
-            err.line()
+            err.line(PROGRAM)
         );
         assert!(read_chap("alice", &dir.path().join("missing")).is_err());
-    }
-
-    #[tokio::test]
-    async fn bad_server_urls_are_usage_errors() {
-        let ctx = Ctx {
-            url: "http://bad host:1".into(),
-            json: false,
-            bars: false,
-        };
-        let err = ctx.endpoint().unwrap_err();
-        assert_eq!(err.exit_code(), 2);
-    }
-
-    #[tokio::test]
-    async fn an_unreachable_server_is_one_clear_line() {
-        // Port 1 on loopback: nothing listens there in the test environment.
-        let ctx = Ctx {
-            url: "http://127.0.0.1:1".into(),
-            json: false,
-            bars: false,
-        };
-        let err = ctx.connect().await.unwrap_err();
-        let line = err.line();
-        assert!(
-            line.starts_with("pdisk: cannot reach the pdisk server at http://127.0.0.1:1: "),
-            "{line}"
-        );
-        assert_eq!(err.exit_code(), 1);
     }
 }

@@ -2,14 +2,12 @@
 //! type (names, sizes, IQNs, labels, references), so bad input is refused by
 //! clap with exit status 2 before the server is contacted; pdiskd checks again.
 
-use std::collections::HashMap;
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use pdisk::cli::args::{label_arg as parse_label_arg, Ref};
 use pdisk::error::Error;
-use pdisk::types::{parse_label, validate_labels, ByteSize, Iqn, VolumeName};
+use pdisk::types::{ByteSize, Iqn, VolumeName};
 use stratus_proto::pdisk::v1::ImageFormat;
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7400";
@@ -247,38 +245,6 @@ impl From<FormatArg> for ImageFormat {
     }
 }
 
-/// A volume or snapshot as requests name it: its UUID or its name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ref(String);
-
-impl Ref {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for Ref {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Ref, String> {
-        if let Ok(uuid) = uuid::Uuid::try_parse(s) {
-            return Ok(Ref(uuid.hyphenated().to_string()));
-        }
-        match s.parse::<VolumeName>() {
-            Ok(name) => Ok(Ref(name.into())),
-            Err(_) => Err(format!(
-                "{s:?} is neither a UUID nor a valid name \
-                 (lowercase letters, digits, '.', '_', '-', at most 63)"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for Ref {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// A non-zero volume size, rounded up to 1 MiB.
 fn parse_volume_size(s: &str) -> Result<ByteSize, Error> {
     ByteSize::volume_size(s.parse::<ByteSize>()?.0)
@@ -292,13 +258,6 @@ fn parse_size_or_zero(s: &str) -> Result<ByteSize, Error> {
     }
 }
 
-/// One `KEY=VALUE` label, checked on its own; the set is checked by [`labels`].
-fn parse_label_arg(s: &str) -> Result<(String, String), Error> {
-    let (k, v) = parse_label(s)?;
-    validate_labels([(&k, &v)])?;
-    Ok((k, v))
-}
-
 /// Paths given with --from-file are resolved by pdiskd, not here.
 fn parse_server_path(s: &str) -> Result<String, String> {
     if s.starts_with('/') {
@@ -309,16 +268,6 @@ fn parse_server_path(s: &str) -> Result<String, String> {
              use --upload for a local file"
         ))
     }
-}
-
-/// The labels of one command as a request map: every key once, at most 32.
-pub fn labels(pairs: &[(String, String)]) -> Result<HashMap<String, String>, String> {
-    let mut seen = std::collections::HashSet::new();
-    if let Some((k, _)) = pairs.iter().find(|(k, _)| !seen.insert(k)) {
-        return Err(format!("label {k:?} is given more than once"));
-    }
-    let checked = validate_labels(pairs.iter().map(|(k, v)| (k, v))).map_err(|e| e.to_string())?;
-    Ok(checked.into_iter().collect())
 }
 
 #[cfg(test)]
@@ -481,20 +430,6 @@ mod tests {
     }
 
     #[test]
-    fn refs_accept_names_and_uuids() {
-        assert_eq!("db1".parse::<Ref>().unwrap().as_str(), "db1");
-        assert_eq!(
-            "6F9619FF-8B86-D011-B42D-00C04FC964FF"
-                .parse::<Ref>()
-                .unwrap()
-                .as_str(),
-            "6f9619ff-8b86-d011-b42d-00c04fc964ff"
-        );
-        assert!("".parse::<Ref>().is_err());
-        assert!("a/b".parse::<Ref>().is_err());
-    }
-
-    #[test]
     fn clone_from_a_snapshot() {
         let cli = parse(&[
             "volume",
@@ -589,17 +524,6 @@ mod tests {
             parse(&["snapshot", "list", "db1"]).unwrap().command,
             Command::Snapshot(SnapshotCommand::List { volume: Some(_) })
         ));
-    }
-
-    #[test]
-    fn label_sets_refuse_duplicates_and_too_many() {
-        let pair = |k: &str| (k.to_owned(), "v".to_owned());
-        assert_eq!(labels(&[pair("a"), pair("b")]).unwrap().len(), 2);
-        assert!(labels(&[pair("a"), pair("a")])
-            .unwrap_err()
-            .contains("more than once"));
-        let many: Vec<_> = (0..33).map(|i| pair(&format!("k{i}"))).collect();
-        assert!(labels(&many).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use pdisk::types::ByteSize;
 use serde_json::{json, Map, Value};
 use stratus_proto::pdisk::v1::{Drift, Export, Pool, Snapshot, Volume, VolumeState};
 
-use super::table::{fields, Table};
+use pdisk::cli::{fields, Table};
 
 /// Shown for an empty value in human output.
 const NONE: &str = "-";

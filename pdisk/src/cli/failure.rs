@@ -5,40 +5,48 @@
 use serde_json::{json, Value};
 use tonic::Code;
 
+use super::Remote;
+
 /// Why a command failed.
 #[derive(Debug)]
 pub enum Failure {
     /// Bad input found before contacting the server; nothing was sent.
     Usage(String),
     /// No connection to the server at all.
-    Unreachable { url: String, cause: String },
+    Unreachable {
+        /// How messages name the server: "the pdisk server", "the agent".
+        server: &'static str,
+        url: String,
+        cause: String,
+    },
     /// The connection broke during a call: whether the server acted is unknown.
-    Lost { url: String, cause: String },
+    Lost {
+        server: &'static str,
+        url: String,
+        cause: String,
+    },
     /// The server answered with an error status.
     Server(tonic::Status),
-    /// A local failure while the request was under way (reading the upload).
+    /// A failure that is no status from the server: on this side while the
+    /// request was under way (reading an upload, a log file), or an outcome
+    /// the server reported as data (a VM that did not start).
     Local(String),
 }
 
 impl Failure {
-    /// Classifies a status from a call. Statuses sent by the server carry no
-    /// source; those raised on this side from a transport error do, and mean
-    /// the server could not be reached or the connection broke mid-call.
-    pub fn from_status(status: tonic::Status, url: &str) -> Failure {
+    /// Classifies a status from a call to `remote`. Statuses sent by the
+    /// server carry no source; those raised on this side from a transport
+    /// error do, and mean the server could not be reached or the connection
+    /// broke mid-call.
+    pub fn from_status(status: tonic::Status, remote: &Remote) -> Failure {
         let Some(source) = std::error::Error::source(&status) else {
             return Failure::Server(status);
         };
-        let cause = root_cause(source);
+        let (server, url, cause) = (remote.server(), remote.url().to_owned(), root_cause(source));
         if status.code() == Code::Unavailable {
-            Failure::Unreachable {
-                url: url.to_owned(),
-                cause,
-            }
+            Failure::Unreachable { server, url, cause }
         } else {
-            Failure::Lost {
-                url: url.to_owned(),
-                cause,
-            }
+            Failure::Lost { server, url, cause }
         }
     }
 
@@ -62,14 +70,11 @@ impl Failure {
     pub fn message(&self) -> String {
         match self {
             Failure::Usage(m) | Failure::Local(m) => one_line(m),
-            Failure::Unreachable { url, cause } => {
-                format!(
-                    "cannot reach the pdisk server at {url}: {}",
-                    one_line(cause)
-                )
+            Failure::Unreachable { server, url, cause } => {
+                format!("cannot reach {server} at {url}: {}", one_line(cause))
             }
-            Failure::Lost { url, cause } => format!(
-                "lost the connection to the pdisk server at {url}: {}; \
+            Failure::Lost { server, url, cause } => format!(
+                "lost the connection to {server} at {url}: {}; \
                  the request may or may not have been carried out",
                 one_line(cause)
             ),
@@ -77,15 +82,15 @@ impl Failure {
         }
     }
 
-    /// The single stderr line: `pdisk: <code in words>: <message>`.
-    pub fn line(&self) -> String {
+    /// The single stderr line: `<program>: <code in words>: <message>`.
+    pub fn line(&self, program: &str) -> String {
         let message = self.message();
         match self {
             Failure::Unreachable { .. } | Failure::Lost { .. } | Failure::Local(_) => {
-                format!("pdisk: {message}")
+                format!("{program}: {message}")
             }
-            _ if message.is_empty() => format!("pdisk: {}", code_words(self.code())),
-            _ => format!("pdisk: {}: {message}", code_words(self.code())),
+            _ if message.is_empty() => format!("{program}: {}", code_words(self.code())),
+            _ => format!("{program}: {}: {message}", code_words(self.code())),
         }
     }
 
@@ -104,7 +109,8 @@ pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-fn one_line(s: &str) -> String {
+/// Collapses every run of whitespace, newlines included, into one space.
+pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
@@ -131,7 +137,7 @@ pub fn code_name(code: Code) -> &'static str {
 }
 
 /// "FailedPrecondition" as "failed precondition".
-fn code_words(name: &str) -> String {
+pub fn code_words(name: &str) -> String {
     let mut out = String::new();
     for (i, c) in name.chars().enumerate() {
         if c.is_ascii_uppercase() && i > 0 {
@@ -149,7 +155,7 @@ mod tests {
     #[test]
     fn server_errors_name_the_code_in_words() {
         let f = Failure::Server(tonic::Status::not_found("volume db9 not found"));
-        assert_eq!(f.line(), "pdisk: not found: volume db9 not found");
+        assert_eq!(f.line("pdisk"), "pdisk: not found: volume db9 not found");
         assert_eq!(f.exit_code(), 1);
         assert_eq!(
             f.json().to_string(),
@@ -157,17 +163,22 @@ mod tests {
         );
         let f = Failure::Server(tonic::Status::failed_precondition("volume db1 is exported"));
         assert_eq!(
-            f.line(),
+            f.line("pdisk"),
             "pdisk: failed precondition: volume db1 is exported"
+        );
+        let f = Failure::Server(tonic::Status::resource_exhausted("no free memory"));
+        assert_eq!(
+            f.line("agentctl"),
+            "agentctl: resource exhausted: no free memory"
         );
     }
 
     #[test]
     fn messages_stay_on_one_line() {
         let f = Failure::Server(tonic::Status::internal("first\nsecond  third\n"));
-        assert_eq!(f.line(), "pdisk: internal: first second third");
+        assert_eq!(f.line("pdisk"), "pdisk: internal: first second third");
         let f = Failure::Server(tonic::Status::unavailable(""));
-        assert_eq!(f.line(), "pdisk: unavailable");
+        assert_eq!(f.line("pdisk"), "pdisk: unavailable");
     }
 
     #[test]
@@ -175,7 +186,7 @@ mod tests {
         let f = Failure::Usage("too many labels (33): at most 32".into());
         assert_eq!(f.exit_code(), 2);
         assert_eq!(
-            f.line(),
+            f.line("pdisk"),
             "pdisk: invalid argument: too many labels (33): at most 32"
         );
         assert_eq!(f.json()["error"]["code"], "InvalidArgument");
@@ -184,11 +195,12 @@ mod tests {
     #[test]
     fn unreachable_server_names_the_url() {
         let f = Failure::Unreachable {
+            server: "the pdisk server",
             url: "http://127.0.0.1:7400".into(),
             cause: "Connection refused (os error 111)".into(),
         };
         assert_eq!(
-            f.line(),
+            f.line("pdisk"),
             "pdisk: cannot reach the pdisk server at http://127.0.0.1:7400: \
              Connection refused (os error 111)"
         );
@@ -200,10 +212,10 @@ mod tests {
     fn transport_errors_raised_here_are_about_the_connection() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
         let status = tonic::Status::from_error(Box::new(io));
-        let f = Failure::from_status(status, "http://h:1");
+        let f = Failure::from_status(status, &Remote::new("the pdisk server", "http://h:1"));
         assert!(matches!(f, Failure::Lost { .. }), "{f:?}");
         assert_eq!(
-            f.line(),
+            f.line("pdisk"),
             "pdisk: lost the connection to the pdisk server at http://h:1: connection reset; \
              the request may or may not have been carried out"
         );
@@ -212,8 +224,20 @@ mod tests {
 
     #[test]
     fn a_server_side_unavailable_stays_a_server_error() {
-        let f = Failure::from_status(tonic::Status::unavailable("tgtd is down"), "http://h:1");
-        assert_eq!(f.line(), "pdisk: unavailable: tgtd is down");
+        let remote = Remote::new("the pdisk server", "http://h:1");
+        let f = Failure::from_status(tonic::Status::unavailable("tgtd is down"), &remote);
+        assert_eq!(f.line("pdisk"), "pdisk: unavailable: tgtd is down");
+    }
+
+    #[test]
+    fn local_failures_have_no_code_words() {
+        let f = Failure::Local("cannot read /var/log/x: Permission denied".into());
+        assert_eq!(
+            f.line("agentctl"),
+            "agentctl: cannot read /var/log/x: Permission denied"
+        );
+        assert_eq!(f.json()["error"]["code"], "Unknown");
+        assert_eq!(f.exit_code(), 1);
     }
 
     #[derive(Debug)]

@@ -1,0 +1,838 @@
+//! The command line of `agentctl`. Every argument is parsed here into a
+//! validated type (names, sizes, disk and NIC specs, MACs), so bad input is
+//! refused with exit status 2 before the agent is contacted; agentd checks
+//! again. [`CreateArgs::spec`] adds the checks that span several arguments
+//! and builds the CreateVm request.
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+
+use agent::spec::{check_ifname, MAX_DISKS, MAX_NICS, MAX_VCPUS, MIN_MEMORY};
+use clap::{Args, Parser, Subcommand};
+use pdisk::cli::args::{label_arg, label_map, Ref};
+use pdisk::types::{ByteSize, VolumeName};
+use stratus_proto::agent::v1::{disk_spec, DiskSpec, KernelBoot, NicSpec, VmSpec};
+
+pub const DEFAULT_AGENT: &str = "http://127.0.0.1:7401";
+
+/// Help heading of the options every command accepts.
+const GLOBAL: &str = "Global options";
+
+/// Highest boot index a disk may be given (QEMU's bootindex is small anyway).
+const MAX_BOOT_INDEX: u32 = 255;
+
+const EXAMPLES: &str = "\
+Examples:
+  agentctl vm create web1 --vcpus 2 --memory 512M --disk pdisk:web1-root --nic bridge=br0
+  agentctl vm create t1 --vcpus 1 --memory 256M --kernel /boot/vmlinuz --initrd /boot/initrd.img \\
+      --cmdline 'console=ttyS0' --disk file:/srv/images/scratch.qcow2 --nic bridge=br0,vlan=20
+  agentctl vm start web1
+  agentctl vm console web1 --follow
+  agentctl vm stop web1 --timeout 30
+  agentctl events --since 120 --vm web1
+  agentctl --json events --follow | jq .type";
+
+/// Operator's client for agentd, the agent that runs the QEMU/KVM guests of
+/// one Stratus host: define, start, stop and inspect VMs, read their serial
+/// consoles, follow the event stream, and see the host's capacity.
+///
+/// VMs are referred to by name or by UUID. Sizes take binary suffixes (256M,
+/// 2G). Paths (file disks, kernels, console logs) are on this host, the
+/// agent's: agentctl runs beside agentd.
+#[derive(Debug, Parser)]
+#[command(name = "agentctl", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Address of agentd's gRPC endpoint; "http://" is assumed without a scheme.
+    #[arg(
+        long,
+        global = true,
+        env = "AGENT_SERVER",
+        hide_env_values = true,
+        default_value = DEFAULT_AGENT,
+        value_name = "URL",
+        help_heading = GLOBAL
+    )]
+    pub agent: String,
+
+    /// Print the result, or the error, as JSON on stdout (events as JSON
+    /// Lines, one object per line; no spinners).
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Define, start, stop, inspect and destroy VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Print the agent's events: replayed from its journal, then (with
+    /// --follow) live.
+    Events(EventsArgs),
+    /// The host the agent runs on.
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Define a VM (state "defined"); nothing runs until `vm start`.
+    Create(CreateArgs),
+    /// Attach the disks, create the taps, launch QEMU; prints the VM once the
+    /// guest runs.
+    Start {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+    },
+    /// Power the guest off: ACPI powerdown, forced stop after --timeout.
+    Stop {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// Seconds to wait for the guest to power off before forcing it.
+        #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = timeout)]
+        timeout: u32,
+        /// Stop at once, without asking the guest.
+        #[arg(long, conflicts_with = "timeout")]
+        force: bool,
+    },
+    /// Reset the guest.
+    Reboot {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+    },
+    /// Freeze the guest's vCPUs.
+    Pause {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+    },
+    /// Let a paused guest run again.
+    Resume {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+    },
+    /// Stop the VM if it runs, detach its disks, remove its taps and files,
+    /// and forget it. Its pdisk volumes are kept.
+    Destroy {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// Seconds to wait for a running guest to power off before forcing it.
+        #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = timeout)]
+        timeout: u32,
+    },
+    /// Show one VM in detail: state, disks, NICs, console log.
+    Show {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+    },
+    /// List the VMs of this host.
+    List,
+    /// Print the VM's serial console log, a file on this host. With --json,
+    /// JSON Lines: {"vm", "console_log", "text"} per batch of output.
+    Console {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// Keep printing what the guest writes until it stops running (or Ctrl-C).
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Name of the VM: lowercase letters, digits, '.', '_' and '-', starting
+    /// with a letter or digit, at most 63 characters.
+    pub name: VolumeName,
+
+    /// Number of virtual CPUs (1 to 255).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_VCPUS)))]
+    pub vcpus: u32,
+
+    /// Guest memory (e.g. 256M, 2G), at least 16M; rounded up to a whole MiB.
+    #[arg(long, value_name = "SIZE", value_parser = memory)]
+    pub memory: ByteSize,
+
+    /// A disk, in device order (vda, vdb, ...): pdisk:VOLUME or
+    /// file:PATH, then ",ro" for read-only and ",boot=N" for its place in the
+    /// boot order (1 first). Without any boot=, the first disk boots. Repeat
+    /// for several.
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<DiskArg>,
+
+    /// A NIC as bridge=BR[,mac=MAC][,vlan=N]; each key may be left out (the
+    /// agent's default bridge, a generated MAC, untagged), and "default"
+    /// takes all three defaults. Repeat for several.
+    #[arg(long = "nic", value_name = "SPEC")]
+    pub nics: Vec<NicArg>,
+
+    /// Boot this kernel directly instead of from a disk.
+    #[arg(long, value_name = "PATH", value_parser = host_path)]
+    pub kernel: Option<PathBuf>,
+
+    /// Initramfs for --kernel.
+    #[arg(long, value_name = "PATH", value_parser = host_path, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+
+    /// Kernel command line for --kernel.
+    #[arg(
+        long,
+        value_name = "ARGS",
+        requires = "kernel",
+        allow_hyphen_values = true
+    )]
+    pub cmdline: Option<String>,
+
+    /// Label as KEY=VALUE; repeat for several.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label_arg)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only events after this sequence number (0: all still journaled).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    pub since: u64,
+
+    /// Only the events of this VM (name or UUID).
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<Ref>,
+
+    /// After the replay, keep printing live events until Ctrl-C.
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Capacity, accelerator, versions, iSCSI initiator and VM counts.
+    Show,
+}
+
+/// `--timeout`: a positive number of seconds, at most a day.
+fn timeout(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=86_400).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a number of seconds from 1 to 86400")),
+    }
+}
+
+/// Guest memory: rounded up to a whole MiB, as QEMU allocates it.
+fn memory(s: &str) -> Result<ByteSize, String> {
+    let size = s.parse::<ByteSize>().map_err(|e| e.to_string())?;
+    let size = ByteSize::volume_size(size.0).map_err(|e| format!("memory {s:?}: {e}"))?;
+    if size.0 < MIN_MEMORY {
+        return Err(format!(
+            "memory {size} is too small: at least {}",
+            ByteSize(MIN_MEMORY)
+        ));
+    }
+    Ok(size)
+}
+
+/// A path on this host: not empty, no NUL, no ',' (QEMU's option syntax), no
+/// '..'. Relative paths are made absolute by [`CreateArgs::spec`], since the
+/// agent does not share this process's working directory.
+fn host_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the path is empty".into());
+    }
+    if s.contains('\0') || s.contains(',') {
+        return Err(format!("{s:?}: paths may not contain ',' or NUL"));
+    }
+    let path = PathBuf::from(s);
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{s:?}: paths may not contain '..'"));
+    }
+    Ok(path)
+}
+
+/// Where a disk's data comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A pdisk volume, by name or UUID; the agent has it exported to this host.
+    Pdisk(Ref),
+    /// An image file on this host (raw or qcow2).
+    File(PathBuf),
+}
+
+/// One `--disk`: `pdisk:VOLUME[,ro][,boot=N]` or `file:PATH[,ro][,boot=N]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskArg {
+    pub source: DiskSource,
+    pub read_only: bool,
+    /// Place in the boot order, 1 first; `None`: not bootable unless no disk
+    /// has one (then the first disk boots).
+    pub boot: Option<u32>,
+}
+
+impl FromStr for DiskArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<DiskArg, String> {
+        let mut parts = s.split(',');
+        let first = parts.next().unwrap_or_default();
+        let Some((kind, what)) = first.split_once(':') else {
+            return Err(format!(
+                "{s:?} has no source: use pdisk:VOLUME or file:PATH, \
+                 optionally followed by ,ro and ,boot=N"
+            ));
+        };
+        let source = match kind {
+            "pdisk" => DiskSource::Pdisk(
+                what.parse()
+                    .map_err(|e| format!("pdisk volume {what:?}: {e}"))?,
+            ),
+            "file" => DiskSource::File(host_path(what)?),
+            other => {
+                return Err(format!(
+                    "unknown disk source {other:?}: use pdisk:VOLUME or file:PATH"
+                ))
+            }
+        };
+        let mut disk = DiskArg {
+            source,
+            read_only: false,
+            boot: None,
+        };
+        for option in parts {
+            let (key, value) = option
+                .split_once('=')
+                .map_or((option, None), |(k, v)| (k, Some(v)));
+            match (key, value) {
+                ("ro", None) if !disk.read_only => disk.read_only = true,
+                ("boot", Some(n)) if disk.boot.is_none() => {
+                    disk.boot = Some(
+                        n.parse()
+                            .ok()
+                            .filter(|n| (1..=MAX_BOOT_INDEX).contains(n))
+                            .ok_or_else(|| {
+                                format!(
+                                    "boot={n}: the boot index is a number from 1 (boots \
+                                     first) to {MAX_BOOT_INDEX}"
+                                )
+                            })?,
+                    );
+                }
+                ("ro", None) | ("boot", Some(_)) => {
+                    return Err(format!("disk option {key:?} is given twice"))
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown disk option {option:?}: expected ro or boot=N \
+                         (paths cannot contain ',')"
+                    ))
+                }
+            }
+        }
+        Ok(disk)
+    }
+}
+
+/// An Ethernet address of a guest NIC: unicast, not all zeros, printed
+/// lowercase with colons (`52:54:00:12:34:56`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mac([u8; 6]);
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mac, String> {
+        let bad = || format!("invalid MAC {s:?}: expected six hex pairs like 52:54:00:12:34:56");
+        let mut octets = [0u8; 6];
+        let mut groups = s.split(':');
+        for octet in &mut octets {
+            let group = groups.next().ok_or_else(bad)?;
+            if group.len() != 2 {
+                return Err(bad());
+            }
+            if !group.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            *octet = u8::from_str_radix(group, 16).map_err(|_| bad())?;
+        }
+        if groups.next().is_some() {
+            return Err(bad());
+        }
+        if octets[0] & 1 == 1 {
+            return Err(format!(
+                "MAC {s} is a multicast address: a NIC needs a unicast one \
+                 (e.g. 52:54:00:xx:xx:xx)"
+            ));
+        }
+        if octets == [0; 6] {
+            return Err(format!("MAC {s} is all zeros"));
+        }
+        Ok(Mac(octets))
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// One `--nic`: `bridge=BR[,mac=MAC][,vlan=N]` with the keys in any order,
+/// each optional, or `default`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NicArg {
+    /// `None`: the agent's default bridge.
+    pub bridge: Option<String>,
+    /// `None`: the agent generates one.
+    pub mac: Option<Mac>,
+    /// 802.1Q tag, 1 to 4094; `None`: untagged.
+    pub vlan: Option<u16>,
+}
+
+impl FromStr for NicArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<NicArg, String> {
+        if s == "default" {
+            return Ok(NicArg::default());
+        }
+        if s.is_empty() {
+            return Err("empty NIC: use bridge=BR[,mac=MAC][,vlan=N], or default".into());
+        }
+        let mut nic = NicArg::default();
+        for option in s.split(',') {
+            let Some((key, value)) = option.split_once('=') else {
+                return Err(format!(
+                    "NIC option {option:?} is not KEY=VALUE: use bridge=BR[,mac=MAC][,vlan=N]"
+                ));
+            };
+            let twice = || format!("NIC option {key:?} is given twice");
+            match key {
+                "bridge" if nic.bridge.is_some() => return Err(twice()),
+                "bridge" => {
+                    check_ifname("bridge", value).map_err(|e| e.to_string())?;
+                    nic.bridge = Some(value.to_owned());
+                }
+                "mac" if nic.mac.is_some() => return Err(twice()),
+                "mac" => nic.mac = Some(value.parse()?),
+                "vlan" if nic.vlan.is_some() => return Err(twice()),
+                "vlan" => {
+                    nic.vlan = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|v| (1..=4094).contains(v))
+                            .ok_or_else(|| {
+                                format!(
+                                    "vlan={value}: the VLAN tag is a number from 1 to 4094 \
+                                     (leave it out for an untagged port)"
+                                )
+                            })?,
+                    );
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown NIC option {key:?}: expected bridge, mac or vlan"
+                    ))
+                }
+            }
+        }
+        Ok(nic)
+    }
+}
+
+/// `path` as the agent must see it: absolute, relative to `cwd`.
+fn absolute(path: &Path, cwd: &Path) -> String {
+    cwd.join(path).to_string_lossy().into_owned()
+}
+
+impl CreateArgs {
+    /// The VmSpec to send, after the checks that span several arguments:
+    /// label set, counts, boot order, MACs, something to boot. File paths are
+    /// made absolute against `cwd`.
+    pub fn spec(&self, cwd: &Path) -> Result<VmSpec, String> {
+        let labels = label_map(&self.labels)?;
+        if self.disks.len() > MAX_DISKS {
+            return Err(format!(
+                "{} disks: a VM has at most {MAX_DISKS}",
+                self.disks.len()
+            ));
+        }
+        if self.nics.len() > MAX_NICS {
+            return Err(format!(
+                "{} NICs: a VM has at most {MAX_NICS}",
+                self.nics.len()
+            ));
+        }
+        if self.disks.is_empty() && self.kernel.is_none() {
+            return Err("nothing to boot: give a --disk or a --kernel".into());
+        }
+        let boots: Vec<u32> = self.disks.iter().filter_map(|d| d.boot).collect();
+        if let Some(dup) = boots
+            .iter()
+            .enumerate()
+            .find(|(i, b)| boots[..*i].contains(b))
+        {
+            return Err(format!("boot={} is given to more than one disk", dup.1));
+        }
+        let macs: Vec<Mac> = self.nics.iter().filter_map(|n| n.mac).collect();
+        if let Some((_, mac)) = macs
+            .iter()
+            .enumerate()
+            .find(|(i, m)| macs[..*i].contains(m))
+        {
+            return Err(format!("MAC {mac} is given to more than one NIC"));
+        }
+        let first_boots = boots.is_empty();
+        let disks = self
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DiskSpec {
+                source: Some(match &d.source {
+                    DiskSource::Pdisk(v) => disk_spec::Source::PdiskVolume(v.to_string()),
+                    DiskSource::File(p) => disk_spec::Source::File(absolute(p, cwd)),
+                }),
+                read_only: d.read_only,
+                boot_index: match d.boot {
+                    Some(n) => n,
+                    None if first_boots && i == 0 => 1,
+                    None => 0,
+                },
+            })
+            .collect();
+        let nics = self
+            .nics
+            .iter()
+            .map(|n| NicSpec {
+                bridge: n.bridge.clone().unwrap_or_default(),
+                mac: n.mac.map(|m| m.to_string()).unwrap_or_default(),
+                vlan: n.vlan.map_or(0, u32::from),
+            })
+            .collect();
+        let kernel = self.kernel.as_ref().map(|k| KernelBoot {
+            kernel: absolute(k, cwd),
+            initrd: self
+                .initrd
+                .as_ref()
+                .map(|i| absolute(i, cwd))
+                .unwrap_or_default(),
+            cmdline: self.cmdline.clone().unwrap_or_default(),
+        });
+        Ok(VmSpec {
+            name: self.name.to_string(),
+            vcpus: self.vcpus,
+            memory_bytes: self.memory.0,
+            disks,
+            nics,
+            kernel,
+            labels,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("agentctl").chain(args.iter().copied()))
+    }
+
+    fn fails(args: &[&str]) -> clap::Error {
+        parse(args).expect_err(&format!("{args:?} should be refused"))
+    }
+
+    /// `vm create web1` with `extra`, and --vcpus 2 --memory 512M unless given.
+    fn create(extra: &[&str]) -> Result<CreateArgs, clap::Error> {
+        let mut args = vec!["vm", "create", "web1"];
+        args.extend_from_slice(extra);
+        for (flag, value) in [("--vcpus", "2"), ("--memory", "512M")] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
+        match parse(&args)?.command {
+            Command::Vm(VmCommand::Create(a)) => Ok(a),
+            other => panic!("wrong command {other:?}"),
+        }
+    }
+
+    fn spec(extra: &[&str]) -> Result<VmSpec, String> {
+        create(extra).unwrap().spec(Path::new("/home/op"))
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_subcommand() {
+        let before = parse(&["--json", "--agent", "h:1", "host", "show"]).unwrap();
+        let after = parse(&["host", "show", "--json", "--agent", "h:1"]).unwrap();
+        for cli in [before, after] {
+            assert!(cli.json);
+            assert_eq!(cli.agent, "h:1");
+            assert!(matches!(cli.command, Command::Host(HostCommand::Show)));
+        }
+    }
+
+    #[test]
+    fn create_with_disks_nics_and_labels() {
+        let s = spec(&[
+            "--disk",
+            "pdisk:web1-root",
+            "--disk",
+            "file:images/seed.iso,ro",
+            "--nic",
+            "bridge=br0,mac=52:54:00:AB:cd:01,vlan=20",
+            "--nic",
+            "default",
+            "--label",
+            "app=web",
+        ])
+        .unwrap();
+        assert_eq!(s.name, "web1");
+        assert_eq!(s.vcpus, 2);
+        assert_eq!(s.memory_bytes, 512 << 20);
+        assert_eq!(
+            s.disks[0].source,
+            Some(disk_spec::Source::PdiskVolume("web1-root".into()))
+        );
+        assert_eq!(s.disks[0].boot_index, 1, "the first disk boots by default");
+        assert_eq!(
+            s.disks[1].source,
+            Some(disk_spec::Source::File("/home/op/images/seed.iso".into()))
+        );
+        assert!(s.disks[1].read_only);
+        assert_eq!(s.disks[1].boot_index, 0);
+        assert_eq!(s.nics[0].bridge, "br0");
+        assert_eq!(s.nics[0].mac, "52:54:00:ab:cd:01");
+        assert_eq!(s.nics[0].vlan, 20);
+        assert_eq!(s.nics[1], NicSpec::default());
+        assert_eq!(s.labels["app"], "web");
+        assert!(s.kernel.is_none());
+    }
+
+    #[test]
+    fn explicit_boot_indices_replace_the_default() {
+        let s = spec(&["--disk", "file:/a.img", "--disk", "pdisk:b,boot=1,ro"]).unwrap();
+        assert_eq!(s.disks[0].boot_index, 0);
+        assert_eq!(s.disks[1].boot_index, 1);
+        assert!(s.disks[1].read_only);
+        let err = spec(&["--disk", "pdisk:a,boot=2", "--disk", "pdisk:b,boot=2"]).unwrap_err();
+        assert_eq!(err, "boot=2 is given to more than one disk");
+    }
+
+    #[test]
+    fn kernel_boot_needs_no_disk() {
+        let s = spec(&[
+            "--kernel",
+            "vmlinuz",
+            "--initrd",
+            "/boot/initrd.img",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--disk",
+            "pdisk:data",
+        ])
+        .unwrap();
+        let k = s.kernel.unwrap();
+        assert_eq!(k.kernel, "/home/op/vmlinuz");
+        assert_eq!(k.initrd, "/boot/initrd.img");
+        assert_eq!(k.cmdline, "console=ttyS0 quiet");
+        assert_eq!(s.disks[0].boot_index, 1);
+        assert_eq!(
+            spec(&[]).unwrap_err(),
+            "nothing to boot: give a --disk or a --kernel"
+        );
+        assert_eq!(
+            fails(&["vm", "create", "a", "--vcpus", "1", "--memory", "1G", "--initrd", "/i"])
+                .kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn memory_is_rounded_up_and_at_least_16m() {
+        assert_eq!(
+            create(&["--memory", "1.5G"]).unwrap().memory,
+            ByteSize(1536 << 20)
+        );
+        assert_eq!(
+            create(&["--memory", "16777217"]).unwrap().memory,
+            ByteSize(17 << 20)
+        );
+        let err = fails(&["vm", "create", "a", "--vcpus", "1", "--memory", "8M"]);
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert!(
+            err.to_string()
+                .contains("memory 8M is too small: at least 16M"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_create_arguments_are_usage_errors() {
+        for (args, words) in [
+            (&["--vcpus", "0"][..], "0 is not in 1..=255"),
+            (&["--vcpus", "256"], "256 is not in 1..=255"),
+            (&["--memory", "lots"], "invalid size"),
+            (&["--disk", "db1"], "has no source"),
+            (&["--disk", "iscsi:x"], "unknown disk source \"iscsi\""),
+            (
+                &["--disk", "pdisk:DB1"],
+                "is neither a UUID nor a valid name",
+            ),
+            (&["--disk", "pdisk:"], "is neither a UUID nor a valid name"),
+            (&["--disk", "file:"], "the path is empty"),
+            (&["--disk", "file:../x.img"], "may not contain '..'"),
+            (&["--disk", "pdisk:a,rw"], "unknown disk option \"rw\""),
+            (&["--disk", "pdisk:a,ro,ro"], "\"ro\" is given twice"),
+            (&["--disk", "pdisk:a,boot=0"], "boot=0: the boot index"),
+            (&["--disk", "pdisk:a,boot=x"], "boot=x: the boot index"),
+            (&["--disk", "pdisk:a,boot"], "unknown disk option \"boot\""),
+            (&["--nic", "br0"], "is not KEY=VALUE"),
+            (
+                &["--nic", "bridge=br0,bridge=br1"],
+                "\"bridge\" is given twice",
+            ),
+            (&["--nic", "bridge=a/b"], "not a valid interface name"),
+            (
+                &["--nic", "bridge=a-very-long-bridge"],
+                "not a valid interface name",
+            ),
+            (&["--nic", "mac=52:54:00:12:34"], "invalid MAC"),
+            (&["--nic", "mac=52:54:00:12:34:5g"], "invalid MAC"),
+            (&["--nic", "mac=01:00:5e:00:00:01"], "multicast"),
+            (&["--nic", "mac=00:00:00:00:00:00"], "all zeros"),
+            (
+                &["--nic", "vlan=0"],
+                "vlan=0: the VLAN tag is a number from 1 to 4094",
+            ),
+            (&["--nic", "vlan=4095"], "vlan=4095"),
+            (&["--nic", "speed=10"], "unknown NIC option \"speed\""),
+            (&["--nic", ""], "empty NIC"),
+            (&["--label", "novalue"], "expected key=value"),
+            (&["--kernel", "/a,b"], "may not contain ','"),
+        ] {
+            let err = create(args).expect_err(&format!("{args:?} should be refused"));
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{args:?}: {err}");
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains(words), "{args:?}: {err}");
+        }
+        let err = fails(&["vm", "create", "Web1", "--vcpus", "1", "--memory", "1G"]);
+        assert_eq!(err.kind(), ErrorKind::ValueValidation);
+        assert_eq!(
+            fails(&["vm", "create", "web1", "--memory", "1G"]).kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn checks_across_arguments() {
+        let err = spec(&["--disk", "pdisk:a", "--label", "k=1", "--label", "k=2"]).unwrap_err();
+        assert!(err.contains("more than once"), "{err}");
+        let err = spec(&[
+            "--disk",
+            "pdisk:a",
+            "--nic",
+            "mac=52:54:00:00:00:01",
+            "--nic",
+            "bridge=br1,mac=52:54:00:00:00:01",
+        ])
+        .unwrap_err();
+        assert_eq!(err, "MAC 52:54:00:00:00:01 is given to more than one NIC");
+        let many: Vec<String> = (0..17).map(|i| format!("--disk=pdisk:d{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(spec(&many).unwrap_err().contains("at most 16"));
+    }
+
+    #[test]
+    fn macs_print_lowercase() {
+        let mac: Mac = "52:54:00:AB:CD:EF".parse().unwrap();
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:ef");
+        assert!("52:54:00:ab:cd:ef:00".parse::<Mac>().is_err());
+        assert!("5254.00ab.cdef".parse::<Mac>().is_err());
+        assert!("+2:54:00:ab:cd:ef".parse::<Mac>().is_err());
+    }
+
+    #[test]
+    fn lifecycle_commands_take_a_name_or_uuid() {
+        let cli = parse(&["vm", "stop", "web1", "--timeout", "30"]).unwrap();
+        let Command::Vm(VmCommand::Stop { vm, timeout, force }) = cli.command else {
+            panic!("wrong command")
+        };
+        assert_eq!((vm.as_str(), timeout, force), ("web1", 30, false));
+        let cli = parse(&["vm", "stop", "web1", "--force"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Vm(VmCommand::Stop {
+                timeout: 60,
+                force: true,
+                ..
+            })
+        ));
+        assert_eq!(
+            fails(&["vm", "stop", "web1", "--force", "--timeout", "5"]).kind(),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            fails(&["vm", "stop", "web1", "--timeout", "0"]).kind(),
+            ErrorKind::ValueValidation
+        );
+        let cli = parse(&["vm", "destroy", "6F9619FF-8B86-D011-B42D-00C04FC964FF"]).unwrap();
+        let Command::Vm(VmCommand::Destroy { vm, timeout }) = cli.command else {
+            panic!("wrong command")
+        };
+        assert_eq!(vm.as_str(), "6f9619ff-8b86-d011-b42d-00c04fc964ff");
+        assert_eq!(timeout, 60);
+        for command in ["start", "reboot", "pause", "resume", "show", "console"] {
+            assert!(parse(&["vm", command, "web1"]).is_ok(), "{command}");
+            assert_eq!(
+                fails(&["vm", command, "../x"]).kind(),
+                ErrorKind::ValueValidation
+            );
+            assert_eq!(
+                fails(&["vm", command]).kind(),
+                ErrorKind::MissingRequiredArgument
+            );
+        }
+        assert!(matches!(
+            parse(&["vm", "console", "web1", "-f"]).unwrap().command,
+            Command::Vm(VmCommand::Console { follow: true, .. })
+        ));
+    }
+
+    #[test]
+    fn events_replay_by_default() {
+        let cli = parse(&["events"]).unwrap();
+        let Command::Events(e) = cli.command else {
+            panic!("wrong command")
+        };
+        assert_eq!((e.since, e.vm, e.follow), (0, None, false));
+        let cli = parse(&["events", "--since", "42", "--vm", "web1", "--follow"]).unwrap();
+        let Command::Events(e) = cli.command else {
+            panic!("wrong command")
+        };
+        assert_eq!(e.since, 42);
+        assert_eq!(e.vm.unwrap().as_str(), "web1");
+        assert!(e.follow);
+        assert_eq!(
+            fails(&["events", "--since", "-1"]).kind(),
+            ErrorKind::UnknownArgument
+        );
+    }
+
+    #[test]
+    fn missing_subcommand_is_a_usage_error() {
+        assert_eq!(fails(&["vm"]).exit_code(), 2);
+        assert_eq!(fails(&["host"]).exit_code(), 2);
+    }
+}

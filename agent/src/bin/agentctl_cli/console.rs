@@ -1,0 +1,152 @@
+//! Reading a guest's serial console log, a file QEMU appends to on this host.
+//!
+//! [`Tail`] hands out what was appended since its last read, and starts over
+//! when the file shrank (the agent truncates it for a new boot).
+//! [`Utf8Chunks`] turns the bytes into text for `--json` without splitting a
+//! character that straddles two reads.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// Bytes handed out by one [`Tail::read`] at most, so a large log streams
+/// out in pieces instead of being held in memory whole.
+pub const READ_LIMIT: u64 = 1 << 20;
+
+pub struct Tail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Tail {
+    pub fn new(path: impl Into<PathBuf>) -> Tail {
+        Tail {
+            path: path.into(),
+            offset: 0,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Up to [`READ_LIMIT`] bytes appended since the last read; empty when
+    /// there is nothing new. The file is opened afresh each time, so a log
+    /// replaced by a new one is followed too.
+    pub fn read(&mut self) -> io::Result<Vec<u8>> {
+        let mut file = File::open(&self.path)?;
+        let len = file.metadata()?.len();
+        if len < self.offset {
+            self.offset = 0;
+        }
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        file.take(READ_LIMIT).read_to_end(&mut buf)?;
+        self.offset += buf.len() as u64;
+        Ok(buf)
+    }
+}
+
+/// Decodes a byte stream into text piece by piece: invalid bytes become
+/// U+FFFD, and an incomplete character at the end of a piece waits for the
+/// next one.
+#[derive(Default)]
+pub struct Utf8Chunks {
+    pending: Vec<u8>,
+}
+
+impl Utf8Chunks {
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        let mut rest: &[u8] = &self.pending;
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    out.push_str(s);
+                    rest = &[];
+                    break;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    // `valid_up_to` bytes are valid UTF-8: this never falls back.
+                    out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                    match e.error_len() {
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            rest = &after[bad..];
+                        }
+                        // A character cut short by the end of the data.
+                        None => {
+                            rest = after;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.pending = rest.to_vec();
+        out
+    }
+
+    /// What is left when the stream ends: a cut-short character, replaced.
+    pub fn finish(&mut self) -> String {
+        let rest = std::mem::take(&mut self.pending);
+        String::from_utf8_lossy(&rest).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn tail_reads_what_was_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, "boot\n").unwrap();
+        let mut tail = Tail::new(&path);
+        assert_eq!(tail.read().unwrap(), b"boot\n");
+        assert_eq!(tail.read().unwrap(), b"");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(b"login: ").unwrap();
+        assert_eq!(tail.read().unwrap(), b"login: ");
+        // Truncated for a new boot: start over.
+        std::fs::write(&path, "again\n").unwrap();
+        assert_eq!(tail.read().unwrap(), b"again\n");
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            tail.read().unwrap_err().kind(),
+            io::ErrorKind::NotFound,
+            "{}",
+            tail.path().display()
+        );
+    }
+
+    #[test]
+    fn tail_hands_out_large_logs_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        std::fs::write(&path, vec![b'x'; READ_LIMIT as usize + 10]).unwrap();
+        let mut tail = Tail::new(&path);
+        assert_eq!(tail.read().unwrap().len(), READ_LIMIT as usize);
+        assert_eq!(tail.read().unwrap().len(), 10);
+        assert!(tail.read().unwrap().is_empty());
+    }
+
+    #[test]
+    fn characters_split_across_reads_stay_whole() {
+        let mut text = Utf8Chunks::default();
+        let e_acute = "é".as_bytes();
+        assert_eq!(text.push(&[b'a', e_acute[0]]), "a");
+        assert_eq!(text.push(&[e_acute[1], b'b']), "éb");
+        assert_eq!(text.push(&[0xff, b'c']), "\u{fffd}c");
+        assert_eq!(text.push(&[0xe2, 0x82]), "");
+        assert_eq!(text.finish(), "\u{fffd}");
+        assert_eq!(text.finish(), "");
+    }
+}

@@ -1,0 +1,648 @@
+//! How results look: each agent.v1 message as JSON (for `--json`) and as
+//! human text (tables, `key: value` blocks, one line per event).
+//!
+//! JSON keeps the proto field names, sizes as numbers of bytes, enums as
+//! lowercase words ("running", "disk_attached", "api") and labels as an
+//! object with sorted keys, so the output is stable for scripts whatever
+//! order the server sends.
+
+use std::collections::{BTreeMap, HashMap};
+
+use pdisk::cli::failure::one_line;
+use pdisk::cli::{fields, Table};
+use pdisk::types::ByteSize;
+use serde_json::{json, Map, Value};
+use stratus_proto::agent::v1::{
+    disk_spec, AttachedDisk, AttachedNic, DiskSpec, Event, EventCause, EventType, Host, NicSpec,
+    Vm, VmState,
+};
+
+/// Shown for an empty value in human output.
+const NONE: &str = "-";
+
+/// `VM_STATE_DISK_ATTACHED`-style proto names as "disk_attached"; numbers
+/// this client does not know (a newer agent) as "unknown(N)".
+fn word(name: Option<&str>, prefix: &str, raw: i32) -> String {
+    match name {
+        Some(name) => name
+            .strip_prefix(prefix)
+            .unwrap_or(name)
+            .to_ascii_lowercase(),
+        None => format!("unknown({raw})"),
+    }
+}
+
+pub fn state_word(state: i32) -> String {
+    let name = VmState::try_from(state).ok().map(|s| s.as_str_name());
+    word(name, "VM_STATE_", state)
+}
+
+pub fn event_type_word(t: i32) -> String {
+    let name = EventType::try_from(t).ok().map(|t| t.as_str_name());
+    word(name, "EVENT_TYPE_", t)
+}
+
+pub fn cause_word(cause: i32) -> String {
+    let name = EventCause::try_from(cause).ok().map(|c| c.as_str_name());
+    word(name, "EVENT_CAUSE_", cause)
+}
+
+/// A QEMU process exists, or is being made or ended, in these states: the
+/// console may still grow.
+pub fn is_active(state: i32) -> bool {
+    matches!(
+        VmState::try_from(state),
+        Ok(VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping)
+    )
+}
+
+fn size(bytes: u64) -> String {
+    ByteSize(bytes).to_string()
+}
+
+fn or_none(s: &str) -> String {
+    if s.is_empty() {
+        NONE.to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+/// A word for human output, with "-" for "unspecified".
+fn or_none_word(word: String) -> String {
+    if word == "unspecified" {
+        NONE.to_owned()
+    } else {
+        word
+    }
+}
+
+fn sorted(labels: &HashMap<String, String>) -> BTreeMap<&str, &str> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+fn labels_json(labels: &HashMap<String, String>) -> Value {
+    let map: Map<String, Value> = sorted(labels)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), Value::from(v)))
+        .collect();
+    Value::Object(map)
+}
+
+fn labels_text(labels: &HashMap<String, String>) -> String {
+    let pairs: Vec<String> = sorted(labels)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if pairs.is_empty() {
+        NONE.to_owned()
+    } else {
+        pairs.join(",")
+    }
+}
+
+// ---- VMs ----
+
+fn disk_spec_json(d: &DiskSpec) -> Value {
+    let mut j = json!({ "read_only": d.read_only, "boot_index": d.boot_index });
+    match &d.source {
+        Some(disk_spec::Source::PdiskVolume(v)) => j["pdisk_volume"] = json!(v),
+        Some(disk_spec::Source::File(f)) => j["file"] = json!(f),
+        None => {}
+    }
+    j
+}
+
+/// A disk source as the command line and AttachedDisk.source write it.
+fn disk_source_text(d: &DiskSpec) -> String {
+    match &d.source {
+        Some(disk_spec::Source::PdiskVolume(v)) => format!("pdisk:{v}"),
+        Some(disk_spec::Source::File(f)) => format!("file:{f}"),
+        None => NONE.to_owned(),
+    }
+}
+
+fn nic_spec_json(n: &NicSpec) -> Value {
+    json!({ "bridge": n.bridge, "mac": n.mac, "vlan": n.vlan })
+}
+
+fn attached_disk_json(d: &AttachedDisk) -> Value {
+    json!({
+        "device": d.device,
+        "source": d.source,
+        "attachment": d.attachment,
+        "read_only": d.read_only,
+    })
+}
+
+fn attached_nic_json(n: &AttachedNic) -> Value {
+    json!({ "tap": n.tap, "bridge": n.bridge, "mac": n.mac, "vlan": n.vlan })
+}
+
+pub fn vm_json(v: &Vm) -> Value {
+    let spec = v.spec.clone().unwrap_or_default();
+    json!({
+        "uuid": v.uuid,
+        "name": v.name,
+        "spec": {
+            "name": spec.name,
+            "vcpus": spec.vcpus,
+            "memory_bytes": spec.memory_bytes,
+            "disks": spec.disks.iter().map(disk_spec_json).collect::<Vec<_>>(),
+            "nics": spec.nics.iter().map(nic_spec_json).collect::<Vec<_>>(),
+            "kernel": spec.kernel.as_ref().map(|k| json!({
+                "kernel": k.kernel,
+                "initrd": k.initrd,
+                "cmdline": k.cmdline,
+            })),
+            "labels": labels_json(&spec.labels),
+        },
+        "state": state_word(v.state),
+        "state_reason": v.state_reason,
+        "pid": v.pid,
+        "disks": v.disks.iter().map(attached_disk_json).collect::<Vec<_>>(),
+        "nics": v.nics.iter().map(attached_nic_json).collect::<Vec<_>>(),
+        "console_log": v.console_log,
+        "created_at": v.created_at,
+        "last_event_seq": v.last_event_seq,
+    })
+}
+
+pub fn vms_json(vs: &[Vm]) -> Value {
+    json!({ "vms": vs.iter().map(vm_json).collect::<Vec<_>>() })
+}
+
+fn state_text(v: &Vm) -> String {
+    let state = state_word(v.state);
+    if v.state_reason.is_empty() {
+        state
+    } else {
+        format!("{state} ({})", one_line(&v.state_reason))
+    }
+}
+
+fn pid_text(pid: u32) -> String {
+    if pid == 0 {
+        NONE.to_owned()
+    } else {
+        pid.to_string()
+    }
+}
+
+fn vlan_text(vlan: u32) -> String {
+    if vlan == 0 {
+        NONE.to_owned()
+    } else {
+        vlan.to_string()
+    }
+}
+
+/// Disks as the spec asks for them, beside what was attached (in spec order)
+/// while the VM runs.
+fn disks_table(spec: &[DiskSpec], attached: &[AttachedDisk]) -> String {
+    let mut t = Table::new(["DEVICE", "SOURCE", "MODE", "BOOT", "ATTACHMENT"]);
+    for i in 0..spec.len().max(attached.len()) {
+        let (s, a) = (spec.get(i), attached.get(i));
+        let source = match (s, a) {
+            (Some(s), _) => disk_source_text(s),
+            (None, Some(a)) => or_none(&a.source),
+            (None, None) => NONE.to_owned(),
+        };
+        let read_only = s.map(|s| s.read_only).or(a.map(|a| a.read_only));
+        let boot = s.map_or(0, |s| s.boot_index);
+        t.row([
+            a.map_or(NONE.to_owned(), |a| or_none(&a.device)),
+            source,
+            if read_only == Some(true) { "ro" } else { "rw" }.to_owned(),
+            if boot == 0 {
+                NONE.to_owned()
+            } else {
+                boot.to_string()
+            },
+            a.map_or(NONE.to_owned(), |a| or_none(&a.attachment)),
+        ]);
+    }
+    t.render()
+}
+
+/// NICs as the spec asks for them, with the taps and generated MACs once
+/// attached.
+fn nics_table(spec: &[NicSpec], attached: &[AttachedNic]) -> String {
+    let mut t = Table::new(["TAP", "BRIDGE", "MAC", "VLAN"]);
+    for i in 0..spec.len().max(attached.len()) {
+        let (s, a) = (spec.get(i), attached.get(i));
+        let pick = |attached: Option<&str>, asked: Option<&str>, unset: &str| {
+            attached
+                .filter(|v| !v.is_empty())
+                .or(asked.filter(|v| !v.is_empty()))
+                .unwrap_or(unset)
+                .to_owned()
+        };
+        t.row([
+            a.map_or(NONE.to_owned(), |a| or_none(&a.tap)),
+            pick(
+                a.map(|a| a.bridge.as_str()),
+                s.map(|s| s.bridge.as_str()),
+                "(default)",
+            ),
+            pick(
+                a.map(|a| a.mac.as_str()),
+                s.map(|s| s.mac.as_str()),
+                "(generated)",
+            ),
+            vlan_text(a.map_or(0, |a| a.vlan).max(s.map_or(0, |s| s.vlan))),
+        ]);
+    }
+    t.render()
+}
+
+pub fn vm_view(v: &Vm) -> String {
+    let spec = v.spec.clone().unwrap_or_default();
+    let mut pairs = vec![
+        ("name", v.name.clone()),
+        ("uuid", v.uuid.clone()),
+        ("state", state_text(v)),
+        ("pid", pid_text(v.pid)),
+        ("vcpus", spec.vcpus.to_string()),
+        ("memory", size(spec.memory_bytes)),
+    ];
+    match &spec.kernel {
+        Some(k) => {
+            pairs.push(("kernel", or_none(&k.kernel)));
+            pairs.push(("initrd", or_none(&k.initrd)));
+            pairs.push(("cmdline", or_none(&k.cmdline)));
+        }
+        None => pairs.push(("kernel", "- (boots from disk)".to_owned())),
+    }
+    pairs.extend([
+        ("labels", labels_text(&spec.labels)),
+        ("console", or_none(&v.console_log)),
+        ("created", or_none(&v.created_at)),
+        ("last event", v.last_event_seq.to_string()),
+    ]);
+    let mut out = fields(&pairs);
+    if !spec.disks.is_empty() || !v.disks.is_empty() {
+        out.push('\n');
+        out.push_str(&disks_table(&spec.disks, &v.disks));
+    }
+    if !spec.nics.is_empty() || !v.nics.is_empty() {
+        out.push('\n');
+        out.push_str(&nics_table(&spec.nics, &v.nics));
+    }
+    out
+}
+
+pub fn vms_table(vs: &[Vm]) -> String {
+    let mut t = Table::new([
+        "NAME", "UUID", "STATE", "VCPUS", "MEMORY", "DISKS", "NICS", "PID", "LABELS",
+    ]);
+    for v in vs {
+        let spec = v.spec.clone().unwrap_or_default();
+        t.row([
+            v.name.clone(),
+            v.uuid.clone(),
+            state_word(v.state),
+            spec.vcpus.to_string(),
+            size(spec.memory_bytes),
+            spec.disks.len().max(v.disks.len()).to_string(),
+            spec.nics.len().max(v.nics.len()).to_string(),
+            pid_text(v.pid),
+            labels_text(&spec.labels),
+        ]);
+    }
+    t.render()
+}
+
+// ---- events ----
+
+pub fn event_json(e: &Event) -> Value {
+    json!({
+        "seq": e.seq,
+        "time": e.time,
+        "vm_uuid": e.vm_uuid,
+        "vm_name": e.vm_name,
+        "type": event_type_word(e.r#type),
+        "state": state_word(e.state),
+        "cause": cause_word(e.cause),
+        "detail": e.detail,
+    })
+}
+
+/// One event on one line: `SEQ TIME VM TYPE STATE cause=CAUSE detail`, with
+/// `-` for what is missing, so `awk` finds the same column on every line.
+pub fn event_line(e: &Event) -> String {
+    let vm = if e.vm_name.is_empty() {
+        or_none(&e.vm_uuid)
+    } else {
+        e.vm_name.clone()
+    };
+    let mut line = format!(
+        "{} {} {vm} {} {} cause={}",
+        e.seq,
+        or_none(&e.time),
+        or_none_word(event_type_word(e.r#type)),
+        or_none_word(state_word(e.state)),
+        or_none_word(cause_word(e.cause)),
+    );
+    let detail = one_line(&e.detail);
+    if !detail.is_empty() {
+        line.push(' ');
+        line.push_str(&detail);
+    }
+    line.push('\n');
+    line
+}
+
+// ---- host ----
+
+pub fn host_json(h: &Host) -> Value {
+    json!({
+        "hostname": h.hostname,
+        "cpus": h.cpus,
+        "memory_bytes": h.memory_bytes,
+        "free_vcpus": h.free_vcpus,
+        "free_memory_bytes": h.free_memory_bytes,
+        "accelerator": h.accelerator,
+        "accelerator_reason": h.accelerator_reason,
+        "qemu_version": h.qemu_version,
+        "agent_version": h.agent_version,
+        "initiator_iqn": h.initiator_iqn,
+        "vm_count": h.vm_count,
+        "running_vms": h.running_vms,
+        "last_event_seq": h.last_event_seq,
+        "pdisk_server": h.pdisk_server,
+    })
+}
+
+pub fn host_view(h: &Host) -> String {
+    let accelerator = if h.accelerator_reason.is_empty() {
+        or_none(&h.accelerator)
+    } else {
+        format!(
+            "{} ({})",
+            or_none(&h.accelerator),
+            one_line(&h.accelerator_reason)
+        )
+    };
+    fields(&[
+        ("hostname", or_none(&h.hostname)),
+        ("cpus", h.cpus.to_string()),
+        ("memory", size(h.memory_bytes)),
+        ("free vcpus", h.free_vcpus.to_string()),
+        ("free memory", size(h.free_memory_bytes)),
+        ("accelerator", accelerator),
+        ("qemu", or_none(&h.qemu_version)),
+        ("agent", or_none(&h.agent_version)),
+        ("initiator", or_none(&h.initiator_iqn)),
+        ("pdisk server", or_none(&h.pdisk_server)),
+        ("vms", format!("{} ({} running)", h.vm_count, h.running_vms)),
+        ("last event", h.last_event_seq.to_string()),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stratus_proto::agent::v1::{KernelBoot, VmSpec};
+
+    fn vm() -> Vm {
+        Vm {
+            uuid: "6f9619ff-8b86-d011-b42d-00c04fc964ff".into(),
+            name: "web1".into(),
+            spec: Some(VmSpec {
+                name: "web1".into(),
+                vcpus: 2,
+                memory_bytes: 512 << 20,
+                disks: vec![
+                    DiskSpec {
+                        source: Some(disk_spec::Source::PdiskVolume("web1-root".into())),
+                        read_only: false,
+                        boot_index: 1,
+                    },
+                    DiskSpec {
+                        source: Some(disk_spec::Source::File("/srv/seed.iso".into())),
+                        read_only: true,
+                        boot_index: 0,
+                    },
+                ],
+                nics: vec![NicSpec {
+                    bridge: "br0".into(),
+                    mac: String::new(),
+                    vlan: 20,
+                }],
+                kernel: None,
+                labels: [("tier", "web"), ("app", "shop")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect(),
+            }),
+            state: VmState::Running as i32,
+            state_reason: String::new(),
+            pid: 4242,
+            disks: vec![AttachedDisk {
+                device: "vda".into(),
+                source: "pdisk:web1-root".into(),
+                attachment: "iscsi://127.0.0.1:3260/iqn.2026-11.io.stratus:web1-root/1".into(),
+                read_only: false,
+            }],
+            nics: vec![AttachedNic {
+                tap: "st-6f9619ff-0".into(),
+                bridge: "br0".into(),
+                mac: "52:54:00:12:34:56".into(),
+                vlan: 20,
+            }],
+            console_log: "/var/lib/stratus/agent/vms/6f96/console.log".into(),
+            created_at: "2026-11-02T10:00:00Z".into(),
+            last_event_seq: 42,
+        }
+    }
+
+    #[test]
+    fn enums_are_lowercase_words() {
+        assert_eq!(state_word(VmState::Running as i32), "running");
+        assert_eq!(state_word(VmState::Unspecified as i32), "unspecified");
+        assert_eq!(state_word(99), "unknown(99)");
+        assert_eq!(
+            event_type_word(EventType::DiskAttached as i32),
+            "disk_attached"
+        );
+        assert_eq!(
+            event_type_word(EventType::DiskIoError as i32),
+            "disk_io_error"
+        );
+        assert_eq!(cause_word(EventCause::Api as i32), "api");
+        assert_eq!(cause_word(EventCause::GuestPanic as i32), "guest_panic");
+        assert!(is_active(VmState::Paused as i32));
+        assert!(!is_active(VmState::Stopped as i32));
+        assert!(!is_active(77));
+    }
+
+    #[test]
+    fn vm_json_keeps_proto_names() {
+        let j = vm_json(&vm());
+        assert_eq!(j["state"], "running");
+        assert_eq!(j["spec"]["memory_bytes"], 512u64 << 20);
+        assert_eq!(j["spec"]["disks"][0]["pdisk_volume"], "web1-root");
+        assert_eq!(j["spec"]["disks"][0]["boot_index"], 1);
+        assert_eq!(j["spec"]["disks"][1]["file"], "/srv/seed.iso");
+        assert_eq!(j["spec"]["disks"][1]["read_only"], true);
+        assert_eq!(j["spec"]["nics"][0]["vlan"], 20);
+        assert_eq!(j["spec"]["kernel"], Value::Null);
+        assert_eq!(
+            serde_json::to_string(&j["spec"]["labels"]).unwrap(),
+            r#"{"app":"shop","tier":"web"}"#,
+            "keys sorted"
+        );
+        assert_eq!(j["disks"][0]["device"], "vda");
+        assert_eq!(j["nics"][0]["mac"], "52:54:00:12:34:56");
+        assert_eq!(j["last_event_seq"], 42);
+        assert_eq!(vms_json(&[vm()])["vms"][0]["name"], "web1");
+
+        let mut v = vm();
+        v.spec.as_mut().unwrap().kernel = Some(KernelBoot {
+            kernel: "/boot/vmlinuz".into(),
+            initrd: String::new(),
+            cmdline: "console=ttyS0".into(),
+        });
+        assert_eq!(vm_json(&v)["spec"]["kernel"]["cmdline"], "console=ttyS0");
+    }
+
+    #[test]
+    fn vm_view_shows_disks_and_nics() {
+        let text = vm_view(&vm());
+        assert!(text.starts_with("name:        web1\n"), "{text}");
+        assert!(text.contains("state:       running\n"), "{text}");
+        assert!(text.contains("memory:      512M\n"), "{text}");
+        assert!(text.contains("labels:      app=shop,tier=web\n"), "{text}");
+        assert!(
+            text.contains("kernel:      - (boots from disk)\n"),
+            "{text}"
+        );
+        let tables: Vec<&str> = text.split("\n\n").collect();
+        assert_eq!(tables.len(), 3, "{text}");
+        assert_eq!(
+            tables[1],
+            "DEVICE  SOURCE              MODE  BOOT  ATTACHMENT\n\
+             vda     pdisk:web1-root     rw    1     \
+             iscsi://127.0.0.1:3260/iqn.2026-11.io.stratus:web1-root/1\n\
+             -       file:/srv/seed.iso  ro    -     -"
+        );
+        assert_eq!(
+            tables[2],
+            "TAP            BRIDGE  MAC                VLAN\n\
+             st-6f9619ff-0  br0     52:54:00:12:34:56  20\n"
+        );
+
+        let mut defined = vm();
+        defined.state = VmState::Error as i32;
+        defined.state_reason = "qemu: could not open\n/dev/x".into();
+        defined.pid = 0;
+        defined.disks.clear();
+        defined.nics.clear();
+        let text = vm_view(&defined);
+        assert!(
+            text.contains("state:       error (qemu: could not open /dev/x)\n"),
+            "{text}"
+        );
+        assert!(text.contains("pid:         -\n"), "{text}");
+        assert!(
+            text.contains("-    br0     (generated)  20\n"),
+            "the MAC is generated at start: {text}"
+        );
+    }
+
+    #[test]
+    fn vm_table_is_human() {
+        let mut stopped = vm();
+        stopped.name = "db".into();
+        stopped.state = VmState::Stopped as i32;
+        stopped.pid = 0;
+        stopped.spec.as_mut().unwrap().labels.clear();
+        let out = vms_table(&[vm(), stopped]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("NAME  UUID"), "{out}");
+        assert!(
+            lines[1].ends_with("running  2      512M    2      1     4242  app=shop,tier=web"),
+            "{out}"
+        );
+        assert!(
+            lines[2].ends_with("stopped  2      512M    2      1     -     -"),
+            "{out}"
+        );
+        assert_eq!(
+            vms_table(&[]),
+            "NAME  UUID  STATE  VCPUS  MEMORY  DISKS  NICS  PID  LABELS\n"
+        );
+    }
+
+    #[test]
+    fn events_print_one_line_each() {
+        let mut e = Event {
+            seq: 42,
+            time: "2026-11-02T10:00:00.123456Z".into(),
+            vm_uuid: "6f96".into(),
+            vm_name: "web1".into(),
+            r#type: EventType::DiskAttached as i32,
+            state: VmState::Starting as i32,
+            cause: EventCause::Api as i32,
+            detail: "vda pdisk:web1-root\nvia iscsi".into(),
+        };
+        assert_eq!(
+            event_line(&e),
+            "42 2026-11-02T10:00:00.123456Z web1 disk_attached starting cause=api \
+             vda pdisk:web1-root via iscsi\n"
+        );
+        let j = event_json(&e);
+        assert_eq!(j["type"], "disk_attached");
+        assert_eq!(j["state"], "starting");
+        assert_eq!(j["cause"], "api");
+        assert_eq!(j["seq"], 42);
+        assert!(!j.to_string().contains('\n'), "one JSON Line");
+        e.vm_name.clear();
+        e.detail.clear();
+        e.state = VmState::Unspecified as i32;
+        e.cause = EventCause::Reconciliation as i32;
+        e.r#type = EventType::Adopted as i32;
+        assert_eq!(
+            event_line(&e),
+            "42 2026-11-02T10:00:00.123456Z 6f96 adopted - cause=reconciliation\n"
+        );
+        assert_eq!(event_json(&e)["state"], "unspecified");
+    }
+
+    #[test]
+    fn host_shows_capacity_and_accelerator() {
+        let h = Host {
+            hostname: "hv1".into(),
+            cpus: 8,
+            memory_bytes: 32 << 30,
+            free_vcpus: 6,
+            free_memory_bytes: 31 << 30,
+            accelerator: "tcg".into(),
+            accelerator_reason: "the CPU has no vmx or svm flag".into(),
+            qemu_version: "7.2.0".into(),
+            agent_version: "0.1.0".into(),
+            initiator_iqn: "iqn.2026-11.io.stratus:hv1".into(),
+            vm_count: 3,
+            running_vms: 1,
+            last_event_seq: 42,
+            pdisk_server: String::new(),
+        };
+        let j = host_json(&h);
+        assert_eq!(j["memory_bytes"], 32u64 << 30);
+        assert_eq!(j["accelerator"], "tcg");
+        assert_eq!(j["running_vms"], 1);
+        let text = host_view(&h);
+        assert!(
+            text.contains("accelerator:   tcg (the CPU has no vmx or svm flag)\n"),
+            "{text}"
+        );
+        assert!(text.contains("memory:        32G\n"), "{text}");
+        assert!(text.contains("vms:           3 (1 running)\n"), "{text}");
+        assert!(text.contains("pdisk server:  -\n"), "{text}");
+    }
+}

@@ -1,0 +1,107 @@
+//! Command-line values both clients take: references to named objects and
+//! labels. Each is checked as clap parses it, so bad input ends with exit
+//! status 2 before any server is contacted.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::Error;
+use crate::types::{parse_label, validate_labels, VolumeName};
+
+/// An object as requests name it (a volume, a snapshot, a VM): its UUID,
+/// normalised to lowercase hyphenated form, or its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ref(String);
+
+impl Ref {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Ref {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Ref, String> {
+        if let Ok(uuid) = uuid::Uuid::try_parse(s) {
+            return Ok(Ref(uuid.hyphenated().to_string()));
+        }
+        match s.parse::<VolumeName>() {
+            Ok(name) => Ok(Ref(name.into())),
+            Err(_) => Err(format!(
+                "{s:?} is neither a UUID nor a valid name \
+                 (lowercase letters, digits, '.', '_', '-', at most 63)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Ref {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<Ref> for String {
+    fn from(r: Ref) -> String {
+        r.0
+    }
+}
+
+/// One `KEY=VALUE` label, checked on its own (a clap value parser); the set
+/// is checked by [`label_map`].
+pub fn label_arg(s: &str) -> Result<(String, String), Error> {
+    let (k, v) = parse_label(s)?;
+    validate_labels([(&k, &v)])?;
+    Ok((k, v))
+}
+
+/// The labels of one command as a request map: every key once, at most 32.
+pub fn label_map(pairs: &[(String, String)]) -> Result<HashMap<String, String>, String> {
+    let mut seen = HashSet::new();
+    if let Some((k, _)) = pairs.iter().find(|(k, _)| !seen.insert(k)) {
+        return Err(format!("label {k:?} is given more than once"));
+    }
+    let checked = validate_labels(pairs.iter().map(|(k, v)| (k, v))).map_err(|e| e.to_string())?;
+    Ok(checked.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refs_accept_names_and_uuids() {
+        assert_eq!("db1".parse::<Ref>().unwrap().as_str(), "db1");
+        assert_eq!(
+            "6F9619FF-8B86-D011-B42D-00C04FC964FF"
+                .parse::<Ref>()
+                .unwrap()
+                .as_str(),
+            "6f9619ff-8b86-d011-b42d-00c04fc964ff"
+        );
+        assert!("".parse::<Ref>().is_err());
+        assert!("a/b".parse::<Ref>().is_err());
+    }
+
+    #[test]
+    fn label_sets_refuse_duplicates_and_too_many() {
+        let pair = |k: &str| (k.to_owned(), "v".to_owned());
+        assert_eq!(label_map(&[pair("a"), pair("b")]).unwrap().len(), 2);
+        assert!(label_map(&[pair("a"), pair("a")])
+            .unwrap_err()
+            .contains("more than once"));
+        let many: Vec<_> = (0..33).map(|i| pair(&format!("k{i}"))).collect();
+        assert!(label_map(&many).is_err());
+    }
+
+    #[test]
+    fn a_label_needs_a_valid_key_and_an_equals_sign() {
+        assert_eq!(
+            label_arg("tier=gold").unwrap(),
+            ("tier".to_owned(), "gold".to_owned())
+        );
+        assert!(label_arg("novalue").is_err());
+        assert!(label_arg("bad key=v").is_err());
+    }
+}

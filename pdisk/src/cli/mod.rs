@@ -1,0 +1,213 @@
+//! Plumbing shared by the Stratus command-line clients (`pdisk`, `agentctl`),
+//! so both look and fail alike:
+//! - one server flag, `host:port` taken as `http://host:port`, and a
+//!   [`Remote`] that connects and turns every gRPC status into a [`Failure`];
+//! - results on stdout (a human table, [`Table`] and [`fields`], or JSON with
+//!   `--json`), where a closed pipe (`... | head`) is not an error;
+//! - every failure as one stderr line `<program>: <code in words>: <message>`,
+//!   plus `{"error": {"code", "message"}}` on stdout with `--json`, and exit
+//!   status 1 (the server refused, or the call failed) or 2 (bad input);
+//! - the command-line values both take ([`args`]).
+//!
+//! What a client calls and how it renders its messages stays in its binary.
+
+pub mod args;
+pub mod failure;
+pub mod table;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+pub use failure::{root_cause, Failure};
+pub use table::{fields, Table};
+
+/// How long to wait for the TCP connection to the server.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `host:port` is taken as `http://host:port`.
+pub fn server_url(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    }
+}
+
+/// The server a command talks to: where it is, and how messages name it.
+#[derive(Debug, Clone)]
+pub struct Remote {
+    server: &'static str,
+    url: String,
+}
+
+impl Remote {
+    /// `server` names it in messages ("the pdisk server", "the agent");
+    /// `address` is a URL or `host:port`.
+    pub fn new(server: &'static str, address: &str) -> Remote {
+        Remote {
+            server,
+            url: server_url(address),
+        }
+    }
+
+    pub fn server(&self) -> &'static str {
+        self.server
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The endpoint to connect to; a malformed URL is a usage error.
+    pub fn endpoint(&self) -> Result<Endpoint, Failure> {
+        Endpoint::from_shared(self.url.clone())
+            .map(|e| e.connect_timeout(CONNECT_TIMEOUT))
+            .map_err(|e| {
+                Failure::Usage(format!(
+                    "invalid server URL {:?}: {}",
+                    self.url,
+                    root_cause(&e)
+                ))
+            })
+    }
+
+    /// Connects; clients call it only after their local checks passed, so
+    /// bad input is reported as such even when the server is down.
+    pub async fn connect(&self) -> Result<Channel, Failure> {
+        self.endpoint()?
+            .connect()
+            .await
+            .map_err(|e| Failure::Unreachable {
+                server: self.server,
+                url: self.url.clone(),
+                cause: root_cause(&e),
+            })
+    }
+
+    /// The answer of a call, or why there is none.
+    pub fn answer<T>(&self, r: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Failure> {
+        r.map(tonic::Response::into_inner)
+            .map_err(|s| self.failure(s))
+    }
+
+    /// A status from a call (or from a stream's message) as a failure.
+    pub fn failure(&self, status: tonic::Status) -> Failure {
+        Failure::from_status(status, self)
+    }
+}
+
+/// Writes to stdout and flushes, reporting every error, a closed pipe
+/// included: commands that follow a stream stop when nobody reads.
+pub fn try_write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes).and_then(|()| out.flush())
+}
+
+/// Writes to stdout; a closed pipe (`pdisk volume list | head`) is not an error.
+pub fn write_stdout(text: &str) -> Result<(), Failure> {
+    match try_write_stdout(text.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(Failure::Local(format!("cannot write the output: {e}"))),
+    }
+}
+
+/// Ends a failed command: the JSON error on stdout with `json`, one line
+/// prefixed with `program` on stderr, and the failure's exit status.
+pub fn report(program: &str, failure: &Failure, json: bool) -> ExitCode {
+    if json {
+        let _ = write_stdout(&format!("{}\n", failure.json()));
+    }
+    eprintln!("{}", failure.line(program));
+    ExitCode::from(failure.exit_code())
+}
+
+/// clap's own exit (help, version, usage errors with status 2), plus the JSON
+/// error on stdout when `--json` is on the command line.
+pub fn usage_exit(err: clap::Error) -> ! {
+    if err.use_stderr() && wants_json(std::env::args_os().skip(1)) {
+        let _ = write_stdout(&format!("{}\n", Failure::Usage(clap_message(&err)).json()));
+    }
+    err.exit()
+}
+
+/// Whether `--json` is among the arguments (before any `--`). clap refused
+/// them, so they are scanned as they are.
+fn wants_json(args: impl Iterator<Item = OsString>) -> bool {
+    args.take_while(|a| a != "--").any(|a| a == "--json")
+}
+
+/// The first line of clap's message, without its "error: " prefix.
+pub fn clap_message(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_defaults_to_http() {
+        assert_eq!(server_url("storage1:7400"), "http://storage1:7400");
+        assert_eq!(server_url("https://storage1:7400"), "https://storage1:7400");
+        let remote = Remote::new("the agent", "127.0.0.1:7401");
+        assert_eq!(remote.url(), "http://127.0.0.1:7401");
+        assert_eq!(remote.server(), "the agent");
+    }
+
+    #[test]
+    fn json_is_wanted_only_before_a_double_dash() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>().into_iter();
+        assert!(wants_json(os(&["volume", "list", "--json"])));
+        assert!(!wants_json(os(&["volume", "list"])));
+        assert!(!wants_json(os(&["volume", "--", "--json"])));
+    }
+
+    #[test]
+    fn clap_messages_lose_their_prefix_and_colours() {
+        let command = clap::Command::new("x").arg(
+            clap::Arg::new("n")
+                .long("n")
+                .value_parser(clap::value_parser!(u8)),
+        );
+        let err = command
+            .try_get_matches_from(["x", "--n", "300"])
+            .unwrap_err();
+        let message = clap_message(&err);
+        assert!(
+            message.starts_with("invalid value '300' for '--n"),
+            "{message}"
+        );
+        assert!(
+            !message.contains('\u{1b}'),
+            "no terminal colours: {message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_server_urls_are_usage_errors() {
+        let remote = Remote::new("the pdisk server", "http://bad host:1");
+        let err = remote.endpoint().unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(remote.connect().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_one_clear_line() {
+        // Port 1 on loopback: nothing listens there in the test environment.
+        let remote = Remote::new("the pdisk server", "http://127.0.0.1:1");
+        let err = remote.connect().await.unwrap_err();
+        let line = err.line("pdisk");
+        assert!(
+            line.starts_with("pdisk: cannot reach the pdisk server at http://127.0.0.1:1: "),
+            "{line}"
+        );
+        assert_eq!(err.exit_code(), 1);
+    }
+}
