@@ -6,9 +6,15 @@
 //! - [`vmm`]: QEMU command lines, launching, accelerator choice;
 //! - [`qmp`]: the QEMU Machine Protocol client (commands and events);
 //! - [`net`]: tap devices and bridges, by ioctl/netlink (no `ip` commands);
+//! - [`service`]: the guest service: operations, QMP monitors, reconciliation;
+//! - [`grpc`]: the tonic `VmService`, message conversion only;
+//! - [`config`]: agentd settings from flags and TOML.
 
+pub mod config;
+pub mod grpc;
 pub mod net;
 pub mod qmp;
+pub mod service;
 pub mod spec;
 pub mod store;
 pub mod vmm;

@@ -1,1 +1,1475 @@
-//! QMP client: being written.
+//! QMP client: agentd's one connection to one QEMU process's monitor socket.
+//!
+//! agentd starts every guest's QEMU with `-qmp unix:PATH,server=on,wait=off`:
+//! QEMU listens, we connect. This module owns that connection and nothing else
+//! (not the process, not the guest's state): it sends commands, routes their
+//! replies back to the caller that asked, and turns QEMU's asynchronous events
+//! into typed [`QmpEvent`]s.
+//!
+//! # Protocol shape
+//!
+//! QMP is newline-delimited JSON objects in both directions:
+//!
+//! - QEMU greets: `{"QMP": {"version": {"qemu": {"major", "minor", "micro"},
+//!   "package"}, "capabilities": [..]}}`, then accepts nothing but
+//!   `qmp_capabilities` until that has been sent.
+//! - We send `{"execute": NAME, "arguments": {..}, "id": N}`; QEMU answers
+//!   `{"return": VALUE, "id": N}` or `{"error": {"class", "desc"}, "id": N}`.
+//!   QEMU runs commands one at a time in order, but a client must not rely on
+//!   that, so every reply is matched to its command by `id` alone.
+//! - Events arrive between replies at any time: `{"event": NAME, "data": {..},
+//!   "timestamp": {"seconds", "microseconds"}}`. An event a command causes is
+//!   written *before* that command's reply (`RESUME` before `cont`'s return,
+//!   `SHUTDOWN` before `quit`'s), and this client keeps that order: such an event
+//!   is already in the [`QmpEvents`] channel when the command returns.
+//! - QEMU serves one client at a time on the socket. A second client's
+//!   `connect()` succeeds (the kernel queues it) but its greeting only comes once
+//!   the first client has hung up. That is what lets a restarted agentd re-adopt
+//!   a running guest, and why [`Qmp`] must close its socket promptly when dropped.
+//!
+//! # Tasks and ownership
+//!
+//! [`Qmp::connect`] spawns two tasks per connection:
+//!
+//! - the **reader** owns the socket's read half. It parses every line, completes
+//!   the waiting caller of a reply, and pushes events into the [`QmpEvents`]
+//!   channel in the order QEMU wrote them. At end of stream it fails every
+//!   in-flight command with `Unavailable`, and sends a final
+//!   [`QmpEventKind::Closed`].
+//! - the **writer** owns the write half and writes whole lines it receives over a
+//!   channel. Callers never write to the socket themselves, so a caller whose
+//!   future is dropped halfway (a timeout, a cancelled gRPC request) cannot
+//!   leave half a JSON object on the wire.
+//!
+//! [`Qmp`] is a cheap handle (an `Arc`) shared by any number of tasks. When the
+//! last handle is dropped both tasks are aborted and the socket is closed; the
+//! events receiver then ends (`None`) *without* a `Closed` event, because QEMU
+//! did not go away: we left.
+//!
+//! The events channel is unbounded, deliberately: the reader must never wait for
+//! the event consumer, or command replies queued behind an event would stall and
+//! a consumer that awaits a command while events pile up would deadlock. Events
+//! are few (QEMU rate-limits its chatty ones) and agentd drains them
+//! continuously, so memory is bounded by how far the consumer lags, and no event
+//! is ever dropped.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pdisk::error::{Error, ErrorKind, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How long [`Qmp::execute`] waits for a reply. QEMU answers almost every command
+/// in milliseconds; one that takes this long means QEMU's main loop is stuck
+/// (typically on storage that stopped answering).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A connection to one QEMU's QMP socket. Clone it freely: clones share the
+/// connection, and commands from many tasks may be in flight at once.
+#[derive(Clone)]
+pub struct Qmp {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    version: QemuVersion,
+    next_id: AtomicU64,
+    pending: Arc<Pending>,
+    /// Whole lines for the writer task.
+    outbox: mpsc::UnboundedSender<Vec<u8>>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+/// Commands waiting for their reply, by id. `None` once the connection has
+/// closed, so that a command issued afterwards fails at once instead of waiting
+/// out its timeout. Dropping a sender is how a waiting caller learns of the close.
+type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+type Reply = std::result::Result<Value, QmpError>;
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the socket is what lets QEMU accept the next client (a
+        // restarted agentd, or another connect from this one), so do not wait
+        // for the tasks to notice on their own.
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+impl fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Qmp")
+            .field("path", &self.inner.path)
+            .field("version", &self.inner.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Qmp {
+    /// Connects to the QMP socket at `path`, reads QEMU's greeting and
+    /// negotiates capabilities, all within `timeout`.
+    ///
+    /// While the socket does not exist yet or refuses connections (QEMU is still
+    /// starting, or has died and left a stale socket file) it retries until
+    /// `timeout`, then fails with `Unavailable`. It also fails with
+    /// `Unavailable` when the greeting does not come: QEMU serves one client at
+    /// a time and another one is still connected.
+    pub async fn connect(path: &Path, timeout: Duration) -> Result<(Qmp, QmpEvents)> {
+        let deadline = Instant::now() + timeout;
+        let stream = connect_socket(path, timeout, deadline).await?;
+        let (read, write) = stream.into_split();
+        let mut read = BufReader::new(read);
+
+        let greeting = tokio::time::timeout_at(deadline, read_greeting(&mut read))
+            .await
+            .map_err(|_| {
+                Error::unavailable(format!(
+                    "QMP socket {}: no greeting within {} (QEMU serves one client at a \
+                     time: is another one connected?)",
+                    path.display(),
+                    humantime::format_duration(timeout)
+                ))
+            })?
+            .map_err(|e| e.context(format!("QMP socket {}", path.display())))?;
+
+        let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_loop(
+            read,
+            Arc::clone(&pending),
+            events_tx,
+            path.to_owned(),
+        ));
+        let writer = tokio::spawn(write_loop(write, outbox_rx, path.to_owned()));
+        let qmp = Qmp {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                version: greeting.qmp.version,
+                next_id: AtomicU64::new(0),
+                pending,
+                outbox,
+                reader,
+                writer,
+            }),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        qmp.execute_with_timeout("qmp_capabilities", None, remaining)
+            .await?;
+        tracing::debug!(path = %path.display(), version = %qmp.inner.version, "QMP connected");
+        Ok((qmp, QmpEvents { rx: events_rx }))
+    }
+
+    /// The socket this client is connected to.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// QEMU's version, from its greeting.
+    pub fn version(&self) -> &QemuVersion {
+        &self.inner.version
+    }
+
+    /// Runs `command` with `arguments` (a JSON object, or `None`) and returns
+    /// QEMU's `return` value, waiting at most [`COMMAND_TIMEOUT`].
+    ///
+    /// Errors: QEMU's refusal keeps its `desc` in the message and carries a
+    /// [`QmpError`] as the source (for callers that know better than the
+    /// class-based [`ErrorKind`]: see [`QmpError::kind`]); a closed connection
+    /// or a timeout is `Unavailable`.
+    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        self.execute_with_timeout(command, arguments, COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// [`Qmp::execute`] with its own timeout, for the rare command known to be slow.
+    pub async fn execute_with_timeout(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
+        self.call(command, arguments, timeout)
+            .await
+            .map_err(|e| e.into_error(&self.inner.path, command))
+    }
+
+    /// Starts or resumes the guest's CPUs (`cont`). QEMU emits `RESUME`.
+    pub async fn cont(&self) -> Result<()> {
+        self.execute("cont", None).await.map(drop)
+    }
+
+    /// Pauses the guest's CPUs (`stop`). QEMU emits `STOP`.
+    pub async fn stop(&self) -> Result<()> {
+        self.execute("stop", None).await.map(drop)
+    }
+
+    /// Presses the ACPI power button (`system_powerdown`). QEMU emits
+    /// `POWERDOWN`; a cooperating guest then shuts down, which QEMU reports as
+    /// `SHUTDOWN {guest: true, reason: guest-shutdown}`.
+    pub async fn system_powerdown(&self) -> Result<()> {
+        self.execute("system_powerdown", None).await.map(drop)
+    }
+
+    /// Resets the machine (`system_reset`). QEMU emits
+    /// `RESET {guest: false, reason: host-qmp-system-reset}`.
+    pub async fn system_reset(&self) -> Result<()> {
+        self.execute("system_reset", None).await.map(drop)
+    }
+
+    /// Makes QEMU exit (`quit`). QEMU emits `SHUTDOWN {guest: false, reason:
+    /// host-qmp-quit}`, answers, and closes the socket as it exits; it may close
+    /// before its answer reaches us, so a close after `quit` was issued counts as
+    /// success. A connection already closed before `quit` is still `Unavailable`:
+    /// the caller learns nothing about QEMU from it and should check the process.
+    pub async fn quit(&self) -> Result<()> {
+        match self.call("quit", None, COMMAND_TIMEOUT).await {
+            Ok(_) | Err(CallError::Closed) => Ok(()),
+            Err(e) => Err(e.into_error(&self.inner.path, "quit")),
+        }
+    }
+
+    /// The run state of the guest (`query-status`).
+    pub async fn query_status(&self) -> Result<RunState> {
+        self.query("query-status").await
+    }
+
+    /// The guest's block backends (`query-block`).
+    pub async fn query_block(&self) -> Result<Vec<BlockInfo>> {
+        self.query("query-block").await
+    }
+
+    /// QEMU's version (`query-version`); the same as [`Qmp::version`] unless the
+    /// binary was replaced under a running QEMU, which this cannot see anyway.
+    pub async fn query_version(&self) -> Result<QemuVersion> {
+        self.query("query-version").await
+    }
+
+    async fn query<T: DeserializeOwned>(&self, command: &str) -> Result<T> {
+        let value = self.execute(command, None).await?;
+        serde_json::from_value(value).map_err(|e| {
+            Error::internal(format!(
+                "QMP {command} on {}: unexpected reply: {e}",
+                self.inner.path.display()
+            ))
+            .with_source(e)
+        })
+    }
+
+    async fn call(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> std::result::Result<Value, CallError> {
+        let inner = &self.inner;
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match lock(&inner.pending).as_mut() {
+            Some(pending) => pending.insert(id, tx),
+            None => return Err(CallError::NotConnected),
+        };
+        // Whatever happens from here (reply, timeout, the caller dropping this
+        // future), the id must leave the table.
+        let _forget = Forget {
+            pending: &inner.pending,
+            id,
+        };
+
+        let mut message = json!({ "execute": command, "id": id });
+        if let Some(arguments) = arguments {
+            message["arguments"] = arguments;
+        }
+        let mut line = message.to_string().into_bytes();
+        line.push(b'\n');
+        tracing::debug!(path = %inner.path.display(), command, id, "QMP command");
+        if inner.outbox.send(line).is_err() {
+            // The writer stopped: the socket failed before this was written.
+            return Err(CallError::NotConnected);
+        }
+
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(CallError::TimedOut(timeout)),
+            Ok(Err(_)) => Err(CallError::Closed),
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(refusal))) => Err(CallError::Refused(refusal)),
+        }
+    }
+}
+
+/// Removes a command's entry from the pending table when its caller stops
+/// waiting, so late replies are recognised as orphans and the table cannot grow.
+struct Forget<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Some(pending) = lock(self.pending).as_mut() {
+            pending.remove(&self.id);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The table stays consistent even if a holder panicked: every critical
+    // section is a single insert, remove or take.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why a command got no `return`, before it becomes an [`Error`]; `quit` needs
+/// to tell a close while in flight from the others.
+enum CallError {
+    /// The connection was already closed when the command was issued.
+    NotConnected,
+    /// The connection closed while the command was in flight.
+    Closed,
+    TimedOut(Duration),
+    Refused(QmpError),
+}
+
+impl CallError {
+    fn into_error(self, path: &Path, command: &str) -> Error {
+        let path = path.display();
+        match self {
+            CallError::NotConnected => {
+                Error::unavailable(format!("QMP connection to {path} closed"))
+            }
+            CallError::Closed => Error::unavailable(format!(
+                "QMP connection to {path} closed before {command} was answered"
+            )),
+            CallError::TimedOut(timeout) => Error::unavailable(format!(
+                "QMP {command} on {path}: no answer within {}",
+                humantime::format_duration(timeout)
+            )),
+            CallError::Refused(refusal) => Error::new(
+                refusal.kind(),
+                format!("QMP {command} on {path}: {}", refusal.desc),
+            )
+            .with_source(refusal),
+        }
+    }
+}
+
+/// QEMU's refusal of a command: `{"error": {"class": .., "desc": ..}}`. It is
+/// the source of the [`Error`] that [`Qmp::execute`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct QmpError {
+    /// `GenericError` for nearly everything; see [`QmpError::kind`].
+    pub class: String,
+    /// QEMU's human-readable reason.
+    pub desc: String,
+}
+
+impl QmpError {
+    /// The kind QEMU's class suggests. QEMU reports almost every failure as
+    /// `GenericError`, bad arguments and failed actions alike; most of what
+    /// agentd sends that QEMU refuses is a bad argument, so that is the default
+    /// guess. A caller that knows better (an unreachable iSCSI target during
+    /// `blockdev-add` is really `Unavailable`) maps the error itself.
+    pub fn kind(&self) -> ErrorKind {
+        match self.class.as_str() {
+            "GenericError" => ErrorKind::InvalidArgument,
+            "DeviceNotFound" => ErrorKind::NotFound,
+            // The device or host is not in a state that allows the command.
+            "DeviceNotActive" | "KVMMissingCap" => ErrorKind::FailedPrecondition,
+            // CommandNotFound: agentd asked for something this QEMU lacks.
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+impl fmt::Display for QmpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.desc, self.class)
+    }
+}
+
+impl std::error::Error for QmpError {}
+
+/// The receiving end of one connection's events, in QEMU's order. After QEMU
+/// closes the connection it yields one [`QmpEventKind::Closed`] and then `None`;
+/// after the last [`Qmp`] handle is dropped it yields `None` alone.
+#[derive(Debug)]
+pub struct QmpEvents {
+    rx: mpsc::UnboundedReceiver<QmpEvent>,
+}
+
+impl QmpEvents {
+    /// The next event; `None` once the connection is gone and all were read.
+    pub async fn recv(&mut self) -> Option<QmpEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl futures::Stream for QmpEvents {
+    type Item = QmpEvent;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<QmpEvent>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// One event from QEMU, stamped with QEMU's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QmpEvent {
+    /// When QEMU emitted it (for `Closed`: when the close was seen).
+    pub timestamp: SystemTime,
+    pub kind: QmpEventKind,
+}
+
+/// What happened. The events agentd acts on are typed; the rest, and a known
+/// event whose data does not parse (a newer QEMU), arrive as `Other`, so none is
+/// lost.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QmpEventKind {
+    /// `SHUTDOWN`: the machine stopped running for good (QEMU exits next, unless
+    /// started with `-no-shutdown`). `guest` tells whether the guest asked.
+    Shutdown { guest: bool, reason: ShutdownCause },
+    /// `STOP`: the CPUs were paused (by `stop`, an I/O error policy, a panic...).
+    Stop,
+    /// `RESUME`: the CPUs run again.
+    Resume,
+    /// `RESET`: the machine was reset.
+    Reset { guest: bool, reason: ShutdownCause },
+    /// `POWERDOWN`: the ACPI power button was pressed (`system_powerdown`).
+    Powerdown,
+    /// `GUEST_PANICKED`: the guest reported a panic (pvpanic or Hyper-V).
+    GuestPanicked { action: PanicAction },
+    /// `BLOCK_IO_ERROR`: a disk request failed. With `action: Stop` the guest
+    /// is now paused; `nospace` marks ENOSPC (a thin pool ran out).
+    BlockIoError {
+        /// The backend's name; empty for backends made with `-blockdev` alone.
+        device: String,
+        node_name: Option<String>,
+        operation: IoOperation,
+        action: BlockErrorAction,
+        nospace: bool,
+        reason: String,
+    },
+    /// Any other event, as QEMU sent it (`data` is `null` when it had none).
+    Other { name: String, data: Value },
+    /// The connection closed: QEMU exited or was killed. Always the last event.
+    Closed,
+}
+
+/// Defines a QAPI enum: its QEMU wire names, plus `Other` for names a newer QEMU
+/// may send, so parsing never fails on them.
+macro_rules! qapi_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $wire:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+            /// A value this client does not know, verbatim.
+            Other(String),
+        }
+
+        impl $name {
+            /// Parses QEMU's name for it.
+            pub fn from_qapi(name: &str) -> Self {
+                match name {
+                    $($wire => Self::$variant,)*
+                    other => Self::Other(other.to_owned()),
+                }
+            }
+
+            /// QEMU's name for it.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(Self::$variant => $wire,)*
+                    Self::Other(name) => name,
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                String::deserialize(d).map(|name| Self::from_qapi(&name))
+            }
+        }
+    };
+}
+
+qapi_enum! {
+    /// QEMU's `RunState`, as `query-status` reports it.
+    RunStatus {
+        Debug = "debug",
+        InMigrate = "inmigrate",
+        InternalError = "internal-error",
+        /// Paused by a disk error with `werror=stop`/`rerror=stop`.
+        IoError = "io-error",
+        Paused = "paused",
+        PostMigrate = "postmigrate",
+        /// Started with `-S` and never continued.
+        Prelaunch = "prelaunch",
+        FinishMigrate = "finish-migrate",
+        RestoreVm = "restore-vm",
+        Running = "running",
+        SaveVm = "save-vm",
+        /// Shut down but kept alive by `-no-shutdown`.
+        Shutdown = "shutdown",
+        Suspended = "suspended",
+        Watchdog = "watchdog",
+        GuestPanicked = "guest-panicked",
+        Colo = "colo",
+    }
+}
+
+qapi_enum! {
+    /// QEMU's `ShutdownCause`: why a `SHUTDOWN` or `RESET` happened.
+    ShutdownCause {
+        /// QEMU's `none`.
+        Unspecified = "none",
+        HostError = "host-error",
+        /// The `quit` command.
+        HostQmpQuit = "host-qmp-quit",
+        /// The `system_reset` command.
+        HostQmpSystemReset = "host-qmp-system-reset",
+        /// SIGTERM, SIGINT or SIGHUP to QEMU.
+        HostSignal = "host-signal",
+        HostUi = "host-ui",
+        /// The guest powered itself off.
+        GuestShutdown = "guest-shutdown",
+        /// The guest rebooted (a `SHUTDOWN` with this cause means `-no-reboot`).
+        GuestReset = "guest-reset",
+        /// The guest panicked and the panic action is to power off.
+        GuestPanic = "guest-panic",
+        SubsystemReset = "subsystem-reset",
+        SnapshotLoad = "snapshot-load",
+    }
+}
+
+qapi_enum! {
+    /// QEMU's `GuestPanicAction`: what QEMU did about a guest panic.
+    PanicAction {
+        Pause = "pause",
+        Poweroff = "poweroff",
+        Run = "run",
+    }
+}
+
+qapi_enum! {
+    /// QEMU's `IoOperationType`.
+    IoOperation {
+        Read = "read",
+        Write = "write",
+    }
+}
+
+qapi_enum! {
+    /// QEMU's `BlockErrorAction`: what QEMU did about a failed disk request.
+    BlockErrorAction {
+        /// Pretended it succeeded.
+        Ignore = "ignore",
+        /// Returned the error to the guest.
+        Report = "report",
+        /// Paused the guest (run state `io-error`).
+        Stop = "stop",
+    }
+}
+
+qapi_enum! {
+    /// QEMU's `BlockDeviceIoStatus`.
+    IoStatus {
+        Ok = "ok",
+        Failed = "failed",
+        NoSpace = "nospace",
+    }
+}
+
+/// The answer to `query-status`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct RunState {
+    pub status: RunStatus,
+    /// Whether the CPUs are executing (true only in `running`).
+    pub running: bool,
+}
+
+/// One block backend, from `query-block`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockInfo {
+    /// The backend's name (`-drive id=`); empty for one made with `-blockdev`.
+    pub device: String,
+    /// The QOM path of the guest device it is attached to.
+    pub qdev: Option<String>,
+    /// The medium, if any (absent for an empty CD-ROM).
+    pub inserted: Option<BlockMedium>,
+    /// Present only for devices with an error policy.
+    #[serde(rename = "io-status")]
+    pub io_status: Option<IoStatus>,
+}
+
+/// The medium inserted in a block backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockMedium {
+    /// The top node's name (QEMU invents `#blockNNN` when none was given).
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    /// The image's file name or URL (`iscsi://...`).
+    pub file: String,
+    /// The top node's driver (`raw`, `qcow2`, `file`, `iscsi`...).
+    #[serde(rename = "drv")]
+    pub driver: String,
+    #[serde(rename = "ro")]
+    pub read_only: bool,
+}
+
+/// QEMU's version, as its greeting and `query-version` state it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "VersionInfo")]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub micro: u32,
+    /// The distribution's package version, e.g. `Debian 1:7.2+dfsg-7+deb12u18`.
+    pub package: String,
+}
+
+impl fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)?;
+        if !self.package.is_empty() {
+            write!(f, " ({})", self.package)?;
+        }
+        Ok(())
+    }
+}
+
+/// QEMU's `VersionInfo`, the wire shape of [`QemuVersion`].
+#[derive(Deserialize)]
+struct VersionInfo {
+    qemu: VersionTriple,
+    #[serde(default)]
+    package: String,
+}
+
+#[derive(Deserialize)]
+struct VersionTriple {
+    major: u32,
+    minor: u32,
+    micro: u32,
+}
+
+impl From<VersionInfo> for QemuVersion {
+    fn from(v: VersionInfo) -> Self {
+        QemuVersion {
+            major: v.qemu.major,
+            minor: v.qemu.minor,
+            micro: v.qemu.micro,
+            package: v.package,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Greeting {
+    #[serde(rename = "QMP")]
+    qmp: GreetingBody,
+}
+
+#[derive(Deserialize)]
+struct GreetingBody {
+    version: QemuVersion,
+}
+
+/// Connects, retrying while QEMU has not yet created the socket (`ENOENT`) or
+/// is not accepting on it (`ECONNREFUSED`: starting, or dead with the file left
+/// behind; `EAGAIN`: backlog full).
+async fn connect_socket(path: &Path, timeout: Duration, deadline: Instant) -> Result<UnixStream> {
+    use std::io::ErrorKind as Io;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let err = match UnixStream::connect(path).await {
+            Ok(stream) => return Ok(stream),
+            Err(err) => err,
+        };
+        if !matches!(
+            err.kind(),
+            Io::NotFound | Io::ConnectionRefused | Io::WouldBlock
+        ) {
+            return Err(Error::io(format!("QMP socket {}", path.display()), err));
+        }
+        if Instant::now() + backoff > deadline {
+            return Err(Error::unavailable(format!(
+                "QMP socket {}: {err}; gave up after {}",
+                path.display(),
+                humantime::format_duration(timeout)
+            ))
+            .with_source(err));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(200));
+    }
+}
+
+async fn read_greeting(read: &mut BufReader<OwnedReadHalf>) -> Result<Greeting> {
+    let mut line = Vec::new();
+    let n = read
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|e| Error::unavailable(format!("reading the greeting: {e}")).with_source(e))?;
+    if n == 0 {
+        return Err(Error::unavailable("closed before greeting"));
+    }
+    serde_json::from_slice(&line).map_err(|e| {
+        Error::internal(format!(
+            "not a QMP greeting: {}",
+            String::from_utf8_lossy(&line).trim_end()
+        ))
+        .with_source(e)
+    })
+}
+
+async fn write_loop(
+    mut write: OwnedWriteHalf,
+    mut outbox: mpsc::UnboundedReceiver<Vec<u8>>,
+    path: PathBuf,
+) {
+    while let Some(line) = outbox.recv().await {
+        if let Err(e) = write.write_all(&line).await {
+            // QEMU hung up. The reader sees the end of stream and fails the
+            // commands in flight, this one included.
+            tracing::debug!(path = %path.display(), error = %e, "QMP write failed");
+            return;
+        }
+    }
+}
+
+async fn read_loop(
+    mut read: BufReader<OwnedReadHalf>,
+    pending: Arc<Pending>,
+    events: mpsc::UnboundedSender<QmpEvent>,
+    path: PathBuf,
+) {
+    // No length limit: one line can be large (query-qmp-schema is ~200 KB) and
+    // the peer is the QEMU agentd itself started.
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match read.read_until(b'\n', &mut line).await {
+            Ok(0) => break,
+            Ok(_) => dispatch(&line, &pending, &events, &path),
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "QMP read failed");
+                break;
+            }
+        }
+    }
+    tracing::debug!(path = %path.display(), "QMP connection closed");
+    // Dropping the senders fails every command in flight, and taking the table
+    // makes later commands fail at once.
+    drop(lock(&pending).take());
+    // A send fails only if the consumer dropped its receiver: not interested.
+    let _ = events.send(QmpEvent {
+        timestamp: SystemTime::now(),
+        kind: QmpEventKind::Closed,
+    });
+}
+
+/// Routes one line from QEMU: a reply to its caller, an event to the channel.
+fn dispatch(line: &[u8], pending: &Pending, events: &mpsc::UnboundedSender<QmpEvent>, path: &Path) {
+    if line.trim_ascii().is_empty() {
+        return;
+    }
+    let mut message: serde_json::Map<String, Value> = match serde_json::from_slice(line) {
+        Ok(message) => message,
+        Err(e) => {
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                line = %String::from_utf8_lossy(line).trim_end(),
+                "QMP: unparsable line ignored"
+            );
+            return;
+        }
+    };
+
+    if message.contains_key("event") {
+        let event = parse_event(message);
+        tracing::debug!(path = %path.display(), ?event, "QMP event");
+        let _ = events.send(event);
+        return;
+    }
+
+    // We only send numeric ids. A reply without one is QEMU refusing a line it
+    // could not parse at all, which this client never sends.
+    let Some(id) = message.get("id").and_then(Value::as_u64) else {
+        tracing::warn!(path = %path.display(), ?message, "QMP: message without our id ignored");
+        return;
+    };
+    let reply = match (message.remove("return"), message.remove("error")) {
+        (Some(value), _) => Ok(value),
+        (None, Some(error)) => Err(QmpError::deserialize(&error).unwrap_or_else(|_| QmpError {
+            class: "GenericError".into(),
+            desc: error.to_string(),
+        })),
+        (None, None) => {
+            tracing::warn!(path = %path.display(), ?message, "QMP: unexpected message ignored");
+            return;
+        }
+    };
+    let waiter = lock(pending).as_mut().and_then(|p| p.remove(&id));
+    match waiter {
+        // The caller may have stopped waiting in the meantime; fine.
+        Some(waiter) => {
+            let _ = waiter.send(reply);
+        }
+        None => tracing::debug!(path = %path.display(), id, "QMP: reply after its caller gave up"),
+    }
+}
+
+fn parse_event(mut message: serde_json::Map<String, Value>) -> QmpEvent {
+    let timestamp = message
+        .get("timestamp")
+        .and_then(|t| Timestamp::deserialize(t).ok())
+        .map_or_else(SystemTime::now, SystemTime::from);
+    let name = match message.remove("event") {
+        Some(Value::String(name)) => name,
+        other => other.map(|v| v.to_string()).unwrap_or_default(),
+    };
+    let data = message.remove("data").unwrap_or(Value::Null);
+    let kind = typed_event(&name, &data).unwrap_or(QmpEventKind::Other { name, data });
+    QmpEvent { timestamp, kind }
+}
+
+/// The typed form of a known event; `None` for unknown events and for known
+/// ones whose data does not have the shape QEMU 7.2 gives it.
+fn typed_event(name: &str, data: &Value) -> Option<QmpEventKind> {
+    fn parse<T: DeserializeOwned>(name: &str, data: &Value) -> Option<T> {
+        T::deserialize(data)
+            .inspect_err(|e| tracing::warn!(event = name, error = %e, "QMP: unexpected event data"))
+            .ok()
+    }
+
+    #[derive(Deserialize)]
+    struct Cause {
+        guest: bool,
+        reason: ShutdownCause,
+    }
+    #[derive(Deserialize)]
+    struct Panic {
+        action: PanicAction,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct IoError {
+        device: String,
+        node_name: Option<String>,
+        operation: IoOperation,
+        action: BlockErrorAction,
+        #[serde(default)]
+        nospace: bool,
+        reason: String,
+    }
+
+    Some(match name {
+        "SHUTDOWN" => {
+            let Cause { guest, reason } = parse(name, data)?;
+            QmpEventKind::Shutdown { guest, reason }
+        }
+        "RESET" => {
+            let Cause { guest, reason } = parse(name, data)?;
+            QmpEventKind::Reset { guest, reason }
+        }
+        "STOP" => QmpEventKind::Stop,
+        "RESUME" => QmpEventKind::Resume,
+        "POWERDOWN" => QmpEventKind::Powerdown,
+        "GUEST_PANICKED" => {
+            let Panic { action } = parse(name, data)?;
+            QmpEventKind::GuestPanicked { action }
+        }
+        "BLOCK_IO_ERROR" => {
+            let e: IoError = parse(name, data)?;
+            QmpEventKind::BlockIoError {
+                device: e.device,
+                node_name: e.node_name,
+                operation: e.operation,
+                action: e.action,
+                nospace: e.nospace,
+                reason: e.reason,
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// QEMU's event stamp, from the host's wall clock. One that does not parse
+/// (negative: a clock before 1970) is replaced by the time of receipt.
+#[derive(Deserialize)]
+struct Timestamp {
+    seconds: u64,
+    microseconds: u64,
+}
+
+impl From<Timestamp> for SystemTime {
+    fn from(t: Timestamp) -> Self {
+        UNIX_EPOCH + Duration::from_secs(t.seconds) + Duration::from_micros(t.microseconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#;
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// The server side of one fake QEMU connection, driven by each test's script.
+    struct FakeQemu {
+        read: BufReader<OwnedReadHalf>,
+        write: OwnedWriteHalf,
+    }
+
+    impl FakeQemu {
+        /// Accepts one client, greets it and answers `qmp_capabilities`, as QEMU does.
+        async fn accept(listener: &UnixListener) -> FakeQemu {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, write) = stream.into_split();
+            let mut qemu = FakeQemu {
+                read: BufReader::new(read),
+                write,
+            };
+            qemu.send_line(GREETING).await;
+            let (id, command, _) = qemu.command().await;
+            assert_eq!(command, "qmp_capabilities");
+            qemu.reply(&id, json!({})).await;
+            qemu
+        }
+
+        /// The next command: its id, name and arguments. Panics at end of stream.
+        async fn command(&mut self) -> (Value, String, Value) {
+            let mut line = String::new();
+            assert!(
+                self.read.read_line(&mut line).await.unwrap() > 0,
+                "client hung up"
+            );
+            let mut message: Value = serde_json::from_str(&line).unwrap();
+            let command = message["execute"].as_str().unwrap().to_owned();
+            (message["id"].take(), command, message["arguments"].take())
+        }
+
+        async fn send_line(&mut self, line: &str) {
+            // QEMU ends its lines with CRLF.
+            self.write
+                .write_all(format!("{line}\r\n").as_bytes())
+                .await
+                .unwrap();
+        }
+
+        async fn send(&mut self, message: Value) {
+            self.send_line(&message.to_string()).await;
+        }
+
+        async fn reply(&mut self, id: &Value, value: Value) {
+            self.send(json!({ "return": value, "id": id })).await;
+        }
+
+        async fn refuse(&mut self, id: &Value, class: &str, desc: &str) {
+            self.send(json!({ "id": id, "error": { "class": class, "desc": desc } }))
+                .await;
+        }
+
+        async fn event(&mut self, name: &str, data: Option<Value>, seconds: u64) {
+            let mut message = json!({
+                "timestamp": { "seconds": seconds, "microseconds": 250 },
+                "event": name,
+            });
+            if let Some(data) = data {
+                message["data"] = data;
+            }
+            self.send(message).await;
+        }
+
+        /// Waits until the client closes its end.
+        async fn expect_hangup(&mut self) {
+            let mut line = String::new();
+            let n = tokio::time::timeout(WAIT, self.read.read_line(&mut line))
+                .await
+                .expect("client did not hang up")
+                .unwrap();
+            assert_eq!(n, 0, "unexpected line: {line}");
+        }
+    }
+
+    /// A listening socket in its own temp dir.
+    fn listen() -> (tempfile::TempDir, PathBuf, UnixListener) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
+    async fn next(events: &mut QmpEvents) -> Option<QmpEvent> {
+        tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("no event in time")
+    }
+
+    async fn next_kind(events: &mut QmpEvents) -> QmpEventKind {
+        next(events).await.expect("events ended").kind
+    }
+
+    #[tokio::test]
+    async fn routes_concurrent_replies_by_id_and_keeps_events_in_order() {
+        let (_dir, path, listener) = listen();
+        let server = tokio::spawn(async move {
+            let mut qemu = FakeQemu::accept(&listener).await;
+            let mut commands = Vec::new();
+            for _ in 0..3 {
+                commands.push(qemu.command().await);
+            }
+            // Answer last first, with events in between, each echoing its
+            // command's argument so the client can tell replies apart.
+            qemu.event("STOP", None, 1).await;
+            for (i, (id, _, arguments)) in commands.iter().rev().enumerate() {
+                qemu.reply(id, arguments["n"].clone()).await;
+                qemu.event("RESUME", None, 2 + i as u64).await;
+            }
+            qemu
+        });
+
+        let (qmp, mut events) = Qmp::connect(&path, WAIT).await.unwrap();
+        assert_eq!(
+            qmp.version(),
+            &QemuVersion {
+                major: 7,
+                minor: 2,
+                micro: 22,
+                package: "Debian 1:7.2+dfsg-7+deb12u18+b3".into()
+            }
+        );
+        let (a, b, c) = tokio::join!(
+            qmp.execute("echo", Some(json!({ "n": "a" }))),
+            qmp.execute("echo", Some(json!({ "n": "b" }))),
+            qmp.execute("echo", Some(json!({ "n": "c" }))),
+        );
+        assert_eq!(
+            (a.unwrap(), b.unwrap(), c.unwrap()),
+            (json!("a"), json!("b"), json!("c"))
+        );
+
+        let first = next(&mut events).await.unwrap();
+        assert_eq!(first.kind, QmpEventKind::Stop);
+        assert_eq!(
+            first.timestamp,
+            UNIX_EPOCH + Duration::from_secs(1) + Duration::from_micros(250)
+        );
+        for seconds in 2..5 {
+            let event = next(&mut events).await.unwrap();
+            assert_eq!(event.kind, QmpEventKind::Resume);
+            assert_eq!(
+                event
+                    .timestamp
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+                seconds
+            );
+        }
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn no_event_is_lost_while_nobody_reads() {
+        const COUNT: u64 = 2000;
+        let (_dir, path, listener) = listen();
+        let server = tokio::spawn(async move {
+            let mut qemu = FakeQemu::accept(&listener).await;
+            let (id, _, _) = qemu.command().await;
+            for i in 0..COUNT {
+                qemu.event("RTC_CHANGE", Some(json!({ "offset": i })), i)
+                    .await;
+            }
+            qemu.reply(&id, json!({})).await;
+            qemu
+        });
+
+        let (qmp, mut events) = Qmp::connect(&path, WAIT).await.unwrap();
+        // The reply comes after all the events: they are all queued by now.
+        qmp.execute("anything", None).await.unwrap();
+        for i in 0..COUNT {
+            assert_eq!(
+                next_kind(&mut events).await,
+                QmpEventKind::Other {
+                    name: "RTC_CHANGE".into(),
+                    data: json!({ "offset": i })
+                }
+            );
+        }
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn parses_qemu_7_2_events() {
+        let (_dir, path, listener) = listen();
+        let server = tokio::spawn(async move {
+            let mut qemu = FakeQemu::accept(&listener).await;
+            // Verbatim shapes from QEMU 7.2.
+            qemu.event(
+                "SHUTDOWN",
+                Some(json!({"guest": true, "reason": "guest-shutdown"})),
+                1,
+            )
+            .await;
+            qemu.event(
+                "RESET",
+                Some(json!({"guest": false, "reason": "host-qmp-system-reset"})),
+                1,
+            )
+            .await;
+            qemu.event("POWERDOWN", None, 1).await;
+            qemu.event("GUEST_PANICKED", Some(json!({"action": "pause"})), 1)
+                .await;
+            qemu.event(
+                "BLOCK_IO_ERROR",
+                Some(json!({
+                    "device": "", "node-name": "vol0", "operation": "write",
+                    "action": "stop", "nospace": true, "reason": "No space left on device"
+                })),
+                1,
+            )
+            .await;
+            // A newer QEMU's cause, and a known event with a shape we do not know.
+            qemu.event(
+                "SHUTDOWN",
+                Some(json!({"guest": false, "reason": "host-future"})),
+                1,
+            )
+            .await;
+            qemu.event("STOP", Some(json!({"unexpected": 1})), 1).await;
+            qemu.event("RESET", Some(json!({"reason": 7})), 1).await;
+            qemu
+        });
+
+        let (_qmp, mut events) = Qmp::connect(&path, WAIT).await.unwrap();
+        let expected = [
+            QmpEventKind::Shutdown {
+                guest: true,
+                reason: ShutdownCause::GuestShutdown,
+            },
+            QmpEventKind::Reset {
+                guest: false,
+                reason: ShutdownCause::HostQmpSystemReset,
+            },
+            QmpEventKind::Powerdown,
+            QmpEventKind::GuestPanicked {
+                action: PanicAction::Pause,
+            },
+            QmpEventKind::BlockIoError {
+                device: String::new(),
+                node_name: Some("vol0".into()),
+                operation: IoOperation::Write,
+                action: BlockErrorAction::Stop,
+                nospace: true,
+                reason: "No space left on device".into(),
+            },
+            QmpEventKind::Shutdown {
+                guest: false,
+                reason: ShutdownCause::Other("host-future".into()),
+            },
+            // Extra members do not matter; missing ones demote to Other.
+            QmpEventKind::Stop,
+            QmpEventKind::Other {
+                name: "RESET".into(),
+                data: json!({"reason": 7}),
+            },
+        ];
+        for kind in expected {
+            assert_eq!(next_kind(&mut events).await, kind);
+        }
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn qemu_errors_keep_desc_and_map_to_kinds() {
+        let cases = [
+            ("GenericError", ErrorKind::InvalidArgument),
+            ("DeviceNotFound", ErrorKind::NotFound),
+            ("DeviceNotActive", ErrorKind::FailedPrecondition),
+            ("KVMMissingCap", ErrorKind::FailedPrecondition),
+            ("CommandNotFound", ErrorKind::Internal),
+            ("SomethingNew", ErrorKind::Internal),
+        ];
+        let (_dir, path, listener) = listen();
+        let server = tokio::spawn(async move {
+            let mut qemu = FakeQemu::accept(&listener).await;
+            for (class, _) in cases {
+                let (id, command, _) = qemu.command().await;
+                qemu.refuse(&id, class, &format!("{command} refused")).await;
+            }
+            qemu
+        });
+
+        let (qmp, _events) = Qmp::connect(&path, WAIT).await.unwrap();
+        for (class, kind) in cases {
+            let err = qmp.execute("device_del", None).await.unwrap_err();
+            assert_eq!(err.kind(), kind, "{class}");
+            assert_eq!(
+                err.message(),
+                format!("QMP device_del on {}: device_del refused", path.display())
+            );
+            let source = std::error::Error::source(&err)
+                .and_then(|s| s.downcast_ref::<QmpError>())
+                .expect("QmpError source");
+            assert_eq!(source.class, class);
+        }
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn typed_queries_parse_qemu_replies() {
+        let (_dir, path, listener) = listen();
+        let server = tokio::spawn(async move {
+            let mut qemu = FakeQemu::accept(&listener).await;
+            let (id, command, _) = qemu.command().await;
+            assert_eq!(command, "query-status");
+            qemu.reply(
+                &id,
+                json!({"status": "prelaunch", "singlestep": false, "running": false}),
+            )
+            .await;
+            let (id, command, _) = qemu.command().await;
+            assert_eq!(command, "query-block");
+            // Trimmed from QEMU 7.2: a -drive backend and a -blockdev one.
+            qemu.reply(
+                &id,
+                json!([
+                    {"io-status": "ok", "device": "d1", "locked": false, "removable": false,
+                     "inserted": {"ro": true, "node-name": "#block101", "drv": "raw",
+                                  "file": "/tmp/b.img", "encrypted": false},
+                     "qdev": "/machine/peripheral/vdb/virtio-backend", "type": "unknown"},
+                    {"device": "", "locked": false, "removable": false,
+                     "inserted": {"ro": false, "node-name": "vol0", "drv": "file",
+                                  "file": "/tmp/a.img"},
+                     "qdev": "/machine/peripheral/vda/virtio-backend", "type": "unknown"}
+                ]),
+            )
+            .await;
+            let (id, _, _) = qemu.command().await;
+            qemu.reply(&id, json!({"status": 3})).await;
+            qemu
+        });
+
+        let (qmp, _events) = Qmp::connect(&path, WAIT).await.unwrap();
+        assert_eq!(
+            qmp.query_status().await.unwrap(),
+            RunState {
+                status: RunStatus::Prelaunch,
+                running: false
+            }
+        );
+        let blocks = qmp.query_block().await.unwrap();
+        assert_eq!(
+            blocks[0],
+            BlockInfo {
+                device: "d1".into(),
+                qdev: Some("/machine/peripheral/vdb/virtio-backend".into()),
+                inserted: Some(BlockMedium {
+                    node_name: "#block101".into(),
+                    file: "/tmp/b.img".into(),
+                    driver: "raw".into(),
+                    read_only: true,
+                }),
+                io_status: Some(IoStatus::Ok),
+            }
+        );
+        assert_eq!(blocks[1].device, "");
+        assert_eq!(blocks[1].io_status, None);
+        assert_eq!(blocks[1].inserted.as_ref().unwrap().node_name, "vol0");
+        // A reply of the wrong shape is our bug or QEMU's, not the caller's.
+        let err = qmp.query_status().await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Internal);
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn close_fails_commands_in_flight_and_ends_events() {
+        let (_dir, path, listener) = listen();
+        let server = tokio::spawn(async move {
+            let mut qemu = FakeQemu::accept(&listener).await;
+            qemu.command().await;
+            qemu.command().await;
+            qemu.event("STOP", None, 1).await;
+            // Killed: no replies, no SHUTDOWN.
+        });
+
+        let (qmp, mut events) = Qmp::connect(&path, WAIT).await.unwrap();
+        let (a, b) = tokio::join!(qmp.stop(), qmp.query_status());
+        let a = a.unwrap_err();
+        assert_eq!(a.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            a.message(),
+            format!(
+                "QMP connection to {} closed before stop was answered",
+                path.display()
+            )
+        );
+        assert_eq!(b.unwrap_err().kind(), ErrorKind::Unavailable);
+        server.await.unwrap();
+
+        assert_eq!(next_kind(&mut events).await, QmpEventKind::Stop);
+        assert_eq!(next_kind(&mut events).await, QmpEventKind::Closed);
+        assert_eq!(next(&mut events).await, None);
+
+        // Later commands fail at once rather than waiting out a timeout.
+        let err = qmp
+            .execute_with_timeout("cont", None, Duration::from_secs(3600))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            err.message(),
+            format!("QMP connection to {} closed", path.display())
+        );
+        // And so does quit: nothing proves QEMU exited because of it.
+        assert_eq!(qmp.quit().await.unwrap_err().kind(), ErrorKind::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn quit_succeeds_when_qemu_closes_before_or_after_answering() {
+        for answers in [false, true] {
+            let (_dir, path, listener) = listen();
+            let server = tokio::spawn(async move {
+                let mut qemu = FakeQemu::accept(&listener).await;
+                let (id, command, _) = qemu.command().await;
+                assert_eq!(command, "quit");
+                qemu.event(
+                    "SHUTDOWN",
+                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+                    1,
+                )
+                .await;
+                if answers {
+                    qemu.reply(&id, json!({})).await;
+                }
+            });
+
+            let (qmp, mut events) = Qmp::connect(&path, WAIT).await.unwrap();
+            qmp.quit().await.unwrap();
+            server.await.unwrap();
+            assert_eq!(
+                next_kind(&mut events).await,
+                QmpEventKind::Shutdown {
+                    guest: false,
+                    reason: ShutdownCause::HostQmpQuit
+                }
+            );
+            assert_eq!(next_kind(&mut events).await, QmpEventKind::Closed);
+            assert_eq!(next(&mut events).await, None);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_times_out_and_its_late_reply_is_ignored() {
+        let (_dir, path, listener) = listen();
+        let server = tokio::spawn(async move {
+            let mut qemu = FakeQemu::accept(&listener).await;
+            let (slow, _, _) = qemu.command().await;
+            let (next, _, _) = qemu.command().await;
+            qemu.reply(&slow, json!("late")).await;
+            qemu.reply(&next, json!("next")).await;
+            qemu
+        });
+
+        let (qmp, _events) = Qmp::connect(&path, WAIT).await.unwrap();
+        let err = qmp
+            .execute_with_timeout("slow", None, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            err.message(),
+            format!("QMP slow on {}: no answer within 50ms", path.display())
+        );
+        assert_eq!(qmp.execute("next", None).await.unwrap(), json!("next"));
+        assert!(lock(&qmp.inner.pending).as_ref().unwrap().is_empty());
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn connect_retries_until_the_socket_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let server_path = path.clone();
+        let server = tokio::spawn(async move {
+            // Late, like a QEMU still starting; first a stale socket file
+            // nobody listens on, as a dead QEMU leaves behind.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(UnixListener::bind(&server_path).unwrap());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            std::fs::remove_file(&server_path).unwrap();
+            let listener = UnixListener::bind(&server_path).unwrap();
+            FakeQemu::accept(&listener).await
+        });
+        let (qmp, _events) = Qmp::connect(&path, WAIT).await.unwrap();
+        assert_eq!(qmp.version().major, 7);
+        drop(server.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn connect_gives_up_after_its_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let err = Qmp::connect(&path, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        assert!(err
+            .message()
+            .starts_with(&format!("QMP socket {}:", path.display())));
+
+        // Accepted (queued by the kernel) but never greeted: another client holds QEMU.
+        let _listener = UnixListener::bind(&path).unwrap();
+        let err = Qmp::connect(&path, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        assert!(err.message().contains("no greeting"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_handle_closes_the_socket() {
+        let (_dir, path, listener) = listen();
+        let server = tokio::spawn(async move {
+            let mut qemu = FakeQemu::accept(&listener).await;
+            qemu.expect_hangup().await;
+            // QEMU now accepts the next client: a restarted agentd.
+            FakeQemu::accept(&listener).await
+        });
+
+        let (qmp, mut events) = Qmp::connect(&path, WAIT).await.unwrap();
+        let clone = qmp.clone();
+        drop(qmp);
+        drop(clone);
+        // We left; QEMU did not go away: no Closed.
+        assert_eq!(next(&mut events).await, None);
+        let (_again, _events) = Qmp::connect(&path, WAIT).await.unwrap();
+        drop(server.await.unwrap());
+    }
+}

@@ -258,8 +258,17 @@ pub async fn launch(runner: &dyn CommandRunner, plan: &LaunchPlan) -> Result<u32
     let _ = std::fs::remove_file(plan.pidfile());
     let cmd = Cmd::new(QEMU)
         .args(plan.argv())
-        .timeout(Duration::from_secs(120));
-    let out = runner.run(&cmd).await?;
+        .timeout(Duration::from_secs(60));
+    let out = match runner.run(&cmd).await {
+        Ok(o) => o,
+        Err(e) => {
+            // Timed out: a daemonized child may be stuck in its set-up.
+            for pid in find_qemus(plan.uuid) {
+                signal(pid, libc::SIGKILL);
+            }
+            return Err(e.context(format!("starting QEMU for guest {}", plan.name)));
+        }
+    };
     if !out.success() {
         let msg: Vec<&str> = out
             .stderr
@@ -283,6 +292,37 @@ pub async fn launch(runner: &dyn CommandRunner, plan: &LaunchPlan) -> Result<u32
             plan.name
         ))
     })
+}
+
+/// Pids of live QEMU processes running guest `uuid`, found by scanning
+/// /proc: used when a launch failed before its pid file could be trusted.
+pub fn find_qemus(uuid: Uuid) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| is_our_qemu(pid, uuid))
+        .collect()
+}
+
+/// Checks that a disk image opens as `format` with `qemu-img info`, so a
+/// corrupt image gets qemu-img's own message instead of a QEMU start that
+/// can hang (QEMU 7.2 with aio=io_uring does on some corrupt qcow2 headers).
+pub async fn check_image(runner: &dyn CommandRunner, path: &Path, format: &str) -> Result<()> {
+    let cmd = Cmd::new("qemu-img")
+        .args(["info", "--output=json", "-f", format])
+        .arg(path.display().to_string())
+        .timeout(Duration::from_secs(30));
+    let out = runner.run(&cmd).await?;
+    if out.success() {
+        return Ok(());
+    }
+    Err(Error::precondition(format!(
+        "QEMU cannot open disk image {}: {}",
+        path.display(),
+        out.stderr.trim()
+    )))
 }
 
 pub fn read_pid(pidfile: &Path) -> Result<Option<u32>> {
@@ -338,15 +378,22 @@ pub async fn wait_gone(pid: u32, uuid: Uuid, limit: Duration) -> bool {
     true
 }
 
-/// Detects whether QEMU's file driver accepts aio=io_uring here, by opening
-/// /dev/null through qemu-img (same block layer as qemu-system).
+/// Detects whether QEMU's file driver accepts aio=io_uring here (QEMU built
+/// with liburing, kernel allows it), by opening a scratch file through
+/// qemu-img, which shares qemu-system's block layer.
 pub async fn io_uring_supported(runner: &dyn CommandRunner) -> bool {
+    let Ok(probe) = tempfile::NamedTempFile::new() else {
+        return false;
+    };
+    if probe.as_file().set_len(1 << 20).is_err() {
+        return false;
+    }
     let cmd = Cmd::new("qemu-img")
-        .args([
-            "info",
-            "--image-opts",
-            "driver=raw,file.driver=file,file.filename=/dev/null,file.aio=io_uring",
-        ])
+        .args(["info", "--image-opts"])
+        .arg(format!(
+            "driver=raw,file.driver=file,file.filename={},file.aio=io_uring",
+            probe.path().display()
+        ))
         .timeout(Duration::from_secs(10));
     matches!(runner.run(&cmd).await, Ok(o) if o.success())
 }

@@ -751,6 +751,7 @@ pub fn guest_dir() -> PathBuf {
         Some(d) => PathBuf::from(d),
         None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../var/guest"),
     };
+    let dir = dir.canonicalize().unwrap_or(dir);
     assert!(
         dir.join("stratus-guest.raw").exists(),
         "no test guest in {}: run scripts/guest-image",

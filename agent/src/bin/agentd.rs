@@ -1,1 +1,104 @@
-fn main() {}
+//! agentd: the Stratus host agent.
+//!
+//! Start-up order: open the store, probe the host (accelerator, QEMU),
+//! reconcile (adopt live guests, record the ones that ended while we were
+//! away), and only then serve. Guests are daemonized QEMUs: stopping agentd
+//! leaves them running.
+
+use std::sync::Arc;
+
+use agent::config::{Config, Flags};
+use agent::grpc::Api;
+use agent::service::{Agent, AgentSettings, HostFacts};
+use agent::store::AgentStore;
+use anyhow::Context;
+use clap::Parser;
+use pdisk::config::LogFormat;
+use pdisk::runner::{CommandRunner, HostRunner};
+use stratus_proto::agent::v1::vm_service_server::VmServiceServer;
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cfg = match Flags::parse().resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("agentd: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(&cfg);
+    if let Err(e) = run(cfg).await {
+        tracing::error!("{e:#}");
+        eprintln!("agentd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let runner: Arc<dyn CommandRunner> = Arc::new(HostRunner);
+    let store = AgentStore::open(&cfg.state_dir).context("opening the agent store")?;
+    let host = HostFacts::probe(runner.as_ref(), cfg.accel).await;
+    tracing::info!(accel = host.accel.name(), reason = %host.accel_reason,
+        qemu = %host.qemu_version, io_uring = host.io_uring, cpus = host.cpus,
+        memory = host.memory, "host probed");
+    let agent = Agent::new(
+        store,
+        runner,
+        AgentSettings {
+            state_dir: cfg.state_dir.clone(),
+            default_bridge: cfg.bridge.clone(),
+            initiator_iqn: cfg.initiator_iqn.to_string(),
+            pdisk_url: cfg.pdisk.clone(),
+            cpu_overcommit: cfg.cpu_overcommit,
+            reserved_memory: cfg.reserved_memory,
+        },
+        host,
+    )?;
+    let report = agent.reconcile().await.context("reconciling")?;
+    tracing::info!(actions = report.len(), "start-up reconciliation done");
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<VmServiceServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    tracing::info!(listen = %cfg.listen, state_dir = %cfg.state_dir.display(),
+        pdisk = ?cfg.pdisk, bridge = %cfg.bridge, initiator = %cfg.initiator_iqn, "agentd ready");
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(VmServiceServer::new(Api::new(agent)))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("shutting down; guests keep running");
+            },
+        )
+        .await
+        .context("serving gRPC")?;
+    Ok(())
+}

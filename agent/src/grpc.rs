@@ -1,0 +1,422 @@
+//! The gRPC face of the agent: converts `agent.v1` messages to and from the
+//! domain, and streams the event journal. Errors become statuses through
+//! pdisk's `From<Error> for tonic::Status`, the one map in the project.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use stratus_proto::agent::v1 as pb;
+use stratus_proto::agent::v1::vm_service_server::VmService;
+use tokio::sync::broadcast;
+use tonic::{Request, Response, Status};
+
+use crate::net::Mac;
+use crate::service::Agent;
+use crate::spec::{self, Cause, Disk, DiskSource, EventType, KernelBoot, Nic, VmSpec, VmState};
+use crate::store::{Event, VmRecord};
+use pdisk::error::Error;
+use pdisk::types::ByteSize;
+
+pub struct Api {
+    agent: Arc<Agent>,
+}
+
+impl Api {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        Api { agent }
+    }
+}
+
+pub fn state_pb(s: VmState) -> pb::VmState {
+    match s {
+        VmState::Defined => pb::VmState::Defined,
+        VmState::Starting => pb::VmState::Starting,
+        VmState::Running => pb::VmState::Running,
+        VmState::Paused => pb::VmState::Paused,
+        VmState::Stopping => pb::VmState::Stopping,
+        VmState::Stopped => pb::VmState::Stopped,
+        VmState::Crashed => pb::VmState::Crashed,
+        VmState::Error => pb::VmState::Error,
+        VmState::Destroyed => pb::VmState::Destroyed,
+    }
+}
+
+fn event_type_pb(t: EventType) -> pb::EventType {
+    match t {
+        EventType::Created => pb::EventType::Created,
+        EventType::Starting => pb::EventType::Starting,
+        EventType::Running => pb::EventType::Running,
+        EventType::Paused => pb::EventType::Paused,
+        EventType::Resumed => pb::EventType::Resumed,
+        EventType::Stopping => pb::EventType::Stopping,
+        EventType::Stopped => pb::EventType::Stopped,
+        EventType::Crashed => pb::EventType::Crashed,
+        EventType::Destroyed => pb::EventType::Destroyed,
+        EventType::DiskAttached => pb::EventType::DiskAttached,
+        EventType::DiskDetached => pb::EventType::DiskDetached,
+        EventType::Error => pb::EventType::Error,
+        EventType::Rebooted => pb::EventType::Rebooted,
+        EventType::NicAttached => pb::EventType::NicAttached,
+        EventType::NicDetached => pb::EventType::NicDetached,
+        EventType::DiskIoError => pb::EventType::DiskIoError,
+        EventType::Adopted => pb::EventType::Adopted,
+    }
+}
+
+fn cause_pb(c: Cause) -> pb::EventCause {
+    match c {
+        Cause::Api => pb::EventCause::Api,
+        Cause::Guest => pb::EventCause::Guest,
+        Cause::GuestPanic => pb::EventCause::GuestPanic,
+        Cause::Qemu => pb::EventCause::Qemu,
+        Cause::Host => pb::EventCause::Host,
+        Cause::Reconciliation => pb::EventCause::Reconciliation,
+    }
+}
+
+pub fn event_pb(e: &Event) -> pb::Event {
+    pb::Event {
+        seq: e.seq,
+        time: e.time.clone(),
+        vm_uuid: e.vm_uuid.to_string(),
+        vm_name: e.vm_name.clone(),
+        r#type: event_type_pb(e.kind) as i32,
+        state: state_pb(e.state) as i32,
+        cause: cause_pb(e.cause) as i32,
+        detail: e.detail.clone(),
+    }
+}
+
+fn spec_pb(s: &VmSpec) -> pb::VmSpec {
+    pb::VmSpec {
+        name: s.name.to_string(),
+        vcpus: s.vcpus,
+        memory_bytes: s.memory.0,
+        disks: s
+            .disks
+            .iter()
+            .map(|d| pb::DiskSpec {
+                source: Some(match &d.source {
+                    DiskSource::Pdisk(v) => pb::disk_spec::Source::PdiskVolume(v.clone()),
+                    DiskSource::File(p) => pb::disk_spec::Source::File(p.display().to_string()),
+                }),
+                read_only: d.read_only,
+                boot_index: d.boot_index,
+            })
+            .collect(),
+        nics: s
+            .nics
+            .iter()
+            .map(|n| pb::NicSpec {
+                bridge: n.bridge.clone(),
+                mac: n.mac.clone(),
+                vlan: n.vlan as u32,
+            })
+            .collect(),
+        kernel: s.kernel.as_ref().map(|k| pb::KernelBoot {
+            kernel: k.kernel.display().to_string(),
+            initrd: k
+                .initrd
+                .as_ref()
+                .map(|i| i.display().to_string())
+                .unwrap_or_default(),
+            cmdline: k.cmdline.clone(),
+        }),
+        labels: s.labels.clone().into_iter().collect(),
+    }
+}
+
+fn vm_pb(agent: &Agent, v: &VmRecord) -> pb::Vm {
+    let rt = v.runtime.clone().unwrap_or_default();
+    pb::Vm {
+        uuid: v.uuid.to_string(),
+        name: v.spec.name.to_string(),
+        spec: Some(spec_pb(&v.spec)),
+        state: state_pb(v.state) as i32,
+        state_reason: v.state_reason.clone(),
+        pid: rt.pid,
+        disks: rt
+            .disks
+            .iter()
+            .map(|d| pb::AttachedDisk {
+                device: d.device.clone(),
+                source: d.source.clone(),
+                attachment: d.attachment.clone(),
+                read_only: d.read_only,
+            })
+            .collect(),
+        nics: rt
+            .nics
+            .iter()
+            .map(|n| pb::AttachedNic {
+                tap: n.tap.clone(),
+                bridge: n.bridge.clone(),
+                mac: n.mac.clone(),
+                vlan: n.vlan as u32,
+            })
+            .collect(),
+        console_log: agent.console_log(v.uuid).display().to_string(),
+        created_at: v.created_at.clone(),
+        last_event_seq: v.last_event_seq,
+    }
+}
+
+/// Parses a request's spec into the validated domain form.
+fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
+    let name: spec::VmName = s.name.parse()?;
+    let mut disks = Vec::new();
+    for d in s.disks {
+        let source = match d.source {
+            Some(pb::disk_spec::Source::PdiskVolume(v)) if !v.is_empty() => DiskSource::Pdisk(v),
+            Some(pb::disk_spec::Source::File(f)) => {
+                DiskSource::File(spec::check_host_file("disk", &f)?)
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "vm {name}: every disk needs a pdisk volume or a file"
+                )))
+            }
+        };
+        disks.push(Disk {
+            source,
+            read_only: d.read_only,
+            boot_index: d.boot_index,
+        });
+    }
+    if !disks.is_empty() && disks.iter().all(|d| d.boot_index == 0) && s.kernel.is_none() {
+        disks[0].boot_index = 1;
+    }
+    let mut nics = Vec::new();
+    for n in s.nics {
+        let mac = if n.mac.is_empty() {
+            Mac::generate()
+        } else {
+            n.mac.parse::<Mac>()?
+        };
+        if n.vlan > 4094 {
+            return Err(Error::invalid(format!("vlan {} is out of 1..4094", n.vlan)));
+        }
+        nics.push(Nic {
+            bridge: n.bridge,
+            mac: mac.to_string(),
+            vlan: n.vlan as u16,
+        });
+    }
+    let kernel = match s.kernel {
+        Some(k) if !k.kernel.is_empty() => Some(KernelBoot {
+            kernel: spec::check_host_file("kernel", &k.kernel)?,
+            initrd: if k.initrd.is_empty() {
+                None
+            } else {
+                Some(spec::check_host_file("initrd", &k.initrd)?)
+            },
+            cmdline: k.cmdline,
+        }),
+        _ => None,
+    };
+    if s.memory_bytes == 0 {
+        return Err(Error::invalid(format!("vm {name}: memory is required")));
+    }
+    Ok(VmSpec {
+        name,
+        vcpus: s.vcpus,
+        memory: ByteSize(s.memory_bytes),
+        disks,
+        nics,
+        kernel,
+        labels: s.labels.into_iter().collect(),
+    })
+}
+
+fn timeout_of(secs: u32) -> Duration {
+    Duration::from_secs(if secs == 0 { 60 } else { secs as u64 })
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl VmService for Api {
+    async fn create_vm(
+        &self,
+        req: Request<pb::CreateVmRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let spec = req
+            .into_inner()
+            .spec
+            .ok_or_else(|| Error::invalid("spec is required"))?;
+        let spec = parse_spec(spec)?;
+        let vm = self.agent.create_vm(spec).await?;
+        Ok(Response::new(vm_pb(&self.agent, &vm)))
+    }
+
+    async fn start_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let vm = self.agent.start_vm(&req.into_inner().vm).await?;
+        Ok(Response::new(vm_pb(&self.agent, &vm)))
+    }
+
+    async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let r = req.into_inner();
+        let vm = self
+            .agent
+            .stop_vm(&r.vm, timeout_of(r.timeout_seconds), r.force)
+            .await?;
+        Ok(Response::new(vm_pb(&self.agent, &vm)))
+    }
+
+    async fn reboot_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let vm = self.agent.reboot_vm(&req.into_inner().vm).await?;
+        Ok(Response::new(vm_pb(&self.agent, &vm)))
+    }
+
+    async fn pause_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let vm = self.agent.pause_vm(&req.into_inner().vm).await?;
+        Ok(Response::new(vm_pb(&self.agent, &vm)))
+    }
+
+    async fn resume_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let vm = self.agent.resume_vm(&req.into_inner().vm).await?;
+        Ok(Response::new(vm_pb(&self.agent, &vm)))
+    }
+
+    async fn destroy_vm(
+        &self,
+        req: Request<pb::DestroyVmRequest>,
+    ) -> Result<Response<pb::DestroyVmResponse>, Status> {
+        let r = req.into_inner();
+        self.agent
+            .destroy_vm(&r.vm, timeout_of(r.timeout_seconds))
+            .await?;
+        Ok(Response::new(pb::DestroyVmResponse {}))
+    }
+
+    async fn get_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
+        let vm = self.agent.get_vm(&req.into_inner().vm)?;
+        Ok(Response::new(vm_pb(&self.agent, &vm)))
+    }
+
+    async fn list_vms(
+        &self,
+        _req: Request<pb::ListVmsRequest>,
+    ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let vms = self
+            .agent
+            .list_vms()?
+            .iter()
+            .map(|v| vm_pb(&self.agent, v))
+            .collect();
+        Ok(Response::new(pb::ListVmsResponse { vms }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    /// Replays the journal from `since_seq`, then follows live events.
+    /// Exactly once and in order: the live subscription is taken before the
+    /// replay, live events at or below the last replayed seq are skipped, and
+    /// a subscriber that falls behind re-reads the journal from where it was.
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let r = req.into_inner();
+        let filter = if r.vm.is_empty() {
+            None
+        } else {
+            match self.agent.get_vm(&r.vm) {
+                Ok(vm) => Some(vm.uuid.to_string()),
+                // A destroyed VM's events are still in the journal.
+                Err(_) => Some(r.vm.clone()),
+            }
+        };
+        let agent = self.agent.clone();
+        let mut live = agent.store().subscribe();
+        let follow = !r.no_follow;
+        let stream = async_stream::try_stream! {
+            let mut last = r.since_seq;
+            let wanted = |e: &Event| match &filter {
+                None => true,
+                Some(f) => &e.vm_uuid.to_string() == f || &e.vm_name == f,
+            };
+            // Replay in pages.
+            loop {
+                let page = agent.store().events_since(last, 1024)?;
+                if page.is_empty() {
+                    break;
+                }
+                for e in page {
+                    last = e.seq;
+                    if wanted(&e) {
+                        yield event_pb(&e);
+                    }
+                }
+            }
+            if follow {
+                loop {
+                    match live.recv().await {
+                        Ok(e) => {
+                            if e.seq <= last {
+                                continue;
+                            }
+                            // A gap means we missed some: read them from the journal.
+                            if e.seq > last + 1 {
+                                for m in agent.store().events_since(last, (e.seq - last - 1) as usize)? {
+                                    if wanted(&m) {
+                                        yield event_pb(&m);
+                                    }
+                                }
+                            }
+                            last = e.seq;
+                            if wanted(&e) {
+                                yield event_pb(&e);
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            loop {
+                                let page = agent.store().events_since(last, 1024)?;
+                                if page.is_empty() {
+                                    break;
+                                }
+                                for m in page {
+                                    last = m.seq;
+                                    if wanted(&m) {
+                                        yield event_pb(&m);
+                                    }
+                                }
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            }
+        };
+        let stream = futures::StreamExt::map(stream, |r: Result<pb::Event, Error>| {
+            r.map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_host(
+        &self,
+        _req: Request<pb::GetHostRequest>,
+    ) -> Result<Response<pb::Host>, Status> {
+        let h = self.agent.host_info()?;
+        let s = self.agent.settings();
+        Ok(Response::new(pb::Host {
+            hostname: h.facts.hostname,
+            cpus: h.facts.cpus,
+            memory_bytes: h.facts.memory,
+            free_vcpus: h.free_vcpus,
+            free_memory_bytes: h.free_memory,
+            accelerator: h.facts.accel.name().to_string(),
+            accelerator_reason: h.facts.accel_reason,
+            qemu_version: h.facts.qemu_version,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            initiator_iqn: s.initiator_iqn.clone(),
+            vm_count: h.vm_count,
+            running_vms: h.running,
+            last_event_seq: h.last_seq,
+            pdisk_server: s.pdisk_url.clone().unwrap_or_default(),
+        }))
+    }
+}

@@ -1,0 +1,627 @@
+//! agentd end to end: real guests (the test guest from scripts/guest-image,
+//! under TCG) booted from pdisk volumes over iSCSI, taps on a bridge, all in a
+//! network namespace the test creates, with its own tgtd and pdiskd.
+//! Run by scripts/test (needs root, QEMU, tgt).
+
+use std::time::Duration;
+
+use stratus_proto::agent::v1 as pb;
+use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
+use stratus_proto::pdisk::v1 as pdpb;
+use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
+use testkit::*;
+use tonic::Code;
+
+const BRIDGE: &str = "stbr0";
+const BOOT: Duration = Duration::from_secs(180);
+
+/// One host: namespace with a bridge, XFS pool, tgtd, pdiskd, agentd.
+/// Fields drop in order: agentd (and its guests) first, the namespace last.
+struct Host {
+    agentd: Agentd,
+    pdiskd: Pdiskd,
+    _tgtd: Tgtd,
+    pool: XfsPool,
+    ns: NetNs,
+}
+
+impl Host {
+    fn start() -> Host {
+        let ns = NetNs::new();
+        ns.add_bridge(BRIDGE);
+        let pool = XfsPool::new(4096);
+        let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
+        let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
+        let agentd = Agentd::start_in(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE);
+        Host {
+            agentd,
+            pdiskd,
+            _tgtd: tgtd,
+            pool,
+            ns,
+        }
+    }
+
+    /// Imports the test guest into pdisk as `base` and clones it as `name`.
+    fn guest_volume(&self, name: &str) {
+        let src = guest_dir().join("stratus-guest.raw");
+        let dst = self.pdiskd.import_dir.join("stratus-guest.raw");
+        if !dst.exists() {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+        let url = self.pdiskd.url();
+        let name = name.to_string();
+        let dst = dst.display().to_string();
+        self.ns.block_on(move || async move {
+            let mut c = VolumeServiceClient::connect(url).await.unwrap();
+            let exists = c
+                .get_volume(pdpb::GetVolumeRequest {
+                    volume: "base".into(),
+                })
+                .await
+                .is_ok();
+            if !exists {
+                c.create_volume(pdpb::CreateVolumeRequest {
+                    name: "base".into(),
+                    source: Some(pdpb::create_volume_request::Source::FromImage(
+                        pdpb::ImageSource {
+                            path: dst,
+                            format: 0,
+                        },
+                    )),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            }
+            c.clone_volume(pdpb::CloneVolumeRequest {
+                source: "base".into(),
+                name,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        });
+    }
+
+    fn agent<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let url = self.agentd.url();
+        self.ns.block_on(move || async move {
+            let c = VmServiceClient::connect(url).await.unwrap();
+            f(c).await
+        })
+    }
+
+    fn exports(&self) -> Vec<pdpb::Export> {
+        let url = self.pdiskd.url();
+        self.ns.block_on(move || async move {
+            let mut c = VolumeServiceClient::connect(url).await.unwrap();
+            c.list_exports(pdpb::ListExportsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .exports
+        })
+    }
+
+    fn events(&self, since: u64) -> Vec<pb::Event> {
+        self.agent(move |mut c| async move {
+            let mut s = c
+                .watch_events(pb::WatchEventsRequest {
+                    since_seq: since,
+                    vm: String::new(),
+                    no_follow: true,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(e) = s.message().await.unwrap() {
+                out.push(e);
+            }
+            out
+        })
+    }
+}
+
+fn spec_pdisk(name: &str, volume: &str) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        disks: vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::PdiskVolume(volume.into())),
+            read_only: false,
+            boot_index: 1,
+        }],
+        nics: vec![pb::NicSpec {
+            bridge: BRIDGE.into(),
+            mac: String::new(),
+            vlan: 0,
+        }],
+        ..Default::default()
+    }
+}
+
+/// Direct kernel boot of the test guest with `cmdline` extras.
+fn spec_kernel(name: &str, extra: &str, mac: &str) -> pb::VmSpec {
+    let g = guest_dir();
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        nics: vec![pb::NicSpec {
+            bridge: BRIDGE.into(),
+            mac: mac.into(),
+            vlan: 0,
+        }],
+        kernel: Some(pb::KernelBoot {
+            kernel: g.join("vmlinuz").display().to_string(),
+            initrd: g.join("initrd.img").display().to_string(),
+            cmdline: format!("console=ttyS0 {extra}"),
+        }),
+        ..Default::default()
+    }
+}
+
+fn kinds(events: &[pb::Event], vm: &str) -> Vec<pb::EventType> {
+    events
+        .iter()
+        .filter(|e| e.vm_name == vm)
+        .map(|e| e.r#type())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
+    let h = Host::start();
+    h.guest_volume("vm1-root");
+    let vm = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec_pdisk("vm1", "vm1-root")),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest { vm: "vm1".into() })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(vm.state(), pb::VmState::Running);
+    assert!(vm.pid > 0);
+    let mac = vm.nics[0].mac.clone();
+    let tap = vm.nics[0].tap.clone();
+    assert!(h.ns.link_exists(&tap));
+    assert!(vm.disks[0].attachment.starts_with("iscsi://"));
+
+    let console = wait_console(
+        std::path::Path::new(&vm.console_log),
+        "STRATUS-GUEST ready",
+        BOOT,
+    );
+    assert!(
+        console.contains("STRATUS-GUEST disk vda driver=virtio_blk"),
+        "{console}"
+    );
+    assert!(
+        console.contains(&format!(
+            "STRATUS-GUEST nic eth0 mac={mac} driver=virtio_net"
+        )),
+        "{console}"
+    );
+    // The CHAP secret reached QEMU through a file, not its command line.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.pid)).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(cmdline.contains("password-secret"));
+    let secret_file = h
+        .agentd
+        .state_dir
+        .join("vms")
+        .join(&vm.uuid)
+        .join("chap-vda");
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    assert!(!cmdline.contains(&secret));
+    assert_eq!(h.exports().len(), 1);
+
+    let stopped = h.agent(|mut c| async move {
+        c.stop_vm(pb::StopVmRequest {
+            vm: "vm1".into(),
+            timeout_seconds: 60,
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(stopped.state(), pb::VmState::Stopped);
+    let events = h.events(0);
+    use pb::EventType as T;
+    let k = kinds(&events, "vm1");
+    for want in [
+        T::Created,
+        T::Starting,
+        T::DiskAttached,
+        T::NicAttached,
+        T::Running,
+        T::Stopping,
+        T::Stopped,
+    ] {
+        assert!(k.contains(&want), "{want:?} missing from {k:?}");
+    }
+    let stop = events
+        .iter()
+        .rev()
+        .find(|e| e.r#type() == T::Stopped)
+        .unwrap();
+    assert_eq!(stop.cause(), pb::EventCause::Api);
+    // Stopping detached everything.
+    assert!(!h.ns.link_exists(&tap));
+    assert!(h.exports().is_empty());
+
+    h.agent(|mut c| async move {
+        c.destroy_vm(pb::DestroyVmRequest {
+            vm: "vm1".into(),
+            timeout_seconds: 30,
+        })
+        .await
+        .unwrap();
+        let e = c
+            .get_vm(pb::VmRequest { vm: "vm1".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    });
+    assert!(!h.agentd.state_dir.join("vms").join(&vm.uuid).exists());
+    let seqs: Vec<u64> = h.events(0).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        h.events(0).last().unwrap().r#type(),
+        pb::EventType::Destroyed
+    );
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn poweroff_inside_the_guest_is_a_stop_caused_by_the_guest() {
+    let h = Host::start();
+    let vm = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec_kernel("quitter", "stratus.poweroff_after=2", "")),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            vm: "quitter".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    wait_console(
+        std::path::Path::new(&vm.console_log),
+        "STRATUS-GUEST poweroff",
+        BOOT,
+    );
+    let ev = wait_for("STOPPED event", BOOT, || {
+        h.events(0)
+            .into_iter()
+            .find(|e| e.r#type() == pb::EventType::Stopped)
+    });
+    assert_eq!(ev.cause(), pb::EventCause::Guest, "{ev:?}");
+    let tap = vm.nics[0].tap.clone();
+    assert!(!h.ns.link_exists(&tap));
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn two_guests_on_one_bridge_exchange_packets() {
+    let h = Host::start();
+    let vms = h.agent(|mut c| async move {
+        let mut out = Vec::new();
+        for (name, me, peer, mac) in [
+            ("ping-a", "10.213.0.1", "10.213.0.2", "52:54:00:00:d5:01"),
+            ("ping-b", "10.213.0.2", "10.213.0.1", "52:54:00:00:d5:02"),
+        ] {
+            c.create_vm(pb::CreateVmRequest {
+                spec: Some(spec_kernel(
+                    name,
+                    &format!("stratus.ip={me}/24 stratus.peer={peer}"),
+                    mac,
+                )),
+            })
+            .await
+            .unwrap();
+            out.push(
+                c.start_vm(pb::VmRequest { vm: name.into() })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+        out
+    });
+    for (vm, peer) in vms.iter().zip(["10.213.0.2", "10.213.0.1"]) {
+        let log = wait_console(
+            std::path::Path::new(&vm.console_log),
+            &format!("STRATUS-GUEST ping {peer}"),
+            BOOT,
+        );
+        assert!(
+            log.contains(&format!("STRATUS-GUEST ping {peer} ok")),
+            "{}: {log}",
+            vm.name
+        );
+        assert!(log.contains("driver=virtio_net"));
+    }
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn guests_survive_agentd_crashes_and_the_seq_continues() {
+    let mut h = Host::start();
+    let vms: Vec<pb::Vm> = h.agent(|mut c| async move {
+        let mut out = Vec::new();
+        for name in ["keeper", "victim"] {
+            c.create_vm(pb::CreateVmRequest {
+                spec: Some(spec_kernel(name, "", "")),
+            })
+            .await
+            .unwrap();
+            out.push(
+                c.start_vm(pb::VmRequest { vm: name.into() })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+        out
+    });
+    let before = h.events(0);
+    // agentd dies; the guests do not.
+    h.agentd.kill9();
+    for vm in &vms {
+        assert!(std::path::Path::new(&format!("/proc/{}", vm.pid)).exists());
+    }
+    // One guest dies while agentd is away.
+    // SAFETY: signals the pid of a guest this test started.
+    unsafe {
+        libc::kill(vms[1].pid as libc::pid_t, libc::SIGKILL);
+    }
+    wait_for("victim gone", Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{}/cmdline", vms[1].pid)).exists()
+            || std::fs::read(format!("/proc/{}/cmdline", vms[1].pid))
+                .map(|c| c.is_empty())
+                .unwrap_or(true))
+        .then_some(())
+    });
+    h.agentd.restart();
+    let got: Vec<pb::Vm> = h.agent(|mut c| async move {
+        let mut out = Vec::new();
+        for name in ["keeper", "victim"] {
+            out.push(
+                c.get_vm(pb::VmRequest { vm: name.into() })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+        out
+    });
+    assert_eq!(got[0].state(), pb::VmState::Running);
+    assert_eq!(got[0].pid, vms[0].pid);
+    assert!(matches!(
+        got[1].state(),
+        pb::VmState::Stopped | pb::VmState::Crashed
+    ));
+    let after = h.events(0);
+    let seqs: Vec<u64> = after.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "gap or repeat"
+    );
+    assert_eq!(&after[..before.len()], &before[..], "history rewritten");
+    let new = &after[before.len()..];
+    assert!(new.iter().any(|e| e.vm_name == "keeper"
+        && e.r#type() == pb::EventType::Adopted
+        && e.cause() == pb::EventCause::Reconciliation));
+    assert!(new.iter().any(|e| e.vm_name == "victim"
+        && matches!(e.r#type(), pb::EventType::Stopped | pb::EventType::Crashed)
+        && e.cause() == pb::EventCause::Reconciliation));
+    assert!(!h.ns.link_exists(&vms[1].nics[0].tap));
+    // The adopted guest is still under control.
+    let v = h.agent(|mut c| async move {
+        c.pause_vm(pb::VmRequest {
+            vm: "keeper".into(),
+        })
+        .await
+        .unwrap();
+        c.resume_vm(pb::VmRequest {
+            vm: "keeper".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(v.state(), pb::VmState::Running);
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn a_reconnecting_watcher_gets_every_event_once_in_order() {
+    let h = Host::start();
+    // A watcher that follows live, reads a few events, and disconnects.
+    let url = h.agentd.url();
+    let first: Vec<u64> = h.ns.block_on(move || async move {
+        let mut c = VmServiceClient::connect(url).await.unwrap();
+        let mut s = c
+            .watch_events(pb::WatchEventsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut c2 = c.clone();
+        let maker = tokio::spawn(async move {
+            for i in 0..3 {
+                c2.create_vm(pb::CreateVmRequest {
+                    spec: Some(spec_kernel(&format!("w{i}"), "", "")),
+                })
+                .await
+                .unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(60), s.message())
+                .await
+                .expect("no event within 60 s");
+            got.push(m.unwrap().unwrap().seq);
+        }
+        maker.await.unwrap();
+        got
+    });
+    // More happens while it is away.
+    h.agent(|mut c| async move {
+        for i in 3..6 {
+            c.create_vm(pb::CreateVmRequest {
+                spec: Some(spec_kernel(&format!("w{i}"), "", "")),
+            })
+            .await
+            .unwrap();
+        }
+        c.destroy_vm(pb::DestroyVmRequest {
+            vm: "w0".into(),
+            timeout_seconds: 5,
+        })
+        .await
+        .unwrap();
+    });
+    let last = *first.last().unwrap();
+    let rest: Vec<u64> = h.events(last).iter().map(|e| e.seq).collect();
+    let all: Vec<u64> = first.iter().chain(&rest).copied().collect();
+    let journal: Vec<u64> = h.events(0).iter().map(|e| e.seq).collect();
+    assert_eq!(all, journal);
+    assert_eq!(journal.len(), 7);
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
+    let h = Host::start();
+    h.guest_volume("disk1");
+    let codes = h.agent(|mut c| async move {
+        let mut codes = Vec::new();
+        let try_spec = |mut c: VmServiceClient<tonic::transport::Channel>, s: pb::VmSpec| async move {
+            c.create_vm(pb::CreateVmRequest { spec: Some(s) })
+                .await
+                .unwrap_err()
+                .code()
+        };
+        let mut bad_name = spec_pdisk("Bad Name", "disk1");
+        codes.push(try_spec(c.clone(), bad_name.clone()).await);
+        bad_name.name = "ok".into();
+        bad_name.vcpus = 0;
+        codes.push(try_spec(c.clone(), bad_name.clone()).await);
+        bad_name.vcpus = 1;
+        bad_name.memory_bytes = 1 << 50;
+        codes.push(try_spec(c.clone(), bad_name.clone()).await);
+        bad_name.memory_bytes = 128 << 20;
+        bad_name.nics[0].mac = "01:00:5e:00:00:01".into();
+        codes.push(try_spec(c.clone(), bad_name.clone()).await);
+        codes.push(try_spec(c.clone(), spec_pdisk("ok", "no-such-volume")).await);
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec_pdisk("dup", "disk1")),
+        })
+        .await
+        .unwrap();
+        codes.push(try_spec(c.clone(), spec_pdisk("dup", "disk1")).await);
+        let n = c
+            .list_vms(pb::ListVmsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .vms
+            .len();
+        (codes, n)
+    });
+    assert_eq!(
+        codes.0,
+        vec![
+            Code::InvalidArgument,
+            Code::InvalidArgument,
+            Code::ResourceExhausted,
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists
+        ]
+    );
+    assert_eq!(codes.1, 1);
+
+    // A start that fails (the bridge does not exist) leaves an ERROR state
+    // with the cause, and no tap, export or process behind.
+    let mut spec = spec_pdisk("nobridge", "disk1");
+    spec.nics[0].bridge = "missingbr0".into();
+    let (err, vm) = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
+            .await
+            .unwrap();
+        let e = c
+            .start_vm(pb::VmRequest {
+                vm: "nobridge".into(),
+            })
+            .await
+            .unwrap_err();
+        let vm = c
+            .get_vm(pb::VmRequest {
+                vm: "nobridge".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (e, vm)
+    });
+    assert!(err.message().contains("missingbr0"), "{err:?}");
+    assert_eq!(vm.state(), pb::VmState::Error);
+    assert!(vm.state_reason.contains("missingbr0"));
+    assert!(h.exports().is_empty(), "export left behind");
+    assert!(h.agentd.guest_pids().is_empty(), "QEMU left behind");
+    let links = h.ns.ip(&["-o", "link", "show", "type", "tun"]);
+    assert!(links.trim().is_empty(), "tap left behind: {links}");
+
+    // QEMU's own message reaches the caller: a corrupt qcow2 file disk.
+    let bad = h.pool.dir.path().join("corrupt.qcow2");
+    std::fs::write(&bad, b"QFI\xfb\0\0\0\x03garbage-not-a-header").unwrap();
+    let mut spec = spec_kernel("badimg", "", "");
+    spec.disks = vec![pb::DiskSpec {
+        source: Some(pb::disk_spec::Source::File(bad.display().to_string())),
+        read_only: false,
+        boot_index: 0,
+    }];
+    let (err, vm) = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
+            .await
+            .unwrap();
+        let e = c
+            .start_vm(pb::VmRequest {
+                vm: "badimg".into(),
+            })
+            .await
+            .unwrap_err();
+        let vm = c
+            .get_vm(pb::VmRequest {
+                vm: "badimg".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (e, vm)
+    });
+    assert_eq!(vm.state(), pb::VmState::Error);
+    assert!(err.message().contains("QEMU"), "{err:?}");
+    assert!(h.agentd.guest_pids().is_empty());
+}
