@@ -163,4 +163,16 @@ mod tests {
             .resolve()
             .is_err());
     }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(&f, include_str!("../../examples/agentd.toml")).unwrap();
+        let c = Flags::parse_from(["agentd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.pdisk.as_deref(), Some("http://192.0.2.10:7400"));
+        assert_eq!(c.reserved_memory, 2 << 30);
+    }
 }
