@@ -73,15 +73,7 @@ pub struct Config {
 
 impl Flags {
     pub fn resolve(self) -> Result<Config> {
-        let file: Flags = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?;
-                toml::from_str(&text)
-                    .map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?
-            }
-            None => Flags::default(),
-        };
+        let file: Flags = pdisk::config::load_toml(self.config.as_deref())?;
         macro_rules! pick {
             ($f:ident, $default:expr) => {
                 self.$f.or(file.$f).unwrap_or_else(|| $default)

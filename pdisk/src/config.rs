@@ -5,7 +5,7 @@
 //! so a typo never silently falls back to a default.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
@@ -109,18 +109,36 @@ pub struct Config {
     pub log_level: String,
 }
 
+/// Reads a daemon's TOML settings file, or the defaults when there is none.
+/// Shared by pdiskd and agentd so both treat files the same way.
+pub fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
+    let Some(p) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(p)
+        .map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?;
+    toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))
+}
+
+/// Sets up tracing on stderr for a daemon: human (colours only on a
+/// terminal) or JSON lines, filtered by `level` (an EnvFilter directive).
+pub fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
 impl Flags {
     /// Merges flags over the `--config` file over defaults, and validates.
     pub fn resolve(self) -> Result<Config> {
-        let file: Flags = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?;
-                toml::from_str(&text)
-                    .map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?
-            }
-            None => Flags::default(),
-        };
+        let file: Flags = load_toml(self.config.as_deref())?;
         macro_rules! pick {
             ($f:ident, $default:expr) => {
                 self.$f.or(file.$f).unwrap_or_else(|| $default)

@@ -13,22 +13,8 @@ use agent::service::{Agent, AgentSettings, HostFacts};
 use agent::store::AgentStore;
 use anyhow::Context;
 use clap::Parser;
-use pdisk::config::LogFormat;
 use pdisk::runner::{CommandRunner, HostRunner};
 use stratus_proto::agent::v1::vm_service_server::VmServiceServer;
-
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match cfg.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
 
 #[tokio::main]
 async fn main() {
@@ -39,7 +25,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    init_logging(&cfg);
+    pdisk::config::init_logging(cfg.log_format, &cfg.log_level);
     if let Err(e) = run(cfg).await {
         tracing::error!("{e:#}");
         eprintln!("agentd: {e:#}");

@@ -11,26 +11,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pdisk::backend::file::FileBackend;
-use pdisk::config::{BackendKind, Config, ExporterKind, Flags, LogFormat};
+use pdisk::config::{BackendKind, Config, ExporterKind, Flags};
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::grpc::Api;
 use pdisk::runner::{CommandRunner, HostRunner};
 use pdisk::service::{PoolService, ServiceSettings};
 use pdisk::store::Store;
 use stratus_proto::pdisk::v1::volume_service_server::VolumeServiceServer;
-
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match cfg.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
 
 async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -53,7 +40,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    init_logging(&cfg);
+    pdisk::config::init_logging(cfg.log_format, &cfg.log_level);
     if let Err(e) = run(cfg).await {
         tracing::error!("{e:#}");
         eprintln!("pdiskd: {e:#}");
