@@ -653,3 +653,57 @@ async fn chap_export_needs_the_secret() {
     // The secret is in no log line.
     assert!(!s.pdiskd.log_text().contains(secret));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn reflection_and_health_are_served() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let s = Stack::start();
+    // What `grpcurl -plaintext HOST list` asks.
+    let channel = tonic::transport::Channel::from_shared(s.pdiskd.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut r = ServerReflectionClient::new(channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = r
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer {msg:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"pdisk.v1.VolumeService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    let mut h = HealthClient::new(channel);
+    let st = h
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "pdisk.v1.VolumeService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        st.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
