@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status};
 
 use crate::net::Mac;
 use crate::service::Agent;
-use crate::spec::{self, Cause, Disk, DiskSource, EventType, KernelBoot, Nic, VmSpec, VmState};
+use crate::spec::{
+    self, Cause, Context, Disk, DiskSource, EventType, KernelBoot, Nic, VmSpec, VmState,
+};
 use crate::store::{Event, VmRecord};
 use pdisk::error::Error;
 use pdisk::types::ByteSize;
@@ -125,6 +127,12 @@ fn spec_pb(s: &VmSpec) -> pb::VmSpec {
             cmdline: k.cmdline.clone(),
         }),
         labels: s.labels.clone().into_iter().collect(),
+        context: s.context.as_ref().map(|c| pb::Contextualization {
+            hostname: c.hostname.clone().unwrap_or_default(),
+            user_data: c.user_data.clone().unwrap_or_default(),
+            network_config: c.network_config.clone().unwrap_or_default(),
+            ssh_keys: c.ssh_keys.clone(),
+        }),
     }
 }
 
@@ -219,6 +227,15 @@ fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
     if s.memory_bytes == 0 {
         return Err(Error::invalid(format!("vm {name}: memory is required")));
     }
+    // Empty strings are proto3's "unset"; keys are kept as given (the seed
+    // trims them) so that a bad one is refused rather than dropped.
+    let some = |s: String| if s.is_empty() { None } else { Some(s) };
+    let context = s.context.map(|c| Context {
+        hostname: some(c.hostname),
+        user_data: some(c.user_data),
+        network_config: some(c.network_config),
+        ssh_keys: c.ssh_keys,
+    });
     Ok(VmSpec {
         name,
         vcpus: s.vcpus,
@@ -227,6 +244,7 @@ fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
         nics,
         kernel,
         labels: s.labels.into_iter().collect(),
+        context,
     })
 }
 
@@ -418,5 +436,43 @@ impl VmService for Api {
             last_event_seq: h.last_seq,
             pdisk_server: s.pdisk_url.clone().unwrap_or_default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_context_travels_both_ways() {
+        let request = pb::VmSpec {
+            name: "web1".into(),
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            context: Some(pb::Contextualization {
+                hostname: String::new(),
+                user_data: "#cloud-config\n".into(),
+                network_config: String::new(),
+                ssh_keys: vec!["ssh-ed25519 AAAA op@host".into()],
+            }),
+            ..Default::default()
+        };
+        let spec = parse_spec(request.clone()).unwrap();
+        let c = spec.context.as_ref().unwrap();
+        assert_eq!(c.hostname, None, "empty is unset: the VM name");
+        assert_eq!(c.user_data.as_deref(), Some("#cloud-config\n"));
+        assert_eq!(c.network_config, None);
+        assert_eq!(c.ssh_keys, ["ssh-ed25519 AAAA op@host"]);
+        assert_eq!(spec_pb(&spec), request);
+
+        // An empty Contextualization still asks for a seed; none asks for none.
+        let mut request = request;
+        request.context = Some(pb::Contextualization::default());
+        assert_eq!(
+            parse_spec(request.clone()).unwrap().context,
+            Some(Context::default())
+        );
+        request.context = None;
+        assert_eq!(parse_spec(request).unwrap().context, None);
     }
 }

@@ -6,6 +6,7 @@
 //! - [`vmm`]: QEMU command lines, launching, accelerator choice;
 //! - [`qmp`]: the QEMU Machine Protocol client (commands and events);
 //! - [`net`]: tap devices and bridges, by ioctl/netlink (no `ip` commands);
+//! - [`seed`]: cloud-init NoCloud seeds (a FAT12 `CIDATA` image, built in process);
 //! - [`service`]: the guest service: operations, QMP monitors, reconciliation;
 //! - [`grpc`]: the tonic `VmService`, message conversion only;
 //! - [`config`]: agentd settings from flags and TOML.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod grpc;
 pub mod net;
 pub mod qmp;
+pub mod seed;
 pub mod service;
 pub mod spec;
 pub mod store;

@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::net;
 use crate::qmp::{Qmp, QmpEventKind};
+use crate::seed;
 use crate::spec::{Cause, DiskSource, EventType, VmSpec, VmState};
 use crate::store::{
     now_rfc3339, AgentStore, DiskAttachment, Event, NewEvent, NicAttachment, Runtime, VmRecord,
@@ -120,6 +121,9 @@ pub struct Agent {
 const QMP_CONNECT: Duration = Duration::from_secs(30);
 /// How long pause/resume/reboot wait for QEMU to confirm.
 const CONFIRM: Duration = Duration::from_secs(30);
+
+/// The NoCloud seed image in a guest's directory.
+const SEED_FILE: &str = "seed.img";
 
 fn device_name(i: usize) -> String {
     format!("vd{}", (b'a' + i as u8) as char)
@@ -398,6 +402,38 @@ impl Agent {
                 boot_index: d.boot_index,
             });
         }
+        if let Some(context) = &vm.spec.context {
+            // Rebuilt at every start from the spec, so it always matches it;
+            // the last disk, read-only, never booted from.
+            let device = device_name(disks.len());
+            let path = dir.join(SEED_FILE);
+            seed::build_seed(&context.seed(vm.uuid, &vm.spec.name), &path)?;
+            let att = DiskAttachment {
+                device: device.clone(),
+                source: "seed".into(),
+                attachment: path.display().to_string(),
+                read_only: true,
+                pdisk_volume: None,
+            };
+            let detail = format!(
+                "{device} seed hostname={}",
+                context.hostname_for(&vm.spec.name)
+            );
+            vm.runtime.as_mut().expect("runtime").disks.push(att);
+            self.commit(
+                vm,
+                &[NewEvent::new(EventType::DiskAttached, Cause::Api, detail)],
+            )?;
+            disks.push(PlannedDisk {
+                device,
+                backend: DiskBackend::File {
+                    path,
+                    format: "raw".into(),
+                },
+                read_only: true,
+                boot_index: 0,
+            });
+        }
         let mut nics = Vec::new();
         for (i, n) in vm.spec.nics.clone().iter().enumerate() {
             let tap = net::tap_name_for(vm.uuid, i);
@@ -477,7 +513,7 @@ impl Agent {
     }
 
     /// Undoes a guest's attachments: kills a leftover QEMU, unexports its
-    /// pdisk disks, deletes its taps and secrets. Returns the events to commit.
+    /// pdisk disks, deletes its taps, secrets and seed. Returns the events to commit.
     async fn tear_down(&self, vm: &mut VmRecord) -> Vec<NewEvent> {
         let mut events = Vec::new();
         self.qmp.lock().unwrap().remove(&vm.uuid);
@@ -524,7 +560,13 @@ impl Agent {
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with("chap-") || name == "qmp.sock" || name == "qemu.pid" {
+                // The seed goes too: its user-data may hold secrets, and
+                // the next start builds it again.
+                if name.starts_with("chap-")
+                    || name == "qmp.sock"
+                    || name == "qemu.pid"
+                    || name == SEED_FILE
+                {
                     let _ = std::fs::remove_file(e.path());
                 }
             }

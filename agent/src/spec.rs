@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::seed::{self, Seed};
 use pdisk::error::{Error, Result};
 use pdisk::types::{ByteSize, VolumeName, MIB};
 
@@ -45,6 +46,51 @@ pub struct KernelBoot {
     pub cmdline: String,
 }
 
+/// What the guest is told at boot through a cloud-init NoCloud seed
+/// ([`crate::seed`]). Checked by [`Context::validate`] with the seed's own
+/// rules, so a stored context always builds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Context {
+    /// `None`: the VM name.
+    pub hostname: Option<String>,
+    /// `None`: a `#cloud-config` that authorizes `ssh_keys`, or does nothing.
+    pub user_data: Option<String>,
+    pub network_config: Option<String>,
+    pub ssh_keys: Vec<String>,
+}
+
+impl Context {
+    /// The hostname the guest gets: the given one, else the VM name.
+    pub fn hostname_for<'a>(&'a self, vm: &'a VmName) -> &'a str {
+        self.hostname.as_deref().unwrap_or(vm.as_str())
+    }
+
+    /// The seed of guest `uuid` named `vm`.
+    pub fn seed(&self, uuid: uuid::Uuid, vm: &VmName) -> Seed {
+        Seed {
+            instance_id: uuid.to_string(),
+            hostname: self.hostname_for(vm).to_string(),
+            user_data: self.user_data.clone(),
+            network_config: self.network_config.clone(),
+            ssh_keys: self.ssh_keys.clone(),
+        }
+    }
+
+    /// The seed's own rules ([`Seed::validate`]), and a VM name that can
+    /// stand in for a missing hostname.
+    pub fn validate(&self, vm: &VmName) -> Result<()> {
+        if self.hostname.is_none() && seed::check_hostname(vm.as_str()).is_err() {
+            return Err(Error::invalid(format!(
+                "vm {vm}: its name is not a valid hostname for the guest (RFC 1123: \
+                 no '_', no empty label, no label starting or ending with '-'): \
+                 give the context a hostname"
+            )));
+        }
+        self.seed(uuid::Uuid::nil(), vm).validate()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmSpec {
     pub name: VmName,
@@ -54,6 +100,10 @@ pub struct VmSpec {
     pub nics: Vec<Nic>,
     pub kernel: Option<KernelBoot>,
     pub labels: BTreeMap<String, String>,
+    /// Some: a NoCloud seed disk after `disks`. Records written before
+    /// contextualization existed have none.
+    #[serde(default)]
+    pub context: Option<Context>,
 }
 
 pub const MAX_VCPUS: u32 = 255;
@@ -122,6 +172,16 @@ impl VmSpec {
                 "vm {}: at most {MAX_DISKS} disks and {MAX_NICS} NICs",
                 self.name
             )));
+        }
+        if let Some(c) = &self.context {
+            if self.disks.len() >= MAX_DISKS {
+                return Err(Error::invalid(format!(
+                    "vm {}: at most {} disks with a context (the seed is one more)",
+                    self.name,
+                    MAX_DISKS - 1
+                )));
+            }
+            c.validate(&self.name)?;
         }
         if self.disks.is_empty() && self.kernel.is_none() {
             return Err(Error::invalid(format!(
@@ -205,4 +265,102 @@ pub enum Cause {
     Qemu,
     Host,
     Reconciliation,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pdisk::error::ErrorKind;
+
+    fn spec(name: &str) -> VmSpec {
+        VmSpec {
+            name: name.parse().unwrap(),
+            vcpus: 1,
+            memory: ByteSize(64 << 20),
+            disks: vec![],
+            nics: vec![],
+            kernel: Some(KernelBoot {
+                kernel: "/boot/vmlinuz".into(),
+                initrd: None,
+                cmdline: String::new(),
+            }),
+            labels: BTreeMap::new(),
+            context: Some(Context::default()),
+        }
+    }
+
+    fn refused(s: &VmSpec) -> String {
+        let e = s.validate().expect_err("should be refused");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn a_context_names_the_guest_after_the_vm_unless_told() {
+        let s = spec("web1");
+        s.validate().unwrap();
+        let id = uuid::Uuid::new_v4();
+        let seed = s.context.as_ref().unwrap().seed(id, &s.name);
+        assert_eq!(seed.instance_id, id.to_string());
+        assert_eq!(seed.hostname, "web1");
+        assert_eq!(seed.user_data, None);
+
+        // A VM name need not be a hostname, but then the context must give one.
+        let mut s = spec("web_1");
+        assert!(refused(&s).contains("give the context a hostname"));
+        s.context.as_mut().unwrap().hostname = Some("web-1".into());
+        s.validate().unwrap();
+        assert_eq!(
+            s.context.as_ref().unwrap().seed(id, &s.name).hostname,
+            "web-1"
+        );
+        s.context = None;
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn a_bad_context_is_refused() {
+        let mut s = spec("web1");
+        s.context.as_mut().unwrap().hostname = Some("a..b".into());
+        assert!(refused(&s).contains("hostname \"a..b\""));
+        let mut s = spec("web1");
+        s.context.as_mut().unwrap().ssh_keys = vec!["ssh-ed25519 AAAA\nx y".into()];
+        assert!(refused(&s).contains("one line"));
+        let mut s = spec("web1");
+        s.context.as_mut().unwrap().user_data = Some("a\0".into());
+        assert!(refused(&s).contains("user-data contains a NUL"));
+        let mut s = spec("web1");
+        s.context.as_mut().unwrap().network_config = Some("x".repeat(seed::MAX_NETWORK_CONFIG + 1));
+        assert!(refused(&s).contains("network-config is"));
+        // The seed takes a disk slot.
+        let mut s = spec("web1");
+        s.disks = vec![
+            Disk {
+                source: DiskSource::Pdisk("v".into()),
+                read_only: false,
+                boot_index: 0,
+            };
+            MAX_DISKS
+        ];
+        assert!(refused(&s).contains("at most 15 disks with a context"));
+        s.context = None;
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn records_without_a_context_still_load() {
+        let mut s = spec("web1");
+        s.context = None;
+        let mut json: serde_json::Value = serde_json::to_value(&s).unwrap();
+        json.as_object_mut().unwrap().remove("context");
+        let old: VmSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(old, s);
+        // A context missing newer fields loads with their defaults.
+        let c: Context = serde_json::from_str(r#"{"hostname":"h"}"#).unwrap();
+        assert_eq!(c.hostname.as_deref(), Some("h"));
+        assert!(c.ssh_keys.is_empty());
+        let s = spec("web1");
+        let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
 }

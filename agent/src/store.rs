@@ -295,6 +295,7 @@ mod tests {
                 nics: vec![],
                 kernel: None,
                 labels: Default::default(),
+                context: None,
             },
             state: VmState::Defined,
             state_reason: String::new(),

@@ -625,3 +625,137 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     assert!(err.message().contains("QEMU"), "{err:?}");
     assert!(h.agentd.guest_pids().is_empty());
 }
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn a_seed_disk_gives_the_guest_its_hostname() {
+    let h = Host::start();
+    // A marker disk first, so the seed must come after the spec's disks.
+    let marker = h.pool.dir.path().join("marker.raw");
+    let mut data = b"STRATUS-MARKER:data disk\n".to_vec();
+    data.resize(1 << 20, 0);
+    std::fs::write(&marker, &data).unwrap();
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk2 e2e@stratus";
+    let mut seeded = spec_kernel("seeded", "", "");
+    seeded.disks = vec![pb::DiskSpec {
+        source: Some(pb::disk_spec::Source::File(marker.display().to_string())),
+        read_only: true,
+        boot_index: 0,
+    }];
+    seeded.context = Some(pb::Contextualization {
+        hostname: "seeded-guest".into(),
+        ssh_keys: vec![key.into()],
+        ..Default::default()
+    });
+    // An empty context still gives a seed, named after the VM.
+    let mut by_name = spec_kernel("named-by-vm", "", "");
+    by_name.context = Some(pb::Contextualization::default());
+    let vms: Vec<pb::Vm> = h.agent(|mut c| async move {
+        let mut out = Vec::new();
+        for spec in [seeded, by_name] {
+            let name = spec.name.clone();
+            c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
+                .await
+                .unwrap();
+            out.push(
+                c.start_vm(pb::VmRequest { vm: name })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+        out
+    });
+
+    let vm = &vms[0];
+    let seed = vm.disks.last().unwrap();
+    assert_eq!(
+        (seed.device.as_str(), seed.source.as_str(), seed.read_only),
+        ("vdb", "seed", true),
+        "{:?}",
+        vm.disks
+    );
+    assert!(seed.attachment.ends_with("/seed.img"), "{seed:?}");
+    let log = wait_console(
+        std::path::Path::new(&vm.console_log),
+        "STRATUS-GUEST ready",
+        BOOT,
+    );
+    assert!(
+        log.contains("STRATUS-GUEST hostname=seeded-guest\r"),
+        "{log}"
+    );
+    assert!(log.contains("STRATUS-GUEST seed vdb\r"), "{log}");
+    assert!(log.contains("STRATUS-GUEST marker vda=data disk"), "{log}");
+
+    // On the host: a CIDATA FAT12 image whose meta-data names the instance.
+    let image = std::fs::read(&seed.attachment).unwrap();
+    assert_eq!(&image[43..54], b"CIDATA     ");
+    assert_eq!(&image[54..59], b"FAT12");
+    let text = String::from_utf8_lossy(&image);
+    assert!(
+        text.contains(&format!("instance-id: \"{}\"", vm.uuid)),
+        "meta-data not found in the image"
+    );
+    assert!(text.contains(&format!("public-keys:\n  - \"{key}\"")));
+    // QEMU opened it read-only and raw.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.pid)).unwrap();
+    let blockdev = cmdline
+        .split(|&b| b == 0)
+        .map(String::from_utf8_lossy)
+        .find(|a| a.contains("\"node-name\":\"vdb\""))
+        .expect("no blockdev for the seed");
+    let v: serde_json::Value = serde_json::from_str(&blockdev).unwrap();
+    assert_eq!(v["read-only"], true, "{v}");
+    assert_eq!(v["driver"], "raw", "{v}");
+    assert_eq!(v["file"]["filename"], seed.attachment.as_str(), "{v}");
+
+    let other = &vms[1];
+    let log = wait_console(
+        std::path::Path::new(&other.console_log),
+        "STRATUS-GUEST ready",
+        BOOT,
+    );
+    assert!(
+        log.contains("STRATUS-GUEST hostname=named-by-vm\r"),
+        "{log}"
+    );
+    assert!(log.contains("STRATUS-GUEST seed vda\r"), "{log}");
+
+    let events = h.events(0);
+    let attached: Vec<&str> = events
+        .iter()
+        .filter(|e| e.vm_name == "seeded" && e.r#type() == pb::EventType::DiskAttached)
+        .map(|e| e.detail.as_str())
+        .collect();
+    assert_eq!(
+        attached,
+        [
+            format!("vda file:{}", marker.display()).as_str(),
+            "vdb seed hostname=seeded-guest"
+        ]
+    );
+
+    // Stopping removes the seed (user-data may hold secrets); the next
+    // start builds it again; destroying removes the guest's directory.
+    h.agent(|mut c| async move {
+        c.stop_vm(pb::StopVmRequest {
+            vm: "seeded".into(),
+            timeout_seconds: 30,
+            force: true,
+        })
+        .await
+        .unwrap();
+    });
+    assert!(!std::path::Path::new(&seed.attachment).exists());
+    let dir = h.agentd.state_dir.join("vms").join(&vm.uuid);
+    h.agent(|mut c| async move {
+        c.destroy_vm(pb::DestroyVmRequest {
+            vm: "seeded".into(),
+            timeout_seconds: 30,
+        })
+        .await
+        .unwrap();
+    });
+    assert!(!dir.exists());
+}

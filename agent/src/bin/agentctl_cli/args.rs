@@ -7,16 +7,24 @@
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
+use agent::seed::{
+    check_document, check_hostname, check_ssh_key, MAX_NETWORK_CONFIG, MAX_SSH_KEYS, MAX_USER_DATA,
+};
 use agent::spec::{check_ifname, MAX_DISKS, MAX_NICS, MAX_VCPUS, MIN_MEMORY};
 use clap::{Args, Parser, Subcommand};
 use pdisk::cli::args::{label_arg, label_map, Ref};
 use pdisk::types::{ByteSize, VolumeName};
-use stratus_proto::agent::v1::{disk_spec, DiskSpec, KernelBoot, NicSpec, VmSpec};
+use stratus_proto::agent::v1::{
+    disk_spec, Contextualization, DiskSpec, KernelBoot, NicSpec, VmSpec,
+};
 
 pub const DEFAULT_AGENT: &str = "http://127.0.0.1:7401";
 
 /// Help heading of the options every command accepts.
 const GLOBAL: &str = "Global options";
+
+/// Help heading of the options that make the guest's cloud-init seed.
+const CONTEXT: &str = "Contextualization (a cloud-init NoCloud seed disk)";
 
 /// Highest boot index a disk may be given (QEMU's bootindex is small anyway).
 const MAX_BOOT_INDEX: u32 = 255;
@@ -26,6 +34,8 @@ Examples:
   agentctl vm create web1 --vcpus 2 --memory 512M --disk pdisk:web1-root --nic bridge=br0
   agentctl vm create t1 --vcpus 1 --memory 256M --kernel /boot/vmlinuz --initrd /boot/initrd.img \\
       --cmdline 'console=ttyS0' --disk file:/srv/images/scratch.qcow2 --nic bridge=br0,vlan=20
+  agentctl vm create app1 --vcpus 1 --memory 1G --disk pdisk:app1-root --nic default \\
+      --hostname app1.example.org --ssh-key-file ~/.ssh/id_ed25519.pub --user-data-file init.yaml
   agentctl vm start web1
   agentctl vm console web1 --follow
   agentctl vm stop web1 --timeout 30
@@ -79,7 +89,7 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Define a VM (state "defined"); nothing runs until `vm start`.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Attach the disks, create the taps, launch QEMU; prints the VM once the
     /// guest runs.
     Start {
@@ -194,6 +204,30 @@ pub struct CreateArgs {
     /// Label as KEY=VALUE; repeat for several.
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = label_arg)]
     pub labels: Vec<(String, String)>,
+
+    /// The guest's hostname (RFC 1123: labels of letters, digits and '-',
+    /// joined by '.'). Any option of this group gives the guest a cloud-init
+    /// NoCloud seed: a small read-only disk labelled CIDATA after the other
+    /// disks, rebuilt at every start, whose meta-data has the VM UUID as
+    /// instance-id and this hostname (default: the VM name).
+    #[arg(long, value_name = "HOST", value_parser = hostname, help_heading = CONTEXT)]
+    pub hostname: Option<String>,
+
+    /// A file of OpenSSH public keys, one per line ('#' comments and blank
+    /// lines skipped), for the guest's default user. Repeat for several.
+    #[arg(long = "ssh-key-file", value_name = "FILE", value_parser = local_file, help_heading = CONTEXT)]
+    pub ssh_key_files: Vec<PathBuf>,
+
+    /// The guest's cloud-init user-data (#cloud-config, a script...), at most
+    /// 1 MiB, passed as is. Default: a #cloud-config that only authorizes the
+    /// SSH keys.
+    #[arg(long, value_name = "FILE", value_parser = local_file, help_heading = CONTEXT)]
+    pub user_data_file: Option<PathBuf>,
+
+    /// The guest's cloud-init network-config (v1 or v2), at most 64 KiB,
+    /// passed as is. Default: none (cloud-init configures the first NIC by DHCP).
+    #[arg(long, value_name = "FILE", value_parser = local_file, help_heading = CONTEXT)]
+    pub network_config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +287,46 @@ fn host_path(s: &str) -> Result<PathBuf, String> {
         return Err(format!("{s:?}: paths may not contain '..'"));
     }
     Ok(path)
+}
+
+/// `--hostname`: the agent's grammar.
+fn hostname(s: &str) -> Result<String, String> {
+    check_hostname(s).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+/// A file agentctl reads itself (contents go in the request): any path but
+/// an empty one.
+fn local_file(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the path is empty".into());
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// Reads a text file given with `flag`, relative to `cwd`.
+fn read_text(flag: &str, path: &Path, cwd: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(cwd.join(path))
+        .map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|_| format!("{flag} {} is not UTF-8 text", path.display()))
+}
+
+/// The keys of an authorized_keys-style file: one per line, blank lines and
+/// '#' comments skipped, each checked as the agent will.
+fn ssh_keys_of(path: &Path, text: &str) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        check_ssh_key(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        keys.push(line.to_owned());
+    }
+    if keys.is_empty() {
+        return Err(format!("--ssh-key-file {} holds no key", path.display()));
+    }
+    Ok(keys)
 }
 
 /// Where a disk's data comes from.
@@ -435,6 +509,14 @@ impl CreateArgs {
         if self.disks.is_empty() && self.kernel.is_none() {
             return Err("nothing to boot: give a --disk or a --kernel".into());
         }
+        let context = self.context(cwd)?;
+        if context.is_some() && self.disks.len() >= MAX_DISKS {
+            return Err(format!(
+                "{} disks: a VM with a cloud-init seed has at most {}",
+                self.disks.len(),
+                MAX_DISKS - 1
+            ));
+        }
         let boots: Vec<u32> = self.disks.iter().filter_map(|d| d.boot).collect();
         if let Some(dup) = boots
             .iter()
@@ -495,7 +577,65 @@ impl CreateArgs {
             nics,
             kernel,
             labels,
+            context,
         })
+    }
+
+    /// The seed's contents when any contextualization option is given, with
+    /// the files read (relative to `cwd`) and checked as the agent will.
+    fn context(&self, cwd: &Path) -> Result<Option<Contextualization>, String> {
+        if self.hostname.is_none()
+            && self.ssh_key_files.is_empty()
+            && self.user_data_file.is_none()
+            && self.network_config_file.is_none()
+        {
+            return Ok(None);
+        }
+        if self.hostname.is_none() && check_hostname(self.name.as_str()).is_err() {
+            return Err(format!(
+                "the VM name {} is not a valid hostname for the guest: give --hostname",
+                self.name
+            ));
+        }
+        let mut ssh_keys = Vec::new();
+        for path in &self.ssh_key_files {
+            let text = read_text("--ssh-key-file", path, cwd)?;
+            ssh_keys.extend(ssh_keys_of(path, &text)?);
+        }
+        if ssh_keys.len() > MAX_SSH_KEYS {
+            return Err(format!(
+                "{} ssh keys: at most {MAX_SSH_KEYS}",
+                ssh_keys.len()
+            ));
+        }
+        let document = |flag: &str, path: &Option<PathBuf>, what: &str, limit: usize| {
+            let Some(path) = path else {
+                return Ok(String::new());
+            };
+            let text = read_text(flag, path, cwd)?;
+            check_document(&format!("{what} {}", path.display()), &text, limit)
+                .map_err(|e| e.to_string())?;
+            if text.is_empty() {
+                return Err(format!("{flag} {} is empty", path.display()));
+            }
+            Ok(text)
+        };
+        Ok(Some(Contextualization {
+            hostname: self.hostname.clone().unwrap_or_default(),
+            user_data: document(
+                "--user-data-file",
+                &self.user_data_file,
+                "user-data",
+                MAX_USER_DATA,
+            )?,
+            network_config: document(
+                "--network-config-file",
+                &self.network_config_file,
+                "network-config",
+                MAX_NETWORK_CONFIG,
+            )?,
+            ssh_keys,
+        }))
     }
 }
 
@@ -523,7 +663,7 @@ mod tests {
             }
         }
         match parse(&args)?.command {
-            Command::Vm(VmCommand::Create(a)) => Ok(a),
+            Command::Vm(VmCommand::Create(a)) => Ok(*a),
             other => panic!("wrong command {other:?}"),
         }
     }
@@ -717,6 +857,130 @@ mod tests {
         let many: Vec<String> = (0..17).map(|i| format!("--disk=pdisk:d{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert!(spec(&many).unwrap_err().contains("at most 16"));
+    }
+
+    #[test]
+    fn contextualization_reads_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk2 op@example";
+        std::fs::write(
+            dir.path().join("keys"),
+            format!("# mine\n{key}\r\n\n  {key}2  \n"),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("more.pub"), format!("{key}3\n")).unwrap();
+        std::fs::write(
+            dir.path().join("ud.yaml"),
+            "#cloud-config\nruncmd: [true]\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("net.yaml"), "version: 2\n").unwrap();
+        let s = create(&[
+            "--kernel",
+            "/k",
+            "--hostname",
+            "app1.example.org",
+            "--ssh-key-file",
+            "keys",
+            "--ssh-key-file",
+            "more.pub",
+            "--user-data-file",
+            "ud.yaml",
+            "--network-config-file",
+            &dir.path().join("net.yaml").display().to_string(),
+        ])
+        .unwrap()
+        .spec(dir.path())
+        .unwrap();
+        let c = s.context.unwrap();
+        assert_eq!(c.hostname, "app1.example.org");
+        assert_eq!(
+            c.ssh_keys,
+            [key.to_string(), format!("{key}2"), format!("{key}3")]
+        );
+        assert_eq!(c.user_data, "#cloud-config\nruncmd: [true]\n");
+        assert_eq!(c.network_config, "version: 2\n");
+
+        // Without any of these options, no seed; with any, a seed.
+        assert!(spec(&["--kernel", "/k"]).unwrap().context.is_none());
+        let c = create(&["--kernel", "/k", "--user-data-file", "ud.yaml"])
+            .unwrap()
+            .spec(dir.path())
+            .unwrap()
+            .context
+            .unwrap();
+        assert_eq!(c.hostname, "", "the agent names the guest after the VM");
+        assert!(c.ssh_keys.is_empty());
+    }
+
+    #[test]
+    fn bad_contextualization_is_refused_before_sending() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("priv"),
+            "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("empty"), "# nothing\n").unwrap();
+        std::fs::write(dir.path().join("bin"), b"\xff\xfe").unwrap();
+        std::fs::write(dir.path().join("nul"), "a\0b").unwrap();
+        std::fs::write(dir.path().join("blank"), "").unwrap();
+        let with = |extra: &[&str]| {
+            let mut args = vec!["--kernel", "/k"];
+            args.extend_from_slice(extra);
+            create(&args).unwrap().spec(dir.path()).unwrap_err()
+        };
+        for (args, words) in [
+            (&["--ssh-key-file", "priv"][..], "priv:1: ssh key"),
+            (&["--ssh-key-file", "empty"], "holds no key"),
+            (
+                &["--ssh-key-file", "missing"],
+                "cannot read --ssh-key-file missing",
+            ),
+            (&["--user-data-file", "bin"], "is not UTF-8 text"),
+            (&["--user-data-file", "nul"], "NUL"),
+            (
+                &["--network-config-file", "blank"],
+                "--network-config-file blank is empty",
+            ),
+        ] {
+            let err = with(args);
+            assert!(err.contains(words), "{args:?}: {err}");
+        }
+        for bad in ["-x", "a..b", "web_1", "a b"] {
+            let flag = format!("--hostname={bad}");
+            let err = create(&["--kernel", "/k", &flag]).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+            assert!(err.to_string().contains("hostname"), "{err}");
+        }
+        // The VM name stands in for the hostname only when it is one.
+        std::fs::write(dir.path().join("ud"), "#cloud-config\n").unwrap();
+        let a = parse(&[
+            "vm",
+            "create",
+            "web_1",
+            "--vcpus",
+            "1",
+            "--memory",
+            "1G",
+            "--kernel",
+            "/k",
+            "--user-data-file",
+            "ud",
+        ])
+        .unwrap();
+        let Command::Vm(VmCommand::Create(a)) = a.command else {
+            panic!("wrong command")
+        };
+        let err = a.spec(dir.path()).unwrap_err();
+        assert!(
+            err.contains("not a valid hostname for the guest: give --hostname"),
+            "{err}"
+        );
+        let many: Vec<String> = (0..16).map(|i| format!("--disk=pdisk:d{i}")).collect();
+        let mut args: Vec<&str> = many.iter().map(String::as_str).collect();
+        args.extend(["--hostname", "h"]);
+        assert!(spec(&args).unwrap_err().contains("at most 15"));
     }
 
     #[test]

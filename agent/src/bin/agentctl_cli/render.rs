@@ -14,7 +14,7 @@ use pdisk::types::ByteSize;
 use serde_json::{json, Map, Value};
 use stratus_proto::agent::v1::{
     disk_spec, AttachedDisk, AttachedNic, DiskSpec, Event, EventCause, EventType, Host, NicSpec,
-    Vm, VmState,
+    Vm, VmSpec, VmState,
 };
 
 /// Shown for an empty value in human output.
@@ -159,6 +159,12 @@ pub fn vm_json(v: &Vm) -> Value {
                 "cmdline": k.cmdline,
             })),
             "labels": labels_json(&spec.labels),
+            "context": spec.context.as_ref().map(|c| json!({
+                "hostname": c.hostname,
+                "user_data": c.user_data,
+                "network_config": c.network_config,
+                "ssh_keys": c.ssh_keys,
+            })),
         },
         "state": state_word(v.state),
         "state_reason": v.state_reason,
@@ -259,6 +265,36 @@ fn nics_table(spec: &[NicSpec], attached: &[AttachedNic]) -> String {
     t.render()
 }
 
+/// The guest's hostname and what its cloud-init seed holds, or "-" for
+/// both when it has none.
+fn context_text(spec: &VmSpec) -> (String, String) {
+    let Some(c) = &spec.context else {
+        return (NONE.to_owned(), NONE.to_owned());
+    };
+    let hostname = if c.hostname.is_empty() {
+        format!("{} (the VM name)", spec.name)
+    } else {
+        c.hostname.clone()
+    };
+    let mut seed = vec![if c.user_data.is_empty() {
+        "default user-data".to_owned()
+    } else {
+        format!("user-data {}", size(c.user_data.len() as u64))
+    }];
+    if !c.network_config.is_empty() {
+        seed.push(format!(
+            "network-config {}",
+            size(c.network_config.len() as u64)
+        ));
+    }
+    match c.ssh_keys.len() {
+        0 => {}
+        1 => seed.push("1 ssh key".to_owned()),
+        n => seed.push(format!("{n} ssh keys")),
+    }
+    (hostname, seed.join(", "))
+}
+
 pub fn vm_view(v: &Vm) -> String {
     let spec = v.spec.clone().unwrap_or_default();
     let mut pairs = vec![
@@ -277,7 +313,10 @@ pub fn vm_view(v: &Vm) -> String {
         }
         None => pairs.push(("kernel", "- (boots from disk)".to_owned())),
     }
+    let (hostname, seed) = context_text(&spec);
     pairs.extend([
+        ("hostname", hostname),
+        ("seed", seed),
         ("labels", labels_text(&spec.labels)),
         ("console", or_none(&v.console_log)),
         ("created", or_none(&v.created_at)),
@@ -406,7 +445,7 @@ pub fn host_view(h: &Host) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stratus_proto::agent::v1::{KernelBoot, VmSpec};
+    use stratus_proto::agent::v1::{Contextualization, KernelBoot};
 
     fn vm() -> Vm {
         Vm {
@@ -438,6 +477,7 @@ mod tests {
                     .into_iter()
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
                     .collect(),
+                context: None,
             }),
             state: VmState::Running as i32,
             state_reason: String::new(),
@@ -552,6 +592,54 @@ mod tests {
             text.contains("-    br0     (generated)  20\n"),
             "the MAC is generated at start: {text}"
         );
+    }
+
+    #[test]
+    fn the_seed_shows_as_hostname_and_contents() {
+        let text = vm_view(&vm());
+        assert!(text.contains("hostname:    -\n"), "{text}");
+        assert!(text.contains("seed:        -\n"), "{text}");
+        assert_eq!(vm_json(&vm())["spec"]["context"], Value::Null);
+
+        let mut v = vm();
+        v.spec.as_mut().unwrap().context = Some(Contextualization::default());
+        v.disks.push(AttachedDisk {
+            device: "vdb".into(),
+            source: "file:/srv/seed.iso".into(),
+            attachment: "/srv/seed.iso".into(),
+            read_only: true,
+        });
+        v.disks.push(AttachedDisk {
+            device: "vdc".into(),
+            source: "seed".into(),
+            attachment: "/var/lib/stratus/agent/vms/6f96/seed.img".into(),
+            read_only: true,
+        });
+        let text = vm_view(&v);
+        assert!(text.contains("hostname:    web1 (the VM name)\n"), "{text}");
+        assert!(text.contains("seed:        default user-data\n"), "{text}");
+        assert!(
+            text.contains(
+                "vdc     seed                ro    -     /var/lib/stratus/agent/vms/6f96/seed.img"
+            ),
+            "{text}"
+        );
+
+        v.spec.as_mut().unwrap().context = Some(Contextualization {
+            hostname: "app1.example.org".into(),
+            user_data: "#cloud-config\n".into(),
+            network_config: "version: 2\n".into(),
+            ssh_keys: vec!["ssh-ed25519 AAAA a".into(), "ssh-ed25519 AAAA b".into()],
+        });
+        let text = vm_view(&v);
+        assert!(text.contains("hostname:    app1.example.org\n"), "{text}");
+        assert!(
+            text.contains("seed:        user-data 14B, network-config 11B, 2 ssh keys\n"),
+            "{text}"
+        );
+        let j = vm_json(&v);
+        assert_eq!(j["spec"]["context"]["hostname"], "app1.example.org");
+        assert_eq!(j["spec"]["context"]["ssh_keys"][1], "ssh-ed25519 AAAA b");
     }
 
     #[test]
