@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pdisk::cli::{self, write_stdout, Failure, Remote};
+use pdisk::cli::{self, Failure, Remote};
 use serde_json::{json, Value};
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::agent::v1::{
@@ -60,20 +60,7 @@ fn main() -> ExitCode {
         json: cli.json,
         spinners: !cli.json && std::io::stderr().is_terminal(),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let failure = Failure::Local(format!("cannot start: {e}"));
-            return cli::report(PROGRAM, &failure, ctx.json);
-        }
-    };
-    match runtime.block_on(run(&ctx, cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => cli::report(PROGRAM, &failure, ctx.json),
-    }
+    cli::run_to_exit(PROGRAM, ctx.json, run(&ctx, cli.command))
 }
 
 /// What every handler needs: where the agent is and how to print.
@@ -96,11 +83,7 @@ impl Ctx {
 
     /// Prints the result: `json` with --json, else the human form.
     fn print(&self, json: Value, human: impl FnOnce() -> String) -> Result<(), Failure> {
-        if self.json {
-            write_stdout(&format!("{json:#}\n"))
-        } else {
-            write_stdout(&human())
-        }
+        cli::print(self.json, json, human)
     }
 
     fn print_vm(&self, v: &Vm) -> Result<(), Failure> {

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pdisk::cli::{self, write_stdout, Failure, Remote};
+use pdisk::cli::{self, Failure, Remote};
 use pdisk::types::{ByteSize, Chap};
 use serde_json::{json, Value};
 use stratus_proto::pdisk::v1::create_volume_request::Source;
@@ -51,20 +51,7 @@ fn main() -> ExitCode {
         json: cli.json,
         bars: !cli.json && std::io::stderr().is_terminal(),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            let failure = Failure::Local(format!("cannot start: {e}"));
-            return cli::report(PROGRAM, &failure, ctx.json);
-        }
-    };
-    match runtime.block_on(run(&ctx, cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => cli::report(PROGRAM, &failure, ctx.json),
-    }
+    cli::run_to_exit(PROGRAM, ctx.json, run(&ctx, cli.command))
 }
 
 /// What every handler needs: where the server is and how to print.
@@ -87,11 +74,7 @@ impl Ctx {
 
     /// Prints the result: `json` with --json, else the human form.
     fn print(&self, json: Value, human: impl FnOnce() -> String) -> Result<(), Failure> {
-        if self.json {
-            write_stdout(&format!("{json:#}\n"))
-        } else {
-            write_stdout(&human())
-        }
+        cli::print(self.json, json, human)
     }
 
     fn print_volume(&self, v: &Volume) -> Result<(), Failure> {

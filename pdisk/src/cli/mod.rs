@@ -148,6 +148,41 @@ pub fn clap_message(err: &clap::Error) -> String {
     first.strip_prefix("error: ").unwrap_or(first).to_owned()
 }
 
+/// Runs a CLI's command on a current-thread runtime and turns the outcome
+/// into the process's exit status (printing the failure as `program` says).
+pub fn run_to_exit<F>(program: &str, json: bool, command: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<(), Failure>>,
+{
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let failure = Failure::Local(format!("cannot start: {e}"));
+            return report(program, &failure, json);
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => report(program, &failure, json),
+    }
+}
+
+/// Prints a result: `json` (pretty) with --json, else the human form.
+pub fn print(
+    json_mode: bool,
+    json: serde_json::Value,
+    human: impl FnOnce() -> String,
+) -> Result<(), Failure> {
+    if json_mode {
+        write_stdout(&format!("{json:#}\n"))
+    } else {
+        write_stdout(&human())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
