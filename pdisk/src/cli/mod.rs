@@ -183,6 +183,37 @@ pub fn print(
     }
 }
 
+fn sorted_labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> std::collections::BTreeMap<&str, &str> {
+    labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
+/// Labels as a JSON object with sorted keys.
+pub fn labels_json(labels: &std::collections::HashMap<String, String>) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = sorted_labels(labels)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), serde_json::Value::from(v)))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// Labels as `k=v,k2=v2` (sorted), or `-` when there are none.
+pub fn labels_text(labels: &std::collections::HashMap<String, String>) -> String {
+    let pairs: Vec<String> = sorted_labels(labels)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if pairs.is_empty() {
+        "-".to_owned()
+    } else {
+        pairs.join(",")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,12 +6,10 @@
 //! object with sorted keys, so the output is stable for scripts whatever
 //! order the server sends.
 
-use std::collections::{BTreeMap, HashMap};
-
 use pdisk::cli::failure::one_line;
-use pdisk::cli::{fields, Table};
+use pdisk::cli::{fields, labels_json, labels_text, Table};
 use pdisk::types::ByteSize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use stratus_proto::agent::v1::{
     disk_spec, AttachedDisk, AttachedNic, DiskSpec, Event, EventCause, EventType, Host, NicSpec,
     Vm, VmSpec, VmState,
@@ -74,33 +72,6 @@ fn or_none_word(word: String) -> String {
         NONE.to_owned()
     } else {
         word
-    }
-}
-
-fn sorted(labels: &HashMap<String, String>) -> BTreeMap<&str, &str> {
-    labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect()
-}
-
-fn labels_json(labels: &HashMap<String, String>) -> Value {
-    let map: Map<String, Value> = sorted(labels)
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), Value::from(v)))
-        .collect();
-    Value::Object(map)
-}
-
-fn labels_text(labels: &HashMap<String, String>) -> String {
-    let pairs: Vec<String> = sorted(labels)
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
-    if pairs.is_empty() {
-        NONE.to_owned()
-    } else {
-        pairs.join(",")
     }
 }
 
