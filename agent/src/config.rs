@@ -49,6 +49,17 @@ pub struct Flags {
     /// Memory kept for the host, not given to guests [default: 1G]
     #[arg(long, value_name = "SIZE")]
     pub reserved_memory: Option<String>,
+    /// Bytes the local image cache may hold, e.g. 50G [default: 20G]
+    #[arg(long, value_name = "SIZE")]
+    pub image_quota: Option<String>,
+    /// Image policy file (TOML: allow_sha256, deny_sha256, allow_endorsers,
+    /// deny_endorsers); without it every verified image is allowed
+    #[arg(long, value_name = "FILE")]
+    pub image_policy: Option<PathBuf>,
+    /// Directory file:// images may be read from (repeatable); without one,
+    /// file:// images are refused
+    #[arg(long = "image-file-root", value_name = "DIR")]
+    pub image_file_roots: Option<Vec<PathBuf>>,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -67,6 +78,9 @@ pub struct Config {
     pub initiator_iqn: Iqn,
     pub cpu_overcommit: u32,
     pub reserved_memory: u64,
+    pub image_quota: u64,
+    pub image_policy: Option<PathBuf>,
+    pub image_file_roots: Vec<PathBuf>,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -97,6 +111,7 @@ impl Flags {
             format!("iqn.2026-11.io.stratus.agent:{host_part}")
         );
         let reserved = pick!(reserved_memory, "1G".into());
+        let quota = pick!(image_quota, "20G".into());
         let cfg = Config {
             listen: pick!(listen, "127.0.0.1:7401".parse().unwrap()),
             state_dir: pick!(state_dir, PathBuf::from("/var/lib/stratus-agent")),
@@ -111,6 +126,12 @@ impl Flags {
                 .parse::<ByteSize>()
                 .map_err(|e| Error::invalid(format!("reserved-memory: {e}")))?
                 .0,
+            image_quota: quota
+                .parse::<ByteSize>()
+                .map_err(|e| Error::invalid(format!("image-quota: {e}")))?
+                .0,
+            image_policy: self.image_policy.or(file.image_policy),
+            image_file_roots: pick!(image_file_roots, Vec::new()),
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::net::Mac;
 use crate::service::Agent;
 use crate::spec::{
-    self, Cause, Context, Disk, DiskSource, EventType, KernelBoot, Nic, VmSpec, VmState,
+    self, Cause, Context, Disk, DiskSource, EventType, ImageSpec, KernelBoot, Nic, VmSpec, VmState,
 };
 use crate::store::{Event, VmRecord};
 use pdisk::error::Error;
@@ -64,6 +64,12 @@ fn event_type_pb(t: EventType) -> pb::EventType {
         EventType::NicDetached => pb::EventType::NicDetached,
         EventType::DiskIoError => pb::EventType::DiskIoError,
         EventType::Adopted => pb::EventType::Adopted,
+        EventType::ImagePullStarted => pb::EventType::ImagePullStarted,
+        EventType::ImagePullProgress => pb::EventType::ImagePullProgress,
+        EventType::ImageCached => pb::EventType::ImageCached,
+        EventType::ImagePullFailed => pb::EventType::ImagePullFailed,
+        EventType::ImageEvicted => pb::EventType::ImageEvicted,
+        EventType::ImageImported => pb::EventType::ImageImported,
     }
 }
 
@@ -85,9 +91,12 @@ pub fn event_pb(e: &Event) -> pb::Event {
         vm_uuid: e.vm_uuid.to_string(),
         vm_name: e.vm_name.clone(),
         r#type: event_type_pb(e.kind) as i32,
-        state: state_pb(e.state) as i32,
+        state: e.state.map(state_pb).unwrap_or(pb::VmState::Unspecified) as i32,
         cause: cause_pb(e.cause) as i32,
         detail: e.detail.clone(),
+        image_sha256: e.image_sha256.clone(),
+        bytes: e.bytes,
+        total_bytes: e.total_bytes,
     }
 }
 
@@ -99,13 +108,42 @@ fn spec_pb(s: &VmSpec) -> pb::VmSpec {
         disks: s
             .disks
             .iter()
-            .map(|d| pb::DiskSpec {
-                source: Some(match &d.source {
-                    DiskSource::Pdisk(v) => pb::disk_spec::Source::PdiskVolume(v.clone()),
-                    DiskSource::File(p) => pb::disk_spec::Source::File(p.display().to_string()),
-                }),
-                read_only: d.read_only,
-                boot_index: d.boot_index,
+            .map(|d| {
+                let (source, size_bytes, local) = match &d.source {
+                    DiskSource::Pdisk(v) => {
+                        (pb::disk_spec::Source::PdiskVolume(v.clone()), 0, false)
+                    }
+                    DiskSource::File(p) => (
+                        pb::disk_spec::Source::File(p.display().to_string()),
+                        0,
+                        false,
+                    ),
+                    DiskSource::Image { image, size, local } => (
+                        pb::disk_spec::Source::Image(pb::ImageRef {
+                            url: image.url.clone(),
+                            sha256: image.sha256.clone(),
+                            format: match image.format.as_str() {
+                                "raw" => pb::ImageFormat::Raw,
+                                "qcow2" => pb::ImageFormat::Qcow2,
+                                _ => pb::ImageFormat::Auto,
+                            } as i32,
+                            endorser: image.endorser.clone().unwrap_or_default(),
+                        }),
+                        *size,
+                        *local,
+                    ),
+                };
+                pb::DiskSpec {
+                    source: Some(source),
+                    read_only: d.read_only,
+                    boot_index: d.boot_index,
+                    size_bytes,
+                    persistence: if local {
+                        pb::DiskPersistence::Local
+                    } else {
+                        pb::DiskPersistence::Clone
+                    } as i32,
+                }
             })
             .collect(),
         nics: s
@@ -171,6 +209,37 @@ fn vm_pb(agent: &Agent, v: &VmRecord) -> pb::Vm {
     }
 }
 
+/// Validates an image reference from a request.
+fn image_spec(i: pb::ImageRef) -> Result<ImageSpec, Error> {
+    let format = match pb::ImageFormat::try_from(i.format) {
+        Ok(pb::ImageFormat::Raw) => "raw",
+        Ok(pb::ImageFormat::Qcow2) => "qcow2",
+        Ok(pb::ImageFormat::Auto) => "auto",
+        Err(_) => return Err(Error::invalid(format!("unknown image format {}", i.format))),
+    };
+    let spec = ImageSpec {
+        url: i.url,
+        sha256: i.sha256.to_ascii_lowercase(),
+        format: format.into(),
+        endorser: (!i.endorser.is_empty()).then_some(i.endorser),
+    };
+    spec.to_ref()?;
+    Ok(spec)
+}
+
+fn image_pb(i: crate::service::ImageInfo) -> pb::CachedImage {
+    pb::CachedImage {
+        sha256: i.sha256,
+        url: i.url,
+        size_bytes: i.size,
+        format: i.format,
+        location: i.location,
+        volume: i.volume,
+        users: i.users,
+        last_used: i.last_used,
+    }
+}
+
 /// Parses a request's spec into the validated domain form.
 fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
     let name: spec::VmName = s.name.parse()?;
@@ -181,9 +250,17 @@ fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
             Some(pb::disk_spec::Source::File(f)) => {
                 DiskSource::File(spec::check_host_file("disk", &f)?)
             }
+            Some(pb::disk_spec::Source::Image(i)) => {
+                let image = image_spec(i)?;
+                DiskSource::Image {
+                    image,
+                    size: d.size_bytes,
+                    local: d.persistence == pb::DiskPersistence::Local as i32,
+                }
+            }
             _ => {
                 return Err(Error::invalid(format!(
-                    "vm {name}: every disk needs a pdisk volume or a file"
+                    "vm {name}: every disk needs a pdisk volume, a file or an image"
                 )))
             }
         };
@@ -412,6 +489,50 @@ impl VmService for Api {
             r.map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn pull_image(
+        &self,
+        req: Request<pb::PullImageRequest>,
+    ) -> Result<Response<pb::CachedImage>, Status> {
+        let r = req.into_inner();
+        let image = image_spec(r.image.ok_or_else(|| Error::invalid("image is required"))?)?;
+        let info = self.agent.pull_image(image, r.to_pdisk).await?;
+        Ok(Response::new(image_pb(info)))
+    }
+
+    async fn list_images(
+        &self,
+        _req: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let images = self
+            .agent
+            .list_images()
+            .await?
+            .into_iter()
+            .map(image_pb)
+            .collect();
+        Ok(Response::new(pb::ListImagesResponse { images }))
+    }
+
+    async fn evict_image(
+        &self,
+        req: Request<pb::EvictImageRequest>,
+    ) -> Result<Response<pb::EvictImageResponse>, Status> {
+        let r = req.into_inner();
+        let (local, pdisk) = if !r.local && !r.pdisk {
+            (true, true)
+        } else {
+            (r.local, r.pdisk)
+        };
+        let evicted = self
+            .agent
+            .evict_image(&r.sha256, local, pdisk)
+            .await?
+            .into_iter()
+            .map(image_pb)
+            .collect();
+        Ok(Response::new(pb::EvictImageResponse { evicted }))
     }
 
     async fn get_host(

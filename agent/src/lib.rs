@@ -6,6 +6,8 @@
 //! - [`vmm`]: QEMU command lines, launching, accelerator choice;
 //! - [`qmp`]: the QEMU Machine Protocol client (commands and events);
 //! - [`net`]: tap devices and bridges, by ioctl/netlink (no `ip` commands);
+//! - [`images`]: image references, policy, the verified local image cache,
+//!   qcow2 overlays;
 //! - [`seed`]: cloud-init NoCloud seeds (a FAT12 `CIDATA` image, built in process);
 //! - [`service`]: the guest service: operations, QMP monitors, reconciliation;
 //! - [`grpc`]: the tonic `VmService`, message conversion only;
@@ -13,6 +15,7 @@
 
 pub mod config;
 pub mod grpc;
+pub mod images;
 pub mod net;
 pub mod qmp;
 pub mod seed;

@@ -50,6 +50,12 @@ pub struct AgentSettings {
     pub cpu_overcommit: u32,
     /// Memory kept for the host itself.
     pub reserved_memory: u64,
+    /// Bytes the local image cache may hold; None: no limit.
+    pub image_quota: Option<u64>,
+    /// The image policy file (allowed/denied checksums and endorsers).
+    pub image_policy: Option<PathBuf>,
+    /// Directories `file://` images may come from; none: file:// refused.
+    pub image_file_roots: Vec<PathBuf>,
 }
 
 /// Facts about this host, found at start.
@@ -115,7 +121,18 @@ pub struct Agent {
     qmp: Mutex<HashMap<Uuid, Qmp>>,
     /// Serializes creates so capacity and name checks hold.
     create_lock: tokio::sync::Mutex<()>,
+    /// The verified local image cache.
+    images: crate::images::LocalCache,
+    policy: Option<crate::images::Policy>,
+    /// One pdisk import per image checksum at a time.
+    base_flights: images_ops::BaseFlights,
+    /// Cached images held by guests' local disks, per guest.
+    pins: Mutex<HashMap<Uuid, Vec<crate::images::PinGuard>>>,
 }
+
+#[path = "service_images.rs"]
+mod images_ops;
+pub use images_ops::{ImageInfo, LABEL_SHA256, LABEL_VM};
 
 /// How long start waits for QEMU's QMP socket.
 const QMP_CONNECT: Duration = Duration::from_secs(30);
@@ -152,6 +169,19 @@ impl Agent {
             )),
             None => None,
         };
+        let policy = match &settings.image_policy {
+            Some(p) => Some(crate::images::Policy::load(p)?),
+            None => None,
+        };
+        let images = crate::images::LocalCache::open(
+            images_ops::cache_dir(&settings.state_dir),
+            crate::images::CacheOptions {
+                quota: settings.image_quota,
+                policy: policy.clone(),
+                file_roots: Some(settings.image_file_roots.clone()),
+                ..Default::default()
+            },
+        )?;
         Ok(Arc::new(Agent {
             store,
             runner,
@@ -161,6 +191,10 @@ impl Agent {
             locks: Mutex::default(),
             qmp: Mutex::default(),
             create_lock: tokio::sync::Mutex::new(()),
+            images,
+            policy,
+            base_flights: Default::default(),
+            pins: Mutex::default(),
         }))
     }
 
@@ -238,6 +272,15 @@ impl Agent {
                 DiskSource::File(p) => {
                     crate::spec::check_host_file("disk", &p.display().to_string())?;
                 }
+                DiskSource::Image { image, local, .. } => {
+                    let r = image.to_ref()?;
+                    if let Some(policy) = &self.policy {
+                        policy.check(&r)?;
+                    }
+                    if !local {
+                        self.pdisk()?;
+                    }
+                }
                 DiskSource::Pdisk(v) => {
                     let mut c = self.pdisk()?;
                     c.get_volume(pdpb::GetVolumeRequest { volume: v.clone() })
@@ -275,6 +318,7 @@ impl Agent {
             runtime: None,
             created_at: now_rfc3339(),
             last_event_seq: 0,
+            owned_volumes: Vec::new(),
         };
         self.commit(
             &mut vm,
@@ -332,7 +376,23 @@ impl Agent {
         let mut disks = Vec::new();
         for (i, d) in vm.spec.disks.clone().iter().enumerate() {
             let device = device_name(i);
-            let (backend, att) = match &d.source {
+            // Image disks become a pdisk clone or a local overlay first.
+            let (source, described) = match &d.source {
+                DiskSource::Image { image, size, local } => {
+                    let s = self.image_disk(vm, &device, image, *size, *local).await?;
+                    let how = if *local { "local" } else { "clone" };
+                    (
+                        s,
+                        Some(format!(
+                            "image:{} sha256={} {how}",
+                            image.url,
+                            &image.sha256[..12]
+                        )),
+                    )
+                }
+                other => (other.clone(), None),
+            };
+            let (backend, mut att) = match &source {
                 DiskSource::Pdisk(volume) => {
                     let secret = random_secret();
                     let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
@@ -368,6 +428,9 @@ impl Agent {
                         },
                     )
                 }
+                DiskSource::Image { .. } => {
+                    return Err(Error::internal("image disk was not resolved"));
+                }
                 DiskSource::File(path) => {
                     let format = match pdisk::backend::image::detect_format(path)? {
                         pdisk::backend::ImageFormat::Qcow2 => "qcow2",
@@ -389,6 +452,9 @@ impl Agent {
                     )
                 }
             };
+            if let Some(d) = described {
+                att.source = d;
+            }
             let detail = format!("{device} {}", att.source);
             vm.runtime.as_mut().expect("runtime").disks.push(att);
             self.commit(
@@ -917,10 +983,12 @@ impl Agent {
             vm = self.stop_locked(vm, timeout, false, Cause::Api).await?;
         }
         let mut events = self.tear_down(&mut vm).await;
+        self.delete_owned_volumes(&vm).await;
         let dir = self.vm_dir(vm.uuid);
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
         }
+        self.unpin(vm.uuid);
         vm.state = VmState::Destroyed;
         events.push(NewEvent::new(EventType::Destroyed, Cause::Api, ""));
         self.store.remove(&vm, &events)?;
@@ -936,6 +1004,9 @@ impl Agent {
     /// Returns human lines saying what it did.
     pub async fn reconcile(self: &Arc<Self>) -> Result<Vec<String>> {
         let mut report = Vec::new();
+        for vm in self.store.vms()? {
+            self.repin(&vm);
+        }
         for vm in self.store.vms()? {
             if !vm.state.is_active() {
                 continue;

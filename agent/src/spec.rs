@@ -21,6 +21,36 @@ pub enum DiskSource {
     Pdisk(String),
     /// A raw or qcow2 image on this host.
     File(PathBuf),
+    /// An image by URL and checksum, through the caches.
+    Image {
+        image: ImageSpec,
+        /// Bytes; 0 = the image's size.
+        size: u64,
+        /// Ephemeral qcow2 overlay on this host instead of a pdisk clone.
+        local: bool,
+    },
+}
+
+/// An image reference as stored; [`ImageSpec::to_ref`] validates it into
+/// the images module's [`crate::images::ImageRef`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    pub url: String,
+    pub sha256: String,
+    /// "raw", "qcow2" or "auto"
+    pub format: String,
+    pub endorser: Option<String>,
+}
+
+impl ImageSpec {
+    pub fn to_ref(&self) -> Result<crate::images::ImageRef> {
+        crate::images::ImageRef::new(
+            &self.url,
+            &self.sha256,
+            self.format.parse()?,
+            self.endorser.clone(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +283,12 @@ pub enum EventType {
     NicDetached,
     DiskIoError,
     Adopted,
+    ImagePullStarted,
+    ImagePullProgress,
+    ImageCached,
+    ImagePullFailed,
+    ImageEvicted,
+    ImageImported,
 }
 
 /// Who or what caused an event.

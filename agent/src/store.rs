@@ -55,6 +55,16 @@ pub struct Runtime {
     pub nics: Vec<NicAttachment>,
 }
 
+/// A pdisk volume the agent made for a guest (a clone of an image's base):
+/// the guest owns it, and destroying the guest deletes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnedVolume {
+    /// vda, vdb, ...
+    pub device: String,
+    /// The volume's UUID.
+    pub volume: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmRecord {
     pub uuid: Uuid,
@@ -64,6 +74,8 @@ pub struct VmRecord {
     pub runtime: Option<Runtime>,
     pub created_at: String,
     pub last_event_seq: u64,
+    #[serde(default)]
+    pub owned_volumes: Vec<OwnedVolume>,
 }
 
 /// An event as journaled and streamed.
@@ -71,12 +83,20 @@ pub struct VmRecord {
 pub struct Event {
     pub seq: u64,
     pub time: String,
+    /// Nil for host events (images).
     pub vm_uuid: Uuid,
     pub vm_name: String,
     pub kind: EventType,
-    pub state: VmState,
+    /// The guest's state after the event; None for host events.
+    pub state: Option<VmState>,
     pub cause: Cause,
     pub detail: String,
+    #[serde(default)]
+    pub image_sha256: String,
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default)]
+    pub total_bytes: u64,
 }
 
 /// An event before it has a seq and a time.
@@ -85,6 +105,9 @@ pub struct NewEvent {
     pub kind: EventType,
     pub cause: Cause,
     pub detail: String,
+    pub image_sha256: String,
+    pub bytes: u64,
+    pub total_bytes: u64,
 }
 
 impl NewEvent {
@@ -93,6 +116,26 @@ impl NewEvent {
             kind,
             cause,
             detail: detail.into(),
+            image_sha256: String::new(),
+            bytes: 0,
+            total_bytes: 0,
+        }
+    }
+
+    /// An image event: its checksum and bytes done of total.
+    pub fn image(
+        kind: EventType,
+        cause: Cause,
+        sha256: &str,
+        detail: impl Into<String>,
+        bytes: u64,
+        total_bytes: u64,
+    ) -> Self {
+        NewEvent {
+            image_sha256: sha256.to_owned(),
+            bytes,
+            total_bytes,
+            ..NewEvent::new(kind, cause, detail)
         }
     }
 }
@@ -150,6 +193,11 @@ impl AgentStore {
         self.commit_inner(Some(vm), None, events)
     }
 
+    /// Appends events about the host rather than a guest (images).
+    pub fn record_host(&self, events: &[NewEvent]) -> Result<Vec<Event>> {
+        self.commit_inner(None, None, events)
+    }
+
     /// Removes the record of `vm` and appends its final events, atomically.
     pub fn remove(&self, vm: &VmRecord, events: &[NewEvent]) -> Result<Vec<Event>> {
         let mut copy = vm.clone();
@@ -172,10 +220,10 @@ impl AgentStore {
                 .map_err(db_err)?
                 .map(|v| v.value())
                 .unwrap_or(0);
-            let vm: &VmRecord = match (&put, &remove) {
-                (Some(v), _) => v,
-                (None, Some(v)) => v,
-                _ => unreachable!("commit of nothing"),
+            let vm: Option<&VmRecord> = match (&put, &remove) {
+                (Some(v), _) => Some(v),
+                (None, Some(v)) => Some(v),
+                _ => None,
             };
             let mut journal = tx.open_table(EVENTS).map_err(db_err)?;
             let time = now_rfc3339();
@@ -184,12 +232,15 @@ impl AgentStore {
                 let ev = Event {
                     seq,
                     time: time.clone(),
-                    vm_uuid: vm.uuid,
-                    vm_name: vm.spec.name.to_string(),
+                    vm_uuid: vm.map(|v| v.uuid).unwrap_or_default(),
+                    vm_name: vm.map(|v| v.spec.name.to_string()).unwrap_or_default(),
                     kind: e.kind,
-                    state: vm.state,
+                    state: vm.map(|v| v.state),
                     cause: e.cause,
                     detail: e.detail.clone(),
+                    image_sha256: e.image_sha256.clone(),
+                    bytes: e.bytes,
+                    total_bytes: e.total_bytes,
                 };
                 journal
                     .insert(seq, encode(&ev).as_slice())
@@ -302,6 +353,7 @@ mod tests {
             runtime: None,
             created_at: now_rfc3339(),
             last_event_seq: 0,
+            owned_volumes: Vec::new(),
         }
     }
 
@@ -344,6 +396,6 @@ mod tests {
         let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
         assert_eq!(seqs, vec![1, 2, 3, 4]);
         assert_eq!(s.events_since(2, 100).unwrap()[0].seq, 3);
-        assert_eq!(all[3].state, VmState::Destroyed);
+        assert_eq!(all[3].state, Some(VmState::Destroyed));
     }
 }

@@ -138,6 +138,7 @@ fn spec_pdisk(name: &str, volume: &str) -> pb::VmSpec {
             source: Some(pb::disk_spec::Source::PdiskVolume(volume.into())),
             read_only: false,
             boot_index: 1,
+            ..Default::default()
         }],
         nics: vec![pb::NicSpec {
             bridge: BRIDGE.into(),
@@ -601,6 +602,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
         source: Some(pb::disk_spec::Source::File(bad.display().to_string())),
         read_only: false,
         boot_index: 0,
+        ..Default::default()
     }];
     let (err, vm) = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
@@ -641,6 +643,7 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
         source: Some(pb::disk_spec::Source::File(marker.display().to_string())),
         read_only: true,
         boot_index: 0,
+        ..Default::default()
     }];
     seeded.context = Some(pb::Contextualization {
         hostname: "seeded-guest".into(),
@@ -758,4 +761,317 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
         .unwrap();
     });
     assert!(!dir.exists());
+}
+
+// ---------- images ----------
+
+/// Serves the test guest's qcow2 over HTTP inside the host's namespace.
+fn serve_guest(h: &Host) -> (Httpd, String, String) {
+    let dir = h.pool.dir.path().join("www");
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("guest.qcow2");
+    std::fs::copy(guest_dir().join("stratus-guest.qcow2"), &img).unwrap();
+    let sha = sha256_of(&img);
+    let httpd = Httpd::start_in(&h.ns, &dir);
+    let url = httpd.url("guest.qcow2");
+    (httpd, url, sha)
+}
+
+fn spec_image(name: &str, url: &str, sha: &str, local: bool) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        disks: vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
+                url: url.into(),
+                sha256: sha.into(),
+                format: 0,
+                endorser: String::new(),
+            })),
+            read_only: false,
+            boot_index: 1,
+            size_bytes: 256 << 20,
+            persistence: if local {
+                pb::DiskPersistence::Local
+            } else {
+                pb::DiskPersistence::Clone
+            } as i32,
+        }],
+        ..Default::default()
+    }
+}
+
+fn pool_used(h: &Host) -> (u64, Vec<pdpb::Volume>) {
+    let url = h.pdiskd.url();
+    h.ns.block_on(move || async move {
+        let mut c = VolumeServiceClient::connect(url).await.unwrap();
+        let used = c
+            .get_pool(pdpb::GetPoolRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .used_bytes;
+        let vols = c
+            .list_volumes(pdpb::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
+        (used, vols)
+    })
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
+    let h = Host::start();
+    let (httpd, url, sha) = serve_guest(&h);
+    let (u2, s2) = (url.clone(), sha.clone());
+    let vms: Vec<pb::Vm> = h.agent(move |c| async move {
+        let mut tasks = Vec::new();
+        for i in 0..5 {
+            let mut c = c.clone();
+            let (url, sha) = (u2.clone(), s2.clone());
+            tasks.push(tokio::spawn(async move {
+                let name = format!("img{i}");
+                c.create_vm(pb::CreateVmRequest {
+                    spec: Some(spec_image(&name, &url, &sha, false)),
+                })
+                .await
+                .unwrap();
+                c.start_vm(pb::VmRequest { vm: name })
+                    .await
+                    .unwrap()
+                    .into_inner()
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    assert_eq!(
+        httpd.requests("guest.qcow2"),
+        1,
+        "downloaded more than once"
+    );
+    let events = h.events(0);
+    let count = |t: pb::EventType| events.iter().filter(|e| e.r#type() == t).count();
+    assert_eq!(count(pb::EventType::ImagePullStarted), 1);
+    assert_eq!(count(pb::EventType::ImageCached), 1);
+    assert_eq!(count(pb::EventType::ImageImported), 1);
+    let (used_before, vols) = pool_used(&h);
+    let bases: Vec<_> = vols
+        .iter()
+        .filter(|v| v.labels.get("stratus.io/image-sha256") == Some(&sha))
+        .collect();
+    assert_eq!(bases.len(), 1, "one base volume per image");
+    assert_eq!(vols.len(), 6, "a base and five clones");
+    // The guest boots from its clone of the image, over iSCSI.
+    let console = wait_console(
+        std::path::Path::new(&vms[0].console_log),
+        "STRATUS-GUEST ready",
+        BOOT,
+    );
+    assert!(
+        console.contains("disk vda driver=virtio_blk size=268435456"),
+        "{console}"
+    );
+    // A further launch copies nothing: the clone shares the base's blocks.
+    let (u3, s3) = (url.clone(), sha.clone());
+    h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec_image("img5", &u3, &s3, false)),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest { vm: "img5".into() })
+            .await
+            .unwrap();
+    });
+    let (used_after, _) = pool_used(&h);
+    assert!(
+        used_after.saturating_sub(used_before) < 4 << 20,
+        "a cached launch used {} bytes of pool",
+        used_after - used_before
+    );
+    assert_eq!(httpd.requests("guest.qcow2"), 1);
+    // Destroying a guest deletes its clone; the base stays, and cannot be
+    // evicted while clones remain.
+    let (evict_err, left) = h.agent(move |mut c| async move {
+        c.destroy_vm(pb::DestroyVmRequest {
+            vm: "img5".into(),
+            timeout_seconds: 5,
+        })
+        .await
+        .unwrap();
+        let e = c
+            .evict_image(pb::EvictImageRequest {
+                sha256: sha.clone(),
+                local: false,
+                pdisk: true,
+            })
+            .await
+            .unwrap_err();
+        let left = c
+            .list_images(pb::ListImagesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .images;
+        (e, left)
+    });
+    assert_eq!(evict_err.code(), Code::FailedPrecondition, "{evict_err:?}");
+    assert!(
+        left.iter().any(|i| i.location == "pdisk" && i.users == 5),
+        "{left:?}"
+    );
+    assert_eq!(pool_used(&h).1.len(), 6);
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn checksum_mismatch_and_policy_refusal_leave_nothing_cached() {
+    let mut h = Host::start();
+    let (httpd, url, sha) = serve_guest(&h);
+    let wrong = "0".repeat(64);
+    let (u, w) = (url.clone(), wrong.clone());
+    let err = h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec_image("bad", &u, &w, false)),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest { vm: "bad".into() })
+            .await
+            .unwrap_err()
+    });
+    assert!(
+        err.message().contains(&wrong) && err.message().contains(&sha),
+        "{err:?}"
+    );
+    let cache = h.agentd.state_dir.join("images");
+    let leftovers: Vec<_> = std::fs::read_dir(&cache)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().ends_with(".img")
+                && !n.to_string_lossy().starts_with(".partial")),
+        "{leftovers:?}"
+    );
+    assert!(pool_used(&h).1.is_empty(), "nothing reached pdisk");
+    assert!(h
+        .events(0)
+        .iter()
+        .any(|e| e.r#type() == pb::EventType::ImagePullFailed));
+
+    // A policy that denies the image: refused before any download.
+    let policy = h.pool.dir.path().join("policy.toml");
+    std::fs::write(&policy, format!("deny_sha256 = [\"{sha}\"]\n")).unwrap();
+    let before = httpd.requests("guest.qcow2");
+    h.agentd.kill9();
+    drop(std::mem::replace(
+        &mut h.agentd,
+        Agentd::start_in_with(
+            h.pool.dir.path(),
+            &h.ns,
+            &h.pdiskd.url(),
+            BRIDGE,
+            &["--image-policy", policy.to_str().unwrap()],
+        ),
+    ));
+    let (u, s) = (url.clone(), sha.clone());
+    let err = h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec_image("denied", &u, &s, true)),
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("denied"), "{err:?}");
+    assert_eq!(httpd.requests("guest.qcow2"), before);
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
+    let h = Host::start();
+    let (_httpd, url, sha) = serve_guest(&h);
+    let (u, s) = (url.clone(), sha.clone());
+    let vm = h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec_image("ephemeral", &u, &s, true)),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            vm: "ephemeral".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let console = wait_console(
+        std::path::Path::new(&vm.console_log),
+        "STRATUS-GUEST ready",
+        BOOT,
+    );
+    assert!(
+        console.contains("disk vda driver=virtio_blk size=268435456"),
+        "{console}"
+    );
+    let overlay = h
+        .agentd
+        .state_dir
+        .join("vms")
+        .join(&vm.uuid)
+        .join("vda.qcow2");
+    let info = run_ok("qemu-img", &["info", "-U", overlay.to_str().unwrap()]);
+    assert!(info.contains(&format!("{sha}.img")), "{info}");
+    assert!(pool_used(&h).1.is_empty(), "local disks do not touch pdisk");
+    let s = sha.clone();
+    let (in_use, evicted) = h.agent(move |mut c| async move {
+        let e = c
+            .evict_image(pb::EvictImageRequest {
+                sha256: s.clone(),
+                local: true,
+                pdisk: false,
+            })
+            .await
+            .unwrap_err();
+        c.destroy_vm(pb::DestroyVmRequest {
+            vm: "ephemeral".into(),
+            timeout_seconds: 5,
+        })
+        .await
+        .unwrap();
+        let ev = c
+            .evict_image(pb::EvictImageRequest {
+                sha256: s,
+                local: true,
+                pdisk: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .evicted;
+        (e, ev)
+    });
+    assert_eq!(in_use.code(), Code::FailedPrecondition, "{in_use:?}");
+    assert_eq!(evicted.len(), 1);
+    assert!(!h
+        .agentd
+        .state_dir
+        .join("images")
+        .join(format!("{sha}.img"))
+        .exists());
+    assert!(h
+        .events(0)
+        .iter()
+        .any(|e| e.r#type() == pb::EventType::ImageEvicted && e.image_sha256 == sha));
 }

@@ -621,9 +621,20 @@ impl Agentd {
     /// Starts agentd in `ns` with its state under `dir`, talking to pdiskd at
     /// `pdisk_url`, with `bridge` as the default bridge.
     pub fn start_in(dir: &Path, ns: &NetNs, pdisk_url: &str, bridge: &str) -> Agentd {
+        Self::start_in_with(dir, ns, pdisk_url, bridge, &[])
+    }
+
+    /// Like [`Agentd::start_in`], with extra agentd flags.
+    pub fn start_in_with(
+        dir: &Path,
+        ns: &NetNs,
+        pdisk_url: &str,
+        bridge: &str,
+        extra: &[&str],
+    ) -> Agentd {
         let state_dir = dir.join("agent");
         let listen: SocketAddr = "127.0.0.1:7401".parse().unwrap();
-        let args = vec![
+        let args: Vec<String> = vec![
             "--listen".to_string(),
             listen.to_string(),
             "--state-dir".into(),
@@ -640,7 +651,10 @@ impl Agentd {
             "32".into(),
             "--log-level".into(),
             "agent=debug,pdisk=debug,info".into(),
-        ];
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
         let mut a = Agentd {
             listen,
             state_dir,
@@ -766,4 +780,65 @@ pub fn wait_console(path: &Path, needle: &str, limit: Duration) -> String {
         let text = std::fs::read_to_string(path).ok()?;
         text.contains(needle).then_some(text)
     })
+}
+
+/// A static HTTP server (busybox httpd) inside a test namespace, serving
+/// `dir` on 127.0.0.1:8080 there; it logs every request.
+pub struct Httpd {
+    pub dir: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+impl Httpd {
+    pub fn start_in(ns: &NetNs, dir: &Path) -> Httpd {
+        let log = dir.with_extension("httpd.log");
+        let child = ns
+            .command("busybox")
+            .args(["httpd", "-f", "-vv", "-p", "127.0.0.1:8080", "-h"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("busybox (busybox-static) must be installed");
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        wait_for("httpd to listen", Duration::from_secs(10), || {
+            ns.can_connect(addr).then_some(())
+        });
+        Httpd {
+            dir: dir.to_path_buf(),
+            log,
+            child,
+        }
+    }
+
+    pub fn url(&self, file: &str) -> String {
+        format!("http://127.0.0.1:8080/{file}")
+    }
+
+    /// How many times `file` was requested.
+    pub fn requests(&self, file: &str) -> usize {
+        let needle = format!("url:/{file}");
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.ends_with(&needle))
+            .count()
+    }
+}
+
+impl Drop for Httpd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The SHA-256 of a file, as lowercase hex (with sha256sum).
+pub fn sha256_of(path: &Path) -> String {
+    run_ok("sha256sum", &[path.to_str().unwrap()])
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
 }

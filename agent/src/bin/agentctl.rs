@@ -27,13 +27,13 @@ use pdisk::cli::{self, Failure, Remote};
 use serde_json::{json, Value};
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::agent::v1::{
-    CreateVmRequest, DestroyVmRequest, GetHostRequest, ListVmsRequest, StopVmRequest, Vm,
-    VmRequest, VmState, WatchEventsRequest,
+    CreateVmRequest, DestroyVmRequest, EvictImageRequest, GetHostRequest, ListImagesRequest,
+    ListVmsRequest, StopVmRequest, Vm, VmRequest, VmState, WatchEventsRequest,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
 
-use args::{Cli, Command, EventsArgs, HostCommand, VmCommand};
+use args::{Cli, Command, EventsArgs, HostCommand, ImageCommand, RmArgs, VmCommand};
 use console::{Tail, Utf8Chunks};
 use pdisk::cli::args::Ref;
 
@@ -91,7 +91,8 @@ impl Ctx {
     }
 
     /// Awaits `call` under a spinner on stderr (when spinners are on): the
-    /// agent answers start, stop and destroy only once the guest got there.
+    /// agent answers start, stop and destroy only once the guest got there,
+    /// and an image pull once the image is verified in the cache.
     async fn waiting<F: Future>(&self, message: String, call: F) -> F::Output {
         if !self.spinners {
             return call.await;
@@ -115,6 +116,7 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
     match command {
         Command::Vm(c) => vm(ctx, c).await,
         Command::Events(a) => events(ctx, a).await,
+        Command::Image(c) => image(ctx, c).await,
         Command::Host(HostCommand::Show) => {
             let host = ctx.answer(ctx.connect().await?.get_host(GetHostRequest {}).await)?;
             ctx.print(render::host_json(&host), || render::host_view(&host))
@@ -201,6 +203,74 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
         }
         VmCommand::Console { vm, follow } => console(ctx, &vm, follow).await,
     }
+}
+
+async fn image(ctx: &Ctx, command: ImageCommand) -> Result<(), Failure> {
+    match command {
+        ImageCommand::Pull(a) => {
+            let request = a.request().map_err(Failure::Usage)?;
+            let mut client = ctx.connect().await?;
+            let call = client.pull_image(request);
+            let what = if a.pdisk {
+                format!("pulling {} into the cache and pdisk", a.url)
+            } else {
+                format!("pulling {}", a.url)
+            };
+            let c = ctx.answer(ctx.waiting(what, call).await)?;
+            ctx.print(render::cached_image_json(&c), || render::image_view(&c))
+        }
+        ImageCommand::List => {
+            let images = ctx
+                .answer(ctx.connect().await?.list_images(ListImagesRequest {}).await)?
+                .images;
+            ctx.print(render::images_json(&images), || {
+                render::images_table(&images)
+            })
+        }
+        ImageCommand::Rm(a) => evict(ctx, a).await,
+    }
+}
+
+/// `image rm`: a prefix of a checksum is first resolved against the images
+/// the agent lists, and must name exactly one.
+async fn evict(ctx: &Ctx, a: RmArgs) -> Result<(), Failure> {
+    let mut client = ctx.connect().await?;
+    let sha256 = match a.whole() {
+        Some(sha256) => sha256.to_owned(),
+        None => {
+            let images = ctx
+                .answer(client.list_images(ListImagesRequest {}).await)?
+                .images;
+            let mut matches = a.matching(images.iter().map(|i| i.sha256.as_str()));
+            match matches.len() {
+                // As the agent says it of a whole checksum it does not hold.
+                0 => {
+                    return Err(Failure::Server(tonic::Status::not_found(format!(
+                        "no cached image's SHA-256 starts with {} (see agentctl image list)",
+                        a.sha256
+                    ))))
+                }
+                1 => matches.remove(0),
+                n => {
+                    return Err(Failure::Usage(format!(
+                        "{} is the start of {n} images' SHA-256 ({}): give more digits",
+                        a.sha256,
+                        matches.join(", ")
+                    )))
+                }
+            }
+        }
+    };
+    let (local, pdisk) = a.caches();
+    let request = EvictImageRequest {
+        sha256: sha256.clone(),
+        local,
+        pdisk,
+    };
+    let evicted = ctx.answer(client.evict_image(request).await)?.evicted;
+    ctx.print(render::evicted_json(&sha256, &evicted), || {
+        render::evicted_text(&sha256, &evicted)
+    })
 }
 
 /// SIGINT as a stream, so that Ctrl-C ends a `--follow` cleanly (exit 0,

@@ -50,6 +50,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             pdisk_url: cfg.pdisk.clone(),
             cpu_overcommit: cfg.cpu_overcommit,
             reserved_memory: cfg.reserved_memory,
+            image_quota: Some(cfg.image_quota),
+            image_policy: cfg.image_policy.clone(),
+            image_file_roots: cfg.image_file_roots.clone(),
         },
         host,
     )?;

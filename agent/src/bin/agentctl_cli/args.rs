@@ -1,12 +1,13 @@
 //! The command line of `agentctl`. Every argument is parsed here into a
-//! validated type (names, sizes, disk and NIC specs, MACs), so bad input is
-//! refused with exit status 2 before the agent is contacted; agentd checks
-//! again. [`CreateArgs::spec`] adds the checks that span several arguments
+//! validated type (names, sizes, disk and NIC specs, image references and
+//! checksums, MACs), so bad input is refused with exit status 2 before the
+//! agent is contacted; agentd checks again. [`CreateArgs::spec`] adds the checks that span several arguments
 //! and builds the CreateVm request.
 
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
+use agent::images::{DeclaredFormat, ImageRef, Sha256};
 use agent::seed::{
     check_document, check_hostname, check_ssh_key, MAX_NETWORK_CONFIG, MAX_SSH_KEYS, MAX_USER_DATA,
 };
@@ -15,7 +16,8 @@ use clap::{Args, Parser, Subcommand};
 use pdisk::cli::args::{label_arg, label_map, Ref};
 use pdisk::types::{ByteSize, VolumeName};
 use stratus_proto::agent::v1::{
-    disk_spec, Contextualization, DiskSpec, KernelBoot, NicSpec, VmSpec,
+    disk_spec, Contextualization, DiskPersistence, DiskSpec, ImageFormat, ImageRef as PbImageRef,
+    KernelBoot, NicSpec, PullImageRequest, VmSpec,
 };
 
 pub const DEFAULT_AGENT: &str = "http://127.0.0.1:7401";
@@ -36,6 +38,10 @@ Examples:
       --cmdline 'console=ttyS0' --disk file:/srv/images/scratch.qcow2 --nic bridge=br0,vlan=20
   agentctl vm create app1 --vcpus 1 --memory 1G --disk pdisk:app1-root --nic default \\
       --hostname app1.example.org --ssh-key-file ~/.ssh/id_ed25519.pub --user-data-file init.yaml
+  agentctl image pull https://images.example/debian-12.qcow2 --sha256 \"$SHA\" --pdisk
+  agentctl vm create img1 --vcpus 1 --memory 512M --nic default \\
+      --disk \"image:https://images.example/debian-12.qcow2,sha256=$SHA,size=10G\"
+  agentctl image list
   agentctl vm start web1
   agentctl vm console web1 --follow
   agentctl vm stop web1 --timeout 30
@@ -44,7 +50,8 @@ Examples:
 
 /// Operator's client for agentd, the agent that runs the QEMU/KVM guests of
 /// one Stratus host: define, start, stop and inspect VMs, read their serial
-/// consoles, follow the event stream, and see the host's capacity.
+/// consoles, follow the event stream, manage the image caches, and see the
+/// host's capacity.
 ///
 /// VMs are referred to by name or by UUID. Sizes take binary suffixes (256M,
 /// 2G). Paths (file disks, kernels, console logs) are on this host, the
@@ -81,6 +88,10 @@ pub enum Command {
     /// Print the agent's events: replayed from its journal, then (with
     /// --follow) live.
     Events(EventsArgs),
+    /// Fetch, list and evict the images cached on this host and imported
+    /// into pdisk, keyed by their SHA-256.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// The host the agent runs on.
     #[command(subcommand)]
     Host(HostCommand),
@@ -171,10 +182,18 @@ pub struct CreateArgs {
     #[arg(long, value_name = "SIZE", value_parser = memory)]
     pub memory: ByteSize,
 
-    /// A disk, in device order (vda, vdb, ...): pdisk:VOLUME or
-    /// file:PATH, then ",ro" for read-only and ",boot=N" for its place in the
-    /// boot order (1 first). Without any boot=, the first disk boots. Repeat
-    /// for several.
+    /// A disk, in device order (vda, vdb, ...): pdisk:VOLUME, file:PATH or
+    /// image:URL,sha256=HEX, then ",ro" for read-only and ",boot=N" for its
+    /// place in the boot order (1 first). Without any boot=, the first disk
+    /// boots. Repeat for several.
+    ///
+    /// An image disk is fetched once per host from its http://, https:// or
+    /// file:/// URL and must hash to the SHA-256 given (64 hex digits). By
+    /// default the guest gets its own pdisk clone of the image; ",local"
+    /// makes it an ephemeral overlay on this host's cached copy instead.
+    /// ",size=SIZE" grows the disk beyond the image's size;
+    /// ",format=raw|qcow2|auto" (default auto) and ",endorser=NAME" are
+    /// checked by the agent. The URL cannot contain ',': write it as %2C.
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<DiskArg>,
 
@@ -246,6 +265,112 @@ pub struct EventsArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Fetch an image into this host's cache ahead of the guests that use it,
+    /// verifying its SHA-256; with --pdisk, also import it into a pdisk base
+    /// volume for clone disks. Prints the cached image.
+    Pull(PullArgs),
+    /// List the images in this host's cache and the pdisk base volumes made
+    /// from images.
+    List,
+    /// Evict an image from this host's cache and/or pdisk: both unless
+    /// --local or --pdisk narrows it. Refused while a guest uses it (a local
+    /// overlay, or a clone of its pdisk base).
+    Rm(RmArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Where to fetch the image: an http:// or https:// URL, or a file:///
+    /// URL naming an absolute path on this host.
+    #[arg(value_name = "URL", value_parser = image_url)]
+    pub url: String,
+
+    /// The SHA-256 the image must hash to (64 hex digits); a download that
+    /// hashes otherwise is refused and dropped.
+    #[arg(long, value_name = "HEX", value_parser = sha256_arg)]
+    pub sha256: Sha256,
+
+    /// The image's format: raw, qcow2, or auto (what its header says).
+    #[arg(long, value_name = "FORMAT", default_value = "auto", value_parser = format_arg)]
+    pub format: DeclaredFormat,
+
+    /// Who endorsed the image, checked against the host's image policy.
+    #[arg(long, value_name = "NAME")]
+    pub endorser: Option<String>,
+
+    /// Also import the image into a pdisk base volume (for clone disks).
+    #[arg(long)]
+    pub pdisk: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// The image's SHA-256, or a unique prefix of it of at least
+    /// 8 hex digits (as `image list` shows).
+    #[arg(value_name = "SHA256", value_parser = sha256_prefix)]
+    pub sha256: String,
+
+    /// Only from this host's cache.
+    #[arg(long)]
+    pub local: bool,
+
+    /// Only the pdisk base volume.
+    #[arg(long)]
+    pub pdisk: bool,
+}
+
+impl PullArgs {
+    /// The PullImage request, after the checks that span the arguments (the
+    /// endorser, in the agent's words).
+    pub fn request(&self) -> Result<PullImageRequest, String> {
+        let image = ImageRef::new(
+            &self.url,
+            self.sha256.as_str(),
+            self.format,
+            self.endorser.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(PullImageRequest {
+            image: Some(image_pb(&image)),
+            to_pdisk: self.pdisk,
+        })
+    }
+}
+
+impl RmArgs {
+    /// The whole checksum when one was given.
+    pub fn whole(&self) -> Option<&str> {
+        (self.sha256.len() == 64).then_some(self.sha256.as_str())
+    }
+
+    /// The distinct checksums among `listed` that start with the one given,
+    /// sorted (an image both cached here and in pdisk is listed twice).
+    pub fn matching<'a>(&self, listed: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        let mut found: Vec<String> = listed
+            .into_iter()
+            .filter(|s| s.starts_with(&self.sha256))
+            .map(str::to_owned)
+            .collect();
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// (local, pdisk) as EvictImage takes them: neither flag means both.
+    pub fn caches(&self) -> (bool, bool) {
+        if self.local || self.pdisk {
+            (self.local, self.pdisk)
+        } else {
+            (true, true)
+        }
+    }
+}
+
+/// Digits of a SHA-256 prefix that `image rm` accepts at least.
+pub const MIN_SHA256_PREFIX: usize = 8;
+
+#[derive(Debug, Subcommand)]
 pub enum HostCommand {
     /// Capacity, accelerator, versions, iSCSI initiator and VM counts.
     Show,
@@ -257,6 +382,38 @@ fn timeout(s: &str) -> Result<u32, String> {
         Ok(n) if (1..=86_400).contains(&n) => Ok(n),
         _ => Err(format!("{s:?} is not a number of seconds from 1 to 86400")),
     }
+}
+
+/// An image URL, checked by the agent's own rules (scheme, host, absolute
+/// `file://` path, no `..`). The reference type needs a checksum too; a
+/// placeholder stands in, as only the URL's checks can fail here.
+fn image_url(s: &str) -> Result<String, String> {
+    const PLACEHOLDER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+    ImageRef::new(s, PLACEHOLDER, DeclaredFormat::Auto, None).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+/// `--sha256`: 64 hex digits, kept lowercase.
+fn sha256_arg(s: &str) -> Result<Sha256, String> {
+    Sha256::parse(s).map_err(|e| e.to_string())
+}
+
+/// `--format`: raw, qcow2 or auto.
+fn format_arg(s: &str) -> Result<DeclaredFormat, String> {
+    if s.is_empty() {
+        return Err("expected raw, qcow2 or auto".into());
+    }
+    s.parse().map_err(|e: pdisk::error::Error| e.to_string())
+}
+
+/// `image rm`'s checksum: 8 to 64 hex digits, lowercased.
+fn sha256_prefix(s: &str) -> Result<String, String> {
+    if !(MIN_SHA256_PREFIX..=64).contains(&s.len()) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "{s:?} is not a SHA-256 or a prefix of one: {MIN_SHA256_PREFIX} to 64 hex digits"
+        ));
+    }
+    Ok(s.to_ascii_lowercase())
 }
 
 /// Guest memory: rounded up to a whole MiB, as QEMU allocates it.
@@ -336,9 +493,26 @@ pub enum DiskSource {
     Pdisk(Ref),
     /// An image file on this host (raw or qcow2).
     File(PathBuf),
+    /// An image by URL and checksum, through the agent's image caches.
+    Image(ImageDisk),
 }
 
-/// One `--disk`: `pdisk:VOLUME[,ro][,boot=N]` or `file:PATH[,ro][,boot=N]`.
+/// The image-only part of an `image:` disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDisk {
+    /// URL, checksum, declared format and endorser, checked by the agent's
+    /// own type, so client and server accept exactly the same references.
+    pub image: ImageRef,
+    /// The disk's size, grown from the image's; `None`: the image's size.
+    pub size: Option<ByteSize>,
+    /// An ephemeral qcow2 overlay on this host's cached copy instead of a
+    /// per-guest pdisk clone.
+    pub local: bool,
+}
+
+/// One `--disk`: `pdisk:VOLUME`, `file:PATH` or `image:URL,sha256=HEX`, then
+/// options (`ro`, `boot=N`; for images also `size=`, `local`, `format=`,
+/// `endorser=`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskArg {
     pub source: DiskSource,
@@ -348,6 +522,116 @@ pub struct DiskArg {
     pub boot: Option<u32>,
 }
 
+/// The options of an `image:` disk, as `--disk` usage errors list them.
+const IMAGE_OPTIONS: &str =
+    "sha256=HEX, size=SIZE, local, format=raw|qcow2|auto, endorser=NAME, ro or boot=N";
+
+/// Why a URL cannot be given with a ',' in it, and what to do instead.
+const URL_COMMA: &str = "an image URL in --disk cannot contain ',': write it as %2C";
+
+/// The options of one `--disk`, each at most once.
+#[derive(Default)]
+struct DiskOptions<'a> {
+    read_only: bool,
+    boot: Option<u32>,
+    sha256: Option<Sha256>,
+    size: Option<ByteSize>,
+    local: bool,
+    format: Option<DeclaredFormat>,
+    endorser: Option<&'a str>,
+}
+
+impl<'a> DiskOptions<'a> {
+    /// Parses the options after the source; `image` says whether the
+    /// image-only ones are allowed.
+    fn parse(options: impl Iterator<Item = &'a str>, image: bool) -> Result<Self, String> {
+        let mut o = DiskOptions::default();
+        let mut seen: Vec<&str> = Vec::new();
+        for option in options {
+            let (key, value) = option
+                .split_once('=')
+                .map_or((option, None), |(k, v)| (k, Some(v)));
+            let placeholder = match key {
+                "ro" | "local" => None,
+                "boot" => Some("N"),
+                "sha256" => Some("HEX"),
+                "size" => Some("SIZE"),
+                "format" => Some("raw|qcow2|auto"),
+                "endorser" => Some("NAME"),
+                _ => return Err(unknown_disk_option(option, image)),
+            };
+            if !image && !matches!(key, "ro" | "boot") {
+                return Err(format!(
+                    "disk option {key:?} is only for image disks (image:URL,sha256=HEX,...)"
+                ));
+            }
+            if seen.contains(&key) {
+                return Err(format!("disk option {key:?} is given twice"));
+            }
+            seen.push(key);
+            let value = match (placeholder, value) {
+                (None, None) => "",
+                (None, Some(_)) => return Err(format!("disk option {key:?} takes no value")),
+                (Some(p), None | Some("")) => {
+                    return Err(format!("disk option {key:?} needs a value: {key}={p}"))
+                }
+                (Some(_), Some(v)) => v,
+            };
+            match key {
+                "ro" => o.read_only = true,
+                "local" => o.local = true,
+                "boot" => {
+                    o.boot = Some(
+                        value
+                            .parse()
+                            .ok()
+                            .filter(|n| (1..=MAX_BOOT_INDEX).contains(n))
+                            .ok_or_else(|| {
+                                format!(
+                                    "boot={value}: the boot index is a number from 1 (boots \
+                                     first) to {MAX_BOOT_INDEX}"
+                                )
+                            })?,
+                    );
+                }
+                "sha256" => o.sha256 = Some(Sha256::parse(value).map_err(|e| e.to_string())?),
+                "size" => o.size = Some(image_size(value)?),
+                "format" => {
+                    o.format = Some(value.parse::<DeclaredFormat>().map_err(|e| e.to_string())?)
+                }
+                "endorser" => o.endorser = Some(value),
+                _ => unreachable!("option {key} is known"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+/// An option this `--disk` does not know. For an image disk, a piece with
+/// '/', '.', '?' or '&' in it is most likely the rest of a URL cut at a ','.
+fn unknown_disk_option(option: &str, image: bool) -> String {
+    if !image {
+        return format!(
+            "unknown disk option {option:?}: expected ro or boot=N (paths cannot contain ',')"
+        );
+    }
+    let key = option.split_once('=').map_or(option, |(k, _)| k);
+    if key.contains(['/', '.', '?', '&', '%']) {
+        return format!("{option:?} looks like the rest of the image URL: {URL_COMMA}");
+    }
+    format!("unknown disk option {option:?}: expected {IMAGE_OPTIONS} ({URL_COMMA})")
+}
+
+/// `size=` of an image disk: a size, rounded up to a whole MiB as pdisk
+/// volumes are; more than zero (leave it out for the image's own size).
+fn image_size(s: &str) -> Result<ByteSize, String> {
+    let size = s
+        .parse::<ByteSize>()
+        .map_err(|e| format!("size={s}: {e}"))?;
+    ByteSize::volume_size(size.0)
+        .map_err(|e| format!("size={s}: {e} (leave size= out for the image's own size)"))
+}
+
 impl FromStr for DiskArg {
     type Err = String;
     fn from_str(s: &str) -> Result<DiskArg, String> {
@@ -355,58 +639,77 @@ impl FromStr for DiskArg {
         let first = parts.next().unwrap_or_default();
         let Some((kind, what)) = first.split_once(':') else {
             return Err(format!(
-                "{s:?} has no source: use pdisk:VOLUME or file:PATH, \
+                "{s:?} has no source: use pdisk:VOLUME, file:PATH or image:URL,sha256=HEX, \
                  optionally followed by ,ro and ,boot=N"
             ));
         };
+        let image = kind == "image";
         let source = match kind {
-            "pdisk" => DiskSource::Pdisk(
+            "pdisk" => Some(DiskSource::Pdisk(
                 what.parse()
                     .map_err(|e| format!("pdisk volume {what:?}: {e}"))?,
-            ),
-            "file" => DiskSource::File(host_path(what)?),
+            )),
+            "file" => Some(DiskSource::File(host_path(what)?)),
+            // Built once its options are known.
+            "image" if what.is_empty() => {
+                return Err("the image disk has no URL: use image:URL,sha256=HEX".into())
+            }
+            "image" => None,
             other => {
                 return Err(format!(
-                    "unknown disk source {other:?}: use pdisk:VOLUME or file:PATH"
+                    "unknown disk source {other:?}: use pdisk:VOLUME, file:PATH or \
+                     image:URL,sha256=HEX"
                 ))
             }
         };
-        let mut disk = DiskArg {
-            source,
-            read_only: false,
-            boot: None,
-        };
-        for option in parts {
-            let (key, value) = option
-                .split_once('=')
-                .map_or((option, None), |(k, v)| (k, Some(v)));
-            match (key, value) {
-                ("ro", None) if !disk.read_only => disk.read_only = true,
-                ("boot", Some(n)) if disk.boot.is_none() => {
-                    disk.boot = Some(
-                        n.parse()
-                            .ok()
-                            .filter(|n| (1..=MAX_BOOT_INDEX).contains(n))
-                            .ok_or_else(|| {
-                                format!(
-                                    "boot={n}: the boot index is a number from 1 (boots \
-                                     first) to {MAX_BOOT_INDEX}"
-                                )
-                            })?,
-                    );
-                }
-                ("ro", None) | ("boot", Some(_)) => {
-                    return Err(format!("disk option {key:?} is given twice"))
-                }
-                _ => {
-                    return Err(format!(
-                        "unknown disk option {option:?}: expected ro or boot=N \
-                         (paths cannot contain ',')"
-                    ))
-                }
+        let o = DiskOptions::parse(parts, image)?;
+        let source = match source {
+            Some(source) => source,
+            None => {
+                let sha256 = o.sha256.ok_or_else(|| {
+                    format!(
+                        "image disk {what}: sha256=HEX is required (the SHA-256 the image \
+                         must hash to, 64 hex digits)"
+                    )
+                })?;
+                let image = ImageRef::new(
+                    what,
+                    sha256.as_str(),
+                    o.format.unwrap_or_default(),
+                    o.endorser.map(str::to_owned),
+                )
+                .map_err(|e| e.to_string())?;
+                DiskSource::Image(ImageDisk {
+                    image,
+                    size: o.size,
+                    local: o.local,
+                })
             }
-        }
-        Ok(disk)
+        };
+        Ok(DiskArg {
+            source,
+            read_only: o.read_only,
+            boot: o.boot,
+        })
+    }
+}
+
+/// The proto's format for the agent's.
+pub fn format_pb(f: DeclaredFormat) -> ImageFormat {
+    match f {
+        DeclaredFormat::Raw => ImageFormat::Raw,
+        DeclaredFormat::Qcow2 => ImageFormat::Qcow2,
+        DeclaredFormat::Auto => ImageFormat::Auto,
+    }
+}
+
+/// An image reference as the API takes it.
+pub fn image_pb(i: &ImageRef) -> PbImageRef {
+    PbImageRef {
+        url: i.url().to_owned(),
+        sha256: i.sha256().to_string(),
+        format: format_pb(i.format()) as i32,
+        endorser: i.endorser().unwrap_or_default().to_owned(),
     }
 }
 
@@ -538,17 +841,30 @@ impl CreateArgs {
             .disks
             .iter()
             .enumerate()
-            .map(|(i, d)| DiskSpec {
-                source: Some(match &d.source {
+            .map(|(i, d)| {
+                let mut disk = DiskSpec {
+                    read_only: d.read_only,
+                    boot_index: match d.boot {
+                        Some(n) => n,
+                        None if first_boots && i == 0 => 1,
+                        None => 0,
+                    },
+                    ..DiskSpec::default()
+                };
+                disk.source = Some(match &d.source {
                     DiskSource::Pdisk(v) => disk_spec::Source::PdiskVolume(v.to_string()),
                     DiskSource::File(p) => disk_spec::Source::File(absolute(p, cwd)),
-                }),
-                read_only: d.read_only,
-                boot_index: match d.boot {
-                    Some(n) => n,
-                    None if first_boots && i == 0 => 1,
-                    None => 0,
-                },
+                    DiskSource::Image(image) => {
+                        disk.size_bytes = image.size.map_or(0, |s| s.0);
+                        disk.set_persistence(if image.local {
+                            DiskPersistence::Local
+                        } else {
+                            DiskPersistence::Clone
+                        });
+                        disk_spec::Source::Image(image_pb(&image.image))
+                    }
+                });
+                disk
             })
             .collect();
         let nics = self
@@ -802,7 +1118,11 @@ mod tests {
             (&["--disk", "pdisk:a,ro,ro"], "\"ro\" is given twice"),
             (&["--disk", "pdisk:a,boot=0"], "boot=0: the boot index"),
             (&["--disk", "pdisk:a,boot=x"], "boot=x: the boot index"),
-            (&["--disk", "pdisk:a,boot"], "unknown disk option \"boot\""),
+            (
+                &["--disk", "pdisk:a,boot"],
+                "disk option \"boot\" needs a value: boot=N",
+            ),
+            (&["--disk", "pdisk:a,ro=1"], "\"ro\" takes no value"),
             (&["--nic", "br0"], "is not KEY=VALUE"),
             (
                 &["--nic", "bridge=br0,bridge=br1"],
@@ -1037,6 +1357,297 @@ mod tests {
             parse(&["vm", "console", "web1", "-f"]).unwrap().command,
             Command::Vm(VmCommand::Console { follow: true, .. })
         ));
+    }
+
+    const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn image_disk(spec: &str) -> Result<DiskArg, String> {
+        spec.parse()
+    }
+
+    #[test]
+    fn image_disks_parse_with_their_options() {
+        let upper = SHA.to_ascii_uppercase();
+        let s = spec(&[
+            "--disk",
+            &format!("image:https://images.example/debian-12.qcow2?v=2&x=1,sha256={upper}"),
+            "--disk",
+            &format!(
+                "image:file:///srv/images/my%2Cdisk.img,sha256={SHA},size=1.5G,local,ro,boot=2,\
+                 format=qcow2,endorser=ops@example.org"
+            ),
+            "--disk",
+            "pdisk:data",
+        ])
+        .unwrap();
+        let d = &s.disks[0];
+        let Some(disk_spec::Source::Image(i)) = &d.source else {
+            panic!("not an image: {d:?}")
+        };
+        assert_eq!(i.url, "https://images.example/debian-12.qcow2?v=2&x=1");
+        assert_eq!(i.sha256, SHA, "kept lowercase");
+        assert_eq!(i.format(), ImageFormat::Auto);
+        assert_eq!(i.endorser, "");
+        assert_eq!(d.size_bytes, 0, "the image's own size");
+        assert_eq!(d.persistence(), DiskPersistence::Clone, "clone by default");
+        assert!(!d.read_only);
+        assert_eq!(d.boot_index, 0, "boot=2 on another disk: no default");
+
+        let d = &s.disks[1];
+        let Some(disk_spec::Source::Image(i)) = &d.source else {
+            panic!("not an image: {d:?}")
+        };
+        assert_eq!(i.url, "file:///srv/images/my%2Cdisk.img", "sent as given");
+        assert_eq!(i.format(), ImageFormat::Qcow2);
+        assert_eq!(i.endorser, "ops@example.org");
+        assert_eq!(d.size_bytes, 1536 << 20);
+        assert_eq!(d.persistence(), DiskPersistence::Local);
+        assert!(d.read_only);
+        assert_eq!(d.boot_index, 2);
+
+        // Alone, an image disk boots; sizes round up to a whole MiB.
+        let s = spec(&[
+            "--disk",
+            &format!("image:http://127.0.0.1:8080/a.raw,size=1000001,sha256={SHA},format=raw"),
+        ])
+        .unwrap();
+        assert_eq!(s.disks[0].boot_index, 1);
+        assert_eq!(s.disks[0].size_bytes, 1 << 20);
+        let Some(disk_spec::Source::Image(i)) = &s.disks[0].source else {
+            panic!("not an image")
+        };
+        assert_eq!(i.format(), ImageFormat::Raw);
+
+        let arg = image_disk(&format!("image:https://h/a.img,sha256={SHA},local")).unwrap();
+        let DiskSource::Image(image) = arg.source else {
+            panic!("not an image")
+        };
+        assert!(image.local);
+        assert_eq!(image.size, None);
+        assert_eq!(image.image.sha256().as_str(), SHA);
+    }
+
+    #[test]
+    fn bad_image_disks_are_usage_errors() {
+        let sha = format!("sha256={SHA}");
+        for (disk, words) in [
+            ("image:".to_owned(), "the image disk has no URL"),
+            ("image:https://h/a.img".to_owned(), "sha256=HEX is required"),
+            (
+                format!("image:https://h/a.img,sha256={}", &SHA[1..]),
+                "expected 64 hex digits",
+            ),
+            (
+                format!("image:https://h/a.img,sha256={}g", &SHA[1..]),
+                "expected 64 hex digits",
+            ),
+            (
+                "image:https://h/a.img,sha256".to_owned(),
+                "\"sha256\" needs a value: sha256=HEX",
+            ),
+            (format!("image:ftp://h/a.img,{sha}"), "scheme \"ftp\""),
+            (format!("image:/srv/a.img,{sha}"), "not a URL"),
+            (format!("image:file://srv/a.img,{sha}"), "absolute path"),
+            (format!("image:file:///srv/../a.img,{sha}"), "`..`"),
+            (
+                format!("image:http://u:p@h/a.img,{sha}"),
+                "credentials in image URLs",
+            ),
+            (
+                format!("image:https://h/a,b.img,{sha}"),
+                "\"b.img\" looks like the rest of the image URL: \
+                 an image URL in --disk cannot contain ',': write it as %2C",
+            ),
+            (
+                format!("image:https://h/a?x=1,y=2,{sha}"),
+                "unknown disk option \"y=2\": expected sha256=HEX, size=SIZE, local",
+            ),
+            (
+                format!("image:https://h/a,{sha},size=0"),
+                "size=0: size must be greater than 0",
+            ),
+            (
+                format!("image:https://h/a,{sha},size=lots"),
+                "size=lots: invalid size",
+            ),
+            (
+                format!("image:https://h/a,{sha},format=vhd"),
+                "image format \"vhd\": expected raw, qcow2 or auto",
+            ),
+            (
+                format!("image:https://h/a,{sha},format="),
+                "\"format\" needs a value",
+            ),
+            (
+                format!("image:https://h/a,{sha},local=yes"),
+                "\"local\" takes no value",
+            ),
+            (
+                format!("image:https://h/a,{sha},{sha}"),
+                "\"sha256\" is given twice",
+            ),
+            (
+                format!("image:https://h/a,{sha},local,local"),
+                "\"local\" is given twice",
+            ),
+            (
+                format!("image:https://h/a,{sha},boot=0"),
+                "boot=0: the boot index",
+            ),
+            (
+                "pdisk:a,size=1G".to_owned(),
+                "disk option \"size\" is only for image disks",
+            ),
+            (
+                format!("file:/a.img,{sha}"),
+                "disk option \"sha256\" is only for image disks",
+            ),
+            (
+                "pdisk:a,local".to_owned(),
+                "\"local\" is only for image disks",
+            ),
+            ("img:https://h/a".to_owned(), "unknown disk source \"img\""),
+        ] {
+            let err = create(&["--disk", &disk]).expect_err(&format!("{disk:?} should be refused"));
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{disk:?}: {err}");
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains(words), "{disk:?}: {err}");
+        }
+        // The endorser is checked by the agent's rules too.
+        let err = image_disk(&format!("image:https://h/a,{sha},endorser=a\tb")).unwrap_err();
+        assert!(err.contains("endorser"), "{err}");
+    }
+
+    #[test]
+    fn image_pull_builds_the_request() {
+        let cli = parse(&[
+            "image",
+            "pull",
+            "https://images.example/a.qcow2",
+            "--sha256",
+            &SHA.to_ascii_uppercase(),
+            "--format",
+            "qcow2",
+            "--endorser",
+            "ops",
+            "--pdisk",
+        ])
+        .unwrap();
+        let Command::Image(ImageCommand::Pull(a)) = cli.command else {
+            panic!("wrong command")
+        };
+        let r = a.request().unwrap();
+        assert!(r.to_pdisk);
+        let i = r.image.unwrap();
+        assert_eq!(i.url, "https://images.example/a.qcow2");
+        assert_eq!(i.sha256, SHA);
+        assert_eq!(i.format(), ImageFormat::Qcow2);
+        assert_eq!(i.endorser, "ops");
+
+        let cli = parse(&["image", "pull", "file:///srv/a.img", "--sha256", SHA]).unwrap();
+        let Command::Image(ImageCommand::Pull(a)) = cli.command else {
+            panic!("wrong command")
+        };
+        let r = a.request().unwrap();
+        assert!(!r.to_pdisk);
+        assert_eq!(r.image.unwrap().format(), ImageFormat::Auto);
+
+        let cli = parse(&[
+            "image",
+            "pull",
+            "http://h/a",
+            "--sha256",
+            SHA,
+            "--endorser",
+            "a\nb",
+        ])
+        .unwrap();
+        let Command::Image(ImageCommand::Pull(a)) = cli.command else {
+            panic!("wrong command")
+        };
+        assert!(a.request().unwrap_err().contains("endorser"));
+
+        for (args, kind, words) in [
+            (
+                &["image", "pull", "ftp://h/a", "--sha256", SHA][..],
+                ErrorKind::ValueValidation,
+                "scheme \"ftp\"",
+            ),
+            (
+                &["image", "pull", "file://rel/a", "--sha256", SHA],
+                ErrorKind::ValueValidation,
+                "absolute path",
+            ),
+            (
+                &["image", "pull", "http://h/a", "--sha256", "abc"],
+                ErrorKind::ValueValidation,
+                "expected 64 hex digits",
+            ),
+            (
+                &[
+                    "image",
+                    "pull",
+                    "http://h/a",
+                    "--sha256",
+                    SHA,
+                    "--format",
+                    "vmdk",
+                ],
+                ErrorKind::ValueValidation,
+                "expected raw, qcow2 or auto",
+            ),
+            (
+                &["image", "pull", "http://h/a"],
+                ErrorKind::MissingRequiredArgument,
+                "--sha256",
+            ),
+        ] {
+            let err = fails(args);
+            assert_eq!(err.kind(), kind, "{args:?}: {err}");
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains(words), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn image_list_and_rm() {
+        assert!(matches!(
+            parse(&["image", "list"]).unwrap().command,
+            Command::Image(ImageCommand::List)
+        ));
+        let rm = |args: &[&str]| {
+            let mut all = vec!["image", "rm"];
+            all.extend_from_slice(args);
+            match parse(&all).unwrap().command {
+                Command::Image(ImageCommand::Rm(a)) => a,
+                other => panic!("wrong command {other:?}"),
+            }
+        };
+        let a = rm(&[&SHA.to_ascii_uppercase()]);
+        assert_eq!(a.sha256, SHA);
+        assert_eq!(a.caches(), (true, true), "neither flag: both caches");
+        assert_eq!(rm(&[SHA, "--local"]).caches(), (true, false));
+        assert_eq!(rm(&[SHA, "--pdisk"]).caches(), (false, true));
+        assert_eq!(rm(&[SHA, "--local", "--pdisk"]).caches(), (true, true));
+        assert_eq!(a.whole(), Some(SHA));
+        let prefix = rm(&["9F86D081"]);
+        assert_eq!(prefix.sha256, "9f86d081", "a prefix");
+        assert_eq!(prefix.whole(), None);
+        let other = format!("9f86d081{}", &SHA[..56]);
+        let listed = [SHA, "0123456789abcdef", SHA, other.as_str()];
+        assert_eq!(prefix.matching(listed), [SHA.to_owned(), other.clone()]);
+        assert_eq!(rm(&["9f86d0818"]).matching(listed), [SHA]);
+        assert!(rm(&["abcdef01"]).matching(listed).is_empty());
+        for bad in ["9f86d08", "xyz12345", &format!("{SHA}0")] {
+            let err = fails(&["image", "rm", bad]);
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+            assert!(err.to_string().contains("8 to 64 hex digits"), "{err}");
+        }
+        assert_eq!(
+            fails(&["image", "rm"]).kind(),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(fails(&["image"]).exit_code(), 2);
     }
 
     #[test]

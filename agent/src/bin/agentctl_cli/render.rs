@@ -11,8 +11,8 @@ use pdisk::cli::{fields, labels_json, labels_text, Table};
 use pdisk::types::ByteSize;
 use serde_json::{json, Value};
 use stratus_proto::agent::v1::{
-    disk_spec, AttachedDisk, AttachedNic, DiskSpec, Event, EventCause, EventType, Host, NicSpec,
-    Vm, VmSpec, VmState,
+    disk_spec, AttachedDisk, AttachedNic, CachedImage, DiskPersistence, DiskSpec, Event,
+    EventCause, EventType, Host, ImageFormat, ImageRef, NicSpec, Vm, VmSpec, VmState,
 };
 
 /// Shown for an empty value in human output.
@@ -38,6 +38,16 @@ pub fn state_word(state: i32) -> String {
 pub fn event_type_word(t: i32) -> String {
     let name = EventType::try_from(t).ok().map(|t| t.as_str_name());
     word(name, "EVENT_TYPE_", t)
+}
+
+pub fn format_word(format: i32) -> String {
+    let name = ImageFormat::try_from(format).ok().map(|f| f.as_str_name());
+    word(name, "IMAGE_FORMAT_", format)
+}
+
+pub fn persistence_word(p: i32) -> String {
+    let name = DiskPersistence::try_from(p).ok().map(|p| p.as_str_name());
+    word(name, "DISK_PERSISTENCE_", p)
 }
 
 pub fn cause_word(cause: i32) -> String {
@@ -66,6 +76,12 @@ fn or_none(s: &str) -> String {
     }
 }
 
+/// The first `n` characters of a checksum: enough to tell images apart in
+/// human output (JSON always has the whole).
+fn short(sha256: &str, n: usize) -> String {
+    sha256.chars().take(n).collect()
+}
+
 /// A word for human output, with "-" for "unspecified".
 fn or_none_word(word: String) -> String {
     if word == "unspecified" {
@@ -77,23 +93,48 @@ fn or_none_word(word: String) -> String {
 
 // ---- VMs ----
 
+fn image_ref_json(i: &ImageRef) -> Value {
+    json!({
+        "url": i.url,
+        "sha256": i.sha256,
+        "format": format_word(i.format),
+        "endorser": i.endorser,
+    })
+}
+
+/// A disk of the spec: its one source key (`pdisk_volume`, `file` or
+/// `image`); image disks also have `size_bytes` and `persistence`, which
+/// apply to them only.
 fn disk_spec_json(d: &DiskSpec) -> Value {
     let mut j = json!({ "read_only": d.read_only, "boot_index": d.boot_index });
     match &d.source {
         Some(disk_spec::Source::PdiskVolume(v)) => j["pdisk_volume"] = json!(v),
         Some(disk_spec::Source::File(f)) => j["file"] = json!(f),
+        Some(disk_spec::Source::Image(i)) => {
+            j["image"] = image_ref_json(i);
+            j["size_bytes"] = json!(d.size_bytes);
+            j["persistence"] = json!(persistence_word(d.persistence));
+        }
         None => {}
     }
     j
 }
 
-/// A disk source as the command line and AttachedDisk.source write it.
+/// A disk source as the command line and AttachedDisk.source write it; an
+/// image as its URL and the start of its checksum.
 fn disk_source_text(d: &DiskSpec) -> String {
     match &d.source {
         Some(disk_spec::Source::PdiskVolume(v)) => format!("pdisk:{v}"),
         Some(disk_spec::Source::File(f)) => format!("file:{f}"),
+        Some(disk_spec::Source::Image(i)) => {
+            format!("image:{} sha256={}", i.url, short(&i.sha256, 12))
+        }
         None => NONE.to_owned(),
     }
+}
+
+fn is_image(d: &DiskSpec) -> bool {
+    matches!(d.source, Some(disk_spec::Source::Image(_)))
 }
 
 fn nic_spec_json(n: &NicSpec) -> Value {
@@ -178,9 +219,16 @@ fn vlan_text(vlan: u32) -> String {
 }
 
 /// Disks as the spec asks for them, beside what was attached (in spec order)
-/// while the VM runs.
+/// while the VM runs. A VM with image disks gets two more columns: the
+/// disk's size ("image" for the image's own) and its persistence.
 fn disks_table(spec: &[DiskSpec], attached: &[AttachedDisk]) -> String {
-    let mut t = Table::new(["DEVICE", "SOURCE", "MODE", "BOOT", "ATTACHMENT"]);
+    let images = spec.iter().any(is_image);
+    let mut header = vec!["DEVICE", "SOURCE", "MODE", "BOOT"];
+    if images {
+        header.extend(["SIZE", "PERSISTENCE"]);
+    }
+    header.push("ATTACHMENT");
+    let mut t = Table::new(header);
     for i in 0..spec.len().max(attached.len()) {
         let (s, a) = (spec.get(i), attached.get(i));
         let source = match (s, a) {
@@ -190,7 +238,7 @@ fn disks_table(spec: &[DiskSpec], attached: &[AttachedDisk]) -> String {
         };
         let read_only = s.map(|s| s.read_only).or(a.map(|a| a.read_only));
         let boot = s.map_or(0, |s| s.boot_index);
-        t.row([
+        let mut row = vec![
             a.map_or(NONE.to_owned(), |a| or_none(&a.device)),
             source,
             if read_only == Some(true) { "ro" } else { "rw" }.to_owned(),
@@ -199,8 +247,20 @@ fn disks_table(spec: &[DiskSpec], attached: &[AttachedDisk]) -> String {
             } else {
                 boot.to_string()
             },
-            a.map_or(NONE.to_owned(), |a| or_none(&a.attachment)),
-        ]);
+        ];
+        if images {
+            match s.filter(|s| is_image(s)) {
+                Some(s) if s.size_bytes == 0 => row.push("image".to_owned()),
+                Some(s) => row.push(size(s.size_bytes)),
+                None => row.push(NONE.to_owned()),
+            }
+            row.push(
+                s.filter(|s| is_image(s))
+                    .map_or(NONE.to_owned(), |s| persistence_word(s.persistence)),
+            );
+        }
+        row.push(a.map_or(NONE.to_owned(), |a| or_none(&a.attachment)));
+        t.row(row);
     }
     t.render()
 }
@@ -338,11 +398,17 @@ pub fn event_json(e: &Event) -> Value {
         "state": state_word(e.state),
         "cause": cause_word(e.cause),
         "detail": e.detail,
+        "image_sha256": e.image_sha256,
+        "bytes": e.bytes,
+        "total_bytes": e.total_bytes,
     })
 }
 
 /// One event on one line: `SEQ TIME VM TYPE STATE cause=CAUSE detail`, with
 /// `-` for what is missing, so `awk` finds the same column on every line.
+/// Image events (which have no VM when they come from `image pull`) add
+/// `image=SHA` (its first 12 digits) and `DONE/TOTAL` bytes ("?" for an
+/// unknown total) before the detail.
 pub fn event_line(e: &Event) -> String {
     let vm = if e.vm_name.is_empty() {
         or_none(&e.vm_uuid)
@@ -357,6 +423,17 @@ pub fn event_line(e: &Event) -> String {
         or_none_word(state_word(e.state)),
         or_none_word(cause_word(e.cause)),
     );
+    if !e.image_sha256.is_empty() {
+        line.push_str(&format!(" image={}", short(&e.image_sha256, 12)));
+    }
+    if e.bytes != 0 || e.total_bytes != 0 {
+        let total = if e.total_bytes == 0 {
+            "?".to_owned()
+        } else {
+            size(e.total_bytes)
+        };
+        line.push_str(&format!(" {}/{total}", size(e.bytes)));
+    }
     let detail = one_line(&e.detail);
     if !detail.is_empty() {
         line.push(' ');
@@ -364,6 +441,118 @@ pub fn event_line(e: &Event) -> String {
     }
     line.push('\n');
     line
+}
+
+// ---- images ----
+
+pub fn cached_image_json(c: &CachedImage) -> Value {
+    json!({
+        "sha256": c.sha256,
+        "url": c.url,
+        "size_bytes": c.size_bytes,
+        "format": c.format,
+        "location": c.location,
+        "volume": c.volume,
+        "users": c.users,
+        "last_used": c.last_used,
+    })
+}
+
+pub fn images_json(cs: &[CachedImage]) -> Value {
+    json!({ "images": cs.iter().map(cached_image_json).collect::<Vec<_>>() })
+}
+
+/// Where a copy of an image is, in words: "the local cache", "pdisk volume X".
+fn location_text(c: &CachedImage) -> String {
+    match c.location.as_str() {
+        "local" => "the local cache".to_owned(),
+        "pdisk" if c.volume.is_empty() => "pdisk".to_owned(),
+        "pdisk" => format!("pdisk volume {}", c.volume),
+        "" => "an unknown place".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// One cached image in full (`image pull`).
+pub fn image_view(c: &CachedImage) -> String {
+    let users = match (c.location.as_str(), c.users) {
+        ("pdisk", 1) => "clone",
+        ("pdisk", _) => "clones",
+        (_, 1) => "guest",
+        _ => "guests",
+    };
+    fields(&[
+        ("sha256", or_none(&c.sha256)),
+        ("url", or_none(&c.url)),
+        ("location", or_none(&c.location)),
+        ("volume", or_none(&c.volume)),
+        ("size", size(c.size_bytes)),
+        ("format", or_none(&c.format)),
+        ("users", format!("{} {users}", c.users)),
+        ("last used", or_none(&c.last_used)),
+    ])
+}
+
+/// `image list`: one row per copy (an image both cached here and imported
+/// into pdisk has two), the URL last as the widest column.
+pub fn images_table(cs: &[CachedImage]) -> String {
+    let mut t = Table::new([
+        "SHA256",
+        "LOCATION",
+        "VOLUME",
+        "SIZE",
+        "FORMAT",
+        "USERS",
+        "LAST USED",
+        "URL",
+    ]);
+    for c in cs {
+        t.row([
+            or_none(&short(&c.sha256, 16)),
+            or_none(&c.location),
+            or_none(&c.volume),
+            size(c.size_bytes),
+            or_none(&c.format),
+            c.users.to_string(),
+            or_none(&c.last_used),
+            or_none(&c.url),
+        ]);
+    }
+    t.render()
+}
+
+/// `image rm`: the checksum asked for and the copies removed.
+pub fn evicted_json(sha256: &str, evicted: &[CachedImage]) -> Value {
+    json!({
+        "sha256": sha256,
+        "evicted": evicted.iter().map(cached_image_json).collect::<Vec<_>>(),
+    })
+}
+
+/// `image rm`: one line per copy removed.
+pub fn evicted_text(sha256: &str, evicted: &[CachedImage]) -> String {
+    if evicted.is_empty() {
+        return format!(
+            "Nothing evicted: image {} is not cached.\n",
+            short(sha256, 16)
+        );
+    }
+    evicted
+        .iter()
+        .map(|c| {
+            let sha = if c.sha256.is_empty() {
+                sha256
+            } else {
+                &c.sha256
+            };
+            format!(
+                "Evicted image {} from {} ({}).\n",
+                short(sha, 16),
+                location_text(c),
+                size(c.size_bytes)
+            )
+        })
+        .collect()
 }
 
 // ---- host ----
@@ -431,11 +620,13 @@ mod tests {
                         source: Some(disk_spec::Source::PdiskVolume("web1-root".into())),
                         read_only: false,
                         boot_index: 1,
+                        ..DiskSpec::default()
                     },
                     DiskSpec {
                         source: Some(disk_spec::Source::File("/srv/seed.iso".into())),
                         read_only: true,
                         boot_index: 0,
+                        ..DiskSpec::default()
                     },
                 ],
                 nics: vec![NicSpec {
@@ -649,6 +840,7 @@ mod tests {
             state: VmState::Starting as i32,
             cause: EventCause::Api as i32,
             detail: "vda pdisk:web1-root\nvia iscsi".into(),
+            ..Event::default()
         };
         assert_eq!(
             event_line(&e),
@@ -671,6 +863,233 @@ mod tests {
             "42 2026-11-02T10:00:00.123456Z 6f96 adopted - cause=reconciliation\n"
         );
         assert_eq!(event_json(&e)["state"], "unspecified");
+    }
+
+    const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    fn image_vm() -> Vm {
+        let mut v = vm();
+        let disks = &mut v.spec.as_mut().unwrap().disks;
+        disks[0] = DiskSpec {
+            source: Some(disk_spec::Source::Image(ImageRef {
+                url: "https://img.example/deb.qcow2".into(),
+                sha256: SHA.into(),
+                format: ImageFormat::Qcow2 as i32,
+                endorser: "ops".into(),
+            })),
+            read_only: false,
+            boot_index: 1,
+            size_bytes: 10 << 30,
+            persistence: DiskPersistence::Clone as i32,
+        };
+        disks.push(DiskSpec {
+            source: Some(disk_spec::Source::Image(ImageRef {
+                url: "file:///srv/a.raw".into(),
+                sha256: SHA.into(),
+                format: ImageFormat::Auto as i32,
+                endorser: String::new(),
+            })),
+            persistence: DiskPersistence::Local as i32,
+            ..DiskSpec::default()
+        });
+        v.disks[0].source = format!("image:{SHA}");
+        v
+    }
+
+    #[test]
+    fn image_disks_show_url_checksum_size_and_persistence() {
+        let text = vm_view(&image_vm());
+        let tables: Vec<&str> = text.split("\n\n").collect();
+        assert_eq!(
+            tables[1],
+            "DEVICE  SOURCE                                                   MODE  BOOT  SIZE   \
+             PERSISTENCE  ATTACHMENT\n\
+             vda     image:https://img.example/deb.qcow2 sha256=9f86d081884c  rw    1     10G    \
+             clone        iscsi://127.0.0.1:3260/iqn.2026-11.io.stratus:web1-root/1\n\
+             -       file:/srv/seed.iso                                       ro    -     -      \
+             -            -\n\
+             -       image:file:///srv/a.raw sha256=9f86d081884c              rw    -     image  \
+             local        -"
+        );
+        // Without image disks, the table keeps its five columns.
+        assert!(vm_view(&vm()).contains("\nDEVICE  SOURCE              MODE  BOOT  ATTACHMENT\n"));
+
+        let j = vm_json(&image_vm());
+        let d = &j["spec"]["disks"][0];
+        assert_eq!(d["image"]["url"], "https://img.example/deb.qcow2");
+        assert_eq!(d["image"]["sha256"], SHA, "whole in JSON");
+        assert_eq!(d["image"]["format"], "qcow2");
+        assert_eq!(d["image"]["endorser"], "ops");
+        assert_eq!(d["size_bytes"], 10u64 << 30);
+        assert_eq!(d["persistence"], "clone");
+        assert_eq!(d["boot_index"], 1);
+        assert_eq!(d.get("pdisk_volume"), None);
+        let d = &j["spec"]["disks"][2];
+        assert_eq!(d["image"]["format"], "auto");
+        assert_eq!(d["size_bytes"], 0);
+        assert_eq!(d["persistence"], "local");
+        let d = &j["spec"]["disks"][1];
+        assert_eq!(d["file"], "/srv/seed.iso");
+        assert_eq!(d.get("persistence"), None, "image disks only");
+        assert_eq!(j["disks"][0]["source"], format!("image:{SHA}"));
+        assert_eq!(format_word(7), "unknown(7)");
+        assert_eq!(persistence_word(DiskPersistence::Local as i32), "local");
+    }
+
+    fn images() -> Vec<CachedImage> {
+        vec![
+            CachedImage {
+                sha256: SHA.into(),
+                url: "https://img.example/deb.qcow2".into(),
+                size_bytes: 2 << 30,
+                format: "qcow2".into(),
+                location: "local".into(),
+                volume: String::new(),
+                users: 2,
+                last_used: "2026-11-02T10:00:00Z".into(),
+            },
+            CachedImage {
+                sha256: SHA.into(),
+                url: String::new(),
+                size_bytes: 2 << 30,
+                format: "raw".into(),
+                location: "pdisk".into(),
+                volume: "image-9f86d081884c".into(),
+                users: 0,
+                last_used: "2026-11-01T09:00:00Z".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn images_list_as_a_table_and_json() {
+        assert_eq!(
+            images_table(&images()),
+            "SHA256            LOCATION  VOLUME              SIZE  FORMAT  USERS  \
+             LAST USED             URL\n\
+             9f86d081884c7d65  local     -                   2G    qcow2   2      \
+             2026-11-02T10:00:00Z  https://img.example/deb.qcow2\n\
+             9f86d081884c7d65  pdisk     image-9f86d081884c  2G    raw     0      \
+             2026-11-01T09:00:00Z  -\n"
+        );
+        assert_eq!(
+            images_table(&[]),
+            "SHA256  LOCATION  VOLUME  SIZE  FORMAT  USERS  LAST USED  URL\n"
+        );
+        let j = images_json(&images());
+        assert_eq!(j["images"][0]["sha256"], SHA);
+        assert_eq!(j["images"][0]["size_bytes"], 2u64 << 30);
+        assert_eq!(j["images"][0]["users"], 2);
+        assert_eq!(j["images"][1]["volume"], "image-9f86d081884c");
+        assert_eq!(j["images"][1]["location"], "pdisk");
+        assert_eq!(j["images"][1]["last_used"], "2026-11-01T09:00:00Z");
+    }
+
+    #[test]
+    fn a_pulled_image_shows_in_full() {
+        let [local, pdisk] = images().try_into().unwrap();
+        let text = image_view(&local);
+        assert_eq!(
+            text,
+            format!(
+                "sha256:     {SHA}\n\
+                 url:        https://img.example/deb.qcow2\n\
+                 location:   local\n\
+                 volume:     -\n\
+                 size:       2G\n\
+                 format:     qcow2\n\
+                 users:      2 guests\n\
+                 last used:  2026-11-02T10:00:00Z\n"
+            )
+        );
+        let text = image_view(&pdisk);
+        assert!(text.contains("volume:     image-9f86d081884c\n"), "{text}");
+        assert!(text.contains("users:      0 clones\n"), "{text}");
+        let one = CachedImage { users: 1, ..pdisk };
+        assert!(image_view(&one).contains("users:      1 clone\n"));
+        assert_eq!(cached_image_json(&local)["format"], "qcow2");
+    }
+
+    #[test]
+    fn evictions_print_one_line_per_copy() {
+        let mut evicted = images();
+        evicted[1].sha256.clear();
+        assert_eq!(
+            evicted_text(SHA, &evicted),
+            "Evicted image 9f86d081884c7d65 from the local cache (2G).\n\
+             Evicted image 9f86d081884c7d65 from pdisk volume image-9f86d081884c (2G).\n"
+        );
+        assert_eq!(
+            evicted_text(SHA, &[]),
+            "Nothing evicted: image 9f86d081884c7d65 is not cached.\n"
+        );
+        let j = evicted_json(SHA, &evicted);
+        assert_eq!(j["sha256"], SHA);
+        assert_eq!(j["evicted"][0]["location"], "local");
+        assert_eq!(j["evicted"][1]["volume"], "image-9f86d081884c");
+        assert_eq!(evicted_json(SHA, &[])["evicted"], json!([]));
+    }
+
+    #[test]
+    fn image_events_show_checksum_and_progress() {
+        let mut e = Event {
+            seq: 7,
+            time: "2026-11-02T10:00:00.000001Z".into(),
+            r#type: EventType::ImagePullProgress as i32,
+            cause: EventCause::Api as i32,
+            detail: "https://img.example/deb.qcow2".into(),
+            image_sha256: SHA.into(),
+            bytes: 512 << 20,
+            total_bytes: 2 << 30,
+            ..Event::default()
+        };
+        assert_eq!(
+            event_line(&e),
+            "7 2026-11-02T10:00:00.000001Z - image_pull_progress - cause=api \
+             image=9f86d081884c 512M/2G https://img.example/deb.qcow2\n"
+        );
+        let j = event_json(&e);
+        assert_eq!(j["type"], "image_pull_progress");
+        assert_eq!(j["image_sha256"], SHA);
+        assert_eq!(j["bytes"], 512u64 << 20);
+        assert_eq!(j["total_bytes"], 2u64 << 30);
+        assert_eq!(j["vm_name"], "");
+
+        e.total_bytes = 0;
+        e.bytes = 1536 << 20;
+        assert!(
+            event_line(&e).contains(" image=9f86d081884c 1.5G/? "),
+            "unknown total: {}",
+            event_line(&e)
+        );
+        e.bytes = 0;
+        e.r#type = EventType::ImagePullStarted as i32;
+        e.vm_name = "web1".into();
+        e.state = VmState::Starting as i32;
+        assert_eq!(
+            event_line(&e),
+            "7 2026-11-02T10:00:00.000001Z web1 image_pull_started starting cause=api \
+             image=9f86d081884c https://img.example/deb.qcow2\n"
+        );
+        for (t, word) in [
+            (EventType::ImageCached, "image_cached"),
+            (EventType::ImagePullFailed, "image_pull_failed"),
+            (EventType::ImageEvicted, "image_evicted"),
+            (EventType::ImageImported, "image_imported"),
+        ] {
+            e.r#type = t as i32;
+            assert!(event_line(&e).contains(&format!(" {word} ")), "{word}");
+            assert_eq!(event_json(&e)["type"], word);
+        }
+        // Other events: no image fields on the line, zeros in JSON.
+        let plain = Event {
+            seq: 8,
+            r#type: EventType::Running as i32,
+            ..Event::default()
+        };
+        assert_eq!(event_line(&plain), "8 - - running - cause=-\n");
+        assert_eq!(event_json(&plain)["image_sha256"], "");
+        assert_eq!(event_json(&plain)["bytes"], 0);
     }
 
     #[test]

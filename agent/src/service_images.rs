@@ -1,0 +1,500 @@
+//! Image disks and the two image caches, seen from the guest service.
+//!
+//! - `clone` disks (the default): the image is imported once into a pdisk
+//!   base volume labelled with its checksum (`LABEL_SHA256`); each guest disk
+//!   is a pdisk clone of it, owned by the guest and deleted with it. Imports
+//!   of one checksum are serialized by a per-checksum lock, so concurrent
+//!   launches import once and the others wait, then find the base.
+//! - `local` disks: the image is fetched once into this host's verified
+//!   cache; each guest disk is a qcow2 overlay on it in the guest's
+//!   directory. The guest pins the image until it is destroyed, so eviction
+//!   never takes an image a guest's overlay needs.
+//!
+//! Every pull is journaled: IMAGE_PULL_STARTED, IMAGE_PULL_PROGRESS (every
+//! tenth of the image, or 64 MiB when the size is unknown), IMAGE_CACHED or
+//! IMAGE_PULL_FAILED, IMAGE_IMPORTED for a new base volume, IMAGE_EVICTED.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use stratus_proto::pdisk::v1 as pdpb;
+use uuid::Uuid;
+
+use super::{status_error, Agent};
+use crate::images::{CachedImageInfo, ImageRef, PulledImage};
+use crate::spec::{Cause, DiskSource, EventType, ImageSpec};
+use crate::store::{NewEvent, OwnedVolume, VmRecord};
+use pdisk::error::{Error, Result};
+
+/// The label that marks a pdisk base volume as image `<sha256>`.
+pub const LABEL_SHA256: &str = "stratus.io/image-sha256";
+/// The label that marks a guest's clone with its VM's UUID.
+pub const LABEL_VM: &str = "stratus.io/vm";
+
+/// An image in one of the caches, as ListImages reports it.
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub sha256: String,
+    pub url: String,
+    pub size: u64,
+    pub format: String,
+    /// "local" or "pdisk"
+    pub location: String,
+    pub volume: String,
+    pub users: u32,
+    pub last_used: String,
+}
+
+fn local_info(i: &CachedImageInfo) -> ImageInfo {
+    ImageInfo {
+        sha256: i.image.sha256.to_string(),
+        url: i.url.clone(),
+        size: i.image.size,
+        format: match i.image.format {
+            pdisk::backend::ImageFormat::Raw => "raw".into(),
+            pdisk::backend::ImageFormat::Qcow2 => "qcow2".into(),
+        },
+        location: "local".into(),
+        volume: String::new(),
+        users: i.pins as u32,
+        last_used: humantime::format_rfc3339_seconds(i.last_used).to_string(),
+    }
+}
+
+impl Agent {
+    fn journal_host(&self, events: &[NewEvent]) {
+        match self.store.record_host(events) {
+            Ok(evs) => {
+                for e in evs {
+                    tracing::info!(seq = e.seq, event = ?e.kind, image = %e.image_sha256,
+                        detail = %e.detail, "event");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "journaling image events"),
+        }
+    }
+
+    /// Fetches (or finds) `image` in the local cache, journaling the pull.
+    pub(super) async fn pull_local(&self, image: &ImageRef, cause: Cause) -> Result<PulledImage> {
+        let sha = image.sha256().to_string();
+        let started = std::sync::atomic::AtomicBool::new(false);
+        let mut next_report = 0u64;
+        let progress = |done: u64, total: u64| {
+            if !started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                self.journal_host(&[NewEvent::image(
+                    EventType::ImagePullStarted,
+                    cause,
+                    &sha,
+                    image.url().to_string(),
+                    0,
+                    total,
+                )]);
+            }
+            if done >= next_report {
+                let step = if total > 0 {
+                    (total / 10).max(1)
+                } else {
+                    64 << 20
+                };
+                next_report = done + step;
+                self.journal_host(&[NewEvent::image(
+                    EventType::ImagePullProgress,
+                    cause,
+                    &sha,
+                    "",
+                    done,
+                    total,
+                )]);
+            }
+        };
+        match self.images.get_or_fetch(image, progress).await {
+            Ok(pulled) => {
+                if pulled.downloaded {
+                    let mut evs = vec![NewEvent::image(
+                        EventType::ImageCached,
+                        cause,
+                        &sha,
+                        pulled.image.path.display().to_string(),
+                        pulled.image.size,
+                        pulled.image.size,
+                    )];
+                    for e in &pulled.evicted {
+                        evs.push(NewEvent::image(
+                            EventType::ImageEvicted,
+                            Cause::Host,
+                            e.sha256.as_str(),
+                            format!("quota: {}", e.url),
+                            e.size,
+                            e.size,
+                        ));
+                    }
+                    self.journal_host(&evs);
+                }
+                Ok(pulled)
+            }
+            Err(e) => {
+                self.journal_host(&[NewEvent::image(
+                    EventType::ImagePullFailed,
+                    cause,
+                    &sha,
+                    e.to_string(),
+                    0,
+                    0,
+                )]);
+                Err(e)
+            }
+        }
+    }
+
+    /// The pdisk base volume of `image`, importing it once if needed.
+    /// Returns the base's UUID.
+    pub(super) async fn pdisk_base(&self, image: &ImageRef, cause: Cause) -> Result<String> {
+        let sha = image.sha256().to_string();
+        let flight = self
+            .base_flights
+            .lock()
+            .unwrap()
+            .entry(sha.clone())
+            .or_default()
+            .clone();
+        let _only_one = flight.lock().await;
+        if let Some(v) = self.find_base(&sha).await? {
+            return Ok(v.uuid);
+        }
+        let pulled = self.pull_local(image, cause).await?;
+        let name = format!("image-{}", &sha[..16]);
+        let format = match pulled.image.format {
+            pdisk::backend::ImageFormat::Raw => pdpb::ImageFormat::Raw,
+            pdisk::backend::ImageFormat::Qcow2 => pdpb::ImageFormat::Qcow2,
+        };
+        let header = pdpb::UploadHeader {
+            name: name.clone(),
+            size_bytes: 0,
+            labels: HashMap::from([(LABEL_SHA256.to_string(), sha.clone())]),
+            format: format as i32,
+            content_length: pulled.image.size,
+            request_id: String::new(),
+        };
+        let path = pulled.image.path.clone();
+        let stream = async_stream::stream! {
+            use tokio::io::AsyncReadExt;
+            yield pdpb::UploadVolumeRequest {
+                part: Some(pdpb::upload_volume_request::Part::Header(header)),
+            };
+            let Ok(mut f) = tokio::fs::File::open(&path).await else {
+                return;
+            };
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = match f.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                yield pdpb::UploadVolumeRequest {
+                    part: Some(pdpb::upload_volume_request::Part::Data(buf[..n].to_vec())),
+                };
+            }
+        };
+        let mut c = self.pdisk()?;
+        let v = match c.upload_volume(stream).await {
+            Ok(v) => v.into_inner(),
+            // Another host imported it meanwhile.
+            Err(s) if s.code() == tonic::Code::AlreadyExists => match self.find_base(&sha).await? {
+                Some(v) => return Ok(v.uuid),
+                None => return Err(status_error(s, &format!("importing image {sha}"))),
+            },
+            Err(s) => {
+                return Err(status_error(
+                    s,
+                    &format!("importing image {sha} into pdisk"),
+                ))
+            }
+        };
+        drop(pulled);
+        self.journal_host(&[NewEvent::image(
+            EventType::ImageImported,
+            cause,
+            &sha,
+            format!("pdisk base volume {}", v.name),
+            v.size_bytes,
+            v.size_bytes,
+        )]);
+        Ok(v.uuid)
+    }
+
+    async fn find_base(&self, sha: &str) -> Result<Option<pdpb::Volume>> {
+        let mut c = self.pdisk()?;
+        let vols = c
+            .list_volumes(pdpb::ListVolumesRequest {
+                label_selector: HashMap::from([(LABEL_SHA256.to_string(), sha.to_string())]),
+            })
+            .await
+            .map_err(|s| status_error(s, "looking up image bases in pdisk"))?
+            .into_inner()
+            .volumes;
+        Ok(vols.into_iter().find(|v| {
+            v.state == pdpb::VolumeState::Ready as i32 && !v.labels.contains_key(LABEL_VM)
+        }))
+    }
+
+    /// Turns an image disk of `vm` into what QEMU attaches: a pdisk clone
+    /// (made once, recorded as owned before use) or a local overlay.
+    pub(super) async fn image_disk(
+        &self,
+        vm: &mut VmRecord,
+        device: &str,
+        image: &ImageSpec,
+        size: u64,
+        local: bool,
+    ) -> Result<DiskSource> {
+        let r = image.to_ref()?;
+        if local {
+            let overlay = self.vm_dir(vm.uuid).join(format!("{device}.qcow2"));
+            if !overlay.exists() {
+                let pulled = self.pull_local(&r, Cause::Api).await?;
+                crate::images::overlay(
+                    self.runner.as_ref(),
+                    &pulled.image.path,
+                    pulled.image.format,
+                    &overlay,
+                    (size > 0).then_some(size),
+                )
+                .await?;
+                self.pins
+                    .lock()
+                    .unwrap()
+                    .entry(vm.uuid)
+                    .or_default()
+                    .push(pulled.pin);
+            }
+            return Ok(DiskSource::File(overlay));
+        }
+        if let Some(o) = vm.owned_volumes.iter().find(|o| o.device == device) {
+            return Ok(DiskSource::Pdisk(o.volume.clone()));
+        }
+        let base = self.pdisk_base(&r, Cause::Api).await?;
+        let mut c = self.pdisk()?;
+        let clone = c
+            .clone_volume(pdpb::CloneVolumeRequest {
+                source: base,
+                source_is_snapshot: false,
+                name: format!("vm-{}-{device}", &vm.uuid.simple().to_string()[..12]),
+                labels: HashMap::from([
+                    (LABEL_VM.to_string(), vm.uuid.to_string()),
+                    ("stratus.io/from-image".to_string(), r.sha256().to_string()),
+                ]),
+                size_bytes: size,
+                request_id: String::new(),
+            })
+            .await
+            .map_err(|s| status_error(s, &format!("cloning image {} for {device}", r.sha256())))?
+            .into_inner();
+        vm.owned_volumes.push(OwnedVolume {
+            device: device.to_string(),
+            volume: clone.uuid.clone(),
+        });
+        self.commit(vm, &[])?;
+        Ok(DiskSource::Pdisk(clone.uuid))
+    }
+
+    /// Deletes the pdisk volumes a guest owns (its image clones).
+    pub(super) async fn delete_owned_volumes(&self, vm: &VmRecord) {
+        for o in &vm.owned_volumes {
+            let Ok(mut c) = self.pdisk() else { return };
+            match c
+                .delete_volume(pdpb::DeleteVolumeRequest {
+                    volume: o.volume.clone(),
+                })
+                .await
+            {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => {
+                    tracing::warn!(vm = %vm.spec.name, volume = %o.volume, error = %s.message(),
+                    "could not delete the guest's image clone; pdisk keeps it")
+                }
+            }
+        }
+    }
+
+    /// Pins the cached images of `vm`'s local image disks again (at start,
+    /// after a restart lost the in-memory pins).
+    pub(super) fn repin(&self, vm: &VmRecord) {
+        for (i, d) in vm.spec.disks.iter().enumerate() {
+            if let DiskSource::Image {
+                image, local: true, ..
+            } = &d.source
+            {
+                let overlay = self
+                    .vm_dir(vm.uuid)
+                    .join(format!("vd{}.qcow2", (b'a' + i as u8) as char));
+                if !overlay.exists() {
+                    continue;
+                }
+                if let Ok(r) = image.to_ref() {
+                    match self.images.pin(r.sha256()) {
+                        Ok(p) => self
+                            .pins
+                            .lock()
+                            .unwrap()
+                            .entry(vm.uuid)
+                            .or_default()
+                            .push(p),
+                        Err(e) => tracing::warn!(vm = %vm.spec.name, error = %e,
+                            "a local disk's base image is no longer cached"),
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn unpin(&self, vm: Uuid) {
+        self.pins.lock().unwrap().remove(&vm);
+    }
+
+    // ---------- the image API ----------
+
+    pub async fn pull_image(&self, image: ImageSpec, to_pdisk: bool) -> Result<ImageInfo> {
+        let r = image.to_ref()?;
+        let pulled = self.pull_local(&r, Cause::Api).await?;
+        let mut info = self
+            .images
+            .list()
+            .iter()
+            .find(|i| i.image.sha256 == pulled.image.sha256)
+            .map(local_info)
+            .ok_or_else(|| Error::internal("pulled image vanished from the cache"))?;
+        drop(pulled);
+        if to_pdisk {
+            let base = self.pdisk_base(&r, Cause::Api).await?;
+            info.location = "pdisk".into();
+            info.volume = base;
+        }
+        Ok(info)
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<ImageInfo>> {
+        let mut out: Vec<ImageInfo> = self.images.list().iter().map(local_info).collect();
+        if self.pdisk.is_some() {
+            let mut c = self.pdisk()?;
+            let vols = c
+                .list_volumes(pdpb::ListVolumesRequest::default())
+                .await
+                .map_err(|s| status_error(s, "listing pdisk volumes"))?
+                .into_inner()
+                .volumes;
+            for b in vols.iter().filter(|v| !v.labels.contains_key(LABEL_VM)) {
+                let Some(sha) = b.labels.get(LABEL_SHA256) else {
+                    continue;
+                };
+                let users = vols
+                    .iter()
+                    .filter(|v| v.source == format!("volume:{}", b.uuid))
+                    .count() as u32;
+                out.push(ImageInfo {
+                    sha256: sha.clone(),
+                    url: String::new(),
+                    size: b.size_bytes,
+                    format: "raw".into(),
+                    location: "pdisk".into(),
+                    volume: b.name.clone(),
+                    users,
+                    last_used: b.created_at.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Evicts `sha256` from the local cache and/or pdisk; refuses an image
+    /// in use (pinned by a guest, or a base with clones).
+    pub async fn evict_image(
+        &self,
+        sha256: &str,
+        local: bool,
+        pdisk: bool,
+    ) -> Result<Vec<ImageInfo>> {
+        let sha = crate::images::Sha256::parse(sha256)?;
+        let mut evicted = Vec::new();
+        if pdisk {
+            if let Some(base) = self.find_base(sha.as_str()).await? {
+                let mut c = self.pdisk()?;
+                let vols = c
+                    .list_volumes(pdpb::ListVolumesRequest::default())
+                    .await
+                    .map_err(|s| status_error(s, "listing pdisk volumes"))?
+                    .into_inner()
+                    .volumes;
+                let clones: Vec<String> = vols
+                    .iter()
+                    .filter(|v| v.source == format!("volume:{}", base.uuid))
+                    .map(|v| v.name.clone())
+                    .collect();
+                if !clones.is_empty() {
+                    return Err(Error::precondition(format!(
+                        "image {sha} is in use: its pdisk base {} has clones ({})",
+                        base.name,
+                        clones.join(", ")
+                    )));
+                }
+                c.delete_volume(pdpb::DeleteVolumeRequest {
+                    volume: base.uuid.clone(),
+                })
+                .await
+                .map_err(|s| status_error(s, &format!("deleting base volume {}", base.name)))?;
+                self.journal_host(&[NewEvent::image(
+                    EventType::ImageEvicted,
+                    Cause::Api,
+                    sha.as_str(),
+                    format!("pdisk base volume {}", base.name),
+                    base.size_bytes,
+                    base.size_bytes,
+                )]);
+                evicted.push(ImageInfo {
+                    sha256: sha.to_string(),
+                    url: String::new(),
+                    size: base.size_bytes,
+                    format: "raw".into(),
+                    location: "pdisk".into(),
+                    volume: base.name,
+                    users: 0,
+                    last_used: String::new(),
+                });
+            }
+        }
+        if local && self.images.list().iter().any(|i| i.image.sha256 == sha) {
+            let e = self.images.evict(&sha)?;
+            self.journal_host(&[NewEvent::image(
+                EventType::ImageEvicted,
+                Cause::Api,
+                sha.as_str(),
+                format!("local cache: {}", e.url),
+                e.size,
+                e.size,
+            )]);
+            evicted.push(ImageInfo {
+                sha256: sha.to_string(),
+                url: e.url,
+                size: e.size,
+                format: String::new(),
+                location: "local".into(),
+                volume: String::new(),
+                users: 0,
+                last_used: String::new(),
+            });
+        }
+        if evicted.is_empty() {
+            return Err(Error::not_found(format!("image {sha} is not cached")));
+        }
+        Ok(evicted)
+    }
+}
+
+/// Where cached images live under the agent's state dir.
+pub fn cache_dir(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("images")
+}
+
+/// Kept for the guest service: per-checksum import locks.
+pub type BaseFlights = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
