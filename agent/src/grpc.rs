@@ -70,6 +70,10 @@ fn event_type_pb(t: EventType) -> pb::EventType {
         EventType::ImagePullFailed => pb::EventType::ImagePullFailed,
         EventType::ImageEvicted => pb::EventType::ImageEvicted,
         EventType::ImageImported => pb::EventType::ImageImported,
+        EventType::ImageSaveStarted => pb::EventType::ImageSaveStarted,
+        EventType::ImageSaveProgress => pb::EventType::ImageSaveProgress,
+        EventType::ImageSaved => pb::EventType::ImageSaved,
+        EventType::ImageSaveFailed => pb::EventType::ImageSaveFailed,
     }
 }
 
@@ -533,6 +537,18 @@ impl VmService for Api {
             .map(image_pb)
             .collect();
         Ok(Response::new(pb::EvictImageResponse { evicted }))
+    }
+
+    async fn save_image(
+        &self,
+        req: Request<pb::SaveImageRequest>,
+    ) -> Result<Response<pb::SaveImageResponse>, Status> {
+        let r = req.into_inner();
+        let volume = self.agent.save_image(&r.vm, &r.device, &r.name).await?;
+        Ok(Response::new(pb::SaveImageResponse {
+            url: format!("pdisk:///{volume}"),
+            volume,
+        }))
     }
 
     async fn get_host(

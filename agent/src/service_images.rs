@@ -27,10 +27,7 @@ use crate::spec::{Cause, DiskSource, EventType, ImageSpec};
 use crate::store::{NewEvent, OwnedVolume, VmRecord};
 use pdisk::error::{Error, Result};
 
-/// The label that marks a pdisk base volume as image `<sha256>`.
-pub const LABEL_SHA256: &str = "stratus.io/image-sha256";
-/// The label that marks a guest's clone with its VM's UUID.
-pub const LABEL_VM: &str = "stratus.io/vm";
+pub use pdisk::types::{LABEL_IMAGE_SHA256 as LABEL_SHA256, LABEL_VM};
 
 /// An image in one of the caches, as ListImages reports it.
 #[derive(Debug, Clone)]
@@ -161,6 +158,12 @@ impl Agent {
         let _only_one = flight.lock().await;
         if let Some(v) = self.find_base(&sha).await? {
             return Ok(v.uuid);
+        }
+        if let crate::images::ImageSource::Pdisk(volume) = image.source() {
+            return Err(Error::not_found(format!(
+                "image {}: no pdisk base volume {volume} with sha256 {sha}",
+                image.url()
+            )));
         }
         let pulled = self.pull_local(image, cause).await?;
         let name = format!("image-{}", &sha[..16]);
@@ -488,6 +491,177 @@ impl Agent {
             return Err(Error::not_found(format!("image {sha} is not cached")));
         }
         Ok(evicted)
+    }
+}
+
+impl Agent {
+    /// Saves disk `device` of stopped guest `vm_ref` as image base volume
+    /// `name`. The snapshot is taken before returning (the image is the disk
+    /// as it is now); the checksum and the detached base follow in the
+    /// background, announced by IMAGE_SAVED (or IMAGE_SAVE_FAILED).
+    pub async fn save_image(
+        self: &Arc<Self>,
+        vm_ref: &str,
+        device: &str,
+        name: &str,
+    ) -> Result<String> {
+        let name: pdisk::types::VolumeName = name.parse()?;
+        let vm = self.store.find_vm(vm_ref)?;
+        let _g = self.lock(vm.uuid).await;
+        let vm = self.store.find_vm(&vm.uuid.to_string())?;
+        if vm.state.is_active() {
+            return Err(Error::precondition(format!(
+                "vm {} is {:?}: stop it before saving its disk",
+                vm.spec.name, vm.state
+            )));
+        }
+        let idx = device
+            .strip_prefix("vd")
+            .and_then(|l| l.bytes().next())
+            .filter(|_| device.len() == 3)
+            .map(|b| b.wrapping_sub(b'a') as usize)
+            .filter(|&i| i < vm.spec.disks.len())
+            .ok_or_else(|| Error::invalid(format!("vm {} has no disk {device:?}", vm.spec.name)))?;
+        let volume = match &vm.spec.disks[idx].source {
+            DiskSource::Pdisk(v) => v.clone(),
+            DiskSource::Image { local: false, .. } => vm
+                .owned_volumes
+                .iter()
+                .find(|o| o.device == device)
+                .map(|o| o.volume.clone())
+                .ok_or_else(|| {
+                    Error::precondition(format!(
+                        "vm {} disk {device} was never started: nothing to save",
+                        vm.spec.name
+                    ))
+                })?,
+            _ => {
+                return Err(Error::precondition(format!(
+                    "vm {} disk {device} is not on pdisk: only pdisk disks can be saved",
+                    vm.spec.name
+                )))
+            }
+        };
+        let mut c = self.pdisk()?;
+        if c.get_volume(pdpb::GetVolumeRequest {
+            volume: name.to_string(),
+        })
+        .await
+        .is_ok()
+        {
+            return Err(Error::exists(format!(
+                "volume {name} already exists in pdisk"
+            )));
+        }
+        let snap_name = format!("save-{}", &Uuid::new_v4().simple().to_string()[..12]);
+        let snap = c
+            .create_snapshot(pdpb::CreateSnapshotRequest {
+                volume,
+                name: snap_name,
+                request_id: String::new(),
+            })
+            .await
+            .map_err(|s| status_error(s, &format!("snapshotting {device} of {}", vm.spec.name)))?
+            .into_inner();
+        self.journal_host(&[NewEvent::image(
+            EventType::ImageSaveStarted,
+            Cause::Api,
+            "",
+            format!("{} {device} -> pdisk:///{name}", vm.spec.name),
+            0,
+            snap.size_bytes,
+        )]);
+        let agent = self.clone();
+        let target = name.to_string();
+        tokio::spawn(async move {
+            let result = agent.finish_save(&snap, &target).await;
+            let mut c = match agent.pdisk() {
+                Ok(c) => c,
+                Err(_) => return,
+            };
+            let _ = c
+                .delete_snapshot(pdpb::DeleteSnapshotRequest {
+                    snapshot: snap.uuid.clone(),
+                })
+                .await;
+            match result {
+                Ok(sha) => agent.journal_host(&[NewEvent::image(
+                    EventType::ImageSaved,
+                    Cause::Api,
+                    &sha,
+                    format!("pdisk:///{target}"),
+                    snap.size_bytes,
+                    snap.size_bytes,
+                )]),
+                Err(e) => agent.journal_host(&[NewEvent::image(
+                    EventType::ImageSaveFailed,
+                    Cause::Api,
+                    "",
+                    format!("pdisk:///{target}: {e}"),
+                    0,
+                    0,
+                )]),
+            }
+        });
+        Ok(name.to_string())
+    }
+
+    /// Checksums the snapshot (journaling progress) and clones it into the
+    /// labelled base volume. Returns the sha256.
+    async fn finish_save(&self, snap: &pdpb::Snapshot, name: &str) -> Result<String> {
+        let mut c = self.pdisk()?;
+        let request_id = format!("save-{}", snap.uuid);
+        let mut watcher = c.clone();
+        let rid = request_id.clone();
+        let total = snap.size_bytes;
+        let progress = async move {
+            if let Ok(s) = watcher
+                .watch_progress(pdpb::WatchProgressRequest { request_id: rid })
+                .await
+            {
+                let mut s = s.into_inner();
+                let mut next = 0u64;
+                while let Ok(Some(p)) = s.message().await {
+                    if p.done_bytes >= next && !p.finished {
+                        next = p.done_bytes + (total / 10).max(1);
+                        self.journal_host(&[NewEvent::image(
+                            EventType::ImageSaveProgress,
+                            Cause::Api,
+                            "",
+                            format!("checksum of pdisk:///{name}"),
+                            p.done_bytes,
+                            p.total_bytes,
+                        )]);
+                    }
+                    if p.finished {
+                        break;
+                    }
+                }
+            }
+        };
+        let sum = async {
+            c.checksum_volume(pdpb::ChecksumVolumeRequest {
+                volume: snap.uuid.clone(),
+                is_snapshot: true,
+                request_id: request_id.clone(),
+            })
+            .await
+            .map_err(|s| status_error(s, "checksumming the saved disk"))
+        };
+        let (sum, ()) = tokio::join!(sum, progress);
+        let sha = sum?.into_inner().sha256;
+        let mut c = self.pdisk()?;
+        c.clone_volume(pdpb::CloneVolumeRequest {
+            source: snap.uuid.clone(),
+            source_is_snapshot: true,
+            name: name.to_string(),
+            labels: HashMap::from([(LABEL_SHA256.to_string(), sha.clone())]),
+            size_bytes: 0,
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|s| status_error(s, &format!("making base volume {name}")))?;
+        Ok(sha)
     }
 }
 

@@ -289,6 +289,10 @@ pub enum EventType {
     ImagePullFailed,
     ImageEvicted,
     ImageImported,
+    ImageSaveStarted,
+    ImageSaveProgress,
+    ImageSaved,
+    ImageSaveFailed,
 }
 
 /// Who or what caused an event.

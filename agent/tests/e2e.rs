@@ -3,6 +3,7 @@
 //! network namespace the test creates, with its own tgtd and pdiskd.
 //! Run by scripts/test (needs root, QEMU, tgt).
 
+use std::os::unix::fs::FileExt;
 use std::time::Duration;
 
 use stratus_proto::agent::v1 as pb;
@@ -1074,4 +1075,87 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
         .events(0)
         .iter()
         .any(|e| e.r#type() == pb::EventType::ImageEvicted && e.image_sha256 == sha));
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn a_saved_disk_becomes_an_image_another_guest_boots_with() {
+    let h = Host::start();
+    // A pdisk volume carrying a marker, written before saving.
+    let url = h.pdiskd.url();
+    let device_path = h.ns.block_on(move || async move {
+        let mut c = VolumeServiceClient::connect(url).await.unwrap();
+        c.create_volume(pdpb::CreateVolumeRequest {
+            name: "data".into(),
+            size_bytes: 16 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .device_path
+    });
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&device_path)
+        .unwrap()
+        .write_all_at(b"STRATUS-MARKER:saved-before\n", 0)
+        .unwrap();
+    let expected_sha = sha256_of(std::path::Path::new(&device_path));
+    let mut src = spec_kernel("src", "", "");
+    src.disks = vec![pb::DiskSpec {
+        source: Some(pb::disk_spec::Source::PdiskVolume("data".into())),
+        ..Default::default()
+    }];
+    let since = h.events(0).last().map(|e| e.seq).unwrap_or(0);
+    let saved = h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest { spec: Some(src) })
+            .await
+            .unwrap();
+        c.save_image(pb::SaveImageRequest {
+            vm: "src".into(),
+            device: "vda".into(),
+            name: "saved-img".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(saved.url, "pdisk:///saved-img");
+    let done = wait_for("IMAGE_SAVED", Duration::from_secs(60), || {
+        h.events(since).into_iter().find(|e| {
+            matches!(
+                e.r#type(),
+                pb::EventType::ImageSaved | pb::EventType::ImageSaveFailed
+            )
+        })
+    });
+    assert_eq!(done.r#type(), pb::EventType::ImageSaved, "{done:?}");
+    assert_eq!(done.image_sha256, expected_sha);
+    assert!(h
+        .events(since)
+        .iter()
+        .any(|e| e.r#type() == pb::EventType::ImageSaveStarted));
+    // Another guest boots with the saved image as a clone disk.
+    let mut dst = spec_kernel("dst", "", "");
+    dst.disks = spec_image("x", &saved.url, &expected_sha, false).disks;
+    dst.disks[0].boot_index = 0;
+    let vm = h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest { spec: Some(dst) })
+            .await
+            .unwrap();
+        c.start_vm(pb::VmRequest { vm: "dst".into() })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    let console = wait_console(
+        std::path::Path::new(&vm.console_log),
+        "STRATUS-GUEST ready",
+        BOOT,
+    );
+    assert!(
+        console.contains("STRATUS-GUEST marker vda=saved-before"),
+        "{console}"
+    );
 }

@@ -367,6 +367,21 @@ impl VolumeService for Api {
         Ok(Response::new(pb::ListExportsResponse { exports }))
     }
 
+    async fn checksum_volume(
+        &self,
+        req: Request<pb::ChecksumVolumeRequest>,
+    ) -> Result<Response<pb::ChecksumVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let c = self
+            .svc
+            .checksum(&r.volume, r.is_snapshot, &r.request_id)
+            .await?;
+        Ok(Response::new(pb::ChecksumVolumeResponse {
+            sha256: c.sha256,
+            size_bytes: c.size,
+        }))
+    }
+
     async fn get_pool(
         &self,
         _req: Request<pb::GetPoolRequest>,

@@ -352,3 +352,67 @@ async fn concurrent_clients_leave_a_consistent_store() {
     let r = f.svc.reconcile().await.unwrap();
     assert!(r.drift.is_empty(), "{r:?}");
 }
+
+#[tokio::test]
+async fn checksum_hashes_holes_as_zeros_and_reports_progress() {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let f = fixture();
+    let v = f.svc.create_volume(empty("v", 24 << 20)).await.unwrap();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v.device_path)
+        .unwrap();
+    // Data at 3 MiB (across a MiB boundary) and at the very end; holes around.
+    file.write_all_at(&[0xa5; 1 << 20], (3 << 20) + 4096)
+        .unwrap();
+    file.write_all_at(b"last bytes", (24 << 20) - 10).unwrap();
+    file.sync_all().unwrap();
+    let whole = |p: &Path| format!("{:x}", Sha256::digest(std::fs::read(p).unwrap()));
+    let expected = whole(&v.device_path);
+
+    let mut rx = f.svc.progress.watch("sum-1").unwrap();
+    let c = f.svc.checksum("v", false, "sum-1").await.unwrap();
+    assert_eq!(c.sha256, expected);
+    assert_eq!(c.size, 24 << 20);
+    let last = rx.borrow_and_update().clone();
+    assert_eq!(last.phase, "checksum");
+    assert!(last.finished && last.error.is_none(), "{last:?}");
+    assert_eq!((last.done, last.total), (24 << 20, 24 << 20));
+
+    // By UUID too; and a snapshot keeps the checksum of its moment.
+    let by_uuid = f
+        .svc
+        .checksum(&v.record.uuid.to_string(), false, "")
+        .await
+        .unwrap();
+    assert_eq!(by_uuid, c);
+    f.svc.create_snapshot("v", "v-s1", "").await.unwrap();
+    file.write_all_at(b"changed", 0).unwrap();
+    let s = f.svc.checksum("v-s1", true, "").await.unwrap();
+    assert_eq!(s, c);
+    let now = f.svc.checksum("v", false, "").await.unwrap();
+    assert_ne!(now.sha256, c.sha256);
+    assert_eq!(now.sha256, whole(&v.device_path));
+}
+
+#[tokio::test]
+async fn checksum_needs_a_ready_object() {
+    let f = fixture();
+    let e = f.svc.checksum("nope", false, "").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    let e = f.svc.checksum("nope", true, "").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    let e = f.svc.checksum("v", false, "bad id!").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    // A volume whose data vanished is marked error by reconciliation.
+    let v = f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    std::fs::remove_file(&v.device_path).unwrap();
+    f.svc.reconcile().await.unwrap();
+    let mut rx = f.svc.progress.watch("sum-2").unwrap();
+    let e = f.svc.checksum("v", false, "sum-2").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.message().contains("volume v is Error"), "{e}");
+    let last = rx.borrow_and_update().clone();
+    assert!(last.finished && last.error.is_some(), "{last:?}");
+}

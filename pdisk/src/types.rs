@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 pub const MIB: u64 = 1 << 20;
+
+/// Label of a base volume made from an image: the image's SHA-256. The agent
+/// sets it when it imports or saves an image; `pdisk image` lists by it.
+pub const LABEL_IMAGE_SHA256: &str = "stratus.io/image-sha256";
+/// Label of a guest's own clone of an image base: the guest's UUID.
+pub const LABEL_VM: &str = "stratus.io/vm";
 pub const GIB: u64 = 1 << 30;
 
 /// A volume or snapshot name: `^[a-z0-9][a-z0-9._-]{0,62}$`.

@@ -707,3 +707,162 @@ async fn reflection_and_health_are_served() {
         tonic_health::pb::health_check_response::ServingStatus::Serving
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn checksum_matches_sha256sum_of_the_backing_file() {
+    let s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    // 64 MiB (hashing is slow in debug builds), mostly holes: data at the
+    // start, across a MiB boundary in the middle, and in the last bytes.
+    let v = create(&mut c, "summed", 64 << 20).await;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v.device_path)
+        .unwrap();
+    f.write_all_at(&[0x11; 4096], 0).unwrap();
+    f.write_all_at(&vec![0x22; 3 << 20], (40 << 20) - 12345)
+        .unwrap();
+    f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+    f.sync_all().unwrap();
+    let summer = c.clone();
+    let sum = |volume: &str, is_snapshot: bool, request_id: &str| {
+        let mut c = summer.clone();
+        let req = pb::ChecksumVolumeRequest {
+            volume: volume.into(),
+            is_snapshot,
+            request_id: request_id.into(),
+        };
+        async move { c.checksum_volume(req).await.map(|r| r.into_inner()) }
+    };
+
+    // Progress is watched alongside, by request id.
+    let mut w = c.clone();
+    let watcher = tokio::spawn(async move {
+        let mut stream = w
+            .watch_progress(pb::WatchProgressRequest {
+                request_id: "sum-1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut last = None;
+        while let Some(p) = stream.message().await.unwrap() {
+            last = Some(p);
+        }
+        last.unwrap()
+    });
+    let r = sum("summed", false, "sum-1").await.unwrap();
+    assert_eq!(r.sha256, sha256_of(std::path::Path::new(&v.device_path)));
+    assert_eq!(r.size_bytes, 64 << 20);
+    let p = tokio::time::timeout(Duration::from_secs(30), watcher)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(p.finished && p.error.is_empty(), "{p:?}");
+    assert_eq!((p.phase.as_str(), p.done_bytes), ("checksum", 64 << 20));
+
+    // A snapshot's checksum is its volume's at the time it was taken.
+    let snap = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            volume: "summed".into(),
+            name: "summed-s1".into(),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    f.write_all_at(b"changed", 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    assert_eq!(sum(&snap.uuid, true, "").await.unwrap(), r);
+    let now = sum("summed", false, "").await.unwrap();
+    assert_ne!(now.sha256, r.sha256);
+    assert_eq!(now.sha256, sha256_of(std::path::Path::new(&v.device_path)));
+
+    let code = |r: Result<pb::ChecksumVolumeResponse, tonic::Status>| r.unwrap_err().code();
+    assert_eq!(code(sum("nope", false, "").await), Code::NotFound);
+    assert_eq!(code(sum("summed", true, "").await), Code::NotFound);
+    assert_eq!(
+        code(sum("summed", false, "bad id!").await),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+async fn image_bases_are_listed_and_never_removed_while_cloned() {
+    const LABEL_SHA256: &str = "stratus.io/image-sha256";
+    const LABEL_VM: &str = "stratus.io/vm";
+    let s = Stack::start();
+    let mut c = s.pdiskd.client().await;
+    let sha = "3f5a9c1e00112233445566778899aabbccddeeff00112233445566778899aabb";
+    let base = c
+        .create_volume(pb::CreateVolumeRequest {
+            name: "image-3f5a9c1e00112233".into(),
+            size_bytes: 16 << 20,
+            labels: [(LABEL_SHA256.to_string(), sha.to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A guest's clone, labelled as the agent labels them.
+    c.clone_volume(pb::CloneVolumeRequest {
+        source: "image-3f5a9c1e00112233".into(),
+        name: "vm-1-vda".into(),
+        labels: [(LABEL_VM.to_string(), "vm1".to_string())].into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    create(&mut c, "unrelated", 8 << 20).await;
+
+    let list = s.pdiskd.cli_json(&["image", "list"]);
+    let images = list["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{list}");
+    assert_eq!(images[0]["sha256"], sha);
+    assert_eq!(images[0]["volume"], "image-3f5a9c1e00112233");
+    assert_eq!(images[0]["volume_uuid"], base.uuid.as_str());
+    assert_eq!(images[0]["clone_count"], 1);
+    assert_eq!(images[0]["clones"], serde_json::json!(["vm-1-vda"]));
+    let table = s.pdiskd.cli(&["image", "list"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(table.status.success());
+    assert!(text.starts_with("SHA256 "), "{text}");
+    assert!(
+        text.contains("3f5a9c1e00112233  image-3f5a9c1e00112233"),
+        "{text}"
+    );
+
+    // Refused while the clone exists, with one line naming it.
+    let out = s.pdiskd.cli(&["image", "rm", "3f5a9c1e"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err.trim_end(),
+        "pdisk: failed precondition: image 3f5a9c1e00112233 (volume image-3f5a9c1e00112233) \
+         has 1 clone(s): vm-1-vda; delete them first"
+    );
+    let out = s.pdiskd.cli(&["--json", "image", "rm", sha]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["error"]["code"], "FailedPrecondition");
+    assert_eq!(names(&mut c).await.len(), 3);
+    // Not an image, or no match: NotFound.
+    let out = s.pdiskd.cli(&["image", "rm", "unrelated"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    c.delete_volume(pb::DeleteVolumeRequest {
+        volume: "vm-1-vda".into(),
+    })
+    .await
+    .unwrap();
+    let out = s.pdiskd.cli_json(&["image", "rm", "3f5a9c1e"]);
+    assert_eq!(out["deleted"], true);
+    assert_eq!(out["volume"], "image-3f5a9c1e00112233");
+    assert_eq!(names(&mut c).await, vec!["unrelated"]);
+    assert_eq!(
+        s.pdiskd.cli_json(&["image", "list"]),
+        serde_json::json!({ "images": [] })
+    );
+}

@@ -27,8 +27,9 @@ use pdisk::cli::{self, Failure, Remote};
 use serde_json::{json, Value};
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::agent::v1::{
-    CreateVmRequest, DestroyVmRequest, EvictImageRequest, GetHostRequest, ListImagesRequest,
-    ListVmsRequest, StopVmRequest, Vm, VmRequest, VmState, WatchEventsRequest,
+    CreateVmRequest, DestroyVmRequest, EventType, EvictImageRequest, GetHostRequest,
+    ListImagesRequest, ListVmsRequest, SaveImageRequest, StopVmRequest, Vm, VmRequest, VmState,
+    WatchEventsRequest,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
@@ -190,6 +191,77 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             ctx.print(json!({ "vm": vm.as_str(), "destroyed": true }), || {
                 format!("Destroyed vm {vm}.\n")
             })
+        }
+        VmCommand::Save {
+            vm,
+            disk,
+            image,
+            wait,
+        } => {
+            let mut client = ctx.connect().await?;
+            let since = ctx
+                .answer(client.get_host(GetHostRequest {}).await)?
+                .last_event_seq;
+            let saved = ctx.answer(
+                client
+                    .save_image(SaveImageRequest {
+                        vm: vm.to_string(),
+                        device: disk.clone(),
+                        name: image.clone(),
+                    })
+                    .await,
+            )?;
+            if !wait {
+                return ctx.print(
+                    json!({ "url": saved.url, "volume": saved.volume, "sha256": null }),
+                    || {
+                        format!(
+                            "Saving {vm} {disk} as {}; IMAGE_SAVED in `agentctl events` gives its sha256.\n",
+                            saved.url
+                        )
+                    },
+                );
+            }
+            let stream = client.watch_events(WatchEventsRequest {
+                since_seq: since,
+                vm: String::new(),
+                no_follow: false,
+            });
+            let mut events = ctx.answer(stream.await)?;
+            let wanted = format!("pdisk:///{image}");
+            let done = ctx
+                .waiting(format!("saving {vm} {disk} as {wanted}"), async {
+                    loop {
+                        match events.message().await {
+                            Ok(Some(e)) => {
+                                let ours = e.detail.starts_with(&wanted);
+                                if ours && e.r#type() == EventType::ImageSaved {
+                                    return Ok(Ok(e));
+                                }
+                                if ours && e.r#type() == EventType::ImageSaveFailed {
+                                    return Ok(Err(e.detail));
+                                }
+                            }
+                            Ok(None) => {
+                                return Err(tonic::Status::unavailable("event stream ended"))
+                            }
+                            Err(s) => return Err(s),
+                        }
+                    }
+                })
+                .await;
+            match ctx.answer(done.map(tonic::Response::new))? {
+                Ok(e) => ctx.print(
+                    json!({ "url": saved.url, "volume": saved.volume, "sha256": e.image_sha256 }),
+                    || {
+                        format!(
+                            "Saved {vm} {disk} as {} sha256={}\n",
+                            saved.url, e.image_sha256
+                        )
+                    },
+                ),
+                Err(why) => Err(Failure::Local(format!("saving failed: {why}"))),
+            }
         }
         VmCommand::Show { vm } => {
             let v = ctx.answer(ctx.connect().await?.get_vm(request(&vm)).await)?;

@@ -209,6 +209,9 @@ impl Fetcher {
     async fn open(&self, image: &ImageRef) -> Result<Body> {
         let url = image.url();
         match image.source() {
+            ImageSource::Pdisk(volume) => Err(Error::precondition(format!(
+                "image {url} lives only in pdisk (volume {volume}): use it for clone disks"
+            ))),
             ImageSource::File(path) => {
                 // Checked on the path as given (so nothing outside the roots
                 // is even looked up), then on the path with symlinks resolved.

@@ -106,6 +106,9 @@ pub enum ImageSource {
     Http(Url),
     /// An absolute path on this host, percent-decoded, without `..`.
     File(PathBuf),
+    /// `pdisk:///<volume>`: an image that exists only as a pdisk base volume
+    /// (one saved from a guest's disk). It cannot be downloaded, only cloned.
+    Pdisk(String),
 }
 
 /// A validated image reference: URL, checksum, declared format, endorser.
@@ -225,8 +228,15 @@ fn parse_source(url: &str) -> Result<ImageSource> {
             }
             Ok(ImageSource::File(path))
         }
+        "pdisk" => {
+            let volume = url[scheme_end + 3..].trim_start_matches('/');
+            volume
+                .parse::<pdisk::types::VolumeName>()
+                .map_err(|e| bad(&format!("pdisk:///VOLUME: {e}")))?;
+            Ok(ImageSource::Pdisk(volume.to_owned()))
+        }
         other => Err(bad(&format!(
-            "scheme {other:?} is not supported (use http://, https:// or file://)"
+            "scheme {other:?} is not supported (use http://, https://, file:// or pdisk:///)"
         ))),
     }
 }

@@ -128,7 +128,9 @@ pub fn sparse_copy(
     Ok(stats)
 }
 
-fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// Reads up to `buf.len()` bytes at `offset`, retrying short reads; returns
+/// fewer only at the end of the file.
+pub fn read_full_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match f.read_at(&mut buf[done..], offset + done as u64) {

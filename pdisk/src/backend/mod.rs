@@ -12,6 +12,7 @@
 //!   finished after a crash);
 //! - snapshots are read-only.
 
+pub mod checksum;
 pub mod copy;
 pub mod file;
 pub mod image;

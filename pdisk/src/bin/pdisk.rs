@@ -9,6 +9,8 @@
 
 #[path = "pdisk_cli/args.rs"]
 mod args;
+#[path = "pdisk_cli/images.rs"]
+mod images;
 #[path = "pdisk_cli/progress.rs"]
 mod progress;
 #[path = "pdisk_cli/render.rs"]
@@ -33,7 +35,7 @@ use stratus_proto::pdisk::v1::{
 };
 
 use args::{
-    Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, PoolCommand,
+    Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, ImageCommand, PoolCommand,
     SnapshotCommand, VolumeCommand,
 };
 use progress::{new_request_id, watched, Client, UploadError};
@@ -93,6 +95,7 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
             let pool = ctx.answer(ctx.connect().await?.get_pool(GetPoolRequest {}).await)?;
             ctx.print(render::pool_json(&pool), || render::pool_view(&pool))
         }
+        Command::Image(c) => image(ctx, c).await,
     }
 }
 
@@ -286,6 +289,43 @@ async fn snapshot(ctx: &Ctx, command: SnapshotCommand) -> Result<(), Failure> {
             ctx.print(
                 json!({ "snapshot": snapshot.as_str(), "deleted": true }),
                 || format!("Deleted snapshot {snapshot}.\n"),
+            )
+        }
+    }
+}
+
+async fn image(ctx: &Ctx, command: ImageCommand) -> Result<(), Failure> {
+    let mut client = ctx.connect().await?;
+    // Every volume: images are found by label, their clones by source.
+    let volumes = ctx
+        .answer(client.list_volumes(ListVolumesRequest::default()).await)?
+        .volumes;
+    let all = images::images(&volumes);
+    match command {
+        ImageCommand::List => ctx.print(render::images_json(&all), || render::images_table(&all)),
+        ImageCommand::Rm { image } => {
+            // Refusals found here are worded and coded as pdiskd's own.
+            let found = images::resolve(&all, &image).map_err(Failure::Server)?;
+            if let Some(refusal) = images::removal_refusal(found) {
+                return Err(Failure::Server(refusal));
+            }
+            let request = DeleteVolumeRequest {
+                volume: found.base.uuid.clone(),
+            };
+            ctx.answer(client.delete_volume(request).await)?;
+            ctx.print(
+                json!({
+                    "sha256": found.sha256,
+                    "volume": found.base.name,
+                    "deleted": true,
+                }),
+                || {
+                    format!(
+                        "Deleted image {} (volume {}).\n",
+                        found.short_sha(),
+                        found.base.name
+                    )
+                },
             )
         }
     }

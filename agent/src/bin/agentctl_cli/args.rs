@@ -138,6 +138,22 @@ pub enum VmCommand {
         #[arg(value_name = "NAME")]
         vm: Ref,
     },
+    /// Save a stopped VM's pdisk disk as a new image (pdisk:///NAME); with
+    /// --wait, until its checksum is known (IMAGE_SAVED).
+    Save {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// The disk to save.
+        #[arg(long, value_name = "DEVICE", default_value = "vda")]
+        disk: String,
+        /// Name of the new image's base volume in pdisk.
+        #[arg(long, value_name = "NAME", value_parser = image_name)]
+        image: String,
+        /// Wait until the image is saved and print its reference.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Stop the VM if it runs, detach its disks, remove its taps and files,
     /// and forget it. Its pdisk volumes are kept.
     Destroy {
@@ -955,6 +971,13 @@ impl CreateArgs {
     }
 }
 
+/// A pdisk volume name for a saved image.
+fn image_name(s: &str) -> Result<String, String> {
+    s.parse::<pdisk::types::VolumeName>()
+        .map(|n| n.to_string())
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1674,5 +1697,25 @@ mod tests {
     fn missing_subcommand_is_a_usage_error() {
         assert_eq!(fails(&["vm"]).exit_code(), 2);
         assert_eq!(fails(&["host"]).exit_code(), 2);
+    }
+
+    #[test]
+    fn save_takes_a_disk_and_an_image_name() {
+        let cli = parse(&["vm", "save", "web1", "--image", "web1-golden", "--wait"]).unwrap();
+        let Command::Vm(VmCommand::Save {
+            vm,
+            disk,
+            image,
+            wait,
+        }) = cli.command
+        else {
+            panic!("wrong command")
+        };
+        assert_eq!(
+            (vm.as_str(), disk.as_str(), image.as_str(), wait),
+            ("web1", "vda", "web1-golden", true)
+        );
+        assert!(parse(&["vm", "save", "web1", "--image", "Bad Name"]).is_err());
+        assert!(parse(&["vm", "save", "web1"]).is_err());
     }
 }

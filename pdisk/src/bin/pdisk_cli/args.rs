@@ -10,6 +10,8 @@ use pdisk::error::Error;
 use pdisk::types::{ByteSize, Iqn, VolumeName};
 use stratus_proto::pdisk::v1::ImageFormat;
 
+use crate::images::ImageSel;
+
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7400";
 
 /// Help heading of the options every command accepts.
@@ -23,7 +25,8 @@ Examples:
   pdisk snapshot create db1 db1-nightly
   pdisk volume clone db1-nightly db1-test --from-snapshot
   pdisk export add db1 --initiator iqn.2026-11.io.stratus:host1
-  pdisk --json volume list --label tier=gold";
+  pdisk --json volume list --label tier=gold
+  pdisk image rm 3f5a9c1e";
 
 /// Storage admin's client for pdiskd, the persistent-disk service of a Stratus
 /// storage host: volumes, snapshots, clones, iSCSI exports and the pool.
@@ -67,6 +70,10 @@ pub enum Command {
     /// The storage pool behind the volumes.
     #[command(subcommand)]
     Pool(PoolCommand),
+    /// Image base volumes: the volumes Stratus agents import once per image
+    /// (labelled stratus.io/image-sha256) and clone for guests' disks.
+    #[command(subcommand)]
+    Image(ImageCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -228,6 +235,19 @@ pub enum PoolCommand {
     /// Capacity, usage, capabilities, exporter health and drift found at the
     /// last reconciliation.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List image base volumes and how many volumes are cloned from each.
+    List,
+    /// Delete an image's base volume. Refused while volumes cloned from it
+    /// exist: delete the clones (the guests using them) first.
+    Rm {
+        /// The image's sha256, a prefix of it (at least 8 hex digits), or
+        /// its base volume's name or UUID.
+        image: ImageSel,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -524,6 +544,31 @@ mod tests {
             parse(&["snapshot", "list", "db1"]).unwrap().command,
             Command::Snapshot(SnapshotCommand::List { volume: Some(_) })
         ));
+    }
+
+    #[test]
+    fn image_rm_takes_a_checksum_prefix_or_a_volume() {
+        assert!(matches!(
+            parse(&["image", "list", "--json"]).unwrap().command,
+            Command::Image(ImageCommand::List)
+        ));
+        for ok in ["3f5a9c1e", "3F5A9C1E0011", "image-3f5a9c1e00112233"] {
+            let cli = parse(&["image", "rm", ok]).unwrap();
+            let Command::Image(ImageCommand::Rm { image }) = cli.command else {
+                panic!("wrong command")
+            };
+            assert_eq!(image.to_string(), ok);
+        }
+        for bad in ["Image-1", "../x", "3F5A9C"] {
+            let err = parse(&["image", "rm", bad]).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{bad}");
+            assert_eq!(err.exit_code(), 2);
+        }
+        assert_eq!(fails(&["image", "rm"]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(
+            fails(&["image", "rm", "3f5a9c1e", "--force"]),
+            ErrorKind::UnknownArgument
+        );
     }
 
     #[test]

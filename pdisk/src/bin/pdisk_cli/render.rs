@@ -11,6 +11,8 @@ use stratus_proto::pdisk::v1::{Drift, Export, Pool, Snapshot, Volume, VolumeStat
 
 use pdisk::cli::{fields, labels_json, labels_text, Table};
 
+use crate::images::ImageEntry;
+
 /// Shown for an empty value in human output.
 const NONE: &str = "-";
 
@@ -215,6 +217,41 @@ pub fn exports_table(es: &[Export]) -> String {
     t.render()
 }
 
+// ---- images ----
+
+pub fn image_json(i: &ImageEntry<'_>) -> Value {
+    json!({
+        "sha256": i.sha256,
+        "volume": i.base.name,
+        "volume_uuid": i.base.uuid,
+        "size_bytes": i.base.size_bytes,
+        "allocated_bytes": i.base.allocated_bytes,
+        "state": state_name(i.base.state),
+        "clone_count": i.clones.len(),
+        "clones": i.clone_names(),
+        "created_at": i.base.created_at,
+    })
+}
+
+pub fn images_json(is: &[ImageEntry<'_>]) -> Value {
+    json!({ "images": is.iter().map(image_json).collect::<Vec<_>>() })
+}
+
+pub fn images_table(is: &[ImageEntry<'_>]) -> String {
+    let mut t = Table::new(["SHA256", "VOLUME", "SIZE", "ALLOCATED", "CLONES", "CREATED"]);
+    for i in is {
+        t.row([
+            i.short_sha(),
+            i.base.name.clone(),
+            size(i.base.size_bytes),
+            size(i.base.allocated_bytes),
+            i.clones.len().to_string(),
+            or_none(&i.base.created_at),
+        ]);
+    }
+    t.render()
+}
+
 // ---- pool ----
 
 fn drift_json(d: &Drift) -> Value {
@@ -411,6 +448,46 @@ mod tests {
             .nth(1)
             .unwrap()
             .starts_with("nightly"));
+    }
+
+    #[test]
+    fn images_show_a_short_checksum_and_clone_counts() {
+        use crate::images::{images, LABEL_SHA256, LABEL_VM};
+        let sha = "00aa11bb22cc33dd44ee55ff66778899".repeat(2);
+        let mut base = volume();
+        base.name = "image-00aa11bb22cc33dd".into();
+        base.uuid = "u-base".into();
+        base.labels = [(LABEL_SHA256.to_owned(), sha.clone())].into();
+        let mut clone = volume();
+        clone.name = "vm-1-vda".into();
+        clone.labels = [(LABEL_VM.to_owned(), "vm1".to_owned())].into();
+        clone.source = "volume:u-base".into();
+        let vs = [volume(), clone, base];
+        let is = images(&vs);
+        let j = images_json(&is);
+        assert_eq!(j["images"].as_array().unwrap().len(), 1);
+        let i = &j["images"][0];
+        assert_eq!(i["sha256"], sha);
+        assert_eq!(i["volume"], "image-00aa11bb22cc33dd");
+        assert_eq!(i["clone_count"], 1);
+        assert_eq!(i["clones"], json!(["vm-1-vda"]));
+        assert_eq!(i["size_bytes"], 10u64 << 30);
+        assert_eq!(i["state"], "ready");
+        let out = images_table(&is);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            "SHA256            VOLUME                  SIZE  ALLOCATED  CLONES  CREATED"
+        );
+        assert_eq!(
+            lines[1],
+            "00aa11bb22cc33dd  image-00aa11bb22cc33dd  10G   1.5G       1       2026-11-02T10:00:00Z"
+        );
+        assert_eq!(
+            images_table(&[]),
+            "SHA256  VOLUME  SIZE  ALLOCATED  CLONES  CREATED\n"
+        );
+        assert_eq!(images_json(&[]), json!({ "images": [] }));
     }
 
     #[test]
