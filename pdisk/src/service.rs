@@ -193,6 +193,23 @@ fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
+/// Image base volumes (labelled with an image checksum, not a guest's clone)
+/// are read-only: clones are made from them, nothing writes them.
+fn is_image_base(v: &VolumeRecord) -> bool {
+    v.labels.contains_key(crate::types::LABEL_IMAGE_SHA256)
+        && !v.labels.contains_key(crate::types::LABEL_VM)
+}
+
+fn refuse_if_image_base(v: &VolumeRecord, what: &str) -> Result<()> {
+    if is_image_base(v) {
+        return Err(Error::precondition(format!(
+            "volume {} is an image base and read-only: {what} a clone of it instead",
+            v.name
+        )));
+    }
+    Ok(())
+}
+
 fn parse_name(s: &str) -> Result<VolumeName> {
     s.parse()
 }
@@ -524,6 +541,11 @@ impl PoolService {
             }
             return Err(e.context(format!("creating volume {}", rec.name)));
         }
+        if is_image_base(&rec) {
+            self.backend
+                .set_read_only(ObjectId::Volume(rec.uuid))
+                .map_err(|e| e.context(format!("volume {}", rec.name)))?;
+        }
         rec.state = VolumeState::Ready;
         self.store.update_volume(&rec)?;
         tracing::info!(volume = %rec.name, uuid = %rec.uuid, size = rec.size.0, source = %rec.source.describe(), "volume created");
@@ -604,6 +626,7 @@ impl PoolService {
                 rec.name, rec.state
             )));
         }
+        refuse_if_image_base(&rec, "resize")?;
         if new < rec.size {
             return Err(Error::invalid(format!(
                 "volume {} is {}; shrinking to {} is refused",
@@ -799,6 +822,7 @@ impl PoolService {
                 vol.name, vol.state
             )));
         }
+        refuse_if_image_base(&vol, "export")?;
         let _e = self.export_lock.lock().await;
         let previous = self.store.export(vol.uuid)?;
         let mut rec = previous.clone().unwrap_or(ExportRecord {

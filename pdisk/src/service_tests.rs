@@ -416,3 +416,64 @@ async fn checksum_needs_a_ready_object() {
     let last = rx.borrow_and_update().clone();
     assert!(last.finished && last.error.is_some(), "{last:?}");
 }
+
+#[tokio::test]
+async fn image_bases_are_read_only_and_clones_are_not() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fixture();
+    let labels: Labels = [(
+        crate::types::LABEL_IMAGE_SHA256.to_string(),
+        "ab".repeat(32),
+    )]
+    .into();
+    let base = f
+        .svc
+        .create_volume(NewVolume {
+            labels,
+            ..empty("image-base", 4 << 20)
+        })
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&base.device_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o444);
+    let e = f
+        .svc
+        .export_volume("image-base", &[IQN.into()], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    assert!(e.message().contains("read-only"), "{e}");
+    let e = f
+        .svc
+        .resize_volume("image-base", 8 << 20)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    let c = f
+        .svc
+        .clone_volume(
+            "image-base",
+            false,
+            "guest-disk",
+            Labels::new(),
+            8 << 20,
+            "",
+        )
+        .await
+        .unwrap();
+    let mode = std::fs::metadata(&c.device_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    f.svc
+        .export_volume("guest-disk", &[IQN.into()], None)
+        .await
+        .unwrap();
+    f.svc.unexport_volume("guest-disk", &[]).await.unwrap();
+    f.svc.delete_volume("guest-disk").await.unwrap();
+    f.svc.delete_volume("image-base").await.unwrap();
+}

@@ -262,6 +262,12 @@ impl Backend for FileBackend {
         })
     }
 
+    fn set_read_only(&self, id: ObjectId) -> Result<()> {
+        let p = self.path(id);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444))
+            .map_err(|e| Error::io(p.display(), e))
+    }
+
     fn resize(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>> {
         let p = self.path(id);
         blocking(move || {

@@ -96,6 +96,9 @@ pub trait Backend: Send + Sync {
         progress: ProgressFn,
     ) -> BoxFuture<'_, Result<()>>;
 
+    /// Makes the object read-only for everyone (image base volumes).
+    fn set_read_only(&self, id: ObjectId) -> Result<()>;
+
     /// Grows the object to `size` bytes.
     fn resize(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>>;
 
