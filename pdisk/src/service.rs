@@ -278,12 +278,17 @@ impl PoolService {
         })
     }
 
-    fn snapshot_info(&self, record: SnapshotRecord) -> Result<SnapshotInfo> {
-        let volume_name = self
+    /// The name of volume `uuid`, or "" when it is gone.
+    fn volume_name(&self, uuid: Uuid) -> Result<String> {
+        Ok(self
             .store
-            .volume(record.volume)?
+            .volume(uuid)?
             .map(|v| v.name.to_string())
-            .unwrap_or_default();
+            .unwrap_or_default())
+    }
+
+    fn snapshot_info(&self, record: SnapshotRecord) -> Result<SnapshotInfo> {
+        let volume_name = self.volume_name(record.volume)?;
         Ok(SnapshotInfo {
             allocated: self
                 .backend
@@ -295,11 +300,7 @@ impl PoolService {
     }
 
     fn export_info(&self, record: ExportRecord) -> Result<ExportInfo> {
-        let volume_name = self
-            .store
-            .volume(record.volume)?
-            .map(|v| v.name.to_string())
-            .unwrap_or_default();
+        let volume_name = self.volume_name(record.volume)?;
         Ok(ExportInfo {
             record,
             volume_name,
