@@ -66,7 +66,8 @@ pub struct Flags {
     /// tgtd control port (tgtd -C N) [default: 0]
     #[arg(long, value_name = "N")]
     pub tgt_control_port: Option<u32>,
-    /// tgt backing store: aio or rdwr [default: aio]
+    /// tgt backing store: rdwr (honours guest flushes, thin provisioning) or
+    /// aio (skips flushes: not crash-safe) [default: rdwr]
     #[arg(long, value_name = "TYPE")]
     pub tgt_bstype: Option<String>,
     /// Prefix of target IQNs [default: iqn.2026-11.io.stratus.pdisk]
@@ -152,7 +153,7 @@ impl Flags {
             exporter: pick!(exporter, ExporterKind::Tgt),
             portal: pick!(portal, "127.0.0.1:3260".into()),
             tgt_control_port: pick!(tgt_control_port, 0),
-            tgt_bstype: pick!(tgt_bstype, "aio".into()),
+            tgt_bstype: pick!(tgt_bstype, "rdwr".into()),
             iqn_prefix: pick!(iqn_prefix, "iqn.2026-11.io.stratus.pdisk".into()),
             import_dirs: pick!(import_dirs, vec![data_dir.join("import")]),
             max_overcommit: pick!(max_overcommit, 20.0),

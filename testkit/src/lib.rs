@@ -24,11 +24,15 @@ pub type Client = VolumeServiceClient<Channel>;
 /// Path of a workspace binary of the profile the tests were built with.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test>-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // Tests and benches run as target/<profile>/deps/<test>-<hash>; binaries
+    // such as stratus-bench as target/<profile>/<bin>.
+    let dir = exe.parent().expect("executable lives in target/<profile>");
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent()
+            .expect("test executable lives in target/<profile>/deps")
+    } else {
+        dir
+    };
     let p = profile_dir.join(name);
     assert!(
         p.exists(),
@@ -243,6 +247,7 @@ pub struct Tgtd {
     child: Option<Child>,
     log: PathBuf,
     netns: Option<String>,
+    extra_args: Vec<String>,
 }
 
 impl Tgtd {
@@ -250,8 +255,17 @@ impl Tgtd {
         Self::start_in(log_dir, None)
     }
 
+    /// Starts tgtd with extra flags, e.g. `["--nr_iothreads", "1"]`.
+    pub fn start_with(log_dir: &Path, extra_args: &[&str]) -> Tgtd {
+        Self::start_full(log_dir, None, extra_args)
+    }
+
     /// Starts tgtd inside `netns` (its portal then lives there).
     pub fn start_in(log_dir: &Path, netns: Option<&NetNs>) -> Tgtd {
+        Self::start_full(log_dir, netns, &[])
+    }
+
+    fn start_full(log_dir: &Path, netns: Option<&NetNs>, extra_args: &[&str]) -> Tgtd {
         require_root();
         // Control ports are small integers (tgt keeps them in a short);
         // spread by pid so parallel test binaries do not collide, and skip
@@ -270,6 +284,7 @@ impl Tgtd {
             child: None,
             log: log_dir.join(format!("tgtd-{control_port}.log")),
             netns: netns.map(|n| n.name.clone()),
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
         };
         t.spawn();
         t
@@ -293,6 +308,7 @@ impl Tgtd {
                 "--iscsi",
                 &format!("portal=127.0.0.1:{}", self.portal_port),
             ])
+            .args(&self.extra_args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -367,14 +383,29 @@ impl Pdiskd {
         Self::start_in(pool, tgtd, None)
     }
 
+    /// Starts pdiskd with extra flags after the harness's own, e.g.
+    /// `["--max-overcommit", "1000"]`.
+    pub fn start_with(pool: &XfsPool, tgtd: &Tgtd, extra_args: &[&str]) -> Pdiskd {
+        Self::start_full(pool, tgtd, None, extra_args)
+    }
+
     /// Starts pdiskd inside `netns`.
     pub fn start_in(pool: &XfsPool, tgtd: &Tgtd, netns: Option<&NetNs>) -> Pdiskd {
+        Self::start_full(pool, tgtd, netns, &[])
+    }
+
+    fn start_full(
+        pool: &XfsPool,
+        tgtd: &Tgtd,
+        netns: Option<&NetNs>,
+        extra_args: &[&str],
+    ) -> Pdiskd {
         let data_dir = pool.dir.path().join("data");
         let pool_dir = pool.mnt.join("pool");
         let import_dir = pool.mnt.join("import");
         std::fs::create_dir_all(&import_dir).unwrap();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let args = vec![
+        let mut args = vec![
             "--listen".to_string(),
             listen.to_string(),
             "--data-dir".into(),
@@ -392,6 +423,7 @@ impl Pdiskd {
             "--log-level".into(),
             "pdisk=debug,info".into(),
         ];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
         let mut d = Pdiskd {
             listen,
             data_dir,
