@@ -1,0 +1,21 @@
+//! The scenarios. Each starts what it measures (tgtd, pdiskd, ... on
+//! loopback, through `testkit`) and returns figures with their peers.
+
+pub mod datapath;
+pub mod import;
+pub mod snapshot;
+
+use std::path::PathBuf;
+
+/// What every scenario gets.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Smoke mode: tiny sizes and few repetitions; checks the harness works,
+    /// the figures mean nothing.
+    pub quick: bool,
+    /// Scratch space on local disk (not tmpfs) for images and pools.
+    pub work: PathBuf,
+}
+
+/// Scenario names, in the order they run.
+pub const ALL: &[&str] = &["datapath", "snapshot", "import"];
