@@ -301,10 +301,11 @@ mod tests {
 
     #[tokio::test]
     async fn host_runner_reports_exit_status_and_stderr() {
-        let cmd = Cmd::new("sh").args(["-c", "echo boom >&2; exit 3"]);
+        // ls exits 2 on a missing path and names it on stderr.
+        let cmd = Cmd::new("ls").arg("/nonexistent/stratus-boom");
         let err = run_checked(&HostRunner, &cmd).await.unwrap_err();
-        assert!(err.message().contains("status 3"), "{err}");
-        assert!(err.message().contains("boom"), "{err}");
+        assert!(err.message().contains("status 2"), "{err}");
+        assert!(err.message().contains("stratus-boom"), "{err}");
     }
 
     #[tokio::test]

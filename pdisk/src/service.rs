@@ -210,6 +210,17 @@ fn refuse_if_image_base(v: &VolumeRecord, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// FailedPrecondition unless the volume is ready.
+fn require_ready(v: &VolumeRecord) -> Result<()> {
+    if v.state != VolumeState::Ready {
+        return Err(Error::precondition(format!(
+            "volume {} is {:?}",
+            v.name, v.state
+        )));
+    }
+    Ok(())
+}
+
 fn parse_name(s: &str) -> Result<VolumeName> {
     s.parse()
 }
@@ -621,12 +632,7 @@ impl PoolService {
         let rec = self.store.find_volume(r)?;
         let _g = self.locks.lock(rec.uuid).await;
         let mut rec = self.store.find_volume(&rec.uuid.to_string())?;
-        if rec.state != VolumeState::Ready {
-            return Err(Error::precondition(format!(
-                "volume {} is {:?}",
-                rec.name, rec.state
-            )));
-        }
+        require_ready(&rec)?;
         refuse_if_image_base(&rec, "resize")?;
         if new < rec.size {
             return Err(Error::invalid(format!(
@@ -670,12 +676,7 @@ impl PoolService {
             let vol = self.store.find_volume(volume)?;
             let _g = self.locks.lock(vol.uuid).await;
             let vol = self.store.find_volume(&vol.uuid.to_string())?;
-            if vol.state != VolumeState::Ready {
-                return Err(Error::precondition(format!(
-                    "volume {} is {:?}",
-                    vol.name, vol.state
-                )));
-            }
+            require_ready(&vol)?;
             self.check_capacity(&format!("snapshot {name}"), vol.size.0)?;
             let mut rec = SnapshotRecord {
                 uuid: Uuid::new_v4(),
@@ -817,12 +818,7 @@ impl PoolService {
         let vol = self.store.find_volume(volume)?;
         let _g = self.locks.lock(vol.uuid).await;
         let vol = self.store.find_volume(&vol.uuid.to_string())?;
-        if vol.state != VolumeState::Ready {
-            return Err(Error::precondition(format!(
-                "volume {} is {:?}",
-                vol.name, vol.state
-            )));
-        }
+        require_ready(&vol)?;
         refuse_if_image_base(&vol, "export")?;
         let _e = self.export_lock.lock().await;
         let previous = self.store.export(vol.uuid)?;
