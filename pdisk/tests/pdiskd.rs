@@ -1,5 +1,8 @@
-//! pdiskd end to end: real tgtd, real XFS reflink pool on a loop device, real
-//! pdiskd process, QEMU's iSCSI initiator. Run by scripts/test (needs root).
+//! pdiskd end to end on a real stack, run by scripts/test (needs root):
+//! on the host an XFS reflink pool on a loop device, tgtd and QEMU's iSCSI
+//! initiator; in the lab VM (`STRATUS_STACK=lvm-lio`, scripts/lab) the same
+//! tests run against an LVM thin pool, the kernel's LIO target and the
+//! kernel's open-iscsi initiator (see testkit's `Stack`).
 
 use std::os::unix::fs::FileExt;
 use std::time::Duration;
@@ -8,7 +11,8 @@ use stratus_proto::pdisk::v1 as pb;
 use testkit::*;
 use tonic::Code;
 
-const IGNORE: &str = "needs root, loop devices and tgtd: run by scripts/test";
+const IGNORE: &str =
+    "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test";
 
 async fn create(c: &mut Client, name: &str, size: u64) -> pb::Volume {
     c.create_volume(pb::CreateVolumeRequest {
@@ -44,17 +48,14 @@ async fn names(c: &mut Client) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn data_written_through_an_export_reads_back_and_acl_holds() {
     let _ = IGNORE;
     let s = Stack::start();
     let mut c = s.pdiskd.client().await;
     let v = create(&mut c, "data", 64 << 20).await;
     let e = export(&mut c, "data", &[INITIATOR]).await;
-    assert_eq!(
-        e.url,
-        format!("iscsi://{}/{}/1", s.tgtd.portal(), e.target_iqn)
-    );
+    assert_eq!(e.url, format!("iscsi://{}/{}/1", s.portal(), e.target_iqn));
     assert!(e.target_iqn.ends_with(&v.uuid));
 
     let a = s.initiator(&e.target_iqn, INITIATOR);
@@ -80,11 +81,11 @@ async fn data_written_through_an_export_reads_back_and_acl_holds() {
     .await
     .unwrap();
     assert!(a.io(&["read 0 4k"]).is_err());
-    assert!(!s.tgtd.show().contains(&e.target_iqn));
+    assert!(!s.exports.show().contains(&e.target_iqn));
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn snapshot_keeps_content_and_clone_is_writable_and_independent() {
     let s = Stack::start();
     let mut c = s.pdiskd.client().await;
@@ -122,20 +123,21 @@ async fn snapshot_keeps_content_and_clone_is_writable_and_independent() {
     origin.io(&["read -P 0x22 0 1M"]).unwrap();
     cl.io(&["read -P 0x33 0 1M"]).unwrap();
 
-    // The pool shares extents: it says reflink.
+    // The pool shares blocks: it says reflink (file) or thin (lvm).
     let pool = c
         .get_pool(pb::GetPoolRequest {})
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        pool.capabilities.contains(&"reflink".to_string()),
-        "{pool:?}"
-    );
+    let sharing = match s.kind() {
+        StackKind::FileTgt => "reflink",
+        StackKind::LvmLio => "thin-snapshot",
+    };
+    assert!(pool.capabilities.contains(&sharing.to_string()), "{pool:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn resize_shows_the_new_size_to_the_initiator() {
     let s = Stack::start();
     let mut c = s.pdiskd.client().await;
@@ -159,7 +161,7 @@ async fn resize_shows_the_new_size_to_the_initiator() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn killing_pdiskd_or_tgtd_loses_no_export() {
     let mut s = Stack::start();
     let mut c = s.pdiskd.client().await;
@@ -168,7 +170,7 @@ async fn killing_pdiskd_or_tgtd_loses_no_export() {
     let a = s.initiator(&e.target_iqn, INITIATOR);
     a.io(&["write -P 0x77 0 64k"]).unwrap();
 
-    // pdiskd crashes; tgtd keeps serving; the restarted pdiskd still knows.
+    // pdiskd crashes; the target keeps serving; the restarted pdiskd still knows.
     s.pdiskd.kill9();
     a.io(&["read -P 0x77 0 64k"]).unwrap();
     s.pdiskd.restart();
@@ -181,18 +183,19 @@ async fn killing_pdiskd_or_tgtd_loses_no_export() {
         .exports;
     assert_eq!(exports.len(), 1);
 
-    // tgtd crashes and comes back empty: pdiskd's watchdog re-creates it.
-    s.tgtd.restart();
+    // The target loses everything (tgtd crash, or LIO after a reboot):
+    // pdiskd's watchdog re-creates the export.
+    s.exports.forget_all();
     wait_for(
         "export restored after tgtd restart",
         Duration::from_secs(30),
         || a.io(&["read -P 0x77 0 64k"]).ok(),
     );
 
-    // Both down: tgtd restarts first while pdiskd is down; pdiskd's start-up
-    // reconciliation restores the export.
+    // Both down: the target comes back empty while pdiskd is down; pdiskd's
+    // start-up reconciliation restores the export.
     s.pdiskd.kill9();
-    s.tgtd.restart();
+    s.exports.forget_all();
     assert!(a.io(&["read 0 4k"]).is_err());
     s.pdiskd.restart();
     a.io(&["read -P 0x77 0 64k"]).unwrap();
@@ -200,36 +203,19 @@ async fn killing_pdiskd_or_tgtd_loses_no_export() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn drift_is_detected_and_nothing_is_deleted() {
     let mut s = Stack::start();
     let mut c = s.pdiskd.client().await;
     let lost = create(&mut c, "lost", 8 << 20).await;
     create(&mut c, "fine", 8 << 20).await;
     s.pdiskd.kill9();
-    // Behind pdiskd's back: a stray file appears, a volume's data vanishes,
-    // and tgtd grows a target with pdisk's prefix that nobody asked for.
-    let stray = s.pdiskd.pool_dir.join("volumes/stray.raw");
-    std::fs::write(&stray, b"someone else's").unwrap();
-    std::fs::remove_file(&lost.device_path).unwrap();
-    let port = s.tgtd.control_port.to_string();
-    run_ok(
-        "tgtadm",
-        &[
-            "-C",
-            &port,
-            "--lld",
-            "iscsi",
-            "--mode",
-            "target",
-            "--op",
-            "new",
-            "--tid",
-            "99",
-            "--targetname",
-            "iqn.2026-11.io.stratus.pdisk:orphan",
-        ],
-    );
+    // Behind pdiskd's back: a stray file or LV appears, a volume's data
+    // vanishes, and the target grows a target with pdisk's prefix that
+    // nobody asked for.
+    let stray = s.add_stray_object();
+    s.remove_backing(&lost.device_path);
+    let orphan = s.exports.add_orphan_target("orphan");
     s.pdiskd.restart();
     let mut c = s.pdiskd.client().await;
     let pool = c
@@ -243,11 +229,17 @@ async fn drift_is_detected_and_nothing_is_deleted() {
             .any(|d| d.kind == k && d.object.contains(o))
     };
     assert!(has("volume", "lost"), "{:?}", pool.drift);
-    assert!(has("file", "stray.raw"), "{:?}", pool.drift);
+    assert!(
+        pool.drift
+            .iter()
+            .any(|d| d.kind != "volume" && d.object.contains(&stray)),
+        "{:?}",
+        pool.drift
+    );
     assert!(has("target", "orphan"), "{:?}", pool.drift);
     assert!(!pool.last_reconciled_at.is_empty());
-    assert!(stray.exists());
-    assert!(s.tgtd.show().contains("orphan"));
+    assert!(s.stray_exists());
+    assert!(s.exports.show().contains(&orphan));
     let v = c
         .get_volume(pb::GetVolumeRequest {
             volume: "lost".into(),
@@ -260,17 +252,14 @@ async fn drift_is_detected_and_nothing_is_deleted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn bad_input_gets_the_right_code_and_changes_nothing() {
     let mut s = Stack::start();
     let mut c = s.pdiskd.client().await;
     create(&mut c, "v1", 8 << 20).await;
     export(&mut c, "v1", &[INITIATOR]).await;
-    let before_tgt = s.tgtd.show();
-    let before_files: Vec<_> = std::fs::read_dir(s.pdiskd.pool_dir.join("volumes"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let before_tgt = s.exports.show();
+    let before_files = s.backing_objects();
 
     let code = |r: Result<tonic::Response<pb::Volume>, tonic::Status>| r.unwrap_err().code();
     let req = |name: &str, size: u64| pb::CreateVolumeRequest {
@@ -366,16 +355,16 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     );
 
     assert_eq!(names(&mut c).await, vec!["v1"]);
-    assert_eq!(s.tgtd.show(), before_tgt);
-    let after_files: Vec<_> = std::fs::read_dir(s.pdiskd.pool_dir.join("volumes"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(before_files, after_files);
+    assert_eq!(s.exports.show(), before_tgt);
+    assert_eq!(s.backing_objects(), before_files);
 
     // tgtd down: Unavailable, and the store keeps no half-made export.
+    // (LIO lives in the kernel: it cannot be down under a running pdiskd.)
+    let Exports::Tgt(tgtd) = &mut s.exports else {
+        return;
+    };
     create(&mut c, "v2", 8 << 20).await;
-    s.tgtd.kill();
+    tgtd.kill();
     let e = c
         .export_volume(pb::ExportVolumeRequest {
             volume: "v2".into(),
@@ -394,7 +383,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn twenty_concurrent_clients_leave_a_consistent_store() {
     let mut s = Stack::start();
     let c = s.pdiskd.client().await;
@@ -460,13 +449,8 @@ async fn twenty_concurrent_clients_leave_a_consistent_store() {
         .into_inner()
         .snapshots;
     assert_eq!(snaps.len(), 20);
-    let files = |d: &str| {
-        std::fs::read_dir(s.pdiskd.pool_dir.join(d))
-            .unwrap()
-            .count()
-    };
-    assert_eq!(files("volumes"), 31);
-    assert_eq!(files("snapshots"), 20);
+    // 31 volumes and 20 snapshots in the pool, nothing else.
+    assert_eq!(s.backing_objects().len(), 51, "{:?}", s.backing_objects());
     // A restart finds nothing to reconcile.
     s.pdiskd.restart();
     let mut c = s.pdiskd.client().await;
@@ -480,7 +464,7 @@ async fn twenty_concurrent_clients_leave_a_consistent_store() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn qcow2_and_raw_imports_keep_content_and_holes() {
     let s = Stack::start();
     let mut c = s.pdiskd.client().await;
@@ -570,7 +554,7 @@ async fn qcow2_and_raw_imports_keep_content_and_holes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn snapshots_of_large_sparse_volumes_share_extents() {
     let s = Stack::start();
     let mut c = s.pdiskd.client().await;
@@ -622,7 +606,7 @@ async fn snapshots_of_large_sparse_volumes_share_extents() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn chap_export_needs_the_secret() {
     let s = Stack::start();
     let mut c = s.pdiskd.client().await;
@@ -646,7 +630,7 @@ async fn chap_export_needs_the_secret() {
         a.io(&["read 0 4k"]).is_err(),
         "login without CHAP must fail"
     );
-    let secret_file = s.pool.dir.path().join("chap.secret");
+    let secret_file = s.scratch().join("chap.secret");
     std::fs::write(&secret_file, secret).unwrap();
     a.chap = Some(("tenant1".into(), secret_file));
     a.io(&["write -P 0x42 0 4k", "read -P 0x42 0 4k"]).unwrap();
@@ -655,7 +639,7 @@ async fn chap_export_needs_the_secret() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn reflection_and_health_are_served() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
@@ -709,7 +693,7 @@ async fn reflection_and_health_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn checksum_matches_sha256sum_of_the_backing_file() {
     let s = Stack::start();
     let mut c = s.pdiskd.client().await;
@@ -789,7 +773,7 @@ async fn checksum_matches_sha256sum_of_the_backing_file() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, loop devices and tgtd: run by scripts/test"]
+#[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn image_bases_are_listed_and_never_removed_while_cloned() {
     const LABEL_SHA256: &str = "stratus.io/image-sha256";
     const LABEL_VM: &str = "stratus.io/vm";

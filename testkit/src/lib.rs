@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 
+mod stack;
+
 pub const INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-a";
 pub const OTHER_INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-b";
 
@@ -400,9 +402,30 @@ impl Pdiskd {
         netns: Option<&NetNs>,
         extra_args: &[&str],
     ) -> Pdiskd {
-        let data_dir = pool.dir.path().join("data");
         let pool_dir = pool.mnt.join("pool");
-        let import_dir = pool.mnt.join("import");
+        let mut args: Vec<String> = vec![
+            "--pool-dir".into(),
+            pool_dir.display().to_string(),
+            "--portal".into(),
+            tgtd.portal(),
+            "--tgt-control-port".into(),
+            tgtd.control_port.to_string(),
+        ];
+        args.extend(extra_args.iter().map(|a| a.to_string()));
+        Self::start_on(pool.dir.path(), &pool.mnt, pool_dir, netns, args)
+    }
+
+    /// Starts pdiskd with its store under `scratch`, imports under
+    /// `import_parent`, and the backend/exporter flags in `args`.
+    pub fn start_on(
+        scratch: &Path,
+        import_parent: &Path,
+        pool_dir: PathBuf,
+        netns: Option<&NetNs>,
+        backend_args: Vec<String>,
+    ) -> Pdiskd {
+        let data_dir = scratch.join("data");
+        let import_dir = import_parent.join("import");
         std::fs::create_dir_all(&import_dir).unwrap();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut args = vec![
@@ -410,26 +433,20 @@ impl Pdiskd {
             listen.to_string(),
             "--data-dir".into(),
             data_dir.display().to_string(),
-            "--pool-dir".into(),
-            pool_dir.display().to_string(),
             "--import-dir".into(),
             import_dir.display().to_string(),
-            "--portal".into(),
-            tgtd.portal(),
-            "--tgt-control-port".into(),
-            tgtd.control_port.to_string(),
             "--export-check-interval".into(),
             "1".into(),
             "--log-level".into(),
             "pdisk=debug,info".into(),
         ];
-        args.extend(extra_args.iter().map(|a| a.to_string()));
+        args.extend(backend_args);
         let mut d = Pdiskd {
             listen,
             data_dir,
             pool_dir,
             import_dir,
-            log: pool.dir.path().join("pdiskd.log"),
+            log: scratch.join("pdiskd.log"),
             args,
             child: None,
             netns: netns.map(|n| n.name.clone()),
@@ -573,7 +590,12 @@ impl Initiator {
     }
 
     /// Runs qemu-io commands; Ok(stdout) when every command succeeded.
+    /// On the lvm-lio stack (the lab VM) the kernel's initiator logs in and
+    /// qemu-io works on the block device; elsewhere qemu-io logs in itself.
     pub fn io(&self, cmds: &[&str]) -> Result<String, String> {
+        if stack_kind() == StackKind::LvmLio {
+            return self.kernel_io(cmds);
+        }
         let mut c = Command::new("qemu-io");
         if let Some((_, file)) = &self.chap {
             c.arg("--object")
@@ -598,6 +620,97 @@ impl Initiator {
         }
     }
 
+    /// Logs in with open-iscsi (an iface per initiator name, so ACLs see
+    /// this name), runs qemu-io with O_DIRECT on the LUN's block device, and
+    /// logs out again whatever happened.
+    fn kernel_io(&self, cmds: &[&str]) -> Result<String, String> {
+        let iface = format!("st{:x}", fnv(&self.name));
+        let adm = |args: &[&str]| -> Result<String, String> {
+            let out = run("iscsiadm", args);
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            } else {
+                Err(format!(
+                    "iscsiadm {}: {}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        let _ = adm(&["-m", "iface", "-I", &iface, "-o", "new"]);
+        adm(&[
+            "-m",
+            "iface",
+            "-I",
+            &iface,
+            "-o",
+            "update",
+            "-n",
+            "iface.initiatorname",
+            "-v",
+            &self.name,
+        ])?;
+        let node = |extra: &[&str]| -> Result<String, String> {
+            let mut a = vec![
+                "-m",
+                "node",
+                "-T",
+                &self.target,
+                "-p",
+                &self.portal,
+                "-I",
+                &iface,
+            ];
+            a.extend_from_slice(extra);
+            adm(&a)
+        };
+        node(&["-o", "new"])?;
+        let set = |k: &str, v: &str| node(&["-o", "update", "-n", k, "-v", v]);
+        set("node.session.initial_login_retry_max", "1")?;
+        set("node.conn[0].timeo.login_timeout", "5")?;
+        if let Some((user, file)) = &self.chap {
+            let secret = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+            set("node.session.auth.authmethod", "CHAP")?;
+            set("node.session.auth.username", user)?;
+            set("node.session.auth.password", secret.trim())?;
+        }
+        let result = (|| {
+            node(&["--login"])?;
+            let dev = format!(
+                "/dev/disk/by-path/ip-{}-iscsi-{}-lun-1",
+                self.portal, self.target
+            );
+            let t0 = Instant::now();
+            while !Path::new(&dev).exists() {
+                if t0.elapsed() > Duration::from_secs(30) {
+                    return Err(format!("{dev} did not appear"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut c = Command::new("qemu-io");
+            c.args(["-n", "-f", "raw"]);
+            for cmd in cmds {
+                c.arg("-c").arg(cmd);
+            }
+            let out = c.arg(&dev).output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            if !out.status.success()
+                || stdout.contains("Pattern verification failed")
+                || stdout.contains("failed:")
+                || stderr.contains("can't open")
+            {
+                Err(format!("{stdout}{stderr}"))
+            } else {
+                Ok(stdout)
+            }
+        })();
+        let _ = node(&["--logout"]);
+        let _ = node(&["-o", "delete"]);
+        result
+    }
+
     /// The LUN's size in bytes as the initiator sees it.
     pub fn length(&self) -> Result<u64, String> {
         let out = self.io(&["length"])?;
@@ -619,25 +732,7 @@ impl Initiator {
     }
 }
 
-/// The full stack for one test.
-pub struct Stack {
-    pub pdiskd: Pdiskd,
-    pub tgtd: Tgtd,
-    pub pool: XfsPool,
-}
-
-impl Stack {
-    pub fn start() -> Stack {
-        let pool = XfsPool::new(4096);
-        let tgtd = Tgtd::start(pool.dir.path());
-        let pdiskd = Pdiskd::start(&pool, &tgtd);
-        Stack { pdiskd, tgtd, pool }
-    }
-
-    pub fn initiator(&self, target: &str, name: &str) -> Initiator {
-        Initiator::new(&self.tgtd.portal(), target, name)
-    }
-}
+pub use stack::{stack_kind, Exports, Lio, Pool, Stack, StackKind, ThinPool};
 
 /// A running agentd inside a test namespace.
 pub struct Agentd {
@@ -867,6 +962,12 @@ impl Drop for Httpd {
 }
 
 /// The SHA-256 of a file, as lowercase hex (with sha256sum).
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    })
+}
+
 pub fn sha256_of(path: &Path) -> String {
     run_ok("sha256sum", &[path.to_str().unwrap()])
         .split_whitespace()
