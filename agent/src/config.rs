@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::attach::AttachMode;
 use crate::vmm::AccelChoice;
 use pdisk::config::LogFormat;
 use pdisk::error::{Error, Result};
@@ -40,6 +41,11 @@ pub struct Flags {
     /// Accelerator: auto uses KVM when the CPU and /dev/kvm allow [default: auto]
     #[arg(long, value_enum)]
     pub accel: Option<AccelChoice>,
+    /// How pdisk volumes reach QEMU: qemu (QEMU's own iSCSI initiator) or
+    /// kernel (open-iscsi logs the host in; QEMU opens the SCSI disk)
+    /// [default: qemu]
+    #[arg(long, value_enum)]
+    pub attach: Option<AttachMode>,
     /// This host's iSCSI initiator name [default: iqn.2026-11.io.stratus.agent:HOSTNAME]
     #[arg(long, value_name = "IQN")]
     pub initiator_iqn: Option<String>,
@@ -75,6 +81,7 @@ pub struct Config {
     pub pdisk: Option<String>,
     pub bridge: String,
     pub accel: AccelChoice,
+    pub attach: AttachMode,
     pub initiator_iqn: Iqn,
     pub cpu_overcommit: u32,
     pub reserved_memory: u64,
@@ -118,6 +125,7 @@ impl Flags {
             pdisk: self.pdisk.or(file.pdisk),
             bridge: pick!(bridge, "br0".into()),
             accel: pick!(accel, AccelChoice::Auto),
+            attach: pick!(attach, AttachMode::Qemu),
             initiator_iqn: iqn
                 .parse()
                 .map_err(|e| Error::invalid(format!("initiator-iqn: {e}")))?,
@@ -165,6 +173,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "127.0.0.1:7401");
         assert_eq!(c.accel, AccelChoice::Tcg);
         assert_eq!(c.bridge, "stbr0");
+        assert_eq!(c.attach, AttachMode::Qemu);
         assert!(c
             .initiator_iqn
             .as_str()
@@ -175,6 +184,38 @@ mod tests {
         assert!(Flags::parse_from(["agentd", "--bridge", "a/b"])
             .resolve()
             .is_err());
+    }
+
+    #[test]
+    fn attach_mode_from_flag_or_toml() {
+        let c = Flags::parse_from(["agentd", "--attach", "kernel"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.attach, AttachMode::Kernel);
+        assert!(Flags::try_parse_from(["agentd", "--attach", "libiscsi"]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(&f, "attach = \"kernel\"\n").unwrap();
+        let c = Flags::parse_from(["agentd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.attach, AttachMode::Kernel);
+        let c = Flags::parse_from([
+            "agentd",
+            "--config",
+            f.to_str().unwrap(),
+            "--attach",
+            "qemu",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.attach, AttachMode::Qemu);
+        std::fs::write(&f, "attach = \"iscsi\"\n").unwrap();
+        assert!(
+            Flags::parse_from(["agentd", "--config", f.to_str().unwrap()])
+                .resolve()
+                .is_err()
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! agent: the per-host daemon that runs QEMU/KVM guests for a Stratus cloud.
 //!
 //! Module map (see ARCHITECTURE.md for the invariants):
+//! - [`attach`]: how iSCSI disks reach QEMU; the kernel initiator
+//!   (iscsiadm, sysfs scan, by-path devices, shared sessions counted);
 //! - [`spec`]: validated guest specs, states, event types and causes;
 //! - [`store`]: guest records and the event journal, committed together;
 //! - [`vmm`]: QEMU command lines, launching, accelerator choice;
@@ -13,6 +15,7 @@
 //! - [`grpc`]: the tonic `VmService`, message conversion only;
 //! - [`config`]: agentd settings from flags and TOML.
 
+pub mod attach;
 pub mod config;
 pub mod grpc;
 pub mod images;

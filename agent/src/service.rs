@@ -2,9 +2,11 @@
 //! monitors, and the start-up reconciliation. The gRPC layer only converts.
 //!
 //! Ownership: agentd owns, per guest, its directory under `STATE_DIR/vms/`,
-//! its taps (named from the VM UUID, see [`net::tap_name_for`]), and the
-//! pdisk exports it asked for on the guest's behalf. QEMU processes are
-//! daemonized and owned by init; agentd finds them again by pid file + UUID.
+//! its taps (named from the VM UUID, see [`net::tap_name_for`]), the pdisk
+//! exports it asked for on the guest's behalf and, with `--attach kernel`,
+//! the iSCSI sessions and SCSI disks of those exports ([`crate::attach`]).
+//! QEMU processes are daemonized and owned by init; agentd finds them again
+//! by pid file + UUID.
 //!
 //! Crash safety: every state change is committed with its events in one
 //! transaction. Attachments (exports, taps) are recorded in the guest's
@@ -27,6 +29,7 @@ use tokio::sync::broadcast;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use crate::attach::{AttachMode, Holder, IscsiLun, KernelAttacher, KernelDisk, KernelOptions};
 use crate::net;
 use crate::qmp::{Qmp, QmpEventKind};
 use crate::seed;
@@ -44,6 +47,8 @@ pub struct AgentSettings {
     pub state_dir: PathBuf,
     pub default_bridge: String,
     pub initiator_iqn: String,
+    /// How pdisk disks reach QEMU: its own iSCSI initiator or the kernel's.
+    pub attach: AttachMode,
     /// pdiskd's URL; None when this host runs no pdisk disks.
     pub pdisk_url: Option<String>,
     /// vCPUs promised to guests may reach host CPUs times this.
@@ -116,6 +121,9 @@ pub struct Agent {
     settings: AgentSettings,
     host: HostFacts,
     pdisk: Option<VolumeServiceClient<Channel>>,
+    /// The kernel's iSCSI initiator: used for new disks with `--attach
+    /// kernel`, and always for undoing disks recorded as kernel-attached.
+    kernel: KernelAttacher,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// QMP clients of guests whose monitor runs.
     qmp: Mutex<HashMap<Uuid, Qmp>>,
@@ -182,12 +190,15 @@ impl Agent {
                 ..Default::default()
             },
         )?;
+        let kernel =
+            KernelAttacher::new(runner.clone(), KernelOptions::new(&settings.initiator_iqn));
         Ok(Arc::new(Agent {
             store,
             runner,
             settings,
             host,
             pdisk,
+            kernel,
             locks: Mutex::default(),
             qmp: Mutex::default(),
             create_lock: tokio::sync::Mutex::new(()),
@@ -208,6 +219,10 @@ impl Agent {
 
     pub fn host_facts(&self) -> &HostFacts {
         &self.host
+    }
+
+    pub fn kernel_initiator(&self) -> &KernelAttacher {
+        &self.kernel
     }
 
     async fn lock(&self, id: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
@@ -394,39 +409,8 @@ impl Agent {
             };
             let (backend, mut att) = match &source {
                 DiskSource::Pdisk(volume) => {
-                    let secret = random_secret();
-                    let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
-                    let secret_file = dir.join(format!("chap-{device}"));
-                    write_secret(&secret_file, &secret)?;
-                    let mut c = self.pdisk()?;
-                    let e = c
-                        .export_volume(pdpb::ExportVolumeRequest {
-                            volume: volume.clone(),
-                            initiators: vec![self.settings.initiator_iqn.clone()],
-                            chap: Some(pdpb::ChapCredentials {
-                                user: user.clone(),
-                                secret,
-                            }),
-                        })
-                        .await
-                        .map_err(|s| status_error(s, &format!("exporting pdisk volume {volume}")))?
-                        .into_inner();
-                    (
-                        DiskBackend::Iscsi {
-                            portal: e.portal.clone(),
-                            target: e.target_iqn.clone(),
-                            lun: e.lun,
-                            initiator: self.settings.initiator_iqn.clone(),
-                            chap: Some((user, secret_file)),
-                        },
-                        DiskAttachment {
-                            device: device.clone(),
-                            source: format!("pdisk:{volume}"),
-                            attachment: e.url,
-                            read_only: d.read_only,
-                            pdisk_volume: Some(e.volume_uuid),
-                        },
-                    )
+                    self.attach_pdisk(vm, &dir, &device, volume, d.read_only)
+                        .await?
                 }
                 DiskSource::Image { .. } => {
                     return Err(Error::internal("image disk was not resolved"));
@@ -448,6 +432,8 @@ impl Agent {
                             attachment: path.display().to_string(),
                             read_only: d.read_only,
                             pdisk_volume: None,
+                            mode: AttachMode::Qemu,
+                            kernel: None,
                         },
                     )
                 }
@@ -480,6 +466,8 @@ impl Agent {
                 attachment: path.display().to_string(),
                 read_only: true,
                 pdisk_volume: None,
+                mode: AttachMode::Qemu,
+                kernel: None,
             };
             let detail = format!(
                 "{device} seed hostname={}",
@@ -578,8 +566,92 @@ impl Agent {
         Ok(())
     }
 
-    /// Undoes a guest's attachments: kills a leftover QEMU, unexports its
-    /// pdisk disks, deletes its taps, secrets and seed. Returns the events to commit.
+    /// Exports a pdisk volume to this host with a fresh CHAP secret and says
+    /// how QEMU reaches it: by its own initiator (the secret in a 0600 file
+    /// QEMU reads), or with `--attach kernel` through the host's (the secret
+    /// only in open-iscsi's node record). A kernel attachment is recorded in
+    /// the guest's runtime before the login, so that a crash or a failure
+    /// from there on is undone by [`Agent::tear_down`].
+    async fn attach_pdisk(
+        &self,
+        vm: &mut VmRecord,
+        dir: &Path,
+        device: &str,
+        volume: &str,
+        read_only: bool,
+    ) -> Result<(DiskBackend, DiskAttachment)> {
+        let kernel = self.settings.attach == AttachMode::Kernel;
+        let secret = random_secret();
+        let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
+        let chap = pdisk::types::Chap::new(&user, &secret)?;
+        let secret_file = dir.join(format!("chap-{device}"));
+        if !kernel {
+            write_secret(&secret_file, &secret)?;
+        }
+        let mut c = self.pdisk()?;
+        let e = c
+            .export_volume(pdpb::ExportVolumeRequest {
+                volume: volume.to_string(),
+                initiators: vec![self.settings.initiator_iqn.clone()],
+                chap: Some(pdpb::ChapCredentials {
+                    user: user.clone(),
+                    secret,
+                }),
+            })
+            .await
+            .map_err(|s| status_error(s, &format!("exporting pdisk volume {volume}")))?
+            .into_inner();
+        let mut att = DiskAttachment {
+            device: device.to_string(),
+            source: format!("pdisk:{volume}"),
+            attachment: e.url,
+            read_only,
+            pdisk_volume: Some(e.volume_uuid),
+            mode: AttachMode::Qemu,
+            kernel: None,
+        };
+        if !kernel {
+            let backend = DiskBackend::Iscsi {
+                portal: e.portal,
+                target: e.target_iqn,
+                lun: e.lun,
+                initiator: self.settings.initiator_iqn.clone(),
+                chap: Some((user, secret_file)),
+            };
+            return Ok((backend, att));
+        }
+        let lun = IscsiLun::resolve(&e.portal, &e.target_iqn, e.lun).await;
+        att.mode = AttachMode::Kernel;
+        att.kernel = lun.as_ref().ok().map(|l| KernelDisk {
+            lun: l.clone(),
+            device: None,
+        });
+        // Recorded before the login (the export too, should the LUN be bad).
+        vm.runtime
+            .as_mut()
+            .expect("runtime")
+            .disks
+            .push(att.clone());
+        self.commit(vm, &[])?;
+        let lun = lun?;
+        let got = self
+            .kernel
+            .attach(&Holder::disk(vm.uuid, device), &lun, Some(&chap))
+            .await?;
+        // The caller records the finished attachment with its event.
+        vm.runtime.as_mut().expect("runtime").disks.pop();
+        att.attachment = got.device.display().to_string();
+        att.kernel = Some(KernelDisk {
+            lun,
+            device: Some(got.device.clone()),
+        });
+        Ok((DiskBackend::HostDevice { path: got.device }, att))
+    }
+
+    /// Undoes a guest's attachments: kills a leftover QEMU, detaches its
+    /// kernel-attached disks (logging out of sessions no one else holds),
+    /// unexports its pdisk disks, deletes its taps, secrets and seed.
+    /// Returns the events to commit.
     async fn tear_down(&self, vm: &mut VmRecord) -> Vec<NewEvent> {
         let mut events = Vec::new();
         self.qmp.lock().unwrap().remove(&vm.uuid);
@@ -595,6 +667,18 @@ impl Agent {
             vmm::wait_gone(pid, vm.uuid, Duration::from_secs(10)).await;
         }
         for d in rt.disks.iter().rev() {
+            // Before the unexport: the session must not outlive its target.
+            if let (AttachMode::Kernel, Some(k)) = (d.mode, &d.kernel) {
+                if let Err(e) = self
+                    .kernel
+                    .detach(&Holder::disk(vm.uuid, &d.device), &k.lun)
+                    .await
+                {
+                    tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
+                        "could not detach the kernel iSCSI disk; \
+                         an unused session is logged out at the next start");
+                }
+            }
             if let Some(volume) = &d.pdisk_volume {
                 if let Err(e) = self.unexport(volume).await {
                     tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
@@ -1000,12 +1084,22 @@ impl Agent {
     // ---------- reconciliation ----------
 
     /// At start: adopts every live QEMU, records the guests that ended while
-    /// agentd was away, and removes leftover taps of guests that are gone.
+    /// agentd was away, removes leftover taps of guests that are gone, and
+    /// logs out of kernel iSCSI sessions that no guest's record holds.
     /// Returns human lines saying what it did.
     pub async fn reconcile(self: &Arc<Self>) -> Result<Vec<String>> {
         let mut report = Vec::new();
         for vm in self.store.vms()? {
             self.repin(&vm);
+            // Every recorded kernel attachment holds its session, before any
+            // dead guest's detach can count it down.
+            for d in vm.runtime.iter().flat_map(|r| &r.disks) {
+                if let (AttachMode::Kernel, Some(k)) = (d.mode, &d.kernel) {
+                    self.kernel
+                        .adopt(Holder::disk(vm.uuid, &d.device), &k.lun)
+                        .await;
+                }
+            }
         }
         for vm in self.store.vms()? {
             if !vm.state.is_active() {
@@ -1088,6 +1182,8 @@ impl Agent {
                 }
             }
         }
+        // Sessions on our iface that no record holds (a crash, a failed logout).
+        report.extend(self.kernel.reap_orphans().await);
         for line in &report {
             tracing::info!(action = %line, "reconcile");
         }

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use crate::attach::{AttachMode, KernelDisk};
 use crate::spec::{Cause, EventType, VmSpec, VmState};
 use pdisk::error::{Error, Result};
 
@@ -31,11 +32,20 @@ pub struct DiskAttachment {
     /// vda, vdb, ...
     pub device: String,
     pub source: String,
-    /// The iscsi:// URL or the file path QEMU opened.
+    /// The iscsi:// URL, the file path or the block device QEMU opened.
     pub attachment: String,
     pub read_only: bool,
     /// For pdisk disks: the volume UUID, to unexport on stop.
     pub pdisk_volume: Option<String>,
+    /// How the host reached the disk: by QEMU itself (files, QEMU's iSCSI
+    /// initiator) or by the kernel's initiator. Records from before kernel
+    /// attach existed read as qemu.
+    #[serde(default)]
+    pub mode: AttachMode,
+    /// For kernel attachments: the LUN to detach and log out of. Recorded
+    /// before the login, so a crash mid-attach leaves enough to undo it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelDisk>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,6 +365,29 @@ mod tests {
             last_event_seq: 0,
             owned_volumes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn disk_records_from_before_kernel_attach_read_as_qemu() {
+        let old = r#"{"device":"vda","source":"pdisk:v","attachment":"iscsi://127.0.0.1:3260/iqn.x/1","read_only":false,"pdisk_volume":"u"}"#;
+        let d: DiskAttachment = serde_json::from_str(old).unwrap();
+        assert_eq!(d.mode, AttachMode::Qemu);
+        assert_eq!(d.kernel, None);
+        let k = DiskAttachment {
+            mode: AttachMode::Kernel,
+            kernel: Some(KernelDisk {
+                lun: crate::attach::IscsiLun::new(
+                    "127.0.0.1:3260".parse().unwrap(),
+                    "iqn.2026-11.io.stratus.pdisk:v",
+                    1,
+                )
+                .unwrap(),
+                device: Some("/dev/sdb".into()),
+            }),
+            ..d
+        };
+        let back: DiskAttachment = serde_json::from_slice(&encode(&k)).unwrap();
+        assert_eq!(back, k);
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! belongs to init, not to agentd: guests keep running when agentd stops or
 //! crashes, and agentd re-adopts them through their pid file and QMP socket.
 //! Disks are `-blockdev` nodes written as JSON (no comma-escaping of paths)
-//! behind `virtio-blk-pci`; NICs are `virtio-net-pci` on taps that agentd
-//! made; CHAP secrets reach QEMU through `-object secret,file=`, never argv.
+//! behind `virtio-blk-pci`: QEMU's own iSCSI initiator, files, or block
+//! devices the kernel's initiator attached (`host_device`, see `attach`).
+//! NICs are `virtio-net-pci` on taps that agentd made; CHAP secrets reach
+//! QEMU through `-object secret,file=`, never argv.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -103,6 +105,9 @@ pub enum DiskBackend {
         /// "raw" or "qcow2"
         format: String,
     },
+    /// A host block device: an iSCSI LUN the kernel's initiator attached
+    /// (`/dev/sdX`), raw.
+    HostDevice { path: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +230,21 @@ impl LaunchPlan {
                             "filename": path,
                             "aio": aio,
                             "cache": {"direct": direct},
+                        },
+                    })
+                }
+                DiskBackend::HostDevice { path } => {
+                    // Like file disks: no host page cache, io_uring or
+                    // native AIO (a block device always takes O_DIRECT).
+                    json!({
+                        "driver": "raw",
+                        "node-name": node,
+                        "read-only": d.read_only,
+                        "file": {
+                            "driver": "host_device",
+                            "filename": path,
+                            "aio": if self.io_uring { "io_uring" } else { "native" },
+                            "cache": {"direct": true},
                         },
                     })
                 }
@@ -483,6 +503,28 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(bd).unwrap();
         assert_eq!(v["file"]["filename"], "/images/a,b.qcow2");
         assert_eq!(v["read-only"], true);
+    }
+
+    #[test]
+    fn kernel_attached_disks_are_raw_host_devices_with_direct_io() {
+        let mut p = plan();
+        p.disks[0].backend = DiskBackend::HostDevice {
+            path: "/dev/sdc".into(),
+        };
+        for (io_uring, aio) in [(true, "io_uring"), (false, "native")] {
+            p.io_uring = io_uring;
+            let a = p.argv();
+            assert!(!a.iter().any(|x| x.contains("secret")), "{a:?}");
+            let bd = a.iter().find(|x| x.contains("/dev/sdc")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+            assert_eq!(v["driver"], "raw");
+            assert_eq!(v["node-name"], "vda");
+            assert_eq!(v["read-only"], false);
+            assert_eq!(v["file"]["driver"], "host_device");
+            assert_eq!(v["file"]["filename"], "/dev/sdc");
+            assert_eq!(v["file"]["aio"], aio);
+            assert_eq!(v["file"]["cache"]["direct"], true);
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
+use crate::backend::lvm::{LvmName, LvmSettings, Wipe};
 use crate::error::{Error, Result};
 use crate::types::Iqn;
 
@@ -18,6 +19,8 @@ use crate::types::Iqn;
 pub enum BackendKind {
     /// Sparse files on a (preferably reflink-capable) filesystem.
     File,
+    /// Thin LVs in an LVM thin pool (--vg, --thin-pool).
+    Lvm,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -25,6 +28,8 @@ pub enum BackendKind {
 pub enum ExporterKind {
     /// Userspace tgtd, driven by tgtadm.
     Tgt,
+    /// The kernel's LIO target, configured through configfs.
+    Lio,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
@@ -56,6 +61,31 @@ pub struct Flags {
     /// Pool directory of the file backend [default: DATA_DIR/pool]
     #[arg(long, value_name = "DIR")]
     pub pool_dir: Option<PathBuf>,
+    /// lvm backend: the volume group holding the thin pool (required with
+    /// --backend lvm)
+    #[arg(long, value_name = "NAME")]
+    pub vg: Option<String>,
+    /// lvm backend: the thin pool volumes live in (required with --backend
+    /// lvm)
+    #[arg(long, value_name = "NAME")]
+    pub thin_pool: Option<String>,
+    /// lvm backend: when the VG has no thin pool yet, create THIN_POOL from
+    /// 95% of the VG's free space (zeroing new blocks, passing discards
+    /// down); the other 5% leaves room to grow the pool's metadata. Refused
+    /// when the VG already has a thin pool of another name.
+    #[arg(long)]
+    pub lvm_create_pool: bool,
+    /// lvm backend: refuse creating, growing, cloning and snapshotting once
+    /// the thin pool's data or metadata usage would pass this percentage
+    /// [default: 90]
+    #[arg(long, value_name = "PERCENT")]
+    pub thin_threshold: Option<f64>,
+    /// lvm backend: what delete does to an LV's data before removing it:
+    /// none (the thin pool discards its blocks) or zero (overwrite it with
+    /// blkdiscard --zeroout first: slow, provisions the whole LV while it
+    /// runs) [default: none]
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub lvm_wipe: Option<Wipe>,
     /// iSCSI exporter [default: tgt]
     #[arg(long = "export", value_enum)]
     #[serde(rename = "export")]
@@ -70,6 +100,9 @@ pub struct Flags {
     /// aio (skips flushes: not crash-safe) [default: rdwr]
     #[arg(long, value_name = "TYPE")]
     pub tgt_bstype: Option<String>,
+    /// lio exporter: where configfs is mounted [default: /sys/kernel/config]
+    #[arg(long, value_name = "DIR")]
+    pub lio_configfs: Option<PathBuf>,
     /// Prefix of target IQNs [default: iqn.2026-11.io.stratus.pdisk]
     #[arg(long, value_name = "IQN")]
     pub iqn_prefix: Option<String>,
@@ -98,10 +131,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub backend: BackendKind,
     pub pool_dir: PathBuf,
+    /// Set when `backend` is lvm.
+    pub lvm: Option<LvmSettings>,
     pub exporter: ExporterKind,
     pub portal: String,
     pub tgt_control_port: u32,
     pub tgt_bstype: String,
+    pub lio_configfs: PathBuf,
     pub iqn_prefix: String,
     pub import_dirs: Vec<PathBuf>,
     pub max_overcommit: f64,
@@ -145,15 +181,22 @@ impl Flags {
                 self.$f.or(file.$f).unwrap_or_else(|| $default)
             };
         }
+        let backend = pick!(backend, BackendKind::File);
+        let mut lvm = self.lvm_settings(&file, backend)?;
         let data_dir = pick!(data_dir, PathBuf::from("/var/lib/pdisk"));
+        if let Some(l) = &mut lvm {
+            l.staging_dir = data_dir.join("staging");
+        }
         let cfg = Config {
             listen: pick!(listen, "127.0.0.1:7400".parse().unwrap()),
-            backend: pick!(backend, BackendKind::File),
+            backend,
+            lvm,
             pool_dir: pick!(pool_dir, data_dir.join("pool")),
             exporter: pick!(exporter, ExporterKind::Tgt),
             portal: pick!(portal, "127.0.0.1:3260".into()),
             tgt_control_port: pick!(tgt_control_port, 0),
             tgt_bstype: pick!(tgt_bstype, "rdwr".into()),
+            lio_configfs: pick!(lio_configfs, PathBuf::from("/sys/kernel/config")),
             iqn_prefix: pick!(iqn_prefix, "iqn.2026-11.io.stratus.pdisk".into()),
             import_dirs: pick!(import_dirs, vec![data_dir.join("import")]),
             max_overcommit: pick!(max_overcommit, 20.0),
@@ -167,6 +210,49 @@ impl Flags {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The lvm backend's settings, validated (names LVM accepts, so nothing
+    /// odd reaches argv), staging under the data dir; None for other
+    /// backends, which take no lvm keys.
+    fn lvm_settings(&self, file: &Flags, backend: BackendKind) -> Result<Option<LvmSettings>> {
+        let vg = self.vg.clone().or(file.vg.clone());
+        let thin_pool = self.thin_pool.clone().or(file.thin_pool.clone());
+        let create_pool = self.lvm_create_pool || file.lvm_create_pool;
+        let threshold = self.thin_threshold.or(file.thin_threshold);
+        let wipe = self.lvm_wipe.or(file.lvm_wipe);
+        if backend != BackendKind::Lvm {
+            if vg.is_some()
+                || thin_pool.is_some()
+                || create_pool
+                || threshold.is_some()
+                || wipe.is_some()
+            {
+                return Err(Error::invalid(
+                    "vg, thin-pool, lvm-create-pool, thin-threshold and lvm-wipe are settings of the lvm backend: set backend = lvm or remove them",
+                ));
+            }
+            return Ok(None);
+        }
+        let (Some(vg), Some(thin_pool)) = (vg, thin_pool) else {
+            return Err(Error::invalid(
+                "the lvm backend needs --vg and --thin-pool (vg and thin_pool in the config file)",
+            ));
+        };
+        let threshold_percent = threshold.unwrap_or(90.0);
+        if !(threshold_percent > 0.0 && threshold_percent <= 100.0) {
+            return Err(Error::invalid(
+                "thin-threshold must be a percentage above 0 and at most 100",
+            ));
+        }
+        Ok(Some(LvmSettings {
+            vg: LvmName::vg(&vg).map_err(|e| e.context("vg"))?,
+            thin_pool: LvmName::lv(&thin_pool).map_err(|e| e.context("thin-pool"))?,
+            create_pool,
+            threshold_percent,
+            wipe: wipe.unwrap_or_default(),
+            staging_dir: PathBuf::new(),
+        }))
     }
 }
 
@@ -245,6 +331,103 @@ mod tests {
     }
 
     #[test]
+    fn lvm_backend_needs_valid_vg_and_thin_pool() {
+        let c = Flags::parse_from([
+            "pdiskd",
+            "--backend",
+            "lvm",
+            "--vg",
+            "stratus",
+            "--thin-pool",
+            "pool",
+            "--data-dir",
+            "/srv/pdisk",
+            "--lvm-wipe",
+            "zero",
+        ])
+        .resolve()
+        .unwrap();
+        let l = c.lvm.unwrap();
+        assert_eq!((l.vg.as_str(), l.thin_pool.as_str()), ("stratus", "pool"));
+        assert_eq!((l.threshold_percent, l.wipe), (90.0, Wipe::Zero));
+        assert!(!l.create_pool);
+        assert_eq!(l.staging_dir, PathBuf::from("/srv/pdisk/staging"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pdiskd.toml");
+        std::fs::write(
+            &f,
+            "backend = \"lvm\"\nvg = \"vg0\"\nthin_pool = \"tp\"\nlvm_create_pool = true\nthin_threshold = 85.5\nlvm_wipe = \"none\"\n",
+        )
+        .unwrap();
+        let l = Flags::parse_from(["pdiskd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap()
+            .lvm
+            .unwrap();
+        assert!(l.create_pool);
+        assert_eq!((l.threshold_percent, l.wipe), (85.5, Wipe::None));
+
+        for (args, why) in [
+            (vec!["--backend", "lvm", "--vg", "stratus"], "--thin-pool"),
+            (
+                vec!["--backend", "lvm", "--vg=-rf", "--thin-pool", "p"],
+                "vg",
+            ),
+            (
+                vec!["--backend", "lvm", "--vg", "v g", "--thin-pool", "p"],
+                "vg",
+            ),
+            (
+                vec!["--backend", "lvm", "--vg", "v", "--thin-pool", "p/../x"],
+                "thin-pool",
+            ),
+            (
+                vec!["--backend", "lvm", "--vg", "v", "--thin-pool", "p_tmeta"],
+                "thin-pool",
+            ),
+            (
+                vec![
+                    "--backend",
+                    "lvm",
+                    "--vg",
+                    "v",
+                    "--thin-pool",
+                    "p",
+                    "--thin-threshold",
+                    "120",
+                ],
+                "thin-threshold",
+            ),
+            (vec!["--vg", "stratus"], "lvm backend"),
+            (vec!["--lvm-create-pool"], "lvm backend"),
+        ] {
+            let e = Flags::parse_from(std::iter::once("pdiskd").chain(args.iter().copied()))
+                .resolve()
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
+            assert!(e.message().contains(why), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn lio_exporter_and_its_configfs_root() {
+        let c = Flags::parse_from(["pdiskd", "--export", "lio"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.exporter, ExporterKind::Lio);
+        assert_eq!(c.lio_configfs, PathBuf::from("/sys/kernel/config"));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pdiskd.toml");
+        std::fs::write(&f, "export = \"lio\"\nlio_configfs = \"/mnt/cfg\"\n").unwrap();
+        let c = Flags::parse_from(["pdiskd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.exporter, ExporterKind::Lio);
+        assert_eq!(c.lio_configfs, PathBuf::from("/mnt/cfg"));
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pdiskd.toml");
@@ -254,5 +437,24 @@ mod tests {
             .unwrap();
         assert_eq!(c.pool_dir, PathBuf::from("/srv/pdisk/pool"));
         assert_eq!(c.log_format, LogFormat::Json);
+
+        // Its commented lvm settings are valid too, once uncommented.
+        let lvm: String = include_str!("../../examples/pdiskd.toml")
+            .lines()
+            .filter(|l| *l != "backend = \"file\"")
+            .map(|l| match l.strip_prefix("# ") {
+                Some(kv) if kv.contains(" = ") => kv,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&f, lvm).unwrap();
+        let c = Flags::parse_from(["pdiskd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.backend, BackendKind::Lvm);
+        let l = c.lvm.unwrap();
+        assert_eq!((l.vg.as_str(), l.thin_pool.as_str()), ("stratus", "pool"));
+        assert!(l.create_pool);
     }
 }

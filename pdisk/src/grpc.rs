@@ -106,6 +106,9 @@ fn pool_pb(p: PoolInfo) -> pb::Pool {
         exporter_status: p.exporter_status,
         max_overcommit: p.max_overcommit,
         location: p.location,
+        data_percent: p.thin.as_ref().map(|t| t.data_percent),
+        metadata_percent: p.thin.as_ref().map(|t| t.metadata_percent),
+        thin_threshold_percent: p.thin.as_ref().map(|t| t.threshold_percent),
     }
 }
 
@@ -180,7 +183,7 @@ impl VolumeService for Api {
         let name: crate::types::VolumeName = header.name.parse()?;
         crate::types::validate_labels(header.labels.iter())?;
         let format = image_format(header.format)?;
-        if self.svc.get_volume(name.as_str()).is_ok() {
+        if self.svc.get_volume(name.as_str()).await.is_ok() {
             return Err(Error::exists(format!("volume {name} already exists")).into());
         }
         let staged = StagedUpload(
@@ -241,7 +244,7 @@ impl VolumeService for Api {
         req: Request<pb::GetVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         Ok(Response::new(volume_pb(
-            self.svc.get_volume(&req.into_inner().volume)?,
+            self.svc.get_volume(&req.into_inner().volume).await?,
         )))
     }
 
@@ -252,7 +255,8 @@ impl VolumeService for Api {
         let sel = labels(req.into_inner().label_selector);
         let volumes = self
             .svc
-            .list_volumes(&sel)?
+            .list_volumes(&sel)
+            .await?
             .into_iter()
             .map(volume_pb)
             .collect();
@@ -313,7 +317,8 @@ impl VolumeService for Api {
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         let snapshots = self
             .svc
-            .list_snapshots(&req.into_inner().volume)?
+            .list_snapshots(&req.into_inner().volume)
+            .await?
             .into_iter()
             .map(snapshot_pb)
             .collect();

@@ -27,7 +27,7 @@ use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
 
 use crate::backend::checksum::sha256_sparse;
-use crate::backend::{image, Backend, ImageFormat, ObjectId};
+use crate::backend::{image, Backend, ImageFormat, ObjectId, ThinUsage};
 use crate::error::{Error, ErrorKind, Result};
 use crate::export::{ExportSpec, Exporter, RestoreReport};
 use crate::progress::ProgressHub;
@@ -159,6 +159,8 @@ pub struct PoolInfo {
     pub last_reconciled_at: String,
     pub exporter_status: String,
     pub max_overcommit: f64,
+    /// Thin pools: data and metadata fill, and the refusal threshold.
+    pub thin: Option<ThinUsage>,
 }
 
 #[derive(Default)]
@@ -266,10 +268,23 @@ impl PoolService {
 
     // ---------- views ----------
 
-    fn volume_info(&self, record: VolumeRecord) -> Result<VolumeInfo> {
+    /// The volume with its allocation asked of the pool.
+    async fn volume_info(&self, record: VolumeRecord) -> Result<VolumeInfo> {
+        let allocated = if record.state == VolumeState::Ready {
+            self.backend
+                .allocated(ObjectId::Volume(record.uuid))
+                .await
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        self.volume_info_with(record, allocated)
+    }
+
+    fn volume_info_with(&self, record: VolumeRecord, allocated: u64) -> Result<VolumeInfo> {
         let id = ObjectId::Volume(record.uuid);
         let allocated = if record.state == VolumeState::Ready {
-            self.backend.allocated(id).unwrap_or(0)
+            allocated
         } else {
             0
         };
@@ -298,16 +313,25 @@ impl PoolService {
             .unwrap_or_default())
     }
 
-    fn snapshot_info(&self, record: SnapshotRecord) -> Result<SnapshotInfo> {
+    fn snapshot_info(&self, record: SnapshotRecord, allocated: u64) -> Result<SnapshotInfo> {
         let volume_name = self.volume_name(record.volume)?;
         Ok(SnapshotInfo {
-            allocated: self
-                .backend
-                .allocated(ObjectId::Snapshot(record.uuid))
-                .unwrap_or(0),
+            allocated,
             volume_name,
             record,
         })
+    }
+
+    /// Allocation of every object, from one look at the pool; empty (all
+    /// reported as 0) when the pool cannot be read, so listings still work.
+    async fn allocations(&self) -> std::collections::BTreeMap<ObjectId, u64> {
+        match self.backend.list().await {
+            Ok(l) => l.allocated,
+            Err(e) => {
+                tracing::warn!(error = %e, "pool not readable; allocations reported as 0");
+                Default::default()
+            }
+        }
     }
 
     fn export_info(&self, record: ExportRecord) -> Result<ExportInfo> {
@@ -328,9 +352,24 @@ impl PoolService {
         Ok(v + s)
     }
 
-    /// Refuses to provision `extra` more bytes past capacity x overcommit.
-    fn check_capacity(&self, what: &str, extra: u64) -> Result<()> {
-        let usage = self.backend.usage()?;
+    /// A requested size rounded up to whole MiB and to the backend's
+    /// granularity (an LVM extent), so records match what the pool holds.
+    fn volume_size(&self, bytes: u64) -> Result<ByteSize> {
+        let s = ByteSize::volume_size(bytes)?;
+        let g = self.backend.size_granularity().max(1);
+        let aligned =
+            s.0.checked_next_multiple_of(g)
+                .ok_or_else(|| Error::invalid(format!("size {bytes} is too large")))?;
+        ByteSize::volume_size(aligned)
+    }
+
+    /// Refuses to provision `extra` more bytes past capacity x overcommit,
+    /// and (thin pools) anything once the pool's data or metadata usage,
+    /// with `written` more bytes of data, would pass its threshold. One
+    /// look at the pool.
+    async fn check_capacity(&self, what: &str, extra: u64, written: u64) -> Result<()> {
+        let usage = self.backend.usage().await?;
+        usage.check_room(what, written)?;
         let limit = (usage.capacity as f64 * self.settings.max_overcommit) as u64;
         let provisioned = self.provisioned()?;
         if provisioned.saturating_add(extra) > limit {
@@ -348,17 +387,24 @@ impl PoolService {
 
     // ---------- volumes ----------
 
-    pub fn get_volume(&self, r: &str) -> Result<VolumeInfo> {
+    pub async fn get_volume(&self, r: &str) -> Result<VolumeInfo> {
         let rec = self.store.find_volume(r)?;
-        self.volume_info(rec)
+        self.volume_info(rec).await
     }
 
-    pub fn list_volumes(&self, selector: &Labels) -> Result<Vec<VolumeInfo>> {
+    pub async fn list_volumes(&self, selector: &Labels) -> Result<Vec<VolumeInfo>> {
+        let allocated = self.allocations().await;
         self.store
             .volumes()?
             .into_iter()
             .filter(|v| selector.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
-            .map(|v| self.volume_info(v))
+            .map(|v| {
+                let a = allocated
+                    .get(&ObjectId::Volume(v.uuid))
+                    .copied()
+                    .unwrap_or(0);
+                self.volume_info_with(v, a)
+            })
             .collect()
     }
 
@@ -510,8 +556,15 @@ impl PoolService {
                 ByteSize(source_size)
             )));
         }
-        let size = ByteSize::volume_size(req.size.max(source_size))?;
-        self.check_capacity(&format!("volume {name}"), size.0)?;
+        let size = self.volume_size(req.size.max(source_size))?;
+        // Thin pools: an import writes about the image's allocated bytes at
+        // once; a new empty volume or a clone writes nothing yet.
+        let written = match &plan {
+            Plan::Image(path, _, _) => crate::backend::copy::allocated_bytes(path).unwrap_or(0),
+            Plan::Empty | Plan::Copy(..) => 0,
+        };
+        self.check_capacity(&format!("volume {name}"), size.0, written)
+            .await?;
 
         let source = match &plan {
             Plan::Empty => Source::Empty,
@@ -556,12 +609,13 @@ impl PoolService {
         if is_image_base(&rec) {
             self.backend
                 .set_read_only(ObjectId::Volume(rec.uuid))
+                .await
                 .map_err(|e| e.context(format!("volume {}", rec.name)))?;
         }
         rec.state = VolumeState::Ready;
         self.store.update_volume(&rec)?;
         tracing::info!(volume = %rec.name, uuid = %rec.uuid, size = rec.size.0, source = %rec.source.describe(), "volume created");
-        self.volume_info(rec)
+        self.volume_info(rec).await
     }
 
     pub async fn clone_volume(
@@ -628,7 +682,7 @@ impl PoolService {
     }
 
     pub async fn resize_volume(&self, r: &str, size: u64) -> Result<VolumeInfo> {
-        let new = ByteSize::volume_size(size)?;
+        let new = self.volume_size(size)?;
         let rec = self.store.find_volume(r)?;
         let _g = self.locks.lock(rec.uuid).await;
         let mut rec = self.store.find_volume(&rec.uuid.to_string())?;
@@ -641,9 +695,10 @@ impl PoolService {
             )));
         }
         if new == rec.size {
-            return self.volume_info(rec);
+            return self.volume_info(rec).await;
         }
-        self.check_capacity(&format!("volume {}", rec.name), new.0 - rec.size.0)?;
+        self.check_capacity(&format!("volume {}", rec.name), new.0 - rec.size.0, 0)
+            .await?;
         self.backend
             .resize(ObjectId::Volume(rec.uuid), new.0)
             .await?;
@@ -659,7 +714,7 @@ impl PoolService {
             })?;
         }
         tracing::info!(volume = %rec.name, size = new.0, "volume resized");
-        self.volume_info(rec)
+        self.volume_info(rec).await
     }
 
     // ---------- snapshots ----------
@@ -677,7 +732,8 @@ impl PoolService {
             let _g = self.locks.lock(vol.uuid).await;
             let vol = self.store.find_volume(&vol.uuid.to_string())?;
             require_ready(&vol)?;
-            self.check_capacity(&format!("snapshot {name}"), vol.size.0)?;
+            self.check_capacity(&format!("snapshot {name}"), vol.size.0, 0)
+                .await?;
             let mut rec = SnapshotRecord {
                 uuid: Uuid::new_v4(),
                 name,
@@ -699,24 +755,36 @@ impl PoolService {
             rec.complete = true;
             self.store.update_snapshot(&rec)?;
             tracing::info!(snapshot = %rec.name, volume = %vol.name, "snapshot created");
-            self.snapshot_info(rec)
+            let allocated = self
+                .backend
+                .allocated(ObjectId::Snapshot(rec.uuid))
+                .await
+                .unwrap_or(0);
+            self.snapshot_info(rec, allocated)
         }
         .await;
         op.finish(&result);
         result
     }
 
-    pub fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
+    pub async fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
         let filter = if volume.is_empty() {
             None
         } else {
             Some(self.store.find_volume(volume)?.uuid)
         };
+        let allocated = self.allocations().await;
         self.store
             .snapshots()?
             .into_iter()
             .filter(|s| filter.is_none_or(|u| s.volume == u))
-            .map(|s| self.snapshot_info(s))
+            .map(|s| {
+                let a = allocated
+                    .get(&ObjectId::Snapshot(s.uuid))
+                    .copied()
+                    .unwrap_or(0);
+                self.snapshot_info(s, a)
+            })
             .collect()
     }
 
@@ -768,7 +836,7 @@ impl PoolService {
                 }
                 (ObjectId::Volume(v.uuid), format!("volume {}", v.name), g)
             };
-            let size = self.backend.size(id).map_err(|e| e.context(&what))?;
+            let size = self.backend.size(id).await.map_err(|e| e.context(&what))?;
             let path = self.backend.device_path(id);
             let report = op.reporter();
             report("checksum", 0, size);
@@ -914,21 +982,15 @@ impl PoolService {
     // ---------- pool ----------
 
     pub async fn pool(&self) -> Result<PoolInfo> {
-        let usage = self.backend.usage()?;
+        let listing = self.backend.list().await?;
+        let usage = listing.usage;
         let vols = self.store.volumes()?;
         let snaps = self.store.snapshots()?;
+        let get = |id| listing.allocated.get(&id).copied().unwrap_or(0);
         let allocated: u64 = vols
             .iter()
-            .map(|v| {
-                self.backend
-                    .allocated(ObjectId::Volume(v.uuid))
-                    .unwrap_or(0)
-            })
-            .chain(snaps.iter().map(|s| {
-                self.backend
-                    .allocated(ObjectId::Snapshot(s.uuid))
-                    .unwrap_or(0)
-            }))
+            .map(|v| get(ObjectId::Volume(v.uuid)))
+            .chain(snaps.iter().map(|s| get(ObjectId::Snapshot(s.uuid))))
             .sum();
         let exporter_status = match self.exporter.check().await {
             Ok(()) => "up".to_string(),
@@ -952,6 +1014,7 @@ impl PoolService {
             last_reconciled_at: rec.at,
             exporter_status,
             max_overcommit: self.settings.max_overcommit,
+            thin: usage.thin,
         })
     }
 
@@ -966,7 +1029,7 @@ impl PoolService {
             at: now(),
             ..Default::default()
         };
-        let listing = self.backend.list()?;
+        let listing = self.backend.list().await?;
         let present: std::collections::BTreeSet<ObjectId> =
             listing.objects.iter().copied().collect();
         let mut known = std::collections::BTreeSet::new();
@@ -975,14 +1038,23 @@ impl PoolService {
             let id = ObjectId::Volume(v.uuid);
             known.insert(id);
             match v.state {
-                VolumeState::Deleting => {
-                    self.backend.delete(id).await?;
-                    self.store.remove_volume(v.uuid)?;
-                    report.actions.push(format!(
-                        "finished the interrupted delete of volume {}",
-                        v.name
-                    ));
-                }
+                // A delete that fails again (an LV still held open, say)
+                // must not keep pdiskd from starting: it is reported and
+                // retried at the next start or by the next DeleteVolume.
+                VolumeState::Deleting => match self.backend.delete(id).await {
+                    Ok(()) => {
+                        self.store.remove_volume(v.uuid)?;
+                        report.actions.push(format!(
+                            "finished the interrupted delete of volume {}",
+                            v.name
+                        ));
+                    }
+                    Err(e) => report.drift.push(Drift {
+                        kind: "volume".into(),
+                        object: v.name.to_string(),
+                        detail: format!("interrupted delete could not be finished: {e}"),
+                    }),
+                },
                 VolumeState::Creating => {
                     v.state = VolumeState::Error;
                     v.state_reason =
@@ -1024,12 +1096,20 @@ impl PoolService {
             let id = ObjectId::Snapshot(s.uuid);
             known.insert(id);
             if !s.complete {
-                self.backend.delete(id).await?;
-                self.store.remove_snapshot(s.uuid)?;
-                report.actions.push(format!(
-                    "dropped snapshot {}: interrupted while being taken",
-                    s.name
-                ));
+                match self.backend.delete(id).await {
+                    Ok(()) => {
+                        self.store.remove_snapshot(s.uuid)?;
+                        report.actions.push(format!(
+                            "dropped snapshot {}: interrupted while being taken",
+                            s.name
+                        ));
+                    }
+                    Err(e) => report.drift.push(Drift {
+                        kind: "snapshot".into(),
+                        object: s.name.to_string(),
+                        detail: format!("interrupted snapshot could not be removed: {e}"),
+                    }),
+                }
             } else if !present.contains(&id) {
                 report.drift.push(Drift {
                     kind: "snapshot".into(),
@@ -1041,16 +1121,21 @@ impl PoolService {
                 });
             }
         }
+        // What an object lives in, for drift reports: a file or an LV.
+        let unit = match self.backend.kind() {
+            "lvm" => "lv",
+            _ => "file",
+        };
         for id in present.difference(&known) {
             report.drift.push(Drift {
-                kind: "file".into(),
+                kind: unit.into(),
                 object: self.backend.device_path(*id).display().to_string(),
                 detail: format!("{id} has data in the pool but no record; left in place"),
             });
         }
         for f in listing.foreign {
             report.drift.push(Drift {
-                kind: "file".into(),
+                kind: unit.into(),
                 object: f,
                 detail: "not a pdisk object; left in place".into(),
             });

@@ -85,8 +85,8 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
         let e = f.svc.create_volume(c.clone()).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{c:?}: {e}");
     }
-    assert!(f.svc.list_volumes(&Labels::new()).unwrap().is_empty());
-    assert!(f.svc.backend().list().unwrap().objects.is_empty());
+    assert!(f.svc.list_volumes(&Labels::new()).await.unwrap().is_empty());
+    assert!(f.svc.backend().list().await.unwrap().objects.is_empty());
     let e = f
         .svc
         .export_volume("nope", &["not-an-iqn".into()], None)
@@ -100,7 +100,7 @@ async fn names_uuids_and_duplicates() {
     let f = fixture();
     let v = f.svc.create_volume(empty("db", 1 << 30)).await.unwrap();
     assert_eq!(v.record.size.0, 1 << 30);
-    let by_uuid = f.svc.get_volume(&v.record.uuid.to_string()).unwrap();
+    let by_uuid = f.svc.get_volume(&v.record.uuid.to_string()).await.unwrap();
     assert_eq!(by_uuid.record.name.as_str(), "db");
     let e = f.svc.create_volume(empty("db", 1 << 20)).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
@@ -211,12 +211,12 @@ async fn reconcile_restores_lost_exports_and_reports_drift() {
     assert_eq!(pool.drift.len(), r.drift.len());
 
     // A volume whose data vanished is reported and marked error.
-    let v = f.svc.get_volume("v").unwrap();
+    let v = f.svc.get_volume("v").await.unwrap();
     std::fs::remove_file(&v.device_path).unwrap();
     let r = f.svc.reconcile().await.unwrap();
     assert!(r.drift.iter().any(|d| d.object == "v"), "{r:?}");
     assert_eq!(
-        f.svc.get_volume("v").unwrap().record.state,
+        f.svc.get_volume("v").await.unwrap().record.state,
         VolumeState::Error
     );
 }
@@ -270,20 +270,20 @@ async fn resize_grows_and_refuses_shrink() {
     assert_eq!(std::fs::metadata(&v.device_path).unwrap().len(), 16 << 20);
     let e = f.svc.resize_volume("v", 4 << 20).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert_eq!(f.svc.get_volume("v").unwrap().record.size.0, 16 << 20);
+    assert_eq!(f.svc.get_volume("v").await.unwrap().record.size.0, 16 << 20);
 }
 
 #[tokio::test]
 async fn pool_overcommit_is_resource_exhausted() {
     let f = fixture();
-    let cap = f.svc.backend().usage().unwrap().capacity;
+    let cap = f.svc.backend().usage().await.unwrap().capacity;
     let e = f
         .svc
         .create_volume(empty("huge", cap.saturating_mul(21)))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
-    assert!(f.svc.list_volumes(&Labels::new()).unwrap().is_empty());
+    assert!(f.svc.list_volumes(&Labels::new()).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -343,11 +343,11 @@ async fn concurrent_clients_leave_a_consistent_store() {
     for t in tasks {
         t.await.unwrap();
     }
-    let vols = f.svc.list_volumes(&Labels::new()).unwrap();
+    let vols = f.svc.list_volumes(&Labels::new()).await.unwrap();
     assert_eq!(vols.len(), 11);
-    let snaps = f.svc.list_snapshots("").unwrap();
+    let snaps = f.svc.list_snapshots("").await.unwrap();
     assert_eq!(snaps.len(), 30);
-    let listing = f.svc.backend().list().unwrap();
+    let listing = f.svc.backend().list().await.unwrap();
     assert_eq!(listing.objects.len(), 41);
     let r = f.svc.reconcile().await.unwrap();
     assert!(r.drift.is_empty(), "{r:?}");
@@ -476,4 +476,136 @@ async fn image_bases_are_read_only_and_clones_are_not() {
     f.svc.unexport_volume("guest-disk", &[]).await.unwrap();
     f.svc.delete_volume("guest-disk").await.unwrap();
     f.svc.delete_volume("image-base").await.unwrap();
+}
+
+/// The service on the lvm backend over a scripted LVM whose thin pool is
+/// as full as `fill` says (data %, metadata %).
+struct LvmFixture {
+    _dir: tempfile::TempDir,
+    svc: Arc<PoolService>,
+    lvm: Arc<crate::backend::lvm::tests::Script>,
+    fill: Arc<std::sync::Mutex<(&'static str, &'static str)>>,
+}
+
+async fn lvm_fixture() -> LvmFixture {
+    use crate::backend::lvm::tests::{lvs_json, open, pool_row, settings, thin_row, Script};
+    use crate::runner::Output;
+    let dir = tempfile::tempdir().unwrap();
+    let fill = Arc::new(std::sync::Mutex::new(("50.00", "10.00")));
+    let f2 = fill.clone();
+    // The LVs lvcreate made (each reported 1 GiB, 1% mapped).
+    let lvs = std::sync::Mutex::new(Vec::<String>::new());
+    let lvm = Script::new(move |argv| {
+        let (data, meta) = *f2.lock().unwrap();
+        let target = argv.last().unwrap().as_str();
+        let thin = |lv: &str| thin_row(lv, "Vwi-a-tz--", 1 << 30, "1.00");
+        let mut made = lvs.lock().unwrap();
+        match argv[0].as_str() {
+            "vgs" => Output::ok(crate::backend::lvm::tests::VGS_JSON),
+            "lvs" => match target.split_once('/') {
+                None => {
+                    let rows =
+                        std::iter::once(pool_row(data, meta)).chain(made.iter().map(|l| thin(l)));
+                    Output::ok(lvs_json(&rows.collect::<Vec<_>>()))
+                }
+                Some((_, "pool")) => Output::ok(lvs_json(&[pool_row(data, meta)])),
+                Some((_, lv)) => Output::ok(lvs_json(&[thin(lv)])),
+            },
+            "lvcreate" => {
+                let i = argv.iter().position(|a| a == "--name").unwrap();
+                made.push(argv[i + 1].clone());
+                Output::ok("")
+            }
+            "lvremove" => {
+                made.retain(|l| !target.ends_with(l.as_str()));
+                Output::ok("")
+            }
+            _ => Output::ok(""),
+        }
+    });
+    let backend = Arc::new(open(lvm.clone(), settings(&dir.path().join("staging"))).await);
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let svc = Arc::new(PoolService::new(
+        store,
+        backend,
+        Arc::new(MemoryExporter::default()),
+        lvm.clone(),
+        ServiceSettings::default(),
+    ));
+    LvmFixture {
+        _dir: dir,
+        svc,
+        lvm,
+        fill,
+    }
+}
+
+#[tokio::test]
+async fn lvm_sizes_round_up_to_whole_extents() {
+    let f = lvm_fixture().await;
+    let v = f.svc.create_volume(empty("v", 1 << 20)).await.unwrap();
+    assert_eq!(v.record.size.0, 4 << 20);
+    assert!(
+        f.lvm.lines()[1].contains("--virtualsize 4194304b"),
+        "{:?}",
+        f.lvm.lines()
+    );
+    let v = f.svc.create_volume(empty("g", 1 << 30)).await.unwrap();
+    f.lvm.clear();
+    let v2 = f.svc.resize_volume("g", (1 << 30) + 1).await.unwrap();
+    assert_eq!(v2.record.size.0, (1 << 30) + (4 << 20));
+    assert_eq!(
+        f.lvm.lines()[2],
+        format!(
+            "lvextend --size 1077936128b stratus/pd-vol-{}",
+            v.record.uuid
+        )
+    );
+}
+
+#[tokio::test]
+async fn lvm_pool_past_its_threshold_refuses_provisioning_and_runs_nothing_after() {
+    use crate::backend::lvm::tests::LVS;
+    let f = lvm_fixture().await;
+    f.svc.create_volume(empty("v", 1 << 30)).await.unwrap();
+    let pool = f.svc.pool().await.unwrap();
+    let t = pool.thin.unwrap();
+    assert_eq!((t.data_percent, t.threshold_percent), (50.0, 90.0));
+
+    *f.fill.lock().unwrap() = ("91.00", "10.00");
+    f.lvm.clear();
+    let only_the_report = vec![format!("{LVS} stratus/pool")];
+    let refused = |e: Error| {
+        assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+        assert!(
+            e.message()
+                .contains("thin pool stratus/pool data usage is 91.00%, past the 90% threshold"),
+            "{e}"
+        );
+        assert_eq!(f.lvm.lines(), only_the_report);
+        f.lvm.clear();
+    };
+    refused(f.svc.create_volume(empty("w", 1 << 30)).await.unwrap_err());
+    refused(f.svc.create_snapshot("v", "s", "").await.unwrap_err());
+    refused(
+        f.svc
+            .clone_volume("v", false, "c", Labels::new(), 0, "")
+            .await
+            .unwrap_err(),
+    );
+    refused(f.svc.resize_volume("v", 2 << 30).await.unwrap_err());
+    assert_eq!(
+        f.svc.get_volume("w").await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert!(f.svc.list_snapshots("").await.unwrap().is_empty());
+
+    *f.fill.lock().unwrap() = ("10.00", "95.00");
+    let e = f.svc.create_volume(empty("w", 1 << 30)).await.unwrap_err();
+    assert!(e.message().contains("metadata usage is 95.00%"), "{e}");
+    f.lvm.clear();
+
+    // Deleting is what frees the pool: never refused.
+    f.svc.delete_volume("v").await.unwrap();
+    assert!(f.lvm.lines().iter().any(|l| l.starts_with("lvremove")));
 }

@@ -626,7 +626,16 @@ impl Initiator {
     fn kernel_io(&self, cmds: &[&str]) -> Result<String, String> {
         let iface = format!("st{:x}", fnv(&self.name));
         let adm = |args: &[&str]| -> Result<String, String> {
-            let out = run("iscsiadm", args);
+            // iscsiadm walks every node record and fails with exit 6 when a
+            // parallel test's iscsiadm deletes one meanwhile: retry that.
+            let mut out = run("iscsiadm", args);
+            for _ in 0..5 {
+                if out.status.code() != Some(6) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                out = run("iscsiadm", args);
+            }
             if out.status.success() {
                 Ok(String::from_utf8_lossy(&out.stdout).into_owned())
             } else {

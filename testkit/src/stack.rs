@@ -147,6 +147,9 @@ pub struct Lio {
 impl Lio {
     pub fn new() -> Lio {
         require_root();
+        // The iSCSI fabric's group appears when it is made (this loads
+        // iscsi_target_mod when needed).
+        let _ = std::fs::create_dir_all(CONFIGFS_ISCSI);
         assert!(
             Path::new(CONFIGFS_ISCSI).exists(),
             "{CONFIGFS_ISCSI} missing: LIO needs configfs and iscsi_target_mod (the lab VM has them)"
@@ -389,7 +392,9 @@ impl Stack {
                 }
             }
             StackKind::LvmLio => {
-                let pool = ThinPool::new(1024);
+                // As large as the host's XFS pool, so the overcommit limit
+                // (20x the pool) allows the same sizes.
+                let pool = ThinPool::new(4096);
                 let lio = Lio::new();
                 let mut args = vec![
                     "--backend".to_string(),

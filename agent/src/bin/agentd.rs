@@ -1,12 +1,13 @@
 //! agentd: the Stratus host agent.
 //!
-//! Start-up order: open the store, probe the host (accelerator, QEMU),
-//! reconcile (adopt live guests, record the ones that ended while we were
-//! away), and only then serve. Guests are daemonized QEMUs: stopping agentd
-//! leaves them running.
+//! Start-up order: open the store, probe the host (accelerator, QEMU, and
+//! iscsiadm with `--attach kernel`), reconcile (adopt live guests, record
+//! the ones that ended while we were away), and only then serve. Guests are
+//! daemonized QEMUs: stopping agentd leaves them running.
 
 use std::sync::Arc;
 
+use agent::attach::AttachMode;
 use agent::config::{Config, Flags};
 use agent::grpc::Api;
 use agent::service::{Agent, AgentSettings, HostFacts};
@@ -47,6 +48,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             state_dir: cfg.state_dir.clone(),
             default_bridge: cfg.bridge.clone(),
             initiator_iqn: cfg.initiator_iqn.to_string(),
+            attach: cfg.attach,
             pdisk_url: cfg.pdisk.clone(),
             cpu_overcommit: cfg.cpu_overcommit,
             reserved_memory: cfg.reserved_memory,
@@ -56,6 +58,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         },
         host,
     )?;
+    if cfg.attach == AttachMode::Kernel {
+        // Fail at start, not at the first guest, when open-iscsi is missing.
+        let version = agent.kernel_initiator().probe().await?;
+        tracing::info!(iscsiadm = %version, "kernel iSCSI initiator");
+    }
     let report = agent.reconcile().await.context("reconciling")?;
     tracing::info!(actions = report.len(), "start-up reconciliation done");
 
@@ -70,7 +77,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, state_dir = %cfg.state_dir.display(),
-        pdisk = ?cfg.pdisk, bridge = %cfg.bridge, initiator = %cfg.initiator_iqn, "agentd ready");
+        pdisk = ?cfg.pdisk, bridge = %cfg.bridge, initiator = %cfg.initiator_iqn,
+        attach = cfg.attach.name(), "agentd ready");
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

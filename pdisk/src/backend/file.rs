@@ -262,10 +262,12 @@ impl Backend for FileBackend {
         })
     }
 
-    fn set_read_only(&self, id: ObjectId) -> Result<()> {
+    fn set_read_only(&self, id: ObjectId) -> BoxFuture<'_, Result<()>> {
         let p = self.path(id);
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444))
-            .map_err(|e| Error::io(p.display(), e))
+        Box::pin(async move {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444))
+                .map_err(|e| Error::io(p.display(), e))
+        })
     }
 
     fn resize(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>> {
@@ -358,20 +360,35 @@ impl Backend for FileBackend {
         self.root.join("staging")
     }
 
-    fn allocated(&self, id: ObjectId) -> Result<u64> {
+    fn allocated(&self, id: ObjectId) -> BoxFuture<'_, Result<u64>> {
         let p = self.path(id);
-        copy::allocated_bytes(&p).map_err(|e| Error::io(p.display(), e))
+        Box::pin(async move { copy::allocated_bytes(&p).map_err(|e| Error::io(p.display(), e)) })
     }
 
-    fn size(&self, id: ObjectId) -> Result<u64> {
+    fn size(&self, id: ObjectId) -> BoxFuture<'_, Result<u64>> {
         let p = self.path(id);
-        std::fs::metadata(&p)
-            .map(|m| m.len())
-            .map_err(|e| Error::io(p.display(), e))
+        Box::pin(async move {
+            std::fs::metadata(&p)
+                .map(|m| m.len())
+                .map_err(|e| Error::io(p.display(), e))
+        })
     }
 
-    fn list(&self) -> Result<PoolListing> {
-        let mut out = PoolListing::default();
+    fn list(&self) -> BoxFuture<'_, Result<PoolListing>> {
+        Box::pin(async move { self.list_now() })
+    }
+
+    fn usage(&self) -> BoxFuture<'_, Result<PoolUsage>> {
+        Box::pin(async move { statvfs(&self.root) })
+    }
+}
+
+impl FileBackend {
+    fn list_now(&self) -> Result<PoolListing> {
+        let mut out = PoolListing {
+            usage: statvfs(&self.root)?,
+            ..PoolListing::default()
+        };
         for (dir, make) in [
             ("volumes", ObjectId::Volume as fn(Uuid) -> ObjectId),
             ("snapshots", ObjectId::Snapshot as fn(Uuid) -> ObjectId),
@@ -384,17 +401,19 @@ impl Backend for FileBackend {
                     .strip_suffix(".raw")
                     .and_then(|u| Uuid::parse_str(u).ok())
                 {
-                    Some(u) => out.objects.push(make(u)),
+                    Some(u) => {
+                        let id = make(u);
+                        out.objects.push(id);
+                        if let Ok(a) = copy::allocated_bytes(&e.path()) {
+                            out.allocated.insert(id, a);
+                        }
+                    }
                     None => out.foreign.push(format!("{dir}/{name}")),
                 }
             }
         }
         out.objects.sort();
         Ok(out)
-    }
-
-    fn usage(&self) -> Result<PoolUsage> {
-        statvfs(&self.root)
     }
 }
 
@@ -412,6 +431,7 @@ fn statvfs(p: &Path) -> Result<PoolUsage> {
     Ok(PoolUsage {
         capacity: st.f_blocks * frsize,
         used: (st.f_blocks - st.f_bfree) * frsize,
+        thin: None,
     })
 }
 
@@ -466,7 +486,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(b.size(ObjectId::Volume(c)).unwrap(), 16 << 20);
+        assert_eq!(b.size(ObjectId::Volume(c)).await.unwrap(), 16 << 20);
         File::open(b.device_path(ObjectId::Volume(c)))
             .unwrap()
             .read_exact_at(&mut buf, 4096)
@@ -474,22 +494,24 @@ mod tests {
         assert_eq!(&buf, b"before");
 
         b.resize(ObjectId::Volume(v), 32 << 20).await.unwrap();
-        assert_eq!(b.size(ObjectId::Volume(v)).unwrap(), 32 << 20);
+        assert_eq!(b.size(ObjectId::Volume(v)).await.unwrap(), 32 << 20);
         assert!(b.resize(ObjectId::Volume(v), 1 << 20).await.is_err());
 
-        let listing = b.list().unwrap();
+        let listing = b.list().await.unwrap();
         assert_eq!(listing.objects.len(), 3);
+        assert_eq!(listing.allocated.len(), 3);
+        assert!(listing.usage.capacity > 0 && listing.usage.thin.is_none());
         b.delete(ObjectId::Volume(v)).await.unwrap();
         b.delete(ObjectId::Volume(v)).await.unwrap(); // idempotent
-        assert_eq!(b.list().unwrap().objects.len(), 2);
+        assert_eq!(b.list().await.unwrap().objects.len(), 2);
     }
 
-    #[test]
-    fn foreign_files_are_listed_not_touched() {
+    #[tokio::test]
+    async fn foreign_files_are_listed_not_touched() {
         let dir = tempfile::tempdir().unwrap();
         let b = backend(dir.path());
         std::fs::write(dir.path().join("volumes/notes.txt"), b"x").unwrap();
-        assert_eq!(b.list().unwrap().foreign, vec!["volumes/notes.txt"]);
+        assert_eq!(b.list().await.unwrap().foreign, vec!["volumes/notes.txt"]);
         assert!(dir.path().join("volumes/notes.txt").exists());
     }
 }

@@ -4,10 +4,14 @@
 //! name from a request, so no request can make a backend touch a path or LV
 //! outside its pool.
 //!
+//! Backends: [`file`] (sparse files, reflinks) and [`lvm`] (thin LVs, thin
+//! snapshots).
+//!
 //! Invariants every backend keeps:
-//! - `create`, `snapshot`, `clone_from` and `import` build the new object under
-//!   a temporary name and make it visible atomically at the end: an object
-//!   that `list` reports is complete;
+//! - `create`, `snapshot`, `clone_object` and `import` make the new object
+//!   visible atomically when it is complete (built under a temporary name
+//!   and renamed, or made by one atomic step): an object that `list`
+//!   reports is complete;
 //! - `delete` of a missing object succeeds (so an interrupted delete can be
 //!   finished after a crash);
 //! - snapshots are read-only.
@@ -16,15 +20,18 @@ pub mod checksum;
 pub mod copy;
 pub mod file;
 pub mod image;
+pub mod lvm;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::runner::BoxFuture;
+use crate::types::ByteSize;
 
 /// A volume or a snapshot, as the backend stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -51,10 +58,66 @@ pub fn no_progress() -> ProgressFn {
 }
 
 /// Capacity and use of the storage under the pool.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolUsage {
     pub capacity: u64,
     pub used: u64,
+    /// Thin pools only: how full the pool's data and metadata space are.
+    pub thin: Option<ThinUsage>,
+}
+
+/// The fill level of a thin pool, and the level past which new provisioning
+/// is refused (a full thin pool stalls every volume in it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThinUsage {
+    /// The pool's name, e.g. `vg0/pool`.
+    pub pool: String,
+    pub data_percent: f64,
+    pub metadata_percent: f64,
+    pub threshold_percent: f64,
+}
+
+impl PoolUsage {
+    /// Refuses (ResourceExhausted) `what` when, with `extra` more bytes
+    /// written, the thin pool's data or metadata usage would pass its
+    /// threshold. Pools that are not thin always have room here (their
+    /// limit is the service's overcommit check).
+    pub fn check_room(&self, what: &str, extra: u64) -> Result<()> {
+        let Some(t) = &self.thin else {
+            return Ok(());
+        };
+        let data_after = if self.capacity == 0 {
+            100.0
+        } else {
+            t.data_percent + extra as f64 * 100.0 / self.capacity as f64
+        };
+        let hint = format!(
+            "extend the pool (lvextend -L +SIZE {}, or --poolmetadatasize +SIZE for metadata) or delete volumes",
+            t.pool
+        );
+        if data_after > t.threshold_percent {
+            let now = if extra > 0 {
+                format!(
+                    "would reach {data_after:.2}% with {} more written (now {:.2}%)",
+                    ByteSize(extra),
+                    t.data_percent
+                )
+            } else {
+                format!("is {:.2}%", t.data_percent)
+            };
+            return Err(Error::exhausted(format!(
+                "{what}: thin pool {} data usage {now}, past the {}% threshold; {hint}",
+                t.pool, t.threshold_percent
+            )));
+        }
+        if t.metadata_percent > t.threshold_percent {
+            return Err(Error::exhausted(format!(
+                "{what}: thin pool {} metadata usage is {:.2}%, past the {}% threshold; {hint}",
+                t.pool, t.metadata_percent, t.threshold_percent
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// An image to import.
@@ -97,7 +160,7 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'_, Result<()>>;
 
     /// Makes the object read-only for everyone (image base volumes).
-    fn set_read_only(&self, id: ObjectId) -> Result<()>;
+    fn set_read_only(&self, id: ObjectId) -> BoxFuture<'_, Result<()>>;
 
     /// Grows the object to `size` bytes.
     fn resize(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>>;
@@ -117,21 +180,31 @@ pub trait Backend: Send + Sync {
     /// upload can become a volume without crossing filesystems.
     fn staging_dir(&self) -> PathBuf;
 
+    /// Sizes of objects are multiples of this many bytes (a power of two;
+    /// the service rounds requested sizes up to it so its records match).
+    fn size_granularity(&self) -> u64 {
+        1 << 20
+    }
+
     /// Bytes allocated for this object on the pool.
-    fn allocated(&self, id: ObjectId) -> Result<u64>;
+    fn allocated(&self, id: ObjectId) -> BoxFuture<'_, Result<u64>>;
 
     /// Size in bytes of the object as stored.
-    fn size(&self, id: ObjectId) -> Result<u64>;
+    fn size(&self, id: ObjectId) -> BoxFuture<'_, Result<u64>>;
 
-    /// Every object present in the pool, and entries that are not ours
-    /// (reported as drift, never removed).
-    fn list(&self) -> Result<PoolListing>;
+    /// Every object present in the pool with its allocation, entries that
+    /// are not ours (reported as drift, never removed), and the pool's
+    /// usage: one look at the pool.
+    fn list(&self) -> BoxFuture<'_, Result<PoolListing>>;
 
-    fn usage(&self) -> Result<PoolUsage>;
+    fn usage(&self) -> BoxFuture<'_, Result<PoolUsage>>;
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct PoolListing {
     pub objects: Vec<ObjectId>,
     pub foreign: Vec<String>,
+    /// Bytes allocated by each object of `objects`, where known.
+    pub allocated: BTreeMap<ObjectId, u64>,
+    pub usage: PoolUsage,
 }

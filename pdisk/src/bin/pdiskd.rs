@@ -11,8 +11,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use pdisk::backend::file::FileBackend;
+use pdisk::backend::lvm::LvmBackend;
+use pdisk::backend::Backend;
 use pdisk::config::{BackendKind, Config, ExporterKind, Flags};
+use pdisk::export::lio::{LioConfig, LioExporter};
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
+use pdisk::export::Exporter;
 use pdisk::grpc::Api;
 use pdisk::runner::{CommandRunner, HostRunner};
 use pdisk::service::{PoolService, ServiceSettings};
@@ -54,7 +58,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         std::fs::create_dir_all(d).with_context(|| format!("import dir {}", d.display()))?;
     }
     let store = Store::open(&cfg.data_dir).context("opening the metadata store")?;
-    let backend = match cfg.backend {
+    let backend: Arc<dyn Backend> = match cfg.backend {
         BackendKind::File => {
             let b = FileBackend::open(&cfg.pool_dir, runner.clone()).context("opening the pool")?;
             let cleared = b.clear_staging()?;
@@ -63,8 +67,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             }
             Arc::new(b)
         }
+        BackendKind::Lvm => {
+            let settings = cfg.lvm.clone().context("lvm settings missing")?;
+            let b = LvmBackend::open(runner.clone(), settings)
+                .await
+                .context("opening the thin pool")?;
+            let cleared = b.clear_temporaries().await?;
+            if !cleared.is_empty() {
+                tracing::info!(removed = ?cleared, "removed temporaries of interrupted operations");
+            }
+            Arc::new(b)
+        }
     };
-    let exporter = match cfg.exporter {
+    let pool = backend.location();
+    let exporter: Arc<dyn Exporter> = match cfg.exporter {
         ExporterKind::Tgt => Arc::new(TgtExporter::new(
             runner.clone(),
             TgtConfig {
@@ -73,6 +89,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 iqn_prefix: cfg.iqn_prefix.clone(),
                 bstype: cfg.tgt_bstype.clone(),
                 ..TgtConfig::default()
+            },
+        )),
+        ExporterKind::Lio => Arc::new(LioExporter::new(
+            runner.clone(),
+            LioConfig {
+                configfs_root: cfg.lio_configfs.clone(),
+                portal: cfg.portal.clone(),
+                iqn_prefix: cfg.iqn_prefix.clone(),
+                ..LioConfig::default()
             },
         )),
     };
@@ -115,7 +140,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(
         listen = %cfg.listen,
         backend = ?cfg.backend,
-        pool = %cfg.pool_dir.display(),
+        pool = %pool,
         exporter = ?cfg.exporter,
         portal = %cfg.portal,
         "pdiskd ready"

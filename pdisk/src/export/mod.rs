@@ -13,6 +13,7 @@
 //! - `unexport` of a target that does not exist succeeds.
 //! - Exporters never touch targets whose IQN lacks the configured prefix.
 
+pub mod lio;
 pub mod tgt;
 
 pub use tgt::{TgtConfig, TgtExporter};

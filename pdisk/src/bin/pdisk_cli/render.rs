@@ -269,6 +269,9 @@ pub fn pool_json(p: &Pool) -> Value {
         "used_bytes": p.used_bytes,
         "allocated_bytes": p.allocated_bytes,
         "max_overcommit": p.max_overcommit,
+        "data_percent": p.data_percent,
+        "metadata_percent": p.metadata_percent,
+        "thin_threshold_percent": p.thin_threshold_percent,
         "volume_count": p.volume_count,
         "snapshot_count": p.snapshot_count,
         "export_count": p.export_count,
@@ -307,7 +310,7 @@ pub fn pool_view(p: &Pool) -> String {
             p.drift.len()
         )
     };
-    let mut out = fields(&[
+    let mut rows = vec![
         ("backend", or_none(&p.backend)),
         ("location", or_none(&p.location)),
         ("exporter", exporter),
@@ -321,6 +324,25 @@ pub fn pool_view(p: &Pool) -> String {
             "provisioned",
             of_capacity(p.provisioned_bytes, p.capacity_bytes),
         ),
+    ];
+    // Thin pools: how full data and metadata are, against the threshold.
+    let past = |pct: f64| match p.thin_threshold_percent {
+        Some(t) if pct > t => " (past the threshold)",
+        _ => "",
+    };
+    if let Some(d) = p.data_percent {
+        rows.push(("thin data", format!("{d:.2}%{}", past(d))));
+    }
+    if let Some(m) = p.metadata_percent {
+        rows.push(("thin metadata", format!("{m:.2}%{}", past(m))));
+    }
+    if let Some(t) = p.thin_threshold_percent {
+        rows.push((
+            "thin threshold",
+            format!("{t}% (new volumes, growth, clones, snapshots refused past it)"),
+        ));
+    }
+    rows.extend([
         ("max overcommit", overcommit),
         ("volumes", p.volume_count.to_string()),
         ("snapshots", p.snapshot_count.to_string()),
@@ -329,6 +351,7 @@ pub fn pool_view(p: &Pool) -> String {
         ("reconciled", or_none(&p.last_reconciled_at)),
         ("drift", drift),
     ]);
+    let mut out = fields(&rows);
     if !p.drift.is_empty() {
         let mut t = Table::new(["KIND", "OBJECT", "DETAIL"]);
         for d in &p.drift {
@@ -512,6 +535,7 @@ mod tests {
             exporter_status: "running".into(),
             max_overcommit: 4.0,
             location: "/srv/pool".into(),
+            ..Pool::default()
         };
         let j = pool_json(&p);
         assert_eq!(j["capacity_bytes"], 100u64 << 30);
@@ -528,8 +552,35 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\nKIND  OBJECT"), "{text}");
+        assert!(!text.contains("thin data"), "{text}");
+        assert_eq!(j["data_percent"], Value::Null);
         let empty = pool_view(&Pool::default());
         assert!(empty.contains("drift:           none\n"), "{empty}");
         assert!(empty.contains("capacity:        0B\n"), "{empty}");
+    }
+
+    #[test]
+    fn thin_pool_shows_data_and_metadata_usage() {
+        let p = Pool {
+            backend: "lvm".into(),
+            location: "stratus/pool".into(),
+            capacity_bytes: 19 << 30,
+            capabilities: vec!["thin".into(), "thin-snapshot".into()],
+            data_percent: Some(91.25),
+            metadata_percent: Some(10.94),
+            thin_threshold_percent: Some(90.0),
+            ..Pool::default()
+        };
+        let text = pool_view(&p);
+        assert!(
+            text.contains("thin data:       91.25% (past the threshold)\n"),
+            "{text}"
+        );
+        assert!(text.contains("thin metadata:   10.94%\n"), "{text}");
+        assert!(text.contains("thin threshold:  90% ("), "{text}");
+        let j = pool_json(&p);
+        assert_eq!(j["data_percent"], 91.25);
+        assert_eq!(j["metadata_percent"], 10.94);
+        assert_eq!(j["thin_threshold_percent"], 90.0);
     }
 }
