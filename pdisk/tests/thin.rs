@@ -104,17 +104,18 @@ async fn past_the_threshold_growth_is_refused_and_nothing_changes() {
     if !lab() {
         return;
     }
-    // 500 MiB of the 4 GiB pool is past a 10% threshold.
-    let s = Stack::start_with(&["--thin-threshold", "10"]);
+    // 400 MiB of a 1 GiB pool is past a 30% threshold (metadata, a few
+    // percent, is not).
+    let s = Stack::start_sized(1024, &["--thin-threshold", "30"]);
     let mut c = s.pdiskd.client().await;
     let big = create(&mut c, "big", 1024 * MIB).await.unwrap();
     create(&mut c, "small", 64 * MIB).await.unwrap();
-    fill(&big, 500, 0x11);
+    fill(&big, 400, 0x11);
     let objects = s.backing_objects();
 
     let e = create(&mut c, "more", 64 * MIB).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e.message().contains("10"), "{e:?}");
+    assert!(e.message().contains("30%"), "{e:?}");
     let e = c
         .create_snapshot(pb::CreateSnapshotRequest {
             volume: "small".into(),

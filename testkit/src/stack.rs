@@ -66,6 +66,10 @@ impl ThinPool {
                 "thin-pool",
                 "-L",
                 &format!("{size_mib}M"),
+                // LVM's default metadata for a small pool starts ~11% used,
+                // which would trip low thresholds before any data is written.
+                "--poolmetadatasize",
+                "32M",
                 "-n",
                 &pool,
                 &vg,
@@ -378,10 +382,15 @@ impl Stack {
 
     /// Starts the stack with extra pdiskd flags.
     pub fn start_with(extra: &[&str]) -> Stack {
+        Self::start_sized(4096, extra)
+    }
+
+    /// Starts the stack on a pool of `pool_mib` MiB, with extra pdiskd flags.
+    pub fn start_sized(pool_mib: u64, extra: &[&str]) -> Stack {
         let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         match stack_kind() {
             StackKind::FileTgt => {
-                let pool = XfsPool::new(4096);
+                let pool = XfsPool::new(pool_mib);
                 let tgtd = Tgtd::start(pool.dir.path());
                 let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
                 let pdiskd = Pdiskd::start_with(&pool, &tgtd, &extra);
@@ -392,9 +401,9 @@ impl Stack {
                 }
             }
             StackKind::LvmLio => {
-                // As large as the host's XFS pool, so the overcommit limit
-                // (20x the pool) allows the same sizes.
-                let pool = ThinPool::new(4096);
+                // As large as the host's XFS pool by default, so the
+                // overcommit limit (20x the pool) allows the same sizes.
+                let pool = ThinPool::new(pool_mib);
                 let lio = Lio::new();
                 let mut args = vec![
                     "--backend".to_string(),
