@@ -97,6 +97,25 @@ where
     )
 }
 
+/// pdisk's volumes and exports on the storage host.
+fn volumes_and_exports(ns: &NetNs) -> (Vec<pdpb::Volume>, Vec<pdpb::Export>) {
+    pdisk(ns, |mut c| async move {
+        let vols = c
+            .list_volumes(pdpb::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
+        let exports = c
+            .list_exports(pdpb::ListExportsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .exports;
+        (vols, exports)
+    })
+}
+
 #[test]
 #[ignore = "needs root, QEMU and the lab VM image: run by scripts/lab topology2"]
 fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
@@ -188,21 +207,7 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
 
     // The image became a base volume and the guest's disk a thin clone of
     // it, both LVs on the storage host; the clone is exported.
-    let (vols, exports) = pdisk(&ns, |mut c| async move {
-        let vols = c
-            .list_volumes(pdpb::ListVolumesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .volumes;
-        let exports = c
-            .list_exports(pdpb::ListExportsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .exports;
-        (vols, exports)
-    });
+    let (vols, exports) = volumes_and_exports(&ns);
     assert_eq!(vols.len(), 2, "{vols:?}");
     assert!(
         vols.iter().all(|v| v.device_path.starts_with("/dev/lab/")),
@@ -222,21 +227,7 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
         .await
         .unwrap();
     });
-    let (vols, exports) = pdisk(&ns, |mut c| async move {
-        let vols = c
-            .list_volumes(pdpb::ListVolumesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .volumes;
-        let exports = c
-            .list_exports(pdpb::ListExportsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .exports;
-        (vols, exports)
-    });
+    let (vols, exports) = volumes_and_exports(&ns);
     assert!(exports.is_empty(), "{exports:?}");
     assert_eq!(vols.len(), 1, "only the image base is left: {vols:?}");
     drop(agentd);
