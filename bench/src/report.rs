@@ -24,6 +24,9 @@ pub struct Figure {
     /// Raw samples behind `value` (e.g. latencies), when there are several.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub samples: Vec<f64>,
+    /// Raw samples behind `peer_value`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer_samples: Vec<f64>,
 }
 
 impl Figure {
@@ -37,6 +40,7 @@ impl Figure {
             peer_value: None,
             ratio: None,
             samples: Vec::new(),
+            peer_samples: Vec::new(),
         }
     }
 
@@ -50,6 +54,11 @@ impl Figure {
 
     pub fn with_samples(mut self, samples: Vec<f64>) -> Figure {
         self.samples = samples;
+        self
+    }
+
+    pub fn with_peer_samples(mut self, samples: Vec<f64>) -> Figure {
+        self.peer_samples = samples;
         self
     }
 }

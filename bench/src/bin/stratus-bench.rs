@@ -4,6 +4,7 @@
 //!   stratus-bench --out results            every scenario, full size
 //!   stratus-bench --quick --out DIR        smoke run (scripts/test)
 //!   stratus-bench --only datapath --out DIR
+//!   stratus-bench --only bulk --bulk 10 --out DIR
 
 use std::path::PathBuf;
 
@@ -24,9 +25,13 @@ struct Cli {
     /// Smoke run: tiny sizes, few repetitions (checks the harness, not the speed).
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios (repeatable): datapath, snapshot, import.
+    /// Run only these scenarios (repeatable): datapath, snapshot, launch,
+    /// bulk, import, events.
     #[arg(long, value_name = "SCENARIO")]
     only: Vec<String>,
+    /// Guests launched at once by the bulk scenario [default: 30; 3 with --quick]
+    #[arg(long, value_name = "N")]
+    bulk: Option<usize>,
     /// Scratch directory on a local disk [default: a temp dir under ./var]
     #[arg(long, value_name = "DIR")]
     work: Option<PathBuf>,
@@ -53,6 +58,7 @@ async fn main() -> anyhow::Result<()> {
             .work
             .clone()
             .unwrap_or_else(|| scratch.path().to_path_buf()),
+        bulk: cli.bulk,
     };
     let mut results = Results {
         machine: machine(),
@@ -70,6 +76,9 @@ async fn main() -> anyhow::Result<()> {
             "datapath" => scenarios::datapath::run(&ctx).await,
             "snapshot" => scenarios::snapshot::run(&ctx).await,
             "import" => scenarios::import::run(&ctx).await,
+            "launch" => scenarios::launch::run(&ctx).await,
+            "bulk" => scenarios::bulk::run(&ctx).await,
+            "events" => scenarios::events::run(&ctx).await,
             _ => unreachable!(),
         }
         .map_err(|e| e.context(format!("scenario {name}")))?;

@@ -1,8 +1,12 @@
 //! The scenarios. Each starts what it measures (tgtd, pdiskd, ... on
 //! loopback, through `testkit`) and returns figures with their peers.
 
+pub mod bulk;
 pub mod datapath;
+pub mod events;
+mod guests;
 pub mod import;
+pub mod launch;
 pub mod snapshot;
 
 use std::path::PathBuf;
@@ -15,7 +19,9 @@ pub struct Ctx {
     pub quick: bool,
     /// Scratch space on local disk (not tmpfs) for images and pools.
     pub work: PathBuf,
+    /// Guests of the bulk launch [default: 30, 3 in quick mode].
+    pub bulk: Option<usize>,
 }
 
-/// Scenario names, in the order they run.
-pub const ALL: &[&str] = &["datapath", "snapshot", "import"];
+/// Scenario names, in the order they run (the numbering).
+pub const ALL: &[&str] = &["datapath", "snapshot", "launch", "bulk", "import", "events"];

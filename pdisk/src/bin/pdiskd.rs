@@ -152,7 +152,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .add_service(reflection)
         .add_service(VolumeServiceServer::new(Api::new(svc)).max_decoding_message_size(8 << 20))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // TCP_NODELAY: without it the last segment of every answer
+            // waits for the client's delayed ACK, 40 ms per call
+            // (stratus-bench launch/events found it).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 let _ = rx.wait_for(|v| *v).await;
             },
