@@ -16,7 +16,7 @@
 //! Attach, when no guest holds a session to (portal, target) yet:
 //!
 //! ```text
-//! iscsiadm -m iface -I stratus -o new                  once per agentd (15: in use = exists)
+//! iscsiadm -m iface -I stratus -o new                  only when ifaces/stratus is missing
 //! iscsiadm -m iface -I stratus -o update -n iface.initiatorname -v IQN
 //! iscsiadm -m node -T TARGET -p PORTAL -I stratus -o new
 //! iscsiadm -m node -T TARGET -p PORTAL -I stratus -o update -n node.startup -v manual
@@ -480,14 +480,21 @@ impl KernelAttacher {
             return Ok(());
         }
         let iface = || Cmd::new(ISCSIADM).args(["-m", "iface", "-I", &self.opts.iface]);
-        // 15: sessions use the iface, so it exists (iscsiadm then refuses to
-        // re-create it); the update below still sets the name.
-        self.iscsiadm(
-            &iface().args(["-o", "new"]).timeout(ISCSIADM_TIMEOUT),
-            &[ISCSI_ERR_SESS_EXISTS],
-            false,
-        )
-        .await?;
+        // Made only when its record is missing: `-o new` on an existing
+        // iface rewrites it with defaults (an operator's settings on it, such
+        // as iface.net_ifacename, would be lost at every agentd start), and
+        // fails with 15 while sessions use it (after a restart that adopted
+        // guests), which would be logged as a failed command.
+        let record = self.opts.iscsi_db.join("ifaces").join(&self.opts.iface);
+        if !record.is_file() {
+            // 15: a session uses it after all, so it exists.
+            self.iscsiadm(
+                &iface().args(["-o", "new"]).timeout(ISCSIADM_TIMEOUT),
+                &[ISCSI_ERR_SESS_EXISTS],
+                false,
+            )
+            .await?;
+        }
         self.iscsiadm(
             &iface()
                 .args(["-o", "update", "-n", "iface.initiatorname", "-v"])

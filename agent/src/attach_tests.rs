@@ -35,6 +35,7 @@ struct FakeSession {
     host: u32,
     target: String,
     portal: SocketAddr,
+    iface: String,
 }
 
 #[derive(Debug, Default)]
@@ -180,7 +181,48 @@ impl Drop for FakeHost {
 fn iscsiadm(root: &Path, state: &Mutex<State>, argv: &[String]) -> Output {
     let a: Vec<&str> = argv.iter().map(String::as_str).collect();
     match a.as_slice() {
-        ["iscsiadm", "-m", "iface", "-I", _, ..] => Output::ok(""),
+        ["iscsiadm", "-m", "iface", "-I", iface, rest @ ..] => {
+            let record = root.join("etc/iscsi/ifaces").join(iface);
+            let s = state.lock().unwrap();
+            match rest {
+                // Like iface_conf_write: refused while a session uses it,
+                // else written afresh with defaults.
+                ["-o", "new"] => {
+                    if s.sessions.iter().any(|x| x.iface == *iface) {
+                        return Output::failed(
+                            15,
+                            format!("iscsiadm: Could not create new interface {iface}."),
+                        );
+                    }
+                    std::fs::write(
+                        &record,
+                        format!(
+                            "# BEGIN RECORD 2.1.8\niface.iscsi_ifacename = {iface}\n\
+                             iface.transport_name = tcp\n# END RECORD\n"
+                        ),
+                    )
+                    .unwrap();
+                    Output::ok(format!("New interface {iface} added"))
+                }
+                ["-o", "update", "-n", name, "-v", value] => {
+                    let Ok(text) = std::fs::read_to_string(&record) else {
+                        return Output::failed(
+                            7,
+                            format!("iscsiadm: Could not update iface {iface}"),
+                        );
+                    };
+                    let kept: Vec<&str> = text
+                        .lines()
+                        .filter(|l| !l.starts_with(&format!("{name} =")))
+                        .filter(|l| *l != "# END RECORD")
+                        .collect();
+                    let text = format!("{}\n{name} = {value}\n# END RECORD\n", kept.join("\n"));
+                    std::fs::write(&record, text).unwrap();
+                    Output::ok(format!("{iface} updated."))
+                }
+                _ => Output::failed(7, format!("fake iscsiadm: unexpected {a:?}")),
+            }
+        }
         ["iscsiadm", "-m", "node", "-T", target, "-p", portal, "-I", iface, rest @ ..] => {
             let portal: SocketAddr = portal.parse().unwrap();
             let record = root.join(format!(
@@ -280,6 +322,7 @@ fn iscsiadm(root: &Path, state: &Mutex<State>, argv: &[String]) -> Output {
                         host,
                         target: target.to_string(),
                         portal,
+                        iface: iface.to_string(),
                     });
                     s.logins += 1;
                     Output::ok("Login to [...] successful.")
@@ -768,6 +811,50 @@ async fn a_restart_logs_out_sessions_no_record_holds() {
     );
     assert_eq!(host.sessions(), 1, "the operator's session stays");
     assert!(!host.path("etc/iscsi/.stratus-node-0123").exists());
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_iface_record_and_an_operators_settings_on_it() {
+    let host = FakeHost::new();
+    let iface = host.path("etc/iscsi/ifaces/stratus");
+    {
+        let k = host.attacher();
+        k.attach(&holder(1), &lun(1), None).await.unwrap();
+    }
+    assert!(iface.is_file());
+    // The operator binds agentd's iface to the storage network.
+    let text = std::fs::read_to_string(&iface).unwrap();
+    std::fs::write(
+        &iface,
+        text.replace("# END RECORD", "iface.net_ifacename = eth1\n# END RECORD"),
+    )
+    .unwrap();
+    let other = IscsiLun::new("127.0.0.1:3261".parse().unwrap(), TARGET, 0).unwrap();
+    let update =
+        format!("iscsiadm -m iface -I stratus -o update -n iface.initiatorname -v {INITIATOR}");
+
+    // agentd restarts with a guest adopted (its session uses the iface) and
+    // logs in to another target: the iface is not made again.
+    let k = host.attacher();
+    k.adopt(holder(1), &lun(1)).await;
+    host.runner.clear();
+    k.attach(&holder(2), &other, None).await.unwrap();
+    assert_eq!(host.runner.command_lines()[0], update);
+    k.detach(&holder(1), &lun(1)).await.unwrap();
+    k.detach(&holder(2), &other).await.unwrap();
+    assert_eq!(host.sessions(), 0);
+
+    // Restarted with no session at all: still not made again.
+    let k = host.attacher();
+    host.runner.clear();
+    k.attach(&holder(1), &lun(1), None).await.unwrap();
+    assert_eq!(host.runner.command_lines()[0], update);
+    let text = std::fs::read_to_string(&iface).unwrap();
+    assert!(text.contains("iface.net_ifacename = eth1"), "{text}");
+    assert!(
+        text.contains(&format!("iface.initiatorname = {INITIATOR}")),
+        "{text}"
+    );
 }
 
 #[test]

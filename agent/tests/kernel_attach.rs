@@ -17,6 +17,14 @@
 //! so tests running side by side (or an operator's sessions) never meet;
 //! a drop guard logs out and deletes its records even when a test fails.
 //!
+//! The last test runs the whole of `agentd --attach kernel` (lvm-lio only;
+//! it also needs qemu-system-x86_64): agentd, in this network namespace,
+//! starts guests (TCG, no OS, an empty pdisk volume as the disk) whose disks
+//! open-iscsi attached; a stop and a destroy log out; a guest running across
+//! an agentd `kill -9` is adopted with its session, and the restarted agentd
+//! attaches another guest through the same iface; a guest that died while
+//! agentd was away is recorded stopped and logged out of at the restart.
+//!
 //!   cargo test -p agent --test kernel_attach -- --ignored
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -24,10 +32,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::attach::{Holder, IscsiLun, KernelAttacher, KernelOptions};
+use agent::attach::{AttachMode, Holder, IscsiLun, KernelAttacher, KernelOptions, DEFAULT_IFACE};
 use agent::vmm;
 use pdisk::runner::HostRunner;
 use pdisk::types::Chap;
+use stratus_proto::agent::v1 as apb;
+use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::pdisk::v1 as pb;
 use testkit::*;
 use uuid::Uuid;
@@ -398,4 +408,537 @@ async fn a_restart_keeps_held_sessions_and_logs_out_unheld_ones() {
     assert!(report[0].contains("logged out"), "{report:?}");
     assert_eq!(ini.sessions(&lun.target), 0);
     assert!(!node_record(&lun).exists());
+}
+
+// ---------- agentd end to end with --attach kernel ----------
+
+/// One iSCSI session as `iscsiadm -m session -P 1` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Session {
+    target: String,
+    /// `ADDR:PORT`, without the portal group tag.
+    portal: String,
+    iface: String,
+    initiator: String,
+}
+
+/// The host's sessions to `target`, from `iscsiadm -m session -P 1`
+/// (21: there is none).
+fn sessions_to(target: &str) -> Vec<Session> {
+    let out = run("iscsiadm", &["-m", "session", "-P", "1"]);
+    if out.status.code() == Some(21) {
+        return Vec::new();
+    }
+    assert!(
+        out.status.success(),
+        "iscsiadm -m session -P 1: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut tgt, mut portal, mut iface, mut initiator) =
+        (String::new(), String::new(), String::new(), String::new());
+    let mut all = Vec::new();
+    for l in text.lines().map(str::trim) {
+        let field = |key: &str| l.strip_prefix(key).map(|v| v.trim().to_string());
+        if let Some(v) = field("Target:") {
+            tgt = v.split_whitespace().next().unwrap_or_default().to_string();
+        } else if let Some(v) = field("Current Portal:") {
+            portal = v.split(',').next().unwrap_or_default().to_string();
+        } else if let Some(v) = field("Iface Name:") {
+            iface = v;
+        } else if let Some(v) = field("Iface Initiatorname:") {
+            initiator = v;
+        } else if l.starts_with("SID:") {
+            all.push(Session {
+                target: tgt.clone(),
+                portal: portal.clone(),
+                iface: iface.clone(),
+                initiator: initiator.clone(),
+            });
+        }
+    }
+    all.retain(|s| s.target == target);
+    all
+}
+
+/// open-iscsi's node record files for `target` (none once it was deleted).
+fn node_records(target: &str) -> Vec<PathBuf> {
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                walk(&e.path(), out);
+            }
+        } else if p.exists() {
+            out.push(p.to_owned());
+        }
+    }
+    let mut v = Vec::new();
+    walk(&Path::new("/etc/iscsi/nodes").join(target), &mut v);
+    v
+}
+
+/// The CHAP password agentd wrote into the node record of `target`, after
+/// checking the record: one file, 0600, CHAP with `user`, manual scan.
+fn record_secret(target: &str, user: &str) -> String {
+    let recs = node_records(target);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let mode = std::fs::metadata(&recs[0]).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", recs[0].display());
+    let text = std::fs::read_to_string(&recs[0]).unwrap();
+    for want in [
+        "node.session.auth.authmethod = CHAP".to_string(),
+        format!("node.session.auth.username = {user}"),
+        "node.session.scan = manual".to_string(),
+        "node.startup = manual".to_string(),
+    ] {
+        assert!(
+            text.contains(&want),
+            "{want:?} not in {}",
+            recs[0].display()
+        );
+    }
+    let secret = text
+        .lines()
+        .find_map(|l| l.strip_prefix("node.session.auth.password = "))
+        .unwrap_or_else(|| panic!("no password in {}", recs[0].display()))
+        .trim()
+        .to_string();
+    assert!(
+        secret.len() >= 12,
+        "a short secret in {}",
+        recs[0].display()
+    );
+    secret
+}
+
+fn qemu_alive(pid: u32, uuid: &str) -> bool {
+    vmm::is_our_qemu(pid, uuid.parse().unwrap())
+}
+
+/// QEMU's argv, from /proc.
+fn qemu_argv(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    raw.split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+async fn agent_client(agentd: &Agentd) -> VmServiceClient<tonic::transport::Channel> {
+    VmServiceClient::connect(agentd.url()).await.unwrap()
+}
+
+async fn events_since(agentd: &Agentd, since: u64) -> Vec<apb::Event> {
+    let mut s = agent_client(agentd)
+        .await
+        .watch_events(apb::WatchEventsRequest {
+            since_seq: since,
+            vm: String::new(),
+            no_follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = s.message().await.unwrap() {
+        out.push(e);
+    }
+    out
+}
+
+/// pdisk's exports of the volume named `volume`.
+async fn exports_of(stack: &Stack, volume: &str) -> Vec<pb::Export> {
+    let mut c = stack.pdiskd.client().await;
+    let mut v = c
+        .list_exports(pb::ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .exports;
+    v.retain(|e| e.volume_name == volume);
+    v
+}
+
+/// What a running guest's kernel-attached disk must look like: a SCSI disk
+/// behind the export's by-path link, one session on agentd's iface, the
+/// CHAP secret in the 0600 node record and nowhere on QEMU's command line.
+/// Returns the secret.
+async fn check_attached(stack: &Stack, agentd: &Agentd, vm: &apb::Vm, volume: &str) -> String {
+    assert_eq!(vm.state(), apb::VmState::Running, "{vm:?}");
+    assert!(qemu_alive(vm.pid, &vm.uuid), "no QEMU at pid {}", vm.pid);
+    let exports = exports_of(stack, volume).await;
+    assert_eq!(exports.len(), 1, "{exports:?}");
+    let e = &exports[0];
+    assert_eq!(e.initiators, vec![INITIATOR.to_string()], "{e:?}");
+    assert_eq!(e.exporter, "lio", "{e:?}");
+
+    // The disk is the LUN's SCSI disk, found through its by-path link.
+    let disk = &vm.disks[0];
+    assert_eq!(disk.source, format!("pdisk:{volume}"), "{disk:?}");
+    let dev = PathBuf::from(&disk.attachment);
+    assert!(disk.attachment.starts_with("/dev/sd"), "{disk:?}");
+    let meta = std::fs::metadata(&dev).unwrap();
+    assert!(meta.file_type().is_block_device(), "{}", dev.display());
+    let lun = IscsiLun::resolve(&e.portal, &e.target_iqn, e.lun)
+        .await
+        .unwrap();
+    let by_path = Path::new("/dev/disk/by-path").join(lun.by_path_name());
+    assert_eq!(std::fs::canonicalize(&by_path).unwrap(), dev);
+
+    // Exactly one session to the target, through agentd's iface and name.
+    assert_eq!(
+        sessions_to(&e.target_iqn),
+        vec![Session {
+            target: e.target_iqn.clone(),
+            portal: lun.portal.to_string(),
+            iface: DEFAULT_IFACE.into(),
+            initiator: INITIATOR.into(),
+        }]
+    );
+    let secret = record_secret(&e.target_iqn, &e.chap_user);
+
+    // QEMU opened the block device; no secret reached its command line.
+    let argv = qemu_argv(vm.pid);
+    let bd = argv
+        .iter()
+        .find(|a| a.contains("host_device"))
+        .unwrap_or_else(|| panic!("no host_device disk in {argv:?}"));
+    let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+    assert_eq!(v["driver"], "raw", "{bd}");
+    assert_eq!(v["file"]["driver"], "host_device", "{bd}");
+    assert_eq!(v["file"]["filename"], disk.attachment.as_str(), "{bd}");
+    assert_eq!(v["file"]["cache"]["direct"], true, "{bd}");
+    let line = argv.join(" ");
+    assert!(
+        !line.contains(&secret),
+        "the CHAP secret is on QEMU's command line"
+    );
+    assert!(
+        !line.contains("iscsi") && !line.contains("password") && !line.contains("secret"),
+        "{line}"
+    );
+    let vm_dir = agentd.state_dir.join("vms").join(&vm.uuid);
+    assert!(
+        !vm_dir.join("chap-vda").exists(),
+        "a secret file in {}",
+        vm_dir.display()
+    );
+    assert!(
+        !agentd.log_text().contains(&secret),
+        "the CHAP secret is in agentd's log"
+    );
+    secret
+}
+
+/// After a stop or destroy: QEMU gone, the session logged out, the node
+/// record (with the secret) deleted, the SCSI disk and the export gone.
+async fn check_detached(stack: &Stack, volume: &str, target: &str, vm: &apb::Vm) {
+    assert!(
+        !qemu_alive(vm.pid, &vm.uuid),
+        "QEMU pid {} still runs",
+        vm.pid
+    );
+    assert_eq!(sessions_to(target), vec![], "session to {target} left");
+    assert_eq!(node_records(target), Vec::<PathBuf>::new(), "record left");
+    // The SCSI disk was deleted before the logout (its sdX name may already
+    // be another test's); the by-path link goes with udev's event.
+    wait_for(
+        "the LUN's by-path link to go",
+        Duration::from_secs(60),
+        || {
+            let left = std::fs::read_dir("/dev/disk/by-path")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains(target));
+            (!left).then_some(())
+        },
+    );
+    let exports = exports_of(stack, volume).await;
+    assert!(exports.is_empty(), "{exports:?}");
+    assert!(
+        !stack.exports.show().contains(target),
+        "{}",
+        stack.exports.show()
+    );
+}
+
+/// A guest with `volume` as its only disk and no NIC: the disk is empty,
+/// so SeaBIOS finds nothing to boot and retries while QEMU runs.
+fn guest(name: &str, volume: &str) -> apb::VmSpec {
+    apb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 64 << 20,
+        disks: vec![apb::DiskSpec {
+            source: Some(apb::disk_spec::Source::PdiskVolume(volume.into())),
+            boot_index: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+async fn create_volume(stack: &Stack, name: &str) {
+    stack
+        .pdiskd
+        .client()
+        .await
+        .create_volume(pb::CreateVolumeRequest {
+            name: name.into(),
+            size_bytes: 64 * MIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// The target of the volume's export; the drop guard will log out of it.
+async fn target_of(stack: &Stack, volume: &str, guard: &TestInitiator) -> String {
+    let e = exports_of(stack, volume).await.remove(0);
+    guard
+        .nodes
+        .lock()
+        .unwrap()
+        .push((e.target_iqn.clone(), e.portal));
+    e.target_iqn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, iscsi_tcp, iscsid, udevd, LVM, LIO and QEMU: the lab VM"]
+async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
+    if stack_kind() != StackKind::LvmLio {
+        eprintln!("skipped: agentd --attach kernel runs on the lvm-lio stack (scripts/lab)");
+        return;
+    }
+    require_kernel_initiator();
+    assert!(
+        run("sh", &["-c", "command -v qemu-system-x86_64"])
+            .status
+            .success(),
+        "qemu-system-x86_64 is missing (the lab image has it)"
+    );
+    let stack = Stack::start();
+    let (vol1, vol2) = ("kg1-root", "kg2-root");
+    create_volume(&stack, vol1).await;
+    create_volume(&stack, vol2).await;
+    // Logs out of agentd's sessions and deletes their records should the
+    // test fail with a guest attached (dropped after agentd and its guests).
+    let guard = TestInitiator {
+        iface: DEFAULT_IFACE.into(),
+        iqn: INITIATOR.into(),
+        nodes: Default::default(),
+    };
+    // agentd runs in this namespace: iscsiadm's control socket to iscsid is
+    // per network namespace, and pdiskd listens on its 127.0.0.1.
+    let host = NetNs::host();
+    let mut agentd = Agentd::start_in_with(
+        stack.scratch(),
+        &host,
+        &stack.pdiskd.url(),
+        "stbr0",
+        &["--attach", "kernel"],
+    );
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| eprintln!("{:>7.1} s  {what}", t0.elapsed().as_secs_f64());
+
+    let mut c = agent_client(&agentd).await;
+    c.create_vm(apb::CreateVmRequest {
+        spec: Some(guest("kg1", vol1)),
+    })
+    .await
+    .unwrap();
+    let vm = c
+        .start_vm(apb::VmRequest { vm: "kg1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    step("kg1 started");
+    let first_secret = check_attached(&stack, &agentd, &vm, vol1).await;
+    let target1 = target_of(&stack, vol1, &guard).await;
+
+    // A stop detaches: QEMU gone, logged out, record and export gone.
+    let stopped = c
+        .stop_vm(apb::StopVmRequest {
+            vm: "kg1".into(),
+            timeout_seconds: 0,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    step("kg1 stopped");
+    assert_eq!(stopped.state(), apb::VmState::Stopped, "{stopped:?}");
+    check_detached(&stack, vol1, &target1, &vm).await;
+
+    // Started again: a new session with a new secret.
+    let vm = c
+        .start_vm(apb::VmRequest { vm: "kg1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    step("kg1 started again");
+    let secret = check_attached(&stack, &agentd, &vm, vol1).await;
+    assert_ne!(secret, first_secret, "every attachment gets its own secret");
+    let target1 = target_of(&stack, vol1, &guard).await;
+    let dev = PathBuf::from(&vm.disks[0].attachment);
+    let before = events_since(&agentd, 0).await;
+
+    // agentd dies; the guest, its disk and the session do not.
+    drop(c);
+    agentd.kill9();
+    step("agentd killed");
+    assert!(qemu_alive(vm.pid, &vm.uuid));
+    assert_eq!(sessions_to(&target1).len(), 1);
+    assert!(dev.exists());
+    {
+        // The record holds what a restart needs: mode, LUN, device.
+        let store = agent::store::AgentStore::open(&agentd.state_dir).unwrap();
+        let rec = store.find_vm("kg1").unwrap();
+        let rt = rec.runtime.expect("runtime of a running guest");
+        assert_eq!(rt.pid, vm.pid);
+        let d = &rt.disks[0];
+        assert_eq!(d.mode, AttachMode::Kernel, "{d:?}");
+        let k = d.kernel.as_ref().expect("the kernel LUN is recorded");
+        assert_eq!(k.lun.target, target1);
+        assert_eq!(k.device.as_deref(), Some(dev.as_path()));
+    }
+
+    // Restarted: the guest is adopted and keeps its session.
+    agentd.restart();
+    step("agentd restarted");
+    let mut c = agent_client(&agentd).await;
+    let got = c
+        .get_vm(apb::VmRequest { vm: "kg1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state(), apb::VmState::Running, "{got:?}");
+    assert_eq!(got.pid, vm.pid);
+    assert_eq!(got.disks[0].attachment, vm.disks[0].attachment);
+    let new = events_since(&agentd, before.last().unwrap().seq).await;
+    assert!(
+        new.iter().any(|e| e.vm_name == "kg1"
+            && e.r#type() == apb::EventType::Adopted
+            && e.cause() == apb::EventCause::Reconciliation),
+        "{new:?}"
+    );
+    assert!(
+        !new.iter()
+            .any(|e| e.r#type() == apb::EventType::DiskDetached),
+        "{new:?}"
+    );
+    assert_eq!(check_attached(&stack, &agentd, &got, vol1).await, secret);
+    let log = agentd.log_text();
+    assert!(!log.contains("logged out of unused"), "{log}");
+
+    // The restarted agentd attaches another guest's disk through the iface
+    // the adopted guest's session uses.
+    c.create_vm(apb::CreateVmRequest {
+        spec: Some(guest("kg2", vol2)),
+    })
+    .await
+    .unwrap();
+    let vm2 = c
+        .start_vm(apb::VmRequest { vm: "kg2".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    step("kg2 started");
+    let secret2 = check_attached(&stack, &agentd, &vm2, vol2).await;
+    let target2 = target_of(&stack, vol2, &guard).await;
+    assert_eq!(check_attached(&stack, &agentd, &got, vol1).await, secret);
+
+    // Destroyed: QEMU gone, logged out, record deleted, export gone; the
+    // other guest's session stays.
+    c.destroy_vm(apb::DestroyVmRequest {
+        vm: "kg1".into(),
+        timeout_seconds: 1,
+    })
+    .await
+    .unwrap();
+    step("kg1 destroyed");
+    let e = c
+        .get_vm(apb::VmRequest { vm: "kg1".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    check_detached(&stack, vol1, &target1, &vm).await;
+    assert!(!agentd.state_dir.join("vms").join(&vm.uuid).exists());
+    assert_eq!(check_attached(&stack, &agentd, &vm2, vol2).await, secret2);
+
+    // The guest dies while agentd is away: the restart records it stopped
+    // and logs out of its session.
+    let seen = events_since(&agentd, 0).await.last().unwrap().seq;
+    drop(c);
+    agentd.kill9();
+    vmm::signal(vm2.pid, libc::SIGKILL);
+    wait_for("kg2's QEMU to end", Duration::from_secs(60), || {
+        (!qemu_alive(vm2.pid, &vm2.uuid)).then_some(())
+    });
+    agentd.restart();
+    step("agentd restarted without kg2's QEMU");
+    let mut c = agent_client(&agentd).await;
+    let got2 = c
+        .get_vm(apb::VmRequest { vm: "kg2".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got2.state(), apb::VmState::Stopped, "{got2:?}");
+    let new = events_since(&agentd, seen).await;
+    assert!(
+        new.iter().any(|e| e.vm_name == "kg2"
+            && e.r#type() == apb::EventType::Stopped
+            && e.cause() == apb::EventCause::Reconciliation),
+        "{new:?}"
+    );
+    check_detached(&stack, vol2, &target2, &vm2).await;
+    c.destroy_vm(apb::DestroyVmRequest {
+        vm: "kg2".into(),
+        timeout_seconds: 1,
+    })
+    .await
+    .unwrap();
+    step("kg2 destroyed");
+
+    let log = agentd.log_text();
+    for s in [&first_secret, &secret, &secret2] {
+        assert!(
+            !log.contains(s.as_str()),
+            "a CHAP secret is in agentd's log"
+        );
+    }
+    let events = events_since(&agentd, 0).await;
+    use apb::EventType as T;
+    for (vm, wants) in [
+        (
+            "kg1",
+            &[
+                T::DiskAttached,
+                T::Running,
+                T::Stopped,
+                T::Adopted,
+                T::DiskDetached,
+                T::Destroyed,
+            ][..],
+        ),
+        (
+            "kg2",
+            &[T::DiskAttached, T::Running, T::Stopped, T::Destroyed][..],
+        ),
+    ] {
+        let kinds: Vec<_> = events
+            .iter()
+            .filter(|e| e.vm_name == vm)
+            .map(|e| e.r#type())
+            .collect();
+        for want in wants {
+            assert!(
+                kinds.contains(want),
+                "{want:?} missing from {vm}'s {kinds:?}"
+            );
+        }
+    }
+    assert_eq!(sessions_to(&target1), vec![]);
+    assert_eq!(sessions_to(&target2), vec![]);
 }

@@ -984,3 +984,26 @@ pub fn sha256_of(path: &Path) -> String {
         .unwrap()
         .to_string()
 }
+
+impl NetNs {
+    /// The network namespace this test process runs in, under a name of its
+    /// own (`ip netns attach`), so helpers that take a [`NetNs`] (such as
+    /// [`Agentd::start_in_with`]) run there. For daemons that a private
+    /// namespace cuts off: agentd with `--attach kernel` must reach iscsid,
+    /// whose control socket is an abstract Unix socket (one per network
+    /// namespace), and a pdiskd listening on this namespace's 127.0.0.1.
+    /// Drop removes only the name; the namespace is this process's own.
+    pub fn host() -> NetNs {
+        require_root();
+        let name = format!(
+            "stratus-h{}-{}",
+            std::process::id(),
+            NEXT_NS.fetch_add(1, Ordering::SeqCst)
+        );
+        run_ok(
+            "ip",
+            &["netns", "attach", &name, &std::process::id().to_string()],
+        );
+        NetNs { name }
+    }
+}
