@@ -111,22 +111,8 @@ impl Host {
     }
 
     fn events(&self, since: u64) -> Vec<pb::Event> {
-        self.agent(move |mut c| async move {
-            let mut s = c
-                .watch_events(pb::WatchEventsRequest {
-                    since_seq: since,
-                    vm: String::new(),
-                    no_follow: true,
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            let mut out = Vec::new();
-            while let Some(e) = s.message().await.unwrap() {
-                out.push(e);
-            }
-            out
-        })
+        let url = self.agentd.url();
+        self.ns.block_on(move || agent_events(url, since))
     }
 }
 

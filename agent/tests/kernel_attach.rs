@@ -529,21 +529,7 @@ async fn agent_client(agentd: &Agentd) -> VmServiceClient<tonic::transport::Chan
 }
 
 async fn events_since(agentd: &Agentd, since: u64) -> Vec<apb::Event> {
-    let mut s = agent_client(agentd)
-        .await
-        .watch_events(apb::WatchEventsRequest {
-            since_seq: since,
-            vm: String::new(),
-            no_follow: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = s.message().await.unwrap() {
-        out.push(e);
-    }
-    out
+    agent_events(agentd.url(), since).await
 }
 
 /// pdisk's exports of the volume named `volume`.

@@ -1007,3 +1007,26 @@ impl NetNs {
         NetNs { name }
     }
 }
+
+/// Every event agentd at `url` has journaled after `since` (replay only, no
+/// follow), in order.
+pub async fn agent_events(url: String, since: u64) -> Vec<stratus_proto::agent::v1::Event> {
+    use stratus_proto::agent::v1 as pb;
+    let mut c = pb::vm_service_client::VmServiceClient::connect(url)
+        .await
+        .unwrap();
+    let mut s = c
+        .watch_events(pb::WatchEventsRequest {
+            since_seq: since,
+            vm: String::new(),
+            no_follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = s.message().await.unwrap() {
+        out.push(e);
+    }
+    out
+}
