@@ -236,6 +236,27 @@ impl CommandRunner for HostRunner {
 
 type Responder = dyn Fn(&[String]) -> Result<Output> + Send + Sync;
 
+/// Runs real processes like [`HostRunner`] and remembers every command
+/// line, so integration tests can check what reached argv (never a secret).
+#[derive(Debug, Default)]
+pub struct RecordingRunner {
+    lines: Mutex<Vec<String>>,
+}
+
+impl RecordingRunner {
+    /// Every command line run so far, argv joined with spaces.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl CommandRunner for RecordingRunner {
+    fn run<'a>(&'a self, cmd: &'a Cmd) -> BoxFuture<'a, Result<Output>> {
+        self.lines.lock().unwrap().push(cmd.argv().join(" "));
+        HostRunner.run(cmd)
+    }
+}
+
 /// A runner for unit tests: records every argv and answers with `respond`.
 #[derive(Clone)]
 pub struct FakeRunner {

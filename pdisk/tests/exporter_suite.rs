@@ -7,34 +7,21 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use pdisk::export::lio::{LioConfig, LioExporter};
 use pdisk::export::{ExportSpec, Exporter, TgtConfig, TgtExporter};
-use pdisk::runner::{BoxFuture, Cmd, CommandRunner, HostRunner, Output};
+use pdisk::runner::RecordingRunner;
 use pdisk::types::{Chap, Iqn};
 use testkit::*;
 
 const MIB: u64 = 1 << 20;
 const IGNORE: &str = "needs root and an iSCSI target (tgtd, or LIO in the lab VM)";
 
-/// HostRunner that remembers every command line.
-#[derive(Default)]
-struct Recording {
-    lines: Mutex<Vec<String>>,
-}
-
-impl CommandRunner for Recording {
-    fn run<'a>(&'a self, cmd: &'a Cmd) -> BoxFuture<'a, pdisk::error::Result<Output>> {
-        self.lines.lock().unwrap().push(cmd.argv().join(" "));
-        HostRunner.run(cmd)
-    }
-}
-
 /// One exporter on the selected stack, with its own target and files.
 struct Fixture {
     exp: Box<dyn Exporter>,
-    rec: Arc<Recording>,
+    rec: Arc<RecordingRunner>,
     exports: Exports,
     prefix: String,
     dir: tempfile::TempDir,
@@ -47,7 +34,7 @@ fn fixture() -> Fixture {
         .prefix("stratus-exp-")
         .tempdir()
         .unwrap();
-    let rec = Arc::new(Recording::default());
+    let rec = Arc::new(RecordingRunner::default());
     let (exp, exports, prefix): (Box<dyn Exporter>, Exports, String) = match stack_kind() {
         StackKind::FileTgt => {
             let tgtd = Tgtd::start(dir.path());
@@ -183,7 +170,7 @@ async fn chap_is_required_when_set_and_the_secret_reaches_no_argv() {
     a.io(&["write -P 0x42 0 4k", "read -P 0x42 0 4k"]).unwrap();
     let live = f.exp.list().await.unwrap();
     assert_eq!(live[0].chap_user.as_deref(), Some("tenant9"));
-    let lines = f.rec.lines.lock().unwrap().clone();
+    let lines = f.rec.lines();
     assert!(lines.iter().all(|l| !l.contains(secret)), "{lines:?}");
 }
 

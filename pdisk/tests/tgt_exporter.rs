@@ -8,13 +8,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pdisk::error::ErrorKind;
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::{ExportSpec, Exporter};
-use pdisk::runner::{BoxFuture, Cmd, CommandRunner, HostRunner, Output};
+use pdisk::runner::RecordingRunner;
 use pdisk::types::{Chap, Iqn};
 use tokio::io::AsyncWriteExt;
 
@@ -107,21 +107,8 @@ fn tgtadm(port: u16, args: &[&str]) -> String {
     )
 }
 
-/// HostRunner that remembers every command line.
-#[derive(Default)]
-struct Recording {
-    lines: Mutex<Vec<String>>,
-}
-
-impl CommandRunner for Recording {
-    fn run<'a>(&'a self, cmd: &'a Cmd) -> BoxFuture<'a, pdisk::error::Result<Output>> {
-        self.lines.lock().unwrap().push(cmd.argv().join(" "));
-        HostRunner.run(cmd)
-    }
-}
-
-fn exporter(port: u16, bstype: &str) -> (TgtExporter, Arc<Recording>) {
-    let rec = Arc::new(Recording::default());
+fn exporter(port: u16, bstype: &str) -> (TgtExporter, Arc<RecordingRunner>) {
+    let rec = Arc::new(RecordingRunner::default());
     let cfg = TgtConfig {
         control_port: port.into(),
         portal: format!("127.0.0.1:{port}"),
@@ -406,7 +393,7 @@ async fn chap_logins_need_the_current_secret_which_never_reaches_argv() {
     exp.unexport(&s_d.target_iqn).await.unwrap();
     assert!(!tgtadm(PORT, &["--mode", "account", "--op", "show"]).contains("alice"));
 
-    let lines = rec.lines.lock().unwrap().clone();
+    let lines = rec.lines();
     assert!(lines.iter().any(|l| l.contains("--mode account --op bind")));
     for secret in [s1, s2, s3] {
         assert!(!lines.iter().any(|l| l.contains(secret)), "secret in argv");
