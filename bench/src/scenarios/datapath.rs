@@ -295,6 +295,7 @@ impl Bench<'_> {
     ) -> anyhow::Result<f64> {
         drop_cached_pages(self.volume)?;
         let mut cmd = Command::new("qemu-img");
+        // argv only: `-c` is qemu-img bench's request count, not a shell's.
         cmd.args(["bench", "--image-opts"])
             .args(["-c", &count.to_string()])
             .args(["-d", &depth.to_string()])
@@ -498,6 +499,7 @@ fn create_volume(path: &Path, size: u64) -> anyhow::Result<()> {
     }
     .image_opts();
     let count = (size / MIB).to_string();
+    // qemu-img bench writing every 1 MiB block once (`-c`: request count).
     run_ok(
         "qemu-img",
         &[
