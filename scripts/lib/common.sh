@@ -3,7 +3,11 @@
 LOGDIR=${STRATUS_LOGDIR:-$(pwd)/var/log}
 mkdir -p "$LOGDIR"
 
-step() { printf '\n\033[1m== %s ==\033[0m\n' "$*"; }
+# A tier's heading, with the disk space left where the checkout is (a full
+# disk is the first thing to rule out when a tier fails).
+step() {
+  printf '\n\033[1m== %s ==\033[0m (%s free)\n' "$*" "$(df -h --output=avail . | tail -n 1 | tr -d ' ')"
+}
 
 require_root() {
   if [[ $(id -u) -ne 0 ]]; then
