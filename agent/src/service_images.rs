@@ -368,6 +368,8 @@ impl Agent {
             .find(|i| i.image.sha256 == pulled.image.sha256)
             .map(local_info)
             .ok_or_else(|| Error::internal("pulled image vanished from the cache"))?;
+        // The pull's own pin is not a user of the image.
+        info.users = info.users.saturating_sub(1);
         drop(pulled);
         if to_pdisk {
             let base = self.pdisk_base(&r, Cause::Api).await?;
