@@ -749,6 +749,7 @@ pub struct Agentd {
     pub state_dir: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     netns: String,
 }
@@ -767,6 +768,18 @@ impl Agentd {
         pdisk_url: &str,
         bridge: &str,
         extra: &[&str],
+    ) -> Agentd {
+        Self::start_in_with_env(dir, ns, pdisk_url, bridge, extra, &[])
+    }
+
+    /// Like [`Agentd::start_in_with`], with extra environment variables.
+    pub fn start_in_with_env(
+        dir: &Path,
+        ns: &NetNs,
+        pdisk_url: &str,
+        bridge: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Agentd {
         let state_dir = dir.join("agent");
         let listen: SocketAddr = "127.0.0.1:7401".parse().unwrap();
@@ -796,6 +809,10 @@ impl Agentd {
             state_dir,
             log: dir.join("agentd.log"),
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
             netns: ns.name.clone(),
         };
@@ -813,6 +830,7 @@ impl Agentd {
             .args(["netns", "exec", &self.netns])
             .arg(bin("agentd"))
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -17,11 +17,17 @@
 //! (rustls-platform-verifier, so an operator's CA in /etc/ssl/certs works).
 //! `ring` instead of reqwest's default aws-lc-rs avoids a C/CMake build.
 //! Compression features are off: the bytes hashed are the bytes published.
+//!
+//! The trust store is loaded when the client is built, and a host without one
+//! (no ca-certificates) makes that fail. agentd still starts: the verifying
+//! client is built on first use and retried until it can be, https:// pulls
+//! fail with FailedPrecondition naming the cause, and http:// pulls use a
+//! client that trusts no certificate at all (it never needs one).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -68,7 +74,7 @@ pub(crate) struct Download {
 /// Downloads images; one per cache, so connections are pooled.
 #[derive(Debug, Clone)]
 pub(crate) struct Fetcher {
-    client: reqwest::Client,
+    clients: Arc<Clients>,
     idle: Duration,
     /// Canonical directories file:// images may come from; `None`: anywhere.
     file_roots: Option<Vec<PathBuf>>,
@@ -91,13 +97,23 @@ impl Fetcher {
         // reqwest is built without a default crypto provider; ring is ours.
         // Err means a provider is already installed, which is as good.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .connect_timeout(timeouts.connect)
-            .user_agent(concat!("stratus-agent/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| Error::internal(format!("HTTP client: {}", causes(&e))))?;
+        let clients = Clients {
+            connect: timeouts.connect,
+            verifying: Mutex::new(None),
+            // No roots: never asked to verify anything, so it needs no store.
+            plain: client_builder(timeouts.connect)
+                .tls_certs_only(Vec::new())
+                .build()
+                .map_err(|e| Error::internal(format!("HTTP client: {}", causes(&e))))?,
+        };
+        if let Err(e) = clients.verifying() {
+            tracing::warn!(
+                error = %e,
+                "no trust store: https:// image pulls will fail until one is installed"
+            );
+        }
         Ok(Fetcher {
-            client,
+            clients: Arc::new(clients),
             idle: timeouts.idle,
             file_roots,
         })
@@ -233,7 +249,17 @@ impl Fetcher {
                 Ok(Body::File(f, md.len()))
             }
             ImageSource::Http(u) => {
-                let send = self.client.get(u.clone()).send();
+                let client = match self.clients.verifying() {
+                    Ok(c) => c,
+                    Err(_) if u.scheme() == "http" => self.clients.plain.clone(),
+                    Err(e) => {
+                        return Err(Error::precondition(format!(
+                            "image {url}: no HTTPS client on this host: {e} \
+                             (install ca-certificates, or set SSL_CERT_FILE to a CA bundle)"
+                        )))
+                    }
+                };
+                let send = client.get(u.clone()).send();
                 let resp = match tokio::time::timeout(self.idle, send).await {
                     Err(_) => {
                         return Err(Error::unavailable(format!(
@@ -330,6 +356,37 @@ fn spawn_writer(
 
 /// A transport error, classified: every one means the server could not be
 /// reached or did not answer (Unavailable).
+/// The fetcher's HTTP clients, shared by its clones.
+#[derive(Debug)]
+struct Clients {
+    connect: Duration,
+    /// Verifies servers against the system trust store; built on first use.
+    verifying: Mutex<Option<reqwest::Client>>,
+    /// For http:// when there is no trust store.
+    plain: reqwest::Client,
+}
+
+impl Clients {
+    /// The verifying client, built now if it has not been yet.
+    fn verifying(&self) -> std::result::Result<reqwest::Client, String> {
+        let mut slot = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = client_builder(self.connect)
+            .build()
+            .map_err(|e| causes(&e))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
+fn client_builder(connect: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(connect)
+        .user_agent(concat!("stratus-agent/", env!("CARGO_PKG_VERSION")))
+}
+
 fn request_error(url: &str, e: &reqwest::Error) -> Error {
     let what = if e.is_timeout() {
         "timed out"
