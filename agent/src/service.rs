@@ -78,16 +78,7 @@ pub struct HostFacts {
 impl HostFacts {
     pub async fn probe(runner: &dyn CommandRunner, accel: vmm::AccelChoice) -> HostFacts {
         let (accel, accel_reason) = vmm::choose_accel(accel);
-        let memory = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .unwrap_or(0)
-            * 1024;
+        let memory = memory_total().unwrap_or(0);
         HostFacts {
             hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|s| s.trim().to_string())
@@ -102,6 +93,19 @@ impl HostFacts {
             io_uring: vmm::io_uring_supported(runner).await,
         }
     }
+}
+
+/// The host's memory in bytes (MemTotal of /proc/meminfo).
+pub fn memory_total() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// What GetHost reports.

@@ -109,15 +109,6 @@ fn machine() -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb as f64 / (1 << 20) as f64)
-        .unwrap_or(0.0);
+    let mem_gib = agent::service::memory_total().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     format!("{cpu}, {cores} cores, {mem_gib:.0} GiB")
 }
