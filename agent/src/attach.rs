@@ -81,9 +81,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use pdisk::error::{Error, Result};
-use pdisk::runner::{Cmd, CommandRunner, Output};
-use pdisk::types::Chap;
+use stratus_core::error::{Error, Result};
+use stratus_core::runner::{Cmd, CommandRunner, Output};
+use stratus_core::types::Chap;
 
 pub const ISCSIADM: &str = "iscsiadm";
 /// The iface record agentd's sessions go through.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pdisk::runner::{FakeRunner, Output};
+use stratus_core::runner::{FakeRunner, Output};
 
 use super::*;
 
@@ -681,7 +681,7 @@ async fn a_missing_by_path_link_is_a_clear_error_and_the_login_is_undone() {
     let link = host.path(&format!(
         "dev/disk/by-path/ip-127.0.0.1:3260-iscsi-{TARGET}-lun-1"
     ));
-    assert_eq!(err.kind(), pdisk::error::ErrorKind::Unavailable);
+    assert_eq!(err.kind(), stratus_core::error::ErrorKind::Unavailable);
     assert!(err.message().contains(&link.display().to_string()), "{err}");
     assert!(err.message().contains("did not appear within"), "{err}");
     let lines = host.runner.command_lines();
@@ -708,7 +708,7 @@ async fn a_failed_login_is_unavailable_and_leaves_no_record() {
         .attach(&holder(1), &lun(1), Some(&chap()))
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), pdisk::error::ErrorKind::Unavailable);
+    assert_eq!(err.kind(), stratus_core::error::ErrorKind::Unavailable);
     assert!(err.message().contains("iSCSI login to"), "{err}");
     assert!(err.message().contains("authorization failure"), "{err}");
     assert!(!err.message().contains(SECRET));

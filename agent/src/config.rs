@@ -10,9 +10,9 @@ use serde::Deserialize;
 
 use crate::attach::AttachMode;
 use crate::vmm::AccelChoice;
-use pdisk::config::LogFormat;
-use pdisk::error::{Error, Result};
-use pdisk::types::{ByteSize, Iqn};
+use stratus_core::error::{Error, Result};
+use stratus_core::settings::LogFormat;
+use stratus_core::types::{ByteSize, Iqn};
 
 #[derive(Debug, Clone, Default, Parser, Deserialize)]
 #[command(
@@ -94,7 +94,7 @@ pub struct Config {
 
 impl Flags {
     pub fn resolve(self) -> Result<Config> {
-        let file: Flags = pdisk::config::load_toml(self.config.as_deref())?;
+        let file: Flags = stratus_core::settings::load_toml(self.config.as_deref())?;
         macro_rules! pick {
             ($f:ident, $default:expr) => {
                 self.$f.or(file.$f).unwrap_or_else(|| $default)

@@ -18,8 +18,8 @@ use crate::spec::{
     self, Cause, Context, Disk, DiskSource, EventType, ImageSpec, KernelBoot, Nic, VmSpec, VmState,
 };
 use crate::store::{Event, VmRecord};
-use pdisk::error::Error;
-use pdisk::types::ByteSize;
+use stratus_core::error::Error;
+use stratus_core::types::ByteSize;
 
 pub struct Api {
     agent: Arc<Agent>,

@@ -49,8 +49,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::str::FromStr;
 
-use pdisk::error::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
+use stratus_core::error::{Error, ErrorKind, Result};
 use uuid::Uuid;
 
 /// The prefix of every tap agentd names (see [`tap_name_for`]).

@@ -20,7 +20,7 @@ use std::io::{Cursor, Write};
 use std::path::Path;
 use std::time::SystemTime;
 
-use pdisk::error::{Error, Result};
+use stratus_core::error::{Error, Result};
 
 /// The image: 2 MiB of FAT12 with 1 KiB clusters (about 2000 of them), and
 /// a sparse file on disk.
@@ -399,8 +399,8 @@ pub fn build_seed(seed: &Seed, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pdisk::error::ErrorKind;
     use std::io::Read;
+    use stratus_core::error::ErrorKind;
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk2 op@example";
 

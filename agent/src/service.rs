@@ -38,8 +38,8 @@ use crate::store::{
     now_rfc3339, AgentStore, DiskAttachment, Event, NewEvent, NicAttachment, Runtime, VmRecord,
 };
 use crate::vmm::{self, Accel, DiskBackend, LaunchPlan, PlannedDisk, PlannedNic};
-use pdisk::error::{Error, ErrorKind, Result};
-use pdisk::runner::CommandRunner;
+use stratus_core::error::{Error, Result};
+use stratus_core::runner::CommandRunner;
 
 /// Settings the service needs.
 #[derive(Debug, Clone)]
@@ -78,7 +78,7 @@ pub struct HostFacts {
 impl HostFacts {
     pub async fn probe(runner: &dyn CommandRunner, accel: vmm::AccelChoice) -> HostFacts {
         let (accel, accel_reason) = vmm::choose_accel(accel);
-        let memory = memory_total().unwrap_or(0);
+        let memory = stratus_core::host::memory_total().unwrap_or(0);
         HostFacts {
             hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|s| s.trim().to_string())
@@ -93,19 +93,6 @@ impl HostFacts {
             io_uring: vmm::io_uring_supported(runner).await,
         }
     }
-}
-
-/// The host's memory in bytes (MemTotal of /proc/meminfo).
-pub fn memory_total() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = meminfo
-        .lines()
-        .find(|l| l.starts_with("MemTotal:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<u64>()
-        .ok()?;
-    Some(kib * 1024)
 }
 
 /// What GetHost reports.
@@ -326,7 +313,7 @@ impl Agent {
                 spec.vcpus,
                 spec.memory,
                 info.free_vcpus,
-                pdisk::types::ByteSize(info.free_memory)
+                stratus_core::types::ByteSize(info.free_memory)
             )));
         }
         let mut vm = VmRecord {
@@ -420,9 +407,9 @@ impl Agent {
                     return Err(Error::internal("image disk was not resolved"));
                 }
                 DiskSource::File(path) => {
-                    let format = match pdisk::backend::image::detect_format(path)? {
-                        pdisk::backend::ImageFormat::Qcow2 => "qcow2",
-                        pdisk::backend::ImageFormat::Raw => "raw",
+                    let format = match stratus_core::image::detect_format(path)? {
+                        stratus_core::image::ImageFormat::Qcow2 => "qcow2",
+                        stratus_core::image::ImageFormat::Raw => "raw",
                     };
                     vmm::check_image(self.runner.as_ref(), path, format).await?;
                     (
@@ -587,7 +574,7 @@ impl Agent {
         let kernel = self.settings.attach == AttachMode::Kernel;
         let secret = random_secret();
         let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
-        let chap = pdisk::types::Chap::new(&user, &secret)?;
+        let chap = stratus_core::types::Chap::new(&user, &secret)?;
         let secret_file = dir.join(format!("chap-{device}"));
         if !kernel {
             write_secret(&secret_file, &secret)?;
@@ -1209,24 +1196,8 @@ fn write_secret(path: &Path, secret: &str) -> Result<()> {
         .map_err(|e| Error::io(path.display(), e))
 }
 
-/// Maps a pdisk status to our error, keeping its code and naming the step.
-pub fn status_error(s: tonic::Status, what: &str) -> Error {
-    use tonic::Code;
-    let kind = match s.code() {
-        Code::NotFound => ErrorKind::NotFound,
-        Code::InvalidArgument => ErrorKind::InvalidArgument,
-        Code::AlreadyExists => ErrorKind::AlreadyExists,
-        Code::FailedPrecondition => ErrorKind::FailedPrecondition,
-        Code::ResourceExhausted => ErrorKind::ResourceExhausted,
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
-            ErrorKind::Unavailable
-        }
-        _ => ErrorKind::Internal,
-    };
-    let msg = if s.code() == Code::Unavailable || s.message().is_empty() {
-        format!("{what}: pdisk unavailable: {}", s.message())
-    } else {
-        format!("{what}: {}", s.message())
-    };
-    Error::new(kind, msg)
+/// A status pdisk answered to the step `what`, as our error (the map is
+/// stratus-core's [`Error::from_status`]).
+pub(crate) fn status_error(s: tonic::Status, what: &str) -> Error {
+    Error::from_status(s, "pdisk", what)
 }

@@ -25,9 +25,9 @@ use super::{status_error, Agent};
 use crate::images::{CachedImageInfo, ImageRef, PulledImage};
 use crate::spec::{Cause, DiskSource, EventType, ImageSpec};
 use crate::store::{NewEvent, OwnedVolume, VmRecord};
-use pdisk::error::{Error, Result};
+use stratus_core::error::{Error, Result};
 
-pub use pdisk::types::{LABEL_IMAGE_SHA256 as LABEL_SHA256, LABEL_VM};
+pub use stratus_core::types::{LABEL_IMAGE_SHA256 as LABEL_SHA256, LABEL_VM};
 
 /// An image in one of the caches, as ListImages reports it.
 #[derive(Debug, Clone)]
@@ -49,8 +49,8 @@ fn local_info(i: &CachedImageInfo) -> ImageInfo {
         url: i.url.clone(),
         size: i.image.size,
         format: match i.image.format {
-            pdisk::backend::ImageFormat::Raw => "raw".into(),
-            pdisk::backend::ImageFormat::Qcow2 => "qcow2".into(),
+            stratus_core::image::ImageFormat::Raw => "raw".into(),
+            stratus_core::image::ImageFormat::Qcow2 => "qcow2".into(),
         },
         location: "local".into(),
         volume: String::new(),
@@ -168,8 +168,8 @@ impl Agent {
         let pulled = self.pull_local(image, cause).await?;
         let name = format!("image-{}", &sha[..16]);
         let format = match pulled.image.format {
-            pdisk::backend::ImageFormat::Raw => pdpb::ImageFormat::Raw,
-            pdisk::backend::ImageFormat::Qcow2 => pdpb::ImageFormat::Qcow2,
+            stratus_core::image::ImageFormat::Raw => pdpb::ImageFormat::Raw,
+            stratus_core::image::ImageFormat::Qcow2 => pdpb::ImageFormat::Qcow2,
         };
         let header = pdpb::UploadHeader {
             name: name.clone(),
@@ -507,7 +507,7 @@ impl Agent {
         device: &str,
         name: &str,
     ) -> Result<String> {
-        let name: pdisk::types::VolumeName = name.parse()?;
+        let name: stratus_core::types::VolumeName = name.parse()?;
         let vm = self.store.find_vm(vm_ref)?;
         let _g = self.lock(vm.uuid).await;
         let vm = self.store.find_vm(&vm.uuid.to_string())?;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::seed::{self, Seed};
-use pdisk::error::{Error, Result};
-use pdisk::types::{ByteSize, VolumeName, MIB};
+use stratus_core::error::{Error, Result};
+use stratus_core::types::{ByteSize, VolumeName, MIB};
 
 /// Guest names follow the volume-name grammar (they name files and taps).
 pub type VmName = VolumeName;
@@ -233,7 +233,7 @@ impl VmSpec {
                 return Err(Error::invalid(format!("vlan {} is out of 0..4094", n.vlan)));
             }
         }
-        pdisk::types::validate_labels(self.labels.iter())?;
+        stratus_core::types::validate_labels(self.labels.iter())?;
         Ok(())
     }
 }
@@ -310,7 +310,7 @@ pub enum Cause {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pdisk::error::ErrorKind;
+    use stratus_core::error::ErrorKind;
 
     fn spec(name: &str) -> VmSpec {
         VmSpec {

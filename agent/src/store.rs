@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::attach::{AttachMode, KernelDisk};
 use crate::spec::{Cause, EventType, VmSpec, VmState};
-use pdisk::error::{Error, Result};
+use stratus_core::error::{Error, Result};
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -351,7 +351,7 @@ mod tests {
             spec: VmSpec {
                 name: name.parse().unwrap(),
                 vcpus: 1,
-                memory: pdisk::types::ByteSize(64 << 20),
+                memory: stratus_core::types::ByteSize(64 << 20),
                 disks: vec![],
                 nics: vec![],
                 kernel: None,

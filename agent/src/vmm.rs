@@ -16,8 +16,8 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use pdisk::error::{Error, Result};
-use pdisk::runner::{Cmd, CommandRunner};
+use stratus_core::error::{Error, Result};
+use stratus_core::runner::{Cmd, CommandRunner};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 

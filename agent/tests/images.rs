@@ -7,10 +7,10 @@ use std::path::Path;
 use std::process::Command;
 
 use agent::images::{overlay, CacheOptions, DeclaredFormat, ImageRef, LocalCache, Sha256};
-use pdisk::backend::ImageFormat;
-use pdisk::error::ErrorKind;
-use pdisk::runner::HostRunner;
 use sha2::Digest;
+use stratus_core::error::ErrorKind;
+use stratus_core::image::ImageFormat;
+use stratus_core::runner::HostRunner;
 
 const MIB: u64 = 1 << 20;
 

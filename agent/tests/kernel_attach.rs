@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use agent::attach::{AttachMode, Holder, IscsiLun, KernelAttacher, KernelOptions, DEFAULT_IFACE};
 use agent::vmm;
-use pdisk::runner::HostRunner;
-use pdisk::types::Chap;
+use stratus_core::runner::HostRunner;
+use stratus_core::types::Chap;
 use stratus_proto::agent::v1 as apb;
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::pdisk::v1 as pb;

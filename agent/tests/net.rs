@@ -16,8 +16,8 @@ use agent::net::{
     attach_to_bridge, create_tap, delete_tap, link_exists, list_taps_with_prefix, set_vlan,
     tap_name_for, TapName, TAP_PREFIX,
 };
-use pdisk::error::ErrorKind;
 use serde_json::Value;
+use stratus_core::error::ErrorKind;
 use uuid::Uuid;
 
 /// A network namespace of this test, deleted when dropped.
@@ -483,7 +483,7 @@ fn qemu_attaches_to_a_precreated_tap_which_outlives_it() {
         if vlan {
             set_vlan(&t, 42)?;
         }
-        Ok::<(), pdisk::error::Error>(())
+        Ok::<(), stratus_core::error::Error>(())
     };
     ns.run(plumb).unwrap();
     assert!(!flags(&ns.link(t.as_str()).unwrap()).contains(&"LOWER_UP"));

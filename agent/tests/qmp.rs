@@ -125,7 +125,7 @@ async fn drives_a_real_qemu_through_its_life() {
         )
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), pdisk::error::ErrorKind::InvalidArgument);
+    assert_eq!(err.kind(), stratus_core::error::ErrorKind::InvalidArgument);
     assert!(err.message().contains("nope"), "{err}");
 
     qmp.quit().await.unwrap();
@@ -141,7 +141,7 @@ async fn drives_a_real_qemu_through_its_life() {
     assert!(qemu.wait_exit().success());
     assert_eq!(
         qmp.query_status().await.unwrap_err().kind(),
-        pdisk::error::ErrorKind::Unavailable
+        stratus_core::error::ErrorKind::Unavailable
     );
 }
 
@@ -167,7 +167,7 @@ async fn reconnects_to_a_running_qemu() {
     qemu.child.kill().unwrap();
     wait_for(&mut events, |k| *k == QmpEventKind::Closed).await;
     let err = qmp.query_status().await.unwrap_err();
-    assert_eq!(err.kind(), pdisk::error::ErrorKind::Unavailable);
+    assert_eq!(err.kind(), stratus_core::error::ErrorKind::Unavailable);
     assert!(
         err.message().starts_with("QMP connection to"),
         "{}",

@@ -17,7 +17,7 @@ fn record(name: &str) -> VmRecord {
         spec: VmSpec {
             name: name.parse().unwrap(),
             vcpus: 1,
-            memory: pdisk::types::ByteSize(64 << 20),
+            memory: stratus_core::types::ByteSize(64 << 20),
             disks: vec![],
             nics: vec![],
             kernel: None,

@@ -5,10 +5,13 @@
 //! so a typo never silently falls back to a default.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
+
+use stratus_core::settings::load_toml;
+pub use stratus_core::settings::LogFormat;
 
 use crate::backend::lvm::{LvmName, LvmSettings, Wipe};
 use crate::error::{Error, Result};
@@ -30,14 +33,6 @@ pub enum ExporterKind {
     Tgt,
     /// The kernel's LIO target, configured through configfs.
     Lio,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Human,
-    Json,
 }
 
 /// Flags of pdiskd; each can also be set in the `--config` TOML file.
@@ -144,32 +139,6 @@ pub struct Config {
     pub export_check_interval: u64,
     pub log_format: LogFormat,
     pub log_level: String,
-}
-
-/// Reads a daemon's TOML settings file, or the defaults when there is none.
-/// Shared by pdiskd and agentd so both treat files the same way.
-pub fn load_toml<T: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> Result<T> {
-    let Some(p) = path else {
-        return Ok(T::default());
-    };
-    let text = std::fs::read_to_string(p)
-        .map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))?;
-    toml::from_str(&text).map_err(|e| Error::invalid(format!("config {}: {e}", p.display())))
-}
-
-/// Sets up tracing on stderr for a daemon: human (colours only on a
-/// terminal) or JSON lines, filtered by `level` (an EnvFilter directive).
-pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
 
 impl Flags {

@@ -1,25 +1,25 @@
 //! pdisk: the persistent-disk service of a Stratus storage host.
 //!
 //! Module map (see ARCHITECTURE.md for the invariants):
-//! - [`types`]: validated domain values (names, sizes, IQNs, CHAP, labels);
-//! - [`error`]: the crate's error type and its gRPC status mapping;
-//! - [`runner`]: the one way external programs are run;
-//! - [`backend`]: where volume data lives (reflink files; LVM later);
-//! - [`export`]: how volumes reach initiators (tgt; LIO later);
-//! - [`store`]: the transactional metadata store, source of truth for intent;
-//! - [`service`]: the gRPC VolumeService tying them together;
-//! - [`config`]: daemon settings from flags and TOML;
-//! - [`cli`]: plumbing shared by the `pdisk` and `agentctl` CLIs (tables,
-//!   one-line errors, exit codes, JSON errors).
+//! - [`backend`]: where volume data lives (reflink files, LVM thin LVs);
+//! - [`export`]: how volumes reach initiators (tgt, LIO);
+//! - `store`: the transactional metadata store, source of truth for intent;
+//! - [`service`]: the VolumeService operations tying them together;
+//! - [`grpc`]: the tonic VolumeService, message conversion only;
+//! - [`config`]: pdiskd settings from flags and TOML;
+//! - `progress`: progress of long operations, for WatchOperation.
+//!
+//! The error type, domain types, command runner, image inspection and CLI
+//! plumbing it shares with the agent live in `stratus_core`; `error`,
+//! `runner` and `types` are re-exported inside the crate so its modules keep
+//! short paths.
+
+pub(crate) use stratus_core::{error, runner, types};
 
 pub mod backend;
-pub mod cli;
 pub mod config;
-pub mod error;
 pub mod export;
 pub mod grpc;
-pub mod progress;
-pub mod runner;
+pub(crate) mod progress;
 pub mod service;
 pub mod store;
-pub mod types;

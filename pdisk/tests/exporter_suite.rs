@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use pdisk::export::lio::{LioConfig, LioExporter};
 use pdisk::export::{ExportSpec, Exporter, TgtConfig, TgtExporter};
-use pdisk::runner::RecordingRunner;
-use pdisk::types::{Chap, Iqn};
+use stratus_core::runner::RecordingRunner;
+use stratus_core::types::{Chap, Iqn};
 use testkit::*;
 
 const MIB: u64 = 1 << 20;

@@ -11,11 +11,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pdisk::error::ErrorKind;
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::{ExportSpec, Exporter};
-use pdisk::runner::RecordingRunner;
-use pdisk::types::{Chap, Iqn};
+use stratus_core::error::ErrorKind;
+use stratus_core::runner::RecordingRunner;
+use stratus_core::types::{Chap, Iqn};
 use tokio::io::AsyncWriteExt;
 
 const PREFIX: &str = "iqn.2026-11.io.stratus.pdisk";

@@ -2,7 +2,7 @@
 //! runs the guests of one host.
 //!
 //! A thin shell over the agent.v1 gRPC API, with the same conventions as the
-//! `pdisk` CLI (shared in [`pdisk::cli`]): a global `--json`, one stderr line
+//! `pdisk` CLI (shared in [`stratus_core::cli`]): a global `--json`, one stderr line
 //! per failure and exit status 1 or 2. [`args`] parses and validates the
 //! command line; the handlers here connect and make the call; [`render`]
 //! prints the result as text or JSON; [`console`] reads serial logs, which
@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pdisk::cli::{self, Failure, Remote};
 use serde_json::{json, Value};
+use stratus_core::cli::{self, Failure, Remote};
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::agent::v1::{
     CreateVmRequest, DestroyVmRequest, EventType, EvictImageRequest, GetHostRequest,
@@ -36,7 +36,7 @@ use tonic::transport::Channel;
 
 use args::{Cli, Command, EventsArgs, HostCommand, ImageCommand, RmArgs, VmCommand};
 use console::{Tail, Utf8Chunks};
-use pdisk::cli::args::Ref;
+use stratus_core::cli::args::Ref;
 
 /// The name that prefixes every error line.
 const PROGRAM: &str = "agentctl";

@@ -14,7 +14,7 @@ use agent::service::{Agent, AgentSettings, HostFacts};
 use agent::store::AgentStore;
 use anyhow::Context;
 use clap::Parser;
-use pdisk::runner::{CommandRunner, HostRunner};
+use stratus_core::runner::{CommandRunner, HostRunner};
 use stratus_proto::agent::v1::vm_service_server::VmServiceServer;
 
 #[tokio::main]
@@ -26,7 +26,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    pdisk::config::init_logging(cfg.log_format, &cfg.log_level);
+    stratus_core::settings::init_logging(cfg.log_format, &cfg.log_level);
     if let Err(e) = run(cfg).await {
         tracing::error!("{e:#}");
         eprintln!("agentd: {e:#}");

@@ -54,9 +54,9 @@ use super::fetch::{FetchTimeouts, Fetcher};
 use super::policy::Policy;
 use super::reference::{DeclaredFormat, ImageRef, Sha256};
 use super::staging::{self, PARTIAL_PREFIX};
-use pdisk::backend::image::detect_format;
-use pdisk::backend::ImageFormat;
-use pdisk::error::{Error, ErrorKind, Result};
+use stratus_core::error::{Error, ErrorKind, Result};
+use stratus_core::image::detect_format;
+use stratus_core::image::ImageFormat;
 
 /// How a cache is set up.
 #[derive(Debug, Clone, Default)]

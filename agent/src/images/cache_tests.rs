@@ -8,7 +8,7 @@ use tokio::sync::Notify;
 
 use super::*;
 use crate::images::test_http::{Reply, TestHttp};
-use pdisk::error::ErrorKind;
+use stratus_core::error::ErrorKind;
 
 const MIB: usize = 1 << 20;
 

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 
 use super::reference::{ImageRef, ImageSource, Sha256};
 use super::staging::Partial;
-use pdisk::error::{Error, ErrorKind, Result};
+use stratus_core::error::{Error, ErrorKind, Result};
 
 /// Progress is reported at most once per this many bytes (plus start and end).
 pub const PROGRESS_STEP: u64 = 1 << 20;

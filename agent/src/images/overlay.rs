@@ -1,7 +1,7 @@
 //! Copy-on-write guest disks on a cached image: a qcow2 overlay whose
 //! backing file is the cached base, so starting a guest copies nothing.
 //!
-//! The base is inspected first (pdisk's `inspect`): a qcow2 base with a
+//! The base is inspected first (`stratus_core::image::inspect`): a qcow2 base with a
 //! backing file, an external data file or encryption is refused, since
 //! QEMU would then open a path the image names rather than one we chose.
 //! The overlay is made under a temporary name beside `dest` and linked into
@@ -12,10 +12,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pdisk::backend::image::inspect;
-use pdisk::backend::ImageFormat;
-use pdisk::error::{Error, Result};
-use pdisk::runner::{run_checked, Cmd, CommandRunner};
+use stratus_core::error::{Error, Result};
+use stratus_core::image::inspect;
+use stratus_core::image::ImageFormat;
+use stratus_core::runner::{run_checked, Cmd, CommandRunner};
 
 use super::staging::sync_dir;
 
@@ -104,8 +104,8 @@ impl Drop for Temp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pdisk::error::ErrorKind;
-    use pdisk::runner::{FakeRunner, Output};
+    use stratus_core::error::ErrorKind;
+    use stratus_core::runner::{FakeRunner, Output};
 
     /// A runner that answers `qemu-img info` for a 1 GiB qcow2 and
     /// "creates" the overlay by writing its last argument.

@@ -19,7 +19,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::reference::{ImageRef, Sha256};
-use pdisk::error::{Error, Result};
+use stratus_core::error::{Error, Result};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,7 +45,7 @@ impl Policy {
     /// Reads a policy file; a missing or malformed file is InvalidArgument
     /// naming the file.
     pub fn load(path: &Path) -> Result<Policy> {
-        let file: PolicyFile = pdisk::config::load_toml(Some(path))?;
+        let file: PolicyFile = stratus_core::settings::load_toml(Some(path))?;
         Policy::from_file(file).map_err(|e| e.context(format!("image policy {}", path.display())))
     }
 
@@ -110,7 +110,7 @@ impl Policy {
 mod tests {
     use super::*;
     use crate::images::DeclaredFormat;
-    use pdisk::error::ErrorKind;
+    use stratus_core::error::ErrorKind;
 
     const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";

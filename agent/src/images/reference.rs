@@ -10,8 +10,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use pdisk::error::{Error, Result};
 use reqwest::Url;
+use stratus_core::error::{Error, Result};
 
 /// A SHA-256 digest as 64 lowercase hex digits.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -231,7 +231,7 @@ fn parse_source(url: &str) -> Result<ImageSource> {
         "pdisk" => {
             let volume = url[scheme_end + 3..].trim_start_matches('/');
             volume
-                .parse::<pdisk::types::VolumeName>()
+                .parse::<stratus_core::types::VolumeName>()
                 .map_err(|e| bad(&format!("pdisk:///VOLUME: {e}")))?;
             Ok(ImageSource::Pdisk(volume.to_owned()))
         }
@@ -263,7 +263,7 @@ fn percent_decode(s: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pdisk::error::ErrorKind;
+    use stratus_core::error::ErrorKind;
 
     const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 

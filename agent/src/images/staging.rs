@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use pdisk::error::{Error, Result};
+use stratus_core::error::{Error, Result};
 
 /// The prefix of every temporary name; nothing else in the cache starts with it.
 pub(crate) const PARTIAL_PREFIX: &str = ".partial-";

@@ -109,6 +109,6 @@ fn machine() -> String {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mem_gib = agent::service::memory_total().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+    let mem_gib = stratus_core::host::memory_total().unwrap_or(0) as f64 / (1u64 << 30) as f64;
     format!("{cpu}, {cores} cores, {mem_gib:.0} GiB")
 }

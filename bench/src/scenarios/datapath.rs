@@ -66,7 +66,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use pdisk::export::{ExportSpec, Exporter, TgtConfig, TgtExporter};
-use pdisk::runner::HostRunner;
+use stratus_core::runner::HostRunner;
 use testkit::{Tgtd, XfsPool, INITIATOR};
 use tokio::runtime::Handle;
 

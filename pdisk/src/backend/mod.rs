@@ -120,12 +120,8 @@ impl PoolUsage {
     }
 }
 
-/// An image to import.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageFormat {
-    Raw,
-    Qcow2,
-}
+/// The format of an image to import (shared with the agent).
+pub use stratus_core::image::ImageFormat;
 
 pub trait Backend: Send + Sync {
     /// "file" or "lvm".

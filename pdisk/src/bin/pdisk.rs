@@ -3,7 +3,7 @@
 //! A thin shell over the pdisk.v1 gRPC API. [`args`] parses and validates the
 //! command line; the handlers here check what is local (label sets, files),
 //! then connect and make one call; [`render`] prints the result as a table or
-//! as JSON; [`progress`] shows long operations on stderr. [`pdisk::cli`],
+//! as JSON; [`progress`] shows long operations on stderr. [`stratus_core::cli`],
 //! shared with agentctl, turns any error into one stderr line and an exit
 //! status.
 
@@ -22,9 +22,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use pdisk::cli::{self, Failure, Remote};
-use pdisk::types::{ByteSize, Chap};
 use serde_json::{json, Value};
+use stratus_core::cli::{self, Failure, Remote};
+use stratus_core::types::{ByteSize, Chap};
 use stratus_proto::pdisk::v1::create_volume_request::Source;
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use stratus_proto::pdisk::v1::{

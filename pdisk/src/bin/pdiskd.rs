@@ -18,9 +18,9 @@ use pdisk::export::lio::{LioConfig, LioExporter};
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::Exporter;
 use pdisk::grpc::Api;
-use pdisk::runner::{CommandRunner, HostRunner};
 use pdisk::service::{PoolService, ServiceSettings};
 use pdisk::store::Store;
+use stratus_core::runner::{CommandRunner, HostRunner};
 use stratus_proto::pdisk::v1::volume_service_server::VolumeServiceServer;
 
 async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>) {
@@ -44,7 +44,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    pdisk::config::init_logging(cfg.log_format, &cfg.log_level);
+    stratus_core::settings::init_logging(cfg.log_format, &cfg.log_level);
     if let Err(e) = run(cfg).await {
         tracing::error!("{e:#}");
         eprintln!("pdiskd: {e:#}");

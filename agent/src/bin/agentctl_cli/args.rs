@@ -13,8 +13,8 @@ use agent::seed::{
 };
 use agent::spec::{check_ifname, MAX_DISKS, MAX_NICS, MAX_VCPUS, MIN_MEMORY};
 use clap::{Args, Parser, Subcommand};
-use pdisk::cli::args::{label_arg, label_map, Ref};
-use pdisk::types::{ByteSize, VolumeName};
+use stratus_core::cli::args::{label_arg, label_map, Ref};
+use stratus_core::types::{ByteSize, VolumeName};
 use stratus_proto::agent::v1::{
     disk_spec, Contextualization, DiskPersistence, DiskSpec, ImageFormat, ImageRef as PbImageRef,
     KernelBoot, NicSpec, PullImageRequest, VmSpec,
@@ -419,7 +419,8 @@ fn format_arg(s: &str) -> Result<DeclaredFormat, String> {
     if s.is_empty() {
         return Err("expected raw, qcow2 or auto".into());
     }
-    s.parse().map_err(|e: pdisk::error::Error| e.to_string())
+    s.parse()
+        .map_err(|e: stratus_core::error::Error| e.to_string())
 }
 
 /// `image rm`'s checksum: 8 to 64 hex digits, lowercased.
@@ -773,7 +774,7 @@ impl FromStr for NicArg {
                     nic.mac = Some(
                         value
                             .parse()
-                            .map_err(|e: pdisk::error::Error| e.to_string())?,
+                            .map_err(|e: stratus_core::error::Error| e.to_string())?,
                     )
                 }
                 "vlan" if nic.vlan.is_some() => return Err(twice()),
@@ -973,7 +974,7 @@ impl CreateArgs {
 
 /// A pdisk volume name for a saved image.
 fn image_name(s: &str) -> Result<String, String> {
-    s.parse::<pdisk::types::VolumeName>()
+    s.parse::<stratus_core::types::VolumeName>()
         .map(|n| n.to_string())
         .map_err(|e| e.to_string())
 }

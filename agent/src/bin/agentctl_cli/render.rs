@@ -6,10 +6,10 @@
 //! object with sorted keys, so the output is stable for scripts whatever
 //! order the server sends.
 
-use pdisk::cli::failure::one_line;
-use pdisk::cli::{fields, labels_json, labels_text, Table};
-use pdisk::types::ByteSize;
 use serde_json::{json, Value};
+use stratus_core::cli::failure::one_line;
+use stratus_core::cli::{fields, labels_json, labels_text, Table};
+use stratus_core::types::ByteSize;
 use stratus_proto::agent::v1::{
     disk_spec, AttachedDisk, AttachedNic, CachedImage, DiskPersistence, DiskSpec, Event,
     EventCause, EventType, Host, ImageFormat, ImageRef, NicSpec, Vm, VmSpec, VmState,

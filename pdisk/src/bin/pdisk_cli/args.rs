@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
-use pdisk::cli::args::{label_arg as parse_label_arg, Ref};
-use pdisk::error::Error;
-use pdisk::types::{ByteSize, Iqn, VolumeName};
+use stratus_core::cli::args::{label_arg as parse_label_arg, Ref};
+use stratus_core::error::Error;
+use stratus_core::types::{ByteSize, Iqn, VolumeName};
 use stratus_proto::pdisk::v1::ImageFormat;
 
 use crate::images::ImageSel;

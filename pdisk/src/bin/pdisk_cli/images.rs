@@ -10,12 +10,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use pdisk::cli::args::Ref;
+use stratus_core::cli::args::Ref;
 use stratus_proto::pdisk::v1::Volume;
 use tonic::Status;
 
-pub use pdisk::types::LABEL_IMAGE_SHA256 as LABEL_SHA256;
-pub use pdisk::types::LABEL_VM;
+pub use stratus_core::types::LABEL_IMAGE_SHA256 as LABEL_SHA256;
+pub use stratus_core::types::LABEL_VM;
 /// The shortest sha256 prefix `image rm` takes.
 pub const MIN_PREFIX: usize = 8;
 /// Digits of the sha256 shown in tables and messages.

@@ -5,11 +5,11 @@
 //! lowercase words ("ready") and labels as an object with sorted keys, so the
 //! output is stable for scripts whatever order the server sends.
 
-use pdisk::types::ByteSize;
 use serde_json::{json, Value};
+use stratus_core::types::ByteSize;
 use stratus_proto::pdisk::v1::{Drift, Export, Pool, Snapshot, Volume, VolumeState};
 
-use pdisk::cli::{fields, labels_json, labels_text, Table};
+use stratus_core::cli::{fields, labels_json, labels_text, Table};
 
 use crate::images::ImageEntry;
 

@@ -1,0 +1,29 @@
+//! stratus-core: what pdiskd, agentd and their CLIs share, so that neither
+//! daemon depends on the other.
+//!
+//! The dependency rule between the workspace's crates is
+//! `stratus-proto ← stratus-core ← pdisk, agent`, with `testkit` and
+//! `stratus-bench` on top: this crate depends on neither daemon, and the agent
+//! reaches pdisk only over gRPC. `core/tests/layering.rs` checks the rule.
+//!
+//! Module map:
+//! - [`error`]: the one error type and both directions of its gRPC status
+//!   map (an error a daemon answers with, a status a peer answered);
+//! - [`types`]: validated domain values (volume names, sizes, IQNs, CHAP,
+//!   labels and the label keys both daemons set);
+//! - [`runner`]: the one way external programs are run (argv only, timeout),
+//!   with [`runner::FakeRunner`] and [`runner::RecordingRunner`] for tests;
+//! - [`image`]: image formats, detected by magic and inspected with
+//!   `qemu-img info` (untrusted input: backing files refused);
+//! - [`settings`]: a daemon's TOML settings file and its logging;
+//! - [`host`]: facts about this host (memory);
+//! - [`cli`]: plumbing shared by the `pdisk` and `agentctl` CLIs (tables,
+//!   one-line errors, exit codes, JSON errors, argument values).
+
+pub mod cli;
+pub mod error;
+pub mod host;
+pub mod image;
+pub mod runner;
+pub mod settings;
+pub mod types;
