@@ -11,18 +11,33 @@
 //! - [`images`]: image references, policy, the verified local image cache,
 //!   qcow2 overlays;
 //! - [`seed`]: cloud-init NoCloud seeds (a FAT12 `CIDATA` image, built in process);
-//! - [`service`]: the guest service: operations, QMP monitors, reconciliation;
-//! - [`grpc`]: the tonic `VmService`, message conversion only;
+//! - `service`: the guest service: operations, QMP monitors, reconciliation;
+//! - `grpc`: the tonic `VmService`, message conversion only;
 //! - [`config`]: agentd settings from flags and TOML.
+//!
+//! It depends on `stratus-core` (error, domain types, runner, image
+//! inspection, settings, CLI plumbing) and `stratus-proto`, never on pdisk:
+//! pdiskd is reached over gRPC only (`core/tests/layering.rs` checks this).
+//!
+//! Public API, and who uses it: [`Agent`], [`AgentSettings`], [`HostFacts`],
+//! [`Api`] and [`config`] compose agentd; [`spec`] and [`store`] are also
+//! what the bench's journal benchmark drives; [`attach`], [`images`],
+//! [`net`], [`qmp`] and [`vmm`] are exercised on their own by the root tests
+//! under `agent/tests/`; [`images`], [`seed`], [`spec`] and [`net`]'s `Mac`
+//! check agentctl's arguments the way agentd will. The service and its gRPC
+//! layer are crate-private.
 
 pub mod attach;
 pub mod config;
-pub mod grpc;
+pub(crate) mod grpc;
 pub mod images;
 pub mod net;
 pub mod qmp;
 pub mod seed;
-pub mod service;
+pub(crate) mod service;
 pub mod spec;
 pub mod store;
 pub mod vmm;
+
+pub use grpc::Api;
+pub use service::{Agent, AgentSettings, HostFacts};

@@ -131,7 +131,7 @@ pub struct Agent {
 
 #[path = "service_images.rs"]
 mod images_ops;
-pub use images_ops::{ImageInfo, LABEL_SHA256, LABEL_VM};
+pub use images_ops::ImageInfo;
 
 /// How long start waits for QEMU's QMP socket.
 const QMP_CONNECT: Duration = Duration::from_secs(30);

@@ -27,7 +27,7 @@ use crate::spec::{Cause, DiskSource, EventType, ImageSpec};
 use crate::store::{NewEvent, OwnedVolume, VmRecord};
 use stratus_core::error::{Error, Result};
 
-pub use stratus_core::types::{LABEL_IMAGE_SHA256 as LABEL_SHA256, LABEL_VM};
+use stratus_core::types::{LABEL_IMAGE_SHA256 as LABEL_SHA256, LABEL_VM};
 
 /// An image in one of the caches, as ListImages reports it.
 #[derive(Debug, Clone)]

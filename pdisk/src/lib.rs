@@ -4,22 +4,34 @@
 //! - [`backend`]: where volume data lives (reflink files, LVM thin LVs);
 //! - [`export`]: how volumes reach initiators (tgt, LIO);
 //! - `store`: the transactional metadata store, source of truth for intent;
-//! - [`service`]: the VolumeService operations tying them together;
-//! - [`grpc`]: the tonic VolumeService, message conversion only;
+//! - `service`: the VolumeService operations tying them together;
+//! - `grpc`: the tonic VolumeService, message conversion only;
 //! - [`config`]: pdiskd settings from flags and TOML;
-//! - `progress`: progress of long operations, for WatchOperation.
+//! - `progress`: progress of long operations, streamed by WatchProgress.
 //!
 //! The error type, domain types, command runner, image inspection and CLI
 //! plumbing it shares with the agent live in `stratus_core`; `error`,
 //! `runner` and `types` are re-exported inside the crate so its modules keep
-//! short paths.
+//! short paths. Nothing here is used by the agent (`core/tests/layering.rs`).
+//!
+//! Public API, and who uses it: [`PoolService`], [`ServiceSettings`],
+//! [`Store`], [`Api`], [`config`] and the [`backend`] and [`export`]
+//! implementations compose pdiskd; [`export`] (the `Exporter` trait, tgt,
+//! LIO) is also driven directly by the root tests `exporter_suite` and
+//! `tgt_exporter` and by the bench's data-path scenario, and
+//! [`backend::copy`] by the bench's copy benchmark. The service, store, gRPC
+//! layer and progress hub are crate-private.
 
 pub(crate) use stratus_core::{error, runner, types};
 
 pub mod backend;
 pub mod config;
 pub mod export;
-pub mod grpc;
+pub(crate) mod grpc;
 pub(crate) mod progress;
-pub mod service;
-pub mod store;
+pub(crate) mod service;
+pub(crate) mod store;
+
+pub use grpc::Api;
+pub use service::{PoolService, ServiceSettings};
+pub use store::Store;

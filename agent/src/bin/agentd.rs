@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use agent::attach::AttachMode;
 use agent::config::{Config, Flags};
-use agent::grpc::Api;
-use agent::service::{Agent, AgentSettings, HostFacts};
 use agent::store::AgentStore;
+use agent::{Agent, AgentSettings, Api, HostFacts};
 use anyhow::Context;
 use clap::Parser;
 use stratus_core::runner::{CommandRunner, HostRunner};

@@ -16,10 +16,10 @@
 //!   finished after a crash);
 //! - snapshots are read-only.
 
-pub mod checksum;
+pub(crate) mod checksum;
 pub mod copy;
 pub mod file;
-pub mod image;
+pub(crate) mod image;
 pub mod lvm;
 
 use std::collections::BTreeMap;

@@ -17,9 +17,7 @@ use pdisk::config::{BackendKind, Config, ExporterKind, Flags};
 use pdisk::export::lio::{LioConfig, LioExporter};
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::Exporter;
-use pdisk::grpc::Api;
-use pdisk::service::{PoolService, ServiceSettings};
-use pdisk::store::Store;
+use pdisk::{Api, PoolService, ServiceSettings, Store};
 use stratus_core::runner::{CommandRunner, HostRunner};
 use stratus_proto::pdisk::v1::volume_service_server::VolumeServiceServer;
 
