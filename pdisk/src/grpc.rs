@@ -19,6 +19,7 @@ use crate::service::{
     Drift, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService, SnapshotInfo, VolumeInfo,
 };
 use crate::store::VolumeState;
+use crate::types::VolumeName;
 
 pub struct Api {
     svc: Arc<PoolService>,
@@ -157,7 +158,7 @@ impl VolumeService for Api {
         let v = self
             .svc
             .create_volume(NewVolume {
-                name: r.name,
+                name: r.name.parse()?,
                 size: r.size_bytes,
                 labels: labels(r.labels),
                 source,
@@ -180,7 +181,7 @@ impl VolumeService for Api {
             _ => return Err(Error::invalid("upload: the first message must be the header").into()),
         };
         // Check what can be checked before accepting any data.
-        let name: crate::types::VolumeName = header.name.parse()?;
+        let name: VolumeName = header.name.parse()?;
         crate::types::validate_labels(header.labels.iter())?;
         let format = image_format(header.format)?;
         if self.svc.get_volume(name.as_str()).await.is_ok() {
@@ -226,7 +227,7 @@ impl VolumeService for Api {
         let v = self
             .svc
             .create_volume(NewVolume {
-                name: name.to_string(),
+                name,
                 size: header.size_bytes,
                 labels: labels(header.labels),
                 source: NewVolumeSource::Upload {
@@ -290,7 +291,7 @@ impl VolumeService for Api {
             .clone_volume(
                 &r.source,
                 r.source_is_snapshot,
-                &r.name,
+                r.name.parse()?,
                 labels(r.labels),
                 r.size_bytes,
                 &r.request_id,
@@ -306,7 +307,7 @@ impl VolumeService for Api {
         let r = req.into_inner();
         let s = self
             .svc
-            .create_snapshot(&r.volume, &r.name, &r.request_id)
+            .create_snapshot(&r.volume, r.name.parse()?, &r.request_id)
             .await?;
         Ok(Response::new(snapshot_pb(s)))
     }

@@ -71,9 +71,10 @@ pub enum NewVolumeSource {
     },
 }
 
+/// A request for a new volume, its name parsed at the edge (gRPC).
 #[derive(Debug, Clone)]
 pub struct NewVolume {
-    pub name: String,
+    pub name: VolumeName,
     /// 0: the source's size.
     pub size: u64,
     pub labels: Labels,
@@ -223,11 +224,23 @@ fn require_ready(v: &VolumeRecord) -> Result<()> {
     Ok(())
 }
 
-fn parse_name(s: &str) -> Result<VolumeName> {
-    s.parse()
-}
-
 impl PoolService {
+    /// Reads `rec`'s volume again, by its UUID, after waiting for its lock:
+    /// it may have changed or gone meanwhile. Never by name or by the UUID
+    /// as text: a volume may be named like another volume's UUID.
+    fn reread_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord> {
+        self.store.volume(rec.uuid)?.ok_or_else(|| {
+            Error::not_found(format!("volume {} ({}) not found", rec.name, rec.uuid))
+        })
+    }
+
+    /// [`Self::reread_volume`] for snapshots.
+    fn reread_snapshot(&self, rec: &SnapshotRecord) -> Result<SnapshotRecord> {
+        self.store.snapshot(rec.uuid)?.ok_or_else(|| {
+            Error::not_found(format!("snapshot {} ({}) not found", rec.name, rec.uuid))
+        })
+    }
+
     pub fn new(
         store: Store,
         backend: Arc<dyn Backend>,
@@ -461,7 +474,7 @@ impl PoolService {
         req: NewVolume,
         op: &crate::progress::Operation,
     ) -> Result<VolumeInfo> {
-        let name = parse_name(&req.name)?;
+        let name = &req.name;
         let labels = validate_labels(req.labels.iter())?;
         if req.size > 0 {
             ByteSize::volume_size(req.size)?;
@@ -490,7 +503,7 @@ impl PoolService {
             NewVolumeSource::Volume(r) => {
                 let src = self.store.find_volume(r)?;
                 let g = self.locks.lock(src.uuid).await;
-                let src = self.store.find_volume(&src.uuid.to_string())?;
+                let src = self.reread_volume(&src)?;
                 if src.state != VolumeState::Ready {
                     return Err(Error::precondition(format!(
                         "source volume {} is {:?}",
@@ -506,7 +519,7 @@ impl PoolService {
             NewVolumeSource::Snapshot(r) => {
                 let s = self.store.find_snapshot(r)?;
                 let g = self.locks.lock(s.uuid).await;
-                let s = self.store.find_snapshot(&s.uuid.to_string())?;
+                let s = self.reread_snapshot(&s)?;
                 if !s.complete {
                     return Err(Error::precondition(format!(
                         "snapshot {} is incomplete",
@@ -572,7 +585,7 @@ impl PoolService {
         };
         let mut rec = VolumeRecord {
             uuid: Uuid::new_v4(),
-            name,
+            name: name.clone(),
             size,
             labels,
             state: VolumeState::Creating,
@@ -622,7 +635,7 @@ impl PoolService {
         &self,
         source: &str,
         source_is_snapshot: bool,
-        name: &str,
+        name: VolumeName,
         labels: Labels,
         size: u64,
         request_id: &str,
@@ -633,7 +646,7 @@ impl PoolService {
             NewVolumeSource::Volume(source.to_owned())
         };
         self.create_volume(NewVolume {
-            name: name.to_owned(),
+            name,
             size,
             labels,
             source,
@@ -645,7 +658,7 @@ impl PoolService {
     pub async fn delete_volume(&self, r: &str) -> Result<()> {
         let rec = self.store.find_volume(r)?;
         let _g = self.locks.lock(rec.uuid).await;
-        let mut rec = self.store.find_volume(&rec.uuid.to_string())?;
+        let mut rec = self.reread_volume(&rec)?;
         if rec.state == VolumeState::Creating {
             return Err(Error::precondition(format!(
                 "volume {} is being created",
@@ -685,7 +698,7 @@ impl PoolService {
         let new = self.volume_size(size)?;
         let rec = self.store.find_volume(r)?;
         let _g = self.locks.lock(rec.uuid).await;
-        let mut rec = self.store.find_volume(&rec.uuid.to_string())?;
+        let mut rec = self.reread_volume(&rec)?;
         require_ready(&rec)?;
         refuse_if_image_base(&rec, "resize")?;
         if new < rec.size {
@@ -722,15 +735,14 @@ impl PoolService {
     pub async fn create_snapshot(
         &self,
         volume: &str,
-        name: &str,
+        name: VolumeName,
         request_id: &str,
     ) -> Result<SnapshotInfo> {
         let op = self.progress.start(request_id)?;
         let result = async {
-            let name = parse_name(name)?;
             let vol = self.store.find_volume(volume)?;
             let _g = self.locks.lock(vol.uuid).await;
-            let vol = self.store.find_volume(&vol.uuid.to_string())?;
+            let vol = self.reread_volume(&vol)?;
             require_ready(&vol)?;
             self.check_capacity(&format!("snapshot {name}"), vol.size.0, 0)
                 .await?;
@@ -791,7 +803,7 @@ impl PoolService {
     pub async fn delete_snapshot(&self, r: &str) -> Result<()> {
         let s = self.store.find_snapshot(r)?;
         let _g = self.locks.lock(s.uuid).await;
-        let s = self.store.find_snapshot(&s.uuid.to_string())?;
+        let s = self.reread_snapshot(&s)?;
         self.backend.delete(ObjectId::Snapshot(s.uuid)).await?;
         self.store.remove_snapshot(s.uuid)?;
         self.locks.forget(s.uuid);
@@ -812,7 +824,7 @@ impl PoolService {
             let (id, what, _g) = if is_snapshot {
                 let s = self.store.find_snapshot(r)?;
                 let g = self.locks.lock(s.uuid).await;
-                let s = self.store.find_snapshot(&s.uuid.to_string())?;
+                let s = self.reread_snapshot(&s)?;
                 if !s.complete {
                     return Err(Error::precondition(format!(
                         "snapshot {} is incomplete",
@@ -827,7 +839,7 @@ impl PoolService {
             } else {
                 let v = self.store.find_volume(r)?;
                 let g = self.locks.lock(v.uuid).await;
-                let v = self.store.find_volume(&v.uuid.to_string())?;
+                let v = self.reread_volume(&v)?;
                 if v.state != VolumeState::Ready {
                     return Err(Error::precondition(format!(
                         "volume {} is {:?}",
@@ -885,7 +897,7 @@ impl PoolService {
         let chap = chap.map(|(u, s)| Chap::new(&u, &s)).transpose()?;
         let vol = self.store.find_volume(volume)?;
         let _g = self.locks.lock(vol.uuid).await;
-        let vol = self.store.find_volume(&vol.uuid.to_string())?;
+        let vol = self.reread_volume(&vol)?;
         require_ready(&vol)?;
         refuse_if_image_base(&vol, "export")?;
         let _e = self.export_lock.lock().await;

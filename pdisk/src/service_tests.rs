@@ -43,9 +43,14 @@ fn fixture() -> Fixture {
     }
 }
 
-fn empty(name: &str, size: u64) -> NewVolume {
+/// A name for a request, parsed as the gRPC edge does.
+fn name(s: impl AsRef<str>) -> VolumeName {
+    s.as_ref().parse().unwrap()
+}
+
+fn empty(volume: &str, size: u64) -> NewVolume {
     NewVolume {
-        name: name.into(),
+        name: name(volume),
         size,
         labels: Labels::new(),
         source: NewVolumeSource::Empty,
@@ -58,9 +63,23 @@ const IQN: &str = "iqn.2026-11.io.stratus:host1";
 #[tokio::test]
 async fn bad_input_gets_invalid_argument_and_changes_nothing() {
     let f = fixture();
+    // Names are parsed at the gRPC edge, before the service sees them.
+    let api = crate::grpc::Api::new(f.svc.clone());
+    for bad in ["Bad Name", "../escape"] {
+        use stratus_proto::pdisk::v1 as pb;
+        use stratus_proto::pdisk::v1::volume_service_server::VolumeService;
+        let create = pb::CreateVolumeRequest {
+            name: bad.into(),
+            size_bytes: 1 << 20,
+            ..Default::default()
+        };
+        let s = api
+            .create_volume(tonic::Request::new(create))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{bad:?}: {s:?}");
+    }
     let cases = [
-        empty("Bad Name", 1 << 20),
-        empty("../escape", 1 << 20),
         empty("ok", 0),
         NewVolume {
             labels: [("bad key".to_string(), "v".to_string())].into(),
@@ -115,7 +134,7 @@ async fn names_uuids_and_duplicates() {
 async fn exported_or_snapshotted_volumes_cannot_be_deleted() {
     let f = fixture();
     f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
-    f.svc.create_snapshot("v", "v-s1", "").await.unwrap();
+    f.svc.create_snapshot("v", name("v-s1"), "").await.unwrap();
     let e = f.svc.delete_volume("v").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
     assert!(e.message().contains("v-s1"), "{e}");
@@ -243,11 +262,11 @@ async fn snapshot_keeps_content_and_clone_is_independent() {
         b
     };
     write(&v.device_path, b"first");
-    f.svc.create_snapshot("v", "snap", "").await.unwrap();
+    f.svc.create_snapshot("v", name("snap"), "").await.unwrap();
     write(&v.device_path, b"again");
     let c = f
         .svc
-        .clone_volume("snap", true, "c", Labels::new(), 16 << 20, "")
+        .clone_volume("snap", true, name("c"), Labels::new(), 16 << 20, "")
         .await
         .unwrap();
     assert_eq!(&read(&c.device_path), b"first");
@@ -256,7 +275,7 @@ async fn snapshot_keeps_content_and_clone_is_independent() {
     assert_eq!(&read(&v.device_path), b"again");
     let e = f
         .svc
-        .clone_volume("v", false, "small", Labels::new(), 1 << 20, "")
+        .clone_volume("v", false, name("small"), Labels::new(), 1 << 20, "")
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
@@ -325,18 +344,18 @@ async fn concurrent_clients_leave_a_consistent_store() {
     for i in 0..20 {
         let svc = f.svc.clone();
         tasks.push(tokio::spawn(async move {
-            let name = format!("v{i}");
-            svc.create_volume(empty(&name, 2 << 20)).await.unwrap();
-            svc.create_snapshot(&name, &format!("s{i}"), "")
+            let vol = format!("v{i}");
+            svc.create_volume(empty(&vol, 2 << 20)).await.unwrap();
+            svc.create_snapshot(&vol, name(format!("s{i}")), "")
                 .await
                 .unwrap();
-            svc.create_snapshot("base", &format!("b{i}"), "")
+            svc.create_snapshot("base", name(format!("b{i}")), "")
                 .await
                 .unwrap();
             // Half of them race a delete against their own snapshot.
             if i % 2 == 0 {
                 svc.delete_snapshot(&format!("s{i}")).await.unwrap();
-                svc.delete_volume(&name).await.unwrap();
+                svc.delete_volume(&vol).await.unwrap();
             }
         }));
     }
@@ -387,7 +406,7 @@ async fn checksum_hashes_holes_as_zeros_and_reports_progress() {
         .await
         .unwrap();
     assert_eq!(by_uuid, c);
-    f.svc.create_snapshot("v", "v-s1", "").await.unwrap();
+    f.svc.create_snapshot("v", name("v-s1"), "").await.unwrap();
     file.write_all_at(b"changed", 0).unwrap();
     let s = f.svc.checksum("v-s1", true, "").await.unwrap();
     assert_eq!(s, c);
@@ -457,7 +476,7 @@ async fn image_bases_are_read_only_and_clones_are_not() {
         .clone_volume(
             "image-base",
             false,
-            "guest-disk",
+            name("guest-disk"),
             Labels::new(),
             8 << 20,
             "",
@@ -586,10 +605,10 @@ async fn lvm_pool_past_its_threshold_refuses_provisioning_and_runs_nothing_after
         f.lvm.clear();
     };
     refused(f.svc.create_volume(empty("w", 1 << 30)).await.unwrap_err());
-    refused(f.svc.create_snapshot("v", "s", "").await.unwrap_err());
+    refused(f.svc.create_snapshot("v", name("s"), "").await.unwrap_err());
     refused(
         f.svc
-            .clone_volume("v", false, "c", Labels::new(), 0, "")
+            .clone_volume("v", false, name("c"), Labels::new(), 0, "")
             .await
             .unwrap_err(),
     );
@@ -608,4 +627,50 @@ async fn lvm_pool_past_its_threshold_refuses_provisioning_and_runs_nothing_after
     // Deleting is what frees the pool: never refused.
     f.svc.delete_volume("v").await.unwrap();
     assert!(f.lvm.lines().iter().any(|l| l.starts_with("lvremove")));
+}
+
+/// An operation that waited for a volume's lock reads the volume again by
+/// its UUID: when the volume went meanwhile, the operation fails NotFound
+/// and never falls back to a volume *named* like that UUID (a name may look
+/// like a UUID once no volume has that UUID).
+#[tokio::test]
+async fn a_volume_gone_while_waiting_is_not_confused_with_one_named_like_its_uuid() {
+    let f = fixture();
+    let a = f
+        .svc
+        .create_volume(empty("a", 1 << 20))
+        .await
+        .unwrap()
+        .record;
+    let twin = a.uuid.to_string();
+
+    let held = f.svc.locks.lock(a.uuid).await;
+    let svc = f.svc.clone();
+    let by_uuid = twin.clone();
+    let delete = tokio::spawn(async move { svc.delete_volume(&by_uuid).await });
+    // Wait until the delete resolved `a` and queued for its lock: the map,
+    // our guard and the waiter each hold the lock's Arc.
+    let waiting = || Arc::strong_count(&f.svc.locks.map.lock().unwrap()[&a.uuid]) == 3;
+    for _ in 0..500 {
+        if waiting() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(waiting(), "the delete never queued for the lock");
+    // Meanwhile `a` goes (as if another delete finished first) and a new
+    // volume takes its UUID as its name.
+    f.svc.store.remove_volume(a.uuid).unwrap();
+    let b = f
+        .svc
+        .create_volume(empty(&twin, 1 << 20))
+        .await
+        .unwrap()
+        .record;
+    drop(held);
+
+    let e = delete.await.unwrap().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let still = f.svc.get_volume(&b.uuid.to_string()).await.unwrap();
+    assert_eq!(still.record.name.as_str(), twin);
 }
