@@ -8,7 +8,7 @@
 //! prints the result as text or JSON; [`console`] reads serial logs, which
 //! are files on this host, the agent's.
 
-#[path = "agentctl_cli/args.rs"]
+#[path = "agentctl_cli/args/mod.rs"]
 mod args;
 #[path = "agentctl_cli/console.rs"]
 mod console;

@@ -1,0 +1,114 @@
+//! The command line of `agentctl`. Every argument is parsed here into a
+//! validated type (names, sizes, disk and NIC specs, image references and
+//! checksums, MACs), so bad input is refused with exit status 2 before the
+//! agent is contacted; agentd checks again. [`vm::CreateArgs::spec`] adds the
+//! checks that span several arguments and builds the CreateVm request.
+//!
+//! One file per noun: `vm.rs` (with `disk.rs` and `nic.rs` for `vm create`'s
+//! `--disk` and `--nic`), `image.rs`; `events` and `host` are a few lines
+//! each and stay here beside [`Command`].
+
+use clap::{Args, Parser, Subcommand};
+use stratus_core::cli::args::Ref;
+
+mod disk;
+mod image;
+mod nic;
+#[cfg(test)]
+mod tests;
+mod vm;
+
+pub use image::{ImageCommand, RmArgs};
+pub use vm::VmCommand;
+
+pub const DEFAULT_AGENT: &str = "http://127.0.0.1:7401";
+
+/// Help heading of the options every command accepts.
+const GLOBAL: &str = "Global options";
+
+const EXAMPLES: &str = "\
+Examples:
+  agentctl vm create web1 --vcpus 2 --memory 512M --disk pdisk:web1-root --nic bridge=br0
+  agentctl vm create t1 --vcpus 1 --memory 256M --kernel /boot/vmlinuz --initrd /boot/initrd.img \\
+      --cmdline 'console=ttyS0' --disk file:/srv/images/scratch.qcow2 --nic bridge=br0,vlan=20
+  agentctl vm create app1 --vcpus 1 --memory 1G --disk pdisk:app1-root --nic default \\
+      --hostname app1.example.org --ssh-key-file ~/.ssh/id_ed25519.pub --user-data-file init.yaml
+  agentctl image pull https://images.example/debian-12.qcow2 --sha256 \"$SHA\" --pdisk
+  agentctl vm create img1 --vcpus 1 --memory 512M --nic default \\
+      --disk \"image:https://images.example/debian-12.qcow2,sha256=$SHA,size=10G\"
+  agentctl image list
+  agentctl vm start web1
+  agentctl vm console web1 --follow
+  agentctl vm stop web1 --timeout 30
+  agentctl events --since 120 --vm web1
+  agentctl --json events --follow | jq .type";
+
+/// Operator's client for agentd, the agent that runs the QEMU/KVM guests of
+/// one Stratus host: define, start, stop and inspect VMs, read their serial
+/// consoles, follow the event stream, manage the image caches, and see the
+/// host's capacity.
+///
+/// VMs are referred to by name or by UUID. Sizes take binary suffixes (256M,
+/// 2G). Paths (file disks, kernels, console logs) are on this host, the
+/// agent's: agentctl runs beside agentd.
+#[derive(Debug, Parser)]
+#[command(name = "agentctl", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Address of agentd's gRPC endpoint; "http://" is assumed without a scheme.
+    #[arg(
+        long,
+        global = true,
+        env = "AGENT_SERVER",
+        hide_env_values = true,
+        default_value = DEFAULT_AGENT,
+        value_name = "URL",
+        help_heading = GLOBAL
+    )]
+    pub agent: String,
+
+    /// Print the result, or the error, as JSON on stdout (events as JSON
+    /// Lines, one object per line; no spinners).
+    #[arg(long, global = true, help_heading = GLOBAL)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Define, start, stop, inspect and destroy VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Print the agent's events: replayed from its journal, then (with
+    /// --follow) live.
+    Events(EventsArgs),
+    /// Fetch, list and evict the images cached on this host and imported
+    /// into pdisk, keyed by their SHA-256.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// The host the agent runs on.
+    #[command(subcommand)]
+    Host(HostCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only events after this sequence number (0: all still journaled).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    pub since: u64,
+
+    /// Only the events of this VM (name or UUID).
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<Ref>,
+
+    /// After the replay, keep printing live events until Ctrl-C.
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Capacity, accelerator, versions, iSCSI initiator and VM counts.
+    Show,
+}
