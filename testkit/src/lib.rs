@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 
+mod open_iscsi;
 mod stack;
 
 pub const INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-a";
@@ -622,81 +623,34 @@ impl Initiator {
 
     /// Logs in with open-iscsi (an iface per initiator name, so ACLs see
     /// this name), runs qemu-io with O_DIRECT on the LUN's block device, and
-    /// logs out again whatever happened.
+    /// logs out again whatever happened, leaving no session, node record or
+    /// pending udev removal for the next call (see [`open_iscsi`]).
     fn kernel_io(&self, cmds: &[&str]) -> Result<String, String> {
-        let iface = format!("st{:x}", fnv(&self.name));
-        let adm = |args: &[&str]| -> Result<String, String> {
-            // iscsiadm walks every node record and fails with exit 6 when a
-            // parallel test's iscsiadm deletes one meanwhile: retry that.
-            let mut out = run("iscsiadm", args);
-            for _ in 0..5 {
-                if out.status.code() != Some(6) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-                out = run("iscsiadm", args);
-            }
-            if out.status.success() {
-                Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-            } else {
-                Err(format!(
-                    "iscsiadm {}: {}{}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                ))
-            }
+        let node = open_iscsi::KernelNode {
+            iface: format!("st{:x}", fnv(&self.name)),
+            initiator: &self.name,
+            target: &self.target,
+            portal: &self.portal,
         };
-        let _ = adm(&["-m", "iface", "-I", &iface, "-o", "new"]);
-        adm(&[
-            "-m",
-            "iface",
-            "-I",
-            &iface,
-            "-o",
-            "update",
-            "-n",
-            "iface.initiatorname",
-            "-v",
-            &self.name,
-        ])?;
-        let node = |extra: &[&str]| -> Result<String, String> {
-            let mut a = vec![
-                "-m",
-                "node",
-                "-T",
-                &self.target,
-                "-p",
-                &self.portal,
-                "-I",
-                &iface,
-            ];
-            a.extend_from_slice(extra);
-            adm(&a)
-        };
-        node(&["-o", "new"])?;
-        let set = |k: &str, v: &str| node(&["-o", "update", "-n", k, "-v", v]);
-        set("node.session.initial_login_retry_max", "1")?;
-        set("node.conn[0].timeo.login_timeout", "5")?;
-        if let Some((user, file)) = &self.chap {
-            let secret = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
-            set("node.session.auth.authmethod", "CHAP")?;
-            set("node.session.auth.username", user)?;
-            set("node.session.auth.password", secret.trim())?;
+        // A session of ours here would be a leftover: the login below must
+        // be the only way one exists, so that its 15 can be trusted.
+        if node.has_session()? {
+            node.log_out_and_forget()?;
         }
-        let result = (|| {
-            node(&["--login"])?;
-            let dev = format!(
-                "/dev/disk/by-path/ip-{}-iscsi-{}-lun-1",
-                self.portal, self.target
-            );
-            let t0 = Instant::now();
-            while !Path::new(&dev).exists() {
-                if t0.elapsed() > Duration::from_secs(30) {
-                    return Err(format!("{dev} did not appear"));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        let secret;
+        let mut settings = vec![
+            ("node.session.initial_login_retry_max", "1"),
+            ("node.conn[0].timeo.login_timeout", "5"),
+        ];
+        if let Some((user, file)) = &self.chap {
+            secret = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
+            settings.push(("node.session.auth.authmethod", "CHAP"));
+            settings.push(("node.session.auth.username", user));
+            settings.push(("node.session.auth.password", secret.trim()));
+        }
+        let result = node.create(&settings).and_then(|()| {
+            node.login()?;
+            let dev = node.wait_device(1)?;
             let mut c = Command::new("qemu-io");
             c.args(["-n", "-f", "raw"]);
             for cmd in cmds {
@@ -714,10 +668,12 @@ impl Initiator {
             } else {
                 Ok(stdout)
             }
-        })();
-        let _ = node(&["--logout"]);
-        let _ = node(&["-o", "delete"]);
-        result
+        });
+        match (result, node.log_out_and_forget()) {
+            (r, Ok(())) => r,
+            (Ok(_), Err(e)) => Err(format!("cleanup after the I/O: {e}")),
+            (Err(r), Err(e)) => Err(format!("{r}\n(and the cleanup: {e})")),
+        }
     }
 
     /// The LUN's size in bytes as the initiator sees it.
