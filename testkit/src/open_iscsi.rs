@@ -163,26 +163,59 @@ impl KernelNode<'_> {
             .collect())
     }
 
+    /// Makes sure the iface exists with our initiator name. Tests side by
+    /// side share an iface when they share an initiator name, and iscsiadm
+    /// rewrites an iface file by truncating it before it takes its lock
+    /// (`iface_conf_write`), so a concurrent reader (another test's node
+    /// `-o new` or iface update) could find it empty: "Could not locate
+    /// transport for iface". So the iface is written only when it is missing
+    /// or names another initiator, and under the write lock.
+    fn ensure_iface(&self) -> Result<(), String> {
+        let conf = Path::new("/etc/iscsi/ifaces").join(&self.iface);
+        let wanted = format!("iface.initiatorname = {}", self.initiator);
+        let current = || std::fs::read_to_string(&conf).unwrap_or_default();
+        if current().lines().any(|l| l.trim() == wanted) {
+            return Ok(());
+        }
+        let _db = NODE_DB.write().unwrap_or_else(|e| e.into_inner());
+        let iface = self.iface.as_str();
+        if !conf.exists() {
+            let out = run("iscsiadm", &["-m", "iface", "-I", iface, "-o", "new"]);
+            if !out.status.success() {
+                return Err(format!(
+                    "iscsiadm -m iface -I {iface} -o new: {}",
+                    text(&out)
+                ));
+            }
+        }
+        let args = [
+            "-m",
+            "iface",
+            "-I",
+            iface,
+            "-o",
+            "update",
+            "-n",
+            "iface.initiatorname",
+            "-v",
+            self.initiator,
+        ];
+        let out = run("iscsiadm", &args);
+        if !out.status.success() {
+            return Err(format!("iscsiadm {}: {}", args.join(" "), text(&out)));
+        }
+        if !current().lines().any(|l| l.trim() == wanted) {
+            return Err(format!(
+                "{} lacks `{wanted}` after its update",
+                conf.display()
+            ));
+        }
+        Ok(())
+    }
+
     /// Makes the iface and the node record, with `settings` (key, value).
     pub fn create(&self, settings: &[(&str, &str)]) -> Result<(), String> {
-        let iface = &self.iface;
-        let _ = self.adm(&["-m", "iface", "-I", iface, "-o", "new"], &[], false);
-        self.adm(
-            &[
-                "-m",
-                "iface",
-                "-I",
-                iface,
-                "-o",
-                "update",
-                "-n",
-                "iface.initiatorname",
-                "-v",
-                self.initiator,
-            ],
-            &[],
-            false,
-        )?;
+        self.ensure_iface()?;
         self.adm(&self.node_args(&["-o", "new"]), &[], false)?;
         for (k, v) in settings {
             self.adm(
