@@ -12,7 +12,7 @@
 mod args;
 #[path = "agentctl_cli/console.rs"]
 mod console;
-#[path = "agentctl_cli/render.rs"]
+#[path = "agentctl_cli/render/mod.rs"]
 mod render;
 
 use std::future::Future;

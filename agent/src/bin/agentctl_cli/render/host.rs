@@ -1,0 +1,53 @@
+//! The host: capacity, accelerator, versions, initiator and VM counts.
+
+use serde_json::{json, Value};
+use stratus_core::cli::failure::one_line;
+use stratus_core::cli::fields;
+use stratus_proto::agent::v1::Host;
+
+use super::{or_none, size};
+
+pub fn host_json(h: &Host) -> Value {
+    json!({
+        "hostname": h.hostname,
+        "cpus": h.cpus,
+        "memory_bytes": h.memory_bytes,
+        "free_vcpus": h.free_vcpus,
+        "free_memory_bytes": h.free_memory_bytes,
+        "accelerator": h.accelerator,
+        "accelerator_reason": h.accelerator_reason,
+        "qemu_version": h.qemu_version,
+        "agent_version": h.agent_version,
+        "initiator_iqn": h.initiator_iqn,
+        "vm_count": h.vm_count,
+        "running_vms": h.running_vms,
+        "last_event_seq": h.last_event_seq,
+        "pdisk_server": h.pdisk_server,
+    })
+}
+
+pub fn host_view(h: &Host) -> String {
+    let accelerator = if h.accelerator_reason.is_empty() {
+        or_none(&h.accelerator)
+    } else {
+        format!(
+            "{} ({})",
+            or_none(&h.accelerator),
+            one_line(&h.accelerator_reason)
+        )
+    };
+    fields(&[
+        ("hostname", or_none(&h.hostname)),
+        ("cpus", h.cpus.to_string()),
+        ("memory", size(h.memory_bytes)),
+        ("free vcpus", h.free_vcpus.to_string()),
+        ("free memory", size(h.free_memory_bytes)),
+        ("accelerator", accelerator),
+        ("qemu", or_none(&h.qemu_version)),
+        ("agent", or_none(&h.agent_version)),
+        ("initiator", or_none(&h.initiator_iqn)),
+        ("pdisk server", or_none(&h.pdisk_server)),
+        ("vms", format!("{} ({} running)", h.vm_count, h.running_vms)),
+        ("last event", h.last_event_seq.to_string()),
+    ])
+}

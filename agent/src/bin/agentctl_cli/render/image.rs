@@ -1,0 +1,117 @@
+//! Images: cached and pdisk copies, one in full, the list, and evictions.
+
+use serde_json::{json, Value};
+use stratus_core::cli::{fields, Table};
+use stratus_proto::agent::v1::CachedImage;
+
+use super::{or_none, short, size};
+
+pub fn cached_image_json(c: &CachedImage) -> Value {
+    json!({
+        "sha256": c.sha256,
+        "url": c.url,
+        "size_bytes": c.size_bytes,
+        "format": c.format,
+        "location": c.location,
+        "volume": c.volume,
+        "users": c.users,
+        "last_used": c.last_used,
+    })
+}
+
+pub fn images_json(cs: &[CachedImage]) -> Value {
+    json!({ "images": cs.iter().map(cached_image_json).collect::<Vec<_>>() })
+}
+
+/// Where a copy of an image is, in words: "the local cache", "pdisk volume X".
+pub(super) fn location_text(c: &CachedImage) -> String {
+    match c.location.as_str() {
+        "local" => "the local cache".to_owned(),
+        "pdisk" if c.volume.is_empty() => "pdisk".to_owned(),
+        "pdisk" => format!("pdisk volume {}", c.volume),
+        "" => "an unknown place".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// One cached image in full (`image pull`).
+pub fn image_view(c: &CachedImage) -> String {
+    let users = match (c.location.as_str(), c.users) {
+        ("pdisk", 1) => "clone",
+        ("pdisk", _) => "clones",
+        (_, 1) => "guest",
+        _ => "guests",
+    };
+    fields(&[
+        ("sha256", or_none(&c.sha256)),
+        ("url", or_none(&c.url)),
+        ("location", or_none(&c.location)),
+        ("volume", or_none(&c.volume)),
+        ("size", size(c.size_bytes)),
+        ("format", or_none(&c.format)),
+        ("users", format!("{} {users}", c.users)),
+        ("last used", or_none(&c.last_used)),
+    ])
+}
+
+/// `image list`: one row per copy (an image both cached here and imported
+/// into pdisk has two), the URL last as the widest column.
+pub fn images_table(cs: &[CachedImage]) -> String {
+    let mut t = Table::new([
+        "SHA256",
+        "LOCATION",
+        "VOLUME",
+        "SIZE",
+        "FORMAT",
+        "USERS",
+        "LAST USED",
+        "URL",
+    ]);
+    for c in cs {
+        t.row([
+            or_none(&short(&c.sha256, 16)),
+            or_none(&c.location),
+            or_none(&c.volume),
+            size(c.size_bytes),
+            or_none(&c.format),
+            c.users.to_string(),
+            or_none(&c.last_used),
+            or_none(&c.url),
+        ]);
+    }
+    t.render()
+}
+
+/// `image rm`: the checksum asked for and the copies removed.
+pub fn evicted_json(sha256: &str, evicted: &[CachedImage]) -> Value {
+    json!({
+        "sha256": sha256,
+        "evicted": evicted.iter().map(cached_image_json).collect::<Vec<_>>(),
+    })
+}
+
+/// `image rm`: one line per copy removed.
+pub fn evicted_text(sha256: &str, evicted: &[CachedImage]) -> String {
+    if evicted.is_empty() {
+        return format!(
+            "Nothing evicted: image {} is not cached.\n",
+            short(sha256, 16)
+        );
+    }
+    evicted
+        .iter()
+        .map(|c| {
+            let sha = if c.sha256.is_empty() {
+                sha256
+            } else {
+                &c.sha256
+            };
+            format!(
+                "Evicted image {} from {} ({}).\n",
+                short(sha, 16),
+                location_text(c),
+                size(c.size_bytes)
+            )
+        })
+        .collect()
+}
