@@ -6,10 +6,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::journal::EventFilter;
 use futures::Stream;
 use stratus_proto::agent::v1 as pb;
 use stratus_proto::agent::v1::vm_service_server::VmService;
-use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
 
 use crate::net::Mac;
@@ -41,6 +41,7 @@ pub fn state_pb(s: VmState) -> pb::VmState {
         VmState::Stopped => pb::VmState::Stopped,
         VmState::Crashed => pb::VmState::Crashed,
         VmState::Error => pb::VmState::Error,
+        VmState::Destroying => pb::VmState::Destroying,
         VmState::Destroyed => pb::VmState::Destroyed,
     }
 }
@@ -410,87 +411,30 @@ impl VmService for Api {
 
     type WatchEventsStream = EventStream;
 
-    /// Replays the journal from `since_seq`, then follows live events.
-    /// Exactly once and in order: the live subscription is taken before the
-    /// replay, live events at or below the last replayed seq are skipped, and
-    /// a subscriber that falls behind re-reads the journal from where it was.
+    /// Replays the journal from `since_seq`, then follows live events,
+    /// exactly once and in order ([`crate::journal::EventJournal::follow`]).
     async fn watch_events(
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let r = req.into_inner();
         let filter = if r.vm.is_empty() {
-            None
+            EventFilter::all()
         } else {
             match self.agent.get_vm(&r.vm) {
-                Ok(vm) => Some(vm.uuid.to_string()),
+                Ok(vm) => EventFilter::vm(vm.uuid.to_string()),
                 // A destroyed VM's events are still in the journal.
-                Err(_) => Some(r.vm.clone()),
+                Err(_) => EventFilter::vm(r.vm.clone()),
             }
         };
-        let agent = self.agent.clone();
-        let mut live = agent.store().subscribe();
-        let follow = !r.no_follow;
-        let stream = async_stream::try_stream! {
-            let mut last = r.since_seq;
-            let wanted = |e: &Event| match &filter {
-                None => true,
-                Some(f) => &e.vm_uuid.to_string() == f || &e.vm_name == f,
-            };
-            // Replay in pages.
-            loop {
-                let page = agent.store().events_since(last, 1024)?;
-                if page.is_empty() {
-                    break;
-                }
-                for e in page {
-                    last = e.seq;
-                    if wanted(&e) {
-                        yield event_pb(&e);
-                    }
-                }
-            }
-            if follow {
-                loop {
-                    match live.recv().await {
-                        Ok(e) => {
-                            if e.seq <= last {
-                                continue;
-                            }
-                            // A gap means we missed some: read them from the journal.
-                            if e.seq > last + 1 {
-                                for m in agent.store().events_since(last, (e.seq - last - 1) as usize)? {
-                                    if wanted(&m) {
-                                        yield event_pb(&m);
-                                    }
-                                }
-                            }
-                            last = e.seq;
-                            if wanted(&e) {
-                                yield event_pb(&e);
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            loop {
-                                let page = agent.store().events_since(last, 1024)?;
-                                if page.is_empty() {
-                                    break;
-                                }
-                                for m in page {
-                                    last = m.seq;
-                                    if wanted(&m) {
-                                        yield event_pb(&m);
-                                    }
-                                }
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    }
-                }
-            }
+        let journal = self.agent.journal();
+        let events = if r.no_follow {
+            journal.replay(r.since_seq, filter)
+        } else {
+            journal.follow(r.since_seq, filter)
         };
-        let stream = futures::StreamExt::map(stream, |r: Result<pb::Event, Error>| {
-            r.map_err(Status::from)
+        let stream = futures::StreamExt::map(events, |r: Result<Event, Error>| {
+            r.map(|e| event_pb(&e)).map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -5,13 +5,16 @@
 //!   (iscsiadm, sysfs scan, by-path devices, shared sessions counted);
 //! - [`spec`]: validated guest specs, states, event types and causes;
 //! - [`store`]: guest records and the event journal, committed together;
+//! - `journal`: reading the journal: replay, then follow, exactly once;
 //! - [`vmm`]: QEMU command lines, launching, accelerator choice;
 //! - [`qmp`]: the QEMU Machine Protocol client (commands and events);
 //! - [`net`]: tap devices and bridges, by ioctl/netlink (no `ip` commands);
 //! - [`images`]: image references, policy, the verified local image cache,
 //!   qcow2 overlays;
 //! - [`seed`]: cloud-init NoCloud seeds (a FAT12 `CIDATA` image, built in process);
-//! - `service`: the guest service: operations, QMP monitors, reconciliation;
+//! - `service`: the guest service: lifecycle, attachments, QMP monitors,
+//!   reconciliation, host facts, images;
+//! - `volumes`: the pdisk calls agentd makes, behind `VolumeClient`;
 //! - `grpc`: the tonic `VmService`, message conversion only;
 //! - [`config`]: agentd settings from flags and TOML.
 //!
@@ -29,8 +32,11 @@
 
 pub mod attach;
 pub mod config;
+#[cfg(test)]
+mod fakes;
 pub(crate) mod grpc;
 pub mod images;
+pub(crate) mod journal;
 pub mod net;
 pub mod qmp;
 pub mod seed;
@@ -38,6 +44,7 @@ pub(crate) mod service;
 pub mod spec;
 pub mod store;
 pub mod vmm;
+pub(crate) mod volumes;
 
 pub use grpc::Api;
 pub use service::{Agent, AgentSettings, HostFacts};

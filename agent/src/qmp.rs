@@ -414,6 +414,13 @@ pub struct QmpEvents {
 }
 
 impl QmpEvents {
+    /// An events channel fed by hand: the unit tests' QEMU.
+    #[cfg(test)]
+    pub(crate) fn channel() -> (mpsc::UnboundedSender<QmpEvent>, QmpEvents) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (tx, QmpEvents { rx })
+    }
+
     /// The next event; `None` once the connection is gone and all were read.
     pub async fn recv(&mut self) -> Option<QmpEvent> {
         self.rx.recv().await

@@ -250,6 +250,10 @@ pub enum VmState {
     Stopped,
     Crashed,
     Error,
+    /// Destroy has begun: nothing of the guest runs on this host any more,
+    /// but pdisk work (an unexport, an image clone's delete) is left, which
+    /// agentd retries until done; then the record goes (DESTROYED).
+    Destroying,
     Destroyed,
 }
 

@@ -86,6 +86,11 @@ pub struct VmRecord {
     pub last_event_seq: u64,
     #[serde(default)]
     pub owned_volumes: Vec<OwnedVolume>,
+    /// pdisk volumes (UUIDs) whose unexport failed when the guest stopped
+    /// or was destroyed: retried until pdisk answers, so no export of ours
+    /// is forgotten (and dropped from here when a start exports it again).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_unexports: Vec<String>,
 }
 
 /// An event as journaled and streamed.
@@ -176,6 +181,12 @@ pub fn now_rfc3339() -> String {
 
 impl AgentStore {
     pub fn open(dir: &Path) -> Result<AgentStore> {
+        Self::open_with_live_capacity(dir, 4096)
+    }
+
+    /// [`AgentStore::open`] with room for `capacity` live events per
+    /// subscriber before it lags (and re-reads the journal).
+    pub(crate) fn open_with_live_capacity(dir: &Path, capacity: usize) -> Result<AgentStore> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
         let path = dir.join("agent.redb");
         let db = Database::create(&path).map_err(db_err)?;
@@ -189,7 +200,7 @@ impl AgentStore {
         tx.open_table(EVENTS).map_err(db_err)?;
         tx.open_table(META).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
-        let (live, _) = broadcast::channel(4096);
+        let (live, _) = broadcast::channel(capacity);
         Ok(AgentStore {
             db,
             commit_lock: Mutex::new(()),
@@ -364,6 +375,7 @@ mod tests {
             created_at: now_rfc3339(),
             last_event_seq: 0,
             owned_volumes: Vec::new(),
+            pending_unexports: Vec::new(),
         }
     }
 

@@ -9,17 +9,140 @@
 //! devices the kernel's initiator attached (`host_device`, see `attach`).
 //! NICs are `virtio-net-pci` on taps that agentd made; CHAP secrets reach
 //! QEMU through `-object secret,file=`, never argv.
+//!
+//! The guest service reaches all of this through [`Vmm`] (launch, find,
+//! signal, QMP connect) and [`QmpCommands`] (what it asks a running QEMU);
+//! [`HostVmm`] and [`Qmp`] are the real ones, and the unit tests use an
+//! in-memory QEMU.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use serde_json::json;
 use uuid::Uuid;
+
+use crate::qmp::{Qmp, QmpEvents, RunState};
 
 use stratus_core::error::{Error, Result};
 use stratus_core::runner::{Cmd, CommandRunner};
 
 pub const QEMU: &str = "qemu-system-x86_64";
+
+/// QEMU processes as the guest service drives them.
+pub trait Vmm: Send + Sync {
+    /// Checks that a disk image opens as `format` ([`check_image`]).
+    fn check_image<'a>(&'a self, path: &'a Path, format: &'a str) -> BoxFuture<'a, Result<()>>;
+
+    /// Launches QEMU daemonized and returns its pid ([`launch`]).
+    fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>>;
+
+    /// Connects to a QEMU's QMP socket ([`Qmp::connect`]).
+    fn connect_qmp<'a>(
+        &'a self,
+        socket: &'a Path,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(Arc<dyn QmpCommands>, QmpEvents)>>;
+
+    /// True when `pid` is a live QEMU running guest `uuid` ([`is_our_qemu`]).
+    fn is_our_qemu(&self, pid: u32, uuid: Uuid) -> bool;
+
+    /// Live QEMUs running guest `uuid` ([`find_qemus`]).
+    fn find_qemus(&self, uuid: Uuid) -> Vec<u32>;
+
+    /// SIGKILL; nothing when it is already gone.
+    fn kill(&self, pid: u32);
+
+    /// Waits until `pid` no longer runs guest `uuid`, up to `limit`.
+    fn wait_gone(&self, pid: u32, uuid: Uuid, limit: Duration) -> BoxFuture<'_, bool>;
+}
+
+/// What the guest service asks a running QEMU over QMP; see [`Qmp`] for
+/// what each command makes QEMU emit.
+pub trait QmpCommands: Send + Sync {
+    fn query_status(&self) -> BoxFuture<'_, Result<RunState>>;
+    fn stop(&self) -> BoxFuture<'_, Result<()>>;
+    fn cont(&self) -> BoxFuture<'_, Result<()>>;
+    fn system_powerdown(&self) -> BoxFuture<'_, Result<()>>;
+    fn system_reset(&self) -> BoxFuture<'_, Result<()>>;
+    fn quit(&self) -> BoxFuture<'_, Result<()>>;
+}
+
+impl QmpCommands for Qmp {
+    fn query_status(&self) -> BoxFuture<'_, Result<RunState>> {
+        Box::pin(Qmp::query_status(self))
+    }
+
+    fn stop(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Qmp::stop(self))
+    }
+
+    fn cont(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Qmp::cont(self))
+    }
+
+    fn system_powerdown(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Qmp::system_powerdown(self))
+    }
+
+    fn system_reset(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Qmp::system_reset(self))
+    }
+
+    fn quit(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(Qmp::quit(self))
+    }
+}
+
+/// The host's QEMU: processes found through /proc, commands through the
+/// one command runner.
+pub struct HostVmm {
+    runner: Arc<dyn CommandRunner>,
+}
+
+impl HostVmm {
+    pub fn new(runner: Arc<dyn CommandRunner>) -> HostVmm {
+        HostVmm { runner }
+    }
+}
+
+impl Vmm for HostVmm {
+    fn check_image<'a>(&'a self, path: &'a Path, format: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(check_image(self.runner.as_ref(), path, format))
+    }
+
+    fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>> {
+        Box::pin(launch(self.runner.as_ref(), plan))
+    }
+
+    fn connect_qmp<'a>(
+        &'a self,
+        socket: &'a Path,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(Arc<dyn QmpCommands>, QmpEvents)>> {
+        Box::pin(async move {
+            let (qmp, events) = Qmp::connect(socket, timeout).await?;
+            Ok((Arc::new(qmp) as Arc<dyn QmpCommands>, events))
+        })
+    }
+
+    fn is_our_qemu(&self, pid: u32, uuid: Uuid) -> bool {
+        is_our_qemu(pid, uuid)
+    }
+
+    fn find_qemus(&self, uuid: Uuid) -> Vec<u32> {
+        find_qemus(uuid)
+    }
+
+    fn kill(&self, pid: u32) {
+        signal(pid, libc::SIGKILL)
+    }
+
+    fn wait_gone(&self, pid: u32, uuid: Uuid, limit: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(wait_gone(pid, uuid, limit))
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]

@@ -30,6 +30,7 @@ fn record(name: &str) -> VmRecord {
         created_at: now_rfc3339(),
         last_event_seq: 0,
         owned_volumes: Vec::new(),
+        pending_unexports: Vec::new(),
     }
 }
 

@@ -64,6 +64,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let report = agent.reconcile().await.context("reconciling")?;
     tracing::info!(actions = report.len(), "start-up reconciliation done");
+    // pdisk work left undone (pdisk unreachable) is finished when it answers.
+    agent.spawn_leftover_retries(std::time::Duration::from_secs(60));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmServiceServer<Api>>().await;

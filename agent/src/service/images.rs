@@ -21,10 +21,11 @@ use std::sync::Arc;
 use stratus_proto::pdisk::v1 as pdpb;
 use uuid::Uuid;
 
-use super::{status_error, Agent};
+use super::Agent;
 use crate::images::{CachedImageInfo, ImageRef, PulledImage};
 use crate::spec::{Cause, DiskSource, EventType, ImageSpec};
 use crate::store::{NewEvent, OwnedVolume, VmRecord};
+use crate::volumes::status_error;
 use stratus_core::error::{Error, Result};
 
 use stratus_core::types::{LABEL_IMAGE_SHA256 as LABEL_SHA256, LABEL_VM};
@@ -60,7 +61,7 @@ fn local_info(i: &CachedImageInfo) -> ImageInfo {
 }
 
 impl Agent {
-    fn journal_host(&self, events: &[NewEvent]) {
+    pub(super) fn journal_host(&self, events: &[NewEvent]) {
         match self.store.record_host(events) {
             Ok(evs) => {
                 for e in evs {
@@ -179,29 +180,12 @@ impl Agent {
             content_length: pulled.image.size,
             request_id: String::new(),
         };
-        let path = pulled.image.path.clone();
-        let stream = async_stream::stream! {
-            use tokio::io::AsyncReadExt;
-            yield pdpb::UploadVolumeRequest {
-                part: Some(pdpb::upload_volume_request::Part::Header(header)),
-            };
-            let Ok(mut f) = tokio::fs::File::open(&path).await else {
-                return;
-            };
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = match f.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                yield pdpb::UploadVolumeRequest {
-                    part: Some(pdpb::upload_volume_request::Part::Data(buf[..n].to_vec())),
-                };
-            }
-        };
-        let mut c = self.pdisk()?;
-        let v = match c.upload_volume(stream).await {
-            Ok(v) => v.into_inner(),
+        let v = match self
+            .pdisk()?
+            .upload_volume(header, pulled.image.path.clone())
+            .await
+        {
+            Ok(v) => v,
             // Another host imported it meanwhile.
             Err(s) if s.code() == tonic::Code::AlreadyExists => match self.find_base(&sha).await? {
                 Some(v) => return Ok(v.uuid),
@@ -227,15 +211,13 @@ impl Agent {
     }
 
     async fn find_base(&self, sha: &str) -> Result<Option<pdpb::Volume>> {
-        let mut c = self.pdisk()?;
-        let vols = c
+        let vols = self
+            .pdisk()?
             .list_volumes(pdpb::ListVolumesRequest {
                 label_selector: HashMap::from([(LABEL_SHA256.to_string(), sha.to_string())]),
             })
             .await
-            .map_err(|s| status_error(s, "looking up image bases in pdisk"))?
-            .into_inner()
-            .volumes;
+            .map_err(|s| status_error(s, "looking up image bases in pdisk"))?;
         Ok(vols.into_iter().find(|v| {
             v.state == pdpb::VolumeState::Ready as i32 && !v.labels.contains_key(LABEL_VM)
         }))
@@ -277,8 +259,8 @@ impl Agent {
             return Ok(DiskSource::Pdisk(o.volume.clone()));
         }
         let base = self.pdisk_base(&r, Cause::Api).await?;
-        let mut c = self.pdisk()?;
-        let clone = c
+        let clone = self
+            .pdisk()?
             .clone_volume(pdpb::CloneVolumeRequest {
                 source: base,
                 source_is_snapshot: false,
@@ -291,8 +273,7 @@ impl Agent {
                 request_id: String::new(),
             })
             .await
-            .map_err(|s| status_error(s, &format!("cloning image {} for {device}", r.sha256())))?
-            .into_inner();
+            .map_err(|s| status_error(s, &format!("cloning image {} for {device}", r.sha256())))?;
         vm.owned_volumes.push(OwnedVolume {
             device: device.to_string(),
             volume: clone.uuid.clone(),
@@ -301,24 +282,23 @@ impl Agent {
         Ok(DiskSource::Pdisk(clone.uuid))
     }
 
-    /// Deletes the pdisk volumes a guest owns (its image clones).
-    pub(super) async fn delete_owned_volumes(&self, vm: &VmRecord) {
-        for o in &vm.owned_volumes {
-            let Ok(mut c) = self.pdisk() else { return };
-            match c
-                .delete_volume(pdpb::DeleteVolumeRequest {
-                    volume: o.volume.clone(),
-                })
-                .await
-            {
-                Ok(_) => {}
+    /// Deletes the pdisk volumes a guest owns (its image clones); those
+    /// pdisk could not delete stay in `vm.owned_volumes`.
+    pub(super) async fn delete_owned_volumes(&self, vm: &mut VmRecord) {
+        let Ok(pdisk) = self.pdisk() else { return };
+        let mut kept = Vec::new();
+        for o in std::mem::take(&mut vm.owned_volumes) {
+            match pdisk.delete_volume(o.volume.clone()).await {
+                Ok(()) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => {}
                 Err(s) => {
                     tracing::warn!(vm = %vm.spec.name, volume = %o.volume, error = %s.message(),
-                    "could not delete the guest's image clone; pdisk keeps it")
+                        "could not delete the guest's image clone; retried later");
+                    kept.push(o);
                 }
             }
         }
+        vm.owned_volumes = kept;
     }
 
     /// Pins the cached images of `vm`'s local image disks again (at start,
@@ -381,14 +361,11 @@ impl Agent {
 
     pub async fn list_images(&self) -> Result<Vec<ImageInfo>> {
         let mut out: Vec<ImageInfo> = self.images.list().iter().map(local_info).collect();
-        if self.pdisk.is_some() {
-            let mut c = self.pdisk()?;
-            let vols = c
+        if let Some(pdisk) = self.volumes.as_deref() {
+            let vols = pdisk
                 .list_volumes(pdpb::ListVolumesRequest::default())
                 .await
-                .map_err(|s| status_error(s, "listing pdisk volumes"))?
-                .into_inner()
-                .volumes;
+                .map_err(|s| status_error(s, "listing pdisk volumes"))?;
             for b in vols.iter().filter(|v| !v.labels.contains_key(LABEL_VM)) {
                 let Some(sha) = b.labels.get(LABEL_SHA256) else {
                     continue;
@@ -424,13 +401,11 @@ impl Agent {
         let mut evicted = Vec::new();
         if pdisk {
             if let Some(base) = self.find_base(sha.as_str()).await? {
-                let mut c = self.pdisk()?;
-                let vols = c
+                let pdisk = self.pdisk()?;
+                let vols = pdisk
                     .list_volumes(pdpb::ListVolumesRequest::default())
                     .await
-                    .map_err(|s| status_error(s, "listing pdisk volumes"))?
-                    .into_inner()
-                    .volumes;
+                    .map_err(|s| status_error(s, "listing pdisk volumes"))?;
                 let clones: Vec<String> = vols
                     .iter()
                     .filter(|v| v.source == format!("volume:{}", base.uuid))
@@ -443,11 +418,10 @@ impl Agent {
                         clones.join(", ")
                     )));
                 }
-                c.delete_volume(pdpb::DeleteVolumeRequest {
-                    volume: base.uuid.clone(),
-                })
-                .await
-                .map_err(|s| status_error(s, &format!("deleting base volume {}", base.name)))?;
+                pdisk
+                    .delete_volume(base.uuid.clone())
+                    .await
+                    .map_err(|s| status_error(s, &format!("deleting base volume {}", base.name)))?;
                 self.journal_host(&[NewEvent::image(
                     EventType::ImageEvicted,
                     Cause::Api,
@@ -493,177 +467,6 @@ impl Agent {
             return Err(Error::not_found(format!("image {sha} is not cached")));
         }
         Ok(evicted)
-    }
-}
-
-impl Agent {
-    /// Saves disk `device` of stopped guest `vm_ref` as image base volume
-    /// `name`. The snapshot is taken before returning (the image is the disk
-    /// as it is now); the checksum and the detached base follow in the
-    /// background, announced by IMAGE_SAVED (or IMAGE_SAVE_FAILED).
-    pub async fn save_image(
-        self: &Arc<Self>,
-        vm_ref: &str,
-        device: &str,
-        name: &str,
-    ) -> Result<String> {
-        let name: stratus_core::types::VolumeName = name.parse()?;
-        let vm = self.store.find_vm(vm_ref)?;
-        let _g = self.lock(vm.uuid).await;
-        let vm = self.store.find_vm(&vm.uuid.to_string())?;
-        if vm.state.is_active() {
-            return Err(Error::precondition(format!(
-                "vm {} is {:?}: stop it before saving its disk",
-                vm.spec.name, vm.state
-            )));
-        }
-        let idx = device
-            .strip_prefix("vd")
-            .and_then(|l| l.bytes().next())
-            .filter(|_| device.len() == 3)
-            .map(|b| b.wrapping_sub(b'a') as usize)
-            .filter(|&i| i < vm.spec.disks.len())
-            .ok_or_else(|| Error::invalid(format!("vm {} has no disk {device:?}", vm.spec.name)))?;
-        let volume = match &vm.spec.disks[idx].source {
-            DiskSource::Pdisk(v) => v.clone(),
-            DiskSource::Image { local: false, .. } => vm
-                .owned_volumes
-                .iter()
-                .find(|o| o.device == device)
-                .map(|o| o.volume.clone())
-                .ok_or_else(|| {
-                    Error::precondition(format!(
-                        "vm {} disk {device} was never started: nothing to save",
-                        vm.spec.name
-                    ))
-                })?,
-            _ => {
-                return Err(Error::precondition(format!(
-                    "vm {} disk {device} is not on pdisk: only pdisk disks can be saved",
-                    vm.spec.name
-                )))
-            }
-        };
-        let mut c = self.pdisk()?;
-        if c.get_volume(pdpb::GetVolumeRequest {
-            volume: name.to_string(),
-        })
-        .await
-        .is_ok()
-        {
-            return Err(Error::exists(format!(
-                "volume {name} already exists in pdisk"
-            )));
-        }
-        let snap_name = format!("save-{}", &Uuid::new_v4().simple().to_string()[..12]);
-        let snap = c
-            .create_snapshot(pdpb::CreateSnapshotRequest {
-                volume,
-                name: snap_name,
-                request_id: String::new(),
-            })
-            .await
-            .map_err(|s| status_error(s, &format!("snapshotting {device} of {}", vm.spec.name)))?
-            .into_inner();
-        self.journal_host(&[NewEvent::image(
-            EventType::ImageSaveStarted,
-            Cause::Api,
-            "",
-            format!("{} {device} -> pdisk:///{name}", vm.spec.name),
-            0,
-            snap.size_bytes,
-        )]);
-        let agent = self.clone();
-        let target = name.to_string();
-        tokio::spawn(async move {
-            let result = agent.finish_save(&snap, &target).await;
-            let mut c = match agent.pdisk() {
-                Ok(c) => c,
-                Err(_) => return,
-            };
-            let _ = c
-                .delete_snapshot(pdpb::DeleteSnapshotRequest {
-                    snapshot: snap.uuid.clone(),
-                })
-                .await;
-            match result {
-                Ok(sha) => agent.journal_host(&[NewEvent::image(
-                    EventType::ImageSaved,
-                    Cause::Api,
-                    &sha,
-                    format!("pdisk:///{target}"),
-                    snap.size_bytes,
-                    snap.size_bytes,
-                )]),
-                Err(e) => agent.journal_host(&[NewEvent::image(
-                    EventType::ImageSaveFailed,
-                    Cause::Api,
-                    "",
-                    format!("pdisk:///{target}: {e}"),
-                    0,
-                    0,
-                )]),
-            }
-        });
-        Ok(name.to_string())
-    }
-
-    /// Checksums the snapshot (journaling progress) and clones it into the
-    /// labelled base volume. Returns the sha256.
-    async fn finish_save(&self, snap: &pdpb::Snapshot, name: &str) -> Result<String> {
-        let mut c = self.pdisk()?;
-        let request_id = format!("save-{}", snap.uuid);
-        let mut watcher = c.clone();
-        let rid = request_id.clone();
-        let total = snap.size_bytes;
-        let progress = async move {
-            if let Ok(s) = watcher
-                .watch_progress(pdpb::WatchProgressRequest { request_id: rid })
-                .await
-            {
-                let mut s = s.into_inner();
-                let mut next = 0u64;
-                while let Ok(Some(p)) = s.message().await {
-                    if p.done_bytes >= next && !p.finished {
-                        next = p.done_bytes + (total / 10).max(1);
-                        self.journal_host(&[NewEvent::image(
-                            EventType::ImageSaveProgress,
-                            Cause::Api,
-                            "",
-                            format!("checksum of pdisk:///{name}"),
-                            p.done_bytes,
-                            p.total_bytes,
-                        )]);
-                    }
-                    if p.finished {
-                        break;
-                    }
-                }
-            }
-        };
-        let sum = async {
-            c.checksum_volume(pdpb::ChecksumVolumeRequest {
-                volume: snap.uuid.clone(),
-                is_snapshot: true,
-                request_id: request_id.clone(),
-            })
-            .await
-            .map_err(|s| status_error(s, "checksumming the saved disk"))
-        };
-        let (sum, ()) = tokio::join!(sum, progress);
-        let sha = sum?.into_inner().sha256;
-        let mut c = self.pdisk()?;
-        c.clone_volume(pdpb::CloneVolumeRequest {
-            source: snap.uuid.clone(),
-            source_is_snapshot: true,
-            name: name.to_string(),
-            labels: HashMap::from([(LABEL_SHA256.to_string(), sha.clone())]),
-            size_bytes: 0,
-            request_id: String::new(),
-        })
-        .await
-        .map_err(|s| status_error(s, &format!("making base volume {name}")))?;
-        Ok(sha)
     }
 }
 

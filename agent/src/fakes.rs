@@ -1,0 +1,663 @@
+//! In-memory host effects for the unit tier: a pdisk ([`FakeVolumes`]), a
+//! host network ([`FakeNet`]) and QEMU ([`FakeVmm`]). Each keeps the state a
+//! test asserts on (exports, taps, processes), records its calls, and fails
+//! any call on demand ([`Failures`]). They outlive an [`Agent`] dropped in a
+//! test, as the host outlives a crash of agentd.
+//!
+//! [`Agent`]: crate::service::Agent
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use stratus_proto::pdisk::v1 as pdpb;
+use tokio::sync::mpsc;
+use tonic::Status;
+use uuid::Uuid;
+
+use crate::net::{HostNet, TapName};
+use crate::qmp::{QmpEvent, QmpEventKind, QmpEvents, RunState, RunStatus, ShutdownCause};
+use crate::vmm::{LaunchPlan, QmpCommands, Vmm};
+use crate::volumes::VolumeClient;
+use stratus_core::error::{Error, Result};
+
+/// Calls to fail, by operation name: every time, or the next n times.
+#[derive(Default)]
+pub struct Failures {
+    armed: Mutex<HashMap<&'static str, Armed>>,
+    calls: Mutex<Vec<String>>,
+}
+
+/// Which calls of one operation fail.
+#[derive(Clone, Copy)]
+struct Armed {
+    /// Calls to let through first.
+    skip: usize,
+    /// Calls to fail after those; None: all.
+    times: Option<usize>,
+}
+
+impl Failures {
+    /// Fails every call of `op` until [`Failures::heal`].
+    pub fn fail(&self, op: &'static str) {
+        self.armed.lock().unwrap().insert(
+            op,
+            Armed {
+                skip: 0,
+                times: None,
+            },
+        );
+    }
+
+    /// Fails the next `n` calls of `op`.
+    pub fn fail_times(&self, op: &'static str, n: usize) {
+        self.armed.lock().unwrap().insert(
+            op,
+            Armed {
+                skip: 0,
+                times: Some(n),
+            },
+        );
+    }
+
+    /// Fails only the `n`th call of `op` from now (1: the next).
+    pub fn fail_nth(&self, op: &'static str, n: usize) {
+        self.armed.lock().unwrap().insert(
+            op,
+            Armed {
+                skip: n - 1,
+                times: Some(1),
+            },
+        );
+    }
+
+    pub fn heal(&self, op: &'static str) {
+        self.armed.lock().unwrap().remove(op);
+    }
+
+    /// Every call so far, `op detail`.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// How many calls of `op` were made.
+    pub fn count(&self, op: &str) -> usize {
+        self.calls()
+            .iter()
+            .filter(|c| c.split(' ').next() == Some(op))
+            .count()
+    }
+
+    /// Records a call of `op`; true when it must fail.
+    fn call(&self, op: &'static str, detail: impl std::fmt::Display) -> bool {
+        self.calls.lock().unwrap().push(format!("{op} {detail}"));
+        let mut armed = self.armed.lock().unwrap();
+        let Some(a) = armed.get_mut(op) else {
+            return false;
+        };
+        if a.skip > 0 {
+            a.skip -= 1;
+            return false;
+        }
+        if let Some(n) = &mut a.times {
+            *n -= 1;
+            if *n == 0 {
+                armed.remove(op);
+            }
+        }
+        true
+    }
+}
+
+fn injected(op: &str) -> String {
+    format!("injected failure of {op}")
+}
+
+// ---------------------------------------------------------------------------
+// pdisk
+
+/// A pdisk server in memory: volumes by UUID, the set exported to us.
+#[derive(Default)]
+pub struct FakeVolumes {
+    pub failures: Failures,
+    state: Mutex<PdiskState>,
+}
+
+#[derive(Default)]
+struct PdiskState {
+    volumes: BTreeMap<String, pdpb::Volume>,
+    exported: BTreeSet<String>,
+}
+
+impl PdiskState {
+    fn resolve(&self, r: &str) -> std::result::Result<String, Status> {
+        if self.volumes.contains_key(r) {
+            return Ok(r.to_string());
+        }
+        self.volumes
+            .values()
+            .find(|v| v.name == r)
+            .map(|v| v.uuid.clone())
+            .ok_or_else(|| Status::not_found(format!("volume {r} not found")))
+    }
+
+    fn add(&mut self, name: &str, labels: HashMap<String, String>, source: String) -> pdpb::Volume {
+        let v = pdpb::Volume {
+            uuid: Uuid::new_v4().to_string(),
+            name: name.to_string(),
+            size_bytes: 1 << 30,
+            labels,
+            state: pdpb::VolumeState::Ready as i32,
+            source,
+            ..Default::default()
+        };
+        self.volumes.insert(v.uuid.clone(), v.clone());
+        v
+    }
+}
+
+impl FakeVolumes {
+    pub fn new() -> Arc<FakeVolumes> {
+        Arc::default()
+    }
+
+    /// Adds a ready volume named `name`; returns its UUID.
+    pub fn add_volume(&self, name: &str) -> String {
+        self.state
+            .lock()
+            .unwrap()
+            .add(name, HashMap::new(), String::new())
+            .uuid
+    }
+
+    /// UUIDs of the volumes exported to us.
+    pub fn exported(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .exported
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Names of all volumes.
+    pub fn volume_names(&self) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        st.volumes.values().map(|v| v.name.clone()).collect()
+    }
+
+    fn check(&self, op: &'static str, detail: &str) -> std::result::Result<(), Status> {
+        if self.failures.call(op, detail) {
+            return Err(Status::unavailable(injected(op)));
+        }
+        Ok(())
+    }
+}
+
+type Answer<'a, T> = BoxFuture<'a, std::result::Result<T, Status>>;
+
+impl VolumeClient for FakeVolumes {
+    fn get_volume(&self, volume: String) -> Answer<'_, pdpb::Volume> {
+        Box::pin(async move {
+            self.check("get_volume", &volume)?;
+            let st = self.state.lock().unwrap();
+            let id = st.resolve(&volume)?;
+            Ok(st.volumes[&id].clone())
+        })
+    }
+
+    fn list_volumes(&self, req: pdpb::ListVolumesRequest) -> Answer<'_, Vec<pdpb::Volume>> {
+        Box::pin(async move {
+            self.check("list_volumes", "")?;
+            let st = self.state.lock().unwrap();
+            Ok(st
+                .volumes
+                .values()
+                .filter(|v| {
+                    req.label_selector
+                        .iter()
+                        .all(|(k, val)| v.labels.get(k) == Some(val))
+                })
+                .cloned()
+                .collect())
+        })
+    }
+
+    fn export_volume(&self, req: pdpb::ExportVolumeRequest) -> Answer<'_, pdpb::Export> {
+        Box::pin(async move {
+            self.check("export_volume", &req.volume)?;
+            let mut st = self.state.lock().unwrap();
+            let id = st.resolve(&req.volume)?;
+            let name = st.volumes[&id].name.clone();
+            st.exported.insert(id.clone());
+            let target_iqn = format!("iqn.2026-11.io.stratus.pdisk:{name}");
+            Ok(pdpb::Export {
+                volume_uuid: id,
+                volume_name: name,
+                url: format!("iscsi://127.0.0.1:3260/{target_iqn}/1"),
+                target_iqn,
+                portal: "127.0.0.1:3260".into(),
+                lun: 1,
+                initiators: req.initiators,
+                ..Default::default()
+            })
+        })
+    }
+
+    fn unexport_volume(&self, req: pdpb::UnexportVolumeRequest) -> Answer<'_, ()> {
+        Box::pin(async move {
+            self.check("unexport_volume", &req.volume)?;
+            let mut st = self.state.lock().unwrap();
+            let id = st.resolve(&req.volume)?;
+            if !st.exported.remove(&id) {
+                return Err(Status::not_found(format!("volume {id} is not exported")));
+            }
+            Ok(())
+        })
+    }
+
+    fn clone_volume(&self, req: pdpb::CloneVolumeRequest) -> Answer<'_, pdpb::Volume> {
+        Box::pin(async move {
+            self.check("clone_volume", &req.name)?;
+            let mut st = self.state.lock().unwrap();
+            let source = if req.source_is_snapshot {
+                format!("snapshot:{}", req.source)
+            } else {
+                format!("volume:{}", st.resolve(&req.source)?)
+            };
+            Ok(st.add(&req.name, req.labels, source))
+        })
+    }
+
+    fn delete_volume(&self, volume: String) -> Answer<'_, ()> {
+        Box::pin(async move {
+            self.check("delete_volume", &volume)?;
+            let mut st = self.state.lock().unwrap();
+            let id = st.resolve(&volume)?;
+            if st.exported.contains(&id) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {id} is exported"
+                )));
+            }
+            st.volumes.remove(&id);
+            Ok(())
+        })
+    }
+
+    fn upload_volume(
+        &self,
+        header: pdpb::UploadHeader,
+        _path: PathBuf,
+    ) -> Answer<'_, pdpb::Volume> {
+        Box::pin(async move {
+            self.check("upload_volume", &header.name)?;
+            let mut st = self.state.lock().unwrap();
+            Ok(st.add(&header.name, header.labels, String::new()))
+        })
+    }
+
+    fn create_snapshot(&self, req: pdpb::CreateSnapshotRequest) -> Answer<'_, pdpb::Snapshot> {
+        Box::pin(async move {
+            self.check("create_snapshot", &req.volume)?;
+            Ok(pdpb::Snapshot {
+                uuid: Uuid::new_v4().to_string(),
+                name: req.name,
+                volume_uuid: req.volume,
+                ..Default::default()
+            })
+        })
+    }
+
+    fn delete_snapshot(&self, snapshot: String) -> Answer<'_, ()> {
+        Box::pin(async move { self.check("delete_snapshot", &snapshot) })
+    }
+
+    fn checksum_volume(&self, req: pdpb::ChecksumVolumeRequest) -> Answer<'_, String> {
+        Box::pin(async move {
+            self.check("checksum_volume", &req.volume)?;
+            Ok("0".repeat(64))
+        })
+    }
+
+    fn watch_progress(
+        &self,
+        _request_id: String,
+    ) -> BoxFuture<'_, BoxStream<'static, pdpb::Progress>> {
+        Box::pin(async { Box::pin(futures::stream::empty()) as BoxStream<'static, pdpb::Progress> })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// host network
+
+/// Taps in memory: name → (bridge, vlan).
+#[derive(Default)]
+pub struct FakeNet {
+    pub failures: Failures,
+    taps: Mutex<BTreeMap<String, (Option<String>, u16)>>,
+}
+
+impl FakeNet {
+    pub fn new() -> Arc<FakeNet> {
+        Arc::default()
+    }
+
+    /// Names of the taps that exist.
+    pub fn taps(&self) -> Vec<String> {
+        self.taps.lock().unwrap().keys().cloned().collect()
+    }
+
+    /// A tap made by someone else (an operator, or a guest agentd forgot).
+    pub fn add_tap(&self, name: &str) {
+        self.taps.lock().unwrap().insert(name.into(), (None, 0));
+    }
+
+    fn check(&self, op: &'static str, tap: &TapName) -> Result<()> {
+        if self.failures.call(op, tap) {
+            return Err(Error::internal(injected(op)));
+        }
+        Ok(())
+    }
+}
+
+impl HostNet for FakeNet {
+    fn create_tap(&self, name: &TapName) -> Result<()> {
+        self.check("create_tap", name)?;
+        self.taps
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default();
+        Ok(())
+    }
+
+    fn delete_tap(&self, name: &TapName) -> Result<()> {
+        self.check("delete_tap", name)?;
+        self.taps.lock().unwrap().remove(name.as_str());
+        Ok(())
+    }
+
+    fn attach_to_bridge(&self, tap: &TapName, bridge: &str) -> Result<()> {
+        self.check("attach_to_bridge", tap)?;
+        match self.taps.lock().unwrap().get_mut(tap.as_str()) {
+            Some(t) => {
+                t.0 = Some(bridge.to_string());
+                Ok(())
+            }
+            None => Err(Error::not_found(format!("tap {tap} does not exist"))),
+        }
+    }
+
+    fn set_vlan(&self, tap: &TapName, vlan: u16) -> Result<()> {
+        self.check("set_vlan", tap)?;
+        match self.taps.lock().unwrap().get_mut(tap.as_str()) {
+            Some(t) => {
+                t.1 = vlan;
+                Ok(())
+            }
+            None => Err(Error::not_found(format!("tap {tap} does not exist"))),
+        }
+    }
+
+    fn list_taps_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.taps()
+            .into_iter()
+            .filter(|t| t.starts_with(prefix))
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// QEMU
+
+/// QEMU processes in memory. A guest shuts down when asked (ACPI
+/// powerdown, quit) and its QMP connection then closes, as QEMU's does.
+#[derive(Default)]
+pub struct FakeVmm {
+    /// Also fails QMP commands: `query_status`, `stop`, `cont`,
+    /// `system_powerdown`, `system_reset`, `quit`.
+    pub failures: Arc<Failures>,
+    inner: Arc<Mutex<Processes>>,
+}
+
+#[derive(Default)]
+struct Processes {
+    next_pid: u32,
+    by_pid: BTreeMap<u32, FakeQemu>,
+}
+
+struct FakeQemu {
+    uuid: Uuid,
+    qmp_socket: PathBuf,
+    running: bool,
+    /// The connected QMP client's events, if one is connected.
+    events: Option<mpsc::UnboundedSender<QmpEvent>>,
+}
+
+impl FakeQemu {
+    fn emit(&self, kind: QmpEventKind) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(QmpEvent {
+                timestamp: SystemTime::now(),
+                kind,
+            });
+        }
+    }
+}
+
+impl Processes {
+    /// The process exits: its QMP client sees the close.
+    fn exit(&mut self, pid: u32) {
+        if let Some(q) = self.by_pid.remove(&pid) {
+            q.emit(QmpEventKind::Closed);
+        }
+    }
+}
+
+impl FakeVmm {
+    pub fn new() -> Arc<FakeVmm> {
+        Arc::default()
+    }
+
+    /// Pids of live QEMUs.
+    pub fn pids(&self) -> Vec<u32> {
+        self.inner.lock().unwrap().by_pid.keys().copied().collect()
+    }
+
+    /// Pids of live QEMUs of guest `uuid`.
+    pub fn pids_of(&self, uuid: Uuid) -> Vec<u32> {
+        let p = self.inner.lock().unwrap();
+        p.by_pid
+            .iter()
+            .filter(|(_, q)| q.uuid == uuid)
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+
+    /// QEMU `pid` dies on its own (a crash, an OOM kill).
+    pub fn die(&self, pid: u32) {
+        self.inner.lock().unwrap().exit(pid);
+    }
+
+    /// QEMU `pid` emits `kind`, as if the guest or QEMU did something.
+    pub fn emit(&self, pid: u32, kind: QmpEventKind) {
+        if let Some(q) = self.inner.lock().unwrap().by_pid.get(&pid) {
+            q.emit(kind);
+        }
+    }
+
+    fn check(&self, op: &'static str, detail: impl std::fmt::Display) -> Result<()> {
+        if self.failures.call(op, detail) {
+            return Err(Error::precondition(injected(op)));
+        }
+        Ok(())
+    }
+}
+
+impl Vmm for FakeVmm {
+    fn check_image<'a>(&'a self, path: &'a Path, _format: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { self.check("check_image", path.display()) })
+    }
+
+    fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>> {
+        Box::pin(async move {
+            self.check("launch", &plan.name)?;
+            let mut p = self.inner.lock().unwrap();
+            p.next_pid += 1;
+            let pid = 1000 + p.next_pid;
+            p.by_pid.insert(
+                pid,
+                FakeQemu {
+                    uuid: plan.uuid,
+                    qmp_socket: plan.qmp_socket(),
+                    running: true,
+                    events: None,
+                },
+            );
+            Ok(pid)
+        })
+    }
+
+    fn connect_qmp<'a>(
+        &'a self,
+        socket: &'a Path,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<(Arc<dyn QmpCommands>, QmpEvents)>> {
+        Box::pin(async move {
+            self.check("connect_qmp", socket.display())?;
+            let mut p = self.inner.lock().unwrap();
+            let Some((&pid, q)) = p.by_pid.iter_mut().find(|(_, q)| q.qmp_socket == socket) else {
+                return Err(Error::unavailable(format!(
+                    "QMP socket {} does not answer",
+                    socket.display()
+                )));
+            };
+            // QEMU serves one client: a new one replaces the old.
+            let (tx, events) = QmpEvents::channel();
+            q.events = Some(tx);
+            let qmp = FakeQmp {
+                pid,
+                processes: self.inner.clone(),
+                failures: self.failures.clone(),
+            };
+            Ok((Arc::new(qmp) as Arc<dyn QmpCommands>, events))
+        })
+    }
+
+    fn is_our_qemu(&self, pid: u32, uuid: Uuid) -> bool {
+        matches!(self.inner.lock().unwrap().by_pid.get(&pid), Some(q) if q.uuid == uuid)
+    }
+
+    fn find_qemus(&self, uuid: Uuid) -> Vec<u32> {
+        self.pids_of(uuid)
+    }
+
+    fn kill(&self, pid: u32) {
+        self.failures.call("kill", pid);
+        self.inner.lock().unwrap().exit(pid);
+    }
+
+    fn wait_gone(&self, pid: u32, uuid: Uuid, _limit: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move { !self.is_our_qemu(pid, uuid) })
+    }
+}
+
+/// A QMP connection to one [`FakeVmm`] process.
+struct FakeQmp {
+    pid: u32,
+    processes: Arc<Mutex<Processes>>,
+    failures: Arc<Failures>,
+}
+
+impl FakeQmp {
+    /// Runs command `op` on the process, if it still lives.
+    fn command<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        act: impl FnOnce(&mut Processes, u32) -> T,
+    ) -> BoxFuture<'_, Result<T>> {
+        let r = if self.failures.call(op, self.pid) {
+            Err(Error::internal(injected(op)))
+        } else {
+            let mut p = self.processes.lock().unwrap();
+            if p.by_pid.contains_key(&self.pid) {
+                Ok(act(&mut p, self.pid))
+            } else {
+                Err(Error::unavailable(format!("QEMU {} is gone", self.pid)))
+            }
+        };
+        Box::pin(async move { r })
+    }
+}
+
+fn process(p: &mut Processes, pid: u32) -> &mut FakeQemu {
+    p.by_pid.get_mut(&pid).expect("checked by command")
+}
+
+impl QmpCommands for FakeQmp {
+    fn query_status(&self) -> BoxFuture<'_, Result<RunState>> {
+        self.command("query_status", |p, pid| {
+            let running = process(p, pid).running;
+            RunState {
+                status: if running {
+                    RunStatus::Running
+                } else {
+                    RunStatus::Paused
+                },
+                running,
+            }
+        })
+    }
+
+    fn stop(&self) -> BoxFuture<'_, Result<()>> {
+        self.command("stop", |p, pid| {
+            let q = process(p, pid);
+            q.running = false;
+            q.emit(QmpEventKind::Stop);
+        })
+    }
+
+    fn cont(&self) -> BoxFuture<'_, Result<()>> {
+        self.command("cont", |p, pid| {
+            let q = process(p, pid);
+            q.running = true;
+            q.emit(QmpEventKind::Resume);
+        })
+    }
+
+    /// The guest obeys at once: it powers off and QEMU exits.
+    fn system_powerdown(&self) -> BoxFuture<'_, Result<()>> {
+        self.command("system_powerdown", |p, pid| {
+            let q = process(p, pid);
+            q.emit(QmpEventKind::Powerdown);
+            q.emit(QmpEventKind::Shutdown {
+                guest: true,
+                reason: ShutdownCause::GuestShutdown,
+            });
+            p.exit(pid);
+        })
+    }
+
+    fn system_reset(&self) -> BoxFuture<'_, Result<()>> {
+        self.command("system_reset", |p, pid| {
+            process(p, pid).emit(QmpEventKind::Reset {
+                guest: false,
+                reason: ShutdownCause::HostQmpSystemReset,
+            });
+        })
+    }
+
+    fn quit(&self) -> BoxFuture<'_, Result<()>> {
+        self.command("quit", |p, pid| {
+            process(p, pid).emit(QmpEventKind::Shutdown {
+                guest: false,
+                reason: ShutdownCause::HostQmpQuit,
+            });
+            p.exit(pid);
+        })
+    }
+}

@@ -1,0 +1,391 @@
+//! What a start attaches to a guest on this host, and how it is undone:
+//! disks (pdisk exports with a fresh CHAP secret, reached by QEMU's own
+//! iSCSI initiator or the kernel's; host files; image disks; the NoCloud
+//! seed) and NICs (taps on bridges). Each attachment is recorded in the
+//! guest's runtime before, or right as, it is made, so that
+//! [`Agent::tear_down`] can undo it after a failure or a crash.
+
+use std::path::Path;
+use std::time::Duration;
+
+use stratus_proto::pdisk::v1 as pdpb;
+use uuid::Uuid;
+
+use super::Agent;
+use crate::attach::{AttachMode, Holder, IscsiLun, KernelDisk};
+use crate::net;
+use crate::seed;
+use crate::spec::{Cause, Disk, DiskSource, EventType, Nic};
+use crate::store::{DiskAttachment, NewEvent, NicAttachment, VmRecord};
+use crate::vmm::{DiskBackend, PlannedDisk, PlannedNic};
+use crate::volumes::status_error;
+use stratus_core::error::{Error, Result};
+
+/// The NoCloud seed image in a guest's directory.
+pub(super) const SEED_FILE: &str = "seed.img";
+
+pub(super) fn device_name(i: usize) -> String {
+    format!("vd{}", (b'a' + i as u8) as char)
+}
+
+fn random_secret() -> String {
+    // 16 characters from a UUIDv4's random bits: tgt and LIO accept 12..=16.
+    let u = Uuid::new_v4().simple().to_string();
+    u[..16].to_string()
+}
+
+impl Agent {
+    /// Attaches disk `i` of `vm` and records it with its DISK_ATTACHED event.
+    pub(super) async fn attach_disk(
+        &self,
+        vm: &mut VmRecord,
+        dir: &Path,
+        i: usize,
+        d: &Disk,
+    ) -> Result<PlannedDisk> {
+        let device = device_name(i);
+        // Image disks become a pdisk clone or a local overlay first.
+        let (source, described) = match &d.source {
+            DiskSource::Image { image, size, local } => {
+                let s = self.image_disk(vm, &device, image, *size, *local).await?;
+                let how = if *local { "local" } else { "clone" };
+                (
+                    s,
+                    Some(format!(
+                        "image:{} sha256={} {how}",
+                        image.url,
+                        &image.sha256[..12]
+                    )),
+                )
+            }
+            other => (other.clone(), None),
+        };
+        let (backend, mut att) = match &source {
+            DiskSource::Pdisk(volume) => {
+                self.attach_pdisk(vm, dir, &device, volume, d.read_only)
+                    .await?
+            }
+            DiskSource::Image { .. } => {
+                return Err(Error::internal("image disk was not resolved"));
+            }
+            DiskSource::File(path) => {
+                let format = match stratus_core::image::detect_format(path)? {
+                    stratus_core::image::ImageFormat::Qcow2 => "qcow2",
+                    stratus_core::image::ImageFormat::Raw => "raw",
+                };
+                self.vmm.check_image(path, format).await?;
+                (
+                    DiskBackend::File {
+                        path: path.clone(),
+                        format: format.into(),
+                    },
+                    DiskAttachment {
+                        device: device.clone(),
+                        source: format!("file:{}", path.display()),
+                        attachment: path.display().to_string(),
+                        read_only: d.read_only,
+                        pdisk_volume: None,
+                        mode: AttachMode::Qemu,
+                        kernel: None,
+                    },
+                )
+            }
+        };
+        if let Some(d) = described {
+            att.source = d;
+        }
+        let detail = format!("{device} {}", att.source);
+        vm.runtime.as_mut().expect("runtime").disks.push(att);
+        self.commit(
+            vm,
+            &[NewEvent::new(EventType::DiskAttached, Cause::Api, detail)],
+        )?;
+        Ok(PlannedDisk {
+            device,
+            backend,
+            read_only: d.read_only,
+            boot_index: d.boot_index,
+        })
+    }
+
+    /// Builds the NoCloud seed of `vm` as disk `i` and records it. Rebuilt
+    /// at every start from the spec, so it always matches it; the last
+    /// disk, read-only, never booted from.
+    pub(super) fn attach_seed(
+        &self,
+        vm: &mut VmRecord,
+        dir: &Path,
+        i: usize,
+    ) -> Result<Option<PlannedDisk>> {
+        let Some(context) = vm.spec.context.clone() else {
+            return Ok(None);
+        };
+        let device = device_name(i);
+        let path = dir.join(SEED_FILE);
+        seed::build_seed(&context.seed(vm.uuid, &vm.spec.name), &path)?;
+        let att = DiskAttachment {
+            device: device.clone(),
+            source: "seed".into(),
+            attachment: path.display().to_string(),
+            read_only: true,
+            pdisk_volume: None,
+            mode: AttachMode::Qemu,
+            kernel: None,
+        };
+        let detail = format!(
+            "{device} seed hostname={}",
+            context.hostname_for(&vm.spec.name)
+        );
+        vm.runtime.as_mut().expect("runtime").disks.push(att);
+        self.commit(
+            vm,
+            &[NewEvent::new(EventType::DiskAttached, Cause::Api, detail)],
+        )?;
+        Ok(Some(PlannedDisk {
+            device,
+            backend: DiskBackend::File {
+                path,
+                format: "raw".into(),
+            },
+            read_only: true,
+            boot_index: 0,
+        }))
+    }
+
+    /// Makes the tap of NIC `i` of `vm` (recorded first: a crash after
+    /// creating the tap must find it), puts it on its bridge and VLAN, and
+    /// records NIC_ATTACHED.
+    pub(super) fn attach_nic(&self, vm: &mut VmRecord, i: usize, n: &Nic) -> Result<PlannedNic> {
+        let tap = net::tap_name_for(vm.uuid, i);
+        let bridge = if n.bridge.is_empty() {
+            self.settings.default_bridge.clone()
+        } else {
+            n.bridge.clone()
+        };
+        vm.runtime
+            .as_mut()
+            .expect("runtime")
+            .nics
+            .push(NicAttachment {
+                tap: tap.to_string(),
+                bridge: bridge.clone(),
+                mac: n.mac.clone(),
+                vlan: n.vlan,
+            });
+        self.commit(vm, &[])?;
+        self.net.create_tap(&tap)?;
+        self.net.attach_to_bridge(&tap, &bridge)?;
+        if n.vlan > 0 {
+            self.net.set_vlan(&tap, n.vlan)?;
+        }
+        self.commit(
+            vm,
+            &[NewEvent::new(
+                EventType::NicAttached,
+                Cause::Api,
+                format!("{tap} on {bridge} mac={}", n.mac),
+            )],
+        )?;
+        Ok(PlannedNic {
+            tap: tap.to_string(),
+            mac: n.mac.clone(),
+        })
+    }
+
+    /// Exports a pdisk volume to this host with a fresh CHAP secret and says
+    /// how QEMU reaches it: by its own initiator (the secret in a 0600 file
+    /// QEMU reads), or with `--attach kernel` through the host's (the secret
+    /// only in open-iscsi's node record). A kernel attachment is recorded in
+    /// the guest's runtime before the login, so that a crash or a failure
+    /// from there on is undone by [`Agent::tear_down`].
+    async fn attach_pdisk(
+        &self,
+        vm: &mut VmRecord,
+        dir: &Path,
+        device: &str,
+        volume: &str,
+        read_only: bool,
+    ) -> Result<(DiskBackend, DiskAttachment)> {
+        let kernel = self.settings.attach == AttachMode::Kernel;
+        let secret = random_secret();
+        let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
+        let chap = stratus_core::types::Chap::new(&user, &secret)?;
+        let secret_file = dir.join(format!("chap-{device}"));
+        if !kernel {
+            write_secret(&secret_file, &secret)?;
+        }
+        let e = self
+            .pdisk()?
+            .export_volume(pdpb::ExportVolumeRequest {
+                volume: volume.to_string(),
+                initiators: vec![self.settings.initiator_iqn.clone()],
+                chap: Some(pdpb::ChapCredentials {
+                    user: user.clone(),
+                    secret,
+                }),
+            })
+            .await
+            .map_err(|s| status_error(s, &format!("exporting pdisk volume {volume}")))?;
+        // Exported to us again: an earlier unexport still to retry would
+        // now take the disk from under the guest.
+        vm.pending_unexports.retain(|v| *v != e.volume_uuid);
+        let mut att = DiskAttachment {
+            device: device.to_string(),
+            source: format!("pdisk:{volume}"),
+            attachment: e.url,
+            read_only,
+            pdisk_volume: Some(e.volume_uuid),
+            mode: AttachMode::Qemu,
+            kernel: None,
+        };
+        if !kernel {
+            let backend = DiskBackend::Iscsi {
+                portal: e.portal,
+                target: e.target_iqn,
+                lun: e.lun,
+                initiator: self.settings.initiator_iqn.clone(),
+                chap: Some((user, secret_file)),
+            };
+            return Ok((backend, att));
+        }
+        let lun = IscsiLun::resolve(&e.portal, &e.target_iqn, e.lun).await;
+        att.mode = AttachMode::Kernel;
+        att.kernel = lun.as_ref().ok().map(|l| KernelDisk {
+            lun: l.clone(),
+            device: None,
+        });
+        // Recorded before the login (the export too, should the LUN be bad).
+        vm.runtime
+            .as_mut()
+            .expect("runtime")
+            .disks
+            .push(att.clone());
+        self.commit(vm, &[])?;
+        let lun = lun?;
+        let got = self
+            .kernel
+            .attach(&Holder::disk(vm.uuid, device), &lun, Some(&chap))
+            .await?;
+        // The caller records the finished attachment with its event.
+        vm.runtime.as_mut().expect("runtime").disks.pop();
+        att.attachment = got.device.display().to_string();
+        att.kernel = Some(KernelDisk {
+            lun,
+            device: Some(got.device.clone()),
+        });
+        Ok((DiskBackend::HostDevice { path: got.device }, att))
+    }
+
+    /// Undoes a guest's attachments: kills a leftover QEMU, detaches its
+    /// kernel-attached disks (logging out of sessions no one else holds),
+    /// unexports its pdisk disks, deletes its taps, secrets and seed.
+    /// Returns the events to commit. An unexport that fails is kept in
+    /// `vm.pending_unexports`, retried until pdisk answers.
+    pub(super) async fn tear_down(&self, vm: &mut VmRecord) -> Vec<NewEvent> {
+        let mut events = Vec::new();
+        self.qmp.lock().unwrap().remove(&vm.uuid);
+        let Some(rt) = vm.runtime.take() else {
+            return events;
+        };
+        let mut pids = self.vmm.find_qemus(vm.uuid);
+        if rt.pid != 0 && !pids.contains(&rt.pid) && self.vmm.is_our_qemu(rt.pid, vm.uuid) {
+            pids.push(rt.pid);
+        }
+        for pid in pids {
+            self.vmm.kill(pid);
+            self.vmm
+                .wait_gone(pid, vm.uuid, Duration::from_secs(10))
+                .await;
+        }
+        for d in rt.disks.iter().rev() {
+            // Before the unexport: the session must not outlive its target.
+            if let (AttachMode::Kernel, Some(k)) = (d.mode, &d.kernel) {
+                if let Err(e) = self
+                    .kernel
+                    .detach(&Holder::disk(vm.uuid, &d.device), &k.lun)
+                    .await
+                {
+                    tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
+                        "could not detach the kernel iSCSI disk; \
+                         an unused session is logged out at the next start");
+                }
+            }
+            if let Some(volume) = &d.pdisk_volume {
+                if let Err(e) = self.unexport(volume).await {
+                    tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
+                        "could not unexport; pdisk keeps the export until retried");
+                    if !vm.pending_unexports.contains(volume) {
+                        vm.pending_unexports.push(volume.clone());
+                    }
+                }
+            }
+            events.push(NewEvent::new(
+                EventType::DiskDetached,
+                Cause::Api,
+                format!("{} {}", d.device, d.source),
+            ));
+        }
+        for n in &rt.nics {
+            match n.tap.parse::<net::TapName>() {
+                Ok(t) => {
+                    if let Err(e) = self.net.delete_tap(&t) {
+                        tracing::warn!(tap = %n.tap, error = %e, "could not delete tap");
+                    }
+                }
+                Err(e) => tracing::warn!(tap = %n.tap, error = %e, "bad tap name in record"),
+            }
+            events.push(NewEvent::new(
+                EventType::NicDetached,
+                Cause::Api,
+                n.tap.clone(),
+            ));
+        }
+        let dir = self.vm_dir(vm.uuid);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // The seed goes too: its user-data may hold secrets, and
+                // the next start builds it again.
+                if name.starts_with("chap-")
+                    || name == "qmp.sock"
+                    || name == "qemu.pid"
+                    || name == SEED_FILE
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        events
+    }
+
+    /// Ends pdisk's export of `volume` to this host; Ok when there is none.
+    pub(super) async fn unexport(&self, volume: &str) -> Result<()> {
+        match self
+            .pdisk()?
+            .unexport_volume(pdpb::UnexportVolumeRequest {
+                volume: volume.to_string(),
+                initiators: vec![self.settings.initiator_iqn.clone()],
+            })
+            .await
+        {
+            Ok(()) => Ok(()),
+            // Already gone (or never exported to us): nothing to undo.
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(status_error(s, &format!("unexporting volume {volume}"))),
+        }
+    }
+}
+
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(path.display(), e))?;
+    f.write_all(secret.as_bytes())
+        .map_err(|e| Error::io(path.display(), e))
+}

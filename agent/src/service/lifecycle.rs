@@ -1,0 +1,421 @@
+//! A guest's life: create, start, stop, pause, resume, reboot, destroy.
+//!
+//! A start records each attachment before the next step and ends RUNNING
+//! with a monitor following QEMU; when any step fails, everything attached
+//! so far is undone and the guest is left in ERROR with the cause. A destroy
+//! first marks the guest DESTROYING (durably), then undoes what it holds;
+//! pdisk work it could not finish (an unexport, an image clone's delete)
+//! stays in the record and is retried ([`Agent::finish_destroy`]) until done,
+//! and only then does the record go.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use uuid::Uuid;
+
+use super::Agent;
+use crate::journal::EventFilter;
+use crate::spec::{Cause, DiskSource, EventType, VmSpec, VmState};
+use crate::store::{now_rfc3339, Event, NewEvent, Runtime, VmRecord};
+use crate::vmm::{LaunchPlan, QmpCommands};
+use crate::volumes::status_error;
+use stratus_core::error::{Error, Result};
+
+/// How long start waits for QEMU's QMP socket.
+const QMP_CONNECT: Duration = Duration::from_secs(30);
+/// How long pause/resume/reboot wait for QEMU to confirm.
+const CONFIRM: Duration = Duration::from_secs(30);
+
+impl Agent {
+    // ---------- create ----------
+
+    pub async fn create_vm(&self, spec: VmSpec) -> Result<VmRecord> {
+        spec.validate()?;
+        for d in &spec.disks {
+            match &d.source {
+                DiskSource::File(p) => {
+                    crate::spec::check_host_file("disk", &p.display().to_string())?;
+                }
+                DiskSource::Image { image, local, .. } => {
+                    let r = image.to_ref()?;
+                    if let Some(policy) = &self.policy {
+                        policy.check(&r)?;
+                    }
+                    if !local {
+                        self.pdisk()?;
+                    }
+                }
+                DiskSource::Pdisk(v) => {
+                    self.pdisk()?
+                        .get_volume(v.clone())
+                        .await
+                        .map_err(|s| status_error(s, &format!("pdisk volume {v}")))?;
+                }
+            }
+        }
+        if let Some(k) = &spec.kernel {
+            crate::spec::check_host_file("kernel", &k.kernel.display().to_string())?;
+            if let Some(i) = &k.initrd {
+                crate::spec::check_host_file("initrd", &i.display().to_string())?;
+            }
+        }
+        let _g = self.create_lock.lock().await;
+        if self.store.find_vm(spec.name.as_str()).is_ok() {
+            return Err(Error::exists(format!("vm {} already exists", spec.name)));
+        }
+        let info = self.host_info()?;
+        if spec.vcpus > info.free_vcpus || spec.memory.0 > info.free_memory {
+            return Err(Error::exhausted(format!(
+                "vm {}: needs {} vCPUs and {}, host has {} vCPUs and {} free",
+                spec.name,
+                spec.vcpus,
+                spec.memory,
+                info.free_vcpus,
+                stratus_core::types::ByteSize(info.free_memory)
+            )));
+        }
+        let mut vm = VmRecord {
+            uuid: Uuid::new_v4(),
+            spec,
+            state: VmState::Defined,
+            state_reason: String::new(),
+            runtime: None,
+            created_at: now_rfc3339(),
+            last_event_seq: 0,
+            owned_volumes: Vec::new(),
+            pending_unexports: Vec::new(),
+        };
+        self.commit(
+            &mut vm,
+            &[NewEvent::new(EventType::Created, Cause::Api, "")],
+        )?;
+        Ok(vm)
+    }
+
+    // ---------- start ----------
+
+    pub async fn start_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord> {
+        let vm = self.store.find_vm(r)?;
+        let _g = self.lock(vm.uuid).await;
+        let mut vm = self.store.find_vm(&vm.uuid.to_string())?;
+        if vm.state.is_active() || vm.state == VmState::Destroying {
+            return Err(Error::precondition(format!(
+                "vm {} is {:?}",
+                vm.spec.name, vm.state
+            )));
+        }
+        vm.state = VmState::Starting;
+        vm.state_reason.clear();
+        vm.runtime = Some(Runtime::default());
+        self.commit(
+            &mut vm,
+            &[NewEvent::new(EventType::Starting, Cause::Api, "")],
+        )?;
+        match self.bring_up(&mut vm).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                tracing::warn!(vm = %vm.spec.name, error = %e, "start failed; undoing attachments");
+                let mut events = self.tear_down(&mut vm).await;
+                vm.state = VmState::Error;
+                vm.state_reason = e.to_string();
+                events.push(NewEvent::new(EventType::Error, Cause::Qemu, e.to_string()));
+                self.commit(&mut vm, &events)?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Attaches disks, the seed and NICs (recording each before the next
+    /// step), then launches QEMU and connects its monitor.
+    async fn bring_up(self: &Arc<Self>, vm: &mut VmRecord) -> Result<()> {
+        let dir = self.vm_dir(vm.uuid);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
+        let mut disks = Vec::new();
+        for (i, d) in vm.spec.disks.clone().iter().enumerate() {
+            disks.push(self.attach_disk(vm, &dir, i, d).await?);
+            self.crash_point("start.disk_attached");
+        }
+        if let Some(seed) = self.attach_seed(vm, &dir, disks.len())? {
+            disks.push(seed);
+        }
+        let mut nics = Vec::new();
+        for (i, n) in vm.spec.nics.clone().iter().enumerate() {
+            nics.push(self.attach_nic(vm, i, n)?);
+            self.crash_point("start.nic_attached");
+        }
+        let plan = LaunchPlan {
+            uuid: vm.uuid,
+            name: vm.spec.name.to_string(),
+            vcpus: vm.spec.vcpus,
+            memory_mib: vm.spec.memory.0 >> 20,
+            accel: self.host.accel,
+            disks,
+            nics,
+            kernel: vm.spec.kernel.clone(),
+            dir: dir.clone(),
+            io_uring: self.host.io_uring,
+        };
+        let _ = std::fs::remove_file(plan.console_log());
+        let pid = self.vmm.launch(&plan).await?;
+        {
+            let rt = vm.runtime.as_mut().expect("runtime");
+            rt.pid = pid;
+            rt.qmp_socket = plan.qmp_socket();
+        }
+        self.commit(vm, &[])?;
+        self.crash_point("start.launched");
+        let (qmp, events) = self
+            .vmm
+            .connect_qmp(&plan.qmp_socket(), QMP_CONNECT)
+            .await?;
+        let status = qmp.query_status().await?;
+        vm.state = if status.running {
+            VmState::Running
+        } else {
+            VmState::Paused
+        };
+        self.qmp.lock().unwrap().insert(vm.uuid, qmp);
+        self.commit(
+            vm,
+            &[NewEvent::new(
+                EventType::Running,
+                Cause::Api,
+                format!("qemu pid {pid}, accel {}", self.host.accel.name()),
+            )],
+        )?;
+        self.spawn_monitor(vm.uuid, pid, events);
+        self.crash_point("start.running");
+        Ok(())
+    }
+
+    // ---------- stop, pause, resume, reboot ----------
+
+    /// The events of guest `id` from now on; taken *before* the action whose
+    /// confirmation [`Agent::await_event`] then waits for.
+    fn follow_vm(&self, id: Uuid) -> Result<futures::stream::BoxStream<'static, Result<Event>>> {
+        let since = self.store.last_seq()?;
+        Ok(self.journal.follow(since, EventFilter::vm(id.to_string())))
+    }
+
+    /// Waits for an event of `kinds` on `events` (from [`Agent::follow_vm`]).
+    async fn await_event(
+        &self,
+        events: &mut futures::stream::BoxStream<'static, Result<Event>>,
+        id: Uuid,
+        kinds: &[EventType],
+        limit: Duration,
+    ) -> Result<Event> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Err(_) => {
+                    return Err(Error::unavailable(format!(
+                        "vm {id}: QEMU did not confirm within {limit:?}"
+                    )))
+                }
+                Ok(Some(Ok(e))) if kinds.contains(&e.kind) => return Ok(e),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(e))) => return Err(e),
+                Ok(None) => return Err(Error::internal("event stream closed")),
+            }
+        }
+    }
+
+    fn active_qmp(&self, vm: &VmRecord) -> Result<Arc<dyn QmpCommands>> {
+        if !matches!(vm.state, VmState::Running | VmState::Paused) {
+            return Err(Error::precondition(format!(
+                "vm {} is {:?}",
+                vm.spec.name, vm.state
+            )));
+        }
+        self.qmp_of(vm.uuid).ok_or_else(|| {
+            Error::unavailable(format!(
+                "vm {}: no QMP connection to its QEMU",
+                vm.spec.name
+            ))
+        })
+    }
+
+    pub async fn stop_vm(&self, r: &str, timeout: Duration, force: bool) -> Result<VmRecord> {
+        let vm = self.store.find_vm(r)?;
+        let _g = self.lock(vm.uuid).await;
+        let vm = self.store.find_vm(&vm.uuid.to_string())?;
+        self.stop_locked(vm, timeout, force, Cause::Api).await
+    }
+
+    async fn stop_locked(
+        &self,
+        mut vm: VmRecord,
+        timeout: Duration,
+        force: bool,
+        cause: Cause,
+    ) -> Result<VmRecord> {
+        let qmp = self.active_qmp(&vm)?;
+        let id = vm.uuid;
+        let mut events = self.follow_vm(id)?;
+        vm.state = VmState::Stopping;
+        self.commit(
+            &mut vm,
+            &[NewEvent::new(
+                EventType::Stopping,
+                cause,
+                if force { "forced" } else { "ACPI powerdown" },
+            )],
+        )?;
+        let ended = [EventType::Stopped, EventType::Crashed];
+        if !force {
+            match qmp.system_powerdown().await {
+                Ok(_) => {
+                    if self
+                        .await_event(&mut events, id, &ended, timeout)
+                        .await
+                        .is_ok()
+                    {
+                        return self.store.find_vm(&id.to_string());
+                    }
+                    tracing::warn!(vm = %vm.spec.name, ?timeout, "guest ignored ACPI powerdown; forcing");
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %vm.spec.name, error = %e, "powerdown failed; forcing")
+                }
+            }
+        }
+        if let Err(e) = qmp.quit().await {
+            tracing::warn!(vm = %vm.spec.name, error = %e, "QMP quit failed; killing QEMU");
+            if let Some(pid) = vm.runtime.as_ref().map(|r| r.pid) {
+                self.vmm.kill(pid);
+            }
+        }
+        self.await_event(&mut events, id, &ended, Duration::from_secs(30))
+            .await?;
+        self.store.find_vm(&id.to_string())
+    }
+
+    pub async fn pause_vm(&self, r: &str) -> Result<VmRecord> {
+        self.qmp_action(r, VmState::Running, EventType::Paused, |q| async move {
+            q.stop().await
+        })
+        .await
+    }
+
+    pub async fn resume_vm(&self, r: &str) -> Result<VmRecord> {
+        self.qmp_action(r, VmState::Paused, EventType::Resumed, |q| async move {
+            q.cont().await
+        })
+        .await
+    }
+
+    pub async fn reboot_vm(&self, r: &str) -> Result<VmRecord> {
+        self.qmp_action(r, VmState::Running, EventType::Rebooted, |q| async move {
+            q.system_reset().await
+        })
+        .await
+    }
+
+    async fn qmp_action<F, Fut>(
+        &self,
+        r: &str,
+        from: VmState,
+        confirm: EventType,
+        act: F,
+    ) -> Result<VmRecord>
+    where
+        F: FnOnce(Arc<dyn QmpCommands>) -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
+        let vm = self.store.find_vm(r)?;
+        let _g = self.lock(vm.uuid).await;
+        let vm = self.store.find_vm(&vm.uuid.to_string())?;
+        if vm.state != from {
+            return Err(Error::precondition(format!(
+                "vm {} is {:?}, not {:?}",
+                vm.spec.name, vm.state, from
+            )));
+        }
+        let qmp = self.active_qmp(&vm)?;
+        let mut events = self.follow_vm(vm.uuid)?;
+        act(qmp).await?;
+        self.await_event(&mut events, vm.uuid, &[confirm], CONFIRM)
+            .await?;
+        self.store.find_vm(&vm.uuid.to_string())
+    }
+
+    // ---------- destroy ----------
+
+    /// Stops the guest if it runs, marks it DESTROYING, and undoes what it
+    /// holds ([`Agent::finish_destroy`]). When pdisk work is left (pdisk
+    /// unreachable, say), the record stays DESTROYING and the call fails
+    /// naming it; agentd retries it at start and every few minutes.
+    pub async fn destroy_vm(&self, r: &str, timeout: Duration) -> Result<()> {
+        let vm = self.store.find_vm(r)?;
+        let _g = self.lock(vm.uuid).await;
+        let mut vm = self.store.find_vm(&vm.uuid.to_string())?;
+        if matches!(vm.state, VmState::Running | VmState::Paused) {
+            vm = self.stop_locked(vm, timeout, false, Cause::Api).await?;
+        }
+        if vm.state != VmState::Destroying {
+            vm.state = VmState::Destroying;
+            self.commit(&mut vm, &[])?;
+        }
+        self.crash_point("destroy.marked");
+        self.finish_destroy(vm).await
+    }
+
+    /// Retries the unexports in `vm.pending_unexports`; those that fail
+    /// again stay there.
+    pub(super) async fn retry_unexports(&self, vm: &mut VmRecord) {
+        let mut still_exported = Vec::new();
+        for v in std::mem::take(&mut vm.pending_unexports) {
+            if let Err(e) = self.unexport(&v).await {
+                tracing::warn!(vm = %vm.spec.name, volume = %v, error = %e,
+                    "could not unexport the guest's volume; retried later");
+                still_exported.push(v);
+            }
+        }
+        vm.pending_unexports = still_exported;
+    }
+
+    /// Undoes what a DESTROYING guest still holds: its attachments, its
+    /// pdisk exports and image clones, its directory and pins; then drops
+    /// the record with DESTROYED. What pdisk could not do is kept in the
+    /// record for the next try. The caller holds the guest's lock.
+    pub(super) async fn finish_destroy(&self, mut vm: VmRecord) -> Result<()> {
+        let mut events = self.tear_down(&mut vm).await;
+        self.retry_unexports(&mut vm).await;
+        // Clones are deleted only once no export of the guest is left:
+        // pdisk refuses to delete an exported volume.
+        if vm.pending_unexports.is_empty() {
+            self.delete_owned_volumes(&mut vm).await;
+        }
+        let dir = self.vm_dir(vm.uuid);
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
+        }
+        self.unpin(vm.uuid);
+        if !vm.pending_unexports.is_empty() || !vm.owned_volumes.is_empty() {
+            let left: Vec<String> = vm
+                .pending_unexports
+                .iter()
+                .map(|v| format!("the export of volume {v}"))
+                .chain(
+                    vm.owned_volumes
+                        .iter()
+                        .map(|o| format!("image clone {} ({})", o.volume, o.device)),
+                )
+                .collect();
+            vm.state_reason = format!("pdisk still holds {}", left.join(", "));
+            self.commit(&mut vm, &events)?;
+            return Err(Error::unavailable(format!(
+                "vm {}: destroyed on this host, but {}; agentd retries until pdisk answers",
+                vm.spec.name, vm.state_reason
+            )));
+        }
+        vm.state = VmState::Destroyed;
+        events.push(NewEvent::new(EventType::Destroyed, Cause::Api, ""));
+        self.store.remove(&vm, &events)?;
+        tracing::info!(vm = %vm.spec.name, "destroyed");
+        self.locks.lock().unwrap().remove(&vm.uuid);
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! The guest service: every VM operation in domain terms. The gRPC layer
+//! only converts.
+//!
+//! Ownership: agentd owns, per guest, its directory under `STATE_DIR/vms/`,
+//! its taps (named from the VM UUID, see [`crate::net::tap_name_for`]), the pdisk
+//! exports it asked for on the guest's behalf and, with `--attach kernel`,
+//! the iSCSI sessions and SCSI disks of those exports ([`crate::attach`]).
+//! QEMU processes are daemonized and owned by init; agentd finds them again
+//! by pid file + UUID.
+//!
+//! Crash safety: every state change is committed with its events in one
+//! transaction. Attachments (exports, taps) are recorded in the guest's
+//! runtime *before* QEMU starts, so a crash at any point leaves a record from
+//! which [`Agent::reconcile`] can either adopt the live QEMU or undo the
+//! attachments of a dead one.
+//!
+//! Synchronisation without sleeps: an API call that waits for QEMU (pause,
+//! resume, reboot, stop) follows the journal *before* it sends the QMP
+//! command, then waits for the event the monitor commits.
+//!
+//! Host effects go through three seams, so that all of the above is
+//! unit-tested without root (`service_tests.rs`): [`VolumeClient`] (pdisk),
+//! [`HostNet`] (taps and bridges) and [`Vmm`] (QEMU processes and QMP).
+//!
+//! Rooms: `lifecycle.rs` create/start/stop/pause/resume/reboot/destroy;
+//! `attachments.rs` what a start attaches and how it is undone;
+//! `monitor.rs` QMP events → journal events; `reconcile.rs` start-up
+//! reconciliation and the retry of unfinished destroys; `host.rs` host
+//! facts and capacity; `images.rs` image disks and the image API;
+//! `image_save.rs` SaveImage.
+
+mod attachments;
+mod host;
+mod image_save;
+mod images;
+mod lifecycle;
+mod monitor;
+mod reconcile;
+#[cfg(test)]
+mod service_tests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
+use crate::attach::{AttachMode, KernelAttacher, KernelOptions};
+use crate::journal::EventJournal;
+use crate::net::{HostNet, KernelNet};
+use crate::store::{AgentStore, Event, NewEvent, VmRecord};
+use crate::vmm::{HostVmm, QmpCommands, Vmm};
+use crate::volumes::{PdiskVolumes, VolumeClient};
+use stratus_core::error::{Error, Result};
+use stratus_core::runner::CommandRunner;
+
+pub use host::HostFacts;
+pub use images::ImageInfo;
+
+/// Settings the service needs.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub state_dir: PathBuf,
+    pub default_bridge: String,
+    pub initiator_iqn: String,
+    /// How pdisk disks reach QEMU: its own iSCSI initiator or the kernel's.
+    pub attach: AttachMode,
+    /// pdiskd's URL; None when this host runs no pdisk disks.
+    pub pdisk_url: Option<String>,
+    /// vCPUs promised to guests may reach host CPUs times this.
+    pub cpu_overcommit: u32,
+    /// Memory kept for the host itself.
+    pub reserved_memory: u64,
+    /// Bytes the local image cache may hold; None: no limit.
+    pub image_quota: Option<u64>,
+    /// The image policy file (allowed/denied checksums and endorsers).
+    pub image_policy: Option<PathBuf>,
+    /// Directories `file://` images may come from; none: file:// refused.
+    pub image_file_roots: Vec<PathBuf>,
+}
+
+/// The host effects of the guest service, each behind its seam.
+#[derive(Clone)]
+pub struct HostEffects {
+    /// pdisk; None when this host runs no pdisk disks.
+    pub volumes: Option<Arc<dyn VolumeClient>>,
+    pub net: Arc<dyn HostNet>,
+    pub vmm: Arc<dyn Vmm>,
+    /// The kernel iSCSI initiator's settings (its commands go through the
+    /// agent's command runner; its roots are /sys, /dev and /etc/iscsi).
+    pub kernel: KernelOptions,
+}
+
+impl HostEffects {
+    /// The real ones: pdiskd at `settings.pdisk_url`, the kernel's network,
+    /// QEMU through `runner`.
+    pub fn real(settings: &AgentSettings, runner: Arc<dyn CommandRunner>) -> Result<HostEffects> {
+        let volumes = match &settings.pdisk_url {
+            Some(url) => Some(Arc::new(PdiskVolumes::connect_lazy(url)?) as Arc<dyn VolumeClient>),
+            None => None,
+        };
+        Ok(HostEffects {
+            volumes,
+            net: Arc::new(KernelNet),
+            vmm: Arc::new(HostVmm::new(runner)),
+            kernel: KernelOptions::new(&settings.initiator_iqn),
+        })
+    }
+}
+
+pub struct Agent {
+    store: Arc<AgentStore>,
+    journal: EventJournal,
+    runner: Arc<dyn CommandRunner>,
+    settings: AgentSettings,
+    host: HostFacts,
+    volumes: Option<Arc<dyn VolumeClient>>,
+    net: Arc<dyn HostNet>,
+    vmm: Arc<dyn Vmm>,
+    /// The kernel's iSCSI initiator: used for new disks with `--attach
+    /// kernel`, and always for undoing disks recorded as kernel-attached.
+    kernel: KernelAttacher,
+    locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// QMP connections of guests whose monitor runs.
+    qmp: Mutex<HashMap<Uuid, Arc<dyn QmpCommands>>>,
+    /// The monitor task of each guest, so a test can stop them all as a
+    /// crash of agentd would.
+    #[cfg(test)]
+    monitors: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Serializes creates so capacity and name checks hold.
+    create_lock: tokio::sync::Mutex<()>,
+    /// The verified local image cache.
+    images: crate::images::LocalCache,
+    policy: Option<crate::images::Policy>,
+    /// One pdisk import per image checksum at a time.
+    base_flights: images::BaseFlights,
+    /// Cached images held by guests' local disks, per guest.
+    pins: Mutex<HashMap<Uuid, Vec<crate::images::PinGuard>>>,
+    /// The named step at which this agent "crashes" (panics), for the
+    /// tests of crash safety; see [`Agent::crash_point`].
+    #[cfg(test)]
+    crash_at: Mutex<Option<&'static str>>,
+}
+
+impl Agent {
+    /// The agent with the real host effects ([`HostEffects::real`]).
+    pub fn new(
+        store: AgentStore,
+        runner: Arc<dyn CommandRunner>,
+        settings: AgentSettings,
+        host: HostFacts,
+    ) -> Result<Arc<Agent>> {
+        let effects = HostEffects::real(&settings, runner.clone())?;
+        Agent::with_effects(store, runner, settings, host, effects)
+    }
+
+    pub fn with_effects(
+        store: AgentStore,
+        runner: Arc<dyn CommandRunner>,
+        settings: AgentSettings,
+        host: HostFacts,
+        effects: HostEffects,
+    ) -> Result<Arc<Agent>> {
+        let policy = match &settings.image_policy {
+            Some(p) => Some(crate::images::Policy::load(p)?),
+            None => None,
+        };
+        let images = crate::images::LocalCache::open(
+            images::cache_dir(&settings.state_dir),
+            crate::images::CacheOptions {
+                quota: settings.image_quota,
+                policy: policy.clone(),
+                file_roots: Some(settings.image_file_roots.clone()),
+                ..Default::default()
+            },
+        )?;
+        let kernel = KernelAttacher::new(runner.clone(), effects.kernel);
+        let store = Arc::new(store);
+        Ok(Arc::new(Agent {
+            journal: EventJournal::new(store.clone()),
+            store,
+            runner,
+            settings,
+            host,
+            volumes: effects.volumes,
+            net: effects.net,
+            vmm: effects.vmm,
+            kernel,
+            locks: Mutex::default(),
+            qmp: Mutex::default(),
+            #[cfg(test)]
+            monitors: Mutex::default(),
+            create_lock: tokio::sync::Mutex::new(()),
+            images,
+            policy,
+            base_flights: Default::default(),
+            pins: Mutex::default(),
+            #[cfg(test)]
+            crash_at: Mutex::default(),
+        }))
+    }
+
+    pub fn store(&self) -> &AgentStore {
+        &self.store
+    }
+
+    /// The event journal, to replay and follow.
+    pub fn journal(&self) -> &EventJournal {
+        &self.journal
+    }
+
+    pub fn settings(&self) -> &AgentSettings {
+        &self.settings
+    }
+
+    pub fn host_facts(&self) -> &HostFacts {
+        &self.host
+    }
+
+    pub fn kernel_initiator(&self) -> &KernelAttacher {
+        &self.kernel
+    }
+
+    pub fn get_vm(&self, r: &str) -> Result<VmRecord> {
+        self.store.find_vm(r)
+    }
+
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>> {
+        self.store.vms()
+    }
+
+    pub fn console_log(&self, id: Uuid) -> PathBuf {
+        self.vm_dir(id).join("console.log")
+    }
+
+    async fn lock(&self, id: Uuid) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = self.locks.lock().unwrap().entry(id).or_default().clone();
+        m.lock_owned().await
+    }
+
+    fn vm_dir(&self, id: Uuid) -> PathBuf {
+        self.settings.state_dir.join("vms").join(id.to_string())
+    }
+
+    fn pdisk(&self) -> Result<&dyn VolumeClient> {
+        self.volumes.as_deref().ok_or_else(|| {
+            Error::precondition("this agent has no pdisk server configured (--pdisk URL)")
+        })
+    }
+
+    fn qmp_of(&self, id: Uuid) -> Option<Arc<dyn QmpCommands>> {
+        self.qmp.lock().unwrap().get(&id).cloned()
+    }
+
+    fn commit(&self, vm: &mut VmRecord, events: &[NewEvent]) -> Result<Vec<Event>> {
+        let out = self.store.commit(vm, events)?;
+        for e in &out {
+            tracing::info!(seq = e.seq, vm = %e.vm_name, event = ?e.kind, state = ?e.state,
+                cause = ?e.cause, detail = %e.detail, "event");
+        }
+        Ok(out)
+    }
+
+    /// A step boundary where the crash-safety tests make agentd die: when
+    /// `name` is armed, the task panics right here, leaving the store and
+    /// the host as a crash would. Nothing outside the unit tests.
+    #[cfg(test)]
+    fn crash_point(&self, name: &'static str) {
+        if *self.crash_at.lock().unwrap() == Some(name) {
+            panic!("crash point {name}");
+        }
+    }
+
+    #[cfg(not(test))]
+    #[inline(always)]
+    fn crash_point(&self, _name: &'static str) {}
+}

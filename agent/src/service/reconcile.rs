@@ -1,0 +1,198 @@
+//! Start-up reconciliation: the store says what agentd had; the host says
+//! what survived. Live QEMUs are adopted, guests whose QEMU ended while
+//! agentd was away are recorded STOPPED, interrupted starts are undone
+//! (ERROR), unfinished destroys are finished, leftover taps named like ours
+//! are removed, and kernel iSCSI sessions no record holds are logged out.
+//!
+//! One guest that cannot be reconciled (its QMP does not answer, its
+//! record cannot be written) is logged, reported and left as it is: it
+//! never keeps agentd from starting or the other guests from being
+//! reconciled.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Agent;
+use crate::attach::{AttachMode, Holder};
+use crate::net;
+use crate::spec::{Cause, EventType, VmState};
+use crate::store::{NewEvent, VmRecord};
+use stratus_core::error::Result;
+
+/// How long reconciliation waits for a live guest's QMP socket.
+const QMP_ADOPT: Duration = Duration::from_secs(10);
+
+impl Agent {
+    /// At start: adopts every live QEMU, records the guests that ended while
+    /// agentd was away, finishes unfinished destroys, removes leftover taps
+    /// of guests that are gone, and logs out of kernel iSCSI sessions that
+    /// no guest's record holds. Returns human lines saying what it did.
+    /// Fails only when the store cannot be read.
+    pub async fn reconcile(self: &Arc<Self>) -> Result<Vec<String>> {
+        let mut report = Vec::new();
+        for vm in self.store.vms()? {
+            self.repin(&vm);
+            // Every recorded kernel attachment holds its session, before any
+            // dead guest's detach can count it down.
+            for d in vm.runtime.iter().flat_map(|r| &r.disks) {
+                if let (AttachMode::Kernel, Some(k)) = (d.mode, &d.kernel) {
+                    self.kernel
+                        .adopt(Holder::disk(vm.uuid, &d.device), &k.lun)
+                        .await;
+                }
+            }
+        }
+        for vm in self.store.vms()? {
+            if !vm.state.is_active() {
+                continue;
+            }
+            let name = vm.spec.name.to_string();
+            match self.reconcile_guest(vm).await {
+                Ok(line) => report.push(line),
+                Err(e) => {
+                    tracing::error!(vm = %name, error = %e, "could not reconcile the guest; left as it is");
+                    report.push(format!("{name}: could not be reconciled ({e}); left alone"));
+                }
+            }
+        }
+        report.extend(self.retry_leftovers().await?);
+        // Taps named like ours whose guest is gone.
+        let mut wanted = HashSet::new();
+        for vm in self.store.vms()? {
+            if let Some(rt) = &vm.runtime {
+                for n in &rt.nics {
+                    wanted.insert(n.tap.clone());
+                }
+            }
+        }
+        for tap in self.net.list_taps_with_prefix(net::TAP_PREFIX) {
+            if wanted.contains(&tap) {
+                continue;
+            }
+            // Only names shaped like ours: an operator's "st..." tap stays.
+            if let Ok(t) = tap.parse::<net::TapName>() {
+                if t.is_guest_nic() {
+                    let _ = self.net.delete_tap(&t);
+                    report.push(format!("removed leftover tap {tap}"));
+                }
+            }
+        }
+        // Sessions on our iface that no record holds (a crash, a failed logout).
+        report.extend(self.kernel.reap_orphans().await);
+        for line in &report {
+            tracing::info!(action = %line, "reconcile");
+        }
+        Ok(report)
+    }
+
+    /// Adopts, records or undoes one guest that was active when agentd
+    /// stopped. Returns what it did.
+    async fn reconcile_guest(self: &Arc<Self>, mut vm: VmRecord) -> Result<String> {
+        let id = vm.uuid;
+        let rt = vm.runtime.clone().unwrap_or_default();
+        let alive = rt.pid != 0 && self.vmm.is_our_qemu(rt.pid, id);
+        if alive && vm.state != VmState::Starting {
+            let (qmp, events) = match self.vmm.connect_qmp(&rt.qmp_socket, QMP_ADOPT).await {
+                Ok(c) => c,
+                Err(e) => {
+                    return Ok(format!(
+                    "{}: QEMU pid {} lives but its QMP socket does not answer ({e}); left alone",
+                    vm.spec.name, rt.pid
+                ))
+                }
+            };
+            let status = qmp.query_status().await?;
+            if vm.state != VmState::Stopping {
+                vm.state = if status.running {
+                    VmState::Running
+                } else {
+                    VmState::Paused
+                };
+            }
+            self.qmp.lock().unwrap().insert(id, qmp);
+            self.commit(
+                &mut vm,
+                &[NewEvent::new(
+                    EventType::Adopted,
+                    Cause::Reconciliation,
+                    format!("qemu pid {} is {}", rt.pid, status.status),
+                )],
+            )?;
+            self.spawn_monitor(id, rt.pid, events);
+            Ok(format!("adopted {} (pid {})", vm.spec.name, rt.pid))
+        } else if vm.state == VmState::Starting {
+            // agentd died mid-start: undo and report.
+            let mut events = self.tear_down(&mut vm).await;
+            vm.state = VmState::Error;
+            vm.state_reason = "start interrupted by an agent restart".into();
+            events.push(NewEvent::new(
+                EventType::Error,
+                Cause::Reconciliation,
+                vm.state_reason.clone(),
+            ));
+            self.commit(&mut vm, &events)?;
+            Ok(format!("{}: interrupted start undone", vm.spec.name))
+        } else {
+            let name = vm.spec.name.to_string();
+            self.record_exit(id, None, false, true).await?;
+            Ok(format!("{name}: QEMU ended while agentd was away"))
+        }
+    }
+
+    /// Retries the pdisk work guests left undone: unfinished destroys
+    /// (records left DESTROYING by a failed pdisk call or a crash), and
+    /// unexports that failed when a guest stopped. Returns what it did.
+    pub async fn retry_leftovers(&self) -> Result<Vec<String>> {
+        let mut report = Vec::new();
+        for vm in self.store.vms()? {
+            let destroying = vm.state == VmState::Destroying;
+            if !destroying && (vm.pending_unexports.is_empty() || vm.state.is_active()) {
+                continue;
+            }
+            let _g = self.lock(vm.uuid).await;
+            // Read again under the lock: a start or a retry may have won.
+            let Some(mut vm) = self.store.vm(vm.uuid)? else {
+                continue;
+            };
+            let name = vm.spec.name.to_string();
+            if vm.state == VmState::Destroying {
+                match self.finish_destroy(vm).await {
+                    Ok(()) => report.push(format!("{name}: unfinished destroy finished")),
+                    Err(e) => {
+                        tracing::warn!(vm = %name, error = %e, "destroy still unfinished");
+                        report.push(format!("{name}: destroy still unfinished ({e})"));
+                    }
+                }
+            } else if !vm.state.is_active() && !vm.pending_unexports.is_empty() {
+                let before = vm.pending_unexports.len();
+                self.retry_unexports(&mut vm).await;
+                if vm.pending_unexports.len() != before {
+                    self.commit(&mut vm, &[])?;
+                    report.push(format!(
+                        "{name}: {} left-over export(s) undone",
+                        before - vm.pending_unexports.len()
+                    ));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs [`Agent::retry_leftovers`] every `every`, for as long as agentd
+    /// runs.
+    pub fn spawn_leftover_retries(self: &Arc<Self>, every: Duration) {
+        let agent = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(agent) = agent.upgrade() else { return };
+                if let Err(e) = agent.retry_leftovers().await {
+                    tracing::warn!(error = %e, "retrying left-over pdisk work");
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,641 @@
+//! The agent invariants (ARCHITECTURE.md, "agent invariants"), each pinned
+//! without root: the guest service runs against the in-memory pdisk,
+//! network and QEMU of [`crate::fakes`], which fail any call on demand and
+//! outlive an agent that "crashes" (a crash point panics its task; a new
+//! agent then opens the same store, as a restarted agentd would).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stratus_core::error::ErrorKind;
+use stratus_core::runner::FakeRunner;
+use stratus_core::types::ByteSize;
+
+use super::{Agent, AgentSettings, HostEffects, HostFacts};
+use crate::attach::{AttachMode, KernelOptions};
+use crate::fakes::{FakeNet, FakeVmm, FakeVolumes};
+use crate::net::HostNet;
+use crate::qmp::{PanicAction, QmpEventKind};
+use crate::spec::{Cause, Context, Disk, DiskSource, EventType, Nic, VmSpec, VmState};
+use crate::store::{AgentStore, Event, OwnedVolume, VmRecord};
+use crate::vmm::Accel;
+
+/// A host: the state directory and the fakes, which survive agents.
+struct Host {
+    dir: tempfile::TempDir,
+    pdisk: Arc<FakeVolumes>,
+    net: Arc<FakeNet>,
+    vmm: Arc<FakeVmm>,
+}
+
+impl Host {
+    fn new() -> Host {
+        let pdisk = FakeVolumes::new();
+        pdisk.add_volume("root");
+        pdisk.add_volume("data");
+        Host {
+            dir: tempfile::tempdir().unwrap(),
+            pdisk,
+            net: FakeNet::new(),
+            vmm: FakeVmm::new(),
+        }
+    }
+
+    /// An agent on this host's store and fakes (a fresh agentd process).
+    fn agent(&self) -> Arc<Agent> {
+        let state = self.dir.path().join("state");
+        let mut kernel = KernelOptions::new("iqn.2026-11.io.stratus:unit");
+        kernel.sys = self.dir.path().join("sys");
+        kernel.dev = self.dir.path().join("dev");
+        kernel.iscsi_db = self.dir.path().join("iscsi");
+        Agent::with_effects(
+            AgentStore::open(&state).unwrap(),
+            Arc::new(FakeRunner::new()),
+            AgentSettings {
+                state_dir: state,
+                default_bridge: "br0".into(),
+                initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
+                attach: AttachMode::Qemu,
+                pdisk_url: None,
+                cpu_overcommit: 4,
+                reserved_memory: 0,
+                image_quota: None,
+                image_policy: None,
+                image_file_roots: Vec::new(),
+            },
+            HostFacts {
+                hostname: "unit".into(),
+                cpus: 4,
+                memory: 8 << 30,
+                accel: Accel::Tcg,
+                accel_reason: "unit test".into(),
+                qemu_version: "7.2.0".into(),
+                io_uring: false,
+            },
+            HostEffects {
+                volumes: Some(self.pdisk.clone()),
+                net: self.net.clone(),
+                vmm: self.vmm.clone(),
+                kernel,
+            },
+        )
+        .unwrap()
+    }
+
+    /// Files a start leaves in the guest's directory that must not outlive
+    /// its attachments: CHAP secrets and the seed (its user-data).
+    fn secrets(&self, vm: &VmRecord) -> Vec<String> {
+        let dir = self.dir.path().join("state/vms").join(vm.uuid.to_string());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("chap-") || n == "seed.img")
+            .collect()
+    }
+
+    /// Asserts that nothing of guest `vm` is attached on the host.
+    fn assert_nothing_attached(&self, vm: &VmRecord, when: &str) {
+        assert!(self.pdisk.exported().is_empty(), "{when}: exports left");
+        assert!(self.net.taps().is_empty(), "{when}: taps left");
+        assert!(self.vmm.pids().is_empty(), "{when}: QEMU left");
+        assert!(self.secrets(vm).is_empty(), "{when}: secrets left");
+    }
+}
+
+/// Two pdisk disks, two NICs (the second on a VLAN) and a context (seed):
+/// every kind of attachment a start makes.
+fn spec(name: &str) -> VmSpec {
+    let disk = |v: &str| Disk {
+        source: DiskSource::Pdisk(v.into()),
+        read_only: false,
+        boot_index: 0,
+    };
+    let nic = |mac: &str, vlan| Nic {
+        bridge: "br0".into(),
+        mac: mac.into(),
+        vlan,
+    };
+    VmSpec {
+        name: name.parse().unwrap(),
+        vcpus: 1,
+        memory: ByteSize(64 << 20),
+        disks: vec![disk("root"), disk("data")],
+        nics: vec![nic("52:54:00:00:00:01", 0), nic("52:54:00:00:00:02", 42)],
+        kernel: None,
+        labels: Default::default(),
+        context: Some(Context::default()),
+    }
+}
+
+/// A spec with one disk of its own, so that several guests can run.
+fn small_spec(name: &str, volume: &str) -> VmSpec {
+    let mut s = spec(name);
+    s.disks.truncate(1);
+    s.disks[0].source = DiskSource::Pdisk(volume.into());
+    s.nics.truncate(1);
+    s
+}
+
+fn events_of(agent: &Agent, vm: &VmRecord) -> Vec<Event> {
+    agent
+        .store()
+        .events_since(0, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.vm_uuid == vm.uuid)
+        .collect()
+}
+
+/// Makes `agent` "crash": its monitors stop (no exit is recorded), and
+/// once the last handle is gone its store is closed.
+async fn crash(agent: Arc<Agent>) {
+    for m in agent.monitors.lock().unwrap().drain(..) {
+        m.abort();
+    }
+    while Arc::strong_count(&agent) > 1 {
+        tokio::task::yield_now().await;
+    }
+    drop(agent);
+}
+
+/// Starts `name` with the crash point `at` armed: the start's task dies there.
+async fn start_and_crash_at(agent: &Arc<Agent>, name: &str, at: &'static str) {
+    *agent.crash_at.lock().unwrap() = Some(at);
+    let a = agent.clone();
+    let name = name.to_string();
+    let died = tokio::spawn(async move { a.start_vm(&name).await })
+        .await
+        .expect_err("the start should have crashed");
+    assert!(died.is_panic(), "{at}: {died}");
+    *agent.crash_at.lock().unwrap() = None;
+}
+
+#[tokio::test]
+async fn a_start_that_fails_at_any_step_undoes_everything_and_says_why() {
+    // (operation, which call of it fails): each step of a start.
+    let steps: [(&str, &'static str, usize); 7] = [
+        ("the second disk's export", "export_volume", 2),
+        ("the second tap", "create_tap", 2),
+        ("the bridge port", "attach_to_bridge", 1),
+        ("the VLAN", "set_vlan", 1),
+        ("the launch", "launch", 1),
+        ("the QMP connection", "connect_qmp", 1),
+        ("the first QMP query", "query_status", 1),
+    ];
+    for (step, op, nth) in steps {
+        let host = Host::new();
+        let agent = host.agent();
+        let vm = agent.create_vm(spec("web1")).await.unwrap();
+        match op {
+            "export_volume" => host.pdisk.failures.fail_nth(op, nth),
+            "create_tap" | "attach_to_bridge" | "set_vlan" => host.net.failures.fail_nth(op, nth),
+            _ => host.vmm.failures.fail_nth(op, nth),
+        }
+        let err = agent.start_vm("web1").await.expect_err(step);
+        let cause = format!("injected failure of {op}");
+        assert!(err.to_string().contains(&cause), "{step}: {err}");
+
+        let got = agent.get_vm("web1").unwrap();
+        assert_eq!(got.state, VmState::Error, "{step}");
+        assert!(
+            got.state_reason.contains(&cause),
+            "{step}: {}",
+            got.state_reason
+        );
+        assert_eq!(got.runtime, None, "{step}");
+        host.assert_nothing_attached(&got, step);
+        let last = events_of(&agent, &vm).pop().unwrap();
+        assert_eq!(last.kind, EventType::Error, "{step}");
+        assert_eq!(last.state, Some(VmState::Error), "{step}");
+        assert!(last.detail.contains(&cause), "{step}: {}", last.detail);
+        assert_eq!(got.last_event_seq, last.seq, "{step}");
+
+        // The failure is not sticky: the next start works.
+        let vm = agent.start_vm("web1").await.unwrap();
+        assert_eq!(vm.state, VmState::Running, "{step}");
+        assert_eq!(host.pdisk.exported().len(), 2, "{step}");
+        assert_eq!(host.net.taps().len(), 2, "{step}");
+    }
+}
+
+#[tokio::test]
+async fn a_crash_between_start_steps_is_undone_at_the_next_start() {
+    for at in [
+        "start.disk_attached",
+        "start.nic_attached",
+        "start.launched",
+    ] {
+        let host = Host::new();
+        let agent = host.agent();
+        agent.create_vm(spec("web1")).await.unwrap();
+        start_and_crash_at(&agent, "web1", at).await;
+        // What the crash left: recorded attachments, still in place.
+        let left = agent.get_vm("web1").unwrap();
+        assert_eq!(left.state, VmState::Starting, "{at}");
+        assert!(!host.pdisk.exported().is_empty(), "{at}");
+        crash(agent).await;
+
+        let agent = host.agent();
+        let report = agent.reconcile().await.unwrap();
+        assert!(
+            report.iter().any(|l| l == "web1: interrupted start undone"),
+            "{at}: {report:?}"
+        );
+        let vm = agent.get_vm("web1").unwrap();
+        assert_eq!(vm.state, VmState::Error, "{at}");
+        assert_eq!(vm.state_reason, "start interrupted by an agent restart");
+        host.assert_nothing_attached(&vm, at);
+        let last = events_of(&agent, &vm).pop().unwrap();
+        assert_eq!(
+            (last.kind, last.cause),
+            (EventType::Error, Cause::Reconciliation)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_guest_running_when_agentd_died_is_adopted_and_still_managed() {
+    let host = Host::new();
+    let agent = host.agent();
+    agent.create_vm(spec("web1")).await.unwrap();
+    start_and_crash_at(&agent, "web1", "start.running").await;
+    crash(agent).await;
+    let pid = host.vmm.pids()[0];
+    // A tap of a guest that is gone, and an operator's tap.
+    let gone = crate::net::tap_name_for(uuid::Uuid::new_v4(), 0).to_string();
+    host.net.add_tap(&gone);
+    host.net.add_tap("stoperator");
+
+    let agent = host.agent();
+    let report = agent.reconcile().await.unwrap();
+    assert!(
+        report.contains(&format!("adopted web1 (pid {pid})")),
+        "{report:?}"
+    );
+    assert!(
+        report.contains(&format!("removed leftover tap {gone}")),
+        "{report:?}"
+    );
+    assert!(!host.net.taps().contains(&gone));
+    assert!(host.net.taps().contains(&"stoperator".to_string()));
+    host.net.failures.calls();
+    let _ = host.net.delete_tap(&"stoperator".parse().unwrap());
+    let vm = agent.get_vm("web1").unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    let last = events_of(&agent, &vm).pop().unwrap();
+    assert_eq!(
+        (last.kind, last.cause),
+        (EventType::Adopted, Cause::Reconciliation)
+    );
+    // Its taps were recorded, so the sweep of leftover taps kept them.
+    assert_eq!(host.net.taps().len(), 2);
+
+    // The new monitor follows it: a stop is confirmed and undoes everything.
+    let vm = agent
+        .stop_vm("web1", Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    host.assert_nothing_attached(&vm, "after the stop");
+}
+
+#[tokio::test]
+async fn the_reconciler_skips_a_broken_guest_and_reconciles_the_others() {
+    let host = Host::new();
+    let agent = host.agent();
+    for (name, volume) in [("a", "root"), ("b", "data")] {
+        agent.create_vm(small_spec(name, volume)).await.unwrap();
+        agent.start_vm(name).await.unwrap();
+    }
+    crash(agent).await;
+    // Guest a's QEMU lives but its QMP query fails (guests reconcile by name).
+    host.vmm.failures.fail_times("query_status", 1);
+
+    let agent = host.agent();
+    let report = agent
+        .reconcile()
+        .await
+        .expect("one broken guest must not fail the start-up");
+    assert!(
+        report
+            .iter()
+            .any(|l| l.starts_with("a: could not be reconciled (")
+                && l.contains("injected failure of query_status")),
+        "{report:?}"
+    );
+    assert!(
+        report.iter().any(|l| l.starts_with("adopted b ")),
+        "{report:?}"
+    );
+    // a is left as it was, b is managed again.
+    let a = agent.get_vm("a").unwrap();
+    assert_eq!(a.state, VmState::Running);
+    assert_eq!(
+        events_of(&agent, &a).pop().unwrap().kind,
+        EventType::Running
+    );
+    assert_eq!(host.vmm.pids().len(), 2);
+    agent.pause_vm("b").await.unwrap();
+    assert_eq!(agent.get_vm("b").unwrap().state, VmState::Paused);
+}
+
+#[tokio::test]
+async fn destroy_retries_an_unexport_it_could_not_do_until_it_is_done() {
+    let host = Host::new();
+    let agent = host.agent();
+    agent.create_vm(small_spec("web1", "root")).await.unwrap();
+    agent.start_vm("web1").await.unwrap();
+    let exported = host.pdisk.exported();
+    assert_eq!(exported.len(), 1);
+    host.pdisk.failures.fail("unexport_volume");
+
+    let err = agent
+        .destroy_vm("web1", Duration::from_secs(5))
+        .await
+        .expect_err("pdisk kept the export");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("agentd retries"), "{err}");
+    // Nothing runs on this host any more, but the record remembers the export.
+    let vm = agent.get_vm("web1").unwrap();
+    assert_eq!(vm.state, VmState::Destroying);
+    assert_eq!(vm.pending_unexports, exported);
+    assert_eq!(host.pdisk.exported(), exported);
+    assert!(host.net.taps().is_empty() && host.vmm.pids().is_empty());
+    // It holds no capacity, and its name is still taken.
+    assert_eq!(agent.host_info().unwrap().free_vcpus, 16);
+    assert!(agent.create_vm(small_spec("web1", "data")).await.is_err());
+
+    // The timer's retry while pdisk still fails: nothing is dropped.
+    let report = agent.retry_leftovers().await.unwrap();
+    assert!(
+        report[0].starts_with("web1: destroy still unfinished"),
+        "{report:?}"
+    );
+    assert_eq!(agent.get_vm("web1").unwrap().pending_unexports, exported);
+
+    // agentd restarts once pdisk answers: the destroy finishes at start.
+    crash(agent).await;
+    host.pdisk.failures.heal("unexport_volume");
+    let tries = host.pdisk.failures.count("unexport_volume");
+    let agent = host.agent();
+    let report = agent.reconcile().await.unwrap();
+    assert!(
+        report.contains(&"web1: unfinished destroy finished".to_string()),
+        "{report:?}"
+    );
+    assert_eq!(host.pdisk.failures.count("unexport_volume"), tries + 1);
+    assert!(host.pdisk.exported().is_empty());
+    assert!(agent.get_vm("web1").is_err());
+    let all = agent.store().events_since(0, 10_000).unwrap();
+    let last = all.last().unwrap();
+    assert_eq!(
+        (last.kind, last.vm_name.as_str()),
+        (EventType::Destroyed, "web1")
+    );
+}
+
+#[tokio::test]
+async fn destroy_retries_an_image_clone_delete_on_the_timer() {
+    let host = Host::new();
+    let agent = host.agent();
+    let mut vm = agent.create_vm(small_spec("web1", "root")).await.unwrap();
+    // A clone the guest owns (as an image disk's start records it).
+    let clone = host.pdisk.add_volume("vm-clone-vda");
+    vm.owned_volumes.push(OwnedVolume {
+        device: "vda".into(),
+        volume: clone,
+    });
+    agent.store().commit(&mut vm, &[]).unwrap();
+    host.pdisk.failures.fail_times("delete_volume", 2);
+
+    assert!(agent
+        .destroy_vm("web1", Duration::from_secs(5))
+        .await
+        .is_err());
+    let left = agent.get_vm("web1").unwrap();
+    assert_eq!(
+        (left.state, left.owned_volumes.len()),
+        (VmState::Destroying, 1)
+    );
+    assert!(host
+        .pdisk
+        .volume_names()
+        .contains(&"vm-clone-vda".to_string()));
+
+    agent.spawn_leftover_retries(Duration::from_millis(20));
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while agent.get_vm("web1").is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the timer finishes the destroy");
+    assert!(!host
+        .pdisk
+        .volume_names()
+        .contains(&"vm-clone-vda".to_string()));
+    assert_eq!(host.pdisk.failures.count("delete_volume"), 3);
+}
+
+#[tokio::test]
+async fn a_crash_mid_destroy_is_finished_at_the_next_start() {
+    let host = Host::new();
+    let agent = host.agent();
+    agent.create_vm(spec("web1")).await.unwrap();
+    agent.start_vm("web1").await.unwrap();
+    agent
+        .stop_vm("web1", Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    *agent.crash_at.lock().unwrap() = Some("destroy.marked");
+    let a = agent.clone();
+    let died = tokio::spawn(async move { a.destroy_vm("web1", Duration::from_secs(5)).await })
+        .await
+        .unwrap_err();
+    assert!(died.is_panic());
+    assert_eq!(agent.get_vm("web1").unwrap().state, VmState::Destroying);
+    crash(agent).await;
+
+    let agent = host.agent();
+    agent.reconcile().await.unwrap();
+    assert!(agent.get_vm("web1").is_err());
+}
+
+#[tokio::test]
+async fn an_unexport_that_failed_at_stop_is_retried_and_never_undoes_a_new_start() {
+    let host = Host::new();
+    let agent = host.agent();
+    agent.create_vm(small_spec("web1", "root")).await.unwrap();
+    agent.start_vm("web1").await.unwrap();
+    host.pdisk.failures.fail_times("unexport_volume", 1);
+    let vm = agent
+        .stop_vm("web1", Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    assert_eq!(vm.pending_unexports.len(), 1);
+    assert_eq!(host.pdisk.exported(), vm.pending_unexports);
+
+    // Started again before the retry: the export is the guest's again.
+    let vm = agent.start_vm("web1").await.unwrap();
+    assert!(vm.pending_unexports.is_empty());
+    assert!(agent.retry_leftovers().await.unwrap().is_empty());
+    assert_eq!(host.pdisk.exported().len(), 1);
+
+    // Stopped with a failed unexport again: this time the retry does it.
+    host.pdisk.failures.fail_times("unexport_volume", 1);
+    agent
+        .stop_vm("web1", Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    let report = agent.retry_leftovers().await.unwrap();
+    assert_eq!(
+        report,
+        vec!["web1: 1 left-over export(s) undone".to_string()]
+    );
+    assert!(host.pdisk.exported().is_empty());
+    assert!(agent.get_vm("web1").unwrap().pending_unexports.is_empty());
+}
+
+#[tokio::test]
+async fn qemu_events_become_journal_events_with_their_state() {
+    let host = Host::new();
+    let agent = host.agent();
+    let vm = agent.create_vm(spec("web1")).await.unwrap();
+    agent.start_vm("web1").await.unwrap();
+    agent.pause_vm("web1").await.unwrap();
+    agent.resume_vm("web1").await.unwrap();
+    agent.reboot_vm("web1").await.unwrap();
+    agent
+        .stop_vm("web1", Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    agent.start_vm("web1").await.unwrap();
+    // The guest panics, QEMU exits.
+    let pid = host.vmm.pids()[0];
+    host.vmm.emit(
+        pid,
+        QmpEventKind::GuestPanicked {
+            action: PanicAction::Poweroff,
+        },
+    );
+    host.vmm.die(pid);
+    let mut events = agent
+        .journal()
+        .follow(0, crate::journal::EventFilter::vm("web1"));
+    use futures::StreamExt;
+    while events.next().await.unwrap().unwrap().kind != EventType::Crashed {}
+    let crashed = agent.get_vm("web1").unwrap();
+    assert_eq!(crashed.state, VmState::Crashed);
+    host.assert_nothing_attached(&crashed, "after the crash");
+    agent
+        .destroy_vm("web1", Duration::from_secs(5))
+        .await
+        .unwrap();
+
+    use EventType as E;
+    use VmState as S;
+    let start = [
+        (E::Starting, S::Starting),
+        (E::DiskAttached, S::Starting),
+        (E::DiskAttached, S::Starting),
+        (E::DiskAttached, S::Starting),
+        (E::NicAttached, S::Starting),
+        (E::NicAttached, S::Starting),
+        (E::Running, S::Running),
+    ];
+    let detach = |s| {
+        [
+            (E::DiskDetached, s),
+            (E::DiskDetached, s),
+            (E::DiskDetached, s),
+            (E::NicDetached, s),
+            (E::NicDetached, s),
+        ]
+    };
+    let mut want = vec![(E::Created, S::Defined)];
+    want.extend(start);
+    want.extend([
+        (E::Paused, S::Paused),
+        (E::Resumed, S::Running),
+        (E::Rebooted, S::Running),
+        (E::Stopping, S::Stopping),
+    ]);
+    want.extend(detach(S::Stopped));
+    want.push((E::Stopped, S::Stopped));
+    want.extend(start);
+    want.extend(detach(S::Crashed));
+    want.push((E::Crashed, S::Crashed));
+    want.push((E::Destroyed, S::Destroyed));
+    let got: Vec<(EventType, VmState)> = events_of(&agent, &vm)
+        .iter()
+        .map(|e| (e.kind, e.state.unwrap()))
+        .collect();
+    assert_eq!(got, want);
+    let crashed = events_of(&agent, &vm)
+        .into_iter()
+        .find(|e| e.kind == E::Crashed)
+        .unwrap();
+    assert_eq!(crashed.cause, Cause::GuestPanic);
+}
+
+#[tokio::test]
+async fn state_and_events_are_committed_together_and_seqs_are_never_reused() {
+    let host = Host::new();
+    let agent = host.agent();
+    agent.create_vm(spec("web1")).await.unwrap();
+    start_and_crash_at(&agent, "web1", "start.running").await;
+    crash(agent).await;
+    let agent = host.agent();
+    agent.reconcile().await.unwrap();
+    agent.pause_vm("web1").await.unwrap();
+    host.pdisk.failures.fail("unexport_volume");
+    let _ = agent.destroy_vm("web1", Duration::from_secs(5)).await;
+    crash(agent).await;
+    host.pdisk.failures.heal("unexport_volume");
+    let agent = host.agent();
+    agent.reconcile().await.unwrap();
+
+    // Dense seqs across three agents and their restarts.
+    let all = agent.store().events_since(0, 10_000).unwrap();
+    let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=all.len() as u64).collect::<Vec<_>>());
+    assert_eq!(agent.store().last_seq().unwrap(), all.len() as u64);
+    // One commit, one state: its events all carry the state it wrote (a
+    // commit's events share their time). And the state moves only in a
+    // commit that announces it, or the stream would disagree with the record.
+    let mut commits: Vec<Vec<&Event>> = Vec::new();
+    for e in &all {
+        match commits.last_mut() {
+            Some(c) if c[0].time == e.time => c.push(e),
+            _ => commits.push(vec![e]),
+        }
+    }
+    for c in &commits {
+        assert!(c.iter().all(|e| e.state == c[0].state), "{c:?}");
+    }
+    for pair in commits.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        let announces = b.iter().any(|e| {
+            matches!(
+                e.kind,
+                EventType::Starting
+                    | EventType::Running
+                    | EventType::Paused
+                    | EventType::Resumed
+                    | EventType::Stopping
+                    | EventType::Stopped
+                    | EventType::Crashed
+                    | EventType::Error
+                    | EventType::Adopted
+                    | EventType::Destroyed
+            )
+        });
+        assert!(
+            a[0].state == b[0].state || announces,
+            "{b:?} moved the state without saying"
+        );
+    }
+}
