@@ -1,7 +1,10 @@
 //! Exporters publish volumes to initiators over iSCSI.
 //!
-//! The service layer only sees the [`Exporter`] trait; `tgt` (userspace tgtd,
-//! driven by tgtadm) is the portable implementation. Each exported volume gets
+//! The service layer only sees the [`Exporter`] trait. Two implementations:
+//! `tgt` (userspace tgtd, driven by tgtadm and its management socket; the
+//! portable one, for hosts and tests) and `lio` (the kernel's LIO target,
+//! written straight into configfs; production, with the `lvm` backend).
+//! [`MemoryExporter`] is the unit-tier fake. Each exported volume gets
 //! one target whose IQN is derived from the volume UUID, with the volume as
 //! LUN 1, an ACL of initiator names, and optional one-way CHAP.
 //!
@@ -41,9 +44,28 @@ pub struct ExportSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveExport {
     pub target_iqn: String,
+    /// What the target's LUN 1 serves, when that can be read.
     pub backing_path: Option<PathBuf>,
     pub initiators: Vec<String>,
     pub chap_user: Option<String>,
+    pub health: ExportHealth,
+}
+
+/// Whether a live target is whole: every part an initiator needs is in
+/// place. A target that is not never matches its spec, so `restore` (and
+/// the export watchdog) re-applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportHealth {
+    Whole,
+    /// A part is missing or differs (LIO: a TPG not enabled, a LUN not
+    /// linked, a mapped LUN gone, a fileio size behind its file...); why.
+    Broken(String),
+}
+
+impl ExportHealth {
+    pub fn is_whole(&self) -> bool {
+        matches!(self, ExportHealth::Whole)
+    }
 }
 
 /// What a restore did.
@@ -115,14 +137,15 @@ pub trait Exporter: Send + Sync {
     }
 }
 
-/// True when the live target has the spec's backing path, exactly its
-/// initiators (in any order), and its CHAP user.
+/// True when the live target is whole and has the spec's backing path,
+/// exactly its initiators (in any order), and its CHAP user.
 pub fn matches_spec(live: &LiveExport, spec: &ExportSpec) -> bool {
     let mut want: Vec<&str> = spec.initiators.iter().map(Iqn::as_str).collect();
     let mut have: Vec<&str> = live.initiators.iter().map(String::as_str).collect();
     want.sort_unstable();
     have.sort_unstable();
-    live.backing_path.as_deref() == Some(spec.backing_path.as_path())
+    live.health.is_whole()
+        && live.backing_path.as_deref() == Some(spec.backing_path.as_path())
         && want == have
         && live.chap_user.as_deref() == spec.chap.as_ref().map(|c| c.user.as_str())
 }
@@ -170,6 +193,7 @@ impl Exporter for MemoryExporter {
                     backing_path: Some(spec.backing_path.clone()),
                     initiators: spec.initiators.iter().map(|i| i.to_string()).collect(),
                     chap_user: spec.chap.as_ref().map(|c| c.user.clone()),
+                    health: ExportHealth::Whole,
                 },
             );
             Ok(())

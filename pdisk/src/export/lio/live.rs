@@ -8,7 +8,7 @@ use super::configfs::BackingKind;
 use super::owns;
 use super::tree::{backstore_hba, chap_value, info_field, Lio};
 use crate::error::Result;
-use crate::export::LiveExport;
+use crate::export::{ExportHealth, LiveExport};
 
 impl Lio {
     pub(super) fn list(&self) -> Result<Vec<LiveExport>> {
@@ -24,8 +24,9 @@ impl Lio {
 
     /// A target as it is live. When it is not whole (TPG disabled, LUN not
     /// linked, portal or a mapped LUN missing, authentication not matching
-    /// the ACLs' CHAP, a fileio size behind its file), `backing_path` is
-    /// None so that `restore` sees it differ from its spec and re-applies it.
+    /// the ACLs' CHAP, a fileio size behind its file), its health is
+    /// `Broken`, so that `restore` sees it differ from its spec and
+    /// re-applies it; `backing_path` is then its backstore's, if it has one.
     pub(super) fn live_export(&self, iqn: &str) -> Result<LiveExport> {
         let tpg = self.tpg_dir(iqn);
         let acls = tpg.join("acls");
@@ -53,11 +54,16 @@ impl Lio {
                     .join(","),
             ),
         };
-        let backing_path = match self.whole(&tpg, &initiators, chap_user.is_some()) {
-            Ok(p) => Some(PathBuf::from(p)),
+        let (backing_path, health) = match self.whole(&tpg, &initiators, chap_user.is_some()) {
+            Ok(p) => (Some(PathBuf::from(p)), ExportHealth::Whole),
             Err(why) => {
                 tracing::debug!(target = iqn, why = %why, "lio: target is not whole");
-                None
+                let backstore = self.find_backstores(iqn).ok().and_then(|dirs| {
+                    dirs.iter()
+                        .find_map(|d| self.backstore_path(d))
+                        .map(PathBuf::from)
+                });
+                (backstore, ExportHealth::Broken(why))
             }
         };
         Ok(LiveExport {
@@ -65,6 +71,7 @@ impl Lio {
             backing_path,
             initiators,
             chap_user,
+            health,
         })
     }
 

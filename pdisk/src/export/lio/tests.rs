@@ -8,7 +8,7 @@ use super::fake_configfs::*;
 use super::tree::*;
 use super::*;
 use crate::error::ErrorKind;
-use crate::export::matches_spec;
+use crate::export::{matches_spec, ExportHealth};
 use crate::runner::{FakeRunner, Output};
 
 // ---- fixtures --------------------------------------------------------------
@@ -565,12 +565,14 @@ async fn list_reads_the_live_tree_back() {
                 backing_path: Some(file_path(VOL_A)),
                 initiators: vec![INIT_1.into(), INIT_2.into()],
                 chap_user: Some("alice".into()),
+                health: ExportHealth::Whole,
             },
             LiveExport {
                 target_iqn: target(VOL_B),
                 backing_path: Some("/dev/pdisk/vol-a".into()),
                 initiators: vec![INIT_3.into()],
                 chap_user: None,
+                health: ExportHealth::Whole,
             },
         ]
     );
@@ -614,9 +616,16 @@ async fn restore_repairs_targets_that_are_not_whole() {
         .join(target(VOL_A))
         .join("tpgt_1");
 
-    // A crash before the TPG was enabled.
+    // A crash before the TPG was enabled: the target is listed as broken,
+    // with its backstore's path and why, and does not match its spec.
     lab.fs.write(&tpg.join("enable"), "0").unwrap();
-    assert_eq!(lab.exp.list().await.unwrap()[0].backing_path, None);
+    let live = lab.exp.list().await.unwrap();
+    assert_eq!(
+        live[0].health,
+        ExportHealth::Broken("its TPG is not enabled".into())
+    );
+    assert_eq!(live[0].backing_path, Some(file_path(VOL_A)));
+    assert!(!matches_spec(&live[0], &a));
     let r = lab.exp.restore(std::slice::from_ref(&a)).await.unwrap();
     assert_eq!(r.restored, vec![target(VOL_A)]);
     assert_eq!(std::fs::read_to_string(tpg.join("enable")).unwrap(), "1\n");
@@ -625,7 +634,7 @@ async fn restore_repairs_targets_that_are_not_whole() {
     let m = tpg.join("acls").join(INIT_1).join("lun_1");
     lab.fs.unlink(&m.join("lun")).unwrap();
     lab.fs.rmdir(&m).unwrap();
-    assert_eq!(lab.exp.list().await.unwrap()[0].backing_path, None);
+    assert!(!lab.exp.list().await.unwrap()[0].health.is_whole());
     lab.exp.restore(std::slice::from_ref(&a)).await.unwrap();
     assert_eq!(
         lab.exp.list().await.unwrap()[0].backing_path,
@@ -637,7 +646,7 @@ async fn restore_repairs_targets_that_are_not_whole() {
         .lock()
         .unwrap()
         .insert(file_path(VOL_A), BackingKind::File(3 << 30));
-    assert_eq!(lab.exp.list().await.unwrap()[0].backing_path, None);
+    assert!(!lab.exp.list().await.unwrap()[0].health.is_whole());
     lab.exp.restore(std::slice::from_ref(&a)).await.unwrap();
     assert!(info_of(&lab, VOL_A, "fileio_0").contains("Size: 3221225472"));
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use super::VOLUME_LUN;
 use crate::error::{Error, Result};
-use crate::export::LiveExport;
+use crate::export::{ExportHealth, LiveExport};
 
 /// One target as `tgtadm --mode target --op show` lists it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,6 +60,8 @@ impl TgtTarget {
             backing_path: self.lun(VOLUME_LUN).and_then(|l| l.path.clone()),
             initiators: self.acl.clone(),
             chap_user,
+            // tgtd applies a target in one step: what it lists is whole.
+            health: ExportHealth::Whole,
         }
     }
 }

@@ -3,6 +3,7 @@ use super::show::{parse_target_show, TgtLun, TgtTarget};
 use super::tgtadm::{backing_path_arg, tgtadm_failure};
 use super::*;
 use crate::error::ErrorKind;
+use crate::export::ExportHealth;
 use crate::runner::{Cmd, FakeRunner, Output};
 use crate::types::Chap;
 use std::collections::VecDeque;
@@ -330,12 +331,14 @@ async fn list_keeps_prefixed_targets_with_lun1_acl_and_chap_user() {
                     "iqn.2026-11.io.stratus:host2".into()
                 ],
                 chap_user: Some("alice,bob (outgoing)".into()),
+                health: ExportHealth::Whole,
             },
             LiveExport {
                 target_iqn: "iqn.2026-11.io.stratus.pdisk:vol-b".into(),
                 backing_path: Some("/tmp/tgtx/v2.img".into()),
                 initiators: vec![],
                 chap_user: None,
+                health: ExportHealth::Whole,
             },
         ]
     );

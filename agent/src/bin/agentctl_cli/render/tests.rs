@@ -1,4 +1,3 @@
-
 use serde_json::{json, Value};
 use stratus_proto::agent::v1::{
     disk_spec, AttachedDisk, AttachedNic, CachedImage, Contextualization, DiskSpec, Event, Host,
