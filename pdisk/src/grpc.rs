@@ -84,7 +84,7 @@ fn export_pb(e: ExportInfo) -> pb::Export {
 
 fn drift_pb(d: Drift) -> pb::Drift {
     pb::Drift {
-        kind: d.kind,
+        kind: d.kind.as_str().into(),
         object: d.object,
         detail: d.detail,
     }

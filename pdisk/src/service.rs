@@ -130,9 +130,46 @@ impl ExportInfo {
 /// One difference between intent and live state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drift {
-    pub kind: String,
+    pub kind: DriftKind,
     pub object: String,
     pub detail: String,
+}
+
+/// What a [`Drift`] is about. The API shows it as a lowercase word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftKind {
+    /// A volume record whose data is missing, or that could not be checked.
+    Volume,
+    /// A snapshot record whose data is missing, or that could not be checked.
+    Snapshot,
+    /// A stored export that could not be restored, or exports not checked.
+    Export,
+    /// A live target with our prefix and no export record.
+    Target,
+    /// A file in the pool that is not ours or has no record (`file` backend).
+    File,
+    /// A logical volume that is not ours or has no record (`lvm` backend).
+    Lv,
+}
+
+impl DriftKind {
+    /// The word the API and the logs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriftKind::Volume => "volume",
+            DriftKind::Snapshot => "snapshot",
+            DriftKind::Export => "export",
+            DriftKind::Target => "target",
+            DriftKind::File => "file",
+            DriftKind::Lv => "lv",
+        }
+    }
+}
+
+impl std::fmt::Display for DriftKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -1062,7 +1099,7 @@ impl PoolService {
                         ));
                     }
                     Err(e) => report.drift.push(Drift {
-                        kind: "volume".into(),
+                        kind: DriftKind::Volume,
                         object: v.name.to_string(),
                         detail: format!("interrupted delete could not be finished: {e}"),
                     }),
@@ -1076,7 +1113,7 @@ impl PoolService {
                         .actions
                         .push(format!("volume {} was being created: marked error", v.name));
                     report.drift.push(Drift {
-                        kind: "volume".into(),
+                        kind: DriftKind::Volume,
                         object: v.name.to_string(),
                         detail: "creation interrupted".into(),
                     });
@@ -1089,14 +1126,14 @@ impl PoolService {
                     );
                     self.store.update_volume(&v)?;
                     report.drift.push(Drift {
-                        kind: "volume".into(),
+                        kind: DriftKind::Volume,
                         object: v.name.to_string(),
                         detail: v.state_reason.clone(),
                     });
                 }
                 VolumeState::Error if !present.contains(&id) => {
                     report.drift.push(Drift {
-                        kind: "volume".into(),
+                        kind: DriftKind::Volume,
                         object: v.name.to_string(),
                         detail: v.state_reason.clone(),
                     });
@@ -1117,14 +1154,14 @@ impl PoolService {
                         ));
                     }
                     Err(e) => report.drift.push(Drift {
-                        kind: "snapshot".into(),
+                        kind: DriftKind::Snapshot,
                         object: s.name.to_string(),
                         detail: format!("interrupted snapshot could not be removed: {e}"),
                     }),
                 }
             } else if !present.contains(&id) {
                 report.drift.push(Drift {
-                    kind: "snapshot".into(),
+                    kind: DriftKind::Snapshot,
                     object: s.name.to_string(),
                     detail: format!(
                         "backing data missing: {}",
@@ -1135,19 +1172,19 @@ impl PoolService {
         }
         // What an object lives in, for drift reports: a file or an LV.
         let unit = match self.backend.kind() {
-            "lvm" => "lv",
-            _ => "file",
+            "lvm" => DriftKind::Lv,
+            _ => DriftKind::File,
         };
         for id in present.difference(&known) {
             report.drift.push(Drift {
-                kind: unit.into(),
+                kind: unit,
                 object: self.backend.device_path(*id).display().to_string(),
                 detail: format!("{id} has data in the pool but no record; left in place"),
             });
         }
         for f in listing.foreign {
             report.drift.push(Drift {
-                kind: unit.into(),
+                kind: unit,
                 object: f,
                 detail: "not a pdisk object; left in place".into(),
             });
@@ -1160,14 +1197,14 @@ impl PoolService {
                 }
                 for (t, why) in &r.failed {
                     report.drift.push(Drift {
-                        kind: "export".into(),
+                        kind: DriftKind::Export,
                         object: t.clone(),
                         detail: format!("could not be restored: {why}"),
                     });
                 }
                 for t in &r.unknown {
                     report.drift.push(Drift {
-                        kind: "target".into(),
+                        kind: DriftKind::Target,
                         object: t.clone(),
                         detail:
                             "live target with pdisk's prefix but no export record; left in place"
@@ -1176,7 +1213,7 @@ impl PoolService {
                 }
             }
             Err(e) => report.drift.push(Drift {
-                kind: "export".into(),
+                kind: DriftKind::Export,
                 object: self.exporter.kind().into(),
                 detail: format!("exports not checked: {e}"),
             }),

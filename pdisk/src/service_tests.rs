@@ -222,7 +222,9 @@ async fn reconcile_restores_lost_exports_and_reports_drift() {
         "{r:?}"
     );
     assert!(
-        r.drift.iter().any(|d| d.object.contains("stray.txt")),
+        r.drift
+            .iter()
+            .any(|d| d.object.contains("stray.txt") && d.kind == DriftKind::File),
         "{r:?}"
     );
     assert!(stray.exists(), "drift must never be deleted");
@@ -233,7 +235,12 @@ async fn reconcile_restores_lost_exports_and_reports_drift() {
     let v = f.svc.get_volume("v").await.unwrap();
     std::fs::remove_file(&v.device_path).unwrap();
     let r = f.svc.reconcile().await.unwrap();
-    assert!(r.drift.iter().any(|d| d.object == "v"), "{r:?}");
+    assert!(
+        r.drift
+            .iter()
+            .any(|d| d.object == "v" && d.kind == DriftKind::Volume),
+        "{r:?}"
+    );
     assert_eq!(
         f.svc.get_volume("v").await.unwrap().record.state,
         VolumeState::Error
