@@ -19,7 +19,7 @@ use crate::service::{
     Drift, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService, SnapshotInfo, VolumeInfo,
 };
 use crate::store::VolumeState;
-use crate::types::VolumeName;
+use crate::types::{Chap, Iqn, VolumeName};
 
 pub struct Api {
     svc: Arc<PoolService>,
@@ -80,6 +80,11 @@ fn export_pb(e: ExportInfo) -> pb::Export {
         chap_user: e.record.chap.map(|c| c.user).unwrap_or_default(),
         exporter: e.exporter,
     }
+}
+
+/// Initiator IQNs as a request carries them, parsed.
+fn iqns(initiators: &[String]) -> Result<Vec<Iqn>, Error> {
+    initiators.iter().map(|i| i.parse()).collect()
 }
 
 fn drift_pb(d: Drift) -> pb::Drift {
@@ -339,11 +344,9 @@ impl VolumeService for Api {
         req: Request<pb::ExportVolumeRequest>,
     ) -> Result<Response<pb::Export>, Status> {
         let r = req.into_inner();
-        let chap = r.chap.map(|c| (c.user, c.secret));
-        let e = self
-            .svc
-            .export_volume(&r.volume, &r.initiators, chap)
-            .await?;
+        let initiators = iqns(&r.initiators)?;
+        let chap = r.chap.map(|c| Chap::new(&c.user, &c.secret)).transpose()?;
+        let e = self.svc.export_volume(&r.volume, &initiators, chap).await?;
         Ok(Response::new(export_pb(e)))
     }
 
@@ -352,9 +355,10 @@ impl VolumeService for Api {
         req: Request<pb::UnexportVolumeRequest>,
     ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
         let r = req.into_inner();
+        let initiators = iqns(&r.initiators)?;
         let remaining = self
             .svc
-            .unexport_volume(&r.volume, &r.initiators)
+            .unexport_volume(&r.volume, &initiators)
             .await?
             .map(export_pb);
         Ok(Response::new(pb::UnexportVolumeResponse { remaining }))

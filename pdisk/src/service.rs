@@ -916,22 +916,20 @@ impl PoolService {
         }
     }
 
+    /// Adds `initiators` to the volume's export (creating it), and sets its
+    /// CHAP account when `chap` is given. Initiators and CHAP are parsed at
+    /// the edge (gRPC, CLI).
     pub async fn export_volume(
         &self,
         volume: &str,
-        initiators: &[String],
-        chap: Option<(String, String)>,
+        initiators: &[Iqn],
+        chap: Option<Chap>,
     ) -> Result<ExportInfo> {
         if initiators.is_empty() {
             return Err(Error::invalid(format!(
                 "export of {volume}: at least one initiator IQN is required"
             )));
         }
-        let wanted: Vec<Iqn> = initiators
-            .iter()
-            .map(|i| i.parse())
-            .collect::<Result<_>>()?;
-        let chap = chap.map(|(u, s)| Chap::new(&u, &s)).transpose()?;
         let vol = self.store.find_volume(volume)?;
         let _g = self.locks.lock(vol.uuid).await;
         let vol = self.reread_volume(&vol)?;
@@ -945,9 +943,9 @@ impl PoolService {
             initiators: Vec::new(),
             chap: None,
         });
-        for i in wanted {
-            if !rec.initiators.contains(&i) {
-                rec.initiators.push(i);
+        for i in initiators {
+            if !rec.initiators.contains(i) {
+                rec.initiators.push(i.clone());
             }
         }
         if chap.is_some() {
@@ -970,17 +968,13 @@ impl PoolService {
         self.export_info(rec)
     }
 
-    /// Removes initiators, or the whole export when `initiators` is empty.
+    /// Removes the initiators in `remove`, or the whole export when it is empty.
     /// Returns what remains of the export.
     pub async fn unexport_volume(
         &self,
         volume: &str,
-        initiators: &[String],
+        remove: &[Iqn],
     ) -> Result<Option<ExportInfo>> {
-        let remove: Vec<Iqn> = initiators
-            .iter()
-            .map(|i| i.parse())
-            .collect::<Result<_>>()?;
         let vol = self.store.find_volume(volume)?;
         let _g = self.locks.lock(vol.uuid).await;
         let _e = self.export_lock.lock().await;
@@ -990,7 +984,7 @@ impl PoolService {
                 vol.name
             )));
         };
-        for i in &remove {
+        for i in remove {
             if !rec.initiators.contains(i) {
                 return Err(Error::not_found(format!(
                     "initiator {i} is not in the ACL of volume {}",

@@ -60,6 +60,11 @@ fn empty(volume: &str, size: u64) -> NewVolume {
 
 const IQN: &str = "iqn.2026-11.io.stratus:host1";
 
+/// An initiator name, parsed as the gRPC edge parses it.
+fn iqn(s: &str) -> Iqn {
+    s.parse().unwrap()
+}
+
 #[tokio::test]
 async fn bad_input_gets_invalid_argument_and_changes_nothing() {
     let f = fixture();
@@ -106,12 +111,45 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
     }
     assert!(f.svc.list_volumes(&Labels::new()).await.unwrap().is_empty());
     assert!(f.svc.backend().list().await.unwrap().objects.is_empty());
-    let e = f
-        .svc
-        .export_volume("nope", &["not-an-iqn".into()], None)
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    // Initiators are parsed at the gRPC edge too.
+    {
+        use stratus_proto::pdisk::v1 as pb;
+        use stratus_proto::pdisk::v1::volume_service_server::VolumeService;
+        let export = pb::ExportVolumeRequest {
+            volume: "nope".into(),
+            initiators: vec!["not-an-iqn".into()],
+            ..Default::default()
+        };
+        let s = api
+            .export_volume(tonic::Request::new(export))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        // A CHAP secret tgt and LIO would refuse (under 12 characters).
+        let export = pb::ExportVolumeRequest {
+            volume: "nope".into(),
+            initiators: vec![IQN.into()],
+            chap: Some(pb::ChapCredentials {
+                user: "u".into(),
+                secret: "short".into(),
+            }),
+        };
+        let s = api
+            .export_volume(tonic::Request::new(export))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+        assert!(!s.message().contains("short"), "{s:?}");
+        let unexport = pb::UnexportVolumeRequest {
+            volume: "nope".into(),
+            initiators: vec!["not-an-iqn".into()],
+        };
+        let s = api
+            .unexport_volume(tonic::Request::new(unexport))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    }
 }
 
 #[tokio::test]
@@ -140,7 +178,7 @@ async fn exported_or_snapshotted_volumes_cannot_be_deleted() {
     assert!(e.message().contains("v-s1"), "{e}");
     f.svc.delete_snapshot("v-s1").await.unwrap();
 
-    f.svc.export_volume("v", &[IQN.into()], None).await.unwrap();
+    f.svc.export_volume("v", &[iqn(IQN)], None).await.unwrap();
     let e = f.svc.delete_volume("v").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
     assert!(e.message().contains("exported"), "{e}");
@@ -154,13 +192,13 @@ async fn export_merges_initiators_and_unexport_removes_them() {
     let f = fixture();
     f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
     let other = "iqn.2026-11.io.stratus:host2";
-    f.svc.export_volume("v", &[IQN.into()], None).await.unwrap();
+    f.svc.export_volume("v", &[iqn(IQN)], None).await.unwrap();
     let e = f
         .svc
         .export_volume(
             "v",
-            &[other.into()],
-            Some(("u".into(), "0123456789abcd".into())),
+            &[iqn(other)],
+            Some(Chap::new("u", "0123456789abcd").unwrap()),
         )
         .await
         .unwrap();
@@ -174,16 +212,16 @@ async fn export_merges_initiators_and_unexport_removes_them() {
 
     let rest = f
         .svc
-        .unexport_volume("v", &[IQN.into()])
+        .unexport_volume("v", &[iqn(IQN)])
         .await
         .unwrap()
         .unwrap();
     assert_eq!(rest.record.initiators.len(), 1);
-    let e = f.svc.unexport_volume("v", &[IQN.into()]).await.unwrap_err();
+    let e = f.svc.unexport_volume("v", &[iqn(IQN)]).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(f
         .svc
-        .unexport_volume("v", &[other.into()])
+        .unexport_volume("v", &[iqn(other)])
         .await
         .unwrap()
         .is_none());
@@ -200,7 +238,7 @@ async fn exporter_down_is_unavailable_and_changes_nothing() {
     f.exporter.down.store(true, Ordering::SeqCst);
     let e = f
         .svc
-        .export_volume("v", &[IQN.into()], None)
+        .export_volume("v", &[iqn(IQN)], None)
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);
@@ -211,7 +249,7 @@ async fn exporter_down_is_unavailable_and_changes_nothing() {
 async fn reconcile_restores_lost_exports_and_reports_drift() {
     let f = fixture();
     f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
-    f.svc.export_volume("v", &[IQN.into()], None).await.unwrap();
+    f.svc.export_volume("v", &[iqn(IQN)], None).await.unwrap();
     f.exporter.forget_all(); // tgtd restarted
     let stray = f.svc.backend().staging_dir().join("../volumes/stray.txt");
     std::fs::write(&stray, b"not ours").unwrap();
@@ -467,7 +505,7 @@ async fn image_bases_are_read_only_and_clones_are_not() {
     assert_eq!(mode & 0o777, 0o444);
     let e = f
         .svc
-        .export_volume("image-base", &[IQN.into()], None)
+        .export_volume("image-base", &[iqn(IQN)], None)
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
@@ -496,7 +534,7 @@ async fn image_bases_are_read_only_and_clones_are_not() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     f.svc
-        .export_volume("guest-disk", &[IQN.into()], None)
+        .export_volume("guest-disk", &[iqn(IQN)], None)
         .await
         .unwrap();
     f.svc.unexport_volume("guest-disk", &[]).await.unwrap();
