@@ -1,6 +1,12 @@
 //! The pool service: every volume, snapshot and export operation, in domain
 //! terms. The gRPC layer ([`crate::grpc`]) only converts messages.
 //!
+//! Why one file of ~1,300 lines: the operations on volumes, snapshots and
+//! exports, reconciliation and the watchdog share `PoolService`'s private
+//! helpers (locks, re-reads, capacity, export specs). The next split is
+//! `service/{volumes,snapshots,exports,reconcile}.rs` (issue 10); its tests
+//! are already apart, in `service_tests.rs`.
+//!
 //! Ordering rules that make crashes safe:
 //! - create: the record is stored as `creating` (reserving the name) before
 //!   any data is written, and becomes `ready` only after the backend has

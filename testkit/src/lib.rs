@@ -1,5 +1,13 @@
-//! Integration-test harness: real tgtd, a real XFS reflink filesystem on a
-//! loop device, a real pdiskd, and QEMU's iSCSI initiator.
+//! Integration- and e2e-test harness, all real parts: tgtd, an XFS reflink
+//! filesystem on a loop device, pdiskd, agentd (in its own network namespace,
+//! [`Agentd`], with its state directory and the guests it launches cleaned up
+//! on drop), network namespaces of the test's own with their bridges ([`NetNs`]), a
+//! small HTTP server for image pulls ([`Httpd`]), QEMU's iSCSI initiator
+//! ([`Initiator`]), the test guest (`scripts/guest-image`, [`guest_dir`]),
+//! and the storage stack a pdisk test runs on (`stack.rs`: file+tgt on the
+//! host, LVM thin + LIO + the kernel initiator of `open_iscsi.rs` in the lab
+//! VM). It is test code: one file per concern would be the next step for
+//! this ~1,000-line `lib.rs`.
 //!
 //! Every piece has a drop guard that tears it down even when the test fails,
 //! and takes its own ports and directories, so tests run in parallel.
