@@ -489,7 +489,10 @@ impl Pdiskd {
         let log = self.log.clone();
         let ns = self.netns.clone();
         let child = self.child.as_mut().unwrap();
-        wait_for("pdiskd to listen", Duration::from_secs(30), || {
+        // pdiskd reconciles store, pool and exporter before it listens; in
+        // the lab VM (TCG, host under load) that took over 30 s. An exit is
+        // caught at once below, so a long limit costs a working run nothing.
+        wait_for("pdiskd to listen", Duration::from_secs(120), || {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
                     "pdiskd exited with {status}:\n{}",
