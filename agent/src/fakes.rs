@@ -499,8 +499,17 @@ impl FakeVmm {
 }
 
 impl Vmm for FakeVmm {
-    fn check_image<'a>(&'a self, path: &'a Path, _format: &'a str) -> BoxFuture<'a, Result<()>> {
+    fn check_raw<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move { self.check("check_image", path.display()) })
+    }
+
+    fn check_overlay<'a>(
+        &'a self,
+        overlay: &'a Path,
+        _base: &'a Path,
+        _base_format: stratus_core::image::ImageFormat,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { self.check("check_image", overlay.display()) })
     }
 
     fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>> {

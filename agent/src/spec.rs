@@ -19,7 +19,7 @@ pub type VmName = VolumeName;
 pub enum DiskSource {
     /// A pdisk volume by name or UUID.
     Pdisk(String),
-    /// A raw or qcow2 image on this host.
+    /// A raw image on this host (opened as raw, never probed).
     File(PathBuf),
     /// An image by URL and checksum, through the caches.
     Image {

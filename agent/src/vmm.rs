@@ -26,14 +26,23 @@ use uuid::Uuid;
 use crate::qmp::{Qmp, QmpEvents, RunState};
 
 use stratus_core::error::{Error, Result};
+use stratus_core::image::ImageFormat;
 use stratus_core::runner::{Cmd, CommandRunner};
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
 /// QEMU processes as the guest service drives them.
 pub trait Vmm: Send + Sync {
-    /// Checks that a disk image opens as `format` ([`check_image`]).
-    fn check_image<'a>(&'a self, path: &'a Path, format: &'a str) -> BoxFuture<'a, Result<()>>;
+    /// Checks that a raw disk opens ([`check_raw`]).
+    fn check_raw<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<()>>;
+
+    /// Checks a local overlay names exactly its base ([`check_overlay`]).
+    fn check_overlay<'a>(
+        &'a self,
+        overlay: &'a Path,
+        base: &'a Path,
+        base_format: ImageFormat,
+    ) -> BoxFuture<'a, Result<()>>;
 
     /// Launches QEMU daemonized and returns its pid ([`launch`]).
     fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>>;
@@ -108,8 +117,22 @@ impl HostVmm {
 }
 
 impl Vmm for HostVmm {
-    fn check_image<'a>(&'a self, path: &'a Path, format: &'a str) -> BoxFuture<'a, Result<()>> {
-        Box::pin(check_image(self.runner.as_ref(), path, format))
+    fn check_raw<'a>(&'a self, path: &'a Path) -> BoxFuture<'a, Result<()>> {
+        Box::pin(check_raw(self.runner.as_ref(), path))
+    }
+
+    fn check_overlay<'a>(
+        &'a self,
+        overlay: &'a Path,
+        base: &'a Path,
+        base_format: ImageFormat,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(check_overlay(
+            self.runner.as_ref(),
+            overlay,
+            base,
+            base_format,
+        ))
     }
 
     fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>> {
@@ -223,10 +246,17 @@ pub enum DiskBackend {
         /// (user, file holding the secret)
         chap: Option<(String, PathBuf)>,
     },
-    File {
+    /// A raw file on this host: a `file:` disk or the seed. Always opened
+    /// as raw, never probed: a guest that writes an image header into its
+    /// disk must not change what QEMU opens at the next start.
+    RawFile { path: PathBuf },
+    /// A local qcow2 overlay on a cached image. The backing node is given
+    /// explicitly (`base`, read-only, as `base_format`, with no backing of
+    /// its own), so nothing QEMU opens is named by an image header.
+    Overlay {
         path: PathBuf,
-        /// "raw" or "qcow2"
-        format: String,
+        base: PathBuf,
+        base_format: ImageFormat,
     },
     /// A host block device: an iSCSI LUN the kernel's initiator attached
     /// (`/dev/sdX`), raw.
@@ -333,27 +363,34 @@ impl LaunchPlan {
                     }
                     v
                 }
-                DiskBackend::File { path, format } => {
-                    // Direct I/O (no host page cache in the guest's data path),
-                    // with io_uring where QEMU has it, else Linux native AIO
-                    // (which needs O_DIRECT). A filesystem without O_DIRECT
-                    // (tmpfs) falls back to buffered I/O on a thread pool.
-                    let direct = supports_direct_io(path);
-                    let aio = match (direct, self.io_uring) {
-                        (_, true) => "io_uring",
-                        (true, false) => "native",
-                        (false, false) => "threads",
-                    };
+                DiskBackend::RawFile { path } => json!({
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": d.read_only,
+                    "file": self.file_node(path),
+                }),
+                DiskBackend::Overlay {
+                    path,
+                    base,
+                    base_format,
+                } => {
+                    let mut backing = json!({
+                        "driver": format_name(*base_format),
+                        "node-name": format!("{node}-base"),
+                        "read-only": true,
+                        "file": self.file_node(base),
+                    });
+                    if *base_format == ImageFormat::Qcow2 {
+                        // The cached base was refused if it had a backing
+                        // file; null says so to QEMU too.
+                        backing["backing"] = serde_json::Value::Null;
+                    }
                     json!({
-                        "driver": format,
+                        "driver": "qcow2",
                         "node-name": node,
                         "read-only": d.read_only,
-                        "file": {
-                            "driver": "file",
-                            "filename": path,
-                            "aio": aio,
-                            "cache": {"direct": direct},
-                        },
+                        "file": self.file_node(path),
+                        "backing": backing,
                     })
                 }
                 DiskBackend::HostDevice { path } => {
@@ -402,6 +439,34 @@ impl LaunchPlan {
             "-daemonize",
         ]);
         a
+    }
+
+    /// The protocol node of a file on this host.
+    fn file_node(&self, path: &Path) -> serde_json::Value {
+        // Direct I/O (no host page cache in the guest's data path), with
+        // io_uring where QEMU has it, else Linux native AIO (which needs
+        // O_DIRECT). A filesystem without O_DIRECT (tmpfs) falls back to
+        // buffered I/O on a thread pool.
+        let direct = supports_direct_io(path);
+        let aio = match (direct, self.io_uring) {
+            (_, true) => "io_uring",
+            (true, false) => "native",
+            (false, false) => "threads",
+        };
+        json!({
+            "driver": "file",
+            "filename": path,
+            "aio": aio,
+            "cache": {"direct": direct},
+        })
+    }
+}
+
+/// QEMU's driver name for an image format.
+pub fn format_name(f: ImageFormat) -> &'static str {
+    match f {
+        ImageFormat::Raw => "raw",
+        ImageFormat::Qcow2 => "qcow2",
     }
 }
 
@@ -472,23 +537,75 @@ pub fn find_qemus(uuid: Uuid) -> Vec<u32> {
         .collect()
 }
 
-/// Checks that a disk image opens as `format` with `qemu-img info`, so a
-/// corrupt image gets qemu-img's own message instead of a QEMU start that
-/// can hang (QEMU 7.2 with aio=io_uring does on some corrupt qcow2 headers).
-pub async fn check_image(runner: &dyn CommandRunner, path: &Path, format: &str) -> Result<()> {
+/// Checks that a raw disk opens with `qemu-img info -f raw`, so a missing
+/// or unreadable file gets qemu-img's own message before QEMU starts.
+pub async fn check_raw(runner: &dyn CommandRunner, path: &Path) -> Result<()> {
+    image_info(runner, path, ImageFormat::Raw).await.map(|_| ())
+}
+
+/// Checks a local overlay at each start: it opens as qcow2 (a corrupt header
+/// gets qemu-img's message instead of a QEMU start that can hang: QEMU 7.2
+/// with aio=io_uring does on some), its header names exactly the backing
+/// file and format agentd gave it, and it has no external data file. QEMU is
+/// given the backing node explicitly anyway; this catches an overlay that is
+/// not the one agentd made.
+pub async fn check_overlay(
+    runner: &dyn CommandRunner,
+    overlay: &Path,
+    base: &Path,
+    base_format: ImageFormat,
+) -> Result<()> {
+    let info = image_info(runner, overlay, ImageFormat::Qcow2).await?;
+    let refuse = |why: String| {
+        Err(Error::precondition(format!(
+            "overlay {} is not the one agentd made: {why}",
+            overlay.display()
+        )))
+    };
+    let backing = info["backing-filename"].as_str();
+    if backing != base.to_str() {
+        return refuse(format!(
+            "its backing file is {backing:?}, expected {}",
+            base.display()
+        ));
+    }
+    let fmt = info["backing-filename-format"].as_str();
+    if fmt != Some(format_name(base_format)) {
+        return refuse(format!(
+            "its backing format is {fmt:?}, expected {}",
+            format_name(base_format)
+        ));
+    }
+    if let Some(data) = info["format-specific"]["data"]["data-file"].as_str() {
+        return refuse(format!("it has an external data file {data:?}"));
+    }
+    Ok(())
+}
+
+/// `qemu-img info` of `path` opened as `format` (never probed), as JSON.
+async fn image_info(
+    runner: &dyn CommandRunner,
+    path: &Path,
+    format: ImageFormat,
+) -> Result<serde_json::Value> {
     let cmd = Cmd::new("qemu-img")
-        .args(["info", "--output=json", "-f", format])
+        .args(["info", "--output=json", "-f", format_name(format)])
         .arg(path.display().to_string())
         .timeout(Duration::from_secs(30));
     let out = runner.run(&cmd).await?;
-    if out.success() {
-        return Ok(());
+    if !out.success() {
+        return Err(Error::precondition(format!(
+            "QEMU cannot open disk image {}: {}",
+            path.display(),
+            out.stderr.trim()
+        )));
     }
-    Err(Error::precondition(format!(
-        "QEMU cannot open disk image {}: {}",
-        path.display(),
-        out.stderr.trim()
-    )))
+    serde_json::from_str(&out.stdout).map_err(|e| {
+        Error::internal(format!(
+            "qemu-img info of {}: output not understood: {e}",
+            path.display()
+        ))
+    })
 }
 
 pub fn read_pid(pidfile: &Path) -> Result<Option<u32>> {
@@ -590,9 +707,10 @@ mod tests {
                 },
                 PlannedDisk {
                     device: "vdb".into(),
-                    backend: DiskBackend::File {
+                    backend: DiskBackend::Overlay {
                         path: "/images/a,b.qcow2".into(),
-                        format: "qcow2".into(),
+                        base: "/cache/ab.img".into(),
+                        base_format: ImageFormat::Qcow2,
                     },
                     read_only: true,
                     boot_index: 0,
@@ -626,6 +744,89 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(bd).unwrap();
         assert_eq!(v["file"]["filename"], "/images/a,b.qcow2");
         assert_eq!(v["read-only"], true);
+    }
+
+    #[test]
+    fn every_disk_has_an_explicit_format_and_overlays_an_explicit_backing() {
+        let mut p = plan();
+        p.disks.push(PlannedDisk {
+            device: "vdc".into(),
+            backend: DiskBackend::RawFile {
+                path: "/srv/disk.raw".into(),
+            },
+            read_only: false,
+            boot_index: 0,
+        });
+        for base_format in [ImageFormat::Qcow2, ImageFormat::Raw] {
+            p.disks[1].backend = DiskBackend::Overlay {
+                path: "/s/vm/vdb.qcow2".into(),
+                base: "/cache/ab.img".into(),
+                base_format,
+            };
+            let a = p.argv();
+            let nodes: Vec<serde_json::Value> = a
+                .windows(2)
+                .filter(|w| w[0] == "-blockdev")
+                .map(|w| serde_json::from_str(&w[1]).unwrap())
+                .collect();
+            assert_eq!(nodes.len(), 3);
+            let raw = &nodes[2];
+            assert_eq!(raw["driver"], "raw", "{raw}");
+            assert_eq!(raw["file"]["filename"], "/srv/disk.raw");
+            let ov = &nodes[1];
+            assert_eq!(ov["driver"], "qcow2", "{ov}");
+            assert_eq!(ov["file"]["filename"], "/s/vm/vdb.qcow2");
+            let base = &ov["backing"];
+            assert_eq!(base["driver"], format_name(base_format), "{ov}");
+            assert_eq!(base["node-name"], "vdb-base");
+            assert_eq!(base["read-only"], true);
+            assert_eq!(base["file"]["filename"], "/cache/ab.img");
+            // A qcow2 base opens nothing its own header names.
+            if base_format == ImageFormat::Qcow2 {
+                assert!(base["backing"].is_null() && base.get("backing").is_some());
+            } else {
+                assert!(base.get("backing").is_none(), "raw takes no backing");
+            }
+            // No driver is left for QEMU to guess.
+            for v in &nodes {
+                assert!(v["driver"].is_string(), "{v}");
+            }
+        }
+    }
+
+    fn info_runner(json: &'static str) -> stratus_core::runner::FakeRunner {
+        stratus_core::runner::FakeRunner::with(move |_| Ok(stratus_core::runner::Output::ok(json)))
+    }
+
+    #[tokio::test]
+    async fn an_overlay_must_name_the_base_agentd_gave_it() {
+        let base = Path::new("/cache/ab.img");
+        let ok = r#"{"format":"qcow2","backing-filename":"/cache/ab.img",
+            "backing-filename-format":"raw","format-specific":{"type":"qcow2","data":{}}}"#;
+        let r = info_runner(ok);
+        check_overlay(&r, Path::new("/s/vda.qcow2"), base, ImageFormat::Raw)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.calls()[0].join(" "),
+            "qemu-img info --output=json -f qcow2 /s/vda.qcow2"
+        );
+        let err = check_overlay(&r, Path::new("/s/vda.qcow2"), base, ImageFormat::Qcow2)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("backing format"), "{err}");
+        for bad in [
+            r#"{"format":"qcow2","backing-filename":"/etc/shadow","backing-filename-format":"raw"}"#,
+            r#"{"format":"qcow2","backing-filename-format":"raw"}"#,
+            r#"{"format":"qcow2","backing-filename":"/cache/ab.img","backing-filename-format":"raw",
+                "format-specific":{"type":"qcow2","data":{"data-file":"/etc/shadow"}}}"#,
+        ] {
+            let r = info_runner(bad);
+            let err = check_overlay(&r, Path::new("/s/vda.qcow2"), base, ImageFormat::Raw)
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("not the one agentd made"), "{err}");
+        }
     }
 
     #[test]

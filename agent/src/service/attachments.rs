@@ -11,6 +11,7 @@ use std::time::Duration;
 use stratus_proto::pdisk::v1 as pdpb;
 use uuid::Uuid;
 
+use super::images::ImageDisk;
 use super::Agent;
 use crate::attach::{AttachMode, Holder, IscsiLun, KernelDisk};
 use crate::net;
@@ -58,36 +59,43 @@ impl Agent {
                     )),
                 )
             }
-            other => (other.clone(), None),
+            DiskSource::Pdisk(v) => (ImageDisk::Pdisk(v.clone()), None),
+            DiskSource::File(path) => (ImageDisk::RawFile(path.clone()), None),
         };
-        let (backend, mut att) = match &source {
-            DiskSource::Pdisk(volume) => {
-                self.attach_pdisk(vm, dir, &device, volume, d.read_only)
+        let file_attachment = |path: &Path| DiskAttachment {
+            device: device.clone(),
+            source: format!("file:{}", path.display()),
+            attachment: path.display().to_string(),
+            read_only: d.read_only,
+            pdisk_volume: None,
+            mode: AttachMode::Qemu,
+            kernel: None,
+        };
+        let (backend, mut att) = match source {
+            ImageDisk::Pdisk(volume) => {
+                self.attach_pdisk(vm, dir, &device, &volume, d.read_only)
                     .await?
             }
-            DiskSource::Image { .. } => {
-                return Err(Error::internal("image disk was not resolved"));
+            ImageDisk::RawFile(path) => {
+                // Raw, never probed: the guest writes these bytes.
+                self.vmm.check_raw(&path).await?;
+                let att = file_attachment(&path);
+                (DiskBackend::RawFile { path }, att)
             }
-            DiskSource::File(path) => {
-                let format = match stratus_core::image::detect_format(path)? {
-                    stratus_core::image::ImageFormat::Qcow2 => "qcow2",
-                    stratus_core::image::ImageFormat::Raw => "raw",
-                };
-                self.vmm.check_image(path, format).await?;
+            ImageDisk::Overlay {
+                path,
+                base,
+                base_format,
+            } => {
+                self.vmm.check_overlay(&path, &base, base_format).await?;
+                let att = file_attachment(&path);
                 (
-                    DiskBackend::File {
-                        path: path.clone(),
-                        format: format.into(),
+                    DiskBackend::Overlay {
+                        path,
+                        base,
+                        base_format,
                     },
-                    DiskAttachment {
-                        device: device.clone(),
-                        source: format!("file:{}", path.display()),
-                        attachment: path.display().to_string(),
-                        read_only: d.read_only,
-                        pdisk_volume: None,
-                        mode: AttachMode::Qemu,
-                        kernel: None,
-                    },
+                    att,
                 )
             }
         };
@@ -143,10 +151,7 @@ impl Agent {
         )?;
         Ok(Some(PlannedDisk {
             device,
-            backend: DiskBackend::File {
-                path,
-                format: "raw".into(),
-            },
+            backend: DiskBackend::RawFile { path },
             read_only: true,
             boot_index: 0,
         }))

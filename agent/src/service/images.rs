@@ -22,11 +22,12 @@ use stratus_proto::pdisk::v1 as pdpb;
 use uuid::Uuid;
 
 use super::Agent;
-use crate::images::{CachedImageInfo, ImageRef, PulledImage};
+use crate::images::{CachedImageInfo, DeclaredFormat, ImageRef, PulledImage};
 use crate::spec::{Cause, DiskSource, EventType, ImageSpec};
 use crate::store::{NewEvent, OwnedVolume, VmRecord};
 use crate::volumes::status_error;
 use stratus_core::error::{Error, Result};
+use stratus_core::image::ImageFormat;
 
 use stratus_core::types::{LABEL_IMAGE_SHA256 as LABEL_SHA256, LABEL_VM};
 
@@ -42,6 +43,20 @@ pub struct ImageInfo {
     pub volume: String,
     pub users: u32,
     pub last_used: String,
+}
+
+/// What a guest disk resolves to before it is attached.
+pub(super) enum ImageDisk {
+    /// A pdisk volume by name or UUID (the spec's, or the guest's clone).
+    Pdisk(String),
+    /// A raw file on this host (a `file:` disk).
+    RawFile(PathBuf),
+    /// A local overlay on a cached image, with the base it must have.
+    Overlay {
+        path: PathBuf,
+        base: PathBuf,
+        base_format: ImageFormat,
+    },
 }
 
 fn local_info(i: &CachedImageInfo) -> ImageInfo {
@@ -232,11 +247,33 @@ impl Agent {
         image: &ImageSpec,
         size: u64,
         local: bool,
-    ) -> Result<DiskSource> {
+    ) -> Result<ImageDisk> {
         let r = image.to_ref()?;
         if local {
             let overlay = self.vm_dir(vm.uuid).join(format!("{device}.qcow2"));
-            if !overlay.exists() {
+            let (base, base_format) = if overlay.exists() {
+                // Made at an earlier start: its base is the cached image the
+                // spec names, pinned since (see `repin`), opened as the
+                // spec declares it (Auto: as cached, by its verified magic;
+                // the cached bytes are fixed by their checksum).
+                let cached = self
+                    .images
+                    .list()
+                    .into_iter()
+                    .find(|i| &i.image.sha256 == r.sha256())
+                    .ok_or_else(|| {
+                        Error::precondition(format!(
+                            "local disk {device}: its base image {} is no longer cached",
+                            r.sha256()
+                        ))
+                    })?;
+                let format = match r.format() {
+                    DeclaredFormat::Raw => ImageFormat::Raw,
+                    DeclaredFormat::Qcow2 => ImageFormat::Qcow2,
+                    DeclaredFormat::Auto => cached.image.format,
+                };
+                (cached.image.path, format)
+            } else {
                 let pulled = self.pull_local(&r, Cause::Api).await?;
                 crate::images::overlay(
                     self.runner.as_ref(),
@@ -246,17 +283,23 @@ impl Agent {
                     (size > 0).then_some(size),
                 )
                 .await?;
+                let base = (pulled.image.path.clone(), pulled.image.format);
                 self.pins
                     .lock()
                     .unwrap()
                     .entry(vm.uuid)
                     .or_default()
                     .push(pulled.pin);
-            }
-            return Ok(DiskSource::File(overlay));
+                base
+            };
+            return Ok(ImageDisk::Overlay {
+                path: overlay,
+                base,
+                base_format,
+            });
         }
         if let Some(o) = vm.owned_volumes.iter().find(|o| o.device == device) {
-            return Ok(DiskSource::Pdisk(o.volume.clone()));
+            return Ok(ImageDisk::Pdisk(o.volume.clone()));
         }
         let base = self.pdisk_base(&r, Cause::Api).await?;
         let clone = self
@@ -279,7 +322,7 @@ impl Agent {
             volume: clone.uuid.clone(),
         });
         self.commit(vm, &[])?;
-        Ok(DiskSource::Pdisk(clone.uuid))
+        Ok(ImageDisk::Pdisk(clone.uuid))
     }
 
     /// Deletes the pdisk volumes a guest owns (its image clones); those

@@ -30,7 +30,7 @@ const EXAMPLES: &str = "\
 Examples:
   agentctl vm create web1 --vcpus 2 --memory 512M --disk pdisk:web1-root --nic bridge=br0
   agentctl vm create t1 --vcpus 1 --memory 256M --kernel /boot/vmlinuz --initrd /boot/initrd.img \\
-      --cmdline 'console=ttyS0' --disk file:/srv/images/scratch.qcow2 --nic bridge=br0,vlan=20
+      --cmdline 'console=ttyS0' --disk file:/srv/images/scratch.raw --nic bridge=br0,vlan=20
   agentctl vm create app1 --vcpus 1 --memory 1G --disk pdisk:app1-root --nic default \\
       --hostname app1.example.org --ssh-key-file ~/.ssh/id_ed25519.pub --user-data-file init.yaml
   agentctl image pull https://images.example/debian-12.qcow2 --sha256 \"$SHA\" --pdisk
