@@ -8,7 +8,7 @@ use agent::images::{DeclaredFormat, ImageRef, Sha256};
 use stratus_core::cli::args::Ref;
 use stratus_core::types::ByteSize;
 
-use super::vm::host_path;
+use super::host_path;
 
 /// Highest boot index a disk may be given (QEMU's bootindex is small anyway).
 pub(super) const MAX_BOOT_INDEX: u32 = 255;

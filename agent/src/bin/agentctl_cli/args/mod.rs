@@ -8,6 +8,8 @@
 //! `--disk` and `--nic`), `image.rs`; `events` and `host` are a few lines
 //! each and stay here beside [`Command`].
 
+use std::path::{Component, PathBuf};
+
 use clap::{Args, Parser, Subcommand};
 use stratus_core::cli::args::Ref;
 
@@ -111,4 +113,21 @@ pub struct EventsArgs {
 pub enum HostCommand {
     /// Capacity, accelerator, versions, iSCSI initiator and VM counts.
     Show,
+}
+
+/// A path on this host: not empty, no NUL, no ',' (QEMU's option syntax), no
+/// '..'. Relative paths are made absolute by [`vm::CreateArgs::spec`], since the
+/// agent does not share this process's working directory.
+fn host_path(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("the path is empty".into());
+    }
+    if s.contains('\0') || s.contains(',') {
+        return Err(format!("{s:?}: paths may not contain ',' or NUL"));
+    }
+    let path = PathBuf::from(s);
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("{s:?}: paths may not contain '..'"));
+    }
+    Ok(path)
 }

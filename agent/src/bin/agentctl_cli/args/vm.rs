@@ -2,7 +2,7 @@
 //! with the checks that span them ([`CreateArgs::spec`] builds the CreateVm
 //! request).
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use agent::seed::{
     check_document, check_hostname, check_ssh_key, MAX_NETWORK_CONFIG, MAX_SSH_KEYS, MAX_USER_DATA,
@@ -16,6 +16,7 @@ use stratus_proto::agent::v1::{
 };
 
 use super::disk::{DiskArg, DiskSource};
+use super::host_path;
 use super::image::image_pb;
 use super::nic::{Mac, NicArg};
 
@@ -209,23 +210,6 @@ pub(super) fn memory(s: &str) -> Result<ByteSize, String> {
         ));
     }
     Ok(size)
-}
-
-/// A path on this host: not empty, no NUL, no ',' (QEMU's option syntax), no
-/// '..'. Relative paths are made absolute by [`CreateArgs::spec`], since the
-/// agent does not share this process's working directory.
-pub(super) fn host_path(s: &str) -> Result<PathBuf, String> {
-    if s.is_empty() {
-        return Err("the path is empty".into());
-    }
-    if s.contains('\0') || s.contains(',') {
-        return Err(format!("{s:?}: paths may not contain ',' or NUL"));
-    }
-    let path = PathBuf::from(s);
-    if path.components().any(|c| c == Component::ParentDir) {
-        return Err(format!("{s:?}: paths may not contain '..'"));
-    }
-    Ok(path)
 }
 
 /// `--hostname`: the agent's grammar.
