@@ -35,7 +35,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
 
 use args::{Cli, Command, EventsArgs, HostCommand, ImageCommand, RmArgs, VmCommand};
-use console::{Tail, Utf8Chunks};
+use console::{Tail, TerminalFilter, Utf8Chunks};
 use stratus_core::cli::args::Ref;
 
 /// The name that prefixes every error line.
@@ -273,7 +273,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
                 .vms;
             ctx.print(render::vms_json(&vs), || render::vms_table(&vs))
         }
-        VmCommand::Console { vm, follow } => console(ctx, &vm, follow).await,
+        VmCommand::Console { vm, follow, raw } => console(ctx, &vm, follow, raw).await,
     }
 }
 
@@ -399,13 +399,16 @@ async fn events(ctx: &Ctx, a: EventsArgs) -> Result<(), Failure> {
     }
 }
 
-/// Prints a console log as it comes: the bytes as they are, or with --json
+/// Prints a console log as it comes: the bytes (terminal control removed
+/// unless --raw), or with --json
 /// one JSON line `{"vm", "console_log", "text"}` per batch.
 struct ConsoleOut {
     json: bool,
     vm: String,
     path: String,
     text: Utf8Chunks,
+    /// None with --raw.
+    filter: Option<TerminalFilter>,
 }
 
 impl ConsoleOut {
@@ -425,6 +428,10 @@ impl ConsoleOut {
             if piece.is_empty() {
                 break;
             }
+            let piece = match &mut self.filter {
+                Some(f) => f.push(&piece),
+                None => piece,
+            };
             if self.json {
                 text.push_str(&self.text.push(&piece));
             } else if !emit(&piece)? {
@@ -466,7 +473,7 @@ fn unreadable(vm: &str, path: &Path, e: &std::io::Error) -> Failure {
     ))
 }
 
-async fn console(ctx: &Ctx, vm: &Ref, follow: bool) -> Result<(), Failure> {
+async fn console(ctx: &Ctx, vm: &Ref, follow: bool, raw: bool) -> Result<(), Failure> {
     let mut client = ctx.connect().await?;
     let v = ctx.answer(client.get_vm(request(vm)).await)?;
     if v.console_log.is_empty() {
@@ -478,6 +485,7 @@ async fn console(ctx: &Ctx, vm: &Ref, follow: bool) -> Result<(), Failure> {
         vm: v.name.clone(),
         path: v.console_log.clone(),
         text: Utf8Chunks::default(),
+        filter: (!raw).then(TerminalFilter::default),
     };
     if !out.drain(&mut tail, true)? {
         return Ok(());

@@ -3,7 +3,9 @@
 //! [`Tail`] hands out what was appended since its last read, and starts over
 //! when the file shrank (the agent truncates it for a new boot).
 //! [`Utf8Chunks`] turns the bytes into text for `--json` without splitting a
-//! character that straddles two reads.
+//! character that straddles two reads. [`TerminalFilter`] drops what a
+//! guest could use to drive the operator's terminal (escape sequences,
+//! control characters) unless `--raw` asks for the bytes as they are.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -148,5 +150,104 @@ mod tests {
         assert_eq!(text.push(&[0xe2, 0x82]), "");
         assert_eq!(text.finish(), "\u{fffd}");
         assert_eq!(text.finish(), "");
+    }
+}
+
+/// Removes terminal control from a guest's console output, piece by piece
+/// (a sequence may straddle two reads): ESC sequences (CSI, OSC, DCS, SOS,
+/// PM, APC and two-byte ones), C1 controls (U+0080..U+009F, as UTF-8), and
+/// C0 controls but tab and newline; a carriage return goes too (CRLF becomes
+/// LF), so a guest cannot overwrite a line already shown. What a guest
+/// writes is the tenant's: it must not set the operator's window title,
+/// remap keys or move the cursor over earlier output.
+#[derive(Default)]
+pub struct TerminalFilter {
+    state: FilterState,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum FilterState {
+    #[default]
+    Text,
+    /// After ESC.
+    Escape,
+    /// Inside CSI: parameters until a final byte 0x40..=0x7E.
+    Csi,
+    /// Inside OSC/DCS/SOS/PM/APC: until BEL or ST (ESC \\).
+    String,
+    /// ESC seen inside a string: `\\` ends it.
+    StringEscape,
+    /// After 0xC2: a C1 control follows if the next byte is 0x80..=0x9F.
+    Lead,
+}
+
+impl TerminalFilter {
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<u8> {
+        use FilterState::*;
+        let mut out = Vec::with_capacity(bytes.len());
+        for &b in bytes {
+            self.state = match (self.state, b) {
+                (Text, 0x1b) => Escape,
+                (Text, 0xc2) => Lead,
+                (Text, b'\n' | b'\t') => {
+                    out.push(b);
+                    Text
+                }
+                (Text, 0x00..=0x1f | 0x7f) => Text,
+                (Text, _) => {
+                    out.push(b);
+                    Text
+                }
+                // The C1 forms of CSI, and of DCS, SOS, OSC, PM, APC.
+                (Lead, 0x9b) => Csi,
+                (Lead, 0x90 | 0x98 | 0x9d | 0x9e | 0x9f) => String,
+                (Lead, 0x80..=0x9f) => Text,
+                (Lead, _) => {
+                    out.push(0xc2);
+                    // Not a C1 control: handle this byte as text.
+                    let mut rest = TerminalFilter { state: Text };
+                    out.extend(rest.push(&[b]));
+                    rest.state
+                }
+                (Escape, b'[') => Csi,
+                (Escape, b']' | b'P' | b'X' | b'^' | b'_') => String,
+                (Escape, 0x20..=0x2f) => Escape,
+                (Escape, _) => Text,
+                (Csi, 0x40..=0x7e) => Text,
+                (Csi, _) => Csi,
+                (String, 0x07) => Text,
+                (String, 0x1b) => StringEscape,
+                (String, _) => String,
+                (StringEscape, b'\\') => Text,
+                (StringEscape, _) => String,
+            };
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod terminal_tests {
+    use super::TerminalFilter;
+
+    fn filter_in_pieces(input: &[u8], piece: usize) -> Vec<u8> {
+        let mut f = TerminalFilter::default();
+        input.chunks(piece).flat_map(|c| f.push(c)).collect()
+    }
+
+    #[test]
+    fn control_sequences_are_dropped_even_across_reads() {
+        let input = "boot\r\n\x1b[2J\x1b[1;1Hclear\x1b]0;owned title\x07 \
+                     \x1bP+q544e\x1b\\dcs\x1b(Bcharset\x08\x07bell\u{9b}31mc1\u{85} \
+                     caf\u{e9} \u{2603}\tok\n"
+            .as_bytes();
+        let want = "boot\nclear dcscharsetbellc1 caf\u{e9} \u{2603}\tok\n";
+        for piece in [1, 2, 3, 7, input.len()] {
+            assert_eq!(
+                String::from_utf8(filter_in_pieces(input, piece)).unwrap(),
+                want,
+                "pieces of {piece}"
+            );
+        }
     }
 }

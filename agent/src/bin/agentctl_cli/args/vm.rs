@@ -107,6 +107,11 @@ pub enum VmCommand {
         /// Keep printing what the guest writes until it stops running (or Ctrl-C).
         #[arg(long, short)]
         follow: bool,
+        /// Print the guest's bytes as they are; by default escape sequences
+        /// and control characters (but newline and tab) are removed, so a
+        /// guest cannot drive your terminal.
+        #[arg(long)]
+        raw: bool,
     },
 }
 
