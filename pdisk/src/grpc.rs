@@ -140,6 +140,21 @@ impl Drop for StagedUpload {
     }
 }
 
+/// Runs a mutating operation as a task owned by pdiskd, not by the request:
+/// tonic drops a handler's future when its client disconnects or its
+/// deadline passes, which would stop the operation between two steps (a
+/// volume left `creating` until the next start). The spawned task runs to
+/// its end whatever the caller does; its outcome stays visible through
+/// Get/List.
+async fn detached<T: Send + 'static>(
+    op: impl std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::spawn(op).await {
+        Ok(r) => r.map_err(Status::from),
+        Err(e) => Err(Error::internal(format!("operation task failed: {e}")).into()),
+    }
+}
+
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::Progress, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -160,16 +175,15 @@ impl VolumeService for Api {
                 format: image_format(i.format)?,
             },
         };
-        let v = self
-            .svc
-            .create_volume(NewVolume {
-                name: r.name.parse()?,
-                size: r.size_bytes,
-                labels: labels(r.labels),
-                source,
-                request_id: r.request_id,
-            })
-            .await?;
+        let new = NewVolume {
+            name: r.name.parse()?,
+            size: r.size_bytes,
+            labels: labels(r.labels),
+            source,
+            request_id: r.request_id,
+        };
+        let svc = self.svc.clone();
+        let v = detached(async move { svc.create_volume(new).await }).await?;
         Ok(Response::new(volume_pb(v)))
     }
 
@@ -229,19 +243,24 @@ impl VolumeService for Api {
         file.set_len(offset)
             .map_err(|e| Error::io(staged.0.display(), e))?;
         drop(file);
-        let v = self
-            .svc
-            .create_volume(NewVolume {
-                name,
-                size: header.size_bytes,
-                labels: labels(header.labels),
-                source: NewVolumeSource::Upload {
-                    path: staged.0.clone(),
-                    format,
-                },
-                request_id: header.request_id,
-            })
-            .await?;
+        let new = NewVolume {
+            name,
+            size: header.size_bytes,
+            labels: labels(header.labels),
+            source: NewVolumeSource::Upload {
+                path: staged.0.clone(),
+                format,
+            },
+            request_id: header.request_id,
+        };
+        // Once all data is in, the import is pdiskd's; the staged file goes
+        // with the task.
+        let svc = self.svc.clone();
+        let v = detached(async move {
+            let _staged = staged;
+            svc.create_volume(new).await
+        })
+        .await?;
         Ok(Response::new(volume_pb(v)))
     }
 
@@ -273,7 +292,9 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        self.svc.delete_volume(&req.into_inner().volume).await?;
+        let volume = req.into_inner().volume;
+        let svc = self.svc.clone();
+        detached(async move { svc.delete_volume(&volume).await }).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
@@ -282,7 +303,8 @@ impl VolumeService for Api {
         req: Request<pb::ResizeVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let v = self.svc.resize_volume(&r.volume, r.size_bytes).await?;
+        let svc = self.svc.clone();
+        let v = detached(async move { svc.resize_volume(&r.volume, r.size_bytes).await }).await?;
         Ok(Response::new(volume_pb(v)))
     }
 
@@ -291,17 +313,20 @@ impl VolumeService for Api {
         req: Request<pb::CloneVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let v = self
-            .svc
-            .clone_volume(
+        let name = r.name.parse()?;
+        let svc = self.svc.clone();
+        let v = detached(async move {
+            svc.clone_volume(
                 &r.source,
                 r.source_is_snapshot,
-                r.name.parse()?,
+                name,
                 labels(r.labels),
                 r.size_bytes,
                 &r.request_id,
             )
-            .await?;
+            .await
+        })
+        .await?;
         Ok(Response::new(volume_pb(v)))
     }
 
@@ -310,9 +335,9 @@ impl VolumeService for Api {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
         let r = req.into_inner();
-        let s = self
-            .svc
-            .create_snapshot(&r.volume, r.name.parse()?, &r.request_id)
+        let name = r.name.parse()?;
+        let svc = self.svc.clone();
+        let s = detached(async move { svc.create_snapshot(&r.volume, name, &r.request_id).await })
             .await?;
         Ok(Response::new(snapshot_pb(s)))
     }
@@ -335,7 +360,9 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        self.svc.delete_snapshot(&req.into_inner().snapshot).await?;
+        let snapshot = req.into_inner().snapshot;
+        let svc = self.svc.clone();
+        detached(async move { svc.delete_snapshot(&snapshot).await }).await?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -346,7 +373,9 @@ impl VolumeService for Api {
         let r = req.into_inner();
         let initiators = iqns(&r.initiators)?;
         let chap = r.chap.map(|c| Chap::new(&c.user, &c.secret)).transpose()?;
-        let e = self.svc.export_volume(&r.volume, &initiators, chap).await?;
+        let svc = self.svc.clone();
+        let e =
+            detached(async move { svc.export_volume(&r.volume, &initiators, chap).await }).await?;
         Ok(Response::new(export_pb(e)))
     }
 
@@ -356,9 +385,8 @@ impl VolumeService for Api {
     ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
         let r = req.into_inner();
         let initiators = iqns(&r.initiators)?;
-        let remaining = self
-            .svc
-            .unexport_volume(&r.volume, &initiators)
+        let svc = self.svc.clone();
+        let remaining = detached(async move { svc.unexport_volume(&r.volume, &initiators).await })
             .await?
             .map(export_pb);
         Ok(Response::new(pb::UnexportVolumeResponse { remaining }))

@@ -27,6 +27,7 @@ pub(crate) use stratus_core::{error, runner, types};
 pub mod backend;
 pub mod config;
 pub mod export;
+pub mod failpoints;
 pub(crate) mod grpc;
 pub(crate) mod progress;
 pub(crate) mod service;

@@ -8,16 +8,21 @@
 //! are already apart, in `service_tests.rs`.
 //!
 //! Ordering rules that make crashes safe:
-//! - create: the record is stored as `creating` (reserving the name) before
-//!   any data is written, and becomes `ready` only after the backend has
-//!   published the object. A `creating` record found at start is marked
-//!   `error`; its partial data lives only in the backend's staging area.
+//! - create (empty, import, upload, clone): the record is stored as
+//!   `creating` (reserving the name) before any data is written, and becomes
+//!   `ready` only after the backend has published the object; only then is
+//!   the create acknowledged. A `creating` record found at start was never
+//!   acknowledged: it is rolled back (data and staging removed, record
+//!   dropped) and reported as `rolled back`.
+//! - snapshot: the same with `complete: false` as the intent.
 //! - delete: the record turns `deleting` before data is removed, and is
 //!   dropped after. A `deleting` record found at start is finished.
 //! - export: the intent is stored first, then applied to the exporter; the
 //!   reconciler re-applies stored intent at start and whenever the exporter
-//!   loses targets (tgtd restart). Unexport removes the target first, then the
-//!   intent, so a crash can leave an export in place but never lose one.
+//!   loses targets (tgtd restart). Unexport commits first (the smaller ACL,
+//!   or the record marked `unexporting`), then changes the exporter, then
+//!   drops the record: a crash in between never gives a revoked initiator
+//!   its access back, because reconciliation applies the stored revocation.
 //!
 //! Concurrency: operations on one volume or snapshot are serialized by a
 //! per-UUID lock; operations on different objects run in parallel. Export
@@ -344,7 +349,7 @@ impl PoolService {
         } else {
             0
         };
-        let exported = self.store.export(record.uuid)?.is_some();
+        let exported = self.live_export(record.uuid)?.is_some();
         let snapshot_count = self
             .store
             .snapshots()?
@@ -637,6 +642,7 @@ impl PoolService {
             created_at: now(),
         };
         self.store.insert_volume(&rec)?;
+        crate::failpoints::crash_point("service::create::after_intent");
         let _own = self.locks.lock(rec.uuid).await;
         let built = match plan {
             Plan::Empty => {
@@ -656,22 +662,41 @@ impl PoolService {
             }
         };
         if let Err(e) = built {
-            let _ = self.backend.delete(ObjectId::Volume(rec.uuid)).await;
-            if let Err(e2) = self.store.remove_volume(rec.uuid) {
-                tracing::error!(volume = %rec.name, error = %e2, "could not drop the record of a failed create");
-            }
+            self.roll_back_create(&rec).await;
             return Err(e.context(format!("creating volume {}", rec.name)));
         }
         if is_image_base(&rec) {
-            self.backend
-                .set_read_only(ObjectId::Volume(rec.uuid))
-                .await
-                .map_err(|e| e.context(format!("volume {}", rec.name)))?;
+            if let Err(e) = self.backend.set_read_only(ObjectId::Volume(rec.uuid)).await {
+                self.roll_back_create(&rec).await;
+                return Err(e.context(format!("volume {}", rec.name)));
+            }
         }
+        crate::failpoints::crash_point("service::create::before_commit");
         rec.state = VolumeState::Ready;
         self.store.update_volume(&rec)?;
         tracing::info!(volume = %rec.name, uuid = %rec.uuid, size = rec.size.0, source = %rec.source.describe(), "volume created");
         self.volume_info(rec).await
+    }
+
+    /// Undoes a create that failed before it was acknowledged: its data
+    /// (published or staged) and its record go. When the data cannot be
+    /// removed the record stays, as `deleting`, for reconciliation or the
+    /// next DeleteVolume to finish.
+    async fn roll_back_create(&self, rec: &VolumeRecord) {
+        let gone = self.backend.delete(ObjectId::Volume(rec.uuid)).await;
+        let dropped = match gone {
+            Ok(()) => self.store.remove_volume(rec.uuid),
+            Err(e) => {
+                tracing::error!(volume = %rec.name, error = %e, "could not remove the data of a failed create; left as deleting");
+                let mut r = rec.clone();
+                r.state = VolumeState::Deleting;
+                r.state_reason = format!("create failed and its data could not be removed: {e}");
+                self.store.update_volume(&r)
+            }
+        };
+        if let Err(e) = dropped {
+            tracing::error!(volume = %rec.name, error = %e, "could not drop the record of a failed create");
+        }
     }
 
     pub async fn clone_volume(
@@ -708,11 +733,19 @@ impl PoolService {
                 rec.name
             )));
         }
-        if self.store.export(rec.uuid)?.is_some() {
+        if self.live_export(rec.uuid)?.is_some() {
             return Err(Error::precondition(format!(
                 "volume {} is exported; unexport it first",
                 rec.name
             )));
+        }
+        // An unexport committed but not yet applied: finish it first, so no
+        // target outlives its data.
+        if let Some(pending) = self.store.export(rec.uuid)? {
+            let _e = self.export_lock.lock().await;
+            self.finish_unexport(&pending)
+                .await
+                .map_err(|e| e.context(format!("volume {}: finishing its unexport", rec.name)))?;
         }
         let snaps: Vec<String> = self
             .store
@@ -730,7 +763,9 @@ impl PoolService {
         }
         rec.state = VolumeState::Deleting;
         self.store.update_volume(&rec)?;
+        crate::failpoints::crash_point("service::delete::after_intent");
         self.backend.delete(ObjectId::Volume(rec.uuid)).await?;
+        crate::failpoints::crash_point("service::delete::after_backend");
         self.store.remove_volume(rec.uuid)?;
         self.locks.forget(rec.uuid);
         tracing::info!(volume = %rec.name, uuid = %rec.uuid, "volume deleted");
@@ -755,11 +790,17 @@ impl PoolService {
         }
         self.check_capacity(&format!("volume {}", rec.name), new.0 - rec.size.0, 0)
             .await?;
+        // Growing is idempotent and the record follows the data: a crash
+        // between leaves a record smaller than its data, which a retry of
+        // the resize fixes (no data is lost, nothing shrinks).
+        crate::failpoints::crash_point("service::resize::before_backend");
         self.backend
             .resize(ObjectId::Volume(rec.uuid), new.0)
             .await?;
+        crate::failpoints::crash_point("service::resize::after_backend");
         rec.size = new;
         self.store.update_volume(&rec)?;
+        crate::failpoints::crash_point("service::resize::after_commit");
         if let Some(exp) = self.store.export(rec.uuid)? {
             let spec = self.export_spec(&exp);
             self.exporter.refresh_size(&spec).await.map_err(|e| {
@@ -798,6 +839,7 @@ impl PoolService {
                 created_at: now(),
             };
             self.store.insert_snapshot(&rec)?;
+            crate::failpoints::crash_point("service::snapshot::after_intent");
             if let Err(e) = self
                 .backend
                 .snapshot(ObjectId::Volume(vol.uuid), rec.uuid, op.reporter())
@@ -807,6 +849,7 @@ impl PoolService {
                 let _ = self.store.remove_snapshot(rec.uuid);
                 return Err(e.context(format!("snapshot {} of {}", rec.name, vol.name)));
             }
+            crate::failpoints::crash_point("service::snapshot::before_commit");
             rec.complete = true;
             self.store.update_snapshot(&rec)?;
             tracing::info!(snapshot = %rec.name, volume = %vol.name, "snapshot created");
@@ -846,7 +889,12 @@ impl PoolService {
     pub async fn delete_snapshot(&self, r: &str) -> Result<()> {
         let s = self.store.find_snapshot(r)?;
         let _g = self.locks.lock(s.uuid).await;
-        let s = self.reread_snapshot(&s)?;
+        let mut s = self.reread_snapshot(&s)?;
+        // Intent first: an incomplete snapshot is removed at start, so a
+        // crash mid-delete never leaves a record without data.
+        s.complete = false;
+        self.store.update_snapshot(&s)?;
+        crate::failpoints::crash_point("service::delete_snapshot::after_intent");
         self.backend.delete(ObjectId::Snapshot(s.uuid)).await?;
         self.store.remove_snapshot(s.uuid)?;
         self.locks.forget(s.uuid);
@@ -943,12 +991,17 @@ impl PoolService {
         refuse_if_image_base(&vol, "export")?;
         let _e = self.export_lock.lock().await;
         let previous = self.store.export(vol.uuid)?;
-        let mut rec = previous.clone().unwrap_or(ExportRecord {
-            volume: vol.uuid,
-            target_iqn: self.target_iqn(vol.uuid),
-            initiators: Vec::new(),
-            chap: None,
-        });
+        // A pending unexport's initiators are revoked: never carried over.
+        let mut rec = previous
+            .clone()
+            .filter(|p| !p.unexporting)
+            .unwrap_or(ExportRecord {
+                volume: vol.uuid,
+                target_iqn: self.target_iqn(vol.uuid),
+                initiators: Vec::new(),
+                chap: None,
+                unexporting: false,
+            });
         for i in initiators {
             if !rec.initiators.contains(i) {
                 rec.initiators.push(i.clone());
@@ -958,6 +1011,7 @@ impl PoolService {
             rec.chap = chap;
         }
         self.store.put_export(&rec)?;
+        crate::failpoints::crash_point("service::export::after_intent");
         if let Err(e) = self.exporter.export(&self.export_spec(&rec)).await {
             // Put the intent back as it was: nothing changed.
             match &previous {
@@ -968,6 +1022,7 @@ impl PoolService {
             }
             return Err(e.context(format!("exporting volume {}", vol.name)));
         }
+        crate::failpoints::crash_point("service::export::after_exporter");
         tracing::info!(volume = %vol.name, target = %rec.target_iqn,
             initiators = ?rec.initiators.iter().map(Iqn::as_str).collect::<Vec<_>>(),
             chap = rec.chap.is_some(), "volume exported");
@@ -990,6 +1045,19 @@ impl PoolService {
                 vol.name
             )));
         };
+        if rec.unexporting {
+            // Already revoked; its target may still need removing.
+            if !remove.is_empty() {
+                return Err(Error::not_found(format!(
+                    "volume {} is not exported",
+                    vol.name
+                )));
+            }
+            self.finish_unexport(&rec)
+                .await
+                .map_err(|e| e.context(format!("unexporting volume {}", vol.name)))?;
+            return Ok(None);
+        }
         for i in remove {
             if !rec.initiators.contains(i) {
                 return Err(Error::not_found(format!(
@@ -999,28 +1067,64 @@ impl PoolService {
             }
         }
         rec.initiators.retain(|i| !remove.contains(i));
+        // The revocation is committed before the exporter changes: if the
+        // exporter fails or pdiskd dies now, reconciliation and the watchdog
+        // apply the stored revocation, never the old ACL.
         if remove.is_empty() || rec.initiators.is_empty() {
-            self.exporter
-                .unexport(&rec.target_iqn)
-                .await
-                .map_err(|e| e.context(format!("unexporting volume {}", vol.name)))?;
-            self.store.remove_export(vol.uuid)?;
+            rec.unexporting = true;
+            self.store.put_export(&rec)?;
+            crate::failpoints::crash_point("service::unexport::after_commit");
+            self.finish_unexport(&rec).await.map_err(|e| {
+                e.context(format!(
+                    "unexporting volume {} (revoked in the store; the target is removed when the exporter answers)",
+                    vol.name
+                ))
+            })?;
             tracing::info!(volume = %vol.name, "volume unexported");
             return Ok(None);
         }
+        self.store.put_export(&rec)?;
+        crate::failpoints::crash_point("service::unexport_initiators::after_commit");
         self.exporter
             .export(&self.export_spec(&rec))
             .await
-            .map_err(|e| e.context(format!("updating the ACL of volume {}", vol.name)))?;
-        self.store.put_export(&rec)?;
+            .map_err(|e| {
+                e.context(format!(
+                    "updating the ACL of volume {} (revoked in the store; applied when the exporter answers)",
+                    vol.name
+                ))
+            })?;
         tracing::info!(volume = %vol.name, removed = remove.len(), "initiators removed from export");
         Ok(Some(self.export_info(rec)?))
     }
 
-    pub fn list_exports(&self) -> Result<Vec<ExportInfo>> {
-        let mut out: Vec<ExportInfo> = self
+    /// Removes the target of a committed unexport, then its record. The
+    /// caller holds the export lock.
+    async fn finish_unexport(&self, rec: &ExportRecord) -> Result<()> {
+        self.exporter.unexport(&rec.target_iqn).await?;
+        crate::failpoints::crash_point("service::unexport::after_exporter");
+        self.store.remove_export(rec.volume)?;
+        Ok(())
+    }
+
+    /// The export of `volume` unless none or its unexport is committed.
+    fn live_export(&self, volume: Uuid) -> Result<Option<ExportRecord>> {
+        Ok(self.store.export(volume)?.filter(|e| !e.unexporting))
+    }
+
+    /// Every export but those whose unexport is committed.
+    fn live_exports(&self) -> Result<Vec<ExportRecord>> {
+        Ok(self
             .store
             .exports()?
+            .into_iter()
+            .filter(|e| !e.unexporting)
+            .collect())
+    }
+
+    pub fn list_exports(&self) -> Result<Vec<ExportInfo>> {
+        let mut out: Vec<ExportInfo> = self
+            .live_exports()?
             .into_iter()
             .map(|e| self.export_info(e))
             .collect::<Result<_>>()?;
@@ -1057,7 +1161,7 @@ impl PoolService {
             allocated,
             volumes: vols.len() as u64,
             snapshots: snaps.len() as u64,
-            exports: self.store.exports()?.len() as u64,
+            exports: self.live_exports()?.len() as u64,
             capabilities: self.backend.capabilities(),
             drift: rec.drift,
             last_reconciled_at: rec.at,
@@ -1104,19 +1208,35 @@ impl PoolService {
                         detail: format!("interrupted delete could not be finished: {e}"),
                     }),
                 },
+                // Never acknowledged (a create answers only once `ready`
+                // is stored): roll it back. The intent to remove is stored
+                // first, so a failure here is retried like any delete.
                 VolumeState::Creating => {
-                    v.state = VolumeState::Error;
-                    v.state_reason =
-                        "creation was interrupted by a restart; delete and re-create it".into();
+                    v.state = VolumeState::Deleting;
+                    v.state_reason = "rolling back an interrupted create".into();
                     self.store.update_volume(&v)?;
-                    report
-                        .actions
-                        .push(format!("volume {} was being created: marked error", v.name));
-                    report.drift.push(Drift {
-                        kind: DriftKind::Volume,
-                        object: v.name.to_string(),
-                        detail: "creation interrupted".into(),
-                    });
+                    match self.backend.delete(id).await {
+                        Ok(()) => {
+                            self.store.remove_volume(v.uuid)?;
+                            report.actions.push(format!(
+                                "rolled back the interrupted create of volume {} ({}): never acknowledged",
+                                v.name, v.uuid
+                            ));
+                            report.drift.push(Drift {
+                                kind: DriftKind::Volume,
+                                object: v.name.to_string(),
+                                detail: "rolled back: its create was interrupted before it answered"
+                                    .into(),
+                            });
+                        }
+                        Err(e) => report.drift.push(Drift {
+                            kind: DriftKind::Volume,
+                            object: v.name.to_string(),
+                            detail: format!(
+                                "interrupted create could not be rolled back (retried at the next start or by DeleteVolume): {e}"
+                            ),
+                        }),
+                    }
                 }
                 VolumeState::Ready if !present.contains(&id) => {
                     v.state = VolumeState::Error;
@@ -1149,9 +1269,14 @@ impl PoolService {
                     Ok(()) => {
                         self.store.remove_snapshot(s.uuid)?;
                         report.actions.push(format!(
-                            "dropped snapshot {}: interrupted while being taken",
-                            s.name
+                            "rolled back the interrupted snapshot {} ({}): never acknowledged",
+                            s.name, s.uuid
                         ));
+                        report.drift.push(Drift {
+                            kind: DriftKind::Snapshot,
+                            object: s.name.to_string(),
+                            detail: "rolled back: it was interrupted before it answered".into(),
+                        });
                     }
                     Err(e) => report.drift.push(Drift {
                         kind: DriftKind::Snapshot,
@@ -1190,8 +1315,13 @@ impl PoolService {
             });
         }
 
-        match self.restore_exports().await {
-            Ok(r) => {
+        match self.restore_exports_reporting().await {
+            Ok((finished, r)) => {
+                for t in &finished {
+                    report
+                        .actions
+                        .push(format!("finished the interrupted unexport of {t}"));
+                }
                 for t in &r.restored {
                     report.actions.push(format!("re-created export {t}"));
                 }
@@ -1233,16 +1363,36 @@ impl PoolService {
         Ok(report)
     }
 
-    /// Re-applies every stored export whose target is missing or different.
+    /// Finishes committed unexports, then re-applies every stored export
+    /// whose target is missing or different.
     pub async fn restore_exports(&self) -> Result<RestoreReport> {
+        Ok(self.restore_exports_reporting().await?.1)
+    }
+
+    /// [`Self::restore_exports`], also naming the targets of the unexports
+    /// it finished.
+    async fn restore_exports_reporting(&self) -> Result<(Vec<String>, RestoreReport)> {
         let _e = self.export_lock.lock().await;
-        let specs: Vec<ExportSpec> = self
-            .store
-            .exports()?
-            .iter()
-            .map(|e| self.export_spec(e))
-            .collect();
-        self.exporter.restore(&specs).await
+        let mut finished = Vec::new();
+        let mut failed = Vec::new();
+        let mut specs = Vec::new();
+        for e in self.store.exports()? {
+            if !e.unexporting {
+                specs.push(self.export_spec(&e));
+                continue;
+            }
+            match self.finish_unexport(&e).await {
+                Ok(()) => {
+                    tracing::info!(target = %e.target_iqn, "finished an interrupted unexport");
+                    finished.push(e.target_iqn.to_string());
+                }
+                Err(err) if err.kind() == ErrorKind::Unavailable => return Err(err),
+                Err(err) => failed.push((e.target_iqn.to_string(), err.to_string())),
+            }
+        }
+        let mut report = self.exporter.restore(&specs).await?;
+        report.failed.extend(failed);
+        Ok((finished, report))
     }
 
     /// Watches the exporter and restores exports it lost (tgtd restarted),

@@ -719,3 +719,155 @@ async fn a_volume_gone_while_waiting_is_not_confused_with_one_named_like_its_uui
     let still = f.svc.get_volume(&b.uuid.to_string()).await.unwrap();
     assert_eq!(still.record.name.as_str(), twin);
 }
+
+/// A record as a crash left it: stored `creating`, never acknowledged.
+fn interrupted_create(f: &Fixture, volume: &str) -> VolumeRecord {
+    let rec = VolumeRecord {
+        uuid: Uuid::new_v4(),
+        name: name(volume),
+        size: ByteSize(8 << 20),
+        labels: Labels::new(),
+        state: VolumeState::Creating,
+        state_reason: String::new(),
+        source: Source::Empty,
+        created_at: now(),
+    };
+    f.svc.store.insert_volume(&rec).unwrap();
+    rec
+}
+
+#[tokio::test]
+async fn interrupted_creates_are_rolled_back_and_acknowledged_objects_kept() {
+    let f = fixture();
+    let kept = f.svc.create_volume(empty("kept", 8 << 20)).await.unwrap();
+    let snap = f
+        .svc
+        .create_snapshot("kept", name("kept-1"), "")
+        .await
+        .unwrap();
+    // One create crashed after publishing its file, one mid-copy in staging.
+    let published = interrupted_create(&f, "published");
+    let pub_path = f.svc.backend.device_path(ObjectId::Volume(published.uuid));
+    std::fs::write(&pub_path, b"partial").unwrap();
+    let staged = interrupted_create(&f, "staged");
+    let staging = f.svc.backend.staging_dir();
+    let tmp = staging.join(format!("volume-{}.tmp", staged.uuid));
+    std::fs::write(&tmp, b"partial").unwrap();
+    // A snapshot interrupted while being taken.
+    let half = SnapshotRecord {
+        uuid: Uuid::new_v4(),
+        name: name("kept-2"),
+        volume: kept.record.uuid,
+        size: kept.record.size,
+        complete: false,
+        created_at: now(),
+    };
+    f.svc.store.insert_snapshot(&half).unwrap();
+    let half_path = f.svc.backend.device_path(ObjectId::Snapshot(half.uuid));
+    std::fs::write(&half_path, b"partial").unwrap();
+
+    let r = f.svc.reconcile().await.unwrap();
+
+    for (what, object) in [
+        ("published", DriftKind::Volume),
+        ("staged", DriftKind::Volume),
+        ("kept-2", DriftKind::Snapshot),
+    ] {
+        assert!(
+            r.actions
+                .iter()
+                .any(|a| a.contains("rolled back") && a.contains(what)),
+            "{what}: {r:?}"
+        );
+        assert!(
+            r.drift.iter().any(|d| d.kind == object
+                && d.object == what
+                && d.detail.starts_with("rolled back")),
+            "{what}: {r:?}"
+        );
+    }
+    let pool = f.svc.pool().await.unwrap();
+    assert!(
+        pool.drift
+            .iter()
+            .any(|d| d.detail.starts_with("rolled back")),
+        "{:?}",
+        pool.drift
+    );
+    // Records and data of the unacknowledged objects are gone, names free.
+    for v in ["published", "staged"] {
+        assert_eq!(
+            f.svc.get_volume(v).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+    }
+    assert!(!pub_path.exists() && !tmp.exists() && !half_path.exists());
+    assert!(f.svc.store.snapshot(half.uuid).unwrap().is_none());
+    f.svc
+        .create_volume(empty("published", 1 << 20))
+        .await
+        .unwrap();
+    // Acknowledged objects are untouched.
+    let v = f.svc.get_volume("kept").await.unwrap();
+    assert_eq!(v.record.state, VolumeState::Ready);
+    assert!(v.device_path.exists());
+    let snaps = f.svc.list_snapshots("kept").await.unwrap();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0].record.uuid, snap.record.uuid);
+    // A second pass has nothing left to roll back.
+    let r = f.svc.reconcile().await.unwrap();
+    assert!(
+        !r.actions.iter().any(|a| a.contains("rolled back")),
+        "{r:?}"
+    );
+}
+
+#[tokio::test]
+async fn unexport_commits_before_the_exporter_so_revoked_access_never_returns() {
+    let f = fixture();
+    const OTHER: &str = "iqn.2026-11.io.stratus:host2";
+    f.svc.create_volume(empty("v", 8 << 20)).await.unwrap();
+    f.svc
+        .export_volume("v", &[iqn(IQN), iqn(OTHER)], None)
+        .await
+        .unwrap();
+    let live_initiators = |f: &Fixture| -> Vec<String> {
+        futures::executor::block_on(f.exporter.list())
+            .unwrap()
+            .into_iter()
+            .flat_map(|l| l.initiators)
+            .collect()
+    };
+
+    // Removing one initiator while the exporter is down: the smaller ACL is
+    // committed; the watchdog applies it, not the old one.
+    f.exporter.down.store(true, Ordering::SeqCst);
+    let e = f.svc.unexport_volume("v", &[iqn(OTHER)]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    let stored = f.svc.list_exports().unwrap();
+    assert_eq!(stored[0].record.initiators.len(), 1);
+    f.exporter.down.store(false, Ordering::SeqCst);
+    f.svc.restore_exports().await.unwrap();
+    assert_eq!(live_initiators(&f), vec![IQN.to_string()]);
+
+    // The whole export, exporter down: revoked in the store at once (not
+    // listed, volume not exported), the target removed when it returns.
+    f.exporter.down.store(true, Ordering::SeqCst);
+    f.svc.unexport_volume("v", &[]).await.unwrap_err();
+    assert!(f.svc.list_exports().unwrap().is_empty());
+    assert!(!f.svc.get_volume("v").await.unwrap().exported);
+    f.exporter.down.store(false, Ordering::SeqCst);
+    assert!(!live_initiators(&f).is_empty(), "target still live");
+    let r = f.svc.reconcile().await.unwrap();
+    assert!(
+        r.actions
+            .iter()
+            .any(|a| a.contains("finished the interrupted unexport")),
+        "{r:?}"
+    );
+    assert!(futures::executor::block_on(f.exporter.list())
+        .unwrap()
+        .is_empty());
+    assert!(f.svc.store.exports().unwrap().is_empty());
+    f.svc.delete_volume("v").await.unwrap();
+}

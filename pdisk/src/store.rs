@@ -86,6 +86,11 @@ pub struct ExportRecord {
     pub target_iqn: Iqn,
     pub initiators: Vec<Iqn>,
     pub chap: Option<Chap>,
+    /// True once an unexport is committed but the target may still be live:
+    /// reconciliation and the export watchdog remove the target and then
+    /// the record, never re-create it. Absent in older stores.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unexporting: bool,
 }
 
 pub struct Store {
@@ -422,6 +427,7 @@ mod tests {
             target_iqn: "iqn.2026-11.io.stratus:t".parse().unwrap(),
             initiators: vec![],
             chap: None,
+            unexporting: false,
         })
         .unwrap();
         assert_eq!(

@@ -90,13 +90,10 @@ impl FileBackend {
             std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o444))
                 .map_err(|e| Error::io(tmp.display(), e))?;
         }
+        crate::failpoints::crash_point("file::publish::before_rename");
         std::fs::rename(tmp, &dst).map_err(|e| Error::io(dst.display(), e))?;
-        if let Some(dir) = dst.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(dir.display(), e))?;
-        }
-        Ok(())
+        crate::failpoints::crash_point("file::publish::after_rename");
+        sync_parent(&dst)
     }
 
     fn new_temp(&self, id: ObjectId) -> Result<(PathBuf, File)> {
@@ -157,8 +154,22 @@ impl FileBackend {
                 removed.push(name);
             }
         }
+        if !removed.is_empty() {
+            sync_parent(&dir.join("x"))?;
+        }
         Ok(removed)
     }
+}
+
+/// Makes a create, rename or removal of `path`'s entry durable: fsync of its
+/// directory.
+fn sync_parent(path: &Path) -> Result<()> {
+    let Some(dir) = path.parent() else {
+        return Ok(());
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir.display(), e))
 }
 
 fn blocking<T: Send + 'static>(
@@ -226,12 +237,23 @@ impl Backend for FileBackend {
         })
     }
 
+    /// Removes the object's file and any temporary of it in `staging/`
+    /// (an interrupted create's partial copy), and makes both removals
+    /// durable before answering.
     fn delete(&self, id: ObjectId) -> BoxFuture<'_, Result<()>> {
-        let p = self.path(id);
-        blocking(move || match std::fs::remove_file(&p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(p.display(), e)),
+        let paths = [self.path(id), self.temp_path(id)];
+        blocking(move || {
+            for p in &paths {
+                match std::fs::remove_file(p) {
+                    Ok(()) => {
+                        crate::failpoints::crash_point("file::delete::after_unlink");
+                        sync_parent(p)?;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(p.display(), e)),
+                }
+            }
+            Ok(())
         })
     }
 

@@ -32,8 +32,10 @@ async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>) {
     let _ = tx.send(true);
 }
 
+/// Also the entry point of `pdiskd-failpoints`, the fault-injection build
+/// (`src/bin/pdiskd_failpoints.rs`).
 #[tokio::main]
-async fn main() {
+pub(crate) async fn main() {
     let flags = Flags::parse();
     let cfg = match flags.resolve() {
         Ok(c) => c,
@@ -43,6 +45,9 @@ async fn main() {
         }
     };
     stratus_core::settings::init_logging(cfg.log_format, &cfg.log_level);
+    // Fault-injection builds only: crash points from FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = pdisk::failpoints::setup();
     if let Err(e) = run(cfg).await {
         tracing::error!("{e:#}");
         eprintln!("pdiskd: {e:#}");

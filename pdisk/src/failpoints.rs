@@ -1,0 +1,100 @@
+//! Named crash points for fault injection. With the cargo feature
+//! `failpoints`, `crash_point(name)` evaluates the `fail` crate's point
+//! `name`, configured by the FAILPOINTS environment variable
+//! (`name=return;other=sleep(2000)`): `return` makes pdiskd exit at once,
+//! as a crash would (no destructor, no reply, no further store write);
+//! other actions (`sleep`, `pause`, `panic`) behave as the `fail` crate
+//! documents. Without the feature every point is an empty inline function.
+//!
+//! Every name is listed in [`POINTS`], which the fault-injection test
+//! (`pdisk/tests/faults.rs`) walks, so a new point must be added there.
+
+/// The exit status of a crash point, so tests can tell it from a failure.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// Every crash point, grouped by operation, in the order they are reached.
+pub const POINTS: &[(&str, &[&str])] = &[
+    (
+        "create",
+        &[
+            "service::create::after_intent",
+            "file::publish::before_rename",
+            "file::publish::after_rename",
+            "service::create::before_commit",
+        ],
+    ),
+    (
+        "snapshot",
+        &[
+            "service::snapshot::after_intent",
+            "file::publish::before_rename",
+            "file::publish::after_rename",
+            "service::snapshot::before_commit",
+        ],
+    ),
+    (
+        "resize",
+        &[
+            "service::resize::before_backend",
+            "service::resize::after_backend",
+            "service::resize::after_commit",
+        ],
+    ),
+    (
+        "export",
+        &[
+            "service::export::after_intent",
+            "service::export::after_exporter",
+        ],
+    ),
+    (
+        "unexport",
+        &[
+            "service::unexport::after_commit",
+            "service::unexport::after_exporter",
+        ],
+    ),
+    (
+        "unexport_initiators",
+        &["service::unexport_initiators::after_commit"],
+    ),
+    (
+        "delete",
+        &[
+            "service::delete::after_intent",
+            "file::delete::after_unlink",
+            "service::delete::after_backend",
+        ],
+    ),
+    (
+        "delete_snapshot",
+        &[
+            "service::delete_snapshot::after_intent",
+            "file::delete::after_unlink",
+        ],
+    ),
+];
+
+/// Exits the process when the point `name` is configured to `return`.
+#[cfg(feature = "failpoints")]
+pub fn crash_point(name: &str) {
+    if fail::eval(name, |_| ()).is_some() {
+        eprintln!("failpoint {name}: exiting as a crash would");
+        std::process::exit(CRASH_EXIT_CODE);
+    }
+}
+
+/// Without the `failpoints` feature: nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn crash_point(_name: &str) {}
+
+/// Reads FAILPOINTS. The returned scenario must live as long as the daemon.
+#[cfg(feature = "failpoints")]
+pub fn setup() -> Option<fail::FailScenario<'static>> {
+    let s = fail::FailScenario::setup();
+    if let Ok(v) = std::env::var("FAILPOINTS") {
+        eprintln!("failpoints configured: {v}");
+    }
+    Some(s)
+}
