@@ -387,6 +387,10 @@ pub struct Pdiskd {
     args: Vec<String>,
     child: Option<Child>,
     netns: Option<String>,
+    /// The daemon binary: `pdiskd`, or `pdiskd-failpoints` for fault tests.
+    program: String,
+    /// FAILPOINTS for the next spawn (fault-injection builds only).
+    failpoints: Option<String>,
 }
 
 impl Pdiskd {
@@ -459,6 +463,8 @@ impl Pdiskd {
             args,
             child: None,
             netns: netns.map(|n| n.name.clone()),
+            program: "pdiskd".into(),
+            failpoints: None,
         };
         d.spawn();
         d
@@ -473,11 +479,15 @@ impl Pdiskd {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin("pdiskd"));
+                c.args(["netns", "exec", ns]).arg(bin(&self.program));
                 c
             }
-            None => Command::new(bin("pdiskd")),
+            None => Command::new(bin(&self.program)),
         };
+        cmd.env_remove("FAILPOINTS");
+        if let Some(f) = &self.failpoints {
+            cmd.env("FAILPOINTS", f);
+        }
         let child = cmd
             .args(&self.args)
             .stdout(Stdio::null())
@@ -509,6 +519,41 @@ impl Pdiskd {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.listen)
+    }
+
+    /// Starts `pdiskd-failpoints` (pdiskd with crash points; build it with
+    /// `cargo build -p pdisk --features failpoints --bin pdiskd-failpoints`)
+    /// with no failpoint set.
+    pub fn start_failpoints(pool: &XfsPool, tgtd: &Tgtd) -> Pdiskd {
+        let mut d = Self::start(pool, tgtd);
+        d.kill9();
+        d.program = "pdiskd-failpoints".into();
+        d.spawn();
+        d
+    }
+
+    /// Restarts with FAILPOINTS set to `spec` (`None`: unset), e.g.
+    /// `Some("service::create::after_intent=return")`.
+    pub fn restart_with_failpoints(&mut self, spec: Option<&str>) {
+        self.failpoints = spec.map(str::to_owned);
+        self.restart();
+    }
+
+    /// Waits up to `limit` for the daemon to exit on its own (a crash point
+    /// fired); its exit status, or None when it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub async fn client(&self) -> Client {

@@ -1,0 +1,438 @@
+//! Fault injection: pdiskd killed at every step boundary of every mutating
+//! operation, then restarted, must leave nothing for anyone to clean up.
+//!
+//! Runs `pdiskd-failpoints` (pdiskd built with the `failpoints` feature:
+//! `cargo build -p pdisk --features failpoints --bin pdiskd-failpoints`,
+//! which scripts/test's integration tier does) on a real stack: an XFS
+//! reflink pool on a loop device and tgtd. For each (operation, crash point)
+//! pair it restarts pdiskd with that point set to exit the process, issues
+//! the operation, checks the daemon died there (so the pair is really
+//! covered), restarts it without failpoints and checks the invariants:
+//! no volume left `creating`/`deleting`/`error`; no file in `volumes/`,
+//! `snapshots/` or `staging/` without a record, nor a record without its
+//! file; every acknowledged object still there; the tgt targets and ACLs
+//! equal to the stored exports; drift only the `rolled back` reports.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pdisk::export::tgt::{TgtConfig, TgtExporter};
+use pdisk::export::Exporter;
+use pdisk::failpoints::{CRASH_EXIT_CODE, POINTS};
+use stratus_core::runner::HostRunner;
+use stratus_proto::pdisk::v1 as pb;
+use testkit::*;
+
+const MIB: u64 = 1 << 20;
+
+/// One operation under test: the crash points of `group` in
+/// [`pdisk::failpoints::POINTS`] apply to it.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    CreateEmpty,
+    ImportRaw,
+    CloneVolume,
+    Snapshot,
+    Resize,
+    Export,
+    Unexport,
+    UnexportOneInitiator,
+    Delete,
+    DeleteSnapshot,
+}
+
+impl Op {
+    const ALL: [Op; 10] = [
+        Op::CreateEmpty,
+        Op::ImportRaw,
+        Op::CloneVolume,
+        Op::Snapshot,
+        Op::Resize,
+        Op::Export,
+        Op::Unexport,
+        Op::UnexportOneInitiator,
+        Op::Delete,
+        Op::DeleteSnapshot,
+    ];
+
+    fn group(self) -> &'static str {
+        match self {
+            Op::CreateEmpty | Op::ImportRaw | Op::CloneVolume => "create",
+            Op::Snapshot => "snapshot",
+            Op::Resize => "resize",
+            Op::Export => "export",
+            Op::Unexport => "unexport",
+            Op::UnexportOneInitiator => "unexport_initiators",
+            Op::Delete => "delete",
+            Op::DeleteSnapshot => "delete_snapshot",
+        }
+    }
+}
+
+fn points(group: &str) -> &'static [&'static str] {
+    POINTS
+        .iter()
+        .find(|(g, _)| *g == group)
+        .unwrap_or_else(|| panic!("no crash points for {group}"))
+        .1
+}
+
+async fn create(c: &mut Client, name: &str) {
+    c.create_volume(pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: 8 * MIB,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> Result<(), tonic::Status> {
+    c.export_volume(pb::ExportVolumeRequest {
+        volume: vol.into(),
+        initiators: initiators.iter().map(|s| s.to_string()).collect(),
+        chap: None,
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Makes what `op` acts on (with no failpoint set); returns the name of
+/// the volume it targets.
+async fn prepare(c: &mut Client, op: Op, tag: &str, import_dir: &Path) -> String {
+    let vol = format!("{tag}-v");
+    match op {
+        Op::CreateEmpty => {}
+        Op::ImportRaw => {
+            let data: Vec<u8> = (0..2 * MIB).map(|i| (i % 251) as u8).collect();
+            std::fs::write(import_dir.join(format!("{tag}.raw")), data).unwrap();
+        }
+        Op::CloneVolume | Op::Snapshot | Op::Resize | Op::Export | Op::Delete => {
+            create(c, &vol).await
+        }
+        Op::Unexport | Op::UnexportOneInitiator => {
+            create(c, &vol).await;
+            export(c, &vol, &[INITIATOR, OTHER_INITIATOR])
+                .await
+                .unwrap();
+        }
+        Op::DeleteSnapshot => {
+            create(c, &vol).await;
+            c.create_snapshot(pb::CreateSnapshotRequest {
+                volume: vol.clone(),
+                name: format!("{tag}-s"),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    vol
+}
+
+/// Issues `op`; the daemon is expected to die during it.
+async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) {
+    let _ = match op {
+        Op::CreateEmpty => c
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("{tag}-new"),
+                size_bytes: 8 * MIB,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        Op::ImportRaw => c
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("{tag}-new"),
+                source: Some(pb::create_volume_request::Source::FromImage(
+                    pb::ImageSource {
+                        path: import_dir.join(format!("{tag}.raw")).display().to_string(),
+                        format: pb::ImageFormat::Raw as i32,
+                    },
+                )),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        Op::CloneVolume => c
+            .clone_volume(pb::CloneVolumeRequest {
+                source: vol.into(),
+                name: format!("{tag}-new"),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        Op::Snapshot => c
+            .create_snapshot(pb::CreateSnapshotRequest {
+                volume: vol.into(),
+                name: format!("{tag}-s"),
+                request_id: String::new(),
+            })
+            .await
+            .map(|_| ()),
+        Op::Resize => c
+            .resize_volume(pb::ResizeVolumeRequest {
+                volume: vol.into(),
+                size_bytes: 16 * MIB,
+            })
+            .await
+            .map(|_| ()),
+        Op::Export => export(c, vol, &[INITIATOR]).await,
+        Op::Unexport => c
+            .unexport_volume(pb::UnexportVolumeRequest {
+                volume: vol.into(),
+                initiators: vec![],
+            })
+            .await
+            .map(|_| ()),
+        Op::UnexportOneInitiator => c
+            .unexport_volume(pb::UnexportVolumeRequest {
+                volume: vol.into(),
+                initiators: vec![OTHER_INITIATOR.into()],
+            })
+            .await
+            .map(|_| ()),
+        Op::Delete => c
+            .delete_volume(pb::DeleteVolumeRequest { volume: vol.into() })
+            .await
+            .map(|_| ()),
+        Op::DeleteSnapshot => c
+            .delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot: format!("{tag}-s"),
+            })
+            .await
+            .map(|_| ()),
+    };
+}
+
+/// UUIDs of the `.raw` files in `dir`, and any other entry.
+fn files(dir: &Path) -> (BTreeSet<String>, Vec<String>) {
+    let mut uuids = BTreeSet::new();
+    let mut other = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let n = e.unwrap().file_name().to_string_lossy().into_owned();
+        match n.strip_suffix(".raw") {
+            Some(u) => {
+                uuids.insert(u.to_string());
+            }
+            None => other.push(n),
+        }
+    }
+    (uuids, other)
+}
+
+/// Checks every invariant against the restarted pdiskd; `acknowledged`
+/// maps every volume name a call answered with success (and nothing
+/// removed since) to its UUID. Returns the violations.
+async fn violations(
+    c: &mut Client,
+    pool_dir: &Path,
+    tgt: &TgtExporter,
+    acknowledged: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    let vols = c
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    let snaps = c
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    for v in &vols {
+        if v.state != pb::VolumeState::Ready as i32 {
+            bad.push(format!(
+                "volume {} is {:?}: {}",
+                v.name,
+                pb::VolumeState::try_from(v.state),
+                v.state_reason
+            ));
+        }
+    }
+    let by_name: BTreeMap<&str, &str> = vols
+        .iter()
+        .map(|v| (v.name.as_str(), v.uuid.as_str()))
+        .collect();
+    for (name, uuid) in acknowledged {
+        if by_name.get(name.as_str()) != Some(&uuid.as_str()) {
+            bad.push(format!("acknowledged volume {name} ({uuid}) lost"));
+        }
+    }
+    let want_vols: BTreeSet<String> = vols.iter().map(|v| v.uuid.clone()).collect();
+    let want_snaps: BTreeSet<String> = snaps.iter().map(|s| s.uuid.clone()).collect();
+    for (dir, want) in [("volumes", &want_vols), ("snapshots", &want_snaps)] {
+        let (have, other) = files(&pool_dir.join(dir));
+        if &have != want || !other.is_empty() {
+            bad.push(format!(
+                "{dir}/ holds {have:?} {other:?}, records say {want:?}"
+            ));
+        }
+    }
+    let (staged, other) = files(&pool_dir.join("staging"));
+    if !staged.is_empty() || !other.is_empty() {
+        bad.push(format!("staging/ not empty: {staged:?} {other:?}"));
+    }
+    let stored: BTreeMap<String, BTreeSet<String>> = c
+        .list_exports(pb::ListExportsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .exports
+        .into_iter()
+        .map(|e| (e.target_iqn, e.initiators.into_iter().collect()))
+        .collect();
+    let live: BTreeMap<String, BTreeSet<String>> = tgt
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.target_iqn, l.initiators.into_iter().collect()))
+        .collect();
+    if stored != live {
+        bad.push(format!("tgt has {live:?}, the store {stored:?}"));
+    }
+    let pool = c
+        .get_pool(pb::GetPoolRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for d in pool.drift {
+        if !d.detail.starts_with("rolled back") {
+            bad.push(format!("drift {} {}: {}", d.kind, d.object, d.detail));
+        }
+    }
+    bad
+}
+
+fn tgt_exporter(tgtd: &Tgtd) -> TgtExporter {
+    TgtExporter::new(
+        Arc::new(HostRunner),
+        TgtConfig {
+            control_port: tgtd.control_port,
+            portal: tgtd.portal(),
+            ..TgtConfig::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, tgtd, an XFS loop pool and pdiskd-failpoints: run by scripts/test"]
+async fn a_crash_at_any_step_leaves_nothing_to_clean_up() {
+    let pool = XfsPool::new(512);
+    let tgtd = Tgtd::start(pool.dir.path());
+    let mut pdiskd = Pdiskd::start_failpoints(&pool, &tgtd);
+    let tgt = tgt_exporter(&tgtd);
+    let import_dir = pdiskd.import_dir.clone();
+    let pool_dir = pdiskd.pool_dir.clone();
+    let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
+    let mut pairs = 0;
+    let mut all_bad = Vec::new();
+    for op in Op::ALL {
+        for (i, point) in points(op.group()).iter().enumerate() {
+            let tag = format!("{}-{i}", op.group().replace('_', "-"))
+                + match op {
+                    Op::ImportRaw => "-imp",
+                    Op::CloneVolume => "-cln",
+                    _ => "",
+                };
+            let mut c = pdiskd.client().await;
+            let vol = prepare(&mut c, op, &tag, &import_dir).await;
+            // Everything that exists now was acknowledged.
+            for v in c
+                .list_volumes(pb::ListVolumesRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .volumes
+            {
+                acknowledged.insert(v.name, v.uuid);
+            }
+            drop(c);
+
+            pdiskd.restart_with_failpoints(Some(&format!("{point}=return")));
+            let mut c = pdiskd.client().await;
+            issue(&mut c, op, &tag, &vol, &import_dir).await;
+            drop(c);
+            let status = pdiskd.wait_exit(Duration::from_secs(30));
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(CRASH_EXIT_CODE),
+                "{op:?} never reached crash point {point}:\n{}",
+                pdiskd.log_text()
+            );
+            pdiskd.restart_with_failpoints(None);
+            // A volume being deleted may go; nothing else acknowledged may.
+            if matches!(op, Op::Delete) {
+                acknowledged.remove(&vol);
+            }
+            let mut c = pdiskd.client().await;
+            let bad = violations(&mut c, &pool_dir, &tgt, &acknowledged).await;
+            if !bad.is_empty() {
+                all_bad.push(format!("{op:?} at {point}: {bad:#?}"));
+            }
+            pairs += 1;
+        }
+    }
+    eprintln!(
+        "fault injection: {pairs} (operation, crash point) pairs, {} with violations",
+        all_bad.len()
+    );
+    assert!(all_bad.is_empty(), "{all_bad:#?}\n{}", pdiskd.log_text());
+    assert!(pairs >= 25, "only {pairs} pairs covered");
+}
+
+/// A client that gives up (deadline) does not cancel the operation: it
+/// finishes in a task of pdiskd's own and the volume ends `ready`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, tgtd, an XFS loop pool and pdiskd-failpoints: run by scripts/test"]
+async fn an_operation_outlives_a_client_that_gives_up() {
+    let pool = XfsPool::new(256);
+    let tgtd = Tgtd::start(pool.dir.path());
+    let mut pdiskd = Pdiskd::start_failpoints(&pool, &tgtd);
+    let mut c = pdiskd.client().await;
+    create(&mut c, "src").await;
+    drop(c);
+    // Each publish (the last step of a create or clone) now takes 3 s.
+    pdiskd.restart_with_failpoints(Some("file::publish::before_rename=sleep(3000)"));
+    for (name, from) in [("slow-new", None), ("slow-clone", Some("src"))] {
+        let mut c = pdiskd.client().await;
+        let mut req = tonic::Request::new(pb::CreateVolumeRequest {
+            name: name.into(),
+            size_bytes: 8 * MIB,
+            source: from.map(|s| pb::create_volume_request::Source::FromVolume(s.into())),
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_millis(500));
+        let err = c.create_volume(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        drop(c);
+        let mut c = pdiskd.client().await;
+        let started = Instant::now();
+        loop {
+            let v = c
+                .get_volume(pb::GetVolumeRequest {
+                    volume: name.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if v.state == pb::VolumeState::Ready as i32 {
+                assert!(Path::new(&v.device_path).exists());
+                break;
+            }
+            assert_eq!(v.state, pb::VolumeState::Creating as i32, "{v:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{name} still creating after its client left:\n{}",
+                pdiskd.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
