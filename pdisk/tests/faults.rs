@@ -414,7 +414,10 @@ async fn an_operation_outlives_a_client_that_gives_up() {
         match tokio::time::timeout(Duration::from_millis(800), c.create_volume(req)).await {
             Err(_elapsed) => {}
             Ok(Err(s)) => assert!(
-                matches!(s.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded),
+                matches!(
+                    s.code(),
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                ),
                 "{s:?}"
             ),
             Ok(Ok(v)) => panic!("{name} answered before its 3 s publish: {v:?}"),
