@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::images::DeclaredFormat;
 use crate::journal::EventFilter;
 use futures::Stream;
 use stratus_proto::agent::v1 as pb;
@@ -116,7 +117,7 @@ fn spec_pb(s: &VmSpec) -> pb::VmSpec {
             .map(|d| {
                 let (source, size_bytes, local) = match &d.source {
                     DiskSource::Pdisk(v) => {
-                        (pb::disk_spec::Source::PdiskVolume(v.clone()), 0, false)
+                        (pb::disk_spec::Source::PdiskVolume(v.to_string()), 0, false)
                     }
                     DiskSource::File(p) => (
                         pb::disk_spec::Source::File(p.display().to_string()),
@@ -127,10 +128,10 @@ fn spec_pb(s: &VmSpec) -> pb::VmSpec {
                         pb::disk_spec::Source::Image(pb::ImageRef {
                             url: image.url.clone(),
                             sha256: image.sha256.clone(),
-                            format: match image.format.as_str() {
-                                "raw" => pb::ImageFormat::Raw,
-                                "qcow2" => pb::ImageFormat::Qcow2,
-                                _ => pb::ImageFormat::Auto,
+                            format: match image.format {
+                                DeclaredFormat::Raw => pb::ImageFormat::Raw,
+                                DeclaredFormat::Qcow2 => pb::ImageFormat::Qcow2,
+                                DeclaredFormat::Auto => pb::ImageFormat::Auto,
                             } as i32,
                             endorser: image.endorser.clone().unwrap_or_default(),
                         }),
@@ -156,7 +157,7 @@ fn spec_pb(s: &VmSpec) -> pb::VmSpec {
             .iter()
             .map(|n| pb::NicSpec {
                 bridge: n.bridge.clone(),
-                mac: n.mac.clone(),
+                mac: n.mac.to_string(),
                 vlan: n.vlan as u32,
             })
             .collect(),
@@ -204,7 +205,7 @@ fn vm_pb(agent: &Agent, v: &VmRecord) -> pb::Vm {
             .map(|n| pb::AttachedNic {
                 tap: n.tap.clone(),
                 bridge: n.bridge.clone(),
-                mac: n.mac.clone(),
+                mac: n.mac.to_string(),
                 vlan: n.vlan as u32,
             })
             .collect(),
@@ -217,15 +218,15 @@ fn vm_pb(agent: &Agent, v: &VmRecord) -> pb::Vm {
 /// Validates an image reference from a request.
 fn image_spec(i: pb::ImageRef) -> Result<ImageSpec, Error> {
     let format = match pb::ImageFormat::try_from(i.format) {
-        Ok(pb::ImageFormat::Raw) => "raw",
-        Ok(pb::ImageFormat::Qcow2) => "qcow2",
-        Ok(pb::ImageFormat::Auto) => "auto",
+        Ok(pb::ImageFormat::Raw) => DeclaredFormat::Raw,
+        Ok(pb::ImageFormat::Qcow2) => DeclaredFormat::Qcow2,
+        Ok(pb::ImageFormat::Auto) => DeclaredFormat::Auto,
         Err(_) => return Err(Error::invalid(format!("unknown image format {}", i.format))),
     };
     let spec = ImageSpec {
         url: i.url,
         sha256: i.sha256.to_ascii_lowercase(),
-        format: format.into(),
+        format,
         endorser: (!i.endorser.is_empty()).then_some(i.endorser),
     };
     spec.to_ref()?;
@@ -237,7 +238,7 @@ fn image_pb(i: crate::service::ImageInfo) -> pb::CachedImage {
         sha256: i.sha256,
         url: i.url,
         size_bytes: i.size,
-        format: i.format,
+        format: i.format.map(|f| f.as_str()).unwrap_or_default().into(),
         location: i.location,
         volume: i.volume,
         users: i.users,
@@ -251,7 +252,10 @@ fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
     let mut disks = Vec::new();
     for d in s.disks {
         let source = match d.source {
-            Some(pb::disk_spec::Source::PdiskVolume(v)) if !v.is_empty() => DiskSource::Pdisk(v),
+            Some(pb::disk_spec::Source::PdiskVolume(v)) if !v.is_empty() => DiskSource::Pdisk(
+                v.parse()
+                    .map_err(|e: Error| Error::invalid(format!("vm {name}: pdisk volume {e}")))?,
+            ),
             Some(pb::disk_spec::Source::File(f)) => {
                 DiskSource::File(spec::check_host_file("disk", &f)?)
             }
@@ -290,7 +294,7 @@ fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
         }
         nics.push(Nic {
             bridge: n.bridge,
-            mac: mac.to_string(),
+            mac,
             vlan: n.vlan as u16,
         });
     }
@@ -555,5 +559,66 @@ mod tests {
         );
         request.context = None;
         assert_eq!(parse_spec(request).unwrap().context, None);
+    }
+
+    #[test]
+    fn disks_nics_and_image_formats_are_typed_at_the_edge_and_travel_back() {
+        let disk = |source| pb::DiskSpec {
+            source: Some(source),
+            ..Default::default()
+        };
+        let request = pb::VmSpec {
+            name: "web1".into(),
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            disks: vec![
+                disk(pb::disk_spec::Source::PdiskVolume("data".into())),
+                disk(pb::disk_spec::Source::PdiskVolume(
+                    "1b4e28ba-2fa1-11d2-883f-0016d3cca427".into(),
+                )),
+                disk(pb::disk_spec::Source::Image(pb::ImageRef {
+                    url: "https://images.example/a.qcow2".into(),
+                    sha256: "ab".repeat(32),
+                    format: pb::ImageFormat::Qcow2 as i32,
+                    endorser: String::new(),
+                })),
+            ],
+            nics: vec![pb::NicSpec {
+                bridge: "br0".into(),
+                mac: "52:54:00:AB:CD:EF".into(),
+                vlan: 0,
+            }],
+            ..Default::default()
+        };
+        let spec = parse_spec(request.clone()).unwrap();
+        assert!(matches!(
+            &spec.disks[0].source,
+            DiskSource::Pdisk(stratus_core::types::ObjectRef::Name(n)) if n.as_str() == "data"
+        ));
+        assert!(matches!(
+            &spec.disks[1].source,
+            DiskSource::Pdisk(stratus_core::types::ObjectRef::Uuid(_))
+        ));
+        assert!(matches!(
+            &spec.disks[2].source,
+            DiskSource::Image { image, .. } if image.format == DeclaredFormat::Qcow2
+        ));
+        assert_eq!(spec.nics[0].mac.to_string(), "52:54:00:ab:cd:ef");
+        let back = spec_pb(&spec);
+        let sources = |d: &[pb::DiskSpec]| d.iter().map(|d| d.source.clone()).collect::<Vec<_>>();
+        assert_eq!(sources(&back.disks), sources(&request.disks));
+        assert_eq!(back.nics[0].mac, "52:54:00:ab:cd:ef");
+
+        // Refused at the edge, naming what is wrong.
+        let mut bad = request.clone();
+        bad.disks[0] = disk(pb::disk_spec::Source::PdiskVolume("Data/1".into()));
+        let e = parse_spec(bad).unwrap_err();
+        assert!(
+            e.to_string().contains("vm web1: pdisk volume \"Data/1\""),
+            "{e}"
+        );
+        let mut bad = request;
+        bad.nics[0].mac = "01:00:5e:00:00:01".into();
+        assert!(parse_spec(bad).is_err());
     }
 }

@@ -1,15 +1,19 @@
 //! What a guest should be: the validated form of `agent.v1.VmSpec`, and the
 //! states and causes the agent reports. Parsed at the gRPC edge; nothing
-//! past it can hold an invalid name, MAC, size or path.
+//! past it can hold an invalid name, MAC, pdisk volume reference, image
+//! format, size or path. The typed fields serialize as the strings records
+//! always held, so records written before they were typed still load.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::images::DeclaredFormat;
+use crate::net::Mac;
 use crate::seed::{self, Seed};
 use stratus_core::error::{Error, Result};
-use stratus_core::types::{ByteSize, VolumeName, MIB};
+use stratus_core::types::{ByteSize, ObjectRef, VolumeName, MIB};
 
 /// Guest names follow the volume-name grammar (they name files and taps).
 pub type VmName = VolumeName;
@@ -18,7 +22,7 @@ pub type VmName = VolumeName;
 #[serde(rename_all = "lowercase", tag = "kind", content = "ref")]
 pub enum DiskSource {
     /// A pdisk volume by name or UUID.
-    Pdisk(String),
+    Pdisk(ObjectRef),
     /// A raw image on this host (opened as raw, never probed).
     File(PathBuf),
     /// An image by URL and checksum, through the caches.
@@ -37,19 +41,13 @@ pub enum DiskSource {
 pub struct ImageSpec {
     pub url: String,
     pub sha256: String,
-    /// "raw", "qcow2" or "auto"
-    pub format: String,
+    pub format: DeclaredFormat,
     pub endorser: Option<String>,
 }
 
 impl ImageSpec {
     pub fn to_ref(&self) -> Result<crate::images::ImageRef> {
-        crate::images::ImageRef::new(
-            &self.url,
-            &self.sha256,
-            self.format.parse()?,
-            self.endorser.clone(),
-        )
+        crate::images::ImageRef::new(&self.url, &self.sha256, self.format, self.endorser.clone())
     }
 }
 
@@ -64,8 +62,8 @@ pub struct Disk {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nic {
     pub bridge: String,
-    /// Validated by `net::Mac` at the edge; stored in 52:54:00:xx:xx:xx form.
-    pub mac: String,
+    /// Stored in 52:54:00:xx:xx:xx form.
+    pub mac: Mac,
     pub vlan: u16,
 }
 
@@ -380,7 +378,7 @@ mod tests {
         let mut s = spec("web1");
         s.disks = vec![
             Disk {
-                source: DiskSource::Pdisk("v".into()),
+                source: DiskSource::Pdisk("v".parse().unwrap()),
                 read_only: false,
                 boot_index: 0,
             };
@@ -406,5 +404,30 @@ mod tests {
         let s = spec("web1");
         let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn records_from_before_the_typed_fields_load_into_them() {
+        let old = r#"{"name":"web1","vcpus":1,"memory":67108864,
+            "disks":[{"source":{"kind":"pdisk","ref":"data"},"read_only":false,"boot_index":1},
+                     {"source":{"kind":"image","ref":{"image":{"url":"https://i.example/a",
+                        "sha256":"ab","format":"qcow2","endorser":null},"size":0,"local":true}},
+                      "read_only":false,"boot_index":0}],
+            "nics":[{"bridge":"br0","mac":"52:54:00:12:34:56","vlan":0}],
+            "kernel":null,"labels":{}}"#;
+        let s: VmSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            s.disks[0].source,
+            DiskSource::Pdisk("data".parse().unwrap())
+        );
+        let DiskSource::Image { image, .. } = &s.disks[1].source else {
+            panic!("{:?}", s.disks[1].source)
+        };
+        assert_eq!(image.format, DeclaredFormat::Qcow2);
+        assert_eq!(s.nics[0].mac, "52:54:00:12:34:56".parse().unwrap());
+        let again: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(again, s);
+        // A record cannot smuggle in what the edge refuses.
+        assert!(serde_json::from_str::<VmSpec>(&old.replace("52:54:00", "01:00:5e")).is_err());
     }
 }

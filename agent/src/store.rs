@@ -52,7 +52,7 @@ pub struct DiskAttachment {
 pub struct NicAttachment {
     pub tap: String,
     pub bridge: String,
-    pub mac: String,
+    pub mac: crate::net::Mac,
     pub vlan: u16,
 }
 

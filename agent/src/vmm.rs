@@ -275,7 +275,7 @@ pub struct PlannedDisk {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedNic {
     pub tap: String,
-    pub mac: String,
+    pub mac: crate::net::Mac,
 }
 
 /// Everything needed to start one guest.
@@ -718,7 +718,7 @@ mod tests {
             ],
             nics: vec![PlannedNic {
                 tap: "st00000000n0".into(),
-                mac: "52:54:00:12:34:56".into(),
+                mac: "52:54:00:12:34:56".parse().unwrap(),
             }],
             kernel: None,
             dir: "/s/vm".into(),

@@ -440,3 +440,76 @@ mod tests {
         assert!(validate_labels(many).is_err());
     }
 }
+
+/// An object (a volume, a snapshot, a guest) as a request names it: its
+/// UUID or its name. Parsed once at the edge: a string that parses as a
+/// UUID is one (a name cannot be told from it anyway); anything else must
+/// be a valid [`VolumeName`]. Written back as the lowercase hyphenated
+/// UUID or the name, and serialized as that string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum ObjectRef {
+    Uuid(uuid::Uuid),
+    Name(VolumeName),
+}
+
+impl FromStr for ObjectRef {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Ok(u) = uuid::Uuid::try_parse(s) {
+            return Ok(ObjectRef::Uuid(u));
+        }
+        s.parse().map(ObjectRef::Name).map_err(|_| {
+            Error::invalid(format!(
+                "{s:?} is neither a UUID nor a valid name \
+                 (lowercase letters, digits, '.', '_', '-', at most 63)"
+            ))
+        })
+    }
+}
+
+impl TryFrom<String> for ObjectRef {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<ObjectRef> for String {
+    fn from(r: ObjectRef) -> String {
+        r.to_string()
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ObjectRef::Uuid(u) => write!(f, "{}", u.hyphenated()),
+            ObjectRef::Name(n) => f.write_str(n.as_str()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod object_ref_tests {
+    use super::*;
+
+    #[test]
+    fn an_object_ref_is_a_uuid_or_a_name_and_round_trips_as_a_string() {
+        let u = "1B4E28BA-2FA1-11D2-883F-0016D3CCA427"
+            .parse::<ObjectRef>()
+            .unwrap();
+        assert!(matches!(u, ObjectRef::Uuid(_)));
+        assert_eq!(u.to_string(), "1b4e28ba-2fa1-11d2-883f-0016d3cca427");
+        let n: ObjectRef = "data-1".parse().unwrap();
+        assert_eq!(n, ObjectRef::Name("data-1".parse().unwrap()));
+        for bad in ["", "Data", "a/b", "-x"] {
+            let e = bad.parse::<ObjectRef>().unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument, "{bad}");
+        }
+        let json = serde_json::to_string(&n).unwrap();
+        assert_eq!(json, "\"data-1\"");
+        assert_eq!(serde_json::from_str::<ObjectRef>(&json).unwrap(), n);
+        assert!(serde_json::from_str::<ObjectRef>("\"a b\"").is_err());
+    }
+}

@@ -67,7 +67,8 @@ impl FromStr for Sha256 {
 /// says; `Raw` is honoured even for bytes that look like qcow2 (the guest
 /// sees exactly the published bytes, which is the safe direction); `Qcow2`
 /// is refused for an image that is not qcow2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeclaredFormat {
     Raw,
     Qcow2,

@@ -59,7 +59,7 @@ impl Agent {
                     )),
                 )
             }
-            DiskSource::Pdisk(v) => (ImageDisk::Pdisk(v.clone()), None),
+            DiskSource::Pdisk(v) => (ImageDisk::Pdisk(v.to_string()), None),
             DiskSource::File(path) => (ImageDisk::RawFile(path.clone()), None),
         };
         let file_attachment = |path: &Path| DiskAttachment {
@@ -174,7 +174,7 @@ impl Agent {
             .push(NicAttachment {
                 tap: tap.to_string(),
                 bridge: bridge.clone(),
-                mac: n.mac.clone(),
+                mac: n.mac,
                 vlan: n.vlan,
             });
         self.commit(vm, &[])?;
@@ -193,7 +193,7 @@ impl Agent {
         )?;
         Ok(PlannedNic {
             tap: tap.to_string(),
-            mac: n.mac.clone(),
+            mac: n.mac,
         })
     }
 

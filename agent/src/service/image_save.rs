@@ -46,7 +46,7 @@ impl Agent {
             .filter(|&i| i < vm.spec.disks.len())
             .ok_or_else(|| Error::invalid(format!("vm {} has no disk {device:?}", vm.spec.name)))?;
         let volume = match &vm.spec.disks[idx].source {
-            DiskSource::Pdisk(v) => v.clone(),
+            DiskSource::Pdisk(v) => v.to_string(),
             DiskSource::Image { local: false, .. } => vm
                 .owned_volumes
                 .iter()

@@ -37,7 +37,8 @@ pub struct ImageInfo {
     pub sha256: String,
     pub url: String,
     pub size: u64,
-    pub format: String,
+    /// None when not known (an image evicted from the local cache).
+    pub format: Option<ImageFormat>,
     /// "local" or "pdisk"
     pub location: String,
     pub volume: String,
@@ -64,10 +65,7 @@ fn local_info(i: &CachedImageInfo) -> ImageInfo {
         sha256: i.image.sha256.to_string(),
         url: i.url.clone(),
         size: i.image.size,
-        format: match i.image.format {
-            stratus_core::image::ImageFormat::Raw => "raw".into(),
-            stratus_core::image::ImageFormat::Qcow2 => "qcow2".into(),
-        },
+        format: Some(i.image.format),
         location: "local".into(),
         volume: String::new(),
         users: i.pins as u32,
@@ -184,8 +182,8 @@ impl Agent {
         let pulled = self.pull_local(image, cause).await?;
         let name = format!("image-{}", &sha[..16]);
         let format = match pulled.image.format {
-            stratus_core::image::ImageFormat::Raw => pdpb::ImageFormat::Raw,
-            stratus_core::image::ImageFormat::Qcow2 => pdpb::ImageFormat::Qcow2,
+            ImageFormat::Raw => pdpb::ImageFormat::Raw,
+            ImageFormat::Qcow2 => pdpb::ImageFormat::Qcow2,
         };
         let header = pdpb::UploadHeader {
             name: name.clone(),
@@ -421,7 +419,7 @@ impl Agent {
                     sha256: sha.clone(),
                     url: String::new(),
                     size: b.size_bytes,
-                    format: "raw".into(),
+                    format: Some(ImageFormat::Raw),
                     location: "pdisk".into(),
                     volume: b.name.clone(),
                     users,
@@ -477,7 +475,7 @@ impl Agent {
                     sha256: sha.to_string(),
                     url: String::new(),
                     size: base.size_bytes,
-                    format: "raw".into(),
+                    format: Some(ImageFormat::Raw),
                     location: "pdisk".into(),
                     volume: base.name,
                     users: 0,
@@ -499,7 +497,7 @@ impl Agent {
                 sha256: sha.to_string(),
                 url: e.url,
                 size: e.size,
-                format: String::new(),
+                format: None,
                 location: "local".into(),
                 volume: String::new(),
                 users: 0,

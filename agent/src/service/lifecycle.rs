@@ -48,7 +48,7 @@ impl Agent {
                 }
                 DiskSource::Pdisk(v) => {
                     self.pdisk()?
-                        .get_volume(v.clone())
+                        .get_volume(v.to_string())
                         .await
                         .map_err(|s| status_error(s, &format!("pdisk volume {v}")))?;
                 }

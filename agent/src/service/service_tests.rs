@@ -109,13 +109,13 @@ impl Host {
 /// every kind of attachment a start makes.
 fn spec(name: &str) -> VmSpec {
     let disk = |v: &str| Disk {
-        source: DiskSource::Pdisk(v.into()),
+        source: DiskSource::Pdisk(v.parse().unwrap()),
         read_only: false,
         boot_index: 0,
     };
     let nic = |mac: &str, vlan| Nic {
         bridge: "br0".into(),
-        mac: mac.into(),
+        mac: mac.parse().unwrap(),
         vlan,
     };
     VmSpec {
@@ -134,7 +134,7 @@ fn spec(name: &str) -> VmSpec {
 fn small_spec(name: &str, volume: &str) -> VmSpec {
     let mut s = spec(name);
     s.disks.truncate(1);
-    s.disks[0].source = DiskSource::Pdisk(volume.into());
+    s.disks[0].source = DiskSource::Pdisk(volume.parse().unwrap());
     s.nics.truncate(1);
     s
 }
