@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use clap::Parser;
 use serde::Deserialize;
 
+use stratus_pki::serve::ServeSettings;
+use stratus_pki::TlsFiles;
+
 use crate::attach::AttachMode;
 use crate::vmm::AccelChoice;
 use stratus_core::error::{Error, Result};
@@ -26,13 +29,39 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// gRPC listen address [default: 127.0.0.1:7401]
+    /// mTLS gRPC listen address; needs --tls-cert, --tls-key and
+    /// --tls-client-ca [default: 127.0.0.1:7401 when they are given]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// This host's agent certificate (PEM): served to clients and presented
+    /// to pdiskd; reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This host's private key (PEM), reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The cloud's CA (PEM): verifies clients, and pdiskd's certificate
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The local admin socket ("none": no local socket)
+    /// [default: /run/stratus/agentd.sock]
+    #[arg(long, value_name = "PATH")]
+    pub local_socket: Option<PathBuf>,
+    /// Group of the local socket whose members are admins [default: stratus]
+    #[arg(long, value_name = "GROUP")]
+    pub local_group: Option<String>,
+    /// Also serve plain-text gRPC on this loopback address (no TLS; every
+    /// caller is an admin): for tests and benchmarks only
+    #[arg(long, value_name = "ADDR")]
+    pub insecure_listen: Option<SocketAddr>,
     /// Directory of the agent's state and guest files [default: /var/lib/stratus-agent]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// pdiskd's URL, e.g. http://192.0.2.10:7400 (needed for pdisk disks)
+    /// pdiskd's address, e.g. https://192.0.2.10:7400 (mTLS with this
+    /// host's --tls-cert and --tls-key, pdiskd verified against
+    /// --tls-client-ca), unix:/run/stratus/pdiskd.sock on a host running
+    /// both, or http://127.0.0.1:PORT (pdiskd's --insecure-listen); needed
+    /// for pdisk disks
     #[arg(long, value_name = "URL")]
     pub pdisk: Option<String>,
     /// Bridge for NICs that name none [default: br0]
@@ -76,7 +105,10 @@ pub struct Flags {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    /// Where and how to serve (mTLS, local socket, loopback plain TCP).
+    pub serve: ServeSettings,
+    /// This host's certificate, key and the cloud's CA, also used to call pdiskd.
+    pub tls: Option<TlsFiles>,
     pub state_dir: PathBuf,
     pub pdisk: Option<String>,
     pub bridge: String,
@@ -119,8 +151,30 @@ impl Flags {
         );
         let reserved = pick!(reserved_memory, "1G".into());
         let quota = pick!(image_quota, "20G".into());
+        let tls = TlsFiles::from_parts(
+            self.tls_cert.clone().or(file.tls_cert.clone()),
+            self.tls_key.clone().or(file.tls_key.clone()),
+            self.tls_client_ca.clone().or(file.tls_client_ca.clone()),
+            ["tls-cert", "tls-key", "tls-client-ca"],
+        )
+        .map_err(Error::invalid)?;
+        let serve = ServeSettings::resolve(
+            self.listen.or(file.listen),
+            "127.0.0.1:7401".parse().expect("a socket address"),
+            tls.clone(),
+            Some(
+                self.local_socket
+                    .clone()
+                    .or(file.local_socket.clone())
+                    .unwrap_or_else(|| PathBuf::from("/run/stratus/agentd.sock")),
+            ),
+            self.local_group.clone().or(file.local_group.clone()),
+            self.insecure_listen.or(file.insecure_listen),
+        )
+        .map_err(Error::invalid)?;
         let cfg = Config {
-            listen: pick!(listen, "127.0.0.1:7401".parse().unwrap()),
+            serve,
+            tls,
             state_dir: pick!(state_dir, PathBuf::from("/var/lib/stratus-agent")),
             pdisk: self.pdisk.or(file.pdisk),
             bridge: pick!(bridge, "br0".into()),
@@ -151,9 +205,12 @@ impl Flags {
             return Err(Error::invalid("cpu-overcommit must be at least 1"));
         }
         if let Some(u) = &cfg.pdisk {
-            if !(u.starts_with("http://") || u.starts_with("https://")) {
+            let target = stratus_pki::Target::parse(u)
+                .map_err(|e| Error::invalid(format!("pdisk address: {e}")))?;
+            if matches!(target, stratus_pki::Target::Mtls { .. }) && cfg.tls.is_none() {
                 return Err(Error::invalid(format!(
-                    "pdisk URL {u:?} must start with http:// or https://"
+                    "pdisk address {u}: calling pdiskd over mTLS needs this host's \
+                     --tls-cert, --tls-key and --tls-client-ca"
                 )));
             }
         }
@@ -170,7 +227,11 @@ mod tests {
         let c = Flags::parse_from(["agentd", "--accel", "tcg", "--bridge", "stbr0"])
             .resolve()
             .unwrap();
-        assert_eq!(c.listen.to_string(), "127.0.0.1:7401");
+        assert_eq!(c.serve.mtls, None);
+        assert_eq!(
+            c.serve.local_socket.as_deref(),
+            Some(std::path::Path::new("/run/stratus/agentd.sock"))
+        );
         assert_eq!(c.accel, AccelChoice::Tcg);
         assert_eq!(c.bridge, "stbr0");
         assert_eq!(c.attach, AttachMode::Qemu);
@@ -178,9 +239,15 @@ mod tests {
             .initiator_iqn
             .as_str()
             .starts_with("iqn.2026-11.io.stratus.agent:"));
-        assert!(Flags::parse_from(["agentd", "--pdisk", "127.0.0.1:7400"])
+        let e = Flags::parse_from(["agentd", "--pdisk", "https://127.0.0.1:7400"])
             .resolve()
-            .is_err());
+            .unwrap_err();
+        assert!(e.message().contains("--tls-cert"), "{e}");
+        assert!(
+            Flags::parse_from(["agentd", "--pdisk", "ftp://127.0.0.1:7400"])
+                .resolve()
+                .is_err()
+        );
         assert!(Flags::parse_from(["agentd", "--bridge", "a/b"])
             .resolve()
             .is_err());
@@ -226,7 +293,8 @@ mod tests {
         let c = Flags::parse_from(["agentd", "--config", f.to_str().unwrap()])
             .resolve()
             .unwrap();
-        assert_eq!(c.pdisk.as_deref(), Some("http://192.0.2.10:7400"));
+        assert_eq!(c.pdisk.as_deref(), Some("https://192.0.2.10:7400"));
+        assert!(c.serve.mtls.is_some());
         assert_eq!(c.reserved_memory, 2 << 30);
     }
 }

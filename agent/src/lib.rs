@@ -31,6 +31,7 @@
 //! layer are crate-private.
 
 pub mod attach;
+pub mod authz;
 pub mod config;
 #[cfg(test)]
 mod fakes;

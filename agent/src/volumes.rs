@@ -80,14 +80,14 @@ pub struct PdiskVolumes {
 }
 
 impl PdiskVolumes {
-    /// A client of pdiskd at `url`; it connects on first use.
-    pub fn connect_lazy(url: &str) -> Result<PdiskVolumes> {
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-            .map_err(|e| Error::invalid(format!("pdisk URL {url}: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(600));
+    /// A client of pdiskd at `url` (mTLS with `tls` for https://); it
+    /// connects on first use.
+    pub fn connect_lazy(url: &str, tls: Option<&stratus_pki::TlsFiles>) -> Result<PdiskVolumes> {
+        let dialer = stratus_pki::Dialer::from_address(url, tls)
+            .map_err(|e| Error::invalid(format!("pdisk address {url}: {e:#}")))?
+            .with_request_timeout(Duration::from_secs(600));
         Ok(PdiskVolumes {
-            client: VolumeServiceClient::new(endpoint.connect_lazy()),
+            client: VolumeServiceClient::new(dialer.connect_lazy()),
         })
     }
 }

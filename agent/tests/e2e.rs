@@ -54,7 +54,7 @@ impl Host {
         let name = name.to_string();
         let dst = dst.display().to_string();
         self.ns.block_on(move || async move {
-            let mut c = VolumeServiceClient::connect(url).await.unwrap();
+            let mut c = VolumeServiceClient::new(testkit::channel(&url).await);
             let exists = c
                 .get_volume(pdpb::GetVolumeRequest {
                     volume: "base".into(),
@@ -93,7 +93,7 @@ impl Host {
     {
         let url = self.agentd.url();
         self.ns.block_on(move || async move {
-            let c = VmServiceClient::connect(url).await.unwrap();
+            let c = VmServiceClient::new(testkit::channel(&url).await);
             f(c).await
         })
     }
@@ -101,7 +101,7 @@ impl Host {
     fn exports(&self) -> Vec<pdpb::Export> {
         let url = self.pdiskd.url();
         self.ns.block_on(move || async move {
-            let mut c = VolumeServiceClient::connect(url).await.unwrap();
+            let mut c = VolumeServiceClient::new(testkit::channel(&url).await);
             c.list_exports(pdpb::ListExportsRequest {})
                 .await
                 .unwrap()
@@ -447,7 +447,7 @@ fn a_reconnecting_watcher_gets_every_event_once_in_order() {
     // A watcher that follows live, reads a few events, and disconnects.
     let url = h.agentd.url();
     let first: Vec<u64> = h.ns.block_on(move || async move {
-        let mut c = VmServiceClient::connect(url).await.unwrap();
+        let mut c = VmServiceClient::new(testkit::channel(&url).await);
         let mut s = c
             .watch_events(pb::WatchEventsRequest::default())
             .await
@@ -795,7 +795,7 @@ fn spec_image(name: &str, url: &str, sha: &str, local: bool) -> pb::VmSpec {
 fn pool_used(h: &Host) -> (u64, Vec<pdpb::Volume>) {
     let url = h.pdiskd.url();
     h.ns.block_on(move || async move {
-        let mut c = VolumeServiceClient::connect(url).await.unwrap();
+        let mut c = VolumeServiceClient::new(testkit::channel(&url).await);
         let used = c
             .get_pool(pdpb::GetPoolRequest {})
             .await
@@ -1108,7 +1108,7 @@ fn a_saved_disk_becomes_an_image_another_guest_boots_with() {
     // A pdisk volume carrying a marker, written before saving.
     let url = h.pdiskd.url();
     let device_path = h.ns.block_on(move || async move {
-        let mut c = VolumeServiceClient::connect(url).await.unwrap();
+        let mut c = VolumeServiceClient::new(testkit::channel(&url).await);
         c.create_volume(pdpb::CreateVolumeRequest {
             name: "data".into(),
             size_bytes: 16 << 20,

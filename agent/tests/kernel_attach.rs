@@ -525,7 +525,7 @@ fn qemu_argv(pid: u32) -> Vec<String> {
 }
 
 async fn agent_client(agentd: &Agentd) -> VmServiceClient<tonic::transport::Channel> {
-    VmServiceClient::connect(agentd.url()).await.unwrap()
+    VmServiceClient::new(testkit::channel(&agentd.url()).await)
 }
 
 async fn events_since(agentd: &Agentd, since: u64) -> Vec<apb::Event> {

@@ -24,7 +24,8 @@ const BRIDGE: &str = "labbr0";
 const TAP: &str = "labtap0";
 const HOST_ADDR: &str = "10.77.0.1/24";
 const VM_ADDR: &str = "10.77.0.2/24";
-const PDISK_URL: &str = "http://10.77.0.2:7400";
+const PDISK_URL: &str = "https://10.77.0.2:7400";
+const PDISK_IP: &str = "10.77.0.2";
 const PORTAL: &str = "10.77.0.2:3260";
 
 /// The lab VM serving pdiskd on the namespace's bridge; killed on drop.
@@ -37,9 +38,20 @@ impl LabVm {
     fn start(ns: &NetNs, dir: &Path) -> LabVm {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let console = dir.join("lab-console.log");
+        // pdiskd in the VM serves mTLS with a certificate of this test's CA
+        // (testkit's), so agentd's agent certificate and the test's admin
+        // certificate are accepted; scripts/lab stages STRATUS_LAB_PKI.
+        let pki = TestPki::shared();
+        let server = pki.issue(stratus_pki::Role::Server, "lab-pdiskd", None, &[PDISK_IP]);
+        let staged = dir.join("pki");
+        std::fs::create_dir_all(&staged).unwrap();
+        std::fs::copy(&server.cert, staged.join("server.pem")).unwrap();
+        std::fs::copy(&server.key, staged.join("server.key")).unwrap();
+        std::fs::copy(&server.ca, staged.join("ca.pem")).unwrap();
         let mut child = Command::new(root.join("scripts/lab"))
             .args(["serve", &ns.name, TAP, VM_ADDR])
             .env("STRATUS_LAB_NOBUILD", "1")
+            .env("STRATUS_LAB_PKI", &staged)
             .current_dir(&root)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -92,9 +104,9 @@ where
     Fut: std::future::Future<Output = T>,
     T: Send + 'static,
 {
-    ns.block_on(
-        move || async move { f(VolumeServiceClient::connect(PDISK_URL).await.unwrap()).await },
-    )
+    ns.block_on(move || async move {
+        f(VolumeServiceClient::new(testkit::channel(PDISK_URL).await)).await
+    })
 }
 
 /// pdisk's volumes and exports on the storage host.
@@ -177,7 +189,7 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
     };
     let u = agent_url.clone();
     let vm = ns.block_on(move || async move {
-        let mut c = VmServiceClient::connect(u).await.unwrap();
+        let mut c = VmServiceClient::new(testkit::channel(&u).await);
         c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
             .await
             .unwrap();
@@ -219,7 +231,7 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
     // Destroying the guest logs out, unexports and deletes its clone.
     let u = agent_url.clone();
     ns.block_on(move || async move {
-        let mut c = VmServiceClient::connect(u).await.unwrap();
+        let mut c = VmServiceClient::new(testkit::channel(&u).await);
         c.destroy_vm(pb::DestroyVmRequest {
             vm: "labvm".into(),
             timeout_seconds: 30,

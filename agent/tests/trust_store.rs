@@ -46,7 +46,7 @@ fn without_a_trust_store_agentd_starts_and_only_https_pulls_fail() {
     let want = sha256.clone();
     let size = image.len() as u64;
     ns.block_on(move || async move {
-        let mut c = VmServiceClient::connect(url).await.unwrap();
+        let mut c = VmServiceClient::new(testkit::channel(&url).await);
         let pull = |url: String| pb::PullImageRequest {
             image: Some(pb::ImageRef {
                 url,

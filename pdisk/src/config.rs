@@ -16,6 +16,8 @@ pub use stratus_core::settings::LogFormat;
 use crate::backend::lvm::{LvmName, LvmSettings, Wipe};
 use crate::error::{Error, Result};
 use crate::types::Iqn;
+use stratus_pki::serve::ServeSettings;
+use stratus_pki::TlsFiles;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -44,9 +46,30 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// gRPC listen address [default: 127.0.0.1:7400]
+    /// mTLS gRPC listen address; needs --tls-cert, --tls-key and
+    /// --tls-client-ca [default: 127.0.0.1:7400 when they are given]
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// This server's certificate (PEM), reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This server's private key (PEM), reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that signs client certificates (PEM), reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The local admin socket ("none": no local socket)
+    /// [default: /run/stratus/pdiskd.sock]
+    #[arg(long, value_name = "PATH")]
+    pub local_socket: Option<PathBuf>,
+    /// Group of the local socket whose members are admins [default: stratus]
+    #[arg(long, value_name = "GROUP")]
+    pub local_group: Option<String>,
+    /// Also serve plain-text gRPC on this loopback address (no TLS; every
+    /// caller is an admin): for tests and benchmarks only
+    #[arg(long, value_name = "ADDR")]
+    pub insecure_listen: Option<SocketAddr>,
     /// Directory of the metadata store [default: /var/lib/pdisk]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -122,7 +145,8 @@ pub struct Flags {
 /// Resolved settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    /// Where and how to serve (mTLS, local socket, loopback plain TCP).
+    pub serve: ServeSettings,
     pub data_dir: PathBuf,
     pub backend: BackendKind,
     pub pool_dir: PathBuf,
@@ -150,6 +174,7 @@ impl Flags {
                 self.$f.or(file.$f).unwrap_or_else(|| $default)
             };
         }
+        let serve = self.serve_settings(&file)?;
         let backend = pick!(backend, BackendKind::File);
         let mut lvm = self.lvm_settings(&file, backend)?;
         let data_dir = pick!(data_dir, PathBuf::from("/var/lib/pdisk"));
@@ -157,7 +182,7 @@ impl Flags {
             l.staging_dir = data_dir.join("staging");
         }
         let cfg = Config {
-            listen: pick!(listen, "127.0.0.1:7400".parse().unwrap()),
+            serve,
             backend,
             lvm,
             pool_dir: pick!(pool_dir, data_dir.join("pool")),
@@ -179,6 +204,31 @@ impl Flags {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The listeners: flags over file; see [`ServeSettings::resolve`].
+    fn serve_settings(&self, file: &Flags) -> Result<ServeSettings> {
+        let tls = TlsFiles::from_parts(
+            self.tls_cert.clone().or(file.tls_cert.clone()),
+            self.tls_key.clone().or(file.tls_key.clone()),
+            self.tls_client_ca.clone().or(file.tls_client_ca.clone()),
+            ["tls-cert", "tls-key", "tls-client-ca"],
+        )
+        .map_err(Error::invalid)?;
+        ServeSettings::resolve(
+            self.listen.or(file.listen),
+            "127.0.0.1:7400".parse().expect("a socket address"),
+            tls,
+            Some(
+                self.local_socket
+                    .clone()
+                    .or(file.local_socket.clone())
+                    .unwrap_or_else(|| PathBuf::from("/run/stratus/pdiskd.sock")),
+            ),
+            self.local_group.clone().or(file.local_group.clone()),
+            self.insecure_listen.or(file.insecure_listen),
+        )
+        .map_err(Error::invalid)
     }
 
     /// The lvm backend's settings, validated (names LVM accepts, so nothing
@@ -281,7 +331,23 @@ mod tests {
         assert_eq!(c.portal, "127.0.0.1:3261");
         assert_eq!(c.data_dir, PathBuf::from("/srv/pdisk"));
         assert_eq!(c.pool_dir, PathBuf::from("/srv/pdisk/pool"));
-        assert_eq!(c.listen.to_string(), "127.0.0.1:7400");
+        assert_eq!(c.serve.mtls, None, "no TLS files, no TCP listener");
+        assert_eq!(
+            c.serve.local_socket,
+            Some(PathBuf::from("/run/stratus/pdiskd.sock"))
+        );
+        let e = Flags::parse_from(["pdiskd", "--listen", "0.0.0.0:7400"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.message().contains("--tls-cert"), "{e}");
+        let e = Flags::parse_from(["pdiskd", "--tls-cert", "/c.pem"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.message().contains("tls-key and tls-client-ca"), "{e}");
+        let e = Flags::parse_from(["pdiskd", "--insecure-listen", "192.0.2.1:7400"])
+            .resolve()
+            .unwrap_err();
+        assert!(e.message().contains("loopback"), "{e}");
     }
 
     #[test]

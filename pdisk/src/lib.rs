@@ -24,6 +24,7 @@
 
 pub(crate) use stratus_core::{error, runner, types};
 
+pub mod authz;
 pub mod backend;
 pub mod config;
 pub mod export;

@@ -648,12 +648,8 @@ async fn reflection_and_health_are_served() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let s = Stack::start();
-    // What `grpcurl -plaintext HOST list` asks.
-    let channel = tonic::transport::Channel::from_shared(s.pdiskd.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    // What `grpcurl HOST list` asks (over mTLS).
+    let channel = testkit::channel(&s.pdiskd.url()).await;
     let mut r = ServerReflectionClient::new(channel.clone());
     let req = ServerReflectionRequest {
         host: String::new(),

@@ -25,7 +25,10 @@ use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 
 mod open_iscsi;
+mod pki;
 mod stack;
+
+pub use pki::{channel, channel_as, cli_tls_args, daemon_tls_args, TestPki, AGENT_NAME};
 
 pub const INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-a";
 pub const OTHER_INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-b";
@@ -380,6 +383,11 @@ impl Drop for Tgtd {
 /// A running pdiskd with its own data dir on the test's XFS pool.
 pub struct Pdiskd {
     pub listen: SocketAddr,
+    /// Its local admin socket.
+    pub local_socket: PathBuf,
+    /// Its own copies of the server certificate, key and CA (a test may
+    /// replace them and send SIGHUP).
+    pub tls: stratus_pki::TlsFiles,
     pub data_dir: PathBuf,
     pub pool_dir: PathBuf,
     pub import_dir: PathBuf,
@@ -441,9 +449,13 @@ impl Pdiskd {
         let import_dir = import_parent.join("import");
         std::fs::create_dir_all(&import_dir).unwrap();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let local_socket = scratch.join("pdiskd.sock");
+        let tls = pki::own_copy(&TestPki::shared().pdiskd(), &scratch.join("tls"));
         let mut args = vec![
             "--listen".to_string(),
             listen.to_string(),
+            "--local-socket".into(),
+            local_socket.display().to_string(),
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--import-dir".into(),
@@ -453,9 +465,12 @@ impl Pdiskd {
             "--log-level".into(),
             "pdisk=debug,info".into(),
         ];
+        args.extend(daemon_tls_args(&tls));
         args.extend(backend_args);
         let mut d = Pdiskd {
             listen,
+            local_socket,
+            tls,
             data_dir,
             pool_dir,
             import_dir,
@@ -517,8 +532,9 @@ impl Pdiskd {
         });
     }
 
+    /// pdiskd's mTLS address.
     pub fn url(&self) -> String {
-        format!("http://{}", self.listen)
+        format!("https://{}", self.listen)
     }
 
     /// Starts `pdiskd-failpoints` (pdiskd with crash points; build it with
@@ -556,8 +572,14 @@ impl Pdiskd {
         }
     }
 
+    /// A client as the test admin, over mTLS.
     pub async fn client(&self) -> Client {
-        VolumeServiceClient::connect(self.url()).await.unwrap()
+        VolumeServiceClient::new(channel(&self.url()).await)
+    }
+
+    /// The process id (for signals such as SIGHUP).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("pdiskd runs").id()
     }
 
     /// SIGKILL: no chance to clean up, as in a crash.
@@ -582,6 +604,7 @@ impl Pdiskd {
         Command::new(bin("pdisk"))
             .arg("--server")
             .arg(self.url())
+            .args(cli_tls_args(&TestPki::shared().admin()))
             .args(args)
             .output()
             .unwrap()
@@ -812,8 +835,11 @@ impl Agentd {
             "32".into(),
             "--log-level".into(),
             "agent=debug,pdisk=debug,info".into(),
+            "--local-socket".into(),
+            dir.join("agentd.sock").display().to_string(),
         ]
         .into_iter()
+        .chain(daemon_tls_args(&TestPki::shared().agent()))
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
         let mut a = Agentd {
@@ -863,8 +889,9 @@ impl Agentd {
         });
     }
 
+    /// agentd's mTLS address.
     pub fn url(&self) -> String {
-        format!("http://{}", self.listen)
+        format!("https://{}", self.listen)
     }
 
     /// SIGKILL, as in a crash. Guests keep running.
@@ -902,6 +929,7 @@ impl Agentd {
             .arg(bin("agentctl"))
             .arg("--agent")
             .arg(self.url())
+            .args(cli_tls_args(&TestPki::shared().admin()))
             .args(args)
             .output()
             .unwrap()
@@ -1042,9 +1070,7 @@ impl NetNs {
 /// follow), in order.
 pub async fn agent_events(url: String, since: u64) -> Vec<stratus_proto::agent::v1::Event> {
     use stratus_proto::agent::v1 as pb;
-    let mut c = pb::vm_service_client::VmServiceClient::connect(url)
-        .await
-        .unwrap();
+    let mut c = pb::vm_service_client::VmServiceClient::new(channel(&url).await);
     let mut s = c
         .watch_events(pb::WatchEventsRequest {
             since_seq: since,

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Err(err) => cli::usage_exit(err),
     };
     let ctx = Ctx {
-        remote: Remote::new(SERVER, &cli.agent),
+        remote: Remote::new(SERVER, &cli.agent, &cli.tls),
         json: cli.json,
         spinners: !cli.json && std::io::stderr().is_terminal(),
     };
@@ -113,7 +113,7 @@ impl Ctx {
 
 async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
     // A malformed --agent is a usage error, whatever the command.
-    ctx.remote.endpoint()?;
+    ctx.remote.dialer()?;
     match command {
         Command::Vm(c) => vm(ctx, c).await,
         Command::Events(a) => events(ctx, a).await,

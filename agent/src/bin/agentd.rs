@@ -14,6 +14,8 @@ use agent::{Agent, AgentSettings, Api, HostFacts};
 use anyhow::Context;
 use clap::Parser;
 use stratus_core::runner::{CommandRunner, HostRunner};
+use stratus_pki::gate::GateLayer;
+use stratus_pki::serve::Listeners;
 use stratus_proto::agent::v1::vm_service_server::VmServiceServer;
 
 #[tokio::main]
@@ -49,6 +51,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             initiator_iqn: cfg.initiator_iqn.to_string(),
             attach: cfg.attach,
             pdisk_url: cfg.pdisk.clone(),
+            pdisk_tls: cfg.tls.clone(),
             cpu_overcommit: cfg.cpu_overcommit,
             reserved_memory: cfg.reserved_memory,
             image_quota: Some(cfg.image_quota),
@@ -69,36 +72,38 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmServiceServer<Api>>().await;
+    // Reflection in both versions: grpcurl and grpcui speak v1, Python's
+    // grpcio-reflection and older tools only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("reflection service")?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.listen))?;
-    tracing::info!(listen = %cfg.listen, state_dir = %cfg.state_dir.display(),
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection service v1alpha")?;
+    let listeners = Listeners::bind(&cfg.serve).await?;
+    stratus_pki::serve::reload_on_sighup(listeners.tls())?;
+    tracing::info!(listen = ?listeners.description, state_dir = %cfg.state_dir.display(),
         pdisk = ?cfg.pdisk, bridge = %cfg.bridge, initiator = %cfg.initiator_iqn,
         attach = cfg.attach.name(), "agentd ready");
     tonic::transport::Server::builder()
+        .layer(GateLayer::new(Arc::new(agent::authz::check)))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(VmServiceServer::new(Api::new(agent)))
-        .serve_with_incoming_shutdown(
-            // TCP_NODELAY: without it the last segment of every answer
-            // waits for the client's delayed ACK, 40 ms per call
-            // (stratus-bench launch/events found it).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                use tokio::signal::unix::{signal, SignalKind};
-                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-                tracing::info!("shutting down; guests keep running");
-            },
-        )
+        .serve_with_incoming_shutdown(listeners.incoming(), async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down; guests keep running");
+        })
         .await
         .context("serving gRPC")?;
     Ok(())

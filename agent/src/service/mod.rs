@@ -65,8 +65,11 @@ pub struct AgentSettings {
     pub initiator_iqn: String,
     /// How pdisk disks reach QEMU: its own iSCSI initiator or the kernel's.
     pub attach: AttachMode,
-    /// pdiskd's URL; None when this host runs no pdisk disks.
+    /// pdiskd's address (`https://`, `unix:` or loopback `http://`); None
+    /// when this host runs no pdisk disks.
     pub pdisk_url: Option<String>,
+    /// This host's agent certificate, key and the cloud's CA, for pdiskd over mTLS.
+    pub pdisk_tls: Option<stratus_pki::TlsFiles>,
     /// vCPUs promised to guests may reach host CPUs times this.
     pub cpu_overcommit: u32,
     /// Memory kept for the host itself.
@@ -96,7 +99,10 @@ impl HostEffects {
     /// QEMU through `runner`.
     pub fn real(settings: &AgentSettings, runner: Arc<dyn CommandRunner>) -> Result<HostEffects> {
         let volumes = match &settings.pdisk_url {
-            Some(url) => Some(Arc::new(PdiskVolumes::connect_lazy(url)?) as Arc<dyn VolumeClient>),
+            Some(url) => Some(Arc::new(PdiskVolumes::connect_lazy(
+                url,
+                settings.pdisk_tls.as_ref(),
+            )?) as Arc<dyn VolumeClient>),
             None => None,
         };
         Ok(HostEffects {

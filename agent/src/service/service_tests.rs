@@ -57,6 +57,7 @@ impl Host {
                 initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
                 attach: AttachMode::Qemu,
                 pdisk_url: None,
+                pdisk_tls: None,
                 cpu_overcommit: 4,
                 reserved_memory: 0,
                 image_quota: None,

@@ -79,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
             "launch" => scenarios::launch::run(&ctx).await,
             "bulk" => scenarios::bulk::run(&ctx).await,
             "events" => scenarios::events::run(&ctx).await,
+            "transport" => scenarios::transport::run(&ctx).await,
             _ => unreachable!(),
         }
         .map_err(|e| e.context(format!("scenario {name}")))?;

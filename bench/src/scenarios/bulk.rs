@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use stratus_proto::agent::v1 as pb;
 
-use super::guests::{self, Agent, GuestHost, Image, Launched};
+use super::guests::{self, GuestHost, Image, Launched};
 use super::Ctx;
 use crate::report::Figure;
 
@@ -75,7 +75,7 @@ async fn measure(
     pid: u32,
     limit: Duration,
 ) -> anyhow::Result<Measured> {
-    let mut c = Agent::connect(url).await?;
+    let mut c = guests::connect(&url).await?;
     c.pull_image(pb::PullImageRequest {
         image: Some(pb::ImageRef {
             url: image.url.clone(),

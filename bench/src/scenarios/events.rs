@@ -105,7 +105,7 @@ async fn measure(
     cycles: usize,
     rate_for: Duration,
 ) -> anyhow::Result<Vec<BySubscribers>> {
-    let c = Agent::connect(url.clone()).await?;
+    let c = guests::connect(&url).await?;
     let names: Vec<String> = (0..guests).map(|i| format!("ev-{i}")).collect();
     let t0 = Instant::now();
     let boots: Vec<_> = names
@@ -154,7 +154,7 @@ enum Drive {
 }
 
 async fn phase(url: &str, subs: usize, drive: Drive) -> anyhow::Result<Phase> {
-    let mut c = Agent::connect(url.to_string()).await?;
+    let mut c = guests::connect(url).await?;
     let since = c
         .get_host(pb::GetHostRequest {})
         .await?
@@ -167,7 +167,7 @@ async fn phase(url: &str, subs: usize, drive: Drive) -> anyhow::Result<Phase> {
     let mut received = Vec::new();
     let mut followers = Vec::new();
     for _ in 0..subs {
-        let mut sc = Agent::connect(url.to_string()).await?;
+        let mut sc = guests::connect(url).await?;
         let mut stream = sc
             .watch_events(pb::WatchEventsRequest {
                 since_seq: since,
@@ -228,7 +228,7 @@ async fn phase(url: &str, subs: usize, drive: Drive) -> anyhow::Result<Phase> {
                 .map(|vm| {
                     let url = url.to_string();
                     tokio::spawn(async move {
-                        let mut c = Agent::connect(url).await?;
+                        let mut c = guests::connect(&url).await?;
                         let mut sent = HashMap::new();
                         while Instant::now() < until {
                             for pause in [true, false] {

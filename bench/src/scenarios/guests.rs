@@ -24,6 +24,13 @@ use tonic::transport::Channel;
 
 pub(crate) type Agent = VmServiceClient<Channel>;
 
+/// A client of agentd at `url` as the test admin (mTLS for https://).
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Agent> {
+    let files = testkit::TestPki::shared().admin();
+    let dialer = stratus_pki::Dialer::from_address(url, Some(&files))?;
+    Ok(VmServiceClient::new(dialer.connect().await?))
+}
+
 const BRIDGE: &str = "stbench0";
 /// The line the test guest prints once it has booted (scripts/guest-image).
 pub(crate) const READY: &str = "STRATUS-GUEST ready";

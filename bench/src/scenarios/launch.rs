@@ -60,7 +60,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
 }
 
 async fn measure(url: String, image: Image, runs: usize, warmup: bool) -> anyhow::Result<Runs> {
-    let mut c = Agent::connect(url).await?;
+    let mut c = guests::connect(&url).await?;
     let mut out = Runs::default();
     for i in 0..runs + usize::from(warmup) {
         let counted = !warmup || i > 0;

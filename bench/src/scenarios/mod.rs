@@ -8,6 +8,7 @@ mod guests;
 pub mod import;
 pub mod launch;
 pub mod snapshot;
+pub mod transport;
 
 use std::path::PathBuf;
 
@@ -24,4 +25,12 @@ pub struct Ctx {
 }
 
 /// Scenario names, in the order they run (the numbering).
-pub const ALL: &[&str] = &["datapath", "snapshot", "launch", "bulk", "import", "events"];
+pub const ALL: &[&str] = &[
+    "datapath",
+    "snapshot",
+    "launch",
+    "bulk",
+    "import",
+    "events",
+    "transport",
+];

@@ -212,7 +212,14 @@ mod tests {
     fn transport_errors_raised_here_are_about_the_connection() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
         let status = tonic::Status::from_error(Box::new(io));
-        let f = Failure::from_status(status, &Remote::new("the pdisk server", "http://h:1"));
+        let f = Failure::from_status(
+            status,
+            &Remote::new(
+                "the pdisk server",
+                "http://h:1",
+                &crate::cli::TlsArgs::default(),
+            ),
+        );
         assert!(matches!(f, Failure::Lost { .. }), "{f:?}");
         assert_eq!(
             f.line("pdisk"),
@@ -224,7 +231,11 @@ mod tests {
 
     #[test]
     fn a_server_side_unavailable_stays_a_server_error() {
-        let remote = Remote::new("the pdisk server", "http://h:1");
+        let remote = Remote::new(
+            "the pdisk server",
+            "http://h:1",
+            &crate::cli::TlsArgs::default(),
+        );
         let f = Failure::from_status(tonic::Status::unavailable("tgtd is down"), &remote);
         assert_eq!(f.line("pdisk"), "pdisk: unavailable: tgtd is down");
     }

@@ -20,20 +20,37 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 pub use failure::{root_cause, Failure};
 pub use table::{fields, Table};
 
-/// How long to wait for the TCP connection to the server.
+/// How long to wait for the connection to the server.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `host:port` is taken as `http://host:port`.
-pub fn server_url(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
+/// The client certificate flags both CLIs take (`--cert --key --ca`, or
+/// `STRATUS_CERT`, `STRATUS_KEY`, `STRATUS_CA`), needed for `https://` servers.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// Client certificate (PEM) for https:// servers
+    #[arg(long, global = true, env = "STRATUS_CERT", value_name = "FILE")]
+    pub cert: Option<std::path::PathBuf>,
+    /// Client private key (PEM)
+    #[arg(long, global = true, env = "STRATUS_KEY", value_name = "FILE")]
+    pub key: Option<std::path::PathBuf>,
+    /// The cloud's CA certificate (PEM) that signed the server's
+    #[arg(long, global = true, env = "STRATUS_CA", value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> Result<Option<stratus_pki::TlsFiles>, String> {
+        stratus_pki::TlsFiles::from_parts(
+            self.cert.clone(),
+            self.key.clone(),
+            self.ca.clone(),
+            ["--cert", "--key", "--ca"],
+        )
     }
 }
 
@@ -42,15 +59,27 @@ pub fn server_url(address: &str) -> String {
 pub struct Remote {
     server: &'static str,
     url: String,
+    dialer: Result<stratus_pki::Dialer, String>,
 }
 
 impl Remote {
     /// `server` names it in messages ("the pdisk server", "the agent");
-    /// `address` is a URL or `host:port`.
-    pub fn new(server: &'static str, address: &str) -> Remote {
+    /// `address` is `unix:/PATH`, `https://HOST:PORT` (`HOST:PORT` alone
+    /// means https) or a loopback `http://HOST:PORT`.
+    pub fn new(server: &'static str, address: &str, tls: &TlsArgs) -> Remote {
+        let dialer = tls.files().and_then(|files| {
+            stratus_pki::Dialer::from_address(address, files.as_ref())
+                .map(|d| d.with_connect_timeout(CONNECT_TIMEOUT))
+                .map_err(|e| format!("{e:#}"))
+        });
+        let url = match &dialer {
+            Ok(d) => d.target().to_string(),
+            Err(_) => address.to_owned(),
+        };
         Remote {
             server,
-            url: server_url(address),
+            url,
+            dialer,
         }
     }
 
@@ -62,29 +91,24 @@ impl Remote {
         &self.url
     }
 
-    /// The endpoint to connect to; a malformed URL is a usage error.
-    pub fn endpoint(&self) -> Result<Endpoint, Failure> {
-        Endpoint::from_shared(self.url.clone())
-            .map(|e| e.connect_timeout(CONNECT_TIMEOUT))
-            .map_err(|e| {
-                Failure::Usage(format!(
-                    "invalid server URL {:?}: {}",
-                    self.url,
-                    root_cause(&e)
-                ))
-            })
+    /// How to reach the server; a malformed address or unusable
+    /// certificate files are a usage error.
+    pub fn dialer(&self) -> Result<&stratus_pki::Dialer, Failure> {
+        self.dialer
+            .as_ref()
+            .map_err(|e| Failure::Usage(format!("server {:?}: {e}", self.url)))
     }
 
     /// Connects; clients call it only after their local checks passed, so
     /// bad input is reported as such even when the server is down.
     pub async fn connect(&self) -> Result<Channel, Failure> {
-        self.endpoint()?
+        self.dialer()?
             .connect()
             .await
             .map_err(|e| Failure::Unreachable {
                 server: self.server,
                 url: self.url.clone(),
-                cause: root_cause(&e),
+                cause: format!("{e:#}"),
             })
     }
 
@@ -219,12 +243,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn server_defaults_to_http() {
-        assert_eq!(server_url("storage1:7400"), "http://storage1:7400");
-        assert_eq!(server_url("https://storage1:7400"), "https://storage1:7400");
-        let remote = Remote::new("the agent", "127.0.0.1:7401");
-        assert_eq!(remote.url(), "http://127.0.0.1:7401");
+    fn servers_are_sockets_https_or_loopback_http() {
+        let none = TlsArgs::default();
+        let remote = Remote::new("the agent", "unix:/run/stratus/agentd.sock", &none);
+        assert_eq!(remote.url(), "unix:/run/stratus/agentd.sock");
         assert_eq!(remote.server(), "the agent");
+        remote.dialer().unwrap();
+        // host:port means https, which needs a certificate.
+        let err = Remote::new("the agent", "127.0.0.1:7401", &none)
+            .dialer()
+            .unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.line("agentctl").contains("--cert"),
+            "{}",
+            err.line("agentctl")
+        );
+        let half = TlsArgs {
+            cert: Some("/c.pem".into()),
+            ..TlsArgs::default()
+        };
+        let err = Remote::new("the agent", "unix:/x", &half)
+            .dialer()
+            .unwrap_err();
+        assert!(
+            err.line("agentctl").contains("--key and --ca"),
+            "{}",
+            err.line("agentctl")
+        );
     }
 
     #[test]
@@ -258,8 +304,8 @@ mod tests {
 
     #[tokio::test]
     async fn bad_server_urls_are_usage_errors() {
-        let remote = Remote::new("the pdisk server", "http://bad host:1");
-        let err = remote.endpoint().unwrap_err();
+        let remote = Remote::new("the pdisk server", "http://bad host:1", &TlsArgs::default());
+        let err = remote.dialer().unwrap_err();
         assert_eq!(err.exit_code(), 2);
         assert!(remote.connect().await.is_err());
     }
@@ -267,7 +313,11 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_server_is_one_clear_line() {
         // Port 1 on loopback: nothing listens there in the test environment.
-        let remote = Remote::new("the pdisk server", "http://127.0.0.1:1");
+        let remote = Remote::new(
+            "the pdisk server",
+            "http://127.0.0.1:1",
+            &TlsArgs::default(),
+        );
         let err = remote.connect().await.unwrap_err();
         let line = err.line("pdisk");
         assert!(

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         Err(err) => cli::usage_exit(err),
     };
     let ctx = Ctx {
-        remote: Remote::new("the pdisk server", &cli.server),
+        remote: Remote::new("the pdisk server", &cli.server, &cli.tls),
         json: cli.json,
         bars: !cli.json && std::io::stderr().is_terminal(),
     };
@@ -86,7 +86,7 @@ impl Ctx {
 
 async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
     // A malformed --server is a usage error, whatever the command.
-    ctx.remote.endpoint()?;
+    ctx.remote.dialer()?;
     match command {
         Command::Volume(c) => volume(ctx, c).await,
         Command::Snapshot(c) => snapshot(ctx, c).await,

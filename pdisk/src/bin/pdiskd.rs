@@ -19,6 +19,8 @@ use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::Exporter;
 use pdisk::{Api, PoolService, ServiceSettings, Store};
 use stratus_core::runner::{CommandRunner, HostRunner};
+use stratus_pki::gate::GateLayer;
+use stratus_pki::serve::Listeners;
 use stratus_proto::pdisk::v1::volume_service_server::VolumeServiceServer;
 
 async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>) {
@@ -131,17 +133,23 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     health_reporter
         .set_serving::<VolumeServiceServer<Api>>()
         .await;
+    // Reflection in both versions: grpcurl and grpcui speak v1, Python's
+    // grpcio-reflection and older tools only v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection service v1alpha")?;
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let listeners = Listeners::bind(&cfg.serve).await?;
+    stratus_pki::serve::reload_on_sighup(listeners.tls())?;
     tracing::info!(
-        listen = %cfg.listen,
+        listen = ?listeners.description,
         backend = ?cfg.backend,
         pool = %pool,
         exporter = ?cfg.exporter,
@@ -151,18 +159,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(shutdown_signal(shutdown_tx));
     let mut rx = shutdown_rx;
     tonic::transport::Server::builder()
+        .layer(GateLayer::new(Arc::new(pdisk::authz::check)))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(VolumeServiceServer::new(Api::new(svc)).max_decoding_message_size(8 << 20))
-        .serve_with_incoming_shutdown(
-            // TCP_NODELAY: without it the last segment of every answer
-            // waits for the client's delayed ACK, 40 ms per call
-            // (stratus-bench launch/events found it).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = rx.wait_for(|v| *v).await;
-            },
-        )
+        .serve_with_incoming_shutdown(listeners.incoming(), async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
         .await
         .context("serving gRPC")?;
     Ok(())

@@ -12,7 +12,7 @@ use stratus_proto::pdisk::v1::ImageFormat;
 
 use crate::images::ImageSel;
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7400";
+pub const DEFAULT_SERVER: &str = "unix:/run/stratus/pdiskd.sock";
 
 /// Help heading of the options every command accepts.
 const GLOBAL: &str = "Global options";
@@ -36,7 +36,9 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "pdisk", version, after_help = EXAMPLES)]
 pub struct Cli {
-    /// Address of pdiskd's gRPC endpoint; "http://" is assumed without a scheme.
+    /// pdiskd: unix:/PATH (its local socket), https://HOST:PORT (mTLS with
+    /// --cert, --key, --ca; HOST:PORT alone means https), or a loopback
+    /// http://HOST:PORT (its --insecure-listen)
     #[arg(
         long,
         global = true,
@@ -47,6 +49,9 @@ pub struct Cli {
         help_heading = GLOBAL
     )]
     pub server: String,
+
+    #[command(flatten)]
+    pub tls: stratus_core::cli::TlsArgs,
 
     /// Print the result, or the error, as JSON on stdout (and no progress bars).
     #[arg(long, global = true, help_heading = GLOBAL)]

@@ -23,7 +23,7 @@ mod vm;
 pub use image::{ImageCommand, RmArgs};
 pub use vm::VmCommand;
 
-pub const DEFAULT_AGENT: &str = "http://127.0.0.1:7401";
+pub const DEFAULT_AGENT: &str = "unix:/run/stratus/agentd.sock";
 
 /// Help heading of the options every command accepts.
 const GLOBAL: &str = "Global options";
@@ -56,7 +56,9 @@ Examples:
 #[derive(Debug, Parser)]
 #[command(name = "agentctl", version, after_help = EXAMPLES)]
 pub struct Cli {
-    /// Address of agentd's gRPC endpoint; "http://" is assumed without a scheme.
+    /// agentd: unix:/PATH (its local socket), https://HOST:PORT (mTLS with
+    /// --cert, --key, --ca; HOST:PORT alone means https), or a loopback
+    /// http://HOST:PORT (its --insecure-listen)
     #[arg(
         long,
         global = true,
@@ -67,6 +69,9 @@ pub struct Cli {
         help_heading = GLOBAL
     )]
     pub agent: String,
+
+    #[command(flatten)]
+    pub tls: stratus_core::cli::TlsArgs,
 
     /// Print the result, or the error, as JSON on stdout (events as JSON
     /// Lines, one object per line; no spinners).
