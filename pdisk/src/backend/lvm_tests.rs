@@ -806,3 +806,66 @@ async fn clear_temporaries_removes_temporary_lvs_and_staged_uploads() {
     );
     assert!(dir.path().join("keep.txt").exists());
 }
+
+/// Answers like [`lab`] but takes a while over each change, counting how
+/// many changes are in flight at once.
+struct SlowChanges {
+    inner: Arc<Script>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl CommandRunner for SlowChanges {
+    fn run<'a>(&'a self, cmd: &'a Cmd) -> BoxFuture<'a, Result<Output>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        Box::pin(async move {
+            let change = cmd.program.starts_with("lv") && cmd.program != "lvs";
+            if change {
+                let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+                self.most.fetch_max(now, SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let out = self.inner.run(cmd).await;
+            if change {
+                self.in_flight.fetch_sub(1, SeqCst);
+            }
+            out
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_changes_queue_in_pdiskd_so_each_timeout_measures_only_its_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let vg = lvs_json(&[pool_row("12.47", "10.94")]);
+    let script = lab(vg, ours);
+    let slow = Arc::new(SlowChanges {
+        inner: script.clone(),
+        in_flight: Default::default(),
+        most: Default::default(),
+    });
+    let b = Arc::new(
+        LvmBackend::open(slow.clone(), settings(dir.path()))
+            .await
+            .unwrap(),
+    );
+    script.clear();
+    let creates = (0..8).map(|_| {
+        let b = b.clone();
+        tokio::spawn(async move { b.create(ObjectId::Volume(Uuid::new_v4()), 1 << 30).await })
+    });
+    for c in futures::future::join_all(creates).await {
+        c.unwrap().unwrap();
+    }
+    let lvcreates = script
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with("lvcreate"))
+        .count();
+    assert_eq!(lvcreates, 8);
+    assert_eq!(
+        slow.most.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "LVM changes ran side by side"
+    );
+}
