@@ -197,15 +197,9 @@ impl Listeners {
         let (tx, rx) = mpsc::channel(64);
         let mut description = Vec::new();
         let mut tls = None;
-        if let Some((addr, files)) = &settings.mtls {
-            let config = Arc::new(ReloadableServerConfig::load(files.clone())?);
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("listening on {addr}"))?;
-            description.push(format!("mtls://{}", listener.local_addr()?));
-            tokio::spawn(accept_tls(listener, config.clone(), tx.clone()));
-            tls = Some(config);
-        }
+        // The local socket first: whoever sees the TCP port answer (testkit,
+        // systemd's socket checks, an operator) finds the socket there too,
+        // with its mode and group already set.
         if let Some(path) = &settings.local_socket {
             let listener = bind_local(path, &settings.local_group)?;
             description.push(format!("unix:{}", path.display()));
@@ -214,6 +208,15 @@ impl Listeners {
                 settings.local_group.clone(),
                 tx.clone(),
             ));
+        }
+        if let Some((addr, files)) = &settings.mtls {
+            let config = Arc::new(ReloadableServerConfig::load(files.clone())?);
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?;
+            description.push(format!("mtls://{}", listener.local_addr()?));
+            tokio::spawn(accept_tls(listener, config.clone(), tx.clone()));
+            tls = Some(config);
         }
         if let Some(addr) = settings.insecure_listen {
             let listener = TcpListener::bind(addr)
