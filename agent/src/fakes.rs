@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
+use stratus_core::types::{LABEL_IMAGE_SHA256, LABEL_VM};
 use stratus_proto::pdisk::v1 as pdpb;
 use tokio::sync::mpsc;
 use tonic::Status;
@@ -149,8 +150,12 @@ impl PdiskState {
             uuid: Uuid::new_v4().to_string(),
             name: name.to_string(),
             size_bytes: 1 << 30,
-            labels,
             state: pdpb::VolumeState::Ready as i32,
+            image_sha256: match labels.get(LABEL_IMAGE_SHA256) {
+                Some(sha) if !labels.contains_key(LABEL_VM) => sha.clone(),
+                _ => String::new(),
+            },
+            labels,
             source,
             ..Default::default()
         };
@@ -264,12 +269,21 @@ impl VolumeClient for FakeVolumes {
         Box::pin(async move {
             self.check("clone_volume", &req.name)?;
             let mut st = self.state.lock().unwrap();
-            let source = if req.source_is_snapshot {
-                format!("snapshot:{}", req.source)
+            let (source, of_volume, of_snapshot) = if req.source_is_snapshot {
+                (
+                    format!("snapshot:{}", req.source),
+                    String::new(),
+                    req.source,
+                )
             } else {
-                format!("volume:{}", st.resolve(&req.source)?)
+                let id = st.resolve(&req.source)?;
+                (format!("volume:{id}"), id, String::new())
             };
-            Ok(st.add(&req.name, req.labels, source))
+            let mut v = st.add(&req.name, req.labels, source);
+            v.clone_of_volume = of_volume;
+            v.clone_of_snapshot = of_snapshot;
+            st.volumes.insert(v.uuid.clone(), v.clone());
+            Ok(v)
         })
     }
 

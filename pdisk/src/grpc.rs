@@ -16,10 +16,11 @@ use uuid::Uuid;
 use crate::backend::{copy, ImageFormat};
 use crate::error::Error;
 use crate::service::{
-    Drift, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService, SnapshotInfo, VolumeInfo,
+    is_image_base, Drift, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService,
+    SnapshotInfo, VolumeInfo,
 };
-use crate::store::VolumeState;
-use crate::types::{Chap, Iqn, VolumeName};
+use crate::store::{Source, VolumeState};
+use crate::types::{Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
 
 pub struct Api {
     svc: Arc<PoolService>,
@@ -33,6 +34,11 @@ impl Api {
 
 fn volume_pb(v: VolumeInfo) -> pb::Volume {
     let r = v.record;
+    let image_sha256 = if is_image_base(&r) {
+        r.labels[LABEL_IMAGE_SHA256].clone()
+    } else {
+        String::new()
+    };
     pb::Volume {
         uuid: r.uuid.to_string(),
         name: r.name.to_string(),
@@ -46,6 +52,15 @@ fn volume_pb(v: VolumeInfo) -> pb::Volume {
             VolumeState::Error => pb::VolumeState::Error,
         } as i32,
         state_reason: r.state_reason,
+        clone_of_volume: match &r.source {
+            Source::Volume(u) => u.to_string(),
+            _ => String::new(),
+        },
+        clone_of_snapshot: match &r.source {
+            Source::Snapshot(u) => u.to_string(),
+            _ => String::new(),
+        },
+        image_sha256,
         source: r.source.describe(),
         created_at: r.created_at,
         exported: v.exported,

@@ -246,7 +246,7 @@ fn now() -> String {
 
 /// Image base volumes (labelled with an image checksum, not a guest's clone)
 /// are read-only: clones are made from them, nothing writes them.
-fn is_image_base(v: &VolumeRecord) -> bool {
+pub(crate) fn is_image_base(v: &VolumeRecord) -> bool {
     v.labels.contains_key(crate::types::LABEL_IMAGE_SHA256)
         && !v.labels.contains_key(crate::types::LABEL_VM)
 }

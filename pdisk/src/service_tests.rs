@@ -538,6 +538,34 @@ async fn image_bases_are_read_only_and_clones_are_not() {
         .await
         .unwrap();
     f.svc.unexport_volume("guest-disk", &[]).await.unwrap();
+
+    // The API says what is a base and what is a clone of what, once.
+    {
+        use stratus_proto::pdisk::v1 as pb;
+        use stratus_proto::pdisk::v1::volume_service_server::VolumeService;
+        let api = crate::grpc::Api::new(f.svc.clone());
+        let listed = api
+            .list_volumes(tonic::Request::new(pb::ListVolumesRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
+        let of = |n: &str| listed.iter().find(|v| v.name == n).unwrap().clone();
+        let (b, g) = (of("image-base"), of("guest-disk"));
+        assert_eq!(b.image_sha256, "ab".repeat(32));
+        assert_eq!(
+            (b.clone_of_volume.as_str(), b.clone_of_snapshot.as_str()),
+            ("", "")
+        );
+        assert_eq!(g.image_sha256, "", "a clone is not a base");
+        assert_eq!(g.clone_of_volume, b.uuid);
+        assert_eq!(g.clone_of_snapshot, "");
+        assert_eq!(
+            g.source,
+            format!("volume:{}", b.uuid),
+            "the display form stays"
+        );
+    }
     f.svc.delete_volume("guest-disk").await.unwrap();
     f.svc.delete_volume("image-base").await.unwrap();
 }

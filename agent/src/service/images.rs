@@ -231,9 +231,9 @@ impl Agent {
             })
             .await
             .map_err(|s| status_error(s, "looking up image bases in pdisk"))?;
-        Ok(vols.into_iter().find(|v| {
-            v.state == pdpb::VolumeState::Ready as i32 && !v.labels.contains_key(LABEL_VM)
-        }))
+        Ok(vols
+            .into_iter()
+            .find(|v| v.state == pdpb::VolumeState::Ready as i32 && v.image_sha256 == sha))
     }
 
     /// Turns an image disk of `vm` into what QEMU attaches: a pdisk clone
@@ -407,14 +407,9 @@ impl Agent {
                 .list_volumes(pdpb::ListVolumesRequest::default())
                 .await
                 .map_err(|s| status_error(s, "listing pdisk volumes"))?;
-            for b in vols.iter().filter(|v| !v.labels.contains_key(LABEL_VM)) {
-                let Some(sha) = b.labels.get(LABEL_SHA256) else {
-                    continue;
-                };
-                let users = vols
-                    .iter()
-                    .filter(|v| v.source == format!("volume:{}", b.uuid))
-                    .count() as u32;
+            for b in vols.iter().filter(|v| !v.image_sha256.is_empty()) {
+                let sha = &b.image_sha256;
+                let users = vols.iter().filter(|v| v.clone_of_volume == b.uuid).count() as u32;
                 out.push(ImageInfo {
                     sha256: sha.clone(),
                     url: String::new(),
@@ -449,7 +444,7 @@ impl Agent {
                     .map_err(|s| status_error(s, "listing pdisk volumes"))?;
                 let clones: Vec<String> = vols
                     .iter()
-                    .filter(|v| v.source == format!("volume:{}", base.uuid))
+                    .filter(|v| v.clone_of_volume == base.uuid)
                     .map(|v| v.name.clone())
                     .collect();
                 if !clones.is_empty() {

@@ -4,8 +4,8 @@
 //! (labelled `stratus.io/vm` with the guest's UUID, so not a base itself).
 //!
 //! pdiskd knows nothing of images: `pdisk image` derives them from the volume
-//! list, and counts as a base's clones the volumes whose source is
-//! `volume:<base uuid>`.
+//! list, and counts as a base's clones the volumes whose `clone_of_volume`
+//! is the base's UUID.
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,7 +14,9 @@ use stratus_core::cli::args::Ref;
 use stratus_proto::pdisk::v1::Volume;
 use tonic::Status;
 
+#[cfg(test)]
 pub use stratus_core::types::LABEL_IMAGE_SHA256 as LABEL_SHA256;
+#[cfg(test)]
 pub use stratus_core::types::LABEL_VM;
 /// The shortest sha256 prefix `image rm` takes.
 pub const MIN_PREFIX: usize = 8;
@@ -49,17 +51,19 @@ pub fn short(sha256: &str) -> String {
 pub fn images(volumes: &[Volume]) -> Vec<ImageEntry<'_>> {
     let mut out: Vec<ImageEntry<'_>> = volumes
         .iter()
-        .filter(|v| !v.labels.contains_key(LABEL_VM))
-        .filter_map(|base| {
-            let sha256 = base.labels.get(LABEL_SHA256)?;
-            let source = format!("volume:{}", base.uuid);
-            let mut clones: Vec<&Volume> = volumes.iter().filter(|v| v.source == source).collect();
+        .filter(|v| !v.image_sha256.is_empty())
+        .map(|base| {
+            let sha256 = &base.image_sha256;
+            let mut clones: Vec<&Volume> = volumes
+                .iter()
+                .filter(|v| v.clone_of_volume == base.uuid)
+                .collect();
             clones.sort_by(|a, b| a.name.cmp(&b.name));
-            Some(ImageEntry {
+            ImageEntry {
                 sha256,
                 base,
                 clones,
-            })
+            }
         })
         .collect();
     out.sort_by(|a, b| (a.sha256, &a.base.name).cmp(&(b.sha256, &b.base.name)));
@@ -189,6 +193,13 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            // As pdiskd answers: an image base is labelled and not a guest's.
+            image_sha256: match labels.iter().find(|(k, _)| *k == LABEL_SHA256) {
+                Some((_, sha)) if !labels.iter().any(|(k, _)| *k == LABEL_VM) => sha.to_string(),
+                _ => String::new(),
+            },
+            clone_of_volume: source.strip_prefix("volume:").unwrap_or("").into(),
+            clone_of_snapshot: source.strip_prefix("snapshot:").unwrap_or("").into(),
             source: source.into(),
             ..Default::default()
         }

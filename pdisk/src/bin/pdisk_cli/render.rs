@@ -384,6 +384,9 @@ mod tests {
             exported: true,
             snapshot_count: 2,
             device_path: "/srv/pool/volumes/6f96.img".into(),
+            clone_of_volume: String::new(),
+            clone_of_snapshot: "0f0e".into(),
+            image_sha256: String::new(),
         }
     }
 
@@ -481,10 +484,13 @@ mod tests {
         base.name = "image-00aa11bb22cc33dd".into();
         base.uuid = "u-base".into();
         base.labels = [(LABEL_SHA256.to_owned(), sha.clone())].into();
+        base.image_sha256 = sha.clone();
         let mut clone = volume();
         clone.name = "vm-1-vda".into();
         clone.labels = [(LABEL_VM.to_owned(), "vm1".to_owned())].into();
         clone.source = "volume:u-base".into();
+        clone.clone_of_volume = "u-base".into();
+        clone.clone_of_snapshot = String::new();
         let vs = [volume(), clone, base];
         let is = images(&vs);
         let j = images_json(&is);
