@@ -145,6 +145,17 @@ impl PdiskState {
             .ok_or_else(|| Status::not_found(format!("volume {r} not found")))
     }
 
+    /// [`Self::resolve`] in a project, as pdiskd scopes it: a volume of
+    /// another project is NotFound ("" = every project).
+    fn resolve_in(&self, r: &str, project: &str) -> std::result::Result<String, Status> {
+        let id = self.resolve(r)?;
+        if project.is_empty() || self.volumes[&id].project == project {
+            Ok(id)
+        } else {
+            Err(Status::not_found(format!("volume {r} not found")))
+        }
+    }
+
     fn add(&mut self, name: &str, labels: HashMap<String, String>, source: String) -> pdpb::Volume {
         let v = pdpb::Volume {
             uuid: Uuid::new_v4().to_string(),
@@ -206,11 +217,11 @@ impl FakeVolumes {
 type Answer<'a, T> = BoxFuture<'a, std::result::Result<T, Status>>;
 
 impl VolumeClient for FakeVolumes {
-    fn get_volume(&self, volume: String) -> Answer<'_, pdpb::Volume> {
+    fn get_volume(&self, volume: String, project: String) -> Answer<'_, pdpb::Volume> {
         Box::pin(async move {
             self.check("get_volume", &volume)?;
             let st = self.state.lock().unwrap();
-            let id = st.resolve(&volume)?;
+            let id = st.resolve_in(&volume, &project)?;
             Ok(st.volumes[&id].clone())
         })
     }
@@ -236,7 +247,7 @@ impl VolumeClient for FakeVolumes {
         Box::pin(async move {
             self.check("export_volume", &req.volume)?;
             let mut st = self.state.lock().unwrap();
-            let id = st.resolve(&req.volume)?;
+            let id = st.resolve_in(&req.volume, &req.project)?;
             let name = st.volumes[&id].name.clone();
             st.exported.insert(id.clone());
             let target_iqn = format!("iqn.2026-11.io.stratus.pdisk:{name}");

@@ -21,6 +21,8 @@ use crate::spec::{
 use crate::store::{Event, VmRecord};
 use stratus_core::error::Error;
 use stratus_core::types::ByteSize;
+use stratus_pki::tenancy::{check_reserved_labels, Scope};
+use stratus_pki::Identity;
 
 pub struct Api {
     agent: Arc<Agent>,
@@ -30,6 +32,33 @@ impl Api {
     pub fn new(agent: Arc<Agent>) -> Self {
         Api { agent }
     }
+
+    /// The guest `r` names, if a call in `scope` may see it: any other is
+    /// NotFound with the message a missing guest gets (no existence leak).
+    fn vm(&self, scope: &Scope, r: &str) -> Result<VmRecord, Status> {
+        let vm = self.agent.get_vm(r)?;
+        if scope.sees(&vm.project) {
+            Ok(vm)
+        } else {
+            Err(Error::not_found(format!("vm {r} not found")).into())
+        }
+    }
+
+    /// [`Self::vm`] as the UUID the service is then called with, so an
+    /// operation reaches only the guest that was checked.
+    fn vm_ref(&self, scope: &Scope, r: &str) -> Result<String, Status> {
+        Ok(self.vm(scope, r)?.uuid.to_string())
+    }
+}
+
+/// A request's caller, the project scope it acts in (its `project` field,
+/// see [`stratus_pki::tenancy`]), and its message.
+fn split<T>(req: Request<T>, project: impl Fn(&T) -> &str) -> Result<(Identity, Scope, T), Status> {
+    let caller = stratus_pki::gate::caller(&req)?.clone();
+    let identity = caller.identity.map_err(Status::unauthenticated)?;
+    let msg = req.into_inner();
+    let scope = Scope::of(&identity, project(&msg))?;
+    Ok((identity, scope, msg))
 }
 
 pub fn state_pb(s: VmState) -> pb::VmState {
@@ -103,6 +132,7 @@ pub fn event_pb(e: &Event) -> pb::Event {
         image_sha256: e.image_sha256.clone(),
         bytes: e.bytes,
         total_bytes: e.total_bytes,
+        project: e.project.clone(),
     }
 }
 
@@ -212,6 +242,7 @@ fn vm_pb(agent: &Agent, v: &VmRecord) -> pb::Vm {
         console_log: agent.console_log(v.uuid).display().to_string(),
         created_at: v.created_at.clone(),
         last_event_seq: v.last_event_seq,
+        project: v.project.clone(),
     }
 }
 
@@ -346,41 +377,48 @@ impl VmService for Api {
         &self,
         req: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let spec = req
-            .into_inner()
-            .spec
-            .ok_or_else(|| Error::invalid("spec is required"))?;
+        let (identity, scope, r) = split(req, |r| &r.project)?;
+        let spec = r.spec.ok_or_else(|| Error::invalid("spec is required"))?;
+        check_reserved_labels(&identity, spec.labels.keys())?;
         let spec = parse_spec(spec)?;
-        let vm = self.agent.create_vm(spec).await?;
+        let vm = self.agent.create_vm(spec, scope.project()).await?;
         Ok(Response::new(vm_pb(&self.agent, &vm)))
     }
 
     async fn start_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let vm = self.agent.start_vm(&req.into_inner().vm).await?;
+        let (_, scope, r) = split(req, |r| &r.project)?;
+        let vm = self.agent.start_vm(&self.vm_ref(&scope, &r.vm)?).await?;
         Ok(Response::new(vm_pb(&self.agent, &vm)))
     }
 
     async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let r = req.into_inner();
+        let (_, scope, r) = split(req, |r| &r.project)?;
         let vm = self
             .agent
-            .stop_vm(&r.vm, timeout_of(r.timeout_seconds), r.force)
+            .stop_vm(
+                &self.vm_ref(&scope, &r.vm)?,
+                timeout_of(r.timeout_seconds),
+                r.force,
+            )
             .await?;
         Ok(Response::new(vm_pb(&self.agent, &vm)))
     }
 
     async fn reboot_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let vm = self.agent.reboot_vm(&req.into_inner().vm).await?;
+        let (_, scope, r) = split(req, |r| &r.project)?;
+        let vm = self.agent.reboot_vm(&self.vm_ref(&scope, &r.vm)?).await?;
         Ok(Response::new(vm_pb(&self.agent, &vm)))
     }
 
     async fn pause_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let vm = self.agent.pause_vm(&req.into_inner().vm).await?;
+        let (_, scope, r) = split(req, |r| &r.project)?;
+        let vm = self.agent.pause_vm(&self.vm_ref(&scope, &r.vm)?).await?;
         Ok(Response::new(vm_pb(&self.agent, &vm)))
     }
 
     async fn resume_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let vm = self.agent.resume_vm(&req.into_inner().vm).await?;
+        let (_, scope, r) = split(req, |r| &r.project)?;
+        let vm = self.agent.resume_vm(&self.vm_ref(&scope, &r.vm)?).await?;
         Ok(Response::new(vm_pb(&self.agent, &vm)))
     }
 
@@ -388,26 +426,29 @@ impl VmService for Api {
         &self,
         req: Request<pb::DestroyVmRequest>,
     ) -> Result<Response<pb::DestroyVmResponse>, Status> {
-        let r = req.into_inner();
+        let (_, scope, r) = split(req, |r| &r.project)?;
         self.agent
-            .destroy_vm(&r.vm, timeout_of(r.timeout_seconds))
+            .destroy_vm(&self.vm_ref(&scope, &r.vm)?, timeout_of(r.timeout_seconds))
             .await?;
         Ok(Response::new(pb::DestroyVmResponse {}))
     }
 
     async fn get_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let vm = self.agent.get_vm(&req.into_inner().vm)?;
+        let (_, scope, r) = split(req, |r| &r.project)?;
+        let vm = self.vm(&scope, &r.vm)?;
         Ok(Response::new(vm_pb(&self.agent, &vm)))
     }
 
     async fn list_vms(
         &self,
-        _req: Request<pb::ListVmsRequest>,
+        req: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let (_, scope, _) = split(req, |r| &r.project)?;
         let vms = self
             .agent
             .list_vms()?
             .iter()
+            .filter(|v| scope.sees(&v.project))
             .map(|v| vm_pb(&self.agent, v))
             .collect();
         Ok(Response::new(pb::ListVmsResponse { vms }))
@@ -421,15 +462,23 @@ impl VmService for Api {
         &self,
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
-        let r = req.into_inner();
+        let (_, scope, r) = split(req, |r| &r.project)?;
         let filter = if r.vm.is_empty() {
             EventFilter::all()
         } else {
             match self.agent.get_vm(&r.vm) {
-                Ok(vm) => EventFilter::vm(vm.uuid.to_string()),
-                // A destroyed VM's events are still in the journal.
+                Ok(vm) if scope.sees(&vm.project) => EventFilter::vm(vm.uuid.to_string()),
+                Ok(_) => return Err(Error::not_found(format!("vm {} not found", r.vm)).into()),
+                // A destroyed VM's events are still in the journal (each
+                // carries its project, checked below).
                 Err(_) => EventFilter::vm(r.vm.clone()),
             }
+        };
+        // A call acting in one project sees only its guests' events (not
+        // host events, which belong to no project).
+        let filter = match scope {
+            Scope::All => filter,
+            Scope::Project(p) => filter.in_project(p),
         };
         let journal = self.agent.journal();
         let events = if r.no_follow {
@@ -491,8 +540,11 @@ impl VmService for Api {
         &self,
         req: Request<pb::SaveImageRequest>,
     ) -> Result<Response<pb::SaveImageResponse>, Status> {
-        let r = req.into_inner();
-        let volume = self.agent.save_image(&r.vm, &r.device, &r.name).await?;
+        let (_, scope, r) = split(req, |r| &r.project)?;
+        let volume = self
+            .agent
+            .save_image(&self.vm_ref(&scope, &r.vm)?, &r.device, &r.name)
+            .await?;
         Ok(Response::new(pb::SaveImageResponse {
             url: format!("pdisk:///{volume}"),
             volume,

@@ -26,11 +26,13 @@ use stratus_core::error::Result;
 pub struct EventFilter {
     /// A guest's UUID or name; None: every event (host events too).
     vm: Option<String>,
+    /// Only events of this project's guests; None: every project's.
+    project: Option<String>,
 }
 
 impl EventFilter {
     pub fn all() -> EventFilter {
-        EventFilter { vm: None }
+        EventFilter::default()
     }
 
     /// The events of one guest, by UUID or name: a destroyed guest's events
@@ -38,14 +40,29 @@ impl EventFilter {
     pub fn vm(uuid_or_name: impl Into<String>) -> EventFilter {
         EventFilter {
             vm: Some(uuid_or_name.into()),
+            project: None,
+        }
+    }
+
+    /// Narrows the filter to the events of `project`'s guests (never host
+    /// events, which belong to no project).
+    pub fn in_project(self, project: impl Into<String>) -> EventFilter {
+        EventFilter {
+            project: Some(project.into()),
+            ..self
         }
     }
 
     pub fn matches(&self, e: &Event) -> bool {
-        match &self.vm {
+        let in_project = match &self.project {
             None => true,
-            Some(f) => e.vm_uuid.to_string() == *f || e.vm_name == *f,
-        }
+            Some(p) => !e.vm_uuid.is_nil() && e.project == *p,
+        };
+        in_project
+            && match &self.vm {
+                None => true,
+                Some(f) => e.vm_uuid.to_string() == *f || e.vm_name == *f,
+            }
     }
 }
 

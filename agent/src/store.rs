@@ -91,6 +91,10 @@ pub struct VmRecord {
     /// is forgotten (and dropped from here when a start exports it again).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_unexports: Vec<String>,
+    /// The owning project, fixed at creation: "" = no project (admin-only),
+    /// which is also what records older than projects load as.
+    #[serde(default)]
+    pub project: String,
 }
 
 /// An event as journaled and streamed.
@@ -112,6 +116,10 @@ pub struct Event {
     pub bytes: u64,
     #[serde(default)]
     pub total_bytes: u64,
+    /// The project of the event's guest ("" for host events, and in events
+    /// journaled before projects).
+    #[serde(default)]
+    pub project: String,
 }
 
 /// An event before it has a seq and a time.
@@ -262,6 +270,7 @@ impl AgentStore {
                     image_sha256: e.image_sha256.clone(),
                     bytes: e.bytes,
                     total_bytes: e.total_bytes,
+                    project: vm.map(|v| v.project.clone()).unwrap_or_default(),
                 };
                 journal
                     .insert(seq, encode(&ev).as_slice())
@@ -376,7 +385,34 @@ mod tests {
             last_event_seq: 0,
             owned_volumes: Vec::new(),
             pending_unexports: Vec::new(),
+            project: String::new(),
         }
+    }
+
+    #[test]
+    fn guests_and_events_older_than_projects_load_as_project_none() {
+        let mut old = serde_json::to_value(record("legacy")).unwrap();
+        old.as_object_mut().unwrap().remove("project");
+        let back: VmRecord = decode("vm", old.to_string().as_bytes()).unwrap();
+        assert_eq!(back.project, "");
+        let dir = tempfile::tempdir().unwrap();
+        let s = AgentStore::open(dir.path()).unwrap();
+        let mut vm = record("owned");
+        vm.project = "astro".into();
+        let evs = s
+            .commit(
+                &mut vm,
+                &[NewEvent::new(EventType::Created, Cause::Api, "")],
+            )
+            .unwrap();
+        assert_eq!(
+            evs[0].project, "astro",
+            "events carry their guest's project"
+        );
+        let mut ev = serde_json::to_value(&evs[0]).unwrap();
+        ev.as_object_mut().unwrap().remove("project");
+        let back: Event = decode("event", ev.to_string().as_bytes()).unwrap();
+        assert_eq!(back.project, "");
     }
 
     #[test]

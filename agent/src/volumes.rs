@@ -22,7 +22,12 @@ use stratus_core::error::{Error, Result};
 
 /// One pdisk server, as the guest service uses it.
 pub trait VolumeClient: Send + Sync {
-    fn get_volume(&self, volume: String) -> BoxFuture<'_, Result<pdpb::Volume, Status>>;
+    /// The volume `volume` names in `project` ("" = any project).
+    fn get_volume(
+        &self,
+        volume: String,
+        project: String,
+    ) -> BoxFuture<'_, Result<pdpb::Volume, Status>>;
 
     fn list_volumes(
         &self,
@@ -93,10 +98,14 @@ impl PdiskVolumes {
 }
 
 impl VolumeClient for PdiskVolumes {
-    fn get_volume(&self, volume: String) -> BoxFuture<'_, Result<pdpb::Volume, Status>> {
+    fn get_volume(
+        &self,
+        volume: String,
+        project: String,
+    ) -> BoxFuture<'_, Result<pdpb::Volume, Status>> {
         let mut c = self.client.clone();
         Box::pin(async move {
-            Ok(c.get_volume(pdpb::GetVolumeRequest { volume })
+            Ok(c.get_volume(pdpb::GetVolumeRequest { volume, project })
                 .await?
                 .into_inner())
         })
@@ -137,9 +146,12 @@ impl VolumeClient for PdiskVolumes {
     fn delete_volume(&self, volume: String) -> BoxFuture<'_, Result<(), Status>> {
         let mut c = self.client.clone();
         Box::pin(async move {
-            c.delete_volume(pdpb::DeleteVolumeRequest { volume })
-                .await
-                .map(|_| ())
+            c.delete_volume(pdpb::DeleteVolumeRequest {
+                volume,
+                project: String::new(),
+            })
+            .await
+            .map(|_| ())
         })
     }
 
@@ -182,9 +194,12 @@ impl VolumeClient for PdiskVolumes {
     fn delete_snapshot(&self, snapshot: String) -> BoxFuture<'_, Result<(), Status>> {
         let mut c = self.client.clone();
         Box::pin(async move {
-            c.delete_snapshot(pdpb::DeleteSnapshotRequest { snapshot })
-                .await
-                .map(|_| ())
+            c.delete_snapshot(pdpb::DeleteSnapshotRequest {
+                snapshot,
+                project: String::new(),
+            })
+            .await
+            .map(|_| ())
         })
     }
 

@@ -57,6 +57,7 @@ impl Host {
             let mut c = VolumeServiceClient::new(testkit::channel(&url).await);
             let exists = c
                 .get_volume(pdpb::GetVolumeRequest {
+                    project: String::new(),
                     volume: "base".into(),
                 })
                 .await
@@ -102,11 +103,13 @@ impl Host {
         let url = self.pdiskd.url();
         self.ns.block_on(move || async move {
             let mut c = VolumeServiceClient::new(testkit::channel(&url).await);
-            c.list_exports(pdpb::ListExportsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .exports
+            c.list_exports(pdpb::ListExportsRequest {
+                project: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .exports
         })
     }
 
@@ -172,14 +175,18 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
     h.guest_volume("vm1-root");
     let vm = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
             spec: Some(spec_pdisk("vm1", "vm1-root")),
         })
         .await
         .unwrap();
-        c.start_vm(pb::VmRequest { vm: "vm1".into() })
-            .await
-            .unwrap()
-            .into_inner()
+        c.start_vm(pb::VmRequest {
+            project: String::new(),
+            vm: "vm1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
     });
     assert_eq!(vm.state(), pb::VmState::Running);
     assert!(vm.pid > 0);
@@ -219,6 +226,7 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
 
     let stopped = h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            project: String::new(),
             vm: "vm1".into(),
             timeout_seconds: 60,
             force: false,
@@ -254,13 +262,17 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
 
     h.agent(|mut c| async move {
         c.destroy_vm(pb::DestroyVmRequest {
+            project: String::new(),
             vm: "vm1".into(),
             timeout_seconds: 30,
         })
         .await
         .unwrap();
         let e = c
-            .get_vm(pb::VmRequest { vm: "vm1".into() })
+            .get_vm(pb::VmRequest {
+                project: String::new(),
+                vm: "vm1".into(),
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::NotFound);
@@ -280,11 +292,13 @@ fn poweroff_inside_the_guest_is_a_stop_caused_by_the_guest() {
     let h = Host::start();
     let vm = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
             spec: Some(spec_kernel("quitter", "stratus.poweroff_after=2", "")),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            project: String::new(),
             vm: "quitter".into(),
         })
         .await
@@ -317,6 +331,7 @@ fn two_guests_on_one_bridge_exchange_packets() {
             ("ping-b", "10.213.0.2", "10.213.0.1", "52:54:00:00:d5:02"),
         ] {
             c.create_vm(pb::CreateVmRequest {
+                project: String::new(),
                 spec: Some(spec_kernel(
                     name,
                     &format!("stratus.ip={me}/24 stratus.peer={peer}"),
@@ -326,10 +341,13 @@ fn two_guests_on_one_bridge_exchange_packets() {
             .await
             .unwrap();
             out.push(
-                c.start_vm(pb::VmRequest { vm: name.into() })
-                    .await
-                    .unwrap()
-                    .into_inner(),
+                c.start_vm(pb::VmRequest {
+                    project: String::new(),
+                    vm: name.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
             );
         }
         out
@@ -357,15 +375,19 @@ fn guests_survive_agentd_crashes_and_the_seq_continues() {
         let mut out = Vec::new();
         for name in ["keeper", "victim"] {
             c.create_vm(pb::CreateVmRequest {
+                project: String::new(),
                 spec: Some(spec_kernel(name, "", "")),
             })
             .await
             .unwrap();
             out.push(
-                c.start_vm(pb::VmRequest { vm: name.into() })
-                    .await
-                    .unwrap()
-                    .into_inner(),
+                c.start_vm(pb::VmRequest {
+                    project: String::new(),
+                    vm: name.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
             );
         }
         out
@@ -393,10 +415,13 @@ fn guests_survive_agentd_crashes_and_the_seq_continues() {
         let mut out = Vec::new();
         for name in ["keeper", "victim"] {
             out.push(
-                c.get_vm(pb::VmRequest { vm: name.into() })
-                    .await
-                    .unwrap()
-                    .into_inner(),
+                c.get_vm(pb::VmRequest {
+                    project: String::new(),
+                    vm: name.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
             );
         }
         out
@@ -426,11 +451,13 @@ fn guests_survive_agentd_crashes_and_the_seq_continues() {
     // The adopted guest is still under control.
     let v = h.agent(|mut c| async move {
         c.pause_vm(pb::VmRequest {
+            project: String::new(),
             vm: "keeper".into(),
         })
         .await
         .unwrap();
         c.resume_vm(pb::VmRequest {
+            project: String::new(),
             vm: "keeper".into(),
         })
         .await
@@ -457,6 +484,7 @@ fn a_reconnecting_watcher_gets_every_event_once_in_order() {
         let maker = tokio::spawn(async move {
             for i in 0..3 {
                 c2.create_vm(pb::CreateVmRequest {
+                    project: String::new(),
                     spec: Some(spec_kernel(&format!("w{i}"), "", "")),
                 })
                 .await
@@ -477,12 +505,14 @@ fn a_reconnecting_watcher_gets_every_event_once_in_order() {
     h.agent(|mut c| async move {
         for i in 3..6 {
             c.create_vm(pb::CreateVmRequest {
+                project: String::new(),
                 spec: Some(spec_kernel(&format!("w{i}"), "", "")),
             })
             .await
             .unwrap();
         }
         c.destroy_vm(pb::DestroyVmRequest {
+            project: String::new(),
             vm: "w0".into(),
             timeout_seconds: 5,
         })
@@ -505,7 +535,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     let codes = h.agent(|mut c| async move {
         let mut codes = Vec::new();
         let try_spec = |mut c: VmServiceClient<tonic::transport::Channel>, s: pb::VmSpec| async move {
-            c.create_vm(pb::CreateVmRequest { spec: Some(s) })
+            c.create_vm(pb::CreateVmRequest { project: String::new(), spec: Some(s) })
                 .await
                 .unwrap_err()
                 .code()
@@ -522,14 +552,14 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
         bad_name.nics[0].mac = "01:00:5e:00:00:01".into();
         codes.push(try_spec(c.clone(), bad_name.clone()).await);
         codes.push(try_spec(c.clone(), spec_pdisk("ok", "no-such-volume")).await);
-        c.create_vm(pb::CreateVmRequest {
+        c.create_vm(pb::CreateVmRequest { project: String::new(),
             spec: Some(spec_pdisk("dup", "disk1")),
         })
         .await
         .unwrap();
         codes.push(try_spec(c.clone(), spec_pdisk("dup", "disk1")).await);
         let n = c
-            .list_vms(pb::ListVmsRequest {})
+            .list_vms(pb::ListVmsRequest { project: String::new(),})
             .await
             .unwrap()
             .into_inner()
@@ -555,17 +585,22 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     let mut spec = spec_pdisk("nobridge", "disk1");
     spec.nics[0].bridge = "missingbr0".into();
     let (err, vm) = h.agent(|mut c| async move {
-        c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
-            .await
-            .unwrap();
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap();
         let e = c
             .start_vm(pb::VmRequest {
+                project: String::new(),
                 vm: "nobridge".into(),
             })
             .await
             .unwrap_err();
         let vm = c
             .get_vm(pb::VmRequest {
+                project: String::new(),
                 vm: "nobridge".into(),
             })
             .await
@@ -594,18 +629,23 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     }];
     let b = bad.clone();
     let (err, vm) = h.agent(|mut c| async move {
-        c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
-            .await
-            .unwrap();
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap();
         std::fs::remove_file(b).unwrap();
         let e = c
             .start_vm(pb::VmRequest {
+                project: String::new(),
                 vm: "badimg".into(),
             })
             .await
             .unwrap_err();
         let vm = c
             .get_vm(pb::VmRequest {
+                project: String::new(),
                 vm: "badimg".into(),
             })
             .await
@@ -647,14 +687,20 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
         let mut out = Vec::new();
         for spec in [seeded, by_name] {
             let name = spec.name.clone();
-            c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
-                .await
-                .unwrap();
+            c.create_vm(pb::CreateVmRequest {
+                project: String::new(),
+                spec: Some(spec),
+            })
+            .await
+            .unwrap();
             out.push(
-                c.start_vm(pb::VmRequest { vm: name })
-                    .await
-                    .unwrap()
-                    .into_inner(),
+                c.start_vm(pb::VmRequest {
+                    project: String::new(),
+                    vm: name,
+                })
+                .await
+                .unwrap()
+                .into_inner(),
             );
         }
         out
@@ -733,6 +779,7 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
     // start builds it again; destroying removes the guest's directory.
     h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            project: String::new(),
             vm: "seeded".into(),
             timeout_seconds: 30,
             force: true,
@@ -744,6 +791,7 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
     let dir = h.agentd.state_dir.join("vms").join(&vm.uuid);
     h.agent(|mut c| async move {
         c.destroy_vm(pb::DestroyVmRequest {
+            project: String::new(),
             vm: "seeded".into(),
             timeout_seconds: 30,
         })
@@ -826,14 +874,18 @@ fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
             tasks.push(tokio::spawn(async move {
                 let name = format!("img{i}");
                 c.create_vm(pb::CreateVmRequest {
+                    project: String::new(),
                     spec: Some(spec_image(&name, &url, &sha, false)),
                 })
                 .await
                 .unwrap();
-                c.start_vm(pb::VmRequest { vm: name })
-                    .await
-                    .unwrap()
-                    .into_inner()
+                c.start_vm(pb::VmRequest {
+                    project: String::new(),
+                    vm: name,
+                })
+                .await
+                .unwrap()
+                .into_inner()
             }));
         }
         let mut out = Vec::new();
@@ -873,13 +925,17 @@ fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
     let (u3, s3) = (url.clone(), sha.clone());
     h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
             spec: Some(spec_image("img5", &u3, &s3, false)),
         })
         .await
         .unwrap();
-        c.start_vm(pb::VmRequest { vm: "img5".into() })
-            .await
-            .unwrap();
+        c.start_vm(pb::VmRequest {
+            project: String::new(),
+            vm: "img5".into(),
+        })
+        .await
+        .unwrap();
     });
     let (used_after, _) = pool_used(&h);
     assert!(
@@ -892,6 +948,7 @@ fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
     // evicted while clones remain.
     let (evict_err, left) = h.agent(move |mut c| async move {
         c.destroy_vm(pb::DestroyVmRequest {
+            project: String::new(),
             vm: "img5".into(),
             timeout_seconds: 5,
         })
@@ -930,13 +987,17 @@ fn checksum_mismatch_and_policy_refusal_leave_nothing_cached() {
     let (u, w) = (url.clone(), wrong.clone());
     let err = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
             spec: Some(spec_image("bad", &u, &w, false)),
         })
         .await
         .unwrap();
-        c.start_vm(pb::VmRequest { vm: "bad".into() })
-            .await
-            .unwrap_err()
+        c.start_vm(pb::VmRequest {
+            project: String::new(),
+            vm: "bad".into(),
+        })
+        .await
+        .unwrap_err()
     });
     assert!(
         err.message().contains(&wrong) && err.message().contains(&sha),
@@ -977,6 +1038,7 @@ fn checksum_mismatch_and_policy_refusal_leave_nothing_cached() {
     let (u, s) = (url.clone(), sha.clone());
     let err = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
             spec: Some(spec_image("denied", &u, &s, true)),
         })
         .await
@@ -995,11 +1057,13 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
     let (u, s) = (url.clone(), sha.clone());
     let vm = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
             spec: Some(spec_image("ephemeral", &u, &s, true)),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            project: String::new(),
             vm: "ephemeral".into(),
         })
         .await
@@ -1028,6 +1092,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
     // explicitly (never read from its header).
     let vm = h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            project: String::new(),
             vm: "ephemeral".into(),
             timeout_seconds: 5,
             force: true,
@@ -1035,6 +1100,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            project: String::new(),
             vm: "ephemeral".into(),
         })
         .await
@@ -1070,6 +1136,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
             .await
             .unwrap_err();
         c.destroy_vm(pb::DestroyVmRequest {
+            project: String::new(),
             vm: "ephemeral".into(),
             timeout_seconds: 5,
         })
@@ -1133,10 +1200,14 @@ fn a_saved_disk_becomes_an_image_another_guest_boots_with() {
     }];
     let since = h.events(0).last().map(|e| e.seq).unwrap_or(0);
     let saved = h.agent(move |mut c| async move {
-        c.create_vm(pb::CreateVmRequest { spec: Some(src) })
-            .await
-            .unwrap();
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            spec: Some(src),
+        })
+        .await
+        .unwrap();
         c.save_image(pb::SaveImageRequest {
+            project: String::new(),
             vm: "src".into(),
             device: "vda".into(),
             name: "saved-img".into(),
@@ -1165,13 +1236,19 @@ fn a_saved_disk_becomes_an_image_another_guest_boots_with() {
     dst.disks = spec_image("x", &saved.url, &expected_sha, false).disks;
     dst.disks[0].boot_index = 0;
     let vm = h.agent(move |mut c| async move {
-        c.create_vm(pb::CreateVmRequest { spec: Some(dst) })
-            .await
-            .unwrap();
-        c.start_vm(pb::VmRequest { vm: "dst".into() })
-            .await
-            .unwrap()
-            .into_inner()
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            spec: Some(dst),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            project: String::new(),
+            vm: "dst".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
     });
     let console = wait_console(
         std::path::Path::new(&vm.console_log),
@@ -1256,10 +1333,14 @@ fn a_guest_written_qcow2_header_never_opens_a_host_file() {
         },
     ];
     let vm = h.agent(|mut c| async move {
-        c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
-            .await
-            .unwrap();
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap();
         c.start_vm(pb::VmRequest {
+            project: String::new(),
             vm: "hostile".into(),
         })
         .await
@@ -1280,6 +1361,7 @@ fn a_guest_written_qcow2_header_never_opens_a_host_file() {
 
     let vm = h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            project: String::new(),
             vm: "hostile".into(),
             timeout_seconds: 5,
             force: true,
@@ -1287,6 +1369,7 @@ fn a_guest_written_qcow2_header_never_opens_a_host_file() {
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            project: String::new(),
             vm: "hostile".into(),
         })
         .await

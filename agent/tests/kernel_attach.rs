@@ -189,6 +189,7 @@ async fn exported_volume(stack: &Stack, name: &str, initiator: &str) -> (IscsiLu
     let chap = Chap::new("kernelattach", &secret).unwrap();
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            project: String::new(),
             volume: name.into(),
             initiators: vec![initiator.into()],
             chap: Some(pb::ChapCredentials {
@@ -536,7 +537,9 @@ async fn events_since(agentd: &Agentd, since: u64) -> Vec<apb::Event> {
 async fn exports_of(stack: &Stack, volume: &str) -> Vec<pb::Export> {
     let mut c = stack.pdiskd.client().await;
     let mut v = c
-        .list_exports(pb::ListExportsRequest {})
+        .list_exports(pb::ListExportsRequest {
+            project: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -730,12 +733,16 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
 
     let mut c = agent_client(&agentd).await;
     c.create_vm(apb::CreateVmRequest {
+        project: String::new(),
         spec: Some(guest("kg1", vol1)),
     })
     .await
     .unwrap();
     let vm = c
-        .start_vm(apb::VmRequest { vm: "kg1".into() })
+        .start_vm(apb::VmRequest {
+            project: String::new(),
+            vm: "kg1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -746,6 +753,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     // A stop detaches: QEMU gone, logged out, record and export gone.
     let stopped = c
         .stop_vm(apb::StopVmRequest {
+            project: String::new(),
             vm: "kg1".into(),
             timeout_seconds: 0,
             force: true,
@@ -759,7 +767,10 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
 
     // Started again: a new session with a new secret.
     let vm = c
-        .start_vm(apb::VmRequest { vm: "kg1".into() })
+        .start_vm(apb::VmRequest {
+            project: String::new(),
+            vm: "kg1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -795,7 +806,10 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     step("agentd restarted");
     let mut c = agent_client(&agentd).await;
     let got = c
-        .get_vm(apb::VmRequest { vm: "kg1".into() })
+        .get_vm(apb::VmRequest {
+            project: String::new(),
+            vm: "kg1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -821,12 +835,16 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     // The restarted agentd attaches another guest's disk through the iface
     // the adopted guest's session uses.
     c.create_vm(apb::CreateVmRequest {
+        project: String::new(),
         spec: Some(guest("kg2", vol2)),
     })
     .await
     .unwrap();
     let vm2 = c
-        .start_vm(apb::VmRequest { vm: "kg2".into() })
+        .start_vm(apb::VmRequest {
+            project: String::new(),
+            vm: "kg2".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -838,6 +856,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     // Destroyed: QEMU gone, logged out, record deleted, export gone; the
     // other guest's session stays.
     c.destroy_vm(apb::DestroyVmRequest {
+        project: String::new(),
         vm: "kg1".into(),
         timeout_seconds: 1,
     })
@@ -845,7 +864,10 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     .unwrap();
     step("kg1 destroyed");
     let e = c
-        .get_vm(apb::VmRequest { vm: "kg1".into() })
+        .get_vm(apb::VmRequest {
+            project: String::new(),
+            vm: "kg1".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
@@ -866,7 +888,10 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     step("agentd restarted without kg2's QEMU");
     let mut c = agent_client(&agentd).await;
     let got2 = c
-        .get_vm(apb::VmRequest { vm: "kg2".into() })
+        .get_vm(apb::VmRequest {
+            project: String::new(),
+            vm: "kg2".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -880,6 +905,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     );
     check_detached(&stack, vol2, &target2, &vm2).await;
     c.destroy_vm(apb::DestroyVmRequest {
+        project: String::new(),
         vm: "kg2".into(),
         timeout_seconds: 1,
     })

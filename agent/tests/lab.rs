@@ -119,7 +119,9 @@ fn volumes_and_exports(ns: &NetNs) -> (Vec<pdpb::Volume>, Vec<pdpb::Export>) {
             .into_inner()
             .volumes;
         let exports = c
-            .list_exports(pdpb::ListExportsRequest {})
+            .list_exports(pdpb::ListExportsRequest {
+                project: String::new(),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -190,13 +192,19 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
     let u = agent_url.clone();
     let vm = ns.block_on(move || async move {
         let mut c = VmServiceClient::new(testkit::channel(&u).await);
-        c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
-            .await
-            .unwrap();
-        c.start_vm(pb::VmRequest { vm: "labvm".into() })
-            .await
-            .unwrap()
-            .into_inner()
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            project: String::new(),
+            vm: "labvm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
     });
     assert_eq!(vm.state(), pb::VmState::Running, "{vm:?}");
     // QEMU logs in to LIO on the storage host, across the bridge.
@@ -233,6 +241,7 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
     ns.block_on(move || async move {
         let mut c = VmServiceClient::new(testkit::channel(&u).await);
         c.destroy_vm(pb::DestroyVmRequest {
+            project: String::new(),
             vm: "labvm".into(),
             timeout_seconds: 30,
         })

@@ -20,6 +20,7 @@ use crate::service::{
     SnapshotInfo, VolumeInfo,
 };
 use crate::store::{Source, VolumeState};
+use crate::tenancy::Call;
 use crate::types::{Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
 
 pub struct Api {
@@ -66,12 +67,15 @@ fn volume_pb(v: VolumeInfo) -> pb::Volume {
         exported: v.exported,
         snapshot_count: v.snapshot_count,
         device_path: v.device_path.display().to_string(),
+        project: r.project,
+        created_by: r.created_by.map(|c| c.to_string()).unwrap_or_default(),
     }
 }
 
 fn snapshot_pb(s: SnapshotInfo) -> pb::Snapshot {
     let r = s.record;
     pb::Snapshot {
+        project: s.project,
         uuid: r.uuid.to_string(),
         name: r.name.to_string(),
         volume_uuid: r.volume.to_string(),
@@ -94,6 +98,7 @@ fn export_pb(e: ExportInfo) -> pb::Export {
         url,
         chap_user: e.record.chap.map(|c| c.user).unwrap_or_default(),
         exporter: e.exporter,
+        project: e.project,
     }
 }
 
@@ -178,12 +183,16 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
-        let r = req.into_inner();
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let labels = labels(r.labels);
+        call.check_labels(&labels)?;
         let source = match r.source {
             None => NewVolumeSource::Empty,
-            Some(pb::create_volume_request::Source::FromVolume(v)) => NewVolumeSource::Volume(v),
+            Some(pb::create_volume_request::Source::FromVolume(v)) => {
+                NewVolumeSource::Volume(call.source_volume(&self.svc, &v)?.uuid.to_string())
+            }
             Some(pb::create_volume_request::Source::FromSnapshot(s)) => {
-                NewVolumeSource::Snapshot(s)
+                NewVolumeSource::Snapshot(call.snapshot(&self.svc, &s)?.uuid.to_string())
             }
             Some(pb::create_volume_request::Source::FromImage(i)) => NewVolumeSource::ImageFile {
                 path: i.path.into(),
@@ -193,9 +202,10 @@ impl VolumeService for Api {
         let new = NewVolume {
             name: r.name.parse()?,
             size: r.size_bytes,
-            labels: labels(r.labels),
+            labels,
             source,
             request_id: r.request_id,
+            owner: call.owner(),
         };
         let svc = self.svc.clone();
         let v = detached(async move { svc.create_volume(new).await }).await?;
@@ -207,6 +217,7 @@ impl VolumeService for Api {
         req: Request<Streaming<pb::UploadVolumeRequest>>,
     ) -> Result<Response<pb::Volume>, Status> {
         use pb::upload_volume_request::Part;
+        let caller = stratus_pki::gate::caller(&req)?.clone();
         let mut stream = req.into_inner();
         let header = match stream.message().await? {
             Some(pb::UploadVolumeRequest {
@@ -215,8 +226,11 @@ impl VolumeService for Api {
             _ => return Err(Error::invalid("upload: the first message must be the header").into()),
         };
         // Check what can be checked before accepting any data.
+        let call = Call::new(&caller, &header.project)?;
         let name: VolumeName = header.name.parse()?;
         crate::types::validate_labels(header.labels.iter())?;
+        let header_labels = labels(header.labels);
+        call.check_labels(&header_labels)?;
         let format = image_format(header.format)?;
         if self.svc.get_volume(name.as_str()).await.is_ok() {
             return Err(Error::exists(format!("volume {name} already exists")).into());
@@ -261,12 +275,13 @@ impl VolumeService for Api {
         let new = NewVolume {
             name,
             size: header.size_bytes,
-            labels: labels(header.labels),
+            labels: header_labels,
             source: NewVolumeSource::Upload {
                 path: staged.0.clone(),
                 format,
             },
             request_id: header.request_id,
+            owner: call.owner(),
         };
         // Once all data is in, the import is pdiskd's; the staged file goes
         // with the task.
@@ -283,8 +298,10 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::GetVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let v = call.volume(&self.svc, &r.volume)?;
         Ok(Response::new(volume_pb(
-            self.svc.get_volume(&req.into_inner().volume).await?,
+            self.svc.get_volume(&v.uuid.to_string()).await?,
         )))
     }
 
@@ -292,12 +309,14 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let sel = labels(req.into_inner().label_selector);
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let sel = labels(r.label_selector);
         let volumes = self
             .svc
             .list_volumes(&sel)
             .await?
             .into_iter()
+            .filter(|v| call.sees_volume(&v.record))
             .map(volume_pb)
             .collect();
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
@@ -307,7 +326,8 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        let volume = req.into_inner().volume;
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let svc = self.svc.clone();
         detached(async move { svc.delete_volume(&volume).await }).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
@@ -317,9 +337,10 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::ResizeVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
-        let r = req.into_inner();
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let svc = self.svc.clone();
-        let v = detached(async move { svc.resize_volume(&r.volume, r.size_bytes).await }).await?;
+        let v = detached(async move { svc.resize_volume(&volume, r.size_bytes).await }).await?;
         Ok(Response::new(volume_pb(v)))
     }
 
@@ -327,21 +348,25 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::CloneVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
-        let r = req.into_inner();
+        let (call, r) = Call::split(req, |r| &r.project)?;
         let name = r.name.parse()?;
+        let labels = labels(r.labels);
+        call.check_labels(&labels)?;
+        let source = if r.source_is_snapshot {
+            NewVolumeSource::Snapshot(call.snapshot(&self.svc, &r.source)?.uuid.to_string())
+        } else {
+            NewVolumeSource::Volume(call.source_volume(&self.svc, &r.source)?.uuid.to_string())
+        };
+        let new = NewVolume {
+            name,
+            size: r.size_bytes,
+            labels,
+            source,
+            request_id: r.request_id,
+            owner: call.owner(),
+        };
         let svc = self.svc.clone();
-        let v = detached(async move {
-            svc.clone_volume(
-                &r.source,
-                r.source_is_snapshot,
-                name,
-                labels(r.labels),
-                r.size_bytes,
-                &r.request_id,
-            )
-            .await
-        })
-        .await?;
+        let v = detached(async move { svc.create_volume(new).await }).await?;
         Ok(Response::new(volume_pb(v)))
     }
 
@@ -349,10 +374,11 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
-        let r = req.into_inner();
+        let (call, r) = Call::split(req, |r| &r.project)?;
         let name = r.name.parse()?;
+        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let svc = self.svc.clone();
-        let s = detached(async move { svc.create_snapshot(&r.volume, name, &r.request_id).await })
+        let s = detached(async move { svc.create_snapshot(&volume, name, &r.request_id).await })
             .await?;
         Ok(Response::new(snapshot_pb(s)))
     }
@@ -361,13 +387,18 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        let snapshots = self
-            .svc
-            .list_snapshots(&req.into_inner().volume)
-            .await?
-            .into_iter()
-            .map(snapshot_pb)
-            .collect();
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let volume = if r.volume.is_empty() {
+            String::new()
+        } else {
+            call.volume(&self.svc, &r.volume)?.uuid.to_string()
+        };
+        let mut snapshots = Vec::new();
+        for s in self.svc.list_snapshots(&volume).await? {
+            if call.sees_project_of(&self.svc, s.record.volume)? {
+                snapshots.push(snapshot_pb(s));
+            }
+        }
         Ok(Response::new(pb::ListSnapshotsResponse { snapshots }))
     }
 
@@ -375,7 +406,8 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        let snapshot = req.into_inner().snapshot;
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let snapshot = call.snapshot(&self.svc, &r.snapshot)?.uuid.to_string();
         let svc = self.svc.clone();
         detached(async move { svc.delete_snapshot(&snapshot).await }).await?;
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
@@ -385,12 +417,13 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::ExportVolumeRequest>,
     ) -> Result<Response<pb::Export>, Status> {
-        let r = req.into_inner();
+        let (call, r) = Call::split(req, |r| &r.project)?;
         let initiators = iqns(&r.initiators)?;
         let chap = r.chap.map(|c| Chap::new(&c.user, &c.secret)).transpose()?;
+        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let svc = self.svc.clone();
         let e =
-            detached(async move { svc.export_volume(&r.volume, &initiators, chap).await }).await?;
+            detached(async move { svc.export_volume(&volume, &initiators, chap).await }).await?;
         Ok(Response::new(export_pb(e)))
     }
 
@@ -398,10 +431,11 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::UnexportVolumeRequest>,
     ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let (call, r) = Call::split(req, |r| &r.project)?;
         let initiators = iqns(&r.initiators)?;
+        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let svc = self.svc.clone();
-        let remaining = detached(async move { svc.unexport_volume(&r.volume, &initiators).await })
+        let remaining = detached(async move { svc.unexport_volume(&volume, &initiators).await })
             .await?
             .map(export_pb);
         Ok(Response::new(pb::UnexportVolumeResponse { remaining }))
@@ -409,14 +443,15 @@ impl VolumeService for Api {
 
     async fn list_exports(
         &self,
-        _req: Request<pb::ListExportsRequest>,
+        req: Request<pb::ListExportsRequest>,
     ) -> Result<Response<pb::ListExportsResponse>, Status> {
-        let exports = self
-            .svc
-            .list_exports()?
-            .into_iter()
-            .map(export_pb)
-            .collect();
+        let (call, _) = Call::split(req, |r| &r.project)?;
+        let mut exports = Vec::new();
+        for e in self.svc.list_exports()? {
+            if call.sees_project_of(&self.svc, e.record.volume)? {
+                exports.push(export_pb(e));
+            }
+        }
         Ok(Response::new(pb::ListExportsResponse { exports }))
     }
 
@@ -424,10 +459,15 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::ChecksumVolumeRequest>,
     ) -> Result<Response<pb::ChecksumVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let object = if r.is_snapshot {
+            call.snapshot(&self.svc, &r.volume)?.uuid
+        } else {
+            call.volume(&self.svc, &r.volume)?.uuid
+        };
         let c = self
             .svc
-            .checksum(&r.volume, r.is_snapshot, &r.request_id)
+            .checksum(&object.to_string(), r.is_snapshot, &r.request_id)
             .await?;
         Ok(Response::new(pb::ChecksumVolumeResponse {
             sha256: c.sha256,

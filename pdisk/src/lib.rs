@@ -7,7 +7,8 @@
 //! - `service`: the VolumeService operations tying them together;
 //! - `grpc`: the tonic VolumeService, message conversion only;
 //! - [`config`]: pdiskd settings from flags and TOML;
-//! - `progress`: progress of long operations, streamed by WatchProgress.
+//! - `progress`: progress of long operations, streamed by WatchProgress;
+//! - `tenancy`: projects at the gRPC edge (what a call may see and touch).
 //!
 //! The error type, domain types, command runner, image inspection and CLI
 //! plumbing it shares with the agent live in `stratus_core`; `error`,
@@ -33,6 +34,7 @@ pub(crate) mod grpc;
 pub(crate) mod progress;
 pub(crate) mod service;
 pub(crate) mod store;
+pub(crate) mod tenancy;
 
 pub use grpc::Api;
 pub use service::{PoolService, ServiceSettings};

@@ -91,6 +91,17 @@ pub struct NewVolume {
     pub labels: Labels,
     pub source: NewVolumeSource,
     pub request_id: String,
+    /// Its project and creator, decided at the edge from the caller.
+    pub owner: Owner,
+}
+
+/// Who a new volume belongs to and who made it.
+#[derive(Debug, Clone, Default)]
+pub struct Owner {
+    /// "" = no project (admin-only).
+    pub project: String,
+    /// None only for volumes pdiskd makes without a caller (tests).
+    pub creator: Option<stratus_pki::tenancy::Creator>,
 }
 
 /// A volume with the facts computed from the live pool.
@@ -107,6 +118,8 @@ pub struct VolumeInfo {
 pub struct SnapshotInfo {
     pub record: SnapshotRecord,
     pub volume_name: String,
+    /// Its volume's project.
+    pub project: String,
     pub allocated: u64,
 }
 
@@ -123,6 +136,8 @@ pub struct Checksum {
 pub struct ExportInfo {
     pub record: ExportRecord,
     pub volume_name: String,
+    /// Its volume's project.
+    pub project: String,
     pub portal: String,
     pub exporter: String,
 }
@@ -244,11 +259,14 @@ fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// Image base volumes (labelled with an image checksum, not a guest's clone)
-/// are read-only: clones are made from them, nothing writes them.
+/// Image base volumes (labelled with an image checksum, not a guest's clone,
+/// made by an agent or an admin) are read-only: clones are made from them,
+/// nothing writes them. A volume anyone else made is never an image base,
+/// whatever its labels say, so a tenant cannot forge one.
 pub(crate) fn is_image_base(v: &VolumeRecord) -> bool {
     v.labels.contains_key(crate::types::LABEL_IMAGE_SHA256)
         && !v.labels.contains_key(crate::types::LABEL_VM)
+        && v.created_by.as_ref().is_none_or(|c| c.is_trusted())
 }
 
 fn refuse_if_image_base(v: &VolumeRecord, what: &str) -> Result<()> {
@@ -309,6 +327,11 @@ impl PoolService {
         }
     }
 
+    /// The metadata store, for the gRPC edge's project checks.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
     }
@@ -365,20 +388,21 @@ impl PoolService {
         })
     }
 
-    /// The name of volume `uuid`, or "" when it is gone.
-    fn volume_name(&self, uuid: Uuid) -> Result<String> {
+    /// The name and project of volume `uuid`, or "" when it is gone.
+    fn volume_name(&self, uuid: Uuid) -> Result<(String, String)> {
         Ok(self
             .store
             .volume(uuid)?
-            .map(|v| v.name.to_string())
+            .map(|v| (v.name.to_string(), v.project))
             .unwrap_or_default())
     }
 
     fn snapshot_info(&self, record: SnapshotRecord, allocated: u64) -> Result<SnapshotInfo> {
-        let volume_name = self.volume_name(record.volume)?;
+        let (volume_name, project) = self.volume_name(record.volume)?;
         Ok(SnapshotInfo {
             allocated,
             volume_name,
+            project,
             record,
         })
     }
@@ -396,10 +420,11 @@ impl PoolService {
     }
 
     fn export_info(&self, record: ExportRecord) -> Result<ExportInfo> {
-        let volume_name = self.volume_name(record.volume)?;
+        let (volume_name, project) = self.volume_name(record.volume)?;
         Ok(ExportInfo {
             record,
             volume_name,
+            project,
             portal: self.exporter.portal(),
             exporter: self.exporter.kind().to_string(),
         })
@@ -640,6 +665,8 @@ impl PoolService {
             state_reason: String::new(),
             source,
             created_at: now(),
+            project: req.owner.project.clone(),
+            created_by: req.owner.creator.clone(),
         };
         self.store.insert_volume(&rec)?;
         crate::failpoints::crash_point("service::create::after_intent");
@@ -719,6 +746,7 @@ impl PoolService {
             labels,
             source,
             request_id: request_id.to_owned(),
+            owner: Owner::default(),
         })
         .await
     }

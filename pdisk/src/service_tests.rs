@@ -55,10 +55,21 @@ fn empty(volume: &str, size: u64) -> NewVolume {
         labels: Labels::new(),
         source: NewVolumeSource::Empty,
         request_id: String::new(),
+        owner: Default::default(),
     }
 }
 
 const IQN: &str = "iqn.2026-11.io.stratus:host1";
+
+/// A request as the host's admin sends it over the local socket.
+fn as_admin<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.extensions_mut().insert(stratus_pki::Caller::admin(
+        stratus_pki::Transport::Local,
+        "root",
+    ));
+    req
+}
 
 /// An initiator name, parsed as the gRPC edge parses it.
 fn iqn(s: &str) -> Iqn {
@@ -78,10 +89,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
             size_bytes: 1 << 20,
             ..Default::default()
         };
-        let s = api
-            .create_volume(tonic::Request::new(create))
-            .await
-            .unwrap_err();
+        let s = api.create_volume(as_admin(create)).await.unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{bad:?}: {s:?}");
     }
     let cases = [
@@ -120,13 +128,11 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
             initiators: vec!["not-an-iqn".into()],
             ..Default::default()
         };
-        let s = api
-            .export_volume(tonic::Request::new(export))
-            .await
-            .unwrap_err();
+        let s = api.export_volume(as_admin(export)).await.unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
         // A CHAP secret tgt and LIO would refuse (under 12 characters).
         let export = pb::ExportVolumeRequest {
+            project: String::new(),
             volume: "nope".into(),
             initiators: vec![IQN.into()],
             chap: Some(pb::ChapCredentials {
@@ -134,20 +140,15 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
                 secret: "short".into(),
             }),
         };
-        let s = api
-            .export_volume(tonic::Request::new(export))
-            .await
-            .unwrap_err();
+        let s = api.export_volume(as_admin(export)).await.unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
         assert!(!s.message().contains("short"), "{s:?}");
         let unexport = pb::UnexportVolumeRequest {
+            project: String::new(),
             volume: "nope".into(),
             initiators: vec!["not-an-iqn".into()],
         };
-        let s = api
-            .unexport_volume(tonic::Request::new(unexport))
-            .await
-            .unwrap_err();
+        let s = api.unexport_volume(as_admin(unexport)).await.unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
     }
 }
@@ -545,7 +546,7 @@ async fn image_bases_are_read_only_and_clones_are_not() {
         use stratus_proto::pdisk::v1::volume_service_server::VolumeService;
         let api = crate::grpc::Api::new(f.svc.clone());
         let listed = api
-            .list_volumes(tonic::Request::new(pb::ListVolumesRequest::default()))
+            .list_volumes(as_admin(pb::ListVolumesRequest::default()))
             .await
             .unwrap()
             .into_inner()
@@ -759,6 +760,8 @@ fn interrupted_create(f: &Fixture, volume: &str) -> VolumeRecord {
         state_reason: String::new(),
         source: Source::Empty,
         created_at: now(),
+        project: String::new(),
+        created_by: None,
     };
     f.svc.store.insert_volume(&rec).unwrap();
     rec

@@ -16,6 +16,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use stratus_pki::tenancy::Creator;
+
 use crate::error::{Error, Result};
 use crate::types::{ByteSize, Chap, Iqn, Labels, VolumeName};
 
@@ -66,6 +68,16 @@ pub struct VolumeRecord {
     pub state_reason: String,
     pub source: Source,
     pub created_at: String,
+    /// The owning project, fixed at creation: "" = no project (admin-only),
+    /// which is also what records older than projects load as.
+    #[serde(default)]
+    pub project: String,
+    /// Who created it. None in records older than caller identities: those
+    /// were made when every caller was the host's admin, and are trusted as
+    /// an admin's (an image base is trusted only when an agent or an admin
+    /// made it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<Creator>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -383,7 +395,28 @@ mod tests {
             state_reason: String::new(),
             source: Source::Empty,
             created_at: "2026-11-21T00:00:00Z".into(),
+            project: String::new(),
+            created_by: None,
         }
+    }
+
+    #[test]
+    fn records_older_than_projects_load_as_project_none_made_by_nobody_known() {
+        let mut old = serde_json::to_value(vol("legacy")).unwrap();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("project");
+        obj.remove("created_by");
+        let back: VolumeRecord = decode("volume", old.to_string().as_bytes()).unwrap();
+        assert_eq!(back.project, "");
+        assert_eq!(back.created_by, None);
+        let mut owned = vol("owned");
+        owned.project = "astro".into();
+        owned.created_by = Some(Creator {
+            role: stratus_pki::Role::Project,
+            name: "astro".into(),
+        });
+        let back: VolumeRecord = decode("volume", &encode(&owned)).unwrap();
+        assert_eq!(back, owned);
     }
 
     #[test]

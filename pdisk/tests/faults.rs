@@ -91,6 +91,7 @@ async fn create(c: &mut Client, name: &str) {
 
 async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> Result<(), tonic::Status> {
     c.export_volume(pb::ExportVolumeRequest {
+        project: String::new(),
         volume: vol.into(),
         initiators: initiators.iter().map(|s| s.to_string()).collect(),
         chap: None,
@@ -121,6 +122,7 @@ async fn prepare(c: &mut Client, op: Op, tag: &str, import_dir: &Path) -> String
         Op::DeleteSnapshot => {
             create(c, &vol).await;
             c.create_snapshot(pb::CreateSnapshotRequest {
+                project: String::new(),
                 volume: vol.clone(),
                 name: format!("{tag}-s"),
                 request_id: String::new(),
@@ -166,6 +168,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
             .map(|_| ()),
         Op::Snapshot => c
             .create_snapshot(pb::CreateSnapshotRequest {
+                project: String::new(),
                 volume: vol.into(),
                 name: format!("{tag}-s"),
                 request_id: String::new(),
@@ -174,6 +177,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
             .map(|_| ()),
         Op::Resize => c
             .resize_volume(pb::ResizeVolumeRequest {
+                project: String::new(),
                 volume: vol.into(),
                 size_bytes: 16 * MIB,
             })
@@ -182,6 +186,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
         Op::Export => export(c, vol, &[INITIATOR]).await,
         Op::Unexport => c
             .unexport_volume(pb::UnexportVolumeRequest {
+                project: String::new(),
                 volume: vol.into(),
                 initiators: vec![],
             })
@@ -189,17 +194,22 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
             .map(|_| ()),
         Op::UnexportOneInitiator => c
             .unexport_volume(pb::UnexportVolumeRequest {
+                project: String::new(),
                 volume: vol.into(),
                 initiators: vec![OTHER_INITIATOR.into()],
             })
             .await
             .map(|_| ()),
         Op::Delete => c
-            .delete_volume(pb::DeleteVolumeRequest { volume: vol.into() })
+            .delete_volume(pb::DeleteVolumeRequest {
+                project: String::new(),
+                volume: vol.into(),
+            })
             .await
             .map(|_| ()),
         Op::DeleteSnapshot => c
             .delete_snapshot(pb::DeleteSnapshotRequest {
+                project: String::new(),
                 snapshot: format!("{tag}-s"),
             })
             .await
@@ -279,7 +289,9 @@ async fn violations(
         bad.push(format!("staging/ not empty: {staged:?} {other:?}"));
     }
     let stored: BTreeMap<String, BTreeSet<String>> = c
-        .list_exports(pb::ListExportsRequest {})
+        .list_exports(pb::ListExportsRequest {
+            project: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -428,6 +440,7 @@ async fn an_operation_outlives_a_client_that_gives_up() {
         loop {
             let v = c
                 .get_volume(pb::GetVolumeRequest {
+                    project: String::new(),
                     volume: name.into(),
                 })
                 .await

@@ -27,6 +27,7 @@ async fn create(c: &mut Client, name: &str, size: u64) -> pb::Volume {
 
 async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> pb::Export {
     c.export_volume(pb::ExportVolumeRequest {
+        project: String::new(),
         volume: vol.into(),
         initiators: initiators.iter().map(|s| s.to_string()).collect(),
         chap: None,
@@ -75,6 +76,7 @@ async fn data_written_through_an_export_reads_back_and_acl_holds() {
 
     // Unexport makes the LUN unreachable for the allowed initiator too.
     c.unexport_volume(pb::UnexportVolumeRequest {
+        project: String::new(),
         volume: "data".into(),
         initiators: vec![],
     })
@@ -95,6 +97,7 @@ async fn snapshot_keeps_content_and_clone_is_writable_and_independent() {
     origin.io(&["write -P 0x11 0 1M"]).unwrap();
 
     c.create_snapshot(pb::CreateSnapshotRequest {
+        project: String::new(),
         volume: "origin".into(),
         name: "origin-s1".into(),
         request_id: String::new(),
@@ -148,6 +151,7 @@ async fn resize_shows_the_new_size_to_the_initiator() {
     assert_eq!(a.length().unwrap(), 64 << 20);
     let v = c
         .resize_volume(pb::ResizeVolumeRequest {
+            project: String::new(),
             volume: "grow".into(),
             size_bytes: 128 << 20,
         })
@@ -176,7 +180,9 @@ async fn killing_pdiskd_or_tgtd_loses_no_export() {
     s.pdiskd.restart();
     let mut c = s.pdiskd.client().await;
     let exports = c
-        .list_exports(pb::ListExportsRequest {})
+        .list_exports(pb::ListExportsRequest {
+            project: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -242,6 +248,7 @@ async fn drift_is_detected_and_nothing_is_deleted() {
     assert!(s.exports.show().contains(&orphan));
     let v = c
         .get_volume(pb::GetVolumeRequest {
+            project: String::new(),
             volume: "lost".into(),
         })
         .await
@@ -301,6 +308,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     assert_eq!(
         code(
             c.resize_volume(pb::ResizeVolumeRequest {
+                project: String::new(),
                 volume: "v1".into(),
                 size_bytes: 1 << 20
             })
@@ -311,13 +319,17 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     assert_eq!(
         code(
             c.get_volume(pb::GetVolumeRequest {
+                project: String::new(),
                 volume: "nope".into()
             })
             .await
         ),
         Code::NotFound
     );
-    let del = |v: &str| pb::DeleteVolumeRequest { volume: v.into() };
+    let del = |v: &str| pb::DeleteVolumeRequest {
+        project: String::new(),
+        volume: v.into(),
+    };
     assert_eq!(
         c.delete_volume(del("nope")).await.unwrap_err().code(),
         Code::NotFound
@@ -330,6 +342,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     );
     let bad_iqn = c
         .export_volume(pb::ExportVolumeRequest {
+            project: String::new(),
             volume: "v1".into(),
             initiators: vec!["host-a".into()],
             chap: None,
@@ -339,6 +352,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     assert_eq!(bad_iqn.code(), Code::InvalidArgument);
     let bad_chap = c
         .export_volume(pb::ExportVolumeRequest {
+            project: String::new(),
             volume: "v1".into(),
             initiators: vec![INITIATOR.into()],
             chap: Some(pb::ChapCredentials {
@@ -367,6 +381,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     tgtd.kill();
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            project: String::new(),
             volume: "v2".into(),
             initiators: vec![INITIATOR.into()],
             chap: None,
@@ -375,7 +390,9 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     let exports = c
-        .list_exports(pb::ListExportsRequest {})
+        .list_exports(pb::ListExportsRequest {
+            project: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -395,6 +412,7 @@ async fn twenty_concurrent_clients_leave_a_consistent_store() {
             create(&mut c, &name, 16 << 20).await;
             for j in 0..2 {
                 c.create_snapshot(pb::CreateSnapshotRequest {
+                    project: String::new(),
                     volume: name.clone(),
                     name: format!("{name}-s{j}"),
                     request_id: String::new(),
@@ -421,14 +439,18 @@ async fn twenty_concurrent_clients_leave_a_consistent_store() {
             if i % 2 == 0 {
                 for j in 0..2 {
                     c.delete_snapshot(pb::DeleteSnapshotRequest {
+                        project: String::new(),
                         snapshot: format!("{name}-s{j}"),
                     })
                     .await
                     .unwrap();
                 }
-                c.delete_volume(pb::DeleteVolumeRequest { volume: name })
-                    .await
-                    .unwrap();
+                c.delete_volume(pb::DeleteVolumeRequest {
+                    project: String::new(),
+                    volume: name,
+                })
+                .await
+                .unwrap();
             }
             shared.is_ok()
         }));
@@ -583,6 +605,7 @@ async fn snapshots_of_large_sparse_volumes_share_extents() {
     let before = used(&mut c).await;
     for i in 0..3 {
         c.create_snapshot(pb::CreateSnapshotRequest {
+            project: String::new(),
             volume: "big".into(),
             name: format!("big-s{i}"),
             request_id: String::new(),
@@ -614,6 +637,7 @@ async fn chap_export_needs_the_secret() {
     let secret = "Sup3rS3cretPass";
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            project: String::new(),
             volume: "secure".into(),
             initiators: vec![INITIATOR.into()],
             chap: Some(pb::ChapCredentials {
@@ -709,6 +733,7 @@ async fn checksum_matches_sha256sum_of_the_backing_file() {
     let sum = |volume: &str, is_snapshot: bool, request_id: &str| {
         let mut c = summer.clone();
         let req = pb::ChecksumVolumeRequest {
+            project: String::new(),
             volume: volume.into(),
             is_snapshot,
             request_id: request_id.into(),
@@ -745,6 +770,7 @@ async fn checksum_matches_sha256sum_of_the_backing_file() {
     // A snapshot's checksum is its volume's at the time it was taken.
     let snap = c
         .create_snapshot(pb::CreateSnapshotRequest {
+            project: String::new(),
             volume: "summed".into(),
             name: "summed-s1".into(),
             request_id: String::new(),
@@ -833,6 +859,7 @@ async fn image_bases_are_listed_and_never_removed_while_cloned() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 
     c.delete_volume(pb::DeleteVolumeRequest {
+        project: String::new(),
         volume: "vm-1-vda".into(),
     })
     .await

@@ -118,6 +118,7 @@ async fn past_the_threshold_growth_is_refused_and_nothing_changes() {
     assert!(e.message().contains("30%"), "{e:?}");
     let e = c
         .create_snapshot(pb::CreateSnapshotRequest {
+            project: String::new(),
             volume: "small".into(),
             name: "small-s".into(),
             request_id: String::new(),
@@ -136,6 +137,7 @@ async fn past_the_threshold_growth_is_refused_and_nothing_changes() {
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     let e = c
         .resize_volume(pb::ResizeVolumeRequest {
+            project: String::new(),
             volume: "small".into(),
             size_bytes: 128 * MIB,
         })
@@ -147,6 +149,7 @@ async fn past_the_threshold_growth_is_refused_and_nothing_changes() {
     // Deleting the full volume gives its blocks back (thin discard), and
     // creating works again.
     c.delete_volume(pb::DeleteVolumeRequest {
+        project: String::new(),
         volume: "big".into(),
     })
     .await
@@ -171,6 +174,7 @@ async fn snapshots_of_clones_of_snapshots_keep_every_generation() {
     for g in 1..=3u8 {
         let snap = format!("gen{}-s", g - 1);
         c.create_snapshot(pb::CreateSnapshotRequest {
+            project: String::new(),
             volume: source.clone(),
             name: snap.clone(),
             request_id: String::new(),

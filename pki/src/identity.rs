@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The scheme of every Stratus SAN URI.
 pub const SCHEME: &str = "stratus://";
@@ -24,7 +24,7 @@ pub const SCHEME: &str = "stratus://";
 pub const IQN_KIND: &str = "iqn";
 
 /// What a caller may do is decided by its role (and, for `project`, its name).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Everything, on both daemons.

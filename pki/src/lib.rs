@@ -6,7 +6,8 @@
 //! - [`serve`]: a daemon's listeners (mTLS, local socket, loopback plain
 //!   TCP) as one connection stream for tonic, each connection tagged with its
 //!   caller, and the SIGHUP reload;
-//! - [`connect`]: how clients reach a daemon.
+//! - [`connect`]: how clients reach a daemon;
+//! - [`tenancy`]: projects: the scope of a call, creators, reserved labels.
 
 pub mod authz;
 pub mod connect;
@@ -14,6 +15,7 @@ pub mod gate;
 pub mod identity;
 pub mod issue;
 pub mod serve;
+pub mod tenancy;
 pub mod tls;
 
 pub use connect::{Dialer, Target};

@@ -1073,6 +1073,7 @@ pub async fn agent_events(url: String, since: u64) -> Vec<stratus_proto::agent::
     let mut c = pb::vm_service_client::VmServiceClient::new(channel(&url).await);
     let mut s = c
         .watch_events(pb::WatchEventsRequest {
+            project: String::new(),
             since_seq: since,
             vm: String::new(),
             no_follow: true,

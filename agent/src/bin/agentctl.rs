@@ -60,6 +60,7 @@ fn main() -> ExitCode {
         remote: Remote::new(SERVER, &cli.agent, &cli.tls),
         json: cli.json,
         spinners: !cli.json && std::io::stderr().is_terminal(),
+        project: cli.project.unwrap_or_default(),
     };
     cli::run_to_exit(PROGRAM, ctx.json, run(&ctx, cli.command))
 }
@@ -70,6 +71,8 @@ struct Ctx {
     json: bool,
     /// Draw spinners: stderr is a terminal and the output is not JSON.
     spinners: bool,
+    /// The project every request acts in ("": the caller's default).
+    project: String,
 }
 
 impl Ctx {
@@ -125,8 +128,13 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
     }
 }
 
-fn request(vm: &Ref) -> VmRequest {
-    VmRequest { vm: vm.to_string() }
+impl Ctx {
+    fn request(&self, vm: &Ref) -> VmRequest {
+        VmRequest {
+            vm: vm.to_string(),
+            project: self.project.clone(),
+        }
+    }
 }
 
 async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
@@ -138,13 +146,16 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
                 ))
             })?;
             let spec = a.spec(&cwd).map_err(Failure::Usage)?;
-            let request = CreateVmRequest { spec: Some(spec) };
+            let request = CreateVmRequest {
+                project: ctx.project.clone(),
+                spec: Some(spec),
+            };
             let v = ctx.answer(ctx.connect().await?.create_vm(request).await)?;
             ctx.print_vm(&v)
         }
         VmCommand::Start { vm } => {
             let mut client = ctx.connect().await?;
-            let call = client.start_vm(request(&vm));
+            let call = client.start_vm(ctx.request(&vm));
             let v = ctx.answer(ctx.waiting(format!("starting {vm}"), call).await)?;
             if v.state == VmState::Error as i32 {
                 let reason = if v.state_reason.is_empty() {
@@ -162,6 +173,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
         VmCommand::Stop { vm, timeout, force } => {
             let mut client = ctx.connect().await?;
             let call = client.stop_vm(StopVmRequest {
+                project: ctx.project.clone(),
                 vm: vm.to_string(),
                 timeout_seconds: timeout,
                 force,
@@ -170,20 +182,21 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             ctx.print_vm(&v)
         }
         VmCommand::Reboot { vm } => {
-            let v = ctx.answer(ctx.connect().await?.reboot_vm(request(&vm)).await)?;
+            let v = ctx.answer(ctx.connect().await?.reboot_vm(ctx.request(&vm)).await)?;
             ctx.print_vm(&v)
         }
         VmCommand::Pause { vm } => {
-            let v = ctx.answer(ctx.connect().await?.pause_vm(request(&vm)).await)?;
+            let v = ctx.answer(ctx.connect().await?.pause_vm(ctx.request(&vm)).await)?;
             ctx.print_vm(&v)
         }
         VmCommand::Resume { vm } => {
-            let v = ctx.answer(ctx.connect().await?.resume_vm(request(&vm)).await)?;
+            let v = ctx.answer(ctx.connect().await?.resume_vm(ctx.request(&vm)).await)?;
             ctx.print_vm(&v)
         }
         VmCommand::Destroy { vm, timeout } => {
             let mut client = ctx.connect().await?;
             let call = client.destroy_vm(DestroyVmRequest {
+                project: ctx.project.clone(),
                 vm: vm.to_string(),
                 timeout_seconds: timeout,
             });
@@ -205,6 +218,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             let saved = ctx.answer(
                 client
                     .save_image(SaveImageRequest {
+                        project: ctx.project.clone(),
                         vm: vm.to_string(),
                         device: disk.clone(),
                         name: image.clone(),
@@ -223,6 +237,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
                 );
             }
             let stream = client.watch_events(WatchEventsRequest {
+                project: ctx.project.clone(),
                 since_seq: since,
                 vm: String::new(),
                 no_follow: false,
@@ -264,12 +279,19 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             }
         }
         VmCommand::Show { vm } => {
-            let v = ctx.answer(ctx.connect().await?.get_vm(request(&vm)).await)?;
+            let v = ctx.answer(ctx.connect().await?.get_vm(ctx.request(&vm)).await)?;
             ctx.print_vm(&v)
         }
         VmCommand::List => {
             let vs = ctx
-                .answer(ctx.connect().await?.list_vms(ListVmsRequest {}).await)?
+                .answer(
+                    ctx.connect()
+                        .await?
+                        .list_vms(ListVmsRequest {
+                            project: ctx.project.clone(),
+                        })
+                        .await,
+                )?
                 .vms;
             ctx.print(render::vms_json(&vs), || render::vms_table(&vs))
         }
@@ -364,6 +386,7 @@ fn emit(bytes: &[u8]) -> Result<bool, Failure> {
 
 async fn events(ctx: &Ctx, a: EventsArgs) -> Result<(), Failure> {
     let request = WatchEventsRequest {
+        project: ctx.project.clone(),
         since_seq: a.since,
         vm: a.vm.map(String::from).unwrap_or_default(),
         no_follow: !a.follow,
@@ -475,7 +498,7 @@ fn unreadable(vm: &str, path: &Path, e: &std::io::Error) -> Failure {
 
 async fn console(ctx: &Ctx, vm: &Ref, follow: bool, raw: bool) -> Result<(), Failure> {
     let mut client = ctx.connect().await?;
-    let v = ctx.answer(client.get_vm(request(vm)).await)?;
+    let v = ctx.answer(client.get_vm(ctx.request(vm)).await)?;
     if v.console_log.is_empty() {
         return Err(Failure::Local(format!("vm {} has no console log", v.name)));
     }
@@ -506,7 +529,7 @@ async fn console(ctx: &Ctx, vm: &Ref, follow: bool, raw: bool) -> Result<(), Fai
                 }
             }
             _ = checks.tick() => {
-                let running = match client.get_vm(request(vm)).await {
+                let running = match client.get_vm(ctx.request(vm)).await {
                     Ok(r) => render::is_active(r.into_inner().state),
                     // Destroyed meanwhile: the log is complete.
                     Err(s) if s.code() == tonic::Code::NotFound => false,

@@ -224,6 +224,9 @@ impl Agent {
             .export_volume(pdpb::ExportVolumeRequest {
                 volume: volume.to_string(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
+                // A guest's pdisk disks are volumes of its own project:
+                // pdisk answers NotFound for any other.
+                project: vm.project.clone(),
                 chap: Some(pdpb::ChapCredentials {
                     user: user.clone(),
                     secret,
@@ -370,6 +373,7 @@ impl Agent {
             .unexport_volume(pdpb::UnexportVolumeRequest {
                 volume: volume.to_string(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
+                project: String::new(),
             })
             .await
         {

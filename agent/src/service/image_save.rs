@@ -66,7 +66,11 @@ impl Agent {
             }
         };
         let pdisk = self.pdisk()?;
-        if pdisk.get_volume(name.to_string()).await.is_ok() {
+        if pdisk
+            .get_volume(name.to_string(), String::new())
+            .await
+            .is_ok()
+        {
             return Err(Error::exists(format!(
                 "volume {name} already exists in pdisk"
             )));
@@ -77,6 +81,7 @@ impl Agent {
                 volume,
                 name: snap_name,
                 request_id: String::new(),
+                project: vm.project.clone(),
             })
             .await
             .map_err(|s| status_error(s, &format!("snapshotting {device} of {}", vm.spec.name)))?;
@@ -148,6 +153,7 @@ impl Agent {
                     volume: snap.uuid.clone(),
                     is_snapshot: true,
                     request_id: request_id.clone(),
+                    project: String::new(),
                 })
                 .await
                 .map_err(|s| status_error(s, "checksumming the saved disk"))
@@ -162,6 +168,9 @@ impl Agent {
                 labels: HashMap::from([(LABEL_SHA256.to_string(), sha.clone())]),
                 size_bytes: 0,
                 request_id: String::new(),
+                // An image base belongs to no project: every project's
+                // guests on every host may launch from it.
+                project: String::new(),
             })
             .await
             .map_err(|s| status_error(s, &format!("making base volume {name}")))?;

@@ -192,6 +192,8 @@ impl Agent {
             format: format as i32,
             content_length: pulled.image.size,
             request_id: String::new(),
+            // Image bases belong to no project.
+            project: String::new(),
         };
         let v = match self
             .pdisk()?
@@ -228,6 +230,7 @@ impl Agent {
             .pdisk()?
             .list_volumes(pdpb::ListVolumesRequest {
                 label_selector: HashMap::from([(LABEL_SHA256.to_string(), sha.to_string())]),
+                project: String::new(),
             })
             .await
             .map_err(|s| status_error(s, "looking up image bases in pdisk"))?;
@@ -312,6 +315,8 @@ impl Agent {
                 ]),
                 size_bytes: size,
                 request_id: String::new(),
+                // The guest's clone belongs to the guest's project.
+                project: vm.project.clone(),
             })
             .await
             .map_err(|s| status_error(s, &format!("cloning image {} for {device}", r.sha256())))?;

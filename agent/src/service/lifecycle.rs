@@ -30,7 +30,9 @@ const CONFIRM: Duration = Duration::from_secs(30);
 impl Agent {
     // ---------- create ----------
 
-    pub async fn create_vm(&self, spec: VmSpec) -> Result<VmRecord> {
+    /// Defines a guest of `project` ("" = no project), within the host's
+    /// capacity and the project's quota.
+    pub async fn create_vm(&self, spec: VmSpec, project: &str) -> Result<VmRecord> {
         spec.validate()?;
         for d in &spec.disks {
             match &d.source {
@@ -48,7 +50,7 @@ impl Agent {
                 }
                 DiskSource::Pdisk(v) => {
                     self.pdisk()?
-                        .get_volume(v.to_string())
+                        .get_volume(v.to_string(), project.to_owned())
                         .await
                         .map_err(|s| status_error(s, &format!("pdisk volume {v}")))?;
                 }
@@ -85,6 +87,7 @@ impl Agent {
             last_event_seq: 0,
             owned_volumes: Vec::new(),
             pending_unexports: Vec::new(),
+            project: project.to_owned(),
         };
         self.commit(
             &mut vm,

@@ -189,7 +189,7 @@ async fn a_start_that_fails_at_any_step_undoes_everything_and_says_why() {
     for (step, op, nth) in steps {
         let host = Host::new();
         let agent = host.agent();
-        let vm = agent.create_vm(spec("web1")).await.unwrap();
+        let vm = agent.create_vm(spec("web1"), "").await.unwrap();
         match op {
             "export_volume" => host.pdisk.failures.fail_nth(op, nth),
             "create_tap" | "attach_to_bridge" | "set_vlan" => host.net.failures.fail_nth(op, nth),
@@ -231,7 +231,7 @@ async fn a_crash_between_start_steps_is_undone_at_the_next_start() {
     ] {
         let host = Host::new();
         let agent = host.agent();
-        agent.create_vm(spec("web1")).await.unwrap();
+        agent.create_vm(spec("web1"), "").await.unwrap();
         start_and_crash_at(&agent, "web1", at).await;
         // What the crash left: recorded attachments, still in place.
         let left = agent.get_vm("web1").unwrap();
@@ -261,7 +261,7 @@ async fn a_crash_between_start_steps_is_undone_at_the_next_start() {
 async fn a_guest_running_when_agentd_died_is_adopted_and_still_managed() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(spec("web1")).await.unwrap();
+    agent.create_vm(spec("web1"), "").await.unwrap();
     start_and_crash_at(&agent, "web1", "start.running").await;
     crash(agent).await;
     let pid = host.vmm.pids()[0];
@@ -308,7 +308,7 @@ async fn the_reconciler_skips_a_broken_guest_and_reconciles_the_others() {
     let host = Host::new();
     let agent = host.agent();
     for (name, volume) in [("a", "root"), ("b", "data")] {
-        agent.create_vm(small_spec(name, volume)).await.unwrap();
+        agent.create_vm(small_spec(name, volume), "").await.unwrap();
         agent.start_vm(name).await.unwrap();
     }
     crash(agent).await;
@@ -347,7 +347,10 @@ async fn the_reconciler_skips_a_broken_guest_and_reconciles_the_others() {
 async fn destroy_retries_an_unexport_it_could_not_do_until_it_is_done() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(small_spec("web1", "root")).await.unwrap();
+    agent
+        .create_vm(small_spec("web1", "root"), "")
+        .await
+        .unwrap();
     agent.start_vm("web1").await.unwrap();
     let exported = host.pdisk.exported();
     assert_eq!(exported.len(), 1);
@@ -367,7 +370,10 @@ async fn destroy_retries_an_unexport_it_could_not_do_until_it_is_done() {
     assert!(host.net.taps().is_empty() && host.vmm.pids().is_empty());
     // It holds no capacity, and its name is still taken.
     assert_eq!(agent.host_info().unwrap().free_vcpus, 16);
-    assert!(agent.create_vm(small_spec("web1", "data")).await.is_err());
+    assert!(agent
+        .create_vm(small_spec("web1", "data"), "")
+        .await
+        .is_err());
 
     // The timer's retry while pdisk still fails: nothing is dropped.
     let report = agent.retry_leftovers().await.unwrap();
@@ -402,7 +408,10 @@ async fn destroy_retries_an_unexport_it_could_not_do_until_it_is_done() {
 async fn destroy_retries_an_image_clone_delete_on_the_timer() {
     let host = Host::new();
     let agent = host.agent();
-    let mut vm = agent.create_vm(small_spec("web1", "root")).await.unwrap();
+    let mut vm = agent
+        .create_vm(small_spec("web1", "root"), "")
+        .await
+        .unwrap();
     // A clone the guest owns (as an image disk's start records it).
     let clone = host.pdisk.add_volume("vm-clone-vda");
     vm.owned_volumes.push(OwnedVolume {
@@ -445,7 +454,7 @@ async fn destroy_retries_an_image_clone_delete_on_the_timer() {
 async fn a_crash_mid_destroy_is_finished_at_the_next_start() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(spec("web1")).await.unwrap();
+    agent.create_vm(spec("web1"), "").await.unwrap();
     agent.start_vm("web1").await.unwrap();
     agent
         .stop_vm("web1", Duration::from_secs(5), false)
@@ -469,7 +478,10 @@ async fn a_crash_mid_destroy_is_finished_at_the_next_start() {
 async fn an_unexport_that_failed_at_stop_is_retried_and_never_undoes_a_new_start() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(small_spec("web1", "root")).await.unwrap();
+    agent
+        .create_vm(small_spec("web1", "root"), "")
+        .await
+        .unwrap();
     agent.start_vm("web1").await.unwrap();
     host.pdisk.failures.fail_times("unexport_volume", 1);
     let vm = agent
@@ -504,7 +516,7 @@ async fn an_unexport_that_failed_at_stop_is_retried_and_never_undoes_a_new_start
 async fn qemu_events_become_journal_events_with_their_state() {
     let host = Host::new();
     let agent = host.agent();
-    let vm = agent.create_vm(spec("web1")).await.unwrap();
+    let vm = agent.create_vm(spec("web1"), "").await.unwrap();
     agent.start_vm("web1").await.unwrap();
     agent.pause_vm("web1").await.unwrap();
     agent.resume_vm("web1").await.unwrap();
@@ -586,7 +598,7 @@ async fn qemu_events_become_journal_events_with_their_state() {
 async fn state_and_events_are_committed_together_and_seqs_are_never_reused() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(spec("web1")).await.unwrap();
+    agent.create_vm(spec("web1"), "").await.unwrap();
     start_and_crash_at(&agent, "web1", "start.running").await;
     crash(agent).await;
     let agent = host.agent();

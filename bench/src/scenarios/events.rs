@@ -170,6 +170,7 @@ async fn phase(url: &str, subs: usize, drive: Drive) -> anyhow::Result<Phase> {
         let mut sc = guests::connect(url).await?;
         let mut stream = sc
             .watch_events(pb::WatchEventsRequest {
+                project: String::new(),
                 since_seq: since,
                 vm: String::new(),
                 no_follow: false,
@@ -278,6 +279,7 @@ async fn phase(url: &str, subs: usize, drive: Drive) -> anyhow::Result<Phase> {
     }
     let mut replay = c
         .watch_events(pb::WatchEventsRequest {
+            project: String::new(),
             since_seq: since,
             vm: String::new(),
             no_follow: true,
@@ -320,7 +322,10 @@ async fn phase(url: &str, subs: usize, drive: Drive) -> anyhow::Result<Phase> {
 /// guest's last event when the call returns) and when the call was made.
 async fn toggle(c: &mut Agent, vm: &str, pause: bool) -> anyhow::Result<(u64, SystemTime)> {
     let at = SystemTime::now();
-    let req = pb::VmRequest { vm: vm.into() };
+    let req = pb::VmRequest {
+        project: String::new(),
+        vm: vm.into(),
+    };
     let r = if pause {
         c.pause_vm(req).await
     } else {

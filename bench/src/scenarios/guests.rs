@@ -218,11 +218,17 @@ pub(crate) async fn launch(
     deadline: Instant,
 ) -> anyhow::Result<Launched> {
     let name = spec.name.clone();
-    c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
-        .await
-        .with_context(|| format!("CreateVm {name}"))?;
+    c.create_vm(pb::CreateVmRequest {
+        project: String::new(),
+        spec: Some(spec),
+    })
+    .await
+    .with_context(|| format!("CreateVm {name}"))?;
     let vm = c
-        .start_vm(pb::VmRequest { vm: name.clone() })
+        .start_vm(pb::VmRequest {
+            project: String::new(),
+            vm: name.clone(),
+        })
         .await
         .with_context(|| format!("StartVm {name}"))?
         .into_inner();
@@ -272,6 +278,7 @@ pub(crate) async fn wait_ready(console: &Path, deadline: Instant) -> Boot {
 /// Destroys a guest (ACPI powerdown, forced after `timeout_s`).
 pub(crate) async fn destroy(c: &mut Agent, name: &str, timeout_s: u32) -> anyhow::Result<()> {
     c.destroy_vm(pb::DestroyVmRequest {
+        project: String::new(),
         vm: name.into(),
         timeout_seconds: timeout_s,
     })

@@ -218,8 +218,11 @@ async fn time_one(
     let secs = t.elapsed().as_secs_f64();
     match tool {
         Tool::Ours => {
-            c.delete_volume(pb::DeleteVolumeRequest { volume: name })
-                .await?;
+            c.delete_volume(pb::DeleteVolumeRequest {
+                project: String::new(),
+                volume: name,
+            })
+            .await?;
         }
         _ => std::fs::remove_file(&out)?,
     }

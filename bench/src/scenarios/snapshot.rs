@@ -92,6 +92,7 @@ async fn measure(c: &mut Client, gib: u64, runs: usize) -> anyhow::Result<Sizes>
         let clone = format!("{name}-c{i}");
         let t = Instant::now();
         c.create_snapshot(pb::CreateSnapshotRequest {
+            project: String::new(),
             volume: name.clone(),
             name: snap.clone(),
             request_id: String::new(),
@@ -107,13 +108,22 @@ async fn measure(c: &mut Client, gib: u64, runs: usize) -> anyhow::Result<Sizes>
         })
         .await?;
         out.clone.push(t.elapsed().as_secs_f64() * 1e3);
-        c.delete_volume(pb::DeleteVolumeRequest { volume: clone })
-            .await?;
-        c.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: snap })
-            .await?;
-    }
-    c.delete_volume(pb::DeleteVolumeRequest { volume: name })
+        c.delete_volume(pb::DeleteVolumeRequest {
+            project: String::new(),
+            volume: clone,
+        })
         .await?;
+        c.delete_snapshot(pb::DeleteSnapshotRequest {
+            project: String::new(),
+            snapshot: snap,
+        })
+        .await?;
+    }
+    c.delete_volume(pb::DeleteVolumeRequest {
+        project: String::new(),
+        volume: name,
+    })
+    .await?;
     Ok(out)
 }
 

@@ -52,6 +52,7 @@ fn main() -> ExitCode {
         remote: Remote::new("the pdisk server", &cli.server, &cli.tls),
         json: cli.json,
         bars: !cli.json && std::io::stderr().is_terminal(),
+        project: cli.project.unwrap_or_default(),
     };
     cli::run_to_exit(PROGRAM, ctx.json, run(&ctx, cli.command))
 }
@@ -62,6 +63,8 @@ struct Ctx {
     json: bool,
     /// Draw progress bars: stderr is a terminal and the output is not JSON.
     bars: bool,
+    /// The project every request acts in ("": the caller's default).
+    project: String,
 }
 
 impl Ctx {
@@ -112,7 +115,10 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
             let vs = ctx
                 .answer(
                     client
-                        .list_volumes(ListVolumesRequest { label_selector })
+                        .list_volumes(ListVolumesRequest {
+                            label_selector,
+                            project: ctx.project.clone(),
+                        })
                         .await,
                 )?
                 .volumes;
@@ -121,6 +127,7 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
         VolumeCommand::Show { volume } => {
             let mut client = ctx.connect().await?;
             let request = GetVolumeRequest {
+                project: ctx.project.clone(),
                 volume: volume.to_string(),
             };
             let v = ctx.answer(client.get_volume(request).await)?;
@@ -129,6 +136,7 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
         VolumeCommand::Delete { volume } => {
             let mut client = ctx.connect().await?;
             let request = DeleteVolumeRequest {
+                project: ctx.project.clone(),
                 volume: volume.to_string(),
             };
             ctx.answer(client.delete_volume(request).await)?;
@@ -140,6 +148,7 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
         VolumeCommand::Resize { volume, size } => {
             let mut client = ctx.connect().await?;
             let request = ResizeVolumeRequest {
+                project: ctx.project.clone(),
                 volume: volume.to_string(),
                 size_bytes: size.0,
             };
@@ -156,6 +165,7 @@ async fn volume_create(ctx: &Ctx, a: CreateArgs) -> Result<(), Failure> {
     let format = a.format.map_or(ImageFormat::Unspecified, Into::into) as i32;
     if let Some(path) = &a.upload {
         let header = UploadHeader {
+            project: ctx.project.clone(),
             name: a.name.into(),
             size_bytes,
             labels,
@@ -179,6 +189,7 @@ async fn volume_create(ctx: &Ctx, a: CreateArgs) -> Result<(), Failure> {
             ));
         }
         let request = CreateVolumeRequest {
+            project: ctx.project.clone(),
             name: a.name.into(),
             size_bytes,
             labels,
@@ -191,6 +202,7 @@ async fn volume_create(ctx: &Ctx, a: CreateArgs) -> Result<(), Failure> {
     // Imports and copies take time: follow their progress.
     let request_id = new_request_id();
     let request = CreateVolumeRequest {
+        project: ctx.project.clone(),
         name: a.name.into(),
         size_bytes,
         labels,
@@ -238,6 +250,7 @@ async fn volume_upload(ctx: &Ctx, mut header: UploadHeader, path: &Path) -> Resu
 async fn volume_clone(ctx: &Ctx, a: CloneArgs) -> Result<(), Failure> {
     let request_id = new_request_id();
     let request = CloneVolumeRequest {
+        project: ctx.project.clone(),
         source: a.source.to_string(),
         source_is_snapshot: a.from_snapshot,
         name: a.name.into(),
@@ -265,6 +278,7 @@ async fn snapshot(ctx: &Ctx, command: SnapshotCommand) -> Result<(), Failure> {
         SnapshotCommand::Create { volume, name } => {
             let request_id = new_request_id();
             let request = CreateSnapshotRequest {
+                project: ctx.project.clone(),
                 volume: volume.to_string(),
                 name: name.into(),
                 request_id: request_id.clone(),
@@ -276,6 +290,7 @@ async fn snapshot(ctx: &Ctx, command: SnapshotCommand) -> Result<(), Failure> {
         }
         SnapshotCommand::List { volume } => {
             let request = ListSnapshotsRequest {
+                project: ctx.project.clone(),
                 volume: volume.map(|v| v.to_string()).unwrap_or_default(),
             };
             let ss = ctx.answer(client.list_snapshots(request).await)?.snapshots;
@@ -283,6 +298,7 @@ async fn snapshot(ctx: &Ctx, command: SnapshotCommand) -> Result<(), Failure> {
         }
         SnapshotCommand::Delete { snapshot } => {
             let request = DeleteSnapshotRequest {
+                project: ctx.project.clone(),
                 snapshot: snapshot.to_string(),
             };
             ctx.answer(client.delete_snapshot(request).await)?;
@@ -310,6 +326,7 @@ async fn image(ctx: &Ctx, command: ImageCommand) -> Result<(), Failure> {
                 return Err(Failure::Server(refusal));
             }
             let request = DeleteVolumeRequest {
+                project: ctx.project.clone(),
                 volume: found.base.uuid.clone(),
             };
             ctx.answer(client.delete_volume(request).await)?;
@@ -336,6 +353,7 @@ async fn export(ctx: &Ctx, command: ExportCommand) -> Result<(), Failure> {
         ExportCommand::Add(a) => export_add(ctx, a).await,
         ExportCommand::Remove { volume, initiators } => {
             let request = UnexportVolumeRequest {
+                project: ctx.project.clone(),
                 volume: volume.to_string(),
                 initiators: initiators.into_iter().map(String::from).collect(),
             };
@@ -357,7 +375,13 @@ async fn export(ctx: &Ctx, command: ExportCommand) -> Result<(), Failure> {
         ExportCommand::List => {
             let mut client = ctx.connect().await?;
             let es = ctx
-                .answer(client.list_exports(ListExportsRequest {}).await)?
+                .answer(
+                    client
+                        .list_exports(ListExportsRequest {
+                            project: ctx.project.clone(),
+                        })
+                        .await,
+                )?
                 .exports;
             ctx.print(render::exports_json(&es), || render::exports_table(&es))
         }
@@ -377,6 +401,7 @@ async fn export_add(ctx: &Ctx, a: ExportAddArgs) -> Result<(), Failure> {
         _ => None,
     };
     let request = ExportVolumeRequest {
+        project: ctx.project.clone(),
         volume: a.volume.to_string(),
         initiators: a.initiators.into_iter().map(String::from).collect(),
         chap,

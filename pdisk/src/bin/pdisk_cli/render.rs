@@ -67,6 +67,8 @@ pub fn volume_json(v: &Volume) -> Value {
         "exported": v.exported,
         "snapshot_count": v.snapshot_count,
         "device_path": v.device_path,
+        "project": v.project,
+        "created_by": v.created_by,
     })
 }
 
@@ -90,6 +92,8 @@ pub fn volume_view(v: &Volume) -> String {
         ("size", size(v.size_bytes)),
         ("allocated", size(v.allocated_bytes)),
         ("state", state_text(v)),
+        ("project", or_none(&v.project)),
+        ("creator", or_none(&v.created_by)),
         ("source", or_none(&v.source)),
         ("labels", labels_text(&v.labels)),
         ("exported", yes_no(v.exported)),
@@ -387,6 +391,8 @@ mod tests {
             clone_of_volume: String::new(),
             clone_of_snapshot: "0f0e".into(),
             image_sha256: String::new(),
+            project: "astro".into(),
+            created_by: "project/astro".into(),
         }
     }
 
@@ -443,6 +449,7 @@ mod tests {
             url: "iscsi://10.0.0.5:3260/iqn.2026-11.io.stratus:db1/1".into(),
             chap_user: String::new(),
             exporter: "tgt".into(),
+            project: String::new(),
         };
         let j = export_json(&e);
         assert_eq!(j["initiators"][1], "iqn.2026-11.io.stratus:h2");
@@ -463,6 +470,7 @@ mod tests {
             size_bytes: 1 << 30,
             allocated_bytes: 0,
             created_at: String::new(),
+            project: String::new(),
         };
         assert_eq!(
             snapshots_json(std::slice::from_ref(&s))["snapshots"][0]["volume_name"],

@@ -78,6 +78,18 @@ pub struct Cli {
     #[arg(long, global = true, help_heading = GLOBAL)]
     pub json: bool,
 
+    /// The project to act in: required with a frontend certificate; with a
+    /// project certificate, its own (the default); admins act in every
+    /// project without it, and create VMs of no project
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTCTL_PROJECT",
+        value_name = "PROJECT",
+        help_heading = GLOBAL
+    )]
+    pub project: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }

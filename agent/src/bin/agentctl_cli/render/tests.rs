@@ -8,6 +8,7 @@ use super::*;
 
 fn vm() -> Vm {
     Vm {
+        project: String::new(),
         uuid: "6f9619ff-8b86-d011-b42d-00c04fc964ff".into(),
         name: "web1".into(),
         spec: Some(VmSpec {

@@ -1,0 +1,104 @@
+//! Projects at pdiskd's gRPC edge: which volumes a call may see and touch,
+//! in the project it acts in ([`stratus_pki::tenancy::Scope`]). Handlers
+//! resolve every ref through a [`Call`] before the service sees it, and pass
+//! the service the UUID they resolved, so an operation can only reach an
+//! object its caller may see. A volume (or snapshot, or export) outside the
+//! scope is NotFound with the very message a missing one gets.
+//!
+//! Snapshots and exports belong to their volume's project.
+
+use stratus_pki::tenancy::{check_reserved_labels, Creator, Scope};
+use stratus_pki::{Caller, Identity, Role};
+use tonic::{Request, Status};
+
+use crate::error::{Error, Result};
+use crate::service::{is_image_base, Owner, PoolService};
+use crate::store::{SnapshotRecord, VolumeRecord};
+use crate::types::Labels;
+
+/// One call's caller and the project scope it acts in.
+#[derive(Debug, Clone)]
+pub(crate) struct Call {
+    pub identity: Identity,
+    pub scope: Scope,
+}
+
+impl Call {
+    /// The call of `caller` naming `project` in its request.
+    pub fn new(caller: &Caller, project: &str) -> Result<Call, Status> {
+        let identity = caller.identity.clone().map_err(Status::unauthenticated)?;
+        let scope = Scope::of(&identity, project)?;
+        Ok(Call { identity, scope })
+    }
+
+    /// Splits a request into its call (caller + its `project` field) and
+    /// its message.
+    pub fn split<T>(req: Request<T>, project: impl Fn(&T) -> &str) -> Result<(Call, T), Status> {
+        let caller = stratus_pki::gate::caller(&req)?.clone();
+        let msg = req.into_inner();
+        let call = Call::new(&caller, project(&msg))?;
+        Ok((call, msg))
+    }
+
+    /// Who owns what this call creates.
+    pub fn owner(&self) -> Owner {
+        Owner {
+            project: self.scope.project().to_owned(),
+            creator: Some(Creator::of(&self.identity)),
+        }
+    }
+
+    /// Refuses `stratus.io/` labels unless the caller is an agent or an admin.
+    pub fn check_labels(&self, labels: &Labels) -> Result<(), Status> {
+        check_reserved_labels(&self.identity, labels.keys())
+    }
+
+    pub fn sees_volume(&self, v: &VolumeRecord) -> bool {
+        self.scope.sees(&v.project)
+    }
+
+    /// The volume `r` names, if this call may see it.
+    pub fn volume(&self, svc: &PoolService, r: &str) -> Result<VolumeRecord> {
+        let v = svc.store().find_volume(r)?;
+        if self.sees_volume(&v) {
+            Ok(v)
+        } else {
+            Err(Error::not_found(format!("volume {r} not found")))
+        }
+    }
+
+    /// The volume a clone or a create copies from: one this call may see,
+    /// or, for agents and admins, an image base (of no project) that they
+    /// clone into the project they act in.
+    pub fn source_volume(&self, svc: &PoolService, r: &str) -> Result<VolumeRecord> {
+        let v = svc.store().find_volume(r)?;
+        let base_for_infra =
+            matches!(self.identity.role, Role::Agent | Role::Admin) && is_image_base(&v);
+        if self.sees_volume(&v) || base_for_infra {
+            Ok(v)
+        } else {
+            Err(Error::not_found(format!("volume {r} not found")))
+        }
+    }
+
+    /// The snapshot `r` names, if this call may see its volume.
+    pub fn snapshot(&self, svc: &PoolService, r: &str) -> Result<SnapshotRecord> {
+        let s = svc.store().find_snapshot(r)?;
+        if self.sees_project_of(svc, s.volume)? {
+            Ok(s)
+        } else {
+            Err(Error::not_found(format!("snapshot {r} not found")))
+        }
+    }
+
+    /// Whether this call sees volume `uuid` (and so its snapshots and export).
+    pub fn sees_project_of(&self, svc: &PoolService, uuid: uuid::Uuid) -> Result<bool> {
+        if self.scope == Scope::All {
+            return Ok(true);
+        }
+        Ok(svc
+            .store()
+            .volume(uuid)?
+            .is_some_and(|v| self.sees_volume(&v)))
+    }
+}
