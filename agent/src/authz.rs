@@ -6,7 +6,7 @@
 //! are refused (they would see every project's guests); `agent` and `server`
 //! certificates have no business with another host's agentd.
 
-use stratus_pki::authz::Rule;
+use stratus_pki::authz::{Rule, Table};
 use stratus_pki::{Caller, Role};
 use tonic::Status;
 
@@ -94,40 +94,30 @@ pub const RULES: &[Rule] = &[
     },
 ];
 
+/// agentd's table.
+pub const TABLE: Table = Table {
+    service: SERVICE,
+    rules: RULES,
+};
+
 /// The gate's check for agentd.
 pub fn check(path: &str, caller: Option<&Caller>) -> Result<(), Status> {
-    stratus_pki::authz::check(SERVICE, RULES, path, caller)
+    TABLE.check(path, caller)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
-    use stratus_pki::{Identity, Transport};
 
     fn rpcs() -> Vec<String> {
-        let set =
-            prost_types::FileDescriptorSet::decode(stratus_proto::FILE_DESCRIPTOR_SET).unwrap();
-        set.file
-            .iter()
-            .filter(|f| f.package() == "agent.v1")
-            .flat_map(|f| f.service.iter())
-            .filter(|s| s.name() == "VmService")
-            .flat_map(|s| s.method.iter().map(|m| m.name().to_owned()))
-            .collect()
+        TABLE.rpcs(stratus_proto::FILE_DESCRIPTOR_SET)
     }
 
     #[test]
     fn every_rpc_has_exactly_one_rule() {
         let rpcs = rpcs();
         assert!(rpcs.len() >= 15, "{rpcs:?}");
-        for m in &rpcs {
-            let n = RULES.iter().filter(|r| r.method == m).count();
-            assert_eq!(n, 1, "{m} has {n} rules");
-        }
-        for r in RULES {
-            assert!(rpcs.iter().any(|m| m == r.method), "{} is no RPC", r.method);
-        }
+        assert_eq!(TABLE.coverage_errors(&rpcs), Vec::<String>::new());
     }
 
     #[test]
@@ -135,11 +125,7 @@ mod tests {
         for m in rpcs() {
             let path = format!("/{SERVICE}/{m}");
             for role in Role::ALL {
-                let caller = Caller {
-                    transport: Transport::Mtls,
-                    identity: Ok(Identity::new(role, "x")),
-                };
-                let got = check(&path, Some(&caller)).map_err(|s| s.code());
+                let got = TABLE.decision(&m, role);
                 let want = match role {
                     Role::Admin | Role::Frontend => Ok(()),
                     _ => Err(tonic::Code::PermissionDenied),

@@ -6,7 +6,7 @@
 //! project's volumes); `agent` callers get what an agentd needs for its
 //! guests; `admin` everything; `server` certificates nothing.
 
-use stratus_pki::authz::Rule;
+use stratus_pki::authz::{Rule, Table};
 use stratus_pki::{Caller, Role};
 use tonic::Status;
 
@@ -100,40 +100,31 @@ pub const RULES: &[Rule] = &[
     },
 ];
 
+/// pdiskd's table.
+pub const TABLE: Table = Table {
+    service: SERVICE,
+    rules: RULES,
+};
+
 /// The gate's check for pdiskd.
 pub fn check(path: &str, caller: Option<&Caller>) -> Result<(), Status> {
-    stratus_pki::authz::check(SERVICE, RULES, path, caller)
+    TABLE.check(path, caller)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
-    use stratus_pki::{Identity, Transport};
+    use stratus_pki::Transport;
 
     fn rpcs() -> Vec<String> {
-        let set =
-            prost_types::FileDescriptorSet::decode(stratus_proto::FILE_DESCRIPTOR_SET).unwrap();
-        set.file
-            .iter()
-            .filter(|f| f.package() == "pdisk.v1")
-            .flat_map(|f| f.service.iter())
-            .filter(|s| s.name() == "VolumeService")
-            .flat_map(|s| s.method.iter().map(|m| m.name().to_owned()))
-            .collect()
+        TABLE.rpcs(stratus_proto::FILE_DESCRIPTOR_SET)
     }
 
     #[test]
     fn every_rpc_has_exactly_one_rule() {
         let rpcs = rpcs();
         assert!(rpcs.len() >= 16, "{rpcs:?}");
-        for m in &rpcs {
-            let n = RULES.iter().filter(|r| r.method == m).count();
-            assert_eq!(n, 1, "{m} has {n} rules");
-        }
-        for r in RULES {
-            assert!(rpcs.iter().any(|m| m == r.method), "{} is no RPC", r.method);
-        }
+        assert_eq!(TABLE.coverage_errors(&rpcs), Vec::<String>::new());
     }
 
     #[test]
@@ -141,11 +132,7 @@ mod tests {
         for m in rpcs() {
             let path = format!("/{SERVICE}/{m}");
             for role in Role::ALL {
-                let caller = Caller {
-                    transport: Transport::Mtls,
-                    identity: Ok(Identity::new(role, "x")),
-                };
-                let got = check(&path, Some(&caller)).map_err(|s| s.code());
+                let got = TABLE.decision(&m, role);
                 let want = match role {
                     Role::Admin => Ok(()),
                     Role::Agent if !matches!(m.as_str(), "GetPool" | "ResizeVolume") => Ok(()),
