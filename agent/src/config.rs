@@ -2,13 +2,12 @@
 //! Every flag has the same key in the TOML file with `_` for `-`; unknown
 //! keys are errors.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use serde::Deserialize;
 
-use stratus_pki::serve::ServeSettings;
+use stratus_pki::serve::{ServeFlags, ServeSettings};
 use stratus_pki::TlsFiles;
 
 use crate::attach::AttachMode;
@@ -29,31 +28,11 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// mTLS gRPC listen address; needs --tls-cert, --tls-key and
-    /// --tls-client-ca [default: 127.0.0.1:7401 when they are given]
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// This host's agent certificate (PEM): served to clients and presented
-    /// to pdiskd; reloaded on SIGHUP
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// This host's private key (PEM), reloaded on SIGHUP
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// The cloud's CA (PEM): verifies clients, and pdiskd's certificate
-    #[arg(long, value_name = "FILE")]
-    pub tls_client_ca: Option<PathBuf>,
-    /// The local admin socket ("none": no local socket)
-    /// [default: /run/stratus/agentd.sock]
-    #[arg(long, value_name = "PATH")]
-    pub local_socket: Option<PathBuf>,
-    /// Group of the local socket whose members are admins [default: stratus]
-    #[arg(long, value_name = "GROUP")]
-    pub local_group: Option<String>,
-    /// Also serve plain-text gRPC on this loopback address (no TLS; every
-    /// caller is an admin): for tests and benchmarks only
-    #[arg(long, value_name = "ADDR")]
-    pub insecure_listen: Option<SocketAddr>,
+    /// Listeners: mTLS, the local socket, loopback plain TCP; agentd's
+    /// certificate and key are also what it presents to pdiskd.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub serve: ServeFlags,
     /// Directory of the agent's state and guest files [default: /var/lib/stratus-agent]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -151,27 +130,15 @@ impl Flags {
         );
         let reserved = pick!(reserved_memory, "1G".into());
         let quota = pick!(image_quota, "20G".into());
-        let tls = TlsFiles::from_parts(
-            self.tls_cert.clone().or(file.tls_cert.clone()),
-            self.tls_key.clone().or(file.tls_key.clone()),
-            self.tls_client_ca.clone().or(file.tls_client_ca.clone()),
-            ["tls-cert", "tls-key", "tls-client-ca"],
-        )
-        .map_err(Error::invalid)?;
-        let serve = ServeSettings::resolve(
-            self.listen.or(file.listen),
-            "127.0.0.1:7401".parse().expect("a socket address"),
-            tls.clone(),
-            Some(
-                self.local_socket
-                    .clone()
-                    .or(file.local_socket.clone())
-                    .unwrap_or_else(|| PathBuf::from("/run/stratus/agentd.sock")),
-            ),
-            self.local_group.clone().or(file.local_group.clone()),
-            self.insecure_listen.or(file.insecure_listen),
-        )
-        .map_err(Error::invalid)?;
+        let serve = self
+            .serve
+            .resolve(
+                &file.serve,
+                "127.0.0.1:7401".parse().expect("a socket address"),
+                Path::new("/run/stratus/agentd.sock"),
+            )
+            .map_err(Error::invalid)?;
+        let tls = serve.mtls.as_ref().map(|(_, files)| files.clone());
         let cfg = Config {
             serve,
             tls,

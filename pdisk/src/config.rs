@@ -5,7 +5,7 @@
 //! so a typo never silently falls back to a default.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
@@ -16,8 +16,7 @@ pub use stratus_core::settings::LogFormat;
 use crate::backend::lvm::{LvmName, LvmSettings, Wipe};
 use crate::error::{Error, Result};
 use crate::types::Iqn;
-use stratus_pki::serve::ServeSettings;
-use stratus_pki::TlsFiles;
+use stratus_pki::serve::{ServeFlags, ServeSettings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,30 +45,10 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// mTLS gRPC listen address; needs --tls-cert, --tls-key and
-    /// --tls-client-ca [default: 127.0.0.1:7400 when they are given]
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
-    /// This server's certificate (PEM), reloaded on SIGHUP
-    #[arg(long, value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-    /// This server's private key (PEM), reloaded on SIGHUP
-    #[arg(long, value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-    /// The CA that signs client certificates (PEM), reloaded on SIGHUP
-    #[arg(long, value_name = "FILE")]
-    pub tls_client_ca: Option<PathBuf>,
-    /// The local admin socket ("none": no local socket)
-    /// [default: /run/stratus/pdiskd.sock]
-    #[arg(long, value_name = "PATH")]
-    pub local_socket: Option<PathBuf>,
-    /// Group of the local socket whose members are admins [default: stratus]
-    #[arg(long, value_name = "GROUP")]
-    pub local_group: Option<String>,
-    /// Also serve plain-text gRPC on this loopback address (no TLS; every
-    /// caller is an admin): for tests and benchmarks only
-    #[arg(long, value_name = "ADDR")]
-    pub insecure_listen: Option<SocketAddr>,
+    /// Listeners: mTLS, the local socket, loopback plain TCP.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub serve: ServeFlags,
     /// Directory of the metadata store [default: /var/lib/pdisk]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -206,29 +185,15 @@ impl Flags {
         Ok(cfg)
     }
 
-    /// The listeners: flags over file; see [`ServeSettings::resolve`].
+    /// The listeners: flags over file; see [`ServeFlags::resolve`].
     fn serve_settings(&self, file: &Flags) -> Result<ServeSettings> {
-        let tls = TlsFiles::from_parts(
-            self.tls_cert.clone().or(file.tls_cert.clone()),
-            self.tls_key.clone().or(file.tls_key.clone()),
-            self.tls_client_ca.clone().or(file.tls_client_ca.clone()),
-            ["tls-cert", "tls-key", "tls-client-ca"],
-        )
-        .map_err(Error::invalid)?;
-        ServeSettings::resolve(
-            self.listen.or(file.listen),
-            "127.0.0.1:7400".parse().expect("a socket address"),
-            tls,
-            Some(
-                self.local_socket
-                    .clone()
-                    .or(file.local_socket.clone())
-                    .unwrap_or_else(|| PathBuf::from("/run/stratus/pdiskd.sock")),
-            ),
-            self.local_group.clone().or(file.local_group.clone()),
-            self.insecure_listen.or(file.insecure_listen),
-        )
-        .map_err(Error::invalid)
+        self.serve
+            .resolve(
+                &file.serve,
+                "127.0.0.1:7400".parse().expect("a socket address"),
+                Path::new("/run/stratus/pdiskd.sock"),
+            )
+            .map_err(Error::invalid)
     }
 
     /// The lvm backend's settings, validated (names LVM accepts, so nothing
@@ -348,6 +313,46 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(e.message().contains("loopback"), "{e}");
+    }
+
+    /// The serving keys are stratus-pki's `ServeFlags`, flattened: the same
+    /// top-level TOML keys as flags, flags over file, typos still refused.
+    #[test]
+    fn serving_keys_come_from_the_file_under_their_flag_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pdiskd.toml");
+        std::fs::write(
+            &f,
+            "tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntls_client_ca = \"/ca.pem\"\n\
+             local_socket = \"/tmp/file.sock\"\nlocal_group = \"ops\"\n\
+             insecure_listen = \"127.0.0.1:7999\"\n",
+        )
+        .unwrap();
+        let path = f.to_str().unwrap();
+        let c = Flags::parse_from([
+            "pdiskd",
+            "--config",
+            path,
+            "--local-socket",
+            "/tmp/flag.sock",
+        ])
+        .resolve()
+        .unwrap();
+        let (listen, files) = c.serve.mtls.expect("TLS files give an mTLS listener");
+        assert_eq!(listen, "127.0.0.1:7400".parse().unwrap());
+        assert_eq!(files.cert, PathBuf::from("/c.pem"));
+        assert_eq!(c.serve.local_socket, Some(PathBuf::from("/tmp/flag.sock")));
+        assert_eq!(c.serve.local_group, "ops");
+        assert_eq!(
+            c.serve.insecure_listen,
+            Some("127.0.0.1:7999".parse().unwrap())
+        );
+
+        std::fs::write(&f, "tls_crt = \"/c.pem\"\n").unwrap();
+        let e = Flags::parse_from(["pdiskd", "--config", path])
+            .resolve()
+            .unwrap_err();
+        assert!(e.message().contains("tls_crt"), "{e}");
     }
 
     #[test]

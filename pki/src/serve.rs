@@ -38,6 +38,72 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The group whose members are admins on a daemon's local socket.
 pub const LOCAL_GROUP: &str = "stratus";
 
+/// The serving flags pdiskd and agentd share, flattened into each daemon's
+/// flags (`#[command(flatten)]`, `#[serde(flatten)]`): the TOML keys are the
+/// flags' names with `_` for `-`, at the top level of the daemon's file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, serde::Deserialize)]
+#[serde(default)]
+pub struct ServeFlags {
+    /// mTLS gRPC listen address; needs --tls-cert, --tls-key and
+    /// --tls-client-ca [default when they are given: 127.0.0.1:7400 for
+    /// pdiskd, 127.0.0.1:7401 for agentd]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// This daemon's certificate (PEM), served to clients (agentd also
+    /// presents it to pdiskd); reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This daemon's private key (PEM), reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The cloud's CA (PEM): verifies client certificates (and, for agentd,
+    /// pdiskd's); reloaded on SIGHUP
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The local admin socket ("none": no local socket)
+    /// [default: /run/stratus/pdiskd.sock or /run/stratus/agentd.sock]
+    #[arg(long, value_name = "PATH")]
+    pub local_socket: Option<PathBuf>,
+    /// Group of the local socket whose members are admins [default: stratus]
+    #[arg(long, value_name = "GROUP")]
+    pub local_group: Option<String>,
+    /// Also serve plain-text gRPC on this loopback address (no TLS; every
+    /// caller is an admin): for tests and benchmarks only
+    #[arg(long, value_name = "ADDR")]
+    pub insecure_listen: Option<SocketAddr>,
+}
+
+impl ServeFlags {
+    /// These flags over the settings file's (`file`) over the daemon's
+    /// defaults, checked: see [`ServeSettings::resolve`].
+    pub fn resolve(
+        &self,
+        file: &ServeFlags,
+        default_listen: SocketAddr,
+        default_socket: &Path,
+    ) -> Result<ServeSettings, String> {
+        let tls = TlsFiles::from_parts(
+            self.tls_cert.clone().or(file.tls_cert.clone()),
+            self.tls_key.clone().or(file.tls_key.clone()),
+            self.tls_client_ca.clone().or(file.tls_client_ca.clone()),
+            ["tls-cert", "tls-key", "tls-client-ca"],
+        )?;
+        ServeSettings::resolve(
+            self.listen.or(file.listen),
+            default_listen,
+            tls,
+            Some(
+                self.local_socket
+                    .clone()
+                    .or(file.local_socket.clone())
+                    .unwrap_or_else(|| default_socket.to_path_buf()),
+            ),
+            self.local_group.clone().or(file.local_group.clone()),
+            self.insecure_listen.or(file.insecure_listen),
+        )
+    }
+}
+
 /// Where and how a daemon listens (resolved from flags and TOML).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeSettings {
