@@ -415,8 +415,30 @@ pub struct LvmBackend {
     changes: tokio::sync::Mutex<()>,
 }
 
-/// The LVM programs that change VG metadata and so take the VG's lock.
-const CHANGE_PROGRAMS: [&str; 5] = ["lvcreate", "lvextend", "lvrename", "lvchange", "lvremove"];
+/// An LVM command that changes VG metadata and so takes the VG's lock
+/// (lvcreate, lvextend, lvrename, lvchange, lvremove), tagged where it is
+/// built ([`LvmBackend::change`]). The type is the tag: only
+/// [`LvmBackend::run_change`] and [`LvmBackend::attempt_change`] run one,
+/// and both hold the backend's queue while it runs.
+struct Change(Cmd);
+
+impl Change {
+    fn arg(self, a: impl Into<String>) -> Self {
+        Change(self.0.arg(a))
+    }
+
+    fn args<I, S>(self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Change(self.0.args(args))
+    }
+
+    fn timeout(self, t: Duration) -> Self {
+        Change(self.0.timeout(t))
+    }
+}
 
 /// The error for a failed LVM call: the program and its target, the exit
 /// status and LVM's messages, its kind read from those messages.
@@ -528,7 +550,7 @@ impl LvmBackend {
             )));
         }
         if !pool.active() {
-            b.run(&b.change("lvchange").args(["--activate", "y"]).arg(b.pool()))
+            b.run_change(&b.change("lvchange").args(["--activate", "y"]).arg(b.pool()))
                 .await?;
         }
         for lv in &lvs {
@@ -592,17 +614,27 @@ impl LvmBackend {
         ]
     }
 
-    /// An LVM command that changes something.
-    fn change(&self, program: &str) -> Cmd {
-        Cmd::new(program).timeout(CHANGE_TIMEOUT)
+    /// An LVM command that changes VG metadata.
+    fn change(&self, program: &str) -> Change {
+        Change(Cmd::new(program).timeout(CHANGE_TIMEOUT))
     }
 
+    /// Runs a change behind our other changes; its failure is an error.
+    async fn run_change(&self, change: &Change) -> Result<Output> {
+        let _queue = self.changes.lock().await;
+        self.run(&change.0).await
+    }
+
+    /// Runs a change behind our other changes and hands back its output,
+    /// failed or not (for callers that judge the failure themselves).
+    async fn attempt_change(&self, change: &Change) -> Result<Output> {
+        let _queue = self.changes.lock().await;
+        self.runner.run(&change.0).await
+    }
+
+    /// Runs a command that changes no VG metadata (reports, blkdiscard);
+    /// its failure is an error.
     async fn run(&self, cmd: &Cmd) -> Result<Output> {
-        let _change = if CHANGE_PROGRAMS.contains(&cmd.program.as_str()) {
-            Some(self.changes.lock().await)
-        } else {
-            None
-        };
         let out = self.runner.run(cmd).await?;
         if out.success() {
             Ok(out)
@@ -689,13 +721,14 @@ impl LvmBackend {
         // --zero y: a partly written new block never shows what a deleted
         // volume left there. --yes: wipe any old signature found where the
         // pool's metadata LV lands instead of prompting (stdin is /dev/null).
-        let cmd = Cmd::new("lvcreate")
+        let cmd = self
+            .change("lvcreate")
             .args(["--type", "thin-pool", "--extents", CREATED_POOL_EXTENTS])
             .args(["--zero", "y", "--discards", "passdown", "--yes"])
             .args(["--name", self.settings.thin_pool.as_str()])
             .arg(self.settings.vg.as_str())
             .timeout(POOL_CREATE_TIMEOUT);
-        self.run(&cmd)
+        self.run_change(&cmd)
             .await
             .map_err(|e| e.context(format!("creating thin pool {}", self.pool())))?;
         tracing::info!(pool = %self.pool(), share = CREATED_POOL_EXTENTS, "created the thin pool");
@@ -703,7 +736,7 @@ impl LvmBackend {
     }
 
     async fn activate(&self, lv: &str) -> Result<()> {
-        self.run(
+        self.run_change(
             &self
                 .change("lvchange")
                 .args(["--activate", "y", "--ignoreactivationskip"])
@@ -722,7 +755,7 @@ impl LvmBackend {
             .args(["--thinpool", self.settings.thin_pool.as_str()])
             .args(["--name", name, "--addtag", OWNER_TAG])
             .arg(self.settings.vg.as_str());
-        self.run(&cmd).await.map(|_| ())
+        self.run_change(&cmd).await.map(|_| ())
     }
 
     /// `lvcreate --snapshot` of `src` named `name`, read-only or writable.
@@ -733,7 +766,7 @@ impl LvmBackend {
             .arg(if writable { "rw" } else { "r" })
             .args(["--name", name, "--addtag", OWNER_TAG])
             .arg(self.qualified(src));
-        self.run(&cmd).await.map(|_| ())
+        self.run_change(&cmd).await.map(|_| ())
     }
 
     async fn extend(&self, name: &str, size: u64) -> Result<()> {
@@ -742,14 +775,14 @@ impl LvmBackend {
             .arg("--size")
             .arg(format!("{size}b"))
             .arg(self.qualified(name));
-        self.run(&cmd).await.map(|_| ())
+        self.run_change(&cmd).await.map(|_| ())
     }
 
     async fn rename(&self, from: &str, to: &str) -> Result<()> {
         let cmd = self
             .change("lvrename")
             .args([self.settings.vg.as_str(), from, to]);
-        self.run(&cmd).await.map(|_| ())
+        self.run_change(&cmd).await.map(|_| ())
     }
 
     /// Removes a half-built temporary after a failure, keeping the
@@ -778,7 +811,7 @@ impl LvmBackend {
             .arg(self.qualified(name));
         let mut delays = self.remove_retry_delays.iter();
         loop {
-            let out = self.runner.run(&cmd).await?;
+            let out = self.attempt_change(&cmd).await?;
             if out.success() {
                 return Ok(());
             }
@@ -789,10 +822,10 @@ impl LvmBackend {
                     tokio::time::sleep(*d).await;
                 }
                 _ if in_use(&out) => {
-                    let e = lvm_error(&cmd, &out);
+                    let e = lvm_error(&cmd.0, &out);
                     return Err(Error::precondition(e.message().to_owned()));
                 }
-                _ => return Err(lvm_error(&cmd, &out)),
+                _ => return Err(lvm_error(&cmd.0, &out)),
             }
         }
     }
@@ -827,7 +860,7 @@ impl LvmBackend {
             self.activate(&lv.name).await?;
         }
         if !lv.writable() {
-            self.run(
+            self.run_change(
                 &self
                     .change("lvchange")
                     .args(["--permission", "rw"])
@@ -980,7 +1013,7 @@ impl LvmBackend {
         if !lv.writable() {
             return Ok(());
         }
-        self.run(
+        self.run_change(
             &self
                 .change("lvchange")
                 .args(["--permission", "r"])

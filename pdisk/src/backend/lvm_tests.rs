@@ -834,10 +834,15 @@ impl CommandRunner for SlowChanges {
     }
 }
 
+/// Changes of every kind (lvcreate for creates, lvremove for deletes with
+/// its in-use retries) queue behind one another; reports do not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_changes_queue_in_pdiskd_so_each_timeout_measures_only_its_change() {
     let dir = tempfile::tempdir().unwrap();
-    let vg = lvs_json(&[pool_row("12.47", "10.94")]);
+    let vg = lvs_json(&[
+        pool_row("12.47", "10.94"),
+        thin_row(&format!("pd-vol-{VOL}"), "Vwi-a-tz--", 1 << 30, "25.00"),
+    ]);
     let script = lab(vg, ours);
     let slow = Arc::new(SlowChanges {
         inner: script.clone(),
@@ -854,15 +859,21 @@ async fn concurrent_changes_queue_in_pdiskd_so_each_timeout_measures_only_its_ch
         let b = b.clone();
         tokio::spawn(async move { b.create(ObjectId::Volume(Uuid::new_v4()), 1 << 30).await })
     });
-    for c in futures::future::join_all(creates).await {
+    let deletes = (0..4).map(|_| {
+        let b = b.clone();
+        tokio::spawn(async move { b.delete(ObjectId::Volume(uuid(VOL))).await })
+    });
+    for c in futures::future::join_all(creates.chain(deletes)).await {
         c.unwrap().unwrap();
     }
-    let lvcreates = script
-        .lines()
-        .iter()
-        .filter(|l| l.starts_with("lvcreate"))
-        .count();
-    assert_eq!(lvcreates, 8);
+    let count = |program: &str| {
+        script
+            .lines()
+            .iter()
+            .filter(|l| l.starts_with(program))
+            .count()
+    };
+    assert_eq!((count("lvcreate"), count("lvremove")), (8, 4));
     assert_eq!(
         slow.most.load(std::sync::atomic::Ordering::SeqCst),
         1,
