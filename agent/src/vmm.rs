@@ -375,7 +375,7 @@ impl LaunchPlan {
                     base_format,
                 } => {
                     let mut backing = json!({
-                        "driver": format_name(*base_format),
+                        "driver": base_format.as_str(),
                         "node-name": format!("{node}-base"),
                         "read-only": true,
                         "file": self.file_node(base),
@@ -459,14 +459,6 @@ impl LaunchPlan {
             "aio": aio,
             "cache": {"direct": direct},
         })
-    }
-}
-
-/// QEMU's driver name for an image format.
-pub fn format_name(f: ImageFormat) -> &'static str {
-    match f {
-        ImageFormat::Raw => "raw",
-        ImageFormat::Qcow2 => "qcow2",
     }
 }
 
@@ -570,10 +562,9 @@ pub async fn check_overlay(
         ));
     }
     let fmt = info["backing-filename-format"].as_str();
-    if fmt != Some(format_name(base_format)) {
+    if fmt.and_then(|f| f.parse::<ImageFormat>().ok()) != Some(base_format) {
         return refuse(format!(
-            "its backing format is {fmt:?}, expected {}",
-            format_name(base_format)
+            "its backing format is {fmt:?}, expected {base_format}"
         ));
     }
     if let Some(data) = info["format-specific"]["data"]["data-file"].as_str() {
@@ -589,7 +580,7 @@ async fn image_info(
     format: ImageFormat,
 ) -> Result<serde_json::Value> {
     let cmd = Cmd::new("qemu-img")
-        .args(["info", "--output=json", "-f", format_name(format)])
+        .args(["info", "--output=json", "-f", format.as_str()])
         .arg(path.display().to_string())
         .timeout(Duration::from_secs(30));
     let out = runner.run(&cmd).await?;
@@ -777,7 +768,7 @@ mod tests {
             assert_eq!(ov["driver"], "qcow2", "{ov}");
             assert_eq!(ov["file"]["filename"], "/s/vm/vdb.qcow2");
             let base = &ov["backing"];
-            assert_eq!(base["driver"], format_name(base_format), "{ov}");
+            assert_eq!(base["driver"], base_format.as_str(), "{ov}");
             assert_eq!(base["node-name"], "vdb-base");
             assert_eq!(base["read-only"], true);
             assert_eq!(base["file"]["filename"], "/cache/ab.img");

@@ -11,13 +11,16 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::runner::{run_checked, Cmd, CommandRunner};
 
-/// The formats images may come in: everything else is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The formats images may come in: everything else is refused. Parsed once
+/// where a name arrives (records, `qemu-img info`) and held typed after;
+/// records store it as its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     Raw,
     Qcow2,
@@ -29,6 +32,25 @@ impl ImageFormat {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            other => Err(Error::invalid(format!(
+                "image format {other:?}: expected raw or qcow2"
+            ))),
         }
     }
 }
@@ -157,6 +179,20 @@ pub async fn inspect(
 mod tests {
     use super::*;
     use crate::runner::{FakeRunner, Output};
+
+    /// Records hold the format by name; only raw and qcow2 parse.
+    #[test]
+    fn formats_are_stored_and_parsed_by_name() {
+        for f in [ImageFormat::Raw, ImageFormat::Qcow2] {
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{}\"", f.as_str()));
+            assert_eq!(serde_json::from_str::<ImageFormat>(&json).unwrap(), f);
+            assert_eq!(f.as_str().parse::<ImageFormat>().unwrap(), f);
+        }
+        assert!(serde_json::from_str::<ImageFormat>("\"vmdk\"").is_err());
+        let e = "vmdk".parse::<ImageFormat>().unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
+    }
 
     #[test]
     fn detects_formats_by_magic() {

@@ -216,7 +216,7 @@ struct Metadata {
     sha256: String,
     url: String,
     size: u64,
-    format: String,
+    format: ImageFormat,
     fetched_at: String,
     last_used: String,
 }
@@ -648,19 +648,12 @@ fn resolve_format(image: &ImageRef, detected: ImageFormat) -> Result<ImageFormat
     }
 }
 
-fn format_name(f: ImageFormat) -> &'static str {
-    match f {
-        ImageFormat::Raw => "raw",
-        ImageFormat::Qcow2 => "qcow2",
-    }
-}
-
 fn write_metadata(path: &Path, sha: &Sha256, e: &Entry, durable: bool) -> Result<()> {
     let meta = Metadata {
         sha256: sha.to_string(),
         url: e.url.clone(),
         size: e.size,
-        format: format_name(e.format).to_owned(),
+        format: e.format,
         fetched_at: humantime::format_rfc3339_nanos(e.fetched_at).to_string(),
         last_used: humantime::format_rfc3339_nanos(e.last_used).to_string(),
     };
@@ -675,11 +668,7 @@ fn read_metadata(path: &Path) -> std::result::Result<Entry, String> {
     Ok(Entry {
         url: m.url,
         size: m.size,
-        format: match m.format.as_str() {
-            "raw" => ImageFormat::Raw,
-            "qcow2" => ImageFormat::Qcow2,
-            other => return Err(format!("unknown format {other:?}")),
-        },
+        format: m.format,
         fetched_at: time(&m.fetched_at)?,
         last_used: time(&m.last_used)?,
     })

@@ -63,12 +63,16 @@ pub async fn overlay(
         name.to_string_lossy(),
         uuid::Uuid::new_v4().simple()
     )));
-    let fmt = match base_format {
-        ImageFormat::Raw => "raw",
-        ImageFormat::Qcow2 => "qcow2",
-    };
     let cmd = Cmd::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", fmt, "-b"])
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            base_format.as_str(),
+            "-b",
+        ])
         .arg(base.to_string_lossy())
         .arg(tmp.0.to_string_lossy())
         .arg(size.to_string())
