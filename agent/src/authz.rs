@@ -1,10 +1,12 @@
-//! Who may call which agentd RPC: one rule per RPC, checked at the gate
-//! (`stratus_pki::gate`) from the caller's role before any handler runs.
+//! Who may call which agentd RPC: one rule per RPC. The gate
+//! (`stratus_pki::gate`) applies the roles before any handler runs; the
+//! handlers then scope every guest to the project the call acts in
+//! (`stratus_pki::tenancy`): a VM of another project is NotFound.
 //!
-//! `admin` and `frontend` (a cloud front-end acting for its projects) may
-//! call every RPC. Until guests carry an owning project, `project` callers
-//! are refused (they would see every project's guests); `agent` and `server`
-//! certificates have no business with another host's agentd.
+//! `admin`: everything. `frontend` (a cloud front-end): every VM call for
+//! the project it names in each request, and the host's image cache.
+//! `project`: its own VMs and their events. `agent` and `server`
+//! certificates have no business with an agentd.
 
 use stratus_pki::authz::{Rule, Table};
 use stratus_pki::{Caller, Role};
@@ -13,69 +15,72 @@ use tonic::Status;
 /// The gRPC service the table is for.
 pub const SERVICE: &str = "agent.v1.VmService";
 
+/// Host-wide calls: the image cache and the host's capacity.
 const OPERATORS: &[Role] = &[Role::Admin, Role::Frontend];
+/// Guest calls, scoped to a project.
+const TENANTS: &[Role] = &[Role::Admin, Role::Frontend, Role::Project];
 
 /// One rule per RPC of `agent.v1.VmService`.
 pub const RULES: &[Rule] = &[
     Rule {
         method: "CreateVm",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "in the project the call acts in; stratus.io/ labels: admin; pdisk disks of that project",
     },
     Rule {
         method: "StartVm",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "a VM of the project the call acts in",
     },
     Rule {
         method: "StopVm",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "a VM of the project the call acts in",
     },
     Rule {
         method: "RebootVm",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "a VM of the project the call acts in",
     },
     Rule {
         method: "PauseVm",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "a VM of the project the call acts in",
     },
     Rule {
         method: "ResumeVm",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "a VM of the project the call acts in",
     },
     Rule {
         method: "DestroyVm",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "a VM of the project the call acts in",
     },
     Rule {
         method: "GetVm",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "a VM of the project the call acts in",
     },
     Rule {
         method: "ListVms",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "the VMs of the project the call acts in",
     },
     Rule {
         method: "WatchEvents",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "the events of that project's VMs (host events: all-project callers only)",
     },
     Rule {
         method: "GetHost",
         roles: OPERATORS,
-        note: "admin, frontend",
+        note: "admin, frontend (host capacity)",
     },
     Rule {
         method: "PullImage",
         roles: OPERATORS,
-        note: "admin, frontend",
+        note: "admin, frontend (the host's image cache)",
     },
     Rule {
         method: "ListImages",
@@ -89,8 +94,8 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         method: "SaveImage",
-        roles: OPERATORS,
-        note: "admin, frontend",
+        roles: TENANTS,
+        note: "from a VM of the project the call acts in",
     },
 ];
 
@@ -126,8 +131,13 @@ mod tests {
             let path = format!("/{SERVICE}/{m}");
             for role in Role::ALL {
                 let got = TABLE.decision(&m, role);
+                let host_wide = matches!(
+                    m.as_str(),
+                    "GetHost" | "PullImage" | "ListImages" | "EvictImage"
+                );
                 let want = match role {
                     Role::Admin | Role::Frontend => Ok(()),
+                    Role::Project if !host_wide => Ok(()),
                     _ => Err(tonic::Code::PermissionDenied),
                 };
                 assert_eq!(got, want, "{m} by {role}");

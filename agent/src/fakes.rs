@@ -189,6 +189,14 @@ impl FakeVolumes {
             .uuid
     }
 
+    /// Adds a ready volume named `name` of `project`; returns its UUID.
+    pub fn add_volume_in(&self, name: &str, project: &str) -> String {
+        let mut st = self.state.lock().unwrap();
+        let uuid = st.add(name, HashMap::new(), String::new()).uuid;
+        st.volumes.get_mut(&uuid).unwrap().project = project.to_owned();
+        uuid
+    }
+
     /// UUIDs of the volumes exported to us.
     pub fn exported(&self) -> Vec<String> {
         self.state
@@ -293,6 +301,7 @@ impl VolumeClient for FakeVolumes {
             let mut v = st.add(&req.name, req.labels, source);
             v.clone_of_volume = of_volume;
             v.clone_of_snapshot = of_snapshot;
+            v.project = req.project;
             st.volumes.insert(v.uuid.clone(), v.clone());
             Ok(v)
         })

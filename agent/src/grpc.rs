@@ -674,3 +674,7 @@ mod tests {
         assert!(parse_spec(bad).is_err());
     }
 }
+
+#[cfg(test)]
+#[path = "tenancy_tests.rs"]
+mod tenancy_tests;

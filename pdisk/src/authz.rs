@@ -1,10 +1,15 @@
-//! Who may call which pdiskd RPC: one rule per RPC, checked at the gate
-//! (`stratus_pki::gate`) from the caller's role before any handler runs.
+//! Who may call which pdiskd RPC: one rule per RPC. The gate
+//! (`stratus_pki::gate`) applies the roles before any handler runs; the
+//! handlers then scope every object to the project the call acts in
+//! (`crate::tenancy`, `stratus_pki::tenancy`): a volume, snapshot or export
+//! of another project is NotFound.
 //!
-//! Until volumes carry an owning project, `project` callers are refused
-//! everywhere and `frontend` callers too (both would otherwise see every
-//! project's volumes); `agent` callers get what an agentd needs for its
-//! guests; `admin` everything; `server` certificates nothing.
+//! `admin`: everything. `frontend`: the volumes of the project it names in
+//! each request. `agent` (a compute host's agentd): what its guests need,
+//! in the project it names (a guest's), or across projects when it names
+//! none (image bases, leftovers); it may clone image bases into a project.
+//! `project`: its own volumes. `server` certificates: nothing. Only `agent`
+//! and `admin` may set `stratus.io/` labels.
 
 use stratus_pki::authz::{Rule, Table};
 use stratus_pki::{Caller, Role};
@@ -14,79 +19,80 @@ use tonic::Status;
 pub const SERVICE: &str = "pdisk.v1.VolumeService";
 
 const ADMIN: &[Role] = &[Role::Admin];
-const ADMIN_AGENT: &[Role] = &[Role::Admin, Role::Agent];
+const TENANTS: &[Role] = &[Role::Admin, Role::Frontend, Role::Agent, Role::Project];
+const NOT_AGENT: &[Role] = &[Role::Admin, Role::Frontend, Role::Project];
 
 /// One rule per RPC of `pdisk.v1.VolumeService`.
 pub const RULES: &[Rule] = &[
     Rule {
         method: "CreateVolume",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (image bases)",
+        roles: TENANTS,
+        note: "in the project the call acts in; a source volume or snapshot of that project (agent, admin: or an image base)",
     },
     Rule {
         method: "UploadVolume",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (image imports)",
+        roles: TENANTS,
+        note: "in the project the call acts in",
     },
     Rule {
         method: "GetVolume",
-        roles: ADMIN_AGENT,
-        note: "admin; agent",
+        roles: TENANTS,
+        note: "a volume of the project the call acts in",
     },
     Rule {
         method: "ListVolumes",
-        roles: ADMIN_AGENT,
-        note: "admin; agent",
+        roles: TENANTS,
+        note: "the volumes of the project the call acts in",
     },
     Rule {
         method: "DeleteVolume",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (its guests' clones, evicted bases)",
+        roles: TENANTS,
+        note: "a volume of the project the call acts in",
     },
     Rule {
         method: "ResizeVolume",
-        roles: ADMIN,
-        note: "admin",
+        roles: NOT_AGENT,
+        note: "a volume of the project the call acts in",
     },
     Rule {
         method: "CloneVolume",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (guest disks from image bases)",
+        roles: TENANTS,
+        note: "a source of the project the call acts in (agent, admin: or an image base); the clone in that project",
     },
     Rule {
         method: "CreateSnapshot",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (SaveImage)",
+        roles: TENANTS,
+        note: "of a volume of the project the call acts in",
     },
     Rule {
         method: "ListSnapshots",
-        roles: ADMIN_AGENT,
-        note: "admin; agent",
+        roles: TENANTS,
+        note: "of the volumes of the project the call acts in",
     },
     Rule {
         method: "DeleteSnapshot",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (SaveImage)",
+        roles: TENANTS,
+        note: "of a volume of the project the call acts in",
     },
     Rule {
         method: "ExportVolume",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (to its own host)",
+        roles: TENANTS,
+        note: "a volume of the project the call acts in",
     },
     Rule {
         method: "UnexportVolume",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (its own host)",
+        roles: TENANTS,
+        note: "a volume of the project the call acts in",
     },
     Rule {
         method: "ListExports",
-        roles: ADMIN_AGENT,
-        note: "admin; agent",
+        roles: TENANTS,
+        note: "the exports of the project's volumes",
     },
     Rule {
         method: "ChecksumVolume",
-        roles: ADMIN_AGENT,
-        note: "admin; agent (SaveImage)",
+        roles: TENANTS,
+        note: "a volume or snapshot of the project the call acts in",
     },
     Rule {
         method: "GetPool",
@@ -95,8 +101,8 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         method: "WatchProgress",
-        roles: ADMIN_AGENT,
-        note: "admin; agent",
+        roles: TENANTS,
+        note: "by the request id its caller chose (progress figures only)",
     },
 ];
 
@@ -133,10 +139,12 @@ mod tests {
             let path = format!("/{SERVICE}/{m}");
             for role in Role::ALL {
                 let got = TABLE.decision(&m, role);
-                let want = match role {
-                    Role::Admin => Ok(()),
-                    Role::Agent if !matches!(m.as_str(), "GetPool" | "ResizeVolume") => Ok(()),
-                    _ => Err(tonic::Code::PermissionDenied),
+                let want = match (role, m.as_str()) {
+                    (Role::Admin, _) => Ok(()),
+                    (Role::Server, _) | (_, "GetPool") | (Role::Agent, "ResizeVolume") => {
+                        Err(tonic::Code::PermissionDenied)
+                    }
+                    _ => Ok(()),
                 };
                 assert_eq!(got, want, "{m} by {role}");
             }

@@ -102,3 +102,7 @@ impl Call {
             .is_some_and(|v| self.sees_volume(&v)))
     }
 }
+
+#[cfg(test)]
+#[path = "tenancy_tests.rs"]
+mod tests;

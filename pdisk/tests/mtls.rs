@@ -132,22 +132,18 @@ async fn roles_are_checked_before_anything_runs() {
         code_as(&s, &server).await,
         Err(tonic::Code::PermissionDenied)
     );
-    // Frontends and projects wait for per-project volumes.
+    // A project lists its own volumes (none); the pool is the admin's, and
+    // a frontend must say for which project it acts (tests/tenancy.rs).
     let project = pki.issue(Role::Project, "astro", None, &[]);
-    assert_eq!(
-        code_as(&s, &project).await,
-        Err(tonic::Code::PermissionDenied)
-    );
+    assert_eq!(code_as(&s, &project).await, Ok(0));
     let mut c = VolumeServiceClient::new(channel_as(&s.pdiskd.url(), &project).await);
-    let err = c
-        .create_volume(pb::CreateVolumeRequest {
-            name: "sneaky".into(),
-            size_bytes: 1 << 20,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let err = c.get_pool(pb::GetPoolRequest {}).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let frontend = pki.issue(Role::Frontend, "one", None, &[]);
+    assert_eq!(
+        code_as(&s, &frontend).await,
+        Err(tonic::Code::InvalidArgument)
+    );
     // An agent may list (its guests' disks); GetPool is the admin's.
     let agent = pki.agent();
     assert_eq!(code_as(&s, &agent).await, Ok(0));

@@ -1,0 +1,368 @@
+//! The authorization matrix of agentd, through the gate and the gRPC
+//! handlers, on the fakes of [`crate::fakes`]: every RPC × every role × a
+//! guest of the caller's project or of another → allowed, PermissionDenied
+//! or NotFound; a refused call changes nothing; a project sees only its
+//! guests and their events.
+
+use std::sync::Arc;
+
+use stratus_core::runner::FakeRunner;
+use stratus_pki::{Caller, Identity, Role, Transport};
+use stratus_proto::agent::v1 as pb;
+use stratus_proto::agent::v1::vm_service_server::VmService;
+use tonic::Code;
+
+use crate::attach::{AttachMode, KernelOptions};
+use crate::fakes::{FakeNet, FakeVmm, FakeVolumes};
+use crate::grpc::Api;
+use crate::service::{Agent, AgentSettings, HostEffects, HostFacts};
+use crate::store::AgentStore;
+use crate::vmm::Accel;
+
+const OWN: &str = "astro";
+const OTHER: &str = "bio";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    agent: Arc<Agent>,
+    api: Api,
+    pdisk: Arc<FakeVolumes>,
+}
+
+fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent> {
+    let state = dir.join("state");
+    let mut kernel = KernelOptions::new("iqn.2026-11.io.stratus:unit");
+    kernel.sys = dir.join("sys");
+    kernel.dev = dir.join("dev");
+    kernel.iscsi_db = dir.join("iscsi");
+    Agent::with_effects(
+        AgentStore::open(&state).unwrap(),
+        Arc::new(FakeRunner::new()),
+        AgentSettings {
+            state_dir: state,
+            default_bridge: "br0".into(),
+            initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
+            attach: AttachMode::Qemu,
+            pdisk_url: None,
+            pdisk_tls: None,
+            cpu_overcommit: 4,
+            reserved_memory: 0,
+            image_quota: None,
+            image_policy: None,
+            image_file_roots: Vec::new(),
+        },
+        HostFacts {
+            hostname: "unit".into(),
+            cpus: 4,
+            memory: 8 << 30,
+            accel: Accel::Tcg,
+            accel_reason: "unit test".into(),
+            qemu_version: "7.2.0".into(),
+            io_uring: false,
+        },
+        HostEffects {
+            volumes: Some(pdisk),
+            net: FakeNet::new(),
+            vmm: FakeVmm::new(),
+            kernel,
+        },
+    )
+    .unwrap()
+}
+
+fn spec(name: &str, disk: &str) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 64 << 20,
+        disks: vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::PdiskVolume(disk.into())),
+            boot_index: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Per project P: a pdisk volume `P-disk`, a VM `P-vm` on it, defined.
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let pdisk = FakeVolumes::new();
+    let agent = agent(dir.path(), pdisk.clone());
+    for p in [OWN, OTHER] {
+        pdisk.add_volume_in(&format!("{p}-disk"), p);
+        pdisk.add_volume_in(&format!("{p}-disk2"), p);
+        let spec = crate::grpc::parse_spec(spec(&format!("{p}-vm"), &format!("{p}-disk"))).unwrap();
+        agent.create_vm(spec, p).await.unwrap();
+    }
+    Fixture {
+        _dir: dir,
+        api: Api::new(agent.clone()),
+        agent,
+        pdisk,
+    }
+}
+
+/// What a refused call must leave as it was: the guests, their states and
+/// the journal's end.
+fn state(f: &Fixture) -> String {
+    let vms: Vec<_> = f
+        .agent
+        .list_vms()
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.spec.name.to_string(), v.state, v.project))
+        .collect();
+    format!(
+        "{vms:?} {:?} {:?}",
+        f.agent.host_info().map(|h| h.last_seq),
+        f.pdisk.exported()
+    )
+}
+
+fn caller(role: Role) -> Caller {
+    let name = if role == Role::Project { OWN } else { "x" };
+    Caller {
+        transport: Transport::Mtls,
+        identity: Ok(Identity::new(role, name)),
+    }
+}
+
+fn request<T>(role: Role, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.extensions_mut().insert(caller(role));
+    r
+}
+
+/// Authorization's part of an answer: refused (its code) or let through
+/// (whatever the lifecycle then said: a defined guest cannot be paused).
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Refused(Code),
+    Through,
+    Listed(Vec<String>),
+}
+
+fn outcome<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Outcome {
+    match r {
+        Err(s)
+            if matches!(
+                s.code(),
+                Code::NotFound | Code::PermissionDenied | Code::Unauthenticated
+            ) =>
+        {
+            Outcome::Refused(s.code())
+        }
+        _ => Outcome::Through,
+    }
+}
+
+async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
+    let project = if role == Role::Project { "" } else { OWN }.to_string();
+    let api = &f.api;
+    let vm = format!("{target}-vm");
+    let vm_req = || {
+        request(
+            role,
+            pb::VmRequest {
+                vm: vm.clone(),
+                project: project.clone(),
+            },
+        )
+    };
+    match method {
+        // The object a create names: a pdisk disk of a project.
+        "CreateVm" => outcome(
+            api.create_vm(request(
+                role,
+                pb::CreateVmRequest {
+                    spec: Some(spec("new-vm", &format!("{target}-disk2"))),
+                    project,
+                },
+            ))
+            .await,
+        ),
+        "StartVm" => outcome(api.start_vm(vm_req()).await),
+        "RebootVm" => outcome(api.reboot_vm(vm_req()).await),
+        "PauseVm" => outcome(api.pause_vm(vm_req()).await),
+        "ResumeVm" => outcome(api.resume_vm(vm_req()).await),
+        "GetVm" => outcome(api.get_vm(vm_req()).await),
+        "StopVm" => outcome(
+            api.stop_vm(request(
+                role,
+                pb::StopVmRequest {
+                    vm,
+                    force: true,
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "DestroyVm" => outcome(
+            api.destroy_vm(request(
+                role,
+                pb::DestroyVmRequest {
+                    vm,
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "ListVms" => match api
+            .list_vms(request(role, pb::ListVmsRequest { project }))
+            .await
+        {
+            Ok(l) => Outcome::Listed(l.into_inner().vms.into_iter().map(|v| v.project).collect()),
+            Err(s) => Outcome::Refused(s.code()),
+        },
+        "WatchEvents" => match api
+            .watch_events(request(
+                role,
+                pb::WatchEventsRequest {
+                    vm,
+                    no_follow: true,
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await
+        {
+            Ok(s) => {
+                let events: Vec<_> = futures::StreamExt::collect(s.into_inner()).await;
+                Outcome::Listed(events.into_iter().map(|e| e.unwrap().project).collect())
+            }
+            Err(s) => Outcome::Refused(s.code()),
+        },
+        "SaveImage" => outcome(
+            api.save_image(request(
+                role,
+                pb::SaveImageRequest {
+                    vm,
+                    device: "vda".into(),
+                    name: "saved".into(),
+                    project,
+                },
+            ))
+            .await,
+        ),
+        // Host-wide: no project's object; the gate's rule alone.
+        "GetHost" | "PullImage" | "ListImages" | "EvictImage" => Outcome::Through,
+        other => panic!("the matrix has no call for {other}: add one"),
+    }
+}
+
+async fn through_gate(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
+    let path = format!("/{}/{method}", crate::authz::SERVICE);
+    match crate::authz::check(&path, Some(&caller(role))) {
+        Err(s) => Outcome::Refused(s.code()),
+        Ok(()) => call(f, method, role, target).await,
+    }
+}
+
+fn expected(method: &str, role: Role, target: &str) -> Outcome {
+    let rule = crate::authz::RULES
+        .iter()
+        .find(|r| r.method == method)
+        .unwrap();
+    if !rule.roles.contains(&role) {
+        return Outcome::Refused(Code::PermissionDenied);
+    }
+    let own = target == OWN;
+    match method {
+        "ListVms" => Outcome::Listed(vec![OWN.into()]),
+        // The own guest's one event (CREATED), never another project's.
+        "WatchEvents" if own => Outcome::Listed(vec![OWN.into()]),
+        "GetHost" | "PullImage" | "ListImages" | "EvictImage" => Outcome::Through,
+        _ if own => Outcome::Through,
+        _ => Outcome::Refused(Code::NotFound),
+    }
+}
+
+fn rpcs() -> Vec<String> {
+    crate::authz::TABLE.rpcs(stratus_proto::FILE_DESCRIPTOR_SET)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rpc_by_every_role_on_its_own_and_another_projects_guests() {
+    let rpcs = rpcs();
+    assert!(rpcs.len() >= 15, "{rpcs:?}");
+    let mut kinds = std::collections::BTreeSet::new();
+    for m in &rpcs {
+        for role in Role::ALL {
+            for target in [OWN, OTHER] {
+                let f = fixture().await;
+                let before = state(&f);
+                let got = through_gate(&f, m, role, target).await;
+                assert_eq!(
+                    got,
+                    expected(m, role, target),
+                    "{m} by {role} on {target}'s guest"
+                );
+                if let Outcome::Refused(_) = got {
+                    assert_eq!(state(&f), before, "{m} by {role} changed something");
+                }
+                kinds.insert(format!("{got:?}"));
+            }
+        }
+    }
+    for k in ["Through", "Refused(PermissionDenied)", "Refused(NotFound)"] {
+        assert!(kinds.contains(k), "{k} never seen: {kinds:?}");
+    }
+}
+
+#[tokio::test]
+async fn guests_belong_to_the_project_they_were_created_in() {
+    let f = fixture().await;
+    // A project caller creates in its own project; a frontend in the one
+    // it names; an admin naming none, in none.
+    for (role, project, want) in [
+        (Role::Project, "", OWN),
+        (Role::Frontend, OTHER, OTHER),
+        (Role::Admin, "", ""),
+    ] {
+        let disk = if want.is_empty() { "" } else { want };
+        if want.is_empty() {
+            f.pdisk.add_volume_in("shared-disk", "");
+        }
+        let name = format!("made-by-{role}");
+        let vm = f
+            .api
+            .create_vm(request(
+                role,
+                pb::CreateVmRequest {
+                    spec: Some(spec(
+                        &name,
+                        &if disk.is_empty() {
+                            "shared-disk".to_string()
+                        } else {
+                            format!("{disk}-disk2")
+                        },
+                    )),
+                    project: project.into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(vm.project, want, "{role}");
+    }
+    // Reserved labels are the admin's.
+    let mut s = spec("labelled", &format!("{OWN}-disk2"));
+    s.labels.insert("stratus.io/vm".into(), "x".into());
+    for role in [Role::Project, Role::Frontend] {
+        let err = f
+            .api
+            .create_vm(request(
+                role,
+                pb::CreateVmRequest {
+                    spec: Some(s.clone()),
+                    project: OWN.into(),
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{role}: {err:?}");
+    }
+}

@@ -1,0 +1,583 @@
+//! The authorization matrix of pdiskd, through the gate and the gRPC
+//! handlers: every RPC × every role × an object of the caller's project or
+//! of another → allowed, PermissionDenied or NotFound; and a refused call
+//! changes nothing. File backend in a temp dir, the in-memory exporter.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use stratus_pki::{Caller, Identity, Role, Transport};
+use stratus_proto::pdisk::v1 as pb;
+use stratus_proto::pdisk::v1::volume_service_server::VolumeService;
+use tonic::Code;
+
+use crate::backend::file::FileBackend;
+use crate::export::MemoryExporter;
+use crate::grpc::Api;
+use crate::runner::FakeRunner;
+use crate::service::{NewVolume, NewVolumeSource, Owner, PoolService, ServiceSettings};
+use crate::store::Store;
+use crate::types::Iqn;
+
+/// The project every caller of the matrix acts in, and the other one.
+const OWN: &str = "astro";
+const OTHER: &str = "bio";
+const IQN: &str = "iqn.2026-11.io.stratus:host1";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    svc: Arc<PoolService>,
+    api: Api,
+}
+
+/// Per project P: volume `P-vol` (with snapshot `P-snap`), `P-free` (for
+/// deletes) and `P-exp` (exported to IQN).
+async fn fixture() -> Fixture {
+    // 160 fixtures: on tmpfs when there is one, where fsync costs nothing.
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .unwrap();
+    let runner = Arc::new(FakeRunner::new());
+    let backend = Arc::new(FileBackend::open(&dir.path().join("pool"), runner.clone()).unwrap());
+    let store = Store::open(&dir.path().join("data")).unwrap();
+    let svc = Arc::new(PoolService::new(
+        store,
+        backend,
+        Arc::new(MemoryExporter::default()),
+        runner,
+        ServiceSettings::default(),
+    ));
+    for p in [OWN, OTHER] {
+        for v in ["vol", "free", "exp"] {
+            svc.create_volume(NewVolume {
+                name: format!("{p}-{v}").parse().unwrap(),
+                size: 4 << 20,
+                labels: Default::default(),
+                source: NewVolumeSource::Empty,
+                request_id: String::new(),
+                owner: Owner {
+                    project: p.into(),
+                    creator: None,
+                },
+            })
+            .await
+            .unwrap();
+        }
+        svc.create_snapshot(
+            &format!("{p}-vol"),
+            format!("{p}-snap").parse().unwrap(),
+            "",
+        )
+        .await
+        .unwrap();
+        let iqn: Iqn = IQN.parse().unwrap();
+        svc.export_volume(&format!("{p}-exp"), &[iqn], None)
+            .await
+            .unwrap();
+    }
+    Fixture {
+        _dir: dir,
+        api: Api::new(svc.clone()),
+        svc,
+    }
+}
+
+/// Everything a refused call must leave as it was.
+fn state(svc: &PoolService) -> String {
+    let s = svc.store();
+    format!(
+        "{:?}",
+        (
+            s.volumes().unwrap(),
+            s.snapshots().unwrap(),
+            s.exports().unwrap()
+        )
+    )
+}
+
+fn caller(role: Role) -> Caller {
+    let name = if role == Role::Project { OWN } else { "x" };
+    Caller {
+        transport: Transport::Mtls,
+        identity: Ok(Identity::new(role, name)),
+    }
+}
+
+fn request<T>(role: Role, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.extensions_mut().insert(caller(role));
+    r
+}
+
+/// What one call saw: its code, and for listings the projects of what it
+/// listed.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Code(Code),
+    Listed(Vec<String>),
+}
+
+fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Outcome {
+    Outcome::Code(match r {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    })
+}
+
+/// Calls `method` as `role` acting in OWN (a project caller names none: its
+/// own), on the object of project `target`.
+async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
+    let project = if role == Role::Project { "" } else { OWN }.to_string();
+    let api = &f.api;
+    let vol = format!("{target}-vol");
+    match method {
+        "CreateVolume" => code(
+            api.create_volume(request(
+                role,
+                pb::CreateVolumeRequest {
+                    name: "new".into(),
+                    source: Some(pb::create_volume_request::Source::FromVolume(vol)),
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        // A client stream cannot be made in process: the gate's rule alone
+        // (tests/tenancy.rs uploads over the wire).
+        "UploadVolume" => Outcome::Code(Code::Ok),
+        "GetVolume" => code(
+            api.get_volume(request(
+                role,
+                pb::GetVolumeRequest {
+                    volume: vol,
+                    project,
+                },
+            ))
+            .await,
+        ),
+        "ListVolumes" => match api
+            .list_volumes(request(
+                role,
+                pb::ListVolumesRequest {
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await
+        {
+            Ok(l) => Outcome::Listed(
+                l.into_inner()
+                    .volumes
+                    .into_iter()
+                    .map(|v| v.project)
+                    .collect(),
+            ),
+            Err(s) => Outcome::Code(s.code()),
+        },
+        "DeleteVolume" => code(
+            api.delete_volume(request(
+                role,
+                pb::DeleteVolumeRequest {
+                    volume: format!("{target}-free"),
+                    project,
+                },
+            ))
+            .await,
+        ),
+        "ResizeVolume" => code(
+            api.resize_volume(request(
+                role,
+                pb::ResizeVolumeRequest {
+                    volume: vol,
+                    size_bytes: 8 << 20,
+                    project,
+                },
+            ))
+            .await,
+        ),
+        "CloneVolume" => code(
+            api.clone_volume(request(
+                role,
+                pb::CloneVolumeRequest {
+                    source: format!("{target}-snap"),
+                    source_is_snapshot: true,
+                    name: "new".into(),
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "CreateSnapshot" => code(
+            api.create_snapshot(request(
+                role,
+                pb::CreateSnapshotRequest {
+                    volume: vol,
+                    name: "new-snap".into(),
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "ListSnapshots" => match api
+            .list_snapshots(request(
+                role,
+                pb::ListSnapshotsRequest {
+                    volume: vol,
+                    project,
+                },
+            ))
+            .await
+        {
+            Ok(l) => Outcome::Listed(
+                l.into_inner()
+                    .snapshots
+                    .into_iter()
+                    .map(|s| s.project)
+                    .collect(),
+            ),
+            Err(s) => Outcome::Code(s.code()),
+        },
+        "DeleteSnapshot" => code(
+            api.delete_snapshot(request(
+                role,
+                pb::DeleteSnapshotRequest {
+                    snapshot: format!("{target}-snap"),
+                    project,
+                },
+            ))
+            .await,
+        ),
+        "ExportVolume" => code(
+            api.export_volume(request(
+                role,
+                pb::ExportVolumeRequest {
+                    volume: vol,
+                    initiators: vec![IQN.into()],
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "UnexportVolume" => code(
+            api.unexport_volume(request(
+                role,
+                pb::UnexportVolumeRequest {
+                    volume: format!("{target}-exp"),
+                    initiators: vec![],
+                    project,
+                },
+            ))
+            .await,
+        ),
+        "ListExports" => match api
+            .list_exports(request(role, pb::ListExportsRequest { project }))
+            .await
+        {
+            Ok(l) => Outcome::Listed(
+                l.into_inner()
+                    .exports
+                    .into_iter()
+                    .map(|e| e.project)
+                    .collect(),
+            ),
+            Err(s) => Outcome::Code(s.code()),
+        },
+        "ChecksumVolume" => code(
+            api.checksum_volume(request(
+                role,
+                pb::ChecksumVolumeRequest {
+                    volume: vol,
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "GetPool" => code(api.get_pool(request(role, pb::GetPoolRequest {})).await),
+        "WatchProgress" => code(
+            api.watch_progress(request(
+                role,
+                pb::WatchProgressRequest {
+                    request_id: "r1".into(),
+                },
+            ))
+            .await,
+        ),
+        other => panic!("the matrix has no call for {other}: add one"),
+    }
+}
+
+/// The gate, then (when it lets the call through) the handler.
+async fn through_gate(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
+    let path = format!("/{}/{method}", crate::authz::SERVICE);
+    match crate::authz::check(&path, Some(&caller(role))) {
+        Err(s) => Outcome::Code(s.code()),
+        Ok(()) => call(f, method, role, target).await,
+    }
+}
+
+fn rpcs() -> Vec<String> {
+    crate::authz::TABLE.rpcs(stratus_proto::FILE_DESCRIPTOR_SET)
+}
+
+/// What the table says: the roles of the RPC's rule, then the scope.
+fn expected(method: &str, role: Role, target: &str) -> Outcome {
+    let rule = crate::authz::RULES
+        .iter()
+        .find(|r| r.method == method)
+        .unwrap();
+    if !rule.roles.contains(&role) {
+        return Outcome::Code(Code::PermissionDenied);
+    }
+    let own = target == OWN;
+    match method {
+        // Only OWN's objects are listed, whatever the target.
+        "ListVolumes" => Outcome::Listed(vec![OWN.into(); 3]),
+        "ListExports" => Outcome::Listed(vec![OWN.into()]),
+        "ListSnapshots" if own => Outcome::Listed(vec![OWN.into()]),
+        "UploadVolume" | "GetPool" | "WatchProgress" => Outcome::Code(Code::Ok),
+        _ if own => Outcome::Code(Code::Ok),
+        _ => Outcome::Code(Code::NotFound),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rpc_by_every_role_on_its_own_and_another_projects_objects() {
+    let rpcs = rpcs();
+    assert!(rpcs.len() >= 16, "{rpcs:?}");
+    let mut seen = BTreeMap::new();
+    for m in &rpcs {
+        for role in Role::ALL {
+            for target in [OWN, OTHER] {
+                let f = fixture().await;
+                let before = state(&f.svc);
+                let got = through_gate(&f, m, role, target).await;
+                let want = expected(m, role, target);
+                assert_eq!(got, want, "{m} by {role} on {target}'s object");
+                if !matches!(got, Outcome::Code(Code::Ok) | Outcome::Listed(_)) {
+                    assert_eq!(state(&f.svc), before, "{m} by {role} changed something");
+                }
+                *seen.entry(format!("{got:?}")).or_insert(0) += 1;
+            }
+        }
+    }
+    // The matrix exercised every kind of answer.
+    for k in ["Code(Ok)", "Code(PermissionDenied)", "Code(NotFound)"] {
+        assert!(seen.contains_key(k), "{k} never seen: {seen:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_frontend_must_name_a_project_and_a_tenant_only_its_own() {
+    let f = fixture().await;
+    let before = state(&f.svc);
+    let get = |role, project: &str| {
+        request(
+            role,
+            pb::GetVolumeRequest {
+                volume: format!("{OWN}-vol"),
+                project: project.into(),
+            },
+        )
+    };
+    let code =
+        |r: Result<tonic::Response<pb::Volume>, tonic::Status>| r.map(|_| ()).map_err(|s| s.code());
+    assert_eq!(
+        code(f.api.get_volume(get(Role::Frontend, "")).await),
+        Err(Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(f.api.get_volume(get(Role::Project, OTHER)).await),
+        Err(Code::PermissionDenied)
+    );
+    assert_eq!(
+        code(f.api.get_volume(get(Role::Project, OWN)).await),
+        Ok(())
+    );
+    // An admin or agent naming no project sees every project.
+    for role in [Role::Admin, Role::Agent] {
+        let all = f
+            .api
+            .list_volumes(request(role, pb::ListVolumesRequest::default()))
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
+        assert_eq!(all.len(), 6, "{role}");
+    }
+    // Not knowing and not being allowed to see answer alike.
+    let missing = f
+        .api
+        .get_volume(request(
+            Role::Project,
+            pb::GetVolumeRequest {
+                volume: "nobody-vol".into(),
+                project: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    let hidden = f
+        .api
+        .get_volume(request(
+            Role::Project,
+            pb::GetVolumeRequest {
+                volume: format!("{OTHER}-vol"),
+                project: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), hidden.code());
+    assert_eq!(
+        missing.message().replace("nobody-vol", "X"),
+        hidden.message().replace(&format!("{OTHER}-vol"), "X")
+    );
+    assert_eq!(state(&f.svc), before);
+}
+
+#[tokio::test]
+async fn volumes_record_their_project_and_creator_and_tenants_cannot_forge_image_bases() {
+    let f = fixture().await;
+    let sha = "ab".repeat(32);
+    let base_labels = || {
+        std::collections::HashMap::from([(
+            crate::types::LABEL_IMAGE_SHA256.to_string(),
+            sha.clone(),
+        )])
+    };
+    // A tenant may not set stratus.io/ labels, on create or clone.
+    for role in [Role::Project, Role::Frontend] {
+        let before = state(&f.svc);
+        let s = f
+            .api
+            .create_volume(request(
+                role,
+                pb::CreateVolumeRequest {
+                    name: "fake-base".into(),
+                    size_bytes: 4 << 20,
+                    labels: base_labels(),
+                    project: OWN.into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::PermissionDenied, "{role}: {s:?}");
+        assert!(s.message().contains("stratus.io/"), "{s:?}");
+        let s = f
+            .api
+            .clone_volume(request(
+                role,
+                pb::CloneVolumeRequest {
+                    source: format!("{OWN}-vol"),
+                    name: "fake-base".into(),
+                    labels: base_labels(),
+                    project: OWN.into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::PermissionDenied, "{role}: {s:?}");
+        assert_eq!(state(&f.svc), before);
+    }
+    // A tenant's volume carries its project and creator.
+    let v = f
+        .api
+        .create_volume(request(
+            Role::Project,
+            pb::CreateVolumeRequest {
+                name: "mine".into(),
+                size_bytes: 4 << 20,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.project.as_str(), v.created_by.as_str()),
+        (OWN, "project/astro")
+    );
+    // An agent's image base is a base (project "", read-only); a record
+    // with the same labels made by a tenant (as a store could hold from a
+    // forged request) is not one: agentd, which trusts only image_sha256,
+    // never launches from it.
+    let base = f
+        .api
+        .create_volume(request(
+            Role::Agent,
+            pb::CreateVolumeRequest {
+                name: "image-base".into(),
+                size_bytes: 4 << 20,
+                labels: base_labels(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(base.image_sha256, sha);
+    assert_eq!(
+        (base.project.as_str(), base.created_by.as_str()),
+        ("", "agent/x")
+    );
+    let mut forged = f.svc.store().find_volume("mine").unwrap();
+    forged.labels = base_labels().into_iter().collect();
+    f.svc.store().update_volume(&forged).unwrap();
+    let listed = f
+        .api
+        .list_volumes(request(
+            Role::Agent,
+            pb::ListVolumesRequest {
+                label_selector: base_labels(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    let by_name = |n: &str| listed.iter().find(|v| v.name == n).unwrap();
+    assert_eq!(by_name("image-base").image_sha256, sha);
+    assert_eq!(
+        by_name("mine").image_sha256,
+        "",
+        "a tenant's volume is never a base"
+    );
+    // An agent clones the base into the project it acts in; a tenant
+    // cannot see the base at all.
+    let clone = f
+        .api
+        .clone_volume(request(
+            Role::Agent,
+            pb::CloneVolumeRequest {
+                source: "image-base".into(),
+                name: "guest-disk".into(),
+                project: OWN.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(clone.project, OWN);
+    let s = f
+        .api
+        .clone_volume(request(
+            Role::Project,
+            pb::CloneVolumeRequest {
+                source: "image-base".into(),
+                name: "stolen".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::NotFound);
+}
