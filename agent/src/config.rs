@@ -74,6 +74,19 @@ pub struct Flags {
     /// file:// images are refused
     #[arg(long = "image-file-root", value_name = "DIR")]
     pub image_file_roots: Option<Vec<PathBuf>>,
+    /// Directory `file:` disks, kernels and initrds may be opened from
+    /// (repeatable; admin callers only); without one, host files are refused
+    #[arg(long = "host-file-root", value_name = "DIR")]
+    pub host_file_roots: Option<Vec<PathBuf>>,
+    /// Let image URLs reach loopback, link-local, unspecified and this
+    /// host's own addresses (refused by default: a URL must not reach
+    /// services only the host can see)
+    #[arg(long)]
+    pub image_allow_private: bool,
+    /// Mutual CHAP: each pdisk export also authenticates the target to
+    /// this host's initiator with a second random secret
+    #[arg(long)]
+    pub chap_mutual: bool,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -99,6 +112,9 @@ pub struct Config {
     pub image_quota: u64,
     pub image_policy: Option<PathBuf>,
     pub image_file_roots: Vec<PathBuf>,
+    pub host_file_roots: Vec<PathBuf>,
+    pub image_allow_private: bool,
+    pub chap_mutual: bool,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -161,6 +177,9 @@ impl Flags {
                 .0,
             image_policy: self.image_policy.or(file.image_policy),
             image_file_roots: pick!(image_file_roots, Vec::new()),
+            host_file_roots: pick!(host_file_roots, Vec::new()),
+            image_allow_private: self.image_allow_private || file.image_allow_private,
+            chap_mutual: self.chap_mutual || file.chap_mutual,
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,

@@ -448,6 +448,10 @@ impl HostNet for FakeNet {
 // ---------------------------------------------------------------------------
 // QEMU
 
+/// A host file a fake launch read: its path on the command line, and its
+/// bytes or why it could not be opened.
+pub type HostRead = (PathBuf, std::result::Result<Vec<u8>, String>);
+
 /// QEMU processes in memory. A guest shuts down when asked (ACPI
 /// powerdown, quit) and its QMP connection then closes, as QEMU's does.
 #[derive(Default)]
@@ -456,6 +460,10 @@ pub struct FakeVmm {
     /// `system_powerdown`, `system_reset`, `quit`.
     pub failures: Arc<Failures>,
     inner: Arc<Mutex<Processes>>,
+    /// What each launch's QEMU would have read from the host files it was
+    /// given (raw file disks, kernel, initrd), read at launch time: (path
+    /// on the command line, its bytes or the error).
+    host_reads: Arc<Mutex<Vec<HostRead>>>,
 }
 
 #[derive(Default)]
@@ -512,6 +520,11 @@ impl FakeVmm {
             .collect()
     }
 
+    /// The host files launches read (see `host_reads`), oldest first.
+    pub fn host_reads(&self) -> Vec<HostRead> {
+        self.host_reads.lock().unwrap().clone()
+    }
+
     /// QEMU `pid` dies on its own (a crash, an OOM kill).
     pub fn die(&self, pid: u32) {
         self.inner.lock().unwrap().exit(pid);
@@ -549,6 +562,24 @@ impl Vmm for FakeVmm {
     fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>> {
         Box::pin(async move {
             self.check("launch", &plan.name)?;
+            // Read what a real QEMU would open by path at its start.
+            let mut paths: Vec<PathBuf> = plan
+                .disks
+                .iter()
+                .filter_map(|d| match &d.backend {
+                    crate::vmm::DiskBackend::RawFile { path } => Some(path.clone()),
+                    _ => None,
+                })
+                .collect();
+            if let Some(k) = &plan.kernel {
+                paths.push(k.kernel.clone());
+                paths.extend(k.initrd.clone());
+            }
+            self.host_reads.lock().unwrap().extend(
+                paths
+                    .into_iter()
+                    .map(|p| (p.clone(), std::fs::read(&p).map_err(|e| e.to_string()))),
+            );
             let mut p = self.inner.lock().unwrap();
             p.next_pid += 1;
             let pid = 1000 + p.next_pid;

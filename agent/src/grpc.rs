@@ -369,6 +369,20 @@ fn timeout_of(secs: u32) -> Duration {
     Duration::from_secs(if secs == 0 { 60 } else { secs as u64 })
 }
 
+/// Host files (`file:` disks, kernels, initrds, `file://` images) are an
+/// admin's to hand out: any other caller is refused before anything is
+/// looked up, so a refusal says nothing about the host's files.
+fn admit_host_files(identity: &Identity, named: &[String]) -> Result<(), Status> {
+    match named.first() {
+        Some(first) if identity.role != stratus_pki::Role::Admin => {
+            Err(Status::permission_denied(format!(
+                "{first}: only an admin may give a guest host files ({identity} is not one)"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -381,6 +395,7 @@ impl VmService for Api {
         let spec = r.spec.ok_or_else(|| Error::invalid("spec is required"))?;
         check_reserved_labels(&identity, spec.labels.keys())?;
         let spec = parse_spec(spec)?;
+        admit_host_files(&identity, &spec.host_files())?;
         let vm = self.agent.create_vm(spec, scope.project()).await?;
         Ok(Response::new(vm_pb(&self.agent, &vm)))
     }
@@ -496,8 +511,20 @@ impl VmService for Api {
         &self,
         req: Request<pb::PullImageRequest>,
     ) -> Result<Response<pb::CachedImage>, Status> {
+        let image = image_spec(
+            req.get_ref()
+                .image
+                .clone()
+                .ok_or_else(|| Error::invalid("image is required"))?,
+        )?;
+        if image.is_host_file() {
+            let identity = stratus_pki::gate::caller(&req)?
+                .identity
+                .clone()
+                .map_err(Status::unauthenticated)?;
+            admit_host_files(&identity, &[format!("image {}", image.url)])?;
+        }
         let r = req.into_inner();
-        let image = image_spec(r.image.ok_or_else(|| Error::invalid("image is required"))?)?;
         let info = self.agent.pull_image(image, r.to_pdisk).await?;
         Ok(Response::new(image_pb(info)))
     }

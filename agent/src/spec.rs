@@ -49,6 +49,12 @@ impl ImageSpec {
     pub fn to_ref(&self) -> Result<crate::images::ImageRef> {
         crate::images::ImageRef::new(&self.url, &self.sha256, self.format, self.endorser.clone())
     }
+
+    /// A `file://` image names a file of this host.
+    pub fn is_host_file(&self) -> bool {
+        self.to_ref()
+            .is_ok_and(|r| matches!(r.source(), crate::images::ImageSource::File(_)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,29 +145,29 @@ pub const MIN_MEMORY: u64 = 16 * MIB;
 pub const MAX_DISKS: usize = 16;
 pub const MAX_NICS: usize = 8;
 
-/// Checks a host path given in a spec: absolute, no `..`, no NUL or comma
-/// (QEMU's option syntax), and an existing regular file.
+/// Checks the form of a host path given in a spec: absolute, no `.` or
+/// `..`, no NUL, at most 4096 bytes. Whether the file may be used (beneath
+/// a `--host-file-root`, an admin's request) is decided when agentd opens
+/// it ([`stratus_core::rooted::Roots::open_file`]), never from this path.
 pub fn check_host_file(what: &str, p: &str) -> Result<PathBuf> {
     let path = PathBuf::from(p);
     if !path.is_absolute()
-        || path
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
+        || path.components().any(|c| {
+            matches!(
+                c,
+                std::path::Component::ParentDir | std::path::Component::CurDir
+            )
+        })
+        || p.contains("/./")
+        || p.ends_with("/.")
         || p.contains('\0')
-        || p.contains(',')
+        || p.len() > 4096
     {
         return Err(Error::invalid(format!(
-            "{what} {p:?} must be an absolute path without '..' or ','"
+            "{what} {p:?} must be an absolute path without '.' or '..'"
         )));
     }
-    match std::fs::metadata(&path) {
-        Ok(m) if m.is_file() => Ok(path),
-        Ok(_) => Err(Error::invalid(format!("{what} {p} is not a regular file"))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(Error::not_found(format!("{what} {p} not found")))
-        }
-        Err(e) => Err(Error::invalid(format!("{what} {p}: {e}"))),
-    }
+    Ok(path)
 }
 
 /// Bridge names are Linux interface names.
@@ -181,6 +187,28 @@ pub fn check_ifname(what: &str, s: &str) -> Result<()> {
 }
 
 impl VmSpec {
+    /// The host files this spec names (`file:` disks, kernel, initrd,
+    /// `file://` images), as "what path" for messages.
+    pub fn host_files(&self) -> Vec<String> {
+        let mut named = Vec::new();
+        for d in &self.disks {
+            match &d.source {
+                DiskSource::File(p) => named.push(format!("disk {}", p.display())),
+                DiskSource::Image { image, .. } if image.is_host_file() => {
+                    named.push(format!("image {}", image.url))
+                }
+                _ => {}
+            }
+        }
+        if let Some(k) = &self.kernel {
+            named.push(format!("kernel {}", k.kernel.display()));
+            if let Some(i) = &k.initrd {
+                named.push(format!("initrd {}", i.display()));
+            }
+        }
+        named
+    }
+
     /// Checks the limits that do not depend on the host.
     pub fn validate(&self) -> Result<()> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {

@@ -616,9 +616,34 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     let links = h.ns.ip(&["-o", "link", "show", "type", "tun"]);
     assert!(links.trim().is_empty(), "tap left behind: {links}");
 
-    // qemu-img's own message reaches the caller: a file disk that vanished
-    // between create and start.
-    let bad = h.pool.dir.path().join("vanished.raw");
+    // Host files: only beneath a --host-file-root (testkit gives
+    // DIR/host-files), never through a symlink out of it, and a file disk
+    // that vanished between create and start leaves the guest in ERROR
+    // with nothing attached.
+    let files = h.pool.dir.path().join("host-files");
+    std::fs::write(h.pool.dir.path().join("outside.raw"), vec![0u8; 1 << 20]).unwrap();
+    std::os::unix::fs::symlink("../outside.raw", files.join("escape.raw")).unwrap();
+    for (path, want) in [
+        (
+            h.pool.dir.path().join("outside.raw"),
+            Code::PermissionDenied,
+        ),
+        (files.join("escape.raw"), Code::PermissionDenied),
+        (files.join("missing.raw"), Code::NotFound),
+    ] {
+        let mut spec = spec_kernel("hostfile", "", "");
+        spec.disks = vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::File(path.display().to_string())),
+            ..Default::default()
+        }];
+        let err = h.agent(|mut c| async move {
+            c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
+                .await
+                .unwrap_err()
+        });
+        assert_eq!(err.code(), want, "{}: {err:?}", path.display());
+    }
+    let bad = files.join("vanished.raw");
     std::fs::write(&bad, vec![0u8; 1 << 20]).unwrap();
     let mut spec = spec_kernel("badimg", "", "");
     spec.disks = vec![pb::DiskSpec {
@@ -654,7 +679,8 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
         (e, vm)
     });
     assert_eq!(vm.state(), pb::VmState::Error);
-    assert!(err.message().contains("QEMU cannot open"), "{err:?}");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert!(err.message().contains("vanished.raw not found"), "{err:?}");
     assert!(h.agentd.guest_pids().is_empty());
 }
 

@@ -25,6 +25,9 @@ pub enum ErrorKind {
     InvalidArgument,
     /// The object does not exist.
     NotFound,
+    /// The caller is known but may not do this (a host file for a
+    /// non-admin, an export to another host's initiator); nothing changed.
+    PermissionDenied,
     /// The pool (or host) has no room for it.
     ResourceExhausted,
 }
@@ -40,6 +43,7 @@ impl ErrorKind {
             ErrorKind::Internal => Code::Internal,
             ErrorKind::InvalidArgument => Code::InvalidArgument,
             ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         }
     }
@@ -57,6 +61,7 @@ impl ErrorKind {
             Code::AlreadyExists => ErrorKind::AlreadyExists,
             Code::FailedPrecondition => ErrorKind::FailedPrecondition,
             Code::ResourceExhausted => ErrorKind::ResourceExhausted,
+            Code::PermissionDenied => ErrorKind::PermissionDenied,
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
                 ErrorKind::Unavailable
             }
@@ -110,6 +115,9 @@ impl Error {
     }
     pub fn precondition(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::FailedPrecondition, message)
+    }
+    pub fn denied(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::PermissionDenied, message)
     }
     pub fn exhausted(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::ResourceExhausted, message)
@@ -196,13 +204,14 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
     }
 
-    const KINDS: [ErrorKind; 7] = [
+    const KINDS: [ErrorKind; 8] = [
         ErrorKind::AlreadyExists,
         ErrorKind::Unavailable,
         ErrorKind::FailedPrecondition,
         ErrorKind::Internal,
         ErrorKind::InvalidArgument,
         ErrorKind::NotFound,
+        ErrorKind::PermissionDenied,
         ErrorKind::ResourceExhausted,
     ];
 

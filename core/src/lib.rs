@@ -17,6 +17,8 @@
 //!   `qemu-img info` (untrusted input: backing files refused);
 //! - [`settings`]: a daemon's TOML settings file and its logging;
 //! - [`host`]: facts about this host (memory);
+//! - [`rooted`]: host files opened only beneath configured roots (openat2
+//!   `RESOLVE_BENEATH`: no `..` or symlink escape, no check-then-use race);
 //! - [`cli`]: plumbing shared by the `pdisk` and `agentctl` CLIs (tables,
 //!   one-line errors, exit codes, JSON errors, argument values).
 
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod rooted;
 pub mod runner;
 pub mod settings;
 pub mod types;

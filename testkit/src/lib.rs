@@ -818,6 +818,20 @@ impl Agentd {
     ) -> Agentd {
         let state_dir = dir.join("agent");
         let listen: SocketAddr = "127.0.0.1:7401".parse().unwrap();
+        // Tests boot the test guest's kernel from its directory, give file
+        // disks from `DIR/host-files`, and serve images from loopback or
+        // their namespace's own addresses.
+        let files = dir.join("host-files");
+        std::fs::create_dir_all(&files).unwrap();
+        let mut host_files = vec![
+            "--image-allow-private".to_string(),
+            "--host-file-root".into(),
+            files.display().to_string(),
+        ];
+        if guest_dir().is_dir() {
+            host_files.push("--host-file-root".into());
+            host_files.push(guest_dir().display().to_string());
+        }
         let args: Vec<String> = vec![
             "--listen".to_string(),
             listen.to_string(),
@@ -840,6 +854,7 @@ impl Agentd {
         ]
         .into_iter()
         .chain(daemon_tls_args(&TestPki::shared().agent()))
+        .chain(host_files)
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
         let mut a = Agentd {

@@ -57,6 +57,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             image_quota: Some(cfg.image_quota),
             image_policy: cfg.image_policy.clone(),
             image_file_roots: cfg.image_file_roots.clone(),
+            host_file_roots: cfg.host_file_roots.clone(),
+            image_allow_private: cfg.image_allow_private,
+            chap_mutual: cfg.chap_mutual,
         },
         host,
     )?;

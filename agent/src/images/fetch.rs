@@ -38,6 +38,7 @@ use tokio::sync::mpsc;
 use super::reference::{ImageRef, ImageSource, Sha256};
 use super::staging::Partial;
 use stratus_core::error::{Error, ErrorKind, Result};
+use stratus_core::rooted::Roots;
 
 /// Progress is reported at most once per this many bytes (plus start and end).
 pub const PROGRESS_STEP: u64 = 1 << 20;
@@ -76,23 +77,15 @@ pub(crate) struct Download {
 pub(crate) struct Fetcher {
     clients: Arc<Clients>,
     idle: Duration,
-    /// Canonical directories file:// images may come from; `None`: anywhere.
-    file_roots: Option<Vec<PathBuf>>,
+    /// Directories file:// images may come from (opened beneath them,
+    /// openat2 RESOLVE_BENEATH); `None`: anywhere (unit tests only).
+    file_roots: Option<Roots>,
 }
 
 impl Fetcher {
     pub(crate) fn new(timeouts: FetchTimeouts, file_roots: Option<&[PathBuf]>) -> Result<Fetcher> {
         let file_roots = file_roots
-            .map(|roots| {
-                roots
-                    .iter()
-                    .map(|r| {
-                        r.canonicalize().map_err(|e| {
-                            Error::invalid(format!("file:// image directory {}: {e}", r.display()))
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
+            .map(|roots| Roots::open("--image-file-root", roots))
             .transpose()?;
         // reqwest is built without a default crypto provider; ring is ours.
         // Err means a provider is already installed, which is as good.
@@ -229,16 +222,16 @@ impl Fetcher {
                 "image {url} lives only in pdisk (volume {volume}): use it for clone disks"
             ))),
             ImageSource::File(path) => {
-                // Checked on the path as given (so nothing outside the roots
-                // is even looked up), then on the path with symlinks resolved.
-                self.check_file_root(url, path)?;
-                let real = tokio::fs::canonicalize(path)
-                    .await
-                    .map_err(|e| Error::io(format!("image {url}"), e))?;
-                self.check_file_root(url, &real)?;
-                let f = tokio::fs::File::open(&real)
-                    .await
-                    .map_err(|e| Error::io(format!("image {url}"), e))?;
+                // Opened beneath a root in one step: the file read is the
+                // file checked, whatever happens to the path meanwhile.
+                let f = match &self.file_roots {
+                    Some(roots) => roots
+                        .open_file(&format!("image {url}:"), path, false)?
+                        .try_clone_file()?,
+                    None => std::fs::File::open(path)
+                        .map_err(|e| Error::io(format!("image {url}"), e))?,
+                };
+                let f = tokio::fs::File::from_std(f);
                 let md = f
                     .metadata()
                     .await
@@ -280,21 +273,6 @@ impl Fetcher {
                 }
                 Ok(Body::Http(resp))
             }
-        }
-    }
-}
-
-impl Fetcher {
-    fn check_file_root(&self, url: &str, path: &Path) -> Result<()> {
-        match &self.file_roots {
-            Some(roots) if !roots.iter().any(|r| path.starts_with(r)) => {
-                let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
-                Err(Error::invalid(format!(
-                    "image {url}: file:// images must be under {}",
-                    roots.join(", ")
-                )))
-            }
-            _ => Ok(()),
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::store::{DiskAttachment, NewEvent, NicAttachment, VmRecord};
 use crate::vmm::{DiskBackend, PlannedDisk, PlannedNic};
 use crate::volumes::status_error;
 use stratus_core::error::{Error, Result};
+use stratus_core::rooted::RootedFile;
 
 /// The NoCloud seed image in a guest's directory.
 pub(super) const SEED_FILE: &str = "seed.img";
@@ -37,12 +38,16 @@ fn random_secret() -> String {
 
 impl Agent {
     /// Attaches disk `i` of `vm` and records it with its DISK_ATTACHED event.
+    /// A host file is opened here, beneath a `--host-file-root`, and pushed
+    /// to `held`: QEMU opens that very file through its `/proc` path, so
+    /// `held` must live until QEMU has started.
     pub(super) async fn attach_disk(
         &self,
         vm: &mut VmRecord,
         dir: &Path,
         i: usize,
         d: &Disk,
+        held: &mut Vec<RootedFile>,
     ) -> Result<PlannedDisk> {
         let device = device_name(i);
         // Image disks become a pdisk clone or a local overlay first.
@@ -60,7 +65,10 @@ impl Agent {
                 )
             }
             DiskSource::Pdisk(v) => (ImageDisk::Pdisk(v.to_string()), None),
-            DiskSource::File(path) => (ImageDisk::RawFile(path.clone()), None),
+            DiskSource::File(path) => {
+                let f = self.host_files.open_file("disk", path, !d.read_only)?;
+                (ImageDisk::RawFile(f), None)
+            }
         };
         let file_attachment = |path: &Path| DiskAttachment {
             device: device.clone(),
@@ -76,10 +84,12 @@ impl Agent {
                 self.attach_pdisk(vm, dir, &device, &volume, d.read_only)
                     .await?
             }
-            ImageDisk::RawFile(path) => {
+            ImageDisk::RawFile(file) => {
                 // Raw, never probed: the guest writes these bytes.
+                let path = file.proc_path();
                 self.vmm.check_raw(&path).await?;
-                let att = file_attachment(&path);
+                let att = file_attachment(&file.path);
+                held.push(file);
                 (DiskBackend::RawFile { path }, att)
             }
             ImageDisk::Overlay {

@@ -50,8 +50,9 @@ pub struct ImageInfo {
 pub(super) enum ImageDisk {
     /// A pdisk volume by name or UUID (the spec's, or the guest's clone).
     Pdisk(String),
-    /// A raw file on this host (a `file:` disk).
-    RawFile(PathBuf),
+    /// A raw file on this host (a `file:` disk), opened beneath a
+    /// `--host-file-root`.
+    RawFile(stratus_core::rooted::RootedFile),
     /// A local overlay on a cached image, with the base it must have.
     Overlay {
         path: PathBuf,

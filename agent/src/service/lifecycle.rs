@@ -16,11 +16,12 @@ use uuid::Uuid;
 
 use super::Agent;
 use crate::journal::EventFilter;
-use crate::spec::{Cause, DiskSource, EventType, VmSpec, VmState};
+use crate::spec::{Cause, DiskSource, EventType, KernelBoot, VmSpec, VmState};
 use crate::store::{now_rfc3339, Event, NewEvent, Runtime, VmRecord};
 use crate::vmm::{LaunchPlan, QmpCommands};
 use crate::volumes::status_error;
 use stratus_core::error::{Error, Result};
+use stratus_core::rooted::RootedFile;
 
 /// How long start waits for QEMU's QMP socket.
 const QMP_CONNECT: Duration = Duration::from_secs(30);
@@ -37,7 +38,9 @@ impl Agent {
         for d in &spec.disks {
             match &d.source {
                 DiskSource::File(p) => {
-                    crate::spec::check_host_file("disk", &p.display().to_string())?;
+                    // Opened to say now what a start would say; each start
+                    // opens it again.
+                    self.host_files.open_file("disk", p, !d.read_only)?;
                 }
                 DiskSource::Image { image, local, .. } => {
                     let r = image.to_ref()?;
@@ -57,9 +60,9 @@ impl Agent {
             }
         }
         if let Some(k) = &spec.kernel {
-            crate::spec::check_host_file("kernel", &k.kernel.display().to_string())?;
+            self.host_files.open_file("kernel", &k.kernel, false)?;
             if let Some(i) = &k.initrd {
-                crate::spec::check_host_file("initrd", &i.display().to_string())?;
+                self.host_files.open_file("initrd", i, false)?;
             }
         }
         let _g = self.create_lock.lock().await;
@@ -129,14 +132,38 @@ impl Agent {
         }
     }
 
+    /// The spec's kernel and initrd, opened beneath a `--host-file-root`
+    /// and named by their `/proc` paths (the files stay open in `held`).
+    fn open_kernel(&self, vm: &VmRecord, held: &mut Vec<RootedFile>) -> Result<Option<KernelBoot>> {
+        let Some(k) = &vm.spec.kernel else {
+            return Ok(None);
+        };
+        let kernel = self.host_files.open_file("kernel", &k.kernel, false)?;
+        let initrd = match &k.initrd {
+            Some(i) => Some(self.host_files.open_file("initrd", i, false)?),
+            None => None,
+        };
+        let boot = KernelBoot {
+            kernel: kernel.proc_path(),
+            initrd: initrd.as_ref().map(RootedFile::proc_path),
+            cmdline: k.cmdline.clone(),
+        };
+        held.push(kernel);
+        held.extend(initrd);
+        Ok(Some(boot))
+    }
+
     /// Attaches disks, the seed and NICs (recording each before the next
     /// step), then launches QEMU and connects its monitor.
     async fn bring_up(self: &Arc<Self>, vm: &mut VmRecord) -> Result<()> {
         let dir = self.vm_dir(vm.uuid);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
         let mut disks = Vec::new();
+        // Host files agentd opened for this start; QEMU opens each through
+        // its /proc path, so they stay open until the launch returns.
+        let mut held = Vec::new();
         for (i, d) in vm.spec.disks.clone().iter().enumerate() {
-            disks.push(self.attach_disk(vm, &dir, i, d).await?);
+            disks.push(self.attach_disk(vm, &dir, i, d, &mut held).await?);
             self.crash_point("start.disk_attached");
         }
         if let Some(seed) = self.attach_seed(vm, &dir, disks.len())? {
@@ -155,12 +182,14 @@ impl Agent {
             accel: self.host.accel,
             disks,
             nics,
-            kernel: vm.spec.kernel.clone(),
+            kernel: self.open_kernel(vm, &mut held)?,
             dir: dir.clone(),
             io_uring: self.host.io_uring,
         };
         let _ = std::fs::remove_file(plan.console_log());
         let pid = self.vmm.launch(&plan).await?;
+        // QEMU has opened its files (a daemonized QEMU answers once set up).
+        drop(held);
         {
             let rt = vm.runtime.as_mut().expect("runtime");
             rt.pid = pid;

@@ -80,6 +80,13 @@ pub struct AgentSettings {
     pub image_policy: Option<PathBuf>,
     /// Directories `file://` images may come from; none: file:// refused.
     pub image_file_roots: Vec<PathBuf>,
+    /// Directories `file:` disks, kernels and initrds may be opened from
+    /// (admin callers only); none: host files refused.
+    pub host_file_roots: Vec<PathBuf>,
+    /// Image URLs may reach loopback, link-local and this host's addresses.
+    pub image_allow_private: bool,
+    /// Exports also carry a CHAP secret the target proves to this host.
+    pub chap_mutual: bool,
 }
 
 /// The host effects of the guest service, each behind its seam.
@@ -138,6 +145,8 @@ pub struct Agent {
     /// The verified local image cache.
     images: crate::images::LocalCache,
     policy: Option<crate::images::Policy>,
+    /// Where `file:` disks, kernels and initrds may be opened from.
+    host_files: stratus_core::rooted::Roots,
     /// One pdisk import per image checksum at a time.
     base_flights: images::BaseFlights,
     /// Cached images held by guests' local disks, per guest.
@@ -181,6 +190,8 @@ impl Agent {
             },
         )?;
         let kernel = KernelAttacher::new(runner.clone(), effects.kernel);
+        let host_files =
+            stratus_core::rooted::Roots::open("--host-file-root", &settings.host_file_roots)?;
         let store = Arc::new(store);
         Ok(Arc::new(Agent {
             journal: EventJournal::new(store.clone()),
@@ -199,6 +210,7 @@ impl Agent {
             create_lock: tokio::sync::Mutex::new(()),
             images,
             policy,
+            host_files,
             base_flights: Default::default(),
             pins: Mutex::default(),
             #[cfg(test)]

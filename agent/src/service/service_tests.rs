@@ -34,7 +34,11 @@ impl Host {
         pdisk.add_volume("root");
         pdisk.add_volume("data");
         Host {
-            dir: tempfile::tempdir().unwrap(),
+            dir: {
+                let d = tempfile::tempdir().unwrap();
+                std::fs::create_dir(d.path().join("host-files")).unwrap();
+                d
+            },
             pdisk,
             net: FakeNet::new(),
             vmm: FakeVmm::new(),
@@ -43,6 +47,11 @@ impl Host {
 
     /// An agent on this host's store and fakes (a fresh agentd process).
     fn agent(&self) -> Arc<Agent> {
+        self.agent_with(|_| {})
+    }
+
+    /// Like [`Host::agent`], with its settings changed by `change`.
+    fn agent_with(&self, change: impl FnOnce(&mut AgentSettings)) -> Arc<Agent> {
         let state = self.dir.path().join("state");
         let mut kernel = KernelOptions::new("iqn.2026-11.io.stratus:unit");
         kernel.sys = self.dir.path().join("sys");
@@ -51,18 +60,25 @@ impl Host {
         Agent::with_effects(
             AgentStore::open(&state).unwrap(),
             Arc::new(FakeRunner::new()),
-            AgentSettings {
-                state_dir: state,
-                default_bridge: "br0".into(),
-                initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
-                attach: AttachMode::Qemu,
-                pdisk_url: None,
-                pdisk_tls: None,
-                cpu_overcommit: 4,
-                reserved_memory: 0,
-                image_quota: None,
-                image_policy: None,
-                image_file_roots: Vec::new(),
+            {
+                let mut s = AgentSettings {
+                    state_dir: state,
+                    default_bridge: "br0".into(),
+                    initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
+                    attach: AttachMode::Qemu,
+                    pdisk_url: None,
+                    pdisk_tls: None,
+                    cpu_overcommit: 4,
+                    reserved_memory: 0,
+                    image_quota: None,
+                    image_policy: None,
+                    image_file_roots: Vec::new(),
+                    host_file_roots: vec![self.dir.path().join("host-files")],
+                    image_allow_private: true,
+                    chap_mutual: false,
+                };
+                change(&mut s);
+                s
             },
             HostFacts {
                 hostname: "unit".into(),
@@ -651,4 +667,94 @@ async fn state_and_events_are_committed_together_and_seqs_are_never_reused() {
             "{b:?} moved the state without saying"
         );
     }
+}
+
+/// `file:` disks, kernels and initrds come only from beneath a
+/// `--host-file-root`; QEMU is handed the very file agentd opened (its
+/// `/proc` path), so a path swapped for a symlink after the check is never
+/// followed; a refused spec creates nothing.
+#[tokio::test]
+async fn host_files_come_only_from_beneath_the_root_and_qemu_gets_the_opened_file() {
+    let host = Host::new();
+    let agent = host.agent();
+    let root = host.dir.path().join("host-files");
+    std::fs::write(root.join("data.raw"), b"disk bytes").unwrap();
+    std::fs::write(root.join("vmlinuz"), b"kernel bytes").unwrap();
+    std::fs::write(host.dir.path().join("shadow"), b"host secret").unwrap();
+    std::os::unix::fs::symlink("../shadow", root.join("escape.raw")).unwrap();
+    let file_spec = |name: &str, disk: &std::path::Path| {
+        let mut s = small_spec(name, "root");
+        s.context = None;
+        s.disks[0].source = DiskSource::File(disk.to_path_buf());
+        s.kernel = Some(crate::spec::KernelBoot {
+            kernel: root.join("vmlinuz"),
+            initrd: None,
+            cmdline: String::new(),
+        });
+        s
+    };
+    for (disk, want) in [
+        (root.join("escape.raw"), ErrorKind::PermissionDenied),
+        (host.dir.path().join("shadow"), ErrorKind::PermissionDenied),
+        (root.join("missing.raw"), ErrorKind::NotFound),
+        (root.clone(), ErrorKind::InvalidArgument),
+    ] {
+        let e = agent.create_vm(file_spec("bad", &disk)).await.unwrap_err();
+        assert_eq!(e.kind(), want, "{}: {e}", disk.display());
+        assert!(!e.message().contains("host secret"));
+    }
+    assert!(
+        agent.list_vms().unwrap().is_empty(),
+        "a refused spec made a VM"
+    );
+
+    let vm = agent
+        .create_vm(file_spec("good", &root.join("data.raw")))
+        .await
+        .unwrap();
+    // Between the create and the start the disk becomes a symlink out of
+    // the root: the start refuses it, nothing is attached.
+    std::fs::rename(root.join("data.raw"), root.join("data.keep")).unwrap();
+    std::os::unix::fs::symlink("../shadow", root.join("data.raw")).unwrap();
+    let e = agent.start_vm("good").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    host.assert_nothing_attached(&vm, "after a refused host file");
+    assert!(host.vmm.host_reads().is_empty());
+
+    std::fs::remove_file(root.join("data.raw")).unwrap();
+    std::fs::rename(root.join("data.keep"), root.join("data.raw")).unwrap();
+    let vm = agent.start_vm("good").await.unwrap();
+    let reads = host.vmm.host_reads();
+    let bytes: Vec<&[u8]> = reads
+        .iter()
+        .map(|(p, r)| {
+            assert!(
+                p.starts_with("/proc"),
+                "QEMU got a path, not the opened file: {p:?}"
+            );
+            r.as_deref().expect("QEMU could open what agentd opened")
+        })
+        .collect();
+    assert_eq!(bytes, [&b"disk bytes"[..], &b"kernel bytes"[..]]);
+    // The record names the file as the spec did.
+    let disk = &vm.runtime.as_ref().unwrap().disks[0];
+    assert_eq!(
+        disk.source,
+        format!("file:{}", root.join("data.raw").display())
+    );
+}
+
+#[tokio::test]
+async fn without_a_host_file_root_no_host_file_is_accepted() {
+    let host = Host::new();
+    let agent = host.agent_with(|s| s.host_file_roots.clear());
+    let mut s = small_spec("k", "root");
+    s.kernel = Some(crate::spec::KernelBoot {
+        kernel: "/boot/vmlinuz".into(),
+        initrd: None,
+        cmdline: String::new(),
+    });
+    let e = agent.create_vm(s).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.message().contains("--host-file-root"), "{e}");
 }
