@@ -66,11 +66,14 @@ pub struct CacheOptions {
     /// Checked before every use; `None`: every image is allowed.
     pub policy: Option<Policy>,
     pub timeouts: FetchTimeouts,
-    /// Directories `file://` images may be read from (symlinks resolved);
-    /// `None`: anywhere the agent can read. agentd should set it: a
+    /// Directories `file://` images may be read from (opened beneath them);
+    /// `None`: anywhere the agent can read. agentd always sets it: a
     /// `file://` reference lets whoever calls the API copy any file the
     /// agent can read into a guest's disk.
     pub file_roots: Option<Vec<PathBuf>>,
+    /// The addresses downloads may reach (default: no loopback,
+    /// link-local or own address).
+    pub egress: crate::images::Egress,
 }
 
 /// A verified image in the cache.
@@ -241,7 +244,11 @@ impl LocalCache {
             "image cache opened");
         Ok(LocalCache {
             inner: Arc::new(Inner {
-                fetcher: Fetcher::new(options.timeouts, options.file_roots.as_deref())?,
+                fetcher: Fetcher::new(
+                    options.timeouts,
+                    options.file_roots.as_deref(),
+                    options.egress,
+                )?,
                 dir,
                 quota: options.quota,
                 policy: options.policy,

@@ -37,6 +37,7 @@ fn open(dir: &Path, quota: Option<u64>) -> LocalCache {
         dir,
         CacheOptions {
             quota,
+            egress: crate::images::Egress::allow_private(),
             ..CacheOptions::default()
         },
     )
@@ -191,6 +192,7 @@ async fn a_stalled_download_times_out_and_leaves_nothing() {
                 connect: Duration::from_secs(10),
                 idle: Duration::from_millis(300),
             },
+            egress: crate::images::Egress::allow_private(),
             ..CacheOptions::default()
         },
     )
@@ -465,6 +467,7 @@ async fn the_policy_refuses_before_any_request() {
         dir.path(),
         CacheOptions {
             policy: Some(policy),
+            egress: crate::images::Egress::allow_private(),
             ..CacheOptions::default()
         },
     )
@@ -570,6 +573,7 @@ async fn file_urls_stay_inside_the_file_roots() {
         dir.path(),
         CacheOptions {
             file_roots: Some(vec![root.path().to_owned()]),
+            egress: crate::images::Egress::allow_private(),
             ..CacheOptions::default()
         },
     )
@@ -597,4 +601,72 @@ async fn file_urls_stay_inside_the_file_roots() {
 
     let url = format!("file://{}/ok.img", root.path().display());
     fetch(&cache, &reference(&url, &body)).await.unwrap();
+}
+
+/// Image URLs may not reach loopback (nor link-local or this host's own
+/// addresses) unless allowed, at the first hop or any redirect; redirects
+/// are limited; no message carries what the server sent.
+#[tokio::test]
+async fn downloads_reach_only_allowed_addresses_at_every_hop() {
+    use crate::images::Egress;
+    let http = TestHttp::start().await;
+    let body = content(4096, 61);
+    http.route("/img", Reply::Body(body.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let with = |egress| {
+        LocalCache::open(
+            dir.path(),
+            CacheOptions {
+                egress,
+                ..CacheOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let denied = stratus_core::error::ErrorKind::PermissionDenied;
+
+    // Loopback by IP literal and by name: refused before any request.
+    let strict = with(Egress::public_only());
+    let port = http.url("").rsplit(':').next().unwrap().to_owned();
+    for url in [
+        http.url("/img"),
+        format!("http://localhost:{port}/img"),
+        format!("http://[::ffff:127.0.0.1]:{port}/img"),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+    ] {
+        let err = fetch(&strict, &reference(&url, &body)).await.unwrap_err();
+        assert_eq!(err.kind(), denied, "{url}: {err}");
+    }
+    assert_eq!(http.requests(), 0, "a refused URL reached the server");
+
+    // 127.0.0.1 plays a public server; it redirects to refused targets.
+    let public = with(Egress::public_only_except("127.0.0.1".parse().unwrap()));
+    fetch(&public, &reference(&http.url("/img"), &body))
+        .await
+        .unwrap();
+    http.route(
+        "/to-loopback",
+        Reply::Redirect(format!("http://127.0.0.2:{port}/img")),
+    );
+    http.route(
+        "/to-metadata",
+        Reply::Redirect("http://169.254.169.254/latest".into()),
+    );
+    http.route("/to-file", Reply::Redirect("file:///etc/shadow".into()));
+    for hop in 0..8 {
+        http.route(
+            &format!("/loop{hop}"),
+            Reply::Redirect(http.url(&format!("/loop{}", hop + 1))),
+        );
+    }
+    for path in ["/to-loopback", "/to-metadata", "/to-file", "/loop0"] {
+        let url = http.url(path);
+        let other = content(4096, 62);
+        let err = fetch(&public, &reference(&url, &other)).await.unwrap_err();
+        assert_eq!(err.kind(), denied, "{path}: {err}");
+        assert!(!err.message().contains("SECRET-BODY"), "{err}");
+    }
+    // The redirect chain stopped at the hop limit.
+    let limit = 1 + 3 + crate::images::egress::MAX_REDIRECTS + 2;
+    assert!(http.requests() <= limit, "{} requests", http.requests());
 }

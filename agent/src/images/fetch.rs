@@ -35,6 +35,7 @@ use sha2::Digest;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
+use super::egress::Egress;
 use super::reference::{ImageRef, ImageSource, Sha256};
 use super::staging::Partial;
 use stratus_core::error::{Error, ErrorKind, Result};
@@ -75,6 +76,8 @@ pub(crate) struct Download {
 /// Downloads images; one per cache, so connections are pooled.
 #[derive(Debug, Clone)]
 pub(crate) struct Fetcher {
+    /// The addresses downloads may reach (checked at every hop).
+    egress: Egress,
     clients: Arc<Clients>,
     idle: Duration,
     /// Directories file:// images may come from (opened beneath them,
@@ -83,7 +86,11 @@ pub(crate) struct Fetcher {
 }
 
 impl Fetcher {
-    pub(crate) fn new(timeouts: FetchTimeouts, file_roots: Option<&[PathBuf]>) -> Result<Fetcher> {
+    pub(crate) fn new(
+        timeouts: FetchTimeouts,
+        file_roots: Option<&[PathBuf]>,
+        egress: Egress,
+    ) -> Result<Fetcher> {
         let file_roots = file_roots
             .map(|roots| Roots::open("--image-file-root", roots))
             .transpose()?;
@@ -92,9 +99,10 @@ impl Fetcher {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let clients = Clients {
             connect: timeouts.connect,
+            egress,
             verifying: Mutex::new(None),
             // No roots: never asked to verify anything, so it needs no store.
-            plain: client_builder(timeouts.connect)
+            plain: client_builder(timeouts.connect, egress)
                 .tls_certs_only(Vec::new())
                 .build()
                 .map_err(|e| Error::internal(format!("HTTP client: {}", causes(&e))))?,
@@ -106,6 +114,7 @@ impl Fetcher {
             );
         }
         Ok(Fetcher {
+            egress,
             clients: Arc::new(clients),
             idle: timeouts.idle,
             file_roots,
@@ -242,6 +251,7 @@ impl Fetcher {
                 Ok(Body::File(f, md.len()))
             }
             ImageSource::Http(u) => {
+                self.egress.check_url(u)?;
                 let client = match self.clients.verifying() {
                     Ok(c) => c,
                     Err(_) if u.scheme() == "http" => self.clients.plain.clone(),
@@ -262,7 +272,19 @@ impl Fetcher {
                     }
                     Ok(r) => r.map_err(|e| request_error(url, &e))?,
                 };
+                // The peer that answered, whatever path led there.
+                if let Some(peer) = resp.remote_addr() {
+                    self.egress.check_addr(url, peer)?;
+                }
                 let status = resp.status();
+                if status.is_redirection() {
+                    // reqwest hands back a redirect it would not follow (to
+                    // a scheme other than http/https, or with no Location).
+                    return Err(Error::denied(format!(
+                        "image {url}: HTTP {status}: a redirect image downloads may not follow \
+                         (only http and https)"
+                    )));
+                }
                 if status != reqwest::StatusCode::OK {
                     let kind = match status.as_u16() {
                         404 | 410 => ErrorKind::NotFound,
@@ -338,6 +360,7 @@ fn spawn_writer(
 #[derive(Debug)]
 struct Clients {
     connect: Duration,
+    egress: Egress,
     /// Verifies servers against the system trust store; built on first use.
     verifying: Mutex<Option<reqwest::Client>>,
     /// For http:// when there is no trust store.
@@ -351,7 +374,7 @@ impl Clients {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        let c = client_builder(self.connect)
+        let c = client_builder(self.connect, self.egress)
             .build()
             .map_err(|e| causes(&e))?;
         *slot = Some(c.clone());
@@ -359,13 +382,27 @@ impl Clients {
     }
 }
 
-fn client_builder(connect: Duration) -> reqwest::ClientBuilder {
+fn client_builder(connect: Duration, egress: Egress) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(connect)
+        .dns_resolver(egress.resolver())
+        .redirect(egress.redirect_policy())
         .user_agent(concat!("stratus-agent/", env!("CARGO_PKG_VERSION")))
 }
 
 fn request_error(url: &str, e: &reqwest::Error) -> Error {
+    // Refused by the address rule (a redirect, or a name resolving only to
+    // refused addresses): the caller's request, not the network, is at fault.
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<super::egress::RefusedAddress>() {
+            return Error::denied(format!("image {url}: {r}"));
+        }
+        cur = c.source();
+    }
+    if e.is_redirect() {
+        return Error::denied(format!("image {url}: {}", causes(e)));
+    }
     let what = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {

@@ -21,6 +21,7 @@
 //! ResourceExhausted when the quota cannot hold the image.
 
 mod cache;
+mod egress;
 mod fetch;
 mod overlay;
 mod policy;
@@ -32,6 +33,7 @@ mod test_http;
 pub use cache::{
     CacheOptions, CachedImage, CachedImageInfo, EvictedImage, LocalCache, PinGuard, PulledImage,
 };
+pub use egress::Egress;
 pub use fetch::{FetchTimeouts, PROGRESS_STEP};
 pub use overlay::overlay;
 pub use policy::Policy;

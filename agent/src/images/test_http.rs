@@ -25,6 +25,8 @@ pub(crate) enum Reply {
     Stall,
     /// Sends the headers and waits for `gate` before sending the body.
     Gated { body: Vec<u8>, gate: Arc<Notify> },
+    /// 302 to this location, with a body that must never reach a message.
+    Redirect(String),
 }
 
 pub(crate) struct TestHttp {
@@ -125,6 +127,15 @@ async fn serve(
             // Holds the connection open until the test's runtime ends.
             std::future::pending::<()>().await;
             Ok(())
+        }
+        Some(Reply::Redirect(to)) => {
+            let body = "SECRET-BODY-OF-THE-REDIRECT";
+            let h = format!(
+                "HTTP/1.1 302 Found\r\nLocation: {to}\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(h.as_bytes()).await
         }
         Some(Reply::Gated { body, gate }) => {
             let _ = stream.write_all(ok(body.len()).as_bytes()).await;

@@ -186,6 +186,11 @@ impl Agent {
                 quota: settings.image_quota,
                 policy: policy.clone(),
                 file_roots: Some(settings.image_file_roots.clone()),
+                egress: if settings.image_allow_private {
+                    crate::images::Egress::allow_private()
+                } else {
+                    crate::images::Egress::public_only()
+                },
                 ..Default::default()
             },
         )?;
