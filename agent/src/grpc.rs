@@ -374,11 +374,9 @@ fn timeout_of(secs: u32) -> Duration {
 /// looked up, so a refusal says nothing about the host's files.
 fn admit_host_files(identity: &Identity, named: &[String]) -> Result<(), Status> {
     match named.first() {
-        Some(first) if identity.role != stratus_pki::Role::Admin => {
-            Err(Status::permission_denied(format!(
-                "{first}: only an admin may give a guest host files ({identity} is not one)"
-            )))
-        }
+        Some(first) if identity.role != stratus_pki::Role::Admin => Err(Status::permission_denied(
+            format!("{first}: only an admin may give a guest host files ({identity} is not one)"),
+        )),
         _ => Ok(()),
     }
 }

@@ -637,9 +637,12 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
             ..Default::default()
         }];
         let err = h.agent(|mut c| async move {
-            c.create_vm(pb::CreateVmRequest { spec: Some(spec) })
-                .await
-                .unwrap_err()
+            c.create_vm(pb::CreateVmRequest {
+                project: String::new(),
+                spec: Some(spec),
+            })
+            .await
+            .unwrap_err()
         });
         assert_eq!(err.code(), want, "{}: {err:?}", path.display());
     }

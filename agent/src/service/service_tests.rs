@@ -699,7 +699,10 @@ async fn host_files_come_only_from_beneath_the_root_and_qemu_gets_the_opened_fil
         (root.join("missing.raw"), ErrorKind::NotFound),
         (root.clone(), ErrorKind::InvalidArgument),
     ] {
-        let e = agent.create_vm(file_spec("bad", &disk)).await.unwrap_err();
+        let e = agent
+            .create_vm(file_spec("bad", &disk), "")
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), want, "{}: {e}", disk.display());
         assert!(!e.message().contains("host secret"));
     }
@@ -709,7 +712,7 @@ async fn host_files_come_only_from_beneath_the_root_and_qemu_gets_the_opened_fil
     );
 
     let vm = agent
-        .create_vm(file_spec("good", &root.join("data.raw")))
+        .create_vm(file_spec("good", &root.join("data.raw")), "")
         .await
         .unwrap();
     // Between the create and the start the disk becomes a symlink out of
@@ -754,7 +757,7 @@ async fn without_a_host_file_root_no_host_file_is_accepted() {
         initrd: None,
         cmdline: String::new(),
     });
-    let e = agent.create_vm(s).await.unwrap_err();
+    let e = agent.create_vm(s, "").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     assert!(e.message().contains("--host-file-root"), "{e}");
 }
