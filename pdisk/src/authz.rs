@@ -104,6 +104,21 @@ pub const RULES: &[Rule] = &[
         roles: TENANTS,
         note: "by the request id its caller chose (progress figures only)",
     },
+    Rule {
+        method: "SetQuota",
+        roles: ADMIN,
+        note: "admin",
+    },
+    Rule {
+        method: "GetQuota",
+        roles: NOT_AGENT,
+        note: "of the project the call acts in",
+    },
+    Rule {
+        method: "ListQuotas",
+        roles: ADMIN,
+        note: "admin",
+    },
 ];
 
 /// pdiskd's table.
@@ -141,7 +156,9 @@ mod tests {
                 let got = TABLE.decision(&m, role);
                 let want = match (role, m.as_str()) {
                     (Role::Admin, _) => Ok(()),
-                    (Role::Server, _) | (_, "GetPool") | (Role::Agent, "ResizeVolume") => {
+                    (Role::Server, _)
+                    | (_, "GetPool" | "SetQuota" | "ListQuotas")
+                    | (Role::Agent, "ResizeVolume" | "GetQuota") => {
                         Err(tonic::Code::PermissionDenied)
                     }
                     _ => Ok(()),

@@ -19,7 +19,7 @@ use crate::service::{
     is_image_base, Drift, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService,
     SnapshotInfo, VolumeInfo,
 };
-use crate::store::{Source, VolumeState};
+use crate::store::{QuotaLimits, QuotaUsage, Source, VolumeState};
 use crate::tenancy::Call;
 use crate::types::{Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
 
@@ -105,6 +105,22 @@ fn export_pb(e: ExportInfo) -> pb::Export {
 /// Initiator IQNs as a request carries them, parsed.
 fn iqns(initiators: &[String]) -> Result<Vec<Iqn>, Error> {
     initiators.iter().map(|i| i.parse()).collect()
+}
+
+fn quota_pb(project: String, limits: QuotaLimits, usage: QuotaUsage) -> pb::Quota {
+    pb::Quota {
+        project,
+        limits: Some(pb::QuotaLimits {
+            volumes: limits.volumes,
+            snapshots: limits.snapshots,
+            bytes: limits.bytes,
+        }),
+        usage: Some(pb::QuotaUsage {
+            volumes: usage.volumes,
+            snapshots: usage.snapshots,
+            bytes: usage.bytes,
+        }),
+    }
 }
 
 fn drift_pb(d: Drift) -> pb::Drift {
@@ -480,6 +496,65 @@ impl VolumeService for Api {
         _req: Request<pb::GetPoolRequest>,
     ) -> Result<Response<pb::Pool>, Status> {
         Ok(Response::new(pool_pb(self.svc.pool().await?)))
+    }
+
+    async fn set_quota(
+        &self,
+        req: Request<pb::SetQuotaRequest>,
+    ) -> Result<Response<pb::Quota>, Status> {
+        let r = req.into_inner();
+        stratus_pki::identity::check_name(&r.project)
+            .map_err(|why| Error::invalid(format!("project: {why}")))?;
+        let l = r.limits.unwrap_or_default();
+        let set = QuotaLimits {
+            volumes: l.volumes,
+            snapshots: l.snapshots,
+            bytes: l.bytes,
+        };
+        let mut clear = QuotaLimits::default();
+        for u in &r.unlimited {
+            match u.as_str() {
+                "volumes" => clear.volumes = Some(0),
+                "snapshots" => clear.snapshots = Some(0),
+                "bytes" => clear.bytes = Some(0),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "unlimited: {other:?} is no quota (volumes, snapshots, bytes)"
+                    ))
+                    .into())
+                }
+            }
+        }
+        let store = self.svc.store();
+        let limits = store.set_quota(&r.project, set, clear)?;
+        let (_, usage) = store.quota(&r.project)?;
+        tracing::info!(project = %r.project, ?limits, "quota set");
+        Ok(Response::new(quota_pb(r.project, limits, usage)))
+    }
+
+    async fn get_quota(
+        &self,
+        req: Request<pb::GetQuotaRequest>,
+    ) -> Result<Response<pb::Quota>, Status> {
+        let (call, _) = Call::split(req, |r| &r.project)?;
+        let stratus_pki::tenancy::Scope::Project(project) = call.scope else {
+            return Err(Error::invalid("GetQuota: name the project").into());
+        };
+        let (limits, usage) = self.svc.store().quota(&project)?;
+        Ok(Response::new(quota_pb(project, limits, usage)))
+    }
+
+    async fn list_quotas(
+        &self,
+        _req: Request<pb::ListQuotasRequest>,
+    ) -> Result<Response<pb::ListQuotasResponse>, Status> {
+        let store = self.svc.store();
+        let mut quotas = Vec::new();
+        for p in store.quota_projects()? {
+            let (limits, usage) = store.quota(&p)?;
+            quotas.push(quota_pb(p, limits, usage));
+        }
+        Ok(Response::new(pb::ListQuotasResponse { quotas }))
     }
 
     type WatchProgressStream = ProgressStream;

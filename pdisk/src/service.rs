@@ -818,6 +818,9 @@ impl PoolService {
         }
         self.check_capacity(&format!("volume {}", rec.name), new.0 - rec.size.0, 0)
             .await?;
+        // Refused before the data grows; the store checks again, atomically,
+        // when the record grows.
+        self.store.check_growth(&rec, new)?;
         // Growing is idempotent and the record follows the data: a crash
         // between leaves a record smaller than its data, which a retry of
         // the resize fixes (no data is lost, nothing shrinks).

@@ -8,7 +8,10 @@
 //! Invariants kept here (not by callers):
 //! - a volume name and a snapshot name each map to exactly one UUID;
 //! - an export exists only for an existing volume;
-//! - a volume with snapshots or an export cannot be removed.
+//! - a volume with snapshots or an export cannot be removed;
+//! - a project's volumes, snapshots and provisioned bytes stay within its
+//!   quota: the check and the insert (or growth) are one transaction, so
+//!   concurrent creates cannot pass a quota together.
 
 use std::path::Path;
 
@@ -26,6 +29,96 @@ const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots"
 const EXPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("exports");
 /// "v:<name>" and "s:<name>" -> uuid.
 const NAMES: TableDefinition<&str, &str> = TableDefinition::new("names");
+/// project -> its [`QuotaLimits`].
+const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
+
+/// A project's limits; None is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaLimits {
+    pub volumes: Option<u64>,
+    pub snapshots: Option<u64>,
+    /// Provisioned bytes: the sizes of its volumes and snapshots.
+    pub bytes: Option<u64>,
+}
+
+/// What a project holds, counted as its quota counts (volumes in every
+/// state, so a create in progress holds its place).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuotaUsage {
+    pub volumes: u64,
+    pub snapshots: u64,
+    pub bytes: u64,
+}
+
+/// `project`'s usage, from the volume and snapshot tables of one transaction.
+fn usage_of(
+    vols: &impl ReadableTable<&'static str, &'static [u8]>,
+    snaps: &impl ReadableTable<&'static str, &'static [u8]>,
+    project: &str,
+) -> Result<QuotaUsage> {
+    let mut u = QuotaUsage::default();
+    let mut mine = std::collections::HashSet::new();
+    for r in vols.iter()? {
+        let (_, v) = r?;
+        let v: VolumeRecord = decode("volume", v.value())?;
+        if v.project == project {
+            u.volumes += 1;
+            u.bytes = u.bytes.saturating_add(v.size.0);
+            mine.insert(v.uuid);
+        }
+    }
+    for r in snaps.iter()? {
+        let (_, s) = r?;
+        let s: SnapshotRecord = decode("snapshot", s.value())?;
+        if mine.contains(&s.volume) {
+            u.snapshots += 1;
+            u.bytes = u.bytes.saturating_add(s.size.0);
+        }
+    }
+    Ok(u)
+}
+
+/// Refuses `more` for `project` when it would pass one of its limits
+/// (ResourceExhausted naming the quota and the usage). Volumes of no
+/// project ("") have no quota.
+fn check_quota(tx: &redb::WriteTransaction, project: &str, more: QuotaUsage) -> Result<()> {
+    if project.is_empty() {
+        return Ok(());
+    }
+    let limits: QuotaLimits = match tx.open_table(QUOTAS)?.get(project)? {
+        Some(q) => decode("quota", q.value())?,
+        None => return Ok(()),
+    };
+    let used = usage_of(
+        &tx.open_table(VOLUMES)?,
+        &tx.open_table(SNAPSHOTS)?,
+        project,
+    )?;
+    let over = |limit: Option<u64>, used: u64, more: u64| {
+        limit.filter(|&l| more > 0 && used.saturating_add(more) > l)
+    };
+    if let Some(l) = over(limits.volumes, used.volumes, more.volumes) {
+        return Err(Error::exhausted(format!(
+            "project {project}: volume quota reached ({} of {l} volumes)",
+            used.volumes
+        )));
+    }
+    if let Some(l) = over(limits.snapshots, used.snapshots, more.snapshots) {
+        return Err(Error::exhausted(format!(
+            "project {project}: snapshot quota reached ({} of {l} snapshots)",
+            used.snapshots
+        )));
+    }
+    if let Some(l) = over(limits.bytes, used.bytes, more.bytes) {
+        return Err(Error::exhausted(format!(
+            "project {project}: byte quota exceeded: {} more requested, {} of {} provisioned",
+            ByteSize(more.bytes),
+            ByteSize(used.bytes),
+            ByteSize(l)
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -141,15 +234,27 @@ impl Store {
         tx.open_table(SNAPSHOTS)?;
         tx.open_table(EXPORTS)?;
         tx.open_table(NAMES)?;
+        tx.open_table(QUOTAS)?;
         tx.commit()?;
         Ok(Store { db })
     }
 
     // ---- volumes ----
 
-    /// Inserts a new volume; AlreadyExists when its name is taken.
+    /// Inserts a new volume; AlreadyExists when its name is taken,
+    /// ResourceExhausted when it would pass its project's quota.
     pub fn insert_volume(&self, v: &VolumeRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
+        check_quota(
+            &tx,
+            &v.project,
+            QuotaUsage {
+                volumes: 1,
+                snapshots: 0,
+                bytes: v.size.0,
+            },
+        )
+        .map_err(|e| e.context(format!("volume {}", v.name)))?;
         {
             let mut names = tx.open_table(NAMES)?;
             if names.get(vkey(&v.name).as_str())?.is_some() {
@@ -163,16 +268,29 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a volume record (same UUID and name).
+    /// Replaces a volume record (same UUID and name); a record that grows
+    /// must stay within its project's byte quota.
     pub fn update_volume(&self, v: &VolumeRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
+        let key = v.uuid.to_string();
+        let old: VolumeRecord = match tx.open_table(VOLUMES)?.get(key.as_str())? {
+            Some(old) => decode("volume", old.value())?,
+            None => return Err(Error::not_found(format!("volume {} not found", v.name))),
+        };
+        if v.size > old.size {
+            check_quota(
+                &tx,
+                &v.project,
+                QuotaUsage {
+                    bytes: v.size.0 - old.size.0,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.context(format!("volume {}", v.name)))?;
+        }
         {
-            let mut vols = tx.open_table(VOLUMES)?;
-            let key = v.uuid.to_string();
-            if vols.get(key.as_str())?.is_none() {
-                return Err(Error::not_found(format!("volume {} not found", v.name)));
-            }
-            vols.insert(key.as_str(), encode(v).as_slice())?;
+            tx.open_table(VOLUMES)?
+                .insert(key.as_str(), encode(v).as_slice())?;
         }
         tx.commit()?;
         Ok(())
@@ -251,17 +369,26 @@ impl Store {
 
     // ---- snapshots ----
 
-    /// Inserts a snapshot of an existing volume; AlreadyExists on a taken name.
+    /// Inserts a snapshot of an existing volume; AlreadyExists on a taken
+    /// name, ResourceExhausted past its volume's project's quota.
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
-            if tx
-                .open_table(VOLUMES)?
-                .get(s.volume.to_string().as_str())?
-                .is_none()
-            {
-                return Err(Error::not_found(format!("volume {} not found", s.volume)));
-            }
+            let volume: VolumeRecord =
+                match tx.open_table(VOLUMES)?.get(s.volume.to_string().as_str())? {
+                    Some(v) => decode("volume", v.value())?,
+                    None => return Err(Error::not_found(format!("volume {} not found", s.volume))),
+                };
+            check_quota(
+                &tx,
+                &volume.project,
+                QuotaUsage {
+                    volumes: 0,
+                    snapshots: 1,
+                    bytes: s.size.0,
+                },
+            )
+            .map_err(|e| e.context(format!("snapshot {}", s.name)))?;
             let mut names = tx.open_table(NAMES)?;
             if names.get(skey(&s.name).as_str())?.is_some() {
                 return Err(Error::exists(format!("snapshot {} already exists", s.name)));
@@ -331,6 +458,87 @@ impl Store {
             .collect::<Result<_>>()?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    // ---- quotas ----
+
+    /// Refuses growing `v` to `size` past its project's byte quota.
+    pub fn check_growth(&self, v: &VolumeRecord, size: ByteSize) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        check_quota(
+            &tx,
+            &v.project,
+            QuotaUsage {
+                bytes: size.0.saturating_sub(v.size.0),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.context(format!("volume {}", v.name)))
+    }
+
+    /// Changes `project`'s limits: `set` ones (Some) are set, the others
+    /// kept, then `clear` ones removed. Returns the new limits.
+    pub fn set_quota(
+        &self,
+        project: &str,
+        set: QuotaLimits,
+        clear: QuotaLimits,
+    ) -> Result<QuotaLimits> {
+        let tx = self.db.begin_write()?;
+        let limits = {
+            let mut t = tx.open_table(QUOTAS)?;
+            let mut q: QuotaLimits = match t.get(project)? {
+                Some(q) => decode("quota", q.value())?,
+                None => QuotaLimits::default(),
+            };
+            q.volumes = set
+                .volumes
+                .or(q.volumes)
+                .filter(|_| clear.volumes.is_none());
+            q.snapshots = set
+                .snapshots
+                .or(q.snapshots)
+                .filter(|_| clear.snapshots.is_none());
+            q.bytes = set.bytes.or(q.bytes).filter(|_| clear.bytes.is_none());
+            if q == QuotaLimits::default() {
+                t.remove(project)?;
+            } else {
+                t.insert(project, encode(&q).as_slice())?;
+            }
+            q
+        };
+        tx.commit()?;
+        Ok(limits)
+    }
+
+    /// `project`'s limits (none set: all None) and usage.
+    pub fn quota(&self, project: &str) -> Result<(QuotaLimits, QuotaUsage)> {
+        let tx = self.db.begin_read()?;
+        let limits = match tx.open_table(QUOTAS)?.get(project)? {
+            Some(q) => decode("quota", q.value())?,
+            None => QuotaLimits::default(),
+        };
+        let usage = usage_of(
+            &tx.open_table(VOLUMES)?,
+            &tx.open_table(SNAPSHOTS)?,
+            project,
+        )?;
+        Ok((limits, usage))
+    }
+
+    /// Every project with a quota or with volumes, sorted.
+    pub fn quota_projects(&self) -> Result<Vec<String>> {
+        let mut out = std::collections::BTreeSet::new();
+        for v in self.volumes()? {
+            if !v.project.is_empty() {
+                out.insert(v.project);
+            }
+        }
+        let tx = self.db.begin_read()?;
+        for r in tx.open_table(QUOTAS)?.iter()? {
+            out.insert(r?.0.value().to_owned());
+        }
+        Ok(out.into_iter().collect())
     }
 
     // ---- exports ----

@@ -307,6 +307,29 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             ))
             .await,
         ),
+        // Quotas are per project, not per object: the caller's own.
+        "SetQuota" => code(
+            api.set_quota(request(
+                role,
+                pb::SetQuotaRequest {
+                    project: OWN.into(),
+                    limits: Some(pb::QuotaLimits {
+                        volumes: Some(100),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "GetQuota" => code(
+            api.get_quota(request(role, pb::GetQuotaRequest { project }))
+                .await,
+        ),
+        "ListQuotas" => code(
+            api.list_quotas(request(role, pb::ListQuotasRequest {}))
+                .await,
+        ),
         other => panic!("the matrix has no call for {other}: add one"),
     }
 }
@@ -339,7 +362,9 @@ fn expected(method: &str, role: Role, target: &str) -> Outcome {
         "ListVolumes" => Outcome::Listed(vec![OWN.into(); 3]),
         "ListExports" => Outcome::Listed(vec![OWN.into()]),
         "ListSnapshots" if own => Outcome::Listed(vec![OWN.into()]),
-        "UploadVolume" | "GetPool" | "WatchProgress" => Outcome::Code(Code::Ok),
+        "UploadVolume" | "GetPool" | "WatchProgress" | "SetQuota" | "GetQuota" | "ListQuotas" => {
+            Outcome::Code(Code::Ok)
+        }
         _ if own => Outcome::Code(Code::Ok),
         _ => Outcome::Code(Code::NotFound),
     }
@@ -580,4 +605,180 @@ async fn volumes_record_their_project_and_creator_and_tenants_cannot_forge_image
         .await
         .unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
+}
+
+async fn set_quota(f: &Fixture, project: &str, limits: pb::QuotaLimits) -> pb::Quota {
+    f.api
+        .set_quota(request(
+            Role::Admin,
+            pb::SetQuotaRequest {
+                project: project.into(),
+                limits: Some(limits),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn create_in(project: &str, name: &str, size: u64) -> tonic::Request<pb::CreateVolumeRequest> {
+    request(
+        Role::Frontend,
+        pb::CreateVolumeRequest {
+            name: name.into(),
+            size_bytes: size,
+            project: project.into(),
+            ..Default::default()
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_creates_against_a_quota_of_five_make_exactly_five() {
+    let f = Arc::new(fixture().await);
+    // astro holds 3 volumes and 1 snapshot: 5 more volumes fit.
+    set_quota(
+        &f,
+        OWN,
+        pb::QuotaLimits {
+            volumes: Some(8),
+            ..Default::default()
+        },
+    )
+    .await;
+    let files_before = f.svc.backend().list().await.unwrap().objects.len();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                f.api
+                    .create_volume(create_in(OWN, &format!("c{i}"), 4 << 20))
+                    .await
+            })
+        })
+        .collect();
+    let mut made = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => made += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(
+                    s.message()
+                        .contains("project astro: volume quota reached (8 of 8 volumes)"),
+                    "{s:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(made, 5);
+    let (_, usage) = f.svc.store().quota(OWN).unwrap();
+    assert_eq!(usage.volumes, 8);
+    // Nothing half-created: no record left creating, no data without one.
+    let vols = f.svc.store().volumes().unwrap();
+    assert!(vols
+        .iter()
+        .all(|v| v.state == crate::store::VolumeState::Ready));
+    assert_eq!(
+        f.svc.backend().list().await.unwrap().objects.len(),
+        files_before + 5
+    );
+    // Another project is not held back by astro's quota.
+    f.api
+        .create_volume(create_in(OTHER, "free-rider", 4 << 20))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn byte_and_snapshot_quotas_cover_creates_clones_snapshots_and_growth() {
+    let f = fixture().await;
+    // astro: 3 volumes of 4 MiB + a 4 MiB snapshot = 16 MiB provisioned.
+    let q = set_quota(
+        &f,
+        OWN,
+        pb::QuotaLimits {
+            bytes: Some(24 << 20),
+            snapshots: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        q.usage.unwrap(),
+        pb::QuotaUsage {
+            volumes: 3,
+            snapshots: 1,
+            bytes: 16 << 20
+        }
+    );
+    let before = state(&f.svc);
+    let code = |r: Result<tonic::Response<pb::Volume>, tonic::Status>| {
+        r.map(|_| ())
+            .map_err(|s| (s.code(), s.message().to_owned()))
+    };
+    let (c, m) = code(f.api.create_volume(create_in(OWN, "big", 12 << 20)).await).unwrap_err();
+    assert_eq!(c, Code::ResourceExhausted);
+    assert!(
+        m.contains("byte quota exceeded: 12M more requested, 16M of 24M provisioned"),
+        "{m}"
+    );
+    let grow = f
+        .api
+        .resize_volume(request(
+            Role::Frontend,
+            pb::ResizeVolumeRequest {
+                volume: format!("{OWN}-vol"),
+                size_bytes: 16 << 20,
+                project: OWN.into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(grow.code(), Code::ResourceExhausted, "{grow:?}");
+    let snap = f
+        .api
+        .create_snapshot(request(
+            Role::Frontend,
+            pb::CreateSnapshotRequest {
+                volume: format!("{OWN}-free"),
+                name: "one-too-many".into(),
+                project: OWN.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(snap.code(), Code::ResourceExhausted, "{snap:?}");
+    assert!(
+        snap.message()
+            .contains("snapshot quota reached (1 of 1 snapshots)"),
+        "{snap:?}"
+    );
+    assert_eq!(state(&f.svc), before, "refusals changed nothing");
+    // Within the quota, and then without it.
+    code(f.api.create_volume(create_in(OWN, "fits", 8 << 20)).await).unwrap();
+    f.api
+        .set_quota(request(
+            Role::Admin,
+            pb::SetQuotaRequest {
+                project: OWN.into(),
+                unlimited: vec!["bytes".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    code(f.api.create_volume(create_in(OWN, "big", 12 << 20)).await).unwrap();
+    let q = f
+        .api
+        .get_quota(request(Role::Project, pb::GetQuotaRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.project, OWN);
+    let limits = q.limits.unwrap();
+    assert_eq!((limits.bytes, limits.snapshots), (None, Some(1)));
+    assert_eq!(q.usage.unwrap().bytes, 36 << 20);
 }

@@ -33,10 +33,11 @@ use stratus_proto::pdisk::v1::{
     GetVolumeRequest, ImageFormat, ImageSource, ListExportsRequest, ListSnapshotsRequest,
     ListVolumesRequest, ResizeVolumeRequest, UnexportVolumeRequest, UploadHeader, Volume,
 };
+use stratus_proto::pdisk::v1::{GetQuotaRequest, ListQuotasRequest, QuotaLimits, SetQuotaRequest};
 
 use args::{
-    Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, ImageCommand, PoolCommand,
-    SnapshotCommand, VolumeCommand,
+    Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, ImageCommand, Limit,
+    PoolCommand, QuotaCommand, SnapshotCommand, VolumeCommand,
 };
 use progress::{new_request_id, watched, Client, UploadError};
 
@@ -99,6 +100,54 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
             ctx.print(render::pool_json(&pool), || render::pool_view(&pool))
         }
         Command::Image(c) => image(ctx, c).await,
+        Command::Quota(c) => quota(ctx, c).await,
+    }
+}
+
+async fn quota(ctx: &Ctx, command: QuotaCommand) -> Result<(), Failure> {
+    let mut client = ctx.connect().await?;
+    match command {
+        QuotaCommand::Set {
+            project,
+            volumes,
+            snapshots,
+            bytes,
+        } => {
+            let mut limits = QuotaLimits::default();
+            let mut unlimited = Vec::new();
+            for (name, limit, slot) in [
+                ("volumes", volumes, &mut limits.volumes),
+                ("snapshots", snapshots, &mut limits.snapshots),
+                ("bytes", bytes, &mut limits.bytes),
+            ] {
+                match limit {
+                    Some(Limit::At(n)) => *slot = Some(n),
+                    Some(Limit::Unlimited) => unlimited.push(name.to_owned()),
+                    None => {}
+                }
+            }
+            let q = ctx.answer(
+                client
+                    .set_quota(SetQuotaRequest {
+                        project,
+                        limits: Some(limits),
+                        unlimited,
+                    })
+                    .await,
+            )?;
+            ctx.print(render::quota_json(&q), || render::quota_view(&q))
+        }
+        QuotaCommand::Show { project } => {
+            let project = project.unwrap_or_else(|| ctx.project.clone());
+            let q = ctx.answer(client.get_quota(GetQuotaRequest { project }).await)?;
+            ctx.print(render::quota_json(&q), || render::quota_view(&q))
+        }
+        QuotaCommand::List => {
+            let qs = ctx
+                .answer(client.list_quotas(ListQuotasRequest {}).await)?
+                .quotas;
+            ctx.print(render::quotas_json(&qs), || render::quotas_table(&qs))
+        }
     }
 }
 

@@ -91,6 +91,61 @@ pub enum Command {
     /// (labelled stratus.io/image-sha256) and clone for guests' disks.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Per-project quotas: volumes, snapshots and provisioned bytes.
+    #[command(subcommand)]
+    Quota(QuotaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuotaCommand {
+    /// Set a project's limits (admins). Limits not given keep their value;
+    /// `unlimited` removes one.
+    Set {
+        /// The project.
+        project: String,
+        /// Most volumes the project may hold, or `unlimited`.
+        #[arg(long, value_parser = parse_count_limit)]
+        volumes: Option<Limit>,
+        /// Most snapshots, or `unlimited`.
+        #[arg(long, value_parser = parse_count_limit)]
+        snapshots: Option<Limit>,
+        /// Most provisioned bytes (volume and snapshot sizes, e.g. 2T), or
+        /// `unlimited`.
+        #[arg(long, value_parser = parse_bytes_limit)]
+        bytes: Option<Limit>,
+    },
+    /// A project's limits and usage (a project certificate: its own).
+    Show {
+        /// The project; defaults to --project.
+        project: Option<String>,
+    },
+    /// Every project with a quota or with volumes (admins).
+    List,
+}
+
+/// A quota limit on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    At(u64),
+    Unlimited,
+}
+
+fn parse_count_limit(s: &str) -> Result<Limit, String> {
+    if s == "unlimited" {
+        return Ok(Limit::Unlimited);
+    }
+    s.parse()
+        .map(Limit::At)
+        .map_err(|_| format!("{s:?} is neither a count nor `unlimited`"))
+}
+
+fn parse_bytes_limit(s: &str) -> Result<Limit, String> {
+    if s == "unlimited" {
+        return Ok(Limit::Unlimited);
+    }
+    s.parse::<ByteSize>()
+        .map(|b| Limit::At(b.0))
+        .map_err(|e| format!("{e} (or `unlimited`)"))
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,7 @@
 
 use serde_json::{json, Value};
 use stratus_core::types::ByteSize;
-use stratus_proto::pdisk::v1::{Drift, Export, Pool, Snapshot, Volume, VolumeState};
+use stratus_proto::pdisk::v1::{Drift, Export, Pool, Quota, Snapshot, Volume, VolumeState};
 
 use stratus_core::cli::{fields, labels_json, labels_text, Table};
 
@@ -260,6 +260,55 @@ pub fn images_table(is: &[ImageEntry<'_>]) -> String {
 
 fn drift_json(d: &Drift) -> Value {
     json!({ "kind": d.kind, "object": d.object, "detail": d.detail })
+}
+
+/// A quota's limits and usage: numbers in JSON (a missing limit is null),
+/// `used/limit` for people.
+pub fn quota_json(q: &Quota) -> Value {
+    let l = q.limits.unwrap_or_default();
+    let u = q.usage.unwrap_or_default();
+    json!({
+        "project": q.project,
+        "limits": { "volumes": l.volumes, "snapshots": l.snapshots, "bytes": l.bytes },
+        "usage": { "volumes": u.volumes, "snapshots": u.snapshots, "bytes": u.bytes },
+    })
+}
+
+pub fn quotas_json(qs: &[Quota]) -> Value {
+    json!({ "quotas": qs.iter().map(quota_json).collect::<Vec<_>>() })
+}
+
+fn of_limit(used: String, limit: Option<String>) -> String {
+    format!("{used} of {}", limit.unwrap_or_else(|| "unlimited".into()))
+}
+
+fn quota_cells(q: &Quota) -> [String; 3] {
+    let l = q.limits.unwrap_or_default();
+    let u = q.usage.unwrap_or_default();
+    [
+        of_limit(u.volumes.to_string(), l.volumes.map(|n| n.to_string())),
+        of_limit(u.snapshots.to_string(), l.snapshots.map(|n| n.to_string())),
+        of_limit(size(u.bytes), l.bytes.map(size)),
+    ]
+}
+
+pub fn quota_view(q: &Quota) -> String {
+    let [volumes, snapshots, bytes] = quota_cells(q);
+    fields(&[
+        ("project", q.project.clone()),
+        ("volumes", volumes),
+        ("snapshots", snapshots),
+        ("bytes", bytes),
+    ])
+}
+
+pub fn quotas_table(qs: &[Quota]) -> String {
+    let mut t = Table::new(["PROJECT", "VOLUMES", "SNAPSHOTS", "BYTES"]);
+    for q in qs {
+        let [volumes, snapshots, bytes] = quota_cells(q);
+        t.row([q.project.clone(), volumes, snapshots, bytes]);
+    }
+    t.render()
 }
 
 pub fn pool_json(p: &Pool) -> Value {
@@ -596,5 +645,36 @@ mod tests {
         assert_eq!(j["data_percent"], 91.25);
         assert_eq!(j["metadata_percent"], 10.94);
         assert_eq!(j["thin_threshold_percent"], 90.0);
+    }
+
+    #[test]
+    fn quotas_show_usage_of_limit_and_null_for_no_limit() {
+        use stratus_proto::pdisk::v1::{QuotaLimits, QuotaUsage};
+        let q = Quota {
+            project: "astro".into(),
+            limits: Some(QuotaLimits {
+                volumes: Some(100),
+                snapshots: None,
+                bytes: Some(2 << 40),
+            }),
+            usage: Some(QuotaUsage {
+                volumes: 3,
+                snapshots: 1,
+                bytes: 12 << 30,
+            }),
+        };
+        let j = quota_json(&q);
+        assert_eq!(j["limits"]["volumes"], 100);
+        assert!(j["limits"]["snapshots"].is_null());
+        assert_eq!(j["usage"]["bytes"], 12u64 << 30);
+        let v = quota_view(&q);
+        assert!(v.contains("3 of 100"), "{v}");
+        assert!(v.contains("1 of unlimited"), "{v}");
+        assert!(v.contains("12G of 2T"), "{v}");
+        assert!(quotas_table(&[q])
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("astro"));
     }
 }
