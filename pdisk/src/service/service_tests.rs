@@ -2,13 +2,18 @@
 //! or reflink, whatever the temp filesystem offers), the in-memory exporter,
 //! and a fake runner. No root, no devices.
 
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::*;
 use crate::backend::file::FileBackend;
+use crate::error::ErrorKind;
 use crate::export::MemoryExporter;
 use crate::runner::FakeRunner;
+use crate::store::Source;
+use crate::types::Chap;
 
 struct Fixture {
     _dir: tempfile::TempDir,
