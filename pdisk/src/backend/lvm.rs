@@ -2,10 +2,9 @@
 //! group; snapshots and clones are thin snapshots (constant time, sharing
 //! every block, no copy-on-write exception store to fill up).
 //!
-//! Why one file of ~1,100 lines: it is one `Backend` implementation whose
-//! operations share the naming, tagging and report parsing below; its tests
-//! are apart, in `lvm_tests.rs`. Parsing LVM's JSON reports is what would
-//! move out first (`lvm/report.rs`).
+//! The backend's operations are here; LVM's JSON reports are parsed in
+//! `lvm/report.rs`, names (LVM's rules, ours, an LV's class) in
+//! `lvm/names.rs`; the unit tests are in `lvm_tests.rs`.
 //!
 //! ```text
 //! VG/POOL                  the thin pool (given, or made by --lvm-create-pool)
@@ -69,7 +68,6 @@
 //! also provisions its unallocated blocks until the LV is removed; a wipe
 //! that would take the pool past [`WIPE_MAX_PERCENT`] is refused.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,13 +81,15 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::runner::{BoxFuture, Cmd, CommandRunner, Output};
 use crate::types::ByteSize;
 
+mod names;
+mod report;
+
+pub use names::LvmName;
+use names::{object_lv, parse_role, temp_lv, Class, Role};
+use report::{parse_extent_size, parse_lvs, Lv, LV_FIELDS, VG_FIELDS};
+
 /// The LV tag that marks an LV as pdisk's.
 pub const OWNER_TAG: &str = "stratus.pdisk";
-
-/// The fields of every `lvs` report.
-const LV_FIELDS: &str =
-    "lv_name,lv_attr,lv_size,pool_lv,lv_tags,data_percent,metadata_percent,segtype";
-const VG_FIELDS: &str = "vg_name,vg_extent_size,vg_size,vg_free";
 
 /// Reports only read metadata, but wait for the VG lock behind changes.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -119,73 +119,6 @@ pub enum Wipe {
     Zero,
 }
 
-/// A VG or LV name LVM accepts, so nothing odd ever reaches argv: letters,
-/// digits and `+_.-`, at most 127 characters, not starting with `-`, not `.`
-/// or `..`; LV names also avoid LVM's reserved prefixes and suffixes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LvmName(String);
-
-impl LvmName {
-    /// A volume group name.
-    pub fn vg(s: &str) -> Result<LvmName> {
-        Self::check("volume group", s).map(|()| LvmName(s.to_owned()))
-    }
-
-    /// A logical volume name (the thin pool's).
-    pub fn lv(s: &str) -> Result<LvmName> {
-        Self::check("logical volume", s)?;
-        let reserved_prefix = ["pvmove", "snapshot"]
-            .into_iter()
-            .find(|p| s.starts_with(p));
-        let reserved_part = [
-            "_cdata", "_cmeta", "_corig", "_cpool", "_cvol", "_wcorig", "_mimage", "_mlog",
-            "_rimage", "_rmeta", "_tdata", "_tmeta", "_vdata", "_imeta", "_iorig", "_pmspare",
-            "_vorigin",
-        ]
-        .into_iter()
-        .find(|p| s.contains(p));
-        if let Some(r) = reserved_prefix.or(reserved_part) {
-            return Err(Error::invalid(format!(
-                "logical volume name {s:?} uses {r:?}, which LVM reserves"
-            )));
-        }
-        Ok(LvmName(s.to_owned()))
-    }
-
-    fn check(what: &str, s: &str) -> Result<()> {
-        let bad = |why: &str| Err(Error::invalid(format!("{what} name {s:?} {why}")));
-        if s.is_empty() {
-            return bad("is empty");
-        }
-        if s.len() > 127 {
-            return bad("is longer than 127 characters");
-        }
-        if s.starts_with('-') {
-            return bad("starts with '-'");
-        }
-        if s == "." || s == ".." {
-            return bad("is not a name");
-        }
-        if !s
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || b"+_.-".contains(&c))
-        {
-            return bad("may only hold letters, digits and + _ . -");
-        }
-        Ok(())
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for LvmName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
 /// What the lvm backend is told at start.
 #[derive(Debug, Clone)]
 pub struct LvmSettings {
@@ -199,205 +132,6 @@ pub struct LvmSettings {
     pub wipe: Wipe,
     /// Where uploads are staged before import (under pdiskd's data dir).
     pub staging_dir: PathBuf,
-}
-
-// ---------- reports ----------
-
-/// `{"report": [{"lv": [...]}]}` or `{"report": [{"vg": [...]}]}`.
-#[derive(Deserialize)]
-struct ReportDoc {
-    report: Vec<ReportSection>,
-}
-
-#[derive(Deserialize)]
-struct ReportSection {
-    #[serde(default)]
-    lv: Vec<LvRow>,
-    #[serde(default)]
-    vg: Vec<VgRow>,
-}
-
-#[derive(Deserialize)]
-struct LvRow {
-    lv_name: String,
-    #[serde(default)]
-    lv_attr: String,
-    lv_size: String,
-    #[serde(default)]
-    pool_lv: String,
-    #[serde(default)]
-    lv_tags: String,
-    #[serde(default)]
-    data_percent: String,
-    #[serde(default)]
-    metadata_percent: String,
-    #[serde(default)]
-    segtype: String,
-}
-
-#[derive(Deserialize)]
-struct VgRow {
-    vg_name: String,
-    vg_extent_size: String,
-}
-
-/// One LV as `lvs` reports it.
-#[derive(Debug, Clone, PartialEq)]
-struct Lv {
-    name: String,
-    attr: String,
-    size: u64,
-    pool: String,
-    tags: Vec<String>,
-    /// Thin LVs and pools: percent of the LV's size (pool: data space)
-    /// mapped; None when LVM cannot tell (inactive) or for other LVs.
-    data_percent: Option<f64>,
-    /// Thin pools: percent of the metadata space in use.
-    metadata_percent: Option<f64>,
-    segtype: String,
-}
-
-impl Lv {
-    fn attr_at(&self, i: usize) -> u8 {
-        self.attr.as_bytes().get(i).copied().unwrap_or(b'-')
-    }
-
-    fn active(&self) -> bool {
-        self.attr_at(4) == b'a'
-    }
-
-    fn writable(&self) -> bool {
-        self.attr_at(1) == b'w'
-    }
-
-    fn is_thin_pool(&self) -> bool {
-        self.segtype == "thin-pool" || self.attr_at(0) == b't'
-    }
-
-    /// Bytes mapped, from `data_percent` (two decimals: exact to 0.01% of
-    /// the LV's size); 0 when unknown.
-    fn allocated(&self) -> u64 {
-        self.data_percent
-            .map(|p| ((self.size as f64) * p / 100.0).round() as u64)
-            .unwrap_or(0)
-            .min(self.size)
-    }
-}
-
-fn number(field: &str, v: &str) -> Result<u64> {
-    v.trim()
-        .parse()
-        .map_err(|_| Error::internal(format!("LVM report: {field} {v:?} is not a number")))
-}
-
-fn percent(field: &str, v: &str) -> Result<Option<f64>> {
-    let v = v.trim();
-    if v.is_empty() {
-        return Ok(None);
-    }
-    v.parse()
-        .map(Some)
-        .map_err(|_| Error::internal(format!("LVM report: {field} {v:?} is not a percentage")))
-}
-
-fn parse_doc(program: &str, stdout: &str) -> Result<ReportDoc> {
-    serde_json::from_str(stdout)
-        .map_err(|e| Error::internal(format!("{program} report not understood: {e}")))
-}
-
-fn parse_lvs(stdout: &str) -> Result<Vec<Lv>> {
-    let mut out = Vec::new();
-    for row in parse_doc("lvs", stdout)?
-        .report
-        .into_iter()
-        .flat_map(|s| s.lv)
-    {
-        out.push(Lv {
-            size: number("lv_size", &row.lv_size)?,
-            data_percent: percent("data_percent", &row.data_percent)?,
-            metadata_percent: percent("metadata_percent", &row.metadata_percent)?,
-            tags: row
-                .lv_tags
-                .split(',')
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned)
-                .collect(),
-            name: row.lv_name,
-            attr: row.lv_attr,
-            pool: row.pool_lv,
-            segtype: row.segtype,
-        });
-    }
-    Ok(out)
-}
-
-/// The extent size of the one VG in a `vgs` report.
-fn parse_extent_size(stdout: &str, vg: &str) -> Result<u64> {
-    let doc = parse_doc("vgs", stdout)?;
-    let row = doc
-        .report
-        .iter()
-        .flat_map(|s| &s.vg)
-        .find(|r| r.vg_name == vg)
-        .ok_or_else(|| Error::not_found(format!("volume group {vg} not found")))?;
-    let e = number("vg_extent_size", &row.vg_extent_size)?;
-    if !e.is_power_of_two() || e < 512 {
-        return Err(Error::internal(format!(
-            "volume group {vg} reports an extent size of {e} bytes"
-        )));
-    }
-    Ok(e)
-}
-
-// ---------- names ----------
-
-/// Why an LV of ours exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Object(ObjectId),
-    /// An object being built, under its temporary name.
-    Temporary(ObjectId),
-}
-
-fn object_lv(id: ObjectId) -> String {
-    match id {
-        ObjectId::Volume(u) => format!("pd-vol-{u}"),
-        ObjectId::Snapshot(u) => format!("pd-snap-{u}"),
-    }
-}
-
-fn temp_lv(id: ObjectId) -> String {
-    format!("pd-tmp-{}", &object_lv(id)["pd-".len()..])
-}
-
-fn parse_role(name: &str) -> Option<Role> {
-    let (temp, rest) = match name.strip_prefix("pd-tmp-") {
-        Some(r) => (true, r),
-        None => (false, name.strip_prefix("pd-")?),
-    };
-    let uuid = |s: &str| {
-        Uuid::parse_str(s)
-            .ok()
-            .filter(|u| u.hyphenated().to_string() == s)
-    };
-    let id = if let Some(u) = rest.strip_prefix("vol-") {
-        ObjectId::Volume(uuid(u)?)
-    } else {
-        ObjectId::Snapshot(uuid(rest.strip_prefix("snap-")?)?)
-    };
-    Some(if temp {
-        Role::Temporary(id)
-    } else {
-        Role::Object(id)
-    })
-}
-
-/// Where an LV of the VG stands with us.
-#[derive(Debug, PartialEq)]
-enum Class {
-    Pool,
-    Ours(Role),
-    Foreign,
 }
 
 // ---------- the backend ----------
