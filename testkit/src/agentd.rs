@@ -1,0 +1,222 @@
+//! An agentd in a test namespace ([`Agentd`]) and reading its journal.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{
+    bin, can_connect_in, channel, cli_tls_args, daemon_tls_args, guest_dir, wait_for, NetNs,
+    TestPki, INITIATOR,
+};
+
+/// A running agentd inside a test namespace.
+pub struct Agentd {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    netns: String,
+}
+
+impl Agentd {
+    /// Starts agentd in `ns` with its state under `dir`, talking to pdiskd at
+    /// `pdisk_url`, with `bridge` as the default bridge.
+    pub fn start_in(dir: &Path, ns: &NetNs, pdisk_url: &str, bridge: &str) -> Agentd {
+        Self::start_in_with(dir, ns, pdisk_url, bridge, &[])
+    }
+
+    /// Like [`Agentd::start_in`], with extra agentd flags.
+    pub fn start_in_with(
+        dir: &Path,
+        ns: &NetNs,
+        pdisk_url: &str,
+        bridge: &str,
+        extra: &[&str],
+    ) -> Agentd {
+        Self::start_in_with_env(dir, ns, pdisk_url, bridge, extra, &[])
+    }
+
+    /// Like [`Agentd::start_in_with`], with extra environment variables.
+    pub fn start_in_with_env(
+        dir: &Path,
+        ns: &NetNs,
+        pdisk_url: &str,
+        bridge: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agentd {
+        let state_dir = dir.join("agent");
+        let listen: SocketAddr = "127.0.0.1:7401".parse().unwrap();
+        // Tests boot the test guest's kernel from its directory, give file
+        // disks from `DIR/host-files`, and serve images from loopback or
+        // their namespace's own addresses.
+        let files = dir.join("host-files");
+        std::fs::create_dir_all(&files).unwrap();
+        let mut host_files = vec![
+            "--image-allow-private".to_string(),
+            "--host-file-root".into(),
+            files.display().to_string(),
+        ];
+        if guest_dir().is_dir() {
+            host_files.push("--host-file-root".into());
+            host_files.push(guest_dir().display().to_string());
+        }
+        let args: Vec<String> = vec![
+            "--listen".to_string(),
+            listen.to_string(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--pdisk".into(),
+            pdisk_url.into(),
+            "--bridge".into(),
+            bridge.into(),
+            "--accel".into(),
+            "tcg".into(),
+            "--initiator-iqn".into(),
+            INITIATOR.into(),
+            "--cpu-overcommit".into(),
+            "32".into(),
+            "--log-level".into(),
+            "agent=debug,pdisk=debug,info".into(),
+            "--local-socket".into(),
+            dir.join("agentd.sock").display().to_string(),
+        ]
+        .into_iter()
+        .chain(daemon_tls_args(&TestPki::shared().agent()))
+        .chain(host_files)
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
+        let mut a = Agentd {
+            listen,
+            state_dir,
+            log: dir.join("agentd.log"),
+            args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            netns: ns.name.clone(),
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(bin("agentd"))
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let ns = self.netns.clone();
+        let addr = self.listen;
+        let log = self.log.clone();
+        let child = self.child.as_mut().unwrap();
+        wait_for("agentd to listen", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "agentd exited with {status}:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            can_connect_in(&ns, addr).then_some(())
+        });
+    }
+
+    /// agentd's mTLS address.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.listen)
+    }
+
+    /// SIGKILL, as in a crash. Guests keep running.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Pids of the guests' QEMUs, from their pid files.
+    pub fn guest_pids(&self) -> Vec<u32> {
+        let Ok(dirs) = std::fs::read_dir(self.state_dir.join("vms")) else {
+            return Vec::new();
+        };
+        dirs.flatten()
+            .filter_map(|d| std::fs::read_to_string(d.path().join("qemu.pid")).ok())
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    }
+
+    /// Runs agentctl against this agent, inside the namespace.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .arg(bin("agentctl"))
+            .arg("--agent")
+            .arg(self.url())
+            .args(cli_tls_args(&TestPki::shared().admin()))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Agentd {
+    fn drop(&mut self) {
+        self.kill9();
+        // Guests are daemonized and outlive agentd by design: end them here.
+        for pid in self.guest_pids() {
+            // SAFETY: signals a pid read from a guest's pid file of this test.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("---- agentd log ----\n{}", self.log_text());
+        }
+    }
+}
+
+/// Every event agentd at `url` has journaled after `since` (replay only, no
+/// follow), in order.
+pub async fn agent_events(url: String, since: u64) -> Vec<stratus_proto::agent::v1::Event> {
+    use stratus_proto::agent::v1 as pb;
+    let mut c = pb::vm_service_client::VmServiceClient::new(channel(&url).await);
+    let mut s = c
+        .watch_events(pb::WatchEventsRequest {
+            project: String::new(),
+            since_seq: since,
+            vm: String::new(),
+            no_follow: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = s.message().await.unwrap() {
+        out.push(e);
+    }
+    out
+}
