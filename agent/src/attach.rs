@@ -4,6 +4,10 @@
 //! host in, the LUN becomes a SCSI disk and QEMU opens `/dev/sdX` as a
 //! `host_device`). This module is the kernel way: [`KernelAttacher`].
 //!
+//! Why one file of ~910 lines: it is one sequence of iscsiadm/sysfs steps
+//! whose attach and detach halves undo each other, documented here step by
+//! step; the tests are in `attach_tests.rs`.
+//!
 //! It owns, on the host:
 //! - one iscsiadm *iface* record (`stratus` by default) whose
 //!   `iface.initiatorname` is agentd's initiator IQN, the name pdisk's export
