@@ -99,6 +99,20 @@ pub const RULES: &[Rule] = &[
     },
 ];
 
+/// The RPCs that change something: each call is audited (`stratus_pki::audit`).
+pub const MUTATING: &[&str] = &[
+    "CreateVm",
+    "StartVm",
+    "StopVm",
+    "RebootVm",
+    "PauseVm",
+    "ResumeVm",
+    "DestroyVm",
+    "PullImage",
+    "EvictImage",
+    "SaveImage",
+];
+
 /// agentd's table.
 pub const TABLE: Table = Table {
     service: SERVICE,

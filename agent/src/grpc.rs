@@ -51,14 +51,41 @@ impl Api {
     }
 }
 
+/// What a request names, for its audit record (never its other fields).
+fn audit_object<T: std::any::Any>(msg: &T) -> String {
+    let any = msg as &dyn std::any::Any;
+    if let Some(r) = any.downcast_ref::<pb::VmRequest>() {
+        format!("vm {}", r.vm)
+    } else if let Some(r) = any.downcast_ref::<pb::StopVmRequest>() {
+        format!("vm {}", r.vm)
+    } else if let Some(r) = any.downcast_ref::<pb::DestroyVmRequest>() {
+        format!("vm {}", r.vm)
+    } else if let Some(r) = any.downcast_ref::<pb::SaveImageRequest>() {
+        format!("vm {} disk {} as {}", r.vm, r.device, r.name)
+    } else if let Some(r) = any.downcast_ref::<pb::CreateVmRequest>() {
+        format!(
+            "vm {}",
+            r.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("")
+        )
+    } else {
+        String::new()
+    }
+}
+
 /// A request's caller, the project scope it acts in (its `project` field,
 /// see [`stratus_pki::tenancy`]), and its message.
-fn split<T>(req: Request<T>, project: impl Fn(&T) -> &str) -> Result<(Identity, Scope, T), Status> {
+fn split<T: 'static>(
+    req: Request<T>,
+    project: impl Fn(&T) -> &str,
+) -> Result<(Identity, Scope, T), Status> {
     let caller = stratus_pki::gate::caller(&req)?.clone();
     let identity = caller.identity.map_err(Status::unauthenticated)?;
-    let msg = req.into_inner();
-    let scope = Scope::of(&identity, project(&msg))?;
-    Ok((identity, scope, msg))
+    let scope = Scope::of(&identity, project(req.get_ref()))?;
+    if let Some(n) = stratus_pki::audit::note(&req) {
+        n.set_project(scope.project());
+        n.set_object(audit_object(req.get_ref()));
+    }
+    Ok((identity, scope, req.into_inner()))
 }
 
 pub fn state_pb(s: VmState) -> pb::VmState {

@@ -121,6 +121,20 @@ pub const RULES: &[Rule] = &[
     },
 ];
 
+/// The RPCs that change something: each call is audited (`stratus_pki::audit`).
+pub const MUTATING: &[&str] = &[
+    "CreateVolume",
+    "UploadVolume",
+    "DeleteVolume",
+    "ResizeVolume",
+    "CloneVolume",
+    "CreateSnapshot",
+    "DeleteSnapshot",
+    "ExportVolume",
+    "UnexportVolume",
+    "SetQuota",
+];
+
 /// pdiskd's table.
 pub const TABLE: Table = Table {
     service: SERVICE,

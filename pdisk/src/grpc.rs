@@ -202,6 +202,7 @@ impl VolumeService for Api {
         let (call, r) = Call::split(req, |r| &r.project)?;
         let labels = labels(r.labels);
         call.check_labels(&labels)?;
+        call.note(format!("volume {}", r.name));
         let source = match r.source {
             None => NewVolumeSource::Empty,
             Some(pb::create_volume_request::Source::FromVolume(v)) => {
@@ -234,6 +235,7 @@ impl VolumeService for Api {
     ) -> Result<Response<pb::Volume>, Status> {
         use pb::upload_volume_request::Part;
         let caller = stratus_pki::gate::caller(&req)?.clone();
+        let note = stratus_pki::audit::note(&req);
         let mut stream = req.into_inner();
         let header = match stream.message().await? {
             Some(pb::UploadVolumeRequest {
@@ -243,6 +245,10 @@ impl VolumeService for Api {
         };
         // Check what can be checked before accepting any data.
         let call = Call::new(&caller, &header.project)?;
+        if let Some(n) = note {
+            n.set_project(call.scope.project());
+            n.set_object(format!("volume {}", header.name));
+        }
         let name: VolumeName = header.name.parse()?;
         crate::types::validate_labels(header.labels.iter())?;
         let header_labels = labels(header.labels);
@@ -373,6 +379,7 @@ impl VolumeService for Api {
         } else {
             NewVolumeSource::Volume(call.source_volume(&self.svc, &r.source)?.uuid.to_string())
         };
+        call.note(format!("volume {name} (clone of {})", r.source));
         let new = NewVolume {
             name,
             size: r.size_bytes,
@@ -391,8 +398,9 @@ impl VolumeService for Api {
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
-        let name = r.name.parse()?;
+        let name: VolumeName = r.name.parse()?;
         let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
+        call.note(format!("snapshot {name} of volume {}", r.volume));
         let svc = self.svc.clone();
         let s = detached(async move { svc.create_snapshot(&volume, name, &r.request_id).await })
             .await?;
@@ -502,7 +510,12 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::SetQuotaRequest>,
     ) -> Result<Response<pb::Quota>, Status> {
+        let note = stratus_pki::audit::note(&req);
         let r = req.into_inner();
+        if let Some(n) = note {
+            n.set_project(&r.project);
+            n.set_object(format!("quota {}", r.project));
+        }
         stratus_pki::identity::check_name(&r.project)
             .map_err(|why| Error::invalid(format!("project: {why}")))?;
         let l = r.limits.unwrap_or_default();

@@ -7,6 +7,7 @@
 //!
 //! Snapshots and exports belong to their volume's project.
 
+use stratus_pki::audit::AuditNote;
 use stratus_pki::tenancy::{check_reserved_labels, Creator, Scope};
 use stratus_pki::{Caller, Identity, Role};
 use tonic::{Request, Status};
@@ -21,6 +22,9 @@ use crate::types::Labels;
 pub(crate) struct Call {
     pub identity: Identity,
     pub scope: Scope,
+    /// Where the audit layer wants the call's project and object (mutating
+    /// calls only).
+    audit: Option<AuditNote>,
 }
 
 impl Call {
@@ -28,16 +32,36 @@ impl Call {
     pub fn new(caller: &Caller, project: &str) -> Result<Call, Status> {
         let identity = caller.identity.clone().map_err(Status::unauthenticated)?;
         let scope = Scope::of(&identity, project)?;
-        Ok(Call { identity, scope })
+        Ok(Call {
+            identity,
+            scope,
+            audit: None,
+        })
+    }
+
+    /// [`Call::new`] for a request the audit layer may have noted.
+    pub fn audited<T>(req: &Request<T>, caller: &Caller, project: &str) -> Result<Call, Status> {
+        let mut call = Call::new(caller, project)?;
+        call.audit = stratus_pki::audit::note(req);
+        if let Some(n) = &call.audit {
+            n.set_project(call.scope.project());
+        }
+        Ok(call)
+    }
+
+    /// Names the object of this call in its audit record.
+    pub fn note(&self, object: impl Into<String>) {
+        if let Some(n) = &self.audit {
+            n.set_object(object);
+        }
     }
 
     /// Splits a request into its call (caller + its `project` field) and
     /// its message.
     pub fn split<T>(req: Request<T>, project: impl Fn(&T) -> &str) -> Result<(Call, T), Status> {
         let caller = stratus_pki::gate::caller(&req)?.clone();
-        let msg = req.into_inner();
-        let call = Call::new(&caller, project(&msg))?;
-        Ok((call, msg))
+        let call = Call::audited(&req, &caller, project(req.get_ref()))?;
+        Ok((call, req.into_inner()))
     }
 
     /// Who owns what this call creates.
@@ -59,6 +83,7 @@ impl Call {
 
     /// The volume `r` names, if this call may see it.
     pub fn volume(&self, svc: &PoolService, r: &str) -> Result<VolumeRecord> {
+        self.note(format!("volume {r}"));
         let v = svc.store().find_volume(r)?;
         if self.sees_volume(&v) {
             Ok(v)
@@ -83,6 +108,7 @@ impl Call {
 
     /// The snapshot `r` names, if this call may see its volume.
     pub fn snapshot(&self, svc: &PoolService, r: &str) -> Result<SnapshotRecord> {
+        self.note(format!("snapshot {r}"));
         let s = svc.store().find_snapshot(r)?;
         if self.sees_project_of(svc, s.volume)? {
             Ok(s)

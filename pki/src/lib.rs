@@ -7,8 +7,10 @@
 //!   TCP) as one connection stream for tonic, each connection tagged with its
 //!   caller, and the SIGHUP reload;
 //! - [`connect`]: how clients reach a daemon;
-//! - [`tenancy`]: projects: the scope of a call, creators, reserved labels.
+//! - [`tenancy`]: projects: the scope of a call, creators, reserved labels;
+//! - [`audit`]: the audit record of every mutating call (log + JSON Lines).
 
+pub mod audit;
 pub mod authz;
 pub mod connect;
 pub mod gate;

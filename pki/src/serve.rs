@@ -71,6 +71,11 @@ pub struct ServeFlags {
     /// caller is an admin): for tests and benchmarks only
     #[arg(long, value_name = "ADDR")]
     pub insecure_listen: Option<SocketAddr>,
+    /// Also write every mutating call's audit record to this file, as JSON
+    /// Lines (appended, mode 0600, fsync'd in batches); the same records
+    /// are logged at info with target `audit` either way
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
 }
 
 impl ServeFlags {
@@ -101,6 +106,10 @@ impl ServeFlags {
             self.local_group.clone().or(file.local_group.clone()),
             self.insecure_listen.or(file.insecure_listen),
         )
+        .map(|s| ServeSettings {
+            audit_log: self.audit_log.clone().or(file.audit_log.clone()),
+            ..s
+        })
     }
 }
 
@@ -115,6 +124,8 @@ pub struct ServeSettings {
     pub local_group: String,
     /// Plain TCP on loopback.
     pub insecure_listen: Option<SocketAddr>,
+    /// The JSON Lines audit file (`crate::audit`), if any.
+    pub audit_log: Option<PathBuf>,
 }
 
 impl ServeSettings {
@@ -159,6 +170,7 @@ impl ServeSettings {
             local_socket,
             local_group: local_group.unwrap_or_else(|| LOCAL_GROUP.to_owned()),
             insecure_listen,
+            audit_log: None,
         })
     }
 }

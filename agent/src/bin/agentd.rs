@@ -14,6 +14,7 @@ use agent::{Agent, AgentSettings, Api, HostFacts};
 use anyhow::Context;
 use clap::Parser;
 use stratus_core::runner::{CommandRunner, HostRunner};
+use stratus_pki::audit::{AuditLayer, AuditSink};
 use stratus_pki::gate::GateLayer;
 use stratus_pki::serve::Listeners;
 use stratus_proto::agent::v1::vm_service_server::VmServiceServer;
@@ -87,12 +88,23 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("reflection service v1alpha")?;
+    let audit = match &cfg.serve.audit_log {
+        Some(path) => AuditSink::open(path)
+            .with_context(|| format!("opening the audit log {}", path.display()))?,
+        None => AuditSink::log_only(),
+    };
     let listeners = Listeners::bind(&cfg.serve).await?;
     stratus_pki::serve::reload_on_sighup(listeners.tls())?;
     tracing::info!(listen = ?listeners.description, state_dir = %cfg.state_dir.display(),
         pdisk = ?cfg.pdisk, bridge = %cfg.bridge, initiator = %cfg.initiator_iqn,
         attach = cfg.attach.name(), "agentd ready");
     tonic::transport::Server::builder()
+        // The audit layer outside the gate: refused calls are recorded too.
+        .layer(AuditLayer::new(
+            agent::authz::SERVICE,
+            agent::authz::MUTATING,
+            audit,
+        ))
         .layer(GateLayer::new(Arc::new(agent::authz::check)))
         .add_service(health_service)
         .add_service(reflection)

@@ -19,6 +19,7 @@ use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::Exporter;
 use pdisk::{Api, PoolService, ServiceSettings, Store};
 use stratus_core::runner::{CommandRunner, HostRunner};
+use stratus_pki::audit::{AuditLayer, AuditSink};
 use stratus_pki::gate::GateLayer;
 use stratus_pki::serve::Listeners;
 use stratus_proto::pdisk::v1::volume_service_server::VolumeServiceServer;
@@ -146,6 +147,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         .build_v1alpha()
         .context("reflection service v1alpha")?;
 
+    let audit = match &cfg.serve.audit_log {
+        Some(path) => AuditSink::open(path)
+            .with_context(|| format!("opening the audit log {}", path.display()))?,
+        None => AuditSink::log_only(),
+    };
     let listeners = Listeners::bind(&cfg.serve).await?;
     stratus_pki::serve::reload_on_sighup(listeners.tls())?;
     tracing::info!(
@@ -159,6 +165,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tokio::spawn(shutdown_signal(shutdown_tx));
     let mut rx = shutdown_rx;
     tonic::transport::Server::builder()
+        // The audit layer outside the gate: refused calls are recorded too.
+        .layer(AuditLayer::new(
+            pdisk::authz::SERVICE,
+            pdisk::authz::MUTATING,
+            audit,
+        ))
         .layer(GateLayer::new(Arc::new(pdisk::authz::check)))
         .add_service(health_service)
         .add_service(reflection)
