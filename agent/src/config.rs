@@ -83,10 +83,6 @@ pub struct Flags {
     /// services only the host can see)
     #[arg(long)]
     pub image_allow_private: bool,
-    /// Mutual CHAP: each pdisk export also authenticates the target to
-    /// this host's initiator with a second random secret
-    #[arg(long)]
-    pub chap_mutual: bool,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -114,7 +110,6 @@ pub struct Config {
     pub image_file_roots: Vec<PathBuf>,
     pub host_file_roots: Vec<PathBuf>,
     pub image_allow_private: bool,
-    pub chap_mutual: bool,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -179,7 +174,6 @@ impl Flags {
             image_file_roots: pick!(image_file_roots, Vec::new()),
             host_file_roots: pick!(host_file_roots, Vec::new()),
             image_allow_private: self.image_allow_private || file.image_allow_private,
-            chap_mutual: self.chap_mutual || file.chap_mutual,
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,

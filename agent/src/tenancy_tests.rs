@@ -52,7 +52,6 @@ fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent> {
             image_file_roots: Vec::new(),
             host_file_roots: Vec::new(),
             image_allow_private: true,
-            chap_mutual: false,
         },
         HostFacts {
             hostname: "unit".into(),

@@ -189,6 +189,7 @@ async fn exported_volume(stack: &Stack, name: &str, initiator: &str) -> (IscsiLu
     let chap = Chap::new("kernelattach", &secret).unwrap();
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            multi_attach: false,
             project: String::new(),
             volume: name.into(),
             initiators: vec![initiator.into()],

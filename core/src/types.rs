@@ -249,8 +249,10 @@ pub struct Chap {
 }
 
 impl Chap {
-    /// Validates user (1..=64 of `[A-Za-z0-9._@:-]`) and secret (12..=16 bytes
-    /// of printable ASCII without spaces or commas, as tgt and LIO accept).
+    /// Validates user (1..=64 of `[A-Za-z0-9._@:-]`) and secret (12..=64
+    /// bytes of printable ASCII without spaces, `,` or `=`: what tgt, LIO,
+    /// open-iscsi and libiscsi all accept; the 16-byte cap some Windows
+    /// initiators keep would leave a generated secret under 128 bits).
     pub fn new(user: &str, secret: &str) -> Result<Chap> {
         let user_ok = !user.is_empty()
             && user.len() <= 64
@@ -262,13 +264,13 @@ impl Chap {
                 "invalid CHAP user {user:?}: 1 to 64 of letters, digits, . _ @ : -"
             )));
         }
-        let secret_ok = (12..=16).contains(&secret.len())
+        let secret_ok = (12..=64).contains(&secret.len())
             && secret
                 .bytes()
                 .all(|c| c.is_ascii_graphic() && c != b',' && c != b'=');
         if !secret_ok {
             return Err(Error::invalid(
-                "invalid CHAP secret: 12 to 16 printable ASCII characters, no spaces, ',' or '='",
+                "invalid CHAP secret: 12 to 64 printable ASCII characters, no spaces, ',' or '='",
             ));
         }
         Ok(Chap {
@@ -279,6 +281,21 @@ impl Chap {
 
     pub fn secret(&self) -> &str {
         &self.secret
+    }
+
+    /// A fresh secret of 128 random bits from the kernel (getrandom), as
+    /// 32 hex digits.
+    pub fn random_secret() -> Result<String> {
+        let mut bytes = [0u8; 16];
+        // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+        if n != bytes.len() as isize {
+            return Err(Error::internal(format!(
+                "getrandom: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
     }
 }
 
@@ -424,6 +441,13 @@ mod tests {
         let c = Chap::new("alice", "s3cretpassw0rd").unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
         assert!(Chap::new("alice", "short").is_err());
+        assert!(Chap::new("alice", &"x".repeat(65)).is_err());
+        let a = Chap::random_secret().unwrap();
+        let b = Chap::random_secret().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        Chap::new("alice", &a).unwrap();
         assert!(Chap::new("al ice", "s3cretpassw0rd").is_err());
         assert!(Chap::new("alice", "has,commas,here").is_err());
     }

@@ -16,12 +16,13 @@ use uuid::Uuid;
 use crate::backend::{copy, ImageFormat};
 use crate::error::Error;
 use crate::service::{
-    is_image_base, Drift, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService,
+    is_image_base, Drift, ExportBy, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService,
     SnapshotInfo, VolumeInfo,
 };
 use crate::store::{QuotaLimits, QuotaUsage, Source, VolumeState};
 use crate::tenancy::Call;
 use crate::types::{Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
+use stratus_pki::{Identity, Role};
 
 pub struct Api {
     svc: Arc<PoolService>,
@@ -68,6 +69,7 @@ fn volume_pb(v: VolumeInfo) -> pb::Volume {
         snapshot_count: v.snapshot_count,
         device_path: v.device_path.display().to_string(),
         project: r.project,
+        allow_multi_attach: r.allow_multi_attach,
         created_by: r.created_by.map(|c| c.to_string()).unwrap_or_default(),
     }
 }
@@ -120,6 +122,37 @@ fn quota_pb(project: String, limits: QuotaLimits, usage: QuotaUsage) -> pb::Quot
             snapshots: usage.snapshots,
             bytes: usage.bytes,
         }),
+    }
+}
+
+/// The initiator IQN an agent's certificate is bound to (SAN URI
+/// `stratus://iqn/IQN`, `stratus-pki issue --iqn`).
+fn own_iqn(identity: &Identity) -> Result<Iqn, Status> {
+    identity
+        .iqn
+        .as_deref()
+        .and_then(|i| i.parse().ok())
+        .ok_or_else(|| {
+            Status::permission_denied(format!(
+                "{identity}: an agent certificate without an initiator IQN \
+                 (stratus-pki issue --iqn) may not export or unexport"
+            ))
+        })
+}
+
+/// Export fencing: an `agent` caller names only its own host's initiator,
+/// so a compromised or buggy host can neither give a volume to another
+/// host nor take another host's access away.
+fn fence_to_own_iqn(identity: &Identity, initiators: &[Iqn]) -> Result<(), Status> {
+    if identity.role != Role::Agent {
+        return Ok(());
+    }
+    let own = own_iqn(identity)?;
+    match initiators.iter().find(|i| **i != own) {
+        Some(other) => Err(Status::permission_denied(format!(
+            "{identity} may export only to its own initiator {own}, not {other}"
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -217,6 +250,7 @@ impl VolumeService for Api {
             },
         };
         let new = NewVolume {
+            allow_multi_attach: r.allow_multi_attach,
             name: r.name.parse()?,
             size: r.size_bytes,
             labels,
@@ -295,6 +329,7 @@ impl VolumeService for Api {
             .map_err(|e| Error::io(staged.0.display(), e))?;
         drop(file);
         let new = NewVolume {
+            allow_multi_attach: false,
             name,
             size: header.size_bytes,
             labels: header_labels,
@@ -381,6 +416,7 @@ impl VolumeService for Api {
         };
         call.note(format!("volume {name} (clone of {})", r.source));
         let new = NewVolume {
+            allow_multi_attach: false,
             name,
             size: r.size_bytes,
             labels,
@@ -443,11 +479,17 @@ impl VolumeService for Api {
     ) -> Result<Response<pb::Export>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
         let initiators = iqns(&r.initiators)?;
+        fence_to_own_iqn(&call.identity, &initiators)?;
         let chap = r.chap.map(|c| Chap::new(&c.user, &c.secret)).transpose()?;
         let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
+        let by = ExportBy {
+            caller: format!("{}/{}", call.identity.role, call.identity.name),
+            admin: call.identity.role == Role::Admin,
+            multi_attach: r.multi_attach,
+        };
         let svc = self.svc.clone();
-        let e =
-            detached(async move { svc.export_volume(&volume, &initiators, chap).await }).await?;
+        let e = detached(async move { svc.export_volume(&volume, &initiators, chap, &by).await })
+            .await?;
         Ok(Response::new(export_pb(e)))
     }
 
@@ -456,7 +498,12 @@ impl VolumeService for Api {
         req: Request<pb::UnexportVolumeRequest>,
     ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
-        let initiators = iqns(&r.initiators)?;
+        let mut initiators = iqns(&r.initiators)?;
+        if call.identity.role == Role::Agent && initiators.is_empty() {
+            // An agent's "the whole export" is its own host's access only.
+            initiators = vec![own_iqn(&call.identity)?];
+        }
+        fence_to_own_iqn(&call.identity, &initiators)?;
         let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let svc = self.svc.clone();
         let remaining = detached(async move { svc.unexport_volume(&volume, &initiators).await })

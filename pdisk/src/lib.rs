@@ -37,5 +37,5 @@ pub(crate) mod store;
 pub(crate) mod tenancy;
 
 pub use grpc::Api;
-pub use service::{PoolService, ServiceSettings};
+pub use service::{ExportBy, PoolService, ServiceSettings};
 pub use store::Store;

@@ -171,6 +171,11 @@ pub struct VolumeRecord {
     /// made it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<Creator>,
+    /// May be exported read-write to more than one host at once (requests
+    /// must also say `multi_attach`): for live migration and clustered
+    /// file systems. False in older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_multi_attach: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,6 +196,11 @@ pub struct ExportRecord {
     pub target_iqn: Iqn,
     pub initiators: Vec<Iqn>,
     pub chap: Option<Chap>,
+    /// Who set `chap` (a caller identity, `agent/compute-7`): only that
+    /// caller or an admin may replace it. None in records older than
+    /// identities (replaceable by any caller allowed to export, once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap_set_by: Option<String>,
     /// True once an unexport is committed but the target may still be live:
     /// reconciliation and the export watchdog remove the target and then
     /// the record, never re-create it. Absent in older stores.
@@ -595,6 +605,7 @@ mod tests {
 
     fn vol(name: &str) -> VolumeRecord {
         VolumeRecord {
+            allow_multi_attach: false,
             uuid: Uuid::new_v4(),
             name: name.parse().unwrap(),
             size: ByteSize(1 << 20),
@@ -668,6 +679,7 @@ mod tests {
             target_iqn: "iqn.2026-11.io.stratus:t".parse().unwrap(),
             initiators: vec![],
             chap: None,
+            chap_set_by: None,
             unexporting: false,
         })
         .unwrap();

@@ -50,6 +50,7 @@ async fn fixture() -> Fixture {
     for p in [OWN, OTHER] {
         for v in ["vol", "free", "exp"] {
             svc.create_volume(NewVolume {
+                allow_multi_attach: false,
                 name: format!("{p}-{v}").parse().unwrap(),
                 size: 4 << 20,
                 labels: Default::default(),
@@ -71,9 +72,14 @@ async fn fixture() -> Fixture {
         .await
         .unwrap();
         let iqn: Iqn = IQN.parse().unwrap();
-        svc.export_volume(&format!("{p}-exp"), &[iqn], None)
-            .await
-            .unwrap();
+        svc.export_volume(
+            &format!("{p}-exp"),
+            &[iqn],
+            None,
+            &crate::ExportBy::admin("t"),
+        )
+        .await
+        .unwrap();
     }
     Fixture {
         _dir: dir,
@@ -97,9 +103,14 @@ fn state(svc: &PoolService) -> String {
 
 fn caller(role: Role) -> Caller {
     let name = if role == Role::Project { OWN } else { "x" };
+    let mut identity = Identity::new(role, name);
+    if role == Role::Agent {
+        // An agent's certificate binds its host's initiator (export fencing).
+        identity.iqn = Some(IQN.into());
+    }
     Caller {
         transport: Transport::Mtls,
-        identity: Ok(Identity::new(role, name)),
+        identity: Ok(identity),
     }
 }
 
@@ -254,6 +265,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             api.export_volume(request(
                 role,
                 pb::ExportVolumeRequest {
+                    multi_attach: false,
                     volume: vol,
                     initiators: vec![IQN.into()],
                     project,

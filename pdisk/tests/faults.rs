@@ -83,6 +83,7 @@ async fn create(c: &mut Client, name: &str) {
     c.create_volume(pb::CreateVolumeRequest {
         name: name.into(),
         size_bytes: 8 * MIB,
+        allow_multi_attach: true,
         ..Default::default()
     })
     .await
@@ -95,6 +96,8 @@ async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> Result<(), to
         volume: vol.into(),
         initiators: initiators.iter().map(|s| s.to_string()).collect(),
         chap: None,
+        // Two initiators: two hosts on one volume (its create allows it).
+        multi_attach: initiators.len() > 1,
     })
     .await
     .map(|_| ())

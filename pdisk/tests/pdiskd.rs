@@ -27,6 +27,7 @@ async fn create(c: &mut Client, name: &str, size: u64) -> pb::Volume {
 
 async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> pb::Export {
     c.export_volume(pb::ExportVolumeRequest {
+        multi_attach: false,
         project: String::new(),
         volume: vol.into(),
         initiators: initiators.iter().map(|s| s.to_string()).collect(),
@@ -342,6 +343,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     );
     let bad_iqn = c
         .export_volume(pb::ExportVolumeRequest {
+            multi_attach: false,
             project: String::new(),
             volume: "v1".into(),
             initiators: vec!["host-a".into()],
@@ -352,6 +354,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     assert_eq!(bad_iqn.code(), Code::InvalidArgument);
     let bad_chap = c
         .export_volume(pb::ExportVolumeRequest {
+            multi_attach: false,
             project: String::new(),
             volume: "v1".into(),
             initiators: vec![INITIATOR.into()],
@@ -381,6 +384,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     tgtd.kill();
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            multi_attach: false,
             project: String::new(),
             volume: "v2".into(),
             initiators: vec![INITIATOR.into()],
@@ -637,6 +641,7 @@ async fn chap_export_needs_the_secret() {
     let secret = "Sup3rS3cretPass";
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            multi_attach: false,
             project: String::new(),
             volume: "secure".into(),
             initiators: vec![INITIATOR.into()],

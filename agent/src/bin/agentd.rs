@@ -60,7 +60,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             image_file_roots: cfg.image_file_roots.clone(),
             host_file_roots: cfg.host_file_roots.clone(),
             image_allow_private: cfg.image_allow_private,
-            chap_mutual: cfg.chap_mutual,
         },
         host,
     )?;

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use stratus_proto::pdisk::v1 as pdpb;
-use uuid::Uuid;
 
 use super::images::ImageDisk;
 use super::Agent;
@@ -28,12 +27,6 @@ pub(super) const SEED_FILE: &str = "seed.img";
 
 pub(super) fn device_name(i: usize) -> String {
     format!("vd{}", (b'a' + i as u8) as char)
-}
-
-fn random_secret() -> String {
-    // 16 characters from a UUIDv4's random bits: tgt and LIO accept 12..=16.
-    let u = Uuid::new_v4().simple().to_string();
-    u[..16].to_string()
 }
 
 impl Agent {
@@ -222,7 +215,7 @@ impl Agent {
         read_only: bool,
     ) -> Result<(DiskBackend, DiskAttachment)> {
         let kernel = self.settings.attach == AttachMode::Kernel;
-        let secret = random_secret();
+        let secret = stratus_core::types::Chap::random_secret()?;
         let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
         let chap = stratus_core::types::Chap::new(&user, &secret)?;
         let secret_file = dir.join(format!("chap-{device}"));
@@ -241,6 +234,7 @@ impl Agent {
                     user: user.clone(),
                     secret,
                 }),
+                multi_attach: false,
             })
             .await
             .map_err(|s| status_error(s, &format!("exporting pdisk volume {volume}")))?;

@@ -85,8 +85,6 @@ pub struct AgentSettings {
     pub host_file_roots: Vec<PathBuf>,
     /// Image URLs may reach loopback, link-local and this host's addresses.
     pub image_allow_private: bool,
-    /// Exports also carry a CHAP secret the target proves to this host.
-    pub chap_mutual: bool,
 }
 
 /// The host effects of the guest service, each behind its seam.

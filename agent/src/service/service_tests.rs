@@ -75,7 +75,6 @@ impl Host {
                     image_file_roots: Vec::new(),
                     host_file_roots: vec![self.dir.path().join("host-files")],
                     image_allow_private: true,
-                    chap_mutual: false,
                 };
                 change(&mut s);
                 s

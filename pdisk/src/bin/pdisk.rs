@@ -244,6 +244,7 @@ async fn volume_create(ctx: &Ctx, a: CreateArgs) -> Result<(), Failure> {
             labels,
             source: None,
             request_id: String::new(),
+            allow_multi_attach: a.allow_multi_attach,
         };
         let v = ctx.answer(ctx.connect().await?.create_volume(request).await)?;
         return ctx.print_volume(&v);
@@ -257,6 +258,7 @@ async fn volume_create(ctx: &Ctx, a: CreateArgs) -> Result<(), Failure> {
         labels,
         source: Some(source),
         request_id: request_id.clone(),
+        allow_multi_attach: a.allow_multi_attach,
     };
     let mut client = ctx.connect().await?;
     let watcher = client.clone();
@@ -454,6 +456,7 @@ async fn export_add(ctx: &Ctx, a: ExportAddArgs) -> Result<(), Failure> {
         volume: a.volume.to_string(),
         initiators: a.initiators.into_iter().map(String::from).collect(),
         chap,
+        multi_attach: a.multi_attach,
     };
     let mut client = ctx.connect().await?;
     let e = ctx.answer(client.export_volume(request).await)?;

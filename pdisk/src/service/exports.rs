@@ -13,7 +13,7 @@ use crate::export::{ExportSpec, RestoreReport};
 use crate::store::ExportRecord;
 use crate::types::{Chap, Iqn};
 
-use super::{refuse_if_image_base, require_ready, ExportInfo, PoolService};
+use super::{refuse_if_image_base, require_ready, ExportBy, ExportInfo, PoolService};
 
 impl PoolService {
     pub(super) fn export_spec(&self, e: &ExportRecord) -> ExportSpec {
@@ -27,12 +27,19 @@ impl PoolService {
 
     /// Adds `initiators` to the volume's export (creating it), and sets its
     /// CHAP account when `chap` is given. Initiators and CHAP are parsed at
-    /// the edge (gRPC, CLI).
+    /// the edge (gRPC, CLI), which also fences an agent to its own IQN.
+    ///
+    /// Export fencing: every export is read-write, so an initiator added to
+    /// an ACL that holds (or would hold) another is a second host on the
+    /// same blocks; that needs `by.multi_attach` and a volume that allows it
+    /// (FailedPrecondition otherwise). An existing CHAP account is replaced
+    /// only by whoever set it or an admin (PermissionDenied otherwise).
     pub async fn export_volume(
         &self,
         volume: &str,
         initiators: &[Iqn],
         chap: Option<Chap>,
+        by: &ExportBy,
     ) -> Result<ExportInfo> {
         if initiators.is_empty() {
             return Err(Error::invalid(format!(
@@ -55,13 +62,58 @@ impl PoolService {
                 target_iqn: self.target_iqn(vol.uuid),
                 initiators: Vec::new(),
                 chap: None,
+                chap_set_by: None,
                 unexporting: false,
             });
+        let mut added = Vec::new();
         for i in initiators {
-            if !rec.initiators.contains(i) {
-                rec.initiators.push(i.clone());
+            if !rec.initiators.contains(i) && !added.contains(i) {
+                added.push(i.clone());
             }
         }
+        if !added.is_empty() && rec.initiators.len() + added.len() > 1 {
+            let hosts: Vec<&str> = rec
+                .initiators
+                .iter()
+                .chain(&added)
+                .map(Iqn::as_str)
+                .collect();
+            if !by.multi_attach {
+                return Err(Error::precondition(format!(
+                    "volume {} would be exported read-write to {} hosts ({}): \
+                     a second host needs multi_attach on a volume that allows it",
+                    vol.name,
+                    hosts.len(),
+                    hosts.join(", ")
+                )));
+            }
+            if !vol.allow_multi_attach {
+                return Err(Error::precondition(format!(
+                    "volume {} does not allow multi-attach (create it with \
+                     allow_multi_attach); it cannot be exported to {} hosts",
+                    vol.name,
+                    hosts.len()
+                )));
+            }
+        }
+        if let Some(new) = &chap {
+            let owned_elsewhere = rec.chap.as_ref().is_some_and(|old| old != new)
+                && !by.admin
+                && rec
+                    .chap_set_by
+                    .as_deref()
+                    .is_some_and(|setter| setter != by.caller);
+            if owned_elsewhere {
+                return Err(Error::denied(format!(
+                    "volume {}: its export's CHAP account was set by {}; only that caller \
+                     or an admin may replace it",
+                    vol.name,
+                    rec.chap_set_by.as_deref().unwrap_or("?")
+                )));
+            }
+            rec.chap_set_by = Some(by.caller.clone());
+        }
+        rec.initiators.extend(added);
         if chap.is_some() {
             rec.chap = chap;
         }

@@ -96,6 +96,38 @@ pub struct NewVolume {
     pub request_id: String,
     /// Its project and creator, decided at the edge from the caller.
     pub owner: Owner,
+    /// See [`VolumeRecord::allow_multi_attach`].
+    pub allow_multi_attach: bool,
+}
+
+/// Who asks for an export, and how: decided at the edge from the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportBy {
+    /// The caller (`agent/compute-7`, `admin/local:root`): recorded as the
+    /// setter of a CHAP account.
+    pub caller: String,
+    /// Admins may replace anyone's CHAP account.
+    pub admin: bool,
+    /// The request accepts a second host on the volume (the volume must
+    /// allow it too).
+    pub multi_attach: bool,
+}
+
+impl ExportBy {
+    /// An admin's single-host export (the CLI on the local socket, tests).
+    pub fn admin(name: &str) -> ExportBy {
+        ExportBy {
+            caller: format!("admin/{name}"),
+            admin: true,
+            multi_attach: false,
+        }
+    }
+
+    /// The same request, accepting a second host.
+    pub fn multi_attach(mut self) -> ExportBy {
+        self.multi_attach = true;
+        self
+    }
 }
 
 /// Who a new volume belongs to and who made it.

@@ -55,6 +55,7 @@ fn name(s: impl AsRef<str>) -> VolumeName {
 
 fn empty(volume: &str, size: u64) -> NewVolume {
     NewVolume {
+        allow_multi_attach: false,
         name: name(volume),
         size,
         labels: Labels::new(),
@@ -100,10 +101,12 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
     let cases = [
         empty("ok", 0),
         NewVolume {
+            allow_multi_attach: false,
             labels: [("bad key".to_string(), "v".to_string())].into(),
             ..empty("ok", 1 << 20)
         },
         NewVolume {
+            allow_multi_attach: false,
             source: NewVolumeSource::ImageFile {
                 path: "/etc/passwd".into(),
                 format: None,
@@ -111,6 +114,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
             ..empty("ok", 0)
         },
         NewVolume {
+            allow_multi_attach: false,
             source: NewVolumeSource::ImageFile {
                 path: f.import.join("../data/pdisk.redb"),
                 format: None,
@@ -129,6 +133,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
         use stratus_proto::pdisk::v1 as pb;
         use stratus_proto::pdisk::v1::volume_service_server::VolumeService;
         let export = pb::ExportVolumeRequest {
+            multi_attach: false,
             volume: "nope".into(),
             initiators: vec!["not-an-iqn".into()],
             ..Default::default()
@@ -137,6 +142,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
         // A CHAP secret tgt and LIO would refuse (under 12 characters).
         let export = pb::ExportVolumeRequest {
+            multi_attach: false,
             project: String::new(),
             volume: "nope".into(),
             initiators: vec![IQN.into()],
@@ -184,7 +190,10 @@ async fn exported_or_snapshotted_volumes_cannot_be_deleted() {
     assert!(e.message().contains("v-s1"), "{e}");
     f.svc.delete_snapshot("v-s1").await.unwrap();
 
-    f.svc.export_volume("v", &[iqn(IQN)], None).await.unwrap();
+    f.svc
+        .export_volume("v", &[iqn(IQN)], None, &ExportBy::admin("t"))
+        .await
+        .unwrap();
     let e = f.svc.delete_volume("v").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
     assert!(e.message().contains("exported"), "{e}");
@@ -196,15 +205,95 @@ async fn exported_or_snapshotted_volumes_cannot_be_deleted() {
 #[tokio::test]
 async fn export_merges_initiators_and_unexport_removes_them() {
     let f = fixture();
-    f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    f.svc.create_volume(empty("single", 4 << 20)).await.unwrap();
+    f.svc
+        .create_volume(NewVolume {
+            allow_multi_attach: true,
+            ..empty("v", 4 << 20)
+        })
+        .await
+        .unwrap();
     let other = "iqn.2026-11.io.stratus:host2";
-    f.svc.export_volume("v", &[iqn(IQN)], None).await.unwrap();
+    let agent = |iqn_of: &str| ExportBy {
+        caller: format!("agent/{iqn_of}"),
+        admin: false,
+        multi_attach: false,
+    };
+    // Fencing: a second host on a read-write volume needs multi_attach
+    // and a volume that allows it; nothing changes when refused.
+    f.svc
+        .export_volume("single", &[iqn(IQN)], None, &agent("a"))
+        .await
+        .unwrap();
+    for by in [agent("b"), agent("b").multi_attach()] {
+        let e = f
+            .svc
+            .export_volume("single", &[iqn(other)], None, &by)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    }
+    let e = f
+        .svc
+        .export_volume("single", &[iqn(IQN), iqn(other)], None, &agent("a"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert_eq!(f.exporter.list().await.unwrap()[0].initiators.len(), 1);
+    // The same host again is no second host.
+    f.svc
+        .export_volume("single", &[iqn(IQN)], None, &agent("a"))
+        .await
+        .unwrap();
+
+    // CHAP: set by agent a; replaced by a again or an admin, not by b.
+    let chap = |s: &str| Some(Chap::new("u", s).unwrap());
+    f.svc
+        .export_volume("single", &[iqn(IQN)], chap("0123456789abcdef"), &agent("a"))
+        .await
+        .unwrap();
+    let e = f
+        .svc
+        .export_volume("single", &[iqn(IQN)], chap("fedcba9876543210"), &agent("b"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.message().contains("agent/a"), "{e}");
+    f.svc
+        .export_volume("single", &[iqn(IQN)], chap("fedcba9876543210"), &agent("a"))
+        .await
+        .unwrap();
+    f.svc
+        .export_volume(
+            "single",
+            &[iqn(IQN)],
+            chap("0011223344556677"),
+            &ExportBy::admin("t"),
+        )
+        .await
+        .unwrap();
+    let e = f
+        .svc
+        .export_volume("single", &[iqn(IQN)], chap("8899aabbccddeeff"), &agent("a"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::PermissionDenied,
+        "now the admin's: {e}"
+    );
+
+    f.svc
+        .export_volume("v", &[iqn(IQN)], None, &ExportBy::admin("t"))
+        .await
+        .unwrap();
     let e = f
         .svc
         .export_volume(
             "v",
             &[iqn(other)],
             Some(Chap::new("u", "0123456789abcd").unwrap()),
+            &ExportBy::admin("t").multi_attach(),
         )
         .await
         .unwrap();
@@ -213,8 +302,12 @@ async fn export_merges_initiators_and_unexport_removes_them() {
         .url()
         .starts_with("iscsi://127.0.0.1:3260/iqn.2026-11.io.stratus.test:"));
     let live = f.exporter.list().await.unwrap();
-    assert_eq!(live[0].initiators.len(), 2);
-    assert_eq!(live[0].chap_user.as_deref(), Some("u"));
+    let live = live
+        .iter()
+        .find(|l| l.target_iqn == e.record.target_iqn.as_str())
+        .unwrap();
+    assert_eq!(live.initiators.len(), 2);
+    assert_eq!(live.chap_user.as_deref(), Some("u"));
 
     let rest = f
         .svc
@@ -244,7 +337,7 @@ async fn exporter_down_is_unavailable_and_changes_nothing() {
     f.exporter.down.store(true, Ordering::SeqCst);
     let e = f
         .svc
-        .export_volume("v", &[iqn(IQN)], None)
+        .export_volume("v", &[iqn(IQN)], None, &ExportBy::admin("t"))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);
@@ -255,7 +348,10 @@ async fn exporter_down_is_unavailable_and_changes_nothing() {
 async fn reconcile_restores_lost_exports_and_reports_drift() {
     let f = fixture();
     f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
-    f.svc.export_volume("v", &[iqn(IQN)], None).await.unwrap();
+    f.svc
+        .export_volume("v", &[iqn(IQN)], None, &ExportBy::admin("t"))
+        .await
+        .unwrap();
     f.exporter.forget_all(); // tgtd restarted
     let stray = f.svc.backend().staging_dir().join("../volumes/stray.txt");
     std::fs::write(&stray, b"not ours").unwrap();
@@ -368,6 +464,7 @@ async fn raw_import_keeps_holes_and_reports_progress() {
     let v = f
         .svc
         .create_volume(NewVolume {
+            allow_multi_attach: false,
             source: NewVolumeSource::ImageFile {
                 path: img.clone(),
                 format: None,
@@ -499,6 +596,7 @@ async fn image_bases_are_read_only_and_clones_are_not() {
     let base = f
         .svc
         .create_volume(NewVolume {
+            allow_multi_attach: false,
             labels,
             ..empty("image-base", 4 << 20)
         })
@@ -511,7 +609,7 @@ async fn image_bases_are_read_only_and_clones_are_not() {
     assert_eq!(mode & 0o777, 0o444);
     let e = f
         .svc
-        .export_volume("image-base", &[iqn(IQN)], None)
+        .export_volume("image-base", &[iqn(IQN)], None, &ExportBy::admin("t"))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
@@ -540,7 +638,7 @@ async fn image_bases_are_read_only_and_clones_are_not() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     f.svc
-        .export_volume("guest-disk", &[iqn(IQN)], None)
+        .export_volume("guest-disk", &[iqn(IQN)], None, &ExportBy::admin("t"))
         .await
         .unwrap();
     f.svc.unexport_volume("guest-disk", &[]).await.unwrap();
@@ -757,6 +855,7 @@ async fn a_volume_gone_while_waiting_is_not_confused_with_one_named_like_its_uui
 /// A record as a crash left it: stored `creating`, never acknowledged.
 fn interrupted_create(f: &Fixture, volume: &str) -> VolumeRecord {
     let rec = VolumeRecord {
+        allow_multi_attach: false,
         uuid: Uuid::new_v4(),
         name: name(volume),
         size: ByteSize(8 << 20),
@@ -862,9 +961,20 @@ async fn interrupted_creates_are_rolled_back_and_acknowledged_objects_kept() {
 async fn unexport_commits_before_the_exporter_so_revoked_access_never_returns() {
     let f = fixture();
     const OTHER: &str = "iqn.2026-11.io.stratus:host2";
-    f.svc.create_volume(empty("v", 8 << 20)).await.unwrap();
     f.svc
-        .export_volume("v", &[iqn(IQN), iqn(OTHER)], None)
+        .create_volume(NewVolume {
+            allow_multi_attach: true,
+            ..empty("v", 8 << 20)
+        })
+        .await
+        .unwrap();
+    f.svc
+        .export_volume(
+            "v",
+            &[iqn(IQN), iqn(OTHER)],
+            None,
+            &ExportBy::admin("t").multi_attach(),
+        )
         .await
         .unwrap();
     let live_initiators = |f: &Fixture| -> Vec<String> {

@@ -210,6 +210,7 @@ impl PoolService {
             created_at: now(),
             project: req.owner.project.clone(),
             created_by: req.owner.creator.clone(),
+            allow_multi_attach: req.allow_multi_attach,
         };
         self.store.insert_volume(&rec)?;
         crate::failpoints::crash_point("service::create::after_intent");
@@ -284,6 +285,7 @@ impl PoolService {
             NewVolumeSource::Volume(source.to_owned())
         };
         self.create_volume(NewVolume {
+            allow_multi_attach: false,
             name,
             size,
             labels,

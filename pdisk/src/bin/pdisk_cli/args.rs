@@ -221,6 +221,11 @@ pub struct CreateArgs {
     /// Fill the new volume with a copy of this snapshot (name or UUID).
     #[arg(long, value_name = "SNAPSHOT")]
     pub from_snapshot: Option<Ref>,
+
+    /// Allow exports of this volume to several hosts at once (each with
+    /// `export add --multi-attach`).
+    #[arg(long)]
+    pub allow_multi_attach: bool,
 }
 
 #[derive(Debug, Args)]
@@ -296,10 +301,16 @@ pub struct ExportAddArgs {
     #[arg(long, value_name = "USER", requires = "chap_secret_file")]
     pub chap_user: Option<String>,
 
-    /// File holding the CHAP secret (12 to 16 printable characters; a trailing
+    /// File holding the CHAP secret (12 to 64 printable characters; a trailing
     /// newline is ignored). The secret is never taken on the command line.
     #[arg(long, value_name = "FILE", requires = "chap_user")]
     pub chap_secret_file: Option<PathBuf>,
+
+    /// Also export to this host while another host has the volume (the
+    /// volume must allow multi-attach): live migration, clustered file
+    /// systems.
+    #[arg(long)]
+    pub multi_attach: bool,
 }
 
 #[derive(Debug, Subcommand)]

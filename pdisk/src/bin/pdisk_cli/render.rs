@@ -442,6 +442,7 @@ mod tests {
             image_sha256: String::new(),
             project: "astro".into(),
             created_by: "project/astro".into(),
+            allow_multi_attach: false,
         }
     }
 
