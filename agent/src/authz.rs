@@ -15,6 +15,7 @@ use tonic::Status;
 /// The gRPC service the table is for.
 pub const SERVICE: &str = "agent.v1.VmService";
 
+const ADMIN: &[Role] = &[Role::Admin];
 /// Host-wide calls: the image cache and the host's capacity.
 const OPERATORS: &[Role] = &[Role::Admin, Role::Frontend];
 /// Guest calls, scoped to a project.
@@ -97,6 +98,21 @@ pub const RULES: &[Rule] = &[
         roles: TENANTS,
         note: "from a VM of the project the call acts in",
     },
+    Rule {
+        method: "SetQuota",
+        roles: ADMIN,
+        note: "admin",
+    },
+    Rule {
+        method: "GetQuota",
+        roles: TENANTS,
+        note: "of the project the call acts in",
+    },
+    Rule {
+        method: "ListQuotas",
+        roles: ADMIN,
+        note: "admin",
+    },
 ];
 
 /// The RPCs that change something: each call is audited (`stratus_pki::audit`).
@@ -111,6 +127,7 @@ pub const MUTATING: &[&str] = &[
     "PullImage",
     "EvictImage",
     "SaveImage",
+    "SetQuota",
 ];
 
 /// agentd's table.
@@ -149,9 +166,11 @@ mod tests {
                     m.as_str(),
                     "GetHost" | "PullImage" | "ListImages" | "EvictImage"
                 );
+                let admin_only = matches!(m.as_str(), "SetQuota" | "ListQuotas");
                 let want = match role {
-                    Role::Admin | Role::Frontend => Ok(()),
-                    Role::Project if !host_wide => Ok(()),
+                    Role::Admin => Ok(()),
+                    Role::Frontend if !admin_only => Ok(()),
+                    Role::Project if !host_wide && !admin_only => Ok(()),
                     _ => Err(tonic::Code::PermissionDenied),
                 };
                 assert_eq!(got, want, "{m} by {role}");

@@ -18,7 +18,7 @@ use crate::service::Agent;
 use crate::spec::{
     self, Cause, Context, Disk, DiskSource, EventType, ImageSpec, KernelBoot, Nic, VmSpec, VmState,
 };
-use crate::store::{Event, VmRecord};
+use crate::store::{Event, QuotaLimits, QuotaUsage, VmRecord};
 use stratus_core::error::Error;
 use stratus_core::types::ByteSize;
 use stratus_pki::tenancy::{check_reserved_labels, Scope};
@@ -48,6 +48,22 @@ impl Api {
     /// operation reaches only the guest that was checked.
     fn vm_ref(&self, scope: &Scope, r: &str) -> Result<String, Status> {
         Ok(self.vm(scope, r)?.uuid.to_string())
+    }
+}
+
+fn quota_pb(project: String, l: QuotaLimits, u: QuotaUsage) -> pb::Quota {
+    pb::Quota {
+        project,
+        limits: Some(pb::QuotaLimits {
+            vms: l.vms,
+            vcpus: l.vcpus,
+            memory_bytes: l.memory,
+        }),
+        usage: Some(pb::QuotaUsage {
+            vms: u.vms,
+            vcpus: u.vcpus,
+            memory_bytes: u.memory,
+        }),
     }
 }
 
@@ -601,6 +617,70 @@ impl VmService for Api {
             url: format!("pdisk:///{volume}"),
             volume,
         }))
+    }
+
+    async fn set_quota(
+        &self,
+        req: Request<pb::SetQuotaRequest>,
+    ) -> Result<Response<pb::Quota>, Status> {
+        let note = stratus_pki::audit::note(&req);
+        let r = req.into_inner();
+        if let Some(n) = note {
+            n.set_project(&r.project);
+            n.set_object(format!("quota {}", r.project));
+        }
+        stratus_pki::identity::check_name(&r.project)
+            .map_err(|why| Error::invalid(format!("project: {why}")))?;
+        let l = r.limits.unwrap_or_default();
+        let set = QuotaLimits {
+            vms: l.vms,
+            vcpus: l.vcpus,
+            memory: l.memory_bytes,
+        };
+        let mut clear = QuotaLimits::default();
+        for u in &r.unlimited {
+            match u.as_str() {
+                "vms" => clear.vms = Some(0),
+                "vcpus" => clear.vcpus = Some(0),
+                "memory_bytes" => clear.memory = Some(0),
+                other => {
+                    return Err(Error::invalid(format!(
+                        "unlimited: {other:?} is no quota (vms, vcpus, memory_bytes)"
+                    ))
+                    .into())
+                }
+            }
+        }
+        let store = self.agent.store();
+        let limits = store.set_quota(&r.project, set, clear)?;
+        let (_, usage) = store.quota(&r.project)?;
+        tracing::info!(project = %r.project, ?limits, "quota set");
+        Ok(Response::new(quota_pb(r.project, limits, usage)))
+    }
+
+    async fn get_quota(
+        &self,
+        req: Request<pb::GetQuotaRequest>,
+    ) -> Result<Response<pb::Quota>, Status> {
+        let (_, scope, _) = split(req, |r| &r.project)?;
+        let Scope::Project(project) = scope else {
+            return Err(Error::invalid("GetQuota: name the project").into());
+        };
+        let (limits, usage) = self.agent.store().quota(&project)?;
+        Ok(Response::new(quota_pb(project, limits, usage)))
+    }
+
+    async fn list_quotas(
+        &self,
+        _req: Request<pb::ListQuotasRequest>,
+    ) -> Result<Response<pb::ListQuotasResponse>, Status> {
+        let store = self.agent.store();
+        let mut quotas = Vec::new();
+        for p in store.quota_projects()? {
+            let (limits, usage) = store.quota(&p)?;
+            quotas.push(quota_pb(p, limits, usage));
+        }
+        Ok(Response::new(pb::ListQuotasResponse { quotas }))
     }
 
     async fn get_host(

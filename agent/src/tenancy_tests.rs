@@ -251,6 +251,29 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
         ),
         // Host-wide: no project's object; the gate's rule alone.
         "GetHost" | "PullImage" | "ListImages" | "EvictImage" => Outcome::Through,
+        // Quotas are per project: the caller's own.
+        "SetQuota" => outcome(
+            api.set_quota(request(
+                role,
+                pb::SetQuotaRequest {
+                    project: OWN.into(),
+                    limits: Some(pb::QuotaLimits {
+                        vms: Some(10),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "GetQuota" => outcome(
+            api.get_quota(request(role, pb::GetQuotaRequest { project }))
+                .await,
+        ),
+        "ListQuotas" => outcome(
+            api.list_quotas(request(role, pb::ListQuotasRequest {}))
+                .await,
+        ),
         other => panic!("the matrix has no call for {other}: add one"),
     }
 }
@@ -276,7 +299,8 @@ fn expected(method: &str, role: Role, target: &str) -> Outcome {
         "ListVms" => Outcome::Listed(vec![OWN.into()]),
         // The own guest's one event (CREATED), never another project's.
         "WatchEvents" if own => Outcome::Listed(vec![OWN.into()]),
-        "GetHost" | "PullImage" | "ListImages" | "EvictImage" => Outcome::Through,
+        "GetHost" | "PullImage" | "ListImages" | "EvictImage" | "SetQuota" | "GetQuota"
+        | "ListQuotas" => Outcome::Through,
         _ if own => Outcome::Through,
         _ => Outcome::Refused(Code::NotFound),
     }
@@ -367,4 +391,111 @@ async fn guests_belong_to_the_project_they_were_created_in() {
             .unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{role}: {err:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn twenty_concurrent_creates_against_a_vm_quota_make_exactly_the_quota() {
+    let f = Arc::new(fixture().await);
+    // astro holds one guest (1 vCPU, 64 MiB): room for 3 more VMs.
+    let q = f
+        .api
+        .set_quota(request(
+            Role::Admin,
+            pb::SetQuotaRequest {
+                project: OWN.into(),
+                limits: Some(pb::QuotaLimits {
+                    vms: Some(4),
+                    memory_bytes: Some(1 << 30),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        q.usage.unwrap(),
+        pb::QuotaUsage {
+            vms: 1,
+            vcpus: 1,
+            memory_bytes: 64 << 20
+        }
+    );
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let f = f.clone();
+            tokio::spawn(async move {
+                f.api
+                    .create_vm(request(
+                        Role::Frontend,
+                        pb::CreateVmRequest {
+                            spec: Some(spec(&format!("q{i}"), &format!("{OWN}-disk2"))),
+                            project: OWN.into(),
+                        },
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    let mut made = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => made += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+                assert!(
+                    s.message().contains(
+                        "project astro: VM quota exceeded: 1 more requested, 4 of 4 in use"
+                    ),
+                    "{s:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(made, 3);
+    let (_, used) = f.agent.store().quota(OWN).unwrap();
+    assert_eq!(used.vms, 4);
+    // Memory: a guest larger than what is left is refused, naming it.
+    let mut big = spec("big", &format!("{OWN}-disk2"));
+    big.memory_bytes = 1 << 30;
+    f.api
+        .set_quota(request(
+            Role::Admin,
+            pb::SetQuotaRequest {
+                project: OWN.into(),
+                unlimited: vec!["vms".into()],
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let s = f
+        .api
+        .create_vm(request(
+            Role::Project,
+            pb::CreateVmRequest {
+                spec: Some(big),
+                project: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted);
+    assert!(
+        s.message()
+            .contains("memory quota exceeded: 1G more requested, 256M of 1G in use"),
+        "{s:?}"
+    );
+    // Another project is not held back.
+    f.api
+        .create_vm(request(
+            Role::Frontend,
+            pb::CreateVmRequest {
+                spec: Some(spec("other-new", &format!("{OTHER}-disk2"))),
+                project: OTHER.into(),
+            },
+        ))
+        .await
+        .unwrap();
 }

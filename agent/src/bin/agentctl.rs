@@ -34,7 +34,9 @@ use stratus_proto::agent::v1::{
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
 
-use args::{Cli, Command, EventsArgs, HostCommand, ImageCommand, RmArgs, VmCommand};
+use args::{
+    Cli, Command, EventsArgs, HostCommand, ImageCommand, Limit, QuotaCommand, RmArgs, VmCommand,
+};
 use console::{Tail, TerminalFilter, Utf8Chunks};
 use stratus_core::cli::args::Ref;
 
@@ -124,6 +126,57 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
         Command::Host(HostCommand::Show) => {
             let host = ctx.answer(ctx.connect().await?.get_host(GetHostRequest {}).await)?;
             ctx.print(render::host_json(&host), || render::host_view(&host))
+        }
+        Command::Quota(c) => quota(ctx, c).await,
+    }
+}
+
+async fn quota(ctx: &Ctx, command: QuotaCommand) -> Result<(), Failure> {
+    use stratus_proto::agent::v1::{
+        GetQuotaRequest, ListQuotasRequest, QuotaLimits, SetQuotaRequest,
+    };
+    let mut client = ctx.connect().await?;
+    match command {
+        QuotaCommand::Set {
+            project,
+            vms,
+            vcpus,
+            memory,
+        } => {
+            let mut limits = QuotaLimits::default();
+            let mut unlimited = Vec::new();
+            for (name, limit, slot) in [
+                ("vms", vms, &mut limits.vms),
+                ("vcpus", vcpus, &mut limits.vcpus),
+                ("memory_bytes", memory, &mut limits.memory_bytes),
+            ] {
+                match limit {
+                    Some(Limit::At(n)) => *slot = Some(n),
+                    Some(Limit::Unlimited) => unlimited.push(name.to_owned()),
+                    None => {}
+                }
+            }
+            let q = ctx.answer(
+                client
+                    .set_quota(SetQuotaRequest {
+                        project,
+                        limits: Some(limits),
+                        unlimited,
+                    })
+                    .await,
+            )?;
+            ctx.print(render::quota_json(&q), || render::quota_view(&q))
+        }
+        QuotaCommand::Show { project } => {
+            let project = project.unwrap_or_else(|| ctx.project.clone());
+            let q = ctx.answer(client.get_quota(GetQuotaRequest { project }).await)?;
+            ctx.print(render::quota_json(&q), || render::quota_view(&q))
+        }
+        QuotaCommand::List => {
+            let qs = ctx
+                .answer(client.list_quotas(ListQuotasRequest {}).await)?
+                .quotas;
+            ctx.print(render::quotas_json(&qs), || render::quotas_table(&qs))
         }
     }
 }

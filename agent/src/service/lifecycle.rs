@@ -69,6 +69,9 @@ impl Agent {
         if self.store.find_vm(spec.name.as_str()).is_ok() {
             return Err(Error::exists(format!("vm {} already exists", spec.name)));
         }
+        // Under the create lock, so no other create passes the quota with
+        // this one.
+        self.check_quota(project, &spec)?;
         let info = self.host_info()?;
         if spec.vcpus > info.free_vcpus || spec.memory.0 > info.free_memory {
             return Err(Error::exhausted(format!(
@@ -97,6 +100,47 @@ impl Agent {
             &[NewEvent::new(EventType::Created, Cause::Api, "")],
         )?;
         Ok(vm)
+    }
+
+    /// Refuses a guest of `project` that would pass one of its quotas
+    /// (ResourceExhausted naming the quota and the usage). Guests of no
+    /// project have none. The caller holds the create lock.
+    fn check_quota(&self, project: &str, spec: &VmSpec) -> Result<()> {
+        if project.is_empty() {
+            return Ok(());
+        }
+        let (limits, used) = self.store.quota(project)?;
+        let what = |q: &str, used: String, limit: String, more: String| {
+            Error::exhausted(format!(
+                "vm {}: project {project}: {q} quota exceeded: {more} more requested, {used} of {limit} in use",
+                spec.name
+            ))
+        };
+        if let Some(l) = limits.vms.filter(|&l| used.vms + 1 > l) {
+            return Err(what("VM", used.vms.to_string(), l.to_string(), "1".into()));
+        }
+        let vcpus = u64::from(spec.vcpus);
+        if let Some(l) = limits.vcpus.filter(|&l| used.vcpus + vcpus > l) {
+            return Err(what(
+                "vCPU",
+                used.vcpus.to_string(),
+                l.to_string(),
+                vcpus.to_string(),
+            ));
+        }
+        if let Some(l) = limits
+            .memory
+            .filter(|&l| used.memory.saturating_add(spec.memory.0) > l)
+        {
+            use stratus_core::types::ByteSize;
+            return Err(what(
+                "memory",
+                ByteSize(used.memory).to_string(),
+                ByteSize(l).to_string(),
+                spec.memory.to_string(),
+            ));
+        }
+        Ok(())
     }
 
     // ---------- start ----------

@@ -109,6 +109,60 @@ pub enum Command {
     /// The host the agent runs on.
     #[command(subcommand)]
     Host(HostCommand),
+    /// Per-project quotas on this host: VMs, vCPUs and memory.
+    #[command(subcommand)]
+    Quota(QuotaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QuotaCommand {
+    /// Set a project's limits (admins). Limits not given keep their value;
+    /// `unlimited` removes one.
+    Set {
+        /// The project.
+        project: String,
+        /// Most VMs the project may define on this host, or `unlimited`.
+        #[arg(long, value_parser = parse_count_limit)]
+        vms: Option<Limit>,
+        /// Most vCPUs of its VMs, or `unlimited`.
+        #[arg(long, value_parser = parse_count_limit)]
+        vcpus: Option<Limit>,
+        /// Most memory of its VMs (e.g. 64G), or `unlimited`.
+        #[arg(long, value_parser = parse_bytes_limit)]
+        memory: Option<Limit>,
+    },
+    /// A project's limits and usage (a project certificate: its own).
+    Show {
+        /// The project; defaults to --project.
+        project: Option<String>,
+    },
+    /// Every project with a quota or with VMs (admins).
+    List,
+}
+
+/// A quota limit on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    At(u64),
+    Unlimited,
+}
+
+fn parse_count_limit(s: &str) -> Result<Limit, String> {
+    if s == "unlimited" {
+        return Ok(Limit::Unlimited);
+    }
+    s.parse()
+        .map(Limit::At)
+        .map_err(|_| format!("{s:?} is neither a count nor `unlimited`"))
+}
+
+fn parse_bytes_limit(s: &str) -> Result<Limit, String> {
+    if s == "unlimited" {
+        return Ok(Limit::Unlimited);
+    }
+    s.parse::<stratus_core::types::ByteSize>()
+        .map(|b| Limit::At(b.0))
+        .map_err(|e| format!("{e} (or `unlimited`)"))
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ use stratus_proto::agent::v1::{DiskPersistence, EventCause, EventType, ImageForm
 mod events;
 mod host;
 mod image;
+mod quota;
 #[cfg(test)]
 mod tests;
 mod vm;
@@ -24,6 +25,7 @@ pub use host::{host_json, host_view};
 pub use image::{
     cached_image_json, evicted_json, evicted_text, image_view, images_json, images_table,
 };
+pub use quota::{quota_json, quota_view, quotas_json, quotas_table};
 pub use vm::{vm_json, vm_view, vms_json, vms_table};
 
 /// Shown for an empty value in human output.
