@@ -11,6 +11,7 @@ use stratus_pki::serve::{ServeFlags, ServeSettings};
 use stratus_pki::TlsFiles;
 
 use crate::attach::AttachMode;
+use crate::store::Retention;
 use crate::vmm::AccelChoice;
 use stratus_core::error::{Error, Result};
 use stratus_core::settings::LogFormat;
@@ -83,6 +84,13 @@ pub struct Flags {
     /// services only the host can see)
     #[arg(long)]
     pub image_allow_private: bool,
+    /// Events older than this are compacted out of the journal (each live
+    /// guest's latest state event stays), e.g. 7d, 12h [default: 7d]
+    #[arg(long, value_name = "DURATION")]
+    pub event_retention: Option<String>,
+    /// At most this many of the newest events are kept [default: 1000000]
+    #[arg(long, value_name = "N")]
+    pub event_max: Option<u64>,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -110,6 +118,8 @@ pub struct Config {
     pub image_file_roots: Vec<PathBuf>,
     pub host_file_roots: Vec<PathBuf>,
     pub image_allow_private: bool,
+    /// How much of the event journal is kept.
+    pub event_retention: Retention,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -174,6 +184,11 @@ impl Flags {
             image_file_roots: pick!(image_file_roots, Vec::new()),
             host_file_roots: pick!(host_file_roots, Vec::new()),
             image_allow_private: self.image_allow_private || file.image_allow_private,
+            event_retention: Retention {
+                max_age: humantime::parse_duration(&pick!(event_retention, "7d".into()))
+                    .map_err(|e| Error::invalid(format!("event-retention: {e}")))?,
+                max_events: pick!(event_max, 1_000_000),
+            },
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,
@@ -181,6 +196,9 @@ impl Flags {
             ),
         };
         crate::spec::check_ifname("bridge", &cfg.bridge)?;
+        if cfg.event_retention.max_events == 0 {
+            return Err(Error::invalid("event-max must be at least 1"));
+        }
         if cfg.cpu_overcommit == 0 {
             return Err(Error::invalid("cpu-overcommit must be at least 1"));
         }

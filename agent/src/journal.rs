@@ -103,9 +103,12 @@ impl EventJournal {
         let mut live = store.subscribe();
         Box::pin(async_stream::try_stream! {
             let mut last = since;
-            // Replay in pages, until a read finds nothing newer.
+            // Replay in pages, until a read finds nothing newer. A reader
+            // from 0 takes what is held (the kept states below the oldest
+            // seq, then on); any other start inside a compacted range, or
+            // a compaction overtaking this reader, is OutOfRange.
             loop {
-                let page = store.events_since(last, PAGE)?;
+                let page = store.events_after(last, PAGE, since != 0)?;
                 if page.is_empty() {
                     break;
                 }

@@ -7,10 +7,17 @@
 //! last seq is stored with the events and the next one is always last + 1.
 //! Live subscribers are told only after the commit, so nobody sees an event
 //! that a crash could take back.
+//!
+//! The journal is bounded ([`AgentStore::compact`]): events older than the
+//! retention or beyond the count are removed, but a live guest's latest
+//! event (which carries its state) is kept. The journal is complete from
+//! its oldest seq on (`oldest_seq` in META); a read from a point before it
+//! is refused with OutOfRange naming that seq, so a reader never gets a
+//! silent gap.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -43,6 +50,39 @@ pub struct QuotaUsage {
     pub vms: u64,
     pub vcpus: u64,
     pub memory: u64,
+}
+
+/// The journal holds every event from this seq on (1 until a compaction).
+const OLDEST_SEQ: &str = "oldest_seq";
+
+/// How much of the event journal is kept (`--event-retention`, `--event-max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Events older than this are removed.
+    pub max_age: Duration,
+    /// At most this many of the newest events are kept.
+    pub max_events: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_events: 1_000_000,
+        }
+    }
+}
+
+/// What one compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Compaction {
+    /// Events removed.
+    pub removed: u64,
+    /// Events older than the oldest seq kept because each is a live guest's
+    /// latest (its state).
+    pub kept_states: u64,
+    /// The journal is complete from this seq on.
+    pub oldest_seq: u64,
 }
 
 /// A disk as attached to a running guest.
@@ -196,6 +236,16 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
     serde_json::from_slice(b)
         .map_err(|e| Error::internal(format!("agent store: corrupt {what} record: {e}")))
+}
+
+/// The answer to a read from a compacted point: resync with ListVms.
+fn compacted(since: u64, oldest: u64) -> Error {
+    Error::out_of_range(format!(
+        "events after seq {since} were compacted away; the journal holds every \
+         event from seq {oldest} on (and each guest's latest state): list the guests \
+         again, then watch from seq {}",
+        oldest - 1
+    ))
 }
 
 fn db_err(e: impl std::fmt::Display) -> Error {
@@ -431,8 +481,27 @@ impl AgentStore {
     }
 
     /// Journaled events with seq > `since`, in order, at most `limit`.
+    /// OutOfRange when events after `since` were compacted away; `since` 0
+    /// means "from the start of what is held" and is never refused.
     pub fn events_since(&self, since: u64, limit: usize) -> Result<Vec<Event>> {
+        self.events_after(since, limit, since != 0)
+    }
+
+    /// [`AgentStore::events_since`], refusing a compacted range only when
+    /// `check` (a reader that began at 0 pages on through the kept states).
+    pub(crate) fn events_after(&self, since: u64, limit: usize, check: bool) -> Result<Vec<Event>> {
         let tx = self.db.begin_read().map_err(db_err)?;
+        if check {
+            let meta = tx.open_table(META).map_err(db_err)?;
+            let oldest = meta
+                .get(OLDEST_SEQ)
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            if since.saturating_add(1) < oldest {
+                return Err(compacted(since, oldest));
+            }
+        }
         let t = tx.open_table(EVENTS).map_err(db_err)?;
         t.range(since.saturating_add(1)..)
             .map_err(db_err)?
@@ -442,6 +511,76 @@ impl AgentStore {
                 decode("event", v.value())
             })
             .collect()
+    }
+
+    /// The oldest seq from which the journal is complete.
+    pub fn oldest_seq(&self) -> Result<u64> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(META).map_err(db_err)?;
+        let x = t.get(OLDEST_SEQ).map_err(db_err)?;
+        Ok(x.map(|v| v.value()).unwrap_or(1))
+    }
+
+    /// Removes the events `retention` no longer covers (older than its age
+    /// as of `now`, or beyond its count), keeping each live guest's latest
+    /// event, in one transaction under the commit lock. Moves the oldest
+    /// seq past what it removed; never removes an event at or after it.
+    pub fn compact(&self, retention: Retention, now: SystemTime) -> Result<Compaction> {
+        let _g = self.commit_lock.lock().unwrap();
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let done = {
+            let mut meta = tx.open_table(META).map_err(db_err)?;
+            let last = meta
+                .get(LAST_SEQ)
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let oldest = meta
+                .get(OLDEST_SEQ)
+                .map_err(db_err)?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            // By count: keep the newest max_events.
+            let mut cut = oldest.max(last.saturating_sub(retention.max_events) + 1);
+            // By age: seqs follow commit order, so the old ones come first.
+            let threshold = now
+                .checked_sub(retention.max_age)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let mut journal = tx.open_table(EVENTS).map_err(db_err)?;
+            for r in journal.range(cut..).map_err(db_err)? {
+                let (seq, v) = r.map_err(db_err)?;
+                let e: Event = decode("event", v.value())?;
+                match humantime::parse_rfc3339(&e.time) {
+                    Ok(t) if t < threshold => cut = seq.value() + 1,
+                    _ => break,
+                }
+            }
+            let vms = tx.open_table(VMS).map_err(db_err)?;
+            let mut states = std::collections::HashSet::new();
+            for r in vms.iter().map_err(db_err)? {
+                let (_, v) = r.map_err(db_err)?;
+                let vm: VmRecord = decode("vm", v.value())?;
+                if vm.last_event_seq != 0 && vm.last_event_seq < cut {
+                    states.insert(vm.last_event_seq);
+                }
+            }
+            let mut removed = 0;
+            for r in journal
+                .extract_from_if(..cut, |seq, _| !states.contains(&seq))
+                .map_err(db_err)?
+            {
+                r.map_err(db_err)?;
+                removed += 1;
+            }
+            meta.insert(OLDEST_SEQ, cut).map_err(db_err)?;
+            Compaction {
+                removed,
+                kept_states: states.len() as u64,
+                oldest_seq: cut,
+            }
+        };
+        tx.commit().map_err(db_err)?;
+        Ok(done)
     }
 
     /// Live events, from the moment of the call.
@@ -568,5 +707,82 @@ mod tests {
         assert_eq!(seqs, vec![1, 2, 3, 4]);
         assert_eq!(s.events_since(2, 100).unwrap()[0].seq, 3);
         assert_eq!(all[3].state, Some(VmState::Destroyed));
+    }
+
+    /// A million events compact to the bound, a live guest's latest state
+    /// event survives, and reads from inside the compacted range are
+    /// OutOfRange naming the oldest seq, through the store and the journal.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_million_events_compact_to_the_bound_and_compacted_reads_are_out_of_range() {
+        use futures::StreamExt;
+        use stratus_core::error::ErrorKind;
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(AgentStore::open(dir.path()).unwrap());
+        let mut live = record("live");
+        live.state = VmState::Running;
+        s.commit(
+            &mut live,
+            &[NewEvent::new(EventType::Running, Cause::Api, "")],
+        )
+        .unwrap();
+        let batch: Vec<NewEvent> = (0..100_000)
+            .map(|_| NewEvent::new(EventType::ImageCached, Cause::Api, "x"))
+            .collect();
+        for _ in 0..10 {
+            s.record_host(&batch).unwrap();
+        }
+        let last = s.last_seq().unwrap();
+        assert_eq!(last, 1_000_001);
+
+        let bound = Retention {
+            max_events: 100_000,
+            ..Retention::default()
+        };
+        let c = s.compact(bound, SystemTime::now()).unwrap();
+        assert_eq!(
+            c,
+            Compaction {
+                removed: 900_000,
+                kept_states: 1,
+                oldest_seq: last - 100_000 + 1
+            }
+        );
+        let held = s.events_since(0, usize::MAX).unwrap();
+        assert_eq!(held.len(), 100_001);
+        assert_eq!(
+            (held[0].seq, held[0].vm_uuid),
+            (1, live.uuid),
+            "the live guest's state"
+        );
+        assert_eq!(held[0].state, Some(VmState::Running));
+        assert_eq!(held[1].seq, c.oldest_seq);
+
+        let e = s.events_since(5, 10).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+        assert!(e.message().contains(&c.oldest_seq.to_string()), "{e}");
+        assert_eq!(
+            s.events_since(c.oldest_seq - 1, 1).unwrap()[0].seq,
+            c.oldest_seq
+        );
+        let journal = crate::journal::EventJournal::new(s.clone());
+        let first = journal
+            .follow(5, crate::journal::EventFilter::all())
+            .next()
+            .await
+            .unwrap();
+        assert_eq!(first.unwrap_err().kind(), ErrorKind::OutOfRange);
+        let from_start = journal
+            .replay(0, crate::journal::EventFilter::vm(live.uuid.to_string()))
+            .collect::<Vec<_>>()
+            .await;
+        assert_eq!(from_start.len(), 1, "a reader from 0 gets what is held");
+
+        // Past the retention age everything goes but the live guest's state.
+        let later = SystemTime::now() + Duration::from_secs(8 * 24 * 3600);
+        let c = s.compact(Retention::default(), later).unwrap();
+        assert_eq!((c.removed, c.oldest_seq), (100_000, last + 1));
+        assert_eq!(s.events_since(0, usize::MAX).unwrap().len(), 1);
+        assert!(s.events_since(last, 10).unwrap().is_empty());
+        assert_eq!(s.compact(Retention::default(), later).unwrap().removed, 0);
     }
 }

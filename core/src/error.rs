@@ -25,6 +25,9 @@ pub enum ErrorKind {
     InvalidArgument,
     /// The object does not exist.
     NotFound,
+    /// The request asks for what is no longer held (a compacted range of
+    /// agentd's event journal); the message says what is.
+    OutOfRange,
     /// The caller is known but may not do this (a host file for a
     /// non-admin, an export to another host's initiator); nothing changed.
     PermissionDenied,
@@ -43,6 +46,7 @@ impl ErrorKind {
             ErrorKind::Internal => Code::Internal,
             ErrorKind::InvalidArgument => Code::InvalidArgument,
             ErrorKind::NotFound => Code::NotFound,
+            ErrorKind::OutOfRange => Code::OutOfRange,
             ErrorKind::PermissionDenied => Code::PermissionDenied,
             ErrorKind::ResourceExhausted => Code::ResourceExhausted,
         }
@@ -62,6 +66,7 @@ impl ErrorKind {
             Code::FailedPrecondition => ErrorKind::FailedPrecondition,
             Code::ResourceExhausted => ErrorKind::ResourceExhausted,
             Code::PermissionDenied => ErrorKind::PermissionDenied,
+            Code::OutOfRange => ErrorKind::OutOfRange,
             Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
                 ErrorKind::Unavailable
             }
@@ -109,6 +114,9 @@ impl Error {
     }
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::NotFound, message)
+    }
+    pub fn out_of_range(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::OutOfRange, message)
     }
     pub fn exists(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::AlreadyExists, message)
@@ -204,13 +212,14 @@ mod tests {
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
     }
 
-    const KINDS: [ErrorKind; 8] = [
+    const KINDS: [ErrorKind; 9] = [
         ErrorKind::AlreadyExists,
         ErrorKind::Unavailable,
         ErrorKind::FailedPrecondition,
         ErrorKind::Internal,
         ErrorKind::InvalidArgument,
         ErrorKind::NotFound,
+        ErrorKind::OutOfRange,
         ErrorKind::PermissionDenied,
         ErrorKind::ResourceExhausted,
     ];

@@ -72,6 +72,28 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(actions = report.len(), "start-up reconciliation done");
     // pdisk work left undone (pdisk unreachable) is finished when it answers.
     agent.spawn_leftover_retries(std::time::Duration::from_secs(60));
+    // The event journal stays bounded: compacted now and every hour.
+    {
+        let agent = agent.clone();
+        let retention = cfg.event_retention;
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(std::time::Duration::from_secs(3600));
+            loop {
+                hourly.tick().await;
+                let now = std::time::SystemTime::now();
+                match tokio::task::block_in_place(|| agent.store().compact(retention, now)) {
+                    Ok(c) if c.removed > 0 => tracing::info!(
+                        removed = c.removed,
+                        oldest_seq = c.oldest_seq,
+                        kept_states = c.kept_states,
+                        "event journal compacted"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "event journal compaction failed"),
+                }
+            }
+        });
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmServiceServer<Api>>().await;
