@@ -11,6 +11,7 @@ use stratus_pki::serve::{ServeFlags, ServeSettings};
 use stratus_pki::TlsFiles;
 
 use crate::attach::AttachMode;
+use crate::confine::QemuUsers;
 use crate::store::Retention;
 use crate::vmm::AccelChoice;
 use stratus_core::error::{Error, Result};
@@ -91,6 +92,23 @@ pub struct Flags {
     /// At most this many of the newest events are kept [default: 1000000]
     #[arg(long, value_name = "N")]
     pub event_max: Option<u64>,
+    /// Each guest's QEMU runs as its own uid (gid = uid) from FIRST-LAST;
+    /// no account needs to exist [default: 64000-64999]
+    #[arg(long, value_name = "FIRST-LAST", conflicts_with = "qemu_user")]
+    pub qemu_uid_range: Option<String>,
+    /// Run every guest's QEMU as this one account instead of a uid pool
+    #[arg(long, value_name = "USER")]
+    pub qemu_user: Option<String>,
+    /// Start guests unconfined: QEMU as root, without the seccomp sandbox.
+    /// Needed on a QEMU built without seccomp (guests are refused there
+    /// otherwise); never on a host that can confine them
+    #[arg(long)]
+    pub allow_unsandboxed: bool,
+    /// cgroup v2 directory each confined guest gets a cgroup under (memory,
+    /// pids and CPU limits where it has those controllers), or "none"
+    /// [default: stratus.slice under the host's cgroup v2 mount]
+    #[arg(long, value_name = "DIR")]
+    pub cgroup_parent: Option<PathBuf>,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -120,6 +138,9 @@ pub struct Config {
     pub image_allow_private: bool,
     /// How much of the event journal is kept.
     pub event_retention: Retention,
+    pub qemu_users: QemuUsers,
+    pub allow_unsandboxed: bool,
+    pub cgroup_parent: Option<PathBuf>,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -160,6 +181,18 @@ impl Flags {
             )
             .map_err(Error::invalid)?;
         let tls = serve.mtls.as_ref().map(|(_, files)| files.clone());
+        let qemu_users = match (
+            self.qemu_uid_range.or(file.qemu_uid_range),
+            self.qemu_user.or(file.qemu_user),
+        ) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "qemu-uid-range and qemu-user exclude each other",
+                ))
+            }
+            (None, Some(user)) => QemuUsers::shared(&user)?,
+            (range, None) => QemuUsers::pool(range.as_deref().unwrap_or("64000-64999"))?,
+        };
         let cfg = Config {
             serve,
             tls,
@@ -188,6 +221,13 @@ impl Flags {
                 max_age: humantime::parse_duration(&pick!(event_retention, "7d".into()))
                     .map_err(|e| Error::invalid(format!("event-retention: {e}")))?,
                 max_events: pick!(event_max, 1_000_000),
+            },
+            qemu_users,
+            allow_unsandboxed: self.allow_unsandboxed || file.allow_unsandboxed,
+            cgroup_parent: match self.cgroup_parent.or(file.cgroup_parent) {
+                Some(p) if p.as_os_str() == "none" => None,
+                Some(p) => Some(p),
+                None => crate::cgroup::GuestCgroups::default_parent(),
             },
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
@@ -233,6 +273,27 @@ mod tests {
         assert_eq!(c.accel, AccelChoice::Tcg);
         assert_eq!(c.bridge, "stbr0");
         assert_eq!(c.attach, AttachMode::Qemu);
+        assert_eq!(
+            c.qemu_users,
+            QemuUsers::Pool {
+                first: 64000,
+                last: 64999
+            }
+        );
+        assert!(!c.allow_unsandboxed);
+        assert!(Flags::parse_from(["agentd", "--qemu-uid-range", "0-100"])
+            .resolve()
+            .is_err());
+        assert!(
+            Flags::try_parse_from(["agentd", "--qemu-uid-range", "1-2", "--qemu-user", "x"])
+                .is_err()
+        );
+        assert!(
+            Flags::parse_from(["agentd", "--allow-unsandboxed"])
+                .resolve()
+                .unwrap()
+                .allow_unsandboxed
+        );
         assert!(c
             .initiator_iqn
             .as_str()

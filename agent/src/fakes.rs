@@ -474,6 +474,8 @@ struct Processes {
 
 struct FakeQemu {
     uuid: Uuid,
+    /// As it was launched: its user and sandbox; None: unconfined.
+    confinement: Option<crate::confine::Confinement>,
     qmp_socket: PathBuf,
     running: bool,
     /// The connected QMP client's events, if one is connected.
@@ -523,6 +525,23 @@ impl FakeVmm {
     /// The host files launches read (see `host_reads`), oldest first.
     pub fn host_reads(&self) -> Vec<HostRead> {
         self.host_reads.lock().unwrap().clone()
+    }
+
+    /// How live QEMU `pid` was confined at launch; None when it runs
+    /// unconfined or does not run.
+    pub fn confinement_of(&self, pid: u32) -> Option<crate::confine::Confinement> {
+        self.inner
+            .lock()
+            .unwrap()
+            .by_pid
+            .get(&pid)?
+            .confinement
+            .clone()
+    }
+
+    /// True when live QEMU `pid` was launched unconfined (as root).
+    pub fn launched_unconfined(&self, pid: u32) -> bool {
+        matches!(self.inner.lock().unwrap().by_pid.get(&pid), Some(q) if q.confinement.is_none())
     }
 
     /// QEMU `pid` dies on its own (a crash, an OOM kill).
@@ -587,6 +606,7 @@ impl Vmm for FakeVmm {
                 pid,
                 FakeQemu {
                     uuid: plan.uuid,
+                    confinement: plan.confinement.clone(),
                     qmp_socket: plan.qmp_socket(),
                     running: true,
                     events: None,
@@ -637,6 +657,26 @@ impl Vmm for FakeVmm {
 
     fn wait_gone(&self, pid: u32, uuid: Uuid, _limit: Duration) -> BoxFuture<'_, bool> {
         Box::pin(async move { !self.is_our_qemu(pid, uuid) })
+    }
+
+    fn readopt_cgroup(
+        &self,
+        uuid: Uuid,
+        pid: u32,
+        _limits: crate::cgroup::Limits,
+    ) -> Result<Option<String>> {
+        self.failures
+            .call("readopt_cgroup", format!("{uuid} {pid}"));
+        Ok(None)
+    }
+
+    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<()>> {
+        self.failures.call("release_cgroup", uuid);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn cgroups(&self) -> Option<String> {
+        None
     }
 }
 

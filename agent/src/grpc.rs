@@ -704,6 +704,9 @@ impl VmService for Api {
             running_vms: h.running,
             last_event_seq: h.last_seq,
             pdisk_server: s.pdisk_url.clone().unwrap_or_default(),
+            qemu_confinement: self.agent.confinement(),
+            qemu_privilege_option: h.facts.qemu_caps.drop.option().to_string(),
+            qemu_seccomp: h.facts.qemu_caps.seccomp,
         }))
     }
 }

@@ -32,7 +32,9 @@
 
 pub mod attach;
 pub mod authz;
+pub mod cgroup;
 pub mod config;
+pub mod confine;
 #[cfg(test)]
 mod fakes;
 pub(crate) mod grpc;

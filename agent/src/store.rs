@@ -119,6 +119,11 @@ pub struct NicAttachment {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Runtime {
     pub pid: u32,
+    /// Who QEMU runs as (None: as root, `--allow-unsandboxed`, or a record
+    /// from before confinement). Recorded before QEMU starts; a live
+    /// guest's keeps its uid across agentd restarts.
+    #[serde(default)]
+    pub qemu_user: Option<crate::confine::QemuUser>,
     pub qmp_socket: PathBuf,
     pub disks: Vec<DiskAttachment>,
     pub nics: Vec<NicAttachment>,

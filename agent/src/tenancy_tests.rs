@@ -52,6 +52,9 @@ fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent> {
             image_file_roots: Vec::new(),
             host_file_roots: Vec::new(),
             image_allow_private: true,
+            qemu_users: crate::confine::QemuUsers::pool("64000-64999").unwrap(),
+            allow_unsandboxed: false,
+            cgroup_parent: None,
         },
         HostFacts {
             hostname: "unit".into(),
@@ -61,6 +64,10 @@ fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent> {
             accel_reason: "unit test".into(),
             qemu_version: "7.2.0".into(),
             io_uring: false,
+            qemu_caps: crate::confine::QemuCaps {
+                drop: crate::confine::PrivilegeDrop::Runas,
+                seccomp: true,
+            },
         },
         HostEffects {
             volumes: Some(pdisk),

@@ -1,14 +1,21 @@
 //! QEMU processes: the accelerator choice, the command line, launching,
 //! and finding a guest's process again.
 //!
-//! Every guest is one `qemu-system-x86_64` started with `-daemonize`, so it
-//! belongs to init, not to agentd: guests keep running when agentd stops or
-//! crashes, and agentd re-adopts them through their pid file and QMP socket.
+//! Every guest is one `qemu-system-x86_64` that agentd starts in a session
+//! of its own, already as the guest's unprivileged user (see
+//! [`crate::confine`]), under the full seccomp sandbox. QEMU opens nothing
+//! of the host's by name but its kernel and initrd: agentd opens the disk
+//! files, the seed, the taps, the QMP socket and the console log and hands
+//! them over as inherited descriptors ([`PassedFds`]: `-add-fd` fd sets,
+//! `tap,fd=`, `socket,fd=`); a CHAP secret is a sealed memfd QEMU reads as
+//! `/proc/self/fd/N`, never a file or argv. Guests keep running when agentd
+//! stops or crashes (their session is not agentd's; they are reparented to
+//! init), and agentd re-adopts them through the recorded pid and their QMP
+//! socket.
 //! Disks are `-blockdev` nodes written as JSON (no comma-escaping of paths)
 //! behind `virtio-blk-pci`: QEMU's own iSCSI initiator, files, or block
-//! devices the kernel's initiator attached (`host_device`, see `attach`).
-//! NICs are `virtio-net-pci` on taps that agentd made; CHAP secrets reach
-//! QEMU through `-object secret,file=`, never argv.
+//! devices the kernel's initiator attached (`host_device`, see `attach`;
+//! opened by QEMU as the guest's user, who owns the device node).
 //!
 //! The guest service reaches all of this through [`Vmm`] (launch, find,
 //! signal, QMP connect) and [`QmpCommands`] (what it asks a running QEMU);
@@ -23,11 +30,14 @@ use futures::future::BoxFuture;
 use serde_json::json;
 use uuid::Uuid;
 
+use crate::cgroup::{GuestCgroups, Limits};
+use crate::confine::Confinement;
 use crate::qmp::{Qmp, QmpEvents, RunState};
 
 use stratus_core::error::{Error, Result};
 use stratus_core::image::ImageFormat;
 use stratus_core::runner::{Cmd, CommandRunner};
+use stratus_core::types::Chap;
 
 pub const QEMU: &str = "qemu-system-x86_64";
 
@@ -44,7 +54,7 @@ pub trait Vmm: Send + Sync {
         base_format: ImageFormat,
     ) -> BoxFuture<'a, Result<()>>;
 
-    /// Launches QEMU daemonized and returns its pid ([`launch`]).
+    /// Launches QEMU, waits until it serves QMP, and returns its pid ([`launch`]).
     fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>>;
 
     /// Connects to a QEMU's QMP socket ([`Qmp::connect`]).
@@ -65,6 +75,16 @@ pub trait Vmm: Send + Sync {
 
     /// Waits until `pid` no longer runs guest `uuid`, up to `limit`.
     fn wait_gone(&self, pid: u32, uuid: Uuid, limit: Duration) -> BoxFuture<'_, bool>;
+
+    /// Puts an adopted guest's QEMU back in its cgroup, if guests get
+    /// cgroups here; Some(what it did) when it had to.
+    fn readopt_cgroup(&self, uuid: Uuid, pid: u32, limits: Limits) -> Result<Option<String>>;
+
+    /// Removes guest `uuid`'s cgroup once its QEMU is gone (none: Ok).
+    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<()>>;
+
+    /// How guests' cgroups are kept here, for GetHost; None: they get none.
+    fn cgroups(&self) -> Option<String>;
 }
 
 /// What the guest service asks a running QEMU over QMP; see [`Qmp`] for
@@ -108,11 +128,13 @@ impl QmpCommands for Qmp {
 /// one command runner.
 pub struct HostVmm {
     runner: Arc<dyn CommandRunner>,
+    /// Confined guests' cgroups; None: guests get none.
+    cgroups: Option<GuestCgroups>,
 }
 
 impl HostVmm {
-    pub fn new(runner: Arc<dyn CommandRunner>) -> HostVmm {
-        HostVmm { runner }
+    pub fn new(runner: Arc<dyn CommandRunner>, cgroups: Option<GuestCgroups>) -> HostVmm {
+        HostVmm { runner, cgroups }
     }
 }
 
@@ -136,7 +158,7 @@ impl Vmm for HostVmm {
     }
 
     fn launch<'a>(&'a self, plan: &'a LaunchPlan) -> BoxFuture<'a, Result<u32>> {
-        Box::pin(launch(self.runner.as_ref(), plan))
+        Box::pin(launch(plan, self.cgroups.as_ref()))
     }
 
     fn connect_qmp<'a>(
@@ -164,6 +186,28 @@ impl Vmm for HostVmm {
 
     fn wait_gone(&self, pid: u32, uuid: Uuid, limit: Duration) -> BoxFuture<'_, bool> {
         Box::pin(wait_gone(pid, uuid, limit))
+    }
+
+    fn readopt_cgroup(&self, uuid: Uuid, pid: u32, limits: Limits) -> Result<Option<String>> {
+        let Some(cg) = &self.cgroups else {
+            return Ok(None);
+        };
+        Ok(cg
+            .adopt(uuid, pid, limits)?
+            .then(|| format!("QEMU pid {pid} put back in {}", cg.path(uuid).display())))
+    }
+
+    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            match &self.cgroups {
+                Some(cg) => cg.remove(uuid, Duration::from_secs(5)).await,
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn cgroups(&self) -> Option<String> {
+        self.cgroups.as_ref().map(GuestCgroups::describe)
     }
 }
 
@@ -235,6 +279,16 @@ pub async fn qemu_version(runner: &dyn CommandRunner) -> String {
     }
 }
 
+/// What this QEMU offers for confinement, from `qemu-system-x86_64 -help`
+/// (nothing when it does not answer: guests are then refused).
+pub async fn qemu_caps(runner: &dyn CommandRunner) -> crate::confine::QemuCaps {
+    let help = match runner.run(&Cmd::new(QEMU).arg("-help")).await {
+        Ok(o) if o.success() => o.stdout,
+        _ => String::new(),
+    };
+    crate::confine::QemuCaps::from_help(&help)
+}
+
 /// How QEMU reaches one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskBackend {
@@ -243,8 +297,8 @@ pub enum DiskBackend {
         target: String,
         lun: u32,
         initiator: String,
-        /// (user, file holding the secret)
-        chap: Option<(String, PathBuf)>,
+        /// Reaches QEMU as a sealed memfd, never a file or argv.
+        chap: Option<Chap>,
     },
     /// A raw file on this host: a `file:` disk or the seed. Always opened
     /// as raw, never probed: a guest that writes an image header into its
@@ -289,50 +343,83 @@ pub struct LaunchPlan {
     pub disks: Vec<PlannedDisk>,
     pub nics: Vec<PlannedNic>,
     pub kernel: Option<crate::spec::KernelBoot>,
-    /// The guest's directory: QMP socket, pid file, console log.
+    /// The guest's directory: QMP socket, console log, QEMU's own log.
     pub dir: PathBuf,
     /// Use io_uring for file disks (QEMU built with it).
     pub io_uring: bool,
+    /// Who QEMU runs as and under which sandbox; None: as root, unconfined
+    /// (`--allow-unsandboxed`).
+    pub confinement: Option<Confinement>,
+}
+
+/// The descriptors a QEMU inherits, by the numbers its command line names.
+/// [`launch`] opens real ones ([`OpenFds`]); tests number them.
+pub trait PassedFds {
+    /// A host file, read-only or read-write.
+    fn file(&mut self, path: &Path, writable: bool) -> Result<i32>;
+    /// Tap `name`, attached with the flags agentd created it with.
+    fn tap(&mut self, name: &str) -> Result<i32>;
+    /// A secret's bytes, readable by QEMU as `/proc/self/fd/N`.
+    fn secret(&mut self, bytes: &[u8]) -> Result<i32>;
+    /// A listening Unix socket bound at `path` (QMP).
+    fn listener(&mut self, path: &Path) -> Result<i32>;
+    /// A file QEMU appends to (the console log), created 0600.
+    fn log(&mut self, path: &Path) -> Result<i32>;
 }
 
 impl LaunchPlan {
     pub fn qmp_socket(&self) -> PathBuf {
         self.dir.join("qmp.sock")
     }
+    /// The limits of the guest's cgroup.
+    pub fn limits(&self) -> Limits {
+        Limits::for_guest(self.memory_mib << 20, self.vcpus, self.accel == Accel::Tcg)
+    }
+
+    /// QEMU's pid, written by agentd once QEMU serves QMP.
     pub fn pidfile(&self) -> PathBuf {
         self.dir.join("qemu.pid")
+    }
+    /// QEMU's own stdout and stderr (its start-up errors).
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
     }
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
 
-    /// The full QEMU command line (without the program).
-    pub fn argv(&self) -> Vec<String> {
-        let mut a: Vec<String> = Vec::new();
-        let mut push = |x: &[&str]| a.extend(x.iter().map(|s| s.to_string()));
-        push(&["-name", &format!("guest={},debug-threads=on", self.name)]);
-        push(&["-uuid", &self.uuid.to_string()]);
-        push(&["-machine", &format!("q35,accel={}", self.accel.name())]);
+    /// The full QEMU command line (without the program), naming the
+    /// descriptors `fds` hands over.
+    pub fn argv(&self, fds: &mut dyn PassedFds) -> Result<Vec<String>> {
+        let mut a = Argv::default();
+        a.push(&["-name", &format!("guest={},debug-threads=on", self.name)]);
+        a.push(&["-uuid", &self.uuid.to_string()]);
+        a.push(&["-machine", &format!("q35,accel={}", self.accel.name())]);
         if self.accel == Accel::Kvm {
-            push(&["-cpu", "host"]);
+            a.push(&["-cpu", "host"]);
         }
-        push(&["-smp", &self.vcpus.to_string()]);
-        push(&["-m", &format!("{}M", self.memory_mib)]);
-        push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-        push(&[
+        a.push(&["-smp", &self.vcpus.to_string()]);
+        a.push(&["-m", &format!("{}M", self.memory_mib)]);
+        a.push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+        let console = a.fdset(fds.log(&self.console_log())?, "console");
+        a.push(&[
             "-chardev",
-            &format!("file,id=serial0,path={}", self.console_log().display()),
+            &format!("file,id=serial0,path={console}"),
             "-serial",
             "chardev:serial0",
         ]);
-        push(&[
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", self.qmp_socket().display()),
+        let qmp = fds.listener(&self.qmp_socket())?;
+        a.push(&[
+            "-chardev",
+            &format!("socket,id=qmp,fd={qmp},server=on,wait=off"),
+            "-mon",
+            "chardev=qmp,mode=control",
         ]);
         // A panic device turns guest panics into GUEST_PANICKED events.
-        push(&["-device", "pvpanic"]);
+        a.push(&["-device", "pvpanic"]);
         for d in &self.disks {
             let node = &d.device;
+            let writable = !d.read_only;
             let blockdev = match &d.backend {
                 DiskBackend::Iscsi {
                     portal,
@@ -352,50 +439,58 @@ impl LaunchPlan {
                         "cache": {"direct": true},
                         "read-only": d.read_only,
                     });
-                    if let Some((user, file)) = chap {
+                    if let Some(chap) = chap {
                         let id = format!("chap-{node}");
-                        push(&[
+                        let fd = fds.secret(chap.secret().as_bytes())?;
+                        a.push(&[
                             "-object",
-                            &format!("secret,id={id},file={},format=raw", file.display()),
+                            &format!("secret,id={id},file=/proc/self/fd/{fd},format=raw"),
                         ]);
-                        v["user"] = json!(user);
+                        v["user"] = json!(chap.user);
                         v["password-secret"] = json!(id);
                     }
                     v
                 }
-                DiskBackend::RawFile { path } => json!({
-                    "driver": "raw",
-                    "node-name": node,
-                    "read-only": d.read_only,
-                    "file": self.file_node(path),
-                }),
+                DiskBackend::RawFile { path } => {
+                    let fd = fds.file(path, writable)?;
+                    json!({
+                        "driver": "raw",
+                        "node-name": node,
+                        "read-only": d.read_only,
+                        "file": self.file_node(path, &a.fdset(fd, node)),
+                    })
+                }
                 DiskBackend::Overlay {
                     path,
                     base,
                     base_format,
                 } => {
+                    let base_fd = fds.file(base, false)?;
+                    let base_node = format!("{node}-base");
                     let mut backing = json!({
                         "driver": base_format.as_str(),
-                        "node-name": format!("{node}-base"),
+                        "node-name": base_node,
                         "read-only": true,
-                        "file": self.file_node(base),
+                        "file": self.file_node(base, &a.fdset(base_fd, &base_node)),
                     });
                     if *base_format == ImageFormat::Qcow2 {
                         // The cached base was refused if it had a backing
                         // file; null says so to QEMU too.
                         backing["backing"] = serde_json::Value::Null;
                     }
+                    let fd = fds.file(path, writable)?;
                     json!({
                         "driver": "qcow2",
                         "node-name": node,
                         "read-only": d.read_only,
-                        "file": self.file_node(path),
+                        "file": self.file_node(path, &a.fdset(fd, node)),
                         "backing": backing,
                     })
                 }
                 DiskBackend::HostDevice { path } => {
                     // Like file disks: no host page cache, io_uring or
                     // native AIO (a block device always takes O_DIRECT).
+                    // Opened by QEMU itself: its uid owns the device node.
                     json!({
                         "driver": "raw",
                         "node-name": node,
@@ -409,40 +504,45 @@ impl LaunchPlan {
                     })
                 }
             };
-            push(&["-blockdev", &blockdev.to_string()]);
+            a.push(&["-blockdev", &blockdev.to_string()]);
             let mut dev = format!("virtio-blk-pci,drive={node},id={node}-dev");
             if d.boot_index > 0 {
                 dev.push_str(&format!(",bootindex={}", d.boot_index));
             }
-            push(&["-device", &dev]);
+            a.push(&["-device", &dev]);
         }
         for (i, n) in self.nics.iter().enumerate() {
-            push(&[
+            let fd = fds.tap(&n.tap)?;
+            a.push(&[
                 "-netdev",
-                &format!("tap,id=net{i},ifname={},script=no,downscript=no", n.tap),
+                &format!("tap,id=net{i},fd={fd}"),
                 "-device",
                 &format!("virtio-net-pci,netdev=net{i},mac={},id=net{i}-dev", n.mac),
             ]);
         }
         if let Some(k) = &self.kernel {
-            push(&["-kernel", &k.kernel.display().to_string()]);
+            // QEMU's loader takes a path, not an fd set: its own descriptor
+            // through /proc (which checks the file's permissions against
+            // QEMU's uid: kernels must be readable by guests' uids).
+            let kernel = fds.file(&k.kernel, false)?;
+            a.push(&["-kernel", &format!("/proc/self/fd/{kernel}")]);
             if let Some(i) = &k.initrd {
-                push(&["-initrd", &i.display().to_string()]);
+                let initrd = fds.file(i, false)?;
+                a.push(&["-initrd", &format!("/proc/self/fd/{initrd}")]);
             }
             if !k.cmdline.is_empty() {
-                push(&["-append", &k.cmdline]);
+                a.push(&["-append", &k.cmdline]);
             }
         }
-        push(&[
-            "-pidfile",
-            &self.pidfile().display().to_string(),
-            "-daemonize",
-        ]);
-        a
+        if matches!(&self.confinement, Some(c) if c.sandbox) {
+            a.push(&["-sandbox", crate::confine::SANDBOX]);
+        }
+        Ok(a.0)
     }
 
-    /// The protocol node of a file on this host.
-    fn file_node(&self, path: &Path) -> serde_json::Value {
+    /// The protocol node of a file on this host, opened by QEMU as
+    /// `filename` (its fd set).
+    fn file_node(&self, path: &Path, filename: &str) -> serde_json::Value {
         // Direct I/O (no host page cache in the guest's data path), with
         // io_uring where QEMU has it, else Linux native AIO (which needs
         // O_DIRECT). A filesystem without O_DIRECT (tmpfs) falls back to
@@ -455,10 +555,27 @@ impl LaunchPlan {
         };
         json!({
             "driver": "file",
-            "filename": path,
+            "filename": filename,
             "aio": aio,
             "cache": {"direct": direct},
         })
+    }
+}
+
+/// A QEMU command line being built.
+#[derive(Default)]
+struct Argv(Vec<String>);
+
+impl Argv {
+    fn push(&mut self, args: &[&str]) {
+        self.0.extend(args.iter().map(|s| s.to_string()));
+    }
+
+    /// Puts descriptor `fd` in an fd set of its own (numbered like it) and
+    /// returns the name QEMU opens it by.
+    fn fdset(&mut self, fd: i32, what: &str) -> String {
+        self.push(&["-add-fd", &format!("fd={fd},set={fd},opaque={what}")]);
+        format!("/dev/fdset/{fd}")
     }
 }
 
@@ -473,48 +590,274 @@ pub fn supports_direct_io(path: &Path) -> bool {
         .is_ok()
 }
 
-/// Launches QEMU and returns its pid. On failure the error carries QEMU's
-/// own message (its stderr before it daemonized).
-pub async fn launch(runner: &dyn CommandRunner, plan: &LaunchPlan) -> Result<u32> {
-    std::fs::create_dir_all(&plan.dir).map_err(|e| Error::io(plan.dir.display(), e))?;
-    let _ = std::fs::remove_file(plan.qmp_socket());
-    let _ = std::fs::remove_file(plan.pidfile());
-    let cmd = Cmd::new(QEMU)
-        .args(plan.argv())
-        .timeout(Duration::from_secs(60));
-    let out = match runner.run(&cmd).await {
-        Ok(o) => o,
-        Err(e) => {
-            // Timed out: a daemonized child may be stuck in its set-up.
-            for pid in find_qemus(plan.uuid) {
-                signal(pid, libc::SIGKILL);
-            }
-            return Err(e.context(format!("starting QEMU for guest {}", plan.name)));
-        }
+/// Descriptor numbers for a command line, opening nothing: what each
+/// number stands for is kept, to check command lines without root.
+#[derive(Debug, Default)]
+pub struct NumberedFds {
+    /// (number, what: "file:PATH:rw", "tap:NAME", "secret:LEN", ...)
+    pub given: Vec<(i32, String)>,
+}
+
+impl NumberedFds {
+    fn give(&mut self, what: String) -> Result<i32> {
+        let n = 100 + self.given.len() as i32;
+        self.given.push((n, what));
+        Ok(n)
+    }
+}
+
+impl PassedFds for NumberedFds {
+    fn file(&mut self, path: &Path, writable: bool) -> Result<i32> {
+        let mode = if writable { "rw" } else { "ro" };
+        self.give(format!("file:{}:{mode}", path.display()))
+    }
+    fn tap(&mut self, name: &str) -> Result<i32> {
+        self.give(format!("tap:{name}"))
+    }
+    fn secret(&mut self, bytes: &[u8]) -> Result<i32> {
+        self.give(format!("secret:{}", bytes.len()))
+    }
+    fn listener(&mut self, path: &Path) -> Result<i32> {
+        self.give(format!("listener:{}", path.display()))
+    }
+    fn log(&mut self, path: &Path) -> Result<i32> {
+        self.give(format!("log:{}", path.display()))
+    }
+}
+
+/// Descriptors opened by agentd for one QEMU; closed in agentd once QEMU
+/// has them (dropped after the spawn).
+#[derive(Default)]
+pub struct OpenFds {
+    fds: Vec<std::os::fd::OwnedFd>,
+}
+
+impl OpenFds {
+    fn keep(&mut self, fd: std::os::fd::OwnedFd) -> i32 {
+        use std::os::fd::AsRawFd;
+        let n = fd.as_raw_fd();
+        self.fds.push(fd);
+        n
+    }
+
+    /// Their numbers, for the child to inherit.
+    pub fn raw(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.fds.iter().map(|f| f.as_raw_fd()).collect()
+    }
+}
+
+impl PassedFds for OpenFds {
+    fn file(&mut self, path: &Path, writable: bool) -> Result<i32> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| Error::io(path.display(), e))?;
+        Ok(self.keep(f.into()))
+    }
+
+    fn tap(&mut self, name: &str) -> Result<i32> {
+        let tap: crate::net::TapName = name.parse()?;
+        Ok(self.keep(crate::net::open_tap(&tap)?))
+    }
+
+    fn secret(&mut self, bytes: &[u8]) -> Result<i32> {
+        Ok(self.keep(sealed_memfd(bytes)?))
+    }
+
+    fn listener(&mut self, path: &Path) -> Result<i32> {
+        let _ = std::fs::remove_file(path);
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| Error::io(path.display(), e))?;
+        Ok(self.keep(l.into()))
+    }
+
+    fn log(&mut self, path: &Path) -> Result<i32> {
+        Ok(self.keep(open_log(path)?.into()))
+    }
+}
+
+/// Opens (creates, 0600, root's) a log QEMU appends to.
+fn open_log(path: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(path.display(), e))
+}
+
+/// A memfd holding `bytes`, sealed against any change: QEMU reads it through
+/// `/proc/self/fd/N` (a memfd's inode lets any uid that holds it reopen
+/// it), so a secret never touches a disk or a command line.
+fn sealed_memfd(bytes: &[u8]) -> Result<std::os::fd::OwnedFd> {
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: the name is a NUL-terminated literal; memfd_create returns a
+    // new descriptor or -1.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"stratus-secret".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
     };
-    if !out.success() {
-        let msg: Vec<&str> = out
-            .stderr
+    if fd < 0 {
+        return Err(Error::internal(format!(
+            "memfd_create: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: fd is a new, valid descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut f = std::fs::File::from(owned);
+    f.write_all(bytes)
+        .map_err(|e| Error::internal(format!("writing a secret memfd: {e}")))?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: F_ADD_SEALS takes an int argument; the fd is valid.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(Error::internal(format!(
+            "sealing a secret memfd: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(f.into())
+}
+
+/// How long a QEMU may take from exec to serving QMP.
+const READY: Duration = Duration::from_secs(60);
+
+/// Launches QEMU as `plan` says and returns its pid once it serves QMP
+/// (every device opened, the machine built). QEMU runs in a session of its
+/// own, as the guest's user when confined, with the descriptors of
+/// [`OpenFds`]; agentd keeps none of them. On failure QEMU is killed and
+/// the error carries its own message (`qemu.log`).
+pub async fn launch(plan: &LaunchPlan, cgroups: Option<&GuestCgroups>) -> Result<u32> {
+    std::fs::create_dir_all(&plan.dir).map_err(|e| Error::io(plan.dir.display(), e))?;
+    if let Some(c) = &plan.confinement {
+        guard_disks(plan, c)?;
+    }
+    let mut fds = OpenFds::default();
+    let argv = plan.argv(&mut fds)?;
+    let log = plan.qemu_log();
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(plan.pidfile());
+    let output = open_log(&log)?;
+    let cmd = Cmd::new(QEMU).args(argv);
+    // A confined guest's QEMU enters its cgroup before it runs.
+    let procs = match (cgroups, &plan.confinement) {
+        (Some(cg), Some(_)) => Some(cg.prepare(plan.uuid, plan.limits())?),
+        _ => None,
+    };
+    let how = stratus_core::runner::Detached {
+        user: plan.confinement.as_ref().map(|c| (c.user.uid, c.user.gid)),
+        inherit: fds.raw(),
+        output: Some(output),
+        cgroup_procs: procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+    };
+    let mut child = stratus_core::runner::spawn_detached(&cmd, how)?;
+    // QEMU holds them now; ours would keep the QMP socket and taps alive
+    // after QEMU's death.
+    drop(fds);
+    drop(procs);
+    let pid = child.id().unwrap_or(0);
+    let failed = |why: String| {
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        let said: Vec<&str> = said
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .collect();
-        return Err(Error::precondition(format!(
+        Error::precondition(format!(
             "QEMU failed to start guest {}: {}",
             plan.name,
-            if msg.is_empty() {
-                format!("exit status {}", out.status)
+            if said.is_empty() {
+                why
             } else {
-                msg.join("; ")
+                said.join("; ")
             }
-        )));
-    }
-    read_pid(&plan.pidfile())?.ok_or_else(|| {
-        Error::internal(format!(
-            "QEMU started guest {} but wrote no pid file",
-            plan.name
         ))
-    })
+    };
+    let socket = plan.qmp_socket();
+    let ready = tokio::select! {
+        r = tokio::time::timeout(READY, qmp_greets(&socket)) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(failed(format!("its QMP socket: {e}"))),
+            Err(_) => Err(failed(format!("no QMP greeting within {READY:?}"))),
+        },
+        status = child.wait() => Err(failed(match status {
+            Ok(s) => format!("it exited ({s})"),
+            Err(e) => format!("waiting for it: {e}"),
+        })),
+    };
+    if let Err(e) = ready {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+        return Err(e);
+    }
+    // For operators and tools (agentd itself goes by the pid it records).
+    let pidfile = plan.pidfile();
+    if let Err(e) = std::fs::write(&pidfile, format!("{pid}\n")) {
+        tracing::warn!(file = %pidfile.display(), error = %e, "could not write QEMU's pid file");
+    }
+    // Reaped here when it ends, so it never lingers as a zombie; the guest
+    // service learns of the end from QMP.
+    let name = plan.name.clone();
+    tokio::spawn(async move {
+        match child.wait().await {
+            Ok(s) => tracing::info!(vm = %name, pid, status = %s, "QEMU exited"),
+            Err(e) => tracing::warn!(vm = %name, pid, error = %e, "waiting for QEMU"),
+        }
+    });
+    Ok(pid)
+}
+
+/// Makes a confined guest's disks unreachable to other guests' uids: its
+/// host files (`file:` disks, overlays, the seed) lose every permission
+/// but their owner's (QEMU reaches them through agentd's descriptors), and
+/// a kernel-attached block device, which QEMU opens itself, becomes the
+/// guest's uid's, 0600.
+fn guard_disks(plan: &LaunchPlan, c: &Confinement) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for d in &plan.disks {
+        match &d.backend {
+            DiskBackend::Iscsi { .. } => {}
+            DiskBackend::RawFile { path } | DiskBackend::Overlay { path, .. } => {
+                let meta = std::fs::metadata(path).map_err(|e| Error::io(path.display(), e))?;
+                let mode = meta.permissions().mode() & 0o7777;
+                if mode & 0o077 != 0 {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))
+                        .map_err(|e| Error::io(path.display(), e))?;
+                }
+            }
+            DiskBackend::HostDevice { path } => {
+                let dev = path
+                    .canonicalize()
+                    .map_err(|e| Error::io(path.display(), e))?;
+                crate::confine::give_to(&dev, c.user, 0o600)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connects to a QMP socket and reads QEMU's greeting: QEMU sends it from
+/// its main loop, so it has finished starting. The connection is closed
+/// again (QEMU serves one client at a time).
+async fn qmp_greets(socket: &Path) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut s = tokio::net::UnixStream::connect(socket).await?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).await?;
+    if buf[..n].windows(5).any(|w| w == b"\"QMP\"") {
+        Ok(())
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed without a greeting",
+        ))
+    }
 }
 
 /// Pids of live QEMU processes running guest `uuid`, found by scanning
@@ -691,7 +1034,7 @@ mod tests {
                         target: "iqn.2026-11.io.stratus.pdisk:x".into(),
                         lun: 1,
                         initiator: "iqn.2026-11.io.stratus:host".into(),
-                        chap: Some(("vm1".into(), "/s/vm/chap-vda".into())),
+                        chap: Some(Chap::new("vm1", "s3cr3t-s3cr3t-x").unwrap()),
                     },
                     read_only: false,
                     boot_index: 1,
@@ -714,27 +1057,78 @@ mod tests {
             kernel: None,
             dir: "/s/vm".into(),
             io_uring: true,
+            confinement: Some(Confinement {
+                user: crate::confine::QemuUser {
+                    uid: 64007,
+                    gid: 64007,
+                },
+                sandbox: true,
+            }),
         }
     }
 
+    /// The command line with numbered descriptors, and what each stands for.
+    fn argv_of(p: &LaunchPlan) -> (Vec<String>, std::collections::BTreeMap<String, String>) {
+        let mut fds = NumberedFds::default();
+        let a = p.argv(&mut fds).unwrap();
+        let given = fds
+            .given
+            .into_iter()
+            .map(|(n, what)| (n.to_string(), what))
+            .collect();
+        (a, given)
+    }
+
     #[test]
-    fn command_line_uses_virtio_blockdev_and_secret_objects() {
-        let a = plan().argv();
+    fn command_line_names_only_descriptors_agentd_hands_over() {
+        let (a, fds) = argv_of(&plan());
         let line = a.join(" ");
         assert!(line.contains("-machine q35,accel=tcg"));
-        assert!(line.contains("-object secret,id=chap-vda,file=/s/vm/chap-vda,format=raw"));
+        // The secret is a memfd read through /proc, never a file or argv.
+        assert!(!line.contains("s3cr3t"), "{line}");
+        assert!(line.contains("-object secret,id=chap-vda,file=/proc/self/fd/102,format=raw"));
+        assert_eq!(fds["102"], "secret:15");
         assert!(line.contains("\"password-secret\":\"chap-vda\""));
         assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1"));
         assert!(line.contains("virtio-blk-pci,drive=vdb,id=vdb-dev"));
         assert!(line.contains("\"aio\":\"io_uring\""));
-        assert!(line.contains("tap,id=net0,ifname=st00000000n0,script=no,downscript=no"));
+        // Console log, QMP and tap by descriptor.
+        assert!(line.contains(
+            "-add-fd fd=100,set=100,opaque=console -chardev file,id=serial0,path=/dev/fdset/100"
+        ));
+        assert_eq!(fds["100"], "log:/s/vm/console.log");
+        assert!(line.contains(
+            "-chardev socket,id=qmp,fd=101,server=on,wait=off -mon chardev=qmp,mode=control"
+        ));
+        assert_eq!(fds["101"], "listener:/s/vm/qmp.sock");
+        assert!(line.contains("-netdev tap,id=net0,fd=105"), "{line}");
+        assert_eq!(fds["105"], "tap:st00000000n0");
         assert!(line.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"));
-        assert!(line.ends_with("-pidfile /s/vm/qemu.pid -daemonize"));
-        // A comma in a path cannot break out of the JSON blockdev.
-        let bd = a.iter().find(|x| x.contains("a,b.qcow2")).unwrap();
+        // QEMU neither forks, drops privileges itself, nor writes a pid file.
+        for own in [
+            "-daemonize",
+            "-runas",
+            "-run-with",
+            "-pidfile",
+            "-chroot",
+            "ifname=",
+        ] {
+            assert!(!line.contains(own), "{own} in {line}");
+        }
+        assert!(line.ends_with(
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        ));
+        // The read-only overlay and its base are opened read-only, by agentd.
+        assert_eq!(fds["103"], "file:/cache/ab.img:ro");
+        assert_eq!(fds["104"], "file:/images/a,b.qcow2:ro");
+        let bd = a.iter().find(|x| x.contains("\"vdb\"")).unwrap();
         let v: serde_json::Value = serde_json::from_str(bd).unwrap();
-        assert_eq!(v["file"]["filename"], "/images/a,b.qcow2");
+        assert_eq!(v["file"]["filename"], "/dev/fdset/104");
         assert_eq!(v["read-only"], true);
+        // Unconfined: no sandbox.
+        let mut p = plan();
+        p.confinement = None;
+        assert!(!argv_of(&p).0.join(" ").contains("-sandbox"));
     }
 
     #[test]
@@ -754,7 +1148,11 @@ mod tests {
                 base: "/cache/ab.img".into(),
                 base_format,
             };
-            let a = p.argv();
+            let (a, fds) = argv_of(&p);
+            let file = |v: &serde_json::Value| {
+                let set = v["filename"].as_str().unwrap();
+                fds[set.strip_prefix("/dev/fdset/").unwrap()].clone()
+            };
             let nodes: Vec<serde_json::Value> = a
                 .windows(2)
                 .filter(|w| w[0] == "-blockdev")
@@ -763,15 +1161,15 @@ mod tests {
             assert_eq!(nodes.len(), 3);
             let raw = &nodes[2];
             assert_eq!(raw["driver"], "raw", "{raw}");
-            assert_eq!(raw["file"]["filename"], "/srv/disk.raw");
+            assert_eq!(file(&raw["file"]), "file:/srv/disk.raw:rw");
             let ov = &nodes[1];
             assert_eq!(ov["driver"], "qcow2", "{ov}");
-            assert_eq!(ov["file"]["filename"], "/s/vm/vdb.qcow2");
+            assert_eq!(file(&ov["file"]), "file:/s/vm/vdb.qcow2:ro");
             let base = &ov["backing"];
             assert_eq!(base["driver"], base_format.as_str(), "{ov}");
             assert_eq!(base["node-name"], "vdb-base");
             assert_eq!(base["read-only"], true);
-            assert_eq!(base["file"]["filename"], "/cache/ab.img");
+            assert_eq!(file(&base["file"]), "file:/cache/ab.img:ro");
             // A qcow2 base opens nothing its own header names.
             if base_format == ImageFormat::Qcow2 {
                 assert!(base["backing"].is_null() && base.get("backing").is_some());
@@ -828,7 +1226,7 @@ mod tests {
         };
         for (io_uring, aio) in [(true, "io_uring"), (false, "native")] {
             p.io_uring = io_uring;
-            let a = p.argv();
+            let (a, _) = argv_of(&p);
             assert!(!a.iter().any(|x| x.contains("secret")), "{a:?}");
             let bd = a.iter().find(|x| x.contains("/dev/sdc")).unwrap();
             let v: serde_json::Value = serde_json::from_str(bd).unwrap();

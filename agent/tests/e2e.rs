@@ -210,18 +210,37 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
         )),
         "{console}"
     );
-    // The CHAP secret reached QEMU through a file, not its command line.
+    // The CHAP secret reached QEMU as a memfd it inherited: never on its
+    // command line, never in a file once QEMU runs (nor before).
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.pid)).unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline);
     assert!(cmdline.contains("password-secret"));
-    let secret_file = h
-        .agentd
-        .state_dir
-        .join("vms")
-        .join(&vm.uuid)
-        .join("chap-vda");
-    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    let fd = cmdline
+        .split("secret,id=chap-vda,file=/proc/self/fd/")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .expect("the secret object reads an inherited descriptor");
+    let link = std::fs::read_link(format!("/proc/{}/fd/{fd}", vm.pid)).unwrap();
+    assert!(link.to_string_lossy().starts_with("/memfd:"), "{link:?}");
+    let secret = std::fs::read_to_string(format!("/proc/{}/fd/{fd}", vm.pid)).unwrap();
+    assert_eq!(secret.len(), 16);
     assert!(!cmdline.contains(&secret));
+    let dir = h.agentd.state_dir.join("vms").join(&vm.uuid);
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with("chap-"), "secret file {name} in {dir:?}");
+        if e.file_type().unwrap().is_file() {
+            let text = std::fs::read(e.path()).unwrap();
+            assert!(
+                !text.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "the secret is in {name}"
+            );
+        }
+    }
+    assert!(
+        !h.agentd.log_text().contains(&secret),
+        "the secret is in agentd's log"
+    );
     assert_eq!(h.exports().len(), 1);
 
     let stopped = h.agent(|mut c| async move {
@@ -776,7 +795,11 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
     let v: serde_json::Value = serde_json::from_str(&blockdev).unwrap();
     assert_eq!(v["read-only"], true, "{v}");
     assert_eq!(v["driver"], "raw", "{v}");
-    assert_eq!(v["file"]["filename"], seed.attachment.as_str(), "{v}");
+    // By a descriptor agentd opened on the seed: QEMU names no host path.
+    let set = v["file"]["filename"].as_str().unwrap();
+    assert!(set.starts_with("/dev/fdset/"), "{v}");
+    let seed_path = std::path::Path::new(&seed.attachment);
+    assert!(qemu_holds(vm.pid, seed_path), "QEMU does not hold the seed");
 
     let other = &vms[1];
     let log = wait_console(
@@ -1144,16 +1167,11 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
     let vda = qemu_blockdev(vm.pid, "vda");
     assert_eq!(vda["driver"], "qcow2", "{vda}");
     assert_eq!(vda["backing"]["driver"], "qcow2", "{vda}");
-    assert_eq!(
-        vda["backing"]["file"]["filename"],
-        h.agentd
-            .state_dir
-            .join("images")
-            .join(format!("{sha}.img"))
-            .display()
-            .to_string(),
-        "{vda}"
-    );
+    // The base is a descriptor agentd opened on the cached image.
+    let base = h.agentd.state_dir.join("images").join(format!("{sha}.img"));
+    let set = vda["backing"]["file"]["filename"].as_str().unwrap();
+    assert!(set.starts_with("/dev/fdset/"), "{vda}");
+    assert!(qemu_holds(vm.pid, &base), "QEMU does not hold {base:?}");
     let s = sha.clone();
     let (in_use, evicted) = h.agent(move |mut c| async move {
         let e = c
@@ -1290,6 +1308,15 @@ fn a_saved_disk_becomes_an_image_another_guest_boots_with() {
     );
 }
 
+/// Whether process `pid` has `path` open (QEMU keeps its own duplicate of
+/// each descriptor agentd handed over, under another number).
+fn qemu_holds(pid: u32, path: &std::path::Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+}
+
 /// The `-blockdev` JSON of node `node` on QEMU `pid`'s command line.
 fn qemu_blockdev(pid: u32, node: &str) -> serde_json::Value {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
@@ -1424,4 +1451,249 @@ fn a_guest_written_qcow2_header_never_opens_a_host_file() {
         assert_eq!(v["driver"], "raw", "{v}");
         assert!(v.get("backing").is_none(), "{v}");
     }
+}
+
+/// `Uid:` (real, effective, saved, fs), `Seccomp:` and `NoNewPrivs:` of a
+/// process, from /proc/PID/status.
+fn proc_status(pid: u32) -> (Vec<u32>, String, String) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in /proc/{pid}/status"))
+            .trim()
+            .to_string()
+    };
+    let uids = field("Uid:")
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    (uids, field("Seccomp:"), field("NoNewPrivs:"))
+}
+
+/// Whether a process running as `uid`:`uid` can open `path` for reading.
+fn opens_as(uid: u32, path: &std::path::Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new("head")
+        .args(["-c", "1"])
+        .arg(path)
+        .uid(uid)
+        .gid(uid)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// Every guest's QEMU runs as its own unprivileged uid under the full
+/// seccomp sandbox with NoNewPrivs; no guest's uid opens another guest's
+/// disk; after an agentd crash the adopted guests keep their uids and a new
+/// guest gets another.
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn guests_run_confined_each_as_its_own_user() {
+    let mut h = Host::start();
+    let root = h.pool.dir.path().to_path_buf();
+    let mut specs = Vec::new();
+    let mut disks = Vec::new();
+    for name in ["first", "second"] {
+        let disk = root.join(format!("{name}.raw"));
+        let mut data = format!("STRATUS-MARKER:{name}\n").into_bytes();
+        data.resize(1 << 20, 0);
+        std::fs::write(&disk, &data).unwrap();
+        let mut spec = spec_kernel(name, "", "");
+        spec.disks = vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::File(disk.display().to_string())),
+            read_only: false,
+            boot_index: 0,
+            ..Default::default()
+        }];
+        specs.push(spec);
+        disks.push(disk);
+    }
+    // A world-readable file beside the disks: the control that shows a
+    // guest's uid can reach this directory, so a refusal below is the
+    // disk's own permissions.
+    let control = root.join("control.raw");
+    std::fs::write(&control, b"anyone").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&control, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut up = root.parent();
+    while let Some(d) = up {
+        // The test's temporary directories above the pool.
+        if d.starts_with(std::env::temp_dir()) && d != std::env::temp_dir() {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        up = d.parent();
+    }
+    let vms: Vec<pb::Vm> = h.agent(|mut c| async move {
+        let mut out = Vec::new();
+        for spec in specs {
+            let name = spec.name.clone();
+            c.create_vm(pb::CreateVmRequest {
+                project: String::new(),
+                spec: Some(spec),
+            })
+            .await
+            .unwrap();
+            out.push(
+                c.start_vm(pb::VmRequest {
+                    project: String::new(),
+                    vm: name,
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+            );
+        }
+        out
+    });
+    for (vm, name) in vms.iter().zip(["first", "second"]) {
+        let log = wait_console(
+            std::path::Path::new(&vm.console_log),
+            "STRATUS-GUEST ready",
+            BOOT,
+        );
+        assert!(log.contains(&format!("marker vda={name}")), "{log}");
+    }
+    let mut uids = Vec::new();
+    for vm in &vms {
+        let (uid, seccomp, no_new_privs) = proc_status(vm.pid);
+        assert!(uid.iter().all(|&u| u == uid[0] && u != 0), "{uid:?}");
+        assert_eq!(seccomp, "2", "QEMU must run under a seccomp filter");
+        assert_eq!(no_new_privs, "1");
+        uids.push(uid[0]);
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.pid)).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{cmdline}"
+        );
+    }
+    assert_ne!(uids[0], uids[1], "each guest has its own uid");
+    // Each QEMU is in its guest's cgroup, with the limits the host's
+    // cgroup v2 has controllers for.
+    let parent = test_cgroup_parent().expect("a cgroup v2 hierarchy");
+    let controllers = std::fs::read_to_string(parent.join("cgroup.controllers")).unwrap();
+    for vm in &vms {
+        let cg = parent.join(format!("vm-{}", vm.uuid));
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
+        assert_eq!(procs.trim(), vm.pid.to_string(), "{}", cg.display());
+        let limits = [
+            (
+                "memory",
+                "memory.max",
+                ((128u64 << 20) + (256 << 20) + (1 << 30)).to_string(),
+            ),
+            ("pids", "pids.max", "1024".to_string()),
+            ("cpu", "cpu.max", "200000 100000".to_string()),
+        ];
+        for (controller, file, want) in limits {
+            if controllers.split_whitespace().any(|c| c == controller) {
+                let got = std::fs::read_to_string(cg.join(file)).unwrap();
+                assert_eq!(got.trim(), want, "{}", cg.join(file).display());
+            } else {
+                eprintln!(
+                    "skipped: {file} (the cgroup v2 hierarchy here has no {controller} \
+                     controller: {})",
+                    controllers.trim()
+                );
+            }
+        }
+    }
+    let host = h.agent(|mut c| async move {
+        c.get_host(pb::GetHostRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(
+        host.qemu_privilege_option, "-runas",
+        "QEMU 7.2 offers -runas"
+    );
+    assert!(host.qemu_seccomp);
+    assert!(
+        host.qemu_confinement.contains("uid pool") && host.qemu_confinement.contains("spawn=deny"),
+        "{}",
+        host.qemu_confinement
+    );
+    let shown = h.agentd.ctl(&["host", "show"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("qemu offers:   -runas, seccomp"), "{shown}");
+
+    for (i, disk) in disks.iter().enumerate() {
+        let other = uids[1 - i];
+        assert!(
+            opens_as(other, &control),
+            "uid {other} reaches the directory"
+        );
+        assert!(
+            !opens_as(other, disk),
+            "uid {other} opened guest {i}'s disk {}",
+            disk.display()
+        );
+        // Nor the guest's files under agentd's state directory.
+        let console = std::path::Path::new(&vms[i].console_log);
+        assert!(!opens_as(other, console), "{}", console.display());
+    }
+
+    // agentd dies and comes back: the guests keep their uids and cgroups
+    // (the second one, moved out meanwhile, is put back), and a new guest
+    // gets neither uid.
+    h.agentd.kill9();
+    let top_procs = parent.parent().unwrap().join("cgroup.procs");
+    std::fs::write(&top_procs, vms[1].pid.to_string()).unwrap();
+    h.agentd.restart();
+    let third = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            spec: Some(spec_kernel("third", "", "")),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            project: String::new(),
+            vm: "third".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    for (vm, uid) in vms.iter().zip(&uids) {
+        assert_eq!(proc_status(vm.pid).0[0], *uid, "adopted guest changed uid");
+        let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.pid)).unwrap();
+        assert!(
+            cg.lines()
+                .any(|l| l == format!("0::/stratus-test.slice/vm-{}", vm.uuid)),
+            "adopted guest left its cgroup: {cg}"
+        );
+    }
+    let (third_uid, seccomp, _) = proc_status(third.pid);
+    assert_eq!(seccomp, "2");
+    assert!(
+        !uids.contains(&third_uid[0]) && third_uid[0] != 0,
+        "{third_uid:?} vs {uids:?}"
+    );
+    // The adopted guests are still managed: a stop ends the first one.
+    let stopped = h.agent(|mut c| async move {
+        c.stop_vm(pb::StopVmRequest {
+            project: String::new(),
+            vm: "first".into(),
+            timeout_seconds: 5,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(stopped.state(), pb::VmState::Stopped);
+    assert!(
+        !parent.join(format!("vm-{}", vms[0].uuid)).exists(),
+        "a stopped guest's cgroup is removed"
+    );
+    assert!(parent.join(format!("vm-{}", vms[1].uuid)).exists());
 }

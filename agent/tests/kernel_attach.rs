@@ -270,8 +270,9 @@ async fn qemu_io_as_guest_disk(dev: &Path, cmds: &[&str]) -> String {
         kernel: None,
         dir: "/nonexistent".into(),
         io_uring: vmm::io_uring_supported(&HostRunner).await,
+        confinement: None,
     };
-    let argv = plan.argv();
+    let argv = plan.argv(&mut vmm::NumberedFds::default()).unwrap();
     let i = argv.iter().position(|a| a == "-blockdev").unwrap();
     let mut opts: serde_json::Value = serde_json::from_str(&argv[i + 1]).unwrap();
     opts.as_object_mut().unwrap().remove("node-name");

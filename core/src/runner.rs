@@ -234,6 +234,88 @@ impl CommandRunner for HostRunner {
     }
 }
 
+/// How [`spawn_detached`] starts a long-lived program.
+#[derive(Debug, Default)]
+pub struct Detached {
+    /// Run as this uid and gid with no supplementary groups; None: as we are.
+    pub user: Option<(u32, u32)>,
+    /// Descriptors the program inherits under their own numbers (everything
+    /// else is close-on-exec, as std opens it).
+    pub inherit: Vec<std::os::fd::RawFd>,
+    /// Its stdout and stderr; None: /dev/null.
+    pub output: Option<std::fs::File>,
+    /// An open `cgroup.procs`: the child moves itself into that cgroup
+    /// before it drops privileges and before the program runs.
+    pub cgroup_procs: Option<std::os::fd::RawFd>,
+}
+
+/// Starts `cmd` as a long-lived program in a session of its own (no
+/// terminal, not in our process group, so signals meant for us never reach
+/// it and it outlives us), as described by `how`. Never a shell; argv is
+/// logged. The caller owns the child: wait on it (or drop it, and tokio
+/// reaps it) and bound how long it waits for the program to be ready.
+pub fn spawn_detached(cmd: &Cmd, how: Detached) -> Result<tokio::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let mut c = std::process::Command::new(&cmd.program);
+    c.args(&cmd.args).stdin(std::process::Stdio::null());
+    match &how.output {
+        Some(f) => {
+            let out = f.try_clone().map_err(|e| Error::internal(format!("{e}")))?;
+            c.stdout(out).stderr(std::process::Stdio::from(
+                f.try_clone().map_err(|e| Error::internal(format!("{e}")))?,
+            ));
+        }
+        None => {
+            c.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+        }
+    }
+    let inherit = how.inherit.clone();
+    let user = how.user;
+    let cgroup = how.cgroup_procs;
+    // SAFETY: the closure runs in the child between fork and exec and calls
+    // only async-signal-safe functions (write, setsid, setgroups, setgid,
+    // setuid, fcntl) on values captured before the fork; it allocates
+    // nothing.
+    unsafe {
+        c.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
+            if let Some(fd) = cgroup {
+                // "0" is the writing process: moved before the program runs.
+                if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            check(libc::setsid())?;
+            if let Some((uid, gid)) = user {
+                check(libc::setgroups(0, std::ptr::null()))?;
+                check(libc::setgid(gid))?;
+                check(libc::setuid(uid))?;
+            }
+            for &fd in &inherit {
+                check(libc::fcntl(fd, libc::F_SETFD, 0))?;
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let child = tokio::process::Command::from(c)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| {
+            Error::unavailable(format!("cannot start {}: {e}", cmd.program)).with_source(e)
+        })?;
+    tracing::info!(argv = %cmd.argv().join(" "), pid = child.id(), user = ?how.user,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0, "started detached");
+    Ok(child)
+}
+
 type Responder = dyn Fn(&[String]) -> Result<Output> + Send + Sync;
 
 /// Runs real processes like [`HostRunner`] and remembers every command

@@ -87,6 +87,13 @@ impl Agentd {
         .into_iter()
         .chain(daemon_tls_args(&TestPki::shared().agent()))
         .chain(host_files)
+        .chain(
+            test_cgroup_parent()
+                .filter(|_| !extra.contains(&"--cgroup-parent"))
+                .map(|p| ["--cgroup-parent".to_string(), p.display().to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
         let mut a = Agentd {
@@ -219,4 +226,38 @@ pub async fn agent_events(url: String, since: u64) -> Vec<stratus_proto::agent::
         out.push(e);
     }
     out
+}
+
+/// Where test agentds put their guests' cgroups: `stratus-test.slice` on a
+/// cgroup v2 mount of the host's hierarchy at `/run/stratus-test-cgroup2`
+/// (made once; `ip netns exec` gives agentd a fresh /sys, without the
+/// host's `/sys/fs/cgroup`). None when the host has no cgroup v2.
+pub fn test_cgroup_parent() -> Option<PathBuf> {
+    static PARENT: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    PARENT
+        .get_or_init(|| {
+            let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+            let has_cgroup2 = |at: &str| {
+                mounts.lines().any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 2 && (at.is_empty() || f[1] == at) && f[2] == "cgroup2"
+                })
+            };
+            if !has_cgroup2("") {
+                return None;
+            }
+            let at = "/run/stratus-test-cgroup2";
+            if !has_cgroup2(at) {
+                std::fs::create_dir_all(at).ok()?;
+                let ok = std::process::Command::new("mount")
+                    .args(["-t", "cgroup2", "cgroup2", at])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    return None;
+                }
+            }
+            Some(PathBuf::from(at).join("stratus-test.slice"))
+        })
+        .clone()
 }

@@ -35,7 +35,7 @@ mod stack;
 mod tgtd;
 mod xfs;
 
-pub use agentd::{agent_events, Agentd};
+pub use agentd::{agent_events, test_cgroup_parent, Agentd};
 pub use guest::{guest_dir, wait_console, Httpd};
 pub use initiator::Initiator;
 pub use netns::{can_connect_in, NetNs};

@@ -60,9 +60,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             image_file_roots: cfg.image_file_roots.clone(),
             host_file_roots: cfg.host_file_roots.clone(),
             image_allow_private: cfg.image_allow_private,
+            qemu_users: cfg.qemu_users.clone(),
+            allow_unsandboxed: cfg.allow_unsandboxed,
+            cgroup_parent: cfg.cgroup_parent.clone(),
         },
         host,
     )?;
+    tracing::info!(confinement = %agent.confinement(), "guest confinement");
     if cfg.attach == AttachMode::Kernel {
         // Fail at start, not at the first guest, when open-iscsi is missing.
         let version = agent.kernel_initiator().probe().await?;

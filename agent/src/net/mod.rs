@@ -58,7 +58,7 @@ use stratus_core::error::{Error, Result};
 
 pub use mac::Mac;
 use rtnl::*;
-use tap::{check_ifname, make_persistent_tap};
+use tap::{check_ifname, make_persistent_tap, open_tap_queue};
 pub use tap::{tap_name_for, TapName};
 
 /// The prefix of every tap agentd names (see [`tap_name_for`]).
@@ -151,6 +151,24 @@ pub fn create_tap(name: &TapName) -> Result<()> {
         .map_err(|e| fail(name, "set up", e))?;
     }
     Ok(())
+}
+
+/// Opens a queue of tap `name` for a QEMU to inherit (`-netdev tap,fd=`).
+/// The tap must exist already (made by [`create_tap`], on its bridge): a
+/// missing one is NotFound, never made here unbridged.
+pub fn open_tap(name: &TapName) -> Result<std::os::fd::OwnedFd> {
+    let mut nl = Rtnl::open().map_err(|e| fail(name, "open rtnetlink socket", e))?;
+    match lookup(&mut nl, name.as_str()).map_err(|e| fail(name, "look up", e))? {
+        Some(l) if l.is_tap() => {}
+        Some(l) => {
+            return Err(Error::precondition(format!(
+                "link {name} is {}, not a tap",
+                l.describe()
+            )))
+        }
+        None => return Err(Error::not_found(format!("tap {name} does not exist"))),
+    }
+    open_tap_queue(name).map_err(|e| fail(name, "open a queue with TUNSETIFF", e))
 }
 
 /// Deletes tap `name` (RTM_DELLINK, which works even while QEMU holds it).

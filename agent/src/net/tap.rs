@@ -4,7 +4,7 @@
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -136,11 +136,10 @@ pub fn tap_name_for(vm: Uuid, nic_index: usize) -> TapName {
 // ---------------------------------------------------------------------------
 // Plumbing: tun ioctls
 
-/// Creates tap `name`, owned by our euid, and makes it persistent; the fd
-/// closes on return and the tap stays, down and without carrier until QEMU
-/// attaches.
-pub(super) fn make_persistent_tap(name: &TapName) -> std::result::Result<(), OsError> {
-    // std opens with O_CLOEXEC, so QEMU children never inherit it.
+/// Opens `/dev/net/tun` attached to tap `name` (made if missing) with the
+/// flags every tap of ours has: a tap, no packet info, virtio-net headers.
+fn attach_tun(name: &TapName) -> std::result::Result<std::fs::File, OsError> {
+    // std opens with O_CLOEXEC: a QEMU inherits it only when handed it.
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
@@ -159,6 +158,20 @@ pub(super) fn make_persistent_tap(name: &TapName) -> std::result::Result<(), OsE
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
         return Err(io::Error::last_os_error().into());
     }
+    Ok(tun)
+}
+
+/// Opens a queue of the existing tap `name` for QEMU (`-netdev tap,fd=`),
+/// so QEMU needs no right to `/dev/net/tun` or to the tap itself.
+pub(super) fn open_tap_queue(name: &TapName) -> std::result::Result<OwnedFd, OsError> {
+    Ok(attach_tun(name)?.into())
+}
+
+/// Creates tap `name`, owned by our euid, and makes it persistent; the fd
+/// closes on return and the tap stays, down and without carrier until QEMU
+/// attaches.
+pub(super) fn make_persistent_tap(name: &TapName) -> std::result::Result<(), OsError> {
+    let tun = attach_tun(name)?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let owner = unsafe { libc::geteuid() };
     // SAFETY: the fd is attached to our tap; TUNSETOWNER and TUNSETPERSIST

@@ -19,7 +19,7 @@ use crate::spec::{Cause, Disk, DiskSource, EventType, Nic};
 use crate::store::{DiskAttachment, NewEvent, NicAttachment, VmRecord};
 use crate::vmm::{DiskBackend, PlannedDisk, PlannedNic};
 use crate::volumes::status_error;
-use stratus_core::error::{Error, Result};
+use stratus_core::error::Result;
 use stratus_core::rooted::RootedFile;
 
 /// The NoCloud seed image in a guest's directory.
@@ -37,7 +37,6 @@ impl Agent {
     pub(super) async fn attach_disk(
         &self,
         vm: &mut VmRecord,
-        dir: &Path,
         i: usize,
         d: &Disk,
         held: &mut Vec<RootedFile>,
@@ -74,8 +73,7 @@ impl Agent {
         };
         let (backend, mut att) = match source {
             ImageDisk::Pdisk(volume) => {
-                self.attach_pdisk(vm, dir, &device, &volume, d.read_only)
-                    .await?
+                self.attach_pdisk(vm, &device, &volume, d.read_only).await?
             }
             ImageDisk::RawFile(file) => {
                 // Raw, never probed: the guest writes these bytes.
@@ -201,15 +199,14 @@ impl Agent {
     }
 
     /// Exports a pdisk volume to this host with a fresh CHAP secret and says
-    /// how QEMU reaches it: by its own initiator (the secret in a 0600 file
-    /// QEMU reads), or with `--attach kernel` through the host's (the secret
+    /// how QEMU reaches it: by its own initiator (the secret in a sealed
+    /// memfd QEMU inherits, see [`crate::vmm`]), or with `--attach kernel` through the host's (the secret
     /// only in open-iscsi's node record). A kernel attachment is recorded in
     /// the guest's runtime before the login, so that a crash or a failure
     /// from there on is undone by [`Agent::tear_down`].
     async fn attach_pdisk(
         &self,
         vm: &mut VmRecord,
-        dir: &Path,
         device: &str,
         volume: &str,
         read_only: bool,
@@ -218,10 +215,6 @@ impl Agent {
         let secret = stratus_core::types::Chap::random_secret()?;
         let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
         let chap = stratus_core::types::Chap::new(&user, &secret)?;
-        let secret_file = dir.join(format!("chap-{device}"));
-        if !kernel {
-            write_secret(&secret_file, &secret)?;
-        }
         let e = self
             .pdisk()?
             .export_volume(pdpb::ExportVolumeRequest {
@@ -256,7 +249,7 @@ impl Agent {
                 target: e.target_iqn,
                 lun: e.lun,
                 initiator: self.settings.initiator_iqn.clone(),
-                chap: Some((user, secret_file)),
+                chap: Some(chap),
             };
             return Ok((backend, att));
         }
@@ -299,6 +292,8 @@ impl Agent {
         let Some(rt) = vm.runtime.take() else {
             return events;
         };
+        // Its QEMU is gone below: the uid may go to another guest.
+        let _release_uid = ReleaseUid(&self.uids, vm.uuid);
         let mut pids = self.vmm.find_qemus(vm.uuid);
         if rt.pid != 0 && !pids.contains(&rt.pid) && self.vmm.is_our_qemu(rt.pid, vm.uuid) {
             pids.push(rt.pid);
@@ -308,6 +303,9 @@ impl Agent {
             self.vmm
                 .wait_gone(pid, vm.uuid, Duration::from_secs(10))
                 .await;
+        }
+        if let Err(e) = self.vmm.release_cgroup(vm.uuid).await {
+            tracing::warn!(vm = %vm.spec.name, error = %e, "could not remove the guest's cgroup");
         }
         for d in rt.disks.iter().rev() {
             // Before the unexport: the session must not outlive its target.
@@ -357,7 +355,8 @@ impl Agent {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 // The seed goes too: its user-data may hold secrets, and
-                // the next start builds it again.
+                // the next start builds it again. (`chap-*` files are left
+                // by agentds from before secrets went by memfd.)
                 if name.starts_with("chap-")
                     || name == "qmp.sock"
                     || name == "qemu.pid"
@@ -389,16 +388,12 @@ impl Agent {
     }
 }
 
-fn write_secret(path: &Path, secret: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io(path.display(), e))?;
-    f.write_all(secret.as_bytes())
-        .map_err(|e| Error::io(path.display(), e))
+/// Frees a guest's uid when dropped: at the end of [`Agent::tear_down`],
+/// once its QEMU has been killed and waited for.
+struct ReleaseUid<'a>(&'a crate::confine::UidPool, uuid::Uuid);
+
+impl Drop for ReleaseUid<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
 }

@@ -17,6 +17,8 @@ pub struct HostFacts {
     pub accel_reason: String,
     pub qemu_version: String,
     pub io_uring: bool,
+    /// What QEMU offers for confinement (from its `-help`).
+    pub qemu_caps: crate::confine::QemuCaps,
 }
 
 impl HostFacts {
@@ -35,6 +37,7 @@ impl HostFacts {
             accel_reason,
             qemu_version: vmm::qemu_version(runner).await,
             io_uring: vmm::io_uring_supported(runner).await,
+            qemu_caps: vmm::qemu_caps(runner).await,
         }
     }
 }

@@ -202,12 +202,21 @@ impl Agent {
     async fn bring_up(self: &Arc<Self>, vm: &mut VmRecord) -> Result<()> {
         let dir = self.vm_dir(vm.uuid);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
+        // Root's alone: QEMU gets what it needs from it as descriptors, and
+        // no guest's uid may enter it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(dir.display(), e))?;
+        }
+        let confinement = self.confine(vm)?;
         let mut disks = Vec::new();
-        // Host files agentd opened for this start; QEMU opens each through
-        // its /proc path, so they stay open until the launch returns.
+        // Host files agentd opened for this start, named by their /proc
+        // paths; the launch opens them again from there and hands QEMU its
+        // own descriptors, so they stay open until the launch returns.
         let mut held = Vec::new();
         for (i, d) in vm.spec.disks.clone().iter().enumerate() {
-            disks.push(self.attach_disk(vm, &dir, i, d, &mut held).await?);
+            disks.push(self.attach_disk(vm, i, d, &mut held).await?);
             self.crash_point("start.disk_attached");
         }
         if let Some(seed) = self.attach_seed(vm, &dir, disks.len())? {
@@ -229,10 +238,11 @@ impl Agent {
             kernel: self.open_kernel(vm, &mut held)?,
             dir: dir.clone(),
             io_uring: self.host.io_uring,
+            confinement,
         };
         let _ = std::fs::remove_file(plan.console_log());
         let pid = self.vmm.launch(&plan).await?;
-        // QEMU has opened its files (a daemonized QEMU answers once set up).
+        // QEMU holds its own descriptors now.
         drop(held);
         {
             let rt = vm.runtime.as_mut().expect("runtime");

@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 use crate::attach::{AttachMode, KernelAttacher, KernelOptions};
+use crate::confine::{Confinement, QemuUsers, UidPool};
 use crate::journal::EventJournal;
 use crate::net::{HostNet, KernelNet};
 use crate::store::{AgentStore, Event, NewEvent, VmRecord};
@@ -85,6 +86,14 @@ pub struct AgentSettings {
     pub host_file_roots: Vec<PathBuf>,
     /// Image URLs may reach loopback, link-local and this host's addresses.
     pub image_allow_private: bool,
+    /// Whom guests' QEMUs run as.
+    pub qemu_users: QemuUsers,
+    /// Start guests unconfined (as root, no sandbox): on a QEMU without
+    /// seccomp, or to measure what confinement costs.
+    pub allow_unsandboxed: bool,
+    /// The cgroup v2 directory confined guests' cgroups go under; None:
+    /// no per-guest cgroups.
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 /// The host effects of the guest service, each behind its seam.
@@ -110,10 +119,19 @@ impl HostEffects {
             )?) as Arc<dyn VolumeClient>),
             None => None,
         };
+        let cgroups = settings.cgroup_parent.as_ref().and_then(|parent| {
+            match crate::cgroup::GuestCgroups::open(parent) {
+                Ok(cg) => Some(cg),
+                Err(e) => {
+                    tracing::warn!(error = %e, "guests get no cgroups");
+                    None
+                }
+            }
+        });
         Ok(HostEffects {
             volumes,
             net: Arc::new(KernelNet),
-            vmm: Arc::new(HostVmm::new(runner)),
+            vmm: Arc::new(HostVmm::new(runner, cgroups)),
             kernel: KernelOptions::new(&settings.initiator_iqn),
         })
     }
@@ -149,6 +167,8 @@ pub struct Agent {
     base_flights: images::BaseFlights,
     /// Cached images held by guests' local disks, per guest.
     pins: Mutex<HashMap<Uuid, Vec<crate::images::PinGuard>>>,
+    /// The uids guests' QEMUs hold.
+    uids: UidPool,
     /// The named step at which this agent "crashes" (panics), for the
     /// tests of crash safety; see [`Agent::crash_point`].
     #[cfg(test)]
@@ -196,6 +216,7 @@ impl Agent {
         let host_files =
             stratus_core::rooted::Roots::open("--host-file-root", &settings.host_file_roots)?;
         let store = Arc::new(store);
+        let uids = UidPool::new(settings.qemu_users.clone());
         Ok(Arc::new(Agent {
             journal: EventJournal::new(store.clone()),
             store,
@@ -216,6 +237,7 @@ impl Agent {
             host_files,
             base_flights: Default::default(),
             pins: Mutex::default(),
+            uids,
             #[cfg(test)]
             crash_at: Mutex::default(),
         }))
@@ -236,6 +258,60 @@ impl Agent {
 
     pub fn host_facts(&self) -> &HostFacts {
         &self.host
+    }
+
+    /// How guests' QEMUs are confined here, one line for GetHost and logs.
+    pub fn confinement(&self) -> String {
+        match (self.settings.allow_unsandboxed, self.sandbox_refusal()) {
+            (true, why) => format!(
+                "UNCONFINED: QEMU runs as root without a sandbox (--allow-unsandboxed{})",
+                why.map(|w| format!("; {w}")).unwrap_or_default()
+            ),
+            (false, Some(why)) => format!("guests refused: {why}"),
+            (false, None) => format!(
+                "{}, started as the guest's user with inherited descriptors, \
+                 seccomp sandbox {}; {}",
+                self.settings.qemu_users.describe(),
+                crate::confine::SANDBOX,
+                self.vmm
+                    .cgroups()
+                    .unwrap_or_else(|| "no per-guest cgroups".into())
+            ),
+        }
+    }
+
+    /// Why this host's QEMU cannot be sandboxed, if it cannot.
+    fn sandbox_refusal(&self) -> Option<String> {
+        (!self.host.qemu_caps.seccomp).then(|| {
+            format!(
+                "QEMU {} has no seccomp sandbox (-sandbox)",
+                self.host.qemu_version
+            )
+        })
+    }
+
+    /// The confinement of `vm`'s next QEMU, its user recorded in the runtime
+    /// (and committed) before anything is made for it. None only with
+    /// `--allow-unsandboxed`; FailedPrecondition on a QEMU without seccomp.
+    fn confine(&self, vm: &mut VmRecord) -> Result<Option<Confinement>> {
+        if self.settings.allow_unsandboxed {
+            tracing::warn!(vm = %vm.spec.name, "starting the guest UNCONFINED (--allow-unsandboxed)");
+            return Ok(None);
+        }
+        if let Some(why) = self.sandbox_refusal() {
+            return Err(Error::precondition(format!(
+                "refusing to start guest {}: {why} (agentd --allow-unsandboxed starts \
+                 guests unconfined)",
+                vm.spec.name
+            )));
+        }
+        let user = self.uids.take(vm.uuid)?;
+        vm.runtime.as_mut().expect("runtime").qemu_user = Some(user);
+        self.commit(vm, &[])?;
+        Ok(Some(Confinement {
+            user,
+            sandbox: true,
+        }))
     }
 
     pub fn kernel_initiator(&self) -> &KernelAttacher {

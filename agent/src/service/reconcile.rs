@@ -33,6 +33,11 @@ impl Agent {
         let mut report = Vec::new();
         for vm in self.store.vms()? {
             self.repin(&vm);
+            // Before any new start can take it: a live guest keeps its uid
+            // (a dead one's is released when it is undone below).
+            if let Some(user) = vm.runtime.as_ref().and_then(|r| r.qemu_user) {
+                self.uids.adopt(vm.uuid, user);
+            }
             // Every recorded kernel attachment holds its session, before any
             // dead guest's detach can count it down.
             for d in vm.runtime.iter().flat_map(|r| &r.disks) {
@@ -120,7 +125,24 @@ impl Agent {
                 )],
             )?;
             self.spawn_monitor(id, rt.pid, events);
-            Ok(format!("adopted {} (pid {})", vm.spec.name, rt.pid))
+            let mut line = format!("adopted {} (pid {})", vm.spec.name, rt.pid);
+            if rt.qemu_user.is_some() {
+                let limits = crate::cgroup::Limits::for_guest(
+                    vm.spec.memory.0,
+                    vm.spec.vcpus,
+                    self.host.accel == crate::vmm::Accel::Tcg,
+                );
+                match self.vmm.readopt_cgroup(id, rt.pid, limits) {
+                    Ok(Some(done)) => line.push_str(&format!("; {done}")),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.spec.name, error = %e,
+                            "could not put the adopted guest back in its cgroup");
+                        line.push_str(&format!("; not in its cgroup ({e})"));
+                    }
+                }
+            }
+            Ok(line)
         } else if vm.state == VmState::Starting {
             // agentd died mid-start: undo and report.
             let mut events = self.tear_down(&mut vm).await;

@@ -13,6 +13,7 @@ use stratus_core::types::ByteSize;
 
 use super::{Agent, AgentSettings, HostEffects, HostFacts};
 use crate::attach::{AttachMode, KernelOptions};
+use crate::confine::{PrivilegeDrop, QemuCaps, QemuUsers};
 use crate::fakes::{FakeNet, FakeVmm, FakeVolumes};
 use crate::net::HostNet;
 use crate::qmp::{PanicAction, QmpEventKind};
@@ -45,49 +46,56 @@ impl Host {
         }
     }
 
-    /// An agent on this host's store and fakes (a fresh agentd process).
+    /// An agent on this host's store and fakes (a fresh agentd process),
+    /// confining guests on a QEMU with seccomp.
     fn agent(&self) -> Arc<Agent> {
-        self.agent_with(|_| {})
+        self.agent_with(|_, _| {})
     }
 
-    /// Like [`Host::agent`], with its settings changed by `change`.
-    fn agent_with(&self, change: impl FnOnce(&mut AgentSettings)) -> Arc<Agent> {
+    /// An agent whose settings and host facts `adjust` changes first.
+    fn agent_with(&self, adjust: impl FnOnce(&mut AgentSettings, &mut HostFacts)) -> Arc<Agent> {
         let state = self.dir.path().join("state");
         let mut kernel = KernelOptions::new("iqn.2026-11.io.stratus:unit");
         kernel.sys = self.dir.path().join("sys");
         kernel.dev = self.dir.path().join("dev");
         kernel.iscsi_db = self.dir.path().join("iscsi");
+        let mut settings = AgentSettings {
+            state_dir: state.clone(),
+            default_bridge: "br0".into(),
+            initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
+            attach: AttachMode::Qemu,
+            pdisk_url: None,
+            pdisk_tls: None,
+            cpu_overcommit: 4,
+            reserved_memory: 0,
+            image_quota: None,
+            image_policy: None,
+            image_file_roots: Vec::new(),
+            host_file_roots: vec![self.dir.path().join("host-files")],
+            image_allow_private: true,
+            qemu_users: QemuUsers::pool("64000-64002").unwrap(),
+            allow_unsandboxed: false,
+            cgroup_parent: None,
+        };
+        let mut facts = HostFacts {
+            hostname: "unit".into(),
+            cpus: 4,
+            memory: 8 << 30,
+            accel: Accel::Tcg,
+            accel_reason: "unit test".into(),
+            qemu_version: "7.2.0".into(),
+            io_uring: false,
+            qemu_caps: QemuCaps {
+                drop: PrivilegeDrop::Runas,
+                seccomp: true,
+            },
+        };
+        adjust(&mut settings, &mut facts);
         Agent::with_effects(
             AgentStore::open(&state).unwrap(),
             Arc::new(FakeRunner::new()),
-            {
-                let mut s = AgentSettings {
-                    state_dir: state,
-                    default_bridge: "br0".into(),
-                    initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
-                    attach: AttachMode::Qemu,
-                    pdisk_url: None,
-                    pdisk_tls: None,
-                    cpu_overcommit: 4,
-                    reserved_memory: 0,
-                    image_quota: None,
-                    image_policy: None,
-                    image_file_roots: Vec::new(),
-                    host_file_roots: vec![self.dir.path().join("host-files")],
-                    image_allow_private: true,
-                };
-                change(&mut s);
-                s
-            },
-            HostFacts {
-                hostname: "unit".into(),
-                cpus: 4,
-                memory: 8 << 30,
-                accel: Accel::Tcg,
-                accel_reason: "unit test".into(),
-                qemu_version: "7.2.0".into(),
-                io_uring: false,
-            },
+            settings,
+            facts,
             HostEffects {
                 volumes: Some(self.pdisk.clone()),
                 net: self.net.clone(),
@@ -749,7 +757,7 @@ async fn host_files_come_only_from_beneath_the_root_and_qemu_gets_the_opened_fil
 #[tokio::test]
 async fn without_a_host_file_root_no_host_file_is_accepted() {
     let host = Host::new();
-    let agent = host.agent_with(|s| s.host_file_roots.clear());
+    let agent = host.agent_with(|s, _| s.host_file_roots.clear());
     let mut s = small_spec("k", "root");
     s.kernel = Some(crate::spec::KernelBoot {
         kernel: "/boot/vmlinuz".into(),
@@ -759,4 +767,73 @@ async fn without_a_host_file_root_no_host_file_is_accepted() {
     let e = agent.create_vm(s, "").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     assert!(e.message().contains("--host-file-root"), "{e}");
+}
+
+/// Invariant 11: every guest's QEMU runs as a uid of the pool that no
+/// other live guest holds, under the sandbox; the uid is recorded before
+/// QEMU starts, kept by an adopted guest across an agentd crash, and freed
+/// when its QEMU is gone. A QEMU without seccomp gets no guests unless
+/// agentd runs with --allow-unsandboxed (and then they run as root).
+#[tokio::test]
+async fn each_guest_runs_as_its_own_uid_kept_across_a_restart_and_freed_at_stop() {
+    let host = Host::new();
+    let agent = host.agent();
+    let user_of = |agent: &Agent, name: &str| {
+        let vm = agent.get_vm(name).unwrap();
+        let rt = vm.runtime.unwrap();
+        let launched = host.vmm.confinement_of(rt.pid).expect("launched confined");
+        assert!(launched.sandbox);
+        assert_eq!(rt.qemu_user, Some(launched.user), "recorded as launched");
+        launched.user.uid
+    };
+    for (name, volume) in [("a", "root"), ("b", "data")] {
+        agent.create_vm(small_spec(name, volume), "").await.unwrap();
+        agent.start_vm(name).await.unwrap();
+    }
+    assert_eq!((user_of(&agent, "a"), user_of(&agent, "b")), (64000, 64001));
+    crash(agent).await;
+
+    let agent = host.agent();
+    agent.reconcile().await.unwrap();
+    assert_eq!((user_of(&agent, "a"), user_of(&agent, "b")), (64000, 64001));
+    // A new guest gets neither adopted guest's uid; the pool then runs out.
+    host.pdisk.add_volume("c");
+    host.pdisk.add_volume("d");
+    agent.create_vm(small_spec("c", "c"), "").await.unwrap();
+    agent.start_vm("c").await.unwrap();
+    assert_eq!(user_of(&agent, "c"), 64002);
+    agent.create_vm(small_spec("d", "d"), "").await.unwrap();
+    let e = agent.start_vm("d").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.message().contains("64000-64002"), "{e}");
+    // A stop frees its uid for the next start.
+    agent
+        .stop_vm("a", Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    agent.start_vm("d").await.unwrap();
+    assert_eq!(user_of(&agent, "d"), 64000);
+    assert!(agent.confinement().contains("uid pool 64000-64002"));
+
+    // No seccomp: refused, nothing attached; --allow-unsandboxed: as root.
+    let host = Host::new();
+    let no_seccomp = |_: &mut AgentSettings, h: &mut HostFacts| h.qemu_caps.seccomp = false;
+    let agent = host.agent_with(no_seccomp);
+    agent.create_vm(small_spec("e", "root"), "").await.unwrap();
+    let e = agent.start_vm("e").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.message().contains("--allow-unsandboxed"), "{e}");
+    let vm = agent.get_vm("e").unwrap();
+    host.assert_nothing_attached(&vm, "after a refused start");
+    assert!(agent.confinement().starts_with("guests refused"));
+    crash(agent).await;
+    let agent = host.agent_with(|s, h| {
+        no_seccomp(s, h);
+        s.allow_unsandboxed = true;
+    });
+    agent.start_vm("e").await.unwrap();
+    let rt = agent.get_vm("e").unwrap().runtime.unwrap();
+    assert_eq!(rt.qemu_user, None);
+    assert!(host.vmm.launched_unconfined(rt.pid));
+    assert!(agent.confinement().starts_with("UNCONFINED"));
 }

@@ -23,6 +23,9 @@ pub fn host_json(h: &Host) -> Value {
         "running_vms": h.running_vms,
         "last_event_seq": h.last_event_seq,
         "pdisk_server": h.pdisk_server,
+        "qemu_confinement": h.qemu_confinement,
+        "qemu_privilege_option": h.qemu_privilege_option,
+        "qemu_seccomp": h.qemu_seccomp,
     })
 }
 
@@ -44,6 +47,23 @@ pub fn host_view(h: &Host) -> String {
         ("free memory", size(h.free_memory_bytes)),
         ("accelerator", accelerator),
         ("qemu", or_none(&h.qemu_version)),
+        ("confinement", or_none(&h.qemu_confinement)),
+        (
+            "qemu offers",
+            format!(
+                "{}, {}",
+                if h.qemu_privilege_option.is_empty() {
+                    "no privilege-drop option"
+                } else {
+                    &h.qemu_privilege_option
+                },
+                if h.qemu_seccomp {
+                    "seccomp"
+                } else {
+                    "no seccomp"
+                }
+            ),
+        ),
         ("agent", or_none(&h.agent_version)),
         ("initiator", or_none(&h.initiator_iqn)),
         ("pdisk server", or_none(&h.pdisk_server)),

@@ -509,8 +509,14 @@ fn host_shows_capacity_and_accelerator() {
         running_vms: 1,
         last_event_seq: 42,
         pdisk_server: String::new(),
+        qemu_confinement: "uid pool 64000-64999, seccomp sandbox".into(),
+        qemu_privilege_option: "-runas".into(),
+        qemu_seccomp: true,
     };
     let j = host_json(&h);
+    assert_eq!(j["qemu_privilege_option"], "-runas");
+    assert_eq!(j["qemu_seccomp"], true);
+    assert_eq!(j["qemu_confinement"], h.qemu_confinement);
     assert_eq!(j["memory_bytes"], 32u64 << 30);
     assert_eq!(j["accelerator"], "tcg");
     assert_eq!(j["running_vms"], 1);
@@ -522,4 +528,9 @@ fn host_shows_capacity_and_accelerator() {
     assert!(text.contains("memory:        32G\n"), "{text}");
     assert!(text.contains("vms:           3 (1 running)\n"), "{text}");
     assert!(text.contains("pdisk server:  -\n"), "{text}");
+    assert!(
+        text.contains("confinement:   uid pool 64000-64999, seccomp sandbox\n"),
+        "{text}"
+    );
+    assert!(text.contains("qemu offers:   -runas, seccomp\n"), "{text}");
 }
