@@ -711,7 +711,8 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
 fn a_seed_disk_gives_the_guest_its_hostname() {
     let h = Host::start();
     // A marker disk first, so the seed must come after the spec's disks.
-    let marker = h.pool.dir.path().join("marker.raw");
+    // Beneath the --host-file-root testkit gives agentd.
+    let marker = h.pool.dir.path().join("host-files/marker.raw");
     let mut data = b"STRATUS-MARKER:data disk\n".to_vec();
     data.resize(1 << 20, 0);
     std::fs::write(&marker, &data).unwrap();
@@ -1337,7 +1338,8 @@ fn qemu_blockdev(pid: u32, node: &str) -> serde_json::Value {
 #[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
 fn a_guest_written_qcow2_header_never_opens_a_host_file() {
     let h = Host::start();
-    let dir = h.pool.dir.path();
+    // Beneath the --host-file-root testkit gives agentd.
+    let dir = &h.pool.dir.path().join("host-files");
     // What the hostile guest writes: a real qcow2 header whose backing file
     // is /etc/shadow (qemu-img makes it; the guest gets it on a second disk).
     let payload = dir.join("payload.qcow2");
@@ -1494,7 +1496,8 @@ fn opens_as(uid: u32, path: &std::path::Path) -> bool {
 #[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
 fn guests_run_confined_each_as_its_own_user() {
     let mut h = Host::start();
-    let root = h.pool.dir.path().to_path_buf();
+    // Beneath the --host-file-root testkit gives agentd.
+    let root = h.pool.dir.path().join("host-files");
     let mut specs = Vec::new();
     let mut disks = Vec::new();
     for name in ["first", "second"] {
