@@ -223,7 +223,11 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
     let link = std::fs::read_link(format!("/proc/{}/fd/{fd}", vm.pid)).unwrap();
     assert!(link.to_string_lossy().starts_with("/memfd:"), "{link:?}");
     let secret = std::fs::read_to_string(format!("/proc/{}/fd/{fd}", vm.pid)).unwrap();
-    assert_eq!(secret.len(), 16);
+    assert!(
+        secret.len() >= 16,
+        "a CHAP secret of {} bytes",
+        secret.len()
+    );
     assert!(!cmdline.contains(&secret));
     let dir = h.agentd.state_dir.join("vms").join(&vm.uuid);
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
