@@ -40,6 +40,7 @@ mod fakes;
 pub(crate) mod grpc;
 pub mod images;
 pub(crate) mod journal;
+mod launch_fds;
 pub mod net;
 pub mod qmp;
 pub mod seed;

@@ -1,0 +1,237 @@
+use super::*;
+
+fn plan() -> LaunchPlan {
+    LaunchPlan {
+        uuid: Uuid::nil(),
+        name: "web1".into(),
+        vcpus: 2,
+        memory_mib: 256,
+        accel: Accel::Tcg,
+        disks: vec![
+            PlannedDisk {
+                device: "vda".into(),
+                backend: DiskBackend::Iscsi {
+                    portal: "127.0.0.1:3260".into(),
+                    target: "iqn.2026-11.io.stratus.pdisk:x".into(),
+                    lun: 1,
+                    initiator: "iqn.2026-11.io.stratus:host".into(),
+                    chap: Some(Chap::new("vm1", "s3cr3t-s3cr3t-x").unwrap()),
+                },
+                read_only: false,
+                boot_index: 1,
+            },
+            PlannedDisk {
+                device: "vdb".into(),
+                backend: DiskBackend::Overlay {
+                    path: "/images/a,b.qcow2".into(),
+                    base: "/cache/ab.img".into(),
+                    base_format: ImageFormat::Qcow2,
+                },
+                read_only: true,
+                boot_index: 0,
+            },
+        ],
+        nics: vec![PlannedNic {
+            tap: "st00000000n0".into(),
+            mac: "52:54:00:12:34:56".parse().unwrap(),
+        }],
+        kernel: None,
+        dir: "/s/vm".into(),
+        io_uring: true,
+        confinement: Some(Confinement {
+            user: crate::confine::QemuUser {
+                uid: 64007,
+                gid: 64007,
+            },
+            sandbox: true,
+        }),
+    }
+}
+
+/// The command line with numbered descriptors, and what each stands for.
+fn argv_of(p: &LaunchPlan) -> (Vec<String>, std::collections::BTreeMap<String, String>) {
+    let mut fds = NumberedFds::default();
+    let a = p.argv(&mut fds).unwrap();
+    let given = fds
+        .given
+        .into_iter()
+        .map(|(n, what)| (n.to_string(), what))
+        .collect();
+    (a, given)
+}
+
+#[test]
+fn command_line_names_only_descriptors_agentd_hands_over() {
+    let (a, fds) = argv_of(&plan());
+    let line = a.join(" ");
+    assert!(line.contains("-machine q35,accel=tcg"));
+    // The secret is a memfd read through /proc, never a file or argv.
+    assert!(!line.contains("s3cr3t"), "{line}");
+    assert!(line.contains("-object secret,id=chap-vda,file=/proc/self/fd/102,format=raw"));
+    assert_eq!(fds["102"], "secret:15");
+    assert!(line.contains("\"password-secret\":\"chap-vda\""));
+    assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1"));
+    assert!(line.contains("virtio-blk-pci,drive=vdb,id=vdb-dev"));
+    assert!(line.contains("\"aio\":\"io_uring\""));
+    // Console log, QMP and tap by descriptor.
+    assert!(line.contains(
+        "-add-fd fd=100,set=100,opaque=console -chardev file,id=serial0,path=/dev/fdset/100"
+    ));
+    assert_eq!(fds["100"], "log:/s/vm/console.log");
+    assert!(line.contains(
+        "-chardev socket,id=qmp,fd=101,server=on,wait=off -mon chardev=qmp,mode=control"
+    ));
+    assert_eq!(fds["101"], "listener:/s/vm/qmp.sock");
+    assert!(line.contains("-netdev tap,id=net0,fd=105"), "{line}");
+    assert_eq!(fds["105"], "tap:st00000000n0");
+    assert!(line.contains("virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56"));
+    // QEMU neither forks, drops privileges itself, nor writes a pid file.
+    for own in [
+        "-daemonize",
+        "-runas",
+        "-run-with",
+        "-pidfile",
+        "-chroot",
+        "ifname=",
+    ] {
+        assert!(!line.contains(own), "{own} in {line}");
+    }
+    assert!(line.ends_with(
+        "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ));
+    // The read-only overlay and its base are opened read-only, by agentd.
+    assert_eq!(fds["103"], "file:/cache/ab.img:ro");
+    assert_eq!(fds["104"], "file:/images/a,b.qcow2:ro");
+    let bd = a.iter().find(|x| x.contains("\"vdb\"")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+    assert_eq!(v["file"]["filename"], "/dev/fdset/104");
+    assert_eq!(v["read-only"], true);
+    // Unconfined: no sandbox.
+    let mut p = plan();
+    p.confinement = None;
+    assert!(!argv_of(&p).0.join(" ").contains("-sandbox"));
+}
+
+#[test]
+fn every_disk_has_an_explicit_format_and_overlays_an_explicit_backing() {
+    let mut p = plan();
+    p.disks.push(PlannedDisk {
+        device: "vdc".into(),
+        backend: DiskBackend::RawFile {
+            path: "/srv/disk.raw".into(),
+        },
+        read_only: false,
+        boot_index: 0,
+    });
+    for base_format in [ImageFormat::Qcow2, ImageFormat::Raw] {
+        p.disks[1].backend = DiskBackend::Overlay {
+            path: "/s/vm/vdb.qcow2".into(),
+            base: "/cache/ab.img".into(),
+            base_format,
+        };
+        let (a, fds) = argv_of(&p);
+        let file = |v: &serde_json::Value| {
+            let set = v["filename"].as_str().unwrap();
+            fds[set.strip_prefix("/dev/fdset/").unwrap()].clone()
+        };
+        let nodes: Vec<serde_json::Value> = a
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).unwrap())
+            .collect();
+        assert_eq!(nodes.len(), 3);
+        let raw = &nodes[2];
+        assert_eq!(raw["driver"], "raw", "{raw}");
+        assert_eq!(file(&raw["file"]), "file:/srv/disk.raw:rw");
+        let ov = &nodes[1];
+        assert_eq!(ov["driver"], "qcow2", "{ov}");
+        assert_eq!(file(&ov["file"]), "file:/s/vm/vdb.qcow2:ro");
+        let base = &ov["backing"];
+        assert_eq!(base["driver"], base_format.as_str(), "{ov}");
+        assert_eq!(base["node-name"], "vdb-base");
+        assert_eq!(base["read-only"], true);
+        assert_eq!(file(&base["file"]), "file:/cache/ab.img:ro");
+        // A qcow2 base opens nothing its own header names.
+        if base_format == ImageFormat::Qcow2 {
+            assert!(base["backing"].is_null() && base.get("backing").is_some());
+        } else {
+            assert!(base.get("backing").is_none(), "raw takes no backing");
+        }
+        // No driver is left for QEMU to guess.
+        for v in &nodes {
+            assert!(v["driver"].is_string(), "{v}");
+        }
+    }
+}
+
+fn info_runner(json: &'static str) -> stratus_core::runner::FakeRunner {
+    stratus_core::runner::FakeRunner::with(move |_| Ok(stratus_core::runner::Output::ok(json)))
+}
+
+#[tokio::test]
+async fn an_overlay_must_name_the_base_agentd_gave_it() {
+    let base = Path::new("/cache/ab.img");
+    let ok = r#"{"format":"qcow2","backing-filename":"/cache/ab.img",
+        "backing-filename-format":"raw","format-specific":{"type":"qcow2","data":{}}}"#;
+    let r = info_runner(ok);
+    check_overlay(&r, Path::new("/s/vda.qcow2"), base, ImageFormat::Raw)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.calls()[0].join(" "),
+        "qemu-img info --output=json -f qcow2 /s/vda.qcow2"
+    );
+    let err = check_overlay(&r, Path::new("/s/vda.qcow2"), base, ImageFormat::Qcow2)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("backing format"), "{err}");
+    for bad in [
+        r#"{"format":"qcow2","backing-filename":"/etc/shadow","backing-filename-format":"raw"}"#,
+        r#"{"format":"qcow2","backing-filename-format":"raw"}"#,
+        r#"{"format":"qcow2","backing-filename":"/cache/ab.img","backing-filename-format":"raw",
+            "format-specific":{"type":"qcow2","data":{"data-file":"/etc/shadow"}}}"#,
+    ] {
+        let r = info_runner(bad);
+        let err = check_overlay(&r, Path::new("/s/vda.qcow2"), base, ImageFormat::Raw)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not the one agentd made"), "{err}");
+    }
+}
+
+#[test]
+fn kernel_attached_disks_are_raw_host_devices_with_direct_io() {
+    let mut p = plan();
+    p.disks[0].backend = DiskBackend::HostDevice {
+        path: "/dev/sdc".into(),
+    };
+    for (io_uring, aio) in [(true, "io_uring"), (false, "native")] {
+        p.io_uring = io_uring;
+        let (a, _) = argv_of(&p);
+        assert!(!a.iter().any(|x| x.contains("secret")), "{a:?}");
+        let bd = a.iter().find(|x| x.contains("/dev/sdc")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+        assert_eq!(v["driver"], "raw");
+        assert_eq!(v["node-name"], "vda");
+        assert_eq!(v["read-only"], false);
+        assert_eq!(v["file"]["driver"], "host_device");
+        assert_eq!(v["file"]["filename"], "/dev/sdc");
+        assert_eq!(v["file"]["aio"], aio);
+        assert_eq!(v["file"]["cache"]["direct"], true);
+    }
+}
+
+#[test]
+fn accel_choice_is_explained() {
+    let (a, why) = choose_accel(AccelChoice::Tcg);
+    assert_eq!(a, Accel::Tcg);
+    assert!(!why.is_empty());
+    let (_, why) = choose_accel(AccelChoice::Auto);
+    assert!(!why.is_empty());
+}
+
+#[test]
+fn our_own_process_is_not_a_guest() {
+    assert!(!is_our_qemu(std::process::id(), Uuid::new_v4()));
+    assert!(!is_our_qemu(u32::MAX - 1, Uuid::new_v4()));
+}
