@@ -6,8 +6,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::{
-    bin, can_connect_in, channel, cli_tls_args, daemon_tls_args, guest_dir, wait_for, NetNs,
-    TestPki, INITIATOR,
+    bin, can_connect_in, channel, cli_tls_args, daemon_tls_args, wait_for, NetNs, TestPki,
+    INITIATOR,
 };
 
 /// A running agentd inside a test namespace.
@@ -60,9 +60,10 @@ impl Agentd {
             "--host-file-root".into(),
             files.display().to_string(),
         ];
-        if guest_dir().is_dir() {
+        let guests = crate::guest::guest_dir_if_built();
+        if crate::guest::is_built(&guests) {
             host_files.push("--host-file-root".into());
-            host_files.push(guest_dir().display().to_string());
+            host_files.push(guests.display().to_string());
         }
         let args: Vec<String> = vec![
             "--listen".to_string(),
