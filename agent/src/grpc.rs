@@ -638,19 +638,15 @@ impl VmService for Api {
             memory: l.memory_bytes,
         };
         let mut clear = QuotaLimits::default();
-        for u in &r.unlimited {
-            match u.as_str() {
-                "vms" => clear.vms = Some(0),
-                "vcpus" => clear.vcpus = Some(0),
-                "memory_bytes" => clear.memory = Some(0),
-                other => {
-                    return Err(Error::invalid(format!(
-                        "unlimited: {other:?} is no quota (vms, vcpus, memory_bytes)"
-                    ))
-                    .into())
-                }
-            }
-        }
+        stratus_pki::tenancy::clear_quotas(
+            &r.unlimited,
+            [
+                ("vms", &mut clear.vms),
+                ("vcpus", &mut clear.vcpus),
+                ("memory_bytes", &mut clear.memory),
+            ],
+        )
+        .map_err(Error::invalid)?;
         let store = self.agent.store();
         let limits = store.set_quota(&r.project, set, clear)?;
         let (_, usage) = store.quota(&r.project)?;

@@ -572,19 +572,15 @@ impl VolumeService for Api {
             bytes: l.bytes,
         };
         let mut clear = QuotaLimits::default();
-        for u in &r.unlimited {
-            match u.as_str() {
-                "volumes" => clear.volumes = Some(0),
-                "snapshots" => clear.snapshots = Some(0),
-                "bytes" => clear.bytes = Some(0),
-                other => {
-                    return Err(Error::invalid(format!(
-                        "unlimited: {other:?} is no quota (volumes, snapshots, bytes)"
-                    ))
-                    .into())
-                }
-            }
-        }
+        stratus_pki::tenancy::clear_quotas(
+            &r.unlimited,
+            [
+                ("volumes", &mut clear.volumes),
+                ("snapshots", &mut clear.snapshots),
+                ("bytes", &mut clear.bytes),
+            ],
+        )
+        .map_err(Error::invalid)?;
         let store = self.svc.store();
         let limits = store.set_quota(&r.project, set, clear)?;
         let (_, usage) = store.quota(&r.project)?;

@@ -137,6 +137,29 @@ pub fn check_reserved_labels<'a>(
     }
 }
 
+/// SetQuota's `unlimited` list applied to the limits to clear: each name
+/// sets its slot (`Some(0)`: "remove this limit"); a name that is no quota
+/// is an error naming the ones there are. Both daemons' SetQuota use it.
+pub fn clear_quotas<const N: usize>(
+    unlimited: &[String],
+    slots: [(&str, &mut Option<u64>); N],
+) -> Result<(), String> {
+    let names: Vec<&str> = slots.iter().map(|(n, _)| *n).collect();
+    let mut slots = slots;
+    for u in unlimited {
+        match slots.iter_mut().find(|(n, _)| *n == u.as_str()) {
+            Some((_, slot)) => **slot = Some(0),
+            None => {
+                return Err(format!(
+                    "unlimited: {u:?} is no quota ({})",
+                    names.join(", ")
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +218,16 @@ mod tests {
         assert!(c.is_trusted());
         assert!(!Creator::of(&Identity::new(Role::Project, "a")).is_trusted());
         assert!(!Creator::of(&Identity::new(Role::Frontend, "a")).is_trusted());
+    }
+
+    #[test]
+    fn unlimited_names_clear_their_quota_and_unknown_ones_are_refused() {
+        let (mut a, mut b) = (None, None);
+        clear_quotas(&["b".to_owned()], [("a", &mut a), ("b", &mut b)]).unwrap();
+        assert_eq!((a, b), (None, Some(0)));
+        let (mut a, mut b) = (None, None);
+        let err = clear_quotas(&["z".to_owned()], [("a", &mut a), ("b", &mut b)]).unwrap_err();
+        assert_eq!(err, "unlimited: \"z\" is no quota (a, b)");
+        assert_eq!((a, b), (None, None));
     }
 }

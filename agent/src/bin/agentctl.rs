@@ -34,9 +34,7 @@ use stratus_proto::agent::v1::{
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
 
-use args::{
-    Cli, Command, EventsArgs, HostCommand, ImageCommand, Limit, QuotaCommand, RmArgs, VmCommand,
-};
+use args::{Cli, Command, EventsArgs, HostCommand, ImageCommand, QuotaCommand, RmArgs, VmCommand};
 use console::{Tail, TerminalFilter, Utf8Chunks};
 use stratus_core::cli::args::Ref;
 
@@ -144,18 +142,11 @@ async fn quota(ctx: &Ctx, command: QuotaCommand) -> Result<(), Failure> {
             memory,
         } => {
             let mut limits = QuotaLimits::default();
-            let mut unlimited = Vec::new();
-            for (name, limit, slot) in [
+            let unlimited = stratus_core::cli::args::quota_request([
                 ("vms", vms, &mut limits.vms),
                 ("vcpus", vcpus, &mut limits.vcpus),
                 ("memory_bytes", memory, &mut limits.memory_bytes),
-            ] {
-                match limit {
-                    Some(Limit::At(n)) => *slot = Some(n),
-                    Some(Limit::Unlimited) => unlimited.push(name.to_owned()),
-                    None => {}
-                }
-            }
+            ]);
             let q = ctx.answer(
                 client
                     .set_quota(SetQuotaRequest {

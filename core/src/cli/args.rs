@@ -66,6 +66,53 @@ pub fn label_map(pairs: &[(String, String)]) -> Result<HashMap<String, String>, 
     Ok(checked.into_iter().collect())
 }
 
+/// A quota limit on the command line: a number, or `unlimited` to remove
+/// the limit. Both clients' `quota set` take these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    At(u64),
+    Unlimited,
+}
+
+impl Limit {
+    /// A count (`100`) or `unlimited`; clap's value parser.
+    pub fn parse_count(s: &str) -> Result<Limit, String> {
+        if s == "unlimited" {
+            return Ok(Limit::Unlimited);
+        }
+        s.parse()
+            .map(Limit::At)
+            .map_err(|_| format!("{s:?} is neither a count nor `unlimited`"))
+    }
+
+    /// A size (`2T`, `64G`) or `unlimited`; clap's value parser.
+    pub fn parse_bytes(s: &str) -> Result<Limit, String> {
+        if s == "unlimited" {
+            return Ok(Limit::Unlimited);
+        }
+        s.parse::<crate::types::ByteSize>()
+            .map(|b| Limit::At(b.0))
+            .map_err(|e| format!("{e} (or `unlimited`)"))
+    }
+}
+
+/// A SetQuota request's two parts from `quota set`'s flags: each number
+/// given goes into its slot of the request's limits, and the names given
+/// as `unlimited` are returned, for the request's `unlimited` list.
+pub fn quota_request<const N: usize>(
+    given: [(&str, Option<Limit>, &mut Option<u64>); N],
+) -> Vec<String> {
+    let mut unlimited = Vec::new();
+    for (name, limit, slot) in given {
+        match limit {
+            Some(Limit::At(n)) => *slot = Some(n),
+            Some(Limit::Unlimited) => unlimited.push(name.to_owned()),
+            None => {}
+        }
+    }
+    unlimited
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +150,22 @@ mod tests {
         );
         assert!(label_arg("novalue").is_err());
         assert!(label_arg("bad key=v").is_err());
+    }
+
+    #[test]
+    fn quota_limits_parse_and_split_into_a_request() {
+        assert_eq!(Limit::parse_count("100"), Ok(Limit::At(100)));
+        assert_eq!(Limit::parse_count("unlimited"), Ok(Limit::Unlimited));
+        assert!(Limit::parse_count("2T").is_err());
+        assert_eq!(Limit::parse_bytes("2K"), Ok(Limit::At(2048)));
+        assert!(Limit::parse_bytes("lots").is_err());
+        let (mut a, mut b, mut c) = (None, None, Some(7));
+        let unlimited = quota_request([
+            ("a", Some(Limit::At(3)), &mut a),
+            ("b", Some(Limit::Unlimited), &mut b),
+            ("c", None, &mut c),
+        ]);
+        assert_eq!((a, b, c), (Some(3), None, Some(7)));
+        assert_eq!(unlimited, vec!["b".to_owned()]);
     }
 }

@@ -36,8 +36,8 @@ use stratus_proto::pdisk::v1::{
 use stratus_proto::pdisk::v1::{GetQuotaRequest, ListQuotasRequest, QuotaLimits, SetQuotaRequest};
 
 use args::{
-    Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, ImageCommand, Limit,
-    PoolCommand, QuotaCommand, SnapshotCommand, VolumeCommand,
+    Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, ImageCommand, PoolCommand,
+    QuotaCommand, SnapshotCommand, VolumeCommand,
 };
 use progress::{new_request_id, watched, Client, UploadError};
 
@@ -114,18 +114,11 @@ async fn quota(ctx: &Ctx, command: QuotaCommand) -> Result<(), Failure> {
             bytes,
         } => {
             let mut limits = QuotaLimits::default();
-            let mut unlimited = Vec::new();
-            for (name, limit, slot) in [
+            let unlimited = stratus_core::cli::args::quota_request([
                 ("volumes", volumes, &mut limits.volumes),
                 ("snapshots", snapshots, &mut limits.snapshots),
                 ("bytes", bytes, &mut limits.bytes),
-            ] {
-                match limit {
-                    Some(Limit::At(n)) => *slot = Some(n),
-                    Some(Limit::Unlimited) => unlimited.push(name.to_owned()),
-                    None => {}
-                }
-            }
+            ]);
             let q = ctx.answer(
                 client
                     .set_quota(SetQuotaRequest {

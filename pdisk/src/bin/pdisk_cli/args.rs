@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
-use stratus_core::cli::args::{label_arg as parse_label_arg, Ref};
+use stratus_core::cli::args::{label_arg as parse_label_arg, Limit, Ref};
 use stratus_core::error::Error;
 use stratus_core::types::{ByteSize, Iqn, VolumeName};
 use stratus_proto::pdisk::v1::ImageFormat;
@@ -104,14 +104,14 @@ pub enum QuotaCommand {
         /// The project.
         project: String,
         /// Most volumes the project may hold, or `unlimited`.
-        #[arg(long, value_parser = parse_count_limit)]
+        #[arg(long, value_parser = Limit::parse_count)]
         volumes: Option<Limit>,
         /// Most snapshots, or `unlimited`.
-        #[arg(long, value_parser = parse_count_limit)]
+        #[arg(long, value_parser = Limit::parse_count)]
         snapshots: Option<Limit>,
         /// Most provisioned bytes (volume and snapshot sizes, e.g. 2T), or
         /// `unlimited`.
-        #[arg(long, value_parser = parse_bytes_limit)]
+        #[arg(long, value_parser = Limit::parse_bytes)]
         bytes: Option<Limit>,
     },
     /// A project's limits and usage (a project certificate: its own).
@@ -121,31 +121,6 @@ pub enum QuotaCommand {
     },
     /// Every project with a quota or with volumes (admins).
     List,
-}
-
-/// A quota limit on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    At(u64),
-    Unlimited,
-}
-
-fn parse_count_limit(s: &str) -> Result<Limit, String> {
-    if s == "unlimited" {
-        return Ok(Limit::Unlimited);
-    }
-    s.parse()
-        .map(Limit::At)
-        .map_err(|_| format!("{s:?} is neither a count nor `unlimited`"))
-}
-
-fn parse_bytes_limit(s: &str) -> Result<Limit, String> {
-    if s == "unlimited" {
-        return Ok(Limit::Unlimited);
-    }
-    s.parse::<ByteSize>()
-        .map(|b| Limit::At(b.0))
-        .map_err(|e| format!("{e} (or `unlimited`)"))
 }
 
 #[derive(Debug, Subcommand)]

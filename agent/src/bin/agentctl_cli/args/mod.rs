@@ -11,7 +11,7 @@
 use std::path::{Component, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use stratus_core::cli::args::Ref;
+use stratus_core::cli::args::{Limit, Ref};
 
 mod disk;
 mod image;
@@ -122,13 +122,13 @@ pub enum QuotaCommand {
         /// The project.
         project: String,
         /// Most VMs the project may define on this host, or `unlimited`.
-        #[arg(long, value_parser = parse_count_limit)]
+        #[arg(long, value_parser = Limit::parse_count)]
         vms: Option<Limit>,
         /// Most vCPUs of its VMs, or `unlimited`.
-        #[arg(long, value_parser = parse_count_limit)]
+        #[arg(long, value_parser = Limit::parse_count)]
         vcpus: Option<Limit>,
         /// Most memory of its VMs (e.g. 64G), or `unlimited`.
-        #[arg(long, value_parser = parse_bytes_limit)]
+        #[arg(long, value_parser = Limit::parse_bytes)]
         memory: Option<Limit>,
     },
     /// A project's limits and usage (a project certificate: its own).
@@ -138,31 +138,6 @@ pub enum QuotaCommand {
     },
     /// Every project with a quota or with VMs (admins).
     List,
-}
-
-/// A quota limit on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    At(u64),
-    Unlimited,
-}
-
-fn parse_count_limit(s: &str) -> Result<Limit, String> {
-    if s == "unlimited" {
-        return Ok(Limit::Unlimited);
-    }
-    s.parse()
-        .map(Limit::At)
-        .map_err(|_| format!("{s:?} is neither a count nor `unlimited`"))
-}
-
-fn parse_bytes_limit(s: &str) -> Result<Limit, String> {
-    if s == "unlimited" {
-        return Ok(Limit::Unlimited);
-    }
-    s.parse::<stratus_core::types::ByteSize>()
-        .map(|b| Limit::At(b.0))
-        .map_err(|e| format!("{e} (or `unlimited`)"))
 }
 
 #[derive(Debug, Args)]
