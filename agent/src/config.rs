@@ -15,6 +15,7 @@ use crate::confine::QemuUsers;
 use crate::store::Retention;
 use crate::vmm::AccelChoice;
 use stratus_core::error::{Error, Result};
+use stratus_core::nats::{NatsFlags, NatsSettings};
 use stratus_core::settings::LogFormat;
 use stratus_core::types::{ByteSize, Iqn};
 
@@ -35,6 +36,10 @@ pub struct Flags {
     #[command(flatten)]
     #[serde(flatten)]
     pub serve: ServeFlags,
+    /// Publishing events to NATS JetStream (`--nats-url` and the rest).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub nats: NatsFlags,
     /// Directory of the agent's state and guest files [default: /var/lib/stratus-agent]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -123,6 +128,8 @@ pub struct Config {
     pub serve: ServeSettings,
     /// This host's certificate, key and the cloud's CA, also used to call pdiskd.
     pub tls: Option<TlsFiles>,
+    /// The broker events are published to (None: not published).
+    pub nats: Option<NatsSettings>,
     pub state_dir: PathBuf,
     pub pdisk: Option<String>,
     pub bridge: String,
@@ -193,9 +200,11 @@ impl Flags {
             (None, Some(user)) => QemuUsers::shared(&user)?,
             (range, None) => QemuUsers::pool(range.as_deref().unwrap_or("64000-64999"))?,
         };
+        let nats = self.nats.resolve(&file.nats)?;
         let cfg = Config {
             serve,
             tls,
+            nats,
             state_dir: pick!(state_dir, PathBuf::from("/var/lib/stratus-agent")),
             pdisk: self.pdisk.or(file.pdisk),
             bridge: pick!(bridge, "br0".into()),

@@ -16,6 +16,8 @@
 //!   reconciliation, host facts, images;
 //! - `volumes`: the pdisk calls agentd makes, behind `VolumeClient`;
 //! - `grpc`: the tonic `VmService`, message conversion only;
+//! - [`publisher`]: the journal as an outbox to NATS JetStream (subjects,
+//!   payloads, `AgentOutbox`; the publisher task is stratus-core's);
 //! - [`config`]: agentd settings from flags and TOML.
 //!
 //! It depends on `stratus-core` (error, domain types, runner, image
@@ -42,6 +44,7 @@ pub mod images;
 pub(crate) mod journal;
 mod launch_fds;
 pub mod net;
+pub mod publisher;
 pub mod qmp;
 pub mod seed;
 pub(crate) mod service;

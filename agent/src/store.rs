@@ -32,6 +32,8 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_SEQ: &str = "last_seq";
+/// The last seq the NATS broker acknowledged (`publisher.rs`).
+const PUBLISHED_SEQ: &str = "published_seq";
 /// project -> its [`QuotaLimits`].
 const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
 
@@ -232,6 +234,8 @@ pub struct AgentStore {
     /// Serializes commits so seqs are handed out in commit order.
     commit_lock: Mutex<()>,
     live: broadcast::Sender<Event>,
+    /// Woken after each commit: the outbox publisher (`publisher.rs`).
+    committed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -288,6 +292,7 @@ impl AgentStore {
             db,
             commit_lock: Mutex::new(()),
             live,
+            committed: Default::default(),
         })
     }
 
@@ -370,6 +375,7 @@ impl AgentStore {
             // No receivers is fine: the journal has it.
             let _ = self.live.send(e.clone());
         }
+        self.committed.notify_one();
         Ok(out)
     }
 
@@ -516,6 +522,37 @@ impl AgentStore {
                 decode("event", v.value())
             })
             .collect()
+    }
+
+    /// Whether the journal holds the event `seq` (one kept below the
+    /// oldest seq as a guest's state, too).
+    pub fn has_event(&self, seq: u64) -> Result<bool> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(EVENTS).map_err(db_err)?;
+        Ok(t.get(seq).map_err(db_err)?.is_some())
+    }
+
+    /// The last seq the broker acknowledged (0: none).
+    pub fn published_seq(&self) -> Result<u64> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(META).map_err(db_err)?;
+        let x = t.get(PUBLISHED_SEQ).map_err(db_err)?;
+        Ok(x.map(|v| v.value()).unwrap_or(0))
+    }
+
+    /// Stores the last seq the broker acknowledged, durably.
+    pub fn set_published_seq(&self, seq: u64) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        tx.open_table(META)
+            .map_err(db_err)?
+            .insert(PUBLISHED_SEQ, seq)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Notified after each commit (one waiter: the outbox publisher).
+    pub fn committed(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.committed.clone()
     }
 
     /// The oldest seq from which the journal is complete.

@@ -1,5 +1,6 @@
 //! Facts about the host this process runs on, read the same way by agentd
-//! (GetHost) and by stratus-bench (its machine line).
+//! (GetHost) and by stratus-bench (its machine line), and the hostname
+//! events are published under.
 
 /// Total memory of the host in bytes (`MemTotal` of /proc/meminfo), or None
 /// when it cannot be read.
@@ -13,6 +14,16 @@ pub fn memory_total() -> Option<u64> {
         .parse::<u64>()
         .ok()?;
     Some(kib * 1024)
+}
+
+/// This host's name (the kernel's), lower case; "localhost" when it cannot
+/// be read.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 #[cfg(test)]

@@ -19,6 +19,10 @@
 //! - [`host`]: facts about this host (memory);
 //! - [`rooted`]: host files opened only beneath configured roots (openat2
 //!   `RESOLVE_BENEATH`: no `..` or symlink escape, no check-then-use race);
+//! - [`nats`]: the NATS JetStream broker (flags, connection, the
+//!   `STRATUS_EVENTS` stream, publishing with a message id, durable consumers);
+//! - [`outbox`]: a daemon's event journal published to the broker in seq
+//!   order, resumed after the last acknowledged seq;
 //! - [`cli`]: plumbing shared by the `pdisk` and `agentctl` CLIs (tables,
 //!   one-line errors, exit codes, JSON errors, argument values).
 
@@ -26,6 +30,8 @@ pub mod cli;
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod nats;
+pub mod outbox;
 pub mod rooted;
 pub mod runner;
 pub mod settings;

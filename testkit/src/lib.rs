@@ -7,7 +7,8 @@
 //! and the storage stack a pdisk test runs on (`stack.rs`: file+tgt on the
 //! host, LVM thin + LIO + the kernel initiator of `open_iscsi.rs` in the lab
 //! VM). One file per concern: `netns.rs`, `xfs.rs`, `tgtd.rs`, `pdiskd.rs`,
-//! `initiator.rs`, `agentd.rs`, `guest.rs` (with the httpd), `stack.rs`,
+//! `initiator.rs`, `agentd.rs`, `guest.rs` (with the httpd), `nats.rs` (a
+//! `nats-server -js` of the test's own), `stack.rs`,
 //! `open_iscsi.rs`, `pki.rs`; this file holds the helpers they share.
 //!
 //! Every piece has a drop guard that tears it down even when the test fails,
@@ -27,6 +28,7 @@ use tonic::transport::Channel;
 mod agentd;
 mod guest;
 mod initiator;
+mod nats;
 mod netns;
 mod open_iscsi;
 mod pdiskd;
@@ -38,6 +40,7 @@ mod xfs;
 pub use agentd::{agent_events, test_cgroup_parent, Agentd};
 pub use guest::{guest_dir, wait_console, Httpd};
 pub use initiator::Initiator;
+pub use nats::NatsServer;
 pub use netns::{can_connect_in, NetNs};
 pub use pdiskd::Pdiskd;
 pub use stack::{stack_kind, Exports, Lio, Pool, Stack, StackKind, ThinPool};

@@ -99,6 +99,22 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         });
     }
 
+    // The journal is the outbox: with a broker, every event is published
+    // in seq order, resuming after the last one it acknowledged.
+    if let Some(nats) = &cfg.nats {
+        let broker =
+            stratus_core::nats::Broker::connect(nats, &format!("agentd {}", nats.host), false)
+                .await
+                .context("NATS")?;
+        let outbox = Arc::new(agent::publisher::AgentOutbox::new(
+            agent.shared_store(),
+            &nats.host,
+        ));
+        stratus_core::outbox::Publisher::spawn(outbox, broker);
+        tracing::info!(url = %nats.url, host = %nats.host, stream = stratus_core::nats::STREAM,
+            "publishing events to NATS");
+    }
+
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmServiceServer<Api>>().await;
     // Reflection in both versions: grpcurl and grpcui speak v1, Python's

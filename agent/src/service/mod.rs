@@ -247,6 +247,11 @@ impl Agent {
         &self.store
     }
 
+    /// The store, shared: the outbox publisher reads the journal through it.
+    pub fn shared_store(&self) -> Arc<AgentStore> {
+        self.store.clone()
+    }
+
     /// The event journal, to replay and follow.
     pub fn journal(&self) -> &EventJournal {
         &self.journal
