@@ -50,9 +50,13 @@ pub struct Flags {
     /// for pdisk disks
     #[arg(long, value_name = "URL")]
     pub pdisk: Option<String>,
-    /// Bridge for NICs that name none [default: br0]
+    /// Bridge for NICs that name none; guests may always join it [default: br0]
     #[arg(long, value_name = "NAME")]
     pub bridge: Option<String>,
+    /// Another bridge guests' NICs may join (repeatable); a NIC naming any
+    /// other bridge is refused
+    #[arg(long = "allowed-bridge", value_name = "NAME")]
+    pub allowed_bridges: Option<Vec<String>>,
     /// Accelerator: auto uses KVM when the CPU and /dev/kvm allow [default: auto]
     #[arg(long, value_enum)]
     pub accel: Option<AccelChoice>,
@@ -133,6 +137,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub pdisk: Option<String>,
     pub bridge: String,
+    /// Bridges besides `bridge` that guests may join.
+    pub allowed_bridges: Vec<String>,
     pub accel: AccelChoice,
     pub attach: AttachMode,
     pub initiator_iqn: Iqn,
@@ -208,6 +214,7 @@ impl Flags {
             state_dir: pick!(state_dir, PathBuf::from("/var/lib/stratus-agent")),
             pdisk: self.pdisk.or(file.pdisk),
             bridge: pick!(bridge, "br0".into()),
+            allowed_bridges: pick!(allowed_bridges, Vec::new()),
             accel: pick!(accel, AccelChoice::Auto),
             attach: pick!(attach, AttachMode::Qemu),
             initiator_iqn: iqn
@@ -245,6 +252,9 @@ impl Flags {
             ),
         };
         crate::spec::check_ifname("bridge", &cfg.bridge)?;
+        for b in &cfg.allowed_bridges {
+            crate::spec::check_ifname("allowed-bridge", b)?;
+        }
         if cfg.event_retention.max_events == 0 {
             return Err(Error::invalid("event-max must be at least 1"));
         }
@@ -319,6 +329,33 @@ mod tests {
         assert!(Flags::parse_from(["agentd", "--bridge", "a/b"])
             .resolve()
             .is_err());
+        assert!(c.allowed_bridges.is_empty());
+    }
+
+    #[test]
+    fn allowed_bridges_from_flags_or_toml() {
+        let c = Flags::parse_from([
+            "agentd",
+            "--allowed-bridge",
+            "br1",
+            "--allowed-bridge",
+            "br2",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.allowed_bridges, ["br1", "br2"]);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(&f, "allowed_bridges = [\"br-tenant\"]\n").unwrap();
+        let c = Flags::parse_from(["agentd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.allowed_bridges, ["br-tenant"]);
+        assert!(
+            Flags::parse_from(["agentd", "--allowed-bridge", "x".repeat(16).as_str()])
+                .resolve()
+                .is_err()
+        );
     }
 
     #[test]

@@ -232,6 +232,7 @@ fn spec_pb(s: &VmSpec) -> pb::VmSpec {
                 bridge: n.bridge.clone(),
                 mac: n.mac.to_string(),
                 vlan: n.vlan as u32,
+                ips: n.ips.iter().map(|ip| ip.to_string()).collect(),
             })
             .collect(),
         kernel: s.kernel.as_ref().map(|k| pb::KernelBoot {
@@ -366,10 +367,19 @@ fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
         if n.vlan > 4094 {
             return Err(Error::invalid(format!("vlan {} is out of 1..4094", n.vlan)));
         }
+        let ips = n
+            .ips
+            .iter()
+            .map(|ip| {
+                ip.parse::<std::net::IpAddr>()
+                    .map_err(|_| Error::invalid(format!("NIC address {ip:?} is not an IP address")))
+            })
+            .collect::<stratus_core::error::Result<Vec<_>>>()?;
         nics.push(Nic {
             bridge: n.bridge,
             mac,
             vlan: n.vlan as u16,
+            ips,
         });
     }
     let kernel = match s.kernel {
@@ -770,6 +780,7 @@ mod tests {
                 bridge: "br0".into(),
                 mac: "52:54:00:AB:CD:EF".into(),
                 vlan: 0,
+                ips: Vec::new(),
             }],
             ..Default::default()
         };

@@ -71,6 +71,29 @@ pub struct Nic {
     /// Stored in 52:54:00:xx:xx:xx form.
     pub mac: Mac,
     pub vlan: u16,
+    /// The only IP sources the guest may use on this NIC (anti-spoofing,
+    /// [`crate::net::NicFilters`]); empty: only the MAC is enforced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// Most addresses one NIC may name.
+pub const MAX_IPS_PER_NIC: usize = 16;
+
+/// Checks an address a NIC may claim: a unicast host address.
+pub fn check_nic_ip(ip: std::net::IpAddr) -> Result<()> {
+    let bad = match ip {
+        std::net::IpAddr::V4(a) => {
+            a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback()
+        }
+        std::net::IpAddr::V6(a) => a.is_unspecified() || a.is_multicast() || a.is_loopback(),
+    };
+    if bad {
+        return Err(Error::invalid(format!(
+            "NIC address {ip} is not a unicast host address"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +280,15 @@ impl VmSpec {
             check_ifname("bridge", &n.bridge)?;
             if n.vlan > 4094 {
                 return Err(Error::invalid(format!("vlan {} is out of 0..4094", n.vlan)));
+            }
+            if n.ips.len() > MAX_IPS_PER_NIC {
+                return Err(Error::invalid(format!(
+                    "a NIC names {} addresses; at most {MAX_IPS_PER_NIC}",
+                    n.ips.len()
+                )));
+            }
+            for ip in &n.ips {
+                check_nic_ip(*ip)?;
             }
         }
         stratus_core::types::validate_labels(self.labels.iter())?;

@@ -115,6 +115,10 @@ pub struct NicAttachment {
     pub bridge: String,
     pub mac: crate::net::Mac,
     pub vlan: u16,
+    /// The addresses its anti-spoofing rules allow (the spec's at start),
+    /// so reconciliation re-applies the very rules the guest started with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// Facts about a guest's current QEMU, present while it is active.

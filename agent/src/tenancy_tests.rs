@@ -41,6 +41,7 @@ fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent> {
         AgentSettings {
             state_dir: state,
             default_bridge: "br0".into(),
+            allowed_bridges: vec!["br1".into()],
             initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
             attach: AttachMode::Qemu,
             pdisk_url: None,

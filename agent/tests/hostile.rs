@@ -190,6 +190,7 @@ fn cases(files: &std::path::Path) -> Vec<(String, pb::VmSpec, &'static [Code])> 
             bridge: BRIDGE.into(),
             mac: mac.into(),
             vlan: 0,
+            ips: Vec::new(),
         }];
         v.push((format!("mac {mac}"), s, INVALID));
     }
@@ -199,15 +200,41 @@ fn cases(files: &std::path::Path) -> Vec<(String, pb::VmSpec, &'static [Code])> 
             bridge: BRIDGE.into(),
             mac: String::new(),
             vlan,
+            ips: Vec::new(),
         }];
         v.push((format!("vlan {vlan}"), s, INVALID));
     }
+    // Addresses a NIC may not claim.
+    let many: Vec<String> = (1..=17).map(|i| format!("10.9.0.{i}")).collect();
+    for ips in [
+        vec!["not-an-ip".to_string()],
+        vec!["224.0.0.1".into()],
+        vec!["0.0.0.0".into()],
+        vec!["::1".into()],
+        many,
+    ] {
+        let mut s = base_spec("eve-ip");
+        s.nics = vec![pb::NicSpec {
+            bridge: BRIDGE.into(),
+            ips: ips.clone(),
+            ..Default::default()
+        }];
+        v.push((format!("nic ips {:?}", &ips[..1]), s, INVALID));
+    }
+    // A well-formed bridge the host does not let guests join.
+    let mut s = base_spec("eve-br-host");
+    s.nics = vec![pb::NicSpec {
+        bridge: "br-hosts".into(),
+        ..Default::default()
+    }];
+    v.push(("bridge not allowed".into(), s, DENIED));
     for bridge in ["a/b", "..", "x".repeat(16).as_str(), "a b", "a:b"] {
         let mut s = base_spec("eve-br");
         s.nics = vec![pb::NicSpec {
             bridge: bridge.into(),
             mac: String::new(),
             vlan: 0,
+            ips: Vec::new(),
         }];
         v.push((format!("bridge {bridge:?}"), s, INVALID));
     }

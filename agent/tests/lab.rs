@@ -186,6 +186,7 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
             bridge: BRIDGE.into(),
             mac: String::new(),
             vlan: 0,
+            ips: Vec::new(),
         }],
         ..Default::default()
     };

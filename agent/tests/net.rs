@@ -243,14 +243,14 @@ fn attach_to_bridge_sets_the_master_idempotently() {
     let t = tap();
     ns.run(|| {
         create_tap(&t)?;
-        attach_to_bridge(&t, "br0")?;
-        attach_to_bridge(&t, "br0")
+        attach_to_bridge(&t, "br0", 0)?;
+        attach_to_bridge(&t, "br0", 0)
     })
     .unwrap();
     assert_eq!(ns.link(t.as_str()).unwrap()["master"], "br0");
 
     // Moving to another bridge works too.
-    ns.run(|| attach_to_bridge(&t, "br1")).unwrap();
+    ns.run(|| attach_to_bridge(&t, "br1", 0)).unwrap();
     assert_eq!(ns.link(t.as_str()).unwrap()["master"], "br1");
 }
 
@@ -265,14 +265,16 @@ fn attach_to_a_missing_or_non_bridge_fails_and_leaves_the_tap_alone() {
     ns.run(|| create_tap(&t)).unwrap();
     let before = ns.link(t.as_str()).unwrap();
 
-    let err = ns.run(|| attach_to_bridge(&t, "br-missing")).unwrap_err();
+    let err = ns
+        .run(|| attach_to_bridge(&t, "br-missing", 0))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert_eq!(
         err.message(),
         "bridge br-missing does not exist on this host"
     );
 
-    let err = ns.run(|| attach_to_bridge(&t, "veth0")).unwrap_err();
+    let err = ns.run(|| attach_to_bridge(&t, "veth0", 0)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
     assert!(
         err.message()
@@ -280,7 +282,7 @@ fn attach_to_a_missing_or_non_bridge_fails_and_leaves_the_tap_alone() {
         "{err}"
     );
 
-    let err = ns.run(|| attach_to_bridge(&t, "bad/name")).unwrap_err();
+    let err = ns.run(|| attach_to_bridge(&t, "bad/name", 0)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
 
     let after = ns.link(t.as_str()).unwrap();
@@ -290,7 +292,7 @@ fn attach_to_a_missing_or_non_bridge_fails_and_leaves_the_tap_alone() {
     // A missing tap on an existing bridge is NotFound.
     ns.bridge("br0", false);
     let err = ns
-        .run(|| attach_to_bridge(&TapName::new("st-none").unwrap(), "br0"))
+        .run(|| attach_to_bridge(&TapName::new("st-none").unwrap(), "br0", 0))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     assert!(err.message().contains("st-none"), "{err}");
@@ -304,7 +306,7 @@ fn delete_tap_removes_it_idempotently_and_spares_other_links() {
     let t = tap();
     ns.run(|| {
         create_tap(&t)?;
-        attach_to_bridge(&t, "br0")?;
+        attach_to_bridge(&t, "br0", 0)?;
         delete_tap(&t)
     })
     .unwrap();
@@ -341,7 +343,7 @@ fn set_vlan_makes_it_the_ports_only_untagged_pvid() {
     let t = tap();
     ns.run(|| {
         create_tap(&t)?;
-        attach_to_bridge(&t, "br0")
+        attach_to_bridge(&t, "br0", 100)
     })
     .unwrap();
     // A new port starts on the bridge's default PVID 1.
@@ -386,7 +388,7 @@ fn set_vlan_needs_a_filtering_bridge() {
     ns.run(|| {
         create_tap(&loose)?;
         create_tap(&attached)?;
-        attach_to_bridge(&attached, "br-plain")
+        attach_to_bridge(&attached, "br-plain", 0)
     })
     .unwrap();
 
@@ -479,7 +481,7 @@ fn qemu_attaches_to_a_precreated_tap_which_outlives_it() {
     let t = tap();
     let plumb = || {
         create_tap(&t)?;
-        attach_to_bridge(&t, "br0")?;
+        attach_to_bridge(&t, "br0", 0)?;
         if vlan {
             set_vlan(&t, 42)?;
         }

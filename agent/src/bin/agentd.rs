@@ -49,6 +49,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         AgentSettings {
             state_dir: cfg.state_dir.clone(),
             default_bridge: cfg.bridge.clone(),
+            allowed_bridges: cfg.allowed_bridges.clone(),
             initiator_iqn: cfg.initiator_iqn.to_string(),
             attach: cfg.attach,
             pdisk_url: cfg.pdisk.clone(),

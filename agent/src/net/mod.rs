@@ -45,9 +45,12 @@
 //!
 //! # Rooms
 //! `mac.rs`: [`Mac`]. `tap.rs`: [`TapName`] and the tun ioctls. `rtnl.rs`:
-//! links, OS errors and the rtnetlink client. This file: the operations, and
-//! [`HostNet`], the seam the guest service reaches them through.
+//! links, OS errors and the rtnetlink client. `filter.rs`: [`NicFilters`],
+//! the anti-spoofing rules of each tap (nftables, through `nft` and the
+//! command runner). This file: the operations, and [`HostNet`], the seam
+//! the guest service reaches them through.
 
+mod filter;
 mod mac;
 mod rtnl;
 mod tap;
@@ -56,6 +59,7 @@ use std::ffi::CString;
 
 use stratus_core::error::{Error, Result};
 
+pub use filter::{NicFilters, TABLE as FILTER_TABLE};
 pub use mac::Mac;
 use rtnl::*;
 use tap::{check_ifname, make_persistent_tap, open_tap_queue};
@@ -79,7 +83,9 @@ const IFNAME_MAX: usize = libc::IFNAMSIZ - 1;
 pub trait HostNet: Send + Sync {
     fn create_tap(&self, name: &TapName) -> Result<()>;
     fn delete_tap(&self, name: &TapName) -> Result<()>;
-    fn attach_to_bridge(&self, tap: &TapName, bridge: &str) -> Result<()>;
+    /// Makes the tap a port of `bridge` for a NIC on `vlan` (0: untagged;
+    /// see [`attach_to_bridge`] for when that is refused).
+    fn attach_to_bridge(&self, tap: &TapName, bridge: &str, vlan: u16) -> Result<()>;
     fn set_vlan(&self, tap: &TapName, vlan: u16) -> Result<()>;
     /// Names of the taps whose name starts with `prefix`.
     fn list_taps_with_prefix(&self, prefix: &str) -> Vec<String>;
@@ -98,8 +104,8 @@ impl HostNet for KernelNet {
         delete_tap(name)
     }
 
-    fn attach_to_bridge(&self, tap: &TapName, bridge: &str) -> Result<()> {
-        attach_to_bridge(tap, bridge)
+    fn attach_to_bridge(&self, tap: &TapName, bridge: &str, vlan: u16) -> Result<()> {
+        attach_to_bridge(tap, bridge, vlan)
     }
 
     fn set_vlan(&self, tap: &TapName, vlan: u16) -> Result<()> {
@@ -199,12 +205,20 @@ pub fn delete_tap(name: &TapName) -> Result<()> {
 }
 
 /// Makes tap `tap` a port of bridge `bridge` (IFLA_MASTER), moving it from
-/// any other master. Idempotent.
+/// any other master, for a NIC on VLAN `vlan` (0: untagged). Idempotent.
 ///
 /// A missing bridge, or a link `bridge` that is not a bridge, is
 /// FailedPrecondition naming it, and the tap is left unchanged; a missing tap
 /// is NotFound; a malformed bridge name is InvalidArgument.
-pub fn attach_to_bridge(tap: &TapName, bridge: &str) -> Result<()> {
+///
+/// VLAN 0 on a bridge that filters VLANs is refused (FailedPrecondition,
+/// before the tap joins) unless the bridge's `default_pvid` is 0: the kernel
+/// makes every new port a member of the default VLAN, untagged, so an
+/// "untagged" guest would land on whatever that VLAN carries (often the
+/// hosts' own network) by accident. With `default_pvid` 0 the port belongs
+/// to no VLAN until the operator says so. Without VLAN filtering the bridge
+/// is one untagged segment, which VLAN 0 means.
+pub fn attach_to_bridge(tap: &TapName, bridge: &str, vlan: u16) -> Result<()> {
     check_ifname(bridge).map_err(|why| Error::invalid(format!("bridge name {bridge:?} {why}")))?;
     let mut nl = Rtnl::open().map_err(|e| fail(tap, "open rtnetlink socket", e))?;
     let br = match lookup(&mut nl, bridge).map_err(|e| fail(bridge, "look up", e))? {
@@ -221,6 +235,16 @@ pub fn attach_to_bridge(tap: &TapName, bridge: &str) -> Result<()> {
         }
         Some(l) => l,
     };
+    if let (0, Some(true), pvid) = (vlan, br.vlan_filtering, br.default_pvid) {
+        if pvid != Some(0) {
+            let pvid = pvid.map_or("its default VLAN".into(), |p| format!("VLAN {p}"));
+            return Err(Error::precondition(format!(
+                "bridge {bridge} filters VLANs and puts new ports on {pvid} untagged: \
+                 an untagged NIC (vlan 0) on tap {tap} would put the guest there by accident; \
+                 give the NIC a VLAN, or set the bridge's default_pvid to 0"
+            )));
+        }
+    }
     let port = require_tap(&mut nl, tap)?;
     if port.master == Some(br.index) {
         return Ok(());
@@ -530,6 +554,7 @@ mod tests {
                     multi_queue: false
                 }),
                 vlan_filtering: None,
+                default_pvid: None,
             }
         );
         assert!(link.is_tap() && !link.is_bridge());

@@ -26,6 +26,9 @@ pub(super) struct Link {
     pub(super) tun: Option<TunInfo>,
     /// For a bridge: IFLA_BR_VLAN_FILTERING.
     pub(super) vlan_filtering: Option<bool>,
+    /// For a bridge: IFLA_BR_VLAN_DEFAULT_PVID, the VLAN a new port joins
+    /// untagged when the bridge filters VLANs (0: none).
+    pub(super) default_pvid: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -176,9 +179,17 @@ pub(super) fn parse_link(payload: &[u8]) -> std::result::Result<Link, OsError> {
             link.tun = Some(tun);
         }
         Some("bridge") => {
-            link.vlan_filtering = attrs(info_data)
-                .find(|&(ty, _)| ty == uapi::IFLA_BR_VLAN_FILTERING)
-                .map(|(_, val)| val.first().is_some_and(|&b| b != 0));
+            for (ty, val) in attrs(info_data) {
+                match ty {
+                    uapi::IFLA_BR_VLAN_FILTERING => {
+                        link.vlan_filtering = Some(val.first().is_some_and(|&b| b != 0))
+                    }
+                    uapi::IFLA_BR_VLAN_DEFAULT_PVID if val.len() >= 2 => {
+                        link.default_pvid = Some(u16::from_ne_bytes([val[0], val[1]]))
+                    }
+                    _ => {}
+                }
+            }
         }
         _ => {}
     }
@@ -304,6 +315,7 @@ pub(super) mod uapi {
     pub const IFLA_TUN_PERSIST: u16 = 6;
     pub const IFLA_TUN_MULTI_QUEUE: u16 = 7;
     pub const IFLA_BR_VLAN_FILTERING: u16 = 7;
+    pub const IFLA_BR_VLAN_DEFAULT_PVID: u16 = 39;
 
     pub const IFLA_BRIDGE_VLAN_INFO: u16 = 2;
     pub const BRIDGE_VLAN_INFO_PVID: u16 = 1 << 1;

@@ -159,15 +159,18 @@ impl Agent {
     }
 
     /// Makes the tap of NIC `i` of `vm` (recorded first: a crash after
-    /// creating the tap must find it), puts it on its bridge and VLAN, and
-    /// records NIC_ATTACHED.
-    pub(super) fn attach_nic(&self, vm: &mut VmRecord, i: usize, n: &Nic) -> Result<PlannedNic> {
+    /// creating the tap must find it) on an allowed bridge: its
+    /// anti-spoofing rules first, then the tap, then its bridge port and
+    /// VLAN; records NIC_ATTACHED. So the tap never carries a frame without
+    /// its rules.
+    pub(super) async fn attach_nic(
+        &self,
+        vm: &mut VmRecord,
+        i: usize,
+        n: &Nic,
+    ) -> Result<PlannedNic> {
         let tap = net::tap_name_for(vm.uuid, i);
-        let bridge = if n.bridge.is_empty() {
-            self.settings.default_bridge.clone()
-        } else {
-            n.bridge.clone()
-        };
+        let bridge = self.allowed_bridge(&n.bridge)?.to_string();
         vm.runtime
             .as_mut()
             .expect("runtime")
@@ -177,10 +180,12 @@ impl Agent {
                 bridge: bridge.clone(),
                 mac: n.mac,
                 vlan: n.vlan,
+                ips: n.ips.clone(),
             });
         self.commit(vm, &[])?;
+        self.filters.protect(&tap, n.mac, &n.ips).await?;
         self.net.create_tap(&tap)?;
-        self.net.attach_to_bridge(&tap, &bridge)?;
+        self.net.attach_to_bridge(&tap, &bridge, n.vlan)?;
         if n.vlan > 0 {
             self.net.set_vlan(&tap, n.vlan)?;
         }
@@ -196,6 +201,27 @@ impl Agent {
             tap: tap.to_string(),
             mac: n.mac,
         })
+    }
+
+    /// The bridge a NIC naming `requested` joins (empty: the default
+    /// bridge), if this host lets guests on it (`--bridge` and every
+    /// `--allowed-bridge`); PermissionDenied otherwise. Checked at create
+    /// and again at each start, since the host's list may have changed.
+    pub(super) fn allowed_bridge<'a>(&'a self, requested: &'a str) -> Result<&'a str> {
+        let bridge = if requested.is_empty() {
+            self.settings.default_bridge.as_str()
+        } else {
+            requested
+        };
+        if bridge == self.settings.default_bridge
+            || self.settings.allowed_bridges.iter().any(|b| b == bridge)
+        {
+            return Ok(bridge);
+        }
+        Err(stratus_core::error::Error::denied(format!(
+            "bridge {bridge} is not one guests may join on this host (agentd --bridge \
+             and --allowed-bridge)"
+        )))
     }
 
     /// Exports a pdisk volume to this host with a fresh CHAP secret and says
@@ -340,6 +366,12 @@ impl Agent {
                 Ok(t) => {
                     if let Err(e) = self.net.delete_tap(&t) {
                         tracing::warn!(tap = %n.tap, error = %e, "could not delete tap");
+                    }
+                    // After the tap: it never sits on a bridge without them.
+                    // Rules left by a failure here are removed at the next
+                    // start's reconciliation.
+                    if let Err(e) = self.filters.remove(&t).await {
+                        tracing::warn!(tap = %n.tap, error = %e, "could not remove the tap's anti-spoofing rules");
                     }
                 }
                 Err(e) => tracing::warn!(tap = %n.tap, error = %e, "bad tap name in record"),

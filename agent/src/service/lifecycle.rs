@@ -35,6 +35,9 @@ impl Agent {
     /// capacity and the project's quota.
     pub async fn create_vm(&self, spec: VmSpec, project: &str) -> Result<VmRecord> {
         spec.validate()?;
+        for n in &spec.nics {
+            self.allowed_bridge(&n.bridge)?;
+        }
         for d in &spec.disks {
             match &d.source {
                 DiskSource::File(p) => {
@@ -224,7 +227,7 @@ impl Agent {
         }
         let mut nics = Vec::new();
         for (i, n) in vm.spec.nics.clone().iter().enumerate() {
-            nics.push(self.attach_nic(vm, i, n)?);
+            nics.push(self.attach_nic(vm, i, n).await?);
             self.crash_point("start.nic_attached");
         }
         let plan = LaunchPlan {

@@ -63,6 +63,8 @@ pub use images::ImageInfo;
 pub struct AgentSettings {
     pub state_dir: PathBuf,
     pub default_bridge: String,
+    /// Bridges besides the default one that guests' NICs may join.
+    pub allowed_bridges: Vec<String>,
     pub initiator_iqn: String,
     /// How pdisk disks reach QEMU: its own iSCSI initiator or the kernel's.
     pub attach: AttachMode,
@@ -145,6 +147,8 @@ pub struct Agent {
     host: HostFacts,
     volumes: Option<Arc<dyn VolumeClient>>,
     net: Arc<dyn HostNet>,
+    /// Guests' taps' anti-spoofing rules (nftables, through the runner).
+    filters: crate::net::NicFilters,
     vmm: Arc<dyn Vmm>,
     /// The kernel's iSCSI initiator: used for new disks with `--attach
     /// kernel`, and always for undoing disks recorded as kernel-attached.
@@ -217,6 +221,7 @@ impl Agent {
             stratus_core::rooted::Roots::open("--host-file-root", &settings.host_file_roots)?;
         let store = Arc::new(store);
         let uids = UidPool::new(settings.qemu_users.clone());
+        let filters = crate::net::NicFilters::new(runner.clone());
         Ok(Arc::new(Agent {
             journal: EventJournal::new(store.clone()),
             store,
@@ -225,6 +230,7 @@ impl Agent {
             host,
             volumes: effects.volumes,
             net: effects.net,
+            filters,
             vmm: effects.vmm,
             kernel,
             locks: Mutex::default(),

@@ -2,7 +2,9 @@
 //! what survived. Live QEMUs are adopted, guests whose QEMU ended while
 //! agentd was away are recorded STOPPED, interrupted starts are undone
 //! (ERROR), unfinished destroys are finished, leftover taps named like ours
-//! are removed, and kernel iSCSI sessions no record holds are logged out.
+//! are removed (and anti-spoofing rules of taps no record holds; live
+//! guests' rules are applied again), and kernel iSCSI sessions no record
+//! holds are logged out.
 //!
 //! One guest that cannot be reconciled (its QMP does not answer, its
 //! record cannot be written) is logged, reported and left as it is: it
@@ -83,12 +85,59 @@ impl Agent {
                 }
             }
         }
+        report.extend(self.reconcile_filters(&wanted).await);
         // Sessions on our iface that no record holds (a crash, a failed logout).
         report.extend(self.kernel.reap_orphans().await);
         for line in &report {
             tracing::info!(action = %line, "reconcile");
         }
         Ok(report)
+    }
+
+    /// Anti-spoofing rules after a restart: each live guest's NICs get
+    /// their recorded rules again (one transaction per tap that replaces
+    /// them whole, so an adopted guest is never without them, and a table
+    /// someone flushed is rebuilt), and rules of taps no record holds are
+    /// removed. Only agentd's own table is touched.
+    async fn reconcile_filters(&self, wanted: &HashSet<String>) -> Vec<String> {
+        let mut report = Vec::new();
+        let live = match self.store.vms() {
+            Ok(vms) => vms,
+            Err(e) => return vec![format!("anti-spoofing rules not reconciled ({e})")],
+        };
+        for n in live
+            .iter()
+            .filter_map(|v| v.runtime.as_ref())
+            .flat_map(|r| &r.nics)
+        {
+            let Ok(tap) = n.tap.parse::<net::TapName>() else {
+                continue;
+            };
+            if let Err(e) = self.filters.protect(&tap, n.mac, &n.ips).await {
+                tracing::error!(tap = %tap, error = %e, "could not restore a guest's anti-spoofing rules");
+                report.push(format!("tap {tap}: anti-spoofing rules not restored ({e})"));
+            }
+        }
+        match self.filters.protected_taps().await {
+            Ok(taps) => {
+                for tap in taps.iter().filter(|t| !wanted.contains(*t)) {
+                    let Ok(t) = tap.parse::<net::TapName>() else {
+                        continue;
+                    };
+                    match self.filters.remove(&t).await {
+                        Ok(()) => {
+                            report.push(format!("removed anti-spoofing rules of gone tap {tap}"))
+                        }
+                        Err(e) => report.push(format!("rules of gone tap {tap} not removed ({e})")),
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the anti-spoofing table");
+                report.push(format!("anti-spoofing table not read ({e})"));
+            }
+        }
+        report
     }
 
     /// Adopts, records or undoes one guest that was active when agentd

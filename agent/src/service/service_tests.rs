@@ -8,13 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stratus_core::error::ErrorKind;
-use stratus_core::runner::FakeRunner;
 use stratus_core::types::ByteSize;
 
 use super::{Agent, AgentSettings, HostEffects, HostFacts};
 use crate::attach::{AttachMode, KernelOptions};
 use crate::confine::{PrivilegeDrop, QemuCaps, QemuUsers};
-use crate::fakes::{FakeNet, FakeVmm, FakeVolumes};
+use crate::fakes::{FakeNet, FakeNft, FakeVmm, FakeVolumes};
 use crate::net::HostNet;
 use crate::qmp::{PanicAction, QmpEventKind};
 use crate::spec::{Cause, Context, Disk, DiskSource, EventType, Nic, VmSpec, VmState};
@@ -26,6 +25,8 @@ struct Host {
     dir: tempfile::TempDir,
     pdisk: Arc<FakeVolumes>,
     net: Arc<FakeNet>,
+    /// `nft`, behind the agent's command runner.
+    nft: Arc<FakeNft>,
     vmm: Arc<FakeVmm>,
 }
 
@@ -34,6 +35,7 @@ impl Host {
         let pdisk = FakeVolumes::new();
         pdisk.add_volume("root");
         pdisk.add_volume("data");
+        let net = FakeNet::new();
         Host {
             dir: {
                 let d = tempfile::tempdir().unwrap();
@@ -41,7 +43,8 @@ impl Host {
                 d
             },
             pdisk,
-            net: FakeNet::new(),
+            nft: FakeNft::new(net.clone()),
+            net,
             vmm: FakeVmm::new(),
         }
     }
@@ -62,6 +65,7 @@ impl Host {
         let mut settings = AgentSettings {
             state_dir: state.clone(),
             default_bridge: "br0".into(),
+            allowed_bridges: vec!["br1".into()],
             initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
             attach: AttachMode::Qemu,
             pdisk_url: None,
@@ -93,7 +97,7 @@ impl Host {
         adjust(&mut settings, &mut facts);
         Agent::with_effects(
             AgentStore::open(&state).unwrap(),
-            Arc::new(FakeRunner::new()),
+            Arc::new(self.nft.runner()),
             settings,
             facts,
             HostEffects {
@@ -124,6 +128,12 @@ impl Host {
     fn assert_nothing_attached(&self, vm: &VmRecord, when: &str) {
         assert!(self.pdisk.exported().is_empty(), "{when}: exports left");
         assert!(self.net.taps().is_empty(), "{when}: taps left");
+        assert!(self.nft.protected().is_empty(), "{when}: tap rules left");
+        assert!(
+            self.nft.violations().is_empty(),
+            "{when}: {:?}",
+            self.nft.violations()
+        );
         assert!(self.vmm.pids().is_empty(), "{when}: QEMU left");
         assert!(self.secrets(vm).is_empty(), "{when}: secrets left");
     }
@@ -141,6 +151,7 @@ fn spec(name: &str) -> VmSpec {
         bridge: "br0".into(),
         mac: mac.parse().unwrap(),
         vlan,
+        ips: Vec::new(),
     };
     VmSpec {
         name: name.parse().unwrap(),
@@ -200,8 +211,9 @@ async fn start_and_crash_at(agent: &Arc<Agent>, name: &str, at: &'static str) {
 #[tokio::test]
 async fn a_start_that_fails_at_any_step_undoes_everything_and_says_why() {
     // (operation, which call of it fails): each step of a start.
-    let steps: [(&str, &'static str, usize); 7] = [
+    let steps: [(&str, &'static str, usize); 8] = [
         ("the second disk's export", "export_volume", 2),
+        ("the second tap's rules", "nft_protect", 2),
         ("the second tap", "create_tap", 2),
         ("the bridge port", "attach_to_bridge", 1),
         ("the VLAN", "set_vlan", 1),
@@ -216,6 +228,7 @@ async fn a_start_that_fails_at_any_step_undoes_everything_and_says_why() {
         match op {
             "export_volume" => host.pdisk.failures.fail_nth(op, nth),
             "create_tap" | "attach_to_bridge" | "set_vlan" => host.net.failures.fail_nth(op, nth),
+            "nft_protect" => host.nft.failures.fail_nth(op, nth),
             _ => host.vmm.failures.fail_nth(op, nth),
         }
         let err = agent.start_vm("web1").await.expect_err(step);
@@ -242,6 +255,8 @@ async fn a_start_that_fails_at_any_step_undoes_everything_and_says_why() {
         assert_eq!(vm.state, VmState::Running, "{step}");
         assert_eq!(host.pdisk.exported().len(), 2, "{step}");
         assert_eq!(host.net.taps().len(), 2, "{step}");
+        assert_eq!(host.nft.protected(), host.net.taps(), "{step}");
+        assert!(host.nft.violations().is_empty(), "{step}");
     }
 }
 
@@ -292,6 +307,10 @@ async fn a_guest_running_when_agentd_died_is_adopted_and_still_managed() {
     let gone = crate::net::tap_name_for(uuid::Uuid::new_v4(), 0).to_string();
     host.net.add_tap(&gone);
     host.net.add_tap("stoperator");
+    // Rules of a tap whose guest is gone (and whose tap went with it).
+    let gone_rules = crate::net::tap_name_for(uuid::Uuid::new_v4(), 0).to_string();
+    host.nft.add_protected(&gone_rules);
+    let kept = host.nft.protected().len();
 
     let agent = host.agent();
     let report = agent.reconcile().await.unwrap();
@@ -314,8 +333,17 @@ async fn a_guest_running_when_agentd_died_is_adopted_and_still_managed() {
         (last.kind, last.cause),
         (EventType::Adopted, Cause::Reconciliation)
     );
-    // Its taps were recorded, so the sweep of leftover taps kept them.
+    // Its taps were recorded, so the sweep of leftover taps kept them,
+    // and their rules (applied again); the gone tap's rules went.
     assert_eq!(host.net.taps().len(), 2);
+    assert_eq!(kept, 3);
+    assert_eq!(host.nft.protected(), host.net.taps());
+    assert!(
+        report.contains(&format!(
+            "removed anti-spoofing rules of gone tap {gone_rules}"
+        )),
+        "{report:?}"
+    );
 
     // The new monitor follows it: a stop is confirmed and undoes everything.
     let vm = agent
@@ -836,4 +864,52 @@ async fn each_guest_runs_as_its_own_uid_kept_across_a_restart_and_freed_at_stop(
     assert_eq!(rt.qemu_user, None);
     assert!(host.vmm.launched_unconfined(rt.pid));
     assert!(agent.confinement().starts_with("UNCONFINED"));
+}
+
+#[tokio::test]
+async fn nics_join_only_allowed_bridges_and_only_behind_their_rules() {
+    let host = Host::new();
+    let agent = host.agent();
+    let mut s = small_spec("web1", "root");
+    s.nics[0].bridge = "br-hosts".into();
+    let e = agent.create_vm(s.clone(), "").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(e.message().contains("br-hosts"), "{e}");
+    assert!(agent.list_vms().unwrap().is_empty());
+
+    // The default bridge and --allowed-bridge ones are fine.
+    for (name, bridge) in [("web1", "br0"), ("web3", "br1")] {
+        let mut s = small_spec(name, if name == "web1" { "root" } else { "data" });
+        s.nics[0].bridge = bridge.into();
+        s.nics[0].ips = vec!["10.0.0.5".parse().unwrap()];
+        agent.create_vm(s, "").await.unwrap();
+    }
+    let vm = agent.start_vm("web3").await.unwrap();
+    let tap = &vm.runtime.as_ref().unwrap().nics[0];
+    assert_eq!(tap.bridge, "br1");
+    assert_eq!(tap.ips, ["10.0.0.5".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(host.net.bridge_of(&tap.tap).as_deref(), Some("br1"));
+    assert_eq!(host.nft.protected(), vec![tap.tap.clone()]);
+    assert!(
+        host.nft.violations().is_empty(),
+        "{:?}",
+        host.nft.violations()
+    );
+    agent
+        .stop_vm("web3", Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    assert!(host.nft.protected().is_empty());
+    assert!(
+        host.nft.violations().is_empty(),
+        "{:?}",
+        host.nft.violations()
+    );
+
+    // A bridge allowed at create but no longer at start: refused, undone.
+    crash(agent).await;
+    let strict = host.agent_with(|s, _| s.allowed_bridges.clear());
+    let e = strict.start_vm("web3").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    host.assert_nothing_attached(&strict.get_vm("web3").unwrap(), "refused bridge");
 }

@@ -1,4 +1,4 @@
-//! `vm create --nic`: `bridge=BR[,mac=MAC][,vlan=N]` or `default`.
+//! `vm create --nic`: `bridge=BR[,mac=MAC][,vlan=N][,ip=ADDR...]` or `default`.
 
 use std::str::FromStr;
 
@@ -8,8 +8,8 @@ use agent::spec::check_ifname;
 /// server accept exactly the same addresses.
 pub use agent::net::Mac;
 
-/// One `--nic`: `bridge=BR[,mac=MAC][,vlan=N]` with the keys in any order,
-/// each optional, or `default`.
+/// One `--nic`: `bridge=BR[,mac=MAC][,vlan=N][,ip=ADDR...]` with the keys
+/// in any order, each optional (`ip` repeatable), or `default`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct NicArg {
     /// `None`: the agent's default bridge.
@@ -18,6 +18,8 @@ pub struct NicArg {
     pub mac: Option<Mac>,
     /// 802.1Q tag, 1 to 4094; `None`: untagged.
     pub vlan: Option<u16>,
+    /// The only IP sources the guest may use on it; empty: any.
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl FromStr for NicArg {
@@ -27,13 +29,13 @@ impl FromStr for NicArg {
             return Ok(NicArg::default());
         }
         if s.is_empty() {
-            return Err("empty NIC: use bridge=BR[,mac=MAC][,vlan=N], or default".into());
+            return Err("empty NIC: use bridge=BR[,mac=MAC][,vlan=N][,ip=ADDR], or default".into());
         }
         let mut nic = NicArg::default();
         for option in s.split(',') {
             let Some((key, value)) = option.split_once('=') else {
                 return Err(format!(
-                    "NIC option {option:?} is not KEY=VALUE: use bridge=BR[,mac=MAC][,vlan=N]"
+                    "NIC option {option:?} is not KEY=VALUE: use bridge=BR[,mac=MAC][,vlan=N][,ip=ADDR]"
                 ));
             };
             let twice = || format!("NIC option {key:?} is given twice");
@@ -66,9 +68,16 @@ impl FromStr for NicArg {
                             })?,
                     );
                 }
+                "ip" => {
+                    let ip: std::net::IpAddr = value
+                        .parse()
+                        .map_err(|_| format!("ip={value}: not an IPv4 or IPv6 address"))?;
+                    agent::spec::check_nic_ip(ip).map_err(|e| e.to_string())?;
+                    nic.ips.push(ip);
+                }
                 _ => {
                     return Err(format!(
-                        "unknown NIC option {key:?}: expected bridge, mac or vlan"
+                        "unknown NIC option {key:?}: expected bridge, mac, vlan or ip"
                     ))
                 }
             }

@@ -61,7 +61,7 @@ fn create_with_disks_nics_and_labels() {
         "--disk",
         "file:images/seed.iso,ro",
         "--nic",
-        "bridge=br0,mac=52:54:00:AB:cd:01,vlan=20",
+        "bridge=br0,mac=52:54:00:AB:cd:01,vlan=20,ip=10.0.0.5,ip=2001:db8::5",
         "--nic",
         "default",
         "--label",
@@ -85,6 +85,7 @@ fn create_with_disks_nics_and_labels() {
     assert_eq!(s.nics[0].bridge, "br0");
     assert_eq!(s.nics[0].mac, "52:54:00:ab:cd:01");
     assert_eq!(s.nics[0].vlan, 20);
+    assert_eq!(s.nics[0].ips, ["10.0.0.5", "2001:db8::5"]);
     assert_eq!(s.nics[1], NicSpec::default());
     assert_eq!(s.labels["app"], "web");
     assert!(s.kernel.is_none());
@@ -191,6 +192,11 @@ fn bad_create_arguments_are_usage_errors() {
         ),
         (&["--nic", "vlan=4095"], "vlan=4095"),
         (&["--nic", "speed=10"], "unknown NIC option \"speed\""),
+        (
+            &["--nic", "ip=10.0.0"],
+            "ip=10.0.0: not an IPv4 or IPv6 address",
+        ),
+        (&["--nic", "ip=224.0.0.1"], "not a unicast host address"),
         (&["--nic", ""], "empty NIC"),
         (&["--label", "novalue"], "expected key=value"),
         (&["--kernel", "/a,b"], "may not contain ','"),

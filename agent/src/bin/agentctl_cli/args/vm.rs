@@ -345,6 +345,7 @@ impl CreateArgs {
                 bridge: n.bridge.clone().unwrap_or_default(),
                 mac: n.mac.map(|m| m.to_string()).unwrap_or_default(),
                 vlan: n.vlan.map_or(0, u32::from),
+                ips: n.ips.iter().map(|ip| ip.to_string()).collect(),
             })
             .collect();
         let kernel = self.kernel.as_ref().map(|k| KernelBoot {

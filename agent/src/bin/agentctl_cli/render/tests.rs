@@ -33,6 +33,7 @@ fn vm() -> Vm {
                 bridge: "br0".into(),
                 mac: String::new(),
                 vlan: 20,
+                ips: vec!["10.0.0.5".into()],
             }],
             kernel: None,
             labels: [("tier", "web"), ("app", "shop")]
@@ -100,6 +101,7 @@ fn vm_json_keeps_proto_names() {
     );
     assert_eq!(j["disks"][0]["device"], "vda");
     assert_eq!(j["nics"][0]["mac"], "52:54:00:12:34:56");
+    assert_eq!(j["spec"]["nics"][0]["ips"][0], "10.0.0.5");
     assert_eq!(j["last_event_seq"], 42);
     assert_eq!(vms_json(&[vm()])["vms"][0]["name"], "web1");
 
@@ -134,8 +136,8 @@ fn vm_view_shows_disks_and_nics() {
     );
     assert_eq!(
         tables[2],
-        "TAP            BRIDGE  MAC                VLAN\n\
-             st-6f9619ff-0  br0     52:54:00:12:34:56  20\n"
+        "TAP            BRIDGE  MAC                VLAN  IPS\n\
+             st-6f9619ff-0  br0     52:54:00:12:34:56  20    10.0.0.5\n"
     );
 
     let mut defined = vm();
@@ -151,7 +153,7 @@ fn vm_view_shows_disks_and_nics() {
     );
     assert!(text.contains("pid:         -\n"), "{text}");
     assert!(
-        text.contains("-    br0     (generated)  20\n"),
+        text.contains("-    br0     (generated)  20    10.0.0.5\n"),
         "the MAC is generated at start: {text}"
     );
 }

@@ -55,7 +55,7 @@ pub(super) fn is_image(d: &DiskSpec) -> bool {
 }
 
 pub(super) fn nic_spec_json(n: &NicSpec) -> Value {
-    json!({ "bridge": n.bridge, "mac": n.mac, "vlan": n.vlan })
+    json!({ "bridge": n.bridge, "mac": n.mac, "vlan": n.vlan, "ips": n.ips })
 }
 
 pub(super) fn attached_disk_json(d: &AttachedDisk) -> Value {
@@ -185,7 +185,7 @@ pub(super) fn disks_table(spec: &[DiskSpec], attached: &[AttachedDisk]) -> Strin
 /// NICs as the spec asks for them, with the taps and generated MACs once
 /// attached.
 pub(super) fn nics_table(spec: &[NicSpec], attached: &[AttachedNic]) -> String {
-    let mut t = Table::new(["TAP", "BRIDGE", "MAC", "VLAN"]);
+    let mut t = Table::new(["TAP", "BRIDGE", "MAC", "VLAN", "IPS"]);
     for i in 0..spec.len().max(attached.len()) {
         let (s, a) = (spec.get(i), attached.get(i));
         let pick = |attached: Option<&str>, asked: Option<&str>, unset: &str| {
@@ -208,6 +208,8 @@ pub(super) fn nics_table(spec: &[NicSpec], attached: &[AttachedNic]) -> String {
                 "(generated)",
             ),
             vlan_text(a.map_or(0, |a| a.vlan).max(s.map_or(0, |s| s.vlan))),
+            s.filter(|s| !s.ips.is_empty())
+                .map_or("(any)".to_owned(), |s| s.ips.join(",")),
         ]);
     }
     t.render()
