@@ -36,7 +36,7 @@ impl Api {
     /// The guest `r` names, if a call in `scope` may see it: any other is
     /// NotFound with the message a missing guest gets (no existence leak).
     fn vm(&self, scope: &Scope, r: &str) -> Result<VmRecord, Status> {
-        let vm = self.agent.get_vm(r)?;
+        let vm = self.agent.get_vm_in(names_in(scope), r)?;
         if scope.sees(&vm.project) {
             Ok(vm)
         } else {
@@ -48,6 +48,15 @@ impl Api {
     /// operation reaches only the guest that was checked.
     fn vm_ref(&self, scope: &Scope, r: &str) -> Result<String, Status> {
         Ok(self.vm(scope, r)?.uuid.to_string())
+    }
+}
+
+/// Where a call's names are looked up: in the project it acts in (names
+/// are unique per project), or every project for an admin naming none.
+fn names_in(scope: &Scope) -> Option<&str> {
+    match scope {
+        Scope::All => None,
+        Scope::Project(p) => Some(p),
     }
 }
 
@@ -532,12 +541,14 @@ impl VmService for Api {
         let filter = if r.vm.is_empty() {
             EventFilter::all()
         } else {
-            match self.agent.get_vm(&r.vm) {
+            match self.agent.get_vm_in(names_in(&scope), &r.vm) {
                 Ok(vm) if scope.sees(&vm.project) => EventFilter::vm(vm.uuid.to_string()),
-                Ok(_) => return Err(Error::not_found(format!("vm {} not found", r.vm)).into()),
-                // A destroyed VM's events are still in the journal (each
-                // carries its project, checked below).
-                Err(_) => EventFilter::vm(r.vm.clone()),
+                // A destroyed guest's events are still in the journal, each
+                // with its project (narrowed below). Another project's guest
+                // gets the same filter: its history is empty in this scope,
+                // exactly as a guest's that never existed (no existence
+                // leak, by name or by UUID).
+                _ => EventFilter::vm(r.vm.clone()),
             }
         };
         // A call acting in one project sees only its guests' events (not

@@ -390,17 +390,42 @@ impl AgentStore {
         x.map(|v| decode("vm", v.value())).transpose()
     }
 
-    /// Resolves a UUID or a name.
+    /// Resolves a UUID or a name in any project ([`Store::find_vm_in`]).
     pub fn find_vm(&self, r: &str) -> Result<VmRecord> {
+        self.find_vm_in(None, r)
+    }
+
+    /// Resolves a UUID (of any project: the caller checks what it may see)
+    /// or a name. Names are unique per project, so with `project` a name
+    /// means that project's guest. Across projects (an admin naming none)
+    /// the guest of no project wins, else the name must be unique: one
+    /// several projects use is ambiguous (InvalidArgument naming them).
+    pub fn find_vm_in(&self, project: Option<&str>, r: &str) -> Result<VmRecord> {
         if let Ok(u) = Uuid::parse_str(r) {
             if let Some(v) = self.vm(u)? {
                 return Ok(v);
             }
         }
-        self.vms()?
+        let mut named: Vec<VmRecord> = self
+            .vms()?
             .into_iter()
-            .find(|v| v.spec.name.as_str() == r)
-            .ok_or_else(|| Error::not_found(format!("vm {r} not found")))
+            .filter(|v| v.spec.name.as_str() == r && project.is_none_or(|p| v.project == p))
+            .collect();
+        if let Some(i) = named.iter().position(|v| v.project.is_empty()) {
+            return Ok(named.swap_remove(i));
+        }
+        match named.len() {
+            0 => Err(Error::not_found(format!("vm {r} not found"))),
+            1 => Ok(named.remove(0)),
+            _ => Err(Error::invalid(format!(
+                "vm {r} is ambiguous: projects {} each have one; name the project or use its UUID",
+                named
+                    .iter()
+                    .map(|v| v.project.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     pub fn vms(&self) -> Result<Vec<VmRecord>> {

@@ -305,8 +305,11 @@ fn expected(method: &str, role: Role, target: &str) -> Outcome {
     let own = target == OWN;
     match method {
         "ListVms" => Outcome::Listed(vec![OWN.into()]),
-        // The own guest's one event (CREATED), never another project's.
+        // The own guest's one event (CREATED), never another project's:
+        // another project's guest has no history in this scope, as one
+        // that never existed.
         "WatchEvents" if own => Outcome::Listed(vec![OWN.into()]),
+        "WatchEvents" => Outcome::Listed(vec![]),
         "GetHost" | "PullImage" | "ListImages" | "EvictImage" | "SetQuota" | "GetQuota"
         | "ListQuotas" => Outcome::Through,
         _ if own => Outcome::Through,
@@ -506,4 +509,68 @@ async fn twenty_concurrent_creates_against_a_vm_quota_make_exactly_the_quota() {
         ))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn guest_names_are_per_project_so_a_taken_name_elsewhere_reveals_nothing() {
+    let f = fixture().await;
+    let create = |role, project: &str, disk: &str| {
+        request(
+            role,
+            pb::CreateVmRequest {
+                spec: Some(spec(&format!("{OTHER}-vm"), disk)),
+                project: project.into(),
+            },
+        )
+    };
+    // OTHER's guest name, used in OWN: no AlreadyExists (which would tell
+    // OWN what OTHER calls its guests); a second time in OWN it is.
+    let mine = f
+        .api
+        .create_vm(create(Role::Project, "", &format!("{OWN}-disk2")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.project, OWN);
+    let again = f
+        .api
+        .create_vm(create(Role::Frontend, OWN, &format!("{OWN}-disk2")))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    // The name means the caller's project's guest, for every RPC.
+    let get = |role, project: &str| {
+        request(
+            role,
+            pb::VmRequest {
+                vm: format!("{OTHER}-vm"),
+                project: project.into(),
+            },
+        )
+    };
+    let got = f.api.get_vm(get(Role::Project, "")).await.unwrap();
+    assert_eq!(got.into_inner().uuid, mine.uuid);
+    let got = f.api.get_vm(get(Role::Frontend, OTHER)).await.unwrap();
+    assert_eq!(got.into_inner().project, OTHER);
+    f.api
+        .destroy_vm(request(
+            Role::Project,
+            pb::DestroyVmRequest {
+                vm: format!("{OTHER}-vm"),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let theirs = f.api.get_vm(get(Role::Frontend, OTHER)).await.unwrap();
+    assert_eq!(theirs.into_inner().state, pb::VmState::Defined as i32);
+    // An admin naming no project: ambiguous while both exist, named by
+    // UUID always.
+    f.api
+        .create_vm(create(Role::Project, "", &format!("{OWN}-disk2")))
+        .await
+        .unwrap();
+    let err = f.api.get_vm(get(Role::Admin, "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("ambiguous"), "{err}");
 }

@@ -288,7 +288,11 @@ impl VolumeService for Api {
         let header_labels = labels(header.labels);
         call.check_labels(&header_labels)?;
         let format = image_format(header.format)?;
-        if self.svc.get_volume(name.as_str()).await.is_ok() {
+        if self
+            .svc
+            .store()
+            .volume_name_taken(call.scope.project(), &name)?
+        {
             return Err(Error::exists(format!("volume {name} already exists")).into());
         }
         let staged = StagedUpload(

@@ -6,7 +6,10 @@
 //! store shows either all of a change or none of it.
 //!
 //! Invariants kept here (not by callers):
-//! - a volume name and a snapshot name each map to exactly one UUID;
+//! - within a project, a volume name and a snapshot name each map to exactly
+//!   one UUID (names are unique per project, as in GCP projects or
+//!   Kubernetes namespaces: a tenant's create never learns, through
+//!   AlreadyExists, what another project calls its objects);
 //! - an export exists only for an existing volume;
 //! - a volume with snapshots or an export cannot be removed;
 //! - a project's volumes, snapshots and provisioned bytes stay within its
@@ -27,7 +30,10 @@ use crate::types::{ByteSize, Chap, Iqn, Labels, VolumeName};
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 const EXPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("exports");
-/// "v:<name>" and "s:<name>" -> uuid.
+/// "v:<project>/<name>" and "s:<project>/<name>" -> uuid (a snapshot's
+/// project is its volume's; project names hold no `/`). Derived from the
+/// records and rebuilt at every open, so stores from before per-project
+/// names (keys "v:<name>") need no migration step.
 const NAMES: TableDefinition<&str, &str> = TableDefinition::new("names");
 /// project -> its [`QuotaLimits`].
 const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
@@ -221,11 +227,99 @@ fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
         .map_err(|e| Error::internal(format!("metadata store: corrupt {what} record: {e}")))
 }
 
-fn vkey(name: &VolumeName) -> String {
-    format!("v:{name}")
+fn vkey(project: &str, name: &str) -> String {
+    format!("v:{project}/{name}")
 }
-fn skey(name: &VolumeName) -> String {
-    format!("s:{name}")
+fn skey(project: &str, name: &str) -> String {
+    format!("s:{project}/{name}")
+}
+
+/// What a name lookup may match: one project's objects, or every project's
+/// (a call of an admin or an agent naming no project).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameScope<'a> {
+    Project(&'a str),
+    All,
+}
+
+/// Resolves `name` of `kind` ('v' or 's') in `scope` through the name
+/// index. In every project, the object of no project ("") wins (so no
+/// tenant can shadow an image base or an admin's volume); otherwise the
+/// name must be unique across projects, or the ref is ambiguous
+/// (InvalidArgument listing the projects: only admins and agents look
+/// across projects, and they see them all).
+fn lookup_name(
+    names: &impl ReadableTable<&'static str, &'static str>,
+    kind: char,
+    what: &str,
+    scope: NameScope,
+    name: &str,
+) -> Result<Option<String>> {
+    let key = |project: &str| format!("{kind}:{project}/{name}");
+    match scope {
+        NameScope::Project(p) => Ok(names.get(key(p).as_str())?.map(|u| u.value().to_owned())),
+        NameScope::All => {
+            if let Some(u) = names.get(key("").as_str())? {
+                return Ok(Some(u.value().to_owned()));
+            }
+            let prefix = format!("{kind}:");
+            let suffix = format!("/{name}");
+            let mut found = Vec::new();
+            for r in names.range(prefix.as_str()..)? {
+                let (k, u) = r?;
+                let k = k.value();
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                if let Some(project) = k.strip_suffix(&suffix).map(|p| &p[prefix.len()..]) {
+                    if !project.contains('/') {
+                        found.push((project.to_owned(), u.value().to_owned()));
+                    }
+                }
+            }
+            match found.len() {
+                0 => Ok(None),
+                1 => Ok(found.pop().map(|(_, u)| u)),
+                _ => Err(Error::invalid(format!(
+                    "{what} {name} is ambiguous: projects {} each have one; \
+                     name the project or use its UUID",
+                    found
+                        .iter()
+                        .map(|(p, _)| p.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            }
+        }
+    }
+}
+
+/// Rebuilds the name index from the volume and snapshot records.
+fn rebuild_names(tx: &redb::WriteTransaction) -> Result<()> {
+    tx.delete_table(NAMES)?;
+    let vols = tx.open_table(VOLUMES)?;
+    let snaps = tx.open_table(SNAPSHOTS)?;
+    let mut names = tx.open_table(NAMES)?;
+    let mut project_of = std::collections::HashMap::new();
+    for r in vols.iter()? {
+        let (_, v) = r?;
+        let v: VolumeRecord = decode("volume", v.value())?;
+        names.insert(
+            vkey(&v.project, v.name.as_str()).as_str(),
+            v.uuid.to_string().as_str(),
+        )?;
+        project_of.insert(v.uuid, v.project);
+    }
+    for r in snaps.iter()? {
+        let (_, s) = r?;
+        let s: SnapshotRecord = decode("snapshot", s.value())?;
+        let project = project_of.get(&s.volume).map(String::as_str).unwrap_or("");
+        names.insert(
+            skey(project, s.name.as_str()).as_str(),
+            s.uuid.to_string().as_str(),
+        )?;
+    }
+    Ok(())
 }
 
 impl Store {
@@ -245,13 +339,15 @@ impl Store {
         tx.open_table(EXPORTS)?;
         tx.open_table(NAMES)?;
         tx.open_table(QUOTAS)?;
+        rebuild_names(&tx)?;
         tx.commit()?;
         Ok(Store { db })
     }
 
     // ---- volumes ----
 
-    /// Inserts a new volume; AlreadyExists when its name is taken,
+    /// Inserts a new volume; AlreadyExists when its name is taken in its
+    /// project,
     /// ResourceExhausted when it would pass its project's quota.
     pub fn insert_volume(&self, v: &VolumeRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
@@ -267,10 +363,11 @@ impl Store {
         .map_err(|e| e.context(format!("volume {}", v.name)))?;
         {
             let mut names = tx.open_table(NAMES)?;
-            if names.get(vkey(&v.name).as_str())?.is_some() {
+            let key = vkey(&v.project, v.name.as_str());
+            if names.get(key.as_str())?.is_some() {
                 return Err(Error::exists(format!("volume {} already exists", v.name)));
             }
-            names.insert(vkey(&v.name).as_str(), v.uuid.to_string().as_str())?;
+            names.insert(key.as_str(), v.uuid.to_string().as_str())?;
             let mut vols = tx.open_table(VOLUMES)?;
             vols.insert(v.uuid.to_string().as_str(), encode(v).as_slice())?;
         }
@@ -332,7 +429,8 @@ impl Store {
                     )));
                 }
             }
-            tx.open_table(NAMES)?.remove(vkey(&rec.name).as_str())?;
+            tx.open_table(NAMES)?
+                .remove(vkey(&rec.project, rec.name.as_str()).as_str())?;
         }
         tx.commit()?;
         Ok(())
@@ -345,8 +443,15 @@ impl Store {
         x.map(|v| decode("volume", v.value())).transpose()
     }
 
-    /// Resolves a reference (UUID or name) to a volume; NotFound otherwise.
+    /// Resolves a reference (UUID, or a name in any project: see
+    /// [`lookup_name`]) to a volume; NotFound otherwise.
     pub fn find_volume(&self, r: &str) -> Result<VolumeRecord> {
+        self.find_volume_in(NameScope::All, r)
+    }
+
+    /// Resolves a reference: a UUID (of any project: the caller checks what
+    /// it may see), or a name looked up in `scope`; NotFound otherwise.
+    pub fn find_volume_in(&self, scope: NameScope, r: &str) -> Result<VolumeRecord> {
         if let Ok(u) = Uuid::parse_str(r) {
             if let Some(v) = self.volume(u)? {
                 return Ok(v);
@@ -354,13 +459,21 @@ impl Store {
         }
         let tx = self.db.begin_read()?;
         let names = tx.open_table(NAMES)?;
-        if let Some(u) = names.get(format!("v:{r}").as_str())? {
+        if let Some(u) = lookup_name(&names, 'v', "volume", scope, r)? {
             let vols = tx.open_table(VOLUMES)?;
-            if let Some(v) = vols.get(u.value())? {
+            if let Some(v) = vols.get(u.as_str())? {
                 return decode("volume", v.value());
             }
         }
         Err(Error::not_found(format!("volume {r} not found")))
+    }
+
+    /// Whether `project` already has a volume named `name`.
+    pub fn volume_name_taken(&self, project: &str, name: &VolumeName) -> Result<bool> {
+        let tx = self.db.begin_read()?;
+        let names = tx.open_table(NAMES)?;
+        let taken = names.get(vkey(project, name.as_str()).as_str())?.is_some();
+        Ok(taken)
     }
 
     pub fn volumes(&self) -> Result<Vec<VolumeRecord>> {
@@ -379,8 +492,9 @@ impl Store {
 
     // ---- snapshots ----
 
-    /// Inserts a snapshot of an existing volume; AlreadyExists on a taken
-    /// name, ResourceExhausted past its volume's project's quota.
+    /// Inserts a snapshot of an existing volume; AlreadyExists on a name
+    /// taken in its volume's project, ResourceExhausted past that project's
+    /// quota.
     pub fn insert_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
@@ -400,10 +514,11 @@ impl Store {
             )
             .map_err(|e| e.context(format!("snapshot {}", s.name)))?;
             let mut names = tx.open_table(NAMES)?;
-            if names.get(skey(&s.name).as_str())?.is_some() {
+            let key = skey(&volume.project, s.name.as_str());
+            if names.get(key.as_str())?.is_some() {
                 return Err(Error::exists(format!("snapshot {} already exists", s.name)));
             }
-            names.insert(skey(&s.name).as_str(), s.uuid.to_string().as_str())?;
+            names.insert(key.as_str(), s.uuid.to_string().as_str())?;
             tx.open_table(SNAPSHOTS)?
                 .insert(s.uuid.to_string().as_str(), encode(s).as_slice())?;
         }
@@ -427,7 +542,14 @@ impl Store {
                 return Err(Error::not_found(format!("snapshot {uuid} not found")));
             };
             let rec: SnapshotRecord = decode("snapshot", rec.value())?;
-            tx.open_table(NAMES)?.remove(skey(&rec.name).as_str())?;
+            // A snapshot's volume outlives it (the store refuses removing a
+            // volume with snapshots), so its project is known.
+            let project = match tx.open_table(VOLUMES)?.get(rec.volume.to_string().as_str())? {
+                Some(v) => decode::<VolumeRecord>("volume", v.value())?.project,
+                None => String::new(),
+            };
+            tx.open_table(NAMES)?
+                .remove(skey(&project, rec.name.as_str()).as_str())?;
         }
         tx.commit()?;
         Ok(())
@@ -440,7 +562,13 @@ impl Store {
         x.map(|v| decode("snapshot", v.value())).transpose()
     }
 
+    /// [`Store::find_snapshot_in`] every project.
     pub fn find_snapshot(&self, r: &str) -> Result<SnapshotRecord> {
+        self.find_snapshot_in(NameScope::All, r)
+    }
+
+    /// Resolves a snapshot ref as [`Store::find_volume_in`] does a volume's.
+    pub fn find_snapshot_in(&self, scope: NameScope, r: &str) -> Result<SnapshotRecord> {
         if let Ok(u) = Uuid::parse_str(r) {
             if let Some(s) = self.snapshot(u)? {
                 return Ok(s);
@@ -448,8 +576,8 @@ impl Store {
         }
         let tx = self.db.begin_read()?;
         let names = tx.open_table(NAMES)?;
-        if let Some(u) = names.get(format!("s:{r}").as_str())? {
-            if let Some(v) = tx.open_table(SNAPSHOTS)?.get(u.value())? {
+        if let Some(u) = lookup_name(&names, 's', "snapshot", scope, r)? {
+            if let Some(v) = tx.open_table(SNAPSHOTS)?.get(u.as_str())? {
                 return decode("snapshot", v.value());
             }
         }
@@ -650,6 +778,113 @@ mod tests {
         assert_eq!(s.find_volume(&a.uuid.to_string()).unwrap().name, a.name);
         assert_eq!(s.find_volume("b").unwrap_err().kind(), ErrorKind::NotFound);
         assert_eq!(s.volumes().unwrap().len(), 1);
+    }
+
+    fn vol_in(project: &str, name: &str) -> VolumeRecord {
+        VolumeRecord {
+            project: project.into(),
+            ..vol(name)
+        }
+    }
+
+    fn snap_of(v: &VolumeRecord, name: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            uuid: Uuid::new_v4(),
+            name: name.parse().unwrap(),
+            volume: v.uuid,
+            size: v.size,
+            complete: true,
+            created_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn names_are_unique_per_project_and_resolve_in_the_callers_project() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let astro = vol_in("astro", "db");
+        let bio = vol_in("bio", "db");
+        s.insert_volume(&astro).unwrap();
+        // Another project's name is no obstacle (and so reveals nothing).
+        s.insert_volume(&bio).unwrap();
+        let err = s.insert_volume(&vol_in("bio", "db")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        assert!(s.volume_name_taken("astro", &"db".parse().unwrap()).unwrap());
+        assert!(!s.volume_name_taken("chem", &"db".parse().unwrap()).unwrap());
+        let in_astro = s.find_volume_in(NameScope::Project("astro"), "db").unwrap();
+        assert_eq!(in_astro.uuid, astro.uuid);
+        let in_bio = s.find_volume_in(NameScope::Project("bio"), "db").unwrap();
+        assert_eq!(in_bio.uuid, bio.uuid);
+        let err = s
+            .find_volume_in(NameScope::Project("chem"), "db")
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        // Across projects (an admin naming none) a name two projects use is
+        // ambiguous, and the message says which projects.
+        let err = s.find_volume("db").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.message().contains("astro, bio"), "{err}");
+        // A UUID always resolves; a name only one project uses too.
+        assert_eq!(s.find_volume(&bio.uuid.to_string()).unwrap().uuid, bio.uuid);
+        s.insert_volume(&vol_in("astro", "web")).unwrap();
+        assert_eq!(s.find_volume("web").unwrap().project, "astro");
+        // The object of no project wins across projects: a tenant cannot
+        // shadow an image base's name.
+        let base = vol_in("", "db");
+        s.insert_volume(&base).unwrap();
+        assert_eq!(s.find_volume("db").unwrap().uuid, base.uuid);
+
+        // Snapshots: per project (their volume's) the same way.
+        s.insert_snapshot(&snap_of(&astro, "nightly")).unwrap();
+        s.insert_snapshot(&snap_of(&bio, "nightly")).unwrap();
+        let err = s.insert_snapshot(&snap_of(&bio, "nightly")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        let got = s
+            .find_snapshot_in(NameScope::Project("bio"), "nightly")
+            .unwrap();
+        assert_eq!(got.volume, bio.uuid);
+        let got = s
+            .find_snapshot_in(NameScope::Project("astro"), "nightly")
+            .unwrap();
+        s.remove_snapshot(got.uuid).unwrap();
+        assert!(s
+            .find_snapshot_in(NameScope::Project("astro"), "nightly")
+            .is_err());
+        assert!(s
+            .find_snapshot_in(NameScope::Project("bio"), "nightly")
+            .is_ok());
+        // Removing frees the name in its project only.
+        s.remove_volume(astro.uuid).unwrap();
+        assert!(!s.volume_name_taken("astro", &"db".parse().unwrap()).unwrap());
+        assert!(s.volume_name_taken("bio", &"db".parse().unwrap()).unwrap());
+    }
+
+    #[test]
+    fn a_store_with_the_old_global_name_index_is_reindexed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = vol_in("astro", "db");
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.insert_volume(&a).unwrap();
+            s.insert_snapshot(&snap_of(&a, "nightly")).unwrap();
+            // Make the index what stores before per-project names held.
+            let tx = s.db.begin_write().unwrap();
+            tx.delete_table(NAMES).unwrap();
+            {
+                let mut t = tx.open_table(NAMES).unwrap();
+                t.insert("v:db", a.uuid.to_string().as_str()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let got = s.find_volume_in(NameScope::Project("astro"), "db").unwrap();
+        assert_eq!(got.uuid, a.uuid);
+        assert!(s
+            .find_snapshot_in(NameScope::Project("astro"), "nightly")
+            .is_ok());
+        let err = s.insert_volume(&vol_in("astro", "db")).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+        s.insert_volume(&vol_in("bio", "db")).unwrap();
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tonic::{Request, Status};
 
 use crate::error::{Error, Result};
 use crate::service::{is_image_base, Owner, PoolService};
-use crate::store::{SnapshotRecord, VolumeRecord};
+use crate::store::{NameScope, SnapshotRecord, VolumeRecord};
 use crate::types::Labels;
 
 /// One call's caller and the project scope it acts in.
@@ -81,10 +81,19 @@ impl Call {
         self.scope.sees(&v.project)
     }
 
+    /// Where names are looked up: names are unique per project, so a name
+    /// means the object of that name in the project the call acts in.
+    pub fn names(&self) -> NameScope<'_> {
+        match &self.scope {
+            Scope::All => NameScope::All,
+            Scope::Project(p) => NameScope::Project(p),
+        }
+    }
+
     /// The volume `r` names, if this call may see it.
     pub fn volume(&self, svc: &PoolService, r: &str) -> Result<VolumeRecord> {
         self.note(format!("volume {r}"));
-        let v = svc.store().find_volume(r)?;
+        let v = svc.store().find_volume_in(self.names(), r)?;
         if self.sees_volume(&v) {
             Ok(v)
         } else {
@@ -96,9 +105,16 @@ impl Call {
     /// or, for agents and admins, an image base (of no project) that they
     /// clone into the project they act in.
     pub fn source_volume(&self, svc: &PoolService, r: &str) -> Result<VolumeRecord> {
-        let v = svc.store().find_volume(r)?;
-        let base_for_infra =
-            matches!(self.identity.role, Role::Agent | Role::Admin) && is_image_base(&v);
+        let infra = matches!(self.identity.role, Role::Agent | Role::Admin);
+        let v = match svc.store().find_volume_in(self.names(), r) {
+            // An image base is of no project: found by name from any.
+            Err(e) if infra && e.kind() == crate::error::ErrorKind::NotFound => svc
+                .store()
+                .find_volume_in(NameScope::Project(""), r)
+                .map_err(|_| e)?,
+            found => found?,
+        };
+        let base_for_infra = infra && is_image_base(&v);
         if self.sees_volume(&v) || base_for_infra {
             Ok(v)
         } else {
@@ -109,7 +125,7 @@ impl Call {
     /// The snapshot `r` names, if this call may see its volume.
     pub fn snapshot(&self, svc: &PoolService, r: &str) -> Result<SnapshotRecord> {
         self.note(format!("snapshot {r}"));
-        let s = svc.store().find_snapshot(r)?;
+        let s = svc.store().find_snapshot_in(self.names(), r)?;
         if self.sees_project_of(svc, s.volume)? {
             Ok(s)
         } else {

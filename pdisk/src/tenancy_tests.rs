@@ -794,3 +794,87 @@ async fn byte_and_snapshot_quotas_cover_creates_clones_snapshots_and_growth() {
     assert_eq!((limits.bytes, limits.snapshots), (None, Some(1)));
     assert_eq!(q.usage.unwrap().bytes, 36 << 20);
 }
+
+#[tokio::test]
+async fn names_are_per_project_so_a_taken_name_elsewhere_reveals_nothing() {
+    let f = fixture().await;
+    // OTHER's names, used by a tenant of OWN: each create succeeds in OWN
+    // (an AlreadyExists would tell OWN what OTHER calls its volumes).
+    fn own<T>(msg: T) -> tonic::Request<T> {
+        request(Role::Project, msg)
+    }
+    let v = f
+        .api
+        .create_volume(own(pb::CreateVolumeRequest {
+            name: format!("{OTHER}-vol"),
+            size_bytes: 1 << 20,
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.project, OWN);
+    let c = f
+        .api
+        .clone_volume(own(pb::CloneVolumeRequest {
+            source: format!("{OTHER}-vol"),
+            name: format!("{OTHER}-free"),
+            ..Default::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        c.clone_of_volume, v.uuid,
+        "the name resolves in the caller's project"
+    );
+    f.api
+        .create_snapshot(own(pb::CreateSnapshotRequest {
+            volume: format!("{OTHER}-vol"),
+            name: format!("{OTHER}-snap"),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    // In its own project a name is still unique.
+    let again = f
+        .api
+        .create_volume(own(pb::CreateVolumeRequest {
+            name: format!("{OTHER}-vol"),
+            size_bytes: 1 << 20,
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    // Each project's caller gets its own object by the shared name.
+    let get = |role, project: &str| {
+        request(
+            role,
+            pb::GetVolumeRequest {
+                volume: format!("{OTHER}-vol"),
+                project: project.into(),
+            },
+        )
+    };
+    let mine = f.api.get_volume(get(Role::Project, "")).await.unwrap();
+    assert_eq!(mine.into_inner().uuid, v.uuid);
+    let theirs = f.api.get_volume(get(Role::Frontend, OTHER)).await.unwrap();
+    assert_eq!(theirs.into_inner().project, OTHER);
+    // An admin naming no project must say which one (or use the UUID).
+    let err = f.api.get_volume(get(Role::Admin, "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("ambiguous"), "{err}");
+    let by_uuid = f
+        .api
+        .get_volume(request(
+            Role::Admin,
+            pb::GetVolumeRequest {
+                volume: v.uuid.clone(),
+                project: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(by_uuid.into_inner().project, OWN);
+}

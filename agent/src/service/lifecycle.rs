@@ -69,7 +69,9 @@ impl Agent {
             }
         }
         let _g = self.create_lock.lock().await;
-        if self.store.find_vm(spec.name.as_str()).is_ok() {
+        // Names are unique per project: another project's guest of this
+        // name is no obstacle, and so reveals nothing.
+        if self.store.find_vm_in(Some(project), spec.name.as_str()).is_ok() {
             return Err(Error::exists(format!("vm {} already exists", spec.name)));
         }
         // Under the create lock, so no other create passes the quota with

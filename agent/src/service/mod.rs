@@ -333,6 +333,12 @@ impl Agent {
         self.store.find_vm(r)
     }
 
+    /// The guest `r` names, a name looked up in `project` (None: every
+    /// project); see [`crate::store::Store::find_vm_in`].
+    pub fn get_vm_in(&self, project: Option<&str>, r: &str) -> Result<VmRecord> {
+        self.store.find_vm_in(project, r)
+    }
+
     pub fn list_vms(&self) -> Result<Vec<VmRecord>> {
         self.store.vms()
     }

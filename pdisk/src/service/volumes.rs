@@ -95,8 +95,9 @@ impl PoolService {
         if req.size > 0 {
             ByteSize::volume_size(req.size)?;
         }
-        // Fail early, before any work, when the name is taken.
-        if self.store.find_volume(name.as_str()).is_ok() {
+        // Fail early, before any work, when the name is taken (in the
+        // project: names are unique per project).
+        if self.store.volume_name_taken(&req.owner.project, name)? {
             return Err(Error::exists(format!("volume {name} already exists")));
         }
         let progress = op.reporter();
