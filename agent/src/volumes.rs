@@ -218,7 +218,12 @@ impl VolumeClient for PdiskVolumes {
         let mut c = self.client.clone();
         Box::pin(async move {
             let Ok(s) = c
-                .watch_progress(pdpb::WatchProgressRequest { request_id })
+                .watch_progress(pdpb::WatchProgressRequest {
+                    request_id,
+                    // As the checksum it follows (agentd's calls naming no
+                    // project): request ids are per project.
+                    project: String::new(),
+                })
                 .await
             else {
                 return Box::pin(futures::stream::empty()) as BoxStream<'static, pdpb::Progress>;

@@ -102,7 +102,7 @@ pub const RULES: &[Rule] = &[
     Rule {
         method: "WatchProgress",
         roles: TENANTS,
-        note: "by the request id its caller chose (progress figures only)",
+        note: "by request id, per project: only operations of calls acting in the caller's project",
     },
     Rule {
         method: "SetQuota",

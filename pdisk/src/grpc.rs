@@ -255,7 +255,7 @@ impl VolumeService for Api {
             size: r.size_bytes,
             labels,
             source,
-            request_id: r.request_id,
+            request_id: call.progress_key(&r.request_id)?,
             owner: call.owner(),
         };
         let svc = self.svc.clone();
@@ -341,7 +341,7 @@ impl VolumeService for Api {
                 path: staged.0.clone(),
                 format,
             },
-            request_id: header.request_id,
+            request_id: call.progress_key(&header.request_id)?,
             owner: call.owner(),
         };
         // Once all data is in, the import is pdiskd's; the staged file goes
@@ -425,7 +425,7 @@ impl VolumeService for Api {
             size: r.size_bytes,
             labels,
             source,
-            request_id: r.request_id,
+            request_id: call.progress_key(&r.request_id)?,
             owner: call.owner(),
         };
         let svc = self.svc.clone();
@@ -441,9 +441,10 @@ impl VolumeService for Api {
         let name: VolumeName = r.name.parse()?;
         let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         call.note(format!("snapshot {name} of volume {}", r.volume));
+        let request_id = call.progress_key(&r.request_id)?;
         let svc = self.svc.clone();
-        let s = detached(async move { svc.create_snapshot(&volume, name, &r.request_id).await })
-            .await?;
+        let s =
+            detached(async move { svc.create_snapshot(&volume, name, &request_id).await }).await?;
         Ok(Response::new(snapshot_pb(s)))
     }
 
@@ -542,7 +543,11 @@ impl VolumeService for Api {
         };
         let c = self
             .svc
-            .checksum(&object.to_string(), r.is_snapshot, &r.request_id)
+            .checksum(
+                &object.to_string(),
+                r.is_snapshot,
+                &call.progress_key(&r.request_id)?,
+            )
             .await?;
         Ok(Response::new(pb::ChecksumVolumeResponse {
             sha256: c.sha256,
@@ -623,8 +628,15 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::WatchProgressRequest>,
     ) -> Result<Response<Self::WatchProgressStream>, Status> {
-        let id = req.into_inner().request_id;
-        let mut rx = self.svc.progress.watch(&id)?;
+        // Request ids are per project: the watcher sees the operation of
+        // this id only when its call acted in the same project, so another
+        // project's progress (or its existence) never shows.
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let id = r.request_id;
+        if id.is_empty() {
+            crate::progress::validate_request_id(&id)?;
+        }
+        let mut rx = self.svc.progress.watch(&call.progress_key(&id)?)?;
         let stream = async_stream::stream! {
             loop {
                 let s = rx.borrow_and_update().clone();

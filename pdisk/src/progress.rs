@@ -5,6 +5,11 @@
 //! calls may arrive in either order. Every started operation finishes its
 //! entry (on success, on error, and on early return through the guard's Drop),
 //! so a watcher never waits for an operation that ended.
+//!
+//! Request ids are per project: the gRPC layer keys an operation by
+//! [`key`] (the project its call acts in, and the client's id), so a
+//! watcher sees only operations of calls acting in its own project, and two
+//! projects choosing the same id never see each other's progress.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,6 +53,22 @@ pub fn validate_request_id(id: &str) -> Result<()> {
     Ok(())
 }
 
+/// The hub's key of request `id` of a call acting in `project` ("": an
+/// admin or agent naming none); empty for an untracked call (empty id).
+/// Project names hold no `/`, request ids neither.
+pub fn key(project: &str, id: &str) -> Result<String> {
+    if id.is_empty() {
+        return Ok(String::new());
+    }
+    validate_request_id(id)?;
+    Ok(format!("{project}/{id}"))
+}
+
+/// Validates a hub key: a request id, optionally after `project/`.
+fn validate_key(key: &str) -> Result<()> {
+    validate_request_id(key.rsplit_once('/').map_or(key, |(_, id)| id))
+}
+
 impl ProgressHub {
     fn sender(&self, id: &str) -> watch::Sender<ProgressState> {
         self.entries
@@ -68,7 +89,7 @@ impl ProgressHub {
                 id: String::new(),
             });
         }
-        validate_request_id(request_id)?;
+        validate_key(request_id)?;
         Ok(Operation {
             tx: Some(self.sender(request_id)),
             hub: self.clone(),
@@ -78,7 +99,7 @@ impl ProgressHub {
 
     /// A receiver for `request_id`, whether or not the operation started yet.
     pub fn watch(&self, request_id: &str) -> Result<watch::Receiver<ProgressState>> {
-        validate_request_id(request_id)?;
+        validate_key(request_id)?;
         let tx = self.sender(request_id);
         let rx = tx.subscribe();
         // Forget entries nobody started within LINGER.

@@ -544,7 +544,10 @@ impl Store {
             let rec: SnapshotRecord = decode("snapshot", rec.value())?;
             // A snapshot's volume outlives it (the store refuses removing a
             // volume with snapshots), so its project is known.
-            let project = match tx.open_table(VOLUMES)?.get(rec.volume.to_string().as_str())? {
+            let project = match tx
+                .open_table(VOLUMES)?
+                .get(rec.volume.to_string().as_str())?
+            {
                 Some(v) => decode::<VolumeRecord>("volume", v.value())?.project,
                 None => String::new(),
             };
@@ -809,7 +812,9 @@ mod tests {
         s.insert_volume(&bio).unwrap();
         let err = s.insert_volume(&vol_in("bio", "db")).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
-        assert!(s.volume_name_taken("astro", &"db".parse().unwrap()).unwrap());
+        assert!(s
+            .volume_name_taken("astro", &"db".parse().unwrap())
+            .unwrap());
         assert!(!s.volume_name_taken("chem", &"db".parse().unwrap()).unwrap());
         let in_astro = s.find_volume_in(NameScope::Project("astro"), "db").unwrap();
         assert_eq!(in_astro.uuid, astro.uuid);
@@ -855,7 +860,9 @@ mod tests {
             .is_ok());
         // Removing frees the name in its project only.
         s.remove_volume(astro.uuid).unwrap();
-        assert!(!s.volume_name_taken("astro", &"db".parse().unwrap()).unwrap());
+        assert!(!s
+            .volume_name_taken("astro", &"db".parse().unwrap())
+            .unwrap());
         assert!(s.volume_name_taken("bio", &"db".parse().unwrap()).unwrap());
     }
 

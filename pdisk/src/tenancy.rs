@@ -72,6 +72,12 @@ impl Call {
         }
     }
 
+    /// The progress hub's key of this call's request id (see
+    /// [`crate::progress::key`]).
+    pub fn progress_key(&self, request_id: &str) -> Result<String> {
+        crate::progress::key(self.scope.project(), request_id)
+    }
+
     /// Refuses `stratus.io/` labels unless the caller is an agent or an admin.
     pub fn check_labels(&self, labels: &Labels) -> Result<(), Status> {
         check_reserved_labels(&self.identity, labels.keys())

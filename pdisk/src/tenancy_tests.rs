@@ -315,6 +315,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
                 role,
                 pb::WatchProgressRequest {
                     request_id: "r1".into(),
+                    project,
                 },
             ))
             .await,
@@ -877,4 +878,92 @@ async fn names_are_per_project_so_a_taken_name_elsewhere_reveals_nothing() {
         .await
         .unwrap();
     assert_eq!(by_uuid.into_inner().project, OWN);
+}
+
+#[tokio::test]
+async fn progress_is_seen_only_by_calls_acting_in_the_operations_project() {
+    use futures::StreamExt;
+    use std::time::Duration;
+    let f = fixture().await;
+    let watch = |role, project: &str| {
+        request(
+            role,
+            pb::WatchProgressRequest {
+                request_id: "same-id".into(),
+                project: project.into(),
+            },
+        )
+    };
+    let checksum = |role, project: &str, volume: String| {
+        request(
+            role,
+            pb::ChecksumVolumeRequest {
+                volume,
+                request_id: "same-id".into(),
+                project: project.into(),
+                ..Default::default()
+            },
+        )
+    };
+    // OWN's tenant and an admin naming no project watch "same-id" before
+    // anything runs.
+    let mut own = f
+        .api
+        .watch_progress(watch(Role::Project, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut admin = f
+        .api
+        .watch_progress(watch(Role::Admin, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    for s in [&mut own, &mut admin] {
+        let first = s.next().await.unwrap().unwrap();
+        assert!(!first.finished && first.phase.is_empty(), "{first:?}");
+    }
+    // OTHER's frontend runs an operation with the same id: neither watcher
+    // hears of it (no progress, no existence).
+    f.api
+        .checksum_volume(checksum(Role::Frontend, OTHER, format!("{OTHER}-vol")))
+        .await
+        .unwrap();
+    let quiet = tokio::time::timeout(Duration::from_millis(300), own.next()).await;
+    assert!(quiet.is_err(), "OWN saw OTHER's operation: {quiet:?}");
+    let quiet = tokio::time::timeout(Duration::from_millis(300), admin.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a call naming no project saw OTHER's: {quiet:?}"
+    );
+    // OWN's own operation with that id (here by a frontend acting in OWN)
+    // reaches OWN's watcher.
+    f.api
+        .checksum_volume(checksum(Role::Frontend, OWN, format!("{OWN}-vol")))
+        .await
+        .unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let p = own.next().await.unwrap().unwrap();
+            if p.finished {
+                return p;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(last.error.is_empty(), "{last:?}");
+    assert_eq!(last.request_id, "same-id");
+    // And an admin naming no project sees the operations of calls naming
+    // none, e.g. its own.
+    f.api
+        .checksum_volume(checksum(Role::Admin, "", format!("{OTHER}-vol")))
+        .await
+        .unwrap();
+    let p = tokio::time::timeout(Duration::from_secs(10), admin.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(p.phase == "checksum" || p.finished, "{p:?}");
 }

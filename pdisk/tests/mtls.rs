@@ -234,6 +234,7 @@ async fn sighup_rotates_the_certificate_and_keeps_open_streams() {
     let mut progress = old
         .watch_progress(pb::WatchProgressRequest {
             request_id: "rotation-1".into(),
+            project: String::new(),
         })
         .await
         .unwrap()

@@ -752,6 +752,7 @@ async fn checksum_matches_sha256sum_of_the_backing_file() {
         let mut stream = w
             .watch_progress(pb::WatchProgressRequest {
                 request_id: "sum-1".into(),
+                project: String::new(),
             })
             .await
             .unwrap()

@@ -71,7 +71,11 @@ impl Agent {
         let _g = self.create_lock.lock().await;
         // Names are unique per project: another project's guest of this
         // name is no obstacle, and so reveals nothing.
-        if self.store.find_vm_in(Some(project), spec.name.as_str()).is_ok() {
+        if self
+            .store
+            .find_vm_in(Some(project), spec.name.as_str())
+            .is_ok()
+        {
             return Err(Error::exists(format!("vm {} already exists", spec.name)));
         }
         // Under the create lock, so no other create passes the quota with

@@ -258,7 +258,7 @@ async fn volume_create(ctx: &Ctx, a: CreateArgs) -> Result<(), Failure> {
     let v = ctx.answer(
         watched(
             &watcher,
-            &request_id,
+            (&ctx.project, &request_id),
             ctx.bars,
             client.create_volume(request),
         )
@@ -307,7 +307,7 @@ async fn volume_clone(ctx: &Ctx, a: CloneArgs) -> Result<(), Failure> {
     let v = ctx.answer(
         watched(
             &watcher,
-            &request_id,
+            (&ctx.project, &request_id),
             ctx.bars,
             client.clone_volume(request),
         )
@@ -329,7 +329,8 @@ async fn snapshot(ctx: &Ctx, command: SnapshotCommand) -> Result<(), Failure> {
             };
             let watcher = client.clone();
             let call = client.create_snapshot(request);
-            let s = ctx.answer(watched(&watcher, &request_id, ctx.bars, call).await)?;
+            let s =
+                ctx.answer(watched(&watcher, (&ctx.project, &request_id), ctx.bars, call).await)?;
             ctx.print(render::snapshot_json(&s), || render::snapshot_view(&s))
         }
         SnapshotCommand::List { volume } => {

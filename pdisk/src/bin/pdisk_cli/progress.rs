@@ -55,7 +55,7 @@ pub fn new_request_id() -> String {
 /// operations (reflink clones) draw nothing, and is cleared when `call` ends.
 pub async fn watched<T>(
     client: &Client,
-    request_id: &str,
+    (project, request_id): (&str, &str),
     show: bool,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
 ) -> Result<tonic::Response<T>, Status> {
@@ -63,6 +63,7 @@ pub async fn watched<T>(
     let follower = show.then(|| {
         tokio::spawn(follow(
             client.clone(),
+            project.to_owned(),
             request_id.to_owned(),
             bar.clone(),
             true,
@@ -78,9 +79,18 @@ pub async fn watched<T>(
 
 /// Mirrors WatchProgress onto `bar` until the stream ends, fails or says the
 /// operation finished. With `reveal`, the bar is hidden until the first message.
-async fn follow(mut client: Client, request_id: String, bar: ProgressBar, reveal: bool) {
+async fn follow(
+    mut client: Client,
+    project: String,
+    request_id: String,
+    bar: ProgressBar,
+    reveal: bool,
+) {
     let Ok(response) = client
-        .watch_progress(WatchProgressRequest { request_id })
+        .watch_progress(WatchProgressRequest {
+            request_id,
+            project,
+        })
         .await
     else {
         return;
@@ -160,6 +170,7 @@ pub async fn upload(
     }
     let watcher = client.clone();
     let request_id = header.request_id.clone();
+    let project = header.project.clone();
     let (tx, rx) = mpsc::channel(READ_AHEAD);
     let mut reader = tokio::spawn(send_file(header, file, tx, bar.clone()));
     let mut call = Box::pin(client.upload_volume(ReceiverStream::new(rx)));
@@ -173,7 +184,7 @@ pub async fn upload(
                     reading = false;
                     bar.set_message("finishing");
                     if show {
-                        follower = Some(tokio::spawn(follow(watcher.clone(), request_id.clone(), bar.clone(), false)));
+                        follower = Some(tokio::spawn(follow(watcher.clone(), project.clone(), request_id.clone(), bar.clone(), false)));
                     }
                 }
                 Ok(Err((err, tx))) => {
