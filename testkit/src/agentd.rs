@@ -86,7 +86,13 @@ impl Agentd {
             dir.join("agentd.sock").display().to_string(),
         ]
         .into_iter()
-        .chain(daemon_tls_args(&TestPki::shared().agent()))
+        // A test that rotates agentd's certificate gives it files of its own.
+        .chain(
+            Some(daemon_tls_args(&TestPki::shared().agent()))
+                .filter(|_| !extra.contains(&"--tls-cert"))
+                .into_iter()
+                .flatten(),
+        )
         .chain(host_files)
         .chain(
             test_cgroup_parent()
@@ -142,6 +148,12 @@ impl Agentd {
             }
             can_connect_in(&ns, addr).then_some(())
         });
+    }
+
+    /// agentd's process id (`ip netns exec` execs it), for signals such as
+    /// SIGHUP.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agentd runs").id()
     }
 
     /// agentd's mTLS address.
