@@ -21,7 +21,7 @@ use crate::service::{
 };
 use crate::store::{QuotaLimits, QuotaUsage, Source, VolumeState};
 use crate::tenancy::Call;
-use crate::types::{Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
+use crate::types::{ByteSize, Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
 use stratus_pki::{Identity, Role};
 
 pub struct Api {
@@ -295,6 +295,25 @@ impl VolumeService for Api {
         {
             return Err(Error::exists(format!("volume {name} already exists")).into());
         }
+        // The provisioned-bytes quota holds for the stream too: what the
+        // header declares must fit now, and the data may never pass the
+        // project's room (the volume is at least as large as its raw data),
+        // so a tenant cannot fill the pool's staging area past its quota
+        // before the import's own check.
+        let project = call.scope.project().to_owned();
+        let store = self.svc.store();
+        let declared = header.size_bytes.max(header.content_length);
+        store
+            .check_quota_now(
+                &project,
+                QuotaUsage {
+                    volumes: 1,
+                    snapshots: 0,
+                    bytes: declared,
+                },
+            )
+            .map_err(|e| e.context(format!("upload of {name}")))?;
+        let room = store.bytes_room(&project)?;
         let staged = StagedUpload(
             self.svc
                 .backend()
@@ -312,6 +331,17 @@ impl VolumeService for Api {
             if total > 0 && offset + data.len() as u64 > total {
                 return Err(Error::invalid(format!(
                     "upload of {name}: more data than the announced {total} bytes"
+                ))
+                .into());
+            }
+            let end = offset + data.len() as u64;
+            if let Some((room, used, limit)) = room.filter(|(room, ..)| end > *room) {
+                return Err(Error::exhausted(format!(
+                    "upload of {name}: project {project}: byte quota exceeded: \
+                     more than {} streamed, {} of {} provisioned",
+                    ByteSize(room),
+                    ByteSize(used),
+                    ByteSize(limit)
                 ))
                 .into());
             }

@@ -100,6 +100,16 @@ fn check_quota(tx: &redb::WriteTransaction, project: &str, more: QuotaUsage) -> 
         &tx.open_table(SNAPSHOTS)?,
         project,
     )?;
+    within_quota(project, &limits, &used, &more)
+}
+
+/// Refuses `more` on top of `used` when it passes one of `limits`.
+fn within_quota(
+    project: &str,
+    limits: &QuotaLimits,
+    used: &QuotaUsage,
+    more: &QuotaUsage,
+) -> Result<()> {
     let over = |limit: Option<u64>, used: u64, more: u64| {
         limit.filter(|&l| more > 0 && used.saturating_add(more) > l)
     };
@@ -650,6 +660,29 @@ impl Store {
         };
         tx.commit()?;
         Ok(limits)
+    }
+
+    /// Refuses, before any work, what would pass `project`'s quota now (a
+    /// streamed upload, before its bytes are taken in). Advisory: the
+    /// insert that records the object checks again in its transaction.
+    pub fn check_quota_now(&self, project: &str, more: QuotaUsage) -> Result<()> {
+        if project.is_empty() {
+            return Ok(());
+        }
+        let (limits, used) = self.quota(project)?;
+        within_quota(project, &limits, &used, &more)
+    }
+
+    /// The provisioned bytes `project` may still add, with its usage and
+    /// limit (None: no byte quota).
+    pub fn bytes_room(&self, project: &str) -> Result<Option<(u64, u64, u64)>> {
+        if project.is_empty() {
+            return Ok(None);
+        }
+        let (limits, used) = self.quota(project)?;
+        Ok(limits
+            .bytes
+            .map(|l| (l.saturating_sub(used.bytes), used.bytes, l)))
     }
 
     /// `project`'s limits (none set: all None) and usage.

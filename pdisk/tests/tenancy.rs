@@ -1,9 +1,9 @@
 //! Projects on a real pdiskd with real certificates from stratus-pki: a
 //! project cannot see or touch another project's volumes (NotFound, and
 //! nothing changes), a tenant cannot set stratus.io/ labels, a quota holds
-//! against twenty concurrent clients, and every mutating call leaves one
-//! audit line without secrets. Needs root (the harness's XFS pool and
-//! tgtd); run by scripts/test.
+//! against twenty concurrent clients and for streamed uploads, and every
+//! mutating call leaves one audit line without secrets. Needs root (the
+//! harness's XFS pool and tgtd); run by scripts/test.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -330,4 +330,81 @@ async fn a_quota_holds_against_twenty_concurrent_clients() {
     assert_eq!(shown["usage"]["bytes"], 5u64 * (16 << 20));
     let listed = s.pdiskd.cli_json(&["quota", "list"]);
     assert_eq!(listed["quotas"][0]["project"], "gamma");
+}
+
+/// An UploadVolume of `chunks` MiB of raw data (non-zero, so it is
+/// written), announcing `content_length`.
+async fn upload(
+    c: &mut VolumeServiceClient<Channel>,
+    name: &str,
+    content_length: u64,
+    chunks: usize,
+) -> Result<pb::Volume, tonic::Status> {
+    use pb::upload_volume_request::Part;
+    let header = pb::UploadVolumeRequest {
+        part: Some(Part::Header(pb::UploadHeader {
+            name: name.into(),
+            format: pb::ImageFormat::Raw as i32,
+            content_length,
+            ..Default::default()
+        })),
+    };
+    let data = (0..chunks).map(|_| pb::UploadVolumeRequest {
+        part: Some(Part::Data(vec![0xa5; 1 << 20])),
+    });
+    let msgs: Vec<_> = std::iter::once(header).chain(data).collect();
+    c.upload_volume(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test]
+#[ignore = "needs root: run by scripts/test"]
+async fn the_byte_quota_holds_for_streamed_uploads() {
+    require_root();
+    let s = Stack::start();
+    let pki = TestPki::shared();
+    s.pdiskd
+        .cli_json(&["quota", "set", "delta", "--bytes", "8M"]);
+    let delta = pki.issue(Role::Project, "delta", None, &[]);
+    let mut c = client(&s, &delta).await;
+    let staged = || {
+        std::fs::read_dir(s.pdiskd.pool_dir.join("staging"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    // Announced larger than the room: refused before any data is taken.
+    let err = upload(&mut c, "big", 16 << 20, 16).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("upload of big")
+            && err.message().contains("project delta: byte quota exceeded"),
+        "refused before the data, by the upload's own check: {err:?}"
+    );
+    // Announced as unknown (0): refused once the stream passes the room.
+    let err = upload(&mut c, "sneaky", 0, 24).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("more than 8M streamed"), "{err:?}");
+    // Within the room it works, and then the room is what is left.
+    let v = upload(&mut c, "small", 6 << 20, 6).await.unwrap();
+    assert_eq!((v.project.as_str(), v.size_bytes), ("delta", 6 << 20));
+    let err = upload(&mut c, "more", 0, 4).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // Nothing of the refused uploads stayed: one volume, no staged file.
+    let mut admin = client(&s, &pki.admin()).await;
+    let names: Vec<String> = admin
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, vec!["small".to_string()]);
+    wait_for("staged uploads removed", Duration::from_secs(10), || {
+        (staged() == 0).then_some(())
+    });
+    let shown = s.pdiskd.cli_json(&["quota", "show", "delta"]);
+    assert_eq!(shown["usage"]["bytes"], 6u64 << 20);
 }
