@@ -149,6 +149,28 @@ mod tests {
         TABLE.rpcs(stratus_proto::FILE_DESCRIPTOR_SET)
     }
 
+    /// The RPCs that change nothing: with [`MUTATING`], every RPC.
+    const READS: &[&str] = &[
+        "GetVm",
+        "ListVms",
+        "WatchEvents",
+        "GetHost",
+        "ListImages",
+        "GetQuota",
+        "ListQuotas",
+    ];
+
+    #[test]
+    fn every_rpc_is_audited_exactly_when_it_changes_something() {
+        let rpcs = rpcs();
+        let streamed = TABLE.server_streaming(stratus_proto::FILE_DESCRIPTOR_SET);
+        assert_eq!(streamed, vec!["WatchEvents".to_string()]);
+        assert_eq!(
+            Table::audit_errors(&rpcs, &streamed, MUTATING, READS),
+            Vec::<String>::new()
+        );
+    }
+
     #[test]
     fn every_rpc_has_exactly_one_rule() {
         let rpcs = rpcs();

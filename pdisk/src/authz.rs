@@ -155,6 +155,46 @@ mod tests {
         TABLE.rpcs(stratus_proto::FILE_DESCRIPTOR_SET)
     }
 
+    /// The RPCs that change nothing: with [`MUTATING`], every RPC.
+    const READS: &[&str] = &[
+        "GetVolume",
+        "ListVolumes",
+        "ListSnapshots",
+        "ListExports",
+        "ChecksumVolume",
+        "GetPool",
+        "WatchProgress",
+        "GetQuota",
+        "ListQuotas",
+    ];
+
+    #[test]
+    fn every_rpc_is_audited_exactly_when_it_changes_something() {
+        let rpcs = rpcs();
+        let streamed = TABLE.server_streaming(stratus_proto::FILE_DESCRIPTOR_SET);
+        assert_eq!(streamed, vec!["WatchProgress".to_string()]);
+        assert_eq!(
+            Table::audit_errors(&rpcs, &streamed, MUTATING, READS),
+            Vec::<String>::new()
+        );
+        // The check catches each kind of mistake.
+        let missing: Vec<&str> = MUTATING.iter().copied().skip(1).collect();
+        assert_eq!(
+            Table::audit_errors(&rpcs, &streamed, &missing, READS).len(),
+            1
+        );
+        let streamed_mutating = [MUTATING, &["WatchProgress"]].concat();
+        let reads: Vec<&str> = READS
+            .iter()
+            .copied()
+            .filter(|r| *r != "WatchProgress")
+            .collect();
+        assert_eq!(
+            Table::audit_errors(&rpcs, &streamed, &streamed_mutating, &reads).len(),
+            1
+        );
+    }
+
     #[test]
     fn every_rpc_has_exactly_one_rule() {
         let rpcs = rpcs();

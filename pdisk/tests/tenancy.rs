@@ -362,7 +362,9 @@ async fn upload(
 #[ignore = "needs root: run by scripts/test"]
 async fn the_byte_quota_holds_for_streamed_uploads() {
     require_root();
-    let s = Stack::start();
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let s = Stack::start_with(&["--audit-log", audit.to_str().unwrap()]);
     let pki = TestPki::shared();
     s.pdiskd
         .cli_json(&["quota", "set", "delta", "--bytes", "8M"]);
@@ -407,4 +409,24 @@ async fn the_byte_quota_holds_for_streamed_uploads() {
     });
     let shown = s.pdiskd.cli_json(&["quota", "show", "delta"]);
     assert_eq!(shown["usage"]["bytes"], 6u64 << 20);
+    // Each upload (a client stream) is audited once, with its outcome.
+    let uploads: Vec<(String, String, String)> = audit_records(&audit, 5)
+        .into_iter()
+        .filter(|r| r["rpc"] == "pdisk.v1.VolumeService/UploadVolume")
+        .map(|r| {
+            (
+                r["object"].as_str().unwrap().to_owned(),
+                r["project"].as_str().unwrap().to_owned(),
+                r["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("big", "ResourceExhausted"),
+        ("sneaky", "ResourceExhausted"),
+        ("small", "Ok"),
+        ("more", "ResourceExhausted"),
+    ]
+    .map(|(v, o)| (format!("volume {v}"), "delta".to_string(), o.to_string()));
+    assert_eq!(uploads, want);
 }

@@ -67,6 +67,61 @@ impl Table {
             .collect()
     }
 
+    /// The methods of the service whose answer is a stream (server or
+    /// bidirectional streaming): their outcome is in the trailers, after
+    /// the response headers the audit layer reads.
+    pub fn server_streaming(&self, descriptor_set: &[u8]) -> Vec<String> {
+        let (package, name) = self.service.rsplit_once('.').unwrap_or(("", self.service));
+        let set = prost_types::FileDescriptorSet::decode(descriptor_set)
+            .expect("the descriptor set is an encoded FileDescriptorSet");
+        set.file
+            .iter()
+            .filter(|f| f.package() == package)
+            .flat_map(|f| f.service.iter())
+            .filter(|s| s.name() == name)
+            .flat_map(|s| s.method.iter())
+            .filter(|m| m.server_streaming())
+            .map(|m| m.name().to_owned())
+            .collect()
+    }
+
+    /// What is wrong with `mutating` (the audited RPCs) and `reads` against
+    /// the service's `rpcs` and its `streamed` answers: an RPC in neither
+    /// list or in both, a name that is no RPC, a streamed answer that
+    /// mutates (the audit judges a call by its response headers, and a
+    /// stream's code comes in its trailers). Empty when every RPC is
+    /// audited exactly when it changes something.
+    pub fn audit_errors(
+        rpcs: &[String],
+        streamed: &[String],
+        mutating: &[&str],
+        reads: &[&str],
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        for m in rpcs {
+            match (mutating.contains(&m.as_str()), reads.contains(&m.as_str())) {
+                (true, true) => errors.push(format!("{m} is listed as mutating and as a read")),
+                (false, false) => errors.push(format!(
+                    "{m} is neither mutating (audited) nor a read: classify it"
+                )),
+                _ => {}
+            }
+        }
+        for m in mutating.iter().chain(reads) {
+            if !rpcs.iter().any(|r| r == m) {
+                errors.push(format!("{m} is no RPC"));
+            }
+        }
+        for m in streamed {
+            if mutating.contains(&m.as_str()) {
+                errors.push(format!(
+                    "{m} answers with a stream: its outcome is not in the headers the audit reads"
+                ));
+            }
+        }
+        errors
+    }
+
     /// What is wrong with the table against the service's `rpcs`: an RPC
     /// with no rule or several, a rule for a method the service lacks.
     /// Empty when every RPC has exactly one rule.
