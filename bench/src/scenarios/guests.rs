@@ -59,12 +59,18 @@ impl GuestHost {
     /// Starts everything (blocking; panics, with the daemons' logs, when a
     /// daemon does not come up, as testkit does).
     pub fn start() -> GuestHost {
+        Self::start_with(&[])
+    }
+
+    /// [`GuestHost::start`] with extra agentd flags.
+    pub fn start_with(agentd_flags: &[&str]) -> GuestHost {
         let ns = NetNs::new();
         ns.add_bridge(BRIDGE);
         let pool = XfsPool::new(4096);
         let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
         let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
-        let agentd = Agentd::start_in(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE);
+        let agentd =
+            Agentd::start_in_with(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE, agentd_flags);
         let www = pool.dir.path().join("www");
         std::fs::create_dir_all(&www).expect("creating the web root");
         let img = www.join("guest.qcow2");

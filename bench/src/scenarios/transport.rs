@@ -7,6 +7,10 @@
 //! making a connection (TCP + TLS 1.3 handshake with client certificate
 //! verification, against TCP alone).
 //!
+//! Then the same three ways into agentd for a stream: WatchEvents replaying
+//! its journal (CREATED and DESTROYED of guests defined and destroyed for
+//! it, no guest boots), timed whole, as events per second.
+//!
 //! Goal (issue 11): mTLS unary p50 within 1.3x of plain TCP.
 
 use std::time::Instant;
@@ -75,7 +79,113 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
             percentile(&setup[i], 50.0)
         );
     }
-    Ok(figures(&unary, &setup))
+    let mut out = figures(&unary, &setup);
+    out.extend(events(ctx).await?);
+    Ok(out)
+}
+
+/// agentd's plain TCP port inside the bench's namespace.
+const AGENTD_PLAIN: &str = "127.0.0.1:7411";
+
+/// WatchEvents replay rate (events/s) over each transport, interleaved.
+async fn events(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    use stratus_proto::agent::v1 as apb;
+    use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
+    let (guests, rounds) = if ctx.quick { (10, 3) } else { (250, 30) };
+    let host = tokio::task::block_in_place(|| {
+        super::guests::GuestHost::start_with(&["--insecure-listen", AGENTD_PLAIN])
+    });
+    let dir = host
+        .agentd
+        .state_dir
+        .parent()
+        .expect("agentd's state dir has a parent")
+        .to_owned();
+    let disk = dir.join("host-files/bench-transport.raw");
+    std::fs::write(&disk, vec![0u8; 1 << 20])?;
+    let socket = dir.join("agentd.sock");
+    let rates = tokio::task::block_in_place(|| {
+        host.run(move |url| async move {
+            let admin = TestPki::shared().admin();
+            let dialers = [
+                Dialer::from_address(&url, Some(&admin))?,
+                Dialer::from_address(&format!("unix:{}", socket.display()), None)?,
+                Dialer::from_address(&format!("http://{AGENTD_PLAIN}"), None)?,
+            ];
+            let mut admin_client = VmServiceClient::new(dialers[0].connect().await?);
+            for i in 0..guests {
+                let spec = apb::VmSpec {
+                    name: format!("events-{i}"),
+                    vcpus: 1,
+                    memory_bytes: 64 << 20,
+                    disks: vec![apb::DiskSpec {
+                        source: Some(apb::disk_spec::Source::File(disk.display().to_string())),
+                        read_only: true,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                let vm = admin_client
+                    .create_vm(apb::CreateVmRequest {
+                        spec: Some(spec),
+                        project: String::new(),
+                    })
+                    .await?
+                    .into_inner();
+                admin_client
+                    .destroy_vm(apb::DestroyVmRequest {
+                        vm: vm.uuid,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            let mut clients = Vec::new();
+            for d in &dialers {
+                clients.push(VmServiceClient::new(d.connect().await?));
+            }
+            let mut rates: [Vec<f64>; 3] = Default::default();
+            for _ in 0..rounds {
+                for (i, c) in clients.iter_mut().enumerate() {
+                    let t = Instant::now();
+                    let mut s = c
+                        .watch_events(apb::WatchEventsRequest {
+                            no_follow: true,
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner();
+                    let mut n = 0u64;
+                    while s.message().await?.is_some() {
+                        n += 1;
+                    }
+                    anyhow::ensure!(n >= 2 * guests as u64, "replayed only {n} events");
+                    rates[i].push(n as f64 / t.elapsed().as_secs_f64());
+                }
+            }
+            Ok(rates)
+        })
+    })?;
+    for (i, kind) in KINDS.iter().enumerate() {
+        eprintln!(
+            "  {kind}: WatchEvents replay p50 {:.0} events/s",
+            percentile(&rates[i], 50.0)
+        );
+    }
+    drop(host);
+    let plain = percentile(&rates[2], 50.0);
+    Ok((0..2)
+        .map(|i| {
+            Figure::new(
+                SCENARIO,
+                &format!("WatchEvents replay p50 ({})", KINDS[i]),
+                "events/s",
+                percentile(&rates[i], 50.0),
+            )
+            .with_samples(rates[i].clone())
+            .against("WatchEvents replay p50 (plain TCP)", plain)
+            .with_peer_samples(rates[2].clone())
+        })
+        .collect())
 }
 
 async fn call(c: &mut VolumeServiceClient<Channel>) -> anyhow::Result<()> {
