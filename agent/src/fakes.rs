@@ -125,6 +125,9 @@ fn injected(op: &str) -> String {
 pub struct FakeVolumes {
     pub failures: Failures,
     state: Mutex<PdiskState>,
+    /// How long each export takes (none by default), for callers that give
+    /// up half-way.
+    pub export_delay: Mutex<Duration>,
 }
 
 #[derive(Default)]
@@ -254,6 +257,10 @@ impl VolumeClient for FakeVolumes {
     fn export_volume(&self, req: pdpb::ExportVolumeRequest) -> Answer<'_, pdpb::Export> {
         Box::pin(async move {
             self.check("export_volume", &req.volume)?;
+            let delay = *self.export_delay.lock().unwrap();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let mut st = self.state.lock().unwrap();
             let id = st.resolve_in(&req.volume, &req.project)?;
             let name = st.volumes[&id].name.clone();

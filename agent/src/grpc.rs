@@ -20,17 +20,47 @@ use crate::spec::{
 };
 use crate::store::{Event, QuotaLimits, QuotaUsage, VmRecord};
 use stratus_core::error::Error;
+use stratus_core::requests::{fingerprint, RequestLog};
 use stratus_core::types::ByteSize;
 use stratus_pki::tenancy::{check_reserved_labels, Scope};
 use stratus_pki::Identity;
 
 pub struct Api {
     agent: Arc<Agent>,
+    /// Mutating calls run here, as agentd's own tasks, and their outcomes
+    /// are kept for retries by `request_id`.
+    requests: RequestLog,
 }
 
 impl Api {
     pub fn new(agent: Arc<Agent>) -> Self {
-        Api { agent }
+        Api {
+            agent,
+            requests: RequestLog::default(),
+        }
+    }
+
+    /// Runs the mutating operation `op` of `rpc` as agentd's own task (a
+    /// caller that goes away does not stop it half-way); with a
+    /// `request_id`, a retry of the same request by the same caller in the
+    /// same project (`caller`, from [`caller_key`]) gets the first
+    /// attempt's result. `msg` is the request
+    /// with its request_id already taken out.
+    async fn run<T, M, F>(
+        &self,
+        caller: String,
+        rpc: &'static str,
+        request_id: &str,
+        msg: &M,
+        op: F,
+    ) -> Result<T, Status>
+    where
+        T: Clone + Send + Sync + 'static,
+        M: prost::Message,
+        F: std::future::Future<Output = stratus_core::error::Result<T>> + Send + 'static,
+    {
+        let fp = fingerprint(&msg.encode_to_vec());
+        Ok(self.requests.run(&caller, request_id, rpc, fp, op).await?)
     }
 
     /// The guest `r` names, if a call in `scope` may see it: any other is
@@ -95,6 +125,12 @@ fn audit_object<T: std::any::Any>(msg: &T) -> String {
     } else {
         String::new()
     }
+}
+
+/// Whose retries share request ids: the caller's identity and the project
+/// the call acts in.
+fn caller_key(identity: &Identity, project: &str) -> String {
+    format!("{identity}|{project}")
 }
 
 /// A request's caller, the project scope it acts in (its `project` field,
@@ -451,60 +487,129 @@ impl VmService for Api {
         &self,
         req: Request<pb::CreateVmRequest>,
     ) -> Result<Response<pb::Vm>, Status> {
-        let (identity, scope, r) = split(req, |r| &r.project)?;
-        let spec = r.spec.ok_or_else(|| Error::invalid("spec is required"))?;
+        let (identity, scope, mut r) = split(req, |r| &r.project)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let spec = r
+            .spec
+            .clone()
+            .ok_or_else(|| Error::invalid("spec is required"))?;
         check_reserved_labels(&identity, spec.labels.keys())?;
         let spec = parse_spec(spec)?;
         admit_host_files(&identity, &spec.host_files())?;
-        let vm = self.agent.create_vm(spec, scope.project()).await?;
-        Ok(Response::new(vm_pb(&self.agent, &vm)))
+        let agent = self.agent.clone();
+        let (project, id) = (scope.project().to_owned(), request_id.clone());
+        let vm = self
+            .run(
+                caller_key(&identity, scope.project()),
+                "CreateVm",
+                &request_id,
+                &r,
+                async move {
+                    let vm = agent.create_vm(spec, &project, &id).await?;
+                    Ok(vm_pb(&agent, &vm))
+                },
+            )
+            .await?;
+        Ok(Response::new(vm))
     }
 
     async fn start_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let (_, scope, r) = split(req, |r| &r.project)?;
-        let vm = self.agent.start_vm(&self.vm_ref(&scope, &r.vm)?).await?;
-        Ok(Response::new(vm_pb(&self.agent, &vm)))
+        let (identity, scope, mut r) = split(req, |r| &r.project)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let (agent, vm) = (self.agent.clone(), self.vm_ref(&scope, &r.vm)?);
+        let vm = self
+            .run(
+                caller_key(&identity, scope.project()),
+                "StartVm",
+                &request_id,
+                &r,
+                async move { Ok(vm_pb(&agent, &agent.start_vm(&vm).await?)) },
+            )
+            .await?;
+        Ok(Response::new(vm))
     }
 
     async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let (_, scope, r) = split(req, |r| &r.project)?;
+        let (identity, scope, mut r) = split(req, |r| &r.project)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let (agent, vm) = (self.agent.clone(), self.vm_ref(&scope, &r.vm)?);
+        let (timeout, force) = (timeout_of(r.timeout_seconds), r.force);
         let vm = self
-            .agent
-            .stop_vm(
-                &self.vm_ref(&scope, &r.vm)?,
-                timeout_of(r.timeout_seconds),
-                r.force,
+            .run(
+                caller_key(&identity, scope.project()),
+                "StopVm",
+                &request_id,
+                &r,
+                async move { Ok(vm_pb(&agent, &agent.stop_vm(&vm, timeout, force).await?)) },
             )
             .await?;
-        Ok(Response::new(vm_pb(&self.agent, &vm)))
+        Ok(Response::new(vm))
     }
 
     async fn reboot_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let (_, scope, r) = split(req, |r| &r.project)?;
-        let vm = self.agent.reboot_vm(&self.vm_ref(&scope, &r.vm)?).await?;
-        Ok(Response::new(vm_pb(&self.agent, &vm)))
+        let (identity, scope, mut r) = split(req, |r| &r.project)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let (agent, vm) = (self.agent.clone(), self.vm_ref(&scope, &r.vm)?);
+        let vm = self
+            .run(
+                caller_key(&identity, scope.project()),
+                "RebootVm",
+                &request_id,
+                &r,
+                async move { Ok(vm_pb(&agent, &agent.reboot_vm(&vm).await?)) },
+            )
+            .await?;
+        Ok(Response::new(vm))
     }
 
     async fn pause_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let (_, scope, r) = split(req, |r| &r.project)?;
-        let vm = self.agent.pause_vm(&self.vm_ref(&scope, &r.vm)?).await?;
-        Ok(Response::new(vm_pb(&self.agent, &vm)))
+        let (identity, scope, mut r) = split(req, |r| &r.project)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let (agent, vm) = (self.agent.clone(), self.vm_ref(&scope, &r.vm)?);
+        let vm = self
+            .run(
+                caller_key(&identity, scope.project()),
+                "PauseVm",
+                &request_id,
+                &r,
+                async move { Ok(vm_pb(&agent, &agent.pause_vm(&vm).await?)) },
+            )
+            .await?;
+        Ok(Response::new(vm))
     }
 
     async fn resume_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
-        let (_, scope, r) = split(req, |r| &r.project)?;
-        let vm = self.agent.resume_vm(&self.vm_ref(&scope, &r.vm)?).await?;
-        Ok(Response::new(vm_pb(&self.agent, &vm)))
+        let (identity, scope, mut r) = split(req, |r| &r.project)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let (agent, vm) = (self.agent.clone(), self.vm_ref(&scope, &r.vm)?);
+        let vm = self
+            .run(
+                caller_key(&identity, scope.project()),
+                "ResumeVm",
+                &request_id,
+                &r,
+                async move { Ok(vm_pb(&agent, &agent.resume_vm(&vm).await?)) },
+            )
+            .await?;
+        Ok(Response::new(vm))
     }
 
     async fn destroy_vm(
         &self,
         req: Request<pb::DestroyVmRequest>,
     ) -> Result<Response<pb::DestroyVmResponse>, Status> {
-        let (_, scope, r) = split(req, |r| &r.project)?;
-        self.agent
-            .destroy_vm(&self.vm_ref(&scope, &r.vm)?, timeout_of(r.timeout_seconds))
-            .await?;
+        let (identity, scope, mut r) = split(req, |r| &r.project)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let (agent, vm) = (self.agent.clone(), self.vm_ref(&scope, &r.vm)?);
+        let timeout = timeout_of(r.timeout_seconds);
+        self.run(
+            caller_key(&identity, scope.project()),
+            "DestroyVm",
+            &request_id,
+            &r,
+            async move { agent.destroy_vm(&vm, timeout).await },
+        )
+        .await?;
         Ok(Response::new(pb::DestroyVmResponse {}))
     }
 
@@ -579,16 +684,27 @@ impl VmService for Api {
                 .clone()
                 .ok_or_else(|| Error::invalid("image is required"))?,
         )?;
+        let identity = stratus_pki::gate::caller(&req)?
+            .identity
+            .clone()
+            .map_err(Status::unauthenticated)?;
         if image.is_host_file() {
-            let identity = stratus_pki::gate::caller(&req)?
-                .identity
-                .clone()
-                .map_err(Status::unauthenticated)?;
             admit_host_files(&identity, &[format!("image {}", image.url)])?;
         }
-        let r = req.into_inner();
-        let info = self.agent.pull_image(image, r.to_pdisk).await?;
-        Ok(Response::new(image_pb(info)))
+        let mut r = req.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
+        let agent = self.agent.clone();
+        let to_pdisk = r.to_pdisk;
+        let info = self
+            .run(
+                caller_key(&identity, ""),
+                "PullImage",
+                &request_id,
+                &r,
+                async move { Ok(image_pb(agent.pull_image(image, to_pdisk).await?)) },
+            )
+            .await?;
+        Ok(Response::new(info))
     }
 
     async fn list_images(
@@ -609,19 +725,30 @@ impl VmService for Api {
         &self,
         req: Request<pb::EvictImageRequest>,
     ) -> Result<Response<pb::EvictImageResponse>, Status> {
-        let r = req.into_inner();
+        let identity = stratus_pki::gate::caller(&req)?
+            .identity
+            .clone()
+            .map_err(Status::unauthenticated)?;
+        let mut r = req.into_inner();
+        let request_id = std::mem::take(&mut r.request_id);
         let (local, pdisk) = if !r.local && !r.pdisk {
             (true, true)
         } else {
             (r.local, r.pdisk)
         };
+        let (agent, sha256) = (self.agent.clone(), r.sha256.clone());
         let evicted = self
-            .agent
-            .evict_image(&r.sha256, local, pdisk)
-            .await?
-            .into_iter()
-            .map(image_pb)
-            .collect();
+            .run(
+                caller_key(&identity, ""),
+                "EvictImage",
+                &request_id,
+                &r,
+                async move {
+                    let evicted = agent.evict_image(&sha256, local, pdisk).await?;
+                    Ok(evicted.into_iter().map(image_pb).collect::<Vec<_>>())
+                },
+            )
+            .await?;
         Ok(Response::new(pb::EvictImageResponse { evicted }))
     }
 
@@ -629,10 +756,18 @@ impl VmService for Api {
         &self,
         req: Request<pb::SaveImageRequest>,
     ) -> Result<Response<pb::SaveImageResponse>, Status> {
-        let (_, scope, r) = split(req, |r| &r.project)?;
+        let (identity, scope, mut r) = split(req, |r| &r.project)?;
+        let request_id = std::mem::take(&mut r.request_id);
+        let (agent, vm) = (self.agent.clone(), self.vm_ref(&scope, &r.vm)?);
+        let (device, name) = (r.device.clone(), r.name.clone());
         let volume = self
-            .agent
-            .save_image(&self.vm_ref(&scope, &r.vm)?, &r.device, &r.name)
+            .run(
+                caller_key(&identity, scope.project()),
+                "SaveImage",
+                &request_id,
+                &r,
+                async move { agent.save_image(&vm, &device, &name).await },
+            )
             .await?;
         Ok(Response::new(pb::SaveImageResponse {
             url: format!("pdisk:///{volume}"),
@@ -831,3 +966,7 @@ mod tests {
 #[cfg(test)]
 #[path = "tenancy_tests.rs"]
 mod tenancy_tests;
+
+#[cfg(test)]
+#[path = "requests_tests.rs"]
+mod requests_tests;

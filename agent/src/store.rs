@@ -165,6 +165,10 @@ pub struct VmRecord {
     /// which is also what records older than projects load as.
     #[serde(default)]
     pub project: String,
+    /// The `request_id` of the CreateVm that made it (empty: none): a retry
+    /// of that create, even after agentd restarted, answers with this guest.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
 }
 
 /// An event as journaled and streamed.
@@ -667,6 +671,7 @@ mod tests {
 
     fn record(name: &str) -> VmRecord {
         VmRecord {
+            request_id: String::new(),
             uuid: Uuid::new_v4(),
             spec: VmSpec {
                 name: name.parse().unwrap(),

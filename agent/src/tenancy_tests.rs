@@ -29,7 +29,7 @@ struct Fixture {
     pdisk: Arc<FakeVolumes>,
 }
 
-fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent> {
+pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent> {
     let state = dir.join("state");
     let mut kernel = KernelOptions::new("iqn.2026-11.io.stratus:unit");
     kernel.sys = dir.join("sys");
@@ -80,7 +80,7 @@ fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent> {
     .unwrap()
 }
 
-fn spec(name: &str, disk: &str) -> pb::VmSpec {
+pub(crate) fn spec(name: &str, disk: &str) -> pb::VmSpec {
     pb::VmSpec {
         name: name.into(),
         vcpus: 1,
@@ -103,7 +103,7 @@ async fn fixture() -> Fixture {
         pdisk.add_volume_in(&format!("{p}-disk"), p);
         pdisk.add_volume_in(&format!("{p}-disk2"), p);
         let spec = crate::grpc::parse_spec(spec(&format!("{p}-vm"), &format!("{p}-disk"))).unwrap();
-        agent.create_vm(spec, p).await.unwrap();
+        agent.create_vm(spec, p, "").await.unwrap();
     }
     Fixture {
         _dir: dir,
@@ -138,7 +138,7 @@ fn caller(role: Role) -> Caller {
     }
 }
 
-fn request<T>(role: Role, msg: T) -> tonic::Request<T> {
+pub(crate) fn request<T>(role: Role, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.extensions_mut().insert(caller(role));
     r
@@ -175,6 +175,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
         request(
             role,
             pb::VmRequest {
+                request_id: String::new(),
                 vm: vm.clone(),
                 project: project.clone(),
             },
@@ -186,6 +187,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             api.create_vm(request(
                 role,
                 pb::CreateVmRequest {
+                    request_id: String::new(),
                     spec: Some(spec("new-vm", &format!("{target}-disk2"))),
                     project,
                 },
@@ -249,6 +251,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             api.save_image(request(
                 role,
                 pb::SaveImageRequest {
+                    request_id: String::new(),
                     vm,
                     device: "vda".into(),
                     name: "saved".into(),
@@ -369,6 +372,7 @@ async fn guests_belong_to_the_project_they_were_created_in() {
             .create_vm(request(
                 role,
                 pb::CreateVmRequest {
+                    request_id: String::new(),
                     spec: Some(spec(
                         &name,
                         &if disk.is_empty() {
@@ -394,6 +398,7 @@ async fn guests_belong_to_the_project_they_were_created_in() {
             .create_vm(request(
                 role,
                 pb::CreateVmRequest {
+                    request_id: String::new(),
                     spec: Some(s.clone()),
                     project: OWN.into(),
                 },
@@ -441,6 +446,7 @@ async fn twenty_concurrent_creates_against_a_vm_quota_make_exactly_the_quota() {
                     .create_vm(request(
                         Role::Frontend,
                         pb::CreateVmRequest {
+                            request_id: String::new(),
                             spec: Some(spec(&format!("q{i}"), &format!("{OWN}-disk2"))),
                             project: OWN.into(),
                         },
@@ -486,6 +492,7 @@ async fn twenty_concurrent_creates_against_a_vm_quota_make_exactly_the_quota() {
         .create_vm(request(
             Role::Project,
             pb::CreateVmRequest {
+                request_id: String::new(),
                 spec: Some(big),
                 project: String::new(),
             },
@@ -503,6 +510,7 @@ async fn twenty_concurrent_creates_against_a_vm_quota_make_exactly_the_quota() {
         .create_vm(request(
             Role::Frontend,
             pb::CreateVmRequest {
+                request_id: String::new(),
                 spec: Some(spec("other-new", &format!("{OTHER}-disk2"))),
                 project: OTHER.into(),
             },

@@ -177,12 +177,14 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
     h.guest_volume("vm1-root");
     let vm = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec_pdisk("vm1", "vm1-root")),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "vm1".into(),
         })
@@ -251,6 +253,7 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
 
     let stopped = h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "vm1".into(),
             timeout_seconds: 60,
@@ -287,6 +290,7 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
 
     h.agent(|mut c| async move {
         c.destroy_vm(pb::DestroyVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "vm1".into(),
             timeout_seconds: 30,
@@ -295,6 +299,7 @@ fn guest_boots_from_a_pdisk_volume_and_is_disposed_cleanly() {
         .unwrap();
         let e = c
             .get_vm(pb::VmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 vm: "vm1".into(),
             })
@@ -317,12 +322,14 @@ fn poweroff_inside_the_guest_is_a_stop_caused_by_the_guest() {
     let h = Host::start();
     let vm = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec_kernel("quitter", "stratus.poweroff_after=2", "")),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "quitter".into(),
         })
@@ -356,6 +363,7 @@ fn two_guests_on_one_bridge_exchange_packets() {
             ("ping-b", "10.213.0.2", "10.213.0.1", "52:54:00:00:d5:02"),
         ] {
             c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 spec: Some(spec_kernel(
                     name,
@@ -367,6 +375,7 @@ fn two_guests_on_one_bridge_exchange_packets() {
             .unwrap();
             out.push(
                 c.start_vm(pb::VmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     vm: name.into(),
                 })
@@ -400,6 +409,7 @@ fn guests_survive_agentd_crashes_and_the_seq_continues() {
         let mut out = Vec::new();
         for name in ["keeper", "victim"] {
             c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 spec: Some(spec_kernel(name, "", "")),
             })
@@ -407,6 +417,7 @@ fn guests_survive_agentd_crashes_and_the_seq_continues() {
             .unwrap();
             out.push(
                 c.start_vm(pb::VmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     vm: name.into(),
                 })
@@ -441,6 +452,7 @@ fn guests_survive_agentd_crashes_and_the_seq_continues() {
         for name in ["keeper", "victim"] {
             out.push(
                 c.get_vm(pb::VmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     vm: name.into(),
                 })
@@ -476,12 +488,14 @@ fn guests_survive_agentd_crashes_and_the_seq_continues() {
     // The adopted guest is still under control.
     let v = h.agent(|mut c| async move {
         c.pause_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "keeper".into(),
         })
         .await
         .unwrap();
         c.resume_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "keeper".into(),
         })
@@ -509,6 +523,7 @@ fn a_reconnecting_watcher_gets_every_event_once_in_order() {
         let maker = tokio::spawn(async move {
             for i in 0..3 {
                 c2.create_vm(pb::CreateVmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     spec: Some(spec_kernel(&format!("w{i}"), "", "")),
                 })
@@ -530,6 +545,7 @@ fn a_reconnecting_watcher_gets_every_event_once_in_order() {
     h.agent(|mut c| async move {
         for i in 3..6 {
             c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 spec: Some(spec_kernel(&format!("w{i}"), "", "")),
             })
@@ -537,6 +553,7 @@ fn a_reconnecting_watcher_gets_every_event_once_in_order() {
             .unwrap();
         }
         c.destroy_vm(pb::DestroyVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "w0".into(),
             timeout_seconds: 5,
@@ -560,7 +577,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     let codes = h.agent(|mut c| async move {
         let mut codes = Vec::new();
         let try_spec = |mut c: VmServiceClient<tonic::transport::Channel>, s: pb::VmSpec| async move {
-            c.create_vm(pb::CreateVmRequest { project: String::new(), spec: Some(s) })
+            c.create_vm(pb::CreateVmRequest { request_id: String::new(), project: String::new(), spec: Some(s) })
                 .await
                 .unwrap_err()
                 .code()
@@ -577,7 +594,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
         bad_name.nics[0].mac = "01:00:5e:00:00:01".into();
         codes.push(try_spec(c.clone(), bad_name.clone()).await);
         codes.push(try_spec(c.clone(), spec_pdisk("ok", "no-such-volume")).await);
-        c.create_vm(pb::CreateVmRequest { project: String::new(),
+        c.create_vm(pb::CreateVmRequest { request_id: String::new(), project: String::new(),
             spec: Some(spec_pdisk("dup", "disk1")),
         })
         .await
@@ -611,6 +628,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     spec.nics[0].bridge = "missingbr0".into();
     let (err, vm) = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec),
         })
@@ -618,6 +636,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
         .unwrap();
         let e = c
             .start_vm(pb::VmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 vm: "nobridge".into(),
             })
@@ -625,6 +644,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
             .unwrap_err();
         let vm = c
             .get_vm(pb::VmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 vm: "nobridge".into(),
             })
@@ -663,6 +683,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
         }];
         let err = h.agent(|mut c| async move {
             c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 spec: Some(spec),
             })
@@ -683,6 +704,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     let b = bad.clone();
     let (err, vm) = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec),
         })
@@ -691,6 +713,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
         std::fs::remove_file(b).unwrap();
         let e = c
             .start_vm(pb::VmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 vm: "badimg".into(),
             })
@@ -698,6 +721,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
             .unwrap_err();
         let vm = c
             .get_vm(pb::VmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 vm: "badimg".into(),
             })
@@ -743,6 +767,7 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
         for spec in [seeded, by_name] {
             let name = spec.name.clone();
             c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 spec: Some(spec),
             })
@@ -750,6 +775,7 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
             .unwrap();
             out.push(
                 c.start_vm(pb::VmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     vm: name,
                 })
@@ -838,6 +864,7 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
     // start builds it again; destroying removes the guest's directory.
     h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "seeded".into(),
             timeout_seconds: 30,
@@ -850,6 +877,7 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
     let dir = h.agentd.state_dir.join("vms").join(&vm.uuid);
     h.agent(|mut c| async move {
         c.destroy_vm(pb::DestroyVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "seeded".into(),
             timeout_seconds: 30,
@@ -933,12 +961,14 @@ fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
             tasks.push(tokio::spawn(async move {
                 let name = format!("img{i}");
                 c.create_vm(pb::CreateVmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     spec: Some(spec_image(&name, &url, &sha, false)),
                 })
                 .await
                 .unwrap();
                 c.start_vm(pb::VmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     vm: name,
                 })
@@ -984,12 +1014,14 @@ fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
     let (u3, s3) = (url.clone(), sha.clone());
     h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec_image("img5", &u3, &s3, false)),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "img5".into(),
         })
@@ -1007,6 +1039,7 @@ fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
     // evicted while clones remain.
     let (evict_err, left) = h.agent(move |mut c| async move {
         c.destroy_vm(pb::DestroyVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "img5".into(),
             timeout_seconds: 5,
@@ -1015,6 +1048,7 @@ fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
         .unwrap();
         let e = c
             .evict_image(pb::EvictImageRequest {
+                request_id: String::new(),
                 sha256: sha.clone(),
                 local: false,
                 pdisk: true,
@@ -1046,12 +1080,14 @@ fn checksum_mismatch_and_policy_refusal_leave_nothing_cached() {
     let (u, w) = (url.clone(), wrong.clone());
     let err = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec_image("bad", &u, &w, false)),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "bad".into(),
         })
@@ -1097,6 +1133,7 @@ fn checksum_mismatch_and_policy_refusal_leave_nothing_cached() {
     let (u, s) = (url.clone(), sha.clone());
     let err = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec_image("denied", &u, &s, true)),
         })
@@ -1116,12 +1153,14 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
     let (u, s) = (url.clone(), sha.clone());
     let vm = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec_image("ephemeral", &u, &s, true)),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "ephemeral".into(),
         })
@@ -1151,6 +1190,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
     // explicitly (never read from its header).
     let vm = h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "ephemeral".into(),
             timeout_seconds: 5,
@@ -1159,6 +1199,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "ephemeral".into(),
         })
@@ -1183,6 +1224,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
     let (in_use, evicted) = h.agent(move |mut c| async move {
         let e = c
             .evict_image(pb::EvictImageRequest {
+                request_id: String::new(),
                 sha256: s.clone(),
                 local: true,
                 pdisk: false,
@@ -1190,6 +1232,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
             .await
             .unwrap_err();
         c.destroy_vm(pb::DestroyVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "ephemeral".into(),
             timeout_seconds: 5,
@@ -1198,6 +1241,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
         .unwrap();
         let ev = c
             .evict_image(pb::EvictImageRequest {
+                request_id: String::new(),
                 sha256: s,
                 local: true,
                 pdisk: false,
@@ -1255,12 +1299,14 @@ fn a_saved_disk_becomes_an_image_another_guest_boots_with() {
     let since = h.events(0).last().map(|e| e.seq).unwrap_or(0);
     let saved = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(src),
         })
         .await
         .unwrap();
         c.save_image(pb::SaveImageRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "src".into(),
             device: "vda".into(),
@@ -1291,12 +1337,14 @@ fn a_saved_disk_becomes_an_image_another_guest_boots_with() {
     dst.disks[0].boot_index = 0;
     let vm = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(dst),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "dst".into(),
         })
@@ -1398,12 +1446,14 @@ fn a_guest_written_qcow2_header_never_opens_a_host_file() {
     ];
     let vm = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "hostile".into(),
         })
@@ -1425,6 +1475,7 @@ fn a_guest_written_qcow2_header_never_opens_a_host_file() {
 
     let vm = h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "hostile".into(),
             timeout_seconds: 5,
@@ -1433,6 +1484,7 @@ fn a_guest_written_qcow2_header_never_opens_a_host_file() {
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "hostile".into(),
         })
@@ -1542,6 +1594,7 @@ fn guests_run_confined_each_as_its_own_user() {
         for spec in specs {
             let name = spec.name.clone();
             c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 spec: Some(spec),
             })
@@ -1549,6 +1602,7 @@ fn guests_run_confined_each_as_its_own_user() {
             .unwrap();
             out.push(
                 c.start_vm(pb::VmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     vm: name,
                 })
@@ -1659,12 +1713,14 @@ fn guests_run_confined_each_as_its_own_user() {
     h.agentd.restart();
     let third = h.agent(|mut c| async move {
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec_kernel("third", "", "")),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "third".into(),
         })
@@ -1690,6 +1746,7 @@ fn guests_run_confined_each_as_its_own_user() {
     // The adopted guests are still managed: a stop ends the first one.
     let stopped = h.agent(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "first".into(),
             timeout_seconds: 5,

@@ -345,6 +345,7 @@ fn an_unprivileged_caller_gets_only_refusals_and_changes_nothing() {
         let mut spec = base_spec("astro-vm");
         spec.disks[0].source = Some(pb::disk_spec::Source::PdiskVolume("astro-disk".into()));
         ag.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             spec: Some(spec),
             project: "astro".into(),
         })
@@ -368,6 +369,7 @@ fn an_unprivileged_caller_gets_only_refusals_and_changes_nothing() {
         for (what, spec, want) in cases {
             let got = c
                 .create_vm(pb::CreateVmRequest {
+                    request_id: String::new(),
                     spec: Some(spec),
                     project: String::new(),
                 })
@@ -379,6 +381,7 @@ fn an_unprivileged_caller_gets_only_refusals_and_changes_nothing() {
         }
         // astro's guest, by every verb: NotFound; acting in astro: denied.
         let vm = || pb::VmRequest {
+            request_id: String::new(),
             vm: "astro-vm".into(),
             project: String::new(),
         };
@@ -422,6 +425,7 @@ fn an_unprivileged_caller_gets_only_refusals_and_changes_nothing() {
             &[Code::NotFound],
         );
         let in_astro = pb::VmRequest {
+            request_id: String::new(),
             vm: "astro-vm".into(),
             project: "astro".into(),
         };

@@ -735,6 +735,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
 
     let mut c = agent_client(&agentd).await;
     c.create_vm(apb::CreateVmRequest {
+        request_id: String::new(),
         project: String::new(),
         spec: Some(guest("kg1", vol1)),
     })
@@ -742,6 +743,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     .unwrap();
     let vm = c
         .start_vm(apb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "kg1".into(),
         })
@@ -755,6 +757,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     // A stop detaches: QEMU gone, logged out, record and export gone.
     let stopped = c
         .stop_vm(apb::StopVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "kg1".into(),
             timeout_seconds: 0,
@@ -770,6 +773,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     // Started again: a new session with a new secret.
     let vm = c
         .start_vm(apb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "kg1".into(),
         })
@@ -809,6 +813,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     let mut c = agent_client(&agentd).await;
     let got = c
         .get_vm(apb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "kg1".into(),
         })
@@ -837,6 +842,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     // The restarted agentd attaches another guest's disk through the iface
     // the adopted guest's session uses.
     c.create_vm(apb::CreateVmRequest {
+        request_id: String::new(),
         project: String::new(),
         spec: Some(guest("kg2", vol2)),
     })
@@ -844,6 +850,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     .unwrap();
     let vm2 = c
         .start_vm(apb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "kg2".into(),
         })
@@ -858,6 +865,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     // Destroyed: QEMU gone, logged out, record deleted, export gone; the
     // other guest's session stays.
     c.destroy_vm(apb::DestroyVmRequest {
+        request_id: String::new(),
         project: String::new(),
         vm: "kg1".into(),
         timeout_seconds: 1,
@@ -867,6 +875,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     step("kg1 destroyed");
     let e = c
         .get_vm(apb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "kg1".into(),
         })
@@ -891,6 +900,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     let mut c = agent_client(&agentd).await;
     let got2 = c
         .get_vm(apb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "kg2".into(),
         })
@@ -907,6 +917,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     );
     check_detached(&stack, vol2, &target2, &vm2).await;
     c.destroy_vm(apb::DestroyVmRequest {
+        request_id: String::new(),
         project: String::new(),
         vm: "kg2".into(),
         timeout_seconds: 1,

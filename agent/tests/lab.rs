@@ -194,12 +194,14 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
     let vm = ns.block_on(move || async move {
         let mut c = VmServiceClient::new(testkit::channel(&u).await);
         c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
             project: String::new(),
             spec: Some(spec),
         })
         .await
         .unwrap();
         c.start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "labvm".into(),
         })
@@ -242,6 +244,7 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
     ns.block_on(move || async move {
         let mut c = VmServiceClient::new(testkit::channel(&u).await);
         c.destroy_vm(pb::DestroyVmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: "labvm".into(),
             timeout_seconds: 30,

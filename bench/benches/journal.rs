@@ -13,6 +13,7 @@ const REPLAY: usize = 10_000;
 
 fn record(name: &str) -> VmRecord {
     VmRecord {
+        request_id: String::new(),
         project: String::new(),
         uuid: uuid::Uuid::new_v4(),
         spec: VmSpec {

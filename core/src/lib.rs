@@ -23,6 +23,8 @@
 //!   `STRATUS_EVENTS` stream, publishing with a message id, durable consumers);
 //! - [`outbox`]: a daemon's event journal published to the broker in seq
 //!   order, resumed after the last acknowledged seq;
+//! - [`requests`]: mutating operations run as the daemon's own tasks, and
+//!   retries by `request_id` answered with the first attempt's result;
 //! - [`cli`]: plumbing shared by the `pdisk` and `agentctl` CLIs (tables,
 //!   one-line errors, exit codes, JSON errors, argument values).
 
@@ -32,6 +34,7 @@ pub mod host;
 pub mod image;
 pub mod nats;
 pub mod outbox;
+pub mod requests;
 pub mod rooted;
 pub mod runner;
 pub mod settings;

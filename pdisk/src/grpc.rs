@@ -22,16 +22,53 @@ use crate::service::{
 use crate::store::{QuotaLimits, QuotaUsage, Source, VolumeState};
 use crate::tenancy::Call;
 use crate::types::{ByteSize, Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
+use stratus_core::requests::{fingerprint, RequestLog};
 use stratus_pki::{Identity, Role};
 
 pub struct Api {
     svc: Arc<PoolService>,
+    /// Outcomes of recent creates, clones, imports and snapshots by
+    /// `request_id`, for retries.
+    requests: RequestLog,
 }
 
 impl Api {
     pub fn new(svc: Arc<PoolService>) -> Self {
-        Api { svc }
+        Api {
+            svc,
+            requests: RequestLog::default(),
+        }
     }
+
+    /// Runs `op` as pdiskd's own task ([`detached`]); with a `request_id`,
+    /// a retry of the same request by the same caller in the same project
+    /// gets the first attempt's result instead of running again
+    /// ([`stratus_core::requests`]). `msg` is the request with its
+    /// request_id cleared.
+    async fn once<T, M, F>(
+        &self,
+        call: &Call,
+        rpc: &'static str,
+        request_id: &str,
+        msg: &M,
+        op: F,
+    ) -> Result<T, Status>
+    where
+        T: Clone + Send + Sync + 'static,
+        M: prost::Message,
+        F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
+    {
+        let fp = fingerprint(&msg.encode_to_vec());
+        Ok(self
+            .requests
+            .run(&caller_key(call), request_id, rpc, fp, op)
+            .await?)
+    }
+}
+
+/// Whose retries share request ids: the caller and the project it acts in.
+fn caller_key(call: &Call) -> String {
+    format!("{}|{}", call.identity, call.scope.project())
 }
 
 fn volume_pb(v: VolumeInfo) -> pb::Volume {
@@ -218,10 +255,7 @@ impl Drop for StagedUpload {
 async fn detached<T: Send + 'static>(
     op: impl std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
 ) -> Result<T, Status> {
-    match tokio::spawn(op).await {
-        Ok(r) => r.map_err(Status::from),
-        Err(e) => Err(Error::internal(format!("operation task failed: {e}")).into()),
-    }
+    Ok(stratus_core::requests::detached(op).await?)
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::Progress, Status>> + Send>>;
@@ -233,6 +267,11 @@ impl VolumeService for Api {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
+        let request_id = r.request_id.clone();
+        let asked = pb::CreateVolumeRequest {
+            request_id: String::new(),
+            ..r.clone()
+        };
         let labels = labels(r.labels);
         call.check_labels(&labels)?;
         call.note(format!("volume {}", r.name));
@@ -259,8 +298,12 @@ impl VolumeService for Api {
             owner: call.owner(),
         };
         let svc = self.svc.clone();
-        let v = detached(async move { svc.create_volume(new).await }).await?;
-        Ok(Response::new(volume_pb(v)))
+        let v = self
+            .once(&call, "CreateVolume", &request_id, &asked, async move {
+                svc.create_volume(new).await.map(volume_pb)
+            })
+            .await?;
+        Ok(Response::new(v))
     }
 
     async fn upload_volume(
@@ -283,15 +326,23 @@ impl VolumeService for Api {
             n.set_project(call.scope.project());
             n.set_object(format!("volume {}", header.name));
         }
+        let request_id = header.request_id.clone();
+        let asked = pb::UploadHeader {
+            request_id: String::new(),
+            ..header.clone()
+        };
         let name: VolumeName = header.name.parse()?;
         crate::types::validate_labels(header.labels.iter())?;
         let header_labels = labels(header.labels);
         call.check_labels(&header_labels)?;
         let format = image_format(header.format)?;
-        if self
-            .svc
-            .store()
-            .volume_name_taken(call.scope.project(), &name)?
+        // A retry of a finished upload is answered below, not refused here.
+        let retry = self.requests.knows(&caller_key(&call), &request_id);
+        if !retry
+            && self
+                .svc
+                .store()
+                .volume_name_taken(call.scope.project(), &name)?
         {
             return Err(Error::exists(format!("volume {name} already exists")).into());
         }
@@ -377,12 +428,13 @@ impl VolumeService for Api {
         // Once all data is in, the import is pdiskd's; the staged file goes
         // with the task.
         let svc = self.svc.clone();
-        let v = detached(async move {
-            let _staged = staged;
-            svc.create_volume(new).await
-        })
-        .await?;
-        Ok(Response::new(volume_pb(v)))
+        let v = self
+            .once(&call, "UploadVolume", &request_id, &asked, async move {
+                let _staged = staged;
+                svc.create_volume(new).await.map(volume_pb)
+            })
+            .await?;
+        Ok(Response::new(v))
     }
 
     async fn get_volume(
@@ -440,6 +492,11 @@ impl VolumeService for Api {
         req: Request<pb::CloneVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
+        let request_id = r.request_id.clone();
+        let asked = pb::CloneVolumeRequest {
+            request_id: String::new(),
+            ..r.clone()
+        };
         let name = r.name.parse()?;
         let labels = labels(r.labels);
         call.check_labels(&labels)?;
@@ -459,8 +516,12 @@ impl VolumeService for Api {
             owner: call.owner(),
         };
         let svc = self.svc.clone();
-        let v = detached(async move { svc.create_volume(new).await }).await?;
-        Ok(Response::new(volume_pb(v)))
+        let v = self
+            .once(&call, "CloneVolume", &request_id, &asked, async move {
+                svc.create_volume(new).await.map(volume_pb)
+            })
+            .await?;
+        Ok(Response::new(v))
     }
 
     async fn create_snapshot(
@@ -471,11 +532,20 @@ impl VolumeService for Api {
         let name: VolumeName = r.name.parse()?;
         let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         call.note(format!("snapshot {name} of volume {}", r.volume));
-        let request_id = call.progress_key(&r.request_id)?;
+        let progress_key = call.progress_key(&r.request_id)?;
+        let request_id = r.request_id.clone();
+        let asked = pb::CreateSnapshotRequest {
+            request_id: String::new(),
+            ..r.clone()
+        };
         let svc = self.svc.clone();
-        let s =
-            detached(async move { svc.create_snapshot(&volume, name, &request_id).await }).await?;
-        Ok(Response::new(snapshot_pb(s)))
+        let s = self
+            .once(&call, "CreateSnapshot", &request_id, &asked, async move {
+                svc.create_snapshot(&volume, name, &progress_key)
+                    .await
+                    .map(snapshot_pb)
+            })
+            .await?;
     }
 
     async fn list_snapshots(

@@ -154,3 +154,7 @@ impl Call {
 #[cfg(test)]
 #[path = "tenancy_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "requests_tests.rs"]
+mod requests_tests;

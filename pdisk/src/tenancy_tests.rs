@@ -24,15 +24,15 @@ const OWN: &str = "astro";
 const OTHER: &str = "bio";
 const IQN: &str = "iqn.2026-11.io.stratus:host1";
 
-struct Fixture {
+pub(crate) struct Fixture {
     _dir: tempfile::TempDir,
-    svc: Arc<PoolService>,
-    api: Api,
+    pub(crate) svc: Arc<PoolService>,
+    pub(crate) api: Api,
 }
 
 /// Per project P: volume `P-vol` (with snapshot `P-snap`), `P-free` (for
 /// deletes) and `P-exp` (exported to IQN).
-async fn fixture() -> Fixture {
+pub(crate) async fn fixture() -> Fixture {
     // 160 fixtures: on tmpfs when there is one, where fsync costs nothing.
     let dir = tempfile::tempdir_in("/dev/shm")
         .or_else(|_| tempfile::tempdir())
@@ -114,7 +114,7 @@ fn caller(role: Role) -> Caller {
     }
 }
 
-fn request<T>(role: Role, msg: T) -> tonic::Request<T> {
+pub(crate) fn request<T>(role: Role, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.extensions_mut().insert(caller(role));
     r

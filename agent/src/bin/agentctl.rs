@@ -175,6 +175,7 @@ async fn quota(ctx: &Ctx, command: QuotaCommand) -> Result<(), Failure> {
 impl Ctx {
     fn request(&self, vm: &Ref) -> VmRequest {
         VmRequest {
+            request_id: String::new(),
             vm: vm.to_string(),
             project: self.project.clone(),
         }
@@ -191,6 +192,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             })?;
             let spec = a.spec(&cwd).map_err(Failure::Usage)?;
             let request = CreateVmRequest {
+                request_id: String::new(),
                 project: ctx.project.clone(),
                 spec: Some(spec),
             };
@@ -217,6 +219,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
         VmCommand::Stop { vm, timeout, force } => {
             let mut client = ctx.connect().await?;
             let call = client.stop_vm(StopVmRequest {
+                request_id: String::new(),
                 project: ctx.project.clone(),
                 vm: vm.to_string(),
                 timeout_seconds: timeout,
@@ -240,6 +243,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
         VmCommand::Destroy { vm, timeout } => {
             let mut client = ctx.connect().await?;
             let call = client.destroy_vm(DestroyVmRequest {
+                request_id: String::new(),
                 project: ctx.project.clone(),
                 vm: vm.to_string(),
                 timeout_seconds: timeout,
@@ -262,6 +266,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             let saved = ctx.answer(
                 client
                     .save_image(SaveImageRequest {
+                        request_id: String::new(),
                         project: ctx.project.clone(),
                         vm: vm.to_string(),
                         device: disk.clone(),
@@ -401,6 +406,7 @@ async fn evict(ctx: &Ctx, a: RmArgs) -> Result<(), Failure> {
     };
     let (local, pdisk) = a.caches();
     let request = EvictImageRequest {
+        request_id: String::new(),
         sha256: sha256.clone(),
         local,
         pdisk,

@@ -33,7 +33,15 @@ impl Agent {
 
     /// Defines a guest of `project` ("" = no project), within the host's
     /// capacity and the project's quota.
-    pub async fn create_vm(&self, spec: VmSpec, project: &str) -> Result<VmRecord> {
+    /// A non-empty `request_id` is kept in the record: the same create
+    /// again (a client's retry, even across a restart of agentd) answers
+    /// with the guest it made instead of AlreadyExists.
+    pub async fn create_vm(
+        &self,
+        spec: VmSpec,
+        project: &str,
+        request_id: &str,
+    ) -> Result<VmRecord> {
         spec.validate()?;
         for n in &spec.nics {
             self.allowed_bridge(&n.bridge)?;
@@ -69,6 +77,13 @@ impl Agent {
             }
         }
         let _g = self.create_lock.lock().await;
+        if !request_id.is_empty() {
+            if let Some(done) = self.store.vms()?.into_iter().find(|v| {
+                v.request_id == request_id && v.project == project && v.spec.name == spec.name
+            }) {
+                return Ok(done);
+            }
+        }
         // Names are unique per project: another project's guest of this
         // name is no obstacle, and so reveals nothing.
         if self
@@ -103,6 +118,7 @@ impl Agent {
             owned_volumes: Vec::new(),
             pending_unexports: Vec::new(),
             project: project.to_owned(),
+            request_id: request_id.to_owned(),
         };
         self.commit(
             &mut vm,

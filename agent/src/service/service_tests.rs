@@ -224,7 +224,7 @@ async fn a_start_that_fails_at_any_step_undoes_everything_and_says_why() {
     for (step, op, nth) in steps {
         let host = Host::new();
         let agent = host.agent();
-        let vm = agent.create_vm(spec("web1"), "").await.unwrap();
+        let vm = agent.create_vm(spec("web1"), "", "").await.unwrap();
         match op {
             "export_volume" => host.pdisk.failures.fail_nth(op, nth),
             "create_tap" | "attach_to_bridge" | "set_vlan" => host.net.failures.fail_nth(op, nth),
@@ -269,7 +269,7 @@ async fn a_crash_between_start_steps_is_undone_at_the_next_start() {
     ] {
         let host = Host::new();
         let agent = host.agent();
-        agent.create_vm(spec("web1"), "").await.unwrap();
+        agent.create_vm(spec("web1"), "", "").await.unwrap();
         start_and_crash_at(&agent, "web1", at).await;
         // What the crash left: recorded attachments, still in place.
         let left = agent.get_vm("web1").unwrap();
@@ -299,7 +299,7 @@ async fn a_crash_between_start_steps_is_undone_at_the_next_start() {
 async fn a_guest_running_when_agentd_died_is_adopted_and_still_managed() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(spec("web1"), "").await.unwrap();
+    agent.create_vm(spec("web1"), "", "").await.unwrap();
     start_and_crash_at(&agent, "web1", "start.running").await;
     crash(agent).await;
     let pid = host.vmm.pids()[0];
@@ -359,7 +359,10 @@ async fn the_reconciler_skips_a_broken_guest_and_reconciles_the_others() {
     let host = Host::new();
     let agent = host.agent();
     for (name, volume) in [("a", "root"), ("b", "data")] {
-        agent.create_vm(small_spec(name, volume), "").await.unwrap();
+        agent
+            .create_vm(small_spec(name, volume), "", "")
+            .await
+            .unwrap();
         agent.start_vm(name).await.unwrap();
     }
     crash(agent).await;
@@ -399,7 +402,7 @@ async fn destroy_retries_an_unexport_it_could_not_do_until_it_is_done() {
     let host = Host::new();
     let agent = host.agent();
     agent
-        .create_vm(small_spec("web1", "root"), "")
+        .create_vm(small_spec("web1", "root"), "", "")
         .await
         .unwrap();
     agent.start_vm("web1").await.unwrap();
@@ -422,7 +425,7 @@ async fn destroy_retries_an_unexport_it_could_not_do_until_it_is_done() {
     // It holds no capacity, and its name is still taken.
     assert_eq!(agent.host_info().unwrap().free_vcpus, 16);
     assert!(agent
-        .create_vm(small_spec("web1", "data"), "")
+        .create_vm(small_spec("web1", "data"), "", "")
         .await
         .is_err());
 
@@ -460,7 +463,7 @@ async fn destroy_retries_an_image_clone_delete_on_the_timer() {
     let host = Host::new();
     let agent = host.agent();
     let mut vm = agent
-        .create_vm(small_spec("web1", "root"), "")
+        .create_vm(small_spec("web1", "root"), "", "")
         .await
         .unwrap();
     // A clone the guest owns (as an image disk's start records it).
@@ -505,7 +508,7 @@ async fn destroy_retries_an_image_clone_delete_on_the_timer() {
 async fn a_crash_mid_destroy_is_finished_at_the_next_start() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(spec("web1"), "").await.unwrap();
+    agent.create_vm(spec("web1"), "", "").await.unwrap();
     agent.start_vm("web1").await.unwrap();
     agent
         .stop_vm("web1", Duration::from_secs(5), false)
@@ -530,7 +533,7 @@ async fn an_unexport_that_failed_at_stop_is_retried_and_never_undoes_a_new_start
     let host = Host::new();
     let agent = host.agent();
     agent
-        .create_vm(small_spec("web1", "root"), "")
+        .create_vm(small_spec("web1", "root"), "", "")
         .await
         .unwrap();
     agent.start_vm("web1").await.unwrap();
@@ -567,7 +570,7 @@ async fn an_unexport_that_failed_at_stop_is_retried_and_never_undoes_a_new_start
 async fn qemu_events_become_journal_events_with_their_state() {
     let host = Host::new();
     let agent = host.agent();
-    let vm = agent.create_vm(spec("web1"), "").await.unwrap();
+    let vm = agent.create_vm(spec("web1"), "", "").await.unwrap();
     agent.start_vm("web1").await.unwrap();
     agent.pause_vm("web1").await.unwrap();
     agent.resume_vm("web1").await.unwrap();
@@ -649,7 +652,7 @@ async fn qemu_events_become_journal_events_with_their_state() {
 async fn state_and_events_are_committed_together_and_seqs_are_never_reused() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(spec("web1"), "").await.unwrap();
+    agent.create_vm(spec("web1"), "", "").await.unwrap();
     start_and_crash_at(&agent, "web1", "start.running").await;
     crash(agent).await;
     let agent = host.agent();
@@ -735,7 +738,7 @@ async fn host_files_come_only_from_beneath_the_root_and_qemu_gets_the_opened_fil
         (root.clone(), ErrorKind::InvalidArgument),
     ] {
         let e = agent
-            .create_vm(file_spec("bad", &disk), "")
+            .create_vm(file_spec("bad", &disk), "", "")
             .await
             .unwrap_err();
         assert_eq!(e.kind(), want, "{}: {e}", disk.display());
@@ -747,7 +750,7 @@ async fn host_files_come_only_from_beneath_the_root_and_qemu_gets_the_opened_fil
     );
 
     let vm = agent
-        .create_vm(file_spec("good", &root.join("data.raw")), "")
+        .create_vm(file_spec("good", &root.join("data.raw")), "", "")
         .await
         .unwrap();
     // Between the create and the start the disk becomes a symlink out of
@@ -792,7 +795,7 @@ async fn without_a_host_file_root_no_host_file_is_accepted() {
         initrd: None,
         cmdline: String::new(),
     });
-    let e = agent.create_vm(s, "").await.unwrap_err();
+    let e = agent.create_vm(s, "", "").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     assert!(e.message().contains("--host-file-root"), "{e}");
 }
@@ -815,7 +818,10 @@ async fn each_guest_runs_as_its_own_uid_kept_across_a_restart_and_freed_at_stop(
         launched.user.uid
     };
     for (name, volume) in [("a", "root"), ("b", "data")] {
-        agent.create_vm(small_spec(name, volume), "").await.unwrap();
+        agent
+            .create_vm(small_spec(name, volume), "", "")
+            .await
+            .unwrap();
         agent.start_vm(name).await.unwrap();
     }
     assert_eq!((user_of(&agent, "a"), user_of(&agent, "b")), (64000, 64001));
@@ -827,10 +833,10 @@ async fn each_guest_runs_as_its_own_uid_kept_across_a_restart_and_freed_at_stop(
     // A new guest gets neither adopted guest's uid; the pool then runs out.
     host.pdisk.add_volume("c");
     host.pdisk.add_volume("d");
-    agent.create_vm(small_spec("c", "c"), "").await.unwrap();
+    agent.create_vm(small_spec("c", "c"), "", "").await.unwrap();
     agent.start_vm("c").await.unwrap();
     assert_eq!(user_of(&agent, "c"), 64002);
-    agent.create_vm(small_spec("d", "d"), "").await.unwrap();
+    agent.create_vm(small_spec("d", "d"), "", "").await.unwrap();
     let e = agent.start_vm("d").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
     assert!(e.message().contains("64000-64002"), "{e}");
@@ -847,7 +853,10 @@ async fn each_guest_runs_as_its_own_uid_kept_across_a_restart_and_freed_at_stop(
     let host = Host::new();
     let no_seccomp = |_: &mut AgentSettings, h: &mut HostFacts| h.qemu_caps.seccomp = false;
     let agent = host.agent_with(no_seccomp);
-    agent.create_vm(small_spec("e", "root"), "").await.unwrap();
+    agent
+        .create_vm(small_spec("e", "root"), "", "")
+        .await
+        .unwrap();
     let e = agent.start_vm("e").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
     assert!(e.message().contains("--allow-unsandboxed"), "{e}");

@@ -323,6 +323,7 @@ async fn phase(url: &str, subs: usize, drive: Drive) -> anyhow::Result<Phase> {
 async fn toggle(c: &mut Agent, vm: &str, pause: bool) -> anyhow::Result<(u64, SystemTime)> {
     let at = SystemTime::now();
     let req = pb::VmRequest {
+        request_id: String::new(),
         project: String::new(),
         vm: vm.into(),
     };

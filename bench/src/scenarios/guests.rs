@@ -225,6 +225,7 @@ pub(crate) async fn launch(
 ) -> anyhow::Result<Launched> {
     let name = spec.name.clone();
     c.create_vm(pb::CreateVmRequest {
+        request_id: String::new(),
         project: String::new(),
         spec: Some(spec),
     })
@@ -232,6 +233,7 @@ pub(crate) async fn launch(
     .with_context(|| format!("CreateVm {name}"))?;
     let vm = c
         .start_vm(pb::VmRequest {
+            request_id: String::new(),
             project: String::new(),
             vm: name.clone(),
         })
@@ -284,6 +286,7 @@ pub(crate) async fn wait_ready(console: &Path, deadline: Instant) -> Boot {
 /// Destroys a guest (ACPI powerdown, forced after `timeout_s`).
 pub(crate) async fn destroy(c: &mut Agent, name: &str, timeout_s: u32) -> anyhow::Result<()> {
     c.destroy_vm(pb::DestroyVmRequest {
+        request_id: String::new(),
         project: String::new(),
         vm: name.into(),
         timeout_seconds: timeout_s,

@@ -73,6 +73,7 @@ impl PullArgs {
         )
         .map_err(|e| e.to_string())?;
         Ok(PullImageRequest {
+            request_id: String::new(),
             image: Some(image_pb(&image)),
             to_pdisk: self.pdisk,
         })
