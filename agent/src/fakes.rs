@@ -200,6 +200,20 @@ impl FakeVolumes {
         uuid
     }
 
+    /// Adds the ready pdisk base volume of the image with checksum `sha`
+    /// (as an import by agentd makes it); returns its UUID.
+    pub fn add_image_base(&self, name: &str, sha: &str) -> String {
+        self.state
+            .lock()
+            .unwrap()
+            .add(
+                name,
+                HashMap::from([(LABEL_IMAGE_SHA256.to_string(), sha.to_string())]),
+                String::new(),
+            )
+            .uuid
+    }
+
     /// UUIDs of the volumes exported to us.
     pub fn exported(&self) -> Vec<String> {
         self.state
@@ -295,6 +309,12 @@ impl VolumeClient for FakeVolumes {
         Box::pin(async move {
             self.check("clone_volume", &req.name)?;
             let mut st = self.state.lock().unwrap();
+            if st.volumes.values().any(|v| v.name == req.name) {
+                return Err(Status::already_exists(format!(
+                    "volume {} already exists",
+                    req.name
+                )));
+            }
             let (source, of_volume, of_snapshot) = if req.source_is_snapshot {
                 (
                     format!("snapshot:{}", req.source),
@@ -769,9 +789,12 @@ impl Vmm for FakeVmm {
         self.pids_of(uuid)
     }
 
+    /// A failing kill leaves the process running, as a QEMU stuck in the
+    /// kernel outlives SIGKILL for a while.
     fn kill(&self, pid: u32) {
-        self.failures.call("kill", pid);
-        self.inner.lock().unwrap().exit(pid);
+        if !self.failures.call("kill", pid) {
+            self.inner.lock().unwrap().exit(pid);
+        }
     }
 
     fn wait_gone(&self, pid: u32, uuid: Uuid, _limit: Duration) -> BoxFuture<'_, bool> {

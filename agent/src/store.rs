@@ -136,13 +136,18 @@ pub struct Runtime {
 }
 
 /// A pdisk volume the agent made for a guest (a clone of an image's base):
-/// the guest owns it, and destroying the guest deletes it.
+/// the guest owns it, and destroying the guest deletes it. Recorded with its
+/// name before pdisk is asked to make it, so a clone made just before a
+/// crash is found again (used or deleted), never orphaned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnedVolume {
     /// vda, vdb, ...
     pub device: String,
-    /// The volume's UUID.
+    /// The volume's UUID; empty while only intended (pdisk has not answered).
     pub volume: String,
+    /// The clone's name in pdisk (empty in records older than intents).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -310,6 +315,21 @@ impl AgentStore {
         self.commit_inner(Some(vm), None, events)
     }
 
+    /// [`Self::commit`] only while the record exists: a monitor that
+    /// records a guest's exit must not bring back a guest a destroy just
+    /// removed. None when it was gone.
+    pub fn commit_existing(
+        &self,
+        vm: &mut VmRecord,
+        events: &[NewEvent],
+    ) -> Result<Option<Vec<Event>>> {
+        let _g = self.commit_lock.lock().unwrap();
+        if self.vm(vm.uuid)?.is_none() {
+            return Ok(None);
+        }
+        self.write(Some(vm), None, events).map(Some)
+    }
+
     /// Appends events about the host rather than a guest (images).
     pub fn record_host(&self, events: &[NewEvent]) -> Result<Vec<Event>> {
         self.commit_inner(None, None, events)
@@ -328,6 +348,17 @@ impl AgentStore {
         events: &[NewEvent],
     ) -> Result<Vec<Event>> {
         let _g = self.commit_lock.lock().unwrap();
+        self.write(put, remove, events)
+    }
+
+    /// One transaction of [`Self::commit_inner`]; the caller holds the
+    /// commit lock.
+    fn write(
+        &self,
+        put: Option<&mut VmRecord>,
+        remove: Option<&mut VmRecord>,
+        events: &[NewEvent],
+    ) -> Result<Vec<Event>> {
         let tx = self.db.begin_write().map_err(db_err)?;
         let mut out = Vec::with_capacity(events.len());
         {

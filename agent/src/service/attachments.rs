@@ -104,6 +104,12 @@ impl Agent {
             att.source = d;
         }
         let detail = format!("{device} {}", att.source);
+        // The attachment's record takes over from the export's intent (and
+        // an earlier unexport still to retry would now take the disk from
+        // under the guest).
+        if let Some(v) = &att.pdisk_volume {
+            vm.pending_unexports.retain(|p| p != v);
+        }
         vm.runtime.as_mut().expect("runtime").disks.push(att);
         self.commit(
             vm,
@@ -241,10 +247,23 @@ impl Agent {
         let secret = stratus_core::types::Chap::random_secret()?;
         let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
         let chap = stratus_core::types::Chap::new(&user, &secret)?;
+        // Intent first: the volume is among the exports to undo, durably,
+        // before pdisk grants it; the attachment's record replaces it.
+        let uuid = self
+            .pdisk()?
+            .get_volume(volume.to_string(), vm.project.clone())
+            .await
+            .map_err(|s| status_error(s, &format!("pdisk volume {volume}")))?
+            .uuid;
+        if !vm.pending_unexports.contains(&uuid) {
+            vm.pending_unexports.push(uuid.clone());
+            self.commit(vm, &[])?;
+        }
+        self.crash_point("start.export_intent");
         let e = self
             .pdisk()?
             .export_volume(pdpb::ExportVolumeRequest {
-                volume: volume.to_string(),
+                volume: uuid.clone(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
                 // A guest's pdisk disks are volumes of its own project:
                 // pdisk answers NotFound for any other.
@@ -257,9 +276,7 @@ impl Agent {
             })
             .await
             .map_err(|s| status_error(s, &format!("exporting pdisk volume {volume}")))?;
-        // Exported to us again: an earlier unexport still to retry would
-        // now take the disk from under the guest.
-        vm.pending_unexports.retain(|v| *v != e.volume_uuid);
+        self.crash_point("start.exported");
         let mut att = DiskAttachment {
             device: device.to_string(),
             source: format!("pdisk:{volume}"),
@@ -291,6 +308,7 @@ impl Agent {
             .expect("runtime")
             .disks
             .push(att.clone());
+        vm.pending_unexports.retain(|v| *v != uuid);
         self.commit(vm, &[])?;
         let lun = lun?;
         let got = self
@@ -307,31 +325,43 @@ impl Agent {
         Ok((DiskBackend::HostDevice { path: got.device }, att))
     }
 
-    /// Undoes a guest's attachments: kills a leftover QEMU, detaches its
-    /// kernel-attached disks (logging out of sessions no one else holds),
-    /// unexports its pdisk disks, deletes its taps, secrets and seed.
-    /// Returns the events to commit. An unexport that fails is kept in
-    /// `vm.pending_unexports`, retried until pdisk answers.
+    /// Undoes a guest's attachments: kills its QEMUs (any process running
+    /// its UUID, recorded or not), detaches its kernel-attached disks
+    /// (logging out of sessions no one else holds), unexports its pdisk
+    /// disks and any export only intended, deletes its taps, secrets and
+    /// seed. Returns the events to commit. What could not be undone stays
+    /// in the record for the next try: an unexport pdisk refused in
+    /// `vm.pending_unexports`; a QEMU that outlived SIGKILL and taps that
+    /// could not be deleted in `vm.runtime`.
     pub(super) async fn tear_down(&self, vm: &mut VmRecord) -> Vec<NewEvent> {
         let mut events = Vec::new();
         self.qmp.lock().unwrap().remove(&vm.uuid);
-        let Some(rt) = vm.runtime.take() else {
-            return events;
-        };
-        // Its QEMU is gone below: the uid may go to another guest.
-        let _release_uid = ReleaseUid(&self.uids, vm.uuid);
+        // No runtime: no attachment recorded, but a QEMU of the guest may
+        // still run (one a restart lost track of); looked for all the same.
+        let rt = vm.runtime.take().unwrap_or_default();
         let mut pids = self.vmm.find_qemus(vm.uuid);
         if rt.pid != 0 && !pids.contains(&rt.pid) && self.vmm.is_our_qemu(rt.pid, vm.uuid) {
             pids.push(rt.pid);
         }
+        let mut alive = Vec::new();
         for pid in pids {
             self.vmm.kill(pid);
-            self.vmm
+            if !self
+                .vmm
                 .wait_gone(pid, vm.uuid, Duration::from_secs(10))
-                .await;
+                .await
+            {
+                tracing::warn!(vm = %vm.spec.name, pid,
+                    "QEMU outlived SIGKILL; kept in the record and killed again at the next try");
+                alive.push(pid);
+            }
         }
-        if let Err(e) = self.vmm.release_cgroup(vm.uuid).await {
-            tracing::warn!(vm = %vm.spec.name, error = %e, "could not remove the guest's cgroup");
+        if alive.is_empty() {
+            // Its QEMU is gone: the uid may go to another guest.
+            self.uids.release(vm.uuid);
+            if let Err(e) = self.vmm.release_cgroup(vm.uuid).await {
+                tracing::warn!(vm = %vm.spec.name, error = %e, "could not remove the guest's cgroup");
+            }
         }
         for d in rt.disks.iter().rev() {
             // Before the unexport: the session must not outlive its target.
@@ -347,12 +377,8 @@ impl Agent {
                 }
             }
             if let Some(volume) = &d.pdisk_volume {
-                if let Err(e) = self.unexport(volume).await {
-                    tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
-                        "could not unexport; pdisk keeps the export until retried");
-                    if !vm.pending_unexports.contains(volume) {
-                        vm.pending_unexports.push(volume.clone());
-                    }
+                if !vm.pending_unexports.contains(volume) {
+                    vm.pending_unexports.push(volume.clone());
                 }
             }
             events.push(NewEvent::new(
@@ -361,11 +387,18 @@ impl Agent {
                 format!("{} {}", d.device, d.source),
             ));
         }
+        // The disks' exports and any only intended (a crash between the
+        // intent and the attachment's record); those pdisk refuses stay.
+        self.retry_unexports(vm).await;
+        let mut taps_left = Vec::new();
         for n in &rt.nics {
             match n.tap.parse::<net::TapName>() {
                 Ok(t) => {
                     if let Err(e) = self.net.delete_tap(&t) {
-                        tracing::warn!(tap = %n.tap, error = %e, "could not delete tap");
+                        tracing::warn!(tap = %n.tap, error = %e,
+                            "could not delete tap; kept in the record and retried");
+                        taps_left.push(n.clone());
+                        continue;
                     }
                     // After the tap: it never sits on a bridge without them.
                     // Rules left by a failure here are removed at the next
@@ -390,13 +423,21 @@ impl Agent {
                 // the next start builds it again. (`chap-*` files are left
                 // by agentds from before secrets went by memfd.)
                 if name.starts_with("chap-")
-                    || name == "qmp.sock"
-                    || name == "qemu.pid"
+                    || (alive.is_empty() && (name == "qmp.sock" || name == "qemu.pid"))
                     || name == SEED_FILE
                 {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
+        }
+        if !alive.is_empty() || !taps_left.is_empty() {
+            vm.runtime = Some(crate::store::Runtime {
+                pid: alive.first().copied().unwrap_or(0),
+                qemu_user: if alive.is_empty() { None } else { rt.qemu_user },
+                qmp_socket: rt.qmp_socket.clone(),
+                disks: Vec::new(),
+                nics: taps_left,
+            });
         }
         events
     }
@@ -417,15 +458,5 @@ impl Agent {
             Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
             Err(s) => Err(status_error(s, &format!("unexporting volume {volume}"))),
         }
-    }
-}
-
-/// Frees a guest's uid when dropped: at the end of [`Agent::tear_down`],
-/// once its QEMU has been killed and waited for.
-struct ReleaseUid<'a>(&'a crate::confine::UidPool, uuid::Uuid);
-
-impl Drop for ReleaseUid<'_> {
-    fn drop(&mut self) {
-        self.0.release(self.1);
     }
 }

@@ -300,16 +300,43 @@ impl Agent {
                 base_format,
             });
         }
-        if let Some(o) = vm.owned_volumes.iter().find(|o| o.device == device) {
-            return Ok(ImageDisk::Pdisk(o.volume.clone()));
+        // A clone of an earlier start, or one only intended when agentd
+        // stopped: pdisk may have made it meanwhile.
+        let owned = vm
+            .owned_volumes
+            .iter()
+            .find(|o| o.device == device)
+            .cloned();
+        if let Some(o) = &owned {
+            if !o.volume.is_empty() {
+                return Ok(ImageDisk::Pdisk(o.volume.clone()));
+            }
+        }
+        let name = match &owned {
+            Some(o) if !o.name.is_empty() => o.name.clone(),
+            _ => clone_name(vm.uuid, device),
+        };
+        if let Some(v) = self.our_clone(vm, &name).await? {
+            self.record_clone(vm, device, &name, &v)?;
+            return Ok(ImageDisk::Pdisk(v));
         }
         let base = self.pdisk_base(&r, Cause::Api).await?;
-        let clone = self
+        // Intent first: the clone's name, owned, before pdisk makes it.
+        if owned.is_none() {
+            vm.owned_volumes.push(OwnedVolume {
+                device: device.to_string(),
+                volume: String::new(),
+                name: name.clone(),
+            });
+            self.commit(vm, &[])?;
+        }
+        self.crash_point("start.clone_intent");
+        let made = self
             .pdisk()?
             .clone_volume(pdpb::CloneVolumeRequest {
                 source: base,
                 source_is_snapshot: false,
-                name: format!("vm-{}-{device}", &vm.uuid.simple().to_string()[..12]),
+                name: name.clone(),
                 labels: HashMap::from([
                     (LABEL_VM.to_string(), vm.uuid.to_string()),
                     ("stratus.io/from-image".to_string(), r.sha256().to_string()),
@@ -319,14 +346,72 @@ impl Agent {
                 // The guest's clone belongs to the guest's project.
                 project: vm.project.clone(),
             })
+            .await;
+        let uuid = match made {
+            Ok(v) => v.uuid,
+            // Made by an attempt whose answer was lost: ours if it says so.
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                match self.our_clone(vm, &name).await? {
+                    Some(v) => v,
+                    None => {
+                        return Err(status_error(
+                            s,
+                            &format!("cloning image {} for {device}", r.sha256()),
+                        ))
+                    }
+                }
+            }
+            Err(s) => {
+                return Err(status_error(
+                    s,
+                    &format!("cloning image {} for {device}", r.sha256()),
+                ))
+            }
+        };
+        self.crash_point("start.cloned");
+        self.record_clone(vm, device, &name, &uuid)?;
+        Ok(ImageDisk::Pdisk(uuid))
+    }
+
+    /// The UUID of the ready pdisk volume `name` when it is `vm`'s own
+    /// (labelled with its UUID); None when pdisk has none by that name.
+    /// A clone pdisk is still making is Unavailable: the start fails, and
+    /// the next one finds it made.
+    async fn our_clone(&self, vm: &VmRecord, name: &str) -> Result<Option<String>> {
+        let v = match self
+            .pdisk()?
+            .get_volume(name.to_string(), vm.project.clone())
             .await
-            .map_err(|s| status_error(s, &format!("cloning image {} for {device}", r.sha256())))?;
+        {
+            Ok(v) => v,
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+            Err(s) => return Err(status_error(s, &format!("looking up clone {name}"))),
+        };
+        if v.labels.get(LABEL_VM) != Some(&vm.uuid.to_string()) {
+            return Err(Error::exists(format!(
+                "pdisk volume {name} exists and is not vm {}'s",
+                vm.spec.name
+            )));
+        }
+        if v.state != pdpb::VolumeState::Ready as i32 {
+            return Err(Error::unavailable(format!(
+                "pdisk is still making clone {name} of vm {}; start it again",
+                vm.spec.name
+            )));
+        }
+        Ok(Some(v.uuid))
+    }
+
+    /// Records clone `uuid` (named `name`) as `vm`'s disk `device`.
+    fn record_clone(&self, vm: &mut VmRecord, device: &str, name: &str, uuid: &str) -> Result<()> {
+        vm.owned_volumes.retain(|o| o.device != device);
         vm.owned_volumes.push(OwnedVolume {
             device: device.to_string(),
-            volume: clone.uuid.clone(),
+            volume: uuid.to_string(),
+            name: name.to_string(),
         });
         self.commit(vm, &[])?;
-        Ok(ImageDisk::Pdisk(clone.uuid))
+        Ok(())
     }
 
     /// Deletes the pdisk volumes a guest owns (its image clones); those
@@ -335,7 +420,24 @@ impl Agent {
         let Ok(pdisk) = self.pdisk() else { return };
         let mut kept = Vec::new();
         for o in std::mem::take(&mut vm.owned_volumes) {
-            match pdisk.delete_volume(o.volume.clone()).await {
+            // Only intended: pdisk may or may not have made it.
+            let volume = if o.volume.is_empty() {
+                match self.our_clone(vm, &o.name).await {
+                    Ok(None) => continue,
+                    Ok(Some(v)) => v,
+                    // Not ours: someone else's volume took the name.
+                    Err(e) if e.kind() == stratus_core::error::ErrorKind::AlreadyExists => continue,
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.spec.name, clone = %o.name, error = %e,
+                            "could not look up the guest's image clone; retried later");
+                        kept.push(o);
+                        continue;
+                    }
+                }
+            } else {
+                o.volume.clone()
+            };
+            match pdisk.delete_volume(volume).await {
                 Ok(()) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => {}
                 Err(s) => {
@@ -510,6 +612,11 @@ impl Agent {
         }
         Ok(evicted)
     }
+}
+
+/// The pdisk name of guest `vm`'s clone for disk `device`.
+fn clone_name(vm: Uuid, device: &str) -> String {
+    format!("vm-{}-{device}", &vm.simple().to_string()[..12])
 }
 
 /// Where cached images live under the agent's state dir.

@@ -20,7 +20,7 @@ use crate::spec::{Cause, DiskSource, EventType, KernelBoot, VmSpec, VmState};
 use crate::store::{now_rfc3339, Event, NewEvent, Runtime, VmRecord};
 use crate::vmm::{LaunchPlan, QmpCommands};
 use crate::volumes::status_error;
-use stratus_core::error::{Error, Result};
+use stratus_core::error::{Error, ErrorKind, Result};
 use stratus_core::rooted::RootedFile;
 
 /// How long start waits for QEMU's QMP socket.
@@ -179,6 +179,19 @@ impl Agent {
                 "vm {} is {:?}",
                 vm.spec.name, vm.state
             )));
+        }
+        // What the last run left (a QEMU that outlived SIGKILL, a tap that
+        // would not go) is undone first; a new run never starts beside it.
+        if vm.runtime.is_some() {
+            let events = self.tear_down(&mut vm).await;
+            self.commit(&mut vm, &events)?;
+            if let Some(rt) = &vm.runtime {
+                return Err(Error::precondition(format!(
+                    "vm {}: its last run is not undone yet ({}); retried every minute",
+                    vm.spec.name,
+                    leftovers(rt)
+                )));
+            }
         }
         vm.state = VmState::Starting;
         vm.state_reason.clear();
@@ -362,7 +375,26 @@ impl Agent {
         force: bool,
         cause: Cause,
     ) -> Result<VmRecord> {
-        let qmp = self.active_qmp(&vm)?;
+        let qmp = match self.active_qmp(&vm) {
+            Ok(q) => q,
+            // Its QEMU lives but agentd has no QMP connection to it (its
+            // socket did not answer at adoption): stopped by force, here.
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                tracing::warn!(vm = %vm.spec.name, error = %e, "stopping by SIGKILL");
+                vm.state = VmState::Stopping;
+                self.commit(
+                    &mut vm,
+                    &[NewEvent::new(
+                        EventType::Stopping,
+                        cause,
+                        "forced: no QMP connection",
+                    )],
+                )?;
+                self.record_exit(vm.uuid, None, false, false).await?;
+                return self.store.find_vm(&vm.uuid.to_string());
+            }
+            Err(e) => return Err(e),
+        };
         let id = vm.uuid;
         let mut events = self.follow_vm(id)?;
         vm.state = VmState::Stopping;
@@ -470,7 +502,7 @@ impl Agent {
             self.commit(&mut vm, &[])?;
         }
         self.crash_point("destroy.marked");
-        self.finish_destroy(vm).await
+        self.finish_destroy(vm, Cause::Api).await
     }
 
     /// Retries the unexports in `vm.pending_unexports`; those that fail
@@ -491,13 +523,22 @@ impl Agent {
     /// pdisk exports and image clones, its directory and pins; then drops
     /// the record with DESTROYED. What pdisk could not do is kept in the
     /// record for the next try. The caller holds the guest's lock.
-    pub(super) async fn finish_destroy(&self, mut vm: VmRecord) -> Result<()> {
+    pub(super) async fn finish_destroy(&self, mut vm: VmRecord, cause: Cause) -> Result<()> {
         let mut events = self.tear_down(&mut vm).await;
-        self.retry_unexports(&mut vm).await;
         // Clones are deleted only once no export of the guest is left:
         // pdisk refuses to delete an exported volume.
         if vm.pending_unexports.is_empty() {
             self.delete_owned_volumes(&mut vm).await;
+        }
+        if let Some(rt) = &vm.runtime {
+            // A QEMU of the guest still runs (or a tap would not go): its
+            // directory and record stay, and the destroy is tried again.
+            vm.state_reason = format!("not yet undone on this host: {}", leftovers(rt));
+            self.commit(&mut vm, &events)?;
+            return Err(Error::unavailable(format!(
+                "vm {}: {}; agentd retries every minute",
+                vm.spec.name, vm.state_reason
+            )));
         }
         let dir = self.vm_dir(vm.uuid);
         if dir.exists() {
@@ -509,11 +550,14 @@ impl Agent {
                 .pending_unexports
                 .iter()
                 .map(|v| format!("the export of volume {v}"))
-                .chain(
-                    vm.owned_volumes
-                        .iter()
-                        .map(|o| format!("image clone {} ({})", o.volume, o.device)),
-                )
+                .chain(vm.owned_volumes.iter().map(|o| {
+                    let id = if o.volume.is_empty() {
+                        &o.name
+                    } else {
+                        &o.volume
+                    };
+                    format!("image clone {id} ({})", o.device)
+                }))
                 .collect();
             vm.state_reason = format!("pdisk still holds {}", left.join(", "));
             self.commit(&mut vm, &events)?;
@@ -523,10 +567,22 @@ impl Agent {
             )));
         }
         vm.state = VmState::Destroyed;
-        events.push(NewEvent::new(EventType::Destroyed, Cause::Api, ""));
+        events.push(NewEvent::new(EventType::Destroyed, cause, ""));
         self.store.remove(&vm, &events)?;
         tracing::info!(vm = %vm.spec.name, "destroyed");
         self.locks.lock().unwrap().remove(&vm.uuid);
         Ok(())
     }
+}
+
+/// What a run left that tear-down could not undo, for messages.
+fn leftovers(rt: &Runtime) -> String {
+    let mut left = Vec::new();
+    if rt.pid != 0 {
+        left.push(format!("QEMU pid {} outlived SIGKILL", rt.pid));
+    }
+    for n in &rt.nics {
+        left.push(format!("tap {}", n.tap));
+    }
+    left.join(", ")
 }

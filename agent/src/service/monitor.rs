@@ -179,7 +179,14 @@ impl Agent {
         vm.state = state;
         vm.state_reason = detail.clone();
         events.push(NewEvent::new(kind, cause, detail));
-        self.commit(&mut vm, &events)?;
+        // Unless a destroy removed the guest meanwhile (the monitor holds no
+        // lock: a stop waits for what it commits).
+        if let Some(out) = self.store.commit_existing(&mut vm, &events)? {
+            for e in &out {
+                tracing::info!(seq = e.seq, vm = %e.vm_name, event = ?e.kind, state = ?e.state,
+                    cause = ?e.cause, detail = %e.detail, "event");
+            }
+        }
         Ok(())
     }
 }

@@ -146,6 +146,16 @@ impl Agent {
         let id = vm.uuid;
         let rt = vm.runtime.clone().unwrap_or_default();
         let alive = rt.pid != 0 && self.vmm.is_our_qemu(rt.pid, id);
+        if alive && vm.state == VmState::Stopping {
+            // agentd died mid-stop: the stop was asked for, so it is
+            // finished (by force: the guest had its chance).
+            self.record_exit(id, None, false, false).await?;
+            let vm = self.store.find_vm(&id.to_string())?;
+            return Ok(format!(
+                "{}: interrupted stop finished ({:?})",
+                vm.spec.name, vm.state
+            ));
+        }
         if alive && vm.state != VmState::Starting {
             let (qmp, events) = match self.vmm.connect_qmp(&rt.qmp_socket, QMP_ADOPT).await {
                 Ok(c) => c,
@@ -218,7 +228,8 @@ impl Agent {
         let mut report = Vec::new();
         for vm in self.store.vms()? {
             let destroying = vm.state == VmState::Destroying;
-            if !destroying && (vm.pending_unexports.is_empty() || vm.state.is_active()) {
+            let left_behind = vm.runtime.is_some() || !vm.pending_unexports.is_empty();
+            if !destroying && (!left_behind || vm.state.is_active()) {
                 continue;
             }
             let _g = self.lock(vm.uuid).await;
@@ -228,13 +239,23 @@ impl Agent {
             };
             let name = vm.spec.name.to_string();
             if vm.state == VmState::Destroying {
-                match self.finish_destroy(vm).await {
+                match self.finish_destroy(vm, Cause::Reconciliation).await {
                     Ok(()) => report.push(format!("{name}: unfinished destroy finished")),
                     Err(e) => {
                         tracing::warn!(vm = %name, error = %e, "destroy still unfinished");
                         report.push(format!("{name}: destroy still unfinished ({e})"));
                     }
                 }
+            } else if !vm.state.is_active() && vm.runtime.is_some() {
+                // A QEMU that outlived SIGKILL or a tap that would not go.
+                let events = self.tear_down(&mut vm).await;
+                let done = vm.runtime.is_none();
+                self.commit(&mut vm, &events)?;
+                report.push(if done {
+                    format!("{name}: what its last run left is undone")
+                } else {
+                    format!("{name}: its last run is still not undone")
+                });
             } else if !vm.state.is_active() && !vm.pending_unexports.is_empty() {
                 let before = vm.pending_unexports.len();
                 self.retry_unexports(&mut vm).await;

@@ -263,6 +263,9 @@ async fn a_start_that_fails_at_any_step_undoes_everything_and_says_why() {
 #[tokio::test]
 async fn a_crash_between_start_steps_is_undone_at_the_next_start() {
     for at in [
+        // pdisk granted the export, the attachment is not recorded yet:
+        // only the export's intent says it must be undone.
+        "start.exported",
         "start.disk_attached",
         "start.nic_attached",
         "start.launched",
@@ -471,6 +474,7 @@ async fn destroy_retries_an_image_clone_delete_on_the_timer() {
     vm.owned_volumes.push(OwnedVolume {
         device: "vda".into(),
         volume: clone,
+        name: "vm-clone-vda".into(),
     });
     agent.store().commit(&mut vm, &[]).unwrap();
     host.pdisk.failures.fail_times("delete_volume", 2);
@@ -881,7 +885,7 @@ async fn nics_join_only_allowed_bridges_and_only_behind_their_rules() {
     let agent = host.agent();
     let mut s = small_spec("web1", "root");
     s.nics[0].bridge = "br-hosts".into();
-    let e = agent.create_vm(s.clone(), "").await.unwrap_err();
+    let e = agent.create_vm(s.clone(), "", "").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     assert!(e.message().contains("br-hosts"), "{e}");
     assert!(agent.list_vms().unwrap().is_empty());
@@ -891,7 +895,7 @@ async fn nics_join_only_allowed_bridges_and_only_behind_their_rules() {
         let mut s = small_spec(name, if name == "web1" { "root" } else { "data" });
         s.nics[0].bridge = bridge.into();
         s.nics[0].ips = vec!["10.0.0.5".parse().unwrap()];
-        agent.create_vm(s, "").await.unwrap();
+        agent.create_vm(s, "", "").await.unwrap();
     }
     let vm = agent.start_vm("web3").await.unwrap();
     let tap = &vm.runtime.as_ref().unwrap().nics[0];
@@ -921,4 +925,210 @@ async fn nics_join_only_allowed_bridges_and_only_behind_their_rules() {
     let e = strict.start_vm("web3").await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     host.assert_nothing_attached(&strict.get_vm("web3").unwrap(), "refused bridge");
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// A spec whose one disk is a clone of a pdisk image base.
+fn image_spec(name: &str, sha: &str) -> VmSpec {
+    let mut s = small_spec(name, "root");
+    s.disks[0].source = DiskSource::Image {
+        image: crate::spec::ImageSpec {
+            url: "pdisk:///base".into(),
+            sha256: sha.into(),
+            format: crate::images::DeclaredFormat::Raw,
+            endorser: None,
+        },
+        size: 0,
+        local: false,
+    };
+    s
+}
+
+#[tokio::test]
+async fn an_image_clone_is_owned_before_it_is_made_and_a_crash_never_orphans_it() {
+    let sha = "ab".repeat(32);
+    for at in ["start.clone_intent", "start.cloned"] {
+        let host = Host::new();
+        host.pdisk.add_image_base("base", &sha);
+        let agent = host.agent();
+        let vm = agent
+            .create_vm(image_spec("web1", &sha), "", "")
+            .await
+            .unwrap();
+        start_and_crash_at(&agent, "web1", at).await;
+        crash(agent).await;
+        let clone = format!("vm-{}-vda", &vm.uuid.simple().to_string()[..12]);
+        // Made by pdisk only past the intent.
+        assert_eq!(
+            host.pdisk.volume_names().contains(&clone),
+            at == "start.cloned",
+            "{at}"
+        );
+        let agent = host.agent();
+        agent.reconcile().await.unwrap();
+        // The next start uses the clone pdisk made (no AlreadyExists), and
+        // records it.
+        let started = agent.start_vm("web1").await.unwrap();
+        assert_eq!(started.state, VmState::Running, "{at}");
+        assert_eq!(started.owned_volumes.len(), 1, "{at}");
+        assert!(!started.owned_volumes[0].volume.is_empty(), "{at}");
+        let clones = host
+            .pdisk
+            .volume_names()
+            .into_iter()
+            .filter(|n| n.starts_with("vm-"))
+            .count();
+        assert_eq!(clones, 1, "{at}: one clone");
+        agent
+            .destroy_vm("web1", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            sorted(host.pdisk.volume_names()),
+            ["base", "data", "root"],
+            "{at}"
+        );
+    }
+    // A crash once pdisk made the clone, before its UUID was recorded,
+    // then a destroy: the clone is found by its recorded name and deleted.
+    let host = Host::new();
+    host.pdisk.add_image_base("base", &sha);
+    let agent = host.agent();
+    agent
+        .create_vm(image_spec("web1", &sha), "", "")
+        .await
+        .unwrap();
+    start_and_crash_at(&agent, "web1", "start.cloned").await;
+    crash(agent).await;
+    let agent = host.agent();
+    agent.reconcile().await.unwrap();
+    agent
+        .destroy_vm("web1", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(sorted(host.pdisk.volume_names()), ["base", "data", "root"]);
+    assert!(host.pdisk.exported().is_empty());
+}
+
+/// The case reported under load (issue 13): after an agentd restart, a
+/// guest's record said it was stopped (no runtime) while a QEMU of it still
+/// ran; its destroy deleted the directory and dropped the record without
+/// looking for a QEMU. Now tear-down looks for any QEMU running the guest's
+/// UUID, and a destroy ends only once none is left: until then the record
+/// stays DESTROYING with the pid and its directory stays.
+#[tokio::test]
+async fn a_destroy_never_ends_while_a_qemu_of_the_guest_runs() {
+    let host = Host::new();
+    let agent = host.agent();
+    agent
+        .create_vm(small_spec("web1", "root"), "", "")
+        .await
+        .unwrap();
+    start_and_crash_at(&agent, "web1", "start.running").await;
+    let pid = host.vmm.pids()[0];
+    // What the record said: stopped, nothing attached.
+    let mut vm = agent.get_vm("web1").unwrap();
+    vm.state = VmState::Stopped;
+    vm.runtime = None;
+    agent.store().commit(&mut vm, &[]).unwrap();
+    crash(agent).await;
+    let dir = host.dir.path().join("state/vms").join(vm.uuid.to_string());
+    assert!(dir.exists());
+
+    let agent = host.agent();
+    agent.reconcile().await.unwrap();
+    // QEMU outlives the first SIGKILLs (stuck in the kernel under load).
+    host.vmm.failures.fail_times("kill", 2);
+    let err = agent
+        .destroy_vm("web1", Duration::from_secs(5))
+        .await
+        .expect_err("its QEMU still runs");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string().contains(&format!("QEMU pid {pid}")),
+        "{err}"
+    );
+    let left = agent.get_vm("web1").unwrap();
+    assert_eq!(left.state, VmState::Destroying);
+    assert_eq!(left.runtime.as_ref().map(|r| r.pid), Some(pid));
+    assert!(dir.exists(), "the directory of a running QEMU was removed");
+    assert_eq!(host.vmm.pids(), vec![pid]);
+    // The timer's retry kills it (the second SIGKILL fails too), then
+    // the next one finishes the destroy.
+    let report = agent.retry_leftovers().await.unwrap();
+    assert!(report[0].contains("destroy still unfinished"), "{report:?}");
+    let report = agent.retry_leftovers().await.unwrap();
+    assert_eq!(
+        report,
+        vec!["web1: unfinished destroy finished".to_string()]
+    );
+    assert!(host.vmm.pids().is_empty());
+    assert!(!dir.exists());
+    assert!(agent.get_vm("web1").is_err());
+    let last = agent
+        .store()
+        .events_since(0, 10_000)
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (last.kind, last.cause),
+        (EventType::Destroyed, Cause::Reconciliation)
+    );
+}
+
+#[tokio::test]
+async fn a_guest_adopted_without_a_qmp_connection_can_still_be_stopped_and_destroyed() {
+    let host = Host::new();
+    let agent = host.agent();
+    agent
+        .create_vm(small_spec("web1", "root"), "", "")
+        .await
+        .unwrap();
+    start_and_crash_at(&agent, "web1", "start.running").await;
+    crash(agent).await;
+    // Its QMP socket does not answer at adoption: left RUNNING, no monitor.
+    host.vmm.failures.fail_times("connect_qmp", 1);
+    let agent = host.agent();
+    let report = agent.reconcile().await.unwrap();
+    assert!(report[0].contains("does not answer"), "{report:?}");
+    let vm = agent
+        .stop_vm("web1", Duration::from_secs(5), false)
+        .await
+        .unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    host.assert_nothing_attached(&vm, "after the stop");
+    agent
+        .destroy_vm("web1", Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_interrupted_stop_is_finished_at_the_next_start() {
+    let host = Host::new();
+    let agent = host.agent();
+    let vm = agent
+        .create_vm(small_spec("web1", "root"), "", "")
+        .await
+        .unwrap();
+    start_and_crash_at(&agent, "web1", "start.running").await;
+    // agentd died after recording STOPPING, before QEMU was asked.
+    let mut rec = agent.get_vm("web1").unwrap();
+    rec.state = VmState::Stopping;
+    agent.store().commit(&mut rec, &[]).unwrap();
+    crash(agent).await;
+    let agent = host.agent();
+    let report = agent.reconcile().await.unwrap();
+    assert!(
+        report.contains(&"web1: interrupted stop finished (Stopped)".to_string()),
+        "{report:?}"
+    );
+    let vm = agent.get_vm(&vm.uuid.to_string()).unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    host.assert_nothing_attached(&vm, "after the interrupted stop");
 }
