@@ -142,6 +142,7 @@ mod tests {
 
     fn guest(store: &AgentStore) -> VmRecord {
         let mut vm = VmRecord {
+            request_id: String::new(),
             uuid: uuid::Uuid::new_v4(),
             spec: VmSpec {
                 name: "web1".parse().unwrap(),

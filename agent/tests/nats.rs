@@ -45,6 +45,7 @@ fn churn(
         while done < rounds && until.is_none_or(|u| start.elapsed() < u) {
             let name = format!("n{}", first + done);
             c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 spec: Some(pb::VmSpec {
                     name: name.clone(),
                     vcpus: 1,
