@@ -1834,6 +1834,7 @@ fn a_guest_forging_its_mac_or_ip_is_not_heard_and_its_rules_follow_it() {
             );
             spec.nics[0].ips = vec![me.into()];
             c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 project: String::new(),
                 spec: Some(spec),
             })
@@ -1841,6 +1842,7 @@ fn a_guest_forging_its_mac_or_ip_is_not_heard_and_its_rules_follow_it() {
             .unwrap();
             out.push(
                 c.start_vm(pb::VmRequest {
+                    request_id: String::new(),
                     project: String::new(),
                     vm: name.into(),
                 })
