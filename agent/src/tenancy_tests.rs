@@ -526,6 +526,7 @@ async fn guest_names_are_per_project_so_a_taken_name_elsewhere_reveals_nothing()
         request(
             role,
             pb::CreateVmRequest {
+                request_id: String::new(),
                 spec: Some(spec(&format!("{OTHER}-vm"), disk)),
                 project: project.into(),
             },
@@ -551,6 +552,7 @@ async fn guest_names_are_per_project_so_a_taken_name_elsewhere_reveals_nothing()
         request(
             role,
             pb::VmRequest {
+                request_id: String::new(),
                 vm: format!("{OTHER}-vm"),
                 project: project.into(),
             },

@@ -143,6 +143,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
         // Both projects define a guest named web (names are per project).
         let web_a = a
             .create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 spec: Some(spec("web", "disk")),
                 project: String::new(),
             })
@@ -151,6 +152,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
             .into_inner();
         let web_b = b
             .create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 spec: Some(spec("web", "disk")),
                 project: String::new(),
             })
@@ -164,6 +166,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
         assert_eq!(
             code(
                 a.create_vm(pb::CreateVmRequest {
+                    request_id: String::new(),
                     spec: Some(spec("web", "disk")),
                     project: String::new(),
                 })
@@ -203,6 +206,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
             assert_eq!(listed, vec![web_a.uuid.clone()], "as astro ({project:?})");
             let by_name = c
                 .get_vm(pb::VmRequest {
+                    request_id: String::new(),
                     vm: "web".into(),
                     project: project.into(),
                 })
@@ -211,6 +215,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
                 .into_inner();
             assert_eq!(by_name.uuid, web_a.uuid, "web is astro's own");
             let vm = || pb::VmRequest {
+                request_id: String::new(),
                 vm: web_b.uuid.clone(),
                 project: project.into(),
             };
@@ -251,6 +256,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
         assert_eq!(
             code(
                 a.get_vm(pb::VmRequest {
+                    request_id: String::new(),
                     vm: "web".into(),
                     project: "bio".into(),
                 })
@@ -261,6 +267,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
         // The frontend acting for bio sees bio's web.
         let got = f
             .get_vm(pb::VmRequest {
+                request_id: String::new(),
                 vm: "web".into(),
                 project: "bio".into(),
             })
@@ -279,6 +286,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
         assert_eq!(all.len(), 2, "{all:?}");
         let err = root
             .get_vm(pb::VmRequest {
+                request_id: String::new(),
                 vm: "web".into(),
                 project: String::new(),
             })
@@ -288,6 +296,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
         // bio's guest is untouched.
         let still = root
             .get_vm(pb::VmRequest {
+                request_id: String::new(),
                 vm: web_b.uuid.clone(),
                 project: String::new(),
             })
@@ -327,6 +336,7 @@ fn projects_see_and_touch_only_their_guests_and_rotation_keeps_event_streams() {
         let mut fresh = client(astro.clone()).await;
         let db = fresh
             .create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
                 spec: Some(spec("db", "disk")),
                 project: String::new(),
             })

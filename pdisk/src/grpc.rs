@@ -546,6 +546,7 @@ impl VolumeService for Api {
                     .map(snapshot_pb)
             })
             .await?;
+        Ok(Response::new(s))
     }
 
     async fn list_snapshots(
