@@ -129,6 +129,7 @@ async fn events(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
                     .create_vm(apb::CreateVmRequest {
                         spec: Some(spec),
                         project: String::new(),
+                        request_id: String::new(),
                     })
                     .await?
                     .into_inner();
