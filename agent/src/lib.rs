@@ -37,6 +37,7 @@ pub mod authz;
 pub mod cgroup;
 pub mod config;
 pub mod confine;
+pub mod failpoints;
 #[cfg(test)]
 mod fakes;
 pub(crate) mod grpc;

@@ -138,3 +138,174 @@ async fn a_start_whose_caller_gives_up_still_ends_running_and_its_retry_gets_the
     }
     assert!(pdisk.exported().is_empty());
 }
+
+/// 50 clients × 200 mixed operations on ten overlapping guests, each
+/// operation under a 60 s watchdog: only the documented refusals, and at
+/// the end the store equals the host (each running guest's one QEMU, its
+/// taps and exports; nothing else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_clients_times_two_hundred_operations_end_with_the_store_equal_to_the_host() {
+    use crate::fakes::{FakeNet, FakeVmm};
+    use crate::service::{AgentSettings, HostEffects, HostFacts};
+    const CLIENTS: usize = 50;
+    const OPS: usize = 200;
+    const GUESTS: usize = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let pdisk = FakeVolumes::new();
+    for g in 0..GUESTS {
+        pdisk.add_volume(&format!("disk{g}"));
+    }
+    // The fixture's agent, but with fakes this test can look into.
+    let base = agent(dir.path(), pdisk.clone());
+    let settings: AgentSettings = base.settings().clone();
+    let facts: HostFacts = base.host_facts().clone();
+    drop(base);
+    let (net, vmm) = (FakeNet::new(), FakeVmm::new());
+    let agent = crate::service::Agent::with_effects(
+        crate::store::AgentStore::open(&settings.state_dir).unwrap(),
+        std::sync::Arc::new(stratus_core::runner::FakeRunner::new()),
+        settings.clone(),
+        facts,
+        HostEffects {
+            volumes: Some(pdisk.clone()),
+            net: net.clone(),
+            vmm: vmm.clone(),
+            kernel: {
+                let mut k = crate::attach::KernelOptions::new(&settings.initiator_iqn);
+                k.sys = dir.path().join("sys");
+                k.dev = dir.path().join("dev");
+                k.iscsi_db = dir.path().join("iscsi");
+                k
+            },
+        },
+    )
+    .unwrap();
+    let api = std::sync::Arc::new(Api::new(agent.clone()));
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let api = api.clone();
+        clients.push(tokio::spawn(async move {
+            let mut seed = c as u64 * 7919 + 1;
+            let mut next = move |n: usize| {
+                // xorshift: a fixed sequence per client, no dependency.
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % n as u64) as usize
+            };
+            for i in 0..OPS {
+                let g = next(GUESTS);
+                let name = format!("g{g}");
+                let op = next(8);
+                let what = format!("client {c} op {i}: {op} on {name}");
+                let call = async {
+                    let r = |vm: &str| request(Role::Admin, vm_request(vm, ""));
+                    match op {
+                        0 | 1 => api
+                            .create_vm(request(
+                                Role::Admin,
+                                pb::CreateVmRequest {
+                                    spec: Some(spec(&name, &format!("disk{g}"))),
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        2 | 3 => api.start_vm(r(&name)).await.map(drop),
+                        4 => api
+                            .stop_vm(request(
+                                Role::Admin,
+                                pb::StopVmRequest {
+                                    vm: name.clone(),
+                                    timeout_seconds: 1,
+                                    force: next(2) == 0,
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        5 => api.pause_vm(r(&name)).await.map(drop),
+                        6 => api.resume_vm(r(&name)).await.map(drop),
+                        _ => api
+                            .destroy_vm(request(
+                                Role::Admin,
+                                pb::DestroyVmRequest {
+                                    vm: name.clone(),
+                                    timeout_seconds: 1,
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                    }
+                };
+                match tokio::time::timeout(Duration::from_secs(60), call).await {
+                    Err(_) => panic!("{what}: took over 60 s (deadlock?)"),
+                    Ok(Ok(())) => {}
+                    Ok(Err(s)) => assert!(
+                        matches!(
+                            s.code(),
+                            Code::NotFound
+                                | Code::AlreadyExists
+                                | Code::FailedPrecondition
+                                | Code::ResourceExhausted
+                        ),
+                        "{what}: {s:?}"
+                    ),
+                }
+            }
+        }));
+    }
+    for c in clients {
+        c.await.unwrap();
+    }
+    // The store equals the host.
+    let vms = agent.list_vms().unwrap();
+    let mut pids = Vec::new();
+    let mut taps = Vec::new();
+    let mut exports = Vec::new();
+    for v in &vms {
+        assert!(
+            matches!(
+                v.state,
+                VmState::Defined
+                    | VmState::Running
+                    | VmState::Paused
+                    | VmState::Stopped
+                    | VmState::Error
+            ),
+            "{} left {:?}",
+            v.spec.name,
+            v.state
+        );
+        assert!(v.pending_unexports.is_empty(), "{}", v.spec.name);
+        if let Some(rt) = &v.runtime {
+            assert!(matches!(v.state, VmState::Running | VmState::Paused));
+            assert_eq!(vmm.pids_of(v.uuid), vec![rt.pid], "{}", v.spec.name);
+            pids.push(rt.pid);
+            taps.extend(rt.nics.iter().map(|n| n.tap.clone()));
+            exports.extend(rt.disks.iter().filter_map(|d| d.pdisk_volume.clone()));
+        }
+    }
+    pids.sort();
+    taps.sort();
+    exports.sort();
+    assert_eq!(vmm.pids(), pids, "QEMUs without a running record");
+    let mut live_taps = net.taps();
+    live_taps.sort();
+    assert_eq!(live_taps, taps, "taps without a running record");
+    assert_eq!(
+        pdisk.exported(),
+        exports,
+        "exports without a running record"
+    );
+    // And the journal: every seq once, in order.
+    let seqs: Vec<u64> = agent
+        .store()
+        .events_since(0, 1_000_000)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+}

@@ -19,6 +19,8 @@ pub struct Agentd {
     env: Vec<(String, String)>,
     child: Option<Child>,
     netns: String,
+    /// The daemon binary: `agentd`, or `agentd-failpoints` for fault tests.
+    program: String,
 }
 
 impl Agentd {
@@ -114,9 +116,48 @@ impl Agentd {
                 .collect(),
             child: None,
             netns: ns.name.clone(),
+            program: "agentd".into(),
         };
         a.spawn();
         a
+    }
+
+    /// Like [`Agentd::start_in`], running `agentd-failpoints` (agentd with
+    /// crash points; build it with `cargo build -p agent --features
+    /// failpoints --bin agentd-failpoints`) with no failpoint set.
+    pub fn start_failpoints_in(dir: &Path, ns: &NetNs, pdisk_url: &str, bridge: &str) -> Agentd {
+        let mut a = Self::start_in(dir, ns, pdisk_url, bridge);
+        a.kill9();
+        a.program = "agentd-failpoints".into();
+        a.spawn();
+        a
+    }
+
+    /// Restarts with FAILPOINTS set to `spec` (`None`: unset), e.g.
+    /// `Some("start.exported=return")`.
+    pub fn restart_with_failpoints(&mut self, spec: Option<&str>) {
+        self.env.retain(|(k, _)| k != "FAILPOINTS");
+        if let Some(s) = spec {
+            self.env.push(("FAILPOINTS".into(), s.into()));
+        }
+        self.restart();
+    }
+
+    /// Waits up to `limit` for agentd to exit on its own (a crash point
+    /// fired); its exit status, or None when it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn spawn(&mut self) {
@@ -127,8 +168,9 @@ impl Agentd {
             .unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns])
-            .arg(bin("agentd"))
+            .arg(bin(&self.program))
             .args(&self.args)
+            .env_remove("FAILPOINTS")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)

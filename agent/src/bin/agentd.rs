@@ -19,8 +19,10 @@ use stratus_pki::gate::GateLayer;
 use stratus_pki::serve::Listeners;
 use stratus_proto::agent::v1::vm_service_server::VmServiceServer;
 
+/// Also the entry point of `agentd-failpoints`, the fault-injection build
+/// (`src/bin/agentd_failpoints.rs`).
 #[tokio::main]
-async fn main() {
+pub(crate) async fn main() {
     let cfg = match Flags::parse().resolve() {
         Ok(c) => c,
         Err(e) => {
@@ -29,6 +31,9 @@ async fn main() {
         }
     };
     stratus_core::settings::init_logging(cfg.log_format, &cfg.log_level);
+    // Fault-injection builds only: crash points from FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = agent::failpoints::setup();
     if let Err(e) = run(cfg).await {
         tracing::error!("{e:#}");
         eprintln!("agentd: {e:#}");

@@ -554,11 +554,14 @@ impl Inner {
             last_used: now,
         };
         let meta = self.meta_path(sha);
+        crate::failpoints::crash_point("image.downloaded");
         write_metadata(&meta, sha, &entry, true)?;
+        crate::failpoints::crash_point("image.meta_written");
         if let Err(e) = download.file.publish(&self.img_path(sha)) {
             let _ = std::fs::remove_file(&meta);
             return Err(e);
         }
+        crate::failpoints::crash_point("image.published");
         let mut st = self.state();
         st.images.insert(sha.clone(), entry);
         reservation.release(&mut st);

@@ -189,6 +189,7 @@ impl Agent {
                 ips: n.ips.clone(),
             });
         self.commit(vm, &[])?;
+        self.crash_point("start.nic_recorded");
         self.filters.protect(&tap, n.mac, &n.ips).await?;
         self.net.create_tap(&tap)?;
         self.net.attach_to_bridge(&tap, &bridge, n.vlan)?;
@@ -245,7 +246,11 @@ impl Agent {
     ) -> Result<(DiskBackend, DiskAttachment)> {
         let kernel = self.settings.attach == AttachMode::Kernel;
         let secret = stratus_core::types::Chap::random_secret()?;
-        let user = format!("st{}", &vm.uuid.simple().to_string()[..12]);
+        // One CHAP user per disk: tgtd's accounts are global by name, so two
+        // disks of a guest under one user with two secrets would leave the
+        // first one's login refused (found by agent/tests/faults.rs, whose
+        // guests have two pdisk disks).
+        let user = format!("st{}{device}", &vm.uuid.simple().to_string()[..12]);
         let chap = stratus_core::types::Chap::new(&user, &secret)?;
         // Intent first: the volume is among the exports to undo, durably,
         // before pdisk grants it; the attachment's record replaces it.

@@ -215,6 +215,7 @@ impl Agent {
             }
         };
         drop(pulled);
+        self.crash_point("image.imported");
         self.journal_host(&[NewEvent::image(
             EventType::ImageImported,
             cause,

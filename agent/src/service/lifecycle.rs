@@ -124,6 +124,7 @@ impl Agent {
             &mut vm,
             &[NewEvent::new(EventType::Created, Cause::Api, "")],
         )?;
+        self.crash_point("create.committed");
         Ok(vm)
     }
 
@@ -200,6 +201,7 @@ impl Agent {
             &mut vm,
             &[NewEvent::new(EventType::Starting, Cause::Api, "")],
         )?;
+        self.crash_point("start.starting");
         match self.bring_up(&mut vm).await {
             Ok(()) => Ok(vm),
             Err(e) => {
@@ -406,6 +408,7 @@ impl Agent {
                 if force { "forced" } else { "ACPI powerdown" },
             )],
         )?;
+        self.crash_point("stop.stopping");
         let ended = [EventType::Stopped, EventType::Crashed];
         if !force {
             match qmp.system_powerdown().await {
@@ -430,6 +433,7 @@ impl Agent {
                 self.vmm.kill(pid);
             }
         }
+        self.crash_point("stop.exited");
         self.await_event(&mut events, id, &ended, Duration::from_secs(30))
             .await?;
         self.store.find_vm(&id.to_string())
@@ -530,6 +534,7 @@ impl Agent {
         if vm.pending_unexports.is_empty() {
             self.delete_owned_volumes(&mut vm).await;
         }
+        self.crash_point("destroy.torn_down");
         if let Some(rt) = &vm.runtime {
             // A QEMU of the guest still runs (or a tap would not go): its
             // directory and record stay, and the destroy is tried again.
@@ -544,6 +549,7 @@ impl Agent {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
         }
+        self.crash_point("destroy.dir_removed");
         self.unpin(vm.uuid);
         if !vm.pending_unexports.is_empty() || !vm.owned_volumes.is_empty() {
             let left: Vec<String> = vm

@@ -377,7 +377,8 @@ impl Agent {
 
     /// A step boundary where the crash-safety tests make agentd die: when
     /// `name` is armed, the task panics right here, leaving the store and
-    /// the host as a crash would. Nothing outside the unit tests.
+    /// the host as a crash would. Every name is in
+    /// [`crate::failpoints::POINTS`].
     #[cfg(test)]
     fn crash_point(&self, name: &'static str) {
         if *self.crash_at.lock().unwrap() == Some(name) {
@@ -385,7 +386,11 @@ impl Agent {
         }
     }
 
+    /// The same step boundary for the fault-injection build (agentd exits
+    /// there, [`crate::failpoints`]); nothing in a plain build.
     #[cfg(not(test))]
     #[inline(always)]
-    fn crash_point(&self, _name: &'static str) {}
+    fn crash_point(&self, name: &'static str) {
+        crate::failpoints::crash_point(name);
+    }
 }

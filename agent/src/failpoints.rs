@@ -1,0 +1,73 @@
+//! Named crash points for fault injection, as in pdiskd
+//! (`pdisk::failpoints`). With the cargo feature `failpoints`,
+//! `crash_point(name)` evaluates the `fail` crate's point `name`,
+//! configured by the FAILPOINTS environment variable
+//! (`name=return;other=sleep(2000)`): `return` makes agentd exit at once, as
+//! a crash would (no destructor, no reply, no further store write; guests'
+//! QEMUs keep running). Without the feature every point is an empty inline
+//! function. The unit tier arms the same names on one agent
+//! (`Agent::crash_point`, a panic of the operation's task).
+//!
+//! Every name is listed in [`POINTS`], which the fault-injection test
+//! (`agent/tests/faults.rs`) walks, so a new point must be added there.
+
+/// The exit status of a crash point, so tests can tell it from a failure.
+pub const CRASH_EXIT_CODE: i32 = 86;
+
+/// Every crash point, grouped by operation, in the order they are reached.
+pub const POINTS: &[(&str, &[&str])] = &[
+    ("create", &["create.committed"]),
+    (
+        "start",
+        &[
+            "start.starting",
+            "start.clone_intent",
+            "start.cloned",
+            "start.export_intent",
+            "start.exported",
+            "start.disk_attached",
+            "start.nic_recorded",
+            "start.nic_attached",
+            "start.launched",
+            "start.running",
+        ],
+    ),
+    ("stop", &["stop.stopping", "stop.exited"]),
+    (
+        "destroy",
+        &["destroy.marked", "destroy.torn_down", "destroy.dir_removed"],
+    ),
+    (
+        "pull",
+        &[
+            "image.downloaded",
+            "image.meta_written",
+            "image.published",
+            "image.imported",
+        ],
+    ),
+];
+
+/// Exits the process when the point `name` is configured to `return`.
+#[cfg(feature = "failpoints")]
+pub fn crash_point(name: &str) {
+    if fail::eval(name, |_| ()).is_some() {
+        eprintln!("failpoint {name}: exiting as a crash would");
+        std::process::exit(CRASH_EXIT_CODE);
+    }
+}
+
+/// Without the `failpoints` feature: nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn crash_point(_name: &str) {}
+
+/// Reads FAILPOINTS. The returned scenario must live as long as the daemon.
+#[cfg(feature = "failpoints")]
+pub fn setup() -> fail::FailScenario<'static> {
+    let s = fail::FailScenario::setup();
+    if let Ok(v) = std::env::var("FAILPOINTS") {
+        eprintln!("failpoints configured: {v}");
+    }
+    s
+}

@@ -1,0 +1,529 @@
+//! Fault injection: agentd killed at every step boundary of create, start,
+//! stop, destroy and image pulls, then restarted, must leave nothing for
+//! anyone to clean up.
+//!
+//! Runs `agentd-failpoints` (agentd built with the `failpoints` feature:
+//! `cargo build -p agent --features failpoints --bin agentd-failpoints`,
+//! which scripts/test's integration tier does) on a real stack in a test
+//! namespace: an XFS reflink pool, tgtd, pdiskd, a bridge, and guests under
+//! TCG. The guests are the cheapest there are: no kernel, SeaBIOS finding
+//! nothing to boot on a 4 MiB pdisk volume and a clone of a 1 MiB image
+//! (QEMU runs, QMP answers, nothing boots). For each (operation, crash
+//! point) pair of `agent::failpoints::POINTS` it restarts agentd with that
+//! point set to exit the process, issues the operation, checks agentd died
+//! there (so the pair is covered), restarts it without failpoints and
+//! checks: no guest left STARTING/STOPPING/DESTROYING; every QEMU running a
+//! guest's UUID is that guest's recorded, RUNNING one and every RUNNING
+//! guest's QEMU lives; no tap but those of running guests; pdisk exports to
+//! this host only for running guests' disks; no image clone without its
+//! guest; no `.partial-*` cache file; no guest directory without its guest;
+//! every acknowledged guest still there; event seqs 1..n with the history
+//! before the crash unchanged.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use agent::failpoints::{CRASH_EXIT_CODE, POINTS};
+use stratus_proto::agent::v1 as pb;
+use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
+use stratus_proto::pdisk::v1 as pdpb;
+use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
+use testkit::*;
+
+const BRIDGE: &str = "stbr0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Create,
+    Start,
+    Stop,
+    Destroy,
+    Pull,
+}
+
+impl Op {
+    const ALL: [Op; 5] = [Op::Create, Op::Start, Op::Stop, Op::Destroy, Op::Pull];
+
+    fn group(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Start => "start",
+            Op::Stop => "stop",
+            Op::Destroy => "destroy",
+            Op::Pull => "pull",
+        }
+    }
+}
+
+fn points(group: &str) -> &'static [&'static str] {
+    POINTS
+        .iter()
+        .find(|(g, _)| *g == group)
+        .unwrap_or_else(|| panic!("no crash points for {group}"))
+        .1
+}
+
+/// Fields drop in order: agentd (and its guests) first, the namespace last.
+struct Host {
+    agentd: Agentd,
+    pdiskd: Pdiskd,
+    _httpd: Httpd,
+    _tgtd: Tgtd,
+    _pool: XfsPool,
+    ns: NetNs,
+    /// `pdisk:///…` of the image every guest's first disk is a clone of.
+    image_url: String,
+    image_sha: String,
+    www: std::path::PathBuf,
+}
+
+impl Host {
+    fn start() -> Host {
+        let ns = NetNs::new();
+        ns.add_bridge(BRIDGE);
+        let pool = XfsPool::new(2048);
+        let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
+        let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
+        let agentd = Agentd::start_failpoints_in(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE);
+        let www = pool.dir.path().join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        let httpd = Httpd::start_in(&ns, &www);
+        let mut h = Host {
+            agentd,
+            pdiskd,
+            _httpd: httpd,
+            _tgtd: tgtd,
+            _pool: pool,
+            ns,
+            image_url: String::new(),
+            image_sha: String::new(),
+            www,
+        };
+        // The image the guests' clone disks come from, imported once.
+        let (url, sha) = h.new_image("base");
+        let pulled = h
+            .agent(move |mut c| async move {
+                c.pull_image(pb::PullImageRequest {
+                    image: Some(pb::ImageRef {
+                        url,
+                        sha256: sha,
+                        format: pb::ImageFormat::Raw as i32,
+                        endorser: String::new(),
+                    }),
+                    to_pdisk: true,
+                    request_id: String::new(),
+                })
+                .await
+            })
+            .unwrap()
+            .into_inner();
+        h.image_sha = pulled.sha256;
+        h.image_url = format!("pdisk:///{}", pulled.volume);
+        h
+    }
+
+    /// A new 1 MiB raw image of distinct bytes in the httpd's directory.
+    fn new_image(&self, name: &str) -> (String, String) {
+        let path = self.www.join(format!("{name}.raw"));
+        let mut bytes = vec![0u8; 1 << 20];
+        let stamp = format!("{name} {:?}", Instant::now());
+        bytes[..stamp.len()].copy_from_slice(stamp.as_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        (
+            format!("http://127.0.0.1:8080/{name}.raw"),
+            sha256_of(&path),
+        )
+    }
+
+    fn agent<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let url = self.agentd.url();
+        self.ns.block_on(move || async move {
+            let c = VmServiceClient::new(testkit::channel(&url).await);
+            f(c).await
+        })
+    }
+
+    fn pdisk<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce(VolumeServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let url = self.pdiskd.url();
+        self.ns.block_on(move || async move {
+            let c = VolumeServiceClient::new(testkit::channel(&url).await);
+            f(c).await
+        })
+    }
+
+    fn vms(&self) -> Vec<pb::Vm> {
+        self.agent(|mut c| async move {
+            c.list_vms(pb::ListVmsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .vms
+        })
+    }
+
+    fn events(&self) -> Vec<pb::Event> {
+        let url = self.agentd.url();
+        self.ns.block_on(move || agent_events(url, 0))
+    }
+
+    /// A guest named `name`: a clone of the test image and its own empty
+    /// pdisk volume, one NIC; defined, not started.
+    fn define(&self, name: &str) -> Result<pb::Vm, tonic::Status> {
+        let volume = format!("{name}-data");
+        let v = volume.clone();
+        self.pdisk(move |mut c| async move {
+            c.create_volume(pdpb::CreateVolumeRequest {
+                name: v,
+                size_bytes: 4 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        });
+        let spec = pb::VmSpec {
+            name: name.into(),
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            disks: vec![
+                pb::DiskSpec {
+                    source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
+                        url: self.image_url.clone(),
+                        sha256: self.image_sha.clone(),
+                        format: pb::ImageFormat::Raw as i32,
+                        endorser: String::new(),
+                    })),
+                    boot_index: 1,
+                    ..Default::default()
+                },
+                pb::DiskSpec {
+                    source: Some(pb::disk_spec::Source::PdiskVolume(volume)),
+                    ..Default::default()
+                },
+            ],
+            nics: vec![pb::NicSpec {
+                bridge: BRIDGE.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        self.agent(move |mut c| async move {
+            c.create_vm(pb::CreateVmRequest {
+                spec: Some(spec),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+        })
+    }
+
+    fn call(&self, op: Op, name: &str) -> Result<(), tonic::Status> {
+        let vm = name.to_string();
+        let req = pb::VmRequest {
+            vm: vm.clone(),
+            ..Default::default()
+        };
+        match op {
+            Op::Create => self.define(name).map(drop),
+            Op::Start => self.agent(move |mut c| async move { c.start_vm(req).await.map(drop) }),
+            Op::Stop => self.agent(move |mut c| async move {
+                c.stop_vm(pb::StopVmRequest {
+                    vm,
+                    force: true,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+            }),
+            Op::Destroy => self.agent(move |mut c| async move {
+                c.destroy_vm(pb::DestroyVmRequest {
+                    vm,
+                    timeout_seconds: 5,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+            }),
+            Op::Pull => {
+                let (url, sha) = self.new_image(name);
+                self.agent(move |mut c| async move {
+                    c.pull_image(pb::PullImageRequest {
+                        image: Some(pb::ImageRef {
+                            url,
+                            sha256: sha,
+                            format: pb::ImageFormat::Raw as i32,
+                            endorser: String::new(),
+                        }),
+                        to_pdisk: true,
+                        request_id: String::new(),
+                    })
+                    .await
+                    .map(drop)
+                })
+            }
+        }
+    }
+
+    /// Destroys every guest (end of a pair), retrying while agentd says
+    /// pdisk work is left.
+    fn destroy_all(&self) {
+        for vm in self.vms() {
+            let name = vm.name.clone();
+            wait_for(
+                &format!("destroy of {name}"),
+                Duration::from_secs(60),
+                || {
+                    self.call(Op::Destroy, &name)
+                        .or_else(|s| {
+                            if s.code() == tonic::Code::NotFound {
+                                Ok(())
+                            } else {
+                                Err(s)
+                            }
+                        })
+                        .ok()
+                },
+            );
+        }
+    }
+}
+
+/// Live processes running some guest's UUID (`-uuid X`): (pid, uuid).
+fn qemus() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
+        if !args
+            .first()
+            .is_some_and(|a| String::from_utf8_lossy(a).contains("qemu-system"))
+        {
+            continue;
+        }
+        if let Some(i) = args.iter().position(|a| *a == b"-uuid") {
+            if let Some(u) = args.get(i + 1) {
+                out.push((pid, String::from_utf8_lossy(u).into_owned()));
+            }
+        }
+    }
+    out
+}
+
+/// Checks the invariants after agentd restarted; `acknowledged` are guests
+/// whose create answered and whose destroy did not; `seen` the UUIDs of
+/// every guest this test made (a QEMU of one of them must be a running
+/// guest's).
+fn check(
+    h: &Host,
+    what: &str,
+    acknowledged: &BTreeSet<String>,
+    history: &[pb::Event],
+    seen: &mut BTreeSet<String>,
+) {
+    let vms = h.vms();
+    let names: BTreeSet<String> = vms.iter().map(|v| v.name.clone()).collect();
+    for v in &vms {
+        assert!(
+            !matches!(
+                v.state(),
+                pb::VmState::Starting | pb::VmState::Stopping | pb::VmState::Destroying
+            ),
+            "{what}: {} left {:?} ({})",
+            v.name,
+            v.state(),
+            v.state_reason
+        );
+    }
+    for a in acknowledged {
+        assert!(names.contains(a), "{what}: acknowledged guest {a} lost");
+    }
+    // QEMUs: exactly the running guests', each once.
+    let running: Vec<&pb::Vm> = vms
+        .iter()
+        .filter(|v| matches!(v.state(), pb::VmState::Running | pb::VmState::Paused))
+        .collect();
+    let ours: BTreeSet<String> = vms.iter().map(|v| v.uuid.clone()).collect();
+    seen.extend(ours.iter().cloned());
+    // QEMUs of this test's guests only: other tests may run guests too.
+    let live: Vec<(u32, String)> = qemus()
+        .into_iter()
+        .filter(|(_, u)| seen.contains(u))
+        .collect();
+    for (pid, uuid) in &live {
+        let owner = running.iter().find(|v| &v.uuid == uuid);
+        assert!(
+            owner.is_some_and(|v| v.pid == *pid),
+            "{what}: QEMU pid {pid} of {uuid} without a running record ({:?})",
+            vms.iter()
+                .map(|v| (&v.name, v.state(), v.pid))
+                .collect::<Vec<_>>()
+        );
+    }
+    for v in &running {
+        assert!(
+            live.iter().any(|(p, _)| *p == v.pid),
+            "{what}: {} is running without its QEMU",
+            v.name
+        );
+    }
+    // Taps: only running guests'.
+    let wanted: BTreeSet<String> = running
+        .iter()
+        .flat_map(|v| v.nics.iter().map(|n| n.tap.clone()))
+        .collect();
+    let links = h.ns.ip(&["-o", "link", "show"]);
+    for l in links.lines() {
+        let Some(name) = l.split(": ").nth(1) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap();
+        if name.starts_with("st") && name != BRIDGE {
+            assert!(wanted.contains(name), "{what}: orphan tap {name}");
+        }
+    }
+    // pdisk: exports to this host only for running guests' disks; clones
+    // only of guests that exist.
+    let exports = h.pdisk(|mut c| async move {
+        c.list_exports(pdpb::ListExportsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .exports
+    });
+    let mut disks = BTreeSet::new();
+    for v in &running {
+        disks.insert(format!("{}-data", v.name));
+        disks.insert(format!("vm-{}-vda", &v.uuid.replace('-', "")[..12]));
+    }
+    for e in &exports {
+        if e.initiators.iter().any(|i| i == INITIATOR) {
+            assert!(
+                disks.contains(&e.volume_name),
+                "{what}: orphan export of {}",
+                e.volume_name
+            );
+        }
+    }
+    let volumes = h.pdisk(|mut c| async move {
+        c.list_volumes(pdpb::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes
+    });
+    for v in &volumes {
+        if let Some(owner) = v.labels.get("stratus.io/vm") {
+            assert!(ours.contains(owner), "{what}: orphan clone {}", v.name);
+        }
+        assert_ne!(
+            v.state(),
+            pdpb::VolumeState::Creating,
+            "{what}: {} creating",
+            v.name
+        );
+    }
+    // Files: no partial cache file, no directory without its guest.
+    let state = &h.agentd.state_dir;
+    for e in std::fs::read_dir(state.join("images")).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        assert!(!n.starts_with(".partial-"), "{what}: orphan cache file {n}");
+    }
+    if let Ok(dirs) = std::fs::read_dir(state.join("vms")) {
+        for d in dirs.flatten() {
+            let n = d.file_name().to_string_lossy().into_owned();
+            assert!(ours.contains(&n), "{what}: orphan guest directory {n}");
+        }
+    }
+    // Events: 1..n, the history before the crash unchanged.
+    let events = h.events();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "{what}: gap or repeat"
+    );
+    assert!(events.len() >= history.len(), "{what}: events lost");
+    assert_eq!(
+        &events[..history.len()],
+        history,
+        "{what}: history rewritten"
+    );
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and agentd-failpoints: run by scripts/test"]
+fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
+    let started = Instant::now();
+    let mut h = Host::start();
+    let mut pairs = 0;
+    let mut acknowledged = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+    for op in Op::ALL {
+        for (i, point) in points(op.group()).iter().enumerate() {
+            let what = format!("{op:?} at {point}");
+            let name = format!("{}{i}", op.group());
+            // What the operation needs, made before agentd may crash.
+            match op {
+                Op::Create | Op::Pull => {}
+                Op::Start => {
+                    h.define(&name).unwrap();
+                    acknowledged.insert(name.clone());
+                }
+                Op::Stop | Op::Destroy => {
+                    h.define(&name).unwrap();
+                    // A guest whose destroy was asked for may be gone
+                    // after the crash (its DESTROYING was durable), or not.
+                    if op == Op::Stop {
+                        acknowledged.insert(name.clone());
+                    }
+                    h.call(Op::Start, &name).unwrap();
+                }
+            }
+            seen.extend(h.vms().into_iter().map(|v| v.uuid));
+            let history = h.events();
+            h.agentd
+                .restart_with_failpoints(Some(&format!("{point}=return")));
+            let answer = h.call(op, &name);
+            let status = h.agentd.wait_exit(Duration::from_secs(60));
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(CRASH_EXIT_CODE),
+                "{what}: agentd did not stop at the point (answer {answer:?})"
+            );
+            h.agentd.restart_with_failpoints(None);
+            check(&h, &what, &acknowledged, &history, &mut seen);
+            pairs += 1;
+            // Clean slate for the next pair.
+            h.destroy_all();
+            acknowledged.clear();
+            let leftover: Vec<_> = qemus()
+                .into_iter()
+                .filter(|(_, u)| seen.contains(u))
+                .collect();
+            assert!(
+                leftover.is_empty(),
+                "{what}: QEMUs after the cleanup: {leftover:?}"
+            );
+        }
+    }
+    let total: usize = POINTS.iter().map(|(_, p)| p.len()).sum();
+    assert_eq!(pairs, total);
+    eprintln!(
+        "fault tier: {pairs} (operation, crash point) pairs in {:.0?}",
+        started.elapsed()
+    );
+}
