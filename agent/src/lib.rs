@@ -44,6 +44,7 @@ pub(crate) mod grpc;
 pub mod images;
 pub(crate) mod journal;
 mod launch_fds;
+pub mod metrics;
 pub mod net;
 pub mod publisher;
 pub mod qmp;

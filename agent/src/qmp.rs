@@ -260,6 +260,12 @@ impl Qmp {
         self.query("query-block").await
     }
 
+    /// I/O counters of the guest's block backends (`query-blockstats`),
+    /// for `/metrics`.
+    pub async fn query_blockstats(&self) -> Result<Vec<BlockStats>> {
+        self.query("query-blockstats").await
+    }
+
     /// QEMU's version (`query-version`); the same as [`Qmp::version`] unless the
     /// binary was replaced under a running QEMU, which this cannot see anyway.
     pub async fn query_version(&self) -> Result<QemuVersion> {
@@ -633,6 +639,55 @@ pub struct BlockInfo {
     /// Present only for devices with an error policy.
     #[serde(rename = "io-status")]
     pub io_status: Option<IoStatus>,
+}
+
+/// One block backend's I/O counters (`query-blockstats`; QEMU counts
+/// since it started).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct BlockStats {
+    /// `-drive id=`; empty for one made with `-blockdev`.
+    #[serde(default)]
+    pub device: String,
+    /// The root node's name (agentd names nodes vda, vdb, ...).
+    #[serde(rename = "node-name")]
+    pub node_name: Option<String>,
+    /// The QOM path of the guest device.
+    pub qdev: Option<String>,
+    pub stats: BlockCounters,
+}
+
+impl BlockStats {
+    /// The name a person knows the disk by: the node name (vda), else the
+    /// device id, else the guest device's QOM id.
+    pub fn disk(&self) -> String {
+        if let Some(n) = self.node_name.as_ref().filter(|n| !n.is_empty()) {
+            return n.clone();
+        }
+        if !self.device.is_empty() {
+            return self.device.clone();
+        }
+        let qdev = self.qdev.as_deref().unwrap_or_default();
+        let id = qdev
+            .strip_prefix("/machine/peripheral/")
+            .and_then(|p| p.split('/').next())
+            .unwrap_or(qdev);
+        id.strip_suffix("-dev").unwrap_or(id).to_owned()
+    }
+}
+
+/// The counters of [`BlockStats`] that `/metrics` shows.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct BlockCounters {
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    #[serde(default)]
+    pub rd_total_time_ns: u64,
+    #[serde(default)]
+    pub wr_total_time_ns: u64,
+    #[serde(default)]
+    pub flush_operations: u64,
 }
 
 /// The medium inserted in a block backend.

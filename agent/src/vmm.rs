@@ -99,6 +99,11 @@ pub trait QmpCommands: Send + Sync {
     fn system_powerdown(&self) -> BoxFuture<'_, Result<()>>;
     fn system_reset(&self) -> BoxFuture<'_, Result<()>>;
     fn quit(&self) -> BoxFuture<'_, Result<()>>;
+    /// I/O counters of the guest's disks, for `/metrics`; none by default
+    /// (the unit tier's QEMU has no disks to count).
+    fn query_blockstats(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::BlockStats>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 impl QmpCommands for Qmp {
@@ -124,6 +129,10 @@ impl QmpCommands for Qmp {
 
     fn quit(&self) -> BoxFuture<'_, Result<()>> {
         Box::pin(Qmp::quit(self))
+    }
+
+    fn query_blockstats(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::BlockStats>>> {
+        Box::pin(Qmp::query_blockstats(self))
     }
 }
 

@@ -31,6 +31,7 @@ pub mod config;
 pub mod export;
 pub mod failpoints;
 pub(crate) mod grpc;
+pub mod metrics;
 pub(crate) mod progress;
 pub(crate) mod service;
 pub(crate) mod store;

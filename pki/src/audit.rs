@@ -220,21 +220,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let res = fut.await;
-            let outcome = match &res {
-                Ok(resp) => match resp.headers().get("grpc-status") {
-                    None => "Ok".to_owned(),
-                    Some(v) => {
-                        let code = v
-                            .to_str()
-                            .ok()
-                            .and_then(|s| s.parse::<i32>().ok())
-                            .map(tonic::Code::from_i32)
-                            .unwrap_or(tonic::Code::Unknown);
-                        format!("{code:?}")
-                    }
-                },
-                Err(_) => "TransportError".to_owned(),
-            };
+            let outcome = outcome(&res);
             let (project, object) = note.get();
             let (who, role, transport) = match &caller {
                 Some(c) => match &c.identity {
@@ -260,6 +246,28 @@ where
             });
             res
         })
+    }
+}
+
+/// The gRPC code a call ended with, by name (`Ok`, `NotFound`, ...): a
+/// unary handler that failed answers with `grpc-status` in the response
+/// headers, one that succeeded without it; `TransportError` when the
+/// service itself failed. Shared with [`crate::metrics`].
+pub(crate) fn outcome<E>(res: &Result<http::Response<Body>, E>) -> String {
+    match res {
+        Ok(resp) => match resp.headers().get("grpc-status") {
+            None => "Ok".to_owned(),
+            Some(v) => {
+                let code = v
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.parse::<i32>().ok())
+                    .map(tonic::Code::from_i32)
+                    .unwrap_or(tonic::Code::Unknown);
+                format!("{code:?}")
+            }
+        },
+        Err(_) => "TransportError".to_owned(),
     }
 }
 

@@ -8,7 +8,8 @@
 //!   caller, and the SIGHUP reload;
 //! - [`connect`]: how clients reach a daemon;
 //! - [`tenancy`]: projects: the scope of a call, creators, reserved labels;
-//! - [`audit`]: the audit record of every mutating call (log + JSON Lines).
+//! - [`audit`]: the audit record of every mutating call (log + JSON Lines);
+//! - [`metrics`]: the `/metrics` endpoint and the RPC latency histograms.
 
 pub mod audit;
 pub mod authz;
@@ -16,6 +17,7 @@ pub mod connect;
 pub mod gate;
 pub mod identity;
 pub mod issue;
+pub mod metrics;
 pub mod serve;
 pub mod tenancy;
 pub mod tls;

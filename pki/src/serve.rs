@@ -76,6 +76,10 @@ pub struct ServeFlags {
     /// are logged at info with target `audit` either way
     #[arg(long, value_name = "FILE")]
     pub audit_log: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no
+    /// authentication: loopback or a management network) [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeFlags {
@@ -108,6 +112,7 @@ impl ServeFlags {
         )
         .map(|s| ServeSettings {
             audit_log: self.audit_log.clone().or(file.audit_log.clone()),
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
             ..s
         })
     }
@@ -126,6 +131,8 @@ pub struct ServeSettings {
     pub insecure_listen: Option<SocketAddr>,
     /// The JSON Lines audit file (`crate::audit`), if any.
     pub audit_log: Option<PathBuf>,
+    /// Where `/metrics` is served (`crate::metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeSettings {
@@ -171,6 +178,7 @@ impl ServeSettings {
             local_group: local_group.unwrap_or_else(|| LOCAL_GROUP.to_owned()),
             insecure_listen,
             audit_log: None,
+            metrics_listen: None,
         })
     }
 }

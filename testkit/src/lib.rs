@@ -9,7 +9,8 @@
 //! VM). One file per concern: `netns.rs`, `xfs.rs`, `tgtd.rs`, `pdiskd.rs`,
 //! `initiator.rs`, `agentd.rs`, `guest.rs` (with the httpd), `nats.rs` (a
 //! `nats-server -js` of the test's own), `stack.rs`,
-//! `open_iscsi.rs`, `pki.rs`; this file holds the helpers they share.
+//! `open_iscsi.rs`, `pki.rs`, `metrics.rs` (scraping
+//! `/metrics` and reading the samples back); this file holds the helpers they share.
 //!
 //! Every piece has a drop guard that tears it down even when the test fails,
 //! and takes its own ports and directories, so tests run in parallel.
@@ -29,6 +30,7 @@ mod agentd;
 mod guest;
 mod initiator;
 mod nats;
+mod metrics;
 mod netns;
 mod open_iscsi;
 mod pdiskd;
@@ -41,6 +43,7 @@ pub use agentd::{agent_events, test_cgroup_parent, Agentd};
 pub use guest::{guest_dir, wait_console, Httpd};
 pub use initiator::Initiator;
 pub use nats::NatsServer;
+pub use metrics::{scrape, Scrape};
 pub use netns::{can_connect_in, NetNs};
 pub use pdiskd::Pdiskd;
 pub use stack::{stack_kind, Exports, Lio, Pool, Stack, StackKind, ThinPool};

@@ -16,6 +16,7 @@ use clap::Parser;
 use stratus_core::runner::{CommandRunner, HostRunner};
 use stratus_pki::audit::{AuditLayer, AuditSink};
 use stratus_pki::gate::GateLayer;
+use stratus_pki::metrics::RpcMetricsLayer;
 use stratus_pki::serve::Listeners;
 use stratus_proto::agent::v1::vm_service_server::VmServiceServer;
 
@@ -140,6 +141,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("opening the audit log {}", path.display()))?,
         None => AuditSink::log_only(),
     };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let rpc_metrics = RpcMetricsLayer::register(&mut registry, &agent::authz::TABLE);
+    let refresh = agent::metrics::register(&mut registry, agent.clone());
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = cfg.serve.metrics_listen {
+        let bound = stratus_pki::metrics::spawn(addr, Arc::new(registry), refresh, async {
+            let _ = metrics_stopped.await;
+        })
+        .await
+        .with_context(|| format!("metrics listener {addr}"))?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let listeners = Listeners::bind(&cfg.serve).await?;
     stratus_pki::serve::reload_on_sighup(listeners.tls())?;
     tracing::info!(listen = ?listeners.description, state_dir = %cfg.state_dir.display(),
@@ -152,6 +165,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             agent::authz::MUTATING,
             audit,
         ))
+        // Every call is timed, the refused ones too.
+        .layer(rpc_metrics)
         .layer(GateLayer::new(Arc::new(agent::authz::check)))
         .add_service(health_service)
         .add_service(reflection)
@@ -168,5 +183,6 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         })
         .await
         .context("serving gRPC")?;
+    let _ = stop_metrics.send(());
     Ok(())
 }

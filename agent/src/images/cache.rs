@@ -192,6 +192,21 @@ struct State {
     flights: HashMap<Sha256, watch::Receiver<Flight>>,
     /// Bytes promised to downloads in progress.
     reserved: u64,
+    /// For `/metrics`: requests served from the cache, requests that
+    /// waited for a download, images removed (quota or EvictImage).
+    hits: u64,
+    misses: u64,
+    evictions: u64,
+}
+
+/// The cache's figures for `/metrics` (counts since agentd started).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub images: u64,
+    pub bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -288,10 +303,18 @@ impl LocalCache {
         let sha = image.sha256();
         let mut downloaded = false;
         let mut evicted = Vec::new();
+        // Whether this call waited for a download (a miss) or found the
+        // image at once (a hit).
+        let mut waited = false;
         for _ in 0..MAX_ROUNDS {
             let (mut rx, leader) = {
                 let mut st = self.inner.state();
                 if let Some((cached, pin)) = self.inner.pin_locked(&mut st, sha) {
+                    if waited {
+                        st.misses += 1;
+                    } else {
+                        st.hits += 1;
+                    }
                     drop(st);
                     self.inner.save_last_used_of(sha);
                     let format = resolve_format(image, cached.format)?;
@@ -312,6 +335,7 @@ impl LocalCache {
                     }
                 }
             };
+            waited = true;
             let outcome = loop {
                 // Copied out: the callback must not run under the channel's lock.
                 let now = rx.borrow_and_update().clone();
@@ -348,6 +372,18 @@ impl LocalCache {
              small for the images in use",
             image.url()
         )))
+    }
+
+    /// What `/metrics` shows of the cache.
+    pub fn stats(&self) -> CacheStats {
+        let st = self.inner.state();
+        CacheStats {
+            images: st.images.len() as u64,
+            bytes: st.images.values().map(|e| e.size).sum(),
+            hits: st.hits,
+            misses: st.misses,
+            evictions: st.evictions,
+        }
     }
 
     /// Pins a cached image (a guest uses it); NotFound if it is not cached.
@@ -457,6 +493,7 @@ impl Inner {
     /// goes first, so a crash between leaves metadata that open() drops.
     fn remove_locked(&self, st: &mut State, sha: &Sha256) -> EvictedImage {
         let e = st.images.remove(sha).expect("caller checked presence");
+        st.evictions += 1;
         for path in [self.img_path(sha), self.meta_path(sha)] {
             if let Err(err) = std::fs::remove_file(&path) {
                 if err.kind() != std::io::ErrorKind::NotFound {

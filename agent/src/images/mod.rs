@@ -31,7 +31,8 @@ mod staging;
 mod test_http;
 
 pub use cache::{
-    CacheOptions, CachedImage, CachedImageInfo, EvictedImage, LocalCache, PinGuard, PulledImage,
+    CacheOptions, CacheStats, CachedImage, CachedImageInfo, EvictedImage, LocalCache, PinGuard,
+    PulledImage,
 };
 pub use egress::Egress;
 pub use fetch::{FetchTimeouts, PROGRESS_STEP};

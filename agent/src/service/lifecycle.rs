@@ -202,7 +202,10 @@ impl Agent {
             &[NewEvent::new(EventType::Starting, Cause::Api, "")],
         )?;
         self.crash_point("start.starting");
-        match self.bring_up(&mut vm).await {
+        let started = std::time::Instant::now();
+        let brought_up = self.bring_up(&mut vm).await;
+        self.launches.observe(brought_up.is_ok(), started);
+        match brought_up {
             Ok(()) => Ok(vm),
             Err(e) => {
                 tracing::warn!(vm = %vm.spec.name, error = %e, "start failed; undoing attachments");

@@ -173,6 +173,8 @@ pub struct Agent {
     pins: Mutex<HashMap<Uuid, Vec<crate::images::PinGuard>>>,
     /// The uids guests' QEMUs hold.
     uids: UidPool,
+    /// Launch timings for `/metrics`.
+    launches: crate::metrics::Launches,
     /// The named step at which this agent "crashes" (panics), for the
     /// tests of crash safety; see [`Agent::crash_point`].
     #[cfg(test)]
@@ -244,6 +246,7 @@ impl Agent {
             base_flights: Default::default(),
             pins: Mutex::default(),
             uids,
+            launches: Default::default(),
             #[cfg(test)]
             crash_at: Mutex::default(),
         }))
@@ -256,6 +259,16 @@ impl Agent {
     /// The store, shared: the outbox publisher reads the journal through it.
     pub fn shared_store(&self) -> Arc<AgentStore> {
         self.store.clone()
+    }
+
+    /// Launch timings (`/metrics`).
+    pub(crate) fn launches(&self) -> &crate::metrics::Launches {
+        &self.launches
+    }
+
+    /// The local image cache (`/metrics`).
+    pub(crate) fn image_cache(&self) -> &crate::images::LocalCache {
+        &self.images
     }
 
     /// The event journal, to replay and follow.
@@ -362,7 +375,7 @@ impl Agent {
         })
     }
 
-    fn qmp_of(&self, id: Uuid) -> Option<Arc<dyn QmpCommands>> {
+    pub(crate) fn qmp_of(&self, id: Uuid) -> Option<Arc<dyn QmpCommands>> {
         self.qmp.lock().unwrap().get(&id).cloned()
     }
 

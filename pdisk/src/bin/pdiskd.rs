@@ -21,6 +21,7 @@ use pdisk::{Api, PoolService, ServiceSettings, Store};
 use stratus_core::runner::{CommandRunner, HostRunner};
 use stratus_pki::audit::{AuditLayer, AuditSink};
 use stratus_pki::gate::GateLayer;
+use stratus_pki::metrics::RpcMetricsLayer;
 use stratus_pki::serve::Listeners;
 use stratus_proto::pdisk::v1::volume_service_server::VolumeServiceServer;
 
@@ -152,6 +153,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("opening the audit log {}", path.display()))?,
         None => AuditSink::log_only(),
     };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let rpc_metrics = RpcMetricsLayer::register(&mut registry, &pdisk::authz::TABLE);
+    let refresh = pdisk::metrics::register(&mut registry, svc.clone());
+    if let Some(addr) = cfg.serve.metrics_listen {
+        let mut rx = shutdown_rx.clone();
+        let bound = stratus_pki::metrics::spawn(addr, Arc::new(registry), refresh, async move {
+            let _ = rx.wait_for(|v| *v).await;
+        })
+        .await
+        .with_context(|| format!("metrics listener {addr}"))?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     let listeners = Listeners::bind(&cfg.serve).await?;
     stratus_pki::serve::reload_on_sighup(listeners.tls())?;
     tracing::info!(
@@ -171,6 +184,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             pdisk::authz::MUTATING,
             audit,
         ))
+        // Every call is timed, the refused ones too.
+        .layer(rpc_metrics)
         .layer(GateLayer::new(Arc::new(pdisk::authz::check)))
         .add_service(health_service)
         .add_service(reflection)

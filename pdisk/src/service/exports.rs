@@ -41,6 +41,20 @@ impl PoolService {
         chap: Option<Chap>,
         by: &ExportBy,
     ) -> Result<ExportInfo> {
+        let started = std::time::Instant::now();
+        let result = self.export_volume_now(volume, initiators, chap, by).await;
+        self.ops
+            .observe(crate::metrics::Op::Export, &result, started);
+        result
+    }
+
+    async fn export_volume_now(
+        &self,
+        volume: &str,
+        initiators: &[Iqn],
+        chap: Option<Chap>,
+        by: &ExportBy,
+    ) -> Result<ExportInfo> {
         if initiators.is_empty() {
             return Err(Error::invalid(format!(
                 "export of {volume}: at least one initiator IQN is required"

@@ -288,6 +288,8 @@ pub struct PoolService {
     export_lock: tokio::sync::Mutex<()>,
     pub progress: ProgressHub,
     last_reconcile: Mutex<ReconcileReport>,
+    /// Operation timings for `/metrics` (`crate::metrics`).
+    ops: crate::metrics::Operations,
 }
 
 fn now() -> String {
@@ -359,7 +361,13 @@ impl PoolService {
             export_lock: tokio::sync::Mutex::new(()),
             progress: ProgressHub::default(),
             last_reconcile: Mutex::new(ReconcileReport::default()),
+            ops: crate::metrics::Operations::default(),
         }
+    }
+
+    /// The operation timings `/metrics` shows.
+    pub fn operations(&self) -> &crate::metrics::Operations {
+        &self.ops
     }
 
     /// The metadata store, for the gRPC edge's project checks.

@@ -18,6 +18,7 @@ impl PoolService {
         request_id: &str,
     ) -> Result<SnapshotInfo> {
         let op = self.progress.start(request_id)?;
+        let started = std::time::Instant::now();
         let result = async {
             let vol = self.store.find_volume(volume)?;
             let _g = self.locks.lock(vol.uuid).await;
@@ -56,6 +57,8 @@ impl PoolService {
             self.snapshot_info(rec, allocated)
         }
         .await;
+        self.ops
+            .observe(crate::metrics::Op::Snapshot, &result, started);
         op.finish(&result);
         result
     }

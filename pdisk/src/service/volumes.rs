@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use crate::backend::{image, ImageFormat, ObjectId};
 use crate::error::{Error, Result};
+use crate::metrics::Op;
 use crate::store::{Source, VolumeRecord, VolumeState};
 use crate::types::{validate_labels, ByteSize, Labels, VolumeName};
 
@@ -80,7 +81,14 @@ impl PoolService {
 
     pub async fn create_volume(&self, req: NewVolume) -> Result<VolumeInfo> {
         let op = self.progress.start(&req.request_id)?;
+        let started = std::time::Instant::now();
+        let kind = match &req.source {
+            NewVolumeSource::Empty => Op::Create,
+            NewVolumeSource::Volume(_) | NewVolumeSource::Snapshot(_) => Op::Clone,
+            NewVolumeSource::ImageFile { .. } | NewVolumeSource::Upload { .. } => Op::Import,
+        };
         let result = self.create_volume_inner(req, &op).await;
+        self.ops.observe(kind, &result, started);
         op.finish(&result);
         result
     }
@@ -228,9 +236,15 @@ impl PoolService {
                     .await
             }
             Plan::Image(path, format, _) => {
-                self.backend
+                let started = std::time::Instant::now();
+                let r = self
+                    .backend
                     .import(rec.uuid, &path, format, size.0, progress)
-                    .await
+                    .await;
+                if r.is_ok() {
+                    self.ops.imported(written, started);
+                }
+                r
             }
         };
         if let Err(e) = built {
@@ -298,6 +312,13 @@ impl PoolService {
     }
 
     pub async fn delete_volume(&self, r: &str) -> Result<()> {
+        let started = std::time::Instant::now();
+        let result = self.delete_volume_now(r).await;
+        self.ops.observe(Op::Delete, &result, started);
+        result
+    }
+
+    async fn delete_volume_now(&self, r: &str) -> Result<()> {
         let rec = self.store.find_volume(r)?;
         let _g = self.locks.lock(rec.uuid).await;
         let mut rec = self.reread_volume(&rec)?;
@@ -347,6 +368,13 @@ impl PoolService {
     }
 
     pub async fn resize_volume(&self, r: &str, size: u64) -> Result<VolumeInfo> {
+        let started = std::time::Instant::now();
+        let result = self.resize_volume_now(r, size).await;
+        self.ops.observe(Op::Resize, &result, started);
+        result
+    }
+
+    async fn resize_volume_now(&self, r: &str, size: u64) -> Result<VolumeInfo> {
         let new = self.volume_size(size)?;
         let rec = self.store.find_volume(r)?;
         let _g = self.locks.lock(rec.uuid).await;
