@@ -136,12 +136,14 @@ fn metrics_show_a_running_guest_its_disk_and_tap_and_count_the_calls() {
             c.pull_image(pb::PullImageRequest {
                 image: Some(image(&u, &s)),
                 to_pdisk: false,
+                request_id: String::new(),
             })
             .await
             .unwrap();
         }
         c.create_vm(pb::CreateVmRequest {
             project: String::new(),
+            request_id: String::new(),
             spec: Some(spec("metered", &u, &s, "10.231.0.2", "10.231.0.1")),
         })
         .await
@@ -149,6 +151,7 @@ fn metrics_show_a_running_guest_its_disk_and_tap_and_count_the_calls() {
         c.start_vm(pb::VmRequest {
             project: String::new(),
             vm: "metered".into(),
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -262,6 +265,7 @@ fn metrics_show_a_running_guest_its_disk_and_tap_and_count_the_calls() {
             vm: "metered".into(),
             timeout_seconds: 5,
             force: true,
+            request_id: String::new(),
         })
         .await
         .unwrap();
