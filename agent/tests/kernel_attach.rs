@@ -196,6 +196,7 @@ async fn exported_volume(stack: &Stack, name: &str, initiator: &str) -> (IscsiLu
             chap: Some(pb::ChapCredentials {
                 user: chap.user.clone(),
                 secret,
+                target: None,
             }),
         })
         .await

@@ -240,12 +240,17 @@ impl fmt::Display for Iqn {
     }
 }
 
-/// One-way CHAP credentials. The secret never appears in Debug output, logs
-/// or command lines.
+/// CHAP credentials: the initiator's account, which the target checks, and
+/// optionally (mutual CHAP) the target's own account, which the initiator
+/// checks. Secrets never appear in Debug output, logs or command lines.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chap {
     pub user: String,
     secret: String,
+    /// The target's account for mutual CHAP (never itself mutual). Absent in
+    /// records older than mutual CHAP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mutual: Option<Box<Chap>>,
 }
 
 impl Chap {
@@ -276,7 +281,38 @@ impl Chap {
         Ok(Chap {
             user: user.to_owned(),
             secret: secret.to_owned(),
+            mutual: None,
         })
+    }
+
+    /// Adds the target's account (mutual CHAP). Its secret must differ from
+    /// the initiator's: RFC 3720 section 8.2.1 forbids one secret in both
+    /// directions (it would let an attacker reflect challenges), and LIO and
+    /// open-iscsi refuse it.
+    pub fn with_mutual(mut self, target: Chap) -> Result<Chap> {
+        if target.mutual.is_some() {
+            return Err(Error::invalid(
+                "the target's CHAP account cannot itself be mutual",
+            ));
+        }
+        if target.secret == self.secret {
+            return Err(Error::invalid(
+                "mutual CHAP: the target's secret must differ from the initiator's",
+            ));
+        }
+        if target.user == self.user {
+            return Err(Error::invalid(format!(
+                "mutual CHAP: the target's user must differ from the initiator's ({})",
+                self.user
+            )));
+        }
+        self.mutual = Some(Box::new(target));
+        Ok(self)
+    }
+
+    /// The target's account, when CHAP is mutual.
+    pub fn mutual(&self) -> Option<&Chap> {
+        self.mutual.as_deref()
     }
 
     pub fn secret(&self) -> &str {
@@ -304,6 +340,7 @@ impl fmt::Debug for Chap {
         f.debug_struct("Chap")
             .field("user", &self.user)
             .field("secret", &"<redacted>")
+            .field("mutual", &self.mutual)
             .finish()
     }
 }
@@ -450,6 +487,33 @@ mod tests {
         Chap::new("alice", &a).unwrap();
         assert!(Chap::new("al ice", "s3cretpassw0rd").is_err());
         assert!(Chap::new("alice", "has,commas,here").is_err());
+    }
+
+    #[test]
+    fn mutual_chap_needs_its_own_user_and_secret_and_stays_redacted() {
+        let init = || Chap::new("alice", "initiatorsecret1").unwrap();
+        let target = Chap::new("tgt-alice", "targetsecret0002").unwrap();
+        let m = init().with_mutual(target.clone()).unwrap();
+        assert_eq!(m.mutual().map(|t| t.user.as_str()), Some("tgt-alice"));
+        assert_eq!(m.mutual().unwrap().secret(), "targetsecret0002");
+        let dbg = format!("{m:?}");
+        assert!(
+            dbg.contains("tgt-alice") && !dbg.contains("targetsecret"),
+            "{dbg}"
+        );
+        // A re-keyed target side is a different credential set.
+        assert_ne!(m, init());
+        let same_secret = Chap::new("bob", "initiatorsecret1").unwrap();
+        assert!(init().with_mutual(same_secret).is_err());
+        let same_user = Chap::new("alice", "targetsecret0002").unwrap();
+        assert!(init().with_mutual(same_user).is_err());
+        assert!(init().with_mutual(m.clone()).is_err());
+        // Records written before mutual CHAP still read, as one-way.
+        let old: Chap =
+            serde_json::from_str(r#"{"user":"alice","secret":"initiatorsecret1"}"#).unwrap();
+        assert_eq!(old, init());
+        let round: Chap = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+        assert_eq!(round, m);
     }
 
     #[test]

@@ -135,9 +135,26 @@ fn export_pb(e: ExportInfo) -> pb::Export {
         lun: crate::export::VOLUME_LUN,
         initiators: e.record.initiators.iter().map(|i| i.to_string()).collect(),
         url,
+        chap_target_user: e
+            .record
+            .chap
+            .as_ref()
+            .and_then(Chap::mutual)
+            .map(|t| t.user.clone())
+            .unwrap_or_default(),
         chap_user: e.record.chap.map(|c| c.user).unwrap_or_default(),
         exporter: e.exporter,
         project: e.project,
+    }
+}
+
+/// CHAP credentials as a request carries them, validated; with `target`,
+/// mutual.
+fn chap_from_pb(c: pb::ChapCredentials) -> Result<Chap, Error> {
+    let chap = Chap::new(&c.user, &c.secret)?;
+    match c.target {
+        Some(t) => chap.with_mutual(Chap::new(&t.user, &t.secret)?),
+        None => Ok(chap),
     }
 }
 
@@ -586,7 +603,7 @@ impl VolumeService for Api {
         let (call, r) = Call::split(req, |r| &r.project)?;
         let initiators = iqns(&r.initiators)?;
         fence_to_own_iqn(&call.identity, &initiators)?;
-        let chap = r.chap.map(|c| Chap::new(&c.user, &c.secret)).transpose()?;
+        let chap = r.chap.map(chap_from_pb).transpose()?;
         let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let by = ExportBy {
             caller: format!("{}/{}", call.identity.role, call.identity.name),

@@ -28,6 +28,7 @@ fn export_req(vol: &str, iqn: &str, multi: bool, chap: Option<&str>) -> pb::Expo
         chap: chap.map(|secret| pb::ChapCredentials {
             user: "guest".into(),
             secret: secret.into(),
+            target: None,
         }),
         ..Default::default()
     }

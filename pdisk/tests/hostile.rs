@@ -342,6 +342,7 @@ fn cases() -> Vec<Case> {
                 chap: Some(pb::ChapCredentials {
                     user: user.into(),
                     secret: secret.into(),
+                    target: None,
                 }),
                 ..Default::default()
             }),

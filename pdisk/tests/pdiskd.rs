@@ -361,6 +361,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
             chap: Some(pb::ChapCredentials {
                 user: "u".into(),
                 secret: "short".into(),
+                target: None,
             }),
         })
         .await
@@ -648,6 +649,7 @@ async fn chap_export_needs_the_secret() {
             chap: Some(pb::ChapCredentials {
                 user: "tenant1".into(),
                 secret: secret.into(),
+                target: None,
             }),
         })
         .await

@@ -134,6 +134,7 @@ async fn a_project_cannot_see_or_touch_another_projects_volumes_and_each_try_is_
             chap: Some(pb::ChapCredentials {
                 user: "thief".into(),
                 secret: secret.into(),
+                target: None,
             }),
             project: String::new(),
         })

@@ -401,6 +401,71 @@ async fn chap_logins_need_the_current_secret_which_never_reaches_argv() {
     }
 }
 
+#[tokio::test]
+#[ignore = "needs root and tgtd: run by scripts/test"]
+async fn mutual_chap_binds_the_targets_outgoing_account_until_unexport() {
+    const PORT: u16 = 21109;
+    let dir = tempfile::tempdir().unwrap();
+    let tgtd = Tgtd::start(PORT, dir.path());
+    let (exp, rec) = exporter(PORT, "aio");
+    let (s_in, s_out, s_out2) = ("Initiat0rSecret1", "Targ3tSecretOne1", "Targ3tSecretTwo2");
+    let f_in = secret_file(dir.path(), "in", s_in);
+    let path = volume(dir.path(), "vol-m", 16 * MIB);
+    let mutual = |target_secret: &str| {
+        Chap::new("alice", s_in)
+            .unwrap()
+            .with_mutual(Chap::new("tgt-vol-m", target_secret).unwrap())
+            .unwrap()
+    };
+    let s = spec("vol-m", &path, &[HOST_A], Some(&mutual(s_out)));
+    exp.export(&s).await.unwrap();
+
+    // Read back through the exporter's own `--op show` parsing, and raw.
+    let live = exp.list().await.unwrap();
+    assert_eq!(live[0].chap_user.as_deref(), Some("alice"));
+    assert_eq!(live[0].chap_target_user.as_deref(), Some("tgt-vol-m"));
+    assert!(pdisk::export::matches_spec(&live[0], &s), "{live:?}");
+    let show = tgtadm(PORT, &["--mode", "target", "--op", "show"]);
+    assert!(show.contains("tgt-vol-m (outgoing)"), "{show}");
+
+    // QEMU's libiscsi never asks the target to prove itself, so its
+    // one-way login still works against a target that could.
+    Login {
+        port: PORT,
+        target: &s.target_iqn,
+        initiator: HOST_A,
+        chap: Some(("alice", &f_in)),
+    }
+    .io(&["write -P 0x3c 0 4k"])
+    .await
+    .unwrap();
+
+    // Re-keying the target's side keeps exactly one outgoing account.
+    exp.export(&spec("vol-m", &path, &[HOST_A], Some(&mutual(s_out2))))
+        .await
+        .unwrap();
+    let live = exp.list().await.unwrap();
+    assert_eq!(live[0].chap_target_user.as_deref(), Some("tgt-vol-m"));
+
+    // Unexport: the target and both accounts are gone.
+    exp.unexport(&s.target_iqn).await.unwrap();
+    assert!(exp.list().await.unwrap().is_empty());
+    let accounts = tgtadm(PORT, &["--mode", "account", "--op", "show"]);
+    assert!(
+        !accounts.contains("tgt-vol-m") && !accounts.contains("alice"),
+        "{accounts}"
+    );
+
+    let lines = rec.lines();
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("--mode account --op bind") && l.ends_with("--outgoing")));
+    for secret in [s_in, s_out, s_out2] {
+        assert!(!lines.iter().any(|l| l.contains(secret)), "secret in argv");
+        assert!(!tgtd.log_text().contains(secret), "secret in tgtd's log");
+    }
+}
+
 impl<'a> Login<'a> {
     /// The same login as CHAP user alice with the secret in `file`.
     fn with_chap(&self, file: &'a Path) -> Login<'a> {

@@ -276,6 +276,7 @@ impl Agent {
                 chap: Some(pdpb::ChapCredentials {
                     user: user.clone(),
                     secret,
+                    target: None,
                 }),
                 multi_attach: false,
             })

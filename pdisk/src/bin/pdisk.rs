@@ -441,6 +441,7 @@ async fn export_add(ctx: &Ctx, a: ExportAddArgs) -> Result<(), Failure> {
             Some(ChapCredentials {
                 user: chap.user.clone(),
                 secret: chap.secret().to_owned(),
+                target: None,
             })
         }
         _ => None,

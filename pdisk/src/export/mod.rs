@@ -48,6 +48,9 @@ pub struct LiveExport {
     pub backing_path: Option<PathBuf>,
     pub initiators: Vec<String>,
     pub chap_user: Option<String>,
+    /// The target's CHAP user (mutual CHAP: tgt's outgoing account, LIO's
+    /// `userid_mutual`).
+    pub chap_target_user: Option<String>,
     pub health: ExportHealth,
 }
 
@@ -148,6 +151,15 @@ pub fn matches_spec(live: &LiveExport, spec: &ExportSpec) -> bool {
         && live.backing_path.as_deref() == Some(spec.backing_path.as_path())
         && want == have
         && live.chap_user.as_deref() == spec.chap.as_ref().map(|c| c.user.as_str())
+        && live.chap_target_user.as_deref() == spec_target_user(spec)
+}
+
+/// The target's CHAP user a spec asks for (mutual CHAP).
+pub fn spec_target_user(spec: &ExportSpec) -> Option<&str> {
+    spec.chap
+        .as_ref()
+        .and_then(Chap::mutual)
+        .map(|t| t.user.as_str())
 }
 
 /// An in-memory exporter for unit tests of the service layer.
@@ -193,6 +205,7 @@ impl Exporter for MemoryExporter {
                     backing_path: Some(spec.backing_path.clone()),
                     initiators: spec.initiators.iter().map(|i| i.to_string()).collect(),
                     chap_user: spec.chap.as_ref().map(|c| c.user.clone()),
+                    chap_target_user: spec_target_user(spec).map(str::to_owned),
                     health: ExportHealth::Whole,
                 },
             );

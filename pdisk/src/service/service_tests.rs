@@ -149,6 +149,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
             chap: Some(pb::ChapCredentials {
                 user: "u".into(),
                 secret: "short".into(),
+                target: None,
             }),
         };
         let s = api.export_volume(as_admin(export)).await.unwrap_err();

@@ -185,6 +185,7 @@ pub fn export_json(e: &Export) -> Value {
         "initiators": e.initiators,
         "url": e.url,
         "chap_user": e.chap_user,
+        "chap_target_user": e.chap_target_user,
         "exporter": e.exporter,
     })
 }
@@ -202,6 +203,7 @@ pub fn export_view(e: &Export) -> String {
         ("url", e.url.clone()),
         ("initiators", list_text(&e.initiators)),
         ("chap user", or_none(&e.chap_user)),
+        ("chap target user", or_none(&e.chap_target_user)),
         ("exporter", or_none(&e.exporter)),
     ])
 }
@@ -498,6 +500,7 @@ mod tests {
             ],
             url: "iscsi://10.0.0.5:3260/iqn.2026-11.io.stratus:db1/1".into(),
             chap_user: String::new(),
+            chap_target_user: String::new(),
             exporter: "tgt".into(),
             project: String::new(),
         };
@@ -510,7 +513,11 @@ mod tests {
             .nth(1)
             .unwrap()
             .ends_with("iqn.2026-11.io.stratus:h1,iqn.2026-11.io.stratus:h2  -"));
-        assert!(export_view(&e).contains("chap user:   -\n"));
+        let view = export_view(&e);
+        for label in ["chap user:", "chap target user:"] {
+            let line = view.lines().find(|l| l.starts_with(label)).unwrap();
+            assert_eq!(line[label.len()..].trim(), "-", "{view}");
+        }
 
         let s = Snapshot {
             uuid: "s1".into(),

@@ -54,6 +54,33 @@ impl Lio {
                     .join(","),
             ),
         };
+        // The target's user (mutual CHAP) likewise: one on every ACL, or a
+        // comma-joined list that never matches a spec.
+        let target_users: Vec<Option<String>> = initiators
+            .iter()
+            .map(|i| {
+                self.read_opt(&acls.join(i).join("auth/userid_mutual"))
+                    .as_deref()
+                    .and_then(chap_value)
+                    .map(str::to_owned)
+            })
+            .collect();
+        let distinct_targets: BTreeSet<&str> =
+            target_users.iter().flatten().map(String::as_str).collect();
+        let chap_target_user = match (
+            distinct_targets.len(),
+            target_users.iter().all(Option::is_some),
+        ) {
+            (0, _) => None,
+            (1, true) => distinct_targets.iter().next().map(|u| u.to_string()),
+            _ => Some(
+                target_users
+                    .iter()
+                    .map(|u| u.as_deref().unwrap_or("(none)"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        };
         let (backing_path, health) = match self.whole(&tpg, &initiators, chap_user.is_some()) {
             Ok(p) => (Some(PathBuf::from(p)), ExportHealth::Whole),
             Err(why) => {
@@ -71,6 +98,7 @@ impl Lio {
             backing_path,
             initiators,
             chap_user,
+            chap_target_user,
             health,
         })
     }

@@ -366,7 +366,8 @@ fn check_chap(chap: Option<&Chap>) -> Result<()> {
             "the CHAP secret can't be given to LIO: a value starting with NULL means unset",
         ));
     }
-    Ok(())
+    // The target's account (mutual CHAP) lands in the same kind of attribute.
+    check_chap(chap.mutual())
 }
 
 /// The unit serial (VPD page 0x80) of a target's LUN: the part of the IQN

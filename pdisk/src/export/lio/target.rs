@@ -161,8 +161,23 @@ impl Lio {
                     let auth = acl.join("auth");
                     self.ensure_chap_value(&auth.join("userid"), &chap.user, false)?;
                     self.ensure_chap_value(&auth.join("password"), chap.secret(), true)?;
-                    self.clear_chap_value(&auth.join("userid_mutual"))?;
-                    self.clear_chap_value(&auth.join("password_mutual"))?;
+                    // Mutual CHAP: the credentials the target answers an
+                    // initiator's challenge with. Without them LIO refuses a
+                    // login whose initiator asks the target to prove itself.
+                    match chap.mutual() {
+                        Some(t) => {
+                            self.ensure_chap_value(&auth.join("userid_mutual"), &t.user, false)?;
+                            self.ensure_chap_value(
+                                &auth.join("password_mutual"),
+                                t.secret(),
+                                true,
+                            )?;
+                        }
+                        None => {
+                            self.clear_chap_value(&auth.join("userid_mutual"))?;
+                            self.clear_chap_value(&auth.join("password_mutual"))?;
+                        }
+                    }
                 }
             }
             None => {

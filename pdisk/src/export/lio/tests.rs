@@ -356,6 +356,77 @@ async fn re_export_converges_acls_and_chap() {
 }
 
 #[tokio::test]
+async fn mutual_chap_writes_the_targets_account_on_every_acl_and_clears_it_when_dropped() {
+    let lab = lab();
+    let t = format!("target/iscsi/{}/tpgt_1", target(VOL_A));
+    let mutual = Chap::new("alice", SECRET)
+        .unwrap()
+        .with_mutual(Chap::new("tgt-vol-a", SECRET_2).unwrap())
+        .unwrap();
+    lab.exp
+        .export(&spec(
+            VOL_A,
+            file_path(VOL_A),
+            &[INIT_1, INIT_2],
+            Some(mutual.clone()),
+        ))
+        .await
+        .unwrap();
+    let tree = lab.fs.tree();
+    for i in [INIT_1, INIT_2] {
+        let a = format!("{t}/acls/{i}/auth");
+        for want in [
+            format!("f {a}/userid = alice"),
+            format!("f {a}/password = {SECRET}"),
+            format!("f {a}/userid_mutual = tgt-vol-a"),
+            format!("f {a}/password_mutual = {SECRET_2}"),
+        ] {
+            assert!(tree.contains(&want), "{want} not in {tree:#?}");
+        }
+    }
+    let ops = lab.fs.ops();
+    let pos = |needle: &str| {
+        ops.iter()
+            .position(|o| o.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle} in {ops:?}"))
+    };
+    // The target's account is in place before the initiator can log in.
+    assert!(
+        pos(&format!("{INIT_2}/auth/password_mutual"))
+            < pos(&format!("mkdir {t}/acls/{INIT_2}/lun_1"))
+    );
+    let live = lab.exp.list().await.unwrap();
+    assert_eq!(live[0].chap_user.as_deref(), Some("alice"));
+    assert_eq!(live[0].chap_target_user.as_deref(), Some("tgt-vol-a"));
+    let s = spec(VOL_A, file_path(VOL_A), &[INIT_1, INIT_2], Some(mutual));
+    assert!(crate::export::matches_spec(&live[0], &s));
+
+    // One-way again: the target's account is cleared, and the live export
+    // no longer matches a mutual spec (so restore would re-apply it).
+    lab.exp
+        .export(&spec(
+            VOL_A,
+            file_path(VOL_A),
+            &[INIT_1, INIT_2],
+            chap("alice", SECRET),
+        ))
+        .await
+        .unwrap();
+    let tree = lab.fs.tree();
+    for i in [INIT_1, INIT_2] {
+        let a = format!("{t}/acls/{i}/auth");
+        assert!(
+            tree.contains(&format!("f {a}/userid_mutual = NULL")),
+            "{tree:#?}"
+        );
+        assert!(tree.contains(&format!("f {a}/password_mutual = NULL")));
+    }
+    let live = lab.exp.list().await.unwrap();
+    assert_eq!(live[0].chap_target_user, None);
+    assert!(!crate::export::matches_spec(&live[0], &s));
+}
+
+#[tokio::test]
 async fn a_new_backing_path_recreates_backstore_and_lun_with_the_same_serial() {
     let lab = lab();
     lab.exp
@@ -565,6 +636,7 @@ async fn list_reads_the_live_tree_back() {
                 backing_path: Some(file_path(VOL_A)),
                 initiators: vec![INIT_1.into(), INIT_2.into()],
                 chap_user: Some("alice".into()),
+                chap_target_user: None,
                 health: ExportHealth::Whole,
             },
             LiveExport {
@@ -572,6 +644,7 @@ async fn list_reads_the_live_tree_back() {
                 backing_path: Some("/dev/pdisk/vol-a".into()),
                 initiators: vec![INIT_3.into()],
                 chap_user: None,
+                chap_target_user: None,
                 health: ExportHealth::Whole,
             },
         ]

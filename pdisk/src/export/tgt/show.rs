@@ -39,14 +39,20 @@ impl TgtTarget {
             || self.outgoing_account.as_deref() == Some(user)
     }
 
-    /// `chap_user` is the single incoming user. Any other account setup
-    /// (several incoming users, an outgoing one) is shown comma-joined, e.g.
-    /// `alice,bob (outgoing)`: never a valid CHAP user, so it never matches
-    /// a spec and `restore` corrects it.
+    /// `chap_user` is the single incoming user, `chap_target_user` the
+    /// outgoing one (mutual CHAP). Any other account setup (several incoming
+    /// users, an outgoing one without an incoming one) is shown
+    /// comma-joined, e.g. `alice,bob (outgoing)`: never a valid CHAP user, so
+    /// it never matches a spec and `restore` corrects it.
     pub(super) fn to_live(&self) -> LiveExport {
+        let mut chap_target_user = None;
         let chap_user = match (&self.incoming_accounts[..], &self.outgoing_account) {
             ([], None) => None,
             ([one], None) => Some(one.clone()),
+            ([one], Some(out)) => {
+                chap_target_user = Some(out.clone());
+                Some(one.clone())
+            }
             (many, out) => Some(
                 many.iter()
                     .cloned()
@@ -60,6 +66,7 @@ impl TgtTarget {
             backing_path: self.lun(VOLUME_LUN).and_then(|l| l.path.clone()),
             initiators: self.acl.clone(),
             chap_user,
+            chap_target_user,
             // tgtd applies a target in one step: what it lists is whole.
             health: ExportHealth::Whole,
         }

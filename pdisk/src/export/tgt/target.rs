@@ -158,6 +158,23 @@ impl TgtExporter {
         };
         let user = chap.user.as_str();
         dropped.remove(user);
+        // Mutual CHAP: the target's (outgoing) account is one export's own
+        // (agentd names it after the export). It is re-keyed by deleting and
+        // re-creating it, which must not touch another target, so a user
+        // bound elsewhere is refused before anything changes.
+        if let Some(t) = chap.mutual() {
+            dropped.remove(t.user.as_str());
+            if let Some(other) = targets
+                .iter()
+                .find(|o| o.tid != cur.tid && o.uses_account(&t.user))
+            {
+                return Err(Error::precondition(format!(
+                    "the target's CHAP user {} is also bound to target {}; \
+                     a mutual CHAP user must belong to one export",
+                    t.user, other.iqn
+                )));
+            }
+        }
 
         match self.accounts.add(chap).await? {
             AccountAdd::Created => {
@@ -222,11 +239,38 @@ impl TgtExporter {
                 }
             }
         }
+        // Every path above leaves `cur` with no outgoing account bound (the
+        // incoming account is always created or re-keyed, unbinding all of
+        // the target's accounts first when it had any).
+        if let Some(t) = chap.mutual() {
+            self.bind_outgoing(&tid, t).await?;
+        }
         if !dropped.is_empty() {
             let now = self.show().await?;
             self.delete_orphan_accounts(&dropped, &now).await?;
         }
         Ok(())
+    }
+
+    /// Creates (or re-keys) the target's own account and binds it to `tid`
+    /// as the outgoing one: tgtd answers an initiator's mutual-CHAP challenge
+    /// with it. The account is bound to no target when this is called.
+    async fn bind_outgoing(&self, tid: &str, t: &Chap) -> Result<()> {
+        if self.accounts.add(t).await? == AccountAdd::Exists {
+            // tgt can't change a password in place.
+            match self.account_delete(&t.user).await {
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                r => r?,
+            }
+            if self.accounts.add(t).await? == AccountAdd::Exists {
+                return Err(Error::internal(format!(
+                    "CHAP account {} still exists in {} after deleting it",
+                    t.user,
+                    self.tgtd()
+                )));
+            }
+        }
+        self.account_bind(tid, &t.user, true).await
     }
 
     /// Re-binds an ACL entry as it was listed (name or address).

@@ -330,7 +330,9 @@ async fn list_keeps_prefixed_targets_with_lun1_acl_and_chap_user() {
                     "iqn.2026-11.io.stratus:host1".into(),
                     "iqn.2026-11.io.stratus:host2".into()
                 ],
-                chap_user: Some("alice,bob (outgoing)".into()),
+                // One incoming and one outgoing account: mutual CHAP.
+                chap_user: Some("alice".into()),
+                chap_target_user: Some("bob".into()),
                 health: ExportHealth::Whole,
             },
             LiveExport {
@@ -338,6 +340,7 @@ async fn list_keeps_prefixed_targets_with_lun1_acl_and_chap_user() {
                 backing_path: Some("/tmp/tgtx/v2.img".into()),
                 initiators: vec![],
                 chap_user: None,
+                chap_target_user: None,
                 health: ExportHealth::Whole,
             },
         ]
@@ -595,6 +598,110 @@ async fn chap_export_binds_account_before_acl_and_never_puts_the_secret_in_argv(
         vec![("alice".to_string(), SECRET.to_string())]
     );
     assert!(!fake.command_lines().iter().any(|l| l.contains(SECRET)));
+}
+
+const TARGET_SECRET: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+#[tokio::test]
+async fn mutual_chap_binds_the_outgoing_account_before_the_acl_without_secrets_in_argv() {
+    let fake = showing(String::new());
+    let (exp, accounts) = exporter(fake.clone());
+    let chap = Chap::new("alice", SECRET)
+        .unwrap()
+        .with_mutual(Chap::new("tgt-vol-1", TARGET_SECRET).unwrap())
+        .unwrap();
+    exp.export(&spec("vol-1", &["iqn.2026-11.io.stratus:h1"], Some(chap)))
+        .await
+        .unwrap();
+    assert_eq!(
+            fake.command_lines(),
+            lines(&[
+                "$T --mode target --op show",
+                "$T --mode target --op new --tid 1 --targetname iqn.2026-11.io.stratus.pdisk:vol-1",
+                "$T --mode account --op bind --tid 1 --user alice",
+                "$T --mode account --op bind --tid 1 --user tgt-vol-1 --outgoing",
+                "$T --mode logicalunit --op new --tid 1 --lun 1 --backing-store /pool/vol-1 --bstype aio",
+                "$T --mode target --op bind --tid 1 --initiator-name iqn.2026-11.io.stratus:h1",
+            ])
+        );
+    assert_eq!(
+        *accounts.seen.lock().unwrap(),
+        vec![
+            ("alice".to_string(), SECRET.to_string()),
+            ("tgt-vol-1".to_string(), TARGET_SECRET.to_string())
+        ]
+    );
+    let argv = fake.command_lines().join("\n");
+    assert!(!argv.contains(SECRET) && !argv.contains(TARGET_SECRET));
+}
+
+#[tokio::test]
+async fn mutual_chap_rekeys_an_existing_outgoing_account_and_refuses_one_bound_elsewhere() {
+    // vol-1 already has alice in and tgt-vol-1 out: both accounts exist.
+    let mut one = target(
+        1,
+        &format!("{PREFIX}:vol-1"),
+        "/pool/vol-1",
+        &[],
+        &["alice"],
+    );
+    one.outgoing_account = Some("tgt-vol-1".into());
+    let fake = showing(render_show(std::slice::from_ref(&one)));
+    let (exp, accounts) = exporter(fake.clone());
+    accounts.answers.lock().unwrap().extend([
+        AccountAdd::Exists,
+        AccountAdd::Created,
+        AccountAdd::Exists,
+    ]);
+    let chap = || {
+        Chap::new("alice", SECRET)
+            .unwrap()
+            .with_mutual(Chap::new("tgt-vol-1", TARGET_SECRET).unwrap())
+            .unwrap()
+    };
+    exp.export(&spec("vol-1", &[], Some(chap()))).await.unwrap();
+    let cmds = fake.command_lines();
+    let pos = |l: &str| {
+        cmds.iter()
+            .position(|c| *c == l.replace("$T", T))
+            .unwrap_or_else(|| panic!("{l} not in {cmds:#?}"))
+    };
+    let unbind_out = pos("$T --mode account --op unbind --tid 1 --user tgt-vol-1 --outgoing");
+    let delete_out = pos("$T --mode account --op delete --user tgt-vol-1");
+    let bind_out = pos("$T --mode account --op bind --tid 1 --user tgt-vol-1 --outgoing");
+    assert!(
+        unbind_out < delete_out && delete_out < bind_out,
+        "{cmds:#?}"
+    );
+    let seen = accounts.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|(u, _)| u == "tgt-vol-1").count(),
+        2,
+        "re-created after deletion: {seen:?}"
+    );
+
+    // vol-2 may not take vol-1's target account: no account is bound or deleted.
+    let fake = showing(render_show(&[one]));
+    let (exp, _) = exporter(fake.clone());
+    let err = exp
+        .export(&spec(
+            "vol-2",
+            &[],
+            Some(
+                Chap::new("bob", SECRET)
+                    .unwrap()
+                    .with_mutual(Chap::new("tgt-vol-1", TARGET_SECRET).unwrap())
+                    .unwrap(),
+            ),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+    assert!(err.message().contains("tgt-vol-1"), "{err}");
+    assert!(!fake
+        .command_lines()
+        .iter()
+        .any(|l| l.contains("--op bind") || l.contains("--op delete")));
 }
 
 #[tokio::test]
