@@ -118,6 +118,10 @@ pub struct Flags {
     /// [default: stratus.slice under the host's cgroup v2 mount]
     #[arg(long, value_name = "DIR")]
     pub cgroup_parent: Option<PathBuf>,
+    /// Bytes each guest's serial console log may take, kept as two files
+    /// (console.log and console.log.1, each half), e.g. 4M [default: 1M]
+    #[arg(long, value_name = "SIZE")]
+    pub console_log_max: Option<String>,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -154,6 +158,7 @@ pub struct Config {
     pub qemu_users: QemuUsers,
     pub allow_unsandboxed: bool,
     pub cgroup_parent: Option<PathBuf>,
+    pub console_log_max: u64,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -245,6 +250,10 @@ impl Flags {
                 Some(p) => Some(p),
                 None => crate::cgroup::GuestCgroups::default_parent(),
             },
+            console_log_max: pick!(console_log_max, "1M".into())
+                .parse::<ByteSize>()
+                .map_err(|e| Error::invalid(format!("console-log-max: {e}")))?
+                .0,
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,
@@ -254,6 +263,12 @@ impl Flags {
         crate::spec::check_ifname("bridge", &cfg.bridge)?;
         for b in &cfg.allowed_bridges {
             crate::spec::check_ifname("allowed-bridge", b)?;
+        }
+        if cfg.console_log_max < crate::console::MIN_MAX {
+            return Err(Error::invalid(format!(
+                "console-log-max must be at least {} KiB",
+                crate::console::MIN_MAX >> 10
+            )));
         }
         if cfg.event_retention.max_events == 0 {
             return Err(Error::invalid("event-max must be at least 1"));
@@ -330,6 +345,14 @@ mod tests {
             .resolve()
             .is_err());
         assert!(c.allowed_bridges.is_empty());
+        assert_eq!(c.console_log_max, crate::console::DEFAULT_MAX);
+        let c = Flags::parse_from(["agentd", "--console-log-max", "64K"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.console_log_max, 64 << 10);
+        assert!(Flags::parse_from(["agentd", "--console-log-max", "1K"])
+            .resolve()
+            .is_err());
     }
 
     #[test]

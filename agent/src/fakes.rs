@@ -820,6 +820,15 @@ impl Vmm for FakeVmm {
     fn cgroups(&self) -> Option<String> {
         None
     }
+
+    fn follow_console<'a>(
+        &'a self,
+        dir: &'a Path,
+        _max: u64,
+        _vm: String,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { self.check("follow_console", dir.display()) })
+    }
 }
 
 /// A QMP connection to one [`FakeVmm`] process.

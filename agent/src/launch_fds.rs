@@ -1,5 +1,5 @@
 //! The descriptors agentd opens for a QEMU and hands over by inheritance
-//! (taps, disks, the QMP listener, the console log, sealed secret memfds),
+//! (taps, disks, the QMP listener, the console's listener, sealed secret memfds),
 //! so that a confined QEMU under `spawn=deny` opens nothing itself; and a
 //! numbering-only stand-in for checking command lines without root.
 //! [`crate::vmm::LaunchPlan::argv`] asks a [`PassedFds`] for each number.
@@ -19,8 +19,11 @@ pub trait PassedFds {
     fn secret(&mut self, bytes: &[u8]) -> Result<i32>;
     /// A listening Unix socket bound at `path` (QMP).
     fn listener(&mut self, path: &Path) -> Result<i32>;
-    /// A file QEMU appends to (the console log), created 0600.
+    /// A file QEMU appends to, created 0600.
     fn log(&mut self, path: &Path) -> Result<i32>;
+    /// The listening socket of the serial console, which agentd has
+    /// already connected to (see [`crate::console`]).
+    fn console(&mut self, path: &Path) -> Result<i32>;
 }
 
 /// Descriptor numbers for a command line, opening nothing: what each
@@ -56,6 +59,9 @@ impl PassedFds for NumberedFds {
     fn log(&mut self, path: &Path) -> Result<i32> {
         self.give(format!("log:{}", path.display()))
     }
+    fn console(&mut self, path: &Path) -> Result<i32> {
+        self.give(format!("console:{}", path.display()))
+    }
 }
 
 /// Descriptors opened by agentd for one QEMU; closed in agentd once QEMU
@@ -63,6 +69,8 @@ impl PassedFds for NumberedFds {
 #[derive(Default)]
 pub struct OpenFds {
     fds: Vec<std::os::fd::OwnedFd>,
+    /// agentd's end of the serial console, connected before QEMU starts.
+    console: Option<std::os::unix::net::UnixStream>,
 }
 
 impl OpenFds {
@@ -71,6 +79,11 @@ impl OpenFds {
         let n = fd.as_raw_fd();
         self.fds.push(fd);
         n
+    }
+
+    /// agentd's connection to the serial console, once.
+    pub fn take_console(&mut self) -> Option<std::os::unix::net::UnixStream> {
+        self.console.take()
     }
 
     /// Their numbers, for the child to inherit.
@@ -108,6 +121,15 @@ impl PassedFds for OpenFds {
 
     fn log(&mut self, path: &Path) -> Result<i32> {
         Ok(self.keep(open_log(path)?.into()))
+    }
+
+    fn console(&mut self, path: &Path) -> Result<i32> {
+        let n = self.listener(path)?;
+        // Queued in the listener's backlog until QEMU accepts it.
+        let client = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| Error::io(path.display(), e))?;
+        self.console = Some(client);
+        Ok(n)
     }
 }
 

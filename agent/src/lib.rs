@@ -8,6 +8,8 @@
 //! - `journal`: reading the journal: replay, then follow, exactly once;
 //! - [`vmm`]: QEMU command lines, launching, accelerator choice;
 //! - [`qmp`]: the QEMU Machine Protocol client (commands and events);
+//! - [`console`]: guests' serial console logs, read from QEMU's socket
+//!   and kept under a cap as two files;
 //! - [`net`]: tap devices and bridges, by ioctl/netlink (no `ip` commands);
 //! - [`images`]: image references, policy, the verified local image cache,
 //!   qcow2 overlays;
@@ -38,6 +40,7 @@ pub mod cgroup;
 pub mod config;
 pub mod confine;
 pub mod failpoints;
+pub mod console;
 #[cfg(test)]
 mod fakes;
 pub(crate) mod grpc;

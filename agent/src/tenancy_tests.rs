@@ -56,6 +56,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             qemu_users: crate::confine::QemuUsers::pool("64000-64999").unwrap(),
             allow_unsandboxed: false,
             cgroup_parent: None,
+            console_log_max: crate::console::DEFAULT_MAX,
         },
         HostFacts {
             hostname: "unit".into(),

@@ -88,6 +88,15 @@ pub trait Vmm: Send + Sync {
 
     /// How guests' cgroups are kept here, for GetHost; None: they get none.
     fn cgroups(&self) -> Option<String>;
+
+    /// Keeps the console log of the running guest whose directory is
+    /// `dir` again, capped at `max` (at adoption; [`crate::console::follow`]).
+    fn follow_console<'a>(
+        &'a self,
+        dir: &'a Path,
+        max: u64,
+        vm: String,
+    ) -> BoxFuture<'a, Result<()>>;
 }
 
 /// What the guest service asks a running QEMU over QMP; see [`Qmp`] for
@@ -220,6 +229,19 @@ impl Vmm for HostVmm {
 
     fn cgroups(&self) -> Option<String> {
         self.cgroups.as_ref().map(GuestCgroups::describe)
+    }
+
+    fn follow_console<'a>(
+        &'a self,
+        dir: &'a Path,
+        max: u64,
+        vm: String,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            crate::console::follow(dir, max, vm)
+                .await
+                .map_err(|e| Error::io(crate::console::socket_in(dir).display(), e))
+        })
     }
 }
 
@@ -362,6 +384,8 @@ pub struct LaunchPlan {
     /// Who QEMU runs as and under which sandbox; None: as root, unconfined
     /// (`--allow-unsandboxed`).
     pub confinement: Option<Confinement>,
+    /// The console log's cap (`--console-log-max`).
+    pub console_log_max: u64,
 }
 
 impl LaunchPlan {
@@ -382,7 +406,7 @@ impl LaunchPlan {
         self.dir.join("qemu.log")
     }
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        crate::console::log_in(&self.dir)
     }
 
     /// The full QEMU command line (without the program), naming the
@@ -398,10 +422,12 @@ impl LaunchPlan {
         a.push(&["-smp", &self.vcpus.to_string()]);
         a.push(&["-m", &format!("{}M", self.memory_mib)]);
         a.push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-        let console = a.fdset(fds.log(&self.console_log())?, "console");
+        // agentd is its client and keeps the log (crate::console); wait=on
+        // takes agentd's queued connection before the guest runs.
+        let console = fds.console(&crate::console::socket_in(&self.dir))?;
         a.push(&[
             "-chardev",
-            &format!("file,id=serial0,path={console}"),
+            &format!("socket,id=serial0,fd={console},server=on,wait=on"),
             "-serial",
             "chardev:serial0",
         ]);
@@ -618,10 +644,27 @@ pub async fn launch(plan: &LaunchPlan, cgroups: Option<&GuestCgroups>) -> Result
         output: Some(output),
         cgroup_procs: procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
     };
+    // agentd's end of the serial console and the log it fills, ready
+    // before QEMU runs.
+    let console = match fds.take_console() {
+        Some(c) => {
+            let ring = crate::console::ConsoleRing::open(&plan.console_log(), plan.console_log_max)
+                .map_err(|e| Error::io(plan.console_log().display(), e))?;
+            c.set_nonblocking(true)
+                .map_err(|e| Error::io("the console socket", e))?;
+            let c = tokio::net::UnixStream::from_std(c)
+                .map_err(|e| Error::io("the console socket", e))?;
+            Some((c, ring))
+        }
+        None => None,
+    };
     let mut child = stratus_core::runner::spawn_detached(&cmd, how)?;
     // QEMU holds them now; ours would keep the QMP socket and taps alive
     // after QEMU's death.
     drop(fds);
+    if let Some((c, ring)) = console {
+        tokio::spawn(crate::console::pump(c, ring, plan.name.clone()));
+    }
     drop(procs);
     let pid = child.id().unwrap_or(0);
     let failed = |why: String| {

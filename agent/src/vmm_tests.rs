@@ -37,6 +37,7 @@ fn plan() -> LaunchPlan {
         }],
         kernel: None,
         dir: "/s/vm".into(),
+        console_log_max: 1 << 20,
         io_uring: true,
         confinement: Some(Confinement {
             user: crate::confine::QemuUser {
@@ -73,11 +74,10 @@ fn command_line_names_only_descriptors_agentd_hands_over() {
     assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1"));
     assert!(line.contains("virtio-blk-pci,drive=vdb,id=vdb-dev"));
     assert!(line.contains("\"aio\":\"io_uring\""));
-    // Console log, QMP and tap by descriptor.
-    assert!(line.contains(
-        "-add-fd fd=100,set=100,opaque=console -chardev file,id=serial0,path=/dev/fdset/100"
-    ));
-    assert_eq!(fds["100"], "log:/s/vm/console.log");
+    // The console's listener (agentd its client), QMP and tap by descriptor.
+    assert!(line
+        .contains("-chardev socket,id=serial0,fd=100,server=on,wait=on -serial chardev:serial0"));
+    assert_eq!(fds["100"], "console:/s/vm/console.sock");
     assert!(line.contains(
         "-chardev socket,id=qmp,fd=101,server=on,wait=off -mon chardev=qmp,mode=control"
     ));

@@ -28,12 +28,18 @@ struct Host {
 
 impl Host {
     fn start() -> Host {
+        Host::start_with(&[])
+    }
+
+    /// With extra agentd flags.
+    fn start_with(agentd_flags: &[&str]) -> Host {
         let ns = NetNs::new();
         ns.add_bridge(BRIDGE);
         let pool = XfsPool::new(4096);
         let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
         let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
-        let agentd = Agentd::start_in(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE);
+        let agentd =
+            Agentd::start_in_with(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE, agentd_flags);
         Host {
             agentd,
             pdiskd,
@@ -572,7 +578,9 @@ fn a_reconnecting_watcher_gets_every_event_once_in_order() {
 #[test]
 #[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
 fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
-    let h = Host::start();
+    // missingbr0 is allowed but does not exist; stbr9 exists but is not allowed.
+    let h = Host::start_with(&["--allowed-bridge", "missingbr0"]);
+    h.ns.add_bridge("stbr9");
     h.guest_volume("disk1");
     let codes = h.agent(|mut c| async move {
         let mut codes = Vec::new();
@@ -622,8 +630,22 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     );
     assert_eq!(codes.1, 1);
 
+    // A bridge the host does not let guests join: refused at create.
+    let mut spec = spec_pdisk("hostbridge", "disk1");
+    spec.nics[0].bridge = "stbr9".into();
+    let refused = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            request_id: String::new(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
     // A start that fails (the bridge does not exist) leaves an ERROR state
-    // with the cause, and no tap, export or process behind.
+    // with the cause, and no tap, export, process or tap rules behind.
     let mut spec = spec_pdisk("nobridge", "disk1");
     spec.nics[0].bridge = "missingbr0".into();
     let (err, vm) = h.agent(|mut c| async move {
@@ -660,6 +682,7 @@ fn bad_input_gets_clear_errors_and_failed_starts_leave_nothing() {
     assert!(h.agentd.guest_pids().is_empty(), "QEMU left behind");
     let links = h.ns.ip(&["-o", "link", "show", "type", "tun"]);
     assert!(links.trim().is_empty(), "tap left behind: {links}");
+    assert!(tap_rules(&h).is_empty(), "tap rules left behind");
 
     // Host files: only beneath a --host-file-root (testkit gives
     // DIR/host-files), never through a symlink out of it, and a file disk
@@ -1924,6 +1947,11 @@ fn a_guest_forging_its_mac_or_ip_is_not_heard_and_its_rules_follow_it() {
             .then_some(())
     });
     h.agentd.restart();
+    let agentd_log = h.agentd.log_text();
+    assert!(
+        !agentd_log.contains("console not followed"),
+        "the adopted guest's console log is kept again: {agentd_log}"
+    );
     let rules = tap_rules(&h);
     assert_eq!(rules.keys().collect::<Vec<_>>(), [&taps[1]], "{rules:?}");
     h.agent(|mut c| async move {
@@ -1936,4 +1964,73 @@ fn a_guest_forging_its_mac_or_ip_is_not_heard_and_its_rules_follow_it() {
         .unwrap();
     });
     assert!(tap_rules(&h).is_empty());
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn a_guest_spamming_its_console_never_grows_the_log_past_the_cap() {
+    const CAP: u64 = 32 << 10;
+    let h = Host::start_with(&["--console-log-max", "32K"]);
+    // About 100 bytes a line: 2000 lines are six times the cap.
+    let vm = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            project: String::new(),
+            request_id: String::new(),
+            spec: Some(spec_kernel("spammer", "stratus.spam=2000", "")),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            project: String::new(),
+            request_id: String::new(),
+            vm: "spammer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let log = std::path::PathBuf::from(&vm.console_log);
+    let old = agent::console::rotated(&log);
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    // Watched while the guest prints, not only at the end.
+    let mut most = 0;
+    let text = wait_for("spam done", BOOT, || {
+        let (cur, prev) = (size(&log), size(&old));
+        most = most.max(cur + prev);
+        assert!(cur <= CAP / 2 && prev <= CAP / 2, "{cur} + {prev} bytes");
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("STRATUS-GUEST spam done").then_some(text)
+    });
+    assert!(most > CAP / 2, "the log was rotated at least once: {most}");
+    assert!(size(&old) > 0);
+    assert!(
+        !text.contains("STRATUS-GUEST ready"),
+        "the oldest lines are gone"
+    );
+    assert!(text.contains("STRATUS-SPAM 001999"), "the newest are kept");
+
+    // agentctl shows both files, oldest first, with the guest's terminal
+    // control removed; --raw keeps it.
+    let out = h.agentd.ctl(&["vm", "console", "spammer"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        shown.ends_with("STRATUS-GUEST spam done\n"),
+        "{}",
+        &shown[shown.len().saturating_sub(300)..]
+    );
+    assert!(
+        !shown.contains('\x1b') && !shown.contains('\x07'),
+        "escapes reached the terminal"
+    );
+    assert!(
+        shown.len() as u64 > size(&log),
+        "the previous file is shown too"
+    );
+    let raw = h.agentd.ctl(&["vm", "console", "spammer", "--raw"]);
+    assert!(String::from_utf8_lossy(&raw.stdout).contains("\x1b[2J\x1b]0;owned\x07"));
 }

@@ -272,6 +272,7 @@ async fn qemu_io_as_guest_disk(dev: &Path, cmds: &[&str]) -> String {
         dir: "/nonexistent".into(),
         io_uring: vmm::io_uring_supported(&HostRunner).await,
         confinement: None,
+        console_log_max: 1 << 20,
     };
     let argv = plan.argv(&mut vmm::NumberedFds::default()).unwrap();
     let i = argv.iter().position(|a| a == "-blockdev").unwrap();

@@ -70,6 +70,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             qemu_users: cfg.qemu_users.clone(),
             allow_unsandboxed: cfg.allow_unsandboxed,
             cgroup_parent: cfg.cgroup_parent.clone(),
+            console_log_max: cfg.console_log_max,
         },
         host,
     )?;

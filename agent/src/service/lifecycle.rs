@@ -282,8 +282,11 @@ impl Agent {
             dir: dir.clone(),
             io_uring: self.host.io_uring,
             confinement,
+            console_log_max: self.settings.console_log_max,
         };
+        // A new boot, a new log.
         let _ = std::fs::remove_file(plan.console_log());
+        let _ = std::fs::remove_file(crate::console::rotated(&plan.console_log()));
         let pid = self.vmm.launch(&plan).await?;
         // QEMU holds its own descriptors now.
         drop(held);

@@ -96,6 +96,8 @@ pub struct AgentSettings {
     /// The cgroup v2 directory confined guests' cgroups go under; None:
     /// no per-guest cgroups.
     pub cgroup_parent: Option<PathBuf>,
+    /// Bytes a guest's console log may take (two files, each half).
+    pub console_log_max: u64,
 }
 
 /// The host effects of the guest service, each behind its seam.

@@ -185,6 +185,20 @@ impl Agent {
             )?;
             self.spawn_monitor(id, rt.pid, events);
             let mut line = format!("adopted {} (pid {})", vm.spec.name, rt.pid);
+            if let Err(e) = self
+                .vmm
+                .follow_console(
+                    &self.vm_dir(id),
+                    self.settings.console_log_max,
+                    vm.spec.name.to_string(),
+                )
+                .await
+            {
+                // QEMUs started before agentd kept consoles write a file
+                // of their own.
+                tracing::warn!(vm = %vm.spec.name, error = %e, "not keeping the adopted guest's console log");
+                line.push_str(&format!("; console not followed ({e})"));
+            }
             if rt.qemu_user.is_some() {
                 let limits = crate::cgroup::Limits::for_guest(
                     vm.spec.memory.0,

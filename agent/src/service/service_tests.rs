@@ -80,6 +80,7 @@ impl Host {
             qemu_users: QemuUsers::pool("64000-64002").unwrap(),
             allow_unsandboxed: false,
             cgroup_parent: None,
+            console_log_max: crate::console::DEFAULT_MAX,
         };
         let mut facts = HostFacts {
             hostname: "unit".into(),

@@ -1,7 +1,11 @@
-//! Reading a guest's serial console log, a file QEMU appends to on this host.
+//! Reading a guest's serial console log on this host: agentd keeps it as
+//! two files, `console.log` and the previous `console.log.1`
+//! (`agent::console::ConsoleRing`).
 //!
-//! [`Tail`] hands out what was appended since its last read, and starts over
-//! when the file shrank (the agent truncates it for a new boot).
+//! [`Tail`] hands out the previous file and then what was appended to the
+//! current one since its last read; when agentd rotates the log it
+//! finishes the old file (now `console.log.1`) before going on, and starts
+//! over when the file shrank or was made anew (a new boot).
 //! [`Utf8Chunks`] turns the bytes into text for `--json` without splitting a
 //! character that straddles two reads. [`TerminalFilter`] drops what a
 //! guest could use to drive the operator's terminal (escape sequences,
@@ -9,6 +13,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes handed out by one [`Tail::read`] at most, so a large log streams
@@ -17,13 +22,20 @@ pub const READ_LIMIT: u64 = 1 << 20;
 
 pub struct Tail {
     path: PathBuf,
+    /// The file being read (device, inode); None before the first read.
+    reading: Option<(u64, u64)>,
     offset: u64,
+}
+
+fn id_of(m: &std::fs::Metadata) -> (u64, u64) {
+    (m.dev(), m.ino())
 }
 
 impl Tail {
     pub fn new(path: impl Into<PathBuf>) -> Tail {
         Tail {
             path: path.into(),
+            reading: None,
             offset: 0,
         }
     }
@@ -32,15 +44,44 @@ impl Tail {
         &self.path
     }
 
-    /// Up to [`READ_LIMIT`] bytes appended since the last read; empty when
-    /// there is nothing new. The file is opened afresh each time, so a log
-    /// replaced by a new one is followed too.
+    /// Up to [`READ_LIMIT`] bytes not handed out yet; empty when there is
+    /// nothing new. Files are opened afresh each time, so a rotated or
+    /// replaced log is followed too. NotFound when there is no log.
     pub fn read(&mut self) -> io::Result<Vec<u8>> {
-        let mut file = File::open(&self.path)?;
-        let len = file.metadata()?.len();
-        if len < self.offset {
+        let current = std::fs::metadata(&self.path)?;
+        let rotated = agent::console::rotated(&self.path);
+        if self.reading.is_none() {
+            // The first read starts with the previous file, if any.
+            self.reading = Some(match std::fs::metadata(&rotated) {
+                Ok(m) => id_of(&m),
+                Err(_) => id_of(&current),
+            });
             self.offset = 0;
         }
+        if self.reading != Some(id_of(&current)) {
+            // Ours is the previous file now (rotated since), or gone.
+            if let Ok(file) = File::open(&rotated) {
+                if Some(id_of(&file.metadata()?)) == self.reading {
+                    let piece = self.read_from(file)?;
+                    if !piece.is_empty() {
+                        return Ok(piece);
+                    }
+                }
+            }
+            self.reading = Some(id_of(&current));
+            self.offset = 0;
+        }
+        let file = File::open(&self.path)?;
+        let meta = file.metadata()?;
+        if Some(id_of(&meta)) != self.reading || meta.len() < self.offset {
+            // Replaced since we looked, or truncated: start over.
+            self.reading = Some(id_of(&meta));
+            self.offset = 0;
+        }
+        self.read_from(file)
+    }
+
+    fn read_from(&mut self, mut file: File) -> io::Result<Vec<u8>> {
         file.seek(SeekFrom::Start(self.offset))?;
         let mut buf = Vec::new();
         file.take(READ_LIMIT).read_to_end(&mut buf)?;
@@ -127,6 +168,45 @@ mod tests {
             "{}",
             tail.path().display()
         );
+    }
+
+    #[test]
+    fn tail_reads_the_previous_file_first_and_follows_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let old = agent::console::rotated(&path);
+        std::fs::write(&old, "one\n").unwrap();
+        std::fs::write(&path, "two\n").unwrap();
+        let mut tail = Tail::new(&path);
+        let mut got = Vec::new();
+        loop {
+            let piece = tail.read().unwrap();
+            if piece.is_empty() {
+                break;
+            }
+            got.extend(piece);
+        }
+        assert_eq!(got, b"one\ntwo\n");
+        // More is appended, then agentd rotates and starts a new file: the
+        // rest of the old one comes first, then the new one.
+        let append = |p: &Path, b: &[u8]| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(p)
+                .unwrap()
+                .write_all(b)
+                .unwrap()
+        };
+        append(&path, b"three\n");
+        std::fs::rename(&path, &old).unwrap();
+        std::fs::write(&path, "four, which is longer than what was read\n").unwrap();
+        assert_eq!(tail.read().unwrap(), b"three\n");
+        assert_eq!(
+            tail.read().unwrap(),
+            b"four, which is longer than what was read\n"
+        );
+        assert!(tail.read().unwrap().is_empty());
     }
 
     #[test]
