@@ -39,8 +39,8 @@ pub mod authz;
 pub mod cgroup;
 pub mod config;
 pub mod confine;
-pub mod failpoints;
 pub mod console;
+pub mod failpoints;
 #[cfg(test)]
 mod fakes;
 pub(crate) mod grpc;
