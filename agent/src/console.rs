@@ -130,6 +130,19 @@ pub async fn pump(mut stream: tokio::net::UnixStream, mut ring: ConsoleRing, vm:
     }
 }
 
+/// agentd's end of a new guest's console, `conn` (the connection it made
+/// to the listener QEMU will take), and the ring it fills under `dir`:
+/// opened before QEMU runs, pumped by [`pump`] once it does.
+pub fn keeper(
+    conn: std::os::unix::net::UnixStream,
+    dir: &Path,
+    max: u64,
+) -> io::Result<(tokio::net::UnixStream, ConsoleRing)> {
+    let ring = ConsoleRing::open(&log_in(dir), max)?;
+    conn.set_nonblocking(true)?;
+    Ok((tokio::net::UnixStream::from_std(conn)?, ring))
+}
+
 /// Connects to the console socket of a running guest's QEMU (at adoption)
 /// and keeps its log from now on.
 pub async fn follow(dir: &Path, max: u64, vm: String) -> io::Result<()> {

@@ -1,8 +1,9 @@
 //! In-memory host effects for the unit tier: a pdisk ([`FakeVolumes`]), a
-//! host network ([`FakeNet`]) and QEMU ([`FakeVmm`]). Each keeps the state a
-//! test asserts on (exports, taps, processes), records its calls, and fails
-//! any call on demand ([`Failures`]). They outlive an [`Agent`] dropped in a
-//! test, as the host outlives a crash of agentd.
+//! host network ([`FakeNet`], its nftables [`FakeNft`]) and QEMU
+//! ([`FakeVmm`]). Each keeps the state a test asserts on (exports, taps,
+//! processes), records its calls, and fails any call on demand
+//! ([`Failures`]). They outlive an [`Agent`] dropped in a test, as the host
+//! outlives a crash of agentd.
 //!
 //! [`Agent`]: crate::service::Agent
 
@@ -24,6 +25,9 @@ use crate::qmp::{QmpEvent, QmpEventKind, QmpEvents, RunState, RunStatus, Shutdow
 use crate::vmm::{LaunchPlan, QmpCommands, Vmm};
 use crate::volumes::VolumeClient;
 use stratus_core::error::{Error, Result};
+
+mod nft;
+pub use nft::FakeNft;
 
 /// Calls to fail, by operation name: every time, or the next n times.
 #[derive(Default)]
@@ -431,109 +435,6 @@ impl FakeNet {
             .unwrap()
             .get(name)
             .and_then(|t| t.0.clone())
-    }
-}
-
-// ---------------------------------------------------------------------------
-// nftables
-
-/// `nft` as the agent's command runner sees it: the anti-spoofing scripts
-/// of [`crate::net::NicFilters`] change a set of protected taps, `nft -j
-/// list table` reads it back; every other command succeeds silently (as
-/// [`stratus_core::runner::FakeRunner::new`] would). It also notes every
-/// break of the order a start and a tear-down must keep: rules before the
-/// tap joins a bridge, removed only once the tap is gone.
-pub struct FakeNft {
-    net: Arc<FakeNet>,
-    protected: Mutex<BTreeSet<String>>,
-    violations: Mutex<Vec<String>>,
-    pub failures: Failures,
-}
-
-impl FakeNft {
-    pub fn new(net: Arc<FakeNet>) -> Arc<FakeNft> {
-        Arc::new(FakeNft {
-            net,
-            protected: Mutex::default(),
-            violations: Mutex::default(),
-            failures: Failures::default(),
-        })
-    }
-
-    /// A command runner answering as described above.
-    pub fn runner(self: &Arc<Self>) -> stratus_core::runner::FakeRunner {
-        let me = self.clone();
-        stratus_core::runner::FakeRunner::with(move |argv| me.answer(argv))
-    }
-
-    /// Taps with rules.
-    pub fn protected(&self) -> Vec<String> {
-        self.protected.lock().unwrap().iter().cloned().collect()
-    }
-
-    /// Rules of a guest that is gone (as a crash would leave them).
-    pub fn add_protected(&self, tap: &str) {
-        self.protected.lock().unwrap().insert(tap.into());
-    }
-
-    /// Each time a tap was on a bridge without rules.
-    pub fn violations(&self) -> Vec<String> {
-        self.violations.lock().unwrap().clone()
-    }
-
-    fn answer(&self, argv: &[String]) -> Result<stratus_core::runner::Output> {
-        use stratus_core::runner::Output;
-        if argv.first().map(String::as_str) != Some("nft") {
-            return Ok(Output::ok(""));
-        }
-        if argv.get(1).map(String::as_str) == Some("-j") {
-            let elems: Vec<serde_json::Value> = self
-                .protected()
-                .iter()
-                .map(|t| serde_json::json!([t, {"jump": {"target": format!("nic-{t}")}}]))
-                .collect();
-            let json = serde_json::json!({"nftables": [
-                {"map": {"family": "bridge", "table": "stratus", "name": "nics", "elem": elems}}
-            ]});
-            return Ok(Output::ok(json.to_string()));
-        }
-        let script = argv.get(1).cloned().unwrap_or_default();
-        // The tap the script is about: the last `nics { "TAP"` in it.
-        let tap = script
-            .rsplit("nics { \"")
-            .next()
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or_default()
-            .to_string();
-        let removing = script.contains("delete element");
-        let op = if removing {
-            "nft_remove"
-        } else {
-            "nft_protect"
-        };
-        if self.failures.call(op, &tap) {
-            return Ok(Output::failed(1, injected(op)));
-        }
-        if removing {
-            if self.net.taps().contains(&tap) {
-                self.violations
-                    .lock()
-                    .unwrap()
-                    .push(format!("rules of {tap} removed while the tap exists"));
-            }
-            self.protected.lock().unwrap().remove(&tap);
-        } else {
-            // Replacing the rules of a tap that has them (reconcile) is fine.
-            let mut protected = self.protected.lock().unwrap();
-            if let (false, Some(br)) = (protected.contains(&tap), self.net.bridge_of(&tap)) {
-                self.violations
-                    .lock()
-                    .unwrap()
-                    .push(format!("{tap} was on {br} before its rules"));
-            }
-            protected.insert(tap);
-        }
-        Ok(Output::ok(""))
     }
 }
 

@@ -6,7 +6,7 @@
 //! replies back to the caller that asked, and turns QEMU's asynchronous events
 //! into typed [`QmpEvent`]s.
 //!
-//! Why one file of ~940 lines: it is one protocol over one socket (reader,
+//! Why one file of ~1000 lines: it is one protocol over one socket (reader,
 //! writer, reply routing and event typing keep one ordering rule, below);
 //! half of it is this doc and the reply types; the tests are in `qmp_tests.rs`.
 //!

@@ -646,18 +646,11 @@ pub async fn launch(plan: &LaunchPlan, cgroups: Option<&GuestCgroups>) -> Result
     };
     // agentd's end of the serial console and the log it fills, ready
     // before QEMU runs.
-    let console = match fds.take_console() {
-        Some(c) => {
-            let ring = crate::console::ConsoleRing::open(&plan.console_log(), plan.console_log_max)
-                .map_err(|e| Error::io(plan.console_log().display(), e))?;
-            c.set_nonblocking(true)
-                .map_err(|e| Error::io("the console socket", e))?;
-            let c = tokio::net::UnixStream::from_std(c)
-                .map_err(|e| Error::io("the console socket", e))?;
-            Some((c, ring))
-        }
-        None => None,
-    };
+    let console = fds
+        .take_console()
+        .map(|c| crate::console::keeper(c, &plan.dir, plan.console_log_max))
+        .transpose()
+        .map_err(|e| Error::io(plan.console_log().display(), e))?;
     let mut child = stratus_core::runner::spawn_detached(&cmd, how)?;
     // QEMU holds them now; ours would keep the QMP socket and taps alive
     // after QEMU's death.
