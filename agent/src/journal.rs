@@ -1,22 +1,12 @@
 //! Reading the event journal: [`EventJournal::follow`] replays what is
 //! stored, then follows what is committed, each event exactly once and in
-//! seq order. WatchEvents streams it; the guest service waits on it for
-//! QEMU's confirmations.
-//!
-//! Why it cannot lose or repeat an event at the seam: the live subscription
-//! is taken when `follow` is called, before the first journal read; replay
-//! reads pages until the journal has nothing after the last seq it gave;
-//! live events at or below that seq are skipped; a live event past a gap
-//! (possible only if the subscription lagged) first re-reads the gap from
-//! the journal. Seqs are dense and given in commit order under the store's
-//! commit lock, and a commit is broadcast only after it is durable
-//! ([`AgentStore::commit`]), so the journal always holds every seq a live
-//! subscriber has seen.
+//! seq order (`stratus_core::journal::follow`, shared with pdiskd, says why
+//! nothing is lost or repeated at the seam). WatchEvents streams it; the
+//! guest service waits on it for QEMU's confirmations.
 
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
-use tokio::sync::broadcast;
 
 use crate::store::{AgentStore, Event};
 use stratus_core::error::Result;
@@ -72,9 +62,6 @@ pub struct EventJournal {
     store: Arc<AgentStore>,
 }
 
-/// Journal pages read at a time.
-const PAGE: usize = 1024;
-
 impl EventJournal {
     pub fn new(store: Arc<AgentStore>) -> EventJournal {
         EventJournal { store }
@@ -99,63 +86,12 @@ impl EventJournal {
         filter: EventFilter,
         follow: bool,
     ) -> BoxStream<'static, Result<Event>> {
-        let store = self.store.clone();
-        let mut live = store.subscribe();
-        Box::pin(async_stream::try_stream! {
-            let mut last = since;
-            // Replay in pages, until a read finds nothing newer. A reader
-            // from 0 takes what is held (the kept states below the oldest
-            // seq, then on); any other start inside a compacted range, or
-            // a compaction overtaking this reader, is OutOfRange.
-            loop {
-                let page = store.events_after(last, PAGE, since != 0)?;
-                if page.is_empty() {
-                    break;
-                }
-                for e in page {
-                    last = e.seq;
-                    if filter.matches(&e) {
-                        yield e;
-                    }
-                }
-            }
-            if follow {
-                loop {
-                    match live.recv().await {
-                        Ok(e) => {
-                            if e.seq <= last {
-                                continue;
-                            }
-                            if e.seq > last + 1 {
-                                let missed = (e.seq - last - 1) as usize;
-                                for m in store.events_since(last, missed)? {
-                                    if filter.matches(&m) {
-                                        yield m;
-                                    }
-                                }
-                            }
-                            last = e.seq;
-                            if filter.matches(&e) {
-                                yield e;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => loop {
-                            let page = store.events_since(last, PAGE)?;
-                            if page.is_empty() {
-                                break;
-                            }
-                            for m in page {
-                                last = m.seq;
-                                if filter.matches(&m) {
-                                    yield m;
-                                }
-                            }
-                        },
-                        Err(broadcast::error::RecvError::Closed) => break,
-                    }
-                }
-            }
-        })
+        stratus_core::journal::follow(
+            self.store.clone(),
+            since,
+            move |e| filter.matches(e),
+            follow,
+        )
     }
 }
 

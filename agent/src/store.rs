@@ -32,8 +32,6 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_SEQ: &str = "last_seq";
-/// The last seq the NATS broker acknowledged (`publisher.rs`).
-const PUBLISHED_SEQ: &str = "published_seq";
 /// project -> its [`QuotaLimits`].
 const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
 
@@ -199,6 +197,22 @@ pub struct Event {
     /// journaled before projects).
     #[serde(default)]
     pub project: String,
+}
+
+impl stratus_core::journal::Journaled for Event {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl stratus_core::journal::JournalSource<Event> for AgentStore {
+    fn events_after(&self, since: u64, limit: usize, check: bool) -> Result<Vec<Event>> {
+        AgentStore::events_after(self, since, limit, check)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Event> {
+        AgentStore::subscribe(self)
+    }
 }
 
 /// An event before it has a seq and a time.
@@ -591,27 +605,17 @@ impl AgentStore {
     /// Whether the journal holds the event `seq` (one kept below the
     /// oldest seq as a guest's state, too).
     pub fn has_event(&self, seq: u64) -> Result<bool> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(EVENTS).map_err(db_err)?;
-        Ok(t.get(seq).map_err(db_err)?.is_some())
+        stratus_core::journal::has_event(&self.db, seq)
     }
 
     /// The last seq the broker acknowledged (0: none).
     pub fn published_seq(&self) -> Result<u64> {
-        let tx = self.db.begin_read().map_err(db_err)?;
-        let t = tx.open_table(META).map_err(db_err)?;
-        let x = t.get(PUBLISHED_SEQ).map_err(db_err)?;
-        Ok(x.map(|v| v.value()).unwrap_or(0))
+        stratus_core::journal::published_seq(&self.db)
     }
 
     /// Stores the last seq the broker acknowledged, durably.
     pub fn set_published_seq(&self, seq: u64) -> Result<()> {
-        let tx = self.db.begin_write().map_err(db_err)?;
-        tx.open_table(META)
-            .map_err(db_err)?
-            .insert(PUBLISHED_SEQ, seq)
-            .map_err(db_err)?;
-        tx.commit().map_err(db_err)
+        stratus_core::journal::set_published_seq(&self.db, seq)
     }
 
     /// Notified after each commit (one waiter: the outbox publisher).

@@ -231,4 +231,35 @@ fn every_event_reaches_a_durable_consumer_once_across_broker_and_agentd_kills() 
             &format!("stratus.agent.{HOST}.vm.{}.{kind}", e.vm_uuid)
         );
     }
+
+    // agentctl prints the same from the broker as from the agent.
+    for json in [false, true] {
+        let mut args: Vec<&str> = if json { vec!["--json"] } else { vec![] };
+        args.push("events");
+        let from_agent = agentd.ctl(&args);
+        let durable = if json { "cli-json" } else { "cli-text" };
+        args.extend(["--from-nats", &url, "--durable", durable]);
+        let from_nats = agentd.ctl(&args);
+        assert!(
+            from_nats.status.success(),
+            "{}",
+            String::from_utf8_lossy(&from_nats.stderr)
+        );
+        assert_eq!(
+            from_nats.stdout.iter().filter(|&&b| b == b'\n').count() as u64,
+            last
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&from_agent.stdout),
+            String::from_utf8_lossy(&from_nats.stdout)
+        );
+    }
+    // A durable consumer resumes where it left off: nothing new, nothing printed.
+    let again = agentd.ctl(&["events", "--from-nats", &url, "--durable", "cli-text"]);
+    assert!(again.status.success());
+    assert!(
+        again.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
 }

@@ -19,6 +19,8 @@
 //! - [`host`]: facts about this host (memory);
 //! - [`rooted`]: host files opened only beneath configured roots (openat2
 //!   `RESOLVE_BENEATH`: no `..` or symlink escape, no check-then-use race);
+//! - [`journal`]: an event journal in a daemon's redb database (dense seqs
+//!   appended with the state change, replay then follow exactly once);
 //! - [`nats`]: the NATS JetStream broker (flags, connection, the
 //!   `STRATUS_EVENTS` stream, publishing with a message id, durable consumers);
 //! - [`outbox`]: a daemon's event journal published to the broker in seq
@@ -32,6 +34,7 @@ pub mod cli;
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod journal;
 pub mod nats;
 pub mod outbox;
 pub mod requests;

@@ -81,6 +81,87 @@ pub struct NatsFlags {
     pub nats_duplicate_window: Option<String>,
 }
 
+/// The flags of a CLI's `events --from-nats URL --durable NAME`: read the
+/// events from the broker through a durable consumer (which keeps its place
+/// between runs) instead of from the daemon. Credentials as the daemons'.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
+pub struct FromNatsArgs {
+    /// Read the events from this NATS server (JetStream) instead of the
+    /// daemon, e.g. nats://127.0.0.1:4222
+    #[arg(long, value_name = "URL", requires = "durable")]
+    pub from_nats: Option<String>,
+    /// The durable consumer to read through: made on first use (from the
+    /// stream's start), it resumes where the last run acknowledged
+    #[arg(long, value_name = "NAME", requires = "from_nats")]
+    pub durable: Option<String>,
+    /// NATS credentials file (JWT and nkey seed)
+    #[arg(long, value_name = "FILE", requires = "from_nats")]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user; the password is the first line of --nats-password-file
+    #[arg(long, value_name = "NAME", requires = "nats_password_file")]
+    pub nats_user: Option<String>,
+    /// File holding the NATS user's password
+    #[arg(long, value_name = "FILE", requires = "nats_user")]
+    pub nats_password_file: Option<PathBuf>,
+    /// CA (PEM) that verifies the broker's certificate
+    #[arg(long, value_name = "FILE", requires = "from_nats")]
+    pub nats_ca: Option<PathBuf>,
+}
+
+impl FromNatsArgs {
+    /// The broker and the durable consumer's name, when reading from NATS.
+    pub fn settings(&self) -> Result<Option<(NatsSettings, String)>> {
+        let (Some(url), Some(durable)) = (&self.from_nats, &self.durable) else {
+            return Ok(None);
+        };
+        check_token("durable consumer name", durable)?;
+        let flags = NatsFlags {
+            nats_url: Some(url.clone()),
+            nats_creds: self.nats_creds.clone(),
+            nats_user: self.nats_user.clone(),
+            nats_password_file: self.nats_password_file.clone(),
+            nats_ca: self.nats_ca.clone(),
+            nats_host: Some("cli".into()),
+            ..NatsFlags::default()
+        };
+        Ok(flags
+            .resolve(&NatsFlags::default())?
+            .map(|s| (s, durable.clone())))
+    }
+}
+
+/// Reads `filter`'s messages through the durable consumer `durable` and
+/// hands each to `show` once by message id (a re-delivery in this run is
+/// acked and dropped), acking it after `show` returns. Without `follow` it
+/// returns once no message came for `idle` (caught up); `show` returning
+/// false (the reader went away) ends it too.
+pub async fn read_durable(
+    settings: &NatsSettings,
+    durable: &str,
+    filter: &str,
+    follow: bool,
+    idle: Duration,
+    mut show: impl FnMut(&Delivered) -> Result<bool>,
+) -> Result<()> {
+    let broker = Broker::connect(settings, "stratus-cli", true).await?;
+    let mut reader = broker.durable(durable, Some(filter)).await?;
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        let Some(m) = reader.next(idle).await? else {
+            if follow {
+                continue;
+            }
+            return Ok(());
+        };
+        let fresh = m.message.msg_id.is_empty() || seen.insert(m.message.msg_id.clone());
+        let go_on = if fresh { show(&m.message)? } else { true };
+        if !go_on {
+            return Ok(());
+        }
+        m.ack().await?;
+    }
+}
+
 /// How the stream is made when it is missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamLimits {

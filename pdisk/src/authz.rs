@@ -119,6 +119,11 @@ pub const RULES: &[Rule] = &[
         roles: ADMIN,
         note: "admin",
     },
+    Rule {
+        method: "WatchEvents",
+        roles: TENANTS,
+        note: "the events of the volumes of the project the call acts in (admin, agent naming none: every event)",
+    },
 ];
 
 /// The RPCs that change something: each call is audited (`stratus_pki::audit`).

@@ -16,6 +16,7 @@ pub use stratus_core::settings::LogFormat;
 use crate::backend::lvm::{LvmName, LvmSettings, Wipe};
 use crate::error::{Error, Result};
 use crate::types::Iqn;
+use stratus_core::nats::{NatsFlags, NatsSettings};
 use stratus_pki::serve::{ServeFlags, ServeSettings};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -49,6 +50,17 @@ pub struct Flags {
     #[command(flatten)]
     #[serde(flatten)]
     pub serve: ServeFlags,
+    /// Publishing events to NATS JetStream (`--nats-url` and the rest).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub nats: NatsFlags,
+    /// Events older than this are compacted out of the journal, e.g. 7d
+    /// [default: 7d]
+    #[arg(long, value_name = "DURATION")]
+    pub event_retention: Option<String>,
+    /// At most this many of the newest events are kept [default: 1000000]
+    #[arg(long, value_name = "N")]
+    pub event_max: Option<u64>,
     /// Directory of the metadata store [default: /var/lib/pdisk]
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -126,6 +138,12 @@ pub struct Flags {
 pub struct Config {
     /// Where and how to serve (mTLS, local socket, loopback plain TCP).
     pub serve: ServeSettings,
+    /// The broker events are published to (None: not published).
+    pub nats: Option<NatsSettings>,
+    /// The event journal keeps events this long...
+    pub event_max_age: std::time::Duration,
+    /// ... and at most this many.
+    pub event_max: u64,
     pub data_dir: PathBuf,
     pub backend: BackendKind,
     pub pool_dir: PathBuf,
@@ -160,8 +178,18 @@ impl Flags {
         if let Some(l) = &mut lvm {
             l.staging_dir = data_dir.join("staging");
         }
+        let nats = self.nats.resolve(&file.nats)?;
+        let event_max_age = humantime::parse_duration(&pick!(event_retention, "7d".into()))
+            .map_err(|e| Error::invalid(format!("event-retention: {e}")))?;
+        let event_max = pick!(event_max, 1_000_000);
+        if event_max == 0 {
+            return Err(Error::invalid("event-max must be at least 1"));
+        }
         let cfg = Config {
             serve,
+            nats,
+            event_max_age,
+            event_max,
             backend,
             lvm,
             pool_dir: pick!(pool_dir, data_dir.join("pool")),

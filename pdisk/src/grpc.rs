@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::backend::{copy, ImageFormat};
 use crate::error::Error;
+use crate::events::{event_pb, PoolEventFilter};
 use crate::service::{
     is_image_base, Drift, ExportBy, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService,
     SnapshotInfo, VolumeInfo,
@@ -276,6 +277,7 @@ async fn detached<T: Send + 'static>(
 }
 
 type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::Progress, Status>> + Send>>;
+type PoolEventStream = Pin<Box<dyn Stream<Item = Result<pb::PoolEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl VolumeService for Api {
@@ -741,6 +743,40 @@ impl VolumeService for Api {
     }
 
     type WatchProgressStream = ProgressStream;
+    type WatchEventsStream = PoolEventStream;
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let mut filter = PoolEventFilter::default();
+        if !r.volume.is_empty() {
+            filter.volume = Some(match self.svc.store().find_volume(&r.volume) {
+                Ok(v) if call.sees_volume(&v) => v.uuid.to_string(),
+                Ok(_) => {
+                    return Err(Error::not_found(format!("volume {} not found", r.volume)).into())
+                }
+                // A deleted volume's events stay in the journal under its
+                // name and UUID (each carries its project, checked below).
+                Err(_) => r.volume.clone(),
+            });
+        }
+        // A call acting in one project sees only its volumes' events (not
+        // the pool's own, which belong to no project).
+        if let stratus_pki::tenancy::Scope::Project(p) = &call.scope {
+            filter.project = Some(p.clone());
+        }
+        let events = stratus_core::journal::follow(
+            self.svc.shared_store(),
+            r.since_seq,
+            move |e| filter.matches(e),
+            !r.no_follow,
+        );
+        let stream =
+            futures::StreamExt::map(events, |r| r.map(|e| event_pb(&e)).map_err(Status::from));
+        Ok(Response::new(Box::pin(stream)))
+    }
 
     async fn watch_progress(
         &self,

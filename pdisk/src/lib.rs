@@ -7,6 +7,8 @@
 //! - `service`: the VolumeService operations tying them together;
 //! - `grpc`: the tonic VolumeService, message conversion only;
 //! - [`config`]: pdiskd settings from flags and TOML;
+//! - [`events`]: the pool's event journal (kinds, filter, NATS subjects and
+//!   payloads, `PoolOutbox`), streamed by WatchEvents;
 //! - `progress`: progress of long operations, streamed by WatchProgress;
 //! - `tenancy`: projects at the gRPC edge (what a call may see and touch).
 //!
@@ -28,6 +30,7 @@ pub(crate) use stratus_core::{error, runner, types};
 pub mod authz;
 pub mod backend;
 pub mod config;
+pub mod events;
 pub mod export;
 pub mod failpoints;
 pub(crate) mod grpc;

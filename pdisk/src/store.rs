@@ -17,14 +17,18 @@
 //!   concurrent creates cannot pass a quota together.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
+use stratus_core::journal;
+use tokio::sync::{broadcast, Notify};
 use uuid::Uuid;
 
 use stratus_pki::tenancy::Creator;
 
 use crate::error::{Error, Result};
+use crate::events::{NewPoolEvent, PoolEvent};
 use crate::types::{ByteSize, Chap, Iqn, Labels, VolumeName};
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -226,6 +230,10 @@ pub struct ExportRecord {
 
 pub struct Store {
     db: Database,
+    /// Events, told after their commit (WatchEvents' live half).
+    live: broadcast::Sender<PoolEvent>,
+    /// Woken after each commit of events: the outbox publisher.
+    committed: Arc<Notify>,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -235,6 +243,10 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 fn decode<T: for<'de> Deserialize<'de>>(what: &str, b: &[u8]) -> Result<T> {
     serde_json::from_slice(b)
         .map_err(|e| Error::internal(format!("metadata store: corrupt {what} record: {e}")))
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string()
 }
 
 fn vkey(project: &str, name: &str) -> String {
@@ -350,8 +362,95 @@ impl Store {
         tx.open_table(NAMES)?;
         tx.open_table(QUOTAS)?;
         rebuild_names(&tx)?;
+        journal::create_tables(&tx)?;
         tx.commit()?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            live: broadcast::channel(4096).0,
+            committed: Default::default(),
+        })
+    }
+
+    /// Appends `events` to the journal in `tx`, commits, and only then
+    /// tells live readers and the publisher.
+    fn commit(&self, tx: WriteTransaction, events: &[NewPoolEvent]) -> Result<Vec<PoolEvent>> {
+        let time = now_rfc3339();
+        let out = journal::append(&tx, events.len(), |i, seq| {
+            events[i].clone().into_event(seq, time.clone())
+        })?;
+        tx.commit()?;
+        if !out.is_empty() {
+            for e in &out {
+                // No receivers is fine: the journal has it.
+                let _ = self.live.send(e.clone());
+            }
+            self.committed.notify_one();
+        }
+        Ok(out)
+    }
+
+    // ---- the event journal ----
+
+    /// Appends events that change no record (import progress and failures,
+    /// drift).
+    pub fn record(&self, events: &[NewPoolEvent]) -> Result<Vec<PoolEvent>> {
+        let tx = self.db.begin_write()?;
+        self.commit(tx, events)
+    }
+
+    /// Journaled events with seq > `since`, in order, at most `limit`;
+    /// OutOfRange when `check` and events after `since` were compacted.
+    pub fn events_after(&self, since: u64, limit: usize, check: bool) -> Result<Vec<PoolEvent>> {
+        journal::events_after(&self.db, since, limit, check)
+    }
+
+    pub fn last_seq(&self) -> Result<u64> {
+        journal::last_seq(&self.db)
+    }
+
+    pub fn oldest_seq(&self) -> Result<u64> {
+        journal::oldest_seq(&self.db)
+    }
+
+    pub fn published_seq(&self) -> Result<u64> {
+        journal::published_seq(&self.db)
+    }
+
+    pub fn set_published_seq(&self, seq: u64) -> Result<()> {
+        journal::set_published_seq(&self.db, seq)
+    }
+
+    /// Live events, from the moment of the call.
+    pub fn subscribe(&self) -> broadcast::Receiver<PoolEvent> {
+        self.live.subscribe()
+    }
+
+    pub fn committed(&self) -> Arc<Notify> {
+        self.committed.clone()
+    }
+
+    /// Keeps at most `max_events` of the newest events and none older than
+    /// `max_age` as of `now`. Returns (removed, oldest seq).
+    pub fn compact_events(
+        &self,
+        max_events: u64,
+        max_age: std::time::Duration,
+        now: std::time::SystemTime,
+    ) -> Result<(u64, u64)> {
+        let last = self.last_seq()?;
+        let oldest = self.oldest_seq()?;
+        let mut cut = oldest.max(last.saturating_sub(max_events) + 1);
+        let threshold = now.checked_sub(max_age).unwrap_or(std::time::UNIX_EPOCH);
+        for e in self.events_after(cut - 1, usize::MAX, false)? {
+            match humantime::parse_rfc3339(&e.time) {
+                Ok(t) if t < threshold => cut = e.seq + 1,
+                _ => break,
+            }
+        }
+        let tx = self.db.begin_write()?;
+        let removed = journal::remove_before(&tx, cut, &Default::default())?;
+        tx.commit()?;
+        Ok((removed, cut))
     }
 
     // ---- volumes ----
@@ -387,7 +486,7 @@ impl Store {
 
     /// Replaces a volume record (same UUID and name); a record that grows
     /// must stay within its project's byte quota.
-    pub fn update_volume(&self, v: &VolumeRecord) -> Result<()> {
+    pub fn update_volume(&self, v: &VolumeRecord, events: &[NewPoolEvent]) -> Result<()> {
         let tx = self.db.begin_write()?;
         let key = v.uuid.to_string();
         let old: VolumeRecord = match tx.open_table(VOLUMES)?.get(key.as_str())? {
@@ -409,12 +508,12 @@ impl Store {
             tx.open_table(VOLUMES)?
                 .insert(key.as_str(), encode(v).as_slice())?;
         }
-        tx.commit()?;
+        self.commit(tx, events)?;
         Ok(())
     }
 
     /// Removes a volume that has neither snapshots nor an export.
-    pub fn remove_volume(&self, uuid: Uuid) -> Result<()> {
+    pub fn remove_volume(&self, uuid: Uuid, events: &[NewPoolEvent]) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let key = uuid.to_string();
@@ -442,7 +541,7 @@ impl Store {
             tx.open_table(NAMES)?
                 .remove(vkey(&rec.project, rec.name.as_str()).as_str())?;
         }
-        tx.commit()?;
+        self.commit(tx, events)?;
         Ok(())
     }
 
@@ -536,15 +635,15 @@ impl Store {
         Ok(())
     }
 
-    pub fn update_snapshot(&self, s: &SnapshotRecord) -> Result<()> {
+    pub fn update_snapshot(&self, s: &SnapshotRecord, events: &[NewPoolEvent]) -> Result<()> {
         let tx = self.db.begin_write()?;
         tx.open_table(SNAPSHOTS)?
             .insert(s.uuid.to_string().as_str(), encode(s).as_slice())?;
-        tx.commit()?;
+        self.commit(tx, events)?;
         Ok(())
     }
 
-    pub fn remove_snapshot(&self, uuid: Uuid) -> Result<()> {
+    pub fn remove_snapshot(&self, uuid: Uuid, events: &[NewPoolEvent]) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let mut snaps = tx.open_table(SNAPSHOTS)?;
@@ -564,7 +663,7 @@ impl Store {
             tx.open_table(NAMES)?
                 .remove(skey(&project, rec.name.as_str()).as_str())?;
         }
-        tx.commit()?;
+        self.commit(tx, events)?;
         Ok(())
     }
 
@@ -718,7 +817,7 @@ impl Store {
     // ---- exports ----
 
     /// Creates or replaces the export of an existing volume.
-    pub fn put_export(&self, e: &ExportRecord) -> Result<()> {
+    pub fn put_export(&self, e: &ExportRecord, events: &[NewPoolEvent]) -> Result<()> {
         let tx = self.db.begin_write()?;
         {
             let key = e.volume.to_string();
@@ -728,18 +827,22 @@ impl Store {
             tx.open_table(EXPORTS)?
                 .insert(key.as_str(), encode(e).as_slice())?;
         }
-        tx.commit()?;
+        self.commit(tx, events)?;
         Ok(())
     }
 
-    pub fn remove_export(&self, volume: Uuid) -> Result<Option<ExportRecord>> {
+    pub fn remove_export(
+        &self,
+        volume: Uuid,
+        events: &[NewPoolEvent],
+    ) -> Result<Option<ExportRecord>> {
         let tx = self.db.begin_write()?;
         let old = {
             let mut t = tx.open_table(EXPORTS)?;
             let x = t.remove(volume.to_string().as_str())?;
             x.map(|v| decode("export", v.value())).transpose()?
         };
-        tx.commit()?;
+        self.commit(tx, events)?;
         Ok(old)
     }
 
@@ -884,7 +987,7 @@ mod tests {
         let got = s
             .find_snapshot_in(NameScope::Project("astro"), "nightly")
             .unwrap();
-        s.remove_snapshot(got.uuid).unwrap();
+        s.remove_snapshot(got.uuid, &[]).unwrap();
         assert!(s
             .find_snapshot_in(NameScope::Project("astro"), "nightly")
             .is_err());
@@ -892,7 +995,7 @@ mod tests {
             .find_snapshot_in(NameScope::Project("bio"), "nightly")
             .is_ok());
         // Removing frees the name in its project only.
-        s.remove_volume(astro.uuid).unwrap();
+        s.remove_volume(astro.uuid, &[]).unwrap();
         assert!(!s
             .volume_name_taken("astro", &"db".parse().unwrap())
             .unwrap());
@@ -945,25 +1048,28 @@ mod tests {
             s.insert_snapshot(&snap).unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        let err = s.remove_volume(a.uuid).unwrap_err();
+        let err = s.remove_volume(a.uuid, &[]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.message().contains("a-1"));
-        s.remove_snapshot(snap.uuid).unwrap();
-        s.put_export(&ExportRecord {
-            volume: a.uuid,
-            target_iqn: "iqn.2026-11.io.stratus:t".parse().unwrap(),
-            initiators: vec![],
-            chap: None,
-            chap_set_by: None,
-            unexporting: false,
-        })
+        s.remove_snapshot(snap.uuid, &[]).unwrap();
+        s.put_export(
+            &ExportRecord {
+                volume: a.uuid,
+                target_iqn: "iqn.2026-11.io.stratus:t".parse().unwrap(),
+                initiators: vec![],
+                chap: None,
+                chap_set_by: None,
+                unexporting: false,
+            },
+            &[],
+        )
         .unwrap();
         assert_eq!(
-            s.remove_volume(a.uuid).unwrap_err().kind(),
+            s.remove_volume(a.uuid, &[]).unwrap_err().kind(),
             ErrorKind::FailedPrecondition
         );
-        s.remove_export(a.uuid).unwrap();
-        s.remove_volume(a.uuid).unwrap();
+        s.remove_export(a.uuid, &[]).unwrap();
+        s.remove_volume(a.uuid, &[]).unwrap();
         // The name is free again.
         s.insert_volume(&vol("a")).unwrap();
     }

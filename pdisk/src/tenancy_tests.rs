@@ -343,8 +343,99 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             api.list_quotas(request(role, pb::ListQuotasRequest {}))
                 .await,
         ),
+        // The projects of the events of the target's volume (replayed).
+        "WatchEvents" => match api
+            .watch_events(request(
+                role,
+                pb::WatchEventsRequest {
+                    volume: vol,
+                    no_follow: true,
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await
+        {
+            Ok(s) => Outcome::Listed(event_projects(s.into_inner()).await),
+            Err(s) => Outcome::Code(s.code()),
+        },
         other => panic!("the matrix has no call for {other}: add one"),
     }
+}
+
+/// The distinct projects of a replayed event stream, sorted.
+async fn event_projects(
+    mut s: std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::PoolEvent, tonic::Status>> + Send>,
+    >,
+) -> Vec<String> {
+    use futures::StreamExt;
+    let mut projects = std::collections::BTreeSet::new();
+    while let Some(e) = s.next().await {
+        projects.insert(e.unwrap().project);
+    }
+    projects.into_iter().collect()
+}
+
+/// WatchEvents without a volume: a project's caller replays its own
+/// volumes' events only, an admin every project's; another project's volume
+/// is NotFound like a missing one.
+#[tokio::test]
+async fn watch_events_shows_a_project_only_its_own_volumes() {
+    let f = fixture().await;
+    let watch = |role, project: &str, volume: &str| {
+        request(
+            role,
+            pb::WatchEventsRequest {
+                volume: volume.into(),
+                no_follow: true,
+                project: project.into(),
+                ..Default::default()
+            },
+        )
+    };
+    let own = f
+        .api
+        .watch_events(watch(Role::Project, "", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        event_projects(own.into_inner()).await,
+        vec![OWN.to_string()]
+    );
+    let all = f
+        .api
+        .watch_events(watch(Role::Admin, "", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        event_projects(all.into_inner()).await,
+        vec![OWN.to_string(), OTHER.to_string()]
+    );
+    let hidden = f
+        .api
+        .watch_events(watch(Role::Project, "", &format!("{OTHER}-vol")))
+        .await
+        .err()
+        .unwrap();
+    let missing = f
+        .api
+        .watch_events(watch(Role::Project, "", "nobody-vol"))
+        .await
+        .map(|s| s.into_inner());
+    assert_eq!(hidden.code(), Code::NotFound);
+    // A name nobody has is no error (a deleted volume's events stay): it
+    // replays nothing.
+    assert!(event_projects(missing.unwrap()).await.is_empty());
+    assert_eq!(
+        f.api
+            .watch_events(watch(Role::Project, OTHER, ""))
+            .await
+            .err()
+            .unwrap()
+            .code(),
+        Code::PermissionDenied
+    );
 }
 
 /// The gate, then (when it lets the call through) the handler.
@@ -375,6 +466,7 @@ fn expected(method: &str, role: Role, target: &str) -> Outcome {
         "ListVolumes" => Outcome::Listed(vec![OWN.into(); 3]),
         "ListExports" => Outcome::Listed(vec![OWN.into()]),
         "ListSnapshots" if own => Outcome::Listed(vec![OWN.into()]),
+        "WatchEvents" if own => Outcome::Listed(vec![OWN.into()]),
         "UploadVolume" | "GetPool" | "WatchProgress" | "SetQuota" | "GetQuota" | "ListQuotas" => {
             Outcome::Code(Code::Ok)
         }
@@ -567,7 +659,7 @@ async fn volumes_record_their_project_and_creator_and_tenants_cannot_forge_image
     );
     let mut forged = f.svc.store().find_volume("mine").unwrap();
     forged.labels = base_labels().into_iter().collect();
-    f.svc.store().update_volume(&forged).unwrap();
+    f.svc.store().update_volume(&forged, &[]).unwrap();
     let listed = f
         .api
         .list_volumes(request(

@@ -434,7 +434,66 @@ fn emit(bytes: &[u8]) -> Result<bool, Failure> {
     }
 }
 
+/// A core error met on this side (the broker, a payload) as a failure.
+fn local(e: stratus_core::error::Error) -> Failure {
+    match e.kind() {
+        stratus_core::error::ErrorKind::InvalidArgument => Failure::Usage(e.to_string()),
+        _ => Failure::Local(e.to_string()),
+    }
+}
+
+/// `events --from-nats`: the agents' events as the broker holds them,
+/// through a durable consumer, printed as from the agent.
+async fn events_from_nats(
+    ctx: &Ctx,
+    a: &EventsArgs,
+    settings: stratus_core::nats::NatsSettings,
+    durable: String,
+) -> Result<(), Failure> {
+    if a.since != 0 {
+        return Err(Failure::Usage(
+            "--since reads the agent's journal; a durable consumer resumes where it \
+             left off"
+                .into(),
+        ));
+    }
+    let vm = a.vm.as_ref().map(|v| v.to_string());
+    let mut interrupted = interrupts()?;
+    let read = stratus_core::nats::read_durable(
+        &settings,
+        &durable,
+        "stratus.agent.>",
+        a.follow,
+        Duration::from_secs(2),
+        |m| {
+            let event = agent::publisher::event_from_payload(&m.payload)?;
+            if vm
+                .as_ref()
+                .is_some_and(|v| *v != event.vm_uuid && *v != event.vm_name)
+            {
+                return Ok(true);
+            }
+            let line = if ctx.json {
+                format!("{}\n", render::event_json(&event))
+            } else {
+                render::event_line(&event)
+            };
+            emit(line.as_bytes()).map_err(|f| match f {
+                Failure::Local(s) => stratus_core::error::Error::internal(s),
+                other => stratus_core::error::Error::internal(format!("{other:?}")),
+            })
+        },
+    );
+    tokio::select! {
+        _ = interrupted.recv() => Ok(()),
+        r = read => r.map_err(local),
+    }
+}
+
 async fn events(ctx: &Ctx, a: EventsArgs) -> Result<(), Failure> {
+    if let Some((settings, durable)) = a.nats.settings().map_err(local)? {
+        return events_from_nats(ctx, &a, settings, durable).await;
+    }
     let request = WatchEventsRequest {
         project: ctx.project.clone(),
         since_seq: a.since,

@@ -36,8 +36,8 @@ use stratus_proto::pdisk::v1::{
 use stratus_proto::pdisk::v1::{GetQuotaRequest, ListQuotasRequest, QuotaLimits, SetQuotaRequest};
 
 use args::{
-    Cli, CloneArgs, Command, CreateArgs, ExportAddArgs, ExportCommand, ImageCommand, PoolCommand,
-    QuotaCommand, SnapshotCommand, VolumeCommand,
+    Cli, CloneArgs, Command, CreateArgs, EventsArgs, ExportAddArgs, ExportCommand, ImageCommand,
+    PoolCommand, QuotaCommand, SnapshotCommand, VolumeCommand,
 };
 use progress::{new_request_id, watched, Client, UploadError};
 
@@ -101,6 +101,101 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
         }
         Command::Image(c) => image(ctx, c).await,
         Command::Quota(c) => quota(ctx, c).await,
+        Command::Events(a) => events(ctx, a).await,
+    }
+}
+
+/// Writes to stdout; false when the reader went away.
+fn emit(bytes: &[u8]) -> Result<bool, Failure> {
+    match cli::try_write_stdout(bytes) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(Failure::Local(format!("cannot write the output: {e}"))),
+    }
+}
+
+fn event_text(ctx: &Ctx, e: &stratus_proto::pdisk::v1::PoolEvent) -> String {
+    if ctx.json {
+        format!("{}\n", render::event_json(e))
+    } else {
+        render::event_line(e)
+    }
+}
+
+/// A core error met on this side (the broker, a payload) as a failure.
+fn local(e: stratus_core::error::Error) -> Failure {
+    match e.kind() {
+        stratus_core::error::ErrorKind::InvalidArgument => Failure::Usage(e.to_string()),
+        _ => Failure::Local(e.to_string()),
+    }
+}
+
+async fn events(ctx: &Ctx, a: EventsArgs) -> Result<(), Failure> {
+    let mut interrupted = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Failure::Local(format!("cannot handle Ctrl-C: {e}")))?;
+    if let Some((settings, durable)) = a.nats.settings().map_err(local)? {
+        if a.since != 0 {
+            return Err(Failure::Usage(
+                "--since reads pdiskd's journal; a durable consumer resumes where it left off"
+                    .into(),
+            ));
+        }
+        let volume = a.volume.as_ref().map(|v| v.to_string());
+        let read = stratus_core::nats::read_durable(
+            &settings,
+            &durable,
+            "stratus.pdisk.>",
+            a.follow,
+            std::time::Duration::from_secs(2),
+            |m| {
+                let e = pdisk::events::event_from_payload(&m.payload)?;
+                if volume
+                    .as_ref()
+                    .is_some_and(|v| *v != e.volume_uuid && *v != e.volume_name)
+                {
+                    return Ok(true);
+                }
+                emit(event_text(ctx, &e).as_bytes()).map_err(|f| match f {
+                    Failure::Local(s) => stratus_core::error::Error::internal(s),
+                    other => stratus_core::error::Error::internal(format!("{other:?}")),
+                })
+            },
+        );
+        return tokio::select! {
+            _ = interrupted.recv() => Ok(()),
+            r = read => r.map_err(local),
+        };
+    }
+    let mut client = ctx.connect().await?;
+    let mut stream = ctx.answer(
+        client
+            .watch_events(stratus_proto::pdisk::v1::WatchEventsRequest {
+                since_seq: a.since,
+                volume: a.volume.map(String::from).unwrap_or_default(),
+                no_follow: !a.follow,
+                project: ctx.project.clone(),
+            })
+            .await,
+    )?;
+    let mut last = a.since;
+    loop {
+        let message = tokio::select! {
+            _ = interrupted.recv() => return Ok(()),
+            m = stream.message() => m.map_err(|s| Failure::from_status(s, &ctx.remote))?,
+        };
+        let Some(e) = message else {
+            if !a.follow {
+                return Ok(());
+            }
+            return Err(Failure::Local(format!(
+                "pdiskd at {} ended the event stream; resume with --since {last}",
+                ctx.remote.url()
+            )));
+        };
+        last = e.seq;
+        if !emit(event_text(ctx, &e).as_bytes())? {
+            return Ok(());
+        }
     }
 }
 

@@ -125,6 +125,41 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         "start-up reconciliation done"
     );
 
+    // The journal is the outbox: with a broker, every event is published in
+    // seq order, resuming after the last one it acknowledged.
+    if let Some(nats) = &cfg.nats {
+        let broker =
+            stratus_core::nats::Broker::connect(nats, &format!("pdiskd {}", nats.host), false)
+                .await
+                .context("NATS")?;
+        let outbox = Arc::new(pdisk::events::PoolOutbox::new(
+            svc.shared_store(),
+            &nats.host,
+        ));
+        stratus_core::outbox::Publisher::spawn(outbox, broker);
+        tracing::info!(url = %nats.url, host = %nats.host, stream = stratus_core::nats::STREAM,
+            "publishing events to NATS");
+    }
+    // The event journal stays bounded: compacted now and every hour.
+    {
+        let store = svc.shared_store();
+        let (max, age) = (cfg.event_max, cfg.event_max_age);
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                hourly.tick().await;
+                let now = std::time::SystemTime::now();
+                match tokio::task::block_in_place(|| store.compact_events(max, age, now)) {
+                    Ok((removed, oldest)) if removed > 0 => {
+                        tracing::info!(removed, oldest_seq = oldest, "event journal compacted")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "event journal compaction failed"),
+                }
+            }
+        });
+    }
+
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(svc.clone().watch_exports(
         Duration::from_secs(cfg.export_check_interval),

@@ -14,6 +14,7 @@ use crate::store::ExportRecord;
 use crate::types::{Chap, Iqn};
 
 use super::{refuse_if_image_base, require_ready, ExportBy, ExportInfo, PoolService};
+use crate::events::{NewPoolEvent, PoolEventKind};
 
 impl PoolService {
     pub(super) fn export_spec(&self, e: &ExportRecord) -> ExportSpec {
@@ -131,14 +132,28 @@ impl PoolService {
         if chap.is_some() {
             rec.chap = chap;
         }
-        self.store.put_export(&rec)?;
+        // Announced with the intent: from here on reconciliation makes the
+        // export exist, and a failed exporter call below is announced undone.
+        self.store.put_export(
+            &rec,
+            &[NewPoolEvent::volume(PoolEventKind::ExportAdded, &vol)
+                .detail(initiators_detail(&rec))],
+        )?;
         crate::failpoints::crash_point("service::export::after_intent");
         if let Err(e) = self.exporter.export(&self.export_spec(&rec)).await {
             // Put the intent back as it was: nothing changed.
+            let why = format!("the exporter failed: {e}");
             match &previous {
-                Some(p) => self.store.put_export(p)?,
+                Some(p) => self.store.put_export(
+                    p,
+                    &[NewPoolEvent::volume(PoolEventKind::ExportAdded, &vol)
+                        .detail(format!("{}; restored ({why})", initiators_detail(p)))],
+                )?,
                 None => {
-                    self.store.remove_export(vol.uuid)?;
+                    self.store.remove_export(
+                        vol.uuid,
+                        &[NewPoolEvent::volume(PoolEventKind::ExportRemoved, &vol).detail(why)],
+                    )?;
                 }
             }
             return Err(e.context(format!("exporting volume {}", vol.name)));
@@ -193,7 +208,10 @@ impl PoolService {
         // apply the stored revocation, never the old ACL.
         if remove.is_empty() || rec.initiators.is_empty() {
             rec.unexporting = true;
-            self.store.put_export(&rec)?;
+            self.store.put_export(
+                &rec,
+                &[NewPoolEvent::volume(PoolEventKind::ExportRemoved, &vol)],
+            )?;
             crate::failpoints::crash_point("service::unexport::after_commit");
             self.finish_unexport(&rec).await.map_err(|e| {
                 e.context(format!(
@@ -204,7 +222,11 @@ impl PoolService {
             tracing::info!(volume = %vol.name, "volume unexported");
             return Ok(None);
         }
-        self.store.put_export(&rec)?;
+        self.store.put_export(
+            &rec,
+            &[NewPoolEvent::volume(PoolEventKind::ExportAdded, &vol)
+                .detail(initiators_detail(&rec))],
+        )?;
         crate::failpoints::crash_point("service::unexport_initiators::after_commit");
         self.exporter
             .export(&self.export_spec(&rec))
@@ -224,7 +246,7 @@ impl PoolService {
     pub(super) async fn finish_unexport(&self, rec: &ExportRecord) -> Result<()> {
         self.exporter.unexport(&rec.target_iqn).await?;
         crate::failpoints::crash_point("service::unexport::after_exporter");
-        self.store.remove_export(rec.volume)?;
+        self.store.remove_export(rec.volume, &[])?;
         Ok(())
     }
 
@@ -321,4 +343,10 @@ impl PoolService {
             }
         }
     }
+}
+
+/// `initiators=a,b` of an export, for its events.
+fn initiators_detail(rec: &ExportRecord) -> String {
+    let names: Vec<&str> = rec.initiators.iter().map(Iqn::as_str).collect();
+    format!("initiators={}", names.join(","))
 }

@@ -279,7 +279,7 @@ impl ObjectLocks {
 }
 
 pub struct PoolService {
-    store: Store,
+    store: Arc<Store>,
     backend: Arc<dyn Backend>,
     exporter: Arc<dyn Exporter>,
     runner: Arc<dyn CommandRunner>,
@@ -352,7 +352,7 @@ impl PoolService {
         settings: ServiceSettings,
     ) -> Self {
         PoolService {
-            store,
+            store: Arc::new(store),
             backend,
             exporter,
             runner,
@@ -373,6 +373,12 @@ impl PoolService {
     /// The metadata store, for the gRPC edge's project checks.
     pub(crate) fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The metadata store, shared: its event journal is WatchEvents' and
+    /// the NATS publisher's source.
+    pub fn shared_store(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     pub fn backend(&self) -> &dyn Backend {

@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::store::VolumeState;
 
 use super::{now, Drift, DriftKind, PoolService, ReconcileReport};
+use crate::events::{NewPoolEvent, PoolEventKind};
 
 impl PoolService {
     /// Compares the store with the pool and the exporter, finishes
@@ -31,7 +32,11 @@ impl PoolService {
                 // retried at the next start or by the next DeleteVolume.
                 VolumeState::Deleting => match self.backend.delete(id).await {
                     Ok(()) => {
-                        self.store.remove_volume(v.uuid)?;
+                        self.store.remove_volume(
+                            v.uuid,
+                            &[NewPoolEvent::volume(PoolEventKind::VolumeDeleted, &v)
+                                .detail("an interrupted delete finished at start")],
+                        )?;
                         report.actions.push(format!(
                             "finished the interrupted delete of volume {}",
                             v.name
@@ -49,10 +54,10 @@ impl PoolService {
                 VolumeState::Creating => {
                     v.state = VolumeState::Deleting;
                     v.state_reason = "rolling back an interrupted create".into();
-                    self.store.update_volume(&v)?;
+                    self.store.update_volume(&v, &[])?;
                     match self.backend.delete(id).await {
                         Ok(()) => {
-                            self.store.remove_volume(v.uuid)?;
+                            self.store.remove_volume(v.uuid, &[])?;
                             report.actions.push(format!(
                                 "rolled back the interrupted create of volume {} ({}): never acknowledged",
                                 v.name, v.uuid
@@ -79,7 +84,7 @@ impl PoolService {
                         "backing data missing: {}",
                         self.backend.device_path(id).display()
                     );
-                    self.store.update_volume(&v)?;
+                    self.store.update_volume(&v, &[])?;
                     report.drift.push(Drift {
                         kind: DriftKind::Volume,
                         object: v.name.to_string(),
@@ -102,7 +107,7 @@ impl PoolService {
             if !s.complete {
                 match self.backend.delete(id).await {
                     Ok(()) => {
-                        self.store.remove_snapshot(s.uuid)?;
+                        self.store.remove_snapshot(s.uuid, &[])?;
                         report.actions.push(format!(
                             "rolled back the interrupted snapshot {} ({}): never acknowledged",
                             s.name, s.uuid
@@ -189,6 +194,16 @@ impl PoolService {
         for d in &report.drift {
             tracing::warn!(kind = %d.kind, object = %d.object, detail = %d.detail, "drift");
         }
+        let drift: Vec<NewPoolEvent> = report
+            .drift
+            .iter()
+            .map(|d| {
+                let mut e = NewPoolEvent::drift(None, format!("{}: {}", d.kind, d.detail));
+                e.object_name = d.object.clone();
+                e
+            })
+            .collect();
+        self.store.record(&drift)?;
         tracing::info!(
             actions = report.actions.len(),
             drift = report.drift.len(),

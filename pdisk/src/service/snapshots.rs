@@ -9,6 +9,7 @@ use crate::store::{SnapshotRecord, VolumeState};
 use crate::types::VolumeName;
 
 use super::{now, require_ready, Checksum, PoolService, SnapshotInfo};
+use crate::events::{NewPoolEvent, PoolEventKind};
 
 impl PoolService {
     pub async fn create_snapshot(
@@ -42,12 +43,16 @@ impl PoolService {
                 .await
             {
                 let _ = self.backend.delete(ObjectId::Snapshot(rec.uuid)).await;
-                let _ = self.store.remove_snapshot(rec.uuid);
+                let _ = self.store.remove_snapshot(rec.uuid, &[]);
                 return Err(e.context(format!("snapshot {} of {}", rec.name, vol.name)));
             }
             crate::failpoints::crash_point("service::snapshot::before_commit");
             rec.complete = true;
-            self.store.update_snapshot(&rec)?;
+            self.store.update_snapshot(
+                &rec,
+                &[NewPoolEvent::volume(PoolEventKind::SnapshotCreated, &vol)
+                    .object(rec.uuid, rec.name.to_string())],
+            )?;
             tracing::info!(snapshot = %rec.name, volume = %vol.name, "snapshot created");
             let allocated = self
                 .backend
@@ -91,10 +96,19 @@ impl PoolService {
         // Intent first: an incomplete snapshot is removed at start, so a
         // crash mid-delete never leaves a record without data.
         s.complete = false;
-        self.store.update_snapshot(&s)?;
+        self.store.update_snapshot(&s, &[])?;
         crate::failpoints::crash_point("service::delete_snapshot::after_intent");
         self.backend.delete(ObjectId::Snapshot(s.uuid)).await?;
-        self.store.remove_snapshot(s.uuid)?;
+        let deleted: Vec<NewPoolEvent> = self
+            .store
+            .volume(s.volume)?
+            .iter()
+            .map(|v| {
+                NewPoolEvent::volume(PoolEventKind::SnapshotDeleted, v)
+                    .object(s.uuid, s.name.to_string())
+            })
+            .collect();
+        self.store.remove_snapshot(s.uuid, &deleted)?;
         self.locks.forget(s.uuid);
         tracing::info!(snapshot = %s.name, "snapshot deleted");
         Ok(())

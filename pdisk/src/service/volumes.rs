@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::backend::ProgressFn;
 use crate::backend::{image, ImageFormat, ObjectId};
 use crate::error::{Error, Result};
+use crate::events::{NewPoolEvent, PoolEventKind};
 use crate::metrics::Op;
 use crate::store::{Source, VolumeRecord, VolumeState};
 use crate::types::{validate_labels, ByteSize, Labels, VolumeName};
@@ -224,6 +226,12 @@ impl PoolService {
         self.store.insert_volume(&rec)?;
         crate::failpoints::crash_point("service::create::after_intent");
         let _own = self.locks.lock(rec.uuid).await;
+        let is_import = matches!(plan, Plan::Image(..));
+        let progress = if is_import {
+            self.import_progress(&rec, progress)
+        } else {
+            progress
+        };
         let built = match plan {
             Plan::Empty => {
                 self.backend
@@ -248,6 +256,13 @@ impl PoolService {
             }
         };
         if let Err(e) = built {
+            if is_import {
+                let failed = NewPoolEvent::volume(PoolEventKind::ImportFailed, &rec)
+                    .detail(format!("{}: {e}", rec.source.describe()));
+                if let Err(e) = self.store.record(&[failed]) {
+                    tracing::warn!(volume = %rec.name, error = %e, "could not journal a failed import");
+                }
+            }
             self.roll_back_create(&rec).await;
             return Err(e.context(format!("creating volume {}", rec.name)));
         }
@@ -259,9 +274,45 @@ impl PoolService {
         }
         crate::failpoints::crash_point("service::create::before_commit");
         rec.state = VolumeState::Ready;
-        self.store.update_volume(&rec)?;
+        let appeared = match &rec.source {
+            Source::Empty => NewPoolEvent::volume(PoolEventKind::VolumeCreated, &rec),
+            Source::Volume(u) | Source::Snapshot(u) => {
+                let source_name = match &rec.source {
+                    Source::Volume(_) => self.store.volume(*u)?.map(|v| v.name.to_string()),
+                    _ => self.store.snapshot(*u)?.map(|s| s.name.to_string()),
+                };
+                NewPoolEvent::volume(PoolEventKind::VolumeCloned, &rec)
+                    .object(u, source_name.unwrap_or_default())
+            }
+            Source::Image(_) => NewPoolEvent::volume(PoolEventKind::ImportFinished, &rec)
+                .detail(rec.source.describe()),
+        };
+        self.store.update_volume(&rec, &[appeared])?;
         tracing::info!(volume = %rec.name, uuid = %rec.uuid, size = rec.size.0, source = %rec.source.describe(), "volume created");
         self.volume_info(rec).await
+    }
+
+    /// The import's progress reporter, also journaling IMPORT_PROGRESS at
+    /// each tenth done (the journal is no progress bar; WatchProgress is).
+    fn import_progress(&self, rec: &VolumeRecord, inner: ProgressFn) -> ProgressFn {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let store = self.store.clone();
+        let base = NewPoolEvent::volume(PoolEventKind::ImportProgress, rec);
+        let next_tenth = AtomicU64::new(1);
+        std::sync::Arc::new(move |phase: &str, done: u64, total: u64| {
+            inner(phase, done, total);
+            if total == 0 {
+                return;
+            }
+            let tenth = done.saturating_mul(10) / total;
+            if tenth < 10 && tenth >= next_tenth.load(Ordering::Relaxed) {
+                next_tenth.store(tenth + 1, Ordering::Relaxed);
+                let e = base.clone().progress(done, total).detail(phase);
+                if let Err(err) = store.record(&[e]) {
+                    tracing::warn!(volume = %base.volume_name, error = %err, "could not journal import progress");
+                }
+            }
+        })
     }
 
     /// Undoes a create that failed before it was acknowledged: its data
@@ -271,13 +322,13 @@ impl PoolService {
     async fn roll_back_create(&self, rec: &VolumeRecord) {
         let gone = self.backend.delete(ObjectId::Volume(rec.uuid)).await;
         let dropped = match gone {
-            Ok(()) => self.store.remove_volume(rec.uuid),
+            Ok(()) => self.store.remove_volume(rec.uuid, &[]),
             Err(e) => {
                 tracing::error!(volume = %rec.name, error = %e, "could not remove the data of a failed create; left as deleting");
                 let mut r = rec.clone();
                 r.state = VolumeState::Deleting;
                 r.state_reason = format!("create failed and its data could not be removed: {e}");
-                self.store.update_volume(&r)
+                self.store.update_volume(&r, &[])
             }
         };
         if let Err(e) = dropped {
@@ -357,11 +408,14 @@ impl PoolService {
             )));
         }
         rec.state = VolumeState::Deleting;
-        self.store.update_volume(&rec)?;
+        self.store.update_volume(&rec, &[])?;
         crate::failpoints::crash_point("service::delete::after_intent");
         self.backend.delete(ObjectId::Volume(rec.uuid)).await?;
         crate::failpoints::crash_point("service::delete::after_backend");
-        self.store.remove_volume(rec.uuid)?;
+        self.store.remove_volume(
+            rec.uuid,
+            &[NewPoolEvent::volume(PoolEventKind::VolumeDeleted, &rec)],
+        )?;
         self.locks.forget(rec.uuid);
         tracing::info!(volume = %rec.name, uuid = %rec.uuid, "volume deleted");
         Ok(())
@@ -404,7 +458,10 @@ impl PoolService {
             .await?;
         crate::failpoints::crash_point("service::resize::after_backend");
         rec.size = new;
-        self.store.update_volume(&rec)?;
+        self.store.update_volume(
+            &rec,
+            &[NewPoolEvent::volume(PoolEventKind::VolumeResized, &rec)],
+        )?;
         crate::failpoints::crash_point("service::resize::after_commit");
         if let Some(exp) = self.store.export(rec.uuid)? {
             let spec = self.export_spec(&exp);

@@ -26,7 +26,9 @@ Examples:
   pdisk volume clone db1-nightly db1-test --from-snapshot
   pdisk export add db1 --initiator iqn.2026-11.io.stratus:host1
   pdisk --json volume list --label tier=gold
-  pdisk image rm 3f5a9c1e";
+  pdisk image rm 3f5a9c1e
+  pdisk events --follow
+  pdisk events --from-nats nats://127.0.0.1:4222 --durable storage-ops";
 
 /// Storage admin's client for pdiskd, the persistent-disk service of a Stratus
 /// storage host: volumes, snapshots, clones, iSCSI exports and the pool.
@@ -94,6 +96,28 @@ pub enum Command {
     /// Per-project quotas: volumes, snapshots and provisioned bytes.
     #[command(subcommand)]
     Quota(QuotaCommand),
+    /// Print the pool's events: replayed from pdiskd's journal, then (with
+    /// --follow) live; or from the NATS broker (--from-nats URL --durable NAME).
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only events after this sequence number (0: all still journaled).
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    pub since: u64,
+
+    /// Only the events of this volume (name or UUID).
+    #[arg(long, value_name = "VOLUME")]
+    pub volume: Option<Ref>,
+
+    /// After the replay, keep printing live events until Ctrl-C.
+    #[arg(long, short)]
+    pub follow: bool,
+
+    /// From the broker instead of pdiskd.
+    #[command(flatten)]
+    pub nats: stratus_core::nats::FromNatsArgs,
 }
 
 #[derive(Debug, Subcommand)]

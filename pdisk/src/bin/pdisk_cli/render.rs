@@ -7,7 +7,9 @@
 
 use serde_json::{json, Value};
 use stratus_core::types::ByteSize;
-use stratus_proto::pdisk::v1::{Drift, Export, Pool, Quota, Snapshot, Volume, VolumeState};
+use stratus_proto::pdisk::v1::{
+    Drift, Export, Pool, PoolEvent, PoolEventType, Quota, Snapshot, Volume, VolumeState,
+};
 
 use stratus_core::cli::{fields, labels_json, labels_text, Table};
 
@@ -416,6 +418,64 @@ pub fn pool_view(p: &Pool) -> String {
         out.push_str(&t.render());
     }
     out
+}
+
+/// An event type as a lowercase word ("volume_created").
+pub fn event_type_name(t: i32) -> String {
+    match PoolEventType::try_from(t) {
+        Ok(t) => t
+            .as_str_name()
+            .trim_start_matches("POOL_EVENT_TYPE_")
+            .to_ascii_lowercase(),
+        Err(_) => format!("unknown({t})"),
+    }
+}
+
+pub fn event_json(e: &PoolEvent) -> Value {
+    json!({
+        "seq": e.seq,
+        "time": e.time,
+        "type": event_type_name(e.r#type),
+        "volume_uuid": e.volume_uuid,
+        "volume_name": e.volume_name,
+        "project": e.project,
+        "object_uuid": e.object_uuid,
+        "object_name": e.object_name,
+        "detail": e.detail,
+        "bytes": e.bytes,
+        "total_bytes": e.total_bytes,
+    })
+}
+
+/// One event on one line: `SEQ TIME VOLUME TYPE [object=NAME] [SIZE|DONE/TOTAL] detail`,
+/// with `-` for what is missing.
+pub fn event_line(e: &PoolEvent) -> String {
+    let volume = if e.volume_name.is_empty() {
+        or_none(&e.volume_uuid)
+    } else {
+        e.volume_name.clone()
+    };
+    let mut line = format!(
+        "{} {} {volume} {}",
+        e.seq,
+        or_none(&e.time),
+        event_type_name(e.r#type)
+    );
+    if !e.object_name.is_empty() {
+        line.push_str(&format!(" object={}", e.object_name));
+    }
+    if e.total_bytes != 0 {
+        line.push_str(&format!(" {}/{}", size(e.bytes), size(e.total_bytes)));
+    } else if e.bytes != 0 {
+        line.push_str(&format!(" {}", size(e.bytes)));
+    }
+    let detail = stratus_core::cli::failure::one_line(&e.detail);
+    if !detail.is_empty() {
+        line.push(' ');
+        line.push_str(&detail);
+    }
+    line.push('\n');
+    line
 }
 
 #[cfg(test)]

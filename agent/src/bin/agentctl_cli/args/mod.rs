@@ -43,7 +43,8 @@ Examples:
   agentctl vm console web1 --follow
   agentctl vm stop web1 --timeout 30
   agentctl events --since 120 --vm web1
-  agentctl --json events --follow | jq .type";
+  agentctl --json events --follow | jq .type
+  agentctl events --from-nats nats://127.0.0.1:4222 --durable ops   # via the broker";
 
 /// Operator's client for agentd, the agent that runs the QEMU/KVM guests of
 /// one Stratus host: define, start, stop and inspect VMs, read their serial
@@ -153,6 +154,10 @@ pub struct EventsArgs {
     /// After the replay, keep printing live events until Ctrl-C.
     #[arg(long, short)]
     pub follow: bool,
+
+    /// From the broker instead of the agent (--from-nats URL --durable NAME).
+    #[command(flatten)]
+    pub nats: stratus_core::nats::FromNatsArgs,
 }
 
 #[derive(Debug, Subcommand)]
