@@ -79,6 +79,7 @@ async fn main() -> anyhow::Result<()> {
             "launch" => scenarios::launch::run(&ctx).await,
             "bulk" => scenarios::bulk::run(&ctx).await,
             "events" => scenarios::events::run(&ctx).await,
+            "events-nats" => scenarios::events_nats::run(&ctx).await,
             "transport" => scenarios::transport::run(&ctx).await,
             _ => unreachable!(),
         }

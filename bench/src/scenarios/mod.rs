@@ -4,6 +4,7 @@
 pub mod bulk;
 pub mod datapath;
 pub mod events;
+pub mod events_nats;
 mod guests;
 pub mod import;
 pub mod launch;
@@ -32,5 +33,6 @@ pub const ALL: &[&str] = &[
     "bulk",
     "import",
     "events",
+    "events-nats",
     "transport",
 ];
