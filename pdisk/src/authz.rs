@@ -171,13 +171,17 @@ mod tests {
         "WatchProgress",
         "GetQuota",
         "ListQuotas",
+        "WatchEvents",
     ];
 
     #[test]
     fn every_rpc_is_audited_exactly_when_it_changes_something() {
         let rpcs = rpcs();
         let streamed = TABLE.server_streaming(stratus_proto::FILE_DESCRIPTOR_SET);
-        assert_eq!(streamed, vec!["WatchProgress".to_string()]);
+        assert_eq!(
+            streamed,
+            vec!["WatchProgress".to_string(), "WatchEvents".to_string()]
+        );
         assert_eq!(
             Table::audit_errors(&rpcs, &streamed, MUTATING, READS),
             Vec::<String>::new()
