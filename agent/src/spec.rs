@@ -43,11 +43,15 @@ pub struct ImageSpec {
     pub sha256: String,
     pub format: DeclaredFormat,
     pub endorser: Option<String>,
+    /// A signed manifest token ([`crate::images::endorsement`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsement: Option<String>,
 }
 
 impl ImageSpec {
     pub fn to_ref(&self) -> Result<crate::images::ImageRef> {
-        crate::images::ImageRef::new(&self.url, &self.sha256, self.format, self.endorser.clone())
+        crate::images::ImageRef::new(&self.url, &self.sha256, self.format, self.endorser.clone())?
+            .with_endorsement(self.endorsement.as_deref())
     }
 
     /// A `file://` image names a file of this host.

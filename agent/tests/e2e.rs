@@ -936,6 +936,7 @@ fn spec_image(name: &str, url: &str, sha: &str, local: bool) -> pb::VmSpec {
                 sha256: sha.into(),
                 format: 0,
                 endorser: String::new(),
+                endorsement: String::new(),
             })),
             read_only: false,
             boot_index: 1,
@@ -1166,6 +1167,140 @@ fn checksum_mismatch_and_policy_refusal_leave_nothing_cached() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(err.message().contains("denied"), "{err:?}");
     assert_eq!(httpd.requests("guest.qcow2"), before);
+}
+
+/// `stratus-image ARGS --json`, as an endorser runs it.
+fn stratus_image(args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    serde_json::from_str(&run_ok(
+        testkit::bin("stratus-image").to_str().unwrap(),
+        &all,
+    ))
+    .unwrap()
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn an_endorsed_image_launches_and_bad_endorsements_are_refused_before_any_download() {
+    // The endorser's key and a host policy trusting it, requiring endorsements.
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("endorser.key");
+    let key = key.to_str().unwrap();
+    let public = stratus_image(&["keygen", "--out", key])["public_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stranger = keys.path().join("stranger.key");
+    let stranger = stranger.to_str().unwrap();
+    stratus_image(&["keygen", "--out", stranger]);
+    let policy = keys.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        format!("allow_endorser_keys = [\"{public}\"]\nrequire_endorsement = true\n"),
+    )
+    .unwrap();
+    let h = Host::start_with(&["--image-policy", policy.to_str().unwrap()]);
+    let (httpd, url, sha) = serve_guest(&h);
+    let other_sha = "ab".repeat(32);
+    let sign = |key: &str, sha: &str, valid_for: &str| {
+        stratus_image(&[
+            "sign",
+            "--key",
+            key,
+            "--url",
+            &url,
+            "--sha256",
+            sha,
+            "--endorser",
+            "ops@example.org",
+            "--valid-for",
+            valid_for,
+        ])["token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let good = sign(key, &sha, "1h");
+    // Tampered: the manifest of an endorsement for another checksum, changed
+    // to this image's, with the original signature.
+    let for_other = sign(key, &other_sha, "1h");
+    let tampered = format!(
+        "{}.{}",
+        good.split_once('.').unwrap().0,
+        for_other.split_once('.').unwrap().1
+    );
+    let untrusted = sign(stranger, &sha, "1h");
+    let expired = sign(key, &sha, "0s");
+    let with = |name: &str, token: &str| {
+        let mut spec = spec_image(name, &url, &sha, true);
+        if let Some(pb::disk_spec::Source::Image(i)) = &mut spec.disks[0].source {
+            i.endorsement = token.to_owned();
+        }
+        spec
+    };
+    for (name, token, why) in [
+        ("tampered", tampered, "does not verify"),
+        ("untrusted", untrusted, "not a trusted endorser key"),
+        ("expired", expired, "expired"),
+        ("unendorsed", String::new(), "no endorsement"),
+    ] {
+        let spec = with(name, &token);
+        let err = h.agent(move |mut c| async move {
+            c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
+                project: String::new(),
+                spec: Some(spec),
+            })
+            .await
+            .unwrap_err()
+        });
+        assert_eq!(err.code(), Code::FailedPrecondition, "{name}: {err:?}");
+        assert!(err.message().contains(why), "{name}: {err:?}");
+    }
+    assert_eq!(
+        httpd.requests("guest.qcow2"),
+        0,
+        "refused before any download"
+    );
+
+    let spec = with("endorsed", &good);
+    let vm = h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "endorsed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    wait_console(
+        std::path::Path::new(&vm.console_log),
+        "STRATUS-GUEST ready",
+        BOOT,
+    );
+    let images = h.agent(|mut c| async move {
+        c.list_images(pb::ListImagesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .images
+    });
+    let cached = images.iter().find(|i| i.location == "local").unwrap();
+    assert_eq!(cached.sha256, sha);
+    assert_eq!(cached.endorser, "ops@example.org");
+    assert_eq!(cached.endorser_key, public);
+    // And the CLI a verifier uses agrees.
+    let v = stratus_image(&["verify", "--trust", &public, &good]);
+    assert_eq!(v["manifest"]["sha256"], sha.as_str());
 }
 
 #[test]

@@ -109,6 +109,7 @@ impl Host {
                         sha256: sha,
                         format: pb::ImageFormat::Raw as i32,
                         endorser: String::new(),
+                        endorsement: String::new(),
                     }),
                     to_pdisk: true,
                     request_id: String::new(),
@@ -201,6 +202,7 @@ impl Host {
                         sha256: self.image_sha.clone(),
                         format: pb::ImageFormat::Raw as i32,
                         endorser: String::new(),
+                        endorsement: String::new(),
                     })),
                     boot_index: 1,
                     ..Default::default()
@@ -262,6 +264,7 @@ impl Host {
                             sha256: sha,
                             format: pb::ImageFormat::Raw as i32,
                             endorser: String::new(),
+                            endorsement: String::new(),
                         }),
                         to_pdisk: true,
                         request_id: String::new(),

@@ -177,6 +177,7 @@ fn a_guest_boots_across_the_bridge_from_a_thin_lv_exported_by_lio() {
                 sha256: sha.clone(),
                 format: 0,
                 endorser: String::new(),
+                endorsement: String::new(),
             })),
             boot_index: 1,
             size_bytes: 256 << 20,

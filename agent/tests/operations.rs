@@ -81,6 +81,7 @@ fn image(url: &str, sha: &str) -> pb::ImageRef {
         sha256: sha.into(),
         format: 0,
         endorser: String::new(),
+        endorsement: String::new(),
     }
 }
 

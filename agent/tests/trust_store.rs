@@ -54,6 +54,7 @@ fn without_a_trust_store_agentd_starts_and_only_https_pulls_fail() {
                 sha256: want.clone(),
                 format: pb::ImageFormat::Raw as i32,
                 endorser: String::new(),
+                endorsement: String::new(),
             }),
             to_pdisk: false,
         };

@@ -132,6 +132,7 @@ pub(crate) fn spec_pb(s: &VmSpec) -> pb::VmSpec {
                                 DeclaredFormat::Auto => pb::ImageFormat::Auto,
                             } as i32,
                             endorser: image.endorser.clone().unwrap_or_default(),
+                            endorsement: image.endorsement.clone().unwrap_or_default(),
                         }),
                         *size,
                         *local,
@@ -228,6 +229,7 @@ pub(crate) fn image_spec(i: pb::ImageRef) -> Result<ImageSpec, Error> {
         sha256: i.sha256.to_ascii_lowercase(),
         format,
         endorser: (!i.endorser.is_empty()).then_some(i.endorser),
+        endorsement: (!i.endorsement.is_empty()).then_some(i.endorsement),
     };
     spec.to_ref()?;
     Ok(spec)
@@ -243,6 +245,12 @@ pub(crate) fn image_pb(i: crate::service::ImageInfo) -> pb::CachedImage {
         volume: i.volume,
         users: i.users,
         last_used: i.last_used,
+        endorser: i
+            .endorsed
+            .as_ref()
+            .map(|e| e.endorser.clone())
+            .unwrap_or_default(),
+        endorser_key: i.endorsed.map(|e| e.signer).unwrap_or_default(),
     }
 }
 
@@ -400,6 +408,7 @@ mod tests {
                     sha256: "ab".repeat(32),
                     format: pb::ImageFormat::Qcow2 as i32,
                     endorser: String::new(),
+                    endorsement: String::new(),
                 })),
             ],
             nics: vec![pb::NicSpec {

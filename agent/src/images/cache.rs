@@ -51,7 +51,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::fetch::{FetchTimeouts, Fetcher};
-use super::policy::Policy;
+use super::policy::{Endorsed, Policy};
 use super::reference::{DeclaredFormat, ImageRef, Sha256};
 use super::staging::{self, PARTIAL_PREFIX};
 use stratus_core::error::{Error, ErrorKind, Result};
@@ -99,6 +99,8 @@ pub struct CachedImageInfo {
     pub last_used: SystemTime,
     /// Live pins: guests using it.
     pub pins: usize,
+    /// The endorsement verified when it was fetched.
+    pub endorsed: Option<Endorsed>,
 }
 
 /// An image removed to make room (for IMAGE_EVICTED events).
@@ -216,6 +218,8 @@ struct Entry {
     format: ImageFormat,
     fetched_at: SystemTime,
     last_used: SystemTime,
+    /// The endorsement the policy verified when it was fetched.
+    endorsed: Option<Endorsed>,
 }
 
 /// A download's state as its waiters see it.
@@ -237,6 +241,12 @@ struct Metadata {
     format: ImageFormat,
     fetched_at: String,
     last_used: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endorser: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endorser_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endorsement_expires: Option<String>,
 }
 
 /// Rounds of "fetch, then pin" before giving up; more than one only when
@@ -416,6 +426,7 @@ impl LocalCache {
                 fetched_at: e.fetched_at,
                 last_used: e.last_used,
                 pins: st.pins.get(sha).copied().unwrap_or(0),
+                endorsed: e.endorsed.clone(),
             })
             .collect();
         out.sort_by(|a, b| (b.last_used, &a.image.sha256).cmp(&(a.last_used, &b.image.sha256)));
@@ -583,12 +594,18 @@ impl Inner {
             Error::new(e.kind(), e.message().replace(&tmp, url))
         })?;
         let now = SystemTime::now();
+        // Recorded with the image: who vouched for it, with which key.
+        let endorsed = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.check(image).ok().flatten());
         let entry = Entry {
             url: url.to_owned(),
             size: download.size,
             format,
             fetched_at: now,
             last_used: now,
+            endorsed,
         };
         let meta = self.meta_path(sha);
         crate::failpoints::crash_point("image.downloaded");
@@ -703,6 +720,9 @@ fn write_metadata(path: &Path, sha: &Sha256, e: &Entry, durable: bool) -> Result
         format: e.format,
         fetched_at: humantime::format_rfc3339_nanos(e.fetched_at).to_string(),
         last_used: humantime::format_rfc3339_nanos(e.last_used).to_string(),
+        endorser: e.endorsed.as_ref().map(|d| d.endorser.clone()),
+        endorser_key: e.endorsed.as_ref().map(|d| d.signer.clone()),
+        endorsement_expires: e.endorsed.as_ref().map(|d| d.expires.clone()),
     };
     let json = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
     staging::write_atomically(path, &json, durable)
@@ -718,6 +738,14 @@ fn read_metadata(path: &Path) -> std::result::Result<Entry, String> {
         format: m.format,
         fetched_at: time(&m.fetched_at)?,
         last_used: time(&m.last_used)?,
+        endorsed: match (m.endorser, m.endorser_key) {
+            (Some(endorser), Some(signer)) => Some(Endorsed {
+                endorser,
+                signer,
+                expires: m.endorsement_expires.unwrap_or_default(),
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -775,6 +803,7 @@ fn scan(dir: &Path) -> Result<HashMap<Sha256, Entry>> {
                     format,
                     fetched_at: mtime,
                     last_used: mtime,
+                    endorsed: None,
                 };
                 write_metadata(&meta_path, &sha, &e, true)?;
                 e

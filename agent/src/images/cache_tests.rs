@@ -511,6 +511,87 @@ async fn the_policy_refuses_before_any_request() {
     assert_eq!(http.requests(), 1);
 }
 
+#[tokio::test]
+async fn endorsements_are_checked_before_any_request_and_recorded_with_the_image() {
+    use crate::images::endorsement::{rfc3339, Manifest};
+    use crate::images::SigningKey;
+    let http = TestHttp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = content(3000, 60);
+    http.route("/e", Reply::Body(body.clone()));
+    let (_, trusted) = SigningKey::generate().unwrap();
+    let (_, stranger) = SigningKey::generate().unwrap();
+    let options = || CacheOptions {
+        policy: Some(
+            Policy::from_toml(&format!(
+                "allow_endorser_keys = [\"{}\"]\nrequire_endorsement = true",
+                trusted.public()
+            ))
+            .unwrap(),
+        ),
+        egress: crate::images::Egress::allow_private(),
+        ..CacheOptions::default()
+    };
+    let cache = LocalCache::open(dir.path(), options()).unwrap();
+    let now = SystemTime::now();
+    let url = http.url("/e");
+    let manifest = |sha: String, issued: SystemTime, expires: SystemTime| Manifest {
+        url: url.clone(),
+        sha256: sha,
+        format: "auto".into(),
+        endorser: "ops@example.org".into(),
+        issued: rfc3339(issued),
+        expires: rfc3339(expires),
+        signer: String::new(),
+    };
+    let image = |token: &str| {
+        ImageRef::new(&url, &sha_of(&body), DeclaredFormat::Auto, None)
+            .unwrap()
+            .with_endorsement(Some(token))
+            .unwrap()
+    };
+    let hour = Duration::from_secs(3600);
+    let good = trusted.sign(manifest(sha_of(&body), now - hour, now + hour));
+    // Tampered: the manifest says another checksum, the signature is the good one's.
+    let (_, sig) = good.split_once('.').unwrap();
+    let mut changed = manifest(sha_of(&body), now - hour, now + hour);
+    changed.signer = trusted.public().to_string();
+    changed.sha256 = sha_of(b"something else");
+    let tampered = format!(
+        "{}.{sig}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            serde_json::to_vec(&changed).unwrap()
+        )
+    );
+    let untrusted = stranger.sign(manifest(sha_of(&body), now - hour, now + hour));
+    let expired = trusted.sign(manifest(sha_of(&body), now - 2 * hour, now - hour));
+    for (token, why) in [
+        (tampered.as_str(), "does not verify"),
+        (untrusted.as_str(), "not a trusted endorser key"),
+        (expired.as_str(), "expired"),
+    ] {
+        let err = fetch(&cache, &image(token)).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{err}");
+        assert!(err.message().contains(why), "{why}: {err}");
+    }
+    let unendorsed = ImageRef::new(&url, &sha_of(&body), DeclaredFormat::Auto, None).unwrap();
+    let err = fetch(&cache, &unendorsed).await.unwrap_err();
+    assert!(err.message().contains("no endorsement"), "{err}");
+    assert_eq!(http.requests(), 0, "every refusal came before any request");
+    assert!(names(dir.path()).is_empty());
+
+    drop(fetch(&cache, &image(&good)).await.unwrap());
+    assert_eq!(http.requests(), 1);
+    let listed = |c: &LocalCache| c.list()[0].endorsed.clone().expect("recorded");
+    let e = listed(&cache);
+    assert_eq!(e.endorser, "ops@example.org");
+    assert_eq!(e.signer, trusted.public().to_string());
+    // Kept in the image's metadata: a reopened cache still knows.
+    drop(cache);
+    assert_eq!(listed(&LocalCache::open(dir.path(), options()).unwrap()), e);
+}
+
 #[test]
 fn open_cleans_up_what_a_crash_left() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,6 +22,7 @@
 
 mod cache;
 mod egress;
+pub mod endorsement;
 mod fetch;
 mod overlay;
 mod policy;
@@ -35,7 +36,8 @@ pub use cache::{
     PulledImage,
 };
 pub use egress::Egress;
+pub use endorsement::{Endorsement, PublicKey, SigningKey};
 pub use fetch::{FetchTimeouts, PROGRESS_STEP};
 pub use overlay::overlay;
-pub use policy::Policy;
+pub use policy::{Endorsed, Policy};
 pub use reference::{DeclaredFormat, ImageRef, ImageSource, Sha256};

@@ -120,6 +120,10 @@ pub struct ImageRef {
     sha256: Sha256,
     format: DeclaredFormat,
     endorser: Option<String>,
+    /// A signed manifest for it, checked by the image policy
+    /// ([`super::endorsement`]).
+    /// Boxed: a manifest is large beside the rest, and rarely there.
+    endorsement: Option<Box<super::Endorsement>>,
 }
 
 /// Longest URL accepted; a marketplace URL is far shorter.
@@ -155,7 +159,25 @@ impl ImageRef {
             sha256,
             format,
             endorser,
+            endorsement: None,
         })
+    }
+
+    /// With an endorsement token (None or empty: none); a malformed token is
+    /// InvalidArgument here, whether it is genuine is the policy's to say.
+    pub fn with_endorsement(mut self, token: Option<&str>) -> Result<ImageRef> {
+        self.endorsement = match token {
+            None | Some("") => None,
+            Some(t) => Some(Box::new(
+                super::Endorsement::parse(t)
+                    .map_err(|e| e.context(format!("image {}", self.url)))?,
+            )),
+        };
+        Ok(self)
+    }
+
+    pub fn endorsement(&self) -> Option<&super::Endorsement> {
+        self.endorsement.as_deref()
     }
 
     /// The URL as given, for messages and the cache's metadata.

@@ -44,6 +44,8 @@ pub struct ImageInfo {
     pub volume: String,
     pub users: u32,
     pub last_used: String,
+    /// The endorsement verified when it was fetched (local cache only).
+    pub endorsed: Option<crate::images::Endorsed>,
 }
 
 /// What a guest disk resolves to before it is attached.
@@ -71,6 +73,7 @@ fn local_info(i: &CachedImageInfo) -> ImageInfo {
         volume: String::new(),
         users: i.pins as u32,
         last_used: humantime::format_rfc3339_seconds(i.last_used).to_string(),
+        endorsed: i.endorsed.clone(),
     }
 }
 
@@ -528,6 +531,7 @@ impl Agent {
                     volume: b.name.clone(),
                     users,
                     last_used: b.created_at.clone(),
+                    endorsed: None,
                 });
             }
         }
@@ -584,6 +588,7 @@ impl Agent {
                     volume: base.name,
                     users: 0,
                     last_used: String::new(),
+                    endorsed: None,
                 });
             }
         }
@@ -606,6 +611,7 @@ impl Agent {
                 volume: String::new(),
                 users: 0,
                 last_used: String::new(),
+                endorsed: None,
             });
         }
         if evicted.is_empty() {

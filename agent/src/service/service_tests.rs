@@ -942,6 +942,7 @@ fn image_spec(name: &str, sha: &str) -> VmSpec {
             sha256: sha.into(),
             format: crate::images::DeclaredFormat::Raw,
             endorser: None,
+            endorsement: None,
         },
         size: 0,
         local: false,

@@ -83,6 +83,7 @@ async fn measure(
             sha256: image.sha256.clone(),
             format: 0,
             endorser: String::new(),
+            endorsement: String::new(),
         }),
         to_pdisk: true,
     })

@@ -176,6 +176,7 @@ pub(crate) fn image_spec(name: &str, image: &Image) -> pb::VmSpec {
                 sha256: image.sha256.clone(),
                 format: 0,
                 endorser: String::new(),
+                endorsement: String::new(),
             })),
             read_only: false,
             boot_index: 1,

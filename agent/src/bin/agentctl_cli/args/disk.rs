@@ -39,7 +39,7 @@ pub struct ImageDisk {
 
 /// One `--disk`: `pdisk:VOLUME`, `file:PATH` or `image:URL,sha256=HEX`, then
 /// options (`ro`, `boot=N`; for images also `size=`, `local`, `format=`,
-/// `endorser=`).
+/// `endorser=`, `endorsement=TOKEN|@FILE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskArg {
     pub source: DiskSource,
@@ -51,7 +51,8 @@ pub struct DiskArg {
 
 /// The options of an `image:` disk, as `--disk` usage errors list them.
 pub(super) const IMAGE_OPTIONS: &str =
-    "sha256=HEX, size=SIZE, local, format=raw|qcow2|auto, endorser=NAME, ro or boot=N";
+    "sha256=HEX, size=SIZE, local, format=raw|qcow2|auto, endorser=NAME, \
+     endorsement=TOKEN|@FILE, ro or boot=N";
 
 /// Why a URL cannot be given with a ',' in it, and what to do instead.
 pub(super) const URL_COMMA: &str = "an image URL in --disk cannot contain ',': write it as %2C";
@@ -66,6 +67,7 @@ pub(super) struct DiskOptions<'a> {
     local: bool,
     format: Option<DeclaredFormat>,
     endorser: Option<&'a str>,
+    endorsement: Option<String>,
 }
 
 impl<'a> DiskOptions<'a> {
@@ -85,6 +87,7 @@ impl<'a> DiskOptions<'a> {
                 "size" => Some("SIZE"),
                 "format" => Some("raw|qcow2|auto"),
                 "endorser" => Some("NAME"),
+                "endorsement" => Some("TOKEN|@FILE"),
                 _ => return Err(unknown_disk_option(option, image)),
             };
             if !image && !matches!(key, "ro" | "boot") {
@@ -127,6 +130,7 @@ impl<'a> DiskOptions<'a> {
                     o.format = Some(value.parse::<DeclaredFormat>().map_err(|e| e.to_string())?)
                 }
                 "endorser" => o.endorser = Some(value),
+                "endorsement" => o.endorsement = Some(super::image::endorsement_arg(value)?),
                 _ => unreachable!("option {key} is known"),
             }
         }
@@ -205,6 +209,7 @@ impl FromStr for DiskArg {
                     o.format.unwrap_or_default(),
                     o.endorser.map(str::to_owned),
                 )
+                .and_then(|i| i.with_endorsement(o.endorsement.as_deref()))
                 .map_err(|e| e.to_string())?;
                 DiskSource::Image(ImageDisk {
                     image,

@@ -40,6 +40,11 @@ pub struct PullArgs {
     #[arg(long, value_name = "NAME")]
     pub endorser: Option<String>,
 
+    /// A signed endorsement of the image (`stratus-image sign`), or @FILE
+    /// holding one: checked against the host policy's trusted keys.
+    #[arg(long, value_name = "TOKEN|@FILE", value_parser = endorsement_arg)]
+    pub endorsement: Option<String>,
+
     /// Also import the image into a pdisk base volume (for clone disks).
     #[arg(long)]
     pub pdisk: bool,
@@ -71,6 +76,7 @@ impl PullArgs {
             self.format,
             self.endorser.clone(),
         )
+        .and_then(|i| i.with_endorsement(self.endorsement.as_deref()))
         .map_err(|e| e.to_string())?;
         Ok(PullImageRequest {
             request_id: String::new(),
@@ -121,6 +127,18 @@ pub(super) fn image_url(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// An endorsement token, or `@FILE` holding one (as `stratus-image sign`
+/// prints it); checked for form only, here.
+pub(super) fn endorsement_arg(s: &str) -> Result<String, String> {
+    let token = match s.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?,
+        None => s.to_owned(),
+    };
+    let token = token.trim().to_owned();
+    agent::images::Endorsement::parse(&token).map_err(|e| e.to_string())?;
+    Ok(token)
+}
+
 /// `--sha256`: 64 hex digits, kept lowercase.
 pub(super) fn sha256_arg(s: &str) -> Result<Sha256, String> {
     Sha256::parse(s).map_err(|e| e.to_string())
@@ -161,5 +179,9 @@ pub fn image_pb(i: &ImageRef) -> PbImageRef {
         sha256: i.sha256().to_string(),
         format: format_pb(i.format()) as i32,
         endorser: i.endorser().unwrap_or_default().to_owned(),
+        endorsement: i
+            .endorsement()
+            .map(|e| e.token().to_owned())
+            .unwrap_or_default(),
     }
 }

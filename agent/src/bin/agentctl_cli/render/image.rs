@@ -16,6 +16,8 @@ pub fn cached_image_json(c: &CachedImage) -> Value {
         "volume": c.volume,
         "users": c.users,
         "last_used": c.last_used,
+        "endorser": c.endorser,
+        "endorser_key": c.endorser_key,
     })
 }
 
@@ -51,7 +53,18 @@ pub fn image_view(c: &CachedImage) -> String {
         ("format", or_none(&c.format)),
         ("users", format!("{} {users}", c.users)),
         ("last used", or_none(&c.last_used)),
+        ("endorsed by", endorsed(c)),
     ])
+}
+
+/// Who vouched for a cached image (a verified endorsement) and with which
+/// key, or "-".
+fn endorsed(c: &CachedImage) -> String {
+    match (c.endorser.as_str(), c.endorser_key.as_str()) {
+        ("", _) => "-".to_owned(),
+        (who, "") => who.to_owned(),
+        (who, key) => format!("{who} (key {key})"),
+    }
 }
 
 /// `image list`: one row per copy (an image both cached here and imported
@@ -65,6 +78,7 @@ pub fn images_table(cs: &[CachedImage]) -> String {
         "FORMAT",
         "USERS",
         "LAST USED",
+        "ENDORSED BY",
         "URL",
     ]);
     for c in cs {
@@ -76,6 +90,7 @@ pub fn images_table(cs: &[CachedImage]) -> String {
             or_none(&c.format),
             c.users.to_string(),
             or_none(&c.last_used),
+            or_none(&c.endorser),
             or_none(&c.url),
         ]);
     }

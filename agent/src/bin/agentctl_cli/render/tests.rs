@@ -278,6 +278,7 @@ fn image_vm() -> Vm {
             sha256: SHA.into(),
             format: ImageFormat::Qcow2 as i32,
             endorser: "ops".into(),
+            endorsement: String::new(),
         })),
         read_only: false,
         boot_index: 1,
@@ -290,6 +291,7 @@ fn image_vm() -> Vm {
             sha256: SHA.into(),
             format: ImageFormat::Auto as i32,
             endorser: String::new(),
+            endorsement: String::new(),
         })),
         persistence: DiskPersistence::Local as i32,
         ..DiskSpec::default()
@@ -349,6 +351,8 @@ fn images() -> Vec<CachedImage> {
             volume: String::new(),
             users: 2,
             last_used: "2026-11-02T10:00:00Z".into(),
+            endorser: "ops@example.org".into(),
+            endorser_key: "ed25519:KEY".into(),
         },
         CachedImage {
             sha256: SHA.into(),
@@ -359,6 +363,8 @@ fn images() -> Vec<CachedImage> {
             volume: "image-9f86d081884c".into(),
             users: 0,
             last_used: "2026-11-01T09:00:00Z".into(),
+            endorser: String::new(),
+            endorser_key: String::new(),
         },
     ]
 }
@@ -368,15 +374,15 @@ fn images_list_as_a_table_and_json() {
     assert_eq!(
         images_table(&images()),
         "SHA256            LOCATION  VOLUME              SIZE  FORMAT  USERS  \
-             LAST USED             URL\n\
+             LAST USED             ENDORSED BY      URL\n\
              9f86d081884c7d65  local     -                   2G    qcow2   2      \
-             2026-11-02T10:00:00Z  https://img.example/deb.qcow2\n\
+             2026-11-02T10:00:00Z  ops@example.org  https://img.example/deb.qcow2\n\
              9f86d081884c7d65  pdisk     image-9f86d081884c  2G    raw     0      \
-             2026-11-01T09:00:00Z  -\n"
+             2026-11-01T09:00:00Z  -                -\n"
     );
     assert_eq!(
         images_table(&[]),
-        "SHA256  LOCATION  VOLUME  SIZE  FORMAT  USERS  LAST USED  URL\n"
+        "SHA256  LOCATION  VOLUME  SIZE  FORMAT  USERS  LAST USED  ENDORSED BY  URL\n"
     );
     let j = images_json(&images());
     assert_eq!(j["images"][0]["sha256"], SHA);
@@ -385,6 +391,8 @@ fn images_list_as_a_table_and_json() {
     assert_eq!(j["images"][1]["volume"], "image-9f86d081884c");
     assert_eq!(j["images"][1]["location"], "pdisk");
     assert_eq!(j["images"][1]["last_used"], "2026-11-01T09:00:00Z");
+    assert_eq!(j["images"][0]["endorser"], "ops@example.org");
+    assert_eq!(j["images"][0]["endorser_key"], "ed25519:KEY");
 }
 
 #[test]
@@ -394,21 +402,26 @@ fn a_pulled_image_shows_in_full() {
     assert_eq!(
         text,
         format!(
-            "sha256:     {SHA}\n\
-                 url:        https://img.example/deb.qcow2\n\
-                 location:   local\n\
-                 volume:     -\n\
-                 size:       2G\n\
-                 format:     qcow2\n\
-                 users:      2 guests\n\
-                 last used:  2026-11-02T10:00:00Z\n"
+            "sha256:       {SHA}\n\
+                 url:          https://img.example/deb.qcow2\n\
+                 location:     local\n\
+                 volume:       -\n\
+                 size:         2G\n\
+                 format:       qcow2\n\
+                 users:        2 guests\n\
+                 last used:    2026-11-02T10:00:00Z\n\
+                 endorsed by:  ops@example.org (key ed25519:KEY)\n"
         )
     );
     let text = image_view(&pdisk);
-    assert!(text.contains("volume:     image-9f86d081884c\n"), "{text}");
-    assert!(text.contains("users:      0 clones\n"), "{text}");
+    assert!(
+        text.contains("volume:       image-9f86d081884c\n"),
+        "{text}"
+    );
+    assert!(text.contains("users:        0 clones\n"), "{text}");
+    assert!(text.contains("endorsed by:  -\n"), "{text}");
     let one = CachedImage { users: 1, ..pdisk };
-    assert!(image_view(&one).contains("users:      1 clone\n"));
+    assert!(image_view(&one).contains("users:        1 clone\n"));
     assert_eq!(cached_image_json(&local)["format"], "qcow2");
 }
 
