@@ -26,7 +26,8 @@
 //! iscsiadm -m node -T TARGET -p PORTAL -I stratus -o update -n node.startup -v manual
 //!          -n node.session.scan -v manual -n node.session.auth.authmethod -v CHAP|None
 //!          [-n node.session.auth.username -v USER]
-//! (CHAP password: written into the node record file by agentd, see below)
+//!          [-n node.session.auth.username_in -v TARGET_USER]   mutual CHAP only
+//! (CHAP passwords: written into the node record file by agentd, see below)
 //! iscsiadm -m node -T TARGET -p PORTAL -I stratus --login  (15: already logged in = fine)
 //! ```
 //!
@@ -58,10 +59,19 @@
 //! iscsiadm 2.1.8 reads a value from nowhere else (its `-v` is argv only; no
 //! stdin or file option). So iscsiadm makes the record and every other
 //! change, and agentd then writes the `node.session.auth.password = SECRET`
-//! line into the record file itself, as a new 0600 file renamed over it.
-//! iscsiadm's record parser (`idbm_recinfo_config`) reads such lines and
-//! derives the password length itself; `--login` reads the record and
-//! hands it to iscsid over its socket. The record is deleted at logout.
+//! line (and, for mutual CHAP, `node.session.auth.password_in = SECRET`: the
+//! secret the target must prove it knows) into the record file itself, as a
+//! new 0600 file renamed over it. iscsiadm's record parser
+//! (`idbm_recinfo_config`) reads such lines and derives the password lengths
+//! itself; `--login` reads the record and hands it to iscsid over its
+//! socket. The record is deleted at logout.
+//!
+//! **Mutual CHAP** (`agentd --chap-mutual`): with `username_in` and
+//! `password_in` in the record, open-iscsi sends the target a challenge of
+//! its own after answering the target's, and fails the login (iscsiadm exit
+//! 24, authorization failure) unless the target answers it with that
+//! account. Without them the initiator never asks, whatever the target is
+//! configured with: so the two keys are what makes the target authenticated.
 //!
 //! **Reference counts.** Several LUNs (and guests) can share one session to a
 //! (portal, target). Each session has a set of holders (guest UUID + disk),
@@ -109,9 +119,11 @@ const ISCSI_ERR_NO_OBJS_FOUND: i32 = 21;
 static NODE_DB: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 const IDBM_ATTEMPTS: u32 = 4;
 
-/// The record key whose value agentd writes itself.
+/// The record keys whose values agentd writes itself: the initiator's
+/// secret, and for mutual CHAP the target's.
 const PASSWORD_KEY: &str = "node.session.auth.password";
-/// Scratch files of [`write_password`], in the database root.
+const PASSWORD_IN_KEY: &str = "node.session.auth.password_in";
+/// Scratch files of [`write_secrets`], in the database root.
 const SCRATCH_PREFIX: &str = ".stratus-node-";
 
 /// Calls on records and sessions; a login waits for iscsid, whose own
@@ -138,6 +150,20 @@ impl AttachMode {
         match self {
             AttachMode::Qemu => "qemu",
             AttachMode::Kernel => "kernel",
+        }
+    }
+
+    /// Whether guests' disks can use mutual CHAP this way: only the kernel's
+    /// initiator checks the target's answer. libiscsi (QEMU's) has no
+    /// setting for the target's account, so "mutual" there would quietly
+    /// be one-way: refused, not downgraded.
+    pub fn check_mutual_chap(self) -> Result<()> {
+        match self {
+            AttachMode::Kernel => Ok(()),
+            AttachMode::Qemu => Err(Error::invalid(
+                "--chap-mutual needs --attach kernel: QEMU's own iSCSI initiator \
+                 (libiscsi, --attach qemu) cannot authenticate the target",
+            )),
         }
     }
 }
@@ -246,6 +272,11 @@ pub struct KernelDisk {
     /// The block device QEMU opened (`/dev/sdX`); None until the LUN appeared.
     #[serde(default)]
     pub device: Option<PathBuf>,
+    /// The target's CHAP user when the login authenticated the target too
+    /// (mutual CHAP); never its secret, which lives only in the node record.
+    /// Absent for one-way CHAP and in records from before mutual CHAP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chap_target_user: Option<String>,
 }
 
 /// A LUN made visible on the host.
@@ -544,12 +575,19 @@ impl KernelAttacher {
             Some(c) => update.args(["CHAP", "-n", "node.session.auth.username", "-v", &c.user]),
             None => update.arg("None"),
         };
+        if let Some(t) = chap.and_then(Chap::mutual) {
+            update = update.args(["-n", "node.session.auth.username_in", "-v", &t.user]);
+        }
         self.iscsiadm(&update.timeout(ISCSIADM_TIMEOUT), &[], false)
             .await?;
         if let Some(c) = chap {
             // After every iscsiadm change: each one rewrites the record.
             let record = self.node_record(key)?;
-            write_password(&record, c.secret(), &self.opts.iscsi_db)?;
+            let mut secrets = vec![(PASSWORD_KEY, c.secret())];
+            if let Some(t) = c.mutual() {
+                secrets.push((PASSWORD_IN_KEY, t.secret()));
+            }
+            write_secrets(&record, &secrets, &self.opts.iscsi_db)?;
         }
         let login = self.node_cmd(key).arg("--login").timeout(LOGIN_TIMEOUT);
         self.iscsiadm(&login, &[ISCSI_ERR_SESS_EXISTS], false)
@@ -868,19 +906,25 @@ fn command_error(cmd: &Cmd, out: &Output) -> Error {
     ))
 }
 
-/// Puts `node.session.auth.password = SECRET` into a node record: the other
-/// lines kept, any old password line dropped, the line placed before
-/// `# END RECORD`. Written to a new 0600 file in `scratch_dir` (the database
-/// root, which iscsiadm never scans for records) and renamed over the record.
-fn write_password(record: &Path, secret: &str, scratch_dir: &Path) -> Result<()> {
+/// Puts `KEY = SECRET` lines (`node.session.auth.password`, and
+/// `password_in` for mutual CHAP) into a node record: the other lines kept,
+/// any old line of those keys dropped, the new ones placed before `# END
+/// RECORD`. Written to a new 0600 file in `scratch_dir` (the database root,
+/// which iscsiadm never scans for records) and renamed over the record.
+fn write_secrets(record: &Path, secrets: &[(&str, &str)], scratch_dir: &Path) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let text = std::fs::read_to_string(record).map_err(|e| Error::io(record.display(), e))?;
-    let line = format!("{PASSWORD_KEY} = {secret}\n");
+    let line: String = secrets
+        .iter()
+        .map(|(key, secret)| format!("{key} = {secret}\n"))
+        .collect();
     let mut out = String::with_capacity(text.len() + line.len());
     let mut placed = false;
     for l in text.lines() {
-        if l.split('=').next().map(str::trim) == Some(PASSWORD_KEY) {
+        // Keys compared whole: `password` must not drop `password_in`.
+        let key = l.split('=').next().map(str::trim);
+        if secrets.iter().any(|(k, _)| key == Some(*k)) {
             continue;
         }
         if !placed && l.trim() == "# END RECORD" {

@@ -566,10 +566,115 @@ async fn the_password_is_written_into_the_record_0600_before_login() {
         .collect();
     assert!(leftovers.is_empty());
     // A password line already there is replaced, not repeated.
-    write_password(&rec, "Another0secret99", &host.path("etc/iscsi")).unwrap();
+    write_secrets(
+        &rec,
+        &[(PASSWORD_KEY, "Another0secret99")],
+        &host.path("etc/iscsi"),
+    )
+    .unwrap();
     let text = std::fs::read_to_string(&rec).unwrap();
     assert_eq!(text.matches(PASSWORD_KEY).count(), 1, "{text}");
     assert!(text.contains("node.session.auth.password = Another0secret99\n# END RECORD\n"));
+}
+
+const TARGET_USER: &str = "stt-0b9c6f52-5a1e-4d8e-9a57-2f0e3c1d4b6a";
+const TARGET_SECRET: &str = "Tg7targetSecret55";
+
+fn mutual_chap() -> Chap {
+    chap()
+        .with_mutual(Chap::new(TARGET_USER, TARGET_SECRET).unwrap())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn mutual_chap_names_the_target_user_in_argv_and_both_secrets_only_in_the_record() {
+    let host = FakeHost::new();
+    let k = host.attacher();
+    let (_, logs) = capture_logs(async {
+        k.attach(&holder(1), &lun(1), Some(&mutual_chap()))
+            .await
+            .unwrap()
+    })
+    .await;
+    let mut want = login_sequence("CHAP");
+    want[3].push_str(&format!(
+        " -n node.session.auth.username -v {USER} -n node.session.auth.username_in -v {TARGET_USER}"
+    ));
+    assert_eq!(host.runner.command_lines(), want);
+    for argv in host.runner.calls() {
+        assert!(
+            !argv
+                .iter()
+                .any(|a| a.contains(SECRET) || a.contains(TARGET_SECRET)),
+            "{argv:?}"
+        );
+    }
+    assert!(
+        !logs.contains(SECRET) && !logs.contains(TARGET_SECRET),
+        "{logs}"
+    );
+    // Both secrets in the 0600 record, before its end, each under its key;
+    // iscsiadm's username_in kept.
+    let rec = host.record();
+    let mode = std::fs::metadata(&rec).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&rec).unwrap();
+    assert!(
+        text.ends_with(&format!(
+            "node.session.auth.password = {SECRET}\n\
+             node.session.auth.password_in = {TARGET_SECRET}\n# END RECORD\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("node.session.auth.username_in = {TARGET_USER}\n")),
+        "{text}"
+    );
+    // Logged out: the record with both secrets goes.
+    k.detach(&holder(1), &lun(1)).await.unwrap();
+    assert!(!rec.exists());
+}
+
+#[test]
+fn secret_keys_are_replaced_whole_so_password_keeps_password_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("record");
+    std::fs::write(
+        &rec,
+        "# BEGIN RECORD 2.1.8\nnode.session.auth.password = Old0secret12345\n\
+         node.session.auth.password_in = In0secret1234567\n# END RECORD\n",
+    )
+    .unwrap();
+    write_secrets(&rec, &[(PASSWORD_KEY, "New0secret12345")], dir.path()).unwrap();
+    let text = std::fs::read_to_string(&rec).unwrap();
+    assert_eq!(
+        text,
+        "# BEGIN RECORD 2.1.8\nnode.session.auth.password_in = In0secret1234567\n\
+         node.session.auth.password = New0secret12345\n# END RECORD\n"
+    );
+    write_secrets(
+        &rec,
+        &[
+            (PASSWORD_KEY, "New0secret12345"),
+            (PASSWORD_IN_KEY, "In1secret7654321"),
+        ],
+        dir.path(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&rec).unwrap();
+    assert_eq!(text.matches("password_in").count(), 1, "{text}");
+    assert!(
+        text.contains("password_in = In1secret7654321\n# END RECORD\n"),
+        "{text}"
+    );
+}
+
+#[test]
+fn only_the_kernel_initiator_takes_mutual_chap() {
+    assert!(AttachMode::Kernel.check_mutual_chap().is_ok());
+    let e = AttachMode::Qemu.check_mutual_chap().unwrap_err();
+    assert_eq!(e.kind(), stratus_core::error::ErrorKind::InvalidArgument);
+    assert!(e.message().contains("libiscsi"), "{e}");
 }
 
 #[tokio::test]

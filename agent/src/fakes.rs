@@ -132,6 +132,8 @@ pub struct FakeVolumes {
     /// How long each export takes (none by default), for callers that give
     /// up half-way.
     pub export_delay: Mutex<Duration>,
+    /// The CHAP credentials of every export asked for, in order.
+    pub export_chaps: Mutex<Vec<Option<pdpb::ChapCredentials>>>,
 }
 
 #[derive(Default)]
@@ -275,6 +277,7 @@ impl VolumeClient for FakeVolumes {
     fn export_volume(&self, req: pdpb::ExportVolumeRequest) -> Answer<'_, pdpb::Export> {
         Box::pin(async move {
             self.check("export_volume", &req.volume)?;
+            self.export_chaps.lock().unwrap().push(req.chap.clone());
             let delay = *self.export_delay.lock().unwrap();
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;

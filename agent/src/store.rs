@@ -771,11 +771,16 @@ mod tests {
                 )
                 .unwrap(),
                 device: Some("/dev/sdb".into()),
+                chap_target_user: Some("stt-0b9c6f52-5a1e-4d8e-9a57-2f0e3c1d4b6a".into()),
             }),
             ..d
         };
         let back: DiskAttachment = serde_json::from_slice(&encode(&k)).unwrap();
         assert_eq!(back, k);
+        // Kernel records from before mutual CHAP read as one-way.
+        let one_way = r#"{"device":"vda","source":"pdisk:v","attachment":"/dev/sdb","read_only":false,"pdisk_volume":"u","mode":"kernel","kernel":{"lun":{"portal":"127.0.0.1:3260","target":"iqn.2026-11.io.stratus.pdisk:v","lun":1},"device":"/dev/sdb"}}"#;
+        let d: DiskAttachment = serde_json::from_str(one_way).unwrap();
+        assert_eq!(d.kernel.unwrap().chap_target_user, None);
     }
 
     #[test]

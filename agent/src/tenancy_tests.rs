@@ -44,6 +44,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             allowed_bridges: vec!["br1".into()],
             initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
             attach: AttachMode::Qemu,
+            chap_mutual: false,
             pdisk_url: None,
             pdisk_tls: None,
             cpu_overcommit: 4,

@@ -969,3 +969,275 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
     assert_eq!(sessions_to(&target1), vec![]);
     assert_eq!(sessions_to(&target2), vec![]);
 }
+
+// ---------- mutual CHAP ----------
+
+/// `Chap` with the target's account, as agentd's `--chap-mutual` makes it.
+fn mutual(user: &str, secret: &str, target_user: &str, target_secret: &str) -> Chap {
+    Chap::new(user, secret)
+        .unwrap()
+        .with_mutual(Chap::new(target_user, target_secret).unwrap())
+        .unwrap()
+}
+
+/// Exports `volume` to `initiator` with `chap` (mutual) on the stack's pdiskd;
+/// a repeated call replaces the export's CHAP (the test is an admin).
+async fn export_mutual(stack: &Stack, volume: &str, initiator: &str, chap: &Chap) -> pb::Export {
+    let t = chap.mutual().unwrap();
+    stack
+        .pdiskd
+        .client()
+        .await
+        .export_volume(pb::ExportVolumeRequest {
+            multi_attach: false,
+            project: String::new(),
+            volume: volume.into(),
+            initiators: vec![initiator.into()],
+            chap: Some(pb::ChapCredentials {
+                user: chap.user.clone(),
+                secret: chap.secret().into(),
+                target: Some(pb::ChapAccount {
+                    user: t.user.clone(),
+                    secret: t.secret().into(),
+                }),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, iscsi_tcp, iscsid, udevd and an iSCSI target: the lab VM"]
+async fn mutual_chap_logs_in_only_when_the_target_proves_its_secret() {
+    require_kernel_initiator();
+    if std::env::var("STRATUS_LAB_PORTAL").is_ok() {
+        eprintln!("skipped: re-keying the target needs pdisk (not STRATUS_LAB_PORTAL)");
+        return;
+    }
+    let ini = TestInitiator::new("km");
+    let stack = Stack::start();
+    create_volume(&stack, "km-vol").await;
+    let secret = || Chap::random_secret().unwrap();
+    let (user, initiator_secret) = ("kmutual", secret());
+    let target_user = "stt-km-vol";
+    let right = mutual(user, &initiator_secret, target_user, &secret());
+    let e = export_mutual(&stack, "km-vol", &ini.iqn, &right).await;
+    assert_eq!(e.chap_target_user, target_user, "{e:?}");
+    let lun = IscsiLun::resolve(&e.portal, &e.target_iqn, e.lun)
+        .await
+        .unwrap();
+    ini.watch(&lun);
+    let k = ini.attacher();
+    let g = Holder::disk(Uuid::new_v4(), "vda");
+
+    // The target answers with the secret the initiator expects: logged in,
+    // and the record asked the target to prove itself.
+    let a = k.attach(&g, &lun, Some(&right)).await.unwrap();
+    assert!(std::fs::metadata(&a.device)
+        .unwrap()
+        .file_type()
+        .is_block_device());
+    assert_eq!(ini.sessions(&lun.target), 1);
+    let text = std::fs::read_to_string(node_record(&lun)).unwrap();
+    for want in [
+        format!("node.session.auth.username_in = {target_user}\n"),
+        format!(
+            "node.session.auth.password_in = {}\n",
+            right.mutual().unwrap().secret()
+        ),
+        format!("node.session.auth.password = {initiator_secret}\n"),
+    ] {
+        assert!(text.contains(&want), "{want:?} not in the node record");
+    }
+    k.detach(&g, &lun).await.unwrap();
+    assert_eq!(ini.sessions(&lun.target), 0);
+
+    // The target is re-keyed on its side only: the initiator's account
+    // still opens the ACL, but the target now answers the initiator's
+    // challenge with another secret. The login must fail, or the initiator
+    // never checked the target.
+    let rekeyed = mutual(user, &initiator_secret, target_user, &secret());
+    export_mutual(&stack, "km-vol", &ini.iqn, &rekeyed).await;
+    let t0 = std::time::Instant::now();
+    let err = k
+        .attach(&g, &lun, Some(&right))
+        .await
+        .expect_err("logged in to a target that answered with the wrong secret");
+    eprintln!(
+        "login with a wrong target secret refused after {:.1} s: {err}",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        err.kind(),
+        stratus_core::error::ErrorKind::Unavailable,
+        "{err}"
+    );
+    assert!(err.message().contains("login"), "{err}");
+    assert_eq!(ini.sessions(&lun.target), 0);
+    assert!(
+        !node_record(&lun).exists(),
+        "a failed login leaves no record (with its secrets)"
+    );
+
+    // Control: with the target's new secret the same initiator gets in, so
+    // what failed above was the target's answer, not the ACL or the network.
+    let b = k.attach(&g, &lun, Some(&rekeyed)).await.unwrap();
+    write_direct(
+        &b.device,
+        &pattern(0x3c),
+        tempfile::tempdir().unwrap().path(),
+    );
+    k.detach(&g, &lun).await.unwrap();
+    assert_eq!(ini.sessions(&lun.target), 0);
+}
+
+/// Files under `dir` holding any of `needles`, pushed to `hits`.
+fn grep_files(dir: &Path, needles: &[&str], hits: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            grep_files(&p, needles, hits);
+        } else if let Ok(bytes) = std::fs::read(&p) {
+            if needles
+                .iter()
+                .any(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
+            {
+                hits.push(p);
+            }
+        }
+    }
+}
+
+/// LIO's mutual CHAP account on the ACL of `initiator` in `target`:
+/// (userid_mutual, password_mutual).
+fn lio_mutual_account(target: &str, initiator: &str) -> (String, String) {
+    let root = Path::new("/sys/kernel/config/target/iscsi").join(target);
+    let tpg = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("tpgt_")
+        })
+        .unwrap_or_else(|| panic!("no TPG in {}", root.display()));
+    let auth = tpg.join("acls").join(initiator).join("auth");
+    let read = |a: &str| {
+        std::fs::read_to_string(auth.join(a))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    (read("userid_mutual"), read("password_mutual"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, iscsi_tcp, iscsid, udevd, LVM, LIO and QEMU: the lab VM"]
+async fn agentd_chap_mutual_has_each_kernel_attached_disk_authenticate_its_target() {
+    if stack_kind() != StackKind::LvmLio {
+        eprintln!("skipped: agentd --attach kernel runs on the lvm-lio stack (scripts/lab)");
+        return;
+    }
+    require_kernel_initiator();
+    let stack = Stack::start();
+    let vol = "kmg-root";
+    create_volume(&stack, vol).await;
+    let guard = TestInitiator {
+        iface: DEFAULT_IFACE.into(),
+        iqn: INITIATOR.into(),
+        nodes: Default::default(),
+    };
+    let host = NetNs::host();
+    let agentd = Agentd::start_in_with(
+        stack.scratch(),
+        &host,
+        &stack.pdiskd.url(),
+        "stbr0",
+        &["--attach", "kernel", "--chap-mutual"],
+    );
+    let mut c = agent_client(&agentd).await;
+    c.create_vm(apb::CreateVmRequest {
+        request_id: String::new(),
+        project: String::new(),
+        spec: Some(guest("kmg", vol)),
+    })
+    .await
+    .unwrap();
+    let vm = c
+        .start_vm(apb::VmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "kmg".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let secret = check_attached(&stack, &agentd, &vm, vol).await;
+    let target = target_of(&stack, vol, &guard).await;
+
+    // pdisk got the target's account: stt-VOLUME_UUID.
+    let e = exports_of(&stack, vol).await.remove(0);
+    let target_user = format!("stt-{}", e.volume_uuid);
+    assert_eq!(e.chap_target_user, target_user, "{e:?}");
+    // The node record asks the target for the very account LIO answers
+    // with; its secret is fresh, not the initiator's, and nowhere else.
+    let rec = node_records(&target).remove(0);
+    let text = std::fs::read_to_string(&rec).unwrap();
+    assert!(
+        text.contains(&format!("node.session.auth.username_in = {target_user}\n")),
+        "no username_in in {}",
+        rec.display()
+    );
+    let target_secret = text
+        .lines()
+        .find_map(|l| l.strip_prefix("node.session.auth.password_in = "))
+        .unwrap_or_else(|| panic!("no password_in in {}", rec.display()))
+        .trim()
+        .to_string();
+    assert_eq!(target_secret.len(), 32, "a 128-bit hex secret");
+    assert_ne!(target_secret, secret);
+    assert_eq!(
+        lio_mutual_account(&target, INITIATOR),
+        (target_user.clone(), target_secret.clone())
+    );
+    let argv = qemu_argv(vm.pid).join(" ");
+    assert!(!argv.contains(&target_secret), "on QEMU's command line");
+    assert!(
+        !agentd.log_text().contains(&target_secret),
+        "the target's secret is in agentd's log"
+    );
+    let got = c
+        .get_vm(apb::VmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "kmg".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        !format!("{got:?}").contains(&target_secret),
+        "in GetVm's reply"
+    );
+
+    // agentd stores neither secret (each is drawn afresh at every start).
+    let mut stored = Vec::new();
+    grep_files(&agentd.state_dir, &[&secret, &target_secret], &mut stored);
+    assert!(stored.is_empty(), "a CHAP secret is stored in {stored:?}");
+
+    // Destroyed: logged out, the record with both secrets and the export gone.
+    c.destroy_vm(apb::DestroyVmRequest {
+        request_id: String::new(),
+        project: String::new(),
+        vm: "kmg".into(),
+        timeout_seconds: 1,
+    })
+    .await
+    .unwrap();
+    check_detached(&stack, vol, &target, &vm).await;
+    let log = agentd.log_text();
+    assert!(!log.contains(&target_secret) && !log.contains(&secret));
+}

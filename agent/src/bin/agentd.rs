@@ -58,6 +58,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             allowed_bridges: cfg.allowed_bridges.clone(),
             initiator_iqn: cfg.initiator_iqn.to_string(),
             attach: cfg.attach,
+            chap_mutual: cfg.chap_mutual,
             pdisk_url: cfg.pdisk.clone(),
             pdisk_tls: cfg.tls.clone(),
             cpu_overcommit: cfg.cpu_overcommit,
@@ -158,7 +159,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     stratus_pki::serve::reload_on_sighup(listeners.tls())?;
     tracing::info!(listen = ?listeners.description, state_dir = %cfg.state_dir.display(),
         pdisk = ?cfg.pdisk, bridge = %cfg.bridge, initiator = %cfg.initiator_iqn,
-        attach = cfg.attach.name(), "agentd ready");
+        attach = cfg.attach.name(), chap_mutual = cfg.chap_mutual, "agentd ready");
     tonic::transport::Server::builder()
         // The audit layer outside the gate: refused calls are recorded too.
         .layer(AuditLayer::new(

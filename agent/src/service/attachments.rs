@@ -21,6 +21,45 @@ use crate::vmm::{DiskBackend, PlannedDisk, PlannedNic};
 use crate::volumes::status_error;
 use stratus_core::error::Result;
 use stratus_core::rooted::RootedFile;
+use stratus_core::types::Chap;
+use uuid::Uuid;
+
+/// The CHAP credentials of one attachment of pdisk volume `volume_uuid` as
+/// guest `vm`'s disk `device`, each secret fresh from [`Chap::random_secret`]
+/// (128 bits) at every start, so none is ever stored by agentd: they live
+/// in pdisk's export and in the initiator (QEMU's memfd or the node record)
+/// until the disk is detached.
+///
+/// - The initiator's user is one per disk: tgtd's accounts are global by
+///   name, so two disks of a guest under one user with two secrets would
+///   leave the first one's login refused (found by agent/tests/faults.rs,
+///   whose guests have two pdisk disks).
+/// - With `mutual`, the target's account (the one the target answers the
+///   initiator's challenge with) is `stt-VOLUME_UUID`: one per volume, as
+///   each volume is its own target and tgtd refuses an outgoing account
+///   bound to two targets; its secret is drawn separately (RFC 3720 8.2.1:
+///   never the same secret in both directions).
+pub(super) fn disk_chap(vm: Uuid, device: &str, volume_uuid: &str, mutual: bool) -> Result<Chap> {
+    let user = format!("st{}{device}", &vm.simple().to_string()[..12]);
+    let chap = Chap::new(&user, &Chap::random_secret()?)?;
+    if !mutual {
+        return Ok(chap);
+    }
+    let target = Chap::new(&format!("stt-{volume_uuid}"), &Chap::random_secret()?)?;
+    chap.with_mutual(target)
+}
+
+/// `chap` as ExportVolume carries it (inside TLS or the local socket only).
+pub(super) fn chap_credentials(chap: &Chap) -> pdpb::ChapCredentials {
+    pdpb::ChapCredentials {
+        user: chap.user.clone(),
+        secret: chap.secret().to_owned(),
+        target: chap.mutual().map(|t| pdpb::ChapAccount {
+            user: t.user.clone(),
+            secret: t.secret().to_owned(),
+        }),
+    }
+}
 
 /// The NoCloud seed image in a guest's directory.
 pub(super) const SEED_FILE: &str = "seed.img";
@@ -231,10 +270,12 @@ impl Agent {
         )))
     }
 
-    /// Exports a pdisk volume to this host with a fresh CHAP secret and says
-    /// how QEMU reaches it: by its own initiator (the secret in a sealed
-    /// memfd QEMU inherits, see [`crate::vmm`]), or with `--attach kernel` through the host's (the secret
-    /// only in open-iscsi's node record). A kernel attachment is recorded in
+    /// Exports a pdisk volume to this host with a fresh CHAP secret (and,
+    /// with `--chap-mutual`, the target's own account, see [`disk_chap`])
+    /// and says how QEMU reaches it: by its own initiator (the secret in a
+    /// sealed memfd QEMU inherits, see [`crate::vmm`]), or with `--attach
+    /// kernel` through the host's (the secrets only in open-iscsi's node
+    /// record). A kernel attachment is recorded in
     /// the guest's runtime before the login, so that a crash or a failure
     /// from there on is undone by [`Agent::tear_down`].
     async fn attach_pdisk(
@@ -245,13 +286,6 @@ impl Agent {
         read_only: bool,
     ) -> Result<(DiskBackend, DiskAttachment)> {
         let kernel = self.settings.attach == AttachMode::Kernel;
-        let secret = stratus_core::types::Chap::random_secret()?;
-        // One CHAP user per disk: tgtd's accounts are global by name, so two
-        // disks of a guest under one user with two secrets would leave the
-        // first one's login refused (found by agent/tests/faults.rs, whose
-        // guests have two pdisk disks).
-        let user = format!("st{}{device}", &vm.uuid.simple().to_string()[..12]);
-        let chap = stratus_core::types::Chap::new(&user, &secret)?;
         // Intent first: the volume is among the exports to undo, durably,
         // before pdisk grants it; the attachment's record replaces it.
         let uuid = self
@@ -260,6 +294,7 @@ impl Agent {
             .await
             .map_err(|s| status_error(s, &format!("pdisk volume {volume}")))?
             .uuid;
+        let chap = disk_chap(vm.uuid, device, &uuid, self.settings.chap_mutual)?;
         if !vm.pending_unexports.contains(&uuid) {
             vm.pending_unexports.push(uuid.clone());
             self.commit(vm, &[])?;
@@ -273,11 +308,7 @@ impl Agent {
                 // A guest's pdisk disks are volumes of its own project:
                 // pdisk answers NotFound for any other.
                 project: vm.project.clone(),
-                chap: Some(pdpb::ChapCredentials {
-                    user: user.clone(),
-                    secret,
-                    target: None,
-                }),
+                chap: Some(chap_credentials(&chap)),
                 multi_attach: false,
             })
             .await
@@ -304,9 +335,11 @@ impl Agent {
         }
         let lun = IscsiLun::resolve(&e.portal, &e.target_iqn, e.lun).await;
         att.mode = AttachMode::Kernel;
+        let chap_target_user = chap.mutual().map(|t| t.user.clone());
         att.kernel = lun.as_ref().ok().map(|l| KernelDisk {
             lun: l.clone(),
             device: None,
+            chap_target_user: chap_target_user.clone(),
         });
         // Recorded before the login (the export too, should the LUN be bad).
         vm.runtime
@@ -327,6 +360,7 @@ impl Agent {
         att.kernel = Some(KernelDisk {
             lun,
             device: Some(got.device.clone()),
+            chap_target_user,
         });
         Ok((DiskBackend::HostDevice { path: got.device }, att))
     }

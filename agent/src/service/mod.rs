@@ -68,6 +68,9 @@ pub struct AgentSettings {
     pub initiator_iqn: String,
     /// How pdisk disks reach QEMU: its own iSCSI initiator or the kernel's.
     pub attach: AttachMode,
+    /// Mutual CHAP on pdisk disks: the target proves itself too (kernel
+    /// initiator only; refused with QEMU's, see [`AttachMode::check_mutual_chap`]).
+    pub chap_mutual: bool,
     /// pdiskd's address (`https://`, `unix:` or loopback `http://`); None
     /// when this host runs no pdisk disks.
     pub pdisk_url: Option<String>,
@@ -202,6 +205,9 @@ impl Agent {
         host: HostFacts,
         effects: HostEffects,
     ) -> Result<Arc<Agent>> {
+        if settings.chap_mutual {
+            settings.attach.check_mutual_chap()?;
+        }
         let policy = match &settings.image_policy {
             Some(p) => Some(crate::images::Policy::load(p)?),
             None => None,

@@ -47,6 +47,18 @@ impl Agent {
                     self.kernel
                         .adopt(Holder::disk(vm.uuid, &d.device), &k.lun)
                         .await;
+                    // Turning --chap-mutual on does not re-key a live
+                    // session: say which guests still trust an
+                    // unauthenticated target until their next start.
+                    if self.settings.chap_mutual && k.chap_target_user.is_none() {
+                        let line = format!(
+                            "{} {}: attached with one-way CHAP (before --chap-mutual); \
+                             mutual from its next start",
+                            vm.spec.name, d.device
+                        );
+                        tracing::warn!("{line}");
+                        report.push(line);
+                    }
                 }
             }
         }

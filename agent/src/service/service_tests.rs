@@ -57,6 +57,14 @@ impl Host {
 
     /// An agent whose settings and host facts `adjust` changes first.
     fn agent_with(&self, adjust: impl FnOnce(&mut AgentSettings, &mut HostFacts)) -> Arc<Agent> {
+        self.try_agent_with(adjust).unwrap()
+    }
+
+    /// [`Self::agent_with`], or why the agent refused its settings.
+    fn try_agent_with(
+        &self,
+        adjust: impl FnOnce(&mut AgentSettings, &mut HostFacts),
+    ) -> stratus_core::error::Result<Arc<Agent>> {
         let state = self.dir.path().join("state");
         let mut kernel = KernelOptions::new("iqn.2026-11.io.stratus:unit");
         kernel.sys = self.dir.path().join("sys");
@@ -68,6 +76,7 @@ impl Host {
             allowed_bridges: vec!["br1".into()],
             initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
             attach: AttachMode::Qemu,
+            chap_mutual: false,
             pdisk_url: None,
             pdisk_tls: None,
             cpu_overcommit: 4,
@@ -108,7 +117,6 @@ impl Host {
                 kernel,
             },
         )
-        .unwrap()
     }
 
     /// Files a start leaves in the guest's directory that must not outlive
@@ -1133,4 +1141,156 @@ async fn an_interrupted_stop_is_finished_at_the_next_start() {
     let vm = agent.get_vm(&vm.uuid.to_string()).unwrap();
     assert_eq!(vm.state, VmState::Stopped);
     host.assert_nothing_attached(&vm, "after the interrupted stop");
+}
+
+#[test]
+fn each_disk_gets_fresh_chap_secrets_and_with_mutual_a_per_volume_target_account() {
+    let vm = uuid::Uuid::new_v4();
+    let volume = uuid::Uuid::new_v4().to_string();
+    let one_way = super::attachments::disk_chap(vm, "vda", &volume, false).unwrap();
+    assert!(one_way.mutual().is_none());
+    assert_eq!(
+        one_way.user,
+        format!("st{}vda", &vm.simple().to_string()[..12])
+    );
+    let a = super::attachments::disk_chap(vm, "vda", &volume, true).unwrap();
+    let b = super::attachments::disk_chap(vm, "vda", &volume, true).unwrap();
+    let (ta, tb) = (a.mutual().unwrap(), b.mutual().unwrap());
+    assert_eq!(ta.user, format!("stt-{volume}"));
+    assert_eq!(ta.user, tb.user, "one target account per volume");
+    // 128 random bits each (32 hex digits), drawn separately every time.
+    for s in [a.secret(), ta.secret(), b.secret(), tb.secret()] {
+        assert_eq!(s.len(), 32);
+        assert!(s.bytes().all(|c| c.is_ascii_hexdigit()), "not hex");
+    }
+    let all = [a.secret(), ta.secret(), b.secret(), tb.secret()];
+    for (i, x) in all.iter().enumerate() {
+        for y in &all[i + 1..] {
+            assert_ne!(x, y, "a secret was reused");
+        }
+    }
+    // Debug output never shows either secret.
+    let shown = format!("{a:?}");
+    assert!(
+        !shown.contains(a.secret()) && !shown.contains(ta.secret()),
+        "{shown}"
+    );
+    assert!(shown.contains(&ta.user), "{shown}");
+    // What ExportVolume carries.
+    let pb = super::attachments::chap_credentials(&a);
+    assert_eq!(
+        (pb.user.as_str(), pb.secret.as_str()),
+        (a.user.as_str(), a.secret())
+    );
+    let t = pb.target.unwrap();
+    assert_eq!(
+        (t.user.as_str(), t.secret.as_str()),
+        (ta.user.as_str(), ta.secret())
+    );
+    assert!(super::attachments::chap_credentials(&one_way)
+        .target
+        .is_none());
+}
+
+#[tokio::test]
+async fn chap_mutual_sends_the_targets_account_to_pdisk_and_stores_no_secret() {
+    let host = Host::new();
+    let root = host.pdisk.add_volume("mutual-root");
+    let agent = host.agent_with(|s, _| {
+        s.attach = AttachMode::Kernel;
+        s.chap_mutual = true;
+    });
+    let mut spec = small_spec("mc", "mutual-root");
+    spec.nics.clear();
+    spec.context = None;
+    let vm = agent.create_vm(spec, "", "").await.unwrap();
+    // The fake runner has no open-iscsi: the login fails after the export.
+    let e = agent.start_vm(&vm.uuid.to_string()).await.unwrap_err();
+    let sent = host.pdisk.export_chaps.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "{e}");
+    let chap = sent[0].clone().expect("CHAP credentials");
+    let target = chap.target.expect("the target's account (mutual CHAP)");
+    assert_eq!(target.user, format!("stt-{root}"));
+    assert_ne!(target.secret, chap.secret);
+    assert_ne!(target.user, chap.user);
+    assert!(!e.to_string().contains(&target.secret), "{e}");
+    // Undone, and neither secret is anywhere in agentd's state directory.
+    let vm = agent.get_vm(&vm.uuid.to_string()).unwrap();
+    host.assert_nothing_attached(&vm, "after the failed login");
+    fn grep(dir: &std::path::Path, needle: &[u8], hits: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                grep(&p, needle, hits);
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                hits.push(p);
+            }
+        }
+    }
+    let mut hits = Vec::new();
+    for secret in [&chap.secret, &target.secret] {
+        grep(&host.dir.path().join("state"), secret.as_bytes(), &mut hits);
+    }
+    assert!(hits.is_empty(), "secrets stored in {hits:?}");
+
+    // Without --chap-mutual: one-way, no target account.
+    crash(agent).await;
+    let agent = host.agent_with(|s, _| s.attach = AttachMode::Kernel);
+    let _ = agent.start_vm(&vm.uuid.to_string()).await;
+    let sent = host.pdisk.export_chaps.lock().unwrap().clone();
+    assert_eq!(sent.len(), 2);
+    assert!(sent[1].as_ref().unwrap().target.is_none());
+}
+
+#[test]
+fn chap_mutual_with_qemus_initiator_is_refused_by_the_agent_too() {
+    let host = Host::new();
+    let Err(e) = host.try_agent_with(|s, _| s.chap_mutual = true) else {
+        panic!("an agent with --chap-mutual and --attach qemu started");
+    };
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.message().contains("--attach kernel"), "{e}");
+}
+
+#[tokio::test]
+async fn turning_chap_mutual_on_names_the_running_disks_still_on_one_way_chap() {
+    let host = Host::new();
+    let agent = host.agent();
+    agent.create_vm(spec("web1"), "", "").await.unwrap();
+    start_and_crash_at(&agent, "web1", "start.running").await;
+    crash(agent).await;
+    // As an agentd with --attach kernel recorded them: vda one-way (before
+    // --chap-mutual), vdb mutual.
+    {
+        let store = AgentStore::open(&host.dir.path().join("state")).unwrap();
+        let mut vm = store.find_vm("web1").unwrap();
+        let disks = &mut vm.runtime.as_mut().unwrap().disks;
+        for (d, target_user) in disks.iter_mut().zip([None, Some("stt-data")]) {
+            d.mode = AttachMode::Kernel;
+            d.kernel = Some(crate::attach::KernelDisk {
+                lun: crate::attach::IscsiLun::new(
+                    "127.0.0.1:3260".parse().unwrap(),
+                    &format!("iqn.2026-11.io.stratus.pdisk:{}", d.device),
+                    1,
+                )
+                .unwrap(),
+                device: Some(format!("/dev/sd{}", d.device).into()),
+                chap_target_user: target_user.map(String::from),
+            });
+        }
+        store.commit(&mut vm, &[]).unwrap();
+    }
+    let agent = host.agent_with(|s, _| {
+        s.attach = AttachMode::Kernel;
+        s.chap_mutual = true;
+    });
+    let report = agent.reconcile().await.unwrap();
+    let one_way: Vec<_> = report.iter().filter(|l| l.contains("one-way")).collect();
+    assert_eq!(
+        one_way,
+        vec!["web1 vda: attached with one-way CHAP (before --chap-mutual); mutual from its next start"],
+        "{report:?}"
+    );
+    assert_eq!(agent.get_vm("web1").unwrap().state, VmState::Running);
 }
