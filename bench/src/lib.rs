@@ -3,7 +3,9 @@
 //! our import vs `qemu-img convert`, tgt aio vs rdwr, ...).
 //!
 //! - [`report`]: figures, and the JSON / Markdown / SVG written to `--out`;
-//! - [`scenarios`]: one module per scenario; each returns figures.
+//! - [`scenarios`]: one module per scenario; each returns figures;
+//! - [`soak`]: the random-crash soak run by `stratus-soak`.
 
 pub mod report;
 pub mod scenarios;
+pub mod soak;
