@@ -111,3 +111,236 @@ async fn creates_clones_and_snapshots_retried_with_their_request_id_are_made_onc
     assert_ne!(in_other.uuid, a.uuid);
     assert_eq!(in_other.project, "bio");
 }
+
+/// 50 clients × 200 mixed operations (create, delete, snapshot, delete
+/// snapshot, clone, resize, export to one of two hosts, unexport, checksum)
+/// on ten overlapping volume names and ten snapshot names, through the gRPC
+/// handlers, each operation under a 60 s watchdog: only the documented
+/// refusals, and at the end the store equals the backend (every record's
+/// data and nothing else, `staging/` empty) and the exporter (each stored
+/// export's target with its ACL, nothing else), every volume `ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_clients_times_two_hundred_operations_end_with_store_backend_and_exporter_equal() {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::backend::ObjectId;
+    use crate::store::VolumeState;
+
+    const CLIENTS: usize = 50;
+    const OPS: usize = 200;
+    const NAMES: usize = 10;
+    const HOSTS: [&str; 2] = [
+        "iqn.2026-11.io.stratus:host1",
+        "iqn.2026-11.io.stratus:host2",
+    ];
+    let f = fixture().await;
+    let api = Arc::new(f.api);
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let api = api.clone();
+        clients.push(tokio::spawn(async move {
+            let mut seed = c as u64 * 7919 + 1;
+            let mut next = move |n: usize| {
+                // xorshift: a fixed sequence per client, no dependency.
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % n as u64) as usize
+            };
+            let mut counts = [0u32; 10];
+            for i in 0..OPS {
+                let (g, h) = (next(NAMES), next(NAMES));
+                let (vol, other, snap) = (format!("v{g}"), format!("v{h}"), format!("s{h}"));
+                let op = next(10);
+                let what = format!("client {c} op {i}: {op} on {vol}/{other}/{snap}");
+                let call = async {
+                    match op {
+                        0 | 1 => api
+                            .create_volume(request(
+                                Role::Admin,
+                                pb::CreateVolumeRequest {
+                                    name: vol.clone(),
+                                    size_bytes: 4 << 20,
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        2 => api
+                            .delete_volume(request(
+                                Role::Admin,
+                                pb::DeleteVolumeRequest {
+                                    volume: vol.clone(),
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        3 => api
+                            .create_snapshot(request(
+                                Role::Admin,
+                                pb::CreateSnapshotRequest {
+                                    volume: vol.clone(),
+                                    name: snap.clone(),
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        4 => api
+                            .delete_snapshot(request(
+                                Role::Admin,
+                                pb::DeleteSnapshotRequest {
+                                    snapshot: snap.clone(),
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        5 => {
+                            let from_snapshot = next(2) == 0;
+                            api.clone_volume(request(
+                                Role::Admin,
+                                pb::CloneVolumeRequest {
+                                    source: if from_snapshot {
+                                        snap.clone()
+                                    } else {
+                                        other.clone()
+                                    },
+                                    source_is_snapshot: from_snapshot,
+                                    name: vol.clone(),
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop)
+                        }
+                        6 => api
+                            .resize_volume(request(
+                                Role::Admin,
+                                pb::ResizeVolumeRequest {
+                                    volume: vol.clone(),
+                                    size_bytes: (4 + next(4) as u64) << 20,
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        7 => api
+                            .export_volume(request(
+                                Role::Admin,
+                                pb::ExportVolumeRequest {
+                                    volume: vol.clone(),
+                                    initiators: vec![HOSTS[next(2)].into()],
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        8 => api
+                            .unexport_volume(request(
+                                Role::Admin,
+                                pb::UnexportVolumeRequest {
+                                    volume: vol.clone(),
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                        _ => api
+                            .checksum_volume(request(
+                                Role::Admin,
+                                pb::ChecksumVolumeRequest {
+                                    volume: vol.clone(),
+                                    ..Default::default()
+                                },
+                            ))
+                            .await
+                            .map(drop),
+                    }
+                };
+                match tokio::time::timeout(Duration::from_secs(60), call).await {
+                    Err(_) => panic!("{what}: took over 60 s (deadlock?)"),
+                    Ok(Ok(())) => counts[op] += 1,
+                    Ok(Err(s)) => assert!(
+                        matches!(
+                            s.code(),
+                            Code::NotFound
+                                | Code::AlreadyExists
+                                | Code::FailedPrecondition
+                                | Code::ResourceExhausted
+                        ) || (op == 6 && s.code() == Code::InvalidArgument),
+                        "{what}: {s:?}"
+                    ),
+                }
+            }
+            counts
+        }));
+    }
+    let mut succeeded = [0u32; 10];
+    for c in clients {
+        for (op, n) in c.await.unwrap().iter().enumerate() {
+            succeeded[op] += n;
+        }
+    }
+    // Each kind of operation succeeded sometimes: the mix really mixed.
+    assert!(succeeded.iter().all(|&n| n > 0), "{succeeded:?}");
+
+    let svc = &f.svc;
+    let volumes = svc.store().volumes().unwrap();
+    let snapshots = svc.store().snapshots().unwrap();
+    for v in &volumes {
+        assert_eq!(v.state, VolumeState::Ready, "{} {:?}", v.name, v.state);
+    }
+    for s in &snapshots {
+        assert!(s.complete, "snapshot {} incomplete", s.name);
+    }
+    // Store == backend.
+    let recorded: BTreeSet<ObjectId> = volumes
+        .iter()
+        .map(|v| ObjectId::Volume(v.uuid))
+        .chain(snapshots.iter().map(|s| ObjectId::Snapshot(s.uuid)))
+        .collect();
+    let listing = svc.backend().list().await.unwrap();
+    let held: BTreeSet<ObjectId> = listing.objects.into_iter().collect();
+    assert_eq!(held, recorded, "pool objects differ from the records");
+    assert!(listing.foreign.is_empty(), "{:?}", listing.foreign);
+    let staging = f._dir.path().join("pool").join("staging");
+    if staging.exists() {
+        let left: Vec<_> = std::fs::read_dir(&staging).unwrap().flatten().collect();
+        assert!(left.is_empty(), "staging/ holds {left:?}");
+    }
+    // Store == exporter.
+    let stored: BTreeSet<(String, Vec<String>)> = svc
+        .store()
+        .exports()
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            assert!(!e.unexporting, "{} left unexporting", e.target_iqn);
+            let mut i: Vec<String> = e.initiators.iter().map(|i| i.to_string()).collect();
+            i.sort();
+            (e.target_iqn.to_string(), i)
+        })
+        .collect();
+    let live: BTreeSet<(String, Vec<String>)> = svc
+        .exporter()
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| {
+            let mut i = l.initiators;
+            i.sort();
+            (l.target_iqn, i)
+        })
+        .collect();
+    assert_eq!(live, stored, "live targets differ from the stored exports");
+    // Every stored export names a volume that exists.
+    let uuids: BTreeSet<_> = volumes.iter().map(|v| v.uuid).collect();
+    for e in svc.store().exports().unwrap() {
+        assert!(uuids.contains(&e.volume), "export of a deleted volume");
+    }
+}

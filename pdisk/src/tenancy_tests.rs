@@ -25,7 +25,7 @@ const OTHER: &str = "bio";
 const IQN: &str = "iqn.2026-11.io.stratus:host1";
 
 pub(crate) struct Fixture {
-    _dir: tempfile::TempDir,
+    pub(crate) _dir: tempfile::TempDir,
     pub(crate) svc: Arc<PoolService>,
     pub(crate) api: Api,
 }

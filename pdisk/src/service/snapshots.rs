@@ -35,6 +35,12 @@ impl PoolService {
                 complete: false,
                 created_at: now(),
             };
+            // The new snapshot's own lock, held until it is complete: from
+            // the insert on, a delete (or a clone, a checksum) can find it by
+            // name, and must wait for it rather than remove it half-made (a
+            // delete between the insert and the commit left the file without
+            // a record, or the commit put back a record without its file).
+            let _own = self.locks.lock(rec.uuid).await;
             self.store.insert_snapshot(&rec)?;
             crate::failpoints::crash_point("service::snapshot::after_intent");
             if let Err(e) = self
