@@ -24,14 +24,18 @@
 //!    [`LocalCache::get_or_fetch`], the agent pins again the base of every
 //!    guest that still has an overlay on it.
 //! 5. Quota: the images' sizes plus the bytes reserved by downloads in
-//!    progress stay within the quota. Room is made *before* a download as
-//!    soon as its size is announced (Content-Length, or a file's length),
-//!    by evicting unpinned images least recently used first; if the image
-//!    alone is larger than the quota, or pinned images leave too little
-//!    room, the request fails with ResourceExhausted before the body is read
-//!    and nothing is evicted. A download whose size is not announced is
-//!    capped at the quota while it runs and gets its room after
-//!    verification, so only then can the directory briefly exceed the quota.
+//!    progress stay within the quota, at every moment, however many
+//!    downloads run. Room is made *before* a download as soon as its size
+//!    is announced (Content-Length, or a file's length), by evicting
+//!    unpinned images least recently used first; if the image alone is
+//!    larger than the quota, or pinned images and other downloads leave too
+//!    little room, the request fails with ResourceExhausted before the body
+//!    is read and nothing is evicted. A download whose size is not announced
+//!    (or whose body runs past it) reserves as it streams, in steps of
+//!    [`GROW_STEP`], before each piece is written; when the quota cannot
+//!    give the next piece room it is cut there with ResourceExhausted, its
+//!    partial file removed and its reservation released, like every failed
+//!    download's.
 //!    The quota is enforced when an image is added, not when it is lowered.
 //!
 //! Single flight is keyed by checksum: a request that arrives while the
@@ -50,7 +54,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::fetch::{FetchTimeouts, Fetcher};
+use super::fetch::{FetchTimeouts, Fetcher, Need};
 use super::policy::{Endorsed, Policy};
 use super::reference::{DeclaredFormat, ImageRef, Sha256};
 use super::staging::{self, PARTIAL_PREFIX};
@@ -248,6 +252,10 @@ struct Metadata {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     endorsement_expires: Option<String>,
 }
+
+/// How far ahead a download without an announced size reserves, so it
+/// takes the cache's lock once per step rather than once per piece.
+const GROW_STEP: u64 = 4 << 20;
 
 /// Rounds of "fetch, then pin" before giving up; more than one only when
 /// other downloads evict the image between its arrival and the pin.
@@ -569,25 +577,41 @@ impl Inner {
             cache: self,
             bytes: 0,
         };
+        let mut room = |need: Need| -> Result<()> {
+            let held = reservation.bytes;
+            match need {
+                Need::Announced(n) if n > held => {
+                    evicted.extend(self.make_room(image, need, n - held, &mut reservation)?);
+                }
+                Need::Received(done) if done > held => {
+                    // Ahead by a step (within the quota); when only the
+                    // exact bytes fit, those are enough to go on.
+                    let ahead = done.div_ceil(GROW_STEP).saturating_mul(GROW_STEP);
+                    let ahead = self.quota.map_or(ahead, |q| ahead.min(q)).max(done);
+                    match self.make_room(image, need, ahead - held, &mut reservation) {
+                        Ok(gone) => evicted.extend(gone),
+                        Err(_) if ahead > done => {
+                            evicted.extend(self.make_room(
+                                image,
+                                need,
+                                done - held,
+                                &mut reservation,
+                            )?);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        };
         let download = self
             .fetcher
-            .fetch(
-                image,
-                &self.dir,
-                self.quota,
-                &mut |announced| {
-                    evicted.extend(self.make_room(image, announced, &mut reservation)?);
-                    Ok(())
-                },
-                &mut |done, total| {
-                    tx.send_replace(Flight::Running(Some((done, total))));
-                },
-            )
+            .fetch(image, &self.dir, &mut room, &mut |done, total| {
+                tx.send_replace(Flight::Running(Some((done, total))));
+            })
             .await?;
-        if download.size > reservation.bytes {
-            let more = download.size - reservation.bytes;
-            evicted.extend(self.make_room(image, more, &mut reservation)?);
-        }
+        debug_assert!(self.quota.is_none() || download.size <= reservation.bytes);
         // detect_format names the temporary; the user knows the URL.
         let format = detect_format(download.file.path()).map_err(|e| {
             let tmp = download.file.path().display().to_string();
@@ -622,24 +646,32 @@ impl Inner {
         Ok(evicted)
     }
 
-    /// Reserves `need` more bytes for `image`'s download, evicting unpinned
-    /// images least recently used first. Refuses without evicting anything
-    /// when the room cannot be made.
+    /// Reserves `more` bytes for `image`'s download, which asked for room
+    /// with `need`, evicting unpinned images least recently used first.
+    /// Refuses without evicting anything when the room cannot be made.
     fn make_room(
         &self,
         image: &ImageRef,
-        need: u64,
+        need: Need,
+        more: u64,
         reservation: &mut Reservation<'_>,
     ) -> Result<Vec<EvictedImage>> {
         let Some(quota) = self.quota else {
             return Ok(Vec::new());
         };
-        let wanted = reservation.bytes + need;
+        let url = image.url();
+        let wanted = reservation.bytes + more;
         if wanted > quota {
-            return Err(Error::exhausted(format!(
-                "image {} is {wanted} bytes, more than the image cache quota ({quota} bytes)",
-                image.url()
-            )));
+            return Err(Error::exhausted(match need {
+                Need::Announced(n) => format!(
+                    "image {url} is {n} bytes, more than the image cache quota ({quota} bytes)"
+                ),
+                Need::Received(done) => format!(
+                    "image {url}: download cut after {done} bytes, more than the image cache \
+                     quota ({quota} bytes; the server announced no size, or a smaller one); \
+                     nothing was kept"
+                ),
+            }));
         }
         let mut st = self.state();
         let cached: u64 = st.images.values().map(|e| e.size).sum();
@@ -650,16 +682,24 @@ impl Inner {
             .map(|(_, e)| e.size)
             .sum();
         let held = cached - evictable + st.reserved;
-        if held + need > quota {
-            return Err(Error::exhausted(format!(
-                "image {} needs {need} bytes but the image cache quota ({quota} bytes) is \
-                 held by images in use or being downloaded ({held} bytes)",
-                image.url()
-            )));
+        if held + more > quota {
+            return Err(Error::exhausted(match need {
+                Need::Announced(n) => format!(
+                    "image {url} needs {n} bytes but the image cache quota ({quota} bytes) is \
+                     held by images in use or being downloaded ({held} bytes)"
+                ),
+                Need::Received(done) => format!(
+                    "image {url}: download cut after {done} bytes (the server announced no \
+                     size, or a smaller one): the image cache quota ({quota} bytes) is held by \
+                     images in use or being downloaded ({held} bytes, this download's \
+                     {} included); nothing was kept",
+                    reservation.bytes
+                ),
+            }));
         }
         let mut evicted = Vec::new();
         let mut used = cached + st.reserved;
-        while used + need > quota {
+        while used + more > quota {
             let victim = st
                 .images
                 .iter()
@@ -671,8 +711,8 @@ impl Inner {
             used -= gone.size;
             evicted.push(gone);
         }
-        st.reserved += need;
-        reservation.bytes += need;
+        st.reserved += more;
+        reservation.bytes += more;
         Ok(evicted)
     }
 }

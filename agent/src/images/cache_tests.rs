@@ -425,6 +425,128 @@ async fn the_quota_evicts_least_recently_used_but_never_pinned_images() {
     assert_eq!(cache.list().len(), 3);
 }
 
+/// Bytes of every file in the cache directory, temporaries included.
+fn bytes_on_disk(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+/// Starts fetching `image` in a task and returns once `bytes` of it have
+/// arrived (and so have been given room).
+async fn fetch_until(
+    cache: &LocalCache,
+    image: &ImageRef,
+    bytes: u64,
+) -> tokio::task::JoinHandle<Result<PulledImage>> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (cache, image) = (cache.clone(), image.clone());
+    let task = tokio::spawn(async move {
+        cache
+            .get_or_fetch(&image, move |done, _| {
+                let _ = tx.send(done);
+            })
+            .await
+    });
+    loop {
+        let done = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the download progresses")
+            .expect("the download reached the gate");
+        if done >= bytes {
+            return task;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_and_unsized_downloads_stay_within_the_quota() {
+    let http = TestHttp::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let quota = 5 * MIB as u64;
+    let cache = open(dir.path(), Some(quota));
+    let serve_unsized = |path: &str, body: &[u8], gate: Option<Arc<Notify>>| {
+        http.route(
+            path,
+            Reply::Unsized {
+                body: body.to_vec(),
+                first: MIB,
+                gate,
+            },
+        );
+        reference(&http.url(path), body)
+    };
+
+    // A, with no Content-Length, is held after 1 MiB: it has reserved a
+    // step ahead (4 MiB) of what arrived.
+    let gate = Arc::new(Notify::new());
+    let a_body = content(3 * MIB, 40);
+    let a = serve_unsized("/a.img", &a_body, Some(gate.clone()));
+    let a_task = fetch_until(&cache, &a, MIB as u64).await;
+
+    // B announces 3 MiB: refused before its body is read.
+    let b = serve(&http, "/b.img", &content(3 * MIB, 41));
+    let err = fetch(&cache, &b).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(
+        err.message().contains(&format!(
+            "needs {} bytes but the image cache quota ({quota} bytes) is held by images in \
+             use or being downloaded ({} bytes)",
+            3 * MIB,
+            4 * MIB
+        )),
+        "{err}"
+    );
+
+    // U, also without Content-Length, gets the 1 MiB left and is cut at the
+    // piece past it: its partial file goes, A's stays.
+    let u_body = content(3 * MIB, 42);
+    let u = serve_unsized("/u.img", &u_body, None);
+    let err = fetch(&cache, &u).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    let m = err.message();
+    assert!(
+        m.contains(&format!("image {}: download cut after ", u.url()))
+            && m.contains(&format!("the image cache quota ({quota} bytes) is held"))
+            && m.contains("nothing was kept"),
+        "{m}"
+    );
+    let during = names(dir.path());
+    assert_eq!(during.len(), 1, "{during:?}");
+    assert!(during[0].starts_with(".partial-"), "{during:?}");
+    assert!(bytes_on_disk(dir.path()) <= quota);
+
+    // A completes within its reservation.
+    gate.notify_one();
+    let pulled = a_task.await.unwrap().unwrap();
+    assert_eq!(std::fs::read(&pulled.image.path).unwrap(), a_body);
+    drop(pulled);
+
+    // The cache still works: U again, growing its reservation as it
+    // streams, evicts A (unpinned, least recently used) to fit.
+    let pulled = fetch(&cache, &u).await.unwrap();
+    assert_eq!(std::fs::read(&pulled.image.path).unwrap(), u_body);
+    assert_eq!(pulled.evicted.len(), 1);
+    assert_eq!(&pulled.evicted[0].sha256, a.sha256());
+    assert_eq!(names(dir.path()).len(), 2);
+    assert!(bytes_on_disk(dir.path()) <= quota);
+
+    // Without Content-Length and larger than the whole quota (an empty
+    // cache): cut, told so.
+    drop(pulled);
+    cache.evict(u.sha256()).unwrap();
+    let big = serve_unsized("/big.img", &content(5 * MIB + 1, 43), None);
+    let err = fetch(&cache, &big).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ResourceExhausted, "{err}");
+    assert!(
+        err.message()
+            .contains(&format!("more than the image cache quota ({quota} bytes")),
+        "{err}"
+    );
+    assert!(names(dir.path()).is_empty());
+}
+
 #[tokio::test]
 async fn evict_refuses_pinned_and_unknown_images() {
     let http = TestHttp::start().await;

@@ -73,6 +73,15 @@ pub(crate) struct Download {
     pub size: u64,
 }
 
+/// Space a download asks of the cache, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// The size the server (Content-Length) or the file announced.
+    Announced(u64),
+    /// The bytes received so far, about to be written.
+    Received(u64),
+}
+
 /// Downloads images; one per cache, so connections are pooled.
 #[derive(Debug, Clone)]
 pub(crate) struct Fetcher {
@@ -123,24 +132,26 @@ impl Fetcher {
 
     /// Streams `image` into a new temporary in `dir` and verifies it.
     ///
-    /// `on_size` learns the announced size (Content-Length, or a file's
-    /// length) before the body is read and may refuse it; `limit` caps the
-    /// bytes accepted (what matters when nothing was announced). `progress(done, total)`
-    /// (total 0 when unknown) is called at start, at most once per
-    /// [`PROGRESS_STEP`] bytes, and at the end.
+    /// `room(need)` is asked for the space the download needs, and may
+    /// refuse it: once with the announced size (Content-Length, or a file's
+    /// length) before the body is read, then with the bytes received so far
+    /// before each piece is written, so a refused piece never reaches the
+    /// disk. That is how the cache holds its quota for a body whose size
+    /// nobody announced. `progress(done, total)` (total 0 when unknown) is
+    /// called at start, at most once per [`PROGRESS_STEP`] bytes, and at the
+    /// end.
     pub(crate) async fn fetch(
         &self,
         image: &ImageRef,
         dir: &Path,
-        limit: Option<u64>,
-        on_size: &mut (dyn FnMut(u64) -> Result<()> + Send),
+        room: &mut (dyn FnMut(Need) -> Result<()> + Send),
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<Download> {
         let url = image.url();
         let mut body = self.open(image).await?;
         let announced = body.announced_size();
         if let Some(n) = announced {
-            on_size(n)?;
+            room(Need::Announced(n))?;
         }
         let (file, out) = Partial::create(dir, "")?;
         let (tx, rx) = mpsc::channel::<Bytes>(PIPE_DEPTH);
@@ -177,11 +188,8 @@ impl Fetcher {
                 };
                 let Some(chunk) = chunk else { break };
                 done += chunk.len() as u64;
-                if let Some(limit) = limit.filter(|&l| done > l) {
-                    return Err(Error::exhausted(format!(
-                        "image {url} is larger than the image cache quota ({limit} bytes)"
-                    )));
-                }
+                // Before the bytes reach the disk: a refused piece is never written.
+                room(Need::Received(done))?;
                 if tx.send(chunk).await.is_err() {
                     // The writer stopped; its error is the one to report.
                     break;

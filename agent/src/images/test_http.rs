@@ -25,6 +25,14 @@ pub(crate) enum Reply {
     Stall,
     /// Sends the headers and waits for `gate` before sending the body.
     Gated { body: Vec<u8>, gate: Arc<Notify> },
+    /// 200 without Content-Length (the body ends when the connection
+    /// closes): the first `first` bytes, then, once `gate` is notified
+    /// (at once when there is none), the rest.
+    Unsized {
+        body: Vec<u8>,
+        first: usize,
+        gate: Option<Arc<Notify>>,
+    },
     /// 302 to this location, with a body that must never reach a message.
     Redirect(String),
 }
@@ -136,6 +144,16 @@ async fn serve(
                 body.len()
             );
             stream.write_all(h.as_bytes()).await
+        }
+        Some(Reply::Unsized { body, first, gate }) => {
+            let h = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+            let _ = stream.write_all(h.as_bytes()).await;
+            let _ = stream.write_all(&body[..first]).await;
+            if let Some(gate) = gate {
+                gate.notified().await;
+            }
+            let _ = stream.write_all(&body[first..]).await;
+            stream.shutdown().await
         }
         Some(Reply::Gated { body, gate }) => {
             let _ = stream.write_all(ok(body.len()).as_bytes()).await;
