@@ -8,7 +8,8 @@
 //! host, LVM thin + LIO + the kernel initiator of `open_iscsi.rs` in the lab
 //! VM). One file per concern: `netns.rs`, `xfs.rs`, `tgtd.rs`, `pdiskd.rs`,
 //! `initiator.rs`, `agentd.rs`, `guest.rs` (with the httpd), `nats.rs` (a
-//! `nats-server -js` of the test's own), `stack.rs`,
+//! `nats-server -js` of the test's own), `ceph.rs` (a single-node Ceph
+//! cluster on memstore for the rbd backend), `stack.rs`,
 //! `open_iscsi.rs`, `pki.rs`, `metrics.rs` (scraping
 //! `/metrics` and reading the samples back); this file holds the helpers they share.
 //!
@@ -27,6 +28,7 @@ use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 
 mod agentd;
+mod ceph;
 mod guest;
 mod initiator;
 mod metrics;
@@ -40,6 +42,7 @@ mod tgtd;
 mod xfs;
 
 pub use agentd::{agent_events, test_cgroup_parent, Agentd};
+pub use ceph::{CephCluster, MAX_CLUSTERS, MEMSTORE_BYTES};
 pub use guest::{guest_dir, wait_console, Httpd};
 pub use initiator::Initiator;
 pub use metrics::{scrape, Scrape};
