@@ -14,6 +14,7 @@ use stratus_core::settings::load_toml;
 pub use stratus_core::settings::LogFormat;
 
 use crate::backend::lvm::{LvmName, LvmSettings, Wipe};
+use crate::backend::rbd::{check_path_for_rbd, CephName, RbdSettings};
 use crate::error::{Error, Result};
 use crate::types::Iqn;
 use stratus_core::nats::{NatsFlags, NatsSettings};
@@ -26,6 +27,8 @@ pub enum BackendKind {
     File,
     /// Thin LVs in an LVM thin pool (--vg, --thin-pool).
     Lvm,
+    /// RBD images in a Ceph pool (--rbd-pool, --ceph-conf, --ceph-id).
+    Rbd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -95,6 +98,28 @@ pub struct Flags {
     /// runs) [default: none]
     #[arg(long, value_enum, value_name = "MODE")]
     pub lvm_wipe: Option<Wipe>,
+    /// rbd backend: the Ceph pool volumes live in (required with --backend
+    /// rbd)
+    #[arg(long, value_name = "POOL")]
+    pub rbd_pool: Option<String>,
+    /// rbd backend: an erasure-coded pool for the images' data (their
+    /// metadata stays in --rbd-pool)
+    #[arg(long, value_name = "POOL")]
+    pub rbd_data_pool: Option<String>,
+    /// rbd backend: a clone whose chain of parents would pass this depth is
+    /// flattened before it is published [default: 5]
+    #[arg(long, value_name = "N")]
+    pub rbd_max_clone_depth: Option<u32>,
+    /// rbd backend: the cluster's ceph.conf [default: /etc/ceph/ceph.conf]
+    #[arg(long, value_name = "FILE")]
+    pub ceph_conf: Option<PathBuf>,
+    /// rbd backend: the cephx user, without "client." [default: admin]
+    #[arg(long, value_name = "USER")]
+    pub ceph_id: Option<String>,
+    /// rbd backend: the user's keyring [default: the locations ceph.conf
+    /// names, e.g. /etc/ceph/ceph.client.USER.keyring]
+    #[arg(long, value_name = "FILE")]
+    pub ceph_keyring: Option<PathBuf>,
     /// iSCSI exporter [default: tgt]
     #[arg(long = "export", value_enum)]
     #[serde(rename = "export")]
@@ -149,6 +174,8 @@ pub struct Config {
     pub pool_dir: PathBuf,
     /// Set when `backend` is lvm.
     pub lvm: Option<LvmSettings>,
+    /// Set when `backend` is rbd.
+    pub rbd: Option<RbdSettings>,
     pub exporter: ExporterKind,
     pub portal: String,
     pub tgt_control_port: u32,
@@ -174,9 +201,13 @@ impl Flags {
         let serve = self.serve_settings(&file)?;
         let backend = pick!(backend, BackendKind::File);
         let mut lvm = self.lvm_settings(&file, backend)?;
+        let mut rbd = self.rbd_settings(&file, backend)?;
         let data_dir = pick!(data_dir, PathBuf::from("/var/lib/pdisk"));
         if let Some(l) = &mut lvm {
             l.staging_dir = data_dir.join("staging");
+        }
+        if let Some(r) = &mut rbd {
+            r.staging_dir = data_dir.join("staging");
         }
         let nats = self.nats.resolve(&file.nats)?;
         let event_max_age = humantime::parse_duration(&pick!(event_retention, "7d".into()))
@@ -192,6 +223,7 @@ impl Flags {
             event_max,
             backend,
             lvm,
+            rbd,
             pool_dir: pick!(pool_dir, data_dir.join("pool")),
             exporter: pick!(exporter, ExporterKind::Tgt),
             portal: pick!(portal, "127.0.0.1:3260".into()),
@@ -222,6 +254,53 @@ impl Flags {
                 Path::new("/run/stratus/pdiskd.sock"),
             )
             .map_err(Error::invalid)
+    }
+
+    /// The rbd backend's settings, validated (Ceph names without odd
+    /// characters, paths QEMU's rbd: filenames can carry); None for other
+    /// backends, which take no rbd keys.
+    fn rbd_settings(&self, file: &Flags, backend: BackendKind) -> Result<Option<RbdSettings>> {
+        let pool = self.rbd_pool.clone().or(file.rbd_pool.clone());
+        let data_pool = self.rbd_data_pool.clone().or(file.rbd_data_pool.clone());
+        let depth = self.rbd_max_clone_depth.or(file.rbd_max_clone_depth);
+        let conf = self.ceph_conf.clone().or(file.ceph_conf.clone());
+        let id = self.ceph_id.clone().or(file.ceph_id.clone());
+        let keyring = self.ceph_keyring.clone().or(file.ceph_keyring.clone());
+        if backend != BackendKind::Rbd {
+            if pool.is_some()
+                || data_pool.is_some()
+                || depth.is_some()
+                || conf.is_some()
+                || id.is_some()
+                || keyring.is_some()
+            {
+                return Err(Error::invalid(
+                    "rbd-pool, rbd-data-pool, rbd-max-clone-depth, ceph-conf, ceph-id and ceph-keyring are settings of the rbd backend: set backend = rbd or remove them",
+                ));
+            }
+            return Ok(None);
+        }
+        let Some(pool) = pool else {
+            return Err(Error::invalid(
+                "the rbd backend needs --rbd-pool (rbd_pool in the config file)",
+            ));
+        };
+        let ceph_conf = conf.unwrap_or_else(|| PathBuf::from("/etc/ceph/ceph.conf"));
+        check_path_for_rbd("ceph-conf", &ceph_conf)?;
+        if let Some(k) = &keyring {
+            check_path_for_rbd("ceph-keyring", k)?;
+        }
+        Ok(Some(RbdSettings {
+            pool: CephName::new("rbd-pool", &pool)?,
+            data_pool: data_pool
+                .map(|d| CephName::new("rbd-data-pool", &d))
+                .transpose()?,
+            ceph_conf,
+            ceph_id: CephName::new("ceph-id", id.as_deref().unwrap_or("admin"))?,
+            keyring,
+            max_clone_depth: depth.unwrap_or(5),
+            staging_dir: PathBuf::new(),
+        }))
     }
 
     /// The lvm backend's settings, validated (names LVM accepts, so nothing
@@ -493,6 +572,91 @@ mod tests {
             .unwrap();
         assert_eq!(c.exporter, ExporterKind::Lio);
         assert_eq!(c.lio_configfs, PathBuf::from("/mnt/cfg"));
+    }
+
+    #[test]
+    fn rbd_backend_needs_a_pool_and_takes_only_safe_names_and_paths() {
+        let c = Flags::parse_from([
+            "pdiskd",
+            "--backend",
+            "rbd",
+            "--rbd-pool",
+            "pdisk",
+            "--ceph-id",
+            "pdisk",
+            "--ceph-keyring",
+            "/etc/ceph/ceph.client.pdisk.keyring",
+            "--data-dir",
+            "/srv/pdisk",
+        ])
+        .resolve()
+        .unwrap();
+        let r = c.rbd.unwrap();
+        assert_eq!((r.pool.as_str(), r.ceph_id.as_str()), ("pdisk", "pdisk"));
+        assert_eq!(r.ceph_conf, PathBuf::from("/etc/ceph/ceph.conf"));
+        assert_eq!(r.max_clone_depth, 5);
+        assert_eq!(r.data_pool, None);
+        assert_eq!(r.staging_dir, PathBuf::from("/srv/pdisk/staging"));
+        assert!(c.lvm.is_none());
+
+        for (args, why) in [
+            (vec!["--backend", "rbd"], "--rbd-pool"),
+            (vec!["--backend", "rbd", "--rbd-pool=-rf"], "rbd-pool"),
+            (vec!["--backend", "rbd", "--rbd-pool", "a/b"], "rbd-pool"),
+            (
+                vec![
+                    "--backend",
+                    "rbd",
+                    "--rbd-pool",
+                    "p",
+                    "--ceph-id",
+                    "client admin",
+                ],
+                "ceph-id",
+            ),
+            (
+                vec![
+                    "--backend",
+                    "rbd",
+                    "--rbd-pool",
+                    "p",
+                    "--ceph-conf",
+                    "/x:mon_host=evil",
+                ],
+                "ceph-conf",
+            ),
+            (
+                vec![
+                    "--backend",
+                    "rbd",
+                    "--rbd-pool",
+                    "p",
+                    "--ceph-keyring",
+                    "rel/keyring",
+                ],
+                "ceph-keyring",
+            ),
+            (vec!["--rbd-pool", "p"], "rbd backend"),
+            (
+                vec![
+                    "--backend",
+                    "lvm",
+                    "--vg",
+                    "v",
+                    "--thin-pool",
+                    "p",
+                    "--ceph-id",
+                    "x",
+                ],
+                "rbd backend",
+            ),
+        ] {
+            let e = Flags::parse_from(std::iter::once("pdiskd").chain(args.iter().copied()))
+                .resolve()
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
+            assert!(e.message().contains(why), "{args:?}: {e}");
+        }
     }
 
     #[test]

@@ -98,7 +98,7 @@ impl Script {
             .collect()
     }
 
-    fn timeouts(&self) -> Vec<(String, Duration)> {
+    pub(crate) fn timeouts(&self) -> Vec<(String, Duration)> {
         self.calls
             .lock()
             .unwrap()

@@ -4,8 +4,8 @@
 //! name from a request, so no request can make a backend touch a path or LV
 //! outside its pool.
 //!
-//! Backends: [`file`] (sparse files, reflinks) and [`lvm`] (thin LVs, thin
-//! snapshots).
+//! Backends: [`file`] (sparse files, reflinks), [`lvm`] (thin LVs, thin
+//! snapshots) and [`rbd`] (Ceph RBD images, snapshots and clones).
 //!
 //! Invariants every backend keeps:
 //! - `create`, `snapshot`, `clone_object` and `import` make the new object
@@ -21,6 +21,7 @@ pub mod copy;
 pub mod file;
 pub(crate) mod image;
 pub mod lvm;
+pub mod rbd;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -124,7 +125,7 @@ impl PoolUsage {
 pub use stratus_core::image::ImageFormat;
 
 pub trait Backend: Send + Sync {
-    /// "file" or "lvm".
+    /// "file", "lvm" or "rbd".
     fn kind(&self) -> &'static str;
 
     /// What this pool can do, e.g. "reflink" or "sparse-copy".

@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use pdisk::backend::file::FileBackend;
 use pdisk::backend::lvm::LvmBackend;
+use pdisk::backend::rbd::RbdBackend;
 use pdisk::backend::Backend;
 use pdisk::config::{BackendKind, Config, ExporterKind, Flags};
 use pdisk::export::lio::{LioConfig, LioExporter};
@@ -79,6 +80,17 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             let b = LvmBackend::open(runner.clone(), settings)
                 .await
                 .context("opening the thin pool")?;
+            let cleared = b.clear_temporaries().await?;
+            if !cleared.is_empty() {
+                tracing::info!(removed = ?cleared, "removed temporaries of interrupted operations");
+            }
+            Arc::new(b)
+        }
+        BackendKind::Rbd => {
+            let settings = cfg.rbd.clone().context("rbd settings missing")?;
+            let b = RbdBackend::open(runner.clone(), settings)
+                .await
+                .context("opening the rbd pool")?;
             let cleared = b.clear_temporaries().await?;
             if !cleared.is_empty() {
                 tracing::info!(removed = ?cleared, "removed temporaries of interrupted operations");

@@ -211,6 +211,8 @@ pub enum DriftKind {
     File,
     /// A logical volume that is not ours or has no record (`lvm` backend).
     Lv,
+    /// An RBD image that is not ours or has no record (`rbd` backend).
+    Image,
 }
 
 impl DriftKind {
@@ -223,6 +225,7 @@ impl DriftKind {
             DriftKind::Target => "target",
             DriftKind::File => "file",
             DriftKind::Lv => "lv",
+            DriftKind::Image => "image",
         }
     }
 }

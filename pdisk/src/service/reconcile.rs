@@ -138,6 +138,7 @@ impl PoolService {
         // What an object lives in, for drift reports: a file or an LV.
         let unit = match self.backend.kind() {
             "lvm" => DriftKind::Lv,
+            "rbd" => DriftKind::Image,
             _ => DriftKind::File,
         };
         for id in present.difference(&known) {

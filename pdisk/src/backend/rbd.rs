@@ -1,0 +1,958 @@
+//! The rbd backend: volumes are RBD images in one Ceph pool, snapshots are
+//! RBD snapshots of them, clones are RBD clones (layering) of a snapshot.
+//!
+//! ```text
+//! POOL/pd-vol-<uuid>                        a volume (image-meta stratus.pdisk.object = volume <uuid>)
+//! POOL/pd-vol-<uuid>@pd-snap-<uuid>         a snapshot of that volume
+//! POOL/pd-tmp-vol-<uuid>                    a volume being built (create, clone, import)
+//! ```
+//!
+//! # Why the CLIs
+//! Ceph is driven through `rbd` and `ceph` with `--format json`, argv only,
+//! through the [`CommandRunner`] with a timeout on every call, as Proxmox
+//! drives it. No librbd crate was taken: `ceph-rust` and `librbd-sys`
+//! (crates.io) are thin unsafe FFI bindings last released years ago, not
+//! maintained against Pacific; linking librbd would also put a C++ library
+//! with its own threads into pdiskd's address space and make the build need
+//! `librbd-dev`. The CLIs cost a process per call (about 0.1 s), which is
+//! small next to what an operation does, and they are what operators use.
+//!
+//! # Identity and credentials
+//! Every call carries `--conf FILE --id USER` and, when given, `--keyring
+//! FILE`; the cephx key is read by the tools from the keyring, never put in
+//! argv. Names in argv come from UUIDs and from the validated settings only.
+//!
+//! # What `list` reports is complete
+//! `create`, `clone` and `import` build the image under `pd-tmp-vol-<uuid>`,
+//! tag it with image-meta and then `rbd rename` it to its final name (one
+//! update of the pool's directory object); `snapshot` is one `rbd snap
+//! create`. Temporaries are removed by `delete` of their object and at start
+//! ([`RbdBackend::clear_temporaries`]). An image is classified by its name:
+//! `pd-vol-<uuid>` is ours, anything else in the pool is foreign (drift).
+//!
+//! # Clones
+//! A clone of a snapshot is `rbd clone` (format 2 when the cluster's
+//! `require_min_compat_client` is mimic or newer: no protection needed).
+//! When the cluster still wants protected parents, the snapshot is
+//! protected and the clone retried; deleting a snapshot unprotects it first.
+//! A snapshot with children is never deleted: the error names the clones,
+//! which must be flattened first. A clone whose chain of parents would pass
+//! `max_clone_depth` is flattened (`rbd flatten`) before it is published,
+//! like Cinder's `rbd_max_clone_depth`, so reads never walk a long chain.
+//! A clone of a volume (not a snapshot) is a full sparse copy (`rbd cp`,
+//! the image's head only, never its snapshots).
+//!
+//! # What Ceph has no notion of
+//! RBD has no read-only flag for an image: `set_read_only` records
+//! `stratus.pdisk.read-only = true` in image-meta, and users of base images
+//! open them read-only. There is no device path either: `device_path` is the
+//! `rbd:POOL/IMAGE[@SNAP]` name QEMU's rbd driver takes (with the client's
+//! id and conf added by the user).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::image;
+use super::{Backend, ImageFormat, ObjectId, PoolListing, PoolUsage, ProgressFn};
+use crate::error::{Error, ErrorKind, Result};
+use crate::runner::{BoxFuture, Cmd, CommandRunner, Output};
+
+const VOL_PREFIX: &str = "pd-vol-";
+const SNAP_PREFIX: &str = "pd-snap-";
+const TMP_PREFIX: &str = "pd-tmp-vol-";
+/// The image-meta key tying an image to pdisk.
+pub const OWNER_KEY: &str = "stratus.pdisk.object";
+/// The image-meta key of a volume made read-only (see the module doc).
+pub const READ_ONLY_KEY: &str = "stratus.pdisk.read-only";
+
+/// Reports: the monitors answer at once unless the cluster is unhealthy.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Metadata changes (create, snap, clone, rename, resize, rm of an image
+/// whose objects are few; rm walks every object, so it gets the long one).
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Data-moving calls: rm, cp, flatten, import.
+const DATA_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
+
+/// A Ceph pool or user name, checked so that nothing odd reaches argv or a
+/// QEMU `rbd:` filename: letters, digits, `_`, `-`, `.`; not starting with
+/// `-` or `.`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CephName(String);
+
+impl CephName {
+    pub fn new(what: &str, s: &str) -> Result<CephName> {
+        let ok = !s.is_empty()
+            && s.len() <= 100
+            && !s.starts_with(['-', '.'])
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if ok {
+            Ok(CephName(s.to_string()))
+        } else {
+            Err(Error::invalid(format!(
+                "{what} {s:?}: use letters, digits, '_', '-' and '.', not starting with '-' or '.'"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for CephName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the rbd backend is told at start.
+#[derive(Debug, Clone)]
+pub struct RbdSettings {
+    pub pool: CephName,
+    /// An erasure-coded pool for the images' data (metadata stays in `pool`).
+    pub data_pool: Option<CephName>,
+    pub ceph_conf: PathBuf,
+    /// The cephx user, without `client.`.
+    pub ceph_id: CephName,
+    /// The user's keyring; None: the standard locations the conf names.
+    pub keyring: Option<PathBuf>,
+    /// A clone whose parent chain would be longer than this is flattened.
+    pub max_clone_depth: u32,
+    /// Where uploads are staged before import (under pdiskd's data dir).
+    pub staging_dir: PathBuf,
+}
+
+/// Checks that a path can be given to QEMU's `rbd:` filename (`:` separates
+/// its options) and to the CLIs.
+pub fn check_path_for_rbd(what: &str, p: &Path) -> Result<()> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| Error::invalid(format!("{what}: not UTF-8")))?;
+    if !p.is_absolute() || s.contains([':', ',', '@', '\\', '=']) {
+        return Err(Error::invalid(format!(
+            "{what} {s:?}: must be an absolute path without ':', ',', '@', '=' or '\\'"
+        )));
+    }
+    Ok(())
+}
+
+// ---------- names ----------
+
+fn volume_image(u: Uuid) -> String {
+    format!("{VOL_PREFIX}{u}")
+}
+
+fn snap_name(u: Uuid) -> String {
+    format!("{SNAP_PREFIX}{u}")
+}
+
+fn temp_image(u: Uuid) -> String {
+    format!("{TMP_PREFIX}{u}")
+}
+
+fn parse_suffix(name: &str, prefix: &str) -> Option<Uuid> {
+    let rest = name.strip_prefix(prefix)?;
+    let u = Uuid::parse_str(rest).ok()?;
+    // Only the canonical (hyphenated, lowercase) spelling is ours.
+    (u.to_string() == rest).then_some(u)
+}
+
+// ---------- JSON of rbd 16.2 ----------
+
+/// A row of `rbd ls -l --format json`: an image, or one of its snapshots.
+#[derive(Debug, Deserialize)]
+struct LsRow {
+    image: String,
+    #[serde(default)]
+    snapshot: Option<String>,
+}
+
+/// `rbd info --format json`.
+#[derive(Debug, Deserialize)]
+struct Info {
+    size: u64,
+    #[serde(default)]
+    parent: Option<ParentRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ParentRef {
+    pool: String,
+    image: String,
+}
+
+/// `rbd du --format json`.
+#[derive(Debug, Deserialize)]
+struct Du {
+    images: Vec<DuRow>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DuRow {
+    name: String,
+    #[serde(default)]
+    snapshot: Option<String>,
+    used_size: u64,
+}
+
+/// `rbd snap ls --format json`.
+#[derive(Debug, Deserialize)]
+struct SnapRow {
+    name: String,
+    #[serde(default)]
+    protected: Option<String>,
+}
+
+/// `rbd children --format json`.
+#[derive(Debug, Deserialize)]
+struct Child {
+    pool: String,
+    image: String,
+}
+
+/// `ceph df --format json` (the parts used).
+#[derive(Debug, Deserialize)]
+struct Df {
+    pools: Vec<DfPool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct DfPool {
+    name: String,
+    stats: DfStats,
+}
+
+#[derive(Debug, Deserialize)]
+struct DfStats {
+    stored: u64,
+    max_avail: u64,
+}
+
+fn parse<'a, T: Deserialize<'a>>(what: &str, text: &'a str) -> Result<T> {
+    serde_json::from_str(text.trim())
+        .map_err(|e| Error::internal(format!("unexpected output of {what}: {e}")))
+}
+
+/// The error of a failed rbd/ceph call: the program, its subcommand and
+/// target, the exit status and the tool's messages, its kind read from the
+/// errno the tools print ("(2) No such file or directory").
+fn ceph_error(cmd: &Cmd, out: &Output) -> Error {
+    let e = &out.stderr;
+    let kind = if e.contains("(2) No such file or directory") {
+        ErrorKind::NotFound
+    } else if e.contains("(17) File exists") {
+        ErrorKind::AlreadyExists
+    } else if e.contains("(28) No space left") || e.contains("(122) Disk quota exceeded") {
+        ErrorKind::ResourceExhausted
+    } else if e.contains("(16) Device or resource busy")
+        || e.contains("still has watchers")
+        || e.contains("has snapshots")
+    {
+        ErrorKind::FailedPrecondition
+    } else if e.contains("(110) Connection timed out") || e.contains("(13) Permission denied") {
+        ErrorKind::Unavailable
+    } else {
+        ErrorKind::Internal
+    };
+    // The first lines are enough: rbd prints its error, then librbd's.
+    let said: Vec<&str> = e
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.contains("% complete"))
+        .take(5)
+        .collect();
+    let target = cmd
+        .args
+        .iter()
+        .rev()
+        .find(|a| a.contains('/') && !a.starts_with('/'))
+        .or(cmd.args.last())
+        .map(String::as_str)
+        .unwrap_or("");
+    Error::new(
+        kind,
+        format!(
+            "{} {} exited with status {}: {}",
+            cmd.program,
+            target,
+            out.status,
+            if said.is_empty() {
+                "(no stderr)".to_string()
+            } else {
+                said.join("; ")
+            }
+        ),
+    )
+}
+
+// ---------- the backend ----------
+
+pub struct RbdBackend {
+    runner: Arc<dyn CommandRunner>,
+    settings: RbdSettings,
+    /// Snapshot -> the volume it belongs to (RBD names a snapshot by its
+    /// image). Filled by `snapshot` and every `list`; a miss is looked up.
+    snap_parent: Mutex<HashMap<Uuid, Uuid>>,
+}
+
+impl RbdBackend {
+    /// Opens the pool: checks that the user reaches it (one `rbd ls`) and
+    /// makes the staging directory.
+    pub async fn open(runner: Arc<dyn CommandRunner>, settings: RbdSettings) -> Result<RbdBackend> {
+        let b = RbdBackend {
+            runner,
+            settings,
+            snap_parent: Mutex::default(),
+        };
+        b.ls()
+            .await
+            .map_err(|e| e.context(format!("rbd pool {}", b.settings.pool)))?;
+        let dir = &b.settings.staging_dir;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
+        tracing::info!(pool = %b.settings.pool, user = %b.settings.ceph_id,
+            max_clone_depth = b.settings.max_clone_depth, "rbd backend: pool ready");
+        Ok(b)
+    }
+
+    /// Removes what interrupted operations left: temporary images and
+    /// staged uploads. Returns their names.
+    pub async fn clear_temporaries(&self) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        for row in self.ls().await? {
+            if row.snapshot.is_none() && parse_suffix(&row.image, TMP_PREFIX).is_some() {
+                self.remove_image(&row.image).await?;
+                removed.push(self.spec(&row.image));
+            }
+        }
+        let dir = &self.settings.staging_dir;
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir.display(), e))? {
+            let e = e.map_err(|e| Error::io(dir.display(), e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".upload") {
+                std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path().display(), err))?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// `POOL/IMAGE`.
+    fn spec(&self, image: &str) -> String {
+        format!("{}/{image}", self.settings.pool)
+    }
+
+    /// The common arguments of every call: who we are and where the cluster is.
+    fn cli(&self, program: &str) -> Cmd {
+        let mut c = Cmd::new(program)
+            .arg("--conf")
+            .arg(self.settings.ceph_conf.to_string_lossy())
+            .args(["--id", self.settings.ceph_id.as_str()]);
+        if let Some(k) = &self.settings.keyring {
+            c = c.arg("--keyring").arg(k.to_string_lossy());
+        }
+        c
+    }
+
+    /// An `rbd` call that reads, with `--format json`.
+    fn rbd_report<I, S>(&self, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cli("rbd")
+            .args(args)
+            .args(["--format", "json"])
+            .timeout(REPORT_TIMEOUT)
+    }
+
+    /// An `rbd` call that changes something. (Its progress lines go to
+    /// stderr and are dropped from errors; `--no-progress` is not taken by
+    /// every subcommand.)
+    fn rbd_change<I, S>(&self, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cli("rbd").args(args).timeout(CHANGE_TIMEOUT)
+    }
+
+    async fn run(&self, cmd: &Cmd) -> Result<Output> {
+        let out = self.runner.run(cmd).await?;
+        if out.success() {
+            Ok(out)
+        } else {
+            Err(ceph_error(cmd, &out))
+        }
+    }
+
+    /// Every image and snapshot of the pool: one `rbd ls -l`.
+    async fn ls(&self) -> Result<Vec<LsRow>> {
+        let out = self
+            .run(&self.rbd_report(["ls", "-l", self.settings.pool.as_str()]))
+            .await?;
+        // An empty pool prints nothing at all, not "[]".
+        if out.stdout.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        parse("rbd ls -l", &out.stdout)
+    }
+
+    async fn info(&self, spec: &str) -> Result<Info> {
+        let out = self.run(&self.rbd_report(["info", spec])).await?;
+        parse("rbd info", &out.stdout)
+    }
+
+    /// The `POOL/IMAGE[@SNAP]` of an object; a snapshot's volume is looked
+    /// up (NotFound when no volume has it).
+    async fn object_spec(&self, id: ObjectId) -> Result<String> {
+        match id {
+            ObjectId::Volume(u) => Ok(self.spec(&volume_image(u))),
+            ObjectId::Snapshot(s) => {
+                let v = self.volume_of(s).await?.ok_or_else(|| {
+                    Error::not_found(format!(
+                        "{id}: no RBD snapshot {} in pool {}",
+                        snap_name(s),
+                        self.settings.pool
+                    ))
+                })?;
+                Ok(format!("{}@{}", self.spec(&volume_image(v)), snap_name(s)))
+            }
+        }
+    }
+
+    /// The volume snapshot `s` belongs to, None when it does not exist.
+    async fn volume_of(&self, s: Uuid) -> Result<Option<Uuid>> {
+        if let Some(v) = self.snap_parent.lock().unwrap().get(&s) {
+            return Ok(Some(*v));
+        }
+        self.remember_snapshots(&self.ls().await?);
+        Ok(self.snap_parent.lock().unwrap().get(&s).copied())
+    }
+
+    /// Refreshes the snapshot -> volume map from a full listing.
+    fn remember_snapshots(&self, rows: &[LsRow]) {
+        let mut m = self.snap_parent.lock().unwrap();
+        m.clear();
+        for r in rows {
+            if let (Some(v), Some(s)) = (
+                parse_suffix(&r.image, VOL_PREFIX),
+                r.snapshot
+                    .as_deref()
+                    .and_then(|s| parse_suffix(s, SNAP_PREFIX)),
+            ) {
+                m.insert(s, v);
+            }
+        }
+    }
+
+    async fn tag(&self, image: &str, id: ObjectId) -> Result<()> {
+        let value = match id {
+            ObjectId::Volume(u) => format!("volume {u}"),
+            ObjectId::Snapshot(u) => format!("snapshot {u}"),
+        };
+        self.run(&self.rbd_change(["image-meta", "set", &self.spec(image), OWNER_KEY, &value]))
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes a built temporary under the object's name.
+    async fn publish(&self, tmp: &str, u: Uuid) -> Result<()> {
+        self.run(&self.rbd_change([
+            "rename".to_string(),
+            self.spec(tmp),
+            self.spec(&volume_image(u)),
+        ]))
+        .await
+        .map(|_| ())
+    }
+
+    /// Builds the volume `u` under its temporary name with `build`, tags
+    /// and publishes it; on failure the temporary is removed.
+    async fn build<F>(&self, u: Uuid, build: F) -> Result<()>
+    where
+        F: std::future::Future<Output = Result<()>>,
+    {
+        let tmp = temp_image(u);
+        let r = async {
+            build.await?;
+            self.tag(&tmp, ObjectId::Volume(u)).await?;
+            self.publish(&tmp, u).await
+        }
+        .await;
+        if r.is_err() {
+            if let Err(e) = self.remove_image(&tmp).await {
+                tracing::warn!(image = %self.spec(&tmp), error = %e,
+                    "could not remove a temporary image; it is removed at the next start");
+            }
+        }
+        r
+    }
+
+    fn data_pool_args(&self) -> Vec<String> {
+        match &self.settings.data_pool {
+            Some(p) => vec!["--data-pool".into(), p.to_string()],
+            None => Vec::new(),
+        }
+    }
+
+    /// `rbd rm`; Ok when the image does not exist.
+    async fn remove_image(&self, image: &str) -> Result<()> {
+        let cmd = self
+            .rbd_change(["rm", &self.spec(image)])
+            .timeout(DATA_TIMEOUT);
+        let out = self.runner.run(&cmd).await?;
+        if out.success() || out.stderr.contains("(2) No such file or directory") {
+            return Ok(());
+        }
+        Err(ceph_error(&cmd, &out))
+    }
+
+    fn size_arg(size: u64) -> String {
+        // rbd's --size takes a unit; bytes are "B"... in 16.2 only M/G/T
+        // are documented, so sizes are whole MiB (the size granularity).
+        format!("{}M", size.div_ceil(1 << 20))
+    }
+
+    async fn create_now(&self, u: Uuid, size: u64) -> Result<()> {
+        self.build(u, async {
+            self.run(
+                &self
+                    .rbd_change(["create", "--size", &Self::size_arg(size)])
+                    .args(self.data_pool_args())
+                    .arg(self.spec(&temp_image(u))),
+            )
+            .await
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// How many ancestors `spec` has (0 for an image that is no clone).
+    async fn clone_depth(&self, spec: &str) -> Result<u32> {
+        let mut depth = 0;
+        let mut at = spec.split('@').next().unwrap_or(spec).to_string();
+        while let Some(p) = self.info(&at).await?.parent {
+            depth += 1;
+            at = format!("{}/{}", p.pool, p.image);
+            if depth > 1000 {
+                return Err(Error::internal(format!("{spec}: parent chain loops")));
+            }
+        }
+        Ok(depth)
+    }
+
+    async fn clone_now(
+        &self,
+        src: ObjectId,
+        dst: Uuid,
+        size: u64,
+        progress: ProgressFn,
+    ) -> Result<()> {
+        let source = self.object_spec(src).await?;
+        let tmp = self.spec(&temp_image(dst));
+        self.build(dst, async {
+            match src {
+                ObjectId::Snapshot(_) => {
+                    let depth = self.clone_depth(&source).await? + 1;
+                    self.clone_snapshot(&source, &tmp).await?;
+                    if depth > self.settings.max_clone_depth {
+                        tracing::info!(clone = %tmp, depth, max = self.settings.max_clone_depth,
+                            "clone chain too deep: flattening");
+                        progress("flatten", 0, 1);
+                        self.run(&self.rbd_change(["flatten", &tmp]).timeout(DATA_TIMEOUT))
+                            .await?;
+                        progress("flatten", 1, 1);
+                    }
+                }
+                ObjectId::Volume(_) => {
+                    // A volume has no point in time to layer on: copy its
+                    // head (sparse), never its snapshots.
+                    progress("copy", 0, 1);
+                    self.run(
+                        &self
+                            .rbd_change(["cp"])
+                            .args(self.data_pool_args())
+                            .args([source.as_str(), tmp.as_str()])
+                            .timeout(DATA_TIMEOUT),
+                    )
+                    .await?;
+                    progress("copy", 1, 1);
+                }
+            }
+            if self.info(&tmp).await?.size < size {
+                self.run(&self.rbd_change(["resize", "--size", &Self::size_arg(size), &tmp]))
+                    .await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// `rbd clone SNAP TMP`; when the cluster wants protected parents (clone
+    /// format 1), protects the snapshot and tries once more.
+    async fn clone_snapshot(&self, snap: &str, tmp: &str) -> Result<()> {
+        let cmd = self
+            .rbd_change(["clone"])
+            .args(self.data_pool_args())
+            .args([snap, tmp]);
+        let out = self.runner.run(&cmd).await?;
+        if out.success() {
+            return Ok(());
+        }
+        if !out.stderr.contains("must be protected") {
+            return Err(ceph_error(&cmd, &out));
+        }
+        tracing::info!(snapshot = %snap, "cluster needs protected parents: protecting");
+        self.run(&self.rbd_change(["snap", "protect", snap]))
+            .await?;
+        self.run(&cmd).await.map(|_| ())
+    }
+
+    async fn delete_now(&self, id: ObjectId) -> Result<()> {
+        match id {
+            ObjectId::Volume(u) => {
+                self.remove_image(&temp_image(u)).await?;
+                self.remove_image(&volume_image(u)).await
+            }
+            ObjectId::Snapshot(s) => {
+                let Some(v) = self.volume_of(s).await? else {
+                    return Ok(());
+                };
+                let spec = format!("{}@{}", self.spec(&volume_image(v)), snap_name(s));
+                let out = self.run(&self.rbd_report(["children", &spec])).await?;
+                let children: Vec<Child> = if out.stdout.trim().is_empty() {
+                    Vec::new()
+                } else {
+                    parse("rbd children", &out.stdout)?
+                };
+                if !children.is_empty() {
+                    let names: Vec<String> = children
+                        .iter()
+                        .map(|c| format!("{}/{}", c.pool, c.image))
+                        .collect();
+                    return Err(Error::precondition(format!(
+                        "{id}: clones depend on it ({}); flatten them first (pdisk volume flatten)",
+                        names.join(", ")
+                    )));
+                }
+                let out = self
+                    .run(&self.rbd_report(["snap", "ls", &self.spec(&volume_image(v))]))
+                    .await?;
+                let snaps: Vec<SnapRow> = parse("rbd snap ls", &out.stdout)?;
+                let name = snap_name(s);
+                match snaps.iter().find(|r| r.name == name) {
+                    None => {}
+                    Some(r) => {
+                        if r.protected.as_deref() == Some("true") {
+                            self.run(&self.rbd_change(["snap", "unprotect", &spec]))
+                                .await?;
+                        }
+                        self.run(&self.rbd_change(["snap", "rm", &spec])).await?;
+                    }
+                }
+                self.snap_parent.lock().unwrap().remove(&s);
+                Ok(())
+            }
+        }
+    }
+
+    async fn resize_now(&self, id: ObjectId, size: u64) -> Result<()> {
+        let ObjectId::Volume(_) = id else {
+            return Err(Error::invalid(format!("{id}: snapshots cannot be resized")));
+        };
+        let spec = self.object_spec(id).await?;
+        let now = self.info(&spec).await?.size;
+        let size = size.div_ceil(1 << 20) << 20;
+        if size < now {
+            return Err(Error::invalid(format!(
+                "{id} is {now} bytes; shrinking to {size} is refused"
+            )));
+        }
+        if size == now {
+            return Ok(());
+        }
+        self.run(&self.rbd_change(["resize", "--size", &Self::size_arg(size), &spec]))
+            .await
+            .map(|_| ())
+    }
+
+    async fn import_now(
+        &self,
+        dst: Uuid,
+        path: &Path,
+        format: ImageFormat,
+        size: u64,
+        progress: ProgressFn,
+    ) -> Result<()> {
+        // The service inspected the image already; inspecting here too keeps
+        // the backend safe on its own (qcow2 backing or data files refused).
+        let info = image::inspect(self.runner.as_ref(), path, format).await?;
+        let size = size.max(info.virtual_size);
+        let tmp = temp_image(dst);
+        self.build(dst, async {
+            self.run(
+                &self
+                    .rbd_change(["create", "--size", &Self::size_arg(size)])
+                    .args(self.data_pool_args())
+                    .arg(self.spec(&tmp)),
+            )
+            .await?;
+            let target = self.qemu_target(&tmp);
+            image::convert_into_device(
+                self.runner.as_ref(),
+                path,
+                format,
+                Path::new(&target),
+                info.virtual_size,
+                progress.clone(),
+            )
+            .await
+        })
+        .await?;
+        progress("import", info.virtual_size, info.virtual_size);
+        Ok(())
+    }
+
+    /// QEMU's `rbd:` filename of an image of ours, as our user.
+    fn qemu_target(&self, image: &str) -> String {
+        let mut s = format!(
+            "rbd:{}:id={}:conf={}",
+            self.spec(image),
+            self.settings.ceph_id,
+            self.settings.ceph_conf.display()
+        );
+        if let Some(k) = &self.settings.keyring {
+            s.push_str(&format!(":keyring={}", k.display()));
+        }
+        s
+    }
+
+    async fn du(&self, spec: Option<&str>) -> Result<Du> {
+        let cmd = match spec {
+            Some(s) => self.rbd_report(["du", s]),
+            None => self.rbd_report(["du", "--pool", self.settings.pool.as_str()]),
+        };
+        let out = self.run(&cmd).await?;
+        parse("rbd du", &out.stdout)
+    }
+
+    async fn usage_now(&self) -> Result<PoolUsage> {
+        let cmd = self
+            .cli("ceph")
+            .args(["df", "--format", "json"])
+            .timeout(REPORT_TIMEOUT);
+        let out = self.run(&cmd).await?;
+        let df: Df = parse("ceph df", &out.stdout)?;
+        let p = df
+            .pools
+            .iter()
+            .find(|p| p.name == self.settings.pool.as_str())
+            .ok_or_else(|| {
+                Error::unavailable(format!("ceph df does not list pool {}", self.settings.pool))
+            })?;
+        // The pool's data lives in the data pool when there is one.
+        let data = match &self.settings.data_pool {
+            Some(d) => df.pools.iter().find(|p| p.name == d.as_str()).unwrap_or(p),
+            None => p,
+        };
+        Ok(PoolUsage {
+            capacity: data.stats.stored + data.stats.max_avail,
+            used: data.stats.stored,
+            thin: None,
+        })
+    }
+
+    async fn list_now(&self) -> Result<PoolListing> {
+        let rows = self.ls().await?;
+        self.remember_snapshots(&rows);
+        let mut out = PoolListing::default();
+        for r in &rows {
+            let id = match (&r.snapshot, parse_suffix(&r.image, VOL_PREFIX)) {
+                (None, Some(v)) => Some(ObjectId::Volume(v)),
+                (Some(s), Some(_)) => parse_suffix(s, SNAP_PREFIX).map(ObjectId::Snapshot),
+                _ => None,
+            };
+            match id {
+                Some(id) => out.objects.push(id),
+                // Being built, or left by a crash (cleared at start).
+                None if r.snapshot.is_none() && parse_suffix(&r.image, TMP_PREFIX).is_some() => {}
+                None => out.foreign.push(match &r.snapshot {
+                    Some(s) => format!("{}@{s}", self.spec(&r.image)),
+                    None => self.spec(&r.image),
+                }),
+            }
+        }
+        if !rows.is_empty() {
+            for d in self.du(None).await?.images {
+                let id = match (&d.snapshot, parse_suffix(&d.name, VOL_PREFIX)) {
+                    (None, Some(v)) => ObjectId::Volume(v),
+                    (Some(s), Some(_)) => match parse_suffix(s, SNAP_PREFIX) {
+                        Some(s) => ObjectId::Snapshot(s),
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                out.allocated.insert(id, d.used_size);
+            }
+        }
+        out.usage = self.usage_now().await?;
+        out.objects.sort();
+        Ok(out)
+    }
+}
+
+impl Backend for RbdBackend {
+    fn kind(&self) -> &'static str {
+        "rbd"
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        vec![
+            "thin".to_string(),
+            "rbd-snapshot".to_string(),
+            "rbd-clone".to_string(),
+        ]
+    }
+
+    fn location(&self) -> String {
+        format!("rbd:{}", self.settings.pool)
+    }
+
+    fn device_path(&self, id: ObjectId) -> PathBuf {
+        // Only a volume's name is known without a lookup; a snapshot is
+        // shown by its name (its volume is in the service's records).
+        PathBuf::from(match id {
+            ObjectId::Volume(u) => format!("rbd:{}", self.spec(&volume_image(u))),
+            ObjectId::Snapshot(s) => format!("rbd:{}/*@{}", self.settings.pool, snap_name(s)),
+        })
+    }
+
+    fn create(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let ObjectId::Volume(u) = id else {
+                return Err(Error::invalid(format!("{id}: only volumes are created")));
+            };
+            self.create_now(u, size)
+                .await
+                .map_err(|e| e.context(format!("creating {id}")))
+        })
+    }
+
+    fn delete(&self, id: ObjectId) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.delete_now(id)
+                .await
+                .map_err(|e| e.context(format!("deleting {id}")))
+        })
+    }
+
+    fn snapshot(
+        &self,
+        src: ObjectId,
+        dst: Uuid,
+        _progress: ProgressFn,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let ObjectId::Volume(v) = src else {
+                return Err(Error::invalid(format!(
+                    "{src}: RBD snapshots are taken of volumes"
+                )));
+            };
+            let spec = format!("{}@{}", self.spec(&volume_image(v)), snap_name(dst));
+            self.run(&self.rbd_change(["snap", "create", &spec]))
+                .await
+                .map_err(|e| e.context(format!("snapshot of {src}")))?;
+            self.snap_parent.lock().unwrap().insert(dst, v);
+            Ok(())
+        })
+    }
+
+    fn clone_object(
+        &self,
+        src: ObjectId,
+        dst: Uuid,
+        size: u64,
+        progress: ProgressFn,
+    ) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            self.clone_now(src, dst, size, progress)
+                .await
+                .map_err(|e| e.context(format!("clone of {src}")))
+        })
+    }
+
+    fn set_read_only(&self, id: ObjectId) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            let ObjectId::Volume(u) = id else {
+                // Snapshots are read-only already.
+                return Ok(());
+            };
+            self.run(&self.rbd_change([
+                "image-meta",
+                "set",
+                &self.spec(&volume_image(u)),
+                READ_ONLY_KEY,
+                "true",
+            ]))
+            .await
+            .map(|_| ())
+        })
+    }
+
+    fn resize(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>> {
+        Box::pin(self.resize_now(id, size))
+    }
+
+    fn import<'a>(
+        &'a self,
+        dst: Uuid,
+        path: &'a Path,
+        format: ImageFormat,
+        size: u64,
+        progress: ProgressFn,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(self.import_now(dst, path, format, size, progress))
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        self.settings.staging_dir.clone()
+    }
+
+    fn allocated(&self, id: ObjectId) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let spec = self.object_spec(id).await?;
+            Ok(self
+                .du(Some(&spec))
+                .await?
+                .images
+                .iter()
+                .map(|r| r.used_size)
+                .sum())
+        })
+    }
+
+    fn size(&self, id: ObjectId) -> BoxFuture<'_, Result<u64>> {
+        Box::pin(async move {
+            let spec = self.object_spec(id).await?;
+            Ok(self.info(&spec).await?.size)
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<PoolListing>> {
+        Box::pin(self.list_now())
+    }
+
+    fn usage(&self) -> BoxFuture<'_, Result<PoolUsage>> {
+        Box::pin(self.usage_now())
+    }
+}
+
+#[cfg(test)]
+#[path = "rbd_tests.rs"]
+mod tests;

@@ -1,0 +1,401 @@
+//! Unit tests of the rbd backend: exact argv and timeouts through a
+//! scripted runner, answers laid out as rbd/ceph 16.2.15 (Debian 12) printed
+//! them on the test micro-cluster (testkit's CephCluster). No cluster here;
+//! `pdisk/tests/rbd.rs` runs the backend on a real one.
+
+use super::*;
+use crate::backend::lvm::tests::Script;
+use crate::backend::no_progress;
+
+const VOL: &str = "3f2b8c1e-5d4a-4b7e-9c21-0a6f1e2d3c4b";
+const SNAP: &str = "9a1c7e55-02d4-4f0b-8e6a-c3b2d1f0e9a8";
+const CLONE: &str = "c0ffee00-1234-4abc-8def-0123456789ab";
+
+fn uuid(s: &str) -> Uuid {
+    Uuid::parse_str(s).unwrap()
+}
+
+const CLI: &str =
+    "--conf /etc/ceph/ceph.conf --id pdisk --keyring /etc/ceph/ceph.client.pdisk.keyring";
+
+fn settings(staging: &Path) -> RbdSettings {
+    RbdSettings {
+        pool: CephName::new("pool", "stratus").unwrap(),
+        data_pool: None,
+        ceph_conf: "/etc/ceph/ceph.conf".into(),
+        ceph_id: CephName::new("id", "pdisk").unwrap(),
+        keyring: Some("/etc/ceph/ceph.client.pdisk.keyring".into()),
+        max_clone_depth: 2,
+        staging_dir: staging.to_path_buf(),
+    }
+}
+
+/// `rbd ls -l --format json stratus` with volume VOL (64 MiB), its snapshot
+/// SNAP, a clone CLONE of it, a temporary, and a foreign image.
+fn ls_json() -> String {
+    format!(
+        r#"[{{"image":"pd-tmp-vol-{CLONE}","id":"1","size":67108864,"format":2}},{{"image":"pd-vol-{CLONE}","id":"1022dec2418f","size":67108864,"parent":{{"pool":"stratus","pool_namespace":"","image":"pd-vol-{VOL}","snapshot":"pd-snap-{SNAP}"}},"format":2}},{{"image":"pd-vol-{VOL}","id":"101ccd640dee","size":67108864,"format":2}},{{"image":"pd-vol-{VOL}","id":"101ccd640dee","snapshot":"pd-snap-{SNAP}","snapshot_id":4,"size":67108864,"format":2,"protected":"false"}},{{"image":"backup","id":"99","size":1048576,"format":2}}]"#
+    )
+}
+
+fn du_json() -> String {
+    format!(
+        r#"{{"images":[{{"name":"pd-vol-{CLONE}","id":"1022dec2418f","provisioned_size":67108864,"used_size":4194304}},{{"name":"pd-vol-{VOL}","id":"101ccd640dee","snapshot":"pd-snap-{SNAP}","snapshot_id":4,"provisioned_size":67108864,"used_size":8388608}},{{"name":"pd-vol-{VOL}","id":"101ccd640dee","provisioned_size":67108864,"used_size":12582912}}],"total_provisioned_size":201326592,"total_used_size":25165824}}"#
+    )
+}
+
+const DF_JSON: &str = r#"{"stats":{"total_bytes":1073741824,"total_avail_bytes":1073714684,"total_used_bytes":27140,"total_used_raw_bytes":27140,"total_used_raw_ratio":2.5e-05,"num_osds":1,"num_per_pool_osds":0,"num_per_pool_omap_osds":0},"stats_by_class":{},"pools":[{"name":"device_health_metrics","id":1,"stats":{"stored":0,"objects":0,"kb_used":0,"bytes_used":0,"percent_used":0,"max_avail":1020027072}},{"name":"stratus","id":2,"stats":{"stored":25165824,"objects":9,"kb_used":24576,"bytes_used":25165824,"percent_used":0.02,"max_avail":1020027072}}]}"#;
+
+/// A cluster answering like the one above; `children` is what `rbd
+/// children` prints; every change succeeds.
+fn cluster(children: &'static str) -> Arc<Script> {
+    Script::new(move |argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        match argv[0].as_str() {
+            "ceph" => Output::ok(DF_JSON),
+            "rbd" if has("ls") && has("-l") => Output::ok(ls_json()),
+            "rbd" if has("du") => Output::ok(du_json()),
+            "rbd" if has("children") => Output::ok(children),
+            "rbd" if has("snap") && has("ls") => Output::ok(format!(
+                r#"[{{"id":4,"name":"pd-snap-{SNAP}","size":67108864,"protected":"false","timestamp":"Thu Dec  3 17:26:36 2026"}}]"#
+            )),
+            "rbd" if has("info") => {
+                let target = argv.iter().find(|a| a.starts_with("stratus/")).unwrap();
+                if target.contains(CLONE) {
+                    Output::ok(format!(
+                        r#"{{"name":"x","size":67108864,"parent":{{"pool":"stratus","pool_namespace":"","image":"pd-vol-{VOL}","id":"1","snapshot":"s","trash":false,"overlap":67108864}}}}"#
+                    ))
+                } else {
+                    Output::ok(r#"{"name":"x","size":67108864,"format":2}"#)
+                }
+            }
+            _ => Output::ok(""),
+        }
+    })
+}
+
+async fn open(runner: Arc<Script>, dir: &Path) -> RbdBackend {
+    let b = RbdBackend::open(runner.clone(), settings(dir))
+        .await
+        .unwrap();
+    runner.clear();
+    b
+}
+
+fn rbd(rest: &str) -> String {
+    format!("rbd {CLI} {rest}")
+}
+
+#[test]
+fn ceph_names_and_paths_are_validated() {
+    for ok in ["stratus", "rbd-ec.data", "a_1"] {
+        CephName::new("pool", ok).unwrap();
+    }
+    for bad in ["", "-rf", ".x", "a/b", "a b", "a:b", "a@b"] {
+        assert_eq!(
+            CephName::new("pool", bad).unwrap_err().kind(),
+            ErrorKind::InvalidArgument,
+            "{bad:?}"
+        );
+    }
+    check_path_for_rbd("conf", Path::new("/etc/ceph/ceph.conf")).unwrap();
+    for bad in ["ceph.conf", "/etc/ceph:x", "/a,b", "/a=b"] {
+        assert!(check_path_for_rbd("conf", Path::new(bad)).is_err(), "{bad}");
+    }
+    // Only the canonical spelling of a UUID names an object of ours.
+    assert_eq!(
+        parse_suffix(&format!("pd-vol-{VOL}"), VOL_PREFIX),
+        Some(uuid(VOL))
+    );
+    assert_eq!(
+        parse_suffix(&format!("pd-vol-{}", VOL.to_uppercase()), VOL_PREFIX),
+        None
+    );
+    assert_eq!(parse_suffix("pd-vol-x", VOL_PREFIX), None);
+}
+
+#[tokio::test]
+async fn list_reports_volumes_snapshots_allocation_usage_and_foreign_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    let l = b.list().await.unwrap();
+    let mut want = vec![
+        ObjectId::Volume(uuid(VOL)),
+        ObjectId::Volume(uuid(CLONE)),
+        ObjectId::Snapshot(uuid(SNAP)),
+    ];
+    want.sort();
+    assert_eq!(l.objects, want);
+    assert_eq!(l.foreign, vec!["stratus/backup".to_string()]);
+    assert_eq!(l.allocated[&ObjectId::Volume(uuid(VOL))], 12 << 20);
+    assert_eq!(l.allocated[&ObjectId::Snapshot(uuid(SNAP))], 8 << 20);
+    assert_eq!(l.allocated[&ObjectId::Volume(uuid(CLONE))], 4 << 20);
+    assert_eq!(l.usage.used, 25165824);
+    assert_eq!(l.usage.capacity, 25165824 + 1020027072);
+    assert_eq!(
+        r.lines(),
+        vec![
+            rbd("ls -l stratus --format json"),
+            rbd("du --pool stratus --format json"),
+            format!("ceph {CLI} df --format json"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn create_builds_under_a_temporary_tags_and_renames() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    b.create(ObjectId::Volume(uuid(VOL)), (64 << 20) + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.lines(),
+        vec![
+            rbd(&format!("create --size 65M stratus/pd-tmp-vol-{VOL}")),
+            rbd(&format!(
+                "image-meta set stratus/pd-tmp-vol-{VOL} stratus.pdisk.object volume {VOL}"
+            )),
+            rbd(&format!(
+                "rename stratus/pd-tmp-vol-{VOL} stratus/pd-vol-{VOL}"
+            )),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn snapshot_clone_and_their_deletes_run_exactly_these_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    let (vol, snap, clone) = (uuid(VOL), uuid(SNAP), uuid(CLONE));
+    b.snapshot(ObjectId::Volume(vol), snap, no_progress())
+        .await
+        .unwrap();
+    b.clone_object(ObjectId::Snapshot(snap), clone, 64 << 20, no_progress())
+        .await
+        .unwrap();
+    let s = format!("stratus/pd-vol-{VOL}@pd-snap-{SNAP}");
+    let tmp = format!("stratus/pd-tmp-vol-{CLONE}");
+    assert_eq!(
+        r.lines(),
+        vec![
+            rbd(&format!("snap create {s}")),
+            // The parent's depth (0), then the clone, its size, tag, rename.
+            rbd(&format!("info stratus/pd-vol-{VOL} --format json")),
+            rbd(&format!("clone {s} {tmp}")),
+            rbd(&format!("info {tmp} --format json")),
+            rbd(&format!(
+                "image-meta set {tmp} stratus.pdisk.object volume {CLONE}"
+            )),
+            rbd(&format!("rename {tmp} stratus/pd-vol-{CLONE}")),
+        ]
+    );
+    r.clear();
+    b.delete(ObjectId::Snapshot(snap)).await.unwrap();
+    assert_eq!(
+        r.lines(),
+        vec![
+            rbd(&format!("children {s} --format json")),
+            rbd(&format!("snap ls stratus/pd-vol-{VOL} --format json")),
+            rbd(&format!("snap rm {s}")),
+        ]
+    );
+    // Gone from the map: a second delete looks it up, and the listing
+    // (this script's) still shows it, so it is deleted again: idempotent.
+    r.clear();
+    b.delete(ObjectId::Volume(vol)).await.unwrap();
+    assert_eq!(
+        r.lines(),
+        vec![
+            rbd(&format!("rm stratus/pd-tmp-vol-{VOL}")),
+            rbd(&format!("rm stratus/pd-vol-{VOL}")),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_snapshot_with_clones_is_not_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster(
+        r#"[{"pool":"stratus","pool_namespace":"","image":"pd-vol-c0ffee00-1234-4abc-8def-0123456789ab"}]"#,
+    );
+    let b = open(r.clone(), dir.path()).await;
+    let e = b.delete(ObjectId::Snapshot(uuid(SNAP))).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    assert!(
+        e.message().contains(&format!("stratus/pd-vol-{CLONE}")),
+        "{e}"
+    );
+    assert!(e.message().contains("flatten"), "{e}");
+    assert!(
+        !r.lines().iter().any(|l| l.contains("snap rm")),
+        "{:?}",
+        r.lines()
+    );
+}
+
+#[tokio::test]
+async fn a_clone_past_the_maximum_depth_is_flattened_before_it_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    // SNAP belongs to CLONE here, whose parent is VOL: a clone of SNAP has
+    // depth 2, so with max_clone_depth 1 it is flattened.
+    let runner = Script::new(|argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("ls") {
+            return Output::ok(format!(
+                r#"[{{"image":"pd-vol-{CLONE}","size":1,"snapshot":"pd-snap-{SNAP}"}}]"#
+            ));
+        }
+        if has("info") && argv.iter().any(|a| a.contains(CLONE)) {
+            return Output::ok(format!(
+                r#"{{"size":67108864,"parent":{{"pool":"stratus","image":"pd-vol-{VOL}"}}}}"#
+            ));
+        }
+        if has("info") {
+            return Output::ok(r#"{"size":67108864}"#);
+        }
+        Output::ok("")
+    });
+    let mut s = settings(dir.path());
+    s.max_clone_depth = 1;
+    let b = RbdBackend::open(runner.clone(), s).await.unwrap();
+    runner.clear();
+    let new = Uuid::new_v4();
+    b.clone_object(
+        ObjectId::Snapshot(uuid(SNAP)),
+        new,
+        128 << 20,
+        no_progress(),
+    )
+    .await
+    .unwrap();
+    let tmp = format!("stratus/pd-tmp-vol-{new}");
+    let lines = runner.lines();
+    let flatten = lines
+        .iter()
+        .position(|l| l == &rbd(&format!("flatten {tmp}")))
+        .expect("flattened");
+    let rename = lines.iter().position(|l| l.contains("rename")).unwrap();
+    assert!(flatten < rename, "{lines:?}");
+    assert!(
+        lines.contains(&rbd(&format!("resize --size 128M {tmp}"))),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test]
+async fn clones_need_protection_only_when_the_cluster_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let t = tries.clone();
+    let runner = Script::new(move |argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("ls") {
+            return Output::ok(format!(
+                r#"[{{"image":"pd-vol-{VOL}","size":1,"snapshot":"pd-snap-{SNAP}"}}]"#
+            ));
+        }
+        if has("clone") && t.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            return Output::failed(
+                22,
+                "2026-12-03T17:26:36.000+0000 7f librbd::image::CloneRequest: 0x1 validate_parent: parent snapshot must be protected\nrbd: clone error: (22) Invalid argument\n",
+            );
+        }
+        if has("info") {
+            return Output::ok(r#"{"size":67108864}"#);
+        }
+        Output::ok("")
+    });
+    let b = RbdBackend::open(runner.clone(), settings(dir.path()))
+        .await
+        .unwrap();
+    runner.clear();
+    b.clone_object(
+        ObjectId::Snapshot(uuid(SNAP)),
+        uuid(CLONE),
+        1,
+        no_progress(),
+    )
+    .await
+    .unwrap();
+    let s = format!("stratus/pd-vol-{VOL}@pd-snap-{SNAP}");
+    let lines = runner.lines();
+    let clone = rbd(&format!("clone {s} stratus/pd-tmp-vol-{CLONE}"));
+    assert_eq!(
+        lines.iter().filter(|l| **l == clone).count(),
+        2,
+        "{lines:?}"
+    );
+    assert!(lines.contains(&rbd(&format!("snap protect {s}"))));
+}
+
+#[tokio::test]
+async fn failures_keep_their_kind_and_stderr_and_remove_the_temporary() {
+    let dir = tempfile::tempdir().unwrap();
+    let runner = Script::new(|argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("ls") {
+            return Output::ok("");
+        }
+        if has("image-meta") {
+            return Output::failed(
+                1,
+                "rbd: failed to set metadata: (28) No space left on device\n",
+            );
+        }
+        Output::ok("")
+    });
+    let b = RbdBackend::open(runner.clone(), settings(dir.path()))
+        .await
+        .unwrap();
+    runner.clear();
+    let e = b
+        .create(ObjectId::Volume(uuid(VOL)), 1 << 20)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.message().contains("No space left"), "{e}");
+    assert_eq!(
+        runner.lines().last().unwrap(),
+        &rbd(&format!("rm stratus/pd-tmp-vol-{VOL}"))
+    );
+    // Resizing down is refused before anything changes.
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    let e = b
+        .resize(ObjectId::Volume(uuid(VOL)), 1 << 20)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(!r.lines().iter().any(|l| l.contains("resize")));
+}
+
+#[tokio::test]
+async fn calls_name_the_user_and_keyring_never_a_key_with_timeouts_by_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    b.create(ObjectId::Volume(uuid(VOL)), 1 << 20)
+        .await
+        .unwrap();
+    b.list().await.unwrap();
+    b.delete(ObjectId::Volume(uuid(VOL))).await.unwrap();
+    for l in r.lines() {
+        assert!(l.contains("--id pdisk --keyring /etc/ceph/"), "{l}");
+        assert!(!l.contains("key="), "{l}");
+    }
+    let t = r.timeouts();
+    for (line, (_, timeout)) in r.lines().iter().zip(&t) {
+        let want = if line.contains(" rm ") {
+            DATA_TIMEOUT
+        } else if line.contains("--format json") {
+            REPORT_TIMEOUT
+        } else {
+            CHANGE_TIMEOUT
+        };
+        assert_eq!(*timeout, want, "{line}");
+    }
+}
