@@ -2,7 +2,7 @@
 //! the manifests declare (`cargo metadata`, no network):
 //!
 //! ```text
-//! stratus-proto, stratus-pki ← stratus-core ← pdisk, agent ← testkit ← stratus-bench
+//! stratus-proto, stratus-pki ← stratus-core ← pdisk, agent, stratus-probe ← testkit ← stratus-bench
 //! ```
 //!
 //! A crate may depend only on crates of lower layers, so the two daemons
@@ -16,12 +16,15 @@ use std::process::Command;
 
 /// The layer of every workspace crate; a new crate must be placed here (and
 /// in ARCHITECTURE.md's workspace table) before the workspace passes.
-const LAYERS: [(&str, u8); 7] = [
+const LAYERS: [(&str, u8); 8] = [
     ("stratus-proto", 0),
     ("stratus-pki", 0),
     ("stratus-core", 1),
     ("pdisk", 2),
     ("agent", 2),
+    // Speaks to both daemons over gRPC only, like their CLIs; its tests use
+    // testkit like the daemons'.
+    ("stratus-probe", 2),
     ("testkit", 3),
     ("stratus-bench", 4),
 ];
