@@ -27,6 +27,8 @@
 //!   order, resumed after the last acknowledged seq;
 //! - [`requests`]: mutating operations run as the daemon's own tasks, and
 //!   retries by `request_id` answered with the first attempt's result;
+//! - [`systemd`]: `sd_notify` for `Type=notify` units (READY, STOPPING,
+//!   watchdog pings);
 //! - [`cli`]: plumbing shared by the `pdisk` and `agentctl` CLIs (tables,
 //!   one-line errors, exit codes, JSON errors, argument values).
 
@@ -41,4 +43,5 @@ pub mod requests;
 pub mod rooted;
 pub mod runner;
 pub mod settings;
+pub mod systemd;
 pub mod types;

@@ -31,6 +31,8 @@ pub struct Pdiskd {
     program: String,
     /// FAILPOINTS for the next spawn (fault-injection builds only).
     failpoints: Option<String>,
+    /// Extra environment, e.g. systemd's `NOTIFY_SOCKET`.
+    env: Vec<(String, String)>,
 }
 
 impl Pdiskd {
@@ -42,6 +44,13 @@ impl Pdiskd {
     /// `["--max-overcommit", "1000"]`.
     pub fn start_with(pool: &XfsPool, tgtd: &Tgtd, extra_args: &[&str]) -> Pdiskd {
         Self::start_full(pool, tgtd, None, extra_args)
+    }
+
+    /// Like [`Pdiskd::start`], with extra environment variables.
+    pub fn start_with_env(pool: &XfsPool, tgtd: &Tgtd, env: &[(&str, &str)]) -> Pdiskd {
+        let pool_dir = pool.mnt.join("pool");
+        let args = Self::tgt_args(&pool_dir, tgtd, &[]);
+        Self::start_on_env(pool.dir.path(), &pool.mnt, pool_dir, None, args, env)
     }
 
     /// Starts pdiskd inside `netns`.
@@ -56,6 +65,12 @@ impl Pdiskd {
         extra_args: &[&str],
     ) -> Pdiskd {
         let pool_dir = pool.mnt.join("pool");
+        let args = Self::tgt_args(&pool_dir, tgtd, extra_args);
+        Self::start_on(pool.dir.path(), &pool.mnt, pool_dir, netns, args)
+    }
+
+    /// The file backend on `pool_dir`, exported by `tgtd`, then `extra_args`.
+    fn tgt_args(pool_dir: &Path, tgtd: &Tgtd, extra_args: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--pool-dir".into(),
             pool_dir.display().to_string(),
@@ -65,7 +80,7 @@ impl Pdiskd {
             tgtd.control_port.to_string(),
         ];
         args.extend(extra_args.iter().map(|a| a.to_string()));
-        Self::start_on(pool.dir.path(), &pool.mnt, pool_dir, netns, args)
+        args
     }
 
     /// Starts pdiskd with its store under `scratch`, imports under
@@ -76,6 +91,17 @@ impl Pdiskd {
         pool_dir: PathBuf,
         netns: Option<&NetNs>,
         backend_args: Vec<String>,
+    ) -> Pdiskd {
+        Self::start_on_env(scratch, import_parent, pool_dir, netns, backend_args, &[])
+    }
+
+    fn start_on_env(
+        scratch: &Path,
+        import_parent: &Path,
+        pool_dir: PathBuf,
+        netns: Option<&NetNs>,
+        backend_args: Vec<String>,
+        env: &[(&str, &str)],
     ) -> Pdiskd {
         let data_dir = scratch.join("data");
         let import_dir = import_parent.join("import");
@@ -112,6 +138,10 @@ impl Pdiskd {
             netns: netns.map(|n| n.name.clone()),
             program: "pdiskd".into(),
             failpoints: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d
@@ -135,6 +165,7 @@ impl Pdiskd {
         if let Some(f) = &self.failpoints {
             cmd.env("FAILPOINTS", f);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .args(&self.args)
             .stdout(Stdio::null())

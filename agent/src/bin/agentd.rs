@@ -2,7 +2,8 @@
 //!
 //! Start-up order: open the store, probe the host (accelerator, QEMU, and
 //! iscsiadm with `--attach kernel`), reconcile (adopt live guests, record
-//! the ones that ended while we were away), and only then serve. Guests are
+//! the ones that ended while we were away), and only then serve (and tell
+//! systemd `READY=1`; `STOPPING=1` when a signal stops us). Guests are
 //! daemonized QEMUs: stopping agentd leaves them running.
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use agent::{Agent, AgentSettings, Api, HostFacts};
 use anyhow::Context;
 use clap::Parser;
 use stratus_core::runner::{CommandRunner, HostRunner};
+use stratus_core::systemd::ServiceManager;
 use stratus_pki::audit::{AuditLayer, AuditSink};
 use stratus_pki::gate::GateLayer;
 use stratus_pki::metrics::RpcMetricsLayer;
@@ -160,6 +162,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(listen = ?listeners.description, state_dir = %cfg.state_dir.display(),
         pdisk = ?cfg.pdisk, bridge = %cfg.bridge, initiator = %cfg.initiator_iqn,
         attach = cfg.attach.name(), chap_mutual = cfg.chap_mutual, "agentd ready");
+    // Reconciled and listening: systemd may start what depends on us.
+    let systemd = ServiceManager::from_env();
+    systemd.ready(&format!("serving on {}", listeners.description.join(", ")));
     tonic::transport::Server::builder()
         // The audit layer outside the gate: refused calls are recorded too.
         .layer(AuditLayer::new(
@@ -182,6 +187,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 _ = term.recv() => {}
             }
             tracing::info!("shutting down; guests keep running");
+            systemd.stopping("shutting down; guests keep running");
         })
         .await
         .context("serving gRPC")?;

@@ -2,8 +2,8 @@
 //!
 //! Start-up order matters for crash safety: open the store, open the pool
 //! (clearing its staging area), reconcile store with pool and exporter, and
-//! only then accept requests. A watchdog keeps re-applying exports so a
-//! restarted tgtd gets them back.
+//! only then accept requests (and tell systemd `READY=1`). A watchdog keeps
+//! re-applying exports so a restarted tgtd gets them back.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,13 +20,14 @@ use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::Exporter;
 use pdisk::{Api, PoolService, ServiceSettings, Store};
 use stratus_core::runner::{CommandRunner, HostRunner};
+use stratus_core::systemd::ServiceManager;
 use stratus_pki::audit::{AuditLayer, AuditSink};
 use stratus_pki::gate::GateLayer;
 use stratus_pki::metrics::RpcMetricsLayer;
 use stratus_pki::serve::Listeners;
 use stratus_proto::pdisk::v1::volume_service_server::VolumeServiceServer;
 
-async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>) {
+async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>, systemd: ServiceManager) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
@@ -34,6 +35,7 @@ async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>) {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+    systemd.stopping("shutting down: letting operations under way finish");
     let _ = tx.send(true);
 }
 
@@ -222,7 +224,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         portal = %cfg.portal,
         "pdiskd ready"
     );
-    tokio::spawn(shutdown_signal(shutdown_tx));
+    // Reconciled and listening: systemd may start what depends on us.
+    let systemd = ServiceManager::from_env();
+    systemd.ready(&format!("serving on {}", listeners.description.join(", ")));
+    tokio::spawn(shutdown_signal(shutdown_tx, systemd));
     let mut rx = shutdown_rx;
     tonic::transport::Server::builder()
         // The audit layer outside the gate: refused calls are recorded too.
