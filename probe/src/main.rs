@@ -18,7 +18,7 @@ mod verdict;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use stratus_core::cli::{Remote, TlsArgs};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -110,6 +110,7 @@ struct AgentCheck {
 }
 
 fn main() -> ExitCode {
+    stratus_core::cli::docs::write_if_asked("1", Cli::command);
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

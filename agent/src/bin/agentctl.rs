@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use stratus_core::cli::{self, Failure, Remote};
@@ -52,6 +52,7 @@ const STATE_POLL: Duration = Duration::from_secs(1);
 type Client = VmServiceClient<Channel>;
 
 fn main() -> ExitCode {
+    cli::docs::write_if_asked("1", Cli::command);
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => cli::usage_exit(err),

@@ -13,7 +13,7 @@ use agent::config::{Config, Flags};
 use agent::store::AgentStore;
 use agent::{Agent, AgentSettings, Api, HostFacts};
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use stratus_core::runner::{CommandRunner, HostRunner};
 use stratus_core::systemd::ServiceManager;
 use stratus_pki::audit::{AuditLayer, AuditSink};
@@ -26,6 +26,7 @@ use stratus_proto::agent::v1::vm_service_server::VmServiceServer;
 /// (`src/bin/agentd_failpoints.rs`).
 #[tokio::main]
 pub(crate) async fn main() {
+    stratus_core::cli::docs::write_if_asked("8", Flags::command);
     let cfg = match Flags::parse().resolve() {
         Ok(c) => c,
         Err(e) => {

@@ -7,11 +7,14 @@
 //! - every failure as one stderr line `<program>: <code in words>: <message>`,
 //!   plus `{"error": {"code", "message"}}` on stdout with `--json`, and exit
 //!   status 1 (the server refused, or the call failed) or 2 (bad input);
-//! - the command-line values both take ([`args`]).
+//! - the command-line values both take ([`args`]);
+//! - man pages and shell completions from a binary's clap definition
+//!   ([`docs`], for the packages).
 //!
 //! What a client calls and how it renders its messages stays in its binary.
 
 pub mod args;
+pub mod docs;
 pub mod failure;
 pub mod table;
 

@@ -21,7 +21,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use serde_json::{json, Value};
 use stratus_core::cli::{self, Failure, Remote};
 use stratus_core::types::{ByteSize, Chap};
@@ -45,6 +45,7 @@ use progress::{new_request_id, watched, Client, UploadError};
 const PROGRAM: &str = "pdisk";
 
 fn main() -> ExitCode {
+    cli::docs::write_if_asked("1", Cli::command);
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => cli::usage_exit(err),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use pdisk::backend::file::FileBackend;
 use pdisk::backend::lvm::LvmBackend;
 use pdisk::backend::rbd::RbdBackend;
@@ -43,6 +43,7 @@ async fn shutdown_signal(tx: tokio::sync::watch::Sender<bool>, systemd: ServiceM
 /// (`src/bin/pdiskd_failpoints.rs`).
 #[tokio::main]
 pub(crate) async fn main() {
+    stratus_core::cli::docs::write_if_asked("8", Flags::command);
     let flags = Flags::parse();
     let cfg = match flags.resolve() {
         Ok(c) => c,
