@@ -216,6 +216,16 @@ impl Agentd {
         self.spawn();
     }
 
+    /// Restarts agentd with the value-less `flag` (e.g.
+    /// `--allow-unsandboxed`) given or not.
+    pub fn restart_with_flag(&mut self, flag: &str, on: bool) {
+        self.args.retain(|a| a != flag);
+        if on {
+            self.args.push(flag.to_string());
+        }
+        self.restart();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -5,6 +5,7 @@
 //!   stratus-bench --quick --out DIR        smoke run (scripts/test)
 //!   stratus-bench --only datapath --out DIR
 //!   stratus-bench --only bulk --bulk 10 --out DIR
+//!   stratus-bench --only confinement --out DIR   confined launches vs --allow-unsandboxed
 
 use std::path::PathBuf;
 
@@ -26,7 +27,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (repeatable): datapath, snapshot, launch,
-    /// bulk, import, events.
+    /// confinement, bulk, import, events, transport.
     #[arg(long, value_name = "SCENARIO")]
     only: Vec<String>,
     /// Guests launched at once by the bulk scenario [default: 30; 3 with --quick]
@@ -77,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
             "snapshot" => scenarios::snapshot::run(&ctx).await,
             "import" => scenarios::import::run(&ctx).await,
             "launch" => scenarios::launch::run(&ctx).await,
+            "confinement" => scenarios::confinement::run(&ctx).await,
             "bulk" => scenarios::bulk::run(&ctx).await,
             "events" => scenarios::events::run(&ctx).await,
             "events-nats" => scenarios::events_nats::run(&ctx).await,

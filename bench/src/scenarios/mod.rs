@@ -2,6 +2,7 @@
 //! loopback, through `testkit`) and returns figures with their peers.
 
 pub mod bulk;
+pub mod confinement;
 pub mod datapath;
 pub mod events;
 pub mod events_nats;
@@ -30,6 +31,7 @@ pub const ALL: &[&str] = &[
     "datapath",
     "snapshot",
     "launch",
+    "confinement",
     "bulk",
     "import",
     "events",
