@@ -184,14 +184,14 @@ impl GuestCgroups {
 
     /// Removes guest `vm`'s cgroup once its QEMU is gone; waits up to
     /// `limit` for the kernel to finish the exit (a cgroup stays populated
-    /// until its last task has fully exited). Ok when there is none.
-    pub async fn remove(&self, vm: Uuid, limit: Duration) -> Result<()> {
+    /// until its last task has fully exited). Ok(false) when there is none.
+    pub async fn remove(&self, vm: Uuid, limit: Duration) -> Result<bool> {
         let dir = self.path(vm);
         let start = std::time::Instant::now();
         loop {
             match std::fs::remove_dir(&dir) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Ok(()) => return Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < limit => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }

@@ -128,6 +128,11 @@ pub struct Flags {
     /// (console.log and console.log.1, each half), e.g. 4M [default: 1M]
     #[arg(long, value_name = "SIZE")]
     pub console_log_max: Option<String>,
+    /// How often running guests' anti-spoofing rules are checked and put
+    /// back if someone flushed them, e.g. 30s, 5m; 0s turns the check off
+    /// [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub nic_filter_check: Option<String>,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -167,6 +172,8 @@ pub struct Config {
     pub allow_unsandboxed: bool,
     pub cgroup_parent: Option<PathBuf>,
     pub console_log_max: u64,
+    /// None: no periodic check of the anti-spoofing rules.
+    pub nic_filter_check: Option<std::time::Duration>,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -263,6 +270,11 @@ impl Flags {
                 .parse::<ByteSize>()
                 .map_err(|e| Error::invalid(format!("console-log-max: {e}")))?
                 .0,
+            nic_filter_check: Some(
+                humantime::parse_duration(&pick!(nic_filter_check, "30s".into()))
+                    .map_err(|e| Error::invalid(format!("nic-filter-check: {e}")))?,
+            )
+            .filter(|d| !d.is_zero()),
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,

@@ -716,9 +716,9 @@ impl Vmm for FakeVmm {
         Ok(None)
     }
 
-    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<()>> {
+    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<bool>> {
         self.failures.call("release_cgroup", uuid);
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Ok(false) })
     }
 
     fn cgroups(&self) -> Option<String> {

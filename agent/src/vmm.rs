@@ -83,8 +83,9 @@ pub trait Vmm: Send + Sync {
     /// cgroups here; Some(what it did) when it had to.
     fn readopt_cgroup(&self, uuid: Uuid, pid: u32, limits: Limits) -> Result<Option<String>>;
 
-    /// Removes guest `uuid`'s cgroup once its QEMU is gone (none: Ok).
-    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<()>>;
+    /// Removes guest `uuid`'s cgroup once its QEMU is gone; Ok(true) when
+    /// there was one, Ok(false) when there was none.
+    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<bool>>;
 
     /// How guests' cgroups are kept here, for GetHost; None: they get none.
     fn cgroups(&self) -> Option<String>;
@@ -218,11 +219,11 @@ impl Vmm for HostVmm {
             .then(|| format!("QEMU pid {pid} put back in {}", cg.path(uuid).display())))
     }
 
-    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<()>> {
+    fn release_cgroup(&self, uuid: Uuid) -> BoxFuture<'_, Result<bool>> {
         Box::pin(async move {
             match &self.cgroups {
                 Some(cg) => cg.remove(uuid, Duration::from_secs(5)).await,
-                None => Ok(()),
+                None => Ok(false),
             }
         })
     }

@@ -416,3 +416,100 @@ fn vlan_0_is_refused_where_it_would_land_on_the_default_vlan() {
     assert!(link.contains("\"master\":\"br-plain\""), "{link}");
     in_ns(&ns, move || delete_tap(&t)).unwrap();
 }
+
+const GUEST_V6: &str = "2001:db8:77::5";
+const FORGED_V6: &str = "2001:db8:77::99";
+const GUEST_LINK_LOCAL: &str = "fe80::5054:ff:fe5a:1";
+
+/// An unsolicited IPv6 neighbour advertisement (RFC 4861 4.4) from the
+/// guest's MAC and link-local address to all nodes, claiming `target`, with
+/// `marker` after it (where options would be). The filters do not check
+/// the ICMPv6 checksum, and the neighbour's packet socket does not either.
+fn neighbour_advert(target: &str, marker: &[u8]) -> Vec<u8> {
+    let target: std::net::Ipv6Addr = target.parse().unwrap();
+    let src: std::net::Ipv6Addr = GUEST_LINK_LOCAL.parse().unwrap();
+    let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0]; // type, code, checksum, O flag
+    icmp.extend(target.octets());
+    icmp.extend(marker);
+    let mut f = vec![0u8; 10]; // struct virtio_net_hdr
+    f.extend([0x33, 0x33, 0, 0, 0, 1]);
+    f.extend(mac(GUEST_MAC));
+    f.extend([0x86, 0xdd]);
+    f.extend([0x60, 0, 0, 0]);
+    f.extend((icmp.len() as u16).to_be_bytes());
+    f.extend([58, 255]); // ICMPv6, hop limit 255 as ND requires
+    f.extend(src.octets());
+    f.extend("ff02::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    f.extend(icmp);
+    f
+}
+
+#[test]
+#[ignore = "needs root, nft and network namespaces: run by scripts/test"]
+fn a_guest_advertises_only_its_own_ipv6_addresses() {
+    let ns = NetNs::new();
+    ns.add_bridge("br0");
+    ns.ip(&["link", "add", "nb0", "type", "veth", "peer", "name", "nb1"]);
+    ns.ip(&["link", "set", "nb0", "master", "br0", "up"]);
+    ns.ip(&["link", "set", "nb1", "up"]);
+    let filters = NicFilters::new(Arc::new(InNamespace(ns.name.clone())));
+    let tap = tap_name_for(Uuid::new_v4(), 0);
+    let ips: Vec<std::net::IpAddr> = vec![
+        std::net::Ipv4Addr::from(GUEST_IP).into(),
+        GUEST_V6.parse().unwrap(),
+    ];
+    block_on(filters.protect(&tap, GUEST_MAC.parse().unwrap(), &ips)).unwrap();
+    let t = tap.clone();
+    let fd = in_ns(&ns, move || {
+        create_tap(&t)?;
+        attach_to_bridge(&t, "br0", 0)?;
+        open_tap(&t)
+    })
+    .unwrap();
+    let mut queue = std::fs::File::from(fd);
+    let neighbour = Listener::on(&ns, "nb1");
+
+    // Its own global address (also once the port forwards at all).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut heard = false;
+    while !heard && Instant::now() < deadline {
+        queue
+            .write_all(&neighbour_advert(GUEST_V6, b"STRATUS-NA-OWN"))
+            .unwrap();
+        heard = neighbour.hears(b"STRATUS-NA-OWN", Duration::from_millis(500));
+    }
+    assert!(
+        heard,
+        "the guest's advertisement of its own address was dropped"
+    );
+    // Its link-local address.
+    queue
+        .write_all(&neighbour_advert(GUEST_LINK_LOCAL, b"STRATUS-NA-LL"))
+        .unwrap();
+    assert!(neighbour.hears(b"STRATUS-NA-LL", Duration::from_secs(2)));
+    // A neighbour's address, from the guest's own MAC and source: dropped.
+    queue
+        .write_all(&neighbour_advert(FORGED_V6, b"STRATUS-NA-FORGED"))
+        .unwrap();
+    assert!(
+        !neighbour.hears(b"STRATUS-NA-FORGED", Duration::from_secs(1)),
+        "an advertisement of another's address was heard"
+    );
+    let table = nft_table(&ns).unwrap();
+    let na_drops: u64 = rules_of(&table, &format!("nic-{tap}"))
+        .iter()
+        .filter(|r| r.to_string().contains("nd-neighbor-advert"))
+        .flat_map(|r| r["expr"].as_array().unwrap().clone())
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .sum();
+    assert_eq!(na_drops, 1, "{table}");
+    // Still heard afterwards.
+    queue
+        .write_all(&neighbour_advert(GUEST_V6, b"STRATUS-NA-AGAIN"))
+        .unwrap();
+    assert!(neighbour.hears(b"STRATUS-NA-AGAIN", Duration::from_secs(2)));
+    drop(queue);
+    let t = tap.clone();
+    in_ns(&ns, move || delete_tap(&t)).unwrap();
+    block_on(filters.remove(&tap)).unwrap();
+}

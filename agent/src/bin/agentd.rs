@@ -88,6 +88,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(actions = report.len(), "start-up reconciliation done");
     // pdisk work left undone (pdisk unreachable) is finished when it answers.
     agent.spawn_leftover_retries(std::time::Duration::from_secs(60));
+    // Guests' anti-spoofing rules stay in place even if someone flushes them.
+    if let Some(every) = cfg.nic_filter_check {
+        agent.spawn_nic_filter_checks(every);
+    }
     // The event journal stays bounded: compacted now and every hour.
     {
         let agent = agent.clone();

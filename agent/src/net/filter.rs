@@ -11,7 +11,9 @@
 //! addresses, its IPv4 and IPv6 traffic (and ARP's sender address) must
 //! come from them: IPv4 `0.0.0.0` only as a DHCP client, IPv6 also `::`
 //! (duplicate address detection) and link-local `fe80::/10` (neighbour
-//! discovery). Without addresses the MAC rules alone apply.
+//! discovery), and a neighbour advertisement may only name (as its target)
+//! one of its addresses or a link-local one. Without addresses the MAC
+//! rules alone apply.
 //!
 //! # The one table agentd owns
 //! `table bridge stratus`: a base chain on the bridge family's `prerouting`
@@ -109,6 +111,35 @@ impl NicFilters {
         parse_protected_taps(&out.stdout)
     }
 
+    /// Of `nics` (tap, MAC, addresses, as protected), those whose rules are
+    /// not all in place: the table, its base chain's rule, the tap's map
+    /// entry, or its chain with every one of its rules (a table, chain or
+    /// ruleset someone flushed or edited). Sorted by tap.
+    pub async fn incomplete(&self, nics: &[(TapName, Mac, Vec<IpAddr>)]) -> Result<Vec<TapName>> {
+        let cmd = Cmd::new("nft")
+            .args(["-j", "list", "table", "bridge", TABLE])
+            .timeout(NFT_TIMEOUT);
+        let out = self.runner.run(&cmd).await?;
+        let state = if out.success() {
+            TableState::parse(&out.stdout)?
+        } else if out.stderr.contains("No such file or directory") {
+            TableState::default()
+        } else {
+            return Err(stratus_core::runner::exit_error(&cmd, &out));
+        };
+        let mut missing: Vec<TapName> = nics
+            .iter()
+            .filter(|(tap, mac, ips)| {
+                !state.base_rule
+                    || !state.mapped.contains(tap.as_str())
+                    || state.rules.get(&chain_of(tap)).copied() != Some(tap_rules(*mac, ips).len())
+            })
+            .map(|(tap, _, _)| tap.clone())
+            .collect();
+        missing.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(missing)
+    }
+
     async fn nft(&self, script: &str, what: &str) -> Result<()> {
         let cmd = Cmd::new("nft").arg(script).timeout(NFT_TIMEOUT);
         run_checked(self.runner.as_ref(), &cmd)
@@ -197,6 +228,27 @@ fn tap_rules(mac: Mac, ips: &[IpAddr]) -> Vec<String> {
         "ether type ip6 ip6 saddr != {} counter drop",
         set(&["::", "fe80::/10"], &v6)
     ));
+    // A neighbour advertisement from the guest's own source can still claim
+    // another's address (its target) and poison neighbours' caches: the
+    // target must be the guest's own or link-local. nft 1.0.6 has no
+    // `icmpv6 taddr`, so the target is read raw: the 128 bits after the
+    // ICMPv6 header's first 8 bytes (RFC 4861 4.4); its top 10 bits
+    // 0x3fa are fe80::/10.
+    let own_targets: Vec<String> = ips
+        .iter()
+        .filter_map(|a| match a {
+            IpAddr::V6(a) => Some(format!("0x{:032x}", u128::from(*a))),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    let not_own = if own_targets.is_empty() {
+        String::new()
+    } else {
+        format!(" @th,64,128 != {}", set(&[], &own_targets))
+    };
+    r.push(format!(
+        "ether type ip6 icmpv6 type nd-neighbor-advert @th,64,10 != 0x3fa{not_own} counter drop"
+    ));
     r
 }
 
@@ -231,6 +283,55 @@ pub(crate) fn remove_script(tap: &TapName) -> String {
         format!("delete chain {t} {chain}"),
     ]);
     cmds.join("; ")
+}
+
+/// What `nft -j list table` shows of the table, enough to tell whether a
+/// tap's rules are all there.
+#[derive(Debug, Default)]
+struct TableState {
+    /// The base chain's one rule (the lookup in `nics`).
+    base_rule: bool,
+    /// Taps with an entry in the `nics` map.
+    mapped: std::collections::HashSet<String>,
+    /// Rules per chain (chains without rules: 0).
+    rules: std::collections::HashMap<String, usize>,
+}
+
+impl TableState {
+    fn parse(json: &str) -> Result<TableState> {
+        let v: Value = serde_json::from_str(json)
+            .map_err(|e| Error::internal(format!("nft -j list table: unreadable output: {e}")))?;
+        let items = v
+            .get("nftables")
+            .and_then(Value::as_array)
+            .ok_or_else(|| Error::internal("nft -j list table: no \"nftables\" array"))?;
+        let mut st = TableState::default();
+        for item in items {
+            if let Some(name) = item.pointer("/chain/name").and_then(Value::as_str) {
+                st.rules.entry(name.to_string()).or_insert(0);
+            }
+            if let Some(chain) = item.pointer("/rule/chain").and_then(Value::as_str) {
+                *st.rules.entry(chain.to_string()).or_insert(0) += 1;
+                if chain == "prerouting" {
+                    st.base_rule = true;
+                }
+            }
+            if let Some(elems) = item
+                .get("map")
+                .filter(|m| m.get("name").and_then(Value::as_str) == Some("nics"))
+                .and_then(|m| m.get("elem"))
+                .and_then(Value::as_array)
+            {
+                st.mapped.extend(
+                    elems
+                        .iter()
+                        .filter_map(|e| e.get(0).and_then(Value::as_str))
+                        .map(str::to_string),
+                );
+            }
+        }
+        Ok(st)
+    }
 }
 
 /// The taps named by `nic-TAP` chains and by map entries in `nft -j list
@@ -329,6 +430,9 @@ mod tests {
             "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
             "ether type ip ip saddr != { 10.0.0.5 } counter drop",
             "ether type ip6 ip6 saddr != { ::, fe80::/10, 2001:db8::5 } counter drop",
+            // Neighbour advertisements only for its own or a link-local address.
+            "ether type ip6 icmpv6 type nd-neighbor-advert @th,64,10 != 0x3fa \
+             @th,64,128 != { 0x20010db8000000000000000000000005 } counter drop",
         ] {
             assert!(s.contains(want), "{want}\n in {s}");
         }
@@ -343,6 +447,16 @@ mod tests {
         );
         assert!(
             s.contains("nic-st1b4e28ban0 ether type ip counter drop"),
+            "{s}"
+        );
+
+        // Only IPv4 named: a neighbour advertisement may only be link-local.
+        let s = protect_script(&tap(), mac(), &["10.0.0.5".parse().unwrap()]);
+        assert!(
+            s.contains(
+                "nic-st1b4e28ban0 ether type ip6 icmpv6 type nd-neighbor-advert \
+                 @th,64,10 != 0x3fa counter drop"
+            ),
             "{s}"
         );
     }
@@ -382,6 +496,63 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Internal);
         assert!(e.message().contains("protect tap st1b4e28ban0"), "{e}");
         assert!(e.message().contains("Could not process rule"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn taps_whose_rules_are_not_all_there_are_found() {
+        let other = TapName::new("st2b4e28ban0").unwrap();
+        let n = tap_rules(mac(), &[]).len();
+        // tap(): complete; other: its chain lost a rule.
+        let rule = |chain: &str| {
+            format!(
+                r#"{{"rule": {{"family": "bridge", "table": "stratus", "chain": "{chain}", "expr": []}}}}"#
+            )
+        };
+        let mut items = vec![
+            r#"{"metainfo": {"version": "1.0.6"}}"#.to_string(),
+            r#"{"map": {"family": "bridge", "name": "nics", "table": "stratus", "type": "ifname",
+                "map": "verdict", "elem": [["st1b4e28ban0", {"jump": {"target": "nic-st1b4e28ban0"}}],
+                                           ["st2b4e28ban0", {"jump": {"target": "nic-st2b4e28ban0"}}]]}}"#
+                .to_string(),
+            r#"{"chain": {"family": "bridge", "table": "stratus", "name": "prerouting"}}"#.to_string(),
+            rule("prerouting"),
+            r#"{"chain": {"family": "bridge", "table": "stratus", "name": "nic-st1b4e28ban0"}}"#
+                .to_string(),
+            r#"{"chain": {"family": "bridge", "table": "stratus", "name": "nic-st2b4e28ban0"}}"#
+                .to_string(),
+        ];
+        items.extend((0..n).map(|_| rule("nic-st1b4e28ban0")));
+        items.extend((0..n - 1).map(|_| rule("nic-st2b4e28ban0")));
+        let json = format!(r#"{{"nftables": [{}]}}"#, items.join(","));
+        let nics = vec![
+            (tap(), mac(), Vec::new()),
+            (other.clone(), mac(), Vec::new()),
+        ];
+        let j = json.clone();
+        let f = NicFilters::new(Arc::new(FakeRunner::with(move |_| Ok(Output::ok(&j)))));
+        assert_eq!(
+            f.incomplete(&nics).await.unwrap(),
+            std::slice::from_ref(&other)
+        );
+
+        // The same tap with addresses expects more rules than it has.
+        let with_ips = vec![(tap(), mac(), vec!["10.0.0.5".parse().unwrap()])];
+        let j = json.clone();
+        let f = NicFilters::new(Arc::new(FakeRunner::with(move |_| Ok(Output::ok(&j)))));
+        assert_eq!(f.incomplete(&with_ips).await.unwrap(), [tap()]);
+
+        // The base chain's rule flushed: every tap.
+        let flushed = json.replacen(&rule("prerouting"), r#"{"metainfo": {}}"#, 1);
+        let f = NicFilters::new(Arc::new(FakeRunner::with(move |_| {
+            Ok(Output::ok(&flushed))
+        })));
+        assert_eq!(f.incomplete(&nics).await.unwrap(), [tap(), other.clone()]);
+
+        // No table at all: every tap.
+        let f = NicFilters::new(Arc::new(FakeRunner::with(|_| {
+            Ok(Output::failed(1, "Error: No such file or directory"))
+        })));
+        assert_eq!(f.incomplete(&nics).await.unwrap(), [tap(), other]);
     }
 
     #[tokio::test]

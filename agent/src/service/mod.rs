@@ -35,6 +35,7 @@ mod image_save;
 mod images;
 mod lifecycle;
 mod monitor;
+mod nic_filter_check;
 mod reconcile;
 #[cfg(test)]
 mod service_tests;

@@ -242,8 +242,20 @@ impl Agent {
             Ok(format!("{}: interrupted start undone", vm.spec.name))
         } else {
             let name = vm.spec.name.to_string();
+            let mut line = format!("{name}: QEMU ended while agentd was away");
+            // Its QEMU is gone, so what confined it goes now (the tear-down
+            // in record_exit would do it silently), and the report says so.
+            match self.vmm.release_cgroup(id).await {
+                Ok(true) => line.push_str("; its cgroup removed"),
+                Ok(false) => {}
+                Err(e) => line.push_str(&format!("; its cgroup not removed ({e})")),
+            }
+            if let Some(user) = rt.qemu_user {
+                self.uids.release(id);
+                line.push_str(&format!("; uid {} released", user.uid));
+            }
             self.record_exit(id, None, false, true).await?;
-            Ok(format!("{name}: QEMU ended while agentd was away"))
+            Ok(line)
         }
     }
 
