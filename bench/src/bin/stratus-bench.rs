@@ -27,7 +27,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (repeatable): datapath, snapshot, launch,
-    /// confinement, bulk, import, events, transport.
+    /// confinement, bulk, import, events, events-nats, transport.
     #[arg(long, value_name = "SCENARIO")]
     only: Vec<String>,
     /// Guests launched at once by the bulk scenario [default: 30; 3 with --quick]

@@ -78,6 +78,7 @@ async fn pull(c: &mut Agent, image: &Image) -> anyhow::Result<()> {
             sha256: image.sha256.clone(),
             format: 0,
             endorser: String::new(),
+            endorsement: String::new(),
         }),
         to_pdisk: true,
     })
