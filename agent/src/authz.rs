@@ -113,6 +113,11 @@ pub const RULES: &[Rule] = &[
         roles: ADMIN,
         note: "admin",
     },
+    Rule {
+        method: "ListUsageRecords",
+        roles: TENANTS,
+        note: "the usage records of the project's guests",
+    },
 ];
 
 /// The RPCs that change something: each call is audited (`stratus_pki::audit`).
@@ -158,6 +163,7 @@ mod tests {
         "ListImages",
         "GetQuota",
         "ListQuotas",
+        "ListUsageRecords",
     ];
 
     #[test]

@@ -26,6 +26,11 @@ use uuid::Uuid;
 
 use stratus_core::error::{Error, Result};
 
+/// Guest `vm`'s cgroup under `parent` (read by usage accounting too).
+pub fn guest_dir(parent: &Path, vm: Uuid) -> PathBuf {
+    parent.join(format!("vm-{vm}"))
+}
+
 /// The controllers whose limits agentd sets, in the order it enables them.
 const WANTED: [&str; 3] = ["memory", "pids", "cpu"];
 
@@ -136,7 +141,7 @@ impl GuestCgroups {
 
     /// Guest `vm`'s cgroup.
     pub fn path(&self, vm: Uuid) -> PathBuf {
-        self.parent.join(format!("vm-{vm}"))
+        guest_dir(&self.parent, vm)
     }
 
     /// Creates guest `vm`'s cgroup (kept if it exists), sets its limits and

@@ -133,6 +133,19 @@ pub struct Flags {
     /// [default: 30s]
     #[arg(long, value_name = "DURATION")]
     pub nic_filter_check: Option<String>,
+    /// How often each guest's usage (CPU, network, wall time) is read
+    /// into its accounting, besides at every state change, e.g. 60s, 5m
+    /// [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub usage_interval: Option<String>,
+    /// This site's name in usage records (APEL SiteName, the GOCDB name)
+    /// [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub usage_site: Option<String>,
+    /// This cloud resource within the site in usage records (APEL
+    /// CloudComputeService) [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub usage_service: Option<String>,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -174,6 +187,10 @@ pub struct Config {
     pub console_log_max: u64,
     /// None: no periodic check of the anti-spoofing rules.
     pub nic_filter_check: Option<std::time::Duration>,
+    /// How often guests' usage is read.
+    pub usage_interval: std::time::Duration,
+    /// Who this host is in usage records.
+    pub usage_site: crate::usage::Site,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -227,6 +244,8 @@ impl Flags {
             (range, None) => QemuUsers::pool(range.as_deref().unwrap_or("64000-64999"))?,
         };
         let nats = self.nats.resolve(&file.nats)?;
+        // Usage records go to `stratus.usage.<host>` with the events' host.
+        let nats_host = nats.as_ref().map(|n| n.host.clone());
         let cfg = Config {
             serve,
             tls,
@@ -275,6 +294,16 @@ impl Flags {
                     .map_err(|e| Error::invalid(format!("nic-filter-check: {e}")))?,
             )
             .filter(|d| !d.is_zero()),
+            usage_interval: humantime::parse_duration(&pick!(usage_interval, "60s".into()))
+                .map_err(|e| Error::invalid(format!("usage-interval: {e}")))?,
+            usage_site: {
+                let here = crate::usage::Site::of_this_host();
+                crate::usage::Site {
+                    site_name: pick!(usage_site, here.site_name),
+                    cloud_compute_service: pick!(usage_service, here.cloud_compute_service),
+                    host: nats_host.clone().unwrap_or(here.host),
+                }
+            },
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,
@@ -293,6 +322,9 @@ impl Flags {
                 "console-log-max must be at least {} KiB",
                 crate::console::MIN_MAX >> 10
             )));
+        }
+        if cfg.usage_interval < std::time::Duration::from_secs(1) {
+            return Err(Error::invalid("usage-interval must be at least 1s"));
         }
         if cfg.event_retention.max_events == 0 {
             return Err(Error::invalid("event-max must be at least 1"));
@@ -369,6 +401,24 @@ mod tests {
             .resolve()
             .is_err());
         assert!(c.allowed_bridges.is_empty());
+        assert_eq!(c.usage_interval, std::time::Duration::from_secs(60));
+        let u = Flags::parse_from([
+            "agentd",
+            "--usage-interval",
+            "5m",
+            "--usage-site",
+            "SITE-1",
+            "--usage-service",
+            "c1.example",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(u.usage_interval, std::time::Duration::from_secs(300));
+        assert_eq!(u.usage_site.site_name, "SITE-1");
+        assert_eq!(u.usage_site.cloud_compute_service, "c1.example");
+        assert!(Flags::parse_from(["agentd", "--usage-interval", "10ms"])
+            .resolve()
+            .is_err());
         assert_eq!(c.console_log_max, crate::console::DEFAULT_MAX);
         let c = Flags::parse_from(["agentd", "--console-log-max", "64K"])
             .resolve()

@@ -506,6 +506,29 @@ impl VmService for Api {
         Ok(Response::new(pb::ListQuotasResponse { quotas }))
     }
 
+    /// Records of the guests the caller's project sees; one guest by
+    /// name or UUID (a destroyed one's UUID too, while its tally is kept).
+    async fn list_usage_records(
+        &self,
+        req: Request<pb::ListUsageRecordsRequest>,
+    ) -> Result<Response<pb::ListUsageRecordsResponse>, Status> {
+        let (_, scope, r) = split(req, |r| &r.project)?;
+        let vm = match (r.vm.as_str(), uuid::Uuid::parse_str(&r.vm)) {
+            ("", _) => None,
+            // A UUID needs no live guest: the records filter by scope.
+            (_, Ok(u)) => Some(u),
+            (name, Err(_)) => Some(self.vm(&scope, name)?.uuid),
+        };
+        let until = (r.until != 0).then_some(r.until);
+        let records = self
+            .agent
+            .usage_records(r.since, until, vm, |p| scope.sees(p))
+            .await?;
+        Ok(Response::new(pb::ListUsageRecordsResponse {
+            records: records.iter().map(pb::UsageRecord::from).collect(),
+        }))
+    }
+
     async fn get_host(
         &self,
         _req: Request<pb::GetHostRequest>,

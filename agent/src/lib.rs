@@ -55,6 +55,7 @@ pub mod seed;
 pub(crate) mod service;
 pub mod spec;
 pub mod store;
+pub mod usage;
 pub mod vmm;
 pub(crate) mod volumes;
 

@@ -703,6 +703,16 @@ pub struct BlockMedium {
     pub driver: String,
     #[serde(rename = "ro")]
     pub read_only: bool,
+    /// The image's size as the guest sees it (usage records' Disk).
+    #[serde(default)]
+    pub image: Option<BlockImage>,
+}
+
+/// What `query-block` says of an inserted medium's image.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct BlockImage {
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: u64,
 }
 
 /// QEMU's version, as its greeting and `query-version` state it.

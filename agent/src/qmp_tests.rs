@@ -361,6 +361,7 @@ async fn typed_queries_parse_qemu_replies() {
                 file: "/tmp/b.img".into(),
                 driver: "raw".into(),
                 read_only: true,
+                image: None,
             }),
             io_status: Some(IoStatus::Ok),
         }

@@ -618,6 +618,12 @@ impl AgentStore {
         stratus_core::journal::set_published_seq(&self.db, seq)
     }
 
+    /// The redb database, for the tables other modules keep beside the
+    /// journal (`usage`).
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
+    }
+
     /// Notified after each commit (one waiter: the outbox publisher).
     pub fn committed(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.committed.clone()

@@ -287,6 +287,18 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             api.list_quotas(request(role, pb::ListQuotasRequest {}))
                 .await,
         ),
+        // One guest's records, by name: another project's is NotFound.
+        "ListUsageRecords" => outcome(
+            api.list_usage_records(request(
+                role,
+                pb::ListUsageRecordsRequest {
+                    project,
+                    vm,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
         other => panic!("the matrix has no call for {other}: add one"),
     }
 }

@@ -114,6 +114,11 @@ pub trait QmpCommands: Send + Sync {
     fn query_blockstats(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::BlockStats>>> {
         Box::pin(async { Ok(Vec::new()) })
     }
+    /// The guest's block backends and their images' sizes, for usage
+    /// records; none by default (as above).
+    fn query_block(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::BlockInfo>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }
 
 impl QmpCommands for Qmp {
@@ -143,6 +148,10 @@ impl QmpCommands for Qmp {
 
     fn query_blockstats(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::BlockStats>>> {
         Box::pin(Qmp::query_blockstats(self))
+    }
+
+    fn query_block(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::BlockInfo>>> {
+        Box::pin(Qmp::query_block(self))
     }
 }
 

@@ -127,6 +127,36 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
             ctx.print(render::host_json(&host), || render::host_view(&host))
         }
         Command::Quota(c) => quota(ctx, c).await,
+        Command::Usage(a) => usage(ctx, a).await,
+    }
+}
+
+async fn usage(ctx: &Ctx, a: args::UsageArgs) -> Result<(), Failure> {
+    use agent::usage::UsageRecord;
+    use args::UsageFormat;
+    use stratus_proto::agent::v1::ListUsageRecordsRequest;
+    let records: Vec<UsageRecord> = ctx
+        .answer(
+            ctx.connect()
+                .await?
+                .list_usage_records(ListUsageRecordsRequest {
+                    project: ctx.project.clone(),
+                    since: a.since.unwrap_or(0),
+                    until: a.until.unwrap_or(0),
+                    vm: a.vm.map(|v| v.to_string()).unwrap_or_default(),
+                })
+                .await,
+        )?
+        .records
+        .into_iter()
+        .map(UsageRecord::from)
+        .collect();
+    let json = serde_json::to_value(&records).expect("records serialize");
+    match a.format {
+        _ if ctx.json => ctx.print(json, String::new),
+        UsageFormat::Json => cli::print(true, json, String::new),
+        UsageFormat::Apel => ctx.print(json, || agent::usage::apel_message(&records)),
+        UsageFormat::Csv => ctx.print(json, || agent::usage::csv(&records)),
     }
 }
 

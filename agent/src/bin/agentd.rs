@@ -92,7 +92,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(every) = cfg.nic_filter_check {
         agent.spawn_nic_filter_checks(every);
     }
-    // The event journal stays bounded: compacted now and every hour.
+    // Usage accounting: every guest read each --usage-interval and at
+    // each state change.
+    agent.usage_book().set_site(cfg.usage_site.clone());
+    agent::usage::spawn_sampler(agent.clone(), cfg.usage_interval);
+    // The event journal and the usage log stay bounded: compacted now and
+    // every hour.
     {
         let agent = agent.clone();
         let retention = cfg.event_retention;
@@ -111,6 +116,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "event journal compaction failed"),
                 }
+                let usage = agent.usage_book();
+                if let Err(e) =
+                    tokio::task::block_in_place(|| usage.compact(retention.max_age, now))
+                {
+                    tracing::warn!(error = %e, "usage log compaction failed");
+                }
             }
         });
     }
@@ -126,7 +137,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             agent.shared_store(),
             &nats.host,
         ));
-        stratus_core::outbox::Publisher::spawn(outbox, broker);
+        stratus_core::outbox::Publisher::spawn(outbox, broker.clone());
+        // Usage records the same way, from the usage log.
+        stratus_core::outbox::Publisher::spawn(
+            Arc::new(agent::usage::UsageOutbox::new(agent.clone())),
+            broker,
+        );
         tracing::info!(url = %nats.url, host = %nats.host, stream = stratus_core::nats::STREAM,
             "publishing events to NATS");
     }

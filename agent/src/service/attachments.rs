@@ -397,7 +397,10 @@ impl Agent {
             }
         }
         if alive.is_empty() {
-            // Its QEMU is gone: the uid may go to another guest.
+            // Its QEMU is gone; its cgroup and taps still count what it
+            // used since the last usage reading: take the last one now.
+            self.final_usage(vm, &rt).await;
+            // The uid may go to another guest.
             self.uids.release(vm.uuid);
             if let Err(e) = self.vmm.release_cgroup(vm.uuid).await {
                 tracing::warn!(vm = %vm.spec.name, error = %e, "could not remove the guest's cgroup");

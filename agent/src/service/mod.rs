@@ -181,6 +181,8 @@ pub struct Agent {
     uids: UidPool,
     /// Launch timings for `/metrics`.
     launches: crate::metrics::Launches,
+    /// Per-guest usage accounting, in the store (`usage.rs`).
+    usage: crate::usage::UsageBook,
     /// The named step at which this agent "crashes" (panics), for the
     /// tests of crash safety; see [`Agent::crash_point`].
     #[cfg(test)]
@@ -231,6 +233,7 @@ impl Agent {
         let host_files =
             stratus_core::rooted::Roots::open("--host-file-root", &settings.host_file_roots)?;
         let store = Arc::new(store);
+        let usage = crate::usage::UsageBook::open(store.clone())?;
         let uids = UidPool::new(settings.qemu_users.clone());
         let filters = crate::net::NicFilters::new(runner.clone());
         Ok(Arc::new(Agent {
@@ -256,6 +259,7 @@ impl Agent {
             pins: Mutex::default(),
             uids,
             launches: Default::default(),
+            usage,
             #[cfg(test)]
             crash_at: Mutex::default(),
         }))
@@ -271,6 +275,11 @@ impl Agent {
     }
 
     /// Launch timings (`/metrics`).
+    /// Per-guest usage accounting.
+    pub fn usage_book(&self) -> &crate::usage::UsageBook {
+        &self.usage
+    }
+
     pub(crate) fn launches(&self) -> &crate::metrics::Launches {
         &self.launches
     }

@@ -113,6 +113,52 @@ pub enum Command {
     /// Per-project quotas on this host: VMs, vCPUs and memory.
     #[command(subcommand)]
     Quota(QuotaCommand),
+    /// Usage records of the VMs that ran on this host (EGI cloud
+    /// accounting: APEL `APEL-cloud-message: v0.4`, JSON or CSV).
+    Usage(UsageArgs),
+}
+
+/// How `agentctl usage` prints the records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageFormat {
+    /// An APEL cloud message (MB, GB and whole seconds, as APEL has them).
+    Apel,
+    /// A JSON array of records in exact units (what --json prints).
+    Json,
+    /// CSV with a header line, the JSON fields as columns.
+    Csv,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// From this time: RFC 3339 (2026-12-01T00:00:00Z) or Unix seconds
+    /// [default: the first record kept]
+    #[arg(long, value_name = "TIME", value_parser = unix_time)]
+    pub since: Option<u64>,
+
+    /// Up to this time, each VM as of its last reading before it
+    /// [default: now, after reading every VM]
+    #[arg(long, value_name = "TIME", value_parser = unix_time)]
+    pub until: Option<u64>,
+
+    /// Only this VM (name, or UUID: a destroyed one's too).
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<Ref>,
+
+    #[arg(long, value_enum, default_value_t = UsageFormat::Apel)]
+    pub format: UsageFormat,
+}
+
+/// A time as Unix seconds: digits, or an RFC 3339 date and time.
+pub fn unix_time(s: &str) -> Result<u64, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|e| format!("{s}: {e}"));
+    }
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s}: not Unix seconds or an RFC 3339 time ({e})"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{s}: before 1970"))?
+        .as_secs())
 }
 
 #[derive(Debug, Subcommand)]

@@ -749,3 +749,34 @@ fn save_takes_a_disk_and_an_image_name() {
     assert!(parse(&["vm", "save", "web1", "--image", "Bad Name"]).is_err());
     assert!(parse(&["vm", "save", "web1"]).is_err());
 }
+
+#[test]
+fn usage_times_are_unix_seconds_or_rfc3339_and_apel_is_the_default() {
+    let Command::Usage(a) = parse(&[
+        "usage",
+        "--since",
+        "1764590000",
+        "--until",
+        "2026-12-02T00:00:00Z",
+    ])
+    .unwrap()
+    .command
+    else {
+        panic!("not usage")
+    };
+    assert_eq!(a.since, Some(1_764_590_000));
+    assert_eq!(a.until, Some(1_796_169_600));
+    assert_eq!(a.format, UsageFormat::Apel);
+    fails(&["usage", "--since", "yesterday"]);
+    fails(&["usage", "--format", "xml"]);
+    let Command::Usage(a) = parse(&["usage", "--format", "csv", "--vm", "web1"])
+        .unwrap()
+        .command
+    else {
+        panic!("not usage")
+    };
+    assert_eq!(
+        (a.format, a.vm.unwrap().to_string()),
+        (UsageFormat::Csv, "web1".to_string())
+    );
+}
