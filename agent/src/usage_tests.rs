@@ -22,6 +22,7 @@ fn guest(project: &str) -> VmRecord {
                         sha256: "ab".repeat(32),
                         format: DeclaredFormat::Qcow2,
                         endorser: None,
+                        endorsement: None,
                     },
                     size: 0,
                     local: true,

@@ -15,6 +15,19 @@ use testkit::*;
 
 const BRIDGE: &str = "stbr0";
 const HOST: &str = "h1";
+/// agentd's `/metrics`, inside the test's namespace.
+const METRICS: &str = "127.0.0.1:9464";
+
+/// agentd's events publisher on `/metrics`: (lag, failing).
+fn publisher(ns: &NetNs) -> (f64, f64) {
+    let addr: std::net::SocketAddr = METRICS.parse().unwrap();
+    let m = ns.block_on(move || scrape(addr));
+    let events = [("stream", "events")];
+    (
+        m.value("stratus_agent_publisher_lag", &events),
+        m.value("stratus_agent_publisher_failing", &events),
+    )
+}
 
 fn settings(url: &str) -> NatsSettings {
     NatsSettings {
@@ -73,8 +86,11 @@ fn churn(
     })
 }
 
+/// The subjects of agentd's events in the stream.
+const EVENTS: &str = "stratus.agent.>";
+
 /// Polls the stream on one connection until it holds more than `before`
-/// messages; returns how many it held then.
+/// events; returns how many it held then.
 fn first_growth(ns: &NetNs, url: &str, before: u64) -> u64 {
     let url = url.to_owned();
     ns.block_on(move || async move {
@@ -87,7 +103,7 @@ fn first_growth(ns: &NetNs, url: &str, before: u64) -> u64 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         loop {
-            let held = b.stream_messages().await.unwrap_or(0);
+            let held = b.subject_messages(EVENTS).await.unwrap_or(0);
             if held > before || Instant::now() > deadline {
                 return held;
             }
@@ -96,12 +112,13 @@ fn first_growth(ns: &NetNs, url: &str, before: u64) -> u64 {
     })
 }
 
-/// The stream's message count, asked from inside the namespace.
+/// The stream's events (its usage records are on `stratus.usage.>`),
+/// asked from inside the namespace.
 fn stream_messages(ns: &NetNs, url: &str) -> Option<u64> {
     let url = url.to_owned();
     ns.block_on(move || async move {
         let b = Broker::connect(&settings(&url), "test", true).await.ok()?;
-        b.stream_messages().await.ok()
+        b.subject_messages(EVENTS).await.ok()
     })
 }
 
@@ -120,7 +137,14 @@ fn every_event_reaches_a_durable_consumer_once_across_broker_and_agentd_kills() 
         &ns,
         "http://127.0.0.1:9",
         BRIDGE,
-        &["--nats-url", &url, "--nats-host", HOST],
+        &[
+            "--nats-url",
+            &url,
+            "--nats-host",
+            HOST,
+            "--metrics-listen",
+            METRICS,
+        ],
     );
     let disk = dir.path().join("host-files/d.raw");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
@@ -138,6 +162,18 @@ fn every_event_reaches_a_durable_consumer_once_across_broker_and_agentd_kills() 
     nats.kill9();
     n += churn(&ns, &ag, &disk, n, 10_000, Some(Duration::from_secs(3)));
     let during_outage = n - 20;
+    // The broker away: /metrics shows the events journaled, not acked.
+    // An ack that never comes fails the round after JetStream's ack timeout
+    // (5 s): then `failing` is 1.
+    let (lag, _) = wait_for(
+        "failing with the broker away",
+        Duration::from_secs(20),
+        || Some(publisher(&ns)).filter(|(_, failing)| *failing == 1.0),
+    );
+    assert!(
+        lag >= 2.0 * during_outage as f64,
+        "lag {lag} with the broker away"
+    );
     nats.restart();
 
     // (b) agentd killed -9 with a backlog the broker never saw (the broker
@@ -217,6 +253,21 @@ fn every_event_reaches_a_durable_consumer_once_across_broker_and_agentd_kills() 
         Some(last),
         "the stream dropped re-sends"
     );
+    // Caught up: no lag, not failing.
+    wait_for(
+        "the publisher's lag to reach 0",
+        Duration::from_secs(30),
+        || (publisher(&ns) == (0.0, 0.0)).then_some(()),
+    );
+    // Usage records share the stream, on subjects of their own.
+    let u = url.clone();
+    let usage = ns.block_on(move || async move {
+        let b = Broker::connect(&settings(&u), "test", true).await.unwrap();
+        b.subject_messages(&format!("stratus.usage.{HOST}"))
+            .await
+            .unwrap()
+    });
+    assert!(usage > 0, "agentd's usage records reached the broker");
     for e in &journal {
         let (subject, payload) = &got[&format!("agent.{HOST}:{}", e.seq)];
         let back = agent::publisher::event_from_payload(payload).unwrap();

@@ -154,6 +154,7 @@ fn a_guests_usage_record_counts_what_it_used_across_an_agentd_restart() {
                 sha256: sha.clone(),
                 format: 0,
                 endorser: String::new(),
+                endorsement: String::new(),
             })),
             read_only: false,
             boot_index: 1,

@@ -496,6 +496,30 @@ impl Broker {
         Ok(info.state.messages)
     }
 
+    /// How many of the stream's messages have subjects matching `filter`
+    /// (`stratus.agent.>`: the events alone, without usage records).
+    pub async fn subject_messages(&self, filter: &str) -> Result<u64> {
+        use futures::TryStreamExt;
+        let s = self
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| nats_err(&format!("stream {STREAM}"), e))?;
+        let mut subjects = s
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| nats_err(&format!("stream {STREAM}"), e))?;
+        let mut n = 0u64;
+        while let Some((_, count)) = subjects
+            .try_next()
+            .await
+            .map_err(|e| nats_err(&format!("stream {STREAM}"), e))?
+        {
+            n += count as u64;
+        }
+        Ok(n)
+    }
+
     /// Waits until what was sent is flushed to the server.
     pub async fn flush(&self) -> Result<()> {
         self.client.flush().await.map_err(|e| nats_err("flush", e))

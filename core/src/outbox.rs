@@ -66,6 +66,44 @@ pub struct PublisherStatus {
     pub lost_to_compaction: u64,
 }
 
+/// A running publisher as `/metrics` sees it: its status beside the last
+/// seq journaled, read at each scrape.
+pub struct PublisherLag {
+    stream: &'static str,
+    status: watch::Receiver<PublisherStatus>,
+    last_seq: Box<dyn Fn() -> Result<u64> + Send + Sync>,
+}
+
+impl PublisherLag {
+    /// `stream` names what it publishes (`events`, `usage`); `last_seq`
+    /// reads the journal's last seq.
+    pub fn new(
+        stream: &'static str,
+        status: watch::Receiver<PublisherStatus>,
+        last_seq: impl Fn() -> Result<u64> + Send + Sync + 'static,
+    ) -> PublisherLag {
+        PublisherLag {
+            stream,
+            status,
+            last_seq: Box::new(last_seq),
+        }
+    }
+
+    /// The figures now (a journal that cannot be read shows no lag rather
+    /// than a made-up one).
+    pub fn figures(&self) -> stratus_pki::metrics::PublisherFigures {
+        let s = *self.status.borrow();
+        let last_seq = (self.last_seq)().unwrap_or(s.published_seq);
+        stratus_pki::metrics::PublisherFigures {
+            stream: self.stream,
+            last_seq,
+            acked_seq: s.published_seq,
+            failing: s.failing,
+            lost: s.lost_to_compaction,
+        }
+    }
+}
+
 /// The task that empties a daemon's outbox into the broker.
 pub struct Publisher<O: Outbox> {
     outbox: Arc<O>,
@@ -123,6 +161,10 @@ impl<O: Outbox> Publisher<O> {
             *stream_ready = true;
         }
         let mut published = self.blocking(|o| o.published_seq()).await?;
+        // Where it starts from (stored by an earlier run): the lag on
+        // `/metrics` is measured from here until the next ack.
+        self.status
+            .send_modify(|s| s.published_seq = s.published_seq.max(published));
         let wake = self.outbox.committed();
         loop {
             let batch = match self

@@ -14,6 +14,22 @@ use testkit::*;
 
 const HOST: &str = "st1";
 
+/// A loopback address nothing listens on now.
+fn free_loopback_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// pdiskd's events publisher on `/metrics`: (lag, failing).
+async fn publisher(addr: std::net::SocketAddr) -> (f64, f64) {
+    let m = scrape(addr).await;
+    let events = [("stream", "events")];
+    (
+        m.value("stratus_pdisk_publisher_lag", &events),
+        m.value("stratus_pdisk_publisher_failing", &events),
+    )
+}
+
 fn settings(url: &str) -> NatsSettings {
     NatsSettings {
         url: url.into(),
@@ -81,7 +97,19 @@ async fn every_event_reaches_a_durable_consumer_once_across_broker_and_pdiskd_ki
     let tgtd = Tgtd::start(pool.dir.path());
     let mut nats = NatsServer::start(pool.dir.path());
     let url = nats.url();
-    let mut pdiskd = Pdiskd::start_with(&pool, &tgtd, &["--nats-url", &url, "--nats-host", HOST]);
+    let metrics = free_loopback_addr();
+    let mut pdiskd = Pdiskd::start_with(
+        &pool,
+        &tgtd,
+        &[
+            "--nats-url",
+            &url,
+            "--nats-host",
+            HOST,
+            "--metrics-listen",
+            &metrics.to_string(),
+        ],
+    );
 
     let b = broker(&url).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -95,6 +123,25 @@ async fn every_event_reaches_a_durable_consumer_once_across_broker_and_pdiskd_ki
     nats.kill9();
     n += churn(&pdiskd, n, 10_000, Some(Duration::from_secs(3))).await;
     let during_outage = n - 10;
+    // The broker away: /metrics shows the events journaled, not acked.
+    // An ack that never comes fails the round after JetStream's ack timeout
+    // (5 s): then `failing` is 1.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (lag, _) = loop {
+        let p = publisher(metrics).await;
+        if p.1 == 1.0 {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never failing with the broker away: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        lag >= 3.0 * during_outage as f64,
+        "lag {lag} with the broker away"
+    );
     nats.restart();
     let b = broker(&url).await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -127,6 +174,16 @@ async fn every_event_reaches_a_durable_consumer_once_across_broker_and_pdiskd_ki
     pdiskd.restart();
     n += churn(&pdiskd, n, 10, None).await;
 
+    // Caught up: no lag, not failing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while publisher(metrics).await != (0.0, 0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "lag never 0: {:?}",
+            publisher(metrics).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The journal, as WatchEvents replays it.
     let mut c = pdiskd.client().await;
     let mut s = c

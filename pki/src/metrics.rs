@@ -228,6 +228,101 @@ pub fn write_family(
     Ok(())
 }
 
+/// Where one outbox publisher of a daemon is (`stratus_core::outbox`), read
+/// at each scrape: the journal's last seq against the last one the broker
+/// acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublisherFigures {
+    /// What it publishes: `events`, `usage`.
+    pub stream: &'static str,
+    pub last_seq: u64,
+    pub acked_seq: u64,
+    /// Its last round failed (the broker is away or refused).
+    pub failing: bool,
+    /// Messages compacted out of the journal before the broker had them.
+    pub lost: u64,
+}
+
+/// One family's samples: labels and value.
+type Samples = Vec<(Labels, f64)>;
+
+/// Reads every publisher's figures (none without a broker).
+pub type PublisherSource = Arc<dyn Fn() -> Vec<PublisherFigures> + Send + Sync>;
+
+#[derive(Clone)]
+struct PublisherCollector {
+    prefix: &'static str,
+    source: PublisherSource,
+}
+
+impl std::fmt::Debug for PublisherCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherCollector")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for PublisherCollector {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        let figures = (self.source)();
+        let per = |f: &dyn Fn(&PublisherFigures) -> f64| -> Samples {
+            figures
+                .iter()
+                .map(|p| (vec![("stream", p.stream.to_string())], f(p)))
+                .collect()
+        };
+        let families: [(&str, &str, Kind, Samples); 5] = [
+            (
+                "publisher_last_seq",
+                "the last seq journaled for the broker",
+                Kind::Gauge,
+                per(&|p| p.last_seq as f64),
+            ),
+            (
+                "publisher_acked_seq",
+                "the last seq the broker acknowledged (stored)",
+                Kind::Gauge,
+                per(&|p| p.acked_seq as f64),
+            ),
+            (
+                "publisher_lag",
+                "messages journaled but not yet acknowledged by the broker",
+                Kind::Gauge,
+                per(&|p| p.last_seq.saturating_sub(p.acked_seq) as f64),
+            ),
+            (
+                "publisher_failing",
+                "1 while the publisher's last round failed (broker away or refusing)",
+                Kind::Gauge,
+                per(&|p| if p.failing { 1.0 } else { 0.0 }),
+            ),
+            (
+                "publisher_lost",
+                "messages compacted out of the journal before the broker had them",
+                Kind::Counter,
+                per(&|p| p.lost as f64),
+            ),
+        ];
+        for (name, help, kind, samples) in &families {
+            write_family(
+                &mut enc,
+                &format!("{}_{name}", self.prefix),
+                help,
+                *kind,
+                samples,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Registers `<prefix>_publisher_{last_seq,acked_seq,lag,failing,lost}`
+/// `{stream}`, read from `source` at each scrape.
+pub fn register_publishers(registry: &mut Registry, prefix: &'static str, source: PublisherSource) {
+    registry.register_collector(Box::new(PublisherCollector { prefix, source }));
+}
+
 /// Serves `GET /metrics` on `listener` until `shutdown` completes: each
 /// scrape runs `refresh`, then encodes `registry`. Any other path is 404,
 /// any other method 405. HTTP/1.1 only, no TLS: bind it to loopback or a
@@ -322,6 +417,46 @@ mod tests {
     use super::*;
     use crate::authz::Rule;
     use tower::{Layer, Service, ServiceExt};
+
+    #[test]
+    fn publisher_lag_is_the_journaled_seq_past_the_acknowledged_one() {
+        let mut registry = Registry::default();
+        let figures = Arc::new(std::sync::Mutex::new(vec![PublisherFigures {
+            stream: "events",
+            last_seq: 120,
+            acked_seq: 100,
+            failing: true,
+            lost: 3,
+        }]));
+        let f = figures.clone();
+        register_publishers(
+            &mut registry,
+            "stratus_test",
+            Arc::new(move || f.lock().unwrap().clone()),
+        );
+        let text = encode(&registry);
+        for line in [
+            "stratus_test_publisher_last_seq{stream=\"events\"} 120",
+            "stratus_test_publisher_acked_seq{stream=\"events\"} 100",
+            "stratus_test_publisher_lag{stream=\"events\"} 20",
+            "stratus_test_publisher_failing{stream=\"events\"} 1",
+            "stratus_test_publisher_lost_total{stream=\"events\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        // Read at each scrape: caught up, the lag is 0.
+        figures.lock().unwrap()[0].acked_seq = 120;
+        figures.lock().unwrap()[0].failing = false;
+        let text = encode(&registry);
+        assert!(
+            text.contains("stratus_test_publisher_lag{stream=\"events\"} 0"),
+            "{text}"
+        );
+        // No broker, no publisher: no series.
+        let mut empty = Registry::default();
+        register_publishers(&mut empty, "stratus_test", Arc::new(Vec::new));
+        assert!(!encode(&empty).contains("publisher"));
+    }
 
     const TABLE: Table = Table {
         service: "a.v1.S",

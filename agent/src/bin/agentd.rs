@@ -128,7 +128,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // The journal is the outbox: with a broker, every event is published
     // in seq order, resuming after the last one it acknowledged.
+    // Each publisher's lag (journaled vs acknowledged) for `/metrics`.
+    let mut publishers = Vec::new();
     if let Some(nats) = &cfg.nats {
+        use stratus_core::outbox::{Publisher, PublisherLag};
         let broker =
             stratus_core::nats::Broker::connect(nats, &format!("agentd {}", nats.host), false)
                 .await
@@ -137,12 +140,22 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             agent.shared_store(),
             &nats.host,
         ));
-        stratus_core::outbox::Publisher::spawn(outbox, broker.clone());
+        let store = agent.shared_store();
+        publishers.push(PublisherLag::new(
+            "events",
+            Publisher::spawn(outbox, broker.clone()),
+            move || store.last_seq(),
+        ));
         // Usage records the same way, from the usage log.
-        stratus_core::outbox::Publisher::spawn(
-            Arc::new(agent::usage::UsageOutbox::new(agent.clone())),
-            broker,
-        );
+        let a = agent.clone();
+        publishers.push(PublisherLag::new(
+            "usage",
+            Publisher::spawn(
+                Arc::new(agent::usage::UsageOutbox::new(agent.clone())),
+                broker,
+            ),
+            move || a.usage_book().last_seq(),
+        ));
         tracing::info!(url = %nats.url, host = %nats.host, stream = stratus_core::nats::STREAM,
             "publishing events to NATS");
     }
@@ -169,6 +182,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let rpc_metrics = RpcMetricsLayer::register(&mut registry, &agent::authz::TABLE);
     let refresh = agent::metrics::register(&mut registry, agent.clone());
+    stratus_pki::metrics::register_publishers(
+        &mut registry,
+        "stratus_agent",
+        Arc::new(move || publishers.iter().map(|p| p.figures()).collect()),
+    );
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = cfg.serve.metrics_listen {
         let bound = stratus_pki::metrics::spawn(addr, Arc::new(registry), refresh, async {

@@ -142,6 +142,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // The journal is the outbox: with a broker, every event is published in
     // seq order, resuming after the last one it acknowledged.
+    // The publisher's lag (journaled vs acknowledged) for `/metrics`.
+    let mut publishers = Vec::new();
     if let Some(nats) = &cfg.nats {
         let broker =
             stratus_core::nats::Broker::connect(nats, &format!("pdiskd {}", nats.host), false)
@@ -151,7 +153,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             svc.shared_store(),
             &nats.host,
         ));
-        stratus_core::outbox::Publisher::spawn(outbox, broker);
+        let store = svc.shared_store();
+        publishers.push(stratus_core::outbox::PublisherLag::new(
+            "events",
+            stratus_core::outbox::Publisher::spawn(outbox, broker),
+            move || store.last_seq(),
+        ));
         tracing::info!(url = %nats.url, host = %nats.host, stream = stratus_core::nats::STREAM,
             "publishing events to NATS");
     }
@@ -206,6 +213,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let rpc_metrics = RpcMetricsLayer::register(&mut registry, &pdisk::authz::TABLE);
     let refresh = pdisk::metrics::register(&mut registry, svc.clone());
+    stratus_pki::metrics::register_publishers(
+        &mut registry,
+        "stratus_pdisk",
+        Arc::new(move || publishers.iter().map(|p| p.figures()).collect()),
+    );
     if let Some(addr) = cfg.serve.metrics_listen {
         let mut rx = shutdown_rx.clone();
         let bound = stratus_pki::metrics::spawn(addr, Arc::new(registry), refresh, async move {
