@@ -606,6 +606,12 @@ impl SoakClient {
                 self.volumes[i].exported = Known::No;
                 true
             }
+            Err(s) if s.code() == Code::Unavailable && !lost(&s) => {
+                // pdiskd answered: the revocation is committed and the
+                // exporter (tgtd, killed) removes the target when it returns.
+                self.volumes[i].exported = Known::No;
+                false
+            }
             Err(s) => {
                 self.volume_refused(i, &s);
                 false
