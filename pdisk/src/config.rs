@@ -38,6 +38,9 @@ pub enum ExporterKind {
     Tgt,
     /// The kernel's LIO target, configured through configfs.
     Lio,
+    /// No target: clients open RBD images with Ceph's own client (the
+    /// rbd backend's only exporter, and its default).
+    Rbd,
 }
 
 /// Flags of pdiskd; each can also be set in the `--config` TOML file.
@@ -120,7 +123,13 @@ pub struct Flags {
     /// names, e.g. /etc/ceph/ceph.client.USER.keyring]
     #[arg(long, value_name = "FILE")]
     pub ceph_keyring: Option<PathBuf>,
-    /// iSCSI exporter [default: tgt]
+    /// rbd backend: the cephx user clients (agents' QEMUs) attach volumes
+    /// as, named in exports; each client host holds its key in its own
+    /// keyring [default: --ceph-id]
+    #[arg(long, value_name = "USER")]
+    pub rbd_client_id: Option<String>,
+    /// Exporter: tgt or lio (iSCSI), or rbd (no target; the rbd backend's)
+    /// [default: tgt, rbd with --backend rbd]
     #[arg(long = "export", value_enum)]
     #[serde(rename = "export")]
     pub exporter: Option<ExporterKind>,
@@ -225,7 +234,15 @@ impl Flags {
             lvm,
             rbd,
             pool_dir: pick!(pool_dir, data_dir.join("pool")),
-            exporter: pick!(exporter, ExporterKind::Tgt),
+            // RBD images are reached by Ceph's own client, not a target.
+            exporter: pick!(
+                exporter,
+                if backend == BackendKind::Rbd {
+                    ExporterKind::Rbd
+                } else {
+                    ExporterKind::Tgt
+                }
+            ),
             portal: pick!(portal, "127.0.0.1:3260".into()),
             tgt_control_port: pick!(tgt_control_port, 0),
             tgt_bstype: pick!(tgt_bstype, "rdwr".into()),
@@ -266,6 +283,7 @@ impl Flags {
         let conf = self.ceph_conf.clone().or(file.ceph_conf.clone());
         let id = self.ceph_id.clone().or(file.ceph_id.clone());
         let keyring = self.ceph_keyring.clone().or(file.ceph_keyring.clone());
+        let client_id = self.rbd_client_id.clone().or(file.rbd_client_id.clone());
         if backend != BackendKind::Rbd {
             if pool.is_some()
                 || data_pool.is_some()
@@ -273,9 +291,10 @@ impl Flags {
                 || conf.is_some()
                 || id.is_some()
                 || keyring.is_some()
+                || client_id.is_some()
             {
                 return Err(Error::invalid(
-                    "rbd-pool, rbd-data-pool, rbd-max-clone-depth, ceph-conf, ceph-id and ceph-keyring are settings of the rbd backend: set backend = rbd or remove them",
+                    "rbd-pool, rbd-data-pool, rbd-max-clone-depth, rbd-client-id, ceph-conf, ceph-id and ceph-keyring are settings of the rbd backend: set backend = rbd or remove them",
                 ));
             }
             return Ok(None);
@@ -290,13 +309,18 @@ impl Flags {
         if let Some(k) = &keyring {
             check_path_for_rbd("ceph-keyring", k)?;
         }
+        let ceph_id = CephName::new("ceph-id", id.as_deref().unwrap_or("admin"))?;
         Ok(Some(RbdSettings {
             pool: CephName::new("rbd-pool", &pool)?,
             data_pool: data_pool
                 .map(|d| CephName::new("rbd-data-pool", &d))
                 .transpose()?,
             ceph_conf,
-            ceph_id: CephName::new("ceph-id", id.as_deref().unwrap_or("admin"))?,
+            client_id: match client_id {
+                Some(c) => CephName::new("rbd-client-id", &c)?,
+                None => ceph_id.clone(),
+            },
+            ceph_id,
             keyring,
             max_clone_depth: depth.unwrap_or(5),
             staging_dir: PathBuf::new(),
@@ -374,6 +398,23 @@ impl Config {
         }
         if self.export_check_interval == 0 {
             return Err(Error::invalid("export-check-interval must be at least 1"));
+        }
+        // tgt and LIO serve files and block devices; an RBD image is
+        // neither (krbd or tgt's bs-type rbd are not supported), and the
+        // rbd exporter has only RBD images to offer.
+        match (self.backend, self.exporter) {
+            (BackendKind::Rbd, ExporterKind::Rbd) => {}
+            (BackendKind::Rbd, e) => {
+                return Err(Error::invalid(format!(
+                    "the rbd backend exports with --export rbd (clients attach with Ceph's own                      client), not {e:?}: iSCSI exports of RBD images are not supported"
+                )))
+            }
+            (_, ExporterKind::Rbd) => {
+                return Err(Error::invalid(
+                    "--export rbd needs --backend rbd: only RBD images are opened by Ceph's own client",
+                ))
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -598,6 +639,22 @@ mod tests {
         assert_eq!(r.data_pool, None);
         assert_eq!(r.staging_dir, PathBuf::from("/srv/pdisk/staging"));
         assert!(c.lvm.is_none());
+        // Exports name pdiskd's own user unless clients have one of theirs;
+        // there is no target: the rbd exporter is the default.
+        assert_eq!(r.client_id.as_str(), "pdisk");
+        assert_eq!(c.exporter, ExporterKind::Rbd);
+        let c = Flags::parse_from([
+            "pdiskd",
+            "--backend",
+            "rbd",
+            "--rbd-pool",
+            "pdisk",
+            "--rbd-client-id",
+            "compute",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.rbd.unwrap().client_id.as_str(), "compute");
 
         for (args, why) in [
             (vec!["--backend", "rbd"], "--rbd-pool"),
@@ -637,6 +694,25 @@ mod tests {
                 "ceph-keyring",
             ),
             (vec!["--rbd-pool", "p"], "rbd backend"),
+            (vec!["--rbd-client-id", "c"], "rbd backend"),
+            (
+                vec![
+                    "--backend",
+                    "rbd",
+                    "--rbd-pool",
+                    "p",
+                    "--rbd-client-id",
+                    "a b",
+                ],
+                "rbd-client-id",
+            ),
+            // No iSCSI target serves an RBD image, and only RBD images
+            // are opened by Ceph's client.
+            (
+                vec!["--backend", "rbd", "--rbd-pool", "p", "--export", "tgt"],
+                "not supported",
+            ),
+            (vec!["--export", "rbd"], "needs --backend rbd"),
             (
                 vec![
                     "--backend",

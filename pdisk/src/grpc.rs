@@ -128,6 +128,26 @@ fn snapshot_pb(s: SnapshotInfo) -> pb::Snapshot {
 
 fn export_pb(e: ExportInfo) -> pb::Export {
     let url = e.url();
+    if let Some(r) = e.rbd {
+        // No target: nothing iSCSI to name.
+        return pb::Export {
+            volume_uuid: e.record.volume.to_string(),
+            volume_name: e.volume_name,
+            initiators: e.record.initiators.iter().map(|i| i.to_string()).collect(),
+            url,
+            exporter: e.exporter,
+            project: e.project,
+            rbd: Some(pb::RbdAttachment {
+                monitors: r.monitors,
+                pool: r.pool,
+                image: r.image,
+                user: r.user,
+                secret_ref: r.secret_ref,
+                cluster_fsid: r.cluster_fsid,
+            }),
+            ..Default::default()
+        };
+    }
     pb::Export {
         volume_uuid: e.record.volume.to_string(),
         volume_name: e.volume_name,
@@ -146,6 +166,7 @@ fn export_pb(e: ExportInfo) -> pb::Export {
         chap_user: e.record.chap.map(|c| c.user).unwrap_or_default(),
         exporter: e.exporter,
         project: e.project,
+        rbd: None,
     }
 }
 

@@ -400,3 +400,299 @@ async fn twenty_concurrent_clients_each_get_their_volume() {
     assert_eq!(rows.iter().filter(|r| r["snapshot"].is_null()).count(), 20);
     assert_eq!(rows.iter().filter(|r| !r["snapshot"].is_null()).count(), 20);
 }
+
+/// QEMU's rbd driver opening `image` of `pool` the way an agent does from an
+/// export: the monitors it names as `server`, no conf of the cluster's (an
+/// empty one), `user`, and the key as a `secret` object read from a file
+/// (what agentd hands QEMU as a sealed memfd). Runs `cmd` with qemu-io and
+/// returns (success, output).
+fn qemu_io_as(
+    dir: &std::path::Path,
+    monitors: &[String],
+    pool: &str,
+    image: &str,
+    user: &str,
+    key: &str,
+    cmd: &str,
+) -> (bool, String) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let key_file = dir.join("client.key");
+    let _ = std::fs::remove_file(&key_file);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_file)
+        .unwrap()
+        .write_all(key.as_bytes())
+        .unwrap();
+    let empty = dir.join("empty.conf");
+    std::fs::write(&empty, "").unwrap();
+    let servers: Vec<serde_json::Value> = monitors
+        .iter()
+        .map(|m| {
+            let (host, port) = m.rsplit_once(':').unwrap();
+            serde_json::json!({"host": host, "port": port})
+        })
+        .collect();
+    let spec = serde_json::json!({
+        "driver": "raw",
+        "file": {
+            "driver": "rbd",
+            "pool": pool,
+            "image": image,
+            "user": user,
+            "key-secret": "k0",
+            "conf": empty,
+            "server": servers,
+        }
+    });
+    let out = run(
+        "qemu-io",
+        &[
+            "--object",
+            &format!("secret,id=k0,file={},format=base64", key_file.display()),
+            "-c",
+            cmd,
+            &format!("json:{spec}"),
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        out.status.success() && !text.contains("Pattern verification failed"),
+        text,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and ceph (scripts/test)"]
+async fn exports_are_rbd_attachments_fenced_like_iscsi_that_qemu_opens() {
+    use stratus_pki::identity::Role;
+    use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
+    let t = RbdPdisk::start("pd-export");
+    let mut admin = t.pdiskd.client().await;
+    let pki = TestPki::shared();
+    let mut a = VolumeServiceClient::new(channel_as(&t.pdiskd.url(), &pki.agent()).await);
+    let mut b = VolumeServiceClient::new(
+        channel_as(
+            &t.pdiskd.url(),
+            &pki.issue(Role::Agent, "rbd-b", Some(OTHER_INITIATOR), &[]),
+        )
+        .await,
+    );
+    let v = create(&mut admin, "disk", 16 * MIB).await;
+    let img = RbdPdisk::image(&v);
+    t.write(&img, 0x5a, 0, MIB);
+    let req = |iqn: &str, multi: bool| pb::ExportVolumeRequest {
+        volume: "disk".into(),
+        initiators: vec![iqn.into()],
+        multi_attach: multi,
+        // Agents send CHAP whatever the pool: with no target it is dropped.
+        chap: Some(pb::ChapCredentials {
+            user: "guest".into(),
+            secret: "a1b2c3d4e5f60718293a4b5c6d7e8f90".into(),
+            target: None,
+        }),
+        ..Default::default()
+    };
+
+    // An agent exports only for its own initiator: nothing recorded else.
+    let e = a
+        .export_volume(req(OTHER_INITIATOR, false))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let listed = |exports: pb::ListExportsResponse| exports.exports;
+    assert!(listed(
+        admin
+            .list_exports(pb::ListExportsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+    )
+    .is_empty());
+
+    let exported = a
+        .export_volume(req(INITIATOR, false))
+        .await
+        .unwrap()
+        .into_inner();
+    let e = &exported;
+    assert_eq!(e.exporter, "rbd");
+    assert_eq!(e.url, format!("rbd:pd-export/{img}"));
+    assert_eq!(
+        (e.target_iqn.as_str(), e.portal.as_str(), e.lun),
+        ("", "", 0)
+    );
+    assert_eq!(e.chap_user, "", "no CHAP is kept without a target");
+    assert_eq!(e.initiators, [INITIATOR]);
+    let r = e.rbd.clone().expect("an rbd attachment");
+    assert_eq!(
+        (r.pool.as_str(), r.image.as_str()),
+        ("pd-export", img.as_str())
+    );
+    assert_eq!(r.user, "pd-export");
+    assert_eq!(r.secret_ref, "keyring:client.pd-export");
+    assert_eq!(r.cluster_fsid, t.ceph.fsid);
+    let v1 = t
+        .ceph
+        .mon_addrs
+        .split("v1:")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches(']');
+    assert_eq!(r.monitors, [v1]);
+    // The key is in no reply and no log line.
+    let key = t.ceph.key_of("pd-export");
+    assert!(!format!("{e:?}").contains(&key));
+    assert!(!t.pdiskd.log_text().contains(&key));
+
+    // The attachment is all a client needs, with the key of its own host:
+    // QEMU's rbd driver reads the volume's data through it.
+    let scratch = tempfile::tempdir().unwrap();
+    let (ok, out) = qemu_io_as(
+        scratch.path(),
+        &r.monitors,
+        &r.pool,
+        &r.image,
+        &r.user,
+        &key,
+        &format!("read -P {} 0 {MIB}", 0x5a),
+    );
+    assert!(ok, "{out}");
+    // A wrong key is refused by the cluster.
+    let (ok, _) = qemu_io_as(
+        scratch.path(),
+        &r.monitors,
+        &r.pool,
+        &r.image,
+        &r.user,
+        "AQBbadbadbadbadbadbadbadbadbadbadbadbadba==",
+        "read 0 4k",
+    );
+    assert!(!ok);
+
+    // Fencing as for iSCSI: a second host is refused (with or without
+    // multi_attach on a volume that does not allow it), and the record
+    // keeps only host a.
+    for multi in [false, true] {
+        let e = b
+            .export_volume(req(OTHER_INITIATOR, multi))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    }
+    let now = listed(
+        admin
+            .list_exports(pb::ListExportsRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].initiators, [INITIATOR]);
+    assert_eq!(now[0].rbd, exported.rbd);
+
+    // The pool: an exporter with no daemon to be down, no export drift.
+    let p = pool(&mut admin).await;
+    assert_eq!(
+        (p.exporter.as_str(), p.exporter_status.as_str()),
+        ("rbd", "up")
+    );
+    assert_eq!(p.export_count, 1);
+    assert!(p.drift.is_empty(), "{:?}", p.drift);
+
+    // Exported: not deleted. Host b's unexport takes nothing of a's; a's own
+    // ends it, and then the volume goes.
+    assert_eq!(
+        delete_volume(&mut admin, "disk").await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let e = b
+        .unexport_volume(pb::UnexportVolumeRequest {
+            volume: "disk".into(),
+            initiators: vec![INITIATOR.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    a.unexport_volume(pb::UnexportVolumeRequest {
+        volume: "disk".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    delete_volume(&mut admin, "disk").await.unwrap();
+    // No target daemon was ever asked for.
+    assert!(!t.pdiskd.log_text().contains("tgtadm"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and ceph (scripts/test)"]
+async fn clones_of_an_image_base_are_rbd_clones_and_hold_the_base() {
+    let t = RbdPdisk::start("pd-base");
+    let mut c = t.pdiskd.client().await;
+    // An image base: labelled with an image checksum, made by an admin.
+    let sha = "ab".repeat(32);
+    let base = c
+        .create_volume(pb::CreateVolumeRequest {
+            name: "image-base".into(),
+            size_bytes: 32 * MIB,
+            labels: [("stratus.io/image-sha256".to_string(), sha.clone())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(base.image_sha256, sha);
+    let base_img = RbdPdisk::image(&base);
+    let mut clones = Vec::new();
+    for name in ["guest-1", "guest-2"] {
+        let v = c
+            .clone_volume(pb::CloneVolumeRequest {
+                source: "image-base".into(),
+                name: name.into(),
+                labels: [("stratus.io/vm".to_string(), name.to_string())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let img = RbdPdisk::image(&v);
+        let info = t.rbd_json(&["info", &format!("pd-base/{img}")]);
+        assert_eq!(
+            info["parent"]["image"].as_str(),
+            Some(base_img.as_str()),
+            "{info}"
+        );
+        assert_eq!(
+            info["parent"]["snapshot"].as_str(),
+            Some("pd-base"),
+            "{info}"
+        );
+        clones.push(img);
+    }
+    t.write(&clones[0], 0x61, 0, MIB);
+    assert!(t.holds(&clones[1], 0, 0, MIB), "clones are independent");
+    // pd-base is no pdisk snapshot and no drift.
+    let p = pool(&mut c).await;
+    assert_eq!(p.snapshot_count, 0);
+    assert!(p.drift.is_empty(), "{:?}", p.drift);
+    // The base is not deleted while its clones depend on it; nothing changes.
+    let e = delete_volume(&mut c, "image-base").await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&clones[0]), "{e:?}");
+    assert!(t.holds(&clones[0], 0x61, 0, MIB));
+    for name in ["guest-1", "guest-2"] {
+        delete_volume(&mut c, name).await.unwrap();
+    }
+    delete_volume(&mut c, "image-base").await.unwrap();
+    let left = t.ceph.rbd(&["ls", "pd-base"]);
+    assert!(left.trim().is_empty(), "images left: {left}");
+}

@@ -137,6 +137,12 @@ pub trait Backend: Send + Sync {
     /// The path a target or QEMU opens for this object.
     fn device_path(&self, id: ObjectId) -> PathBuf;
 
+    /// How a client opens volume `id` itself, with the storage's own
+    /// protocol and no target (RBD); None for pools a target serves.
+    fn native_access(&self, _id: ObjectId) -> Option<rbd::RbdAccess> {
+        None
+    }
+
     /// A new empty (all zero) object of `size` bytes.
     fn create(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>>;
 

@@ -42,6 +42,22 @@
 //! A clone of a volume (not a snapshot) is a full sparse copy (`rbd cp`,
 //! the image's head only, never its snapshots).
 //!
+//! # Clones of image bases
+//! An image base (a volume made read-only, see below) is never written, so
+//! a clone of it needs no copy: the first clone takes one snapshot of it,
+//! `pd-vol-<uuid>@pd-base`, and every clone of the base is an RBD clone of
+//! that snapshot (the boot-storm case: a guest's disk costs one metadata
+//! object, not a copy of the image). `pd-base` is the backend's own: not a
+//! pdisk snapshot, not listed, removed with its volume, which is refused
+//! while clones depend on it (flatten them first).
+//!
+//! # Native access
+//! Clients reach an image with Ceph's own client, not through a target:
+//! [`RbdBackend::native_access`] names the monitors (read once at start,
+//! `ceph mon dump`), the pool, the image and the cephx user clients attach
+//! as (`--rbd-client-id`), and where their key is (a reference to the
+//! client host's own keyring, never the key).
+//!
 //! # What Ceph has no notion of
 //! RBD has no read-only flag for an image: `set_read_only` records
 //! `stratus.pdisk.read-only = true` in image-meta, and users of base images
@@ -65,6 +81,8 @@ use crate::runner::{BoxFuture, Cmd, CommandRunner, Output};
 const VOL_PREFIX: &str = "pd-vol-";
 const SNAP_PREFIX: &str = "pd-snap-";
 const TMP_PREFIX: &str = "pd-tmp-vol-";
+/// The snapshot of an image base that its clones are made from.
+const BASE_SNAP: &str = "pd-base";
 /// The image-meta key tying an image to pdisk.
 pub const OWNER_KEY: &str = "stratus.pdisk.object";
 /// The image-meta key of a volume made read-only (see the module doc).
@@ -122,6 +140,9 @@ pub struct RbdSettings {
     pub ceph_id: CephName,
     /// The user's keyring; None: the standard locations the conf names.
     pub keyring: Option<PathBuf>,
+    /// The cephx user clients (agents' QEMUs) attach volumes as, without
+    /// `client.`: exports name it, and clients hold its key.
+    pub client_id: CephName,
     /// A clone whose parent chain would be longer than this is flattened.
     pub max_clone_depth: u32,
     /// Where uploads are staged before import (under pdiskd's data dir).
@@ -207,6 +228,62 @@ struct SnapRow {
     name: String,
     #[serde(default)]
     protected: Option<String>,
+}
+
+/// `ceph mon dump --format json` (the parts used).
+#[derive(Debug, Deserialize)]
+struct MonDump {
+    fsid: String,
+    mons: Vec<MonEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MonEntry {
+    public_addrs: AddrVec,
+}
+
+#[derive(Debug, Deserialize)]
+struct AddrVec {
+    addrvec: Vec<MonAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MonAddr {
+    #[serde(rename = "type")]
+    kind: String,
+    addr: String,
+}
+
+impl MonDump {
+    /// Each monitor's msgr v1 address when it has one (what every client
+    /// parses unambiguously), else its v2 address.
+    fn monitors(&self) -> Vec<String> {
+        self.mons
+            .iter()
+            .filter_map(|m| {
+                let v = &m.public_addrs.addrvec;
+                v.iter()
+                    .find(|a| a.kind == "v1")
+                    .or_else(|| v.iter().find(|a| a.kind == "v2"))
+                    .map(|a| a.addr.clone())
+            })
+            .collect()
+    }
+}
+
+/// How a client opens a volume's image itself, with Ceph's own client
+/// (QEMU's rbd driver): never a key, only where the client finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdAccess {
+    /// `ADDR:PORT` of each monitor.
+    pub monitors: Vec<String>,
+    pub pool: String,
+    pub image: String,
+    /// The cephx user, without `client.`.
+    pub user: String,
+    /// `keyring:client.USER`: the user's key in the client host's keyring.
+    pub secret_ref: String,
+    pub cluster_fsid: String,
 }
 
 /// `rbd children --format json`.
@@ -296,26 +373,46 @@ fn ceph_error(cmd: &Cmd, out: &Output) -> Error {
 pub struct RbdBackend {
     runner: Arc<dyn CommandRunner>,
     settings: RbdSettings,
+    /// The monitors and fsid, read at open (`ceph mon dump`).
+    monitors: Vec<String>,
+    fsid: String,
     /// Snapshot -> the volume it belongs to (RBD names a snapshot by its
     /// image). Filled by `snapshot` and every `list`; a miss is looked up.
     snap_parent: Mutex<HashMap<Uuid, Uuid>>,
 }
 
 impl RbdBackend {
-    /// Opens the pool: checks that the user reaches it (one `rbd ls`) and
-    /// makes the staging directory.
+    /// Opens the pool: checks that the user reaches it (one `rbd ls`),
+    /// reads the monitors clients are sent to (`ceph mon dump`) and makes
+    /// the staging directory.
     pub async fn open(runner: Arc<dyn CommandRunner>, settings: RbdSettings) -> Result<RbdBackend> {
-        let b = RbdBackend {
+        let mut b = RbdBackend {
             runner,
             settings,
+            monitors: Vec::new(),
+            fsid: String::new(),
             snap_parent: Mutex::default(),
         };
         b.ls()
             .await
             .map_err(|e| e.context(format!("rbd pool {}", b.settings.pool)))?;
+        let cmd = b
+            .cli("ceph")
+            .args(["mon", "dump", "--format", "json"])
+            .timeout(REPORT_TIMEOUT);
+        let out = b.run(&cmd).await.map_err(|e| e.context("ceph mon dump"))?;
+        let dump: MonDump = parse("ceph mon dump", &out.stdout)?;
+        b.monitors = dump.monitors();
+        b.fsid = dump.fsid;
+        if b.monitors.is_empty() {
+            return Err(Error::unavailable(
+                "ceph mon dump lists no monitor address clients could be sent to",
+            ));
+        }
         let dir = &b.settings.staging_dir;
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
         tracing::info!(pool = %b.settings.pool, user = %b.settings.ceph_id,
+            client_user = %b.settings.client_id, monitors = ?b.monitors, fsid = %b.fsid,
             max_clone_depth = b.settings.max_clone_depth, "rbd backend: pool ready");
         Ok(b)
     }
@@ -570,6 +667,18 @@ impl RbdBackend {
                         progress("flatten", 1, 1);
                     }
                 }
+                ObjectId::Volume(_) if self.is_read_only(&source).await? => {
+                    // An image base never changes: layer on its pd-base.
+                    let snap = self.base_snapshot(&source).await?;
+                    let depth = self.clone_depth(&source).await? + 1;
+                    self.clone_snapshot(&snap, &tmp).await?;
+                    if depth > self.settings.max_clone_depth {
+                        progress("flatten", 0, 1);
+                        self.run(&self.rbd_change(["flatten", &tmp]).timeout(DATA_TIMEOUT))
+                            .await?;
+                        progress("flatten", 1, 1);
+                    }
+                }
                 ObjectId::Volume(_) => {
                     // A volume has no point in time to layer on: copy its
                     // head (sparse), never its snapshots.
@@ -618,6 +727,7 @@ impl RbdBackend {
         match id {
             ObjectId::Volume(u) => {
                 self.remove_image(&temp_image(u)).await?;
+                self.remove_base_snapshot(&volume_image(u)).await?;
                 self.remove_image(&volume_image(u)).await
             }
             ObjectId::Snapshot(s) => {
@@ -625,20 +735,11 @@ impl RbdBackend {
                     return Ok(());
                 };
                 let spec = format!("{}@{}", self.spec(&volume_image(v)), snap_name(s));
-                let out = self.run(&self.rbd_report(["children", &spec])).await?;
-                let children: Vec<Child> = if out.stdout.trim().is_empty() {
-                    Vec::new()
-                } else {
-                    parse("rbd children", &out.stdout)?
-                };
+                let children = self.children(&spec).await?;
                 if !children.is_empty() {
-                    let names: Vec<String> = children
-                        .iter()
-                        .map(|c| format!("{}/{}", c.pool, c.image))
-                        .collect();
                     return Err(Error::precondition(format!(
                         "{id}: clones depend on it ({}); flatten them first (pdisk volume flatten)",
-                        names.join(", ")
+                        children.join(", ")
                     )));
                 }
                 let out = self
@@ -733,6 +834,94 @@ impl RbdBackend {
         s
     }
 
+    /// How a client opens volume `u`'s image (see the module doc).
+    pub fn native_access(&self, u: Uuid) -> RbdAccess {
+        RbdAccess {
+            monitors: self.monitors.clone(),
+            pool: self.settings.pool.to_string(),
+            image: volume_image(u),
+            user: self.settings.client_id.to_string(),
+            secret_ref: format!("keyring:client.{}", self.settings.client_id),
+            cluster_fsid: self.fsid.clone(),
+        }
+    }
+
+    /// Whether volume image `spec` was made read-only (an image base).
+    async fn is_read_only(&self, spec: &str) -> Result<bool> {
+        let cmd = self.rbd_change(["image-meta", "get", spec, READ_ONLY_KEY]);
+        let out = self.runner.run(&cmd).await?;
+        if out.success() {
+            return Ok(out.stdout.trim() == "true");
+        }
+        // rbd 16.2: "failed to get metadata ...: (2) No such file or directory"
+        if out.stderr.contains("(2) No such file or directory") {
+            return Ok(false);
+        }
+        Err(ceph_error(&cmd, &out))
+    }
+
+    /// `POOL/IMAGE@pd-base` of an image base, taken now if it is not yet.
+    async fn base_snapshot(&self, spec: &str) -> Result<String> {
+        let snap = format!("{spec}@{BASE_SNAP}");
+        let cmd = self.rbd_change(["snap", "create", &snap]);
+        let out = self.runner.run(&cmd).await?;
+        if !out.success() && !out.stderr.contains("(17) File exists") {
+            return Err(ceph_error(&cmd, &out));
+        }
+        Ok(snap)
+    }
+
+    /// The clones of `snap` (`POOL/IMAGE@SNAP`), as `POOL/IMAGE`.
+    async fn children(&self, snap: &str) -> Result<Vec<String>> {
+        let out = self.run(&self.rbd_report(["children", snap])).await?;
+        let children: Vec<Child> = if out.stdout.trim().is_empty() {
+            Vec::new()
+        } else {
+            parse("rbd children", &out.stdout)?
+        };
+        Ok(children
+            .iter()
+            .map(|c| format!("{}/{}", c.pool, c.image))
+            .collect())
+    }
+
+    /// Removes volume image `image`'s `pd-base` snapshot, unless clones
+    /// depend on it (FailedPrecondition naming them). Ok when it has none.
+    async fn remove_base_snapshot(&self, image: &str) -> Result<()> {
+        let spec = self.spec(image);
+        let cmd = self.rbd_report(["snap", "ls", &spec]);
+        let out = self.runner.run(&cmd).await?;
+        if !out.success() {
+            if out.stderr.contains("(2) No such file or directory") {
+                return Ok(());
+            }
+            return Err(ceph_error(&cmd, &out));
+        }
+        let snaps: Vec<SnapRow> = if out.stdout.trim().is_empty() {
+            Vec::new()
+        } else {
+            parse("rbd snap ls", &out.stdout)?
+        };
+        let Some(row) = snaps.iter().find(|r| r.name == BASE_SNAP) else {
+            return Ok(());
+        };
+        let snap = format!("{spec}@{BASE_SNAP}");
+        let children = self.children(&snap).await?;
+        if !children.is_empty() {
+            return Err(Error::precondition(format!(
+                "{spec} is an image base and clones depend on it ({}); flatten or delete them first (pdisk volume flatten)",
+                children.join(", ")
+            )));
+        }
+        if row.protected.as_deref() == Some("true") {
+            self.run(&self.rbd_change(["snap", "unprotect", &snap]))
+                .await?;
+        }
+        self.run(&self.rbd_change(["snap", "rm", &snap]))
+            .await
+            .map(|_| ())
+    }
+
     async fn du(&self, spec: Option<&str>) -> Result<Du> {
         let cmd = match spec {
             Some(s) => self.rbd_report(["du", s]),
@@ -775,6 +964,8 @@ impl RbdBackend {
         for r in &rows {
             let id = match (&r.snapshot, parse_suffix(&r.image, VOL_PREFIX)) {
                 (None, Some(v)) => Some(ObjectId::Volume(v)),
+                // An image base's own snapshot: part of its volume.
+                (Some(s), Some(_)) if s == BASE_SNAP => continue,
                 (Some(s), Some(_)) => parse_suffix(s, SNAP_PREFIX).map(ObjectId::Snapshot),
                 _ => None,
             };
@@ -792,13 +983,15 @@ impl RbdBackend {
             for d in self.du(None).await?.images {
                 let id = match (&d.snapshot, parse_suffix(&d.name, VOL_PREFIX)) {
                     (None, Some(v)) => ObjectId::Volume(v),
+                    // An image base's data sits in its pd-base snapshot.
+                    (Some(s), Some(v)) if s == BASE_SNAP => ObjectId::Volume(v),
                     (Some(s), Some(_)) => match parse_suffix(s, SNAP_PREFIX) {
                         Some(s) => ObjectId::Snapshot(s),
                         None => continue,
                     },
                     _ => continue,
                 };
-                out.allocated.insert(id, d.used_size);
+                *out.allocated.entry(id).or_default() += d.used_size;
             }
         }
         out.usage = self.usage_now().await?;
@@ -822,6 +1015,13 @@ impl Backend for RbdBackend {
 
     fn location(&self) -> String {
         format!("rbd:{}", self.settings.pool)
+    }
+
+    fn native_access(&self, id: ObjectId) -> Option<RbdAccess> {
+        match id {
+            ObjectId::Volume(u) => Some(RbdBackend::native_access(self, u)),
+            ObjectId::Snapshot(_) => None,
+        }
     }
 
     fn device_path(&self, id: ObjectId) -> PathBuf {

@@ -25,6 +25,7 @@ fn settings(staging: &Path) -> RbdSettings {
         ceph_conf: "/etc/ceph/ceph.conf".into(),
         ceph_id: CephName::new("id", "pdisk").unwrap(),
         keyring: Some("/etc/ceph/ceph.client.pdisk.keyring".into()),
+        client_id: CephName::new("client", "compute").unwrap(),
         max_clone_depth: 2,
         staging_dir: staging.to_path_buf(),
     }
@@ -44,6 +45,10 @@ fn du_json() -> String {
     )
 }
 
+/// `ceph mon dump --format json` of a cluster with monitors a (v2 and v1)
+/// and b (v2 only).
+const MON_DUMP_JSON: &str = r#"{"epoch":1,"fsid":"69d8ee26-508c-4088-b3a4-b2c4a29d107d","min_mon_release":16,"mons":[{"rank":0,"name":"a","public_addrs":{"addrvec":[{"type":"v2","addr":"10.0.0.7:3300","nonce":0},{"type":"v1","addr":"10.0.0.7:6789","nonce":0}]},"addr":"10.0.0.7:6789/0"},{"rank":1,"name":"b","public_addrs":{"addrvec":[{"type":"v2","addr":"10.0.0.8:3300","nonce":0}]},"addr":"10.0.0.8:3300/0"}],"quorum":[0,1]}"#;
+
 const DF_JSON: &str = r#"{"stats":{"total_bytes":1073741824,"total_avail_bytes":1073714684,"total_used_bytes":27140,"total_used_raw_bytes":27140,"total_used_raw_ratio":2.5e-05,"num_osds":1,"num_per_pool_osds":0,"num_per_pool_omap_osds":0},"stats_by_class":{},"pools":[{"name":"device_health_metrics","id":1,"stats":{"stored":0,"objects":0,"kb_used":0,"bytes_used":0,"percent_used":0,"max_avail":1020027072}},{"name":"stratus","id":2,"stats":{"stored":25165824,"objects":9,"kb_used":24576,"bytes_used":25165824,"percent_used":0.02,"max_avail":1020027072}}]}"#;
 
 /// A cluster answering like the one above; `children` is what `rbd
@@ -52,6 +57,7 @@ fn cluster(children: &'static str) -> Arc<Script> {
     Script::new(move |argv| {
         let has = |a: &str| argv.iter().any(|x| x == a);
         match argv[0].as_str() {
+            "ceph" if has("mon") => Output::ok(MON_DUMP_JSON),
             "ceph" => Output::ok(DF_JSON),
             "rbd" if has("ls") && has("-l") => Output::ok(ls_json()),
             "rbd" if has("du") => Output::ok(du_json()),
@@ -211,6 +217,8 @@ async fn snapshot_clone_and_their_deletes_run_exactly_these_commands() {
         r.lines(),
         vec![
             rbd(&format!("rm stratus/pd-tmp-vol-{VOL}")),
+            // No pd-base among its snapshots: not an image base.
+            rbd(&format!("snap ls stratus/pd-vol-{VOL} --format json")),
             rbd(&format!("rm stratus/pd-vol-{VOL}")),
         ]
     );
@@ -244,6 +252,9 @@ async fn a_clone_past_the_maximum_depth_is_flattened_before_it_is_published() {
     // depth 2, so with max_clone_depth 1 it is flattened.
     let runner = Script::new(|argv| {
         let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("mon") {
+            return Output::ok(MON_DUMP_JSON);
+        }
         if has("ls") {
             return Output::ok(format!(
                 r#"[{{"image":"pd-vol-{CLONE}","size":1,"snapshot":"pd-snap-{SNAP}"}}]"#
@@ -293,6 +304,9 @@ async fn clones_need_protection_only_when_the_cluster_says_so() {
     let t = tries.clone();
     let runner = Script::new(move |argv| {
         let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("mon") {
+            return Output::ok(MON_DUMP_JSON);
+        }
         if has("ls") {
             return Output::ok(format!(
                 r#"[{{"image":"pd-vol-{VOL}","size":1,"snapshot":"pd-snap-{SNAP}"}}]"#
@@ -337,6 +351,9 @@ async fn failures_keep_their_kind_and_stderr_and_remove_the_temporary() {
     let dir = tempfile::tempdir().unwrap();
     let runner = Script::new(|argv| {
         let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("mon") {
+            return Output::ok(MON_DUMP_JSON);
+        }
         if has("ls") {
             return Output::ok("");
         }
@@ -398,4 +415,166 @@ async fn calls_name_the_user_and_keyring_never_a_key_with_timeouts_by_kind() {
         };
         assert_eq!(*timeout, want, "{line}");
     }
+}
+
+#[tokio::test]
+async fn native_access_names_monitors_image_and_user_and_only_a_key_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    let a = Backend::native_access(&b, ObjectId::Volume(uuid(VOL))).unwrap();
+    assert_eq!(
+        a,
+        RbdAccess {
+            // a's v1 address; b has only v2.
+            monitors: vec!["10.0.0.7:6789".into(), "10.0.0.8:3300".into()],
+            pool: "stratus".into(),
+            image: format!("pd-vol-{VOL}"),
+            user: "compute".into(),
+            secret_ref: "keyring:client.compute".into(),
+            cluster_fsid: "69d8ee26-508c-4088-b3a4-b2c4a29d107d".into(),
+        }
+    );
+    assert_eq!(
+        Backend::native_access(&b, ObjectId::Snapshot(uuid(SNAP))),
+        None
+    );
+    // Opening read the monitors once, as pdiskd's own user.
+    let r = cluster("[]");
+    RbdBackend::open(r.clone(), settings(dir.path()))
+        .await
+        .unwrap();
+    assert!(r
+        .lines()
+        .contains(&format!("ceph {CLI} mon dump --format json")));
+    // A cluster whose monitors have no address is refused at open.
+    let bad = Script::new(|argv| {
+        if argv.iter().any(|a| a == "mon") {
+            return Output::ok(r#"{"fsid":"f","mons":[]}"#);
+        }
+        Output::ok("")
+    });
+    let e = RbdBackend::open(bad, settings(dir.path()))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+}
+
+/// A cluster where VOL is an image base (read-only) with a `pd-base`
+/// snapshot that CLONE was cloned from; `children` is what `rbd children`
+/// of that snapshot prints.
+fn base_cluster(children: &'static str) -> Arc<Script> {
+    Script::new(move |argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("mon") {
+            return Output::ok(MON_DUMP_JSON);
+        }
+        if argv[0] == "ceph" {
+            return Output::ok(DF_JSON);
+        }
+        if has("image-meta") && has("get") {
+            return Output::ok("true\n");
+        }
+        if has("snap") && has("create") {
+            return Output::failed(17, "rbd: failed to create snapshot: (17) File exists\n");
+        }
+        if has("snap") && has("ls") {
+            return Output::ok(
+                r#"[{"id":7,"name":"pd-base","size":67108864,"protected":"false","timestamp":"Thu Dec  3 17:26:36 2026"}]"#,
+            );
+        }
+        if has("children") {
+            return Output::ok(children);
+        }
+        if has("ls") {
+            return Output::ok(format!(
+                r#"[{{"image":"pd-vol-{VOL}","size":67108864,"format":2}},{{"image":"pd-vol-{VOL}","snapshot":"pd-base","snapshot_id":7,"size":67108864,"format":2,"protected":"false"}},{{"image":"pd-vol-{CLONE}","size":67108864,"format":2}}]"#
+            ));
+        }
+        if has("du") {
+            return Output::ok(format!(
+                r#"{{"images":[{{"name":"pd-vol-{VOL}","snapshot":"pd-base","provisioned_size":67108864,"used_size":20971520}},{{"name":"pd-vol-{VOL}","provisioned_size":67108864,"used_size":0}},{{"name":"pd-vol-{CLONE}","provisioned_size":67108864,"used_size":4194304}}]}}"#
+            ));
+        }
+        if has("info") {
+            return Output::ok(r#"{"size":67108864,"format":2}"#);
+        }
+        Output::ok("")
+    })
+}
+
+#[tokio::test]
+async fn clones_of_an_image_base_are_rbd_clones_of_its_base_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = base_cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    let new = Uuid::new_v4();
+    b.clone_object(ObjectId::Volume(uuid(VOL)), new, 0, no_progress())
+        .await
+        .unwrap();
+    let base = format!("stratus/pd-vol-{VOL}");
+    let tmp = format!("stratus/pd-tmp-vol-{new}");
+    let lines = r.lines();
+    assert_eq!(
+        &lines[..4],
+        &[
+            rbd(&format!("image-meta get {base} stratus.pdisk.read-only")),
+            // Taken by an earlier clone: "exists" is fine.
+            rbd(&format!("snap create {base}@pd-base")),
+            rbd(&format!("info {base} --format json")),
+            rbd(&format!("clone {base}@pd-base {tmp}")),
+        ],
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains(" cp ")), "{lines:?}");
+
+    // pd-base is the volume's own: neither a snapshot of pdisk's nor a
+    // foreign one, and its data counts as the volume's.
+    let listing = b.list().await.unwrap();
+    assert_eq!(listing.objects, {
+        let mut v = vec![ObjectId::Volume(uuid(VOL)), ObjectId::Volume(uuid(CLONE))];
+        v.sort();
+        v
+    });
+    assert!(listing.foreign.is_empty(), "{:?}", listing.foreign);
+    assert_eq!(
+        listing.allocated.get(&ObjectId::Volume(uuid(VOL))),
+        Some(&(20 << 20))
+    );
+}
+
+#[tokio::test]
+async fn an_image_base_with_clones_is_not_deleted_and_without_them_loses_its_base_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = base_cluster(
+        r#"[{"pool":"stratus","pool_namespace":"","image":"pd-vol-c0ffee00-1234-4abc-8def-0123456789ab"}]"#,
+    );
+    let b = open(r.clone(), dir.path()).await;
+    let e = b.delete(ObjectId::Volume(uuid(VOL))).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.message().contains(&format!("pd-vol-{CLONE}")), "{e}");
+    assert!(e.message().contains("flatten"), "{e}");
+    let base = format!("stratus/pd-vol-{VOL}");
+    assert!(
+        !r.lines()
+            .iter()
+            .any(|l| l.contains(" rm ") && l.contains(&base)),
+        "{:?}",
+        r.lines()
+    );
+
+    let r = base_cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    b.delete(ObjectId::Volume(uuid(VOL))).await.unwrap();
+    assert_eq!(
+        r.lines(),
+        vec![
+            rbd(&format!("rm stratus/pd-tmp-vol-{VOL}")),
+            rbd(&format!("snap ls {base} --format json")),
+            rbd(&format!("children {base}@pd-base --format json")),
+            rbd(&format!("snap rm {base}@pd-base")),
+            rbd(&format!("rm {base}")),
+        ]
+    );
 }

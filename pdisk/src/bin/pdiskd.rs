@@ -16,6 +16,7 @@ use pdisk::backend::rbd::RbdBackend;
 use pdisk::backend::Backend;
 use pdisk::config::{BackendKind, Config, ExporterKind, Flags};
 use pdisk::export::lio::{LioConfig, LioExporter};
+use pdisk::export::rbd::RbdExporter;
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::Exporter;
 use pdisk::{Api, PoolService, ServiceSettings, Store};
@@ -113,6 +114,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 ..TgtConfig::default()
             },
         )),
+        ExporterKind::Rbd => Arc::new(RbdExporter::new(&cfg.iqn_prefix)),
         ExporterKind::Lio => Arc::new(LioExporter::new(
             runner.clone(),
             LioConfig {
@@ -183,10 +185,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(svc.clone().watch_exports(
-        Duration::from_secs(cfg.export_check_interval),
-        shutdown_rx.clone(),
-    ));
+    // A target daemon can lose exports (tgtd restarted); with no target
+    // (rbd) there is nothing to watch, and no tgtadm to poll.
+    if !svc.exporter().native_client() {
+        tokio::spawn(svc.clone().watch_exports(
+            Duration::from_secs(cfg.export_check_interval),
+            shutdown_rx.clone(),
+        ));
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -3,7 +3,9 @@
 //! The service layer only sees the [`Exporter`] trait. Two implementations:
 //! `tgt` (userspace tgtd, driven by tgtadm and its management socket; the
 //! portable one, for hosts and tests) and `lio` (the kernel's LIO target,
-//! written straight into configfs; production, with the `lvm` backend).
+//! written straight into configfs; production, with the `lvm` backend);
+//! and `rbd`, which serves nothing: the rbd backend's images are opened by
+//! Ceph's own client, so its exports are records only.
 //! [`MemoryExporter`] is the unit-tier fake. Each exported volume gets
 //! one target whose IQN is derived from the volume UUID, with the volume as
 //! LUN 1, an ACL of initiator names, and optional one-way CHAP.
@@ -17,6 +19,7 @@
 //! - Exporters never touch targets whose IQN lacks the configured prefix.
 
 pub mod lio;
+pub mod rbd;
 pub mod tgt;
 
 pub use tgt::{TgtConfig, TgtExporter};
@@ -85,8 +88,15 @@ pub struct RestoreReport {
 }
 
 pub trait Exporter: Send + Sync {
-    /// "tgt" or "lio".
+    /// "tgt", "lio" or "rbd".
     fn kind(&self) -> &'static str;
+
+    /// True when clients open volumes with the storage's own client and
+    /// no target serves them (rbd): exports then carry no CHAP and need
+    /// no watchdog.
+    fn native_client(&self) -> bool {
+        false
+    }
 
     /// `host:port` initiators connect to.
     fn portal(&self) -> String;

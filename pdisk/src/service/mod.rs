@@ -175,10 +175,17 @@ pub struct ExportInfo {
     pub project: String,
     pub portal: String,
     pub exporter: String,
+    /// How a client opens the volume itself when no target serves it (the
+    /// rbd backend); None for iSCSI exports.
+    pub rbd: Option<crate::backend::rbd::RbdAccess>,
 }
 
 impl ExportInfo {
+    /// `iscsi://PORTAL/TARGET/LUN`, or `rbd:POOL/IMAGE`.
     pub fn url(&self) -> String {
+        if let Some(r) = &self.rbd {
+            return format!("rbd:{}/{}", r.pool, r.image);
+        }
         format!(
             "iscsi://{}/{}/{}",
             self.portal,
@@ -474,11 +481,15 @@ impl PoolService {
     fn export_info(&self, record: ExportRecord) -> Result<ExportInfo> {
         let (volume_name, project) = self.volume_name(record.volume)?;
         Ok(ExportInfo {
-            record,
             volume_name,
             project,
             portal: self.exporter.portal(),
             exporter: self.exporter.kind().to_string(),
+            rbd: self
+                .backend
+                .native_access(crate::backend::ObjectId::Volume(record.volume))
+                .filter(|_| self.exporter.native_client()),
+            record,
         })
     }
 

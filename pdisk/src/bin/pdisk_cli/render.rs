@@ -189,6 +189,15 @@ pub fn export_json(e: &Export) -> Value {
         "chap_user": e.chap_user,
         "chap_target_user": e.chap_target_user,
         "exporter": e.exporter,
+        // No key, only where the client host finds it.
+        "rbd": e.rbd.as_ref().map(|r| json!({
+            "monitors": r.monitors,
+            "pool": r.pool,
+            "image": r.image,
+            "user": r.user,
+            "secret_ref": r.secret_ref,
+            "cluster_fsid": r.cluster_fsid,
+        })),
     })
 }
 
@@ -197,6 +206,18 @@ pub fn exports_json(es: &[Export]) -> Value {
 }
 
 pub fn export_view(e: &Export) -> String {
+    if let Some(r) = &e.rbd {
+        return fields(&[
+            ("volume", format!("{} ({})", e.volume_name, e.volume_uuid)),
+            ("url", e.url.clone()),
+            ("monitors", list_text(&r.monitors)),
+            ("ceph user", r.user.clone()),
+            ("key", r.secret_ref.clone()),
+            ("cluster", r.cluster_fsid.clone()),
+            ("initiators", list_text(&e.initiators)),
+            ("exporter", or_none(&e.exporter)),
+        ]);
+    }
     fields(&[
         ("volume", format!("{} ({})", e.volume_name, e.volume_uuid)),
         ("target", e.target_iqn.clone()),
@@ -213,9 +234,15 @@ pub fn export_view(e: &Export) -> String {
 pub fn exports_table(es: &[Export]) -> String {
     let mut t = Table::new(["VOLUME", "TARGET", "PORTAL", "LUN", "INITIATORS", "CHAP"]);
     for e in es {
+        // An rbd export has no target: its image instead.
+        let target = if e.rbd.is_some() {
+            e.url.clone()
+        } else {
+            e.target_iqn.clone()
+        };
         t.row([
             e.volume_name.clone(),
-            e.target_iqn.clone(),
+            target,
             e.portal.clone(),
             e.lun.to_string(),
             list_text(&e.initiators),
@@ -563,6 +590,7 @@ mod tests {
             chap_target_user: String::new(),
             exporter: "tgt".into(),
             project: String::new(),
+            rbd: None,
         };
         let j = export_json(&e);
         assert_eq!(j["initiators"][1], "iqn.2026-11.io.stratus:h2");
@@ -599,6 +627,34 @@ mod tests {
             .nth(1)
             .unwrap()
             .starts_with("nightly"));
+    }
+
+    #[test]
+    fn an_rbd_export_shows_its_image_and_key_reference_never_a_target() {
+        let e = Export {
+            volume_uuid: "u1".into(),
+            volume_name: "db1".into(),
+            initiators: vec!["iqn.2026-11.io.stratus:h1".into()],
+            url: "rbd:pdisk/pd-vol-u1".into(),
+            exporter: "rbd".into(),
+            rbd: Some(stratus_proto::pdisk::v1::RbdAttachment {
+                monitors: vec!["10.0.0.7:6789".into(), "10.0.0.8:6789".into()],
+                pool: "pdisk".into(),
+                image: "pd-vol-u1".into(),
+                user: "compute".into(),
+                secret_ref: "keyring:client.compute".into(),
+                cluster_fsid: "f00".into(),
+            }),
+            ..Default::default()
+        };
+        let j = export_json(&e);
+        assert_eq!(j["rbd"]["secret_ref"], "keyring:client.compute");
+        assert_eq!(j["rbd"]["monitors"][1], "10.0.0.8:6789");
+        let view = export_view(&e);
+        assert!(view.contains("10.0.0.7:6789,10.0.0.8:6789"), "{view}");
+        assert!(!view.contains("target"), "{view}");
+        let row = exports_table(&[e]);
+        assert!(row.lines().nth(1).unwrap().contains("rbd:pdisk/pd-vol-u1"));
     }
 
     #[test]
