@@ -147,6 +147,7 @@ impl VolumeClient for PdiskVolumes {
         let mut c = self.client.clone();
         Box::pin(async move {
             c.delete_volume(pdpb::DeleteVolumeRequest {
+                now: false,
                 volume,
                 project: String::new(),
             })

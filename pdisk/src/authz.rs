@@ -47,7 +47,12 @@ pub const RULES: &[Rule] = &[
     Rule {
         method: "DeleteVolume",
         roles: TENANTS,
-        note: "a volume of the project the call acts in",
+        note: "a volume of the project the call acts in; `now` (no quarantine): admin only, checked by the handler",
+    },
+    Rule {
+        method: "RestoreVolume",
+        roles: NOT_AGENT,
+        note: "a quarantined volume of the project the call acts in (agents delete guests' disks, people restore them)",
     },
     Rule {
         method: "ResizeVolume",
@@ -131,6 +136,7 @@ pub const MUTATING: &[&str] = &[
     "CreateVolume",
     "UploadVolume",
     "DeleteVolume",
+    "RestoreVolume",
     "ResizeVolume",
     "CloneVolume",
     "CreateSnapshot",
@@ -221,7 +227,7 @@ mod tests {
                     (Role::Admin, _) => Ok(()),
                     (Role::Server, _)
                     | (_, "GetPool" | "SetQuota" | "ListQuotas")
-                    | (Role::Agent, "ResizeVolume" | "GetQuota") => {
+                    | (Role::Agent, "ResizeVolume" | "RestoreVolume" | "GetQuota") => {
                         Err(tonic::Code::PermissionDenied)
                     }
                     _ => Ok(()),

@@ -156,6 +156,11 @@ pub struct Flags {
     /// Provisioned bytes may reach pool capacity times this [default: 20]
     #[arg(long, value_name = "RATIO")]
     pub max_overcommit: Option<f64>,
+    /// How long a deleted volume stays in quarantine (its data kept,
+    /// restorable with `pdisk volume restore`) before it is purged, e.g.
+    /// 24h, 7d, 30s; 0 deletes at once [default: 24h]
+    #[arg(long, value_name = "DURATION")]
+    pub quarantine_period: Option<String>,
     /// Seconds between checks that the exporter still has every export [default: 5]
     #[arg(long, value_name = "SECS")]
     pub export_check_interval: Option<u64>,
@@ -194,6 +199,8 @@ pub struct Config {
     pub import_dirs: Vec<PathBuf>,
     pub max_overcommit: f64,
     pub export_check_interval: u64,
+    /// Zero: deletes are at once.
+    pub quarantine_period: std::time::Duration,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -221,6 +228,7 @@ impl Flags {
         let nats = self.nats.resolve(&file.nats)?;
         let event_max_age = humantime::parse_duration(&pick!(event_retention, "7d".into()))
             .map_err(|e| Error::invalid(format!("event-retention: {e}")))?;
+        let quarantine_period = parse_period(&pick!(quarantine_period, "24h".into()))?;
         let event_max = pick!(event_max, 1_000_000);
         if event_max == 0 {
             return Err(Error::invalid("event-max must be at least 1"));
@@ -251,6 +259,7 @@ impl Flags {
             import_dirs: pick!(import_dirs, vec![data_dir.join("import")]),
             max_overcommit: pick!(max_overcommit, 20.0),
             export_check_interval: pick!(export_check_interval, 5),
+            quarantine_period,
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,
@@ -369,6 +378,18 @@ impl Flags {
             staging_dir: PathBuf::new(),
         }))
     }
+}
+
+/// A quarantine period: a duration (`24h`, `7d`, `90s`) or `0`.
+fn parse_period(s: &str) -> Result<std::time::Duration> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        Error::invalid(format!(
+            "quarantine-period {s:?}: {e} (a duration such as 24h, 7d or 30s; 0 deletes at once)"
+        ))
+    })
 }
 
 impl Config {
@@ -732,6 +753,37 @@ mod tests {
                 .unwrap_err();
             assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
             assert!(e.message().contains(why), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_quarantine_period_defaults_to_a_day_and_zero_turns_it_off() {
+        let day = std::time::Duration::from_secs(24 * 3600);
+        let c = Flags::parse_from(["pdiskd"]).resolve().unwrap();
+        assert_eq!(c.quarantine_period, day);
+        for (arg, want) in [
+            ("0", std::time::Duration::ZERO),
+            ("3s", std::time::Duration::from_secs(3)),
+            ("7d", 7 * day),
+        ] {
+            let c = Flags::parse_from(["pdiskd", "--quarantine-period", arg])
+                .resolve()
+                .unwrap();
+            assert_eq!(c.quarantine_period, want, "{arg}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pdiskd.toml");
+        std::fs::write(&f, "quarantine_period = \"2h\"\n").unwrap();
+        let c = Flags::parse_from(["pdiskd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.quarantine_period, std::time::Duration::from_secs(7200));
+        for bad in ["soon", "24", "3 lightyears"] {
+            let e = Flags::parse_from(["pdiskd", "--quarantine-period", bad])
+                .resolve()
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument, "{bad}");
+            assert!(e.message().contains("quarantine-period"), "{e}");
         }
     }
 

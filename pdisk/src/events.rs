@@ -12,7 +12,9 @@
 //! volume or snapshot: `object_*` name the source) or IMPORT_FINISHED (from
 //! an image file or an upload); then VOLUME_RESIZED, SNAPSHOT_CREATED and
 //! SNAPSHOT_DELETED (`object_*` the snapshot), EXPORT_ADDED (also when the
-//! initiator list changes) and EXPORT_REMOVED, VOLUME_DELETED;
+//! initiator list changes) and EXPORT_REMOVED, VOLUME_DELETED (at once, or
+//! when a quarantined volume is purged); VOLUME_QUARANTINED (a delete kept
+//! the data until `detail`'s purge time) and VOLUME_RESTORED;
 //! IMPORT_PROGRESS (each 10% of an import) and IMPORT_FAILED; DRIFT_FOUND
 //! (one per drift reconciliation reports, its kind and cause in `detail`).
 //!
@@ -49,6 +51,8 @@ pub enum PoolEventKind {
     ImportFinished,
     ImportFailed,
     DriftFound,
+    VolumeQuarantined,
+    VolumeRestored,
 }
 
 impl PoolEventKind {
@@ -75,6 +79,8 @@ impl PoolEventKind {
             PoolEventKind::ImportFinished => T::ImportFinished,
             PoolEventKind::ImportFailed => T::ImportFailed,
             PoolEventKind::DriftFound => T::DriftFound,
+            PoolEventKind::VolumeQuarantined => T::VolumeQuarantined,
+            PoolEventKind::VolumeRestored => T::VolumeRestored,
         }
     }
 }

@@ -67,6 +67,14 @@ pub const POINTS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "purge",
+        &[
+            "service::purge::after_intent",
+            "file::delete::after_unlink",
+            "service::purge::after_backend",
+        ],
+    ),
+    (
         "delete_snapshot",
         &[
             "service::delete_snapshot::after_intent",

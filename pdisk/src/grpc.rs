@@ -17,8 +17,8 @@ use crate::backend::{copy, ImageFormat};
 use crate::error::Error;
 use crate::events::{event_pb, PoolEventFilter};
 use crate::service::{
-    is_image_base, Drift, ExportBy, ExportInfo, NewVolume, NewVolumeSource, PoolInfo, PoolService,
-    SnapshotInfo, VolumeInfo,
+    is_image_base, Deleted, Drift, ExportBy, ExportInfo, NewVolume, NewVolumeSource, PoolInfo,
+    PoolService, SnapshotInfo, VolumeInfo,
 };
 use crate::store::{QuotaLimits, QuotaUsage, Source, VolumeState};
 use crate::tenancy::Call;
@@ -79,7 +79,13 @@ fn volume_pb(v: VolumeInfo) -> pb::Volume {
     } else {
         String::new()
     };
+    let (deleted_at, purge_at) = match &r.quarantine {
+        Some(q) => (q.deleted_at.clone(), q.purge_at()),
+        None => Default::default(),
+    };
     pb::Volume {
+        deleted_at,
+        purge_at,
         uuid: r.uuid.to_string(),
         name: r.name.to_string(),
         size_bytes: r.size.0,
@@ -90,6 +96,7 @@ fn volume_pb(v: VolumeInfo) -> pb::Volume {
             VolumeState::Ready => pb::VolumeState::Ready,
             VolumeState::Deleting => pb::VolumeState::Deleting,
             VolumeState::Error => pb::VolumeState::Error,
+            VolumeState::Quarantined => pb::VolumeState::Quarantined,
         } as i32,
         state_reason: r.state_reason,
         clone_of_volume: match &r.source {
@@ -249,6 +256,8 @@ fn pool_pb(p: PoolInfo) -> pb::Pool {
         used_bytes: p.used,
         allocated_bytes: p.allocated,
         volume_count: p.volumes,
+        quarantined_count: p.quarantined,
+        quarantined_bytes: p.quarantined_bytes,
         snapshot_count: p.snapshots,
         export_count: p.exports,
         capabilities: p.capabilities,
@@ -494,11 +503,17 @@ impl VolumeService for Api {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
         let sel = labels(r.label_selector);
-        let volumes = self
-            .svc
-            .list_volumes(&sel)
-            .await?
+        let listed = if r.quarantined {
+            self.svc.list_quarantined().await?
+        } else {
+            self.svc.list_volumes(&sel).await?
+        };
+        let volumes = listed
             .into_iter()
+            .filter(|v| {
+                sel.iter()
+                    .all(|(k, val)| v.record.labels.get(k) == Some(val))
+            })
             .filter(|v| call.sees_volume(&v.record))
             .map(volume_pb)
             .collect();
@@ -510,10 +525,47 @@ impl VolumeService for Api {
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
-        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
+        // Skipping quarantine destroys what a tenant might still want back:
+        // the storage admin's call, whoever else may delete.
+        if r.now && call.identity.role != Role::Admin {
+            return Err(Status::permission_denied(format!(
+                "{}: only admins may delete without quarantine (now)",
+                call.identity
+            )));
+        }
+        let volume = match call.volume(&self.svc, &r.volume) {
+            // An admin's delete --now may name a quarantined volume: purged.
+            Err(e) if r.now && e.kind() == crate::error::ErrorKind::NotFound => call
+                .quarantined_volume(&self.svc, &r.volume)
+                .map_err(|_| e)?,
+            found => found?,
+        };
+        let volume = volume.uuid.to_string();
         let svc = self.svc.clone();
-        detached(async move { svc.delete_volume(&volume).await }).await?;
-        Ok(Response::new(pb::DeleteVolumeResponse {}))
+        let done = detached(async move { svc.delete_volume_as(&volume, r.now).await }).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {
+            purge_at: match done {
+                Deleted::Gone => String::new(),
+                Deleted::Quarantined { purge_at } => purge_at,
+            },
+        }))
+    }
+
+    async fn restore_volume(
+        &self,
+        req: Request<pb::RestoreVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let new_name: Option<VolumeName> = if r.new_name.is_empty() {
+            None
+        } else {
+            Some(r.new_name.parse()?)
+        };
+        let volume = call.quarantined_volume(&self.svc, &r.volume)?;
+        let uuid = volume.uuid.to_string();
+        let svc = self.svc.clone();
+        let v = detached(async move { svc.restore_volume(&uuid, new_name).await }).await?;
+        Ok(Response::new(volume_pb(v)))
     }
 
     async fn resize_volume(

@@ -7,6 +7,7 @@
 //! | `stratus_pdisk_pool_capacity_bytes`, `_used_bytes`, `_provisioned_bytes`, `_allocated_bytes` | gauge | the pool's storage, sizes promised, bytes our objects hold |
 //! | `stratus_pdisk_thin_data_percent`, `_metadata_percent`, `_threshold_percent` | gauge | thin pools (lvm) only |
 //! | `stratus_pdisk_volumes`, `_snapshots`, `_exports` | gauge | objects in the store |
+//! | `stratus_pdisk_quarantined_volumes`, `_quarantined_bytes` | gauge | deleted volumes kept until their purge time, their sizes |
 //! | `stratus_pdisk_drift` | gauge | drift found at the last reconciliation (left in place) |
 //! | `stratus_pdisk_exporter_up` | gauge | 1 when tgtd/LIO answers |
 //! | `stratus_pdisk_exports_broken` | gauge | live targets that do not match their export |
@@ -131,6 +132,8 @@ struct PoolSample {
     volumes: u64,
     snapshots: u64,
     exports: u64,
+    quarantined: u64,
+    quarantined_bytes: u64,
     drift: u64,
     exporter_up: bool,
     broken_exports: u64,
@@ -149,7 +152,7 @@ impl Collector for PoolCollector {
             return Ok(());
         };
         let one = |v: f64| vec![(Vec::new(), v)];
-        let gauges: [(&str, &str, f64); 10] = [
+        let gauges: [(&str, &str, f64); 12] = [
             (
                 "stratus_pdisk_pool_capacity_bytes",
                 "capacity of the pool's storage",
@@ -172,6 +175,16 @@ impl Collector for PoolCollector {
             ),
             ("stratus_pdisk_volumes", "volumes", s.volumes as f64),
             ("stratus_pdisk_snapshots", "snapshots", s.snapshots as f64),
+            (
+                "stratus_pdisk_quarantined_volumes",
+                "deleted volumes kept until their purge time",
+                s.quarantined as f64,
+            ),
+            (
+                "stratus_pdisk_quarantined_bytes",
+                "sizes of the volumes in quarantine",
+                s.quarantined_bytes as f64,
+            ),
             (
                 "stratus_pdisk_exports",
                 "exported volumes",
@@ -263,6 +276,8 @@ async fn read_pool(svc: &PoolService) -> Option<PoolSample> {
         volumes: info.volumes,
         snapshots: info.snapshots,
         exports: info.exports,
+        quarantined: info.quarantined,
+        quarantined_bytes: info.quarantined_bytes,
         drift: info.drift.len() as u64,
         exporter_up: info.exporter_status == "up",
         broken_exports: broken,

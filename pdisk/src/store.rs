@@ -14,7 +14,12 @@
 //! - a volume with snapshots or an export cannot be removed;
 //! - a project's volumes, snapshots and provisioned bytes stay within its
 //!   quota: the check and the insert (or growth) are one transaction, so
-//!   concurrent creates cannot pass a quota together.
+//!   concurrent creates cannot pass a quota together;
+//! - a quarantined volume (one with [`VolumeRecord::quarantine`], while it
+//!   waits and while it is purged) holds no name: its name may be taken by
+//!   a new volume, and only a restore, checking the name is free in the
+//!   same transaction, gives it one again. It counts in its project's bytes
+//!   but not in its volumes.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -72,7 +77,11 @@ fn usage_of(
         let (_, v) = r?;
         let v: VolumeRecord = decode("volume", v.value())?;
         if v.project == project {
-            u.volumes += 1;
+            // A quarantined volume keeps its data (bytes) but no longer
+            // counts as one of the project's volumes.
+            if v.quarantine.is_none() {
+                u.volumes += 1;
+            }
             u.bytes = u.bytes.saturating_add(v.size.0);
             mine.insert(v.uuid);
         }
@@ -147,6 +156,27 @@ pub enum VolumeState {
     Ready,
     Deleting,
     Error,
+    /// Deleted, its data kept until [`Quarantine::purge_at_ms`].
+    Quarantined,
+}
+
+/// A deleted volume's stay in quarantine. Kept on the record while it waits
+/// (`quarantined`) and while it is purged (`deleting`), so the record is
+/// known to hold no name whatever its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// When the delete was acknowledged (RFC 3339).
+    pub deleted_at: String,
+    /// When its data may be destroyed: Unix time in milliseconds.
+    pub purge_at_ms: u64,
+}
+
+impl Quarantine {
+    /// The purge time as RFC 3339 (seconds).
+    pub fn purge_at(&self) -> String {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(self.purge_at_ms);
+        humantime::format_rfc3339_seconds(t).to_string()
+    }
 }
 
 /// Where a volume's initial content came from.
@@ -196,6 +226,17 @@ pub struct VolumeRecord {
     /// file systems. False in older records.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_multi_attach: bool,
+    /// Set once a delete put the volume in quarantine; cleared by a restore.
+    /// Absent in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<Quarantine>,
+}
+
+impl VolumeRecord {
+    /// In quarantine and not being purged: what RestoreVolume may restore.
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantine.is_some() && self.state == VolumeState::Quarantined
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,11 +367,14 @@ fn rebuild_names(tx: &redb::WriteTransaction) -> Result<()> {
     for r in vols.iter()? {
         let (_, v) = r?;
         let v: VolumeRecord = decode("volume", v.value())?;
+        project_of.insert(v.uuid, v.project.clone());
+        if v.quarantine.is_some() {
+            continue;
+        }
         names.insert(
             vkey(&v.project, v.name.as_str()).as_str(),
             v.uuid.to_string().as_str(),
         )?;
-        project_of.insert(v.uuid, v.project);
     }
     for r in snaps.iter()? {
         let (_, s) = r?;
@@ -340,6 +384,20 @@ fn rebuild_names(tx: &redb::WriteTransaction) -> Result<()> {
             skey(project, s.name.as_str()).as_str(),
             s.uuid.to_string().as_str(),
         )?;
+    }
+    Ok(())
+}
+
+/// Removes `v`'s name from the index when the name is still its own (a
+/// quarantined volume's name may belong to a newer volume by now).
+fn remove_name_of(tx: &redb::WriteTransaction, v: &VolumeRecord) -> Result<()> {
+    let mut names = tx.open_table(NAMES)?;
+    let key = vkey(&v.project, v.name.as_str());
+    let own = names
+        .get(key.as_str())?
+        .is_some_and(|u| u.value() == v.uuid.to_string());
+    if own {
+        names.remove(key.as_str())?;
     }
     Ok(())
 }
@@ -538,11 +596,113 @@ impl Store {
                     )));
                 }
             }
-            tx.open_table(NAMES)?
-                .remove(vkey(&rec.project, rec.name.as_str()).as_str())?;
+            remove_name_of(&tx, &rec)?;
         }
         self.commit(tx, events)?;
         Ok(())
+    }
+
+    /// Puts a ready volume in quarantine: the record (state `quarantined`,
+    /// `quarantine` set) and the release of its name, with `events`, in one
+    /// transaction.
+    pub fn quarantine_volume(&self, v: &VolumeRecord, events: &[NewPoolEvent]) -> Result<()> {
+        debug_assert!(v.is_quarantined());
+        let tx = self.db.begin_write()?;
+        {
+            let key = v.uuid.to_string();
+            let mut vols = tx.open_table(VOLUMES)?;
+            let old: VolumeRecord = match vols.get(key.as_str())? {
+                Some(old) => decode("volume", old.value())?,
+                None => return Err(Error::not_found(format!("volume {} not found", v.name))),
+            };
+            vols.insert(key.as_str(), encode(v).as_slice())?;
+            remove_name_of(&tx, &old)?;
+        }
+        self.commit(tx, events)?;
+        Ok(())
+    }
+
+    /// Brings quarantined volume `v` back as `restored` (ready, its name or
+    /// a new one): AlreadyExists when that name is taken in its project,
+    /// ResourceExhausted past the project's volume quota; the checks, the
+    /// record, the name and `events` in one transaction.
+    pub fn restore_volume(&self, restored: &VolumeRecord, events: &[NewPoolEvent]) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            check_quota(
+                &tx,
+                &restored.project,
+                QuotaUsage {
+                    volumes: 1,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| e.context(format!("restoring volume {}", restored.name)))?;
+            let mut names = tx.open_table(NAMES)?;
+            let key = vkey(&restored.project, restored.name.as_str());
+            if names.get(key.as_str())?.is_some() {
+                return Err(Error::exists(format!(
+                    "volume {} already exists (made after this one was deleted): \
+                     restore it under another name (new_name; pdisk volume restore --as NEWNAME)",
+                    restored.name
+                )));
+            }
+            names.insert(key.as_str(), restored.uuid.to_string().as_str())?;
+            let key = restored.uuid.to_string();
+            let mut vols = tx.open_table(VOLUMES)?;
+            let old: Option<VolumeRecord> = vols
+                .get(key.as_str())?
+                .map(|old| decode("volume", old.value()))
+                .transpose()?;
+            if !old.as_ref().is_some_and(VolumeRecord::is_quarantined) {
+                return Err(Error::not_found(format!(
+                    "volume {} is not in quarantine",
+                    restored.uuid
+                )));
+            }
+            vols.insert(key.as_str(), encode(restored).as_slice())?;
+        }
+        self.commit(tx, events)?;
+        Ok(())
+    }
+
+    /// Every volume in quarantine (waiting or being purged), by name.
+    pub fn quarantined_volumes(&self) -> Result<Vec<VolumeRecord>> {
+        Ok(self
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.quarantine.is_some())
+            .collect())
+    }
+
+    /// Resolves a ref to a quarantined volume (waiting, not being purged):
+    /// its UUID, or a name in `scope` that only one quarantined volume has
+    /// (names are not unique in quarantine: InvalidArgument asking for the
+    /// UUID); NotFound otherwise.
+    pub fn find_quarantined_in(&self, scope: NameScope, r: &str) -> Result<VolumeRecord> {
+        let not_found = || Error::not_found(format!("quarantined volume {r} not found"));
+        if let Ok(u) = Uuid::parse_str(r) {
+            if let Some(v) = self.volume(u)?.filter(VolumeRecord::is_quarantined) {
+                return Ok(v);
+            }
+        }
+        let mut found: Vec<VolumeRecord> = self
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.is_quarantined() && v.name.as_str() == r)
+            .filter(|v| match scope {
+                NameScope::Project(p) => v.project == p,
+                NameScope::All => true,
+            })
+            .collect();
+        match found.len() {
+            0 => Err(not_found()),
+            1 => Ok(found.remove(0)),
+            n => Err(Error::invalid(format!(
+                "{n} quarantined volumes are named {r}: name one by its UUID \
+                 (pdisk volume list --quarantined)"
+            ))),
+        }
     }
 
     pub fn volume(&self, uuid: Uuid) -> Result<Option<VolumeRecord>> {
@@ -559,10 +719,12 @@ impl Store {
     }
 
     /// Resolves a reference: a UUID (of any project: the caller checks what
-    /// it may see), or a name looked up in `scope`; NotFound otherwise.
+    /// it may see), or a name looked up in `scope`; NotFound otherwise, also
+    /// for a volume in quarantine (deleted, as far as every call but
+    /// RestoreVolume and a listing of the quarantine goes).
     pub fn find_volume_in(&self, scope: NameScope, r: &str) -> Result<VolumeRecord> {
         if let Ok(u) = Uuid::parse_str(r) {
-            if let Some(v) = self.volume(u)? {
+            if let Some(v) = self.volume(u)?.filter(|v| v.quarantine.is_none()) {
                 return Ok(v);
             }
         }
@@ -883,6 +1045,7 @@ mod tests {
             created_at: "2026-11-21T00:00:00Z".into(),
             project: String::new(),
             created_by: None,
+            quarantine: None,
         }
     }
 

@@ -107,6 +107,20 @@ impl Call {
         }
     }
 
+    /// The quarantined volume `r` names (its UUID, or a name only one
+    /// quarantined volume of the call's scope has), if this call may see it.
+    pub fn quarantined_volume(&self, svc: &PoolService, r: &str) -> Result<VolumeRecord> {
+        self.note(format!("volume {r}"));
+        let v = svc.store().find_quarantined_in(self.names(), r)?;
+        if self.sees_volume(&v) {
+            Ok(v)
+        } else {
+            Err(Error::not_found(format!(
+                "quarantined volume {r} not found"
+            )))
+        }
+    }
+
     /// The volume a clone or a create copies from: one this call may see,
     /// or, for agents and admins, an image base (of no project) that they
     /// clone into the project they act in.

@@ -31,8 +31,42 @@ pub(crate) struct Fixture {
 }
 
 /// Per project P: volume `P-vol` (with snapshot `P-snap`), `P-free` (for
-/// deletes) and `P-exp` (exported to IQN).
+/// deletes) and `P-exp` (exported to IQN); deletes are at once.
 pub(crate) async fn fixture() -> Fixture {
+    fixture_with(std::time::Duration::ZERO).await
+}
+
+/// The quarantine period of [`fixture_quarantined`].
+const HOUR: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// [`fixture`] with a quarantine period of an hour, and per project P a
+/// volume `P-gone` deleted into quarantine (for restores).
+async fn fixture_quarantined() -> Fixture {
+    let f = fixture_with(HOUR).await;
+    for p in [OWN, OTHER] {
+        let name = format!("{p}-gone");
+        f.svc
+            .create_volume(NewVolume {
+                allow_multi_attach: false,
+                name: name.parse().unwrap(),
+                size: 4 << 20,
+                labels: Default::default(),
+                source: NewVolumeSource::Empty,
+                request_id: String::new(),
+                owner: Owner {
+                    project: p.into(),
+                    creator: None,
+                },
+            })
+            .await
+            .unwrap();
+        let done = f.svc.delete_volume(&name).await.unwrap();
+        assert!(matches!(done, crate::service::Deleted::Quarantined { .. }));
+    }
+    f
+}
+
+async fn fixture_with(quarantine_period: std::time::Duration) -> Fixture {
     // 160 fixtures: on tmpfs when there is one, where fsync costs nothing.
     let dir = tempfile::tempdir_in("/dev/shm")
         .or_else(|_| tempfile::tempdir())
@@ -45,7 +79,10 @@ pub(crate) async fn fixture() -> Fixture {
         backend,
         Arc::new(MemoryExporter::default()),
         runner,
-        ServiceSettings::default(),
+        ServiceSettings {
+            quarantine_period,
+            ..Default::default()
+        },
     ));
     for p in [OWN, OTHER] {
         for v in ["vol", "free", "exp"] {
@@ -192,6 +229,18 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
                 pb::DeleteVolumeRequest {
                     volume: format!("{target}-free"),
                     project,
+                    now: false,
+                },
+            ))
+            .await,
+        ),
+        "RestoreVolume" => code(
+            api.restore_volume(request(
+                role,
+                pb::RestoreVolumeRequest {
+                    volume: format!("{target}-gone"),
+                    project,
+                    ..Default::default()
                 },
             ))
             .await,
@@ -483,7 +532,7 @@ async fn every_rpc_by_every_role_on_its_own_and_another_projects_objects() {
     for m in &rpcs {
         for role in Role::ALL {
             for target in [OWN, OTHER] {
-                let f = fixture().await;
+                let f = fixture_quarantined().await;
                 let before = state(&f.svc);
                 let got = through_gate(&f, m, role, target).await;
                 let want = expected(m, role, target);
@@ -1058,4 +1107,155 @@ async fn progress_is_seen_only_by_calls_acting_in_the_operations_project() {
         .unwrap()
         .unwrap();
     assert!(p.phase == "checksum" || p.finished, "{p:?}");
+}
+
+/// `now` (delete without quarantine) is the storage admin's: any other
+/// role is refused and nothing changes; an admin's destroys the data at
+/// once, also of a volume already in quarantine (named by UUID).
+#[tokio::test]
+async fn only_an_admin_deletes_without_quarantine() {
+    let f = fixture_quarantined().await;
+    let delete_now = |role, volume: String| {
+        request(
+            role,
+            pb::DeleteVolumeRequest {
+                volume,
+                now: true,
+                project: if role == Role::Project { "" } else { OWN }.into(),
+            },
+        )
+    };
+    for role in [Role::Project, Role::Frontend, Role::Agent] {
+        let before = state(&f.svc);
+        let s = f
+            .api
+            .delete_volume(delete_now(role, format!("{OWN}-free")))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::PermissionDenied, "{role}: {s:?}");
+        assert!(s.message().contains("only admins"), "{s:?}");
+        assert_eq!(
+            state(&f.svc),
+            before,
+            "{role}'s refused delete changed something"
+        );
+    }
+    let free = f.svc.store().find_volume(&format!("{OWN}-free")).unwrap();
+    let path = f
+        .svc
+        .backend()
+        .device_path(crate::backend::ObjectId::Volume(free.uuid));
+    assert!(path.exists());
+    let r = f
+        .api
+        .delete_volume(delete_now(Role::Admin, format!("{OWN}-free")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.purge_at, "", "deleted at once, not quarantined");
+    assert!(!path.exists());
+    assert!(f.svc.store().volume(free.uuid).unwrap().is_none());
+    // A quarantined volume is purged at once by its UUID.
+    let gone = f
+        .svc
+        .store()
+        .find_quarantined_in(
+            crate::store::NameScope::Project(OWN),
+            &format!("{OWN}-gone"),
+        )
+        .unwrap();
+    let path = f
+        .svc
+        .backend()
+        .device_path(crate::backend::ObjectId::Volume(gone.uuid));
+    assert!(path.exists(), "quarantine keeps the data");
+    f.api
+        .delete_volume(delete_now(Role::Admin, gone.uuid.to_string()))
+        .await
+        .unwrap();
+    assert!(!path.exists());
+    assert!(f.svc.store().volume(gone.uuid).unwrap().is_none());
+}
+
+/// Hostile restores: another project's quarantined volume, by name or by
+/// UUID, is NotFound exactly like a missing one, and nothing changes; its
+/// listing of the quarantine shows only its own project's.
+#[tokio::test]
+async fn a_tenant_cannot_see_or_restore_another_projects_quarantined_volume() {
+    let f = fixture_quarantined().await;
+    let other = f
+        .svc
+        .store()
+        .find_quarantined_in(
+            crate::store::NameScope::Project(OTHER),
+            &format!("{OTHER}-gone"),
+        )
+        .unwrap();
+    let restore = |volume: String, new_name: &str| {
+        request(
+            Role::Project,
+            pb::RestoreVolumeRequest {
+                volume,
+                new_name: new_name.into(),
+                project: String::new(),
+            },
+        )
+    };
+    let before = state(&f.svc);
+    let missing = f
+        .api
+        .restore_volume(restore("nobody-gone".into(), ""))
+        .await
+        .unwrap_err();
+    for (r, new_name) in [
+        (format!("{OTHER}-gone"), ""),
+        (other.uuid.to_string(), ""),
+        (other.uuid.to_string(), "stolen"),
+    ] {
+        let s = f
+            .api
+            .restore_volume(restore(r.clone(), new_name))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::NotFound, "{r}: {s:?}");
+        assert_eq!(
+            s.message().replace(&r, "X"),
+            missing.message().replace("nobody-gone", "X")
+        );
+        assert_eq!(state(&f.svc), before, "restore of {r} changed something");
+    }
+    // A bad new name is refused before anything is looked up.
+    let s = f
+        .api
+        .restore_volume(restore(format!("{OWN}-gone"), "Bad Name"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert_eq!(state(&f.svc), before);
+    let listed = f
+        .api
+        .list_volumes(request(
+            Role::Project,
+            pb::ListVolumesRequest {
+                quarantined: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    let names: Vec<_> = listed.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, [format!("{OWN}-gone")]);
+    assert_eq!(listed[0].state, pb::VolumeState::Quarantined as i32);
+    assert!(!listed[0].purge_at.is_empty());
+    // Its own comes back.
+    let v = f
+        .api
+        .restore_volume(restore(format!("{OWN}-gone"), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((v.name.as_str(), v.project.as_str()), ("astro-gone", OWN));
+    assert_eq!(v.state, pb::VolumeState::Ready as i32);
 }

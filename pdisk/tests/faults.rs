@@ -205,6 +205,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
             .map(|_| ()),
         Op::Delete => c
             .delete_volume(pb::DeleteVolumeRequest {
+                now: false,
                 project: String::new(),
                 volume: vol.into(),
             })

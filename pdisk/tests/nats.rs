@@ -64,6 +64,7 @@ async fn churn(p: &Pdiskd, first: usize, rounds: usize, until: Option<Duration>)
         .await
         .unwrap();
         c.delete_volume(pb::DeleteVolumeRequest {
+            now: false,
             volume: name,
             project: String::new(),
         })

@@ -328,6 +328,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         Code::NotFound
     );
     let del = |v: &str| pb::DeleteVolumeRequest {
+        now: false,
         project: String::new(),
         volume: v.into(),
     };
@@ -451,6 +452,7 @@ async fn twenty_concurrent_clients_leave_a_consistent_store() {
                     .unwrap();
                 }
                 c.delete_volume(pb::DeleteVolumeRequest {
+                    now: false,
                     project: String::new(),
                     volume: name,
                 })
@@ -867,6 +869,7 @@ async fn image_bases_are_listed_and_never_removed_while_cloned() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 
     c.delete_volume(pb::DeleteVolumeRequest {
+        now: false,
         project: String::new(),
         volume: "vm-1-vda".into(),
     })

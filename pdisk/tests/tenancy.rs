@@ -164,6 +164,7 @@ async fn a_project_cannot_see_or_touch_another_projects_volumes_and_each_try_is_
     }
     let delete = c
         .delete_volume(pb::DeleteVolumeRequest {
+            now: false,
             volume: v.uuid.clone(),
             project: String::new(),
         })

@@ -149,6 +149,7 @@ async fn past_the_threshold_growth_is_refused_and_nothing_changes() {
     // Deleting the full volume gives its blocks back (thin discard), and
     // creating works again.
     c.delete_volume(pb::DeleteVolumeRequest {
+        now: false,
         project: String::new(),
         volume: "big".into(),
     })

@@ -124,6 +124,15 @@ impl Pdiskd {
             "pdisk=debug,info".into(),
         ];
         args.extend(daemon_tls_args(&tls));
+        // Tests that are not about quarantine see a delete destroy the data
+        // at once (their pool and space checks count on it); the quarantine
+        // tests (pdisk/tests/quarantine.rs) pass their own period.
+        if !backend_args
+            .iter()
+            .any(|a| a.starts_with("--quarantine-period"))
+        {
+            args.extend(["--quarantine-period".into(), "0".into()]);
+        }
         args.extend(backend_args);
         let mut d = Pdiskd {
             listen,
@@ -204,7 +213,12 @@ impl Pdiskd {
     /// `cargo build -p pdisk --features failpoints --bin pdiskd-failpoints`)
     /// with no failpoint set.
     pub fn start_failpoints(pool: &XfsPool, tgtd: &Tgtd) -> Pdiskd {
-        let mut d = Self::start(pool, tgtd);
+        Self::start_failpoints_with(pool, tgtd, &[])
+    }
+
+    /// [`Pdiskd::start_failpoints`] with extra flags, as [`Pdiskd::start_with`].
+    pub fn start_failpoints_with(pool: &XfsPool, tgtd: &Tgtd, extra_args: &[&str]) -> Pdiskd {
+        let mut d = Self::start_with(pool, tgtd, extra_args);
         d.kill9();
         d.program = "pdiskd-failpoints".into();
         d.spawn();

@@ -236,6 +236,7 @@ impl Agent {
             .list_volumes(pdpb::ListVolumesRequest {
                 label_selector: HashMap::from([(LABEL_SHA256.to_string(), sha.to_string())]),
                 project: String::new(),
+                quarantined: false,
             })
             .await
             .map_err(|s| status_error(s, "looking up image bases in pdisk"))?;

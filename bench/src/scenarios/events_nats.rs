@@ -148,6 +148,7 @@ async fn churn(c: &mut testkit::Client, first: usize, n: usize, until: Option<In
         }
         let _ = c
             .delete_volume(pb::DeleteVolumeRequest {
+                now: false,
                 volume: name,
                 project: String::new(),
             })

@@ -219,6 +219,7 @@ async fn time_one(
     match tool {
         Tool::Ours => {
             c.delete_volume(pb::DeleteVolumeRequest {
+                now: false,
                 project: String::new(),
                 volume: name,
             })

@@ -109,6 +109,7 @@ async fn measure(c: &mut Client, gib: u64, runs: usize) -> anyhow::Result<Sizes>
         .await?;
         out.clone.push(t.elapsed().as_secs_f64() * 1e3);
         c.delete_volume(pb::DeleteVolumeRequest {
+            now: false,
             project: String::new(),
             volume: clone,
         })
@@ -120,6 +121,7 @@ async fn measure(c: &mut Client, gib: u64, runs: usize) -> anyhow::Result<Sizes>
         .await?;
     }
     c.delete_volume(pb::DeleteVolumeRequest {
+        now: false,
         project: String::new(),
         volume: name,
     })

@@ -31,7 +31,8 @@ use stratus_proto::pdisk::v1::{
     ChapCredentials, CloneVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
     DeleteSnapshotRequest, DeleteVolumeRequest, ExportVolumeRequest, GetPoolRequest,
     GetVolumeRequest, ImageFormat, ImageSource, ListExportsRequest, ListSnapshotsRequest,
-    ListVolumesRequest, ResizeVolumeRequest, UnexportVolumeRequest, UploadHeader, Volume,
+    ListVolumesRequest, ResizeVolumeRequest, RestoreVolumeRequest, UnexportVolumeRequest,
+    UploadHeader, Volume,
 };
 use stratus_proto::pdisk::v1::{GetQuotaRequest, ListQuotasRequest, QuotaLimits, SetQuotaRequest};
 
@@ -247,7 +248,10 @@ fn labels(pairs: &[(String, String)]) -> Result<HashMap<String, String>, Failure
 async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
     match command {
         VolumeCommand::Create(a) => volume_create(ctx, a).await,
-        VolumeCommand::List { labels: selector } => {
+        VolumeCommand::List {
+            labels: selector,
+            quarantined,
+        } => {
             let label_selector = labels(&selector)?;
             let mut client = ctx.connect().await?;
             let vs = ctx
@@ -255,12 +259,17 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
                     client
                         .list_volumes(ListVolumesRequest {
                             label_selector,
+                            quarantined,
                             project: ctx.project.clone(),
                         })
                         .await,
                 )?
                 .volumes;
-            ctx.print(render::volumes_json(&vs), || render::volumes_table(&vs))
+            if quarantined {
+                ctx.print(render::volumes_json(&vs), || render::quarantined_table(&vs))
+            } else {
+                ctx.print(render::volumes_json(&vs), || render::volumes_table(&vs))
+            }
         }
         VolumeCommand::Show { volume } => {
             let mut client = ctx.connect().await?;
@@ -271,17 +280,44 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
             let v = ctx.answer(client.get_volume(request).await)?;
             ctx.print_volume(&v)
         }
-        VolumeCommand::Delete { volume } => {
+        VolumeCommand::Delete { volume, now } => {
             let mut client = ctx.connect().await?;
             let request = DeleteVolumeRequest {
                 project: ctx.project.clone(),
                 volume: volume.to_string(),
+                now,
             };
-            ctx.answer(client.delete_volume(request).await)?;
+            let r = ctx.answer(client.delete_volume(request).await)?;
+            let quarantined = !r.purge_at.is_empty();
             ctx.print(
-                json!({ "volume": volume.as_str(), "deleted": true }),
-                || format!("Deleted volume {volume}.\n"),
+                json!({
+                    "volume": volume.as_str(),
+                    "deleted": true,
+                    "quarantined": quarantined,
+                    "purge_at": r.purge_at,
+                }),
+                || {
+                    if quarantined {
+                        format!(
+                            "Deleted volume {volume}: in quarantine until {} \
+                             (`pdisk volume restore {volume}` brings it back until then).\n",
+                            r.purge_at
+                        )
+                    } else {
+                        format!("Deleted volume {volume}; its data is destroyed.\n")
+                    }
+                },
             )
+        }
+        VolumeCommand::Restore { volume, new_name } => {
+            let mut client = ctx.connect().await?;
+            let request = RestoreVolumeRequest {
+                project: ctx.project.clone(),
+                volume: volume.to_string(),
+                new_name: new_name.map(|n| n.to_string()).unwrap_or_default(),
+            };
+            let v = ctx.answer(client.restore_volume(request).await)?;
+            ctx.print_volume(&v)
         }
         VolumeCommand::Resize { volume, size } => {
             let mut client = ctx.connect().await?;
@@ -466,9 +502,12 @@ async fn image(ctx: &Ctx, command: ImageCommand) -> Result<(), Failure> {
             if let Some(refusal) = images::removal_refusal(found) {
                 return Err(Failure::Server(refusal));
             }
+            // An image base is deleted at once: it is the image, imported
+            // again when needed.
             let request = DeleteVolumeRequest {
                 project: ctx.project.clone(),
                 volume: found.base.uuid.clone(),
+                now: false,
             };
             ctx.answer(client.delete_volume(request).await)?;
             ctx.print(

@@ -133,6 +133,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         ServiceSettings {
             max_overcommit: cfg.max_overcommit,
             import_dirs: cfg.import_dirs.clone(),
+            quarantine_period: cfg.quarantine_period,
         },
     ));
     let report = svc.reconcile().await.context("reconciling")?;
@@ -193,6 +194,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             shutdown_rx.clone(),
         ));
     }
+    // Quarantined volumes are purged at their purge time (kept in the
+    // store: a restart delays nothing).
+    tokio::spawn(svc.clone().watch_quarantine(shutdown_rx.clone()));
+    tracing::info!(period = %humantime::format_duration(cfg.quarantine_period), "quarantine of deleted volumes");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

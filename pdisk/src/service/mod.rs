@@ -8,6 +8,8 @@
 //!   resize;
 //! - `snapshots.rs`: snapshots and checksums;
 //! - `exports.rs`: export intent, unexport, restore and the export watchdog;
+//! - `quarantine.rs`: deleted volumes kept until their purge time: restore,
+//!   listing, the purge task;
 //! - `reconcile.rs`: reconciliation at start;
 //! - `service_tests.rs`: their unit suite.
 //!
@@ -21,6 +23,11 @@
 //! - snapshot: the same with `complete: false` as the intent.
 //! - delete: the record turns `deleting` before data is removed, and is
 //!   dropped after. A `deleting` record found at start is finished.
+//! - delete with a quarantine period (`quarantine.rs`): one transaction
+//!   turns the record `quarantined` with its purge time and frees its name;
+//!   no data moves. The purge is a delete as above (the record keeps its
+//!   `quarantine` while `deleting`, so reconciliation knows it holds no
+//!   name and reports an interrupted purge as such).
 //! - export: the intent is stored first, then applied to the exporter; the
 //!   reconciler re-applies stored intent at start and whenever the exporter
 //!   loses targets (tgtd restart). Unexport commits first (the smaller ACL,
@@ -56,6 +63,10 @@ pub struct ServiceSettings {
     pub max_overcommit: f64,
     /// Server-side image paths must lie inside one of these directories.
     pub import_dirs: Vec<PathBuf>,
+    /// How long a deleted volume stays in quarantine, restorable, before
+    /// its data is destroyed; zero deletes at once. pdiskd's default is
+    /// 24h; the service's (unit tests) is zero.
+    pub quarantine_period: std::time::Duration,
 }
 
 impl Default for ServiceSettings {
@@ -63,6 +74,7 @@ impl Default for ServiceSettings {
         ServiceSettings {
             max_overcommit: 20.0,
             import_dirs: Vec::new(),
+            quarantine_period: std::time::Duration::ZERO,
         }
     }
 }
@@ -137,6 +149,15 @@ pub struct Owner {
     pub project: String,
     /// None only for volumes pdiskd makes without a caller (tests).
     pub creator: Option<stratus_pki::tenancy::Creator>,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    /// The data is destroyed.
+    Gone,
+    /// Kept in quarantine, restorable until `purge_at` (RFC 3339).
+    Quarantined { purge_at: String },
 }
 
 /// A volume with the facts computed from the live pool.
@@ -260,9 +281,13 @@ pub struct PoolInfo {
     pub used: u64,
     pub provisioned: u64,
     pub allocated: u64,
+    /// Live volumes; those in quarantine are `quarantined`.
     pub volumes: u64,
     pub snapshots: u64,
     pub exports: u64,
+    pub quarantined: u64,
+    /// The sizes of the quarantined volumes (in `provisioned`).
+    pub quarantined_bytes: u64,
     pub capabilities: Vec<String>,
     pub drift: Vec<Drift>,
     pub last_reconciled_at: String,
@@ -300,6 +325,9 @@ pub struct PoolService {
     last_reconcile: Mutex<ReconcileReport>,
     /// Operation timings for `/metrics` (`crate::metrics`).
     ops: crate::metrics::Operations,
+    /// Woken when a volume enters quarantine: the purge task looks again
+    /// at the next purge time.
+    quarantined: tokio::sync::Notify,
 }
 
 fn now() -> String {
@@ -326,6 +354,12 @@ fn refuse_if_image_base(v: &VolumeRecord, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether the volume's data is whole in the pool (its allocation is
+/// worth asking for): ready, or kept in quarantine.
+fn has_data(v: &VolumeRecord) -> bool {
+    matches!(v.state, VolumeState::Ready | VolumeState::Quarantined)
+}
+
 /// FailedPrecondition unless the volume is ready.
 fn require_ready(v: &VolumeRecord) -> Result<()> {
     if v.state != VolumeState::Ready {
@@ -341,10 +375,14 @@ impl PoolService {
     /// Reads `rec`'s volume again, by its UUID, after waiting for its lock:
     /// it may have changed or gone meanwhile. Never by name or by the UUID
     /// as text: a volume may be named like another volume's UUID.
+    /// A volume put in quarantine meanwhile is gone too.
     fn reread_volume(&self, rec: &VolumeRecord) -> Result<VolumeRecord> {
-        self.store.volume(rec.uuid)?.ok_or_else(|| {
-            Error::not_found(format!("volume {} ({}) not found", rec.name, rec.uuid))
-        })
+        self.store
+            .volume(rec.uuid)?
+            .filter(|v| v.quarantine.is_none())
+            .ok_or_else(|| {
+                Error::not_found(format!("volume {} ({}) not found", rec.name, rec.uuid))
+            })
     }
 
     /// [`Self::reread_volume`] for snapshots.
@@ -372,6 +410,7 @@ impl PoolService {
             progress: ProgressHub::default(),
             last_reconcile: Mutex::new(ReconcileReport::default()),
             ops: crate::metrics::Operations::default(),
+            quarantined: tokio::sync::Notify::new(),
         }
     }
 
@@ -413,7 +452,7 @@ impl PoolService {
 
     /// The volume with its allocation asked of the pool.
     async fn volume_info(&self, record: VolumeRecord) -> Result<VolumeInfo> {
-        let allocated = if record.state == VolumeState::Ready {
+        let allocated = if has_data(&record) {
             self.backend
                 .allocated(ObjectId::Volume(record.uuid))
                 .await
@@ -426,11 +465,7 @@ impl PoolService {
 
     fn volume_info_with(&self, record: VolumeRecord, allocated: u64) -> Result<VolumeInfo> {
         let id = ObjectId::Volume(record.uuid);
-        let allocated = if record.state == VolumeState::Ready {
-            allocated
-        } else {
-            0
-        };
+        let allocated = if has_data(&record) { allocated } else { 0 };
         let exported = self.live_export(record.uuid)?.is_some();
         let snapshot_count = self
             .store
@@ -561,7 +596,13 @@ impl PoolService {
             provisioned: vols.iter().map(|v| v.size.0).sum::<u64>()
                 + snaps.iter().map(|s| s.size.0).sum::<u64>(),
             allocated,
-            volumes: vols.len() as u64,
+            volumes: vols.iter().filter(|v| v.quarantine.is_none()).count() as u64,
+            quarantined: vols.iter().filter(|v| v.quarantine.is_some()).count() as u64,
+            quarantined_bytes: vols
+                .iter()
+                .filter(|v| v.quarantine.is_some())
+                .map(|v| v.size.0)
+                .sum(),
             snapshots: snaps.len() as u64,
             exports: self.live_exports()?.len() as u64,
             capabilities: self.backend.capabilities(),
@@ -575,6 +616,7 @@ impl PoolService {
 }
 
 mod exports;
+mod quarantine;
 mod reconcile;
 mod snapshots;
 mod volumes;

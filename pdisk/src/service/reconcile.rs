@@ -30,24 +30,36 @@ impl PoolService {
                 // A delete that fails again (an LV still held open, say)
                 // must not keep pdiskd from starting: it is reported and
                 // retried at the next start or by the next DeleteVolume.
-                VolumeState::Deleting => match self.backend.delete(id).await {
-                    Ok(()) => {
-                        self.store.remove_volume(
-                            v.uuid,
-                            &[NewPoolEvent::volume(PoolEventKind::VolumeDeleted, &v)
-                                .detail("an interrupted delete finished at start")],
-                        )?;
-                        report.actions.push(format!(
-                            "finished the interrupted delete of volume {}",
-                            v.name
-                        ));
+                // A purge of a quarantined volume is a delete too.
+                VolumeState::Deleting => {
+                    let what = if v.quarantine.is_some() {
+                        "purge"
+                    } else {
+                        "delete"
+                    };
+                    match self.backend.delete(id).await {
+                        Ok(()) => {
+                            self.store.remove_volume(
+                                v.uuid,
+                                &[NewPoolEvent::volume(PoolEventKind::VolumeDeleted, &v)
+                                    .detail(format!("an interrupted {what} finished at start"))],
+                            )?;
+                            report.actions.push(if v.quarantine.is_some() {
+                                format!(
+                                    "finished the interrupted purge of quarantined volume {} ({})",
+                                    v.name, v.uuid
+                                )
+                            } else {
+                                format!("finished the interrupted delete of volume {}", v.name)
+                            });
+                        }
+                        Err(e) => report.drift.push(Drift {
+                            kind: DriftKind::Volume,
+                            object: v.name.to_string(),
+                            detail: format!("interrupted {what} could not be finished: {e}"),
+                        }),
                     }
-                    Err(e) => report.drift.push(Drift {
-                        kind: DriftKind::Volume,
-                        object: v.name.to_string(),
-                        detail: format!("interrupted delete could not be finished: {e}"),
-                    }),
-                },
+                }
                 // Never acknowledged (a create answers only once `ready`
                 // is stored): roll it back. The intent to remove is stored
                 // first, so a failure here is retried like any delete.
@@ -89,6 +101,17 @@ impl PoolService {
                         kind: DriftKind::Volume,
                         object: v.name.to_string(),
                         detail: v.state_reason.clone(),
+                    });
+                }
+                VolumeState::Quarantined if !present.contains(&id) => {
+                    report.drift.push(Drift {
+                        kind: DriftKind::Volume,
+                        object: v.name.to_string(),
+                        detail: format!(
+                            "quarantined ({}), but its backing data is missing: {}",
+                            v.uuid,
+                            self.backend.device_path(id).display()
+                        ),
                     });
                 }
                 VolumeState::Error if !present.contains(&id) => {

@@ -23,6 +23,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(Duration::ZERO)
+}
+
+/// [`fixture`] whose deletes go to quarantine for `quarantine_period`.
+fn fixture_with(quarantine_period: Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let runner = Arc::new(FakeRunner::new());
     let backend = Arc::new(FileBackend::open(&dir.path().join("pool"), runner.clone()).unwrap());
@@ -38,6 +43,7 @@ fn fixture() -> Fixture {
         ServiceSettings {
             max_overcommit: 20.0,
             import_dirs: vec![import.clone()],
+            quarantine_period,
         },
     ));
     Fixture {
@@ -867,6 +873,7 @@ fn interrupted_create(f: &Fixture, volume: &str) -> VolumeRecord {
         created_at: now(),
         project: String::new(),
         created_by: None,
+        quarantine: None,
     };
     f.svc.store.insert_volume(&rec).unwrap();
     rec
@@ -1128,4 +1135,350 @@ async fn drift_is_journaled() {
         .map(|e| e.kind)
         .collect();
     assert!(kinds.contains(&K::DriftFound), "{kinds:?}");
+}
+
+// ---------- quarantine ----------
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn in_project(volume: &str, size: u64, project: &str) -> NewVolume {
+    NewVolume {
+        owner: Owner {
+            project: project.into(),
+            creator: None,
+        },
+        ..empty(volume, size)
+    }
+}
+
+/// Writes `byte` over the first MiB of the volume's file.
+fn fill(v: &VolumeInfo, byte: u8) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&v.device_path)
+        .unwrap();
+    f.write_all(&vec![byte; 1 << 20]).unwrap();
+}
+
+fn kinds(svc: &PoolService) -> Vec<crate::events::PoolEventKind> {
+    svc.shared_store()
+        .events_after(0, 1000, false)
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_deleted_volume_waits_in_quarantine_and_comes_back_whole() {
+    use crate::events::PoolEventKind as K;
+    let f = fixture_with(HOUR);
+    let v = f.svc.create_volume(empty("db", 4 << 20)).await.unwrap();
+    fill(&v, 0x5a);
+    let uuid = v.record.uuid.to_string();
+    let before = f.svc.checksum(&uuid, false, "").await.unwrap();
+
+    let done = f.svc.delete_volume("db").await.unwrap();
+    let Deleted::Quarantined { purge_at } = done else {
+        panic!("{done:?}");
+    };
+    let purge = humantime::parse_rfc3339(&purge_at).unwrap();
+    let left = purge.duration_since(SystemTime::now()).unwrap();
+    assert!(
+        left > HOUR - Duration::from_secs(60) && left <= HOUR,
+        "{left:?}"
+    );
+    // Gone for every call but the quarantine's; the data stays.
+    for r in ["db", uuid.as_str()] {
+        assert_eq!(
+            f.svc.get_volume(r).await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
+        let e = f.svc.resize_volume(r, 8 << 20).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e = f
+            .svc
+            .export_volume(r, &[iqn(IQN)], None, &ExportBy::admin("t"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e = f.svc.create_snapshot(r, name("s"), "").await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e = f.svc.delete_volume(r).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "a second delete");
+    }
+    assert!(f.svc.list_volumes(&Labels::new()).await.unwrap().is_empty());
+    assert!(v.device_path.exists());
+    let q = f.svc.list_quarantined().await.unwrap();
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].record.state, VolumeState::Quarantined);
+    assert_eq!(
+        q[0].record.quarantine.as_ref().unwrap().purge_at(),
+        purge_at
+    );
+    assert!(q[0].allocated > 0, "its data is still allocated");
+
+    // Its name is free: a new volume takes it; the restore then needs
+    // another name, and a refused restore changes nothing.
+    let new = f.svc.create_volume(empty("db", 4 << 20)).await.unwrap();
+    let store_before = format!("{:?}", f.svc.store().volumes().unwrap());
+    let e = f.svc.restore_volume("db", None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert!(e.message().contains("--as"), "{e}");
+    assert_eq!(
+        format!("{:?}", f.svc.store().volumes().unwrap()),
+        store_before
+    );
+    let back = f
+        .svc
+        .restore_volume(&uuid, Some(name("db-old")))
+        .await
+        .unwrap();
+    assert_eq!(back.record.state, VolumeState::Ready);
+    assert_eq!(back.record.quarantine, None);
+    assert_eq!(back.record.name.as_str(), "db-old");
+    assert_eq!(f.svc.checksum("db-old", false, "").await.unwrap(), before);
+    assert_eq!(
+        f.svc.get_volume("db").await.unwrap().record.uuid,
+        new.record.uuid
+    );
+    assert!(f.svc.list_quarantined().await.unwrap().is_empty());
+    assert_eq!(
+        f.svc.restore_volume(&uuid, None).await.unwrap_err().kind(),
+        ErrorKind::NotFound,
+        "restored once"
+    );
+    assert_eq!(
+        kinds(&f.svc),
+        vec![
+            K::VolumeCreated,
+            K::VolumeQuarantined,
+            K::VolumeCreated,
+            K::VolumeRestored
+        ]
+    );
+    let events = f.svc.shared_store().events_after(0, 10, false).unwrap();
+    assert_eq!(events[1].detail, format!("purge at {purge_at}"));
+    assert_eq!(
+        (events[3].volume_name.as_str(), events[3].detail.as_str()),
+        ("db-old", "deleted as db")
+    );
+    // Restored volumes are whole volumes again.
+    f.svc.resize_volume("db-old", 8 << 20).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_purge_comes_at_the_purge_time_and_gives_the_space_back() {
+    use crate::events::PoolEventKind as K;
+    let f = fixture_with(HOUR);
+    let v = f.svc.create_volume(empty("db", 4 << 20)).await.unwrap();
+    fill(&v, 1);
+    f.svc.delete_volume("db").await.unwrap();
+    let purge_at_ms = f.svc.store().quarantined_volumes().unwrap()[0]
+        .quarantine
+        .as_ref()
+        .unwrap()
+        .purge_at_ms;
+    assert!(f.svc.purge_due(purge_at_ms - 1).await.unwrap().is_empty());
+    assert!(v.device_path.exists());
+    assert_eq!(f.svc.pool().await.unwrap().quarantined, 1);
+    let purged = f.svc.purge_due(purge_at_ms).await.unwrap();
+    assert_eq!(purged, vec!["db".to_string()]);
+    assert!(!v.device_path.exists());
+    assert!(f.svc.store().volume(v.record.uuid).unwrap().is_none());
+    let p = f.svc.pool().await.unwrap();
+    assert_eq!(
+        (p.quarantined, p.quarantined_bytes, p.provisioned),
+        (0, 0, 0)
+    );
+    assert!(f.svc.backend().list().await.unwrap().objects.is_empty());
+    let events = f.svc.shared_store().events_after(0, 10, false).unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, K::VolumeDeleted);
+    assert!(last.detail.contains("quarantine ended"), "{}", last.detail);
+    assert!(f.svc.restore_volume("db", None).await.is_err());
+}
+
+/// The purge task, in real time: a short period, and a volume restored
+/// before it ends is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_task_purges_what_is_due_and_spares_what_was_restored() {
+    let f = fixture_with(Duration::from_millis(1500));
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(f.svc.clone().watch_quarantine(stopped));
+    let gone = f.svc.create_volume(empty("gone", 1 << 20)).await.unwrap();
+    let kept = f.svc.create_volume(empty("kept", 1 << 20)).await.unwrap();
+    f.svc.delete_volume("gone").await.unwrap();
+    f.svc.delete_volume("kept").await.unwrap();
+    f.svc.restore_volume("kept", None).await.unwrap();
+    let started = std::time::Instant::now();
+    while f.svc.store().volume(gone.record.uuid).unwrap().is_some() {
+        assert!(started.elapsed() < Duration::from_secs(20), "never purged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "purged early"
+    );
+    assert!(!gone.device_path.exists());
+    assert!(kept.device_path.exists());
+    assert_eq!(
+        f.svc.get_volume("kept").await.unwrap().record.state,
+        VolumeState::Ready
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_purge_is_finished_and_reported_at_start() {
+    let f = fixture_with(HOUR);
+    let old = f.svc.create_volume(empty("db", 1 << 20)).await.unwrap();
+    f.svc.delete_volume("db").await.unwrap();
+    let new = f.svc.create_volume(empty("db", 1 << 20)).await.unwrap();
+    // A purge that stopped after its intent (as a crash there leaves it).
+    let mut rec = f.svc.store().volume(old.record.uuid).unwrap().unwrap();
+    rec.state = VolumeState::Deleting;
+    f.svc.store().update_volume(&rec, &[]).unwrap();
+    let r = f.svc.reconcile().await.unwrap();
+    assert!(
+        r.actions
+            .iter()
+            .any(|a| a.contains("finished the interrupted purge of quarantined volume db")),
+        "{r:?}"
+    );
+    assert!(r.drift.is_empty(), "{r:?}");
+    assert!(!old.device_path.exists());
+    assert!(f.svc.store().volume(old.record.uuid).unwrap().is_none());
+    // The new volume keeps the name (the purge removed only its own).
+    assert_eq!(
+        f.svc.get_volume("db").await.unwrap().record.uuid,
+        new.record.uuid
+    );
+    assert!(new.device_path.exists());
+}
+
+#[tokio::test]
+async fn what_quarantine_does_not_keep() {
+    let f = fixture_with(HOUR);
+    // A volume with snapshots is refused, as without quarantine.
+    f.svc.create_volume(empty("v", 1 << 20)).await.unwrap();
+    f.svc.create_snapshot("v", name("v-s"), "").await.unwrap();
+    let e = f.svc.delete_volume("v").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    assert!(f.svc.list_quarantined().await.unwrap().is_empty());
+    // So is an exported one.
+    f.svc.create_volume(empty("x", 1 << 20)).await.unwrap();
+    f.svc
+        .export_volume("x", &[iqn(IQN)], None, &ExportBy::admin("t"))
+        .await
+        .unwrap();
+    let e = f.svc.delete_volume("x").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    // An image base goes at once (it is the image, imported again when
+    // needed), and so does anything deleted `at once`.
+    let base = f
+        .svc
+        .create_volume(NewVolume {
+            labels: [(
+                crate::types::LABEL_IMAGE_SHA256.to_string(),
+                "ab".repeat(32),
+            )]
+            .into(),
+            ..empty("base", 1 << 20)
+        })
+        .await
+        .unwrap();
+    assert_eq!(f.svc.delete_volume("base").await.unwrap(), Deleted::Gone);
+    assert!(!base.device_path.exists());
+    let now = f.svc.create_volume(empty("now", 1 << 20)).await.unwrap();
+    assert_eq!(
+        f.svc.delete_volume_as("now", true).await.unwrap(),
+        Deleted::Gone
+    );
+    assert!(!now.device_path.exists());
+    assert!(f.svc.list_quarantined().await.unwrap().is_empty());
+}
+
+/// A quarantined volume counts in its project's bytes, not its volumes; a
+/// restore counts it again and is refused past the volume quota.
+#[tokio::test]
+async fn quarantine_keeps_the_bytes_quota_and_frees_the_volume_count() {
+    use crate::store::QuotaLimits;
+    let f = fixture_with(HOUR);
+    f.svc
+        .store()
+        .set_quota(
+            "astro",
+            QuotaLimits {
+                volumes: Some(1),
+                bytes: Some(12 << 20),
+                ..Default::default()
+            },
+            QuotaLimits::default(),
+        )
+        .unwrap();
+    f.svc
+        .create_volume(in_project("a", 4 << 20, "astro"))
+        .await
+        .unwrap();
+    f.svc.delete_volume("a").await.unwrap();
+    let (_, used) = f.svc.store().quota("astro").unwrap();
+    assert_eq!((used.volumes, used.bytes), (0, 4 << 20));
+    // The volume count is free again, the bytes are not.
+    f.svc
+        .create_volume(in_project("b", 4 << 20, "astro"))
+        .await
+        .unwrap();
+    let e = f
+        .svc
+        .create_volume(in_project("c", 8 << 20, "astro"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted);
+    let before = format!("{:?}", f.svc.store().volumes().unwrap());
+    let e = f.svc.restore_volume("a", None).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.message().contains("volume quota"), "{e}");
+    assert_eq!(format!("{:?}", f.svc.store().volumes().unwrap()), before);
+    f.svc.delete_volume("b").await.unwrap();
+    f.svc.restore_volume("a", None).await.unwrap();
+    let (_, used) = f.svc.store().quota("astro").unwrap();
+    assert_eq!((used.volumes, used.bytes), (1, 8 << 20));
+}
+
+/// Two quarantined volumes of one name: the name is ambiguous, each UUID
+/// is not; the store rebuilds its name index without them.
+#[tokio::test]
+async fn quarantined_names_are_not_unique_and_hold_no_name_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (u1, u2);
+    {
+        let f = fixture_with(HOUR);
+        let a = f.svc.create_volume(empty("db", 1 << 20)).await.unwrap();
+        f.svc.delete_volume("db").await.unwrap();
+        let b = f.svc.create_volume(empty("db", 1 << 20)).await.unwrap();
+        f.svc.delete_volume("db").await.unwrap();
+        let e = f.svc.restore_volume("db", None).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.message().contains("UUID"), "{e}");
+        (u1, u2) = (a.record.uuid, b.record.uuid);
+        // Copy the store aside (the fixture's dir goes with it).
+        std::fs::copy(
+            f._dir.path().join("data/pdisk.redb"),
+            dir.path().join("pdisk.redb"),
+        )
+        .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert!(!store.volume_name_taken("", &name("db")).unwrap());
+    assert_eq!(
+        store.find_volume("db").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    for u in [u1, u2] {
+        let q = store
+            .find_quarantined_in(crate::store::NameScope::All, &u.to_string())
+            .unwrap();
+        assert_eq!(q.state, VolumeState::Quarantined);
+    }
 }

@@ -1,5 +1,6 @@
 //! Volumes: get, list, create (empty, server-side import, upload, clone of a
-//! volume or snapshot), delete and resize; the create's rollback.
+//! volume or snapshot), delete (at once, or into quarantine:
+//! `quarantine.rs`) and resize; the create's rollback.
 
 use std::path::{Path, PathBuf};
 
@@ -10,12 +11,12 @@ use crate::backend::{image, ImageFormat, ObjectId};
 use crate::error::{Error, Result};
 use crate::events::{NewPoolEvent, PoolEventKind};
 use crate::metrics::Op;
-use crate::store::{Source, VolumeRecord, VolumeState};
+use crate::store::{NameScope, Source, VolumeRecord, VolumeState};
 use crate::types::{validate_labels, ByteSize, Labels, VolumeName};
 
 use super::{
-    is_image_base, now, refuse_if_image_base, require_ready, NewVolume, NewVolumeSource, Owner,
-    PoolService, VolumeInfo,
+    is_image_base, now, refuse_if_image_base, require_ready, Deleted, NewVolume, NewVolumeSource,
+    Owner, PoolService, VolumeInfo,
 };
 
 impl PoolService {
@@ -29,6 +30,7 @@ impl PoolService {
         self.store
             .volumes()?
             .into_iter()
+            .filter(|v| v.quarantine.is_none())
             .filter(|v| selector.iter().all(|(k, val)| v.labels.get(k) == Some(val)))
             .map(|v| {
                 let a = allocated
@@ -222,6 +224,7 @@ impl PoolService {
             project: req.owner.project.clone(),
             created_by: req.owner.creator.clone(),
             allow_multi_attach: req.allow_multi_attach,
+            quarantine: None,
         };
         self.store.insert_volume(&rec)?;
         crate::failpoints::crash_point("service::create::after_intent");
@@ -362,17 +365,44 @@ impl PoolService {
         .await
     }
 
-    pub async fn delete_volume(&self, r: &str) -> Result<()> {
+    /// Deletes a volume as the settings say: into quarantine when there is
+    /// a quarantine period (see [`PoolService::quarantines`]), else at once.
+    pub async fn delete_volume(&self, r: &str) -> Result<Deleted> {
+        self.delete_volume_as(r, false).await
+    }
+
+    /// [`PoolService::delete_volume`]; with `at_once`, the data is
+    /// destroyed now whatever the quarantine period (the edge lets only
+    /// admins ask), and `r` may name a volume already in quarantine (by
+    /// UUID), which is then purged.
+    pub async fn delete_volume_as(&self, r: &str, at_once: bool) -> Result<Deleted> {
         let started = std::time::Instant::now();
-        let result = self.delete_volume_now(r).await;
+        let result = self.delete_volume_locked(r, at_once).await;
         self.ops.observe(Op::Delete, &result, started);
         result
     }
 
-    async fn delete_volume_now(&self, r: &str) -> Result<()> {
-        let rec = self.store.find_volume(r)?;
+    async fn delete_volume_locked(&self, r: &str, at_once: bool) -> Result<Deleted> {
+        let rec = match self.store.find_volume(r) {
+            Err(e) if at_once && e.kind() == crate::error::ErrorKind::NotFound => self
+                .store
+                .find_quarantined_in(NameScope::All, r)
+                .map_err(|_| e)?,
+            found => found?,
+        };
         let _g = self.locks.lock(rec.uuid).await;
-        let mut rec = self.reread_volume(&rec)?;
+        let gone = || Error::not_found(format!("volume {} ({}) not found", rec.name, rec.uuid));
+        let mut rec = self.store.volume(rec.uuid)?.ok_or_else(gone)?;
+        if rec.quarantine.is_some() {
+            // Put in quarantine (or purged) while this call waited, or
+            // named in quarantine by an admin's delete --now.
+            if !(at_once && rec.is_quarantined()) {
+                return Err(gone());
+            }
+            self.purge_locked(rec, "purged from quarantine at once by an admin's delete")
+                .await?;
+            return Ok(Deleted::Gone);
+        }
         if rec.state == VolumeState::Creating {
             return Err(Error::precondition(format!(
                 "volume {} is being created",
@@ -407,6 +437,10 @@ impl PoolService {
                 snaps.join(", ")
             )));
         }
+        if !at_once && self.quarantines(&rec) {
+            let purge_at = self.quarantine_locked(rec)?;
+            return Ok(Deleted::Quarantined { purge_at });
+        }
         rec.state = VolumeState::Deleting;
         self.store.update_volume(&rec, &[])?;
         crate::failpoints::crash_point("service::delete::after_intent");
@@ -418,7 +452,7 @@ impl PoolService {
         )?;
         self.locks.forget(rec.uuid);
         tracing::info!(volume = %rec.name, uuid = %rec.uuid, "volume deleted");
-        Ok(())
+        Ok(Deleted::Gone)
     }
 
     pub async fn resize_volume(&self, r: &str, size: u64) -> Result<VolumeInfo> {

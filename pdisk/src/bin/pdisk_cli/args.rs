@@ -156,16 +156,35 @@ pub enum VolumeCommand {
         /// Only volumes with this label, as KEY=VALUE; repeat to require several.
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label_arg)]
         labels: Vec<(String, String)>,
+        /// The deleted volumes in quarantine instead, with their purge times
+        /// (`volume restore` brings one back until then).
+        #[arg(long)]
+        quarantined: bool,
     },
     /// Show one volume in detail.
     Show {
         /// Volume name or UUID.
         volume: Ref,
     },
-    /// Delete a volume. Refused while it is exported or has snapshots or clones.
+    /// Delete a volume: it goes to quarantine for pdiskd's quarantine period
+    /// (restorable with `volume restore`), then its data is destroyed.
+    /// Refused while it is exported or has snapshots.
     Delete {
-        /// Volume name or UUID.
+        /// Volume name or UUID (with --now, also a quarantined volume's UUID).
         volume: Ref,
+        /// Destroy the data at once, skipping quarantine (admins only).
+        #[arg(long)]
+        now: bool,
+    },
+    /// Bring a deleted volume back from quarantine, before its purge time.
+    Restore {
+        /// The quarantined volume's UUID, or its name when only one
+        /// quarantined volume has it (see `volume list --quarantined`).
+        volume: Ref,
+        /// Restore under this name (needed when its own name was taken
+        /// since it was deleted).
+        #[arg(long = "as", value_name = "NAME")]
+        new_name: Option<VolumeName>,
     },
     /// Grow a volume. Shrinking is refused.
     Resize {

@@ -25,6 +25,7 @@ pub fn state_name(state: i32) -> String {
         Ok(VolumeState::Ready) => "ready".into(),
         Ok(VolumeState::Deleting) => "deleting".into(),
         Ok(VolumeState::Error) => "error".into(),
+        Ok(VolumeState::Quarantined) => "quarantined".into(),
         Err(_) => format!("unknown({state})"),
     }
 }
@@ -71,6 +72,8 @@ pub fn volume_json(v: &Volume) -> Value {
         "device_path": v.device_path,
         "project": v.project,
         "created_by": v.created_by,
+        "deleted_at": v.deleted_at,
+        "purge_at": v.purge_at,
     })
 }
 
@@ -102,7 +105,28 @@ pub fn volume_view(v: &Volume) -> String {
         ("snapshots", v.snapshot_count.to_string()),
         ("created", or_none(&v.created_at)),
         ("device", or_none(&v.device_path)),
+        ("deleted", or_none(&v.deleted_at)),
+        ("purge at", or_none(&v.purge_at)),
     ])
+}
+
+/// Volumes in quarantine: what they were and when they go.
+pub fn quarantined_table(vs: &[Volume]) -> String {
+    let mut t = Table::new([
+        "NAME", "UUID", "PROJECT", "SIZE", "STATE", "DELETED", "PURGE AT",
+    ]);
+    for v in vs {
+        t.row([
+            v.name.clone(),
+            v.uuid.clone(),
+            or_none(&v.project),
+            size(v.size_bytes),
+            state_name(v.state),
+            or_none(&v.deleted_at),
+            or_none(&v.purge_at),
+        ]);
+    }
+    t.render()
 }
 
 pub fn volumes_table(vs: &[Volume]) -> String {
@@ -359,6 +383,8 @@ pub fn pool_json(p: &Pool) -> Value {
         "volume_count": p.volume_count,
         "snapshot_count": p.snapshot_count,
         "export_count": p.export_count,
+        "quarantined_count": p.quarantined_count,
+        "quarantined_bytes": p.quarantined_bytes,
         "capabilities": p.capabilities,
         "drift": p.drift.iter().map(drift_json).collect::<Vec<_>>(),
         "last_reconciled_at": p.last_reconciled_at,
@@ -429,6 +455,14 @@ pub fn pool_view(p: &Pool) -> String {
     rows.extend([
         ("max overcommit", overcommit),
         ("volumes", p.volume_count.to_string()),
+        (
+            "quarantined",
+            format!(
+                "{} volume(s), {} (deleted, kept until their purge time)",
+                p.quarantined_count,
+                size(p.quarantined_bytes)
+            ),
+        ),
         ("snapshots", p.snapshot_count.to_string()),
         ("exports", p.export_count.to_string()),
         ("capabilities", list_text(&p.capabilities)),
@@ -532,7 +566,37 @@ mod tests {
             project: "astro".into(),
             created_by: "project/astro".into(),
             allow_multi_attach: false,
+            deleted_at: String::new(),
+            purge_at: String::new(),
         }
+    }
+
+    #[test]
+    fn quarantined_volumes_show_when_they_go() {
+        let mut v = volume();
+        v.state = VolumeState::Quarantined as i32;
+        v.deleted_at = "2026-12-03T22:00:00Z".into();
+        v.purge_at = "2026-12-04T22:00:00Z".into();
+        let t = quarantined_table(std::slice::from_ref(&v));
+        let header = t.lines().next().unwrap();
+        assert!(
+            header.contains("PURGE AT") && header.contains("DELETED"),
+            "{t}"
+        );
+        let row = t.lines().nth(1).unwrap();
+        for want in [
+            "db1",
+            "astro",
+            "quarantined",
+            "2026-12-03T22:00:00Z",
+            "2026-12-04T22:00:00Z",
+        ] {
+            assert!(row.contains(want), "{want} missing: {t}");
+        }
+        let j = volume_json(&v);
+        assert_eq!(j["state"], "quarantined");
+        assert_eq!(j["purge_at"], "2026-12-04T22:00:00Z");
+        assert!(volume_view(&v).contains("purge at"));
     }
 
     #[test]
