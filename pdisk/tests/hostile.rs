@@ -33,6 +33,7 @@ enum Call {
     Export(pb::ExportVolumeRequest),
     Unexport(pb::UnexportVolumeRequest),
     Checksum(pb::ChecksumVolumeRequest),
+    Restore(pb::RestoreVolumeRequest),
     Pool,
     Quota(pb::SetQuotaRequest),
 }
@@ -49,6 +50,7 @@ async fn run(c: &mut Client, call: Call) -> Code {
         Call::Export(r) => code(c.export_volume(r).await.map(|_| ())),
         Call::Unexport(r) => code(c.unexport_volume(r).await.map(|_| ())),
         Call::Checksum(r) => code(c.checksum_volume(r).await.map(|_| ())),
+        Call::Restore(r) => code(c.restore_volume(r).await.map(|_| ())),
         Call::Pool => code(c.get_pool(pb::GetPoolRequest {}).await.map(|_| ())),
         Call::Quota(r) => code(c.set_quota(r).await.map(|_| ())),
     }
@@ -58,7 +60,8 @@ const INVALID: &[Code] = &[Code::InvalidArgument];
 const NOT_FOUND: &[Code] = &[Code::NotFound];
 const DENIED: &[Code] = &[Code::PermissionDenied];
 
-fn cases() -> Vec<Case> {
+/// The cases; `gone` is the UUID of astro's quarantined volume "victim-gone".
+fn cases(gone: &str) -> Vec<Case> {
     let mut v = Vec::new();
     let mut add =
         |what: String, call: Call, want: &'static [Code]| v.push(Case { what, call, want });
@@ -270,6 +273,49 @@ fn cases() -> Vec<Case> {
             NOT_FOUND,
         );
     }
+    // Another project's quarantined volume: NotFound by its name or UUID,
+    // under its name or a new one; a restore of a live volume or of nothing
+    // likewise. Skipping quarantine is the admin's alone.
+    for r in [
+        "victim-gone",
+        gone,
+        "victim",
+        "00000000-0000-0000-0000-000000000000",
+    ] {
+        for new_name in ["", "eve-stolen"] {
+            add(
+                format!("restore {r} as {new_name:?}"),
+                Call::Restore(pb::RestoreVolumeRequest {
+                    volume: r.into(),
+                    new_name: new_name.into(),
+                    ..Default::default()
+                }),
+                NOT_FOUND,
+            );
+        }
+    }
+    for bad in ["../etc", "Upper", "a\nb"] {
+        add(
+            format!("restore as {bad:?}"),
+            Call::Restore(pb::RestoreVolumeRequest {
+                volume: gone.into(),
+                new_name: bad.into(),
+                ..Default::default()
+            }),
+            INVALID,
+        );
+    }
+    for r in ["victim", gone] {
+        add(
+            format!("delete {r} now"),
+            Call::Delete(pb::DeleteVolumeRequest {
+                volume: r.into(),
+                now: true,
+                ..Default::default()
+            }),
+            DENIED,
+        );
+    }
     // Acting in another project is refused outright.
     add(
         "create in project astro".into(),
@@ -372,15 +418,27 @@ fn cases() -> Vec<Case> {
 /// What must not change: stored volumes and exports (seen by the admin),
 /// pool files, and the exporter's live targets.
 async fn state(s: &Stack, admin: &mut Client) -> (Vec<String>, Vec<String>, Vec<String>, String) {
-    let mut vols: Vec<String> = admin
-        .list_volumes(pb::ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .volumes
-        .into_iter()
-        .map(|v| format!("{} {} {} {:?}", v.uuid, v.name, v.size_bytes, v.labels))
-        .collect();
+    let mut vols = Vec::new();
+    for quarantined in [false, true] {
+        vols.extend(
+            admin
+                .list_volumes(pb::ListVolumesRequest {
+                    quarantined,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .volumes
+                .into_iter()
+                .map(|v| {
+                    format!(
+                        "{} {} {} {:?} {}",
+                        v.uuid, v.name, v.size_bytes, v.labels, v.state
+                    )
+                }),
+        );
+    }
     vols.sort();
     let mut exports: Vec<String> = admin
         .list_exports(pb::ListExportsRequest::default())
@@ -399,9 +457,38 @@ async fn state(s: &Stack, admin: &mut Client) -> (Vec<String>, Vec<String>, Vec<
 #[ignore = "needs root and a storage stack (loop + tgtd, or the lab VM): run by scripts/test"]
 async fn an_unprivileged_caller_gets_only_refusals_and_changes_nothing() {
     require_root();
-    let s = Stack::start();
+    let s = Stack::start_with(&["--quarantine-period", "1h"]);
     let pki = TestPki::shared();
     let mut admin = s.pdiskd.client().await;
+    admin
+        .create_volume(pb::CreateVolumeRequest {
+            name: "victim-gone".into(),
+            size_bytes: 16 << 20,
+            project: "astro".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let gone = admin
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes
+        .into_iter()
+        .find(|v| v.name == "victim-gone")
+        .unwrap()
+        .uuid;
+    let r = admin
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume: "victim-gone".into(),
+            project: "astro".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.purge_at.is_empty(), "victim-gone is in quarantine");
     admin
         .create_volume(pb::CreateVolumeRequest {
             name: "victim".into(),
@@ -434,7 +521,7 @@ async fn an_unprivileged_caller_gets_only_refusals_and_changes_nothing() {
     let pid = s.pdiskd.pid();
     let before = state(&s, &mut admin).await;
 
-    let cases = cases();
+    let cases = cases(&gone);
     assert!(cases.len() >= 100, "only {} cases", cases.len());
     let mut wrong = Vec::new();
     let n = cases.len();
