@@ -12,6 +12,7 @@ use stratus_pki::TlsFiles;
 
 use crate::attach::AttachMode;
 use crate::confine::QemuUsers;
+use crate::spec::ServerName;
 use crate::store::Retention;
 use crate::vmm::AccelChoice;
 use stratus_core::error::{Error, Result};
@@ -43,13 +44,23 @@ pub struct Flags {
     /// Directory of the agent's state and guest files [default: /var/lib/stratus-agent]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// A pdisk server (repeatable): URL names the server "default",
+    /// NAME=URL another one (disks then say pdisk:NAME/VOLUME). URL is
     /// pdiskd's address, e.g. https://192.0.2.10:7400 (mTLS with this
     /// host's --tls-cert and --tls-key, pdiskd verified against
     /// --tls-client-ca), unix:/run/stratus/pdiskd.sock on a host running
     /// both, or http://127.0.0.1:PORT (pdiskd's --insecure-listen); needed
-    /// for pdisk disks
-    #[arg(long, value_name = "URL")]
-    pub pdisk: Option<String>,
+    /// for pdisk disks. In the TOML file: `pdisk = "URL"`, or a table per
+    /// server, `[pdisk.NAME]` with `url` and, when this server needs other
+    /// TLS files than the host's, `tls_cert`, `tls_key` and `tls_ca`
+    #[arg(long = "pdisk", value_name = "[NAME=]URL")]
+    #[serde(skip)]
+    pub pdisk: Vec<String>,
+    /// The TOML file's `pdisk` (a URL or `[pdisk.NAME]` tables), read by
+    /// [`pdisk_servers_from_toml`].
+    #[arg(skip)]
+    #[serde(rename = "pdisk")]
+    pub pdisk_file: Option<toml::Value>,
     /// Bridge for NICs that name none; guests may always join it [default: br0]
     #[arg(long, value_name = "NAME")]
     pub bridge: Option<String>,
@@ -163,7 +174,8 @@ pub struct Config {
     /// The broker events are published to (None: not published).
     pub nats: Option<NatsSettings>,
     pub state_dir: PathBuf,
-    pub pdisk: Option<String>,
+    /// The pdisk servers, by name (sorted); empty: no pdisk disks here.
+    pub pdisk: Vec<PdiskServerSettings>,
     pub bridge: String,
     /// Bridges besides `bridge` that guests may join.
     pub allowed_bridges: Vec<String>,
@@ -193,6 +205,73 @@ pub struct Config {
     pub usage_site: crate::usage::Site,
     pub log_format: LogFormat,
     pub log_level: String,
+}
+
+/// One pdisk server agentd talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PdiskServerSettings {
+    pub name: ServerName,
+    /// pdiskd's address (`https://`, `unix:` or loopback `http://`).
+    pub url: String,
+    /// The certificate, key and CA agentd calls it with over mTLS: the
+    /// server's own from the TOML file, else this host's (`--tls-*`).
+    pub tls: Option<TlsFiles>,
+}
+
+/// The server one `--pdisk` names: `NAME=URL`, or a bare URL for the
+/// default server. A URL has no '=' before its scheme's ':', so the two
+/// cannot be confused.
+fn pdisk_flag(arg: &str) -> Result<(ServerName, String)> {
+    match arg.split_once('=') {
+        Some((name, url)) if !name.contains(':') && !name.contains('/') => Ok((
+            name.parse()
+                .map_err(|e: Error| Error::invalid(format!("--pdisk {arg}: {}", e.message())))?,
+            url.to_owned(),
+        )),
+        _ => Ok((ServerName::default(), arg.to_owned())),
+    }
+}
+
+/// The TOML file's `pdisk`: `"URL"` (the default server) or a table of
+/// servers, each `{ url, tls_cert, tls_key, tls_ca }` (the TLS files all
+/// three or none).
+pub fn pdisk_servers_from_toml(
+    v: &toml::Value,
+) -> Result<Vec<(ServerName, String, Option<TlsFiles>)>> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Server {
+        url: String,
+        tls_cert: Option<PathBuf>,
+        tls_key: Option<PathBuf>,
+        tls_ca: Option<PathBuf>,
+    }
+    match v {
+        toml::Value::String(url) => Ok(vec![(ServerName::default(), url.clone(), None)]),
+        toml::Value::Table(t) => t
+            .iter()
+            .map(|(name, v)| {
+                let name: ServerName = name.parse().map_err(|e: Error| {
+                    Error::invalid(format!("[pdisk.{name}]: {}", e.message()))
+                })?;
+                let s: Server = v
+                    .clone()
+                    .try_into()
+                    .map_err(|e| Error::invalid(format!("[pdisk.{name}]: {e}")))?;
+                let tls = TlsFiles::from_parts(
+                    s.tls_cert,
+                    s.tls_key,
+                    s.tls_ca,
+                    ["tls_cert", "tls_key", "tls_ca"],
+                )
+                .map_err(|e| Error::invalid(format!("[pdisk.{name}]: {e}")))?;
+                Ok((name, s.url, tls))
+            })
+            .collect(),
+        _ => Err(Error::invalid(
+            "pdisk: a URL (pdisk = \"https://...\") or tables of servers ([pdisk.NAME] url = ...)",
+        )),
+    }
 }
 
 impl Flags {
@@ -243,6 +322,29 @@ impl Flags {
             (None, Some(user)) => QemuUsers::shared(&user)?,
             (range, None) => QemuUsers::pool(range.as_deref().unwrap_or("64000-64999"))?,
         };
+        // The file's servers, then the flags' (a flag naming a server the
+        // file has replaces its URL, and its TLS files with the host's).
+        let mut servers: std::collections::BTreeMap<ServerName, (String, Option<TlsFiles>)> =
+            Default::default();
+        if let Some(v) = &file.pdisk_file {
+            for (name, url, own_tls) in pdisk_servers_from_toml(v)? {
+                servers.insert(name, (url, own_tls.or_else(|| tls.clone())));
+            }
+        }
+        let mut flagged = std::collections::BTreeSet::new();
+        for arg in &self.pdisk {
+            let (name, url) = pdisk_flag(arg)?;
+            if !flagged.insert(name.clone()) {
+                return Err(Error::invalid(format!(
+                    "--pdisk names the pdisk server {name} twice"
+                )));
+            }
+            servers.insert(name, (url, tls.clone()));
+        }
+        let pdisk: Vec<PdiskServerSettings> = servers
+            .into_iter()
+            .map(|(name, (url, tls))| PdiskServerSettings { name, url, tls })
+            .collect();
         let nats = self.nats.resolve(&file.nats)?;
         // Usage records go to `stratus.usage.<host>` with the events' host.
         let nats_host = nats.as_ref().map(|n| n.host.clone());
@@ -251,7 +353,7 @@ impl Flags {
             tls,
             nats,
             state_dir: pick!(state_dir, PathBuf::from("/var/lib/stratus-agent")),
-            pdisk: self.pdisk.or(file.pdisk),
+            pdisk,
             bridge: pick!(bridge, "br0".into()),
             allowed_bridges: pick!(allowed_bridges, Vec::new()),
             accel: pick!(accel, AccelChoice::Auto),
@@ -332,13 +434,16 @@ impl Flags {
         if cfg.cpu_overcommit == 0 {
             return Err(Error::invalid("cpu-overcommit must be at least 1"));
         }
-        if let Some(u) = &cfg.pdisk {
+        for p in &cfg.pdisk {
+            let u = &p.url;
             let target = stratus_pki::Target::parse(u)
-                .map_err(|e| Error::invalid(format!("pdisk address: {e}")))?;
-            if matches!(target, stratus_pki::Target::Mtls { .. }) && cfg.tls.is_none() {
+                .map_err(|e| Error::invalid(format!("pdisk server {} address: {e}", p.name)))?;
+            if matches!(target, stratus_pki::Target::Mtls { .. }) && p.tls.is_none() {
                 return Err(Error::invalid(format!(
-                    "pdisk address {u}: calling pdiskd over mTLS needs this host's \
-                     --tls-cert, --tls-key and --tls-client-ca"
+                    "pdisk server {} address {u}: calling pdiskd over mTLS needs this host's \
+                     --tls-cert, --tls-key and --tls-client-ca (or the server's own \
+                     tls_cert, tls_key and tls_ca in the TOML file)",
+                    p.name
                 )));
             }
         }
@@ -538,8 +643,108 @@ mod tests {
         let c = Flags::parse_from(["agentd", "--config", f.to_str().unwrap()])
             .resolve()
             .unwrap();
-        assert_eq!(c.pdisk.as_deref(), Some("https://192.0.2.10:7400"));
+        assert_eq!(c.pdisk.len(), 1);
+        assert!(c.pdisk[0].name.is_default());
+        assert_eq!(c.pdisk[0].url, "https://192.0.2.10:7400");
+        assert_eq!(c.pdisk[0].tls, c.tls);
         assert!(c.serve.mtls.is_some());
         assert_eq!(c.reserved_memory, 2 << 30);
+    }
+
+    #[test]
+    fn several_pdisk_servers_from_flags_and_toml() {
+        let c = Flags::parse_from([
+            "agentd",
+            "--pdisk",
+            "http://127.0.0.1:7400",
+            "--pdisk",
+            "store-b=unix:/run/b.sock",
+        ])
+        .resolve()
+        .unwrap();
+        let names: Vec<&str> = c.pdisk.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["default", "store-b"]);
+        assert_eq!(c.pdisk[1].url, "unix:/run/b.sock");
+        // Twice the same name, or a bad one: refused.
+        for argv in [
+            &[
+                "agentd",
+                "--pdisk",
+                "b=http://127.0.0.1:1",
+                "--pdisk",
+                "b=http://127.0.0.1:2",
+            ][..],
+            &[
+                "agentd",
+                "--pdisk",
+                "http://127.0.0.1:1",
+                "--pdisk",
+                "http://127.0.0.1:2",
+            ][..],
+            &["agentd", "--pdisk", "B=http://127.0.0.1:1"][..],
+        ] {
+            let e = Flags::parse_from(argv).resolve().unwrap_err();
+            assert_eq!(
+                e.kind(),
+                stratus_core::error::ErrorKind::InvalidArgument,
+                "{e}"
+            );
+        }
+        // TOML: a table per server, each with its own TLS files or the host's.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(
+            &f,
+            "tls_cert = \"/h.crt\"\ntls_key = \"/h.key\"\ntls_client_ca = \"/ca.crt\"\n\
+             [pdisk.default]\nurl = \"https://192.0.2.10:7400\"\n\
+             [pdisk.store-b]\nurl = \"https://192.0.2.11:7400\"\n\
+             tls_cert = \"/b.crt\"\ntls_key = \"/b.key\"\ntls_ca = \"/b-ca.crt\"\n",
+        )
+        .unwrap();
+        let path = f.to_str().unwrap();
+        let c = Flags::parse_from(["agentd", "--config", path])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.pdisk.len(), 2);
+        assert_eq!(c.pdisk[0].tls, c.tls, "the host's files by default");
+        assert_eq!(
+            c.pdisk[1].tls.as_ref().unwrap().cert,
+            std::path::Path::new("/b.crt")
+        );
+        // A flag adds a server to the file's (or replaces one by name).
+        let c = Flags::parse_from([
+            "agentd",
+            "--config",
+            path,
+            "--pdisk",
+            "c=http://127.0.0.1:9",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.pdisk.len(), 3);
+        // Half a set of TLS files, or an unknown key, is refused with the table named.
+        std::fs::write(
+            &f,
+            "[pdisk.b]\nurl = \"http://127.0.0.1:1\"\ntls_cert = \"/b.crt\"\n",
+        )
+        .unwrap();
+        let e = Flags::parse_from(["agentd", "--config", path])
+            .resolve()
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("[pdisk.b]") && e.to_string().contains("tls_key"),
+            "{e}"
+        );
+        std::fs::write(&f, "[pdisk.b]\nurl = \"http://127.0.0.1:1\"\nport = 1\n").unwrap();
+        let e = Flags::parse_from(["agentd", "--config", path])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("[pdisk.b]"), "{e}");
+        // An mTLS server with no TLS files at all.
+        std::fs::write(&f, "[pdisk.b]\nurl = \"https://192.0.2.11:7400\"\n").unwrap();
+        let e = Flags::parse_from(["agentd", "--config", path])
+            .resolve()
+            .unwrap_err();
+        assert!(e.to_string().contains("pdisk server b"), "{e}");
     }
 }

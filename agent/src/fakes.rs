@@ -134,6 +134,9 @@ pub struct FakeVolumes {
     pub export_delay: Mutex<Duration>,
     /// The CHAP credentials of every export asked for, in order.
     pub export_chaps: Mutex<Vec<Option<pdpb::ChapCredentials>>>,
+    /// The whole server is unreachable: every call fails Unavailable (as
+    /// when its host is down), and is still recorded.
+    down: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -237,8 +240,13 @@ impl FakeVolumes {
         st.volumes.values().map(|v| v.name.clone()).collect()
     }
 
+    /// Takes the whole server down (every call Unavailable) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn check(&self, op: &'static str, detail: &str) -> std::result::Result<(), Status> {
-        if self.failures.call(op, detail) {
+        if self.failures.call(op, detail) || self.down.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Status::unavailable(injected(op)));
         }
         Ok(())

@@ -16,6 +16,7 @@ use stratus_proto::agent::v1::vm_service_server::VmService;
 use tonic::{Request, Response, Status};
 
 use crate::service::Agent;
+use crate::spec::ServerName;
 use crate::store::{Event, QuotaLimits, VmRecord};
 use stratus_core::error::Error;
 use stratus_core::requests::{fingerprint, RequestLog};
@@ -25,7 +26,7 @@ use stratus_pki::Identity;
 mod convert;
 pub use convert::event_pb;
 pub(crate) use convert::parse_spec;
-use convert::{image_pb, image_spec, quota_pb, vm_pb};
+use convert::{image_pb, image_spec, quota_pb, server_pb, vm_pb};
 
 pub struct Api {
     agent: Arc<Agent>,
@@ -373,13 +374,14 @@ impl VmService for Api {
         let request_id = std::mem::take(&mut r.request_id);
         let agent = self.agent.clone();
         let to_pdisk = r.to_pdisk;
+        let server = ServerName::from_request(&r.server)?;
         let info = self
             .run(
                 caller_key(&identity, ""),
                 "PullImage",
                 &request_id,
                 &r,
-                async move { Ok(image_pb(agent.pull_image(image, to_pdisk).await?)) },
+                async move { Ok(image_pb(agent.pull_image(image, to_pdisk, &server).await?)) },
             )
             .await?;
         Ok(Response::new(info))
@@ -389,14 +391,11 @@ impl VmService for Api {
         &self,
         _req: Request<pb::ListImagesRequest>,
     ) -> Result<Response<pb::ListImagesResponse>, Status> {
-        let images = self
-            .agent
-            .list_images()
-            .await?
-            .into_iter()
-            .map(image_pb)
-            .collect();
-        Ok(Response::new(pb::ListImagesResponse { images }))
+        let (images, unreachable) = self.agent.list_images().await?;
+        Ok(Response::new(pb::ListImagesResponse {
+            images: images.into_iter().map(image_pb).collect(),
+            unreachable: unreachable.into_iter().map(server_pb).collect(),
+        }))
     }
 
     async fn evict_image(
@@ -415,6 +414,7 @@ impl VmService for Api {
             (r.local, r.pdisk)
         };
         let (agent, sha256) = (self.agent.clone(), r.sha256.clone());
+        let server = ServerName::from_request(&r.server)?;
         let evicted = self
             .run(
                 caller_key(&identity, ""),
@@ -422,7 +422,7 @@ impl VmService for Api {
                 &request_id,
                 &r,
                 async move {
-                    let evicted = agent.evict_image(&sha256, local, pdisk).await?;
+                    let evicted = agent.evict_image(&sha256, local, pdisk, &server).await?;
                     Ok(evicted.into_iter().map(image_pb).collect::<Vec<_>>())
                 },
             )
@@ -434,7 +434,7 @@ impl VmService for Api {
         &self,
         req: Request<pb::SaveImageRequest>,
     ) -> Result<Response<pb::SaveImageResponse>, Status> {
-        let volume = self
+        let (volume, server) = self
             .on_vm(req, "SaveImage", |agent, vm, r| {
                 let (device, name) = (r.device.clone(), r.name.clone());
                 async move { agent.save_image(&vm, &device, &name).await }
@@ -443,6 +443,7 @@ impl VmService for Api {
         Ok(Response::new(pb::SaveImageResponse {
             url: format!("pdisk:///{volume}"),
             volume,
+            server: server.to_string(),
         }))
     }
 
@@ -535,6 +536,15 @@ impl VmService for Api {
     ) -> Result<Response<pb::Host>, Status> {
         let h = self.agent.host_info()?;
         let s = self.agent.settings();
+        // Probed together: a server that is down costs the answer at most
+        // the probe's limit, whatever the number of servers.
+        let servers = futures::future::join_all(
+            self.agent
+                .pdisk_servers()
+                .iter()
+                .map(|p| p.probe(std::time::Duration::from_secs(3))),
+        )
+        .await;
         Ok(Response::new(pb::Host {
             hostname: h.facts.hostname,
             cpus: h.facts.cpus,
@@ -549,7 +559,13 @@ impl VmService for Api {
             vm_count: h.vm_count,
             running_vms: h.running,
             last_event_seq: h.last_seq,
-            pdisk_server: s.pdisk_url.clone().unwrap_or_default(),
+            pdisk_server: s
+                .pdisk
+                .iter()
+                .find(|p| p.name.is_default())
+                .map(|p| p.url.clone())
+                .unwrap_or_default(),
+            pdisk_servers: servers.into_iter().map(server_pb).collect(),
             qemu_confinement: self.agent.confinement(),
             qemu_privilege_option: h.facts.qemu_caps.drop.option().to_string(),
             qemu_seccomp: h.facts.qemu_caps.seccomp,

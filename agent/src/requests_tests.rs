@@ -167,7 +167,7 @@ async fn fifty_clients_times_two_hundred_operations_end_with_the_store_equal_to_
         settings.clone(),
         facts,
         HostEffects {
-            volumes: Some(pdisk.clone()),
+            volumes: [(crate::spec::ServerName::default(), pdisk.clone() as _)].into(),
             net: net.clone(),
             vmm: vmm.clone(),
             kernel: {

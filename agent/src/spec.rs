@@ -21,8 +21,8 @@ pub type VmName = VolumeName;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind", content = "ref")]
 pub enum DiskSource {
-    /// A pdisk volume by name or UUID.
-    Pdisk(ObjectRef),
+    /// A pdisk volume by name or UUID, on one of the agent's pdisk servers.
+    Pdisk(PdiskRef),
     /// A raw image on this host (opened as raw, never probed).
     File(PathBuf),
     /// An image by URL and checksum, through the caches.
@@ -32,7 +32,154 @@ pub enum DiskSource {
         size: u64,
         /// Ephemeral qcow2 overlay on this host instead of a pdisk clone.
         local: bool,
+        /// The pdisk server the clone (and the image's base) lives on;
+        /// records from before named servers load as the default one.
+        #[serde(default, skip_serializing_if = "ServerName::is_default")]
+        server: ServerName,
     },
+}
+
+impl DiskSource {
+    /// The pdisk server this disk uses: its volume's, or its image clone's;
+    /// None for host files and local image disks.
+    pub fn pdisk_server(&self) -> Option<&ServerName> {
+        match self {
+            DiskSource::Pdisk(r) => Some(&r.server),
+            DiskSource::Image {
+                local: false,
+                server,
+                ..
+            } => Some(server),
+            _ => None,
+        }
+    }
+}
+
+/// The name of a pdisk server this agent talks to (`agentd --pdisk
+/// NAME=URL`): 1 to 32 of lowercase letters, digits and '-', starting with
+/// a letter. `default` is the server `--pdisk URL` names, and the one of
+/// every disk that names none (and of records from before named servers).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ServerName(String);
+
+impl ServerName {
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn is_default(&self) -> bool {
+        self.0 == Self::DEFAULT
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A request's server field: empty means the default server.
+    pub fn from_request(s: &str) -> Result<ServerName> {
+        if s.is_empty() {
+            Ok(ServerName::default())
+        } else {
+            s.parse()
+        }
+    }
+}
+
+impl Default for ServerName {
+    fn default() -> Self {
+        ServerName(Self::DEFAULT.into())
+    }
+}
+
+impl std::str::FromStr for ServerName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<ServerName> {
+        let ok = (1..=32).contains(&s.len())
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+        if !ok {
+            return Err(Error::invalid(format!(
+                "pdisk server name {s:?}: 1 to 32 of lowercase letters, digits and '-', \
+                 starting with a letter"
+            )));
+        }
+        Ok(ServerName(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for ServerName {
+    type Error = Error;
+    fn try_from(s: String) -> Result<ServerName> {
+        s.parse()
+    }
+}
+
+impl From<ServerName> for String {
+    fn from(n: ServerName) -> String {
+        n.0
+    }
+}
+
+impl std::fmt::Display for ServerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A pdisk volume on a named server, written `VOLUME` (the default
+/// server) or `SERVER/VOLUME`, and serialized as that string: records from
+/// before named servers hold a bare volume and load as the default server's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PdiskRef {
+    pub server: ServerName,
+    pub volume: ObjectRef,
+}
+
+impl PdiskRef {
+    /// `volume` on the default server.
+    pub fn on_default(volume: ObjectRef) -> PdiskRef {
+        PdiskRef {
+            server: ServerName::default(),
+            volume,
+        }
+    }
+}
+
+impl std::str::FromStr for PdiskRef {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<PdiskRef> {
+        match s.split_once('/') {
+            Some((server, volume)) => Ok(PdiskRef {
+                server: server.parse()?,
+                volume: volume.parse()?,
+            }),
+            None => Ok(PdiskRef::on_default(s.parse()?)),
+        }
+    }
+}
+
+impl TryFrom<String> for PdiskRef {
+    type Error = Error;
+    fn try_from(s: String) -> Result<PdiskRef> {
+        s.parse()
+    }
+}
+
+impl From<PdiskRef> for String {
+    fn from(r: PdiskRef) -> String {
+        r.to_string()
+    }
+}
+
+impl std::fmt::Display for PdiskRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.server.is_default() {
+            write!(f, "{}", self.volume)
+        } else {
+            write!(f, "{}/{}", self.server, self.volume)
+        }
+    }
 }
 
 /// An image reference as stored; [`ImageSpec::to_ref`] validates it into
@@ -266,6 +413,22 @@ impl VmSpec {
             }
             c.validate(&self.name)?;
         }
+        for d in &self.disks {
+            if let DiskSource::Image {
+                local: true,
+                server,
+                ..
+            } = &d.source
+            {
+                if !server.is_default() {
+                    return Err(Error::invalid(format!(
+                        "vm {}: a local image disk lives on this host: pdisk server {server} \
+                         is only for clone disks",
+                        self.name
+                    )));
+                }
+            }
+        }
         if self.disks.is_empty() && self.kernel.is_none() {
             return Err(Error::invalid(format!(
                 "vm {}: nothing to boot: give a disk or a kernel",
@@ -484,14 +647,56 @@ mod tests {
             s.disks[0].source,
             DiskSource::Pdisk("data".parse().unwrap())
         );
-        let DiskSource::Image { image, .. } = &s.disks[1].source else {
+        let DiskSource::Image { image, server, .. } = &s.disks[1].source else {
             panic!("{:?}", s.disks[1].source)
         };
         assert_eq!(image.format, DeclaredFormat::Qcow2);
+        // Records from before named pdisk servers: the default server.
+        assert!(server.is_default());
+        assert!(s.disks[0].source.pdisk_server().unwrap().is_default());
         assert_eq!(s.nics[0].mac, "52:54:00:12:34:56".parse().unwrap());
         let again: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(again, s);
         // A record cannot smuggle in what the edge refuses.
         assert!(serde_json::from_str::<VmSpec>(&old.replace("52:54:00", "01:00:5e")).is_err());
+    }
+
+    #[test]
+    fn pdisk_refs_name_their_server_and_default_ones_serialize_as_before() {
+        let d: PdiskRef = "data".parse().unwrap();
+        assert!(d.server.is_default());
+        assert_eq!(serde_json::to_string(&d).unwrap(), "\"data\"");
+        let b: PdiskRef = "store-b/data".parse().unwrap();
+        assert_eq!(b.server.as_str(), "store-b");
+        assert_eq!(b.volume.to_string(), "data");
+        assert_eq!(serde_json::to_string(&b).unwrap(), "\"store-b/data\"");
+        let back: PdiskRef = serde_json::from_str("\"store-b/data\"").unwrap();
+        assert_eq!(back, b);
+        for bad in ["B/data", "/data", "b/", "b/Data", "a/b/c", "1b/data"] {
+            assert!(bad.parse::<PdiskRef>().is_err(), "{bad}");
+        }
+        assert!(ServerName::from_request("").unwrap().is_default());
+        assert!(ServerName::from_request("x".repeat(33).as_str()).is_err());
+        // A local image disk cannot name a server.
+        let mut s = spec("web1");
+        s.disks = vec![Disk {
+            source: DiskSource::Pdisk(d),
+            read_only: false,
+            boot_index: 1,
+        }];
+        s.validate().unwrap();
+        s.disks[0].source = DiskSource::Image {
+            image: ImageSpec {
+                url: "https://i.example/a".into(),
+                sha256: "ab".repeat(32),
+                format: DeclaredFormat::Raw,
+                endorser: None,
+                endorsement: None,
+            },
+            size: 0,
+            local: true,
+            server: "b".parse().unwrap(),
+        };
+        assert!(refused(&s).contains("only for clone disks"));
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 use uuid::Uuid;
 
 use crate::attach::{AttachMode, KernelDisk};
-use crate::spec::{Cause, EventType, VmSpec, VmState};
+use crate::spec::{Cause, EventType, ServerName, VmSpec, VmState};
 use stratus_core::error::{Error, Result};
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
@@ -96,6 +96,10 @@ pub struct DiskAttachment {
     pub read_only: bool,
     /// For pdisk disks: the volume UUID, to unexport on stop.
     pub pdisk_volume: Option<String>,
+    /// For pdisk disks: the server of `pdisk_volume` (records from before
+    /// named servers: the default one).
+    #[serde(default, skip_serializing_if = "ServerName::is_default")]
+    pub pdisk_server: ServerName,
     /// How the host reached the disk: by QEMU itself (files, QEMU's iSCSI
     /// initiator) or by the kernel's initiator. Records from before kernel
     /// attach existed read as qemu.
@@ -146,6 +150,55 @@ pub struct OwnedVolume {
     /// The clone's name in pdisk (empty in records older than intents).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
+    /// The pdisk server it is on (records from before named servers: the
+    /// default one).
+    #[serde(default, skip_serializing_if = "ServerName::is_default")]
+    pub server: ServerName,
+}
+
+/// The export of pdisk volume `volume` (a UUID) on `server` to this host.
+/// Records from before named servers hold the bare UUID, which loads as an
+/// export on the default server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PdiskExportRecord")]
+pub struct PdiskExport {
+    #[serde(default, skip_serializing_if = "ServerName::is_default")]
+    pub server: ServerName,
+    pub volume: String,
+}
+
+/// [`PdiskExport`] as records hold it, old or new.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PdiskExportRecord {
+    Bare(String),
+    Named {
+        #[serde(default)]
+        server: ServerName,
+        volume: String,
+    },
+}
+
+impl From<PdiskExportRecord> for PdiskExport {
+    fn from(r: PdiskExportRecord) -> PdiskExport {
+        match r {
+            PdiskExportRecord::Bare(volume) => PdiskExport {
+                server: ServerName::default(),
+                volume,
+            },
+            PdiskExportRecord::Named { server, volume } => PdiskExport { server, volume },
+        }
+    }
+}
+
+impl std::fmt::Display for PdiskExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.server.is_default() {
+            write!(f, "{}", self.volume)
+        } else {
+            write!(f, "{}/{}", self.server, self.volume)
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,11 +212,12 @@ pub struct VmRecord {
     pub last_event_seq: u64,
     #[serde(default)]
     pub owned_volumes: Vec<OwnedVolume>,
-    /// pdisk volumes (UUIDs) whose unexport failed when the guest stopped
-    /// or was destroyed: retried until pdisk answers, so no export of ours
-    /// is forgotten (and dropped from here when a start exports it again).
+    /// pdisk exports whose unexport failed when the guest stopped or was
+    /// destroyed (or that a start only intended): retried until their
+    /// server answers, so no export of ours is forgotten (and dropped from
+    /// here when a start exports it again).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pending_unexports: Vec<String>,
+    pub pending_unexports: Vec<PdiskExport>,
     /// The owning project, fixed at creation: "" = no project (admin-only),
     /// which is also what records older than projects load as.
     #[serde(default)]
@@ -759,6 +813,43 @@ mod tests {
         ev.as_object_mut().unwrap().remove("project");
         let back: Event = decode("event", ev.to_string().as_bytes()).unwrap();
         assert_eq!(back.project, "");
+    }
+
+    #[test]
+    fn records_from_before_named_pdisk_servers_load_as_the_default_server() {
+        let d: DiskAttachment = serde_json::from_str(
+            r#"{"device":"vda","source":"pdisk:v","attachment":"x","read_only":false,"pdisk_volume":"u"}"#,
+        )
+        .unwrap();
+        assert!(d.pdisk_server.is_default());
+        let o: OwnedVolume =
+            serde_json::from_str(r#"{"device":"vda","volume":"u","name":"n"}"#).unwrap();
+        assert!(o.server.is_default());
+        let p: Vec<PdiskExport> = serde_json::from_str(r#"["u1","u2"]"#).unwrap();
+        assert!(p.iter().all(|e| e.server.is_default()));
+        assert_eq!(p[1].volume, "u2");
+        // New ones keep their server; default ones are written as before.
+        let b = PdiskExport {
+            server: "b".parse().unwrap(),
+            volume: "u3".into(),
+        };
+        let back: PdiskExport = serde_json::from_slice(&encode(&b)).unwrap();
+        assert_eq!(back, b);
+        let o = OwnedVolume {
+            server: "b".parse().unwrap(),
+            ..o
+        };
+        let back: OwnedVolume = serde_json::from_slice(&encode(&o)).unwrap();
+        assert_eq!(back, o);
+        let d2 = DiskAttachment {
+            pdisk_server: "b".parse().unwrap(),
+            ..d.clone()
+        };
+        let back: DiskAttachment = serde_json::from_slice(&encode(&d2)).unwrap();
+        assert_eq!(back, d2);
+        assert!(!String::from_utf8(encode(&d))
+            .unwrap()
+            .contains("pdisk_server"));
     }
 
     #[test]

@@ -45,8 +45,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
             attach: AttachMode::Qemu,
             chap_mutual: false,
-            pdisk_url: None,
-            pdisk_tls: None,
+            pdisk: Vec::new(),
             cpu_overcommit: 4,
             reserved_memory: 0,
             image_quota: None,
@@ -73,7 +72,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             },
         },
         HostEffects {
-            volumes: Some(pdisk),
+            volumes: [(crate::spec::ServerName::default(), pdisk as _)].into(),
             net: FakeNet::new(),
             vmm: FakeVmm::new(),
             kernel,

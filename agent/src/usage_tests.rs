@@ -26,6 +26,7 @@ fn guest(project: &str) -> VmRecord {
                     },
                     size: 0,
                     local: true,
+                    server: Default::default(),
                 },
                 read_only: false,
                 boot_index: 1,

@@ -5,11 +5,18 @@
 //! The trait speaks pdisk's own wire messages and answers with pdisk's own
 //! `tonic::Status`: callers tell "already gone" (NotFound) and "someone else
 //! made it" (AlreadyExists) apart, and name their step when they turn a
-//! status into our error ([`status_error`]). [`PdiskVolumes`] is the real
-//! client over gRPC.
+//! status into our error ([`PdiskServer::error`], which names the server).
+//! [`PdiskVolumes`] is the real client over gRPC.
+//!
+//! An agent talks to any number of named pdisk servers ([`PdiskServers`]);
+//! every call goes to the server of the disk it is for, so a storage host
+//! that is down fails only its own guests' operations. Each server keeps
+//! the last failure seen on it, for GetHost.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -18,6 +25,7 @@ use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 use tonic::Status;
 
+use crate::spec::ServerName;
 use stratus_core::error::{Error, Result};
 
 /// One pdisk server, as the guest service uses it.
@@ -239,8 +247,152 @@ impl VolumeClient for PdiskVolumes {
     }
 }
 
-/// A status pdisk answered to the step `what`, as our error (the map is
-/// stratus-core's [`Error::from_status`]).
-pub(crate) fn status_error(s: Status, what: &str) -> Error {
-    Error::from_status(s, "pdisk", what)
+/// One named pdisk server: its client (what it derefs to) and what the
+/// last calls said about it.
+pub struct PdiskServer {
+    name: ServerName,
+    url: String,
+    client: Arc<dyn VolumeClient>,
+    last_error: Mutex<Option<(SystemTime, String)>>,
+}
+
+/// A server's state as GetHost and ListImages report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    pub name: ServerName,
+    pub url: String,
+    pub reachable: bool,
+    /// The last failure to reach it (empty: none since agentd started),
+    /// and when (RFC 3339).
+    pub last_error: String,
+    pub last_error_at: String,
+}
+
+impl std::ops::Deref for PdiskServer {
+    type Target = dyn VolumeClient;
+    fn deref(&self) -> &Self::Target {
+        self.client.as_ref()
+    }
+}
+
+impl PdiskServer {
+    pub fn name(&self) -> &ServerName {
+        &self.name
+    }
+
+    /// A status this server answered to the step `what`, as our error (the
+    /// map is stratus-core's [`Error::from_status`]); an Unavailable one
+    /// names the server and is remembered as its last error.
+    pub fn error(&self, s: Status, what: &str) -> Error {
+        let peer = format!("pdisk server {}", self.name);
+        if unreachable(&s) {
+            self.note_failure(&format!("{}: {}", what, s.message()));
+        }
+        Error::from_status(s, &peer, what)
+    }
+
+    fn note_failure(&self, why: &str) {
+        *self.last_error.lock().unwrap() = Some((SystemTime::now(), why.to_owned()));
+    }
+
+    /// Asks the server something cheap (image bases with a checksum no
+    /// image has), within `limit`: its state now.
+    pub async fn probe(&self, limit: Duration) -> ServerState {
+        let ask = self.client.list_volumes(pdpb::ListVolumesRequest {
+            label_selector: std::collections::HashMap::from([(
+                stratus_core::types::LABEL_IMAGE_SHA256.to_string(),
+                "probe".to_string(),
+            )]),
+            ..Default::default()
+        });
+        let reachable = match tokio::time::timeout(limit, ask).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(s)) if unreachable(&s) => {
+                self.note_failure(&format!("probe: {}", s.message()));
+                false
+            }
+            // It answered, if only with a refusal.
+            Ok(Err(_)) => true,
+            Err(_) => {
+                self.note_failure(&format!("probe: no answer within {limit:?}"));
+                false
+            }
+        };
+        let (last_error_at, last_error) = match self.last_error.lock().unwrap().clone() {
+            Some((at, why)) => (humantime::format_rfc3339_seconds(at).to_string(), why),
+            None => (String::new(), String::new()),
+        };
+        ServerState {
+            name: self.name.clone(),
+            url: self.url.clone(),
+            reachable,
+            last_error,
+            last_error_at,
+        }
+    }
+}
+
+/// The answers that say the server could not be reached (or did not
+/// answer in time), as opposed to a refusal it answered with.
+fn unreachable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+    )
+}
+
+/// The pdisk servers an agent talks to, by name.
+#[derive(Default)]
+pub struct PdiskServers(BTreeMap<ServerName, PdiskServer>);
+
+impl PdiskServers {
+    /// `clients` by name, each with its address (for GetHost; "" when not
+    /// known, as with the unit tests' in-memory servers).
+    pub fn new(
+        clients: BTreeMap<ServerName, Arc<dyn VolumeClient>>,
+        url_of: impl Fn(&ServerName) -> String,
+    ) -> PdiskServers {
+        PdiskServers(
+            clients
+                .into_iter()
+                .map(|(name, client)| {
+                    let server = PdiskServer {
+                        url: url_of(&name),
+                        name: name.clone(),
+                        client,
+                        last_error: Mutex::new(None),
+                    };
+                    (name, server)
+                })
+                .collect(),
+        )
+    }
+
+    /// The server named `name`: FailedPrecondition when the agent has no
+    /// pdisk server at all, InvalidArgument for a name it does not know.
+    pub fn get(&self, name: &ServerName) -> Result<&PdiskServer> {
+        if self.0.is_empty() {
+            return Err(Error::precondition(
+                "this agent has no pdisk server configured (--pdisk URL or --pdisk NAME=URL)",
+            ));
+        }
+        self.0.get(name).ok_or_else(|| {
+            Error::invalid(format!(
+                "no pdisk server named {name} on this host (it has {})",
+                self.names().join(", ")
+            ))
+        })
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.0.keys().map(|n| n.to_string()).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &PdiskServer> {
+        self.0.values()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }

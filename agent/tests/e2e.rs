@@ -931,6 +931,7 @@ fn spec_image(name: &str, url: &str, sha: &str, local: bool) -> pb::VmSpec {
         vcpus: 1,
         memory_bytes: 128 << 20,
         disks: vec![pb::DiskSpec {
+            server: String::new(),
             source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
                 url: url.into(),
                 sha256: sha.into(),
@@ -1072,6 +1073,7 @@ fn concurrent_launches_of_one_image_import_it_once_and_clones_share_blocks() {
         .unwrap();
         let e = c
             .evict_image(pb::EvictImageRequest {
+                server: String::new(),
                 request_id: String::new(),
                 sha256: sha.clone(),
                 local: false,
@@ -1382,6 +1384,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
     let (in_use, evicted) = h.agent(move |mut c| async move {
         let e = c
             .evict_image(pb::EvictImageRequest {
+                server: String::new(),
                 request_id: String::new(),
                 sha256: s.clone(),
                 local: true,
@@ -1399,6 +1402,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
         .unwrap();
         let ev = c
             .evict_image(pb::EvictImageRequest {
+                server: String::new(),
                 request_id: String::new(),
                 sha256: s,
                 local: true,

@@ -104,6 +104,7 @@ impl Host {
         let pulled = h
             .agent(move |mut c| async move {
                 c.pull_image(pb::PullImageRequest {
+                    server: String::new(),
                     image: Some(pb::ImageRef {
                         url,
                         sha256: sha,
@@ -259,6 +260,7 @@ impl Host {
                 let (url, sha) = self.new_image(name);
                 self.agent(move |mut c| async move {
                     c.pull_image(pb::PullImageRequest {
+                        server: String::new(),
                         image: Some(pb::ImageRef {
                             url,
                             sha256: sha,

@@ -201,6 +201,7 @@ async fn pull(
     sha256: String,
 ) -> Result<pb::CachedImage, tonic::Status> {
     c.pull_image(pb::PullImageRequest {
+        server: String::new(),
         request_id: String::new(),
         image: Some(pb::ImageRef {
             url,

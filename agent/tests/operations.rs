@@ -99,6 +99,7 @@ fn spec(name: &str, url: &str, sha: &str, ip: &str, peer: &str) -> pb::VmSpec {
             cmdline: format!("console=ttyS0 stratus.ip={ip}/24 stratus.peer={peer}"),
         }),
         disks: vec![pb::DiskSpec {
+            server: String::new(),
             source: Some(pb::disk_spec::Source::Image(image(url, sha))),
             read_only: false,
             boot_index: 1,
@@ -135,6 +136,7 @@ fn metrics_show_a_running_guest_its_disk_and_tap_and_count_the_calls() {
     let vm = h.agent(move |mut c| async move {
         for _ in 0..2 {
             c.pull_image(pb::PullImageRequest {
+                server: String::new(),
                 image: Some(image(&u, &s)),
                 to_pdisk: false,
                 request_id: String::new(),

@@ -48,6 +48,7 @@ fn without_a_trust_store_agentd_starts_and_only_https_pulls_fail() {
     ns.block_on(move || async move {
         let mut c = VmServiceClient::new(testkit::channel(&url).await);
         let pull = |url: String| pb::PullImageRequest {
+            server: String::new(),
             request_id: String::new(),
             image: Some(pb::ImageRef {
                 url,

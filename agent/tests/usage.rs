@@ -160,6 +160,7 @@ fn a_guests_usage_record_counts_what_it_used_across_an_agentd_restart() {
             boot_index: 1,
             size_bytes: 256 << 20,
             persistence: pb::DiskPersistence::Local as i32,
+            ..Default::default()
         }],
         nics: vec![pb::NicSpec {
             bridge: BRIDGE.into(),

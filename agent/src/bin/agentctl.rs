@@ -394,11 +394,9 @@ async fn image(ctx: &Ctx, command: ImageCommand) -> Result<(), Failure> {
             ctx.print(render::cached_image_json(&c), || render::image_view(&c))
         }
         ImageCommand::List => {
-            let images = ctx
-                .answer(ctx.connect().await?.list_images(ListImagesRequest {}).await)?
-                .images;
-            ctx.print(render::images_json(&images), || {
-                render::images_table(&images)
+            let list = ctx.answer(ctx.connect().await?.list_images(ListImagesRequest {}).await)?;
+            ctx.print(render::images_json(&list.images, &list.unreachable), || {
+                render::images_table(&list.images, &list.unreachable)
             })
         }
         ImageCommand::Rm(a) => evict(ctx, a).await,
@@ -441,6 +439,7 @@ async fn evict(ctx: &Ctx, a: RmArgs) -> Result<(), Failure> {
         sha256: sha256.clone(),
         local,
         pdisk,
+        server: a.server.as_ref().map(|s| s.to_string()).unwrap_or_default(),
     };
     let evicted = ctx.answer(client.evict_image(request).await)?.evicted;
     ctx.print(render::evicted_json(&sha256, &evicted), || {

@@ -62,8 +62,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             initiator_iqn: cfg.initiator_iqn.to_string(),
             attach: cfg.attach,
             chap_mutual: cfg.chap_mutual,
-            pdisk_url: cfg.pdisk.clone(),
-            pdisk_tls: cfg.tls.clone(),
+            pdisk: cfg.pdisk.clone(),
             cpu_overcommit: cfg.cpu_overcommit,
             reserved_memory: cfg.reserved_memory,
             image_quota: Some(cfg.image_quota),
@@ -199,7 +198,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&cfg.serve).await?;
     stratus_pki::serve::reload_on_sighup(listeners.tls())?;
     tracing::info!(listen = ?listeners.description, state_dir = %cfg.state_dir.display(),
-        pdisk = ?cfg.pdisk, bridge = %cfg.bridge, initiator = %cfg.initiator_iqn,
+        pdisk = ?cfg.pdisk.iter().map(|p| format!("{}={}", p.name, p.url)).collect::<Vec<_>>(),
+        bridge = %cfg.bridge, initiator = %cfg.initiator_iqn,
         attach = cfg.attach.name(), chap_mutual = cfg.chap_mutual, "agentd ready");
     // Reconciled and listening: systemd may start what depends on us.
     let systemd = ServiceManager::from_env();

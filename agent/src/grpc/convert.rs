@@ -6,7 +6,8 @@ use crate::images::DeclaredFormat;
 use crate::net::Mac;
 use crate::service::Agent;
 use crate::spec::{
-    self, Cause, Context, Disk, DiskSource, EventType, ImageSpec, KernelBoot, Nic, VmSpec, VmState,
+    self, Cause, Context, Disk, DiskSource, EventType, ImageSpec, KernelBoot, Nic, PdiskRef,
+    ServerName, VmSpec, VmState,
 };
 use crate::store::{Event, QuotaLimits, QuotaUsage, VmRecord};
 use stratus_core::error::Error;
@@ -113,16 +114,26 @@ pub(crate) fn spec_pb(s: &VmSpec) -> pb::VmSpec {
             .disks
             .iter()
             .map(|d| {
+                let server = d
+                    .source
+                    .pdisk_server()
+                    .filter(|s| !s.is_default())
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
                 let (source, size_bytes, local) = match &d.source {
-                    DiskSource::Pdisk(v) => {
-                        (pb::disk_spec::Source::PdiskVolume(v.to_string()), 0, false)
-                    }
+                    DiskSource::Pdisk(v) => (
+                        pb::disk_spec::Source::PdiskVolume(v.volume.to_string()),
+                        0,
+                        false,
+                    ),
                     DiskSource::File(p) => (
                         pb::disk_spec::Source::File(p.display().to_string()),
                         0,
                         false,
                     ),
-                    DiskSource::Image { image, size, local } => (
+                    DiskSource::Image {
+                        image, size, local, ..
+                    } => (
                         pb::disk_spec::Source::Image(pb::ImageRef {
                             url: image.url.clone(),
                             sha256: image.sha256.clone(),
@@ -148,6 +159,7 @@ pub(crate) fn spec_pb(s: &VmSpec) -> pb::VmSpec {
                     } else {
                         pb::DiskPersistence::Clone
                     } as i32,
+                    server,
                 }
             })
             .collect(),
@@ -242,6 +254,7 @@ pub(crate) fn image_pb(i: crate::service::ImageInfo) -> pb::CachedImage {
         size_bytes: i.size,
         format: i.format.map(|f| f.as_str()).unwrap_or_default().into(),
         location: i.location,
+        server: i.server.map(|s| s.to_string()).unwrap_or_default(),
         volume: i.volume,
         users: i.users,
         last_used: i.last_used,
@@ -254,17 +267,38 @@ pub(crate) fn image_pb(i: crate::service::ImageInfo) -> pb::CachedImage {
     }
 }
 
+pub(crate) fn server_pb(s: crate::volumes::ServerState) -> pb::PdiskServer {
+    pb::PdiskServer {
+        name: s.name.to_string(),
+        url: s.url,
+        reachable: s.reachable,
+        last_error: s.last_error,
+        last_error_at: s.last_error_at,
+    }
+}
+
 /// Parses a request's spec into the validated domain form.
 pub(crate) fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
     let name: spec::VmName = s.name.parse()?;
     let mut disks = Vec::new();
     for d in s.disks {
+        let server = ServerName::from_request(&d.server)
+            .map_err(|e| Error::invalid(format!("vm {name}: {}", e.message())))?;
         let source = match d.source {
-            Some(pb::disk_spec::Source::PdiskVolume(v)) if !v.is_empty() => DiskSource::Pdisk(
-                v.parse()
-                    .map_err(|e: Error| Error::invalid(format!("vm {name}: pdisk volume {e}")))?,
-            ),
+            Some(pb::disk_spec::Source::PdiskVolume(v)) if !v.is_empty() => {
+                DiskSource::Pdisk(PdiskRef {
+                    server,
+                    volume: v.parse().map_err(|e: Error| {
+                        Error::invalid(format!("vm {name}: pdisk volume {e}"))
+                    })?,
+                })
+            }
             Some(pb::disk_spec::Source::File(f)) => {
+                if !d.server.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "vm {name}: disk file {f}: a host file is on no pdisk server"
+                    )));
+                }
                 DiskSource::File(spec::check_host_file("disk", &f)?)
             }
             Some(pb::disk_spec::Source::Image(i)) => {
@@ -273,6 +307,7 @@ pub(crate) fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
                     image,
                     size: d.size_bytes,
                     local: d.persistence == pb::DiskPersistence::Local as i32,
+                    server,
                 }
             }
             _ => {
@@ -422,11 +457,17 @@ mod tests {
         let spec = parse_spec(request.clone()).unwrap();
         assert!(matches!(
             &spec.disks[0].source,
-            DiskSource::Pdisk(stratus_core::types::ObjectRef::Name(n)) if n.as_str() == "data"
+            DiskSource::Pdisk(PdiskRef {
+                volume: stratus_core::types::ObjectRef::Name(n),
+                server,
+            }) if n.as_str() == "data" && server.is_default()
         ));
         assert!(matches!(
             &spec.disks[1].source,
-            DiskSource::Pdisk(stratus_core::types::ObjectRef::Uuid(_))
+            DiskSource::Pdisk(PdiskRef {
+                volume: stratus_core::types::ObjectRef::Uuid(_),
+                ..
+            })
         ));
         assert!(matches!(
             &spec.disks[2].source,
@@ -437,6 +478,37 @@ mod tests {
         let sources = |d: &[pb::DiskSpec]| d.iter().map(|d| d.source.clone()).collect::<Vec<_>>();
         assert_eq!(sources(&back.disks), sources(&request.disks));
         assert_eq!(back.nics[0].mac, "52:54:00:ab:cd:ef");
+
+        // A disk on a named server keeps it, there and back; a bad name,
+        // or a server for a host file, is refused at the edge.
+        let mut named = request.clone();
+        named.disks[0].server = "store-b".into();
+        named.disks[2].server = "store-b".into();
+        let spec = parse_spec(named.clone()).unwrap();
+        assert_eq!(
+            spec.disks[0].source.pdisk_server().unwrap().as_str(),
+            "store-b"
+        );
+        assert_eq!(
+            spec.disks[2].source.pdisk_server().unwrap().as_str(),
+            "store-b"
+        );
+        assert!(spec.disks[1].source.pdisk_server().unwrap().is_default());
+        let back = spec_pb(&spec);
+        assert_eq!(back.disks[0].server, "store-b");
+        assert_eq!(back.disks[1].server, "");
+        let mut bad = named.clone();
+        bad.disks[0].server = "Store B".into();
+        let e = parse_spec(bad).unwrap_err();
+        assert_eq!(e.kind(), stratus_core::error::ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("pdisk server name"), "{e}");
+        let mut bad = named.clone();
+        bad.disks[0] = pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::File("/a.img".into())),
+            server: "store-b".into(),
+            ..Default::default()
+        };
+        assert!(parse_spec(bad).is_err());
 
         // Refused at the edge, naming what is wrong.
         let mut bad = request.clone();

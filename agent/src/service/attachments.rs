@@ -15,10 +15,9 @@ use super::Agent;
 use crate::attach::{AttachMode, Holder, IscsiLun, KernelDisk};
 use crate::net;
 use crate::seed;
-use crate::spec::{Cause, Disk, DiskSource, EventType, Nic};
-use crate::store::{DiskAttachment, NewEvent, NicAttachment, VmRecord};
+use crate::spec::{Cause, Disk, DiskSource, EventType, Nic, ServerName};
+use crate::store::{DiskAttachment, NewEvent, NicAttachment, PdiskExport, VmRecord};
 use crate::vmm::{DiskBackend, PlannedDisk, PlannedNic};
-use crate::volumes::status_error;
 use stratus_core::error::Result;
 use stratus_core::rooted::RootedFile;
 use stratus_core::types::Chap;
@@ -83,8 +82,15 @@ impl Agent {
         let device = device_name(i);
         // Image disks become a pdisk clone or a local overlay first.
         let (source, described) = match &d.source {
-            DiskSource::Image { image, size, local } => {
-                let s = self.image_disk(vm, &device, image, *size, *local).await?;
+            DiskSource::Image {
+                image,
+                size,
+                local,
+                server,
+            } => {
+                let s = self
+                    .image_disk(vm, &device, image, *size, *local, server)
+                    .await?;
                 let how = if *local { "local" } else { "clone" };
                 (
                     s,
@@ -95,7 +101,10 @@ impl Agent {
                     )),
                 )
             }
-            DiskSource::Pdisk(v) => (ImageDisk::Pdisk(v.to_string()), None),
+            DiskSource::Pdisk(v) => (
+                ImageDisk::Pdisk(v.server.clone(), v.volume.to_string()),
+                None,
+            ),
             DiskSource::File(path) => {
                 let f = self.host_files.open_file("disk", path, !d.read_only)?;
                 (ImageDisk::RawFile(f), None)
@@ -107,12 +116,14 @@ impl Agent {
             attachment: path.display().to_string(),
             read_only: d.read_only,
             pdisk_volume: None,
+            pdisk_server: Default::default(),
             mode: AttachMode::Qemu,
             kernel: None,
         };
         let (backend, mut att) = match source {
-            ImageDisk::Pdisk(volume) => {
-                self.attach_pdisk(vm, &device, &volume, d.read_only).await?
+            ImageDisk::Pdisk(server, volume) => {
+                self.attach_pdisk(vm, &device, &server, &volume, d.read_only)
+                    .await?
             }
             ImageDisk::RawFile(file) => {
                 // Raw, never probed: the guest writes these bytes.
@@ -147,7 +158,8 @@ impl Agent {
         // an earlier unexport still to retry would now take the disk from
         // under the guest).
         if let Some(v) = &att.pdisk_volume {
-            vm.pending_unexports.retain(|p| p != v);
+            vm.pending_unexports
+                .retain(|p| !(p.volume == *v && p.server == att.pdisk_server));
         }
         vm.runtime.as_mut().expect("runtime").disks.push(att);
         self.commit(
@@ -183,6 +195,7 @@ impl Agent {
             attachment: path.display().to_string(),
             read_only: true,
             pdisk_volume: None,
+            pdisk_server: Default::default(),
             mode: AttachMode::Qemu,
             kernel: None,
         };
@@ -282,26 +295,30 @@ impl Agent {
         &self,
         vm: &mut VmRecord,
         device: &str,
+        server: &ServerName,
         volume: &str,
         read_only: bool,
     ) -> Result<(DiskBackend, DiskAttachment)> {
         let kernel = self.settings.attach == AttachMode::Kernel;
+        let pdisk = self.pdisk(server)?;
         // Intent first: the volume is among the exports to undo, durably,
         // before pdisk grants it; the attachment's record replaces it.
-        let uuid = self
-            .pdisk()?
+        let uuid = pdisk
             .get_volume(volume.to_string(), vm.project.clone())
             .await
-            .map_err(|s| status_error(s, &format!("pdisk volume {volume}")))?
+            .map_err(|s| pdisk.error(s, &format!("pdisk volume {volume}")))?
             .uuid;
         let chap = disk_chap(vm.uuid, device, &uuid, self.settings.chap_mutual)?;
-        if !vm.pending_unexports.contains(&uuid) {
-            vm.pending_unexports.push(uuid.clone());
+        let intent = PdiskExport {
+            server: server.clone(),
+            volume: uuid.clone(),
+        };
+        if !vm.pending_unexports.contains(&intent) {
+            vm.pending_unexports.push(intent.clone());
             self.commit(vm, &[])?;
         }
         self.crash_point("start.export_intent");
-        let e = self
-            .pdisk()?
+        let e = pdisk
             .export_volume(pdpb::ExportVolumeRequest {
                 volume: uuid.clone(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
@@ -312,14 +329,19 @@ impl Agent {
                 multi_attach: false,
             })
             .await
-            .map_err(|s| status_error(s, &format!("exporting pdisk volume {volume}")))?;
+            .map_err(|s| pdisk.error(s, &format!("exporting pdisk volume {volume}")))?;
         self.crash_point("start.exported");
         let mut att = DiskAttachment {
             device: device.to_string(),
-            source: format!("pdisk:{volume}"),
+            source: if server.is_default() {
+                format!("pdisk:{volume}")
+            } else {
+                format!("pdisk:{server}/{volume}")
+            },
             attachment: e.url,
             read_only,
             pdisk_volume: Some(e.volume_uuid),
+            pdisk_server: server.clone(),
             mode: AttachMode::Qemu,
             kernel: None,
         };
@@ -347,7 +369,7 @@ impl Agent {
             .expect("runtime")
             .disks
             .push(att.clone());
-        vm.pending_unexports.retain(|v| *v != uuid);
+        vm.pending_unexports.retain(|v| *v != intent);
         self.commit(vm, &[])?;
         let lun = lun?;
         let got = self
@@ -420,8 +442,12 @@ impl Agent {
                 }
             }
             if let Some(volume) = &d.pdisk_volume {
-                if !vm.pending_unexports.contains(volume) {
-                    vm.pending_unexports.push(volume.clone());
+                let export = PdiskExport {
+                    server: d.pdisk_server.clone(),
+                    volume: volume.clone(),
+                };
+                if !vm.pending_unexports.contains(&export) {
+                    vm.pending_unexports.push(export);
                 }
             }
             events.push(NewEvent::new(
@@ -485,10 +511,11 @@ impl Agent {
         events
     }
 
-    /// Ends pdisk's export of `volume` to this host; Ok when there is none.
-    pub(super) async fn unexport(&self, volume: &str) -> Result<()> {
-        match self
-            .pdisk()?
+    /// Ends the export to this host `export` names; Ok when there is none.
+    pub(super) async fn unexport(&self, export: &PdiskExport) -> Result<()> {
+        let pdisk = self.pdisk(&export.server)?;
+        let volume = &export.volume;
+        match pdisk
             .unexport_volume(pdpb::UnexportVolumeRequest {
                 volume: volume.to_string(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
@@ -499,7 +526,7 @@ impl Agent {
             Ok(()) => Ok(()),
             // Already gone (or never exported to us): nothing to undo.
             Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
-            Err(s) => Err(status_error(s, &format!("unexporting volume {volume}"))),
+            Err(s) => Err(pdisk.error(s, &format!("unexporting volume {volume}"))),
         }
     }
 }

@@ -11,23 +11,23 @@ use stratus_proto::pdisk::v1 as pdpb;
 use uuid::Uuid;
 
 use super::Agent;
-use crate::spec::{Cause, DiskSource, EventType};
+use crate::spec::{Cause, DiskSource, EventType, ServerName};
 use crate::store::NewEvent;
-use crate::volumes::status_error;
 use stratus_core::error::{Error, Result};
 use stratus_core::types::LABEL_IMAGE_SHA256 as LABEL_SHA256;
 
 impl Agent {
     /// Saves disk `device` of stopped guest `vm_ref` as image base volume
-    /// `name`. The snapshot is taken before returning (the image is the disk
-    /// as it is now); the checksum and the detached base follow in the
-    /// background, announced by IMAGE_SAVED (or IMAGE_SAVE_FAILED).
+    /// `name`, on the disk's own pdisk server (returned with the name). The
+    /// snapshot is taken before returning (the image is the disk as it is
+    /// now); the checksum and the detached base follow in the background,
+    /// announced by IMAGE_SAVED (or IMAGE_SAVE_FAILED).
     pub async fn save_image(
         self: &Arc<Self>,
         vm_ref: &str,
         device: &str,
         name: &str,
-    ) -> Result<String> {
+    ) -> Result<(String, ServerName)> {
         let name: stratus_core::types::VolumeName = name.parse()?;
         let vm = self.store.find_vm(vm_ref)?;
         let _g = self.lock(vm.uuid).await;
@@ -45,13 +45,13 @@ impl Agent {
             .map(|b| b.wrapping_sub(b'a') as usize)
             .filter(|&i| i < vm.spec.disks.len())
             .ok_or_else(|| Error::invalid(format!("vm {} has no disk {device:?}", vm.spec.name)))?;
-        let volume = match &vm.spec.disks[idx].source {
-            DiskSource::Pdisk(v) => v.to_string(),
+        let (server, volume) = match &vm.spec.disks[idx].source {
+            DiskSource::Pdisk(v) => (v.server.clone(), v.volume.to_string()),
             DiskSource::Image { local: false, .. } => vm
                 .owned_volumes
                 .iter()
-                .find(|o| o.device == device)
-                .map(|o| o.volume.clone())
+                .find(|o| o.device == device && !o.volume.is_empty())
+                .map(|o| (o.server.clone(), o.volume.clone()))
                 .ok_or_else(|| {
                     Error::precondition(format!(
                         "vm {} disk {device} was never started: nothing to save",
@@ -65,7 +65,7 @@ impl Agent {
                 )))
             }
         };
-        let pdisk = self.pdisk()?;
+        let pdisk = self.pdisk(&server)?;
         if pdisk
             .get_volume(name.to_string(), String::new())
             .await
@@ -84,27 +84,36 @@ impl Agent {
                 project: vm.project.clone(),
             })
             .await
-            .map_err(|s| status_error(s, &format!("snapshotting {device} of {}", vm.spec.name)))?;
+            .map_err(|s| pdisk.error(s, &format!("snapshotting {device} of {}", vm.spec.name)))?;
+        let on = if server.is_default() {
+            String::new()
+        } else {
+            format!(" on pdisk server {server}")
+        };
         self.journal_host(&[NewEvent::image(
             EventType::ImageSaveStarted,
             Cause::Api,
             "",
-            format!("{} {device} -> pdisk:///{name}", vm.spec.name),
+            format!("{} {device} -> pdisk:///{name}{on}", vm.spec.name),
             0,
             snap.size_bytes,
         )]);
         let agent = self.clone();
         let target = name.to_string();
+        let on_server = server.clone();
         tokio::spawn(async move {
-            let result = agent.finish_save(&snap, &target).await;
-            let Ok(pdisk) = agent.pdisk() else { return };
+            let server = on_server;
+            let result = agent.finish_save(&server, &snap, &target).await;
+            let Ok(pdisk) = agent.pdisk(&server) else {
+                return;
+            };
             let _ = pdisk.delete_snapshot(snap.uuid.clone()).await;
             match result {
                 Ok(sha) => agent.journal_host(&[NewEvent::image(
                     EventType::ImageSaved,
                     Cause::Api,
                     &sha,
-                    format!("pdisk:///{target}"),
+                    format!("pdisk:///{target}{on}"),
                     snap.size_bytes,
                     snap.size_bytes,
                 )]),
@@ -112,19 +121,24 @@ impl Agent {
                     EventType::ImageSaveFailed,
                     Cause::Api,
                     "",
-                    format!("pdisk:///{target}: {e}"),
+                    format!("pdisk:///{target}{on}: {e}"),
                     0,
                     0,
                 )]),
             }
         });
-        Ok(name.to_string())
+        Ok((name.to_string(), server))
     }
 
     /// Checksums the snapshot (journaling progress) and clones it into the
     /// labelled base volume. Returns the sha256.
-    async fn finish_save(&self, snap: &pdpb::Snapshot, name: &str) -> Result<String> {
-        let pdisk = self.pdisk()?;
+    async fn finish_save(
+        &self,
+        server: &ServerName,
+        snap: &pdpb::Snapshot,
+        name: &str,
+    ) -> Result<String> {
+        let pdisk = self.pdisk(server)?;
         let request_id = format!("save-{}", snap.uuid);
         let total = snap.size_bytes;
         let progress = async {
@@ -156,7 +170,7 @@ impl Agent {
                     project: String::new(),
                 })
                 .await
-                .map_err(|s| status_error(s, "checksumming the saved disk"))
+                .map_err(|s| pdisk.error(s, "checksumming the saved disk"))
         };
         let (sum, ()) = tokio::join!(sum, progress);
         let sha = sum?;
@@ -173,7 +187,7 @@ impl Agent {
                 project: String::new(),
             })
             .await
-            .map_err(|s| status_error(s, &format!("making base volume {name}")))?;
+            .map_err(|s| pdisk.error(s, &format!("making base volume {name}")))?;
         Ok(sha)
     }
 }

@@ -23,9 +23,9 @@ use uuid::Uuid;
 
 use super::Agent;
 use crate::images::{CachedImageInfo, DeclaredFormat, ImageRef, PulledImage};
-use crate::spec::{Cause, DiskSource, EventType, ImageSpec};
-use crate::store::{NewEvent, OwnedVolume, VmRecord};
-use crate::volumes::status_error;
+use crate::spec::{Cause, DiskSource, EventType, ImageSpec, ServerName};
+use crate::store::{now_rfc3339, NewEvent, OwnedVolume, VmRecord};
+use crate::volumes::ServerState;
 use stratus_core::error::{Error, Result};
 use stratus_core::image::ImageFormat;
 
@@ -41,6 +41,8 @@ pub struct ImageInfo {
     pub format: Option<ImageFormat>,
     /// "local" or "pdisk"
     pub location: String,
+    /// The pdisk server of a base volume (None in the local cache).
+    pub server: Option<ServerName>,
     pub volume: String,
     pub users: u32,
     pub last_used: String,
@@ -50,8 +52,9 @@ pub struct ImageInfo {
 
 /// What a guest disk resolves to before it is attached.
 pub(super) enum ImageDisk {
-    /// A pdisk volume by name or UUID (the spec's, or the guest's clone).
-    Pdisk(String),
+    /// A pdisk volume by name or UUID on a server (the spec's, or the
+    /// guest's clone).
+    Pdisk(ServerName, String),
     /// A raw file on this host (a `file:` disk), opened beneath a
     /// `--host-file-root`.
     RawFile(stratus_core::rooted::RootedFile),
@@ -70,6 +73,7 @@ fn local_info(i: &CachedImageInfo) -> ImageInfo {
         size: i.image.size,
         format: Some(i.image.format),
         location: "local".into(),
+        server: None,
         volume: String::new(),
         users: i.pins as u32,
         last_used: humantime::format_rfc3339_seconds(i.last_used).to_string(),
@@ -162,24 +166,33 @@ impl Agent {
         }
     }
 
-    /// The pdisk base volume of `image`, importing it once if needed.
-    /// Returns the base's UUID.
-    pub(super) async fn pdisk_base(&self, image: &ImageRef, cause: Cause) -> Result<String> {
+    /// The base volume of `image` on pdisk server `server`, importing it
+    /// there once if needed (each server has its own base, from the one
+    /// local cache). Returns the base's UUID.
+    pub(super) async fn pdisk_base(
+        &self,
+        image: &ImageRef,
+        cause: Cause,
+        server: &ServerName,
+    ) -> Result<String> {
+        let pdisk = self.pdisk(server)?;
         let sha = image.sha256().to_string();
+        // Per server: an import into a server that is down holds up no
+        // other server's.
         let flight = self
             .base_flights
             .lock()
             .unwrap()
-            .entry(sha.clone())
+            .entry((server.clone(), sha.clone()))
             .or_default()
             .clone();
         let _only_one = flight.lock().await;
-        if let Some(v) = self.find_base(&sha).await? {
+        if let Some(v) = self.find_base(server, &sha).await? {
             return Ok(v.uuid);
         }
         if let crate::images::ImageSource::Pdisk(volume) = image.source() {
             return Err(Error::not_found(format!(
-                "image {}: no pdisk base volume {volume} with sha256 {sha}",
+                "image {}: no pdisk base volume {volume} with sha256 {sha} on pdisk server {server}",
                 image.url()
             )));
         }
@@ -199,21 +212,19 @@ impl Agent {
             // Image bases belong to no project.
             project: String::new(),
         };
-        let v = match self
-            .pdisk()?
-            .upload_volume(header, pulled.image.path.clone())
-            .await
-        {
+        let v = match pdisk.upload_volume(header, pulled.image.path.clone()).await {
             Ok(v) => v,
             // Another host imported it meanwhile.
-            Err(s) if s.code() == tonic::Code::AlreadyExists => match self.find_base(&sha).await? {
-                Some(v) => return Ok(v.uuid),
-                None => return Err(status_error(s, &format!("importing image {sha}"))),
-            },
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                match self.find_base(server, &sha).await? {
+                    Some(v) => return Ok(v.uuid),
+                    None => return Err(pdisk.error(s, &format!("importing image {sha}"))),
+                }
+            }
             Err(s) => {
-                return Err(status_error(
+                return Err(pdisk.error(
                     s,
-                    &format!("importing image {sha} into pdisk"),
+                    &format!("importing image {sha} into pdisk server {server}"),
                 ))
             }
         };
@@ -223,23 +234,23 @@ impl Agent {
             EventType::ImageImported,
             cause,
             &sha,
-            format!("pdisk base volume {}", v.name),
+            format!("pdisk base volume {}", base_on(server, &v.name)),
             v.size_bytes,
             v.size_bytes,
         )]);
         Ok(v.uuid)
     }
 
-    async fn find_base(&self, sha: &str) -> Result<Option<pdpb::Volume>> {
-        let vols = self
-            .pdisk()?
+    async fn find_base(&self, server: &ServerName, sha: &str) -> Result<Option<pdpb::Volume>> {
+        let pdisk = self.pdisk(server)?;
+        let vols = pdisk
             .list_volumes(pdpb::ListVolumesRequest {
                 label_selector: HashMap::from([(LABEL_SHA256.to_string(), sha.to_string())]),
                 project: String::new(),
                 quarantined: false,
             })
             .await
-            .map_err(|s| status_error(s, "looking up image bases in pdisk"))?;
+            .map_err(|s| pdisk.error(s, "looking up image bases in pdisk"))?;
         Ok(vols
             .into_iter()
             .find(|v| v.state == pdpb::VolumeState::Ready as i32 && v.image_sha256 == sha))
@@ -254,6 +265,7 @@ impl Agent {
         image: &ImageSpec,
         size: u64,
         local: bool,
+        server: &ServerName,
     ) -> Result<ImageDisk> {
         let r = image.to_ref()?;
         if local {
@@ -312,32 +324,35 @@ impl Agent {
             .iter()
             .find(|o| o.device == device)
             .cloned();
+        // The clone stays on the server it was made on.
+        let server = owned.as_ref().map_or(server, |o| &o.server);
         if let Some(o) = &owned {
             if !o.volume.is_empty() {
-                return Ok(ImageDisk::Pdisk(o.volume.clone()));
+                return Ok(ImageDisk::Pdisk(o.server.clone(), o.volume.clone()));
             }
         }
         let name = match &owned {
             Some(o) if !o.name.is_empty() => o.name.clone(),
             _ => clone_name(vm.uuid, device),
         };
-        if let Some(v) = self.our_clone(vm, &name).await? {
-            self.record_clone(vm, device, &name, &v)?;
-            return Ok(ImageDisk::Pdisk(v));
+        if let Some(v) = self.our_clone(vm, server, &name).await? {
+            self.record_clone(vm, device, &name, &v, server)?;
+            return Ok(ImageDisk::Pdisk(server.clone(), v));
         }
-        let base = self.pdisk_base(&r, Cause::Api).await?;
+        let pdisk = self.pdisk(server)?;
+        let base = self.pdisk_base(&r, Cause::Api, server).await?;
         // Intent first: the clone's name, owned, before pdisk makes it.
         if owned.is_none() {
             vm.owned_volumes.push(OwnedVolume {
                 device: device.to_string(),
                 volume: String::new(),
                 name: name.clone(),
+                server: server.clone(),
             });
             self.commit(vm, &[])?;
         }
         self.crash_point("start.clone_intent");
-        let made = self
-            .pdisk()?
+        let made = pdisk
             .clone_volume(pdpb::CloneVolumeRequest {
                 source: base,
                 source_is_snapshot: false,
@@ -356,41 +371,39 @@ impl Agent {
             Ok(v) => v.uuid,
             // Made by an attempt whose answer was lost: ours if it says so.
             Err(s) if s.code() == tonic::Code::AlreadyExists => {
-                match self.our_clone(vm, &name).await? {
+                match self.our_clone(vm, server, &name).await? {
                     Some(v) => v,
                     None => {
-                        return Err(status_error(
-                            s,
-                            &format!("cloning image {} for {device}", r.sha256()),
-                        ))
+                        return Err(
+                            pdisk.error(s, &format!("cloning image {} for {device}", r.sha256()))
+                        )
                     }
                 }
             }
             Err(s) => {
-                return Err(status_error(
-                    s,
-                    &format!("cloning image {} for {device}", r.sha256()),
-                ))
+                return Err(pdisk.error(s, &format!("cloning image {} for {device}", r.sha256())))
             }
         };
         self.crash_point("start.cloned");
-        self.record_clone(vm, device, &name, &uuid)?;
-        Ok(ImageDisk::Pdisk(uuid))
+        self.record_clone(vm, device, &name, &uuid, server)?;
+        Ok(ImageDisk::Pdisk(server.clone(), uuid))
     }
 
     /// The UUID of the ready pdisk volume `name` when it is `vm`'s own
     /// (labelled with its UUID); None when pdisk has none by that name.
     /// A clone pdisk is still making is Unavailable: the start fails, and
     /// the next one finds it made.
-    async fn our_clone(&self, vm: &VmRecord, name: &str) -> Result<Option<String>> {
-        let v = match self
-            .pdisk()?
-            .get_volume(name.to_string(), vm.project.clone())
-            .await
-        {
+    async fn our_clone(
+        &self,
+        vm: &VmRecord,
+        server: &ServerName,
+        name: &str,
+    ) -> Result<Option<String>> {
+        let pdisk = self.pdisk(server)?;
+        let v = match pdisk.get_volume(name.to_string(), vm.project.clone()).await {
             Ok(v) => v,
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
-            Err(s) => return Err(status_error(s, &format!("looking up clone {name}"))),
+            Err(s) => return Err(pdisk.error(s, &format!("looking up clone {name}"))),
         };
         if v.labels.get(LABEL_VM) != Some(&vm.uuid.to_string()) {
             return Err(Error::exists(format!(
@@ -407,27 +420,43 @@ impl Agent {
         Ok(Some(v.uuid))
     }
 
-    /// Records clone `uuid` (named `name`) as `vm`'s disk `device`.
-    fn record_clone(&self, vm: &mut VmRecord, device: &str, name: &str, uuid: &str) -> Result<()> {
+    /// Records clone `uuid` (named `name`, on `server`) as `vm`'s disk `device`.
+    fn record_clone(
+        &self,
+        vm: &mut VmRecord,
+        device: &str,
+        name: &str,
+        uuid: &str,
+        server: &ServerName,
+    ) -> Result<()> {
         vm.owned_volumes.retain(|o| o.device != device);
         vm.owned_volumes.push(OwnedVolume {
             device: device.to_string(),
             volume: uuid.to_string(),
             name: name.to_string(),
+            server: server.clone(),
         });
         self.commit(vm, &[])?;
         Ok(())
     }
 
     /// Deletes the pdisk volumes a guest owns (its image clones); those
-    /// pdisk could not delete stay in `vm.owned_volumes`.
+    /// pdisk could not delete stay in `vm.owned_volumes`, and so do those
+    /// on a server that still has an export of the guest's to undo (pdisk
+    /// refuses to delete an exported volume).
     pub(super) async fn delete_owned_volumes(&self, vm: &mut VmRecord) {
-        let Ok(pdisk) = self.pdisk() else { return };
         let mut kept = Vec::new();
         for o in std::mem::take(&mut vm.owned_volumes) {
+            let pdisk = match self.pdisk(&o.server) {
+                Ok(p) if !vm.pending_unexports.iter().any(|e| e.server == o.server) => p,
+                _ => {
+                    kept.push(o);
+                    continue;
+                }
+            };
             // Only intended: pdisk may or may not have made it.
             let volume = if o.volume.is_empty() {
-                match self.our_clone(vm, &o.name).await {
+                match self.our_clone(vm, &o.server, &o.name).await {
                     Ok(None) => continue,
                     Ok(Some(v)) => v,
                     // Not ours: someone else's volume took the name.
@@ -492,7 +521,17 @@ impl Agent {
 
     // ---------- the image API ----------
 
-    pub async fn pull_image(&self, image: ImageSpec, to_pdisk: bool) -> Result<ImageInfo> {
+    /// Fetches `image` into the local cache and, with `to_pdisk`, imports
+    /// it into pdisk server `server`'s base volume.
+    pub async fn pull_image(
+        &self,
+        image: ImageSpec,
+        to_pdisk: bool,
+        server: &ServerName,
+    ) -> Result<ImageInfo> {
+        if to_pdisk {
+            self.pdisk(server)?;
+        }
         let r = image.to_ref()?;
         let pulled = self.pull_local(&r, Cause::Api).await?;
         let mut info = self
@@ -506,20 +545,45 @@ impl Agent {
         info.users = info.users.saturating_sub(1);
         drop(pulled);
         if to_pdisk {
-            let base = self.pdisk_base(&r, Cause::Api).await?;
+            let base = self.pdisk_base(&r, Cause::Api, server).await?;
             info.location = "pdisk".into();
+            info.server = Some(server.clone());
             info.volume = base;
         }
         Ok(info)
     }
 
-    pub async fn list_images(&self) -> Result<Vec<ImageInfo>> {
+    /// The images in the local cache and every pdisk server's bases, with
+    /// the servers that could not be listed (partial rather than failed:
+    /// a storage host that is down hides only its own bases).
+    pub async fn list_images(&self) -> Result<(Vec<ImageInfo>, Vec<ServerState>)> {
         let mut out: Vec<ImageInfo> = self.images.list().iter().map(local_info).collect();
-        if let Some(pdisk) = self.volumes.as_deref() {
-            let vols = pdisk
-                .list_volumes(pdpb::ListVolumesRequest::default())
-                .await
-                .map_err(|s| status_error(s, "listing pdisk volumes"))?;
+        let lists = futures::future::join_all(self.pdisk.iter().map(|pdisk| async move {
+            (
+                pdisk,
+                pdisk
+                    .list_volumes(pdpb::ListVolumesRequest::default())
+                    .await,
+            )
+        }))
+        .await;
+        let mut unreachable = Vec::new();
+        for (pdisk, listed) in lists {
+            let vols = match listed {
+                Ok(v) => v,
+                Err(s) => {
+                    let e = pdisk.error(s, "listing pdisk volumes");
+                    tracing::warn!(server = %pdisk.name(), error = %e, "image bases not listed");
+                    unreachable.push(ServerState {
+                        name: pdisk.name().clone(),
+                        url: String::new(),
+                        reachable: false,
+                        last_error: e.to_string(),
+                        last_error_at: now_rfc3339(),
+                    });
+                    continue;
+                }
+            };
             for b in vols.iter().filter(|v| !v.image_sha256.is_empty()) {
                 let sha = &b.image_sha256;
                 let users = vols.iter().filter(|v| v.clone_of_volume == b.uuid).count() as u32;
@@ -529,6 +593,7 @@ impl Agent {
                     size: b.size_bytes,
                     format: Some(ImageFormat::Raw),
                     location: "pdisk".into(),
+                    server: Some(pdisk.name().clone()),
                     volume: b.name.clone(),
                     users,
                     last_used: b.created_at.clone(),
@@ -536,26 +601,27 @@ impl Agent {
                 });
             }
         }
-        Ok(out)
+        Ok((out, unreachable))
     }
 
-    /// Evicts `sha256` from the local cache and/or pdisk; refuses an image
-    /// in use (pinned by a guest, or a base with clones).
+    /// Evicts `sha256` from the local cache and/or pdisk server `server`;
+    /// refuses an image in use (pinned by a guest, or a base with clones).
     pub async fn evict_image(
         &self,
         sha256: &str,
         local: bool,
         pdisk: bool,
+        server: &ServerName,
     ) -> Result<Vec<ImageInfo>> {
         let sha = crate::images::Sha256::parse(sha256)?;
         let mut evicted = Vec::new();
-        if pdisk {
-            if let Some(base) = self.find_base(sha.as_str()).await? {
-                let pdisk = self.pdisk()?;
+        if pdisk && !self.pdisk.is_empty() {
+            let pdisk = self.pdisk(server)?;
+            if let Some(base) = self.find_base(server, sha.as_str()).await? {
                 let vols = pdisk
                     .list_volumes(pdpb::ListVolumesRequest::default())
                     .await
-                    .map_err(|s| status_error(s, "listing pdisk volumes"))?;
+                    .map_err(|s| pdisk.error(s, "listing pdisk volumes"))?;
                 let clones: Vec<String> = vols
                     .iter()
                     .filter(|v| v.clone_of_volume == base.uuid)
@@ -564,19 +630,19 @@ impl Agent {
                 if !clones.is_empty() {
                     return Err(Error::precondition(format!(
                         "image {sha} is in use: its pdisk base {} has clones ({})",
-                        base.name,
+                        base_on(server, &base.name),
                         clones.join(", ")
                     )));
                 }
                 pdisk
                     .delete_volume(base.uuid.clone())
                     .await
-                    .map_err(|s| status_error(s, &format!("deleting base volume {}", base.name)))?;
+                    .map_err(|s| pdisk.error(s, &format!("deleting base volume {}", base.name)))?;
                 self.journal_host(&[NewEvent::image(
                     EventType::ImageEvicted,
                     Cause::Api,
                     sha.as_str(),
-                    format!("pdisk base volume {}", base.name),
+                    format!("pdisk base volume {}", base_on(server, &base.name)),
                     base.size_bytes,
                     base.size_bytes,
                 )]);
@@ -586,6 +652,7 @@ impl Agent {
                     size: base.size_bytes,
                     format: Some(ImageFormat::Raw),
                     location: "pdisk".into(),
+                    server: Some(server.clone()),
                     volume: base.name,
                     users: 0,
                     last_used: String::new(),
@@ -609,6 +676,7 @@ impl Agent {
                 size: e.size,
                 format: None,
                 location: "local".into(),
+                server: None,
                 volume: String::new(),
                 users: 0,
                 last_used: String::new(),
@@ -622,6 +690,16 @@ impl Agent {
     }
 }
 
+/// Base volume `name` as messages and events name it: with its server
+/// unless that is the default one.
+fn base_on(server: &ServerName, name: &str) -> String {
+    if server.is_default() {
+        name.to_owned()
+    } else {
+        format!("{name} on pdisk server {server}")
+    }
+}
+
 /// The pdisk name of guest `vm`'s clone for disk `device`.
 fn clone_name(vm: Uuid, device: &str) -> String {
     format!("vm-{}-{device}", &vm.simple().to_string()[..12])
@@ -632,5 +710,5 @@ pub fn cache_dir(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("images")
 }
 
-/// Kept for the guest service: per-checksum import locks.
-pub type BaseFlights = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+/// Kept for the guest service: import locks per server and checksum.
+pub type BaseFlights = std::sync::Mutex<HashMap<(ServerName, String), Arc<tokio::sync::Mutex<()>>>>;

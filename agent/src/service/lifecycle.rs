@@ -19,7 +19,6 @@ use crate::journal::EventFilter;
 use crate::spec::{Cause, DiskSource, EventType, KernelBoot, VmSpec, VmState};
 use crate::store::{now_rfc3339, Event, NewEvent, Runtime, VmRecord};
 use crate::vmm::{LaunchPlan, QmpCommands};
-use crate::volumes::status_error;
 use stratus_core::error::{Error, ErrorKind, Result};
 use stratus_core::rooted::RootedFile;
 
@@ -53,20 +52,26 @@ impl Agent {
                     // opens it again.
                     self.host_files.open_file("disk", p, !d.read_only)?;
                 }
-                DiskSource::Image { image, local, .. } => {
+                DiskSource::Image {
+                    image,
+                    local,
+                    server,
+                    ..
+                } => {
                     let r = image.to_ref()?;
                     if let Some(policy) = &self.policy {
                         policy.check(&r)?;
                     }
                     if !local {
-                        self.pdisk()?;
+                        self.pdisk(server)?;
                     }
                 }
                 DiskSource::Pdisk(v) => {
-                    self.pdisk()?
-                        .get_volume(v.to_string(), project.to_owned())
+                    let pdisk = self.pdisk(&v.server)?;
+                    pdisk
+                        .get_volume(v.volume.to_string(), project.to_owned())
                         .await
-                        .map_err(|s| status_error(s, &format!("pdisk volume {v}")))?;
+                        .map_err(|s| pdisk.error(s, &format!("pdisk volume {v}")))?;
                 }
             }
         }
@@ -535,11 +540,9 @@ impl Agent {
     /// record for the next try. The caller holds the guest's lock.
     pub(super) async fn finish_destroy(&self, mut vm: VmRecord, cause: Cause) -> Result<()> {
         let mut events = self.tear_down(&mut vm).await;
-        // Clones are deleted only once no export of the guest is left:
-        // pdisk refuses to delete an exported volume.
-        if vm.pending_unexports.is_empty() {
-            self.delete_owned_volumes(&mut vm).await;
-        }
+        // Clones are deleted only once no export of the guest is left on
+        // their server (pdisk refuses to delete an exported volume).
+        self.delete_owned_volumes(&mut vm).await;
         self.crash_point("destroy.torn_down");
         if let Some(rt) = &vm.runtime {
             // A QEMU of the guest still runs (or a tap would not go): its
@@ -568,10 +571,26 @@ impl Agent {
                     } else {
                         &o.volume
                     };
-                    format!("image clone {id} ({})", o.device)
+                    if o.server.is_default() {
+                        format!("image clone {id} ({})", o.device)
+                    } else {
+                        format!("image clone {}/{id} ({})", o.server, o.device)
+                    }
                 }))
                 .collect();
-            vm.state_reason = format!("pdisk still holds {}", left.join(", "));
+            let mut servers: Vec<&str> = vm
+                .pending_unexports
+                .iter()
+                .map(|p| p.server.as_str())
+                .chain(vm.owned_volumes.iter().map(|o| o.server.as_str()))
+                .collect();
+            servers.sort();
+            servers.dedup();
+            vm.state_reason = format!(
+                "pdisk server {} still holds {}",
+                servers.join(", "),
+                left.join(", ")
+            );
             self.commit(&mut vm, &events)?;
             return Err(Error::unavailable(format!(
                 "vm {}: destroyed on this host, but {}; agentd retries until pdisk answers",

@@ -40,7 +40,7 @@ mod reconcile;
 #[cfg(test)]
 mod service_tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -50,9 +50,10 @@ use crate::attach::{AttachMode, KernelAttacher, KernelOptions};
 use crate::confine::{Confinement, QemuUsers, UidPool};
 use crate::journal::EventJournal;
 use crate::net::{HostNet, KernelNet};
+use crate::spec::ServerName;
 use crate::store::{AgentStore, Event, NewEvent, VmRecord};
 use crate::vmm::{HostVmm, QmpCommands, Vmm};
-use crate::volumes::{PdiskVolumes, VolumeClient};
+use crate::volumes::{PdiskServer, PdiskServers, PdiskVolumes, VolumeClient};
 use stratus_core::error::{Error, Result};
 use stratus_core::runner::CommandRunner;
 
@@ -72,11 +73,9 @@ pub struct AgentSettings {
     /// Mutual CHAP on pdisk disks: the target proves itself too (kernel
     /// initiator only; refused with QEMU's, see [`AttachMode::check_mutual_chap`]).
     pub chap_mutual: bool,
-    /// pdiskd's address (`https://`, `unix:` or loopback `http://`); None
-    /// when this host runs no pdisk disks.
-    pub pdisk_url: Option<String>,
-    /// This host's agent certificate, key and the cloud's CA, for pdiskd over mTLS.
-    pub pdisk_tls: Option<stratus_pki::TlsFiles>,
+    /// The pdisk servers, each with its address and TLS files; empty when
+    /// this host runs no pdisk disks.
+    pub pdisk: Vec<crate::config::PdiskServerSettings>,
     /// vCPUs promised to guests may reach host CPUs times this.
     pub cpu_overcommit: u32,
     /// Memory kept for the host itself.
@@ -107,8 +106,8 @@ pub struct AgentSettings {
 /// The host effects of the guest service, each behind its seam.
 #[derive(Clone)]
 pub struct HostEffects {
-    /// pdisk; None when this host runs no pdisk disks.
-    pub volumes: Option<Arc<dyn VolumeClient>>,
+    /// The pdisk servers by name; none when this host runs no pdisk disks.
+    pub volumes: BTreeMap<ServerName, Arc<dyn VolumeClient>>,
     pub net: Arc<dyn HostNet>,
     pub vmm: Arc<dyn Vmm>,
     /// The kernel iSCSI initiator's settings (its commands go through the
@@ -117,16 +116,15 @@ pub struct HostEffects {
 }
 
 impl HostEffects {
-    /// The real ones: pdiskd at `settings.pdisk_url`, the kernel's network,
-    /// QEMU through `runner`.
+    /// The real ones: the pdiskds of `settings.pdisk`, the kernel's
+    /// network, QEMU through `runner`.
     pub fn real(settings: &AgentSettings, runner: Arc<dyn CommandRunner>) -> Result<HostEffects> {
-        let volumes = match &settings.pdisk_url {
-            Some(url) => Some(Arc::new(PdiskVolumes::connect_lazy(
-                url,
-                settings.pdisk_tls.as_ref(),
-            )?) as Arc<dyn VolumeClient>),
-            None => None,
-        };
+        let mut volumes = BTreeMap::new();
+        for p in &settings.pdisk {
+            let client = PdiskVolumes::connect_lazy(&p.url, p.tls.as_ref())
+                .map_err(|e| Error::invalid(format!("pdisk server {}: {}", p.name, e.message())))?;
+            volumes.insert(p.name.clone(), Arc::new(client) as Arc<dyn VolumeClient>);
+        }
         let cgroups = settings.cgroup_parent.as_ref().and_then(|parent| {
             match crate::cgroup::GuestCgroups::open(parent) {
                 Ok(cg) => Some(cg),
@@ -151,7 +149,8 @@ pub struct Agent {
     runner: Arc<dyn CommandRunner>,
     settings: AgentSettings,
     host: HostFacts,
-    volumes: Option<Arc<dyn VolumeClient>>,
+    /// The pdisk servers, by name.
+    pdisk: PdiskServers,
     net: Arc<dyn HostNet>,
     /// Guests' taps' anti-spoofing rules (nftables, through the runner).
     filters: crate::net::NicFilters,
@@ -236,13 +235,21 @@ impl Agent {
         let usage = crate::usage::UsageBook::open(store.clone())?;
         let uids = UidPool::new(settings.qemu_users.clone());
         let filters = crate::net::NicFilters::new(runner.clone());
+        let pdisk = PdiskServers::new(effects.volumes, |name| {
+            settings
+                .pdisk
+                .iter()
+                .find(|p| &p.name == name)
+                .map(|p| p.url.clone())
+                .unwrap_or_default()
+        });
         Ok(Arc::new(Agent {
             journal: EventJournal::new(store.clone()),
             store,
             runner,
             settings,
             host,
-            volumes: effects.volumes,
+            pdisk,
             net: effects.net,
             filters,
             vmm: effects.vmm,
@@ -387,10 +394,14 @@ impl Agent {
         self.settings.state_dir.join("vms").join(id.to_string())
     }
 
-    fn pdisk(&self) -> Result<&dyn VolumeClient> {
-        self.volumes.as_deref().ok_or_else(|| {
-            Error::precondition("this agent has no pdisk server configured (--pdisk URL)")
-        })
+    /// The pdisk server `name`; see [`PdiskServers::get`].
+    fn pdisk(&self, name: &ServerName) -> Result<&PdiskServer> {
+        self.pdisk.get(name)
+    }
+
+    /// The pdisk servers.
+    pub(crate) fn pdisk_servers(&self) -> &PdiskServers {
+        &self.pdisk
     }
 
     pub(crate) fn qmp_of(&self, id: Uuid) -> Option<Arc<dyn QmpCommands>> {

@@ -24,6 +24,8 @@ use crate::vmm::Accel;
 struct Host {
     dir: tempfile::TempDir,
     pdisk: Arc<FakeVolumes>,
+    /// A second storage host, the agent's pdisk server "b".
+    pdisk_b: Arc<FakeVolumes>,
     net: Arc<FakeNet>,
     /// `nft`, behind the agent's command runner.
     nft: Arc<FakeNft>,
@@ -35,6 +37,9 @@ impl Host {
         let pdisk = FakeVolumes::new();
         pdisk.add_volume("root");
         pdisk.add_volume("data");
+        let pdisk_b = FakeVolumes::new();
+        pdisk_b.add_volume("root-b");
+        pdisk_b.add_volume("data-b");
         let net = FakeNet::new();
         Host {
             dir: {
@@ -43,6 +48,7 @@ impl Host {
                 d
             },
             pdisk,
+            pdisk_b,
             nft: FakeNft::new(net.clone()),
             net,
             vmm: FakeVmm::new(),
@@ -77,8 +83,7 @@ impl Host {
             initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
             attach: AttachMode::Qemu,
             chap_mutual: false,
-            pdisk_url: None,
-            pdisk_tls: None,
+            pdisk: Vec::new(),
             cpu_overcommit: 4,
             reserved_memory: 0,
             image_quota: None,
@@ -111,7 +116,11 @@ impl Host {
             settings,
             facts,
             HostEffects {
-                volumes: Some(self.pdisk.clone()),
+                volumes: [
+                    (crate::spec::ServerName::default(), self.pdisk.clone() as _),
+                    ("b".parse().unwrap(), self.pdisk_b.clone() as _),
+                ]
+                .into(),
                 net: self.net.clone(),
                 vmm: self.vmm.clone(),
                 kernel,
@@ -136,6 +145,10 @@ impl Host {
     /// Asserts that nothing of guest `vm` is attached on the host.
     fn assert_nothing_attached(&self, vm: &VmRecord, when: &str) {
         assert!(self.pdisk.exported().is_empty(), "{when}: exports left");
+        assert!(
+            self.pdisk_b.exported().is_empty(),
+            "{when}: exports left on b"
+        );
         assert!(self.net.taps().is_empty(), "{when}: taps left");
         assert!(self.nft.protected().is_empty(), "{when}: tap rules left");
         assert!(
@@ -181,6 +194,12 @@ fn small_spec(name: &str, volume: &str) -> VmSpec {
     s.disks[0].source = DiskSource::Pdisk(volume.parse().unwrap());
     s.nics.truncate(1);
     s
+}
+
+/// The volumes of exports left to undo (all on the default server here).
+fn uuids(exports: &[crate::store::PdiskExport]) -> Vec<String> {
+    assert!(exports.iter().all(|e| e.server.is_default()));
+    exports.iter().map(|e| e.volume.clone()).collect()
 }
 
 fn events_of(agent: &Agent, vm: &VmRecord) -> Vec<Event> {
@@ -431,7 +450,7 @@ async fn destroy_retries_an_unexport_it_could_not_do_until_it_is_done() {
     // Nothing runs on this host any more, but the record remembers the export.
     let vm = agent.get_vm("web1").unwrap();
     assert_eq!(vm.state, VmState::Destroying);
-    assert_eq!(vm.pending_unexports, exported);
+    assert_eq!(uuids(&vm.pending_unexports), exported);
     assert_eq!(host.pdisk.exported(), exported);
     assert!(host.net.taps().is_empty() && host.vmm.pids().is_empty());
     // It holds no capacity, and its name is still taken.
@@ -447,7 +466,10 @@ async fn destroy_retries_an_unexport_it_could_not_do_until_it_is_done() {
         report[0].starts_with("web1: destroy still unfinished"),
         "{report:?}"
     );
-    assert_eq!(agent.get_vm("web1").unwrap().pending_unexports, exported);
+    assert_eq!(
+        uuids(&agent.get_vm("web1").unwrap().pending_unexports),
+        exported
+    );
 
     // agentd restarts once pdisk answers: the destroy finishes at start.
     crash(agent).await;
@@ -484,6 +506,7 @@ async fn destroy_retries_an_image_clone_delete_on_the_timer() {
         device: "vda".into(),
         volume: clone,
         name: "vm-clone-vda".into(),
+        server: Default::default(),
     });
     agent.store().commit(&mut vm, &[]).unwrap();
     host.pdisk.failures.fail_times("delete_volume", 2);
@@ -556,7 +579,7 @@ async fn an_unexport_that_failed_at_stop_is_retried_and_never_undoes_a_new_start
         .await
         .unwrap();
     assert_eq!(vm.pending_unexports.len(), 1);
-    assert_eq!(host.pdisk.exported(), vm.pending_unexports);
+    assert_eq!(host.pdisk.exported(), uuids(&vm.pending_unexports));
 
     // Started again before the retry: the export is the guest's again.
     let vm = agent.start_vm("web1").await.unwrap();
@@ -954,6 +977,7 @@ fn image_spec(name: &str, sha: &str) -> VmSpec {
         },
         size: 0,
         local: false,
+        server: Default::default(),
     };
     s
 }
@@ -1294,3 +1318,6 @@ async fn turning_chap_mutual_on_names_the_running_disks_still_on_one_way_chap() 
     );
     assert_eq!(agent.get_vm("web1").unwrap().state, VmState::Running);
 }
+
+#[path = "servers_tests.rs"]
+mod servers_tests;

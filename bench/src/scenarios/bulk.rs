@@ -77,6 +77,7 @@ async fn measure(
 ) -> anyhow::Result<Measured> {
     let mut c = guests::connect(&url).await?;
     c.pull_image(pb::PullImageRequest {
+        server: String::new(),
         request_id: String::new(),
         image: Some(pb::ImageRef {
             url: image.url.clone(),

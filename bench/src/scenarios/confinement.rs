@@ -72,6 +72,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
 /// an export and a QEMU.
 async fn pull(c: &mut Agent, image: &Image) -> anyhow::Result<()> {
     c.pull_image(pb::PullImageRequest {
+        server: String::new(),
         request_id: String::new(),
         image: Some(pb::ImageRef {
             url: image.url.clone(),

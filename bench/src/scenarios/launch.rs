@@ -122,6 +122,7 @@ async fn prepare(c: &mut Agent, sha256: &str, cached: bool) -> anyhow::Result<()
     if !cached {
         let evicted = c
             .evict_image(pb::EvictImageRequest {
+                server: String::new(),
                 request_id: String::new(),
                 sha256: sha256.to_string(),
                 local: true,

@@ -124,6 +124,7 @@ pub(crate) async fn pull_base(places: &Places, url: String) -> anyhow::Result<St
         let mut c = VmServiceClient::new(channel(&places.agent_url)?);
         let image = c
             .pull_image(pb::PullImageRequest {
+                server: String::new(),
                 image: Some(pb::ImageRef {
                     url,
                     sha256: places.image_sha.clone(),

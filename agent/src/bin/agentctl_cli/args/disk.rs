@@ -1,10 +1,11 @@
-//! `vm create --disk`: `pdisk:VOLUME`, `file:PATH` or `image:URL,sha256=HEX`
-//! and their options.
+//! `vm create --disk`: `pdisk:[SERVER/]VOLUME`, `file:PATH` or
+//! `image:URL,sha256=HEX` and their options.
 
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use agent::images::{DeclaredFormat, ImageRef, Sha256};
+use agent::spec::ServerName;
 use stratus_core::cli::args::Ref;
 use stratus_core::types::ByteSize;
 
@@ -37,8 +38,8 @@ pub struct ImageDisk {
     pub local: bool,
 }
 
-/// One `--disk`: `pdisk:VOLUME`, `file:PATH` or `image:URL,sha256=HEX`, then
-/// options (`ro`, `boot=N`; for images also `size=`, `local`, `format=`,
+/// One `--disk`: `pdisk:[SERVER/]VOLUME`, `file:PATH` or `image:URL,sha256=HEX`, then
+/// options (`ro`, `boot=N`; for images also `size=`, `local`, `server=`, `format=`,
 /// `endorser=`, `endorsement=TOKEN|@FILE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskArg {
@@ -47,11 +48,14 @@ pub struct DiskArg {
     /// Place in the boot order, 1 first; `None`: not bootable unless no disk
     /// has one (then the first disk boots).
     pub boot: Option<u32>,
+    /// The agent's pdisk server the volume is on (`pdisk:SERVER/VOLUME`) or
+    /// an image clone is made on (`server=`); `None`: the default one.
+    pub server: Option<ServerName>,
 }
 
 /// The options of an `image:` disk, as `--disk` usage errors list them.
 pub(super) const IMAGE_OPTIONS: &str =
-    "sha256=HEX, size=SIZE, local, format=raw|qcow2|auto, endorser=NAME, \
+    "sha256=HEX, size=SIZE, local, server=NAME, format=raw|qcow2|auto, endorser=NAME, \
      endorsement=TOKEN|@FILE, ro or boot=N";
 
 /// Why a URL cannot be given with a ',' in it, and what to do instead.
@@ -68,6 +72,7 @@ pub(super) struct DiskOptions<'a> {
     format: Option<DeclaredFormat>,
     endorser: Option<&'a str>,
     endorsement: Option<String>,
+    server: Option<ServerName>,
 }
 
 impl<'a> DiskOptions<'a> {
@@ -88,6 +93,7 @@ impl<'a> DiskOptions<'a> {
                 "format" => Some("raw|qcow2|auto"),
                 "endorser" => Some("NAME"),
                 "endorsement" => Some("TOKEN|@FILE"),
+                "server" => Some("NAME"),
                 _ => return Err(unknown_disk_option(option, image)),
             };
             if !image && !matches!(key, "ro" | "boot") {
@@ -131,6 +137,7 @@ impl<'a> DiskOptions<'a> {
                 }
                 "endorser" => o.endorser = Some(value),
                 "endorsement" => o.endorsement = Some(super::image::endorsement_arg(value)?),
+                "server" => o.server = Some(server_arg(value)?),
                 _ => unreachable!("option {key} is known"),
             }
         }
@@ -163,6 +170,11 @@ pub(super) fn image_size(s: &str) -> Result<ByteSize, String> {
         .map_err(|e| format!("size={s}: {e} (leave size= out for the image's own size)"))
 }
 
+/// A pdisk server's name, as agentd checks it.
+pub(super) fn server_arg(s: &str) -> Result<ServerName, String> {
+    s.parse::<ServerName>().map_err(|e| e.message().to_owned())
+}
+
 impl FromStr for DiskArg {
     type Err = String;
     fn from_str(s: &str) -> Result<DiskArg, String> {
@@ -170,16 +182,27 @@ impl FromStr for DiskArg {
         let first = parts.next().unwrap_or_default();
         let Some((kind, what)) = first.split_once(':') else {
             return Err(format!(
-                "{s:?} has no source: use pdisk:VOLUME, file:PATH or image:URL,sha256=HEX, \
+                "{s:?} has no source: use pdisk:[SERVER/]VOLUME, file:PATH or image:URL,sha256=HEX, \
                  optionally followed by ,ro and ,boot=N"
             ));
         };
         let image = kind == "image";
+        let mut server = None;
         let source = match kind {
-            "pdisk" => Some(DiskSource::Pdisk(
-                what.parse()
-                    .map_err(|e| format!("pdisk volume {what:?}: {e}"))?,
-            )),
+            "pdisk" => {
+                let volume = match what.split_once('/') {
+                    Some((name, volume)) => {
+                        server = Some(server_arg(name)?);
+                        volume
+                    }
+                    None => what,
+                };
+                Some(DiskSource::Pdisk(
+                    volume
+                        .parse()
+                        .map_err(|e| format!("pdisk volume {volume:?}: {e}"))?,
+                ))
+            }
             "file" => Some(DiskSource::File(host_path(what)?)),
             // Built once its options are known.
             "image" if what.is_empty() => {
@@ -188,12 +211,21 @@ impl FromStr for DiskArg {
             "image" => None,
             other => {
                 return Err(format!(
-                    "unknown disk source {other:?}: use pdisk:VOLUME, file:PATH or \
+                    "unknown disk source {other:?}: use pdisk:[SERVER/]VOLUME, file:PATH or \
                      image:URL,sha256=HEX"
                 ))
             }
         };
         let o = DiskOptions::parse(parts, image)?;
+        if let Some(s) = &o.server {
+            if o.local {
+                return Err(format!(
+                    "server={s}: a local image disk lives on this host; server= is for \
+                     clone disks"
+                ));
+            }
+            server = Some(s.clone());
+        }
         let source = match source {
             Some(source) => source,
             None => {
@@ -222,6 +254,7 @@ impl FromStr for DiskArg {
             source,
             read_only: o.read_only,
             boot: o.boot,
+            server,
         })
     }
 }

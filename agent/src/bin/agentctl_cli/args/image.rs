@@ -48,6 +48,11 @@ pub struct PullArgs {
     /// Also import the image into a pdisk base volume (for clone disks).
     #[arg(long)]
     pub pdisk: bool,
+
+    /// The agent's pdisk server to import it into (with --pdisk)
+    /// [default: the server named default]
+    #[arg(long, value_name = "NAME", requires = "pdisk", value_parser = super::disk::server_arg)]
+    pub server: Option<agent::spec::ServerName>,
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +69,11 @@ pub struct RmArgs {
     /// Only the pdisk base volume.
     #[arg(long)]
     pub pdisk: bool,
+
+    /// The agent's pdisk server whose base volume goes
+    /// [default: the server named default]
+    #[arg(long, value_name = "NAME", value_parser = super::disk::server_arg)]
+    pub server: Option<agent::spec::ServerName>,
 }
 
 impl PullArgs {
@@ -82,6 +92,11 @@ impl PullArgs {
             request_id: String::new(),
             image: Some(image_pb(&image)),
             to_pdisk: self.pdisk,
+            server: self
+                .server
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
         })
     }
 }

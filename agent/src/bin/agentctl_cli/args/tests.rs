@@ -780,3 +780,35 @@ fn usage_times_are_unix_seconds_or_rfc3339_and_apel_is_the_default() {
         (UsageFormat::Csv, "web1".to_string())
     );
 }
+
+#[test]
+fn pdisk_disks_name_their_server() {
+    let s = spec(&[
+        "--disk",
+        "pdisk:store-b/web1-root",
+        "--disk",
+        "pdisk:web1-data",
+        "--disk",
+        &format!("image:https://h/a.img,sha256={SHA},server=store-b"),
+    ])
+    .unwrap();
+    let servers: Vec<&str> = s.disks.iter().map(|d| d.server.as_str()).collect();
+    assert_eq!(servers, ["store-b", "", "store-b"]);
+    assert_eq!(
+        s.disks[0].source,
+        Some(disk_spec::Source::PdiskVolume("web1-root".into()))
+    );
+    for (disk, words) in [
+        ("pdisk:Store/x".to_owned(), "pdisk server name \"Store\""),
+        ("pdisk:/x".to_owned(), "pdisk server name \"\""),
+        ("pdisk:b/".to_owned(), "pdisk volume \"\""),
+        (
+            format!("image:https://h/a.img,sha256={SHA},local,server=b"),
+            "server= is for clone disks",
+        ),
+        ("file:/a.img,server=b".to_owned(), "only for image disks"),
+    ] {
+        let e = image_disk(&disk).unwrap_err();
+        assert!(e.contains(words), "{disk}: {e}");
+    }
+}

@@ -129,15 +129,18 @@ pub struct CreateArgs {
     #[arg(long, value_name = "SIZE", value_parser = memory)]
     pub memory: ByteSize,
 
-    /// A disk, in device order (vda, vdb, ...): pdisk:VOLUME, file:PATH or
-    /// image:URL,sha256=HEX, then ",ro" for read-only and ",boot=N" for its
-    /// place in the boot order (1 first). Without any boot=, the first disk
-    /// boots. Repeat for several.
+    /// A disk, in device order (vda, vdb, ...): pdisk:[SERVER/]VOLUME,
+    /// file:PATH or image:URL,sha256=HEX, then ",ro" for read-only and
+    /// ",boot=N" for its place in the boot order (1 first). Without any
+    /// boot=, the first disk boots. Repeat for several. SERVER is one of
+    /// the agent's pdisk servers (agentd --pdisk NAME=URL; none: the
+    /// default one).
     ///
     /// An image disk is fetched once per host from its http://, https:// or
     /// file:/// URL and must hash to the SHA-256 given (64 hex digits). By
     /// default the guest gets its own pdisk clone of the image; ",local"
     /// makes it an ephemeral overlay on this host's cached copy instead.
+    /// ",server=NAME" makes the clone on that pdisk server;
     /// ",size=SIZE" grows the disk beyond the image's size;
     /// ",format=raw|qcow2|auto" (default auto) and ",endorser=NAME" are
     /// checked by the agent. The URL cannot contain ',': write it as %2C.
@@ -320,6 +323,7 @@ impl CreateArgs {
                         None if first_boots && i == 0 => 1,
                         None => 0,
                     },
+                    server: d.server.as_ref().map(|s| s.to_string()).unwrap_or_default(),
                     ..DiskSpec::default()
                 };
                 disk.source = Some(match &d.source {

@@ -1,4 +1,5 @@
-//! The host: capacity, accelerator, versions, initiator and VM counts.
+//! The host: capacity, accelerator, versions, initiator, pdisk servers
+//! and VM counts.
 
 use serde_json::{json, Value};
 use stratus_core::cli::failure::one_line;
@@ -23,6 +24,13 @@ pub fn host_json(h: &Host) -> Value {
         "running_vms": h.running_vms,
         "last_event_seq": h.last_event_seq,
         "pdisk_server": h.pdisk_server,
+        "pdisk_servers": h.pdisk_servers.iter().map(|s| json!({
+            "name": s.name,
+            "url": s.url,
+            "reachable": s.reachable,
+            "last_error": s.last_error,
+            "last_error_at": s.last_error_at,
+        })).collect::<Vec<_>>(),
         "qemu_confinement": h.qemu_confinement,
         "qemu_privilege_option": h.qemu_privilege_option,
         "qemu_seccomp": h.qemu_seccomp,
@@ -39,7 +47,31 @@ pub fn host_view(h: &Host) -> String {
             one_line(&h.accelerator_reason)
         )
     };
-    fields(&[
+    // One line per pdisk server: its address and state.
+    let servers: Vec<(String, String)> = h
+        .pdisk_servers
+        .iter()
+        .map(|s| {
+            let state = match (s.reachable, s.last_error.as_str()) {
+                (true, "") => "reachable".to_owned(),
+                (true, e) => format!(
+                    "reachable (last error {}: {})",
+                    or_none(&s.last_error_at),
+                    one_line(e)
+                ),
+                (false, e) => format!(
+                    "UNREACHABLE ({}: {})",
+                    or_none(&s.last_error_at),
+                    one_line(e)
+                ),
+            };
+            (
+                format!("pdisk {}", s.name),
+                format!("{}, {state}", or_none(&s.url)),
+            )
+        })
+        .collect();
+    let mut pairs: Vec<(&str, String)> = vec![
         ("hostname", or_none(&h.hostname)),
         ("cpus", h.cpus.to_string()),
         ("memory", size(h.memory_bytes)),
@@ -66,8 +98,12 @@ pub fn host_view(h: &Host) -> String {
         ),
         ("agent", or_none(&h.agent_version)),
         ("initiator", or_none(&h.initiator_iqn)),
-        ("pdisk server", or_none(&h.pdisk_server)),
-        ("vms", format!("{} ({} running)", h.vm_count, h.running_vms)),
-        ("last event", h.last_event_seq.to_string()),
-    ])
+    ];
+    if servers.is_empty() {
+        pairs.push(("pdisk server", or_none(&h.pdisk_server)));
+    }
+    pairs.extend(servers.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    pairs.push(("vms", format!("{} ({} running)", h.vm_count, h.running_vms)));
+    pairs.push(("last event", h.last_event_seq.to_string()));
+    fields(&pairs)
 }

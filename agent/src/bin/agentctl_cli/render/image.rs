@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 use stratus_core::cli::{fields, Table};
-use stratus_proto::agent::v1::CachedImage;
+use stratus_proto::agent::v1::{CachedImage, PdiskServer};
 
 use super::{or_none, short, size};
 
@@ -13,6 +13,7 @@ pub fn cached_image_json(c: &CachedImage) -> Value {
         "size_bytes": c.size_bytes,
         "format": c.format,
         "location": c.location,
+        "server": c.server,
         "volume": c.volume,
         "users": c.users,
         "last_used": c.last_used,
@@ -21,16 +22,32 @@ pub fn cached_image_json(c: &CachedImage) -> Value {
     })
 }
 
-pub fn images_json(cs: &[CachedImage]) -> Value {
-    json!({ "images": cs.iter().map(cached_image_json).collect::<Vec<_>>() })
+/// The image list, and the pdisk servers whose bases it lacks.
+pub fn images_json(cs: &[CachedImage], unreachable: &[PdiskServer]) -> Value {
+    json!({
+        "images": cs.iter().map(cached_image_json).collect::<Vec<_>>(),
+        "unreachable_servers": unreachable.iter().map(|s| json!({
+            "name": s.name,
+            "error": s.last_error,
+        })).collect::<Vec<_>>(),
+    })
 }
 
-/// Where a copy of an image is, in words: "the local cache", "pdisk volume X".
+/// A pdisk copy's server when it is not the default one: " on pdisk server B".
+fn on_server(c: &CachedImage) -> String {
+    match c.server.as_str() {
+        "" | "default" => String::new(),
+        s => format!(" on pdisk server {s}"),
+    }
+}
+
+/// Where a copy of an image is, in words: "the local cache", "pdisk volume
+/// X" (and its server unless the default one).
 pub(super) fn location_text(c: &CachedImage) -> String {
     match c.location.as_str() {
         "local" => "the local cache".to_owned(),
-        "pdisk" if c.volume.is_empty() => "pdisk".to_owned(),
-        "pdisk" => format!("pdisk volume {}", c.volume),
+        "pdisk" if c.volume.is_empty() => format!("pdisk{}", on_server(c)),
+        "pdisk" => format!("pdisk volume {}{}", c.volume, on_server(c)),
         "" => "an unknown place".to_owned(),
         other => other.to_owned(),
     }
@@ -48,7 +65,7 @@ pub fn image_view(c: &CachedImage) -> String {
         ("sha256", or_none(&c.sha256)),
         ("url", or_none(&c.url)),
         ("location", or_none(&c.location)),
-        ("volume", or_none(&c.volume)),
+        ("volume", format!("{}{}", or_none(&c.volume), on_server(c))),
         ("size", size(c.size_bytes)),
         ("format", or_none(&c.format)),
         ("users", format!("{} {users}", c.users)),
@@ -68,8 +85,10 @@ fn endorsed(c: &CachedImage) -> String {
 }
 
 /// `image list`: one row per copy (an image both cached here and imported
-/// into pdisk has two), the URL last as the widest column.
-pub fn images_table(cs: &[CachedImage]) -> String {
+/// into pdisk has two; a pdisk copy on a server other than the default one
+/// is located `pdisk:SERVER`), the URL last as the widest column; then a
+/// line per pdisk server that could not be listed.
+pub fn images_table(cs: &[CachedImage], unreachable: &[PdiskServer]) -> String {
     let mut t = Table::new([
         "SHA256",
         "LOCATION",
@@ -84,7 +103,10 @@ pub fn images_table(cs: &[CachedImage]) -> String {
     for c in cs {
         t.row([
             or_none(&short(&c.sha256, 16)),
-            or_none(&c.location),
+            match (c.location.as_str(), c.server.as_str()) {
+                ("pdisk", s) if !s.is_empty() && s != "default" => format!("pdisk:{s}"),
+                _ => or_none(&c.location),
+            },
             or_none(&c.volume),
             size(c.size_bytes),
             or_none(&c.format),
@@ -94,7 +116,15 @@ pub fn images_table(cs: &[CachedImage]) -> String {
             or_none(&c.url),
         ]);
     }
-    t.render()
+    let mut out = t.render();
+    for s in unreachable {
+        out.push_str(&format!(
+            "pdisk server {} could not be listed (its image bases are missing above): {}\n",
+            s.name,
+            stratus_core::cli::failure::one_line(&s.last_error)
+        ));
+    }
+    out
 }
 
 /// `image rm`: the checksum asked for and the copies removed.

@@ -273,6 +273,7 @@ fn image_vm() -> Vm {
     let mut v = vm();
     let disks = &mut v.spec.as_mut().unwrap().disks;
     disks[0] = DiskSpec {
+        server: String::new(),
         source: Some(disk_spec::Source::Image(ImageRef {
             url: "https://img.example/deb.qcow2".into(),
             sha256: SHA.into(),
@@ -343,6 +344,7 @@ fn image_disks_show_url_checksum_size_and_persistence() {
 fn images() -> Vec<CachedImage> {
     vec![
         CachedImage {
+            server: String::new(),
             sha256: SHA.into(),
             url: "https://img.example/deb.qcow2".into(),
             size_bytes: 2 << 30,
@@ -355,6 +357,7 @@ fn images() -> Vec<CachedImage> {
             endorser_key: "ed25519:KEY".into(),
         },
         CachedImage {
+            server: String::new(),
             sha256: SHA.into(),
             url: String::new(),
             size_bytes: 2 << 30,
@@ -372,7 +375,7 @@ fn images() -> Vec<CachedImage> {
 #[test]
 fn images_list_as_a_table_and_json() {
     assert_eq!(
-        images_table(&images()),
+        images_table(&images(), &[]),
         "SHA256            LOCATION  VOLUME              SIZE  FORMAT  USERS  \
              LAST USED             ENDORSED BY      URL\n\
              9f86d081884c7d65  local     -                   2G    qcow2   2      \
@@ -381,10 +384,10 @@ fn images_list_as_a_table_and_json() {
              2026-11-01T09:00:00Z  -                -\n"
     );
     assert_eq!(
-        images_table(&[]),
+        images_table(&[], &[]),
         "SHA256  LOCATION  VOLUME  SIZE  FORMAT  USERS  LAST USED  ENDORSED BY  URL\n"
     );
-    let j = images_json(&images());
+    let j = images_json(&images(), &[]);
     assert_eq!(j["images"][0]["sha256"], SHA);
     assert_eq!(j["images"][0]["size_bytes"], 2u64 << 30);
     assert_eq!(j["images"][0]["users"], 2);
@@ -510,6 +513,7 @@ fn image_events_show_checksum_and_progress() {
 #[test]
 fn host_shows_capacity_and_accelerator() {
     let h = Host {
+        pdisk_servers: Vec::new(),
         hostname: "hv1".into(),
         cpus: 8,
         memory_bytes: 32 << 30,
@@ -548,4 +552,72 @@ fn host_shows_capacity_and_accelerator() {
         "{text}"
     );
     assert!(text.contains("qemu offers:   -runas, seccomp\n"), "{text}");
+
+    // Several pdisk servers: a line each with its address and state.
+    let h = Host {
+        pdisk_server: "https://192.0.2.10:7400".into(),
+        pdisk_servers: vec![
+            stratus_proto::agent::v1::PdiskServer {
+                name: "default".into(),
+                url: "https://192.0.2.10:7400".into(),
+                reachable: true,
+                ..Default::default()
+            },
+            stratus_proto::agent::v1::PdiskServer {
+                name: "store-b".into(),
+                url: "https://192.0.2.11:7400".into(),
+                reachable: false,
+                last_error: "probe: tcp connect error\nrefused".into(),
+                last_error_at: "2026-12-03T23:00:00Z".into(),
+            },
+        ],
+        ..h
+    };
+    let text = host_view(&h);
+    assert!(
+        text.contains("pdisk default:  https://192.0.2.10:7400, reachable\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "pdisk store-b:  https://192.0.2.11:7400, UNREACHABLE (2026-12-03T23:00:00Z: \
+             probe: tcp connect error refused)\n"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("pdisk server:"), "{text}");
+    let j = host_json(&h);
+    assert_eq!(j["pdisk_servers"][1]["name"], "store-b");
+    assert_eq!(j["pdisk_servers"][1]["reachable"], false);
+    assert_eq!(j["pdisk_servers"][0]["reachable"], true);
+}
+
+#[test]
+fn images_on_other_pdisk_servers_and_unreachable_ones_are_named() {
+    let mut on_b = images().remove(1);
+    on_b.server = "store-b".into();
+    let down = stratus_proto::agent::v1::PdiskServer {
+        name: "store-c".into(),
+        reachable: false,
+        last_error: "listing pdisk volumes: pdisk server store-c unavailable: refused".into(),
+        ..Default::default()
+    };
+    let text = images_table(std::slice::from_ref(&on_b), std::slice::from_ref(&down));
+    assert!(
+        text.contains("  pdisk:store-b  image-9f86d081884c  "),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(
+            "pdisk server store-c could not be listed (its image bases are missing above): \
+             listing pdisk volumes: pdisk server store-c unavailable: refused\n"
+        ),
+        "{text}"
+    );
+    let j = images_json(std::slice::from_ref(&on_b), &[down]);
+    assert_eq!(j["images"][0]["server"], "store-b");
+    assert_eq!(j["unreachable_servers"][0]["name"], "store-c");
+    assert!(
+        image_view(&on_b).contains("volume:       image-9f86d081884c on pdisk server store-b\n")
+    );
 }
