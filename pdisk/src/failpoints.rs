@@ -6,8 +6,10 @@
 //! other actions (`sleep`, `pause`, `panic`) behave as the `fail` crate
 //! documents. Without the feature every point is an empty inline function.
 //!
-//! Every name is listed in [`POINTS`], which the fault-injection test
-//! (`pdisk/tests/faults.rs`) walks, so a new point must be added there.
+//! Every name is listed in [`POINTS`], which the fault-injection tests
+//! walk (`pdisk/tests/faults.rs` every group but `purge`, which needs a
+//! volume in quarantine and is walked by `pdisk/tests/quarantine.rs`), so a
+//! new point must be added there.
 
 /// The exit status of a crash point, so tests can tell it from a failure.
 pub const CRASH_EXIT_CODE: i32 = 86;
