@@ -41,6 +41,10 @@ pub struct Flags {
     #[command(flatten)]
     #[serde(flatten)]
     pub nats: NatsFlags,
+    /// RBD disks: the cephx user, keyring and client conf (`--ceph-id`...).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub ceph: crate::rbd::CephFlags,
     /// Directory of the agent's state and guest files [default: /var/lib/stratus-agent]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -183,6 +187,8 @@ pub struct Config {
     pub attach: AttachMode,
     /// Mutual CHAP on pdisk disks (only with the kernel initiator).
     pub chap_mutual: bool,
+    /// This host as a Ceph client, for pdisk disks on RBD.
+    pub ceph: crate::rbd::CephClient,
     pub initiator_iqn: Iqn,
     pub cpu_overcommit: u32,
     pub reserved_memory: u64,
@@ -359,6 +365,7 @@ impl Flags {
             accel: pick!(accel, AccelChoice::Auto),
             attach: pick!(attach, AttachMode::Qemu),
             chap_mutual: self.chap_mutual || file.chap_mutual,
+            ceph: self.ceph.resolve(&file.ceph)?,
             initiator_iqn: iqn
                 .parse()
                 .map_err(|e| Error::invalid(format!("initiator-iqn: {e}")))?,

@@ -137,6 +137,9 @@ pub struct FakeVolumes {
     /// The whole server is unreachable: every call fails Unavailable (as
     /// when its host is down), and is still recorded.
     down: std::sync::atomic::AtomicBool,
+    /// Set: a pool of RBD images (pdiskd --backend rbd). Exports answer
+    /// this attachment, its image the volume's `pd-vol-UUID`, and no target.
+    pub export_rbd: Mutex<Option<pdpb::RbdAttachment>>,
 }
 
 #[derive(Default)]
@@ -294,6 +297,18 @@ impl VolumeClient for FakeVolumes {
             let id = st.resolve_in(&req.volume, &req.project)?;
             let name = st.volumes[&id].name.clone();
             st.exported.insert(id.clone());
+            if let Some(mut rbd) = self.export_rbd.lock().unwrap().clone() {
+                rbd.image = format!("pd-vol-{id}");
+                return Ok(pdpb::Export {
+                    url: format!("rbd:{}/{}", rbd.pool, rbd.image),
+                    volume_uuid: id,
+                    volume_name: name,
+                    initiators: req.initiators,
+                    exporter: "rbd".into(),
+                    rbd: Some(rbd),
+                    ..Default::default()
+                });
+            }
             let target_iqn = format!("iqn.2026-11.io.stratus.pdisk:{name}");
             Ok(pdpb::Export {
                 volume_uuid: id,

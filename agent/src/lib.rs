@@ -51,6 +51,7 @@ pub mod metrics;
 pub mod net;
 pub mod publisher;
 pub mod qmp;
+pub mod rbd;
 pub mod seed;
 pub(crate) mod service;
 pub mod spec;

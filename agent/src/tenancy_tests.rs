@@ -46,6 +46,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             attach: AttachMode::Qemu,
             chap_mutual: false,
             pdisk: Vec::new(),
+            ceph: Default::default(),
             cpu_overcommit: 4,
             reserved_memory: 0,
             image_quota: None,

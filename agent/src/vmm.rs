@@ -14,9 +14,11 @@
 //! init), and agentd re-adopts them through the recorded pid and their QMP
 //! socket.
 //! Disks are `-blockdev` nodes written as JSON (no comma-escaping of paths)
-//! behind `virtio-blk-pci`: QEMU's own iSCSI initiator, files, or block
+//! behind `virtio-blk-pci`: QEMU's own iSCSI initiator, files, block
 //! devices the kernel's initiator attached (`host_device`, see `attach`;
-//! opened by QEMU as the guest's user, who owns the device node).
+//! opened by QEMU as the guest's user, who owns the device node), or RBD
+//! images through QEMU's rbd driver (the cephx key a sealed memfd like a
+//! CHAP secret; see `crate::rbd`).
 //!
 //! The guest service reaches all of this through [`Vmm`] (launch, find,
 //! signal, QMP connect) and [`QmpCommands`] (what it asks a running QEMU);
@@ -359,6 +361,9 @@ pub enum DiskBackend {
     /// A host block device: an iSCSI LUN the kernel's initiator attached
     /// (`/dev/sdX`), raw.
     HostDevice { path: PathBuf },
+    /// An RBD image opened by QEMU's own rbd driver; its cephx key and
+    /// client conf reach QEMU as sealed memfds (see [`crate::rbd`]).
+    Rbd(crate::rbd::RbdDisk),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -518,6 +523,41 @@ impl LaunchPlan {
                         "read-only": d.read_only,
                         "file": self.file_node(path, &a.fdset(fd, node)),
                         "backing": backing,
+                    })
+                }
+                DiskBackend::Rbd(r) => {
+                    // The key: a secret object reading a sealed memfd, in
+                    // base64 (the driver hands librados the raw key's
+                    // base64 itself). The conf: a memfd too, so librados
+                    // reads no ceph.conf of the host's.
+                    let id = format!("ceph-{node}");
+                    let key = fds.secret(r.key.base64().as_bytes())?;
+                    a.push(&[
+                        "-object",
+                        &format!("secret,id={id},file=/proc/self/fd/{key},format=base64"),
+                    ]);
+                    let conf = fds.secret(&r.conf)?;
+                    let servers: Vec<serde_json::Value> = r
+                        .monitors
+                        .iter()
+                        .map(|m| json!({"host": m.host, "port": m.port.to_string()}))
+                        .collect();
+                    json!({
+                        "driver": "raw",
+                        "node-name": node,
+                        "read-only": d.read_only,
+                        "file": {
+                            "driver": "rbd",
+                            "pool": r.pool,
+                            "image": r.image,
+                            "user": r.user,
+                            "key-secret": id,
+                            "conf": format!("/proc/self/fd/{conf}"),
+                            "server": servers,
+                            // librbd's writeback cache; guest flushes
+                            // reach the OSDs (see crate::rbd).
+                            "cache": {"direct": false, "no-flush": false},
+                        },
                     })
                 }
                 DiskBackend::HostDevice { path } => {
@@ -730,7 +770,7 @@ fn guard_disks(plan: &LaunchPlan, c: &Confinement) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for d in &plan.disks {
         match &d.backend {
-            DiskBackend::Iscsi { .. } => {}
+            DiskBackend::Iscsi { .. } | DiskBackend::Rbd(_) => {}
             DiskBackend::RawFile { path } | DiskBackend::Overlay { path, .. } => {
                 let meta = std::fs::metadata(path).map_err(|e| Error::io(path.display(), e))?;
                 let mode = meta.permissions().mode() & 0o7777;

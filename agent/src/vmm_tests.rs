@@ -235,3 +235,64 @@ fn our_own_process_is_not_a_guest() {
     assert!(!is_our_qemu(std::process::id(), Uuid::new_v4()));
     assert!(!is_our_qemu(u32::MAX - 1, Uuid::new_v4()));
 }
+
+#[test]
+fn an_rbd_disk_is_qemus_rbd_driver_with_key_and_conf_from_memfds() {
+    use crate::rbd::{CephClient, RbdDisk};
+    const KEY: &str = "AQB37hFrNEJkMhAAqUs+QZS9zmTGOfQGD4T7xg==";
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("k");
+    std::fs::write(&keyring, format!("[client.compute]\nkey = {KEY}\n")).unwrap();
+    let disk = RbdDisk::from_attachment(
+        &stratus_proto::pdisk::v1::RbdAttachment {
+            monitors: vec!["10.0.0.7:6789".into(), "10.0.0.8:6789".into()],
+            pool: "pdisk".into(),
+            image: "pd-vol-x".into(),
+            user: "compute".into(),
+            secret_ref: "keyring:client.compute".into(),
+            cluster_fsid: String::new(),
+        },
+        &CephClient {
+            keyring: Some(keyring),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut p = plan();
+    p.disks = vec![PlannedDisk {
+        device: "vda".into(),
+        backend: DiskBackend::Rbd(disk),
+        read_only: false,
+        boot_index: 1,
+    }];
+    let (a, fds) = argv_of(&p);
+    let line = a.join(" ");
+    assert!(!line.contains(KEY), "{line}");
+    // Console 100, QMP 101, then the key and the (empty) conf.
+    assert!(
+        line.contains("-object secret,id=ceph-vda,file=/proc/self/fd/102,format=base64"),
+        "{line}"
+    );
+    assert_eq!(fds["102"], format!("secret:{}", KEY.len()));
+    assert_eq!(fds["103"], "secret:0");
+    let i = a.iter().position(|x| x == "-blockdev").unwrap();
+    let node: serde_json::Value = serde_json::from_str(&a[i + 1]).unwrap();
+    assert_eq!(
+        node["file"],
+        serde_json::json!({
+            "driver": "rbd",
+            "pool": "pdisk",
+            "image": "pd-vol-x",
+            "user": "compute",
+            "key-secret": "ceph-vda",
+            "conf": "/proc/self/fd/103",
+            "server": [
+                {"host": "10.0.0.7", "port": "6789"},
+                {"host": "10.0.0.8", "port": "6789"},
+            ],
+            "cache": {"direct": false, "no-flush": false},
+        })
+    );
+    assert_eq!(node["driver"], "raw");
+    assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1"));
+}

@@ -63,6 +63,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             attach: cfg.attach,
             chap_mutual: cfg.chap_mutual,
             pdisk: cfg.pdisk.clone(),
+            ceph: cfg.ceph.clone(),
             cpu_overcommit: cfg.cpu_overcommit,
             reserved_memory: cfg.reserved_memory,
             image_quota: Some(cfg.image_quota),
@@ -82,6 +83,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         // Fail at start, not at the first guest, when open-iscsi is missing.
         let version = agent.kernel_initiator().probe().await?;
         tracing::info!(iscsiadm = %version, "kernel iSCSI initiator");
+    }
+    // Fail at start, not at the first guest, when --ceph-id's key is missing.
+    if let Some(client) = cfg.ceph.check()? {
+        tracing::info!(client = %client, "ceph client for RBD disks");
     }
     let report = agent.reconcile().await.context("reconciling")?;
     tracing::info!(actions = report.len(), "start-up reconciliation done");

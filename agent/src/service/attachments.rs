@@ -345,6 +345,12 @@ impl Agent {
             mode: AttachMode::Qemu,
             kernel: None,
         };
+        if let Some(rbd) = &e.rbd {
+            // An RBD volume: no target. QEMU's rbd driver opens it with
+            // this host's key, whatever --attach says (no krbd mapping).
+            let disk = crate::rbd::RbdDisk::from_attachment(rbd, &self.settings.ceph)?;
+            return Ok((DiskBackend::Rbd(disk), att));
+        }
         if !kernel {
             let backend = DiskBackend::Iscsi {
                 portal: e.portal,

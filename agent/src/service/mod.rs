@@ -73,6 +73,8 @@ pub struct AgentSettings {
     /// Mutual CHAP on pdisk disks: the target proves itself too (kernel
     /// initiator only; refused with QEMU's, see [`AttachMode::check_mutual_chap`]).
     pub chap_mutual: bool,
+    /// This host as a Ceph client: pdisk disks on RBD (`crate::rbd`).
+    pub ceph: crate::rbd::CephClient,
     /// The pdisk servers, each with its address and TLS files; empty when
     /// this host runs no pdisk disks.
     pub pdisk: Vec<crate::config::PdiskServerSettings>,

@@ -84,6 +84,7 @@ impl Host {
             attach: AttachMode::Qemu,
             chap_mutual: false,
             pdisk: Vec::new(),
+            ceph: Default::default(),
             cpu_overcommit: 4,
             reserved_memory: 0,
             image_quota: None,
@@ -1317,6 +1318,76 @@ async fn turning_chap_mutual_on_names_the_running_disks_still_on_one_way_chap() 
         "{report:?}"
     );
     assert_eq!(agent.get_vm("web1").unwrap().state, VmState::Running);
+}
+
+#[tokio::test]
+async fn an_rbd_export_is_opened_by_qemus_rbd_driver_with_the_hosts_key() {
+    let host = Host::new();
+    let root = host.pdisk.add_volume("rbd-root");
+    const KEY: &str = "AQB37hFrNEJkMhAAqUs+QZS9zmTGOfQGD4T7xg==";
+    let keyring = host.dir.path().join("ceph.client.compute.keyring");
+    std::fs::write(&keyring, format!("[client.compute]\n\tkey = {KEY}\n")).unwrap();
+    *host.pdisk.export_rbd.lock().unwrap() = Some(stratus_proto::pdisk::v1::RbdAttachment {
+        monitors: vec!["10.0.0.7:6789".into()],
+        pool: "pdisk".into(),
+        image: String::new(),
+        user: "compute".into(),
+        secret_ref: "keyring:client.compute".into(),
+        cluster_fsid: "f".into(),
+    });
+    let client = |id: Option<&str>| crate::rbd::CephClient {
+        id: id.map(str::to_string),
+        keyring: Some(keyring.clone()),
+        conf: None,
+    };
+    // Whatever --attach says: no target, no kernel login.
+    let c = client(None);
+    let agent = host.agent_with(move |s, _| {
+        s.ceph = c;
+        s.attach = AttachMode::Kernel;
+    });
+    let mut spec = small_spec("rbd1", "rbd-root");
+    spec.context = None;
+    let vm = agent.create_vm(spec, "", "").await.unwrap();
+    agent.start_vm(&vm.uuid.to_string()).await.unwrap();
+    let rec = agent.get_vm(&vm.uuid.to_string()).unwrap();
+    let d = &rec.runtime.as_ref().unwrap().disks[0];
+    assert_eq!(d.attachment, format!("rbd:pdisk/pd-vol-{root}"));
+    assert_eq!(d.mode, AttachMode::Qemu);
+    assert!(d.kernel.is_none());
+    assert_eq!(d.pdisk_volume.as_deref(), Some(root.as_str()));
+    assert_eq!(host.pdisk.exported(), std::slice::from_ref(&root));
+    // The key is nowhere in agentd's state.
+    fn holds(dir: &std::path::Path, needle: &[u8]) -> bool {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let p = e.path();
+                if p.is_dir() {
+                    holds(&p, needle)
+                } else {
+                    std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+                }
+            })
+    }
+    assert!(!holds(&host.dir.path().join("state"), KEY.as_bytes()));
+    agent
+        .stop_vm(&vm.uuid.to_string(), Duration::from_secs(5), true)
+        .await
+        .unwrap();
+    assert!(host.pdisk.exported().is_empty());
+
+    // A host pinned to another cephx user refuses the export, and undoes it.
+    crash(agent).await;
+    let c = client(Some("other"));
+    let agent = host.agent_with(move |s, _| s.ceph = c);
+    let e = agent.start_vm(&vm.uuid.to_string()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("--ceph-id"), "{e}");
+    let vm = agent.get_vm(&vm.uuid.to_string()).unwrap();
+    host.assert_nothing_attached(&vm, "after the refused rbd export");
 }
 
 #[path = "servers_tests.rs"]
