@@ -129,6 +129,11 @@ pub const RULES: &[Rule] = &[
         roles: TENANTS,
         note: "the events of the volumes of the project the call acts in (admin, agent naming none: every event)",
     },
+    Rule {
+        method: "ListStorageUsage",
+        roles: NOT_AGENT,
+        note: "the storage usage records of the project the call acts in (admin naming none: every project's)",
+    },
 ];
 
 /// The RPCs that change something: each call is audited (`stratus_pki::audit`).
@@ -178,6 +183,7 @@ mod tests {
         "GetQuota",
         "ListQuotas",
         "WatchEvents",
+        "ListStorageUsage",
     ];
 
     #[test]
@@ -227,9 +233,10 @@ mod tests {
                     (Role::Admin, _) => Ok(()),
                     (Role::Server, _)
                     | (_, "GetPool" | "SetQuota" | "ListQuotas")
-                    | (Role::Agent, "ResizeVolume" | "RestoreVolume" | "GetQuota") => {
-                        Err(tonic::Code::PermissionDenied)
-                    }
+                    | (
+                        Role::Agent,
+                        "ResizeVolume" | "RestoreVolume" | "GetQuota" | "ListStorageUsage",
+                    ) => Err(tonic::Code::PermissionDenied),
                     _ => Ok(()),
                 };
                 assert_eq!(got, want, "{m} by {role}");

@@ -164,6 +164,19 @@ pub struct Flags {
     /// Seconds between checks that the exporter still has every export [default: 5]
     #[arg(long, value_name = "SECS")]
     pub export_check_interval: Option<u64>,
+    /// How often each project's storage (volumes, snapshots, provisioned
+    /// and allocated bytes) is sampled into its accounting, besides after
+    /// each change to its volumes, e.g. 15m, 1h [default: 1h]
+    #[arg(long, value_name = "DURATION")]
+    pub usage_interval: Option<String>,
+    /// This site's name in storage usage records (StAR Site, the GOCDB
+    /// name) [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub usage_site: Option<String>,
+    /// This storage system in storage usage records (StAR StorageSystem,
+    /// best its FQDN) [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub usage_service: Option<String>,
     /// Log format [default: human]
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -201,6 +214,11 @@ pub struct Config {
     pub export_check_interval: u64,
     /// Zero: deletes are at once.
     pub quarantine_period: std::time::Duration,
+    /// How often every project's storage is sampled.
+    pub usage_interval: std::time::Duration,
+    /// StAR Site and StorageSystem of the records.
+    pub usage_site: String,
+    pub usage_service: String,
     pub log_format: LogFormat,
     pub log_level: String,
 }
@@ -260,6 +278,13 @@ impl Flags {
             max_overcommit: pick!(max_overcommit, 20.0),
             export_check_interval: pick!(export_check_interval, 5),
             quarantine_period,
+            usage_interval: humantime::parse_duration(&pick!(usage_interval, "1h".into()))
+                .map_err(|e| Error::invalid(format!("usage-interval: {e}")))?,
+            usage_site: pick!(usage_site, crate::usage::StorageSite::of_this_host().site),
+            usage_service: pick!(
+                usage_service,
+                crate::usage::StorageSite::of_this_host().storage_system
+            ),
             log_format: pick!(log_format, LogFormat::Human),
             log_level: pick!(
                 log_level,
@@ -417,6 +442,9 @@ impl Config {
         if self.tgt_control_port > 32767 {
             return Err(Error::invalid("tgt-control-port must be at most 32767"));
         }
+        if self.usage_interval < std::time::Duration::from_secs(1) {
+            return Err(Error::invalid("usage-interval must be at least 1s"));
+        }
         if self.export_check_interval == 0 {
             return Err(Error::invalid("export-check-interval must be at least 1"));
         }
@@ -482,6 +510,34 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(e.message().contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn usage_settings_default_parse_and_refuse_nonsense() {
+        let c = Flags::parse_from(["pdiskd"]).resolve().unwrap();
+        assert_eq!(c.usage_interval, std::time::Duration::from_secs(3600));
+        let u = Flags::parse_from([
+            "pdiskd",
+            "--usage-interval",
+            "15m",
+            "--usage-site",
+            "SITE-1",
+            "--usage-service",
+            "store1.example.org",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(u.usage_interval, std::time::Duration::from_secs(900));
+        assert_eq!(
+            (u.usage_site.as_str(), u.usage_service.as_str()),
+            ("SITE-1", "store1.example.org")
+        );
+        for bad in ["10ms", "soon"] {
+            let e = Flags::parse_from(["pdiskd", "--usage-interval", bad])
+                .resolve()
+                .unwrap_err();
+            assert!(e.message().contains("usage-interval"), "{e}");
+        }
     }
 
     /// The serving keys are stratus-pki's `ServeFlags`, flattened: the same

@@ -815,6 +815,30 @@ impl VolumeService for Api {
         Ok(Response::new(pb::ListQuotasResponse { quotas }))
     }
 
+    /// The records of the caller's project (admins naming none: every
+    /// project's, and those of volumes of no project).
+    async fn list_storage_usage(
+        &self,
+        req: Request<pb::ListStorageUsageRequest>,
+    ) -> Result<Response<pb::ListStorageUsageResponse>, Status> {
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        if r.until != 0 && r.until < r.since {
+            return Err(Error::invalid(format!(
+                "until ({}) is before since ({})",
+                r.until, r.since
+            ))
+            .into());
+        }
+        let until = (r.until != 0).then_some(r.until);
+        let records = self
+            .svc
+            .storage_usage(r.since, until, |p| call.scope.sees(p))
+            .await?;
+        Ok(Response::new(pb::ListStorageUsageResponse {
+            records: records.iter().map(pb::StorageUsageRecord::from).collect(),
+        }))
+    }
+
     type WatchProgressStream = ProgressStream;
     type WatchEventsStream = PoolEventStream;
 

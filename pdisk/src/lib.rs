@@ -10,7 +10,9 @@
 //! - [`events`]: the pool's event journal (kinds, filter, NATS subjects and
 //!   payloads, `PoolOutbox`), streamed by WatchEvents;
 //! - `progress`: progress of long operations, streamed by WatchProgress;
-//! - `tenancy`: projects at the gRPC edge (what a call may see and touch).
+//! - `tenancy`: projects at the gRPC edge (what a call may see and touch);
+//! - [`usage`]: storage accounting per project (samples, StAR records, the
+//!   usage outbox).
 //!
 //! The error type, domain types, command runner, image inspection and CLI
 //! plumbing it shares with the agent live in `stratus_core`; `error`,
@@ -39,6 +41,7 @@ pub(crate) mod progress;
 pub(crate) mod service;
 pub(crate) mod store;
 pub(crate) mod tenancy;
+pub mod usage;
 
 pub use grpc::Api;
 pub use service::{ExportBy, PoolService, ServiceSettings};

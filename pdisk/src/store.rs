@@ -421,6 +421,7 @@ impl Store {
         tx.open_table(QUOTAS)?;
         rebuild_names(&tx)?;
         journal::create_tables(&tx)?;
+        crate::usage::create_tables(&tx)?;
         tx.commit()?;
         Ok(Store {
             db,
@@ -445,6 +446,11 @@ impl Store {
             self.committed.notify_one();
         }
         Ok(out)
+    }
+
+    /// The database, for the tables of other rooms (`crate::usage`).
+    pub(crate) fn database(&self) -> &Database {
+        &self.db
     }
 
     // ---- the event journal ----

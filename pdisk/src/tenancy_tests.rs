@@ -408,6 +408,28 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             Ok(s) => Outcome::Listed(event_projects(s.into_inner()).await),
             Err(s) => Outcome::Code(s.code()),
         },
+        // The projects of the records listed (every project sampled now).
+        "ListStorageUsage" => match api
+            .list_storage_usage(request(
+                role,
+                pb::ListStorageUsageRequest {
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await
+        {
+            Ok(r) => {
+                let groups: std::collections::BTreeSet<String> = r
+                    .into_inner()
+                    .records
+                    .into_iter()
+                    .map(|r| r.group)
+                    .collect();
+                Outcome::Listed(groups.into_iter().collect())
+            }
+            Err(s) => Outcome::Code(s.code()),
+        },
         other => panic!("the matrix has no call for {other}: add one"),
     }
 }
@@ -516,6 +538,7 @@ fn expected(method: &str, role: Role, target: &str) -> Outcome {
         "ListExports" => Outcome::Listed(vec![OWN.into()]),
         "ListSnapshots" if own => Outcome::Listed(vec![OWN.into()]),
         "WatchEvents" if own => Outcome::Listed(vec![OWN.into()]),
+        "ListStorageUsage" => Outcome::Listed(vec![OWN.into()]),
         "UploadVolume" | "GetPool" | "WatchProgress" | "SetQuota" | "GetQuota" | "ListQuotas" => {
             Outcome::Code(Code::Ok)
         }

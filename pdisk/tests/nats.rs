@@ -86,8 +86,10 @@ async fn broker(url: &str) -> Broker {
     }
 }
 
+/// The stream's events (its storage usage records are on
+/// `stratus.usage.>`).
 async fn held(b: &Broker) -> u64 {
-    b.stream_messages().await.unwrap_or(0)
+    b.subject_messages("stratus.pdisk.>").await.unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -281,4 +283,33 @@ async fn every_event_reaches_a_durable_consumer_once_across_broker_and_pdiskd_ki
             String::from_utf8_lossy(&from_nats.stdout)
         );
     }
+
+    // Storage usage records (a sample after each burst of changes) reach
+    // the broker from their own outbox, each once across the kills.
+    let kept = c
+        .list_storage_usage(pb::ListStorageUsageRequest {
+            until: 4_000_000_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .records
+        .len() as u64;
+    assert!(kept > 0);
+    let usage_subject = format!("stratus.usage.{HOST}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b.subject_messages(&usage_subject).await.unwrap_or(0) != kept {
+        assert!(
+            Instant::now() < deadline,
+            "{} usage records in the stream, {kept} kept",
+            b.subject_messages(&usage_subject).await.unwrap_or(0)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = scrape(metrics).await;
+    assert_eq!(
+        m.value("stratus_pdisk_publisher_lag", &[("stream", "usage")]),
+        0.0
+    );
 }

@@ -96,6 +96,18 @@ impl Limit {
     }
 }
 
+/// A time as Unix seconds: digits, or an RFC 3339 date and time.
+pub fn unix_time(s: &str) -> Result<u64, String> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|e| format!("{s}: {e}"));
+    }
+    let t = humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s}: not Unix seconds or an RFC 3339 time ({e})"))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{s}: before 1970"))?
+        .as_secs())
+}
+
 /// A SetQuota request's two parts from `quota set`'s flags: each number
 /// given goes into its slot of the request's limits, and the names given
 /// as `unlimited` are returned, for the request's `unlimited` list.

@@ -104,6 +104,35 @@ async fn run(ctx: &Ctx, command: Command) -> Result<(), Failure> {
         Command::Image(c) => image(ctx, c).await,
         Command::Quota(c) => quota(ctx, c).await,
         Command::Events(a) => events(ctx, a).await,
+        Command::Usage(a) => usage(ctx, a).await,
+    }
+}
+
+async fn usage(ctx: &Ctx, a: args::UsageArgs) -> Result<(), Failure> {
+    use args::UsageFormat;
+    use pdisk::usage::StorageUsageRecord;
+    use stratus_proto::pdisk::v1::ListStorageUsageRequest;
+    let records: Vec<StorageUsageRecord> = ctx
+        .answer(
+            ctx.connect()
+                .await?
+                .list_storage_usage(ListStorageUsageRequest {
+                    project: ctx.project.clone(),
+                    since: a.since.unwrap_or(0),
+                    until: a.until.unwrap_or(0),
+                })
+                .await,
+        )?
+        .records
+        .into_iter()
+        .map(StorageUsageRecord::from)
+        .collect();
+    let json = serde_json::to_value(&records).expect("records serialize");
+    match a.format {
+        _ if ctx.json => ctx.print(json, String::new),
+        UsageFormat::Json => cli::print(true, json, String::new),
+        UsageFormat::Star => ctx.print(json, || pdisk::usage::star_xml(&records)),
+        UsageFormat::Csv => ctx.print(json, || pdisk::usage::csv(&records)),
     }
 }
 

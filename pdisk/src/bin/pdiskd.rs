@@ -143,6 +143,21 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         "start-up reconciliation done"
     );
 
+    // Storage accounting: every project sampled each --usage-interval and
+    // after each change to its volumes.
+    svc.usage().set_site(pdisk::usage::StorageSite {
+        site: cfg.usage_site.clone(),
+        storage_system: cfg.usage_service.clone(),
+        storage_share: pool.clone(),
+        host: cfg
+            .nats
+            .as_ref()
+            .map(|n| n.host.clone())
+            .unwrap_or_else(|| pdisk::usage::StorageSite::of_this_host().host),
+    });
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    pdisk::usage::spawn_sampler(svc.clone(), cfg.usage_interval, shutdown_rx.clone());
+
     // The journal is the outbox: with a broker, every event is published in
     // seq order, resuming after the last one it acknowledged.
     // The publisher's lag (journaled vs acknowledged) for `/metrics`.
@@ -159,15 +174,27 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         let store = svc.shared_store();
         publishers.push(stratus_core::outbox::PublisherLag::new(
             "events",
-            stratus_core::outbox::Publisher::spawn(outbox, broker),
+            stratus_core::outbox::Publisher::spawn(outbox, broker.clone()),
             move || store.last_seq(),
+        ));
+        // Storage usage records the same way, from the usage log.
+        let s = svc.clone();
+        publishers.push(stratus_core::outbox::PublisherLag::new(
+            "usage",
+            stratus_core::outbox::Publisher::spawn(
+                Arc::new(pdisk::usage::UsageOutbox::new(svc.clone())),
+                broker,
+            ),
+            move || s.usage().last_seq(),
         ));
         tracing::info!(url = %nats.url, host = %nats.host, stream = stratus_core::nats::STREAM,
             "publishing events to NATS");
     }
-    // The event journal stays bounded: compacted now and every hour.
+    // The event journal and the usage log stay bounded: compacted now and
+    // every hour.
     {
         let store = svc.shared_store();
+        let svc = svc.clone();
         let (max, age) = (cfg.event_max, cfg.event_max_age);
         tokio::spawn(async move {
             let mut hourly = tokio::time::interval(Duration::from_secs(3600));
@@ -181,11 +208,18 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "event journal compaction failed"),
                 }
+                let usage = svc.usage();
+                match tokio::task::block_in_place(|| usage.compact(age, now)) {
+                    Ok(removed) if removed > 0 => {
+                        tracing::info!(removed, "usage log compacted")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "usage log compaction failed"),
+                }
             }
         });
     }
 
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     // A target daemon can lose exports (tgtd restarted); with no target
     // (rbd) there is nothing to watch, and no tgtadm to poll.
     if !svc.exporter().native_client() {

@@ -328,6 +328,8 @@ pub struct PoolService {
     /// Woken when a volume enters quarantine: the purge task looks again
     /// at the next purge time.
     quarantined: tokio::sync::Notify,
+    /// Storage accounting (`crate::usage`).
+    usage: crate::usage::UsageBook,
 }
 
 fn now() -> String {
@@ -399,8 +401,10 @@ impl PoolService {
         runner: Arc<dyn CommandRunner>,
         settings: ServiceSettings,
     ) -> Self {
+        let store = Arc::new(store);
         PoolService {
-            store: Arc::new(store),
+            usage: crate::usage::UsageBook::new(store.clone()),
+            store,
             backend,
             exporter,
             runner,
@@ -417,6 +421,11 @@ impl PoolService {
     /// The operation timings `/metrics` shows.
     pub fn operations(&self) -> &crate::metrics::Operations {
         &self.ops
+    }
+
+    /// Storage accounting: samples, records, the usage outbox.
+    pub fn usage(&self) -> &crate::usage::UsageBook {
+        &self.usage
     }
 
     /// The metadata store, for the gRPC edge's project checks.

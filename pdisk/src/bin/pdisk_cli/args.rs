@@ -28,6 +28,7 @@ Examples:
   pdisk --json volume list --label tier=gold
   pdisk image rm 3f5a9c1e
   pdisk events --follow
+  pdisk usage --since 2026-12-01T00:00:00Z --format csv
   pdisk events --from-nats nats://127.0.0.1:4222 --durable storage-ops";
 
 /// Storage admin's client for pdiskd, the persistent-disk service of a Stratus
@@ -99,6 +100,35 @@ pub enum Command {
     /// Print the pool's events: replayed from pdiskd's journal, then (with
     /// --follow) live; or from the NATS broker (--from-nats URL --durable NAME).
     Events(EventsArgs),
+    /// Storage usage records per project (accounting): each a sample of a
+    /// project's volumes and snapshots, with provisioned and allocated
+    /// bytes, over the time since its previous sample. As StAR XML (the
+    /// EGI storage accounting record), JSON or CSV.
+    Usage(UsageArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    /// From this time: RFC 3339 (2026-12-01T00:00:00Z) or Unix seconds
+    /// [default: the first sample kept]
+    #[arg(long, value_name = "TIME", value_parser = stratus_core::cli::args::unix_time)]
+    pub since: Option<u64>,
+
+    /// Up to this time [default: now, after sampling every project]
+    #[arg(long, value_name = "TIME", value_parser = stratus_core::cli::args::unix_time)]
+    pub until: Option<u64>,
+
+    /// star (StAR XML, what APEL loads; `apel` is the same), json or csv.
+    #[arg(long, value_enum, default_value_t = UsageFormat::Star)]
+    pub format: UsageFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum UsageFormat {
+    #[value(alias = "apel")]
+    Star,
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,7 @@
 use std::path::{Component, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use stratus_core::cli::args::{Limit, Ref};
+use stratus_core::cli::args::{unix_time, Limit, Ref};
 
 mod disk;
 mod image;
@@ -147,18 +147,6 @@ pub struct UsageArgs {
 
     #[arg(long, value_enum, default_value_t = UsageFormat::Apel)]
     pub format: UsageFormat,
-}
-
-/// A time as Unix seconds: digits, or an RFC 3339 date and time.
-pub fn unix_time(s: &str) -> Result<u64, String> {
-    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse().map_err(|e| format!("{s}: {e}"));
-    }
-    let t = humantime::parse_rfc3339_weak(s)
-        .map_err(|e| format!("{s}: not Unix seconds or an RFC 3339 time ({e})"))?;
-    Ok(t.duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| format!("{s}: before 1970"))?
-        .as_secs())
 }
 
 #[derive(Debug, Subcommand)]
