@@ -70,6 +70,25 @@ pub fn judge(host: &pb::Host, vms: &[pb::Vm], health_secs: f64) -> Verdict {
             ),
         );
     }
+    // A storage host this agent cannot reach: its guests' operations fail
+    // (the others' do not).
+    let unreachable: Vec<&pb::PdiskServer> =
+        host.pdisk_servers.iter().filter(|s| !s.reachable).collect();
+    if let Some(first) = unreachable.first() {
+        v.add(
+            Status::Warning,
+            format!(
+                "pdisk servers unreachable: {} (first: {}: {})",
+                unreachable
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                first.name,
+                first.last_error
+            ),
+        );
+    }
     let destroying = vms
         .iter()
         .filter(|vm| vm.state() == pb::VmState::Destroying)
@@ -92,6 +111,7 @@ pub fn judge(host: &pb::Host, vms: &[pb::Vm], health_secs: f64) -> Verdict {
         Perf::gauge("running", f64::from(host.running_vms), ""),
         Perf::gauge("broken", broken.len() as f64, "").warn_at(1.0),
         Perf::gauge("destroying", destroying as f64, "").warn_at(1.0),
+        Perf::gauge("pdisk_unreachable", unreachable.len() as f64, "").warn_at(1.0),
         Perf::gauge("free_vcpus", f64::from(host.free_vcpus), ""),
         Perf::gauge("free_memory", host.free_memory_bytes as f64, "B"),
         Perf::gauge("time", health_secs, "s"),
@@ -329,5 +349,39 @@ mod tests {
         );
         host.qemu_confinement = "guests refused: this QEMU has no -sandbox".into();
         assert_eq!(judge(&host, &[], 0.0).status(), Status::Critical);
+    }
+
+    #[test]
+    fn an_unreachable_pdisk_server_warns_naming_it() {
+        let server = |name: &str, reachable: bool| pb::PdiskServer {
+            name: name.into(),
+            reachable,
+            last_error: if reachable {
+                ""
+            } else {
+                "probe: connection refused"
+            }
+            .into(),
+            ..Default::default()
+        };
+        let mut host = pb::Host {
+            accelerator: "tcg".into(),
+            pdisk_servers: vec![server("default", true), server("b", true)],
+            ..Default::default()
+        };
+        assert_eq!(judge(&host, &[], 0.0).status(), Status::Ok);
+        host.pdisk_servers[1].reachable = false;
+        host.pdisk_servers[1].last_error = "probe: connection refused".into();
+        let w = judge(&host, &[], 0.0);
+        assert_eq!(w.status(), Status::Warning);
+        let line = w.line("AGENT");
+        assert!(
+            line.starts_with(
+                "STRATUS AGENT WARNING - pdisk servers unreachable: b (first: b: probe: \
+                 connection refused)"
+            ),
+            "{line}"
+        );
+        assert!(line.contains("pdisk_unreachable=1;1"), "{line}");
     }
 }
