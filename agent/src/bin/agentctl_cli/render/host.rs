@@ -47,8 +47,8 @@ pub fn host_view(h: &Host) -> String {
             one_line(&h.accelerator_reason)
         )
     };
-    // One line per pdisk server: its address and state.
-    let servers: Vec<(String, String)> = h
+    // One line per pdisk server: its name, address and state.
+    let servers: Vec<String> = h
         .pdisk_servers
         .iter()
         .map(|s| {
@@ -65,10 +65,7 @@ pub fn host_view(h: &Host) -> String {
                     one_line(e)
                 ),
             };
-            (
-                format!("pdisk {}", s.name),
-                format!("{}, {state}", or_none(&s.url)),
-            )
+            format!("{} {}, {state}", s.name, or_none(&s.url))
         })
         .collect();
     let mut pairs: Vec<(&str, String)> = vec![
@@ -102,7 +99,7 @@ pub fn host_view(h: &Host) -> String {
     if servers.is_empty() {
         pairs.push(("pdisk server", or_none(&h.pdisk_server)));
     }
-    pairs.extend(servers.iter().map(|(k, v)| (k.as_str(), v.clone())));
+    pairs.extend(servers.into_iter().map(|v| ("pdisk server", v)));
     pairs.push(("vms", format!("{} ({} running)", h.vm_count, h.running_vms)));
     pairs.push(("last event", h.last_event_seq.to_string()));
     fields(&pairs)

@@ -575,17 +575,19 @@ fn host_shows_capacity_and_accelerator() {
     };
     let text = host_view(&h);
     assert!(
-        text.contains("pdisk default:  https://192.0.2.10:7400, reachable\n"),
+        text.contains("pdisk server:  default https://192.0.2.10:7400, reachable\n"),
         "{text}"
     );
     assert!(
         text.contains(
-            "pdisk store-b:  https://192.0.2.11:7400, UNREACHABLE (2026-12-03T23:00:00Z: \
-             probe: tcp connect error refused)\n"
+            "pdisk server:  store-b https://192.0.2.11:7400, UNREACHABLE \
+             (2026-12-03T23:00:00Z: probe: tcp connect error refused)\n"
         ),
         "{text}"
     );
-    assert!(!text.contains("pdisk server:"), "{text}");
+    // Widths as before: the key is the one a single server had.
+    assert!(text.contains("qemu offers:   "), "{text}");
+    assert!(!text.contains("pdisk server:  -"), "{text}");
     let j = host_json(&h);
     assert_eq!(j["pdisk_servers"][1]["name"], "store-b");
     assert_eq!(j["pdisk_servers"][1]["reachable"], false);
