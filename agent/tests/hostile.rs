@@ -250,6 +250,12 @@ fn cases(files: &std::path::Path) -> Vec<(String, pb::VmSpec, &'static [Code])> 
         s.disks[0].source = Some(pb::disk_spec::Source::PdiskVolume(vol.into()));
         v.push((format!("pdisk disk {vol}"), s, &[Code::NotFound]));
     }
+    // pdisk servers: a name that is not one, one this host does not have.
+    for server in ["../etc", "B", "x".repeat(33).as_str(), "no-such-server"] {
+        let mut s = base_spec("eve-server");
+        s.disks[0].server = server.into();
+        v.push((format!("pdisk server {server:?}"), s, INVALID));
+    }
     let mut s = base_spec("eve-nodisk");
     s.disks.clear();
     v.push(("nothing to boot".into(), s, INVALID));
