@@ -15,6 +15,11 @@
 //! [`MEMSTORE_BYTES`]; the directory holds under 1 MiB (mon store, logs).
 //! So one cluster stays under 1.3 GiB even with its store full.
 //!
+//! [`CephCluster::start_in`] runs the daemons, and every tool the cluster
+//! runs for the test, inside a test's network namespace, so daemons there
+//! (pdiskd, agentd and its QEMUs) reach the monitor on that namespace's
+//! loopback.
+//!
 //! At most [`MAX_CLUSTERS`] clusters run on the host at once: `start` takes
 //! one of that many slot locks (flock, released when the cluster drops, or
 //! by the kernel when the test process dies), so parallel test binaries
@@ -25,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{free_port, require_root, run, wait_for};
+use crate::{free_port, require_root, wait_for, NetNs};
 
 /// memstore's capacity: the OSD reports this as its size and refuses
 /// writes past it.
@@ -63,6 +68,8 @@ pub struct CephCluster {
     /// `[v2:127.0.0.1:P,v1:127.0.0.1:Q]`.
     pub mon_addrs: String,
     daemons: Vec<(String, Child)>,
+    /// The network namespace the daemons and tools run in; None: the host's.
+    netns: Option<String>,
     _slot: std::fs::File,
     /// How long `start` took (for the tests' measurements).
     pub startup: Duration,
@@ -73,6 +80,15 @@ impl CephCluster {
     /// available. Panics (after tearing down what started) on failure, with
     /// the daemons' log tails.
     pub fn start() -> CephCluster {
+        Self::start_on(None)
+    }
+
+    /// Like [`CephCluster::start`], inside `ns` (see the module doc).
+    pub fn start_in(ns: &NetNs) -> CephCluster {
+        Self::start_on(Some(ns.name.clone()))
+    }
+
+    fn start_on(netns: Option<String>) -> CephCluster {
         require_root();
         let slot = take_slot();
         let begin = Instant::now();
@@ -106,6 +122,7 @@ impl CephCluster {
             fsid,
             mon_addrs,
             daemons: Vec::new(),
+            netns,
             _slot: slot,
             startup: Duration::ZERO,
             dir,
@@ -235,7 +252,7 @@ impl CephCluster {
     /// Runs a bootstrap tool; its failure tears the cluster down (drop)
     /// and panics with its stderr.
     fn tool(&self, program: &str, args: &[&str]) {
-        let out = run(program, args);
+        let out = self.run(program, args);
         if !out.status.success() {
             panic!(
                 "{program} {args:?} failed: {}{}",
@@ -247,7 +264,8 @@ impl CephCluster {
 
     fn daemon(&mut self, program: &str, args: &[&str]) {
         let out = std::fs::File::create(self.path(&format!("log/{program}.out"))).unwrap();
-        let child = Command::new(program)
+        let child = self
+            .command(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -257,6 +275,27 @@ impl CephCluster {
                 panic!("cannot start {program} (scripts/install-deps installs ceph): {e}")
             });
         self.daemons.push((program.to_string(), child));
+    }
+
+    /// A command that runs `program` where the cluster runs (its
+    /// namespace, if it has one).
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Runs `program` where the cluster runs; its output, whatever it is.
+    pub fn run(&self, program: &str, args: &[&str]) -> std::process::Output {
+        self.command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
     }
 
     /// `ceph -c CONF ARGS` as client.admin; panics on failure.
@@ -280,7 +319,7 @@ impl CephCluster {
         let conf = self.conf.to_string_lossy().into_owned();
         let mut a = vec!["-c", conf.as_str()];
         a.extend_from_slice(args);
-        let out = run(program, &a);
+        let out = self.run(program, &a);
         if !out.status.success() {
             panic!(
                 "{program} {args:?} failed: {}{}",
