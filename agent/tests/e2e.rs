@@ -13,18 +13,10 @@ use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use testkit::*;
 use tonic::Code;
 
-const BRIDGE: &str = "stbr0";
 const BOOT: Duration = Duration::from_secs(180);
 
-/// One host: namespace with a bridge, XFS pool, tgtd, pdiskd, agentd.
-/// Fields drop in order: agentd (and its guests) first, the namespace last.
-struct Host {
-    agentd: Agentd,
-    pdiskd: Pdiskd,
-    _tgtd: Tgtd,
-    pool: XfsPool,
-    ns: NetNs,
-}
+/// The hyperconverged test host ([`AgentHost`]) and this suite's own helpers.
+struct Host(AgentHost);
 
 impl Host {
     fn start() -> Host {
@@ -33,20 +25,7 @@ impl Host {
 
     /// With extra agentd flags.
     fn start_with(agentd_flags: &[&str]) -> Host {
-        let ns = NetNs::new();
-        ns.add_bridge(BRIDGE);
-        let pool = XfsPool::new(4096);
-        let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
-        let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
-        let agentd =
-            Agentd::start_in_with(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE, agentd_flags);
-        Host {
-            agentd,
-            pdiskd,
-            _tgtd: tgtd,
-            pool,
-            ns,
-        }
+        Host(AgentHost::start(4096, agentd_flags))
     }
 
     /// Imports the test guest into pdisk as `base` and clones it as `name`.
@@ -92,19 +71,6 @@ impl Host {
         });
     }
 
-    fn agent<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let url = self.agentd.url();
-        self.ns.block_on(move || async move {
-            let c = VmServiceClient::new(testkit::channel(&url).await);
-            f(c).await
-        })
-    }
-
     fn exports(&self) -> Vec<pdpb::Export> {
         let url = self.pdiskd.url();
         self.ns.block_on(move || async move {
@@ -122,6 +88,19 @@ impl Host {
     fn events(&self, since: u64) -> Vec<pb::Event> {
         let url = self.agentd.url();
         self.ns.block_on(move || agent_events(url, since))
+    }
+}
+
+impl std::ops::Deref for Host {
+    type Target = AgentHost;
+    fn deref(&self) -> &AgentHost {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut AgentHost {
+        &mut self.0
     }
 }
 
@@ -915,14 +894,8 @@ fn a_seed_disk_gives_the_guest_its_hostname() {
 
 /// Serves the test guest's qcow2 over HTTP inside the host's namespace.
 fn serve_guest(h: &Host) -> (Httpd, String, String) {
-    let dir = h.pool.dir.path().join("www");
-    std::fs::create_dir_all(&dir).unwrap();
-    let img = dir.join("guest.qcow2");
-    std::fs::copy(guest_dir().join("stratus-guest.qcow2"), &img).unwrap();
-    let sha = sha256_of(&img);
-    let httpd = Httpd::start_in(&h.ns, &dir);
-    let url = httpd.url("guest.qcow2");
-    (httpd, url, sha)
+    let g = h.serve_guest();
+    (g.httpd, g.url, g.sha256)
 }
 
 fn spec_image(name: &str, url: &str, sha: &str, local: bool) -> pb::VmSpec {
@@ -1146,16 +1119,14 @@ fn checksum_mismatch_and_policy_refusal_leave_nothing_cached() {
     std::fs::write(&policy, format!("deny_sha256 = [\"{sha}\"]\n")).unwrap();
     let before = httpd.requests("guest.qcow2");
     h.agentd.kill9();
-    drop(std::mem::replace(
-        &mut h.agentd,
-        Agentd::start_in_with(
-            h.pool.dir.path(),
-            &h.ns,
-            &h.pdiskd.url(),
-            BRIDGE,
-            &["--image-policy", policy.to_str().unwrap()],
-        ),
-    ));
+    let agentd = Agentd::start_in_with(
+        h.pool.dir.path(),
+        &h.ns,
+        &h.pdiskd.url(),
+        BRIDGE,
+        &["--image-policy", policy.to_str().unwrap()],
+    );
+    drop(std::mem::replace(&mut h.agentd, agentd));
     let (u, s) = (url.clone(), sha.clone());
     let err = h.agent(move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {

@@ -25,12 +25,8 @@ use std::time::{Duration, Instant};
 
 use agent::failpoints::{CRASH_EXIT_CODE, POINTS};
 use stratus_proto::agent::v1 as pb;
-use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::pdisk::v1 as pdpb;
-use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use testkit::*;
-
-const BRIDGE: &str = "stbr0";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -63,14 +59,12 @@ fn points(group: &str) -> &'static [&'static str] {
         .1
 }
 
-/// Fields drop in order: agentd (and its guests) first, the namespace last.
+/// The hyperconverged test host ([`AgentHost`], agentd-failpoints) with an
+/// httpd serving the images. Fields drop in order: the httpd, then the
+/// host (agentd and its guests first, the namespace last).
 struct Host {
-    agentd: Agentd,
-    pdiskd: Pdiskd,
     _httpd: Httpd,
-    _tgtd: Tgtd,
-    _pool: XfsPool,
-    ns: NetNs,
+    base: AgentHost,
     /// `pdisk:///…` of the image every guest's first disk is a clone of.
     image_url: String,
     image_sha: String,
@@ -79,22 +73,13 @@ struct Host {
 
 impl Host {
     fn start() -> Host {
-        let ns = NetNs::new();
-        ns.add_bridge(BRIDGE);
-        let pool = XfsPool::new(2048);
-        let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
-        let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
-        let agentd = Agentd::start_failpoints_in(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE);
-        let www = pool.dir.path().join("www");
+        let base = AgentHost::start_failpoints(2048);
+        let www = base.pool.dir.path().join("www");
         std::fs::create_dir_all(&www).unwrap();
-        let httpd = Httpd::start_in(&ns, &www);
+        let httpd = Httpd::start_in(&base.ns, &www);
         let mut h = Host {
-            agentd,
-            pdiskd,
+            base,
             _httpd: httpd,
-            _tgtd: tgtd,
-            _pool: pool,
-            ns,
             image_url: String::new(),
             image_sha: String::new(),
             www,
@@ -135,32 +120,6 @@ impl Host {
             format!("http://127.0.0.1:8080/{name}.raw"),
             sha256_of(&path),
         )
-    }
-
-    fn agent<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let url = self.agentd.url();
-        self.ns.block_on(move || async move {
-            let c = VmServiceClient::new(testkit::channel(&url).await);
-            f(c).await
-        })
-    }
-
-    fn pdisk<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce(VolumeServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let url = self.pdiskd.url();
-        self.ns.block_on(move || async move {
-            let c = VolumeServiceClient::new(testkit::channel(&url).await);
-            f(c).await
-        })
     }
 
     fn vms(&self) -> Vec<pb::Vm> {
@@ -299,6 +258,19 @@ impl Host {
                 },
             );
         }
+    }
+}
+
+impl std::ops::Deref for Host {
+    type Target = AgentHost;
+    fn deref(&self) -> &AgentHost {
+        &self.base
+    }
+}
+
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut AgentHost {
+        &mut self.base
     }
 }
 

@@ -7,71 +7,36 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use stratus_proto::agent::v1 as pb;
-use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use testkit::*;
 
-const BRIDGE: &str = "stbr0";
 const BOOT: Duration = Duration::from_secs(180);
 /// Inside the test's namespace, so any port is free.
 const METRICS: &str = "127.0.0.1:9464";
 
-/// One host: namespace with a bridge, XFS pool, tgtd, pdiskd, agentd with
-/// `/metrics`. Fields drop in order: agentd (and its guests) first.
-struct Host {
-    agentd: Agentd,
-    _pdiskd: Pdiskd,
-    _tgtd: Tgtd,
-    pool: XfsPool,
-    ns: NetNs,
-}
+/// The hyperconverged test host ([`AgentHost`]) and this suite's own helpers.
+struct Host(AgentHost);
 
 impl Host {
     fn start(extra: &[&str]) -> Host {
-        let ns = NetNs::new();
-        ns.add_bridge(BRIDGE);
-        let pool = XfsPool::new(2048);
-        let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
-        let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
-        let agentd = Agentd::start_in_with(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE, extra);
-        Host {
-            agentd,
-            _pdiskd: pdiskd,
-            _tgtd: tgtd,
-            pool,
-            ns,
-        }
-    }
-
-    fn agent<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let url = self.agentd.url();
-        self.ns.block_on(move || async move {
-            let c = VmServiceClient::new(testkit::channel(&url).await);
-            f(c).await
-        })
+        Host(AgentHost::start(2048, extra))
     }
 
     fn scrape(&self) -> Scrape {
         let addr: SocketAddr = METRICS.parse().unwrap();
         self.ns.block_on(move || scrape(addr))
     }
+}
 
-    /// Serves the test guest's qcow2 over HTTP inside the namespace:
-    /// (server, url, sha256, size).
-    fn serve_guest(&self) -> (Httpd, String, String, u64) {
-        let dir = self.pool.dir.path().join("www");
-        std::fs::create_dir_all(&dir).unwrap();
-        let img = dir.join("guest.qcow2");
-        std::fs::copy(guest_dir().join("stratus-guest.qcow2"), &img).unwrap();
-        let sha = sha256_of(&img);
-        let size = std::fs::metadata(&img).unwrap().len();
-        let httpd = Httpd::start_in(&self.ns, &dir);
-        let url = httpd.url("guest.qcow2");
-        (httpd, url, sha, size)
+impl std::ops::Deref for Host {
+    type Target = AgentHost;
+    fn deref(&self) -> &AgentHost {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut AgentHost {
+        &mut self.0
     }
 }
 
@@ -121,7 +86,12 @@ fn spec(name: &str, url: &str, sha: &str, ip: &str, peer: &str) -> pb::VmSpec {
 #[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
 fn metrics_show_a_running_guest_its_disk_and_tap_and_count_the_calls() {
     let h = Host::start(&["--metrics-listen", METRICS]);
-    let (_httpd, url, sha, size) = h.serve_guest();
+    let ServedGuest {
+        httpd: _httpd,
+        url,
+        sha256: sha,
+        size,
+    } = h.serve_guest();
     let m = h.scrape();
     assert_eq!(
         m.value("stratus_agent_guests", &[("state", "running")]),

@@ -3,16 +3,9 @@
 //! listening, `WATCHDOG=1` at half `WATCHDOG_USEC`, `STOPPING=1` on SIGTERM.
 //! Needs root (agentd in a test namespace); run by scripts/test.
 
-use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use testkit::*;
-
-fn recv(s: &UnixDatagram) -> String {
-    let mut buf = [0u8; 4096];
-    let n = s.recv(&mut buf).expect("a notification from agentd");
-    String::from_utf8(buf[..n].to_vec()).unwrap()
-}
 
 #[test]
 #[ignore = "needs root (agentd in a namespace): run by scripts/test"]
@@ -21,12 +14,8 @@ fn agentd_tells_systemd_ready_then_pings_the_watchdog_then_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let ns = NetNs::new();
     ns.add_bridge("sdbr0");
-    let path = dir.path().join("notify");
-    let systemd = UnixDatagram::bind(&path).unwrap();
-    systemd
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let path = path.display().to_string();
+    let systemd = NotifySocket::bind(dir.path());
+    let path = systemd.env_value();
     // No pdiskd: agentd serves without it (its pdisk work waits for it).
     let mut agentd = Agentd::start_in_with_env(
         dir.path(),
@@ -37,7 +26,7 @@ fn agentd_tells_systemd_ready_then_pings_the_watchdog_then_stopping() {
         &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")],
     );
 
-    let ready = recv(&systemd);
+    let ready = systemd.recv();
     assert!(
         ready.starts_with("READY=1\nSTATUS=serving on "),
         "{ready:?}"
@@ -48,19 +37,10 @@ fn agentd_tells_systemd_ready_then_pings_the_watchdog_then_stopping() {
         "READY=1 before reconciliation finished"
     );
     for _ in 0..3 {
-        assert_eq!(recv(&systemd), "WATCHDOG=1");
+        assert_eq!(systemd.recv(), "WATCHDOG=1");
     }
 
-    // SAFETY: signals the pid of the agentd this test started.
-    unsafe {
-        libc::kill(agentd.pid() as libc::pid_t, libc::SIGTERM);
-    }
-    let stopping = loop {
-        let m = recv(&systemd);
-        if m != "WATCHDOG=1" {
-            break m;
-        }
-    };
+    let stopping = systemd.after_sigterm(agentd.pid());
     assert!(
         stopping.starts_with("STOPPING=1\nSTATUS=shutting down; guests keep running"),
         "{stopping:?}"

@@ -11,48 +11,16 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stratus_proto::agent::v1 as pb;
-use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use testkit::*;
 
-const BRIDGE: &str = "stbr0";
 const BOOT: Duration = Duration::from_secs(180);
 
-struct Host {
-    agentd: Agentd,
-    _pdiskd: Pdiskd,
-    _tgtd: Tgtd,
-    pool: XfsPool,
-    ns: NetNs,
-}
+/// The hyperconverged test host ([`AgentHost`]) and this suite's own helpers.
+struct Host(AgentHost);
 
 impl Host {
     fn start(extra: &[&str]) -> Host {
-        let ns = NetNs::new();
-        ns.add_bridge(BRIDGE);
-        let pool = XfsPool::new(2048);
-        let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
-        let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
-        let agentd = Agentd::start_in_with(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE, extra);
-        Host {
-            agentd,
-            _pdiskd: pdiskd,
-            _tgtd: tgtd,
-            pool,
-            ns,
-        }
-    }
-
-    fn agent<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let url = self.agentd.url();
-        self.ns.block_on(move || async move {
-            let c = VmServiceClient::new(testkit::channel(&url).await);
-            f(c).await
-        })
+        Host(AgentHost::start(2048, extra))
     }
 
     /// The guest's record, read now (until = 0 reads every guest first).
@@ -81,6 +49,19 @@ impl Host {
                 s.send_to(&buf, "10.232.0.2:9").unwrap();
             }
         });
+    }
+}
+
+impl std::ops::Deref for Host {
+    type Target = AgentHost;
+    fn deref(&self) -> &AgentHost {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut AgentHost {
+        &mut self.0
     }
 }
 

@@ -3,16 +3,9 @@
 //! listening, `WATCHDOG=1` at half `WATCHDOG_USEC`, `STOPPING=1` on SIGTERM.
 //! Needs root (tgtd, XFS on a loop device); run by scripts/test.
 
-use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
 use testkit::*;
-
-fn recv(s: &UnixDatagram) -> String {
-    let mut buf = [0u8; 4096];
-    let n = s.recv(&mut buf).expect("a notification from pdiskd");
-    String::from_utf8(buf[..n].to_vec()).unwrap()
-}
 
 #[test]
 #[ignore = "needs root, tgtd and XFS: run by scripts/test"]
@@ -21,19 +14,15 @@ fn pdiskd_tells_systemd_ready_then_pings_the_watchdog_then_stopping() {
     let pool = XfsPool::new(320);
     let tgtd = Tgtd::start(pool.dir.path());
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify");
-    let systemd = UnixDatagram::bind(&path).unwrap();
-    systemd
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let path = path.display().to_string();
+    let systemd = NotifySocket::bind(dir.path());
+    let path = systemd.env_value();
     let mut pdiskd = Pdiskd::start_with_env(
         &pool,
         &tgtd,
         &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")],
     );
 
-    let ready = recv(&systemd);
+    let ready = systemd.recv();
     assert!(
         ready.starts_with("READY=1\nSTATUS=serving on "),
         "{ready:?}"
@@ -44,20 +33,11 @@ fn pdiskd_tells_systemd_ready_then_pings_the_watchdog_then_stopping() {
         "READY=1 before reconciliation finished"
     );
     for _ in 0..3 {
-        assert_eq!(recv(&systemd), "WATCHDOG=1");
+        assert_eq!(systemd.recv(), "WATCHDOG=1");
     }
 
     // SIGTERM: STOPPING=1 (after any pings still in flight), then a clean exit.
-    // SAFETY: signals the pid of the pdiskd this test started.
-    unsafe {
-        libc::kill(pdiskd.pid() as libc::pid_t, libc::SIGTERM);
-    }
-    let stopping = loop {
-        let m = recv(&systemd);
-        if m != "WATCHDOG=1" {
-            break m;
-        }
-    };
+    let stopping = systemd.after_sigterm(pdiskd.pid());
     assert!(
         stopping.starts_with("STOPPING=1\nSTATUS=shutting down"),
         "{stopping:?}"

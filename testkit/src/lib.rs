@@ -11,7 +11,9 @@
 //! `nats-server -js` of the test's own), `ceph.rs` (a single-node Ceph
 //! cluster on memstore for the rbd backend), `stack.rs`,
 //! `open_iscsi.rs`, `pki.rs`, `metrics.rs` (scraping
-//! `/metrics` and reading the samples back); this file holds the helpers they share.
+//! `/metrics` and reading the samples back), `host.rs` (one hyperconverged
+//! host for the agent's suites, [`AgentHost`]), `systemd.rs` (systemd's notify
+//! socket, [`NotifySocket`]); this file holds the helpers they share.
 //!
 //! Every piece has a drop guard that tears it down even when the test fails,
 //! and takes its own ports and directories, so tests run in parallel.
@@ -30,6 +32,7 @@ use tonic::transport::Channel;
 mod agentd;
 mod ceph;
 mod guest;
+mod host;
 mod initiator;
 mod metrics;
 mod nats;
@@ -38,18 +41,21 @@ mod open_iscsi;
 mod pdiskd;
 mod pki;
 mod stack;
+mod systemd;
 mod tgtd;
 mod xfs;
 
 pub use agentd::{agent_events, test_cgroup_parent, Agentd};
 pub use ceph::{CephCluster, MAX_CLUSTERS, MEMSTORE_BYTES};
 pub use guest::{guest_dir, wait_console, Httpd};
+pub use host::{AgentHost, ServedGuest, BRIDGE};
 pub use initiator::Initiator;
 pub use metrics::{scrape, Scrape};
 pub use nats::NatsServer;
 pub use netns::{can_connect_in, NetNs};
 pub use pdiskd::Pdiskd;
 pub use stack::{stack_kind, Exports, Lio, Pool, Stack, StackKind, ThinPool};
+pub use systemd::NotifySocket;
 pub use tgtd::Tgtd;
 pub use xfs::XfsPool;
 
