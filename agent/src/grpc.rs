@@ -16,10 +16,10 @@ use stratus_proto::agent::v1::vm_service_server::VmService;
 use tonic::{Request, Response, Status};
 
 use crate::service::Agent;
-use crate::spec::ServerName;
+use crate::spec::{ServerName, VmState};
 use crate::store::{Event, QuotaLimits, VmRecord};
-use stratus_core::error::Error;
-use stratus_core::requests::{fingerprint, RequestLog};
+use stratus_core::error::{Error, ErrorKind};
+use stratus_core::requests::{fingerprint, Answer, Attempt, RequestLog};
 use stratus_pki::tenancy::{check_reserved_labels, Scope};
 use stratus_pki::Identity;
 
@@ -31,24 +31,23 @@ use convert::{image_pb, image_spec, quota_pb, server_pb, vm_pb};
 pub struct Api {
     agent: Arc<Agent>,
     /// Mutating calls run here, as agentd's own tasks, and their outcomes
-    /// are kept for retries by `request_id`.
+    /// are kept for retries by `request_id`, in memory and in agentd's
+    /// store (so a retry after a restart of agentd is answered too).
     requests: RequestLog,
 }
 
 impl Api {
     pub fn new(agent: Arc<Agent>) -> Self {
-        Api {
-            agent,
-            requests: RequestLog::default(),
-        }
+        let requests = RequestLog::default().with_durable(agent.shared_store());
+        Api { agent, requests }
     }
 
     /// Runs the mutating operation `op` of `rpc` as agentd's own task (a
     /// caller that goes away does not stop it half-way); with a
     /// `request_id`, a retry of the same request by the same caller in the
     /// same project (`caller`, from [`caller_key`]) gets the first
-    /// attempt's result. `msg` is the request
-    /// with its request_id already taken out.
+    /// attempt's result, also after a restart of agentd. `msg` is the
+    /// request with its request_id already taken out.
     async fn run<T, M, F>(
         &self,
         caller: String,
@@ -58,35 +57,42 @@ impl Api {
         op: F,
     ) -> Result<T, Status>
     where
-        T: Clone + Send + Sync + 'static,
+        T: Answer,
         M: prost::Message,
         F: std::future::Future<Output = stratus_core::error::Result<T>> + Send + 'static,
     {
         let fp = fingerprint(&msg.encode_to_vec());
-        Ok(self.requests.run(&caller, request_id, rpc, fp, op).await?)
+        Ok(self
+            .requests
+            .run_resolved(&caller, request_id, rpc, fp, |_| Ok((String::new(), op)))
+            .await?)
     }
 
     /// The guest `r` names, if a call in `scope` may see it: any other is
     /// NotFound with the message a missing guest gets (no existence leak).
     fn vm(&self, scope: &Scope, r: &str) -> Result<VmRecord, Status> {
+        Ok(self.find(scope, r)?)
+    }
+
+    /// [`Self::vm`] with the service's error.
+    fn find(&self, scope: &Scope, r: &str) -> stratus_core::error::Result<VmRecord> {
         let vm = self.agent.get_vm_in(names_in(scope), r)?;
         if scope.sees(&vm.project) {
             Ok(vm)
         } else {
-            Err(Error::not_found(format!("vm {r} not found")).into())
+            Err(Error::not_found(format!("vm {r} not found")))
         }
     }
 
-    /// [`Self::vm`] as the UUID the service is then called with, so an
-    /// operation reaches only the guest that was checked.
-    fn vm_ref(&self, scope: &Scope, r: &str) -> Result<String, Status> {
-        Ok(self.vm(scope, r)?.uuid.to_string())
-    }
-
     /// A mutating call on one guest, the common case: the caller and the
-    /// project it acts in, the guest checked in that scope, then `op` run by
-    /// [`Self::run`] with the agent, the guest's UUID and the request (to
-    /// take its other fields from).
+    /// project it acts in, the guest checked in that scope, then `op` run
+    /// through the request log with the agent, the guest's UUID (so the
+    /// operation reaches only the guest that was checked), the request (to
+    /// take its other fields from) and whether an earlier attempt with the
+    /// same `request_id` was interrupted by a restart of agentd (`op` then
+    /// answers from the state it finds: see [`Attempt::AfterRestart`]).
+    /// Such a retry acts on the guest the first attempt resolved, by UUID;
+    /// when that guest is gone, `op` gets its UUID all the same.
     async fn on_vm<R, T, F, Fut>(
         &self,
         req: Request<R>,
@@ -95,17 +101,51 @@ impl Api {
     ) -> Result<T, Status>
     where
         R: VmCall,
-        T: Clone + Send + Sync + 'static,
-        F: FnOnce(Arc<Agent>, String, &R) -> Fut,
+        T: Answer,
+        F: FnOnce(Arc<Agent>, String, &R, bool) -> Fut,
         Fut: Future<Output = stratus_core::error::Result<T>> + Send + 'static,
     {
         let (identity, scope, mut r) = split(req, |r| r.project())?;
         let request_id = std::mem::take(r.request_id());
-        let vm = self.vm_ref(&scope, r.vm())?;
-        let op = op(self.agent.clone(), vm, &r);
         let caller = caller_key(&identity, scope.project());
-        self.run(caller, rpc, &request_id, &r, op).await
+        let fp = fingerprint(&r.encode_to_vec());
+        let agent = self.agent.clone();
+        let answer = self
+            .requests
+            .run_resolved(&caller, &request_id, rpc, fp, |attempt| {
+                let (vm, again) = match attempt {
+                    Attempt::AfterRestart { target } if !target.is_empty() => {
+                        match self.find(&scope, &target) {
+                            Ok(vm) => (vm.uuid.to_string(), true),
+                            // Gone (in every project) since the first
+                            // attempt: the operation says what that means.
+                            Err(e)
+                                if e.kind() == ErrorKind::NotFound
+                                    && agent.get_vm(&target).is_err() =>
+                            {
+                                (target, true)
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    _ => (self.find(&scope, r.vm())?.uuid.to_string(), false),
+                };
+                Ok((vm.clone(), op(agent, vm, &r, again)))
+            })
+            .await?;
+        Ok(answer)
     }
+}
+
+/// For a retry of an attempt a restart of agentd interrupted: the guest,
+/// when it is already in one of `done` (the first attempt got there, or
+/// reconciliation finished it), as the answer.
+fn already(agent: &Agent, vm: &str, again: bool, done: &[VmState]) -> Option<pb::Vm> {
+    if !again {
+        return None;
+    }
+    let v = agent.get_vm(vm).ok()?;
+    done.contains(&v.state).then(|| vm_pb(agent, &v))
 }
 
 /// The requests that act on one guest: they name it, the project the call
@@ -236,7 +276,10 @@ impl VmService for Api {
 
     async fn start_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
         let vm = self
-            .on_vm(req, "StartVm", |agent, vm, _| async move {
+            .on_vm(req, "StartVm", |agent, vm, _, again| async move {
+                if let Some(v) = already(&agent, &vm, again, &[VmState::Running, VmState::Paused]) {
+                    return Ok(v);
+                }
                 Ok(vm_pb(&agent, &agent.start_vm(&vm).await?))
             })
             .await?;
@@ -245,9 +288,14 @@ impl VmService for Api {
 
     async fn stop_vm(&self, req: Request<pb::StopVmRequest>) -> Result<Response<pb::Vm>, Status> {
         let vm = self
-            .on_vm(req, "StopVm", |agent, vm, r| {
+            .on_vm(req, "StopVm", |agent, vm, r, again| {
                 let (timeout, force) = (timeout_of(r.timeout_seconds), r.force);
-                async move { Ok(vm_pb(&agent, &agent.stop_vm(&vm, timeout, force).await?)) }
+                async move {
+                    if let Some(v) = already(&agent, &vm, again, &[VmState::Stopped]) {
+                        return Ok(v);
+                    }
+                    Ok(vm_pb(&agent, &agent.stop_vm(&vm, timeout, force).await?))
+                }
             })
             .await?;
         Ok(Response::new(vm))
@@ -255,7 +303,7 @@ impl VmService for Api {
 
     async fn reboot_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
         let vm = self
-            .on_vm(req, "RebootVm", |agent, vm, _| async move {
+            .on_vm(req, "RebootVm", |agent, vm, _, _| async move {
                 Ok(vm_pb(&agent, &agent.reboot_vm(&vm).await?))
             })
             .await?;
@@ -264,7 +312,10 @@ impl VmService for Api {
 
     async fn pause_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
         let vm = self
-            .on_vm(req, "PauseVm", |agent, vm, _| async move {
+            .on_vm(req, "PauseVm", |agent, vm, _, again| async move {
+                if let Some(v) = already(&agent, &vm, again, &[VmState::Paused]) {
+                    return Ok(v);
+                }
                 Ok(vm_pb(&agent, &agent.pause_vm(&vm).await?))
             })
             .await?;
@@ -273,7 +324,10 @@ impl VmService for Api {
 
     async fn resume_vm(&self, req: Request<pb::VmRequest>) -> Result<Response<pb::Vm>, Status> {
         let vm = self
-            .on_vm(req, "ResumeVm", |agent, vm, _| async move {
+            .on_vm(req, "ResumeVm", |agent, vm, _, again| async move {
+                if let Some(v) = already(&agent, &vm, again, &[VmState::Running]) {
+                    return Ok(v);
+                }
                 Ok(vm_pb(&agent, &agent.resume_vm(&vm).await?))
             })
             .await?;
@@ -284,9 +338,16 @@ impl VmService for Api {
         &self,
         req: Request<pb::DestroyVmRequest>,
     ) -> Result<Response<pb::DestroyVmResponse>, Status> {
-        self.on_vm(req, "DestroyVm", |agent, vm, r| {
+        self.on_vm(req, "DestroyVm", |agent, vm, r, again| {
             let timeout = timeout_of(r.timeout_seconds);
-            async move { agent.destroy_vm(&vm, timeout).await }
+            async move {
+                // The first attempt's DESTROYING was durable: reconciliation
+                // finished the destroy.
+                if again && agent.get_vm(&vm).is_err() {
+                    return Ok(());
+                }
+                agent.destroy_vm(&vm, timeout).await
+            }
         })
         .await?;
         Ok(Response::new(pb::DestroyVmResponse {}))
@@ -423,28 +484,33 @@ impl VmService for Api {
                 &r,
                 async move {
                     let evicted = agent.evict_image(&sha256, local, pdisk, &server).await?;
-                    Ok(evicted.into_iter().map(image_pb).collect::<Vec<_>>())
+                    Ok(pb::EvictImageResponse {
+                        evicted: evicted.into_iter().map(image_pb).collect(),
+                    })
                 },
             )
             .await?;
-        Ok(Response::new(pb::EvictImageResponse { evicted }))
+        Ok(Response::new(evicted))
     }
 
     async fn save_image(
         &self,
         req: Request<pb::SaveImageRequest>,
     ) -> Result<Response<pb::SaveImageResponse>, Status> {
-        let (volume, server) = self
-            .on_vm(req, "SaveImage", |agent, vm, r| {
+        let saved = self
+            .on_vm(req, "SaveImage", |agent, vm, r, _| {
                 let (device, name) = (r.device.clone(), r.name.clone());
-                async move { agent.save_image(&vm, &device, &name).await }
+                async move {
+                    let (volume, server) = agent.save_image(&vm, &device, &name).await?;
+                    Ok(pb::SaveImageResponse {
+                        url: format!("pdisk:///{volume}"),
+                        volume,
+                        server: server.to_string(),
+                    })
+                }
             })
             .await?;
-        Ok(Response::new(pb::SaveImageResponse {
-            url: format!("pdisk:///{volume}"),
-            volume,
-            server: server.to_string(),
-        }))
+        Ok(Response::new(saved))
     }
 
     async fn set_quota(

@@ -139,6 +139,200 @@ async fn a_start_whose_caller_gives_up_still_ends_running_and_its_retry_gets_the
     assert!(pdisk.exported().is_empty());
 }
 
+fn stop(vm: &str, request_id: &str) -> pb::StopVmRequest {
+    pb::StopVmRequest {
+        vm: vm.into(),
+        force: true,
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
+fn destroy(vm: &str, request_id: &str) -> pb::DestroyVmRequest {
+    pb::DestroyVmRequest {
+        vm: vm.into(),
+        timeout_seconds: 5,
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
+fn events(agent: &crate::service::Agent) -> usize {
+    agent.store().events_since(0, 1000).unwrap().len()
+}
+
+/// agentd restarted between an answer and its retry (a new `Api`: the log
+/// in memory is gone, agent.redb is not): every guest call's retry gets
+/// the first answer, and nothing runs again. Before the outcomes were kept
+/// in agent.redb, these retries were refused (a start of a running guest,
+/// a stop of a stopped one) or NotFound (a destroyed guest).
+#[tokio::test]
+async fn retries_after_a_restart_of_agentd_get_the_first_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let pdisk = FakeVolumes::new();
+    pdisk.add_volume("disk");
+    let agent = agent(dir.path(), pdisk.clone());
+    let api = Api::new(agent.clone());
+    let created = api
+        .create_vm(request(Role::Admin, create("web", "c-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let started = api
+        .start_vm(request(Role::Admin, vm_request("web", "s-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let paused = api
+        .pause_vm(request(Role::Admin, vm_request("web", "p-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let resumed = api
+        .resume_vm(request(Role::Admin, vm_request("web", "r-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let stopped = api
+        .stop_vm(request(Role::Admin, stop("web", "t-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            started.state(),
+            paused.state(),
+            resumed.state(),
+            stopped.state()
+        ),
+        (
+            pb::VmState::Running,
+            pb::VmState::Paused,
+            pb::VmState::Running,
+            pb::VmState::Stopped
+        )
+    );
+    let journal = events(&agent);
+
+    let api = Api::new(agent.clone());
+    let again = |id: &str| request(Role::Admin, vm_request("web", id));
+    assert_eq!(
+        api.create_vm(request(Role::Admin, create("web", "c-1")))
+            .await
+            .unwrap()
+            .into_inner()
+            .uuid,
+        created.uuid
+    );
+    assert_eq!(
+        api.start_vm(again("s-1")).await.unwrap().into_inner(),
+        started
+    );
+    assert_eq!(
+        api.pause_vm(again("p-1")).await.unwrap().into_inner(),
+        paused
+    );
+    assert_eq!(
+        api.resume_vm(again("r-1")).await.unwrap().into_inner(),
+        resumed
+    );
+    assert_eq!(
+        api.stop_vm(request(Role::Admin, stop("web", "t-1")))
+            .await
+            .unwrap()
+            .into_inner(),
+        stopped
+    );
+    assert_eq!(events(&agent), journal, "a retry ran its operation again");
+    assert_eq!(pdisk.failures.count("export_volume"), 1);
+    assert_eq!(agent.get_vm("web").unwrap().state, VmState::Stopped);
+    // A kept id with another request is refused, after a restart too.
+    let e = api.stop_vm(request(Role::Admin, stop("web", "s-1"))).await;
+    assert_eq!(e.unwrap_err().code(), Code::InvalidArgument);
+
+    // A destroy: its retry answers OK, not NotFound, before and after a
+    // restart.
+    api.destroy_vm(request(Role::Admin, destroy("web", "d-1")))
+        .await
+        .unwrap();
+    api.destroy_vm(request(Role::Admin, destroy("web", "d-1")))
+        .await
+        .unwrap();
+    let api = Api::new(agent.clone());
+    api.destroy_vm(request(Role::Admin, destroy("web", "d-1")))
+        .await
+        .unwrap();
+    // Without an id, a destroy of what is gone is NotFound, as before.
+    let e = api
+        .destroy_vm(request(Role::Admin, destroy("web", "")))
+        .await;
+    assert_eq!(e.unwrap_err().code(), Code::NotFound);
+    let destroyed = agent
+        .store()
+        .events_since(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventType::Destroyed)
+        .count();
+    assert_eq!(destroyed, 1);
+}
+
+/// agentd killed during the operation (a crash point: the operation's
+/// task dies there, its answer never given), then restarted: the retry
+/// runs again knowing so, and answers from what it finds instead of
+/// refusing (a start that got to RUNNING) or NotFound (a destroy that
+/// reconciliation finished).
+#[tokio::test]
+async fn a_retry_of_an_attempt_killed_mid_way_answers_from_the_state_it_finds() {
+    let dir = tempfile::tempdir().unwrap();
+    let pdisk = FakeVolumes::new();
+    pdisk.add_volume("disk");
+    let agent = agent(dir.path(), pdisk.clone());
+    let api = Api::new(agent.clone());
+    api.create_vm(request(Role::Admin, create("web", "")))
+        .await
+        .unwrap();
+    agent.arm_crash_point(Some("start.running"));
+    let lost = api
+        .start_vm(request(Role::Admin, vm_request("web", "s-1")))
+        .await;
+    agent.arm_crash_point(None);
+    assert_eq!(lost.unwrap_err().code(), Code::Internal);
+    assert_eq!(agent.get_vm("web").unwrap().state, VmState::Running);
+
+    let api = Api::new(agent.clone());
+    let vm = api
+        .start_vm(request(Role::Admin, vm_request("web", "s-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vm.state(), pb::VmState::Running);
+    assert_eq!(pdisk.failures.count("export_volume"), 1);
+
+    api.stop_vm(request(Role::Admin, stop("web", "")))
+        .await
+        .unwrap();
+    agent.arm_crash_point(Some("destroy.marked"));
+    let lost = api
+        .destroy_vm(request(Role::Admin, destroy("web", "d-1")))
+        .await;
+    agent.arm_crash_point(None);
+    assert_eq!(lost.unwrap_err().code(), Code::Internal);
+    assert_eq!(agent.get_vm("web").unwrap().state, VmState::Destroying);
+    // Reconciliation at the restart finishes the destroy.
+    agent.reconcile().await.unwrap();
+    assert!(agent.get_vm("web").is_err());
+    let api = Api::new(agent.clone());
+    api.destroy_vm(request(Role::Admin, destroy("web", "d-1")))
+        .await
+        .unwrap();
+    // And the answer is kept now: once more after another restart.
+    let api = Api::new(agent.clone());
+    api.destroy_vm(request(Role::Admin, destroy("web", "d-1")))
+        .await
+        .unwrap();
+}
+
 /// 50 clients × 200 mixed operations on ten overlapping guests, each
 /// operation under a 60 s watchdog: only the documented refusals, and at
 /// the end the store equals the host (each running guest's one QEMU, its

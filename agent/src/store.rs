@@ -27,6 +27,7 @@ use uuid::Uuid;
 use crate::attach::{AttachMode, KernelDisk};
 use crate::spec::{Cause, EventType, ServerName, VmSpec, VmState};
 use stratus_core::error::{Error, Result};
+use stratus_core::requests::{DurableOutcomes, StoredRequest};
 
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
@@ -34,6 +35,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LAST_SEQ: &str = "last_seq";
 /// project -> its [`QuotaLimits`].
 const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
+/// (caller scope, request id) -> its [`StoredRequest`]: mutating requests
+/// with an id, kept for retries across restarts
+/// ([`stratus_core::requests`]).
+const REQUESTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("requests");
 
 /// A project's limits on this host; None is no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,6 +372,7 @@ impl AgentStore {
         tx.open_table(EVENTS).map_err(db_err)?;
         tx.open_table(META).map_err(db_err)?;
         tx.open_table(QUOTAS).map_err(db_err)?;
+        tx.open_table(REQUESTS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         let (live, _) = broadcast::channel(capacity);
         Ok(AgentStore {
@@ -759,6 +765,44 @@ impl AgentStore {
     }
 }
 
+/// Requests with an id, kept in agent.redb so a retry after a restart of
+/// agentd gets the first attempt's answer.
+impl DurableOutcomes for AgentStore {
+    fn get(&self, scope: &str, request_id: &str) -> Result<Option<StoredRequest>> {
+        let tx = self.db.begin_read().map_err(db_err)?;
+        let t = tx.open_table(REQUESTS).map_err(db_err)?;
+        let x = t.get((scope, request_id)).map_err(db_err)?;
+        x.map(|v| decode("request", v.value())).transpose()
+    }
+
+    fn put(&self, scope: &str, request_id: &str, request: &StoredRequest) -> Result<()> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut t = tx.open_table(REQUESTS).map_err(db_err)?;
+            t.insert((scope, request_id), encode(request).as_slice())
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    fn prune(&self, before: u64) -> Result<usize> {
+        let tx = self.db.begin_write().map_err(db_err)?;
+        let mut removed = 0;
+        {
+            let mut t = tx.open_table(REQUESTS).map_err(db_err)?;
+            t.retain(|_, v| {
+                let keep =
+                    serde_json::from_slice::<StoredRequest>(v).is_ok_and(|r| r.started >= before);
+                removed += usize::from(!keep);
+                keep
+            })
+            .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(removed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -878,6 +922,34 @@ mod tests {
         let one_way = r#"{"device":"vda","source":"pdisk:v","attachment":"/dev/sdb","read_only":false,"pdisk_volume":"u","mode":"kernel","kernel":{"lun":{"portal":"127.0.0.1:3260","target":"iqn.2026-11.io.stratus.pdisk:v","lun":1},"device":"/dev/sdb"}}"#;
         let d: DiskAttachment = serde_json::from_str(one_way).unwrap();
         assert_eq!(d.kernel.unwrap().chap_target_user, None);
+    }
+
+    #[test]
+    fn kept_requests_survive_a_reopen_and_go_when_old() {
+        use stratus_core::requests::StoredOutcome;
+        let dir = tempfile::tempdir().unwrap();
+        let row = |started, outcome| StoredRequest {
+            rpc: "StartVm".into(),
+            fingerprint: 42,
+            started,
+            target: "u".into(),
+            outcome,
+        };
+        let done = row(1000, Some(StoredOutcome::Answer(vec![1, 2])));
+        {
+            let s = AgentStore::open(dir.path()).unwrap();
+            s.put("alice|p", "r1", &done).unwrap();
+            s.put("alice|p", "r0", &row(10, None)).unwrap();
+            // The same id of another caller is another row.
+            s.put("bob|p", "r1", &row(2000, None)).unwrap();
+        }
+        let s = AgentStore::open(dir.path()).unwrap();
+        assert_eq!(s.get("alice|p", "r1").unwrap(), Some(done.clone()));
+        assert_eq!(s.get("bob|p", "r1").unwrap().unwrap().started, 2000);
+        assert_eq!(s.get("alice|q", "r1").unwrap(), None);
+        assert_eq!(s.prune(500).unwrap(), 1);
+        assert_eq!(s.get("alice|p", "r0").unwrap(), None);
+        assert_eq!(s.get("alice|p", "r1").unwrap(), Some(done));
     }
 
     #[test]

@@ -504,3 +504,110 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
         started.elapsed()
     );
 }
+
+/// Retries by `request_id` across a kill -9 of agentd: a call answered,
+/// agentd killed, restarted, the same call again gets the first answer
+/// without running again (start: the same QEMU; destroy: OK, not
+/// NotFound); a call whose agentd died at a crash point before answering
+/// runs again knowing so and answers from what it finds.
+#[test]
+#[ignore = "needs root, QEMU, tgt and agentd-failpoints: run by scripts/test"]
+fn retries_after_agentd_was_killed_get_the_first_answer() {
+    let mut h = Host::start();
+    let start = |h: &Host, vm: &str, id: &str| {
+        let req = pb::VmRequest {
+            vm: vm.into(),
+            request_id: id.into(),
+            ..Default::default()
+        };
+        h.agent(move |mut c| async move { c.start_vm(req).await.map(|r| r.into_inner()) })
+    };
+    let stop = |h: &Host, vm: &str, id: &str| {
+        let req = pb::StopVmRequest {
+            vm: vm.into(),
+            force: true,
+            request_id: id.into(),
+            ..Default::default()
+        };
+        h.agent(move |mut c| async move { c.stop_vm(req).await.map(|r| r.into_inner()) })
+    };
+    let destroy = |h: &Host, vm: &str, id: &str| {
+        let req = pb::DestroyVmRequest {
+            vm: vm.into(),
+            timeout_seconds: 5,
+            request_id: id.into(),
+            ..Default::default()
+        };
+        h.agent(move |mut c| async move { c.destroy_vm(req).await.map(drop) })
+    };
+    let qemus_of = |uuid: &str| -> Vec<u32> {
+        qemus()
+            .into_iter()
+            .filter(|(_, u)| u == uuid)
+            .map(|(p, _)| p)
+            .collect()
+    };
+
+    // Answered, then agentd killed: the retries get the first answers.
+    let web = h.define("web").unwrap();
+    let started = start(&h, "web", "start-1").unwrap();
+    assert_eq!(started.state(), pb::VmState::Running);
+    h.agentd.kill9();
+    h.agentd.restart_with_failpoints(None);
+    let again = start(&h, "web", "start-1").expect("the retry of an answered start");
+    assert_eq!(again, started);
+    assert_eq!(qemus_of(&web.uuid), vec![started.pid]);
+    let stopped = stop(&h, "web", "stop-1").unwrap();
+    assert_eq!(stopped.state(), pb::VmState::Stopped);
+    h.agentd.kill9();
+    h.agentd.restart_with_failpoints(None);
+    assert_eq!(stop(&h, "web", "stop-1").unwrap(), stopped);
+    // Another request with a kept id is refused.
+    let reused = stop(&h, "web", "start-1").unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::InvalidArgument);
+    destroy(&h, "web", "destroy-1").unwrap();
+    h.agentd.kill9();
+    h.agentd.restart_with_failpoints(None);
+    destroy(&h, "web", "destroy-1").expect("the retry of an answered destroy");
+    let gone = destroy(&h, "web", "").unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+
+    // agentd dies before answering (after the start's RUNNING, after the
+    // destroy's DESTROYING): the retry answers from what it finds.
+    let db = h.define("db").unwrap();
+    h.agentd
+        .restart_with_failpoints(Some("start.running=return"));
+    let lost = start(&h, "db", "start-2");
+    assert_eq!(
+        h.agentd
+            .wait_exit(Duration::from_secs(60))
+            .and_then(|s| s.code()),
+        Some(CRASH_EXIT_CODE),
+        "agentd did not stop at start.running ({lost:?})"
+    );
+    h.agentd.restart_with_failpoints(None);
+    let running = start(&h, "db", "start-2").expect("the retry of a start that got to RUNNING");
+    assert_eq!(running.state(), pb::VmState::Running);
+    assert_eq!(qemus_of(&db.uuid), vec![running.pid]);
+    h.agentd
+        .restart_with_failpoints(Some("destroy.marked=return"));
+    let lost = destroy(&h, "db", "destroy-2");
+    assert_eq!(
+        h.agentd
+            .wait_exit(Duration::from_secs(60))
+            .and_then(|s| s.code()),
+        Some(CRASH_EXIT_CODE),
+        "agentd did not stop at destroy.marked ({lost:?})"
+    );
+    // Reconciliation at the restart finishes the destroy.
+    h.agentd.restart_with_failpoints(None);
+    destroy(&h, "db", "destroy-2").expect("the retry of a destroy reconciliation finished");
+    assert!(h.vms().is_empty());
+    assert!(qemus_of(&db.uuid).is_empty());
+    let destroyed = h
+        .events()
+        .iter()
+        .filter(|e| e.r#type() == pb::EventType::Destroyed)
+        .count();
+    assert_eq!(destroyed, 2);
+}

@@ -13,16 +13,23 @@
 //! (after a timeout, a dropped connection) waits for the first attempt if it
 //! still runs and answers with its result, success or error, without running
 //! the operation again. The same id with another RPC or other arguments is
-//! InvalidArgument. The log is in memory: a daemon's restart forgets it, and
-//! what survives a restart is said by each daemon (a create's record carries
-//! its request id, so its retry finds it).
+//! InvalidArgument. The log is in memory; a daemon that gives it a
+//! [`DurableOutcomes`] ([`RequestLog::with_durable`], agentd's store) and
+//! runs a request through [`RequestLog::run_resolved`] also keeps it there:
+//! the request is written before its operation starts and its outcome
+//! before it is answered, so a retry after a restart (a kill -9 between the
+//! answer and the retry) gets the same answer, and a retry of an attempt
+//! the restart interrupted runs again knowing so ([`Attempt::AfterRestart`],
+//! with the object the first attempt resolved), to answer from the state it
+//! finds. Kept rows go after [`RequestLog::KEEP`] too.
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -45,6 +52,9 @@ pub struct RequestLog {
     entries: Mutex<HashMap<(String, String), Entry>>,
     keep: Duration,
     max: usize,
+    durable: Option<Arc<dyn DurableOutcomes>>,
+    /// When the durable rows were last pruned.
+    pruned: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Default for RequestLog {
@@ -52,6 +62,96 @@ impl Default for RequestLog {
         RequestLog::new(RequestLog::KEEP, RequestLog::MAX)
     }
 }
+
+/// A request as kept durably by [`DurableOutcomes`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRequest {
+    pub rpc: String,
+    pub fingerprint: u64,
+    /// When its first attempt started (seconds since the Unix epoch).
+    pub started: u64,
+    /// The object the first attempt resolved the request to (a guest's
+    /// UUID; empty when the request names none).
+    pub target: String,
+    /// None while it runs, and for good when the daemon stopped during it.
+    pub outcome: Option<StoredOutcome>,
+}
+
+/// A finished request's outcome: the encoded answer, or the error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredOutcome {
+    Answer(Vec<u8>),
+    /// The error's kind (as [`ErrorKind`]'s Debug name) and message.
+    Error {
+        kind: String,
+        message: String,
+    },
+}
+
+/// Where a daemon keeps requests with an id across its restarts, keyed by
+/// (scope, request id).
+pub trait DurableOutcomes: Send + Sync {
+    fn get(&self, scope: &str, request_id: &str) -> Result<Option<StoredRequest>>;
+    fn put(&self, scope: &str, request_id: &str, request: &StoredRequest) -> Result<()>;
+    /// Removes the requests started before `before` (Unix seconds);
+    /// returns how many went.
+    fn prune(&self, before: u64) -> Result<usize>;
+}
+
+/// An answer that can be kept durably: the daemons' protobuf messages
+/// (and `()` and `String`, which prost encodes too).
+pub trait Answer: Clone + Send + Sync + 'static {
+    fn encode_answer(&self) -> Vec<u8>;
+    fn decode_answer(bytes: &[u8]) -> Option<Self>;
+}
+
+impl<T: prost::Message + Default + Clone + 'static> Answer for T {
+    fn encode_answer(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+    fn decode_answer(bytes: &[u8]) -> Option<Self> {
+        T::decode(bytes).ok()
+    }
+}
+
+/// Which attempt at a request [`RequestLog::run_resolved`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attempt {
+    /// No attempt before (or none kept).
+    First,
+    /// An earlier attempt started and the daemon stopped before it ended:
+    /// its effect may be partly or wholly done (and reconciliation may have
+    /// finished or undone it). `target` is what it resolved the request to.
+    AfterRestart { target: String },
+}
+
+const KINDS: [ErrorKind; 9] = [
+    ErrorKind::AlreadyExists,
+    ErrorKind::Unavailable,
+    ErrorKind::FailedPrecondition,
+    ErrorKind::Internal,
+    ErrorKind::InvalidArgument,
+    ErrorKind::NotFound,
+    ErrorKind::OutOfRange,
+    ErrorKind::PermissionDenied,
+    ErrorKind::ResourceExhausted,
+];
+
+fn kind_named(name: &str) -> ErrorKind {
+    KINDS
+        .into_iter()
+        .find(|k| format!("{k:?}") == name)
+        .unwrap_or(ErrorKind::Internal)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// How to keep answers of type T durably (none: in memory only).
+type Codec<T> = Option<(fn(&T) -> Vec<u8>, fn(&[u8]) -> Option<T>)>;
 
 /// Validates a request id: 1..=128 of `[A-Za-z0-9._:-]`.
 pub fn validate_request_id(id: &str) -> Result<()> {
@@ -91,12 +191,22 @@ impl RequestLog {
             entries: Mutex::default(),
             keep,
             max,
+            durable: None,
+            pruned: Arc::default(),
         }
+    }
+
+    /// Keeps the requests run by [`Self::run_resolved`] in `durable` too,
+    /// so retries after a restart are answered (see the module doc).
+    pub fn with_durable(mut self, durable: Arc<dyn DurableOutcomes>) -> RequestLog {
+        self.durable = Some(durable);
+        self
     }
 
     /// Runs `op` as a task of the daemon's own and answers with its result.
     /// With a non-empty `request_id`, a retry in the same `scope` gets the
     /// first attempt's result instead of running `op` (see the module doc).
+    /// In memory only.
     pub async fn run<T, F>(
         &self,
         scope: &str,
@@ -109,21 +219,73 @@ impl RequestLog {
         T: Clone + Send + Sync + 'static,
         F: Future<Output = Result<T>> + Send + 'static,
     {
+        self.run_inner(scope, request_id, rpc, fingerprint, None, |_| {
+            Ok((String::new(), op))
+        })
+        .await
+    }
+
+    /// [`Self::run`], kept durably too when the log has a
+    /// [`DurableOutcomes`]: a retry after a restart gets the first
+    /// attempt's answer. The operation is made by `prepare` only when it
+    /// is to run (not for a retry answered from a kept outcome), told
+    /// whether an earlier attempt was interrupted by a restart; it returns
+    /// the object it resolved the request to (kept for such a retry) and
+    /// the operation. An error of `prepare` is answered, not kept.
+    pub async fn run_resolved<T, F, P>(
+        &self,
+        scope: &str,
+        request_id: &str,
+        rpc: &'static str,
+        fingerprint: u64,
+        prepare: P,
+    ) -> Result<T>
+    where
+        T: Answer,
+        F: Future<Output = Result<T>> + Send + 'static,
+        P: FnOnce(Attempt) -> Result<(String, F)>,
+    {
+        let codec: Codec<T> = Some((T::encode_answer, T::decode_answer));
+        self.run_inner(scope, request_id, rpc, fingerprint, codec, prepare)
+            .await
+    }
+
+    async fn run_inner<T, F, P>(
+        &self,
+        scope: &str,
+        request_id: &str,
+        rpc: &'static str,
+        fingerprint: u64,
+        codec: Codec<T>,
+        prepare: P,
+    ) -> Result<T>
+    where
+        T: Clone + Send + Sync + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+        P: FnOnce(Attempt) -> Result<(String, F)>,
+    {
         if request_id.is_empty() {
+            let (_, op) = prepare(Attempt::First)?;
             return detached(op).await;
         }
         validate_request_id(request_id)?;
         let key = (scope.to_owned(), request_id.to_owned());
+        let refused = |other: &str| {
+            Error::invalid(format!(
+                "request_id {request_id} was used by another request ({other}); \
+                 a retry must repeat its request unchanged"
+            ))
+        };
+        let durable = match codec {
+            Some(c) => self.durable.clone().map(|d| (d, c)),
+            None => None,
+        };
         let mut outcome = {
             let mut entries = self.entries.lock().unwrap();
             self.prune(&mut entries);
             match entries.get(&key) {
                 Some(e) if e.rpc != rpc || e.fingerprint != fingerprint => {
-                    return Err(Error::invalid(format!(
-                        "request_id {request_id} was used by another request ({}); \
-                         a retry must repeat its request unchanged",
-                        e.rpc
-                    )));
+                    return Err(refused(e.rpc));
                 }
                 Some(e) => {
                     tracing::info!(
@@ -134,12 +296,54 @@ impl RequestLog {
                     e.outcome.clone()
                 }
                 None => {
+                    // Not in memory: kept from before a restart?
+                    let kept = match &durable {
+                        Some((d, _)) => d.get(scope, request_id)?,
+                        None => None,
+                    };
+                    let attempt = match kept {
+                        Some(k) if k.rpc != rpc || k.fingerprint != fingerprint => {
+                            return Err(refused(&k.rpc));
+                        }
+                        Some(StoredRequest {
+                            outcome: Some(o), ..
+                        }) => {
+                            drop(entries);
+                            tracing::info!(
+                                request_id,
+                                rpc,
+                                "retry after a restart: answering with the first attempt's result"
+                            );
+                            return match o {
+                                StoredOutcome::Answer(bytes) => {
+                                    let decode = durable.expect("kept only with a codec").1 .1;
+                                    decode(&bytes).ok_or_else(|| {
+                                        Error::internal(format!("{rpc}: kept answer unreadable"))
+                                    })
+                                }
+                                StoredOutcome::Error { kind, message } => {
+                                    Err(Error::new(kind_named(&kind), message))
+                                }
+                            };
+                        }
+                        Some(k) => {
+                            tracing::info!(
+                                request_id,
+                                rpc,
+                                target = %k.target,
+                                "retry of an attempt a restart interrupted: running it again"
+                            );
+                            Attempt::AfterRestart { target: k.target }
+                        }
+                        None => Attempt::First,
+                    };
                     if entries.len() >= self.max {
                         return Err(Error::exhausted(format!(
                             "too many requests with a request_id in flight ({}); retry later",
                             self.max
                         )));
                     }
+                    let (target, op) = prepare(attempt)?;
                     let (tx, rx) = watch::channel(None);
                     entries.insert(
                         key,
@@ -150,8 +354,43 @@ impl RequestLog {
                             outcome: rx.clone(),
                         },
                     );
+                    let (scope, id) = (scope.to_owned(), request_id.to_owned());
+                    let (keep, pruned) = (self.keep, self.pruned.clone());
                     tokio::spawn(async move {
-                        let out: Outcome = match op.await {
+                        let mut row = StoredRequest {
+                            rpc: rpc.to_owned(),
+                            fingerprint,
+                            started: unix_now(),
+                            target,
+                            outcome: None,
+                        };
+                        // Kept before the operation touches anything, so a
+                        // retry after a crash knows it began.
+                        if let Some((d, _)) = &durable {
+                            if let Err(e) = d.put(&scope, &id, &row) {
+                                let e = Error::internal(format!(
+                                    "{rpc}: could not keep request {id}: {e}"
+                                ));
+                                let _ = tx.send(Some(Err((e.kind(), e.message().to_owned()))));
+                                return;
+                            }
+                        }
+                        let result = op.await;
+                        if let Some((d, (encode, _))) = &durable {
+                            row.outcome = Some(match &result {
+                                Ok(v) => StoredOutcome::Answer(encode(v)),
+                                Err(e) => StoredOutcome::Error {
+                                    kind: format!("{:?}", e.kind()),
+                                    message: e.message().to_owned(),
+                                },
+                            });
+                            if let Err(e) = d.put(&scope, &id, &row) {
+                                tracing::warn!(request_id = %id, rpc, error = %e,
+                                    "could not keep the outcome: a retry after a restart runs again");
+                            }
+                            prune_durable(d.as_ref(), keep, &pruned);
+                        }
+                        let out: Outcome = match result {
                             Ok(v) => Ok(Arc::new(v)),
                             Err(e) => Err((e.kind(), e.message().to_owned())),
                         };
@@ -215,6 +454,22 @@ impl RequestLog {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Drops durably kept requests older than `keep`, at most once a minute.
+fn prune_durable(d: &dyn DurableOutcomes, keep: Duration, pruned: &Mutex<Option<Instant>>) {
+    {
+        let mut last = pruned.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            return;
+        }
+        *last = Some(Instant::now());
+    }
+    match d.prune(unix_now().saturating_sub(keep.as_secs())) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(n, "kept requests past their time dropped"),
+        Err(e) => tracing::warn!(error = %e, "could not drop kept requests"),
     }
 }
 
@@ -353,6 +608,200 @@ mod tests {
         )
         .await;
         rx.await.expect("ran to its end");
+    }
+
+    /// A daemon's durable store, in memory: what survives a "restart"
+    /// (a new log over the same rows).
+    #[derive(Default)]
+    struct Rows(Mutex<HashMap<(String, String), StoredRequest>>);
+
+    impl DurableOutcomes for Rows {
+        fn get(&self, scope: &str, id: &str) -> Result<Option<StoredRequest>> {
+            let rows = self.0.lock().unwrap();
+            Ok(rows.get(&(scope.to_owned(), id.to_owned())).cloned())
+        }
+        fn put(&self, scope: &str, id: &str, r: &StoredRequest) -> Result<()> {
+            let mut rows = self.0.lock().unwrap();
+            rows.insert((scope.to_owned(), id.to_owned()), r.clone());
+            Ok(())
+        }
+        fn prune(&self, before: u64) -> Result<usize> {
+            let mut rows = self.0.lock().unwrap();
+            let n = rows.len();
+            rows.retain(|_, r| r.started >= before);
+            Ok(n - rows.len())
+        }
+    }
+
+    /// `prepare` for run_resolved: records the attempt it was given and
+    /// runs `counting`.
+    fn resolved(
+        runs: &Arc<AtomicU32>,
+        seen: &Arc<Mutex<Vec<Attempt>>>,
+        answer: Result<String>,
+    ) -> impl FnOnce(Attempt) -> Result<(String, BoxedOp)> {
+        let (runs, seen) = (runs.clone(), seen.clone());
+        move |a| {
+            seen.lock().unwrap().push(a);
+            let op: BoxedOp = Box::pin(async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                answer
+            });
+            Ok(("vm-uuid-1".to_owned(), op))
+        }
+    }
+
+    type BoxedOp = std::pin::Pin<Box<dyn Future<Output = Result<String>> + Send>>;
+
+    #[tokio::test]
+    async fn kept_durably_a_retry_after_a_restart_gets_the_first_answer() {
+        let rows = Arc::new(Rows::default());
+        let runs = Arc::new(AtomicU32::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = RequestLog::default().with_durable(rows.clone());
+        let first = log
+            .run_resolved(
+                "p",
+                "r1",
+                "Start",
+                7,
+                resolved(&runs, &seen, Ok("one".into())),
+            )
+            .await
+            .unwrap();
+        let failed = log
+            .run_resolved(
+                "p",
+                "r2",
+                "Stop",
+                7,
+                resolved(&runs, &seen, Err(Error::precondition("vm x is Stopped"))),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!((first.as_str(), runs.load(Ordering::SeqCst)), ("one", 2));
+        // The log in memory is gone; the rows are not.
+        let log = RequestLog::default().with_durable(rows.clone());
+        let again = log
+            .run_resolved(
+                "p",
+                "r1",
+                "Start",
+                7,
+                resolved(&runs, &seen, Ok("two".into())),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again, "one");
+        let e = log
+            .run_resolved(
+                "p",
+                "r2",
+                "Stop",
+                7,
+                resolved(&runs, &seen, Ok("ok".into())),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.kind(), e.message()),
+            (ErrorKind::FailedPrecondition, failed.message())
+        );
+        // Another request with a kept id: refused, nothing run.
+        let e = log
+            .run_resolved("p", "r1", "Stop", 7, resolved(&runs, &seen, Ok("x".into())))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(*seen.lock().unwrap(), vec![Attempt::First, Attempt::First]);
+        // `run` (in memory only) keeps nothing durably.
+        log.run("p", "r3", "Start", 7, async { Ok(3u32) })
+            .await
+            .unwrap();
+        assert!(rows.get("p", "r3").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_attempt_a_restart_interrupted_runs_again_knowing_its_target() {
+        let rows = Arc::new(Rows::default());
+        let runs = Arc::new(AtomicU32::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        // What a daemon killed during the operation leaves: the request
+        // kept, no outcome.
+        rows.put(
+            "p",
+            "r1",
+            &StoredRequest {
+                rpc: "Destroy".into(),
+                fingerprint: 7,
+                started: unix_now(),
+                target: "vm-uuid-0".into(),
+                outcome: None,
+            },
+        )
+        .unwrap();
+        let log = RequestLog::default().with_durable(rows.clone());
+        let answer = log
+            .run_resolved(
+                "p",
+                "r1",
+                "Destroy",
+                7,
+                resolved(&runs, &seen, Ok("done".into())),
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer, "done");
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![Attempt::AfterRestart {
+                target: "vm-uuid-0".into()
+            }]
+        );
+        // Its outcome is kept now.
+        let kept = rows.get("p", "r1").unwrap().unwrap();
+        assert_eq!(
+            kept.outcome,
+            Some(StoredOutcome::Answer(b"\x0a\x04done".to_vec()))
+        );
+        // A refusal by prepare (the guest is not there) is answered, not kept.
+        let e = log
+            .run_resolved::<String, BoxedOp, _>("p", "r9", "Start", 7, |_| {
+                Err(Error::not_found("vm y not found"))
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(rows.get("p", "r9").unwrap().is_none());
+        assert_eq!(log.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn durable_rows_go_after_the_time_they_are_kept() {
+        let rows = Arc::new(Rows::default());
+        let old = StoredRequest {
+            rpc: "Start".into(),
+            fingerprint: 1,
+            started: unix_now() - 3600,
+            target: String::new(),
+            outcome: Some(StoredOutcome::Answer(Vec::new())),
+        };
+        rows.put("p", "old", &old).unwrap();
+        let log = RequestLog::new(Duration::from_secs(600), 10).with_durable(rows.clone());
+        let runs = Arc::new(AtomicU32::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        log.run_resolved(
+            "p",
+            "new",
+            "Start",
+            1,
+            resolved(&runs, &seen, Ok("n".into())),
+        )
+        .await
+        .unwrap();
+        assert!(rows.get("p", "old").unwrap().is_none());
+        assert!(rows.get("p", "new").unwrap().is_some());
     }
 
     #[tokio::test]

@@ -430,6 +430,13 @@ impl Agent {
         }
     }
 
+    /// Arms (or with None, disarms) the crash point `at` for the unit
+    /// tests of other modules.
+    #[cfg(test)]
+    pub(crate) fn arm_crash_point(&self, at: Option<&'static str>) {
+        *self.crash_at.lock().unwrap() = at;
+    }
+
     /// The same step boundary for the fault-injection build (agentd exits
     /// there, [`crate::failpoints`]); nothing in a plain build.
     #[cfg(not(test))]
