@@ -60,6 +60,11 @@ pub const RULES: &[Rule] = &[
         note: "a volume of the project the call acts in",
     },
     Rule {
+        method: "FlattenVolume",
+        roles: NOT_AGENT,
+        note: "a volume of the project the call acts in",
+    },
+    Rule {
         method: "CloneVolume",
         roles: TENANTS,
         note: "a source of the project the call acts in (agent, admin: or an image base); the clone in that project",
@@ -143,6 +148,7 @@ pub const MUTATING: &[&str] = &[
     "DeleteVolume",
     "RestoreVolume",
     "ResizeVolume",
+    "FlattenVolume",
     "CloneVolume",
     "CreateSnapshot",
     "DeleteSnapshot",
@@ -235,7 +241,8 @@ mod tests {
                     | (_, "GetPool" | "SetQuota" | "ListQuotas")
                     | (
                         Role::Agent,
-                        "ResizeVolume" | "RestoreVolume" | "GetQuota" | "ListStorageUsage",
+                        "ResizeVolume" | "FlattenVolume" | "RestoreVolume" | "GetQuota"
+                        | "ListStorageUsage",
                     ) => Err(tonic::Code::PermissionDenied),
                     _ => Ok(()),
                 };

@@ -579,6 +579,18 @@ impl VolumeService for Api {
         Ok(Response::new(volume_pb(v)))
     }
 
+    async fn flatten_volume(
+        &self,
+        req: Request<pb::FlattenVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let (call, r) = Call::split(req, |r| &r.project)?;
+        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
+        let request_id = call.progress_key(&r.request_id)?;
+        let svc = self.svc.clone();
+        let v = detached(async move { svc.flatten_volume(&volume, &request_id).await }).await?;
+        Ok(Response::new(volume_pb(v)))
+    }
+
     async fn clone_volume(
         &self,
         req: Request<pb::CloneVolumeRequest>,

@@ -256,6 +256,17 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             ))
             .await,
         ),
+        "FlattenVolume" => code(
+            api.flatten_volume(request(
+                role,
+                pb::FlattenVolumeRequest {
+                    volume: vol,
+                    request_id: String::new(),
+                    project,
+                },
+            ))
+            .await,
+        ),
         "CloneVolume" => code(
             api.clone_volume(request(
                 role,

@@ -696,3 +696,56 @@ async fn clones_of_an_image_base_are_rbd_clones_and_hold_the_base() {
     let left = t.ceph.rbd(&["ls", "pd-base"]);
     assert!(left.trim().is_empty(), "images left: {left}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and ceph (scripts/test)"]
+async fn flatten_frees_a_clones_parent_and_keeps_its_data() {
+    let t = RbdPdisk::start("pd-flat");
+    let mut c = t.pdiskd.client().await;
+    let v = create(&mut c, "origin", 16 * MIB).await;
+    t.write(&RbdPdisk::image(&v), 0x71, 0, 2 * MIB);
+    snapshot(&mut c, "origin", "s1").await.unwrap();
+    let cl = clone_snapshot(&mut c, "s1", "child", 0).await.unwrap();
+    let cl_img = RbdPdisk::image(&cl);
+    t.write(&cl_img, 0x72, MIB, MIB);
+    assert_eq!(
+        delete_snapshot(&mut c, "s1").await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+
+    // An agent may not flatten (its guests' disks are not its to rewrite).
+    let pki = TestPki::shared();
+    let mut agent = stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient::new(
+        channel_as(&t.pdiskd.url(), &pki.agent()).await,
+    );
+    let e = agent
+        .flatten_volume(pb::FlattenVolumeRequest {
+            volume: "child".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(t.rbd_json(&["info", &format!("pd-flat/{cl_img}")])["parent"].is_object());
+
+    // The CLI, as an admin: the clone no longer has a parent, its data
+    // (the parent's and its own) is all there, and the snapshot can go.
+    let j = t.pdiskd.cli_json(&["volume", "flatten", "child"]);
+    assert_eq!(j["name"], "child", "{j}");
+    let info = t.rbd_json(&["info", &format!("pd-flat/{cl_img}")]);
+    assert!(info["parent"].is_null(), "{info}");
+    assert!(t.holds(&cl_img, 0x71, 0, MIB));
+    assert!(t.holds(&cl_img, 0x72, MIB, MIB));
+    delete_snapshot(&mut c, "s1").await.unwrap();
+    // Flattening what has no parent changes nothing and succeeds.
+    let again = c
+        .flatten_volume(pb::FlattenVolumeRequest {
+            volume: "child".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.uuid, cl.uuid);
+    assert!(t.holds(&cl_img, 0x72, MIB, MIB));
+}

@@ -165,6 +165,13 @@ pub trait Backend: Send + Sync {
     /// Makes the object read-only for everyone (image base volumes).
     fn set_read_only(&self, id: ObjectId) -> BoxFuture<'_, Result<()>>;
 
+    /// Makes volume `id` independent of the snapshot or volume it was
+    /// layered on; Ok(false) when it was not layered (every clone of the
+    /// file and lvm backends).
+    fn flatten(&self, _id: ObjectId, _progress: ProgressFn) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async { Ok(false) })
+    }
+
     /// Grows the object to `size` bytes.
     fn resize(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>>;
 

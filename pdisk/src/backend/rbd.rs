@@ -1105,6 +1105,24 @@ impl Backend for RbdBackend {
         })
     }
 
+    fn flatten(&self, id: ObjectId, progress: ProgressFn) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let ObjectId::Volume(_) = id else {
+                return Err(Error::invalid(format!("{id}: only volumes are flattened")));
+            };
+            let spec = self.object_spec(id).await?;
+            if self.info(&spec).await?.parent.is_none() {
+                return Ok(false);
+            }
+            progress("flatten", 0, 1);
+            self.run(&self.rbd_change(["flatten", &spec]).timeout(DATA_TIMEOUT))
+                .await
+                .map_err(|e| e.context(format!("flattening {id}")))?;
+            progress("flatten", 1, 1);
+            Ok(true)
+        })
+    }
+
     fn resize(&self, id: ObjectId, size: u64) -> BoxFuture<'_, Result<()>> {
         Box::pin(self.resize_now(id, size))
     }

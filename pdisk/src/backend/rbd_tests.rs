@@ -578,3 +578,31 @@ async fn an_image_base_with_clones_is_not_deleted_and_without_them_loses_its_bas
         ]
     );
 }
+
+#[tokio::test]
+async fn flatten_runs_rbd_flatten_only_on_a_clone_with_the_long_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    // CLONE has a parent in this cluster: flattened.
+    assert!(b
+        .flatten(ObjectId::Volume(uuid(CLONE)), no_progress())
+        .await
+        .unwrap());
+    let spec = format!("stratus/pd-vol-{CLONE}");
+    assert_eq!(
+        r.lines(),
+        vec![
+            rbd(&format!("info {spec} --format json")),
+            rbd(&format!("flatten {spec}")),
+        ]
+    );
+    assert_eq!(r.timeouts()[1].1, DATA_TIMEOUT);
+    // VOL has none: nothing to do.
+    r.clear();
+    assert!(!b
+        .flatten(ObjectId::Volume(uuid(VOL)), no_progress())
+        .await
+        .unwrap());
+    assert!(!r.lines().iter().any(|l| l.contains("flatten")));
+}

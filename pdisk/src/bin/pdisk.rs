@@ -29,10 +29,10 @@ use stratus_proto::pdisk::v1::create_volume_request::Source;
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use stratus_proto::pdisk::v1::{
     ChapCredentials, CloneVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
-    DeleteSnapshotRequest, DeleteVolumeRequest, ExportVolumeRequest, GetPoolRequest,
-    GetVolumeRequest, ImageFormat, ImageSource, ListExportsRequest, ListSnapshotsRequest,
-    ListVolumesRequest, ResizeVolumeRequest, RestoreVolumeRequest, UnexportVolumeRequest,
-    UploadHeader, Volume,
+    DeleteSnapshotRequest, DeleteVolumeRequest, ExportVolumeRequest, FlattenVolumeRequest,
+    GetPoolRequest, GetVolumeRequest, ImageFormat, ImageSource, ListExportsRequest,
+    ListSnapshotsRequest, ListVolumesRequest, ResizeVolumeRequest, RestoreVolumeRequest,
+    UnexportVolumeRequest, UploadHeader, Volume,
 };
 use stratus_proto::pdisk::v1::{GetQuotaRequest, ListQuotasRequest, QuotaLimits, SetQuotaRequest};
 
@@ -359,6 +359,26 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
             ctx.print_volume(&v)
         }
         VolumeCommand::Clone(a) => volume_clone(ctx, a).await,
+        VolumeCommand::Flatten { volume } => {
+            let request_id = new_request_id();
+            let request = FlattenVolumeRequest {
+                project: ctx.project.clone(),
+                volume: volume.to_string(),
+                request_id: request_id.clone(),
+            };
+            let mut client = ctx.connect().await?;
+            let watcher = client.clone();
+            let v = ctx.answer(
+                watched(
+                    &watcher,
+                    (&ctx.project, &request_id),
+                    ctx.bars,
+                    client.flatten_volume(request),
+                )
+                .await,
+            )?;
+            ctx.print_volume(&v)
+        }
     }
 }
 

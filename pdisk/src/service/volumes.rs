@@ -455,6 +455,28 @@ impl PoolService {
         Ok(Deleted::Gone)
     }
 
+    /// Makes a clone independent of its parent (see the Backend's
+    /// `flatten`), under the volume's lock, with progress as "flatten".
+    pub async fn flatten_volume(&self, r: &str, request_id: &str) -> Result<VolumeInfo> {
+        let op = self.progress.start(request_id)?;
+        let result = async {
+            let rec = self.store.find_volume(r)?;
+            let _g = self.locks.lock(rec.uuid).await;
+            let rec = self.reread_volume(&rec)?;
+            require_ready(&rec)?;
+            let flattened = self
+                .backend
+                .flatten(ObjectId::Volume(rec.uuid), op.reporter())
+                .await
+                .map_err(|e| e.context(format!("volume {}", rec.name)))?;
+            tracing::info!(volume = %rec.name, flattened, "flatten");
+            self.volume_info(rec).await
+        }
+        .await;
+        op.finish(&result);
+        result
+    }
+
     pub async fn resize_volume(&self, r: &str, size: u64) -> Result<VolumeInfo> {
         let started = std::time::Instant::now();
         let result = self.resize_volume_now(r, size).await;

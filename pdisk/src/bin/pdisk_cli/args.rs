@@ -226,6 +226,13 @@ pub enum VolumeCommand {
     },
     /// Make a writable copy-on-write clone of a volume or of a snapshot.
     Clone(CloneArgs),
+    /// Make a clone independent of the snapshot or image base it was
+    /// cloned from (rbd: copies the parent's blocks; file and lvm clones
+    /// are independent already), so that parent can be deleted.
+    Flatten {
+        /// Volume name or UUID.
+        volume: Ref,
+    },
 }
 
 /// Where a new volume's content comes from: at most one source, and `--format`
