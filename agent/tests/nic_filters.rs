@@ -419,7 +419,10 @@ fn vlan_0_is_refused_where_it_would_land_on_the_default_vlan() {
 
 const GUEST_V6: &str = "2001:db8:77::5";
 const FORGED_V6: &str = "2001:db8:77::99";
+/// GUEST_MAC's (modified EUI-64).
 const GUEST_LINK_LOCAL: &str = "fe80::5054:ff:fe5a:1";
+/// FORGED_MAC's.
+const FORGED_LINK_LOCAL: &str = "fe80::5054:ff:fe5a:99";
 
 /// An unsolicited IPv6 neighbour advertisement (RFC 4861 4.4) from the
 /// guest's MAC and link-local address to all nodes, claiming `target`, with
@@ -495,6 +498,18 @@ fn a_guest_advertises_only_its_own_ipv6_addresses() {
         !neighbour.hears(b"STRATUS-NA-FORGED", Duration::from_secs(1)),
         "an advertisement of another's address was heard"
     );
+    // Another link-local address (a neighbour's, whose gateway cache it
+    // would poison): dropped too.
+    queue
+        .write_all(&neighbour_advert(
+            FORGED_LINK_LOCAL,
+            b"STRATUS-NA-FORGED-LL",
+        ))
+        .unwrap();
+    assert!(
+        !neighbour.hears(b"STRATUS-NA-FORGED-LL", Duration::from_secs(1)),
+        "an advertisement of another's link-local address was heard"
+    );
     let table = nft_table(&ns).unwrap();
     let na_drops: u64 = rules_of(&table, &format!("nic-{tap}"))
         .iter()
@@ -502,7 +517,7 @@ fn a_guest_advertises_only_its_own_ipv6_addresses() {
         .flat_map(|r| r["expr"].as_array().unwrap().clone())
         .filter_map(|e| e["counter"]["packets"].as_u64())
         .sum();
-    assert_eq!(na_drops, 1, "{table}");
+    assert_eq!(na_drops, 2, "{table}");
     // Still heard afterwards.
     queue
         .write_all(&neighbour_advert(GUEST_V6, b"STRATUS-NA-AGAIN"))

@@ -12,8 +12,11 @@
 //! come from them: IPv4 `0.0.0.0` only as a DHCP client, IPv6 also `::`
 //! (duplicate address detection) and link-local `fe80::/10` (neighbour
 //! discovery), and a neighbour advertisement may only name (as its target)
-//! one of its addresses or a link-local one. Without addresses the MAC
-//! rules alone apply.
+//! one of its addresses or its own link-local one: the link-local
+//! addresses the spec names, or when it names none the one its MAC gives
+//! (modified EUI-64, [`Mac::link_local`]; a guest that makes its
+//! link-local address otherwise, RFC 7217 stable privacy, names it in the
+//! NIC's addresses). Without addresses the MAC rules alone apply.
 //!
 //! # The one table agentd owns
 //! `table bridge stratus`: a base chain on the bridge family's `prerouting`
@@ -230,26 +233,34 @@ fn tap_rules(mac: Mac, ips: &[IpAddr]) -> Vec<String> {
     ));
     // A neighbour advertisement from the guest's own source can still claim
     // another's address (its target) and poison neighbours' caches: the
-    // target must be the guest's own or link-local. nft 1.0.6 has no
-    // `icmpv6 taddr`, so the target is read raw: the 128 bits after the
-    // ICMPv6 header's first 8 bytes (RFC 4861 4.4); its top 10 bits
-    // 0x3fa are fe80::/10.
-    let own_targets: Vec<String> = ips
+    // target must be one of the guest's own addresses or its own
+    // link-local one (those named, else its MAC's EUI-64 one). nft 1.0.6
+    // has no `icmpv6 taddr`, so the target is read raw: the 128 bits after
+    // the ICMPv6 header's first 8 bytes (RFC 4861 4.4).
+    let mut targets: Vec<std::net::Ipv6Addr> = ips
         .iter()
         .filter_map(|a| match a {
-            IpAddr::V6(a) => Some(format!("0x{:032x}", u128::from(*a))),
+            IpAddr::V6(a) => Some(*a),
             IpAddr::V4(_) => None,
         })
         .collect();
-    let not_own = if own_targets.is_empty() {
-        String::new()
-    } else {
-        format!(" @th,64,128 != {}", set(&[], &own_targets))
-    };
+    if !targets.iter().any(|a| is_link_local(*a)) {
+        targets.push(mac.link_local());
+    }
+    let targets: Vec<String> = targets
+        .iter()
+        .map(|a| format!("0x{:032x}", u128::from(*a)))
+        .collect();
     r.push(format!(
-        "ether type ip6 icmpv6 type nd-neighbor-advert @th,64,10 != 0x3fa{not_own} counter drop"
+        "ether type ip6 icmpv6 type nd-neighbor-advert @th,64,128 != {} counter drop",
+        set(&[], &targets)
     ));
     r
+}
+
+/// In `fe80::/10`.
+fn is_link_local(a: std::net::Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
 }
 
 /// One transaction: the table, then tap `tap`'s chain replaced whole and
@@ -430,9 +441,11 @@ mod tests {
             "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
             "ether type ip ip saddr != { 10.0.0.5 } counter drop",
             "ether type ip6 ip6 saddr != { ::, fe80::/10, 2001:db8::5 } counter drop",
-            // Neighbour advertisements only for its own or a link-local address.
-            "ether type ip6 icmpv6 type nd-neighbor-advert @th,64,10 != 0x3fa \
-             @th,64,128 != { 0x20010db8000000000000000000000005 } counter drop",
+            // Neighbour advertisements only for its own addresses and its
+            // MAC's link-local one (fe80::5054:ff:fe12:3456).
+            "ether type ip6 icmpv6 type nd-neighbor-advert @th,64,128 != \
+             { 0x20010db8000000000000000000000005, 0xfe80000000000000505400fffe123456 } \
+             counter drop",
         ] {
             assert!(s.contains(want), "{want}\n in {s}");
         }
@@ -450,12 +463,27 @@ mod tests {
             "{s}"
         );
 
-        // Only IPv4 named: a neighbour advertisement may only be link-local.
+        // Only IPv4 named: a neighbour advertisement may only be of its
+        // MAC's link-local address.
         let s = protect_script(&tap(), mac(), &["10.0.0.5".parse().unwrap()]);
         assert!(
             s.contains(
                 "nic-st1b4e28ban0 ether type ip6 icmpv6 type nd-neighbor-advert \
-                 @th,64,10 != 0x3fa counter drop"
+                 @th,64,128 != { 0xfe80000000000000505400fffe123456 } counter drop"
+            ),
+            "{s}"
+        );
+        // A link-local address named (a guest with stable-privacy
+        // addresses) replaces the MAC's.
+        let s = protect_script(
+            &tap(),
+            mac(),
+            &["fe80::1234:5678:9abc:def0".parse().unwrap()],
+        );
+        assert!(
+            s.contains(
+                "nd-neighbor-advert @th,64,128 != \
+                 { 0xfe80000000000000123456789abcdef0 } counter drop"
             ),
             "{s}"
         );

@@ -50,6 +50,18 @@ impl Mac {
     pub fn octets(&self) -> [u8; 6] {
         self.0
     }
+
+    /// The IPv6 link-local address a NIC of this MAC takes by default:
+    /// `fe80::` and the modified EUI-64 (RFC 4291 appendix A: `ff:fe` in
+    /// the middle, the universal/local bit flipped).
+    pub fn link_local(&self) -> std::net::Ipv6Addr {
+        let m = self.0;
+        let mut a = [0u8; 16];
+        a[0] = 0xfe;
+        a[1] = 0x80;
+        a[8..].copy_from_slice(&[m[0] ^ 0x02, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]);
+        std::net::Ipv6Addr::from(a)
+    }
 }
 
 impl FromStr for Mac {

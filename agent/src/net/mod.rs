@@ -369,6 +369,15 @@ mod tests {
     }
 
     #[test]
+    fn a_macs_link_local_address_is_its_modified_eui64() {
+        let mac: Mac = "52:54:00:12:34:56".parse().unwrap();
+        assert_eq!(mac.link_local().to_string(), "fe80::5054:ff:fe12:3456");
+        // The universal/local bit flips both ways.
+        let mac: Mac = "00:1b:21:0a:0b:0c".parse().unwrap();
+        assert_eq!(mac.link_local().to_string(), "fe80::21b:21ff:fe0a:b0c");
+    }
+
+    #[test]
     fn mac_rejects_malformed_and_non_unicast() {
         for bad in [
             "",
