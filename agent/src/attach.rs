@@ -460,13 +460,24 @@ impl KernelAttacher {
     /// or a failed logout. Only at start, after every record was adopted.
     /// Returns what it did, for the reconciliation report.
     pub async fn reap_orphans(&self) -> Vec<String> {
+        self.reap()
+            .await
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|e| e))
+            .collect()
+    }
+
+    /// [`Self::reap_orphans`], each line Ok when it says what was removed
+    /// (journaled as LEFTOVER_REMOVED by reconciliation), Err when it says
+    /// what could not be.
+    pub async fn reap(&self) -> Vec<std::result::Result<String, String>> {
         let mut report = Vec::new();
         // A crash while writing a password can leave its scratch file.
         if let Ok(entries) = std::fs::read_dir(&self.opts.iscsi_db) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX) {
                     let _ = std::fs::remove_file(e.path());
-                    report.push(format!("removed leftover {}", e.path().display()));
+                    report.push(Ok(format!("removed leftover {}", e.path().display())));
                 }
             }
         }
@@ -487,8 +498,8 @@ impl KernelAttacher {
                 continue;
             }
             match self.forget_session(&key).await {
-                Ok(()) => report.push(format!("logged out of unused iSCSI session to {key}")),
-                Err(e) => report.push(format!("unused iSCSI session to {key}: {e}")),
+                Ok(()) => report.push(Ok(format!("logged out of unused iSCSI session to {key}"))),
+                Err(e) => report.push(Err(format!("unused iSCSI session to {key}: {e}"))),
             }
         }
         report

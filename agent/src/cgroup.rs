@@ -14,9 +14,15 @@
 //! v2 membership with only `hugetlb`, so memory, pids and CPU limits there
 //! stay with v1 and are not set.
 //!
-//! Only cgroups named after a guest agentd records are ever removed, one by
-//! one when its QEMU is gone, so agentds sharing a parent never touch each
-//! other's.
+//! A guest's cgroup is removed when its QEMU is gone. At start,
+//! reconciliation also sweeps the parent ([`GuestCgroups::sweep`]): a
+//! `vm-<uuid>` cgroup of no guest agentd records (left by a crash between
+//! a destroy's tear-down and the cgroup's removal, or by a guest whose
+//! record went while agentd was down) is removed when it is empty (no
+//! process, no child: the kernel refuses anything else) and older than
+//! [`SWEEP_MIN_AGE`], and reported. A populated cgroup is never touched,
+//! and the age keeps a sweep off a cgroup another agentd sharing the parent
+//! has just made for a QEMU about to enter it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -42,6 +48,10 @@ const TCG_OVERHEAD: u64 = 1 << 30;
 /// QEMU's threads: vCPUs, its I/O worker pool (up to 64), main loop, RCU,
 /// io_uring and iSCSI helpers, with room to spare.
 const PIDS_MAX: u32 = 1024;
+
+/// How old an empty cgroup of no recorded guest must be before a sweep
+/// removes it.
+pub const SWEEP_MIN_AGE: Duration = Duration::from_secs(60);
 
 /// The cgroup CPU period, µs.
 const CPU_PERIOD: u64 = 100_000;
@@ -187,6 +197,17 @@ impl GuestCgroups {
         Ok(true)
     }
 
+    /// Removes the empty `vm-<uuid>` cgroups under the parent whose guest
+    /// `known` does not know and older than `min_age` (see the module
+    /// doc). Each line says what it removed (Ok) or could not (Err).
+    pub fn sweep(
+        &self,
+        known: impl Fn(Uuid) -> bool,
+        min_age: Duration,
+    ) -> Vec<std::result::Result<String, String>> {
+        sweep(&self.parent, known, min_age)
+    }
+
     /// Removes guest `vm`'s cgroup once its QEMU is gone; waits up to
     /// `limit` for the kernel to finish the exit (a cgroup stays populated
     /// until its last task has fully exited). Ok(false) when there is none.
@@ -204,6 +225,61 @@ impl GuestCgroups {
             }
         }
     }
+}
+
+/// [`GuestCgroups::sweep`] of the directory `parent` (any directory: the
+/// unit tests sweep a temporary one).
+fn sweep(
+    parent: &Path,
+    known: impl Fn(Uuid) -> bool,
+    min_age: Duration,
+) -> Vec<std::result::Result<String, String>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(vm) = name
+            .strip_prefix("vm-")
+            .and_then(|u| Uuid::parse_str(u).ok())
+        else {
+            continue;
+        };
+        if known(vm) || !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let young = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().unwrap_or_default() < min_age)
+            .unwrap_or(true);
+        if young {
+            continue;
+        }
+        let path = e.path();
+        match std::fs::remove_dir(&path) {
+            Ok(()) => out.push(Ok(format!(
+                "removed cgroup {} of no recorded guest",
+                path.display()
+            ))),
+            // Populated (EBUSY on cgroupfs, ENOTEMPTY elsewhere): a QEMU
+            // of no record of ours, maybe another agentd's; left alone.
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EBUSY) | Some(libc::ENOTEMPTY)
+                ) =>
+            {
+                tracing::debug!(cgroup = %path.display(), "populated cgroup of no recorded guest left alone");
+            }
+            Err(err) => out.push(Err(format!(
+                "cgroup {} of no recorded guest not removed ({err})",
+                path.display()
+            ))),
+        }
+    }
+    out
 }
 
 /// The cgroup v2 path of `pid` (its `0::` line), if it runs.
@@ -251,6 +327,56 @@ mod tests {
         assert_eq!(l.pids_max, PIDS_MAX);
         let tcg = Limits::for_guest(512 << 20, 2, true);
         assert_eq!(tcg.memory_max, l.memory_max + TCG_OVERHEAD);
+    }
+
+    #[test]
+    fn a_sweep_removes_only_old_empty_cgroups_of_no_recorded_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let (recorded, stray, busy, young) = (
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+        );
+        for u in [recorded, stray, busy, young] {
+            std::fs::create_dir(guest_dir(p, u)).unwrap();
+        }
+        // Populated: a process (here a file) in it.
+        std::fs::write(guest_dir(p, busy).join("cgroup.procs"), "4242").unwrap();
+        // Not ours by name: an operator's.
+        std::fs::create_dir(p.join("operator.scope")).unwrap();
+        std::fs::create_dir(p.join("vm-not-a-uuid")).unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for u in [recorded, stray, busy] {
+            std::fs::File::open(guest_dir(p, u))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        let out = sweep(p, |u| u == recorded, SWEEP_MIN_AGE);
+        assert_eq!(
+            out,
+            vec![Ok(format!(
+                "removed cgroup {} of no recorded guest",
+                guest_dir(p, stray).display()
+            ))]
+        );
+        for (u, kept) in [
+            (recorded, true),
+            (stray, false),
+            (busy, true),
+            (young, true),
+        ] {
+            assert_eq!(guest_dir(p, u).exists(), kept, "{u}");
+        }
+        assert!(p.join("operator.scope").exists() && p.join("vm-not-a-uuid").exists());
+        // With no minimum age the young one goes too; nothing else.
+        let out = sweep(p, |u| u == recorded, Duration::ZERO);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(!guest_dir(p, young).exists());
+        // A parent that does not exist: nothing to do.
+        assert!(sweep(&p.join("none"), |_| false, Duration::ZERO).is_empty());
     }
 
     #[test]

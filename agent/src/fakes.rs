@@ -530,6 +530,9 @@ pub struct FakeVmm {
     /// given (raw file disks, kernel, initrd), read at launch time: (path
     /// on the command line, its bytes or the error).
     host_reads: Arc<Mutex<Vec<HostRead>>>,
+    /// Per-guest cgroups on the fake host that no launch made (strays for
+    /// the sweep at reconciliation), by guest UUID.
+    stray_cgroups: Arc<Mutex<std::collections::BTreeSet<Uuid>>>,
 }
 
 #[derive(Default)]
@@ -571,6 +574,16 @@ impl Processes {
 impl FakeVmm {
     pub fn new() -> Arc<FakeVmm> {
         Arc::default()
+    }
+
+    /// A cgroup of guest `uuid` on the fake host, for the sweep.
+    pub fn add_cgroup(&self, uuid: Uuid) {
+        self.stray_cgroups.lock().unwrap().insert(uuid);
+    }
+
+    /// The cgroups [`Self::add_cgroup`] made that no sweep removed.
+    pub fn stray_cgroups(&self) -> Vec<Uuid> {
+        self.stray_cgroups.lock().unwrap().iter().copied().collect()
     }
 
     /// Pids of live QEMUs.
@@ -746,6 +759,24 @@ impl Vmm for FakeVmm {
 
     fn cgroups(&self) -> Option<String> {
         None
+    }
+
+    fn sweep_cgroups(
+        &self,
+        known: &std::collections::HashSet<Uuid>,
+    ) -> Vec<std::result::Result<String, String>> {
+        let mut strays = self.stray_cgroups.lock().unwrap();
+        let gone: Vec<Uuid> = strays
+            .iter()
+            .filter(|u| !known.contains(u))
+            .copied()
+            .collect();
+        gone.iter()
+            .map(|u| {
+                strays.remove(u);
+                Ok(format!("removed cgroup vm-{u} of no recorded guest"))
+            })
+            .collect()
     }
 
     fn follow_console<'a>(

@@ -522,6 +522,8 @@ pub enum EventType {
     ImageSaveProgress,
     ImageSaved,
     ImageSaveFailed,
+    /// Reconciliation removed a leftover no guest record holds (host event).
+    LeftoverRemoved,
 }
 
 /// Who or what caused an event.

@@ -92,6 +92,14 @@ pub trait Vmm: Send + Sync {
     /// How guests' cgroups are kept here, for GetHost; None: they get none.
     fn cgroups(&self) -> Option<String>;
 
+    /// Removes the leftover per-guest cgroups of guests not in `known`
+    /// ([`GuestCgroups::sweep`]); each line Ok when it removed one, Err
+    /// when it could not.
+    fn sweep_cgroups(
+        &self,
+        known: &std::collections::HashSet<Uuid>,
+    ) -> Vec<std::result::Result<String, String>>;
+
     /// Keeps the console log of the running guest whose directory is
     /// `dir` again, capped at `max` (at adoption; [`crate::console::follow`]).
     fn follow_console<'a>(
@@ -241,6 +249,16 @@ impl Vmm for HostVmm {
 
     fn cgroups(&self) -> Option<String> {
         self.cgroups.as_ref().map(GuestCgroups::describe)
+    }
+
+    fn sweep_cgroups(
+        &self,
+        known: &std::collections::HashSet<Uuid>,
+    ) -> Vec<std::result::Result<String, String>> {
+        match &self.cgroups {
+            Some(cg) => cg.sweep(|u| known.contains(&u), crate::cgroup::SWEEP_MIN_AGE),
+            None => Vec::new(),
+        }
     }
 
     fn follow_console<'a>(

@@ -1943,6 +1943,19 @@ fn guests_that_ended_while_agentd_was_down_lose_their_cgroup_and_uid() {
     });
     // Until agentd is back, the dead guest's cgroup stays.
     assert!(cgroup(&gone).exists());
+    // A cgroup no record holds (a crash after a destroy's tear-down), an
+    // hour old, and one just made (another agentd's guest about to enter
+    // it: the test agentds share the parent).
+    let stray = parent.join(format!("vm-{}", uuid::Uuid::new_v4()));
+    let fresh = parent.join(format!("vm-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&stray).unwrap();
+    std::fs::create_dir(&fresh).unwrap();
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "1 hour ago"])
+        .arg(&stray)
+        .status()
+        .unwrap();
+    assert!(touched.success());
     h.agentd.restart();
 
     let log = h.agentd.log_text();
@@ -1951,6 +1964,20 @@ fn guests_that_ended_while_agentd_was_down_lose_their_cgroup_and_uid() {
     );
     assert!(log.contains(&want), "no {want:?} in agentd's log:\n{log}");
     assert!(!cgroup(&gone).exists(), "{}", cgroup(&gone).display());
+    let swept = format!("removed cgroup {} of no recorded guest", stray.display());
+    assert!(log.contains(&swept), "no {swept:?} in agentd's log:\n{log}");
+    assert!(!stray.exists());
+    assert!(fresh.exists(), "a young cgroup was swept");
+    std::fs::remove_dir(&fresh).unwrap();
+    assert!(
+        h.events(0)
+            .iter()
+            .any(|e| e.r#type() == pb::EventType::LeftoverRemoved
+                && e.detail == swept
+                && e.cause() == pb::EventCause::Reconciliation),
+        "no LEFTOVER_REMOVED event for {}",
+        stray.display()
+    );
     let procs = std::fs::read_to_string(cgroup(&kept).join("cgroup.procs")).unwrap();
     assert_eq!(procs.trim(), kept.pid.to_string());
     assert_eq!(proc_status(kept.pid).0[0], kept_uid);

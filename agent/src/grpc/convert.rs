@@ -74,6 +74,7 @@ fn event_type_pb(t: EventType) -> pb::EventType {
         EventType::ImageSaveProgress => pb::EventType::ImageSaveProgress,
         EventType::ImageSaved => pb::EventType::ImageSaved,
         EventType::ImageSaveFailed => pb::EventType::ImageSaveFailed,
+        EventType::LeftoverRemoved => pb::EventType::LeftoverRemoved,
     }
 }
 

@@ -3,8 +3,10 @@
 //! agentd was away are recorded STOPPED, interrupted starts are undone
 //! (ERROR), unfinished destroys are finished, leftover taps named like ours
 //! are removed (and anti-spoofing rules of taps no record holds; live
-//! guests' rules are applied again), and kernel iSCSI sessions no record
-//! holds are logged out.
+//! guests' rules are applied again), kernel iSCSI sessions no record
+//! holds are logged out, and empty per-guest cgroups of no record are
+//! removed. Each such removal is in the report, the log, and the event
+//! stream (a LEFTOVER_REMOVED host event naming it, cause reconciliation).
 //!
 //! One guest that cannot be reconciled (its QMP does not answer, its
 //! record cannot be written) is logged, reported and left as it is: it
@@ -76,6 +78,8 @@ impl Agent {
             }
         }
         report.extend(self.retry_leftovers().await?);
+        // What is removed below, for the event stream.
+        let mut removed = Vec::new();
         // Taps named like ours whose guest is gone.
         let mut wanted = HashSet::new();
         for vm in self.store.vms()? {
@@ -92,14 +96,36 @@ impl Agent {
             // Only names shaped like ours: an operator's "st..." tap stays.
             if let Ok(t) = tap.parse::<net::TapName>() {
                 if t.is_guest_nic() {
-                    let _ = self.net.delete_tap(&t);
-                    report.push(format!("removed leftover tap {tap}"));
+                    match self.net.delete_tap(&t) {
+                        Ok(()) => removed.push(format!("removed leftover tap {tap}")),
+                        Err(e) => report.push(format!("leftover tap {tap} not removed ({e})")),
+                    }
                 }
             }
         }
-        report.extend(self.reconcile_filters(&wanted).await);
-        // Sessions on our iface that no record holds (a crash, a failed logout).
-        report.extend(self.kernel.reap_orphans().await);
+        let (filters, rules_removed) = self.reconcile_filters(&wanted).await;
+        report.extend(filters);
+        removed.extend(rules_removed);
+        // Sessions on our iface that no record holds (a crash, a failed
+        // logout), and cgroups of guests no record holds.
+        let known: HashSet<uuid::Uuid> = self.store.vms()?.iter().map(|v| v.uuid).collect();
+        let reaped = self.kernel.reap().await.into_iter();
+        for r in reaped.chain(self.vmm.sweep_cgroups(&known)) {
+            match r {
+                Ok(line) => removed.push(line),
+                Err(line) => report.push(line),
+            }
+        }
+        if !removed.is_empty() {
+            let events: Vec<NewEvent> = removed
+                .iter()
+                .map(|l| {
+                    NewEvent::new(EventType::LeftoverRemoved, Cause::Reconciliation, l.clone())
+                })
+                .collect();
+            self.journal_host(&events);
+        }
+        report.extend(removed);
         for line in &report {
             tracing::info!(action = %line, "reconcile");
         }
@@ -110,12 +136,19 @@ impl Agent {
     /// their recorded rules again (one transaction per tap that replaces
     /// them whole, so an adopted guest is never without them, and a table
     /// someone flushed is rebuilt), and rules of taps no record holds are
-    /// removed. Only agentd's own table is touched.
-    async fn reconcile_filters(&self, wanted: &HashSet<String>) -> Vec<String> {
+    /// removed. Only agentd's own table is touched. Returns the report's
+    /// lines, and apart the removals.
+    async fn reconcile_filters(&self, wanted: &HashSet<String>) -> (Vec<String>, Vec<String>) {
         let mut report = Vec::new();
+        let mut removed = Vec::new();
         let live = match self.store.vms() {
             Ok(vms) => vms,
-            Err(e) => return vec![format!("anti-spoofing rules not reconciled ({e})")],
+            Err(e) => {
+                return (
+                    vec![format!("anti-spoofing rules not reconciled ({e})")],
+                    removed,
+                )
+            }
         };
         for n in live
             .iter()
@@ -138,7 +171,7 @@ impl Agent {
                     };
                     match self.filters.remove(&t).await {
                         Ok(()) => {
-                            report.push(format!("removed anti-spoofing rules of gone tap {tap}"))
+                            removed.push(format!("removed anti-spoofing rules of gone tap {tap}"))
                         }
                         Err(e) => report.push(format!("rules of gone tap {tap} not removed ({e})")),
                     }
@@ -149,7 +182,7 @@ impl Agent {
                 report.push(format!("anti-spoofing table not read ({e})"));
             }
         }
-        report
+        (report, removed)
     }
 
     /// Adopts, records or undoes one guest that was active when agentd

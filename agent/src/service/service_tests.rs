@@ -331,7 +331,7 @@ async fn a_crash_between_start_steps_is_undone_at_the_next_start() {
 async fn a_guest_running_when_agentd_died_is_adopted_and_still_managed() {
     let host = Host::new();
     let agent = host.agent();
-    agent.create_vm(spec("web1"), "", "").await.unwrap();
+    let web1 = agent.create_vm(spec("web1"), "", "").await.unwrap();
     start_and_crash_at(&agent, "web1", "start.running").await;
     crash(agent).await;
     let pid = host.vmm.pids()[0];
@@ -343,6 +343,10 @@ async fn a_guest_running_when_agentd_died_is_adopted_and_still_managed() {
     let gone_rules = crate::net::tap_name_for(uuid::Uuid::new_v4(), 0).to_string();
     host.nft.add_protected(&gone_rules);
     let kept = host.nft.protected().len();
+    // A cgroup of a guest no record holds, and the running guest's.
+    let stray = uuid::Uuid::new_v4();
+    host.vmm.add_cgroup(stray);
+    host.vmm.add_cgroup(web1.uuid);
 
     let agent = host.agent();
     let report = agent.reconcile().await.unwrap();
@@ -375,6 +379,32 @@ async fn a_guest_running_when_agentd_died_is_adopted_and_still_managed() {
             "removed anti-spoofing rules of gone tap {gone_rules}"
         )),
         "{report:?}"
+    );
+    assert!(
+        report.contains(&format!("removed cgroup vm-{stray} of no recorded guest")),
+        "{report:?}"
+    );
+    assert_eq!(host.vmm.stray_cgroups(), vec![web1.uuid]);
+    // Each removal is a host event too, caused by reconciliation.
+    let removals: Vec<String> = agent
+        .store()
+        .events_since(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventType::LeftoverRemoved)
+        .map(|e| {
+            assert_eq!(e.cause, Cause::Reconciliation);
+            assert!(e.vm_uuid.is_nil() && e.project.is_empty(), "{e:?}");
+            e.detail
+        })
+        .collect();
+    assert_eq!(
+        removals,
+        vec![
+            format!("removed leftover tap {gone}"),
+            format!("removed anti-spoofing rules of gone tap {gone_rules}"),
+            format!("removed cgroup vm-{stray} of no recorded guest"),
+        ]
     );
 
     // The new monitor follows it: a stop is confirmed and undoes everything.
