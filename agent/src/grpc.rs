@@ -259,6 +259,7 @@ impl VmService for Api {
         admit_host_files(&identity, &spec.host_files())?;
         let agent = self.agent.clone();
         let (project, id) = (scope.project().to_owned(), request_id.clone());
+        let creator = stratus_pki::tenancy::Creator::of(&identity);
         let vm = self
             .run(
                 caller_key(&identity, scope.project()),
@@ -266,7 +267,9 @@ impl VmService for Api {
                 &request_id,
                 &r,
                 async move {
-                    let vm = agent.create_vm(spec, &project, &id).await?;
+                    let vm = agent
+                        .create_vm_by(spec, &project, &id, Some(creator))
+                        .await?;
                     Ok(vm_pb(&agent, &vm))
                 },
             )

@@ -143,6 +143,7 @@ mod tests {
     fn guest(store: &AgentStore) -> VmRecord {
         let mut vm = VmRecord {
             request_id: String::new(),
+            created_by: None,
             uuid: uuid::Uuid::new_v4(),
             spec: VmSpec {
                 name: "web1".parse().unwrap(),

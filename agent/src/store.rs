@@ -231,6 +231,11 @@ pub struct VmRecord {
     /// of that create, even after agentd restarted, answers with this guest.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub request_id: String,
+    /// Who created it (the caller's certificate identity): the user in its
+    /// usage records. None in records older than this, and for guests
+    /// made without a caller (tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_by: Option<stratus_pki::tenancy::Creator>,
 }
 
 /// An event as journaled and streamed.
@@ -811,6 +816,7 @@ mod tests {
     fn record(name: &str) -> VmRecord {
         VmRecord {
             request_id: String::new(),
+            created_by: None,
             uuid: Uuid::new_v4(),
             spec: VmSpec {
                 name: name.parse().unwrap(),

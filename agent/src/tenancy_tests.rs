@@ -598,3 +598,63 @@ async fn guest_names_are_per_project_so_a_taken_name_elsewhere_reveals_nothing()
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("ambiguous"), "{err}");
 }
+
+/// CreateVm records its caller as the guest's creator, durably, and the
+/// guest's usage record names it (APEL LocalUserId, GlobalUserName, FQAN);
+/// a guest defined without a caller has none.
+#[tokio::test]
+async fn the_creator_of_a_guest_is_recorded_and_named_in_its_usage_record() {
+    let f = fixture().await;
+    let vm = f
+        .api
+        .create_vm(request(
+            Role::Project,
+            pb::CreateVmRequest {
+                request_id: String::new(),
+                spec: Some(spec("made-by-astro", &format!("{OWN}-disk2"))),
+                project: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let uuid: uuid::Uuid = vm.uuid.parse().unwrap();
+    let rec = f.agent.store().vm(uuid).unwrap().unwrap();
+    assert_eq!(
+        rec.created_by.as_ref().map(|c| c.to_string()).as_deref(),
+        Some("project/astro")
+    );
+    f.agent.sample_usage(&rec).await.unwrap();
+    // Only guests that ran have records: read the tally's rendering.
+    let t = f
+        .agent
+        .usage_book()
+        .tallies()
+        .unwrap()
+        .into_iter()
+        .find(|t| t.vm_uuid == uuid)
+        .unwrap();
+    let site = f.agent.usage_book().site();
+    let r = crate::usage::UsageRecord::from_tally(&t, &site, 0);
+    assert_eq!(
+        (
+            r.local_user_id.as_str(),
+            r.global_user_name.as_str(),
+            r.fqan.as_str()
+        ),
+        (
+            "project/astro",
+            "stratus://project/astro",
+            "/astro/Role=project/Capability=NULL"
+        )
+    );
+    // The fixture's guests were defined without a caller.
+    let other = f
+        .agent
+        .list_vms()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.spec.name.to_string() == format!("{OWN}-vm"))
+        .unwrap();
+    assert_eq!(other.created_by, None);
+}

@@ -173,6 +173,9 @@ pub struct Tally {
     /// The time of the reading it is as of.
     pub updated_us: u64,
     pub baseline: Baseline,
+    /// Who created the guest (None: unknown, older records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<stratus_pki::tenancy::Creator>,
 }
 
 impl Tally {
@@ -196,6 +199,7 @@ impl Tally {
             network_outbound_bytes: 0,
             updated_us: 0,
             baseline: Baseline::default(),
+            creator: None,
         };
         t.describe(vm);
         t
@@ -205,6 +209,7 @@ impl Tally {
     pub fn describe(&mut self, vm: &VmRecord) {
         self.vm_name = vm.spec.name.to_string();
         self.project = vm.project.clone();
+        self.creator = vm.created_by.clone();
         self.vcpus = vm.spec.vcpus;
         self.memory_bytes = vm.spec.memory.0;
         self.image_id = vm
@@ -719,6 +724,9 @@ impl From<&UsageRecord> for pb::UsageRecord {
             cloud_compute_service: r.cloud_compute_service.clone(),
             machine_name: r.machine_name.clone(),
             local_group_id: r.local_group_id.clone(),
+            local_user_id: r.local_user_id.clone(),
+            global_user_name: r.global_user_name.clone(),
+            fqan: r.fqan.clone(),
             status: r.status.clone(),
             start_time: r.start_time,
             end_time: r.end_time,
@@ -745,6 +753,9 @@ impl From<pb::UsageRecord> for UsageRecord {
             cloud_compute_service: r.cloud_compute_service,
             machine_name: r.machine_name,
             local_group_id: r.local_group_id,
+            local_user_id: r.local_user_id,
+            global_user_name: r.global_user_name,
+            fqan: r.fqan,
             status: r.status,
             start_time: r.start_time,
             end_time: r.end_time,

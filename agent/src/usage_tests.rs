@@ -10,6 +10,7 @@ const S: u64 = 1_000_000;
 fn guest(project: &str) -> VmRecord {
     VmRecord {
         request_id: String::new(),
+        created_by: None,
         uuid: Uuid::new_v4(),
         spec: VmSpec {
             name: "web1".parse().unwrap(),
@@ -370,6 +371,63 @@ fn an_apel_message_has_the_v04_fields_in_their_units() {
         "CloudType",
     ];
     assert!(f.keys().all(|k| known.contains(&k.as_str())), "{f:?}");
+}
+
+#[test]
+fn the_creators_identity_fills_the_user_fields() {
+    use stratus_pki::tenancy::Creator;
+    use stratus_pki::Role;
+    let mut vm = guest("astro");
+    vm.created_by = Some(Creator {
+        role: Role::Frontend,
+        name: "horizon".into(),
+    });
+    let r = record_of(&vm);
+    assert_eq!(r.local_user_id, "frontend/horizon");
+    assert_eq!(r.global_user_name, "stratus://frontend/horizon");
+    assert_eq!(r.fqan, "/astro/Role=frontend/Capability=NULL");
+    let f = &parse_apel(&apel_message(std::slice::from_ref(&r)))[0];
+    assert_eq!(f["LocalUserId"], "frontend/horizon");
+    assert_eq!(f["GlobalUserName"], "stratus://frontend/horizon");
+    assert_eq!(f["FQAN"], "/astro/Role=frontend/Capability=NULL");
+    assert_eq!(f["LocalGroupId"], "astro");
+    // The proto round trip keeps them.
+    assert_eq!(UsageRecord::from(pb::UsageRecord::from(&r)), r);
+    // CSV: the three at the end, after the columns older readers know.
+    let row = csv(&[r]).lines().nth(1).unwrap().to_owned();
+    assert!(
+        row.ends_with(
+            ",Stratus,frontend/horizon,stratus://frontend/horizon,/astro/Role=frontend/Capability=NULL"
+        ),
+        "{row}"
+    );
+
+    // An admin's guest of no project: a user, no FQAN.
+    let mut vm = guest("");
+    vm.created_by = Some(Creator {
+        role: Role::Admin,
+        name: "alice".into(),
+    });
+    let f = &parse_apel(&apel_message(&[record_of(&vm)]))[0];
+    assert_eq!(f["LocalUserId"], "admin/alice");
+    assert!(!f.contains_key("FQAN") && !f.contains_key("LocalGroupId"));
+    // A guest from before creators were recorded: the fields are left out
+    // (optional in the format), not filled with a guess.
+    let f = &parse_apel(&apel_message(&[record_of(&guest("astro"))]))[0];
+    for k in ["LocalUserId", "GlobalUserName", "FQAN"] {
+        assert!(!f.contains_key(k), "{k}: {f:?}");
+    }
+}
+
+#[test]
+fn a_tally_stored_before_creators_loads_without_one() {
+    let mut t = Tally::new(&guest("astro"));
+    t.creator = None;
+    let mut v = serde_json::to_value(&t).unwrap();
+    assert!(v.get("creator").is_none());
+    v.as_object_mut().unwrap().remove("creator");
+    let back: Tally = serde_json::from_value(v).unwrap();
+    assert_eq!(back, t);
 }
 
 #[test]

@@ -14,6 +14,7 @@ const REPLAY: usize = 10_000;
 fn record(name: &str) -> VmRecord {
     VmRecord {
         request_id: String::new(),
+        created_by: None,
         project: String::new(),
         uuid: uuid::Uuid::new_v4(),
         spec: VmSpec {

@@ -41,6 +41,17 @@ impl Agent {
         project: &str,
         request_id: &str,
     ) -> Result<VmRecord> {
+        self.create_vm_by(spec, project, request_id, None).await
+    }
+
+    /// [`Self::create_vm`] by a caller, recorded as its creator.
+    pub async fn create_vm_by(
+        &self,
+        spec: VmSpec,
+        project: &str,
+        request_id: &str,
+        created_by: Option<stratus_pki::tenancy::Creator>,
+    ) -> Result<VmRecord> {
         spec.validate()?;
         for n in &spec.nics {
             self.allowed_bridge(&n.bridge)?;
@@ -124,6 +135,7 @@ impl Agent {
             pending_unexports: Vec::new(),
             project: project.to_owned(),
             request_id: request_id.to_owned(),
+            created_by,
         };
         self.commit(
             &mut vm,

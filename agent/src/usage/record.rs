@@ -43,6 +43,18 @@ pub struct UsageRecord {
     pub machine_name: String,
     /// The guest's project (APEL LocalGroupId).
     pub local_group_id: String,
+    /// Who created the guest, `ROLE/NAME` of its certificate (APEL
+    /// LocalUserId); empty when unknown.
+    #[serde(default)]
+    pub local_user_id: String,
+    /// The same identity as its certificate names it,
+    /// `stratus://ROLE/NAME` (APEL GlobalUserName).
+    #[serde(default)]
+    pub global_user_name: String,
+    /// `/PROJECT/Role=ROLE/Capability=NULL`, VOMS-style (APEL FQAN); empty
+    /// without a project or a creator.
+    #[serde(default)]
+    pub fqan: String,
     /// started, paused, stopped, error, completed.
     pub status: String,
     /// Unix seconds; 0: none.
@@ -83,6 +95,22 @@ impl UsageRecord {
             cloud_compute_service: site.cloud_compute_service.clone(),
             machine_name: t.vm_name.clone(),
             local_group_id: t.project.clone(),
+            local_user_id: t
+                .creator
+                .as_ref()
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            global_user_name: t
+                .creator
+                .as_ref()
+                .map(|c| format!("{}{c}", stratus_pki::identity::SCHEME))
+                .unwrap_or_default(),
+            fqan: match &t.creator {
+                Some(c) if !t.project.is_empty() => {
+                    format!("/{}/Role={}/Capability=NULL", t.project, c.role)
+                }
+                _ => String::new(),
+            },
             status: status_word(t.state, t.ended_us.is_some()).into(),
             start_time: t.started_us.unwrap_or(0) / US,
             end_time: t.ended_us.unwrap_or(0) / US,
@@ -125,7 +153,10 @@ pub fn apel_message(records: &[UsageRecord]) -> String {
         field("SiteName", r.site_name.clone());
         field("CloudComputeService", r.cloud_compute_service.clone());
         field("MachineName", r.machine_name.clone());
+        field("LocalUserId", r.local_user_id.clone());
         field("LocalGroupId", r.local_group_id.clone());
+        field("GlobalUserName", r.global_user_name.clone());
+        field("FQAN", r.fqan.clone());
         field("Status", r.status.clone());
         if r.start_time != 0 {
             field("StartTime", r.start_time.to_string());
@@ -163,7 +194,7 @@ fn one_line(v: &str) -> String {
 }
 
 /// The CSV columns, in order (the JSON field names).
-pub const CSV_COLUMNS: [&str; 19] = [
+pub const CSV_COLUMNS: [&str; 22] = [
     "record_create_time",
     "vm_uuid",
     "site_name",
@@ -183,6 +214,10 @@ pub const CSV_COLUMNS: [&str; 19] = [
     "disk_bytes",
     "image_id",
     "cloud_type",
+    // Added later: at the end, so older readers' columns stay where they were.
+    "local_user_id",
+    "global_user_name",
+    "fqan",
 ];
 
 /// `records` as CSV (RFC 4180: a header line; fields with a comma, quote
