@@ -242,3 +242,132 @@ async fn foreign_lvs_in_the_pool_are_reported_and_left_alone() {
         "{lvs:?}"
     );
 }
+
+async fn quarantined(c: &mut Client) -> Vec<pb::Volume> {
+    c.list_volumes(pb::ListVolumesRequest {
+        quarantined: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .volumes
+}
+
+async fn delete(c: &mut Client, volume: &str) -> pb::DeleteVolumeResponse {
+    c.delete_volume(pb::DeleteVolumeRequest {
+        volume: volume.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// The thin LVs of pdiskd's in the test's pool (tagged `stratus`).
+fn our_lvs(s: &Stack) -> Vec<String> {
+    thin(s)
+        .lvs()
+        .into_iter()
+        .filter(|l| l.contains("stratus"))
+        .collect()
+}
+
+/// Quarantine on LVM thin (issue 19): a deleted volume keeps its LV and its
+/// blocks, is listed in quarantine and restorable with its data; at its
+/// purge time (seconds here) the LV goes and the pool's data use drops back,
+/// as GetPool and `lvs` both say.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the lab VM (LVM thin): run by scripts/lab"]
+async fn a_quarantined_volume_keeps_its_blocks_until_the_purge_gives_them_back() {
+    if !lab() {
+        return;
+    }
+    const PERIOD: std::time::Duration = std::time::Duration::from_secs(15);
+    let s = Stack::start_with(&["--quarantine-period", "15s"]);
+    let mut c = s.pdiskd.client().await;
+    let empty = pool(&mut c).await;
+    let v = create(&mut c, "q", 512 * MIB).await.unwrap();
+    fill(&v, 256, 0x5a);
+    let full = pool(&mut c).await;
+    // 256 MiB of a 4 GiB pool: about 6 points.
+    let grew = full.data_percent.unwrap() - empty.data_percent.unwrap();
+    assert!((5.0..8.0).contains(&grew), "{empty:?} -> {full:?}");
+    assert_eq!(our_lvs(&s).len(), 1, "{:?}", thin(&s).lvs());
+
+    // Deleted: hidden, listed in quarantine, and still holding its LV and
+    // blocks (nothing moves in the pool).
+    let d = delete(&mut c, "q").await;
+    assert!(!d.purge_at.is_empty(), "{d:?}");
+    let q = quarantined(&mut c).await;
+    assert_eq!(q.len(), 1, "{q:?}");
+    assert_eq!(
+        (q[0].uuid.as_str(), q[0].purge_at.as_str()),
+        (v.uuid.as_str(), d.purge_at.as_str())
+    );
+    let held = pool(&mut c).await;
+    assert_eq!(
+        (held.volume_count, held.quarantined_count),
+        (0, 1),
+        "{held:?}"
+    );
+    assert!(
+        (held.data_percent.unwrap() - full.data_percent.unwrap()).abs() < 1.0,
+        "quarantine gave blocks back early: {full:?} -> {held:?}"
+    );
+    assert_eq!(our_lvs(&s).len(), 1, "{:?}", thin(&s).lvs());
+    // Restorable with its data.
+    let back = c
+        .restore_volume(pb::RestoreVolumeRequest {
+            volume: v.uuid.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (back.name.as_str(), back.uuid.as_str()),
+        ("q", v.uuid.as_str())
+    );
+    assert_eq!(first_byte(&back), 0x5a);
+    assert!(quarantined(&mut c).await.is_empty());
+
+    // Deleted again and left to its purge time: the LV goes and the pool's
+    // data use drops by what the volume held.
+    let d = delete(&mut c, "q").await;
+    let deleted_at = std::time::Instant::now();
+    assert!(!d.purge_at.is_empty(), "{d:?}");
+    loop {
+        if quarantined(&mut c).await.is_empty() {
+            break;
+        }
+        assert!(
+            deleted_at.elapsed() < PERIOD + std::time::Duration::from_secs(120),
+            "not purged {:?} after the delete",
+            deleted_at.elapsed()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(
+        deleted_at.elapsed() >= PERIOD - std::time::Duration::from_secs(2),
+        "purged after {:?}, before its 15 s",
+        deleted_at.elapsed()
+    );
+    assert!(our_lvs(&s).is_empty(), "{:?}", thin(&s).lvs());
+    let purged = pool(&mut c).await;
+    assert_eq!((purged.volume_count, purged.quarantined_count), (0, 0));
+    let dropped = full.data_percent.unwrap() - purged.data_percent.unwrap();
+    assert!(
+        dropped > grew - 1.0,
+        "the purge gave back {dropped} points of {grew}: {full:?} -> {purged:?}"
+    );
+    let (data, _) = thin(&s).percent_used();
+    assert!(
+        (purged.data_percent.unwrap() - data).abs() < 1.0,
+        "{purged:?} vs lvs {data}"
+    );
+    assert!(
+        data < empty.data_percent.unwrap() + 1.0,
+        "lvs says {data}% after the purge"
+    );
+}
