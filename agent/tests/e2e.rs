@@ -1399,6 +1399,137 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
         .any(|e| e.r#type() == pb::EventType::ImageEvicted && e.image_sha256 == sha));
 }
 
+/// Destroying a guest deletes its image clone through pdisk's quarantine
+/// like any delete (issue 19): hidden from pdisk's list, listed in
+/// quarantine with its purge time, and restorable with its data whole.
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn a_destroyed_guests_image_clone_is_quarantined_and_restorable() {
+    let h = Host(AgentHost::start_with_pdiskd(
+        4096,
+        &[],
+        &["--quarantine-period", "1h"],
+    ));
+    let (_httpd, url, sha) = serve_guest(&h);
+    let vm = h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            spec: Some(spec_image("doomed", &url, &sha, false)),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "doomed".into(),
+        })
+        .await
+        .unwrap();
+        // Stopped, so the clone's data no longer changes.
+        c.stop_vm(pb::StopVmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "doomed".into(),
+            timeout_seconds: 5,
+            force: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let (_, vols) = pool_used(&h);
+    let clone = vols
+        .iter()
+        .find(|v| v.labels.get("stratus.io/vm") == Some(&vm.uuid))
+        .unwrap_or_else(|| panic!("no clone of guest {}: {vols:?}", vm.uuid))
+        .clone();
+    assert!(!clone.clone_of_volume.is_empty(), "{clone:?}");
+    let url = h.pdiskd.url();
+    let clone_uuid = clone.uuid.clone();
+    let sum = h.ns.block_on(move || async move {
+        let mut c = VolumeServiceClient::new(testkit::channel(&url).await);
+        c.checksum_volume(pdpb::ChecksumVolumeRequest {
+            volume: clone_uuid,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sha256
+    });
+
+    h.agent(|mut c| async move {
+        c.destroy_vm(pb::DestroyVmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "doomed".into(),
+            timeout_seconds: 5,
+        })
+        .await
+        .unwrap();
+    });
+    let (_, live) = pool_used(&h);
+    assert!(
+        !live.iter().any(|v| v.uuid == clone.uuid),
+        "the destroyed guest's clone is still live: {live:?}"
+    );
+    assert!(
+        live.iter().any(|v| v.uuid == clone.clone_of_volume),
+        "the image's base went with the guest: {live:?}"
+    );
+    let url = h.pdiskd.url();
+    let c_uuid = clone.uuid.clone();
+    let (quarantined, restored, restored_sum) = h.ns.block_on(move || async move {
+        let mut c = VolumeServiceClient::new(testkit::channel(&url).await);
+        let q = c
+            .list_volumes(pdpb::ListVolumesRequest {
+                quarantined: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
+        let r = c
+            .restore_volume(pdpb::RestoreVolumeRequest {
+                volume: c_uuid.clone(),
+                new_name: "kept".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let sum = c
+            .checksum_volume(pdpb::ChecksumVolumeRequest {
+                volume: "kept".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sha256;
+        (q, r, sum)
+    });
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    let q = &quarantined[0];
+    assert_eq!(
+        (q.uuid.as_str(), q.name.as_str()),
+        (clone.uuid.as_str(), clone.name.as_str())
+    );
+    assert_eq!(q.state(), pdpb::VolumeState::Quarantined, "{q:?}");
+    let left = humantime::parse_rfc3339(&q.purge_at)
+        .unwrap()
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(left > Duration::from_secs(50 * 60), "purge in {left:?}");
+    assert_eq!(
+        (restored.uuid.as_str(), restored.name.as_str()),
+        (clone.uuid.as_str(), "kept")
+    );
+    assert_eq!(restored_sum, sum, "the restored clone's data changed");
+}
+
 #[test]
 #[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
 fn a_saved_disk_becomes_an_image_another_guest_boots_with() {

@@ -36,27 +36,40 @@ pub struct ServedGuest {
 impl AgentHost {
     /// A pool of `pool_mib` MiB; agentd with `agentd_flags` besides the usual.
     pub fn start(pool_mib: u64, agentd_flags: &[&str]) -> AgentHost {
-        AgentHost::start_agentd(pool_mib, |dir, ns, pdisk| {
+        AgentHost::start_agentd(pool_mib, &[], |dir, ns, pdisk| {
+            Agentd::start_in_with(dir, ns, pdisk, BRIDGE, agentd_flags)
+        })
+    }
+
+    /// The same with `pdiskd_flags` for pdiskd besides the usual (e.g. a
+    /// `--quarantine-period`; the harness's default is 0).
+    pub fn start_with_pdiskd(
+        pool_mib: u64,
+        agentd_flags: &[&str],
+        pdiskd_flags: &[&str],
+    ) -> AgentHost {
+        AgentHost::start_agentd(pool_mib, pdiskd_flags, |dir, ns, pdisk| {
             Agentd::start_in_with(dir, ns, pdisk, BRIDGE, agentd_flags)
         })
     }
 
     /// The same with `agentd-failpoints`, for crash-point walks.
     pub fn start_failpoints(pool_mib: u64) -> AgentHost {
-        AgentHost::start_agentd(pool_mib, |dir, ns, pdisk| {
+        AgentHost::start_agentd(pool_mib, &[], |dir, ns, pdisk| {
             Agentd::start_failpoints_in(dir, ns, pdisk, BRIDGE)
         })
     }
 
     fn start_agentd(
         pool_mib: u64,
+        pdiskd_flags: &[&str],
         agentd: impl FnOnce(&Path, &NetNs, &str) -> Agentd,
     ) -> AgentHost {
         let ns = NetNs::new();
         ns.add_bridge(BRIDGE);
         let pool = XfsPool::new(pool_mib);
         let tgtd = Tgtd::start_in(pool.dir.path(), Some(&ns));
-        let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
+        let pdiskd = Pdiskd::start_in_with(&pool, &tgtd, Some(&ns), pdiskd_flags);
         let agentd = agentd(pool.dir.path(), &ns, &pdiskd.url());
         AgentHost {
             agentd,

@@ -58,6 +58,17 @@ impl Pdiskd {
         Self::start_full(pool, tgtd, netns, &[])
     }
 
+    /// Starts pdiskd inside `netns` with extra flags, e.g.
+    /// `["--quarantine-period", "1h"]`.
+    pub fn start_in_with(
+        pool: &XfsPool,
+        tgtd: &Tgtd,
+        netns: Option<&NetNs>,
+        extra_args: &[&str],
+    ) -> Pdiskd {
+        Self::start_full(pool, tgtd, netns, extra_args)
+    }
+
     fn start_full(
         pool: &XfsPool,
         tgtd: &Tgtd,
