@@ -24,6 +24,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Called with each line (split on `\n` or `\r`) the program writes to stdout.
 pub type LineSink = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Called with each piece of a program's binary stdout, in order (e.g. an
+/// image streamed into a hasher); such stdout is not kept in the Output.
+pub type ByteSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+
 /// A command to run: program, arguments, timeout.
 #[derive(Clone)]
 pub struct Cmd {
@@ -31,6 +35,7 @@ pub struct Cmd {
     pub args: Vec<String>,
     pub timeout: Duration,
     pub on_stdout_line: Option<LineSink>,
+    pub on_stdout_bytes: Option<ByteSink>,
 }
 
 impl Cmd {
@@ -40,6 +45,7 @@ impl Cmd {
             args: Vec::new(),
             timeout: Duration::from_secs(30),
             on_stdout_line: None,
+            on_stdout_bytes: None,
         }
     }
 
@@ -64,6 +70,12 @@ impl Cmd {
 
     pub fn on_stdout_line(mut self, sink: LineSink) -> Self {
         self.on_stdout_line = Some(sink);
+        self
+    }
+
+    /// Streams stdout to `sink` instead of keeping it (see [`ByteSink`]).
+    pub fn on_stdout_bytes(mut self, sink: ByteSink) -> Self {
+        self.on_stdout_bytes = Some(sink);
         self
     }
 
@@ -169,15 +181,20 @@ impl CommandRunner for HostRunner {
             let mut stdout = child.stdout.take().expect("piped stdout");
             let mut stderr = child.stderr.take().expect("piped stderr");
             let sink = cmd.on_stdout_line.clone();
+            let bytes = cmd.on_stdout_bytes.clone();
             let collect = async {
                 let read_out = async {
                     let mut all = Vec::new();
-                    let mut buf = [0u8; 8192];
+                    let mut buf = vec![0u8; if bytes.is_some() { 1 << 20 } else { 8192 }];
                     let mut line = Vec::new();
                     loop {
                         let n = stdout.read(&mut buf).await?;
                         if n == 0 {
                             break;
+                        }
+                        if let Some(bytes) = &bytes {
+                            bytes(&buf[..n]);
+                            continue;
                         }
                         all.extend_from_slice(&buf[..n]);
                         if let Some(sink) = &sink {

@@ -749,3 +749,41 @@ async fn flatten_frees_a_clones_parent_and_keeps_its_data() {
     assert_eq!(again.uuid, cl.uuid);
     assert!(t.holds(&cl_img, 0x72, MIB, MIB));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and ceph (scripts/test)"]
+async fn checksums_of_rbd_volumes_and_snapshots_are_their_whole_content() {
+    use sha2::Digest;
+    let t = RbdPdisk::start("pd-sum");
+    let mut c = t.pdiskd.client().await;
+    let v = create(&mut c, "summed", 8 * MIB).await;
+    let img = RbdPdisk::image(&v);
+    t.write(&img, 0x5a, MIB, MIB);
+    snapshot(&mut c, "summed", "before").await.unwrap();
+    t.write(&img, 0x5b, 0, MIB);
+    // What sha256sum of the volume's bytes prints: holes as zeros.
+    let expect = |first: u8| {
+        let mut data = vec![0u8; 8 * MIB as usize];
+        data[..MIB as usize].fill(first);
+        data[MIB as usize..2 * MIB as usize].fill(0x5a);
+        format!("{:x}", sha2::Sha256::digest(&data))
+    };
+    let sum = |volume: &str, is_snapshot: bool| {
+        let mut c = c.clone();
+        let volume = volume.to_string();
+        async move {
+            c.checksum_volume(pb::ChecksumVolumeRequest {
+                volume,
+                is_snapshot,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let now = sum("summed", false).await;
+    assert_eq!((now.sha256, now.size_bytes), (expect(0x5b), 8 * MIB));
+    let then = sum("before", true).await;
+    assert_eq!(then.sha256, expect(0));
+}

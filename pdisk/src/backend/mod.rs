@@ -165,6 +165,18 @@ pub trait Backend: Send + Sync {
     /// Makes the object read-only for everyone (image base volumes).
     fn set_read_only(&self, id: ObjectId) -> BoxFuture<'_, Result<()>>;
 
+    /// The SHA-256 (lowercase hex) of the object's `size` bytes, for pools
+    /// with no file or device to read (rbd streams `rbd export`); None:
+    /// the service reads `device_path` itself.
+    fn checksum(
+        &self,
+        _id: ObjectId,
+        _size: u64,
+        _progress: ProgressFn,
+    ) -> Option<BoxFuture<'_, Result<String>>> {
+        None
+    }
+
     /// Makes volume `id` independent of the snapshot or volume it was
     /// layered on; Ok(false) when it was not layered (every clone of the
     /// file and lvm backends).

@@ -1105,6 +1105,45 @@ impl Backend for RbdBackend {
         })
     }
 
+    fn checksum(
+        &self,
+        id: ObjectId,
+        size: u64,
+        progress: ProgressFn,
+    ) -> Option<BoxFuture<'_, Result<String>>> {
+        Some(Box::pin(async move {
+            use sha2::{Digest, Sha256};
+            let spec = self.object_spec(id).await?;
+            // `rbd export SPEC -` writes every byte (holes as zeros) to
+            // stdout, streamed into the hasher as it comes.
+            let hashed = Arc::new(Mutex::new((Sha256::new(), 0u64)));
+            let sink = {
+                let hashed = hashed.clone();
+                let progress = progress.clone();
+                Arc::new(move |piece: &[u8]| {
+                    let mut h = hashed.lock().unwrap();
+                    h.0.update(piece);
+                    h.1 += piece.len() as u64;
+                    progress("checksum", h.1, size);
+                })
+            };
+            let cmd = self
+                .rbd_change(["export", "--no-progress", spec.as_str(), "-"])
+                .timeout(DATA_TIMEOUT)
+                .on_stdout_bytes(sink);
+            self.run(&cmd)
+                .await
+                .map_err(|e| e.context(format!("checksum of {id}")))?;
+            let (hasher, got) = std::mem::take(&mut *hashed.lock().unwrap());
+            if got != size {
+                return Err(Error::internal(format!(
+                    "checksum of {id}: rbd export gave {got} bytes of {size}"
+                )));
+            }
+            Ok(format!("{:x}", hasher.finalize()))
+        }))
+    }
+
     fn flatten(&self, id: ObjectId, progress: ProgressFn) -> BoxFuture<'_, Result<bool>> {
         Box::pin(async move {
             let ObjectId::Volume(_) = id else {

@@ -606,3 +606,22 @@ async fn flatten_runs_rbd_flatten_only_on_a_clone_with_the_long_timeout() {
         .unwrap());
     assert!(!r.lines().iter().any(|l| l.contains("flatten")));
 }
+
+#[tokio::test]
+async fn a_checksum_streams_rbd_export_and_a_short_stream_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    // The script writes nothing to stdout: 0 bytes of 64 MiB.
+    let e = b
+        .checksum(ObjectId::Volume(uuid(VOL)), 64 << 20, no_progress())
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("0 bytes of 67108864"), "{e}");
+    assert_eq!(
+        r.lines(),
+        vec![rbd(&format!("export --no-progress stratus/pd-vol-{VOL} -"))]
+    );
+    assert_eq!(r.timeouts()[0].1, DATA_TIMEOUT);
+}

@@ -161,6 +161,11 @@ impl PoolService {
             let path = self.backend.device_path(id);
             let report = op.reporter();
             report("checksum", 0, size);
+            if let Some(streamed) = self.backend.checksum(id, size, report.clone()) {
+                let sha256 = streamed.await?;
+                tracing::info!(object = %what, %sha256, size, "checksum computed");
+                return Ok(Checksum { sha256, size });
+            }
             let sha256 = tokio::task::spawn_blocking(move || {
                 let f = std::fs::File::open(&path).map_err(|e| Error::io(path.display(), e))?;
                 sha256_sparse(&f, size, |done| report("checksum", done, size))
