@@ -26,6 +26,7 @@ pub const POINTS: &[(&str, &[&str])] = &[
             "start.export_intent",
             "start.exported",
             "start.disk_attached",
+            "start.seed_built",
             "start.nic_recorded",
             "start.nic_attached",
             "start.launched",

@@ -176,6 +176,12 @@ impl Host {
                 bridge: BRIDGE.into(),
                 ..Default::default()
             }],
+            // A NoCloud seed too (its user-data may hold secrets: it must
+            // not outlive a run).
+            context: Some(pb::Contextualization {
+                user_data: "#cloud-config\n".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         self.agent(move |mut c| async move {
@@ -423,6 +429,12 @@ fn check(
         for d in dirs.flatten() {
             let n = d.file_name().to_string_lossy().into_owned();
             assert!(ours.contains(&n), "{what}: orphan guest directory {n}");
+            // A seed only while its guest runs.
+            let runs = running.iter().any(|v| v.uuid == n);
+            assert!(
+                runs || !d.path().join("seed.img").exists(),
+                "{what}: seed of {n}, which does not run"
+            );
         }
     }
     // Events: 1..n, the history before the crash unchanged.

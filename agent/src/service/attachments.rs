@@ -189,6 +189,9 @@ impl Agent {
         let device = device_name(i);
         let path = dir.join(SEED_FILE);
         seed::build_seed(&context.seed(vm.uuid, &vm.spec.name), &path)?;
+        // Built, not recorded: tear-down removes a guest's seed whether
+        // recorded or not.
+        self.crash_point("start.seed_built");
         let att = DiskAttachment {
             device: device.clone(),
             source: "seed".into(),
