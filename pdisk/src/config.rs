@@ -161,6 +161,11 @@ pub struct Flags {
     /// 24h, 7d, 30s; 0 deletes at once [default: 24h]
     #[arg(long, value_name = "DURATION")]
     pub quarantine_period: Option<String>,
+    /// This storage host's id: an agent asking for an export with the same
+    /// id (agentd --host-id) runs here and gets the volume's own file or
+    /// device instead of an iSCSI target [default: /etc/machine-id]
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
     /// Seconds between checks that the exporter still has every export [default: 5]
     #[arg(long, value_name = "SECS")]
     pub export_check_interval: Option<u64>,
@@ -214,6 +219,8 @@ pub struct Config {
     pub export_check_interval: u64,
     /// Zero: deletes are at once.
     pub quarantine_period: std::time::Duration,
+    /// This storage host's id (same-host attachments); None: never local.
+    pub host_id: Option<String>,
     /// How often every project's storage is sampled.
     pub usage_interval: std::time::Duration,
     /// StAR Site and StorageSystem of the records.
@@ -278,6 +285,7 @@ impl Flags {
             max_overcommit: pick!(max_overcommit, 20.0),
             export_check_interval: pick!(export_check_interval, 5),
             quarantine_period,
+            host_id: stratus_core::host::host_id(self.host_id.or(file.host_id).as_deref())?,
             usage_interval: humantime::parse_duration(&pick!(usage_interval, "1h".into()))
                 .map_err(|e| Error::invalid(format!("usage-interval: {e}")))?,
             usage_site: pick!(usage_site, crate::usage::StorageSite::of_this_host().site),

@@ -135,6 +135,23 @@ fn snapshot_pb(s: SnapshotInfo) -> pb::Snapshot {
 
 fn export_pb(e: ExportInfo) -> pb::Export {
     let url = e.url();
+    if let Some(l) = e.local {
+        // No target: the caller opens the volume here.
+        return pb::Export {
+            volume_uuid: e.record.volume.to_string(),
+            volume_name: e.volume_name,
+            initiators: e.record.initiators.iter().map(|i| i.to_string()).collect(),
+            url,
+            exporter: e.exporter,
+            project: e.project,
+            local: Some(pb::LocalAttachment {
+                path: l.path.display().to_string(),
+                format: "raw".into(),
+                block_device: l.block_device,
+            }),
+            ..Default::default()
+        };
+    }
     if let Some(r) = e.rbd {
         // No target: nothing iSCSI to name.
         return pb::Export {
@@ -174,6 +191,7 @@ fn export_pb(e: ExportInfo) -> pb::Export {
         exporter: e.exporter,
         project: e.project,
         rbd: None,
+        local: None,
     }
 }
 
@@ -696,6 +714,7 @@ impl VolumeService for Api {
             caller: format!("{}/{}", call.identity.role, call.identity.name),
             admin: call.identity.role == Role::Admin,
             multi_attach: r.multi_attach,
+            host_id: Some(r.host_id).filter(|h| !h.is_empty()),
         };
         let svc = self.svc.clone();
         let e = detached(async move { svc.export_volume(&volume, &initiators, chap, &by).await })

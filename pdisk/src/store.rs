@@ -267,6 +267,13 @@ pub struct ExportRecord {
     /// the record, never re-create it. Absent in older stores.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unexporting: bool,
+    /// True while no target serves the export: it was made for an agent
+    /// on the storage host itself, which opens the volume directly (issue
+    /// 16). Reconciliation makes no target for it; a remote initiator
+    /// added later turns it false (and gets a target). Absent in older
+    /// stores.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 pub struct Store {
@@ -1229,6 +1236,7 @@ mod tests {
                 chap: None,
                 chap_set_by: None,
                 unexporting: false,
+                local: false,
             },
             &[],
         )

@@ -27,6 +27,7 @@ async fn create(c: &mut Client, name: &str, size: u64) -> pb::Volume {
 
 async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> pb::Export {
     c.export_volume(pb::ExportVolumeRequest {
+        host_id: String::new(),
         multi_attach: false,
         project: String::new(),
         volume: vol.into(),
@@ -344,6 +345,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     );
     let bad_iqn = c
         .export_volume(pb::ExportVolumeRequest {
+            host_id: String::new(),
             multi_attach: false,
             project: String::new(),
             volume: "v1".into(),
@@ -355,6 +357,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     assert_eq!(bad_iqn.code(), Code::InvalidArgument);
     let bad_chap = c
         .export_volume(pb::ExportVolumeRequest {
+            host_id: String::new(),
             multi_attach: false,
             project: String::new(),
             volume: "v1".into(),
@@ -386,6 +389,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     tgtd.kill();
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            host_id: String::new(),
             multi_attach: false,
             project: String::new(),
             volume: "v2".into(),
@@ -644,6 +648,7 @@ async fn chap_export_needs_the_secret() {
     let secret = "Sup3rS3cretPass";
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            host_id: String::new(),
             multi_attach: false,
             project: String::new(),
             volume: "secure".into(),

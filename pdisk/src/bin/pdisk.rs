@@ -631,6 +631,7 @@ async fn export_add(ctx: &Ctx, a: ExportAddArgs) -> Result<(), Failure> {
         _ => None,
     };
     let request = ExportVolumeRequest {
+        host_id: String::new(),
         project: ctx.project.clone(),
         volume: a.volume.to_string(),
         initiators: a.initiators.into_iter().map(String::from).collect(),

@@ -134,6 +134,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             max_overcommit: cfg.max_overcommit,
             import_dirs: cfg.import_dirs.clone(),
             quarantine_period: cfg.quarantine_period,
+            host_id: cfg.host_id.clone(),
         },
     ));
     let report = svc.reconcile().await.context("reconciling")?;

@@ -63,6 +63,8 @@ impl PoolService {
         }
         // With no target (rbd) there is no CHAP to check: not kept.
         let chap = chap.filter(|_| !self.exporter.native_client());
+        // An agent on this storage host opens the volume itself (issue 16).
+        let here = self.is_this_host(by);
         let vol = self.store.find_volume(volume)?;
         let _g = self.locks.lock(vol.uuid).await;
         let vol = self.reread_volume(&vol)?;
@@ -81,7 +83,12 @@ impl PoolService {
                 chap: None,
                 chap_set_by: None,
                 unexporting: false,
+                local: here,
             });
+        // A host elsewhere needs a target, from now on.
+        if !here {
+            rec.local = false;
+        }
         let mut added = Vec::new();
         for i in initiators {
             if !rec.initiators.contains(i) && !added.contains(i) {
@@ -142,7 +149,12 @@ impl PoolService {
                 .detail(initiators_detail(&rec))],
         )?;
         crate::failpoints::crash_point("service::export::after_intent");
-        if let Err(e) = self.exporter.export(&self.export_spec(&rec)).await {
+        let served = if rec.local {
+            Ok(())
+        } else {
+            self.exporter.export(&self.export_spec(&rec)).await
+        };
+        if let Err(e) = served {
             // Put the intent back as it was: nothing changed.
             let why = format!("the exporter failed: {e}");
             match &previous {
@@ -163,8 +175,16 @@ impl PoolService {
         crate::failpoints::crash_point("service::export::after_exporter");
         tracing::info!(volume = %vol.name, target = %rec.target_iqn,
             initiators = ?rec.initiators.iter().map(Iqn::as_str).collect::<Vec<_>>(),
-            chap = rec.chap.is_some(), "volume exported");
-        self.export_info(rec)
+            chap = rec.chap.is_some(), local = here, "volume exported");
+        self.export_info_for(rec, here)
+    }
+
+    /// True when `by` runs on this storage host (the same host id) and the
+    /// volumes are files or devices here (not rbd, which has no path).
+    fn is_this_host(&self, by: &ExportBy) -> bool {
+        !self.exporter.native_client()
+            && self.settings.host_id.is_some()
+            && by.host_id == self.settings.host_id
     }
 
     /// Removes the initiators in `remove`, or the whole export when it is empty.
@@ -230,10 +250,12 @@ impl PoolService {
                 .detail(initiators_detail(&rec))],
         )?;
         crate::failpoints::crash_point("service::unexport_initiators::after_commit");
-        self.exporter
-            .export(&self.export_spec(&rec))
-            .await
-            .map_err(|e| {
+        let served = if rec.local {
+            Ok(())
+        } else {
+            self.exporter.export(&self.export_spec(&rec)).await
+        };
+        served.map_err(|e| {
                 e.context(format!(
                     "updating the ACL of volume {} (revoked in the store; applied when the exporter answers)",
                     vol.name
@@ -246,7 +268,9 @@ impl PoolService {
     /// Removes the target of a committed unexport, then its record. The
     /// caller holds the export lock.
     pub(super) async fn finish_unexport(&self, rec: &ExportRecord) -> Result<()> {
-        self.exporter.unexport(&rec.target_iqn).await?;
+        if !rec.local {
+            self.exporter.unexport(&rec.target_iqn).await?;
+        }
         crate::failpoints::crash_point("service::unexport::after_exporter");
         self.store.remove_export(rec.volume, &[])?;
         Ok(())
@@ -291,6 +315,10 @@ impl PoolService {
         let mut failed = Vec::new();
         let mut specs = Vec::new();
         for e in self.store.exports()? {
+            if e.local && !e.unexporting {
+                // No target to make: its agent opens the volume here.
+                continue;
+            }
             if !e.unexporting {
                 specs.push(self.export_spec(&e));
                 continue;

@@ -67,6 +67,10 @@ pub struct ServiceSettings {
     /// its data is destroyed; zero deletes at once. pdiskd's default is
     /// 24h; the service's (unit tests) is zero.
     pub quarantine_period: std::time::Duration,
+    /// This storage host's id (pdiskd --host-id, default /etc/machine-id):
+    /// an export asked for by an agent with the same id is answered with
+    /// a local attachment and no target. None: always a target.
+    pub host_id: Option<String>,
 }
 
 impl Default for ServiceSettings {
@@ -75,6 +79,7 @@ impl Default for ServiceSettings {
             max_overcommit: 20.0,
             import_dirs: Vec::new(),
             quarantine_period: std::time::Duration::ZERO,
+            host_id: None,
         }
     }
 }
@@ -123,6 +128,9 @@ pub struct ExportBy {
     /// The request accepts a second host on the volume (the volume must
     /// allow it too).
     pub multi_attach: bool,
+    /// The requesting host's id (ExportVolumeRequest.host_id): chooses a
+    /// local attachment when it is this storage host's; nothing else.
+    pub host_id: Option<String>,
 }
 
 impl ExportBy {
@@ -132,12 +140,19 @@ impl ExportBy {
             caller: format!("admin/{name}"),
             admin: true,
             multi_attach: false,
+            host_id: None,
         }
     }
 
     /// The same request, accepting a second host.
     pub fn multi_attach(mut self) -> ExportBy {
         self.multi_attach = true;
+        self
+    }
+
+    /// The same request, from the host with id `id`.
+    pub fn on_host(mut self, id: &str) -> ExportBy {
+        self.host_id = Some(id.to_string());
         self
     }
 }
@@ -199,6 +214,16 @@ pub struct ExportInfo {
     /// How a client opens the volume itself when no target serves it (the
     /// rbd backend); None for iSCSI exports.
     pub rbd: Option<crate::backend::rbd::RbdAccess>,
+    /// The volume's own file or device, for a caller on this host (issue
+    /// 16); None for iSCSI (and rbd) exports.
+    pub local: Option<LocalAccess>,
+}
+
+/// A volume opened on the storage host itself: its backing path, raw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalAccess {
+    pub path: PathBuf,
+    pub block_device: bool,
 }
 
 impl ExportInfo {
@@ -206,6 +231,9 @@ impl ExportInfo {
     pub fn url(&self) -> String {
         if let Some(r) = &self.rbd {
             return format!("rbd:{}/{}", r.pool, r.image);
+        }
+        if let Some(l) = &self.local {
+            return format!("file:{}", l.path.display());
         }
         format!(
             "iscsi://{}/{}/{}",
@@ -523,12 +551,33 @@ impl PoolService {
     }
 
     fn export_info(&self, record: ExportRecord) -> Result<ExportInfo> {
+        let local = record.local;
+        self.export_info_for(record, local)
+    }
+
+    /// The export as answered to a caller; `local`: one on this host,
+    /// answered with the volume's own path.
+    fn export_info_for(&self, record: ExportRecord, local: bool) -> Result<ExportInfo> {
         let (volume_name, project) = self.volume_name(record.volume)?;
+        let local = local.then(|| {
+            let path = self
+                .backend
+                .device_path(crate::backend::ObjectId::Volume(record.volume));
+            let block_device = std::fs::metadata(&path)
+                .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+                .unwrap_or(false);
+            LocalAccess { path, block_device }
+        });
         Ok(ExportInfo {
             volume_name,
             project,
             portal: self.exporter.portal(),
-            exporter: self.exporter.kind().to_string(),
+            exporter: if record.local {
+                "local".to_string()
+            } else {
+                self.exporter.kind().to_string()
+            },
+            local,
             rbd: self
                 .backend
                 .native_access(crate::backend::ObjectId::Volume(record.volume))

@@ -44,6 +44,7 @@ fn fixture_with(quarantine_period: Duration) -> Fixture {
             max_overcommit: 20.0,
             import_dirs: vec![import.clone()],
             quarantine_period,
+            host_id: Some(STORAGE_HOST.into()),
         },
     ));
     Fixture {
@@ -72,6 +73,8 @@ fn empty(volume: &str, size: u64) -> NewVolume {
 }
 
 const IQN: &str = "iqn.2026-11.io.stratus:host1";
+/// The fixture's storage host id (pdiskd --host-id).
+const STORAGE_HOST: &str = "storage-1";
 
 /// A request as the host's admin sends it over the local socket.
 fn as_admin<T>(msg: T) -> tonic::Request<T> {
@@ -148,6 +151,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
         // A CHAP secret tgt and LIO would refuse (under 12 characters).
         let export = pb::ExportVolumeRequest {
+            host_id: String::new(),
             multi_attach: false,
             project: String::new(),
             volume: "nope".into(),
@@ -225,6 +229,7 @@ async fn export_merges_initiators_and_unexport_removes_them() {
         caller: format!("agent/{iqn_of}"),
         admin: false,
         multi_attach: false,
+        host_id: None,
     };
     // Fencing: a second host on a read-write volume needs multi_attach
     // and a volume that allows it; nothing changes when refused.
@@ -349,6 +354,89 @@ async fn exporter_down_is_unavailable_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unavailable);
     assert!(f.svc.list_exports().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_agent_on_the_storage_host_gets_the_volume_itself_and_no_target() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let f = fixture();
+    f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    let here = || {
+        ExportBy {
+            caller: "agent/a".into(),
+            admin: false,
+            multi_attach: false,
+            host_id: None,
+        }
+        .on_host(STORAGE_HOST)
+    };
+    // The exporter is down: a local export never calls it.
+    f.exporter.down.store(true, SeqCst);
+    let e = f
+        .svc
+        .export_volume("v", &[iqn(IQN)], None, &here())
+        .await
+        .unwrap();
+    let path = f.svc.get_volume("v").await.unwrap().device_path;
+    let l = e.local.clone().expect("a local attachment");
+    assert_eq!(l.path, path);
+    assert!(!l.block_device);
+    assert_eq!(e.url(), format!("file:{}", path.display()));
+    assert_eq!(e.exporter, "local");
+    // The export is pdisk's record all the same: listed, holding the host.
+    let listed = f.svc.list_exports().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].exporter, "local");
+    assert_eq!(listed[0].record.initiators, vec![iqn(IQN)]);
+    // Resizing tells no target; a second host is fenced as ever.
+    f.svc.resize_volume("v", 8 << 20).await.unwrap();
+    let e = f
+        .svc
+        .export_volume(
+            "v",
+            &[iqn("iqn.2026-11.io.stratus:host2")],
+            None,
+            &ExportBy::admin("t").on_host("elsewhere"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert_eq!(f.svc.list_exports().unwrap()[0].record.initiators.len(), 1);
+    // Reconciliation makes no target for it; unexport needs none.
+    f.exporter.down.store(false, SeqCst);
+    f.svc.reconcile().await.unwrap();
+    assert!(f.exporter.list().await.unwrap().is_empty());
+    f.exporter.down.store(true, SeqCst);
+    assert!(f.svc.unexport_volume("v", &[]).await.unwrap().is_none());
+    assert!(f.svc.list_exports().unwrap().is_empty());
+
+    // Another host id, or none, gets iSCSI as ever.
+    f.exporter.down.store(false, SeqCst);
+    for by in [
+        ExportBy::admin("t").on_host("elsewhere"),
+        ExportBy::admin("t"),
+    ] {
+        let e = f
+            .svc
+            .export_volume("v", &[iqn(IQN)], None, &by)
+            .await
+            .unwrap();
+        assert!(e.local.is_none());
+        assert!(e.url().starts_with("iscsi://"), "{}", e.url());
+        assert_eq!(e.exporter, "memory");
+        assert_eq!(f.exporter.list().await.unwrap().len(), 1);
+    }
+    // The storage host's agent then still opens the file; the target
+    // stays for the export's record.
+    let e = f
+        .svc
+        .export_volume("v", &[iqn(IQN)], None, &here())
+        .await
+        .unwrap();
+    assert_eq!(e.local.unwrap().path, path);
+    assert_eq!(f.exporter.list().await.unwrap().len(), 1);
+    f.svc.unexport_volume("v", &[]).await.unwrap();
+    assert!(f.exporter.list().await.unwrap().is_empty());
 }
 
 #[tokio::test]

@@ -519,7 +519,7 @@ impl PoolService {
             &[NewPoolEvent::volume(PoolEventKind::VolumeResized, &rec)],
         )?;
         crate::failpoints::crash_point("service::resize::after_commit");
-        if let Some(exp) = self.store.export(rec.uuid)? {
+        if let Some(exp) = self.store.export(rec.uuid)?.filter(|e| !e.local) {
             let spec = self.export_spec(&exp);
             self.exporter.refresh_size(&spec).await.map_err(|e| {
                 e.context(format!(

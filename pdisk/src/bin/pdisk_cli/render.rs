@@ -222,6 +222,11 @@ pub fn export_json(e: &Export) -> Value {
             "secret_ref": r.secret_ref,
             "cluster_fsid": r.cluster_fsid,
         })),
+        "local": e.local.as_ref().map(|l| json!({
+            "path": l.path,
+            "format": l.format,
+            "block_device": l.block_device,
+        })),
     })
 }
 
@@ -258,8 +263,8 @@ pub fn export_view(e: &Export) -> String {
 pub fn exports_table(es: &[Export]) -> String {
     let mut t = Table::new(["VOLUME", "TARGET", "PORTAL", "LUN", "INITIATORS", "CHAP"]);
     for e in es {
-        // An rbd export has no target: its image instead.
-        let target = if e.rbd.is_some() {
+        // An rbd or local export has no target: its image or path instead.
+        let target = if e.rbd.is_some() || e.local.is_some() {
             e.url.clone()
         } else {
             e.target_iqn.clone()
@@ -655,6 +660,7 @@ mod tests {
             exporter: "tgt".into(),
             project: String::new(),
             rbd: None,
+            local: None,
         };
         let j = export_json(&e);
         assert_eq!(j["initiators"][1], "iqn.2026-11.io.stratus:h2");
