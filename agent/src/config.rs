@@ -86,6 +86,15 @@ pub struct Flags {
     /// the target) [default: off]
     #[arg(long)]
     pub chap_mutual: bool,
+    /// This host's id, sent with pdisk exports: a pdiskd with the same id
+    /// (its --host-id) runs on this host and answers with the volume's own
+    /// file or device instead of an iSCSI target [default: /etc/machine-id]
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// Open pdisk volumes directly when pdiskd runs on this host (the same
+    /// host id); false: always through iSCSI [default: true]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub local_attach: Option<bool>,
     /// This host's iSCSI initiator name [default: iqn.2026-11.io.stratus.agent:HOSTNAME]
     #[arg(long, value_name = "IQN")]
     pub initiator_iqn: Option<String>,
@@ -187,6 +196,9 @@ pub struct Config {
     pub attach: AttachMode,
     /// Mutual CHAP on pdisk disks (only with the kernel initiator).
     pub chap_mutual: bool,
+    /// This host's id sent with pdisk exports (same-host attachments);
+    /// None with --local-attach=false.
+    pub local_host_id: Option<String>,
     /// This host as a Ceph client, for pdisk disks on RBD.
     pub ceph: crate::rbd::CephClient,
     pub initiator_iqn: Iqn,
@@ -365,6 +377,11 @@ impl Flags {
             accel: pick!(accel, AccelChoice::Auto),
             attach: pick!(attach, AttachMode::Qemu),
             chap_mutual: self.chap_mutual || file.chap_mutual,
+            local_host_id: if pick!(local_attach, true) {
+                stratus_core::host::host_id(self.host_id.or(file.host_id).as_deref())?
+            } else {
+                None
+            },
             ceph: self.ceph.resolve(&file.ceph)?,
             initiator_iqn: iqn
                 .parse()
@@ -597,6 +614,27 @@ mod tests {
                 .resolve()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn local_attach_is_on_with_the_machine_id_unless_turned_off() {
+        let machine = stratus_core::host::host_id(None).unwrap();
+        let c = Flags::parse_from(["agentd"]).resolve().unwrap();
+        assert_eq!(c.local_host_id, machine);
+        let c = Flags::parse_from(["agentd", "--host-id", "rack1-h7"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.local_host_id.as_deref(), Some("rack1-h7"));
+        for argv in [
+            &["agentd", "--local-attach=false"][..],
+            &["agentd", "--host-id", "rack1-h7", "--local-attach", "false"],
+        ] {
+            let c = Flags::parse_from(argv).resolve().unwrap();
+            assert_eq!(c.local_host_id, None, "{argv:?}");
+        }
+        assert!(Flags::parse_from(["agentd", "--host-id", "../x"])
+            .resolve()
+            .is_err());
     }
 
     #[test]

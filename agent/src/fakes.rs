@@ -140,6 +140,11 @@ pub struct FakeVolumes {
     /// Set: a pool of RBD images (pdiskd --backend rbd). Exports answer
     /// this attachment, its image the volume's `pd-vol-UUID`, and no target.
     pub export_rbd: Mutex<Option<pdpb::RbdAttachment>>,
+    /// Set: pdiskd runs on the host with this id, its volumes `DIR/vol-UUID`
+    /// files: an export asked with that host id answers a local attachment.
+    pub export_local: Mutex<Option<(String, PathBuf)>>,
+    /// The host id of every export asked for, in order.
+    pub export_host_ids: Mutex<Vec<String>>,
 }
 
 #[derive(Default)]
@@ -297,6 +302,28 @@ impl VolumeClient for FakeVolumes {
             let id = st.resolve_in(&req.volume, &req.project)?;
             let name = st.volumes[&id].name.clone();
             st.exported.insert(id.clone());
+            self.export_host_ids
+                .lock()
+                .unwrap()
+                .push(req.host_id.clone());
+            if let Some((host, dir)) = self.export_local.lock().unwrap().clone() {
+                if !req.host_id.is_empty() && req.host_id == host {
+                    let path = dir.join(format!("vol-{id}"));
+                    return Ok(pdpb::Export {
+                        url: format!("file:{}", path.display()),
+                        volume_uuid: id,
+                        volume_name: name,
+                        initiators: req.initiators,
+                        exporter: "local".into(),
+                        local: Some(pdpb::LocalAttachment {
+                            path: path.display().to_string(),
+                            format: "raw".into(),
+                            block_device: false,
+                        }),
+                        ..Default::default()
+                    });
+                }
+            }
             if let Some(mut rbd) = self.export_rbd.lock().unwrap().clone() {
                 rbd.image = format!("pd-vol-{id}");
                 return Ok(pdpb::Export {
@@ -665,7 +692,8 @@ impl Vmm for FakeVmm {
                 .disks
                 .iter()
                 .filter_map(|d| match &d.backend {
-                    crate::vmm::DiskBackend::RawFile { path } => Some(path.clone()),
+                    crate::vmm::DiskBackend::RawFile { path }
+                    | crate::vmm::DiskBackend::Local { path, .. } => Some(path.clone()),
                     _ => None,
                 })
                 .collect();

@@ -45,6 +45,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
             attach: AttachMode::Qemu,
             chap_mutual: false,
+            local_host_id: None,
             pdisk: Vec::new(),
             ceph: Default::default(),
             cpu_overcommit: 4,

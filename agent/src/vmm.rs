@@ -382,6 +382,11 @@ pub enum DiskBackend {
     /// An RBD image opened by QEMU's own rbd driver; its cephx key and
     /// client conf reach QEMU as sealed memfds (see [`crate::rbd`]).
     Rbd(crate::rbd::RbdDisk),
+    /// A pdisk volume on this very host (pdiskd answered a local
+    /// attachment, issue 16): its file or block device, raw, opened by
+    /// agentd and handed to QEMU as a descriptor (QEMU never opens the
+    /// path, which stays pdiskd's, owner and mode unchanged).
+    Local { path: PathBuf, block_device: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -576,6 +581,26 @@ impl LaunchPlan {
                             // reach the OSDs (see crate::rbd).
                             "cache": {"direct": false, "no-flush": false},
                         },
+                    })
+                }
+                DiskBackend::Local { path, block_device } => {
+                    let fd = fds.file(path, writable)?;
+                    let filename = a.fdset(fd, node);
+                    let file = if *block_device {
+                        json!({
+                            "driver": "host_device",
+                            "filename": filename,
+                            "aio": if self.io_uring { "io_uring" } else { "native" },
+                            "cache": {"direct": true},
+                        })
+                    } else {
+                        self.file_node(path, &filename)
+                    };
+                    json!({
+                        "driver": "raw",
+                        "node-name": node,
+                        "read-only": d.read_only,
+                        "file": file,
                     })
                 }
                 DiskBackend::HostDevice { path } => {
@@ -788,7 +813,9 @@ fn guard_disks(plan: &LaunchPlan, c: &Confinement) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for d in &plan.disks {
         match &d.backend {
-            DiskBackend::Iscsi { .. } | DiskBackend::Rbd(_) => {}
+            // A local pdisk volume reaches QEMU as a descriptor: its
+            // owner and mode stay pdiskd's.
+            DiskBackend::Iscsi { .. } | DiskBackend::Rbd(_) | DiskBackend::Local { .. } => {}
             DiskBackend::RawFile { path } | DiskBackend::Overlay { path, .. } => {
                 let meta = std::fs::metadata(path).map_err(|e| Error::io(path.display(), e))?;
                 let mode = meta.permissions().mode() & 0o7777;

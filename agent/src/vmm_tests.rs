@@ -222,6 +222,35 @@ fn kernel_attached_disks_are_raw_host_devices_with_direct_io() {
 }
 
 #[test]
+fn local_pdisk_volumes_are_handed_over_as_descriptors_with_direct_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol-1");
+    std::fs::write(&vol, vec![0u8; 4096]).unwrap();
+    let mut p = plan();
+    for (block_device, driver) in [(false, "file"), (true, "host_device")] {
+        p.disks[0].backend = DiskBackend::Local {
+            path: vol.clone(),
+            block_device,
+        };
+        for (io_uring, aio) in [(true, "io_uring"), (false, "native")] {
+            p.io_uring = io_uring;
+            let (a, given) = argv_of(&p);
+            // QEMU is given the descriptor agentd opened, never the path.
+            assert!(!a.iter().any(|x| x.contains("vol-1")), "{a:?}");
+            let bd = a.iter().find(|x| x.contains("\"vda\"")).unwrap();
+            let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+            assert_eq!(v["driver"], "raw");
+            assert_eq!(v["file"]["driver"], driver);
+            assert_eq!(v["file"]["aio"], aio);
+            assert_eq!(v["file"]["cache"]["direct"], true);
+            let set = v["file"]["filename"].as_str().unwrap();
+            let n = set.strip_prefix("/dev/fdset/").expect(set);
+            assert_eq!(given[n], format!("file:{}:rw", vol.display()));
+        }
+    }
+}
+
+#[test]
 fn accel_choice_is_explained() {
     let (a, why) = choose_accel(AccelChoice::Tcg);
     assert_eq!(a, Accel::Tcg);

@@ -103,6 +103,14 @@ impl Agentd {
                 .into_iter()
                 .flatten(),
         )
+        // agentd and pdiskd of a test share /etc/machine-id, so agentd
+        // would open pdisk volumes directly (issue 16): the suites test
+        // iSCSI unless one asks for the same-host path (--host-id).
+        .chain(Some("--local-attach=false".to_string()).filter(|_| {
+            !extra
+                .iter()
+                .any(|a| a.starts_with("--host-id") || a.starts_with("--local-attach"))
+        }))
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
         let mut a = Agentd {

@@ -53,6 +53,14 @@ impl AgentHost {
         })
     }
 
+    /// A host whose agentd and pdiskd both know it as `host_id` (issue
+    /// 16): pdisk volumes are opened directly, with no iSCSI target.
+    pub fn start_same_host(pool_mib: u64, host_id: &str, agentd_flags: &[&str]) -> AgentHost {
+        let mut flags = vec!["--host-id", host_id];
+        flags.extend_from_slice(agentd_flags);
+        AgentHost::start_with_pdiskd(pool_mib, &flags, &["--host-id", host_id])
+    }
+
     /// The same with `agentd-failpoints`, for crash-point walks.
     pub fn start_failpoints(pool_mib: u64) -> AgentHost {
         AgentHost::start_agentd(pool_mib, &[], |dir, ns, pdisk| {

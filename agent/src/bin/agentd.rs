@@ -62,6 +62,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             initiator_iqn: cfg.initiator_iqn.to_string(),
             attach: cfg.attach,
             chap_mutual: cfg.chap_mutual,
+            local_host_id: cfg.local_host_id.clone(),
             pdisk: cfg.pdisk.clone(),
             ceph: cfg.ceph.clone(),
             cpu_overcommit: cfg.cpu_overcommit,

@@ -323,7 +323,6 @@ impl Agent {
         self.crash_point("start.export_intent");
         let e = pdisk
             .export_volume(pdpb::ExportVolumeRequest {
-                host_id: String::new(),
                 volume: uuid.clone(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
                 // A guest's pdisk disks are volumes of its own project:
@@ -331,6 +330,8 @@ impl Agent {
                 project: vm.project.clone(),
                 chap: Some(chap_credentials(&chap)),
                 multi_attach: false,
+                // pdiskd on this host answers with the volume itself.
+                host_id: self.settings.local_host_id.clone().unwrap_or_default(),
             })
             .await
             .map_err(|s| pdisk.error(s, &format!("exporting pdisk volume {volume}")))?;
@@ -349,6 +350,18 @@ impl Agent {
             mode: AttachMode::Qemu,
             kernel: None,
         };
+        if let Some(l) = &e.local {
+            // pdiskd runs here: its volume's own file or device, opened
+            // by agentd and handed to QEMU, whatever --attach says.
+            let path = local_disk(l, self.settings.local_host_id.is_some())?;
+            return Ok((
+                DiskBackend::Local {
+                    path,
+                    block_device: l.block_device,
+                },
+                att,
+            ));
+        }
         if let Some(rbd) = &e.rbd {
             // An RBD volume: no target. QEMU's rbd driver opens it with
             // this host's key, whatever --attach says (no krbd mapping).
@@ -539,4 +552,49 @@ impl Agent {
             Err(s) => Err(pdisk.error(s, &format!("unexporting volume {volume}"))),
         }
     }
+}
+
+/// The path of a local attachment pdiskd answered, once it is what it
+/// says: asked for (`asked`: this host sent its id), absolute with no
+/// `..`, raw, and a regular file or a block device as announced. The path
+/// is pdiskd's (the volume's own), never anything agentd's caller gave.
+pub(super) fn local_disk(l: &pdpb::LocalAttachment, asked: bool) -> Result<std::path::PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let refuse = |why: &str| {
+        Err(stratus_core::error::Error::precondition(format!(
+            "pdisk answered a local attachment {:?}: {why}",
+            l.path
+        )))
+    };
+    if !asked {
+        return refuse("this host did not ask for one (agentd --local-attach=false)");
+    }
+    let path = std::path::PathBuf::from(&l.path);
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return refuse("not an absolute path");
+    }
+    if l.format != "raw" {
+        return refuse(&format!("format {:?}, not raw", l.format));
+    }
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) => return refuse(&format!("not on this host ({e})")),
+    };
+    let kind_ok = if l.block_device {
+        meta.file_type().is_block_device()
+    } else {
+        meta.is_file()
+    };
+    if !kind_ok {
+        return refuse(if l.block_device {
+            "not a block device"
+        } else {
+            "not a regular file"
+        });
+    }
+    Ok(path)
 }

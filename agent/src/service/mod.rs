@@ -73,6 +73,10 @@ pub struct AgentSettings {
     /// Mutual CHAP on pdisk disks: the target proves itself too (kernel
     /// initiator only; refused with QEMU's, see [`AttachMode::check_mutual_chap`]).
     pub chap_mutual: bool,
+    /// This host's id, sent with pdisk exports: a pdiskd on this host
+    /// answers with the volume's own file or device (issue 16). None:
+    /// always iSCSI (agentd --local-attach=false).
+    pub local_host_id: Option<String>,
     /// This host as a Ceph client: pdisk disks on RBD (`crate::rbd`).
     pub ceph: crate::rbd::CephClient,
     /// The pdisk servers, each with its address and TLS files; empty when

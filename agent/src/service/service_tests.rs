@@ -83,6 +83,7 @@ impl Host {
             initiator_iqn: "iqn.2026-11.io.stratus:unit".into(),
             attach: AttachMode::Qemu,
             chap_mutual: false,
+            local_host_id: None,
             pdisk: Vec::new(),
             ceph: Default::default(),
             cpu_overcommit: 4,
@@ -1418,6 +1419,103 @@ async fn an_rbd_export_is_opened_by_qemus_rbd_driver_with_the_hosts_key() {
     assert!(e.to_string().contains("--ceph-id"), "{e}");
     let vm = agent.get_vm(&vm.uuid.to_string()).unwrap();
     host.assert_nothing_attached(&vm, "after the refused rbd export");
+}
+
+#[tokio::test]
+async fn a_pdisk_on_this_host_is_opened_directly_and_a_remote_one_by_iscsi() {
+    let host = Host::new();
+    let root = host.pdisk.add_volume("local-root");
+    let pool = host.dir.path().join("pdisk-pool");
+    std::fs::create_dir_all(&pool).unwrap();
+    let file = pool.join(format!("vol-{root}"));
+    std::fs::write(&file, b"the volume's own bytes").unwrap();
+    *host.pdisk.export_local.lock().unwrap() = Some(("h-1".into(), pool.clone()));
+    // The same host id: the volume's file, whatever --attach says.
+    let agent = host.agent_with(|s, _| {
+        s.local_host_id = Some("h-1".into());
+        s.attach = AttachMode::Kernel;
+    });
+    let mut spec = small_spec("loc1", "local-root");
+    spec.context = None;
+    let vm = agent.create_vm(spec, "", "").await.unwrap();
+    let id = vm.uuid.to_string();
+    agent.start_vm(&id).await.unwrap();
+    let rec = agent.get_vm(&id).unwrap();
+    let d = &rec.runtime.as_ref().unwrap().disks[0];
+    assert_eq!(d.attachment, format!("file:{}", file.display()));
+    assert_eq!(d.mode, AttachMode::Qemu);
+    assert!(d.kernel.is_none());
+    assert_eq!(d.pdisk_volume.as_deref(), Some(root.as_str()));
+    // QEMU was handed that file, and read its bytes.
+    let reads = host.vmm.host_reads();
+    let (_, got) = reads.iter().find(|(p, _)| *p == file).expect("read");
+    assert_eq!(got.as_deref().unwrap(), b"the volume's own bytes");
+    assert_eq!(*host.pdisk.export_host_ids.lock().unwrap(), vec!["h-1"]);
+    // The export is undone as any other.
+    agent
+        .stop_vm(&id, Duration::from_secs(5), true)
+        .await
+        .unwrap();
+    assert!(host.pdisk.exported().is_empty());
+    crash(agent).await;
+
+    // --local-attach=false (no host id sent), or another host: iSCSI.
+    for local_host_id in [None, Some("h-2")] {
+        let agent = host.agent_with(move |s, _| s.local_host_id = local_host_id.map(Into::into));
+        agent.start_vm(&id).await.unwrap();
+        let rec = agent.get_vm(&id).unwrap();
+        let d = &rec.runtime.as_ref().unwrap().disks[0];
+        assert!(d.attachment.starts_with("iscsi://"), "{}", d.attachment);
+        agent
+            .stop_vm(&id, Duration::from_secs(5), true)
+            .await
+            .unwrap();
+        crash(agent).await;
+    }
+    assert_eq!(
+        *host.pdisk.export_host_ids.lock().unwrap(),
+        vec!["h-1", "", "h-2"]
+    );
+}
+
+#[test]
+fn a_local_attachment_is_checked_before_qemu_sees_it() {
+    use stratus_proto::pdisk::v1::LocalAttachment;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("vol-1");
+    std::fs::write(&file, b"x").unwrap();
+    let att = |path: &str, format: &str, block_device: bool| LocalAttachment {
+        path: path.into(),
+        format: format.into(),
+        block_device,
+    };
+    let f = file.display().to_string();
+    assert_eq!(
+        super::attachments::local_disk(&att(&f, "raw", false), true).unwrap(),
+        file
+    );
+    let dotdot = format!("{}/../vol-1", dir.path().join("sub").display());
+    for (a, asked, why) in [
+        (att(&f, "raw", false), false, "did not ask"),
+        (att("vol-1", "raw", false), true, "absolute"),
+        (att(&dotdot, "raw", false), true, "absolute"),
+        (att(&f, "qcow2", false), true, "not raw"),
+        (att(&f, "raw", true), true, "not a block device"),
+        (
+            att(&dir.path().display().to_string(), "raw", false),
+            true,
+            "not a regular file",
+        ),
+        (
+            att("/nonexistent/vol-2", "raw", false),
+            true,
+            "not on this host",
+        ),
+    ] {
+        let e = super::attachments::local_disk(&a, asked).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+        assert!(e.to_string().contains(why), "{why}: {e}");
+    }
 }
 
 #[path = "servers_tests.rs"]
