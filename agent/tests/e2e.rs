@@ -2498,3 +2498,212 @@ fn a_guest_spamming_its_console_never_grows_the_log_past_the_cap() {
     let raw = h.agentd.ctl(&["vm", "console", "spammer", "--raw"]);
     assert!(String::from_utf8_lossy(&raw.stdout).contains("\x1b[2J\x1b]0;owned\x07"));
 }
+
+/// A pdisk client call inside the host's namespace.
+fn pdisk_call<F, Fut, T>(h: &Host, f: F) -> T
+where
+    F: FnOnce(VolumeServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    let url = h.pdiskd.url();
+    h.ns.block_on(
+        move || async move { f(VolumeServiceClient::new(testkit::channel(&url).await)).await },
+    )
+}
+
+fn checksum(h: &Host, volume: &str) -> String {
+    let volume = volume.to_string();
+    pdisk_call(h, move |mut c| async move {
+        c.checksum_volume(pdpb::ChecksumVolumeRequest {
+            volume,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sha256
+    })
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn on_the_storage_host_a_guest_opens_its_pdisk_volumes_directly_with_no_target() {
+    // agentd and pdiskd know this host by one id (issue 16).
+    let h = Host(AgentHost::start_same_host(4096, "e2e-same-host", &[]));
+    h.guest_volume("same-root");
+    // 1. A guest boots from its pdisk volume: the volume's own file, held
+    //    by QEMU, no target in tgtd, the export pdisk's record ("local").
+    let vm = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            spec: Some(spec_pdisk("same1", "same-root")),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "same1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let console = wait_console(
+        std::path::Path::new(&vm.console_log),
+        "STRATUS-GUEST ready",
+        BOOT,
+    );
+    assert!(
+        console.contains("STRATUS-GUEST disk vda driver=virtio_blk"),
+        "{console}"
+    );
+    let exports = h.exports();
+    assert_eq!(exports.len(), 1, "{exports:?}");
+    assert_eq!(exports[0].exporter, "local");
+    assert_eq!(exports[0].initiators, vec![INITIATOR.to_string()]);
+    let root_file = std::path::PathBuf::from(&exports[0].local.as_ref().unwrap().path);
+    assert_eq!(
+        vm.disks[0].attachment,
+        format!("file:{}", root_file.display())
+    );
+    assert!(qemu_holds(vm.pid, &root_file), "QEMU holds {root_file:?}");
+    let vda = qemu_blockdev(vm.pid, "vda");
+    assert_eq!(vda["file"]["driver"], "file", "{vda}");
+    assert_eq!(vda["file"]["cache"]["direct"], true, "{vda}");
+    assert!(
+        vda["file"]["filename"]
+            .as_str()
+            .unwrap()
+            .starts_with("/dev/fdset/"),
+        "{vda}"
+    );
+    let show = h.tgtd.show();
+    assert!(!show.contains("Target "), "no target: {show}");
+    // The file stays pdiskd's: QEMU (the guest's uid) got a descriptor.
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&root_file).unwrap().uid(), 0);
+    }
+    h.agent(|mut c| async move {
+        c.stop_vm(pb::StopVmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "same1".into(),
+            timeout_seconds: 5,
+            force: true,
+        })
+        .await
+        .unwrap();
+    });
+    assert!(h.exports().is_empty());
+
+    // 2. A guest writes into a second pdisk volume (copy_disk, fsynced);
+    //    pdisk's checksum reads the same bytes back, and its snapshot
+    //    and clone keep them.
+    let dir = h.pool.dir.path().join("host-files");
+    let payload = dir.join("payload.raw");
+    let mut bytes = b"STRATUS-MARKER:written-on-the-storage-host\n".to_vec();
+    bytes.extend((0..(1u32 << 20) - bytes.len() as u32).map(|i| (i % 251) as u8));
+    std::fs::write(&payload, &bytes).unwrap();
+    pdisk_call(&h, |mut c| async move {
+        c.create_volume(pdpb::CreateVolumeRequest {
+            name: "same-data".into(),
+            size_bytes: 4 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let mut spec = spec_kernel("same2", "stratus.copy_disk=vdb:vda", "");
+    spec.disks = vec![
+        pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::PdiskVolume("same-data".into())),
+            read_only: false,
+            boot_index: 0,
+            ..Default::default()
+        },
+        pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::File(payload.display().to_string())),
+            read_only: true,
+            boot_index: 0,
+            ..Default::default()
+        },
+    ];
+    let vm = h.agent(|mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            spec: Some(spec),
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "same2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert!(
+        vm.disks[0].attachment.starts_with("file:"),
+        "{:?}",
+        vm.disks
+    );
+    wait_console(
+        std::path::Path::new(&vm.console_log),
+        "STRATUS-GUEST copied vdb vda",
+        BOOT,
+    );
+    assert!(!h.tgtd.show().contains("Target "));
+    let mut want = bytes.clone();
+    want.resize(4 << 20, 0);
+    let want = {
+        let f = dir.join("want.raw");
+        std::fs::write(&f, &want).unwrap();
+        sha256_of(&f)
+    };
+    assert_eq!(checksum(&h, "same-data"), want);
+    pdisk_call(&h, |mut c| async move {
+        c.create_snapshot(pdpb::CreateSnapshotRequest {
+            volume: "same-data".into(),
+            name: "s1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.clone_volume(pdpb::CloneVolumeRequest {
+            source: "same-data".into(),
+            name: "same-copy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    assert_eq!(checksum(&h, "same-copy"), want);
+    // 3. Destroying the guest unexports; the volumes are pdisk's as ever.
+    h.agent(|mut c| async move {
+        c.destroy_vm(pb::DestroyVmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "same2".into(),
+            timeout_seconds: 5,
+        })
+        .await
+        .unwrap();
+    });
+    assert!(h.exports().is_empty());
+    pdisk_call(&h, |mut c| async move {
+        c.delete_volume(pdpb::DeleteVolumeRequest {
+            volume: "same-copy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    assert_eq!(checksum(&h, "same-data"), want);
+}
