@@ -300,9 +300,7 @@ impl Flags {
                 self.$f.or(file.$f).unwrap_or_else(|| $default)
             };
         }
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_ascii_lowercase())
-            .unwrap_or_else(|_| "localhost".into());
+        let hostname = stratus_core::host::hostname();
         let host_part: String = hostname
             .chars()
             .map(|c| {

@@ -172,9 +172,7 @@ pub struct StorageSite {
 impl StorageSite {
     /// Until pdiskd names them: the host name.
     pub fn of_this_host() -> StorageSite {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = stratus_core::host::hostname();
         StorageSite {
             site: host.clone(),
             storage_system: host.clone(),

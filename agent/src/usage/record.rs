@@ -20,9 +20,7 @@ pub struct Site {
 impl Site {
     /// Until agentd names them: the host name for all three.
     pub fn of_this_host() -> Site {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = stratus_core::host::hostname();
         Site {
             site_name: host.clone(),
             cloud_compute_service: host.clone(),
