@@ -262,6 +262,75 @@ fn agent_ok_warning_for_a_guest_in_error_unknown_launch_test_critical_when_down(
     assert_line(&out, "STRATUS AGENT CRITICAL - cannot reach the agent");
 }
 
+/// The launch test's success path, as a federation's availability probe
+/// runs it: the test guest's image cached, a guest from it up and showing
+/// its marker on the console, still running after the settle time, then
+/// destroyed: OK with the launch time as perfdata, and no guest left.
+#[test]
+#[ignore = "needs root, QEMU and the test guest (scripts/guest-image): run by scripts/test's e2e tier"]
+fn agent_launch_test_is_ok_when_a_guest_from_the_cached_image_shows_its_marker() {
+    require_root();
+    let h = AgentHost::start(1024, &[]);
+    let g = h.serve_guest();
+    let (url, sha) = (g.url.clone(), g.sha256.clone());
+    h.agent(move |mut c| async move {
+        c.pull_image(apb::PullImageRequest {
+            image: Some(apb::ImageRef {
+                url,
+                sha256: sha,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    let socket = format!("unix:{}", h.pool.dir.path().join("agentd.sock").display());
+    let args = [
+        "agent",
+        "--server",
+        &socket,
+        "--timeout",
+        "300",
+        "--launch-test",
+        "--image-url",
+        &g.url,
+        "--image-sha256",
+        &g.sha256,
+        "--ready-marker",
+        "STRATUS-GUEST ready",
+        "--settle",
+        "2",
+    ];
+    let (code, j) = probe_json(&args);
+    assert_eq!(code, 0, "{j}");
+    assert_eq!(j["status"], "OK", "{j}");
+    let launch = j["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|f| f["text"].as_str())
+        .find(|t| t.starts_with("launch test:"))
+        .unwrap_or_else(|| panic!("no launch finding in {j}"))
+        .to_owned();
+    assert!(
+        launch.starts_with("launch test: guest ready in")
+            && launch.ends_with("still running after 2 s, destroyed"),
+        "{launch}"
+    );
+    assert!(perf(&j, "launch") > 0.0, "{j}");
+    // Destroyed: no guest left, and what it used given back.
+    let vms = h.agent(|mut c| async move {
+        c.list_vms(apb::ListVmsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .vms
+    });
+    assert!(vms.is_empty(), "{vms:?}");
+    assert!(h.agentd.guest_pids().is_empty());
+}
+
 /// Bad arguments are UNKNOWN (3), never a clap exit 2 that Nagios would
 /// read as CRITICAL; --json still gives JSON. No daemon needed.
 #[test]
