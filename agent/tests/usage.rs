@@ -8,6 +8,7 @@
 //! root, QEMU, tgt and scripts/guest-image).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stratus_proto::agent::v1 as pb;
@@ -348,4 +349,129 @@ fn a_guests_usage_record_counts_what_it_used_across_an_agentd_restart() {
     let before = h.record(r2.record_create_time);
     assert!(before.cpu_duration <= r3.cpu_duration);
     assert_eq!(before.status, "started");
+}
+
+/// A kernel-booted test guest at `ip` on the bridge, its disk a local
+/// overlay of the served image; `extra` goes on its kernel command line.
+fn pinging_spec(name: &str, url: &str, sha: &str, ip: &str, extra: &str) -> pb::VmSpec {
+    let g = guest_dir();
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        kernel: Some(pb::KernelBoot {
+            kernel: g.join("vmlinuz").display().to_string(),
+            initrd: g.join("initrd.img").display().to_string(),
+            cmdline: format!("console=ttyS0 stratus.ip={ip}/24 {extra}"),
+        }),
+        disks: vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
+                url: url.into(),
+                sha256: sha.into(),
+                ..Default::default()
+            })),
+            boot_index: 1,
+            size_bytes: 256 << 20,
+            persistence: pb::DiskPersistence::Local as i32,
+            ..Default::default()
+        }],
+        nics: vec![pb::NicSpec {
+            bridge: BRIDGE.into(),
+            ips: vec![ip.into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The accounting check between two guests: one pings the other
+/// 200 times with 1000-byte payloads; each guest's record counts, within
+/// 10%, the frames that crossed its tap: the pinger's requests out and
+/// replies in, the pinged one's the other way round.
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn bytes_pinged_between_two_guests_are_counted_within_ten_percent() {
+    let h = Host::start(&["--usage-interval", "2s"]);
+    let g = h.serve_guest();
+    let (url, sha) = (g.url.clone(), g.sha256.clone());
+    const COUNT: u64 = 200;
+    const SIZE: u64 = 1000;
+    let quiet = pinging_spec("quiet", &url, &sha, "10.232.0.3", "");
+    let talker = pinging_spec(
+        "talker",
+        &url,
+        &sha,
+        "10.232.0.2",
+        &format!("stratus.peer=10.232.0.3 stratus.ping_burst={COUNT}:{SIZE}"),
+    );
+    let start = |spec: pb::VmSpec| {
+        h.agent(move |mut c| async move {
+            let name = spec.name.clone();
+            c.create_vm(pb::CreateVmRequest {
+                spec: Some(spec),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            c.start_vm(pb::VmRequest {
+                vm: name,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        })
+    };
+    let q = start(quiet);
+    wait_console(Path::new(&q.console_log), "STRATUS-GUEST ready", BOOT);
+    let t = start(talker);
+    let log = wait_console(Path::new(&t.console_log), "STRATUS-GUEST burst", BOOT);
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("STRATUS-GUEST burst"))
+        .unwrap()
+        .to_owned();
+    let received: u64 = line
+        .rsplit("received=")
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(received >= COUNT * 9 / 10, "{line}");
+
+    // Ethernet + IPv4 + ICMP headers around each payload.
+    let frame = SIZE + 8 + 20 + 14;
+    let (requests, replies) = (COUNT * frame, received * frame);
+    let records = h.agent(|mut c| async move {
+        c.list_usage_records(pb::ListUsageRecordsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .records
+    });
+    let of = |uuid: &str| {
+        records
+            .iter()
+            .find(|r| r.vm_uuid == uuid)
+            .unwrap_or_else(|| panic!("no record of {uuid}: {records:?}"))
+            .clone()
+    };
+    let (rt, rq) = (of(&t.uuid), of(&q.uuid));
+    eprintln!(
+        "talker out {} in {}; quiet out {} in {}; requests {requests} B, replies {replies} B",
+        rt.network_outbound_bytes,
+        rt.network_inbound_bytes,
+        rq.network_outbound_bytes,
+        rq.network_inbound_bytes
+    );
+    for (what, got, want) in [
+        ("talker out", rt.network_outbound_bytes, requests),
+        ("talker in", rt.network_inbound_bytes, replies),
+        ("quiet in", rq.network_inbound_bytes, requests),
+        ("quiet out", rq.network_outbound_bytes, replies),
+    ] {
+        assert!(
+            got >= want && got <= want + want / 10,
+            "{what}: {got} B counted, {want} B pinged"
+        );
+    }
 }
