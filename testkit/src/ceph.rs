@@ -20,6 +20,9 @@
 //! (pdiskd, agentd and its QEMUs) reach the monitor on that namespace's
 //! loopback.
 //!
+//! `scripts/lib/ceph.sh` takes the same steps for `scripts/quickstart
+//! --backend rbd` (daemons that outlive the script): change both together.
+//!
 //! At most [`MAX_CLUSTERS`] clusters run on the host at once: `start` takes
 //! one of that many slot locks (flock, released when the cluster drops, or
 //! by the kernel when the test process dies), so parallel test binaries
