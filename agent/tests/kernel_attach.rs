@@ -189,6 +189,7 @@ async fn exported_volume(stack: &Stack, name: &str, initiator: &str) -> (IscsiLu
     let chap = Chap::new("kernelattach", &secret).unwrap();
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            migration: false,
             host_id: String::new(),
             multi_attach: false,
             project: String::new(),
@@ -990,6 +991,7 @@ async fn export_mutual(stack: &Stack, volume: &str, initiator: &str, chap: &Chap
         .client()
         .await
         .export_volume(pb::ExportVolumeRequest {
+            migration: false,
             host_id: String::new(),
             multi_attach: false,
             project: String::new(),

@@ -714,6 +714,7 @@ impl VolumeService for Api {
             caller: format!("{}/{}", call.identity.role, call.identity.name),
             admin: call.identity.role == Role::Admin,
             multi_attach: r.multi_attach,
+            migration: r.migration,
             host_id: Some(r.host_id).filter(|h| !h.is_empty()),
         };
         let svc = self.svc.clone();

@@ -274,6 +274,24 @@ pub struct ExportRecord {
     /// stores.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
+    /// A live migration's second host, while it lasts (ExportVolumeRequest
+    /// `migration`). Absent in older stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<ExportMigration>,
+}
+
+/// The bounded second host of a live migration on one export: what to put
+/// back when the migration fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportMigration {
+    /// The destination host's initiator.
+    pub incoming: Iqn,
+    /// The source's CHAP account and its setter, replaced by the
+    /// destination's for the migration; restored when the destination's
+    /// initiator is removed while the source's stays.
+    pub previous_chap: Option<Chap>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_chap_set_by: Option<String>,
 }
 
 pub struct Store {
@@ -1237,6 +1255,7 @@ mod tests {
                 chap_set_by: None,
                 unexporting: false,
                 local: false,
+                migration: None,
             },
             &[],
         )

@@ -92,6 +92,7 @@ async fn create(c: &mut Client, name: &str) {
 
 async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> Result<(), tonic::Status> {
     c.export_volume(pb::ExportVolumeRequest {
+        migration: false,
         host_id: String::new(),
         project: String::new(),
         volume: vol.into(),

@@ -79,6 +79,7 @@ async fn metrics_count_what_the_test_did() {
     .await
     .unwrap();
     c.export_volume(pb::ExportVolumeRequest {
+        migration: false,
         host_id: String::new(),
         multi_attach: false,
         project: String::new(),

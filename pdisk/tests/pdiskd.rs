@@ -27,6 +27,7 @@ async fn create(c: &mut Client, name: &str, size: u64) -> pb::Volume {
 
 async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> pb::Export {
     c.export_volume(pb::ExportVolumeRequest {
+        migration: false,
         host_id: String::new(),
         multi_attach: false,
         project: String::new(),
@@ -345,6 +346,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     );
     let bad_iqn = c
         .export_volume(pb::ExportVolumeRequest {
+            migration: false,
             host_id: String::new(),
             multi_attach: false,
             project: String::new(),
@@ -357,6 +359,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     assert_eq!(bad_iqn.code(), Code::InvalidArgument);
     let bad_chap = c
         .export_volume(pb::ExportVolumeRequest {
+            migration: false,
             host_id: String::new(),
             multi_attach: false,
             project: String::new(),
@@ -389,6 +392,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
     tgtd.kill();
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            migration: false,
             host_id: String::new(),
             multi_attach: false,
             project: String::new(),
@@ -648,6 +652,7 @@ async fn chap_export_needs_the_secret() {
     let secret = "Sup3rS3cretPass";
     let e = c
         .export_volume(pb::ExportVolumeRequest {
+            migration: false,
             host_id: String::new(),
             multi_attach: false,
             project: String::new(),

@@ -128,6 +128,7 @@ async fn a_project_cannot_see_or_touch_another_projects_volumes_and_each_try_is_
     nf(get, "get");
     let export = c
         .export_volume(pb::ExportVolumeRequest {
+            migration: false,
             host_id: String::new(),
             multi_attach: false,
             volume: "bio-data".into(),

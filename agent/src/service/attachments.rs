@@ -323,6 +323,7 @@ impl Agent {
         self.crash_point("start.export_intent");
         let e = pdisk
             .export_volume(pdpb::ExportVolumeRequest {
+                migration: false,
                 volume: uuid.clone(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
                 // A guest's pdisk disks are volumes of its own project:

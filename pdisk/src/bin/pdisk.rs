@@ -631,6 +631,7 @@ async fn export_add(ctx: &Ctx, a: ExportAddArgs) -> Result<(), Failure> {
         _ => None,
     };
     let request = ExportVolumeRequest {
+        migration: false,
         host_id: String::new(),
         project: ctx.project.clone(),
         volume: a.volume.to_string(),

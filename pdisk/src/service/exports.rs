@@ -33,8 +33,12 @@ impl PoolService {
     /// Export fencing: every export is read-write, so an initiator added to
     /// an ACL that holds (or would hold) another is a second host on the
     /// same blocks; that needs `by.multi_attach` and a volume that allows it
-    /// (FailedPrecondition otherwise). An existing CHAP account is replaced
-    /// only by whoever set it or an admin (PermissionDenied otherwise).
+    /// (FailedPrecondition otherwise), or `by.migration`: a live migration's
+    /// destination, the one second host of an export that holds exactly
+    /// one, until one of the two is unexported (see
+    /// [`crate::store::ExportMigration`]). An existing CHAP account is
+    /// replaced only by whoever set it, an admin, or a migration's
+    /// destination (PermissionDenied otherwise).
     pub async fn export_volume(
         &self,
         volume: &str,
@@ -61,6 +65,12 @@ impl PoolService {
                 "export of {volume}: at least one initiator IQN is required"
             )));
         }
+        if by.migration && (!by.multi_attach || initiators.len() != 1) {
+            return Err(Error::invalid(format!(
+                "export of {volume}: a migration's export is one second host: \
+                 it needs multi_attach and exactly one initiator"
+            )));
+        }
         // With no target (rbd) there is no CHAP to check: not kept.
         let chap = chap.filter(|_| !self.exporter.native_client());
         // An agent on this storage host opens the volume itself (issue 16).
@@ -84,6 +94,7 @@ impl PoolService {
                 chap_set_by: None,
                 unexporting: false,
                 local: here,
+                migration: None,
             });
         // A host elsewhere needs a target, from now on.
         if !here {
@@ -95,6 +106,11 @@ impl PoolService {
                 added.push(i.clone());
             }
         }
+        // A migration's destination joining the source: bounded to the two.
+        let migrating = by.migration
+            && added.len() == 1
+            && rec.initiators.len() == 1
+            && rec.migration.is_none();
         if !added.is_empty() && rec.initiators.len() + added.len() > 1 {
             let hosts: Vec<&str> = rec
                 .initiators
@@ -102,6 +118,15 @@ impl PoolService {
                 .chain(&added)
                 .map(Iqn::as_str)
                 .collect();
+            if by.migration && !migrating && !vol.allow_multi_attach {
+                return Err(Error::precondition(format!(
+                    "volume {} would be exported read-write to {} hosts ({}): \
+                     a migration adds one second host to an export held by one",
+                    vol.name,
+                    hosts.len(),
+                    hosts.join(", ")
+                )));
+            }
             if !by.multi_attach {
                 return Err(Error::precondition(format!(
                     "volume {} would be exported read-write to {} hosts ({}): \
@@ -111,7 +136,7 @@ impl PoolService {
                     hosts.join(", ")
                 )));
             }
-            if !vol.allow_multi_attach {
+            if !vol.allow_multi_attach && !migrating {
                 return Err(Error::precondition(format!(
                     "volume {} does not allow multi-attach (create it with \
                      allow_multi_attach); it cannot be exported to {} hosts",
@@ -120,9 +145,17 @@ impl PoolService {
                 )));
             }
         }
+        if migrating {
+            rec.migration = Some(crate::store::ExportMigration {
+                incoming: added[0].clone(),
+                previous_chap: rec.chap.clone(),
+                previous_chap_set_by: rec.chap_set_by.clone(),
+            });
+        }
         if let Some(new) = &chap {
             let owned_elsewhere = rec.chap.as_ref().is_some_and(|old| old != new)
                 && !by.admin
+                && !migrating
                 && rec
                     .chap_set_by
                     .as_deref()
@@ -225,6 +258,17 @@ impl PoolService {
             }
         }
         rec.initiators.retain(|i| !remove.contains(i));
+        // A migration ends with either host's unexport: the source's
+        // leaves the destination's account; the destination's (a failed
+        // migration) puts the source's back.
+        if rec.initiators.len() <= 1 {
+            if let Some(m) = rec.migration.take() {
+                if !rec.initiators.contains(&m.incoming) {
+                    rec.chap = m.previous_chap;
+                    rec.chap_set_by = m.previous_chap_set_by;
+                }
+            }
+        }
         // The revocation is committed before the exporter changes: if the
         // exporter fails or pdiskd dies now, reconciliation and the watchdog
         // apply the stored revocation, never the old ACL.

@@ -128,6 +128,11 @@ pub struct ExportBy {
     /// The request accepts a second host on the volume (the volume must
     /// allow it too).
     pub multi_attach: bool,
+    /// The request is a live migration's destination: with `multi_attach`
+    /// it may be the one second host of a volume that does not allow
+    /// multi-attach, until one of the two is unexported
+    /// ([`crate::store::ExportMigration`]).
+    pub migration: bool,
     /// The requesting host's id (ExportVolumeRequest.host_id): chooses a
     /// local attachment when it is this storage host's; nothing else.
     pub host_id: Option<String>,
@@ -140,8 +145,16 @@ impl ExportBy {
             caller: format!("admin/{name}"),
             admin: true,
             multi_attach: false,
+            migration: false,
             host_id: None,
         }
+    }
+
+    /// The same request, as a live migration's destination.
+    pub fn migration(mut self) -> ExportBy {
+        self.multi_attach = true;
+        self.migration = true;
+        self
     }
 
     /// The same request, accepting a second host.

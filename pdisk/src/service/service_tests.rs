@@ -154,6 +154,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
             host_id: String::new(),
             multi_attach: false,
             project: String::new(),
+            migration: false,
             volume: "nope".into(),
             initiators: vec![IQN.into()],
             chap: Some(pb::ChapCredentials {
@@ -214,6 +215,104 @@ async fn exported_or_snapshotted_volumes_cannot_be_deleted() {
 }
 
 #[tokio::test]
+async fn a_migration_adds_one_second_host_until_either_is_unexported() {
+    let f = fixture();
+    f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    let (src, dst, third) = (
+        "iqn.2026-11.io.stratus:src",
+        "iqn.2026-11.io.stratus:dst",
+        "iqn.2026-11.io.stratus:third",
+    );
+    let agent = |name: &str| ExportBy {
+        caller: format!("agent/{name}"),
+        admin: false,
+        multi_attach: false,
+        migration: false,
+        host_id: None,
+    };
+    let chap = |s: &str| Some(Chap::new("u", s).unwrap());
+    let stored = |f: &Fixture| {
+        let vol = f.svc.store.find_volume("v").unwrap();
+        f.svc.store.export(vol.uuid).unwrap().unwrap()
+    };
+    f.svc
+        .export_volume("v", &[iqn(src)], chap("source-secret-0001"), &agent("src"))
+        .await
+        .unwrap();
+    // Without the migration flag the volume stays single-host.
+    let e = f
+        .svc
+        .export_volume("v", &[iqn(dst)], None, &agent("dst").multi_attach())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    // The flag without multi_attach, or for two initiators, is bad input.
+    let mut no_multi = agent("dst");
+    no_multi.migration = true;
+    let e = f
+        .svc
+        .export_volume("v", &[iqn(dst)], None, &no_multi)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+    assert_eq!(stored(&f).initiators, vec![iqn(src)]);
+
+    // Failed migration: the destination joins with its own account, then
+    // leaves; the source's account comes back and fencing is single-host.
+    f.svc
+        .export_volume(
+            "v",
+            &[iqn(dst)],
+            chap("dest-secret-00001"),
+            &agent("dst").migration(),
+        )
+        .await
+        .unwrap();
+    let rec = stored(&f);
+    assert_eq!(rec.initiators, vec![iqn(src), iqn(dst)]);
+    assert_eq!(rec.chap.as_ref().unwrap().secret(), "dest-secret-00001");
+    assert_eq!(f.exporter.list().await.unwrap()[0].initiators.len(), 2);
+    // No third host while the migration lasts, migration or not.
+    let e = f
+        .svc
+        .export_volume("v", &[iqn(third)], None, &agent("third").migration())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    f.svc.unexport_volume("v", &[iqn(dst)]).await.unwrap();
+    let rec = stored(&f);
+    assert_eq!(rec.initiators, vec![iqn(src)]);
+    assert_eq!(rec.chap.as_ref().unwrap().secret(), "source-secret-0001");
+    assert_eq!(rec.chap_set_by.as_deref(), Some("agent/src"));
+    assert!(rec.migration.is_none());
+    assert_eq!(f.exporter.list().await.unwrap()[0].initiators, vec![src]);
+
+    // Done migration: the source leaves; the destination keeps its account
+    // and is the single host, so the source cannot come back unflagged.
+    f.svc
+        .export_volume(
+            "v",
+            &[iqn(dst)],
+            chap("dest-secret-00002"),
+            &agent("dst").migration(),
+        )
+        .await
+        .unwrap();
+    f.svc.unexport_volume("v", &[iqn(src)]).await.unwrap();
+    let rec = stored(&f);
+    assert_eq!(rec.initiators, vec![iqn(dst)]);
+    assert_eq!(rec.chap.as_ref().unwrap().secret(), "dest-secret-00002");
+    assert_eq!(rec.chap_set_by.as_deref(), Some("agent/dst"));
+    assert!(rec.migration.is_none());
+    let e = f
+        .svc
+        .export_volume("v", &[iqn(src)], None, &agent("src").multi_attach())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+}
+
+#[tokio::test]
 async fn export_merges_initiators_and_unexport_removes_them() {
     let f = fixture();
     f.svc.create_volume(empty("single", 4 << 20)).await.unwrap();
@@ -229,6 +328,7 @@ async fn export_merges_initiators_and_unexport_removes_them() {
         caller: format!("agent/{iqn_of}"),
         admin: false,
         multi_attach: false,
+        migration: false,
         host_id: None,
     };
     // Fencing: a second host on a read-write volume needs multi_attach
@@ -366,6 +466,7 @@ async fn an_agent_on_the_storage_host_gets_the_volume_itself_and_no_target() {
             caller: "agent/a".into(),
             admin: false,
             multi_attach: false,
+            migration: false,
             host_id: None,
         }
         .on_host(STORAGE_HOST)
