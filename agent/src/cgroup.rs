@@ -1,9 +1,8 @@
 //! Per-guest cgroups (v2): each confined guest's QEMU lives in
 //! `PARENT/vm-<uuid>`, with `memory.max`, `pids.max` and `cpu.max` set
-//! from its spec where the parent has those controllers. QEMU enters it
-//! before it runs a single instruction (the forked child writes itself
-//! into `cgroup.procs` before it executes QEMU, see
-//! `stratus_core::runner::Detached::cgroup_procs`), an adopted guest's QEMU
+//! from its spec where the parent has those controllers. QEMU is created
+//! in it and never runs anywhere else (`clone3(CLONE_INTO_CGROUP)`, see
+//! `stratus_core::detached`), an adopted guest's QEMU
 //! is put back in it at agentd's start, and it is removed when the guest's
 //! QEMU is gone.
 //!
@@ -155,7 +154,7 @@ impl GuestCgroups {
     }
 
     /// Creates guest `vm`'s cgroup (kept if it exists), sets its limits and
-    /// opens its `cgroup.procs` for the QEMU about to start.
+    /// opens its directory for the QEMU about to be created in it.
     pub fn prepare(&self, vm: Uuid, limits: Limits) -> Result<std::fs::File> {
         let dir = self.path(vm);
         match std::fs::create_dir(&dir) {
@@ -176,11 +175,7 @@ impl GuestCgroups {
                 &format!("{} {CPU_PERIOD}", limits.cpu_quota),
             )?;
         }
-        let procs = dir.join("cgroup.procs");
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .map_err(|e| Error::io(procs.display(), e))
+        std::fs::File::open(&dir).map_err(|e| Error::io(dir.display(), e))
     }
 
     /// Puts an adopted guest's QEMU `pid` back in its cgroup (made again if
@@ -190,10 +185,13 @@ impl GuestCgroups {
         if cgroup_of(pid).is_some_and(|c| c.ends_with(&format!("/vm-{vm}"))) {
             return Ok(false);
         }
-        let mut procs = self.prepare(vm, limits)?;
-        procs
-            .write_all(pid.to_string().as_bytes())
-            .map_err(|e| Error::io(dir.join("cgroup.procs").display(), e))?;
+        self.prepare(vm, limits)?;
+        let procs = dir.join("cgroup.procs");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .and_then(|mut f| f.write_all(pid.to_string().as_bytes()))
+            .map_err(|e| Error::io(procs.display(), e))?;
         Ok(true)
     }
 

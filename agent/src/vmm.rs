@@ -727,15 +727,15 @@ pub async fn launch(plan: &LaunchPlan, cgroups: Option<&GuestCgroups>) -> Result
     let output = open_log(&log)?;
     let cmd = Cmd::new(QEMU).args(argv);
     // A confined guest's QEMU enters its cgroup before it runs.
-    let procs = match (cgroups, &plan.confinement) {
+    let cgroup = match (cgroups, &plan.confinement) {
         (Some(cg), Some(_)) => Some(cg.prepare(plan.uuid, plan.limits())?),
         _ => None,
     };
-    let how = stratus_core::runner::Detached {
+    let how = stratus_core::detached::Detached {
         user: plan.confinement.as_ref().map(|c| (c.user.uid, c.user.gid)),
         inherit: fds.raw(),
         output: Some(output),
-        cgroup_procs: procs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
+        cgroup: cgroup.as_ref().map(std::os::fd::AsRawFd::as_raw_fd),
     };
     // agentd's end of the serial console and the log it fills, ready
     // before QEMU runs.
@@ -744,15 +744,15 @@ pub async fn launch(plan: &LaunchPlan, cgroups: Option<&GuestCgroups>) -> Result
         .map(|c| crate::console::keeper(c, &plan.dir, plan.console_log_max))
         .transpose()
         .map_err(|e| Error::io(plan.console_log().display(), e))?;
-    let mut child = stratus_core::runner::spawn_detached(&cmd, how)?;
+    let mut child = stratus_core::detached::spawn_detached(&cmd, how)?;
     // QEMU holds them now; ours would keep the QMP socket and taps alive
     // after QEMU's death.
     drop(fds);
     if let Some((c, ring)) = console {
         tokio::spawn(crate::console::pump(c, ring, plan.name.clone()));
     }
-    drop(procs);
-    let pid = child.id().unwrap_or(0);
+    drop(cgroup);
+    let pid = child.id();
     let failed = |why: String| {
         let said = std::fs::read_to_string(&log).unwrap_or_default();
         let said: Vec<&str> = said

@@ -13,6 +13,8 @@
 //!   labels and the label keys both daemons set);
 //! - [`runner`]: the one way external programs are run (argv only, timeout),
 //!   with [`runner::FakeRunner`] and [`runner::RecordingRunner`] for tests;
+//! - [`detached`]: long-lived programs (a guest's QEMU) started by clone3
+//!   straight into their cgroup, as their user, waited on through a pidfd;
 //! - [`image`]: image formats, detected by magic and inspected with
 //!   `qemu-img info` (untrusted input: backing files refused);
 //! - [`settings`]: a daemon's TOML settings file and its logging;
@@ -33,6 +35,7 @@
 //!   one-line errors, exit codes, JSON errors, argument values).
 
 pub mod cli;
+pub mod detached;
 pub mod error;
 pub mod host;
 pub mod image;
