@@ -15,6 +15,7 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use super::Agent;
+use crate::confine::Confinement;
 use crate::journal::EventFilter;
 use crate::spec::{Cause, DiskSource, EventType, KernelBoot, VmSpec, VmState};
 use crate::store::{now_rfc3339, Event, NewEvent, Runtime, VmRecord};
@@ -211,16 +212,22 @@ impl Agent {
                 )));
             }
         }
+        vm.runtime = Some(Runtime::default());
+        // The guest's uid is recorded with STARTING, in one transaction;
+        // a refusal (no sandbox, no uid left) changes nothing.
+        let confinement = self.confine(&mut vm)?;
         vm.state = VmState::Starting;
         vm.state_reason.clear();
-        vm.runtime = Some(Runtime::default());
-        self.commit(
+        if let Err(e) = self.commit(
             &mut vm,
             &[NewEvent::new(EventType::Starting, Cause::Api, "")],
-        )?;
+        ) {
+            self.uids.release(vm.uuid);
+            return Err(e);
+        }
         self.crash_point("start.starting");
         let started = std::time::Instant::now();
-        let brought_up = self.bring_up(&mut vm).await;
+        let brought_up = self.bring_up(&mut vm, confinement).await;
         self.launches.observe(brought_up.is_ok(), started);
         match brought_up {
             Ok(()) => Ok(vm),
@@ -259,7 +266,11 @@ impl Agent {
 
     /// Attaches disks, the seed and NICs (recording each before the next
     /// step), then launches QEMU and connects its monitor.
-    async fn bring_up(self: &Arc<Self>, vm: &mut VmRecord) -> Result<()> {
+    async fn bring_up(
+        self: &Arc<Self>,
+        vm: &mut VmRecord,
+        confinement: Option<Confinement>,
+    ) -> Result<()> {
         let dir = self.vm_dir(vm.uuid);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
         // Root's alone: QEMU gets what it needs from it as descriptors, and
@@ -269,7 +280,6 @@ impl Agent {
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| Error::io(dir.display(), e))?;
         }
-        let confinement = self.confine(vm)?;
         let mut disks = Vec::new();
         // Host files agentd opened for this start, named by their /proc
         // paths; the launch opens them again from there and hands QEMU its

@@ -345,9 +345,10 @@ impl Agent {
         })
     }
 
-    /// The confinement of `vm`'s next QEMU, its user recorded in the runtime
-    /// (and committed) before anything is made for it. None only with
-    /// `--allow-unsandboxed`; FailedPrecondition on a QEMU without seccomp.
+    /// The confinement of `vm`'s next QEMU, its user taken from the pool and
+    /// put in the runtime; the caller commits it with STARTING, before
+    /// anything is made for it. None only with `--allow-unsandboxed`;
+    /// FailedPrecondition on a QEMU without seccomp.
     fn confine(&self, vm: &mut VmRecord) -> Result<Option<Confinement>> {
         if self.settings.allow_unsandboxed {
             tracing::warn!(vm = %vm.spec.name, "starting the guest UNCONFINED (--allow-unsandboxed)");
@@ -362,7 +363,6 @@ impl Agent {
         }
         let user = self.uids.take(vm.uuid)?;
         vm.runtime.as_mut().expect("runtime").qemu_user = Some(user);
-        self.commit(vm, &[])?;
         Ok(Some(Confinement {
             user,
             sandbox: true,
