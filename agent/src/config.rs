@@ -152,6 +152,10 @@ pub struct Flags {
     /// (console.log and console.log.1, each half), e.g. 4M [default: 1M]
     #[arg(long, value_name = "SIZE")]
     pub console_log_max: Option<String>,
+    /// Empty PCIe root ports each guest starts with, for hot-plugged disks
+    /// and NICs (one device each), at most 16 [default: 8]
+    #[arg(long, value_name = "N")]
+    pub hotplug_ports: Option<u32>,
     /// How often running guests' anti-spoofing rules are checked and put
     /// back if someone flushed them, e.g. 30s, 5m; 0s turns the check off
     /// [default: 30s]
@@ -215,6 +219,8 @@ pub struct Config {
     pub allow_unsandboxed: bool,
     pub cgroup_parent: Option<PathBuf>,
     pub console_log_max: u64,
+    /// Empty PCIe root ports per guest, for hot-plug.
+    pub hotplug_ports: u32,
     /// None: no periodic check of the anti-spoofing rules.
     pub nic_filter_check: Option<std::time::Duration>,
     /// How often guests' usage is read.
@@ -413,6 +419,7 @@ impl Flags {
                 .parse::<ByteSize>()
                 .map_err(|e| Error::invalid(format!("console-log-max: {e}")))?
                 .0,
+            hotplug_ports: pick!(hotplug_ports, 8),
             nic_filter_check: Some(
                 humantime::parse_duration(&pick!(nic_filter_check, "30s".into()))
                     .map_err(|e| Error::invalid(format!("nic-filter-check: {e}")))?,
@@ -445,6 +452,13 @@ impl Flags {
             return Err(Error::invalid(format!(
                 "console-log-max must be at least {} KiB",
                 crate::console::MIN_MAX >> 10
+            )));
+        }
+        if cfg.hotplug_ports > crate::vmm::MAX_HOTPLUG_PORTS {
+            return Err(Error::invalid(format!(
+                "hotplug-ports: at most {} (got {})",
+                crate::vmm::MAX_HOTPLUG_PORTS,
+                cfg.hotplug_ports
             )));
         }
         if cfg.usage_interval < std::time::Duration::from_secs(1) {

@@ -94,8 +94,12 @@ struct Inner {
     version: QemuVersion,
     next_id: AtomicU64,
     pending: Arc<Pending>,
-    /// Whole lines for the writer task.
-    outbox: mpsc::UnboundedSender<Vec<u8>>,
+    /// Whole lines for the writer task, each with the descriptor it
+    /// carries (SCM_RIGHTS), if any.
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    /// Ids of the devices QEMU reported deleted (`DEVICE_DELETED`), for
+    /// [`Qmp::device_del`]'s wait.
+    deleted: tokio::sync::broadcast::Sender<String>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
 }
@@ -156,10 +160,14 @@ impl Qmp {
         let pending: Arc<Pending> = Arc::new(Mutex::new(Some(HashMap::new())));
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (outbox, outbox_rx) = mpsc::unbounded_channel();
+        let (deleted, _) = tokio::sync::broadcast::channel(64);
         let reader = tokio::spawn(read_loop(
             read,
             Arc::clone(&pending),
-            events_tx,
+            Sinks {
+                events: events_tx,
+                deleted: deleted.clone(),
+            },
             path.to_owned(),
         ));
         let writer = tokio::spawn(write_loop(write, outbox_rx, path.to_owned()));
@@ -170,6 +178,7 @@ impl Qmp {
                 next_id: AtomicU64::new(0),
                 pending,
                 outbox,
+                deleted,
                 reader,
                 writer,
             }),
@@ -289,6 +298,18 @@ impl Qmp {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> std::result::Result<Value, CallError> {
+        self.call_with_fd(command, arguments, timeout, None).await
+    }
+
+    /// [`Qmp::call`] with a descriptor sent alongside the command's line
+    /// (SCM_RIGHTS), as `getfd` and `add-fd` expect.
+    async fn call_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+        fd: Option<std::os::fd::OwnedFd>,
+    ) -> std::result::Result<Value, CallError> {
         let inner = &self.inner;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -310,7 +331,7 @@ impl Qmp {
         let mut line = message.to_string().into_bytes();
         line.push(b'\n');
         tracing::debug!(path = %inner.path.display(), command, id, "QMP command");
-        if inner.outbox.send(line).is_err() {
+        if inner.outbox.send(Outgoing { line, fd }).is_err() {
             // The writer stopped: the socket failed before this was written.
             return Err(CallError::NotConnected);
         }
@@ -821,13 +842,38 @@ async fn read_greeting(read: &mut BufReader<OwnedReadHalf>) -> Result<Greeting> 
     })
 }
 
+/// A line for the writer, with the descriptor it carries.
+struct Outgoing {
+    line: Vec<u8>,
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+/// Where the reader puts events: the consumer's channel, and deleted
+/// devices' ids for [`Qmp::device_del`].
+struct Sinks {
+    events: mpsc::UnboundedSender<QmpEvent>,
+    deleted: tokio::sync::broadcast::Sender<String>,
+}
+
 async fn write_loop(
     mut write: OwnedWriteHalf,
-    mut outbox: mpsc::UnboundedReceiver<Vec<u8>>,
+    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
     path: PathBuf,
 ) {
-    while let Some(line) = outbox.recv().await {
-        if let Err(e) = write.write_all(&line).await {
+    while let Some(Outgoing { line, fd }) = outbox.recv().await {
+        let sent = match &fd {
+            // The descriptor rides on the line's first byte(s); QEMU
+            // keeps it for the command that line holds.
+            Some(fd) => devices::send_with_fd(&write, &line, fd).await,
+            None => Ok(0),
+        };
+        // Closing our copy once sent: QEMU holds its own now.
+        drop(fd);
+        let written = match sent {
+            Ok(n) => write.write_all(&line[n..]).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
             // QEMU hung up. The reader sees the end of stream and fails the
             // commands in flight, this one included.
             tracing::debug!(path = %path.display(), error = %e, "QMP write failed");
@@ -839,7 +885,7 @@ async fn write_loop(
 async fn read_loop(
     mut read: BufReader<OwnedReadHalf>,
     pending: Arc<Pending>,
-    events: mpsc::UnboundedSender<QmpEvent>,
+    sinks: Sinks,
     path: PathBuf,
 ) {
     // No length limit: one line can be large (query-qmp-schema is ~200 KB) and
@@ -849,7 +895,7 @@ async fn read_loop(
         line.clear();
         match read.read_until(b'\n', &mut line).await {
             Ok(0) => break,
-            Ok(_) => dispatch(&line, &pending, &events, &path),
+            Ok(_) => dispatch(&line, &pending, &sinks, &path),
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "QMP read failed");
                 break;
@@ -861,14 +907,14 @@ async fn read_loop(
     // makes later commands fail at once.
     drop(lock(&pending).take());
     // A send fails only if the consumer dropped its receiver: not interested.
-    let _ = events.send(QmpEvent {
+    let _ = sinks.events.send(QmpEvent {
         timestamp: SystemTime::now(),
         kind: QmpEventKind::Closed,
     });
 }
 
 /// Routes one line from QEMU: a reply to its caller, an event to the channel.
-fn dispatch(line: &[u8], pending: &Pending, events: &mpsc::UnboundedSender<QmpEvent>, path: &Path) {
+fn dispatch(line: &[u8], pending: &Pending, sinks: &Sinks, path: &Path) {
     if line.trim_ascii().is_empty() {
         return;
     }
@@ -888,7 +934,13 @@ fn dispatch(line: &[u8], pending: &Pending, events: &mpsc::UnboundedSender<QmpEv
     if message.contains_key("event") {
         let event = parse_event(message);
         tracing::debug!(path = %path.display(), ?event, "QMP event");
-        let _ = events.send(event);
+        if let QmpEventKind::Other { name, data } = &event.kind {
+            if let Some(id) = devices::deleted_device(name, data) {
+                // Nobody waiting is fine.
+                let _ = sinks.deleted.send(id);
+            }
+        }
+        let _ = sinks.events.send(event);
         return;
     }
 
@@ -1007,6 +1059,10 @@ impl From<Timestamp> for SystemTime {
         UNIX_EPOCH + Duration::from_secs(t.seconds) + Duration::from_micros(t.microseconds)
     }
 }
+
+#[path = "qmp_devices.rs"]
+mod devices;
+pub use devices::{AddedFd, Peripheral};
 
 #[cfg(test)]
 #[path = "qmp_tests.rs"]

@@ -59,6 +59,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             allow_unsandboxed: false,
             cgroup_parent: None,
             console_log_max: crate::console::DEFAULT_MAX,
+            hotplug_ports: 8,
         },
         HostFacts {
             hostname: "unit".into(),

@@ -424,6 +424,9 @@ pub struct LaunchPlan {
     pub confinement: Option<Confinement>,
     /// The console log's cap (`--console-log-max`).
     pub console_log_max: u64,
+    /// Empty PCIe root ports for hot-plugged disks and NICs
+    /// (`--hotplug-ports`).
+    pub hotplug_ports: u32,
 }
 
 impl LaunchPlan {
@@ -479,153 +482,9 @@ impl LaunchPlan {
         // A panic device turns guest panics into GUEST_PANICKED events.
         a.push(&["-device", "pvpanic"]);
         for d in &self.disks {
-            let node = &d.device;
-            let writable = !d.read_only;
-            let blockdev = match &d.backend {
-                DiskBackend::Iscsi {
-                    portal,
-                    target,
-                    lun,
-                    initiator,
-                    chap,
-                } => {
-                    let mut v = json!({
-                        "driver": "iscsi",
-                        "node-name": node,
-                        "transport": "tcp",
-                        "portal": portal,
-                        "target": target,
-                        "lun": lun,
-                        "initiator-name": initiator,
-                        "cache": {"direct": true},
-                        "read-only": d.read_only,
-                    });
-                    if let Some(chap) = chap {
-                        let id = format!("chap-{node}");
-                        let fd = fds.secret(chap.secret().as_bytes())?;
-                        a.push(&[
-                            "-object",
-                            &format!("secret,id={id},file=/proc/self/fd/{fd},format=raw"),
-                        ]);
-                        v["user"] = json!(chap.user);
-                        v["password-secret"] = json!(id);
-                    }
-                    v
-                }
-                DiskBackend::RawFile { path } => {
-                    let fd = fds.file(path, writable)?;
-                    json!({
-                        "driver": "raw",
-                        "node-name": node,
-                        "read-only": d.read_only,
-                        "file": self.file_node(path, &a.fdset(fd, node)),
-                    })
-                }
-                DiskBackend::Overlay {
-                    path,
-                    base,
-                    base_format,
-                } => {
-                    let base_fd = fds.file(base, false)?;
-                    let base_node = format!("{node}-base");
-                    let mut backing = json!({
-                        "driver": base_format.as_str(),
-                        "node-name": base_node,
-                        "read-only": true,
-                        "file": self.file_node(base, &a.fdset(base_fd, &base_node)),
-                    });
-                    if *base_format == ImageFormat::Qcow2 {
-                        // The cached base was refused if it had a backing
-                        // file; null says so to QEMU too.
-                        backing["backing"] = serde_json::Value::Null;
-                    }
-                    let fd = fds.file(path, writable)?;
-                    json!({
-                        "driver": "qcow2",
-                        "node-name": node,
-                        "read-only": d.read_only,
-                        "file": self.file_node(path, &a.fdset(fd, node)),
-                        "backing": backing,
-                    })
-                }
-                DiskBackend::Rbd(r) => {
-                    // The key: a secret object reading a sealed memfd, in
-                    // base64 (the driver hands librados the raw key's
-                    // base64 itself). The conf: a memfd too, so librados
-                    // reads no ceph.conf of the host's.
-                    let id = format!("ceph-{node}");
-                    let key = fds.secret(r.key.base64().as_bytes())?;
-                    a.push(&[
-                        "-object",
-                        &format!("secret,id={id},file=/proc/self/fd/{key},format=base64"),
-                    ]);
-                    let conf = fds.secret(&r.conf)?;
-                    let servers: Vec<serde_json::Value> = r
-                        .monitors
-                        .iter()
-                        .map(|m| json!({"host": m.host, "port": m.port.to_string()}))
-                        .collect();
-                    json!({
-                        "driver": "raw",
-                        "node-name": node,
-                        "read-only": d.read_only,
-                        "file": {
-                            "driver": "rbd",
-                            "pool": r.pool,
-                            "image": r.image,
-                            "user": r.user,
-                            "key-secret": id,
-                            "conf": format!("/proc/self/fd/{conf}"),
-                            "server": servers,
-                            // librbd's writeback cache; guest flushes
-                            // reach the OSDs (see crate::rbd).
-                            "cache": {"direct": false, "no-flush": false},
-                        },
-                    })
-                }
-                DiskBackend::Local { path, block_device } => {
-                    let fd = fds.file(path, writable)?;
-                    let filename = a.fdset(fd, node);
-                    let file = if *block_device {
-                        json!({
-                            "driver": "host_device",
-                            "filename": filename,
-                            "aio": if self.io_uring { "io_uring" } else { "native" },
-                            "cache": {"direct": true},
-                        })
-                    } else {
-                        self.file_node(path, &filename)
-                    };
-                    json!({
-                        "driver": "raw",
-                        "node-name": node,
-                        "read-only": d.read_only,
-                        "file": file,
-                    })
-                }
-                DiskBackend::HostDevice { path } => {
-                    // Like file disks: no host page cache, io_uring or
-                    // native AIO (a block device always takes O_DIRECT).
-                    // Opened by QEMU itself: its uid owns the device node.
-                    json!({
-                        "driver": "raw",
-                        "node-name": node,
-                        "read-only": d.read_only,
-                        "file": {
-                            "driver": "host_device",
-                            "filename": path,
-                            "aio": if self.io_uring { "io_uring" } else { "native" },
-                            "cache": {"direct": true},
-                        },
-                    })
-                }
-            };
+            let blockdev = self.blockdev(d, &mut ArgvDisk { fds, a: &mut a })?;
             a.push(&["-blockdev", &blockdev.to_string()]);
-            let mut dev = format!("virtio-blk-pci,drive={node},id={node}-dev");
-            if d.boot_index > 0 {
-                dev.push_str(&format!(",bootindex={}", d.boot_index));
-            }
-            a.push(&["-device", &dev]);
+            a.push(&["-device", &disk_device(d, None)]);
         }
         for (i, n) in self.nics.iter().enumerate() {
             let fd = fds.tap(&n.tap)?;
@@ -633,8 +492,13 @@ impl LaunchPlan {
                 "-netdev",
                 &format!("tap,id=net{i},fd={fd}"),
                 "-device",
-                &format!("virtio-net-pci,netdev=net{i},mac={},id=net{i}-dev", n.mac),
+                &nic_device(&format!("net{i}"), &n.mac, None),
             ]);
+        }
+        // Empty PCIe root ports for hot-plug, after every cold-plugged
+        // device so those keep the addresses they had without them.
+        for i in 0..self.hotplug_ports {
+            a.push(&["-device", &root_port(i)]);
         }
         if let Some(k) = &self.kernel {
             // QEMU's loader takes a path, not an fd set: its own descriptor
@@ -656,6 +520,141 @@ impl LaunchPlan {
         Ok(a.0)
     }
 
+    /// The `-blockdev` (or `blockdev-add`) node of disk `d`, every node
+    /// with an explicit driver; its files and secrets come from `sink`
+    /// (inherited descriptors at launch, QMP `add-fd` when hot-plugged).
+    pub fn blockdev(&self, d: &PlannedDisk, sink: &mut dyn DiskSink) -> Result<serde_json::Value> {
+        let node = &d.device;
+        let writable = !d.read_only;
+        Ok(match &d.backend {
+            DiskBackend::Iscsi {
+                portal,
+                target,
+                lun,
+                initiator,
+                chap,
+            } => {
+                let mut v = json!({
+                    "driver": "iscsi",
+                    "node-name": node,
+                    "transport": "tcp",
+                    "portal": portal,
+                    "target": target,
+                    "lun": lun,
+                    "initiator-name": initiator,
+                    "cache": {"direct": true},
+                    "read-only": d.read_only,
+                });
+                if let Some(chap) = chap {
+                    let id = format!("chap-{node}");
+                    sink.secret(&id, chap.secret().as_bytes(), "raw")?;
+                    v["user"] = json!(chap.user);
+                    v["password-secret"] = json!(id);
+                }
+                v
+            }
+            DiskBackend::RawFile { path } => {
+                json!({
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": d.read_only,
+                    "file": self.file_node(path, &sink.file(path, writable, node)?),
+                })
+            }
+            DiskBackend::Overlay {
+                path,
+                base,
+                base_format,
+            } => {
+                let base_node = format!("{node}-base");
+                let mut backing = json!({
+                    "driver": base_format.as_str(),
+                    "node-name": base_node,
+                    "read-only": true,
+                    "file": self.file_node(base, &sink.file(base, false, &base_node)?),
+                });
+                if *base_format == ImageFormat::Qcow2 {
+                    // The cached base was refused if it had a backing
+                    // file; null says so to QEMU too.
+                    backing["backing"] = serde_json::Value::Null;
+                }
+                json!({
+                    "driver": "qcow2",
+                    "node-name": node,
+                    "read-only": d.read_only,
+                    "file": self.file_node(path, &sink.file(path, writable, node)?),
+                    "backing": backing,
+                })
+            }
+            DiskBackend::Rbd(r) => {
+                // The key: a secret object reading a sealed memfd, in
+                // base64 (the driver hands librados the raw key's
+                // base64 itself). The conf: a memfd too, so librados
+                // reads no ceph.conf of the host's.
+                let id = format!("ceph-{node}");
+                sink.secret(&id, r.key.base64().as_bytes(), "base64")?;
+                let conf = sink.memfd_path(&r.conf)?;
+                let servers: Vec<serde_json::Value> = r
+                    .monitors
+                    .iter()
+                    .map(|m| json!({"host": m.host, "port": m.port.to_string()}))
+                    .collect();
+                json!({
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": d.read_only,
+                    "file": {
+                        "driver": "rbd",
+                        "pool": r.pool,
+                        "image": r.image,
+                        "user": r.user,
+                        "key-secret": id,
+                        "conf": conf,
+                        "server": servers,
+                        // librbd's writeback cache; guest flushes
+                        // reach the OSDs (see crate::rbd).
+                        "cache": {"direct": false, "no-flush": false},
+                    },
+                })
+            }
+            DiskBackend::Local { path, block_device } => {
+                let filename = sink.file(path, writable, node)?;
+                let file = if *block_device {
+                    json!({
+                        "driver": "host_device",
+                        "filename": filename,
+                        "aio": if self.io_uring { "io_uring" } else { "native" },
+                        "cache": {"direct": true},
+                    })
+                } else {
+                    self.file_node(path, &filename)
+                };
+                json!({
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": d.read_only,
+                    "file": file,
+                })
+            }
+            DiskBackend::HostDevice { path } => {
+                // Like file disks: no host page cache, io_uring or
+                // native AIO (a block device always takes O_DIRECT).
+                // Opened by QEMU itself: its uid owns the device node.
+                json!({
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": d.read_only,
+                    "file": {
+                        "driver": "host_device",
+                        "filename": path,
+                        "aio": if self.io_uring { "io_uring" } else { "native" },
+                        "cache": {"direct": true},
+                    },
+                })
+            }
+        })
+    }
+
     /// The protocol node of a file on this host, opened by QEMU as
     /// `filename` (its fd set).
     fn file_node(&self, path: &Path, filename: &str) -> serde_json::Value {
@@ -675,6 +674,93 @@ impl LaunchPlan {
             "aio": aio,
             "cache": {"direct": direct},
         })
+    }
+}
+
+/// The id of hot-plug root port `i` (`-device pcie-root-port`).
+pub fn root_port_id(i: u32) -> String {
+    format!("{ROOT_PORT_PREFIX}{i}")
+}
+
+/// Hot-plug root ports are named `hp0`, `hp1`, ...: nothing else of ours
+/// has an id starting so.
+pub const ROOT_PORT_PREFIX: &str = "hp";
+
+/// At most this many hot-plug root ports (`--hotplug-ports`): with 16
+/// disks and a few NICs the root bus's 32 slots must still hold them.
+pub const MAX_HOTPLUG_PORTS: u32 = 16;
+
+/// Hot-plug root port `i`: its own chassis (QEMU refuses two ports with
+/// one chassis and slot) and PCIe port number, as libvirt numbers them.
+fn root_port(i: u32) -> String {
+    format!(
+        "pcie-root-port,id={},bus=pcie.0,chassis={},port={:#x}",
+        root_port_id(i),
+        i + 1,
+        0x10 + i
+    )
+}
+
+/// The guest device of disk `d` (its id `<node>-dev`), on root port `bus`
+/// when hot-plugged, else on the root bus at the next free slot.
+pub fn disk_device(d: &PlannedDisk, bus: Option<&str>) -> String {
+    let node = &d.device;
+    let mut dev = format!("virtio-blk-pci,drive={node},id={node}-dev");
+    if d.boot_index > 0 {
+        dev.push_str(&format!(",bootindex={}", d.boot_index));
+    }
+    if let Some(bus) = bus {
+        dev.push_str(&format!(",bus={bus}"));
+    }
+    dev
+}
+
+/// The guest device of NIC `netdev` (its id `<netdev>-dev`), as for disks.
+pub fn nic_device(netdev: &str, mac: &crate::net::Mac, bus: Option<&str>) -> String {
+    let mut dev = format!("virtio-net-pci,netdev={netdev},mac={mac},id={netdev}-dev");
+    if let Some(bus) = bus {
+        dev.push_str(&format!(",bus={bus}"));
+    }
+    dev
+}
+
+/// Where a disk's block node gets what agentd opens for it: at launch
+/// inherited descriptors and `-object` arguments ([`ArgvDisk`]), when
+/// hot-plugged descriptors sent over QMP (`crate::qmp` `add-fd`).
+pub trait DiskSink {
+    /// Host file `path` for node `node`: the name QEMU opens it by
+    /// (`/dev/fdset/N`).
+    fn file(&mut self, path: &Path, writable: bool, node: &str) -> Result<String>;
+    /// A `secret` object `id` holding `bytes` (`format` raw or base64),
+    /// made before the node that names it.
+    fn secret(&mut self, id: &str, bytes: &[u8], format: &str) -> Result<()>;
+    /// `bytes` as a file QEMU reads by path (`/proc/self/fd/N`).
+    fn memfd_path(&mut self, bytes: &[u8]) -> Result<String>;
+}
+
+/// [`DiskSink`] of a command line: inherited descriptors.
+struct ArgvDisk<'a> {
+    fds: &'a mut dyn PassedFds,
+    a: &'a mut Argv,
+}
+
+impl DiskSink for ArgvDisk<'_> {
+    fn file(&mut self, path: &Path, writable: bool, node: &str) -> Result<String> {
+        let fd = self.fds.file(path, writable)?;
+        Ok(self.a.fdset(fd, node))
+    }
+
+    fn secret(&mut self, id: &str, bytes: &[u8], format: &str) -> Result<()> {
+        let fd = self.fds.secret(bytes)?;
+        self.a.push(&[
+            "-object",
+            &format!("secret,id={id},file=/proc/self/fd/{fd},format={format}"),
+        ]);
+        Ok(())
+    }
+
+    fn memfd_path(&mut self, bytes: &[u8]) -> Result<String> {
+        Ok(format!("/proc/self/fd/{}", self.fds.secret(bytes)?))
     }
 }
 

@@ -38,6 +38,7 @@ fn plan() -> LaunchPlan {
         kernel: None,
         dir: "/s/vm".into(),
         console_log_max: 1 << 20,
+        hotplug_ports: 2,
         io_uring: true,
         confinement: Some(Confinement {
             user: crate::confine::QemuUser {
@@ -110,6 +111,32 @@ fn command_line_names_only_descriptors_agentd_hands_over() {
     let mut p = plan();
     p.confinement = None;
     assert!(!argv_of(&p).0.join(" ").contains("-sandbox"));
+}
+
+#[test]
+fn empty_hotplug_root_ports_come_after_every_cold_plugged_device() {
+    let (a, _) = argv_of(&plan());
+    let devices: Vec<&str> = a
+        .windows(2)
+        .filter(|w| w[0] == "-device")
+        .map(|w| w[1].as_str())
+        .collect();
+    // Cold-plugged devices first, on the root bus in the order they had
+    // before ports existed (so their addresses do not move), then the ports.
+    assert_eq!(
+        devices,
+        [
+            "pvpanic",
+            "virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1",
+            "virtio-blk-pci,drive=vdb,id=vdb-dev",
+            "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,id=net0-dev",
+            "pcie-root-port,id=hp0,bus=pcie.0,chassis=1,port=0x10",
+            "pcie-root-port,id=hp1,bus=pcie.0,chassis=2,port=0x11",
+        ]
+    );
+    let mut p = plan();
+    p.hotplug_ports = 0;
+    assert!(!argv_of(&p).0.join(" ").contains("pcie-root-port"));
 }
 
 #[test]

@@ -275,6 +275,7 @@ async fn qemu_io_as_guest_disk(dev: &Path, cmds: &[&str]) -> String {
         io_uring: vmm::io_uring_supported(&HostRunner).await,
         confinement: None,
         console_log_max: 1 << 20,
+        hotplug_ports: 0,
     };
     let argv = plan.argv(&mut vmm::NumberedFds::default()).unwrap();
     let i = argv.iter().position(|a| a == "-blockdev").unwrap();

@@ -20,10 +20,15 @@ struct Qemu {
 
 impl Qemu {
     fn start() -> Qemu {
+        Qemu::start_with(&["-machine", "pc"])
+    }
+
+    fn start_with(machine: &[&str]) -> Qemu {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("qmp.sock");
         let child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "pc", "-accel", "tcg", "-m", "64", "-nodefaults"])
+            .args(machine)
+            .args(["-accel", "tcg", "-m", "64", "-nodefaults"])
             .args(["-display", "none", "-S", "-qmp"])
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
             .stdin(Stdio::null())
@@ -174,4 +179,112 @@ async fn reconnects_to_a_running_qemu() {
         err.message()
     );
     assert!(!qemu.wait_exit().success());
+}
+
+/// Hot-plug as agentd does it, against a q35 QEMU with agentd's empty root
+/// ports and no guest OS: a file disk whose descriptor crosses the QMP
+/// socket (SCM_RIGHTS, `add-fd`), a NIC on a socket passed by `getfd`,
+/// each on a free root port as `qom-list` tells them; a resize QEMU sees;
+/// and a `device_del` no guest acknowledges, which leaves the device.
+#[tokio::test]
+#[ignore = "needs qemu-system-x86_64: run by scripts/test"]
+async fn hot_plugs_a_disk_and_a_nic_on_empty_root_ports() {
+    use std::os::fd::OwnedFd;
+    let mut args = vec!["-machine".to_owned(), "q35".to_owned()];
+    for i in 0..2 {
+        args.push("-device".into());
+        args.push(format!(
+            "pcie-root-port,id=hp{i},bus=pcie.0,chassis={},port={}",
+            i + 1,
+            16 + i
+        ));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let qemu = Qemu::start_with(&args);
+    let (qmp, _events) = Qmp::connect(qemu.socket(), WAIT).await.unwrap();
+    let ports = |p: &[agent::qmp::Peripheral]| -> Vec<(String, Option<String>)> {
+        p.iter().map(|d| (d.id.clone(), d.port.clone())).collect()
+    };
+    assert_eq!(
+        ports(&qmp.peripherals().await.unwrap()),
+        [("hp0".into(), None), ("hp1".into(), None)]
+    );
+
+    // A 1 MiB file QEMU could never open itself: agentd's descriptor.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    let file: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .into();
+    let added = qmp.add_fd(file, Some(1000), "vdz").await.unwrap();
+    assert_eq!(added.fdset_id, 1000);
+    qmp.blockdev_add(serde_json::json!({
+        "driver": "raw", "node-name": "vdz",
+        "file": {"driver": "file", "filename": "/dev/fdset/1000"},
+    }))
+    .await
+    .unwrap();
+    qmp.device_add("virtio-blk-pci,drive=vdz,id=vdz-dev,bus=hp1")
+        .await
+        .unwrap();
+
+    // A NIC on a datagram socket given by name.
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    qmp.getfd("nic1", OwnedFd::from(sock)).await.unwrap();
+    qmp.netdev_add(serde_json::json!({"type": "socket", "id": "net1", "fd": "nic1"}))
+        .await
+        .unwrap();
+    qmp.device_add("virtio-net-pci,netdev=net1,mac=52:54:00:00:00:42,id=net1-dev,bus=hp0")
+        .await
+        .unwrap();
+    assert_eq!(
+        ports(&qmp.peripherals().await.unwrap()),
+        [
+            ("hp0".into(), None),
+            ("hp1".into(), None),
+            ("net1-dev".into(), Some("hp0".into())),
+            ("vdz-dev".into(), Some("hp1".into())),
+        ]
+    );
+    // A third device has no free port left: QEMU refuses a taken one.
+    let err = qmp
+        .device_add("virtio-blk-pci,drive=vdz,id=again,bus=hp1")
+        .await
+        .unwrap_err();
+    assert!(!err.message().is_empty());
+
+    // block_resize: QEMU sees the new size (the file grew with it).
+    qmp.block_resize("vdz", 2 << 20).await.unwrap();
+    let size = |b: Vec<agent::qmp::BlockInfo>| {
+        b.into_iter()
+            .find_map(|b| b.inserted.filter(|m| m.node_name == "vdz"))
+            .and_then(|m| m.image)
+            .map(|i| i.virtual_size)
+    };
+    assert_eq!(size(qmp.query_block().await.unwrap()), Some(2 << 20));
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 << 20);
+
+    // No guest OS answers the unplug request: the device stays.
+    assert!(!qmp
+        .device_del("vdz-dev", Duration::from_secs(2))
+        .await
+        .unwrap());
+    assert!(qmp
+        .peripherals()
+        .await
+        .unwrap()
+        .iter()
+        .any(|p| p.id == "vdz-dev"));
+    // Removals of what is not there are no errors.
+    qmp.blockdev_del("nope").await.unwrap();
+    qmp.netdev_del("nope").await.unwrap();
+    qmp.remove_fd(4242).await.unwrap();
+    assert!(qmp
+        .device_del("nope", Duration::from_secs(1))
+        .await
+        .unwrap());
 }

@@ -76,6 +76,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             allow_unsandboxed: cfg.allow_unsandboxed,
             cgroup_parent: cfg.cgroup_parent.clone(),
             console_log_max: cfg.console_log_max,
+            hotplug_ports: cfg.hotplug_ports,
         },
         host,
     )?;

@@ -310,6 +310,7 @@ impl Agent {
             io_uring: self.host.io_uring,
             confinement,
             console_log_max: self.settings.console_log_max,
+            hotplug_ports: self.settings.hotplug_ports,
         };
         // A new boot, a new log.
         let _ = std::fs::remove_file(plan.console_log());

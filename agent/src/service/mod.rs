@@ -107,6 +107,8 @@ pub struct AgentSettings {
     pub cgroup_parent: Option<PathBuf>,
     /// Bytes a guest's console log may take (two files, each half).
     pub console_log_max: u64,
+    /// Empty PCIe root ports each guest starts with (hot-plug room).
+    pub hotplug_ports: u32,
 }
 
 /// The host effects of the guest service, each behind its seam.

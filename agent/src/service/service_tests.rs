@@ -97,6 +97,7 @@ impl Host {
             allow_unsandboxed: false,
             cgroup_parent: None,
             console_log_max: crate::console::DEFAULT_MAX,
+            hotplug_ports: 8,
         };
         let mut facts = HostFacts {
             hostname: "unit".into(),
