@@ -36,6 +36,9 @@ pub struct Cmd {
     pub timeout: Duration,
     pub on_stdout_line: Option<LineSink>,
     pub on_stdout_bytes: Option<ByteSink>,
+    /// Called with each line of stderr (e.g. `rbd`'s progress), which is
+    /// still kept in the Output for errors.
+    pub on_stderr_line: Option<LineSink>,
 }
 
 impl Cmd {
@@ -46,6 +49,7 @@ impl Cmd {
             timeout: Duration::from_secs(30),
             on_stdout_line: None,
             on_stdout_bytes: None,
+            on_stderr_line: None,
         }
     }
 
@@ -70,6 +74,11 @@ impl Cmd {
 
     pub fn on_stdout_line(mut self, sink: LineSink) -> Self {
         self.on_stdout_line = Some(sink);
+        self
+    }
+
+    pub fn on_stderr_line(mut self, sink: LineSink) -> Self {
+        self.on_stderr_line = Some(sink);
         self
     }
 
@@ -198,24 +207,29 @@ impl CommandRunner for HostRunner {
                         }
                         all.extend_from_slice(&buf[..n]);
                         if let Some(sink) = &sink {
-                            for &c in &buf[..n] {
-                                if c == b'\n' || c == b'\r' {
-                                    if !line.is_empty() {
-                                        sink(&String::from_utf8_lossy(&line));
-                                        line.clear();
-                                    }
-                                } else {
-                                    line.push(c);
-                                }
-                            }
+                            feed_lines(sink, &mut line, &buf[..n]);
                         }
                     }
                     Ok::<_, std::io::Error>(all)
                 };
+                let err_sink = cmd.on_stderr_line.clone();
                 let read_err = async {
                     let mut all = Vec::new();
-                    stderr.read_to_end(&mut all).await?;
-                    Ok::<_, std::io::Error>(all)
+                    let Some(sink) = err_sink else {
+                        stderr.read_to_end(&mut all).await?;
+                        return Ok::<_, std::io::Error>(all);
+                    };
+                    let mut buf = vec![0u8; 8192];
+                    let mut line = Vec::new();
+                    loop {
+                        let n = stderr.read(&mut buf).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        all.extend_from_slice(&buf[..n]);
+                        feed_lines(&sink, &mut line, &buf[..n]);
+                    }
+                    Ok(all)
                 };
                 let (o, e) = tokio::try_join!(read_out, read_err)?;
                 let status = child.wait().await?;
@@ -248,6 +262,21 @@ impl CommandRunner for HostRunner {
                 }
             }
         })
+    }
+}
+
+/// Hands each complete line of `piece` (ended by `\n` or `\r`, as
+/// progress meters end theirs) to `sink`, keeping a partial one in `line`.
+fn feed_lines(sink: &LineSink, line: &mut Vec<u8>, piece: &[u8]) {
+    for &c in piece {
+        if c == b'\n' || c == b'\r' {
+            if !line.is_empty() {
+                sink(&String::from_utf8_lossy(line));
+                line.clear();
+            }
+        } else {
+            line.push(c);
+        }
     }
 }
 
@@ -376,6 +405,20 @@ mod tests {
         HostRunner.run(&cmd).await.unwrap();
         // The last line has no terminator and is not a progress line.
         assert_eq!(*seen.lock().unwrap(), vec!["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn stderr_lines_reach_their_sink_and_stay_in_the_output() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        // As rbd prints its progress: `\r`-ended lines on stderr.
+        let cmd = Cmd::new("sh")
+            .args(["-c", "printf '10%% done\\r20%% done\\rboom\\n' >&2; exit 3"])
+            .on_stderr_line(Arc::new(move |l| s2.lock().unwrap().push(l.to_owned())));
+        let out = HostRunner.run(&cmd).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec!["10% done", "20% done", "boom"]);
+        assert_eq!(out.status, 3);
+        assert_eq!(out.stderr, "10% done\r20% done\rboom\n");
     }
 
     #[tokio::test]

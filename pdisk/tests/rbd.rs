@@ -39,6 +39,11 @@ struct RbdPdisk {
 
 impl RbdPdisk {
     fn start(pool: &str) -> RbdPdisk {
+        Self::start_with(pool, &[])
+    }
+
+    /// Like `start`, with more arguments for pdiskd.
+    fn start_with(pool: &str, more: &[&str]) -> RbdPdisk {
         require_root();
         let ceph = cluster();
         ceph.create_pool(pool);
@@ -62,6 +67,7 @@ impl RbdPdisk {
             "2",
         ]
         .iter()
+        .chain(more)
         .map(|s| s.to_string())
         .collect();
         let pdiskd = Pdiskd::start_on(
@@ -786,4 +792,173 @@ async fn checksums_of_rbd_volumes_and_snapshots_are_their_whole_content() {
     assert_eq!((now.sha256, now.size_bytes), (expect(0x5b), 8 * MIB));
     let then = sum("before", true).await;
     assert_eq!(then.sha256, expect(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and ceph (scripts/test)"]
+async fn raw_imports_use_rbd_import_qcow2_qemu_img_both_sparse_with_content() {
+    use std::os::unix::fs::FileExt;
+    // With the commands pdiskd runs in its log.
+    let t = RbdPdisk::start_with(
+        "pd-imp",
+        &["--log-level", "pdisk=debug,stratus_core=debug,info"],
+    );
+    let mut c = t.pdiskd.client().await;
+    // 64 MiB raw with three islands of data; its qcow2 conversion.
+    let raw = t.pdiskd.import_dir.join("img.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(64 * MIB).unwrap();
+    f.write_all_at(&[0x11; 4096], 0).unwrap();
+    f.write_all_at(&vec![0x22; 3 << 20], (40 * MIB) - 12345)
+        .unwrap();
+    f.write_all_at(b"tail", (64 * MIB) - 4).unwrap();
+    drop(f);
+    let qcow = t.pdiskd.import_dir.join("img.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            qcow.to_str().unwrap(),
+        ],
+    );
+    let import = |name: &'static str, path: &std::path::Path, request_id: &'static str| {
+        let mut c = c.clone();
+        let req = pb::CreateVolumeRequest {
+            name: name.into(),
+            size_bytes: 96 * MIB,
+            request_id: request_id.into(),
+            source: Some(pb::create_volume_request::Source::FromImage(
+                pb::ImageSource {
+                    path: path.display().to_string(),
+                    format: 0,
+                },
+            )),
+            ..Default::default()
+        };
+        async move { c.create_volume(req).await.unwrap().into_inner() }
+    };
+    // The raw import's progress, watched by request id: rbd import's own
+    // percentages, ending at the image's length.
+    let mut w = c.clone();
+    let watcher = tokio::spawn(async move {
+        let mut stream = w
+            .watch_progress(pb::WatchProgressRequest {
+                request_id: "imp-raw".into(),
+                project: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut seen = Vec::new();
+        while let Some(p) = stream.message().await.unwrap() {
+            seen.push(p);
+        }
+        seen
+    });
+    let from_raw = import("from-raw", &raw, "imp-raw").await;
+    let seen = tokio::time::timeout(Duration::from_secs(60), watcher)
+        .await
+        .unwrap()
+        .unwrap();
+    let last = seen.last().expect("progress of the import");
+    assert!(last.finished && last.error.is_empty(), "{last:?}");
+    assert_eq!((last.phase.as_str(), last.done_bytes), ("import", 64 * MIB));
+    eprintln!(
+        "raw import: {} progress messages, done bytes {:?}",
+        seen.len(),
+        seen.iter().map(|p| p.done_bytes).collect::<Vec<_>>()
+    );
+    let from_qcow2 = import("from-qcow2", &qcow, "").await;
+
+    // Which tool pdiskd ran for each (its debug log has every command).
+    let log = t.pdiskd.log_text();
+    let imported = |tool: &str, file: &std::path::Path| {
+        log.lines().any(|l| {
+            l.contains(tool)
+                && l.contains(&format!("{} ", file.display()))
+                && l.contains("pd-tmp-vol-")
+        })
+    };
+    assert!(
+        imported("import --image-format 2", &raw),
+        "raw through rbd import"
+    );
+    assert!(
+        !imported("qemu-img convert", &raw),
+        "raw not through qemu-img"
+    );
+    assert!(
+        imported("qemu-img convert", &qcow),
+        "qcow2 through qemu-img convert"
+    );
+
+    for v in [&from_raw, &from_qcow2] {
+        let img = RbdPdisk::image(v);
+        assert_eq!(
+            v.size_bytes,
+            96 * MIB,
+            "{}: grown to the size asked",
+            v.name
+        );
+        let info = t.rbd_json(&["info", &format!("pd-imp/{img}")]);
+        assert_eq!(info["size"].as_u64(), Some(96 * MIB), "{info}");
+        // Sparse: four 4 MiB objects hold data, not the whole 64 MiB.
+        assert!(
+            v.allocated_bytes <= 16 * MIB,
+            "{}: holes kept: {} bytes allocated",
+            v.name,
+            v.allocated_bytes
+        );
+        // Same bytes as the file through QEMU's rbd driver; the grown
+        // tail reads as zeros.
+        let out = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                raw.to_str().unwrap(),
+                &t.url(&img),
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            v.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A raw path outside the import directory changes nothing.
+    let e = c
+        .create_volume(pb::CreateVolumeRequest {
+            name: "escape".into(),
+            source: Some(pb::create_volume_request::Source::FromImage(
+                pb::ImageSource {
+                    path: "/etc/shadow".into(),
+                    format: 0,
+                },
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut images: Vec<String> = t
+        .ceph
+        .rbd(&["ls", "pd-imp"])
+        .lines()
+        .map(String::from)
+        .collect();
+    images.sort();
+    let mut want = vec![RbdPdisk::image(&from_raw), RbdPdisk::image(&from_qcow2)];
+    want.sort();
+    assert_eq!(images, want);
 }

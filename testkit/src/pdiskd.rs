@@ -131,9 +131,12 @@ impl Pdiskd {
             import_dir.display().to_string(),
             "--export-check-interval".into(),
             "1".into(),
-            "--log-level".into(),
-            "pdisk=debug,info".into(),
         ];
+        // pdiskd's own debug lines; a test that wants another filter (e.g.
+        // the commands pdiskd runs, stratus_core=debug) passes its own.
+        if !backend_args.iter().any(|a| a.starts_with("--log-level")) {
+            args.extend(["--log-level".into(), "pdisk=debug,info".into()]);
+        }
         args.extend(daemon_tls_args(&tls));
         // Tests that are not about quarantine see a delete destroy the data
         // at once (their pool and space checks count on it); the quarantine

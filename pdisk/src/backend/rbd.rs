@@ -319,6 +319,20 @@ fn parse<'a, T: Deserialize<'a>>(what: &str, text: &'a str) -> Result<T> {
 /// The error of a failed rbd/ceph call: the program, its subcommand and
 /// target, the exit status and the tool's messages, its kind read from the
 /// errno the tools print ("(2) No such file or directory").
+/// Reports `rbd`'s progress lines on stderr (`Importing image: 42%
+/// complete...`) as bytes of `total` to `progress` under `phase`.
+fn rbd_progress(phase: &'static str, total: u64, progress: ProgressFn) -> crate::runner::LineSink {
+    Arc::new(move |line: &str| {
+        let Some((head, _)) = line.split_once("% complete") else {
+            return;
+        };
+        let pct = head.rsplit(' ').next().and_then(|p| p.parse::<u64>().ok());
+        if let Some(pct) = pct.filter(|p| *p <= 100) {
+            progress(phase, total / 100 * pct + total % 100 * pct / 100, total);
+        }
+    })
+}
+
 fn ceph_error(cmd: &Cmd, out: &Output) -> Error {
     let e = &out.stderr;
     let kind = if e.contains("(2) No such file or directory") {
@@ -339,7 +353,7 @@ fn ceph_error(cmd: &Cmd, out: &Output) -> Error {
     };
     // The first lines are enough: rbd prints its error, then librbd's.
     let said: Vec<&str> = e
-        .lines()
+        .split(['\n', '\r'])
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.contains("% complete"))
         .take(5)
@@ -796,6 +810,11 @@ impl RbdBackend {
         let info = image::inspect(self.runner.as_ref(), path, format).await?;
         let size = size.max(info.virtual_size);
         let tmp = temp_image(dst);
+        if format == ImageFormat::Raw {
+            return self
+                .import_raw(dst, path, info.virtual_size, size, progress)
+                .await;
+        }
         self.build(dst, async {
             self.run(
                 &self
@@ -817,6 +836,45 @@ impl RbdBackend {
         })
         .await?;
         progress("import", info.virtual_size, info.virtual_size);
+        Ok(())
+    }
+
+    /// A raw image: `rbd import` makes the image at the file's size and
+    /// writes only its non-zero 4 KiB runs (`--sparse-size`, its default),
+    /// reporting progress on stderr; then `rbd resize` grows it to `size`.
+    async fn import_raw(
+        &self,
+        dst: Uuid,
+        path: &Path,
+        len: u64,
+        size: u64,
+        progress: ProgressFn,
+    ) -> Result<()> {
+        let tmp = temp_image(dst);
+        self.build(dst, async {
+            let cmd = self
+                .rbd_change(["import", "--image-format", "2"])
+                .args(self.data_pool_args())
+                .arg(path.to_string_lossy())
+                .arg(self.spec(&tmp))
+                .timeout(DATA_TIMEOUT)
+                .on_stderr_line(rbd_progress("import", len, progress.clone()));
+            self.run(&cmd)
+                .await
+                .map_err(|e| e.context(format!("importing {}", path.display())))?;
+            if size > len {
+                self.run(&self.rbd_change([
+                    "resize".to_string(),
+                    "--size".into(),
+                    Self::size_arg(size),
+                    self.spec(&tmp),
+                ]))
+                .await?;
+            }
+            Ok(())
+        })
+        .await?;
+        progress("import", len, len);
         Ok(())
     }
 

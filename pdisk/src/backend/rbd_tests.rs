@@ -625,3 +625,108 @@ async fn a_checksum_streams_rbd_export_and_a_short_stream_is_an_error() {
     );
     assert_eq!(r.timeouts()[0].1, DATA_TIMEOUT);
 }
+
+#[tokio::test]
+async fn raw_imports_go_through_rbd_import_then_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("img.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    b.import(uuid(VOL), &raw, ImageFormat::Raw, 8 << 20, no_progress())
+        .await
+        .unwrap();
+    let tmp = format!("stratus/pd-tmp-vol-{VOL}");
+    assert_eq!(
+        r.lines(),
+        vec![
+            rbd(&format!("import --image-format 2 {} {tmp}", raw.display())),
+            rbd(&format!("resize --size 8M {tmp}")),
+            rbd(&format!(
+                "image-meta set {tmp} stratus.pdisk.object volume {VOL}"
+            )),
+            rbd(&format!("rename {tmp} stratus/pd-vol-{VOL}")),
+        ]
+    );
+    // The copy may run for hours: it has the data timeout, not a change's.
+    assert!(r.timeouts()[0].1 >= Duration::from_secs(3600));
+
+    // At the file's size already: no resize.
+    r.clear();
+    b.import(uuid(CLONE), &raw, ImageFormat::Raw, 3 << 20, no_progress())
+        .await
+        .unwrap();
+    assert!(
+        !r.lines().iter().any(|l| l.contains(" resize ")),
+        "{:?}",
+        r.lines()
+    );
+}
+
+#[tokio::test]
+async fn a_failed_raw_import_leaves_no_image_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("img.raw");
+    std::fs::write(&raw, vec![7u8; 4096]).unwrap();
+    let r = Script::new(|argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("mon") {
+            Output::ok(MON_DUMP_JSON)
+        } else if has("import") {
+            Output::failed(
+                1,
+                "Importing image: 10% complete...\rImporting image: 20% complete...failed.\n\
+                 rbd: import failed: (28) No space left on device\n",
+            )
+        } else {
+            Output::ok("")
+        }
+    });
+    let b = open(r.clone(), dir.path()).await;
+    let e = b
+        .import(uuid(VOL), &raw, ImageFormat::Raw, 1 << 20, no_progress())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("No space left"), "{e}");
+    assert!(!e.to_string().contains("% complete"), "{e}");
+    let lines = r.lines();
+    assert_eq!(
+        lines.last().unwrap(),
+        &rbd(&format!("rm stratus/pd-tmp-vol-{VOL}")),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains(" rename ")), "{lines:?}");
+}
+
+#[test]
+fn rbd_progress_lines_become_bytes_done() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let sink = rbd_progress(
+        "import",
+        1000,
+        Arc::new(move |phase: &str, done, total| {
+            s2.lock().unwrap().push((phase.to_string(), done, total))
+        }),
+    );
+    for l in [
+        "Importing image: 1% complete...",
+        "Importing image: 42% complete...",
+        "rbd: something else",
+        "Importing image: 100% complete...done.",
+    ] {
+        sink(l);
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![
+            ("import".to_string(), 10, 1000),
+            ("import".to_string(), 420, 1000),
+            ("import".to_string(), 1000, 1000),
+        ]
+    );
+}
