@@ -39,6 +39,16 @@ pub const POINTS: &[(&str, &[&str])] = &[
         &["destroy.marked", "destroy.torn_down", "destroy.dir_removed"],
     ),
     (
+        "save",
+        &[
+            "save.intent",
+            "save.snapshotted",
+            "save.checksummed",
+            "save.cloned",
+            "save.snapshot_removed",
+        ],
+    ),
+    (
         "pull",
         &[
             "image.downloaded",

@@ -39,6 +39,15 @@ const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
 /// with an id, kept for retries across restarts
 /// ([`stratus_core::requests`]).
 const REQUESTS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("requests");
+/// save id -> its [`PendingSave`]: SaveImage's intent, until it is done or
+/// undone.
+const IMAGE_SAVES: TableDefinition<&str, &[u8]> = TableDefinition::new("image_saves");
+
+mod saves;
+pub use saves::PendingSave;
+
+/// More to write in a commit's transaction.
+type AlsoWrite<'a> = &'a dyn Fn(&redb::WriteTransaction) -> Result<()>;
 
 /// A project's limits on this host; None is no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -378,6 +387,7 @@ impl AgentStore {
         tx.open_table(META).map_err(db_err)?;
         tx.open_table(QUOTAS).map_err(db_err)?;
         tx.open_table(REQUESTS).map_err(db_err)?;
+        tx.open_table(IMAGE_SAVES).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         let (live, _) = broadcast::channel(capacity);
         Ok(AgentStore {
@@ -406,7 +416,7 @@ impl AgentStore {
         if self.vm(vm.uuid)?.is_none() {
             return Ok(None);
         }
-        self.write(Some(vm), None, events).map(Some)
+        self.write(Some(vm), None, events, None).map(Some)
     }
 
     /// Appends events about the host rather than a guest (images).
@@ -427,18 +437,22 @@ impl AgentStore {
         events: &[NewEvent],
     ) -> Result<Vec<Event>> {
         let _g = self.commit_lock.lock().unwrap();
-        self.write(put, remove, events)
+        self.write(put, remove, events, None)
     }
 
     /// One transaction of [`Self::commit_inner`]; the caller holds the
-    /// commit lock.
+    /// commit lock. `also` writes more in the same transaction.
     fn write(
         &self,
         put: Option<&mut VmRecord>,
         remove: Option<&mut VmRecord>,
         events: &[NewEvent],
+        also: Option<AlsoWrite<'_>>,
     ) -> Result<Vec<Event>> {
         let tx = self.db.begin_write().map_err(db_err)?;
+        if let Some(also) = also {
+            also(&tx)?;
+        }
         let mut out = Vec::with_capacity(events.len());
         {
             let mut meta = tx.open_table(META).map_err(db_err)?;

@@ -147,6 +147,48 @@ fn kept_requests_survive_a_reopen_and_go_when_old() {
 }
 
 #[test]
+fn an_image_save_is_kept_until_it_ends_with_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut save = PendingSave {
+        id: "save-0123456789ab".into(),
+        vm: Uuid::new_v4(),
+        vm_name: "web".into(),
+        device: "vdb".into(),
+        server: ServerName::default(),
+        volume: "web-data".into(),
+        project: "p".into(),
+        target: "web-img".into(),
+        snapshot: None,
+        size_bytes: 0,
+    };
+    {
+        let s = AgentStore::open(dir.path()).unwrap();
+        s.put_save(&save, &[]).unwrap();
+        save.snapshot = Some("u1".into());
+        let started = NewEvent::new(EventType::ImageSaveStarted, Cause::Api, "web vdb");
+        assert_eq!(s.put_save(&save, &[started]).unwrap().len(), 1);
+    }
+    // After a restart: the last version, once.
+    let s = AgentStore::open(dir.path()).unwrap();
+    assert_eq!(s.saves().unwrap(), vec![save.clone()]);
+    let done = NewEvent::new(
+        EventType::ImageSaved,
+        Cause::Reconciliation,
+        "pdisk:///web-img",
+    );
+    let evs = s.end_save(&save.id, &[done]).unwrap();
+    assert_eq!(evs[0].seq, 2);
+    assert!(s.saves().unwrap().is_empty());
+    let kinds: Vec<EventType> = s
+        .events_since(0, 10)
+        .unwrap()
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, [EventType::ImageSaveStarted, EventType::ImageSaved]);
+}
+
+#[test]
 fn seqs_continue_across_reopen_and_state_travels_with_events() {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = record("a");

@@ -34,11 +34,19 @@ enum Op {
     Start,
     Stop,
     Destroy,
+    Save,
     Pull,
 }
 
 impl Op {
-    const ALL: [Op; 5] = [Op::Create, Op::Start, Op::Stop, Op::Destroy, Op::Pull];
+    const ALL: [Op; 6] = [
+        Op::Create,
+        Op::Start,
+        Op::Stop,
+        Op::Destroy,
+        Op::Save,
+        Op::Pull,
+    ];
 
     fn group(self) -> &'static str {
         match self {
@@ -46,6 +54,7 @@ impl Op {
             Op::Start => "start",
             Op::Stop => "stop",
             Op::Destroy => "destroy",
+            Op::Save => "save",
             Op::Pull => "pull",
         }
     }
@@ -216,6 +225,17 @@ impl Host {
                 c.destroy_vm(pb::DestroyVmRequest {
                     vm,
                     timeout_seconds: 5,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+            }),
+            // The guest's own pdisk volume becomes image base NAME-img.
+            Op::Save => self.agent(move |mut c| async move {
+                c.save_image(pb::SaveImageRequest {
+                    vm: vm.clone(),
+                    device: "vdb".into(),
+                    name: format!("{vm}-img"),
                     ..Default::default()
                 })
                 .await
@@ -453,6 +473,86 @@ fn check(
     );
 }
 
+/// After a save of `name`'s vdb was interrupted: once reconciliation is
+/// done, no `save-*` snapshot is left, exactly one IMAGE_SAVED or
+/// IMAGE_SAVE_FAILED after `history` names the image, with cause
+/// reconciliation when the crash came before the outcome was journaled;
+/// a saved image exists with the checksum of the disk, a failed one does
+/// not; an acknowledged save is saved.
+fn check_save(h: &Host, what: &str, name: &str, acknowledged: bool, history: &[pb::Event]) {
+    let image = format!("{name}-img");
+    let outcome = wait_for(what, Duration::from_secs(60), || {
+        let events = h.events();
+        let ends: Vec<pb::Event> = events[history.len()..]
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.r#type(),
+                    pb::EventType::ImageSaved | pb::EventType::ImageSaveFailed
+                ) && e.detail.contains(&format!("pdisk:///{image}"))
+            })
+            .cloned()
+            .collect();
+        let snapshots = h.pdisk(|mut c| async move {
+            c.list_snapshots(pdpb::ListSnapshotsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshots
+        });
+        let left = snapshots.iter().any(|s| s.name.starts_with("save-"));
+        (!ends.is_empty() && !left).then_some(ends)
+    });
+    assert_eq!(outcome.len(), 1, "{what}: outcomes {outcome:?}");
+    let end = &outcome[0];
+    let img = image.clone();
+    let volume = h.pdisk(move |mut c| async move {
+        c.get_volume(pdpb::GetVolumeRequest {
+            volume: img,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+    });
+    if end.r#type() == pb::EventType::ImageSaved {
+        let v = volume.unwrap_or_else(|s| panic!("{what}: saved {image} missing: {s}"));
+        let data = format!("{name}-data");
+        let want = h.pdisk(move |mut c| async move {
+            c.checksum_volume(pdpb::ChecksumVolumeRequest {
+                volume: data,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sha256
+        });
+        assert_eq!(v.image_sha256, want, "{what}: saved image's checksum");
+        assert_eq!(end.image_sha256, want, "{what}: IMAGE_SAVED's checksum");
+        // Cleaned up for the next pair.
+        h.pdisk(move |mut c| async move {
+            c.delete_volume(pdpb::DeleteVolumeRequest {
+                volume: image,
+                now: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        });
+    } else {
+        assert!(
+            !acknowledged,
+            "{what}: an acknowledged save failed: {end:?}"
+        );
+        assert_eq!(
+            end.cause(),
+            pb::EventCause::Reconciliation,
+            "{what}: {end:?}"
+        );
+        assert!(volume.is_err(), "{what}: a failed save left {image}");
+    }
+}
+
 #[test]
 #[ignore = "needs root, QEMU, tgt and agentd-failpoints: run by scripts/test"]
 fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
@@ -468,7 +568,7 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
             // What the operation needs, made before agentd may crash.
             match op {
                 Op::Create | Op::Pull => {}
-                Op::Start => {
+                Op::Start | Op::Save => {
                     h.define(&name).unwrap();
                     acknowledged.insert(name.clone());
                 }
@@ -495,6 +595,9 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
             );
             h.agentd.restart_with_failpoints(None);
             check(&h, &what, &acknowledged, &history, &mut seen);
+            if op == Op::Save {
+                check_save(&h, &what, &name, answer.is_ok(), &history);
+            }
             pairs += 1;
             // Clean slate for the next pair.
             h.destroy_all();

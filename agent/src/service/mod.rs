@@ -182,6 +182,9 @@ pub struct Agent {
     host_files: stratus_core::rooted::Roots,
     /// One pdisk import per image checksum at a time.
     base_flights: images::BaseFlights,
+    /// The image saves this agentd is finishing (`image_save.rs`), so a
+    /// retry of left-over work does not run one twice.
+    saves_running: Mutex<std::collections::HashSet<String>>,
     /// Cached images held by guests' local disks, per guest.
     pins: Mutex<HashMap<Uuid, Vec<crate::images::PinGuard>>>,
     /// The uids guests' QEMUs hold.
@@ -271,6 +274,7 @@ impl Agent {
             policy,
             host_files,
             base_flights: Default::default(),
+            saves_running: Mutex::default(),
             pins: Mutex::default(),
             uids,
             launches: Default::default(),

@@ -295,8 +295,8 @@ impl Agent {
     /// Retries the pdisk work guests left undone: unfinished destroys
     /// (records left DESTROYING by a failed pdisk call or a crash), and
     /// unexports that failed when a guest stopped. Returns what it did.
-    pub async fn retry_leftovers(&self) -> Result<Vec<String>> {
-        let mut report = Vec::new();
+    pub async fn retry_leftovers(self: &Arc<Self>) -> Result<Vec<String>> {
+        let mut report = self.retry_saves().await?;
         for vm in self.store.vms()? {
             let destroying = vm.state == VmState::Destroying;
             let left_behind = vm.runtime.is_some() || !vm.pending_unexports.is_empty();
