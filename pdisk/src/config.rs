@@ -16,6 +16,7 @@ pub use stratus_core::settings::LogFormat;
 use crate::backend::lvm::{LvmName, LvmSettings, Wipe};
 use crate::backend::rbd::{check_path_for_rbd, CephName, RbdSettings};
 use crate::error::{Error, Result};
+use crate::export::IscsiParams;
 use crate::types::Iqn;
 use stratus_core::nats::{NatsFlags, NatsSettings};
 use stratus_pki::serve::{ServeFlags, ServeSettings};
@@ -146,6 +147,10 @@ pub struct Flags {
     /// lio exporter: where configfs is mounted [default: /sys/kernel/config]
     #[arg(long, value_name = "DIR")]
     pub lio_configfs: Option<PathBuf>,
+    /// iSCSI parameters every target offers (tgt, lio): KEY=VALUE,... or
+    /// none (the target's own) [default: measured, see the README]
+    #[arg(long, value_name = "KEY=VALUE,...")]
+    pub iscsi_params: Option<String>,
     /// Prefix of target IQNs [default: iqn.2026-11.io.stratus.pdisk]
     #[arg(long, value_name = "IQN")]
     pub iqn_prefix: Option<String>,
@@ -213,6 +218,7 @@ pub struct Config {
     pub tgt_control_port: u32,
     pub tgt_bstype: String,
     pub lio_configfs: PathBuf,
+    pub iscsi_params: IscsiParams,
     pub iqn_prefix: String,
     pub import_dirs: Vec<PathBuf>,
     pub max_overcommit: f64,
@@ -280,6 +286,10 @@ impl Flags {
             tgt_control_port: pick!(tgt_control_port, 0),
             tgt_bstype: pick!(tgt_bstype, "rdwr".into()),
             lio_configfs: pick!(lio_configfs, PathBuf::from("/sys/kernel/config")),
+            iscsi_params: match self.iscsi_params.or(file.iscsi_params) {
+                Some(p) => p.parse()?,
+                None => IscsiParams::measured_default(),
+            },
             iqn_prefix: pick!(iqn_prefix, "iqn.2026-11.io.stratus.pdisk".into()),
             import_dirs: pick!(import_dirs, vec![data_dir.join("import")]),
             max_overcommit: pick!(max_overcommit, 20.0),
@@ -698,6 +708,18 @@ mod tests {
             .unwrap();
         assert_eq!(c.exporter, ExporterKind::Lio);
         assert_eq!(c.lio_configfs, PathBuf::from("/mnt/cfg"));
+        assert_eq!(c.iscsi_params, IscsiParams::measured_default());
+        std::fs::write(&f, "iscsi_params = \"InitialR2T=No\"\n").unwrap();
+        let with = |extra: &[&str]| {
+            let mut argv = vec!["pdiskd", "--config", f.to_str().unwrap()];
+            argv.extend(extra);
+            Flags::parse_from(argv).resolve()
+        };
+        assert_eq!(with(&[]).unwrap().iscsi_params.to_string(), "InitialR2T=No");
+        let flag = with(&["--iscsi-params", "none"]).unwrap();
+        assert!(flag.iscsi_params.is_empty(), "the flag beats the file");
+        let bad = with(&["--iscsi-params", "MaxBurstLength=1"]).unwrap_err();
+        assert!(bad.to_string().contains("MaxBurstLength"), "{bad}");
     }
 
     #[test]

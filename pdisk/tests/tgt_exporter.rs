@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
-use pdisk::export::{ExportSpec, Exporter};
+use pdisk::export::{ExportSpec, Exporter, IscsiParams};
 use stratus_core::error::ErrorKind;
 use stratus_core::runner::RecordingRunner;
 use stratus_core::types::{Chap, Iqn};
@@ -731,4 +731,72 @@ async fn tgtd_down_is_unavailable() {
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert!(!err.message().contains("DownSecret"), "{err}");
     assert_eq!(exp.list().await.unwrap_err().kind(), ErrorKind::Unavailable);
+}
+
+#[tokio::test]
+#[ignore = "needs root and tgtd: run by scripts/test"]
+async fn targets_offer_the_configured_params_and_libiscsi_negotiates_them() {
+    const PORT: u16 = 21110;
+    let dir = tempfile::tempdir().unwrap();
+    let _tgtd = Tgtd::start(PORT, dir.path());
+    let (plain, _) = exporter(PORT, "rdwr");
+    let cfg = TgtConfig {
+        params: IscsiParams::measured_default(),
+        ..plain.config().clone()
+    };
+    let exp = TgtExporter::new(Arc::new(RecordingRunner::default()), cfg);
+    let path = volume(dir.path(), "vol-1", 64 * MIB);
+    let s = spec("vol-1", &path, &[HOST_A], None);
+    exp.export(&s).await.unwrap();
+
+    let show = tgtadm(PORT, &["--mode", "target", "--op", "show", "--tid", "1"]);
+    for kv in [
+        "MaxRecvDataSegmentLength=262144",
+        "MaxXmitDataSegmentLength=262144",
+        "FirstBurstLength=262144",
+        "MaxBurstLength=262144",
+        "InitialR2T=No",
+        "ImmediateData=Yes",
+    ] {
+        assert!(show.lines().any(|l| l.trim() == kv), "{kv} not in {show}");
+    }
+
+    // What QEMU's initiator (libiscsi) agrees to at login, from its log;
+    // then data written through the session reads back from the file.
+    let out = tokio::process::Command::new("qemu-io")
+        .env("LIBISCSI_DEBUG", "9")
+        .args(["-c", "write -P 0x3c 0 1M", "-c", "read -P 0x3c 0 1M"])
+        .args(
+            Login {
+                port: PORT,
+                target: &s.target_iqn,
+                initiator: HOST_A,
+                chap: None,
+            }
+            .args(),
+        )
+        .output()
+        .await
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !log.contains("Pattern verification failed"),
+        "{log}"
+    );
+    for kv in [
+        "InitialR2T=No",
+        "ImmediateData=Yes",
+        "FirstBurstLength=262144",
+        "MaxBurstLength=262144",
+    ] {
+        assert!(
+            log.contains(&format!("TargetLoginReply: {kv} ")),
+            "{kv} not negotiated: {log}"
+        );
+    }
+    assert_eq!(first_bytes(&path, 4), [0x3c; 4]);
 }

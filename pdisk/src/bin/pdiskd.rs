@@ -111,6 +111,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 portal: cfg.portal.clone(),
                 iqn_prefix: cfg.iqn_prefix.clone(),
                 bstype: cfg.tgt_bstype.clone(),
+                params: cfg.iscsi_params.clone(),
                 ..TgtConfig::default()
             },
         )),
@@ -121,6 +122,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 configfs_root: cfg.lio_configfs.clone(),
                 portal: cfg.portal.clone(),
                 iqn_prefix: cfg.iqn_prefix.clone(),
+                params: cfg.iscsi_params.clone(),
                 ..LioConfig::default()
             },
         )),

@@ -19,9 +19,11 @@
 //! - Exporters never touch targets whose IQN lacks the configured prefix.
 
 pub mod lio;
+pub mod params;
 pub mod rbd;
 pub mod tgt;
 
+pub use params::{IscsiKey, IscsiParams, IscsiValue};
 pub use tgt::{TgtConfig, TgtExporter};
 
 use std::path::PathBuf;

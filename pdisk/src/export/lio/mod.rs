@@ -16,6 +16,8 @@
 //! iscsi/<target IQN>/tpgt_1/
 //!     attrib/generate_node_acls=0 cache_dynamic_acls=0 demo_mode_write_protect=1
 //!            prod_mode_write_protect=0 demo_mode_discovery=0 authentication=0|1
+//!            [default_cmdsn_depth = N]    (--iscsi-params QueueDepth)
+//!     param/<key> = <value>            (--iscsi-params: MaxBurstLength, InitialR2T...)
 //!     lun/lun_1/backstore -> core/<hba>/<target IQN>
 //!     np/<IP:PORT>/                    the configured portal
 //!     acls/<initiator IQN>/
@@ -76,6 +78,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
+use super::params::IscsiParams;
 use super::{ExportSpec, Exporter, LiveExport, VOLUME_LUN};
 use crate::error::{Error, Result};
 use crate::runner::{run_checked, BoxFuture, Cmd, CommandRunner};
@@ -135,6 +138,10 @@ pub struct LioConfig {
     pub fileio_write_back: bool,
     /// The modprobe program.
     pub modprobe: String,
+    /// What every TPG offers at login (`param/<key>`, the queue depth as
+    /// `attrib/default_cmdsn_depth`), converged at every export. Empty:
+    /// LIO's own; pdiskd passes `IscsiParams::measured_default()`.
+    pub params: IscsiParams,
 }
 
 impl Default for LioConfig {
@@ -145,6 +152,7 @@ impl Default for LioConfig {
             iqn_prefix: "iqn.2026-11.io.stratus.pdisk".into(),
             fileio_write_back: true,
             modprobe: "modprobe".into(),
+            params: IscsiParams::default(),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use super::tree::{dir_tail, Lio, Probe};
 use super::{LUN_LINK, MAPPED_LUN_LINK, TPGT, TPG_ATTRIBS};
 use crate::error::{Error, Result};
+use crate::export::params::IscsiKey;
 use crate::export::ExportSpec;
 use crate::types::Iqn;
 
@@ -236,6 +237,15 @@ impl Lio {
         self.ensure_dir(&tpg)?;
         for (attr, value) in TPG_ATTRIBS {
             self.ensure_attr(&tpg.join("attrib").join(attr), value)?;
+        }
+        // The iSCSI parameters the TPG offers at login (new sessions); the
+        // queue depth is the command window ACLs made after it get.
+        for (key, value) in self.cfg.params.iter() {
+            let attr = match key {
+                IscsiKey::QueueDepth => tpg.join("attrib/default_cmdsn_depth"),
+                k => tpg.join("param").join(k.name()),
+            };
+            self.ensure_attr(&attr, &value.to_string())?;
         }
 
         // 3. LUN 1, the portal, ACLs with CHAP and mapped LUNs.

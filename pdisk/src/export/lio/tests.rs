@@ -250,6 +250,51 @@ async fn write_through_fileio_when_write_back_is_off() {
 }
 
 #[tokio::test]
+async fn the_tpg_offers_the_configured_iscsi_params_before_it_opens() {
+    let (dir, fs) = FakeConfigFs::new();
+    let mut lab = lab_on(dir, fs, FakeRunner::new());
+    let mut cfg = lab.exp.config().clone();
+    cfg.params = "InitialR2T=No,MaxRecvDataSegmentLength=262144,QueueDepth=128"
+        .parse()
+        .unwrap();
+    let stat = lab.exp.lio.stat.clone();
+    lab.exp = LioExporter::with_host(Arc::new(FakeRunner::new()), cfg, lab.fs.clone(), stat);
+    let s = spec(VOL_A, file_path(VOL_A), &[INIT_1], None);
+    lab.exp.export(&s).await.unwrap();
+    let tpg = format!("target/iscsi/{}/tpgt_1", target(VOL_A));
+    let tree = lab.fs.tree();
+    for (attr, value) in [
+        ("param/MaxRecvDataSegmentLength", "262144"),
+        ("param/InitialR2T", "No"),
+        ("attrib/default_cmdsn_depth", "128"),
+    ] {
+        assert!(
+            tree.contains(&format!("f {tpg}/{attr} = {value}")),
+            "{tree:?}"
+        );
+    }
+    // Before the ACL, so its command window is the new depth, and before
+    // the TPG opens.
+    let ops = lab.fs.ops();
+    let pos = |needle: &str| ops.iter().position(|o| o.contains(needle)).unwrap();
+    assert!(pos("default_cmdsn_depth=128") < pos(&format!("mkdir {tpg}/acls")));
+    assert!(pos("param/InitialR2T=No") < pos("tpgt_1/enable=1"));
+
+    // Converged: a TPG whose parameter was changed behind our back gets
+    // it back at the next export, and an export that matches writes nothing.
+    std::fs::write(lab.fs.root.join(format!("{tpg}/param/InitialR2T")), "Yes\n").unwrap();
+    lab.fs.clear_ops();
+    lab.exp.export(&s).await.unwrap();
+    assert_eq!(
+        lab.fs.ops(),
+        vec![format!("write {tpg}/param/InitialR2T=No")]
+    );
+    lab.fs.clear_ops();
+    lab.exp.export(&s).await.unwrap();
+    assert_eq!(lab.fs.ops(), Vec::<String>::new());
+}
+
+#[tokio::test]
 async fn re_export_of_a_matching_target_changes_nothing() {
     let lab = lab();
     let s = spec(VOL_A, file_path(VOL_A), &[INIT_1], chap("alice", SECRET));

@@ -54,6 +54,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
+use super::params::IscsiParams;
 use super::{ExportSpec, Exporter, LiveExport, VOLUME_LUN};
 use crate::error::{Error, Result};
 use crate::runner::{BoxFuture, CommandRunner};
@@ -96,6 +97,12 @@ pub struct TgtConfig {
     pub tgtadm: String,
     /// Directory of tgtd's management sockets (`socket.<control_port>`).
     pub ipc_socket_dir: PathBuf,
+    /// The iSCSI parameters every new target offers (tgtadm `--op update
+    /// --name K --value V`, set before its ACL opens). Empty: tgt's own
+    /// (8 KiB data PDUs, `InitialR2T=Yes`); pdiskd passes
+    /// `IscsiParams::measured_default()` unless told otherwise. A target
+    /// keeps the parameters it was created with.
+    pub params: IscsiParams,
 }
 
 impl Default for TgtConfig {
@@ -110,6 +117,7 @@ impl Default for TgtConfig {
             bstype: "rdwr".into(),
             tgtadm: "tgtadm".into(),
             ipc_socket_dir: PathBuf::from("/var/run/tgtd"),
+            params: IscsiParams::default(),
         }
     }
 }

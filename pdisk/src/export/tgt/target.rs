@@ -9,6 +9,7 @@ use super::show::TgtTarget;
 use super::tgtadm::{acl_flag, backing_path_arg, lowest_free_tid};
 use super::{TgtExporter, VOLUME_LUN};
 use crate::error::{Error, ErrorKind, Result};
+use crate::export::params::IscsiKey;
 use crate::export::ExportSpec;
 use crate::types::{Chap, Iqn};
 
@@ -41,6 +42,22 @@ impl TgtExporter {
             match r {
                 Ok(_) => {
                     tracing::info!(target = iqn, tid, "tgt: created target");
+                    if let Err(e) = self.set_params(tid).await {
+                        // No ACL yet, so nobody logged in with tgt's own
+                        // parameters; remove the target so the retry
+                        // creates it again, with them.
+                        let _ = self
+                            .tgtadm(&[
+                                "--mode",
+                                "target",
+                                "--op",
+                                "delete",
+                                "--tid",
+                                &tid.to_string(),
+                            ])
+                            .await;
+                        return Err(e);
+                    }
                     return Ok(TgtTarget {
                         tid,
                         iqn: iqn.to_owned(),
@@ -54,6 +71,33 @@ impl TgtExporter {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Sets the iSCSI parameters the new target `tid` offers at login
+    /// (`TgtConfig::params`), before its ACL lets anyone log in. tgt calls
+    /// the queue depth `MaxQueueCmd`.
+    async fn set_params(&self, tid: u32) -> Result<()> {
+        let tid = tid.to_string();
+        for (key, value) in self.cfg.params.iter() {
+            let name = match key {
+                IscsiKey::QueueDepth => "MaxQueueCmd",
+                k => k.name(),
+            };
+            self.tgtadm(&[
+                "--mode",
+                "target",
+                "--op",
+                "update",
+                "--tid",
+                &tid,
+                "--name",
+                name,
+                "--value",
+                &value.to_string(),
+            ])
+            .await?;
+        }
+        Ok(())
     }
 
     /// Makes target `spec.target_iqn` match `spec`, given the live

@@ -450,6 +450,70 @@ async fn fresh_export_with_two_initiators() {
 }
 
 #[tokio::test]
+async fn a_new_target_offers_the_configured_iscsi_params_before_its_acl_opens() {
+    let fake = showing(String::new());
+    let accounts = Arc::new(FakeAccounts::default());
+    let cfg = TgtConfig {
+        control_port: 7,
+        iqn_prefix: PREFIX.into(),
+        bstype: "aio".into(),
+        params: "InitialR2T=No,QueueDepth=64,MaxRecvDataSegmentLength=262144"
+            .parse()
+            .unwrap(),
+        ..TgtConfig::default()
+    };
+    let exp = TgtExporter::with_accounts(Arc::new(fake.clone()), cfg, accounts);
+    exp.export(&spec("vol-1", &["iqn.2026-11.io.stratus:h1"], None))
+        .await
+        .unwrap();
+    assert_eq!(
+        fake.command_lines()[1..],
+        lines(&[
+            "$T --mode target --op new --tid 1 --targetname iqn.2026-11.io.stratus.pdisk:vol-1",
+            "$T --mode target --op update --tid 1 --name MaxRecvDataSegmentLength --value 262144",
+            "$T --mode target --op update --tid 1 --name InitialR2T --value No",
+            "$T --mode target --op update --tid 1 --name MaxQueueCmd --value 64",
+            "$T --mode logicalunit --op new --tid 1 --lun 1 --backing-store /pool/vol-1 --bstype aio",
+            "$T --mode target --op bind --tid 1 --initiator-name iqn.2026-11.io.stratus:h1",
+        ])
+    );
+
+    // tgtd refuses a parameter: the target goes again, nothing is bound,
+    // and the export fails.
+    let fake = FakeRunner::with(|argv| {
+        if argv.iter().any(|a| a == "InitialR2T") {
+            Ok(Output::failed(22, "tgtadm: invalid request"))
+        } else {
+            Ok(Output::ok(""))
+        }
+    });
+    let cfg = TgtConfig {
+        control_port: 7,
+        iqn_prefix: PREFIX.into(),
+        bstype: "aio".into(),
+        params: "InitialR2T=No".parse().unwrap(),
+        ..TgtConfig::default()
+    };
+    let exp = TgtExporter::with_accounts(
+        Arc::new(fake.clone()),
+        cfg,
+        Arc::new(FakeAccounts::default()),
+    );
+    assert!(exp
+        .export(&spec("vol-1", &["iqn.2026-11.io.stratus:h1"], None))
+        .await
+        .is_err());
+    assert_eq!(
+        fake.command_lines()[1..],
+        lines(&[
+            "$T --mode target --op new --tid 1 --targetname iqn.2026-11.io.stratus.pdisk:vol-1",
+            "$T --mode target --op update --tid 1 --name InitialR2T --value No",
+            "$T --mode target --op delete --tid 1",
+        ])
+    );
+}
+
+#[tokio::test]
 async fn rdwr_exports_get_thin_provisioning() {
     let fake = showing(String::new());
     let accounts = Arc::new(FakeAccounts::default());
