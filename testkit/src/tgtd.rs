@@ -96,6 +96,11 @@ impl Tgtd {
         format!("127.0.0.1:{}", self.portal_port)
     }
 
+    /// tgtd's process id while it runs (for its CPU time in /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills tgtd (SIGKILL): every target it held is gone.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

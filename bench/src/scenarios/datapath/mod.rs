@@ -1,16 +1,23 @@
 //! Scenario 1, data path: one client on QEMU's block layer (`qemu-img
 //! bench`, the code a guest's virtio-blk requests go through) against a
-//! volume's backing file ("local", the peer) and against the same file
-//! exported through tgt and reached with QEMU's own iSCSI initiator
-//! (libiscsi), as agentd attaches pdisk volumes.
+//! volume's backing file ("local", the peer), against a pdisk volume on the
+//! same host reached as agentd reaches it there (pdiskd's local attachment,
+//! see `same_host`), and against the backing file exported through tgt and
+//! reached with QEMU's own iSCSI initiator (libiscsi), as agentd attaches
+//! pdisk volumes on other hosts (issue 16).
 //!
 //! Measured: 128 KiB sequential read and write (MB/s) and 4 KiB random read
 //! and write (IOPS), at queue depth 1 and 32, plus both writes at depth 32
 //! with a flush every 64 or 256 requests (`flush/N`), as a guest's fsync
-//! sends them. Every export figure carries its local peer (ratio = export /
-//! local). Then the tgt backing stores are compared (`rdwr` against `aio`,
-//! pdisk's default), and tgtd's I/O thread count for `rdwr`
-//! (`--nr_iothreads` 1 and 4 against the default, 16).
+//! sends them. Every path carries its local peer (ratio = path / local),
+//! and so does its CPU cost per GiB moved (qemu-img plus tgtd, `cpu`) on
+//! the four cases of issue 16's goals (`goals()`). Then the levers, each
+//! on those four cases against tgt with its own iSCSI parameters on the
+//! same tgtd (`rdwr` store, pdisk's default): pdisk's tuned parameters
+//! (`IscsiParams::measured_default`), only their 256 KiB data PDUs, only
+//! `InitialR2T=No` with a 256 KiB first burst, tgt's `aio` store; and
+//! tgtd's I/O thread count (`--nr_iothreads` 1 and 4 against the default
+//! 16, tuned parameters).
 //!
 //! How it is measured, and why:
 //! - The volume is a sparse file on an XFS reflink filesystem on a loop
@@ -48,11 +55,11 @@
 //!   page cache but neither the disk's volatile write cache nor XFS's log
 //!   (extent allocation in a sparse volume) is forced on a guest's flush, so
 //!   `aio`'s `flush/N` figures are cheap because its flushes are not done.
-//! - In full mode each figure is the median of 5 runs of about 0.7 s,
+//! - In full mode each figure is the median of 7 runs of about 0.7 s,
 //!   sized from a short probe run (which also warms up the connection);
-//!   `--quick` does one tiny run per figure. Every subject (local file, aio
-//!   export, rdwr export, rdwr with fewer threads) is live at once and their
-//!   runs of a case alternate, so the machine's background load, which
+//!   `--quick` does one tiny run per figure. Every subject (local file,
+//!   same host, every export) is live at once and their runs of a case
+//!   alternate, so the machine's background load, which
 //!   drifts, weighs on a figure and its peer alike.
 //! - tgtd 1.0.85 has `-t/--nr_iothreads N` (default 16): the size of the
 //!   worker pool of thread-based backing stores (`rdwr`), per LUN. `aio`
@@ -65,10 +72,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use pdisk::export::{ExportSpec, Exporter, TgtConfig, TgtExporter};
+use pdisk::export::{ExportSpec, Exporter, IscsiParams, TgtConfig, TgtExporter};
 use stratus_core::runner::HostRunner;
 use testkit::{Tgtd, XfsPool, INITIATOR};
 use tokio::runtime::Handle;
+
+mod cpu;
+mod figures;
+mod same_host;
+
+use cpu::CpuMark;
+use figures::figures;
 
 use super::Ctx;
 use crate::report::{percentile, Figure};
@@ -84,6 +98,7 @@ const THREAD_COUNTS: [u32; 2] = [1, 4];
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
+const GIB: f64 = (1024 * MIB) as f64;
 
 /// One access pattern.
 #[derive(Debug, Clone, Copy)]
@@ -158,9 +173,11 @@ fn matrix() -> Vec<(Pattern, u32)> {
     cases
 }
 
-/// Every pattern at queue depth 32 (the thread-count comparison).
-fn qd32() -> Vec<(Pattern, u32)> {
-    PATTERNS.iter().map(|p| (*p, 32)).collect()
+/// The four columns of issue 16's goals: reads at queue depth 32, writes
+/// at queue depth 32 with flushes (the levers are measured on these).
+fn goals() -> Vec<(Pattern, u32)> {
+    let reads = PATTERNS.iter().filter(|p| !p.write).map(|p| (*p, 32));
+    reads.chain(FLUSHED.iter().map(|p| (*p, 32))).collect()
 }
 
 impl Pattern {
@@ -230,8 +247,14 @@ fn gcd(a: u64, b: u64) -> u64 {
 /// What `qemu-img bench` opens.
 #[derive(Debug, Clone)]
 enum Target {
-    /// The backing file, as agentd opens a guest's file disk.
-    Local { path: PathBuf, aio: &'static str },
+    /// The backing file, as agentd opens a guest's file disk, or a local
+    /// attachment as agentd opens it: QEMU's `file` driver for a file,
+    /// `host_device` for a block device.
+    Local {
+        path: PathBuf,
+        aio: &'static str,
+        driver: &'static str,
+    },
     /// A tgt export (LUN 1 of `iqn`), through QEMU's iSCSI initiator.
     Iscsi { portal: String, iqn: String },
 }
@@ -239,8 +262,8 @@ enum Target {
 impl Target {
     fn image_opts(&self) -> String {
         match self {
-            Target::Local { path, aio } => format!(
-                "driver=raw,file.driver=file,file.filename={},file.aio={aio},file.cache.direct=on",
+            Target::Local { path, aio, driver } => format!(
+                "driver=raw,file.driver={driver},file.filename={},file.aio={aio},file.cache.direct=on",
                 path.display()
             ),
             Target::Iscsi { portal, iqn } => format!(
@@ -255,6 +278,8 @@ struct Subject {
     name: String,
     target: Target,
     cases: Vec<(Pattern, u32)>,
+    /// The tgtd serving the target, whose CPU time counts with qemu-img's.
+    tgtd: Option<u32>,
 }
 
 impl Subject {
@@ -279,21 +304,25 @@ struct Plan {
 /// Runs `qemu-img bench` against the volume.
 struct Bench<'a> {
     plan: &'a Plan,
-    /// The volume's backing file, whose cached pages are dropped before
-    /// every run.
-    volume: &'a Path,
+    /// The volumes' backing files (or devices), whose cached pages are
+    /// dropped before every run.
+    volumes: &'a [PathBuf],
 }
 
 impl Bench<'_> {
-    /// One `qemu-img bench` run of `count` requests; returns seconds.
+    /// One `qemu-img bench` run of `count` requests; returns its seconds
+    /// and the CPU seconds it cost (qemu-img and the subject's tgtd).
     fn run_once(
         &self,
-        target: &Target,
+        subject: &Subject,
         p: &Pattern,
         depth: u32,
         count: u64,
-    ) -> anyhow::Result<f64> {
-        drop_cached_pages(self.volume)?;
+    ) -> anyhow::Result<(f64, f64)> {
+        let target = &subject.target;
+        for v in self.volumes {
+            drop_cached_pages(v)?;
+        }
         let mut cmd = Command::new("qemu-img");
         // argv only: `-c` is qemu-img bench's request count, not a shell's.
         cmd.args(["bench", "--image-opts"])
@@ -308,9 +337,11 @@ impl Bench<'_> {
             cmd.arg(format!("--flush-interval={}", p.flush_every));
         }
         cmd.arg(target.image_opts());
+        let mark = CpuMark::now(subject.tgtd);
         let out = cmd
             .output()
             .context("cannot run qemu-img (package qemu-utils)")?;
+        let cpu = mark.since(subject.tgtd);
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!(
@@ -321,7 +352,7 @@ impl Bench<'_> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        parse_bench_seconds(&stdout)
+        Ok((parse_bench_seconds(&stdout)?, cpu))
     }
 
     /// Measures every case of the matrix on every subject that runs it.
@@ -346,17 +377,21 @@ impl Bench<'_> {
                 let count = if self.plan.quick {
                     small
                 } else {
-                    let probe = self.run_once(&subjects[i].target, &pattern, depth, small)?;
+                    let (probe, _) = self.run_once(&subjects[i], &pattern, depth, small)?;
                     let rate = small as f64 / probe.max(1e-3);
                     ((rate * self.plan.run_secs) as u64).clamp(small, max)
                 };
                 counts.push(count);
             }
             let mut samples: Vec<Vec<f64>> = who.iter().map(|_| Vec::new()).collect();
+            let mut cpu: Vec<Vec<f64>> = who.iter().map(|_| Vec::new()).collect();
             for _ in 0..self.plan.reps {
                 for (k, &i) in who.iter().enumerate() {
-                    let secs = self.run_once(&subjects[i].target, &pattern, depth, counts[k])?;
+                    let (secs, cpu_secs) =
+                        self.run_once(&subjects[i], &pattern, depth, counts[k])?;
                     samples[k].push(pattern.value(counts[k], secs));
+                    let gib = (counts[k] * pattern.block) as f64 / GIB;
+                    cpu[k].push(cpu_secs / gib);
                 }
             }
             let mut line = format!("  {:<30}", pattern.label(depth));
@@ -367,6 +402,7 @@ impl Bench<'_> {
                     pattern,
                     depth,
                     value,
+                    cpu_per_gib: percentile(&cpu[k], 50.0),
                     samples: if self.plan.quick {
                         Vec::new()
                     } else {
@@ -385,12 +421,19 @@ struct Measured {
     pattern: Pattern,
     depth: u32,
     value: f64,
+    /// Median CPU seconds (qemu-img + tgtd) per GiB moved.
+    cpu_per_gib: f64,
     samples: Vec<f64>,
 }
 
 impl Measured {
     fn label(&self) -> String {
         self.pattern.label(self.depth)
+    }
+
+    /// CPU milliseconds (qemu-img + tgtd) per GiB moved.
+    fn cpu_figure(&self, name: String) -> Figure {
+        Figure::new(SCENARIO, &name, "ms/GiB", self.cpu_per_gib * 1e3)
     }
 
     fn figure(&self, name: String) -> Figure {
@@ -493,9 +536,16 @@ fn create_volume(path: &Path, size: u64) -> anyhow::Result<()> {
     std::fs::File::create(path)
         .and_then(|f| f.set_len(size))
         .with_context(|| format!("creating {}", path.display()))?;
+    fill_volume(path, "file", size)
+}
+
+/// Writes every block of the volume at `path` once (`driver`: QEMU's
+/// `file` or `host_device`).
+fn fill_volume(path: &Path, driver: &'static str, size: u64) -> anyhow::Result<()> {
     let opts = Target::Local {
         path: path.to_path_buf(),
         aio: local_aio(path),
+        driver,
     }
     .image_opts();
     let count = (size / MIB).to_string();
@@ -526,9 +576,11 @@ fn export(
     rt: &Handle,
     tgtd: &Tgtd,
     bstype: &str,
-    iqn: &str,
+    params: &IscsiParams,
+    name: &str,
     volume: &Path,
 ) -> anyhow::Result<Target> {
+    let iqn = &format!("{TARGET_PREFIX}-{name}");
     let exporter = TgtExporter::new(
         Arc::new(HostRunner),
         TgtConfig {
@@ -536,6 +588,7 @@ fn export(
             portal: tgtd.portal(),
             iqn_prefix: IQN_PREFIX.into(),
             bstype: bstype.into(),
+            params: params.clone(),
             ..TgtConfig::default()
         },
     );
@@ -570,7 +623,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
             quick: false,
             vol_size: 1024 * MIB,
             run_secs: 0.7,
-            reps: 5,
+            reps: 7,
         }
     };
     let rt = Handle::current();
@@ -591,8 +644,10 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
 }
 
 fn run_blocking(rt: &Handle, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
-    // Guards are dropped in reverse order: the tgtds first, the pool last.
-    let pool = XfsPool::new(if plan.quick { 512 } else { 2048 });
+    // Guards are dropped in reverse order: the tgtds and pdiskd first, the
+    // pool last. The pool holds two volumes: the bench's own file and
+    // pdiskd's.
+    let pool = XfsPool::new(if plan.quick { 512 } else { 3072 });
     if let Err(e) = loop_direct_io(&pool) {
         eprintln!(
             "  warning: loop device stays buffered, reads may come from the host page cache: {e:#}"
@@ -601,93 +656,110 @@ fn run_blocking(rt: &Handle, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     let volume = pool.mnt.join("volume.raw");
     let t = Instant::now();
     create_volume(&volume, plan.vol_size)?;
+    let same_host = same_host::start(rt, &pool, plan.vol_size)?;
+    let same_driver = if same_host.block_device {
+        "host_device"
+    } else {
+        "file"
+    };
+    fill_volume(&same_host.path, same_driver, plan.vol_size)?;
     eprintln!(
-        "  volume of {} MiB written in {:.1} s",
+        "  2 volumes of {} MiB written in {:.1} s; pdiskd's local attachment: {} ({same_driver})",
         plan.vol_size / MIB,
-        t.elapsed().as_secs_f64()
+        t.elapsed().as_secs_f64(),
+        same_host.path.display()
     );
 
-    // The subjects, all live at once: the backing file; its export with
-    // tgt's aio store (pdisk's default) and rdwr store on a tgtd with the
-    // default thread count; rdwr on tgtds with fewer worker threads (which
-    // only thread-based stores use). Every target is backed by the same
-    // file; runs never overlap and the file's cached pages are dropped
-    // before each, so they do not see each other's data in memory.
+    // The subjects, all live at once. Every tgt target is
+    // backed by the bench's file; runs never overlap and the volumes'
+    // cached pages are dropped before each, so they do not see each
+    // other's data in memory.
     let aio = local_aio(&volume);
     let tgtd = Tgtd::start(pool.dir.path());
+    let tgt_own = IscsiParams::default();
+    let tuned = IscsiParams::measured_default();
+    let pdu_only: IscsiParams =
+        "MaxRecvDataSegmentLength=262144,MaxXmitDataSegmentLength=262144".parse()?;
+    let r2t_only: IscsiParams =
+        "FirstBurstLength=262144,InitialR2T=No,ImmediateData=Yes".parse()?;
     let mut subjects = vec![
         Subject {
             name: format!("local({aio})"),
             target: Target::Local {
                 path: volume.clone(),
                 aio,
+                driver: "file",
             },
             cases: matrix(),
+            tgtd: None,
+        },
+        Subject {
+            name: "same-host".into(),
+            target: Target::Local {
+                path: same_host.path.clone(),
+                aio: local_aio(&same_host.path),
+                driver: same_driver,
+            },
+            cases: matrix(),
+            tgtd: None,
+        },
+        Subject {
+            name: "tgt".into(),
+            target: export(rt, &tgtd, "rdwr", &tgt_own, "rdwr", &volume)?,
+            cases: matrix(),
+            tgtd: tgtd.pid(),
+        },
+        Subject {
+            name: "tuned".into(),
+            target: export(rt, &tgtd, "rdwr", &tuned, "tuned", &volume)?,
+            cases: matrix(),
+            tgtd: tgtd.pid(),
+        },
+        Subject {
+            name: "pdu256k".into(),
+            target: export(rt, &tgtd, "rdwr", &pdu_only, "pdu", &volume)?,
+            cases: goals(),
+            tgtd: tgtd.pid(),
+        },
+        Subject {
+            name: "noR2T".into(),
+            target: export(rt, &tgtd, "rdwr", &r2t_only, "r2t", &volume)?,
+            cases: goals(),
+            tgtd: tgtd.pid(),
         },
         Subject {
             name: "aio".into(),
-            target: export(rt, &tgtd, "aio", &format!("{TARGET_PREFIX}-aio"), &volume)?,
-            cases: matrix(),
-        },
-        Subject {
-            name: "rdwr".into(),
-            target: export(rt, &tgtd, "rdwr", &format!("{TARGET_PREFIX}-rdwr"), &volume)?,
-            cases: matrix(),
+            target: export(rt, &tgtd, "aio", &tgt_own, "aio", &volume)?,
+            cases: goals(),
+            tgtd: tgtd.pid(),
         },
     ];
     let mut tgtds = Vec::new();
     for threads in THREAD_COUNTS {
         let t = Tgtd::start_with(pool.dir.path(), &["--nr_iothreads", &threads.to_string()]);
-        let iqn = format!("{TARGET_PREFIX}-rdwr-t{threads}");
         subjects.push(Subject {
-            name: format!("rdwr-t{threads}"),
-            target: export(rt, &t, "rdwr", &iqn, &volume)?,
-            cases: qd32(),
+            name: format!("tuned-t{threads}"),
+            target: export(rt, &t, "rdwr", &tuned, &format!("t{threads}"), &volume)?,
+            cases: goals(),
+            tgtd: t.pid(),
         });
         tgtds.push(t);
     }
-    eprintln!("  local file: O_DIRECT, aio={aio}; exports: iSCSI through tgt; rdwr-tN: tgtd --nr_iothreads N");
+    eprintln!(
+        "  local file and same-host: O_DIRECT, aio={aio}; the rest: iSCSI through tgt (rdwr unless aio), \
+         tgt's own parameters or tuned ({tuned}); pdu256k: {pdu_only}; noR2T: {r2t_only}; \
+         tuned-tN: tgtd --nr_iothreads N"
+    );
+    let volumes = [volume.clone(), same_host.path.clone()];
     let bench = Bench {
         plan,
-        volume: &volume,
+        volumes: &volumes,
     };
     let measured = bench.all(&subjects)?;
     drop(tgtds);
     drop(tgtd);
-
-    let (local, aio_export, rdwr_export) = (&measured[0], &measured[1], &measured[2]);
-    let mut figures = Vec::new();
-    for m in local {
-        figures.push(m.figure(format!("{} (local)", m.label())));
-    }
-    for m in aio_export {
-        let l = peer_of(local, m);
-        figures.push(
-            m.figure(format!("{} (export, aio)", m.label()))
-                .against("local", l.value),
-        );
-    }
-    // rdwr's own export/local ratios follow from these and the aio rows.
-    for m in rdwr_export {
-        let a = peer_of(aio_export, m);
-        figures.push(
-            m.figure(format!("rdwr {}", m.label()))
-                .against(&format!("aio {}", m.label()), a.value),
-        );
-    }
-    for (threads, by_threads) in THREAD_COUNTS.iter().zip(&measured[3..]) {
-        for m in by_threads {
-            let d = peer_of(rdwr_export, m);
-            figures.push(
-                m.figure(format!("rdwr, {threads} tgtd threads: {}", m.label()))
-                    .against(
-                        &format!("rdwr, {TGTD_DEFAULT_THREADS} threads (default)"),
-                        d.value,
-                    ),
-            );
-        }
-    }
-    Ok(figures)
+    drop(same_host);
+    Ok(figures(&subjects, &measured))
 }
 
 #[cfg(test)]
@@ -735,12 +807,14 @@ mod tests {
         let labels: std::collections::BTreeSet<String> =
             m.iter().map(|(p, d)| p.label(*d)).collect();
         assert_eq!(labels.len(), m.len(), "labels are unique");
-        assert!(qd32().iter().all(|(p, d)| labels.contains(&p.label(*d))));
+        assert_eq!(goals().len(), 4);
+        assert!(goals().iter().all(|(p, d)| labels.contains(&p.label(*d))));
         assert!(FLUSHED.iter().all(|p| p.flush_every >= 32));
 
         let l = Target::Local {
             path: "/p/v.raw".into(),
             aio: "io_uring",
+            driver: "file",
         }
         .image_opts();
         assert!(
