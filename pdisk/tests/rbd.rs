@@ -792,6 +792,31 @@ async fn checksums_of_rbd_volumes_and_snapshots_are_their_whole_content() {
     assert_eq!((now.sha256, now.size_bytes), (expect(0x5b), 8 * MIB));
     let then = sum("before", true).await;
     assert_eq!(then.sha256, expect(0));
+    // The same through the CLI, as an admin: --json and the sha256sum form.
+    let j = t.pdiskd.cli_json(&["volume", "checksum", "summed"]);
+    assert_eq!(j["sha256"], expect(0x5b), "{j}");
+    assert_eq!(j["size_bytes"], 8 * MIB, "{j}");
+    let j = t
+        .pdiskd
+        .cli_json(&["volume", "checksum", "before", "--snapshot"]);
+    assert_eq!(
+        (j["sha256"].as_str(), j["snapshot"].as_bool()),
+        (Some(expect(0).as_str()), Some(true))
+    );
+    let out = t.pdiskd.cli(&["volume", "checksum", "summed"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{}  summed\n", expect(0x5b))
+    );
+    // A snapshot name without --snapshot is no volume: an error, exit 1.
+    let out = t.pdiskd.cli(&["volume", "checksum", "before"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not found"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

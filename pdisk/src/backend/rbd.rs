@@ -93,6 +93,9 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Metadata changes (create, snap, clone, rename, resize, rm of an image
 /// whose objects are few; rm walks every object, so it gets the long one).
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How old the monitor list clients are sent to may get before `list` or
+/// `usage` reads it again.
+const MON_REFRESH: Duration = Duration::from_secs(60);
 /// Data-moving calls: rm, cp, flatten, import.
 const DATA_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
@@ -387,8 +390,11 @@ fn ceph_error(cmd: &Cmd, out: &Output) -> Error {
 pub struct RbdBackend {
     runner: Arc<dyn CommandRunner>,
     settings: RbdSettings,
-    /// The monitors and fsid, read at open (`ceph mon dump`).
-    monitors: Vec<String>,
+    /// The monitors clients are sent to, read at open (`ceph mon dump`)
+    /// and again by `list` and `usage` once [`MON_REFRESH`] has passed
+    /// (monitors come and go; a failed read keeps the last list), with
+    /// when they were read.
+    monitors: Mutex<(Vec<String>, std::time::Instant)>,
     fsid: String,
     /// Snapshot -> the volume it belongs to (RBD names a snapshot by its
     /// image). Filled by `snapshot` and every `list`; a miss is looked up.
@@ -403,32 +409,68 @@ impl RbdBackend {
         let mut b = RbdBackend {
             runner,
             settings,
-            monitors: Vec::new(),
+            monitors: Mutex::new((Vec::new(), std::time::Instant::now())),
             fsid: String::new(),
             snap_parent: Mutex::default(),
         };
         b.ls()
             .await
             .map_err(|e| e.context(format!("rbd pool {}", b.settings.pool)))?;
-        let cmd = b
+        let (monitors, fsid) = b.mon_dump().await?;
+        b.fsid = fsid;
+        let dir = &b.settings.staging_dir;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
+        tracing::info!(pool = %b.settings.pool, user = %b.settings.ceph_id,
+            client_user = %b.settings.client_id, monitors = ?monitors, fsid = %b.fsid,
+            max_clone_depth = b.settings.max_clone_depth, "rbd backend: pool ready");
+        *b.monitors.lock().unwrap() = (monitors, std::time::Instant::now());
+        Ok(b)
+    }
+
+    /// `ceph mon dump`: the monitors clients can be sent to, and the fsid.
+    async fn mon_dump(&self) -> Result<(Vec<String>, String)> {
+        let cmd = self
             .cli("ceph")
             .args(["mon", "dump", "--format", "json"])
             .timeout(REPORT_TIMEOUT);
-        let out = b.run(&cmd).await.map_err(|e| e.context("ceph mon dump"))?;
+        let out = self
+            .run(&cmd)
+            .await
+            .map_err(|e| e.context("ceph mon dump"))?;
         let dump: MonDump = parse("ceph mon dump", &out.stdout)?;
-        b.monitors = dump.monitors();
-        b.fsid = dump.fsid;
-        if b.monitors.is_empty() {
+        let monitors = dump.monitors();
+        if monitors.is_empty() {
             return Err(Error::unavailable(
                 "ceph mon dump lists no monitor address clients could be sent to",
             ));
         }
-        let dir = &b.settings.staging_dir;
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
-        tracing::info!(pool = %b.settings.pool, user = %b.settings.ceph_id,
-            client_user = %b.settings.client_id, monitors = ?b.monitors, fsid = %b.fsid,
-            max_clone_depth = b.settings.max_clone_depth, "rbd backend: pool ready");
-        Ok(b)
+        Ok((monitors, dump.fsid))
+    }
+
+    /// Reads the monitors again when [`MON_REFRESH`] has passed since the
+    /// last read (see the field). A failure is logged and keeps the list.
+    async fn refresh_monitors(&self, now: std::time::Instant) {
+        if now.duration_since(self.monitors.lock().unwrap().1) < MON_REFRESH {
+            return;
+        }
+        match self.mon_dump().await {
+            Ok((monitors, fsid)) if fsid == self.fsid => {
+                let mut m = self.monitors.lock().unwrap();
+                if m.0 != monitors {
+                    tracing::info!(before = ?m.0, now = ?monitors, "rbd backend: the cluster's monitors changed");
+                }
+                *m = (monitors, now);
+            }
+            Ok((_, fsid)) => {
+                tracing::warn!(fsid = %fsid, expected = %self.fsid,
+                    "ceph mon dump names another cluster; monitors kept");
+                self.monitors.lock().unwrap().1 = now;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "monitors not re-read; the last list kept");
+                self.monitors.lock().unwrap().1 = now;
+            }
+        }
     }
 
     /// Removes what interrupted operations left: temporary images and
@@ -895,7 +937,7 @@ impl RbdBackend {
     /// How a client opens volume `u`'s image (see the module doc).
     pub fn native_access(&self, u: Uuid) -> RbdAccess {
         RbdAccess {
-            monitors: self.monitors.clone(),
+            monitors: self.monitors.lock().unwrap().0.clone(),
             pool: self.settings.pool.to_string(),
             image: volume_image(u),
             user: self.settings.client_id.to_string(),
@@ -990,6 +1032,7 @@ impl RbdBackend {
     }
 
     async fn usage_now(&self) -> Result<PoolUsage> {
+        self.refresh_monitors(std::time::Instant::now()).await;
         let cmd = self
             .cli("ceph")
             .args(["df", "--format", "json"])
@@ -1016,6 +1059,7 @@ impl RbdBackend {
     }
 
     async fn list_now(&self) -> Result<PoolListing> {
+        self.refresh_monitors(std::time::Instant::now()).await;
         let rows = self.ls().await?;
         self.remember_snapshots(&rows);
         let mut out = PoolListing::default();

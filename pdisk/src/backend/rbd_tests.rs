@@ -730,3 +730,61 @@ fn rbd_progress_lines_become_bytes_done() {
         ]
     );
 }
+
+#[tokio::test]
+async fn monitors_are_read_again_once_a_minute_and_kept_when_that_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    // What `ceph mon dump` answers: the first cluster, then monitor a
+    // replaced by c, then an error.
+    let answer = Arc::new(Mutex::new(0u8));
+    let a2 = answer.clone();
+    let r = Script::new(move |argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        if !has("mon") {
+            return Output::ok(if argv[0] == "ceph" {
+                DF_JSON.to_string()
+            } else if has("du") {
+                du_json()
+            } else {
+                "[]".to_string()
+            });
+        }
+        match *a2.lock().unwrap() {
+            0 => Output::ok(MON_DUMP_JSON),
+            1 => Output::ok(MON_DUMP_JSON.replace("10.0.0.7", "10.0.0.9")),
+            _ => Output::failed(
+                1,
+                "[errno 110] RADOS timed out (error connecting to the cluster)",
+            ),
+        }
+    });
+    let b = open(r.clone(), dir.path()).await;
+    let mons = |b: &RbdBackend| {
+        Backend::native_access(b, ObjectId::Volume(uuid(VOL)))
+            .unwrap()
+            .monitors
+    };
+    assert_eq!(mons(&b), ["10.0.0.7:6789", "10.0.0.8:3300"]);
+    *answer.lock().unwrap() = 1;
+    // Within the minute: not asked again.
+    b.list().await.unwrap();
+    assert!(
+        !r.lines().iter().any(|l| l.contains("mon dump")),
+        "{:?}",
+        r.lines()
+    );
+    assert_eq!(mons(&b), ["10.0.0.7:6789", "10.0.0.8:3300"]);
+    // A minute later: read again, the new monitor is what exports name.
+    let later = std::time::Instant::now() + MON_REFRESH + Duration::from_secs(1);
+    b.refresh_monitors(later).await;
+    assert_eq!(mons(&b), ["10.0.0.9:6789", "10.0.0.8:3300"]);
+    // The cluster unreachable: the last list stays.
+    *answer.lock().unwrap() = 2;
+    b.refresh_monitors(later + MON_REFRESH + Duration::from_secs(1))
+        .await;
+    assert_eq!(mons(&b), ["10.0.0.9:6789", "10.0.0.8:3300"]);
+    assert_eq!(
+        r.lines().iter().filter(|l| l.contains("mon dump")).count(),
+        2
+    );
+}

@@ -28,11 +28,11 @@ use stratus_core::types::{ByteSize, Chap};
 use stratus_proto::pdisk::v1::create_volume_request::Source;
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use stratus_proto::pdisk::v1::{
-    ChapCredentials, CloneVolumeRequest, CreateSnapshotRequest, CreateVolumeRequest,
-    DeleteSnapshotRequest, DeleteVolumeRequest, ExportVolumeRequest, FlattenVolumeRequest,
-    GetPoolRequest, GetVolumeRequest, ImageFormat, ImageSource, ListExportsRequest,
-    ListSnapshotsRequest, ListVolumesRequest, ResizeVolumeRequest, RestoreVolumeRequest,
-    UnexportVolumeRequest, UploadHeader, Volume,
+    ChapCredentials, ChecksumVolumeRequest, CloneVolumeRequest, CreateSnapshotRequest,
+    CreateVolumeRequest, DeleteSnapshotRequest, DeleteVolumeRequest, ExportVolumeRequest,
+    FlattenVolumeRequest, GetPoolRequest, GetVolumeRequest, ImageFormat, ImageSource,
+    ListExportsRequest, ListSnapshotsRequest, ListVolumesRequest, ResizeVolumeRequest,
+    RestoreVolumeRequest, UnexportVolumeRequest, UploadHeader, Volume,
 };
 use stratus_proto::pdisk::v1::{GetQuotaRequest, ListQuotasRequest, QuotaLimits, SetQuotaRequest};
 
@@ -378,6 +378,36 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
                 .await,
             )?;
             ctx.print_volume(&v)
+        }
+        VolumeCommand::Checksum { volume, snapshot } => {
+            let request_id = new_request_id();
+            let request = ChecksumVolumeRequest {
+                project: ctx.project.clone(),
+                volume: volume.to_string(),
+                is_snapshot: snapshot,
+                request_id: request_id.clone(),
+            };
+            let mut client = ctx.connect().await?;
+            let watcher = client.clone();
+            let r = ctx.answer(
+                watched(
+                    &watcher,
+                    (&ctx.project, &request_id),
+                    ctx.bars,
+                    client.checksum_volume(request),
+                )
+                .await,
+            )?;
+            let what = volume.to_string();
+            ctx.print(
+                json!({
+                    "object": what,
+                    "snapshot": snapshot,
+                    "sha256": r.sha256,
+                    "size_bytes": r.size_bytes,
+                }),
+                || format!("{}  {what}\n", r.sha256),
+            )
         }
     }
 }

@@ -233,6 +233,16 @@ pub enum VolumeCommand {
         /// Volume name or UUID.
         volume: Ref,
     },
+    /// SHA-256 of a volume's (or, with --snapshot, a snapshot's) whole
+    /// content, holes read as zeros: what `sha256sum` of its bytes prints.
+    /// Computed on the storage host, with progress.
+    Checksum {
+        /// Volume name or UUID (a snapshot's with --snapshot).
+        volume: Ref,
+        /// VOLUME names a snapshot.
+        #[arg(long)]
+        snapshot: bool,
+    },
 }
 
 /// Where a new volume's content comes from: at most one source, and `--format`
