@@ -93,6 +93,8 @@ async fn main() -> anyhow::Result<()> {
         );
         results.figures.extend(figs);
     }
+    // The machine is shared: its load, at the start and at the end.
+    results.machine = format!("{}; load average at the end {}", results.machine, loadavg());
     report::write(&cli.out, &results)?;
     print!("{}", report::markdown(&results));
     eprintln!("stratus-bench: wrote {}", cli.out.display());
@@ -114,5 +116,15 @@ fn machine() -> String {
         .map(|n| n.get())
         .unwrap_or(1);
     let mem_gib = stratus_core::host::memory_total().unwrap_or(0) as f64 / (1u64 << 30) as f64;
-    format!("{cpu}, {cores} cores, {mem_gib:.0} GiB")
+    format!(
+        "{cpu}, {cores} cores, {mem_gib:.0} GiB; load average at the start {}",
+        loadavg()
+    )
+}
+
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg says them.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
