@@ -59,7 +59,9 @@ pub use systemd::NotifySocket;
 pub use tgtd::Tgtd;
 pub use xfs::XfsPool;
 
-pub use pki::{channel, channel_as, cli_tls_args, daemon_tls_args, own_copy, TestPki, AGENT_NAME};
+pub use pki::{
+    call_empty, channel, channel_as, cli_tls_args, daemon_tls_args, own_copy, TestPki, AGENT_NAME,
+};
 
 pub const INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-a";
 pub const OTHER_INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-b";

@@ -5,8 +5,9 @@
 //! The files live in `/tmp/stratus-testkit-pki.<pid>`; directories of test
 //! processes that have ended are removed when the next one starts.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use stratus_pki::identity::{Identity, Role};
 use stratus_pki::issue::{self, Issued, Request};
@@ -19,6 +20,10 @@ use crate::INITIATOR;
 pub struct TestPki {
     pub dir: PathBuf,
     ca: Issued,
+    /// The file names issued so far: tests of one process run in parallel
+    /// and may issue the same identity, so a file is never replaced (one
+    /// test would read another's key beside its own certificate).
+    bases: Mutex<HashSet<String>>,
 }
 
 /// The name of the agent certificate's holder (role agent).
@@ -35,7 +40,11 @@ impl TestPki {
             let dir = PathBuf::from(format!("/tmp/stratus-testkit-pki.{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let ca = issue::init_dir(&dir, "Stratus test CA", 2).expect("test CA");
-            let pki = TestPki { dir, ca };
+            let pki = TestPki {
+                dir,
+                ca,
+                bases: Mutex::new(HashSet::new()),
+            };
             pki.issue(Role::Server, "pdiskd", None, &["127.0.0.1", "localhost"]);
             pki.issue(
                 Role::Agent,
@@ -52,7 +61,8 @@ impl TestPki {
         issue::ca_cert_path(&self.dir)
     }
 
-    /// Issues `ROLE-NAME.pem/.key` (replacing them) and returns the files.
+    /// Issues `ROLE-NAME.pem/.key` (`ROLE-NAME.N.pem/.key` when those exist
+    /// already: files are never replaced) and returns the files.
     pub fn issue(&self, role: Role, name: &str, iqn: Option<&str>, hosts: &[&str]) -> TlsFiles {
         let identity = Identity {
             role,
@@ -61,7 +71,20 @@ impl TestPki {
         };
         let hosts = hosts.iter().map(|h| h.to_string()).collect();
         let issued = issue::issue(&self.ca, &Request::new(identity, hosts, 2)).expect("issuing");
-        self.write(&format!("{role}-{name}"), &issued)
+        let base = {
+            let mut bases = self.bases.lock().unwrap();
+            let first = format!("{role}-{name}");
+            let base = (0..)
+                .map(|n| match n {
+                    0 => first.clone(),
+                    n => format!("{first}.{n}"),
+                })
+                .find(|b| !bases.contains(b))
+                .expect("a free name");
+            bases.insert(base.clone());
+            base
+        };
+        self.write(&base, &issued)
     }
 
     /// Writes a certificate issued by hand (e.g. an expired one) as `base`.
@@ -169,5 +192,41 @@ fn remove_stale_dirs() {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
+    }
+}
+
+/// Calls `/SERVICE/METHOD` on `channel` with an empty request message (every
+/// field at its default) and returns the status code it got back, whatever
+/// the method's message types: for checking that a caller is refused every
+/// RPC of a service, read from its descriptor set, before any handler runs.
+/// Client-streaming methods get a stream of one empty message.
+pub async fn call_empty(
+    channel: Channel,
+    service: &str,
+    method: &str,
+    client_streaming: bool,
+) -> tonic::Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if let Err(e) = grpc.ready().await {
+        panic!("channel not ready for {service}/{method}: {e}");
+    }
+    let path: tonic::codegen::http::uri::PathAndQuery =
+        format!("/{service}/{method}").parse().expect("a gRPC path");
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let got = if client_streaming {
+        let one = tokio_stream::iter(vec![()]);
+        grpc.client_streaming(tonic::Request::new(one), path, codec)
+            .await
+            .map(|_| ())
+    } else {
+        // A server-streaming method refused by the gate answers with its
+        // status at once; a unary call reads it the same way.
+        grpc.unary(tonic::Request::new(()), path, codec)
+            .await
+            .map(|_| ())
+    };
+    match got {
+        Ok(()) => tonic::Code::Ok,
+        Err(s) => s.code(),
     }
 }
