@@ -154,6 +154,79 @@ async fn roles_are_checked_before_anything_runs() {
     assert_eq!(code_as(&s, &pki.admin()).await, Ok(0));
 }
 
+/// Every RPC of pdiskd, read from its descriptor set, called over mTLS by
+/// callers whose role does not allow it: `server` (no rights at all) and
+/// `project`, `agent` and `frontend` where the table says no. Each gets
+/// PermissionDenied from the gate, and nothing is made or changed.
+#[tokio::test]
+#[ignore = "needs root: run by scripts/test"]
+async fn every_rpc_refuses_each_role_the_table_does_not_allow() {
+    require_root();
+    let s = Stack::start();
+    let pki = TestPki::shared();
+    let table = pdisk::authz::TABLE;
+    let rpcs = table.rpcs(stratus_proto::FILE_DESCRIPTOR_SET);
+    assert!(rpcs.len() >= 20, "{rpcs:?}");
+    let mut admin = VolumeServiceClient::new(channel(&s.pdiskd.url()).await);
+    admin
+        .create_volume(pb::CreateVolumeRequest {
+            name: "kept".into(),
+            size_bytes: 16 << 20,
+            project: "astro".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let pool = || async {
+        let mut c = VolumeServiceClient::new(channel(&s.pdiskd.url()).await);
+        let v = c
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes;
+        let q = c
+            .list_quotas(pb::ListQuotasRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        format!("{v:?} {q:?}")
+    };
+    let before = pool().await;
+    let callers = [
+        (
+            Role::Server,
+            pki.issue(Role::Server, "other-daemon", None, &["127.0.0.1"]),
+        ),
+        (Role::Project, pki.issue(Role::Project, "astro", None, &[])),
+        (Role::Agent, pki.agent()),
+        (Role::Frontend, pki.issue(Role::Frontend, "one", None, &[])),
+    ];
+    let mut wrong = Vec::new();
+    let mut refused = 0;
+    for (role, files) in &callers {
+        let ch = channel_as(&s.pdiskd.url(), files).await;
+        for m in &rpcs {
+            if table.decision(m, *role).is_ok() {
+                continue;
+            }
+            let got = call_empty(ch.clone(), pdisk::authz::SERVICE, m, m == "UploadVolume").await;
+            refused += 1;
+            if got != tonic::Code::PermissionDenied {
+                wrong.push(format!("{m} by {role}: {got:?}"));
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "not refused by the gate:\n{}",
+        wrong.join("\n")
+    );
+    // Every RPC at least once (a server certificate may call none).
+    assert!(refused >= rpcs.len(), "{refused} refusals");
+    assert_eq!(pool().await, before, "a refused call changed something");
+}
+
 #[tokio::test]
 #[ignore = "needs root: run by scripts/test"]
 async fn root_is_admin_on_the_local_socket_and_the_cli_uses_it() {
