@@ -5,8 +5,9 @@
 //! bridges, labels, another project's guest and volume. Each is refused
 //! with its code; the guests (as the admin lists them), agentd's guest
 //! directories, the namespace's taps, QEMU processes and pdisk's volumes
-//! are the same before and after, and agentd is the same process. No guest
-//! boots. Needs root (agentd in a test namespace); run by scripts/test.
+//! are the same before and after, and agentd is the same process. Then
+//! every RPC of the service by every role the authorization table refuses
+//! it to: PermissionDenied, nothing changed. No guest boots. Needs root (agentd in a test namespace); run by scripts/test.
 
 use stratus_pki::identity::Role;
 use stratus_proto::agent::v1 as pb;
@@ -462,6 +463,64 @@ fn an_unprivileged_caller_gets_only_refusals_and_changes_nothing() {
         wrong.len(),
         wrong.join("\n")
     );
+
+    // Every RPC, read from the descriptor set, by each role the table
+    // refuses it to: `agent` and `server` certificates (nothing on an
+    // agentd), `project` (host-wide and admin calls), `frontend` (admin
+    // calls). Each gets PermissionDenied from the gate.
+    let pki = TestPki::shared();
+    let callers = vec![
+        (Role::Agent, pki.agent()),
+        (
+            Role::Server,
+            pki.issue(Role::Server, "other-daemon", None, &["127.0.0.1"]),
+        ),
+        (Role::Project, pki.issue(Role::Project, "eve", None, &[])),
+        (Role::Frontend, pki.issue(Role::Frontend, "one", None, &[])),
+    ];
+    let ag_url = h.agentd.url();
+    let (wrong, refused, rpcs, host_before, host_after) = h.ns.block_on(move || async move {
+        let table = agent::authz::TABLE;
+        let rpcs = table.rpcs(stratus_proto::FILE_DESCRIPTOR_SET);
+        let host = || async {
+            let mut admin = VmServiceClient::new(testkit::channel(&ag_url).await);
+            let images = admin
+                .list_images(pb::ListImagesRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            let quotas = admin
+                .list_quotas(pb::ListQuotasRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            format!("{images:?} {quotas:?}")
+        };
+        let before = host().await;
+        let mut wrong = Vec::new();
+        let mut refused = 0;
+        for (role, files) in &callers {
+            let ch = channel_as(&ag_url, files).await;
+            for m in &rpcs {
+                if table.decision(m, *role).is_ok() {
+                    continue;
+                }
+                refused += 1;
+                let got = call_empty(ch.clone(), agent::authz::SERVICE, m, false).await;
+                if got != Code::PermissionDenied {
+                    wrong.push(format!("{m} by {role}: {got:?}"));
+                }
+            }
+        }
+        (wrong, refused, rpcs.len(), before, host().await)
+    });
+    assert!(
+        wrong.is_empty(),
+        "not refused by the gate:\n{}",
+        wrong.join("\n")
+    );
+    assert!(refused >= 2 * rpcs, "{refused} refusals of {rpcs} RPCs");
+    assert_eq!(host_before, host_after, "images or quotas changed");
 
     let after = state(&h);
     assert_eq!(before, after, "state changed");
