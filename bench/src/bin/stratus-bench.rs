@@ -6,6 +6,7 @@
 //!   stratus-bench --only datapath --out DIR
 //!   stratus-bench --only bulk --bulk 10 --out DIR
 //!   stratus-bench --only confinement --out DIR   confined launches vs --allow-unsandboxed
+//!   stratus-bench --only rbd --out DIR   on a single-node Ceph cluster (QEMU rbd vs rbd bench)
 
 use std::path::PathBuf;
 
@@ -27,7 +28,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (repeatable): datapath, snapshot, launch,
-    /// confinement, bulk, import, events, events-nats, transport.
+    /// confinement, bulk, import, events, events-nats, transport, rbd.
     #[arg(long, value_name = "SCENARIO")]
     only: Vec<String>,
     /// Guests launched at once by the bulk scenario [default: 30; 3 with --quick]
@@ -83,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             "events" => scenarios::events::run(&ctx).await,
             "events-nats" => scenarios::events_nats::run(&ctx).await,
             "transport" => scenarios::transport::run(&ctx).await,
+            "rbd" => scenarios::rbd::run(&ctx).await,
             _ => unreachable!(),
         }
         .map_err(|e| e.context(format!("scenario {name}")))?;

@@ -9,6 +9,7 @@ pub mod events_nats;
 mod guests;
 pub mod import;
 pub mod launch;
+pub mod rbd;
 pub mod snapshot;
 pub mod transport;
 
@@ -37,4 +38,5 @@ pub const ALL: &[&str] = &[
     "events",
     "events-nats",
     "transport",
+    "rbd",
 ];

@@ -31,10 +31,10 @@ const MIB: u64 = 1 << 20;
 const DATA_PIECES: u64 = 64;
 
 /// The latencies measured for one volume size, in ms.
-struct Sizes {
-    gib: u64,
-    snapshot: Vec<f64>,
-    clone: Vec<f64>,
+pub(crate) struct Sizes {
+    pub(crate) gib: u64,
+    pub(crate) snapshot: Vec<f64>,
+    pub(crate) clone: Vec<f64>,
 }
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
@@ -81,7 +81,25 @@ async fn measure(c: &mut Client, gib: u64, runs: usize) -> anyhow::Result<Sizes>
     let path = std::path::PathBuf::from(&vol.device_path);
     tokio::task::block_in_place(|| write_spread(&path, size))
         .with_context(|| format!("writing data into {}", path.display()))?;
+    let out = measure_pairs(c, &name, gib, runs).await?;
+    c.delete_volume(pb::DeleteVolumeRequest {
+        now: false,
+        project: String::new(),
+        volume: name,
+    })
+    .await?;
+    Ok(out)
+}
 
+/// Times `runs` snapshot + clone pairs of volume `name` (of `gib` GiB),
+/// deleting each pair before the next.
+pub(crate) async fn measure_pairs(
+    c: &mut Client,
+    name: &str,
+    gib: u64,
+    runs: usize,
+) -> anyhow::Result<Sizes> {
+    let name = name.to_string();
     let mut out = Sizes {
         gib,
         snapshot: Vec::with_capacity(runs),
@@ -120,12 +138,6 @@ async fn measure(c: &mut Client, gib: u64, runs: usize) -> anyhow::Result<Sizes>
         })
         .await?;
     }
-    c.delete_volume(pb::DeleteVolumeRequest {
-        now: false,
-        project: String::new(),
-        volume: name,
-    })
-    .await?;
     Ok(out)
 }
 
@@ -145,7 +157,7 @@ fn write_spread(path: &Path, size: u64) -> std::io::Result<()> {
 
 /// p50 and p95 of snapshot and clone for each size, grouped by measure, each
 /// against the 1 GiB volume's value of the same measure.
-fn figures(measured: &[Sizes]) -> Vec<Figure> {
+pub(crate) fn figures(measured: &[Sizes]) -> Vec<Figure> {
     type Pick = fn(&Sizes) -> &Vec<f64>;
     let measures: [(&str, Pick, f64); 4] = [
         ("snapshot p50", |s| &s.snapshot, 50.0),
