@@ -716,6 +716,8 @@ async fn reflection_and_health_are_served() {
         names.contains(&"grpc.health.v1.Health".to_string()),
         "{names:?}"
     );
+    // Not agentd's, whose proto is in the same descriptor set.
+    assert!(!names.iter().any(|n| n.starts_with("agent.")), "{names:?}");
 
     let mut h = HealthClient::new(channel);
     let st = h

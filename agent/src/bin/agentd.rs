@@ -170,14 +170,21 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     health_reporter.set_serving::<VmServiceServer<Api>>().await;
     // Reflection in both versions: grpcurl and grpcui speak v1, Python's
     // grpcio-reflection and older tools only v1alpha.
+    // The descriptor set holds both daemons' protos: name only the services
+    // served here (a client following reflection would call the other's).
+    const HEALTH: &str = "grpc.health.v1.Health";
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(agent::authz::SERVICE)
+        .with_service_name(HEALTH)
         .build_v1()
         .context("reflection service")?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(agent::authz::SERVICE)
+        .with_service_name(HEALTH)
         .build_v1alpha()
         .context("reflection service v1alpha")?;
     let audit = match &cfg.serve.audit_log {
