@@ -522,12 +522,78 @@ fn an_unprivileged_caller_gets_only_refusals_and_changes_nothing() {
     assert!(refused >= 2 * rpcs, "{refused} refusals of {rpcs} RPCs");
     assert_eq!(host_before, host_after, "images or quotas changed");
 
+    // Even an admin gets no host file from outside --host-file-root: not
+    // by its path, nor through a symlink beneath the root (a disk or a
+    // kernel), nor through `..`.
+    let root = h.agentd_root_files();
+    std::os::unix::fs::symlink("/etc/shadow", root.join("escape.raw")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../boot", root.join("boot")).unwrap();
+    let ag_url = h.agentd.url();
+    let wrong = h.ns.block_on(move || async move {
+        let mut admin = VmServiceClient::new(testkit::channel(&ag_url).await);
+        let mut wrong = Vec::new();
+        let disk = |p: &std::path::Path| {
+            let mut s = base_spec("admin-escape");
+            s.disks = vec![pb::DiskSpec {
+                source: Some(pb::disk_spec::Source::File(p.display().to_string())),
+                boot_index: 1,
+                ..Default::default()
+            }];
+            s
+        };
+        let mut kernel = disk(&root.join("ok.raw"));
+        kernel.kernel = Some(pb::KernelBoot {
+            kernel: root.join("boot/vmlinuz").display().to_string(),
+            ..Default::default()
+        });
+        const DENIED: Code = Code::PermissionDenied;
+        let specs = [
+            ("symlinked disk", disk(&root.join("escape.raw")), DENIED),
+            (
+                "disk outside the root",
+                disk(std::path::Path::new("/etc/shadow")),
+                DENIED,
+            ),
+            // A path with `..` is malformed before it is outside.
+            (
+                "disk through ..",
+                disk(&root.join("../../../etc/shadow")),
+                Code::InvalidArgument,
+            ),
+            ("kernel through a symlinked directory", kernel, DENIED),
+        ];
+        for (what, spec, want) in specs {
+            let got = admin
+                .create_vm(pb::CreateVmRequest {
+                    request_id: String::new(),
+                    spec: Some(spec),
+                    project: "astro".into(),
+                })
+                .await;
+            match got {
+                Err(s) if s.code() == want => {}
+                other => wrong.push(format!("{what}: {other:?}")),
+            }
+        }
+        wrong
+    });
+    assert!(
+        wrong.is_empty(),
+        "host files escaped:\n{}",
+        wrong.join("\n")
+    );
+
     let after = state(&h);
     assert_eq!(before, after, "state changed");
     assert_eq!(h.agentd_pid(), pid, "agentd restarted");
 }
 
 impl Hosts {
+    /// agentd's `--host-file-root` (testkit's `DIR/host-files`).
+    fn agentd_root_files(&self) -> std::path::PathBuf {
+        self._pool.dir.path().join("host-files")
+    }
+
     /// agentd's pid, by its executable and state directory.
     fn agentd_pid(&self) -> u32 {
         let exe = testkit::bin("agentd");
