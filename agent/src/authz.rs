@@ -118,6 +118,26 @@ pub const RULES: &[Rule] = &[
         roles: TENANTS,
         note: "the usage records of the project's guests",
     },
+    Rule {
+        method: "AttachDisk",
+        roles: TENANTS,
+        note: "to a VM of the project the call acts in; a pdisk volume of that project",
+    },
+    Rule {
+        method: "DetachDisk",
+        roles: TENANTS,
+        note: "from a VM of the project the call acts in",
+    },
+    Rule {
+        method: "AttachNic",
+        roles: TENANTS,
+        note: "to a VM of the project the call acts in; an allowed bridge",
+    },
+    Rule {
+        method: "DetachNic",
+        roles: TENANTS,
+        note: "from a VM of the project the call acts in",
+    },
 ];
 
 /// The RPCs that change something: each call is audited (`stratus_pki::audit`).
@@ -133,6 +153,10 @@ pub const MUTATING: &[&str] = &[
     "EvictImage",
     "SaveImage",
     "SetQuota",
+    "AttachDisk",
+    "DetachDisk",
+    "AttachNic",
+    "DetachNic",
 ];
 
 /// agentd's table.

@@ -576,6 +576,11 @@ struct FakeQemu {
     running: bool,
     /// The connected QMP client's events, if one is connected.
     events: Option<mpsc::UnboundedSender<QmpEvent>>,
+    /// Its devices with an id: (driver, root port), cold-plugged at
+    /// launch or hot-plugged since.
+    devices: BTreeMap<String, (String, Option<String>)>,
+    /// Its guest ignores unplug requests (no hot-plug support).
+    keeps_devices: bool,
 }
 
 impl FakeQemu {
@@ -655,6 +660,37 @@ impl FakeVmm {
         self.inner.lock().unwrap().exit(pid);
     }
 
+    /// The devices QEMU `pid` has: id → root port (None: on the root bus),
+    /// root ports left out.
+    pub fn devices_of(&self, pid: u32) -> BTreeMap<String, Option<String>> {
+        let p = self.inner.lock().unwrap();
+        p.by_pid
+            .get(&pid)
+            .map(|q| {
+                q.devices
+                    .iter()
+                    .filter(|(_, (driver, _))| driver != "pcie-root-port")
+                    .map(|(id, (_, port))| (id.clone(), port.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The guest of QEMU `pid` ignores unplug requests from now on (or,
+    /// with false, releases devices again).
+    pub fn keep_devices(&self, pid: u32, keep: bool) {
+        if let Some(q) = self.inner.lock().unwrap().by_pid.get_mut(&pid) {
+            q.keeps_devices = keep;
+        }
+    }
+
+    /// The guest of QEMU `pid` releases device `id` on its own, late.
+    pub fn release_device(&self, pid: u32, id: &str) {
+        if let Some(q) = self.inner.lock().unwrap().by_pid.get_mut(&pid) {
+            q.devices.remove(id);
+        }
+    }
+
     /// QEMU `pid` emits `kind`, as if the guest or QEMU did something.
     pub fn emit(&self, pid: u32, kind: QmpEventKind) {
         if let Some(q) = self.inner.lock().unwrap().by_pid.get(&pid) {
@@ -717,6 +753,22 @@ impl Vmm for FakeVmm {
                     qmp_socket: plan.qmp_socket(),
                     running: true,
                     events: None,
+                    devices: plan
+                        .disks
+                        .iter()
+                        .map(|d| (format!("{}-dev", d.device), "virtio-blk-pci"))
+                        .chain(
+                            (0..plan.nics.len()).map(|i| (format!("net{i}-dev"), "virtio-net-pci")),
+                        )
+                        .map(|(id, driver)| (id, (driver.to_owned(), None)))
+                        .chain((0..plan.hotplug_ports).map(|i| {
+                            (
+                                crate::vmm::root_port_id(i),
+                                ("pcie-root-port".to_owned(), None),
+                            )
+                        }))
+                        .collect(),
+                    keeps_devices: false,
                 },
             );
             Ok(pid)
@@ -911,4 +963,84 @@ impl QmpCommands for FakeQmp {
             p.exit(pid);
         })
     }
+
+    fn peripherals(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::Peripheral>>> {
+        self.command("peripherals", |p, pid| {
+            process(p, pid)
+                .devices
+                .iter()
+                .map(|(id, (driver, port))| crate::qmp::Peripheral {
+                    id: id.clone(),
+                    driver: driver.clone(),
+                    port: port.clone(),
+                })
+                .collect()
+        })
+    }
+
+    fn add_disk<'a>(
+        &'a self,
+        d: &'a crate::vmm::PlannedDisk,
+        _io_uring: bool,
+        port: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        let id = format!("{}-dev", d.device);
+        let port = port.to_owned();
+        Box::pin(async move {
+            self.command("add_disk", move |p, pid| {
+                plug(process(p, pid), id, "virtio-blk-pci", port)
+            })
+            .await?
+        })
+    }
+
+    fn remove_disk<'a>(&'a self, device: &'a str, _wait: Duration) -> BoxFuture<'a, Result<bool>> {
+        let id = format!("{device}-dev");
+        self.command("remove_disk", move |p, pid| unplug(process(p, pid), &id))
+    }
+
+    fn add_nic<'a>(
+        &'a self,
+        _n: &'a crate::vmm::PlannedNic,
+        netdev: &'a str,
+        port: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        let id = format!("{netdev}-dev");
+        let port = port.to_owned();
+        Box::pin(async move {
+            self.command("add_nic", move |p, pid| {
+                plug(process(p, pid), id, "virtio-net-pci", port)
+            })
+            .await?
+        })
+    }
+
+    fn remove_nic<'a>(&'a self, netdev: &'a str, _wait: Duration) -> BoxFuture<'a, Result<bool>> {
+        let id = format!("{netdev}-dev");
+        self.command("remove_nic", move |p, pid| unplug(process(p, pid), &id))
+    }
+}
+
+/// `device_add` on the fake: one device per id and per root port.
+fn plug(q: &mut FakeQemu, id: String, driver: &str, port: String) -> Result<()> {
+    if q.devices.contains_key(&id) {
+        return Err(Error::invalid(format!("Duplicate device ID '{id}'")));
+    }
+    if q.devices
+        .values()
+        .any(|(_, p)| p.as_deref() == Some(port.as_str()))
+    {
+        return Err(Error::invalid(format!("Bus '{port}' is full")));
+    }
+    q.devices.insert(id, (driver.to_owned(), Some(port)));
+    Ok(())
+}
+
+/// `device_del` and the wait: gone unless the guest keeps its devices.
+fn unplug(q: &mut FakeQemu, id: &str) -> bool {
+    if q.keeps_devices && q.devices.contains_key(id) {
+        return false;
+    }
+    q.devices.remove(id);
+    true
 }

@@ -26,7 +26,7 @@ use stratus_pki::Identity;
 mod convert;
 pub use convert::event_pb;
 pub(crate) use convert::parse_spec;
-use convert::{image_pb, image_spec, quota_pb, server_pb, vm_pb};
+use convert::{image_pb, image_spec, parse_disk, parse_nic, quota_pb, server_pb, vm_pb};
 
 pub struct Api {
     agent: Arc<Agent>,
@@ -169,7 +169,11 @@ vm_call!(
     pb::VmRequest,
     pb::StopVmRequest,
     pb::DestroyVmRequest,
-    pb::SaveImageRequest
+    pb::SaveImageRequest,
+    pb::AttachDiskRequest,
+    pb::DetachDiskRequest,
+    pb::AttachNicRequest,
+    pb::DetachNicRequest
 );
 
 /// Where a call's names are looked up: in the project it acts in (names
@@ -192,6 +196,19 @@ fn audit_object<T: std::any::Any>(msg: &T) -> String {
         format!("vm {}", r.vm)
     } else if let Some(r) = any.downcast_ref::<pb::SaveImageRequest>() {
         format!("vm {} disk {} as {}", r.vm, r.device, r.name)
+    } else if let Some(r) = any.downcast_ref::<pb::AttachDiskRequest>() {
+        let volume = match r.disk.as_ref().and_then(|d| d.source.as_ref()) {
+            Some(pb::disk_spec::Source::PdiskVolume(v)) => v.as_str(),
+            _ => "",
+        };
+        format!("vm {} volume {volume}", r.vm)
+    } else if let Some(r) = any.downcast_ref::<pb::DetachDiskRequest>() {
+        format!("vm {} disk {}", r.vm, r.device)
+    } else if let Some(r) = any.downcast_ref::<pb::AttachNicRequest>() {
+        let mac = r.nic.as_ref().map(|n| n.mac.as_str()).unwrap_or("");
+        format!("vm {} nic {mac}", r.vm)
+    } else if let Some(r) = any.downcast_ref::<pb::DetachNicRequest>() {
+        format!("vm {} nic {}", r.vm, r.nic)
     } else if let Some(r) = any.downcast_ref::<pb::CreateVmRequest>() {
         format!(
             "vm {}",
@@ -222,6 +239,15 @@ fn split<T: 'static>(
         n.set_object(audit_object(req.get_ref()));
     }
     Ok((identity, scope, req.into_inner()))
+}
+
+/// A detach's wait for the guest: 0 = the default.
+fn detach_wait(secs: u32) -> Duration {
+    if secs == 0 {
+        crate::service::DETACH_WAIT
+    } else {
+        Duration::from_secs(secs as u64)
+    }
 }
 
 fn timeout_of(secs: u32) -> Duration {
@@ -514,6 +540,76 @@ impl VmService for Api {
             })
             .await?;
         Ok(Response::new(saved))
+    }
+
+    async fn attach_disk(
+        &self,
+        req: Request<pb::AttachDiskRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let vm = self
+            .on_vm(req, "AttachDisk", |agent, vm, r, _| {
+                let disk = r.disk.clone();
+                async move {
+                    let name = agent.get_vm(&vm)?.spec.name;
+                    let disk = disk.ok_or_else(|| Error::invalid("a disk is required"))?;
+                    let disk = parse_disk(&name, disk)?;
+                    Ok(vm_pb(&agent, &agent.attach_disk_to(&vm, disk).await?))
+                }
+            })
+            .await?;
+        Ok(Response::new(vm))
+    }
+
+    async fn detach_disk(
+        &self,
+        req: Request<pb::DetachDiskRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let vm = self
+            .on_vm(req, "DetachDisk", |agent, vm, r, _| {
+                let (device, wait) = (r.device.clone(), detach_wait(r.timeout_seconds));
+                async move {
+                    Ok(vm_pb(
+                        &agent,
+                        &agent.detach_disk_from(&vm, &device, wait).await?,
+                    ))
+                }
+            })
+            .await?;
+        Ok(Response::new(vm))
+    }
+
+    async fn attach_nic(
+        &self,
+        req: Request<pb::AttachNicRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let vm = self
+            .on_vm(req, "AttachNic", |agent, vm, r, _| {
+                let nic = r.nic.clone();
+                async move {
+                    let nic = parse_nic(nic.ok_or_else(|| Error::invalid("a NIC is required"))?)?;
+                    Ok(vm_pb(&agent, &agent.attach_nic_to(&vm, nic).await?))
+                }
+            })
+            .await?;
+        Ok(Response::new(vm))
+    }
+
+    async fn detach_nic(
+        &self,
+        req: Request<pb::DetachNicRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let vm = self
+            .on_vm(req, "DetachNic", |agent, vm, r, _| {
+                let (nic, wait) = (r.nic.clone(), detach_wait(r.timeout_seconds));
+                async move {
+                    Ok(vm_pb(
+                        &agent,
+                        &agent.detach_nic_from(&vm, &nic, wait).await?,
+                    ))
+                }
+            })
+            .await?;
+        Ok(Response::new(vm))
     }
 
     async fn set_quota(

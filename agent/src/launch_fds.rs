@@ -147,7 +147,7 @@ pub(crate) fn open_log(path: &Path) -> Result<std::fs::File> {
 /// A memfd holding `bytes`, sealed against any change: QEMU reads it through
 /// `/proc/self/fd/N` (a memfd's inode lets any uid that holds it reopen
 /// it), so a secret never touches a disk or a command line.
-fn sealed_memfd(bytes: &[u8]) -> Result<std::os::fd::OwnedFd> {
+pub(crate) fn sealed_memfd(bytes: &[u8]) -> Result<std::os::fd::OwnedFd> {
     use std::io::Write;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: the name is a NUL-terminated literal; memfd_create returns a

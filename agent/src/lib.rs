@@ -44,6 +44,7 @@ pub mod failpoints;
 #[cfg(test)]
 mod fakes;
 pub(crate) mod grpc;
+pub mod hotplug;
 pub mod images;
 pub(crate) mod journal;
 mod launch_fds;

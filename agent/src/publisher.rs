@@ -144,6 +144,7 @@ mod tests {
         let mut vm = VmRecord {
             request_id: String::new(),
             created_by: None,
+            hotplug: None,
             uuid: uuid::Uuid::new_v4(),
             spec: VmSpec {
                 name: "web1".parse().unwrap(),

@@ -524,6 +524,8 @@ pub enum EventType {
     ImageSaveFailed,
     /// Reconciliation removed a leftover no guest record holds (host event).
     LeftoverRemoved,
+    /// A running guest did not release a disk or NIC asked to detach.
+    DiskDetachPending,
 }
 
 /// Who or what caused an event.

@@ -245,6 +245,27 @@ pub struct VmRecord {
     /// made without a caller (tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<stratus_pki::tenancy::Creator>,
+    /// A device being hot-plugged into the running guest: recorded before
+    /// QEMU is asked, cleared in the commit that adds it to the spec (or
+    /// by the undo); at adoption, finished or undone from what QEMU has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hotplug: Option<Hotplug>,
+}
+
+/// The device a hot-plug is adding (see [`VmRecord::hotplug`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+// At most one per record, built once per hot-plug: the size is no matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Hotplug {
+    Disk {
+        disk: crate::spec::Disk,
+        attachment: DiskAttachment,
+    },
+    Nic {
+        nic: crate::spec::Nic,
+        attachment: NicAttachment,
+    },
 }
 
 /// An event as journaled and streamed.

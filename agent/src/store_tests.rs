@@ -5,6 +5,7 @@ fn record(name: &str) -> VmRecord {
     VmRecord {
         request_id: String::new(),
         created_by: None,
+        hotplug: None,
         uuid: Uuid::new_v4(),
         spec: VmSpec {
             name: name.parse().unwrap(),

@@ -301,6 +301,63 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             ))
             .await,
         ),
+        // Hot-plug on the (defined) guest: its spec; the disk is a volume
+        // of the guest's project.
+        "AttachDisk" => outcome(
+            api.attach_disk(request(
+                role,
+                pb::AttachDiskRequest {
+                    vm,
+                    disk: Some(pb::DiskSpec {
+                        source: Some(pb::disk_spec::Source::PdiskVolume(format!(
+                            "{target}-disk2"
+                        ))),
+                        ..Default::default()
+                    }),
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "DetachDisk" => outcome(
+            api.detach_disk(request(
+                role,
+                pb::DetachDiskRequest {
+                    vm,
+                    device: "vda".into(),
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "AttachNic" => outcome(
+            api.attach_nic(request(
+                role,
+                pb::AttachNicRequest {
+                    vm,
+                    nic: Some(pb::NicSpec::default()),
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        // A stopped guest's NICs are named by MAC: a tap name is refused
+        // (InvalidArgument) once the guest was found.
+        "DetachNic" => outcome(
+            api.detach_nic(request(
+                role,
+                pb::DetachNicRequest {
+                    vm,
+                    nic: "stdeadbeefn0".into(),
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
         other => panic!("the matrix has no call for {other}: add one"),
     }
 }

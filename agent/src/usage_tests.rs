@@ -11,6 +11,7 @@ fn guest(project: &str) -> VmRecord {
     VmRecord {
         request_id: String::new(),
         created_by: None,
+        hotplug: None,
         uuid: Uuid::new_v4(),
         spec: VmSpec {
             name: "web1".parse().unwrap(),

@@ -129,6 +129,27 @@ pub trait QmpCommands: Send + Sync {
     fn query_block(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::BlockInfo>>> {
         Box::pin(async { Ok(Vec::new()) })
     }
+    /// Hot-plug (`crate::hotplug`): the devices QEMU has, each with its
+    /// root port.
+    fn peripherals(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::Peripheral>>>;
+    /// Hot-plugs disk `d` on root port `port`.
+    fn add_disk<'a>(
+        &'a self,
+        d: &'a PlannedDisk,
+        io_uring: bool,
+        port: &'a str,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Unplugs disk `device`; false: the guest kept it within `wait`.
+    fn remove_disk<'a>(&'a self, device: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>>;
+    /// Hot-plugs NIC `n` as netdev `netdev` on root port `port`.
+    fn add_nic<'a>(
+        &'a self,
+        n: &'a PlannedNic,
+        netdev: &'a str,
+        port: &'a str,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Unplugs NIC `netdev`; false: the guest kept it within `wait`.
+    fn remove_nic<'a>(&'a self, netdev: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>>;
 }
 
 impl QmpCommands for Qmp {
@@ -162,6 +183,36 @@ impl QmpCommands for Qmp {
 
     fn query_block(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::BlockInfo>>> {
         Box::pin(Qmp::query_block(self))
+    }
+
+    fn peripherals(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::Peripheral>>> {
+        Box::pin(Qmp::peripherals(self))
+    }
+
+    fn add_disk<'a>(
+        &'a self,
+        d: &'a PlannedDisk,
+        io_uring: bool,
+        port: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::hotplug::add_disk(self, d, io_uring, port))
+    }
+
+    fn remove_disk<'a>(&'a self, device: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(crate::hotplug::remove_disk(self, device, wait))
+    }
+
+    fn add_nic<'a>(
+        &'a self,
+        n: &'a PlannedNic,
+        netdev: &'a str,
+        port: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::hotplug::add_nic(self, n, netdev, port))
+    }
+
+    fn remove_nic<'a>(&'a self, netdev: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>> {
+        Box::pin(crate::hotplug::remove_nic(self, netdev, wait))
     }
 }
 
@@ -482,7 +533,7 @@ impl LaunchPlan {
         // A panic device turns guest panics into GUEST_PANICKED events.
         a.push(&["-device", "pvpanic"]);
         for d in &self.disks {
-            let blockdev = self.blockdev(d, &mut ArgvDisk { fds, a: &mut a })?;
+            let blockdev = blockdev(d, self.io_uring, &mut ArgvDisk { fds, a: &mut a })?;
             a.push(&["-blockdev", &blockdev.to_string()]);
             a.push(&["-device", &disk_device(d, None)]);
         }
@@ -519,162 +570,166 @@ impl LaunchPlan {
         }
         Ok(a.0)
     }
+}
 
-    /// The `-blockdev` (or `blockdev-add`) node of disk `d`, every node
-    /// with an explicit driver; its files and secrets come from `sink`
-    /// (inherited descriptors at launch, QMP `add-fd` when hot-plugged).
-    pub fn blockdev(&self, d: &PlannedDisk, sink: &mut dyn DiskSink) -> Result<serde_json::Value> {
-        let node = &d.device;
-        let writable = !d.read_only;
-        Ok(match &d.backend {
-            DiskBackend::Iscsi {
-                portal,
-                target,
-                lun,
-                initiator,
-                chap,
-            } => {
-                let mut v = json!({
-                    "driver": "iscsi",
-                    "node-name": node,
-                    "transport": "tcp",
-                    "portal": portal,
-                    "target": target,
-                    "lun": lun,
-                    "initiator-name": initiator,
+/// The `-blockdev` (or `blockdev-add`) node of disk `d`, every node with an
+/// explicit driver; its files and secrets come from `sink` (inherited
+/// descriptors at launch, QMP `add-fd` when hot-plugged).
+pub fn blockdev(
+    d: &PlannedDisk,
+    io_uring: bool,
+    sink: &mut dyn DiskSink,
+) -> Result<serde_json::Value> {
+    let node = &d.device;
+    let writable = !d.read_only;
+    Ok(match &d.backend {
+        DiskBackend::Iscsi {
+            portal,
+            target,
+            lun,
+            initiator,
+            chap,
+        } => {
+            let mut v = json!({
+                "driver": "iscsi",
+                "node-name": node,
+                "transport": "tcp",
+                "portal": portal,
+                "target": target,
+                "lun": lun,
+                "initiator-name": initiator,
+                "cache": {"direct": true},
+                "read-only": d.read_only,
+            });
+            if let Some(chap) = chap {
+                let id = format!("chap-{node}");
+                sink.secret(&id, chap.secret().as_bytes(), "raw")?;
+                v["user"] = json!(chap.user);
+                v["password-secret"] = json!(id);
+            }
+            v
+        }
+        DiskBackend::RawFile { path } => {
+            json!({
+                "driver": "raw",
+                "node-name": node,
+                "read-only": d.read_only,
+                "file": file_node(io_uring, path, &sink.file(path, writable, node)?),
+            })
+        }
+        DiskBackend::Overlay {
+            path,
+            base,
+            base_format,
+        } => {
+            let base_node = format!("{node}-base");
+            let mut backing = json!({
+                "driver": base_format.as_str(),
+                "node-name": base_node,
+                "read-only": true,
+                "file": file_node(io_uring, base, &sink.file(base, false, &base_node)?),
+            });
+            if *base_format == ImageFormat::Qcow2 {
+                // The cached base was refused if it had a backing
+                // file; null says so to QEMU too.
+                backing["backing"] = serde_json::Value::Null;
+            }
+            json!({
+                "driver": "qcow2",
+                "node-name": node,
+                "read-only": d.read_only,
+                "file": file_node(io_uring, path, &sink.file(path, writable, node)?),
+                "backing": backing,
+            })
+        }
+        DiskBackend::Rbd(r) => {
+            // The key: a secret object reading a sealed memfd, in
+            // base64 (the driver hands librados the raw key's
+            // base64 itself). The conf: a memfd too, so librados
+            // reads no ceph.conf of the host's.
+            let id = format!("ceph-{node}");
+            sink.secret(&id, r.key.base64().as_bytes(), "base64")?;
+            let conf = sink.memfd_path(&r.conf)?;
+            let servers: Vec<serde_json::Value> = r
+                .monitors
+                .iter()
+                .map(|m| json!({"host": m.host, "port": m.port.to_string()}))
+                .collect();
+            json!({
+                "driver": "raw",
+                "node-name": node,
+                "read-only": d.read_only,
+                "file": {
+                    "driver": "rbd",
+                    "pool": r.pool,
+                    "image": r.image,
+                    "user": r.user,
+                    "key-secret": id,
+                    "conf": conf,
+                    "server": servers,
+                    // librbd's writeback cache; guest flushes
+                    // reach the OSDs (see crate::rbd).
+                    "cache": {"direct": false, "no-flush": false},
+                },
+            })
+        }
+        DiskBackend::Local { path, block_device } => {
+            let filename = sink.file(path, writable, node)?;
+            let file = if *block_device {
+                json!({
+                    "driver": "host_device",
+                    "filename": filename,
+                    "aio": if io_uring { "io_uring" } else { "native" },
                     "cache": {"direct": true},
-                    "read-only": d.read_only,
-                });
-                if let Some(chap) = chap {
-                    let id = format!("chap-{node}");
-                    sink.secret(&id, chap.secret().as_bytes(), "raw")?;
-                    v["user"] = json!(chap.user);
-                    v["password-secret"] = json!(id);
-                }
-                v
-            }
-            DiskBackend::RawFile { path } => {
-                json!({
-                    "driver": "raw",
-                    "node-name": node,
-                    "read-only": d.read_only,
-                    "file": self.file_node(path, &sink.file(path, writable, node)?),
                 })
-            }
-            DiskBackend::Overlay {
-                path,
-                base,
-                base_format,
-            } => {
-                let base_node = format!("{node}-base");
-                let mut backing = json!({
-                    "driver": base_format.as_str(),
-                    "node-name": base_node,
-                    "read-only": true,
-                    "file": self.file_node(base, &sink.file(base, false, &base_node)?),
-                });
-                if *base_format == ImageFormat::Qcow2 {
-                    // The cached base was refused if it had a backing
-                    // file; null says so to QEMU too.
-                    backing["backing"] = serde_json::Value::Null;
-                }
-                json!({
-                    "driver": "qcow2",
-                    "node-name": node,
-                    "read-only": d.read_only,
-                    "file": self.file_node(path, &sink.file(path, writable, node)?),
-                    "backing": backing,
-                })
-            }
-            DiskBackend::Rbd(r) => {
-                // The key: a secret object reading a sealed memfd, in
-                // base64 (the driver hands librados the raw key's
-                // base64 itself). The conf: a memfd too, so librados
-                // reads no ceph.conf of the host's.
-                let id = format!("ceph-{node}");
-                sink.secret(&id, r.key.base64().as_bytes(), "base64")?;
-                let conf = sink.memfd_path(&r.conf)?;
-                let servers: Vec<serde_json::Value> = r
-                    .monitors
-                    .iter()
-                    .map(|m| json!({"host": m.host, "port": m.port.to_string()}))
-                    .collect();
-                json!({
-                    "driver": "raw",
-                    "node-name": node,
-                    "read-only": d.read_only,
-                    "file": {
-                        "driver": "rbd",
-                        "pool": r.pool,
-                        "image": r.image,
-                        "user": r.user,
-                        "key-secret": id,
-                        "conf": conf,
-                        "server": servers,
-                        // librbd's writeback cache; guest flushes
-                        // reach the OSDs (see crate::rbd).
-                        "cache": {"direct": false, "no-flush": false},
-                    },
-                })
-            }
-            DiskBackend::Local { path, block_device } => {
-                let filename = sink.file(path, writable, node)?;
-                let file = if *block_device {
-                    json!({
-                        "driver": "host_device",
-                        "filename": filename,
-                        "aio": if self.io_uring { "io_uring" } else { "native" },
-                        "cache": {"direct": true},
-                    })
-                } else {
-                    self.file_node(path, &filename)
-                };
-                json!({
-                    "driver": "raw",
-                    "node-name": node,
-                    "read-only": d.read_only,
-                    "file": file,
-                })
-            }
-            DiskBackend::HostDevice { path } => {
-                // Like file disks: no host page cache, io_uring or
-                // native AIO (a block device always takes O_DIRECT).
-                // Opened by QEMU itself: its uid owns the device node.
-                json!({
-                    "driver": "raw",
-                    "node-name": node,
-                    "read-only": d.read_only,
-                    "file": {
-                        "driver": "host_device",
-                        "filename": path,
-                        "aio": if self.io_uring { "io_uring" } else { "native" },
-                        "cache": {"direct": true},
-                    },
-                })
-            }
-        })
-    }
+            } else {
+                file_node(io_uring, path, &filename)
+            };
+            json!({
+                "driver": "raw",
+                "node-name": node,
+                "read-only": d.read_only,
+                "file": file,
+            })
+        }
+        DiskBackend::HostDevice { path } => {
+            // Like file disks: no host page cache, io_uring or
+            // native AIO (a block device always takes O_DIRECT).
+            // Opened by QEMU itself: its uid owns the device node.
+            json!({
+                "driver": "raw",
+                "node-name": node,
+                "read-only": d.read_only,
+                "file": {
+                    "driver": "host_device",
+                    "filename": path,
+                    "aio": if io_uring { "io_uring" } else { "native" },
+                    "cache": {"direct": true},
+                },
+            })
+        }
+    })
+}
 
-    /// The protocol node of a file on this host, opened by QEMU as
-    /// `filename` (its fd set).
-    fn file_node(&self, path: &Path, filename: &str) -> serde_json::Value {
-        // Direct I/O (no host page cache in the guest's data path), with
-        // io_uring where QEMU has it, else Linux native AIO (which needs
-        // O_DIRECT). A filesystem without O_DIRECT (tmpfs) falls back to
-        // buffered I/O on a thread pool.
-        let direct = supports_direct_io(path);
-        let aio = match (direct, self.io_uring) {
-            (_, true) => "io_uring",
-            (true, false) => "native",
-            (false, false) => "threads",
-        };
-        json!({
-            "driver": "file",
-            "filename": filename,
-            "aio": aio,
-            "cache": {"direct": direct},
-        })
-    }
+/// The protocol node of a file on this host, opened by QEMU as `filename`
+/// (its fd set).
+fn file_node(io_uring: bool, path: &Path, filename: &str) -> serde_json::Value {
+    // Direct I/O (no host page cache in the guest's data path), with
+    // io_uring where QEMU has it, else Linux native AIO (which needs
+    // O_DIRECT). A filesystem without O_DIRECT (tmpfs) falls back to
+    // buffered I/O on a thread pool.
+    let direct = supports_direct_io(path);
+    let aio = match (direct, io_uring) {
+        (_, true) => "io_uring",
+        (true, false) => "native",
+        (false, false) => "threads",
+    };
+    json!({
+        "driver": "file",
+        "filename": filename,
+        "aio": aio,
+        "cache": {"direct": direct},
+    })
 }
 
 /// The id of hot-plug root port `i` (`-device pcie-root-port`).

@@ -15,6 +15,7 @@ fn record(name: &str) -> VmRecord {
     VmRecord {
         request_id: String::new(),
         created_by: None,
+        hotplug: None,
         project: String::new(),
         uuid: uuid::Uuid::new_v4(),
         spec: VmSpec {

@@ -27,14 +27,17 @@ use serde_json::{json, Value};
 use stratus_core::cli::{self, Failure, Remote};
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::agent::v1::{
-    CreateVmRequest, DestroyVmRequest, EventType, EvictImageRequest, GetHostRequest,
-    ListImagesRequest, ListVmsRequest, SaveImageRequest, StopVmRequest, Vm, VmRequest, VmState,
-    WatchEventsRequest,
+    AttachDiskRequest, AttachNicRequest, CreateVmRequest, DestroyVmRequest, DetachDiskRequest,
+    DetachNicRequest, EventType, EvictImageRequest, GetHostRequest, ListImagesRequest,
+    ListVmsRequest, SaveImageRequest, StopVmRequest, Vm, VmRequest, VmState, WatchEventsRequest,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
 
-use args::{Cli, Command, EventsArgs, HostCommand, ImageCommand, QuotaCommand, RmArgs, VmCommand};
+use args::{
+    Cli, Command, DiskCommand, EventsArgs, HostCommand, ImageCommand, NicCommand, QuotaCommand,
+    RmArgs, VmCommand,
+};
 use console::{Tail, TerminalFilter, Utf8Chunks};
 use stratus_core::cli::args::Ref;
 
@@ -269,6 +272,63 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
         }
         VmCommand::Resume { vm } => {
             let v = ctx.answer(ctx.connect().await?.resume_vm(ctx.request(&vm)).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Disk(DiskCommand::Attach { vm, disk }) => {
+            let disk = args::attach_disk_spec(&disk).map_err(Failure::Usage)?;
+            let mut client = ctx.connect().await?;
+            let call = client.attach_disk(AttachDiskRequest {
+                request_id: String::new(),
+                project: ctx.project.clone(),
+                vm: vm.to_string(),
+                disk: Some(disk),
+            });
+            let v = ctx.answer(ctx.waiting(format!("attaching a disk to {vm}"), call).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Disk(DiskCommand::Detach {
+            vm,
+            device,
+            timeout,
+        }) => {
+            let mut client = ctx.connect().await?;
+            let call = client.detach_disk(DetachDiskRequest {
+                request_id: String::new(),
+                project: ctx.project.clone(),
+                vm: vm.to_string(),
+                device: device.clone(),
+                timeout_seconds: timeout,
+            });
+            let v = ctx.answer(
+                ctx.waiting(format!("detaching {device} from {vm}"), call)
+                    .await,
+            )?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Nic(NicCommand::Attach { vm, nic }) => {
+            let mut client = ctx.connect().await?;
+            let call = client.attach_nic(AttachNicRequest {
+                request_id: String::new(),
+                project: ctx.project.clone(),
+                vm: vm.to_string(),
+                nic: Some(args::attach_nic_spec(&nic)),
+            });
+            let v = ctx.answer(ctx.waiting(format!("attaching a NIC to {vm}"), call).await)?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Nic(NicCommand::Detach { vm, nic, timeout }) => {
+            let mut client = ctx.connect().await?;
+            let call = client.detach_nic(DetachNicRequest {
+                request_id: String::new(),
+                project: ctx.project.clone(),
+                vm: vm.to_string(),
+                nic: nic.clone(),
+                timeout_seconds: timeout,
+            });
+            let v = ctx.answer(
+                ctx.waiting(format!("detaching NIC {nic} from {vm}"), call)
+                    .await,
+            )?;
             ctx.print_vm(&v)
         }
         VmCommand::Destroy { vm, timeout } => {

@@ -75,6 +75,7 @@ fn event_type_pb(t: EventType) -> pb::EventType {
         EventType::ImageSaved => pb::EventType::ImageSaved,
         EventType::ImageSaveFailed => pb::EventType::ImageSaveFailed,
         EventType::LeftoverRemoved => pb::EventType::LeftoverRemoved,
+        EventType::DiskDetachPending => pb::EventType::DiskDetachPending,
     }
 }
 
@@ -283,73 +284,14 @@ pub(crate) fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
     let name: spec::VmName = s.name.parse()?;
     let mut disks = Vec::new();
     for d in s.disks {
-        let server = ServerName::from_request(&d.server)
-            .map_err(|e| Error::invalid(format!("vm {name}: {}", e.message())))?;
-        let source = match d.source {
-            Some(pb::disk_spec::Source::PdiskVolume(v)) if !v.is_empty() => {
-                DiskSource::Pdisk(PdiskRef {
-                    server,
-                    volume: v.parse().map_err(|e: Error| {
-                        Error::invalid(format!("vm {name}: pdisk volume {e}"))
-                    })?,
-                })
-            }
-            Some(pb::disk_spec::Source::File(f)) => {
-                if !d.server.is_empty() {
-                    return Err(Error::invalid(format!(
-                        "vm {name}: disk file {f}: a host file is on no pdisk server"
-                    )));
-                }
-                DiskSource::File(spec::check_host_file("disk", &f)?)
-            }
-            Some(pb::disk_spec::Source::Image(i)) => {
-                let image = image_spec(i)?;
-                DiskSource::Image {
-                    image,
-                    size: d.size_bytes,
-                    local: d.persistence == pb::DiskPersistence::Local as i32,
-                    server,
-                }
-            }
-            _ => {
-                return Err(Error::invalid(format!(
-                    "vm {name}: every disk needs a pdisk volume, a file or an image"
-                )))
-            }
-        };
-        disks.push(Disk {
-            source,
-            read_only: d.read_only,
-            boot_index: d.boot_index,
-        });
+        disks.push(parse_disk(&name, d)?);
     }
     if !disks.is_empty() && disks.iter().all(|d| d.boot_index == 0) && s.kernel.is_none() {
         disks[0].boot_index = 1;
     }
     let mut nics = Vec::new();
     for n in s.nics {
-        let mac = if n.mac.is_empty() {
-            Mac::generate()
-        } else {
-            n.mac.parse::<Mac>()?
-        };
-        if n.vlan > 4094 {
-            return Err(Error::invalid(format!("vlan {} is out of 1..4094", n.vlan)));
-        }
-        let ips = n
-            .ips
-            .iter()
-            .map(|ip| {
-                ip.parse::<std::net::IpAddr>()
-                    .map_err(|_| Error::invalid(format!("NIC address {ip:?} is not an IP address")))
-            })
-            .collect::<stratus_core::error::Result<Vec<_>>>()?;
-        nics.push(Nic {
-            bridge: n.bridge,
-            mac,
-            vlan: n.vlan as u16,
-            ips,
-        });
+        nics.push(parse_nic(n)?);
     }
     let kernel = match s.kernel {
         Some(k) if !k.kernel.is_empty() => Some(KernelBoot {
@@ -384,6 +326,75 @@ pub(crate) fn parse_spec(s: pb::VmSpec) -> Result<VmSpec, Error> {
         kernel,
         labels: s.labels.into_iter().collect(),
         context,
+    })
+}
+
+/// One disk of guest `name`'s spec, typed.
+pub(crate) fn parse_disk(name: &spec::VmName, d: pb::DiskSpec) -> Result<Disk, Error> {
+    let server = ServerName::from_request(&d.server)
+        .map_err(|e| Error::invalid(format!("vm {name}: {}", e.message())))?;
+    let source = match d.source {
+        Some(pb::disk_spec::Source::PdiskVolume(v)) if !v.is_empty() => {
+            DiskSource::Pdisk(PdiskRef {
+                server,
+                volume: v
+                    .parse()
+                    .map_err(|e: Error| Error::invalid(format!("vm {name}: pdisk volume {e}")))?,
+            })
+        }
+        Some(pb::disk_spec::Source::File(f)) => {
+            if !d.server.is_empty() {
+                return Err(Error::invalid(format!(
+                    "vm {name}: disk file {f}: a host file is on no pdisk server"
+                )));
+            }
+            DiskSource::File(spec::check_host_file("disk", &f)?)
+        }
+        Some(pb::disk_spec::Source::Image(i)) => {
+            let image = image_spec(i)?;
+            DiskSource::Image {
+                image,
+                size: d.size_bytes,
+                local: d.persistence == pb::DiskPersistence::Local as i32,
+                server,
+            }
+        }
+        _ => {
+            return Err(Error::invalid(format!(
+                "vm {name}: every disk needs a pdisk volume, a file or an image"
+            )))
+        }
+    };
+    Ok(Disk {
+        source,
+        read_only: d.read_only,
+        boot_index: d.boot_index,
+    })
+}
+
+/// One NIC of a spec, typed (an empty MAC: a generated one).
+pub(crate) fn parse_nic(n: pb::NicSpec) -> Result<Nic, Error> {
+    let mac = if n.mac.is_empty() {
+        Mac::generate()
+    } else {
+        n.mac.parse::<Mac>()?
+    };
+    if n.vlan > 4094 {
+        return Err(Error::invalid(format!("vlan {} is out of 1..4094", n.vlan)));
+    }
+    let ips = n
+        .ips
+        .iter()
+        .map(|ip| {
+            ip.parse::<std::net::IpAddr>()
+                .map_err(|_| Error::invalid(format!("NIC address {ip:?} is not an IP address")))
+        })
+        .collect::<stratus_core::error::Result<Vec<_>>>()?;
+    Ok(Nic {
+        bridge: n.bridge,
+        mac,
+        vlan: n.vlan as u16,
+        ips,
     })
 }
 

@@ -294,7 +294,7 @@ impl Agent {
     /// record). A kernel attachment is recorded in
     /// the guest's runtime before the login, so that a crash or a failure
     /// from there on is undone by [`Agent::tear_down`].
-    async fn attach_pdisk(
+    pub(super) async fn attach_pdisk(
         &self,
         vm: &mut VmRecord,
         device: &str,
@@ -422,6 +422,9 @@ impl Agent {
     pub(super) async fn tear_down(&self, vm: &mut VmRecord) -> Vec<NewEvent> {
         let mut events = Vec::new();
         self.qmp.lock().unwrap().remove(&vm.uuid);
+        // A hot-plug that had not finished: its export and tap are in the
+        // record and go below; the spec never named its device.
+        vm.hotplug = None;
         // No runtime: no attachment recorded, but a QEMU of the guest may
         // still run (one a restart lost track of); looked for all the same.
         let rt = vm.runtime.take().unwrap_or_default();

@@ -137,6 +137,7 @@ impl Agent {
             project: project.to_owned(),
             request_id: request_id.to_owned(),
             created_by,
+            hotplug: None,
         };
         self.commit(
             &mut vm,
@@ -382,7 +383,7 @@ impl Agent {
         }
     }
 
-    fn active_qmp(&self, vm: &VmRecord) -> Result<Arc<dyn QmpCommands>> {
+    pub(super) fn active_qmp(&self, vm: &VmRecord) -> Result<Arc<dyn QmpCommands>> {
         if !matches!(vm.state, VmState::Running | VmState::Paused) {
             return Err(Error::precondition(format!(
                 "vm {} is {:?}",

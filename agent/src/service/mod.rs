@@ -31,6 +31,7 @@
 
 mod attachments;
 mod host;
+mod hotplug;
 mod image_save;
 mod images;
 mod lifecycle;
@@ -58,6 +59,7 @@ use stratus_core::error::{Error, Result};
 use stratus_core::runner::CommandRunner;
 
 pub use host::HostFacts;
+pub use hotplug::DETACH_WAIT;
 pub use images::ImageInfo;
 
 /// Settings the service needs.

@@ -230,6 +230,11 @@ impl Agent {
             )?;
             self.spawn_monitor(id, rt.pid, events);
             let mut line = format!("adopted {} (pid {})", vm.spec.name, rt.pid);
+            // Devices hot-plugged or unplugged around the restart.
+            if let Err(e) = self.reconcile_hotplug(&mut vm).await {
+                tracing::warn!(vm = %vm.spec.name, error = %e, "could not reconcile hot-plugged devices");
+                line.push_str(&format!("; hot-plugged devices not reconciled ({e})"));
+            }
             if let Err(e) = self
                 .vmm
                 .follow_console(

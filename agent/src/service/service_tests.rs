@@ -1521,3 +1521,6 @@ fn a_local_attachment_is_checked_before_qemu_sees_it() {
 
 #[path = "servers_tests.rs"]
 mod servers_tests;
+
+#[path = "hotplug_tests.rs"]
+mod hotplug_tests;

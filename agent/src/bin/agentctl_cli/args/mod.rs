@@ -21,7 +21,7 @@ mod tests;
 mod vm;
 
 pub use image::{ImageCommand, RmArgs};
-pub use vm::VmCommand;
+pub use vm::{attach_disk_spec, attach_nic_spec, DiskCommand, NicCommand, VmCommand};
 
 pub const DEFAULT_AGENT: &str = "unix:/run/stratus/agentd.sock";
 

@@ -80,6 +80,12 @@ pub enum VmCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Attach or detach a disk: on a running VM it is hot-plugged.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Attach or detach a NIC: on a running VM it is hot-plugged.
+    #[command(subcommand)]
+    Nic(NicCommand),
     /// Stop the VM if it runs, detach its disks, remove its taps and files,
     /// and forget it. Its pdisk volumes are kept.
     Destroy {
@@ -113,6 +119,85 @@ pub enum VmCommand {
         #[arg(long)]
         raw: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiskCommand {
+    /// Attach a pdisk volume of the VM's project: pdisk:[SERVER/]VOLUME[,ro].
+    Attach {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// The disk, as `vm create --disk` takes it (pdisk volumes only).
+        #[arg(value_name = "DISK", value_parser = boxed_disk)]
+        disk: Box<DiskArg>,
+    },
+    /// Detach a disk by its device (vda, vdb, ...: see `vm show`).
+    Detach {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// The disk's device.
+        #[arg(value_name = "DEVICE")]
+        device: String,
+        /// Seconds to wait for a running guest to release it.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = timeout)]
+        timeout: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NicCommand {
+    /// Attach a NIC: bridge=BR[,mac=MAC][,vlan=N][,ip=ADDR...] or default.
+    Attach {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// The NIC, as `vm create --nic` takes it.
+        #[arg(value_name = "NIC")]
+        nic: NicArg,
+    },
+    /// Detach a NIC by its MAC (or, on a running VM, its tap).
+    Detach {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// The NIC's MAC address or tap.
+        #[arg(value_name = "MAC")]
+        nic: String,
+        /// Seconds to wait for a running guest to release it.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = timeout)]
+        timeout: u32,
+    },
+}
+
+/// A `--disk`-like argument, boxed (it is the largest of its command's).
+fn boxed_disk(s: &str) -> Result<Box<DiskArg>, String> {
+    s.parse().map(Box::new)
+}
+
+/// The DiskSpec of `vm disk attach`: pdisk volumes only.
+pub fn attach_disk_spec(d: &DiskArg) -> Result<DiskSpec, String> {
+    let DiskSource::Pdisk(v) = &d.source else {
+        return Err("only pdisk:[SERVER/]VOLUME disks are attached to a VM".into());
+    };
+    Ok(DiskSpec {
+        read_only: d.read_only,
+        boot_index: d.boot.unwrap_or(0),
+        server: d.server.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+        source: Some(disk_spec::Source::PdiskVolume(v.to_string())),
+        ..DiskSpec::default()
+    })
+}
+
+/// The NicSpec of `vm nic attach`.
+pub fn attach_nic_spec(n: &NicArg) -> NicSpec {
+    NicSpec {
+        bridge: n.bridge.clone().unwrap_or_default(),
+        mac: n.mac.map(|m| m.to_string()).unwrap_or_default(),
+        vlan: n.vlan.map_or(0, u32::from),
+        ips: n.ips.iter().map(|ip| ip.to_string()).collect(),
+    }
 }
 
 #[derive(Debug, Args)]
