@@ -439,12 +439,19 @@ impl RequestLog {
     /// attempt) kept: a handler that checks something before running its
     /// operation (a name being free) skips that check for a retry.
     pub fn knows(&self, scope: &str, request_id: &str) -> bool {
-        !request_id.is_empty()
-            && self
-                .entries
-                .lock()
-                .unwrap()
-                .contains_key(&(scope.to_owned(), request_id.to_owned()))
+        if request_id.is_empty() {
+            return false;
+        }
+        let in_memory = self
+            .entries
+            .lock()
+            .unwrap()
+            .contains_key(&(scope.to_owned(), request_id.to_owned()));
+        in_memory
+            || self
+                .durable
+                .as_ref()
+                .is_some_and(|d| matches!(d.get(scope, request_id), Ok(Some(_))))
     }
 
     /// How many outcomes (finished or running) the log holds.

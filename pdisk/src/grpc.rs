@@ -29,23 +29,24 @@ use stratus_pki::{Identity, Role};
 pub struct Api {
     svc: Arc<PoolService>,
     /// Outcomes of recent creates, clones, imports and snapshots by
-    /// `request_id`, for retries.
+    /// `request_id`, for retries; kept in the metadata store too, so a
+    /// retry after a restart gets the first answer.
     requests: RequestLog,
 }
 
 impl Api {
     pub fn new(svc: Arc<PoolService>) -> Self {
-        Api {
-            svc,
-            requests: RequestLog::default(),
-        }
+        let requests = RequestLog::default().with_durable(svc.shared_store());
+        Api { svc, requests }
     }
 
     /// Runs `op` as pdiskd's own task ([`detached`]); with a `request_id`,
     /// a retry of the same request by the same caller in the same project
     /// gets the first attempt's result instead of running again
-    /// ([`stratus_core::requests`]). `msg` is the request with its
-    /// request_id cleared.
+    /// ([`stratus_core::requests`]), across restarts of pdiskd too: a
+    /// retry of an attempt a restart interrupted (whose unacknowledged
+    /// create reconciliation rolled back) runs again. `msg` is the request
+    /// with its request_id cleared.
     async fn once<T, M, F>(
         &self,
         call: &Call,
@@ -55,14 +56,16 @@ impl Api {
         op: F,
     ) -> Result<T, Status>
     where
-        T: Clone + Send + Sync + 'static,
+        T: stratus_core::requests::Answer,
         M: prost::Message,
         F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
     {
         let fp = fingerprint(&msg.encode_to_vec());
         Ok(self
             .requests
-            .run(&caller_key(call), request_id, rpc, fp, op)
+            .run_resolved(&caller_key(call), request_id, rpc, fp, |_| {
+                Ok((String::new(), op))
+            })
             .await?)
     }
 }

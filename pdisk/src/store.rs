@@ -47,6 +47,8 @@ const NAMES: TableDefinition<&str, &str> = TableDefinition::new("names");
 /// project -> its [`QuotaLimits`].
 const QUOTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("quotas");
 
+mod requests;
+
 /// A project's limits; None is no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaLimits {
@@ -444,6 +446,7 @@ impl Store {
         tx.open_table(EXPORTS)?;
         tx.open_table(NAMES)?;
         tx.open_table(QUOTAS)?;
+        tx.open_table(requests::REQUESTS)?;
         rebuild_names(&tx)?;
         journal::create_tables(&tx)?;
         crate::usage::create_tables(&tx)?;

@@ -466,3 +466,98 @@ async fn an_operation_outlives_a_client_that_gives_up() {
         }
     }
 }
+
+/// Retries by `request_id` across a kill -9 of pdiskd: a create, a clone
+/// and a snapshot answered, pdiskd killed and restarted, the same calls
+/// again get the first answers (same UUIDs, nothing made twice); the id
+/// reused with other arguments is InvalidArgument; a create pdiskd died in
+/// before answering (a crash point) is rolled back and its retry makes it.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, tgtd, an XFS loop pool and pdiskd-failpoints: run by scripts/test"]
+async fn retries_after_pdiskd_was_killed_get_the_first_answer() {
+    let pool = XfsPool::new(512);
+    let tgtd = Tgtd::start(pool.dir.path());
+    let mut pdiskd = Pdiskd::start_failpoints(&pool, &tgtd);
+    let new = |name: &str, id: &str| pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: 8 * MIB,
+        request_id: id.into(),
+        ..Default::default()
+    };
+    let clone = pb::CreateVolumeRequest {
+        source: Some(pb::create_volume_request::Source::FromVolume("db".into())),
+        ..new("db-copy", "clone-1")
+    };
+    let snap = pb::CreateSnapshotRequest {
+        volume: "db".into(),
+        name: "before".into(),
+        request_id: "snap-1".into(),
+        project: String::new(),
+    };
+    let mut c = pdiskd.client().await;
+    let created = c
+        .create_volume(new("db", "create-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let cloned = c.create_volume(clone.clone()).await.unwrap().into_inner();
+    let snapped = c.create_snapshot(snap.clone()).await.unwrap().into_inner();
+    drop(c);
+    pdiskd.kill9();
+    pdiskd.restart_with_failpoints(None);
+    let mut c = pdiskd.client().await;
+    let again = c
+        .create_volume(new("db", "create-1"))
+        .await
+        .expect("the retry of an answered create")
+        .into_inner();
+    assert_eq!(again.uuid, created.uuid);
+    let again = c.create_volume(clone).await.expect("the retry of a clone");
+    assert_eq!(again.into_inner().uuid, cloned.uuid);
+    let again = c
+        .create_snapshot(snap)
+        .await
+        .expect("the retry of a snapshot");
+    assert_eq!(again.into_inner().uuid, snapped.uuid);
+    let volumes = c
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    assert_eq!(volumes.len(), 2, "{volumes:?}");
+    let snapshots = c
+        .list_snapshots(pb::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshots;
+    assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    // A kept id with other arguments is refused, and nothing is made.
+    let reused = c.create_volume(new("web", "create-1")).await.unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::InvalidArgument, "{reused:?}");
+    // Without an id, a second create of the name is AlreadyExists.
+    let twice = c.create_volume(new("db", "")).await.unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::AlreadyExists, "{twice:?}");
+    drop(c);
+
+    // pdiskd dies before answering: restart rolls the create back and the
+    // retry makes it.
+    pdiskd.restart_with_failpoints(Some("file::publish::before_rename=return"));
+    let mut c = pdiskd.client().await;
+    let lost = c.create_volume(new("web", "create-2")).await;
+    assert!(lost.is_err(), "{lost:?}");
+    drop(c);
+    let status = pdiskd.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(CRASH_EXIT_CODE));
+    pdiskd.restart_with_failpoints(None);
+    let mut c = pdiskd.client().await;
+    let made = c
+        .create_volume(new("web", "create-2"))
+        .await
+        .expect("the retry of a create a crash interrupted")
+        .into_inner();
+    assert_eq!(made.state, pb::VolumeState::Ready as i32);
+    let again = c.create_volume(new("web", "create-2")).await.unwrap();
+    assert_eq!(again.into_inner().uuid, made.uuid);
+}
