@@ -1,0 +1,181 @@
+//! Hot-plug end to end with the test guest (under TCG, direct kernel boot,
+//! on a bridge in a namespace of the test's own): a pdisk volume attached
+//! to a running guest shows up in it as a new virtio disk, which it writes
+//! a marker on; detached, it leaves the guest; attached to a second guest,
+//! that guest reads the first one's marker. A NIC hot-plugged with a MAC
+//! shows up with it, and the guest pings the bridge's address through it. Run by
+//! scripts/test's e2e tier (needs root, QEMU, tgt and scripts/guest-image).
+
+use std::path::Path;
+use std::time::Duration;
+
+use stratus_proto::agent::v1 as pb;
+use stratus_proto::pdisk::v1 as pdpb;
+use testkit::*;
+
+const BOOT: Duration = Duration::from_secs(180);
+const SEEN: Duration = Duration::from_secs(60);
+
+/// A running guest with no disk and no NIC, booted from the test kernel
+/// with `args` on its command line; its console log.
+fn guest(h: &AgentHost, name: &str, args: &str) -> String {
+    let g = guest_dir();
+    let spec = pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        kernel: Some(pb::KernelBoot {
+            kernel: g.join("vmlinuz").display().to_string(),
+            initrd: g.join("initrd.img").display().to_string(),
+            cmdline: format!("console=ttyS0 {args}"),
+        }),
+        ..Default::default()
+    };
+    let vm = h.agent(move |mut c| async move {
+        let name = spec.name.clone();
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            vm: name,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    wait_console(Path::new(&vm.console_log), "STRATUS-GUEST ready", BOOT);
+    vm.console_log
+}
+
+fn attach(h: &AgentHost, vm: &str, volume: &str) -> pb::Vm {
+    let (vm, volume) = (vm.to_owned(), volume.to_owned());
+    h.agent(move |mut c| async move {
+        c.attach_disk(pb::AttachDiskRequest {
+            vm,
+            disk: Some(pb::DiskSpec {
+                source: Some(pb::disk_spec::Source::PdiskVolume(volume)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    })
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn a_volume_moves_between_running_guests_and_a_hot_plugged_nic_answers() {
+    let h = AgentHost::start(512, &[]);
+    h.ns.ip(&["addr", "add", "10.232.0.1/24", "dev", BRIDGE]);
+    h.pdisk(|mut c| async move {
+        c.create_volume(pdpb::CreateVolumeRequest {
+            name: "shared".into(),
+            size_bytes: 8 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+
+    // Guest a: the volume comes, the guest writes its marker, it goes.
+    let log_a = guest(&h, "a", "stratus.hotplug_marker=from-a");
+    let vm = attach(&h, "a", "shared");
+    assert_eq!(vm.spec.unwrap().disks.len(), 1);
+    let disk = vm
+        .disks
+        .iter()
+        .find(|d| d.source == "pdisk:shared")
+        .unwrap();
+    let device = disk.device.clone();
+    let log = wait_console(Path::new(&log_a), "STRATUS-GUEST hotplug wrote", SEEN);
+    assert!(
+        log.contains("STRATUS-GUEST hotplug disk vda added size=8388608"),
+        "{log}"
+    );
+    let vm = h.agent(move |mut c| async move {
+        c.detach_disk(pb::DetachDiskRequest {
+            vm: "a".into(),
+            device,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert!(vm.spec.unwrap().disks.is_empty());
+    assert!(vm.disks.is_empty());
+    wait_console(
+        Path::new(&log_a),
+        "STRATUS-GUEST hotplug disk vda removed",
+        SEEN,
+    );
+
+    // Guest b reads a's marker from the same volume.
+    let log_b = guest(
+        &h,
+        "b",
+        "stratus.hotplug_ip=10.232.0.3/24 stratus.hotplug_peer=10.232.0.1",
+    );
+    attach(&h, "b", "shared");
+    let log = wait_console(Path::new(&log_b), "STRATUS-GUEST hotplug marker", SEEN);
+    assert!(
+        log.contains("STRATUS-GUEST hotplug marker vda=from-a"),
+        "{log}"
+    );
+
+    // A NIC with its MAC, behind its anti-spoofing rules, answers a ping.
+    let vm = h.agent(|mut c| async move {
+        c.attach_nic(pb::AttachNicRequest {
+            vm: "b".into(),
+            nic: Some(pb::NicSpec {
+                bridge: BRIDGE.into(),
+                mac: "52:54:00:00:00:42".into(),
+                vlan: 0,
+                ips: vec!["10.232.0.3".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(vm.nics.len(), 1);
+    let log = wait_console(Path::new(&log_b), "STRATUS-GUEST hotplug nic eth0 up", SEEN);
+    assert!(
+        log.contains("STRATUS-GUEST hotplug nic eth0 added mac=52:54:00:00:00:42"),
+        "{log}"
+    );
+    let log = wait_console(
+        Path::new(&log_b),
+        "STRATUS-GUEST hotplug nic eth0 ping 10.232.0.1",
+        SEEN,
+    );
+    assert!(
+        log.contains("STRATUS-GUEST hotplug nic eth0 ping 10.232.0.1 ok"),
+        "{log}"
+    );
+    let tap = vm.nics[0].tap.clone();
+    let vm = h.agent(|mut c| async move {
+        c.detach_nic(pb::DetachNicRequest {
+            vm: "b".into(),
+            nic: "52:54:00:00:00:42".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert!(vm.nics.is_empty());
+    assert!(!h.ns.link_exists(&tap), "tap {tap} left");
+    wait_console(
+        Path::new(&log_b),
+        "STRATUS-GUEST hotplug nic eth0 removed",
+        SEEN,
+    );
+}
