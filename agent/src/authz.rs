@@ -5,8 +5,11 @@
 //!
 //! `admin`: everything. `frontend` (a cloud front-end): every VM call for
 //! the project it names in each request, and the host's image cache.
-//! `project`: its own VMs and their events. `agent` and `server`
-//! certificates have no business with an agentd.
+//! `project`: its own VMs and their events. `agent` certificates (other
+//! agentds) only the destination side of a live migration (and admins,
+//! to clean one up by hand); `server` certificates have no business with
+//! an agentd. Moving a guest between hosts is placement, the operators'
+//! (admin, frontend), never a project's.
 
 use stratus_pki::authz::{Rule, Table};
 use stratus_pki::{Caller, Role};
@@ -18,6 +21,8 @@ pub const SERVICE: &str = "agent.v1.VmService";
 const ADMIN: &[Role] = &[Role::Admin];
 /// Host-wide calls: the image cache and the host's capacity.
 const OPERATORS: &[Role] = &[Role::Admin, Role::Frontend];
+/// Agent-to-agent calls: a live migration's destination side.
+const PEERS: &[Role] = &[Role::Admin, Role::Agent];
 /// Guest calls, scoped to a project.
 const TENANTS: &[Role] = &[Role::Admin, Role::Frontend, Role::Project];
 
@@ -138,6 +143,26 @@ pub const RULES: &[Rule] = &[
         roles: TENANTS,
         note: "from a VM of the project the call acts in",
     },
+    Rule {
+        method: "MigrateVm",
+        roles: OPERATORS,
+        note: "admin, frontend (for the project it names): placement is theirs",
+    },
+    Rule {
+        method: "PrepareIncoming",
+        roles: PEERS,
+        note: "another agentd (a live migration's source), admin",
+    },
+    Rule {
+        method: "FinishIncoming",
+        roles: PEERS,
+        note: "another agentd (a live migration's source), admin",
+    },
+    Rule {
+        method: "AbortIncoming",
+        roles: PEERS,
+        note: "another agentd (a live migration's source), admin",
+    },
 ];
 
 /// The RPCs that change something: each call is audited (`stratus_pki::audit`).
@@ -157,6 +182,10 @@ pub const MUTATING: &[&str] = &[
     "DetachDisk",
     "AttachNic",
     "DetachNic",
+    "MigrateVm",
+    "PrepareIncoming",
+    "FinishIncoming",
+    "AbortIncoming",
 ];
 
 /// agentd's table.
@@ -219,8 +248,17 @@ mod tests {
                     "GetHost" | "PullImage" | "ListImages" | "EvictImage"
                 );
                 let admin_only = matches!(m.as_str(), "SetQuota" | "ListQuotas");
+                let peer = matches!(
+                    m.as_str(),
+                    "PrepareIncoming" | "FinishIncoming" | "AbortIncoming"
+                );
+                let operators = m == "MigrateVm";
                 let want = match role {
                     Role::Admin => Ok(()),
+                    Role::Agent if peer => Ok(()),
+                    _ if peer => Err(tonic::Code::PermissionDenied),
+                    Role::Frontend if operators => Ok(()),
+                    _ if operators => Err(tonic::Code::PermissionDenied),
                     Role::Frontend if !admin_only => Ok(()),
                     Role::Project if !host_wide && !admin_only => Ok(()),
                     _ => Err(tonic::Code::PermissionDenied),

@@ -25,8 +25,8 @@ use stratus_pki::Identity;
 
 mod convert;
 pub use convert::event_pb;
-pub(crate) use convert::parse_spec;
 use convert::{image_pb, image_spec, parse_disk, parse_nic, quota_pb, server_pb, vm_pb};
+pub(crate) use convert::{parse_spec, spec_pb};
 
 pub struct Api {
     agent: Arc<Agent>,
@@ -173,7 +173,8 @@ vm_call!(
     pb::AttachDiskRequest,
     pb::DetachDiskRequest,
     pb::AttachNicRequest,
-    pb::DetachNicRequest
+    pb::DetachNicRequest,
+    pb::MigrateVmRequest
 );
 
 /// Where a call's names are looked up: in the project it acts in (names
@@ -209,6 +210,12 @@ fn audit_object<T: std::any::Any>(msg: &T) -> String {
         format!("vm {} nic {mac}", r.vm)
     } else if let Some(r) = any.downcast_ref::<pb::DetachNicRequest>() {
         format!("vm {} nic {}", r.vm, r.nic)
+    } else if let Some(r) = any.downcast_ref::<pb::MigrateVmRequest>() {
+        format!("vm {} to {}", r.vm, r.destination)
+    } else if let Some(r) = any.downcast_ref::<pb::PrepareIncomingRequest>() {
+        format!("incoming vm {}", r.vm_uuid)
+    } else if let Some(r) = any.downcast_ref::<pb::IncomingRequest>() {
+        format!("incoming vm {}", r.vm_uuid)
     } else if let Some(r) = any.downcast_ref::<pb::CreateVmRequest>() {
         format!(
             "vm {}",
@@ -736,6 +743,112 @@ impl VmService for Api {
             qemu_seccomp: h.facts.qemu_caps.seccomp,
         }))
     }
+
+    async fn migrate_vm(
+        &self,
+        req: Request<pb::MigrateVmRequest>,
+    ) -> Result<Response<pb::MigrateVmResponse>, Status> {
+        let answer = self
+            .on_vm(req, "MigrateVm", |agent, vm, r, _| {
+                let destination = r.destination.clone();
+                async move {
+                    let done = agent.migrate_vm(&vm, &destination).await?;
+                    Ok(pb::MigrateVmResponse {
+                        vm_uuid: vm,
+                        destination,
+                        total_ms: done.total.as_millis() as u64,
+                        downtime_ms: done.downtime_ms,
+                        transferred_bytes: done.transferred,
+                        qemu_total_ms: done.qemu_total_ms,
+                    })
+                }
+            })
+            .await?;
+        Ok(Response::new(answer))
+    }
+
+    async fn prepare_incoming(
+        &self,
+        req: Request<pb::PrepareIncomingRequest>,
+    ) -> Result<Response<pb::PrepareIncomingResponse>, Status> {
+        let identity = peer_agent(&req)?;
+        let r = req.into_inner();
+        let id = incoming_uuid(&r.vm_uuid)?;
+        let spec = parse_spec(
+            r.spec
+                .clone()
+                .ok_or_else(|| Error::invalid("spec is required"))?,
+        )?;
+        let owned = r
+            .owned_volumes
+            .iter()
+            .map(|o| {
+                Ok(crate::store::OwnedVolume {
+                    device: o.device.clone(),
+                    volume: o.volume_uuid.clone(),
+                    name: o.name.clone(),
+                    server: ServerName::from_request(&o.server)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let agent = self.agent.clone();
+        let source = format!("{identity}");
+        // Agentd's own task: a source that goes away does not stop it
+        // half-way (a failure undoes it whole).
+        let port = tokio::spawn(async move {
+            agent
+                .prepare_incoming(id, spec, r.project, owned, source, r.created_at)
+                .await
+        })
+        .await
+        .map_err(|e| Status::internal(format!("prepare task: {e}")))??;
+        Ok(Response::new(pb::PrepareIncomingResponse {
+            port: u32::from(port),
+        }))
+    }
+
+    async fn finish_incoming(
+        &self,
+        req: Request<pb::IncomingRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        peer_agent(&req)?;
+        let id = incoming_uuid(&req.get_ref().vm_uuid)?;
+        let vm = self.agent.finish_incoming(id).await?;
+        Ok(Response::new(vm_pb(&self.agent, &vm)))
+    }
+
+    async fn abort_incoming(
+        &self,
+        req: Request<pb::IncomingRequest>,
+    ) -> Result<Response<pb::AbortIncomingResponse>, Status> {
+        peer_agent(&req)?;
+        let r = req.into_inner();
+        let id = incoming_uuid(&r.vm_uuid)?;
+        let agent = self.agent.clone();
+        tokio::spawn(async move { agent.abort_incoming(id, &r.reason).await })
+            .await
+            .map_err(|e| Status::internal(format!("abort task: {e}")))??;
+        Ok(Response::new(pb::AbortIncomingResponse {}))
+    }
+}
+
+/// The caller of an agent-to-agent call (the gate admitted only agents and
+/// admins), named in its audit record with the guest.
+fn peer_agent<T: 'static>(req: &Request<T>) -> Result<Identity, Status> {
+    let identity = stratus_pki::gate::caller(req)?
+        .identity
+        .clone()
+        .map_err(Status::unauthenticated)?;
+    if let Some(n) = stratus_pki::audit::note(req) {
+        n.set_object(audit_object(req.get_ref()));
+    }
+    Ok(identity)
+}
+
+/// The guest UUID of an incoming migration's call.
+fn incoming_uuid(s: &str) -> Result<uuid::Uuid, Status> {
+    s.parse()
+        .map_err(|_| Status::invalid_argument(format!("vm_uuid {s:?} is not a UUID")))
 }
 
 #[cfg(test)]

@@ -145,6 +145,7 @@ mod tests {
             request_id: String::new(),
             created_by: None,
             hotplug: None,
+            migration: None,
             uuid: uuid::Uuid::new_v4(),
             spec: VmSpec {
                 name: "web1".parse().unwrap(),

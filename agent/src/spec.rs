@@ -526,6 +526,11 @@ pub enum EventType {
     LeftoverRemoved,
     /// A running guest did not release a disk or NIC asked to detach.
     DiskDetachPending,
+    /// Live migration (issue 15): started, progress, done, failed.
+    Migrating,
+    MigrationProgress,
+    Migrated,
+    MigrationFailed,
 }
 
 /// Who or what caused an event.

@@ -250,6 +250,10 @@ pub struct VmRecord {
     /// by the undo); at adoption, finished or undone from what QEMU has.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hotplug: Option<Hotplug>,
+    /// A live migration of this guest in progress, journaled before each
+    /// of its steps (`crate::service::migrate`). None in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
 }
 
 /// The device a hot-plug is adding (see [`VmRecord::hotplug`]).
@@ -266,6 +270,49 @@ pub enum Hotplug {
         nic: crate::spec::Nic,
         attachment: NicAttachment,
     },
+}
+
+impl VmRecord {
+    /// True while this host is a live migration's destination for it.
+    pub fn is_incoming(&self) -> bool {
+        self.migration
+            .as_ref()
+            .is_some_and(|m| m.direction == MigrationDirection::Incoming)
+    }
+}
+
+/// The journal of a guest's live migration on one side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// Outgoing (this host is the source) or incoming (the destination).
+    pub direction: MigrationDirection,
+    /// The other agent: the destination's URL, or the source's identity.
+    pub peer: String,
+    pub phase: MigrationPhase,
+    /// The TCP port the destination's QEMU waits on (0 until known).
+    #[serde(default)]
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationDirection {
+    Outgoing,
+    Incoming,
+}
+
+/// Where a migration is; what a restart of agentd makes of it is in
+/// `crate::service::migrate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Intent stored; the destination is being prepared.
+    Preparing,
+    /// QEMU sends the guest's state; the source still owns the guest.
+    Transferring,
+    /// QEMU reported the migration completed: the destination owns the
+    /// guest; the source only cleans up.
+    Completed,
 }
 
 /// An event as journaled and streamed.
@@ -449,6 +496,22 @@ impl AgentStore {
     pub fn remove(&self, vm: &VmRecord, events: &[NewEvent]) -> Result<Vec<Event>> {
         let mut copy = vm.clone();
         self.commit_inner(None, Some(&mut copy), events)
+    }
+
+    /// [`Self::remove`] unless the record is gone already (two paths
+    /// dropping one guest, e.g. a migration's abort and its monitor):
+    /// None then, and no events.
+    pub fn remove_existing(
+        &self,
+        vm: &VmRecord,
+        events: &[NewEvent],
+    ) -> Result<Option<Vec<Event>>> {
+        let _g = self.commit_lock.lock().unwrap();
+        if self.vm(vm.uuid)?.is_none() {
+            return Ok(None);
+        }
+        let mut copy = vm.clone();
+        self.write(None, Some(&mut copy), events, None).map(Some)
     }
 
     fn commit_inner(

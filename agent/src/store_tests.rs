@@ -6,6 +6,7 @@ fn record(name: &str) -> VmRecord {
         request_id: String::new(),
         created_by: None,
         hotplug: None,
+        migration: None,
         uuid: Uuid::new_v4(),
         spec: VmSpec {
             name: name.parse().unwrap(),

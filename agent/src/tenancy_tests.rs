@@ -60,6 +60,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             cgroup_parent: None,
             console_log_max: crate::console::DEFAULT_MAX,
             hotplug_ports: 8,
+            peer_tls: None,
         },
         HostFacts {
             hostname: "unit".into(),
@@ -358,6 +359,54 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             ))
             .await,
         ),
+        "MigrateVm" => outcome(
+            api.migrate_vm(request(
+                role,
+                pb::MigrateVmRequest {
+                    vm,
+                    destination: "https://127.0.0.1:1".into(),
+                    project,
+                    request_id: String::new(),
+                },
+            ))
+            .await,
+        ),
+        // Agent to agent: no project's call; the gate's rule, then the
+        // guest by UUID (an incoming one only: a guest that lives here is
+        // never finished or aborted as one).
+        "PrepareIncoming" => outcome(
+            api.prepare_incoming(request(
+                role,
+                pb::PrepareIncomingRequest {
+                    vm_uuid: uuid::Uuid::new_v4().to_string(),
+                    spec: Some(spec(&format!("{target}-in"), &format!("{target}-disk2"))),
+                    project: target.into(),
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
+        "FinishIncoming" | "AbortIncoming" => {
+            let req = pb::IncomingRequest {
+                vm_uuid: f
+                    .agent
+                    .get_vm(&format!("{target}-vm"))
+                    .unwrap()
+                    .uuid
+                    .to_string(),
+                reason: String::new(),
+            };
+            let r = if method == "FinishIncoming" {
+                outcome(api.finish_incoming(request(role, req)).await)
+            } else {
+                outcome(api.abort_incoming(request(role, req)).await)
+            };
+            assert!(
+                f.agent.get_vm(&format!("{target}-vm")).is_ok(),
+                "{method} took a guest"
+            );
+            r
+        }
         other => panic!("the matrix has no call for {other}: add one"),
     }
 }
@@ -387,7 +436,7 @@ fn expected(method: &str, role: Role, target: &str) -> Outcome {
         "WatchEvents" if own => Outcome::Listed(vec![OWN.into()]),
         "WatchEvents" => Outcome::Listed(vec![]),
         "GetHost" | "PullImage" | "ListImages" | "EvictImage" | "SetQuota" | "GetQuota"
-        | "ListQuotas" => Outcome::Through,
+        | "ListQuotas" | "PrepareIncoming" | "FinishIncoming" | "AbortIncoming" => Outcome::Through,
         _ if own => Outcome::Through,
         _ => Outcome::Refused(Code::NotFound),
     }

@@ -12,6 +12,7 @@ fn guest(project: &str) -> VmRecord {
         request_id: String::new(),
         created_by: None,
         hotplug: None,
+        migration: None,
         uuid: Uuid::new_v4(),
         spec: VmSpec {
             name: "web1".parse().unwrap(),

@@ -150,6 +150,20 @@ pub trait QmpCommands: Send + Sync {
     ) -> BoxFuture<'a, Result<()>>;
     /// Unplugs NIC `netdev`; false: the guest kept it within `wait`.
     fn remove_nic<'a>(&'a self, netdev: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>>;
+    /// Any other command ([`Qmp::execute`]), for live migration's
+    /// `migrate*` and `query-migrate`; Unavailable by default (the unit
+    /// tier's QEMU does not migrate).
+    fn execute<'a>(
+        &'a self,
+        command: &'a str,
+        _arguments: Option<serde_json::Value>,
+    ) -> BoxFuture<'a, Result<serde_json::Value>> {
+        Box::pin(async move {
+            Err(Error::unavailable(format!(
+                "QMP {command}: not supported here"
+            )))
+        })
+    }
 }
 
 impl QmpCommands for Qmp {
@@ -213,6 +227,14 @@ impl QmpCommands for Qmp {
 
     fn remove_nic<'a>(&'a self, netdev: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>> {
         Box::pin(crate::hotplug::remove_nic(self, netdev, wait))
+    }
+
+    fn execute<'a>(
+        &'a self,
+        command: &'a str,
+        arguments: Option<serde_json::Value>,
+    ) -> BoxFuture<'a, Result<serde_json::Value>> {
+        Box::pin(Qmp::execute(self, command, arguments))
     }
 }
 
@@ -478,6 +500,9 @@ pub struct LaunchPlan {
     /// Empty PCIe root ports for hot-plugged disks and NICs
     /// (`--hotplug-ports`).
     pub hotplug_ports: u32,
+    /// A live migration's destination: QEMU starts with `-incoming defer`
+    /// and waits for `migrate-incoming` (`crate::service::migrate`).
+    pub incoming: bool,
 }
 
 impl LaunchPlan {
@@ -514,6 +539,9 @@ impl LaunchPlan {
         a.push(&["-smp", &self.vcpus.to_string()]);
         a.push(&["-m", &format!("{}M", self.memory_mib)]);
         a.push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+        if self.incoming {
+            a.push(&["-incoming", "defer"]);
+        }
         // agentd is its client and keeps the log (crate::console); wait=on
         // takes agentd's queued connection before the guest runs.
         let console = fds.console(&crate::console::socket_in(&self.dir))?;
@@ -1106,6 +1134,22 @@ pub fn is_our_qemu(pid: u32, uuid: Uuid) -> bool {
     cmdline
         .split(|&b| b == 0)
         .any(|arg| arg == needle.as_bytes())
+        && in_our_netns(pid)
+}
+
+/// True when `pid` shares agentd's network namespace (as the QEMUs it
+/// launches do). A live migration's two hosts may be two namespaces of one
+/// machine (agent/tests/migrate.rs), each with a QEMU of the same UUID:
+/// neither agentd may take the other's for its own. True when either link
+/// cannot be read (no namespaces to tell apart).
+fn in_our_netns(pid: u32) -> bool {
+    match (
+        std::fs::read_link(format!("/proc/{pid}/ns/net")),
+        std::fs::read_link("/proc/self/ns/net"),
+    ) {
+        (Ok(theirs), Ok(ours)) => theirs == ours,
+        _ => true,
+    }
 }
 
 /// Sends `sig` to `pid`; Ok when it is already gone.

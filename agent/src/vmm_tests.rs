@@ -39,6 +39,7 @@ fn plan() -> LaunchPlan {
         dir: "/s/vm".into(),
         console_log_max: 1 << 20,
         hotplug_ports: 2,
+        incoming: false,
         io_uring: true,
         confinement: Some(Confinement {
             user: crate::confine::QemuUser {

@@ -16,6 +16,7 @@ fn record(name: &str) -> VmRecord {
         request_id: String::new(),
         created_by: None,
         hotplug: None,
+        migration: None,
         project: String::new(),
         uuid: uuid::Uuid::new_v4(),
         spec: VmSpec {

@@ -130,6 +130,41 @@ impl Agentd {
         a
     }
 
+    /// Like [`Agentd::start_in_with`], as another host of the cluster:
+    /// listening on every address of `ns` (clients dial `listen`), with
+    /// initiator `iqn` and the certificate `tls` (which binds that IQN and
+    /// names the addresses it is dialed at).
+    pub fn start_in_as(
+        dir: &Path,
+        ns: &NetNs,
+        pdisk_url: &str,
+        bridge: &str,
+        iqn: &str,
+        tls: &stratus_pki::TlsFiles,
+        extra: &[&str],
+    ) -> Agentd {
+        let tls_args = daemon_tls_args(tls);
+        let mut all: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+        all.extend_from_slice(extra);
+        let mut a = Self::start_in_with(dir, ns, pdisk_url, bridge, &all);
+        a.kill9();
+        let mut next = None;
+        for arg in a.args.iter_mut() {
+            match next.take() {
+                Some("--listen") => *arg = format!("0.0.0.0:{}", a.listen.port()),
+                Some("--initiator-iqn") => *arg = iqn.to_string(),
+                _ => {}
+            }
+            if arg == "--listen" {
+                next = Some("--listen");
+            } else if arg == "--initiator-iqn" {
+                next = Some("--initiator-iqn");
+            }
+        }
+        a.spawn();
+        a
+    }
+
     /// Like [`Agentd::start_in`], running `agentd-failpoints` (agentd with
     /// crash points; build it with `cargo build -p agent --features
     /// failpoints --bin agentd-failpoints`) with no failpoint set.

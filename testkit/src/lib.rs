@@ -65,6 +65,11 @@ pub use pki::{
 
 pub const INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-a";
 pub const OTHER_INITIATOR: &str = "iqn.2026-11.io.stratus.test:host-b";
+/// The addresses of the two hosts of a live migration's test (a veth pair
+/// between two namespaces): A runs pdiskd, tgtd and the source agentd, B
+/// the destination agentd.
+pub const MIGRATION_HOST_A: &str = "10.231.0.1";
+pub const MIGRATION_HOST_B: &str = "10.231.0.2";
 
 pub type Client = VolumeServiceClient<Channel>;
 

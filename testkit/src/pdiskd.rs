@@ -69,6 +69,25 @@ impl Pdiskd {
         Self::start_full(pool, tgtd, netns, extra_args)
     }
 
+    /// Starts pdiskd inside `netns` listening on `ip` (an address of the
+    /// namespace other namespaces reach; the test certificates name
+    /// [`crate::MIGRATION_HOST_A`]), for several hosts.
+    pub fn start_in_at(pool: &XfsPool, tgtd: &Tgtd, netns: &NetNs, ip: &str) -> Pdiskd {
+        let pool_dir = pool.mnt.join("pool");
+        let args = Self::tgt_args(&pool_dir, tgtd, &[]);
+        let mut d =
+            Self::start_on_env(pool.dir.path(), &pool.mnt, pool_dir, Some(netns), args, &[]);
+        d.kill9();
+        let listen: SocketAddr = format!("{ip}:{}", d.listen.port()).parse().unwrap();
+        let old = d.listen.to_string();
+        for a in d.args.iter_mut().filter(|a| **a == old) {
+            *a = listen.to_string();
+        }
+        d.listen = listen;
+        d.spawn();
+        d
+    }
+
     fn start_full(
         pool: &XfsPool,
         tgtd: &Tgtd,

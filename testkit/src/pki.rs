@@ -45,12 +45,18 @@ impl TestPki {
                 ca,
                 bases: Mutex::new(HashSet::new()),
             };
-            pki.issue(Role::Server, "pdiskd", None, &["127.0.0.1", "localhost"]);
+            // The migration addresses: the "two hosts" of agent/tests/migrate.rs.
+            pki.issue(
+                Role::Server,
+                "pdiskd",
+                None,
+                &["127.0.0.1", "localhost", crate::MIGRATION_HOST_A],
+            );
             pki.issue(
                 Role::Agent,
                 AGENT_NAME,
                 Some(INITIATOR),
-                &["127.0.0.1", "localhost"],
+                &["127.0.0.1", "localhost", crate::MIGRATION_HOST_A],
             );
             pki.issue(Role::Admin, "test", None, &[]);
             pki

@@ -13,6 +13,9 @@ static NEXT_CONTROL: AtomicU32 = AtomicU32::new(0);
 pub struct Tgtd {
     pub control_port: u32,
     pub portal_port: u16,
+    /// The address its portal listens on (127.0.0.1 unless started with
+    /// [`Tgtd::start_in_at`]).
+    pub portal_ip: String,
     child: Option<Child>,
     log: PathBuf,
     netns: Option<String>,
@@ -34,6 +37,16 @@ impl Tgtd {
         Self::start_full(log_dir, netns, &[])
     }
 
+    /// Starts tgtd inside `netns` with its portal on `ip` (an address of
+    /// the namespace other namespaces reach, for several hosts).
+    pub fn start_in_at(log_dir: &Path, netns: &NetNs, ip: &str) -> Tgtd {
+        let mut t = Self::start_full(log_dir, Some(netns), &[]);
+        t.kill();
+        t.portal_ip = ip.to_string();
+        t.spawn();
+        t
+    }
+
     fn start_full(log_dir: &Path, netns: Option<&NetNs>, extra_args: &[&str]) -> Tgtd {
         require_root();
         // Control ports are small integers (tgt keeps them in a short);
@@ -50,6 +63,7 @@ impl Tgtd {
         let mut t = Tgtd {
             control_port,
             portal_port: free_port(),
+            portal_ip: "127.0.0.1".to_string(),
             child: None,
             log: log_dir.join(format!("tgtd-{control_port}.log")),
             netns: netns.map(|n| n.name.clone()),
@@ -75,7 +89,7 @@ impl Tgtd {
                 "-C",
                 &self.control_port.to_string(),
                 "--iscsi",
-                &format!("portal=127.0.0.1:{}", self.portal_port),
+                &format!("portal={}:{}", self.portal_ip, self.portal_port),
             ])
             .args(&self.extra_args)
             .stdout(log.try_clone().unwrap())
@@ -93,7 +107,7 @@ impl Tgtd {
     }
 
     pub fn portal(&self) -> String {
-        format!("127.0.0.1:{}", self.portal_port)
+        format!("{}:{}", self.portal_ip, self.portal_port)
     }
 
     /// tgtd's process id while it runs (for its CPU time in /proc).

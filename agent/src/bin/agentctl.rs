@@ -29,7 +29,8 @@ use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::agent::v1::{
     AttachDiskRequest, AttachNicRequest, CreateVmRequest, DestroyVmRequest, DetachDiskRequest,
     DetachNicRequest, EventType, EvictImageRequest, GetHostRequest, ListImagesRequest,
-    ListVmsRequest, SaveImageRequest, StopVmRequest, Vm, VmRequest, VmState, WatchEventsRequest,
+    ListVmsRequest, MigrateVmRequest, SaveImageRequest, StopVmRequest, Vm, VmRequest, VmState,
+    WatchEventsRequest,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
@@ -331,6 +332,7 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             )?;
             ctx.print_vm(&v)
         }
+        VmCommand::Migrate { vm, to } => migrate(ctx, vm, to).await,
         VmCommand::Destroy { vm, timeout } => {
             let mut client = ctx.connect().await?;
             let call = client.destroy_vm(DestroyVmRequest {
@@ -745,4 +747,83 @@ async fn console(ctx: &Ctx, vm: &Ref, follow: bool, raw: bool) -> Result<(), Fai
         }
     }
     out.finish()
+}
+
+/// `vm migrate`: MigrateVm, with QEMU's progress (MIGRATION_PROGRESS
+/// events) on the spinner meanwhile.
+async fn migrate(ctx: &Ctx, vm: Ref, to: String) -> Result<(), Failure> {
+    let mut client = ctx.connect().await?;
+    let since = ctx
+        .answer(client.get_host(GetHostRequest {}).await)?
+        .last_event_seq;
+    let mut events = ctx.answer(
+        client
+            .watch_events(WatchEventsRequest {
+                project: ctx.project.clone(),
+                since_seq: since,
+                vm: vm.to_string(),
+                no_follow: false,
+            })
+            .await,
+    )?;
+    let spinner = ctx.spinners.then(|| {
+        let s = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+        s.set_style(
+            ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        s.set_message(format!("migrating {vm} to {to}"));
+        s.enable_steady_tick(Duration::from_millis(120));
+        s
+    });
+    let call = client.migrate_vm(MigrateVmRequest {
+        vm: vm.to_string(),
+        destination: to.clone(),
+        project: ctx.project.clone(),
+        request_id: String::new(),
+    });
+    tokio::pin!(call);
+    let answer = loop {
+        tokio::select! {
+            a = &mut call => break a,
+            e = events.message() => match e {
+                Ok(Some(e)) if e.r#type == EventType::MigrationProgress as i32 => {
+                    if let Some(s) = &spinner {
+                        s.set_message(format!(
+                            "migrating {vm} to {to}: {} of {} MiB sent ({})",
+                            e.bytes >> 20,
+                            e.total_bytes >> 20,
+                            e.detail
+                        ));
+                    }
+                }
+                Ok(Some(_)) => {}
+                // The stream ended: the answer still comes.
+                _ => break call.await,
+            },
+        }
+    };
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    let m = ctx.answer(answer)?;
+    ctx.print(
+        json!({
+            "vm": m.vm_uuid,
+            "destination": m.destination,
+            "total_ms": m.total_ms,
+            "downtime_ms": m.downtime_ms,
+            "transferred_bytes": m.transferred_bytes,
+            "qemu_total_ms": m.qemu_total_ms,
+        }),
+        || {
+            format!(
+                "Migrated {vm} to {}: {} ms in all, {} ms of downtime, {} MiB sent.\n",
+                m.destination,
+                m.total_ms,
+                m.downtime_ms,
+                m.transferred_bytes >> 20
+            )
+        },
+    )
 }

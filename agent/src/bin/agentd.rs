@@ -77,6 +77,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             cgroup_parent: cfg.cgroup_parent.clone(),
             console_log_max: cfg.console_log_max,
             hotplug_ports: cfg.hotplug_ports,
+            peer_tls: cfg.tls.clone(),
         },
         host,
     )?;

@@ -76,6 +76,10 @@ fn event_type_pb(t: EventType) -> pb::EventType {
         EventType::ImageSaveFailed => pb::EventType::ImageSaveFailed,
         EventType::LeftoverRemoved => pb::EventType::LeftoverRemoved,
         EventType::DiskDetachPending => pb::EventType::DiskDetachPending,
+        EventType::Migrating => pb::EventType::Migrating,
+        EventType::MigrationProgress => pb::EventType::MigrationProgress,
+        EventType::Migrated => pb::EventType::Migrated,
+        EventType::MigrationFailed => pb::EventType::MigrationFailed,
     }
 }
 

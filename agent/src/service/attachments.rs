@@ -82,6 +82,27 @@ impl Agent {
         let device = device_name(i);
         // Image disks become a pdisk clone or a local overlay first.
         let (source, described) = match &d.source {
+            // A migration's destination opens the source's clone.
+            DiskSource::Image { image, server, .. } if vm.is_incoming() => {
+                let clone = vm
+                    .owned_volumes
+                    .iter()
+                    .find(|o| o.device == device && !o.volume.is_empty())
+                    .ok_or_else(|| {
+                        stratus_core::error::Error::precondition(format!(
+                            "{device}: the migrating guest owns no clone of image {}",
+                            image.url
+                        ))
+                    })?;
+                (
+                    ImageDisk::Pdisk(server.clone(), clone.volume.clone()),
+                    Some(format!(
+                        "image:{} sha256={} clone",
+                        image.url,
+                        &image.sha256[..12]
+                    )),
+                )
+            }
             DiskSource::Image {
                 image,
                 size,
@@ -323,14 +344,16 @@ impl Agent {
         self.crash_point("start.export_intent");
         let e = pdisk
             .export_volume(pdpb::ExportVolumeRequest {
-                migration: false,
+                // A migration's destination: the source holds the volume
+                // too, until the migration ends (pdisk bounds it).
+                migration: vm.is_incoming(),
                 volume: uuid.clone(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
                 // A guest's pdisk disks are volumes of its own project:
                 // pdisk answers NotFound for any other.
                 project: vm.project.clone(),
                 chap: Some(chap_credentials(&chap)),
-                multi_attach: false,
+                multi_attach: vm.is_incoming(),
                 // pdiskd on this host answers with the volume itself.
                 host_id: self.settings.local_host_id.clone().unwrap_or_default(),
             })

@@ -138,6 +138,7 @@ impl Agent {
             request_id: request_id.to_owned(),
             created_by,
             hotplug: None,
+            migration: None,
         };
         self.commit(
             &mut vm,
@@ -228,7 +229,7 @@ impl Agent {
         }
         self.crash_point("start.starting");
         let started = std::time::Instant::now();
-        let brought_up = self.bring_up(&mut vm, confinement).await;
+        let brought_up = self.bring_up(&mut vm, confinement, None).await;
         self.launches.observe(brought_up.is_ok(), started);
         match brought_up {
             Ok(()) => Ok(vm),
@@ -266,11 +267,15 @@ impl Agent {
     }
 
     /// Attaches disks, the seed and NICs (recording each before the next
-    /// step), then launches QEMU and connects its monitor.
-    async fn bring_up(
+    /// step), then launches QEMU and connects its monitor. With `incoming`
+    /// (a live migration's destination) QEMU waits on that TCP port for
+    /// the guest's state instead of booting it, and the guest stays
+    /// STARTING until it runs ([`Agent::prepare_incoming`]).
+    pub(super) async fn bring_up(
         self: &Arc<Self>,
         vm: &mut VmRecord,
         confinement: Option<Confinement>,
+        incoming: Option<u16>,
     ) -> Result<()> {
         let dir = self.vm_dir(vm.uuid);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
@@ -312,6 +317,7 @@ impl Agent {
             confinement,
             console_log_max: self.settings.console_log_max,
             hotplug_ports: self.settings.hotplug_ports,
+            incoming: incoming.is_some(),
         };
         // A new boot, a new log.
         let _ = std::fs::remove_file(plan.console_log());
@@ -330,6 +336,12 @@ impl Agent {
             .vmm
             .connect_qmp(&plan.qmp_socket(), QMP_CONNECT)
             .await?;
+        if let Some(port) = incoming {
+            super::migrate::listen_incoming(qmp.as_ref(), port).await?;
+            self.qmp.lock().unwrap().insert(vm.uuid, qmp);
+            self.spawn_monitor(vm.uuid, pid, events);
+            return Ok(());
+        }
         let status = qmp.query_status().await?;
         vm.state = if status.running {
             VmState::Running
@@ -354,13 +366,16 @@ impl Agent {
 
     /// The events of guest `id` from now on; taken *before* the action whose
     /// confirmation [`Agent::await_event`] then waits for.
-    fn follow_vm(&self, id: Uuid) -> Result<futures::stream::BoxStream<'static, Result<Event>>> {
+    pub(super) fn follow_vm(
+        &self,
+        id: Uuid,
+    ) -> Result<futures::stream::BoxStream<'static, Result<Event>>> {
         let since = self.store.last_seq()?;
         Ok(self.journal.follow(since, EventFilter::vm(id.to_string())))
     }
 
     /// Waits for an event of `kinds` on `events` (from [`Agent::follow_vm`]).
-    async fn await_event(
+    pub(super) async fn await_event(
         &self,
         events: &mut futures::stream::BoxStream<'static, Result<Event>>,
         id: Uuid,

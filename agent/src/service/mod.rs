@@ -35,6 +35,7 @@ mod hotplug;
 mod image_save;
 mod images;
 mod lifecycle;
+mod migrate;
 mod monitor;
 mod nic_filter_check;
 mod reconcile;
@@ -111,6 +112,10 @@ pub struct AgentSettings {
     pub console_log_max: u64,
     /// Empty PCIe root ports each guest starts with (hot-plug room).
     pub hotplug_ports: u32,
+    /// The certificate, key and CA agentd calls other agentds with (a live
+    /// migration's destination); None: it cannot migrate guests out over
+    /// mTLS.
+    pub peer_tls: Option<stratus_pki::TlsFiles>,
 }
 
 /// The host effects of the guest service, each behind its seam.

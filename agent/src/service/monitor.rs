@@ -111,6 +111,25 @@ impl Agent {
         let Some(mut vm) = self.store.vm(id)? else {
             return Ok(());
         };
+        if let Some(m) = &vm.migration {
+            // The destination's QEMU resumes the guest after the
+            // switchover: from here on it is this host's.
+            if vm.is_incoming() && kind == EventType::Resumed {
+                let detail = format!("running here, from {}", m.peer);
+                vm.migration = None;
+                vm.state = VmState::Running;
+                self.commit(
+                    &mut vm,
+                    &[NewEvent::new(EventType::Migrated, Cause::Api, detail)],
+                )?;
+                return Ok(());
+            }
+            // A migration pauses the source's guest on its way out (and a
+            // failed one resumes it): not the tenant's pause.
+            if matches!(kind, EventType::Paused | EventType::Resumed) {
+                return Ok(());
+            }
+        }
         if matches!(vm.state, VmState::Stopping | VmState::Starting) && kind != EventType::Rebooted
         {
             return Ok(());
@@ -138,6 +157,9 @@ impl Agent {
         let Some(mut vm) = self.store.vm(id)? else {
             return Ok(());
         };
+        if vm.migration.is_some() && self.migration_exit(&mut vm, while_away).await? {
+            return Ok(());
+        }
         let pid = vm.runtime.as_ref().map(|r| r.pid).unwrap_or(0);
         let (state, kind, cause, detail) = if while_away {
             (

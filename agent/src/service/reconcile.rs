@@ -68,7 +68,31 @@ impl Agent {
             if !vm.state.is_active() {
                 continue;
             }
+            let uuid = vm.uuid;
             let name = vm.spec.name.to_string();
+            // A migration in flight first: its journal and QEMU decide
+            // which side keeps the guest (`migrate.rs`).
+            let vm = if vm.migration.is_some() {
+                match self.reconcile_migration(vm).await {
+                    Ok(Some(line)) => {
+                        report.push(line);
+                        continue;
+                    }
+                    Ok(None) => match self.store.vm(uuid)? {
+                        Some(vm) if vm.state.is_active() => vm,
+                        _ => continue,
+                    },
+                    Err(e) => {
+                        tracing::error!(vm = %name, error = %e, "could not reconcile the guest's migration; left as it is");
+                        report.push(format!(
+                            "{name}: migration not reconciled ({e}); left alone"
+                        ));
+                        continue;
+                    }
+                }
+            } else {
+                vm
+            };
             match self.reconcile_guest(vm).await {
                 Ok(line) => report.push(line),
                 Err(e) => {

@@ -98,6 +98,7 @@ impl Host {
             cgroup_parent: None,
             console_log_max: crate::console::DEFAULT_MAX,
             hotplug_ports: 8,
+            peer_tls: None,
         };
         let mut facts = HostFacts {
             hostname: "unit".into(),

@@ -96,6 +96,18 @@ pub enum VmCommand {
         #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = timeout)]
         timeout: u32,
     },
+    /// Move a running guest live to another host's agent (its pdisk disks
+    /// stay where they are; the destination needs the same bridges). Shows
+    /// QEMU's progress; prints the downtime and total time once the guest
+    /// runs there. On failure the guest keeps running here.
+    Migrate {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// The destination agent's address, https://HOST:PORT.
+        #[arg(long = "to", value_name = "URL")]
+        to: String,
+    },
     /// Show one VM in detail: state, disks, NICs, console log.
     Show {
         /// VM name or UUID.

@@ -1,0 +1,804 @@
+//! Live migration (issue 15): a running guest moves to another host's
+//! agentd, which owns it from QEMU's switchover on.
+//!
+//! The source ([`Agent::migrate_vm`]) journals its intent in the guest's
+//! record ([`Migration`], MIGRATING), asks the destination to prepare an
+//! incoming guest ([`Agent::prepare_incoming`]: a record of the same UUID
+//! and spec, its own exports of the same pdisk volumes flagged
+//! `migration`, the same taps on the same bridges behind its own rules,
+//! its own uid and cgroup, QEMU with `-incoming defer` waiting on a TCP
+//! port), then has its QEMU migrate there with the `events` and
+//! `pause-before-switchover` capabilities, following `query-migrate`.
+//! Once QEMU says `completed` the destination owns the guest: the source
+//! journals that (phase completed), tells the destination
+//! ([`Agent::finish_incoming`]), quits its QEMU and its monitor drops the
+//! record after the tear-down (taps, the source's half of each export):
+//! MIGRATED on both sides. Any failure before `completed` cancels QEMU's
+//! migration, resumes the guest here, has the destination undo its half
+//! ([`Agent::abort_incoming`]) and says why (MIGRATION_FAILED on both).
+//!
+//! After an agentd restart on either side, [`Agent::reconcile_migration`]
+//! decides from the journal and QEMU's `query-migrate`/`query-status`, so
+//! that exactly one side keeps the guest: a source whose QEMU completed
+//! the migration drops it; one whose QEMU did not cancels it and keeps the
+//! guest; a destination whose QEMU runs the guest keeps it, one whose
+//! QEMU is gone drops the record, one whose QEMU still waits is followed
+//! by its monitor (RESUME: MIGRATED, exit: MIGRATION_FAILED).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stratus_proto::agent::v1 as pb;
+use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use super::Agent;
+use crate::spec::{Cause, DiskSource, EventType, VmSpec, VmState};
+use crate::store::{
+    Migration, MigrationDirection, MigrationPhase, NewEvent, OwnedVolume, Runtime, VmRecord,
+};
+use crate::vmm::QmpCommands;
+use stratus_core::error::{Error, Result};
+
+/// How long QEMU may take to move a guest before the source gives up.
+const TRANSFER_LIMIT: Duration = Duration::from_secs(600);
+/// How often the source reads `query-migrate`.
+const POLL: Duration = Duration::from_millis(200);
+/// How often the source journals MIGRATION_PROGRESS.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+/// How long FinishIncoming waits for the guest to run, and the source for
+/// its record to go once its QEMU quit.
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// What a finished migration measured.
+#[derive(Debug, Clone)]
+pub struct MigrationReport {
+    pub total: Duration,
+    /// The guest's pause at the switchover (QEMU's `downtime`).
+    pub downtime_ms: u64,
+    /// Bytes QEMU sent (`ram.transferred`).
+    pub transferred: u64,
+    /// QEMU's own `total-time`.
+    pub qemu_total_ms: u64,
+}
+
+/// Tells a QEMU started with `-incoming defer` to wait on `port` (every
+/// address of this host).
+pub(super) async fn listen_incoming(qmp: &dyn QmpCommands, port: u16) -> Result<()> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
+    )
+    .await?;
+    qmp.execute(
+        "migrate-incoming",
+        Some(json!({ "uri": format!("tcp:0.0.0.0:{port}") })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A TCP port the kernel has free now, for an incoming QEMU.
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("0.0.0.0:0")
+        .map_err(|e| Error::io("a free TCP port for the incoming guest", e))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| Error::io("a free TCP port for the incoming guest", e))
+}
+
+/// The host part of a destination agent's address (`https://HOST:PORT`):
+/// QEMU migrates to that host too.
+pub(crate) fn destination_host(url: &str) -> Result<String> {
+    let uri: tonic::transport::Uri = url
+        .parse()
+        .map_err(|e| Error::invalid(format!("destination {url:?}: {e}")))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https" | "http"), Some(h)) if uri.port_u16().is_some() => Ok(h.to_string()),
+        _ => Err(Error::invalid(format!(
+            "destination {url:?}: an agent's address is https://HOST:PORT"
+        ))),
+    }
+}
+
+/// The disks that cannot follow a guest to another host.
+fn refuse_host_bound_disks(spec: &VmSpec) -> Result<()> {
+    for (i, d) in spec.disks.iter().enumerate() {
+        let why = match &d.source {
+            DiskSource::File(p) => format!("a file of this host ({})", p.display()),
+            DiskSource::Image { local: true, .. } => {
+                "a local image disk (an overlay on this host's cache)".to_string()
+            }
+            _ => continue,
+        };
+        return Err(Error::precondition(format!(
+            "vm {}: disk {} is {why}; only pdisk disks migrate",
+            spec.name,
+            super::attachments::device_name(i)
+        )));
+    }
+    Ok(())
+}
+
+fn status_of(info: &Value) -> &str {
+    info["status"].as_str().unwrap_or("none")
+}
+
+impl Agent {
+    /// A client of the agent at `url`, with this host's certificate.
+    fn peer(&self, url: &str) -> Result<VmServiceClient<Channel>> {
+        let dialer = stratus_pki::Dialer::from_address(url, self.settings.peer_tls.as_ref())
+            .map_err(|e| Error::invalid(format!("destination {url}: {e:#}")))?
+            .with_request_timeout(Duration::from_secs(120));
+        Ok(VmServiceClient::new(dialer.connect_lazy()))
+    }
+
+    /// Re-reads guest `id`, applies `change` and commits it with `events`
+    /// (the monitor may have committed meanwhile).
+    fn update(
+        &self,
+        id: Uuid,
+        change: impl FnOnce(&mut VmRecord),
+        events: &[NewEvent],
+    ) -> Result<VmRecord> {
+        let mut vm = self
+            .store
+            .vm(id)?
+            .ok_or_else(|| Error::not_found(format!("vm {id} not found")))?;
+        change(&mut vm);
+        self.commit(&mut vm, events)?;
+        Ok(vm)
+    }
+
+    // ---------- the source ----------
+
+    /// Moves running guest `r` to the agent at `destination`; returns once
+    /// it runs there and nothing of it is left here.
+    pub async fn migrate_vm(
+        self: &Arc<Self>,
+        r: &str,
+        destination: &str,
+    ) -> Result<MigrationReport> {
+        let host = destination_host(destination)?;
+        let started = Instant::now();
+        let vm = self.store.find_vm(r)?;
+        let _g = self.lock(vm.uuid).await;
+        let vm = self.store.find_vm(&vm.uuid.to_string())?;
+        if vm.state != VmState::Running || vm.migration.is_some() {
+            return Err(Error::precondition(format!(
+                "vm {} is {:?}{}: only a running guest migrates",
+                vm.spec.name,
+                vm.state,
+                if vm.migration.is_some() {
+                    " and migrating"
+                } else {
+                    ""
+                }
+            )));
+        }
+        refuse_host_bound_disks(&vm.spec)?;
+        if vm.hotplug.is_some() {
+            return Err(Error::precondition(format!(
+                "vm {}: a hot-plug is in progress; migrate once it is done",
+                vm.spec.name
+            )));
+        }
+        let qmp = self.active_qmp(&vm)?;
+        let mut client = self.peer(destination)?;
+        let id = vm.uuid;
+        self.update(
+            id,
+            |v| {
+                v.migration = Some(Migration {
+                    direction: MigrationDirection::Outgoing,
+                    peer: destination.to_string(),
+                    phase: MigrationPhase::Preparing,
+                    port: 0,
+                })
+            },
+            &[NewEvent::new(
+                EventType::Migrating,
+                Cause::Api,
+                format!("to {destination}"),
+            )],
+        )?;
+        self.crash_point("migrate.intent");
+        let moved = self
+            .migrate_out(&vm, qmp.as_ref(), &mut client, &host)
+            .await;
+        let info = match moved {
+            Ok(info) => info,
+            Err(e) => {
+                // Unless QEMU completed after all (then it is the
+                // destination's), the guest stays here, running.
+                match self
+                    .cancel_outgoing(id, qmp.as_ref(), &mut client, &e.to_string(), Cause::Api)
+                    .await?
+                {
+                    Some(info) => info,
+                    None => return Err(e.context(format!("migrating vm {}", vm.spec.name))),
+                }
+            }
+        };
+        self.finish_outgoing(id, Some(qmp), &mut client, Cause::Api)
+            .await?;
+        let ms = |k: &str| info[k].as_u64().unwrap_or(0);
+        Ok(MigrationReport {
+            total: started.elapsed(),
+            downtime_ms: ms("downtime"),
+            transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
+            qemu_total_ms: ms("total-time"),
+        })
+    }
+
+    /// The destination prepared, QEMU's migration until it completed
+    /// (`query-migrate`'s answer then); Err before that.
+    async fn migrate_out(
+        &self,
+        vm: &VmRecord,
+        qmp: &dyn QmpCommands,
+        client: &mut VmServiceClient<Channel>,
+        host: &str,
+    ) -> Result<Value> {
+        let id = vm.uuid;
+        let owned_volumes = vm
+            .owned_volumes
+            .iter()
+            .map(|o| pb::OwnedVolume {
+                device: o.device.clone(),
+                volume_uuid: o.volume.clone(),
+                name: o.name.clone(),
+                server: o.server.to_string(),
+            })
+            .collect();
+        let port = client
+            .prepare_incoming(pb::PrepareIncomingRequest {
+                vm_uuid: id.to_string(),
+                spec: Some(crate::grpc::spec_pb(&vm.spec)),
+                project: vm.project.clone(),
+                owned_volumes,
+                source: self.settings.initiator_iqn.clone(),
+                created_at: vm.created_at.clone(),
+            })
+            .await
+            .map_err(|s| Error::from_status(s, "the destination agent", "preparing the guest"))?
+            .into_inner()
+            .port;
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Error::internal(format!("the destination answered port {port}")))?;
+        self.update(
+            id,
+            |v| {
+                if let Some(m) = &mut v.migration {
+                    m.phase = MigrationPhase::Transferring;
+                    m.port = port;
+                }
+            },
+            &[],
+        )?;
+        self.crash_point("migrate.prepared");
+        qmp.execute(
+            "migrate-set-capabilities",
+            Some(json!({"capabilities": [
+                {"capability": "events", "state": true},
+                {"capability": "pause-before-switchover", "state": true}
+            ]})),
+        )
+        .await?;
+        qmp.execute(
+            "migrate",
+            Some(json!({ "uri": format!("tcp:{host}:{port}") })),
+        )
+        .await?;
+        let deadline = Instant::now() + TRANSFER_LIMIT;
+        let mut progress = Instant::now();
+        loop {
+            let info = qmp.execute("query-migrate", None).await?;
+            match status_of(&info) {
+                "completed" => return Ok(info),
+                s @ ("failed" | "cancelled") => {
+                    return Err(Error::unavailable(format!(
+                        "QEMU's migration {s}: {}",
+                        info["error-desc"].as_str().unwrap_or("no reason given")
+                    )))
+                }
+                "pre-switchover" => {
+                    self.crash_point("migrate.pre_switchover");
+                    qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+                        .await?;
+                }
+                _ if progress.elapsed() >= PROGRESS_EVERY => {
+                    progress = Instant::now();
+                    let ram = &info["ram"];
+                    let mut e = NewEvent::new(
+                        EventType::MigrationProgress,
+                        Cause::Api,
+                        format!(
+                            "{}: pass {}, {} dirty pages/s",
+                            status_of(&info),
+                            ram["dirty-sync-count"].as_u64().unwrap_or(0),
+                            ram["dirty-pages-rate"].as_u64().unwrap_or(0)
+                        ),
+                    );
+                    e.bytes = ram["transferred"].as_u64().unwrap_or(0);
+                    e.total_bytes = ram["total"].as_u64().unwrap_or(0);
+                    self.update(id, |_| {}, &[e])?;
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(Error::unavailable(format!(
+                    "QEMU's migration did not complete within {TRANSFER_LIMIT:?}"
+                )));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// A failed migration on the source: QEMU's migration cancelled, the
+    /// guest running here again, the destination's half undone,
+    /// MIGRATION_FAILED. Returns `query-migrate`'s answer instead when
+    /// QEMU had completed after all (the destination owns the guest).
+    async fn cancel_outgoing(
+        &self,
+        id: Uuid,
+        qmp: &dyn QmpCommands,
+        client: &mut VmServiceClient<Channel>,
+        reason: &str,
+        cause: Cause,
+    ) -> Result<Option<Value>> {
+        let _ = qmp.execute("migrate_cancel", None).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match qmp.execute("query-migrate", None).await {
+                Ok(info) if status_of(&info) == "completed" => return Ok(Some(info)),
+                Ok(info)
+                    if matches!(
+                        status_of(&info),
+                        "active" | "setup" | "device" | "pre-switchover" | "cancelling"
+                    ) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(POLL).await;
+                }
+                _ => break,
+            }
+        }
+        if let Ok(s) = qmp.query_status().await {
+            if !s.running {
+                if let Err(e) = qmp.cont().await {
+                    tracing::error!(vm = %id, error = %e, "could not resume the guest after a failed migration");
+                }
+            }
+        }
+        if let Err(s) = client
+            .abort_incoming(pb::IncomingRequest {
+                vm_uuid: id.to_string(),
+                reason: reason.to_string(),
+            })
+            .await
+        {
+            tracing::warn!(vm = %id, error = %s.message(),
+                "the destination did not undo its half of a failed migration; \
+                 its incoming QEMU ends on its own and its agent drops the guest then");
+        }
+        self.update(
+            id,
+            |v| {
+                v.migration = None;
+                v.state = VmState::Running;
+            },
+            &[NewEvent::new(
+                EventType::MigrationFailed,
+                cause,
+                format!("{reason}; the guest runs here"),
+            )],
+        )?;
+        Ok(None)
+    }
+
+    /// QEMU completed: the guest is the destination's. Journaled first;
+    /// then the destination is told, this QEMU quits and the record goes
+    /// with the tear-down (MIGRATED). `qmp`: the guest's live connection
+    /// (its monitor then records the exit), or None (torn down here).
+    async fn finish_outgoing(
+        &self,
+        id: Uuid,
+        qmp: Option<Arc<dyn QmpCommands>>,
+        client: &mut VmServiceClient<Channel>,
+        cause: Cause,
+    ) -> Result<()> {
+        let mut events = self.follow_vm(id)?;
+        self.update(
+            id,
+            |v| {
+                if let Some(m) = &mut v.migration {
+                    m.phase = MigrationPhase::Completed;
+                }
+            },
+            &[],
+        )?;
+        self.crash_point("migrate.completed");
+        if let Err(s) = client
+            .finish_incoming(pb::IncomingRequest {
+                vm_uuid: id.to_string(),
+                reason: String::new(),
+            })
+            .await
+        {
+            tracing::warn!(vm = %id, error = %s.message(),
+                "the destination did not confirm the guest; it records it itself once its QEMU resumes it");
+        }
+        if let Some(q) = qmp {
+            let _ = q.quit().await;
+            if self
+                .await_event(&mut events, id, &[EventType::Migrated], SETTLE)
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            tracing::warn!(vm = %id, "the migrated guest's monitor did not drop it; dropping it here");
+        }
+        if let Some(mut vm) = self.store.vm(id)? {
+            self.drop_migrated(&mut vm, cause).await?;
+        }
+        Ok(())
+    }
+
+    /// Tears down what the source still holds of a migrated guest and
+    /// drops its record (MIGRATED).
+    async fn drop_migrated(&self, vm: &mut VmRecord, cause: Cause) -> Result<()> {
+        let peer = vm
+            .migration
+            .as_ref()
+            .map(|m| m.peer.clone())
+            .unwrap_or_default();
+        let mut events = self.tear_down(vm).await;
+        if !vm.pending_unexports.is_empty() {
+            tracing::warn!(vm = %vm.spec.name, left = ?vm.pending_unexports,
+                "exports of the migrated guest not undone here; pdisk keeps this host in their ACL");
+        }
+        events.push(NewEvent::new(
+            EventType::Migrated,
+            cause,
+            format!("running on {peer}"),
+        ));
+        if self.store.remove_existing(vm, &events)?.is_some() {
+            self.remove_guest_dir(vm.uuid);
+        }
+        Ok(())
+    }
+
+    /// The monitor's exit path for a guest with a migration journaled:
+    /// true when it handled the exit (the record is gone).
+    pub(super) async fn migration_exit(&self, vm: &mut VmRecord, while_away: bool) -> Result<bool> {
+        let Some(m) = vm.migration.clone() else {
+            return Ok(false);
+        };
+        let cause = if while_away {
+            Cause::Reconciliation
+        } else {
+            Cause::Api
+        };
+        match (m.direction, m.phase) {
+            (MigrationDirection::Outgoing, MigrationPhase::Completed) => {
+                self.drop_migrated(vm, cause).await?;
+                Ok(true)
+            }
+            (MigrationDirection::Incoming, _) => {
+                let mut events = self.tear_down(vm).await;
+                events.push(NewEvent::new(
+                    EventType::MigrationFailed,
+                    cause,
+                    format!(
+                        "the incoming QEMU ended before the guest ran here (from {})",
+                        m.peer
+                    ),
+                ));
+                if self.store.remove_existing(vm, &events)?.is_some() {
+                    self.remove_guest_dir(vm.uuid);
+                }
+                Ok(true)
+            }
+            // The source's QEMU ended mid-migration: an exit like any other.
+            (MigrationDirection::Outgoing, _) => {
+                vm.migration = None;
+                Ok(false)
+            }
+        }
+    }
+
+    // ---------- the destination ----------
+
+    /// Prepares incoming guest `id` (a record with the source's UUID,
+    /// spec, project and clones; STARTING with the journal's incoming
+    /// migration) and answers the port its QEMU waits on. A failure undoes
+    /// everything and leaves no record.
+    pub async fn prepare_incoming(
+        self: &Arc<Self>,
+        id: Uuid,
+        spec: VmSpec,
+        project: String,
+        owned_volumes: Vec<OwnedVolume>,
+        source: String,
+        created_at: String,
+    ) -> Result<u16> {
+        spec.validate()?;
+        for n in &spec.nics {
+            self.allowed_bridge(&n.bridge)?;
+        }
+        let create = self.create_lock.lock().await;
+        let _g = self.lock(id).await;
+        if self.store.vm(id)?.is_some() {
+            return Err(Error::exists(format!("vm {id} is already on this host")));
+        }
+        if self
+            .store
+            .find_vm_in(Some(&project), spec.name.as_str())
+            .is_ok()
+        {
+            return Err(Error::exists(format!(
+                "vm {}: a guest of that name is already on this host",
+                spec.name
+            )));
+        }
+        let info = self.host_info()?;
+        if spec.vcpus > info.free_vcpus || spec.memory.0 > info.free_memory {
+            return Err(Error::exhausted(format!(
+                "vm {}: needs {} vCPUs and {}, host has {} vCPUs and {} free",
+                spec.name,
+                spec.vcpus,
+                spec.memory,
+                info.free_vcpus,
+                stratus_core::types::ByteSize(info.free_memory)
+            )));
+        }
+        let port = free_port()?;
+        let mut vm = VmRecord {
+            uuid: id,
+            spec,
+            state: VmState::Starting,
+            state_reason: String::new(),
+            runtime: Some(Runtime::default()),
+            created_at,
+            last_event_seq: 0,
+            owned_volumes,
+            pending_unexports: Vec::new(),
+            project,
+            request_id: String::new(),
+            created_by: None,
+            hotplug: None,
+            migration: Some(Migration {
+                direction: MigrationDirection::Incoming,
+                peer: source.clone(),
+                phase: MigrationPhase::Transferring,
+                port,
+            }),
+        };
+        // Its own uid, recorded with the record (as a start's with STARTING).
+        let confinement = self.confine(&mut vm)?;
+        if let Err(e) = self.commit(
+            &mut vm,
+            &[NewEvent::new(
+                EventType::Migrating,
+                Cause::Api,
+                format!("from {source}, QEMU waits on port {port}"),
+            )],
+        ) {
+            self.uids.release(id);
+            return Err(e);
+        }
+        drop(create);
+        self.crash_point("incoming.recorded");
+        match self.bring_up(&mut vm, confinement, Some(port)).await {
+            Ok(()) => Ok(port),
+            Err(e) => {
+                tracing::warn!(vm = %vm.spec.name, error = %e, "incoming guest not prepared; undoing");
+                let mut events = self.tear_down(&mut vm).await;
+                events.push(NewEvent::new(
+                    EventType::MigrationFailed,
+                    Cause::Api,
+                    e.to_string(),
+                ));
+                if self.store.remove_existing(&vm, &events)?.is_some() {
+                    self.remove_guest_dir(vm.uuid);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until incoming guest `id` runs here (its QEMU resumed it:
+    /// MIGRATED, see the monitor) and answers it.
+    pub async fn finish_incoming(&self, id: Uuid) -> Result<VmRecord> {
+        let mut events = self.follow_vm(id)?;
+        let vm = self.store.vm(id)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "vm {id} is not on this host (its incoming migration failed)"
+            ))
+        })?;
+        if vm.migration.is_none() {
+            return if vm.state.is_active() {
+                Ok(vm)
+            } else {
+                Err(Error::precondition(format!(
+                    "vm {} is {:?}",
+                    vm.spec.name, vm.state
+                )))
+            };
+        }
+        if !vm.is_incoming() {
+            return Err(Error::precondition(format!(
+                "vm {} is migrating out of this host",
+                vm.spec.name
+            )));
+        }
+        let e = self
+            .await_event(
+                &mut events,
+                id,
+                &[EventType::Migrated, EventType::MigrationFailed],
+                SETTLE,
+            )
+            .await?;
+        if e.kind == EventType::MigrationFailed {
+            return Err(Error::unavailable(format!(
+                "vm {}: {}",
+                vm.spec.name, e.detail
+            )));
+        }
+        self.store.find_vm(&id.to_string())
+    }
+
+    /// Undoes incoming guest `id` (a failed migration): its QEMU, taps and
+    /// exports go, then its record (MIGRATION_FAILED). Ok when it is not
+    /// here; refused for a guest that runs here.
+    pub async fn abort_incoming(&self, id: Uuid, reason: &str) -> Result<()> {
+        let _g = self.lock(id).await;
+        let Some(mut vm) = self.store.vm(id)? else {
+            return Ok(());
+        };
+        if !vm.is_incoming() {
+            return Err(Error::precondition(format!(
+                "vm {} runs on this host: not an incoming migration to undo",
+                vm.spec.name
+            )));
+        }
+        let mut events = self.tear_down(&mut vm).await;
+        events.push(NewEvent::new(
+            EventType::MigrationFailed,
+            Cause::Api,
+            if reason.is_empty() {
+                "aborted by the source".to_string()
+            } else {
+                reason.to_string()
+            },
+        ));
+        if self.store.remove_existing(&vm, &events)?.is_some() {
+            self.remove_guest_dir(vm.uuid);
+        }
+        Ok(())
+    }
+
+    /// The directory of a guest that left this host (console log, QEMU's
+    /// log): nothing of it stays.
+    fn remove_guest_dir(&self, id: Uuid) {
+        let dir = self.vm_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(vm = %id, dir = %dir.display(), error = %e, "could not remove the guest's directory");
+            }
+        }
+    }
+
+    // ---------- after a restart ----------
+
+    /// Reconciles a guest whose record holds a migration. Some(line) when
+    /// it is done with it; None when the guest is left to the usual
+    /// reconciliation (its migration undone, the guest this host's).
+    pub(super) async fn reconcile_migration(
+        self: &Arc<Self>,
+        mut vm: VmRecord,
+    ) -> Result<Option<String>> {
+        let Some(m) = vm.migration.clone() else {
+            return Ok(None);
+        };
+        let id = vm.uuid;
+        let name = vm.spec.name.to_string();
+        let rt = vm.runtime.clone().unwrap_or_default();
+        let alive = rt.pid != 0 && self.vmm.is_our_qemu(rt.pid, id);
+        let qmp = if alive {
+            self.vmm
+                .connect_qmp(&rt.qmp_socket, Duration::from_secs(10))
+                .await
+                .ok()
+        } else {
+            None
+        };
+        match m.direction {
+            MigrationDirection::Incoming => {
+                let Some((qmp, events)) = qmp else {
+                    self.migration_exit(&mut vm, true).await?;
+                    return Ok(Some(format!(
+                        "{name}: incoming migration from {} undone (its QEMU is gone)",
+                        m.peer
+                    )));
+                };
+                let running = qmp.query_status().await?.running;
+                self.qmp.lock().unwrap().insert(id, qmp);
+                let line = if running {
+                    self.update(
+                        id,
+                        |v| {
+                            v.migration = None;
+                            v.state = VmState::Running;
+                        },
+                        &[NewEvent::new(
+                            EventType::Migrated,
+                            Cause::Reconciliation,
+                            format!("running here, from {}", m.peer),
+                        )],
+                    )?;
+                    format!("{name}: incoming migration finished; the guest runs here")
+                } else {
+                    format!("{name}: incoming migration still waits; followed")
+                };
+                self.spawn_monitor(id, rt.pid, events);
+                let _ = self
+                    .vmm
+                    .follow_console(
+                        &self.vm_dir(id),
+                        self.settings.console_log_max,
+                        name.clone(),
+                    )
+                    .await;
+                Ok(Some(line))
+            }
+            MigrationDirection::Outgoing => {
+                let mut client = self.peer(&m.peer)?;
+                let Some((qmp, _events)) = qmp else {
+                    if m.phase == MigrationPhase::Completed {
+                        self.drop_migrated(&mut vm, Cause::Reconciliation).await?;
+                        return Ok(Some(format!("{name}: migrated to {}; dropped", m.peer)));
+                    }
+                    self.update(
+                        id,
+                        |v| v.migration = None,
+                        &[NewEvent::new(
+                            EventType::MigrationFailed,
+                            Cause::Reconciliation,
+                            "the guest's QEMU ended during its migration",
+                        )],
+                    )?;
+                    return Ok(None);
+                };
+                let info = qmp.execute("query-migrate", None).await?;
+                let completed = status_of(&info) == "completed"
+                    || self
+                        .cancel_outgoing(
+                            id,
+                            qmp.as_ref(),
+                            &mut client,
+                            "interrupted by an agent restart",
+                            Cause::Reconciliation,
+                        )
+                        .await?
+                        .is_some();
+                if !completed {
+                    // The guest stays here: adopted as usual, on a new
+                    // QMP connection.
+                    drop(qmp);
+                    return Ok(None);
+                }
+                let _ = qmp.quit().await;
+                self.finish_outgoing(id, None, &mut client, Cause::Reconciliation)
+                    .await?;
+                Ok(Some(format!("{name}: migrated to {}; dropped", m.peer)))
+            }
+        }
+    }
+}

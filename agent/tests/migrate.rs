@@ -1,0 +1,462 @@
+//! Live migration end to end (issue 15): two hosts, each a network
+//! namespace with its bridge and agentd, joined by a veth pair (A is
+//! 10.231.0.1, B 10.231.0.2); host A also runs the one pdiskd and tgtd,
+//! both reached by B across the link. The test guest (TCG, 128 MiB,
+//! `stratus.count=1`: a count and its uptime on the console every second)
+//! boots on A from a pdisk volume. A migration to B refused by B (a bridge
+//! B does not allow) leaves it running on A; a migration to B moves it
+//! without a restart, leaving nothing on A; on B it stops normally.
+//! Run by scripts/test's e2e tier (needs root, QEMU, tgt and the test guest).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use stratus_pki::Role;
+use stratus_proto::agent::v1 as pb;
+use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
+use stratus_proto::pdisk::v1 as pdpb;
+use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
+use testkit::*;
+use tonic::Code;
+
+const BRIDGE: &str = "stbr0";
+/// A bridge host A allows and host B does not.
+const ONLY_ON_A: &str = "stmig0";
+const BOOT: Duration = Duration::from_secs(180);
+
+/// Fields drop in order: the agentds (and their guests) first, then
+/// storage, the namespaces last.
+struct TwoHosts {
+    b: Agentd,
+    a: Agentd,
+    pdiskd: Pdiskd,
+    _tgtd: Tgtd,
+    pool: XfsPool,
+    ns_b: NetNs,
+    ns_a: NetNs,
+}
+
+impl TwoHosts {
+    fn start() -> TwoHosts {
+        let ns_a = NetNs::new();
+        let ns_b = NetNs::new();
+        ns_a.add_bridge(BRIDGE);
+        ns_a.add_bridge(ONLY_ON_A);
+        ns_b.add_bridge(BRIDGE);
+        ns_a.ip(&[
+            "link", "add", "mig-a", "type", "veth", "peer", "name", "mig-b", "netns", &ns_b.name,
+        ]);
+        ns_a.ip(&[
+            "addr",
+            "add",
+            &format!("{MIGRATION_HOST_A}/24"),
+            "dev",
+            "mig-a",
+        ]);
+        ns_a.ip(&["link", "set", "mig-a", "up"]);
+        ns_b.ip(&[
+            "addr",
+            "add",
+            &format!("{MIGRATION_HOST_B}/24"),
+            "dev",
+            "mig-b",
+        ]);
+        ns_b.ip(&["link", "set", "mig-b", "up"]);
+        let pool = XfsPool::new(1024);
+        let tgtd = Tgtd::start_in_at(pool.dir.path(), &ns_a, MIGRATION_HOST_A);
+        let pdiskd = Pdiskd::start_in_at(&pool, &tgtd, &ns_a, MIGRATION_HOST_A);
+        let dir = |h: &str| {
+            let d = pool.dir.path().join(h);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let a = Agentd::start_in_with(
+            &dir("host-a"),
+            &ns_a,
+            &pdiskd.url(),
+            BRIDGE,
+            &["--allowed-bridge", ONLY_ON_A],
+        );
+        let b_tls = TestPki::shared().issue(
+            Role::Agent,
+            "host-b",
+            Some(OTHER_INITIATOR),
+            &["127.0.0.1", "localhost", MIGRATION_HOST_B],
+        );
+        let b = Agentd::start_in_as(
+            &dir("host-b"),
+            &ns_b,
+            &pdiskd.url(),
+            BRIDGE,
+            OTHER_INITIATOR,
+            &b_tls,
+            &[],
+        );
+        TwoHosts {
+            b,
+            a,
+            pdiskd,
+            _tgtd: tgtd,
+            pool,
+            ns_b,
+            ns_a,
+        }
+    }
+
+    /// B's address as another agentd dials it.
+    fn b_url(&self) -> String {
+        format!("https://{MIGRATION_HOST_B}:{}", self.b.listen.port())
+    }
+
+    fn on<F, Fut, T>(ns: &NetNs, agentd: &Agentd, f: F) -> T
+    where
+        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let url = agentd.url();
+        ns.block_on(move || async move { f(VmServiceClient::new(channel(&url).await)).await })
+    }
+
+    fn on_a<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        Self::on(&self.ns_a, &self.a, f)
+    }
+
+    fn on_b<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        Self::on(&self.ns_b, &self.b, f)
+    }
+
+    /// A clone of the test guest's disk, `name`, in pdisk.
+    fn guest_volume(&self, name: &str) {
+        let src = guest_dir().join("stratus-guest.raw");
+        let dst = self.pdiskd.import_dir.join("stratus-guest.raw");
+        std::fs::copy(&src, &dst).unwrap();
+        let url = self.pdiskd.url();
+        let (name, dst) = (name.to_string(), dst.display().to_string());
+        self.ns_a.block_on(move || async move {
+            let mut c = VolumeServiceClient::new(channel(&url).await);
+            c.create_volume(pdpb::CreateVolumeRequest {
+                name,
+                source: Some(pdpb::create_volume_request::Source::FromImage(
+                    pdpb::ImageSource {
+                        path: dst,
+                        format: pdpb::ImageFormat::Raw as i32,
+                    },
+                )),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        });
+    }
+
+    /// The initiators of the export of `volume`, none when not exported.
+    fn export_initiators(&self, volume: &str) -> Vec<String> {
+        let url = self.pdiskd.url();
+        let volume = volume.to_string();
+        self.ns_a.block_on(move || async move {
+            let mut c = VolumeServiceClient::new(channel(&url).await);
+            c.list_exports(pdpb::ListExportsRequest {
+                project: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .exports
+            .into_iter()
+            .filter(|e| e.volume_name == volume)
+            .flat_map(|e| e.initiators)
+            .collect()
+        })
+    }
+}
+
+/// The guest's counts and uptimes on a console log, in order.
+fn counts(log: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.split("STRATUS-GUEST count ").nth(1)?;
+            let mut w = rest.split_whitespace();
+            let n = w.next()?.parse().ok()?;
+            let _ = w.next()?;
+            let up = w.next()?.parse().ok()?;
+            Some((n, up))
+        })
+        .collect()
+}
+
+/// Waits until the console at `log` shows a count past `after`; the last.
+fn count_past(log: &Path, after: u64) -> (u64, f64) {
+    let deadline = std::time::Instant::now() + BOOT;
+    loop {
+        if let Some(&last) = counts(log).last() {
+            if last.0 > after {
+                return last;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no count past {after} on {}:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn kinds(events: &[pb::Event], vm: &str) -> Vec<pb::EventType> {
+    events
+        .iter()
+        .filter(|e| e.vm_name == vm)
+        .map(|e| e.r#type())
+        .collect()
+}
+
+fn taps_in(ns: &NetNs) -> Vec<String> {
+    ns.ip(&["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_string())
+        .filter(|n| n.starts_with("st") && n != BRIDGE && n != ONLY_ON_A)
+        .collect()
+}
+
+fn migrate(h: &TwoHosts, vm: &str) -> Result<pb::MigrateVmResponse, tonic::Status> {
+    let (vm, destination) = (vm.to_string(), h.b_url());
+    h.on_a(move |mut c| async move {
+        c.migrate_vm(pb::MigrateVmRequest {
+            vm,
+            destination,
+            project: String::new(),
+            request_id: String::new(),
+        })
+        .await
+        .map(|r| r.into_inner())
+    })
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
+    let h = TwoHosts::start();
+    h.guest_volume("mig-root");
+    let g: PathBuf = guest_dir();
+    let spec = |bridge: &str| pb::VmSpec {
+        name: "mover".into(),
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        disks: vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::PdiskVolume("mig-root".into())),
+            ..Default::default()
+        }],
+        nics: vec![pb::NicSpec {
+            bridge: bridge.into(),
+            mac: String::new(),
+            vlan: 0,
+            ips: Vec::new(),
+        }],
+        kernel: Some(pb::KernelBoot {
+            kernel: g.join("vmlinuz").display().to_string(),
+            initrd: g.join("initrd.img").display().to_string(),
+            cmdline: "console=ttyS0 stratus.count=1".into(),
+        }),
+        ..Default::default()
+    };
+
+    // 1. B refuses a guest on a bridge it does not allow: the guest keeps
+    //    running on A, B has nothing, the volume stays A's alone.
+    let refused_spec = spec(ONLY_ON_A);
+    let vm = h.on_a(move |mut c| async move {
+        let vm = c
+            .create_vm(pb::CreateVmRequest {
+                spec: Some(refused_spec),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        c.start_vm(pb::VmRequest {
+            vm: vm.uuid.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let log_a = PathBuf::from(&vm.console_log);
+    let (before, _) = count_past(&log_a, 2);
+    let e = migrate(&h, "mover").unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains(ONLY_ON_A), "{e:?}");
+    count_past(&log_a, before + 2);
+    let still = h.on_a(|mut c| async move {
+        c.get_vm(pb::VmRequest {
+            vm: "mover".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(still.state(), pb::VmState::Running);
+    assert_eq!(still.pid, vm.pid, "the same QEMU runs the guest");
+    let on_b = h.on_b(|mut c| async move {
+        c.list_vms(pb::ListVmsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .vms
+    });
+    assert!(on_b.is_empty(), "{on_b:?}");
+    assert!(h.b.guest_pids().is_empty());
+    assert!(taps_in(&h.ns_b).is_empty(), "{:?}", taps_in(&h.ns_b));
+    assert_eq!(h.export_initiators("mig-root"), vec![INITIATOR.to_string()]);
+    let events_a = h.ns_a.block_on({
+        let url = h.a.url();
+        move || agent_events(url, 0)
+    });
+    let k = kinds(&events_a, "mover");
+    assert!(k.contains(&pb::EventType::Migrating), "{k:?}");
+    assert_eq!(k.last(), Some(&pb::EventType::MigrationFailed), "{k:?}");
+
+    // 2. The guest on the bridge both hosts have moves to B live.
+    h.on_a(|mut c| async move {
+        c.stop_vm(pb::StopVmRequest {
+            vm: "mover".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.destroy_vm(pb::DestroyVmRequest {
+            vm: "mover".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let moving_spec = spec(BRIDGE);
+    let vm = h.on_a(move |mut c| async move {
+        let vm = c
+            .create_vm(pb::CreateVmRequest {
+                spec: Some(moving_spec),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        c.start_vm(pb::VmRequest {
+            vm: vm.uuid.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let log_a = PathBuf::from(&vm.console_log);
+    let tap = vm.nics[0].tap.clone();
+    count_past(&log_a, 3);
+    let since_b = h.ns_b.block_on({
+        let url = h.b.url();
+        move || async move { agent_events(url, 0).await.last().map_or(0, |e| e.seq) }
+    });
+    let done = migrate(&h, "mover").expect("migration");
+    eprintln!(
+        "migrated: total {} ms, downtime {} ms, {} MiB sent, QEMU total {} ms",
+        done.total_ms,
+        done.downtime_ms,
+        done.transferred_bytes >> 20,
+        done.qemu_total_ms
+    );
+    assert!(done.transferred_bytes > 0, "{done:?}");
+    assert_eq!(done.vm_uuid, vm.uuid);
+
+    // Nothing of it on A: no record, QEMU, tap, directory or export.
+    let gone = h.on_a(|mut c| async move {
+        c.get_vm(pb::VmRequest {
+            vm: "mover".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(gone.code(), Code::NotFound);
+    assert!(h.a.guest_pids().is_empty());
+    assert!(!h.ns_a.link_exists(&tap));
+    assert!(!log_a.exists(), "A kept {}", log_a.display());
+    assert_eq!(
+        h.export_initiators("mig-root"),
+        vec![OTHER_INITIATOR.to_string()]
+    );
+    let k = kinds(
+        &h.ns_a.block_on({
+            let url = h.a.url();
+            move || agent_events(url, 0)
+        }),
+        "mover",
+    );
+    assert_eq!(k.last(), Some(&pb::EventType::Migrated), "{k:?}");
+
+    // On B it runs the same boot: the count goes on past A's last one and
+    // the uptime keeps growing; B's console never saw it boot.
+    let on_b = h.on_b(|mut c| async move {
+        c.get_vm(pb::VmRequest {
+            vm: "mover".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(on_b.state(), pb::VmState::Running);
+    assert_eq!(on_b.uuid, vm.uuid);
+    assert!(h.ns_b.link_exists(&on_b.nics[0].tap));
+    let log_b = PathBuf::from(&on_b.console_log);
+    let (n_b, up_b) = count_past(&log_b, 0);
+    let first_b = counts(&log_b)[0];
+    assert!(
+        first_b.0 > 3 && up_b > 3.0,
+        "B's guest counts from {first_b:?}: a new boot?"
+    );
+    let (n_later, up_later) = count_past(&log_b, n_b + 2);
+    assert!(up_later > up_b && n_later > n_b);
+    let text_b = std::fs::read_to_string(&log_b).unwrap();
+    assert!(
+        !text_b.contains("STRATUS-GUEST init"),
+        "the guest booted again on B:\n{text_b}"
+    );
+    let events_b = h.ns_b.block_on({
+        let url = h.b.url();
+        move || agent_events(url, since_b)
+    });
+    let k = kinds(&events_b, "mover");
+    assert!(k.contains(&pb::EventType::Migrating), "{k:?}");
+    assert!(k.contains(&pb::EventType::Migrated), "{k:?}");
+
+    // B's guest stops normally, and then B holds the export no more.
+    let stopped = h.on_b(|mut c| async move {
+        c.stop_vm(pb::StopVmRequest {
+            vm: "mover".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(stopped.state(), pb::VmState::Stopped);
+    assert!(h.b.guest_pids().is_empty());
+    assert!(h.export_initiators("mig-root").is_empty());
+    let _ = &h.pool;
+}
