@@ -33,6 +33,8 @@ pub const POINTS: &[(&str, &[&str])] = &[
             "start.running",
         ],
     ),
+    // A start whose disk is a local qcow2 overlay on a cached image.
+    ("start_local", &["overlay.created", "overlay.linked"]),
     ("stop", &["stop.stopping", "stop.exited"]),
     (
         "destroy",

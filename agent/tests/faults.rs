@@ -16,7 +16,8 @@
 //! guest's UUID is that guest's recorded, RUNNING one and every RUNNING
 //! guest's QEMU lives; no tap but those of running guests; pdisk exports to
 //! this host only for running guests' disks; no image clone without its
-//! guest; no `.partial-*` cache file; no guest directory without its guest;
+//! guest; no `.partial-*` cache file or overlay; no guest directory without
+//! its guest;
 //! every acknowledged guest still there; event seqs 1..n with the history
 //! before the crash unchanged.
 
@@ -32,6 +33,7 @@ use testkit::*;
 enum Op {
     Create,
     Start,
+    StartLocal,
     Stop,
     Destroy,
     Save,
@@ -39,9 +41,10 @@ enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
+    const ALL: [Op; 7] = [
         Op::Create,
         Op::Start,
+        Op::StartLocal,
         Op::Stop,
         Op::Destroy,
         Op::Save,
@@ -52,6 +55,7 @@ impl Op {
         match self {
             Op::Create => "create",
             Op::Start => "start",
+            Op::StartLocal => "start_local",
             Op::Stop => "stop",
             Op::Destroy => "destroy",
             Op::Save => "save",
@@ -203,6 +207,38 @@ impl Host {
         })
     }
 
+    /// A guest named `name` whose one disk is a local qcow2 overlay on a
+    /// cached image (pulled by its start); defined, not started.
+    fn define_local(&self, name: &str) -> Result<pb::Vm, tonic::Status> {
+        let (url, sha256) = self.new_image(name);
+        let spec = pb::VmSpec {
+            name: name.into(),
+            vcpus: 1,
+            memory_bytes: 64 << 20,
+            disks: vec![pb::DiskSpec {
+                source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
+                    url,
+                    sha256,
+                    format: pb::ImageFormat::Raw as i32,
+                    endorser: String::new(),
+                    endorsement: String::new(),
+                })),
+                persistence: pb::DiskPersistence::Local as i32,
+                boot_index: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        self.agent(move |mut c| async move {
+            c.create_vm(pb::CreateVmRequest {
+                spec: Some(spec),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+        })
+    }
+
     fn call(&self, op: Op, name: &str) -> Result<(), tonic::Status> {
         let vm = name.to_string();
         let req = pb::VmRequest {
@@ -211,7 +247,9 @@ impl Host {
         };
         match op {
             Op::Create => self.define(name).map(drop),
-            Op::Start => self.agent(move |mut c| async move { c.start_vm(req).await.map(drop) }),
+            Op::Start | Op::StartLocal => {
+                self.agent(move |mut c| async move { c.start_vm(req).await.map(drop) })
+            }
             Op::Stop => self.agent(move |mut c| async move {
                 c.stop_vm(pb::StopVmRequest {
                     vm,
@@ -449,6 +487,13 @@ fn check(
         for d in dirs.flatten() {
             let n = d.file_name().to_string_lossy().into_owned();
             assert!(ours.contains(&n), "{what}: orphan guest directory {n}");
+            for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+                let f = f.file_name().to_string_lossy().into_owned();
+                assert!(
+                    !f.contains(".partial-"),
+                    "{what}: unfinished overlay {f} of {n}"
+                );
+            }
             // A seed only while its guest runs.
             let runs = running.iter().any(|v| v.uuid == n);
             assert!(
@@ -572,6 +617,10 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
                     h.define(&name).unwrap();
                     acknowledged.insert(name.clone());
                 }
+                Op::StartLocal => {
+                    h.define_local(&name).unwrap();
+                    acknowledged.insert(name.clone());
+                }
                 Op::Stop | Op::Destroy => {
                     h.define(&name).unwrap();
                     // A guest whose destroy was asked for may be gone
@@ -597,6 +646,12 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
             check(&h, &what, &acknowledged, &history, &mut seen);
             if op == Op::Save {
                 check_save(&h, &what, &name, answer.is_ok(), &history);
+            }
+            if op == Op::StartLocal {
+                // Its overlay is whole or absent: the guest starts (on the
+                // overlay made before the crash, checked, or a new one).
+                h.call(Op::Start, &name)
+                    .unwrap_or_else(|s| panic!("{what}: the start after the crash: {s}"));
             }
             pairs += 1;
             // Clean slate for the next pair.

@@ -38,6 +38,6 @@ pub use cache::{
 pub use egress::Egress;
 pub use endorsement::{Endorsement, PublicKey, SigningKey};
 pub use fetch::{FetchTimeouts, PROGRESS_STEP};
-pub use overlay::overlay;
+pub use overlay::{is_partial as is_partial_overlay, overlay};
 pub use policy::{Endorsed, Policy};
 pub use reference::{DeclaredFormat, ImageRef, ImageSource, Sha256};

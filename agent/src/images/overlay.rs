@@ -6,7 +6,8 @@
 //! QEMU would then open a path the image names rather than one we chose.
 //! The overlay is made under a temporary name beside `dest` and linked into
 //! place (never replacing an existing file), so `dest` is either absent or
-//! a complete overlay. The overlay records the base by absolute path: the
+//! a complete overlay (a crash leaves at most the temporary file, which
+//! reconciliation removes: [`is_partial`]). The overlay records the base by absolute path: the
 //! base must stay pinned in the cache for as long as the overlay exists.
 
 use std::path::{Path, PathBuf};
@@ -83,6 +84,7 @@ pub async fn overlay(
     std::fs::File::open(&tmp.0)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(tmp.0.display(), e))?;
+    crate::failpoints::crash_point("overlay.created");
     // A hard link never replaces: a concurrent creator of `dest` wins cleanly.
     std::fs::hard_link(&tmp.0, dest).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -93,7 +95,14 @@ pub async fn overlay(
     })?;
     drop(tmp);
     sync_dir(dir)?;
+    crate::failpoints::crash_point("overlay.linked");
     Ok(size)
+}
+
+/// Whether `name` is an overlay under construction, which only a crash
+/// leaves behind (reconciliation removes those).
+pub fn is_partial(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".partial-")
 }
 
 /// The overlay under construction; removed on drop.

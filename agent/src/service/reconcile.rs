@@ -4,8 +4,9 @@
 //! (ERROR), unfinished destroys are finished, leftover taps named like ours
 //! are removed (and anti-spoofing rules of taps no record holds; live
 //! guests' rules are applied again), kernel iSCSI sessions no record
-//! holds are logged out, and empty per-guest cgroups of no record are
-//! removed. Each such removal is in the report, the log, and the event
+//! holds are logged out, empty per-guest cgroups of no record are
+//! removed, and so are overlays a crash left half-made in a guest's
+//! directory; interrupted image saves are finished or rolled back. Each such removal is in the report, the log, and the event
 //! stream (a LEFTOVER_REMOVED host event naming it, cause reconciliation).
 //!
 //! One guest that cannot be reconciled (its QMP does not answer, its
@@ -123,6 +124,26 @@ impl Agent {
                     match self.net.delete_tap(&t) {
                         Ok(()) => removed.push(format!("removed leftover tap {tap}")),
                         Err(e) => report.push(format!("leftover tap {tap} not removed ({e})")),
+                    }
+                }
+            }
+        }
+        // Overlays a crash left under construction (never in use: the
+        // complete one is linked into place).
+        for vm in self.store.vms()? {
+            let dir = self.vm_dir(vm.uuid);
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if crate::images::is_partial_overlay(&name) {
+                    match std::fs::remove_file(e.path()) {
+                        Ok(()) => removed.push(format!(
+                            "{}: removed unfinished overlay {name}",
+                            vm.spec.name
+                        )),
+                        Err(err) => report.push(format!(
+                            "{}: unfinished overlay {name} not removed ({err})",
+                            vm.spec.name
+                        )),
                     }
                 }
             }
