@@ -448,6 +448,22 @@ impl KernelAttacher {
         r
     }
 
+    /// Makes the kernel read a grown LUN's capacity again (`1` into
+    /// `/sys/block/sdX/device/rescan`), so QEMU, which opened the block
+    /// device, sees the new size.
+    pub async fn rescan(&self, disk: &KernelDisk) -> Result<()> {
+        let Some(name) = disk.device.as_ref().and_then(|d| d.file_name()) else {
+            return Err(Error::precondition(format!(
+                "{}: no block device recorded to rescan",
+                disk.lun
+            )));
+        };
+        let rescan = self.opts.sys.join("block").join(name).join("device/rescan");
+        self.write_sysfs(&rescan, "1").await?;
+        tracing::info!(lun = %disk.lun, device = ?disk.device, "kernel iSCSI disk rescanned");
+        Ok(())
+    }
+
     /// Counts a recorded attachment whose guest may still run (agentd start).
     pub async fn adopt(&self, holder: Holder, lun: &IscsiLun) {
         self.slot(&lun.session())

@@ -1005,3 +1005,33 @@ fn attach_modes_parse_and_default_to_qemu() {
     let t: T = toml::from_str("m = \"kernel\"").unwrap();
     assert_eq!(t.m, AttachMode::Kernel);
 }
+
+#[tokio::test]
+async fn a_grown_lun_is_rescanned_through_its_own_sysfs_device() {
+    let host = FakeHost::new();
+    let k = host.attacher();
+    let a = k.attach(&holder(1), &lun(1), Some(&chap())).await.unwrap();
+    let rescan = host.path("sys/block/sdb/device/rescan");
+    // sysfs has the attribute; the fake kernel does not make it.
+    std::fs::write(&rescan, "").unwrap();
+    let disk = KernelDisk {
+        lun: lun(1),
+        device: Some(a.device.clone()),
+        chap_target_user: None,
+    };
+    k.rescan(&disk).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&rescan).unwrap(), "1");
+    // No device recorded (a crash before the LUN appeared): refused.
+    let err = k
+        .rescan(&KernelDisk {
+            device: None,
+            ..disk
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        stratus_core::error::ErrorKind::FailedPrecondition
+    );
+    k.detach(&holder(1), &lun(1)).await.unwrap();
+}

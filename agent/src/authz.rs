@@ -163,6 +163,11 @@ pub const RULES: &[Rule] = &[
         roles: PEERS,
         note: "another agentd (a live migration's source), admin",
     },
+    Rule {
+        method: "ResizeDisk",
+        roles: TENANTS,
+        note: "a pdisk disk of a VM of the project the call acts in",
+    },
 ];
 
 /// The RPCs that change something: each call is audited (`stratus_pki::audit`).
@@ -186,6 +191,7 @@ pub const MUTATING: &[&str] = &[
     "PrepareIncoming",
     "FinishIncoming",
     "AbortIncoming",
+    "ResizeDisk",
 ];
 
 /// agentd's table.

@@ -264,6 +264,29 @@ impl FakeVolumes {
 type Answer<'a, T> = BoxFuture<'a, std::result::Result<T, Status>>;
 
 impl VolumeClient for FakeVolumes {
+    /// Grows only, as pdisk does.
+    fn resize_volume(
+        &self,
+        volume: String,
+        size: u64,
+        project: String,
+    ) -> Answer<'_, pdpb::Volume> {
+        Box::pin(async move {
+            self.check("resize_volume", &volume)?;
+            let mut st = self.state.lock().unwrap();
+            let id = st.resolve_in(&volume, &project)?;
+            let v = st.volumes.get_mut(&id).expect("resolved");
+            if size < v.size_bytes {
+                return Err(Status::invalid_argument(format!(
+                    "volume {volume}: {size} is smaller than its {} bytes",
+                    v.size_bytes
+                )));
+            }
+            v.size_bytes = size;
+            Ok(v.clone())
+        })
+    }
+
     fn get_volume(&self, volume: String, project: String) -> Answer<'_, pdpb::Volume> {
         Box::pin(async move {
             self.check("get_volume", &volume)?;
@@ -581,6 +604,8 @@ struct FakeQemu {
     devices: BTreeMap<String, (String, Option<String>)>,
     /// Its guest ignores unplug requests (no hot-plug support).
     keeps_devices: bool,
+    /// Disk sizes `block_resize` told it, by device.
+    sizes: BTreeMap<String, u64>,
 }
 
 impl FakeQemu {
@@ -676,6 +701,12 @@ impl FakeVmm {
             .unwrap_or_default()
     }
 
+    /// The size `block_resize` last told QEMU `pid` of disk `device`.
+    pub fn size_of(&self, pid: u32, device: &str) -> Option<u64> {
+        let p = self.inner.lock().unwrap();
+        p.by_pid.get(&pid)?.sizes.get(device).copied()
+    }
+
     /// The guest of QEMU `pid` ignores unplug requests from now on (or,
     /// with false, releases devices again).
     pub fn keep_devices(&self, pid: u32, keep: bool) {
@@ -769,6 +800,7 @@ impl Vmm for FakeVmm {
                         }))
                         .collect(),
                     keeps_devices: false,
+                    sizes: BTreeMap::new(),
                 },
             );
             Ok(pid)
@@ -1018,6 +1050,13 @@ impl QmpCommands for FakeQmp {
     fn remove_nic<'a>(&'a self, netdev: &'a str, _wait: Duration) -> BoxFuture<'a, Result<bool>> {
         let id = format!("{netdev}-dev");
         self.command("remove_nic", move |p, pid| unplug(process(p, pid), &id))
+    }
+
+    fn block_resize<'a>(&'a self, device: &'a str, size: u64) -> BoxFuture<'a, Result<()>> {
+        let device = device.to_owned();
+        self.command("block_resize", move |p, pid| {
+            process(p, pid).sizes.insert(device, size);
+        })
     }
 }
 

@@ -174,7 +174,8 @@ vm_call!(
     pb::DetachDiskRequest,
     pb::AttachNicRequest,
     pb::DetachNicRequest,
-    pb::MigrateVmRequest
+    pb::MigrateVmRequest,
+    pb::ResizeDiskRequest
 );
 
 /// Where a call's names are looked up: in the project it acts in (names
@@ -210,6 +211,8 @@ fn audit_object<T: std::any::Any>(msg: &T) -> String {
         format!("vm {} nic {mac}", r.vm)
     } else if let Some(r) = any.downcast_ref::<pb::DetachNicRequest>() {
         format!("vm {} nic {}", r.vm, r.nic)
+    } else if let Some(r) = any.downcast_ref::<pb::ResizeDiskRequest>() {
+        format!("vm {} disk {} to {}", r.vm, r.device, r.size_bytes)
     } else if let Some(r) = any.downcast_ref::<pb::MigrateVmRequest>() {
         format!("vm {} to {}", r.vm, r.destination)
     } else if let Some(r) = any.downcast_ref::<pb::PrepareIncomingRequest>() {
@@ -614,6 +617,19 @@ impl VmService for Api {
                         &agent.detach_nic_from(&vm, &nic, wait).await?,
                     ))
                 }
+            })
+            .await?;
+        Ok(Response::new(vm))
+    }
+
+    async fn resize_disk(
+        &self,
+        req: Request<pb::ResizeDiskRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let vm = self
+            .on_vm(req, "ResizeDisk", |agent, vm, r, _| {
+                let (device, size) = (r.device.clone(), r.size_bytes);
+                async move { Ok(vm_pb(&agent, &agent.resize_disk(&vm, &device, size).await?)) }
             })
             .await?;
         Ok(Response::new(vm))

@@ -531,6 +531,8 @@ pub enum EventType {
     MigrationProgress,
     Migrated,
     MigrationFailed,
+    /// A pdisk disk grew (ResizeDisk).
+    DiskResized,
 }
 
 /// Who or what caused an event.

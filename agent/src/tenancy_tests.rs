@@ -407,6 +407,19 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             );
             r
         }
+        "ResizeDisk" => outcome(
+            api.resize_disk(request(
+                role,
+                pb::ResizeDiskRequest {
+                    vm,
+                    device: "vda".into(),
+                    size_bytes: 2 << 30,
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
         other => panic!("the matrix has no call for {other}: add one"),
     }
 }

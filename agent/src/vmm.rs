@@ -150,6 +150,8 @@ pub trait QmpCommands: Send + Sync {
     ) -> BoxFuture<'a, Result<()>>;
     /// Unplugs NIC `netdev`; false: the guest kept it within `wait`.
     fn remove_nic<'a>(&'a self, netdev: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>>;
+    /// Tells QEMU disk `device` grew to `size` bytes (`block_resize`).
+    fn block_resize<'a>(&'a self, device: &'a str, size: u64) -> BoxFuture<'a, Result<()>>;
     /// Any other command ([`Qmp::execute`]), for live migration's
     /// `migrate*` and `query-migrate`; Unavailable by default (the unit
     /// tier's QEMU does not migrate).
@@ -235,6 +237,10 @@ impl QmpCommands for Qmp {
         arguments: Option<serde_json::Value>,
     ) -> BoxFuture<'a, Result<serde_json::Value>> {
         Box::pin(Qmp::execute(self, command, arguments))
+    }
+
+    fn block_resize<'a>(&'a self, device: &'a str, size: u64) -> BoxFuture<'a, Result<()>> {
+        Box::pin(Qmp::block_resize(self, device, size))
     }
 }
 

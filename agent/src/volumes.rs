@@ -59,6 +59,14 @@ pub trait VolumeClient: Send + Sync {
 
     fn delete_volume(&self, volume: String) -> BoxFuture<'_, Result<(), Status>>;
 
+    /// Grows volume `volume` (its UUID) of `project` to `size` bytes.
+    fn resize_volume(
+        &self,
+        volume: String,
+        size: u64,
+        project: String,
+    ) -> BoxFuture<'_, Result<pdpb::Volume, Status>>;
+
     /// Imports the image file at `path` (streamed) as a new volume.
     fn upload_volume(
         &self,
@@ -106,6 +114,24 @@ impl PdiskVolumes {
 }
 
 impl VolumeClient for PdiskVolumes {
+    fn resize_volume(
+        &self,
+        volume: String,
+        size: u64,
+        project: String,
+    ) -> BoxFuture<'_, Result<pdpb::Volume, Status>> {
+        let mut c = self.client.clone();
+        Box::pin(async move {
+            Ok(c.resize_volume(pdpb::ResizeVolumeRequest {
+                volume,
+                size_bytes: size,
+                project,
+            })
+            .await?
+            .into_inner())
+        })
+    }
+
     fn get_volume(
         &self,
         volume: String,

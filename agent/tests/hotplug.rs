@@ -68,6 +68,24 @@ fn attach(h: &AgentHost, vm: &str, volume: &str) -> pb::Vm {
     })
 }
 
+/// The device guest b's pdisk disk has.
+fn vm_b_disk(h: &AgentHost) -> String {
+    h.agent(|mut c| async move {
+        c.get_vm(pb::VmRequest {
+            vm: "b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .disks
+        .into_iter()
+        .find(|d| d.source == "pdisk:shared")
+        .unwrap()
+        .device
+    })
+}
+
 #[test]
 #[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
 fn a_volume_moves_between_running_guests_and_a_hot_plugged_nic_answers() {
@@ -127,6 +145,35 @@ fn a_volume_moves_between_running_guests_and_a_hot_plugged_nic_answers() {
     assert!(
         log.contains("STRATUS-GUEST hotplug marker vda=from-a"),
         "{log}"
+    );
+
+    // Grown online: the storage admin grows the volume (pdiskd lets no
+    // agent resize), ResizeDisk tells QEMU's iSCSI initiator; the guest
+    // sees it.
+    h.pdisk(|mut c| async move {
+        c.resize_volume(pdpb::ResizeVolumeRequest {
+            volume: "shared".into(),
+            size_bytes: 16 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    let device = vm_b_disk(&h);
+    h.agent(move |mut c| async move {
+        c.resize_disk(pb::ResizeDiskRequest {
+            vm: "b".into(),
+            device,
+            size_bytes: 16 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    wait_console(
+        Path::new(&log_b),
+        "STRATUS-GUEST hotplug disk vda size=16777216",
+        SEEN,
     );
 
     // A NIC with its MAC, behind its anti-spoofing rules, answers a ping.

@@ -29,8 +29,8 @@ use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::agent::v1::{
     AttachDiskRequest, AttachNicRequest, CreateVmRequest, DestroyVmRequest, DetachDiskRequest,
     DetachNicRequest, EventType, EvictImageRequest, GetHostRequest, ListImagesRequest,
-    ListVmsRequest, MigrateVmRequest, SaveImageRequest, StopVmRequest, Vm, VmRequest, VmState,
-    WatchEventsRequest,
+    ListVmsRequest, MigrateVmRequest, ResizeDiskRequest, SaveImageRequest, StopVmRequest, Vm,
+    VmRequest, VmState, WatchEventsRequest,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
@@ -302,6 +302,21 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             });
             let v = ctx.answer(
                 ctx.waiting(format!("detaching {device} from {vm}"), call)
+                    .await,
+            )?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Disk(DiskCommand::Resize { vm, device, size }) => {
+            let mut client = ctx.connect().await?;
+            let call = client.resize_disk(ResizeDiskRequest {
+                request_id: String::new(),
+                project: ctx.project.clone(),
+                vm: vm.to_string(),
+                device: device.clone(),
+                size_bytes: size.0,
+            });
+            let v = ctx.answer(
+                ctx.waiting(format!("resizing {device} of {vm}"), call)
                     .await,
             )?;
             ctx.print_vm(&v)

@@ -80,6 +80,7 @@ fn event_type_pb(t: EventType) -> pb::EventType {
         EventType::MigrationProgress => pb::EventType::MigrationProgress,
         EventType::Migrated => pb::EventType::Migrated,
         EventType::MigrationFailed => pb::EventType::MigrationFailed,
+        EventType::DiskResized => pb::EventType::DiskResized,
     }
 }
 

@@ -506,6 +506,84 @@ impl Agent {
         Ok(vm.clone())
     }
 
+    /// Grows pdisk disk `device` of guest `r` to `size` bytes: pdisk
+    /// first (grow only; a volume already that large, grown by `pdisk
+    /// volume resize`, is left as it is), then, running, QEMU
+    /// (`block_resize`; with `--attach kernel` the host's SCSI disk is
+    /// rescanned first so QEMU sees the size). DISK_RESIZED.
+    pub async fn resize_disk(&self, r: &str, device: &str, size: u64) -> Result<VmRecord> {
+        let id = self.store.find_vm(r)?.uuid;
+        let _g = self.lock(id).await;
+        let mut vm = self.store.find_vm(&id.to_string())?;
+        let mode = mode(&vm)?;
+        let (server, volume) = match mode {
+            Mode::Spec => {
+                let i = (0..vm.spec.disks.len())
+                    .find(|&i| device_name(i) == device)
+                    .ok_or_else(|| {
+                        Error::not_found(format!("vm {}: no disk {device}", vm.spec.name))
+                    })?;
+                match &vm.spec.disks[i].source {
+                    DiskSource::Pdisk(p) => (p.server.clone(), p.volume.to_string()),
+                    _ => return Err(not_pdisk(&vm, device)),
+                }
+            }
+            Mode::Live => {
+                let att = spec_disks(&vm)
+                    .into_iter()
+                    .find(|d| d.device == device)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::not_found(format!("vm {}: no disk {device}", vm.spec.name))
+                    })?;
+                let Some(uuid) = att.pdisk_volume.clone() else {
+                    return Err(not_pdisk(&vm, device));
+                };
+                (att.pdisk_server.clone(), uuid)
+            }
+        };
+        let pdisk = self.pdisk(&server)?;
+        let now = pdisk
+            .get_volume(volume.clone(), vm.project.clone())
+            .await
+            .map_err(|s| pdisk.error(s, &format!("pdisk volume {volume}")))?
+            .size_bytes;
+        if now > size {
+            return Err(Error::invalid(format!(
+                "vm {}: {device} (pdisk volume {volume}) is {now} bytes already: disks only grow",
+                vm.spec.name
+            )));
+        }
+        // Already grown by the storage admin (`pdisk volume resize`): only
+        // QEMU is left to tell. Otherwise pdisk grows it (a caller pdiskd
+        // lets resize volumes).
+        if now < size {
+            pdisk
+                .resize_volume(volume.clone(), size, vm.project.clone())
+                .await
+                .map_err(|s| pdisk.error(s, &format!("resizing pdisk volume {volume}")))?;
+        }
+        if let Mode::Live = mode {
+            if let Some(k) = spec_disks(&vm)
+                .into_iter()
+                .find(|d| d.device == device)
+                .and_then(|d| d.kernel.clone())
+            {
+                self.kernel.rescan(&k).await?;
+            }
+            self.active_qmp(&vm)?.block_resize(device, size).await?;
+        }
+        self.commit(
+            &mut vm,
+            &[NewEvent::new(
+                EventType::DiskResized,
+                Cause::Api,
+                format!("{device} pdisk:{volume} size={size}"),
+            )],
+        )?;
+        Ok(vm)
+    }
+
     /// At adoption of a running guest: makes its record say what its QEMU
     /// has. A hot-plug intent whose device QEMU has is finished (ATTACHED,
     /// cause reconciliation), one whose device it lacks is undone; a
@@ -579,4 +657,11 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+fn not_pdisk(vm: &VmRecord, device: &str) -> Error {
+    Error::invalid(format!(
+        "vm {}: {device} is not a pdisk disk: only pdisk disks are resized",
+        vm.spec.name
+    ))
 }

@@ -249,3 +249,31 @@ async fn a_crash_mid_hot_plug_is_finished_or_undone_from_what_qemu_has() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_pdisk_disk_grows_in_pdisk_then_in_qemu() {
+    let host = Host::new();
+    let agent = host.agent();
+    let pid = running(&host, &agent).await;
+    agent.resize_disk("web", "vda", 2 << 30).await.unwrap();
+    assert_eq!(host.vmm.size_of(pid, "vda"), Some(2 << 30));
+    let (cause, detail) = last(&agent, "web", EventType::DiskResized);
+    assert_eq!(cause, Cause::Api);
+    assert!(
+        detail.contains("vda pdisk:") && detail.contains("size=2147483648"),
+        "{detail}"
+    );
+    // A shrink is pdisk's to refuse; QEMU is not told.
+    let err = agent.resize_disk("web", "vda", 1 << 20).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err}");
+    assert_eq!(host.vmm.size_of(pid, "vda"), Some(2 << 30));
+    // The seed is no pdisk disk.
+    let err = agent.resize_disk("web", "vdb", 4 << 30).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    // Stopped: pdisk only.
+    agent.stop_vm("web", WAIT, true).await.unwrap();
+    agent.resize_disk("web", "vda", 3 << 30).await.unwrap();
+    assert!(last(&agent, "web", EventType::DiskResized)
+        .1
+        .contains("size=3221225472"));
+}

@@ -144,6 +144,19 @@ pub enum DiskCommand {
         #[arg(value_name = "DISK", value_parser = boxed_disk)]
         disk: Box<DiskArg>,
     },
+    /// Grow a pdisk disk (pdisk resizes the volume; a running guest sees
+    /// the new capacity at once).
+    Resize {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// The disk's device (vda, vdb, ...).
+        #[arg(value_name = "DEVICE")]
+        device: String,
+        /// The new size (e.g. 20G), larger than the current one.
+        #[arg(value_name = "SIZE", value_parser = disk_size)]
+        size: ByteSize,
+    },
     /// Detach a disk by its device (vda, vdb, ...: see `vm show`).
     Detach {
         /// VM name or UUID.
@@ -181,6 +194,11 @@ pub enum NicCommand {
         #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = timeout)]
         timeout: u32,
     },
+}
+
+/// A disk size: 20G, 512M, bytes.
+fn disk_size(s: &str) -> Result<ByteSize, String> {
+    s.parse::<ByteSize>().map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// A `--disk`-like argument, boxed (it is the largest of its command's).
