@@ -29,7 +29,8 @@ use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::pdisk::v1 as pdpb;
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 
-use super::workload::{Expectations, Followed, Known};
+use super::events::Followed;
+use super::expect::{Expectations, Known};
 use super::{state_name, Places, BRIDGE, WRITER_IQN};
 
 /// One pass of the checks.

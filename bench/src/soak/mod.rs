@@ -12,7 +12,9 @@
 //! an iSCSI export, the NIC a tap with its nftables rules), so a 2-minute
 //! soak costs little CPU.
 //!
-//! - [`workload`]: the clients and what each knows was acknowledged;
+//! - [`workload`]: the clients and the operations they drive;
+//! - [`expect`]: what each client knows was acknowledged;
+//! - [`events`]: the follower of agentd's events across restarts;
 //! - [`invariants`]: the checks, each failure a violation string;
 //! - this module: the stack, the chaos thread, the settle phase, the summary.
 //!
@@ -20,6 +22,8 @@
 //! expects of each is exact; overlapping names and objects are the 50 × 200
 //! concurrency tests' job.
 
+mod events;
+mod expect;
 mod invariants;
 mod workload;
 
@@ -239,7 +243,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Summary> {
         let settings = settings.clone();
         std::thread::spawn(move || chaos(&daemons, &stop, &settings, started))
     };
-    let follower = rt.spawn(workload::follow_events(places.clone(), stop.clone()));
+    let follower = rt.spawn(events::follow_events(places.clone(), stop.clone()));
     let mut ops = rt.block_on(workload::run_clients(&places, settings));
     stop.store(true, Ordering::SeqCst);
     let crashes = match chaos.join() {
@@ -330,7 +334,7 @@ fn chaos(
     settings: &Settings,
     started: Instant,
 ) -> Vec<Crash> {
-    let mut rng = workload::Rng::new(settings.seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut rng = expect::Rng::new(settings.seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut crashes = Vec::new();
     if settings.victims.is_empty() {
         return crashes;
