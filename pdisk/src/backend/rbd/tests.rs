@@ -3,9 +3,12 @@
 //! them on the test micro-cluster (testkit's CephCluster). No cluster here;
 //! `pdisk/tests/rbd.rs` runs the backend on a real one.
 
+use super::cli::rbd_progress;
 use super::*;
 use crate::backend::lvm::tests::Script;
 use crate::backend::no_progress;
+use crate::error::ErrorKind;
+use crate::runner::Output;
 
 const VOL: &str = "3f2b8c1e-5d4a-4b7e-9c21-0a6f1e2d3c4b";
 const SNAP: &str = "9a1c7e55-02d4-4f0b-8e6a-c3b2d1f0e9a8";
