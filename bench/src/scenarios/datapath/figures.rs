@@ -6,7 +6,7 @@ use crate::report::Figure;
 
 /// The figures: every path against the local file, every lever against
 /// tgt with its own parameters (the export before issue 16), the threads
-/// against the default 16.
+/// against the default 16; QEMU's levers (`qemu_levers`).
 pub(super) fn figures(subjects: &[Subject], measured: &[Vec<Measured>]) -> Vec<Figure> {
     let by_name = |n: &str| {
         let i = subjects
@@ -78,5 +78,6 @@ pub(super) fn figures(subjects: &[Subject], measured: &[Vec<Measured>]) -> Vec<F
             );
         }
     }
+    figures.extend(super::qemu_levers::figures(subjects, measured, local));
     figures
 }

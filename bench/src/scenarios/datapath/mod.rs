@@ -17,7 +17,9 @@
 //! (`IscsiParams::measured_default`), only their 256 KiB data PDUs, only
 //! `InitialR2T=No` with a 256 KiB first burst, tgt's `aio` store; and
 //! tgtd's I/O thread count (`--nr_iothreads` 1 and 4 against the default
-//! 16, tuned parameters).
+//! 16, tuned parameters). And QEMU's own levers, `aio` and `cache` for
+//! files and host devices (`qemu_levers`), with the cache flushes that
+//! reach the pool's disk per flush a client sends, for every subject.
 //!
 //! How it is measured, and why:
 //! - The volume is a sparse file on an XFS reflink filesystem on a loop
@@ -79,6 +81,7 @@ use tokio::runtime::Handle;
 
 mod cpu;
 mod figures;
+mod qemu_levers;
 mod same_host;
 
 use cpu::CpuMark;
@@ -225,14 +228,16 @@ impl Pattern {
         p * self.block
     }
 
-    /// Requests per run in quick mode, and of the probe run in full mode.
+    /// Requests per run in quick mode, and of the probe run in full mode:
+    /// at least two flushes' worth when flushed.
     fn small_count(&self, quick: bool) -> u64 {
-        match (quick, self.random) {
+        let n = match (quick, self.random) {
             (true, false) => 32,
             (true, true) => 128,
             (false, false) => 128,
             (false, true) => 1000,
-        }
+        };
+        n.max(2 * self.flush_every)
     }
 }
 
@@ -257,6 +262,8 @@ enum Target {
     },
     /// A tgt export (LUN 1 of `iqn`), through QEMU's iSCSI initiator.
     Iscsi { portal: String, iqn: String },
+    /// Any other `--image-opts` (the QEMU levers).
+    Opts(String),
 }
 
 impl Target {
@@ -269,6 +276,7 @@ impl Target {
             Target::Iscsi { portal, iqn } => format!(
                 "driver=iscsi,transport=tcp,portal={portal},target={iqn},lun=1,initiator-name={INITIATOR},cache.direct=on"
             ),
+            Target::Opts(o) => o.clone(),
         }
     }
 }
@@ -307,18 +315,28 @@ struct Bench<'a> {
     /// The volumes' backing files (or devices), whose cached pages are
     /// dropped before every run.
     volumes: &'a [PathBuf],
+    /// The pool's block device (`loop3`), whose cache flushes are counted.
+    pool_dev: Option<String>,
+}
+
+/// One run's result.
+struct Run {
+    secs: f64,
+    /// CPU seconds of qemu-img and the subject's tgtd.
+    cpu: f64,
+    /// Cache flushes the pool's device completed during the run.
+    flushes: Option<u64>,
 }
 
 impl Bench<'_> {
-    /// One `qemu-img bench` run of `count` requests; returns its seconds
-    /// and the CPU seconds it cost (qemu-img and the subject's tgtd).
+    /// One `qemu-img bench` run of `count` requests.
     fn run_once(
         &self,
         subject: &Subject,
         p: &Pattern,
         depth: u32,
         count: u64,
-    ) -> anyhow::Result<(f64, f64)> {
+    ) -> anyhow::Result<Run> {
         let target = &subject.target;
         for v in self.volumes {
             drop_cached_pages(v)?;
@@ -337,11 +355,17 @@ impl Bench<'_> {
             cmd.arg(format!("--flush-interval={}", p.flush_every));
         }
         cmd.arg(target.image_opts());
+        let dev = self.pool_dev.as_deref();
+        let flushes_before = dev.and_then(qemu_levers::device_flushes);
         let mark = CpuMark::now(subject.tgtd);
         let out = cmd
             .output()
             .context("cannot run qemu-img (package qemu-utils)")?;
         let cpu = mark.since(subject.tgtd);
+        let flushes = dev
+            .and_then(qemu_levers::device_flushes)
+            .zip(flushes_before)
+            .map(|(after, before)| after.saturating_sub(before));
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!(
@@ -352,7 +376,11 @@ impl Bench<'_> {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok((parse_bench_seconds(&stdout)?, cpu))
+        Ok(Run {
+            secs: parse_bench_seconds(&stdout)?,
+            cpu,
+            flushes,
+        })
     }
 
     /// Measures every case of the matrix on every subject that runs it.
@@ -377,7 +405,7 @@ impl Bench<'_> {
                 let count = if self.plan.quick {
                     small
                 } else {
-                    let (probe, _) = self.run_once(&subjects[i], &pattern, depth, small)?;
+                    let probe = self.run_once(&subjects[i], &pattern, depth, small)?.secs;
                     let rate = small as f64 / probe.max(1e-3);
                     ((rate * self.plan.run_secs) as u64).clamp(small, max)
                 };
@@ -385,13 +413,19 @@ impl Bench<'_> {
             }
             let mut samples: Vec<Vec<f64>> = who.iter().map(|_| Vec::new()).collect();
             let mut cpu: Vec<Vec<f64>> = who.iter().map(|_| Vec::new()).collect();
+            let mut flushes: Vec<Vec<f64>> = who.iter().map(|_| Vec::new()).collect();
             for _ in 0..self.plan.reps {
                 for (k, &i) in who.iter().enumerate() {
-                    let (secs, cpu_secs) =
-                        self.run_once(&subjects[i], &pattern, depth, counts[k])?;
-                    samples[k].push(pattern.value(counts[k], secs));
+                    let run = self.run_once(&subjects[i], &pattern, depth, counts[k])?;
+                    samples[k].push(pattern.value(counts[k], run.secs));
                     let gib = (counts[k] * pattern.block) as f64 / GIB;
-                    cpu[k].push(cpu_secs / gib);
+                    cpu[k].push(run.cpu / gib);
+                    // qemu-img bench drains and flushes every
+                    // `flush_every` requests.
+                    let sent = counts[k] / pattern.flush_every.max(1);
+                    if let (Some(f), true) = (run.flushes, pattern.flush_every > 0 && sent > 0) {
+                        flushes[k].push(f as f64 / sent as f64);
+                    }
                 }
             }
             let mut line = format!("  {:<30}", pattern.label(depth));
@@ -403,6 +437,8 @@ impl Bench<'_> {
                     depth,
                     value,
                     cpu_per_gib: percentile(&cpu[k], 50.0),
+                    flushes_per_flush: (!flushes[k].is_empty())
+                        .then(|| percentile(&flushes[k], 50.0)),
                     samples: if self.plan.quick {
                         Vec::new()
                     } else {
@@ -423,6 +459,9 @@ struct Measured {
     value: f64,
     /// Median CPU seconds (qemu-img + tgtd) per GiB moved.
     cpu_per_gib: f64,
+    /// Flushed cases: median cache flushes the pool's device completed per
+    /// flush the client sent (at least 1 when a guest's fsync is durable).
+    flushes_per_flush: Option<f64>,
     samples: Vec<f64>,
 }
 
@@ -503,15 +542,16 @@ fn run_ok(program: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Switches the pool's loop device to direct I/O (see the module comment).
-fn loop_direct_io(pool: &XfsPool) -> anyhow::Result<()> {
+/// Switches the pool's loop device to direct I/O (see the module comment);
+/// returns its name (`loop3`).
+fn loop_direct_io(pool: &XfsPool) -> anyhow::Result<String> {
     let img = pool.dir.path().join("xfs.img");
     let img = img.to_str().context("pool image path is not UTF-8")?;
     let dev = run_ok("losetup", &["-n", "-O", "NAME", "-j", img])?;
     let dev = dev.lines().next().map(str::trim).filter(|d| !d.is_empty());
     let dev = dev.with_context(|| format!("no loop device for {img}"))?;
     run_ok("losetup", &["--direct-io=on", dev])?;
-    Ok(())
+    Ok(dev.trim_start_matches("/dev/").to_string())
 }
 
 /// io_uring where this QEMU has it (as agentd decides), else Linux AIO.
@@ -648,11 +688,15 @@ fn run_blocking(rt: &Handle, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     // pool last. The pool holds two volumes: the bench's own file and
     // pdiskd's.
     let pool = XfsPool::new(if plan.quick { 512 } else { 3072 });
-    if let Err(e) = loop_direct_io(&pool) {
-        eprintln!(
-            "  warning: loop device stays buffered, reads may come from the host page cache: {e:#}"
-        );
-    }
+    let pool_dev = match loop_direct_io(&pool) {
+        Ok(dev) => Some(dev),
+        Err(e) => {
+            eprintln!(
+                "  warning: loop device stays buffered, reads may come from the host page cache: {e:#}"
+            );
+            None
+        }
+    };
     let volume = pool.mnt.join("volume.raw");
     let t = Instant::now();
     create_volume(&volume, plan.vol_size)?;
@@ -745,17 +789,34 @@ fn run_blocking(rt: &Handle, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
         });
         tgtds.push(t);
     }
+    // QEMU's levers; the host device is the bench's volume behind a loop
+    // device of its own.
+    let device = match qemu_levers::LoopDevice::attach(&volume) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("  warning: no loop device, host device levers not measured: {e:#}");
+            None
+        }
+    };
+    subjects.extend(qemu_levers::subjects(
+        &volume,
+        device.as_ref().map(|d| d.path.as_path()),
+    ));
     eprintln!(
         "  local file and same-host: O_DIRECT, aio={aio}; the rest: iSCSI through tgt (rdwr unless aio), \
          tgt's own parameters or tuned ({tuned}); pdu256k: {pdu_only}; noR2T: {r2t_only}; \
-         tuned-tN: tgtd --nr_iothreads N"
+         tuned-tN: tgtd --nr_iothreads N; file-*, dev-*: QEMU's aio and cache levers"
     );
-    let volumes = [volume.clone(), same_host.path.clone()];
+    let mut volumes = vec![volume.clone(), same_host.path.clone()];
+    volumes.extend(device.as_ref().map(|d| d.path.clone()));
     let bench = Bench {
         plan,
         volumes: &volumes,
+        pool_dev,
     };
     let measured = bench.all(&subjects)?;
+    qemu_levers::check_durable(&subjects, &measured)?;
+    drop(device);
     drop(tgtds);
     drop(tgtd);
     drop(same_host);

@@ -1,0 +1,259 @@
+//! QEMU's side of the data path (issue 16): the levers of QEMU's own block
+//! layer that agentd chooses per disk, measured in the data path run
+//! beside the tgt levers, on the goals' four cases, interleaved with the
+//! other subjects.
+//!
+//! - Files (a `file:` disk, an overlay, a same-host attachment on a file
+//!   pool): `aio=io_uring` (agentd's default where QEMU has it, the local
+//!   peer), `native` and `threads`, all with O_DIRECT (`cache=none`), and
+//!   `cache=writeback` (the host page cache, `cache.direct=off`) with
+//!   `threads` and with `io_uring`.
+//! - Host devices (a kernel-attached iSCSI LUN, a same-host attachment on
+//!   an LV): the same volume file behind a loop device of its own with
+//!   direct I/O, opened with QEMU's `host_device` driver, `io_uring`
+//!   (the peer of this group), `native` and `threads`, O_DIRECT.
+//! - QEMU's iSCSI initiator (libiscsi) has neither lever: it does its own
+//!   socket I/O and has no host page cache to bypass.
+//!
+//! Every flushed case also counts the cache flushes the pool's block
+//! device received during the run (`/sys/block/DEV/stat`, flush requests
+//! completed) per flush the client sent: a path on which a guest's fsync
+//! is durable sends at least one. `cache=writeback` must keep that (QEMU
+//! turns a guest flush into fdatasync); tgt's `aio` store does not.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use super::{goals, peer_of, run_ok, Measured, Subject, Target};
+use crate::report::Figure;
+
+/// The file levers (name, aio, O_DIRECT), against the local file with
+/// io_uring and O_DIRECT.
+const FILE_LEVERS: [(&str, &str, bool); 4] = [
+    ("file-native", "native", true),
+    ("file-threads", "threads", true),
+    ("file-writeback-threads", "threads", false),
+    ("file-writeback-io_uring", "io_uring", false),
+];
+
+/// The host device levers (aio), O_DIRECT; the first is the peer.
+const DEVICE_AIO: [&str; 3] = ["io_uring", "native", "threads"];
+
+/// QEMU's `--image-opts` for a raw volume at `path`.
+pub(super) fn opts(driver: &str, path: &Path, aio: &str, direct: bool) -> String {
+    let direct = if direct { "on" } else { "off" };
+    format!(
+        "driver=raw,file.driver={driver},file.filename={},file.aio={aio},file.cache.direct={direct}",
+        path.display()
+    )
+}
+
+/// A loop device over the volume file with direct I/O (no page cache of
+/// the file below it), standing in for a host block device. Detached when
+/// dropped.
+pub(super) struct LoopDevice {
+    pub path: PathBuf,
+}
+
+impl LoopDevice {
+    pub(super) fn attach(file: &Path) -> anyhow::Result<LoopDevice> {
+        let file = file.to_str().context("volume path is not UTF-8")?;
+        let dev = run_ok(
+            "losetup",
+            &[
+                "--find",
+                "--show",
+                "--direct-io=on",
+                "--sector-size=512",
+                file,
+            ],
+        )?;
+        Ok(LoopDevice {
+            path: PathBuf::from(dev.trim()),
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// The lever subjects: files on `volume`, host devices on `device`.
+pub(super) fn subjects(volume: &Path, device: Option<&Path>) -> Vec<Subject> {
+    let mut out: Vec<Subject> = FILE_LEVERS
+        .iter()
+        .map(|(name, aio, direct)| Subject {
+            name: (*name).into(),
+            target: Target::Opts(opts("file", volume, aio, *direct)),
+            cases: goals(),
+            tgtd: None,
+        })
+        .collect();
+    if let Some(dev) = device {
+        out.extend(DEVICE_AIO.iter().map(|aio| Subject {
+            name: format!("dev-{aio}"),
+            target: Target::Opts(opts("host_device", dev, aio, true)),
+            cases: goals(),
+            tgtd: None,
+        }));
+    }
+    out
+}
+
+/// What a lever subject is, in a figure's name.
+fn what(name: &str) -> String {
+    match name.strip_prefix("dev-") {
+        Some(aio) => format!("host device aio={aio} cache=none"),
+        None => {
+            let (_, aio, direct) = FILE_LEVERS
+                .iter()
+                .find(|l| l.0 == name)
+                .expect("a file lever");
+            let cache = if *direct { "none" } else { "writeback" };
+            format!("file aio={aio} cache={cache}")
+        }
+    }
+}
+
+/// The lever figures (throughput and CPU per GiB, each against its
+/// group's peer) and, for every subject of the run, the device flushes per
+/// client flush of the flushed cases.
+pub(super) fn figures(
+    subjects: &[Subject],
+    measured: &[Vec<Measured>],
+    local: &[Measured],
+) -> Vec<Figure> {
+    let mut figures = Vec::new();
+    let find = |n: &str| subjects.iter().position(|s| s.name == n);
+    let dev_peer = find("dev-io_uring").map(|i| &measured[i]);
+    for (s, ms) in subjects.iter().zip(measured) {
+        let (peer, peer_name) = if s.name.starts_with("file-") {
+            (local, "file aio=io_uring cache=none (agentd's default)")
+        } else if s.name.starts_with("dev-") && s.name != "dev-io_uring" {
+            match dev_peer {
+                Some(p) => (p.as_slice(), "host device aio=io_uring cache=none"),
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        for m in ms {
+            let p = peer_of(peer, m);
+            let w = what(&s.name);
+            figures.push(
+                m.figure(format!("QEMU lever {w}: {}", m.label()))
+                    .against(peer_name, p.value),
+            );
+            figures.push(
+                m.cpu_figure(format!("CPU per GiB, QEMU lever {w}: {}", m.label()))
+                    .against(peer_name, p.cpu_per_gib * 1e3),
+            );
+        }
+    }
+    // The host device group's own peer, against the local file.
+    if let Some(dev) = dev_peer {
+        for m in dev {
+            let p = peer_of(local, m);
+            figures.push(
+                m.figure(format!(
+                    "QEMU lever host device aio=io_uring cache=none: {}",
+                    m.label()
+                ))
+                .against("file aio=io_uring cache=none (agentd's default)", p.value),
+            );
+        }
+    }
+    for (s, ms) in subjects.iter().zip(measured) {
+        for m in ms {
+            if let Some(f) = m.flushes_per_flush {
+                figures.push(Figure::new(
+                    super::SCENARIO,
+                    &format!("device flushes per client flush, {}: {}", s.name, m.label()),
+                    "flushes",
+                    f,
+                ));
+            }
+        }
+    }
+    figures
+}
+
+/// Subjects that must be durable (all but tgt's `aio` store, which
+/// completes SYNCHRONIZE CACHE without syncing: the module comment of
+/// `datapath`).
+const NOT_DURABLE: &[&str] = &["aio"];
+
+/// Fails when a client's flush did not reach the pool's device on a path
+/// that promises durability (fewer device flushes than client flushes).
+pub(super) fn check_durable(
+    subjects: &[Subject],
+    measured: &[Vec<Measured>],
+) -> anyhow::Result<()> {
+    for (s, ms) in subjects.iter().zip(measured) {
+        for m in ms {
+            match m.flushes_per_flush {
+                Some(f) if f < 1.0 && !NOT_DURABLE.contains(&s.name.as_str()) => anyhow::bail!(
+                    "{}: {}: {f:.2} device flushes per client flush: a guest's fsync \
+                     would not be durable",
+                    s.name,
+                    m.label()
+                ),
+                Some(f) if f < 1.0 => eprintln!(
+                    "  {} {}: {f:.2} device flushes per client flush (not durable, known)",
+                    s.name,
+                    m.label()
+                ),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cache flushes block device `dev` (e.g. `loop3`) completed so far: field
+/// 16 of `/sys/block/DEV/stat` (Linux 5.5 and later); None when absent.
+pub(super) fn device_flushes(dev: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/sys/block/{dev}/stat")).ok()?;
+    parse_flushes(&stat)
+}
+
+fn parse_flushes(stat: &str) -> Option<u64> {
+    stat.split_whitespace().nth(15)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_and_names() {
+        let o = opts("file", Path::new("/p/v.raw"), "threads", false);
+        assert_eq!(
+            o,
+            "driver=raw,file.driver=file,file.filename=/p/v.raw,file.aio=threads,file.cache.direct=off"
+        );
+        let s = subjects(Path::new("/p/v.raw"), Some(Path::new("/dev/loop9")));
+        assert_eq!(s.len(), FILE_LEVERS.len() + DEVICE_AIO.len());
+        assert!(s.iter().all(|s| s.cases.len() == 4));
+        assert_eq!(
+            what("file-writeback-threads"),
+            "file aio=threads cache=writeback"
+        );
+        assert_eq!(what("dev-native"), "host device aio=native cache=none");
+        assert_eq!(subjects(Path::new("/v"), None).len(), FILE_LEVERS.len());
+    }
+
+    #[test]
+    fn reads_the_flush_count() {
+        let stat = "  10 0 80 3 2 0 8 0 0 4 3 0 0 0 0 7 1\n";
+        assert_eq!(parse_flushes(stat), Some(7));
+        // A kernel before 5.5 has no flush fields.
+        assert_eq!(parse_flushes("1 2 3 4 5 6 7 8 9 10 11"), None);
+    }
+}
