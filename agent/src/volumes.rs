@@ -120,16 +120,17 @@ impl VolumeClient for PdiskVolumes {
         size: u64,
         project: String,
     ) -> BoxFuture<'_, Result<pdpb::Volume, Status>> {
-        let mut c = self.client.clone();
-        Box::pin(async move {
-            Ok(c.resize_volume(pdpb::ResizeVolumeRequest {
-                volume,
-                size_bytes: size,
-                project,
-            })
-            .await?
-            .into_inner())
-        })
+        let req = pdpb::ResizeVolumeRequest {
+            volume,
+            size_bytes: size,
+            project,
+            request_id: new_request_id("resize"),
+        };
+        let c = self.client.clone();
+        Box::pin(once(move || {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { Ok(c.resize_volume(req).await?.into_inner()) }
+        }))
     }
 
     fn get_volume(
@@ -157,16 +158,30 @@ impl VolumeClient for PdiskVolumes {
         &self,
         req: pdpb::ExportVolumeRequest,
     ) -> BoxFuture<'_, Result<pdpb::Export, Status>> {
-        let mut c = self.client.clone();
-        Box::pin(async move { Ok(c.export_volume(req).await?.into_inner()) })
+        let req = pdpb::ExportVolumeRequest {
+            request_id: with_id(req.request_id, "export"),
+            ..req
+        };
+        let c = self.client.clone();
+        Box::pin(once(move || {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { Ok(c.export_volume(req).await?.into_inner()) }
+        }))
     }
 
     fn unexport_volume(
         &self,
         req: pdpb::UnexportVolumeRequest,
     ) -> BoxFuture<'_, Result<(), Status>> {
-        let mut c = self.client.clone();
-        Box::pin(async move { c.unexport_volume(req).await.map(|_| ()) })
+        let req = pdpb::UnexportVolumeRequest {
+            request_id: with_id(req.request_id, "unexport"),
+            ..req
+        };
+        let c = self.client.clone();
+        Box::pin(once(move || {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { c.unexport_volume(req).await.map(|_| ()) }
+        }))
     }
 
     fn clone_volume(
@@ -178,16 +193,17 @@ impl VolumeClient for PdiskVolumes {
     }
 
     fn delete_volume(&self, volume: String) -> BoxFuture<'_, Result<(), Status>> {
-        let mut c = self.client.clone();
-        Box::pin(async move {
-            c.delete_volume(pdpb::DeleteVolumeRequest {
-                now: false,
-                volume,
-                project: String::new(),
-            })
-            .await
-            .map(|_| ())
-        })
+        let req = pdpb::DeleteVolumeRequest {
+            now: false,
+            volume,
+            project: String::new(),
+            request_id: new_request_id("delete"),
+        };
+        let c = self.client.clone();
+        Box::pin(once(move || {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { c.delete_volume(req).await.map(|_| ()) }
+        }))
     }
 
     fn upload_volume(
@@ -227,15 +243,16 @@ impl VolumeClient for PdiskVolumes {
     }
 
     fn delete_snapshot(&self, snapshot: String) -> BoxFuture<'_, Result<(), Status>> {
-        let mut c = self.client.clone();
-        Box::pin(async move {
-            c.delete_snapshot(pdpb::DeleteSnapshotRequest {
-                snapshot,
-                project: String::new(),
-            })
-            .await
-            .map(|_| ())
-        })
+        let req = pdpb::DeleteSnapshotRequest {
+            snapshot,
+            project: String::new(),
+            request_id: new_request_id("delete-snapshot"),
+        };
+        let c = self.client.clone();
+        Box::pin(once(move || {
+            let (mut c, req) = (c.clone(), req.clone());
+            async move { c.delete_snapshot(req).await.map(|_| ()) }
+        }))
     }
 
     fn checksum_volume(
@@ -358,6 +375,59 @@ impl PdiskServer {
     }
 }
 
+/// A request id of its own for one operation of agentd's on pdisk.
+fn new_request_id(kind: &str) -> String {
+    format!("agentd-{kind}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `id`, or a new one when the caller set none.
+fn with_id(id: String, kind: &str) -> String {
+    if id.is_empty() {
+        new_request_id(kind)
+    } else {
+        id
+    }
+}
+
+/// The pauses before the retries of a call whose answer was lost.
+const LOST_ANSWER_RETRIES: [Duration; 2] = [Duration::from_millis(300), Duration::from_secs(1)];
+
+/// Runs `call`, one operation on pdisk with its request id set, and again
+/// (the same request, the same id) when its answer was lost on the way
+/// (the connection dropped: Unavailable, Cancelled, Unknown), so pdisk
+/// answers a retry of what it did with its first answer instead of doing
+/// it twice, or, when the first attempt never arrived, does it now. A
+/// refusal pdisk answered is returned as it is.
+pub(crate) async fn once<T, F, Fut>(call: F) -> Result<T, Status>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut retries = LOST_ANSWER_RETRIES.iter();
+    loop {
+        match call().await {
+            Err(s) if answer_lost(&s) => match retries.next() {
+                Some(pause) => {
+                    tracing::debug!(code = ?s.code(), error = %s.message(),
+                        "pdisk call's answer lost; retrying with the same request id");
+                    tokio::time::sleep(*pause).await;
+                }
+                None => return Err(s),
+            },
+            answered => return answered,
+        }
+    }
+}
+
+/// Whether a call's answer was lost on the way (the call may have
+/// happened). Not DeadlineExceeded: the call waited its full time.
+fn answer_lost(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+    )
+}
+
 /// The answers that say the server could not be reached (or did not
 /// answer in time), as opposed to a refusal it answered with.
 fn unreachable(s: &Status) -> bool {
@@ -420,5 +490,62 @@ impl PdiskServers {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A pdisk call whose first answer is lost is sent again with the same
+    /// request id; a refusal is not retried; ids are new per operation.
+    #[tokio::test]
+    async fn a_lost_answer_is_retried_with_the_same_request_id() {
+        let sent = Mutex::new(Vec::new());
+        let req = pdpb::DeleteVolumeRequest {
+            volume: "v".into(),
+            request_id: new_request_id("delete"),
+            ..Default::default()
+        };
+        let answer = once(|| {
+            sent.lock().unwrap().push(req.request_id.clone());
+            let n = sent.lock().unwrap().len();
+            async move {
+                match n {
+                    1 => Err(Status::unavailable("connection reset")),
+                    _ => Ok(n),
+                }
+            }
+        })
+        .await;
+        assert_eq!(answer.unwrap(), 2);
+        let sent = sent.into_inner().unwrap();
+        assert_eq!(sent, vec![req.request_id.clone(), req.request_id.clone()]);
+        assert!(sent[0].starts_with("agentd-delete-"), "{sent:?}");
+        assert_ne!(new_request_id("delete"), req.request_id);
+
+        // Refusals are answers: one call.
+        let calls = Mutex::new(0);
+        let refused: Result<(), Status> = once(|| {
+            *calls.lock().unwrap() += 1;
+            async { Err(Status::not_found("no volume v")) }
+        })
+        .await;
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::NotFound);
+        assert_eq!(*calls.lock().unwrap(), 1);
+
+        // A server that stays away: tried three times, then Unavailable.
+        let calls = Mutex::new(0);
+        let away: Result<(), Status> = once(|| {
+            *calls.lock().unwrap() += 1;
+            async { Err(Status::unavailable("connection refused")) }
+        })
+        .await;
+        assert_eq!(away.unwrap_err().code(), tonic::Code::Unavailable);
+        assert_eq!(*calls.lock().unwrap(), 3);
+        // A caller's own id is kept.
+        assert_eq!(with_id("mine".into(), "export"), "mine");
+        assert!(with_id(String::new(), "export").starts_with("agentd-export-"));
     }
 }

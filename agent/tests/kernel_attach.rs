@@ -200,6 +200,7 @@ async fn exported_volume(stack: &Stack, name: &str, initiator: &str) -> (IscsiLu
                 secret,
                 target: None,
             }),
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -1007,6 +1008,7 @@ async fn export_mutual(stack: &Stack, volume: &str, initiator: &str, chap: &Chap
                     secret: t.secret().into(),
                 }),
             }),
+            request_id: String::new(),
         })
         .await
         .unwrap()

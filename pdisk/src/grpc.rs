@@ -20,10 +20,10 @@ use crate::service::{
     is_image_base, Deleted, Drift, ExportBy, ExportInfo, NewVolume, NewVolumeSource, PoolInfo,
     PoolService, SnapshotInfo, VolumeInfo,
 };
-use crate::store::{QuotaLimits, QuotaUsage, Source, VolumeState};
+use crate::store::{NameScope, QuotaLimits, QuotaUsage, Source, VolumeState};
 use crate::tenancy::Call;
 use crate::types::{ByteSize, Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
-use stratus_core::requests::{fingerprint, RequestLog};
+use stratus_core::requests::{fingerprint, Attempt, RequestLog};
 use stratus_pki::{Identity, Role};
 
 pub struct Api {
@@ -60,14 +60,46 @@ impl Api {
         M: prost::Message,
         F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
     {
+        self.once_resolved(call, rpc, request_id, msg, |_| Ok((String::new(), op)))
+            .await
+    }
+
+    /// [`Self::once`] for a request that names an existing object: the
+    /// name is resolved by `prepare` only when the operation is to run (a
+    /// retry answered from a kept outcome resolves nothing, so the retry
+    /// of an answered delete is not NotFound). `prepare` is told whether an
+    /// earlier attempt was interrupted by a restart, with the object (its
+    /// UUID) that attempt resolved the name to, and returns that UUID and
+    /// the operation.
+    async fn once_resolved<T, M, F, P>(
+        &self,
+        call: &Call,
+        rpc: &'static str,
+        request_id: &str,
+        msg: &M,
+        prepare: P,
+    ) -> Result<T, Status>
+    where
+        T: stratus_core::requests::Answer,
+        M: prost::Message,
+        F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
+        P: FnOnce(Attempt) -> crate::error::Result<(String, F)>,
+    {
         let fp = fingerprint(&msg.encode_to_vec());
         Ok(self
             .requests
-            .run_resolved(&caller_key(call), request_id, rpc, fp, |_| {
-                Ok((String::new(), op))
-            })
+            .run_resolved(&caller_key(call), request_id, rpc, fp, prepare)
             .await?)
     }
+}
+
+/// For the retry of an attempt a restart interrupted: the UUID that
+/// attempt resolved its name to, when the object it names is gone by now
+/// (the interrupted delete finished, by reconciliation or in full), so the
+/// retry answers as the delete would have instead of NotFound.
+fn gone_since(attempt: &Attempt, found: &crate::error::Result<impl Sized>) -> bool {
+    matches!(attempt, Attempt::AfterRestart { target } if !target.is_empty())
+        && matches!(found, Err(e) if e.kind() == crate::error::ErrorKind::NotFound)
 }
 
 /// Whose retries share request ids: the caller and the project it acts in.
@@ -554,22 +586,50 @@ impl VolumeService for Api {
                 call.identity
             )));
         }
-        let volume = match call.volume(&self.svc, &r.volume) {
-            // An admin's delete --now may name a quarantined volume: purged.
-            Err(e) if r.now && e.kind() == crate::error::ErrorKind::NotFound => call
-                .quarantined_volume(&self.svc, &r.volume)
-                .map_err(|_| e)?,
-            found => found?,
+        let request_id = r.request_id.clone();
+        let asked = pb::DeleteVolumeRequest {
+            request_id: String::new(),
+            ..r.clone()
         };
-        let volume = volume.uuid.to_string();
         let svc = self.svc.clone();
-        let done = detached(async move { svc.delete_volume_as(&volume, r.now).await }).await?;
-        Ok(Response::new(pb::DeleteVolumeResponse {
-            purge_at: match done {
-                Deleted::Gone => String::new(),
-                Deleted::Quarantined { purge_at } => purge_at,
-            },
-        }))
+        let done = self
+            .once_resolved(&call, "DeleteVolume", &request_id, &asked, |attempt| {
+                let found = match call.volume(&svc, &r.volume) {
+                    // An admin's delete --now may name a quarantined volume: purged.
+                    Err(e) if r.now && e.kind() == crate::error::ErrorKind::NotFound => {
+                        call.quarantined_volume(&svc, &r.volume).map_err(|_| e)
+                    }
+                    found => found,
+                };
+                let interrupted = gone_since(&attempt, &found);
+                let target = match (&attempt, interrupted) {
+                    (Attempt::AfterRestart { target }, true) => target.clone(),
+                    _ => found?.uuid.to_string(),
+                };
+                let (now, uuid) = (r.now, target.clone());
+                Ok((target, async move {
+                    let done = if interrupted {
+                        // The interrupted delete went through: quarantined
+                        // (waiting for its purge) or gone.
+                        match svc.store().find_quarantined_in(NameScope::All, &uuid) {
+                            Ok(v) => Deleted::Quarantined {
+                                purge_at: v.quarantine.map(|q| q.purge_at()).unwrap_or_default(),
+                            },
+                            Err(_) => Deleted::Gone,
+                        }
+                    } else {
+                        svc.delete_volume_as(&uuid, now).await?
+                    };
+                    Ok(pb::DeleteVolumeResponse {
+                        purge_at: match done {
+                            Deleted::Gone => String::new(),
+                            Deleted::Quarantined { purge_at } => purge_at,
+                        },
+                    })
+                }))
+            })
+            .await?;
+        Ok(Response::new(done))
     }
 
     async fn restore_volume(
@@ -594,10 +654,24 @@ impl VolumeService for Api {
         req: Request<pb::ResizeVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
-        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
+        let request_id = r.request_id.clone();
+        let asked = pb::ResizeVolumeRequest {
+            request_id: String::new(),
+            ..r.clone()
+        };
         let svc = self.svc.clone();
-        let v = detached(async move { svc.resize_volume(&volume, r.size_bytes).await }).await?;
-        Ok(Response::new(volume_pb(v)))
+        // Growing is idempotent: a retry after a restart runs again.
+        let v = self
+            .once_resolved(&call, "ResizeVolume", &request_id, &asked, |_| {
+                let volume = call.volume(&svc, &r.volume)?.uuid.to_string();
+                Ok((volume.clone(), async move {
+                    svc.resize_volume(&volume, r.size_bytes)
+                        .await
+                        .map(volume_pb)
+                }))
+            })
+            .await?;
+        Ok(Response::new(v))
     }
 
     async fn flatten_volume(
@@ -698,10 +772,33 @@ impl VolumeService for Api {
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
-        let snapshot = call.snapshot(&self.svc, &r.snapshot)?.uuid.to_string();
+        let request_id = r.request_id.clone();
+        let asked = pb::DeleteSnapshotRequest {
+            request_id: String::new(),
+            ..r.clone()
+        };
         let svc = self.svc.clone();
-        detached(async move { svc.delete_snapshot(&snapshot).await }).await?;
-        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+        let done = self
+            .once_resolved(&call, "DeleteSnapshot", &request_id, &asked, |attempt| {
+                let found = call.snapshot(&svc, &r.snapshot);
+                if gone_since(&attempt, &found) {
+                    // The delete a restart interrupted went through.
+                    return Ok((
+                        String::new(),
+                        futures::future::Either::Left(async { Ok(pb::DeleteSnapshotResponse {}) }),
+                    ));
+                }
+                let snapshot = found?.uuid.to_string();
+                Ok((
+                    snapshot.clone(),
+                    futures::future::Either::Right(async move {
+                        svc.delete_snapshot(&snapshot).await?;
+                        Ok(pb::DeleteSnapshotResponse {})
+                    }),
+                ))
+            })
+            .await?;
+        Ok(Response::new(done))
     }
 
     async fn export_volume(
@@ -709,10 +806,14 @@ impl VolumeService for Api {
         req: Request<pb::ExportVolumeRequest>,
     ) -> Result<Response<pb::Export>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
+        let request_id = r.request_id.clone();
+        let asked = pb::ExportVolumeRequest {
+            request_id: String::new(),
+            ..r.clone()
+        };
         let initiators = iqns(&r.initiators)?;
         fence_to_own_iqn(&call.identity, &initiators)?;
         let chap = r.chap.map(chap_from_pb).transpose()?;
-        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let by = ExportBy {
             caller: format!("{}/{}", call.identity.role, call.identity.name),
             admin: call.identity.role == Role::Admin,
@@ -721,9 +822,21 @@ impl VolumeService for Api {
             host_id: Some(r.host_id).filter(|h| !h.is_empty()),
         };
         let svc = self.svc.clone();
-        let e = detached(async move { svc.export_volume(&volume, &initiators, chap, &by).await })
+        // Exporting again the same initiators with the same CHAP is
+        // idempotent: a retry after a restart runs again. (The kept
+        // fingerprint covers the CHAP secret, as the export's own record
+        // in the same store holds it.)
+        let e = self
+            .once_resolved(&call, "ExportVolume", &request_id, &asked, |_| {
+                let volume = call.volume(&svc, &r.volume)?.uuid.to_string();
+                Ok((volume.clone(), async move {
+                    svc.export_volume(&volume, &initiators, chap, &by)
+                        .await
+                        .map(export_pb)
+                }))
+            })
             .await?;
-        Ok(Response::new(export_pb(e)))
+        Ok(Response::new(e))
     }
 
     async fn unexport_volume(
@@ -731,18 +844,32 @@ impl VolumeService for Api {
         req: Request<pb::UnexportVolumeRequest>,
     ) -> Result<Response<pb::UnexportVolumeResponse>, Status> {
         let (call, r) = Call::split(req, |r| &r.project)?;
+        let request_id = r.request_id.clone();
+        let asked = pb::UnexportVolumeRequest {
+            request_id: String::new(),
+            ..r.clone()
+        };
         let mut initiators = iqns(&r.initiators)?;
         if call.identity.role == Role::Agent && initiators.is_empty() {
             // An agent's "the whole export" is its own host's access only.
             initiators = vec![own_iqn(&call.identity)?];
         }
         fence_to_own_iqn(&call.identity, &initiators)?;
-        let volume = call.volume(&self.svc, &r.volume)?.uuid.to_string();
         let svc = self.svc.clone();
-        let remaining = detached(async move { svc.unexport_volume(&volume, &initiators).await })
-            .await?
-            .map(export_pb);
-        Ok(Response::new(pb::UnexportVolumeResponse { remaining }))
+        // Removing initiators already removed is idempotent: a retry after
+        // a restart runs again.
+        let done = self
+            .once_resolved(&call, "UnexportVolume", &request_id, &asked, |_| {
+                let volume = call.volume(&svc, &r.volume)?.uuid.to_string();
+                Ok((volume.clone(), async move {
+                    let remaining = svc.unexport_volume(&volume, &initiators).await?;
+                    Ok(pb::UnexportVolumeResponse {
+                        remaining: remaining.map(export_pb),
+                    })
+                }))
+            })
+            .await?;
+        Ok(Response::new(done))
     }
 
     async fn list_exports(

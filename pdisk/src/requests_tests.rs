@@ -112,6 +112,162 @@ async fn creates_clones_and_snapshots_retried_with_their_request_id_are_made_onc
     assert_eq!(in_other.project, "bio");
 }
 
+/// Deletes, snapshot deletes, exports, unexports and resizes retried with
+/// their request id get the first answer without running again (the retry
+/// of an answered delete is not NotFound, the retry of an export after its
+/// unexport does not export again); the id with other arguments is
+/// InvalidArgument and changes nothing.
+#[tokio::test]
+async fn deletes_exports_unexports_and_resizes_retried_with_their_request_id_run_once() {
+    let f = fixture().await;
+    let api = &f.api;
+    let del = |volume: &str, id: &str| pb::DeleteVolumeRequest {
+        volume: volume.into(),
+        request_id: id.into(),
+        ..Default::default()
+    };
+    api.delete_volume(request(Role::Admin, del("astro-free", "d-1")))
+        .await
+        .unwrap();
+    api.delete_volume(request(Role::Admin, del("astro-free", "d-1")))
+        .await
+        .expect("the retry of an answered delete");
+    let again = api.delete_volume(request(Role::Admin, del("astro-free", "")));
+    assert_eq!(again.await.unwrap_err().code(), Code::NotFound);
+    let other = api.delete_volume(request(Role::Admin, del("bio-free", "d-1")));
+    assert_eq!(other.await.unwrap_err().code(), Code::InvalidArgument);
+    assert!(
+        f.svc.store().find_volume("bio-free").is_ok(),
+        "bio-free deleted"
+    );
+
+    let dsnap = |id: &str| pb::DeleteSnapshotRequest {
+        snapshot: "astro-snap".into(),
+        request_id: id.into(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        api.delete_snapshot(request(Role::Admin, dsnap("ds-1")))
+            .await
+            .expect("a snapshot delete and its retry");
+    }
+    let again = api.delete_snapshot(request(Role::Admin, dsnap("")));
+    assert_eq!(again.await.unwrap_err().code(), Code::NotFound);
+
+    const HOST2: &str = "iqn.2026-11.io.stratus:host2";
+    let export = |id: &str| pb::ExportVolumeRequest {
+        volume: "astro-vol".into(),
+        initiators: vec![HOST2.into()],
+        request_id: id.into(),
+        ..Default::default()
+    };
+    let unexport = |id: &str| pb::UnexportVolumeRequest {
+        volume: "astro-vol".into(),
+        request_id: id.into(),
+        ..Default::default()
+    };
+    let e1 = api
+        .export_volume(request(Role::Admin, export("e-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    let e2 = api
+        .export_volume(request(Role::Admin, export("e-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(e1, e2);
+    let exports = || f.svc.store().exports().unwrap().len();
+    let exported = exports();
+    for _ in 0..2 {
+        let u = api
+            .unexport_volume(request(Role::Admin, unexport("u-1")))
+            .await
+            .expect("an unexport and its retry");
+        assert_eq!(u.into_inner().remaining, None);
+    }
+    assert_eq!(exports(), exported - 1);
+    // The export's retry answers as before and grants nothing again.
+    let late = api
+        .export_volume(request(Role::Admin, export("e-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(late, e1);
+    assert_eq!(exports(), exported - 1, "a retry exported again");
+    let mut other = export("e-1");
+    other.initiators = vec![IQN2_OTHER.into()];
+    let refused = api.export_volume(request(Role::Admin, other)).await;
+    assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(exports(), exported - 1);
+
+    let resize = |size: u64, id: &str| pb::ResizeVolumeRequest {
+        volume: "astro-vol".into(),
+        size_bytes: size,
+        request_id: id.into(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        let v = api
+            .resize_volume(request(Role::Admin, resize(8 << 20, "r-1")))
+            .await
+            .unwrap();
+        assert_eq!(v.into_inner().size_bytes, 8 << 20);
+    }
+    let refused = api.resize_volume(request(Role::Admin, resize(16 << 20, "r-1")));
+    assert_eq!(refused.await.unwrap_err().code(), Code::InvalidArgument);
+    let size = f.svc.store().find_volume("astro-vol").unwrap().size.0;
+    assert_eq!(size, 8 << 20, "a refused retry resized");
+}
+
+const IQN2_OTHER: &str = "iqn.2026-11.io.stratus:host3";
+
+/// The retry of a delete a restart interrupted (kept as begun, with the
+/// volume it resolved, and no outcome), once the volume is gone (the
+/// interrupted delete finished), answers as the delete would have, not
+/// NotFound; a volume still there is deleted by the retry.
+#[tokio::test]
+async fn the_retry_of_a_delete_a_restart_interrupted_answers_from_what_it_finds() {
+    use stratus_core::requests::{fingerprint, DurableOutcomes, StoredRequest};
+
+    let f = fixture().await;
+    let scope = format!("{}|", stratus_pki::Identity::new(Role::Admin, "x"));
+    let interrupted = |volume: &str, id: &str| {
+        let asked = pb::DeleteVolumeRequest {
+            volume: volume.into(),
+            ..Default::default()
+        };
+        let uuid = f.svc.store().find_volume(volume).unwrap().uuid;
+        let row = StoredRequest {
+            rpc: "DeleteVolume".into(),
+            fingerprint: fingerprint(&prost::Message::encode_to_vec(&asked)),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            target: uuid.to_string(),
+            outcome: None,
+        };
+        f.svc.shared_store().put(&scope, id, &row).unwrap();
+        pb::DeleteVolumeRequest {
+            request_id: id.into(),
+            ..asked
+        }
+    };
+    // astro-free's delete went through before the crash.
+    let retry = interrupted("astro-free", "d-crash-1");
+    f.svc.delete_volume("astro-free").await.unwrap();
+    let answer = f.api.delete_volume(request(Role::Admin, retry)).await;
+    assert_eq!(answer.unwrap().into_inner().purge_at, "");
+    // bio-free's did not: the retry deletes it.
+    let retry = interrupted("bio-free", "d-crash-2");
+    f.api
+        .delete_volume(request(Role::Admin, retry))
+        .await
+        .unwrap();
+    assert!(f.svc.store().find_volume("bio-free").is_err());
+}
+
 /// 50 clients × 200 mixed operations (create, delete, snapshot, delete
 /// snapshot, clone, resize, export to one of two hosts, unexport, checksum)
 /// on ten overlapping volume names and ten snapshot names, through the gRPC

@@ -230,6 +230,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
                     volume: format!("{target}-free"),
                     project,
                     now: false,
+                    request_id: String::new(),
                 },
             ))
             .await,
@@ -252,6 +253,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
                     volume: vol,
                     size_bytes: 8 << 20,
                     project,
+                    request_id: String::new(),
                 },
             ))
             .await,
@@ -317,6 +319,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
                 pb::DeleteSnapshotRequest {
                     snapshot: format!("{target}-snap"),
                     project,
+                    request_id: String::new(),
                 },
             ))
             .await,
@@ -341,6 +344,7 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
                     volume: format!("{target}-exp"),
                     initiators: vec![],
                     project,
+                    request_id: String::new(),
                 },
             ))
             .await,
@@ -920,6 +924,7 @@ async fn byte_and_snapshot_quotas_cover_creates_clones_snapshots_and_growth() {
                 volume: format!("{OWN}-vol"),
                 size_bytes: 16 << 20,
                 project: OWN.into(),
+                request_id: String::new(),
             },
         ))
         .await
@@ -1156,6 +1161,7 @@ async fn only_an_admin_deletes_without_quarantine() {
                 volume,
                 now: true,
                 project: if role == Role::Project { "" } else { OWN }.into(),
+                request_id: String::new(),
             },
         )
     };

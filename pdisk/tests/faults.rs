@@ -100,6 +100,7 @@ async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> Result<(), to
         chap: None,
         // Two initiators: two hosts on one volume (its create allows it).
         multi_attach: initiators.len() > 1,
+        request_id: String::new(),
     })
     .await
     .map(|_| ())
@@ -185,6 +186,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
                 project: String::new(),
                 volume: vol.into(),
                 size_bytes: 16 * MIB,
+                request_id: String::new(),
             })
             .await
             .map(|_| ()),
@@ -194,6 +196,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
                 project: String::new(),
                 volume: vol.into(),
                 initiators: vec![],
+                request_id: String::new(),
             })
             .await
             .map(|_| ()),
@@ -202,6 +205,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
                 project: String::new(),
                 volume: vol.into(),
                 initiators: vec![OTHER_INITIATOR.into()],
+                request_id: String::new(),
             })
             .await
             .map(|_| ()),
@@ -210,6 +214,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
                 now: false,
                 project: String::new(),
                 volume: vol.into(),
+                request_id: String::new(),
             })
             .await
             .map(|_| ()),
@@ -217,6 +222,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
             .delete_snapshot(pb::DeleteSnapshotRequest {
                 project: String::new(),
                 snapshot: format!("{tag}-s"),
+                request_id: String::new(),
             })
             .await
             .map(|_| ()),
@@ -472,6 +478,9 @@ async fn an_operation_outlives_a_client_that_gives_up() {
 /// again get the first answers (same UUIDs, nothing made twice); the id
 /// reused with other arguments is InvalidArgument; a create pdiskd died in
 /// before answering (a crash point) is rolled back and its retry makes it.
+/// The same for a delete, an export and an unexport (none done twice: the
+/// export's retry grants nothing after its unexport), and a delete pdiskd
+/// died in after its intent is answered by its retry.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs root, tgtd, an XFS loop pool and pdiskd-failpoints: run by scripts/test"]
 async fn retries_after_pdiskd_was_killed_get_the_first_answer() {
@@ -494,6 +503,22 @@ async fn retries_after_pdiskd_was_killed_get_the_first_answer() {
         request_id: "snap-1".into(),
         project: String::new(),
     };
+    let del = |volume: &str, id: &str| pb::DeleteVolumeRequest {
+        volume: volume.into(),
+        request_id: id.into(),
+        ..Default::default()
+    };
+    let exp = pb::ExportVolumeRequest {
+        volume: "db".into(),
+        initiators: vec![INITIATOR.into()],
+        request_id: "export-1".into(),
+        ..Default::default()
+    };
+    let unexp = pb::UnexportVolumeRequest {
+        volume: "db".into(),
+        request_id: "unexport-1".into(),
+        ..Default::default()
+    };
     let mut c = pdiskd.client().await;
     let created = c
         .create_volume(new("db", "create-1"))
@@ -502,6 +527,14 @@ async fn retries_after_pdiskd_was_killed_get_the_first_answer() {
         .into_inner();
     let cloned = c.create_volume(clone.clone()).await.unwrap().into_inner();
     let snapped = c.create_snapshot(snap.clone()).await.unwrap().into_inner();
+    c.create_volume(new("tmp", "create-3")).await.unwrap();
+    let deleted = c
+        .delete_volume(del("tmp", "delete-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let exported = c.export_volume(exp.clone()).await.unwrap().into_inner();
+    c.unexport_volume(unexp.clone()).await.unwrap();
     drop(c);
     pdiskd.kill9();
     pdiskd.restart_with_failpoints(None);
@@ -533,6 +566,33 @@ async fn retries_after_pdiskd_was_killed_get_the_first_answer() {
         .into_inner()
         .snapshots;
     assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    // The answered delete, export and unexport: first answers, nothing
+    // done again (the delete is not NotFound, the export not granted anew).
+    let again = c
+        .delete_volume(del("tmp", "delete-1"))
+        .await
+        .expect("the retry of an answered delete")
+        .into_inner();
+    assert_eq!(again, deleted);
+    let again = c
+        .export_volume(exp)
+        .await
+        .expect("the retry of an answered export");
+    assert_eq!(again.into_inner(), exported);
+    c.unexport_volume(unexp)
+        .await
+        .expect("the retry of an answered unexport");
+    let exports = c
+        .list_exports(pb::ListExportsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .exports;
+    assert!(exports.is_empty(), "a retry exported again: {exports:?}");
+    let live = tgt_exporter(&tgtd).list().await.unwrap();
+    assert!(live.is_empty(), "tgt has {live:?}");
+    let twice = c.delete_volume(del("tmp", "")).await.unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::NotFound, "{twice:?}");
     // A kept id with other arguments is refused, and nothing is made.
     let reused = c.create_volume(new("web", "create-1")).await.unwrap_err();
     assert_eq!(reused.code(), tonic::Code::InvalidArgument, "{reused:?}");
@@ -560,4 +620,33 @@ async fn retries_after_pdiskd_was_killed_get_the_first_answer() {
     assert_eq!(made.state, pb::VolumeState::Ready as i32);
     let again = c.create_volume(new("web", "create-2")).await.unwrap();
     assert_eq!(again.into_inner().uuid, made.uuid);
+    drop(c);
+
+    // pdiskd dies in a delete, after its intent: the retry after the
+    // restart answers it as done, and the volume is gone from the listing.
+    pdiskd.restart_with_failpoints(Some("service::delete::after_intent=return"));
+    let mut c = pdiskd.client().await;
+    let lost = c.delete_volume(del("web", "delete-2")).await;
+    assert!(lost.is_err(), "{lost:?}");
+    drop(c);
+    let status = pdiskd.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(CRASH_EXIT_CODE));
+    pdiskd.restart_with_failpoints(None);
+    let mut c = pdiskd.client().await;
+    c.delete_volume(del("web", "delete-2"))
+        .await
+        .expect("the retry of a delete a crash interrupted");
+    c.delete_volume(del("web", "delete-2"))
+        .await
+        .expect("and its retry");
+    let names: Vec<String> = c
+        .list_volumes(pb::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert!(!names.contains(&"web".to_string()), "{names:?}");
 }

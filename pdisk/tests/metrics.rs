@@ -86,6 +86,7 @@ async fn metrics_count_what_the_test_did() {
         volume: "m2".into(),
         initiators: vec![INITIATOR.into()],
         chap: None,
+        request_id: String::new(),
     })
     .await
     .unwrap();

@@ -60,6 +60,7 @@ async fn churn(p: &Pdiskd, first: usize, rounds: usize, until: Option<Duration>)
             volume: name.clone(),
             size_bytes: 2 << 20,
             project: String::new(),
+            request_id: String::new(),
         })
         .await
         .unwrap();
@@ -67,6 +68,7 @@ async fn churn(p: &Pdiskd, first: usize, rounds: usize, until: Option<Duration>)
             now: false,
             volume: name,
             project: String::new(),
+            request_id: String::new(),
         })
         .await
         .unwrap();

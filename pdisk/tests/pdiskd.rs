@@ -34,6 +34,7 @@ async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> pb::Export {
         volume: vol.into(),
         initiators: initiators.iter().map(|s| s.to_string()).collect(),
         chap: None,
+        request_id: String::new(),
     })
     .await
     .unwrap()
@@ -82,6 +83,7 @@ async fn data_written_through_an_export_reads_back_and_acl_holds() {
         project: String::new(),
         volume: "data".into(),
         initiators: vec![],
+        request_id: String::new(),
     })
     .await
     .unwrap();
@@ -157,6 +159,7 @@ async fn resize_shows_the_new_size_to_the_initiator() {
             project: String::new(),
             volume: "grow".into(),
             size_bytes: 128 << 20,
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -313,7 +316,8 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
             c.resize_volume(pb::ResizeVolumeRequest {
                 project: String::new(),
                 volume: "v1".into(),
-                size_bytes: 1 << 20
+                size_bytes: 1 << 20,
+                request_id: String::new(),
             })
             .await
         ),
@@ -333,6 +337,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
         now: false,
         project: String::new(),
         volume: v.into(),
+        request_id: String::new(),
     };
     assert_eq!(
         c.delete_volume(del("nope")).await.unwrap_err().code(),
@@ -353,6 +358,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
             volume: "v1".into(),
             initiators: vec!["host-a".into()],
             chap: None,
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -370,6 +376,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
                 secret: "short".into(),
                 target: None,
             }),
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -399,6 +406,7 @@ async fn bad_input_gets_the_right_code_and_changes_nothing() {
             volume: "v2".into(),
             initiators: vec![INITIATOR.into()],
             chap: None,
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -455,6 +463,7 @@ async fn twenty_concurrent_clients_leave_a_consistent_store() {
                     c.delete_snapshot(pb::DeleteSnapshotRequest {
                         project: String::new(),
                         snapshot: format!("{name}-s{j}"),
+                        request_id: String::new(),
                     })
                     .await
                     .unwrap();
@@ -463,6 +472,7 @@ async fn twenty_concurrent_clients_leave_a_consistent_store() {
                     now: false,
                     project: String::new(),
                     volume: name,
+                    request_id: String::new(),
                 })
                 .await
                 .unwrap();
@@ -663,6 +673,7 @@ async fn chap_export_needs_the_secret() {
                 secret: secret.into(),
                 target: None,
             }),
+            request_id: String::new(),
         })
         .await
         .unwrap()
@@ -884,6 +895,7 @@ async fn image_bases_are_listed_and_never_removed_while_cloned() {
         now: false,
         project: String::new(),
         volume: "vm-1-vda".into(),
+        request_id: String::new(),
     })
     .await
     .unwrap();

@@ -139,6 +139,7 @@ async fn a_project_cannot_see_or_touch_another_projects_volumes_and_each_try_is_
                 target: None,
             }),
             project: String::new(),
+            request_id: String::new(),
         })
         .await
         .map(|_| Code::Ok);
@@ -169,6 +170,7 @@ async fn a_project_cannot_see_or_touch_another_projects_volumes_and_each_try_is_
             now: false,
             volume: v.uuid.clone(),
             project: String::new(),
+            request_id: String::new(),
         })
         .await
         .map(|_| Code::Ok);

@@ -140,6 +140,7 @@ async fn past_the_threshold_growth_is_refused_and_nothing_changes() {
             project: String::new(),
             volume: "small".into(),
             size_bytes: 128 * MIB,
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -152,6 +153,7 @@ async fn past_the_threshold_growth_is_refused_and_nothing_changes() {
         now: false,
         project: String::new(),
         volume: "big".into(),
+        request_id: String::new(),
     })
     .await
     .unwrap();

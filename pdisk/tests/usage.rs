@@ -187,6 +187,7 @@ async fn projects_storage_is_accounted_over_time_and_each_sees_its_own() {
         volume: "data".into(),
         size_bytes: 128 * MIB,
         project: String::new(),
+        request_id: String::new(),
     })
     .await
     .unwrap();

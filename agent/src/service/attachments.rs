@@ -356,6 +356,7 @@ impl Agent {
                 multi_attach: vm.is_incoming(),
                 // pdiskd on this host answers with the volume itself.
                 host_id: self.settings.local_host_id.clone().unwrap_or_default(),
+                request_id: String::new(),
             })
             .await
             .map_err(|s| pdisk.error(s, &format!("exporting pdisk volume {volume}")))?;
@@ -570,6 +571,7 @@ impl Agent {
                 volume: volume.to_string(),
                 initiators: vec![self.settings.initiator_iqn.clone()],
                 project: String::new(),
+                request_id: String::new(),
             })
             .await
         {

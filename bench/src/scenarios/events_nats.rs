@@ -151,6 +151,7 @@ async fn churn(c: &mut testkit::Client, first: usize, n: usize, until: Option<In
                 now: false,
                 volume: name,
                 project: String::new(),
+                request_id: String::new(),
             })
             .await;
         done += 1;

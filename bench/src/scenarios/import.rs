@@ -222,6 +222,7 @@ async fn time_one(
                 now: false,
                 project: String::new(),
                 volume: name,
+                request_id: String::new(),
             })
             .await?;
         }

@@ -86,6 +86,7 @@ async fn measure(c: &mut Client, gib: u64, runs: usize) -> anyhow::Result<Sizes>
         now: false,
         project: String::new(),
         volume: name,
+        request_id: String::new(),
     })
     .await?;
     Ok(out)
@@ -130,11 +131,13 @@ pub(crate) async fn measure_pairs(
             now: false,
             project: String::new(),
             volume: clone,
+            request_id: String::new(),
         })
         .await?;
         c.delete_snapshot(pb::DeleteSnapshotRequest {
             project: String::new(),
             snapshot: snap,
+            request_id: String::new(),
         })
         .await?;
     }

@@ -315,6 +315,7 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
                 project: ctx.project.clone(),
                 volume: volume.to_string(),
                 now,
+                request_id: String::new(),
             };
             let r = ctx.answer(client.delete_volume(request).await)?;
             let quarantined = !r.purge_at.is_empty();
@@ -354,6 +355,7 @@ async fn volume(ctx: &Ctx, command: VolumeCommand) -> Result<(), Failure> {
                 project: ctx.project.clone(),
                 volume: volume.to_string(),
                 size_bytes: size.0,
+                request_id: String::new(),
             };
             let v = ctx.answer(client.resize_volume(request).await)?;
             ctx.print_volume(&v)
@@ -556,6 +558,7 @@ async fn snapshot(ctx: &Ctx, command: SnapshotCommand) -> Result<(), Failure> {
             let request = DeleteSnapshotRequest {
                 project: ctx.project.clone(),
                 snapshot: snapshot.to_string(),
+                request_id: String::new(),
             };
             ctx.answer(client.delete_snapshot(request).await)?;
             ctx.print(
@@ -587,6 +590,7 @@ async fn image(ctx: &Ctx, command: ImageCommand) -> Result<(), Failure> {
                 project: ctx.project.clone(),
                 volume: found.base.uuid.clone(),
                 now: false,
+                request_id: String::new(),
             };
             ctx.answer(client.delete_volume(request).await)?;
             ctx.print(
@@ -615,6 +619,7 @@ async fn export(ctx: &Ctx, command: ExportCommand) -> Result<(), Failure> {
                 project: ctx.project.clone(),
                 volume: volume.to_string(),
                 initiators: initiators.into_iter().map(String::from).collect(),
+                request_id: String::new(),
             };
             let removed = request.initiators.len();
             let mut client = ctx.connect().await?;
@@ -668,6 +673,7 @@ async fn export_add(ctx: &Ctx, a: ExportAddArgs) -> Result<(), Failure> {
         initiators: a.initiators.into_iter().map(String::from).collect(),
         chap,
         multi_attach: a.multi_attach,
+        request_id: String::new(),
     };
     let mut client = ctx.connect().await?;
     let e = ctx.answer(client.export_volume(request).await)?;

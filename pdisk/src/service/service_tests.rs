@@ -162,6 +162,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
                 secret: "short".into(),
                 target: None,
             }),
+            request_id: String::new(),
         };
         let s = api.export_volume(as_admin(export)).await.unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
@@ -170,6 +171,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
             project: String::new(),
             volume: "nope".into(),
             initiators: vec!["not-an-iqn".into()],
+            request_id: String::new(),
         };
         let s = api.unexport_volume(as_admin(unexport)).await.unwrap_err();
         assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
