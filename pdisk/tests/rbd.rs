@@ -987,3 +987,113 @@ async fn raw_imports_use_rbd_import_qcow2_qemu_img_both_sparse_with_content() {
     want.sort();
     assert_eq!(images, want);
 }
+
+/// Clones of an image base and of a snapshot share their source's lock and
+/// run at once (the boot storm); a delete of either source, sent while they
+/// run, waits for them and is then refused (clones depend on it). Nothing
+/// races: every clone is made once, holds the source's data, no temporary
+/// is left, `pd-base` is taken once, and the pool shows no drift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and ceph (scripts/test)"]
+async fn clones_of_one_base_or_snapshot_run_at_once_and_a_racing_delete_waits() {
+    let t = RbdPdisk::start("pd-storm");
+    let mut c = t.pdiskd.client().await;
+    let sha = "cd".repeat(32);
+    let base = c
+        .create_volume(pb::CreateVolumeRequest {
+            name: "image-base".into(),
+            size_bytes: 16 * MIB,
+            labels: [("stratus.io/image-sha256".to_string(), sha)].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Written before any clone (the base's pd-base is taken by the first).
+    t.write(&RbdPdisk::image(&base), 0x5a, 0, MIB);
+    let origin = create(&mut c, "origin", 16 * MIB).await;
+    t.write(&RbdPdisk::image(&origin), 0x6b, 0, MIB);
+    snapshot(&mut c, "origin", "s1").await.unwrap();
+
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let mut c = t.pdiskd.client().await;
+        let (source, is_snap) = if i % 3 == 2 {
+            ("s1", true)
+        } else {
+            ("image-base", false)
+        };
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .clone_volume(pb::CloneVolumeRequest {
+                    source: source.into(),
+                    source_is_snapshot: is_snap,
+                    name: format!("g{i}"),
+                    labels: [("stratus.io/vm".to_string(), format!("g{i}"))].into(),
+                    ..Default::default()
+                })
+                .await;
+            (is_snap, r)
+        }));
+    }
+    // The deletes race the clones: sent once the clones are under way.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (del_base, del_snap) = {
+        let mut c1 = t.pdiskd.client().await;
+        let mut c2 = t.pdiskd.client().await;
+        tokio::join!(
+            delete_volume(&mut c1, "image-base"),
+            delete_snapshot(&mut c2, "s1")
+        )
+    };
+    let mut made = Vec::new();
+    for task in tasks {
+        let (is_snap, r) = tokio::time::timeout(Duration::from_secs(600), task)
+            .await
+            .expect("12 clones within 10 minutes")
+            .unwrap();
+        let v = r
+            .expect("a clone of a source that clones depend on")
+            .into_inner();
+        made.push((is_snap, RbdPdisk::image(&v)));
+    }
+    eprintln!("12 clones at once: {:?}", started.elapsed());
+    for (what, r) in [("base", &del_base), ("snapshot", &del_snap)] {
+        let e = r.as_ref().expect_err(what);
+        assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e:?}");
+    }
+    for (is_snap, img) in &made {
+        let info = t.rbd_json(&["info", &format!("pd-storm/{img}")]);
+        let want = if *is_snap {
+            RbdPdisk::image(&origin)
+        } else {
+            RbdPdisk::image(&base)
+        };
+        assert_eq!(
+            info["parent"]["image"].as_str(),
+            Some(want.as_str()),
+            "{info}"
+        );
+        let byte = if *is_snap { 0x6b } else { 0x5a };
+        assert!(t.holds(img, byte, 0, MIB), "{img}");
+    }
+    let ls = t.rbd_json(&["ls", "-l", "pd-storm"]);
+    let rows = ls.as_array().unwrap();
+    let images: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["snapshot"].is_null())
+        .map(|r| r["image"].as_str().unwrap())
+        .collect();
+    assert_eq!(images.len(), 14, "12 clones, the base, origin: {images:?}");
+    assert!(
+        images.iter().all(|i| !i.starts_with("pd-tmp-")),
+        "{images:?}"
+    );
+    let base_snaps = rows.iter().filter(|r| r["snapshot"] == "pd-base").count();
+    assert_eq!(base_snaps, 1, "{ls}");
+    let p = pool(&mut c).await;
+    assert_eq!(p.volume_count, 14);
+    let pool_drift: Vec<_> = p.drift.iter().filter(|d| d.kind != "export").collect();
+    assert!(pool_drift.is_empty(), "{pool_drift:?}");
+}

@@ -36,7 +36,9 @@
 //!   its access back, because reconciliation applies the stored revocation.
 //!
 //! Concurrency: operations on one volume or snapshot are serialized by a
-//! per-UUID lock; operations on different objects run in parallel. Export
+//! per-UUID lock; operations on different objects run in parallel. Clones
+//! of a snapshot or of an image base share their source's lock (it never
+//! changes), so they run in parallel too; anything else waits for them. Export
 //! changes and the export watchdog also share one lock, so the watchdog never
 //! re-creates a target that an unexport is removing.
 
@@ -45,7 +47,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tokio::sync::OwnedMutexGuard;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
 use uuid::Uuid;
 
 use crate::backend::{Backend, ImageFormat, ObjectId, ThinUsage};
@@ -338,15 +340,34 @@ pub struct PoolInfo {
     pub thin: Option<ThinUsage>,
 }
 
+/// One lock per volume or snapshot UUID. Whatever changes an object, or
+/// must see it unchanged while it works, holds it exclusively; a clone of
+/// an object that never changes (a snapshot, an image base) holds it
+/// shared, so clones of one base run at once (the boot storm) while a
+/// delete still waits for all of them and they for it.
 #[derive(Default)]
 struct ObjectLocks {
-    map: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    map: Mutex<HashMap<Uuid, Arc<tokio::sync::RwLock<()>>>>,
+}
+
+/// A held object lock (see [`ObjectLocks`]); released when dropped.
+enum Held {
+    Exclusive(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+    Shared(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
 }
 
 impl ObjectLocks {
-    async fn lock(&self, id: Uuid) -> OwnedMutexGuard<()> {
-        let m = self.map.lock().unwrap().entry(id).or_default().clone();
-        m.lock_owned().await
+    fn entry(&self, id: Uuid) -> Arc<tokio::sync::RwLock<()>> {
+        self.map.lock().unwrap().entry(id).or_default().clone()
+    }
+
+    async fn lock(&self, id: Uuid) -> OwnedRwLockWriteGuard<()> {
+        self.entry(id).write_owned().await
+    }
+
+    /// Shared with other holders of `share`, never with `lock`.
+    async fn share(&self, id: Uuid) -> OwnedRwLockReadGuard<()> {
+        self.entry(id).read_owned().await
     }
 
     fn forget(&self, id: Uuid) {

@@ -15,8 +15,8 @@ use crate::store::{NameScope, Source, VolumeRecord, VolumeState};
 use crate::types::{validate_labels, ByteSize, Labels, VolumeName};
 
 use super::{
-    is_image_base, now, refuse_if_image_base, require_ready, Deleted, NewVolume, NewVolumeSource,
-    Owner, PoolService, VolumeInfo,
+    is_image_base, now, refuse_if_image_base, require_ready, Deleted, Held, NewVolume,
+    NewVolumeSource, Owner, PoolService, VolumeInfo,
 };
 
 impl PoolService {
@@ -114,7 +114,8 @@ impl PoolService {
         }
         let progress = op.reporter();
 
-        // Resolve the source and hold its lock for the whole copy.
+        // Resolve the source and hold its lock for the whole copy (shared
+        // when the source never changes, see `ObjectLocks`).
         enum Plan {
             Empty,
             Copy(ObjectId, Source),
@@ -131,7 +132,13 @@ impl PoolService {
             }
             NewVolumeSource::Volume(r) => {
                 let src = self.store.find_volume(r)?;
-                let g = self.locks.lock(src.uuid).await;
+                // An image base is never written (its labels never change
+                // either): its clones share its lock and run at once.
+                let g = if is_image_base(&src) {
+                    Held::Shared(self.locks.share(src.uuid).await)
+                } else {
+                    Held::Exclusive(self.locks.lock(src.uuid).await)
+                };
                 let src = self.reread_volume(&src)?;
                 if src.state != VolumeState::Ready {
                     return Err(Error::precondition(format!(
@@ -147,7 +154,8 @@ impl PoolService {
             }
             NewVolumeSource::Snapshot(r) => {
                 let s = self.store.find_snapshot(r)?;
-                let g = self.locks.lock(s.uuid).await;
+                // A snapshot never changes: its clones run at once.
+                let g = Held::Shared(self.locks.share(s.uuid).await);
                 let s = self.reread_snapshot(&s)?;
                 if !s.complete {
                     return Err(Error::precondition(format!(

@@ -99,8 +99,14 @@ impl RbdBackend {
             return Err(ceph_error(&cmd, &out));
         }
         tracing::info!(snapshot = %snap, "cluster needs protected parents: protecting");
-        self.run(&self.rbd_change(["snap", "protect", snap]))
-            .await?;
+        let protect = self.rbd_change(["snap", "protect", snap]);
+        let out = self.runner.run(&protect).await?;
+        // Clones of one snapshot run at once (the service shares its lock):
+        // another may have protected it meanwhile, which rbd 16.2 answers
+        // with "snap is already protected ... (16) Device or resource busy".
+        if !out.success() && !out.stderr.contains("(16) Device or resource busy") {
+            return Err(ceph_error(&protect, &out));
+        }
         self.run(&cmd).await.map(|_| ())
     }
 

@@ -349,6 +349,61 @@ async fn clones_need_protection_only_when_the_cluster_says_so() {
     assert!(lines.contains(&rbd(&format!("snap protect {s}"))));
 }
 
+/// Two clones of one snapshot at once on a cluster that wants protected
+/// parents: the second's `snap protect` finds it protected already (EBUSY),
+/// which is no failure; its clone is retried and made.
+#[tokio::test]
+async fn a_snapshot_protected_meanwhile_by_another_clone_is_no_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let t = tries.clone();
+    let runner = Script::new(move |argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("mon") {
+            return Output::ok(MON_DUMP_JSON);
+        }
+        if has("ls") {
+            return Output::ok(format!(
+                r#"[{{"image":"pd-vol-{VOL}","size":1,"snapshot":"pd-snap-{SNAP}"}}]"#
+            ));
+        }
+        if has("clone") && t.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            return Output::failed(
+                22,
+                "librbd::image::CloneRequest: 0x1 validate_parent: parent snapshot must be protected\nrbd: clone error: (22) Invalid argument\n",
+            );
+        }
+        if has("protect") {
+            return Output::failed(
+                16,
+                "librbd::Operations: snap is already protected\nrbd: protecting snap failed: (16) Device or resource busy\n",
+            );
+        }
+        if has("info") {
+            return Output::ok(r#"{"size":67108864}"#);
+        }
+        Output::ok("")
+    });
+    let b = RbdBackend::open(runner.clone(), settings(dir.path()))
+        .await
+        .unwrap();
+    runner.clear();
+    b.clone_object(
+        ObjectId::Snapshot(uuid(SNAP)),
+        uuid(CLONE),
+        1,
+        no_progress(),
+    )
+    .await
+    .unwrap();
+    let lines = runner.lines();
+    let publish = rbd(&format!(
+        "rename stratus/pd-tmp-vol-{CLONE} stratus/pd-vol-{CLONE}"
+    ));
+    assert!(lines.contains(&publish), "{lines:?}");
+    assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn failures_keep_their_kind_and_stderr_and_remove_the_temporary() {
     let dir = tempfile::tempdir().unwrap();
