@@ -156,6 +156,11 @@ pub struct Flags {
     /// and NICs (one device each), at most 16 [default: 8]
     #[arg(long, value_name = "N")]
     pub hotplug_ports: Option<u32>,
+    /// Live migrations send guest memory as plain TCP instead of TLS (the
+    /// default whenever agentd has --tls-cert): only on a trusted lab
+    /// network. A destination with it also takes plain-TCP migrations
+    #[arg(long)]
+    pub migration_insecure: bool,
     /// How often running guests' anti-spoofing rules are checked and put
     /// back if someone flushed them, e.g. 30s, 5m; 0s turns the check off
     /// [default: 30s]
@@ -221,6 +226,10 @@ pub struct Config {
     pub console_log_max: u64,
     /// Empty PCIe root ports per guest, for hot-plug.
     pub hotplug_ports: u32,
+    /// The files both QEMUs of a live migration encrypt its stream with
+    /// (this host's `tls`); None: plain TCP (`--migration-insecure`, or no
+    /// TLS files).
+    pub migration_tls: Option<TlsFiles>,
     /// None: no periodic check of the anti-spoofing rules.
     pub nic_filter_check: Option<std::time::Duration>,
     /// How often guests' usage is read.
@@ -368,6 +377,11 @@ impl Flags {
             .map(|(name, (url, tls))| PdiskServerSettings { name, url, tls })
             .collect();
         let nats = self.nats.resolve(&file.nats)?;
+        let migration_tls = if self.migration_insecure || file.migration_insecure {
+            None
+        } else {
+            tls.clone()
+        };
         // Usage records go to `stratus.usage.<host>` with the events' host.
         let nats_host = nats.as_ref().map(|n| n.host.clone());
         let cfg = Config {
@@ -420,6 +434,7 @@ impl Flags {
                 .map_err(|e| Error::invalid(format!("console-log-max: {e}")))?
                 .0,
             hotplug_ports: pick!(hotplug_ports, 8),
+            migration_tls,
             nic_filter_check: Some(
                 humantime::parse_duration(&pick!(nic_filter_check, "30s".into()))
                     .map_err(|e| Error::invalid(format!("nic-filter-check: {e}")))?,
@@ -764,6 +779,14 @@ mod tests {
             .unwrap();
         assert_eq!(c.pdisk.len(), 2);
         assert_eq!(c.pdisk[0].tls, c.tls, "the host's files by default");
+        // Migration streams: TLS with the host's files unless insecure.
+        assert_eq!(c.migration_tls, c.tls);
+        assert!(c.tls.is_some());
+        let insecure = Flags::parse_from(["agentd", "--config", path, "--migration-insecure"])
+            .resolve()
+            .unwrap();
+        assert_eq!(insecure.migration_tls, None);
+        assert_eq!(insecure.tls, c.tls);
         assert_eq!(
             c.pdisk[1].tls.as_ref().unwrap().cert,
             std::path::Path::new("/b.crt")

@@ -776,6 +776,7 @@ impl VmService for Api {
                         downtime_ms: done.downtime_ms,
                         transferred_bytes: done.transferred,
                         qemu_total_ms: done.qemu_total_ms,
+                        tls: done.tls,
                     })
                 }
             })
@@ -809,11 +810,21 @@ impl VmService for Api {
             .collect::<Result<Vec<_>, Error>>()?;
         let agent = self.agent.clone();
         let source = format!("{identity}");
+        let source_dn = Some(identity.subject_dn());
         // Agentd's own task: a source that goes away does not stop it
         // half-way (a failure undoes it whole).
         let port = tokio::spawn(async move {
             agent
-                .prepare_incoming(id, spec, r.project, owned, source, r.created_at)
+                .prepare_incoming(crate::service::IncomingGuest {
+                    id,
+                    spec,
+                    project: r.project,
+                    owned_volumes: owned,
+                    source,
+                    source_dn,
+                    created_at: r.created_at,
+                    tls: r.tls,
+                })
                 .await
         })
         .await

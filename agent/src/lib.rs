@@ -49,6 +49,7 @@ pub mod images;
 pub(crate) mod journal;
 mod launch_fds;
 pub mod metrics;
+pub mod migration_tls;
 pub mod net;
 pub mod publisher;
 pub mod qmp;

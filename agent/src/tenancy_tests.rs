@@ -61,6 +61,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             console_log_max: crate::console::DEFAULT_MAX,
             hotplug_ports: 8,
             peer_tls: None,
+            migration_tls: None,
         },
         HostFacts {
             hostname: "unit".into(),

@@ -166,6 +166,17 @@ pub trait QmpCommands: Send + Sync {
             )))
         })
     }
+    /// Gives QEMU the migration's TLS credentials as `endpoint`
+    /// ([`crate::migration_tls::install`]); Unavailable by default.
+    fn install_migration_tls<'a>(
+        &'a self,
+        _guest_dir: &'a Path,
+        _tls: &'a stratus_pki::TlsFiles,
+        _endpoint: crate::migration_tls::Endpoint,
+        _owner: Option<crate::confine::QemuUser>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async { Err(Error::unavailable("migration TLS: not supported here")) })
+    }
 }
 
 impl QmpCommands for Qmp {
@@ -237,6 +248,18 @@ impl QmpCommands for Qmp {
         arguments: Option<serde_json::Value>,
     ) -> BoxFuture<'a, Result<serde_json::Value>> {
         Box::pin(Qmp::execute(self, command, arguments))
+    }
+
+    fn install_migration_tls<'a>(
+        &'a self,
+        guest_dir: &'a Path,
+        tls: &'a stratus_pki::TlsFiles,
+        endpoint: crate::migration_tls::Endpoint,
+        owner: Option<crate::confine::QemuUser>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(crate::migration_tls::install(
+            self, guest_dir, tls, endpoint, owner,
+        ))
     }
 
     fn block_resize<'a>(&'a self, device: &'a str, size: u64) -> BoxFuture<'a, Result<()>> {

@@ -373,13 +373,16 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     });
     let done = migrate(&h, "mover").expect("migration");
     eprintln!(
-        "migrated: total {} ms, downtime {} ms, {} MiB sent, QEMU total {} ms",
+        "migrated (tls {}): total {} ms, downtime {} ms, {} MiB sent, QEMU total {} ms",
+        done.tls,
         done.total_ms,
         done.downtime_ms,
         done.transferred_bytes >> 20,
         done.qemu_total_ms
     );
     assert!(done.transferred_bytes > 0, "{done:?}");
+    // Both agentds have TLS certificates: the stream was TLS.
+    assert!(done.tls, "{done:?}");
     assert_eq!(done.vm_uuid, vm.uuid);
 
     // Nothing of it on A: no record, QEMU, tap, directory or export.

@@ -178,6 +178,14 @@ impl Identity {
         Ok(Identity { role, name, iqn })
     }
 
+    /// The subject distinguished name of this identity's certificates
+    /// (`CN=ROLE/NAME,O=Stratus`, see [`crate::issue`]) as RFC 4514 and
+    /// GnuTLS print it: what QEMU's `tls-authz` matches a TLS peer by
+    /// (names need no escaping: [`check_name`] allows none of `,+="\\<>;#`).
+    pub fn subject_dn(&self) -> String {
+        format!("CN={}/{},O=Stratus", self.role, self.name)
+    }
+
     /// The identity in a DER certificate (the peer's end-entity certificate;
     /// the TLS layer has already verified it against the CA).
     pub fn from_certificate_der(der: &[u8]) -> Result<Identity, IdentityError> {

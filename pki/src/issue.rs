@@ -275,6 +275,8 @@ mod tests {
         );
         assert!(!facts.is_ca);
         assert!(describe(&ca.cert_pem).unwrap().is_ca);
+        // The subject QEMU's tls-authz matches a live migration's source by.
+        assert_eq!(facts.subject.replace(", ", ","), id.subject_dn());
     }
 
     #[test]

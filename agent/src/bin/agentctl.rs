@@ -830,14 +830,16 @@ async fn migrate(ctx: &Ctx, vm: Ref, to: String) -> Result<(), Failure> {
             "downtime_ms": m.downtime_ms,
             "transferred_bytes": m.transferred_bytes,
             "qemu_total_ms": m.qemu_total_ms,
+            "tls": m.tls,
         }),
         || {
             format!(
-                "Migrated {vm} to {}: {} ms in all, {} ms of downtime, {} MiB sent.\n",
+                "Migrated {vm} to {}: {} ms in all, {} ms of downtime, {} MiB sent {}.\n",
                 m.destination,
                 m.total_ms,
                 m.downtime_ms,
-                m.transferred_bytes >> 20
+                m.transferred_bytes >> 20,
+                if m.tls { "over TLS" } else { "over plain TCP" }
             )
         },
     )

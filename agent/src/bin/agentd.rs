@@ -78,6 +78,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             console_log_max: cfg.console_log_max,
             hotplug_ports: cfg.hotplug_ports,
             peer_tls: cfg.tls.clone(),
+            migration_tls: cfg.migration_tls.clone(),
         },
         host,
     )?;

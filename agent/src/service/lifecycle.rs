@@ -275,7 +275,7 @@ impl Agent {
         self: &Arc<Self>,
         vm: &mut VmRecord,
         confinement: Option<Confinement>,
-        incoming: Option<u16>,
+        incoming: Option<super::migrate::Incoming>,
     ) -> Result<()> {
         let dir = self.vm_dir(vm.uuid);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
@@ -336,8 +336,9 @@ impl Agent {
             .vmm
             .connect_qmp(&plan.qmp_socket(), QMP_CONNECT)
             .await?;
-        if let Some(port) = incoming {
-            super::migrate::listen_incoming(qmp.as_ref(), port).await?;
+        if let Some(incoming) = &incoming {
+            let owner = vm.runtime.as_ref().and_then(|r| r.qemu_user);
+            super::migrate::listen_incoming(qmp.as_ref(), incoming, &dir, owner).await?;
             self.qmp.lock().unwrap().insert(vm.uuid, qmp);
             self.spawn_monitor(vm.uuid, pid, events);
             return Ok(());

@@ -35,12 +35,15 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use super::Agent;
+use crate::confine::QemuUser;
+use crate::migration_tls::{self, Endpoint};
 use crate::spec::{Cause, DiskSource, EventType, VmSpec, VmState};
 use crate::store::{
     Migration, MigrationDirection, MigrationPhase, NewEvent, OwnedVolume, Runtime, VmRecord,
 };
 use crate::vmm::QmpCommands;
 use stratus_core::error::{Error, Result};
+use stratus_pki::TlsFiles;
 
 /// How long QEMU may take to move a guest before the source gives up.
 const TRANSFER_LIMIT: Duration = Duration::from_secs(600);
@@ -62,22 +65,69 @@ pub struct MigrationReport {
     pub transferred: u64,
     /// QEMU's own `total-time`.
     pub qemu_total_ms: u64,
+    /// The stream was TLS.
+    pub tls: bool,
 }
 
-/// Tells a QEMU started with `-incoming defer` to wait on `port` (every
-/// address of this host).
-pub(super) async fn listen_incoming(qmp: &dyn QmpCommands, port: u16) -> Result<()> {
+/// What a destination's QEMU waits for: the port (every address of this
+/// host) and, over TLS, this host's certificate files.
+pub(super) struct Incoming {
+    pub port: u16,
+    pub tls: Option<TlsFiles>,
+    /// Over TLS, the subject of the one client certificate let in (the
+    /// source agent's).
+    pub source_dn: Option<String>,
+}
+
+/// Tells a QEMU started with `-incoming defer` to wait as `incoming` says;
+/// `guest_dir` and `owner`: where its TLS files are written, for whom.
+pub(super) async fn listen_incoming(
+    qmp: &dyn QmpCommands,
+    incoming: &Incoming,
+    guest_dir: &std::path::Path,
+    owner: Option<QemuUser>,
+) -> Result<()> {
     qmp.execute(
         "migrate-set-capabilities",
         Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
     )
     .await?;
+    if let Some(tls) = &incoming.tls {
+        qmp.install_migration_tls(guest_dir, tls, Endpoint::Destination, owner)
+            .await?;
+        if let Some(dn) = &incoming.source_dn {
+            migration_tls::allow_only(qmp, dn).await?;
+        }
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(migration_tls::destination_parameters(
+                incoming.source_dn.is_some(),
+            )),
+        )
+        .await?;
+    }
+    let port = incoming.port;
     qmp.execute(
         "migrate-incoming",
         Some(json!({ "uri": format!("tcp:0.0.0.0:{port}") })),
     )
     .await?;
     Ok(())
+}
+
+/// What a source tells the destination of a guest it moves there.
+pub struct IncomingGuest {
+    pub id: Uuid,
+    pub spec: VmSpec,
+    pub project: String,
+    pub owned_volumes: Vec<OwnedVolume>,
+    /// The source agent, for events.
+    pub source: String,
+    /// The subject of the source agent's certificate (its QEMU's too).
+    pub source_dn: Option<String>,
+    pub created_at: String,
+    /// The source's QEMU sends over TLS.
+    pub tls: bool,
 }
 
 /// A TCP port the kernel has free now, for an incoming QEMU.
@@ -120,6 +170,32 @@ fn refuse_host_bound_disks(spec: &VmSpec) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `query-migrate`'s answer once QEMU has its times: it says `completed`
+/// a moment before it computes `total-time` and `downtime` (both 0 until
+/// then), so a completed answer without them is asked again, briefly.
+async fn with_times(qmp: &dyn QmpCommands, mut info: Value) -> Value {
+    for _ in 0..20 {
+        if info["total-time"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match qmp.execute("query-migrate", None).await {
+            Ok(again) if status_of(&again) == "completed" => info = again,
+            _ => break,
+        }
+    }
+    info
+}
+
+/// How a migration's stream goes, for events.
+fn over(tls: bool) -> &'static str {
+    if tls {
+        "over TLS"
+    } else {
+        "over plain TCP (--migration-insecure)"
+    }
 }
 
 fn status_of(info: &Value) -> &str {
@@ -188,6 +264,7 @@ impl Agent {
         let qmp = self.active_qmp(&vm)?;
         let mut client = self.peer(destination)?;
         let id = vm.uuid;
+        let tls = self.settings.migration_tls.is_some();
         self.update(
             id,
             |v| {
@@ -201,7 +278,7 @@ impl Agent {
             &[NewEvent::new(
                 EventType::Migrating,
                 Cause::Api,
-                format!("to {destination}"),
+                format!("to {destination} {}", over(tls)),
             )],
         )?;
         self.crash_point("migrate.intent");
@@ -230,6 +307,7 @@ impl Agent {
             downtime_ms: ms("downtime"),
             transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
             qemu_total_ms: ms("total-time"),
+            tls,
         })
     }
 
@@ -261,6 +339,7 @@ impl Agent {
                 owned_volumes,
                 source: self.settings.initiator_iqn.clone(),
                 created_at: vm.created_at.clone(),
+                tls: self.settings.migration_tls.is_some(),
             })
             .await
             .map_err(|s| Error::from_status(s, "the destination agent", "preparing the guest"))?
@@ -289,6 +368,18 @@ impl Agent {
             ]})),
         )
         .await?;
+        let parameters = match &self.settings.migration_tls {
+            Some(tls) => {
+                let owner = vm.runtime.as_ref().and_then(|r| r.qemu_user);
+                qmp.install_migration_tls(&self.vm_dir(id), tls, Endpoint::Source, owner)
+                    .await?;
+                migration_tls::source_parameters(host)
+            }
+            // No credentials left from an earlier migration over TLS.
+            None => json!({"tls-creds": ""}),
+        };
+        qmp.execute("migrate-set-parameters", Some(parameters))
+            .await?;
         qmp.execute(
             "migrate",
             Some(json!({ "uri": format!("tcp:{host}:{port}") })),
@@ -299,7 +390,7 @@ impl Agent {
         loop {
             let info = qmp.execute("query-migrate", None).await?;
             match status_of(&info) {
-                "completed" => return Ok(info),
+                "completed" => return Ok(with_times(qmp, info).await),
                 s @ ("failed" | "cancelled") => {
                     return Err(Error::unavailable(format!(
                         "QEMU's migration {s}: {}",
@@ -514,20 +605,27 @@ impl Agent {
 
     // ---------- the destination ----------
 
-    /// Prepares incoming guest `id` (a record with the source's UUID,
+    /// Prepares incoming guest `g.id` (a record with the source's UUID,
     /// spec, project and clones; STARTING with the journal's incoming
     /// migration) and answers the port its QEMU waits on. A failure undoes
     /// everything and leaves no record.
-    pub async fn prepare_incoming(
-        self: &Arc<Self>,
-        id: Uuid,
-        spec: VmSpec,
-        project: String,
-        owned_volumes: Vec<OwnedVolume>,
-        source: String,
-        created_at: String,
-    ) -> Result<u16> {
+    pub async fn prepare_incoming(self: &Arc<Self>, g: IncomingGuest) -> Result<u16> {
+        let IncomingGuest {
+            id,
+            spec,
+            project,
+            owned_volumes,
+            source,
+            source_dn,
+            created_at,
+            tls,
+        } = g;
         spec.validate()?;
+        let tls = migration_tls::for_incoming(
+            tls,
+            self.settings.migration_tls.as_ref(),
+            self.settings.peer_tls.as_ref(),
+        )?;
         for n in &spec.nics {
             self.allowed_bridge(&n.bridge)?;
         }
@@ -586,7 +684,10 @@ impl Agent {
             &[NewEvent::new(
                 EventType::Migrating,
                 Cause::Api,
-                format!("from {source}, QEMU waits on port {port}"),
+                format!(
+                    "from {source}, QEMU waits on port {port} {}",
+                    over(tls.is_some())
+                ),
             )],
         ) {
             self.uids.release(id);
@@ -594,7 +695,12 @@ impl Agent {
         }
         drop(create);
         self.crash_point("incoming.recorded");
-        match self.bring_up(&mut vm, confinement, Some(port)).await {
+        let incoming = Incoming {
+            port,
+            tls,
+            source_dn,
+        };
+        match self.bring_up(&mut vm, confinement, Some(incoming)).await {
             Ok(()) => Ok(port),
             Err(e) => {
                 tracing::warn!(vm = %vm.spec.name, error = %e, "incoming guest not prepared; undoing");
@@ -708,6 +814,9 @@ impl Agent {
             return Ok(None);
         };
         let id = vm.uuid;
+        // TLS files written for a QEMU just before a crash (they are
+        // removed once loaded).
+        migration_tls::remove(&self.vm_dir(id));
         let name = vm.spec.name.to_string();
         let rt = vm.runtime.clone().unwrap_or_default();
         let alive = rt.pid != 0 && self.vmm.is_our_qemu(rt.pid, id);

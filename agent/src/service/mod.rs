@@ -62,6 +62,7 @@ use stratus_core::runner::CommandRunner;
 pub use host::HostFacts;
 pub use hotplug::DETACH_WAIT;
 pub use images::ImageInfo;
+pub use migrate::IncomingGuest;
 
 /// Settings the service needs.
 #[derive(Debug, Clone)]
@@ -116,6 +117,9 @@ pub struct AgentSettings {
     /// migration's destination); None: it cannot migrate guests out over
     /// mTLS.
     pub peer_tls: Option<stratus_pki::TlsFiles>,
+    /// What live migrations' streams are encrypted with (QEMU's
+    /// `tls-creds-x509`); None: plain TCP.
+    pub migration_tls: Option<stratus_pki::TlsFiles>,
 }
 
 /// The host effects of the guest service, each behind its seam.

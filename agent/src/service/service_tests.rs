@@ -99,6 +99,7 @@ impl Host {
             console_log_max: crate::console::DEFAULT_MAX,
             hotplug_ports: 8,
             peer_tls: None,
+            migration_tls: None,
         };
         let mut facts = HostFacts {
             hostname: "unit".into(),
