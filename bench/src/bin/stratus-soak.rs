@@ -1,8 +1,11 @@
 //! stratus-soak: the random-crash soak of issue 13. Clients create, start,
-//! stop and destroy guests and create, write, snapshot, clone, export and
-//! delete volumes on a real stack (in a namespace of its own) while pdiskd,
-//! agentd and tgtd are killed with SIGKILL at random moments and restarted;
-//! then it waits for recovery, checks the invariants and prints a summary.
+//! stop, pause, resume and destroy guests, save stopped guests' disks as
+//! images, pull and evict images, and create, write, snapshot, clone,
+//! export and delete volumes on a real stack (in a namespace of its own)
+//! while pdiskd, agentd and tgtd are killed with SIGKILL at random moments
+//! and restarted, and guests' QEMUs are killed as a guest crash would end
+//! them; then it waits for recovery, checks the invariants and prints a
+//! summary.
 //! Exit status 1 when any invariant was violated.
 //!
 //!   stratus-soak --duration 2m                    (scripts/test)
@@ -20,7 +23,7 @@ use stratus_bench::soak::{self, Daemon, Settings};
 #[command(
     name = "stratus-soak",
     version,
-    about = "Random SIGKILLs of pdiskd, agentd and tgtd under load, then the invariants"
+    about = "Random SIGKILLs of pdiskd, agentd, tgtd and guests' QEMUs under load, then the invariants"
 )]
 struct Cli {
     /// How long the clients run (e.g. 2m, 1h); recovery and checks follow.
@@ -35,8 +38,9 @@ struct Cli {
     /// Longest time between two kills.
     #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
     kill_max: Duration,
-    /// Daemons that may be killed (comma-separated: pdiskd, agentd, tgtd).
-    #[arg(long, default_value = "pdiskd,agentd,tgtd", value_delimiter = ',')]
+    /// What may be killed (comma-separated: pdiskd, agentd, tgtd, and qemu:
+    /// a random running guest's QEMU).
+    #[arg(long, default_value = "pdiskd,agentd,tgtd,qemu", value_delimiter = ',')]
     kill: Vec<String>,
     /// Random seed [default: from the clock; printed, to repeat a run].
     #[arg(long)]
@@ -55,7 +59,7 @@ fn main() -> anyhow::Result<()> {
     let mut victims = Vec::new();
     for k in &cli.kill {
         victims.push(Daemon::parse(k).ok_or_else(|| {
-            anyhow::anyhow!("--kill: unknown daemon {k:?} (pdiskd, agentd, tgtd)")
+            anyhow::anyhow!("--kill: unknown victim {k:?} (pdiskd, agentd, tgtd, qemu)")
         })?);
     }
     anyhow::ensure!(cli.clients > 0, "--clients must be at least 1");

@@ -1,6 +1,8 @@
 //! What the soak's clients know for sure, merged for the final checks:
-//! which objects a call acknowledged, which guests must be running, which
-//! exports must exist, and content hashes when they are known.
+//! which objects a call acknowledged, which guests must be running or
+//! paused (and with which QEMU), which exports must exist, content hashes
+//! when they are known, which images are pulled and which saves were
+//! acknowledged.
 
 use std::collections::BTreeMap;
 
@@ -42,8 +44,20 @@ pub(crate) struct GuestExpect {
     pub name: String,
     /// Its create answered OK and no destroy was asked for since.
     pub acknowledged: bool,
-    /// Its last start answered OK (Yes) or its last stop did (No).
-    pub running: Known,
+    /// What its last answered start, stop, pause or resume left it in.
+    pub state: Want,
+    /// The QEMU pid that answer named (0 when stopped or unknown): a guest
+    /// whose QEMU the chaos thread killed since is not running.
+    pub pid: u32,
+}
+
+/// The state a guest's last acknowledged call leaves it in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    Running,
+    Paused,
+    Stopped,
+    Unknown,
 }
 
 /// A volume as its client knows it.
@@ -67,12 +81,40 @@ pub(crate) struct SnapshotExpect {
     pub sha256: Option<String>,
 }
 
+/// One of a client's own images (served by the soak's httpd) as the
+/// client knows it: pulled into agentd's cache and into a pdisk base, or
+/// evicted.
+#[derive(Debug, Clone)]
+pub(crate) struct ImageExpect {
+    pub url: String,
+    pub sha256: String,
+    pub local: Known,
+    pub pdisk: Known,
+}
+
+/// A SaveImage of a stopped guest's disk into pdisk base `name`.
+#[derive(Debug, Clone)]
+pub(crate) struct SaveExpect {
+    pub name: String,
+    pub guest: String,
+    /// SaveImage answered OK: the save must end IMAGE_SAVED.
+    pub acknowledged: bool,
+    /// The SHA-256 the saved image must have (the guest's disk is a clone
+    /// of the base image nobody writes to).
+    pub sha256: String,
+    /// The client deleted the saved base afterwards (Yes: DeleteVolume
+    /// answered OK).
+    pub deleted: Known,
+}
+
 /// What every client knows, merged, for the final checks.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Expectations {
     pub guests: Vec<GuestExpect>,
     pub volumes: Vec<VolumeExpect>,
     pub snapshots: Vec<SnapshotExpect>,
+    pub images: Vec<ImageExpect>,
+    pub saves: Vec<SaveExpect>,
 }
 
 /// What the clients bring back.

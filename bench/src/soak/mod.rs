@@ -16,12 +16,15 @@
 //! - [`expect`]: what each client knows was acknowledged;
 //! - [`events`]: the follower of agentd's events across restarts;
 //! - [`invariants`]: the checks, each failure a violation string;
-//! - this module: the stack, the chaos thread, the settle phase, the summary.
+//! - [`chaos`]: the thread killing daemons and QEMUs, and the comparison of
+//!   tgt with pdiskd's exports after each restart;
+//! - this module: the stack, the settle phase, the summary.
 //!
 //! Every object a client makes is its own (names `c<client>-…`), so what it
 //! expects of each is exact; overlapping names and objects are the 50 × 200
 //! concurrency tests' job.
 
+mod chaos;
 mod events;
 mod expect;
 mod invariants;
@@ -43,6 +46,8 @@ pub(crate) const BRIDGE: &str = "stsoak0";
 /// The IQN the soak's own writer (qemu-io) uses for volume exports; agentd
 /// uses `testkit::INITIATOR`.
 pub(crate) const WRITER_IQN: &str = testkit::OTHER_INITIATOR;
+/// Images each client pulls and evicts.
+const IMAGES_PER_CLIENT: usize = 2;
 
 /// What a soak run does.
 #[derive(Debug, Clone)]
@@ -68,6 +73,8 @@ pub enum Daemon {
     Pdiskd,
     Agentd,
     Tgtd,
+    /// A random running soak guest's QEMU, as a guest crash would end it.
+    Qemu,
 }
 
 impl Daemon {
@@ -76,6 +83,7 @@ impl Daemon {
             "pdiskd" => Some(Daemon::Pdiskd),
             "agentd" => Some(Daemon::Agentd),
             "tgtd" => Some(Daemon::Tgtd),
+            "qemu" => Some(Daemon::Qemu),
             _ => None,
         }
     }
@@ -85,6 +93,7 @@ impl Daemon {
             Daemon::Pdiskd => "pdiskd",
             Daemon::Agentd => "agentd",
             Daemon::Tgtd => "tgtd",
+            Daemon::Qemu => "qemu",
         }
     }
 }
@@ -95,8 +104,12 @@ pub struct Crash {
     pub daemon: Daemon,
     /// Seconds since the clients started.
     pub at_s: f64,
-    /// From the kill until the restarted daemon listened again.
+    /// From the kill until the restarted daemon listened again (0 for a
+    /// QEMU: agentd's monitor records its end, nothing restarts it).
     pub down_ms: u64,
+    /// The QEMU's pid, for a QEMU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// Counts of one operation kind.
@@ -195,6 +208,8 @@ pub(crate) struct Places {
     /// `pdisk:///…` of the base every guest's disk is a clone of.
     pub image_url: String,
     pub image_sha: String,
+    /// Each client's own images on the httpd: (URL, SHA-256).
+    pub client_images: Vec<Vec<(String, String)>>,
 }
 
 /// Runs a soak. Needs root, tgtd, QEMU and the workspace's binaries beside
@@ -214,6 +229,20 @@ pub fn run(settings: &Settings) -> anyhow::Result<Summary> {
     image[..stamp.len()].copy_from_slice(stamp.as_bytes());
     std::fs::write(www.join("base.raw"), &image)?;
     let httpd = Httpd::start_in(&ns, &www);
+    // Each client pulls and evicts images of its own (distinct content).
+    let mut client_images = Vec::new();
+    for id in 0..settings.clients {
+        let mut mine = Vec::new();
+        for k in 0..IMAGES_PER_CLIENT {
+            let file = format!("c{id}-p{k}.raw");
+            let stamp = format!("stratus-soak image {file}, seed {}", settings.seed);
+            image.fill(0);
+            image[..stamp.len()].copy_from_slice(stamp.as_bytes());
+            std::fs::write(www.join(&file), &image)?;
+            mine.push((httpd.url(&file), testkit::sha256_of(&www.join(&file))));
+        }
+        client_images.push(mine);
+    }
     let mut places = Places {
         ns: ns.name.clone(),
         agent_url: agentd.url(),
@@ -224,6 +253,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Summary> {
         agent_state: agentd.state_dir.clone(),
         image_url: String::new(),
         image_sha: testkit::sha256_of(&www.join("base.raw")),
+        client_images,
     };
     let rt = runtime_in(&ns)?;
     let url = httpd.url("base.raw");
@@ -241,12 +271,24 @@ pub fn run(settings: &Settings) -> anyhow::Result<Summary> {
         let daemons = daemons.clone();
         let stop = stop.clone();
         let settings = settings.clone();
-        std::thread::spawn(move || chaos(&daemons, &stop, &settings, started))
+        let places = places.clone();
+        let handle = rt.handle().clone();
+        std::thread::spawn(move || {
+            let mut chaos = chaos::Chaos {
+                daemons: &daemons,
+                places: &places,
+                runtime: &handle,
+                crashes: Vec::new(),
+                violations: Vec::new(),
+            };
+            chaos.run(&stop, &settings, started);
+            (chaos.crashes, chaos.violations)
+        })
     };
     let follower = rt.spawn(events::follow_events(places.clone(), stop.clone()));
     let mut ops = rt.block_on(workload::run_clients(&places, settings));
     stop.store(true, Ordering::SeqCst);
-    let crashes = match chaos.join() {
+    let (crashes, chaos_violations) = match chaos.join() {
         Ok(c) => c,
         Err(e) => {
             let d = daemons.lock().unwrap().take();
@@ -261,6 +303,8 @@ pub fn run(settings: &Settings) -> anyhow::Result<Summary> {
         }
     };
     let duration = started.elapsed();
+    // QEMUs the chaos killed: their guests must not run with them.
+    let killed: std::collections::BTreeSet<u32> = crashes.iter().filter_map(|c| c.pid).collect();
     let followed = rt
         .block_on(follower)
         .context("the event follower panicked")?;
@@ -270,7 +314,7 @@ pub fn run(settings: &Settings) -> anyhow::Result<Summary> {
     let settle_started = Instant::now();
     let mut checks;
     loop {
-        checks = rt.block_on(invariants::check(&places, &ops.expect, &followed));
+        checks = rt.block_on(invariants::check(&places, &ops.expect, &followed, &killed));
         if checks.violations.is_empty() || settle_started.elapsed() > settings.settle {
             break;
         }
@@ -278,9 +322,10 @@ pub fn run(settings: &Settings) -> anyhow::Result<Summary> {
     }
     // The checks must be able to fail: plant an orphan tap and a stray
     // pool file, and each must be reported.
-    let planted = rt.block_on(invariants::prove(&places, &ops.expect, &followed));
+    let planted = rt.block_on(invariants::prove(&places, &ops.expect, &followed, &killed));
     let mut violations = std::mem::take(&mut ops.violations);
     violations.extend(planted);
+    violations.extend(chaos_violations);
     violations.extend(followed.violations.iter().cloned());
     violations.extend(checks.violations);
     let mut crashes_by_daemon = BTreeMap::new();
@@ -325,66 +370,6 @@ pub fn run(settings: &Settings) -> anyhow::Result<Summary> {
     drop(pool);
     drop(ns);
     Ok(summary)
-}
-
-/// Kills a random daemon every so often and restarts it, until `stop`.
-fn chaos(
-    daemons: &Mutex<Option<Daemons>>,
-    stop: &AtomicBool,
-    settings: &Settings,
-    started: Instant,
-) -> Vec<Crash> {
-    let mut rng = expect::Rng::new(settings.seed ^ 0x9e37_79b9_7f4a_7c15);
-    let mut crashes = Vec::new();
-    if settings.victims.is_empty() {
-        return crashes;
-    }
-    loop {
-        let (lo, hi) = settings.kill_every;
-        let wait = lo + Duration::from_millis(rng.below((hi - lo).as_millis() as u64 + 1));
-        let until = Instant::now() + wait;
-        while Instant::now() < until {
-            if stop.load(Ordering::SeqCst) {
-                return crashes;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let victim = settings.victims[rng.below(settings.victims.len() as u64) as usize];
-        let mut guard = daemons.lock().unwrap();
-        let d = guard.as_mut().expect("daemons live while the chaos runs");
-        let at = started.elapsed();
-        let t = Instant::now();
-        // Down for up to 2 s: calls in between find nothing listening.
-        let down = Duration::from_millis(rng.below(2000));
-        match victim {
-            Daemon::Pdiskd => {
-                d.pdiskd.kill9();
-                std::thread::sleep(down);
-                d.pdiskd.restart();
-            }
-            Daemon::Agentd => {
-                d.agentd.kill9();
-                std::thread::sleep(down);
-                d.agentd.restart();
-            }
-            Daemon::Tgtd => {
-                d.tgtd.kill();
-                std::thread::sleep(down);
-                d.tgtd.restart();
-            }
-        }
-        eprintln!(
-            "stratus-soak: {:>5.1} s: killed {} (back after {} ms)",
-            at.as_secs_f64(),
-            victim.name(),
-            t.elapsed().as_millis()
-        );
-        crashes.push(Crash {
-            daemon: victim,
-            at_s: at.as_secs_f64(),
-            down_ms: t.elapsed().as_millis() as u64,
-        });
-    }
 }
 
 /// A multi-thread runtime whose threads all live in `ns`, so every socket

@@ -1,9 +1,9 @@
-//! The soak's clients: each drives guests (create, start, stop, destroy) on
-//! agentd and volumes (create, write through an export + snapshot, clone,
-//! export, unexport, delete) on pdiskd, and keeps what it knows for sure:
-//! which objects a call acknowledged, which guests must be running, which
-//! exports must exist, and each volume's and snapshot's content hash when
-//! it is known.
+//! The soak's clients: each drives guests (create, start, stop, pause,
+//! resume, destroy, save a stopped one's disk as an image) and images (pull
+//! its own from the soak's httpd into the cache or pdisk, evict them) on
+//! agentd, and volumes (create, write through an export + snapshot, clone,
+//! export, unexport, delete) on pdiskd, and keeps what it knows for sure
+//! ([`super::expect`]).
 //!
 //! A call whose answer is lost (the daemon died: Unavailable, Unknown,
 //! Cancelled, Internal) is repeated with the same request id until the
@@ -14,9 +14,11 @@
 //!
 //! - this module: the client, its choice of operation, the retrying call;
 //! - [`guests`]: operations on agentd's guests;
+//! - [`images`]: pulls, evictions and saves of images through agentd;
 //! - [`volumes`]: operations on pdiskd's volumes, snapshots and exports.
 
 mod guests;
+mod images;
 mod volumes;
 
 use std::future::Future;
@@ -29,7 +31,9 @@ use tonic::{Code, Status};
 
 pub(crate) use guests::pull_base;
 
-use super::expect::{GuestExpect, Outcome, Rng, SnapshotExpect, VolumeExpect};
+use super::expect::{
+    GuestExpect, ImageExpect, Known, Outcome, Rng, SaveExpect, SnapshotExpect, VolumeExpect, Want,
+};
 use super::{Places, Settings};
 
 /// How long a lost answer is retried before the client gives up on it.
@@ -42,6 +46,8 @@ const VOLUME_BYTES: u64 = 4 << 20;
 const WRITE_BYTES: usize = 1 << 20;
 const GUESTS_PER_CLIENT: usize = 2;
 const VOLUMES_PER_CLIENT: usize = 3;
+/// Saved images a client keeps before it deletes one.
+const SAVED_PER_CLIENT: usize = 2;
 
 /// A lazily connecting client channel as the test admin: it reconnects by
 /// itself after the daemon restarts.
@@ -90,6 +96,8 @@ pub(crate) async fn run_clients(places: &Places, settings: &Settings) -> Outcome
         all.expect.guests.extend(o.expect.guests);
         all.expect.volumes.extend(o.expect.volumes);
         all.expect.snapshots.extend(o.expect.snapshots);
+        all.expect.images.extend(o.expect.images);
+        all.expect.saves.extend(o.expect.saves);
         all.violations.extend(o.violations);
     }
     all
@@ -133,6 +141,9 @@ struct SoakClient {
     guests: Vec<GuestExpect>,
     volumes: Vec<VolumeExpect>,
     snapshots: Vec<SnapshotExpect>,
+    /// The client's own images (fixed: pulled and evicted, never added).
+    images: Vec<ImageExpect>,
+    saves: Vec<SaveExpect>,
     outcome: Outcome,
 }
 
@@ -141,7 +152,13 @@ enum Op {
     CreateGuest,
     StartGuest,
     StopGuest,
+    PauseGuest,
+    ResumeGuest,
     DestroyGuest,
+    SaveImage,
+    DeleteSaved,
+    PullImage,
+    EvictImage,
     CreateVolume,
     WriteAndSnapshot,
     CloneSnapshot,
@@ -153,6 +170,15 @@ enum Op {
 
 impl SoakClient {
     fn new(id: usize, places: Places, seed: u64) -> anyhow::Result<SoakClient> {
+        let images = places.client_images[id]
+            .iter()
+            .map(|(url, sha256)| ImageExpect {
+                url: url.clone(),
+                sha256: sha256.clone(),
+                local: Known::No,
+                pdisk: Known::No,
+            })
+            .collect();
         Ok(SoakClient {
             id,
             agent: VmServiceClient::new(channel(&places.agent_url)?),
@@ -163,6 +189,8 @@ impl SoakClient {
             guests: Vec::new(),
             volumes: Vec::new(),
             snapshots: Vec::new(),
+            images,
+            saves: Vec::new(),
             outcome: Outcome::default(),
         })
     }
@@ -189,7 +217,31 @@ impl SoakClient {
                 (Op::StopGuest, 3),
                 (Op::DestroyGuest, 1),
             ]);
+            // Pause, resume and save where some guest may take them.
+            let may = |w: Want| {
+                self.guests
+                    .iter()
+                    .any(|g| g.state == w || g.state == Want::Unknown)
+            };
+            if may(Want::Running) {
+                choices.push((Op::PauseGuest, 2));
+            }
+            if may(Want::Paused) {
+                choices.push((Op::ResumeGuest, 2));
+            }
+            if may(Want::Stopped) {
+                choices.push((Op::SaveImage, 1));
+            }
         }
+        let live_saves = self
+            .saves
+            .iter()
+            .filter(|s| s.acknowledged && s.deleted == Known::No)
+            .count();
+        if live_saves > SAVED_PER_CLIENT {
+            choices.push((Op::DeleteSaved, 2));
+        }
+        choices.extend([(Op::PullImage, 2), (Op::EvictImage, 1)]);
         if self.volumes.len() < VOLUMES_PER_CLIENT {
             choices.push((Op::CreateVolume, 3));
         }
@@ -225,7 +277,13 @@ impl SoakClient {
             Op::CreateGuest => self.create_guest().await,
             Op::StartGuest => self.start_guest().await,
             Op::StopGuest => self.stop_guest().await,
+            Op::PauseGuest => self.pause_guest().await,
+            Op::ResumeGuest => self.resume_guest().await,
             Op::DestroyGuest => self.destroy_guest().await,
+            Op::SaveImage => self.save_image().await,
+            Op::DeleteSaved => self.delete_saved().await,
+            Op::PullImage => self.pull_image().await,
+            Op::EvictImage => self.evict_image().await,
             Op::CreateVolume => self.create_volume().await,
             Op::WriteAndSnapshot => self.write_and_snapshot().await,
             Op::CloneSnapshot => self.clone_snapshot().await,
@@ -306,6 +364,8 @@ impl SoakClient {
         o.expect.guests = std::mem::take(&mut self.guests);
         o.expect.volumes = std::mem::take(&mut self.volumes);
         o.expect.snapshots = std::mem::take(&mut self.snapshots);
+        o.expect.images = std::mem::take(&mut self.images);
+        o.expect.saves = std::mem::take(&mut self.saves);
         o
     }
 }

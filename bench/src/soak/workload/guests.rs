@@ -1,11 +1,12 @@
-//! The clients' guest operations on agentd: create, start, stop, destroy.
+//! The clients' guest operations on agentd: create, start, stop, pause,
+//! resume, destroy.
 
 use stratus_proto::agent::v1 as pb;
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use tonic::{Code, Status};
 
 use super::{channel, lost_or, SoakClient};
-use crate::soak::expect::{GuestExpect, Known};
+use crate::soak::expect::{GuestExpect, Want};
 use crate::soak::{Places, BRIDGE};
 
 /// Imports the base image into pdisk through agentd; its volume name.
@@ -74,44 +75,74 @@ impl SoakClient {
             self.guests.push(GuestExpect {
                 name,
                 acknowledged: r.is_ok(),
-                running: if r.is_ok() { Known::No } else { Known::Unknown },
+                state: if r.is_ok() {
+                    Want::Stopped
+                } else {
+                    Want::Unknown
+                },
+                pid: 0,
             });
         }
     }
 
-    /// A guest not known to be `not`, or any when there is none.
-    fn pick_guest(&mut self, not: Known) -> usize {
-        let fit: Vec<usize> = (0..self.guests.len())
-            .filter(|&i| self.guests[i].running != not)
+    /// A guest whose expected state fits `fit`, or any when there is none.
+    pub(super) fn pick_guest(&mut self, fit: impl Fn(Want) -> bool) -> usize {
+        let fitting: Vec<usize> = (0..self.guests.len())
+            .filter(|&i| fit(self.guests[i].state))
             .collect();
-        if fit.is_empty() {
+        if fitting.is_empty() {
             self.pick(self.guests.len())
         } else {
-            fit[self.pick(fit.len())]
+            fitting[self.pick(fitting.len())]
         }
     }
 
     pub(super) async fn start_guest(&mut self) {
-        let i = self.pick_guest(Known::Yes);
+        let i = self.pick_guest(|w| !matches!(w, Want::Running | Want::Paused));
+        let r = self.vm_call("start_guest", i).await;
+        self.after_guest_call(i, r, Want::Running).await;
+    }
+
+    pub(super) async fn pause_guest(&mut self) {
+        let i = self.pick_guest(|w| w == Want::Running);
+        let r = self.vm_call("pause_guest", i).await;
+        self.after_guest_call(i, r, Want::Paused).await;
+    }
+
+    pub(super) async fn resume_guest(&mut self) {
+        let i = self.pick_guest(|w| w == Want::Paused);
+        let r = self.vm_call("resume_guest", i).await;
+        self.after_guest_call(i, r, Want::Running).await;
+    }
+
+    /// StartVm, PauseVm or ResumeVm (by `kind`) of guest `i`.
+    async fn vm_call(&mut self, kind: &str, i: usize) -> Result<pb::Vm, Status> {
         let name = self.guests[i].name.clone();
         let request_id = self.request_id();
         let agent = self.agent.clone();
-        let r = self
-            .call("start_guest", &name, || {
-                let mut c = agent.clone();
-                let req = pb::VmRequest {
-                    vm: name.clone(),
-                    request_id: request_id.clone(),
-                    ..Default::default()
+        let kind_owned = kind.to_string();
+        self.call(kind, &name, || {
+            let mut c = agent.clone();
+            let req = pb::VmRequest {
+                vm: name.clone(),
+                request_id: request_id.clone(),
+                ..Default::default()
+            };
+            let kind = kind_owned.clone();
+            async move {
+                let r = match kind.as_str() {
+                    "start_guest" => c.start_vm(req).await,
+                    "pause_guest" => c.pause_vm(req).await,
+                    _ => c.resume_vm(req).await,
                 };
-                async move { c.start_vm(req).await.map(drop) }
-            })
-            .await;
-        self.after_guest_call(i, &r, Known::Yes);
+                r.map(|v| v.into_inner())
+            }
+        })
+        .await
     }
 
     pub(super) async fn stop_guest(&mut self) {
-        let i = self.pick_guest(Known::No);
+        let i = self.pick_guest(|w| w != Want::Stopped);
         let name = self.guests[i].name.clone();
         let request_id = self.request_id();
         let agent = self.agent.clone();
@@ -124,24 +155,67 @@ impl SoakClient {
                     request_id: request_id.clone(),
                     ..Default::default()
                 };
-                async move { c.stop_vm(req).await.map(drop) }
+                async move { c.stop_vm(req).await.map(|v| v.into_inner()) }
             })
             .await;
-        self.after_guest_call(i, &r, Known::No);
+        self.after_guest_call(i, r, Want::Stopped).await;
     }
 
-    /// What a start's or stop's answer tells about guest `i`.
-    fn after_guest_call(&mut self, i: usize, r: &Result<(), Status>, on_ok: Known) {
+    /// What a start's, stop's, pause's or resume's answer tells about guest
+    /// `i`: on OK the state `on_ok` with the QEMU the answer names; after a
+    /// refusal, what GetVm says now.
+    async fn after_guest_call(&mut self, i: usize, r: Result<pb::Vm, Status>, on_ok: Want) {
         match r {
-            Ok(()) => self.guests[i].running = on_ok,
+            Ok(vm) => {
+                self.guests[i].state = on_ok;
+                self.guests[i].pid = if on_ok == Want::Stopped { 0 } else { vm.pid };
+            }
             Err(s) if s.code() == Code::NotFound && !self.guests[i].acknowledged => {
                 // A create whose answer was lost had not made it.
                 self.guests.remove(i);
             }
             // A refusal (already running, still stopping) changed nothing
             // but says nothing sure either; a lost answer even less.
-            Err(_) => self.guests[i].running = Known::Unknown,
+            Err(s) => {
+                self.guests[i].state = Want::Unknown;
+                self.guests[i].pid = 0;
+                if s.code() == Code::FailedPrecondition {
+                    self.observe(i).await;
+                }
+            }
         }
+    }
+
+    /// Takes guest `i`'s state and QEMU from GetVm (a settled state only):
+    /// from then on only the client's own calls or a QEMU kill may change
+    /// them.
+    async fn observe(&mut self, i: usize) {
+        let name = self.guests[i].name.clone();
+        let agent = self.agent.clone();
+        let r = self
+            .call("get_guest", &name, || {
+                let mut c = agent.clone();
+                let req = pb::VmRequest {
+                    vm: name.clone(),
+                    ..Default::default()
+                };
+                async move { c.get_vm(req).await.map(|v| v.into_inner()) }
+            })
+            .await;
+        let Ok(vm) = r else {
+            return;
+        };
+        let (state, pid) = match vm.state() {
+            pb::VmState::Running => (Want::Running, vm.pid),
+            pb::VmState::Paused => (Want::Paused, vm.pid),
+            pb::VmState::Defined
+            | pb::VmState::Stopped
+            | pb::VmState::Crashed
+            | pb::VmState::Error => (Want::Stopped, 0),
+            _ => (Want::Unknown, 0),
+        };
+        self.guests[i].state = state;
+        self.guests[i].pid = pid;
     }
 
     pub(super) async fn destroy_guest(&mut self) {
@@ -149,7 +223,7 @@ impl SoakClient {
         let name = self.guests[i].name.clone();
         // From here on the guest may be gone: never "acknowledged lost".
         self.guests[i].acknowledged = false;
-        self.guests[i].running = Known::Unknown;
+        self.guests[i].state = Want::Unknown;
         let request_id = self.request_id();
         let agent = self.agent.clone();
         let r = self
