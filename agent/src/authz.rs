@@ -168,6 +168,11 @@ pub const RULES: &[Rule] = &[
         roles: TENANTS,
         note: "a pdisk disk of a VM of the project the call acts in",
     },
+    Rule {
+        method: "SetDiskQos",
+        roles: TENANTS,
+        note: "a disk of a VM of the project the call acts in",
+    },
 ];
 
 /// The RPCs that change something: each call is audited (`stratus_pki::audit`).
@@ -192,6 +197,7 @@ pub const MUTATING: &[&str] = &[
     "FinishIncoming",
     "AbortIncoming",
     "ResizeDisk",
+    "SetDiskQos",
 ];
 
 /// agentd's table.

@@ -606,6 +606,8 @@ struct FakeQemu {
     keeps_devices: bool,
     /// Disk sizes `block_resize` told it, by device.
     sizes: BTreeMap<String, u64>,
+    /// Its throttle groups' limits, by object id.
+    groups: BTreeMap<String, crate::qos::Limits>,
 }
 
 impl FakeQemu {
@@ -699,6 +701,22 @@ impl FakeVmm {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The limits of throttle group `id` in QEMU `pid`.
+    pub fn throttle_group(&self, pid: u32, id: &str) -> Option<crate::qos::Limits> {
+        let p = self.inner.lock().unwrap();
+        p.by_pid.get(&pid)?.groups.get(id).cloned()
+    }
+
+    /// Changes throttle group `id` of QEMU `pid` behind agentd's back.
+    pub fn set_throttle_group(&self, pid: u32, id: &str, limits: crate::qos::Limits) {
+        let mut p = self.inner.lock().unwrap();
+        p.by_pid
+            .get_mut(&pid)
+            .unwrap()
+            .groups
+            .insert(id.into(), limits);
     }
 
     /// The size `block_resize` last told QEMU `pid` of disk `device`.
@@ -801,6 +819,12 @@ impl Vmm for FakeVmm {
                         .collect(),
                     keeps_devices: false,
                     sizes: BTreeMap::new(),
+                    groups: plan
+                        .disks
+                        .iter()
+                        .filter_map(|d| d.qos.as_ref())
+                        .map(|q| (q.group_id.clone(), q.limits.clone()))
+                        .collect(),
                 },
             );
             Ok(pid)
@@ -1018,9 +1042,14 @@ impl QmpCommands for FakeQmp {
     ) -> BoxFuture<'a, Result<()>> {
         let id = format!("{}-dev", d.device);
         let port = port.to_owned();
+        let qos = d.qos.clone();
         Box::pin(async move {
             self.command("add_disk", move |p, pid| {
-                plug(process(p, pid), id, "virtio-blk-pci", port)
+                let q = process(p, pid);
+                if let Some(g) = qos {
+                    q.groups.insert(g.group_id, g.limits);
+                }
+                plug(q, id, "virtio-blk-pci", port)
             })
             .await?
         })
@@ -1056,6 +1085,40 @@ impl QmpCommands for FakeQmp {
         let device = device.to_owned();
         self.command("block_resize", move |p, pid| {
             process(p, pid).sizes.insert(device, size);
+        })
+    }
+
+    fn set_throttle_limits<'a>(
+        &'a self,
+        id: &'a str,
+        limits: &'a crate::qos::Limits,
+    ) -> BoxFuture<'a, Result<()>> {
+        let (id, limits) = (id.to_owned(), limits.clone());
+        Box::pin(async move {
+            self.command("set_throttle_limits", move |p, pid| {
+                match process(p, pid).groups.get_mut(&id) {
+                    Some(l) => {
+                        *l = limits;
+                        Ok(())
+                    }
+                    None => Err(Error::not_found(format!("object {id} not found"))),
+                }
+            })
+            .await?
+        })
+    }
+
+    fn throttle_limits<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<crate::qos::Limits>> {
+        let id = id.to_owned();
+        Box::pin(async move {
+            self.command("throttle_limits", move |p, pid| {
+                process(p, pid)
+                    .groups
+                    .get(&id)
+                    .cloned()
+                    .ok_or_else(|| Error::not_found(format!("object {id} not found")))
+            })
+            .await?
         })
     }
 }

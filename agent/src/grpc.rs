@@ -175,7 +175,8 @@ vm_call!(
     pb::AttachNicRequest,
     pb::DetachNicRequest,
     pb::MigrateVmRequest,
-    pb::ResizeDiskRequest
+    pb::ResizeDiskRequest,
+    pb::SetDiskQosRequest
 );
 
 /// Where a call's names are looked up: in the project it acts in (names
@@ -213,6 +214,8 @@ fn audit_object<T: std::any::Any>(msg: &T) -> String {
         format!("vm {} nic {}", r.vm, r.nic)
     } else if let Some(r) = any.downcast_ref::<pb::ResizeDiskRequest>() {
         format!("vm {} disk {} to {}", r.vm, r.device, r.size_bytes)
+    } else if let Some(r) = any.downcast_ref::<pb::SetDiskQosRequest>() {
+        format!("vm {} disk {} qos", r.vm, r.device)
     } else if let Some(r) = any.downcast_ref::<pb::MigrateVmRequest>() {
         format!("vm {} to {}", r.vm, r.destination)
     } else if let Some(r) = any.downcast_ref::<pb::PrepareIncomingRequest>() {
@@ -630,6 +633,20 @@ impl VmService for Api {
             .on_vm(req, "ResizeDisk", |agent, vm, r, _| {
                 let (device, size) = (r.device.clone(), r.size_bytes);
                 async move { Ok(vm_pb(&agent, &agent.resize_disk(&vm, &device, size).await?)) }
+            })
+            .await?;
+        Ok(Response::new(vm))
+    }
+
+    async fn set_disk_qos(
+        &self,
+        req: Request<pb::SetDiskQosRequest>,
+    ) -> Result<Response<pb::Vm>, Status> {
+        let vm = self
+            .on_vm(req, "SetDiskQos", |agent, vm, r, _| {
+                let device = r.device.clone();
+                let qos = convert::parse_qos(r.qos.clone().unwrap_or_default());
+                async move { Ok(vm_pb(&agent, &agent.set_disk_qos(&vm, &device, qos).await?)) }
             })
             .await?;
         Ok(Response::new(vm))

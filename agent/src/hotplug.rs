@@ -94,6 +94,9 @@ pub async fn add_disk(qmp: &Qmp, d: &PlannedDisk, io_uring: bool, port: &str) ->
             let _ = qmp.remove_fd(added.fdset_id).await;
             made?;
         }
+        if let Some(q) = &d.qos {
+            add_group(qmp, q).await?;
+        }
         qmp.blockdev_add(node).await?;
         qmp.device_add(&crate::vmm::disk_device(d, Some(port)))
             .await
@@ -103,6 +106,16 @@ pub async fn add_disk(qmp: &Qmp, d: &PlannedDisk, io_uring: bool, port: &str) ->
         release_disk(qmp, &d.device, &secrets).await;
     }
     r
+}
+
+/// Makes throttle group `q` (a group another disk of the guest already
+/// has just gets these limits: they are the same by the spec's rule).
+async fn add_group(qmp: &Qmp, q: &crate::qos::PlannedQos) -> Result<()> {
+    if qmp.throttle_groups().await?.contains(&q.group_id) {
+        qmp.set_throttle_limits(&q.group_id, &q.limits).await
+    } else {
+        qmp.object_add(q.group_object()).await
+    }
 }
 
 /// Unplugs disk `device`: true once the guest released it and its node is
@@ -130,6 +143,14 @@ async fn release_disk(qmp: &Qmp, device: &str, secrets: &[String]) {
     }
     for s in secrets {
         let _ = qmp.object_del(s).await;
+    }
+    // Its own throttle group; a shared group still used by another disk
+    // stays (QEMU refuses to delete it), one no disk uses goes.
+    let _ = qmp.object_del(&format!("qos-{device}")).await;
+    if let Ok(groups) = qmp.throttle_groups().await {
+        for g in groups.iter().filter(|g| g.starts_with("qos-group-")) {
+            let _ = qmp.object_del(g).await;
+        }
     }
     let base = fdset_base(device);
     for id in base..base + 2 {

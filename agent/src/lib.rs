@@ -53,6 +53,7 @@ pub mod migration_tls;
 pub mod net;
 pub mod publisher;
 pub mod qmp;
+pub mod qos;
 pub mod rbd;
 pub mod seed;
 pub(crate) mod service;

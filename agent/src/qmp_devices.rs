@@ -104,6 +104,45 @@ impl Qmp {
             .await
     }
 
+    /// The ids of the guest's throttle groups (`qom-list /objects`).
+    pub async fn throttle_groups(&self) -> Result<Vec<String>> {
+        let v = self
+            .execute("qom-list", Some(json!({ "path": "/objects" })))
+            .await?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["type"] == "child<throttle-group>")
+            .filter_map(|p| p["name"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// The limits of throttle group `id` (`qom-get` of its `limits`).
+    pub async fn throttle_limits(&self, id: &str) -> Result<crate::qos::Limits> {
+        let v = self
+            .execute(
+                "qom-get",
+                Some(json!({ "path": format!("/objects/{id}"), "property": "limits" })),
+            )
+            .await?;
+        Ok(crate::qos::Limits::from_qemu(&v))
+    }
+
+    /// Gives throttle group `id` the limits `limits` (all of them: what is
+    /// not limited any more is cleared), at once.
+    pub async fn set_throttle_limits(&self, id: &str, limits: &crate::qos::Limits) -> Result<()> {
+        self.execute(
+            "qom-set",
+            Some(json!({
+                "path": format!("/objects/{id}"),
+                "property": "limits",
+                "value": limits.qemu(),
+            })),
+        )
+        .await
+        .map(drop)
+    }
+
     /// `netdev_add`: `netdev` holds `type` and `id`.
     pub async fn netdev_add(&self, netdev: Value) -> Result<()> {
         self.execute("netdev_add", Some(netdev)).await.map(drop)

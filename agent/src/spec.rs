@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::images::DeclaredFormat;
 use crate::net::Mac;
+use crate::qos::DiskQos;
 use crate::seed::{self, Seed};
 use stratus_core::error::{Error, Result};
 use stratus_core::types::{ByteSize, ObjectRef, VolumeName, MIB};
@@ -214,6 +215,9 @@ pub struct Disk {
     pub read_only: bool,
     /// 0: not bootable; 1 boots first.
     pub boot_index: u32,
+    /// I/O limits ([`crate::qos`]); none in older records.
+    #[serde(default, skip_serializing_if = "DiskQos::is_default")]
+    pub qos: DiskQos,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,6 +418,12 @@ impl VmSpec {
             c.validate(&self.name)?;
         }
         for d in &self.disks {
+            d.qos
+                .validate()
+                .map_err(|e| Error::invalid(format!("vm {}: {}", self.name, e.message())))?;
+        }
+        crate::qos::check_groups(self.name.as_str(), self.disks.iter().map(|d| &d.qos))?;
+        for d in &self.disks {
             if let DiskSource::Image {
                 local: true,
                 server,
@@ -533,6 +543,8 @@ pub enum EventType {
     MigrationFailed,
     /// A pdisk disk grew (ResizeDisk).
     DiskResized,
+    /// A disk's I/O limits changed (SetDiskQos).
+    DiskQosChanged,
 }
 
 /// Who or what caused an event.
@@ -616,6 +628,7 @@ mod tests {
         let mut s = spec("web1");
         s.disks = vec![
             Disk {
+                qos: Default::default(),
                 source: DiskSource::Pdisk("v".parse().unwrap()),
                 read_only: false,
                 boot_index: 0,
@@ -691,6 +704,7 @@ mod tests {
         // A local image disk cannot name a server.
         let mut s = spec("web1");
         s.disks = vec![Disk {
+            qos: Default::default(),
             source: DiskSource::Pdisk(d),
             read_only: false,
             boot_index: 1,

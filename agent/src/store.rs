@@ -270,6 +270,12 @@ pub enum Hotplug {
         nic: crate::spec::Nic,
         attachment: NicAttachment,
     },
+    /// Not a device: new I/O limits of disk `device` (SetDiskQos) while
+    /// its QEMU is told.
+    Qos {
+        device: String,
+        qos: crate::qos::DiskQos,
+    },
 }
 
 impl VmRecord {

@@ -421,6 +421,22 @@ async fn call(f: &Fixture, method: &str, role: Role, target: &str) -> Outcome {
             ))
             .await,
         ),
+        "SetDiskQos" => outcome(
+            api.set_disk_qos(request(
+                role,
+                pb::SetDiskQosRequest {
+                    vm,
+                    device: "vda".into(),
+                    qos: Some(pb::DiskQos {
+                        iops_total: 100,
+                        ..Default::default()
+                    }),
+                    project,
+                    ..Default::default()
+                },
+            ))
+            .await,
+        ),
         other => panic!("the matrix has no call for {other}: add one"),
     }
 }

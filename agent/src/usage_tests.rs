@@ -19,6 +19,7 @@ fn guest(project: &str) -> VmRecord {
             vcpus: 2,
             memory: stratus_core::types::ByteSize(512 << 20),
             disks: vec![Disk {
+                qos: Default::default(),
                 source: DiskSource::Image {
                     image: ImageSpec {
                         url: "https://images.example/debian.qcow2".into(),

@@ -152,6 +152,14 @@ pub trait QmpCommands: Send + Sync {
     fn remove_nic<'a>(&'a self, netdev: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>>;
     /// Tells QEMU disk `device` grew to `size` bytes (`block_resize`).
     fn block_resize<'a>(&'a self, device: &'a str, size: u64) -> BoxFuture<'a, Result<()>>;
+    /// Gives throttle group `id` the limits `limits` (`qom-set`).
+    fn set_throttle_limits<'a>(
+        &'a self,
+        id: &'a str,
+        limits: &'a crate::qos::Limits,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// The limits throttle group `id` has (`qom-get`).
+    fn throttle_limits<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<crate::qos::Limits>>;
     /// Any other command ([`Qmp::execute`]), for live migration's
     /// `migrate*` and `query-migrate`; Unavailable by default (the unit
     /// tier's QEMU does not migrate).
@@ -264,6 +272,18 @@ impl QmpCommands for Qmp {
 
     fn block_resize<'a>(&'a self, device: &'a str, size: u64) -> BoxFuture<'a, Result<()>> {
         Box::pin(Qmp::block_resize(self, device, size))
+    }
+
+    fn set_throttle_limits<'a>(
+        &'a self,
+        id: &'a str,
+        limits: &'a crate::qos::Limits,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(Qmp::set_throttle_limits(self, id, limits))
+    }
+
+    fn throttle_limits<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<crate::qos::Limits>> {
+        Box::pin(Qmp::throttle_limits(self, id))
     }
 }
 
@@ -498,6 +518,9 @@ pub struct PlannedDisk {
     pub backend: DiskBackend,
     pub read_only: bool,
     pub boot_index: u32,
+    /// Its throttle group (a `throttle` node above the format node); None
+    /// for the seed, which has none.
+    pub qos: Option<crate::qos::PlannedQos>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -589,7 +612,13 @@ impl LaunchPlan {
         ]);
         // A panic device turns guest panics into GUEST_PANICKED events.
         a.push(&["-device", "pvpanic"]);
+        let mut groups = Vec::new();
         for d in &self.disks {
+            // A group shared by several disks is made once, before them.
+            if let Some(q) = d.qos.as_ref().filter(|q| !groups.contains(&q.group_id)) {
+                a.push(&["-object", &q.group_object().to_string()]);
+                groups.push(q.group_id.clone());
+            }
             let blockdev = blockdev(d, self.io_uring, &mut ArgvDisk { fds, a: &mut a })?;
             a.push(&["-blockdev", &blockdev.to_string()]);
             a.push(&["-device", &disk_device(d, None)]);
@@ -631,8 +660,24 @@ impl LaunchPlan {
 
 /// The `-blockdev` (or `blockdev-add`) node of disk `d`, every node with an
 /// explicit driver; its files and secrets come from `sink` (inherited
-/// descriptors at launch, QMP `add-fd` when hot-plugged).
+/// descriptors at launch, QMP `add-fd` when hot-plugged). With a throttle
+/// group the top node (named like the disk) is a `throttle` node in it,
+/// above the format node `<device>-fmt` ([`crate::qos`]).
 pub fn blockdev(
+    d: &PlannedDisk,
+    io_uring: bool,
+    sink: &mut dyn DiskSink,
+) -> Result<serde_json::Value> {
+    let Some(q) = &d.qos else {
+        return format_blockdev(d, io_uring, sink);
+    };
+    let mut inner = format_blockdev(d, io_uring, sink)?;
+    inner["node-name"] = json!(crate::qos::format_node(&d.device));
+    Ok(q.throttle_node(&d.device, inner))
+}
+
+/// The format node of disk `d` (named `d.device`) and its children.
+fn format_blockdev(
     d: &PlannedDisk,
     io_uring: bool,
     sink: &mut dyn DiskSink,

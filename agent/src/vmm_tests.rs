@@ -9,6 +9,7 @@ fn plan() -> LaunchPlan {
         accel: Accel::Tcg,
         disks: vec![
             PlannedDisk {
+                qos: None,
                 device: "vda".into(),
                 backend: DiskBackend::Iscsi {
                     portal: "127.0.0.1:3260".into(),
@@ -21,6 +22,7 @@ fn plan() -> LaunchPlan {
                 boot_index: 1,
             },
             PlannedDisk {
+                qos: None,
                 device: "vdb".into(),
                 backend: DiskBackend::Overlay {
                     path: "/images/a,b.qcow2".into(),
@@ -144,6 +146,7 @@ fn empty_hotplug_root_ports_come_after_every_cold_plugged_device() {
 fn every_disk_has_an_explicit_format_and_overlays_an_explicit_backing() {
     let mut p = plan();
     p.disks.push(PlannedDisk {
+        qos: None,
         device: "vdc".into(),
         backend: DiskBackend::RawFile {
             path: "/srv/disk.raw".into(),
@@ -317,6 +320,7 @@ fn an_rbd_disk_is_qemus_rbd_driver_with_key_and_conf_from_memfds() {
     .unwrap();
     let mut p = plan();
     p.disks = vec![PlannedDisk {
+        qos: None,
         device: "vda".into(),
         backend: DiskBackend::Rbd(disk),
         read_only: false,
@@ -352,4 +356,56 @@ fn an_rbd_disk_is_qemus_rbd_driver_with_key_and_conf_from_memfds() {
     );
     assert_eq!(node["driver"], "raw");
     assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1"));
+}
+
+/// Disks with QoS: a throttle-group object per group, once, before the
+/// disks; each disk's top node a `throttle` node named like the disk
+/// (what the device and QMP name), over its format node `<disk>-fmt`.
+#[test]
+fn disks_with_qos_sit_under_a_throttle_node_in_their_group() {
+    use crate::qos::{DiskQos, Limits, PlannedQos};
+    let mut p = plan();
+    let mut shared = DiskQos {
+        limits: Limits::default(),
+        group: Some("db".into()),
+    };
+    shared.limits.iops_total.avg = 200;
+    p.disks[0].qos = Some(PlannedQos::of(&shared, "vda"));
+    p.disks[1].qos = Some(PlannedQos::of(&shared, "vdb"));
+    let mut own = p.disks[1].clone();
+    own.device = "vdc".into();
+    own.qos = Some(PlannedQos::of(&DiskQos::default(), "vdc"));
+    p.disks.push(own);
+    let (a, _) = argv_of(&p);
+    let objects: Vec<serde_json::Value> = a
+        .windows(2)
+        .filter(|w| w[0] == "-object" && w[1].starts_with('{'))
+        .map(|w| serde_json::from_str(&w[1]).unwrap())
+        .collect();
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    assert_eq!(objects[0]["qom-type"], "throttle-group");
+    assert_eq!(objects[0]["id"], "qos-group-db");
+    assert_eq!(objects[0]["limits"]["iops-total"], 200);
+    assert_eq!(objects[1]["id"], "qos-vdc");
+    assert_eq!(objects[1]["limits"]["iops-total"], 0);
+    let nodes: Vec<serde_json::Value> = a
+        .windows(2)
+        .filter(|w| w[0] == "-blockdev")
+        .map(|w| serde_json::from_str(&w[1]).unwrap())
+        .collect();
+    let group_of = |i: usize| nodes[i]["throttle-group"].as_str().unwrap().to_owned();
+    assert_eq!(nodes[0]["driver"], "throttle");
+    assert_eq!(nodes[0]["node-name"], "vda");
+    assert_eq!(group_of(0), "qos-group-db");
+    assert_eq!(nodes[0]["file"]["driver"], "iscsi");
+    assert_eq!(nodes[0]["file"]["node-name"], "vda-fmt");
+    assert_eq!(nodes[1]["file"]["driver"], "qcow2");
+    assert_eq!(group_of(1), "qos-group-db");
+    assert_eq!(group_of(2), "qos-vdc");
+    // The groups come before the nodes that name them.
+    let pos = |s: &str| a.iter().position(|x| x.contains(s)).unwrap();
+    assert!(pos("\"id\":\"qos-group-db\"") < pos("\"node-name\":\"vda\""));
+    assert!(pos("\"id\":\"qos-vdc\"") < pos("\"node-name\":\"vdc\""));
+    let line = a.join(" ");
+    assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev"));
 }

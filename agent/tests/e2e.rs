@@ -904,6 +904,7 @@ fn spec_image(name: &str, url: &str, sha: &str, local: bool) -> pb::VmSpec {
         vcpus: 1,
         memory_bytes: 128 << 20,
         disks: vec![pb::DiskSpec {
+            qos: None,
             server: String::new(),
             source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
                 url: url.into(),

@@ -263,6 +263,7 @@ async fn qemu_io_as_guest_disk(dev: &Path, cmds: &[&str]) -> String {
         memory_mib: 64,
         accel: vmm::Accel::Tcg,
         disks: vec![vmm::PlannedDisk {
+            qos: None,
             device: "vda".into(),
             backend: vmm::DiskBackend::HostDevice {
                 path: dev.to_owned(),

@@ -64,6 +64,7 @@ fn spec(name: &str, url: &str, sha: &str, ip: &str, peer: &str) -> pb::VmSpec {
             cmdline: format!("console=ttyS0 stratus.ip={ip}/24 stratus.peer={peer}"),
         }),
         disks: vec![pb::DiskSpec {
+            qos: None,
             server: String::new(),
             source: Some(pb::disk_spec::Source::Image(image(url, sha))),
             read_only: false,

@@ -188,6 +188,7 @@ impl Agent {
             &[NewEvent::new(EventType::DiskAttached, Cause::Api, detail)],
         )?;
         Ok(PlannedDisk {
+            qos: Some(crate::qos::PlannedQos::of(&d.qos, &device)),
             device,
             backend,
             read_only: d.read_only,
@@ -237,6 +238,7 @@ impl Agent {
             backend: DiskBackend::RawFile { path },
             read_only: true,
             boot_index: 0,
+            qos: None,
         }))
     }
 

@@ -145,6 +145,7 @@ impl Agent {
             backend,
             read_only: disk.read_only,
             boot_index: 0,
+            qos: Some(crate::qos::PlannedQos::of(&disk.qos, &device)),
         };
         if let Err(e) = qmp.add_disk(&planned, self.host.io_uring, &port).await {
             vm.hotplug = None;
@@ -635,6 +636,8 @@ impl Agent {
                     self.commit(vm, &[])?;
                 }
             }
+            // Disk limits: `reconcile_qos`'s.
+            Some(q @ Hotplug::Qos { .. }) => vm.hotplug = Some(q),
             None => {}
         }
         let gone_disks: Vec<DiskAttachment> = spec_disks(vm)

@@ -15,6 +15,7 @@ use crate::spec::{Cause, Disk, DiskSource, EventType, Nic};
 
 fn pdisk(volume: &str) -> Disk {
     Disk {
+        qos: Default::default(),
         source: DiskSource::Pdisk(volume.parse().unwrap()),
         read_only: false,
         boot_index: 0,
@@ -178,6 +179,7 @@ async fn another_projects_volume_is_not_found_and_nothing_changes() {
     assert_eq!(host.pdisk.exported().len(), 1);
     // Not a pdisk volume: refused at once.
     let file = Disk {
+        qos: Default::default(),
         source: DiskSource::File("/etc/passwd".into()),
         read_only: true,
         boot_index: 0,

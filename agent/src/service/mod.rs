@@ -38,6 +38,7 @@ mod lifecycle;
 mod migrate;
 mod monitor;
 mod nic_filter_check;
+mod qos;
 mod reconcile;
 #[cfg(test)]
 mod service_tests;

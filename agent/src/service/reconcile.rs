@@ -280,6 +280,15 @@ impl Agent {
                 tracing::warn!(vm = %vm.spec.name, error = %e, "could not reconcile hot-plugged devices");
                 line.push_str(&format!("; hot-plugged devices not reconciled ({e})"));
             }
+            // Disk limits: an unfinished change, and the stored ones again.
+            match self.reconcile_qos(&mut vm).await {
+                Ok(did) if !did.is_empty() => line.push_str(&format!("; {did}")),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %vm.spec.name, error = %e, "could not reconcile disk QoS");
+                    line.push_str(&format!("; disk QoS not reconciled ({e})"));
+                }
+            }
             if let Err(e) = self
                 .vmm
                 .follow_console(

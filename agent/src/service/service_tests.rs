@@ -170,6 +170,7 @@ impl Host {
 /// every kind of attachment a start makes.
 fn spec(name: &str) -> VmSpec {
     let disk = |v: &str| Disk {
+        qos: Default::default(),
         source: DiskSource::Pdisk(v.parse().unwrap()),
         read_only: false,
         boot_index: 0,
@@ -1526,3 +1527,6 @@ mod servers_tests;
 
 #[path = "hotplug_tests.rs"]
 mod hotplug_tests;
+
+#[path = "qos_tests.rs"]
+mod qos_tests;

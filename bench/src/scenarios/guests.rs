@@ -171,6 +171,7 @@ pub(crate) fn image_spec(name: &str, image: &Image) -> pb::VmSpec {
         vcpus: 1,
         memory_bytes: 128 << 20,
         disks: vec![pb::DiskSpec {
+            qos: None,
             server: String::new(),
             source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
                 url: image.url.clone(),

@@ -273,6 +273,7 @@ fn image_vm() -> Vm {
     let mut v = vm();
     let disks = &mut v.spec.as_mut().unwrap().disks;
     disks[0] = DiskSpec {
+        qos: None,
         server: String::new(),
         source: Some(disk_spec::Source::Image(ImageRef {
             url: "https://img.example/deb.qcow2".into(),
