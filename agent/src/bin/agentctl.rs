@@ -29,8 +29,8 @@ use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::agent::v1::{
     AttachDiskRequest, AttachNicRequest, CreateVmRequest, DestroyVmRequest, DetachDiskRequest,
     DetachNicRequest, EventType, EvictImageRequest, GetHostRequest, ListImagesRequest,
-    ListVmsRequest, MigrateVmRequest, ResizeDiskRequest, SaveImageRequest, StopVmRequest, Vm,
-    VmRequest, VmState, WatchEventsRequest,
+    ListVmsRequest, MigrateVmRequest, ResizeDiskRequest, SaveImageRequest, SetDiskQosRequest,
+    StopVmRequest, Vm, VmRequest, VmState, WatchEventsRequest,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tonic::transport::Channel;
@@ -317,6 +317,21 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             });
             let v = ctx.answer(
                 ctx.waiting(format!("resizing {device} of {vm}"), call)
+                    .await,
+            )?;
+            ctx.print_vm(&v)
+        }
+        VmCommand::Disk(DiskCommand::Qos { vm, device, limits }) => {
+            let mut client = ctx.connect().await?;
+            let call = client.set_disk_qos(SetDiskQosRequest {
+                request_id: String::new(),
+                project: ctx.project.clone(),
+                vm: vm.to_string(),
+                device: device.clone(),
+                qos: Some(limits.to_pb()),
+            });
+            let v = ctx.answer(
+                ctx.waiting(format!("setting the limits of {device} of {vm}"), call)
                     .await,
             )?;
             ctx.print_vm(&v)

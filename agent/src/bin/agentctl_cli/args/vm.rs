@@ -157,6 +157,21 @@ pub enum DiskCommand {
         #[arg(value_name = "SIZE", value_parser = disk_size)]
         size: ByteSize,
     },
+    /// Set a disk's I/O limits (all of them: what is not given is
+    /// unlimited); a running guest's at once, a stopped one's at its next
+    /// start. QEMU's rules: a total limit or a read/write split, a burst
+    /// (`*-max`) above its base, a burst length (`*-max-length`) with its
+    /// burst.
+    Qos {
+        /// VM name or UUID.
+        #[arg(value_name = "NAME")]
+        vm: Ref,
+        /// The disk's device (vda, vdb, ...).
+        #[arg(value_name = "DEVICE")]
+        device: String,
+        #[command(flatten)]
+        limits: Box<QosArgs>,
+    },
     /// Detach a disk by its device (vda, vdb, ...: see `vm show`).
     Detach {
         /// VM name or UUID.
@@ -194,6 +209,84 @@ pub enum NicCommand {
         #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = timeout)]
         timeout: u32,
     },
+}
+
+/// The limits of `vm disk qos`: IOPS, bytes per second (`--bps-*` take
+/// sizes: 10M is 10 MiB/s), bursts and their length in seconds.
+#[derive(Debug, Args, Default)]
+pub struct QosArgs {
+    #[arg(long, value_name = "N")]
+    pub iops_total: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub iops_read: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub iops_write: Option<u64>,
+    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
+    pub bps_total: Option<ByteSize>,
+    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
+    pub bps_read: Option<ByteSize>,
+    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
+    pub bps_write: Option<ByteSize>,
+    #[arg(long, value_name = "N")]
+    pub iops_total_max: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub iops_read_max: Option<u64>,
+    #[arg(long, value_name = "N")]
+    pub iops_write_max: Option<u64>,
+    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
+    pub bps_total_max: Option<ByteSize>,
+    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
+    pub bps_read_max: Option<ByteSize>,
+    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
+    pub bps_write_max: Option<ByteSize>,
+    #[arg(long, value_name = "SECS")]
+    pub iops_total_max_length: Option<u64>,
+    #[arg(long, value_name = "SECS")]
+    pub iops_read_max_length: Option<u64>,
+    #[arg(long, value_name = "SECS")]
+    pub iops_write_max_length: Option<u64>,
+    #[arg(long, value_name = "SECS")]
+    pub bps_total_max_length: Option<u64>,
+    #[arg(long, value_name = "SECS")]
+    pub bps_read_max_length: Option<u64>,
+    #[arg(long, value_name = "SECS")]
+    pub bps_write_max_length: Option<u64>,
+    /// Larger I/Os count as several for the IOPS limits (e.g. 4K).
+    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
+    pub iops_size: Option<ByteSize>,
+    /// The disk's QoS group (disks of the VM sharing one set of limits);
+    /// a running guest's disk keeps the group it has.
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+}
+
+impl QosArgs {
+    pub fn to_pb(&self) -> stratus_proto::agent::v1::DiskQos {
+        let n = |v: Option<u64>| v.unwrap_or(0);
+        let b = |v: Option<ByteSize>| v.map_or(0, |b| b.0);
+        stratus_proto::agent::v1::DiskQos {
+            iops_total: n(self.iops_total),
+            iops_read: n(self.iops_read),
+            iops_write: n(self.iops_write),
+            bps_total: b(self.bps_total),
+            bps_read: b(self.bps_read),
+            bps_write: b(self.bps_write),
+            iops_total_max: n(self.iops_total_max),
+            iops_read_max: n(self.iops_read_max),
+            iops_write_max: n(self.iops_write_max),
+            bps_total_max: b(self.bps_total_max),
+            bps_read_max: b(self.bps_read_max),
+            bps_write_max: b(self.bps_write_max),
+            iops_total_max_length: n(self.iops_total_max_length),
+            iops_read_max_length: n(self.iops_read_max_length),
+            iops_write_max_length: n(self.iops_write_max_length),
+            bps_total_max_length: n(self.bps_total_max_length),
+            bps_read_max_length: n(self.bps_read_max_length),
+            bps_write_max_length: n(self.bps_write_max_length),
+            iops_size: b(self.iops_size),
+            group: self.group.clone().unwrap_or_default(),
+        }
+    }
 }
 
 /// A disk size: 20G, 512M, bytes.

@@ -624,3 +624,28 @@ fn images_on_other_pdisk_servers_and_unreachable_ones_are_named() {
         image_view(&on_b).contains("volume:       image-9f86d081884c on pdisk server store-b\n")
     );
 }
+
+#[test]
+fn disk_limits_show_in_their_own_column_and_json() {
+    let mut v = vm();
+    v.spec.as_mut().unwrap().disks[0].qos = Some(stratus_proto::agent::v1::DiskQos {
+        iops_total: 200,
+        bps_write: 10 << 20,
+        group: "db".into(),
+        ..Default::default()
+    });
+    let text = vm_view(&v);
+    assert!(text.contains("QOS"), "{text}");
+    assert!(
+        text.contains("iops_total=200 bps_write=10485760 group=db"),
+        "{text}"
+    );
+    let j = vm_json(&v);
+    let q = &j["spec"]["disks"][0]["qos"];
+    assert_eq!(q["iops_total"], 200);
+    assert_eq!(q["bps_write"], 10 << 20);
+    assert_eq!(q["group"], "db");
+    // Unlimited disks have no key; a VM without limits no column.
+    assert!(j["spec"]["disks"][1].get("qos").is_none());
+    assert!(!vm_view(&vm()).contains("QOS"));
+}

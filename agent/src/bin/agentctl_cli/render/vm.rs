@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use stratus_core::cli::failure::one_line;
 use stratus_core::cli::{fields, labels_json, labels_text, Table};
 use stratus_proto::agent::v1::{
-    disk_spec, AttachedDisk, AttachedNic, DiskSpec, ImageRef, NicSpec, Vm, VmSpec,
+    disk_spec, AttachedDisk, AttachedNic, DiskQos, DiskSpec, ImageRef, NicSpec, Vm, VmSpec,
 };
 
 use super::{format_word, or_none, persistence_word, short, size, state_word, NONE};
@@ -34,7 +34,64 @@ pub(super) fn disk_spec_json(d: &DiskSpec) -> Value {
         }
         None => {}
     }
+    if let Some(q) = d.qos.as_ref().filter(|q| !qos_fields(q).is_empty()) {
+        j["qos"] = Value::Object(
+            qos_fields(q)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        );
+    }
     j
+}
+
+/// A disk's limits that are set, by their API names.
+pub(super) fn qos_fields(q: &DiskQos) -> Vec<(&'static str, Value)> {
+    let all = [
+        ("iops_total", q.iops_total),
+        ("iops_total_max", q.iops_total_max),
+        ("iops_total_max_length", q.iops_total_max_length),
+        ("iops_read", q.iops_read),
+        ("iops_read_max", q.iops_read_max),
+        ("iops_read_max_length", q.iops_read_max_length),
+        ("iops_write", q.iops_write),
+        ("iops_write_max", q.iops_write_max),
+        ("iops_write_max_length", q.iops_write_max_length),
+        ("bps_total", q.bps_total),
+        ("bps_total_max", q.bps_total_max),
+        ("bps_total_max_length", q.bps_total_max_length),
+        ("bps_read", q.bps_read),
+        ("bps_read_max", q.bps_read_max),
+        ("bps_read_max_length", q.bps_read_max_length),
+        ("bps_write", q.bps_write),
+        ("bps_write_max", q.bps_write_max),
+        ("bps_write_max_length", q.bps_write_max_length),
+        ("iops_size", q.iops_size),
+    ];
+    let mut out: Vec<(&'static str, Value)> = all
+        .into_iter()
+        .filter(|(_, v)| *v > 0)
+        .map(|(k, v)| (k, json!(v)))
+        .collect();
+    if !q.group.is_empty() {
+        out.push(("group", json!(q.group)));
+    }
+    out
+}
+
+/// `iops_total=200 bps_write=10485760 group=db`, or `-`.
+pub(super) fn qos_text(d: &DiskSpec) -> String {
+    let f = d.qos.as_ref().map(qos_fields).unwrap_or_default();
+    if f.is_empty() {
+        return NONE.to_owned();
+    }
+    f.iter()
+        .map(|(k, v)| match v {
+            Value::String(s) => format!("{k}={s}"),
+            v => format!("{k}={v}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// A disk source as the command line and AttachedDisk.source write it; an
@@ -140,11 +197,15 @@ pub(super) fn vlan_text(vlan: u32) -> String {
 /// disk's size ("image" for the image's own) and its persistence.
 pub(super) fn disks_table(spec: &[DiskSpec], attached: &[AttachedDisk]) -> String {
     let images = spec.iter().any(is_image);
+    let limited = spec.iter().any(|s| qos_text(s) != NONE);
     let mut header = vec!["DEVICE", "SOURCE", "MODE", "BOOT"];
     if images {
         header.extend(["SIZE", "PERSISTENCE"]);
     }
     header.push("ATTACHMENT");
+    if limited {
+        header.push("QOS");
+    }
     let mut t = Table::new(header);
     for i in 0..spec.len().max(attached.len()) {
         let (s, a) = (spec.get(i), attached.get(i));
@@ -177,6 +238,9 @@ pub(super) fn disks_table(spec: &[DiskSpec], attached: &[AttachedDisk]) -> Strin
             );
         }
         row.push(a.map_or(NONE.to_owned(), |a| or_none(&a.attachment)));
+        if limited {
+            row.push(s.map_or(NONE.to_owned(), qos_text));
+        }
         t.row(row);
     }
     t.render()
