@@ -7,7 +7,8 @@
 //! `admin`: everything. `frontend`: the volumes of the project it names in
 //! each request. `agent` (a compute host's agentd): what its guests need,
 //! in the project it names (a guest's), or across projects when it names
-//! none (image bases, leftovers); it may clone image bases into a project.
+//! none (image bases, leftovers); it may clone image bases into a project,
+//! and grow a volume exported to its own initiator (a guest's disk).
 //! `project`: its own volumes. `server` certificates: nothing. Only `agent`
 //! and `admin` may set `stratus.io/` labels.
 
@@ -56,8 +57,8 @@ pub const RULES: &[Rule] = &[
     },
     Rule {
         method: "ResizeVolume",
-        roles: NOT_AGENT,
-        note: "a volume of the project the call acts in",
+        roles: TENANTS,
+        note: "a volume of the project the call acts in, grown only (shrinking is refused), within its byte quota; agent: only a volume exported to the initiator its certificate binds (its guest's disk, for ResizeDisk), checked by the handler",
     },
     Rule {
         method: "FlattenVolume",
@@ -241,8 +242,7 @@ mod tests {
                     | (_, "GetPool" | "SetQuota" | "ListQuotas")
                     | (
                         Role::Agent,
-                        "ResizeVolume" | "FlattenVolume" | "RestoreVolume" | "GetQuota"
-                        | "ListStorageUsage",
+                        "FlattenVolume" | "RestoreVolume" | "GetQuota" | "ListStorageUsage",
                     ) => Err(tonic::Code::PermissionDenied),
                     _ => Ok(()),
                 };

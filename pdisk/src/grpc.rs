@@ -292,6 +292,32 @@ fn fence_to_own_iqn(identity: &Identity, initiators: &[Iqn]) -> Result<(), Statu
     }
 }
 
+/// An agent grows the disks of its own guests (agentd's ResizeDisk): a
+/// volume exported to the initiator its certificate binds, and no other
+/// (PermissionDenied). Shrinking is refused for every caller, and the
+/// project's byte quota holds for agents as for everyone (the service
+/// checks both).
+fn agent_may_resize(
+    identity: &Identity,
+    svc: &PoolService,
+    v: &crate::store::VolumeRecord,
+) -> crate::error::Result<()> {
+    let own = own_iqn(identity).map_err(|s| Error::denied(s.message()))?;
+    let exported_here = svc
+        .store()
+        .export(v.uuid)?
+        .is_some_and(|e| !e.unexporting && e.initiators.contains(&own));
+    if exported_here {
+        Ok(())
+    } else {
+        Err(Error::denied(format!(
+            "{identity} may resize only a volume exported to its own initiator {own}; \
+             volume {} is not",
+            v.name
+        )))
+    }
+}
+
 fn drift_pb(d: Drift) -> pb::Drift {
     pb::Drift {
         kind: d.kind.as_str().into(),
@@ -663,7 +689,11 @@ impl VolumeService for Api {
         // Growing is idempotent: a retry after a restart runs again.
         let v = self
             .once_resolved(&call, "ResizeVolume", &request_id, &asked, |_| {
-                let volume = call.volume(&svc, &r.volume)?.uuid.to_string();
+                let v = call.volume(&svc, &r.volume)?;
+                if call.identity.role == Role::Agent {
+                    agent_may_resize(&call.identity, &svc, &v)?;
+                }
+                let volume = v.uuid.to_string();
                 Ok((volume.clone(), async move {
                     svc.resize_volume(&volume, r.size_bytes)
                         .await

@@ -557,9 +557,95 @@ fn expected(method: &str, role: Role, target: &str) -> Outcome {
         "UploadVolume" | "GetPool" | "WatchProgress" | "SetQuota" | "GetQuota" | "ListQuotas" => {
             Outcome::Code(Code::Ok)
         }
+        // An agent grows only a volume exported to its own initiator
+        // (`P-vol` is not; see agents_grow_only_volumes_exported_to_them).
+        "ResizeVolume" if own && role == Role::Agent => Outcome::Code(Code::PermissionDenied),
         _ if own => Outcome::Code(Code::Ok),
         _ => Outcome::Code(Code::NotFound),
     }
+}
+
+/// ResizeVolume by an agent (agentd's ResizeDisk): it grows a volume of
+/// the project exported to the initiator its certificate binds; a volume
+/// not exported to it is PermissionDenied and unchanged, a shrink is
+/// InvalidArgument, growth past the project's byte quota ResourceExhausted.
+#[tokio::test]
+async fn agents_grow_only_volumes_exported_to_them() {
+    let f = fixture().await;
+    let resize = |volume: &str, size: u64| {
+        request(
+            Role::Agent,
+            pb::ResizeVolumeRequest {
+                volume: volume.into(),
+                size_bytes: size,
+                project: OWN.into(),
+                ..Default::default()
+            },
+        )
+    };
+    let size = |f: &Fixture, v: &str| f.svc.store().find_volume(v).unwrap().size.0;
+    let grown = f
+        .api
+        .resize_volume(resize(&format!("{OWN}-exp"), 8 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.size_bytes, 8 << 20);
+    assert_eq!(size(&f, &format!("{OWN}-exp")), 8 << 20);
+
+    let before = state(&f.svc);
+    let not_ours = f
+        .api
+        .resize_volume(resize(&format!("{OWN}-vol"), 8 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(not_ours.code(), Code::PermissionDenied, "{not_ours:?}");
+    assert!(not_ours.message().contains("not"), "{not_ours:?}");
+    assert_eq!(state(&f.svc), before, "a refused resize changed something");
+    // Exported to another host only: refused too.
+    f.svc
+        .export_volume(
+            &format!("{OWN}-vol"),
+            &["iqn.2026-11.io.stratus:host9".parse().unwrap()],
+            None,
+            &crate::ExportBy::admin("t"),
+        )
+        .await
+        .unwrap();
+    let before = state(&f.svc);
+    let other_host = f
+        .api
+        .resize_volume(resize(&format!("{OWN}-vol"), 8 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(other_host.code(), Code::PermissionDenied, "{other_host:?}");
+    assert_eq!(state(&f.svc), before);
+
+    let shrink = f
+        .api
+        .resize_volume(resize(&format!("{OWN}-exp"), 4 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(shrink.code(), Code::InvalidArgument, "{shrink:?}");
+    assert_eq!(size(&f, &format!("{OWN}-exp")), 8 << 20);
+
+    // astro: 4 + 4 + 8 MiB volumes + a 4 MiB snapshot = 20 MiB of 24.
+    set_quota(
+        &f,
+        OWN,
+        pb::QuotaLimits {
+            bytes: Some(24 << 20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let over = f
+        .api
+        .resize_volume(resize(&format!("{OWN}-exp"), 16 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(over.code(), Code::ResourceExhausted, "{over:?}");
+    assert_eq!(size(&f, &format!("{OWN}-exp")), 8 << 20);
 }
 
 #[tokio::test(flavor = "multi_thread")]
