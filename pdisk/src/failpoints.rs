@@ -15,6 +15,10 @@
 pub const CRASH_EXIT_CODE: i32 = 86;
 
 /// Every crash point, grouped by operation, in the order they are reached.
+/// The `tgt::` points are inside the tgt exporter, between the steps of
+/// one target's export (target, CHAP account, LUN, then ACL) and unexport
+/// (ACL emptied, accounts deleted, then the target); the `file::` points
+/// inside the file backend.
 pub const POINTS: &[(&str, &[&str])] = &[
     (
         "create",
@@ -46,6 +50,9 @@ pub const POINTS: &[(&str, &[&str])] = &[
         "export",
         &[
             "service::export::after_intent",
+            "tgt::export::target_created",
+            "tgt::export::chap_bound",
+            "tgt::export::lun_added",
             "service::export::after_exporter",
         ],
     ),
@@ -53,6 +60,8 @@ pub const POINTS: &[(&str, &[&str])] = &[
         "unexport",
         &[
             "service::unexport::after_commit",
+            "tgt::unexport::closed",
+            "tgt::unexport::accounts_deleted",
             "service::unexport::after_exporter",
         ],
     ),

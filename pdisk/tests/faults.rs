@@ -11,7 +11,10 @@
 //! no volume left `creating`/`deleting`/`error`; no file in `volumes/`,
 //! `snapshots/` or `staging/` without a record, nor a record without its
 //! file; every acknowledged object still there; the tgt targets and ACLs
-//! equal to the stored exports; drift only the `rolled back` reports.
+//! equal to the stored exports, and no CHAP account in tgtd that no target
+//! uses; drift only the `rolled back` reports. Exports carry mutual CHAP,
+//! so the tgt exporter's own steps (target, accounts, LUN, ACL; and on
+//! unexport ACL, accounts, target) each have a crash point walked here.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -90,6 +93,8 @@ async fn create(c: &mut Client, name: &str) {
     .unwrap();
 }
 
+/// Exports `vol` with its own CHAP account (incoming, and the target's
+/// own for mutual CHAP), so the tgt exporter's account steps are crossed.
 async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> Result<(), tonic::Status> {
     c.export_volume(pb::ExportVolumeRequest {
         migration: false,
@@ -97,7 +102,14 @@ async fn export(c: &mut Client, vol: &str, initiators: &[&str]) -> Result<(), to
         project: String::new(),
         volume: vol.into(),
         initiators: initiators.iter().map(|s| s.to_string()).collect(),
-        chap: None,
+        chap: Some(pb::ChapCredentials {
+            user: format!("u-{vol}"),
+            secret: "Sup3rS3cretPass".into(),
+            target: Some(pb::ChapAccount {
+                user: format!("t-{vol}"),
+                secret: "An0therS3cretPw".into(),
+            }),
+        }),
         // Two initiators: two hosts on one volume (its create allows it).
         multi_attach: initiators.len() > 1,
         request_id: String::new(),
@@ -321,6 +333,12 @@ async fn violations(
     if stored != live {
         bad.push(format!("tgt has {live:?}, the store {stored:?}"));
     }
+    let orphans = orphan_accounts(tgt.config().control_port);
+    if !orphans.is_empty() {
+        bad.push(format!(
+            "tgtd holds CHAP accounts no target uses: {orphans:?}"
+        ));
+    }
     let pool = c
         .get_pool(pb::GetPoolRequest {})
         .await
@@ -332,6 +350,40 @@ async fn violations(
         }
     }
     bad
+}
+
+/// The CHAP accounts tgtd holds that no target has bound (incoming or
+/// outgoing): left behind, with their secrets, by an interrupted unexport.
+fn orphan_accounts(control_port: u32) -> BTreeSet<String> {
+    let tgtadm = |args: &[&str]| {
+        let out = std::process::Command::new("tgtadm")
+            .args(["-C", &control_port.to_string(), "--lld", "iscsi"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tgtadm {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // "Account list:\n    user\n ..."
+    let mut accounts: BTreeSet<String> = tgtadm(&["--mode", "account", "--op", "show"])
+        .lines()
+        .skip(1)
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
+    // Each target's "    Account information:\n        user\n        user (outgoing)".
+    let mut in_accounts = false;
+    for line in tgtadm(&["--mode", "target", "--op", "show"]).lines() {
+        let t = line.trim();
+        if t == "Account information:" {
+            in_accounts = true;
+        } else if t.ends_with(':') || t.starts_with("Target ") {
+            in_accounts = false;
+        } else if in_accounts {
+            accounts.remove(t.trim_end_matches(" (outgoing)"));
+        }
+    }
+    accounts
 }
 
 fn tgt_exporter(tgtd: &Tgtd) -> TgtExporter {

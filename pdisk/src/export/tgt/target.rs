@@ -112,6 +112,7 @@ impl TgtExporter {
         let iqn = spec.target_iqn.as_str();
         let path = backing_path_arg(&spec.backing_path)?;
         let cur = self.create_target(iqn, targets.clone()).await?;
+        crate::failpoints::crash_point("tgt::export::target_created");
         let tid = cur.tid.to_string();
 
         // Initiators wanted, in the spec's order, without duplicates.
@@ -136,6 +137,7 @@ impl TgtExporter {
         // 2. CHAP.
         self.converge_chap(&cur, spec.chap.as_ref(), &targets, &mut acl)
             .await?;
+        crate::failpoints::crash_point("tgt::export::chap_bound");
 
         // 3. LUN 1 on the backing path; no other LUNs (LUN 0 is tgt's controller).
         for lun in &cur.luns {
@@ -159,6 +161,8 @@ impl TgtExporter {
                 self.lun_new(&tid, path).await?;
             }
         }
+
+        crate::failpoints::crash_point("tgt::export::lun_added");
 
         // 4. Open: bind the initiators last, once CHAP and LUN are in place.
         for initiator in wanted {
@@ -341,20 +345,24 @@ impl TgtExporter {
         Ok(())
     }
 
+    /// Removes target `target_iqn` and the CHAP accounts only it uses, in
+    /// an order a crash can interrupt anywhere and a retry finish: (1) the
+    /// target is closed (ACL emptied: no new login, as it would accept
+    /// logins without CHAP once its accounts go); (2) the accounts no other
+    /// target uses are deleted (tgtd unbinds a deleted account from its
+    /// targets); (3) the target is deleted. Until (3) the target still
+    /// names what is left to remove, so the retry (pdiskd's reconciliation
+    /// of an unexport it recorded) finds it; deleting the target first
+    /// would leave its accounts, with their secrets, in tgtd for good.
     pub(super) async fn unexport_locked(&self, target_iqn: &Iqn) -> Result<()> {
         let targets = self.show().await?;
         let Some(t) = targets.iter().find(|t| t.iqn == target_iqn.as_str()) else {
             return Ok(());
         };
         let tid = t.tid.to_string();
-        // --force: tgt otherwise refuses while an initiator is logged in
-        // ("this target is still active"); forced, it drops the sessions and
-        // frees the LUNs, ACL and account bindings in one step.
-        self.tgtadm(&[
-            "--mode", "target", "--op", "delete", "--force", "--tid", &tid,
-        ])
-        .await?;
-        tracing::info!(target = %target_iqn, tid = t.tid, "tgt: deleted target");
+        let mut acl = t.acl.clone();
+        self.close(&tid, &mut acl).await?;
+        crate::failpoints::crash_point("tgt::unexport::closed");
         let used: BTreeSet<String> = t
             .incoming_accounts
             .iter()
@@ -362,6 +370,16 @@ impl TgtExporter {
             .cloned()
             .collect();
         let others: Vec<TgtTarget> = targets.iter().filter(|o| o.tid != t.tid).cloned().collect();
-        self.delete_orphan_accounts(&used, &others).await
+        self.delete_orphan_accounts(&used, &others).await?;
+        crate::failpoints::crash_point("tgt::unexport::accounts_deleted");
+        // --force: tgt otherwise refuses while an initiator is logged in
+        // ("this target is still active"); forced, it drops the sessions and
+        // frees the LUNs and the bindings of shared accounts in one step.
+        self.tgtadm(&[
+            "--mode", "target", "--op", "delete", "--force", "--tid", &tid,
+        ])
+        .await?;
+        tracing::info!(target = %target_iqn, tid = t.tid, "tgt: deleted target");
+        Ok(())
     }
 }
