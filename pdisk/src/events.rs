@@ -15,6 +15,8 @@
 //! initiator list changes) and EXPORT_REMOVED, VOLUME_DELETED (at once, or
 //! when a quarantined volume is purged); VOLUME_QUARANTINED (a delete kept
 //! the data until `detail`'s purge time) and VOLUME_RESTORED;
+//! VOLUME_FLATTENED (a clone past the maximum clone depth, flattened in the
+//! background: `service/flatten.rs`);
 //! IMPORT_PROGRESS (each 10% of an import) and IMPORT_FAILED; DRIFT_FOUND
 //! (one per drift reconciliation reports, its kind and cause in `detail`).
 //!
@@ -53,6 +55,7 @@ pub enum PoolEventKind {
     DriftFound,
     VolumeQuarantined,
     VolumeRestored,
+    VolumeFlattened,
 }
 
 impl PoolEventKind {
@@ -81,6 +84,7 @@ impl PoolEventKind {
             PoolEventKind::DriftFound => T::DriftFound,
             PoolEventKind::VolumeQuarantined => T::VolumeQuarantined,
             PoolEventKind::VolumeRestored => T::VolumeRestored,
+            PoolEventKind::VolumeFlattened => T::VolumeFlattened,
         }
     }
 }

@@ -118,9 +118,13 @@ fn volume_pb(v: VolumeInfo) -> pb::Volume {
         Some(q) => (q.deleted_at.clone(), q.purge_at()),
         None => Default::default(),
     };
+    let flatten = v.flatten.unwrap_or_default();
     pb::Volume {
         deleted_at,
         purge_at,
+        flatten_pending: v.flatten.is_some(),
+        flatten_done_bytes: flatten.done,
+        flatten_total_bytes: flatten.total,
         uuid: r.uuid.to_string(),
         name: r.name.to_string(),
         size_bytes: r.size.0,

@@ -232,6 +232,11 @@ pub struct VolumeRecord {
     /// Absent in older records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<Quarantine>,
+    /// A clone past the backend's maximum clone depth, published before it
+    /// was flattened: the background flatten (`service/flatten.rs`) has
+    /// still to run. Absent (false) in older records.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flatten_pending: bool,
 }
 
 impl VolumeRecord {
@@ -1080,6 +1085,7 @@ mod tests {
             project: String::new(),
             created_by: None,
             quarantine: None,
+            flatten_pending: false,
         }
     }
 

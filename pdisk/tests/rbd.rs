@@ -197,6 +197,72 @@ async fn delete_volume(c: &mut Client, name: &str) -> Result<(), tonic::Status> 
     .map(|_| ())
 }
 
+async fn get(c: &mut Client, name: &str) -> pb::Volume {
+    c.get_volume(pb::GetVolumeRequest {
+        volume: name.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Waits until volume `name` is no longer marked for a background flatten.
+async fn wait_flattened(c: &mut Client, name: &str, limit: Duration) -> pb::Volume {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let v = get(c, name).await;
+        if !v.flatten_pending {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} still not flattened after {limit:?}: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How many VOLUME_FLATTENED events volume `uuid` has.
+async fn flattened_events(c: &mut Client, uuid: &str) -> usize {
+    let mut s = c
+        .watch_events(pb::WatchEventsRequest {
+            volume: uuid.into(),
+            no_follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(e) = s.message().await.unwrap() {
+        n += usize::from(e.r#type() == pb::PoolEventType::VolumeFlattened);
+    }
+    n
+}
+
+/// The children of process `pid` whose command line has the word `word`.
+fn children_of(pid: u32, word: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // "PID (COMM) STATE PPID ...": COMM may hold spaces; PPID follows ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let has = cmdline.split(|b| *b == 0).any(|a| a == word.as_bytes());
+        if ppid == Some(pid) && has {
+            out.push(child);
+        }
+    }
+    out
+}
+
 async fn pool(c: &mut Client) -> pb::Pool {
     c.get_pool(pb::GetPoolRequest {})
         .await
@@ -302,11 +368,20 @@ async fn deep_clone_chains_are_flattened_and_pool_status_comes_from_ceph() {
     };
     assert!(parent(&imgs[0]).is_some());
     assert!(parent(&imgs[1]).is_some());
+    // The third clone in the chain is published at once and flattened in
+    // the background; then VOLUME_FLATTENED, and it is flat.
+    let c3 = wait_flattened(&mut c, "c3", Duration::from_secs(300)).await;
+    assert_eq!((c3.flatten_done_bytes, c3.flatten_total_bytes), (0, 0));
     assert_eq!(
         parent(&imgs[2]),
         None,
         "the third clone in the chain is flat"
     );
+    assert!(flattened_events(&mut c, &c3.uuid).await == 1);
+    for name in ["c1", "c2"] {
+        let v = get(&mut c, name).await;
+        assert!(!v.flatten_pending, "{name} is within the depth: {v:?}");
+    }
     // Flat: its snapshot's parent can go.
     delete_snapshot(&mut c, "s3").await.unwrap();
 
@@ -1096,4 +1171,95 @@ async fn clones_of_one_base_or_snapshot_run_at_once_and_a_racing_delete_waits() 
     assert_eq!(p.volume_count, 14);
     let pool_drift: Vec<_> = p.drift.iter().filter(|d| d.kind != "export").collect();
     assert!(pool_drift.is_empty(), "{pool_drift:?}");
+}
+
+/// A background flatten survives a kill -9 of pdiskd while it runs (and of
+/// its `rbd flatten`, as systemd kills the unit's whole cgroup): the clone
+/// was usable at once, its `flatten_pending` mark is in the store, and the
+/// restarted pdiskd flattens it, clears the mark and journals
+/// VOLUME_FLATTENED; the data (the parents' and its own) is all there.
+/// A delete of a clone waiting its turn is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and ceph (scripts/test)"]
+async fn a_background_flatten_killed_midway_resumes_at_start() {
+    let mut t = RbdPdisk::start("pd-fcrash");
+    // One object at a time: the flatten lasts long enough to be caught.
+    t.ceph.ceph(&[
+        "config",
+        "set",
+        "client.pd-fcrash",
+        "rbd_concurrent_management_ops",
+        "1",
+    ]);
+    let mut c = t.pdiskd.client().await;
+    // max clone depth 2: c0 <- c1 <- c2 are layered, c3 is too deep.
+    let c0 = create(&mut c, "c0", 96 * MIB).await;
+    t.write(&RbdPdisk::image(&c0), 0x21, 0, 96 * MIB);
+    let mut prev = "c0".to_string();
+    for i in 1..=3 {
+        snapshot(&mut c, &prev, &format!("s{i}")).await.unwrap();
+        clone_snapshot(&mut c, &format!("s{i}"), &format!("c{i}"), 0)
+            .await
+            .unwrap();
+        prev = format!("c{i}");
+    }
+    let c3 = get(&mut c, "c3").await;
+    let img = RbdPdisk::image(&c3);
+    assert!(c3.flatten_pending, "{c3:?}");
+    // Usable at once: readable (the parents' data) and writable.
+    t.write(&img, 0x43, 0, MIB);
+    // Caught while it runs (progress shown), then killed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut seen = None;
+    while std::time::Instant::now() < deadline {
+        let v = get(&mut c, "c3").await;
+        if !v.flatten_pending {
+            break;
+        }
+        if v.flatten_total_bytes > 0 {
+            seen = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let running = seen.expect("the background flatten was seen running");
+    assert_eq!(running.flatten_total_bytes, 96 * MIB);
+    let cli = t.pdiskd.cli_json(&["volume", "show", "c3"]);
+    assert!(cli["flatten"].is_object(), "{cli}");
+    // systemd kills the unit's cgroup: pdiskd's rbd child goes too.
+    let children = children_of(t.pdiskd.pid(), "flatten");
+    t.pdiskd.kill9();
+    for pid in children {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    let parent_at_restart =
+        t.rbd_json(&["info", &format!("pd-fcrash/{img}")])["parent"].is_object();
+    eprintln!(
+        "killed at {} of {} bytes; parent still there at restart: {parent_at_restart}",
+        running.flatten_done_bytes, running.flatten_total_bytes
+    );
+    t.pdiskd.restart();
+    let mut c = t.pdiskd.client().await;
+    let v = wait_flattened(&mut c, "c3", Duration::from_secs(300)).await;
+    assert_eq!(v.state, pb::VolumeState::Ready as i32);
+    let info = t.rbd_json(&["info", &format!("pd-fcrash/{img}")]);
+    assert!(info["parent"].is_null(), "{info}");
+    assert_eq!(flattened_events(&mut c, &v.uuid).await, 1);
+    assert!(t.holds(&img, 0x43, 0, MIB), "its own write");
+    assert!(t.holds(&img, 0x21, MIB, 95 * MIB), "the parents' data");
+    // Flat: the snapshot it was cloned from can go.
+    delete_snapshot(&mut c, "s3").await.unwrap();
+
+    // A deep clone deleted while its flatten waits or runs: the delete
+    // succeeds (waiting for a running flatten), and nothing is left.
+    snapshot(&mut c, "c2", "s4").await.unwrap();
+    let c4 = clone_snapshot(&mut c, "s4", "c4", 0).await.unwrap();
+    assert!(c4.flatten_pending, "{c4:?}");
+    delete_volume(&mut c, "c4").await.unwrap();
+    delete_snapshot(&mut c, "s4").await.unwrap();
+    let left = t.ceph.rbd(&["ls", "pd-fcrash"]);
+    assert!(!left.contains(&RbdPdisk::image(&c4)), "{left}");
+    assert!(!left.contains("pd-tmp-"), "{left}");
 }

@@ -177,6 +177,13 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Whether volume `id`, a clone just made, should be flattened: its
+    /// chain of parents passed the backend's maximum depth (rbd). The
+    /// service then flattens it in the background (`service/flatten.rs`).
+    fn wants_flatten(&self, _id: ObjectId) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async { Ok(false) })
+    }
+
     /// Makes volume `id` independent of the snapshot or volume it was
     /// layered on; Ok(false) when it was not layered (every clone of the
     /// file and lvm backends).

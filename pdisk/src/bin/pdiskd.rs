@@ -234,6 +234,9 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     // Quarantined volumes are purged at their purge time (kept in the
     // store: a restart delays nothing).
     tokio::spawn(svc.clone().watch_quarantine(shutdown_rx.clone()));
+    // Clones past the maximum clone depth are flattened in the background;
+    // marks left by a previous run are resumed at once.
+    tokio::spawn(svc.clone().watch_flattens(shutdown_rx.clone()));
     tracing::info!(period = %humantime::format_duration(cfg.quarantine_period), "quarantine of deleted volumes");
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -11,6 +11,8 @@
 //! - `quarantine.rs`: deleted volumes kept until their purge time: restore,
 //!   listing, the purge task;
 //! - `reconcile.rs`: reconciliation at start;
+//! - `flatten.rs`: the background flatten of clones past the maximum clone
+//!   depth (rbd);
 //! - `service_tests.rs`: their unit suite.
 //!
 //! Ordering rules that make crashes safe:
@@ -21,6 +23,10 @@
 //!   acknowledged: it is rolled back (data and staging removed, record
 //!   dropped) and reported as `rolled back`.
 //! - snapshot: the same with `complete: false` as the intent.
+//! - a clone past the backend's maximum clone depth is committed `ready`
+//!   with `flatten_pending` in the same transaction; the background flatten
+//!   runs, then clears the mark with VOLUME_FLATTENED. A mark found at start
+//!   is flattened again (`flatten.rs`).
 //! - delete: the record turns `deleting` before data is removed, and is
 //!   dropped after. A `deleting` record found at start is finished.
 //! - delete with a quarantine period (`quarantine.rs`): one transaction
@@ -57,6 +63,8 @@ use crate::progress::ProgressHub;
 use crate::runner::CommandRunner;
 use crate::store::{ExportRecord, SnapshotRecord, Store, VolumeRecord, VolumeState};
 use crate::types::{ByteSize, Iqn, Labels, VolumeName};
+
+pub use flatten::FlattenProgress;
 
 /// Settings the service needs beyond its parts.
 #[derive(Debug, Clone)]
@@ -198,6 +206,8 @@ pub struct VolumeInfo {
     pub exported: bool,
     pub snapshot_count: u32,
     pub device_path: PathBuf,
+    /// Some while the volume is marked `flatten_pending` (`flatten.rs`).
+    pub flatten: Option<FlattenProgress>,
 }
 
 #[derive(Debug, Clone)]
@@ -392,6 +402,10 @@ pub struct PoolService {
     quarantined: tokio::sync::Notify,
     /// Storage accounting (`crate::usage`).
     usage: crate::usage::UsageBook,
+    /// The background flatten running now (`flatten.rs`).
+    flattening: flatten::Flattening,
+    /// Woken when a clone is marked `flatten_pending`.
+    flatten_wanted: tokio::sync::Notify,
 }
 
 fn now() -> String {
@@ -477,6 +491,8 @@ impl PoolService {
             last_reconcile: Mutex::new(ReconcileReport::default()),
             ops: crate::metrics::Operations::default(),
             quarantined: tokio::sync::Notify::new(),
+            flattening: flatten::Flattening::default(),
+            flatten_wanted: tokio::sync::Notify::new(),
         }
     }
 
@@ -545,6 +561,7 @@ impl PoolService {
             .filter(|s| s.volume == record.uuid)
             .count() as u32;
         Ok(VolumeInfo {
+            flatten: self.flatten_progress(record.uuid, record.flatten_pending),
             device_path: self.backend.device_path(id),
             record,
             allocated,
@@ -708,6 +725,7 @@ impl PoolService {
 }
 
 mod exports;
+mod flatten;
 mod quarantine;
 mod reconcile;
 mod snapshots;

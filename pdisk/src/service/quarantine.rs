@@ -76,6 +76,7 @@ impl PoolService {
     /// locked), as a delete does: intent first, so a crash leaves a
     /// `deleting` record reconciliation finishes.
     pub(super) async fn purge_locked(&self, mut rec: VolumeRecord, why: &str) -> Result<()> {
+        self.wait_for_flatten(rec.uuid).await;
         rec.state = VolumeState::Deleting;
         rec.state_reason = format!("being purged: {why}");
         self.store.update_volume(&rec, &[])?;

@@ -1065,6 +1065,7 @@ fn interrupted_create(f: &Fixture, volume: &str) -> VolumeRecord {
         project: String::new(),
         created_by: None,
         quarantine: None,
+        flatten_pending: false,
     };
     f.svc.store.insert_volume(&rec).unwrap();
     rec

@@ -233,6 +233,7 @@ impl PoolService {
             created_by: req.owner.creator.clone(),
             allow_multi_attach: req.allow_multi_attach,
             quarantine: None,
+            flatten_pending: false,
         };
         self.store.insert_volume(&rec)?;
         crate::failpoints::crash_point("service::create::after_intent");
@@ -283,6 +284,20 @@ impl PoolService {
                 return Err(e.context(format!("volume {}", rec.name)));
             }
         }
+        // A clone past the backend's maximum clone depth is published now
+        // and flattened in the background (`flatten.rs`); when the depth
+        // cannot be read, it is marked anyway (flattening a flat volume
+        // does nothing).
+        if matches!(rec.source, Source::Volume(_) | Source::Snapshot(_)) {
+            rec.flatten_pending = match self.backend.wants_flatten(ObjectId::Volume(rec.uuid)).await
+            {
+                Ok(wants) => wants,
+                Err(e) => {
+                    tracing::warn!(volume = %rec.name, error = %e, "clone depth not read; marked for flattening");
+                    true
+                }
+            };
+        }
         crate::failpoints::crash_point("service::create::before_commit");
         rec.state = VolumeState::Ready;
         let appeared = match &rec.source {
@@ -299,7 +314,11 @@ impl PoolService {
                 .detail(rec.source.describe()),
         };
         self.store.update_volume(&rec, &[appeared])?;
-        tracing::info!(volume = %rec.name, uuid = %rec.uuid, size = rec.size.0, source = %rec.source.describe(), "volume created");
+        if rec.flatten_pending {
+            self.flatten_wanted.notify_one();
+        }
+        tracing::info!(volume = %rec.name, uuid = %rec.uuid, size = rec.size.0, source = %rec.source.describe(),
+            flatten_pending = rec.flatten_pending, "volume created");
         self.volume_info(rec).await
     }
 
@@ -449,6 +468,8 @@ impl PoolService {
             let purge_at = self.quarantine_locked(rec)?;
             return Ok(Deleted::Quarantined { purge_at });
         }
+        // A background flatten of it ends first (see `flatten.rs`).
+        self.wait_for_flatten(rec.uuid).await;
         rec.state = VolumeState::Deleting;
         self.store.update_volume(&rec, &[])?;
         crate::failpoints::crash_point("service::delete::after_intent");
@@ -470,13 +491,20 @@ impl PoolService {
         let result = async {
             let rec = self.store.find_volume(r)?;
             let _g = self.locks.lock(rec.uuid).await;
-            let rec = self.reread_volume(&rec)?;
+            let mut rec = self.reread_volume(&rec)?;
             require_ready(&rec)?;
+            // One flatten at a time: a background one of it ends first.
+            self.wait_for_flatten(rec.uuid).await;
             let flattened = self
                 .backend
                 .flatten(ObjectId::Volume(rec.uuid), op.reporter())
                 .await
                 .map_err(|e| e.context(format!("volume {}", rec.name)))?;
+            if rec.flatten_pending {
+                rec.flatten_pending = false;
+                let done = NewPoolEvent::volume(PoolEventKind::VolumeFlattened, &rec);
+                self.store.update_volume(&rec, &[done])?;
+            }
             tracing::info!(volume = %rec.name, flattened, "flatten");
             self.volume_info(rec).await
         }

@@ -36,29 +36,13 @@ impl RbdBackend {
         let tmp = self.spec(&temp_image(dst));
         self.build(dst, async {
             match src {
-                ObjectId::Snapshot(_) => {
-                    let depth = self.clone_depth(&source).await? + 1;
-                    self.clone_snapshot(&source, &tmp).await?;
-                    if depth > self.settings.max_clone_depth {
-                        tracing::info!(clone = %tmp, depth, max = self.settings.max_clone_depth,
-                            "clone chain too deep: flattening");
-                        progress("flatten", 0, 1);
-                        self.run(&self.rbd_change(["flatten", &tmp]).timeout(DATA_TIMEOUT))
-                            .await?;
-                        progress("flatten", 1, 1);
-                    }
-                }
+                // A clone too deep is flattened later, in the background
+                // (the service asks `wants_flatten` once it is published).
+                ObjectId::Snapshot(_) => self.clone_snapshot(&source, &tmp).await?,
                 ObjectId::Volume(_) if self.is_read_only(&source).await? => {
                     // An image base never changes: layer on its pd-base.
                     let snap = self.base_snapshot(&source).await?;
-                    let depth = self.clone_depth(&source).await? + 1;
                     self.clone_snapshot(&snap, &tmp).await?;
-                    if depth > self.settings.max_clone_depth {
-                        progress("flatten", 0, 1);
-                        self.run(&self.rbd_change(["flatten", &tmp]).timeout(DATA_TIMEOUT))
-                            .await?;
-                        progress("flatten", 1, 1);
-                    }
                 }
                 ObjectId::Volume(_) => {
                     // A volume has no point in time to layer on: copy its

@@ -36,9 +36,11 @@
 //! When the cluster still wants protected parents, the snapshot is
 //! protected and the clone retried; deleting a snapshot unprotects it first.
 //! A snapshot with children is never deleted: the error names the clones,
-//! which must be flattened first. A clone whose chain of parents would pass
-//! `max_clone_depth` is flattened (`rbd flatten`) before it is published,
-//! like Cinder's `rbd_max_clone_depth`, so reads never walk a long chain.
+//! which must be flattened first. A clone whose chain of parents passes
+//! `max_clone_depth` is published layered (usable at once) and
+//! [`Backend::wants_flatten`] says so: the service flattens it (`rbd
+//! flatten`, with its progress) in the background, like Cinder's
+//! `rbd_max_clone_depth`, so reads do not walk a long chain for long.
 //! A clone of a volume (not a snapshot) is a full sparse copy (`rbd cp`,
 //! the image's head only, never its snapshots).
 //!
@@ -365,20 +367,42 @@ impl Backend for RbdBackend {
         }))
     }
 
+    fn wants_flatten(&self, id: ObjectId) -> BoxFuture<'_, Result<bool>> {
+        Box::pin(async move {
+            let ObjectId::Volume(_) = id else {
+                return Ok(false);
+            };
+            let spec = self.object_spec(id).await?;
+            let depth = self.clone_depth(&spec).await?;
+            let wants = depth > self.settings.max_clone_depth;
+            if wants {
+                tracing::info!(clone = %spec, depth, max = self.settings.max_clone_depth,
+                    "clone chain too deep: to be flattened in the background");
+            }
+            Ok(wants)
+        })
+    }
+
     fn flatten(&self, id: ObjectId, progress: ProgressFn) -> BoxFuture<'_, Result<bool>> {
         Box::pin(async move {
             let ObjectId::Volume(_) = id else {
                 return Err(Error::invalid(format!("{id}: only volumes are flattened")));
             };
             let spec = self.object_spec(id).await?;
-            if self.info(&spec).await?.parent.is_none() {
+            let info = self.info(&spec).await?;
+            if info.parent.is_none() {
                 return Ok(false);
             }
-            progress("flatten", 0, 1);
-            self.run(&self.rbd_change(["flatten", &spec]).timeout(DATA_TIMEOUT))
+            // rbd prints "Image flatten: 42% complete..." as it goes.
+            progress("flatten", 0, info.size);
+            let cmd = self
+                .rbd_change(["flatten", &spec])
+                .timeout(DATA_TIMEOUT)
+                .on_stderr_line(cli::rbd_progress("flatten", info.size, progress.clone()));
+            self.run(&cmd)
                 .await
                 .map_err(|e| e.context(format!("flattening {id}")))?;
-            progress("flatten", 1, 1);
+            progress("flatten", info.size, info.size);
             Ok(true)
         })
     }

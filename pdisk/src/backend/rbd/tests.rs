@@ -192,8 +192,8 @@ async fn snapshot_clone_and_their_deletes_run_exactly_these_commands() {
         r.lines(),
         vec![
             rbd(&format!("snap create {s}")),
-            // The parent's depth (0), then the clone, its size, tag, rename.
-            rbd(&format!("info stratus/pd-vol-{VOL} --format json")),
+            // The clone, its size, tag, rename (its depth is the
+            // service's question afterwards: wants_flatten).
             rbd(&format!("clone {s} {tmp}")),
             rbd(&format!("info {tmp} --format json")),
             rbd(&format!(
@@ -249,11 +249,12 @@ async fn a_snapshot_with_clones_is_not_deleted() {
 }
 
 #[tokio::test]
-async fn a_clone_past_the_maximum_depth_is_flattened_before_it_is_published() {
+async fn a_clone_past_the_maximum_depth_is_published_layered_and_wants_a_flatten() {
     let dir = tempfile::tempdir().unwrap();
+    let new = Uuid::new_v4();
     // SNAP belongs to CLONE here, whose parent is VOL: a clone of SNAP has
     // depth 2, so with max_clone_depth 1 it is flattened.
-    let runner = Script::new(|argv| {
+    let runner = Script::new(move |argv| {
         let has = |a: &str| argv.iter().any(|x| x == a);
         if has("mon") {
             return Output::ok(MON_DUMP_JSON);
@@ -268,6 +269,11 @@ async fn a_clone_past_the_maximum_depth_is_flattened_before_it_is_published() {
                 r#"{{"size":67108864,"parent":{{"pool":"stratus","image":"pd-vol-{VOL}"}}}}"#
             ));
         }
+        if has("info") && argv.iter().any(|a| a == &format!("stratus/pd-vol-{new}")) {
+            return Output::ok(format!(
+                r#"{{"size":134217728,"parent":{{"pool":"stratus","image":"pd-vol-{CLONE}"}}}}"#
+            ));
+        }
         if has("info") {
             return Output::ok(r#"{"size":67108864}"#);
         }
@@ -277,7 +283,6 @@ async fn a_clone_past_the_maximum_depth_is_flattened_before_it_is_published() {
     s.max_clone_depth = 1;
     let b = RbdBackend::open(runner.clone(), s).await.unwrap();
     runner.clear();
-    let new = Uuid::new_v4();
     b.clone_object(
         ObjectId::Snapshot(uuid(SNAP)),
         new,
@@ -288,16 +293,26 @@ async fn a_clone_past_the_maximum_depth_is_flattened_before_it_is_published() {
     .unwrap();
     let tmp = format!("stratus/pd-tmp-vol-{new}");
     let lines = runner.lines();
-    let flatten = lines
-        .iter()
-        .position(|l| l == &rbd(&format!("flatten {tmp}")))
-        .expect("flattened");
-    let rename = lines.iter().position(|l| l.contains("rename")).unwrap();
-    assert!(flatten < rename, "{lines:?}");
+    assert!(
+        !lines.iter().any(|l| l.contains(" flatten ")),
+        "the service flattens it in the background: {lines:?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("rename")), "{lines:?}");
     assert!(
         lines.contains(&rbd(&format!("resize --size 128M {tmp}"))),
         "{lines:?}"
     );
+    // Its depth (CLONE's parent VOL, then CLONE, then it: 2) passes 1.
+    assert!(b.wants_flatten(ObjectId::Volume(new)).await.unwrap());
+    // Within the depth: no flatten wanted; a snapshot never.
+    let mut s = settings(dir.path());
+    s.max_clone_depth = 2;
+    let b = RbdBackend::open(runner.clone(), s).await.unwrap();
+    assert!(!b.wants_flatten(ObjectId::Volume(new)).await.unwrap());
+    assert!(!b
+        .wants_flatten(ObjectId::Snapshot(uuid(SNAP)))
+        .await
+        .unwrap());
 }
 
 #[tokio::test]
@@ -575,12 +590,11 @@ async fn clones_of_an_image_base_are_rbd_clones_of_its_base_snapshot() {
     let tmp = format!("stratus/pd-tmp-vol-{new}");
     let lines = r.lines();
     assert_eq!(
-        &lines[..4],
+        &lines[..3],
         &[
             rbd(&format!("image-meta get {base} stratus.pdisk.read-only")),
             // Taken by an earlier clone: "exists" is fine.
             rbd(&format!("snap create {base}@pd-base")),
-            rbd(&format!("info {base} --format json")),
             rbd(&format!("clone {base}@pd-base {tmp}")),
         ],
         "{lines:?}"

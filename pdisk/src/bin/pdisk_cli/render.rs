@@ -74,7 +74,35 @@ pub fn volume_json(v: &Volume) -> Value {
         "created_by": v.created_by,
         "deleted_at": v.deleted_at,
         "purge_at": v.purge_at,
+        "flatten": flatten_json(v),
     })
+}
+
+/// A clone waiting for, or in, its background flatten; null otherwise.
+fn flatten_json(v: &Volume) -> Value {
+    if !v.flatten_pending {
+        return Value::Null;
+    }
+    json!({
+        "done_bytes": v.flatten_done_bytes,
+        "total_bytes": v.flatten_total_bytes,
+    })
+}
+
+/// "waiting its turn", "25% (16M of 64M)", or none.
+fn flatten_text(v: &Volume) -> String {
+    if !v.flatten_pending {
+        return NONE.to_owned();
+    }
+    if v.flatten_total_bytes == 0 {
+        return "waiting its turn".to_owned();
+    }
+    format!(
+        "{}% ({} of {})",
+        v.flatten_done_bytes * 100 / v.flatten_total_bytes,
+        size(v.flatten_done_bytes),
+        size(v.flatten_total_bytes)
+    )
 }
 
 pub fn volumes_json(vs: &[Volume]) -> Value {
@@ -107,6 +135,7 @@ pub fn volume_view(v: &Volume) -> String {
         ("device", or_none(&v.device_path)),
         ("deleted", or_none(&v.deleted_at)),
         ("purge at", or_none(&v.purge_at)),
+        ("flatten", flatten_text(v)),
     ])
 }
 
@@ -573,6 +602,9 @@ mod tests {
             allow_multi_attach: false,
             deleted_at: String::new(),
             purge_at: String::new(),
+            flatten_pending: false,
+            flatten_done_bytes: 0,
+            flatten_total_bytes: 0,
         }
     }
 
@@ -602,6 +634,21 @@ mod tests {
         assert_eq!(j["state"], "quarantined");
         assert_eq!(j["purge_at"], "2026-12-04T22:00:00Z");
         assert!(volume_view(&v).contains("purge at"));
+    }
+
+    #[test]
+    fn a_background_flatten_shows_its_progress() {
+        let mut v = volume();
+        assert!(volume_json(&v)["flatten"].is_null());
+        v.flatten_pending = true;
+        assert!(volume_view(&v).contains("waiting its turn"));
+        v.flatten_done_bytes = 16 << 20;
+        v.flatten_total_bytes = 64 << 20;
+        let view = volume_view(&v);
+        assert!(view.contains("25% (16M of 64M)"), "{view}");
+        let j = volume_json(&v);
+        assert_eq!(j["flatten"]["done_bytes"], 16 << 20);
+        assert_eq!(j["flatten"]["total_bytes"], 64 << 20);
     }
 
     #[test]
