@@ -170,7 +170,7 @@ impl Summary {
             .map(|(d, n)| format!("{d} {n}"))
             .collect();
         s.push_str(&format!(
-            "crashes (SIGKILL + restart): {} ({})\n\
+            "kills (SIGKILL; daemons restarted, QEMUs not): {} ({})\n\
              events followed across restarts: {}\n\
              settle: {:.0} s; invariant checks: {}; violations: {}\n",
             self.crashes.len(),

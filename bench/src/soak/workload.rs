@@ -29,7 +29,7 @@ use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-pub(crate) use guests::pull_base;
+pub(crate) use guests::{guest_spec, pull_base};
 
 use super::expect::{
     GuestExpect, ImageExpect, Known, Outcome, Rng, SaveExpect, SnapshotExpect, VolumeExpect, Want,

@@ -17,6 +17,7 @@ use tonic::transport::Channel;
 use super::{check, clients, exports_converge};
 use crate::soak::events::Followed;
 use crate::soak::expect::{Expectations, GuestExpect, Want};
+use crate::soak::workload::guest_spec;
 use crate::soak::Places;
 
 const TAP: &str = "stsoakplanted";
@@ -102,9 +103,9 @@ async fn plant_and_check(
         String::from_utf8_lossy(&target.stderr)
     );
     // A guest paused although its last answer left it running.
-    let paused = pause_behind_the_back(&mut agent, expect, killed).await?;
+    let paused = pause_behind_the_back(places, &mut agent, expect, killed).await?;
     // Another guest's QEMU dies without the chaos having killed it.
-    let crashed = crash_behind_the_back(&mut agent, expect, killed, &paused).await?;
+    let crashed = crash_behind_the_back(places, &mut agent, expect, killed, &paused).await?;
 
     let mut found = check(places, expect, followed, killed).await.violations;
     if let Err(e) = exports_converge(places, Duration::from_secs(3)).await {
@@ -177,12 +178,13 @@ async fn plant_and_check(
 /// RUNNING, without telling the checks, and waits until agentd records it
 /// CRASHED; its name.
 async fn crash_behind_the_back(
+    places: &Places,
     agent: &mut VmServiceClient<Channel>,
     expect: &mut Expectations,
     killed: &BTreeSet<u32>,
     not: &str,
 ) -> anyhow::Result<String> {
-    let (name, pid) = running_guest(agent, expect, killed, not).await?;
+    let (name, pid) = running_guest(places, agent, expect, killed, not).await?;
     // SAFETY: kill(2) of the QEMU agentd reports for the soak's guest.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     for _ in 0..100 {
@@ -203,11 +205,12 @@ async fn crash_behind_the_back(
 
 /// Pauses a guest its client expects RUNNING; its name.
 async fn pause_behind_the_back(
+    places: &Places,
     agent: &mut VmServiceClient<Channel>,
     expect: &mut Expectations,
     killed: &BTreeSet<u32>,
 ) -> anyhow::Result<String> {
-    let (name, _) = running_guest(agent, expect, killed, "").await?;
+    let (name, _) = running_guest(places, agent, expect, killed, "").await?;
     agent
         .pause_vm(pb::VmRequest {
             vm: name.clone(),
@@ -218,9 +221,10 @@ async fn pause_behind_the_back(
 }
 
 /// A guest (not `not`) its client expects RUNNING and that runs with the
-/// expected QEMU; when there is none, a stopped guest started now (and
-/// expected RUNNING from here on). Its name and QEMU pid.
+/// expected QEMU; when there is none, a stopped guest (or a new one)
+/// started now and expected RUNNING from here on. Its name and QEMU pid.
 async fn running_guest(
+    places: &Places,
     agent: &mut VmServiceClient<Channel>,
     expect: &mut Expectations,
     killed: &BTreeSet<u32>,
@@ -242,29 +246,40 @@ async fn running_guest(
     if let Some(g) = running {
         return Ok((g.name.clone(), g.pid));
     }
-    let v = vms
-        .iter()
-        .find(|v| {
-            v.name != not
-                && matches!(
-                    v.state(),
-                    pb::VmState::Stopped | pb::VmState::Defined | pb::VmState::Crashed
-                )
-        })
-        .ok_or_else(|| anyhow::anyhow!("no guest to start"))?;
+    let stopped = vms.iter().find(|v| {
+        v.name != not
+            && matches!(
+                v.state(),
+                pb::VmState::Stopped | pb::VmState::Defined | pb::VmState::Crashed
+            )
+    });
+    let name = match stopped {
+        Some(v) => v.name.clone(),
+        // Too few guests left: one of the proof's own.
+        None => {
+            let name = format!("soak-planted-{}", if not.is_empty() { "a" } else { "b" });
+            agent
+                .create_vm(pb::CreateVmRequest {
+                    spec: Some(guest_spec(places, &name)),
+                    ..Default::default()
+                })
+                .await?;
+            name
+        }
+    };
     let started = agent
         .start_vm(pb::VmRequest {
-            vm: v.name.clone(),
+            vm: name.clone(),
             ..Default::default()
         })
         .await?
         .into_inner();
-    expect.guests.retain(|g| g.name != v.name);
+    expect.guests.retain(|g| g.name != name);
     expect.guests.push(GuestExpect {
-        name: v.name.clone(),
+        name: name.clone(),
         acknowledged: true,
         state: Want::Running,
         pid: started.pid,
     });
-    Ok((v.name.clone(), started.pid))
+    Ok((name, started.pid))
 }

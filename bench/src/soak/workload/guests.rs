@@ -33,29 +33,35 @@ pub(crate) async fn pull_base(places: &Places, url: String) -> anyhow::Result<St
     task.await?
 }
 
+/// The soak's guest: 1 vCPU, 64 MiB, a pdisk clone of the base image
+/// (SeaBIOS finds nothing to boot on it), a NIC on the soak's bridge.
+pub(crate) fn guest_spec(places: &Places, name: &str) -> pb::VmSpec {
+    pb::VmSpec {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 64 << 20,
+        disks: vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
+                url: places.image_url.clone(),
+                sha256: places.image_sha.clone(),
+                format: pb::ImageFormat::Raw as i32,
+                ..Default::default()
+            })),
+            boot_index: 1,
+            ..Default::default()
+        }],
+        nics: vec![pb::NicSpec {
+            bridge: BRIDGE.into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 impl SoakClient {
     pub(super) async fn create_guest(&mut self) {
         let name = self.next_name("g");
-        let spec = pb::VmSpec {
-            name: name.clone(),
-            vcpus: 1,
-            memory_bytes: 64 << 20,
-            disks: vec![pb::DiskSpec {
-                source: Some(pb::disk_spec::Source::Image(pb::ImageRef {
-                    url: self.places.image_url.clone(),
-                    sha256: self.places.image_sha.clone(),
-                    format: pb::ImageFormat::Raw as i32,
-                    ..Default::default()
-                })),
-                boot_index: 1,
-                ..Default::default()
-            }],
-            nics: vec![pb::NicSpec {
-                bridge: BRIDGE.into(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        let spec = guest_spec(&self.places, &name);
         let request_id = self.request_id();
         let agent = self.agent.clone();
         let r = self
