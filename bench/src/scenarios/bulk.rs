@@ -42,7 +42,7 @@ const SINGLE_LIMIT: Duration = Duration::from_secs(180);
 
 /// What one bulk run measured.
 #[derive(Debug)]
-struct Measured {
+pub(crate) struct Measured {
     n: usize,
     single: Launched,
     single_cpu_s: f64,
@@ -64,11 +64,13 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
         let m = host
             .run(move |url| measure(url, image, n, pid, limit))
             .with_context(|| host.agentd_log_tail())?;
-        Ok(figures(&m))
+        Ok(figures(SCENARIO, "", &m))
     })
 }
 
-async fn measure(
+/// One guest alone, then `n` at once, on the agentd at `url` (pid `pid`):
+/// also the rbd scenario's boot storm, on a host whose pdiskd is on Ceph.
+pub(crate) async fn measure(
     url: String,
     image: Image,
     n: usize,
@@ -180,8 +182,10 @@ async fn measure(
     })
 }
 
-fn figures(m: &Measured) -> Vec<Figure> {
+/// The figures of a run, named `PREFIX<name>` under `scenario`.
+pub(crate) fn figures(scenario: &str, prefix: &str, m: &Measured) -> Vec<Figure> {
     let n = m.n as f64;
+    let name = |s: &str| format!("{prefix}{s}");
     let ok: Vec<&Launched> = m.guests.iter().filter_map(|g| g.as_ref().ok()).collect();
     let ready: Vec<f64> = ok.iter().filter_map(|l| l.ready).map(secs).collect();
     let failures = m.n - ready.len();
@@ -198,53 +202,54 @@ fn figures(m: &Measured) -> Vec<Figure> {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     vec![
         Figure::new(
-            SCENARIO,
-            &format!("until all {} RUNNING", m.n),
+            scenario,
+            &name(&format!("until all {} RUNNING", m.n)),
             "s",
             all_running,
         )
         .against("1 guest RUNNING", single_running)
         .with_samples(ok.iter().map(|l| secs(l.running)).collect()),
         Figure::new(
-            SCENARIO,
-            &format!("until all ready ({ready_label})"),
+            scenario,
+            &name(&format!("until all ready ({ready_label})")),
             "s",
             all_ready,
         )
         .against("1 guest ready", single_ready)
         .with_samples(ready.clone()),
         Figure::new(
-            SCENARIO,
-            "per guest to RUNNING (bulk / N)",
+            scenario,
+            &name("per guest to RUNNING (bulk / N)"),
             "s",
             all_running / n,
         )
         .against("1 guest RUNNING", single_running),
         Figure::new(
-            SCENARIO,
-            "per guest to ready (bulk / N)",
+            scenario,
+            &name("per guest to ready (bulk / N)"),
             "s",
             all_ready / n,
         )
         .against("1 guest ready", single_ready),
-        Figure::new(SCENARIO, "failures", "guests", failures as f64).against("guests launched", n),
+        Figure::new(scenario, &name("failures"), "guests", failures as f64)
+            .against("guests launched", n),
         Figure::new(
-            SCENARIO,
-            "agentd peak RSS during launch",
+            scenario,
+            &name("agentd peak RSS during launch"),
             "MiB",
             mib(m.peak_rss),
         )
         .against("agentd RSS idle", mib(m.idle_rss)),
         Figure::new(
-            SCENARIO,
-            "agentd CPU per guest (bulk)",
+            scenario,
+            &name("agentd CPU per guest (bulk)"),
             "ms",
             m.bulk_cpu_s * 1e3 / n,
         )
         .against("agentd CPU, single launch", m.single_cpu_s * 1e3),
         Figure::new(
-            SCENARIO,
-            &format!("agentd CPU, all {} guests", m.n),
+            scenario,
+            &name(&format!("agentd CPU, all {} guests", m.n)),
             "ms",
             m.bulk_cpu_s * 1e3,
         )
@@ -276,7 +281,7 @@ mod tests {
             bulk_cpu_s: 1.2,
             peak_rss: 15 << 20,
         };
-        let f = figures(&m);
+        let f = figures(SCENARIO, "", &m);
         assert_eq!(f[0].name, "until all 3 RUNNING");
         assert_eq!(f[0].value, 3.0);
         assert_eq!(f[0].ratio, Some(3.0));

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use stratus_proto::agent::v1 as pb;
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
-use testkit::{Agentd, Httpd, NetNs, Pdiskd, Tgtd, XfsPool};
+use testkit::{Agentd, CephCluster, Httpd, NetNs, Pdiskd, Tgtd, XfsPool};
 use tonic::transport::Channel;
 
 pub(crate) type Agent = VmServiceClient<Channel>;
@@ -43,13 +43,18 @@ pub(crate) struct Image {
     pub sha256: String,
 }
 
+/// The Ceph pool of [`GuestHost::start_rbd`].
+const RBD_POOL: &str = "vms";
+
 /// One host for guest scenarios. Fields drop in order: httpd, agentd (which
-/// kills its guests), pdiskd, tgtd, the pool, the namespace.
+/// kills its guests), pdiskd, tgtd or the Ceph cluster, the pool, the
+/// namespace.
 pub(crate) struct GuestHost {
     _httpd: Httpd,
     pub agentd: Agentd,
     _pdiskd: Pdiskd,
-    _tgtd: Tgtd,
+    _tgtd: Option<Tgtd>,
+    _ceph: Option<CephCluster>,
     _pool: XfsPool,
     pub ns: NetNs,
     pub image: Image,
@@ -71,22 +76,88 @@ impl GuestHost {
         let pdiskd = Pdiskd::start_in(&pool, &tgtd, Some(&ns));
         let agentd =
             Agentd::start_in_with(pool.dir.path(), &ns, &pdiskd.url(), BRIDGE, agentd_flags);
-        let www = pool.dir.path().join("www");
-        std::fs::create_dir_all(&www).expect("creating the web root");
-        let img = www.join("guest.qcow2");
-        std::fs::copy(testkit::guest_dir().join("stratus-guest.qcow2"), &img)
-            .expect("copying the test guest (scripts/guest-image)");
-        let sha256 = testkit::sha256_of(&img);
-        let httpd = Httpd::start_in(&ns, &www);
-        let url = httpd.url("guest.qcow2");
+        let (httpd, image) = serve_guest(&pool, &ns);
         GuestHost {
             _httpd: httpd,
             agentd,
             _pdiskd: pdiskd,
-            _tgtd: tgtd,
+            _tgtd: Some(tgtd),
+            _ceph: None,
             _pool: pool,
             ns,
-            image: Image { url, sha256 },
+            image,
+        }
+    }
+
+    /// [`GuestHost::start`] on Ceph RBD, as `agent/tests/rbd.rs` starts it:
+    /// a micro-cluster in the namespace (testkit's CephCluster, memstore),
+    /// pdiskd `--backend rbd` as `client.pdisk`, and agentd attaching RBD
+    /// disks with QEMU's rbd driver as `client.compute` (both users limited
+    /// to the pool). A guest's disk is an RBD clone of the image base's
+    /// `pd-base` snapshot. No tgtd.
+    pub fn start_rbd() -> GuestHost {
+        let ns = NetNs::new();
+        ns.add_bridge(BRIDGE);
+        let pool = XfsPool::new(4096);
+        let ceph = CephCluster::start_in(&ns);
+        eprintln!(
+            "  ceph micro-cluster up in {:.1} s",
+            ceph.startup.as_secs_f64()
+        );
+        ceph.create_pool(RBD_POOL);
+        let pdisk_keyring = ceph.create_rbd_user("pdisk", RBD_POOL);
+        let compute_keyring = ceph.create_rbd_user("compute", RBD_POOL);
+        let state = pool.dir.path().join("pdisk-rbd");
+        std::fs::create_dir_all(&state).expect("creating pdiskd's directory");
+        let args: Vec<String> = [
+            "--backend",
+            "rbd",
+            "--rbd-pool",
+            RBD_POOL,
+            "--ceph-conf",
+            ceph.conf.to_str().unwrap(),
+            "--ceph-id",
+            "pdisk",
+            "--ceph-keyring",
+            pdisk_keyring.to_str().unwrap(),
+            "--rbd-client-id",
+            "compute",
+            // memstore's 1 GiB holds what guests write, not their sizes.
+            "--max-overcommit",
+            "1000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let pdiskd = Pdiskd::start_on(
+            &state,
+            &state,
+            state.join("unused-pool-dir"),
+            Some(&ns),
+            args,
+        );
+        let agentd = Agentd::start_in_with(
+            pool.dir.path(),
+            &ns,
+            &pdiskd.url(),
+            BRIDGE,
+            &[
+                "--ceph-id",
+                "compute",
+                "--ceph-keyring",
+                compute_keyring.to_str().unwrap(),
+            ],
+        );
+        let (httpd, image) = serve_guest(&pool, &ns);
+        GuestHost {
+            _httpd: httpd,
+            agentd,
+            _pdiskd: pdiskd,
+            _tgtd: None,
+            _ceph: Some(ceph),
+            _pool: pool,
+            ns,
+            image,
         }
     }
 
@@ -150,6 +221,19 @@ impl GuestHost {
         }
         anyhow::bail!("agentd ({}) for {state} is not running", exe.display())
     }
+}
+
+/// busybox httpd in `ns` serving the test guest's qcow2 from the pool.
+fn serve_guest(pool: &XfsPool, ns: &NetNs) -> (Httpd, Image) {
+    let www = pool.dir.path().join("www");
+    std::fs::create_dir_all(&www).expect("creating the web root");
+    let img = www.join("guest.qcow2");
+    std::fs::copy(testkit::guest_dir().join("stratus-guest.qcow2"), &img)
+        .expect("copying the test guest (scripts/guest-image)");
+    let sha256 = testkit::sha256_of(&img);
+    let httpd = Httpd::start_in(ns, &www);
+    let url = httpd.url("guest.qcow2");
+    (httpd, Image { url, sha256 })
 }
 
 /// Moves the calling thread into the namespace open as `ns`.

@@ -1,6 +1,6 @@
 //! Scenario "rbd": pdiskd's rbd backend on a single-node Ceph cluster
 //! (testkit's CephCluster: one monitor, one memstore OSD, cephx, loopback),
-//! in three parts, each with a peer measured in the same run:
+//! in four parts, each with a peer measured in the same run:
 //!
 //! 1. Data path: QEMU's rbd driver (`qemu-img bench` on an `rbd:` filename,
 //!    the block layer a guest's virtio-blk requests go through, with
@@ -21,8 +21,14 @@
 //!    guest: an RBD clone of the base's `pd-base` snapshot), then a first
 //!    read of 4 MiB of each through QEMU's rbd driver at once (what a
 //!    booting guest reads first), against one clone and one read alone.
-//!    No guests are booted: 30 TCG guests on the 2-core test host measure
-//!    the CPU, not the storage (the bulk scenario does that on iSCSI).
+//! 4. The boot storm with real guests: the bulk scenario's launch
+//!    (`bulk::measure`: one guest alone, then N at once — 30, `--bulk N`, 3
+//!    with `--quick` — to RUNNING and to `ready` on the console) through a
+//!    real agentd whose pdiskd runs on a second micro-cluster inside the
+//!    guests' namespace (`GuestHost::start_rbd`): each guest's disk an RBD
+//!    clone of the image base, attached by QEMU's rbd driver. Under TCG on
+//!    a small host this measures the CPU as much as the storage; the bulk
+//!    scenario is the same launch over iSCSI.
 
 use std::process::Command;
 use std::time::Instant;
@@ -43,6 +49,13 @@ const DP_IMAGE: &str = "datapath";
 const DP_SIZE: u64 = 256 * MIB;
 
 pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    let mut figs = storage(ctx).await?;
+    figs.extend(boot_storm(ctx)?);
+    Ok(figs)
+}
+
+/// Parts 1 to 3, on a cluster of their own (gone before part 4 starts).
+async fn storage(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
     let scratch = tempfile::Builder::new()
         .prefix("rbd-")
         .tempdir_in(&ctx.work)?;
@@ -456,6 +469,28 @@ fn read_url(url: &str) -> anyhow::Result<f64> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// Part 4: the boot storm with real guests: the bulk scenario's launch (one
+/// guest alone, then N at once, to RUNNING and to `ready` on the console)
+/// on a host whose pdiskd runs on Ceph, every guest's disk an RBD clone of
+/// the image base attached by QEMU's rbd driver.
+fn boot_storm(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
+    let n = ctx.bulk.unwrap_or(if ctx.quick { 3 } else { 30 });
+    let limit = std::time::Duration::from_secs(if ctx.quick { 120 } else { 300 });
+    tokio::task::block_in_place(|| {
+        let host = super::guests::GuestHost::start_rbd();
+        let image = host.image.clone();
+        let pid = host.agentd_pid()?;
+        let m = host
+            .run(move |url| super::bulk::measure(url, image, n, pid, limit))
+            .with_context(|| host.agentd_log_tail())?;
+        Ok(super::bulk::figures(
+            SCENARIO,
+            "boot storm (RBD clones): ",
+            &m,
+        ))
+    })
 }
 
 #[cfg(test)]
