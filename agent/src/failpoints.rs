@@ -59,6 +59,15 @@ pub const POINTS: &[(&str, &[&str])] = &[
             "image.imported",
         ],
     ),
+    // Hot-plug into a running guest (QMP device_add). The detach points
+    // (`hotplug.disk_removed`, `hotplug.nic_removed`) come after QEMU
+    // released the device, which needs a guest OS that answers device_del:
+    // armed in the unit tier (`service/hotplug_tests.rs`) only.
+    (
+        "attach_disk",
+        &["hotplug.disk_intent", "hotplug.disk_added"],
+    ),
+    ("attach_nic", &["hotplug.nic_intent"]),
 ];
 
 /// Exits the process when the point `name` is configured to `return`.

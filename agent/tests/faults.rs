@@ -1,6 +1,7 @@
 //! Fault injection: agentd killed at every step boundary of create, start,
-//! stop, destroy and image pulls, then restarted, must leave nothing for
-//! anyone to clean up.
+//! stop, destroy, image pulls and saves, and disk and NIC hot-plug into a
+//! running guest, then restarted, must leave nothing for anyone to clean
+//! up (and, after a hot-plug, the record must equal QEMU's devices).
 //!
 //! Runs `agentd-failpoints` (agentd built with the `failpoints` feature:
 //! `cargo build -p agent --features failpoints --bin agentd-failpoints`,
@@ -38,10 +39,12 @@ enum Op {
     Destroy,
     Save,
     Pull,
+    AttachDisk,
+    AttachNic,
 }
 
 impl Op {
-    const ALL: [Op; 7] = [
+    const ALL: [Op; 9] = [
         Op::Create,
         Op::Start,
         Op::StartLocal,
@@ -49,6 +52,8 @@ impl Op {
         Op::Destroy,
         Op::Save,
         Op::Pull,
+        Op::AttachDisk,
+        Op::AttachNic,
     ];
 
     fn group(self) -> &'static str {
@@ -60,6 +65,8 @@ impl Op {
             Op::Destroy => "destroy",
             Op::Save => "save",
             Op::Pull => "pull",
+            Op::AttachDisk => "attach_disk",
+            Op::AttachNic => "attach_nic",
         }
     }
 }
@@ -279,6 +286,31 @@ impl Host {
                 .await
                 .map(drop)
             }),
+            // Its own volume NAME-hot, hot-plugged into the running guest.
+            Op::AttachDisk => self.agent(move |mut c| async move {
+                c.attach_disk(pb::AttachDiskRequest {
+                    disk: Some(pb::DiskSpec {
+                        source: Some(pb::disk_spec::Source::PdiskVolume(format!("{vm}-hot"))),
+                        ..Default::default()
+                    }),
+                    vm,
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+            }),
+            Op::AttachNic => self.agent(move |mut c| async move {
+                c.attach_nic(pb::AttachNicRequest {
+                    vm,
+                    nic: Some(pb::NicSpec {
+                        bridge: BRIDGE.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+            }),
             Op::Pull => {
                 let (url, sha) = self.new_image(name);
                 self.agent(move |mut c| async move {
@@ -447,6 +479,12 @@ fn check(
     });
     let mut disks = BTreeSet::new();
     for v in &running {
+        // Its spec's pdisk volumes (a hot-plugged one once it is in).
+        for d in v.spec.iter().flat_map(|s| s.disks.iter()) {
+            if let Some(pb::disk_spec::Source::PdiskVolume(n)) = &d.source {
+                disks.insert(n.clone());
+            }
+        }
         disks.insert(format!("{}-data", v.name));
         disks.insert(format!("vm-{}-vda", &v.uuid.replace('-', "")[..12]));
     }
@@ -516,6 +554,117 @@ fn check(
         history,
         "{what}: history rewritten"
     );
+}
+
+/// After a hot-plug into running guest `name` was interrupted: the guest
+/// still runs, and what agentd records equals what its QEMU has. agentd
+/// holds the guest's one QMP connection, so it is killed (the guest runs
+/// on) while the test asks QEMU itself (`qom-list /machine/peripheral`),
+/// then restarted. Every disk device QEMU has (`vdX-dev`) is one of the
+/// record's disks and every recorded pdisk disk is in QEMU; every NIC
+/// device (`netN-dev`) is one of the record's NICs and every recorded NIC
+/// is in QEMU; the hot-plugged volume is in the spec exactly when QEMU has
+/// it.
+fn check_devices(h: &mut Host, what: &str, name: &str) {
+    let vm = h
+        .vms()
+        .into_iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("{what}: {name} lost"));
+    assert_eq!(vm.state(), pb::VmState::Running, "{what}: {name} stopped");
+    let socket = h
+        .agentd
+        .state_dir
+        .join("vms")
+        .join(&vm.uuid)
+        .join("qmp.sock");
+    h.agentd.kill9();
+    let ids = qemu_peripherals(&socket);
+    h.agentd.restart_with_failpoints(None);
+    let qemu_disks: BTreeSet<String> = ids
+        .iter()
+        .filter_map(|i| i.strip_suffix("-dev"))
+        .filter(|i| i.starts_with("vd"))
+        .map(str::to_string)
+        .collect();
+    let recorded: BTreeSet<String> = vm.disks.iter().map(|d| d.device.clone()).collect();
+    for d in &qemu_disks {
+        assert!(
+            recorded.contains(d),
+            "{what}: QEMU has disk {d}, the record only {recorded:?}"
+        );
+    }
+    for d in vm.disks.iter().filter(|d| d.source.starts_with("pdisk:")) {
+        assert!(
+            qemu_disks.contains(&d.device),
+            "{what}: recorded disk {} ({}) is not in QEMU ({ids:?})",
+            d.device,
+            d.source
+        );
+    }
+    let hot = format!("{name}-hot");
+    let in_spec = vm
+        .spec
+        .iter()
+        .flat_map(|s| s.disks.iter())
+        .any(|d| matches!(&d.source, Some(pb::disk_spec::Source::PdiskVolume(n)) if *n == hot));
+    let in_qemu = vm
+        .disks
+        .iter()
+        .any(|d| d.source.ends_with(&format!(":{hot}")) && qemu_disks.contains(&d.device));
+    assert_eq!(
+        in_spec, in_qemu,
+        "{what}: {hot} in the spec: {in_spec}, in QEMU: {in_qemu}"
+    );
+    let qemu_nics: BTreeSet<String> = ids
+        .iter()
+        .filter_map(|i| i.strip_suffix("-dev"))
+        .filter(|i| i.starts_with("net"))
+        .map(str::to_string)
+        .collect();
+    // NIC i's tap ends in `n<i>`, its netdev is `net<i>`.
+    let recorded: BTreeSet<String> = vm
+        .nics
+        .iter()
+        .map(|n| format!("net{}", n.tap.rsplit('n').next().unwrap_or("0")))
+        .collect();
+    assert_eq!(qemu_nics, recorded, "{what}: QEMU's NICs, the record's");
+    let spec_nics = vm.spec.as_ref().map_or(0, |s| s.nics.len());
+    assert_eq!(
+        spec_nics,
+        recorded.len(),
+        "{what}: spec's NICs, the record's"
+    );
+}
+
+/// The ids of QEMU's user-created devices, through its QMP socket.
+fn qemu_peripherals(socket: &std::path::Path) -> Vec<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut answer = |cmd: &str| -> serde_json::Value {
+        writeln!(s, "{cmd}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if let Some(ret) = v.get("return") {
+                return ret.clone();
+            }
+            assert!(v.get("error").is_none(), "QMP {cmd}: {v}");
+        }
+    };
+    answer(r#"{"execute": "qmp_capabilities"}"#);
+    let props = answer(r#"{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}"#);
+    props
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// After a save of `name`'s vdb was interrupted: once reconciliation is
@@ -609,7 +758,8 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
     for op in Op::ALL {
         for (i, point) in points(op.group()).iter().enumerate() {
             let what = format!("{op:?} at {point}");
-            let name = format!("{}{i}", op.group());
+            // A guest's name is its hostname: no '_'.
+            let name = format!("{}{i}", op.group().replace('_', "-"));
             // What the operation needs, made before agentd may crash.
             match op {
                 Op::Create | Op::Pull => {}
@@ -620,6 +770,21 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
                 Op::StartLocal => {
                     h.define_local(&name).unwrap();
                     acknowledged.insert(name.clone());
+                }
+                Op::AttachDisk | Op::AttachNic => {
+                    h.define(&name).unwrap();
+                    acknowledged.insert(name.clone());
+                    h.call(Op::Start, &name).unwrap();
+                    let hot = format!("{name}-hot");
+                    h.pdisk(move |mut c| async move {
+                        c.create_volume(pdpb::CreateVolumeRequest {
+                            name: hot,
+                            size_bytes: 4 << 20,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap();
+                    });
                 }
                 Op::Stop | Op::Destroy => {
                     h.define(&name).unwrap();
@@ -644,6 +809,9 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
             );
             h.agentd.restart_with_failpoints(None);
             check(&h, &what, &acknowledged, &history, &mut seen);
+            if matches!(op, Op::AttachDisk | Op::AttachNic) {
+                check_devices(&mut h, &what, &name);
+            }
             if op == Op::Save {
                 check_save(&h, &what, &name, answer.is_ok(), &history);
             }
