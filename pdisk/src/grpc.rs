@@ -16,21 +16,24 @@ use uuid::Uuid;
 use crate::backend::{copy, ImageFormat};
 use crate::error::Error;
 use crate::events::{event_pb, PoolEventFilter};
-use crate::service::{
-    is_image_base, Deleted, Drift, ExportBy, ExportInfo, NewVolume, NewVolumeSource, PoolInfo,
-    PoolService, SnapshotInfo, VolumeInfo,
-};
-use crate::store::{NameScope, QuotaLimits, QuotaUsage, Source, VolumeState};
+use crate::service::{Deleted, ExportBy, NewVolume, NewVolumeSource, PoolService};
+use crate::store::{NameScope, QuotaLimits, QuotaUsage};
 use crate::tenancy::Call;
-use crate::types::{ByteSize, Chap, Iqn, VolumeName, LABEL_IMAGE_SHA256};
-use stratus_core::requests::{fingerprint, Attempt, RequestLog};
+use crate::types::{ByteSize, Chap, Iqn, VolumeName};
+use stratus_core::requests::{Attempt, RequestLog};
 use stratus_pki::{Identity, Role};
+
+mod convert;
+mod requests;
+use convert::{export_pb, pool_pb, quota_pb, snapshot_pb, volume_pb};
+use requests::{caller_key, gone_since};
 
 pub struct Api {
     svc: Arc<PoolService>,
-    /// Outcomes of recent creates, clones, imports and snapshots by
-    /// `request_id`, for retries; kept in the metadata store too, so a
-    /// retry after a restart gets the first answer.
+    /// Outcomes of recent creates, clones, imports, snapshots, deletes,
+    /// exports, unexports and resizes by `request_id`, for retries
+    /// (`grpc/requests.rs`); kept in the metadata store too, so a retry
+    /// after a restart gets the first answer.
     requests: RequestLog,
 }
 
@@ -38,199 +41,6 @@ impl Api {
     pub fn new(svc: Arc<PoolService>) -> Self {
         let requests = RequestLog::default().with_durable(svc.shared_store());
         Api { svc, requests }
-    }
-
-    /// Runs `op` as pdiskd's own task ([`detached`]); with a `request_id`,
-    /// a retry of the same request by the same caller in the same project
-    /// gets the first attempt's result instead of running again
-    /// ([`stratus_core::requests`]), across restarts of pdiskd too: a
-    /// retry of an attempt a restart interrupted (whose unacknowledged
-    /// create reconciliation rolled back) runs again. `msg` is the request
-    /// with its request_id cleared.
-    async fn once<T, M, F>(
-        &self,
-        call: &Call,
-        rpc: &'static str,
-        request_id: &str,
-        msg: &M,
-        op: F,
-    ) -> Result<T, Status>
-    where
-        T: stratus_core::requests::Answer,
-        M: prost::Message,
-        F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
-    {
-        self.once_resolved(call, rpc, request_id, msg, |_| Ok((String::new(), op)))
-            .await
-    }
-
-    /// [`Self::once`] for a request that names an existing object: the
-    /// name is resolved by `prepare` only when the operation is to run (a
-    /// retry answered from a kept outcome resolves nothing, so the retry
-    /// of an answered delete is not NotFound). `prepare` is told whether an
-    /// earlier attempt was interrupted by a restart, with the object (its
-    /// UUID) that attempt resolved the name to, and returns that UUID and
-    /// the operation.
-    async fn once_resolved<T, M, F, P>(
-        &self,
-        call: &Call,
-        rpc: &'static str,
-        request_id: &str,
-        msg: &M,
-        prepare: P,
-    ) -> Result<T, Status>
-    where
-        T: stratus_core::requests::Answer,
-        M: prost::Message,
-        F: std::future::Future<Output = crate::error::Result<T>> + Send + 'static,
-        P: FnOnce(Attempt) -> crate::error::Result<(String, F)>,
-    {
-        let fp = fingerprint(&msg.encode_to_vec());
-        Ok(self
-            .requests
-            .run_resolved(&caller_key(call), request_id, rpc, fp, prepare)
-            .await?)
-    }
-}
-
-/// For the retry of an attempt a restart interrupted: the UUID that
-/// attempt resolved its name to, when the object it names is gone by now
-/// (the interrupted delete finished, by reconciliation or in full), so the
-/// retry answers as the delete would have instead of NotFound.
-fn gone_since(attempt: &Attempt, found: &crate::error::Result<impl Sized>) -> bool {
-    matches!(attempt, Attempt::AfterRestart { target } if !target.is_empty())
-        && matches!(found, Err(e) if e.kind() == crate::error::ErrorKind::NotFound)
-}
-
-/// Whose retries share request ids: the caller and the project it acts in.
-fn caller_key(call: &Call) -> String {
-    format!("{}|{}", call.identity, call.scope.project())
-}
-
-fn volume_pb(v: VolumeInfo) -> pb::Volume {
-    let r = v.record;
-    let image_sha256 = if is_image_base(&r) {
-        r.labels[LABEL_IMAGE_SHA256].clone()
-    } else {
-        String::new()
-    };
-    let (deleted_at, purge_at) = match &r.quarantine {
-        Some(q) => (q.deleted_at.clone(), q.purge_at()),
-        None => Default::default(),
-    };
-    let flatten = v.flatten.unwrap_or_default();
-    pb::Volume {
-        deleted_at,
-        purge_at,
-        flatten_pending: v.flatten.is_some(),
-        flatten_done_bytes: flatten.done,
-        flatten_total_bytes: flatten.total,
-        uuid: r.uuid.to_string(),
-        name: r.name.to_string(),
-        size_bytes: r.size.0,
-        allocated_bytes: v.allocated,
-        labels: r.labels.into_iter().collect(),
-        state: match r.state {
-            VolumeState::Creating => pb::VolumeState::Creating,
-            VolumeState::Ready => pb::VolumeState::Ready,
-            VolumeState::Deleting => pb::VolumeState::Deleting,
-            VolumeState::Error => pb::VolumeState::Error,
-            VolumeState::Quarantined => pb::VolumeState::Quarantined,
-        } as i32,
-        state_reason: r.state_reason,
-        clone_of_volume: match &r.source {
-            Source::Volume(u) => u.to_string(),
-            _ => String::new(),
-        },
-        clone_of_snapshot: match &r.source {
-            Source::Snapshot(u) => u.to_string(),
-            _ => String::new(),
-        },
-        image_sha256,
-        source: r.source.describe(),
-        created_at: r.created_at,
-        exported: v.exported,
-        snapshot_count: v.snapshot_count,
-        device_path: v.device_path.display().to_string(),
-        project: r.project,
-        allow_multi_attach: r.allow_multi_attach,
-        created_by: r.created_by.map(|c| c.to_string()).unwrap_or_default(),
-    }
-}
-
-fn snapshot_pb(s: SnapshotInfo) -> pb::Snapshot {
-    let r = s.record;
-    pb::Snapshot {
-        project: s.project,
-        uuid: r.uuid.to_string(),
-        name: r.name.to_string(),
-        volume_uuid: r.volume.to_string(),
-        volume_name: s.volume_name,
-        size_bytes: r.size.0,
-        allocated_bytes: s.allocated,
-        created_at: r.created_at,
-    }
-}
-
-fn export_pb(e: ExportInfo) -> pb::Export {
-    let url = e.url();
-    if let Some(l) = e.local {
-        // No target: the caller opens the volume here.
-        return pb::Export {
-            volume_uuid: e.record.volume.to_string(),
-            volume_name: e.volume_name,
-            initiators: e.record.initiators.iter().map(|i| i.to_string()).collect(),
-            url,
-            exporter: e.exporter,
-            project: e.project,
-            local: Some(pb::LocalAttachment {
-                path: l.path.display().to_string(),
-                format: "raw".into(),
-                block_device: l.block_device,
-            }),
-            ..Default::default()
-        };
-    }
-    if let Some(r) = e.rbd {
-        // No target: nothing iSCSI to name.
-        return pb::Export {
-            volume_uuid: e.record.volume.to_string(),
-            volume_name: e.volume_name,
-            initiators: e.record.initiators.iter().map(|i| i.to_string()).collect(),
-            url,
-            exporter: e.exporter,
-            project: e.project,
-            rbd: Some(pb::RbdAttachment {
-                monitors: r.monitors,
-                pool: r.pool,
-                image: r.image,
-                user: r.user,
-                secret_ref: r.secret_ref,
-                cluster_fsid: r.cluster_fsid,
-            }),
-            ..Default::default()
-        };
-    }
-    pb::Export {
-        volume_uuid: e.record.volume.to_string(),
-        volume_name: e.volume_name,
-        target_iqn: e.record.target_iqn.to_string(),
-        portal: e.portal,
-        lun: crate::export::VOLUME_LUN,
-        initiators: e.record.initiators.iter().map(|i| i.to_string()).collect(),
-        url,
-        chap_target_user: e
-            .record
-            .chap
-            .as_ref()
-            .and_then(Chap::mutual)
-            .map(|t| t.user.clone())
-            .unwrap_or_default(),
-        chap_user: e.record.chap.map(|c| c.user).unwrap_or_default(),
-        exporter: e.exporter,
-        project: e.project,
-        rbd: None,
-        local: None,
     }
 }
 
@@ -247,22 +57,6 @@ fn chap_from_pb(c: pb::ChapCredentials) -> Result<Chap, Error> {
 /// Initiator IQNs as a request carries them, parsed.
 fn iqns(initiators: &[String]) -> Result<Vec<Iqn>, Error> {
     initiators.iter().map(|i| i.parse()).collect()
-}
-
-fn quota_pb(project: String, limits: QuotaLimits, usage: QuotaUsage) -> pb::Quota {
-    pb::Quota {
-        project,
-        limits: Some(pb::QuotaLimits {
-            volumes: limits.volumes,
-            snapshots: limits.snapshots,
-            bytes: limits.bytes,
-        }),
-        usage: Some(pb::QuotaUsage {
-            volumes: usage.volumes,
-            snapshots: usage.snapshots,
-            bytes: usage.bytes,
-        }),
-    }
 }
 
 /// The initiator IQN an agent's certificate is bound to (SAN URI
@@ -319,39 +113,6 @@ fn agent_may_resize(
              volume {} is not",
             v.name
         )))
-    }
-}
-
-fn drift_pb(d: Drift) -> pb::Drift {
-    pb::Drift {
-        kind: d.kind.as_str().into(),
-        object: d.object,
-        detail: d.detail,
-    }
-}
-
-fn pool_pb(p: PoolInfo) -> pb::Pool {
-    pb::Pool {
-        backend: p.backend,
-        exporter: p.exporter,
-        capacity_bytes: p.capacity,
-        provisioned_bytes: p.provisioned,
-        used_bytes: p.used,
-        allocated_bytes: p.allocated,
-        volume_count: p.volumes,
-        quarantined_count: p.quarantined,
-        quarantined_bytes: p.quarantined_bytes,
-        snapshot_count: p.snapshots,
-        export_count: p.exports,
-        capabilities: p.capabilities,
-        drift: p.drift.into_iter().map(drift_pb).collect(),
-        last_reconciled_at: p.last_reconciled_at,
-        exporter_status: p.exporter_status,
-        max_overcommit: p.max_overcommit,
-        location: p.location,
-        data_percent: p.thin.as_ref().map(|t| t.data_percent),
-        metadata_percent: p.thin.as_ref().map(|t| t.metadata_percent),
-        thin_threshold_percent: p.thin.as_ref().map(|t| t.threshold_percent),
     }
 }
 
