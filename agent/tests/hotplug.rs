@@ -226,3 +226,184 @@ fn a_volume_moves_between_running_guests_and_a_hot_plugged_nic_answers() {
         SEEN,
     );
 }
+
+/// Disk QoS through a real agentd: a guest started with limits has them
+/// in its QEMU's throttle group (`qom-get` of `/objects/qos-vda`'s
+/// `limits`) above a `throttle` node; a disk hot-plugged with limits
+/// gets its own group; SetDiskQos changes a running guest's limits live.
+/// QEMU serves one QMP client, so agentd is killed to ask it, and
+/// restarted (adoption gives QEMU the stored limits again).
+#[test]
+#[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
+fn disk_limits_reach_qemu_at_start_at_hot_plug_and_change_live() {
+    let mut h = AgentHost::start(512, &[]);
+    for v in ["q1", "q2"] {
+        h.pdisk(move |mut c| async move {
+            c.create_volume(pdpb::CreateVolumeRequest {
+                name: v.into(),
+                size_bytes: 8 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+        });
+    }
+    let g = guest_dir();
+    let spec = pb::VmSpec {
+        name: "q".into(),
+        vcpus: 1,
+        memory_bytes: 128 << 20,
+        kernel: Some(pb::KernelBoot {
+            kernel: g.join("vmlinuz").display().to_string(),
+            initrd: g.join("initrd.img").display().to_string(),
+            cmdline: "console=ttyS0".into(),
+        }),
+        disks: vec![pb::DiskSpec {
+            source: Some(pb::disk_spec::Source::PdiskVolume("q1".into())),
+            qos: Some(pb::DiskQos {
+                iops_total: 200,
+                iops_total_max: 400,
+                iops_total_max_length: 5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let vm = h.agent(move |mut c| async move {
+        c.create_vm(pb::CreateVmRequest {
+            spec: Some(spec),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.start_vm(pb::VmRequest {
+            vm: "q".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let uuid = vm.uuid.clone();
+    let vm = h.agent(|mut c| async move {
+        c.attach_disk(pb::AttachDiskRequest {
+            vm: "q".into(),
+            disk: Some(pb::DiskSpec {
+                source: Some(pb::disk_spec::Source::PdiskVolume("q2".into())),
+                qos: Some(pb::DiskQos {
+                    bps_write: 1 << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    let hot = vm
+        .disks
+        .iter()
+        .find(|d| d.source == "pdisk:q2")
+        .unwrap()
+        .device
+        .clone();
+    // Live: a read/write split instead of the total.
+    let vm = h.agent(|mut c| async move {
+        c.set_disk_qos(pb::SetDiskQosRequest {
+            vm: "q".into(),
+            device: "vda".into(),
+            qos: Some(pb::DiskQos {
+                iops_read: 100,
+                iops_write: 50,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(
+        vm.spec.unwrap().disks[0].qos.clone().unwrap().iops_read,
+        100
+    );
+    // A total with a split is refused, and nothing changes.
+    let err = h.agent(|mut c| async move {
+        c.set_disk_qos(pb::SetDiskQosRequest {
+            vm: "q".into(),
+            device: "vda".into(),
+            qos: Some(pb::DiskQos {
+                iops_total: 10,
+                iops_read: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
+    h.agentd.kill9();
+    let socket = h.agentd.state_dir.join("vms").join(&uuid).join("qmp.sock");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (limits, hot_limits, nodes) = rt.block_on(async {
+        let (qmp, _events) = agent::qmp::Qmp::connect(&socket, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let get = |id: String| {
+            let qmp = &qmp;
+            async move {
+                qmp.execute(
+                    "qom-get",
+                    Some(
+                        serde_json::json!({"path": format!("/objects/{id}"), "property": "limits"}),
+                    ),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let limits = get("qos-vda".into()).await;
+        let hot_limits = get(format!("qos-{hot}")).await;
+        let nodes = qmp.execute("query-named-block-nodes", None).await.unwrap();
+        (limits, hot_limits, nodes)
+    });
+    drop(rt);
+    assert_eq!(limits["iops-read"], 100, "{limits}");
+    assert_eq!(limits["iops-write"], 50, "{limits}");
+    assert_eq!(limits["iops-total"], 0, "{limits}");
+    assert_eq!(limits["iops-total-max"], 0, "{limits}");
+    assert_eq!(hot_limits["bps-write"], 1 << 20, "{hot_limits}");
+    let drv = |name: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == name)
+            .map(|n| n["drv"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(drv("vda").as_deref(), Some("throttle"), "{nodes}");
+    // Its format node below: QEMU's iSCSI initiator, or raw over a
+    // same-host volume.
+    assert!(
+        matches!(drv("vda-fmt").as_deref(), Some("iscsi" | "raw")),
+        "{nodes}"
+    );
+    assert_eq!(drv(&hot).as_deref(), Some("throttle"), "{nodes}");
+    // Adopted again, and still managed.
+    h.agentd.restart();
+    let vm = h.agent(|mut c| async move {
+        c.get_vm(pb::VmRequest {
+            vm: "q".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(vm.state, pb::VmState::Running as i32);
+}

@@ -9,6 +9,7 @@ pub mod events_nats;
 mod guests;
 pub mod import;
 pub mod launch;
+pub mod qos;
 pub mod rbd;
 pub mod snapshot;
 pub mod transport;
@@ -39,4 +40,5 @@ pub const ALL: &[&str] = &[
     "events-nats",
     "transport",
     "rbd",
+    "qos",
 ];
