@@ -26,7 +26,7 @@ use stratus_pki::Identity;
 mod convert;
 pub use convert::event_pb;
 use convert::{image_pb, image_spec, parse_disk, parse_nic, quota_pb, server_pb, vm_pb};
-pub(crate) use convert::{parse_spec, spec_pb};
+pub(crate) use convert::{layout_pb, parse_spec, spec_pb};
 
 pub struct Api {
     agent: Arc<Agent>,
@@ -841,6 +841,7 @@ impl VmService for Api {
                     source_dn,
                     created_at: r.created_at,
                     tls: r.tls,
+                    layout: r.layout.map(convert::parse_layout),
                 })
                 .await
         })

@@ -48,6 +48,7 @@ pub mod hotplug;
 pub mod images;
 pub(crate) mod journal;
 mod launch_fds;
+pub mod layout;
 pub mod metrics;
 pub mod migration_tls;
 pub mod net;

@@ -555,6 +555,10 @@ pub struct LaunchPlan {
     /// A live migration's destination: QEMU starts with `-incoming defer`
     /// and waits for `migrate-incoming` (`crate::service::migrate`).
     pub incoming: bool,
+    /// A live migration's destination: where the source's QEMU has each
+    /// device and root port (hot-plugged ones behind their ports), which
+    /// replaces the spec's order and `hotplug_ports`.
+    pub layout: Option<crate::layout::DeviceLayout>,
 }
 
 impl LaunchPlan {
@@ -612,8 +616,17 @@ impl LaunchPlan {
         ]);
         // A panic device turns guest panics into GUEST_PANICKED events.
         a.push(&["-device", "pvpanic"]);
+        // Devices behind root ports (a migration's layout) come after them.
+        let mut behind_ports = Vec::new();
+        let mut device = |a: &mut Argv, dev: String, at: Option<&crate::layout::Placement>| match at
+        {
+            Some(p) if p.port.is_some() => behind_ports.push(crate::layout::placed(&dev, p)),
+            Some(p) => a.push(&["-device", &crate::layout::placed(&dev, p)]),
+            None => a.push(&["-device", &dev]),
+        };
+        let layout = self.layout.as_ref();
         let mut groups = Vec::new();
-        for d in &self.disks {
+        for (k, d) in self.disks.iter().enumerate() {
             // A group shared by several disks is made once, before them.
             if let Some(q) = d.qos.as_ref().filter(|q| !groups.contains(&q.group_id)) {
                 a.push(&["-object", &q.group_object().to_string()]);
@@ -621,21 +634,32 @@ impl LaunchPlan {
             }
             let blockdev = blockdev(d, self.io_uring, &mut ArgvDisk { fds, a: &mut a })?;
             a.push(&["-blockdev", &blockdev.to_string()]);
-            a.push(&["-device", &disk_device(d, None)]);
+            // Spec disks in order, then the seed.
+            let at = layout.and_then(|l| l.disks.get(k).or(l.seed.as_ref()));
+            device(&mut a, disk_device(d, None), at);
         }
         for (i, n) in self.nics.iter().enumerate() {
             let fd = fds.tap(&n.tap)?;
-            a.push(&[
-                "-netdev",
-                &format!("tap,id=net{i},fd={fd}"),
-                "-device",
-                &nic_device(&format!("net{i}"), &n.mac, None),
-            ]);
+            a.push(&["-netdev", &format!("tap,id=net{i},fd={fd}")]);
+            let at = layout.and_then(|l| l.nics.get(i));
+            device(&mut a, nic_device(&format!("net{i}"), &n.mac, None), at);
         }
         // Empty PCIe root ports for hot-plug, after every cold-plugged
         // device so those keep the addresses they had without them.
-        for i in 0..self.hotplug_ports {
-            a.push(&["-device", &root_port(i)]);
+        match layout {
+            Some(l) => {
+                for (i, p) in l.ports.iter().enumerate() {
+                    a.push(&["-device", &crate::layout::placed(&root_port(i as u32), p)]);
+                }
+            }
+            None => {
+                for i in 0..self.hotplug_ports {
+                    a.push(&["-device", &root_port(i)]);
+                }
+            }
+        }
+        for dev in behind_ports {
+            a.push(&["-device", &dev]);
         }
         if let Some(k) = &self.kernel {
             // QEMU's loader takes a path, not an fd set: its own descriptor

@@ -42,6 +42,7 @@ fn plan() -> LaunchPlan {
         console_log_max: 1 << 20,
         hotplug_ports: 2,
         incoming: false,
+        layout: None,
         io_uring: true,
         confinement: Some(Confinement {
             user: crate::confine::QemuUser {
@@ -140,6 +141,43 @@ fn empty_hotplug_root_ports_come_after_every_cold_plugged_device() {
     let mut p = plan();
     p.hotplug_ports = 0;
     assert!(!argv_of(&p).0.join(" ").contains("pcie-root-port"));
+}
+
+#[test]
+fn a_migrations_destination_places_devices_where_the_source_has_them() {
+    use crate::layout::{DeviceLayout, Placement};
+    let at = |port: Option<&str>, devfn| Placement {
+        port: port.map(str::to_owned),
+        devfn,
+    };
+    let mut p = plan();
+    p.incoming = true;
+    // vdb and the NIC were hot-plugged on the source (hp1, hp0); it has
+    // three ports whatever this host's --hotplug-ports says.
+    p.layout = Some(DeviceLayout {
+        disks: vec![at(None, 0x08), at(Some("hp1"), 0)],
+        seed: None,
+        nics: vec![at(Some("hp0"), 0)],
+        ports: vec![at(None, 0x10), at(None, 0x18), at(None, 0x20)],
+    });
+    let (a, _) = argv_of(&p);
+    let devices: Vec<&str> = a
+        .windows(2)
+        .filter(|w| w[0] == "-device")
+        .map(|w| w[1].as_str())
+        .collect();
+    assert_eq!(
+        devices,
+        [
+            "pvpanic",
+            "virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1,addr=0x1.0",
+            "pcie-root-port,id=hp0,bus=pcie.0,chassis=1,port=0x10,addr=0x2.0",
+            "pcie-root-port,id=hp1,bus=pcie.0,chassis=2,port=0x11,addr=0x3.0",
+            "pcie-root-port,id=hp2,bus=pcie.0,chassis=3,port=0x12,addr=0x4.0",
+            "virtio-blk-pci,drive=vdb,id=vdb-dev,bus=hp1,addr=0x0.0",
+            "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,id=net0-dev,bus=hp0,addr=0x0.0",
+        ]
+    );
 }
 
 #[test]

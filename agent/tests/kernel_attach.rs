@@ -279,6 +279,7 @@ async fn qemu_io_as_guest_disk(dev: &Path, cmds: &[&str]) -> String {
         console_log_max: 1 << 20,
         hotplug_ports: 0,
         incoming: false,
+        layout: None,
     };
     let argv = plan.argv(&mut vmm::NumberedFds::default()).unwrap();
     let i = argv.iter().position(|a| a == "-blockdev").unwrap();

@@ -4,8 +4,10 @@
 //! both reached by B across the link. The test guest (TCG, 128 MiB,
 //! `stratus.count=1`: a count and its uptime on the console every second)
 //! boots on A from a pdisk volume. A migration to B refused by B (a bridge
-//! B does not allow) leaves it running on A; a migration to B moves it
-//! without a restart, leaving nothing on A; on B it stops normally.
+//! B does not allow) leaves it running on A; a migration to B, over TLS,
+//! moves it without a restart with a disk and a NIC hot-plugged on A
+//! (they keep their root ports on B, work there and detach), leaving
+//! nothing on A; on B it stops normally.
 //! Run by scripts/test's e2e tier (needs root, QEMU, tgt and the test guest).
 
 use std::path::{Path, PathBuf};
@@ -23,6 +25,9 @@ const BRIDGE: &str = "stbr0";
 /// A bridge host A allows and host B does not.
 const ONLY_ON_A: &str = "stmig0";
 const BOOT: Duration = Duration::from_secs(180);
+const HOTPLUG_SEEN: Duration = Duration::from_secs(60);
+/// The MAC of the NIC hot-plugged on A.
+const HOT_MAC: &str = "52:54:00:00:00:43";
 
 /// Fields drop in order: the agentds (and their guests) first, then
 /// storage, the namespaces last.
@@ -160,6 +165,36 @@ impl TwoHosts {
         });
     }
 
+    /// An empty volume `name` of `size` bytes in pdisk.
+    fn empty_volume(&self, name: &str, size: u64) {
+        let (url, name) = (self.pdiskd.url(), name.to_string());
+        self.ns_a.block_on(move || async move {
+            let mut c = VolumeServiceClient::new(channel(&url).await);
+            c.create_volume(pdpb::CreateVolumeRequest {
+                name,
+                size_bytes: size,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        });
+    }
+
+    /// The storage admin grows `volume` to `size` bytes.
+    fn grow_volume(&self, volume: &str, size: u64) {
+        let (url, volume) = (self.pdiskd.url(), volume.to_string());
+        self.ns_a.block_on(move || async move {
+            let mut c = VolumeServiceClient::new(channel(&url).await);
+            c.resize_volume(pdpb::ResizeVolumeRequest {
+                volume,
+                size_bytes: size,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        });
+    }
+
     /// The initiators of the export of `volume`, none when not exported.
     fn export_initiators(&self, volume: &str) -> Vec<String> {
         let url = self.pdiskd.url();
@@ -269,7 +304,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         kernel: Some(pb::KernelBoot {
             kernel: g.join("vmlinuz").display().to_string(),
             initrd: g.join("initrd.img").display().to_string(),
-            cmdline: "console=ttyS0 stratus.count=1".into(),
+            cmdline: "console=ttyS0 stratus.count=1 stratus.hotplug_marker=from-a".into(),
         }),
         ..Default::default()
     };
@@ -367,6 +402,42 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     let log_a = PathBuf::from(&vm.console_log);
     let tap = vm.nics[0].tap.clone();
     count_past(&log_a, 3);
+
+    // A disk and a NIC hot-plugged on A (behind root ports hp0 and hp1,
+    // where a destination building from the spec would not put them).
+    h.empty_volume("mig-data", 8 << 20);
+    h.on_a(|mut c| async move {
+        c.attach_disk(pb::AttachDiskRequest {
+            vm: "mover".into(),
+            disk: Some(pb::DiskSpec {
+                source: Some(pb::disk_spec::Source::PdiskVolume("mig-data".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    wait_console(&log_a, "STRATUS-GUEST hotplug wrote vdb", HOTPLUG_SEEN);
+    h.on_a(|mut c| async move {
+        c.attach_nic(pb::AttachNicRequest {
+            vm: "mover".into(),
+            nic: Some(pb::NicSpec {
+                bridge: BRIDGE.into(),
+                mac: HOT_MAC.into(),
+                vlan: 0,
+                ips: Vec::new(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    wait_console(
+        &log_a,
+        &format!("STRATUS-GUEST hotplug nic eth1 added mac={HOT_MAC}"),
+        HOTPLUG_SEEN,
+    );
     let since_b = h.ns_b.block_on({
         let url = h.b.url();
         move || async move { agent_events(url, 0).await.last().map_or(0, |e| e.seq) }
@@ -400,6 +471,10 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     assert!(!log_a.exists(), "A kept {}", log_a.display());
     assert_eq!(
         h.export_initiators("mig-root"),
+        vec![OTHER_INITIATOR.to_string()]
+    );
+    assert_eq!(
+        h.export_initiators("mig-data"),
         vec![OTHER_INITIATOR.to_string()]
     );
     let k = kinds(
@@ -447,6 +522,82 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     assert!(k.contains(&pb::EventType::Migrating), "{k:?}");
     assert!(k.contains(&pb::EventType::Migrated), "{k:?}");
 
+    // The hot-plugged devices came along where they were: the disk grows
+    // on B and the guest sees it through the migrated device; both detach
+    // on B; the disk attached again shows A's marker.
+    assert_eq!(on_b.spec.as_ref().unwrap().disks.len(), 2);
+    assert_eq!(on_b.nics.len(), 2);
+    h.grow_volume("mig-data", 16 << 20);
+    h.on_b(|mut c| async move {
+        c.resize_disk(pb::ResizeDiskRequest {
+            vm: "mover".into(),
+            device: "vdb".into(),
+            size_bytes: 16 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    wait_console(
+        &log_b,
+        "STRATUS-GUEST hotplug disk vdb size=16777216",
+        HOTPLUG_SEEN,
+    );
+    let vm_b = h.on_b(|mut c| async move {
+        c.detach_disk(pb::DetachDiskRequest {
+            vm: "mover".into(),
+            device: "vdb".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(vm_b.spec.unwrap().disks.len(), 1);
+    wait_console(
+        &log_b,
+        "STRATUS-GUEST hotplug disk vdb removed",
+        HOTPLUG_SEEN,
+    );
+    let vm_b = h.on_b(|mut c| async move {
+        c.detach_nic(pb::DetachNicRequest {
+            vm: "mover".into(),
+            nic: HOT_MAC.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(vm_b.nics.len(), 1);
+    wait_console(
+        &log_b,
+        "STRATUS-GUEST hotplug nic eth1 removed",
+        HOTPLUG_SEEN,
+    );
+    h.on_b(|mut c| async move {
+        c.attach_disk(pb::AttachDiskRequest {
+            vm: "mover".into(),
+            disk: Some(pb::DiskSpec {
+                source: Some(pb::disk_spec::Source::PdiskVolume("mig-data".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    wait_console(
+        &log_b,
+        "STRATUS-GUEST hotplug marker vdb=from-a",
+        HOTPLUG_SEEN,
+    );
+    let text_b = std::fs::read_to_string(&log_b).unwrap();
+    assert!(
+        !text_b.contains("STRATUS-GUEST init"),
+        "the guest booted again on B:\n{text_b}"
+    );
+
     // B's guest stops normally, and then B holds the export no more.
     let stopped = h.on_b(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
@@ -461,5 +612,6 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     assert_eq!(stopped.state(), pb::VmState::Stopped);
     assert!(h.b.guest_pids().is_empty());
     assert!(h.export_initiators("mig-root").is_empty());
+    assert!(h.export_initiators("mig-data").is_empty());
     let _ = &h.pool;
 }

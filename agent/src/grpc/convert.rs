@@ -454,6 +454,34 @@ pub(crate) fn parse_nic(n: pb::NicSpec) -> Result<Nic, Error> {
     })
 }
 
+/// A device layout for PrepareIncoming.
+pub(crate) fn layout_pb(l: &crate::layout::DeviceLayout) -> pb::DeviceLayout {
+    let one = |p: &crate::layout::Placement| pb::DevicePlacement {
+        port: p.port.clone().unwrap_or_default(),
+        devfn: p.devfn,
+    };
+    pb::DeviceLayout {
+        disks: l.disks.iter().map(one).collect(),
+        seed: l.seed.as_ref().map(one),
+        nics: l.nics.iter().map(one).collect(),
+        ports: l.ports.iter().map(one).collect(),
+    }
+}
+
+/// A source's device layout (checked against the spec by the service).
+pub(crate) fn parse_layout(l: pb::DeviceLayout) -> crate::layout::DeviceLayout {
+    let one = |p: pb::DevicePlacement| crate::layout::Placement {
+        port: Some(p.port).filter(|s| !s.is_empty()),
+        devfn: p.devfn,
+    };
+    crate::layout::DeviceLayout {
+        disks: l.disks.into_iter().map(one).collect(),
+        seed: l.seed.map(one),
+        nics: l.nics.into_iter().map(one).collect(),
+        ports: l.ports.into_iter().map(one).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,7 +46,7 @@ fn mode(vm: &VmRecord) -> Result<Mode> {
 
 /// The disks of a running guest that are spec disks (the seed is not),
 /// in spec order: hot-plugged ones are appended to both.
-fn spec_disks(vm: &VmRecord) -> Vec<&DiskAttachment> {
+pub(super) fn spec_disks(vm: &VmRecord) -> Vec<&DiskAttachment> {
     vm.runtime
         .iter()
         .flat_map(|r| r.disks.iter())
@@ -56,7 +56,7 @@ fn spec_disks(vm: &VmRecord) -> Vec<&DiskAttachment> {
 
 /// The netdev id of the NIC whose tap is `tap` (`net<i>` for tap index i,
 /// as the command line numbers them).
-fn netdev_of(tap: &str) -> String {
+pub(super) fn netdev_of(tap: &str) -> String {
     let i = tap.rsplit('n').next().unwrap_or("0");
     format!("net{i}")
 }

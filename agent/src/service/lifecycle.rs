@@ -275,7 +275,7 @@ impl Agent {
         self: &Arc<Self>,
         vm: &mut VmRecord,
         confinement: Option<Confinement>,
-        incoming: Option<super::migrate::Incoming>,
+        incoming: Option<super::migrate_stream::Incoming>,
     ) -> Result<()> {
         let dir = self.vm_dir(vm.uuid);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(dir.display(), e))?;
@@ -318,6 +318,7 @@ impl Agent {
             console_log_max: self.settings.console_log_max,
             hotplug_ports: self.settings.hotplug_ports,
             incoming: incoming.is_some(),
+            layout: incoming.as_ref().and_then(|i| i.layout.clone()),
         };
         // A new boot, a new log.
         let _ = std::fs::remove_file(plan.console_log());
@@ -338,7 +339,7 @@ impl Agent {
             .await?;
         if let Some(incoming) = &incoming {
             let owner = vm.runtime.as_ref().and_then(|r| r.qemu_user);
-            super::migrate::listen_incoming(qmp.as_ref(), incoming, &dir, owner).await?;
+            super::migrate_stream::listen_incoming(qmp.as_ref(), incoming, &dir, owner).await?;
             self.qmp.lock().unwrap().insert(vm.uuid, qmp);
             self.spawn_monitor(vm.uuid, pid, events);
             return Ok(());

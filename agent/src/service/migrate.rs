@@ -34,8 +34,9 @@ use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use tonic::transport::Channel;
 use uuid::Uuid;
 
+use super::migrate_stream::{with_times, Incoming};
 use super::Agent;
-use crate::confine::QemuUser;
+use crate::layout::DeviceLayout;
 use crate::migration_tls::{self, Endpoint};
 use crate::spec::{Cause, DiskSource, EventType, VmSpec, VmState};
 use crate::store::{
@@ -43,7 +44,6 @@ use crate::store::{
 };
 use crate::vmm::QmpCommands;
 use stratus_core::error::{Error, Result};
-use stratus_pki::TlsFiles;
 
 /// How long QEMU may take to move a guest before the source gives up.
 const TRANSFER_LIMIT: Duration = Duration::from_secs(600);
@@ -69,52 +69,6 @@ pub struct MigrationReport {
     pub tls: bool,
 }
 
-/// What a destination's QEMU waits for: the port (every address of this
-/// host) and, over TLS, this host's certificate files.
-pub(super) struct Incoming {
-    pub port: u16,
-    pub tls: Option<TlsFiles>,
-    /// Over TLS, the subject of the one client certificate let in (the
-    /// source agent's).
-    pub source_dn: Option<String>,
-}
-
-/// Tells a QEMU started with `-incoming defer` to wait as `incoming` says;
-/// `guest_dir` and `owner`: where its TLS files are written, for whom.
-pub(super) async fn listen_incoming(
-    qmp: &dyn QmpCommands,
-    incoming: &Incoming,
-    guest_dir: &std::path::Path,
-    owner: Option<QemuUser>,
-) -> Result<()> {
-    qmp.execute(
-        "migrate-set-capabilities",
-        Some(json!({"capabilities": [{"capability": "events", "state": true}]})),
-    )
-    .await?;
-    if let Some(tls) = &incoming.tls {
-        qmp.install_migration_tls(guest_dir, tls, Endpoint::Destination, owner)
-            .await?;
-        if let Some(dn) = &incoming.source_dn {
-            migration_tls::allow_only(qmp, dn).await?;
-        }
-        qmp.execute(
-            "migrate-set-parameters",
-            Some(migration_tls::destination_parameters(
-                incoming.source_dn.is_some(),
-            )),
-        )
-        .await?;
-    }
-    let port = incoming.port;
-    qmp.execute(
-        "migrate-incoming",
-        Some(json!({ "uri": format!("tcp:0.0.0.0:{port}") })),
-    )
-    .await?;
-    Ok(())
-}
-
 /// What a source tells the destination of a guest it moves there.
 pub struct IncomingGuest {
     pub id: Uuid,
@@ -128,6 +82,8 @@ pub struct IncomingGuest {
     pub created_at: String,
     /// The source's QEMU sends over TLS.
     pub tls: bool,
+    /// Where the source's QEMU has each device (None: spec order).
+    pub layout: Option<DeviceLayout>,
 }
 
 /// A TCP port the kernel has free now, for an incoming QEMU.
@@ -172,23 +128,6 @@ fn refuse_host_bound_disks(spec: &VmSpec) -> Result<()> {
     Ok(())
 }
 
-/// `query-migrate`'s answer once QEMU has its times: it says `completed`
-/// a moment before it computes `total-time` and `downtime` (both 0 until
-/// then), so a completed answer without them is asked again, briefly.
-async fn with_times(qmp: &dyn QmpCommands, mut info: Value) -> Value {
-    for _ in 0..20 {
-        if info["total-time"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        match qmp.execute("query-migrate", None).await {
-            Ok(again) if status_of(&again) == "completed" => info = again,
-            _ => break,
-        }
-    }
-    info
-}
-
 /// How a migration's stream goes, for events.
 fn over(tls: bool) -> &'static str {
     if tls {
@@ -198,7 +137,7 @@ fn over(tls: bool) -> &'static str {
     }
 }
 
-fn status_of(info: &Value) -> &str {
+pub(super) fn status_of(info: &Value) -> &str {
     info["status"].as_str().unwrap_or("none")
 }
 
@@ -331,6 +270,7 @@ impl Agent {
                 server: o.server.to_string(),
             })
             .collect();
+        let layout = self.device_layout(vm, qmp).await?;
         let port = client
             .prepare_incoming(pb::PrepareIncomingRequest {
                 vm_uuid: id.to_string(),
@@ -340,6 +280,7 @@ impl Agent {
                 source: self.settings.initiator_iqn.clone(),
                 created_at: vm.created_at.clone(),
                 tls: self.settings.migration_tls.is_some(),
+                layout: Some(crate::grpc::layout_pb(&layout)),
             })
             .await
             .map_err(|s| Error::from_status(s, "the destination agent", "preparing the guest"))?
@@ -428,6 +369,28 @@ impl Agent {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// Where guest `vm`'s QEMU has its devices now (hot-plugged ones
+    /// behind their root ports).
+    async fn device_layout(&self, vm: &VmRecord, qmp: &dyn QmpCommands) -> Result<DeviceLayout> {
+        let disks: Vec<String> = super::hotplug::spec_disks(vm)
+            .iter()
+            .map(|d| format!("{}-dev", d.device))
+            .collect();
+        let seed = vm
+            .runtime
+            .iter()
+            .flat_map(|r| &r.disks)
+            .find(|d| d.source == "seed")
+            .map(|d| format!("{}-dev", d.device));
+        let nics: Vec<String> = vm
+            .runtime
+            .iter()
+            .flat_map(|r| &r.nics)
+            .map(|n| format!("{}-dev", super::hotplug::netdev_of(&n.tap)))
+            .collect();
+        DeviceLayout::read(qmp, &disks, seed.as_deref(), &nics).await
     }
 
     /// A failed migration on the source: QEMU's migration cancelled, the
@@ -619,8 +582,12 @@ impl Agent {
             source_dn,
             created_at,
             tls,
+            layout,
         } = g;
         spec.validate()?;
+        if let Some(l) = &layout {
+            l.check(spec.disks.len(), spec.nics.len())?;
+        }
         let tls = migration_tls::for_incoming(
             tls,
             self.settings.migration_tls.as_ref(),
@@ -699,6 +666,7 @@ impl Agent {
             port,
             tls,
             source_dn,
+            layout,
         };
         match self.bring_up(&mut vm, confinement, Some(incoming)).await {
             Ok(()) => Ok(port),

@@ -36,6 +36,7 @@ mod image_save;
 mod images;
 mod lifecycle;
 mod migrate;
+mod migrate_stream;
 mod monitor;
 mod nic_filter_check;
 mod qos;
