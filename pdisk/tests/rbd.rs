@@ -1183,14 +1183,15 @@ async fn clones_of_one_base_or_snapshot_run_at_once_and_a_racing_delete_waits() 
 #[ignore = "needs root and ceph (scripts/test)"]
 async fn a_background_flatten_killed_midway_resumes_at_start() {
     let mut t = RbdPdisk::start("pd-fcrash");
-    // One object at a time: the flatten lasts long enough to be caught.
-    t.ceph.ceph(&[
-        "config",
-        "set",
-        "client.pd-fcrash",
-        "rbd_concurrent_management_ops",
-        "1",
-    ]);
+    // 1 MiB objects (order 20), copied one at a time: the flatten lasts
+    // long enough to be caught (a Get costs an `rbd du`, about a second).
+    for (key, value) in [
+        ("rbd_concurrent_management_ops", "1"),
+        ("rbd_default_order", "20"),
+    ] {
+        t.ceph
+            .ceph(&["config", "set", "client.pd-fcrash", key, value]);
+    }
     let mut c = t.pdiskd.client().await;
     // max clone depth 2: c0 <- c1 <- c2 are layered, c3 is too deep.
     let c0 = create(&mut c, "c0", 96 * MIB).await;

@@ -132,19 +132,28 @@ impl PoolService {
     /// Flattens volume `u` if it is still marked, then clears the mark.
     /// False when the flatten failed (the mark stays).
     async fn flatten_one(&self, u: Uuid) -> bool {
-        let Ok(Some(rec)) = self.store.volume(u) else {
-            return true;
-        };
-        if !rec.flatten_pending || rec.state != VolumeState::Ready || rec.quarantine.is_some() {
-            return true;
-        }
         let (tx, rx) = tokio::sync::watch::channel(false);
-        let progress = Arc::new(Mutex::new((0, rec.size.0)));
-        *self.flattening.current.lock().unwrap() = Some(Running {
-            volume: u,
-            progress: progress.clone(),
-            ended: rx,
-        });
+        let progress = Arc::new(Mutex::new((0, 0)));
+        // Registered under the volume's lock: a delete (which holds it from
+        // its wait for a flatten until the record is `deleting`) either
+        // finds this flatten and waits, or has made the volume `deleting`
+        // before this reads it.
+        let rec = {
+            let _g = self.locks.lock(u).await;
+            let Ok(Some(rec)) = self.store.volume(u) else {
+                return true;
+            };
+            if !rec.flatten_pending || rec.state != VolumeState::Ready || rec.quarantine.is_some() {
+                return true;
+            }
+            *progress.lock().unwrap() = (0, rec.size.0);
+            *self.flattening.current.lock().unwrap() = Some(Running {
+                volume: u,
+                progress: progress.clone(),
+                ended: rx,
+            });
+            rec
+        };
         tracing::info!(volume = %rec.name, uuid = %u, "flattening a deep clone in the background");
         let reporter: crate::backend::ProgressFn = Arc::new(move |_phase: &str, done, total| {
             *progress.lock().unwrap() = (done, total);
