@@ -68,6 +68,8 @@ pub const POINTS: &[(&str, &[&str])] = &[
         &["hotplug.disk_intent", "hotplug.disk_added"],
     ),
     ("attach_nic", &["hotplug.nic_intent"]),
+    // SetDiskQos's `qos.intent` and `qos.applied` are armed in the unit
+    // tier (`service/qos_tests.rs`) only, for now.
 ];
 
 /// Exits the process when the point `name` is configured to `return`.
