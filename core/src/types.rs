@@ -165,6 +165,31 @@ impl Iqn {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The NVMe qualified name of this iSCSI name, for NVMe/TCP (pdisk's
+    /// `nvmet` exporter, agentd's `nvme connect`): `iqn.REST` becomes
+    /// `nqn.REST`, so a subsystem's NQN follows from its target's IQN and a
+    /// host's NQN from its initiator IQN (the one its certificate binds).
+    /// `eui.` names have no such form: refused.
+    pub fn to_nqn(&self) -> Result<String> {
+        match self.0.strip_prefix("iqn.") {
+            Some(rest) => Ok(format!("nqn.{rest}")),
+            None => Err(Error::invalid(format!(
+                "{} has no NVMe qualified name: only iqn. names map to nqn. names",
+                self.0
+            ))),
+        }
+    }
+
+    /// The iSCSI name an NQN made by [`Iqn::to_nqn`] stands for.
+    pub fn from_nqn(nqn: &str) -> Result<Iqn> {
+        match nqn.strip_prefix("nqn.") {
+            Some(rest) => format!("iqn.{rest}").parse(),
+            None => Err(Error::invalid(format!(
+                "{nqn:?} is not an NVMe qualified name (nqn.)"
+            ))),
+        }
+    }
 }
 
 impl FromStr for Iqn {
@@ -442,6 +467,19 @@ mod tests {
         assert!(ByteSize::volume_size(u64::MAX).is_err());
         assert_eq!(ByteSize(10 << 30).to_string(), "10G");
         assert_eq!(ByteSize(1536 << 20).to_string(), "1.5G");
+    }
+
+    #[test]
+    fn nqns_map_both_ways() {
+        let iqn: Iqn = "iqn.2026-11.io.stratus.pdisk:3b7c2f5e".parse().unwrap();
+        let nqn = iqn.to_nqn().unwrap();
+        assert_eq!(nqn, "nqn.2026-11.io.stratus.pdisk:3b7c2f5e");
+        assert_eq!(Iqn::from_nqn(&nqn).unwrap(), iqn);
+        let eui: Iqn = "eui.0123456789abcdef".parse().unwrap();
+        assert!(eui.to_nqn().is_err());
+        assert!(Iqn::from_nqn("iqn.2026-11.io.x:y").is_err());
+        // An NQN that is not a valid IQN once mapped back is refused.
+        assert!(Iqn::from_nqn("nqn.2014-08.org.nvmexpress:uuid:a b").is_err());
     }
 
     #[test]

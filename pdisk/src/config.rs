@@ -39,6 +39,10 @@ pub enum ExporterKind {
     Tgt,
     /// The kernel's LIO target, configured through configfs.
     Lio,
+    /// The kernel's NVMe/TCP target (nvmet), configured through configfs.
+    /// No DH-HMAC-CHAP on kernels without CONFIG_NVME_TARGET_AUTH: host
+    /// NQNs are the only access control (README, "NVMe/TCP").
+    Nvmet,
     /// No target: clients open RBD images with Ceph's own client (the
     /// rbd backend's only exporter, and its default).
     Rbd,
@@ -129,14 +133,19 @@ pub struct Flags {
     /// keyring [default: --ceph-id]
     #[arg(long, value_name = "USER")]
     pub rbd_client_id: Option<String>,
-    /// Exporter: tgt or lio (iSCSI), or rbd (no target; the rbd backend's)
-    /// [default: tgt, rbd with --backend rbd]
+    /// Exporter: tgt or lio (iSCSI), nvmet (NVMe/TCP), or rbd (no target;
+    /// the rbd backend's) [default: tgt, rbd with --backend rbd]
     #[arg(long = "export", value_enum)]
     #[serde(rename = "export")]
     pub exporter: Option<ExporterKind>,
-    /// iSCSI portal HOST:PORT that initiators connect to [default: 127.0.0.1:3260]
+    /// Portal IP:PORT that initiators connect to [default: 127.0.0.1:3260;
+    /// 127.0.0.1:4420 with --export nvmet]
     #[arg(long, value_name = "HOST:PORT")]
     pub portal: Option<String>,
+    /// The nvmet port id (configfs nvmet/ports/N) pdiskd owns with --export
+    /// nvmet [default: 1]
+    #[arg(long, value_name = "N")]
+    pub nvmet_port_id: Option<u32>,
     /// tgtd control port (tgtd -C N) [default: 0]
     #[arg(long, value_name = "N")]
     pub tgt_control_port: Option<u32>,
@@ -144,7 +153,7 @@ pub struct Flags {
     /// aio (skips flushes: not crash-safe) [default: rdwr]
     #[arg(long, value_name = "TYPE")]
     pub tgt_bstype: Option<String>,
-    /// lio exporter: where configfs is mounted [default: /sys/kernel/config]
+    /// lio and nvmet exporters: where configfs is mounted [default: /sys/kernel/config]
     #[arg(long, value_name = "DIR")]
     pub lio_configfs: Option<PathBuf>,
     /// iSCSI parameters every target offers (tgt, lio): KEY=VALUE,... or
@@ -218,6 +227,7 @@ pub struct Config {
     pub tgt_control_port: u32,
     pub tgt_bstype: String,
     pub lio_configfs: PathBuf,
+    pub nvmet_port_id: u32,
     pub iscsi_params: IscsiParams,
     pub iqn_prefix: String,
     pub import_dirs: Vec<PathBuf>,
@@ -250,6 +260,14 @@ impl Flags {
         let mut lvm = self.lvm_settings(&file, backend)?;
         let mut rbd = self.rbd_settings(&file, backend)?;
         let data_dir = pick!(data_dir, PathBuf::from("/var/lib/pdisk"));
+        let exporter = pick!(
+            exporter,
+            if backend == BackendKind::Rbd {
+                ExporterKind::Rbd
+            } else {
+                ExporterKind::Tgt
+            }
+        );
         if let Some(l) = &mut lvm {
             l.staging_dir = data_dir.join("staging");
         }
@@ -274,15 +292,16 @@ impl Flags {
             rbd,
             pool_dir: pick!(pool_dir, data_dir.join("pool")),
             // RBD images are reached by Ceph's own client, not a target.
-            exporter: pick!(
-                exporter,
-                if backend == BackendKind::Rbd {
-                    ExporterKind::Rbd
+            exporter,
+            portal: pick!(
+                portal,
+                if exporter == ExporterKind::Nvmet {
+                    "127.0.0.1:4420".into()
                 } else {
-                    ExporterKind::Tgt
+                    "127.0.0.1:3260".into()
                 }
             ),
-            portal: pick!(portal, "127.0.0.1:3260".into()),
+            nvmet_port_id: pick!(nvmet_port_id, 1),
             tgt_control_port: pick!(tgt_control_port, 0),
             tgt_bstype: pick!(tgt_bstype, "rdwr".into()),
             lio_configfs: pick!(lio_configfs, PathBuf::from("/sys/kernel/config")),
@@ -691,6 +710,33 @@ mod tests {
             assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
             assert!(e.message().contains(why), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn nvmet_exporter_port_and_portal() {
+        let c = Flags::parse_from(["pdiskd", "--export", "nvmet"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.exporter, ExporterKind::Nvmet);
+        assert_eq!(c.portal, "127.0.0.1:4420");
+        assert_eq!(c.nvmet_port_id, 1);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pdiskd.toml");
+        std::fs::write(
+            &f,
+            "export = \"nvmet\"\nportal = \"10.0.0.1:4420\"\nnvmet_port_id = 7\n",
+        )
+        .unwrap();
+        let c = Flags::parse_from(["pdiskd", "--config", f.to_str().unwrap()])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.exporter, ExporterKind::Nvmet);
+        assert_eq!(c.portal, "10.0.0.1:4420");
+        assert_eq!(c.nvmet_port_id, 7);
+        let e = Flags::parse_from(["pdiskd", "--backend", "rbd", "--export", "nvmet"])
+            .resolve()
+            .unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::InvalidArgument);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use pdisk::backend::rbd::RbdBackend;
 use pdisk::backend::Backend;
 use pdisk::config::{BackendKind, Config, ExporterKind, Flags};
 use pdisk::export::lio::{LioConfig, LioExporter};
+use pdisk::export::nvmet::{NvmetConfig, NvmetExporter};
 use pdisk::export::rbd::RbdExporter;
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::Exporter;
@@ -126,6 +127,22 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 ..LioConfig::default()
             },
         )),
+        ExporterKind::Nvmet => {
+            tracing::warn!(
+                "--export nvmet: NVMe/TCP without DH-HMAC-CHAP; hosts are admitted by \
+                 the host NQN they claim, keep the portal on a storage network"
+            );
+            Arc::new(NvmetExporter::new(
+                runner.clone(),
+                NvmetConfig {
+                    configfs_root: cfg.lio_configfs.clone(),
+                    portal: cfg.portal.clone(),
+                    port_id: cfg.nvmet_port_id,
+                    iqn_prefix: cfg.iqn_prefix.clone(),
+                    ..NvmetConfig::default()
+                },
+            )?)
+        }
     };
     let svc = Arc::new(PoolService::new(
         store,

@@ -19,6 +19,7 @@
 //! - Exporters never touch targets whose IQN lacks the configured prefix.
 
 pub mod lio;
+pub mod nvmet;
 pub mod params;
 pub mod rbd;
 pub mod tgt;
@@ -90,7 +91,7 @@ pub struct RestoreReport {
 }
 
 pub trait Exporter: Send + Sync {
-    /// "tgt", "lio" or "rbd".
+    /// "tgt", "lio", "nvmet" or "rbd".
     fn kind(&self) -> &'static str;
 
     /// True when clients open volumes with the storage's own client and
@@ -98,6 +99,13 @@ pub trait Exporter: Send + Sync {
     /// no watchdog.
     fn native_client(&self) -> bool {
         false
+    }
+
+    /// False when the target can't authenticate initiators (nvmet on a
+    /// kernel without DH-HMAC-CHAP): pdiskd then keeps no CHAP for its
+    /// exports and the initiator list is the only access control.
+    fn authenticates(&self) -> bool {
+        true
     }
 
     /// `host:port` initiators connect to.
@@ -180,6 +188,9 @@ pub struct MemoryExporter {
     targets: std::sync::Mutex<std::collections::BTreeMap<String, LiveExport>>,
     /// When set, every call fails with Unavailable (a daemon that is down).
     pub down: std::sync::atomic::AtomicBool,
+    /// When set, it can't authenticate initiators (as nvmet without
+    /// DH-HMAC-CHAP) and refuses specs with CHAP, as nvmet's exporter does.
+    pub no_auth: std::sync::atomic::AtomicBool,
 }
 
 impl MemoryExporter {
@@ -201,6 +212,9 @@ impl Exporter for MemoryExporter {
     fn kind(&self) -> &'static str {
         "memory"
     }
+    fn authenticates(&self) -> bool {
+        !self.no_auth.load(std::sync::atomic::Ordering::SeqCst)
+    }
     fn portal(&self) -> String {
         "127.0.0.1:3260".into()
     }
@@ -210,6 +224,9 @@ impl Exporter for MemoryExporter {
     fn export<'a>(&'a self, spec: &'a ExportSpec) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             self.up()?;
+            if spec.chap.is_some() && !self.authenticates() {
+                return Err(crate::error::Error::invalid("this exporter has no CHAP"));
+            }
             self.targets.lock().unwrap().insert(
                 spec.target_iqn.to_string(),
                 LiveExport {

@@ -71,8 +71,17 @@ impl PoolService {
                  it needs multi_attach and exactly one initiator"
             )));
         }
-        // With no target (rbd) there is no CHAP to check: not kept.
-        let chap = chap.filter(|_| !self.exporter.native_client());
+        // With no target (rbd), or one that can't check it (nvmet without
+        // DH-HMAC-CHAP), there is no CHAP to check: not kept.
+        if chap.is_some() && !self.exporter.authenticates() {
+            tracing::warn!(
+                volume,
+                exporter = self.exporter.kind(),
+                "export: CHAP dropped, this exporter can't authenticate initiators \
+                 (the initiator list is the only access control)"
+            );
+        }
+        let chap = chap.filter(|_| !self.exporter.native_client() && self.exporter.authenticates());
         // An agent on this storage host opens the volume itself (issue 16).
         let here = self.is_this_host(by);
         let vol = self.store.find_volume(volume)?;

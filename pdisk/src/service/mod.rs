@@ -252,13 +252,24 @@ pub struct LocalAccess {
 }
 
 impl ExportInfo {
-    /// `iscsi://PORTAL/TARGET/LUN`, or `rbd:POOL/IMAGE`.
+    /// `iscsi://PORTAL/TARGET/LUN`, `nvme+tcp://PORTAL/NQN/NSID`, or
+    /// `rbd:POOL/IMAGE`.
     pub fn url(&self) -> String {
         if let Some(r) = &self.rbd {
             return format!("rbd:{}/{}", r.pool, r.image);
         }
         if let Some(l) = &self.local {
             return format!("file:{}", l.path.display());
+        }
+        if self.exporter == "nvmet" {
+            // The subsystem NQN (see `Iqn::to_nqn`) and namespace 1.
+            if let Ok(nqn) = self.record.target_iqn.to_nqn() {
+                return format!(
+                    "nvme+tcp://{}/{nqn}/{}",
+                    self.portal,
+                    crate::export::nvmet::NSID
+                );
+            }
         }
         format!(
             "iscsi://{}/{}/{}",

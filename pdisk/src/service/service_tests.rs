@@ -315,6 +315,32 @@ async fn a_migration_adds_one_second_host_until_either_is_unexported() {
 }
 
 #[tokio::test]
+async fn an_exporter_without_authentication_gets_no_chap_and_the_reply_says_so() {
+    let f = fixture();
+    f.exporter.no_auth.store(true, Ordering::SeqCst);
+    f.svc.create_volume(empty("v", 4 << 20)).await.unwrap();
+    let by = ExportBy {
+        caller: "agent/a".into(),
+        admin: false,
+        multi_attach: false,
+        migration: false,
+        host_id: None,
+    };
+    let chap = Chap::new("agent", "s3cr3t-Pa55word").unwrap();
+    let e = f
+        .svc
+        .export_volume("v", &[iqn(IQN)], Some(chap), &by)
+        .await
+        .unwrap();
+    // No CHAP kept or claimed: the initiator list is the only control.
+    assert!(e.record.chap.is_none());
+    let live = f.exporter.list().await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].chap_user, None);
+    assert_eq!(live[0].initiators, vec![IQN.to_string()]);
+}
+
+#[tokio::test]
 async fn export_merges_initiators_and_unexport_removes_them() {
     let f = fixture();
     f.svc.create_volume(empty("single", 4 << 20)).await.unwrap();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 /// What a directory entry in configfs is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum EntryKind {
+pub(in crate::export) enum EntryKind {
     Dir,
     Link,
     File,
@@ -16,7 +16,7 @@ pub(super) enum EntryKind {
 /// The filesystem operations the exporter performs on configfs. The kernel
 /// one is a thin layer over `std::fs`; unit tests use a fake that behaves
 /// like configfs where it matters.
-pub(super) trait ConfigFs: Send + Sync {
+pub(in crate::export) trait ConfigFs: Send + Sync {
     fn exists(&self, path: &Path) -> bool;
     fn mkdir(&self, path: &Path) -> io::Result<()>;
     fn rmdir(&self, path: &Path) -> io::Result<()>;
@@ -31,7 +31,7 @@ pub(super) trait ConfigFs: Send + Sync {
     fn mounted(&self, root: &Path) -> bool;
 }
 
-pub(super) struct KernelConfigFs;
+pub(in crate::export) struct KernelConfigFs;
 
 impl ConfigFs for KernelConfigFs {
     fn exists(&self, path: &Path) -> bool {
@@ -94,16 +94,16 @@ impl ConfigFs for KernelConfigFs {
 
 /// A volume's backing as LIO needs to know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum BackingKind {
+pub(in crate::export) enum BackingKind {
     /// A block device: an iblock backstore.
     Block,
     /// A regular file of this many bytes: a fileio backstore.
     File(u64),
 }
 
-pub(super) type StatFn = dyn Fn(&Path) -> io::Result<BackingKind> + Send + Sync;
+pub(in crate::export) type StatFn = dyn Fn(&Path) -> io::Result<BackingKind> + Send + Sync;
 
-pub(super) fn stat_backing(path: &Path) -> io::Result<BackingKind> {
+pub(in crate::export) fn stat_backing(path: &Path) -> io::Result<BackingKind> {
     use std::os::unix::fs::FileTypeExt;
     let m = std::fs::metadata(path)?;
     if m.file_type().is_block_device() {

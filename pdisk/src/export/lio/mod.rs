@@ -87,7 +87,7 @@ use configfs::{stat_backing, ConfigFs, KernelConfigFs, StatFn};
 use tree::{Lio, Probe};
 
 mod backstore;
-mod configfs;
+pub(super) mod configfs;
 #[cfg(test)]
 mod fake_configfs;
 mod live;
@@ -351,7 +351,7 @@ impl Exporter for LioExporter {
 }
 
 /// True when `iqn` is the prefix or continues it after `:` or `.`.
-fn owns(prefix: &str, iqn: &str) -> bool {
+pub(in crate::export) fn owns(prefix: &str, iqn: &str) -> bool {
     match iqn.strip_prefix(prefix) {
         Some(rest) => {
             rest.is_empty() || prefix.ends_with([':', '.']) || rest.starts_with([':', '.'])
