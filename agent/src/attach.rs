@@ -350,6 +350,9 @@ pub struct KernelAttacher {
     sessions: Mutex<HashMap<SessionKey, Arc<tokio::sync::Mutex<Holders>>>>,
     /// True once our iface record is in place (made once per agentd).
     iface_ready: tokio::sync::Mutex<bool>,
+    /// The unit tier's armed crash point (see `crash_point`).
+    #[cfg(test)]
+    crash_at: Mutex<Option<&'static str>>,
 }
 
 impl KernelAttacher {
@@ -359,7 +362,26 @@ impl KernelAttacher {
             opts,
             sessions: Mutex::default(),
             iface_ready: tokio::sync::Mutex::new(false),
+            #[cfg(test)]
+            crash_at: Mutex::default(),
         }
+    }
+
+    /// A step boundary of the login sequence (`crate::failpoints::LAB_POINTS`):
+    /// agentd exits here in the fault-injection build; the unit tier panics
+    /// the attach's task when armed with [`Self::arm_crash_point`].
+    fn crash_point(&self, name: &'static str) {
+        #[cfg(test)]
+        if *self.crash_at.lock().unwrap() == Some(name) {
+            panic!("crash point {name}");
+        }
+        #[cfg(not(test))]
+        crate::failpoints::crash_point(name);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn arm_crash_point(&self, at: Option<&'static str>) {
+        *self.crash_at.lock().unwrap() = at;
     }
 
     pub fn options(&self) -> &KernelOptions {
@@ -418,6 +440,7 @@ impl KernelAttacher {
         }
         match self.expose(lun).await {
             Ok(a) => {
+                self.crash_point("kernel.scanned");
                 holders.insert(holder.clone(), lun.lun);
                 tracing::info!(holder = %holder, lun = %lun, device = %a.device.display(),
                     holders = holders.len(), "kernel iSCSI attach");
@@ -518,6 +541,32 @@ impl KernelAttacher {
                 Err(e) => report.push(Err(format!("unused iSCSI session to {key}: {e}"))),
             }
         }
+        // Records without a session (a crash before the login): gone too,
+        // with the secrets agentd wrote into them.
+        let live: Vec<SessionKey> = self
+            .live_sessions()
+            .into_iter()
+            .filter(|s| s.iface.as_deref() == Some(self.opts.iface.as_str()))
+            .filter_map(|s| {
+                Some(SessionKey {
+                    portal: s.portal?,
+                    target: s.target,
+                })
+            })
+            .collect();
+        for (target, portal) in crate::attach_nodes::records(&self.opts.iscsi_db, &self.opts.iface)
+        {
+            let key = SessionKey { portal, target };
+            let slot = self.slot(&key);
+            let holders = slot.lock().await;
+            if !holders.is_empty() || live.contains(&key) {
+                continue;
+            }
+            match self.forget_session(&key).await {
+                Ok(()) => report.push(Ok(format!("removed unused iSCSI node record of {key}"))),
+                Err(e) => report.push(Err(format!("unused iSCSI node record of {key}: {e}"))),
+            }
+        }
         report
     }
 
@@ -616,12 +665,14 @@ impl KernelAttacher {
             }
             write_secrets(&record, &secrets, &self.opts.iscsi_db)?;
         }
+        self.crash_point("kernel.node_created");
         let login = self.node_cmd(key).arg("--login").timeout(LOGIN_TIMEOUT);
         self.iscsiadm(&login, &[ISCSI_ERR_SESS_EXISTS], false)
             .await
             .map_err(|e| {
                 Error::unavailable(format!("iSCSI login to {key} failed: {}", e.message()))
             })?;
+        self.crash_point("kernel.logged_in");
         Ok(())
     }
 

@@ -1035,3 +1035,74 @@ async fn a_grown_lun_is_rescanned_through_its_own_sysfs_device() {
     );
     k.detach(&holder(1), &lun(1)).await.unwrap();
 }
+
+/// A crash (agentd exiting) at each step of the login sequence, then a
+/// restart: the records agentd stores before the login name the disk, so
+/// the interrupted start's undo detaches it; a crash that left a session or
+/// a node record nothing names is swept by `reap`. Either way no session,
+/// node record (with its CHAP secret) or SCSI disk is left without a guest.
+#[tokio::test]
+async fn a_crash_at_any_login_step_leaves_no_session_record_or_disk_after_restart() {
+    let (_, points) = crate::failpoints::LAB_POINTS[0];
+    for recorded in [true, false] {
+        for at in points {
+            let host = FakeHost::new();
+            let k = Arc::new(host.attacher());
+            k.arm_crash_point(Some(at));
+            let k2 = k.clone();
+            let died =
+                tokio::spawn(async move { k2.attach(&holder(1), &lun(1), Some(&chap())).await })
+                    .await
+                    .expect_err("the attach should have crashed");
+            assert!(died.is_panic(), "{at}");
+            assert!(
+                host.record().exists(),
+                "{at}: the crash left the node record"
+            );
+            drop(k);
+
+            // agentd restarts. With the disk recorded (agentd's order: the
+            // attachment is stored before the login), the interrupted
+            // start is undone through it; without, only the sweep acts.
+            let k = host.attacher();
+            if recorded {
+                k.adopt(holder(1), &lun(1)).await;
+                k.detach(&holder(1), &lun(1)).await.unwrap();
+            }
+            let report = k.reap_orphans().await;
+            assert_eq!(host.sessions(), 0, "{at} recorded={recorded}: {report:?}");
+            assert!(
+                !host.record().exists(),
+                "{at} recorded={recorded}: {report:?}"
+            );
+            host.wait_disks(&[]);
+            if !recorded {
+                let want = if *at == "kernel.node_created" {
+                    "removed unused iSCSI node record of"
+                } else {
+                    "logged out of unused iSCSI session to"
+                };
+                assert!(report.iter().any(|l| l.contains(want)), "{at}: {report:?}");
+            }
+            // Nothing is left to sweep, and the next attach works.
+            assert!(k.reap_orphans().await.is_empty(), "{at}");
+            let a = k.attach(&holder(2), &lun(1), Some(&chap())).await.unwrap();
+            assert!(a.device.exists(), "{at}");
+            k.detach(&holder(2), &lun(1)).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_node_record_with_a_session_or_a_holder_is_kept_by_the_sweep() {
+    let host = FakeHost::new();
+    {
+        let k = host.attacher();
+        k.attach(&holder(1), &lun(1), Some(&chap())).await.unwrap();
+    }
+    let k = host.attacher();
+    k.adopt(holder(1), &lun(1)).await;
+    assert!(k.reap_orphans().await.is_empty());
+    assert!(host.record().exists());
+    assert_eq!(host.sessions(), 1);
+}

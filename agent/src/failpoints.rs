@@ -72,6 +72,18 @@ pub const POINTS: &[(&str, &[&str])] = &[
     // tier (`service/qos_tests.rs`) only, for now.
 ];
 
+/// Crash points only the lab VM can reach (the kernel's iSCSI initiator,
+/// `--attach kernel`): the login sequence of a disk's session, walked by
+/// `agent/tests/kernel_attach.rs` in the lab (not by faults.rs, whose host
+/// has no iscsi_tcp). A crash at any of them leaves a node record or a
+/// session that the guest's record names (it is stored before the login),
+/// undone by the reconciliation of the interrupted start; a record or
+/// session nothing names is removed by `KernelAttacher::reap`.
+pub const LAB_POINTS: &[(&str, &[&str])] = &[(
+    "start_kernel",
+    &["kernel.node_created", "kernel.logged_in", "kernel.scanned"],
+)];
+
 /// Exits the process when the point `name` is configured to `return`.
 #[cfg(feature = "failpoints")]
 pub fn crash_point(name: &str) {

@@ -35,6 +35,7 @@
 //! layer are crate-private.
 
 pub mod attach;
+mod attach_nodes;
 pub mod authz;
 pub mod cgroup;
 pub mod config;

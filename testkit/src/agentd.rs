@@ -169,7 +169,18 @@ impl Agentd {
     /// crash points; build it with `cargo build -p agent --features
     /// failpoints --bin agentd-failpoints`) with no failpoint set.
     pub fn start_failpoints_in(dir: &Path, ns: &NetNs, pdisk_url: &str, bridge: &str) -> Agentd {
-        let mut a = Self::start_in(dir, ns, pdisk_url, bridge);
+        Self::start_failpoints_in_with(dir, ns, pdisk_url, bridge, &[])
+    }
+
+    /// Like [`Agentd::start_failpoints_in`], with extra agentd flags.
+    pub fn start_failpoints_in_with(
+        dir: &Path,
+        ns: &NetNs,
+        pdisk_url: &str,
+        bridge: &str,
+        extra: &[&str],
+    ) -> Agentd {
+        let mut a = Self::start_in_with(dir, ns, pdisk_url, bridge, extra);
         a.kill9();
         a.program = "agentd-failpoints".into();
         a.spawn();
