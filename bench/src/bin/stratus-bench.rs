@@ -4,6 +4,7 @@
 //!   stratus-bench --out results            every scenario, full size
 //!   stratus-bench --quick --out DIR        smoke run (scripts/test)
 //!   stratus-bench --only datapath --out DIR
+//!   stratus-bench --only datapath-lab --out DIR   in the lab VM (scripts/lab datapath)
 //!   stratus-bench --only bulk --bulk 10 --out DIR
 //!   stratus-bench --only confinement --out DIR   confined launches vs --allow-unsandboxed
 //!   stratus-bench --only rbd --out DIR   on a single-node Ceph cluster (QEMU rbd vs rbd bench)
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use stratus_bench::report::{self, Results};
-use stratus_bench::scenarios::{self, Ctx, ALL};
+use stratus_bench::scenarios::{self, Ctx, ALL, ON_REQUEST};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +29,8 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Run only these scenarios (repeatable): datapath, snapshot, launch,
-    /// confinement, bulk, import, events, events-nats, transport, rbd.
+    /// confinement, bulk, import, events, events-nats, transport, rbd; and,
+    /// only when named, datapath-lab (inside the lab VM: scripts/lab datapath).
     #[arg(long, value_name = "SCENARIO")]
     only: Vec<String>,
     /// Guests launched at once by the bulk scenario [default: 30; 3 with --quick]
@@ -44,9 +46,10 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     for s in &cli.only {
         anyhow::ensure!(
-            ALL.contains(&s.as_str()),
-            "unknown scenario {s:?}; known: {}",
-            ALL.join(", ")
+            ALL.contains(&s.as_str()) || ON_REQUEST.contains(&s.as_str()),
+            "unknown scenario {s:?}; known: {}, {}",
+            ALL.join(", "),
+            ON_REQUEST.join(", ")
         );
     }
     let scratch_root = std::env::current_dir()?.join("var").join("bench");
@@ -70,12 +73,14 @@ async fn main() -> anyhow::Result<()> {
     };
     for name in ALL
         .iter()
-        .filter(|n| cli.only.is_empty() || cli.only.iter().any(|o| o == *n))
+        .chain(ON_REQUEST)
+        .filter(|n| (cli.only.is_empty() && ALL.contains(n)) || cli.only.iter().any(|o| o == *n))
     {
         eprintln!("stratus-bench: running {name}");
         let t = std::time::Instant::now();
         let figs = match *name {
             "datapath" => scenarios::datapath::run(&ctx).await,
+            "datapath-lab" => scenarios::datapath::lab::run(&ctx).await,
             "snapshot" => scenarios::snapshot::run(&ctx).await,
             "import" => scenarios::import::run(&ctx).await,
             "launch" => scenarios::launch::run(&ctx).await,

@@ -42,3 +42,7 @@ pub const ALL: &[&str] = &[
     "rbd",
     "qos",
 ];
+
+/// Scenarios that run only where asked for by name (`--only`), never by
+/// default: `datapath-lab` needs the lab VM's kernel (`scripts/lab datapath`).
+pub const ON_REQUEST: &[&str] = &["datapath-lab"];

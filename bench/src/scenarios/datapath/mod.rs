@@ -81,6 +81,7 @@ use tokio::runtime::Handle;
 
 mod cpu;
 mod figures;
+pub mod lab;
 mod qemu_levers;
 mod same_host;
 
@@ -394,6 +395,9 @@ impl Bench<'_> {
             let who: Vec<usize> = (0..subjects.len())
                 .filter(|&i| subjects[i].runs(&pattern, depth))
                 .collect();
+            if who.is_empty() {
+                continue;
+            }
             let max = pattern.blocks(self.plan.vol_size);
             let small = pattern
                 .small_count(self.plan.quick)
