@@ -486,6 +486,9 @@ async fn capture_logs<F: std::future::Future>(f: F) -> (F::Output, String) {
         .with_writer(move || b2.clone())
         .finish();
     let _g = tracing::subscriber::set_default(sub);
+    // Other tests' threads (no subscriber) may have cached a callsite's
+    // interest as "never" while this one was being set up.
+    tracing::callsite::rebuild_interest_cache();
     let out = f.await;
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     (out, text)
@@ -1043,6 +1046,10 @@ async fn a_grown_lun_is_rescanned_through_its_own_sysfs_device() {
 /// node record (with its CHAP secret) or SCSI disk is left without a guest.
 #[tokio::test]
 async fn a_crash_at_any_login_step_leaves_no_session_record_or_disk_after_restart() {
+    // A subscriber on this thread too: a callsite first reached by a
+    // thread with none can be cached as uninteresting, and another test's
+    // captured logs (`capture_logs`) would miss it.
+    let _g = tracing::subscriber::set_default(tracing_subscriber::registry());
     let (_, points) = crate::failpoints::LAB_POINTS[0];
     for recorded in [true, false] {
         for at in points {
