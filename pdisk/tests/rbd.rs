@@ -1194,8 +1194,8 @@ async fn a_background_flatten_killed_midway_resumes_at_start() {
     }
     let mut c = t.pdiskd.client().await;
     // max clone depth 2: c0 <- c1 <- c2 are layered, c3 is too deep.
-    let c0 = create(&mut c, "c0", 96 * MIB).await;
-    t.write(&RbdPdisk::image(&c0), 0x21, 0, 96 * MIB);
+    let c0 = create(&mut c, "c0", 160 * MIB).await;
+    t.write(&RbdPdisk::image(&c0), 0x21, 0, 160 * MIB);
     let mut prev = "c0".to_string();
     for i in 1..=3 {
         snapshot(&mut c, &prev, &format!("s{i}")).await.unwrap();
@@ -1204,12 +1204,8 @@ async fn a_background_flatten_killed_midway_resumes_at_start() {
             .unwrap();
         prev = format!("c{i}");
     }
-    let c3 = get(&mut c, "c3").await;
-    let img = RbdPdisk::image(&c3);
-    assert!(c3.flatten_pending, "{c3:?}");
-    // Usable at once: readable (the parents' data) and writable.
-    t.write(&img, 0x43, 0, MIB);
-    // Caught while it runs (progress shown), then killed.
+    // Caught while it runs (progress shown; polled at once, as the task
+    // starts as soon as the clone is committed), then killed.
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let mut seen = None;
     while std::time::Instant::now() < deadline {
@@ -1224,7 +1220,8 @@ async fn a_background_flatten_killed_midway_resumes_at_start() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let running = seen.expect("the background flatten was seen running");
-    assert_eq!(running.flatten_total_bytes, 96 * MIB);
+    assert_eq!(running.flatten_total_bytes, 160 * MIB);
+    let img = RbdPdisk::image(&running);
     let cli = t.pdiskd.cli_json(&["volume", "show", "c3"]);
     assert!(cli["flatten"].is_object(), "{cli}");
     // systemd kills the unit's cgroup: pdiskd's rbd child goes too.
@@ -1235,6 +1232,8 @@ async fn a_background_flatten_killed_midway_resumes_at_start() {
             .args(["-9", &pid.to_string()])
             .status();
     }
+    // Usable meanwhile: readable (the parents' data) and writable.
+    t.write(&img, 0x43, 0, MIB);
     let parent_at_restart =
         t.rbd_json(&["info", &format!("pd-fcrash/{img}")])["parent"].is_object();
     eprintln!(
@@ -1249,7 +1248,7 @@ async fn a_background_flatten_killed_midway_resumes_at_start() {
     assert!(info["parent"].is_null(), "{info}");
     assert_eq!(flattened_events(&mut c, &v.uuid).await, 1);
     assert!(t.holds(&img, 0x43, 0, MIB), "its own write");
-    assert!(t.holds(&img, 0x21, MIB, 95 * MIB), "the parents' data");
+    assert!(t.holds(&img, 0x21, MIB, 159 * MIB), "the parents' data");
     // Flat: the snapshot it was cloned from can go.
     delete_snapshot(&mut c, "s3").await.unwrap();
 
