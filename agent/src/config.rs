@@ -161,6 +161,22 @@ pub struct Flags {
     /// network. A destination with it also takes plain-TCP migrations
     #[arg(long)]
     pub migration_insecure: bool,
+    /// QEMU's `aio` engine for file disks (`file:` disks, overlays, the
+    /// seed, same-host attachments on a file pool): auto (the measured
+    /// default, native), io_uring, native or threads [default: auto;
+    /// README, Performance]
+    #[arg(long, value_enum)]
+    pub file_aio: Option<crate::disk_io::AioChoice>,
+    /// QEMU's `aio` engine for host block devices (kernel-attached LUNs,
+    /// same-host LVs), as for --file-aio; auto is io_uring where QEMU has
+    /// it, else native [default: auto]
+    #[arg(long, value_enum)]
+    pub device_aio: Option<crate::disk_io::AioChoice>,
+    /// One QEMU iothread per guest disk (`iothread=` on its virtio-blk),
+    /// hot-plugged disks too; false: disks' I/O on QEMU's main loop
+    /// [default: true]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub disk_iothreads: Option<bool>,
     /// How often running guests' anti-spoofing rules are checked and put
     /// back if someone flushed them, e.g. 30s, 5m; 0s turns the check off
     /// [default: 30s]
@@ -230,6 +246,8 @@ pub struct Config {
     /// (this host's `tls`); None: plain TCP (`--migration-insecure`, or no
     /// TLS files).
     pub migration_tls: Option<TlsFiles>,
+    /// Guests' disk I/O as configured (resolved once QEMU is probed).
+    pub disk_io: crate::disk_io::DiskIoChoice,
     /// None: no periodic check of the anti-spoofing rules.
     pub nic_filter_check: Option<std::time::Duration>,
     /// How often guests' usage is read.
@@ -435,6 +453,11 @@ impl Flags {
                 .0,
             hotplug_ports: pick!(hotplug_ports, 8),
             migration_tls,
+            disk_io: crate::disk_io::DiskIoChoice {
+                file_aio: pick!(file_aio, Default::default()),
+                device_aio: pick!(device_aio, Default::default()),
+                iothreads: pick!(disk_iothreads, true),
+            },
             nic_filter_check: Some(
                 humantime::parse_duration(&pick!(nic_filter_check, "30s".into()))
                     .map_err(|e| Error::invalid(format!("nic-filter-check: {e}")))?,
@@ -609,6 +632,52 @@ mod tests {
                 .resolve()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn disk_io_from_flags_or_toml() {
+        use crate::disk_io::AioChoice;
+        let c = Flags::parse_from(["agentd"]).resolve().unwrap();
+        assert_eq!(c.disk_io.file_aio, AioChoice::Auto);
+        assert_eq!(c.disk_io.device_aio, AioChoice::Auto);
+        assert!(c.disk_io.iothreads);
+        let c = Flags::parse_from([
+            "agentd",
+            "--file-aio",
+            "io_uring",
+            "--device-aio",
+            "native",
+            "--disk-iothreads=false",
+        ])
+        .resolve()
+        .unwrap();
+        assert_eq!(c.disk_io.file_aio, AioChoice::IoUring);
+        assert_eq!(c.disk_io.device_aio, AioChoice::Native);
+        assert!(!c.disk_io.iothreads);
+        assert!(Flags::try_parse_from(["agentd", "--file-aio", "posix"]).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("agentd.toml");
+        std::fs::write(
+            &f,
+            "file_aio = \"threads\"\ndevice_aio = \"io_uring\"\ndisk_iothreads = false\n",
+        )
+        .unwrap();
+        let file = f.to_str().unwrap();
+        let c = Flags::parse_from(["agentd", "--config", file])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.disk_io.file_aio, AioChoice::Threads);
+        assert_eq!(c.disk_io.device_aio, AioChoice::IoUring);
+        assert!(!c.disk_io.iothreads);
+        // Flags over the file.
+        let c = Flags::parse_from(["agentd", "--config", file, "--disk-iothreads"])
+            .resolve()
+            .unwrap();
+        assert!(c.disk_io.iothreads);
+        std::fs::write(&f, "file_aio = \"posix\"\n").unwrap();
+        assert!(Flags::parse_from(["agentd", "--config", file])
+            .resolve()
+            .is_err());
     }
 
     #[test]

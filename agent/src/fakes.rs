@@ -1037,7 +1037,8 @@ impl QmpCommands for FakeQmp {
     fn add_disk<'a>(
         &'a self,
         d: &'a crate::vmm::PlannedDisk,
-        _io_uring: bool,
+        _io: &'a crate::disk_io::DiskIo,
+        _vcpus: u32,
         port: &'a str,
     ) -> BoxFuture<'a, Result<()>> {
         let id = format!("{}-dev", d.device);

@@ -4,9 +4,9 @@
 //! - a disk: its files as fd sets (`add-fd`, ids [`fdset_base`] + k, so
 //!   that the unplug finds them again), its secrets as `secret` objects
 //!   read from sealed memfds QEMU gets over the socket, the same
-//!   `blockdev` JSON as at launch ([`crate::vmm::blockdev`]), then
-//!   `virtio-blk-pci` on a free root port; any failure undoes the steps
-//!   before it.
+//!   `blockdev` JSON as at launch ([`crate::vmm::blockdev`]), its
+//!   iothread (`object-add`, when disks get one), then `virtio-blk-pci` on
+//!   a free root port; any failure undoes the steps before it.
 //! - a NIC: the tap, opened by agentd, given by `getfd`, `netdev_add tap`,
 //!   then `virtio-net-pci` on a free root port.
 //! - an unplug: `device_del` and the guest's `DEVICE_DELETED`; only then
@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::disk_io::{iothread_id, DiskIo};
 use crate::qmp::Qmp;
 use crate::vmm::{DiskSink, PlannedDisk, PlannedNic};
 use stratus_core::error::{Error, Result};
@@ -68,13 +69,20 @@ impl DiskSink for QmpSink {
     }
 }
 
-/// Hot-plugs disk `d` on root port `port`; on failure what was added goes.
-pub async fn add_disk(qmp: &Qmp, d: &PlannedDisk, io_uring: bool, port: &str) -> Result<()> {
+/// Hot-plugs disk `d` of a guest of `vcpus` vCPUs on root port `port`, with
+/// its iothread when `io` gives disks one; on failure what was added goes.
+pub async fn add_disk(
+    qmp: &Qmp,
+    d: &PlannedDisk,
+    io: &DiskIo,
+    vcpus: u32,
+    port: &str,
+) -> Result<()> {
     let mut sink = QmpSink {
         base: fdset_base(&d.device),
         ..Default::default()
     };
-    let node = crate::vmm::blockdev(d, io_uring, &mut sink)?;
+    let node = crate::vmm::blockdev(d, io, &mut sink)?;
     let secrets: Vec<String> = sink.secrets.iter().map(|s| s.0.clone()).collect();
     let r = async {
         for (id, fd, opaque) in sink.fdsets {
@@ -98,7 +106,11 @@ pub async fn add_disk(qmp: &Qmp, d: &PlannedDisk, io_uring: bool, port: &str) ->
             add_group(qmp, q).await?;
         }
         qmp.blockdev_add(node).await?;
-        qmp.device_add(&crate::vmm::disk_device(d, Some(port)))
+        if let Some(id) = io.iothread(&d.device) {
+            qmp.object_add(json!({"qom-type": "iothread", "id": id}))
+                .await?;
+        }
+        qmp.device_add(&crate::vmm::disk_device(d, io, vcpus, Some(port)))
             .await
     }
     .await;
@@ -152,6 +164,8 @@ async fn release_disk(qmp: &Qmp, device: &str, secrets: &[String]) {
             let _ = qmp.object_del(g).await;
         }
     }
+    // Its iothread, if it has one (none when disks get none).
+    let _ = qmp.object_del(&iothread_id(device)).await;
     let base = fdset_base(device);
     for id in base..base + 2 {
         let _ = qmp.remove_fd(id).await;

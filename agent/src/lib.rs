@@ -41,6 +41,7 @@ pub mod cgroup;
 pub mod config;
 pub mod confine;
 pub mod console;
+pub mod disk_io;
 pub mod failpoints;
 #[cfg(test)]
 mod fakes;

@@ -60,6 +60,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             cgroup_parent: None,
             console_log_max: crate::console::DEFAULT_MAX,
             hotplug_ports: 8,
+            disk_io: crate::disk_io::DiskIo::measured_default(false),
             peer_tls: None,
             migration_tls: None,
         },

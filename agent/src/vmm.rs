@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use crate::cgroup::{GuestCgroups, Limits};
 use crate::confine::Confinement;
+use crate::disk_io::{Aio, DiskIo};
 use crate::launch_fds::open_log;
 pub use crate::launch_fds::{NumberedFds, OpenFds, PassedFds};
 use crate::qmp::{Qmp, QmpEvents, RunState};
@@ -132,11 +133,12 @@ pub trait QmpCommands: Send + Sync {
     /// Hot-plug (`crate::hotplug`): the devices QEMU has, each with its
     /// root port.
     fn peripherals(&self) -> BoxFuture<'_, Result<Vec<crate::qmp::Peripheral>>>;
-    /// Hot-plugs disk `d` on root port `port`.
+    /// Hot-plugs disk `d` of a guest of `vcpus` vCPUs on root port `port`.
     fn add_disk<'a>(
         &'a self,
         d: &'a PlannedDisk,
-        io_uring: bool,
+        io: &'a DiskIo,
+        vcpus: u32,
         port: &'a str,
     ) -> BoxFuture<'a, Result<()>>;
     /// Unplugs disk `device`; false: the guest kept it within `wait`.
@@ -227,10 +229,11 @@ impl QmpCommands for Qmp {
     fn add_disk<'a>(
         &'a self,
         d: &'a PlannedDisk,
-        io_uring: bool,
+        io: &'a DiskIo,
+        vcpus: u32,
         port: &'a str,
     ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(crate::hotplug::add_disk(self, d, io_uring, port))
+        Box::pin(crate::hotplug::add_disk(self, d, io, vcpus, port))
     }
 
     fn remove_disk<'a>(&'a self, device: &'a str, wait: Duration) -> BoxFuture<'a, Result<bool>> {
@@ -542,8 +545,8 @@ pub struct LaunchPlan {
     pub kernel: Option<crate::spec::KernelBoot>,
     /// The guest's directory: QMP socket, console log, QEMU's own log.
     pub dir: PathBuf,
-    /// Use io_uring for file disks (QEMU built with it).
-    pub io_uring: bool,
+    /// How QEMU does the disks' I/O (`aio`, iothreads, queues).
+    pub disk_io: DiskIo,
     /// Who QEMU runs as and under which sandbox; None: as root, unconfined
     /// (`--allow-unsandboxed`).
     pub confinement: Option<Confinement>,
@@ -632,11 +635,14 @@ impl LaunchPlan {
                 a.push(&["-object", &q.group_object().to_string()]);
                 groups.push(q.group_id.clone());
             }
-            let blockdev = blockdev(d, self.io_uring, &mut ArgvDisk { fds, a: &mut a })?;
+            let blockdev = blockdev(d, &self.disk_io, &mut ArgvDisk { fds, a: &mut a })?;
             a.push(&["-blockdev", &blockdev.to_string()]);
+            if let Some(id) = self.disk_io.iothread(&d.device) {
+                a.push(&["-object", &format!("iothread,id={id}")]);
+            }
             // Spec disks in order, then the seed.
             let at = layout.and_then(|l| l.disks.get(k).or(l.seed.as_ref()));
-            device(&mut a, disk_device(d, None), at);
+            device(&mut a, disk_device(d, &self.disk_io, self.vcpus, None), at);
         }
         for (i, n) in self.nics.iter().enumerate() {
             let fd = fds.tap(&n.tap)?;
@@ -689,13 +695,13 @@ impl LaunchPlan {
 /// above the format node `<device>-fmt` ([`crate::qos`]).
 pub fn blockdev(
     d: &PlannedDisk,
-    io_uring: bool,
+    io: &DiskIo,
     sink: &mut dyn DiskSink,
 ) -> Result<serde_json::Value> {
     let Some(q) = &d.qos else {
-        return format_blockdev(d, io_uring, sink);
+        return format_blockdev(d, io, sink);
     };
-    let mut inner = format_blockdev(d, io_uring, sink)?;
+    let mut inner = format_blockdev(d, io, sink)?;
     inner["node-name"] = json!(crate::qos::format_node(&d.device));
     Ok(q.throttle_node(&d.device, inner))
 }
@@ -703,7 +709,7 @@ pub fn blockdev(
 /// The format node of disk `d` (named `d.device`) and its children.
 fn format_blockdev(
     d: &PlannedDisk,
-    io_uring: bool,
+    io: &DiskIo,
     sink: &mut dyn DiskSink,
 ) -> Result<serde_json::Value> {
     let node = &d.device;
@@ -740,7 +746,7 @@ fn format_blockdev(
                 "driver": "raw",
                 "node-name": node,
                 "read-only": d.read_only,
-                "file": file_node(io_uring, path, &sink.file(path, writable, node)?),
+                "file": file_node(io.file_aio, path, &sink.file(path, writable, node)?),
             })
         }
         DiskBackend::Overlay {
@@ -753,7 +759,7 @@ fn format_blockdev(
                 "driver": base_format.as_str(),
                 "node-name": base_node,
                 "read-only": true,
-                "file": file_node(io_uring, base, &sink.file(base, false, &base_node)?),
+                "file": file_node(io.file_aio, base, &sink.file(base, false, &base_node)?),
             });
             if *base_format == ImageFormat::Qcow2 {
                 // The cached base was refused if it had a backing
@@ -764,7 +770,7 @@ fn format_blockdev(
                 "driver": "qcow2",
                 "node-name": node,
                 "read-only": d.read_only,
-                "file": file_node(io_uring, path, &sink.file(path, writable, node)?),
+                "file": file_node(io.file_aio, path, &sink.file(path, writable, node)?),
                 "backing": backing,
             })
         }
@@ -805,11 +811,11 @@ fn format_blockdev(
                 json!({
                     "driver": "host_device",
                     "filename": filename,
-                    "aio": if io_uring { "io_uring" } else { "native" },
+                    "aio": io.device_aio.name(),
                     "cache": {"direct": true},
                 })
             } else {
-                file_node(io_uring, path, &filename)
+                file_node(io.file_aio, path, &filename)
             };
             json!({
                 "driver": "raw",
@@ -819,8 +825,8 @@ fn format_blockdev(
             })
         }
         DiskBackend::HostDevice { path } => {
-            // Like file disks: no host page cache, io_uring or
-            // native AIO (a block device always takes O_DIRECT).
+            // Like file disks: no host page cache, the engine for
+            // devices (a block device always takes O_DIRECT).
             // Opened by QEMU itself: its uid owns the device node.
             json!({
                 "driver": "raw",
@@ -829,7 +835,7 @@ fn format_blockdev(
                 "file": {
                     "driver": "host_device",
                     "filename": path,
-                    "aio": if io_uring { "io_uring" } else { "native" },
+                    "aio": io.device_aio.name(),
                     "cache": {"direct": true},
                 },
             })
@@ -839,21 +845,16 @@ fn format_blockdev(
 
 /// The protocol node of a file on this host, opened by QEMU as `filename`
 /// (its fd set).
-fn file_node(io_uring: bool, path: &Path, filename: &str) -> serde_json::Value {
-    // Direct I/O (no host page cache in the guest's data path), with
-    // io_uring where QEMU has it, else Linux native AIO (which needs
-    // O_DIRECT). A filesystem without O_DIRECT (tmpfs) falls back to
-    // buffered I/O on a thread pool.
+fn file_node(aio: Aio, path: &Path, filename: &str) -> serde_json::Value {
+    // Direct I/O (no host page cache in the guest's data path), with the
+    // engine for files (`crate::disk_io`). A filesystem without O_DIRECT
+    // (tmpfs) gets buffered I/O, and native AIO (which needs O_DIRECT)
+    // becomes the thread pool there.
     let direct = supports_direct_io(path);
-    let aio = match (direct, io_uring) {
-        (_, true) => "io_uring",
-        (true, false) => "native",
-        (false, false) => "threads",
-    };
     json!({
         "driver": "file",
         "filename": filename,
-        "aio": aio,
+        "aio": aio.with_direct(direct).name(),
         "cache": {"direct": direct},
     })
 }
@@ -882,11 +883,13 @@ fn root_port(i: u32) -> String {
     )
 }
 
-/// The guest device of disk `d` (its id `<node>-dev`), on root port `bus`
-/// when hot-plugged, else on the root bus at the next free slot.
-pub fn disk_device(d: &PlannedDisk, bus: Option<&str>) -> String {
+/// The guest device of disk `d` (its id `<node>-dev`) in a guest of `vcpus`
+/// vCPUs, on root port `bus` when hot-plugged, else on the root bus at the
+/// next free slot; its queues and iothread as `io` says.
+pub fn disk_device(d: &PlannedDisk, io: &DiskIo, vcpus: u32, bus: Option<&str>) -> String {
     let node = &d.device;
     let mut dev = format!("virtio-blk-pci,drive={node},id={node}-dev");
+    dev.push_str(&io.device_props(node, vcpus));
     if d.boot_index > 0 {
         dev.push_str(&format!(",bootindex={}", d.boot_index));
     }

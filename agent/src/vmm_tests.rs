@@ -43,7 +43,7 @@ fn plan() -> LaunchPlan {
         hotplug_ports: 2,
         incoming: false,
         layout: None,
-        io_uring: true,
+        disk_io: DiskIo::measured_default(true),
         confinement: Some(Confinement {
             user: crate::confine::QemuUser {
                 uid: 64007,
@@ -76,9 +76,13 @@ fn command_line_names_only_descriptors_agentd_hands_over() {
     assert!(line.contains("-object secret,id=chap-vda,file=/proc/self/fd/102,format=raw"));
     assert_eq!(fds["102"], "secret:15");
     assert!(line.contains("\"password-secret\":\"chap-vda\""));
-    assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1"));
-    assert!(line.contains("virtio-blk-pci,drive=vdb,id=vdb-dev"));
-    assert!(line.contains("\"aio\":\"io_uring\""));
+    assert!(line.contains(
+        "virtio-blk-pci,drive=vda,id=vda-dev,num-queues=2,iothread=iothread-vda,bootindex=1"
+    ));
+    assert!(line.contains("virtio-blk-pci,drive=vdb,id=vdb-dev,num-queues=2,iothread=iothread-vdb"));
+    // Native AIO for the overlay's files; these test paths do not exist,
+    // so O_DIRECT cannot be checked and native becomes the thread pool.
+    assert!(line.contains("\"aio\":\"threads\""), "{line}");
     // The console's listener (agentd its client), QMP and tap by descriptor.
     assert!(line
         .contains("-chardev socket,id=serial0,fd=100,server=on,wait=on -serial chardev:serial0"));
@@ -131,8 +135,8 @@ fn empty_hotplug_root_ports_come_after_every_cold_plugged_device() {
         devices,
         [
             "pvpanic",
-            "virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1",
-            "virtio-blk-pci,drive=vdb,id=vdb-dev",
+            "virtio-blk-pci,drive=vda,id=vda-dev,num-queues=2,iothread=iothread-vda,bootindex=1",
+            "virtio-blk-pci,drive=vdb,id=vdb-dev,num-queues=2,iothread=iothread-vdb",
             "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,id=net0-dev",
             "pcie-root-port,id=hp0,bus=pcie.0,chassis=1,port=0x10",
             "pcie-root-port,id=hp1,bus=pcie.0,chassis=2,port=0x11",
@@ -275,7 +279,7 @@ fn kernel_attached_disks_are_raw_host_devices_with_direct_io() {
         path: "/dev/sdc".into(),
     };
     for (io_uring, aio) in [(true, "io_uring"), (false, "native")] {
-        p.io_uring = io_uring;
+        p.disk_io = DiskIo::measured_default(io_uring);
         let (a, _) = argv_of(&p);
         assert!(!a.iter().any(|x| x.contains("secret")), "{a:?}");
         let bd = a.iter().find(|x| x.contains("/dev/sdc")).unwrap();
@@ -301,8 +305,16 @@ fn local_pdisk_volumes_are_handed_over_as_descriptors_with_direct_io() {
             path: vol.clone(),
             block_device,
         };
-        for (io_uring, aio) in [(true, "io_uring"), (false, "native")] {
-            p.io_uring = io_uring;
+        for io_uring in [true, false] {
+            p.disk_io = DiskIo::measured_default(io_uring);
+            let aio = match block_device {
+                true => p.disk_io.device_aio.name(),
+                false => p
+                    .disk_io
+                    .file_aio
+                    .with_direct(supports_direct_io(&vol))
+                    .name(),
+            };
             let (a, given) = argv_of(&p);
             // QEMU is given the descriptor agentd opened, never the path.
             assert!(!a.iter().any(|x| x.contains("vol-1")), "{a:?}");
@@ -393,7 +405,90 @@ fn an_rbd_disk_is_qemus_rbd_driver_with_key_and_conf_from_memfds() {
         })
     );
     assert_eq!(node["driver"], "raw");
-    assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1"));
+    assert!(line.contains(
+        "virtio-blk-pci,drive=vda,id=vda-dev,num-queues=2,iothread=iothread-vda,bootindex=1"
+    ));
+}
+
+#[test]
+fn every_disk_gets_its_iothread_and_a_queue_per_vcpu() {
+    let mut p = plan();
+    p.vcpus = 3;
+    let (a, _) = argv_of(&p);
+    let pairs: Vec<(&str, &str)> = a
+        .windows(2)
+        .filter(|w| w[0] == "-object" || w[0] == "-device")
+        .map(|w| (w[0].as_str(), w[1].as_str()))
+        .collect();
+    for node in ["vda", "vdb"] {
+        let object = format!("iothread,id=iothread-{node}");
+        let o = pairs.iter().position(|p| p.1 == object).expect(&object);
+        let d = pairs
+            .iter()
+            .position(|p| p.1.starts_with(&format!("virtio-blk-pci,drive={node},")))
+            .unwrap();
+        // The iothread exists before the device that names it.
+        assert!(o < d, "{pairs:?}");
+        assert!(pairs[d]
+            .1
+            .contains(&format!(",num-queues=3,iothread=iothread-{node}")));
+    }
+    // Without iothreads: queues still per vCPU, no iothread anywhere.
+    p.disk_io.iothreads = false;
+    let line = argv_of(&p).0.join(" ");
+    assert!(!line.contains("iothread"), "{line}");
+    assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev,num-queues=3,bootindex=1"));
+}
+
+#[test]
+fn aio_is_chosen_per_kind_of_disk() {
+    use crate::disk_io::Aio;
+    let dir = tempfile::tempdir().unwrap();
+    let vol = dir.path().join("vol-1");
+    std::fs::write(&vol, vec![0u8; 4096]).unwrap();
+    let mut p = plan();
+    p.disk_io = DiskIo {
+        file_aio: Aio::Threads,
+        device_aio: Aio::Native,
+        iothreads: true,
+    };
+    let aio_of = |p: &LaunchPlan| {
+        let (a, _) = argv_of(p);
+        let bd = a.iter().find(|x| x.contains("\"vda\"")).unwrap().clone();
+        let v: serde_json::Value = serde_json::from_str(&bd).unwrap();
+        v["file"]["aio"].as_str().unwrap().to_string()
+    };
+    for (backend, aio) in [
+        (
+            DiskBackend::Local {
+                path: vol.clone(),
+                block_device: false,
+            },
+            "threads",
+        ),
+        (
+            DiskBackend::Local {
+                path: vol.clone(),
+                block_device: true,
+            },
+            "native",
+        ),
+        (DiskBackend::RawFile { path: vol.clone() }, "threads"),
+        (
+            DiskBackend::HostDevice {
+                path: "/dev/sdc".into(),
+            },
+            "native",
+        ),
+    ] {
+        p.disks[0].backend = backend.clone();
+        assert_eq!(aio_of(&p), aio, "{backend:?}");
+    }
+    // Native AIO needs O_DIRECT: a file without it gets the thread pool.
+    p.disk_io.file_aio = Aio::Native;
+    p.disks[0].backend = DiskBackend::RawFile { path: vol.clone() };
+    let direct = supports_direct_io(&vol);
+    assert_eq!(aio_of(&p), if direct { "native" } else { "threads" });
 }
 
 /// Disks with QoS: a throttle-group object per group, once, before the

@@ -1637,6 +1637,15 @@ fn qemu_holds(pid: u32, path: &std::path::Path) -> bool {
         .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
 }
 
+/// The names of QEMU `pid`'s threads.
+fn qemu_threads(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
 /// The `-blockdev` JSON of node `node` on QEMU `pid`'s command line.
 fn qemu_blockdev(pid: u32, node: &str) -> serde_json::Value {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
@@ -2574,6 +2583,13 @@ fn on_the_storage_host_a_guest_opens_its_pdisk_volumes_directly_with_no_target()
     let vda = qemu_blockdev(vm.pid, "vda");
     assert_eq!(vda["file"]["driver"], "file", "{vda}");
     assert_eq!(vda["file"]["cache"]["direct"], true, "{vda}");
+    // Its I/O runs in an iothread of its own (agentd's default, issue
+    // 16): QEMU made the thread (named so with debug-threads=on).
+    let threads = qemu_threads(vm.pid);
+    assert!(
+        threads.iter().any(|t| t == "IO iothread-vda"),
+        "{threads:?}"
+    );
     assert!(
         vda["file"]["filename"]
             .as_str()

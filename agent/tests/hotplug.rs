@@ -51,6 +51,15 @@ fn guest(h: &AgentHost, name: &str, args: &str) -> String {
     vm.console_log
 }
 
+/// The names of QEMU `pid`'s threads (debug-threads=on names them).
+fn qemu_threads(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect()
+}
+
 fn attach(h: &AgentHost, vm: &str, volume: &str) -> pb::Vm {
     let (vm, volume) = (vm.to_owned(), volume.to_owned());
     h.agent(move |mut c| async move {
@@ -104,6 +113,7 @@ fn a_volume_moves_between_running_guests_and_a_hot_plugged_nic_answers() {
     // Guest a: the volume comes, the guest writes its marker, it goes.
     let log_a = guest(&h, "a", "stratus.hotplug_marker=from-a");
     let vm = attach(&h, "a", "shared");
+    let pid_a = vm.pid;
     assert_eq!(vm.spec.unwrap().disks.len(), 1);
     let disk = vm
         .disks
@@ -115,6 +125,12 @@ fn a_volume_moves_between_running_guests_and_a_hot_plugged_nic_answers() {
     assert!(
         log.contains("STRATUS-GUEST hotplug disk vda added size=8388608"),
         "{log}"
+    );
+    // The hot-plugged disk has its own iothread, as cold-plugged ones.
+    assert!(
+        qemu_threads(pid_a).iter().any(|t| t == "IO iothread-vda"),
+        "{:?}",
+        qemu_threads(pid_a)
     );
     let vm = h.agent(move |mut c| async move {
         c.detach_disk(pb::DetachDiskRequest {
@@ -128,6 +144,14 @@ fn a_volume_moves_between_running_guests_and_a_hot_plugged_nic_answers() {
     });
     assert!(vm.spec.unwrap().disks.is_empty());
     assert!(vm.disks.is_empty());
+    // Unplugged: its iothread went with it.
+    assert!(
+        !qemu_threads(pid_a)
+            .iter()
+            .any(|t| t.starts_with("IO iothread")),
+        "{:?}",
+        qemu_threads(pid_a)
+    );
     wait_console(
         Path::new(&log_a),
         "STRATUS-GUEST hotplug disk vda removed",

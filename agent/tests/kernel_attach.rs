@@ -274,7 +274,9 @@ async fn qemu_io_as_guest_disk(dev: &Path, cmds: &[&str]) -> String {
         nics: vec![],
         kernel: None,
         dir: "/nonexistent".into(),
-        io_uring: vmm::io_uring_supported(&HostRunner).await,
+        disk_io: agent::disk_io::DiskIo::measured_default(
+            vmm::io_uring_supported(&HostRunner).await,
+        ),
         confinement: None,
         console_log_max: 1 << 20,
         hotplug_ports: 0,

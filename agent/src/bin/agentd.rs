@@ -52,6 +52,13 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(accel = host.accel.name(), reason = %host.accel_reason,
         qemu = %host.qemu_version, io_uring = host.io_uring, cpus = host.cpus,
         memory = host.memory, "host probed");
+    let disk_io = cfg.disk_io.resolve(host.io_uring)?;
+    tracing::info!(
+        file_aio = disk_io.file_aio.name(),
+        device_aio = disk_io.device_aio.name(),
+        iothreads = disk_io.iothreads,
+        "guest disk I/O"
+    );
     let agent = Agent::new(
         store,
         runner,
@@ -77,6 +84,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             cgroup_parent: cfg.cgroup_parent.clone(),
             console_log_max: cfg.console_log_max,
             hotplug_ports: cfg.hotplug_ports,
+            disk_io,
             peer_tls: cfg.tls.clone(),
             migration_tls: cfg.migration_tls.clone(),
         },

@@ -147,7 +147,10 @@ impl Agent {
             boot_index: 0,
             qos: Some(crate::qos::PlannedQos::of(&disk.qos, &device)),
         };
-        if let Err(e) = qmp.add_disk(&planned, self.host.io_uring, &port).await {
+        if let Err(e) = qmp
+            .add_disk(&planned, &self.settings.disk_io, vm.spec.vcpus, &port)
+            .await
+        {
             vm.hotplug = None;
             self.undo_hot_disk(&mut vm, &device, Some(&att)).await;
             return Err(e);

@@ -313,7 +313,7 @@ impl Agent {
             nics,
             kernel: self.open_kernel(vm, &mut held)?,
             dir: dir.clone(),
-            io_uring: self.host.io_uring,
+            disk_io: self.settings.disk_io,
             confinement,
             console_log_max: self.settings.console_log_max,
             hotplug_ports: self.settings.hotplug_ports,

@@ -115,6 +115,8 @@ pub struct AgentSettings {
     pub console_log_max: u64,
     /// Empty PCIe root ports each guest starts with (hot-plug room).
     pub hotplug_ports: u32,
+    /// How QEMU does guests' disk I/O (`aio`, iothreads, queues).
+    pub disk_io: crate::disk_io::DiskIo,
     /// The certificate, key and CA agentd calls other agentds with (a live
     /// migration's destination); None: it cannot migrate guests out over
     /// mTLS.

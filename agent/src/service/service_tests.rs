@@ -98,6 +98,7 @@ impl Host {
             cgroup_parent: None,
             console_log_max: crate::console::DEFAULT_MAX,
             hotplug_ports: 8,
+            disk_io: crate::disk_io::DiskIo::measured_default(false),
             peer_tls: None,
             migration_tls: None,
         };

@@ -29,8 +29,8 @@
 //!   would be served from the host page cache holding the loop's backing
 //!   file, and the benchmark would measure memcpy.
 //! - Local access uses the options agentd gives a guest's file disk:
-//!   `cache.direct=on` (O_DIRECT) with `aio=io_uring`, or `native` where
-//!   QEMU lacks io_uring. The iSCSI access uses agentd's blockdev options
+//!   `cache.direct=on` (O_DIRECT) with agentd's default `aio` for files
+//!   (`agent::disk_io`, measured by `qemu_levers`). The iSCSI access uses agentd's blockdev options
 //!   too (`driver=iscsi`, `cache.direct=on`).
 //! - `qemu-img bench` (QEMU 7.2) has no random mode: it issues requests at
 //!   `offset, offset + step, offset + 2*step, ...` modulo the image size.
@@ -558,20 +558,23 @@ fn loop_direct_io(pool: &XfsPool) -> anyhow::Result<String> {
     Ok(dev.trim_start_matches("/dev/").to_string())
 }
 
-/// io_uring where this QEMU has it (as agentd decides), else Linux AIO.
-fn local_aio(volume: &Path) -> &'static str {
+/// The `aio` agentd gives a disk of this kind (QEMU's `file` or
+/// `host_device` driver) here: its measured default (`agent::disk_io`),
+/// which depends on whether this QEMU has io_uring.
+fn local_aio(volume: &Path, driver: &str) -> &'static str {
     let opts = format!(
         "driver=raw,file.driver=file,file.filename={},file.aio=io_uring",
         volume.display()
     );
-    let ok = Command::new("qemu-img")
+    let io_uring = Command::new("qemu-img")
         .args(["info", "--image-opts", &opts])
         .output()
         .is_ok_and(|o| o.status.success());
-    if ok {
-        "io_uring"
+    let io = agent::disk_io::DiskIo::measured_default(io_uring);
+    if driver == "host_device" {
+        io.device_aio.name()
     } else {
-        "native"
+        io.file_aio.name()
     }
 }
 
@@ -588,7 +591,7 @@ fn create_volume(path: &Path, size: u64) -> anyhow::Result<()> {
 fn fill_volume(path: &Path, driver: &'static str, size: u64) -> anyhow::Result<()> {
     let opts = Target::Local {
         path: path.to_path_buf(),
-        aio: local_aio(path),
+        aio: local_aio(path, driver),
         driver,
     }
     .image_opts();
@@ -722,7 +725,7 @@ fn run_blocking(rt: &Handle, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     // backed by the bench's file; runs never overlap and the volumes'
     // cached pages are dropped before each, so they do not see each
     // other's data in memory.
-    let aio = local_aio(&volume);
+    let aio = local_aio(&volume, "file");
     let tgtd = Tgtd::start(pool.dir.path());
     let tgt_own = IscsiParams::default();
     let tuned = IscsiParams::measured_default();
@@ -745,7 +748,7 @@ fn run_blocking(rt: &Handle, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
             name: "same-host".into(),
             target: Target::Local {
                 path: same_host.path.clone(),
-                aio: local_aio(&same_host.path),
+                aio: local_aio(&same_host.path, same_driver),
                 driver: same_driver,
             },
             cases: matrix(),
@@ -804,12 +807,15 @@ fn run_blocking(rt: &Handle, plan: &Plan) -> anyhow::Result<Vec<Figure>> {
     };
     subjects.extend(qemu_levers::subjects(
         &volume,
-        device.as_ref().map(|d| d.path.as_path()),
+        device
+            .as_ref()
+            .map(|d| (d.path.as_path(), local_aio(&d.path, "host_device"))),
     ));
     eprintln!(
         "  local file and same-host: O_DIRECT, aio={aio}; the rest: iSCSI through tgt (rdwr unless aio), \
          tgt's own parameters or tuned ({tuned}); pdu256k: {pdu_only}; noR2T: {r2t_only}; \
-         tuned-tN: tgtd --nr_iothreads N; file-*, dev-*: QEMU's aio and cache levers"
+         tuned-tN: tgtd --nr_iothreads N; file-*, dev*: QEMU's aio and cache levers, dev(X): \
+         a host device with agentd's default"
     );
     let mut volumes = vec![volume.clone(), same_host.path.clone()];
     volumes.extend(device.as_ref().map(|d| d.path.clone()));

@@ -4,14 +4,17 @@
 //! other subjects.
 //!
 //! - Files (a `file:` disk, an overlay, a same-host attachment on a file
-//!   pool): `aio=io_uring` (agentd's default where QEMU has it, the local
-//!   peer), `native` and `threads`, all with O_DIRECT (`cache=none`), and
-//!   `cache=writeback` (the host page cache, `cache.direct=off`) with
-//!   `threads` and with `io_uring`.
+//!   pool): `aio=io_uring`, `native` and `threads`, all with O_DIRECT
+//!   (`cache=none`), and `cache=writeback` (the host page cache,
+//!   `cache.direct=off`) with `threads` and with `io_uring`, each against
+//!   the local file opened with agentd's default (the `local(AIO)`
+//!   subject). The lever equal to that default measures the noise: two
+//!   identical paths, one run.
 //! - Host devices (a kernel-attached iSCSI LUN, a same-host attachment on
 //!   an LV): the same volume file behind a loop device of its own with
-//!   direct I/O, opened with QEMU's `host_device` driver, `io_uring`
-//!   (the peer of this group), `native` and `threads`, O_DIRECT.
+//!   direct I/O, opened with QEMU's `host_device` driver, `io_uring`,
+//!   `native` and `threads`, O_DIRECT, against agentd's default for
+//!   devices (the `dev(AIO)` subject).
 //! - QEMU's iSCSI initiator (libiscsi) has neither lever: it does its own
 //!   socket I/O and has no host page cache to bypass.
 //!
@@ -28,16 +31,17 @@ use anyhow::Context;
 use super::{goals, peer_of, run_ok, Measured, Subject, Target};
 use crate::report::Figure;
 
-/// The file levers (name, aio, O_DIRECT), against the local file with
-/// io_uring and O_DIRECT.
-const FILE_LEVERS: [(&str, &str, bool); 4] = [
+/// The file levers (name, aio, O_DIRECT), against the local file opened
+/// as agentd does.
+const FILE_LEVERS: [(&str, &str, bool); 5] = [
+    ("file-io_uring", "io_uring", true),
     ("file-native", "native", true),
     ("file-threads", "threads", true),
     ("file-writeback-threads", "threads", false),
     ("file-writeback-io_uring", "io_uring", false),
 ];
 
-/// The host device levers (aio), O_DIRECT; the first is the peer.
+/// The host device levers (aio), O_DIRECT.
 const DEVICE_AIO: [&str; 3] = ["io_uring", "native", "threads"];
 
 /// QEMU's `--image-opts` for a raw volume at `path`.
@@ -84,8 +88,10 @@ impl Drop for LoopDevice {
     }
 }
 
-/// The lever subjects: files on `volume`, host devices on `device`.
-pub(super) fn subjects(volume: &Path, device: Option<&Path>) -> Vec<Subject> {
+/// The lever subjects: files on `volume`, host devices on `device`, the
+/// one with agentd's default `aio` for devices named `dev(AIO)` (the peer
+/// of the others).
+pub(super) fn subjects(volume: &Path, device: Option<(&Path, &str)>) -> Vec<Subject> {
     let mut out: Vec<Subject> = FILE_LEVERS
         .iter()
         .map(|(name, aio, direct)| Subject {
@@ -95,9 +101,13 @@ pub(super) fn subjects(volume: &Path, device: Option<&Path>) -> Vec<Subject> {
             tgtd: None,
         })
         .collect();
-    if let Some(dev) = device {
+    if let Some((dev, default)) = device {
         out.extend(DEVICE_AIO.iter().map(|aio| Subject {
-            name: format!("dev-{aio}"),
+            name: if *aio == default {
+                format!("dev({aio})")
+            } else {
+                format!("dev-{aio}")
+            },
             target: Target::Opts(opts("host_device", dev, aio, true)),
             cases: goals(),
             tgtd: None,
@@ -108,7 +118,10 @@ pub(super) fn subjects(volume: &Path, device: Option<&Path>) -> Vec<Subject> {
 
 /// What a lever subject is, in a figure's name.
 fn what(name: &str) -> String {
-    match name.strip_prefix("dev-") {
+    let dev = name
+        .strip_prefix("dev-")
+        .or_else(|| name.strip_prefix("dev(")?.strip_suffix(')'));
+    match dev {
         Some(aio) => format!("host device aio={aio} cache=none"),
         None => {
             let (_, aio, direct) = FILE_LEVERS
@@ -130,15 +143,23 @@ pub(super) fn figures(
     local: &[Measured],
 ) -> Vec<Figure> {
     let mut figures = Vec::new();
-    let find = |n: &str| subjects.iter().position(|s| s.name == n);
-    let dev_peer = find("dev-io_uring").map(|i| &measured[i]);
+    let name_of = |prefix: &str| subjects.iter().position(|s| s.name.starts_with(prefix));
+    let local_name = name_of("local(").map(|i| subjects[i].name.clone());
+    let local_name = format!(
+        "{}: file, agentd's default",
+        local_name.as_deref().unwrap_or("local")
+    );
+    let dev_peer = name_of("dev(").map(|i| (&measured[i], subjects[i].name.clone()));
+    let dev_name = dev_peer
+        .as_ref()
+        .map(|(_, n)| format!("{n}: host device, agentd's default"));
     for (s, ms) in subjects.iter().zip(measured) {
         let (peer, peer_name) = if s.name.starts_with("file-") {
-            (local, "file aio=io_uring cache=none (agentd's default)")
-        } else if s.name.starts_with("dev-") && s.name != "dev-io_uring" {
-            match dev_peer {
-                Some(p) => (p.as_slice(), "host device aio=io_uring cache=none"),
-                None => continue,
+            (local, local_name.as_str())
+        } else if s.name.starts_with("dev-") {
+            match (&dev_peer, &dev_name) {
+                (Some((p, _)), Some(n)) => (p.as_slice(), n.as_str()),
+                _ => continue,
             }
         } else {
             continue;
@@ -157,15 +178,12 @@ pub(super) fn figures(
         }
     }
     // The host device group's own peer, against the local file.
-    if let Some(dev) = dev_peer {
-        for m in dev {
+    if let Some((dev, name)) = &dev_peer {
+        for m in dev.iter() {
             let p = peer_of(local, m);
             figures.push(
-                m.figure(format!(
-                    "QEMU lever host device aio=io_uring cache=none: {}",
-                    m.label()
-                ))
-                .against("file aio=io_uring cache=none (agentd's default)", p.value),
+                m.figure(format!("QEMU lever {}: {}", what(name), m.label()))
+                    .against(&local_name, p.value),
             );
         }
     }
@@ -238,8 +256,14 @@ mod tests {
             o,
             "driver=raw,file.driver=file,file.filename=/p/v.raw,file.aio=threads,file.cache.direct=off"
         );
-        let s = subjects(Path::new("/p/v.raw"), Some(Path::new("/dev/loop9")));
+        let s = subjects(
+            Path::new("/p/v.raw"),
+            Some((Path::new("/dev/loop9"), "io_uring")),
+        );
         assert_eq!(s.len(), FILE_LEVERS.len() + DEVICE_AIO.len());
+        let names: Vec<&str> = s.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"dev(io_uring)") && names.contains(&"dev-native"));
+        assert_eq!(what("dev(io_uring)"), "host device aio=io_uring cache=none");
         assert!(s.iter().all(|s| s.cases.len() == 4));
         assert_eq!(
             what("file-writeback-threads"),
