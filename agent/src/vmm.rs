@@ -703,7 +703,12 @@ pub fn blockdev(
     };
     let mut inner = format_blockdev(d, io, sink)?;
     inner["node-name"] = json!(crate::qos::format_node(&d.device));
-    Ok(q.throttle_node(&d.device, inner))
+    let mut top = q.throttle_node(&d.device, inner);
+    // The device asks the top node for write access unless it is itself
+    // read-only: QEMU refuses a read-only disk otherwise ("Block node is
+    // read-only").
+    top["read-only"] = json!(d.read_only);
+    Ok(top)
 }
 
 /// The format node of disk `d` (named `d.device`) and its children.

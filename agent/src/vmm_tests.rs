@@ -542,3 +542,25 @@ fn disks_with_qos_sit_under_a_throttle_node_in_their_group() {
     let line = a.join(" ");
     assert!(line.contains("virtio-blk-pci,drive=vda,id=vda-dev"));
 }
+
+#[test]
+fn a_read_only_disk_is_read_only_at_its_throttle_node_too() {
+    // QEMU refuses a virtio-blk whose top node is writable above a
+    // read-only format node (found by the e2e same-host case).
+    let mut p = plan();
+    for d in &mut p.disks {
+        d.qos = Some(crate::qos::PlannedQos::of(
+            &crate::qos::DiskQos::default(),
+            &d.device,
+        ));
+    }
+    let (a, _) = argv_of(&p);
+    for (node, ro) in [("vda", false), ("vdb", true)] {
+        let n = format!("\"node-name\":\"{node}\"");
+        let bd = a.iter().find(|x| x.contains(&n)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+        assert_eq!(v["driver"], "throttle", "{v}");
+        assert_eq!(v["read-only"], ro, "{v}");
+        assert_eq!(v["file"]["read-only"], ro, "{v}");
+    }
+}

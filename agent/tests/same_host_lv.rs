@@ -42,7 +42,9 @@ fn qemu_fd_flags(pid: u32, dev: &Path) -> Option<u32> {
         })
 }
 
-/// The `-blockdev` JSON of node `node` on QEMU `pid`'s command line.
+/// The `-blockdev` JSON of node `node` on QEMU `pid`'s command line:
+/// its format node, below the throttle node every disk has (issue 15's
+/// QoS).
 fn qemu_blockdev(pid: u32, node: &str) -> serde_json::Value {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let arg = cmdline
@@ -50,7 +52,11 @@ fn qemu_blockdev(pid: u32, node: &str) -> serde_json::Value {
         .map(String::from_utf8_lossy)
         .find(|a| a.contains(&format!("\"node-name\":\"{node}\"")))
         .unwrap_or_else(|| panic!("no blockdev {node} on QEMU {pid}'s command line"));
-    serde_json::from_str(&arg).unwrap()
+    let v: serde_json::Value = serde_json::from_str(&arg).unwrap();
+    match v["driver"].as_str() {
+        Some("throttle") => v["file"].clone(),
+        _ => v,
+    }
 }
 
 async fn exports(stack: &Stack) -> Vec<pb::Export> {
