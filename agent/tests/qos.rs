@@ -63,7 +63,12 @@ impl Served {
             boot_index: 0,
             qos: Some(qos.clone()),
         };
-        let node = agent::vmm::blockdev(&disk, false, &mut Paths).unwrap();
+        let node = agent::vmm::blockdev(
+            &disk,
+            &agent::disk_io::DiskIo::measured_default(false),
+            &mut Paths,
+        )
+        .unwrap();
         let socket = dir.join(format!("{name}.sock"));
         let child = Command::new("qemu-storage-daemon")
             .arg("--object")

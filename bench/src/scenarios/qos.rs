@@ -66,7 +66,11 @@ impl Served {
             boot_index: 0,
             qos: qos.clone(),
         };
-        let node = agent::vmm::blockdev(&disk, false, &mut Paths)?;
+        let node = agent::vmm::blockdev(
+            &disk,
+            &agent::disk_io::DiskIo::measured_default(false),
+            &mut Paths,
+        )?;
         let socket = dir.join(format!("qos-{name}.sock"));
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new("qemu-storage-daemon");

@@ -563,7 +563,7 @@ fn loop_direct_io(pool: &XfsPool) -> anyhow::Result<String> {
 /// which depends on whether this QEMU has io_uring.
 fn local_aio(volume: &Path, driver: &str) -> &'static str {
     let opts = format!(
-        "driver=raw,file.driver=file,file.filename={},file.aio=io_uring",
+        "driver=raw,file.driver={driver},file.filename={},file.aio=io_uring",
         volume.display()
     );
     let io_uring = Command::new("qemu-img")
