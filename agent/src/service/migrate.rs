@@ -137,8 +137,16 @@ fn over(tls: bool) -> &'static str {
     }
 }
 
+/// `query-migrate`'s status of this QEMU's outgoing migration. A QEMU that
+/// got its guest by a migration answers that incoming one's `completed`
+/// until its own outgoing migration has connected: a `completed` without
+/// RAM figures is that one, not ours (taking it for ours quit the QEMU
+/// and lost the guest on its way back, A → B → A).
 pub(super) fn status_of(info: &Value) -> &str {
-    info["status"].as_str().unwrap_or("none")
+    match info["status"].as_str().unwrap_or("none") {
+        "completed" if info.get("ram").is_none() => "none",
+        s => s,
+    }
 }
 
 impl Agent {

@@ -90,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
             "events-nats" => scenarios::events_nats::run(&ctx).await,
             "transport" => scenarios::transport::run(&ctx).await,
             "rbd" => scenarios::rbd::run(&ctx).await,
+            "migrate" => scenarios::migrate::run(&ctx).await,
             "qos" => scenarios::qos::run(&ctx).await,
             _ => unreachable!(),
         }

@@ -9,6 +9,7 @@ pub mod events_nats;
 mod guests;
 pub mod import;
 pub mod launch;
+pub mod migrate;
 pub mod qos;
 pub mod rbd;
 pub mod snapshot;
@@ -41,6 +42,7 @@ pub const ALL: &[&str] = &[
     "transport",
     "rbd",
     "qos",
+    "migrate",
 ];
 
 /// Scenarios that run only where asked for by name (`--only`), never by
