@@ -174,11 +174,11 @@ fn a_migrations_destination_places_devices_where_the_source_has_them() {
         devices,
         [
             "pvpanic",
-            "virtio-blk-pci,drive=vda,id=vda-dev,bootindex=1,addr=0x1.0",
+            "virtio-blk-pci,drive=vda,id=vda-dev,num-queues=2,iothread=iothread-vda,bootindex=1,addr=0x1.0",
             "pcie-root-port,id=hp0,bus=pcie.0,chassis=1,port=0x10,addr=0x2.0",
             "pcie-root-port,id=hp1,bus=pcie.0,chassis=2,port=0x11,addr=0x3.0",
             "pcie-root-port,id=hp2,bus=pcie.0,chassis=3,port=0x12,addr=0x4.0",
-            "virtio-blk-pci,drive=vdb,id=vdb-dev,bus=hp1,addr=0x0.0",
+            "virtio-blk-pci,drive=vdb,id=vdb-dev,num-queues=2,iothread=iothread-vdb,bus=hp1,addr=0x0.0",
             "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56,id=net0-dev,bus=hp0,addr=0x0.0",
         ]
     );
