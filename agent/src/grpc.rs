@@ -645,7 +645,7 @@ impl VmService for Api {
         let vm = self
             .on_vm(req, "SetDiskQos", |agent, vm, r, _| {
                 let device = r.device.clone();
-                let qos = convert::parse_qos(r.qos.clone().unwrap_or_default());
+                let qos = crate::qos::DiskQos::from_pb(r.qos.clone().unwrap_or_default());
                 async move { Ok(vm_pb(&agent, &agent.set_disk_qos(&vm, &device, qos).await?)) }
             })
             .await?;

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use stratus_core::error::{Error, Result};
+use stratus_proto::agent::v1 as pb;
 
 /// QEMU's bound for every rate and burst (`THROTTLE_VALUE_MAX`).
 pub const VALUE_MAX: u64 = 1_000_000_000_000_000;
@@ -244,6 +245,54 @@ impl DiskQos {
             check_group(g)?;
         }
         self.limits.validate()
+    }
+
+    /// A request's QoS, typed (checked with the spec: [`DiskQos::validate`]).
+    pub fn from_pb(q: pb::DiskQos) -> DiskQos {
+        let b = |avg, max, max_length| Bucket {
+            avg,
+            max,
+            max_length,
+        };
+        DiskQos {
+            limits: Limits {
+                iops_total: b(q.iops_total, q.iops_total_max, q.iops_total_max_length),
+                iops_read: b(q.iops_read, q.iops_read_max, q.iops_read_max_length),
+                iops_write: b(q.iops_write, q.iops_write_max, q.iops_write_max_length),
+                bps_total: b(q.bps_total, q.bps_total_max, q.bps_total_max_length),
+                bps_read: b(q.bps_read, q.bps_read_max, q.bps_read_max_length),
+                bps_write: b(q.bps_write, q.bps_write_max, q.bps_write_max_length),
+                iops_size: q.iops_size,
+            },
+            group: (!q.group.is_empty()).then_some(q.group),
+        }
+    }
+
+    /// The API's form (agent.v1 `DiskQos`).
+    pub fn to_pb(&self) -> pb::DiskQos {
+        let l = &self.limits;
+        pb::DiskQos {
+            iops_total: l.iops_total.avg,
+            iops_read: l.iops_read.avg,
+            iops_write: l.iops_write.avg,
+            bps_total: l.bps_total.avg,
+            bps_read: l.bps_read.avg,
+            bps_write: l.bps_write.avg,
+            iops_total_max: l.iops_total.max,
+            iops_read_max: l.iops_read.max,
+            iops_write_max: l.iops_write.max,
+            bps_total_max: l.bps_total.max,
+            bps_read_max: l.bps_read.max,
+            bps_write_max: l.bps_write.max,
+            iops_total_max_length: l.iops_total.max_length,
+            iops_read_max_length: l.iops_read.max_length,
+            iops_write_max_length: l.iops_write.max_length,
+            bps_total_max_length: l.bps_total.max_length,
+            bps_read_max_length: l.bps_read.max_length,
+            bps_write_max_length: l.bps_write.max_length,
+            iops_size: l.iops_size,
+            group: self.group.clone().unwrap_or_default(),
+        }
     }
 
     /// `group=NAME iops_total=...` for events and `vm show`.

@@ -323,6 +323,12 @@ pub const MIN_MEMORY: u64 = 16 * MIB;
 pub const MAX_DISKS: usize = 16;
 pub const MAX_NICS: usize = 8;
 
+/// The device of a guest's `i`th disk: vda, vdb, ... (the seed, when
+/// there is one, comes after the spec's disks).
+pub fn device_name(i: usize) -> String {
+    format!("vd{}", char::from(b'a' + i as u8))
+}
+
 /// Checks the form of a host path given in a spec: absolute, no `.` or
 /// `..`, no NUL, at most 4096 bytes. Whether the file may be used (beneath
 /// a `--host-file-root`, an admin's request) is decided when agentd opens

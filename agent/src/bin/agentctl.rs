@@ -275,8 +275,8 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             let v = ctx.answer(ctx.connect().await?.resume_vm(ctx.request(&vm)).await)?;
             ctx.print_vm(&v)
         }
-        VmCommand::Disk(DiskCommand::Attach { vm, disk }) => {
-            let disk = args::attach_disk_spec(&disk).map_err(Failure::Usage)?;
+        VmCommand::Disk(DiskCommand::Attach { vm, disk, qos }) => {
+            let disk = args::attach_disk_spec(&disk, &qos).map_err(Failure::Usage)?;
             let mut client = ctx.connect().await?;
             let call = client.attach_disk(AttachDiskRequest {
                 request_id: String::new(),
@@ -322,13 +322,14 @@ async fn vm(ctx: &Ctx, command: VmCommand) -> Result<(), Failure> {
             ctx.print_vm(&v)
         }
         VmCommand::Disk(DiskCommand::Qos { vm, device, limits }) => {
+            let qos = limits.qos().map_err(Failure::Usage)?.to_pb();
             let mut client = ctx.connect().await?;
             let call = client.set_disk_qos(SetDiskQosRequest {
                 request_id: String::new(),
                 project: ctx.project.clone(),
                 vm: vm.to_string(),
                 device: device.clone(),
-                qos: Some(limits.to_pb()),
+                qos: Some(qos),
             });
             let v = ctx.answer(
                 ctx.waiting(format!("setting the limits of {device} of {vm}"), call)

@@ -4,7 +4,7 @@
 
 use crate::images::DeclaredFormat;
 use crate::net::Mac;
-use crate::qos::{Bucket, DiskQos, Limits};
+use crate::qos::DiskQos;
 use crate::service::Agent;
 use crate::spec::{
     self, Cause, Context, Disk, DiskSource, EventType, ImageSpec, KernelBoot, Nic, PdiskRef,
@@ -169,7 +169,7 @@ pub(crate) fn spec_pb(s: &VmSpec) -> pb::VmSpec {
                         pb::DiskPersistence::Clone
                     } as i32,
                     server,
-                    qos: (!d.qos.is_default()).then(|| qos_pb(&d.qos)),
+                    qos: (!d.qos.is_default()).then(|| d.qos.to_pb()),
                 }
             })
             .collect(),
@@ -377,55 +377,8 @@ pub(crate) fn parse_disk(name: &spec::VmName, d: pb::DiskSpec) -> Result<Disk, E
         source,
         read_only: d.read_only,
         boot_index: d.boot_index,
-        qos: parse_qos(d.qos.unwrap_or_default()),
+        qos: DiskQos::from_pb(d.qos.unwrap_or_default()),
     })
-}
-
-/// A request's QoS, typed (checked with the spec: [`DiskQos::validate`]).
-pub(crate) fn parse_qos(q: pb::DiskQos) -> DiskQos {
-    let b = |avg, max, max_length| Bucket {
-        avg,
-        max,
-        max_length,
-    };
-    DiskQos {
-        limits: Limits {
-            iops_total: b(q.iops_total, q.iops_total_max, q.iops_total_max_length),
-            iops_read: b(q.iops_read, q.iops_read_max, q.iops_read_max_length),
-            iops_write: b(q.iops_write, q.iops_write_max, q.iops_write_max_length),
-            bps_total: b(q.bps_total, q.bps_total_max, q.bps_total_max_length),
-            bps_read: b(q.bps_read, q.bps_read_max, q.bps_read_max_length),
-            bps_write: b(q.bps_write, q.bps_write_max, q.bps_write_max_length),
-            iops_size: q.iops_size,
-        },
-        group: (!q.group.is_empty()).then_some(q.group),
-    }
-}
-
-pub(crate) fn qos_pb(q: &DiskQos) -> pb::DiskQos {
-    let l = &q.limits;
-    pb::DiskQos {
-        iops_total: l.iops_total.avg,
-        iops_read: l.iops_read.avg,
-        iops_write: l.iops_write.avg,
-        bps_total: l.bps_total.avg,
-        bps_read: l.bps_read.avg,
-        bps_write: l.bps_write.avg,
-        iops_total_max: l.iops_total.max,
-        iops_read_max: l.iops_read.max,
-        iops_write_max: l.iops_write.max,
-        bps_total_max: l.bps_total.max,
-        bps_read_max: l.bps_read.max,
-        bps_write_max: l.bps_write.max,
-        iops_total_max_length: l.iops_total.max_length,
-        iops_read_max_length: l.iops_read.max_length,
-        iops_write_max_length: l.iops_write.max_length,
-        bps_total_max_length: l.bps_total.max_length,
-        bps_read_max_length: l.bps_read.max_length,
-        bps_write_max_length: l.bps_write.max_length,
-        iops_size: l.iops_size,
-        group: q.group.clone().unwrap_or_default(),
-    }
 }
 
 /// One NIC of a spec, typed (an empty MAC: a generated one).

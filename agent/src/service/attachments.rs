@@ -63,9 +63,7 @@ pub(super) fn chap_credentials(chap: &Chap) -> pdpb::ChapCredentials {
 /// The NoCloud seed image in a guest's directory.
 pub(super) const SEED_FILE: &str = "seed.img";
 
-pub(super) fn device_name(i: usize) -> String {
-    format!("vd{}", (b'a' + i as u8) as char)
-}
+pub(super) use crate::spec::device_name;
 
 impl Agent {
     /// Attaches disk `i` of `vm` and records it with its DISK_ATTACHED event.

@@ -16,6 +16,9 @@ use stratus_core::cli::args::{unix_time, Limit, Ref};
 mod disk;
 mod image;
 mod nic;
+mod qos;
+#[cfg(test)]
+mod qos_tests;
 #[cfg(test)]
 mod tests;
 mod vm;

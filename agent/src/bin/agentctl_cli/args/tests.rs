@@ -10,11 +10,11 @@ use super::nic::Mac;
 use super::vm::CreateArgs;
 use super::*;
 
-fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+pub(super) fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
     Cli::try_parse_from(std::iter::once("agentctl").chain(args.iter().copied()))
 }
 
-fn fails(args: &[&str]) -> clap::Error {
+pub(super) fn fails(args: &[&str]) -> clap::Error {
     parse(args).expect_err(&format!("{args:?} should be refused"))
 }
 
@@ -33,7 +33,7 @@ fn create(extra: &[&str]) -> Result<CreateArgs, clap::Error> {
     }
 }
 
-fn spec(extra: &[&str]) -> Result<VmSpec, String> {
+pub(super) fn spec(extra: &[&str]) -> Result<VmSpec, String> {
     create(extra).unwrap().spec(Path::new("/home/op"))
 }
 
@@ -811,51 +811,4 @@ fn pdisk_disks_name_their_server() {
         let e = image_disk(&disk).unwrap_err();
         assert!(e.contains(words), "{disk}: {e}");
     }
-}
-
-#[test]
-fn disk_qos_takes_counts_sizes_and_a_group() {
-    let cli = parse(&[
-        "vm",
-        "disk",
-        "qos",
-        "web1",
-        "vdb",
-        "--iops-total",
-        "200",
-        "--iops-total-max",
-        "400",
-        "--iops-total-max-length",
-        "10",
-        "--bps-write",
-        "10M",
-        "--iops-size",
-        "4K",
-        "--group",
-        "db",
-    ])
-    .unwrap();
-    let Command::Vm(VmCommand::Disk(vm::DiskCommand::Qos { device, limits, .. })) = cli.command
-    else {
-        panic!("wrong command")
-    };
-    assert_eq!(device, "vdb");
-    let q = limits.to_pb();
-    assert_eq!(
-        (q.iops_total, q.iops_total_max, q.iops_total_max_length),
-        (200, 400, 10)
-    );
-    assert_eq!((q.bps_write, q.iops_size), (10 << 20, 4096));
-    assert_eq!(q.group, "db");
-    assert_eq!(q.bps_read, 0);
-    // Nothing given: unlimited.
-    let cli = parse(&["vm", "disk", "qos", "web1", "vda"]).unwrap();
-    let Command::Vm(VmCommand::Disk(vm::DiskCommand::Qos { limits, .. })) = cli.command else {
-        panic!("wrong command")
-    };
-    assert_eq!(limits.to_pb(), Default::default());
-    assert_eq!(
-        fails(&["vm", "disk", "qos", "web1", "vda", "--iops-total", "x"]).kind(),
-        ErrorKind::ValueValidation
-    );
 }

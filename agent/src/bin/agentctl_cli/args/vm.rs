@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use agent::seed::{
     check_document, check_hostname, check_ssh_key, MAX_NETWORK_CONFIG, MAX_SSH_KEYS, MAX_USER_DATA,
 };
-use agent::spec::{MAX_DISKS, MAX_NICS, MAX_VCPUS, MIN_MEMORY};
+use agent::spec::{device_name, MAX_DISKS, MAX_NICS, MAX_VCPUS, MIN_MEMORY};
 use clap::{Args, Subcommand};
 use stratus_core::cli::args::{label_arg, label_map, Ref};
 use stratus_core::types::{ByteSize, VolumeName};
@@ -19,6 +19,7 @@ use super::disk::{DiskArg, DiskSource};
 use super::host_path;
 use super::image::image_pb;
 use super::nic::{Mac, NicArg};
+use super::qos::{QosArgs, QOS};
 
 /// Help heading of the options that make the guest's cloud-init seed.
 pub(super) const CONTEXT: &str = "Contextualization (a cloud-init NoCloud seed disk)";
@@ -135,7 +136,8 @@ pub enum VmCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum DiskCommand {
-    /// Attach a pdisk volume of the VM's project: pdisk:[SERVER/]VOLUME[,ro].
+    /// Attach a pdisk volume of the VM's project: pdisk:[SERVER/]VOLUME[,ro],
+    /// with its I/O limits if given (as `vm disk qos` takes them).
     Attach {
         /// VM name or UUID.
         #[arg(value_name = "NAME")]
@@ -143,6 +145,8 @@ pub enum DiskCommand {
         /// The disk, as `vm create --disk` takes it (pdisk volumes only).
         #[arg(value_name = "DISK", value_parser = boxed_disk)]
         disk: Box<DiskArg>,
+        #[command(flatten)]
+        qos: Box<QosArgs>,
     },
     /// Grow a pdisk disk (pdisk resizes the volume; a running guest sees
     /// the new capacity at once).
@@ -211,86 +215,8 @@ pub enum NicCommand {
     },
 }
 
-/// The limits of `vm disk qos`: IOPS, bytes per second (`--bps-*` take
-/// sizes: 10M is 10 MiB/s), bursts and their length in seconds.
-#[derive(Debug, Args, Default)]
-pub struct QosArgs {
-    #[arg(long, value_name = "N")]
-    pub iops_total: Option<u64>,
-    #[arg(long, value_name = "N")]
-    pub iops_read: Option<u64>,
-    #[arg(long, value_name = "N")]
-    pub iops_write: Option<u64>,
-    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
-    pub bps_total: Option<ByteSize>,
-    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
-    pub bps_read: Option<ByteSize>,
-    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
-    pub bps_write: Option<ByteSize>,
-    #[arg(long, value_name = "N")]
-    pub iops_total_max: Option<u64>,
-    #[arg(long, value_name = "N")]
-    pub iops_read_max: Option<u64>,
-    #[arg(long, value_name = "N")]
-    pub iops_write_max: Option<u64>,
-    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
-    pub bps_total_max: Option<ByteSize>,
-    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
-    pub bps_read_max: Option<ByteSize>,
-    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
-    pub bps_write_max: Option<ByteSize>,
-    #[arg(long, value_name = "SECS")]
-    pub iops_total_max_length: Option<u64>,
-    #[arg(long, value_name = "SECS")]
-    pub iops_read_max_length: Option<u64>,
-    #[arg(long, value_name = "SECS")]
-    pub iops_write_max_length: Option<u64>,
-    #[arg(long, value_name = "SECS")]
-    pub bps_total_max_length: Option<u64>,
-    #[arg(long, value_name = "SECS")]
-    pub bps_read_max_length: Option<u64>,
-    #[arg(long, value_name = "SECS")]
-    pub bps_write_max_length: Option<u64>,
-    /// Larger I/Os count as several for the IOPS limits (e.g. 4K).
-    #[arg(long, value_name = "SIZE", value_parser = disk_size)]
-    pub iops_size: Option<ByteSize>,
-    /// The disk's QoS group (disks of the VM sharing one set of limits);
-    /// a running guest's disk keeps the group it has.
-    #[arg(long, value_name = "NAME")]
-    pub group: Option<String>,
-}
-
-impl QosArgs {
-    pub fn to_pb(&self) -> stratus_proto::agent::v1::DiskQos {
-        let n = |v: Option<u64>| v.unwrap_or(0);
-        let b = |v: Option<ByteSize>| v.map_or(0, |b| b.0);
-        stratus_proto::agent::v1::DiskQos {
-            iops_total: n(self.iops_total),
-            iops_read: n(self.iops_read),
-            iops_write: n(self.iops_write),
-            bps_total: b(self.bps_total),
-            bps_read: b(self.bps_read),
-            bps_write: b(self.bps_write),
-            iops_total_max: n(self.iops_total_max),
-            iops_read_max: n(self.iops_read_max),
-            iops_write_max: n(self.iops_write_max),
-            bps_total_max: b(self.bps_total_max),
-            bps_read_max: b(self.bps_read_max),
-            bps_write_max: b(self.bps_write_max),
-            iops_total_max_length: n(self.iops_total_max_length),
-            iops_read_max_length: n(self.iops_read_max_length),
-            iops_write_max_length: n(self.iops_write_max_length),
-            bps_total_max_length: n(self.bps_total_max_length),
-            bps_read_max_length: n(self.bps_read_max_length),
-            bps_write_max_length: n(self.bps_write_max_length),
-            iops_size: b(self.iops_size),
-            group: self.group.clone().unwrap_or_default(),
-        }
-    }
-}
-
 /// A disk size: 20G, 512M, bytes.
-fn disk_size(s: &str) -> Result<ByteSize, String> {
+pub(super) fn disk_size(s: &str) -> Result<ByteSize, String> {
     s.parse::<ByteSize>().map_err(|e| format!("{s:?}: {e}"))
 }
 
@@ -299,8 +225,9 @@ fn boxed_disk(s: &str) -> Result<Box<DiskArg>, String> {
     s.parse().map(Box::new)
 }
 
-/// The DiskSpec of `vm disk attach`: pdisk volumes only.
-pub fn attach_disk_spec(d: &DiskArg) -> Result<DiskSpec, String> {
+/// The DiskSpec of `vm disk attach`: pdisk volumes only, with `qos`'s
+/// limits (checked).
+pub fn attach_disk_spec(d: &DiskArg, qos: &QosArgs) -> Result<DiskSpec, String> {
     let DiskSource::Pdisk(v) = &d.source else {
         return Err("only pdisk:[SERVER/]VOLUME disks are attached to a VM".into());
     };
@@ -309,6 +236,7 @@ pub fn attach_disk_spec(d: &DiskArg) -> Result<DiskSpec, String> {
         boot_index: d.boot.unwrap_or(0),
         server: d.server.as_ref().map(|s| s.to_string()).unwrap_or_default(),
         source: Some(disk_spec::Source::PdiskVolume(v.to_string())),
+        qos: qos.spec()?,
         ..DiskSpec::default()
     })
 }
@@ -405,6 +333,16 @@ pub struct CreateArgs {
     /// passed as is. Default: none (cloud-init configures the first NIC by DHCP).
     #[arg(long, value_name = "FILE", value_parser = local_file, help_heading = CONTEXT)]
     pub network_config_file: Option<PathBuf>,
+
+    /// The disks the QoS options limit, by device (vda is the first
+    /// --disk, vdb the second...); repeat for several. Default: every
+    /// --disk, each with these limits of its own, or all sharing them
+    /// with --group. Other limits per disk: `vm disk qos` before the start.
+    #[arg(long = "qos-disk", value_name = "DEVICE", help_heading = QOS)]
+    pub qos_disks: Vec<String>,
+
+    #[command(flatten)]
+    pub qos: QosArgs,
 }
 
 /// `--timeout`: a positive number of seconds, at most a day.
@@ -518,6 +456,7 @@ impl CreateArgs {
         {
             return Err(format!("MAC {mac} is given to more than one NIC"));
         }
+        let qos = self.disk_qos()?;
         let first_boots = boots.is_empty();
         let disks = self
             .disks
@@ -532,6 +471,7 @@ impl CreateArgs {
                         None => 0,
                     },
                     server: d.server.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+                    qos: qos[i].clone(),
                     ..DiskSpec::default()
                 };
                 disk.source = Some(match &d.source {
@@ -579,6 +519,36 @@ impl CreateArgs {
             labels,
             context,
         })
+    }
+
+    /// Each --disk's limits: the QoS options' (checked) for the disks
+    /// --qos-disk names, or every disk without --qos-disk.
+    fn disk_qos(&self) -> Result<Vec<Option<stratus_proto::agent::v1::DiskQos>>, String> {
+        let qos = self.qos.spec()?;
+        let devices: Vec<String> = (0..self.disks.len()).map(device_name).collect();
+        for d in &self.qos_disks {
+            if !devices.contains(d) {
+                return Err(format!(
+                    "--qos-disk {d}: the VM's disks are {} (one per --disk, in order)",
+                    if devices.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        devices.join(", ")
+                    }
+                ));
+            }
+        }
+        if qos.is_none() && !self.qos_disks.is_empty() {
+            return Err("--qos-disk needs a limit or a --group to give".into());
+        }
+        Ok(devices
+            .iter()
+            .map(|d| {
+                (self.qos_disks.is_empty() || self.qos_disks.contains(d))
+                    .then(|| qos.clone())
+                    .flatten()
+            })
+            .collect())
     }
 
     /// The seed's contents when any contextualization option is given, with
