@@ -72,6 +72,24 @@ pub const POINTS: &[(&str, &[&str])] = &[
     // tier (`service/qos_tests.rs`) only, for now.
 ];
 
+/// The crash points of a live migration (`service/migrate.rs`), by the
+/// side they live on: the source agentd's (`migrate_out`) and the
+/// destination's (`migrate_in`). Walked by `agent/tests/faults_migrate.rs`
+/// with two agentd-failpoints and a real guest moving between them (not by
+/// faults.rs, which has one host).
+pub const MIGRATION_POINTS: &[(&str, &[&str])] = &[
+    (
+        "migrate_out",
+        &[
+            "migrate.intent",
+            "migrate.prepared",
+            "migrate.pre_switchover",
+            "migrate.completed",
+        ],
+    ),
+    ("migrate_in", &["incoming.recorded"]),
+];
+
 /// Crash points only the lab VM can reach (the kernel's iSCSI initiator,
 /// `--attach kernel`): the login sequence of a disk's session, walked by
 /// `agent/tests/kernel_attach.rs` in the lab (not by faults.rs, whose host

@@ -187,6 +187,15 @@ impl Agentd {
         a
     }
 
+    /// The same agentd (flags, state, certificate) restarted as
+    /// `agentd-failpoints`, e.g. after [`Agentd::start_in_as`].
+    pub fn into_failpoints(mut self) -> Agentd {
+        self.kill9();
+        self.program = "agentd-failpoints".into();
+        self.spawn();
+        self
+    }
+
     /// Restarts with FAILPOINTS set to `spec` (`None`: unset), e.g.
     /// `Some("start.exported=return")`.
     pub fn restart_with_failpoints(&mut self, spec: Option<&str>) {
