@@ -19,6 +19,7 @@ use crate::service::Agent;
 use crate::spec::{ServerName, VmState};
 use crate::store::{Event, QuotaLimits, VmRecord};
 use stratus_core::error::{Error, ErrorKind};
+use stratus_core::quota::{self, Book as _};
 use stratus_core::requests::{fingerprint, Answer, Attempt, RequestLog};
 use stratus_pki::tenancy::{check_reserved_labels, Scope};
 use stratus_pki::Identity;
@@ -656,35 +657,19 @@ impl VmService for Api {
         &self,
         req: Request<pb::SetQuotaRequest>,
     ) -> Result<Response<pb::Quota>, Status> {
-        let note = stratus_pki::audit::note(&req);
-        let r = req.into_inner();
-        if let Some(n) = note {
-            n.set_project(&r.project);
-            n.set_object(format!("quota {}", r.project));
-        }
-        stratus_pki::identity::check_name(&r.project)
-            .map_err(|why| Error::invalid(format!("project: {why}")))?;
-        let l = r.limits.unwrap_or_default();
-        let set = QuotaLimits {
-            vms: l.vms,
-            vcpus: l.vcpus,
-            memory: l.memory_bytes,
-        };
-        let mut clear = QuotaLimits::default();
-        stratus_pki::tenancy::clear_quotas(
-            &r.unlimited,
-            [
-                ("vms", &mut clear.vms),
-                ("vcpus", &mut clear.vcpus),
-                ("memory_bytes", &mut clear.memory),
-            ],
-        )
-        .map_err(Error::invalid)?;
-        let store = self.agent.store();
-        let limits = store.set_quota(&r.project, set, clear)?;
-        let (_, usage) = store.quota(&r.project)?;
-        tracing::info!(project = %r.project, ?limits, "quota set");
-        Ok(Response::new(quota_pb(r.project, limits, usage)))
+        let (project, limits, usage) = quota::set(self.agent.store(), req, |r| {
+            let l = r.limits.unwrap_or_default();
+            quota::Change {
+                project: r.project,
+                set: QuotaLimits {
+                    vms: l.vms,
+                    vcpus: l.vcpus,
+                    memory: l.memory_bytes,
+                },
+                unlimited: r.unlimited,
+            }
+        })?;
+        Ok(Response::new(quota_pb(project, limits, usage)))
     }
 
     async fn get_quota(
@@ -703,12 +688,10 @@ impl VmService for Api {
         &self,
         _req: Request<pb::ListQuotasRequest>,
     ) -> Result<Response<pb::ListQuotasResponse>, Status> {
-        let store = self.agent.store();
-        let mut quotas = Vec::new();
-        for p in store.quota_projects()? {
-            let (limits, usage) = store.quota(&p)?;
-            quotas.push(quota_pb(p, limits, usage));
-        }
+        let quotas = quota::all(self.agent.store())?
+            .into_iter()
+            .map(|(p, limits, usage)| quota_pb(p, limits, usage))
+            .collect();
         Ok(Response::new(pb::ListQuotasResponse { quotas }))
     }
 

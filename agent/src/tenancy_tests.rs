@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use stratus_core::quota::Book as _;
 use stratus_core::runner::FakeRunner;
 use stratus_pki::{Caller, Identity, Role, Transport};
 use stratus_proto::agent::v1 as pb;

@@ -27,6 +27,8 @@
 //!   `STRATUS_EVENTS` stream, publishing with a message id, durable consumers);
 //! - [`outbox`]: a daemon's event journal published to the broker in seq
 //!   order, resumed after the last acknowledged seq;
+//! - [`quota`]: project quotas as both daemons serve them (SetQuota's
+//!   checks and write, ListQuotas), over each daemon's own store;
 //! - [`requests`]: mutating operations run as the daemon's own tasks, and
 //!   retries by `request_id` answered with the first attempt's result;
 //! - [`systemd`]: `sd_notify` for `Type=notify` units (READY, STOPPING,
@@ -42,6 +44,7 @@ pub mod image;
 pub mod journal;
 pub mod nats;
 pub mod outbox;
+pub mod quota;
 pub mod requests;
 pub mod rooted;
 pub mod runner;

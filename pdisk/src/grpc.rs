@@ -20,6 +20,7 @@ use crate::service::{Deleted, ExportBy, NewVolume, NewVolumeSource, PoolService}
 use crate::store::{NameScope, QuotaLimits, QuotaUsage};
 use crate::tenancy::Call;
 use crate::types::{ByteSize, Chap, Iqn, VolumeName};
+use stratus_core::quota::{self, Book as _};
 use stratus_core::requests::{Attempt, RequestLog};
 use stratus_pki::{Identity, Role};
 
@@ -716,35 +717,19 @@ impl VolumeService for Api {
         &self,
         req: Request<pb::SetQuotaRequest>,
     ) -> Result<Response<pb::Quota>, Status> {
-        let note = stratus_pki::audit::note(&req);
-        let r = req.into_inner();
-        if let Some(n) = note {
-            n.set_project(&r.project);
-            n.set_object(format!("quota {}", r.project));
-        }
-        stratus_pki::identity::check_name(&r.project)
-            .map_err(|why| Error::invalid(format!("project: {why}")))?;
-        let l = r.limits.unwrap_or_default();
-        let set = QuotaLimits {
-            volumes: l.volumes,
-            snapshots: l.snapshots,
-            bytes: l.bytes,
-        };
-        let mut clear = QuotaLimits::default();
-        stratus_pki::tenancy::clear_quotas(
-            &r.unlimited,
-            [
-                ("volumes", &mut clear.volumes),
-                ("snapshots", &mut clear.snapshots),
-                ("bytes", &mut clear.bytes),
-            ],
-        )
-        .map_err(Error::invalid)?;
-        let store = self.svc.store();
-        let limits = store.set_quota(&r.project, set, clear)?;
-        let (_, usage) = store.quota(&r.project)?;
-        tracing::info!(project = %r.project, ?limits, "quota set");
-        Ok(Response::new(quota_pb(r.project, limits, usage)))
+        let (project, limits, usage) = quota::set(self.svc.store(), req, |r| {
+            let l = r.limits.unwrap_or_default();
+            quota::Change {
+                project: r.project,
+                set: QuotaLimits {
+                    volumes: l.volumes,
+                    snapshots: l.snapshots,
+                    bytes: l.bytes,
+                },
+                unlimited: r.unlimited,
+            }
+        })?;
+        Ok(Response::new(quota_pb(project, limits, usage)))
     }
 
     async fn get_quota(
@@ -763,12 +748,10 @@ impl VolumeService for Api {
         &self,
         _req: Request<pb::ListQuotasRequest>,
     ) -> Result<Response<pb::ListQuotasResponse>, Status> {
-        let store = self.svc.store();
-        let mut quotas = Vec::new();
-        for p in store.quota_projects()? {
-            let (limits, usage) = store.quota(&p)?;
-            quotas.push(quota_pb(p, limits, usage));
-        }
+        let quotas = quota::all(self.svc.store())?
+            .into_iter()
+            .map(|(p, limits, usage)| quota_pb(p, limits, usage))
+            .collect();
         Ok(Response::new(pb::ListQuotasResponse { quotas }))
     }
 

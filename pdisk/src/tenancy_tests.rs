@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use stratus_core::quota::Book as _;
 use stratus_pki::{Caller, Identity, Role, Transport};
 use stratus_proto::pdisk::v1 as pb;
 use stratus_proto::pdisk::v1::volume_service_server::VolumeService;

@@ -21,6 +21,7 @@ use crate::spec::{Cause, DiskSource, EventType, KernelBoot, VmSpec, VmState};
 use crate::store::{now_rfc3339, Event, NewEvent, Runtime, VmRecord};
 use crate::vmm::{LaunchPlan, QmpCommands};
 use stratus_core::error::{Error, ErrorKind, Result};
+use stratus_core::quota::Book as _;
 use stratus_core::rooted::RootedFile;
 
 /// How long start waits for QEMU's QMP socket.

@@ -1622,6 +1622,7 @@ async fn what_quarantine_does_not_keep() {
 #[tokio::test]
 async fn quarantine_keeps_the_bytes_quota_and_frees_the_volume_count() {
     use crate::store::QuotaLimits;
+    use stratus_core::quota::Book as _;
     let f = fixture_with(HOUR);
     f.svc
         .store()
