@@ -87,7 +87,10 @@ pub const MIGRATION_POINTS: &[(&str, &[&str])] = &[
             "migrate.completed",
         ],
     ),
-    ("migrate_in", &["incoming.recorded"]),
+    (
+        "migrate_in",
+        &["incoming.recorded", "incoming.prepared", "incoming.resumed"],
+    ),
 ];
 
 /// Crash points only the lab VM can reach (the kernel's iSCSI initiator,

@@ -55,6 +55,12 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// its record to go once its QEMU quit.
 const SETTLE: Duration = Duration::from_secs(60);
 
+/// How long an incoming QEMU may wait for the source's stream to connect
+/// before the destination gives up on it (the source migrates within
+/// moments of PrepareIncoming's answer; one that crashed or lost it never
+/// will).
+const STREAM_GRACE: Duration = Duration::from_secs(30);
+
 /// What a finished migration measured.
 #[derive(Debug, Clone)]
 pub struct MigrationReport {
@@ -677,7 +683,11 @@ impl Agent {
             layout,
         };
         match self.bring_up(&mut vm, confinement, Some(incoming)).await {
-            Ok(()) => Ok(port),
+            Ok(()) => {
+                self.watch_incoming(id);
+                self.crash_point("incoming.prepared");
+                Ok(port)
+            }
             Err(e) => {
                 tracing::warn!(vm = %vm.spec.name, error = %e, "incoming guest not prepared; undoing");
                 let mut events = self.tear_down(&mut vm).await;
@@ -750,20 +760,77 @@ impl Agent {
                 vm.spec.name
             )));
         }
-        let mut events = self.tear_down(&mut vm).await;
+        let reason = if reason.is_empty() {
+            "aborted by the source"
+        } else {
+            reason
+        };
+        self.undo_incoming(&mut vm, reason, Cause::Api).await
+    }
+
+    /// Tears down incoming guest `vm` (QEMU, taps, exports) and drops its
+    /// record with MIGRATION_FAILED saying `reason`.
+    async fn undo_incoming(&self, vm: &mut VmRecord, reason: &str, cause: Cause) -> Result<()> {
+        let mut events = self.tear_down(vm).await;
         events.push(NewEvent::new(
             EventType::MigrationFailed,
-            Cause::Api,
-            if reason.is_empty() {
-                "aborted by the source".to_string()
-            } else {
-                reason.to_string()
-            },
+            cause,
+            reason.to_string(),
         ));
-        if self.store.remove_existing(&vm, &events)?.is_some() {
+        if self.store.remove_existing(vm, &events)?.is_some() {
             self.remove_guest_dir(vm.uuid);
         }
         Ok(())
+    }
+
+    /// Gives incoming guest `id` [`STREAM_GRACE`] for the source's stream
+    /// to connect, then undoes it if none did: a source that crashed or
+    /// gave up (its PrepareIncoming answer lost with this agentd) never
+    /// sends one, and its QEMU would wait here forever with the guest's
+    /// exports and taps. A stream that connected is the monitor's to
+    /// follow (RESUME: MIGRATED; exit: MIGRATION_FAILED). Undoing it is
+    /// safe: the guest runs on the source until a switchover, which needs
+    /// this QEMU.
+    pub(super) fn watch_incoming(self: &Arc<Self>, id: Uuid) {
+        let agent = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(STREAM_GRACE).await;
+            if let Err(e) = agent.undo_if_no_stream(id, STREAM_GRACE).await {
+                tracing::warn!(vm = %id, error = %e, "could not check the incoming migration's stream");
+            }
+        });
+    }
+
+    /// [`Agent::watch_incoming`]'s check, after `waited`.
+    pub(super) async fn undo_if_no_stream(&self, id: Uuid, waited: Duration) -> Result<()> {
+        let _g = self.lock(id).await;
+        let Some(mut vm) = self.store.vm(id)? else {
+            return Ok(());
+        };
+        if !vm.is_incoming() {
+            return Ok(());
+        }
+        if let Some(qmp) = self.qmp_of(id) {
+            let info = qmp.execute("query-migrate", None).await?;
+            // No status: nothing connected (an incoming QEMU's own states
+            // start at `setup`, when the stream arrives).
+            if info.get("status").is_some_and(|s| s != "none") {
+                return Ok(());
+            }
+        }
+        let peer = vm
+            .migration
+            .as_ref()
+            .map(|m| m.peer.clone())
+            .unwrap_or_default();
+        tracing::warn!(vm = %vm.spec.name, source = %peer, ?waited,
+            "no migration stream arrived; undoing the incoming guest");
+        self.undo_incoming(
+            &mut vm,
+            &format!("no migration stream from {peer} within {waited:?}; undone here"),
+            Cause::Reconciliation,
+        )
+        .await
     }
 
     /// The directory of a guest that left this host (console log, QEMU's
@@ -830,6 +897,9 @@ impl Agent {
                     )?;
                     format!("{name}: incoming migration finished; the guest runs here")
                 } else {
+                    // Its source may have gone meanwhile: undone unless its
+                    // stream connects within STREAM_GRACE.
+                    self.watch_incoming(id);
                     format!("{name}: incoming migration still waits; followed")
                 };
                 self.spawn_monitor(id, rt.pid, events);

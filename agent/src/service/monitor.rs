@@ -115,6 +115,7 @@ impl Agent {
             // The destination's QEMU resumes the guest after the
             // switchover: from here on it is this host's.
             if vm.is_incoming() && kind == EventType::Resumed {
+                self.crash_point("incoming.resumed");
                 let detail = format!("running here, from {}", m.peer);
                 vm.migration = None;
                 vm.state = VmState::Running;
