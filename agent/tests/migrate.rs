@@ -7,7 +7,10 @@
 //! B does not allow) leaves it running on A; a migration to B, over TLS,
 //! moves it without a restart with a disk and a NIC hot-plugged on A
 //! (they keep their root ports on B, work there and detach), leaving
-//! nothing on A; on B it stops normally.
+//! nothing on A. Its disk limits (DiskQos on the root disk and on the
+//! hot-plugged one) come along: B's QEMU has them in its throttle groups
+//! (`qom-get`), GetVm on B shows them; SetDiskQos on B changes them, and
+//! they are kept over the move back to A (B → A), where it stops normally.
 //! Run by scripts/test's e2e tier (needs root, QEMU, tgt and the test guest).
 
 use std::path::{Path, PathBuf};
@@ -75,11 +78,14 @@ impl TwoHosts {
             std::fs::create_dir_all(&d).unwrap();
             d
         };
-        let a = Agentd::start_in_with(
+        // Both listen on their host's address: the guest moves back, too.
+        let a = Agentd::start_in_as(
             &dir("host-a"),
             &ns_a,
             &pdiskd.url(),
             BRIDGE,
+            INITIATOR,
+            &TestPki::shared().files("agent-test-host"),
             &["--allowed-bridge", ONLY_ON_A],
         );
         let b_tls = TestPki::shared().issue(
@@ -111,6 +117,11 @@ impl TwoHosts {
     /// B's address as another agentd dials it.
     fn b_url(&self) -> String {
         format!("https://{MIGRATION_HOST_B}:{}", self.b.listen.port())
+    }
+
+    /// A's address as another agentd dials it.
+    fn a_url(&self) -> String {
+        format!("https://{MIGRATION_HOST_A}:{}", self.a.listen.port())
     }
 
     fn on<F, Fut, T>(ns: &NetNs, agentd: &Agentd, f: F) -> T
@@ -267,6 +278,68 @@ fn taps_in(ns: &NetNs) -> Vec<String> {
         .collect()
 }
 
+/// The limits in guest `uuid`'s QEMU under `agentd`, of each throttle
+/// group in `groups` (`qom-get` of `/objects/GROUP`'s `limits`), as
+/// DiskQos. QEMU serves one QMP client: agentd is killed to ask it and
+/// restarted after (it adopts the guest).
+fn qemu_limits(agentd: &mut Agentd, uuid: &str, groups: &[&str]) -> Vec<agent::qos::Limits> {
+    agentd.kill9();
+    let socket = agentd.state_dir.join("vms").join(uuid).join("qmp.sock");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let limits = rt.block_on(async {
+        let (qmp, _events) = agent::qmp::Qmp::connect(&socket, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for g in groups {
+            let v = qmp
+                .execute(
+                    "qom-get",
+                    Some(
+                        serde_json::json!({"path": format!("/objects/{g}"), "property": "limits"}),
+                    ),
+                )
+                .await
+                .unwrap();
+            out.push(agent::qos::Limits::from_qemu(&v));
+        }
+        out
+    });
+    drop(rt);
+    agentd.restart();
+    limits
+}
+
+/// The limits of a DiskQos as QEMU would hold them.
+fn limits_of(q: &pb::DiskQos) -> agent::qos::Limits {
+    let mut l = agent::qos::Limits {
+        iops_size: q.iops_size,
+        ..Default::default()
+    };
+    let from = [
+        (q.iops_total, q.iops_total_max, q.iops_total_max_length),
+        (q.iops_read, q.iops_read_max, q.iops_read_max_length),
+        (q.iops_write, q.iops_write_max, q.iops_write_max_length),
+        (q.bps_total, q.bps_total_max, q.bps_total_max_length),
+        (q.bps_read, q.bps_read_max, q.bps_read_max_length),
+        (q.bps_write, q.bps_write_max, q.bps_write_max_length),
+    ];
+    for ((name, b), (avg, max, len)) in l.buckets_mut().into_iter().zip(from) {
+        assert!(!name.is_empty());
+        b.avg = avg;
+        b.max = max;
+        b.max_length = len;
+    }
+    l
+}
+
+fn qos_of(vm: &pb::Vm, device: usize) -> pb::DiskQos {
+    vm.spec.as_ref().unwrap().disks[device]
+        .qos
+        .clone()
+        .unwrap_or_default()
+}
+
 fn migrate(h: &TwoHosts, vm: &str) -> Result<pb::MigrateVmResponse, tonic::Status> {
     let (vm, destination) = (vm.to_string(), h.b_url());
     h.on_a(move |mut c| async move {
@@ -284,7 +357,7 @@ fn migrate(h: &TwoHosts, vm: &str) -> Result<pb::MigrateVmResponse, tonic::Statu
 #[test]
 #[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
 fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
-    let h = TwoHosts::start();
+    let mut h = TwoHosts::start();
     h.guest_volume("mig-root");
     let g: PathBuf = guest_dir();
     let spec = |bridge: &str| pb::VmSpec {
@@ -293,6 +366,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         memory_bytes: 128 << 20,
         disks: vec![pb::DiskSpec {
             source: Some(pb::disk_spec::Source::PdiskVolume("mig-root".into())),
+            qos: Some(root_qos()),
             ..Default::default()
         }],
         nics: vec![pb::NicSpec {
@@ -411,6 +485,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
             vm: "mover".into(),
             disk: Some(pb::DiskSpec {
                 source: Some(pb::disk_spec::Source::PdiskVolume("mig-data".into())),
+                qos: Some(data_qos()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -527,6 +602,14 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     // on B; the disk attached again shows A's marker.
     assert_eq!(on_b.spec.as_ref().unwrap().disks.len(), 2);
     assert_eq!(on_b.nics.len(), 2);
+    // Their limits came along: in GetVm and in B's QEMU.
+    assert_eq!(qos_of(&on_b, 0), root_qos());
+    assert_eq!(qos_of(&on_b, 1), data_qos());
+    assert_eq!(
+        qemu_limits(&mut h.b, &vm.uuid, &["qos-vda", "qos-vdb"]),
+        vec![limits_of(&root_qos()), limits_of(&data_qos())],
+        "B's QEMU's throttle groups"
+    );
     h.grow_volume("mig-data", 16 << 20);
     h.on_b(|mut c| async move {
         c.resize_disk(pb::ResizeDiskRequest {
@@ -598,8 +681,64 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         "the guest booted again on B:\n{text_b}"
     );
 
-    // B's guest stops normally, and then B holds the export no more.
-    let stopped = h.on_b(|mut c| async move {
+    // New limits set on B (a read/write split instead of the total) are
+    // kept over the move back to A.
+    let set = h.on_b(|mut c| async move {
+        c.set_disk_qos(pb::SetDiskQosRequest {
+            vm: "mover".into(),
+            device: "vda".into(),
+            qos: Some(b_qos()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(qos_of(&set, 0), b_qos());
+    let back = {
+        let destination = h.a_url();
+        h.on_b(move |mut c| async move {
+            c.migrate_vm(pb::MigrateVmRequest {
+                vm: "mover".into(),
+                destination,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+        })
+    }
+    .expect("the move back to A");
+    eprintln!(
+        "migrated back: total {} ms, downtime {} ms",
+        back.total_ms, back.downtime_ms
+    );
+    assert!(h.b.guest_pids().is_empty());
+    let on_a = h.on_a(|mut c| async move {
+        c.get_vm(pb::VmRequest {
+            vm: "mover".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(on_a.state(), pb::VmState::Running);
+    assert_eq!(qos_of(&on_a, 0), b_qos());
+    assert_eq!(
+        qemu_limits(&mut h.a, &vm.uuid, &["qos-vda"]),
+        vec![limits_of(&b_qos())],
+        "A's QEMU's throttle group after the move back"
+    );
+    let log_a = PathBuf::from(&on_a.console_log);
+    count_past(&log_a, 0);
+    let text_a = std::fs::read_to_string(&log_a).unwrap();
+    assert!(
+        !text_a.contains("STRATUS-GUEST init"),
+        "the guest booted again on A:\n{text_a}"
+    );
+
+    // Back on A it stops normally, and then no host holds an export.
+    let stopped = h.on_a(|mut c| async move {
         c.stop_vm(pb::StopVmRequest {
             vm: "mover".into(),
             force: true,
@@ -610,8 +749,35 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         .into_inner()
     });
     assert_eq!(stopped.state(), pb::VmState::Stopped);
-    assert!(h.b.guest_pids().is_empty());
+    assert!(h.a.guest_pids().is_empty());
     assert!(h.export_initiators("mig-root").is_empty());
     assert!(h.export_initiators("mig-data").is_empty());
     let _ = &h.pool;
+}
+
+/// The root disk's limits from its creation: an IOPS total with a burst.
+fn root_qos() -> pb::DiskQos {
+    pb::DiskQos {
+        iops_total: 200,
+        iops_total_max: 400,
+        iops_total_max_length: 5,
+        ..Default::default()
+    }
+}
+
+/// The hot-plugged disk's: bytes written per second.
+fn data_qos() -> pb::DiskQos {
+    pb::DiskQos {
+        bps_write: 1 << 20,
+        ..Default::default()
+    }
+}
+
+/// The root disk's limits as set on B.
+fn b_qos() -> pb::DiskQos {
+    pb::DiskQos {
+        iops_read: 100,
+        iops_write: 50,
+        ..Default::default()
+    }
 }
