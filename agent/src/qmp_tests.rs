@@ -1,6 +1,7 @@
 //! Unit tests of the QMP client against a scripted fake QEMU on a Unix socket.
 
 use super::*;
+use std::time::UNIX_EPOCH;
 use tokio::net::UnixListener;
 
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u18+b3"}, "capabilities": ["oob"]}}"#;

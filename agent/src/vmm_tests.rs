@@ -1,4 +1,5 @@
 use super::*;
+use stratus_core::types::Chap;
 
 fn plan() -> LaunchPlan {
     LaunchPlan {
