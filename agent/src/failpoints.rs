@@ -9,7 +9,10 @@
 //! (`Agent::crash_point`, a panic of the operation's task).
 //!
 //! Every name is listed in [`POINTS`], which the fault-injection test
-//! (`agent/tests/faults.rs`) walks, so a new point must be added there.
+//! (`agent/tests/faults.rs`) walks, so a new point must be added there
+//! (a live migration's in [`MIGRATION_POINTS`], walked by
+//! `agent/tests/faults_migrate.rs`; the kernel initiator's in
+//! [`LAB_POINTS`]).
 
 /// The exit status of a crash point, so tests can tell it from a failure.
 pub const CRASH_EXIT_CODE: i32 = 86;
