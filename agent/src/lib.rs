@@ -35,7 +35,6 @@
 //! layer are crate-private.
 
 pub mod attach;
-mod attach_nodes;
 pub mod authz;
 pub mod cgroup;
 pub mod config;

@@ -2,16 +2,25 @@
 //! its files: a crash between `iscsiadm -m node -o new` and the login
 //! leaves a record (with the CHAP secrets agentd wrote into it) and no
 //! session, which the sweep of unused sessions cannot see. At start,
-//! [`KernelAttacher::reap`](crate::attach::KernelAttacher::reap) deletes
+//! [`KernelAttacher::reap`](super::KernelAttacher::reap) deletes
 //! those no guest holds.
 //!
 //! Layout (open-iscsi `idbm_rec_write`): a record made without a portal
 //! group tag (ours, `-o new`) is the file `nodes/TARGET/ADDR,PORT`, naming
 //! its iface in `iface.iscsi_ifacename = IFACE`; one from discovery is
 //! `nodes/TARGET/ADDR,PORT,TPGT/IFACE`.
+//!
+//! And [`write_secrets`]: the CHAP secrets agentd writes into a record itself.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+
+use uuid::Uuid;
+
+use stratus_core::error::{Error, Result};
+
+/// Scratch files of [`write_secrets`], in the database root.
+pub(crate) const SCRATCH_PREFIX: &str = ".stratus-node-";
 
 /// (target, portal) of every node record on `iface` under `db`.
 pub(crate) fn records(db: &Path, iface: &str) -> Vec<(String, SocketAddr)> {
@@ -57,6 +66,58 @@ fn portal_of(name: &str, flat: bool) -> Option<SocketAddr> {
         .parse()
         .ok()?;
     Some(SocketAddr::new(ip, port.parse().ok()?))
+}
+
+/// Puts `KEY = SECRET` lines (`node.session.auth.password`, and
+/// `password_in` for mutual CHAP) into a node record: the other lines kept,
+/// any old line of those keys dropped, the new ones placed before `# END
+/// RECORD`. Written to a new 0600 file in `scratch_dir` (the database root,
+/// which iscsiadm never scans for records) and renamed over the record.
+pub(crate) fn write_secrets(
+    record: &Path,
+    secrets: &[(&str, &str)],
+    scratch_dir: &Path,
+) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let text = std::fs::read_to_string(record).map_err(|e| Error::io(record.display(), e))?;
+    let line: String = secrets
+        .iter()
+        .map(|(key, secret)| format!("{key} = {secret}\n"))
+        .collect();
+    let mut out = String::with_capacity(text.len() + line.len());
+    let mut placed = false;
+    for l in text.lines() {
+        // Keys compared whole: `password` must not drop `password_in`.
+        let key = l.split('=').next().map(str::trim);
+        if secrets.iter().any(|(k, _)| key == Some(*k)) {
+            continue;
+        }
+        if !placed && l.trim() == "# END RECORD" {
+            out.push_str(&line);
+            placed = true;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    if !placed {
+        out.push_str(&line);
+    }
+    let tmp = scratch_dir.join(format!("{SCRATCH_PREFIX}{}", Uuid::new_v4().simple()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| {
+            f.write_all(out.as_bytes())?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, record));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(record.display(), e)
+    })
 }
 
 #[cfg(test)]

@@ -1,12 +1,10 @@
-//! How a guest's iSCSI disks reach QEMU: through QEMU's own initiator
-//! (`--attach qemu`, the default: libiscsi inside QEMU, nothing on the
-//! host), or through the kernel's (`--attach kernel`: open-iscsi logs the
-//! host in, the LUN becomes a SCSI disk and QEMU opens `/dev/sdX` as a
-//! `host_device`). This module is the kernel way: [`KernelAttacher`].
+//! The kernel's iSCSI initiator: [`KernelAttacher`] (`--attach kernel` on an
+//! iSCSI export). open-iscsi logs the host in, the LUN becomes a SCSI disk
+//! and QEMU opens `/dev/sdX` as a `host_device`.
 //!
 //! Why one file of ~910 lines: it is one sequence of iscsiadm/sysfs steps
 //! whose attach and detach halves undo each other, documented here step by
-//! step; the tests are in `attach_tests.rs`.
+//! step; the tests are in `iscsi_kernel_tests.rs`.
 //!
 //! It owns, on the host:
 //! - one iscsiadm *iface* record (`stratus` by default) whose
@@ -93,11 +91,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use stratus_core::error::{Error, Result};
 use stratus_core::runner::{Cmd, CommandRunner, Output};
 use stratus_core::types::Chap;
+
+use super::iscsi_nodes::{write_secrets, SCRATCH_PREFIX};
+use super::{command_error, Holder};
 
 pub const ISCSIADM: &str = "iscsiadm";
 /// The iface record agentd's sessions go through.
@@ -123,8 +123,6 @@ const IDBM_ATTEMPTS: u32 = 4;
 /// secret, and for mutual CHAP the target's.
 const PASSWORD_KEY: &str = "node.session.auth.password";
 const PASSWORD_IN_KEY: &str = "node.session.auth.password_in";
-/// Scratch files of [`write_secrets`], in the database root.
-const SCRATCH_PREFIX: &str = ".stratus-node-";
 
 /// Calls on records and sessions; a login waits for iscsid, whose own
 /// retries (node.session.initial_login_retry_max = 8 x login_timeout = 15 s
@@ -133,40 +131,6 @@ const ISCSIADM_TIMEOUT: Duration = Duration::from_secs(30);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(180);
 const LOGOUT_TIMEOUT: Duration = Duration::from_secs(60);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// How a guest's iSCSI disks reach QEMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum AttachMode {
-    /// QEMU's own iSCSI initiator (libiscsi); nothing on the host
-    #[default]
-    Qemu,
-    /// The kernel's initiator (open-iscsi); QEMU opens the SCSI block device
-    Kernel,
-}
-
-impl AttachMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            AttachMode::Qemu => "qemu",
-            AttachMode::Kernel => "kernel",
-        }
-    }
-
-    /// Whether guests' disks can use mutual CHAP this way: only the kernel's
-    /// initiator checks the target's answer. libiscsi (QEMU's) has no
-    /// setting for the target's account, so "mutual" there would quietly
-    /// be one-way: refused, not downgraded.
-    pub fn check_mutual_chap(self) -> Result<()> {
-        match self {
-            AttachMode::Kernel => Ok(()),
-            AttachMode::Qemu => Err(Error::invalid(
-                "--chap-mutual needs --attach kernel: QEMU's own iSCSI initiator \
-                 (libiscsi, --attach qemu) cannot authenticate the target",
-            )),
-        }
-    }
-}
 
 /// One LUN of an iSCSI target, as the kernel initiator reaches it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -246,22 +210,6 @@ fn check_target(t: &str) -> Result<()> {
         Err(Error::invalid(format!(
             "invalid iSCSI target name {t:?}: iqn./eui./naa. followed by letters, digits, . : -"
         )))
-    }
-}
-
-/// Who holds a LUN: a guest's disk. Shown in logs as `UUID/vda`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Holder(String);
-
-impl Holder {
-    pub fn disk(vm: Uuid, device: &str) -> Holder {
-        Holder(format!("{vm}/{device}"))
-    }
-}
-
-impl std::fmt::Display for Holder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
     }
 }
 
@@ -554,8 +502,7 @@ impl KernelAttacher {
                 })
             })
             .collect();
-        for (target, portal) in crate::attach_nodes::records(&self.opts.iscsi_db, &self.opts.iface)
-        {
+        for (target, portal) in super::iscsi_nodes::records(&self.opts.iscsi_db, &self.opts.iface) {
             let key = SessionKey { portal, target };
             let slot = self.slot(&key);
             let holders = slot.lock().await;
@@ -962,76 +909,6 @@ impl KernelAttacher {
     }
 }
 
-/// A command's failure, naming its whole argv (which never holds a secret)
-/// and the first lines of its stderr.
-fn command_error(cmd: &Cmd, out: &Output) -> Error {
-    let stderr: Vec<&str> = out
-        .stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .take(5)
-        .collect();
-    Error::internal(format!(
-        "`{}` exited with status {}: {}",
-        cmd.argv().join(" "),
-        out.status,
-        if stderr.is_empty() {
-            "(no stderr)".to_string()
-        } else {
-            stderr.join("; ")
-        }
-    ))
-}
-
-/// Puts `KEY = SECRET` lines (`node.session.auth.password`, and
-/// `password_in` for mutual CHAP) into a node record: the other lines kept,
-/// any old line of those keys dropped, the new ones placed before `# END
-/// RECORD`. Written to a new 0600 file in `scratch_dir` (the database root,
-/// which iscsiadm never scans for records) and renamed over the record.
-fn write_secrets(record: &Path, secrets: &[(&str, &str)], scratch_dir: &Path) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let text = std::fs::read_to_string(record).map_err(|e| Error::io(record.display(), e))?;
-    let line: String = secrets
-        .iter()
-        .map(|(key, secret)| format!("{key} = {secret}\n"))
-        .collect();
-    let mut out = String::with_capacity(text.len() + line.len());
-    let mut placed = false;
-    for l in text.lines() {
-        // Keys compared whole: `password` must not drop `password_in`.
-        let key = l.split('=').next().map(str::trim);
-        if secrets.iter().any(|(k, _)| key == Some(*k)) {
-            continue;
-        }
-        if !placed && l.trim() == "# END RECORD" {
-            out.push_str(&line);
-            placed = true;
-        }
-        out.push_str(l);
-        out.push('\n');
-    }
-    if !placed {
-        out.push_str(&line);
-    }
-    let tmp = scratch_dir.join(format!("{SCRATCH_PREFIX}{}", Uuid::new_v4().simple()));
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| {
-            f.write_all(out.as_bytes())?;
-            f.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, record));
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io(record.display(), e)
-    })
-}
-
 #[cfg(test)]
-#[path = "attach_tests.rs"]
+#[path = "iscsi_kernel_tests.rs"]
 mod tests;

@@ -11,6 +11,8 @@ use std::time::Duration;
 use stratus_core::runner::{FakeRunner, Output};
 
 use super::*;
+use crate::attach::AttachMode;
+use uuid::Uuid;
 
 const TARGET: &str = "iqn.2026-11.io.stratus.pdisk:vol-1";
 const INITIATOR: &str = "iqn.2026-11.io.stratus.agent:host1";
