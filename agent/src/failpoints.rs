@@ -62,17 +62,19 @@ pub const POINTS: &[(&str, &[&str])] = &[
             "image.imported",
         ],
     ),
-    // Hot-plug into a running guest (QMP device_add). The detach points
-    // (`hotplug.disk_removed`, `hotplug.nic_removed`) come after QEMU
-    // released the device, which needs a guest OS that answers device_del:
-    // armed in the unit tier (`service/hotplug_tests.rs`) only.
+    // Hot-plug into a running guest (QMP device_add).
     (
         "attach_disk",
         &["hotplug.disk_intent", "hotplug.disk_added"],
     ),
     ("attach_nic", &["hotplug.nic_intent"]),
-    // SetDiskQos's `qos.intent` and `qos.applied` are armed in the unit
-    // tier (`service/qos_tests.rs`) only, for now.
+    // SetDiskQos of a running guest's disk (QMP qom-set of its group).
+    ("set_qos", &["qos.intent", "qos.applied"]),
+    // Unplug from a running guest, once QEMU released the device (which
+    // needs a guest OS that answers device_del: the fault tier boots the
+    // test guest of scripts/guest-image for these).
+    ("detach_disk", &["hotplug.disk_removed"]),
+    ("detach_nic", &["hotplug.nic_removed"]),
 ];
 
 /// The crash points of a live migration (`service/migrate.rs`), by the

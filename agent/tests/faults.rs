@@ -1,7 +1,9 @@
 //! Fault injection: agentd killed at every step boundary of create, start,
-//! stop, destroy, image pulls and saves, and disk and NIC hot-plug into a
-//! running guest, then restarted, must leave nothing for anyone to clean
-//! up (and, after a hot-plug, the record must equal QEMU's devices).
+//! stop, destroy, image pulls and saves, disk and NIC hot-plug into a
+//! running guest and their unplug, and a live change of a disk's limits,
+//! then restarted, must leave nothing for anyone to clean up (and, after
+//! a hot-plug or unplug, the record must equal QEMU's devices; after a
+//! limits change, QEMU must enforce the limits the spec says).
 //!
 //! Runs `agentd-failpoints` (agentd built with the `failpoints` feature:
 //! `cargo build -p agent --features failpoints --bin agentd-failpoints`,
@@ -9,7 +11,10 @@
 //! namespace: an XFS reflink pool, tgtd, pdiskd, a bridge, and guests under
 //! TCG. The guests are the cheapest there are: no kernel, SeaBIOS finding
 //! nothing to boot on a 4 MiB pdisk volume and a clone of a 1 MiB image
-//! (QEMU runs, QMP answers, nothing boots). For each (operation, crash
+//! (QEMU runs, QMP answers, nothing boots); but an unplug needs a guest OS
+//! that releases the device, so the unplug pairs boot the test guest of
+//! scripts/guest-image (`STRATUS_GUEST_DIR`, its kernel and initramfs,
+//! "ready" in seconds). For each (operation, crash
 //! point) pair of `agent::failpoints::POINTS` it restarts agentd with that
 //! point set to exit the process, issues the operation, checks agentd died
 //! there (so the pair is covered), restarts it without failpoints and
@@ -20,7 +25,8 @@
 //! guest; no `.partial-*` cache file or overlay; no guest directory without
 //! its guest;
 //! every acknowledged guest still there; event seqs 1..n with the history
-//! before the crash unchanged.
+//! before the crash unchanged. The hot-plug and QoS checks against QEMU
+//! are in `faults/hotplug.rs`.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -29,6 +35,15 @@ use agent::failpoints::{CRASH_EXIT_CODE, POINTS};
 use stratus_proto::agent::v1 as pb;
 use stratus_proto::pdisk::v1 as pdpb;
 use testkit::*;
+
+#[path = "faults/hotplug.rs"]
+mod hotplug;
+#[path = "faults/invariants.rs"]
+mod invariants;
+use hotplug::{
+    check_detached, check_devices, check_qos, new_qos, old_qos, qemu_limits, qmp_socket,
+};
+use invariants::{check, check_save, qemus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -41,10 +56,13 @@ enum Op {
     Pull,
     AttachDisk,
     AttachNic,
+    SetQos,
+    DetachDisk,
+    DetachNic,
 }
 
 impl Op {
-    const ALL: [Op; 9] = [
+    const ALL: [Op; 12] = [
         Op::Create,
         Op::Start,
         Op::StartLocal,
@@ -54,6 +72,9 @@ impl Op {
         Op::Pull,
         Op::AttachDisk,
         Op::AttachNic,
+        Op::SetQos,
+        Op::DetachDisk,
+        Op::DetachNic,
     ];
 
     fn group(self) -> &'static str {
@@ -67,6 +88,9 @@ impl Op {
             Op::Pull => "pull",
             Op::AttachDisk => "attach_disk",
             Op::AttachNic => "attach_nic",
+            Op::SetQos => "set_qos",
+            Op::DetachDisk => "detach_disk",
+            Op::DetachNic => "detach_nic",
         }
     }
 }
@@ -311,6 +335,36 @@ impl Host {
                 .await
                 .map(drop)
             }),
+            Op::SetQos => self.set_qos(name, new_qos()),
+            // The hot-plugged volume NAME-hot, and the hot-plugged NIC.
+            Op::DetachDisk => {
+                let hot = format!("pdisk:{name}-hot");
+                let device = self.vm(name).disks.into_iter().find(|d| d.source == hot);
+                let device = device.expect("the hot-plugged disk").device;
+                self.agent(move |mut c| async move {
+                    c.detach_disk(pb::DetachDiskRequest {
+                        vm,
+                        device,
+                        timeout_seconds: 60,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                })
+            }
+            Op::DetachNic => {
+                let mac = self.vm(name).nics[0].mac.clone();
+                self.agent(move |mut c| async move {
+                    c.detach_nic(pb::DetachNicRequest {
+                        vm,
+                        nic: mac,
+                        timeout_seconds: 60,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                })
+            }
             Op::Pull => {
                 let (url, sha) = self.new_image(name);
                 self.agent(move |mut c| async move {
@@ -331,6 +385,81 @@ impl Host {
                 })
             }
         }
+    }
+
+    /// A running guest with an OS (the test guest of scripts/guest-image,
+    /// booted from its kernel: it releases a device on `device_del`), its
+    /// own volume `NAME-hot` and a NIC hot-plugged once it is ready.
+    fn boot_with_hot_devices(&self, name: &str) -> pb::Vm {
+        let g = guest_dir();
+        let spec = pb::VmSpec {
+            name: name.into(),
+            vcpus: 1,
+            memory_bytes: 128 << 20,
+            kernel: Some(pb::KernelBoot {
+                kernel: g.join("vmlinuz").display().to_string(),
+                initrd: g.join("initrd.img").display().to_string(),
+                cmdline: "console=ttyS0".into(),
+            }),
+            ..Default::default()
+        };
+        let hot = format!("{name}-hot");
+        self.pdisk(move |mut c| async move {
+            c.create_volume(pdpb::CreateVolumeRequest {
+                name: hot,
+                size_bytes: 4 << 20,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        });
+        let vm = self.agent(move |mut c| async move {
+            let name = spec.name.clone();
+            c.create_vm(pb::CreateVmRequest {
+                spec: Some(spec),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            c.start_vm(pb::VmRequest {
+                vm: name,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        });
+        wait_console(
+            std::path::Path::new(&vm.console_log),
+            "STRATUS-GUEST ready",
+            Duration::from_secs(180),
+        );
+        self.call(Op::AttachDisk, name).unwrap();
+        self.call(Op::AttachNic, name).unwrap();
+        vm
+    }
+
+    /// Guest `name`'s record.
+    fn vm(&self, name: &str) -> pb::Vm {
+        self.vms()
+            .into_iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("no guest {name}"))
+    }
+
+    /// SetDiskQos of running guest `vm`'s vdb.
+    fn set_qos(&self, vm: &str, qos: pb::DiskQos) -> Result<(), tonic::Status> {
+        let vm = vm.to_owned();
+        self.agent(move |mut c| async move {
+            c.set_disk_qos(pb::SetDiskQosRequest {
+                vm,
+                device: "vdb".into(),
+                qos: Some(qos),
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+        })
     }
 
     /// Destroys every guest (end of a pair), retrying while agentd says
@@ -370,381 +499,14 @@ impl std::ops::DerefMut for Host {
     }
 }
 
-/// Live processes running some guest's UUID (`-uuid X`): (pid, uuid).
-fn qemus() -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmd.split(|&b| b == 0).collect();
-        if !args
-            .first()
-            .is_some_and(|a| String::from_utf8_lossy(a).contains("qemu-system"))
-        {
-            continue;
-        }
-        if let Some(i) = args.iter().position(|a| *a == b"-uuid") {
-            if let Some(u) = args.get(i + 1) {
-                out.push((pid, String::from_utf8_lossy(u).into_owned()));
-            }
-        }
-    }
-    out
-}
-
-/// Checks the invariants after agentd restarted; `acknowledged` are guests
-/// whose create answered and whose destroy did not; `seen` the UUIDs of
-/// every guest this test made (a QEMU of one of them must be a running
-/// guest's).
-fn check(
-    h: &Host,
-    what: &str,
-    acknowledged: &BTreeSet<String>,
-    history: &[pb::Event],
-    seen: &mut BTreeSet<String>,
-) {
-    let vms = h.vms();
-    let names: BTreeSet<String> = vms.iter().map(|v| v.name.clone()).collect();
-    for v in &vms {
-        assert!(
-            !matches!(
-                v.state(),
-                pb::VmState::Starting | pb::VmState::Stopping | pb::VmState::Destroying
-            ),
-            "{what}: {} left {:?} ({})",
-            v.name,
-            v.state(),
-            v.state_reason
-        );
-    }
-    for a in acknowledged {
-        assert!(names.contains(a), "{what}: acknowledged guest {a} lost");
-    }
-    // QEMUs: exactly the running guests', each once.
-    let running: Vec<&pb::Vm> = vms
+/// The UUID of guest `name`, from its events in `history`.
+fn uuid_of(history: &[pb::Event], name: &str) -> String {
+    history
         .iter()
-        .filter(|v| matches!(v.state(), pb::VmState::Running | pb::VmState::Paused))
-        .collect();
-    let ours: BTreeSet<String> = vms.iter().map(|v| v.uuid.clone()).collect();
-    seen.extend(ours.iter().cloned());
-    // QEMUs of this test's guests only: other tests may run guests too.
-    let live: Vec<(u32, String)> = qemus()
-        .into_iter()
-        .filter(|(_, u)| seen.contains(u))
-        .collect();
-    for (pid, uuid) in &live {
-        let owner = running.iter().find(|v| &v.uuid == uuid);
-        assert!(
-            owner.is_some_and(|v| v.pid == *pid),
-            "{what}: QEMU pid {pid} of {uuid} without a running record ({:?})",
-            vms.iter()
-                .map(|v| (&v.name, v.state(), v.pid))
-                .collect::<Vec<_>>()
-        );
-    }
-    for v in &running {
-        assert!(
-            live.iter().any(|(p, _)| *p == v.pid),
-            "{what}: {} is running without its QEMU",
-            v.name
-        );
-    }
-    // Taps: only running guests'.
-    let wanted: BTreeSet<String> = running
-        .iter()
-        .flat_map(|v| v.nics.iter().map(|n| n.tap.clone()))
-        .collect();
-    let links = h.ns.ip(&["-o", "link", "show"]);
-    for l in links.lines() {
-        let Some(name) = l.split(": ").nth(1) else {
-            continue;
-        };
-        let name = name.split('@').next().unwrap();
-        if name.starts_with("st") && name != BRIDGE {
-            assert!(wanted.contains(name), "{what}: orphan tap {name}");
-        }
-    }
-    // pdisk: exports to this host only for running guests' disks; clones
-    // only of guests that exist.
-    let exports = h.pdisk(|mut c| async move {
-        c.list_exports(pdpb::ListExportsRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .exports
-    });
-    let mut disks = BTreeSet::new();
-    for v in &running {
-        // Its spec's pdisk volumes (a hot-plugged one once it is in).
-        for d in v.spec.iter().flat_map(|s| s.disks.iter()) {
-            if let Some(pb::disk_spec::Source::PdiskVolume(n)) = &d.source {
-                disks.insert(n.clone());
-            }
-        }
-        disks.insert(format!("{}-data", v.name));
-        disks.insert(format!("vm-{}-vda", &v.uuid.replace('-', "")[..12]));
-    }
-    for e in &exports {
-        if e.initiators.iter().any(|i| i == INITIATOR) {
-            assert!(
-                disks.contains(&e.volume_name),
-                "{what}: orphan export of {}",
-                e.volume_name
-            );
-        }
-    }
-    let volumes = h.pdisk(|mut c| async move {
-        c.list_volumes(pdpb::ListVolumesRequest::default())
-            .await
-            .unwrap()
-            .into_inner()
-            .volumes
-    });
-    for v in &volumes {
-        if let Some(owner) = v.labels.get("stratus.io/vm") {
-            assert!(ours.contains(owner), "{what}: orphan clone {}", v.name);
-        }
-        assert_ne!(
-            v.state(),
-            pdpb::VolumeState::Creating,
-            "{what}: {} creating",
-            v.name
-        );
-    }
-    // Files: no partial cache file, no directory without its guest.
-    let state = &h.agentd.state_dir;
-    for e in std::fs::read_dir(state.join("images")).unwrap().flatten() {
-        let n = e.file_name().to_string_lossy().into_owned();
-        assert!(!n.starts_with(".partial-"), "{what}: orphan cache file {n}");
-    }
-    if let Ok(dirs) = std::fs::read_dir(state.join("vms")) {
-        for d in dirs.flatten() {
-            let n = d.file_name().to_string_lossy().into_owned();
-            assert!(ours.contains(&n), "{what}: orphan guest directory {n}");
-            for f in std::fs::read_dir(d.path()).unwrap().flatten() {
-                let f = f.file_name().to_string_lossy().into_owned();
-                assert!(
-                    !f.contains(".partial-"),
-                    "{what}: unfinished overlay {f} of {n}"
-                );
-            }
-            // A seed only while its guest runs.
-            let runs = running.iter().any(|v| v.uuid == n);
-            assert!(
-                runs || !d.path().join("seed.img").exists(),
-                "{what}: seed of {n}, which does not run"
-            );
-        }
-    }
-    // Events: 1..n, the history before the crash unchanged.
-    let events = h.events();
-    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(
-        seqs,
-        (1..=seqs.len() as u64).collect::<Vec<_>>(),
-        "{what}: gap or repeat"
-    );
-    assert!(events.len() >= history.len(), "{what}: events lost");
-    assert_eq!(
-        &events[..history.len()],
-        history,
-        "{what}: history rewritten"
-    );
-}
-
-/// After a hot-plug into running guest `name` was interrupted: the guest
-/// still runs, and what agentd records equals what its QEMU has. agentd
-/// holds the guest's one QMP connection, so it is killed (the guest runs
-/// on) while the test asks QEMU itself (`qom-list /machine/peripheral`),
-/// then restarted. Every disk device QEMU has (`vdX-dev`) is one of the
-/// record's disks and every recorded pdisk disk is in QEMU; every NIC
-/// device (`netN-dev`) is one of the record's NICs and every recorded NIC
-/// is in QEMU; the hot-plugged volume is in the spec exactly when QEMU has
-/// it.
-fn check_devices(h: &mut Host, what: &str, name: &str) {
-    let vm = h
-        .vms()
-        .into_iter()
-        .find(|v| v.name == name)
-        .unwrap_or_else(|| panic!("{what}: {name} lost"));
-    assert_eq!(vm.state(), pb::VmState::Running, "{what}: {name} stopped");
-    let socket = h
-        .agentd
-        .state_dir
-        .join("vms")
-        .join(&vm.uuid)
-        .join("qmp.sock");
-    h.agentd.kill9();
-    let ids = qemu_peripherals(&socket);
-    h.agentd.restart_with_failpoints(None);
-    let qemu_disks: BTreeSet<String> = ids
-        .iter()
-        .filter_map(|i| i.strip_suffix("-dev"))
-        .filter(|i| i.starts_with("vd"))
-        .map(str::to_string)
-        .collect();
-    let recorded: BTreeSet<String> = vm.disks.iter().map(|d| d.device.clone()).collect();
-    for d in &qemu_disks {
-        assert!(
-            recorded.contains(d),
-            "{what}: QEMU has disk {d}, the record only {recorded:?}"
-        );
-    }
-    for d in vm.disks.iter().filter(|d| d.source.starts_with("pdisk:")) {
-        assert!(
-            qemu_disks.contains(&d.device),
-            "{what}: recorded disk {} ({}) is not in QEMU ({ids:?})",
-            d.device,
-            d.source
-        );
-    }
-    let hot = format!("{name}-hot");
-    let in_spec = vm
-        .spec
-        .iter()
-        .flat_map(|s| s.disks.iter())
-        .any(|d| matches!(&d.source, Some(pb::disk_spec::Source::PdiskVolume(n)) if *n == hot));
-    let in_qemu = vm
-        .disks
-        .iter()
-        .any(|d| d.source.ends_with(&format!(":{hot}")) && qemu_disks.contains(&d.device));
-    assert_eq!(
-        in_spec, in_qemu,
-        "{what}: {hot} in the spec: {in_spec}, in QEMU: {in_qemu}"
-    );
-    let qemu_nics: BTreeSet<String> = ids
-        .iter()
-        .filter_map(|i| i.strip_suffix("-dev"))
-        .filter(|i| i.starts_with("net"))
-        .map(str::to_string)
-        .collect();
-    // NIC i's tap ends in `n<i>`, its netdev is `net<i>`.
-    let recorded: BTreeSet<String> = vm
-        .nics
-        .iter()
-        .map(|n| format!("net{}", n.tap.rsplit('n').next().unwrap_or("0")))
-        .collect();
-    assert_eq!(qemu_nics, recorded, "{what}: QEMU's NICs, the record's");
-    let spec_nics = vm.spec.as_ref().map_or(0, |s| s.nics.len());
-    assert_eq!(
-        spec_nics,
-        recorded.len(),
-        "{what}: spec's NICs, the record's"
-    );
-}
-
-/// The ids of QEMU's user-created devices, through its QMP socket.
-fn qemu_peripherals(socket: &std::path::Path) -> Vec<String> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket)
-        .unwrap_or_else(|e| panic!("{}: {e}", socket.display()));
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut answer = |cmd: &str| -> serde_json::Value {
-        writeln!(s, "{cmd}").unwrap();
-        loop {
-            let mut line = String::new();
-            assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if let Some(ret) = v.get("return") {
-                return ret.clone();
-            }
-            assert!(v.get("error").is_none(), "QMP {cmd}: {v}");
-        }
-    };
-    answer(r#"{"execute": "qmp_capabilities"}"#);
-    let props = answer(r#"{"execute": "qom-list", "arguments": {"path": "/machine/peripheral"}}"#);
-    props
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["type"].as_str().is_some_and(|t| t.starts_with("child<")))
-        .map(|p| p["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
-/// After a save of `name`'s vdb was interrupted: once reconciliation is
-/// done, no `save-*` snapshot is left, exactly one IMAGE_SAVED or
-/// IMAGE_SAVE_FAILED after `history` names the image, with cause
-/// reconciliation when the crash came before the outcome was journaled;
-/// a saved image exists with the checksum of the disk, a failed one does
-/// not; an acknowledged save is saved.
-fn check_save(h: &Host, what: &str, name: &str, acknowledged: bool, history: &[pb::Event]) {
-    let image = format!("{name}-img");
-    let outcome = wait_for(what, Duration::from_secs(60), || {
-        let events = h.events();
-        let ends: Vec<pb::Event> = events[history.len()..]
-            .iter()
-            .filter(|e| {
-                matches!(
-                    e.r#type(),
-                    pb::EventType::ImageSaved | pb::EventType::ImageSaveFailed
-                ) && e.detail.contains(&format!("pdisk:///{image}"))
-            })
-            .cloned()
-            .collect();
-        let snapshots = h.pdisk(|mut c| async move {
-            c.list_snapshots(pdpb::ListSnapshotsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .snapshots
-        });
-        let left = snapshots.iter().any(|s| s.name.starts_with("save-"));
-        (!ends.is_empty() && !left).then_some(ends)
-    });
-    assert_eq!(outcome.len(), 1, "{what}: outcomes {outcome:?}");
-    let end = &outcome[0];
-    let img = image.clone();
-    let volume = h.pdisk(move |mut c| async move {
-        c.get_volume(pdpb::GetVolumeRequest {
-            volume: img,
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner())
-    });
-    if end.r#type() == pb::EventType::ImageSaved {
-        let v = volume.unwrap_or_else(|s| panic!("{what}: saved {image} missing: {s}"));
-        let data = format!("{name}-data");
-        let want = h.pdisk(move |mut c| async move {
-            c.checksum_volume(pdpb::ChecksumVolumeRequest {
-                volume: data,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .sha256
-        });
-        assert_eq!(v.image_sha256, want, "{what}: saved image's checksum");
-        assert_eq!(end.image_sha256, want, "{what}: IMAGE_SAVED's checksum");
-        // Cleaned up for the next pair.
-        h.pdisk(move |mut c| async move {
-            c.delete_volume(pdpb::DeleteVolumeRequest {
-                volume: image,
-                now: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        });
-    } else {
-        assert!(
-            !acknowledged,
-            "{what}: an acknowledged save failed: {end:?}"
-        );
-        assert_eq!(
-            end.cause(),
-            pb::EventCause::Reconciliation,
-            "{what}: {end:?}"
-        );
-        assert!(volume.is_err(), "{what}: a failed save left {image}");
-    }
+        .rev()
+        .find(|e| e.vm_name == name)
+        .map(|e| e.vm_uuid.clone())
+        .unwrap_or_else(|| panic!("no event of {name}"))
 }
 
 #[test]
@@ -786,6 +548,16 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
                         .unwrap();
                     });
                 }
+                Op::SetQos => {
+                    h.define(&name).unwrap();
+                    acknowledged.insert(name.clone());
+                    h.call(Op::Start, &name).unwrap();
+                    h.set_qos(&name, old_qos()).unwrap();
+                }
+                Op::DetachDisk | Op::DetachNic => {
+                    h.boot_with_hot_devices(&name);
+                    acknowledged.insert(name.clone());
+                }
                 Op::Stop | Op::Destroy => {
                     h.define(&name).unwrap();
                     // A guest whose destroy was asked for may be gone
@@ -807,13 +579,30 @@ fn agentd_killed_at_every_step_leaves_nothing_to_clean_up() {
                 Some(CRASH_EXIT_CODE),
                 "{what}: agentd did not stop at the point (answer {answer:?})"
             );
+            // What QEMU had when agentd died (agentd holds its QMP).
+            let at_crash = (op == Op::SetQos).then(|| {
+                let uuid = uuid_of(&history, &name);
+                qemu_limits(&qmp_socket(&h, &uuid), "qos-vdb")
+            });
             h.agentd.restart_with_failpoints(None);
+            if op == Op::Save {
+                // An interrupted save with its snapshot is finished in the
+                // background after the restart (its image volume is
+                // `creating` meanwhile): its outcome first.
+                check_save(&h, &what, &name, answer.is_ok(), &history);
+            }
             check(&h, &what, &acknowledged, &history, &mut seen);
-            if matches!(op, Op::AttachDisk | Op::AttachNic) {
+            if let Some(at_crash) = at_crash {
+                check_qos(&mut h, &what, &name, &at_crash, history.len());
+            }
+            if matches!(
+                op,
+                Op::AttachDisk | Op::AttachNic | Op::DetachDisk | Op::DetachNic
+            ) {
                 check_devices(&mut h, &what, &name);
             }
-            if op == Op::Save {
-                check_save(&h, &what, &name, answer.is_ok(), &history);
+            if matches!(op, Op::DetachDisk | Op::DetachNic) {
+                check_detached(&h, &what, &name, op == Op::DetachDisk, history.len());
             }
             if op == Op::StartLocal {
                 // Its overlay is whole or absent: the guest starts (on the
