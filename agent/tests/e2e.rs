@@ -91,18 +91,7 @@ impl Host {
     }
 }
 
-impl std::ops::Deref for Host {
-    type Target = AgentHost;
-    fn deref(&self) -> &AgentHost {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Host {
-    fn deref_mut(&mut self) -> &mut AgentHost {
-        &mut self.0
-    }
-}
+testkit::wraps_agent_host!(Host, 0);
 
 fn spec_pdisk(name: &str, volume: &str) -> pb::VmSpec {
     pb::VmSpec {
@@ -1239,23 +1228,7 @@ fn an_endorsed_image_launches_and_bad_endorsements_are_refused_before_any_downlo
     );
 
     let spec = with("endorsed", &good);
-    let vm = h.agent(move |mut c| async move {
-        c.create_vm(pb::CreateVmRequest {
-            request_id: String::new(),
-            project: String::new(),
-            spec: Some(spec),
-        })
-        .await
-        .unwrap();
-        c.start_vm(pb::VmRequest {
-            request_id: String::new(),
-            project: String::new(),
-            vm: "endorsed".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    });
+    let vm = h.launch("", spec);
     wait_console(
         std::path::Path::new(&vm.console_log),
         "STRATUS-GUEST ready",
@@ -1283,23 +1256,7 @@ fn local_image_disks_boot_from_an_overlay_and_pin_their_image() {
     let h = Host::start();
     let (_httpd, url, sha) = serve_guest(&h);
     let (u, s) = (url.clone(), sha.clone());
-    let vm = h.agent(move |mut c| async move {
-        c.create_vm(pb::CreateVmRequest {
-            request_id: String::new(),
-            project: String::new(),
-            spec: Some(spec_image("ephemeral", &u, &s, true)),
-        })
-        .await
-        .unwrap();
-        c.start_vm(pb::VmRequest {
-            request_id: String::new(),
-            project: String::new(),
-            vm: "ephemeral".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    });
+    let vm = h.launch("", spec_image("ephemeral", &u, &s, true));
     let console = wait_console(
         std::path::Path::new(&vm.console_log),
         "STRATUS-GUEST ready",
@@ -1600,23 +1557,7 @@ fn a_saved_disk_becomes_an_image_another_guest_boots_with() {
     let mut dst = spec_kernel("dst", "", "");
     dst.disks = spec_image("x", &saved.url, &expected_sha, false).disks;
     dst.disks[0].boot_index = 0;
-    let vm = h.agent(move |mut c| async move {
-        c.create_vm(pb::CreateVmRequest {
-            request_id: String::new(),
-            project: String::new(),
-            spec: Some(dst),
-        })
-        .await
-        .unwrap();
-        c.start_vm(pb::VmRequest {
-            request_id: String::new(),
-            project: String::new(),
-            vm: "dst".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    });
+    let vm = h.launch("", dst);
     let console = wait_console(
         std::path::Path::new(&vm.console_log),
         "STRATUS-GUEST ready",

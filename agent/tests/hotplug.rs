@@ -31,22 +31,7 @@ fn guest(h: &AgentHost, name: &str, args: &str) -> String {
         }),
         ..Default::default()
     };
-    let vm = h.agent(move |mut c| async move {
-        let name = spec.name.clone();
-        c.create_vm(pb::CreateVmRequest {
-            spec: Some(spec),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        c.start_vm(pb::VmRequest {
-            vm: name,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    });
+    let vm = h.launch("", spec);
     wait_console(Path::new(&vm.console_log), "STRATUS-GUEST ready", BOOT);
     vm.console_log
 }

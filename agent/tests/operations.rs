@@ -27,18 +27,7 @@ impl Host {
     }
 }
 
-impl std::ops::Deref for Host {
-    type Target = AgentHost;
-    fn deref(&self) -> &AgentHost {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Host {
-    fn deref_mut(&mut self) -> &mut AgentHost {
-        &mut self.0
-    }
-}
+testkit::wraps_agent_host!(Host, 0);
 
 fn image(url: &str, sha: &str) -> pb::ImageRef {
     pb::ImageRef {
@@ -104,7 +93,7 @@ fn metrics_show_a_running_guest_its_disk_and_tap_and_count_the_calls() {
 
     // Two pulls (a miss, then a hit), then a guest from the cached image.
     let (u, s) = (url.clone(), sha.clone());
-    let vm = h.agent(move |mut c| async move {
+    h.agent(move |mut c| async move {
         for _ in 0..2 {
             c.pull_image(pb::PullImageRequest {
                 server: String::new(),
@@ -115,22 +104,8 @@ fn metrics_show_a_running_guest_its_disk_and_tap_and_count_the_calls() {
             .await
             .unwrap();
         }
-        c.create_vm(pb::CreateVmRequest {
-            project: String::new(),
-            request_id: String::new(),
-            spec: Some(spec("metered", &u, &s, "10.231.0.2", "10.231.0.1")),
-        })
-        .await
-        .unwrap();
-        c.start_vm(pb::VmRequest {
-            project: String::new(),
-            vm: "metered".into(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
     });
+    let vm = h.launch("", spec("metered", &url, &sha, "10.231.0.2", "10.231.0.1"));
     let log = wait_console(
         std::path::Path::new(&vm.console_log),
         "STRATUS-GUEST ping 10.231.0.1",

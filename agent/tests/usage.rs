@@ -53,18 +53,7 @@ impl Host {
     }
 }
 
-impl std::ops::Deref for Host {
-    type Target = AgentHost;
-    fn deref(&self) -> &AgentHost {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Host {
-    fn deref_mut(&mut self) -> &mut AgentHost {
-        &mut self.0
-    }
-}
+testkit::wraps_agent_host!(Host, 0);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -153,23 +142,7 @@ fn a_guests_usage_record_counts_what_it_used_across_an_agentd_restart() {
         ..Default::default()
     };
     let started = unix_now();
-    let vm = h.agent(move |mut c| async move {
-        c.create_vm(pb::CreateVmRequest {
-            project: "astro".into(),
-            request_id: String::new(),
-            spec: Some(spec),
-        })
-        .await
-        .unwrap();
-        c.start_vm(pb::VmRequest {
-            project: "astro".into(),
-            vm: "metered".into(),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-    });
+    let vm = h.launch("astro", spec);
     let log = wait_console(
         std::path::Path::new(&vm.console_log),
         "STRATUS-GUEST ping 10.232.0.1",
@@ -404,24 +377,7 @@ fn bytes_pinged_between_two_guests_are_counted_within_ten_percent() {
         "10.232.0.2",
         &format!("stratus.peer=10.232.0.3 stratus.ping_burst={COUNT}:{SIZE}"),
     );
-    let start = |spec: pb::VmSpec| {
-        h.agent(move |mut c| async move {
-            let name = spec.name.clone();
-            c.create_vm(pb::CreateVmRequest {
-                spec: Some(spec),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            c.start_vm(pb::VmRequest {
-                vm: name,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        })
-    };
+    let start = |spec: pb::VmSpec| h.launch("", spec);
     let q = start(quiet);
     wait_console(Path::new(&q.console_log), "STRATUS-GUEST ready", BOOT);
     let t = start(talker);

@@ -7,6 +7,7 @@
 use std::future::Future;
 use std::path::Path;
 
+use stratus_proto::agent::v1 as pb;
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use tonic::transport::Channel;
@@ -101,6 +102,30 @@ impl AgentHost {
         })
     }
 
+    /// Creates `spec` in `project` ("": none) and starts it, as a client
+    /// does (no request id); the started guest. Panics on a refusal.
+    pub fn launch(&self, project: &str, spec: pb::VmSpec) -> pb::Vm {
+        let project = project.to_owned();
+        self.agent(move |mut c| async move {
+            let name = spec.name.clone();
+            c.create_vm(pb::CreateVmRequest {
+                request_id: String::new(),
+                project: project.clone(),
+                spec: Some(spec),
+            })
+            .await
+            .unwrap();
+            c.start_vm(pb::VmRequest {
+                request_id: String::new(),
+                project,
+                vm: name,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        })
+    }
+
     /// Runs `f` with a client of pdiskd, inside the namespace.
     pub fn pdisk<F, Fut, T>(&self, f: F) -> T
     where
@@ -128,4 +153,24 @@ impl AgentHost {
             httpd,
         }
     }
+}
+
+/// `Deref` and `DerefMut` to the [`AgentHost`] in field `$field` of a
+/// suite's own host type (one with more on the host: an httpd, helpers).
+#[macro_export]
+macro_rules! wraps_agent_host {
+    ($host:ty, $field:tt) => {
+        impl std::ops::Deref for $host {
+            type Target = $crate::AgentHost;
+            fn deref(&self) -> &$crate::AgentHost {
+                &self.$field
+            }
+        }
+
+        impl std::ops::DerefMut for $host {
+            fn deref_mut(&mut self) -> &mut $crate::AgentHost {
+                &mut self.$field
+            }
+        }
+    };
 }
