@@ -28,6 +28,9 @@ pub(super) struct Info {
     pub(super) size: u64,
     #[serde(default)]
     pub(super) parent: Option<ParentRef>,
+    /// `layering`, `exclusive-lock`, `object-map`, ...
+    #[serde(default)]
+    pub(super) features: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -72,7 +72,7 @@ fn cluster(children: &'static str) -> Arc<Script> {
                 let target = argv.iter().find(|a| a.starts_with("stratus/")).unwrap();
                 if target.contains(CLONE) {
                     Output::ok(format!(
-                        r#"{{"name":"x","size":67108864,"parent":{{"pool":"stratus","pool_namespace":"","image":"pd-vol-{VOL}","id":"1","snapshot":"s","trash":false,"overlap":67108864}}}}"#
+                        r#"{{"name":"x","size":67108864,"parent":{{"pool":"stratus","pool_namespace":"","image":"pd-vol-{VOL}","id":"1","snapshot":"s","trash":false,"overlap":67108864}},"features":["layering","exclusive-lock","object-map","fast-diff","deep-flatten"]}}"#
                     ))
                 } else {
                     Output::ok(r#"{"name":"x","size":67108864,"format":2}"#)
@@ -652,7 +652,8 @@ async fn an_image_base_with_clones_is_not_deleted_and_without_them_loses_its_bas
 }
 
 #[tokio::test]
-async fn flatten_runs_rbd_flatten_only_on_a_clone_with_the_long_timeout() {
+async fn flatten_rebuilds_the_object_map_then_runs_rbd_flatten_only_on_a_clone_with_the_long_timeout(
+) {
     let dir = tempfile::tempdir().unwrap();
     let r = cluster("[]");
     let b = open(r.clone(), dir.path()).await;
@@ -666,10 +667,12 @@ async fn flatten_runs_rbd_flatten_only_on_a_clone_with_the_long_timeout() {
         r.lines(),
         vec![
             rbd(&format!("info {spec} --format json")),
+            rbd(&format!("object-map rebuild --no-progress {spec}")),
             rbd(&format!("flatten {spec}")),
         ]
     );
     assert_eq!(r.timeouts()[1].1, DATA_TIMEOUT);
+    assert_eq!(r.timeouts()[2].1, DATA_TIMEOUT);
     // VOL has none: nothing to do.
     r.clear();
     assert!(!b
