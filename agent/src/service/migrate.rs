@@ -35,6 +35,8 @@ use tonic::transport::Channel;
 use uuid::Uuid;
 
 use super::migrate_stream::{with_times, Incoming};
+
+mod reconcile;
 use super::Agent;
 use crate::layout::DeviceLayout;
 use crate::migration_tls::{self, Endpoint};
@@ -558,6 +560,19 @@ impl Agent {
                 Ok(true)
             }
             (MigrationDirection::Incoming, _) => {
+                // An undo (AbortIncoming, the stream watch) may be what
+                // ended QEMU: it holds the guest's lock until its record
+                // is gone, and its MIGRATION_FAILED says why. Otherwise
+                // the exit is QEMU's own (the stream failed).
+                let _g = self.lock(vm.uuid).await;
+                let Some(current) = self.store.vm(vm.uuid)? else {
+                    return Ok(true);
+                };
+                *vm = current;
+                if !vm.is_incoming() {
+                    // It ran here meanwhile (MIGRATED): an exit like any other.
+                    return Ok(false);
+                }
                 let mut events = self.tear_down(vm).await;
                 events.push(NewEvent::new(
                     EventType::MigrationFailed,
@@ -840,119 +855,6 @@ impl Agent {
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(vm = %id, dir = %dir.display(), error = %e, "could not remove the guest's directory");
-            }
-        }
-    }
-
-    // ---------- after a restart ----------
-
-    /// Reconciles a guest whose record holds a migration. Some(line) when
-    /// it is done with it; None when the guest is left to the usual
-    /// reconciliation (its migration undone, the guest this host's).
-    pub(super) async fn reconcile_migration(
-        self: &Arc<Self>,
-        mut vm: VmRecord,
-    ) -> Result<Option<String>> {
-        let Some(m) = vm.migration.clone() else {
-            return Ok(None);
-        };
-        let id = vm.uuid;
-        // TLS files written for a QEMU just before a crash (they are
-        // removed once loaded).
-        migration_tls::remove(&self.vm_dir(id));
-        let name = vm.spec.name.to_string();
-        let rt = vm.runtime.clone().unwrap_or_default();
-        let alive = rt.pid != 0 && self.vmm.is_our_qemu(rt.pid, id);
-        let qmp = if alive {
-            self.vmm
-                .connect_qmp(&rt.qmp_socket, Duration::from_secs(10))
-                .await
-                .ok()
-        } else {
-            None
-        };
-        match m.direction {
-            MigrationDirection::Incoming => {
-                let Some((qmp, events)) = qmp else {
-                    self.migration_exit(&mut vm, true).await?;
-                    return Ok(Some(format!(
-                        "{name}: incoming migration from {} undone (its QEMU is gone)",
-                        m.peer
-                    )));
-                };
-                let running = qmp.query_status().await?.running;
-                self.qmp.lock().unwrap().insert(id, qmp);
-                let line = if running {
-                    self.update(
-                        id,
-                        |v| {
-                            v.migration = None;
-                            v.state = VmState::Running;
-                        },
-                        &[NewEvent::new(
-                            EventType::Migrated,
-                            Cause::Reconciliation,
-                            format!("running here, from {}", m.peer),
-                        )],
-                    )?;
-                    format!("{name}: incoming migration finished; the guest runs here")
-                } else {
-                    // Its source may have gone meanwhile: undone unless its
-                    // stream connects within STREAM_GRACE.
-                    self.watch_incoming(id);
-                    format!("{name}: incoming migration still waits; followed")
-                };
-                self.spawn_monitor(id, rt.pid, events);
-                let _ = self
-                    .vmm
-                    .follow_console(
-                        &self.vm_dir(id),
-                        self.settings.console_log_max,
-                        name.clone(),
-                    )
-                    .await;
-                Ok(Some(line))
-            }
-            MigrationDirection::Outgoing => {
-                let mut client = self.peer(&m.peer)?;
-                let Some((qmp, _events)) = qmp else {
-                    if m.phase == MigrationPhase::Completed {
-                        self.drop_migrated(&mut vm, Cause::Reconciliation).await?;
-                        return Ok(Some(format!("{name}: migrated to {}; dropped", m.peer)));
-                    }
-                    self.update(
-                        id,
-                        |v| v.migration = None,
-                        &[NewEvent::new(
-                            EventType::MigrationFailed,
-                            Cause::Reconciliation,
-                            "the guest's QEMU ended during its migration",
-                        )],
-                    )?;
-                    return Ok(None);
-                };
-                let info = qmp.execute("query-migrate", None).await?;
-                let completed = status_of(&info) == "completed"
-                    || self
-                        .cancel_outgoing(
-                            id,
-                            qmp.as_ref(),
-                            &mut client,
-                            "interrupted by an agent restart",
-                            Cause::Reconciliation,
-                        )
-                        .await?
-                        .is_some();
-                if !completed {
-                    // The guest stays here: adopted as usual, on a new
-                    // QMP connection.
-                    drop(qmp);
-                    return Ok(None);
-                }
-                let _ = qmp.quit().await;
-                self.finish_outgoing(id, None, &mut client, Cause::Reconciliation)
-                    .await?;
-                Ok(Some(format!("{name}: migrated to {}; dropped", m.peer)))
             }
         }
     }
