@@ -110,6 +110,14 @@ pub const LAB_POINTS: &[(&str, &[&str])] = &[(
     &["kernel.node_created", "kernel.logged_in", "kernel.scanned"],
 )];
 
+/// The NVMe/TCP connect of a disk (`--attach kernel` on an nvmet export),
+/// lab only like [`LAB_POINTS`]: after `nvme connect`, after the namespace's
+/// block device was found. The attachment is stored before the connect, so
+/// the interrupted start's undo disconnects; a controller nothing names is
+/// disconnected by `NvmeAttacher::reap`.
+pub const NVME_POINTS: &[(&str, &[&str])] =
+    &[("start_nvme", &["nvme.connected", "nvme.device_found"])];
+
 /// Exits the process when the point `name` is configured to `return`.
 #[cfg(feature = "failpoints")]
 pub fn crash_point(name: &str) {

@@ -140,6 +140,8 @@ pub struct FakeVolumes {
     /// Set: a pool of RBD images (pdiskd --backend rbd). Exports answer
     /// this attachment, its image the volume's `pd-vol-UUID`, and no target.
     pub export_rbd: Mutex<Option<pdpb::RbdAttachment>>,
+    /// Set: exports are pdiskd's nvmet exporter's (NVMe/TCP, port 4420).
+    pub export_nvmet: Mutex<bool>,
     /// Set: pdiskd runs on the host with this id, its volumes `DIR/vol-UUID`
     /// files: an export asked with that host id answers a local attachment.
     pub export_local: Mutex<Option<(String, PathBuf)>>,
@@ -360,6 +362,20 @@ impl VolumeClient for FakeVolumes {
                 });
             }
             let target_iqn = format!("iqn.2026-11.io.stratus.pdisk:{name}");
+            if *self.export_nvmet.lock().unwrap() {
+                let nqn = target_iqn.replacen("iqn.", "nqn.", 1);
+                return Ok(pdpb::Export {
+                    volume_uuid: id,
+                    volume_name: name,
+                    url: format!("nvme+tcp://127.0.0.1:4420/{nqn}/1"),
+                    target_iqn,
+                    portal: "127.0.0.1:4420".into(),
+                    lun: 1,
+                    initiators: req.initiators,
+                    exporter: "nvmet".into(),
+                    ..Default::default()
+                });
+            }
             Ok(pdpb::Export {
                 volume_uuid: id,
                 volume_name: name,
@@ -577,7 +593,7 @@ pub struct FakeVmm {
     pub failures: Arc<Failures>,
     inner: Arc<Mutex<Processes>>,
     /// What each launch's QEMU would have read from the host files it was
-    /// given (raw file disks, kernel, initrd), read at launch time: (path
+    /// given (raw file disks, host devices, kernel, initrd), read at launch time: (path
     /// on the command line, its bytes or the error).
     host_reads: Arc<Mutex<Vec<HostRead>>>,
     /// Per-guest cgroups on the fake host that no launch made (strays for
@@ -778,7 +794,8 @@ impl Vmm for FakeVmm {
                 .iter()
                 .filter_map(|d| match &d.backend {
                     crate::vmm::DiskBackend::RawFile { path }
-                    | crate::vmm::DiskBackend::Local { path, .. } => Some(path.clone()),
+                    | crate::vmm::DiskBackend::Local { path, .. }
+                    | crate::vmm::DiskBackend::HostDevice { path } => Some(path.clone()),
                     _ => None,
                 })
                 .collect();

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::attach::{AttachMode, KernelDisk};
+use crate::attach::{AttachMode, KernelDisk, NvmeDisk};
 use crate::spec::{Cause, EventType, ServerName, VmSpec, VmState};
 use stratus_core::error::{Error, Result};
 use stratus_core::requests::{DurableOutcomes, StoredRequest};
@@ -108,6 +108,10 @@ pub struct DiskAttachment {
     /// before the login, so a crash mid-attach leaves enough to undo it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelDisk>,
+    /// For kernel attachments over NVMe/TCP (an nvmet export): the
+    /// namespace to disconnect from; recorded before the connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvme: Option<NvmeDisk>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -117,7 +117,26 @@ fn disk_records_from_before_kernel_attach_read_as_qemu() {
     // Kernel records from before mutual CHAP read as one-way.
     let one_way = r#"{"device":"vda","source":"pdisk:v","attachment":"/dev/sdb","read_only":false,"pdisk_volume":"u","mode":"kernel","kernel":{"lun":{"portal":"127.0.0.1:3260","target":"iqn.2026-11.io.stratus.pdisk:v","lun":1},"device":"/dev/sdb"}}"#;
     let d: DiskAttachment = serde_json::from_str(one_way).unwrap();
+    assert_eq!(d.nvme, None);
     assert_eq!(d.kernel.unwrap().chap_target_user, None);
+    // An NVMe/TCP attachment round-trips, and a record without one omits it.
+    let n = DiskAttachment {
+        mode: AttachMode::Kernel,
+        kernel: None,
+        nvme: Some(crate::attach::NvmeDisk {
+            namespace: crate::attach::NvmeNamespace::new(
+                "127.0.0.1:4420".parse().unwrap(),
+                "nqn.2026-11.io.stratus.pdisk:v",
+                1,
+            )
+            .unwrap(),
+            device: Some("/dev/nvme0n1".into()),
+        }),
+        ..back.clone()
+    };
+    let again: DiskAttachment = serde_json::from_slice(&encode(&n)).unwrap();
+    assert_eq!(again, n);
+    assert!(!String::from_utf8(encode(&back)).unwrap().contains("nvme"));
 }
 
 #[test]

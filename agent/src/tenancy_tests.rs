@@ -82,6 +82,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             volumes: [(crate::spec::ServerName::default(), pdisk as _)].into(),
             net: FakeNet::new(),
             vmm: FakeVmm::new(),
+            nvme: crate::attach::NvmeOptions::beside(&kernel),
             kernel,
         },
     )

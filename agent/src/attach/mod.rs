@@ -5,7 +5,9 @@
 //!
 //! One file per kernel transport:
 //! - [`iscsi_kernel`]: open-iscsi, [`KernelAttacher`] (with `iscsi_nodes`:
-//!   its node records read from open-iscsi's database).
+//!   its node records read from open-iscsi's database);
+//! - [`nvme_tcp`]: nvme-cli on an export of pdiskd's `nvmet` exporter,
+//!   [`NvmeAttacher`].
 //!
 //! Here: the attach mode and who holds an attachment.
 
@@ -17,8 +19,10 @@ use stratus_core::runner::{Cmd, Output};
 
 pub mod iscsi_kernel;
 mod iscsi_nodes;
+pub mod nvme_tcp;
 
 pub use iscsi_kernel::*;
+pub use nvme_tcp::{NvmeAttacher, NvmeDisk, NvmeNamespace, NvmeOptions};
 
 /// How a guest's iSCSI disks reach QEMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]

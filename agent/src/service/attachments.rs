@@ -12,7 +12,7 @@ use stratus_proto::pdisk::v1 as pdpb;
 
 use super::images::ImageDisk;
 use super::Agent;
-use crate::attach::{AttachMode, Holder, IscsiLun, KernelDisk};
+use crate::attach::{AttachMode, Holder, IscsiLun, KernelDisk, NvmeDisk, NvmeNamespace};
 use crate::net;
 use crate::seed;
 use crate::spec::{Cause, Disk, DiskSource, EventType, Nic, ServerName};
@@ -138,6 +138,7 @@ impl Agent {
             pdisk_server: Default::default(),
             mode: AttachMode::Qemu,
             kernel: None,
+            nvme: None,
         };
         let (backend, mut att) = match source {
             ImageDisk::Pdisk(server, volume) => {
@@ -221,6 +222,7 @@ impl Agent {
             pdisk_server: Default::default(),
             mode: AttachMode::Qemu,
             kernel: None,
+            nvme: None,
         };
         let detail = format!(
             "{device} seed hostname={}",
@@ -374,6 +376,7 @@ impl Agent {
             pdisk_server: server.clone(),
             mode: AttachMode::Qemu,
             kernel: None,
+            nvme: None,
         };
         if let Some(l) = &e.local {
             // pdiskd runs here: its volume's own file or device, opened
@@ -392,6 +395,11 @@ impl Agent {
             // this host's key, whatever --attach says (no krbd mapping).
             let disk = crate::rbd::RbdDisk::from_attachment(rbd, &self.settings.ceph)?;
             return Ok((DiskBackend::Rbd(disk), att));
+        }
+        if e.exporter == "nvmet" {
+            return self
+                .attach_nvme(vm, device, &e.target_iqn, att, intent)
+                .await;
         }
         if !kernel {
             let backend = DiskBackend::Iscsi {
@@ -433,6 +441,70 @@ impl Agent {
             chap_target_user,
         });
         Ok((DiskBackend::HostDevice { path: got.device }, att))
+    }
+
+    /// Detaches a kernel-attached disk (an iSCSI LUN's session or an
+    /// NVMe/TCP controller, when `d` is the last holder); nothing for others.
+    pub(super) async fn detach_kernel_disk(&self, vm: Uuid, d: &DiskAttachment) -> Result<()> {
+        if d.mode != AttachMode::Kernel {
+            return Ok(());
+        }
+        let holder = Holder::disk(vm, &d.device);
+        if let Some(k) = &d.kernel {
+            self.kernel.detach(&holder, &k.lun).await?;
+        }
+        if let Some(n) = &d.nvme {
+            self.nvme.detach(&holder, &n.namespace).await?;
+        }
+        Ok(())
+    }
+
+    /// An export of pdiskd's nvmet exporter (NVMe/TCP): connected by the
+    /// kernel's NVMe host (`--attach kernel` only: QEMU has no NVMe/TCP
+    /// initiator), recorded before the connect like an iSCSI login.
+    async fn attach_nvme(
+        &self,
+        vm: &mut VmRecord,
+        device: &str,
+        target_iqn: &str,
+        mut att: DiskAttachment,
+        intent: PdiskExport,
+    ) -> Result<(DiskBackend, DiskAttachment)> {
+        if self.settings.attach != AttachMode::Kernel {
+            return Err(stratus_core::error::Error::precondition(format!(
+                "{} is exported over NVMe/TCP (exporter nvmet): \
+                 agentd needs --attach kernel (QEMU has no NVMe/TCP initiator)",
+                att.source
+            )));
+        }
+        // The export URL pdiskd made: nvme+tcp://PORTAL/SUBNQN/NSID.
+        let ns = NvmeNamespace::from_export(&att.attachment, target_iqn).await;
+        att.mode = AttachMode::Kernel;
+        att.nvme = ns.as_ref().ok().map(|n| NvmeDisk {
+            namespace: n.clone(),
+            device: None,
+        });
+        // Recorded before the connect (the export too, should the URL be bad).
+        vm.runtime
+            .as_mut()
+            .expect("runtime")
+            .disks
+            .push(att.clone());
+        vm.pending_unexports.retain(|v| *v != intent);
+        self.commit(vm, &[])?;
+        let ns = ns?;
+        let dev = self
+            .nvme
+            .attach(&Holder::disk(vm.uuid, device), &ns)
+            .await?;
+        // The caller records the finished attachment with its event.
+        vm.runtime.as_mut().expect("runtime").disks.pop();
+        att.attachment = dev.display().to_string();
+        att.nvme = Some(NvmeDisk {
+            namespace: ns,
+            device: Some(dev.clone()),
+        });
+        Ok((DiskBackend::HostDevice { path: dev }, att))
     }
 
     /// Undoes a guest's attachments: kills its QEMUs (any process running
@@ -481,16 +553,10 @@ impl Agent {
         }
         for d in rt.disks.iter().rev() {
             // Before the unexport: the session must not outlive its target.
-            if let (AttachMode::Kernel, Some(k)) = (d.mode, &d.kernel) {
-                if let Err(e) = self
-                    .kernel
-                    .detach(&Holder::disk(vm.uuid, &d.device), &k.lun)
-                    .await
-                {
-                    tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
-                        "could not detach the kernel iSCSI disk; \
-                         an unused session is logged out at the next start");
-                }
+            if let Err(e) = self.detach_kernel_disk(vm.uuid, d).await {
+                tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
+                    "could not detach the kernel-attached disk; an unused \
+                     session or controller is removed at the next start");
             }
             if let Some(volume) = &d.pdisk_volume {
                 let export = PdiskExport {

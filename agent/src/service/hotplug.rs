@@ -200,15 +200,9 @@ impl Agent {
     /// Logs out of a kernel-attached disk's session and queues its
     /// volume's unexport.
     async fn release_disk_host_side(&self, vm: &mut VmRecord, d: &DiskAttachment) {
-        if let (crate::attach::AttachMode::Kernel, Some(k)) = (d.mode, &d.kernel) {
-            if let Err(e) = self
-                .kernel
-                .detach(&crate::attach::Holder::disk(vm.uuid, &d.device), &k.lun)
-                .await
-            {
-                tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
-                    "could not detach the kernel iSCSI disk; logged out at the next start");
-            }
+        if let Err(e) = self.detach_kernel_disk(vm.uuid, d).await {
+            tracing::warn!(vm = %vm.spec.name, disk = %d.device, error = %e,
+                "could not detach the kernel-attached disk; undone at the next start");
         }
         if let Some(volume) = &d.pdisk_volume {
             let export = PdiskExport {

@@ -50,7 +50,7 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use crate::attach::{AttachMode, KernelAttacher, KernelOptions};
+use crate::attach::{AttachMode, KernelAttacher, KernelOptions, NvmeAttacher, NvmeOptions};
 use crate::confine::{Confinement, QemuUsers, UidPool};
 use crate::journal::EventJournal;
 use crate::net::{HostNet, KernelNet};
@@ -136,6 +136,8 @@ pub struct HostEffects {
     /// The kernel iSCSI initiator's settings (its commands go through the
     /// agent's command runner; its roots are /sys, /dev and /etc/iscsi).
     pub kernel: KernelOptions,
+    /// The NVMe/TCP host's settings (nvme-cli through the same runner).
+    pub nvme: NvmeOptions,
 }
 
 impl HostEffects {
@@ -162,6 +164,7 @@ impl HostEffects {
             net: Arc::new(KernelNet),
             vmm: Arc::new(HostVmm::new(runner, cgroups)),
             kernel: KernelOptions::new(&settings.initiator_iqn),
+            nvme: NvmeOptions::new(&settings.initiator_iqn),
         })
     }
 }
@@ -181,6 +184,9 @@ pub struct Agent {
     /// The kernel's iSCSI initiator: used for new disks with `--attach
     /// kernel`, and always for undoing disks recorded as kernel-attached.
     kernel: KernelAttacher,
+    /// The kernel's NVMe/TCP host: new disks on nvmet exports with
+    /// `--attach kernel`, and undoing disks recorded as NVMe-attached.
+    nvme: NvmeAttacher,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// QMP connections of guests whose monitor runs.
     qmp: Mutex<HashMap<Uuid, Arc<dyn QmpCommands>>>,
@@ -255,6 +261,7 @@ impl Agent {
             },
         )?;
         let kernel = KernelAttacher::new(runner.clone(), effects.kernel);
+        let nvme = NvmeAttacher::new(runner.clone(), effects.nvme);
         let host_files =
             stratus_core::rooted::Roots::open("--host-file-root", &settings.host_file_roots)?;
         let store = Arc::new(store);
@@ -280,6 +287,7 @@ impl Agent {
             filters,
             vmm: effects.vmm,
             kernel,
+            nvme,
             locks: Mutex::default(),
             qmp: Mutex::default(),
             #[cfg(test)]

@@ -46,6 +46,11 @@ impl Agent {
             // Every recorded kernel attachment holds its session, before any
             // dead guest's detach can count it down.
             for d in vm.runtime.iter().flat_map(|r| &r.disks) {
+                if let (AttachMode::Kernel, Some(n)) = (d.mode, &d.nvme) {
+                    self.nvme
+                        .adopt(Holder::disk(vm.uuid, &d.device), &n.namespace)
+                        .await;
+                }
                 if let (AttachMode::Kernel, Some(k)) = (d.mode, &d.kernel) {
                     self.kernel
                         .adopt(Holder::disk(vm.uuid, &d.device), &k.lun)
@@ -155,7 +160,8 @@ impl Agent {
         // logout), and cgroups of guests no record holds.
         let known: HashSet<uuid::Uuid> = self.store.vms()?.iter().map(|v| v.uuid).collect();
         let reaped = self.kernel.reap().await.into_iter();
-        for r in reaped.chain(self.vmm.sweep_cgroups(&known)) {
+        let nvme = self.nvme.reap().await.into_iter();
+        for r in reaped.chain(nvme).chain(self.vmm.sweep_cgroups(&known)) {
             match r {
                 Ok(line) => removed.push(line),
                 Err(line) => report.push(line),

@@ -29,6 +29,9 @@ struct Host {
     net: Arc<FakeNet>,
     /// `nft`, behind the agent's command runner.
     nft: Arc<FakeNft>,
+    /// The agents' command runner (nft's answers; every other command
+    /// succeeds), kept to see the argv agentd ran.
+    runner: stratus_core::runner::FakeRunner,
     vmm: Arc<FakeVmm>,
 }
 
@@ -41,6 +44,7 @@ impl Host {
         pdisk_b.add_volume("root-b");
         pdisk_b.add_volume("data-b");
         let net = FakeNet::new();
+        let nft = FakeNft::new(net.clone());
         Host {
             dir: {
                 let d = tempfile::tempdir().unwrap();
@@ -49,7 +53,8 @@ impl Host {
             },
             pdisk,
             pdisk_b,
-            nft: FakeNft::new(net.clone()),
+            runner: nft.runner(),
+            nft,
             net,
             vmm: FakeVmm::new(),
         }
@@ -118,7 +123,7 @@ impl Host {
         adjust(&mut settings, &mut facts);
         Agent::with_effects(
             AgentStore::open(&state).unwrap(),
-            Arc::new(self.nft.runner()),
+            Arc::new(self.runner.clone()),
             settings,
             facts,
             HostEffects {
@@ -129,6 +134,7 @@ impl Host {
                 .into(),
                 net: self.net.clone(),
                 vmm: self.vmm.clone(),
+                nvme: crate::attach::NvmeOptions::beside(&kernel),
                 kernel,
             },
         )
@@ -1531,3 +1537,102 @@ mod hotplug_tests;
 
 #[path = "qos_tests.rs"]
 mod qos_tests;
+
+/// An nvmet export (NVMe/TCP): refused with QEMU's initiator; with
+/// `--attach kernel` connected as the host NQN pdiskd derives from the
+/// initiator IQN, the namespace found by its subsystem NQN in sysfs handed
+/// to QEMU, the attachment recorded before the connect, and disconnected
+/// at stop; a controller of ours no record names is swept at restart.
+#[tokio::test]
+async fn an_nvmet_export_is_connected_with_attach_kernel_and_refused_without() {
+    let host = Host::new();
+    host.pdisk.add_volume("nv-root");
+    *host.pdisk.export_nvmet.lock().unwrap() = true;
+    let subnqn = "nqn.2026-11.io.stratus.pdisk:nv-root";
+    let hostnqn = "nqn.2026-11.io.stratus:unit";
+    let agent = host.agent();
+    let mut spec = small_spec("nv1", "nv-root");
+    spec.nics.clear();
+    spec.context = None;
+    let vm = agent.create_vm(spec, "", "").await.unwrap();
+    let id = vm.uuid.to_string();
+    let e = agent.start_vm(&id).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("--attach kernel"), "{e}");
+    host.assert_nothing_attached(&agent.get_vm(&id).unwrap(), "--attach qemu");
+    crash(agent).await;
+
+    // The kernel's side of the connect, as sysfs shows it: the subsystem's
+    // head nvme3n1 (its controller appears below, once connected).
+    let sys = host.dir.path().join("sys/class");
+    let subsys = sys.join("nvme-subsystem/nvme-subsys3");
+    std::fs::create_dir_all(subsys.join("nvme3n1")).unwrap();
+    std::fs::write(subsys.join("subsysnqn"), format!("{subnqn}\n")).unwrap();
+    std::fs::create_dir_all(host.dir.path().join("dev")).unwrap();
+    let dev = host.dir.path().join("dev/nvme3n1");
+    std::fs::write(&dev, b"the namespace's bytes").unwrap();
+    let agent = host.agent_with(|s, _| s.attach = AttachMode::Kernel);
+    host.runner.clear();
+    agent.start_vm(&id).await.unwrap();
+    let connect = format!("nvme connect -t tcp -a 127.0.0.1 -s 4420 -n {subnqn} -q {hostnqn}");
+    assert_eq!(host.runner.command_lines(), [connect]);
+    let rec = agent.get_vm(&id).unwrap();
+    let d = &rec.runtime.as_ref().unwrap().disks[0];
+    assert_eq!(d.mode, AttachMode::Kernel);
+    assert_eq!(d.attachment, dev.display().to_string());
+    assert_eq!(d.nvme.as_ref().unwrap().namespace.subnqn, subnqn);
+    assert!(d.kernel.is_none());
+    let reads = host.vmm.host_reads();
+    let (_, got) = reads
+        .iter()
+        .find(|(p, _)| *p == dev)
+        .expect("QEMU opened the namespace");
+    assert_eq!(got.as_deref().unwrap(), b"the namespace's bytes");
+    // Connected: the controller, with our host NQN.
+    let ctrl = sys.join("nvme/nvme3");
+    std::fs::create_dir_all(&ctrl).unwrap();
+    std::fs::write(ctrl.join("subsysnqn"), format!("{subnqn}\n")).unwrap();
+    std::fs::write(ctrl.join("hostnqn"), format!("{hostnqn}\n")).unwrap();
+    // A restart adopts it: no disconnect while the guest runs.
+    crash(agent).await;
+    host.runner.clear();
+    let agent = host.agent_with(|s, _| s.attach = AttachMode::Kernel);
+    agent.reconcile().await.unwrap();
+    assert!(host
+        .runner
+        .command_lines()
+        .iter()
+        .all(|l| !l.starts_with("nvme")));
+    host.runner.clear();
+    agent
+        .stop_vm(&id, Duration::from_secs(5), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        host.runner.command_lines(),
+        [
+            format!("blockdev --flushbufs {}", dev.display()),
+            format!("nvme disconnect -n {subnqn}")
+        ]
+    );
+    host.assert_nothing_attached(&agent.get_vm(&id).unwrap(), "after stop");
+    // The fake kernel kept the controller: no record holds it now, so the
+    // next agentd's sweep disconnects it and says so.
+    crash(agent).await;
+    host.runner.clear();
+    let agent = host.agent_with(|s, _| s.attach = AttachMode::Kernel);
+    let report = agent.reconcile().await.unwrap();
+    assert!(
+        report
+            .iter()
+            .any(|l| l.contains("disconnected NVMe/TCP controller nvme3")),
+        "{report:?}"
+    );
+    let nvme: Vec<String> = host
+        .runner
+        .command_lines()
+        .into_iter()
+        .filter(|l| l.starts_with("nvme"))
+        .collect();
+    assert_eq!(nvme, [format!("nvme disconnect -n {subnqn}")]);
+}
