@@ -21,7 +21,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use stratus_core::error::{Error, Result};
 use stratus_core::nats::{Outgoing, SCHEMA_VERSION};
-use stratus_core::outbox::{Outbox, OutboxMessage};
+use stratus_core::outbox::{JournalEvents, JournalOutbox, OutboxMessage};
 use stratus_proto::agent::v1 as pb;
 
 use crate::store::{AgentStore, Event};
@@ -81,55 +81,34 @@ pub fn event_from_payload(payload: &[u8]) -> Result<pb::Event> {
 }
 
 /// agentd's journal, as the publisher's outbox.
-pub struct AgentOutbox {
-    store: Arc<AgentStore>,
-    host: String,
-}
+pub type AgentOutbox = JournalOutbox<AgentStore>;
 
-impl AgentOutbox {
-    pub fn new(store: Arc<AgentStore>, host: impl Into<String>) -> AgentOutbox {
-        AgentOutbox {
-            store,
-            host: host.into(),
-        }
+impl JournalEvents for AgentStore {
+    fn journal_db(&self) -> &redb::Database {
+        self.database()
     }
-}
 
-impl Outbox for AgentOutbox {
-    fn messages_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxMessage>> {
+    fn journal_committed(&self) -> Arc<tokio::sync::Notify> {
+        self.committed()
+    }
+
+    fn messages(&self, host: &str, after: u64, limit: usize) -> Result<Vec<OutboxMessage>> {
         // A guest's latest state may be kept below the oldest seq: reading
         // on from one of those is no gap. Anything else below it is.
-        let oldest = self.store.oldest_seq()?;
-        if after != 0 && after + 1 < oldest && !self.store.has_event(after)? {
+        let oldest = self.oldest_seq()?;
+        if after != 0 && after + 1 < oldest && !self.has_event(after)? {
             return Err(Error::out_of_range(format!(
                 "events after seq {after} were compacted away"
             )));
         }
         Ok(self
-            .store
             .events_after(after, limit, false)?
             .iter()
             .map(|e| OutboxMessage {
                 seq: e.seq,
-                message: message(&self.host, e),
+                message: message(host, e),
             })
             .collect())
-    }
-
-    fn oldest_seq(&self) -> Result<u64> {
-        self.store.oldest_seq()
-    }
-
-    fn published_seq(&self) -> Result<u64> {
-        self.store.published_seq()
-    }
-
-    fn set_published_seq(&self, seq: u64) -> Result<()> {
-        self.store.set_published_seq(seq)
-    }
-
-    fn committed(&self) -> Arc<tokio::sync::Notify> {
-        self.store.committed()
     }
 }
 
@@ -139,6 +118,7 @@ mod tests {
     use crate::spec::{Cause, EventType, VmSpec, VmState};
     use crate::store::{NewEvent, VmRecord};
     use stratus_core::error::ErrorKind;
+    use stratus_core::outbox::Outbox;
 
     fn guest(store: &AgentStore) -> VmRecord {
         let mut vm = VmRecord {

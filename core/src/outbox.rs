@@ -55,6 +55,55 @@ pub trait Outbox: Send + Sync + 'static {
     fn committed(&self) -> Arc<Notify>;
 }
 
+/// A daemon's store as the outbox of its event journal sees it.
+pub trait JournalEvents: Send + Sync + 'static {
+    /// The redb database that holds the journal ([`crate::journal`]'s
+    /// tables).
+    fn journal_db(&self) -> &redb::Database;
+    /// Notified after each commit to the journal.
+    fn journal_committed(&self) -> Arc<Notify>;
+    /// As [`Outbox::messages_after`], the messages published as `host`.
+    fn messages(&self, host: &str, after: u64, limit: usize) -> Result<Vec<OutboxMessage>>;
+}
+
+/// A daemon's event journal as its publisher's outbox: the seqs are the
+/// journal's own, the messages the store's ([`JournalEvents`]).
+pub struct JournalOutbox<S> {
+    store: Arc<S>,
+    host: String,
+}
+
+impl<S> JournalOutbox<S> {
+    pub fn new(store: Arc<S>, host: impl Into<String>) -> JournalOutbox<S> {
+        JournalOutbox {
+            store,
+            host: host.into(),
+        }
+    }
+}
+
+impl<S: JournalEvents> Outbox for JournalOutbox<S> {
+    fn messages_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxMessage>> {
+        self.store.messages(&self.host, after, limit)
+    }
+
+    fn oldest_seq(&self) -> Result<u64> {
+        crate::journal::oldest_seq(self.store.journal_db())
+    }
+
+    fn published_seq(&self) -> Result<u64> {
+        crate::journal::published_seq(self.store.journal_db())
+    }
+
+    fn set_published_seq(&self, seq: u64) -> Result<()> {
+        crate::journal::set_published_seq(self.store.journal_db(), seq)
+    }
+
+    fn committed(&self) -> Arc<Notify> {
+        self.store.journal_committed()
+    }
+}
+
 /// Where the publisher is, for logs, metrics and tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PublisherStatus {

@@ -33,7 +33,7 @@ use uuid::Uuid;
 
 use stratus_core::error::{Error, Result};
 use stratus_core::nats::{Outgoing, SCHEMA_VERSION};
-use stratus_core::outbox::{Outbox, OutboxMessage};
+use stratus_core::outbox::{JournalEvents, JournalOutbox, OutboxMessage};
 use stratus_proto::pdisk::v1 as pb;
 
 use crate::store::{Store, VolumeRecord};
@@ -309,46 +309,25 @@ pub fn event_from_payload(payload: &[u8]) -> Result<pb::PoolEvent> {
 }
 
 /// pdiskd's journal, as the publisher's outbox.
-pub struct PoolOutbox {
-    store: Arc<Store>,
-    host: String,
-}
+pub type PoolOutbox = JournalOutbox<Store>;
 
-impl PoolOutbox {
-    pub fn new(store: Arc<Store>, host: impl Into<String>) -> PoolOutbox {
-        PoolOutbox {
-            store,
-            host: host.into(),
-        }
+impl JournalEvents for Store {
+    fn journal_db(&self) -> &redb::Database {
+        self.database()
     }
-}
 
-impl Outbox for PoolOutbox {
-    fn messages_after(&self, after: u64, limit: usize) -> Result<Vec<OutboxMessage>> {
+    fn journal_committed(&self) -> Arc<tokio::sync::Notify> {
+        self.committed()
+    }
+
+    fn messages(&self, host: &str, after: u64, limit: usize) -> Result<Vec<OutboxMessage>> {
         Ok(self
-            .store
             .events_after(after, limit, after != 0)?
             .iter()
             .map(|e| OutboxMessage {
                 seq: e.seq,
-                message: message(&self.host, e),
+                message: message(host, e),
             })
             .collect())
-    }
-
-    fn oldest_seq(&self) -> Result<u64> {
-        self.store.oldest_seq()
-    }
-
-    fn published_seq(&self) -> Result<u64> {
-        self.store.published_seq()
-    }
-
-    fn set_published_seq(&self, seq: u64) -> Result<()> {
-        self.store.set_published_seq(seq)
-    }
-
-    fn committed(&self) -> Arc<tokio::sync::Notify> {
-        self.store.committed()
     }
 }
