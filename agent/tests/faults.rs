@@ -486,18 +486,7 @@ impl Host {
     }
 }
 
-impl std::ops::Deref for Host {
-    type Target = AgentHost;
-    fn deref(&self) -> &AgentHost {
-        &self.base
-    }
-}
-
-impl std::ops::DerefMut for Host {
-    fn deref_mut(&mut self) -> &mut AgentHost {
-        &mut self.base
-    }
-}
+testkit::wraps_agent_host!(Host, base);
 
 /// The UUID of guest `name`, from its events in `history`.
 fn uuid_of(history: &[pb::Event], name: &str) -> String {
