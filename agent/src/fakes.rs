@@ -975,6 +975,27 @@ fn process(p: &mut Processes, pid: u32) -> &mut FakeQemu {
 }
 
 impl QmpCommands for FakeQmp {
+    /// A migration destination's commands: capabilities and
+    /// `migrate-incoming` taken, `query-migrate` answering that no stream
+    /// connected (the unit tier's QEMU never gets one); anything else
+    /// Unavailable, as by default.
+    fn execute<'a>(
+        &'a self,
+        command: &'a str,
+        _arguments: Option<serde_json::Value>,
+    ) -> BoxFuture<'a, Result<serde_json::Value>> {
+        match command {
+            "migrate-set-capabilities" | "migrate-incoming" | "query-migrate" => {
+                self.command("execute", |_, _| serde_json::json!({}))
+            }
+            _ => Box::pin(async move {
+                Err(Error::unavailable(format!(
+                    "QMP {command}: not supported here"
+                )))
+            }),
+        }
+    }
+
     fn query_status(&self) -> BoxFuture<'_, Result<RunState>> {
         self.command("query_status", |p, pid| {
             let running = process(p, pid).running;

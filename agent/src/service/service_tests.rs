@@ -1538,6 +1538,9 @@ mod hotplug_tests;
 #[path = "qos_tests.rs"]
 mod qos_tests;
 
+#[path = "migrate_tests.rs"]
+mod migrate_tests;
+
 /// An nvmet export (NVMe/TCP): refused with QEMU's initiator; with
 /// `--attach kernel` connected as the host NQN pdiskd derives from the
 /// initiator IQN, the namespace found by its subsystem NQN in sysfs handed
