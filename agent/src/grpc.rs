@@ -19,7 +19,7 @@ use crate::service::Agent;
 use crate::spec::{ServerName, VmState};
 use crate::store::{Event, QuotaLimits, VmRecord};
 use stratus_core::error::{Error, ErrorKind};
-use stratus_core::quota::{self, Book as _};
+use stratus_core::quota;
 use stratus_core::requests::{fingerprint, Answer, Attempt, RequestLog};
 use stratus_pki::tenancy::{check_reserved_labels, Scope};
 use stratus_pki::Identity;
@@ -677,10 +677,7 @@ impl VmService for Api {
         req: Request<pb::GetQuotaRequest>,
     ) -> Result<Response<pb::Quota>, Status> {
         let (_, scope, _) = split(req, |r| &r.project)?;
-        let Scope::Project(project) = scope else {
-            return Err(Error::invalid("GetQuota: name the project").into());
-        };
-        let (limits, usage) = self.agent.store().quota(&project)?;
+        let (project, limits, usage) = quota::get(self.agent.store(), scope)?;
         Ok(Response::new(quota_pb(project, limits, usage)))
     }
 

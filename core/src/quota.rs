@@ -76,6 +76,16 @@ pub fn set<B: Book, T>(
     Ok((c.project, limits, usage))
 }
 
+/// GetQuota: the limits and usage of the project the call is scoped to;
+/// InvalidArgument when it names none (an admin's call without one).
+pub fn get<B: Book>(book: &B, scope: stratus_pki::tenancy::Scope) -> Result<Quota<B>> {
+    let stratus_pki::tenancy::Scope::Project(project) = scope else {
+        return Err(Error::invalid("GetQuota: name the project"));
+    };
+    let (limits, usage) = book.quota(&project)?;
+    Ok((project, limits, usage))
+}
+
 /// ListQuotas: every project's limits and usage, by project.
 pub fn all<B: Book>(book: &B) -> Result<Vec<Quota<B>>> {
     let mut out = Vec::new();
@@ -127,5 +137,39 @@ mod tests {
                 c: None
             }
         );
+    }
+
+    /// One project with limits `a: 3`, nothing held.
+    struct OneBook;
+
+    impl Book for OneBook {
+        type Limits = L;
+        type Usage = u64;
+        fn set_quota(&self, _: &str, _: L, _: L) -> Result<L> {
+            unreachable!()
+        }
+        fn quota(&self, _: &str) -> Result<(L, u64)> {
+            Ok((
+                L {
+                    a: Some(3),
+                    ..L::default()
+                },
+                0,
+            ))
+        }
+        fn quota_projects(&self) -> Result<Vec<String>> {
+            Ok(vec!["p".into()])
+        }
+    }
+
+    #[test]
+    fn get_needs_a_project_and_all_lists_each() {
+        use stratus_pki::tenancy::Scope;
+        let err = get(&OneBook, Scope::All).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::InvalidArgument);
+        assert_eq!(err.message(), "GetQuota: name the project");
+        let (p, l, _) = get(&OneBook, Scope::Project("p".into())).unwrap();
+        assert_eq!((p.as_str(), l.a), ("p", Some(3)));
+        assert_eq!(all(&OneBook).unwrap().len(), 1);
     }
 }

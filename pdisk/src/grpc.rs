@@ -20,7 +20,7 @@ use crate::service::{Deleted, ExportBy, NewVolume, NewVolumeSource, PoolService}
 use crate::store::{NameScope, QuotaLimits, QuotaUsage};
 use crate::tenancy::Call;
 use crate::types::{ByteSize, Chap, Iqn, VolumeName};
-use stratus_core::quota::{self, Book as _};
+use stratus_core::quota;
 use stratus_core::requests::{Attempt, RequestLog};
 use stratus_pki::{Identity, Role};
 
@@ -737,10 +737,7 @@ impl VolumeService for Api {
         req: Request<pb::GetQuotaRequest>,
     ) -> Result<Response<pb::Quota>, Status> {
         let (call, _) = Call::split(req, |r| &r.project)?;
-        let stratus_pki::tenancy::Scope::Project(project) = call.scope else {
-            return Err(Error::invalid("GetQuota: name the project").into());
-        };
-        let (limits, usage) = self.svc.store().quota(&project)?;
+        let (project, limits, usage) = quota::get(self.svc.store(), call.scope)?;
         Ok(Response::new(quota_pb(project, limits, usage)))
     }
 
