@@ -606,6 +606,9 @@ async fn check_attached(stack: &Stack, agentd: &Agentd, vm: &apb::Vm, volume: &s
         .find(|a| a.contains("host_device"))
         .unwrap_or_else(|| panic!("no host_device disk in {argv:?}"));
     let v: serde_json::Value = serde_json::from_str(bd).unwrap();
+    // Every disk has a QoS throttle node above its format node (issue 15).
+    assert_eq!(v["driver"], "throttle", "{bd}");
+    let v = v["file"].clone();
     assert_eq!(v["driver"], "raw", "{bd}");
     assert_eq!(v["file"]["driver"], "host_device", "{bd}");
     assert_eq!(v["file"]["filename"], disk.attachment.as_str(), "{bd}");
