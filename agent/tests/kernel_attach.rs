@@ -24,6 +24,7 @@
 //! an agentd `kill -9` is adopted with its session, and the restarted agentd
 //! attaches another guest through the same iface; a guest that died while
 //! agentd was away is recorded stopped and logged out of at the restart.
+//! Another grows a running guest's kernel-attached disk with ResizeDisk.
 //!
 //!   cargo test -p agent --test kernel_attach -- --ignored
 
@@ -43,6 +44,12 @@ use testkit::*;
 use uuid::Uuid;
 
 const MIB: u64 = 1 << 20;
+
+/// Held by each test that runs agentd: their agentds share the iface
+/// `DEFAULT_IFACE`, and a restarted agentd logs out of every session on it
+/// that it does not hold, another test's guest's included (topology 1 runs
+/// this suite with `--test-threads 2`).
+static AGENTD_IFACE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Checks what the kernel initiator needs, with a message saying what is missing.
 fn require_kernel_initiator() {
@@ -723,6 +730,7 @@ async fn agentd_runs_guests_on_kernel_attached_volumes_across_crashes() {
             .success(),
         "qemu-system-x86_64 is missing (the lab image has it)"
     );
+    let _iface = AGENTD_IFACE.lock().await;
     let stack = Stack::start();
     let (vol1, vol2) = ("kg1-root", "kg2-root");
     create_volume(&stack, vol1).await;
@@ -1157,6 +1165,7 @@ async fn agentd_chap_mutual_has_each_kernel_attached_disk_authenticate_its_targe
         return;
     }
     require_kernel_initiator();
+    let _iface = AGENTD_IFACE.lock().await;
     let stack = Stack::start();
     let vol = "kmg-root";
     create_volume(&stack, vol).await;
@@ -1255,4 +1264,182 @@ async fn agentd_chap_mutual_has_each_kernel_attached_disk_authenticate_its_targe
     check_detached(&stack, vol, &target, &vm).await;
     let log = agentd.log_text();
     assert!(!log.contains(&target_secret) && !log.contains(&secret));
+}
+
+// ---------- online resize ----------
+
+/// The size of block device `dev` in bytes (`blockdev --getsize64`).
+fn getsize64(dev: &Path) -> u64 {
+    let out = run("blockdev", &["--getsize64", &dev.display().to_string()]);
+    assert!(out.status.success(), "blockdev: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+async fn volume_size(stack: &Stack, volume: &str) -> u64 {
+    let mut c = stack.pdiskd.client().await;
+    c.get_volume(pb::GetVolumeRequest {
+        volume: volume.into(),
+        project: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .size_bytes
+}
+
+async fn resize_disk(
+    c: &mut VmServiceClient<tonic::transport::Channel>,
+    size: u64,
+) -> Result<apb::Vm, tonic::Status> {
+    c.resize_disk(apb::ResizeDiskRequest {
+        vm: "kr".into(),
+        device: "vda".into(),
+        size_bytes: size,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Issue 15, online resize with `--attach kernel`: the volume grown under
+/// a running guest, ResizeDisk rescans the host's SCSI disk (so the by-path
+/// device QEMU opened has the new size) and `block_resize`s QEMU's node;
+/// DISK_RESIZED. A shrink is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, iscsi_tcp, iscsid, udevd, LVM, LIO and QEMU: the lab VM"]
+async fn agentd_grows_a_kernel_attached_disk_under_a_running_guest() {
+    if stack_kind() != StackKind::LvmLio {
+        eprintln!("skipped: agentd --attach kernel runs on the lvm-lio stack (scripts/lab)");
+        return;
+    }
+    require_kernel_initiator();
+    let _iface = AGENTD_IFACE.lock().await;
+    let stack = Stack::start();
+    let vol = "kr-root";
+    stack
+        .pdiskd
+        .client()
+        .await
+        .create_volume(pb::CreateVolumeRequest {
+            name: vol.into(),
+            size_bytes: 8 * MIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let guard = TestInitiator {
+        iface: DEFAULT_IFACE.into(),
+        iqn: INITIATOR.into(),
+        nodes: Default::default(),
+    };
+    let host = NetNs::host();
+    let mut agentd = Agentd::start_in_with(
+        stack.scratch(),
+        &host,
+        &stack.pdiskd.url(),
+        "stbr0",
+        &["--attach", "kernel"],
+    );
+    let t0 = std::time::Instant::now();
+    let step = |what: &str| eprintln!("{:>7.1} s  {what}", t0.elapsed().as_secs_f64());
+    let mut c = agent_client(&agentd).await;
+    c.create_vm(apb::CreateVmRequest {
+        request_id: String::new(),
+        project: String::new(),
+        spec: Some(guest("kr", vol)),
+    })
+    .await
+    .unwrap();
+    let vm = c
+        .start_vm(apb::VmRequest {
+            request_id: String::new(),
+            project: String::new(),
+            vm: "kr".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    step("kr started");
+    check_attached(&stack, &agentd, &vm, vol).await;
+    let target = target_of(&stack, vol, &guard).await;
+    let dev = PathBuf::from(&vm.disks[0].attachment);
+    assert_eq!(getsize64(&dev), 8 * MIB);
+    let seen = events_since(&agentd, 0).await.last().unwrap().seq;
+
+    // The storage admin grows the volume; the host's SCSI disk does not
+    // know until it is rescanned.
+    stack
+        .pdiskd
+        .client()
+        .await
+        .resize_volume(pb::ResizeVolumeRequest {
+            volume: vol.into(),
+            size_bytes: 16 * MIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(volume_size(&stack, vol).await, 16 * MIB);
+    assert_eq!(getsize64(&dev), 8 * MIB, "rescanned before ResizeDisk");
+    let grown = resize_disk(&mut c, 16 * MIB).await.unwrap();
+    step("vda grown to 16 MiB");
+    assert_eq!(grown.state(), apb::VmState::Running, "{grown:?}");
+    assert_eq!(grown.disks[0].attachment, vm.disks[0].attachment);
+    assert_eq!(getsize64(&dev), 16 * MIB, "the SCSI disk was not rescanned");
+    let new = events_since(&agentd, seen).await;
+    let resized: Vec<_> = new
+        .iter()
+        .filter(|e| e.vm_name == "kr" && e.r#type() == apb::EventType::DiskResized)
+        .collect();
+    assert_eq!(resized.len(), 1, "{new:?}");
+    assert!(
+        resized[0].detail.contains("vda") && resized[0].detail.contains("size=16777216"),
+        "{resized:?}"
+    );
+    let seen = new.last().unwrap().seq;
+
+    // A shrink is refused: nothing changes, nothing is journaled.
+    let e = resize_disk(&mut c, 8 * MIB).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("only grow"), "{e:?}");
+    assert_eq!(volume_size(&stack, vol).await, 16 * MIB);
+    assert_eq!(getsize64(&dev), 16 * MIB);
+    let new = events_since(&agentd, seen).await;
+    assert!(
+        !new.iter()
+            .any(|e| e.r#type() == apb::EventType::DiskResized),
+        "{new:?}"
+    );
+
+    // QEMU's node has the new size: read with query-block while agentd,
+    // which holds QEMU's one QMP connection, is away.
+    drop(c);
+    agentd.kill9();
+    let sock = agentd.state_dir.join("vms").join(&vm.uuid).join("qmp.sock");
+    {
+        let (qmp, _events) = agent::qmp::Qmp::connect(&sock, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let blocks = qmp.query_block().await.unwrap();
+        let sizes: Vec<_> = blocks
+            .iter()
+            .filter_map(|b| b.inserted.as_ref())
+            .map(|m| m.image.as_ref().map(|i| i.virtual_size))
+            .collect();
+        // The guest's one disk (no seed: the spec has no cloud-init).
+        assert_eq!(sizes, vec![Some(16 * MIB)], "{blocks:?}");
+    }
+    step("query-block read");
+    agentd.restart();
+    let mut c = agent_client(&agentd).await;
+    c.destroy_vm(apb::DestroyVmRequest {
+        request_id: String::new(),
+        project: String::new(),
+        vm: "kr".into(),
+        timeout_seconds: 1,
+    })
+    .await
+    .unwrap();
+    step("kr destroyed");
+    check_detached(&stack, vol, &target, &vm).await;
 }
