@@ -299,8 +299,7 @@ pub struct KernelAttacher {
     /// True once our iface record is in place (made once per agentd).
     iface_ready: tokio::sync::Mutex<bool>,
     /// The unit tier's armed crash point (see `crash_point`).
-    #[cfg(test)]
-    crash_at: Mutex<Option<&'static str>>,
+    crash: super::CrashPoints,
 }
 
 impl KernelAttacher {
@@ -310,8 +309,7 @@ impl KernelAttacher {
             opts,
             sessions: Mutex::default(),
             iface_ready: tokio::sync::Mutex::new(false),
-            #[cfg(test)]
-            crash_at: Mutex::default(),
+            crash: super::CrashPoints::default(),
         }
     }
 
@@ -319,17 +317,12 @@ impl KernelAttacher {
     /// agentd exits here in the fault-injection build; the unit tier panics
     /// the attach's task when armed with [`Self::arm_crash_point`].
     fn crash_point(&self, name: &'static str) {
-        #[cfg(test)]
-        if *self.crash_at.lock().unwrap() == Some(name) {
-            panic!("crash point {name}");
-        }
-        #[cfg(not(test))]
-        crate::failpoints::crash_point(name);
+        self.crash.hit(name);
     }
 
     #[cfg(test)]
     pub(crate) fn arm_crash_point(&self, at: Option<&'static str>) {
-        *self.crash_at.lock().unwrap() = at;
+        self.crash.arm(at);
     }
 
     pub fn options(&self) -> &KernelOptions {

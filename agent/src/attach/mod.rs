@@ -95,3 +95,29 @@ pub(crate) fn command_error(cmd: &Cmd, out: &Output) -> Error {
         }
     ))
 }
+
+/// The step boundaries of an attacher's sequence (`crate::failpoints`'
+/// LAB_POINTS, NVME_POINTS): agentd exits there in the fault-injection
+/// build; in the unit tier, [`CrashPoints::arm`] makes the named one panic
+/// the attach's task instead.
+#[derive(Default)]
+pub(crate) struct CrashPoints {
+    #[cfg(test)]
+    armed: std::sync::Mutex<Option<&'static str>>,
+}
+
+impl CrashPoints {
+    pub(crate) fn hit(&self, name: &'static str) {
+        #[cfg(test)]
+        if *self.armed.lock().unwrap() == Some(name) {
+            panic!("crash point {name}");
+        }
+        #[cfg(not(test))]
+        crate::failpoints::crash_point(name);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn arm(&self, at: Option<&'static str>) {
+        *self.armed.lock().unwrap() = at;
+    }
+}

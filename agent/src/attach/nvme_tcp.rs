@@ -202,8 +202,7 @@ pub struct NvmeAttacher {
     runner: Arc<dyn CommandRunner>,
     opts: NvmeOptions,
     subsystems: Mutex<HashMap<String, Arc<tokio::sync::Mutex<BTreeSet<Holder>>>>>,
-    #[cfg(test)]
-    crash_at: Mutex<Option<&'static str>>,
+    crash: super::CrashPoints,
 }
 
 impl NvmeAttacher {
@@ -212,25 +211,19 @@ impl NvmeAttacher {
             runner,
             opts,
             subsystems: Mutex::default(),
-            #[cfg(test)]
-            crash_at: Mutex::default(),
+            crash: super::CrashPoints::default(),
         }
     }
 
     /// A step boundary (`crate::failpoints::NVME_POINTS`); see
     /// `KernelAttacher::crash_point`.
     fn crash_point(&self, name: &'static str) {
-        #[cfg(test)]
-        if *self.crash_at.lock().unwrap() == Some(name) {
-            panic!("crash point {name}");
-        }
-        #[cfg(not(test))]
-        crate::failpoints::crash_point(name);
+        self.crash.hit(name);
     }
 
     #[cfg(test)]
     pub(crate) fn arm_crash_point(&self, at: Option<&'static str>) {
-        *self.crash_at.lock().unwrap() = at;
+        self.crash.arm(at);
     }
 
     fn slot(&self, subnqn: &str) -> Arc<tokio::sync::Mutex<BTreeSet<Holder>>> {
