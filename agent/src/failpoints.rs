@@ -118,6 +118,15 @@ pub const LAB_POINTS: &[(&str, &[&str])] = &[(
 pub const NVME_POINTS: &[(&str, &[&str])] =
     &[("start_nvme", &["nvme.connected", "nvme.device_found"])];
 
+/// The krbd map of an RBD disk (`--attach kernel` on an rbd export, when
+/// the host has the rbd module), lab only like [`LAB_POINTS`]: after the
+/// map request was written, after the mapping's block device was found.
+/// The attachment is stored before the map, so the interrupted start's
+/// undo unmaps; a mapping of a pdisk image nothing names is unmapped by
+/// `KrbdAttacher::reap`.
+pub const KRBD_POINTS: &[(&str, &[&str])] =
+    &[("start_krbd", &["krbd.mapped", "krbd.device_found"])];
+
 /// Exits the process when the point `name` is configured to `return`.
 #[cfg(feature = "failpoints")]
 pub fn crash_point(name: &str) {

@@ -136,6 +136,12 @@ impl CephKey {
     }
 }
 
+/// A key for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_key(base64: &str) -> CephKey {
+    CephKey::new(base64).unwrap()
+}
+
 impl std::fmt::Debug for CephKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CephKey(..)")

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::attach::{AttachMode, KernelDisk, NvmeDisk};
+use crate::attach::{AttachMode, KernelDisk, KrbdDisk, NvmeDisk};
 use crate::spec::{Cause, EventType, ServerName, VmSpec, VmState};
 use stratus_core::error::{Error, Result};
 use stratus_core::requests::{DurableOutcomes, StoredRequest};
@@ -112,6 +112,10 @@ pub struct DiskAttachment {
     /// namespace to disconnect from; recorded before the connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nvme: Option<NvmeDisk>,
+    /// For kernel attachments of RBD images (krbd): the image to unmap;
+    /// recorded before the map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub krbd: Option<KrbdDisk>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

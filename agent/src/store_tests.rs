@@ -137,6 +137,22 @@ fn disk_records_from_before_kernel_attach_read_as_qemu() {
     let again: DiskAttachment = serde_json::from_slice(&encode(&n)).unwrap();
     assert_eq!(again, n);
     assert!(!String::from_utf8(encode(&back)).unwrap().contains("nvme"));
+    // So does a krbd mapping; records from before krbd have none.
+    assert_eq!(back.krbd, None);
+    let r = DiskAttachment {
+        mode: AttachMode::Kernel,
+        kernel: None,
+        krbd: Some(crate::attach::KrbdDisk {
+            pool: "stratus".into(),
+            image: "pd-vol-0b9c6f52-5a1e-4d8e-9a57-2f0e3c1d4b6a".into(),
+            fsid: "69d8ee26-508c-4088-b3a4-b2c4a29d107d".into(),
+            device: Some("/dev/rbd0".into()),
+        }),
+        ..back.clone()
+    };
+    let again: DiskAttachment = serde_json::from_slice(&encode(&r)).unwrap();
+    assert_eq!(again, r);
+    assert!(!String::from_utf8(encode(&back)).unwrap().contains("krbd"));
 }
 
 #[test]

@@ -18,7 +18,10 @@
 //! [`CephCluster::start_in`] runs the daemons, and every tool the cluster
 //! runs for the test, inside a test's network namespace, so daemons there
 //! (pdiskd, agentd and its QEMUs) reach the monitor on that namespace's
-//! loopback.
+//! loopback. [`CephCluster::start_in_at`] binds monitor, OSD and manager to
+//! one of the namespace's own addresses instead (`mon host` and `public
+//! addr`), so a machine outside it (the lab VM on a tap in the namespace,
+//! whose kernel maps images with krbd) reaches the monitor and the OSD.
 //!
 //! `scripts/lib/ceph.sh` takes the same steps for `scripts/quickstart
 //! --backend rbd` (daemons that outlive the script): change both together.
@@ -28,6 +31,7 @@
 //! by the kernel when the test process dies), so parallel test binaries
 //! queue instead of piling up managers.
 
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -68,8 +72,11 @@ pub struct CephCluster {
     /// The keyring of client.admin.
     pub admin_keyring: PathBuf,
     pub fsid: String,
-    /// `[v2:127.0.0.1:P,v1:127.0.0.1:Q]`.
+    /// `[v2:ADDR:P,v1:ADDR:Q]` (ADDR: 127.0.0.1 unless [`CephCluster::start_in_at`]).
     pub mon_addrs: String,
+    /// The monitor's msgr1 address `ADDR:Q`, as the kernel's rbd client
+    /// (which speaks msgr1 by default) and pdiskd's exports name it.
+    pub mon_v1: std::net::SocketAddr,
     daemons: Vec<(String, Child)>,
     /// The network namespace the daemons and tools run in; None: the host's.
     netns: Option<String>,
@@ -83,15 +90,21 @@ impl CephCluster {
     /// available. Panics (after tearing down what started) on failure, with
     /// the daemons' log tails.
     pub fn start() -> CephCluster {
-        Self::start_on(None)
+        Self::start_on(None, Ipv4Addr::LOCALHOST)
     }
 
     /// Like [`CephCluster::start`], inside `ns` (see the module doc).
     pub fn start_in(ns: &NetNs) -> CephCluster {
-        Self::start_on(Some(ns.name.clone()))
+        Self::start_on(Some(ns.name.clone()), Ipv4Addr::LOCALHOST)
     }
 
-    fn start_on(netns: Option<String>) -> CephCluster {
+    /// Like [`CephCluster::start_in`], the daemons bound to `addr`, an
+    /// address of one of `ns`'s interfaces (see the module doc).
+    pub fn start_in_at(ns: &NetNs, addr: Ipv4Addr) -> CephCluster {
+        Self::start_on(Some(ns.name.clone()), addr)
+    }
+
+    fn start_on(netns: Option<String>, addr: Ipv4Addr) -> CephCluster {
         require_root();
         let slot = take_slot();
         let begin = Instant::now();
@@ -115,15 +128,16 @@ impl CephCluster {
         }
         let fsid = uuid_v4();
         let (v2, v1) = (free_port(), free_port());
-        let mon_addrs = format!("[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]");
+        let mon_addrs = format!("[v2:{addr}:{v2},v1:{addr}:{v1}]");
         let conf = d.join("ceph.conf");
-        std::fs::write(&conf, conf_text(&d, &fsid, &mon_addrs)).unwrap();
+        std::fs::write(&conf, conf_text(&d, &fsid, &mon_addrs, addr)).unwrap();
         let admin_keyring = d.join("client.admin.keyring");
         let mut c = CephCluster {
             conf,
             admin_keyring,
             fsid,
             mon_addrs,
+            mon_v1: (addr, v1).into(),
             daemons: Vec::new(),
             netns,
             _slot: slot,
@@ -447,13 +461,13 @@ impl Drop for CephCluster {
     }
 }
 
-fn conf_text(d: &Path, fsid: &str, mon_addrs: &str) -> String {
+fn conf_text(d: &Path, fsid: &str, mon_addrs: &str, addr: Ipv4Addr) -> String {
     let d = d.display();
     format!(
         "[global]
 fsid = {fsid}
 mon host = {mon_addrs}
-public addr = 127.0.0.1
+public addr = {addr}
 ms bind ipv6 = false
 auth cluster required = cephx
 auth service required = cephx

@@ -7,7 +7,9 @@
 //! - [`iscsi_kernel`]: open-iscsi, [`KernelAttacher`] (with `iscsi_nodes`:
 //!   its node records read from open-iscsi's database);
 //! - [`nvme_tcp`]: nvme-cli on an export of pdiskd's `nvmet` exporter,
-//!   [`NvmeAttacher`].
+//!   [`NvmeAttacher`];
+//! - [`krbd`]: the kernel's RBD client on an `rbd` export (pdiskd's RBD
+//!   backend), [`KrbdAttacher`].
 //!
 //! Here: the attach mode and who holds an attachment.
 
@@ -19,9 +21,11 @@ use stratus_core::runner::{Cmd, Output};
 
 pub mod iscsi_kernel;
 mod iscsi_nodes;
+pub mod krbd;
 pub mod nvme_tcp;
 
 pub use iscsi_kernel::*;
+pub use krbd::{KrbdAttacher, KrbdDisk, KrbdOptions, SysfsKernel};
 pub use nvme_tcp::{NvmeAttacher, NvmeDisk, NvmeNamespace, NvmeOptions};
 
 /// How a guest's iSCSI disks reach QEMU.

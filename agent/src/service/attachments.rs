@@ -12,7 +12,7 @@ use stratus_proto::pdisk::v1 as pdpb;
 
 use super::images::ImageDisk;
 use super::Agent;
-use crate::attach::{AttachMode, Holder, IscsiLun, KernelDisk, NvmeDisk, NvmeNamespace};
+use crate::attach::{AttachMode, Holder, IscsiLun, KernelDisk, KrbdDisk, NvmeDisk, NvmeNamespace};
 use crate::net;
 use crate::seed;
 use crate::spec::{Cause, Disk, DiskSource, EventType, Nic, ServerName};
@@ -139,6 +139,7 @@ impl Agent {
             mode: AttachMode::Qemu,
             kernel: None,
             nvme: None,
+            krbd: None,
         };
         let (backend, mut att) = match source {
             ImageDisk::Pdisk(server, volume) => {
@@ -223,6 +224,7 @@ impl Agent {
             mode: AttachMode::Qemu,
             kernel: None,
             nvme: None,
+            krbd: None,
         };
         let detail = format!(
             "{device} seed hostname={}",
@@ -377,6 +379,7 @@ impl Agent {
             mode: AttachMode::Qemu,
             kernel: None,
             nvme: None,
+            krbd: None,
         };
         if let Some(l) = &e.local {
             // pdiskd runs here: its volume's own file or device, opened
@@ -391,10 +394,16 @@ impl Agent {
             ));
         }
         if let Some(rbd) = &e.rbd {
-            // An RBD volume: no target. QEMU's rbd driver opens it with
-            // this host's key, whatever --attach says (no krbd mapping).
+            // An RBD volume: no target. Mapped by the kernel (krbd) with
+            // --attach kernel when the host has it; else QEMU's rbd driver
+            // opens it with this host's key.
             let disk = crate::rbd::RbdDisk::from_attachment(rbd, &self.settings.ceph)?;
-            return Ok((DiskBackend::Rbd(disk), att));
+            if !kernel || !self.krbd.available().await {
+                return Ok((DiskBackend::Rbd(disk), att));
+            }
+            return self
+                .attach_krbd(vm, device, disk, &rbd.cluster_fsid, att, intent)
+                .await;
         }
         if e.exporter == "nvmet" {
             return self
@@ -456,7 +465,49 @@ impl Agent {
         if let Some(n) = &d.nvme {
             self.nvme.detach(&holder, &n.namespace).await?;
         }
+        if let Some(r) = &d.krbd {
+            self.krbd.detach(&holder, r).await?;
+        }
         Ok(())
+    }
+
+    /// An RBD export mapped by the kernel's rbd client (`--attach kernel`
+    /// on a host with krbd), recorded before the map like an iSCSI login.
+    async fn attach_krbd(
+        &self,
+        vm: &mut VmRecord,
+        device: &str,
+        disk: crate::rbd::RbdDisk,
+        fsid: &str,
+        mut att: DiskAttachment,
+        intent: PdiskExport,
+    ) -> Result<(DiskBackend, DiskAttachment)> {
+        let mut rec = KrbdDisk {
+            pool: disk.pool.clone(),
+            image: disk.image.clone(),
+            fsid: fsid.to_owned(),
+            device: None,
+        };
+        att.mode = AttachMode::Kernel;
+        att.krbd = Some(rec.clone());
+        // Recorded before the map.
+        vm.runtime
+            .as_mut()
+            .expect("runtime")
+            .disks
+            .push(att.clone());
+        vm.pending_unexports.retain(|v| *v != intent);
+        self.commit(vm, &[])?;
+        let dev = self
+            .krbd
+            .attach(&Holder::disk(vm.uuid, device), &disk, fsid)
+            .await?;
+        // The caller records the finished attachment with its event.
+        vm.runtime.as_mut().expect("runtime").disks.pop();
+        att.attachment = dev.display().to_string();
+        rec.device = Some(dev.clone());
+        att.krbd = Some(rec);
+        Ok((DiskBackend::HostDevice { path: dev }, att))
     }
 
     /// An export of pdiskd's nvmet exporter (NVMe/TCP): connected by the

@@ -50,7 +50,10 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use crate::attach::{AttachMode, KernelAttacher, KernelOptions, NvmeAttacher, NvmeOptions};
+use crate::attach::{
+    AttachMode, KernelAttacher, KernelOptions, KrbdAttacher, KrbdOptions, NvmeAttacher,
+    NvmeOptions, SysfsKernel,
+};
 use crate::confine::{Confinement, QemuUsers, UidPool};
 use crate::journal::EventJournal;
 use crate::net::{HostNet, KernelNet};
@@ -187,6 +190,9 @@ pub struct Agent {
     /// The kernel's NVMe/TCP host: new disks on nvmet exports with
     /// `--attach kernel`, and undoing disks recorded as NVMe-attached.
     nvme: NvmeAttacher,
+    /// The kernel's RBD client: RBD disks with `--attach kernel` when the
+    /// host has krbd, and undoing disks recorded as krbd-mapped.
+    krbd: KrbdAttacher,
     locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// QMP connections of guests whose monitor runs.
     qmp: Mutex<HashMap<Uuid, Arc<dyn QmpCommands>>>,
@@ -260,6 +266,11 @@ impl Agent {
                 ..Default::default()
             },
         )?;
+        let krbd = KrbdAttacher::new(
+            runner.clone(),
+            Arc::new(SysfsKernel),
+            KrbdOptions::beside(&effects.kernel),
+        );
         let kernel = KernelAttacher::new(runner.clone(), effects.kernel);
         let nvme = NvmeAttacher::new(runner.clone(), effects.nvme);
         let host_files =
@@ -288,6 +299,7 @@ impl Agent {
             vmm: effects.vmm,
             kernel,
             nvme,
+            krbd,
             locks: Mutex::default(),
             qmp: Mutex::default(),
             #[cfg(test)]

@@ -46,6 +46,9 @@ impl Agent {
             // Every recorded kernel attachment holds its session, before any
             // dead guest's detach can count it down.
             for d in vm.runtime.iter().flat_map(|r| &r.disks) {
+                if let (AttachMode::Kernel, Some(r)) = (d.mode, &d.krbd) {
+                    self.krbd.adopt(Holder::disk(vm.uuid, &d.device), r).await;
+                }
                 if let (AttachMode::Kernel, Some(n)) = (d.mode, &d.nvme) {
                     self.nvme
                         .adopt(Holder::disk(vm.uuid, &d.device), &n.namespace)
@@ -161,7 +164,12 @@ impl Agent {
         let known: HashSet<uuid::Uuid> = self.store.vms()?.iter().map(|v| v.uuid).collect();
         let reaped = self.kernel.reap().await.into_iter();
         let nvme = self.nvme.reap().await.into_iter();
-        for r in reaped.chain(nvme).chain(self.vmm.sweep_cgroups(&known)) {
+        let krbd = self.krbd.reap().await.into_iter();
+        for r in reaped
+            .chain(nvme)
+            .chain(krbd)
+            .chain(self.vmm.sweep_cgroups(&known))
+        {
             match r {
                 Ok(line) => removed.push(line),
                 Err(line) => report.push(line),
