@@ -161,6 +161,11 @@ pub struct Flags {
     /// network. A destination with it also takes plain-TCP migrations
     #[arg(long)]
     pub migration_insecure: bool,
+    /// Bytes per second an outgoing live migration may send (QEMU's
+    /// `max-bandwidth`), e.g. 100M, so a migration leaves the network to
+    /// the guests [default: QEMU's own]
+    #[arg(long, value_name = "SIZE")]
+    pub migration_max_bandwidth: Option<String>,
     /// QEMU's `aio` engine for file disks (`file:` disks, overlays, the
     /// seed, same-host attachments on a file pool): auto (the measured
     /// default, native), io_uring, native or threads [default: auto;
@@ -246,6 +251,8 @@ pub struct Config {
     /// (this host's `tls`); None: plain TCP (`--migration-insecure`, or no
     /// TLS files).
     pub migration_tls: Option<TlsFiles>,
+    /// Bytes per second an outgoing migration may send; None: QEMU's default.
+    pub migration_max_bandwidth: Option<u64>,
     /// Guests' disk I/O as configured (resolved once QEMU is probed).
     pub disk_io: crate::disk_io::DiskIoChoice,
     /// None: no periodic check of the anti-spoofing rules.
@@ -453,6 +460,10 @@ impl Flags {
                 .0,
             hotplug_ports: pick!(hotplug_ports, 8),
             migration_tls,
+            migration_max_bandwidth: migration_bandwidth(
+                self.migration_max_bandwidth
+                    .or(file.migration_max_bandwidth),
+            )?,
             disk_io: crate::disk_io::DiskIoChoice {
                 file_aio: pick!(file_aio, Default::default()),
                 device_aio: pick!(device_aio, Default::default()),
@@ -522,6 +533,20 @@ impl Flags {
             }
         }
         Ok(cfg)
+    }
+}
+
+/// `--migration-max-bandwidth`: bytes per second, more than 0.
+fn migration_bandwidth(flag: Option<String>) -> Result<Option<u64>> {
+    let Some(s) = flag else {
+        return Ok(None);
+    };
+    match s.parse::<ByteSize>() {
+        Ok(ByteSize(0)) => Err(Error::invalid(
+            "migration-max-bandwidth: 0 would stall every migration",
+        )),
+        Ok(b) => Ok(Some(b.0)),
+        Err(e) => Err(Error::invalid(format!("migration-max-bandwidth: {e}"))),
     }
 }
 
@@ -895,5 +920,23 @@ mod tests {
             .resolve()
             .unwrap_err();
         assert!(e.to_string().contains("pdisk server b"), "{e}");
+    }
+
+    #[test]
+    fn migration_max_bandwidth_is_a_size_above_zero() {
+        let parse =
+            |v: &str| Flags::parse_from(["agentd", "--migration-max-bandwidth", v]).resolve();
+        assert_eq!(parse("4M").unwrap().migration_max_bandwidth, Some(4 << 20));
+        assert_eq!(
+            Flags::parse_from(["agentd"])
+                .resolve()
+                .unwrap()
+                .migration_max_bandwidth,
+            None
+        );
+        for bad in ["0", "fast"] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.to_string().contains("migration-max-bandwidth"), "{e}");
+        }
     }
 }

@@ -64,6 +64,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             disk_io: crate::disk_io::DiskIo::measured_default(false),
             peer_tls: None,
             migration_tls: None,
+            migration_max_bandwidth: None,
         },
         HostFacts {
             hostname: "unit".into(),

@@ -28,7 +28,18 @@
 //!   reconciliation), the other side's last word on the guest agrees, and
 //!   each journal's seqs are 1..n.
 //!
-//! Each point starts from that checked clean state. Run by scripts/test's
+//! Each point starts from that checked clean state.
+//!
+//! A second test (its own two hosts, both agentds with
+//! `--migration-max-bandwidth=8M` so a kill lands mid-transfer) kills, once
+//! the source journaled MIGRATION_PROGRESS: the destination's incoming
+//! QEMU, both agentds (restarted, the source first), the source's QEMU.
+//! After each the guest runs on the source only (the first two) or is
+//! CRASHED there with nothing left anywhere (the last), both journals end
+//! in MIGRATION_FAILED, and a retry of the migration (after a StartVm for
+//! the crashed guest) moves it.
+//!
+//! Run by scripts/test's
 //! integration tier (the fault tier; needs root, QEMU, tgt, the test guest
 //! and agentd-failpoints).
 
@@ -61,7 +72,8 @@ struct TwoHosts {
 }
 
 impl TwoHosts {
-    fn start() -> TwoHosts {
+    /// Both agentds with `extra` flags.
+    fn start(extra: &[&str]) -> TwoHosts {
         let (ns_a, ns_b) = (NetNs::new(), NetNs::new());
         ns_a.add_bridge(BRIDGE);
         ns_b.add_bridge(BRIDGE);
@@ -92,7 +104,7 @@ impl TwoHosts {
             BRIDGE,
             INITIATOR,
             &a_tls,
-            &[],
+            extra,
         )
         .into_failpoints();
         let b_tls = TestPki::shared().issue(
@@ -108,7 +120,7 @@ impl TwoHosts {
             BRIDGE,
             OTHER_INITIATOR,
             &b_tls,
-            &[],
+            extra,
         )
         .into_failpoints();
         TwoHosts {
@@ -135,6 +147,25 @@ impl TwoHosts {
         let url = self.hosts[i].url();
         self.ns[i]
             .block_on(move || async move { f(VmServiceClient::new(channel(&url).await)).await })
+    }
+
+    /// MigrateVm of the guest from host `from` to the other one, on a
+    /// thread of its own (join it for the answer).
+    fn migrate(
+        &self,
+        from: usize,
+    ) -> std::thread::JoinHandle<Result<pb::MigrateVmResponse, tonic::Status>> {
+        let (url, to) = (self.hosts[from].url(), self.url(1 - from));
+        self.ns[from].spawn(move || async move {
+            VmServiceClient::new(channel(&url).await)
+                .migrate_vm(pb::MigrateVmRequest {
+                    vm: NAME.into(),
+                    destination: to,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner())
+        })
     }
 
     fn vms(&self, i: usize) -> Vec<pb::Vm> {
@@ -353,11 +384,8 @@ fn describe(events: &[pb::Event]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-#[ignore = "needs root, QEMU, tgt, the test guest and agentd-failpoints: run by scripts/test"]
-fn agentd_killed_at_every_migration_step_leaves_the_guest_on_exactly_one_host() {
-    let started = Instant::now();
-    let mut h = TwoHosts::start();
+/// Creates the test guest (its pdisk volume too) on host 0 and starts it.
+fn start_guest(h: &TwoHosts) -> pb::Vm {
     let (url, volume) = (h.pdiskd.url(), VOLUME.to_string());
     h.ns[0].block_on(move || async move {
         let mut c = VolumeServiceClient::new(channel(&url).await);
@@ -389,7 +417,7 @@ fn agentd_killed_at_every_migration_step_leaves_the_guest_on_exactly_one_host() 
         }),
         ..Default::default()
     };
-    let vm = h.on(0, move |mut c| async move {
+    h.on(0, move |mut c| async move {
         c.create_vm(pb::CreateVmRequest {
             spec: Some(spec),
             ..Default::default()
@@ -403,7 +431,15 @@ fn agentd_killed_at_every_migration_step_leaves_the_guest_on_exactly_one_host() 
         .await
         .unwrap()
         .into_inner()
-    });
+    })
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt, the test guest and agentd-failpoints: run by scripts/test"]
+fn agentd_killed_at_every_migration_step_leaves_the_guest_on_exactly_one_host() {
+    let started = Instant::now();
+    let mut h = TwoHosts::start(&[]);
+    let vm = start_guest(&h);
     let uuid = vm.uuid.clone();
     let mut count = count_past(Path::new(&vm.console_log), 2, Duration::from_secs(240)).unwrap();
     let booted = started.elapsed();
@@ -563,6 +599,242 @@ fn agentd_killed_at_every_migration_step_leaves_the_guest_on_exactly_one_host() 
     eprintln!(
         "migration fault walk: {pairs} (side, crash point) pairs, {moves} moved, \
          0 violations, boot {booted:.0?}, total {:.0?}",
+        started.elapsed()
+    );
+}
+
+/// What the kill test's migrations may send per second: the guest's ~100 MiB
+/// then take ~12 s, so a kill after the first MIGRATION_PROGRESS (2 s in)
+/// lands mid-migration every time.
+const SLOW: &str = "--migration-max-bandwidth=8M";
+
+/// Waits until host `source` journals MIGRATION_PROGRESS after `since` for a
+/// migration still under way (`call` unanswered).
+fn mid_migration<T>(h: &TwoHosts, source: usize, since: u64, call: &std::thread::JoinHandle<T>) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let progress = guest_events(h, source, since)
+            .into_iter()
+            .any(|e| e.r#type() == pb::EventType::MigrationProgress && e.bytes > 0);
+        assert!(
+            !call.is_finished(),
+            "the migration ended before the kill (progress seen: {progress}): slow it down ({SLOW})"
+        );
+        if progress {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no MIGRATION_PROGRESS within 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn sigkill(pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -KILL {pid}");
+}
+
+/// Waits up to [`SETTLE`] for `check` to pass; panics with its last word
+/// and both journals since `since`.
+fn settle<T>(
+    h: &TwoHosts,
+    what: &str,
+    since: [u64; 2],
+    check: impl Fn() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        match check() {
+            Ok(t) => return t,
+            Err(e) if Instant::now() > deadline => panic!(
+                "{what}: {e}\nevents of host 0: {:#?}\nevents of host 1: {:#?}",
+                describe(&guest_events(h, 0, since[0])),
+                describe(&guest_events(h, 1, since[1]))
+            ),
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// The guest is recorded on `owner` only, CRASHED, and nothing of it runs
+/// or is held anywhere (QEMU, taps, exports, the other side's record and
+/// directory).
+fn crashed_only_on(h: &TwoHosts, uuid: &str, owner: usize) -> Result<pb::Vm, String> {
+    let other = 1 - owner;
+    let mine = h.vms(owner);
+    let [listed] = &mine[..] else {
+        return Err(format!("host {owner} lists {} guests", mine.len()));
+    };
+    if listed.uuid != uuid || listed.state() != pb::VmState::Crashed {
+        return Err(format!(
+            "host {owner} lists {} {:?} ({})",
+            listed.name,
+            listed.state(),
+            listed.state_reason
+        ));
+    }
+    let got = h.get(owner).map_err(|s| format!("GetVm on {owner}: {s}"))?;
+    if got.state() != pb::VmState::Crashed {
+        return Err(format!("GetVm on {owner} says {:?}", got.state()));
+    }
+    if !h.vms(other).is_empty() || h.get(other).is_ok() {
+        return Err(format!("host {other} still has a guest"));
+    }
+    let live = qemus_of(uuid);
+    if !live.is_empty() {
+        return Err(format!("QEMUs of the guest still run: {live:?}"));
+    }
+    let dirs = h.guest_dirs(other);
+    if !dirs.is_empty() {
+        return Err(format!("host {other} keeps guest directories {dirs:?}"));
+    }
+    for i in [0, 1] {
+        let taps = h.taps(i);
+        if !taps.is_empty() {
+            return Err(format!("host {i} keeps taps {taps:?}"));
+        }
+    }
+    let acl = h.export_initiators(VOLUME);
+    if !acl.is_empty() {
+        return Err(format!("{VOLUME} still exported to {acl:?}"));
+    }
+    Ok(got)
+}
+
+/// The last MIGRATED/MIGRATION_FAILED of `events`.
+fn last_outcome(events: &[pb::Event]) -> Option<pb::EventType> {
+    events
+        .iter()
+        .rev()
+        .map(|e| e.r#type())
+        .find(|t| matches!(t, pb::EventType::Migrated | pb::EventType::MigrationFailed))
+}
+
+#[test]
+#[ignore = "needs root, QEMU, tgt, the test guest and agentd-failpoints: run by scripts/test"]
+fn qemu_or_both_agentds_killed_mid_migration_leave_the_guest_on_one_host() {
+    let started = Instant::now();
+    let mut h = TwoHosts::start(&[SLOW]);
+    let vm = start_guest(&h);
+    let uuid = vm.uuid.clone();
+    let mut count = count_past(Path::new(&vm.console_log), 2, Duration::from_secs(240)).unwrap();
+    let mut owner = 0;
+    for kill in ["incoming QEMU", "both agentds", "source QEMU"] {
+        let (source, destination) = (owner, 1 - owner);
+        let since = [last_seq(&h, 0), last_seq(&h, 1)];
+        let from = Instant::now();
+        let call = h.migrate(source);
+        mid_migration(&h, source, since[source], &call);
+        match kill {
+            "incoming QEMU" => {
+                let theirs = h.hosts[destination].guest_pids();
+                let pids: Vec<u32> = qemus_of(&uuid)
+                    .into_iter()
+                    .filter(|p| theirs.contains(p))
+                    .collect();
+                let [pid] = pids[..] else {
+                    panic!("host {destination}'s incoming QEMUs: {pids:?}");
+                };
+                sigkill(pid);
+            }
+            "both agentds" => {
+                h.hosts[0].kill9();
+                h.hosts[1].kill9();
+                // QEMU's migration goes on alone up to the switchover,
+                // which waits for the source's agentd.
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            _ => sigkill(h.get(source).unwrap().pid),
+        }
+        let answer = call.join().unwrap();
+        assert!(answer.is_err(), "{kill}: MigrateVm answered {answer:?}");
+        if kill == "both agentds" {
+            // The source first: its AbortIncoming finds the destination down.
+            h.hosts[source].restart();
+            h.hosts[destination].restart();
+        }
+        let what = format!("{kill} killed, {source} -> {destination}");
+        let runs = kill != "source QEMU";
+        if runs {
+            let vm = settle(&h, &what, since, || runs_only_on(&h, &uuid, source));
+            count = count_past(Path::new(&vm.console_log), count, Duration::from_secs(60))
+                .unwrap_or_else(|e| panic!("{what}: the guest does not run on: {e}"));
+        } else {
+            settle(&h, &what, since, || crashed_only_on(&h, &uuid, source));
+        }
+        // Both sides say the migration failed; the source says why.
+        let of_source = guest_events(&h, source, since[source]);
+        let of_destination = guest_events(&h, destination, since[destination]);
+        for (i, ev) in [(source, &of_source), (destination, &of_destination)] {
+            assert_eq!(
+                last_outcome(ev),
+                Some(pb::EventType::MigrationFailed),
+                "{what}: host {i}: {:#?}",
+                describe(ev)
+            );
+        }
+        if !runs {
+            assert!(
+                of_source
+                    .iter()
+                    .any(|e| e.r#type() == pb::EventType::Crashed),
+                "{what}: host {source}: {:#?}",
+                describe(&of_source)
+            );
+        }
+        let kinds = |ev: &[pb::Event]| {
+            ev.iter()
+                .map(|e| format!("{:?}/{:?}", e.r#type(), e.cause()))
+                .filter(|k| !k.starts_with("MigrationProgress"))
+                .collect::<Vec<_>>()
+        };
+        eprintln!(
+            "{what}: settled in {:.0?}; events of host {source}: {:?}; of host {destination}: {:?}",
+            from.elapsed(),
+            kinds(&of_source),
+            kinds(&of_destination)
+        );
+
+        // A retry succeeds (the crashed guest started again first).
+        if !runs {
+            let vm = h.on(source, |mut c| async move {
+                c.start_vm(pb::VmRequest {
+                    vm: NAME.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+            });
+            count = count_past(Path::new(&vm.console_log), 0, Duration::from_secs(240)).unwrap();
+        }
+        let retry = h.migrate(source).join().unwrap();
+        assert!(retry.is_ok(), "{what}: the retry: {retry:?}");
+        let vm = settle(&h, &what, since, || runs_only_on(&h, &uuid, destination));
+        count = count_past(Path::new(&vm.console_log), count, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{what}: the guest does not run on after the retry: {e}"));
+        owner = destination;
+    }
+    let stopped = h.on(owner, |mut c| async move {
+        c.stop_vm(pb::StopVmRequest {
+            vm: NAME.into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    assert_eq!(stopped.state(), pb::VmState::Stopped);
+    assert!(qemus_of(&uuid).is_empty());
+    eprintln!(
+        "migration kill walk: 3 kills, 3 retries, 0 violations, {:.0?} in all",
         started.elapsed()
     );
 }

@@ -75,6 +75,19 @@ impl NetNs {
         Fut: std::future::Future,
         Fut::Output: Send + 'static,
     {
+        self.spawn(f)
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    }
+
+    /// Like [`NetNs::block_on`] without waiting: join the thread for the
+    /// output (e.g. a call the test interrupts meanwhile).
+    pub fn spawn<F, Fut>(&self, f: F) -> std::thread::JoinHandle<Fut::Output>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future,
+        Fut::Output: Send + 'static,
+    {
         let name = self.name.clone();
         std::thread::spawn(move || {
             NetNs { name }.enter_without_drop();
@@ -84,8 +97,6 @@ impl NetNs {
                 .unwrap()
                 .block_on(f())
         })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
     }
 
     fn enter_without_drop(self) {

@@ -87,6 +87,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             disk_io,
             peer_tls: cfg.tls.clone(),
             migration_tls: cfg.migration_tls.clone(),
+            migration_max_bandwidth: cfg.migration_max_bandwidth,
         },
         host,
     )?;

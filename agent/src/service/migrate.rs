@@ -325,7 +325,7 @@ impl Agent {
             ]})),
         )
         .await?;
-        let parameters = match &self.settings.migration_tls {
+        let mut parameters = match &self.settings.migration_tls {
             Some(tls) => {
                 let owner = vm.runtime.as_ref().and_then(|r| r.qemu_user);
                 qmp.install_migration_tls(&self.vm_dir(id), tls, Endpoint::Source, owner)
@@ -335,6 +335,9 @@ impl Agent {
             // No credentials left from an earlier migration over TLS.
             None => json!({"tls-creds": ""}),
         };
+        if let Some(b) = self.settings.migration_max_bandwidth {
+            parameters["max-bandwidth"] = json!(b);
+        }
         qmp.execute("migrate-set-parameters", Some(parameters))
             .await?;
         qmp.execute(
@@ -437,13 +440,25 @@ impl Agent {
                 _ => break,
             }
         }
-        if let Ok(s) = qmp.query_status().await {
-            if !s.running {
-                if let Err(e) = qmp.cont().await {
-                    tracing::error!(vm = %id, error = %e, "could not resume the guest after a failed migration");
+        let alive = match qmp.query_status().await {
+            Ok(s) => {
+                if !s.running {
+                    if let Err(e) = qmp.cont().await {
+                        tracing::error!(vm = %id, error = %e, "could not resume the guest after a failed migration");
+                    }
                 }
+                true
             }
-        }
+            // QEMU killed mid-migration (or its QMP gone): nothing to resume.
+            Err(_) => {
+                let pid = self
+                    .store
+                    .vm(id)?
+                    .and_then(|v| v.runtime)
+                    .map_or(0, |r| r.pid);
+                pid != 0 && self.vmm.is_our_qemu(pid, id)
+            }
+        };
         if let Err(s) = client
             .abort_incoming(pb::IncomingRequest {
                 vm_uuid: id.to_string(),
@@ -455,16 +470,26 @@ impl Agent {
                 "the destination did not undo its half of a failed migration; \
                  its incoming QEMU ends on its own and its agent drops the guest then");
         }
+        // A QEMU that ended is its monitor's to record (CRASHED, its
+        // tear-down): the journal only says why the migration failed, and
+        // never RUNNING for a guest nothing runs.
+        let outcome = if alive {
+            "the guest runs here"
+        } else {
+            "the guest's QEMU ended during the migration"
+        };
         self.update(
             id,
             |v| {
                 v.migration = None;
-                v.state = VmState::Running;
+                if alive {
+                    v.state = VmState::Running;
+                }
             },
             &[NewEvent::new(
                 EventType::MigrationFailed,
                 cause,
-                format!("{reason}; the guest runs here"),
+                format!("{reason}; {outcome}"),
             )],
         )?;
         Ok(None)

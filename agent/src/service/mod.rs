@@ -127,6 +127,9 @@ pub struct AgentSettings {
     /// What live migrations' streams are encrypted with (QEMU's
     /// `tls-creds-x509`); None: plain TCP.
     pub migration_tls: Option<stratus_pki::TlsFiles>,
+    /// Bytes per second an outgoing migration may send (QEMU's
+    /// `max-bandwidth`); None: QEMU's default.
+    pub migration_max_bandwidth: Option<u64>,
 }
 
 /// The host effects of the guest service, each behind its seam.

@@ -106,6 +106,7 @@ impl Host {
             disk_io: crate::disk_io::DiskIo::measured_default(false),
             peer_tls: None,
             migration_tls: None,
+            migration_max_bandwidth: None,
         };
         let mut facts = HostFacts {
             hostname: "unit".into(),
