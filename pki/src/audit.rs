@@ -87,6 +87,17 @@ impl AuditSink {
         AuditSink { file: None }
     }
 
+    /// A daemon's `--audit-log`: the file when one is set, else the log
+    /// only; the error names the file.
+    pub fn from_setting(path: Option<&Path>) -> anyhow::Result<AuditSink> {
+        use anyhow::Context;
+        match path {
+            Some(path) => AuditSink::open(path)
+                .with_context(|| format!("opening the audit log {}", path.display())),
+            None => Ok(AuditSink::log_only()),
+        }
+    }
+
     /// Records also go to `path` (created 0600 if missing, appended to),
     /// written and fsync'd in batches by a thread of their own.
     pub fn open(path: &Path) -> std::io::Result<AuditSink> {

@@ -179,30 +179,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmServiceServer<Api>>().await;
-    // Reflection in both versions: grpcurl and grpcui speak v1, Python's
-    // grpcio-reflection and older tools only v1alpha.
-    // The descriptor set holds both daemons' protos: name only the services
-    // served here (a client following reflection would call the other's).
-    const HEALTH: &str = "grpc.health.v1.Health";
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name(agent::authz::SERVICE)
-        .with_service_name(HEALTH)
-        .build_v1()
-        .context("reflection service")?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name(agent::authz::SERVICE)
-        .with_service_name(HEALTH)
-        .build_v1alpha()
-        .context("reflection service v1alpha")?;
-    let audit = match &cfg.serve.audit_log {
-        Some(path) => AuditSink::open(path)
-            .with_context(|| format!("opening the audit log {}", path.display()))?,
-        None => AuditSink::log_only(),
-    };
+    let (reflection, reflection_v1alpha) = stratus_pki::serve::reflection(agent::authz::SERVICE)?;
+    let audit = AuditSink::from_setting(cfg.serve.audit_log.as_deref())?;
     let mut registry = prometheus_client::registry::Registry::default();
     let rpc_metrics = RpcMetricsLayer::register(&mut registry, &agent::authz::TABLE);
     let refresh = agent::metrics::register(&mut registry, agent.clone());
