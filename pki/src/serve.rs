@@ -553,6 +553,37 @@ fn bind_local(path: &Path, group: &str) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// The gRPC reflection services of a daemon serving `service` (and the
+/// health service), in both versions: grpcurl and grpcui speak v1,
+/// Python's grpcio-reflection and older tools only v1alpha. The descriptor
+/// set holds both daemons' protos, so only the services served here are
+/// named (a client following reflection would call the other's).
+#[allow(clippy::type_complexity)]
+pub fn reflection(
+    service: &'static str,
+) -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    const HEALTH: &str = "grpc.health.v1.Health";
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(service)
+            .with_service_name(HEALTH)
+    };
+    let v1 = builder().build_v1().context("reflection service")?;
+    let v1alpha = builder()
+        .build_v1alpha()
+        .context("reflection service v1alpha")?;
+    Ok((v1, v1alpha))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -605,35 +636,4 @@ mod tests {
         let by_group = local_caller(4_000_000, 0, "root");
         assert!(by_group.identity.is_ok());
     }
-}
-
-/// The gRPC reflection services of a daemon serving `service` (and the
-/// health service), in both versions: grpcurl and grpcui speak v1,
-/// Python's grpcio-reflection and older tools only v1alpha. The descriptor
-/// set holds both daemons' protos, so only the services served here are
-/// named (a client following reflection would call the other's).
-#[allow(clippy::type_complexity)]
-pub fn reflection(
-    service: &'static str,
-) -> anyhow::Result<(
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
-    tonic_reflection::server::v1alpha::ServerReflectionServer<
-        impl tonic_reflection::server::v1alpha::ServerReflection,
-    >,
-)> {
-    const HEALTH: &str = "grpc.health.v1.Health";
-    let builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(service)
-            .with_service_name(HEALTH)
-    };
-    let v1 = builder().build_v1().context("reflection service")?;
-    let v1alpha = builder()
-        .build_v1alpha()
-        .context("reflection service v1alpha")?;
-    Ok((v1, v1alpha))
 }
