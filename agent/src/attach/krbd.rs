@@ -61,6 +61,8 @@ use crate::rbd::{CephKey, RbdDisk};
 /// How long the kernel may take to map (its own `mount_timeout` is 60 s).
 const MAP_TIMEOUT: Duration = Duration::from_secs(90);
 const MODPROBE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Retries of an unmap the kernel answers EBUSY (0.25+0.5+1+2+2 s).
+const UNMAP_BUSY_TRIES: u32 = 5;
 /// pdiskd's RBD image names: only these are reaped.
 const PDISK_PREFIX: &str = "pd-";
 
@@ -441,19 +443,37 @@ impl KrbdAttacher {
         }
     }
 
+    /// Writes the remove request. EBUSY is retried for a few seconds: udev
+    /// probes (blkid) a device after it appears and after its last close,
+    /// which `rbd unmap` knows too (ceph's krbd.cc `do_unmap` retries).
     async fn unmap_id(&self, id: u32) -> Result<()> {
         let file = self.control("remove")?;
-        let kernel = self.kernel.clone();
-        let write = tokio::task::spawn_blocking(move || kernel.write(&file, &id.to_string(), None));
-        match tokio::time::timeout(MAP_TIMEOUT, write).await {
-            Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(Error::unavailable(format!(
-                "the kernel refused to unmap rbd{id}: {e}"
-            ))),
-            Ok(Err(e)) => Err(Error::internal(format!("the unmap task failed: {e}"))),
-            Err(_) => Err(Error::unavailable(format!(
-                "the kernel did not unmap rbd{id} within {MAP_TIMEOUT:?}"
-            ))),
+        let mut pause = Duration::from_millis(250);
+        let mut tries = 0;
+        loop {
+            let kernel = self.kernel.clone();
+            let f = file.clone();
+            let write =
+                tokio::task::spawn_blocking(move || kernel.write(&f, &id.to_string(), None));
+            let e = match tokio::time::timeout(MAP_TIMEOUT, write).await {
+                Ok(Ok(Ok(()))) => return Ok(()),
+                Ok(Ok(Err(e))) => e,
+                Ok(Err(e)) => return Err(Error::internal(format!("the unmap task failed: {e}"))),
+                Err(_) => {
+                    return Err(Error::unavailable(format!(
+                        "the kernel did not unmap rbd{id} within {MAP_TIMEOUT:?}"
+                    )))
+                }
+            };
+            if e.raw_os_error() != Some(libc::EBUSY) || tries == UNMAP_BUSY_TRIES {
+                return Err(Error::unavailable(format!(
+                    "the kernel refused to unmap rbd{id}: {e}"
+                )));
+            }
+            tries += 1;
+            tracing::debug!(id, tries, "rbd{id} is busy; unmap retried");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
         }
     }
 

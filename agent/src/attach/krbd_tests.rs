@@ -22,6 +22,8 @@ struct FakeKernel {
     root: PathBuf,
     writes: Mutex<Vec<Write>>,
     refuse: AtomicBool,
+    /// Removes answered EBUSY before one succeeds (udev probing).
+    busy: std::sync::atomic::AtomicU32,
 }
 
 impl RbdKernel for FakeKernel {
@@ -39,6 +41,10 @@ impl RbdKernel for FakeKernel {
         ));
         if self.refuse.load(Ordering::SeqCst) {
             return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        if name == "remove_single_major" && self.busy.load(Ordering::SeqCst) > 0 {
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            return Err(std::io::Error::from_raw_os_error(libc::EBUSY));
         }
         let devices = self.root.join("sys/bus/rbd/devices");
         if name == "add_single_major" {
@@ -281,4 +287,30 @@ async fn a_crash_after_the_map_leaves_a_mapping_the_undo_removes() {
         a.detach(&holder(1), &record("pd-vol-a")).await.unwrap();
         assert!(a.mappings().is_empty(), "{point}");
     }
+}
+
+#[tokio::test]
+async fn an_unmap_the_kernel_answers_busy_is_retried() {
+    let h = host(true);
+    let dev = h
+        .attacher
+        .attach(&holder(1), &disk("pd-vol-a"), FSID)
+        .await
+        .unwrap();
+    // udev's probe of the new device holds it open for a moment.
+    h.kernel.busy.store(2, Ordering::SeqCst);
+    h.attacher
+        .detach(&holder(1), &record("pd-vol-a"))
+        .await
+        .unwrap();
+    assert!(!dev.exists());
+    let removes = h
+        .kernel
+        .writes
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.0 == "remove_single_major")
+        .count();
+    assert_eq!(removes, 3);
 }
