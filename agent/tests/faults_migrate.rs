@@ -2,7 +2,7 @@
 //! of `agent::failpoints::MIGRATION_POINTS` walked with two real
 //! agentd-failpoints and a real guest moving between them.
 //!
-//! Two hosts as agent/tests/migrate.rs builds them (two network namespaces
+//! Two hosts as testkit's `TwoHosts` builds them (two network namespaces
 //! joined by a veth pair, A 10.231.0.1 and B 10.231.0.2, each with its
 //! bridge and agentd; one pdiskd/tgtd on A reached by both), both agentds
 //! `agentd-failpoints`. One test guest (TCG, 128 MiB, kernel boot, an empty
@@ -47,7 +47,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent::failpoints::{CRASH_EXIT_CODE, MIGRATION_POINTS};
-use stratus_pki::Role;
 use stratus_proto::agent::v1 as pb;
 use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::pdisk::v1 as pdpb;
@@ -62,93 +61,27 @@ const IQN: [&str; 2] = [INITIATOR, OTHER_INITIATOR];
 /// destination's monitor follows its QEMU on its own).
 const SETTLE: Duration = Duration::from_secs(60);
 
-/// Fields drop in order: agentds (and their guests) first, namespaces last.
-struct TwoHosts {
-    hosts: [Agentd; 2],
-    pdiskd: Pdiskd,
-    _tgtd: Tgtd,
-    _pool: XfsPool,
-    ns: [NetNs; 2],
+/// The two hosts (testkit's), both agentds `agentd-failpoints` with `extra`.
+fn two_hosts(extra: &[&str]) -> TwoHosts {
+    let mut h = TwoHosts::start(BRIDGE, 512, [&[], &[]], [extra, extra]);
+    h.hosts = h.hosts.map(Agentd::into_failpoints);
+    h
 }
 
-impl TwoHosts {
-    /// Both agentds with `extra` flags.
-    fn start(extra: &[&str]) -> TwoHosts {
-        let (ns_a, ns_b) = (NetNs::new(), NetNs::new());
-        ns_a.add_bridge(BRIDGE);
-        ns_b.add_bridge(BRIDGE);
-        ns_a.ip(&[
-            "link", "add", "mig-a", "type", "veth", "peer", "name", "mig-b", "netns", &ns_b.name,
-        ]);
-        for (ns, dev, addr) in [
-            (&ns_a, "mig-a", MIGRATION_HOST_A),
-            (&ns_b, "mig-b", MIGRATION_HOST_B),
-        ] {
-            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev]);
-            ns.ip(&["link", "set", dev, "up"]);
-        }
-        let pool = XfsPool::new(512);
-        let tgtd = Tgtd::start_in_at(pool.dir.path(), &ns_a, MIGRATION_HOST_A);
-        let pdiskd = Pdiskd::start_in_at(&pool, &tgtd, &ns_a, MIGRATION_HOST_A);
-        let dir = |h: &str| {
-            let d = pool.dir.path().join(h);
-            std::fs::create_dir_all(&d).unwrap();
-            d
-        };
-        // Both listen on their host's address: the guest moves both ways.
-        let a_tls = TestPki::shared().files("agent-test-host");
-        let a = Agentd::start_in_as(
-            &dir("host-a"),
-            &ns_a,
-            &pdiskd.url(),
-            BRIDGE,
-            INITIATOR,
-            &a_tls,
-            extra,
-        )
-        .into_failpoints();
-        let b_tls = TestPki::shared().issue(
-            Role::Agent,
-            "host-b",
-            Some(OTHER_INITIATOR),
-            &["127.0.0.1", "localhost", MIGRATION_HOST_B],
-        );
-        let b = Agentd::start_in_as(
-            &dir("host-b"),
-            &ns_b,
-            &pdiskd.url(),
-            BRIDGE,
-            OTHER_INITIATOR,
-            &b_tls,
-            extra,
-        )
-        .into_failpoints();
-        TwoHosts {
-            hosts: [a, b],
-            pdiskd,
-            _tgtd: tgtd,
-            _pool: pool,
-            ns: [ns_a, ns_b],
-        }
-    }
+/// What these tests ask of the two hosts about the guest.
+trait Guest {
+    fn migrate(
+        &self,
+        from: usize,
+    ) -> std::thread::JoinHandle<Result<pb::MigrateVmResponse, tonic::Status>>;
+    fn vms(&self, i: usize) -> Vec<pb::Vm>;
+    fn get(&self, i: usize) -> Result<pb::Vm, tonic::Status>;
+    fn events(&self, i: usize) -> Vec<pb::Event>;
+    fn taps(&self, i: usize) -> Vec<String>;
+    fn guest_dirs(&self, i: usize) -> Vec<String>;
+}
 
-    /// Host `i`'s address as the other agentd dials it.
-    fn url(&self, i: usize) -> String {
-        let ip = [MIGRATION_HOST_A, MIGRATION_HOST_B][i];
-        format!("https://{ip}:{}", self.hosts[i].listen.port())
-    }
-
-    fn on<F, Fut, T>(&self, i: usize, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let url = self.hosts[i].url();
-        self.ns[i]
-            .block_on(move || async move { f(VmServiceClient::new(channel(&url).await)).await })
-    }
-
+impl Guest for TwoHosts {
     /// MigrateVm of the guest from host `from` to the other one, on a
     /// thread of its own (join it for the answer).
     fn migrate(
@@ -192,26 +125,6 @@ impl TwoHosts {
     fn events(&self, i: usize) -> Vec<pb::Event> {
         let url = self.hosts[i].url();
         self.ns[i].block_on(move || agent_events(url, 0))
-    }
-
-    /// The initiators of the export of `volume`, sorted (none when not
-    /// exported).
-    fn export_initiators(&self, volume: &str) -> Vec<String> {
-        let (url, volume) = (self.pdiskd.url(), volume.to_string());
-        let mut out: Vec<String> = self.ns[0].block_on(move || async move {
-            let mut c = VolumeServiceClient::new(channel(&url).await);
-            c.list_exports(pdpb::ListExportsRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .exports
-                .into_iter()
-                .filter(|e| e.volume_name == volume)
-                .flat_map(|e| e.initiators)
-                .collect()
-        });
-        out.sort();
-        out
     }
 
     /// Guest taps (`st…` links but the bridge) in host `i`'s namespace.
@@ -438,7 +351,7 @@ fn start_guest(h: &TwoHosts) -> pb::Vm {
 #[ignore = "needs root, QEMU, tgt, the test guest and agentd-failpoints: run by scripts/test"]
 fn agentd_killed_at_every_migration_step_leaves_the_guest_on_exactly_one_host() {
     let started = Instant::now();
-    let mut h = TwoHosts::start(&[]);
+    let mut h = two_hosts(&[]);
     let vm = start_guest(&h);
     let uuid = vm.uuid.clone();
     let mut count = count_past(Path::new(&vm.console_log), 2, Duration::from_secs(240)).unwrap();
@@ -720,7 +633,7 @@ fn last_outcome(events: &[pb::Event]) -> Option<pb::EventType> {
 #[ignore = "needs root, QEMU, tgt, the test guest and agentd-failpoints: run by scripts/test"]
 fn qemu_or_both_agentds_killed_mid_migration_leave_the_guest_on_one_host() {
     let started = Instant::now();
-    let mut h = TwoHosts::start(&[SLOW]);
+    let mut h = two_hosts(&[SLOW]);
     let vm = start_guest(&h);
     let uuid = vm.uuid.clone();
     let mut count = count_past(Path::new(&vm.console_log), 2, Duration::from_secs(240)).unwrap();

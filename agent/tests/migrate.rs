@@ -16,9 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use stratus_pki::Role;
 use stratus_proto::agent::v1 as pb;
-use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::pdisk::v1 as pdpb;
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use testkit::*;
@@ -32,126 +30,24 @@ const HOTPLUG_SEEN: Duration = Duration::from_secs(60);
 /// The MAC of the NIC hot-plugged on A.
 const HOT_MAC: &str = "52:54:00:00:00:43";
 
-/// Fields drop in order: the agentds (and their guests) first, then
-/// storage, the namespaces last.
-struct TwoHosts {
-    b: Agentd,
-    a: Agentd,
-    pdiskd: Pdiskd,
-    _tgtd: Tgtd,
-    pool: XfsPool,
-    ns_b: NetNs,
-    ns_a: NetNs,
+/// The two hosts (testkit's), A also with a bridge B does not allow.
+fn two_hosts() -> TwoHosts {
+    TwoHosts::start(
+        BRIDGE,
+        1024,
+        [&[ONLY_ON_A], &[]],
+        [&["--allowed-bridge", ONLY_ON_A], &[]],
+    )
 }
 
-impl TwoHosts {
-    fn start() -> TwoHosts {
-        let ns_a = NetNs::new();
-        let ns_b = NetNs::new();
-        ns_a.add_bridge(BRIDGE);
-        ns_a.add_bridge(ONLY_ON_A);
-        ns_b.add_bridge(BRIDGE);
-        ns_a.ip(&[
-            "link", "add", "mig-a", "type", "veth", "peer", "name", "mig-b", "netns", &ns_b.name,
-        ]);
-        ns_a.ip(&[
-            "addr",
-            "add",
-            &format!("{MIGRATION_HOST_A}/24"),
-            "dev",
-            "mig-a",
-        ]);
-        ns_a.ip(&["link", "set", "mig-a", "up"]);
-        ns_b.ip(&[
-            "addr",
-            "add",
-            &format!("{MIGRATION_HOST_B}/24"),
-            "dev",
-            "mig-b",
-        ]);
-        ns_b.ip(&["link", "set", "mig-b", "up"]);
-        let pool = XfsPool::new(1024);
-        let tgtd = Tgtd::start_in_at(pool.dir.path(), &ns_a, MIGRATION_HOST_A);
-        let pdiskd = Pdiskd::start_in_at(&pool, &tgtd, &ns_a, MIGRATION_HOST_A);
-        let dir = |h: &str| {
-            let d = pool.dir.path().join(h);
-            std::fs::create_dir_all(&d).unwrap();
-            d
-        };
-        // Both listen on their host's address: the guest moves back, too.
-        let a = Agentd::start_in_as(
-            &dir("host-a"),
-            &ns_a,
-            &pdiskd.url(),
-            BRIDGE,
-            INITIATOR,
-            &TestPki::shared().files("agent-test-host"),
-            &["--allowed-bridge", ONLY_ON_A],
-        );
-        let b_tls = TestPki::shared().issue(
-            Role::Agent,
-            "host-b",
-            Some(OTHER_INITIATOR),
-            &["127.0.0.1", "localhost", MIGRATION_HOST_B],
-        );
-        let b = Agentd::start_in_as(
-            &dir("host-b"),
-            &ns_b,
-            &pdiskd.url(),
-            BRIDGE,
-            OTHER_INITIATOR,
-            &b_tls,
-            &[],
-        );
-        TwoHosts {
-            b,
-            a,
-            pdiskd,
-            _tgtd: tgtd,
-            pool,
-            ns_b,
-            ns_a,
-        }
-    }
+/// Volumes for the tests, in the two hosts' pdisk.
+trait Volumes {
+    fn guest_volume(&self, name: &str);
+    fn empty_volume(&self, name: &str, size: u64);
+    fn grow_volume(&self, volume: &str, size: u64);
+}
 
-    /// B's address as another agentd dials it.
-    fn b_url(&self) -> String {
-        format!("https://{MIGRATION_HOST_B}:{}", self.b.listen.port())
-    }
-
-    /// A's address as another agentd dials it.
-    fn a_url(&self) -> String {
-        format!("https://{MIGRATION_HOST_A}:{}", self.a.listen.port())
-    }
-
-    fn on<F, Fut, T>(ns: &NetNs, agentd: &Agentd, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let url = agentd.url();
-        ns.block_on(move || async move { f(VmServiceClient::new(channel(&url).await)).await })
-    }
-
-    fn on_a<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        Self::on(&self.ns_a, &self.a, f)
-    }
-
-    fn on_b<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        Self::on(&self.ns_b, &self.b, f)
-    }
-
+impl Volumes for TwoHosts {
     /// A clone of the test guest's disk, `name`, in pdisk.
     fn guest_volume(&self, name: &str) {
         let src = guest_dir().join("stratus-guest.raw");
@@ -159,7 +55,7 @@ impl TwoHosts {
         std::fs::copy(&src, &dst).unwrap();
         let url = self.pdiskd.url();
         let (name, dst) = (name.to_string(), dst.display().to_string());
-        self.ns_a.block_on(move || async move {
+        self.ns[0].block_on(move || async move {
             let mut c = VolumeServiceClient::new(channel(&url).await);
             c.create_volume(pdpb::CreateVolumeRequest {
                 name,
@@ -179,7 +75,7 @@ impl TwoHosts {
     /// An empty volume `name` of `size` bytes in pdisk.
     fn empty_volume(&self, name: &str, size: u64) {
         let (url, name) = (self.pdiskd.url(), name.to_string());
-        self.ns_a.block_on(move || async move {
+        self.ns[0].block_on(move || async move {
             let mut c = VolumeServiceClient::new(channel(&url).await);
             c.create_volume(pdpb::CreateVolumeRequest {
                 name,
@@ -194,7 +90,7 @@ impl TwoHosts {
     /// The storage admin grows `volume` to `size` bytes.
     fn grow_volume(&self, volume: &str, size: u64) {
         let (url, volume) = (self.pdiskd.url(), volume.to_string());
-        self.ns_a.block_on(move || async move {
+        self.ns[0].block_on(move || async move {
             let mut c = VolumeServiceClient::new(channel(&url).await);
             c.resize_volume(pdpb::ResizeVolumeRequest {
                 volume,
@@ -204,26 +100,6 @@ impl TwoHosts {
             .await
             .unwrap();
         });
-    }
-
-    /// The initiators of the export of `volume`, none when not exported.
-    fn export_initiators(&self, volume: &str) -> Vec<String> {
-        let url = self.pdiskd.url();
-        let volume = volume.to_string();
-        self.ns_a.block_on(move || async move {
-            let mut c = VolumeServiceClient::new(channel(&url).await);
-            c.list_exports(pdpb::ListExportsRequest {
-                project: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .exports
-            .into_iter()
-            .filter(|e| e.volume_name == volume)
-            .flat_map(|e| e.initiators)
-            .collect()
-        })
     }
 }
 
@@ -341,8 +217,8 @@ fn qos_of(vm: &pb::Vm, device: usize) -> pb::DiskQos {
 }
 
 fn migrate(h: &TwoHosts, vm: &str) -> Result<pb::MigrateVmResponse, tonic::Status> {
-    let (vm, destination) = (vm.to_string(), h.b_url());
-    h.on_a(move |mut c| async move {
+    let (vm, destination) = (vm.to_string(), h.url(1));
+    h.on(0, move |mut c| async move {
         c.migrate_vm(pb::MigrateVmRequest {
             vm,
             destination,
@@ -357,7 +233,7 @@ fn migrate(h: &TwoHosts, vm: &str) -> Result<pb::MigrateVmResponse, tonic::Statu
 #[test]
 #[ignore = "needs root, QEMU, tgt and the test guest: run by scripts/test"]
 fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
-    let mut h = TwoHosts::start();
+    let mut h = two_hosts();
     h.guest_volume("mig-root");
     let g: PathBuf = guest_dir();
     let spec = |bridge: &str| pb::VmSpec {
@@ -386,7 +262,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     // 1. B refuses a guest on a bridge it does not allow: the guest keeps
     //    running on A, B has nothing, the volume stays A's alone.
     let refused_spec = spec(ONLY_ON_A);
-    let vm = h.on_a(move |mut c| async move {
+    let vm = h.on(0, move |mut c| async move {
         let vm = c
             .create_vm(pb::CreateVmRequest {
                 spec: Some(refused_spec),
@@ -409,7 +285,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains(ONLY_ON_A), "{e:?}");
     count_past(&log_a, before + 2);
-    let still = h.on_a(|mut c| async move {
+    let still = h.on(0, |mut c| async move {
         c.get_vm(pb::VmRequest {
             vm: "mover".into(),
             ..Default::default()
@@ -420,7 +296,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     });
     assert_eq!(still.state(), pb::VmState::Running);
     assert_eq!(still.pid, vm.pid, "the same QEMU runs the guest");
-    let on_b = h.on_b(|mut c| async move {
+    let on_b = h.on(1, |mut c| async move {
         c.list_vms(pb::ListVmsRequest::default())
             .await
             .unwrap()
@@ -428,11 +304,11 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
             .vms
     });
     assert!(on_b.is_empty(), "{on_b:?}");
-    assert!(h.b.guest_pids().is_empty());
-    assert!(taps_in(&h.ns_b).is_empty(), "{:?}", taps_in(&h.ns_b));
+    assert!(h.hosts[1].guest_pids().is_empty());
+    assert!(taps_in(&h.ns[1]).is_empty(), "{:?}", taps_in(&h.ns[1]));
     assert_eq!(h.export_initiators("mig-root"), vec![INITIATOR.to_string()]);
-    let events_a = h.ns_a.block_on({
-        let url = h.a.url();
+    let events_a = h.ns[0].block_on({
+        let url = h.hosts[0].url();
         move || agent_events(url, 0)
     });
     let k = kinds(&events_a, "mover");
@@ -440,7 +316,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     assert_eq!(k.last(), Some(&pb::EventType::MigrationFailed), "{k:?}");
 
     // 2. The guest on the bridge both hosts have moves to B live.
-    h.on_a(|mut c| async move {
+    h.on(0, |mut c| async move {
         c.stop_vm(pb::StopVmRequest {
             vm: "mover".into(),
             force: true,
@@ -456,7 +332,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         .unwrap();
     });
     let moving_spec = spec(BRIDGE);
-    let vm = h.on_a(move |mut c| async move {
+    let vm = h.on(0, move |mut c| async move {
         let vm = c
             .create_vm(pb::CreateVmRequest {
                 spec: Some(moving_spec),
@@ -480,7 +356,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     // A disk and a NIC hot-plugged on A (behind root ports hp0 and hp1,
     // where a destination building from the spec would not put them).
     h.empty_volume("mig-data", 8 << 20);
-    h.on_a(|mut c| async move {
+    h.on(0, |mut c| async move {
         c.attach_disk(pb::AttachDiskRequest {
             vm: "mover".into(),
             disk: Some(pb::DiskSpec {
@@ -494,7 +370,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         .unwrap()
     });
     wait_console(&log_a, "STRATUS-GUEST hotplug wrote vdb", HOTPLUG_SEEN);
-    h.on_a(|mut c| async move {
+    h.on(0, |mut c| async move {
         c.attach_nic(pb::AttachNicRequest {
             vm: "mover".into(),
             nic: Some(pb::NicSpec {
@@ -513,8 +389,8 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         &format!("STRATUS-GUEST hotplug nic eth1 added mac={HOT_MAC}"),
         HOTPLUG_SEEN,
     );
-    let since_b = h.ns_b.block_on({
-        let url = h.b.url();
+    let since_b = h.ns[1].block_on({
+        let url = h.hosts[1].url();
         move || async move { agent_events(url, 0).await.last().map_or(0, |e| e.seq) }
     });
     let done = migrate(&h, "mover").expect("migration");
@@ -532,7 +408,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     assert_eq!(done.vm_uuid, vm.uuid);
 
     // Nothing of it on A: no record, QEMU, tap, directory or export.
-    let gone = h.on_a(|mut c| async move {
+    let gone = h.on(0, |mut c| async move {
         c.get_vm(pb::VmRequest {
             vm: "mover".into(),
             ..Default::default()
@@ -541,8 +417,8 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         .unwrap_err()
     });
     assert_eq!(gone.code(), Code::NotFound);
-    assert!(h.a.guest_pids().is_empty());
-    assert!(!h.ns_a.link_exists(&tap));
+    assert!(h.hosts[0].guest_pids().is_empty());
+    assert!(!h.ns[0].link_exists(&tap));
     assert!(!log_a.exists(), "A kept {}", log_a.display());
     assert_eq!(
         h.export_initiators("mig-root"),
@@ -553,8 +429,8 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         vec![OTHER_INITIATOR.to_string()]
     );
     let k = kinds(
-        &h.ns_a.block_on({
-            let url = h.a.url();
+        &h.ns[0].block_on({
+            let url = h.hosts[0].url();
             move || agent_events(url, 0)
         }),
         "mover",
@@ -563,7 +439,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
 
     // On B it runs the same boot: the count goes on past A's last one and
     // the uptime keeps growing; B's console never saw it boot.
-    let on_b = h.on_b(|mut c| async move {
+    let on_b = h.on(1, |mut c| async move {
         c.get_vm(pb::VmRequest {
             vm: "mover".into(),
             ..Default::default()
@@ -574,7 +450,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     });
     assert_eq!(on_b.state(), pb::VmState::Running);
     assert_eq!(on_b.uuid, vm.uuid);
-    assert!(h.ns_b.link_exists(&on_b.nics[0].tap));
+    assert!(h.ns[1].link_exists(&on_b.nics[0].tap));
     let log_b = PathBuf::from(&on_b.console_log);
     let (n_b, up_b) = count_past(&log_b, 0);
     let first_b = counts(&log_b)[0];
@@ -589,8 +465,8 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         !text_b.contains("STRATUS-GUEST init"),
         "the guest booted again on B:\n{text_b}"
     );
-    let events_b = h.ns_b.block_on({
-        let url = h.b.url();
+    let events_b = h.ns[1].block_on({
+        let url = h.hosts[1].url();
         move || agent_events(url, since_b)
     });
     let k = kinds(&events_b, "mover");
@@ -606,12 +482,12 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     assert_eq!(qos_of(&on_b, 0), root_qos());
     assert_eq!(qos_of(&on_b, 1), data_qos());
     assert_eq!(
-        qemu_limits(&mut h.b, &vm.uuid, &["qos-vda", "qos-vdb"]),
+        qemu_limits(&mut h.hosts[1], &vm.uuid, &["qos-vda", "qos-vdb"]),
         vec![limits_of(&root_qos()), limits_of(&data_qos())],
         "B's QEMU's throttle groups"
     );
     h.grow_volume("mig-data", 16 << 20);
-    h.on_b(|mut c| async move {
+    h.on(1, |mut c| async move {
         c.resize_disk(pb::ResizeDiskRequest {
             vm: "mover".into(),
             device: "vdb".into(),
@@ -626,7 +502,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         "STRATUS-GUEST hotplug disk vdb size=16777216",
         HOTPLUG_SEEN,
     );
-    let vm_b = h.on_b(|mut c| async move {
+    let vm_b = h.on(1, |mut c| async move {
         c.detach_disk(pb::DetachDiskRequest {
             vm: "mover".into(),
             device: "vdb".into(),
@@ -642,7 +518,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         "STRATUS-GUEST hotplug disk vdb removed",
         HOTPLUG_SEEN,
     );
-    let vm_b = h.on_b(|mut c| async move {
+    let vm_b = h.on(1, |mut c| async move {
         c.detach_nic(pb::DetachNicRequest {
             vm: "mover".into(),
             nic: HOT_MAC.into(),
@@ -658,7 +534,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         "STRATUS-GUEST hotplug nic eth1 removed",
         HOTPLUG_SEEN,
     );
-    h.on_b(|mut c| async move {
+    h.on(1, |mut c| async move {
         c.attach_disk(pb::AttachDiskRequest {
             vm: "mover".into(),
             disk: Some(pb::DiskSpec {
@@ -683,7 +559,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
 
     // New limits set on B (a read/write split instead of the total) are
     // kept over the move back to A.
-    let set = h.on_b(|mut c| async move {
+    let set = h.on(1, |mut c| async move {
         c.set_disk_qos(pb::SetDiskQosRequest {
             vm: "mover".into(),
             device: "vda".into(),
@@ -696,8 +572,8 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     });
     assert_eq!(qos_of(&set, 0), b_qos());
     let back = {
-        let destination = h.a_url();
-        h.on_b(move |mut c| async move {
+        let destination = h.url(0);
+        h.on(1, move |mut c| async move {
             c.migrate_vm(pb::MigrateVmRequest {
                 vm: "mover".into(),
                 destination,
@@ -712,8 +588,8 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         "migrated back: total {} ms, downtime {} ms",
         back.total_ms, back.downtime_ms
     );
-    assert!(h.b.guest_pids().is_empty());
-    let on_a = h.on_a(|mut c| async move {
+    assert!(h.hosts[1].guest_pids().is_empty());
+    let on_a = h.on(0, |mut c| async move {
         c.get_vm(pb::VmRequest {
             vm: "mover".into(),
             ..Default::default()
@@ -725,7 +601,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     assert_eq!(on_a.state(), pb::VmState::Running);
     assert_eq!(qos_of(&on_a, 0), b_qos());
     assert_eq!(
-        qemu_limits(&mut h.a, &vm.uuid, &["qos-vda"]),
+        qemu_limits(&mut h.hosts[0], &vm.uuid, &["qos-vda"]),
         vec![limits_of(&b_qos())],
         "A's QEMU's throttle group after the move back"
     );
@@ -738,7 +614,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
     );
 
     // Back on A it stops normally, and then no host holds an export.
-    let stopped = h.on_a(|mut c| async move {
+    let stopped = h.on(0, |mut c| async move {
         c.stop_vm(pb::StopVmRequest {
             vm: "mover".into(),
             force: true,
@@ -749,7 +625,7 @@ fn a_guest_moves_live_to_another_host_and_nothing_of_it_stays_behind() {
         .into_inner()
     });
     assert_eq!(stopped.state(), pb::VmState::Stopped);
-    assert!(h.a.guest_pids().is_empty());
+    assert!(h.hosts[0].guest_pids().is_empty());
     assert!(h.export_initiators("mig-root").is_empty());
     assert!(h.export_initiators("mig-data").is_empty());
     let _ = &h.pool;

@@ -43,6 +43,7 @@ mod pki;
 mod stack;
 mod systemd;
 mod tgtd;
+mod two_hosts;
 mod xfs;
 
 pub use agentd::{agent_events, test_cgroup_parent, Agentd};
@@ -57,6 +58,7 @@ pub use pdiskd::Pdiskd;
 pub use stack::{stack_kind, Exports, Lio, Pool, Stack, StackKind, ThinPool};
 pub use systemd::NotifySocket;
 pub use tgtd::Tgtd;
+pub use two_hosts::TwoHosts;
 pub use xfs::XfsPool;
 
 pub use pki::{

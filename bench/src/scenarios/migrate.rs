@@ -1,6 +1,6 @@
 //! Scenario: live migration (issue 15), over TLS against plain TCP.
 //!
-//! Two "hosts" as agent/tests/migrate.rs builds them: two network
+//! Two "hosts" as testkit's `TwoHosts` builds them: two network
 //! namespaces joined by a veth pair, each with its bridge and agentd (A
 //! 10.231.0.1, B 10.231.0.2), one pdiskd/tgtd on A reached by both. The
 //! test guest (1 vCPU, 128 MiB, TCG, kernel boot, a pdisk root disk, one
@@ -15,9 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use stratus_pki::Role;
 use stratus_proto::agent::v1 as pb;
-use stratus_proto::agent::v1::vm_service_client::VmServiceClient;
 use stratus_proto::pdisk::v1 as pdpb;
 use stratus_proto::pdisk::v1::volume_service_client::VolumeServiceClient;
 use testkit::*;
@@ -29,91 +27,6 @@ const SCENARIO: &str = "live migration";
 const BRIDGE: &str = "stbr0";
 /// Rounds in full mode (each: A → B → A over TLS and over plain TCP).
 const ROUNDS: usize = 4;
-
-/// Fields drop in order: agentds first, namespaces last.
-struct TwoHosts {
-    hosts: [Agentd; 2],
-    pdiskd: Pdiskd,
-    _tgtd: Tgtd,
-    _pool: XfsPool,
-    ns: [NetNs; 2],
-}
-
-impl TwoHosts {
-    fn start() -> TwoHosts {
-        let (ns_a, ns_b) = (NetNs::new(), NetNs::new());
-        ns_a.add_bridge(BRIDGE);
-        ns_b.add_bridge(BRIDGE);
-        ns_a.ip(&[
-            "link", "add", "mig-a", "type", "veth", "peer", "name", "mig-b", "netns", &ns_b.name,
-        ]);
-        for (ns, dev, addr) in [
-            (&ns_a, "mig-a", MIGRATION_HOST_A),
-            (&ns_b, "mig-b", MIGRATION_HOST_B),
-        ] {
-            ns.ip(&["addr", "add", &format!("{addr}/24"), "dev", dev]);
-            ns.ip(&["link", "set", dev, "up"]);
-        }
-        let pool = XfsPool::new(1024);
-        let tgtd = Tgtd::start_in_at(pool.dir.path(), &ns_a, MIGRATION_HOST_A);
-        let pdiskd = Pdiskd::start_in_at(&pool, &tgtd, &ns_a, MIGRATION_HOST_A);
-        let dir = |h: &str| {
-            let d = pool.dir.path().join(h);
-            std::fs::create_dir_all(&d).unwrap();
-            d
-        };
-        // Both listen on their host's address: the guest goes back, too.
-        let a_tls = TestPki::shared().files("agent-test-host");
-        let a = Agentd::start_in_as(
-            &dir("host-a"),
-            &ns_a,
-            &pdiskd.url(),
-            BRIDGE,
-            INITIATOR,
-            &a_tls,
-            &[],
-        );
-        let b_tls = TestPki::shared().issue(
-            Role::Agent,
-            "host-b",
-            Some(OTHER_INITIATOR),
-            &["127.0.0.1", "localhost", MIGRATION_HOST_B],
-        );
-        let b = Agentd::start_in_as(
-            &dir("host-b"),
-            &ns_b,
-            &pdiskd.url(),
-            BRIDGE,
-            OTHER_INITIATOR,
-            &b_tls,
-            &[],
-        );
-        TwoHosts {
-            hosts: [a, b],
-            pdiskd,
-            _tgtd: tgtd,
-            _pool: pool,
-            ns: [ns_a, ns_b],
-        }
-    }
-
-    /// Host `i`'s address as the other agentd dials it.
-    fn url(&self, i: usize) -> String {
-        let ip = [MIGRATION_HOST_A, MIGRATION_HOST_B][i];
-        format!("https://{ip}:{}", self.hosts[i].listen.port())
-    }
-
-    fn on<F, Fut, T>(&self, i: usize, f: F) -> T
-    where
-        F: FnOnce(VmServiceClient<tonic::transport::Channel>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let url = self.hosts[i].url();
-        self.ns[i]
-            .block_on(move || async move { f(VmServiceClient::new(channel(&url).await)).await })
-    }
-}
 
 /// One migration's answer.
 #[derive(Debug, Clone, Copy)]
@@ -131,7 +44,7 @@ pub async fn run(ctx: &Ctx) -> anyhow::Result<Vec<Figure>> {
 
 fn measure(rounds: usize) -> anyhow::Result<Vec<Figure>> {
     require_root();
-    let mut h = TwoHosts::start();
+    let mut h = TwoHosts::start(BRIDGE, 1024, [&[], &[]], [&[], &[]]);
     let g: PathBuf = guest_dir();
     let import = h.pdiskd.import_dir.join("stratus-guest.raw");
     std::fs::copy(g.join("stratus-guest.raw"), &import).context("the test guest's disk")?;
