@@ -1,6 +1,7 @@
 //! Guests' disks on Ceph RBD, opened by QEMU's own `rbd` block driver
 //! (Debian's `qemu-block-extra`), with no target and nothing mapped on the
-//! host.
+//! host; with `--attach kernel` on a host with krbd, mapped by the kernel
+//! instead (`crate::attach::krbd`, which takes the key from here too).
 //!
 //! pdiskd on an RBD pool answers ExportVolume with an `rbd` attachment:
 //! monitors, pool, image, the cephx user to attach as, and a *reference* to

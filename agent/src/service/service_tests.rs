@@ -1383,7 +1383,8 @@ async fn an_rbd_export_is_opened_by_qemus_rbd_driver_with_the_hosts_key() {
         keyring: Some(keyring.clone()),
         conf: None,
     };
-    // Whatever --attach says: no target, no kernel login.
+    // No target, no kernel login; --attach kernel on a host without krbd
+    // (no /sys/bus/rbd under the test's root): QEMU's driver all the same.
     let c = client(None);
     let agent = host.agent_with(move |s, _| {
         s.ceph = c;
