@@ -16,7 +16,8 @@
 //! when a quarantined volume is purged); VOLUME_QUARANTINED (a delete kept
 //! the data until `detail`'s purge time) and VOLUME_RESTORED;
 //! VOLUME_FLATTENED (a clone past the maximum clone depth, flattened in the
-//! background: `service/flatten.rs`);
+//! background: `service/flatten.rs`) and VOLUME_FLATTEN_FAILED (one per
+//! failed attempt, the error in `detail`; the flatten is retried);
 //! IMPORT_PROGRESS (each 10% of an import) and IMPORT_FAILED; DRIFT_FOUND
 //! (one per drift reconciliation reports, its kind and cause in `detail`).
 //!
@@ -56,6 +57,7 @@ pub enum PoolEventKind {
     VolumeQuarantined,
     VolumeRestored,
     VolumeFlattened,
+    VolumeFlattenFailed,
 }
 
 impl PoolEventKind {
@@ -85,6 +87,7 @@ impl PoolEventKind {
             PoolEventKind::VolumeQuarantined => T::VolumeQuarantined,
             PoolEventKind::VolumeRestored => T::VolumeRestored,
             PoolEventKind::VolumeFlattened => T::VolumeFlattened,
+            PoolEventKind::VolumeFlattenFailed => T::VolumeFlattenFailed,
         }
     }
 }

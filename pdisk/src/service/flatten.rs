@@ -3,6 +3,8 @@
 //! `rbd_max_clone_depth`) is published at once, usable, with a durable
 //! `flatten_pending` mark in its record; this task flattens marked volumes
 //! one at a time, oldest first, and clears the mark with VOLUME_FLATTENED.
+//! A failed attempt journals VOLUME_FLATTEN_FAILED with the error (one
+//! event per attempt) and is retried after [`FLATTEN_RETRY`].
 //!
 //! Crash order: the mark is stored in the same transaction that makes the
 //! clone `ready` (intent); the flatten runs (effect; it is idempotent, and
@@ -165,6 +167,11 @@ impl PoolService {
         let _ = tx.send(true);
         if let Err(e) = result {
             tracing::warn!(volume = %rec.name, error = %e, "background flatten failed; retried later");
+            let failed = NewPoolEvent::volume(PoolEventKind::VolumeFlattenFailed, &rec)
+                .detail(format!("{e}; retried in {} s", FLATTEN_RETRY.as_secs()));
+            if let Err(e) = self.store.record(&[failed]) {
+                tracing::warn!(volume = %rec.name, error = %e, "could not journal a failed flatten");
+            }
             return false;
         }
         let _g = self.locks.lock(u).await;

@@ -25,7 +25,8 @@
 //! - snapshot: the same with `complete: false` as the intent.
 //! - a clone past the backend's maximum clone depth is committed `ready`
 //!   with `flatten_pending` in the same transaction; the background flatten
-//!   runs, then clears the mark with VOLUME_FLATTENED. A mark found at start
+//!   runs, then clears the mark with VOLUME_FLATTENED (a failed attempt
+//!   journals VOLUME_FLATTEN_FAILED and keeps it). A mark found at start
 //!   is flattened again (`flatten.rs`).
 //! - delete: the record turns `deleting` before data is removed, and is
 //!   dropped after. A `deleting` record found at start is finished.

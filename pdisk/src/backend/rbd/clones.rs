@@ -6,9 +6,10 @@ use uuid::Uuid;
 
 use super::cli::{ceph_error, parse, Child, SnapRow};
 use super::{snap_name, temp_image, volume_image, RbdBackend};
-use super::{BASE_SNAP, DATA_TIMEOUT, READ_ONLY_KEY};
+use super::{BASE_SNAP, DATA_TIMEOUT, FLATTEN_MAP_KEY, READ_ONLY_KEY};
 use crate::backend::{ObjectId, ProgressFn};
 use crate::error::{Error, Result};
+use crate::failpoints::crash_point;
 
 impl RbdBackend {
     /// How many ancestors `spec` has (0 for an image that is no clone).
@@ -42,6 +43,7 @@ impl RbdBackend {
                 ObjectId::Volume(_) if self.is_read_only(&source).await? => {
                     // An image base never changes: layer on its pd-base.
                     let snap = self.base_snapshot(&source).await?;
+                    crash_point("rbd::clone::base_snapshot");
                     self.clone_snapshot(&snap, &tmp).await?;
                 }
                 ObjectId::Volume(_) => {
@@ -113,6 +115,7 @@ impl RbdBackend {
                         children.join(", ")
                     )));
                 }
+                crash_point("rbd::delete_snapshot::children_checked");
                 let out = self
                     .run(&self.rbd_report(["snap", "ls", &self.spec(&volume_image(v))]))
                     .await?;
@@ -126,12 +129,53 @@ impl RbdBackend {
                                 .await?;
                         }
                         self.run(&self.rbd_change(["snap", "rm", &spec])).await?;
+                        crash_point("rbd::delete_snapshot::removed");
                     }
                 }
                 self.snap_parent.lock().unwrap().remove(&s);
                 Ok(())
             }
         }
+    }
+
+    /// Turns the object map a flatten turned off on again (the features
+    /// noted in [`FLATTEN_MAP_KEY`]), rebuilds it from the objects there,
+    /// and removes the note. Nothing when there is no note.
+    pub(super) async fn restore_object_map(&self, spec: &str) -> Result<()> {
+        let cmd = self.rbd_change(["image-meta", "get", spec, FLATTEN_MAP_KEY]);
+        let out = self.runner.run(&cmd).await?;
+        if !out.success() {
+            if out.stderr.contains("(2) No such file or directory") {
+                return Ok(());
+            }
+            return Err(ceph_error(&cmd, &out));
+        }
+        let have = self.info(spec).await?.features;
+        // object-map before fast-diff, which needs it.
+        let on: Vec<&str> = ["object-map", "fast-diff"]
+            .into_iter()
+            .filter(|f| out.stdout.trim().split(',').any(|n| n == *f))
+            .filter(|f| !have.iter().any(|h| h == f))
+            .collect();
+        if !on.is_empty() {
+            self.run(
+                &self
+                    .rbd_change(["feature", "enable", spec])
+                    .args(on.iter().copied()),
+            )
+            .await?;
+        }
+        self.run(
+            &self
+                .rbd_change(["object-map", "rebuild", "--no-progress", spec])
+                .timeout(DATA_TIMEOUT),
+        )
+        .await
+        .map_err(|e| e.context(format!("rebuilding the object map of {spec}")))?;
+        crash_point("rbd::flatten::map_restored");
+        self.run(&self.rbd_change(["image-meta", "remove", spec, FLATTEN_MAP_KEY]))
+            .await
+            .map(|_| ())
     }
 
     /// Whether volume image `spec` was made read-only (an image base).
@@ -201,12 +245,13 @@ impl RbdBackend {
                 children.join(", ")
             )));
         }
+        crash_point("rbd::delete::children_checked");
         if row.protected.as_deref() == Some("true") {
             self.run(&self.rbd_change(["snap", "unprotect", &snap]))
                 .await?;
         }
-        self.run(&self.rbd_change(["snap", "rm", &snap]))
-            .await
-            .map(|_| ())
+        self.run(&self.rbd_change(["snap", "rm", &snap])).await?;
+        crash_point("rbd::delete::base_removed");
+        Ok(())
     }
 }

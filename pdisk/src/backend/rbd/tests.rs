@@ -57,7 +57,12 @@ const DF_JSON: &str = r#"{"stats":{"total_bytes":1073741824,"total_avail_bytes":
 /// A cluster answering like the one above; `children` is what `rbd
 /// children` prints; every change succeeds.
 fn cluster(children: &'static str) -> Arc<Script> {
-    Script::new(move |argv| {
+    Script::new(move |argv| cluster_answer(children, argv))
+}
+
+/// What the cluster of [`cluster`] answers to `argv`.
+fn cluster_answer(children: &'static str, argv: &[String]) -> Output {
+    {
         let has = |a: &str| argv.iter().any(|x| x == a);
         match argv[0].as_str() {
             "ceph" if has("mon") => Output::ok(MON_DUMP_JSON),
@@ -80,7 +85,7 @@ fn cluster(children: &'static str) -> Arc<Script> {
             }
             _ => Output::ok(""),
         }
-    })
+    }
 }
 
 async fn open(runner: Arc<Script>, dir: &Path) -> RbdBackend {
@@ -651,13 +656,37 @@ async fn an_image_base_with_clones_is_not_deleted_and_without_them_loses_its_bas
     );
 }
 
+/// The cluster of [`cluster`], where CLONE's image-meta holds a flatten's
+/// note when `noted`, and its features lack the object map when `off`.
+fn flatten_cluster(noted: bool, off: bool) -> Arc<Script> {
+    Script::new(move |argv| {
+        let has = |a: &str| argv.iter().any(|x| x == a);
+        if has("image-meta") && has("get") {
+            return if noted {
+                Output::ok("fast-diff,object-map\n")
+            } else {
+                Output::failed(
+                    2,
+                    "rbd: failed to get metadata stratus.pdisk.flatten-map-off of image : (2) No such file or directory\n",
+                )
+            };
+        }
+        if off && has("info") && argv.iter().any(|a| a.contains(CLONE)) {
+            return Output::ok(
+                r#"{"name":"x","size":67108864,"features":["layering","exclusive-lock","deep-flatten"]}"#,
+            );
+        }
+        cluster_answer("[]", argv)
+    })
+}
+
 #[tokio::test]
-async fn flatten_rebuilds_the_object_map_then_runs_rbd_flatten_only_on_a_clone_with_the_long_timeout(
-) {
+async fn flatten_turns_the_object_map_off_flattens_then_restores_it_with_the_long_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let r = cluster("[]");
+    let key = "stratus.pdisk.flatten-map-off";
+    let r = flatten_cluster(true, false);
     let b = open(r.clone(), dir.path()).await;
-    // CLONE has a parent in this cluster: flattened.
+    // CLONE has a parent in this cluster: flattened with its map off.
     assert!(b
         .flatten(ObjectId::Volume(uuid(CLONE)), no_progress())
         .await
@@ -667,19 +696,48 @@ async fn flatten_rebuilds_the_object_map_then_runs_rbd_flatten_only_on_a_clone_w
         r.lines(),
         vec![
             rbd(&format!("info {spec} --format json")),
-            rbd(&format!("object-map rebuild --no-progress {spec}")),
+            rbd(&format!("image-meta set {spec} {key} fast-diff,object-map")),
+            rbd(&format!("feature disable {spec} fast-diff object-map")),
             rbd(&format!("flatten {spec}")),
+            rbd(&format!("image-meta get {spec} {key}")),
+            rbd(&format!("info {spec} --format json")),
+            rbd(&format!("object-map rebuild --no-progress {spec}")),
+            rbd(&format!("image-meta remove {spec} {key}")),
         ]
     );
-    assert_eq!(r.timeouts()[1].1, DATA_TIMEOUT);
-    assert_eq!(r.timeouts()[2].1, DATA_TIMEOUT);
-    // VOL has none: nothing to do.
-    r.clear();
+    assert_eq!(r.timeouts()[3].1, DATA_TIMEOUT);
+    assert_eq!(r.timeouts()[6].1, DATA_TIMEOUT);
+
+    // A flatten a crash interrupted after turning the map off: the image
+    // is flat now (nothing to flatten); the map is turned on again
+    // (object-map first).
+    let r = flatten_cluster(true, true);
+    let b = open(r.clone(), dir.path()).await;
+    assert!(!b
+        .flatten(ObjectId::Volume(uuid(CLONE)), no_progress())
+        .await
+        .unwrap());
+    let lines = r.lines();
+    assert!(!lines.iter().any(|l| l.contains("disable")), "{lines:?}");
+    assert!(
+        lines.contains(&rbd(&format!("feature enable {spec} object-map fast-diff"))),
+        "{lines:?}"
+    );
+
+    // VOL has no parent and no note: nothing to do.
+    let r = flatten_cluster(false, false);
+    let b = open(r.clone(), dir.path()).await;
     assert!(!b
         .flatten(ObjectId::Volume(uuid(VOL)), no_progress())
         .await
         .unwrap());
-    assert!(!r.lines().iter().any(|l| l.contains("flatten")));
+    let lines = r.lines();
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("flatten ") || l.contains("feature") || l.contains("rebuild")),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test]
