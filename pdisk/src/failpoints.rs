@@ -8,8 +8,9 @@
 //!
 //! Every name is listed in [`POINTS`], which the fault-injection tests
 //! walk (`pdisk/tests/faults.rs` every group but `purge`, which needs a
-//! volume in quarantine and is walked by `pdisk/tests/quarantine.rs`), so a
-//! new point must be added there.
+//! volume in quarantine and is walked by `pdisk/tests/quarantine.rs`; the
+//! `rbd_*` groups on the Ceph micro-cluster), so a new point must be added
+//! there.
 
 /// The exit status of a crash point, so tests can tell it from a failure.
 pub const CRASH_EXIT_CODE: i32 = 86;
@@ -90,6 +91,87 @@ pub const POINTS: &[(&str, &[&str])] = &[
         &[
             "service::delete_snapshot::after_intent",
             "file::delete::after_unlink",
+        ],
+    ),
+    // ---- the rbd backend (walked by pdisk/tests/faults.rs on the Ceph
+    // micro-cluster): its own points between its CLI steps, with the
+    // service's around them. `rbd::build::*` are crossed by every create,
+    // import and clone (the image made under its temporary name, then
+    // tagged with image-meta, then renamed). A snapshot and a resize are
+    // one `rbd` call each: the service's points bracket them. Snapshot
+    // protection is not used on clusters that allow clone format 2 (the
+    // micro-cluster requires mimic clients), so it has no point.
+    (
+        "rbd_create",
+        &[
+            "service::create::after_intent",
+            "rbd::build::built",
+            "rbd::build::tagged",
+            "service::create::before_commit",
+        ],
+    ),
+    (
+        "rbd_import",
+        &[
+            "rbd::import::imported",
+            "rbd::build::built",
+            "rbd::build::tagged",
+        ],
+    ),
+    // A clone of a volume (`rbd cp`), of a snapshot (`rbd clone`), and of
+    // an image base (its `pd-base` snapshot taken, then `rbd clone`).
+    ("rbd_clone", &["rbd::build::built", "rbd::build::tagged"]),
+    (
+        "rbd_clone_base",
+        &[
+            "rbd::clone::base_snapshot",
+            "rbd::build::built",
+            "rbd::build::tagged",
+            "service::create::before_commit",
+        ],
+    ),
+    (
+        "rbd_snapshot",
+        &[
+            "service::snapshot::after_intent",
+            "service::snapshot::before_commit",
+        ],
+    ),
+    (
+        "rbd_resize",
+        &[
+            "service::resize::before_backend",
+            "service::resize::after_backend",
+        ],
+    ),
+    // A volume: its `pd-base` snapshot (an image base's) checked for
+    // children and removed, then `rbd rm`.
+    (
+        "rbd_delete",
+        &[
+            "service::delete::after_intent",
+            "rbd::delete::children_checked",
+            "rbd::delete::base_removed",
+            "service::delete::after_backend",
+        ],
+    ),
+    (
+        "rbd_delete_snapshot",
+        &[
+            "service::delete_snapshot::after_intent",
+            "rbd::delete_snapshot::children_checked",
+            "rbd::delete_snapshot::removed",
+        ],
+    ),
+    // A background flatten (`service/flatten.rs`): the object map noted
+    // and turned off, `rbd flatten`, the map on again and rebuilt, the
+    // note removed, then the service clears the mark.
+    (
+        "rbd_flatten",
+        &[
+            "rbd::flatten::map_off",
+            "rbd::flatten::flattened",
+            "rbd::flatten::map_restored",
         ],
     ),
 ];

@@ -15,6 +15,13 @@
 //! uses; drift only the `rolled back` reports. Exports carry mutual CHAP,
 //! so the tgt exporter's own steps (target, accounts, LUN, ACL; and on
 //! unexport ACL, accounts, target) each have a crash point walked here.
+//!
+//! The same walk runs on pdiskd's rbd backend on one Ceph micro-cluster
+//! (testkit's CephCluster) over the `rbd_*` groups: the rbd backend's own
+//! points between its CLI steps and the service's around them, with the
+//! operations only RBD has (clones of snapshots and of image bases, the
+//! delete of an image base, a background flatten). Its invariants are the
+//! pool's images (`faults/rbd.rs`) instead of files and tgt.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -27,6 +34,9 @@ use pdisk::failpoints::{CRASH_EXIT_CODE, POINTS};
 use stratus_core::runner::HostRunner;
 use stratus_proto::pdisk::v1 as pb;
 use testkit::*;
+
+#[path = "faults/rbd.rs"]
+mod rbd_stack;
 
 const MIB: u64 = 1 << 20;
 
@@ -44,6 +54,15 @@ enum Op {
     UnexportOneInitiator,
     Delete,
     DeleteSnapshot,
+    // rbd only:
+    /// A clone of a snapshot (`rbd clone`).
+    CloneSnapshot,
+    /// A clone of an image base (of its `pd-base` snapshot).
+    CloneBase,
+    /// The delete of an image base whose clones are gone (its `pd-base`).
+    DeleteBase,
+    /// A clone past the maximum clone depth, flattened in the background.
+    Flatten,
 }
 
 impl Op {
@@ -60,6 +79,37 @@ impl Op {
         Op::DeleteSnapshot,
     ];
 
+    /// The rbd walk: every boundary of the rbd groups (a plain delete's
+    /// points are all crossed by [`Op::DeleteBase`]; exports of RBD volumes
+    /// are `rbd://` attachments, with no exporter step).
+    const RBD: [Op; 10] = [
+        Op::CreateEmpty,
+        Op::ImportRaw,
+        Op::CloneVolume,
+        Op::CloneSnapshot,
+        Op::CloneBase,
+        Op::Snapshot,
+        Op::Resize,
+        Op::DeleteBase,
+        Op::DeleteSnapshot,
+        Op::Flatten,
+    ];
+
+    fn rbd_group(self) -> &'static str {
+        match self {
+            Op::CreateEmpty => "rbd_create",
+            Op::ImportRaw => "rbd_import",
+            Op::CloneVolume | Op::CloneSnapshot => "rbd_clone",
+            Op::CloneBase => "rbd_clone_base",
+            Op::Snapshot => "rbd_snapshot",
+            Op::Resize => "rbd_resize",
+            Op::DeleteBase => "rbd_delete",
+            Op::DeleteSnapshot => "rbd_delete_snapshot",
+            Op::Flatten => "rbd_flatten",
+            _ => panic!("{self:?} is not walked on rbd"),
+        }
+    }
+
     fn group(self) -> &'static str {
         match self {
             Op::CreateEmpty | Op::ImportRaw | Op::CloneVolume => "create",
@@ -70,6 +120,7 @@ impl Op {
             Op::UnexportOneInitiator => "unexport_initiators",
             Op::Delete => "delete",
             Op::DeleteSnapshot => "delete_snapshot",
+            _ => panic!("{self:?} is walked on rbd only"),
         }
     }
 }
@@ -137,19 +188,80 @@ async fn prepare(c: &mut Client, op: Op, tag: &str, import_dir: &Path) -> String
                 .await
                 .unwrap();
         }
-        Op::DeleteSnapshot => {
+        Op::DeleteSnapshot | Op::CloneSnapshot => {
             create(c, &vol).await;
-            c.create_snapshot(pb::CreateSnapshotRequest {
-                project: String::new(),
-                volume: vol.clone(),
-                name: format!("{tag}-s"),
-                request_id: String::new(),
-            })
-            .await
-            .unwrap();
+            snapshot(c, &vol, &format!("{tag}-s")).await;
+        }
+        Op::CloneBase => create_base(c, &vol).await,
+        Op::DeleteBase => {
+            // Its pd-base taken by a clone, which is gone again.
+            create_base(c, &vol).await;
+            clone_from(c, &vol, false, &format!("{tag}-c"))
+                .await
+                .unwrap();
+            delete(c, &format!("{tag}-c")).await.unwrap();
+        }
+        Op::Flatten => {
+            // Depth 1 (the walk's maximum) now; a clone of `{tag}-s` is 2.
+            create(c, &vol).await;
+            snapshot(c, &vol, &format!("{tag}-s0")).await;
+            clone_from(c, &format!("{tag}-s0"), true, &format!("{tag}-c1"))
+                .await
+                .unwrap();
+            snapshot(c, &format!("{tag}-c1"), &format!("{tag}-s")).await;
         }
     }
     vol
+}
+
+async fn snapshot(c: &mut Client, vol: &str, name: &str) {
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        project: String::new(),
+        volume: vol.into(),
+        name: name.into(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
+}
+
+/// An image base: labelled with an image checksum, made by the admin.
+async fn create_base(c: &mut Client, name: &str) {
+    c.create_volume(pb::CreateVolumeRequest {
+        name: name.into(),
+        size_bytes: 8 * MIB,
+        labels: [("stratus.io/image-sha256".to_string(), "ab".repeat(32))].into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn clone_from(
+    c: &mut Client,
+    source: &str,
+    is_snapshot: bool,
+    name: &str,
+) -> Result<(), tonic::Status> {
+    c.clone_volume(pb::CloneVolumeRequest {
+        source: source.into(),
+        source_is_snapshot: is_snapshot,
+        name: name.into(),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn delete(c: &mut Client, vol: &str) -> Result<(), tonic::Status> {
+    c.delete_volume(pb::DeleteVolumeRequest {
+        now: false,
+        project: String::new(),
+        volume: vol.into(),
+        request_id: String::new(),
+    })
+    .await
+    .map(|_| ())
 }
 
 /// Issues `op`; the daemon is expected to die during it.
@@ -176,14 +288,10 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
             })
             .await
             .map(|_| ()),
-        Op::CloneVolume => c
-            .clone_volume(pb::CloneVolumeRequest {
-                source: vol.into(),
-                name: format!("{tag}-new"),
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
+        Op::CloneVolume | Op::CloneBase => clone_from(c, vol, false, &format!("{tag}-new")).await,
+        Op::CloneSnapshot | Op::Flatten => {
+            clone_from(c, &format!("{tag}-s"), true, &format!("{tag}-new")).await
+        }
         Op::Snapshot => c
             .create_snapshot(pb::CreateSnapshotRequest {
                 project: String::new(),
@@ -221,15 +329,7 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
             })
             .await
             .map(|_| ()),
-        Op::Delete => c
-            .delete_volume(pb::DeleteVolumeRequest {
-                now: false,
-                project: String::new(),
-                volume: vol.into(),
-                request_id: String::new(),
-            })
-            .await
-            .map(|_| ()),
+        Op::Delete | Op::DeleteBase => delete(c, vol).await,
         Op::DeleteSnapshot => c
             .delete_snapshot(pb::DeleteSnapshotRequest {
                 project: String::new(),
@@ -257,13 +357,23 @@ fn files(dir: &Path) -> (BTreeSet<String>, Vec<String>) {
     (uuids, other)
 }
 
+/// What the walked pdiskd stores its volumes in and exports them with.
+enum Stack<'a> {
+    /// The file backend in `pool_dir`, exported by tgt.
+    File {
+        pool_dir: &'a Path,
+        tgt: &'a TgtExporter,
+    },
+    /// The rbd backend on the Ceph micro-cluster (no exporter).
+    Rbd(&'a rbd_stack::RbdStack),
+}
+
 /// Checks every invariant against the restarted pdiskd; `acknowledged`
 /// maps every volume name a call answered with success (and nothing
 /// removed since) to its UUID. Returns the violations.
 async fn violations(
     c: &mut Client,
-    pool_dir: &Path,
-    tgt: &TgtExporter,
+    stack: &Stack<'_>,
     acknowledged: &BTreeMap<String, String>,
 ) -> Vec<String> {
     let mut bad = Vec::new();
@@ -298,6 +408,14 @@ async fn violations(
             bad.push(format!("acknowledged volume {name} ({uuid}) lost"));
         }
     }
+    let (pool_dir, tgt) = match stack {
+        Stack::File { pool_dir, tgt } => (*pool_dir, *tgt),
+        Stack::Rbd(r) => {
+            bad.extend(r.violations(&vols, &snaps));
+            bad.extend(drift(c, true).await);
+            return bad;
+        }
+    };
     let want_vols: BTreeSet<String> = vols.iter().map(|v| v.uuid.clone()).collect();
     let want_snaps: BTreeSet<String> = snaps.iter().map(|s| s.uuid.clone()).collect();
     for (dir, want) in [("volumes", &want_vols), ("snapshots", &want_snaps)] {
@@ -339,17 +457,25 @@ async fn violations(
             "tgtd holds CHAP accounts no target uses: {orphans:?}"
         ));
     }
+    bad.extend(drift(c, false).await);
+    bad
+}
+
+/// The drift pdiskd reports other than its `rolled back` creates (and,
+/// with `no_exporter`, other than the exporter's "not checked": no tgtd
+/// runs beside the rbd walk's pdiskd).
+async fn drift(c: &mut Client, no_exporter: bool) -> Vec<String> {
     let pool = c
         .get_pool(pb::GetPoolRequest {})
         .await
         .unwrap()
         .into_inner();
-    for d in pool.drift {
-        if !d.detail.starts_with("rolled back") {
-            bad.push(format!("drift {} {}: {}", d.kind, d.object, d.detail));
-        }
-    }
-    bad
+    pool.drift
+        .into_iter()
+        .filter(|d| !d.detail.starts_with("rolled back"))
+        .filter(|d| !(no_exporter && d.kind == "export"))
+        .map(|d| format!("drift {} {}: {}", d.kind, d.object, d.detail))
+        .collect()
 }
 
 /// The CHAP accounts tgtd holds that no target has bound (incoming or
@@ -397,24 +523,23 @@ fn tgt_exporter(tgtd: &Tgtd) -> TgtExporter {
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs root, tgtd, an XFS loop pool and pdiskd-failpoints: run by scripts/test"]
-async fn a_crash_at_any_step_leaves_nothing_to_clean_up() {
-    let pool = XfsPool::new(512);
-    let tgtd = Tgtd::start(pool.dir.path());
-    let mut pdiskd = Pdiskd::start_failpoints(&pool, &tgtd);
-    let tgt = tgt_exporter(&tgtd);
+/// Walks every (operation, crash point) pair of `ops` (their rbd groups
+/// when `stack` is rbd) on `pdiskd`; returns the pairs walked and the
+/// violations found.
+async fn walk(pdiskd: &mut Pdiskd, stack: &Stack<'_>, ops: &[Op]) -> (usize, Vec<String>) {
+    let rbd = matches!(stack, Stack::Rbd(_));
     let import_dir = pdiskd.import_dir.clone();
-    let pool_dir = pdiskd.pool_dir.clone();
     let mut acknowledged: BTreeMap<String, String> = BTreeMap::new();
     let mut pairs = 0;
     let mut all_bad = Vec::new();
-    for op in Op::ALL {
-        for (i, point) in points(op.group()).iter().enumerate() {
-            let tag = format!("{}-{i}", op.group().replace('_', "-"))
+    for &op in ops {
+        let group = if rbd { op.rbd_group() } else { op.group() };
+        for (i, point) in points(group).iter().enumerate() {
+            let tag = format!("{}-{i}", group.replace('_', "-"))
                 + match op {
                     Op::ImportRaw => "-imp",
                     Op::CloneVolume => "-cln",
+                    Op::CloneSnapshot => "-clns",
                     _ => "",
                 };
             let mut c = pdiskd.client().await;
@@ -435,7 +560,7 @@ async fn a_crash_at_any_step_leaves_nothing_to_clean_up() {
             let mut c = pdiskd.client().await;
             issue(&mut c, op, &tag, &vol, &import_dir).await;
             drop(c);
-            let status = pdiskd.wait_exit(Duration::from_secs(30));
+            let status = pdiskd.wait_exit(Duration::from_secs(60));
             assert_eq!(
                 status.and_then(|s| s.code()),
                 Some(CRASH_EXIT_CODE),
@@ -444,23 +569,74 @@ async fn a_crash_at_any_step_leaves_nothing_to_clean_up() {
             );
             pdiskd.restart_with_failpoints(None);
             // A volume being deleted may go; nothing else acknowledged may.
-            if matches!(op, Op::Delete) {
+            if matches!(op, Op::Delete | Op::DeleteBase) {
                 acknowledged.remove(&vol);
             }
             let mut c = pdiskd.client().await;
-            let bad = violations(&mut c, &pool_dir, &tgt, &acknowledged).await;
+            let mut bad = if rbd {
+                rbd_stack::wait_for_flattens(&mut c).await
+            } else {
+                Vec::new()
+            };
+            bad.extend(violations(&mut c, stack, &acknowledged).await);
+            if rbd {
+                bad.extend(rbd_stack::rolled_back(&mut c, op, &tag).await);
+            }
             if !bad.is_empty() {
                 all_bad.push(format!("{op:?} at {point}: {bad:#?}"));
             }
             pairs += 1;
         }
     }
+    (pairs, all_bad)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, tgtd, an XFS loop pool and pdiskd-failpoints: run by scripts/test"]
+async fn a_crash_at_any_step_leaves_nothing_to_clean_up() {
+    let pool = XfsPool::new(512);
+    let tgtd = Tgtd::start(pool.dir.path());
+    let mut pdiskd = Pdiskd::start_failpoints(&pool, &tgtd);
+    let tgt = tgt_exporter(&tgtd);
+    let pool_dir = pdiskd.pool_dir.clone();
+    let stack = Stack::File {
+        pool_dir: &pool_dir,
+        tgt: &tgt,
+    };
+    let (pairs, all_bad) = walk(&mut pdiskd, &stack, &Op::ALL).await;
     eprintln!(
         "fault injection: {pairs} (operation, crash point) pairs, {} with violations",
         all_bad.len()
     );
     assert!(all_bad.is_empty(), "{all_bad:#?}\n{}", pdiskd.log_text());
     assert!(pairs >= 25, "only {pairs} pairs covered");
+}
+
+/// The walk on pdiskd's rbd backend, one Ceph micro-cluster for all of it:
+/// every point of the `rbd_*` groups is reached (each pair checks that the
+/// daemon died there), and after each restart no image without a record
+/// nor record without its image, no temporary image, no snapshot without
+/// a record (but an image base's `pd-base`), nothing transitional, no
+/// flatten left pending, every acknowledged volume there.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs root, ceph and pdiskd-failpoints: run by scripts/test"]
+async fn a_crash_at_any_rbd_step_leaves_nothing_to_clean_up() {
+    let started = Instant::now();
+    let stack = rbd_stack::RbdStack::start("pd-faults");
+    let mut pdiskd = stack.pdiskd_failpoints();
+    let (pairs, all_bad) = walk(&mut pdiskd, &Stack::Rbd(&stack), &Op::RBD).await;
+    let want: usize = POINTS
+        .iter()
+        .filter(|(g, _)| g.starts_with("rbd_"))
+        .map(|(g, p)| p.len() * if *g == "rbd_clone" { 2 } else { 1 })
+        .sum();
+    eprintln!(
+        "fault injection (rbd): {pairs} (operation, crash point) pairs in {:.0} s (cluster included), {} with violations",
+        started.elapsed().as_secs_f64(),
+        all_bad.len()
+    );
+    assert!(all_bad.is_empty(), "{all_bad:#?}\n{}", pdiskd.log_text());
+    assert_eq!(pairs, want, "every rbd point walked");
 }
 
 /// A client that gives up (deadline) does not cancel the operation: it

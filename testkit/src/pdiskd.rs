@@ -258,6 +258,15 @@ impl Pdiskd {
         d
     }
 
+    /// This pdiskd's flags on `pdiskd-failpoints`, with no failpoint set
+    /// (e.g. after [`Pdiskd::start_on`] with another backend).
+    pub fn into_failpoints(mut self) -> Pdiskd {
+        self.kill9();
+        self.program = "pdiskd-failpoints".into();
+        self.spawn();
+        self
+    }
+
     /// Restarts with FAILPOINTS set to `spec` (`None`: unset), e.g.
     /// `Some("service::create::after_intent=return")`.
     pub fn restart_with_failpoints(&mut self, spec: Option<&str>) {

@@ -11,6 +11,7 @@ use super::{parse_suffix, snap_name, temp_image, volume_image, RbdBackend};
 use super::{DATA_TIMEOUT, OWNER_KEY, SNAP_PREFIX, VOL_PREFIX};
 use crate::backend::{image, ImageFormat, ObjectId, ProgressFn};
 use crate::error::{Error, Result};
+use crate::failpoints::crash_point;
 
 impl RbdBackend {
     /// The `POOL/IMAGE[@SNAP]` of an object; a snapshot's volume is looked
@@ -86,7 +87,9 @@ impl RbdBackend {
         let tmp = temp_image(u);
         let r = async {
             build.await?;
+            crash_point("rbd::build::built");
             self.tag(&tmp, ObjectId::Volume(u)).await?;
+            crash_point("rbd::build::tagged");
             self.publish(&tmp, u).await
         }
         .await;
@@ -198,6 +201,7 @@ impl RbdBackend {
             self.run(&cmd)
                 .await
                 .map_err(|e| e.context(format!("importing {}", path.display())))?;
+            crash_point("rbd::import::imported");
             if size > len {
                 self.run(&self.rbd_change([
                     "resize".to_string(),
