@@ -33,7 +33,8 @@
 //! A second test (its own two hosts, both agentds with
 //! `--migration-max-bandwidth=8M` so a kill lands mid-transfer) kills, once
 //! the source journaled MIGRATION_PROGRESS: the destination's incoming
-//! QEMU, both agentds (restarted, the source first), the source's QEMU.
+//! QEMU, both agentds (restarted the source first, then again the
+//! destination first), the source's QEMU.
 //! After each the guest runs on the source only (the first two) or is
 //! CRASHED there with nothing left anywhere (the last), both journals end
 //! in MIGRATION_FAILED, and a retry of the migration (after a StartVm for
@@ -638,7 +639,13 @@ fn qemu_or_both_agentds_killed_mid_migration_leave_the_guest_on_one_host() {
     let uuid = vm.uuid.clone();
     let mut count = count_past(Path::new(&vm.console_log), 2, Duration::from_secs(240)).unwrap();
     let mut owner = 0;
-    for kill in ["incoming QEMU", "both agentds", "source QEMU"] {
+    let kills = [
+        "incoming QEMU",
+        "both agentds (source restarted first)",
+        "both agentds (destination restarted first)",
+        "source QEMU",
+    ];
+    for kill in kills {
         let (source, destination) = (owner, 1 - owner);
         let since = [last_seq(&h, 0), last_seq(&h, 1)];
         let from = Instant::now();
@@ -656,7 +663,7 @@ fn qemu_or_both_agentds_killed_mid_migration_leave_the_guest_on_one_host() {
                 };
                 sigkill(pid);
             }
-            "both agentds" => {
+            _ if kill.starts_with("both agentds") => {
                 h.hosts[0].kill9();
                 h.hosts[1].kill9();
                 // QEMU's migration goes on alone up to the switchover,
@@ -667,10 +674,15 @@ fn qemu_or_both_agentds_killed_mid_migration_leave_the_guest_on_one_host() {
         }
         let answer = call.join().unwrap();
         assert!(answer.is_err(), "{kill}: MigrateVm answered {answer:?}");
-        if kill == "both agentds" {
-            // The source first: its AbortIncoming finds the destination down.
+        // The source first: its AbortIncoming finds the destination down.
+        // The destination first: it finds its QEMU receiving and follows it
+        // until the source's reconciliation cancels the migration.
+        if kill.starts_with("both agentds (source") {
             h.hosts[source].restart();
             h.hosts[destination].restart();
+        } else if kill.starts_with("both agentds (destination") {
+            h.hosts[destination].restart();
+            h.hosts[source].restart();
         }
         let what = format!("{kill} killed, {source} -> {destination}");
         let runs = kill != "source QEMU";
@@ -747,7 +759,9 @@ fn qemu_or_both_agentds_killed_mid_migration_leave_the_guest_on_one_host() {
     assert_eq!(stopped.state(), pb::VmState::Stopped);
     assert!(qemus_of(&uuid).is_empty());
     eprintln!(
-        "migration kill walk: 3 kills, 3 retries, 0 violations, {:.0?} in all",
+        "migration kill walk: {} kills, {} retries, 0 violations, {:.0?} in all",
+        kills.len(),
+        kills.len(),
         started.elapsed()
     );
 }
