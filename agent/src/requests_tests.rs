@@ -365,6 +365,7 @@ async fn fifty_clients_times_two_hundred_operations_end_with_the_store_equal_to_
             net: net.clone(),
             vmm: vmm.clone(),
             nvme: crate::attach::NvmeOptions::new(&settings.initiator_iqn),
+            rbd_bus: std::sync::Arc::new(crate::attach::SysfsKernel),
             kernel: {
                 let mut k = crate::attach::KernelOptions::new(&settings.initiator_iqn);
                 k.sys = dir.path().join("sys");

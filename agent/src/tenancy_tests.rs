@@ -84,6 +84,7 @@ pub(crate) fn agent(dir: &std::path::Path, pdisk: Arc<FakeVolumes>) -> Arc<Agent
             net: FakeNet::new(),
             vmm: FakeVmm::new(),
             nvme: crate::attach::NvmeOptions::beside(&kernel),
+            rbd_bus: Arc::new(crate::attach::SysfsKernel),
             kernel,
         },
     )

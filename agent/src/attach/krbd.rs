@@ -533,4 +533,4 @@ impl KrbdAttacher {
 
 #[cfg(test)]
 #[path = "krbd_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -18,7 +18,7 @@ const FSID: &str = "69d8ee26-508c-4088-b3a4-b2c4a29d107d";
 type Write = (String, String, Option<(String, String)>);
 
 #[derive(Default)]
-struct FakeKernel {
+pub(crate) struct FakeKernel {
     root: PathBuf,
     writes: Mutex<Vec<Write>>,
     refuse: AtomicBool,
@@ -70,6 +70,27 @@ impl RbdKernel for FakeKernel {
     }
 }
 
+impl FakeKernel {
+    /// A kernel whose bus is under ROOT/sys once made (no krbd until then).
+    pub(crate) fn at(root: &Path) -> FakeKernel {
+        FakeKernel {
+            root: root.to_path_buf(),
+            ..Default::default()
+        }
+    }
+
+    /// The bus under ROOT/sys (made here: the host has krbd), the
+    /// devices under ROOT/dev.
+    pub(crate) fn with_bus(root: &Path) -> FakeKernel {
+        std::fs::create_dir_all(root.join("dev")).unwrap();
+        std::fs::create_dir_all(root.join("sys/bus/rbd/devices")).unwrap();
+        for f in ["add_single_major", "remove_single_major"] {
+            std::fs::write(root.join("sys/bus/rbd").join(f), "").unwrap();
+        }
+        FakeKernel::at(root)
+    }
+}
+
 struct Host {
     _dir: tempfile::TempDir,
     kernel: Arc<FakeKernel>,
@@ -81,15 +102,13 @@ fn host(with_module: bool) -> Host {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
     std::fs::create_dir_all(root.join("dev")).unwrap();
-    if with_module {
-        std::fs::create_dir_all(root.join("sys/bus/rbd/devices")).unwrap();
-        for f in ["add_single_major", "remove_single_major"] {
-            std::fs::write(root.join("sys/bus/rbd").join(f), "").unwrap();
+    let kernel = Arc::new(if with_module {
+        FakeKernel::with_bus(&root)
+    } else {
+        FakeKernel {
+            root: root.clone(),
+            ..Default::default()
         }
-    }
-    let kernel = Arc::new(FakeKernel {
-        root: root.clone(),
-        ..Default::default()
     });
     // No rbd module anywhere: modprobe fails as on this test host.
     let runner = FakeRunner::with(|argv| {

@@ -25,7 +25,7 @@ pub mod krbd;
 pub mod nvme_tcp;
 
 pub use iscsi_kernel::*;
-pub use krbd::{KrbdAttacher, KrbdDisk, KrbdOptions, SysfsKernel};
+pub use krbd::{KrbdAttacher, KrbdDisk, KrbdOptions, RbdKernel, SysfsKernel};
 pub use nvme_tcp::{NvmeAttacher, NvmeDisk, NvmeNamespace, NvmeOptions};
 
 /// How a guest's iSCSI disks reach QEMU.

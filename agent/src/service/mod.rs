@@ -52,7 +52,7 @@ use uuid::Uuid;
 
 use crate::attach::{
     AttachMode, KernelAttacher, KernelOptions, KrbdAttacher, KrbdOptions, NvmeAttacher,
-    NvmeOptions, SysfsKernel,
+    NvmeOptions, RbdKernel, SysfsKernel,
 };
 use crate::confine::{Confinement, QemuUsers, UidPool};
 use crate::journal::EventJournal;
@@ -144,6 +144,9 @@ pub struct HostEffects {
     pub kernel: KernelOptions,
     /// The NVMe/TCP host's settings (nvme-cli through the same runner).
     pub nvme: NvmeOptions,
+    /// The kernel's rbd bus (krbd): sysfs writes with a key in agentd's
+    /// keyring; its roots are the kernel initiator's.
+    pub rbd_bus: Arc<dyn RbdKernel>,
 }
 
 impl HostEffects {
@@ -171,6 +174,7 @@ impl HostEffects {
             vmm: Arc::new(HostVmm::new(runner, cgroups)),
             kernel: KernelOptions::new(&settings.initiator_iqn),
             nvme: NvmeOptions::new(&settings.initiator_iqn),
+            rbd_bus: Arc::new(SysfsKernel),
         })
     }
 }
@@ -271,7 +275,7 @@ impl Agent {
         )?;
         let krbd = KrbdAttacher::new(
             runner.clone(),
-            Arc::new(SysfsKernel),
+            effects.rbd_bus,
             KrbdOptions::beside(&effects.kernel),
         );
         let kernel = KernelAttacher::new(runner.clone(), effects.kernel);

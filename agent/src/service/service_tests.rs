@@ -136,6 +136,8 @@ impl Host {
                 net: self.net.clone(),
                 vmm: self.vmm.clone(),
                 nvme: crate::attach::NvmeOptions::beside(&kernel),
+                // The bus exists only once a test makes it (krbd_host).
+                rbd_bus: Arc::new(crate::attach::krbd::tests::FakeKernel::at(self.dir.path())),
                 kernel,
             },
         )
@@ -1432,6 +1434,100 @@ async fn an_rbd_export_is_opened_by_qemus_rbd_driver_with_the_hosts_key() {
     assert!(e.to_string().contains("--ceph-id"), "{e}");
     let vm = agent.get_vm(&vm.uuid.to_string()).unwrap();
     host.assert_nothing_attached(&vm, "after the refused rbd export");
+}
+
+/// An RBD export with --attach kernel on a host with krbd (the fake rbd
+/// bus): recorded, mapped, handed to QEMU as /dev/rbdN; kept and re-found
+/// across an agentd crash; unmapped at stop; a mapping no record holds is
+/// reaped at start.
+#[tokio::test]
+async fn an_rbd_export_is_mapped_by_krbd_with_attach_kernel_on_a_host_with_the_module() {
+    use crate::attach::RbdKernel;
+    let host = Host::new();
+    let root = host.pdisk.add_volume("rbd-root");
+    const KEY: &str = "AQB37hFrNEJkMhAAqUs+QZS9zmTGOfQGD4T7xg==";
+    let keyring = host.dir.path().join("ceph.client.compute.keyring");
+    std::fs::write(&keyring, format!("[client.compute]\n\tkey = {KEY}\n")).unwrap();
+    *host.pdisk.export_rbd.lock().unwrap() = Some(stratus_proto::pdisk::v1::RbdAttachment {
+        monitors: vec!["10.0.0.7:6789".into()],
+        pool: "pdisk".into(),
+        image: String::new(),
+        user: "compute".into(),
+        secret_ref: "keyring:client.compute".into(),
+        cluster_fsid: "69d8ee26-508c-4088-b3a4-b2c4a29d107d".into(),
+    });
+    let bus = crate::attach::krbd::tests::FakeKernel::with_bus(host.dir.path());
+    let agent_of = |host: &Host| {
+        let k = keyring.clone();
+        host.agent_with(move |s, _| {
+            s.ceph = crate::rbd::CephClient {
+                keyring: Some(k),
+                ..Default::default()
+            };
+            s.attach = AttachMode::Kernel;
+        })
+    };
+    let agent = agent_of(&host);
+    let mut spec = small_spec("krbd1", "rbd-root");
+    spec.context = None;
+    let vm = agent.create_vm(spec, "", "").await.unwrap();
+    let id = vm.uuid.to_string();
+    agent.start_vm(&id).await.unwrap();
+    let rec = agent.get_vm(&id).unwrap();
+    let d = &rec.runtime.as_ref().unwrap().disks[0];
+    let dev = host.dir.path().join("dev/rbd0");
+    assert_eq!(d.mode, AttachMode::Kernel);
+    assert_eq!(d.attachment, dev.display().to_string());
+    let k = d.krbd.as_ref().unwrap();
+    assert_eq!(
+        (k.pool.as_str(), k.image.as_str(), k.device.as_ref()),
+        ("pdisk", format!("pd-vol-{root}").as_str(), Some(&dev))
+    );
+    assert!(dev.exists());
+    let mapped = std::fs::read_to_string(host.dir.path().join("sys/bus/rbd/devices/0/name"));
+    assert_eq!(mapped.unwrap().trim(), format!("pd-vol-{root}"));
+    // The key: in no store file, no argv.
+    let state = std::fs::read_dir(host.dir.path().join("state")).unwrap();
+    for e in state.flatten() {
+        let b = std::fs::read(e.path()).unwrap_or_default();
+        assert!(!b.windows(KEY.len()).any(|w| w == KEY.as_bytes()));
+    }
+    assert!(!host.runner.command_lines().iter().any(|l| l.contains(KEY)));
+
+    // agentd crashes: the guest's mapping is adopted, not reaped; a
+    // mapping of a pdisk image no record holds is.
+    crash(agent).await;
+    let left = host.dir.path().join("dev/rbd1");
+    bus.write(
+        &host.dir.path().join("sys/bus/rbd/add_single_major"),
+        "10.0.0.7:6789 name=compute,key=k pdisk pd-vol-left",
+        None,
+    )
+    .unwrap();
+    assert!(left.exists());
+    let agent = agent_of(&host);
+    agent.reconcile().await.unwrap();
+    assert!(dev.exists(), "the running guest's mapping was kept");
+    assert!(!left.exists(), "the leftover mapping was reaped");
+    let reaped: Vec<String> = agent
+        .store()
+        .events_since(0, 1000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == EventType::LeftoverRemoved)
+        .map(|e| e.detail)
+        .collect();
+    assert_eq!(
+        reaped,
+        ["unmapped krbd mapping rbd1 of rbd:pdisk/pd-vol-left (no guest holds it)"]
+    );
+
+    agent
+        .stop_vm(&id, Duration::from_secs(5), true)
+        .await
+        .unwrap();
+    assert!(!dev.exists(), "unmapped at stop");
+    assert!(host.pdisk.exported().is_empty());
 }
 
 #[tokio::test]
