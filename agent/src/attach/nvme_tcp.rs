@@ -22,7 +22,10 @@
 //!   (crash point nvme.device_found)
 //! detach, once no holder is left:
 //!   blockdev --flushbufs /dev/nvmeSnN
-//!   nvme disconnect -n SUBNQN
+//!   nvme disconnect -d nvmeC       each controller of ours: subsysnqn SUBNQN,
+//!                                  hostnqn HOSTNQN, transport tcp, address
+//!                                  ADDR:PORT (never `-n SUBNQN`, which drops
+//!                                  every controller of the subsystem)
 //! ```
 //!
 //! **Access control is the subsystem's `allowed_hosts` only.** The lab
@@ -194,6 +197,20 @@ struct Controller {
     name: String,
     subnqn: String,
     hostnqn: String,
+    /// `transport` (`tcp`, `rdma`, `pcie`...).
+    transport: String,
+    /// `traddr` and `trsvcid` of `address` (`traddr=A,trsvcid=P,src_addr=S`).
+    traddr: String,
+    trsvcid: String,
+}
+
+impl Controller {
+    /// True for an NVMe/TCP controller connected to `addr`.
+    fn reaches(&self, addr: &SocketAddr) -> bool {
+        self.transport == "tcp"
+            && self.traddr.parse::<std::net::IpAddr>().ok() == Some(addr.ip())
+            && self.trsvcid == addr.port().to_string()
+    }
 }
 
 /// The NVMe/TCP host: connects, finds namespaces, counts holders,
@@ -224,6 +241,32 @@ impl NvmeAttacher {
     #[cfg(test)]
     pub(crate) fn arm_crash_point(&self, at: Option<&'static str>) {
         self.crash.arm(at);
+    }
+
+    /// `nvme version`, once nvme-cli answers and the kernel's NVMe/TCP host
+    /// (`nvme_tcp`) is loaded or loads; else why NVMe/TCP exports cannot be
+    /// attached here.
+    pub async fn probe(&self) -> Result<String> {
+        let cmd = Cmd::new(NVME)
+            .arg("version")
+            .timeout(Duration::from_secs(10));
+        let out = self
+            .runner
+            .run(&cmd)
+            .await
+            .map_err(|e| e.context("NVMe/TCP exports need nvme-cli's nvme"))?;
+        if !out.success() {
+            return Err(command_error(&cmd, &out).context("NVMe/TCP exports need nvme-cli"));
+        }
+        if !self.opts.sys.join("module/nvme_tcp").exists() {
+            let load = Cmd::new("modprobe")
+                .arg("nvme_tcp")
+                .timeout(Duration::from_secs(30));
+            self.run(&load)
+                .await
+                .map_err(|e| e.context("NVMe/TCP exports need the kernel's nvme_tcp module"))?;
+        }
+        Ok(out.stdout.trim().to_owned())
     }
 
     fn slot(&self, subnqn: &str) -> Arc<tokio::sync::Mutex<BTreeSet<Holder>>> {
@@ -270,7 +313,7 @@ impl NvmeAttacher {
             }
             Err(e) => {
                 if holders.is_empty() {
-                    if let Err(d) = self.disconnect(&ns.subnqn).await {
+                    if let Err(d) = self.disconnect(ns, &host).await {
                         tracing::warn!(%ns, error = %d, "could not disconnect after a failed attach");
                     }
                 }
@@ -299,7 +342,7 @@ impl NvmeAttacher {
                 .timeout(FLUSH_TIMEOUT);
             self.run(&cmd).await?;
         }
-        self.disconnect(&ns.subnqn).await?;
+        self.disconnect(ns, &host).await?;
         tracing::info!(%holder, %ns, "NVMe/TCP disconnected");
         Ok(())
     }
@@ -309,25 +352,23 @@ impl NvmeAttacher {
         self.slot(&ns.subnqn).lock().await.insert(holder);
     }
 
-    /// Disconnects the controllers with our host NQN whose subsystem no
-    /// holder names: left by a crash or a failed disconnect. Only at start,
-    /// after every record was adopted. Ok lines say what was removed, Err
-    /// lines what could not be.
+    /// Disconnects the NVMe/TCP controllers with our host NQN whose
+    /// subsystem no holder names: left by a crash or a failed disconnect.
+    /// Only at start, after every record was adopted. Ok lines say what was
+    /// removed, Err lines what could not be.
     pub async fn reap(&self) -> Vec<std::result::Result<String, String>> {
         let mut report = Vec::new();
         let Ok(host) = self.opts.host_nqn() else {
             return report;
         };
-        let mut done = BTreeSet::new();
         for c in self.controllers() {
-            if c.hostnqn != host || done.contains(&c.subnqn) {
+            if c.hostnqn != host || c.transport != "tcp" {
                 continue;
             }
             if !self.slot(&c.subnqn).lock().await.is_empty() {
                 continue;
             }
-            done.insert(c.subnqn.clone());
-            report.push(match self.disconnect(&c.subnqn).await {
+            report.push(match self.disconnect_controller(&c.name).await {
                 Ok(()) => Ok(format!(
                     "disconnected NVMe/TCP controller {} of {} (no guest holds it)",
                     c.name, c.subnqn
@@ -341,9 +382,22 @@ impl NvmeAttacher {
         report
     }
 
-    async fn disconnect(&self, subnqn: &str) -> Result<()> {
+    /// Disconnects our controllers of `ns`: host NQN `host`, NVMe/TCP to
+    /// its address. Never `nvme disconnect -n SUBNQN`, which drops every
+    /// controller of the subsystem, another host NQN's or another path's
+    /// too: each controller by its name (`nvme disconnect -d nvmeC`).
+    async fn disconnect(&self, ns: &NvmeNamespace, host: &str) -> Result<()> {
+        for c in self.ours(&ns.subnqn, host) {
+            if c.reaches(&ns.addr) {
+                self.disconnect_controller(&c.name).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn disconnect_controller(&self, name: &str) -> Result<()> {
         let cmd = Cmd::new(NVME)
-            .args(["disconnect", "-n", subnqn])
+            .args(["disconnect", "-d", name])
             .timeout(DISCONNECT_TIMEOUT);
         self.run(&cmd).await.map(|_| ())
     }
@@ -420,10 +474,21 @@ impl NvmeAttacher {
                     .map(|s| s.trim().to_owned())
                     .unwrap_or_default()
             };
+            let address = read("address");
+            let field = |k: &str| {
+                address
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
             out.push(Controller {
                 name: e.file_name().to_string_lossy().into_owned(),
                 subnqn: read("subsysnqn"),
                 hostnqn: read("hostnqn"),
+                transport: read("transport"),
+                traddr: field("traddr"),
+                trsvcid: field("trsvcid"),
             });
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

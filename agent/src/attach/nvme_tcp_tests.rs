@@ -43,6 +43,12 @@ fn connect(root: &Path, sub: &str, host: &str) {
     std::fs::create_dir_all(&ctrl).unwrap();
     std::fs::write(ctrl.join("subsysnqn"), format!("{sub}\n")).unwrap();
     std::fs::write(ctrl.join("hostnqn"), format!("{host}\n")).unwrap();
+    std::fs::write(ctrl.join("transport"), "tcp\n").unwrap();
+    std::fs::write(
+        ctrl.join("address"),
+        "traddr=127.0.0.1,trsvcid=4420,src_addr=127.0.0.1\n",
+    )
+    .unwrap();
     let subsys = root.join(format!("sys/class/nvme-subsystem/nvme-subsys{n}"));
     std::fs::create_dir_all(subsys.join(format!("nvme{n}n1"))).unwrap();
     // A hidden path and a partition must not be taken for the head.
@@ -50,6 +56,24 @@ fn connect(root: &Path, sub: &str, host: &str) {
     std::fs::write(subsys.join("subsysnqn"), format!("{sub}\n")).unwrap();
     std::fs::create_dir_all(root.join("dev")).unwrap();
     std::fs::write(root.join(format!("dev/nvme{n}n1")), "").unwrap();
+}
+
+/// `nvme disconnect -d nvmeC`: the controller goes; its subsystem (and
+/// the head's /dev node) with its last controller.
+fn disconnect_controller(root: &Path, name: &str) -> bool {
+    let ctrl = root.join("sys/class/nvme").join(name);
+    let Ok(sub) = std::fs::read_to_string(ctrl.join("subsysnqn")) else {
+        return false;
+    };
+    std::fs::remove_dir_all(&ctrl).unwrap();
+    let left = std::fs::read_dir(root.join("sys/class/nvme"))
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path().join("subsysnqn")).unwrap() == sub);
+    if !left {
+        disconnect(root, sub.trim());
+    }
+    true
 }
 
 fn disconnect(root: &Path, sub: &str) {
@@ -87,11 +111,12 @@ fn host() -> Host {
                 connect(&root, sub, host);
                 Ok(Output::ok(""))
             }
-            ["nvme", "disconnect", "-n", sub] => {
-                disconnect(&root, sub);
-                Ok(Output::ok(format!(
-                    "NQN:{sub} disconnected 1 controller(s)\n"
-                )))
+            ["nvme", "disconnect", "-d", name] => {
+                if disconnect_controller(&root, name) {
+                    Ok(Output::ok(format!("Disconnected {name}\n")))
+                } else {
+                    Ok(Output::failed(1, format!("Failed to disconnect {name}")))
+                }
             }
             ["blockdev", "--flushbufs", _] => Ok(Output::ok("")),
             _ => Ok(Output::failed(99, format!("unexpected {a:?}"))),
@@ -199,7 +224,7 @@ async fn attach_connects_once_finds_the_head_by_nqn_and_the_last_detach_disconne
         lines[lines.len() - 2..],
         [
             format!("blockdev --flushbufs {}", dev.display()),
-            format!("nvme disconnect -n {SUBNQN}")
+            "nvme disconnect -d nvme11".to_string()
         ]
     );
     // Detaching what is gone runs nothing.
@@ -235,10 +260,39 @@ async fn a_namespace_that_never_appears_is_disconnected_again() {
     let e = a.attach(&holder(1), &two).await.unwrap_err().to_string();
     assert!(e.contains("no block device"), "{e}");
     assert_eq!(h.controllers(), 0);
-    assert_eq!(
-        h.lines("nvme disconnect"),
-        [format!("nvme disconnect -n {SUBNQN}")]
+    assert_eq!(h.lines("nvme disconnect"), ["nvme disconnect -d nvme10"]);
+}
+
+/// `nvme disconnect -n SUBNQN` would drop every controller of the
+/// subsystem: another host NQN's on it stays, and so does one of ours
+/// to another address (another path), when our last holder detaches.
+#[tokio::test]
+async fn detach_disconnects_only_our_controller_of_the_subsystem() {
+    let h = host();
+    let a = h.attacher();
+    let dev = a.attach(&holder(1), &ns(SUBNQN)).await.unwrap();
+    connect(
+        h.dir.path(),
+        SUBNQN,
+        "nqn.2014-08.org.nvmexpress:other-host",
     );
+    connect(h.dir.path(), SUBNQN, HOSTNQN);
+    std::fs::write(
+        h.dir.path().join("sys/class/nvme/nvme12/address"),
+        "traddr=192.0.2.7,trsvcid=4420\n",
+    )
+    .unwrap();
+    a.detach(&holder(1), &ns(SUBNQN)).await.unwrap();
+    assert_eq!(h.lines("nvme disconnect"), ["nvme disconnect -d nvme10"]);
+    let left: Vec<String> = std::fs::read_dir(h.dir.path().join("sys/class/nvme"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(left, ["nvme11", "nvme12"]);
+    // The subsystem's head stays for the controllers left.
+    assert!(dev.exists());
 }
 
 /// A crash at every step of the connect: the restarted attacher adopts
@@ -316,4 +370,49 @@ fn only_namespace_heads_of_the_nsid_match() {
     assert!(!is_namespace_of("nvme0n2", 1));
     assert!(!is_namespace_of("nvme-subsys0", 1));
     assert!(!is_namespace_of("nvmen1", 1));
+}
+
+#[tokio::test]
+async fn the_probe_names_a_missing_nvme_cli_or_nvme_tcp_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let attacher = |runner: FakeRunner| {
+        let mut o = NvmeOptions::new(INITIATOR);
+        o.sys = dir.path().join("sys");
+        NvmeAttacher::new(Arc::new(runner), o)
+    };
+    let no_cli = FakeRunner::with(|argv| match argv[0].as_str() {
+        "nvme" => Err(stratus_core::error::Error::unavailable(
+            "nvme: No such file or directory",
+        )),
+        _ => Ok(Output::ok("")),
+    });
+    let e = attacher(no_cli).probe().await.unwrap_err().to_string();
+    assert!(e.contains("need nvme-cli"), "{e}");
+    let no_module = FakeRunner::with(|argv| match argv[0].as_str() {
+        "nvme" => Ok(Output::ok("nvme version 2.4\n")),
+        _ => Ok(Output::failed(
+            1,
+            "modprobe: FATAL: Module nvme_tcp not found",
+        )),
+    });
+    let e = attacher(no_module.clone())
+        .probe()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nvme_tcp module") && e.contains("not found"),
+        "{e}"
+    );
+    // Loaded already: no modprobe.
+    std::fs::create_dir_all(dir.path().join("sys/module/nvme_tcp")).unwrap();
+    let fine = FakeRunner::with(|argv| match argv[0].as_str() {
+        "nvme" => Ok(Output::ok("nvme version 2.4\n")),
+        _ => Ok(Output::failed(99, "unexpected")),
+    });
+    assert_eq!(
+        attacher(fine.clone()).probe().await.unwrap(),
+        "nvme version 2.4"
+    );
+    assert_eq!(fine.command_lines(), ["nvme version"]);
 }

@@ -96,6 +96,14 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         // Fail at start, not at the first guest, when open-iscsi is missing.
         let version = agent.kernel_initiator().probe().await?;
         tracing::info!(iscsiadm = %version, "kernel iSCSI initiator");
+        // NVMe/TCP is only needed for disks on nvmet exports: a host without
+        // nvme-cli or nvme_tcp still attaches iSCSI disks, and says now why
+        // an NVMe/TCP disk would fail (its attach fails with the same cause).
+        match agent.nvme_host().probe().await {
+            Ok(v) => tracing::info!(nvme = %v, "kernel NVMe/TCP host"),
+            Err(e) => tracing::warn!(error = %e,
+                "--attach kernel: disks on NVMe/TCP (nvmet) exports cannot be attached on this host"),
+        }
     }
     // Fail at start, not at the first guest, when --ceph-id's key is missing.
     if let Some(client) = cfg.ceph.check()? {

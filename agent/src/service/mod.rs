@@ -421,6 +421,11 @@ impl Agent {
         &self.kernel
     }
 
+    /// The kernel's NVMe/TCP host (`--attach kernel` on nvmet exports).
+    pub fn nvme_host(&self) -> &NvmeAttacher {
+        &self.nvme
+    }
+
     pub fn get_vm(&self, r: &str) -> Result<VmRecord> {
         self.store.find_vm(r)
     }

@@ -1694,6 +1694,8 @@ async fn an_nvmet_export_is_connected_with_attach_kernel_and_refused_without() {
     std::fs::create_dir_all(&ctrl).unwrap();
     std::fs::write(ctrl.join("subsysnqn"), format!("{subnqn}\n")).unwrap();
     std::fs::write(ctrl.join("hostnqn"), format!("{hostnqn}\n")).unwrap();
+    std::fs::write(ctrl.join("transport"), "tcp\n").unwrap();
+    std::fs::write(ctrl.join("address"), "traddr=127.0.0.1,trsvcid=4420\n").unwrap();
     // A restart adopts it: no disconnect while the guest runs.
     crash(agent).await;
     host.runner.clear();
@@ -1713,7 +1715,7 @@ async fn an_nvmet_export_is_connected_with_attach_kernel_and_refused_without() {
         host.runner.command_lines(),
         [
             format!("blockdev --flushbufs {}", dev.display()),
-            format!("nvme disconnect -n {subnqn}")
+            "nvme disconnect -d nvme3".to_string()
         ]
     );
     host.assert_nothing_attached(&agent.get_vm(&id).unwrap(), "after stop");
@@ -1735,5 +1737,5 @@ async fn an_nvmet_export_is_connected_with_attach_kernel_and_refused_without() {
         .into_iter()
         .filter(|l| l.starts_with("nvme"))
         .collect();
-    assert_eq!(nvme, [format!("nvme disconnect -n {subnqn}")]);
+    assert_eq!(nvme, ["nvme disconnect -d nvme3"]);
 }
