@@ -16,6 +16,10 @@
 //! so the tgt exporter's own steps (target, accounts, LUN, ACL; and on
 //! unexport ACL, accounts, target) each have a crash point walked here.
 //!
+//! In the lab VM (`scripts/lab faults`) the same walk runs on an LVM thin
+//! pool exported by LIO, then by nvmet (`faults/lvm.rs`: LVs instead of
+//! files, LIO backstores and nvmet host entries instead of tgt accounts).
+//!
 //! The same walk runs on pdiskd's rbd backend on one Ceph micro-cluster
 //! (testkit's CephCluster) over the `rbd_*` groups: the rbd backend's own
 //! points between its CLI steps and the service's around them, with the
@@ -30,11 +34,13 @@ use std::time::{Duration, Instant};
 
 use pdisk::export::tgt::{TgtConfig, TgtExporter};
 use pdisk::export::Exporter;
-use pdisk::failpoints::{CRASH_EXIT_CODE, POINTS};
+use pdisk::failpoints::{points_on, CRASH_EXIT_CODE, FILE_TGT, POINTS, RBD};
 use stratus_core::runner::HostRunner;
 use stratus_proto::pdisk::v1 as pb;
 use testkit::*;
 
+#[path = "faults/lvm.rs"]
+mod lvm_stack;
 #[path = "faults/rbd.rs"]
 mod rbd_stack;
 
@@ -112,7 +118,9 @@ impl Op {
 
     fn group(self) -> &'static str {
         match self {
-            Op::CreateEmpty | Op::ImportRaw | Op::CloneVolume => "create",
+            Op::CreateEmpty => "create",
+            Op::ImportRaw => "import",
+            Op::CloneVolume => "clone",
             Op::Snapshot => "snapshot",
             Op::Resize => "resize",
             Op::Export => "export",
@@ -123,14 +131,6 @@ impl Op {
             _ => panic!("{self:?} is walked on rbd only"),
         }
     }
-}
-
-fn points(group: &str) -> &'static [&'static str] {
-    POINTS
-        .iter()
-        .find(|(g, _)| *g == group)
-        .unwrap_or_else(|| panic!("no crash points for {group}"))
-        .1
 }
 
 async fn create(c: &mut Client, name: &str) {
@@ -310,7 +310,9 @@ async fn issue(c: &mut Client, op: Op, tag: &str, vol: &str, import_dir: &Path) 
             })
             .await
             .map(|_| ()),
-        Op::Export => export(c, vol, &[INITIATOR]).await,
+        // An initiator of its own: nvmet makes its host entry (a step with
+        // its crash point) only for a host no earlier export allowed.
+        Op::Export => export(c, vol, &[&format!("{INITIATOR}-{tag}")]).await,
         Op::Unexport => c
             .unexport_volume(pb::UnexportVolumeRequest {
                 project: String::new(),
@@ -366,6 +368,19 @@ enum Stack<'a> {
     },
     /// The rbd backend on the Ceph micro-cluster (no exporter).
     Rbd(&'a rbd_stack::RbdStack),
+    /// A thin pool exported by LIO or nvmet (the lab VM).
+    Lvm(&'a lvm_stack::LvmStack),
+}
+
+impl Stack<'_> {
+    /// The points of `group` this stack reaches.
+    fn points(&self, group: &str) -> Vec<&'static str> {
+        match self {
+            Stack::File { .. } => points_on(group, FILE_TGT),
+            Stack::Rbd(_) => points_on(group, RBD),
+            Stack::Lvm(l) => points_on(group, l.layers),
+        }
+    }
 }
 
 /// Checks every invariant against the restarted pdiskd; `acknowledged`
@@ -413,6 +428,11 @@ async fn violations(
         Stack::Rbd(r) => {
             bad.extend(r.violations(&vols, &snaps));
             bad.extend(drift(c, true).await);
+            return bad;
+        }
+        Stack::Lvm(l) => {
+            bad.extend(l.violations(c, &vols, &snaps).await);
+            bad.extend(drift(c, false).await);
             return bad;
         }
     };
@@ -534,7 +554,7 @@ async fn walk(pdiskd: &mut Pdiskd, stack: &Stack<'_>, ops: &[Op]) -> (usize, Vec
     let mut all_bad = Vec::new();
     for &op in ops {
         let group = if rbd { op.rbd_group() } else { op.group() };
-        for (i, point) in points(group).iter().enumerate() {
+        for (i, point) in stack.points(group).iter().enumerate() {
             let tag = format!("{}-{i}", group.replace('_', "-"))
                 + match op {
                     Op::ImportRaw => "-imp",
@@ -606,6 +626,24 @@ async fn a_crash_at_any_step_leaves_nothing_to_clean_up() {
     let (pairs, all_bad) = walk(&mut pdiskd, &stack, &Op::ALL).await;
     eprintln!(
         "fault injection: {pairs} (operation, crash point) pairs, {} with violations",
+        all_bad.len()
+    );
+    assert!(all_bad.is_empty(), "{all_bad:#?}\n{}", pdiskd.log_text());
+    assert!(pairs >= 25, "only {pairs} pairs covered");
+}
+
+/// The walk on the lab VM's production stacks (`scripts/lab faults`): a
+/// thin pool exported by LIO, or by nvmet with STRATUS_FAULTS_EXPORT=nvmet.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the lab VM (STRATUS_STACK=lvm-lio) and pdiskd-failpoints: run by scripts/lab faults"]
+async fn a_crash_at_any_lvm_step_leaves_nothing_to_clean_up() {
+    let started = Instant::now();
+    let (stack, mut pdiskd) = lvm_stack::LvmStack::start();
+    let (pairs, all_bad) = walk(&mut pdiskd, &Stack::Lvm(&stack), &Op::ALL).await;
+    eprintln!(
+        "fault injection on {}: {pairs} (operation, crash point) pairs in {} s, {} with violations",
+        stack.name,
+        started.elapsed().as_secs(),
         all_bad.len()
     );
     assert!(all_bad.is_empty(), "{all_bad:#?}\n{}", pdiskd.log_text());

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pdisk::failpoints::{CRASH_EXIT_CODE, POINTS};
+use pdisk::failpoints::{points_on, CRASH_EXIT_CODE, FILE_TGT};
 use stratus_proto::pdisk::v1 as pb;
 use testkit::*;
 
@@ -290,11 +290,7 @@ async fn a_purge_killed_at_any_step_is_finished_at_the_next_start() {
     let tgtd = Tgtd::start(pool_dev.dir.path());
     let mut pdiskd =
         Pdiskd::start_failpoints_with(&pool_dev, &tgtd, &["--quarantine-period", "2s"]);
-    let points = POINTS
-        .iter()
-        .find(|(g, _)| *g == "purge")
-        .expect("purge crash points")
-        .1;
+    let points = points_on("purge", FILE_TGT);
     assert_eq!(points.len(), 3);
     let mut c = pdiskd.client().await;
     let kept = import(&mut c, &pdiskd, "kept", 2).await;

@@ -489,7 +489,9 @@ impl LvmBackend {
             .args(["--thinpool", self.settings.thin_pool.as_str()])
             .args(["--name", name, "--addtag", OWNER_TAG])
             .arg(self.settings.vg.as_str());
-        self.run_change(&cmd).await.map(|_| ())
+        self.run_change(&cmd).await?;
+        crate::failpoints::crash_point("lvm::lvcreate::done");
+        Ok(())
     }
 
     /// `lvcreate --snapshot` of `src` named `name`, read-only or writable.
@@ -500,7 +502,9 @@ impl LvmBackend {
             .arg(if writable { "rw" } else { "r" })
             .args(["--name", name, "--addtag", OWNER_TAG])
             .arg(self.qualified(src));
-        self.run_change(&cmd).await.map(|_| ())
+        self.run_change(&cmd).await?;
+        crate::failpoints::crash_point("lvm::lvcreate::done");
+        Ok(())
     }
 
     async fn extend(&self, name: &str, size: u64) -> Result<()> {
@@ -512,11 +516,16 @@ impl LvmBackend {
         self.run_change(&cmd).await.map(|_| ())
     }
 
+    /// `lvrename` of a temporary to its object's name: the publish step of
+    /// an import or a growing clone.
     async fn rename(&self, from: &str, to: &str) -> Result<()> {
         let cmd = self
             .change("lvrename")
             .args([self.settings.vg.as_str(), from, to]);
-        self.run_change(&cmd).await.map(|_| ())
+        crate::failpoints::crash_point("lvm::publish::before_rename");
+        self.run_change(&cmd).await?;
+        crate::failpoints::crash_point("lvm::publish::after_rename");
+        Ok(())
     }
 
     /// Removes a half-built temporary after a failure, keeping the
@@ -570,7 +579,9 @@ impl LvmBackend {
         if self.settings.wipe == Wipe::Zero {
             self.zero(lv, pool).await?;
         }
-        self.remove_lv(&lv.name).await
+        self.remove_lv(&lv.name).await?;
+        crate::failpoints::crash_point("lvm::delete::after_lvremove");
+        Ok(())
     }
 
     async fn zero(&self, lv: &Lv, pool: Option<&Lv>) -> Result<()> {

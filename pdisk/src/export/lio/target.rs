@@ -59,6 +59,7 @@ impl Lio {
         for a in self.subdirs(&acls)? {
             self.remove_acl(&acls.join(a))?;
         }
+        crate::failpoints::crash_point("lio::unexport::acls_removed");
         let luns = tpg.join("lun");
         for l in self.subdirs(&luns)? {
             let dir = luns.join(l);
@@ -147,6 +148,7 @@ impl Lio {
             if !wanted.contains(&a.as_str()) {
                 self.remove_acl(&acls.join(&a))?;
                 tracing::info!(target = %spec.target_iqn, initiator = %a, "lio: removed ACL");
+                crate::failpoints::crash_point("lio::export::acl_removed");
             }
         }
         let tpg_auth = tpg.join("attrib/authentication");
@@ -224,6 +226,7 @@ impl Lio {
 
         // 1. The backstore, so the LUN can link to it.
         let backstore = self.converge_backstore(iqn, &want, &tpg)?;
+        crate::failpoints::crash_point("lio::export::backstore_created");
 
         // 2. Target and its one TPG.
         if self.ensure_dir(&target)? {
@@ -247,11 +250,14 @@ impl Lio {
             };
             self.ensure_attr(&attr, &value.to_string())?;
         }
+        crate::failpoints::crash_point("lio::export::target_created");
 
         // 3. LUN 1, the portal, ACLs with CHAP and mapped LUNs.
         self.converge_lun(&tpg, &backstore)?;
+        crate::failpoints::crash_point("lio::export::lun_added");
         self.converge_portal(&tpg)?;
         self.converge_acls(&tpg, spec)?;
+        crate::failpoints::crash_point("lio::export::acls_set");
 
         // 4. Open: logins start once everything above is in place.
         self.ensure_attr(&tpg.join("enable"), "1")
@@ -273,6 +279,7 @@ impl Lio {
             }
             self.rmdir(&target)?;
             tracing::info!(target = iqn, "lio: removed target");
+            crate::failpoints::crash_point("lio::unexport::target_removed");
         }
         for dir in self.find_backstores(iqn)? {
             self.rmdir(&dir)?;

@@ -654,6 +654,29 @@ async fn unexport_finishes_a_half_made_export() {
     lab.fs.mkdir(&bs).unwrap();
     lab.exp.unexport(&iqn(&target(VOL_A))).await.unwrap();
     assert!(!bs.exists());
+    // After the target's TPG and LUN 1, before its portal and ACLs
+    // (`lio::export::lun_added`), and after the ACLs, not yet enabled.
+    let a = spec(VOL_A, file_path(VOL_A), &[INIT_1], None);
+    for disable in [false, true] {
+        lab.exp.export(&a).await.unwrap();
+        let tpg = lab
+            .fs
+            .root
+            .join("target/iscsi")
+            .join(target(VOL_A))
+            .join("tpgt_1");
+        lab.fs.write(&tpg.join("enable"), "0").unwrap();
+        if !disable {
+            let m = tpg.join("acls").join(INIT_1).join("lun_1");
+            lab.fs.unlink(&m.join("lun")).unwrap();
+            lab.fs.rmdir(&m).unwrap();
+            lab.fs.rmdir(&tpg.join("acls").join(INIT_1)).unwrap();
+            lab.fs.rmdir(&tpg.join("np/192.0.2.10:3260")).unwrap();
+        }
+        lab.exp.unexport(&iqn(&target(VOL_A))).await.unwrap();
+        assert!(lab.exp.list().await.unwrap().is_empty());
+        assert!(!bs.exists());
+    }
 }
 
 // ---- list and restore ------------------------------------------------------

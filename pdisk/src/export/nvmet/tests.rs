@@ -1,7 +1,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::super::lio::configfs::BackingKind;
+use super::super::lio::configfs::{BackingKind, ConfigFs};
 use super::fake_configfs::*;
 use super::*;
 use crate::error::ErrorKind;
@@ -214,6 +214,60 @@ fn unexport_removes_everything_and_ends_connections() {
         .next()
         .is_none());
     assert!(lab.live().is_empty());
+}
+
+/// What a crash at each step of an export or unexport leaves (the
+/// `nvmet::` crash points) is finished by the next export (pdiskd rolls
+/// export intents forward) or unexport (unexports are committed first).
+#[test]
+fn half_made_exports_and_unexports_are_finished() {
+    let lab = lab();
+    let a = spec(VOL_A, &[H1, H2]);
+    let sub = lab.at(&format!("subsystems/{}", nqn(VOL_A)));
+    // Export interrupted after the subsystem, and after a host entry.
+    lab.fs.mkdir(&sub).unwrap();
+    lab.fs.mkdir(&lab.at(&format!("hosts/{N1}"))).unwrap();
+    assert!(!matches_spec(&lab.live()[0], &a));
+    block_on(lab.exp.restore(std::slice::from_ref(&a))).unwrap();
+    assert!(matches_spec(&lab.live()[0], &a), "{:?}", lab.live());
+    assert!(lab.fs.connect(&nqn(VOL_A), N1));
+
+    // Unexport interrupted after the subsystem's rmdir: its host entries
+    // are left, and nothing says whose they were.
+    let b = spec(VOL_B, &[H2]);
+    block_on(lab.exp.export(&b)).unwrap();
+    let fs: &dyn ConfigFs = lab.fs.as_ref();
+    fs.unlink(&lab.at(&format!("ports/1/subsystems/{}", nqn(VOL_A))))
+        .unwrap();
+    for n in [N1, N2] {
+        fs.unlink(&sub.join("allowed_hosts").join(n)).unwrap();
+    }
+    fs.write(&sub.join("namespaces/1/enable"), "0").unwrap();
+    fs.rmdir(&sub.join("namespaces/1")).unwrap();
+    fs.rmdir(&sub).unwrap();
+    block_on(lab.exp.unexport(&a.target_iqn)).unwrap();
+    // host1 went; host2 stays, VOL_B allows it.
+    assert!(!lab.at(&format!("hosts/{N1}")).exists());
+    assert!(lab.at(&format!("hosts/{N2}")).exists());
+    assert!(matches_spec(&lab.live()[0], &b));
+    // A revocation interrupted after the host's link went (the port link
+    // went first, so its connections ended): the retry removes its entry.
+    let ab = spec(VOL_A, &[H1, H2]);
+    block_on(lab.exp.export(&ab)).unwrap();
+    fs.unlink(&lab.at(&format!("ports/1/subsystems/{}", nqn(VOL_A))))
+        .unwrap();
+    fs.unlink(&sub.join("allowed_hosts").join(N1)).unwrap();
+    block_on(lab.exp.export(&spec(VOL_A, &[H2]))).unwrap();
+    assert!(!lab.at(&format!("hosts/{N1}")).exists());
+    assert!(lab.fs.connect(&nqn(VOL_A), N2));
+    // An unexport interrupted after the hosts' links, before the rmdirs.
+    fs.unlink(&lab.at(&format!("ports/1/subsystems/{}", nqn(VOL_A))))
+        .unwrap();
+    fs.unlink(&sub.join("allowed_hosts").join(N2)).unwrap();
+    block_on(lab.exp.unexport(&a.target_iqn)).unwrap();
+    block_on(lab.exp.unexport(&b.target_iqn)).unwrap();
+    assert!(std::fs::read_dir(lab.at("hosts")).unwrap().next().is_none());
+    assert_eq!(lab.links(), Vec::<String>::new());
 }
 
 #[test]

@@ -242,39 +242,46 @@ impl Nvmet {
             if let Some(u) = &uuid {
                 self.write(&sub.join("attr_serial"), &serial(u))?;
             }
+            crate::failpoints::crash_point("nvmet::export::subsystem_created");
         }
         if self.read(&sub.join("attr_allow_any_host"))? != "0" {
             self.write(&sub.join("attr_allow_any_host"), "0")?;
         }
         self.converge_namespace(&nqn, &path, uuid)?;
+        crate::failpoints::crash_point("nvmet::export::namespace_enabled");
         let have: BTreeSet<String> = self
             .names(&sub.join("allowed_hosts"), EntryKind::Link)?
             .into_iter()
             .collect();
         let revoked: Vec<&String> = have.difference(&hosts).collect();
-        for h in &revoked {
-            self.unlink(&self.allowed(&nqn, h))?;
-        }
-        for h in hosts.difference(&have) {
-            if !self.exists(&self.host(h)) {
-                self.mkdir(&self.host(h))?;
-            }
-            self.symlink(&self.host(h), &self.allowed(&nqn, h))?;
-        }
         let link = self.port_link(&nqn);
         if !revoked.is_empty() && self.exists(&link) {
             // A revoked host keeps the connections it has: drop every
             // controller of the subsystem on the port (allowed hosts
-            // reconnect by themselves).
+            // reconnect by themselves). Before the links go, so a crash
+            // in between leaves the subsystem closed (linked again below
+            // by the retry), never a revoked host still connected.
             self.unlink(&link)?;
+        }
+        for h in &revoked {
+            self.unlink(&self.allowed(&nqn, h))?;
+            crate::failpoints::crash_point("nvmet::export::host_unlinked");
+        }
+        for h in hosts.difference(&have) {
+            if !self.exists(&self.host(h)) {
+                self.mkdir(&self.host(h))?;
+                crate::failpoints::crash_point("nvmet::export::host_created");
+            }
+            self.symlink(&self.host(h), &self.allowed(&nqn, h))?;
+            crate::failpoints::crash_point("nvmet::export::host_allowed");
         }
         if !self.exists(&link) {
             self.symlink(&sub, &link)?;
+            crate::failpoints::crash_point("nvmet::export::port_linked");
         }
-        for h in revoked {
-            self.remove_host_if_unused(h)?;
-        }
-        Ok(())
+        // The revoked hosts' entries, and any an interrupted revocation
+        // left (its host no longer linked here, so no longer "revoked").
+        self.remove_unused_hosts()
     }
 
     fn check_backing(&self, path: &Path) -> Result<String> {
@@ -325,6 +332,18 @@ impl Nvmet {
         }
     }
 
+    /// Removes every `hosts/<host>` no subsystem allows: the end of every
+    /// export and unexport. Once a host's link is gone nothing says which
+    /// subsystem allowed it, so what a crash left between a link's removal
+    /// and its entry's (an unexport, a revocation) is only found this way.
+    /// A host entry no subsystem links grants nothing, whoever made it.
+    fn remove_unused_hosts(&self) -> Result<()> {
+        for h in self.names(&self.root().join("hosts"), EntryKind::Dir)? {
+            self.remove_host_if_unused(&h)?;
+        }
+        Ok(())
+    }
+
     /// Removes `hosts/<host>` once no subsystem allows it any more (it
     /// grants nothing by itself, and would pile up).
     fn remove_host_if_unused(&self, host: &str) -> Result<()> {
@@ -340,14 +359,18 @@ impl Nvmet {
         let nqn = iqn.to_nqn()?;
         // Unlinked from the port first: every connection ends here.
         self.unlink(&self.port_link(&nqn))?;
+        crate::failpoints::crash_point("nvmet::unexport::port_unlinked");
         let sub = self.subsys(&nqn);
         if !self.exists(&sub) {
-            return Ok(());
+            // Gone already: an unexport that a crash interrupted after the
+            // subsystem's rmdir may have left the hosts it allowed.
+            return self.remove_unused_hosts();
         }
         let hosts = self.names(&sub.join("allowed_hosts"), EntryKind::Link)?;
         for h in &hosts {
             self.unlink(&self.allowed(&nqn, h))?;
         }
+        crate::failpoints::crash_point("nvmet::unexport::hosts_unlinked");
         for n in self.names(&sub.join("namespaces"), EntryKind::Dir)? {
             let ns = sub.join("namespaces").join(&n);
             if self.read(&ns.join("enable"))? == "1" {
@@ -356,10 +379,10 @@ impl Nvmet {
             self.rmdir(&ns)?;
         }
         self.rmdir(&sub)?;
-        for h in &hosts {
-            self.remove_host_if_unused(h)?;
-        }
-        Ok(())
+        crate::failpoints::crash_point("nvmet::unexport::subsystem_removed");
+        // Not only `hosts`: a retry after a crash between the links' removal
+        // and here finds none linked.
+        self.remove_unused_hosts()
     }
 
     pub(super) fn refresh_size(&self, spec: &ExportSpec) -> Result<()> {
