@@ -105,6 +105,12 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How old the monitor list clients are sent to may get before `list` or
 /// `usage` reads it again.
 const MON_REFRESH: Duration = Duration::from_secs(60);
+/// How old the pool's usage (`ceph df`) may be when a create, clone,
+/// snapshot or resize checks the room left. Ceph's own figures lag by its
+/// stats period (the mgr's, 5 s), and `ceph df` is a Python program that
+/// costs about 0.3-0.8 s of CPU a call: a burst of creates shares one look.
+/// `list` (pool status, drift) always reads it afresh.
+const USAGE_MAX_AGE: Duration = Duration::from_secs(5);
 /// Data-moving calls: rm, cp, flatten, import.
 const DATA_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
@@ -225,6 +231,9 @@ pub struct RbdBackend {
     /// Snapshot -> the volume it belongs to (RBD names a snapshot by its
     /// image). Filled by `snapshot` and every `list`; a miss is looked up.
     snap_parent: Mutex<HashMap<Uuid, Uuid>>,
+    /// The last `ceph df` figures and when they were read (see
+    /// [`USAGE_MAX_AGE`]).
+    usage: Mutex<Option<(std::time::Instant, PoolUsage)>>,
 }
 
 impl Backend for RbdBackend {
@@ -494,7 +503,7 @@ impl Backend for RbdBackend {
     }
 
     fn usage(&self) -> BoxFuture<'_, Result<PoolUsage>> {
-        Box::pin(self.usage_now())
+        Box::pin(self.usage_recent())
     }
 }
 

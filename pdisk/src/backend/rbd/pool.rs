@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use super::cli::{parse, Df, Du, MonDump};
 use super::{parse_suffix, volume_image, RbdAccess, RbdBackend, RbdSettings};
-use super::{BASE_SNAP, MON_REFRESH, REPORT_TIMEOUT, SNAP_PREFIX, TMP_PREFIX, VOL_PREFIX};
+use super::{
+    BASE_SNAP, MON_REFRESH, REPORT_TIMEOUT, SNAP_PREFIX, TMP_PREFIX, USAGE_MAX_AGE, VOL_PREFIX,
+};
 use crate::backend::{ObjectId, PoolListing, PoolUsage};
 use crate::error::{Error, Result};
 use crate::runner::CommandRunner;
@@ -23,6 +25,7 @@ impl RbdBackend {
             monitors: Mutex::new((Vec::new(), std::time::Instant::now())),
             fsid: String::new(),
             snap_parent: Mutex::default(),
+            usage: Mutex::default(),
         };
         b.ls()
             .await
@@ -127,6 +130,18 @@ impl RbdBackend {
         parse("rbd du", &out.stdout)
     }
 
+    /// The pool's usage as read within [`USAGE_MAX_AGE`], else afresh.
+    pub(super) async fn usage_recent(&self) -> Result<PoolUsage> {
+        if let Some((at, u)) = self.usage.lock().unwrap().clone() {
+            if at.elapsed() < USAGE_MAX_AGE {
+                return Ok(u);
+            }
+        }
+        self.usage_now().await
+    }
+
+    /// `ceph df`: the pool's capacity and what it stores; remembered for
+    /// [`Self::usage_recent`].
     pub(super) async fn usage_now(&self) -> Result<PoolUsage> {
         self.refresh_monitors(std::time::Instant::now()).await;
         let cmd = self
@@ -147,11 +162,13 @@ impl RbdBackend {
             Some(d) => df.pools.iter().find(|p| p.name == d.as_str()).unwrap_or(p),
             None => p,
         };
-        Ok(PoolUsage {
+        let usage = PoolUsage {
             capacity: data.stats.stored + data.stats.max_avail,
             used: data.stats.stored,
             thin: None,
-        })
+        };
+        *self.usage.lock().unwrap() = Some((std::time::Instant::now(), usage.clone()));
+        Ok(usage)
     }
 
     pub(super) async fn list_now(&self) -> Result<PoolListing> {

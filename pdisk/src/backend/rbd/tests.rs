@@ -128,6 +128,29 @@ fn ceph_names_and_paths_are_validated() {
     assert_eq!(parse_suffix("pd-vol-x", VOL_PREFIX), None);
 }
 
+/// The room checks of a burst of creates share one `ceph df` (a Python
+/// program) within USAGE_MAX_AGE; a listing always reads it afresh.
+#[tokio::test]
+async fn usage_checks_share_a_recent_ceph_df_and_listings_read_it_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = cluster("[]");
+    let b = open(r.clone(), dir.path()).await;
+    let df = format!("ceph {CLI} df --format json");
+    let dfs = |r: &Script| r.lines().iter().filter(|l| **l == df).count();
+    let first = b.usage().await.unwrap();
+    assert_eq!(first.used, 25165824);
+    assert_eq!(b.usage().await.unwrap(), first);
+    assert_eq!(b.usage().await.unwrap(), first);
+    assert_eq!(dfs(&r), 1, "three checks in a row, one ceph df");
+    b.list().await.unwrap();
+    assert_eq!(dfs(&r), 2, "a listing reads it afresh");
+    // Older than USAGE_MAX_AGE: read again.
+    let old = std::time::Instant::now() - USAGE_MAX_AGE - std::time::Duration::from_millis(1);
+    b.usage.lock().unwrap().as_mut().unwrap().0 = old;
+    b.usage().await.unwrap();
+    assert_eq!(dfs(&r), 3);
+}
+
 #[tokio::test]
 async fn list_reports_volumes_snapshots_allocation_usage_and_foreign_images() {
     let dir = tempfile::tempdir().unwrap();
