@@ -442,7 +442,8 @@ impl AgentStore {
     pub(crate) fn open_with_live_capacity(dir: &Path, capacity: usize) -> Result<AgentStore> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
         let path = dir.join("agent.redb");
-        let db = Database::create(&path).map_err(db_err)?;
+        let db = stratus_core::db::open(&path, stratus_core::db::LOCK_WAIT)
+            .map_err(|e| e.context("agent store"))?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))

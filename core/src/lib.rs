@@ -37,6 +37,7 @@
 //!   one-line errors, exit codes, JSON errors, argument values).
 
 pub mod cli;
+pub mod db;
 pub mod detached;
 pub mod error;
 pub mod host;

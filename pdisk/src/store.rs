@@ -341,7 +341,7 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir.display(), e))?;
         let path = dir.join("pdisk.redb");
-        let db = Database::create(&path)?;
+        let db = stratus_core::db::open(&path, stratus_core::db::LOCK_WAIT)?;
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))

@@ -106,10 +106,10 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// `usage` reads it again.
 const MON_REFRESH: Duration = Duration::from_secs(60);
 /// How old the pool's usage (`ceph df`) may be when a create, clone,
-/// snapshot or resize checks the room left. Ceph's own figures lag by its
-/// stats period (the mgr's, 5 s), and `ceph df` is a Python program that
-/// costs about 0.3-0.8 s of CPU a call: a burst of creates shares one look.
-/// `list` (pool status, drift) always reads it afresh.
+/// snapshot or resize checks the room left, or a listing (pool status,
+/// drift, every Get/List's allocations) reports it. Ceph's own figures lag
+/// by its stats period (the mgr's, 5 s), and `ceph df` is a Python program
+/// that costs about 0.3-0.8 s of CPU a call: a burst of calls shares one.
 const USAGE_MAX_AGE: Duration = Duration::from_secs(5);
 /// Data-moving calls: rm, cp, flatten, import.
 const DATA_TIMEOUT: Duration = Duration::from_secs(6 * 3600);

@@ -209,7 +209,7 @@ impl RbdBackend {
                 *out.allocated.entry(id).or_default() += d.used_size;
             }
         }
-        out.usage = self.usage_now().await?;
+        out.usage = self.usage_recent().await?;
         out.objects.sort();
         Ok(out)
     }
