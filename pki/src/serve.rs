@@ -554,13 +554,16 @@ fn bind_local(path: &Path, group: &str) -> anyhow::Result<UnixListener> {
 }
 
 /// The gRPC reflection services of a daemon serving `service` (and the
-/// health service), in both versions: grpcurl and grpcui speak v1,
-/// Python's grpcio-reflection and older tools only v1alpha. The descriptor
-/// set holds both daemons' protos, so only the services served here are
-/// named (a client following reflection would call the other's).
+/// health service), described by `descriptors` (stratus-proto's
+/// `FILE_DESCRIPTOR_SET`: this crate stays below it), in both versions:
+/// grpcurl and grpcui speak v1, Python's grpcio-reflection and older tools
+/// only v1alpha. The descriptor set holds both daemons' protos, so only the
+/// services served here are named (a client following reflection would
+/// call the other's).
 #[allow(clippy::type_complexity)]
 pub fn reflection(
     service: &'static str,
+    descriptors: &'static [u8],
 ) -> anyhow::Result<(
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
@@ -572,7 +575,7 @@ pub fn reflection(
     const HEALTH: &str = "grpc.health.v1.Health";
     let builder = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(stratus_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(service)
             .with_service_name(HEALTH)

@@ -187,7 +187,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmServiceServer<Api>>().await;
-    let (reflection, reflection_v1alpha) = stratus_pki::serve::reflection(agent::authz::SERVICE)?;
+    let (reflection, reflection_v1alpha) =
+        stratus_pki::serve::reflection(agent::authz::SERVICE, stratus_proto::FILE_DESCRIPTOR_SET)?;
     let audit = AuditSink::from_setting(cfg.serve.audit_log.as_deref())?;
     let mut registry = prometheus_client::registry::Registry::default();
     let rpc_metrics = RpcMetricsLayer::register(&mut registry, &agent::authz::TABLE);

@@ -260,7 +260,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     health_reporter
         .set_serving::<VolumeServiceServer<Api>>()
         .await;
-    let (reflection, reflection_v1alpha) = stratus_pki::serve::reflection(pdisk::authz::SERVICE)?;
+    let (reflection, reflection_v1alpha) =
+        stratus_pki::serve::reflection(pdisk::authz::SERVICE, stratus_proto::FILE_DESCRIPTOR_SET)?;
 
     let audit = AuditSink::from_setting(cfg.serve.audit_log.as_deref())?;
     let mut registry = prometheus_client::registry::Registry::default();
